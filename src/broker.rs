@@ -1,0 +1,501 @@
+//! The broker handle: every tenant's state behind its lock, the per-tenant
+//! driver task that wakes waiters and expires leases on time, and the change
+//! feed behind Watch. Cheap to clone; the gRPC services hold one.
+//!
+//! A request locks its tenant once, decides, and unlocks before any
+//! `.await`. A request that must wait leaves a oneshot sender in the queue
+//! and awaits the receiver; the driver (woken by a `Notify` on every release
+//! and enqueue, and by a timer at the next instant anything can change) sends
+//! the grant under the lock. Waiting is therefore answered the moment capacity
+//! frees, with no polling.
+
+use crate::config::{ServerSettings, Settings};
+use crate::error::BrokerError;
+use crate::lease::LeaseId;
+use crate::tenant::{AcquireArgs, Attempt, BucketStatus, Denial, Grant, TenantState};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Shortest time between two Watch updates of the same stream, so a busy
+/// bucket sends at most about ten updates a second.
+pub const WATCH_COALESCE: Duration = Duration::from_millis(100);
+
+/// Maps the broker's monotonic clock to unix milliseconds for the wire.
+/// Anchored once at start, so paused test time and wire times agree.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    origin: Instant,
+    origin_unix_ms: u64,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Clock {
+            origin: Instant::now(),
+            origin_unix_ms: u64::try_from(unix.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// `at` in unix milliseconds.
+    pub fn unix_ms(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.origin).as_millis();
+        self.origin_unix_ms
+            .saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
+    }
+}
+
+/// The answer to an Acquire.
+#[derive(Debug)]
+pub enum AcquireOutcome {
+    /// Granted.
+    Granted(Grant),
+    /// Not granted within the wait.
+    Denied(Denial),
+}
+
+/// One bucket's status, with its tenant and time.
+#[derive(Debug, Clone)]
+pub struct TenantBucketStatus {
+    /// Tenant id.
+    pub tenant: String,
+    /// When the status was taken.
+    pub at: Instant,
+    /// The status.
+    pub status: BucketStatus,
+}
+
+/// A tenant: its state and the bell of its driver.
+struct Tenant {
+    /// std `Mutex`: held only for the decision, never across `.await`, so
+    /// an async mutex would only add cost.
+    state: Mutex<TenantState>,
+    /// Wakes the driver after a release or an enqueue; `notify_one` keeps a
+    /// permit, so a wake-up that arrives while the driver works is not lost.
+    wake: Notify,
+}
+
+impl Tenant {
+    fn lock(&self) -> MutexGuard<'_, TenantState> {
+        // A panic while holding the lock leaves counts that are still
+        // consistent bucket by bucket; serving on beats failing every tenant
+        // request from then on.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+struct Inner {
+    server: ServerSettings,
+    tenants: Vec<Tenant>,
+    by_id: HashMap<String, usize>,
+    clock: Clock,
+    /// Broker-wide change counter; bucket instances remember the value of
+    /// their last change.
+    version: Arc<AtomicU64>,
+    /// The counter value last announced on `changes`.
+    announced: AtomicU64,
+    /// Tells Watch streams that something changed.
+    changes: watch::Sender<()>,
+    shutdown: CancellationToken,
+}
+
+/// The broker: cheap to clone, shared by the gRPC services.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+/// The driver tasks of a started broker.
+pub struct Drivers(Vec<JoinHandle<()>>);
+
+impl Drivers {
+    /// Waits until every driver stopped (after the shutdown token fired).
+    pub async fn join(self) {
+        for d in self.0 {
+            if let Err(e) = d.await {
+                tracing::error!(error = %e, "a tenant driver task failed");
+            }
+        }
+    }
+}
+
+impl Broker {
+    /// Builds the broker from validated settings and starts one driver task
+    /// per tenant; they stop when `shutdown` is cancelled.
+    pub fn start(settings: &Settings, shutdown: CancellationToken) -> (Broker, Drivers) {
+        let now = Instant::now();
+        let version = Arc::new(AtomicU64::new(0));
+        let tenants: Vec<Tenant> = settings
+            .tenants
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Tenant {
+                state: Mutex::new(TenantState::new(
+                    u32::try_from(i).unwrap_or(u32::MAX),
+                    t,
+                    version.clone(),
+                    now,
+                )),
+                wake: Notify::new(),
+            })
+            .collect();
+        let by_id = settings
+            .tenants
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.clone(), i))
+            .collect();
+        let broker = Broker {
+            inner: Arc::new(Inner {
+                server: settings.server.clone(),
+                tenants,
+                by_id,
+                clock: Clock::new(),
+                version,
+                announced: AtomicU64::new(0),
+                changes: watch::Sender::new(()),
+                shutdown,
+            }),
+        };
+        let drivers = (0..broker.inner.tenants.len())
+            .map(|t| tokio::spawn(broker.clone().drive(t)))
+            .collect();
+        (broker, Drivers(drivers))
+    }
+
+    /// The clock mapping used for wire times.
+    pub fn clock(&self) -> Clock {
+        self.inner.clock
+    }
+
+    /// The server settings.
+    pub fn server_settings(&self) -> &ServerSettings {
+        &self.inner.server
+    }
+
+    /// Expires leases and serves waiters of tenant `t` on time, until shutdown.
+    async fn drive(self, t: usize) {
+        let tenant = &self.inner.tenants[t];
+        loop {
+            let next = tenant.lock().tick(Instant::now());
+            self.announce();
+            let sleep = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.inner.shutdown.cancelled() => break,
+                _ = tenant.wake.notified() => {}
+                _ = sleep => {}
+            }
+        }
+        tenant.lock().drop_waiters();
+        self.announce();
+    }
+
+    /// Tells Watch streams if any bucket changed since the last call.
+    fn announce(&self) {
+        let v = self.inner.version.load(Ordering::Relaxed);
+        if self.inner.announced.swap(v, Ordering::Relaxed) != v {
+            self.inner.changes.send_replace(());
+        }
+    }
+
+    fn tenant_index(&self, tenant: &str) -> Result<usize, BrokerError> {
+        self.inner
+            .by_id
+            .get(tenant)
+            .copied()
+            .ok_or_else(|| BrokerError::UnknownTenant {
+                tenant: tenant.to_owned(),
+                known: self.tenant_ids().join(", "),
+            })
+    }
+
+    /// Configured tenant ids, in config order.
+    pub fn tenant_ids(&self) -> Vec<String> {
+        self.inner
+            .tenants
+            .iter()
+            .map(|t| t.lock().id().to_owned())
+            .collect()
+    }
+
+    fn lease_tenant(&self, id: LeaseId) -> Option<&Tenant> {
+        self.inner.tenants.get(usize::try_from(id.tenant).ok()?)
+    }
+
+    /// Grants `args` on `tenant`, waiting up to `max_wait` (capped by the
+    /// server's `max_wait`) for capacity.
+    pub async fn acquire(
+        &self,
+        tenant: &str,
+        args: AcquireArgs,
+        max_wait: Duration,
+    ) -> Result<AcquireOutcome, BrokerError> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(BrokerError::ShuttingDown);
+        }
+        let t = self.tenant_index(tenant)?;
+        let tenant = &self.inner.tenants[t];
+        let max_wait = max_wait.min(self.inner.server.max_wait);
+        let now = Instant::now();
+        let (waiter, rx) = {
+            let mut state = tenant.lock();
+            match state.try_acquire(&args, now)? {
+                Attempt::Granted(g) => {
+                    drop(state);
+                    self.announce();
+                    return Ok(AcquireOutcome::Granted(g));
+                }
+                Attempt::Blocked { instances, denial } => {
+                    if max_wait.is_zero() || instances.is_empty() {
+                        return Ok(AcquireOutcome::Denied(denial));
+                    }
+                    let (tx, rx) = oneshot::channel();
+                    (state.enqueue(instances, &args, tx), rx)
+                }
+            }
+        };
+        tenant.wake.notify_one();
+        self.announce();
+        let mut wait = Waiting {
+            broker: self,
+            tenant: t,
+            waiter,
+            rx,
+            settled: false,
+        };
+        let deadline = now + max_wait;
+        tokio::select! {
+            r = &mut wait.rx => {
+                wait.settled = true;
+                r.map(AcquireOutcome::Granted).map_err(|_| BrokerError::ShuttingDown)
+            }
+            _ = tokio::time::sleep_until(deadline) => Ok(wait.give_up()),
+        }
+    }
+
+    /// Returns a lease's slots. True if it held some.
+    pub fn release(&self, lease_id: &str) -> Result<bool, BrokerError> {
+        let id = parse_lease(lease_id)?;
+        let Some(tenant) = self.lease_tenant(id) else {
+            return Ok(false);
+        };
+        let released = tenant.lock().release(id);
+        if released {
+            tenant.wake.notify_one();
+            self.announce();
+        }
+        Ok(released)
+    }
+
+    /// Extends a lease's slots by `extend` from now (0: its default TTL).
+    /// Returns the new expiry and TTL.
+    pub fn renew(
+        &self,
+        lease_id: &str,
+        extend: Duration,
+    ) -> Result<(Instant, Duration), BrokerError> {
+        let id = parse_lease(lease_id)?;
+        let max = self.inner.server.max_lease_ttl;
+        if extend > max {
+            return Err(BrokerError::invalid(
+                "extend_ms",
+                format!(
+                    "{} ms is above the broker's max_lease_ttl_ms of {} ms; renew again later instead",
+                    extend.as_millis(),
+                    max.as_millis()
+                ),
+            ));
+        }
+        let tenant = self.lease_tenant(id).ok_or(BrokerError::LeaseNotFound {
+            lease_id: lease_id.to_owned(),
+        })?;
+        let extend = (!extend.is_zero()).then_some(extend);
+        let renewed = tenant.lock().renew(id, extend, Instant::now())?;
+        // A shorter TTL may move the next expiry earlier than the driver's timer.
+        tenant.wake.notify_one();
+        Ok(renewed)
+    }
+
+    /// Counts an upstream outcome. Returns the buckets it was counted on.
+    pub fn report(
+        &self,
+        tenant: &str,
+        method: &str,
+        path: &str,
+        oauth_client: &str,
+        http_status: u32,
+    ) -> Result<Vec<String>, BrokerError> {
+        let t = self.tenant_index(tenant)?;
+        let buckets = self.inner.tenants[t].lock().report(
+            method,
+            path,
+            oauth_client,
+            http_status,
+            Instant::now(),
+        )?;
+        self.announce();
+        Ok(buckets)
+    }
+
+    /// Every bucket instance of `tenant` (all tenants when `None`).
+    pub fn list(&self, tenant: Option<&str>) -> Result<Vec<TenantBucketStatus>, BrokerError> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for t in self.visible(tenant)? {
+            let state = self.inner.tenants[t].lock();
+            out.extend(
+                state
+                    .statuses(now)
+                    .into_iter()
+                    .map(|status| TenantBucketStatus {
+                        tenant: state.id().to_owned(),
+                        at: now,
+                        status,
+                    }),
+            );
+        }
+        Ok(out)
+    }
+
+    fn visible(&self, tenant: Option<&str>) -> Result<Vec<usize>, BrokerError> {
+        Ok(match tenant {
+            Some(t) => vec![self.tenant_index(t)?],
+            None => (0..self.inner.tenants.len()).collect(),
+        })
+    }
+
+    /// Starts a Watch: a snapshot of every visible bucket at once, then each
+    /// bucket again when it changes, at most once per [`WATCH_COALESCE`].
+    /// The stream ends at shutdown or when the receiver is dropped.
+    pub fn watch(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<mpsc::Receiver<TenantBucketStatus>, BrokerError> {
+        let tenants = self.visible(tenant)?;
+        let (tx, rx) = mpsc::channel(64);
+        let mut changes = self.inner.changes.subscribe();
+        let broker = self.clone();
+        // Owned by the shutdown token and by the receiver: it ends when
+        // either goes.
+        tokio::spawn(async move {
+            let shutdown = broker.inner.shutdown.clone();
+            let mut seen: Vec<HashMap<usize, u64>> = vec![HashMap::new(); tenants.len()];
+            loop {
+                changes.borrow_and_update();
+                let now = Instant::now();
+                let mut batch = Vec::new();
+                for (k, &t) in tenants.iter().enumerate() {
+                    let state = broker.inner.tenants[t].lock();
+                    batch.extend(state.statuses_since(&mut seen[k], now).into_iter().map(
+                        |status| TenantBucketStatus {
+                            tenant: state.id().to_owned(),
+                            at: now,
+                            status,
+                        },
+                    ));
+                }
+                for s in batch {
+                    tokio::select! {
+                        r = tx.send(s) => if r.is_err() { return },
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(WATCH_COALESCE) => {}
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                }
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+fn parse_lease(lease_id: &str) -> Result<LeaseId, BrokerError> {
+    if lease_id.is_empty() {
+        return Err(BrokerError::invalid(
+            "lease_id",
+            "required: the lease_id an Acquire returned",
+        ));
+    }
+    lease_id.parse().map_err(|_| {
+        BrokerError::invalid(
+            "lease_id",
+            format!("{lease_id:?} is not a lease id this broker issued"),
+        )
+    })
+}
+
+/// A request waiting in a tenant's queue. If the caller goes away (the RPC
+/// is cancelled and this is dropped), the waiter leaves the queue, and a
+/// grant that raced with the cancellation is handed back.
+struct Waiting<'a> {
+    broker: &'a Broker,
+    tenant: usize,
+    waiter: u64,
+    rx: oneshot::Receiver<Grant>,
+    settled: bool,
+}
+
+impl Waiting<'_> {
+    /// The wait is over: leave the queue and say why, unless a grant came in
+    /// the meantime, which the caller then gets.
+    fn give_up(&mut self) -> AcquireOutcome {
+        self.settled = true;
+        let tenant = &self.broker.inner.tenants[self.tenant];
+        let mut state = tenant.lock();
+        let outcome = match state.withdraw(self.waiter, Instant::now()) {
+            Some(denial) => AcquireOutcome::Denied(denial),
+            // Not in the queue: the driver granted it (under this lock, so
+            // the grant is already in the channel).
+            None => match self.rx.try_recv() {
+                Ok(g) => AcquireOutcome::Granted(g),
+                Err(_) => AcquireOutcome::Denied(Denial {
+                    retry_after: Duration::ZERO,
+                    reason: "the broker is shutting down".into(),
+                    buckets: Vec::new(),
+                }),
+            },
+        };
+        drop(state);
+        tenant.wake.notify_one();
+        self.broker.announce();
+        outcome
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let tenant = &self.broker.inner.tenants[self.tenant];
+        let mut state = tenant.lock();
+        if state.withdraw(self.waiter, Instant::now()).is_none() {
+            if let Ok(g) = self.rx.try_recv() {
+                state.undo(&g);
+            }
+        }
+        drop(state);
+        tenant.wake.notify_one();
+        self.broker.announce();
+    }
+}

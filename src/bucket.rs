@@ -1,0 +1,279 @@
+//! The arithmetic of one limit: a token bucket (rate with burst) and a pool of
+//! concurrency slots. Pure: no I/O, no locks, the clock is passed in.
+//!
+//! The token bucket is GCRA (the "theoretical arrival time" form of a token
+//! bucket, as governor uses), kept in integer time so no float drift can ever
+//! grant a permit too many. We do not use governor's limiter itself because the
+//! broker needs what it does not offer: the effective rate changes at run time
+//! without losing the bucket's level, a grant must draw on several buckets
+//! all-or-nothing (governor can take from one limiter but cannot give permits
+//! back to it if the next refuses), the broker answers *when* `n` permits will
+//! be ready for a waiting queue, and later issues drain or shrink a bucket to
+//! what the upstream says is left. Time is `tokio::time::Instant`, so tests
+//! drive it with `tokio::time::pause()`.
+
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A token bucket in GCRA form.
+///
+/// `tat` ("theoretical arrival time") is the instant at which the bucket is
+/// full again if nothing more is taken. Taking `n` permits moves it `n ×
+/// interval` later; a take is allowed while `tat` stays within `burst ×
+/// interval` of now. So in any window of length `w`, at most `burst + w /
+/// interval` permits are granted.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    /// Time to earn one permit at the current (effective) rate.
+    interval: Duration,
+    /// Most permits held at once.
+    burst: u32,
+    tat: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket granting `permits` per `window`, holding at most `burst`.
+    pub fn new(permits: u32, window: Duration, burst: u32, now: Instant) -> TokenBucket {
+        TokenBucket {
+            interval: interval_of(permits, window),
+            burst: burst.max(1),
+            tat: now,
+        }
+    }
+
+    /// Most permits the bucket can ever hold.
+    pub fn burst(&self) -> u32 {
+        self.burst
+    }
+
+    /// Time to earn one permit at the current rate.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// Current rate in permits per minute.
+    pub fn rate_per_min(&self) -> f64 {
+        60.0 / self.interval.as_secs_f64()
+    }
+
+    /// Permits that could be taken at `now` (fractional).
+    pub fn available(&self, now: Instant) -> f64 {
+        let backlog = self.tat.saturating_duration_since(now);
+        (f64::from(self.burst) - backlog.as_secs_f64() / self.interval.as_secs_f64()).max(0.0)
+    }
+
+    /// Whether the bucket is full at `now` (an idle bucket can be dropped and
+    /// re-created without anyone noticing).
+    pub fn is_full(&self, now: Instant) -> bool {
+        self.tat <= now
+    }
+
+    /// The earliest instant at which `n` permits can be taken, or `None` if
+    /// `n` exceeds the burst and never can.
+    pub fn ready_at(&self, n: u32, now: Instant) -> Option<Instant> {
+        if n > self.burst {
+            return None;
+        }
+        let headroom = self.interval.saturating_mul(self.burst - n);
+        Some(self.tat.checked_sub(headroom).map_or(now, |t| t.max(now)))
+    }
+
+    /// Takes `n` permits if they are available at `now`.
+    pub fn try_take(&mut self, n: u32, now: Instant) -> bool {
+        if self.ready_at(n, now).is_some_and(|t| t <= now) {
+            self.take(n, now);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Takes `n` permits; the caller has checked [`TokenBucket::ready_at`].
+    pub fn take(&mut self, n: u32, now: Instant) {
+        self.tat = self.tat.max(now) + self.interval.saturating_mul(n);
+    }
+
+    /// Changes the rate at `now`, keeping the bucket's level: the permits
+    /// taken and not yet earned back stay taken.
+    pub fn set_rate(&mut self, permits: u32, window: Duration, now: Instant) {
+        let interval = interval_of(permits, window);
+        let backlog = self.tat.saturating_duration_since(now);
+        let owed = backlog.as_secs_f64() / self.interval.as_secs_f64();
+        self.interval = interval;
+        self.tat = now + interval.mul_f64(owed);
+    }
+
+    /// Changes the burst at `now`; the level is capped to the new burst.
+    pub fn set_burst(&mut self, burst: u32, now: Instant) {
+        self.burst = burst.max(1);
+        let max_backlog = self.interval.saturating_mul(self.burst);
+        if self.tat.saturating_duration_since(now) > max_backlog {
+            self.tat = now + max_backlog;
+        }
+    }
+}
+
+/// Time to earn one permit, rounded up so the granted rate never exceeds
+/// the configured one.
+fn interval_of(permits: u32, window: Duration) -> Duration {
+    let nanos = window.as_nanos().div_ceil(u128::from(permits.max(1)));
+    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX).max(1))
+}
+
+/// A pool of concurrency slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slots {
+    max: u32,
+    in_flight: u32,
+}
+
+impl Slots {
+    /// An empty pool of `max` slots.
+    pub fn new(max: u32) -> Slots {
+        Slots { max, in_flight: 0 }
+    }
+
+    /// Slots currently held.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight
+    }
+
+    /// The limit.
+    pub fn max(&self) -> u32 {
+        self.max
+    }
+
+    /// Whether `n` more slots are free.
+    pub fn has_room(&self, n: u32) -> bool {
+        self.in_flight.saturating_add(n) <= self.max
+    }
+
+    /// Holds `n` slots; the caller has checked [`Slots::has_room`].
+    pub fn take(&mut self, n: u32) {
+        self.in_flight = self.in_flight.saturating_add(n);
+    }
+
+    /// Returns `n` slots.
+    pub fn give_back(&mut self, n: u32) {
+        self.in_flight = self.in_flight.saturating_sub(n);
+    }
+
+    /// Changes the limit; slots held above it stay held until returned.
+    pub fn set_max(&mut self, max: u32) {
+        self.max = max;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn burst_then_paced_refill() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(60, Duration::from_secs(60), 10, t0);
+        assert_eq!(b.available(t0), 10.0);
+        for _ in 0..10 {
+            assert!(b.try_take(1, t0));
+        }
+        assert!(!b.try_take(1, t0));
+        assert_eq!(b.ready_at(1, t0), Some(t0 + Duration::from_secs(1)));
+        assert_eq!(b.ready_at(3, t0), Some(t0 + Duration::from_secs(3)));
+        assert!(!b.try_take(1, t0 + 999 * MS));
+        assert!(b.try_take(1, t0 + Duration::from_secs(1)));
+        let later = t0 + Duration::from_secs(100);
+        assert_eq!(b.available(later), 10.0);
+        assert!(b.is_full(later));
+    }
+
+    #[test]
+    fn more_than_burst_is_never_ready() {
+        let t0 = Instant::now();
+        let b = TokenBucket::new(5, Duration::from_secs(1), 5, t0);
+        assert_eq!(b.ready_at(6, t0), None);
+        assert_eq!(b.ready_at(5, t0), Some(t0));
+    }
+
+    #[test]
+    fn rate_change_keeps_the_level() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(60, Duration::from_secs(60), 10, t0);
+        for _ in 0..6 {
+            b.take(1, t0);
+        }
+        assert!((b.available(t0) - 4.0).abs() < 1e-9);
+        b.set_rate(30, Duration::from_secs(60), t0);
+        assert!((b.available(t0) - 4.0).abs() < 1e-9);
+        assert_eq!(b.rate_per_min(), 30.0);
+        // Six owed permits now take two seconds each to earn back.
+        assert!(b.is_full(t0 + Duration::from_secs(12)));
+        assert!(!b.is_full(t0 + Duration::from_secs(11)));
+    }
+
+    #[test]
+    fn burst_shrink_caps_the_backlog() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10, Duration::from_secs(10), 10, t0);
+        b.take(10, t0);
+        b.set_burst(4, t0);
+        assert_eq!(b.available(t0), 0.0);
+        assert_eq!(b.ready_at(4, t0), Some(t0 + Duration::from_secs(4)));
+    }
+
+    #[test]
+    fn interval_rounds_up() {
+        let i = interval_of(7, Duration::from_secs(60));
+        assert!(i.as_nanos() * 7 >= Duration::from_secs(60).as_nanos());
+    }
+
+    #[test]
+    fn slots_account() {
+        let mut s = Slots::new(2);
+        assert!(s.has_room(2));
+        s.take(2);
+        assert!(!s.has_room(1));
+        s.give_back(1);
+        assert!(s.has_room(1));
+        s.give_back(5);
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    proptest! {
+        /// However requests arrive, no window of length `w` sees more than
+        /// `burst + w / interval` permits granted.
+        #[test]
+        fn never_exceeds_burst_plus_rate(
+            permits in 1u32..50,
+            window_ms in 100u64..5_000,
+            burst in 1u32..20,
+            steps in prop::collection::vec((0u64..400, 1u32..4), 1..200),
+        ) {
+            let t0 = Instant::now();
+            let mut b = TokenBucket::new(permits, Duration::from_millis(window_ms), burst, t0);
+            let mut now = t0;
+            let mut grants: Vec<(Instant, u32)> = Vec::new();
+            for (gap_ms, n) in steps {
+                now += Duration::from_millis(gap_ms);
+                if b.try_take(n, now) {
+                    grants.push((now, n));
+                }
+            }
+            let interval = b.interval().as_secs_f64();
+            for (i, &(start, _)) in grants.iter().enumerate() {
+                for &(end, _) in &grants[i..] {
+                    let w = (end - start).as_secs_f64();
+                    let granted: u32 = grants.iter()
+                        .filter(|(t, _)| *t >= start && *t <= end)
+                        .map(|(_, n)| n)
+                        .sum();
+                    let bound = f64::from(burst) + w / interval;
+                    prop_assert!(f64::from(granted) <= bound + 1e-9,
+                        "{granted} granted in {w}s, bound {bound}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! The broker's error type: every way a request can be refused for good
+//! (as opposed to "not now", which is a normal `granted = false` answer).
+//! `service.rs` maps each variant to one gRPC status code.
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// A request field is missing or malformed.
+    #[error("{field}: {problem}")]
+    InvalidArgument {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong and what would be right.
+        problem: String,
+    },
+    /// The tenant is not configured.
+    #[error("tenant {tenant:?} is not configured on this broker (configured: {known})")]
+    UnknownTenant {
+        /// The tenant asked for.
+        tenant: String,
+        /// The configured tenant ids, comma-separated.
+        known: String,
+    },
+    /// No bucket of the tenant matches the call.
+    #[error(
+        "tenant {tenant:?}: no bucket matches {method} {path}; add a route for it to a bucket \
+         (or a catch-all \"* /**\" bucket) in the broker config"
+    )]
+    NoBucketMatches {
+        /// The tenant.
+        tenant: String,
+        /// The call's method.
+        method: String,
+        /// The call's path.
+        path: String,
+    },
+    /// More permits than a bucket can ever grant at once.
+    #[error(
+        "tenant {tenant:?}: {permits} permits can never be granted at once: bucket {bucket:?} \
+         allows at most {max} ({what}); ask for fewer permits per Acquire"
+    )]
+    TooManyPermits {
+        /// The tenant.
+        tenant: String,
+        /// The bucket that can never grant that many.
+        bucket: String,
+        /// Permits asked for.
+        permits: u32,
+        /// The bucket's most.
+        max: u32,
+        /// "burst" or "max_in_flight".
+        what: &'static str,
+    },
+    /// Renew of a lease that holds no slot (anymore).
+    #[error(
+        "lease {lease_id} holds no slot: it was released, expired, or never held one; \
+         acquire a new lease"
+    )]
+    LeaseNotFound {
+        /// The lease id given.
+        lease_id: String,
+    },
+    /// The broker is shutting down.
+    #[error("the broker is shutting down; retry once it is back")]
+    ShuttingDown,
+}
+
+impl BrokerError {
+    /// Shorthand for [`BrokerError::InvalidArgument`].
+    pub fn invalid(field: &'static str, problem: impl Into<String>) -> BrokerError {
+        BrokerError::InvalidArgument {
+            field,
+            problem: problem.into(),
+        }
+    }
+}

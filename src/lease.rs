@@ -1,0 +1,202 @@
+//! The lease table of one tenant: which grants hold concurrency slots, until
+//! when, and the expiry order that hands slots back when a client never
+//! releases them. Pure: the clock is passed in.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A lease's public identity: `{tenant:x}-{seq:x}-{nonce:08x}`.
+///
+/// The tenant index routes Release/Renew to the right tenant without a global
+/// table; the random nonce makes ids of other clients' leases unguessable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseId {
+    /// Index of the tenant in the broker.
+    pub tenant: u32,
+    /// Sequence number, unique within the tenant.
+    pub seq: u64,
+    /// Random check value.
+    pub nonce: u32,
+}
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:x}-{:x}-{:08x}", self.tenant, self.seq, self.nonce)
+    }
+}
+
+/// A string that is not a lease id this broker issues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("not a lease id issued by this broker")]
+pub struct BadLeaseId;
+
+impl FromStr for LeaseId {
+    type Err = BadLeaseId;
+
+    fn from_str(s: &str) -> Result<LeaseId, BadLeaseId> {
+        let mut parts = s.split('-');
+        let (Some(t), Some(q), Some(n), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(BadLeaseId);
+        };
+        Ok(LeaseId {
+            tenant: u32::from_str_radix(t, 16).map_err(|_| BadLeaseId)?,
+            seq: u64::from_str_radix(q, 16).map_err(|_| BadLeaseId)?,
+            nonce: u32::from_str_radix(n, 16).map_err(|_| BadLeaseId)?,
+        })
+    }
+}
+
+/// A grant that holds concurrency slots.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    /// Random check value of the lease id.
+    pub nonce: u32,
+    /// Bucket instances whose slots the lease holds.
+    pub instances: Vec<usize>,
+    /// Slots held in each of them.
+    pub permits: u32,
+    /// When the slots come back unless renewed.
+    pub expires_at: Instant,
+    /// The TTL a Renew with no explicit extension grants.
+    pub ttl: Duration,
+    /// The client that acquired it, for logs.
+    pub client_id: String,
+}
+
+/// The leases of one tenant that hold slots, by sequence number and by expiry.
+#[derive(Debug, Default)]
+pub struct LeaseTable {
+    leases: HashMap<u64, Lease>,
+    by_expiry: BTreeSet<(Instant, u64)>,
+    next_seq: u64,
+}
+
+impl LeaseTable {
+    /// A fresh sequence number (also used for leases that hold no slot and
+    /// are therefore never stored).
+    pub fn next_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    /// Stores a lease under `seq`.
+    pub fn insert(&mut self, seq: u64, lease: Lease) {
+        self.by_expiry.insert((lease.expires_at, seq));
+        self.leases.insert(seq, lease);
+    }
+
+    /// Removes the lease if `seq` and `nonce` name a live one.
+    pub fn remove(&mut self, seq: u64, nonce: u32) -> Option<Lease> {
+        if self.leases.get(&seq)?.nonce != nonce {
+            return None;
+        }
+        let lease = self.leases.remove(&seq)?;
+        self.by_expiry.remove(&(lease.expires_at, seq));
+        Some(lease)
+    }
+
+    /// Moves a live lease's expiry; returns it, or `None` if unknown.
+    pub fn renew(&mut self, seq: u64, nonce: u32, expires_at: Instant) -> Option<&Lease> {
+        let lease = self.leases.get_mut(&seq).filter(|l| l.nonce == nonce)?;
+        self.by_expiry.remove(&(lease.expires_at, seq));
+        lease.expires_at = expires_at;
+        self.by_expiry.insert((expires_at, seq));
+        Some(lease)
+    }
+
+    /// A live lease.
+    pub fn get(&self, seq: u64, nonce: u32) -> Option<&Lease> {
+        self.leases.get(&seq).filter(|l| l.nonce == nonce)
+    }
+
+    /// Removes and returns one lease that expired at or before `now`.
+    pub fn pop_expired(&mut self, now: Instant) -> Option<(u64, Lease)> {
+        let &(at, seq) = self.by_expiry.first()?;
+        if at > now {
+            return None;
+        }
+        self.by_expiry.pop_first();
+        self.leases.remove(&seq).map(|l| (seq, l))
+    }
+
+    /// When the next lease expires.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.by_expiry.first().map(|&(at, _)| at)
+    }
+
+    /// When the first lease holding a slot of `instance` expires.
+    pub fn first_expiry_holding(&self, instance: usize) -> Option<Instant> {
+        self.by_expiry
+            .iter()
+            .find(|(_, seq)| {
+                self.leases
+                    .get(seq)
+                    .is_some_and(|l| l.instances.contains(&instance))
+            })
+            .map(|&(at, _)| at)
+    }
+
+    /// Number of live leases.
+    pub fn len(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Whether no lease is live.
+    pub fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(expires_at: Instant, instance: usize) -> Lease {
+        Lease {
+            nonce: 7,
+            instances: vec![instance],
+            permits: 1,
+            expires_at,
+            ttl: Duration::from_secs(30),
+            client_id: "c".into(),
+        }
+    }
+
+    #[test]
+    fn id_round_trips_and_rejects_garbage() {
+        let id = LeaseId {
+            tenant: 3,
+            seq: 0xabc,
+            nonce: 0xdead,
+        };
+        assert_eq!(id.to_string().parse::<LeaseId>(), Ok(id));
+        for bad in ["", "x", "1-2", "1-2-3-4", "g-1-1", "1--1"] {
+            assert_eq!(bad.parse::<LeaseId>(), Err(BadLeaseId), "{bad}");
+        }
+    }
+
+    #[test]
+    fn expiry_order_and_renewal() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut t = LeaseTable::default();
+        let a = t.next_seq();
+        let b = t.next_seq();
+        t.insert(a, lease(t0 + 10 * s, 0));
+        t.insert(b, lease(t0 + 5 * s, 1));
+        assert_eq!(t.next_expiry(), Some(t0 + 5 * s));
+        assert_eq!(t.first_expiry_holding(0), Some(t0 + 10 * s));
+        assert!(t.renew(b, 7, t0 + 20 * s).is_some());
+        assert!(t.renew(b, 8, t0 + 30 * s).is_none(), "wrong nonce");
+        assert_eq!(t.pop_expired(t0 + 9 * s).map(|(q, _)| q), None);
+        assert_eq!(t.pop_expired(t0 + 10 * s).map(|(q, _)| q), Some(a));
+        assert!(t.remove(a, 7).is_none(), "already gone");
+        assert!(t.remove(b, 7).is_some());
+        assert!(t.is_empty() && t.next_expiry().is_none());
+    }
+}

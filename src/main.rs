@@ -1,0 +1,118 @@
+//! The `quota-broker` process: flags, configuration, logging, signals.
+
+use quota_broker::{server, Settings};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tracing_subscriber::EnvFilter;
+
+const USAGE: &str = "usage: quota-broker [--config PATH]
+
+Runs the quota broker. Without --config it runs the embedded default
+(tenant \"demo\" on 127.0.0.1:50051; see examples/broker.toml).
+QUOTA_BROKER__SECTION__KEY environment variables override single keys,
+e.g. QUOTA_BROKER__SERVER__LISTEN=0.0.0.0:50051. Logging: RUST_LOG
+(default \"info\").";
+
+/// Parses the one flag by hand: a crate for `--config PATH` and `--help`
+/// would cost more build time than it saves.
+fn parse_args() -> Result<Option<PathBuf>, String> {
+    let mut args = std::env::args_os().skip(1);
+    let mut config = None;
+    while let Some(arg) = args.next() {
+        match arg.to_str() {
+            Some("--config" | "-c") => {
+                config = Some(PathBuf::from(args.next().ok_or("--config needs a PATH")?));
+            }
+            Some("--help" | "-h") => return Err(String::new()),
+            _ => return Err(format!("unknown argument {arg:?}")),
+        }
+    }
+    Ok(config)
+}
+
+fn main() -> ExitCode {
+    let config_path = match parse_args() {
+        Ok(p) => p,
+        Err(e) if e.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("quota-broker: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let settings = match Settings::load(config_path.as_deref(), std::env::vars()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("quota-broker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("quota-broker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let listener = match tokio::net::TcpListener::bind(settings.server.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("quota-broker: cannot listen on {}: {e}", settings.server.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        let tenants: Vec<&str> = settings.tenants.iter().map(|t| t.id.as_str()).collect();
+        tracing::info!(
+            listen = %settings.server.listen,
+            config = %config_path.as_deref().map_or("embedded default".into(), |p| p.display().to_string()),
+            ?tenants,
+            "quota-broker serving"
+        );
+        match server::run(listener, &settings, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "server failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

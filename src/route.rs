@@ -1,0 +1,110 @@
+//! Route patterns: `"METHOD /path/glob"` → does a call draw on a bucket.
+//!
+//! The path part is matched with `glob-match` (no regex compilation, no
+//! allocation per match): `*` matches within one path segment, `**` any
+//! number of whole segments. The method is an exact, case-insensitive HTTP
+//! method or `*` for any.
+
+use std::fmt;
+
+/// One parsed route pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Upper-case method, or `None` for any.
+    method: Option<String>,
+    /// Path glob, starting with `/`.
+    glob: String,
+}
+
+/// Why a route pattern was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// Not of the form `METHOD /path`.
+    #[error("expected \"METHOD /path/glob\", e.g. \"POST /api/v2/analytics/**/query\"")]
+    Shape,
+    /// Method is not a token of letters.
+    #[error("method {0:?} is not an HTTP method or \"*\"")]
+    Method(String),
+    /// Path does not start with `/`.
+    #[error("path {0:?} must start with '/'")]
+    Path(String),
+}
+
+impl Route {
+    /// Parses `"METHOD /path/glob"`.
+    pub fn parse(s: &str) -> Result<Route, RouteError> {
+        let mut parts = s.split_whitespace();
+        let (Some(method), Some(glob), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(RouteError::Shape);
+        };
+        let method = match method {
+            "*" => None,
+            m if m.chars().all(|c| c.is_ascii_alphabetic()) => Some(m.to_ascii_uppercase()),
+            m => return Err(RouteError::Method(m.to_owned())),
+        };
+        if !glob.starts_with('/') {
+            return Err(RouteError::Path(glob.to_owned()));
+        }
+        Ok(Route {
+            method,
+            glob: glob.to_owned(),
+        })
+    }
+
+    /// Whether a call with `method` (upper case) to `path` (no query string)
+    /// matches this pattern.
+    pub fn matches(&self, method: &str, path: &str) -> bool {
+        self.method.as_deref().is_none_or(|m| m == method)
+            && glob_match::glob_match(&self.glob, path)
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.method.as_deref().unwrap_or("*"), self.glob)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(pattern: &str, method: &str, path: &str) -> bool {
+        Route::parse(pattern).unwrap().matches(method, path)
+    }
+
+    #[test]
+    fn globs_follow_path_segments() {
+        let q = "POST /api/v2/analytics/**/query";
+        assert!(m(
+            q,
+            "POST",
+            "/api/v2/analytics/conversations/details/query"
+        ));
+        assert!(m(q, "POST", "/api/v2/analytics/queues/observations/query"));
+        assert!(!m(
+            q,
+            "GET",
+            "/api/v2/analytics/conversations/details/query"
+        ));
+        assert!(!m(
+            q,
+            "POST",
+            "/api/v2/analytics/conversations/details/jobs"
+        ));
+        assert!(m("* /**", "DELETE", "/api/v2/users/me"));
+        assert!(m("get /api/v2/users/*", "GET", "/api/v2/users/abc"));
+        assert!(!m("GET /api/v2/users/*", "GET", "/api/v2/users/abc/queues"));
+    }
+
+    #[test]
+    fn bad_patterns_are_explained() {
+        assert_eq!(Route::parse("/api"), Err(RouteError::Shape));
+        assert_eq!(Route::parse("GET api"), Err(RouteError::Path("api".into())));
+        assert_eq!(
+            Route::parse("G3T /api"),
+            Err(RouteError::Method("G3T".into()))
+        );
+        assert_eq!(Route::parse("GET /a /b"), Err(RouteError::Shape));
+    }
+}

@@ -1,0 +1,94 @@
+//! The gRPC server: the broker's services plus grpc.health.v1 and server
+//! reflection on one listener, and the shutdown sequence (health goes
+//! NOT_SERVING, streams and waiters end, open calls drain for at most the
+//! grace period).
+
+use crate::admin::AdminService;
+use crate::broker::Broker;
+use crate::config::Settings;
+use crate::pb;
+use crate::service::BrokerService;
+use std::future::Future;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The reflection service could not load the descriptor set.
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("gRPC transport failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves the broker on `listener` until `shutdown` completes, then shuts
+/// down gracefully within `settings.server.shutdown_grace`.
+pub async fn run(
+    listener: TcpListener,
+    settings: &Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let token = CancellationToken::new();
+    let (broker, drivers) = Broker::start(settings, token.clone());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let broker_name = <pb::quota_broker_server::QuotaBrokerServer<BrokerService> as tonic::server::NamedService>::NAME;
+    let admin_name = <pb::quota_admin_server::QuotaAdminServer<AdminService> as tonic::server::NamedService>::NAME;
+    for name in ["", broker_name, admin_name] {
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = {
+        let token = token.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: health NOT_SERVING, ending streams and waits");
+            for name in ["", broker_name, admin_name] {
+                health
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+            token.cancel();
+            let _ = draining_tx.send(());
+        }
+    };
+    let grace = settings.server.shutdown_grace;
+    let serve = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(pb::quota_broker_server::QuotaBrokerServer::new(
+            BrokerService::new(broker.clone()),
+        ))
+        .add_service(pb::quota_admin_server::QuotaAdminServer::new(
+            AdminService::new(broker),
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    let drain_deadline = async {
+        if draining_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = serve => r?,
+        _ = drain_deadline => {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "open calls did not finish within the shutdown grace; stopping anyway");
+        }
+    }
+    token.cancel();
+    drivers.join().await;
+    tracing::info!("broker stopped");
+    Ok(())
+}

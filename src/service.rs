@@ -1,0 +1,236 @@
+//! The `quota.v1.QuotaBroker` gRPC service: decode and validate a request,
+//! call the [`Broker`], encode the answer. Also the one table that maps
+//! [`BrokerError`] to gRPC status codes.
+
+use crate::broker::{AcquireOutcome, Broker, Clock, TenantBucketStatus};
+use crate::error::BrokerError;
+use crate::pb;
+use crate::tenant::AcquireArgs;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+/// Longest accepted identifier-like field (tenant, client id, class, OAuth client).
+const MAX_ID_LEN: usize = 256;
+/// Longest accepted path.
+const MAX_PATH_LEN: usize = 4096;
+
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Status {
+        let msg = e.to_string();
+        match e {
+            BrokerError::InvalidArgument { .. } => Status::invalid_argument(msg),
+            BrokerError::UnknownTenant { .. }
+            | BrokerError::NoBucketMatches { .. }
+            | BrokerError::LeaseNotFound { .. } => Status::not_found(msg),
+            BrokerError::TooManyPermits { .. } => Status::failed_precondition(msg),
+            BrokerError::ShuttingDown => Status::unavailable(msg),
+        }
+    }
+}
+
+/// The QuotaBroker service.
+#[derive(Clone)]
+pub struct BrokerService {
+    broker: Broker,
+}
+
+impl BrokerService {
+    /// Serves `broker`.
+    pub fn new(broker: Broker) -> BrokerService {
+        BrokerService { broker }
+    }
+}
+
+fn required<'a>(
+    field: &'static str,
+    value: &'a str,
+    example: &str,
+) -> Result<&'a str, BrokerError> {
+    if value.is_empty() {
+        return Err(BrokerError::invalid(
+            field,
+            format!("required, e.g. {example:?}"),
+        ));
+    }
+    bounded(field, value)
+}
+
+fn bounded<'a>(field: &'static str, value: &'a str) -> Result<&'a str, BrokerError> {
+    if value.len() > MAX_ID_LEN {
+        return Err(BrokerError::invalid(
+            field,
+            format!("{} bytes long; at most {MAX_ID_LEN}", value.len()),
+        ));
+    }
+    Ok(value)
+}
+
+/// Validates a method and path; returns the upper-case method and the path
+/// without its query string.
+pub(crate) fn call_of(method: &str, path: &str) -> Result<(String, String), BrokerError> {
+    let method = required("method", method, "POST")?;
+    if method.len() > 16 || !method.chars().all(|c| c.is_ascii_alphabetic()) {
+        return Err(BrokerError::invalid(
+            "method",
+            format!("{method:?} is not an HTTP method such as GET or POST"),
+        ));
+    }
+    if path.is_empty() {
+        return Err(BrokerError::invalid(
+            "path",
+            "required, e.g. \"/api/v2/analytics/conversations/details/query\"",
+        ));
+    }
+    if !path.starts_with('/') || path.len() > MAX_PATH_LEN {
+        return Err(BrokerError::invalid(
+            "path",
+            format!("must start with '/' and be at most {MAX_PATH_LEN} bytes; got {path:?}"),
+        ));
+    }
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    Ok((method.to_ascii_uppercase(), path.to_owned()))
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Encodes a bucket status for the wire.
+pub(crate) fn status_to_pb(s: TenantBucketStatus, clock: Clock) -> pb::QuotaStatus {
+    let b = s.status;
+    pb::QuotaStatus {
+        tenant: s.tenant,
+        bucket: b.bucket,
+        configured_rate_per_min: b.configured_rate_per_min,
+        effective_rate_per_min: b.effective_rate_per_min,
+        tokens_available: b.tokens_available,
+        in_flight: b.in_flight,
+        max_in_flight: b.max_in_flight,
+        frozen_until_ms: 0,
+        waiting: b.waiting.into_iter().collect(),
+        granted_total: b.granted_total,
+        throttled_total: b.throttled_total,
+        at_ms: clock.unix_ms(s.at),
+        oauth_client: b.oauth_client.unwrap_or_default(),
+        scope: b.scope.as_str().to_owned(),
+        burst: b.burst,
+        reports_total: b.reports_total,
+        paused: false,
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::QuotaStatus, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::quota_broker_server::QuotaBroker for BrokerService {
+    async fn acquire(
+        &self,
+        request: Request<pb::AcquireRequest>,
+    ) -> Result<Response<pb::AcquireResponse>, Status> {
+        let r = request.into_inner();
+        let tenant = required("tenant", &r.tenant, "demo")?;
+        let client_id = required("client_id", &r.client_id, "ingest-worker-1")?;
+        let class = bounded("priority_class", &r.priority_class)?;
+        let oauth_client = bounded("oauth_client", &r.oauth_client)?;
+        let (method, path) = call_of(&r.method, &r.path)?;
+        let args = AcquireArgs {
+            client_id: client_id.to_owned(),
+            class: if class.is_empty() { "default" } else { class }.to_owned(),
+            method,
+            path,
+            oauth_client: oauth_client.to_owned(),
+            permits: r.permits.max(1),
+        };
+        let outcome = self
+            .broker
+            .acquire(tenant, args, Duration::from_millis(r.max_wait_ms))
+            .await?;
+        let clock = self.broker.clock();
+        Ok(Response::new(match outcome {
+            AcquireOutcome::Granted(g) => {
+                let (expires_at_ms, ttl_ms) = g
+                    .slot
+                    .map_or((0, 0), |(at, ttl)| (clock.unix_ms(at), ms(ttl)));
+                pb::AcquireResponse {
+                    granted: true,
+                    lease_id: g.lease_id.to_string(),
+                    permits: g.permits,
+                    lease_expires_at_ms: expires_at_ms,
+                    lease_ttl_ms: ttl_ms,
+                    retry_after_ms: 0,
+                    reason: String::new(),
+                    buckets: g.buckets,
+                }
+            }
+            AcquireOutcome::Denied(d) => pb::AcquireResponse {
+                granted: false,
+                permits: 0,
+                retry_after_ms: ms(d.retry_after),
+                reason: d.reason,
+                buckets: d.buckets,
+                ..Default::default()
+            },
+        }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let released = self.broker.release(&request.into_inner().lease_id)?;
+        Ok(Response::new(pb::ReleaseResponse { released }))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        let r = request.into_inner();
+        let (at, ttl) = self
+            .broker
+            .renew(&r.lease_id, Duration::from_millis(r.extend_ms))?;
+        Ok(Response::new(pb::RenewResponse {
+            lease_expires_at_ms: self.broker.clock().unix_ms(at),
+            lease_ttl_ms: ms(ttl),
+        }))
+    }
+
+    async fn report(
+        &self,
+        request: Request<pb::ReportRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
+        let r = request.into_inner();
+        let tenant = required("tenant", &r.tenant, "demo")?;
+        let oauth_client = bounded("oauth_client", &r.oauth_client)?;
+        let (method, path) = call_of(&r.method, &r.path)?;
+        if !(100..=599).contains(&r.http_status) {
+            return Err(BrokerError::invalid(
+                "http_status",
+                format!("{} is not an HTTP status (100-599)", r.http_status),
+            )
+            .into());
+        }
+        let buckets = self
+            .broker
+            .report(tenant, &method, &path, oauth_client, r.http_status)?;
+        Ok(Response::new(pb::ReportResponse { buckets }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let tenant = request.into_inner().tenant;
+        let rx = self
+            .broker
+            .watch((!tenant.is_empty()).then_some(tenant.as_str()))?;
+        let clock = self.broker.clock();
+        let stream = ReceiverStream::new(rx).map(move |s| Ok(status_to_pb(s, clock)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

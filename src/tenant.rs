@@ -1,0 +1,982 @@
+//! The whole quota state of one tenant and the decision on every request:
+//! its bucket instances (one per org-wide bucket, one per OAuth client seen
+//! for per-client buckets), the lease table and the waiting queue.
+//!
+//! Everything a grant touches lives behind one lock (held by `broker.rs`,
+//! never across an `.await`), which is what makes a grant atomic across
+//! buckets: it checks every bucket and takes from all of them, or from none,
+//! with no window in which another request can slip between check and take.
+//! Pure: the clock is passed in; replies to waiters are sent on the oneshot
+//! channels they left, while the lock is held, so a waiter that gives up can
+//! always tell whether it was granted.
+
+use crate::bucket::{Slots, TokenBucket};
+use crate::config::{BucketSettings, Scope, TenantSettings};
+use crate::error::BrokerError;
+use crate::lease::{Lease, LeaseId, LeaseTable};
+use crate::scheduler::{Offer, Queue, Waiter};
+use slab::Slab;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// How often idle per-OAuth-client instances are looked for and dropped.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// What an Acquire asks for, validated.
+#[derive(Debug, Clone)]
+pub struct AcquireArgs {
+    /// Calling client instance.
+    pub client_id: String,
+    /// Priority class.
+    pub class: String,
+    /// Upper-case HTTP method.
+    pub method: String,
+    /// Path without query string.
+    pub path: String,
+    /// OAuth client ("" when not named).
+    pub oauth_client: String,
+    /// Permits, at least 1.
+    pub permits: u32,
+}
+
+/// A granted request.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// The lease.
+    pub lease_id: LeaseId,
+    /// Permits taken.
+    pub permits: u32,
+    /// Slot expiry and TTL, when slots are held.
+    pub slot: Option<(Instant, Duration)>,
+    /// Buckets drawn on.
+    pub buckets: Vec<String>,
+}
+
+/// A request that cannot be granted now.
+#[derive(Debug, Clone)]
+pub struct Denial {
+    /// Earliest it could be granted, from now.
+    pub retry_after: Duration,
+    /// Why, for people.
+    pub reason: String,
+    /// Buckets considered.
+    pub buckets: Vec<String>,
+}
+
+/// The outcome of trying to grant at once.
+#[derive(Debug)]
+pub enum Attempt {
+    /// Granted.
+    Granted(Grant),
+    /// Not now; the request may wait in the queue on these instances.
+    Blocked {
+        /// The instances the request needs.
+        instances: Vec<usize>,
+        /// The answer if it does not wait.
+        denial: Denial,
+    },
+}
+
+/// Live state of one bucket instance, for Watch and ListBuckets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BucketStatus {
+    /// Bucket name.
+    pub bucket: String,
+    /// Scope.
+    pub scope: Scope,
+    /// OAuth client of a per-client instance.
+    pub oauth_client: Option<String>,
+    /// Configured rate per minute (0 without a rate).
+    pub configured_rate_per_min: f64,
+    /// Effective rate per minute (0 without a rate).
+    pub effective_rate_per_min: f64,
+    /// Burst (0 without a rate).
+    pub burst: u32,
+    /// Permits available now.
+    pub tokens_available: f64,
+    /// Slots held.
+    pub in_flight: u32,
+    /// Slot limit (0 without one).
+    pub max_in_flight: u32,
+    /// Waiters per class.
+    pub waiting: BTreeMap<String, u32>,
+    /// Permits granted.
+    pub granted_total: u64,
+    /// 429s reported.
+    pub throttled_total: u64,
+    /// Reports received.
+    pub reports_total: u64,
+}
+
+/// One instance of a bucket.
+#[derive(Debug)]
+struct Instance {
+    bucket: usize,
+    oauth_client: Option<Arc<str>>,
+    tokens: Option<TokenBucket>,
+    slots: Option<Slots>,
+    waiting: BTreeMap<String, u32>,
+    queued: u32,
+    granted_total: u64,
+    throttled_total: u64,
+    reports_total: u64,
+    /// Bumped on every change; Watch sends instances whose version moved.
+    version: u64,
+}
+
+impl Instance {
+    fn new(
+        bucket: usize,
+        settings: &BucketSettings,
+        client: Option<Arc<str>>,
+        now: Instant,
+    ) -> Self {
+        Instance {
+            bucket,
+            oauth_client: client,
+            tokens: settings
+                .rate
+                .map(|r| TokenBucket::new(r.permits.get(), r.window, r.burst.get(), now)),
+            slots: settings.max_in_flight.map(|m| Slots::new(m.get())),
+            waiting: BTreeMap::new(),
+            queued: 0,
+            granted_total: 0,
+            throttled_total: 0,
+            reports_total: 0,
+            version: 0,
+        }
+    }
+
+    fn idle(&self, now: Instant) -> bool {
+        self.queued == 0
+            && self.slots.is_none_or(|s| s.in_flight() == 0)
+            && self.tokens.as_ref().is_none_or(|t| t.is_full(now))
+    }
+
+    /// When `n` permits could be taken, ignoring the queue: `Ok` with the
+    /// token-ready instant if slots are free, `Err` if slots are the limit.
+    fn ready_at(&self, n: u32, now: Instant) -> Result<Instant, ()> {
+        if self.slots.is_some_and(|s| !s.has_room(n)) {
+            return Err(());
+        }
+        Ok(self
+            .tokens
+            .as_ref()
+            .and_then(|t| t.ready_at(n, now))
+            .unwrap_or(now))
+    }
+}
+
+struct BucketDef {
+    settings: BucketSettings,
+    org: Option<usize>,
+    per_client: HashMap<Arc<str>, usize>,
+}
+
+/// Quota state of one tenant.
+pub struct TenantState {
+    idx: u32,
+    id: String,
+    buckets: Vec<BucketDef>,
+    instances: Slab<Instance>,
+    leases: LeaseTable,
+    queue: Queue<oneshot::Sender<Grant>>,
+    version: Arc<std::sync::atomic::AtomicU64>,
+    next_sweep: Instant,
+}
+
+impl TenantState {
+    /// A tenant with full buckets at `now`. `version` is the broker-wide
+    /// change counter that Watch follows.
+    pub fn new(
+        idx: u32,
+        settings: &TenantSettings,
+        version: Arc<std::sync::atomic::AtomicU64>,
+        now: Instant,
+    ) -> TenantState {
+        let mut instances = Slab::new();
+        let buckets = settings
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| BucketDef {
+                settings: b.clone(),
+                org: (b.scope == Scope::Org)
+                    .then(|| instances.insert(Instance::new(i, b, None, now))),
+                per_client: HashMap::new(),
+            })
+            .collect();
+        TenantState {
+            idx,
+            id: settings.id.clone(),
+            buckets,
+            instances,
+            leases: LeaseTable::default(),
+            queue: Queue::default(),
+            version,
+            next_sweep: now + SWEEP_EVERY,
+        }
+    }
+
+    /// The tenant id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn touch(&mut self, instance: usize) {
+        let v = self
+            .version
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if let Some(i) = self.instances.get_mut(instance) {
+            i.version = v;
+        }
+    }
+
+    fn name(&self, instance: usize) -> String {
+        let Some(i) = self.instances.get(instance) else {
+            return String::new();
+        };
+        self.buckets[i.bucket].settings.name.clone()
+    }
+
+    fn names(&self, instances: &[usize]) -> Vec<String> {
+        instances.iter().map(|&i| self.name(i)).collect()
+    }
+
+    /// The instances a call draws on, creating per-client ones as needed.
+    /// `Ok(Err(denial))` when a per-client bucket is at its instance limit.
+    fn resolve(
+        &mut self,
+        method: &str,
+        path: &str,
+        oauth_client: &str,
+        permits: u32,
+        now: Instant,
+    ) -> Result<Result<Vec<usize>, Denial>, BrokerError> {
+        let mut out = Vec::with_capacity(self.buckets.len());
+        for b in 0..self.buckets.len() {
+            let def = &self.buckets[b];
+            if !def.settings.routes.iter().any(|r| r.matches(method, path)) {
+                continue;
+            }
+            check_permits(&self.id, &def.settings, permits)?;
+            let instance = match def.org {
+                Some(i) => i,
+                None => match def.per_client.get(oauth_client) {
+                    Some(&i) => i,
+                    None => match self.add_client_instance(b, oauth_client, now) {
+                        Some(i) => i,
+                        None => {
+                            let def = &self.buckets[b].settings;
+                            return Ok(Err(Denial {
+                                retry_after: Duration::from_secs(1),
+                                reason: format!(
+                                    "bucket {:?} already tracks its limit of {} OAuth clients, all \
+                                     busy; raise max_clients in the broker config",
+                                    def.name, def.max_clients
+                                ),
+                                buckets: vec![def.name.clone()],
+                            }));
+                        }
+                    },
+                },
+            };
+            out.push(instance);
+        }
+        if out.is_empty() {
+            return Err(BrokerError::NoBucketMatches {
+                tenant: self.id.clone(),
+                method: method.to_owned(),
+                path: path.to_owned(),
+            });
+        }
+        Ok(Ok(out))
+    }
+
+    fn add_client_instance(&mut self, bucket: usize, client: &str, now: Instant) -> Option<usize> {
+        let max = self.buckets[bucket].settings.max_clients.get() as usize;
+        if self.buckets[bucket].per_client.len() >= max {
+            self.evict_idle(Some(bucket), now);
+            if self.buckets[bucket].per_client.len() >= max {
+                return None;
+            }
+        }
+        let client: Arc<str> = Arc::from(client);
+        let def = &mut self.buckets[bucket];
+        let i = self.instances.insert(Instance::new(
+            bucket,
+            &def.settings,
+            Some(client.clone()),
+            now,
+        ));
+        def.per_client.insert(client, i);
+        self.touch(i);
+        Some(i)
+    }
+
+    /// Drops per-client instances nobody uses and that are full (a fresh one
+    /// would be identical), in `only` bucket or in all.
+    fn evict_idle(&mut self, only: Option<usize>, now: Instant) {
+        for (b, def) in self.buckets.iter_mut().enumerate() {
+            if only.is_some_and(|o| o != b) {
+                continue;
+            }
+            let instances = &mut self.instances;
+            def.per_client.retain(|_, &mut i| {
+                let idle = instances.get(i).is_none_or(|x| x.idle(now));
+                if idle {
+                    instances.try_remove(i);
+                }
+                !idle
+            });
+        }
+    }
+
+    /// Tries to grant at once. Never waits and never queues.
+    pub fn try_acquire(
+        &mut self,
+        args: &AcquireArgs,
+        now: Instant,
+    ) -> Result<Attempt, BrokerError> {
+        let instances = match self.resolve(
+            &args.method,
+            &args.path,
+            &args.oauth_client,
+            args.permits,
+            now,
+        )? {
+            Ok(i) => i,
+            Err(denial) => {
+                return Ok(Attempt::Blocked {
+                    instances: Vec::new(),
+                    denial,
+                })
+            }
+        };
+        let queued_ahead = instances
+            .iter()
+            .any(|&i| self.instances.get(i).is_some_and(|x| x.queued > 0));
+        if !queued_ahead && self.can_take(&instances, args.permits, now) {
+            return Ok(Attempt::Granted(self.take(
+                &instances,
+                args.permits,
+                &args.client_id,
+                now,
+            )));
+        }
+        let denial = self.explain(&instances, args.permits, now);
+        Ok(Attempt::Blocked { instances, denial })
+    }
+
+    fn can_take(&self, instances: &[usize], n: u32, now: Instant) -> bool {
+        instances.iter().all(|&i| {
+            self.instances
+                .get(i)
+                .is_some_and(|x| x.ready_at(n, now).is_ok_and(|t| t <= now))
+        })
+    }
+
+    /// Takes `n` from every instance; the caller has checked [`Self::can_take`].
+    fn take(&mut self, instances: &[usize], n: u32, client_id: &str, now: Instant) -> Grant {
+        let mut slot_instances = Vec::new();
+        let mut ttl: Option<Duration> = None;
+        for &i in instances {
+            let Some(x) = self.instances.get_mut(i) else {
+                continue;
+            };
+            if let Some(t) = x.tokens.as_mut() {
+                t.take(n, now);
+            }
+            if let Some(s) = x.slots.as_mut() {
+                s.take(n);
+                slot_instances.push(i);
+                let bucket_ttl = self.buckets[x.bucket].settings.lease_ttl;
+                ttl = Some(ttl.map_or(bucket_ttl, |t| t.min(bucket_ttl)));
+            }
+            x.granted_total += u64::from(n);
+            self.touch(i);
+        }
+        let seq = self.leases.next_seq();
+        let nonce = fastrand::u32(..);
+        let slot = ttl.map(|ttl| {
+            let expires_at = now + ttl;
+            self.leases.insert(
+                seq,
+                Lease {
+                    nonce,
+                    instances: slot_instances,
+                    permits: n,
+                    expires_at,
+                    ttl,
+                    client_id: client_id.to_owned(),
+                },
+            );
+            (expires_at, ttl)
+        });
+        Grant {
+            lease_id: LeaseId {
+                tenant: self.idx,
+                seq,
+                nonce,
+            },
+            permits: n,
+            slot,
+            buckets: self.names(instances),
+        }
+    }
+
+    /// Why `n` permits on `instances` cannot be granted now, and when they
+    /// could be at the earliest.
+    pub fn explain(&self, instances: &[usize], n: u32, now: Instant) -> Denial {
+        let mut retry = now;
+        let mut reason = String::new();
+        for &i in instances {
+            let Some(x) = self.instances.get(i) else {
+                continue;
+            };
+            let name = &self.buckets[x.bucket].settings.name;
+            let sep = if reason.is_empty() { "" } else { "; " };
+            if let Some(s) = x.slots.filter(|s| !s.has_room(n)) {
+                let at = self.leases.first_expiry_holding(i).unwrap_or(now);
+                retry = retry.max(at);
+                let _ = write!(
+                    reason,
+                    "{sep}bucket {name:?} has all {} concurrency slots in use",
+                    s.max()
+                );
+                continue;
+            }
+            if let Some(t) = x.tokens.as_ref() {
+                let at = t.ready_at(n, now).unwrap_or(now);
+                if at > now {
+                    retry = retry.max(at);
+                    let _ = write!(
+                        reason,
+                        "{sep}bucket {name:?} has {:.2} of {n} permits (refills at {:.1}/min)",
+                        t.available(now),
+                        t.rate_per_min()
+                    );
+                    continue;
+                }
+            }
+            if x.queued > 0 {
+                let _ = write!(
+                    reason,
+                    "{sep}{} earlier requests wait on bucket {name:?}",
+                    x.queued
+                );
+            }
+        }
+        if reason.is_empty() {
+            reason.push_str("capacity is taken");
+        }
+        Denial {
+            retry_after: retry.saturating_duration_since(now),
+            reason,
+            buckets: self.names(instances),
+        }
+    }
+
+    /// Puts a blocked request in the queue; returns the waiter id.
+    pub fn enqueue(
+        &mut self,
+        instances: Vec<usize>,
+        args: &AcquireArgs,
+        reply: oneshot::Sender<Grant>,
+    ) -> u64 {
+        for &i in &instances {
+            if let Some(x) = self.instances.get_mut(i) {
+                x.queued += 1;
+                *x.waiting.entry(args.class.clone()).or_default() += 1;
+            }
+            self.touch(i);
+        }
+        self.queue.push(
+            instances,
+            args.permits,
+            args.class.clone(),
+            args.client_id.clone(),
+            reply,
+        )
+    }
+
+    fn unqueue(&mut self, w: &Waiter<oneshot::Sender<Grant>>) {
+        for &i in &w.instances {
+            if let Some(x) = self.instances.get_mut(i) {
+                x.queued = x.queued.saturating_sub(1);
+                if let Some(c) = x.waiting.get_mut(&w.class) {
+                    *c -= 1;
+                    if *c == 0 {
+                        x.waiting.remove(&w.class);
+                    }
+                }
+            }
+            self.touch(i);
+        }
+    }
+
+    /// Takes a waiter out of the queue (timeout or caller gone) and says why
+    /// it was not granted; `None` if it already left (it was granted).
+    pub fn withdraw(&mut self, waiter: u64, now: Instant) -> Option<Denial> {
+        let w = self.queue.remove(waiter)?;
+        self.unqueue(&w);
+        Some(self.explain(&w.instances, w.permits, now))
+    }
+
+    /// Hands a grant back (its waiter was gone before it could take it).
+    pub fn undo(&mut self, grant: &Grant) {
+        self.release(grant.lease_id);
+    }
+
+    /// Returns a lease's slots; false if it holds none (unknown, released,
+    /// expired, or a lease of rate buckets only).
+    pub fn release(&mut self, id: LeaseId) -> bool {
+        let Some(lease) = self.leases.remove(id.seq, id.nonce) else {
+            return false;
+        };
+        self.give_back(&lease);
+        true
+    }
+
+    fn give_back(&mut self, lease: &Lease) {
+        for &i in &lease.instances {
+            if let Some(s) = self.instances.get_mut(i).and_then(|x| x.slots.as_mut()) {
+                s.give_back(lease.permits);
+            }
+            self.touch(i);
+        }
+    }
+
+    /// Extends a lease's slots to `now + extend` (`None`: its default TTL).
+    pub fn renew(
+        &mut self,
+        id: LeaseId,
+        extend: Option<Duration>,
+        now: Instant,
+    ) -> Result<(Instant, Duration), BrokerError> {
+        let not_found = || BrokerError::LeaseNotFound {
+            lease_id: id.to_string(),
+        };
+        let ttl = extend
+            .or_else(|| self.leases.get(id.seq, id.nonce).map(|l| l.ttl))
+            .ok_or_else(not_found)?;
+        let expires_at = now + ttl;
+        self.leases
+            .renew(id.seq, id.nonce, expires_at)
+            .ok_or_else(not_found)?;
+        Ok((expires_at, ttl))
+    }
+
+    /// Counts an upstream outcome against the buckets of the call; returns
+    /// their names.
+    pub fn report(
+        &mut self,
+        method: &str,
+        path: &str,
+        oauth_client: &str,
+        http_status: u32,
+        now: Instant,
+    ) -> Result<Vec<String>, BrokerError> {
+        let instances = match self.resolve(method, path, oauth_client, 1, now)? {
+            Ok(i) => i,
+            Err(denial) => return Ok(denial.buckets),
+        };
+        for &i in &instances {
+            if let Some(x) = self.instances.get_mut(i) {
+                x.reports_total += 1;
+                if http_status == 429 {
+                    x.throttled_total += 1;
+                }
+            }
+            self.touch(i);
+        }
+        Ok(self.names(&instances))
+    }
+
+    /// Expires leases, serves waiters, drops idle instances; returns when to
+    /// run again at the latest (`None`: only when something changes).
+    pub fn tick(&mut self, now: Instant) -> Option<Instant> {
+        while let Some((seq, lease)) = self.leases.pop_expired(now) {
+            tracing::info!(
+                tenant = %self.id,
+                lease = %LeaseId { tenant: self.idx, seq, nonce: lease.nonce },
+                client_id = %lease.client_id,
+                "lease expired without release; its slots are back"
+            );
+            self.give_back(&lease);
+        }
+        let mut queue = std::mem::take(&mut self.queue);
+        let mut grants = Vec::new();
+        let (granted, next_ready) = queue.serve(|w| {
+            if self.can_take(&w.instances, w.permits, now) {
+                grants.push(self.take(&w.instances, w.permits, &w.client_id, now));
+                return Offer::Granted;
+            }
+            let ready: Result<Vec<Instant>, ()> = w
+                .instances
+                .iter()
+                .map(|&i| {
+                    self.instances
+                        .get(i)
+                        .map_or(Err(()), |x| x.ready_at(w.permits, now))
+                })
+                .collect();
+            Offer::NotYet(ready.ok().and_then(|ts| ts.into_iter().max()))
+        });
+        self.queue = queue;
+        for (w, grant) in granted.into_iter().zip(grants) {
+            self.unqueue(&w);
+            if let Err(grant) = w.reply.send(grant) {
+                // The waiter's caller is gone and could not withdraw first
+                // (it withdraws under this same lock): hand the grant back.
+                self.undo(&grant);
+            }
+        }
+        if now >= self.next_sweep {
+            self.evict_idle(None, now);
+            self.next_sweep = now + SWEEP_EVERY;
+        }
+        [next_ready, self.leases.next_expiry(), Some(self.next_sweep)]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Answers every waiter (shutdown): they leave the queue unanswered and
+    /// their callers see the channel closed.
+    pub fn drop_waiters(&mut self) {
+        let waiters: Vec<_> = self.queue.drain().collect();
+        for w in &waiters {
+            self.unqueue(w);
+        }
+    }
+
+    /// Status of instances whose version is above what `seen` holds for
+    /// them (all instances when `seen` is empty); updates `seen`.
+    pub fn statuses_since(
+        &self,
+        seen: &mut HashMap<usize, u64>,
+        now: Instant,
+    ) -> Vec<BucketStatus> {
+        let mut out = Vec::new();
+        for (i, x) in &self.instances {
+            let last = seen.get(&i).copied();
+            if last.is_some_and(|v| v >= x.version) {
+                continue;
+            }
+            seen.insert(i, x.version);
+            out.push(self.status_of(x, now));
+        }
+        seen.retain(|i, _| self.instances.contains(*i));
+        out
+    }
+
+    /// Status of every instance.
+    pub fn statuses(&self, now: Instant) -> Vec<BucketStatus> {
+        self.instances
+            .iter()
+            .map(|(_, x)| self.status_of(x, now))
+            .collect()
+    }
+
+    fn status_of(&self, x: &Instance, now: Instant) -> BucketStatus {
+        let settings = &self.buckets[x.bucket].settings;
+        BucketStatus {
+            bucket: settings.name.clone(),
+            scope: settings.scope,
+            oauth_client: x.oauth_client.as_deref().map(str::to_owned),
+            configured_rate_per_min: settings.rate.map_or(0.0, |r| r.per_minute()),
+            effective_rate_per_min: x.tokens.as_ref().map_or(0.0, |t| t.rate_per_min()),
+            burst: x.tokens.as_ref().map_or(0, |t| t.burst()),
+            tokens_available: x.tokens.as_ref().map_or(0.0, |t| t.available(now)),
+            in_flight: x.slots.map_or(0, |s| s.in_flight()),
+            max_in_flight: x.slots.map_or(0, |s| s.max()),
+            waiting: x.waiting.clone(),
+            granted_total: x.granted_total,
+            throttled_total: x.throttled_total,
+            reports_total: x.reports_total,
+        }
+    }
+
+    /// Waiters in the queue.
+    pub fn waiting(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Leases holding slots.
+    pub fn leases_held(&self) -> usize {
+        self.leases.len()
+    }
+}
+
+fn check_permits(tenant: &str, b: &BucketSettings, permits: u32) -> Result<(), BrokerError> {
+    let too_many = |max: u32, what| BrokerError::TooManyPermits {
+        tenant: tenant.to_owned(),
+        bucket: b.name.clone(),
+        permits,
+        max,
+        what,
+    };
+    if let Some(r) = b.rate.filter(|r| permits > r.burst.get()) {
+        return Err(too_many(r.burst.get(), "burst"));
+    }
+    if let Some(m) = b.max_in_flight.filter(|m| permits > m.get()) {
+        return Err(too_many(m.get(), "max_in_flight"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use proptest::prelude::*;
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    fn tenant(toml_buckets: &str, now: Instant) -> TenantState {
+        let s = Settings::from_toml(&format!("[[tenants]]\nid = \"t\"\n{toml_buckets}")).unwrap();
+        TenantState::new(0, &s.tenants[0], Default::default(), now)
+    }
+
+    fn args(method: &str, path: &str, permits: u32) -> AcquireArgs {
+        AcquireArgs {
+            client_id: "c".into(),
+            class: "default".into(),
+            method: method.into(),
+            path: path.into(),
+            oauth_client: "oa".into(),
+            permits,
+        }
+    }
+
+    const TWO: &str = r#"
+        [[tenants.buckets]]
+        name = "rate"
+        routes = ["* /**"]
+        permits = 2
+        window_ms = 1000
+        [[tenants.buckets]]
+        name = "slots"
+        routes = ["POST /q"]
+        max_in_flight = 1
+        lease_ttl_ms = 5000
+    "#;
+
+    fn granted(a: Attempt) -> Grant {
+        match a {
+            Attempt::Granted(g) => g,
+            Attempt::Blocked { denial, .. } => panic!("not granted: {}", denial.reason),
+        }
+    }
+
+    #[test]
+    fn grant_draws_on_all_buckets_or_none() {
+        let t0 = Instant::now();
+        let mut t = tenant(TWO, t0);
+        let g = granted(t.try_acquire(&args("POST", "/q", 1), t0).unwrap());
+        assert_eq!(g.buckets, ["rate", "slots"]);
+        assert_eq!(g.slot, Some((t0 + 5 * SEC, 5 * SEC)));
+        // The slot is taken: the next POST takes nothing from "rate" either.
+        let Attempt::Blocked { denial, .. } = t.try_acquire(&args("POST", "/q", 1), t0).unwrap()
+        else {
+            panic!("granted past the slot limit")
+        };
+        assert!(
+            denial
+                .reason
+                .contains("\"slots\" has all 1 concurrency slots"),
+            "{}",
+            denial.reason
+        );
+        assert_eq!(denial.retry_after, 5 * SEC);
+        let rate = t
+            .statuses(t0)
+            .into_iter()
+            .find(|s| s.bucket == "rate")
+            .unwrap();
+        assert_eq!(rate.tokens_available, 1.0);
+        assert!(t.release(g.lease_id));
+        assert!(!t.release(g.lease_id), "second release changes nothing");
+        granted(t.try_acquire(&args("POST", "/q", 1), t0).unwrap());
+    }
+
+    #[test]
+    fn expiry_returns_slots_and_serves_waiters() {
+        let t0 = Instant::now();
+        let mut t = tenant(TWO, t0);
+        granted(t.try_acquire(&args("POST", "/q", 1), t0).unwrap());
+        let Attempt::Blocked { instances, .. } = t.try_acquire(&args("POST", "/q", 1), t0).unwrap()
+        else {
+            panic!()
+        };
+        let (tx, mut rx) = oneshot::channel();
+        t.enqueue(instances, &args("POST", "/q", 1), tx);
+        assert_eq!(
+            t.tick(t0),
+            Some(t0 + 5 * SEC),
+            "wakes at the lease's expiry"
+        );
+        assert!(rx.try_recv().is_err());
+        t.tick(t0 + 5 * SEC);
+        let g = rx.try_recv().expect("granted once the slot expired");
+        assert_eq!(g.slot.map(|s| s.0), Some(t0 + 10 * SEC));
+        assert_eq!(t.waiting(), 0);
+        assert_eq!(t.leases_held(), 1);
+    }
+
+    #[test]
+    fn renew_extends_and_unknown_is_not_found() {
+        let t0 = Instant::now();
+        let mut t = tenant(TWO, t0);
+        let g = granted(t.try_acquire(&args("POST", "/q", 1), t0).unwrap());
+        let (at, ttl) = t.renew(g.lease_id, Some(20 * SEC), t0 + 4 * SEC).unwrap();
+        assert_eq!((at, ttl), (t0 + 24 * SEC, 20 * SEC));
+        t.tick(t0 + 10 * SEC);
+        assert_eq!(
+            t.leases_held(),
+            1,
+            "renewed lease survives its first expiry"
+        );
+        let (at, _) = t.renew(g.lease_id, None, t0 + 10 * SEC).unwrap();
+        assert_eq!(at, t0 + 15 * SEC, "default TTL");
+        t.tick(t0 + 15 * SEC);
+        assert!(matches!(
+            t.renew(g.lease_id, None, t0 + 15 * SEC),
+            Err(BrokerError::LeaseNotFound { .. })
+        ));
+        assert!(!t.release(g.lease_id), "release after expiry is a no-op");
+    }
+
+    #[test]
+    fn errors_name_what_is_wrong() {
+        let t0 = Instant::now();
+        let mut t = tenant(TWO, t0);
+        assert!(matches!(
+            t.try_acquire(&args("POST", "/q", 3), t0),
+            Err(BrokerError::TooManyPermits {
+                max: 2,
+                what: "burst",
+                ..
+            })
+        ));
+        let mut t = tenant(
+            "[[tenants.buckets]]\nname = \"only\"\nroutes = [\"GET /a\"]\nmax_in_flight = 1\n",
+            t0,
+        );
+        assert!(matches!(
+            t.try_acquire(&args("GET", "/b", 1), t0),
+            Err(BrokerError::NoBucketMatches { .. })
+        ));
+    }
+
+    #[test]
+    fn per_client_instances_are_bounded_and_idle_ones_evicted() {
+        let t0 = Instant::now();
+        let mut t = tenant(
+            r#"
+            [[tenants.buckets]]
+            name = "pc"
+            scope = "oauth_client"
+            routes = ["* /**"]
+            permits = 1
+            window_ms = 1000
+            max_clients = 2
+            "#,
+            t0,
+        );
+        let mut a = args("GET", "/x", 1);
+        for c in ["a", "b"] {
+            a.oauth_client = c.into();
+            granted(t.try_acquire(&a, t0).unwrap());
+        }
+        a.oauth_client = "c".into();
+        let Attempt::Blocked { denial, .. } = t.try_acquire(&a, t0).unwrap() else {
+            panic!()
+        };
+        assert!(
+            denial.reason.contains("limit of 2 OAuth clients"),
+            "{}",
+            denial.reason
+        );
+        // Once a and b are full again they are idle and make room.
+        granted(t.try_acquire(&a, t0 + SEC).unwrap());
+        assert_eq!(t.statuses(t0 + SEC).len(), 1);
+        // Each client has its own budget.
+        a.oauth_client = "a".into();
+        granted(t.try_acquire(&a, t0 + SEC).unwrap());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Acquire(u32),
+        Release(usize),
+        Advance(u64),
+    }
+
+    proptest! {
+        /// No interleaving of acquires, releases, waits and expiries holds
+        /// more slots than the limit, or grants more permits in any window
+        /// than burst + rate × window.
+        #[test]
+        fn limits_hold_under_any_interleaving(
+            ops in prop::collection::vec(prop_oneof![
+                (1u32..3).prop_map(Op::Acquire),
+                (0usize..8).prop_map(Op::Release),
+                (0u64..3000).prop_map(Op::Advance),
+            ], 1..150)
+        ) {
+            let t0 = Instant::now();
+            let mut t = tenant(r#"
+                [[tenants.buckets]]
+                name = "both"
+                routes = ["* /**"]
+                permits = 5
+                window_ms = 1000
+                burst = 3
+                max_in_flight = 3
+                lease_ttl_ms = 2000
+            "#, t0);
+            let mut now = t0;
+            let mut held: Vec<LeaseId> = Vec::new();
+            let mut waiting = Vec::new();
+            let mut grants: Vec<(Instant, u32)> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Acquire(n) => match t.try_acquire(&args("GET", "/", n), now).unwrap() {
+                        Attempt::Granted(g) => { grants.push((now, n)); held.push(g.lease_id); }
+                        Attempt::Blocked { instances, .. } => {
+                            let (tx, rx) = oneshot::channel();
+                            t.enqueue(instances, &args("GET", "/", n), tx);
+                            waiting.push((n, rx));
+                        }
+                    },
+                    Op::Release(k) => if !held.is_empty() {
+                        let id = held.remove(k % held.len());
+                        t.release(id);
+                    },
+                    Op::Advance(ms) => now += Duration::from_millis(ms),
+                }
+                t.tick(now);
+                waiting.retain_mut(|(n, rx)| match rx.try_recv() {
+                    Ok(g) => { grants.push((now, *n)); held.push(g.lease_id); false }
+                    Err(_) => true,
+                });
+                let s = &t.statuses(now)[0];
+                prop_assert!(s.in_flight <= 3, "{} slots held", s.in_flight);
+            }
+            for (i, &(start, _)) in grants.iter().enumerate() {
+                for &(end, _) in &grants[i..] {
+                    let w = (end - start).as_secs_f64();
+                    let n: u32 = grants.iter().filter(|(t, _)| *t >= start && *t <= end).map(|(_, n)| n).sum();
+                    prop_assert!(f64::from(n) <= 3.0 + w * 5.0 + 1e-9, "{n} in {w}s");
+                }
+            }
+        }
+    }
+}
