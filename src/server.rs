@@ -10,8 +10,8 @@ use crate::pb;
 use crate::service::BrokerService;
 use std::future::Future;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
@@ -73,7 +73,11 @@ pub async fn run(
         .add_service(pb::quota_admin_server::QuotaAdminServer::new(
             AdminService::new(broker),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(
+            // Small answers must not sit in Nagle's buffer waiting for an ACK.
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            signal,
+        );
     let drain_deadline = async {
         if draining_rx.await.is_ok() {
             tokio::time::sleep(grace).await;

@@ -1,0 +1,320 @@
+//! Grants, waits, timeouts, all-or-nothing, expiry and release over gRPC.
+
+use crate::harness::{config, req, start};
+use quota_broker::pb::{ReleaseRequest, RenewRequest};
+use std::time::Duration;
+use tokio::time::Instant;
+
+const SLOT: &str = r#"
+[[tenants.buckets]]
+name = "slots"
+routes = ["POST /q"]
+max_in_flight = 1
+lease_ttl_ms = 5000
+"#;
+
+const RATE: &str = r#"
+[[tenants.buckets]]
+name = "rate"
+routes = ["* /**"]
+permits = 1
+window_ms = 10000
+burst = 1
+"#;
+
+#[tokio::test(start_paused = true)]
+async fn grant_names_buckets_and_lease() {
+    let b = start(&config(&format!("{RATE}{SLOT}"))).await;
+    let r = b.acquire(req("post", "/q?x=1", 0)).await;
+    assert!(r.granted, "{}", r.reason);
+    assert_eq!(r.buckets, ["rate", "slots"]);
+    assert_eq!(r.permits, 1);
+    assert_eq!(r.lease_ttl_ms, 5000);
+    assert!(r.lease_expires_at_ms > 0);
+    assert!(!r.lease_id.is_empty());
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn rate_wait_is_granted_when_a_token_refills() {
+    let b = start(&config(RATE)).await;
+    assert!(b.acquire(req("GET", "/a", 0)).await.granted);
+    let t0 = Instant::now();
+    let r = b.acquire(req("GET", "/a", 20_000)).await;
+    assert!(r.granted, "{}", r.reason);
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(9_900) && waited <= Duration::from_millis(10_100),
+        "granted after {waited:?}, the refill is at 10 s"
+    );
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeout_answers_with_retry_after_and_reason() {
+    let b = start(&config(RATE)).await;
+    assert!(b.acquire(req("GET", "/a", 0)).await.granted);
+    let t0 = Instant::now();
+    let r = b.acquire(req("GET", "/a", 2_000)).await;
+    let waited = t0.elapsed();
+    assert!(!r.granted);
+    assert!(
+        waited >= Duration::from_millis(2_000) && waited < Duration::from_millis(2_100),
+        "{waited:?}"
+    );
+    assert!(
+        (7_900..=8_000).contains(&r.retry_after_ms),
+        "retry_after_ms {} should point at the refill 8 s later",
+        r.retry_after_ms
+    );
+    assert!(r.reason.contains("\"rate\""), "{}", r.reason);
+    assert!(r.lease_id.is_empty());
+    assert_eq!(
+        b.bucket("rate").await.waiting.len(),
+        0,
+        "the waiter left the queue"
+    );
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiter_is_granted_the_moment_a_slot_is_released() {
+    let b = start(&config(SLOT)).await;
+    let first = b.acquire(req("POST", "/q", 0)).await;
+    assert!(first.granted);
+    let mut watch = b
+        .client
+        .clone()
+        .watch(quota_broker::pb::WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let waiter = {
+        let b_client = b.client.clone();
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let r = b_client.clone().acquire(req("POST", "/q", 60_000)).await;
+            (r.unwrap().into_inner(), t0.elapsed())
+        })
+    };
+    // Wait (on the Watch stream, not the clock) until the request queues.
+    while let Some(s) = watch.message().await.unwrap() {
+        if s.waiting.get("default") == Some(&1) {
+            break;
+        }
+    }
+    let released = b
+        .client
+        .clone()
+        .release(ReleaseRequest {
+            lease_id: first.lease_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(released.released);
+    let (r, waited) = waiter.await.unwrap();
+    assert!(r.granted, "{}", r.reason);
+    assert!(
+        waited < Duration::from_secs(1),
+        "granted on release, not at expiry: {waited:?}"
+    );
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_lease_returns_its_slot_by_itself() {
+    let b = start(&config(SLOT)).await;
+    let first = b.acquire(req("POST", "/q", 0)).await;
+    assert!(first.granted);
+    let denied = b.acquire(req("POST", "/q", 0)).await;
+    assert!(!denied.granted);
+    assert!(
+        (4_900..=5_000).contains(&denied.retry_after_ms),
+        "retry_after_ms {} points at the slot's expiry",
+        denied.retry_after_ms
+    );
+    let t0 = Instant::now();
+    let r = b.acquire(req("POST", "/q", 60_000)).await;
+    assert!(r.granted);
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(4_900) && waited <= Duration::from_millis(5_100),
+        "{waited:?}"
+    );
+    // The expired lease's release is OK and changes nothing.
+    let rel = b
+        .client
+        .clone()
+        .release(ReleaseRequest {
+            lease_id: first.lease_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!rel.released);
+    assert_eq!(b.bucket("slots").await.in_flight, 1);
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn release_is_idempotent_and_renew_extends() {
+    let b = start(&config(SLOT)).await;
+    let g = b.acquire(req("POST", "/q", 0)).await;
+    let mut c = b.client.clone();
+    let renewed = c
+        .renew(RenewRequest {
+            lease_id: g.lease_id.clone(),
+            extend_ms: 60_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(renewed.lease_ttl_ms, 60_000);
+    assert_eq!(renewed.lease_expires_at_ms, g.lease_expires_at_ms + 55_000);
+    tokio::time::advance(Duration::from_secs(30)).await;
+    assert_eq!(
+        b.bucket("slots").await.in_flight,
+        1,
+        "renewed past the first TTL"
+    );
+    let rel = |id: String| {
+        let mut c = c.clone();
+        async move {
+            c.release(ReleaseRequest { lease_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+                .released
+        }
+    };
+    assert!(rel(g.lease_id.clone()).await);
+    assert!(!rel(g.lease_id.clone()).await);
+    assert_eq!(b.bucket("slots").await.in_flight, 0);
+    assert!(b.acquire(req("POST", "/q", 0)).await.granted);
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn grant_takes_from_all_buckets_or_none() {
+    let both = r#"
+[[tenants.buckets]]
+name = "org"
+routes = ["* /**"]
+permits = 2
+window_ms = 60000
+[[tenants.buckets]]
+name = "slots"
+routes = ["POST /q"]
+max_in_flight = 1
+"#;
+    let b = start(&config(both)).await;
+    assert!(b.acquire(req("POST", "/q", 0)).await.granted);
+    let denied = b.acquire(req("POST", "/q", 0)).await;
+    assert!(!denied.granted);
+    assert!(denied.reason.contains("\"slots\""), "{}", denied.reason);
+    // The refused request took nothing from "org".
+    assert_eq!(b.bucket("org").await.tokens_available, 1.0);
+    assert!(b.acquire(req("GET", "/other", 0)).await.granted);
+    assert_eq!(b.bucket("org").await.tokens_available, 0.0);
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_acquires_never_exceed_a_limit() {
+    let cfg = r#"
+[[tenants.buckets]]
+name = "org"
+routes = ["* /**"]
+permits = 5
+window_ms = 60000
+[[tenants.buckets]]
+name = "slots"
+routes = ["POST /q"]
+max_in_flight = 3
+"#;
+    let b = start(&config(cfg)).await;
+    let calls: Vec<_> = (0..20)
+        .map(|i| {
+            let mut c = b.client.clone();
+            let path = if i % 2 == 0 { "/q" } else { "/r" };
+            let method = if i % 2 == 0 { "POST" } else { "GET" };
+            tokio::spawn(async move { c.acquire(req(method, path, 0)).await.unwrap().into_inner() })
+        })
+        .collect();
+    let mut slot_grants = 0;
+    let mut grants = 0;
+    for (i, call) in calls.into_iter().enumerate() {
+        let r = call.await.unwrap();
+        if r.granted {
+            grants += 1;
+            if i % 2 == 0 {
+                slot_grants += 1;
+            }
+        }
+    }
+    assert_eq!(grants, 5, "the org bucket holds 5");
+    assert!(slot_grants <= 3, "{slot_grants} slots granted of 3");
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_oauth_client_buckets_are_separate() {
+    let cfg = r#"
+[[tenants.buckets]]
+name = "per-client"
+scope = "oauth_client"
+routes = ["* /**"]
+permits = 1
+window_ms = 60000
+"#;
+    let b = start(&config(cfg)).await;
+    let mut r = req("GET", "/a", 0);
+    r.oauth_client = "one".into();
+    assert!(b.acquire(r.clone()).await.granted);
+    assert!(!b.acquire(r.clone()).await.granted);
+    r.oauth_client = "two".into();
+    assert!(b.acquire(r).await.granted);
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_waiter_leaves_the_queue_and_takes_nothing() {
+    let b = start(&config(SLOT)).await;
+    let first = b.acquire(req("POST", "/q", 0)).await;
+    let mut watch = b
+        .client
+        .clone()
+        .watch(quota_broker::pb::WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut c = b.client.clone();
+    let waiter = tokio::spawn(async move { c.acquire(req("POST", "/q", 60_000)).await });
+    while let Some(s) = watch.message().await.unwrap() {
+        if s.waiting.get("default") == Some(&1) {
+            break;
+        }
+    }
+    waiter.abort();
+    // The server sees the stream reset and withdraws the waiter.
+    while let Some(s) = watch.message().await.unwrap() {
+        if s.waiting.is_empty() {
+            break;
+        }
+    }
+    b.client
+        .clone()
+        .release(ReleaseRequest {
+            lease_id: first.lease_id,
+        })
+        .await
+        .unwrap();
+    let s = b.bucket("slots").await;
+    assert_eq!(
+        (s.in_flight, s.waiting.len()),
+        (0, 0),
+        "nothing granted to the gone waiter"
+    );
+    b.stop().await;
+}

@@ -1,0 +1,179 @@
+//! Every error code the broker answers, with a message a person can act on.
+
+use crate::harness::{config, req, start};
+use quota_broker::pb::{
+    PauseBucketRequest, ReleaseRequest, RenewRequest, ReportRequest, WatchRequest,
+};
+use tonic::Code;
+
+const CFG: &str = r#"
+[[tenants.buckets]]
+name = "query"
+routes = ["POST /api/v2/analytics/**/query"]
+permits = 10
+window_ms = 60000
+burst = 5
+max_in_flight = 2
+"#;
+
+fn expect(code: Code, result: Result<impl std::fmt::Debug, tonic::Status>, needle: &str) {
+    let status = result.expect_err("expected an error");
+    assert_eq!(status.code(), code, "{}", status.message());
+    assert!(
+        status.message().contains(needle),
+        "message {:?} should mention {needle:?}",
+        status.message()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn acquire_errors() {
+    let b = start(&config(CFG)).await;
+    let mut c = b.client.clone();
+    let q = "/api/v2/analytics/conversations/details/query";
+
+    let mut r = req("POST", q, 0);
+    r.tenant.clear();
+    expect(Code::InvalidArgument, c.acquire(r).await, "tenant");
+    let mut r = req("POST", q, 0);
+    r.client_id.clear();
+    expect(Code::InvalidArgument, c.acquire(r).await, "client_id");
+    expect(
+        Code::InvalidArgument,
+        c.acquire(req("P0ST", q, 0)).await,
+        "method",
+    );
+    expect(
+        Code::InvalidArgument,
+        c.acquire(req("POST", "api/v2", 0)).await,
+        "path",
+    );
+    let mut r = req("POST", q, 0);
+    r.tenant = "acme".into();
+    expect(
+        Code::NotFound,
+        c.acquire(r).await,
+        "tenant \"acme\" is not configured on this broker (configured: t)",
+    );
+    expect(
+        Code::NotFound,
+        c.acquire(req("GET", "/api/v2/users", 0)).await,
+        "no bucket matches GET /api/v2/users",
+    );
+    let mut r = req("POST", q, 0);
+    r.permits = 6;
+    expect(
+        Code::FailedPrecondition,
+        c.acquire(r).await,
+        "bucket \"query\" allows at most 5 (burst)",
+    );
+    let mut r = req("POST", q, 0);
+    r.permits = 3;
+    // burst 5 allows 3, but only 2 slots exist.
+    expect(
+        Code::FailedPrecondition,
+        c.acquire(r).await,
+        "at most 2 (max_in_flight)",
+    );
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn lease_report_and_watch_errors() {
+    let b = start(&config(CFG)).await;
+    let mut c = b.client.clone();
+    expect(
+        Code::InvalidArgument,
+        c.release(ReleaseRequest {
+            lease_id: String::new(),
+        })
+        .await,
+        "lease_id",
+    );
+    expect(
+        Code::InvalidArgument,
+        c.release(ReleaseRequest {
+            lease_id: "not-a-lease".into(),
+        })
+        .await,
+        "not a lease id",
+    );
+    expect(
+        Code::NotFound,
+        c.renew(RenewRequest {
+            lease_id: "0-99-1".into(),
+            extend_ms: 0,
+        })
+        .await,
+        "acquire a new lease",
+    );
+    expect(
+        Code::InvalidArgument,
+        c.renew(RenewRequest {
+            lease_id: "0-99-1".into(),
+            extend_ms: 86_400_000,
+        })
+        .await,
+        "max_lease_ttl_ms",
+    );
+    let report = ReportRequest {
+        tenant: "t".into(),
+        method: "POST".into(),
+        path: "/api/v2/analytics/x/query".into(),
+        http_status: 42,
+        ..Default::default()
+    };
+    expect(
+        Code::InvalidArgument,
+        c.report(report.clone()).await,
+        "http_status",
+    );
+    expect(
+        Code::NotFound,
+        c.report(ReportRequest {
+            tenant: "nope".into(),
+            http_status: 200,
+            ..report
+        })
+        .await,
+        "tenant \"nope\"",
+    );
+    expect(
+        Code::NotFound,
+        c.watch(WatchRequest {
+            tenant: "nope".into(),
+        })
+        .await
+        .map(|_| ()),
+        "tenant \"nope\"",
+    );
+    expect(
+        Code::Unimplemented,
+        b.admin
+            .clone()
+            .pause_bucket(PauseBucketRequest::default())
+            .await,
+        "PauseBucket",
+    );
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn report_counts_429s_per_bucket() {
+    let b = start(&config(CFG)).await;
+    let mut c = b.client.clone();
+    let report = |status| ReportRequest {
+        tenant: "t".into(),
+        method: "POST".into(),
+        path: "/api/v2/analytics/conversations/details/query".into(),
+        http_status: status,
+        ..Default::default()
+    };
+    for status in [200, 429, 429, 503] {
+        let r = c.report(report(status)).await.unwrap().into_inner();
+        assert_eq!(r.buckets, ["query"]);
+    }
+    let s = b.bucket("query").await;
+    assert_eq!((s.reports_total, s.throttled_total), (4, 2));
+    b.stop().await;
+}

@@ -1,0 +1,100 @@
+//! Starts a broker on an ephemeral port and hands back connected clients.
+
+use quota_broker::pb::quota_admin_client::QuotaAdminClient;
+use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
+use quota_broker::pb::{AcquireRequest, AcquireResponse, QuotaStatus};
+use quota_broker::{server, Settings};
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+
+pub struct TestBroker {
+    pub client: QuotaBrokerClient<Channel>,
+    pub admin: QuotaAdminClient<Channel>,
+    pub channel: Channel,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<Result<(), server::ServerError>>,
+}
+
+/// A tenant "t" with the given bucket tables.
+pub fn config(buckets: &str) -> String {
+    format!("[server]\nshutdown_grace_ms = 2000\n[[tenants]]\nid = \"t\"\n{buckets}")
+}
+
+pub async fn start(toml: &str) -> TestBroker {
+    let settings = Settings::from_toml(toml).expect("test config is valid");
+    // Bound before the server task runs, so the client can connect at once.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        server::run(listener, &settings, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    TestBroker {
+        client: QuotaBrokerClient::new(channel.clone()),
+        admin: QuotaAdminClient::new(channel.clone()),
+        channel,
+        stop: Some(stop),
+        server,
+    }
+}
+
+impl TestBroker {
+    /// Signals shutdown and waits for the server to exit.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.server).await.unwrap().unwrap();
+    }
+
+    pub fn trigger_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    pub async fn join(self) {
+        self.server.await.unwrap().unwrap();
+    }
+
+    pub async fn acquire(&self, req: AcquireRequest) -> AcquireResponse {
+        self.client.clone().acquire(req).await.unwrap().into_inner()
+    }
+
+    pub async fn bucket(&self, name: &str) -> QuotaStatus {
+        let list = self
+            .admin
+            .clone()
+            .list_buckets(quota_broker::pb::ListBucketsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        list.buckets
+            .into_iter()
+            .find(|b| b.bucket == name)
+            .unwrap_or_else(|| panic!("no bucket {name}"))
+    }
+}
+
+pub fn req(method: &str, path: &str, max_wait_ms: u64) -> AcquireRequest {
+    AcquireRequest {
+        tenant: "t".into(),
+        client_id: "test".into(),
+        priority_class: String::new(),
+        method: method.into(),
+        path: path.into(),
+        oauth_client: String::new(),
+        permits: 0,
+        max_wait_ms,
+    }
+}
