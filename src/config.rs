@@ -400,7 +400,7 @@ impl RawBucket {
             }
             m
         });
-        if rate.is_none() && max_in_flight.is_none() && problems.len() == before {
+        if self.permits.is_none() && self.window_ms.is_none() && self.max_in_flight.is_none() {
             problems.push(format!(
                 "{at}: limits nothing; give permits + window_ms, max_in_flight, or both"
             ));

@@ -46,6 +46,7 @@ fn main() -> ExitCode {
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
+        .with_writer(std::io::stderr)
         .init();
     let settings = match Settings::load(config_path.as_deref(), std::env::vars()) {
         Ok(s) => s,
@@ -73,8 +74,9 @@ fn main() -> ExitCode {
             }
         };
         let tenants: Vec<&str> = settings.tenants.iter().map(|t| t.id.as_str()).collect();
+        let listen = listener.local_addr().unwrap_or(settings.server.listen);
         tracing::info!(
-            listen = %settings.server.listen,
+            %listen,
             config = %config_path.as_deref().map_or("embedded default".into(), |p| p.display().to_string()),
             ?tenants,
             "quota-broker serving"

@@ -5,4 +5,5 @@ mod acquire;
 mod errors;
 mod harness;
 mod lifecycle;
+mod process;
 mod watch;
