@@ -221,6 +221,19 @@ impl Settings {
     }
 
     /// Parses and validates a TOML document, with no environment overrides.
+    ///
+    /// ```
+    /// let s = quota_broker::Settings::from_toml(r#"
+    ///     [[tenants]]
+    ///     id = "acme"
+    ///     [[tenants.buckets]]
+    ///     name = "org"
+    ///     routes = ["* /**"]
+    ///     permits = 300
+    ///     window_ms = 60000
+    /// "#).unwrap();
+    /// assert_eq!(s.tenants[0].buckets[0].rate.unwrap().per_minute(), 300.0);
+    /// ```
     pub fn from_toml(toml: &str) -> Result<Settings, ConfigError> {
         let raw = config::Config::builder()
             .add_source(config::File::from_str(toml, config::FileFormat::Toml))

@@ -8,6 +8,14 @@
 use std::fmt;
 
 /// One parsed route pattern.
+///
+/// ```
+/// use quota_broker::route::Route;
+///
+/// let query = Route::parse("POST /api/v2/analytics/**/query").unwrap();
+/// assert!(query.matches("POST", "/api/v2/analytics/conversations/details/query"));
+/// assert!(!query.matches("GET", "/api/v2/analytics/conversations/details/query"));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     /// Upper-case method, or `None` for any.
