@@ -9,10 +9,15 @@
 //! the grant under the lock. Waiting is therefore answered the moment capacity
 //! frees, with no polling.
 
+use crate::adaptive::Persisted;
 use crate::config::{ServerSettings, Settings};
+use crate::headers::RateLimitInfo;
+use crate::state::{LearnedEntry, LearnedFile};
 use crate::error::BrokerError;
 use crate::lease::LeaseId;
-use crate::tenant::{AcquireArgs, Attempt, BucketStatus, Denial, Grant, TenantState};
+use crate::tenant::{
+    AcquireArgs, Attempt, BucketStatus, Denial, Grant, ReportOutcome, TenantState,
+};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -43,6 +48,12 @@ impl Clock {
             origin: Instant::now(),
             origin_unix_ms: u64::try_from(unix.as_millis()).unwrap_or(u64::MAX),
         }
+    }
+
+    /// The instant of a unix-ms time, if it is still in the future.
+    pub fn instant_of(&self, unix_ms: u64, now: Instant) -> Option<Instant> {
+        let now_ms = self.unix_ms(now);
+        (unix_ms > now_ms).then(|| now + Duration::from_millis(unix_ms - now_ms))
     }
 
     /// `at` in unix milliseconds.
@@ -116,6 +127,9 @@ pub struct Broker {
 /// The driver tasks of a started broker.
 pub struct Drivers(Vec<JoinHandle<()>>);
 
+/// How often learned state is written, at most.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
 impl Drivers {
     /// Waits until every driver stopped (after the shutdown token fired).
     pub async fn join(self) {
@@ -141,6 +155,7 @@ impl Broker {
                 state: Mutex::new(TenantState::new(
                     u32::try_from(i).unwrap_or(u32::MAX),
                     t,
+                    &settings.learning,
                     version.clone(),
                     now,
                 )),
@@ -165,10 +180,99 @@ impl Broker {
                 shutdown,
             }),
         };
-        let drivers = (0..broker.inner.tenants.len())
+        if let Some(dir) = &settings.server.state_dir {
+            broker.restore(dir, now);
+        }
+        let mut drivers: Vec<_> = (0..broker.inner.tenants.len())
             .map(|t| tokio::spawn(broker.clone().drive(t)))
             .collect();
+        if let Some(dir) = settings.server.state_dir.clone() {
+            drivers.push(tokio::spawn(broker.clone().persist(dir)));
+        }
         (broker, Drivers(drivers))
+    }
+
+    fn restore(&self, dir: &std::path::Path, now: Instant) {
+        let file = match LearnedFile::read(dir) {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "learned state not restored; starting on the config alone");
+                return;
+            }
+        };
+        let clock = self.inner.clock;
+        let mut restored = 0;
+        for e in file.buckets {
+            let Some(&t) = self.inner.by_id.get(&e.tenant) else {
+                tracing::info!(tenant = %e.tenant, "learned state of a tenant no longer configured: dropped");
+                continue;
+            };
+            let p = Persisted {
+                effective_per_min: e.effective_per_min,
+                learned_limit_per_min: e.learned_limit_per_min,
+                frozen_until: e.frozen_until_ms.and_then(|ms| clock.instant_of(ms, now)),
+                cooldown: e
+                    .cooldown_until_ms
+                    .and_then(|ms| clock.instant_of(ms, now))
+                    .zip(e.cooldown_per_min),
+            };
+            if self.inner.tenants[t].lock().restore(&e.bucket, e.oauth_client.as_deref(), p, now) {
+                restored += 1;
+            }
+        }
+        tracing::info!(dir = %dir.display(), buckets = restored, "learned state restored");
+    }
+
+    /// Writes learned state when it changed, at most once per
+    /// [`PERSIST_EVERY`], and once more at shutdown.
+    async fn persist(self, dir: std::path::PathBuf) {
+        loop {
+            let stop = tokio::select! {
+                _ = tokio::time::sleep(PERSIST_EVERY) => false,
+                _ = self.inner.shutdown.cancelled() => true,
+            };
+            let mut dirty = false;
+            for t in &self.inner.tenants {
+                dirty |= t.lock().take_learned_dirty();
+            }
+            if dirty {
+                let file = self.learned_file();
+                let dir = dir.clone();
+                let written = tokio::task::spawn_blocking(move || file.write(&dir)).await;
+                match written {
+                    Ok(Ok(())) => tracing::debug!("learned state written"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "cannot write learned state"),
+                    Err(e) => tracing::error!(error = %e, "learned-state writer failed"),
+                }
+            }
+            if stop {
+                break;
+            }
+        }
+    }
+
+    /// Every tenant's learned state, for the state file.
+    pub fn learned_file(&self) -> LearnedFile {
+        let now = Instant::now();
+        let clock = self.inner.clock;
+        let mut entries = Vec::new();
+        for t in &self.inner.tenants {
+            let state = t.lock();
+            for (bucket, oauth_client, p) in state.learned(now) {
+                entries.push(LearnedEntry {
+                    tenant: state.id().to_owned(),
+                    bucket,
+                    oauth_client,
+                    effective_per_min: p.effective_per_min,
+                    learned_limit_per_min: p.learned_limit_per_min,
+                    frozen_until_ms: p.frozen_until.map(|t| clock.unix_ms(t)),
+                    cooldown_until_ms: p.cooldown.map(|c| clock.unix_ms(c.0)),
+                    cooldown_per_min: p.cooldown.map(|c| c.1),
+                });
+            }
+        }
+        LearnedFile::new(entries)
     }
 
     /// The clock mapping used for wire times.
@@ -329,25 +433,25 @@ impl Broker {
         Ok(renewed)
     }
 
-    /// Counts an upstream outcome. Returns the buckets it was counted on.
+    /// Learns from an upstream outcome (see [`TenantState::report`]).
+    /// `call` is (method, path, OAuth client).
     pub fn report(
         &self,
         tenant: &str,
-        method: &str,
-        path: &str,
-        oauth_client: &str,
+        call: (&str, &str, &str),
         http_status: u32,
-    ) -> Result<Vec<String>, BrokerError> {
+        retry_after: Option<Duration>,
+        info: &RateLimitInfo,
+    ) -> Result<ReportOutcome, BrokerError> {
         let t = self.tenant_index(tenant)?;
-        let buckets = self.inner.tenants[t].lock().report(
-            method,
-            path,
-            oauth_client,
-            http_status,
-            Instant::now(),
-        )?;
+        let tenant = &self.inner.tenants[t];
+        let outcome = tenant
+            .lock()
+            .report(call, http_status, retry_after, info, Instant::now())?;
+        // A freeze or a shrunk budget moves waiters' ready times.
+        tenant.wake.notify_one();
         self.announce();
-        Ok(buckets)
+        Ok(outcome)
     }
 
     /// Every bucket instance of `tenant` (all tenants when `None`).

@@ -96,11 +96,38 @@ impl TokenBucket {
     /// Changes the rate at `now`, keeping the bucket's level: the permits
     /// taken and not yet earned back stay taken.
     pub fn set_rate(&mut self, permits: u32, window: Duration, now: Instant) {
-        let interval = interval_of(permits, window);
+        self.set_interval(interval_of(permits, window), now);
+    }
+
+    fn set_interval(&mut self, interval: Duration, now: Instant) {
         let backlog = self.tat.saturating_duration_since(now);
         let owed = backlog.as_secs_f64() / self.interval.as_secs_f64();
         self.interval = interval;
         self.tat = now + interval.mul_f64(owed);
+    }
+
+    /// Changes the rate to `per_min` permits per minute at `now`, keeping
+    /// the level (see [`TokenBucket::set_rate`]).
+    pub fn set_rate_per_min(&mut self, per_min: f64, now: Instant) {
+        if !(per_min.is_finite() && per_min > 0.0) {
+            return;
+        }
+        let secs = (60.0 / per_min).min(86_400.0);
+        self.set_interval(Duration::from_secs_f64(secs).max(Duration::from_nanos(1)), now);
+    }
+
+    /// Empties the bucket as of `at` (a freeze ending then): from `at` on,
+    /// permits come one interval apart, with no burst.
+    pub fn empty_at(&mut self, at: Instant) {
+        self.tat = self.tat.max(at + self.interval.saturating_mul(self.burst));
+    }
+
+    /// Lowers the level to at most `tokens` at `now` (someone else spent
+    /// part of the budget). Never raises it.
+    pub fn shrink_to(&mut self, tokens: u32, now: Instant) {
+        let tokens = tokens.min(self.burst);
+        let tat = now + self.interval.saturating_mul(self.burst - tokens);
+        self.tat = self.tat.max(tat);
     }
 
     /// Changes the burst at `now`; the level is capped to the new burst.
@@ -221,6 +248,30 @@ mod tests {
         b.set_burst(4, t0);
         assert_eq!(b.available(t0), 0.0);
         assert_eq!(b.ready_at(4, t0), Some(t0 + Duration::from_secs(4)));
+    }
+
+    #[test]
+    fn empty_at_paces_from_the_freeze_end() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(60, Duration::from_secs(60), 10, t0);
+        let end = t0 + Duration::from_secs(15);
+        b.empty_at(end);
+        assert_eq!(b.available(end), 0.0);
+        assert_eq!(b.ready_at(1, t0), Some(end + Duration::from_secs(1)));
+        assert_eq!(b.ready_at(2, t0), Some(end + Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn shrink_never_raises() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(60, Duration::from_secs(60), 10, t0);
+        b.shrink_to(4, t0);
+        assert!((b.available(t0) - 4.0).abs() < 1e-9);
+        b.shrink_to(8, t0);
+        assert!((b.available(t0) - 4.0).abs() < 1e-9);
+        b.set_rate_per_min(30.0, t0);
+        assert!((b.rate_per_min() - 30.0).abs() < 1e-6);
+        assert!((b.available(t0) - 4.0).abs() < 1e-6);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! `examples/broker.toml`, compiled in, so the documented example and the
 //! default can never drift apart.
 
+use crate::adaptive::LearnSettings;
 use crate::route::Route;
 use serde::Deserialize;
 use std::collections::HashSet;
@@ -28,6 +29,8 @@ pub struct Settings {
     pub server: ServerSettings,
     /// Upstream organisations, each with its buckets.
     pub tenants: Vec<TenantSettings>,
+    /// How the broker learns from reported throttling.
+    pub learning: LearnSettings,
 }
 
 /// Process-level settings.
@@ -41,6 +44,8 @@ pub struct ServerSettings {
     pub max_lease_ttl: Duration,
     /// Bound on the drain after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// Where learned state is kept across restarts (`None`: not kept).
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// One upstream organisation.
@@ -133,6 +138,86 @@ struct RawConfig {
     server: RawServer,
     #[serde(default)]
     tenants: Vec<RawTenant>,
+    #[serde(default)]
+    learning: RawLearning,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLearning {
+    beta: f64,
+    floor_fraction: f64,
+    default_freeze_ms: u64,
+    episode_grace_ms: u64,
+    recovery_windows: f64,
+    ratio_window_ms: u64,
+    ratio_threshold: f64,
+    ratio_min_reports: u64,
+    ratio_cut: f64,
+    cooldown_ms: u64,
+    jitter: f64,
+}
+
+impl Default for RawLearning {
+    fn default() -> Self {
+        let d = LearnSettings::default();
+        RawLearning {
+            beta: d.beta,
+            floor_fraction: d.floor_fraction,
+            default_freeze_ms: ms(d.default_freeze),
+            episode_grace_ms: ms(d.episode_grace),
+            recovery_windows: d.recovery_windows,
+            ratio_window_ms: ms(d.ratio_window),
+            ratio_threshold: d.ratio_threshold,
+            ratio_min_reports: d.ratio_min_reports,
+            ratio_cut: d.ratio_cut,
+            cooldown_ms: ms(d.cooldown),
+            jitter: d.jitter,
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl RawLearning {
+    fn validate(self, problems: &mut Vec<String>) -> LearnSettings {
+        let mut share = |key: &str, v: f64, open_zero: bool| {
+            let ok = v.is_finite() && v <= 1.0 && if open_zero { v > 0.0 } else { v >= 0.0 };
+            if !ok {
+                let range = if open_zero { "above 0 and at most 1" } else { "between 0 and 1" };
+                problems.push(format!("learning.{key} = {v} must be {range}"));
+            }
+        };
+        share("beta", self.beta, true);
+        share("floor_fraction", self.floor_fraction, true);
+        share("ratio_threshold", self.ratio_threshold, false);
+        share("ratio_cut", self.ratio_cut, true);
+        share("jitter", self.jitter, false);
+        if !(self.recovery_windows.is_finite() && self.recovery_windows >= 0.1) {
+            problems.push(format!(
+                "learning.recovery_windows = {} must be at least 0.1",
+                self.recovery_windows
+            ));
+        }
+        if self.ratio_window_ms < 1000 {
+            problems.push("learning.ratio_window_ms must be at least 1000".into());
+        }
+        LearnSettings {
+            beta: self.beta,
+            floor_fraction: self.floor_fraction,
+            default_freeze: Duration::from_millis(self.default_freeze_ms),
+            episode_grace: Duration::from_millis(self.episode_grace_ms),
+            recovery_windows: self.recovery_windows,
+            ratio_window: Duration::from_millis(self.ratio_window_ms),
+            ratio_threshold: self.ratio_threshold,
+            ratio_min_reports: self.ratio_min_reports,
+            ratio_cut: self.ratio_cut,
+            cooldown: Duration::from_millis(self.cooldown_ms),
+            jitter: self.jitter,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,6 +227,7 @@ struct RawServer {
     max_wait_ms: u64,
     max_lease_ttl_ms: u64,
     shutdown_grace_ms: u64,
+    state_dir: String,
 }
 
 impl Default for RawServer {
@@ -151,6 +237,7 @@ impl Default for RawServer {
             max_wait_ms: 60_000,
             max_lease_ttl_ms: 600_000,
             shutdown_grace_ms: 10_000,
+            state_dir: "state".to_owned(),
         }
     }
 }
@@ -253,6 +340,7 @@ impl RawConfig {
     fn validate(self) -> Result<Settings, ConfigError> {
         let mut problems = Vec::new();
         let server = self.server.validate(&mut problems);
+        let learning = self.learning.validate(&mut problems);
         if self.tenants.is_empty() {
             problems
                 .push("no [[tenants]] configured: the broker would have nothing to grant".into());
@@ -270,7 +358,11 @@ impl RawConfig {
             })
             .collect();
         if problems.is_empty() {
-            Ok(Settings { server, tenants })
+            Ok(Settings {
+                server,
+                tenants,
+                learning,
+            })
         } else {
             Err(ConfigError { problems })
         }
@@ -294,6 +386,7 @@ impl RawServer {
             max_wait: Duration::from_millis(self.max_wait_ms),
             max_lease_ttl: Duration::from_millis(self.max_lease_ttl_ms),
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
+            state_dir: (!self.state_dir.is_empty()).then(|| self.state_dir.into()),
         }
     }
 }

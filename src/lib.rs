@@ -30,16 +30,19 @@
 
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
+pub mod adaptive;
 pub mod admin;
 pub mod broker;
 pub mod bucket;
 pub mod config;
 pub mod error;
+pub mod headers;
 pub mod lease;
 pub mod route;
 pub mod scheduler;
 pub mod server;
 pub mod service;
+pub mod state;
 pub mod tenant;
 
 /// Generated protobuf types and gRPC stubs of `quota.v1`.

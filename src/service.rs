@@ -4,6 +4,7 @@
 
 use crate::broker::{AcquireOutcome, Broker, Clock, TenantBucketStatus};
 use crate::error::BrokerError;
+use crate::headers;
 use crate::pb;
 use crate::tenant::AcquireArgs;
 use std::pin::Pin;
@@ -109,7 +110,7 @@ pub(crate) fn status_to_pb(s: TenantBucketStatus, clock: Clock) -> pb::QuotaStat
         tokens_available: b.tokens_available,
         in_flight: b.in_flight,
         max_in_flight: b.max_in_flight,
-        frozen_until_ms: 0,
+        frozen_until_ms: b.frozen_until.map_or(0, |t| clock.unix_ms(t)),
         waiting: b.waiting.into_iter().collect(),
         granted_total: b.granted_total,
         throttled_total: b.throttled_total,
@@ -119,6 +120,10 @@ pub(crate) fn status_to_pb(s: TenantBucketStatus, clock: Clock) -> pb::QuotaStat
         burst: b.burst,
         reports_total: b.reports_total,
         paused: false,
+        learned_limit_per_min: b.learned_limit_per_min.unwrap_or(0.0),
+        throttle_ratio: b.throttle_ratio,
+        cooldown_until_ms: b.cooldown_until.map_or(0, |t| clock.unix_ms(t)),
+        upstream_remaining: b.upstream_remaining.map_or(-1, i64::from),
     }
 }
 
@@ -213,10 +218,26 @@ impl pb::quota_broker_server::QuotaBroker for BrokerService {
             )
             .into());
         }
-        let buckets = self
-            .broker
-            .report(tenant, &method, &path, oauth_client, r.http_status)?;
-        Ok(Response::new(pb::ReportResponse { buckets }))
+        let info = headers::parse(
+            r.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            std::time::SystemTime::now(),
+        );
+        // Retry-After as sent by the upstream first, then the client's
+        // conversion of it.
+        let retry_after = info
+            .retry_after
+            .or((r.retry_after_ms > 0).then(|| Duration::from_millis(r.retry_after_ms)));
+        let outcome = self.broker.report(
+            tenant,
+            (&method, &path, oauth_client),
+            r.http_status,
+            retry_after,
+            &info,
+        )?;
+        Ok(Response::new(pb::ReportResponse {
+            buckets: outcome.buckets,
+            attributed_to: outcome.attributed_to.unwrap_or_default(),
+        }))
     }
 
     type WatchStream = WatchStream;

@@ -10,9 +10,11 @@
 //! channels they left, while the lock is held, so a waiter that gives up can
 //! always tell whether it was granted.
 
+use crate::adaptive::{LearnSettings, Learned, Learner, Persisted};
 use crate::bucket::{Slots, TokenBucket};
 use crate::config::{BucketSettings, Scope, TenantSettings};
 use crate::error::BrokerError;
+use crate::headers::RateLimitInfo;
 use crate::lease::{Lease, LeaseId, LeaseTable};
 use crate::scheduler::{Offer, Queue, Waiter};
 use slab::Slab;
@@ -110,6 +112,32 @@ pub struct BucketStatus {
     pub throttled_total: u64,
     /// Reports received.
     pub reports_total: u64,
+    /// Frozen until (after a reported 429).
+    pub frozen_until: Option<Instant>,
+    /// Limit learned from rate-limit headers, per minute.
+    pub learned_limit_per_min: Option<f64>,
+    /// 429 ratio over the ratio window.
+    pub throttle_ratio: f64,
+    /// The ratio backstop holds the rate until then.
+    pub cooldown_until: Option<Instant>,
+    /// What the upstream last said is left of its budget (until its reset).
+    pub upstream_remaining: Option<u32>,
+}
+
+/// The upstream's view of a budget: what is left until its window resets.
+#[derive(Debug, Clone, Copy)]
+struct Upstream {
+    remaining: u32,
+    reset_at: Instant,
+}
+
+/// What a report did.
+#[derive(Debug, Clone, Default)]
+pub struct ReportOutcome {
+    /// Buckets it was counted on.
+    pub buckets: Vec<String>,
+    /// The bucket a 429 or the rate-limit headers were attributed to.
+    pub attributed_to: Option<String>,
 }
 
 /// One instance of a bucket.
@@ -124,6 +152,10 @@ struct Instance {
     granted_total: u64,
     throttled_total: u64,
     reports_total: u64,
+    learner: Learner,
+    /// Grants resume no earlier than this (freeze end plus jitter).
+    resume_at: Option<Instant>,
+    upstream: Option<Upstream>,
     /// Bumped on every change; Watch sends instances whose version moved.
     version: u64,
 }
@@ -147,6 +179,13 @@ impl Instance {
             granted_total: 0,
             throttled_total: 0,
             reports_total: 0,
+            learner: Learner::new(
+                settings.rate.map_or(0.0, |r| r.per_minute()),
+                settings.rate.map_or(Duration::from_secs(60), |r| r.window),
+                now,
+            ),
+            resume_at: None,
+            upstream: None,
             version: 0,
         }
     }
@@ -155,6 +194,8 @@ impl Instance {
         self.queued == 0
             && self.slots.is_none_or(|s| s.in_flight() == 0)
             && self.tokens.as_ref().is_none_or(|t| t.is_full(now))
+            && self.resume_at.is_none_or(|t| t <= now)
+            && self.learner.is_pristine(now)
     }
 
     /// When `n` permits could be taken, ignoring the queue: `Ok` with the
@@ -163,11 +204,64 @@ impl Instance {
         if self.slots.is_some_and(|s| !s.has_room(n)) {
             return Err(());
         }
-        Ok(self
+        let mut at = self
             .tokens
             .as_ref()
             .and_then(|t| t.ready_at(n, now))
-            .unwrap_or(now))
+            .unwrap_or(now);
+        if let Some(resume) = self.resume_at {
+            at = at.max(resume);
+        }
+        if let Some(u) = self.upstream.filter(|u| u.reset_at > now && u.remaining < n) {
+            at = at.max(u.reset_at);
+        }
+        Ok(at)
+    }
+
+    /// Puts the rate the learner says into the token bucket.
+    fn apply_rate(&mut self, now: Instant, s: &LearnSettings) {
+        let rate = self.learner.rate(now, s);
+        if let Some(t) = self.tokens.as_mut() {
+            if (t.rate_per_min() - rate).abs() > 1e-9 * rate.max(1.0) {
+                t.set_rate_per_min(rate, now);
+            }
+        }
+    }
+
+    /// Freezes grants until `until`, plus up to `jitter` permit intervals,
+    /// after which they resume paced from an empty bucket.
+    fn freeze(&mut self, until: Instant, s: &LearnSettings) {
+        let jitter = self
+            .tokens
+            .as_ref()
+            .map_or(Duration::ZERO, |t| t.interval().mul_f64(s.jitter * fastrand::f64()));
+        let resume = until + jitter;
+        self.resume_at = Some(self.resume_at.map_or(resume, |r| r.max(resume)));
+        if let Some(t) = self.tokens.as_mut() {
+            t.empty_at(resume);
+        }
+    }
+
+    /// Applies what the upstream says is left of the budget.
+    fn sync_budget(&mut self, info: &RateLimitInfo, now: Instant) {
+        let Some(remaining) = info.remaining else { return };
+        let remaining = u32::try_from(remaining).unwrap_or(u32::MAX);
+        if let Some(t) = self.tokens.as_mut() {
+            t.shrink_to(remaining, now);
+        }
+        let Some(reset) = info.reset else { return };
+        let reset_at = now + reset;
+        self.upstream = Some(match self.upstream {
+            // The same upstream window: the lower count is the newer news
+            // (responses race each other; we also count our own grants down).
+            Some(u) if u.reset_at > now && u.reset_at.max(reset_at) - u.reset_at.min(reset_at) <= Duration::from_secs(1) => {
+                Upstream {
+                    remaining: u.remaining.min(remaining),
+                    reset_at: u.reset_at.max(reset_at),
+                }
+            }
+            _ => Upstream { remaining, reset_at },
+        });
     }
 }
 
@@ -181,6 +275,9 @@ struct BucketDef {
 pub struct TenantState {
     idx: u32,
     id: String,
+    learning: LearnSettings,
+    /// Learned state changed since the last [`TenantState::take_learned_dirty`].
+    learned_dirty: bool,
     buckets: Vec<BucketDef>,
     instances: Slab<Instance>,
     leases: LeaseTable,
@@ -195,6 +292,7 @@ impl TenantState {
     pub fn new(
         idx: u32,
         settings: &TenantSettings,
+        learning: &LearnSettings,
         version: Arc<std::sync::atomic::AtomicU64>,
         now: Instant,
     ) -> TenantState {
@@ -213,6 +311,8 @@ impl TenantState {
         TenantState {
             idx,
             id: settings.id.clone(),
+            learning: learning.clone(),
+            learned_dirty: false,
             buckets,
             instances,
             leases: LeaseTable::default(),
@@ -392,6 +492,9 @@ impl TenantState {
             if let Some(t) = x.tokens.as_mut() {
                 t.take(n, now);
             }
+            if let Some(u) = x.upstream.as_mut() {
+                u.remaining = u.remaining.saturating_sub(n);
+            }
             if let Some(s) = x.slots.as_mut() {
                 s.take(n);
                 slot_instances.push(i);
@@ -441,6 +544,24 @@ impl TenantState {
             };
             let name = &self.buckets[x.bucket].settings.name;
             let sep = if reason.is_empty() { "" } else { "; " };
+            if let Some(resume) = x.resume_at.filter(|&r| r > now) {
+                retry = retry.max(x.ready_at(n, now).unwrap_or(resume));
+                let _ = write!(
+                    reason,
+                    "{sep}bucket {name:?} is frozen for {} ms after the upstream answered 429",
+                    resume.saturating_duration_since(now).as_millis()
+                );
+                continue;
+            }
+            if let Some(u) = x.upstream.filter(|u| u.reset_at > now && u.remaining < n) {
+                retry = retry.max(u.reset_at);
+                let _ = write!(
+                    reason,
+                    "{sep}bucket {name:?}: the upstream reports {} requests left until its reset",
+                    u.remaining
+                );
+                continue;
+            }
             if let Some(s) = x.slots.filter(|s| !s.has_room(n)) {
                 let at = self.leases.first_expiry_holding(i).unwrap_or(now);
                 retry = retry.max(at);
@@ -572,30 +693,171 @@ impl TenantState {
         Ok((expires_at, ttl))
     }
 
-    /// Counts an upstream outcome against the buckets of the call; returns
-    /// their names.
+    /// Learns from an upstream outcome: counts it on every bucket of the
+    /// call; a success regrows their rates; a 429 and the rate-limit headers
+    /// are attributed to one bucket (see [`TenantState::attribute`]), which
+    /// freezes, cuts its rate, and syncs to the upstream's remaining budget.
     pub fn report(
         &mut self,
-        method: &str,
-        path: &str,
-        oauth_client: &str,
+        call: (&str, &str, &str),
         http_status: u32,
+        retry_after: Option<Duration>,
+        info: &RateLimitInfo,
         now: Instant,
-    ) -> Result<Vec<String>, BrokerError> {
+    ) -> Result<ReportOutcome, BrokerError> {
+        let (method, path, oauth_client) = call;
         let instances = match self.resolve(method, path, oauth_client, 1, now)? {
             Ok(i) => i,
-            Err(denial) => return Ok(denial.buckets),
+            Err(denial) => {
+                return Ok(ReportOutcome {
+                    buckets: denial.buckets,
+                    attributed_to: None,
+                })
+            }
         };
+        let throttled = http_status == 429;
+        let target = (throttled || !info.is_empty())
+            .then(|| self.attribute(&instances, info))
+            .flatten();
+        let s = self.learning.clone();
         for &i in &instances {
-            if let Some(x) = self.instances.get_mut(i) {
-                x.reports_total += 1;
-                if http_status == 429 {
-                    x.throttled_total += 1;
+            let Some(x) = self.instances.get_mut(i) else { continue };
+            x.reports_total += 1;
+            if http_status < 400 {
+                x.learner.on_success(now, &s);
+                x.apply_rate(now, &s);
+            }
+        }
+        if let Some(i) = target {
+            let tenant = self.id.clone();
+            let bucket = self.name(i);
+            let Some(x) = self.instances.get_mut(i) else {
+                return Ok(ReportOutcome::default());
+            };
+            let mut learned = Vec::new();
+            if let Some(limit) = info.limit {
+                let window = info
+                    .window
+                    .or(self.buckets[x.bucket].settings.rate.map(|r| r.window))
+                    .unwrap_or(Duration::from_secs(60));
+                let per_min = limit as f64 * 60.0 / window.as_secs_f64().max(1e-3);
+                learned.extend(x.learner.on_limit(per_min));
+            }
+            x.sync_budget(info, now);
+            if throttled {
+                x.throttled_total += 1;
+                learned.extend(x.learner.on_throttled(now, retry_after, &s));
+                if let Some(until) = x.learner.frozen_until(now) {
+                    x.freeze(until, &s);
                 }
             }
+            x.apply_rate(now, &s);
+            for change in &learned {
+                match change {
+                    Learned::Frozen { until } => tracing::info!(
+                        %tenant, %bucket, oauth_client = x.oauth_client.as_deref().unwrap_or(""),
+                        frozen_ms = until.saturating_duration_since(now).as_millis() as u64,
+                        "upstream answered 429: bucket frozen for the whole tenant"
+                    ),
+                    Learned::Cut { from, to, why } => tracing::info!(
+                        %tenant, %bucket, from_per_min = from, to_per_min = to,
+                        "effective rate cut: {why}"
+                    ),
+                    Learned::Limit { per_min } => tracing::info!(
+                        %tenant, %bucket, learned_per_min = per_min,
+                        configured_per_min = x.learner.configured(),
+                        "upstream reports a limit below the configured rate; adopting it"
+                    ),
+                }
+            }
+            if !learned.is_empty() {
+                self.learned_dirty = true;
+            }
+        }
+        for &i in &instances {
             self.touch(i);
         }
-        Ok(self.names(&instances))
+        Ok(ReportOutcome {
+            buckets: self.names(&instances),
+            attributed_to: target.map(|i| self.name(i)),
+        })
+    }
+
+    /// Which bucket of a call a 429 or rate-limit headers belong to.
+    ///
+    /// Headers that state a limit describe the budget of that size: the
+    /// rate bucket whose configured permits per window is closest to it
+    /// (Genesys's `inin-ratelimit-allowed: 300` is the per-OAuth-client
+    /// budget; an analytics limit of 60 is the analytics bucket's). Without
+    /// a stated limit: the narrowest org-wide bucket (lowest configured
+    /// rate; concurrency-only ones last), else the OAuth client's bucket.
+    pub fn attribute(&self, instances: &[usize], info: &RateLimitInfo) -> Option<usize> {
+        let with = |i: &usize| self.instances.get(*i).map(|x| (*i, x, &self.buckets[x.bucket].settings));
+        if let Some(limit) = info.limit {
+            let closest = instances
+                .iter()
+                .filter_map(with)
+                .filter_map(|(i, _, b)| b.rate.map(|r| (i, r.permits.get())))
+                .min_by_key(|&(_, permits)| (u64::from(permits).abs_diff(limit), permits));
+            if let Some((i, _)) = closest {
+                return Some(i);
+            }
+        }
+        let org = instances
+            .iter()
+            .filter_map(with)
+            .filter(|(_, _, b)| b.scope == Scope::Org)
+            .min_by(|a, b| {
+                let rate = |b: &BucketSettings| b.rate.map_or(f64::INFINITY, |r| r.per_minute());
+                rate(a.2).total_cmp(&rate(b.2))
+            })
+            .map(|(i, _, _)| i);
+        org.or_else(|| instances.first().copied())
+    }
+
+    /// Whether learned state changed since the last call.
+    pub fn take_learned_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.learned_dirty)
+    }
+
+    /// Learned state of every instance that has any:
+    /// (bucket, OAuth client, state).
+    pub fn learned(&self, now: Instant) -> Vec<(String, Option<String>, Persisted)> {
+        self.instances
+            .iter()
+            .filter(|(_, x)| !x.learner.is_pristine(now))
+            .map(|(_, x)| {
+                let b = &self.buckets[x.bucket].settings;
+                let client = x.oauth_client.as_deref().map(str::to_owned);
+                (b.name.clone(), client, x.learner.persisted())
+            })
+            .collect()
+    }
+
+    /// Restores learned state of one instance (creating a per-client one).
+    /// False if the bucket no longer exists in the config.
+    pub fn restore(&mut self, bucket: &str, oauth_client: Option<&str>, p: Persisted, now: Instant) -> bool {
+        let Some(b) = self.buckets.iter().position(|d| d.settings.name == bucket) else {
+            return false;
+        };
+        let i = match (self.buckets[b].org, oauth_client) {
+            (Some(i), _) => Some(i),
+            (None, Some(c)) => match self.buckets[b].per_client.get(c) {
+                Some(&i) => Some(i),
+                None => self.add_client_instance(b, c, now),
+            },
+            (None, None) => None,
+        };
+        let Some(x) = i.and_then(|i| self.instances.get_mut(i)) else {
+            return false;
+        };
+        let s = &self.learning;
+        x.learner.restore(p);
+        if let Some(until) = x.learner.frozen_until(now) {
+            x.freeze(until, s);
+        }
+        x.apply_rate(now, s);
+        true
     }
 
     /// Expires leases, serves waiters, drops idle instances; returns when to
@@ -700,6 +962,11 @@ impl TenantState {
             granted_total: x.granted_total,
             throttled_total: x.throttled_total,
             reports_total: x.reports_total,
+            frozen_until: x.learner.frozen_until(now),
+            learned_limit_per_min: x.learner.learned_limit(),
+            throttle_ratio: x.learner.throttle_ratio(now, &self.learning),
+            cooldown_until: x.learner.cooldown_until(now),
+            upstream_remaining: x.upstream.filter(|u| u.reset_at > now).map(|u| u.remaining),
         }
     }
 
@@ -741,7 +1008,7 @@ mod tests {
 
     fn tenant(toml_buckets: &str, now: Instant) -> TenantState {
         let s = Settings::from_toml(&format!("[[tenants]]\nid = \"t\"\n{toml_buckets}")).unwrap();
-        TenantState::new(0, &s.tenants[0], Default::default(), now)
+        TenantState::new(0, &s.tenants[0], &s.learning, Default::default(), now)
     }
 
     fn args(method: &str, path: &str, permits: u32) -> AcquireArgs {

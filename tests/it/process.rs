@@ -60,7 +60,7 @@ impl Drop for KillOnDrop {
 async fn serves_then_exits_zero_on_sigterm() {
     let path = temp_config(
         "ok",
-        "[server]\nlisten = \"127.0.0.1:0\"\n[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 2\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 2\n",
     );
     let mut child = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
         .arg("--config")
