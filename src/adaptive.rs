@@ -66,7 +66,7 @@ impl Default for LearnSettings {
             recovery_windows: 5.0,
             ratio_window: Duration::from_secs(60),
             ratio_threshold: 0.01,
-            ratio_min_reports: 50,
+            ratio_min_reports: 100,
             ratio_cut: 0.8,
             cooldown: Duration::from_secs(3600),
             jitter: 1.0,
@@ -357,6 +357,96 @@ impl Learner {
     }
 }
 
+/// What the upstream says is left of a budget until its window resets,
+/// kept current between reports by counting our own grants down, with a
+/// margin for what consumers the broker does not manage will spend before
+/// the reset (estimated from what they spent in the previous window).
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamBudget {
+    /// Upstream's remaining, minus our grants since it said so.
+    remaining: u32,
+    reset_at: Instant,
+    window: Duration,
+    /// Our grants in this upstream window.
+    ours: u32,
+    /// Most of the budget the upstream reported used in this window.
+    max_used: u64,
+    /// What others spent in the previous window.
+    others_prev: f64,
+}
+
+impl UpstreamBudget {
+    /// Folds a report (`limit` if stated, `remaining`, time to `reset`, the
+    /// budget's `window`) into the previous view.
+    pub fn observe(
+        prev: Option<UpstreamBudget>,
+        limit: Option<u64>,
+        remaining: u64,
+        reset: Duration,
+        window: Duration,
+        now: Instant,
+    ) -> UpstreamBudget {
+        let reset_at = now + reset;
+        let remaining32 = u32::try_from(remaining).unwrap_or(u32::MAX);
+        let used = limit.map_or(0, |l| l.saturating_sub(remaining));
+        match prev {
+            // The same upstream window: responses race each other, and we
+            // count our own grants down, so the lower figure is the newer.
+            Some(p) if p.reset_at > now && abs_diff(p.reset_at, reset_at) <= Duration::from_secs(1) => {
+                UpstreamBudget {
+                    remaining: p.remaining.min(remaining32),
+                    reset_at: p.reset_at.max(reset_at),
+                    max_used: p.max_used.max(used),
+                    ..p
+                }
+            }
+            _ => UpstreamBudget {
+                remaining: remaining32,
+                reset_at,
+                window: window.max(reset).max(Duration::from_millis(1)),
+                ours: 0,
+                max_used: used,
+                others_prev: prev.map_or(0.0, |p| p.max_used.saturating_sub(u64::from(p.ours)) as f64),
+            },
+        }
+    }
+
+    /// Counts `n` of our grants.
+    pub fn take(&mut self, n: u32) {
+        self.remaining = self.remaining.saturating_sub(n);
+        self.ours = self.ours.saturating_add(n);
+    }
+
+    /// The upstream's remaining budget as we see it, while its window lasts.
+    pub fn remaining(&self, now: Instant) -> Option<u32> {
+        (self.reset_at > now).then_some(self.remaining)
+    }
+
+    /// The earliest instant `n` more grants fit, leaving room for what
+    /// others are expected to spend until the reset; `None` when the
+    /// budget does not constrain us.
+    pub fn ready_at(&self, n: u32, now: Instant) -> Option<Instant> {
+        if self.reset_at <= now {
+            return None;
+        }
+        let spare = f64::from(self.remaining) - f64::from(n);
+        if spare < 0.0 {
+            return Some(self.reset_at);
+        }
+        if self.others_prev <= 0.0 {
+            return None;
+        }
+        // Others spend `others_prev` per window: by instant t they will
+        // still take others_prev × (reset − t) / window before the reset.
+        let lead = self.window.mul_f64((spare / self.others_prev).min(1e6));
+        self.reset_at.checked_sub(lead).filter(|&t| t > now)
+    }
+}
+
+fn abs_diff(a: Instant, b: Instant) -> Duration {
+    a.max(b) - a.min(b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,29 +519,36 @@ mod tests {
         let s = LearnSettings::default();
         let t0 = Instant::now();
         let mut l = learner(t0);
-        for i in 0..98 {
-            l.on_success(t0 + Duration::from_millis(i * 100), &s);
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        for i in 0..100 {
+            l.on_success(ms(i * 100), &s);
         }
-        let t = t0 + 10 * SEC;
-        l.on_throttled(t, Some(SEC), &s);
-        l.on_throttled(t, Some(SEC), &s);
-        // 2 of 100 = 2% > 1%: 60 × 0.7 × 0.8.
-        assert!((l.rate(t, &s) - 33.6).abs() < 1e-9, "{}", l.rate(t, &s));
+        // 1 of 101: below 1%, a plain β cut; a second report of the wave.
+        l.on_throttled(ms(10_000), Some(SEC), &s);
+        l.on_throttled(ms(10_100), Some(SEC), &s);
+        assert!(l.cooldown_until(ms(10_100)).is_none());
+        // A new episode while 3 of 104 (2.9%) were 429s: the backstop.
+        l.on_success(ms(19_000), &s);
+        let before = l.rate(ms(20_000), &s);
+        l.on_throttled(ms(20_000), Some(SEC), &s);
+        let t = ms(20_000);
+        assert!((l.rate(t, &s) - before * 0.7 * 0.8).abs() < 1e-9, "{}", l.rate(t, &s));
         assert!(l.cooldown_until(t).is_some());
-        assert!((l.throttle_ratio(t, &s) - 0.02).abs() < 1e-9);
-        // Successes for a long time: held at 33.6 during the cooldown.
+        assert!((l.throttle_ratio(t, &s) - 3.0 / 104.0).abs() < 1e-9);
+        let held = l.rate(t, &s);
+        // Successes for ten minutes: held during the cooldown.
         let mut now = t + 5 * SEC;
         for _ in 0..600 {
             now += SEC;
             l.on_success(now, &s);
         }
-        assert!((l.rate(now, &s) - 33.6).abs() < 1e-9);
+        assert!((l.rate(now, &s) - held).abs() < 1e-9);
         // The ratio window forgot the 429s.
         assert_eq!(l.throttle_ratio(now, &s), 0.0);
         let after = t + s.cooldown + SEC;
         l.on_success(after, &s);
         l.on_success(after + 60 * SEC, &s);
-        assert!(l.rate(after + 60 * SEC, &s) > 33.6);
+        assert!(l.rate(after + 60 * SEC, &s) > held);
     }
 
     #[test]
@@ -479,5 +576,28 @@ mod tests {
         assert_eq!(fresh.rate(t0, &s), l.rate(t0, &s));
         assert_eq!(fresh.frozen_until(t0), l.frozen_until(t0));
         assert_eq!(fresh.learned_limit(), Some(50.0));
+    }
+
+    #[test]
+    fn upstream_budget_counts_down_and_leaves_room_for_others() {
+        let t0 = Instant::now();
+        let w = 60 * SEC;
+        let b = UpstreamBudget::observe(None, Some(60), 10, 30 * SEC, w, t0);
+        assert_eq!(b.remaining(t0), Some(10));
+        assert_eq!(b.ready_at(10, t0), None, "no estimate of others yet");
+        let mut b = b;
+        b.take(4);
+        // A stale response (remaining 8) does not raise our view.
+        let b = UpstreamBudget::observe(Some(b), Some(60), 8, 30 * SEC, w, t0);
+        assert_eq!(b.remaining(t0), Some(6));
+        assert_eq!(b.ready_at(7, t0), Some(t0 + 30 * SEC));
+        // Next window: others spent 52 (most reported used) - 4 (ours) = 48.
+        let t1 = t0 + 31 * SEC;
+        let b = UpstreamBudget::observe(Some(b), Some(60), 30, 60 * SEC, w, t1);
+        // 20 spare of 30: others will take 48 × (time left)/60 s, so 10 of
+        // ours fit only once 25 s or less are left: at t1 + 35 s.
+        let at = b.ready_at(10, t1).unwrap();
+        assert!(abs_diff(at, t1 + 35 * SEC) < Duration::from_millis(1), "{:?}", at - t1);
+        assert_eq!(b.remaining(t1 + 61 * SEC), None);
     }
 }

@@ -10,7 +10,7 @@
 //! channels they left, while the lock is held, so a waiter that gives up can
 //! always tell whether it was granted.
 
-use crate::adaptive::{LearnSettings, Learned, Learner, Persisted};
+use crate::adaptive::{LearnSettings, Learned, Learner, Persisted, UpstreamBudget};
 use crate::bucket::{Slots, TokenBucket};
 use crate::config::{BucketSettings, Scope, TenantSettings};
 use crate::error::BrokerError;
@@ -124,12 +124,6 @@ pub struct BucketStatus {
     pub upstream_remaining: Option<u32>,
 }
 
-/// The upstream's view of a budget: what is left until its window resets.
-#[derive(Debug, Clone, Copy)]
-struct Upstream {
-    remaining: u32,
-    reset_at: Instant,
-}
 
 /// What a report did.
 #[derive(Debug, Clone, Default)]
@@ -155,7 +149,7 @@ struct Instance {
     learner: Learner,
     /// Grants resume no earlier than this (freeze end plus jitter).
     resume_at: Option<Instant>,
-    upstream: Option<Upstream>,
+    upstream: Option<UpstreamBudget>,
     /// Bumped on every change; Watch sends instances whose version moved.
     version: u64,
 }
@@ -212,8 +206,8 @@ impl Instance {
         if let Some(resume) = self.resume_at {
             at = at.max(resume);
         }
-        if let Some(u) = self.upstream.filter(|u| u.reset_at > now && u.remaining < n) {
-            at = at.max(u.reset_at);
+        if let Some(u) = self.upstream.and_then(|u| u.ready_at(n, now)) {
+            at = at.max(u);
         }
         Ok(at)
     }
@@ -242,26 +236,22 @@ impl Instance {
         }
     }
 
-    /// Applies what the upstream says is left of the budget.
-    fn sync_budget(&mut self, info: &RateLimitInfo, now: Instant) {
+    /// Applies what the upstream says is left of the budget of `window`.
+    fn sync_budget(&mut self, info: &RateLimitInfo, window: Duration, now: Instant) {
         let Some(remaining) = info.remaining else { return };
-        let remaining = u32::try_from(remaining).unwrap_or(u32::MAX);
         if let Some(t) = self.tokens.as_mut() {
-            t.shrink_to(remaining, now);
+            t.shrink_to(u32::try_from(remaining).unwrap_or(u32::MAX), now);
         }
-        let Some(reset) = info.reset else { return };
-        let reset_at = now + reset;
-        self.upstream = Some(match self.upstream {
-            // The same upstream window: the lower count is the newer news
-            // (responses race each other; we also count our own grants down).
-            Some(u) if u.reset_at > now && u.reset_at.max(reset_at) - u.reset_at.min(reset_at) <= Duration::from_secs(1) => {
-                Upstream {
-                    remaining: u.remaining.min(remaining),
-                    reset_at: u.reset_at.max(reset_at),
-                }
-            }
-            _ => Upstream { remaining, reset_at },
-        });
+        if let Some(reset) = info.reset {
+            self.upstream = Some(UpstreamBudget::observe(
+                self.upstream,
+                info.limit,
+                remaining,
+                reset,
+                window,
+                now,
+            ));
+        }
     }
 }
 
@@ -493,7 +483,7 @@ impl TenantState {
                 t.take(n, now);
             }
             if let Some(u) = x.upstream.as_mut() {
-                u.remaining = u.remaining.saturating_sub(n);
+                u.take(n);
             }
             if let Some(s) = x.slots.as_mut() {
                 s.take(n);
@@ -553,12 +543,13 @@ impl TenantState {
                 );
                 continue;
             }
-            if let Some(u) = x.upstream.filter(|u| u.reset_at > now && u.remaining < n) {
-                retry = retry.max(u.reset_at);
+            if let Some(at) = x.upstream.and_then(|u| u.ready_at(n, now)) {
+                retry = retry.max(at);
                 let _ = write!(
                     reason,
-                    "{sep}bucket {name:?}: the upstream reports {} requests left until its reset",
-                    u.remaining
+                    "{sep}bucket {name:?}: the upstream reports {} requests left before its \
+                     window resets, shared with consumers the broker does not manage",
+                    x.upstream.and_then(|u| u.remaining(now)).unwrap_or(0)
                 );
                 continue;
             }
@@ -735,15 +726,15 @@ impl TenantState {
                 return Ok(ReportOutcome::default());
             };
             let mut learned = Vec::new();
+            let window = info
+                .window
+                .or(self.buckets[x.bucket].settings.rate.map(|r| r.window))
+                .unwrap_or(Duration::from_secs(60));
             if let Some(limit) = info.limit {
-                let window = info
-                    .window
-                    .or(self.buckets[x.bucket].settings.rate.map(|r| r.window))
-                    .unwrap_or(Duration::from_secs(60));
                 let per_min = limit as f64 * 60.0 / window.as_secs_f64().max(1e-3);
                 learned.extend(x.learner.on_limit(per_min));
             }
-            x.sync_budget(info, now);
+            x.sync_budget(info, window, now);
             if throttled {
                 x.throttled_total += 1;
                 learned.extend(x.learner.on_throttled(now, retry_after, &s));
@@ -966,7 +957,7 @@ impl TenantState {
             learned_limit_per_min: x.learner.learned_limit(),
             throttle_ratio: x.learner.throttle_ratio(now, &self.learning),
             cooldown_until: x.learner.cooldown_until(now),
-            upstream_remaining: x.upstream.filter(|u| u.reset_at > now).map(|u| u.remaining),
+            upstream_remaining: x.upstream.and_then(|u| u.remaining(now)),
         }
     }
 
