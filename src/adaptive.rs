@@ -249,11 +249,15 @@ impl Learner {
     }
 
     /// A 429: freeze for `retry_after` (or the default), cut once per
-    /// episode, and apply the ratio backstop.
+    /// episode, and apply the ratio backstop. A 429 whose headers show the
+    /// upstream's budget used up (`budget_spent`) is a budget event, not
+    /// rate congestion: the freeze until the reset is the whole answer and
+    /// the rate is not cut (the budget view paces the next window).
     pub fn on_throttled(
         &mut self,
         now: Instant,
         retry_after: Option<Duration>,
+        budget_spent: bool,
         s: &LearnSettings,
     ) -> Vec<Learned> {
         let mut out = Vec::new();
@@ -269,18 +273,21 @@ impl Learner {
         if !new_episode || self.configured <= 0.0 {
             return out;
         }
-        let from = self.rate(now, s);
-        self.effective = (from * s.beta).max(self.floor(s));
-        out.push(Learned::Cut {
-            from,
-            to: self.effective,
-            why: "429: multiplicative decrease (new congestion episode)",
-        });
+        self.last_growth = Some(now);
+        if !budget_spent {
+            let from = self.rate(now, s);
+            self.effective = (from * s.beta).max(self.floor(s));
+            out.push(Learned::Cut {
+                from,
+                to: self.effective,
+                why: "429: multiplicative decrease (new congestion episode)",
+            });
+        }
         let (reports, throttled) = self.ratio.totals(now, s.ratio_window);
         let over = reports >= s.ratio_min_reports
             && throttled as f64 > s.ratio_threshold * reports as f64;
         if over && self.cooldown_until(now).is_none() {
-            let from = self.effective;
+            let from = self.rate(now, s);
             self.effective = (from * s.ratio_cut).max(self.floor(s));
             self.cooldown = Some((now + s.cooldown, self.effective));
             out.push(Learned::Cut {
@@ -289,7 +296,6 @@ impl Learner {
                 why: "429 ratio above threshold: cut 20% and hold for the cooldown",
             });
         }
-        self.last_growth = Some(now);
         out
     }
 
@@ -464,7 +470,7 @@ mod tests {
         let mut l = learner(t0);
         let mut cuts = 0;
         for i in 0..20 {
-            let out = l.on_throttled(t0 + Duration::from_millis(i * 50), Some(15 * SEC), &s);
+            let out = l.on_throttled(t0 + Duration::from_millis(i * 50), Some(15 * SEC), false, &s);
             cuts += out.iter().filter(|c| matches!(c, Learned::Cut { .. })).count();
         }
         assert_eq!(cuts, 1);
@@ -472,8 +478,18 @@ mod tests {
         assert!(l.frozen_until(t0).is_some_and(|f| f >= t0 + 15 * SEC));
         // After the episode, a new 429 is a new episode.
         let later = t0 + 20 * SEC;
-        let out = l.on_throttled(later, Some(SEC), &s);
+        let out = l.on_throttled(later, Some(SEC), false, &s);
         assert!(out.iter().any(|c| matches!(c, Learned::Cut { .. })));
+    }
+
+    #[test]
+    fn a_429_with_the_budget_spent_freezes_without_cutting() {
+        let s = LearnSettings::default();
+        let t0 = Instant::now();
+        let mut l = learner(t0);
+        let out = l.on_throttled(t0, Some(20 * SEC), true, &s);
+        assert_eq!(out, [Learned::Frozen { until: t0 + 20 * SEC }]);
+        assert_eq!(l.rate(t0, &s), 60.0);
     }
 
     #[test]
@@ -481,7 +497,7 @@ mod tests {
         let s = LearnSettings::default();
         let t0 = Instant::now();
         let mut l = learner(t0);
-        l.on_throttled(t0, Some(SEC), &s);
+        l.on_throttled(t0, Some(SEC), false, &s);
         let cut = l.rate(t0, &s);
         // Frozen and in the episode: no growth.
         l.on_success(t0 + SEC / 2, &s);
@@ -508,7 +524,7 @@ mod tests {
         let mut t = Instant::now();
         let mut l = learner(t);
         for _ in 0..100 {
-            l.on_throttled(t, Some(SEC), &s);
+            l.on_throttled(t, Some(SEC), false, &s);
             t += 10 * SEC;
         }
         assert_eq!(l.rate(t, &s), 60.0 * s.floor_fraction);
@@ -524,13 +540,13 @@ mod tests {
             l.on_success(ms(i * 100), &s);
         }
         // 1 of 101: below 1%, a plain β cut; a second report of the wave.
-        l.on_throttled(ms(10_000), Some(SEC), &s);
-        l.on_throttled(ms(10_100), Some(SEC), &s);
+        l.on_throttled(ms(10_000), Some(SEC), false, &s);
+        l.on_throttled(ms(10_100), Some(SEC), false, &s);
         assert!(l.cooldown_until(ms(10_100)).is_none());
         // A new episode while 3 of 104 (2.9%) were 429s: the backstop.
         l.on_success(ms(19_000), &s);
         let before = l.rate(ms(20_000), &s);
-        l.on_throttled(ms(20_000), Some(SEC), &s);
+        l.on_throttled(ms(20_000), Some(SEC), false, &s);
         let t = ms(20_000);
         assert!((l.rate(t, &s) - before * 0.7 * 0.8).abs() < 1e-9, "{}", l.rate(t, &s));
         assert!(l.cooldown_until(t).is_some());
@@ -570,7 +586,7 @@ mod tests {
         let t0 = Instant::now();
         let mut l = learner(t0);
         l.on_limit(50.0);
-        l.on_throttled(t0, Some(30 * SEC), &s);
+        l.on_throttled(t0, Some(30 * SEC), false, &s);
         let mut fresh = learner(t0);
         fresh.restore(l.persisted());
         assert_eq!(fresh.rate(t0, &s), l.rate(t0, &s));

@@ -737,7 +737,7 @@ impl TenantState {
             x.sync_budget(info, window, now);
             if throttled {
                 x.throttled_total += 1;
-                learned.extend(x.learner.on_throttled(now, retry_after, &s));
+                learned.extend(x.learner.on_throttled(now, retry_after, info.exhausted(), &s));
                 if let Some(until) = x.learner.frozen_until(now) {
                     x.freeze(until, &s);
                 }

@@ -4,6 +4,7 @@
 mod acquire;
 mod errors;
 mod harness;
+mod learning;
 mod lifecycle;
 mod process;
 mod watch;
