@@ -50,7 +50,13 @@ fn decision(c: &mut Criterion) {
     let mut g = c.benchmark_group("decision");
 
     // One bucket: a call only the per-client bucket matches.
-    let mut t = TenantState::new(0, &settings.tenants[0], &settings.learning, Default::default(), Instant::now());
+    let mut t = TenantState::new(
+        0,
+        &settings.tenants[0],
+        &settings.learning,
+        Default::default(),
+        Instant::now(),
+    );
     let one = args("GET", "/other");
     g.bench_function("1 bucket (rate)", |b| {
         b.iter(|| match t.try_acquire(black_box(&one), Instant::now()) {
@@ -60,7 +66,13 @@ fn decision(c: &mut Criterion) {
     });
 
     // Three buckets, one with a concurrency slot: acquire, then release.
-    let mut t = TenantState::new(0, &settings.tenants[0], &settings.learning, Default::default(), Instant::now());
+    let mut t = TenantState::new(
+        0,
+        &settings.tenants[0],
+        &settings.learning,
+        Default::default(),
+        Instant::now(),
+    );
     let three = args("POST", "/api/v2/analytics/conversations/details/query");
     g.bench_function("3 buckets (rate + slot) acquire+release", |b| {
         b.iter(|| match t.try_acquire(black_box(&three), Instant::now()) {

@@ -269,7 +269,10 @@ impl Learner {
         }
         let new_episode = self.episode_until.is_none_or(|e| now >= e);
         let episode_end = self.frozen_until.unwrap_or(until) + s.episode_grace;
-        self.episode_until = Some(self.episode_until.map_or(episode_end, |e| e.max(episode_end)));
+        self.episode_until = Some(
+            self.episode_until
+                .map_or(episode_end, |e| e.max(episode_end)),
+        );
         if !new_episode || self.configured <= 0.0 {
             return out;
         }
@@ -284,8 +287,8 @@ impl Learner {
             });
         }
         let (reports, throttled) = self.ratio.totals(now, s.ratio_window);
-        let over = reports >= s.ratio_min_reports
-            && throttled as f64 > s.ratio_threshold * reports as f64;
+        let over =
+            reports >= s.ratio_min_reports && throttled as f64 > s.ratio_threshold * reports as f64;
         if over && self.cooldown_until(now).is_none() {
             let from = self.rate(now, s);
             self.effective = (from * s.ratio_cut).max(self.floor(s));
@@ -332,7 +335,9 @@ impl Learner {
             return None;
         }
         if per_min + 1e-9 < self.configured {
-            let changed = self.learned_limit.is_none_or(|l| (l - per_min).abs() > 1e-6);
+            let changed = self
+                .learned_limit
+                .is_none_or(|l| (l - per_min).abs() > 1e-6);
             self.learned_limit = Some(per_min);
             changed.then_some(Learned::Limit { per_min })
         } else {
@@ -356,7 +361,9 @@ impl Learner {
         if p.effective_per_min.is_finite() && p.effective_per_min > 0.0 {
             self.effective = p.effective_per_min.min(self.configured);
         }
-        self.learned_limit = p.learned_limit_per_min.filter(|l| l.is_finite() && *l > 0.0);
+        self.learned_limit = p
+            .learned_limit_per_min
+            .filter(|l| l.is_finite() && *l > 0.0);
         self.frozen_until = p.frozen_until;
         self.episode_until = p.frozen_until;
         self.cooldown = p.cooldown;
@@ -375,6 +382,9 @@ pub struct UpstreamBudget {
     window: Duration,
     /// Our grants in this upstream window.
     ours: u32,
+    /// Our grants after this window's reset, before the upstream told us
+    /// of the next window: they belong to the next one.
+    carried: u32,
     /// Most of the budget the upstream reported used in this window.
     max_used: u64,
     /// What others spent in the previous window.
@@ -398,7 +408,9 @@ impl UpstreamBudget {
         match prev {
             // The same upstream window: responses race each other, and we
             // count our own grants down, so the lower figure is the newer.
-            Some(p) if p.reset_at > now && abs_diff(p.reset_at, reset_at) <= Duration::from_secs(1) => {
+            Some(p)
+                if p.reset_at > now && abs_diff(p.reset_at, reset_at) <= Duration::from_secs(1) =>
+            {
                 UpstreamBudget {
                     remaining: p.remaining.min(remaining32),
                     reset_at: p.reset_at.max(reset_at),
@@ -410,17 +422,23 @@ impl UpstreamBudget {
                 remaining: remaining32,
                 reset_at,
                 window: window.max(reset).max(Duration::from_millis(1)),
-                ours: 0,
+                ours: prev.map_or(0, |p| p.carried),
+                carried: 0,
                 max_used: used,
-                others_prev: prev.map_or(0.0, |p| p.max_used.saturating_sub(u64::from(p.ours)) as f64),
+                others_prev: prev
+                    .map_or(0.0, |p| p.max_used.saturating_sub(u64::from(p.ours)) as f64),
             },
         }
     }
 
-    /// Counts `n` of our grants.
-    pub fn take(&mut self, n: u32) {
-        self.remaining = self.remaining.saturating_sub(n);
-        self.ours = self.ours.saturating_add(n);
+    /// Counts `n` of our grants made at `now`.
+    pub fn take(&mut self, n: u32, now: Instant) {
+        if now >= self.reset_at {
+            self.carried = self.carried.saturating_add(n);
+        } else {
+            self.remaining = self.remaining.saturating_sub(n);
+            self.ours = self.ours.saturating_add(n);
+        }
     }
 
     /// The upstream's remaining budget as we see it, while its window lasts.
@@ -470,8 +488,16 @@ mod tests {
         let mut l = learner(t0);
         let mut cuts = 0;
         for i in 0..20 {
-            let out = l.on_throttled(t0 + Duration::from_millis(i * 50), Some(15 * SEC), false, &s);
-            cuts += out.iter().filter(|c| matches!(c, Learned::Cut { .. })).count();
+            let out = l.on_throttled(
+                t0 + Duration::from_millis(i * 50),
+                Some(15 * SEC),
+                false,
+                &s,
+            );
+            cuts += out
+                .iter()
+                .filter(|c| matches!(c, Learned::Cut { .. }))
+                .count();
         }
         assert_eq!(cuts, 1);
         assert!((l.rate(t0, &s) - 42.0).abs() < 1e-9);
@@ -488,7 +514,12 @@ mod tests {
         let t0 = Instant::now();
         let mut l = learner(t0);
         let out = l.on_throttled(t0, Some(20 * SEC), true, &s);
-        assert_eq!(out, [Learned::Frozen { until: t0 + 20 * SEC }]);
+        assert_eq!(
+            out,
+            [Learned::Frozen {
+                until: t0 + 20 * SEC
+            }]
+        );
         assert_eq!(l.rate(t0, &s), 60.0);
     }
 
@@ -510,7 +541,10 @@ mod tests {
         }
         // One window of successes regrows configured / recovery_windows.
         let grown = l.rate(t, &s) - cut;
-        assert!((grown - 60.0 / s.recovery_windows).abs() < 0.5, "grew {grown}");
+        assert!(
+            (grown - 60.0 / s.recovery_windows).abs() < 0.5,
+            "grew {grown}"
+        );
         for _ in 0..600 {
             t += SEC;
             l.on_success(t, &s);
@@ -548,7 +582,11 @@ mod tests {
         let before = l.rate(ms(20_000), &s);
         l.on_throttled(ms(20_000), Some(SEC), false, &s);
         let t = ms(20_000);
-        assert!((l.rate(t, &s) - before * 0.7 * 0.8).abs() < 1e-9, "{}", l.rate(t, &s));
+        assert!(
+            (l.rate(t, &s) - before * 0.7 * 0.8).abs() < 1e-9,
+            "{}",
+            l.rate(t, &s)
+        );
         assert!(l.cooldown_until(t).is_some());
         assert!((l.throttle_ratio(t, &s) - 3.0 / 104.0).abs() < 1e-9);
         let held = l.rate(t, &s);
@@ -602,7 +640,7 @@ mod tests {
         assert_eq!(b.remaining(t0), Some(10));
         assert_eq!(b.ready_at(10, t0), None, "no estimate of others yet");
         let mut b = b;
-        b.take(4);
+        b.take(4, t0);
         // A stale response (remaining 8) does not raise our view.
         let b = UpstreamBudget::observe(Some(b), Some(60), 8, 30 * SEC, w, t0);
         assert_eq!(b.remaining(t0), Some(6));
@@ -613,7 +651,11 @@ mod tests {
         // 20 spare of 30: others will take 48 × (time left)/60 s, so 10 of
         // ours fit only once 25 s or less are left: at t1 + 35 s.
         let at = b.ready_at(10, t1).unwrap();
-        assert!(abs_diff(at, t1 + 35 * SEC) < Duration::from_millis(1), "{:?}", at - t1);
+        assert!(
+            abs_diff(at, t1 + 35 * SEC) < Duration::from_millis(1),
+            "{:?}",
+            at - t1
+        );
         assert_eq!(b.remaining(t1 + 61 * SEC), None);
     }
 }

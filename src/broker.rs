@@ -11,10 +11,10 @@
 
 use crate::adaptive::Persisted;
 use crate::config::{ServerSettings, Settings};
-use crate::headers::RateLimitInfo;
-use crate::state::{LearnedEntry, LearnedFile};
 use crate::error::BrokerError;
+use crate::headers::RateLimitInfo;
 use crate::lease::LeaseId;
+use crate::state::{LearnedEntry, LearnedFile};
 use crate::tenant::{
     AcquireArgs, Attempt, BucketStatus, Denial, Grant, ReportOutcome, TenantState,
 };
@@ -217,7 +217,10 @@ impl Broker {
                     .and_then(|ms| clock.instant_of(ms, now))
                     .zip(e.cooldown_per_min),
             };
-            if self.inner.tenants[t].lock().restore(&e.bucket, e.oauth_client.as_deref(), p, now) {
+            if self.inner.tenants[t]
+                .lock()
+                .restore(&e.bucket, e.oauth_client.as_deref(), p, now)
+            {
                 restored += 1;
             }
         }

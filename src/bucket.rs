@@ -29,6 +29,10 @@ pub struct TokenBucket {
     /// Most permits held at once.
     burst: u32,
     tat: Instant,
+    /// Nothing is granted before this instant (a freeze), and the bucket
+    /// is empty then; rate changes during a freeze rescale only what is
+    /// owed after it.
+    resume_at: Instant,
 }
 
 impl TokenBucket {
@@ -38,6 +42,7 @@ impl TokenBucket {
             interval: interval_of(permits, window),
             burst: burst.max(1),
             tat: now,
+            resume_at: now,
         }
     }
 
@@ -100,10 +105,11 @@ impl TokenBucket {
     }
 
     fn set_interval(&mut self, interval: Duration, now: Instant) {
-        let backlog = self.tat.saturating_duration_since(now);
+        let from = now.max(self.resume_at);
+        let backlog = self.tat.saturating_duration_since(from);
         let owed = backlog.as_secs_f64() / self.interval.as_secs_f64();
         self.interval = interval;
-        self.tat = now + interval.mul_f64(owed);
+        self.tat = from + interval.mul_f64(owed);
     }
 
     /// Changes the rate to `per_min` permits per minute at `now`, keeping
@@ -113,12 +119,16 @@ impl TokenBucket {
             return;
         }
         let secs = (60.0 / per_min).min(86_400.0);
-        self.set_interval(Duration::from_secs_f64(secs).max(Duration::from_nanos(1)), now);
+        self.set_interval(
+            Duration::from_secs_f64(secs).max(Duration::from_nanos(1)),
+            now,
+        );
     }
 
     /// Empties the bucket as of `at` (a freeze ending then): from `at` on,
     /// permits come one interval apart, with no burst.
     pub fn empty_at(&mut self, at: Instant) {
+        self.resume_at = self.resume_at.max(at);
         self.tat = self.tat.max(at + self.interval.saturating_mul(self.burst));
     }
 

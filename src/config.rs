@@ -186,7 +186,11 @@ impl RawLearning {
         let mut share = |key: &str, v: f64, open_zero: bool| {
             let ok = v.is_finite() && v <= 1.0 && if open_zero { v > 0.0 } else { v >= 0.0 };
             if !ok {
-                let range = if open_zero { "above 0 and at most 1" } else { "between 0 and 1" };
+                let range = if open_zero {
+                    "above 0 and at most 1"
+                } else {
+                    "between 0 and 1"
+                };
                 problems.push(format!("learning.{key} = {v} must be {range}"));
             }
         };

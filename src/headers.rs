@@ -28,7 +28,10 @@ impl RateLimitInfo {
 }
 
 /// Parses.
-pub fn parse<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>, _now: SystemTime) -> RateLimitInfo {
+pub fn parse<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+    _now: SystemTime,
+) -> RateLimitInfo {
     let mut i = RateLimitInfo::default();
     let mut allowed = None;
     let mut count = None;

@@ -120,7 +120,9 @@ impl LearnedFile {
         drop(f);
         std::fs::rename(&tmp, &path).map_err(io)?;
         // The rename is durable only once the directory is synced.
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
         Ok(())
     }
 }

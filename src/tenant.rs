@@ -124,7 +124,6 @@ pub struct BucketStatus {
     pub upstream_remaining: Option<u32>,
 }
 
-
 /// What a report did.
 #[derive(Debug, Clone, Default)]
 pub struct ReportOutcome {
@@ -222,13 +221,13 @@ impl Instance {
         }
     }
 
-    /// Freezes grants until `until`, plus up to `jitter` permit intervals,
-    /// after which they resume paced from an empty bucket.
-    fn freeze(&mut self, until: Instant, s: &LearnSettings) {
+    /// Freezes grants until `until`, plus up to `jitter` permit intervals
+    /// (`draw` in 0..1), after which they resume paced from an empty bucket.
+    fn freeze(&mut self, until: Instant, draw: f64, s: &LearnSettings) {
         let jitter = self
             .tokens
             .as_ref()
-            .map_or(Duration::ZERO, |t| t.interval().mul_f64(s.jitter * fastrand::f64()));
+            .map_or(Duration::ZERO, |t| t.interval().mul_f64(s.jitter * draw));
         let resume = until + jitter;
         self.resume_at = Some(self.resume_at.map_or(resume, |r| r.max(resume)));
         if let Some(t) = self.tokens.as_mut() {
@@ -238,7 +237,9 @@ impl Instance {
 
     /// Applies what the upstream says is left of the budget of `window`.
     fn sync_budget(&mut self, info: &RateLimitInfo, window: Duration, now: Instant) {
-        let Some(remaining) = info.remaining else { return };
+        let Some(remaining) = info.remaining else {
+            return;
+        };
         if let Some(t) = self.tokens.as_mut() {
             t.shrink_to(u32::try_from(remaining).unwrap_or(u32::MAX), now);
         }
@@ -266,6 +267,9 @@ pub struct TenantState {
     idx: u32,
     id: String,
     learning: LearnSettings,
+    /// Jitter draws. Seeded per tenant, so runs are reproducible: jitter
+    /// needs spread, not secrecy (lease nonces use the global generator).
+    rng: fastrand::Rng,
     /// Learned state changed since the last [`TenantState::take_learned_dirty`].
     learned_dirty: bool,
     buckets: Vec<BucketDef>,
@@ -302,6 +306,7 @@ impl TenantState {
             idx,
             id: settings.id.clone(),
             learning: learning.clone(),
+            rng: fastrand::Rng::with_seed(u64::from(idx) ^ 0x9e37_79b9_7f4a_7c15),
             learned_dirty: false,
             buckets,
             instances,
@@ -483,7 +488,7 @@ impl TenantState {
                 t.take(n, now);
             }
             if let Some(u) = x.upstream.as_mut() {
-                u.take(n);
+                u.take(n, now);
             }
             if let Some(s) = x.slots.as_mut() {
                 s.take(n);
@@ -712,7 +717,9 @@ impl TenantState {
             .flatten();
         let s = self.learning.clone();
         for &i in &instances {
-            let Some(x) = self.instances.get_mut(i) else { continue };
+            let Some(x) = self.instances.get_mut(i) else {
+                continue;
+            };
             x.reports_total += 1;
             if http_status < 400 {
                 x.learner.on_success(now, &s);
@@ -737,9 +744,15 @@ impl TenantState {
             x.sync_budget(info, window, now);
             if throttled {
                 x.throttled_total += 1;
-                learned.extend(x.learner.on_throttled(now, retry_after, info.exhausted(), &s));
-                if let Some(until) = x.learner.frozen_until(now) {
-                    x.freeze(until, &s);
+                learned.extend(
+                    x.learner
+                        .on_throttled(now, retry_after, info.exhausted(), &s),
+                );
+                // Jitter is drawn once per freeze end, not once per report.
+                for change in &learned {
+                    if let Learned::Frozen { until } = change {
+                        x.freeze(*until, self.rng.f64(), &s);
+                    }
                 }
             }
             x.apply_rate(now, &s);
@@ -783,7 +796,11 @@ impl TenantState {
     /// a stated limit: the narrowest org-wide bucket (lowest configured
     /// rate; concurrency-only ones last), else the OAuth client's bucket.
     pub fn attribute(&self, instances: &[usize], info: &RateLimitInfo) -> Option<usize> {
-        let with = |i: &usize| self.instances.get(*i).map(|x| (*i, x, &self.buckets[x.bucket].settings));
+        let with = |i: &usize| {
+            self.instances
+                .get(*i)
+                .map(|x| (*i, x, &self.buckets[x.bucket].settings))
+        };
         if let Some(limit) = info.limit {
             let closest = instances
                 .iter()
@@ -827,7 +844,13 @@ impl TenantState {
 
     /// Restores learned state of one instance (creating a per-client one).
     /// False if the bucket no longer exists in the config.
-    pub fn restore(&mut self, bucket: &str, oauth_client: Option<&str>, p: Persisted, now: Instant) -> bool {
+    pub fn restore(
+        &mut self,
+        bucket: &str,
+        oauth_client: Option<&str>,
+        p: Persisted,
+        now: Instant,
+    ) -> bool {
         let Some(b) = self.buckets.iter().position(|d| d.settings.name == bucket) else {
             return false;
         };
@@ -845,7 +868,7 @@ impl TenantState {
         let s = &self.learning;
         x.learner.restore(p);
         if let Some(until) = x.learner.frozen_until(now) {
-            x.freeze(until, s);
+            x.freeze(until, self.rng.f64(), s);
         }
         x.apply_rate(now, s);
         true

@@ -19,7 +19,9 @@ pub struct TestBroker {
 
 /// A tenant "t" with the given bucket tables.
 pub fn config(buckets: &str) -> String {
-    format!("[server]\nshutdown_grace_ms = 2000\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n{buckets}")
+    format!(
+        "[server]\nshutdown_grace_ms = 2000\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n{buckets}"
+    )
 }
 
 pub async fn start(toml: &str) -> TestBroker {
