@@ -509,6 +509,16 @@ mod tests {
     }
 
     #[test]
+    fn a_429_without_retry_after_freezes_for_the_default() {
+        let s = LearnSettings::default();
+        let t0 = Instant::now();
+        let mut l = learner(t0);
+        l.on_throttled(t0, None, false, &s);
+        assert_eq!(l.frozen_until(t0), Some(t0 + s.default_freeze));
+        assert_eq!(l.frozen_until(t0 + s.default_freeze), None);
+    }
+
+    #[test]
     fn a_429_with_the_budget_spent_freezes_without_cutting() {
         let s = LearnSettings::default();
         let t0 = Instant::now();
