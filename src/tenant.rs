@@ -722,8 +722,12 @@ impl TenantState {
             };
             x.reports_total += 1;
             if http_status < 400 {
+                let before = x.learner.rate(now, &s);
                 x.learner.on_success(now, &s);
-                x.apply_rate(now, &s);
+                if x.learner.rate(now, &s) != before {
+                    x.apply_rate(now, &s);
+                    self.learned_dirty = true;
+                }
             }
         }
         if let Some(i) = target {
