@@ -37,7 +37,7 @@ max_in_flight = 1000000
 fn args(method: &str, path: &str) -> AcquireArgs {
     AcquireArgs {
         client_id: "bench".into(),
-        class: "default".into(),
+        class: String::new(),
         method: method.into(),
         path: path.into(),
         oauth_client: "oauth-1".into(),
@@ -53,7 +53,7 @@ fn decision(c: &mut Criterion) {
     let mut t = TenantState::new(
         0,
         &settings.tenants[0],
-        &settings.learning,
+        &settings,
         Default::default(),
         Instant::now(),
     );
@@ -69,7 +69,7 @@ fn decision(c: &mut Criterion) {
     let mut t = TenantState::new(
         0,
         &settings.tenants[0],
-        &settings.learning,
+        &settings,
         Default::default(),
         Instant::now(),
     );

@@ -155,7 +155,7 @@ impl Broker {
                 state: Mutex::new(TenantState::new(
                     u32::try_from(i).unwrap_or(u32::MAX),
                     t,
-                    &settings.learning,
+                    settings,
                     version.clone(),
                     now,
                 )),
@@ -342,22 +342,21 @@ impl Broker {
         self.inner.tenants.get(usize::try_from(id.tenant).ok()?)
     }
 
-    /// Grants `args` on `tenant`, waiting up to `max_wait` (capped by the
-    /// server's `max_wait`) for capacity.
+    /// Grants `args` on `tenant`, waiting up to `max_wait` (`None`: the
+    /// class's default; capped by the server's `max_wait`) for capacity.
     pub async fn acquire(
         &self,
         tenant: &str,
         args: AcquireArgs,
-        max_wait: Duration,
+        max_wait: Option<Duration>,
     ) -> Result<AcquireOutcome, BrokerError> {
         if self.inner.shutdown.is_cancelled() {
             return Err(BrokerError::ShuttingDown);
         }
         let t = self.tenant_index(tenant)?;
         let tenant = &self.inner.tenants[t];
-        let max_wait = max_wait.min(self.inner.server.max_wait);
         let now = Instant::now();
-        let (waiter, rx) = {
+        let (waiter, rx, max_wait) = {
             let mut state = tenant.lock();
             match state.try_acquire(&args, now)? {
                 Attempt::Granted(g) => {
@@ -365,12 +364,20 @@ impl Broker {
                     self.announce();
                     return Ok(AcquireOutcome::Granted(g));
                 }
-                Attempt::Blocked { instances, denial } => {
+                Attempt::Blocked {
+                    instances,
+                    denial,
+                    class,
+                    default_wait,
+                } => {
+                    let max_wait = max_wait
+                        .unwrap_or(default_wait)
+                        .min(self.inner.server.max_wait);
                     if max_wait.is_zero() || instances.is_empty() {
                         return Ok(AcquireOutcome::Denied(denial));
                     }
                     let (tx, rx) = oneshot::channel();
-                    (state.enqueue(instances, &args, tx), rx)
+                    (state.enqueue(instances, class, &args, tx), rx, max_wait)
                 }
             }
         };
@@ -387,7 +394,11 @@ impl Broker {
         tokio::select! {
             r = &mut wait.rx => {
                 wait.settled = true;
-                r.map(AcquireOutcome::Granted).map_err(|_| BrokerError::ShuttingDown)
+                match r {
+                    Ok(Ok(g)) => Ok(AcquireOutcome::Granted(g)),
+                    Ok(Err(d)) => Ok(AcquireOutcome::Denied(d)),
+                    Err(_) => Err(BrokerError::ShuttingDown),
+                }
             }
             _ = tokio::time::sleep_until(deadline) => Ok(wait.give_up()),
         }
@@ -558,7 +569,7 @@ struct Waiting<'a> {
     broker: &'a Broker,
     tenant: usize,
     waiter: u64,
-    rx: oneshot::Receiver<Grant>,
+    rx: oneshot::Receiver<Result<Grant, Denial>>,
     settled: bool,
 }
 
@@ -574,7 +585,8 @@ impl Waiting<'_> {
             // Not in the queue: the driver granted it (under this lock, so
             // the grant is already in the channel).
             None => match self.rx.try_recv() {
-                Ok(g) => AcquireOutcome::Granted(g),
+                Ok(Ok(g)) => AcquireOutcome::Granted(g),
+                Ok(Err(d)) => AcquireOutcome::Denied(d),
                 Err(_) => AcquireOutcome::Denied(Denial {
                     retry_after: Duration::ZERO,
                     reason: "the broker is shutting down".into(),
@@ -597,7 +609,7 @@ impl Drop for Waiting<'_> {
         let tenant = &self.broker.inner.tenants[self.tenant];
         let mut state = tenant.lock();
         if state.withdraw(self.waiter, Instant::now()).is_none() {
-            if let Ok(g) = self.rx.try_recv() {
+            if let Ok(Ok(g)) = self.rx.try_recv() {
                 state.undo(&g);
             }
         }

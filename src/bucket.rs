@@ -83,6 +83,21 @@ impl TokenBucket {
         Some(self.tat.checked_sub(headroom).map_or(now, |t| t.max(now)))
     }
 
+    /// The earliest instant at which `n` permits can be taken while
+    /// `reserve` permits (fractional) stay in the bucket for others, or
+    /// `None` if that never fits in the burst.
+    pub fn ready_at_reserved(&self, n: u32, reserve: f64, now: Instant) -> Option<Instant> {
+        if reserve <= 0.0 {
+            return self.ready_at(n, now);
+        }
+        let headroom = f64::from(self.burst) - f64::from(n) - reserve;
+        if headroom < -1e-9 {
+            return None;
+        }
+        let headroom = self.interval.mul_f64(headroom.max(0.0));
+        Some(self.tat.checked_sub(headroom).map_or(now, |t| t.max(now)))
+    }
+
     /// Takes `n` permits if they are available at `now`.
     pub fn try_take(&mut self, n: u32, now: Instant) -> bool {
         if self.ready_at(n, now).is_some_and(|t| t <= now) {

@@ -31,6 +31,89 @@ pub struct Settings {
     pub tenants: Vec<TenantSettings>,
     /// How the broker learns from reported throttling.
     pub learning: LearnSettings,
+    /// Priority classes every tenant starts with, in order.
+    pub classes: Vec<ClassSettings>,
+    /// Queueing rules.
+    pub scheduling: SchedulingSettings,
+}
+
+/// A priority class.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassSettings {
+    /// Name clients use in `priority_class`.
+    pub name: String,
+    /// Lower is served first.
+    pub order: u32,
+    /// Share weight among classes competing for the same capacity.
+    pub weight: u32,
+    /// Share (0–1) of each bucket's burst and slots that lower classes may
+    /// never take.
+    pub reserve: f64,
+    /// Wait used when an Acquire gives no `max_wait_ms`.
+    pub default_max_wait: Duration,
+}
+
+/// Queueing rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulingSettings {
+    /// Class of Acquires that name none.
+    pub default_class: String,
+    /// Most requests waiting on one bucket instance; past it, an immediate
+    /// `granted = false`.
+    pub max_waiters_per_bucket: u32,
+}
+
+impl ClassSettings {
+    /// Checks one class, pushing a line per problem.
+    pub fn check(&self, at: &str, problems: &mut Vec<String>) {
+        if self.name.trim().is_empty() || self.name.len() > 64 {
+            problems.push(format!("{at}: name must be 1 to 64 characters"));
+        }
+        if self.weight == 0 {
+            problems.push(format!("{at}: weight must be at least 1"));
+        }
+        if !(self.reserve.is_finite() && (0.0..1.0).contains(&self.reserve)) {
+            problems.push(format!(
+                "{at}: reserve {} must be at least 0 and below 1",
+                self.reserve
+            ));
+        }
+    }
+
+    /// The default set: critical (wallboards), interactive (call-flow
+    /// relays), batch (ingestion), best_effort; critical and interactive
+    /// each reserve 10% of every bucket.
+    pub fn defaults() -> Vec<ClassSettings> {
+        let class = |name: &str, order, weight, reserve, wait_ms| ClassSettings {
+            name: name.to_owned(),
+            order,
+            weight,
+            reserve,
+            default_max_wait: Duration::from_millis(wait_ms),
+        };
+        vec![
+            class("critical", 0, 8, 0.1, 2_000),
+            class("interactive", 1, 4, 0.1, 500),
+            class("batch", 2, 2, 0.0, 30_000),
+            class("best_effort", 3, 1, 0.0, 0),
+        ]
+    }
+}
+
+/// Checks a whole class set (after each class is checked on its own).
+pub fn check_class_set(classes: &[ClassSettings], problems: &mut Vec<String>) {
+    let mut names = HashSet::new();
+    for c in classes {
+        if !names.insert(c.name.as_str()) {
+            problems.push(format!("classes: name {:?} is used twice", c.name));
+        }
+    }
+    let total: f64 = classes.iter().map(|c| c.reserve).sum();
+    if total >= 1.0 {
+        problems.push(format!(
+            "classes: reserves add up to {total}; they must stay below 1 so the lowest class can run"
+        ));
+    }
 }
 
 /// Process-level settings.
@@ -140,6 +223,43 @@ struct RawConfig {
     tenants: Vec<RawTenant>,
     #[serde(default)]
     learning: RawLearning,
+    #[serde(default)]
+    classes: Option<Vec<RawClass>>,
+    #[serde(default)]
+    scheduling: RawScheduling,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClass {
+    name: String,
+    order: u32,
+    #[serde(default = "one")]
+    weight: u32,
+    #[serde(default)]
+    reserve: f64,
+    #[serde(default)]
+    default_max_wait_ms: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawScheduling {
+    default_class: String,
+    max_waiters_per_bucket: u32,
+}
+
+impl Default for RawScheduling {
+    fn default() -> Self {
+        RawScheduling {
+            default_class: "batch".to_owned(),
+            max_waiters_per_bucket: 1_000,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -345,6 +465,42 @@ impl RawConfig {
         let mut problems = Vec::new();
         let server = self.server.validate(&mut problems);
         let learning = self.learning.validate(&mut problems);
+        let classes: Vec<ClassSettings> = match self.classes {
+            None => ClassSettings::defaults(),
+            Some(raw) => raw
+                .into_iter()
+                .map(|c| ClassSettings {
+                    name: c.name,
+                    order: c.order,
+                    weight: c.weight,
+                    reserve: c.reserve,
+                    default_max_wait: Duration::from_millis(c.default_max_wait_ms),
+                })
+                .collect(),
+        };
+        if classes.is_empty() {
+            problems.push("[[classes]] is empty; define at least one priority class".into());
+        }
+        for (i, c) in classes.iter().enumerate() {
+            c.check(&format!("classes[{i}] ({:?})", c.name), &mut problems);
+        }
+        check_class_set(&classes, &mut problems);
+        if !classes
+            .iter()
+            .any(|c| c.name == self.scheduling.default_class)
+        {
+            problems.push(format!(
+                "scheduling.default_class {:?} is not a configured class",
+                self.scheduling.default_class
+            ));
+        }
+        if self.scheduling.max_waiters_per_bucket == 0 {
+            problems.push("scheduling.max_waiters_per_bucket must be at least 1".into());
+        }
+        let scheduling = SchedulingSettings {
+            default_class: self.scheduling.default_class,
+            max_waiters_per_bucket: self.scheduling.max_waiters_per_bucket,
+        };
         if self.tenants.is_empty() {
             problems
                 .push("no [[tenants]] configured: the broker would have nothing to grant".into());
@@ -366,6 +522,8 @@ impl RawConfig {
                 server,
                 tenants,
                 learning,
+                classes,
+                scheduling,
             })
         } else {
             Err(ConfigError { problems })

@@ -32,6 +32,7 @@
 
 pub mod adaptive;
 pub mod admin;
+pub mod auth;
 pub mod broker;
 pub mod bucket;
 pub mod config;

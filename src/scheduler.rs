@@ -1,13 +1,23 @@
 //! The waiting queue of one tenant: who is served next when capacity frees.
 //!
-//! For now strictly first come, first served per bucket: a waiter is served
-//! when every bucket it needs can grant and no earlier waiter still waits on
-//! any of those buckets (so a large request is not starved by small ones, and
-//! a waiter on an unrelated bucket is not held up). New requests never barge
-//! past waiters. The queue owns each waiter's reply handle; it knows nothing
-//! of buckets beyond their indices.
+//! Waiters are grouped by priority class, and within a class by client.
+//! When capacity frees, the queue offers it in this order:
+//! - **across classes, weighted fair share**: start-time fair queuing; each
+//!   class has a virtual time that advances by `permits / weight` per grant,
+//!   and the class with the lowest virtual time goes next (ties: the higher
+//!   class). A class that was idle does not bank credit.
+//! - **within a class, round-robin across clients**, and first come, first
+//!   served per client, so one greedy client cannot starve another.
+//! - a waiter that cannot be granted holds its buckets for waiters of its own
+//!   and lower classes in this pass (so a large request is not starved by
+//!   small ones behind it) but not for higher classes, which may still use
+//!   their reserve (enforced by `tenant.rs` in the offer).
+//!
+//! The queue owns each waiter's reply handle; it knows nothing of buckets
+//! beyond their indices, nor of classes beyond index, order and weight.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use tokio::time::Instant;
 
 /// One request waiting for capacity.
@@ -19,11 +29,11 @@ pub struct Waiter<R> {
     pub instances: Vec<usize>,
     /// Permits it needs from each.
     pub permits: u32,
-    /// Its priority class.
-    pub class: String,
-    /// The calling client, for logs.
-    pub client_id: String,
-    /// Where the grant goes.
+    /// Index of its priority class.
+    pub class: usize,
+    /// The calling client.
+    pub client_id: Arc<str>,
+    /// Where the answer goes.
     pub reply: R,
 }
 
@@ -36,99 +46,223 @@ pub enum Offer {
     NotYet(Option<Instant>),
 }
 
-/// The FIFO queue.
+/// A class as the queue sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClassShape {
+    /// Lower is served first on ties.
+    pub order: u32,
+    /// Share weight.
+    pub weight: u32,
+}
+
+#[derive(Debug)]
+struct ClassQueue<R> {
+    /// Clients with waiters, in round-robin order, each with its FIFO.
+    clients: VecDeque<(Arc<str>, VecDeque<Waiter<R>>)>,
+    vtime: f64,
+    shape: ClassShape,
+}
+
+impl<R> ClassQueue<R> {
+    fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+}
+
+/// The queue.
 #[derive(Debug)]
 pub struct Queue<R> {
-    waiters: VecDeque<Waiter<R>>,
+    classes: Vec<ClassQueue<R>>,
+    /// Waiter id → class index.
+    index: HashMap<u64, usize>,
+    /// Virtual time of the last grant.
+    vnow: f64,
     next_id: u64,
 }
 
 impl<R> Default for Queue<R> {
     fn default() -> Self {
         Queue {
-            waiters: VecDeque::new(),
+            classes: Vec::new(),
+            index: HashMap::new(),
+            vnow: 0.0,
             next_id: 0,
         }
     }
 }
 
 impl<R> Queue<R> {
+    /// Sets the shape of class `class` (creating classes up to it).
+    pub fn set_class(&mut self, class: usize, shape: ClassShape) {
+        while self.classes.len() <= class {
+            self.classes.push(ClassQueue {
+                clients: VecDeque::new(),
+                vtime: 0.0,
+                shape,
+            });
+        }
+        self.classes[class].shape = shape;
+    }
+
     /// Appends a waiter; returns its id.
     pub fn push(
         &mut self,
         instances: Vec<usize>,
         permits: u32,
-        class: String,
-        client_id: String,
+        class: usize,
+        client_id: Arc<str>,
         reply: R,
     ) -> u64 {
+        self.set_class(
+            class,
+            self.classes.get(class).map_or(
+                ClassShape {
+                    order: u32::MAX,
+                    weight: 1,
+                },
+                |c| c.shape,
+            ),
+        );
         self.next_id += 1;
         let id = self.next_id;
-        self.waiters.push_back(Waiter {
+        let vnow = self.vnow;
+        let q = &mut self.classes[class];
+        if q.is_empty() {
+            q.vtime = q.vtime.max(vnow);
+        }
+        let waiter = Waiter {
             id,
             instances,
             permits,
             class,
-            client_id,
+            client_id: client_id.clone(),
             reply,
-        });
+        };
+        match q.clients.iter_mut().find(|(c, _)| *c == client_id) {
+            Some((_, fifo)) => fifo.push_back(waiter),
+            None => q.clients.push_back((client_id, VecDeque::from([waiter]))),
+        }
+        self.index.insert(id, class);
         id
     }
 
     /// Removes a waiter (its caller gave up); `None` if it already left.
     pub fn remove(&mut self, id: u64) -> Option<Waiter<R>> {
-        let at = self.waiters.iter().position(|w| w.id == id)?;
-        self.waiters.remove(at)
+        let class = self.index.remove(&id)?;
+        let q = &mut self.classes[class];
+        let (c, at) =
+            q.clients.iter().enumerate().find_map(|(c, (_, fifo))| {
+                fifo.iter().position(|w| w.id == id).map(|at| (c, at))
+            })?;
+        let w = q.clients[c].1.remove(at);
+        if q.clients[c].1.is_empty() {
+            q.clients.remove(c);
+        }
+        w
     }
 
     /// Removes every waiter.
-    pub fn drain(&mut self) -> impl Iterator<Item = Waiter<R>> + '_ {
-        self.waiters.drain(..)
+    pub fn drain(&mut self) -> Vec<Waiter<R>> {
+        self.index.clear();
+        self.classes
+            .iter_mut()
+            .flat_map(|q| q.clients.drain(..))
+            .flat_map(|(_, fifo)| fifo)
+            .collect()
+    }
+
+    /// Removes the waiters `pred` selects.
+    pub fn remove_where(&mut self, mut pred: impl FnMut(&Waiter<R>) -> bool) -> Vec<Waiter<R>> {
+        let ids: Vec<u64> = self
+            .classes
+            .iter()
+            .flat_map(|q| q.clients.iter())
+            .flat_map(|(_, fifo)| fifo.iter())
+            .filter(|w| pred(w))
+            .map(|w| w.id)
+            .collect();
+        ids.into_iter().filter_map(|id| self.remove(id)).collect()
     }
 
     /// Number of waiters.
     pub fn len(&self) -> usize {
-        self.waiters.len()
+        self.index.len()
     }
 
     /// Whether nobody waits.
     pub fn is_empty(&self) -> bool {
-        self.waiters.is_empty()
+        self.index.is_empty()
     }
 
-    /// Offers capacity to waiters in order. `offer` takes the capacity and
-    /// says `Granted`, or says when the waiter could be served. Returns the
-    /// granted waiters and the earliest instant worth trying again.
+    /// Offers capacity to waiters in scheduling order. `offer` takes the
+    /// capacity and says `Granted`, or says when the waiter could be served.
+    /// Returns the granted waiters and the earliest instant worth trying again.
     pub fn serve(
         &mut self,
         mut offer: impl FnMut(&Waiter<R>) -> Offer,
     ) -> (Vec<Waiter<R>>, Option<Instant>) {
         let mut granted = Vec::new();
         let mut next: Option<Instant> = None;
-        // Instances an earlier waiter still waits on: later waiters that need
-        // one of them keep their place behind it.
-        let mut blocked: Vec<usize> = Vec::new();
-        let mut i = 0;
-        while i < self.waiters.len() {
-            let w = &self.waiters[i];
-            if w.instances.iter().any(|x| blocked.contains(x)) {
-                blocked.extend_from_slice(&w.instances);
-                i += 1;
+        // (instance, class order): held for waiters of that order and lower.
+        let mut held: Vec<(usize, u32)> = Vec::new();
+        // Clients whose head waiter was passed over in this pass.
+        let mut passed: HashSet<(usize, Arc<str>)> = HashSet::new();
+        loop {
+            // Each class's next candidate: the head of its first client (in
+            // round-robin order) not yet passed over.
+            let pick = self
+                .classes
+                .iter()
+                .enumerate()
+                .filter_map(|(k, q)| {
+                    let c = q
+                        .clients
+                        .iter()
+                        .position(|(client, _)| !passed.contains(&(k, client.clone())))?;
+                    Some((k, c, q.vtime, q.shape.order))
+                })
+                .min_by(|a, b| a.2.total_cmp(&b.2).then(a.3.cmp(&b.3)));
+            let Some((k, c, _, order)) = pick else { break };
+            let q = &mut self.classes[k];
+            let client = q.clients[c].0.clone();
+            let Some(w) = q.clients[c].1.front() else {
+                q.clients.remove(c);
                 continue;
-            }
-            match offer(w) {
+            };
+            let is_held = w
+                .instances
+                .iter()
+                .any(|i| held.iter().any(|&(h, o)| h == *i && o <= order));
+            let verdict = if is_held {
+                Offer::NotYet(None)
+            } else {
+                offer(w)
+            };
+            match verdict {
                 Offer::Granted => {
-                    if let Some(w) = self.waiters.remove(i) {
-                        granted.push(w);
+                    let Some(w) = q.clients[c].1.pop_front() else {
+                        continue;
+                    };
+                    self.vnow = q.vtime;
+                    q.vtime += f64::from(w.permits) / f64::from(q.shape.weight.max(1));
+                    // Round-robin: this client goes to the back of its class.
+                    if let Some(entry) = q.clients.remove(c) {
+                        if !entry.1.is_empty() {
+                            q.clients.push_back(entry);
+                        }
                     }
+                    self.index.remove(&w.id);
+                    granted.push(w);
                 }
                 Offer::NotYet(at) => {
-                    next = match (next, at) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
-                    blocked.extend_from_slice(&self.waiters[i].instances);
-                    i += 1;
+                    if !is_held {
+                        next = match (next, at) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                    }
+                    held.extend(w.instances.iter().map(|&i| (i, order)));
+                    passed.insert((k, client));
                 }
             }
         }
@@ -140,30 +274,93 @@ impl<R> Queue<R> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn fifo_per_bucket_without_head_of_line_blocking_across_buckets() {
+    fn q3() -> Queue<&'static str> {
         let mut q = Queue::default();
-        let a = q.push(vec![0], 1, "c".into(), "x".into(), "a");
-        let b = q.push(vec![0, 1], 1, "c".into(), "x".into(), "b");
-        let c = q.push(vec![2], 1, "c".into(), "x".into(), "c");
-        // Bucket 0 has no capacity; bucket 2 has.
-        let (granted, _) = q.serve(|w| {
-            if w.instances.contains(&0) {
-                Offer::NotYet(None)
-            } else {
+        q.set_class(
+            0,
+            ClassShape {
+                order: 0,
+                weight: 3,
+            },
+        );
+        q.set_class(
+            1,
+            ClassShape {
+                order: 1,
+                weight: 1,
+            },
+        );
+        q
+    }
+
+    #[test]
+    fn weighted_share_across_classes() {
+        let mut q = q3();
+        for _ in 0..40 {
+            q.push(vec![0], 1, 0, "a".into(), "hi");
+            q.push(vec![0], 1, 1, "b".into(), "lo");
+        }
+        // Capacity for 20 grants.
+        let mut left = 20;
+        let (granted, _) = q.serve(|_| {
+            if left > 0 {
+                left -= 1;
                 Offer::Granted
+            } else {
+                Offer::NotYet(None)
             }
         });
-        assert_eq!(granted.iter().map(|w| w.reply).collect::<Vec<_>>(), ["c"]);
-        // b would fit but a is ahead of it on bucket 0: b must not be offered.
-        let mut offered = Vec::new();
-        q.serve(|w| {
-            offered.push(w.id);
-            Offer::NotYet(None)
+        let hi = granted.iter().filter(|w| w.reply == "hi").count();
+        assert_eq!((hi, granted.len() - hi), (15, 5));
+    }
+
+    #[test]
+    fn round_robin_across_clients_fifo_within() {
+        let mut q = q3();
+        for _ in 0..6 {
+            q.push(vec![0], 1, 1, "greedy".into(), "g");
+        }
+        q.push(vec![0], 1, 1, "modest".into(), "m");
+        let mut left = 3;
+        let (granted, _) = q.serve(|_| {
+            if left > 0 {
+                left -= 1;
+                Offer::Granted
+            } else {
+                Offer::NotYet(None)
+            }
         });
-        assert_eq!(offered, [a]);
-        assert!(q.remove(b).is_some());
-        assert!(q.remove(c).is_none());
+        let order: Vec<_> = granted.iter().map(|w| w.reply).collect();
+        assert_eq!(order, ["g", "m", "g"]);
+        let ids: Vec<_> = granted
+            .iter()
+            .filter(|w| w.reply == "g")
+            .map(|w| w.id)
+            .collect();
+        assert!(ids[0] < ids[1], "FIFO within a client");
+    }
+
+    #[test]
+    fn a_blocked_waiter_holds_its_bucket_for_lower_classes_only() {
+        let mut q = q3();
+        let big = q.push(vec![0], 5, 1, "x".into(), "big-lo");
+        q.push(vec![0], 1, 1, "y".into(), "small-lo");
+        q.push(vec![0], 1, 0, "z".into(), "hi");
+        let mut offered = Vec::new();
+        let (granted, _) = q.serve(|w| {
+            offered.push(w.reply);
+            if w.permits > 1 {
+                Offer::NotYet(None)
+            } else if w.class == 0 {
+                Offer::Granted
+            } else {
+                Offer::NotYet(None)
+            }
+        });
+        // "small-lo" is behind "big-lo" on bucket 0 and is not offered; "hi" is.
+        assert_eq!(granted.iter().map(|w| w.reply).collect::<Vec<_>>(), ["hi"]);
+        assert!(!offered.contains(&"small-lo"), "{offered:?}");
+        assert!(q.remove(big).is_some());
         assert_eq!(q.len(), 1);
     }
 }

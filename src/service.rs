@@ -143,7 +143,7 @@ impl pb::quota_broker_server::QuotaBroker for BrokerService {
         let (method, path) = call_of(&r.method, &r.path)?;
         let args = AcquireArgs {
             client_id: client_id.to_owned(),
-            class: if class.is_empty() { "default" } else { class }.to_owned(),
+            class: class.to_owned(),
             method,
             path,
             oauth_client: oauth_client.to_owned(),
@@ -151,7 +151,7 @@ impl pb::quota_broker_server::QuotaBroker for BrokerService {
         };
         let outcome = self
             .broker
-            .acquire(tenant, args, Duration::from_millis(r.max_wait_ms))
+            .acquire(tenant, args, r.max_wait_ms.map(Duration::from_millis))
             .await?;
         let clock = self.broker.clock();
         Ok(Response::new(match outcome {

@@ -12,11 +12,11 @@
 
 use crate::adaptive::{LearnSettings, Learned, Learner, Persisted, UpstreamBudget};
 use crate::bucket::{Slots, TokenBucket};
-use crate::config::{BucketSettings, Scope, TenantSettings};
+use crate::config::{BucketSettings, ClassSettings, Scope, Settings, TenantSettings};
 use crate::error::BrokerError;
 use crate::headers::RateLimitInfo;
 use crate::lease::{Lease, LeaseId, LeaseTable};
-use crate::scheduler::{Offer, Queue, Waiter};
+use crate::scheduler::{ClassShape, Offer, Queue, Waiter};
 use slab::Slab;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -28,12 +28,15 @@ use tokio::time::Instant;
 /// How often idle per-OAuth-client instances are looked for and dropped.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
+/// A waiter's answer: a grant, or why not (the bucket was paused).
+pub type Reply = oneshot::Sender<Result<Grant, Denial>>;
+
 /// What an Acquire asks for, validated.
 #[derive(Debug, Clone)]
 pub struct AcquireArgs {
     /// Calling client instance.
     pub client_id: String,
-    /// Priority class.
+    /// Priority class ("" for the default class).
     pub class: String,
     /// Upper-case HTTP method.
     pub method: String,
@@ -74,12 +77,17 @@ pub struct Denial {
 pub enum Attempt {
     /// Granted.
     Granted(Grant),
-    /// Not now; the request may wait in the queue on these instances.
+    /// Not now; the request may wait in the queue on these instances
+    /// (none: it may not wait, e.g. the waiter cap is reached).
     Blocked {
         /// The instances the request needs.
         instances: Vec<usize>,
         /// The answer if it does not wait.
         denial: Denial,
+        /// The request's class.
+        class: usize,
+        /// The class's default wait.
+        default_wait: Duration,
     },
 }
 
@@ -106,6 +114,8 @@ pub struct BucketStatus {
     pub max_in_flight: u32,
     /// Waiters per class.
     pub waiting: BTreeMap<String, u32>,
+    /// Operator's reason, when the bucket is paused.
+    pub paused: Option<String>,
     /// Permits granted.
     pub granted_total: u64,
     /// 429s reported.
@@ -140,7 +150,8 @@ struct Instance {
     oauth_client: Option<Arc<str>>,
     tokens: Option<TokenBucket>,
     slots: Option<Slots>,
-    waiting: BTreeMap<String, u32>,
+    /// Waiters per class index.
+    waiting: BTreeMap<usize, u32>,
     queued: u32,
     granted_total: u64,
     throttled_total: u64,
@@ -193,15 +204,20 @@ impl Instance {
 
     /// When `n` permits could be taken, ignoring the queue: `Ok` with the
     /// token-ready instant if slots are free, `Err` if slots are the limit.
-    fn ready_at(&self, n: u32, now: Instant) -> Result<Instant, ()> {
-        if self.slots.is_some_and(|s| !s.has_room(n)) {
-            return Err(());
+    /// `reserve` is the share of the bucket held back for higher classes.
+    fn ready_at(&self, n: u32, reserve: f64, now: Instant) -> Result<Instant, ()> {
+        if let Some(s) = self.slots {
+            if !s.has_room(n.saturating_add(held_back(s.max(), reserve))) {
+                return Err(());
+            }
         }
-        let mut at = self
-            .tokens
-            .as_ref()
-            .and_then(|t| t.ready_at(n, now))
-            .unwrap_or(now);
+        let mut at = match self.tokens.as_ref() {
+            Some(t) => {
+                let reserved = f64::from(held_back(t.burst(), reserve));
+                t.ready_at_reserved(n, reserved, now).ok_or(())?
+            }
+            None => now,
+        };
         if let Some(resume) = self.resume_at {
             at = at.max(resume);
         }
@@ -258,6 +274,8 @@ impl Instance {
 
 struct BucketDef {
     settings: BucketSettings,
+    /// Operator's reason, while paused.
+    paused: Option<String>,
     org: Option<usize>,
     per_client: HashMap<Arc<str>, usize>,
 }
@@ -275,7 +293,10 @@ pub struct TenantState {
     buckets: Vec<BucketDef>,
     instances: Slab<Instance>,
     leases: LeaseTable,
-    queue: Queue<oneshot::Sender<Grant>>,
+    queue: Queue<Reply>,
+    classes: Vec<ClassSettings>,
+    default_class: usize,
+    max_waiters: u32,
     version: Arc<std::sync::atomic::AtomicU64>,
     next_sweep: Instant,
 }
@@ -286,7 +307,7 @@ impl TenantState {
     pub fn new(
         idx: u32,
         settings: &TenantSettings,
-        learning: &LearnSettings,
+        broker: &Settings,
         version: Arc<std::sync::atomic::AtomicU64>,
         now: Instant,
     ) -> TenantState {
@@ -297,21 +318,39 @@ impl TenantState {
             .enumerate()
             .map(|(i, b)| BucketDef {
                 settings: b.clone(),
+                paused: None,
                 org: (b.scope == Scope::Org)
                     .then(|| instances.insert(Instance::new(i, b, None, now))),
                 per_client: HashMap::new(),
             })
             .collect();
+        let mut queue = Queue::default();
+        for (k, c) in broker.classes.iter().enumerate() {
+            queue.set_class(
+                k,
+                ClassShape {
+                    order: c.order,
+                    weight: c.weight,
+                },
+            );
+        }
         TenantState {
             idx,
             id: settings.id.clone(),
-            learning: learning.clone(),
+            learning: broker.learning.clone(),
+            classes: broker.classes.clone(),
+            default_class: broker
+                .classes
+                .iter()
+                .position(|c| c.name == broker.scheduling.default_class)
+                .unwrap_or(0),
+            max_waiters: broker.scheduling.max_waiters_per_bucket,
             rng: fastrand::Rng::with_seed(u64::from(idx) ^ 0x9e37_79b9_7f4a_7c15),
             learned_dirty: false,
             buckets,
             instances,
             leases: LeaseTable::default(),
-            queue: Queue::default(),
+            queue,
             version,
             next_sweep: now + SWEEP_EVERY,
         }
@@ -351,6 +390,7 @@ impl TenantState {
         path: &str,
         oauth_client: &str,
         permits: u32,
+        reserve: f64,
         now: Instant,
     ) -> Result<Result<Vec<usize>, Denial>, BrokerError> {
         let mut out = Vec::with_capacity(self.buckets.len());
@@ -359,7 +399,7 @@ impl TenantState {
             if !def.settings.routes.iter().any(|r| r.matches(method, path)) {
                 continue;
             }
-            check_permits(&self.id, &def.settings, permits)?;
+            check_permits(&self.id, &def.settings, permits, reserve)?;
             let instance = match def.org {
                 Some(i) => i,
                 None => match def.per_client.get(oauth_client) {
@@ -432,47 +472,128 @@ impl TenantState {
         }
     }
 
+    /// The index of class `name` ("" is the default class).
+    pub fn class_index(&self, name: &str) -> Result<usize, BrokerError> {
+        if name.is_empty() {
+            return Ok(self.default_class);
+        }
+        self.classes
+            .iter()
+            .position(|c| c.name == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.classes.iter().map(|c| c.name.as_str()).collect();
+                BrokerError::invalid(
+                    "priority_class",
+                    format!(
+                        "{name:?} is not a class of tenant {:?}; use one of: {}",
+                        self.id,
+                        known.join(", ")
+                    ),
+                )
+            })
+    }
+
+    /// Share of every bucket that classes above `class` hold back from it.
+    fn reserve_above(&self, class: usize) -> f64 {
+        let order = self.classes.get(class).map_or(u32::MAX, |c| c.order);
+        self.classes
+            .iter()
+            .filter(|c| c.order < order)
+            .map(|c| c.reserve)
+            .sum()
+    }
+
+    /// Whether waiters of `class` or a higher one wait on any of `instances`.
+    fn waiting_at_or_above(&self, instances: &[usize], class: usize) -> bool {
+        let order = self.classes.get(class).map_or(u32::MAX, |c| c.order);
+        instances.iter().any(|&i| {
+            self.instances.get(i).is_some_and(|x| {
+                x.waiting.iter().any(|(&k, &n)| {
+                    n > 0 && self.classes.get(k).map_or(u32::MAX, |c| c.order) <= order
+                })
+            })
+        })
+    }
+
     /// Tries to grant at once. Never waits and never queues.
     pub fn try_acquire(
         &mut self,
         args: &AcquireArgs,
         now: Instant,
     ) -> Result<Attempt, BrokerError> {
+        let class = self.class_index(&args.class)?;
+        let reserve = self.reserve_above(class);
+        let default_wait = self
+            .classes
+            .get(class)
+            .map_or(Duration::ZERO, |c| c.default_max_wait);
+        let blocked = |instances, denial| Attempt::Blocked {
+            instances,
+            denial,
+            class,
+            default_wait,
+        };
         let instances = match self.resolve(
             &args.method,
             &args.path,
             &args.oauth_client,
             args.permits,
+            reserve,
             now,
         )? {
             Ok(i) => i,
-            Err(denial) => {
-                return Ok(Attempt::Blocked {
-                    instances: Vec::new(),
-                    denial,
-                })
-            }
+            Err(denial) => return Ok(blocked(Vec::new(), denial)),
         };
-        let queued_ahead = instances
-            .iter()
-            .any(|&i| self.instances.get(i).is_some_and(|x| x.queued > 0));
-        if !queued_ahead && self.can_take(&instances, args.permits, now) {
-            return Ok(Attempt::Granted(self.take(
-                &instances,
-                args.permits,
-                &args.client_id,
-                now,
-            )));
+        if let Some(denial) = self.paused(&instances) {
+            return Ok(blocked(Vec::new(), denial));
         }
-        let denial = self.explain(&instances, args.permits, now);
-        Ok(Attempt::Blocked { instances, denial })
+        if !self.waiting_at_or_above(&instances, class)
+            && self.can_take(&instances, args.permits, reserve, now)
+        {
+            let grant = self.take(&instances, args.permits, &args.client_id, now);
+            return Ok(Attempt::Granted(grant));
+        }
+        let denial = self.explain(&instances, args.permits, reserve, now);
+        let full = instances.iter().find_map(|&i| {
+            let x = self.instances.get(i)?;
+            (x.queued >= self.max_waiters).then(|| self.buckets[x.bucket].settings.name.clone())
+        });
+        if let Some(bucket) = full {
+            return Ok(blocked(
+                Vec::new(),
+                Denial {
+                    reason: format!(
+                        "{}; and {} requests already wait on bucket {bucket:?} \
+                         (scheduling.max_waiters_per_bucket), so this one may not queue",
+                        denial.reason, self.max_waiters
+                    ),
+                    ..denial
+                },
+            ));
+        }
+        Ok(blocked(instances, denial))
     }
 
-    fn can_take(&self, instances: &[usize], n: u32, now: Instant) -> bool {
+    /// A denial if any of `instances` belongs to a paused bucket.
+    fn paused(&self, instances: &[usize]) -> Option<Denial> {
+        instances.iter().find_map(|&i| {
+            let def = &self.buckets[self.instances.get(i)?.bucket];
+            def.paused.as_ref().map(|why| Denial {
+                retry_after: Duration::ZERO,
+                reason: format!(
+                    "bucket {:?} is paused by an operator: {why}",
+                    def.settings.name
+                ),
+                buckets: self.names(instances),
+            })
+        })
+    }
+
+    fn can_take(&self, instances: &[usize], n: u32, reserve: f64, now: Instant) -> bool {
         instances.iter().all(|&i| {
             self.instances
                 .get(i)
-                .is_some_and(|x| x.ready_at(n, now).is_ok_and(|t| t <= now))
+                .is_some_and(|x| x.ready_at(n, reserve, now).is_ok_and(|t| t <= now))
         })
     }
 
@@ -530,7 +651,7 @@ impl TenantState {
 
     /// Why `n` permits on `instances` cannot be granted now, and when they
     /// could be at the earliest.
-    pub fn explain(&self, instances: &[usize], n: u32, now: Instant) -> Denial {
+    pub fn explain(&self, instances: &[usize], n: u32, reserve: f64, now: Instant) -> Denial {
         let mut retry = now;
         let mut reason = String::new();
         for &i in instances {
@@ -540,7 +661,7 @@ impl TenantState {
             let name = &self.buckets[x.bucket].settings.name;
             let sep = if reason.is_empty() { "" } else { "; " };
             if let Some(resume) = x.resume_at.filter(|&r| r > now) {
-                retry = retry.max(x.ready_at(n, now).unwrap_or(resume));
+                retry = retry.max(x.ready_at(n, reserve, now).unwrap_or(resume));
                 let _ = write!(
                     reason,
                     "{sep}bucket {name:?} is frozen for {} ms after the upstream answered 429",
@@ -558,25 +679,38 @@ impl TenantState {
                 );
                 continue;
             }
-            if let Some(s) = x.slots.filter(|s| !s.has_room(n)) {
+            let note = |capacity: u32| match held_back(capacity, reserve) {
+                0 => String::new(),
+                held => format!(" ({held} held back for higher classes)"),
+            };
+            if let Some(s) = x
+                .slots
+                .filter(|s| !s.has_room(n.saturating_add(held_back(s.max(), reserve))))
+            {
                 let at = self.leases.first_expiry_holding(i).unwrap_or(now);
                 retry = retry.max(at);
                 let _ = write!(
                     reason,
-                    "{sep}bucket {name:?} has all {} concurrency slots in use",
-                    s.max()
+                    "{sep}bucket {name:?} has {} of {} concurrency slots in use{}",
+                    s.in_flight(),
+                    s.max(),
+                    note(s.max())
                 );
                 continue;
             }
             if let Some(t) = x.tokens.as_ref() {
-                let at = t.ready_at(n, now).unwrap_or(now);
+                let at = t
+                    .ready_at_reserved(n, f64::from(held_back(t.burst(), reserve)), now)
+                    .unwrap_or(now);
                 if at > now {
                     retry = retry.max(at);
                     let _ = write!(
                         reason,
-                        "{sep}bucket {name:?} has {:.2} of {n} permits (refills at {:.1}/min)",
+                        "{sep}bucket {name:?} has {:.2} permits for {n} asked (refills at \
+                         {:.1}/min){}",
                         t.available(now),
-                        t.rate_per_min()
+                        t.rate_per_min(),
+                        note(t.burst())
                     );
                     continue;
                 }
@@ -603,26 +737,27 @@ impl TenantState {
     pub fn enqueue(
         &mut self,
         instances: Vec<usize>,
+        class: usize,
         args: &AcquireArgs,
-        reply: oneshot::Sender<Grant>,
+        reply: Reply,
     ) -> u64 {
         for &i in &instances {
             if let Some(x) = self.instances.get_mut(i) {
                 x.queued += 1;
-                *x.waiting.entry(args.class.clone()).or_default() += 1;
+                *x.waiting.entry(class).or_default() += 1;
             }
             self.touch(i);
         }
         self.queue.push(
             instances,
             args.permits,
-            args.class.clone(),
-            args.client_id.clone(),
+            class,
+            Arc::from(args.client_id.as_str()),
             reply,
         )
     }
 
-    fn unqueue(&mut self, w: &Waiter<oneshot::Sender<Grant>>) {
+    fn unqueue(&mut self, w: &Waiter<Reply>) {
         for &i in &w.instances {
             if let Some(x) = self.instances.get_mut(i) {
                 x.queued = x.queued.saturating_sub(1);
@@ -642,7 +777,8 @@ impl TenantState {
     pub fn withdraw(&mut self, waiter: u64, now: Instant) -> Option<Denial> {
         let w = self.queue.remove(waiter)?;
         self.unqueue(&w);
-        Some(self.explain(&w.instances, w.permits, now))
+        let reserve = self.reserve_above(w.class);
+        Some(self.explain(&w.instances, w.permits, reserve, now))
     }
 
     /// Hands a grant back (its waiter was gone before it could take it).
@@ -702,7 +838,7 @@ impl TenantState {
         now: Instant,
     ) -> Result<ReportOutcome, BrokerError> {
         let (method, path, oauth_client) = call;
-        let instances = match self.resolve(method, path, oauth_client, 1, now)? {
+        let instances = match self.resolve(method, path, oauth_client, 1, 0.0, now)? {
             Ok(i) => i,
             Err(denial) => {
                 return Ok(ReportOutcome {
@@ -893,7 +1029,10 @@ impl TenantState {
         let mut queue = std::mem::take(&mut self.queue);
         let mut grants = Vec::new();
         let (granted, next_ready) = queue.serve(|w| {
-            if self.can_take(&w.instances, w.permits, now) {
+            let reserve = self.reserve_above(w.class);
+            if self.paused(&w.instances).is_none()
+                && self.can_take(&w.instances, w.permits, reserve, now)
+            {
                 grants.push(self.take(&w.instances, w.permits, &w.client_id, now));
                 return Offer::Granted;
             }
@@ -903,7 +1042,7 @@ impl TenantState {
                 .map(|&i| {
                     self.instances
                         .get(i)
-                        .map_or(Err(()), |x| x.ready_at(w.permits, now))
+                        .map_or(Err(()), |x| x.ready_at(w.permits, reserve, now))
                 })
                 .collect();
             Offer::NotYet(ready.ok().and_then(|ts| ts.into_iter().max()))
@@ -911,7 +1050,7 @@ impl TenantState {
         self.queue = queue;
         for (w, grant) in granted.into_iter().zip(grants) {
             self.unqueue(&w);
-            if let Err(grant) = w.reply.send(grant) {
+            if let Err(Ok(grant)) = w.reply.send(Ok(grant)) {
                 // The waiter's caller is gone and could not withdraw first
                 // (it withdraws under this same lock): hand the grant back.
                 self.undo(&grant);
@@ -930,7 +1069,7 @@ impl TenantState {
     /// Answers every waiter (shutdown): they leave the queue unanswered and
     /// their callers see the channel closed.
     pub fn drop_waiters(&mut self) {
-        let waiters: Vec<_> = self.queue.drain().collect();
+        let waiters = self.queue.drain();
         for w in &waiters {
             self.unqueue(w);
         }
@@ -976,7 +1115,12 @@ impl TenantState {
             tokens_available: x.tokens.as_ref().map_or(0.0, |t| t.available(now)),
             in_flight: x.slots.map_or(0, |s| s.in_flight()),
             max_in_flight: x.slots.map_or(0, |s| s.max()),
-            waiting: x.waiting.clone(),
+            waiting: x
+                .waiting
+                .iter()
+                .filter_map(|(&k, &n)| Some((self.classes.get(k)?.name.clone(), n)))
+                .collect(),
+            paused: self.buckets[x.bucket].paused.clone(),
             granted_total: x.granted_total,
             throttled_total: x.throttled_total,
             reports_total: x.reports_total,
@@ -999,7 +1143,18 @@ impl TenantState {
     }
 }
 
-fn check_permits(tenant: &str, b: &BucketSettings, permits: u32) -> Result<(), BrokerError> {
+/// Whole permits or slots of `capacity` held back by a reserve `share`
+/// (rounded down, so a small bucket keeps at least one for everyone).
+fn held_back(capacity: u32, share: f64) -> u32 {
+    ((f64::from(capacity) * share + 1e-9).floor() as u32).min(capacity.saturating_sub(1))
+}
+
+fn check_permits(
+    tenant: &str,
+    b: &BucketSettings,
+    permits: u32,
+    reserve: f64,
+) -> Result<(), BrokerError> {
     let too_many = |max: u32, what| BrokerError::TooManyPermits {
         tenant: tenant.to_owned(),
         bucket: b.name.clone(),
@@ -1007,11 +1162,29 @@ fn check_permits(tenant: &str, b: &BucketSettings, permits: u32) -> Result<(), B
         max,
         what,
     };
-    if let Some(r) = b.rate.filter(|r| permits > r.burst.get()) {
-        return Err(too_many(r.burst.get(), "burst"));
+    if let Some(r) = b.rate {
+        let held = held_back(r.burst.get(), reserve);
+        let max = r.burst.get() - held;
+        if permits > max {
+            let what = if held > 0 {
+                "burst less the reserve of higher classes"
+            } else {
+                "burst"
+            };
+            return Err(too_many(max, what));
+        }
     }
-    if let Some(m) = b.max_in_flight.filter(|m| permits > m.get()) {
-        return Err(too_many(m.get(), "max_in_flight"));
+    if let Some(m) = b.max_in_flight {
+        let held = held_back(m.get(), reserve);
+        let max = m.get() - held;
+        if permits > max {
+            let what = if held > 0 {
+                "max_in_flight less the reserve of higher classes"
+            } else {
+                "max_in_flight"
+            };
+            return Err(too_many(max, what));
+        }
     }
     Ok(())
 }
@@ -1026,13 +1199,13 @@ mod tests {
 
     fn tenant(toml_buckets: &str, now: Instant) -> TenantState {
         let s = Settings::from_toml(&format!("[[tenants]]\nid = \"t\"\n{toml_buckets}")).unwrap();
-        TenantState::new(0, &s.tenants[0], &s.learning, Default::default(), now)
+        TenantState::new(0, &s.tenants[0], &s, Default::default(), now)
     }
 
     fn args(method: &str, path: &str, permits: u32) -> AcquireArgs {
         AcquireArgs {
             client_id: "c".into(),
-            class: "default".into(),
+            class: String::new(),
             method: method.into(),
             path: path.into(),
             oauth_client: "oa".into(),
@@ -1075,7 +1248,7 @@ mod tests {
         assert!(
             denial
                 .reason
-                .contains("\"slots\" has all 1 concurrency slots"),
+                .contains("\"slots\" has 1 of 1 concurrency slots in use"),
             "{}",
             denial.reason
         );
@@ -1096,12 +1269,14 @@ mod tests {
         let t0 = Instant::now();
         let mut t = tenant(TWO, t0);
         granted(t.try_acquire(&args("POST", "/q", 1), t0).unwrap());
-        let Attempt::Blocked { instances, .. } = t.try_acquire(&args("POST", "/q", 1), t0).unwrap()
+        let Attempt::Blocked {
+            instances, class, ..
+        } = t.try_acquire(&args("POST", "/q", 1), t0).unwrap()
         else {
             panic!()
         };
         let (tx, mut rx) = oneshot::channel();
-        t.enqueue(instances, &args("POST", "/q", 1), tx);
+        t.enqueue(instances, class, &args("POST", "/q", 1), tx);
         assert_eq!(
             t.tick(t0),
             Some(t0 + 5 * SEC),
@@ -1109,7 +1284,10 @@ mod tests {
         );
         assert!(rx.try_recv().is_err());
         t.tick(t0 + 5 * SEC);
-        let g = rx.try_recv().expect("granted once the slot expired");
+        let g = rx
+            .try_recv()
+            .expect("answered once the slot expired")
+            .expect("granted");
         assert_eq!(g.slot.map(|s| s.0), Some(t0 + 10 * SEC));
         assert_eq!(t.waiting(), 0);
         assert_eq!(t.leases_held(), 1);
@@ -1235,9 +1413,9 @@ mod tests {
                 match op {
                     Op::Acquire(n) => match t.try_acquire(&args("GET", "/", n), now).unwrap() {
                         Attempt::Granted(g) => { grants.push((now, n)); held.push(g.lease_id); }
-                        Attempt::Blocked { instances, .. } => {
+                        Attempt::Blocked { instances, class, .. } => {
                             let (tx, rx) = oneshot::channel();
-                            t.enqueue(instances, &args("GET", "/", n), tx);
+                            t.enqueue(instances, class, &args("GET", "/", n), tx);
                             waiting.push((n, rx));
                         }
                     },
@@ -1249,7 +1427,8 @@ mod tests {
                 }
                 t.tick(now);
                 waiting.retain_mut(|(n, rx)| match rx.try_recv() {
-                    Ok(g) => { grants.push((now, *n)); held.push(g.lease_id); false }
+                    Ok(Ok(g)) => { grants.push((now, *n)); held.push(g.lease_id); false }
+                    Ok(Err(_)) => false,
                     Err(_) => true,
                 });
                 let s = &t.statuses(now)[0];

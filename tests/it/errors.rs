@@ -61,11 +61,26 @@ async fn acquire_errors() {
         "no bucket matches GET /api/v2/users",
     );
     let mut r = req("POST", q, 0);
+    r.permits = 5;
+    expect(
+        Code::FailedPrecondition,
+        c.acquire(r).await,
+        "bucket \"query\" allows at most 4 (burst less the reserve of higher classes)",
+    );
+    let mut r = req("POST", q, 0);
     r.permits = 6;
+    r.priority_class = "critical".into();
     expect(
         Code::FailedPrecondition,
         c.acquire(r).await,
         "bucket \"query\" allows at most 5 (burst)",
+    );
+    let mut r = req("POST", q, 0);
+    r.priority_class = "urgent".into();
+    expect(
+        Code::InvalidArgument,
+        c.acquire(r).await,
+        "\"urgent\" is not a class of tenant \"t\"; use one of: critical, interactive, batch, best_effort",
     );
     let mut r = req("POST", q, 0);
     r.permits = 3;

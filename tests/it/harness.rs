@@ -97,6 +97,6 @@ pub fn req(method: &str, path: &str, max_wait_ms: u64) -> AcquireRequest {
         path: path.into(),
         oauth_client: String::new(),
         permits: 0,
-        max_wait_ms,
+        max_wait_ms: Some(max_wait_ms),
     }
 }

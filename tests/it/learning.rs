@@ -76,13 +76,7 @@ fn simulate(hidden: u64, unmanaged: u64, windows: usize) -> Vec<WindowStats> {
     )
     .unwrap();
     let t0 = Instant::now();
-    let mut broker = TenantState::new(
-        0,
-        &settings.tenants[0],
-        &settings.learning,
-        Default::default(),
-        t0,
-    );
+    let mut broker = TenantState::new(0, &settings.tenants[0], &settings, Default::default(), t0);
     let window = Duration::from_secs(60);
     let mut up = Upstream {
         limit: hidden,
@@ -262,6 +256,7 @@ mod grpc {
         for client in ["wallboard", "ingest"] {
             let mut r = req("GET", "/api/v2/users", 0);
             r.client_id = client.into();
+            r.priority_class = "critical".into();
             let a = b.acquire(r).await;
             assert!(!a.granted);
             // Freeze 15 s + jitter (< one 1 s interval) + the first paced permit (1.43 s).
