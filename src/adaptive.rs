@@ -209,6 +209,17 @@ impl Learner {
         self.configured * s.floor_fraction
     }
 
+    /// An operator changed the configured rate: the effective rate keeps
+    /// its value within the new bound (and regrows toward it).
+    pub fn set_configured(&mut self, per_min: f64, window: Duration) {
+        self.configured = per_min;
+        self.window = window.max(Duration::from_millis(1));
+        self.effective = self.effective.min(per_min);
+        if self.effective <= 0.0 {
+            self.effective = per_min;
+        }
+    }
+
     /// The configured rate per minute.
     pub fn configured(&self) -> f64 {
         self.configured

@@ -1,29 +1,61 @@
-//! The `quota.v1.QuotaAdmin` gRPC service for operators. ListBuckets works;
-//! changing classes and limits and pausing buckets come with priority
-//! classes and answer UNIMPLEMENTED until then.
+//! The `quota.v1.QuotaAdmin` gRPC service for operators: list buckets,
+//! set priority classes and bucket limits, pause and resume buckets. Every
+//! change needs an admin token scoped to the tenant, is logged with who made
+//! it, applies at once to waiting requests, and is saved to the state
+//! directory (see `broker.rs`).
 
-use crate::broker::Broker;
+use crate::auth::Authenticator;
+use crate::broker::{Broker, TenantBucketStatus};
+use crate::config::ClassSettings;
+use crate::error::BrokerError;
 use crate::pb;
-use crate::service::status_to_pb;
+use crate::service::{principal, status_to_pb};
+use crate::tenant::LimitChange;
+use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 /// The QuotaAdmin service.
 #[derive(Clone)]
 pub struct AdminService {
     broker: Broker,
+    auth: Authenticator,
 }
 
 impl AdminService {
-    /// Serves `broker`.
-    pub fn new(broker: Broker) -> AdminService {
-        AdminService { broker }
+    /// Serves `broker`, checking tokens with `auth`.
+    pub fn new(broker: Broker, auth: Authenticator) -> AdminService {
+        AdminService { broker, auth }
+    }
+
+    /// The admin's name, if the caller is an admin of `tenant`.
+    fn admin<T>(&self, request: &Request<T>, tenant: &str) -> Result<String, Status> {
+        let who = principal(&self.auth, request)?;
+        who.require_admin()?;
+        if tenant.is_empty() {
+            return Err(BrokerError::invalid("tenant", "required, e.g. \"demo\"").into());
+        }
+        who.may_access(tenant)?;
+        Ok(who.name().to_owned())
+    }
+
+    fn first(&self, statuses: Vec<TenantBucketStatus>) -> Option<pb::QuotaStatus> {
+        let clock = self.broker.clock();
+        statuses.into_iter().next().map(|s| status_to_pb(s, clock))
     }
 }
 
-fn not_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!(
-        "{rpc} is not available in this broker version; change the config file and restart"
-    ))
+fn class_to_pb(c: &ClassSettings) -> pb::PriorityClass {
+    pb::PriorityClass {
+        name: c.name.clone(),
+        order: c.order,
+        weight: c.weight,
+        reserve: c.reserve,
+        default_max_wait_ms: u64::try_from(c.default_max_wait.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+fn nonzero<T: Default + PartialEq>(v: T) -> Option<T> {
+    (v != T::default()).then_some(v)
 }
 
 #[tonic::async_trait]
@@ -32,11 +64,17 @@ impl pb::quota_admin_server::QuotaAdmin for AdminService {
         &self,
         request: Request<pb::ListBucketsRequest>,
     ) -> Result<Response<pb::ListBucketsResponse>, Status> {
+        let who = principal(&self.auth, &request)?;
         let tenant = request.into_inner().tenant;
+        if !tenant.is_empty() {
+            who.may_access(&tenant)?;
+        }
         let clock = self.broker.clock();
         let buckets = self
             .broker
-            .list((!tenant.is_empty()).then_some(tenant.as_str()))?
+            .list((!tenant.is_empty()).then_some(tenant.as_str()), |t| {
+                who.sees(t)
+            })?
             .into_iter()
             .map(|s| status_to_pb(s, clock))
             .collect();
@@ -45,29 +83,79 @@ impl pb::quota_admin_server::QuotaAdmin for AdminService {
 
     async fn set_priority_class(
         &self,
-        _: Request<pb::SetPriorityClassRequest>,
+        request: Request<pb::SetPriorityClassRequest>,
     ) -> Result<Response<pb::SetPriorityClassResponse>, Status> {
-        Err(not_yet("SetPriorityClass"))
+        let who = self.admin(&request, &request.get_ref().tenant)?;
+        let r = request.into_inner();
+        let c = r.class.ok_or_else(|| {
+            BrokerError::invalid("class", "required: the class to create or change")
+        })?;
+        let class = ClassSettings {
+            name: c.name,
+            order: c.order,
+            weight: c.weight,
+            reserve: c.reserve,
+            default_max_wait: Duration::from_millis(c.default_max_wait_ms),
+        };
+        let class = self.broker.set_class(&r.tenant, class, &who).await?;
+        Ok(Response::new(pb::SetPriorityClassResponse {
+            class: Some(class_to_pb(&class)),
+        }))
     }
 
     async fn set_bucket_limit(
         &self,
-        _: Request<pb::SetBucketLimitRequest>,
+        request: Request<pb::SetBucketLimitRequest>,
     ) -> Result<Response<pb::SetBucketLimitResponse>, Status> {
-        Err(not_yet("SetBucketLimit"))
+        let who = self.admin(&request, &request.get_ref().tenant)?;
+        let r = request.into_inner();
+        let change = LimitChange {
+            permits: nonzero(r.permits),
+            window: nonzero(r.window_ms).map(Duration::from_millis),
+            burst: nonzero(r.burst),
+            max_in_flight: nonzero(r.max_in_flight),
+        };
+        let statuses = self
+            .broker
+            .set_bucket_limit(&r.tenant, &r.bucket, change, &who)
+            .await?;
+        Ok(Response::new(pb::SetBucketLimitResponse {
+            status: self.first(statuses),
+        }))
     }
 
     async fn pause_bucket(
         &self,
-        _: Request<pb::PauseBucketRequest>,
+        request: Request<pb::PauseBucketRequest>,
     ) -> Result<Response<pb::PauseBucketResponse>, Status> {
-        Err(not_yet("PauseBucket"))
+        let who = self.admin(&request, &request.get_ref().tenant)?;
+        let r = request.into_inner();
+        let reason = if r.reason.is_empty() {
+            format!("paused by {who}")
+        } else {
+            r.reason
+        };
+        let statuses = self
+            .broker
+            .set_paused(&r.tenant, &r.bucket, Some(reason), &who)
+            .await?;
+        Ok(Response::new(pb::PauseBucketResponse {
+            status: self.first(statuses),
+        }))
     }
 
     async fn resume_bucket(
         &self,
-        _: Request<pb::ResumeBucketRequest>,
+        request: Request<pb::ResumeBucketRequest>,
     ) -> Result<Response<pb::ResumeBucketResponse>, Status> {
-        Err(not_yet("ResumeBucket"))
+        let who = self.admin(&request, &request.get_ref().tenant)?;
+        let r = request.into_inner();
+        let statuses = self
+            .broker
+            .set_paused(&r.tenant, &r.bucket, None, &who)
+            .await?;
+        Ok(Response::new(pb::ResumeBucketResponse {
+            status: self.first(statuses),
+        }))
     }
 }

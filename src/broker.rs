@@ -10,15 +10,15 @@
 //! frees, with no polling.
 
 use crate::adaptive::Persisted;
-use crate::config::{ServerSettings, Settings};
+use crate::config::{ClassSettings, ServerSettings, Settings};
 use crate::error::BrokerError;
 use crate::headers::RateLimitInfo;
 use crate::lease::LeaseId;
-use crate::state::{LearnedEntry, LearnedFile};
+use crate::state::{AdminBucket, AdminClass, AdminFile, LearnedEntry, LearnedFile};
 use crate::tenant::{
-    AcquireArgs, Attempt, BucketStatus, Denial, Grant, ReportOutcome, TenantState,
+    AcquireArgs, Attempt, BucketStatus, Denial, Grant, LimitChange, ReportOutcome, TenantState,
 };
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -116,6 +116,8 @@ struct Inner {
     /// Tells Watch streams that something changed.
     changes: watch::Sender<()>,
     shutdown: CancellationToken,
+    /// Every admin change so far (std `Mutex`: never held across `.await`).
+    admin_changes: Mutex<BTreeSet<(usize, AdminKey)>>,
 }
 
 /// The broker: cheap to clone, shared by the gRPC services.
@@ -178,9 +180,11 @@ impl Broker {
                 announced: AtomicU64::new(0),
                 changes: watch::Sender::new(()),
                 shutdown,
+                admin_changes: Mutex::new(BTreeSet::new()),
             }),
         };
         if let Some(dir) = &settings.server.state_dir {
+            broker.restore_admin(dir, now);
             broker.restore(dir, now);
         }
         let mut drivers: Vec<_> = (0..broker.inner.tenants.len())
@@ -338,6 +342,12 @@ impl Broker {
             .collect()
     }
 
+    /// The tenant id a lease id belongs to (`None` if it names no tenant).
+    pub fn lease_tenant_id(&self, lease_id: &str) -> Result<Option<String>, BrokerError> {
+        let id = parse_lease(lease_id)?;
+        Ok(self.lease_tenant(id).map(|t| t.lock().id().to_owned()))
+    }
+
     fn lease_tenant(&self, id: LeaseId) -> Option<&Tenant> {
         self.inner.tenants.get(usize::try_from(id.tenant).ok()?)
     }
@@ -469,10 +479,15 @@ impl Broker {
     }
 
     /// Every bucket instance of `tenant` (all tenants when `None`).
-    pub fn list(&self, tenant: Option<&str>) -> Result<Vec<TenantBucketStatus>, BrokerError> {
+    /// (Only tenants `sees` accepts, when no tenant is named.)
+    pub fn list(
+        &self,
+        tenant: Option<&str>,
+        sees: impl Fn(&str) -> bool,
+    ) -> Result<Vec<TenantBucketStatus>, BrokerError> {
         let now = Instant::now();
         let mut out = Vec::new();
-        for t in self.visible(tenant)? {
+        for t in self.visible(tenant, sees)? {
             let state = self.inner.tenants[t].lock();
             out.extend(
                 state
@@ -488,10 +503,20 @@ impl Broker {
         Ok(out)
     }
 
-    fn visible(&self, tenant: Option<&str>) -> Result<Vec<usize>, BrokerError> {
+    fn visible(
+        &self,
+        tenant: Option<&str>,
+        sees: impl Fn(&str) -> bool,
+    ) -> Result<Vec<usize>, BrokerError> {
         Ok(match tenant {
             Some(t) => vec![self.tenant_index(t)?],
-            None => (0..self.inner.tenants.len()).collect(),
+            None => self
+                .inner
+                .by_id
+                .iter()
+                .filter(|(id, _)| sees(id))
+                .map(|(_, &i)| i)
+                .collect(),
         })
     }
 
@@ -501,8 +526,9 @@ impl Broker {
     pub fn watch(
         &self,
         tenant: Option<&str>,
+        sees: impl Fn(&str) -> bool,
     ) -> Result<mpsc::Receiver<TenantBucketStatus>, BrokerError> {
-        let tenants = self.visible(tenant)?;
+        let tenants = self.visible(tenant, sees)?;
         let (tx, rx) = mpsc::channel(64);
         let mut changes = self.inner.changes.subscribe();
         let broker = self.clone();
@@ -545,6 +571,231 @@ impl Broker {
         });
         Ok(rx)
     }
+}
+
+/// Operators' changes.
+impl Broker {
+    /// Creates or changes a priority class of `tenant`; durable.
+    pub async fn set_class(
+        &self,
+        tenant: &str,
+        class: ClassSettings,
+        who: &str,
+    ) -> Result<ClassSettings, BrokerError> {
+        let t = self.tenant_index(tenant)?;
+        self.inner.tenants[t].lock().set_class(class.clone())?;
+        tracing::info!(%tenant, class = %class.name, order = class.order, weight = class.weight,
+            reserve = class.reserve, default_max_wait_ms = class.default_max_wait.as_millis() as u64,
+            by = %who, "priority class set");
+        self.changed_by_admin(t, AdminKey::Class(class.name.clone()))
+            .await?;
+        Ok(class)
+    }
+
+    /// Changes a bucket's limits; durable; returns its instances' status.
+    pub async fn set_bucket_limit(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        change: LimitChange,
+        who: &str,
+    ) -> Result<Vec<TenantBucketStatus>, BrokerError> {
+        let t = self.tenant_index(tenant)?;
+        {
+            let mut state = self.inner.tenants[t].lock();
+            let b = state.set_bucket_limit(bucket, change, Instant::now())?;
+            tracing::info!(%tenant, %bucket, rate = ?b.rate, max_in_flight = ?b.max_in_flight,
+                by = %who, "bucket limit set");
+        }
+        self.changed_by_admin(t, AdminKey::Bucket(bucket.to_owned()))
+            .await?;
+        self.bucket_status(t, bucket)
+    }
+
+    /// Pauses (`Some(reason)`) or resumes (`None`) a bucket; durable.
+    pub async fn set_paused(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        reason: Option<String>,
+        who: &str,
+    ) -> Result<Vec<TenantBucketStatus>, BrokerError> {
+        let t = self.tenant_index(tenant)?;
+        let paused = reason.is_some();
+        self.inner.tenants[t]
+            .lock()
+            .set_paused(bucket, reason.clone(), Instant::now())?;
+        if paused {
+            tracing::info!(%tenant, %bucket, reason = reason.as_deref().unwrap_or(""), by = %who, "bucket paused");
+        } else {
+            tracing::info!(%tenant, %bucket, by = %who, "bucket resumed");
+        }
+        self.changed_by_admin(t, AdminKey::Bucket(bucket.to_owned()))
+            .await?;
+        self.bucket_status(t, bucket)
+    }
+
+    fn bucket_status(
+        &self,
+        t: usize,
+        bucket: &str,
+    ) -> Result<Vec<TenantBucketStatus>, BrokerError> {
+        let now = Instant::now();
+        let state = self.inner.tenants[t].lock();
+        Ok(state
+            .statuses(now)
+            .into_iter()
+            .filter(|s| s.bucket == bucket)
+            .map(|status| TenantBucketStatus {
+                tenant: state.id().to_owned(),
+                at: now,
+                status,
+            })
+            .collect())
+    }
+
+    /// After an admin change: wake the tenant's waiters, tell Watch, and
+    /// write every admin change so far to the state directory.
+    async fn changed_by_admin(&self, t: usize, key: AdminKey) -> Result<(), BrokerError> {
+        self.inner.tenants[t].wake.notify_one();
+        self.announce();
+        let file = {
+            let mut changed = self
+                .inner
+                .admin_changes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            changed.insert((t, key));
+            self.admin_file(&changed)
+        };
+        let Some(dir) = self.inner.server.state_dir.clone() else {
+            return Ok(());
+        };
+        match tokio::task::spawn_blocking(move || file.write(&dir)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "admin change applied but not saved");
+                Err(BrokerError::Internal(
+                    "the change is applied but could not be saved",
+                ))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "admin state writer failed");
+                Err(BrokerError::Internal(
+                    "the change is applied but could not be saved",
+                ))
+            }
+        }
+    }
+
+    fn admin_file(&self, changed: &BTreeSet<(usize, AdminKey)>) -> AdminFile {
+        let mut classes = Vec::new();
+        let mut buckets = Vec::new();
+        for (t, key) in changed {
+            let state = self.inner.tenants[*t].lock();
+            let tenant = state.id().to_owned();
+            match key {
+                AdminKey::Class(name) => {
+                    if let Some(c) = state.classes().iter().find(|c| &c.name == name) {
+                        classes.push(AdminClass {
+                            tenant,
+                            name: c.name.clone(),
+                            order: c.order,
+                            weight: c.weight,
+                            reserve: c.reserve,
+                            default_max_wait_ms: u64::try_from(c.default_max_wait.as_millis())
+                                .unwrap_or(u64::MAX),
+                        });
+                    }
+                }
+                AdminKey::Bucket(name) => {
+                    if let Some((b, paused)) = state.bucket_admin_view(name) {
+                        buckets.push(AdminBucket {
+                            tenant,
+                            bucket: name.clone(),
+                            permits: b.rate.map(|r| r.permits.get()),
+                            window_ms: b
+                                .rate
+                                .map(|r| u64::try_from(r.window.as_millis()).unwrap_or(u64::MAX)),
+                            burst: b.rate.map(|r| r.burst.get()),
+                            max_in_flight: b.max_in_flight.map(|m| m.get()),
+                            paused: paused.map(str::to_owned),
+                        });
+                    }
+                }
+            }
+        }
+        AdminFile::new(classes, buckets)
+    }
+
+    /// Re-applies operators' changes saved in `dir`.
+    fn restore_admin(&self, dir: &std::path::Path, now: Instant) {
+        let file = match AdminFile::read(dir) {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "operators' changes not restored; starting on the config alone");
+                return;
+            }
+        };
+        let mut changed = self
+            .inner
+            .admin_changes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for c in file.classes {
+            let Some(&t) = self.inner.by_id.get(&c.tenant) else {
+                continue;
+            };
+            let class = ClassSettings {
+                name: c.name.clone(),
+                order: c.order,
+                weight: c.weight,
+                reserve: c.reserve,
+                default_max_wait: Duration::from_millis(c.default_max_wait_ms),
+            };
+            match self.inner.tenants[t].lock().set_class(class) {
+                Ok(()) => {
+                    changed.insert((t, AdminKey::Class(c.name)));
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %c.tenant, error = %e, "saved class not restored")
+                }
+            }
+        }
+        for b in file.buckets {
+            let Some(&t) = self.inner.by_id.get(&b.tenant) else {
+                continue;
+            };
+            let mut state = self.inner.tenants[t].lock();
+            let change = LimitChange {
+                permits: b.permits,
+                window: b.window_ms.map(Duration::from_millis),
+                burst: b.burst,
+                max_in_flight: b.max_in_flight,
+            };
+            let restored = state
+                .set_bucket_limit(&b.bucket, change, now)
+                .map(|_| ())
+                .and_then(|()| state.set_paused(&b.bucket, b.paused.clone(), now));
+            match restored {
+                Ok(()) => {
+                    changed.insert((t, AdminKey::Bucket(b.bucket)));
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %b.tenant, error = %e, "saved bucket change not restored")
+                }
+            }
+        }
+        tracing::info!(dir = %dir.display(), changes = changed.len(), "operators' changes restored");
+    }
+}
+
+/// What an operator changed, so only that is saved and restored.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum AdminKey {
+    Class(String),
+    Bucket(String),
 }
 
 fn parse_lease(lease_id: &str) -> Result<LeaseId, BrokerError> {

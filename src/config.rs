@@ -8,6 +8,7 @@
 //! default can never drift apart.
 
 use crate::adaptive::LearnSettings;
+use crate::auth::{RawToken, TokenSettings};
 use crate::route::Route;
 use serde::Deserialize;
 use std::collections::HashSet;
@@ -35,6 +36,8 @@ pub struct Settings {
     pub classes: Vec<ClassSettings>,
     /// Queueing rules.
     pub scheduling: SchedulingSettings,
+    /// Bearer tokens; none means open (allowed on loopback only).
+    pub tokens: Vec<TokenSettings>,
 }
 
 /// A priority class.
@@ -227,6 +230,15 @@ struct RawConfig {
     classes: Option<Vec<RawClass>>,
     #[serde(default)]
     scheduling: RawScheduling,
+    #[serde(default)]
+    auth: RawAuth,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    tokens: Vec<RawToken>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -497,6 +509,29 @@ impl RawConfig {
         if self.scheduling.max_waiters_per_bucket == 0 {
             problems.push("scheduling.max_waiters_per_bucket must be at least 1".into());
         }
+        let tenant_ids: HashSet<&str> = self.tenants.iter().map(|t| t.id.as_str()).collect();
+        let tokens: Vec<TokenSettings> = self
+            .auth
+            .tokens
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, t)| {
+                let at = format!("auth.tokens[{i}] ({:?})", t.name);
+                for tenant in &t.tenants {
+                    if tenant != "*" && !tenant_ids.contains(tenant.as_str()) {
+                        problems.push(format!("{at}: tenant {tenant:?} is not configured"));
+                    }
+                }
+                t.validate(&at, &mut problems)
+            })
+            .collect();
+        if tokens.is_empty() && !server.listen.ip().is_loopback() {
+            problems.push(format!(
+                "server.listen {} is not a loopback address but no [[auth.tokens]] are configured; \
+                 the broker runs without authentication on loopback only",
+                server.listen
+            ));
+        }
         let scheduling = SchedulingSettings {
             default_class: self.scheduling.default_class,
             max_waiters_per_bucket: self.scheduling.max_waiters_per_bucket,
@@ -524,6 +559,7 @@ impl RawConfig {
                 learning,
                 classes,
                 scheduling,
+                tokens,
             })
         } else {
             Err(ConfigError { problems })

@@ -60,6 +60,20 @@ pub enum BrokerError {
         /// The lease id given.
         lease_id: String,
     },
+    /// An admin RPC names a bucket the tenant does not have.
+    #[error("tenant {tenant:?} has no bucket {bucket:?} (buckets: {known})")]
+    UnknownBucket {
+        /// The tenant.
+        tenant: String,
+        /// The bucket asked for.
+        bucket: String,
+        /// The tenant's bucket names, comma-separated.
+        known: String,
+    },
+    /// A change was applied but could not be made durable, or another
+    /// fault inside the broker; details are in the broker's log.
+    #[error("internal error: {0}; see the broker's log")]
+    Internal(&'static str),
     /// The broker is shutting down.
     #[error("the broker is shutting down; retry once it is back")]
     ShuttingDown,

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "usage: quota-broker [--config PATH]
+       quota-broker hash-token    (reads a token on stdin, prints its SHA-256 for [[auth.tokens]])
 
 Runs the quota broker. Without --config it runs the embedded default
 (tenant \"demo\" on 127.0.0.1:50051; see examples/broker.toml).
@@ -24,6 +25,7 @@ fn parse_args() -> Result<Option<PathBuf>, String> {
                 config = Some(PathBuf::from(args.next().ok_or("--config needs a PATH")?));
             }
             Some("--help" | "-h") => return Err(String::new()),
+            Some("hash-token") => return Err("hash-token".into()),
             _ => return Err(format!("unknown argument {arg:?}")),
         }
     }
@@ -35,6 +37,18 @@ fn main() -> ExitCode {
         Ok(p) => p,
         Err(e) if e.is_empty() => {
             println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) if e == "hash-token" => {
+            let mut token = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut token) {
+                eprintln!("quota-broker: cannot read the token from stdin: {e}");
+                return ExitCode::FAILURE;
+            }
+            println!(
+                "{}",
+                quota_broker::auth::hash_token(token.trim_end_matches(['\r', '\n']))
+            );
             return ExitCode::SUCCESS;
         }
         Err(e) => {

@@ -4,6 +4,7 @@
 //! grace period).
 
 use crate::admin::AdminService;
+use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::config::Settings;
 use crate::pb;
@@ -35,6 +36,13 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let token = CancellationToken::new();
     let (broker, drivers) = Broker::start(settings, token.clone());
+    let auth = Authenticator::new(settings.tokens.clone());
+    if auth.is_open() {
+        tracing::warn!(
+            listen = %settings.server.listen,
+            "no [[auth.tokens]] configured: running OPEN (no authentication), allowed on loopback only"
+        );
+    }
     let (health, health_service) = tonic_health::server::health_reporter();
     let broker_name = <pb::quota_broker_server::QuotaBrokerServer<BrokerService> as tonic::server::NamedService>::NAME;
     let admin_name = <pb::quota_admin_server::QuotaAdminServer<AdminService> as tonic::server::NamedService>::NAME;
@@ -68,10 +76,10 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(pb::quota_broker_server::QuotaBrokerServer::new(
-            BrokerService::new(broker.clone()),
+            BrokerService::new(broker.clone(), auth.clone()),
         ))
         .add_service(pb::quota_admin_server::QuotaAdminServer::new(
-            AdminService::new(broker),
+            AdminService::new(broker, auth),
         ))
         .serve_with_incoming_shutdown(
             // Small answers must not sit in Nagle's buffer waiting for an ACK.

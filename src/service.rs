@@ -1,7 +1,8 @@
-//! The `quota.v1.QuotaBroker` gRPC service: decode and validate a request,
-//! call the [`Broker`], encode the answer. Also the one table that maps
-//! [`BrokerError`] to gRPC status codes.
+//! The `quota.v1.QuotaBroker` gRPC service: authenticate, decode and
+//! validate a request, call the [`Broker`], encode the answer. Also the one
+//! table that maps [`BrokerError`] and [`AuthError`] to gRPC status codes.
 
+use crate::auth::{AuthError, Authenticator, Principal};
 use crate::broker::{AcquireOutcome, Broker, Clock, TenantBucketStatus};
 use crate::error::BrokerError;
 use crate::headers;
@@ -25,23 +26,56 @@ impl From<BrokerError> for Status {
             BrokerError::InvalidArgument { .. } => Status::invalid_argument(msg),
             BrokerError::UnknownTenant { .. }
             | BrokerError::NoBucketMatches { .. }
-            | BrokerError::LeaseNotFound { .. } => Status::not_found(msg),
+            | BrokerError::LeaseNotFound { .. }
+            | BrokerError::UnknownBucket { .. } => Status::not_found(msg),
+            BrokerError::Internal(_) => Status::internal(msg),
             BrokerError::TooManyPermits { .. } => Status::failed_precondition(msg),
             BrokerError::ShuttingDown => Status::unavailable(msg),
         }
     }
 }
 
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Status {
+        if e.is_unauthenticated() {
+            Status::unauthenticated(e.to_string())
+        } else {
+            Status::permission_denied(e.to_string())
+        }
+    }
+}
+
+/// Authenticates a request from its `authorization` metadata.
+pub(crate) fn principal<T>(
+    auth: &Authenticator,
+    request: &Request<T>,
+) -> Result<Principal, Status> {
+    let header = request
+        .metadata()
+        .get("authorization")
+        .map(|v| v.to_str().unwrap_or(""));
+    Ok(auth.authenticate(header)?)
+}
+
 /// The QuotaBroker service.
 #[derive(Clone)]
 pub struct BrokerService {
     broker: Broker,
+    auth: Authenticator,
 }
 
 impl BrokerService {
-    /// Serves `broker`.
-    pub fn new(broker: Broker) -> BrokerService {
-        BrokerService { broker }
+    /// Serves `broker`, checking tokens with `auth`.
+    pub fn new(broker: Broker, auth: Authenticator) -> BrokerService {
+        BrokerService { broker, auth }
+    }
+
+    /// Checks that the caller may touch the tenant of a lease.
+    fn check_lease(&self, who: &Principal, lease_id: &str) -> Result<(), Status> {
+        if let Some(tenant) = self.broker.lease_tenant_id(lease_id)? {
+            who.may_access(&tenant)?;
+        }
+        Ok(())
     }
 }
 
@@ -135,8 +169,10 @@ impl pb::quota_broker_server::QuotaBroker for BrokerService {
         &self,
         request: Request<pb::AcquireRequest>,
     ) -> Result<Response<pb::AcquireResponse>, Status> {
+        let who = principal(&self.auth, &request)?;
         let r = request.into_inner();
         let tenant = required("tenant", &r.tenant, "demo")?;
+        who.may_access(tenant)?;
         let client_id = required("client_id", &r.client_id, "ingest-worker-1")?;
         let class = bounded("priority_class", &r.priority_class)?;
         let oauth_client = bounded("oauth_client", &r.oauth_client)?;
@@ -185,7 +221,10 @@ impl pb::quota_broker_server::QuotaBroker for BrokerService {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let released = self.broker.release(&request.into_inner().lease_id)?;
+        let who = principal(&self.auth, &request)?;
+        let lease_id = request.into_inner().lease_id;
+        self.check_lease(&who, &lease_id)?;
+        let released = self.broker.release(&lease_id)?;
         Ok(Response::new(pb::ReleaseResponse { released }))
     }
 
@@ -193,7 +232,9 @@ impl pb::quota_broker_server::QuotaBroker for BrokerService {
         &self,
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
+        let who = principal(&self.auth, &request)?;
         let r = request.into_inner();
+        self.check_lease(&who, &r.lease_id)?;
         let (at, ttl) = self
             .broker
             .renew(&r.lease_id, Duration::from_millis(r.extend_ms))?;
@@ -207,8 +248,10 @@ impl pb::quota_broker_server::QuotaBroker for BrokerService {
         &self,
         request: Request<pb::ReportRequest>,
     ) -> Result<Response<pb::ReportResponse>, Status> {
+        let who = principal(&self.auth, &request)?;
         let r = request.into_inner();
         let tenant = required("tenant", &r.tenant, "demo")?;
+        who.may_access(tenant)?;
         let oauth_client = bounded("oauth_client", &r.oauth_client)?;
         let (method, path) = call_of(&r.method, &r.path)?;
         if !(100..=599).contains(&r.http_status) {
@@ -246,10 +289,16 @@ impl pb::quota_broker_server::QuotaBroker for BrokerService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<WatchStream>, Status> {
+        let who = principal(&self.auth, &request)?;
         let tenant = request.into_inner().tenant;
+        if !tenant.is_empty() {
+            who.may_access(&tenant)?;
+        }
         let rx = self
             .broker
-            .watch((!tenant.is_empty()).then_some(tenant.as_str()))?;
+            .watch((!tenant.is_empty()).then_some(tenant.as_str()), |t| {
+                who.sees(t)
+            })?;
         let clock = self.broker.clock();
         let stream = ReceiverStream::new(rx).map(move |s| Ok(status_to_pb(s, clock)));
         Ok(Response::new(Box::pin(stream)))

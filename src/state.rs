@@ -1,8 +1,9 @@
-//! Learned state on disk: one TOML file in the state directory, written
-//! atomically (temp file, fsync, rename, fsync of the directory) so a crash
-//! leaves either the old file or the new one, and read once at start. A file
-//! that cannot be read is reported and ignored: the broker then starts on
-//! its config alone rather than not at all.
+//! State on disk: learned state (`learned.toml`) and operators' run-time
+//! changes (`admin.toml`) in the state directory, each written atomically
+//! (temp file, fsync, rename, fsync of the directory) so a crash leaves
+//! either the old file or the new one, and read once at start. A file that
+//! cannot be read is reported and ignored: the broker then starts on its
+//! config alone rather than not at all.
 
 use serde::{Deserialize, Serialize};
 use std::io::Write as _;
@@ -10,6 +11,140 @@ use std::path::{Path, PathBuf};
 
 /// Name of the learned-state file inside the state directory.
 pub const LEARNED_FILE: &str = "learned.toml";
+/// Name of the operators' changes file inside the state directory.
+pub const ADMIN_FILE: &str = "admin.toml";
+
+/// Operators' run-time changes, per tenant: only what they changed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// Format version.
+    pub version: u32,
+    /// Changed priority classes.
+    #[serde(default)]
+    pub classes: Vec<AdminClass>,
+    /// Changed buckets.
+    #[serde(default)]
+    pub buckets: Vec<AdminBucket>,
+}
+
+/// A class as an operator set it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminClass {
+    /// Tenant id.
+    pub tenant: String,
+    /// Class name.
+    pub name: String,
+    /// Order.
+    pub order: u32,
+    /// Weight.
+    pub weight: u32,
+    /// Reserve share.
+    pub reserve: f64,
+    /// Default wait, ms.
+    pub default_max_wait_ms: u64,
+}
+
+/// A bucket's limits and pause as an operator set them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminBucket {
+    /// Tenant id.
+    pub tenant: String,
+    /// Bucket name.
+    pub bucket: String,
+    /// Rate permits per window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permits: Option<u32>,
+    /// Rate window, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_ms: Option<u64>,
+    /// Burst.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Concurrency limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
+    /// Why it is paused, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
+}
+
+impl AdminFile {
+    /// A file holding these changes.
+    pub fn new(classes: Vec<AdminClass>, buckets: Vec<AdminBucket>) -> AdminFile {
+        AdminFile {
+            version: FORMAT_VERSION,
+            classes,
+            buckets,
+        }
+    }
+
+    /// Reads `dir/admin.toml`; `Ok(None)` if there is none yet.
+    pub fn read(dir: &Path) -> Result<Option<AdminFile>, StateError> {
+        let file: Option<AdminFile> = read_toml(dir, ADMIN_FILE)?;
+        check_version(dir, ADMIN_FILE, file.as_ref().map(|f| f.version))?;
+        Ok(file)
+    }
+
+    /// Writes `dir/admin.toml` atomically.
+    pub fn write(&self, dir: &Path) -> Result<(), StateError> {
+        write_toml(dir, ADMIN_FILE, self)
+    }
+}
+
+fn check_version(dir: &Path, name: &str, version: Option<u32>) -> Result<(), StateError> {
+    match version {
+        Some(v) if v != FORMAT_VERSION => Err(StateError::Corrupt {
+            path: dir.join(name),
+            message: format!("format version {v} is not {FORMAT_VERSION}"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn read_toml<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    name: &str,
+) -> Result<Option<T>, StateError> {
+    let path = dir.join(name);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StateError::Io { path, source }),
+    };
+    toml::from_str(&text)
+        .map(Some)
+        .map_err(|e| StateError::Corrupt {
+            path,
+            message: e.to_string(),
+        })
+}
+
+fn write_toml<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), StateError> {
+    let path = dir.join(name);
+    let io = |source| StateError::Io {
+        path: path.clone(),
+        source,
+    };
+    let text = toml::to_string(value).map_err(|e| StateError::Corrupt {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    // The rename is durable only once the directory is synced.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)?;
+    Ok(())
+}
 const FORMAT_VERSION: u32 = 1;
 
 /// The learned-state file.
@@ -82,48 +217,14 @@ impl LearnedFile {
 
     /// Reads `dir/learned.toml`; `Ok(None)` if there is none yet.
     pub fn read(dir: &Path) -> Result<Option<LearnedFile>, StateError> {
-        let path = dir.join(LEARNED_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Io { path, source }),
-        };
-        let file: LearnedFile = toml::from_str(&text).map_err(|e| StateError::Corrupt {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        if file.version != FORMAT_VERSION {
-            return Err(StateError::Corrupt {
-                path,
-                message: format!("format version {} is not {FORMAT_VERSION}", file.version),
-            });
-        }
-        Ok(Some(file))
+        let file: Option<LearnedFile> = read_toml(dir, LEARNED_FILE)?;
+        check_version(dir, LEARNED_FILE, file.as_ref().map(|f| f.version))?;
+        Ok(file)
     }
 
     /// Writes `dir/learned.toml` atomically, creating `dir` if needed.
     pub fn write(&self, dir: &Path) -> Result<(), StateError> {
-        let path = dir.join(LEARNED_FILE);
-        let io = |source| StateError::Io {
-            path: path.clone(),
-            source,
-        };
-        let text = toml::to_string(self).map_err(|e| StateError::Corrupt {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let tmp = dir.join(format!(".{LEARNED_FILE}.tmp"));
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(text.as_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        drop(f);
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        // The rename is durable only once the directory is synced.
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-        Ok(())
+        write_toml(dir, LEARNED_FILE, self)
     }
 }
 

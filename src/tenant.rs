@@ -28,6 +28,19 @@ use tokio::time::Instant;
 /// How often idle per-OAuth-client instances are looked for and dropped.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
+/// An operator's change to a bucket's limits (`None`: unchanged).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LimitChange {
+    /// Permits per window.
+    pub permits: Option<u32>,
+    /// The window.
+    pub window: Option<Duration>,
+    /// Burst.
+    pub burst: Option<u32>,
+    /// Concurrency limit.
+    pub max_in_flight: Option<u32>,
+}
+
 /// A waiter's answer: a grant, or why not (the bucket was paused).
 pub type Reply = oneshot::Sender<Result<Grant, Denial>>;
 
@@ -961,6 +974,194 @@ impl TenantState {
             })
             .map(|(i, _, _)| i);
         org.or_else(|| instances.first().copied())
+    }
+
+    /// The tenant's classes.
+    pub fn classes(&self) -> &[ClassSettings] {
+        &self.classes
+    }
+
+    /// Creates or changes a class (checked as in the config).
+    pub fn set_class(&mut self, class: ClassSettings) -> Result<(), BrokerError> {
+        let mut next = self.classes.clone();
+        match next.iter_mut().find(|c| c.name == class.name) {
+            Some(c) => *c = class.clone(),
+            None => next.push(class.clone()),
+        }
+        let mut problems = Vec::new();
+        class.check("class", &mut problems);
+        crate::config::check_class_set(&next, &mut problems);
+        if !problems.is_empty() {
+            return Err(BrokerError::invalid("class", problems.join("; ")));
+        }
+        self.classes = next;
+        for (k, c) in self.classes.iter().enumerate() {
+            self.queue.set_class(
+                k,
+                ClassShape {
+                    order: c.order,
+                    weight: c.weight,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn bucket_index(&self, bucket: &str) -> Result<usize, BrokerError> {
+        self.buckets
+            .iter()
+            .position(|b| b.settings.name == bucket)
+            .ok_or_else(|| BrokerError::UnknownBucket {
+                tenant: self.id.clone(),
+                bucket: bucket.to_owned(),
+                known: self
+                    .buckets
+                    .iter()
+                    .map(|b| b.settings.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// Changes a bucket's configured limits (`None`/0 fields unchanged);
+    /// applies at once to every instance and to waiting requests.
+    pub fn set_bucket_limit(
+        &mut self,
+        bucket: &str,
+        change: LimitChange,
+        now: Instant,
+    ) -> Result<&BucketSettings, BrokerError> {
+        let b = self.bucket_index(bucket)?;
+        let old = self.buckets[b].settings.clone();
+        let bad = |field, problem: String| BrokerError::invalid(field, problem);
+        let rate = match (change.permits, change.window, old.rate) {
+            (None, None, r) => r.map(|r| (r.permits.get(), r.window, r.burst.get())),
+            (p, w, Some(r)) => Some((
+                p.unwrap_or(r.permits.get()),
+                w.unwrap_or(r.window),
+                r.burst.get(),
+            )),
+            (Some(p), Some(w), None) => Some((p, w, p)),
+            _ => {
+                return Err(bad(
+                    "permits",
+                    format!("bucket {bucket:?} has no rate yet; give both permits and window_ms"),
+                ))
+            }
+        }
+        .map(|(p, w, burst)| (p, w, change.burst.unwrap_or(burst)));
+        if let Some((p, w, burst)) = rate {
+            if p == 0 || w.is_zero() || w > Duration::from_secs(86_400) {
+                return Err(bad(
+                    "window_ms",
+                    "the rate needs permits > 0 and a window of 1 ms to 1 day".into(),
+                ));
+            }
+            if burst == 0 || burst > 1_000_000 {
+                return Err(bad(
+                    "burst",
+                    format!("{burst} must be between 1 and 1000000"),
+                ));
+            }
+        } else if change.burst.is_some() {
+            return Err(bad(
+                "burst",
+                format!("bucket {bucket:?} has no rate to burst"),
+            ));
+        }
+        let settings = &mut self.buckets[b].settings;
+        settings.rate = rate.and_then(|(p, w, burst)| {
+            Some(crate::config::Rate {
+                permits: std::num::NonZeroU32::new(p)?,
+                window: w,
+                burst: std::num::NonZeroU32::new(burst)?,
+            })
+        });
+        if let Some(m) = change.max_in_flight {
+            settings.max_in_flight = std::num::NonZeroU32::new(m);
+        }
+        let settings = settings.clone();
+        let ids: Vec<usize> = self
+            .instances
+            .iter()
+            .filter(|(_, x)| x.bucket == b)
+            .map(|(i, _)| i)
+            .collect();
+        let s = self.learning.clone();
+        for i in ids {
+            let Some(x) = self.instances.get_mut(i) else {
+                continue;
+            };
+            if let Some(r) = settings.rate {
+                x.learner.set_configured(r.per_minute(), r.window);
+                match x.tokens.as_mut() {
+                    Some(t) => t.set_burst(r.burst.get(), now),
+                    None => {
+                        x.tokens = Some(TokenBucket::new(
+                            r.permits.get(),
+                            r.window,
+                            r.burst.get(),
+                            now,
+                        ))
+                    }
+                }
+                x.apply_rate(now, &s);
+            }
+            if let Some(m) = settings.max_in_flight {
+                match x.slots.as_mut() {
+                    Some(sl) => sl.set_max(m.get()),
+                    None => x.slots = Some(Slots::new(m.get())),
+                }
+            }
+            self.touch(i);
+        }
+        Ok(&self.buckets[b].settings)
+    }
+
+    /// Pauses (`Some(reason)`) or resumes (`None`) a bucket. Pausing answers
+    /// every request waiting on it at once, with the reason.
+    pub fn set_paused(
+        &mut self,
+        bucket: &str,
+        reason: Option<String>,
+        now: Instant,
+    ) -> Result<(), BrokerError> {
+        let b = self.bucket_index(bucket)?;
+        self.buckets[b].paused = reason;
+        if self.buckets[b].paused.is_some() {
+            let on_bucket: Vec<usize> = self
+                .instances
+                .iter()
+                .filter(|(_, x)| x.bucket == b)
+                .map(|(i, _)| i)
+                .collect();
+            let gone = self
+                .queue
+                .remove_where(|w| w.instances.iter().any(|i| on_bucket.contains(i)));
+            for w in gone {
+                self.unqueue(&w);
+                let denial = self
+                    .paused(&w.instances)
+                    .unwrap_or_else(|| self.explain(&w.instances, w.permits, 0.0, now));
+                let _ = w.reply.send(Err(denial));
+            }
+        }
+        let ids: Vec<usize> = self
+            .instances
+            .iter()
+            .filter(|(_, x)| x.bucket == b)
+            .map(|(i, _)| i)
+            .collect();
+        for i in ids {
+            self.touch(i);
+        }
+        Ok(())
+    }
+
+    /// The bucket's current limits and pause, for the admin state file.
+    pub fn bucket_admin_view(&self, bucket: &str) -> Option<(&BucketSettings, Option<&str>)> {
+        let b = self.bucket_index(bucket).ok()?;
+        Some((&self.buckets[b].settings, self.buckets[b].paused.as_deref()))
     }
 
     /// Whether learned state changed since the last call.

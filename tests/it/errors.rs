@@ -163,12 +163,16 @@ async fn lease_report_and_watch_errors() {
         "tenant \"nope\"",
     );
     expect(
-        Code::Unimplemented,
+        Code::NotFound,
         b.admin
             .clone()
-            .pause_bucket(PauseBucketRequest::default())
+            .pause_bucket(PauseBucketRequest {
+                tenant: "t".into(),
+                bucket: "nope".into(),
+                reason: String::new(),
+            })
             .await,
-        "PauseBucket",
+        "tenant \"t\" has no bucket \"nope\" (buckets: query)",
     );
     b.stop().await;
 }
