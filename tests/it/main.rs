@@ -2,6 +2,7 @@
 //! One test binary with modules, so the suite links once.
 
 mod acquire;
+mod classes;
 mod errors;
 mod harness;
 mod learning;

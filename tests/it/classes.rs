@@ -1,0 +1,544 @@
+//! Priority classes under saturation, the waiter cap, pause/resume, admin
+//! changes that survive a restart, and every auth case. All on tokio's
+//! paused clock: minutes of saturation run in milliseconds.
+
+use crate::harness::{req, start, TestBroker};
+use quota_broker::pb::{
+    AcquireRequest, ListBucketsRequest, PauseBucketRequest, PriorityClass, QuotaStatus,
+    ResumeBucketRequest, SetBucketLimitRequest, SetPriorityClassRequest,
+};
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// One tenant "t", one org bucket of 10 per second (burst 10), the default
+/// classes (critical and interactive each reserve 10%).
+fn saturated(extra: &str) -> String {
+    format!(
+        "[server]\nstate_dir = \"\"\n{extra}\n[[tenants]]\nid = \"t\"\n\
+         [[tenants.buckets]]\nname = \"org\"\nroutes = [\"* /**\"]\npermits = 600\nwindow_ms = 60000\nburst = 10\n"
+    )
+}
+
+fn class_req(class: &str, client: &str, max_wait_ms: u64) -> AcquireRequest {
+    let mut r = req("GET", "/api/v2/analytics/queues/observations", max_wait_ms);
+    r.priority_class = class.into();
+    r.client_id = client.into();
+    r
+}
+
+/// `loops` concurrent greedy loops of `client` in `class` until `end`;
+/// returns the grants and each grant's wait.
+fn greedy(
+    b: &TestBroker,
+    class: &str,
+    client: &str,
+    loops: usize,
+    end: Instant,
+) -> Vec<tokio::task::JoinHandle<Vec<Duration>>> {
+    (0..loops)
+        .map(|_| {
+            let mut c = b.client.clone();
+            let (class, client) = (class.to_owned(), client.to_owned());
+            tokio::spawn(async move {
+                let mut waits = Vec::new();
+                while Instant::now() < end {
+                    let t0 = Instant::now();
+                    let r = c
+                        .acquire(class_req(&class, &client, 60_000))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    if r.granted && Instant::now() <= end {
+                        waits.push(t0.elapsed());
+                    }
+                }
+                waits
+            })
+        })
+        .collect()
+}
+
+async fn collect(handles: Vec<tokio::task::JoinHandle<Vec<Duration>>>) -> Vec<Duration> {
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    all
+}
+
+fn percentile(waits: &mut [Duration], p: f64) -> Duration {
+    waits.sort();
+    waits[((waits.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::test(start_paused = true)]
+async fn critical_is_served_at_once_while_batch_saturates_and_batch_never_takes_the_reserve() {
+    let b = start(&saturated("")).await;
+    let end = Instant::now() + Duration::from_secs(60);
+    let batch = greedy(&b, "batch", "ingest", 8, end);
+    // A wallboard polling every 2 s, and an interactive relay every 500 ms.
+    let poll = |class: &'static str, every_ms: u64| {
+        let mut c = b.client.clone();
+        tokio::spawn(async move {
+            let mut waits = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
+            while Instant::now() < end {
+                tick.tick().await;
+                let t0 = Instant::now();
+                let r = c
+                    .acquire(class_req(class, class, 5_000))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert!(r.granted, "{class}: {}", r.reason);
+                waits.push(t0.elapsed());
+            }
+            waits
+        })
+    };
+    let critical = poll("critical", 2_000);
+    let interactive = poll("interactive", 500);
+    let mut critical = critical.await.unwrap();
+    let mut interactive = interactive.await.unwrap();
+    let mut batch = collect(batch).await;
+    let refill = Duration::from_millis(100);
+    for (name, waits) in [
+        ("critical", &mut critical),
+        ("interactive", &mut interactive),
+        ("batch", &mut batch),
+    ] {
+        eprintln!(
+            "{name}: {} grants, wait p50 {:?} p99 {:?} max {:?}",
+            waits.len(),
+            percentile(waits, 0.5),
+            percentile(waits, 0.99),
+            waits.iter().max().unwrap()
+        );
+    }
+    assert!(
+        critical.iter().all(|w| *w <= refill),
+        "critical waited past one refill: {critical:?}"
+    );
+    assert!(
+        interactive.iter().all(|w| *w <= refill),
+        "interactive waited past one refill"
+    );
+    // Batch got everything else: 10/s for 60 s plus the burst, less the others' share.
+    let total = batch.len() + critical.len() + interactive.len();
+    assert!(
+        (590..=611).contains(&total),
+        "{total} grants in 60 s at 10/s"
+    );
+    assert!(batch.len() >= total - critical.len() - interactive.len());
+    // With batch still saturating, the reserve is there for a critical call.
+    let end2 = Instant::now() + Duration::from_secs(5);
+    let batch2 = greedy(&b, "batch", "ingest", 8, end2);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let s = b.bucket("org").await;
+    assert!(
+        s.tokens_available >= 1.0,
+        "batch left the reserve: {}",
+        s.tokens_available
+    );
+    let r = b.acquire(class_req("critical", "wallboard", 0)).await;
+    assert!(r.granted, "{}", r.reason);
+    collect(batch2).await;
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn batch_clients_with_different_demand_get_equal_shares() {
+    let b = start(&saturated("")).await;
+    let end = Instant::now() + Duration::from_secs(60);
+    let greedy_client = greedy(&b, "batch", "greedy", 12, end);
+    let modest_client = greedy(&b, "batch", "modest", 2, end);
+    let g = collect(greedy_client).await.len() as f64;
+    let m = collect(modest_client).await.len() as f64;
+    eprintln!("greedy {g}, modest {m}");
+    assert!((m / g - 1.0).abs() <= 0.05, "greedy {g} vs modest {m}");
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn weights_are_honoured_within_five_percent() {
+    let classes = "[scheduling]\ndefault_class = \"low\"\n\
+        [[classes]]\nname = \"high\"\norder = 0\nweight = 3\n\
+        [[classes]]\nname = \"low\"\norder = 1\nweight = 1\n";
+    let b = start(&saturated(classes)).await;
+    let end = Instant::now() + Duration::from_secs(60);
+    let high = greedy(&b, "high", "h", 6, end);
+    let low = greedy(&b, "low", "l", 6, end);
+    let h = collect(high).await.len() as f64;
+    let l = collect(low).await.len() as f64;
+    eprintln!("weight 3: {h} grants, weight 1: {l} grants");
+    let share = h / (h + l);
+    assert!(
+        (share - 0.75).abs() <= 0.05 * 0.75,
+        "high got {share:.3} of the grants, not 0.75"
+    );
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_waiter_cap_answers_at_once() {
+    let b = start(&saturated("[scheduling]\nmax_waiters_per_bucket = 2\n")).await;
+    // Empty the bucket (8 of 10 are batch's).
+    for _ in 0..8 {
+        assert!(b.acquire(class_req("batch", "x", 0)).await.granted);
+    }
+    let waiters: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = b.client.clone();
+            tokio::spawn(async move { c.acquire(class_req("batch", "x", 60_000)).await })
+        })
+        .collect();
+    let mut w = b
+        .client
+        .clone()
+        .watch(quota_broker::pb::WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(s) = w.message().await.unwrap() {
+        if s.waiting.get("batch") == Some(&2) {
+            break;
+        }
+    }
+    let t0 = Instant::now();
+    let r = b.acquire(class_req("batch", "x", 60_000)).await;
+    assert_eq!(t0.elapsed(), Duration::ZERO, "answered at once");
+    assert!(!r.granted);
+    assert!(r.reason.contains("max_waiters_per_bucket"), "{}", r.reason);
+    for wt in waiters {
+        assert!(wt.await.unwrap().unwrap().into_inner().granted);
+    }
+    b.stop().await;
+}
+
+async fn list(b: &TestBroker) -> HashMap<String, QuotaStatus> {
+    let l = b
+        .admin
+        .clone()
+        .list_buckets(ListBucketsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    l.buckets
+        .into_iter()
+        .map(|s| (s.bucket.clone(), s))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn pause_tells_waiters_why_and_resume_grants_again() {
+    let b = start(&saturated("")).await;
+    for _ in 0..8 {
+        assert!(b.acquire(class_req("batch", "x", 0)).await.granted);
+    }
+    let mut c = b.client.clone();
+    let waiter = tokio::spawn(async move { c.acquire(class_req("batch", "x", 60_000)).await });
+    let mut w = b
+        .client
+        .clone()
+        .watch(quota_broker::pb::WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(s) = w.message().await.unwrap() {
+        if s.waiting.get("batch") == Some(&1) {
+            break;
+        }
+    }
+    let paused = b
+        .admin
+        .clone()
+        .pause_bucket(PauseBucketRequest {
+            tenant: "t".into(),
+            bucket: "org".into(),
+            reason: "upstream incident #42".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(paused.status.unwrap().paused);
+    let answer = waiter.await.unwrap().unwrap().into_inner();
+    assert!(!answer.granted);
+    assert!(
+        answer
+            .reason
+            .contains("paused by an operator: upstream incident #42"),
+        "{}",
+        answer.reason
+    );
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let r = b.acquire(class_req("critical", "wallboard", 1_000)).await;
+    assert!(!r.granted && r.reason.contains("paused"), "{}", r.reason);
+    b.admin
+        .clone()
+        .resume_bucket(ResumeBucketRequest {
+            tenant: "t".into(),
+            bucket: "org".into(),
+        })
+        .await
+        .unwrap();
+    assert!(b.acquire(class_req("batch", "x", 0)).await.granted);
+    assert!(!list(&b).await["org"].paused);
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn admin_changes_apply_at_once_and_survive_a_restart() {
+    let dir = std::env::temp_dir().join(format!("qb-admin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = saturated("").replace(
+        "state_dir = \"\"",
+        &format!("state_dir = {:?}", dir.to_str().unwrap()),
+    );
+    let b = start(&cfg).await;
+    let mut admin = b.admin.clone();
+    let class = PriorityClass {
+        name: "reports".into(),
+        order: 1,
+        weight: 3,
+        reserve: 0.05,
+        default_max_wait_ms: 100,
+    };
+    let set = admin
+        .set_priority_class(SetPriorityClassRequest {
+            tenant: "t".into(),
+            class: Some(class.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(set.class, Some(class));
+    let limit = admin
+        .set_bucket_limit(SetBucketLimitRequest {
+            tenant: "t".into(),
+            bucket: "org".into(),
+            permits: 120,
+            window_ms: 60_000,
+            burst: 4,
+            max_in_flight: 3,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(
+        (
+            limit.configured_rate_per_min,
+            limit.burst,
+            limit.max_in_flight
+        ),
+        (120.0, 4, 3)
+    );
+    assert!(limit.tokens_available <= 4.0);
+    admin
+        .pause_bucket(PauseBucketRequest {
+            tenant: "t".into(),
+            bucket: "org".into(),
+            reason: "maintenance".into(),
+        })
+        .await
+        .unwrap();
+    // A bad class is refused with the reason.
+    let bad = PriorityClass {
+        name: "greedy".into(),
+        order: 9,
+        weight: 1,
+        reserve: 0.9,
+        default_max_wait_ms: 0,
+    };
+    let err = admin
+        .set_priority_class(SetPriorityClassRequest {
+            tenant: "t".into(),
+            class: Some(bad),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("reserves add up to"),
+        "{}",
+        err.message()
+    );
+    b.stop().await;
+
+    let b = start(&cfg).await;
+    let org = list(&b).await.remove("org").unwrap();
+    assert_eq!(
+        (
+            org.configured_rate_per_min,
+            org.burst,
+            org.max_in_flight,
+            org.paused
+        ),
+        (120.0, 4, 3, true)
+    );
+    b.admin
+        .clone()
+        .resume_bucket(ResumeBucketRequest {
+            tenant: "t".into(),
+            bucket: "org".into(),
+        })
+        .await
+        .unwrap();
+    let r = b.acquire(class_req("reports", "r", 0)).await;
+    assert!(r.granted, "the restored class exists: {}", r.reason);
+    b.stop().await;
+
+    std::fs::write(dir.join("admin.toml"), "classes = 3").unwrap();
+    let b = start(&cfg).await;
+    let org = list(&b).await.remove("org").unwrap();
+    assert_eq!(
+        org.configured_rate_per_min, 600.0,
+        "corrupt file: config alone"
+    );
+    b.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+mod auth {
+    use super::*;
+    use quota_broker::auth::hash_token;
+    use quota_broker::pb::{ReleaseRequest, WatchRequest};
+    use tonic::metadata::MetadataValue;
+    use tonic::{Code, Request};
+
+    fn config() -> String {
+        let token = |name: &str, role: &str, tenants: &str| {
+            format!(
+                "[[auth.tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\nrole = \"{role}\"\ntenants = {tenants}\n",
+                hash_token(&format!("secret-{name}"))
+            )
+        };
+        let bucket =
+            "[[tenants.buckets]]\nname = \"org\"\nroutes = [\"* /**\"]\nmax_in_flight = 5\n";
+        format!(
+            "[server]\nstate_dir = \"\"\n{}{}{}[[tenants]]\nid = \"t\"\n{bucket}[[tenants]]\nid = \"u\"\n{bucket}",
+            token("t-client", "client", "[\"t\"]"),
+            token("u-client", "client", "[\"u\"]"),
+            token("ops", "admin", "[\"*\"]"),
+        )
+    }
+
+    fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Option<(Code, String)> {
+        r.err().map(|s| (s.code(), s.message().to_owned()))
+    }
+
+    fn with<T>(msg: T, token: Option<&str>) -> Request<T> {
+        let mut r = Request::new(msg);
+        if let Some(t) = token {
+            let v: MetadataValue<_> = format!("Bearer {t}").parse().unwrap();
+            r.metadata_mut().insert("authorization", v);
+        }
+        r
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_auth_case() {
+        let b = start(&config()).await;
+        let mut c = b.client.clone();
+        let mut a = b.admin.clone();
+        let acquire = |tenant: &str| {
+            let mut r = req("GET", "/x", 0);
+            r.tenant = tenant.into();
+            r
+        };
+
+        let (k, m) = code(c.acquire(with(acquire("t"), None)).await).unwrap();
+        assert_eq!(k, Code::Unauthenticated, "{m}");
+        assert!(m.contains("authorization: Bearer"), "{m}");
+        let (k, m) = code(c.acquire(with(acquire("t"), Some("nope"))).await).unwrap();
+        assert_eq!(k, Code::Unauthenticated, "{m}");
+        assert!(!m.contains("nope"), "never echo the token: {m}");
+        let mut bad = Request::new(acquire("t"));
+        bad.metadata_mut()
+            .insert("authorization", "Basic dXNlcg==".parse().unwrap());
+        assert_eq!(code(c.acquire(bad).await).unwrap().0, Code::Unauthenticated);
+
+        let ok = c
+            .acquire(with(acquire("t"), Some("secret-t-client")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(ok.granted);
+        let (k, m) = code(c.acquire(with(acquire("u"), Some("secret-t-client"))).await).unwrap();
+        assert_eq!(k, Code::PermissionDenied);
+        assert!(m.contains("may not use tenant \"u\""), "{m}");
+        let (k, _) = code(
+            c.watch(with(
+                WatchRequest { tenant: "u".into() },
+                Some("secret-t-client"),
+            ))
+            .await,
+        )
+        .unwrap();
+        assert_eq!(k, Code::PermissionDenied);
+        // Another tenant's client cannot release this lease.
+        let rel = ReleaseRequest {
+            lease_id: ok.lease_id.clone(),
+        };
+        assert_eq!(
+            code(c.release(with(rel.clone(), Some("secret-u-client"))).await)
+                .unwrap()
+                .0,
+            Code::PermissionDenied
+        );
+        assert!(
+            c.release(with(rel, Some("secret-t-client")))
+                .await
+                .unwrap()
+                .into_inner()
+                .released
+        );
+
+        // Listing everything shows only the caller's tenants.
+        let mine = a
+            .list_buckets(with(ListBucketsRequest::default(), Some("secret-t-client")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(mine.buckets.iter().all(|s| s.tenant == "t") && !mine.buckets.is_empty());
+
+        let pause = || PauseBucketRequest {
+            tenant: "t".into(),
+            bucket: "org".into(),
+            reason: "x".into(),
+        };
+        let (k, m) = code(a.pause_bucket(with(pause(), Some("secret-t-client"))).await).unwrap();
+        assert_eq!(k, Code::PermissionDenied);
+        assert!(m.contains("needs an admin token"), "{m}");
+        assert_eq!(
+            code(a.pause_bucket(with(pause(), None)).await).unwrap().0,
+            Code::Unauthenticated
+        );
+        assert!(a
+            .pause_bucket(with(pause(), Some("secret-ops")))
+            .await
+            .is_ok());
+        let all = a
+            .list_buckets(with(ListBucketsRequest::default(), Some("secret-ops")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(all.buckets.len(), 2);
+        b.stop().await;
+    }
+
+    #[test]
+    fn open_mode_only_on_loopback() {
+        let err = quota_broker::Settings::from_toml(
+            "[server]\nlisten = \"0.0.0.0:50051\"\n[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not a loopback address but no [[auth.tokens]]"),
+            "{err}"
+        );
+    }
+}
