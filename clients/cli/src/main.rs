@@ -1,0 +1,2 @@
+//! quotactl: placeholder until the CLI lands.
+fn main() {}

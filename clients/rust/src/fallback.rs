@@ -1,0 +1,146 @@
+//! The local fallback limiter used while the broker cannot be reached: a
+//! governor rate limiter at a conservative rate — `fraction` of the rate
+//! this client was granted over the last minute, never below `floor_per_min`
+//! and never unlimited. It runs on tokio's clock (so it follows paused time
+//! in tests, unlike governor's default quanta clock).
+
+use governor::clock::Clock;
+use governor::{Quota, RateLimiter};
+use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How the client behaves while the broker is unreachable.
+#[derive(Debug, Clone, Copy)]
+pub struct FallbackSettings {
+    /// Share of the recently granted rate to run at (default 0.5).
+    pub fraction: f64,
+    /// Lowest fallback rate, per minute, also used if nothing was granted
+    /// yet (default 6: one call every ten seconds).
+    pub floor_per_min: u32,
+    /// How often to try the broker again while falling back (default 1 s).
+    pub probe_every: Duration,
+}
+
+impl Default for FallbackSettings {
+    fn default() -> Self {
+        FallbackSettings {
+            fraction: 0.5,
+            floor_per_min: 6,
+            probe_every: Duration::from_secs(1),
+        }
+    }
+}
+
+/// governor clock on tokio's time.
+#[derive(Debug, Clone, Copy)]
+struct TokioClock(Instant);
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+type Limiter = RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    TokioClock,
+    governor::middleware::NoOpMiddleware<Duration>,
+>;
+
+pub(crate) struct Fallback {
+    settings: FallbackSettings,
+    /// Grant instants of the last minute (for the recent granted rate).
+    grants: VecDeque<Instant>,
+    /// The local limiter, while falling back.
+    local: Option<(Limiter, TokioClock)>,
+    last_probe: Option<Instant>,
+}
+
+impl Fallback {
+    pub(crate) fn new(settings: FallbackSettings) -> Fallback {
+        Fallback {
+            settings,
+            grants: VecDeque::new(),
+            local: None,
+            last_probe: None,
+        }
+    }
+
+    /// Whether to ask the broker (always, unless falling back and the last
+    /// probe was too recent).
+    pub(crate) fn should_try_broker(&mut self) -> bool {
+        if self.local.is_none() {
+            return true;
+        }
+        let now = Instant::now();
+        if self
+            .last_probe
+            .is_none_or(|t| now >= t + self.settings.probe_every)
+        {
+            self.last_probe = Some(now);
+            return true;
+        }
+        false
+    }
+
+    pub(crate) fn granted(&mut self, permits: u32) {
+        let now = Instant::now();
+        for _ in 0..permits {
+            self.grants.push_back(now);
+        }
+        while self
+            .grants
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+        {
+            self.grants.pop_front();
+        }
+    }
+
+    pub(crate) fn broker_answered(&mut self) {
+        if self.local.take().is_some() {
+            tracing::info!("quota broker reachable again; leaving the local fallback limiter");
+        }
+    }
+
+    pub(crate) fn broker_unreachable(&mut self, status: &tonic::Status) {
+        if self.local.is_some() {
+            return;
+        }
+        let recent = self.grants.len() as f64; // grants in the last minute
+        let per_min = (recent * self.settings.fraction)
+            .max(f64::from(self.settings.floor_per_min))
+            .max(1.0);
+        let rate = NonZeroU32::new(per_min as u32).unwrap_or(NonZeroU32::MIN);
+        tracing::warn!(
+            error = %status,
+            fallback_per_min = rate.get(),
+            "quota broker unreachable; pacing calls with a local limiter until it is back"
+        );
+        let clock = TokioClock(Instant::now());
+        let quota = Quota::per_minute(rate).allow_burst(NonZeroU32::MIN);
+        self.local = Some((RateLimiter::direct_with_clock(quota, clock), clock));
+        self.last_probe = Some(Instant::now());
+    }
+
+    /// Takes one call's permission from the local limiter: `None` when
+    /// taken (or not falling back), else how long to wait before trying
+    /// again. A multi-permit call counts as one here: the fallback rate is a
+    /// floor-level trickle, not an accounting of the upstream's budget.
+    pub(crate) fn try_take(&mut self) -> Option<Duration> {
+        let (limiter, clock) = self.local.as_ref()?;
+        match limiter.check() {
+            Ok(()) => None,
+            Err(not_until) => Some(
+                not_until
+                    .wait_time_from(clock.now())
+                    .max(Duration::from_millis(1)),
+            ),
+        }
+    }
+}

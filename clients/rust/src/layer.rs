@@ -1,0 +1,98 @@
+//! A `tower::Layer` that leases every request of an HTTP client service
+//! from the broker and reports its response, so call sites stay unchanged.
+
+use crate::{BrokerClient, Call, ClientError};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tower::{Layer, Service};
+
+/// Wraps a service so each request is leased (method and path from the
+/// request; tenant, client, OAuth client and class from `template`) and its
+/// response reported.
+#[derive(Clone)]
+pub struct LeaseLayer {
+    broker: BrokerClient,
+    template: Call,
+}
+
+impl LeaseLayer {
+    /// Leases with `broker`, filling calls from `template` (its method and
+    /// path are replaced by each request's).
+    pub fn new(broker: BrokerClient, template: Call) -> LeaseLayer {
+        LeaseLayer { broker, template }
+    }
+}
+
+impl<S> Layer<S> for LeaseLayer {
+    type Service = LeaseService<S>;
+
+    fn layer(&self, inner: S) -> LeaseService<S> {
+        LeaseService {
+            inner,
+            broker: self.broker.clone(),
+            template: self.template.clone(),
+        }
+    }
+}
+
+/// The service [`LeaseLayer`] makes.
+#[derive(Clone)]
+pub struct LeaseService<S> {
+    inner: S,
+    broker: BrokerClient,
+    template: Call,
+}
+
+/// Errors of a [`LeaseService`]: the lease, or the inner service.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseServiceError<E> {
+    /// No lease (not granted, or refused by the broker).
+    #[error(transparent)]
+    Lease(ClientError),
+    /// The wrapped service failed.
+    #[error("upstream call failed: {0}")]
+    Inner(E),
+}
+
+impl<S, B, RB> Service<http::Request<B>> for LeaseService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    B: Send + 'static,
+    RB: Send + 'static,
+{
+    type Response = http::Response<RB>;
+    type Error = LeaseServiceError<S::Error>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(LeaseServiceError::Inner)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // The readied service goes with this call; a fresh clone stays behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let call = self
+            .template
+            .to(request.method().as_str(), request.uri().path());
+        let broker = self.broker.clone();
+        Box::pin(async move {
+            let lease = broker
+                .acquire(&call)
+                .await
+                .map_err(LeaseServiceError::Lease)?;
+            let response = inner
+                .call(request)
+                .await
+                .map_err(LeaseServiceError::Inner)?;
+            let (status, headers) = (response.status().as_u16(), response.headers().clone());
+            if let Err(e) = lease.report(status, &headers).await {
+                tracing::warn!(error = %e, "could not report the upstream answer to the broker");
+            }
+            Ok(response)
+        })
+    }
+}

@@ -1,0 +1,420 @@
+//! Client for quota-broker: wrap each upstream HTTP call in a lease.
+//!
+//! - [`BrokerClient::acquire`] asks the broker for a [`Lease`] for one
+//!   [`Call`]; the lease renews its concurrency slot in the background while
+//!   held and releases it when dropped.
+//! - [`Lease::report`] tells the broker how the call went (status,
+//!   Retry-After and the rate-limit headers), which is how the whole fleet
+//!   learns from one integration's 429.
+//! - [`LeaseLayer`] is a `tower::Layer` that does both around every request
+//!   of an HTTP client service, with no code at the call site.
+//! - When the broker cannot be reached, the client falls back to a local
+//!   limiter (governor) at a conservative rate — a fraction of the rate it was
+//!   recently granted, never less than a configured floor and never
+//!   unlimited — logs that once, and goes back to the broker when it answers.
+//!
+//! ```no_run
+//! use quota_broker_client::{BrokerClient, Call};
+//! # async fn run() -> Result<(), quota_broker_client::ClientError> {
+//! let broker = BrokerClient::connect("http://127.0.0.1:50051", None)?;
+//! let call = Call::new("demo", "POST", "/api/v2/analytics/conversations/details/query")
+//!     .client_id("ingest-1")
+//!     .oauth_client("my-oauth-client")
+//!     .class("batch");
+//! let lease = broker.acquire(&call).await?;
+//! // ... make the upstream call, then:
+//! let headers = http::HeaderMap::new();
+//! lease.report(200, &headers).await?;
+//! drop(lease); // releases the slot
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
+
+mod fallback;
+mod layer;
+
+pub use fallback::FallbackSettings;
+pub use layer::{LeaseLayer, LeaseService, LeaseServiceError};
+
+use fallback::Fallback;
+use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
+use quota_broker::pb::{AcquireRequest, ReleaseRequest, RenewRequest, ReportRequest};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+
+/// Headers forwarded to the broker with a report (compared case-insensitively).
+const REPORTED_HEADERS: &[&str] = &[
+    "retry-after",
+    "inin-ratelimit-allowed",
+    "inin-ratelimit-count",
+    "inin-ratelimit-reset",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "ratelimit",
+    "ratelimit-policy",
+    "ratelimit-limit",
+    "ratelimit-remaining",
+    "ratelimit-reset",
+];
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The broker URL is not usable.
+    #[error("invalid broker URL {url:?}: {message}")]
+    Url {
+        /// The URL given.
+        url: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The token cannot be sent as a header.
+    #[error("the token contains characters that cannot be sent in a header")]
+    Token,
+    /// The broker answered "not now".
+    #[error("not granted: {reason} (retry in {retry_after:?})")]
+    NotGranted {
+        /// The broker's reason.
+        reason: String,
+        /// When to retry at the earliest.
+        retry_after: Duration,
+    },
+    /// The broker refused the request (bad field, unknown tenant, auth...).
+    #[error("broker refused: {0}")]
+    Refused(#[from] tonic::Status),
+}
+
+/// One upstream call to lease.
+#[derive(Debug, Clone)]
+pub struct Call {
+    tenant: String,
+    method: String,
+    path: String,
+    client_id: String,
+    oauth_client: String,
+    class: String,
+    permits: u32,
+    max_wait: Option<Duration>,
+}
+
+impl Call {
+    /// A call of `method` to `path` on `tenant`.
+    pub fn new(
+        tenant: impl Into<String>,
+        method: impl Into<String>,
+        path: impl Into<String>,
+    ) -> Call {
+        Call {
+            tenant: tenant.into(),
+            method: method.into(),
+            path: path.into(),
+            client_id: "quota-broker-client".into(),
+            oauth_client: String::new(),
+            class: String::new(),
+            permits: 1,
+            max_wait: None,
+        }
+    }
+
+    /// The calling integration instance (for fair sharing and logs).
+    pub fn client_id(mut self, id: impl Into<String>) -> Call {
+        self.client_id = id.into();
+        self
+    }
+
+    /// The OAuth client the call is made with.
+    pub fn oauth_client(mut self, id: impl Into<String>) -> Call {
+        self.oauth_client = id.into();
+        self
+    }
+
+    /// The priority class ("" for the broker's default).
+    pub fn class(mut self, class: impl Into<String>) -> Call {
+        self.class = class.into();
+        self
+    }
+
+    /// Permits to take (default 1).
+    pub fn permits(mut self, permits: u32) -> Call {
+        self.permits = permits.max(1);
+        self
+    }
+
+    /// Longest server-side wait (default: the class's default).
+    pub fn max_wait(mut self, wait: Duration) -> Call {
+        self.max_wait = Some(wait);
+        self
+    }
+
+    /// The same call to another method and path.
+    pub fn to(&self, method: &str, path: &str) -> Call {
+        Call {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            ..self.clone()
+        }
+    }
+}
+
+struct Inner {
+    client: QuotaBrokerClient<Channel>,
+    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+    /// std `Mutex`: held for a check of the local limiter, never across `.await`.
+    fallback: Mutex<Fallback>,
+}
+
+/// A connection to the broker (cheap to clone).
+#[derive(Clone)]
+pub struct BrokerClient {
+    inner: Arc<Inner>,
+}
+
+impl BrokerClient {
+    /// A client for the broker at `url`, sending `token` as a bearer token.
+    /// Connects lazily, so a broker that is down at start means fallback,
+    /// not failure.
+    pub fn connect(url: &str, token: Option<&str>) -> Result<BrokerClient, ClientError> {
+        Self::with_fallback(url, token, FallbackSettings::default())
+    }
+
+    /// Like [`BrokerClient::connect`], with explicit fallback settings.
+    pub fn with_fallback(
+        url: &str,
+        token: Option<&str>,
+        fallback: FallbackSettings,
+    ) -> Result<BrokerClient, ClientError> {
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| ClientError::Url {
+                url: url.to_owned(),
+                message: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(2));
+        let token = token
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| ClientError::Token)
+            })
+            .transpose()?;
+        Ok(BrokerClient {
+            inner: Arc::new(Inner {
+                client: QuotaBrokerClient::new(endpoint.connect_lazy()),
+                token,
+                fallback: Mutex::new(Fallback::new(fallback)),
+            }),
+        })
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(t) = &self.inner.token {
+            r.metadata_mut().insert("authorization", t.clone());
+        }
+        r
+    }
+
+    fn fallback(&self) -> std::sync::MutexGuard<'_, Fallback> {
+        self.inner
+            .fallback
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Asks for a lease for `call`. Not granted within the wait is
+    /// [`ClientError::NotGranted`]. If the broker is unreachable, the lease
+    /// comes from the local fallback limiter instead
+    /// ([`Lease::is_fallback`]).
+    pub async fn acquire(&self, call: &Call) -> Result<Lease, ClientError> {
+        if self.fallback().should_try_broker() {
+            let req = AcquireRequest {
+                tenant: call.tenant.clone(),
+                client_id: call.client_id.clone(),
+                priority_class: call.class.clone(),
+                method: call.method.clone(),
+                path: call.path.clone(),
+                oauth_client: call.oauth_client.clone(),
+                permits: call.permits,
+                max_wait_ms: call.max_wait.map(|d| d.as_millis() as u64),
+            };
+            match self.inner.client.clone().acquire(self.request(req)).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    self.fallback().broker_answered();
+                    if !r.granted {
+                        return Err(ClientError::NotGranted {
+                            reason: r.reason,
+                            retry_after: Duration::from_millis(r.retry_after_ms),
+                        });
+                    }
+                    self.fallback().granted(call.permits);
+                    return Ok(Lease::new(
+                        self.clone(),
+                        call.clone(),
+                        r.lease_id,
+                        r.lease_ttl_ms,
+                    ));
+                }
+                Err(s) if is_unreachable(&s) => self.fallback().broker_unreachable(&s),
+                Err(s) => return Err(s.into()),
+            }
+        }
+        loop {
+            let wait = self.fallback().try_take();
+            match wait {
+                None => return Ok(Lease::local(self.clone(), call.clone())),
+                Some(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+    }
+
+    /// Reports an upstream outcome for `call` (outside any lease).
+    pub async fn report(
+        &self,
+        call: &Call,
+        lease_id: &str,
+        status: u16,
+        headers: &http::HeaderMap,
+    ) -> Result<(), ClientError> {
+        let headers = headers
+            .iter()
+            .filter(|(k, _)| REPORTED_HEADERS.contains(&k.as_str()))
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect();
+        let req = ReportRequest {
+            tenant: call.tenant.clone(),
+            lease_id: lease_id.to_owned(),
+            method: call.method.clone(),
+            path: call.path.clone(),
+            oauth_client: call.oauth_client.clone(),
+            http_status: u32::from(status),
+            retry_after_ms: 0,
+            headers,
+        };
+        match self.inner.client.clone().report(self.request(req)).await {
+            Ok(_) => Ok(()),
+            // The broker is away: nothing to learn from this one; the local
+            // limiter already keeps the pace conservative.
+            Err(s) if is_unreachable(&s) => Ok(()),
+            Err(s) => Err(s.into()),
+        }
+    }
+
+    async fn release(&self, lease_id: String) {
+        let req = ReleaseRequest { lease_id };
+        if let Err(e) = self.inner.client.clone().release(self.request(req)).await {
+            tracing::debug!(error = %e, "release failed; the slot comes back at its expiry");
+        }
+    }
+
+    async fn renew(&self, lease_id: String) -> Option<Duration> {
+        let req = RenewRequest {
+            lease_id,
+            extend_ms: 0,
+        };
+        match self.inner.client.clone().renew(self.request(req)).await {
+            Ok(r) => Some(Duration::from_millis(r.into_inner().lease_ttl_ms)),
+            Err(e) => {
+                tracing::warn!(error = %e, "lease renewal failed");
+                None
+            }
+        }
+    }
+}
+
+/// The broker did not answer (down, restarting, network): fall back.
+fn is_unreachable(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable
+}
+
+/// Permission for one upstream call. Holds its concurrency slot, renewing it
+/// in the background, until dropped.
+pub struct Lease {
+    client: BrokerClient,
+    call: Call,
+    id: String,
+    renewer: Option<tokio::task::JoinHandle<()>>,
+    holds_slot: bool,
+}
+
+impl Lease {
+    fn new(client: BrokerClient, call: Call, id: String, ttl_ms: u64) -> Lease {
+        let holds_slot = ttl_ms > 0;
+        let renewer = holds_slot.then(|| {
+            let (client, id) = (client.clone(), id.clone());
+            tokio::spawn(async move {
+                let mut ttl = Duration::from_millis(ttl_ms);
+                loop {
+                    // Renew at half the TTL, so one lost renewal is survivable.
+                    tokio::time::sleep(ttl / 2).await;
+                    match client.renew(id.clone()).await {
+                        Some(t) if !t.is_zero() => ttl = t,
+                        _ => return,
+                    }
+                }
+            })
+        });
+        Lease {
+            client,
+            call,
+            id,
+            renewer,
+            holds_slot,
+        }
+    }
+
+    fn local(client: BrokerClient, call: Call) -> Lease {
+        Lease {
+            client,
+            call,
+            id: String::new(),
+            renewer: None,
+            holds_slot: false,
+        }
+    }
+
+    /// The broker's lease id ("" for a fallback lease).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Whether this lease came from the local fallback limiter.
+    pub fn is_fallback(&self) -> bool {
+        self.id.is_empty()
+    }
+
+    /// Reports how the upstream call went: its status and the rate-limit
+    /// headers of its response.
+    pub async fn report(&self, status: u16, headers: &http::HeaderMap) -> Result<(), ClientError> {
+        self.client
+            .report(&self.call, &self.id, status, headers)
+            .await
+    }
+
+    /// [`Lease::report`] for an `http::Response`.
+    pub async fn report_response<B>(
+        &self,
+        response: &http::Response<B>,
+    ) -> Result<(), ClientError> {
+        self.report(response.status().as_u16(), response.headers())
+            .await
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(r) = self.renewer.take() {
+            r.abort();
+        }
+        if self.holds_slot {
+            let (client, id) = (self.client.clone(), std::mem::take(&mut self.id));
+            // Outside a runtime the slot still comes back, at its expiry.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { client.release(id).await });
+            }
+        }
+    }
+}

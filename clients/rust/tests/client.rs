@@ -1,0 +1,205 @@
+//! The client against a real broker on 127.0.0.1 (in-process, paused clock).
+
+use quota_broker::pb::quota_admin_client::QuotaAdminClient;
+use quota_broker::pb::{ListBucketsRequest, QuotaStatus};
+use quota_broker::{server, Settings};
+use quota_broker_client::{BrokerClient, Call, ClientError, FallbackSettings, LeaseLayer};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+
+const CONFIG: &str = r#"
+[server]
+state_dir = ""
+[[tenants]]
+id = "t"
+[[tenants.buckets]]
+name = "slots"
+routes = ["POST /q"]
+max_in_flight = 1
+lease_ttl_ms = 5000
+[[tenants.buckets]]
+name = "org"
+routes = ["* /**"]
+permits = 600
+window_ms = 60000
+"#;
+
+struct Broker {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn broker_on(addr: &str) -> Broker {
+    let settings = Settings::from_toml(CONFIG).unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        server::run(listener, &settings, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    Broker {
+        addr,
+        stop: Some(stop),
+        task,
+    }
+}
+
+impl Broker {
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.await.unwrap();
+    }
+
+    async fn bucket(&self, name: &str) -> QuotaStatus {
+        let mut admin = QuotaAdminClient::connect(self.url()).await.unwrap();
+        let list = admin
+            .list_buckets(ListBucketsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        list.buckets.into_iter().find(|b| b.bucket == name).unwrap()
+    }
+}
+
+fn q() -> Call {
+    Call::new("t", "POST", "/q")
+        .client_id("test")
+        .class("critical")
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_a_lease_releases_its_slot() {
+    let b = broker_on("127.0.0.1:0").await;
+    let client = BrokerClient::connect(&b.url(), None).unwrap();
+    let lease = client.acquire(&q()).await.unwrap();
+    assert!(!lease.is_fallback());
+    assert_eq!(b.bucket("slots").await.in_flight, 1);
+    let busy = client.acquire(&q().max_wait(Duration::ZERO)).await;
+    assert!(
+        matches!(busy, Err(ClientError::NotGranted { .. })),
+        "{:?}",
+        busy.err()
+    );
+    drop(lease);
+    // The release is sent in the background; a waiting Acquire gets the slot.
+    let again = client
+        .acquire(&q().max_wait(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    assert!(!again.is_fallback());
+    drop(again);
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_lease_is_renewed_in_the_background() {
+    let b = broker_on("127.0.0.1:0").await;
+    let client = BrokerClient::connect(&b.url(), None).unwrap();
+    let lease = client.acquire(&q()).await.unwrap();
+    // Another client waits 20 s (four TTLs) for the slot: renewal keeps it.
+    let other = BrokerClient::connect(&b.url(), None).unwrap();
+    let t0 = Instant::now();
+    let waited = other.acquire(&q().max_wait(Duration::from_secs(20))).await;
+    assert!(t0.elapsed() >= Duration::from_secs(20));
+    assert!(matches!(waited, Err(ClientError::NotGranted { .. })));
+    assert_eq!(b.bucket("slots").await.in_flight, 1);
+    drop(lease);
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn report_and_the_tower_layer_tell_the_broker_about_429s() {
+    let b = broker_on("127.0.0.1:0").await;
+    let client = BrokerClient::connect(&b.url(), None).unwrap();
+    let lease = client
+        .acquire(&Call::new("t", "GET", "/api/v2/users"))
+        .await
+        .unwrap();
+    let mut headers = http::HeaderMap::new();
+    headers.insert("Retry-After", "3".parse().unwrap());
+    headers.insert("inin-ratelimit-allowed", "600".parse().unwrap());
+    headers.insert("content-type", "application/json".parse().unwrap());
+    lease.report(429, &headers).await.unwrap();
+    let org = b.bucket("org").await;
+    assert_eq!(org.throttled_total, 1);
+    assert!(org.frozen_until_ms > org.at_ms);
+
+    // An HTTP client service that answers 429: the layer leases and reports.
+    let upstream = tower::service_fn(|req: http::Request<()>| async move {
+        assert_eq!(req.uri().path(), "/api/v2/analytics/users/summary");
+        Ok::<_, std::convert::Infallible>(
+            http::Response::builder()
+                .status(429)
+                .header("Retry-After", "1")
+                .body(())
+                .unwrap(),
+        )
+    });
+    let template = Call::new("t", "", "")
+        .client_id("wallboard")
+        .class("critical")
+        .max_wait(Duration::from_secs(10));
+    let mut svc = LeaseLayer::new(client.clone(), template).layer(upstream);
+    let req = http::Request::get("https://api.mypurecloud.com/api/v2/analytics/users/summary")
+        .body(())
+        .unwrap();
+    let resp = svc.ready().await.unwrap().call(req).await.unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(b.bucket("org").await.throttled_total, 2);
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn falls_back_to_a_paced_local_limiter_and_returns_to_the_broker() {
+    let b = broker_on("127.0.0.1:0").await;
+    let addr = b.addr;
+    let settings = FallbackSettings {
+        fraction: 0.5,
+        floor_per_min: 60,
+        probe_every: Duration::from_secs(5),
+    };
+    let client = BrokerClient::with_fallback(&b.url(), None, settings).unwrap();
+    let call = Call::new("t", "GET", "/x").class("critical");
+    for _ in 0..4 {
+        assert!(!client.acquire(&call).await.unwrap().is_fallback());
+    }
+    b.stop().await;
+
+    // Broker gone: leases come from the local limiter at the floor (60/min:
+    // 4 recent grants × 0.5 is below it), one a second, never unlimited.
+    let t0 = Instant::now();
+    for _ in 0..4 {
+        assert!(client.acquire(&call).await.unwrap().is_fallback());
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(3),
+        "4 fallback calls in {took:?}"
+    );
+
+    // Broker back on the same address: after the probe interval the client uses it again.
+    let b = broker_on(&addr.to_string()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lease = client.acquire(&call).await.unwrap();
+        if !lease.is_fallback() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never went back to the broker");
+    }
+    b.stop().await;
+}
