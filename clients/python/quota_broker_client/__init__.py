@@ -1,0 +1,37 @@
+"""Python client for quota-broker (package quota.v1).
+
+    from quota_broker_client import QuotaBroker
+
+    with QuotaBroker("127.0.0.1:50051", token=None) as broker:
+        with broker.lease("demo", "POST", "/api/v2/analytics/conversations/details/query",
+                          client_id="ingest-1") as lease:
+            resp = do_the_call()
+            lease.report(resp.status, resp.headers)
+
+The Genesys Cloud SDK adapter is ``quota_broker_client.genesys``.
+"""
+from .client import Lease, QuotaBroker, WatchStream
+from .errors import (
+    BrokerRpcError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    NotGranted,
+    PermissionDenied,
+    QuotaBrokerError,
+    Unauthenticated,
+    Unavailable,
+)
+from .headers import rate_limit_headers, retry_after_ms
+from .quota.v1 import broker_pb2 as pb
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuotaBroker", "Lease", "WatchStream", "pb",
+    "QuotaBrokerError", "NotGranted", "BrokerRpcError", "InvalidArgument", "NotFound",
+    "FailedPrecondition", "Unauthenticated", "PermissionDenied", "Unavailable",
+    "DeadlineExceeded", "Internal", "rate_limit_headers", "retry_after_ms",
+]

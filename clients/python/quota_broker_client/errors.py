@@ -1,0 +1,92 @@
+"""Exceptions raised by the quota-broker client."""
+import grpc
+
+
+class QuotaBrokerError(Exception):
+    """Base class of every error this package raises."""
+
+
+class NotGranted(QuotaBrokerError):
+    """The broker answered ``granted = false``: not now, retry later.
+
+    This is the broker's normal "no capacity within max_wait_ms" answer (a
+    frozen or paused bucket, a full queue, a taken slot), not a failure.
+    """
+
+    def __init__(self, reason, retry_after_ms, buckets=()):
+        self.reason = reason
+        #: Earliest the request could be granted, in ms from now (a lower
+        #: bound when it depends on slots being released).
+        self.retry_after_ms = retry_after_ms
+        #: Buckets that were considered.
+        self.buckets = list(buckets)
+        super().__init__(
+            f"not granted: {reason or 'no reason given'} "
+            f"(retry after {retry_after_ms} ms; buckets: {', '.join(self.buckets) or '-'})"
+        )
+
+
+class BrokerRpcError(QuotaBrokerError):
+    """The broker (or the transport) answered with a gRPC error status."""
+
+    def __init__(self, code, details, rpc_error=None):
+        #: The ``grpc.StatusCode``.
+        self.code = code
+        #: The broker's message (names the offending field, tenant, bucket...).
+        self.details = details
+        self.rpc_error = rpc_error
+        super().__init__(f"{code.name}: {details}")
+
+
+class InvalidArgument(BrokerRpcError):
+    """A field is missing or malformed, or an unknown priority class."""
+
+
+class NotFound(BrokerRpcError):
+    """Unknown tenant, no bucket matches the call, or Renew of a lease without a slot."""
+
+
+class FailedPrecondition(BrokerRpcError):
+    """More permits than a bucket can ever grant at once."""
+
+
+class Unauthenticated(BrokerRpcError):
+    """No bearer token, a malformed one, or one the broker does not know."""
+
+
+class PermissionDenied(BrokerRpcError):
+    """The token is not scoped to the tenant, or is not an admin token."""
+
+
+class Unavailable(BrokerRpcError):
+    """The broker is unreachable or shutting down."""
+
+
+class DeadlineExceeded(BrokerRpcError):
+    """The client-side deadline of the call ran out."""
+
+
+class Internal(BrokerRpcError):
+    """An admin change was applied but could not be saved."""
+
+
+_BY_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.INTERNAL: Internal,
+}
+
+
+def from_rpc_error(err):
+    """Converts a ``grpc.RpcError`` into the matching BrokerRpcError subclass."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    if code is None:
+        code = grpc.StatusCode.UNKNOWN
+    cls = _BY_CODE.get(code, BrokerRpcError)
+    return cls(code, details or "", err)

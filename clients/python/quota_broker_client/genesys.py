@@ -1,0 +1,194 @@
+"""Genesys Cloud Python SDK (PureCloudPlatformClientV2) adapter.
+
+    import PureCloudPlatformClientV2 as gc
+    from quota_broker_client import QuotaBroker
+    from quota_broker_client.genesys import instrument
+
+    api_client = gc.api_client.ApiClient().get_client_credentials_token(CLIENT_ID, SECRET)
+    broker = QuotaBroker("127.0.0.1:50051")
+    instrument(api_client, broker, tenant="demo", client_id="ingest-1", oauth_client=CLIENT_ID)
+    gc.ConversationsApi(api_client).post_analytics_conversations_details_query(body)  # leased + reported
+
+How it hooks in (SDK source, PureCloudPlatformClientV2 >= ~200): every HTTP
+request of an ``ApiClient`` (API calls from ``call_api`` and the OAuth token
+requests) goes through ``api_client.get_http_client().request(
+HttpRequestOptions)``; the default ``DefaultHttpClient`` hands it to
+``rest.RESTClientObject``, which sends it with a ``urllib3.PoolManager``
+and raises ``rest.ApiException`` (``status``, ``headers``) for any status
+outside 200-205. ``instrument`` installs, with ``ApiClient.set_http_client``,
+a ``LeasedHttpClient`` around the existing http client: it acquires a lease
+for the request's method and URL path, sends it, reports the status and
+headers (of the response or of the ApiException) and releases the lease.
+
+Retries: ``RESTClientObject`` builds its PoolManager with
+``urllib3.util.Retry()`` (total=10) and every method allowed, so urllib3
+silently sleeps out a 429's Retry-After and sends the request again; the
+broker would never see the 429. ``instrument`` replaces that pool manager's
+retries with ``NO_RETRIES`` (no retries on errors or statuses; redirects
+still followed), so each HTTP attempt is one lease and one report.
+"""
+import logging
+from urllib.parse import urlsplit
+
+import urllib3
+
+from . import errors
+from .client import QuotaBroker  # noqa: F401  (for type references in docs)
+
+log = logging.getLogger("quota_broker_client.genesys")
+
+try:  # the SDK is an optional dependency (pip install 'quota-broker-client[genesys]')
+    from PureCloudPlatformClientV2.abstract_http_client import AbstractHttpClient as _Base
+    from PureCloudPlatformClientV2.rest import ApiException
+except ImportError:  # pragma: no cover - exercised only without the extra
+    _Base = object
+    ApiException = None
+
+#: What the adapter puts in place of the SDK's ``urllib3.util.Retry()``:
+#: no retries on connection/read errors or statuses (429/503 with
+#: Retry-After included), redirects followed as before.
+NO_RETRIES = urllib3.util.Retry(
+    total=None,
+    connect=0,
+    read=0,
+    status=0,
+    other=0,
+    redirect=10,
+    raise_on_status=False,
+    respect_retry_after_header=False,
+)
+
+
+def default_should_lease(method, path):
+    """Leases Genesys Cloud API calls (``/api/...``), not the OAuth token requests."""
+    return path.startswith("/api/")
+
+
+def disable_retries(http_client):
+    """Turns off urllib3 retries in an SDK http client (DefaultHttpClient). True if done."""
+    rest = getattr(http_client, "rest_client", None)
+    pool = getattr(rest, "pool_manager", None)
+    kw = getattr(pool, "connection_pool_kw", None)
+    if kw is None:
+        return False
+    kw["retries"] = NO_RETRIES
+    # Pools created before the change carry their own Retry; drop them.
+    pool.clear()
+    return True
+
+
+class LeasedHttpClient(_Base):
+    """An SDK http client that wraps another one with Acquire/Report/Release.
+
+    ``oauth_client``: the OAuth client id the ApiClient's token belongs to
+    (selects per-OAuth-client buckets); None falls back to
+    ``api_client.client_id`` when the SDK knows it (code-authorization flows).
+    A NotGranted (no capacity within ``max_wait_ms``) propagates to the call
+    site, as do the broker's errors unless ``fail_open`` is set, in which case
+    an unreachable broker (UNAVAILABLE / DEADLINE_EXCEEDED) lets the call go
+    out unleased with a warning.
+    """
+
+    def __init__(self, inner, broker, tenant, *, client_id, oauth_client=None, api_client=None,
+                 priority_class="", max_wait_ms=None, should_lease=default_should_lease,
+                 fail_open=False):
+        if _Base is not object:
+            super().__init__()
+        self.inner = inner
+        self.broker = broker
+        self.tenant = tenant
+        self.client_id = client_id
+        self.oauth_client = oauth_client
+        self.api_client = api_client
+        self.priority_class = priority_class
+        self.max_wait_ms = max_wait_ms
+        self.should_lease = should_lease
+        self.fail_open = fail_open
+        self.retries_disabled = disable_retries(inner)
+        if not self.retries_disabled:
+            log.warning(
+                "could not find urllib3 retries in %r; make sure it does not retry 429s itself",
+                type(inner).__name__,
+            )
+
+    # Hooks and timeout belong to the wrapped client, which applies them.
+    def set_timeout(self, timeout):
+        self.inner.set_timeout(timeout)
+
+    def set_pre_request_hook(self, hook):
+        self.inner.set_pre_request_hook(hook)
+
+    def set_post_request_hook(self, hook):
+        self.inner.set_post_request_hook(hook)
+
+    def _oauth_client(self):
+        if self.oauth_client is not None:
+            return self.oauth_client
+        return getattr(self.api_client, "client_id", "") or ""
+
+    def request(self, http_request_options):
+        method = str(http_request_options.method).upper()
+        path = urlsplit(http_request_options.url).path or "/"
+        if not self.should_lease(method, path):
+            return self.inner.request(http_request_options)
+        oauth_client = self._oauth_client()
+        try:
+            ctx = self.broker.lease(self.tenant, method, path, client_id=self.client_id,
+                                    oauth_client=oauth_client, priority_class=self.priority_class,
+                                    max_wait_ms=self.max_wait_ms)
+            lease = ctx.__enter__()
+        except (errors.Unavailable, errors.DeadlineExceeded) as e:
+            if not self.fail_open:
+                raise
+            log.warning("quota-broker unreachable (%s); %s %s goes out unleased", e, method, path)
+            return self.inner.request(http_request_options)
+        exc_info = (None, None, None)
+        try:
+            try:
+                response = self.inner.request(http_request_options)
+            except Exception as e:  # ApiException carries status and headers
+                status = getattr(e, "status", None)
+                if ApiException is not None and isinstance(e, ApiException) and status:
+                    self._report(lease, status, getattr(e, "headers", None))
+                raise
+            self._report(lease, response.status, _response_headers(response))
+            return response
+        except BaseException as e:
+            exc_info = (type(e), e, e.__traceback__)
+            raise
+        finally:
+            ctx.__exit__(*exc_info)
+
+    def _report(self, lease, status, headers):
+        if not 100 <= int(status) <= 599:
+            return
+        try:
+            lease.report(int(status), headers)
+        except errors.QuotaBrokerError as e:
+            # The call itself went through; losing one report must not fail it.
+            log.warning("reporting %s %s -> %s failed: %s", lease.method, lease.path, status, e)
+
+
+def _response_headers(response):
+    getheaders = getattr(response, "getheaders", None)
+    if callable(getheaders):
+        return getheaders()
+    return getattr(response, "headers", None)
+
+
+def instrument(api_client, broker, tenant, *, client_id, oauth_client=None, priority_class="",
+               max_wait_ms=None, should_lease=default_should_lease, fail_open=False):
+    """Makes every HTTP request of ``api_client`` leased and reported; returns the wrapper.
+
+    Also turns off the SDK's urllib3 retries (see the module docstring).
+    Calling it twice on the same ApiClient is a no-op returning the wrapper.
+    """
+    current = api_client.get_http_client()
+    if isinstance(current, LeasedHttpClient):
+        return current
+    wrapper = LeasedHttpClient(current, broker, tenant, client_id=client_id,
+                               oauth_client=oauth_client, api_client=api_client,
+                               priority_class=priority_class, max_wait_ms=max_wait_ms,
+                               should_lease=should_lease, fail_open=fail_open)
+    api_client.set_http_client(wrapper)
+    return wrapper

@@ -1,0 +1,180 @@
+"""QuotaBroker against a real broker process (see conftest.py)."""
+import hashlib
+import time
+
+import grpc
+import pytest
+
+import quota_broker_client as qb
+from conftest import ANALYTICS_QUERY, SINGLE_PATH, TENANT
+
+
+def status(client, name, oauth_client=""):
+    b = client.bucket(TENANT, name, oauth_client)
+    assert b is not None, f"no bucket {name!r}: {[x.bucket for x in client.list_buckets(TENANT)]}"
+    return b
+
+
+def test_lease_context_manager_acquires_and_releases(broker):
+    assert status(broker, "analytics-query").in_flight == 0
+    with broker.lease(TENANT, "POST", ANALYTICS_QUERY, client_id="ingest-1", max_wait_ms=1000) as lease:
+        assert isinstance(lease, qb.Lease)
+        assert lease.lease_id
+        assert lease.permits == 1
+        assert lease.lease_ttl_ms > 0 and lease.holds_slot
+        assert "analytics-query" in lease.buckets
+        assert status(broker, "analytics-query").in_flight == 1
+    assert lease.released
+    assert status(broker, "analytics-query").in_flight == 0
+    assert status(broker, "analytics-query").granted_total == 1
+
+
+def test_lease_released_when_block_raises(broker):
+    with pytest.raises(RuntimeError, match="upstream blew up"):
+        with broker.lease(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=0):
+            assert status(broker, "single").in_flight == 1
+            raise RuntimeError("upstream blew up")
+    assert status(broker, "single").in_flight == 0
+
+
+def test_not_granted_when_slot_taken(broker):
+    with broker.lease(TENANT, "GET", SINGLE_PATH, client_id="holder", max_wait_ms=0):
+        with pytest.raises(qb.NotGranted) as info:
+            broker.acquire(TENANT, "GET", SINGLE_PATH, client_id="second", max_wait_ms=0)
+        err = info.value
+        assert err.retry_after_ms > 0
+        assert err.reason
+        assert "single" in err.buckets
+        assert "retry after" in str(err)
+    # Free again: granted at once.
+    lease = broker.acquire(TENANT, "GET", SINGLE_PATH, client_id="second", max_wait_ms=0)
+    assert lease.release() is True
+    assert lease.release() is False  # idempotent
+
+
+def test_lease_renews_slot_past_its_ttl(broker):
+    # The "single" bucket's lease TTL is 1.5 s; hold it for 2.6 s.
+    with broker.lease(TENANT, "GET", SINGLE_PATH, client_id="long-call", max_wait_ms=0) as lease:
+        assert 0 < lease.lease_ttl_ms <= 1500
+        time.sleep(2.6)
+        assert status(broker, "single").in_flight == 1
+        with pytest.raises(qb.NotGranted):
+            broker.acquire(TENANT, "GET", SINGLE_PATH, client_id="other", max_wait_ms=0)
+        assert lease._renewer.renewals >= 2
+    assert status(broker, "single").in_flight == 0
+
+
+def test_report_429_freezes_bucket(broker):
+    with broker.lease(TENANT, "POST", ANALYTICS_QUERY, client_id="ingest-1", max_wait_ms=1000) as lease:
+        resp = lease.report(429, {
+            "Retry-After": "15",
+            "inin-ratelimit-allowed": "60",
+            "ININ-RateLimit-Count": "60",
+            "inin-ratelimit-reset": "15",
+            "Content-Type": "application/json",
+        })
+    assert resp.attributed_to == "analytics-query"
+    b = status(broker, "analytics-query")
+    assert b.throttled_total == 1
+    assert b.reports_total == 1
+    assert b.frozen_until_ms > b.at_ms
+    assert b.frozen_until_ms - b.at_ms <= 16_000
+    # Frozen: an immediate Acquire is not granted, retry_after points past the freeze.
+    with pytest.raises(qb.NotGranted) as info:
+        broker.acquire(TENANT, "POST", ANALYTICS_QUERY, client_id="ingest-2", max_wait_ms=0)
+    assert info.value.retry_after_ms > 10_000
+
+
+def test_report_without_lease(broker):
+    resp = broker.report(TENANT, "POST", ANALYTICS_QUERY, 200,
+                         [("X-RateLimit-Limit", "60"), ("x-ratelimit-remaining", "50")])
+    assert "analytics-query" in resp.buckets
+    assert status(broker, "analytics-query").reports_total == 1
+    assert status(broker, "analytics-query").throttled_total == 0
+
+
+def test_errors_are_typed_with_broker_message(broker):
+    with pytest.raises(qb.NotFound) as info:
+        broker.acquire("no-such-tenant", "GET", "/api/v2/users/me", client_id="c", max_wait_ms=0)
+    assert "no-such-tenant" in info.value.details or "demo" in info.value.details
+    with pytest.raises(qb.InvalidArgument) as info:
+        broker.acquire(TENANT, "GET", "/api/v2/users/me", client_id="", max_wait_ms=0)
+    assert "client_id" in str(info.value)
+    with pytest.raises(qb.InvalidArgument) as info:
+        broker.acquire(TENANT, "GET", "/api/v2/users/me", client_id="c", priority_class="vip", max_wait_ms=0)
+    assert "batch" in info.value.details  # lists the tenant's classes
+    assert isinstance(info.value, qb.BrokerRpcError) and isinstance(info.value, qb.QuotaBrokerError)
+
+
+def test_token_auth(start_broker):
+    token = "s3cret-client-token"
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    proc = start_broker(auth=f"""
+[[auth.tokens]]
+name = "python-tests"
+sha256 = "{digest}"
+role = "client"
+tenants = ["demo"]
+""")
+    with proc.client() as anonymous:
+        with pytest.raises(qb.Unauthenticated):
+            anonymous.acquire(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=0)
+        with pytest.raises(qb.Unauthenticated):
+            anonymous.list_buckets(TENANT)
+    with proc.client(token="wrong-token") as wrong:
+        with pytest.raises(qb.Unauthenticated):
+            wrong.acquire(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=0)
+    with proc.client(token=token) as good:
+        with good.lease(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=0) as lease:
+            assert lease.lease_id
+            lease.report(200, {})
+        assert status(good, "single").reports_total == 1
+        assert good.list_buckets(TENANT)  # a client token may list its tenants' buckets
+        # ...but not use the admin RPCs (raw stub, with the wrapper's metadata).
+        with pytest.raises(grpc.RpcError) as info:
+            good.admin_stub.PauseBucket(qb.pb.PauseBucketRequest(tenant=TENANT, bucket="single"),
+                                        timeout=10, metadata=good.metadata)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_watch_yields_first_snapshot(broker):
+    expected = {b.bucket for b in broker.list_buckets(TENANT)}
+    assert {"analytics-query", "single"} <= expected
+    seen = set()
+    with broker.watch(TENANT, timeout=10) as stream:
+        for st in stream:
+            assert isinstance(st, qb.pb.QuotaStatus)
+            assert st.tenant == TENANT
+            assert st.at_ms > 0
+            seen.add(st.bucket)
+            if seen >= expected:
+                break
+    assert seen >= expected
+
+
+def test_watch_sees_change(broker):
+    with broker.watch(TENANT, timeout=10) as stream:
+        first = next(stream)
+        assert first.tenant == TENANT
+        broker.report(TENANT, "GET", SINGLE_PATH, 429, {"Retry-After": "1"})
+        for st in stream:
+            if st.bucket == "single" and st.throttled_total == 1:
+                break
+        else:
+            pytest.fail("watch ended without the change")
+
+
+def test_url_forms(broker_proc):
+    for url in (broker_proc.addr, f"http://{broker_proc.addr}", f"http://{broker_proc.addr}/"):
+        with qb.QuotaBroker(url) as c:
+            assert c.list_buckets(TENANT)
+
+
+def test_unreachable_broker_is_unavailable():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connection refused
+        with qb.QuotaBroker(f"127.0.0.1:{port}", timeout=3) as c:
+            with pytest.raises((qb.Unavailable, qb.DeadlineExceeded)):
+                c.acquire(TENANT, "GET", "/api/v2/users/me", client_id="c", max_wait_ms=0)

@@ -1,0 +1,179 @@
+"""The Genesys Cloud SDK adapter, against the real PureCloudPlatformClientV2.
+
+A tiny HTTP server on 127.0.0.1 plays the Genesys Cloud API (the SDK's
+ApiClient takes its base URL as `host`); the broker is the real process.
+"""
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+gc = pytest.importorskip("PureCloudPlatformClientV2")
+from PureCloudPlatformClientV2.rest import ApiException  # noqa: E402
+
+import quota_broker_client as qb  # noqa: E402
+from quota_broker_client import genesys  # noqa: E402
+from conftest import ANALYTICS_QUERY, SINGLE_PATH, TENANT  # noqa: E402
+
+OAUTH_CLIENT = "my-oauth-client"
+
+
+class FakeGenesys:
+    """Answers each request with the next scripted (status, headers, body)."""
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.requests = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                fake.requests.append((self.command, self.path, dict(self.headers), body))
+                status, headers, payload = fake.script.pop(0) if fake.script else (500, {}, {})
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def fake_api():
+    servers = []
+
+    def make(script):
+        s = FakeGenesys(script)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def api_client_for(url):
+    client = gc.api_client.ApiClient(host=url)
+    client.access_token = "test-access-token"
+    return client
+
+
+def query_body():
+    body = gc.ConversationQuery()
+    body.interval = "2026-01-01T00:00:00Z/2026-01-02T00:00:00Z"
+    return body
+
+
+def bucket(broker, name, oauth_client=""):
+    b = broker.bucket(TENANT, name, oauth_client)
+    assert b is not None, f"no bucket {name!r}: {[x.bucket for x in broker.list_buckets(TENANT)]}"
+    return b
+
+
+THROTTLED = (429, {"Retry-After": "1"}, {"message": "Rate limit exceeded", "status": 429})
+OK = (200, {"inin-ratelimit-allowed": "300", "inin-ratelimit-count": "2", "inin-ratelimit-reset": "60"},
+      {"totalHits": 0})
+
+
+def test_sdk_calls_are_leased_and_reported_and_429_not_retried(broker, fake_api):
+    api = fake_api([THROTTLED, OK])
+    api_client = api_client_for(api.url)
+    wrapper = genesys.instrument(api_client, broker, TENANT, client_id="ingest-1",
+                                 oauth_client=OAUTH_CLIENT, priority_class="critical",
+                                 max_wait_ms=10_000)
+    assert api_client.get_http_client() is wrapper
+    assert genesys.instrument(api_client, broker, TENANT, client_id="ingest-1") is wrapper
+    # urllib3 retries are off in the SDK's pool manager.
+    assert wrapper.retries_disabled
+    assert wrapper.inner.rest_client.pool_manager.connection_pool_kw["retries"] is genesys.NO_RETRIES
+    conversations = gc.ConversationsApi(api_client)
+
+    # 1. The upstream says 429: the SDK raises at once (no silent retry), the broker saw it.
+    with pytest.raises(ApiException) as info:
+        conversations.post_analytics_conversations_details_query(query_body())
+    assert info.value.status == 429
+    assert len(api.requests) == 1, "the SDK retried the 429 by itself"
+    method, path, headers, _ = api.requests[0]
+    assert (method, path) == ("POST", ANALYTICS_QUERY)
+    assert headers.get("Authorization") == "Bearer test-access-token"
+    aq = bucket(broker, "analytics-query")
+    assert aq.throttled_total == 1
+    assert aq.reports_total == 1
+    assert aq.in_flight == 0  # lease released after the failed call
+    assert aq.granted_total == 1
+
+    # 2. The next call waits in the broker until the freeze is over and the
+    # bucket (restarting paced, from empty) has a permit, then goes through.
+    # "critical": no higher class's reserve is held back from it.
+    result = conversations.post_analytics_conversations_details_query(query_body())
+    assert result.total_hits == 0
+    assert len(api.requests) == 2
+    aq = bucket(broker, "analytics-query")
+    assert aq.reports_total == 2
+    assert aq.throttled_total == 1
+    assert aq.granted_total == 2
+    assert aq.in_flight == 0
+    per_client = bucket(broker, "per-client", OAUTH_CLIENT)
+    assert per_client.reports_total == 2
+    assert per_client.granted_total == 2
+
+
+def test_without_adapter_the_sdk_retries_429_silently(fake_api):
+    # Control for the test above: the SDK's default urllib3 Retry sleeps out
+    # Retry-After and resends, so the caller (and a broker) never sees the 429.
+    api = fake_api([THROTTLED, OK])
+    result = gc.ConversationsApi(api_client_for(api.url)).post_analytics_conversations_details_query(query_body())
+    assert result.total_hits == 0
+    assert len(api.requests) == 2
+
+
+def test_not_granted_stops_the_call_before_it_is_sent(broker, fake_api):
+    api = fake_api([(200, {}, {})])
+    api_client = api_client_for(api.url)
+    genesys.instrument(api_client, broker, TENANT, client_id="relay", max_wait_ms=0)
+    with broker.lease(TENANT, "GET", SINGLE_PATH, client_id="holder", max_wait_ms=0):
+        with pytest.raises(qb.NotGranted) as info:
+            api_client.call_api(SINGLE_PATH, "GET", header_params={}, auth_settings=["PureCloud OAuth"])
+    assert info.value.retry_after_ms > 0
+    assert api.requests == []
+    # Slot free again: the same call goes out and is reported.
+    api_client.call_api(SINGLE_PATH, "GET", header_params={}, auth_settings=["PureCloud OAuth"])
+    assert len(api.requests) == 1
+    assert bucket(broker, "single").reports_total == 1
+    assert bucket(broker, "single").in_flight == 0
+
+
+def test_non_api_paths_are_not_leased(broker, fake_api):
+    api = fake_api([(200, {}, {"access_token": "t"})])
+    api_client = api_client_for(api.url)
+    wrapper = genesys.instrument(api_client, broker, TENANT, client_id="c")
+    from PureCloudPlatformClientV2.http_request_options import HttpRequestOptions
+
+    wrapper.request(HttpRequestOptions(url=api.url + "/oauth/token", method="POST",
+                                       headers={"Content-Type": "application/json"}, body={}))
+    assert len(api.requests) == 1
+    assert all(b.reports_total == 0 for b in broker.list_buckets(TENANT))
