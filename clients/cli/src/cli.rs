@@ -1,0 +1,288 @@
+//! Command-line arguments of `quotactl` (clap derive). Parsing only: what
+//! each command does is in [`crate::commands`].
+
+use clap::{ArgGroup, Args, Parser, Subcommand};
+
+/// Where the broker listens when neither `--broker` nor `QUOTA_BROKER_URL` says.
+pub const DEFAULT_BROKER: &str = "http://127.0.0.1:50051";
+
+/// Operate a quota-broker: look at its buckets, change classes and limits,
+/// pause and resume buckets.
+#[derive(Debug, Parser)]
+#[command(name = "quotactl", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Broker address (`http://host:port`; a bare `host:port` means http).
+    /// TLS is not supported.
+    #[arg(
+        long,
+        global = true,
+        env = "QUOTA_BROKER_URL",
+        default_value = DEFAULT_BROKER,
+        value_name = "URL",
+        value_parser = parse_broker_url
+    )]
+    pub broker: String,
+
+    /// Bearer token, sent as `authorization: Bearer <token>` on every call.
+    #[arg(
+        long,
+        global = true,
+        env = "QUOTA_BROKER_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// One table of every bucket (ListBuckets).
+    Status(StatusArgs),
+    /// The same table, live (Watch), redrawn whenever a bucket changes.
+    Watch(WatchArgs),
+    /// Priority classes.
+    #[command(subcommand)]
+    Class(ClassCommand),
+    /// Bucket limits.
+    #[command(subcommand)]
+    Bucket(BucketCommand),
+    /// Stop granting from a bucket until resumed; waiters get the reason.
+    Pause(PauseArgs),
+    /// Resume a paused bucket.
+    Resume(ResumeArgs),
+}
+
+/// `quotactl status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only this tenant (default: every tenant the token may see).
+    #[arg(long, env = "QUOTA_BROKER_TENANT", value_name = "T")]
+    pub tenant: Option<String>,
+    /// A JSON array of the bucket states instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `quotactl watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Only this tenant (default: every tenant the token may see).
+    #[arg(long, env = "QUOTA_BROKER_TENANT", value_name = "T")]
+    pub tenant: Option<String>,
+    /// One JSON object per update and line, instead of the redrawn table.
+    #[arg(long)]
+    pub json: bool,
+    /// Stop after this many updates (the initial snapshot counts one per bucket).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+}
+
+/// `quotactl class ...`.
+#[derive(Debug, Subcommand)]
+pub enum ClassCommand {
+    /// Create or change a priority class (SetPriorityClass). Every field is
+    /// replaced, so give them all.
+    Set(ClassSetArgs),
+}
+
+/// `quotactl class set`.
+#[derive(Debug, Args)]
+pub struct ClassSetArgs {
+    /// Tenant whose classes change.
+    #[arg(long, env = "QUOTA_BROKER_TENANT", value_name = "T")]
+    pub tenant: String,
+    /// Class name, e.g. `reports`.
+    pub name: String,
+    /// Lower is served first on ties.
+    #[arg(long, value_name = "N")]
+    pub order: u32,
+    /// Share weight among classes competing for the same capacity.
+    #[arg(long, value_name = "W")]
+    pub weight: u32,
+    /// Share (0.0-1.0) of every bucket's burst and slots lower classes may never take.
+    #[arg(long, value_name = "R", value_parser = parse_share)]
+    pub reserve: f64,
+    /// Wait for Acquires of this class that give no max_wait_ms (0 = answer at once).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub default_max_wait_ms: u64,
+    /// Print the class as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `quotactl bucket ...`.
+#[derive(Debug, Subcommand)]
+pub enum BucketCommand {
+    /// Change a bucket's rate or concurrency limit (SetBucketLimit). Limits
+    /// not given stay as they are.
+    SetLimit(SetLimitArgs),
+}
+
+/// `quotactl bucket set-limit`.
+#[derive(Debug, Args)]
+#[command(group(
+    ArgGroup::new("limit")
+        .args(["permits", "window_ms", "burst", "max_in_flight"])
+        .required(true)
+        .multiple(true)
+))]
+pub struct SetLimitArgs {
+    /// Tenant of the bucket.
+    #[arg(long, env = "QUOTA_BROKER_TENANT", value_name = "T")]
+    pub tenant: String,
+    /// Bucket name from the configuration.
+    pub bucket: String,
+    /// New rate: permits per window.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub permits: Option<u32>,
+    /// New rate window in milliseconds.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub window_ms: Option<u64>,
+    /// New burst: the most permits the bucket holds.
+    #[arg(long, value_name = "B", value_parser = clap::value_parser!(u32).range(1..))]
+    pub burst: Option<u32>,
+    /// New concurrency limit (slots).
+    #[arg(long, value_name = "M", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: Option<u32>,
+    /// Print the resulting state as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `quotactl pause`.
+#[derive(Debug, Args)]
+pub struct PauseArgs {
+    /// Tenant of the bucket.
+    #[arg(long, env = "QUOTA_BROKER_TENANT", value_name = "T")]
+    pub tenant: String,
+    /// Bucket name from the configuration.
+    pub bucket: String,
+    /// Why, shown to waiting and new requests (default: "paused by <token name>").
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+    /// Print the resulting state as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `quotactl resume`.
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// Tenant of the bucket.
+    #[arg(long, env = "QUOTA_BROKER_TENANT", value_name = "T")]
+    pub tenant: String,
+    /// Bucket name from the configuration.
+    pub bucket: String,
+    /// Print the resulting state as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Accepts `http://host:port` or a bare `host:port` (taken as http);
+/// returns the URL with its scheme. Refuses `https://`, which this build
+/// cannot honour.
+pub fn parse_broker_url(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty; expected a URL like http://127.0.0.1:50051".into());
+    }
+    let url = match s.split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{}", rest.trim_end_matches('/')),
+        None => format!("http://{}", s.trim_end_matches('/')),
+    };
+    if url.starts_with("https://") {
+        // tonic without a TLS feature would silently speak plaintext to an
+        // https URL, sending the token in the clear: refuse instead.
+        return Err(
+            "https is not supported (the broker serves plaintext gRPC); use http:// \
+             behind a TLS-terminating proxy or tunnel"
+                .into(),
+        );
+    }
+    if !url.starts_with("http://") {
+        return Err("expected an http:// URL, like http://127.0.0.1:50051".into());
+    }
+    match url.parse::<tonic::transport::Uri>() {
+        Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) => Ok(url),
+        _ => Err("not a valid URL; expected one like http://127.0.0.1:50051".into()),
+    }
+}
+
+/// A share between 0.0 and 1.0.
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err("expected a share between 0.0 and 1.0, e.g. 0.1 for 10%".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(
+            parse_broker_url("127.0.0.1:1").unwrap(),
+            "http://127.0.0.1:1"
+        );
+        assert_eq!(
+            parse_broker_url("http://broker:50051/").unwrap(),
+            "http://broker:50051"
+        );
+        assert!(parse_broker_url("https://broker").is_err());
+        assert!(parse_broker_url("ftp://broker").is_err());
+        assert!(parse_broker_url("").is_err());
+        assert!(parse_broker_url("http://").is_err());
+        assert!(parse_broker_url("http://a b").is_err());
+    }
+
+    #[test]
+    fn shares() {
+        assert_eq!(parse_share("0.1").unwrap(), 0.1);
+        assert!(parse_share("1.5").is_err());
+        assert!(parse_share("-0.1").is_err());
+        assert!(parse_share("NaN").is_err());
+        assert!(parse_share("x").is_err());
+    }
+
+    #[test]
+    fn set_limit_needs_a_limit() {
+        let e = Cli::try_parse_from(["quotactl", "bucket", "set-limit", "--tenant", "t", "b"])
+            .unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let ok = Cli::try_parse_from([
+            "quotactl",
+            "bucket",
+            "set-limit",
+            "--tenant",
+            "t",
+            "b",
+            "--burst",
+            "4",
+        ]);
+        assert!(ok.is_ok());
+        let zero = Cli::try_parse_from([
+            "quotactl",
+            "bucket",
+            "set-limit",
+            "--tenant",
+            "t",
+            "b",
+            "--permits",
+            "0",
+        ]);
+        assert!(zero.is_err(), "0 would mean unchanged on the wire");
+    }
+}

@@ -1,0 +1,244 @@
+//! The errors `quotactl` reports: each renders as one line (no newlines, no
+//! secrets) for `quotactl: <error>` on stderr.
+
+use std::error::Error as StdError;
+use std::fmt;
+use tonic::Code;
+
+/// Everything that can go wrong after the arguments parsed.
+#[derive(Debug)]
+pub enum Error {
+    /// The broker could not be reached (connect failed, refused, timed out).
+    Unreachable {
+        /// The broker URL tried.
+        url: String,
+        /// Why, e.g. `connection refused`.
+        detail: String,
+    },
+    /// The connection broke during a call (e.g. the broker was killed).
+    Lost {
+        /// The broker URL.
+        url: String,
+        /// Why, e.g. `connection reset`.
+        detail: String,
+    },
+    /// The broker answered with a gRPC error.
+    Rpc {
+        /// The gRPC status code.
+        code: Code,
+        /// The broker's message.
+        message: String,
+    },
+    /// The broker did not answer within the time limit.
+    Timeout {
+        /// The broker URL.
+        url: String,
+        /// The limit, in seconds.
+        secs: u64,
+    },
+    /// The token cannot be sent as gRPC metadata.
+    BadToken,
+    /// Writing the output failed (other than a closed pipe).
+    Output(std::io::Error),
+}
+
+impl Error {
+    /// Maps a transport error from connecting to `url`.
+    pub fn transport(url: &str, e: &(dyn StdError + 'static)) -> Error {
+        Error::Unreachable {
+            url: url.to_owned(),
+            detail: cause(e),
+        }
+    }
+
+    /// Maps a gRPC status from a call to the broker at `url`. A status with
+    /// a source was made locally from a transport failure (answers from the
+    /// broker carry none): a failed connect becomes [`Error::Unreachable`],
+    /// a connection broken during the call [`Error::Lost`].
+    pub fn status(url: &str, s: tonic::Status) -> Error {
+        if let Some(src) = s.source() {
+            if s.code() == Code::Unavailable && s.message().contains("connect") {
+                return Error::transport(url, src);
+            }
+            if matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Internal) {
+                return Error::Lost {
+                    url: url.to_owned(),
+                    detail: cause(src),
+                };
+            }
+        }
+        Error::Rpc {
+            code: s.code(),
+            message: s.message().to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Unreachable { url, detail } => {
+                write!(f, "cannot reach the broker at {url}: {}", one_line(detail))
+            }
+            Error::Lost { url, detail } => write!(
+                f,
+                "lost the connection to the broker at {url}: {}",
+                one_line(detail)
+            ),
+            Error::Rpc { code, message } => {
+                let message = one_line(message);
+                if message.is_empty() {
+                    write!(f, "{}", code_name(*code))
+                } else {
+                    write!(f, "{}: {message}", code_name(*code))
+                }
+            }
+            Error::Timeout { url, secs } => {
+                write!(f, "the broker at {url} did not answer within {secs}s")
+            }
+            Error::BadToken => write!(
+                f,
+                "the token contains characters that cannot be sent in gRPC metadata (printable ASCII only)"
+            ),
+            Error::Output(e) => write!(f, "cannot write the output: {}", one_line(&e.to_string())),
+        }
+    }
+}
+
+impl StdError for Error {}
+
+/// The canonical upper-case name of a gRPC code, e.g. `PERMISSION_DENIED`.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The first I/O error in a source chain.
+fn find_io<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a std::io::Error> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// Why a connection failed, as short as the chain allows: the I/O error's
+/// kind when it is a well-known one (`connection refused`), else the
+/// innermost message.
+fn cause(e: &(dyn StdError + 'static)) -> String {
+    use std::io::ErrorKind as K;
+    if let Some(io) = find_io(e) {
+        return match io.kind() {
+            K::ConnectionRefused
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::TimedOut
+            | K::HostUnreachable
+            | K::NetworkUnreachable
+            | K::AddrNotAvailable
+            | K::PermissionDenied => io.kind().to_string(),
+            _ => strip_os_error(&io.to_string()),
+        };
+    }
+    let mut innermost = e;
+    while let Some(next) = innermost.source() {
+        innermost = next;
+    }
+    strip_os_error(&innermost.to_string())
+}
+
+/// `Connection refused (os error 111)` → `Connection refused`.
+fn strip_os_error(s: &str) -> String {
+    match s.rfind(" (os error ") {
+        Some(i) if s.ends_with(')') => s[..i].to_owned(),
+        _ => s.to_owned(),
+    }
+}
+
+/// Collapses line breaks so an error is always one line.
+fn one_line(s: &str) -> String {
+    s.split(['\n', '\r'])
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rpc_errors_are_one_line_with_the_code_name() {
+        let e = Error::status(
+            "http://x",
+            tonic::Status::permission_denied(
+                "token \"ingest\" has role client; this RPC needs an admin token",
+            ),
+        );
+        assert_eq!(
+            e.to_string(),
+            "PERMISSION_DENIED: token \"ingest\" has role client; this RPC needs an admin token"
+        );
+        let e = Error::status("http://x", tonic::Status::not_found("a\nb\n"));
+        assert_eq!(e.to_string(), "NOT_FOUND: a; b");
+        let e = Error::status("http://x", tonic::Status::internal(""));
+        assert_eq!(e.to_string(), "INTERNAL");
+    }
+
+    #[test]
+    fn local_transport_failures_are_not_broker_answers() {
+        let io = std::io::Error::new(
+            std::io::ErrorKind::BrokenPipe,
+            "stream closed because of a broken pipe",
+        );
+        let e = Error::status("http://b:1", tonic::Status::from_error(Box::new(io)));
+        assert_eq!(
+            e.to_string(),
+            "lost the connection to the broker at http://b:1: stream closed because of a broken pipe"
+        );
+        // The same code sent by the broker stays an RPC error.
+        let e = Error::status("http://b:1", tonic::Status::unavailable("shutting down"));
+        assert_eq!(e.to_string(), "UNAVAILABLE: shutting down");
+    }
+
+    #[test]
+    fn io_causes_are_short() {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let e = Error::transport("http://127.0.0.1:1", &io);
+        assert_eq!(
+            e.to_string(),
+            "cannot reach the broker at http://127.0.0.1:1: connection refused"
+        );
+        let other = std::io::Error::other("failed to lookup address information (os error 2)");
+        assert_eq!(cause(&other), "failed to lookup address information");
+    }
+
+    #[test]
+    fn every_code_has_a_name() {
+        for i in 0..=16 {
+            assert!(!code_name(Code::from_i32(i)).is_empty());
+        }
+        assert_eq!(code_name(Code::Unauthenticated), "UNAUTHENTICATED");
+    }
+}

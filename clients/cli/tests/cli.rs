@@ -1,0 +1,557 @@
+//! End-to-end tests of the `quotactl` binary against a real broker started
+//! in-process on 127.0.0.1:0. Every process wait is bounded in time.
+
+use quota_broker::auth::hash_token;
+use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
+use quota_broker::pb::AcquireRequest;
+use quota_broker::{server, Settings};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+const ADMIN: &str = "secret-ops";
+const CLIENT: &str = "secret-ingest";
+/// Bound on any one quotactl run.
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Tenant "t": an org-wide rate bucket, a concurrency-only bucket and a
+/// per-OAuth-client bucket; an admin token "ops" and a client token "ingest".
+fn config() -> String {
+    format!(
+        r#"[server]
+shutdown_grace_ms = 2000
+state_dir = ""
+
+[[auth.tokens]]
+name = "ops"
+sha256 = "{admin}"
+role = "admin"
+tenants = ["*"]
+
+[[auth.tokens]]
+name = "ingest"
+sha256 = "{client}"
+role = "client"
+tenants = ["t"]
+
+[[tenants]]
+id = "t"
+
+[[tenants.buckets]]
+name = "org"
+routes = ["* /**"]
+permits = 600
+window_ms = 60000
+burst = 10
+
+[[tenants.buckets]]
+name = "jobs"
+routes = ["POST /api/v2/jobs/**"]
+max_in_flight = 5
+
+[[tenants.buckets]]
+name = "per-client"
+scope = "oauth_client"
+routes = ["* /**"]
+permits = 300
+window_ms = 60000
+"#,
+        admin = hash_token(ADMIN),
+        client = hash_token(CLIENT),
+    )
+}
+
+struct Broker {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<Result<(), server::ServerError>>,
+}
+
+impl Broker {
+    async fn start() -> Broker {
+        let settings = Settings::from_toml(&config()).expect("test config is valid");
+        // Bound before the server task runs, so quotactl can connect at once.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            server::run(listener, &settings, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Broker {
+            addr,
+            stop: Some(stop),
+            server,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A quotactl command aimed at this broker with `token`.
+    fn cmd(&self, token: Option<&str>, args: &[&str]) -> Command {
+        let mut c = quotactl(args);
+        c.arg("--broker").arg(self.url());
+        if let Some(t) = token {
+            c.arg("--token").arg(t);
+        }
+        c
+    }
+
+    async fn run(&self, token: Option<&str>, args: &[&str]) -> Output {
+        output(self.cmd(token, args)).await
+    }
+
+    /// Runs quotactl, asserts success, returns its stdout.
+    async fn ok(&self, token: Option<&str>, args: &[&str]) -> String {
+        let out = self.run(token, args).await;
+        assert!(
+            out.status.success(),
+            "quotactl {args:?} failed ({:?}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `status --json`, parsed.
+    async fn buckets(&self) -> Vec<Value> {
+        let out = self.ok(Some(ADMIN), &["status", "--json"]).await;
+        match serde_json::from_str(&out) {
+            Ok(Value::Array(v)) => v,
+            other => panic!("not a JSON array: {other:?}\n{out}"),
+        }
+    }
+
+    async fn bucket(&self, name: &str) -> Value {
+        self.buckets()
+            .await
+            .into_iter()
+            .find(|b| b["bucket"] == name)
+            .unwrap_or_else(|| panic!("no bucket {name}"))
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        timeout(LIMIT, &mut self.server)
+            .await
+            .expect("broker stops in time")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// The quotactl binary with `args`, isolated from the caller's environment.
+fn quotactl(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_quotactl"));
+    c.args(args)
+        .env_remove("QUOTA_BROKER_URL")
+        .env_remove("QUOTA_BROKER_TOKEN")
+        .env_remove("QUOTA_BROKER_TENANT")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    c
+}
+
+/// Runs a command to completion within [`LIMIT`]; on timeout the child is
+/// killed (kill_on_drop) and the test fails.
+async fn output(mut c: Command) -> Output {
+    timeout(LIMIT, c.output())
+        .await
+        .expect("quotactl finished in time")
+        .expect("quotactl started")
+}
+
+fn stderr_line(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "exactly one line on stderr: {err:?}"
+    );
+    assert!(err.ends_with('\n'));
+    err.trim_end().to_owned()
+}
+
+const FIELDS: [&str; 21] = [
+    "tenant",
+    "bucket",
+    "configured_rate_per_min",
+    "effective_rate_per_min",
+    "tokens_available",
+    "in_flight",
+    "max_in_flight",
+    "frozen_until_ms",
+    "waiting",
+    "granted_total",
+    "throttled_total",
+    "at_ms",
+    "oauth_client",
+    "scope",
+    "burst",
+    "reports_total",
+    "paused",
+    "learned_limit_per_min",
+    "throttle_ratio",
+    "cooldown_until_ms",
+    "upstream_remaining",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_table_lists_the_configured_buckets() {
+    let b = Broker::start().await;
+    let out = b.ok(Some(CLIENT), &["status"]).await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("TENANT"), "{out}");
+    for col in [
+        "BUCKET",
+        "RATE/MIN",
+        "TOKENS",
+        "IN FLIGHT",
+        "WAITING",
+        "429",
+        "FROZEN",
+        "PAUSED",
+    ] {
+        assert!(lines[0].contains(col), "no {col} column: {out}");
+    }
+    let row = |name: &str| {
+        lines
+            .iter()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{out}"))
+    };
+    assert!(row("org").contains("600/600"), "{out}");
+    assert!(row("org").contains("10.0/10"), "{out}");
+    assert!(row("jobs").contains("0/5"), "{out}");
+    // Columns line up: every bucket name starts where the BUCKET header does.
+    let at = lines[0].find("BUCKET").unwrap();
+    for name in ["org", "jobs"] {
+        assert_eq!(row(name).find(name), Some(at), "{out}");
+    }
+    // --tenant filters; a tenant the token may not see is PERMISSION_DENIED.
+    let t = b.ok(Some(CLIENT), &["status", "--tenant", "t"]).await;
+    assert_eq!(t, out);
+    let other = b.run(Some(CLIENT), &["status", "--tenant", "u"]).await;
+    assert_eq!(other.status.code(), Some(1));
+    assert!(stderr_line(&other).starts_with("quotactl: PERMISSION_DENIED: "));
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_has_every_field() {
+    let b = Broker::start().await;
+    let buckets = b.buckets().await;
+    assert!(buckets.len() >= 2, "{buckets:?}");
+    for s in &buckets {
+        let obj = s.as_object().expect("an object per bucket");
+        for f in FIELDS {
+            assert!(obj.contains_key(f), "no field {f} in {s}");
+        }
+        assert_eq!(s["tenant"], "t");
+        assert!(s["waiting"].is_object());
+        assert!(s["at_ms"].as_u64().unwrap() > 0);
+    }
+    let org = b.bucket("org").await;
+    assert_eq!(org["configured_rate_per_min"], 600.0);
+    assert_eq!(org["burst"], 10);
+    assert_eq!(org["scope"], "org");
+    assert_eq!(org["paused"], false);
+    let jobs = b.bucket("jobs").await;
+    assert_eq!(jobs["max_in_flight"], 5);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_change_the_broker() {
+    let b = Broker::start().await;
+
+    // class set: printed as set, and Acquire now accepts the class.
+    let out = b
+        .ok(
+            Some(ADMIN),
+            &[
+                "class",
+                "set",
+                "--tenant",
+                "t",
+                "reports",
+                "--order",
+                "1",
+                "--weight",
+                "3",
+                "--reserve",
+                "0.05",
+                "--default-max-wait-ms",
+                "1000",
+            ],
+        )
+        .await;
+    assert!(out.contains("reports") && out.contains("1000 ms"), "{out}");
+    let json = b
+        .ok(
+            Some(ADMIN),
+            &[
+                "class",
+                "set",
+                "--tenant",
+                "t",
+                "reports",
+                "--order",
+                "1",
+                "--weight",
+                "4",
+                "--reserve",
+                "0.05",
+                "--json",
+            ],
+        )
+        .await;
+    let class: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(class["weight"], 4);
+    assert_eq!(class["default_max_wait_ms"], 0);
+    let mut client = QuotaBrokerClient::connect(b.url()).await.unwrap();
+    let mut acquire = tonic::Request::new(AcquireRequest {
+        tenant: "t".into(),
+        client_id: "cli-test".into(),
+        priority_class: "reports".into(),
+        method: "GET".into(),
+        path: "/x".into(),
+        max_wait_ms: Some(0),
+        ..Default::default()
+    });
+    acquire
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {CLIENT}").parse().unwrap());
+    let r = client.acquire(acquire).await.expect("class reports exists");
+    assert!(r.into_inner().granted);
+
+    // bucket set-limit: the resulting row, and the new limits in status.
+    let out = b
+        .ok(
+            Some(ADMIN),
+            &[
+                "bucket",
+                "set-limit",
+                "--tenant",
+                "t",
+                "org",
+                "--permits",
+                "120",
+                "--window-ms",
+                "60000",
+                "--burst",
+                "4",
+            ],
+        )
+        .await;
+    assert!(out.starts_with("TENANT"), "{out}");
+    assert!(out.contains("120/120"), "{out}");
+    let org = b.bucket("org").await;
+    assert_eq!(org["configured_rate_per_min"], 120.0);
+    assert_eq!(org["burst"], 4);
+    b.ok(
+        Some(ADMIN),
+        &[
+            "bucket",
+            "set-limit",
+            "--tenant",
+            "t",
+            "jobs",
+            "--max-in-flight",
+            "2",
+        ],
+    )
+    .await;
+    assert_eq!(b.bucket("jobs").await["max_in_flight"], 2);
+
+    // pause / resume.
+    let out = b
+        .ok(
+            Some(ADMIN),
+            &["pause", "--tenant", "t", "jobs", "--reason", "maintenance"],
+        )
+        .await;
+    assert!(out.lines().nth(1).unwrap().ends_with("paused"), "{out}");
+    assert_eq!(b.bucket("jobs").await["paused"], true);
+    assert_eq!(b.bucket("org").await["paused"], false);
+    let out = b
+        .ok(Some(ADMIN), &["resume", "--tenant", "t", "jobs", "--json"])
+        .await;
+    let s: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(s["paused"], false);
+    assert_eq!(b.bucket("jobs").await["paused"], false);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_errors_are_one_line_and_exit_1() {
+    let b = Broker::start().await;
+    let out = b
+        .run(Some(CLIENT), &["pause", "--tenant", "t", "jobs"])
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        stderr_line(&out),
+        "quotactl: PERMISSION_DENIED: token \"ingest\" has role client; this RPC needs an admin token"
+    );
+    assert_eq!(b.bucket("jobs").await["paused"], false);
+
+    let out = b.run(None, &["status"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_line(&out).starts_with("quotactl: UNAUTHENTICATED: "));
+
+    let out = b.run(Some("wrong"), &["status"]).await;
+    let line = stderr_line(&out);
+    assert!(line.starts_with("quotactl: UNAUTHENTICATED: "), "{line}");
+    assert!(!line.contains("wrong"), "never echo the token: {line}");
+
+    let out = b
+        .run(Some(ADMIN), &["resume", "--tenant", "t", "nope"])
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_line(&out).starts_with("quotactl: NOT_FOUND: "));
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_broker_is_one_line_and_exit_1() {
+    // A port that was just free: nothing listens there any more.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut c = quotactl(&["status"]);
+    c.arg("--broker").arg(format!("http://{addr}"));
+    let out = output(c).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        stderr_line(&out),
+        format!("quotactl: cannot reach the broker at http://{addr}: connection refused")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_exit_2() {
+    for args in [
+        &["bucket", "set-limit", "--tenant", "t", "org"][..],
+        &[
+            "class",
+            "set",
+            "--tenant",
+            "t",
+            "x",
+            "--weight",
+            "1",
+            "--reserve",
+            "0",
+        ],
+        &[
+            "class",
+            "set",
+            "--tenant",
+            "t",
+            "x",
+            "--order",
+            "1",
+            "--weight",
+            "1",
+            "--reserve",
+            "2",
+        ],
+        &["watch", "--count", "0"],
+        &["--broker", "ftp://x", "status"],
+        &["--broker", "https://127.0.0.1:1", "status"],
+        &["frobnicate"],
+    ] {
+        let out = output(quotactl(args)).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!out.stderr.is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_json_count_prints_the_snapshot_and_exits() {
+    let b = Broker::start().await;
+    let out = b
+        .ok(Some(CLIENT), &["watch", "--json", "--count", "2"])
+        .await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    for l in lines {
+        let v: Value = serde_json::from_str(l).unwrap();
+        for f in FIELDS {
+            assert!(v.get(f).is_some(), "no {f} in {l}");
+        }
+    }
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_table_merges_the_snapshot() {
+    let b = Broker::start().await;
+    let n = b.buckets().await.len();
+    let count = n.to_string();
+    let out = b
+        .ok(Some(CLIENT), &["watch", "--tenant", "t", "--count", &count])
+        .await;
+    // Not a terminal: no escape codes, just the table(s).
+    assert!(!out.contains('\x1b'), "{out:?}");
+    let last = out
+        .split("\n\n")
+        .filter(|t| !t.trim().is_empty())
+        .last()
+        .unwrap();
+    let lines: Vec<&str> = last.lines().collect();
+    assert!(lines[0].starts_with("TENANT"), "{out}");
+    assert_eq!(lines.len(), n + 1, "one row per bucket, merged: {out}");
+    assert!(last.contains("org") && last.contains("jobs"), "{out}");
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_ends_cleanly_when_the_stream_ends() {
+    let b = Broker::start().await;
+    let mut child = b
+        .cmd(Some(CLIENT), &["watch", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = timeout(LIMIT, lines.next_line())
+        .await
+        .expect("a snapshot line in time")
+        .unwrap()
+        .expect("a line");
+    serde_json::from_str::<Value>(&first).unwrap();
+    // Shutting the broker down ends the Watch stream.
+    b.stop().await;
+    while let Ok(Some(_)) = timeout(LIMIT, lines.next_line())
+        .await
+        .expect("stdout closes in time")
+    {}
+    let status = timeout(LIMIT, child.wait())
+        .await
+        .expect("quotactl exits in time")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
