@@ -43,6 +43,7 @@ async fn main() -> Result<(), ClientError> {
                 "granted by the broker"
             }
         );
+        lease.release().await;
     }
     Ok(())
 }

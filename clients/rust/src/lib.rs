@@ -394,6 +394,18 @@ impl Lease {
             .await
     }
 
+    /// Releases the slot now and waits for the broker to confirm (dropping
+    /// the lease releases in the background instead, which a process that
+    /// exits right after may not get to send).
+    pub async fn release(mut self) {
+        if let Some(r) = self.renewer.take() {
+            r.abort();
+        }
+        if std::mem::take(&mut self.holds_slot) {
+            self.client.release(std::mem::take(&mut self.id)).await;
+        }
+    }
+
     /// [`Lease::report`] for an `http::Response`.
     pub async fn report_response<B>(
         &self,
