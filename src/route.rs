@@ -73,6 +73,49 @@ impl fmt::Display for Route {
     }
 }
 
+/// Remembers which buckets a (method, path) matched, so a busy route is
+/// glob-matched once, not on every request. Bounded: when it holds
+/// [`RouteCache::CAPACITY`] paths it starts over (paths with ids in them
+/// would otherwise grow it without end). Hand-written because it is a
+/// two-level map looked up by `&str` without allocating; a general LRU crate
+/// would need an owned key per lookup.
+#[derive(Debug, Default)]
+pub struct RouteCache {
+    /// path → [(method, matching bucket indices)].
+    paths: std::collections::HashMap<Box<str>, Vec<(Box<str>, Box<[usize]>)>>,
+}
+
+impl RouteCache {
+    /// Most paths remembered.
+    pub const CAPACITY: usize = 4096;
+
+    /// The bucket indices `method` + `path` match, computing them with
+    /// `compute` on a miss.
+    pub fn matches(
+        &mut self,
+        method: &str,
+        path: &str,
+        compute: impl FnOnce() -> Vec<usize>,
+    ) -> &[usize] {
+        let hit = self
+            .paths
+            .get(path)
+            .and_then(|ms| ms.iter().position(|(m, _)| &**m == method));
+        if hit.is_none() {
+            if self.paths.len() >= Self::CAPACITY && !self.paths.contains_key(path) {
+                self.paths.clear();
+            }
+            self.paths
+                .entry(path.into())
+                .or_default()
+                .push((method.into(), compute().into_boxed_slice()));
+        }
+        let ms = &self.paths[path];
+        let at = hit.unwrap_or(ms.len() - 1);
+        &ms[at].1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +157,24 @@ mod tests {
             Err(RouteError::Method("G3T".into()))
         );
         assert_eq!(Route::parse("GET /a /b"), Err(RouteError::Shape));
+    }
+
+    #[test]
+    fn cache_answers_like_matching_and_stays_bounded() {
+        let mut c = RouteCache::default();
+        let mut computed = 0;
+        for _ in 0..3 {
+            let got = c.matches("GET", "/a", || {
+                computed += 1;
+                vec![1, 2]
+            });
+            assert_eq!(got, [1, 2]);
+        }
+        assert_eq!(c.matches("POST", "/a", || vec![3]), [3]);
+        assert_eq!(computed, 1);
+        for i in 0..RouteCache::CAPACITY + 10 {
+            c.matches("GET", &format!("/u/{i}"), Vec::new);
+        }
+        assert!(c.paths.len() <= RouteCache::CAPACITY);
     }
 }

@@ -16,6 +16,7 @@ use crate::config::{BucketSettings, ClassSettings, Scope, Settings, TenantSettin
 use crate::error::BrokerError;
 use crate::headers::RateLimitInfo;
 use crate::lease::{Lease, LeaseId, LeaseTable};
+use crate::route::RouteCache;
 use crate::scheduler::{ClassShape, Offer, Queue, Waiter};
 use slab::Slab;
 use std::collections::{BTreeMap, HashMap};
@@ -305,6 +306,8 @@ pub struct TenantState {
     learned_dirty: bool,
     buckets: Vec<BucketDef>,
     instances: Slab<Instance>,
+    /// Which buckets a (method, path) matches; routes never change at run time.
+    routes: RouteCache,
     leases: LeaseTable,
     queue: Queue<Reply>,
     classes: Vec<ClassSettings>,
@@ -362,6 +365,7 @@ impl TenantState {
             learned_dirty: false,
             buckets,
             instances,
+            routes: RouteCache::default(),
             leases: LeaseTable::default(),
             queue,
             version,
@@ -406,12 +410,24 @@ impl TenantState {
         reserve: f64,
         now: Instant,
     ) -> Result<Result<Vec<usize>, Denial>, BrokerError> {
-        let mut out = Vec::with_capacity(self.buckets.len());
-        for b in 0..self.buckets.len() {
+        let buckets = &self.buckets;
+        let matched: Vec<usize> = self
+            .routes
+            .matches(method, path, || {
+                (0..buckets.len())
+                    .filter(|&b| {
+                        buckets[b]
+                            .settings
+                            .routes
+                            .iter()
+                            .any(|r| r.matches(method, path))
+                    })
+                    .collect()
+            })
+            .to_vec();
+        let mut out = Vec::with_capacity(matched.len());
+        for b in matched {
             let def = &self.buckets[b];
-            if !def.settings.routes.iter().any(|r| r.matches(method, path)) {
-                continue;
-            }
             check_permits(&self.id, &def.settings, permits, reserve)?;
             let instance = match def.org {
                 Some(i) => i,
