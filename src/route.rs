@@ -82,8 +82,11 @@ impl fmt::Display for Route {
 #[derive(Debug, Default)]
 pub struct RouteCache {
     /// path → [(method, matching bucket indices)].
-    paths: std::collections::HashMap<Box<str>, Vec<(Box<str>, Box<[usize]>)>>,
+    paths: std::collections::HashMap<Box<str>, Vec<MethodMatch>>,
 }
+
+/// A method and the bucket indices it matched on one path.
+type MethodMatch = (Box<str>, Box<[usize]>);
 
 impl RouteCache {
     /// Most paths remembered.
