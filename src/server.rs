@@ -16,6 +16,13 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+/// Most concurrent RPCs (HTTP/2 streams) per client connection: a busy
+/// sidecar multiplexes many waiting Acquires on one connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Largest request accepted. Requests are small (a report with its headers
+/// is well under 4 KiB); this bounds what a broken client can make us buffer.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -73,14 +80,21 @@ pub async fn run(
     };
     let grace = settings.server.shutdown_grace;
     let serve = Server::builder()
+        // Explicit transport limits (README "Transport limits").
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(pb::quota_broker_server::QuotaBrokerServer::new(
-            BrokerService::new(broker.clone(), auth.clone()),
-        ))
-        .add_service(pb::quota_admin_server::QuotaAdminServer::new(
-            AdminService::new(broker, auth),
-        ))
+        .add_service(
+            pb::quota_broker_server::QuotaBrokerServer::new(BrokerService::new(
+                broker.clone(),
+                auth.clone(),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::quota_admin_server::QuotaAdminServer::new(AdminService::new(broker, auth))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(
             // Small answers must not sit in Nagle's buffer waiting for an ACK.
             TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -196,3 +196,19 @@ async fn report_counts_429s_per_bucket() {
     assert_eq!((s.reports_total, s.throttled_total), (4, 2));
     b.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn oversized_requests_are_refused() {
+    let b = start(&config(CFG)).await;
+    let report = ReportRequest {
+        tenant: "t".into(),
+        method: "POST".into(),
+        path: "/api/v2/analytics/x/query".into(),
+        http_status: 200,
+        headers: [("x-huge".to_owned(), "a".repeat(100 * 1024))].into(),
+        ..Default::default()
+    };
+    let status = b.client.clone().report(report).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{}", status.message());
+    b.stop().await;
+}
