@@ -6,26 +6,31 @@
 //! # Layout
 //!
 //! ```text
-//!  gRPC ──► service.rs / admin.rs   decode + validate, encode; BrokerError → Status
-//!              │
+//!  gRPC ──► service.rs / admin.rs   auth.rs (bearer tokens) → decode + validate, encode;
+//!              │                    BrokerError → Status
 //!              ▼
-//!           broker.rs               Broker handle: tenants, waits, driver tasks, Watch feed
-//!              │  (one lock per tenant, never held across .await)
-//!              ▼
-//!           tenant.rs               one tenant's decision: route → buckets → all-or-none grant
-//!        ┌─────┼──────────┐
-//!   bucket.rs  lease.rs   scheduler.rs
-//!   token bucket   slot leases    waiting queue
-//!   + slots        + expiry       (FIFO per bucket)
+//!           broker.rs               Broker handle: tenants, waits, driver tasks, Watch feed,
+//!              │                    state files (state.rs); one lock per tenant, never
+//!              ▼                    held across .await
+//!           tenant.rs               one tenant's decision: class + reserve → route → buckets
+//!        ┌─────┼──────────┬────────────┐          → all-or-none grant; learning from reports
+//!   bucket.rs  lease.rs   scheduler.rs  adaptive.rs + headers.rs
+//!   token bucket  slot      waiting queue  freeze, effective rate,
+//!   + slots       leases    (weighted fair  budget view; header
+//!                 + expiry  share, per-client parsing
+//!                           round robin)
 //! ```
 //!
-//! A request flows: `service` validates it → `Broker::acquire` locks the
-//! tenant → `TenantState::try_acquire` matches routes (`route.rs`), checks
+//! A request flows: `service` authenticates and validates it →
+//! `Broker::acquire` locks the tenant → `TenantState::try_acquire` resolves
+//! the class and its reserve, matches routes (`route.rs`, cached), checks
 //! every bucket and takes from all or none → on "not now" with a wait, the
 //! request parks in the queue and the tenant's driver grants it the moment
-//! capacity frees (release, expiry, refill time), or the wait ends with
-//! `granted = false` and a retry time. `config.rs` turns TOML + env into
-//! validated settings; `server.rs` wires services, health, reflection and
+//! capacity frees (release, expiry, refill time, end of a freeze), or the
+//! wait ends with `granted = false` and a retry time. A `Report` goes to
+//! `TenantState::report`, which attributes a 429 and the rate-limit headers to
+//! one bucket and applies the learning rules. `config.rs` turns TOML + env
+//! into validated settings; `server.rs` wires services, health, reflection and
 //! shutdown; `main.rs` is the process.
 
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
