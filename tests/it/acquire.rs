@@ -98,11 +98,7 @@ async fn waiter_is_granted_the_moment_a_slot_is_released() {
         })
     };
     // Wait (on the Watch stream, not the clock) until the request queues.
-    while let Some(s) = watch.message().await.unwrap() {
-        if s.waiting.get("batch") == Some(&1) {
-            break;
-        }
-    }
+    crate::harness::wait_for(&mut watch, |s| s.waiting.get("batch") == Some(&1)).await;
     let released = b
         .client
         .clone()
@@ -292,18 +288,10 @@ async fn cancelled_waiter_leaves_the_queue_and_takes_nothing() {
         .into_inner();
     let mut c = b.client.clone();
     let waiter = tokio::spawn(async move { c.acquire(req("POST", "/q", 60_000)).await });
-    while let Some(s) = watch.message().await.unwrap() {
-        if s.waiting.get("batch") == Some(&1) {
-            break;
-        }
-    }
+    crate::harness::wait_for(&mut watch, |s| s.waiting.get("batch") == Some(&1)).await;
     waiter.abort();
     // The server sees the stream reset and withdraws the waiter.
-    while let Some(s) = watch.message().await.unwrap() {
-        if s.waiting.is_empty() {
-            break;
-        }
-    }
+    crate::harness::wait_for(&mut watch, |s| s.waiting.is_empty()).await;
     b.client
         .clone()
         .release(ReleaseRequest {

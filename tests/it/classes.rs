@@ -200,11 +200,7 @@ async fn the_waiter_cap_answers_at_once() {
         .await
         .unwrap()
         .into_inner();
-    while let Some(s) = w.message().await.unwrap() {
-        if s.waiting.get("batch") == Some(&2) {
-            break;
-        }
-    }
+    crate::harness::wait_for(&mut w, |s| s.waiting.get("batch") == Some(&2)).await;
     let t0 = Instant::now();
     let r = b.acquire(class_req("batch", "x", 60_000)).await;
     assert_eq!(t0.elapsed(), Duration::ZERO, "answered at once");
@@ -245,11 +241,7 @@ async fn pause_tells_waiters_why_and_resume_grants_again() {
         .await
         .unwrap()
         .into_inner();
-    while let Some(s) = w.message().await.unwrap() {
-        if s.waiting.get("batch") == Some(&1) {
-            break;
-        }
-    }
+    crate::harness::wait_for(&mut w, |s| s.waiting.get("batch") == Some(&1)).await;
     let paused = b
         .admin
         .clone()

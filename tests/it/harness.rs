@@ -100,3 +100,18 @@ pub fn req(method: &str, path: &str, max_wait_ms: u64) -> AcquireRequest {
         max_wait_ms: Some(max_wait_ms),
     }
 }
+
+/// Reads a Watch stream until an update satisfies `pred` (fails the test if
+/// the stream ends first). Waits on the broker's own updates, not the clock.
+pub async fn wait_for(
+    stream: &mut tonic::Streaming<QuotaStatus>,
+    pred: impl Fn(&QuotaStatus) -> bool,
+) -> QuotaStatus {
+    loop {
+        match stream.message().await.unwrap() {
+            Some(s) if pred(&s) => return s,
+            Some(_) => {}
+            None => panic!("the Watch stream ended before the expected update"),
+        }
+    }
+}
