@@ -28,8 +28,9 @@
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// How the broker learns; from `[learning]` in the config.
-#[derive(Debug, Clone, PartialEq)]
+/// How the broker learns; from `[learning]` in the config. `Copy`: a
+/// report reads it while the tenant state is borrowed mutably.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LearnSettings {
     /// Multiplicative cut on a new congestion episode.
     pub beta: f64,

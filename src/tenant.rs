@@ -353,7 +353,7 @@ impl TenantState {
         TenantState {
             idx,
             id: settings.id.clone(),
-            learning: broker.learning.clone(),
+            learning: broker.learning,
             classes: broker.classes.clone(),
             default_class: broker
                 .classes
@@ -880,7 +880,7 @@ impl TenantState {
         let target = (throttled || !info.is_empty())
             .then(|| self.attribute(&instances, info))
             .flatten();
-        let s = self.learning.clone();
+        let s = self.learning;
         for &i in &instances {
             let Some(x) = self.instances.get_mut(i) else {
                 continue;
@@ -1023,6 +1023,15 @@ impl TenantState {
         Ok(())
     }
 
+    /// Every instance of bucket `b`.
+    fn instances_of(&self, b: usize) -> Vec<usize> {
+        self.instances
+            .iter()
+            .filter(|(_, x)| x.bucket == b)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     fn bucket_index(&self, bucket: &str) -> Result<usize, BrokerError> {
         self.buckets
             .iter()
@@ -1097,14 +1106,8 @@ impl TenantState {
             settings.max_in_flight = std::num::NonZeroU32::new(m);
         }
         let settings = settings.clone();
-        let ids: Vec<usize> = self
-            .instances
-            .iter()
-            .filter(|(_, x)| x.bucket == b)
-            .map(|(i, _)| i)
-            .collect();
-        let s = self.learning.clone();
-        for i in ids {
+        let s = self.learning;
+        for i in self.instances_of(b) {
             let Some(x) = self.instances.get_mut(i) else {
                 continue;
             };
@@ -1144,13 +1147,8 @@ impl TenantState {
     ) -> Result<(), BrokerError> {
         let b = self.bucket_index(bucket)?;
         self.buckets[b].paused = reason;
+        let on_bucket = self.instances_of(b);
         if self.buckets[b].paused.is_some() {
-            let on_bucket: Vec<usize> = self
-                .instances
-                .iter()
-                .filter(|(_, x)| x.bucket == b)
-                .map(|(i, _)| i)
-                .collect();
             let gone = self
                 .queue
                 .remove_where(|w| w.instances.iter().any(|i| on_bucket.contains(i)));
@@ -1162,13 +1160,7 @@ impl TenantState {
                 let _ = w.reply.send(Err(denial));
             }
         }
-        let ids: Vec<usize> = self
-            .instances
-            .iter()
-            .filter(|(_, x)| x.bucket == b)
-            .map(|(i, _)| i)
-            .collect();
-        for i in ids {
+        for i in on_bucket {
             self.touch(i);
         }
         Ok(())

@@ -376,6 +376,12 @@ impl Lease {
         }
     }
 
+    fn stop_renewing(&mut self) {
+        if let Some(r) = self.renewer.take() {
+            r.abort();
+        }
+    }
+
     /// The broker's lease id ("" for a fallback lease).
     pub fn id(&self) -> &str {
         &self.id
@@ -398,9 +404,7 @@ impl Lease {
     /// the lease releases in the background instead, which a process that
     /// exits right after may not get to send).
     pub async fn release(mut self) {
-        if let Some(r) = self.renewer.take() {
-            r.abort();
-        }
+        self.stop_renewing();
         if std::mem::take(&mut self.holds_slot) {
             self.client.release(std::mem::take(&mut self.id)).await;
         }
@@ -418,9 +422,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(r) = self.renewer.take() {
-            r.abort();
-        }
+        self.stop_renewing();
         if self.holds_slot {
             let (client, id) = (self.client.clone(), std::mem::take(&mut self.id));
             // Outside a runtime the slot still comes back, at its expiry.
