@@ -162,6 +162,7 @@ pub(crate) fn status_to_pb(s: TenantBucketStatus, clock: Clock) -> pb::QuotaStat
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::QuotaStatus, Status>> + Send>>;
+type LeaseStreamOut = Pin<Box<dyn Stream<Item = Result<pb::LeaseStreamResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::quota_broker_server::QuotaBroker for BrokerService {
@@ -302,5 +303,15 @@ impl pb::quota_broker_server::QuotaBroker for BrokerService {
         let clock = self.broker.clock();
         let stream = ReceiverStream::new(rx).map(move |s| Ok(status_to_pb(s, clock)));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    type LeaseStreamStream = LeaseStreamOut;
+
+    async fn lease_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::LeaseStreamRequest>>,
+    ) -> Result<Response<LeaseStreamOut>, Status> {
+        let _who = principal(&self.auth, &request)?;
+        Err(Status::unimplemented("LeaseStream is not implemented yet"))
     }
 }

@@ -134,6 +134,16 @@ impl QuotaBroker for Noop {
     ) -> Result<Response<Self::WatchStream>, Status> {
         Ok(Response::new(Box::pin(tokio_stream::empty())))
     }
+
+    type LeaseStreamStream =
+        Pin<Box<dyn Stream<Item = Result<quota_broker::pb::LeaseStreamResponse, Status>> + Send>>;
+
+    async fn lease_stream(
+        &self,
+        _request: Request<tonic::Streaming<quota_broker::pb::LeaseStreamRequest>>,
+    ) -> Result<Response<Self::LeaseStreamStream>, Status> {
+        Err(Status::unimplemented("no-op service: LeaseStream"))
+    }
 }
 
 /// A server running in this process until `stop` is sent.

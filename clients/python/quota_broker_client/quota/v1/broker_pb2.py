@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15quota/v1/broker.proto\x12\x08quota.v1\"\xba\x01\n\x0e\x41\x63quireRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x16\n\x0epriority_class\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x0c\n\x04path\x18\x05 \x01(\t\x12\x14\n\x0coauth_client\x18\x06 \x01(\t\x12\x0f\n\x07permits\x18\x07 \x01(\r\x12\x18\n\x0bmax_wait_ms\x18\x08 \x01(\x04H\x00\x88\x01\x01\x42\x0e\n\x0c_max_wait_ms\"\xb1\x01\n\x0f\x41\x63quireResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0f\n\x07permits\x18\x03 \x01(\r\x12\x1b\n\x13lease_expires_at_ms\x18\x04 \x01(\x04\x12\x14\n\x0clease_ttl_ms\x18\x05 \x01(\x04\x12\x16\n\x0eretry_after_ms\x18\x06 \x01(\x04\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x08 \x03(\t\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"3\n\x0cRenewRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\textend_ms\x18\x02 \x01(\x04\"B\n\rRenewResponse\x12\x1b\n\x13lease_expires_at_ms\x18\x01 \x01(\x04\x12\x14\n\x0clease_ttl_ms\x18\x02 \x01(\x04\"\xf9\x01\n\rReportRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x14\n\x0coauth_client\x18\x05 \x01(\t\x12\x13\n\x0bhttp_status\x18\x06 \x01(\r\x12\x16\n\x0eretry_after_ms\x18\x07 \x01(\x04\x12\x35\n\x07headers\x18\x08 \x03(\x0b\x32$.quota.v1.ReportRequest.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x0eReportResponse\x12\x0f\n\x07\x62uckets\x18\x01 \x03(\t\x12\x15\n\rattributed_to\x18\x02 \x01(\t\"\x1e\n\x0cWatchRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\xb8\x04\n\x0bQuotaStatus\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x1f\n\x17\x63onfigured_rate_per_min\x18\x03 \x01(\x01\x12\x1e\n\x16\x65\x66\x66\x65\x63tive_rate_per_min\x18\x04 \x01(\x01\x12\x18\n\x10tokens_available\x18\x05 \x01(\x01\x12\x11\n\tin_flight\x18\x06 \x01(\r\x12\x15\n\rmax_in_flight\x18\x07 \x01(\r\x12\x17\n\x0f\x66rozen_until_ms\x18\x08 \x01(\x04\x12\x33\n\x07waiting\x18\t \x03(\x0b\x32\".quota.v1.QuotaStatus.WaitingEntry\x12\x15\n\rgranted_total\x18\n \x01(\x04\x12\x17\n\x0fthrottled_total\x18\x0b \x01(\x04\x12\r\n\x05\x61t_ms\x18\x0c \x01(\x04\x12\x14\n\x0coauth_client\x18\r \x01(\t\x12\r\n\x05scope\x18\x0e \x01(\t\x12\r\n\x05\x62urst\x18\x0f \x01(\r\x12\x15\n\rreports_total\x18\x10 \x01(\x04\x12\x0e\n\x06paused\x18\x11 \x01(\x08\x12\x1d\n\x15learned_limit_per_min\x18\x12 \x01(\x01\x12\x16\n\x0ethrottle_ratio\x18\x13 \x01(\x01\x12\x19\n\x11\x63ooldown_until_ms\x18\x14 \x01(\x04\x12\x1a\n\x12upstream_remaining\x18\x15 \x01(\x03\x1a.\n\x0cWaitingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"$\n\x12ListBucketsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"=\n\x13ListBucketsResponse\x12&\n\x07\x62uckets\x18\x01 \x03(\x0b\x32\x15.quota.v1.QuotaStatus\"j\n\rPriorityClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05order\x18\x02 \x01(\r\x12\x0e\n\x06weight\x18\x03 \x01(\r\x12\x0f\n\x07reserve\x18\x04 \x01(\x01\x12\x1b\n\x13\x64\x65\x66\x61ult_max_wait_ms\x18\x05 \x01(\x04\"Q\n\x17SetPriorityClassRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12&\n\x05\x63lass\x18\x02 \x01(\x0b\x32\x17.quota.v1.PriorityClass\"B\n\x18SetPriorityClassResponse\x12&\n\x05\x63lass\x18\x01 \x01(\x0b\x32\x17.quota.v1.PriorityClass\"\x81\x01\n\x15SetBucketLimitRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0f\n\x07permits\x18\x03 \x01(\r\x12\x11\n\twindow_ms\x18\x04 \x01(\x04\x12\r\n\x05\x62urst\x18\x05 \x01(\r\x12\x15\n\rmax_in_flight\x18\x06 \x01(\r\"?\n\x16SetBucketLimitResponse\x12%\n\x06status\x18\x01 \x01(\x0b\x32\x15.quota.v1.QuotaStatus\"D\n\x12PauseBucketRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"<\n\x13PauseBucketResponse\x12%\n\x06status\x18\x01 \x01(\x0b\x32\x15.quota.v1.QuotaStatus\"5\n\x13ResumeBucketRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\"=\n\x14ResumeBucketResponse\x12%\n\x06status\x18\x01 \x01(\x0b\x32\x15.quota.v1.QuotaStatus2\xbe\x02\n\x0bQuotaBroker\x12>\n\x07\x41\x63quire\x12\x18.quota.v1.AcquireRequest\x1a\x19.quota.v1.AcquireResponse\x12>\n\x07Release\x12\x18.quota.v1.ReleaseRequest\x1a\x19.quota.v1.ReleaseResponse\x12\x38\n\x05Renew\x12\x16.quota.v1.RenewRequest\x1a\x17.quota.v1.RenewResponse\x12;\n\x06Report\x12\x17.quota.v1.ReportRequest\x1a\x18.quota.v1.ReportResponse\x12\x38\n\x05Watch\x12\x16.quota.v1.WatchRequest\x1a\x15.quota.v1.QuotaStatus0\x01\x32\xa3\x03\n\nQuotaAdmin\x12J\n\x0bListBuckets\x12\x1c.quota.v1.ListBucketsRequest\x1a\x1d.quota.v1.ListBucketsResponse\x12Y\n\x10SetPriorityClass\x12!.quota.v1.SetPriorityClassRequest\x1a\".quota.v1.SetPriorityClassResponse\x12S\n\x0eSetBucketLimit\x12\x1f.quota.v1.SetBucketLimitRequest\x1a .quota.v1.SetBucketLimitResponse\x12J\n\x0bPauseBucket\x12\x1c.quota.v1.PauseBucketRequest\x1a\x1d.quota.v1.PauseBucketResponse\x12M\n\x0cResumeBucket\x12\x1d.quota.v1.ResumeBucketRequest\x1a\x1e.quota.v1.ResumeBucketResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15quota/v1/broker.proto\x12\x08quota.v1\"\xba\x01\n\x0e\x41\x63quireRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x16\n\x0epriority_class\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x0c\n\x04path\x18\x05 \x01(\t\x12\x14\n\x0coauth_client\x18\x06 \x01(\t\x12\x0f\n\x07permits\x18\x07 \x01(\r\x12\x18\n\x0bmax_wait_ms\x18\x08 \x01(\x04H\x00\x88\x01\x01\x42\x0e\n\x0c_max_wait_ms\"\xb1\x01\n\x0f\x41\x63quireResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0f\n\x07permits\x18\x03 \x01(\r\x12\x1b\n\x13lease_expires_at_ms\x18\x04 \x01(\x04\x12\x14\n\x0clease_ttl_ms\x18\x05 \x01(\x04\x12\x16\n\x0eretry_after_ms\x18\x06 \x01(\x04\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x08 \x03(\t\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"3\n\x0cRenewRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\textend_ms\x18\x02 \x01(\x04\"B\n\rRenewResponse\x12\x1b\n\x13lease_expires_at_ms\x18\x01 \x01(\x04\x12\x14\n\x0clease_ttl_ms\x18\x02 \x01(\x04\"\xf9\x01\n\rReportRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x14\n\x0coauth_client\x18\x05 \x01(\t\x12\x13\n\x0bhttp_status\x18\x06 \x01(\r\x12\x16\n\x0eretry_after_ms\x18\x07 \x01(\x04\x12\x35\n\x07headers\x18\x08 \x03(\x0b\x32$.quota.v1.ReportRequest.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x0eReportResponse\x12\x0f\n\x07\x62uckets\x18\x01 \x03(\t\x12\x15\n\rattributed_to\x18\x02 \x01(\t\"\xd4\x01\n\x12LeaseStreamRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12+\n\x07\x61\x63quire\x18\x02 \x01(\x0b\x32\x18.quota.v1.AcquireRequestH\x00\x12+\n\x07release\x18\x03 \x01(\x0b\x32\x18.quota.v1.ReleaseRequestH\x00\x12\'\n\x05renew\x18\x04 \x01(\x0b\x32\x16.quota.v1.RenewRequestH\x00\x12)\n\x06report\x18\x05 \x01(\x0b\x32\x17.quota.v1.ReportRequestH\x00\x42\x04\n\x02op\"\x88\x02\n\x13LeaseStreamResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12,\n\x07\x61\x63quire\x18\x02 \x01(\x0b\x32\x19.quota.v1.AcquireResponseH\x00\x12,\n\x07release\x18\x03 \x01(\x0b\x32\x19.quota.v1.ReleaseResponseH\x00\x12(\n\x05renew\x18\x04 \x01(\x0b\x32\x17.quota.v1.RenewResponseH\x00\x12*\n\x06report\x18\x05 \x01(\x0b\x32\x18.quota.v1.ReportResponseH\x00\x12)\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x18.quota.v1.OperationErrorH\x00\x42\x08\n\x06result\"/\n\x0eOperationError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x1e\n\x0cWatchRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\xb8\x04\n\x0bQuotaStatus\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x1f\n\x17\x63onfigured_rate_per_min\x18\x03 \x01(\x01\x12\x1e\n\x16\x65\x66\x66\x65\x63tive_rate_per_min\x18\x04 \x01(\x01\x12\x18\n\x10tokens_available\x18\x05 \x01(\x01\x12\x11\n\tin_flight\x18\x06 \x01(\r\x12\x15\n\rmax_in_flight\x18\x07 \x01(\r\x12\x17\n\x0f\x66rozen_until_ms\x18\x08 \x01(\x04\x12\x33\n\x07waiting\x18\t \x03(\x0b\x32\".quota.v1.QuotaStatus.WaitingEntry\x12\x15\n\rgranted_total\x18\n \x01(\x04\x12\x17\n\x0fthrottled_total\x18\x0b \x01(\x04\x12\r\n\x05\x61t_ms\x18\x0c \x01(\x04\x12\x14\n\x0coauth_client\x18\r \x01(\t\x12\r\n\x05scope\x18\x0e \x01(\t\x12\r\n\x05\x62urst\x18\x0f \x01(\r\x12\x15\n\rreports_total\x18\x10 \x01(\x04\x12\x0e\n\x06paused\x18\x11 \x01(\x08\x12\x1d\n\x15learned_limit_per_min\x18\x12 \x01(\x01\x12\x16\n\x0ethrottle_ratio\x18\x13 \x01(\x01\x12\x19\n\x11\x63ooldown_until_ms\x18\x14 \x01(\x04\x12\x1a\n\x12upstream_remaining\x18\x15 \x01(\x03\x1a.\n\x0cWaitingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"$\n\x12ListBucketsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"=\n\x13ListBucketsResponse\x12&\n\x07\x62uckets\x18\x01 \x03(\x0b\x32\x15.quota.v1.QuotaStatus\"j\n\rPriorityClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05order\x18\x02 \x01(\r\x12\x0e\n\x06weight\x18\x03 \x01(\r\x12\x0f\n\x07reserve\x18\x04 \x01(\x01\x12\x1b\n\x13\x64\x65\x66\x61ult_max_wait_ms\x18\x05 \x01(\x04\"Q\n\x17SetPriorityClassRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12&\n\x05\x63lass\x18\x02 \x01(\x0b\x32\x17.quota.v1.PriorityClass\"B\n\x18SetPriorityClassResponse\x12&\n\x05\x63lass\x18\x01 \x01(\x0b\x32\x17.quota.v1.PriorityClass\"\x81\x01\n\x15SetBucketLimitRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0f\n\x07permits\x18\x03 \x01(\r\x12\x11\n\twindow_ms\x18\x04 \x01(\x04\x12\r\n\x05\x62urst\x18\x05 \x01(\r\x12\x15\n\rmax_in_flight\x18\x06 \x01(\r\"?\n\x16SetBucketLimitResponse\x12%\n\x06status\x18\x01 \x01(\x0b\x32\x15.quota.v1.QuotaStatus\"D\n\x12PauseBucketRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"<\n\x13PauseBucketResponse\x12%\n\x06status\x18\x01 \x01(\x0b\x32\x15.quota.v1.QuotaStatus\"5\n\x13ResumeBucketRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\"=\n\x14ResumeBucketResponse\x12%\n\x06status\x18\x01 \x01(\x0b\x32\x15.quota.v1.QuotaStatus2\x8e\x03\n\x0bQuotaBroker\x12>\n\x07\x41\x63quire\x12\x18.quota.v1.AcquireRequest\x1a\x19.quota.v1.AcquireResponse\x12>\n\x07Release\x12\x18.quota.v1.ReleaseRequest\x1a\x19.quota.v1.ReleaseResponse\x12\x38\n\x05Renew\x12\x16.quota.v1.RenewRequest\x1a\x17.quota.v1.RenewResponse\x12;\n\x06Report\x12\x17.quota.v1.ReportRequest\x1a\x18.quota.v1.ReportResponse\x12\x38\n\x05Watch\x12\x16.quota.v1.WatchRequest\x1a\x15.quota.v1.QuotaStatus0\x01\x12N\n\x0bLeaseStream\x12\x1c.quota.v1.LeaseStreamRequest\x1a\x1d.quota.v1.LeaseStreamResponse(\x01\x30\x01\x32\xa3\x03\n\nQuotaAdmin\x12J\n\x0bListBuckets\x12\x1c.quota.v1.ListBucketsRequest\x1a\x1d.quota.v1.ListBucketsResponse\x12Y\n\x10SetPriorityClass\x12!.quota.v1.SetPriorityClassRequest\x1a\".quota.v1.SetPriorityClassResponse\x12S\n\x0eSetBucketLimit\x12\x1f.quota.v1.SetBucketLimitRequest\x1a .quota.v1.SetBucketLimitResponse\x12J\n\x0bPauseBucket\x12\x1c.quota.v1.PauseBucketRequest\x1a\x1d.quota.v1.PauseBucketResponse\x12M\n\x0cResumeBucket\x12\x1d.quota.v1.ResumeBucketRequest\x1a\x1e.quota.v1.ResumeBucketResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,36 +43,42 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_REPORTREQUEST_HEADERSENTRY']._serialized_end=848
   _globals['_REPORTRESPONSE']._serialized_start=850
   _globals['_REPORTRESPONSE']._serialized_end=906
-  _globals['_WATCHREQUEST']._serialized_start=908
-  _globals['_WATCHREQUEST']._serialized_end=938
-  _globals['_QUOTASTATUS']._serialized_start=941
-  _globals['_QUOTASTATUS']._serialized_end=1509
-  _globals['_QUOTASTATUS_WAITINGENTRY']._serialized_start=1463
-  _globals['_QUOTASTATUS_WAITINGENTRY']._serialized_end=1509
-  _globals['_LISTBUCKETSREQUEST']._serialized_start=1511
-  _globals['_LISTBUCKETSREQUEST']._serialized_end=1547
-  _globals['_LISTBUCKETSRESPONSE']._serialized_start=1549
-  _globals['_LISTBUCKETSRESPONSE']._serialized_end=1610
-  _globals['_PRIORITYCLASS']._serialized_start=1612
-  _globals['_PRIORITYCLASS']._serialized_end=1718
-  _globals['_SETPRIORITYCLASSREQUEST']._serialized_start=1720
-  _globals['_SETPRIORITYCLASSREQUEST']._serialized_end=1801
-  _globals['_SETPRIORITYCLASSRESPONSE']._serialized_start=1803
-  _globals['_SETPRIORITYCLASSRESPONSE']._serialized_end=1869
-  _globals['_SETBUCKETLIMITREQUEST']._serialized_start=1872
-  _globals['_SETBUCKETLIMITREQUEST']._serialized_end=2001
-  _globals['_SETBUCKETLIMITRESPONSE']._serialized_start=2003
-  _globals['_SETBUCKETLIMITRESPONSE']._serialized_end=2066
-  _globals['_PAUSEBUCKETREQUEST']._serialized_start=2068
-  _globals['_PAUSEBUCKETREQUEST']._serialized_end=2136
-  _globals['_PAUSEBUCKETRESPONSE']._serialized_start=2138
-  _globals['_PAUSEBUCKETRESPONSE']._serialized_end=2198
-  _globals['_RESUMEBUCKETREQUEST']._serialized_start=2200
-  _globals['_RESUMEBUCKETREQUEST']._serialized_end=2253
-  _globals['_RESUMEBUCKETRESPONSE']._serialized_start=2255
-  _globals['_RESUMEBUCKETRESPONSE']._serialized_end=2316
-  _globals['_QUOTABROKER']._serialized_start=2319
-  _globals['_QUOTABROKER']._serialized_end=2637
-  _globals['_QUOTAADMIN']._serialized_start=2640
-  _globals['_QUOTAADMIN']._serialized_end=3059
+  _globals['_LEASESTREAMREQUEST']._serialized_start=909
+  _globals['_LEASESTREAMREQUEST']._serialized_end=1121
+  _globals['_LEASESTREAMRESPONSE']._serialized_start=1124
+  _globals['_LEASESTREAMRESPONSE']._serialized_end=1388
+  _globals['_OPERATIONERROR']._serialized_start=1390
+  _globals['_OPERATIONERROR']._serialized_end=1437
+  _globals['_WATCHREQUEST']._serialized_start=1439
+  _globals['_WATCHREQUEST']._serialized_end=1469
+  _globals['_QUOTASTATUS']._serialized_start=1472
+  _globals['_QUOTASTATUS']._serialized_end=2040
+  _globals['_QUOTASTATUS_WAITINGENTRY']._serialized_start=1994
+  _globals['_QUOTASTATUS_WAITINGENTRY']._serialized_end=2040
+  _globals['_LISTBUCKETSREQUEST']._serialized_start=2042
+  _globals['_LISTBUCKETSREQUEST']._serialized_end=2078
+  _globals['_LISTBUCKETSRESPONSE']._serialized_start=2080
+  _globals['_LISTBUCKETSRESPONSE']._serialized_end=2141
+  _globals['_PRIORITYCLASS']._serialized_start=2143
+  _globals['_PRIORITYCLASS']._serialized_end=2249
+  _globals['_SETPRIORITYCLASSREQUEST']._serialized_start=2251
+  _globals['_SETPRIORITYCLASSREQUEST']._serialized_end=2332
+  _globals['_SETPRIORITYCLASSRESPONSE']._serialized_start=2334
+  _globals['_SETPRIORITYCLASSRESPONSE']._serialized_end=2400
+  _globals['_SETBUCKETLIMITREQUEST']._serialized_start=2403
+  _globals['_SETBUCKETLIMITREQUEST']._serialized_end=2532
+  _globals['_SETBUCKETLIMITRESPONSE']._serialized_start=2534
+  _globals['_SETBUCKETLIMITRESPONSE']._serialized_end=2597
+  _globals['_PAUSEBUCKETREQUEST']._serialized_start=2599
+  _globals['_PAUSEBUCKETREQUEST']._serialized_end=2667
+  _globals['_PAUSEBUCKETRESPONSE']._serialized_start=2669
+  _globals['_PAUSEBUCKETRESPONSE']._serialized_end=2729
+  _globals['_RESUMEBUCKETREQUEST']._serialized_start=2731
+  _globals['_RESUMEBUCKETREQUEST']._serialized_end=2784
+  _globals['_RESUMEBUCKETRESPONSE']._serialized_start=2786
+  _globals['_RESUMEBUCKETRESPONSE']._serialized_end=2847
+  _globals['_QUOTABROKER']._serialized_start=2850
+  _globals['_QUOTABROKER']._serialized_end=3248
+  _globals['_QUOTAADMIN']._serialized_start=3251
+  _globals['_QUOTAADMIN']._serialized_end=3670
 # @@protoc_insertion_point(module_scope)

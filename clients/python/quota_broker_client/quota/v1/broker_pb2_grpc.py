@@ -40,6 +40,11 @@ class QuotaBrokerStub(object):
                 request_serializer=quota_dot_v1_dot_broker__pb2.WatchRequest.SerializeToString,
                 response_deserializer=quota_dot_v1_dot_broker__pb2.QuotaStatus.FromString,
                 )
+        self.LeaseStream = channel.stream_stream(
+                '/quota.v1.QuotaBroker/LeaseStream',
+                request_serializer=quota_dot_v1_dot_broker__pb2.LeaseStreamRequest.SerializeToString,
+                response_deserializer=quota_dot_v1_dot_broker__pb2.LeaseStreamResponse.FromString,
+                )
 
 
 class QuotaBrokerServicer(object):
@@ -86,6 +91,19 @@ class QuotaBrokerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LeaseStream(self, request_iterator, context):
+        """Acquire, Release, Renew and Report over one bidirectional stream, for a
+        busy sidecar: each request carries an id that its one answer echoes.
+        Answers come in the order they are ready, not the order asked (a waiting
+        Acquire does not hold up a Release behind it). A failed operation answers
+        with `error` and the stream goes on; the stream itself fails only for
+        authentication. When the stream ends, for whatever reason, the broker
+        releases every lease granted on it and not yet released.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QuotaBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +131,11 @@ def add_QuotaBrokerServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=quota_dot_v1_dot_broker__pb2.WatchRequest.FromString,
                     response_serializer=quota_dot_v1_dot_broker__pb2.QuotaStatus.SerializeToString,
+            ),
+            'LeaseStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.LeaseStream,
+                    request_deserializer=quota_dot_v1_dot_broker__pb2.LeaseStreamRequest.FromString,
+                    response_serializer=quota_dot_v1_dot_broker__pb2.LeaseStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -207,6 +230,23 @@ class QuotaBroker(object):
         return grpc.experimental.unary_stream(request, target, '/quota.v1.QuotaBroker/Watch',
             quota_dot_v1_dot_broker__pb2.WatchRequest.SerializeToString,
             quota_dot_v1_dot_broker__pb2.QuotaStatus.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def LeaseStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(request_iterator, target, '/quota.v1.QuotaBroker/LeaseStream',
+            quota_dot_v1_dot_broker__pb2.LeaseStreamRequest.SerializeToString,
+            quota_dot_v1_dot_broker__pb2.LeaseStreamResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
