@@ -1,0 +1,1 @@
+//! gcsim: a Genesys Cloud stand-in for the fleet scenario.
