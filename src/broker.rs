@@ -282,6 +282,11 @@ impl Broker {
         LearnedFile::new(entries)
     }
 
+    /// Cancelled when the broker shuts down; long-lived streams end on it.
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
     /// The clock mapping used for wire times.
     pub fn clock(&self) -> Clock {
         self.inner.clock

@@ -7,7 +7,7 @@
 //!
 //! ```text
 //!  gRPC ──► service.rs / admin.rs   auth.rs (bearer tokens) → decode + validate, encode;
-//!              │                    BrokerError → Status
+//!              │  stream.rs         BrokerError → Status; stream.rs: LeaseStream sessions
 //!              ▼
 //!           broker.rs               Broker handle: tenants, waits, driver tasks, Watch feed,
 //!              │                    state files (state.rs); one lock per tenant, never
@@ -49,6 +49,7 @@ pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod state;
+mod stream;
 pub mod tenant;
 
 /// Generated protobuf types and gRPC stubs of `quota.v1`.

@@ -10,6 +10,7 @@ use crate::config::Settings;
 use crate::pb;
 use crate::service::BrokerService;
 use std::future::Future;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
@@ -22,6 +23,13 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// Largest request accepted. Requests are small (a report with its headers
 /// is well under 4 KiB); this bounds what a broken client can make us buffer.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// HTTP/2 PING interval on idle connections, so a sidecar that vanished
+/// without closing its socket (and the waits, leases and streams it holds)
+/// is noticed.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a keepalive PING may go unanswered before the connection is
+/// closed.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +90,8 @@ pub async fn run(
     let serve = Server::builder()
         // Explicit transport limits (README "Transport limits").
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(

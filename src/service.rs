@@ -70,6 +70,11 @@ impl BrokerService {
         BrokerService { broker, auth }
     }
 
+    /// The broker this service serves.
+    pub(crate) fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
     /// Checks that the caller may touch the tenant of a lease.
     fn check_lease(&self, who: &Principal, lease_id: &str) -> Result<(), Status> {
         if let Some(tenant) = self.broker.lease_tenant_id(lease_id)? {
@@ -164,14 +169,13 @@ pub(crate) fn status_to_pb(s: TenantBucketStatus, clock: Clock) -> pb::QuotaStat
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::QuotaStatus, Status>> + Send>>;
 type LeaseStreamOut = Pin<Box<dyn Stream<Item = Result<pb::LeaseStreamResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl pb::quota_broker_server::QuotaBroker for BrokerService {
-    async fn acquire(
+impl BrokerService {
+    /// Acquire for an authenticated caller (unary and LeaseStream alike).
+    pub(crate) async fn acquire_op(
         &self,
-        request: Request<pb::AcquireRequest>,
-    ) -> Result<Response<pb::AcquireResponse>, Status> {
-        let who = principal(&self.auth, &request)?;
-        let r = request.into_inner();
+        who: &Principal,
+        r: pb::AcquireRequest,
+    ) -> Result<pb::AcquireResponse, Status> {
         let tenant = required("tenant", &r.tenant, "demo")?;
         who.may_access(tenant)?;
         let client_id = required("client_id", &r.client_id, "ingest-worker-1")?;
@@ -191,7 +195,7 @@ impl pb::quota_broker_server::QuotaBroker for BrokerService {
             .acquire(tenant, args, r.max_wait_ms.map(Duration::from_millis))
             .await?;
         let clock = self.broker.clock();
-        Ok(Response::new(match outcome {
+        Ok(match outcome {
             AcquireOutcome::Granted(g) => {
                 let (expires_at_ms, ttl_ms) = g
                     .slot
@@ -215,42 +219,42 @@ impl pb::quota_broker_server::QuotaBroker for BrokerService {
                 buckets: d.buckets,
                 ..Default::default()
             },
-        }))
+        })
     }
 
-    async fn release(
+    /// Release for an authenticated caller.
+    pub(crate) fn release_op(
         &self,
-        request: Request<pb::ReleaseRequest>,
-    ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let who = principal(&self.auth, &request)?;
-        let lease_id = request.into_inner().lease_id;
-        self.check_lease(&who, &lease_id)?;
-        let released = self.broker.release(&lease_id)?;
-        Ok(Response::new(pb::ReleaseResponse { released }))
+        who: &Principal,
+        r: pb::ReleaseRequest,
+    ) -> Result<pb::ReleaseResponse, Status> {
+        self.check_lease(who, &r.lease_id)?;
+        let released = self.broker.release(&r.lease_id)?;
+        Ok(pb::ReleaseResponse { released })
     }
 
-    async fn renew(
+    /// Renew for an authenticated caller.
+    pub(crate) fn renew_op(
         &self,
-        request: Request<pb::RenewRequest>,
-    ) -> Result<Response<pb::RenewResponse>, Status> {
-        let who = principal(&self.auth, &request)?;
-        let r = request.into_inner();
-        self.check_lease(&who, &r.lease_id)?;
+        who: &Principal,
+        r: pb::RenewRequest,
+    ) -> Result<pb::RenewResponse, Status> {
+        self.check_lease(who, &r.lease_id)?;
         let (at, ttl) = self
             .broker
             .renew(&r.lease_id, Duration::from_millis(r.extend_ms))?;
-        Ok(Response::new(pb::RenewResponse {
+        Ok(pb::RenewResponse {
             lease_expires_at_ms: self.broker.clock().unix_ms(at),
             lease_ttl_ms: ms(ttl),
-        }))
+        })
     }
 
-    async fn report(
+    /// Report for an authenticated caller.
+    pub(crate) fn report_op(
         &self,
-        request: Request<pb::ReportRequest>,
-    ) -> Result<Response<pb::ReportResponse>, Status> {
-        let who = principal(&self.auth, &request)?;
-        let r = request.into_inner();
+        who: &Principal,
+        r: pb::ReportRequest,
+    ) -> Result<pb::ReportResponse, Status> {
         let tenant = required("tenant", &r.tenant, "demo")?;
         who.may_access(tenant)?;
         let oauth_client = bounded("oauth_client", &r.oauth_client)?;
@@ -278,10 +282,47 @@ impl pb::quota_broker_server::QuotaBroker for BrokerService {
             retry_after,
             &info,
         )?;
-        Ok(Response::new(pb::ReportResponse {
+        Ok(pb::ReportResponse {
             buckets: outcome.buckets,
             attributed_to: outcome.attributed_to.unwrap_or_default(),
-        }))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::quota_broker_server::QuotaBroker for BrokerService {
+    async fn acquire(
+        &self,
+        request: Request<pb::AcquireRequest>,
+    ) -> Result<Response<pb::AcquireResponse>, Status> {
+        let who = principal(&self.auth, &request)?;
+        Ok(Response::new(
+            self.acquire_op(&who, request.into_inner()).await?,
+        ))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let who = principal(&self.auth, &request)?;
+        Ok(Response::new(self.release_op(&who, request.into_inner())?))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        let who = principal(&self.auth, &request)?;
+        Ok(Response::new(self.renew_op(&who, request.into_inner())?))
+    }
+
+    async fn report(
+        &self,
+        request: Request<pb::ReportRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
+        let who = principal(&self.auth, &request)?;
+        Ok(Response::new(self.report_op(&who, request.into_inner())?))
     }
 
     type WatchStream = WatchStream;
@@ -311,7 +352,8 @@ impl pb::quota_broker_server::QuotaBroker for BrokerService {
         &self,
         request: Request<tonic::Streaming<pb::LeaseStreamRequest>>,
     ) -> Result<Response<LeaseStreamOut>, Status> {
-        let _who = principal(&self.auth, &request)?;
-        Err(Status::unimplemented("LeaseStream is not implemented yet"))
+        let who = principal(&self.auth, &request)?;
+        let rx = crate::stream::serve(self.clone(), who, request.into_inner());
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

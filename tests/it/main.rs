@@ -8,4 +8,5 @@ mod harness;
 mod learning;
 mod lifecycle;
 mod process;
+mod stream;
 mod watch;

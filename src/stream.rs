@@ -1,0 +1,161 @@
+//! The LeaseStream session: one bidirectional stream on which a busy
+//! sidecar acquires, releases, renews and reports without paying an RPC per
+//! operation. A session owns the stream's waiting acquires, polled in the
+//! session's own task so that a grant is never lost between the broker and
+//! the stream, and the leases granted on it, which it releases when the
+//! stream ends for any reason.
+
+use crate::auth::Principal;
+use crate::pb;
+use crate::pb::lease_stream_request::Op;
+use crate::pb::lease_stream_response::Result as Answer;
+use crate::service::BrokerService;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use std::collections::HashSet;
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+/// Answers buffered for a slow reader; when full, the session stops reading
+/// requests until the client reads (backpressure, not unbounded memory).
+const ANSWER_BUFFER: usize = 256;
+/// Most acquires one stream may have waiting at once, as many as the
+/// concurrent unary RPCs one connection may have.
+const MAX_WAITING: usize = crate::server::MAX_CONCURRENT_STREAMS as usize;
+
+/// What the session answers on the response stream.
+pub(crate) type Answers = mpsc::Receiver<Result<pb::LeaseStreamResponse, Status>>;
+
+/// Starts a session for `who` on `requests`; its answers come out of the
+/// returned receiver. The session ends when the client closes its side and
+/// every waiting acquire is answered, when the client goes away, or at
+/// shutdown.
+pub(crate) fn serve(
+    svc: BrokerService,
+    who: Principal,
+    requests: Streaming<pb::LeaseStreamRequest>,
+) -> Answers {
+    let (tx, rx) = mpsc::channel(ANSWER_BUFFER);
+    tokio::spawn(session(svc, who, requests, tx));
+    rx
+}
+
+/// One step of the session loop.
+enum Event {
+    Request(pb::LeaseStreamRequest),
+    Granted(u64, Result<pb::AcquireResponse, Status>),
+    ClientDone,
+    Stop,
+}
+
+async fn session(
+    svc: BrokerService,
+    who: Principal,
+    mut requests: Streaming<pb::LeaseStreamRequest>,
+    tx: mpsc::Sender<Result<pb::LeaseStreamResponse, Status>>,
+) {
+    let shutdown = svc.broker().shutdown_token().clone();
+    // Leases granted on this stream that still hold slots.
+    let mut held: HashSet<String> = HashSet::new();
+    let mut waiting = FuturesUnordered::new();
+    let mut reading = true;
+    loop {
+        let event = tokio::select! {
+            r = requests.message(), if reading => match r {
+                Ok(Some(req)) => Event::Request(req),
+                Ok(None) => Event::ClientDone,
+                Err(status) => {
+                    tracing::debug!(%status, "LeaseStream: request stream failed");
+                    Event::Stop
+                }
+            },
+            Some((id, r)) = waiting.next(), if !waiting.is_empty() => Event::Granted(id, r),
+            _ = shutdown.cancelled() => Event::Stop,
+            _ = tx.closed() => Event::Stop,
+        };
+        let answer = match event {
+            Event::Request(req) => {
+                let id = req.id;
+                match req.op {
+                    Some(Op::Acquire(a)) if waiting.len() < MAX_WAITING => {
+                        let (svc, who) = (&svc, &who);
+                        waiting.push(async move { (id, svc.acquire_op(who, a).await) });
+                        None
+                    }
+                    Some(Op::Acquire(_)) => Some(failed(
+                        id,
+                        Status::resource_exhausted(format!(
+                            "this stream already has {MAX_WAITING} acquires waiting; wait for answers before sending more"
+                        )),
+                    )),
+                    Some(Op::Release(r)) => {
+                        held.remove(&r.lease_id);
+                        Some(answer(id, svc.release_op(&who, r).map(Answer::Release)))
+                    }
+                    Some(Op::Renew(r)) => Some(answer(id, svc.renew_op(&who, r).map(Answer::Renew))),
+                    Some(Op::Report(r)) => {
+                        Some(answer(id, svc.report_op(&who, r).map(Answer::Report)))
+                    }
+                    None => Some(failed(
+                        id,
+                        Status::invalid_argument(
+                            "op: required, one of acquire, release, renew or report",
+                        ),
+                    )),
+                }
+            }
+            Event::Granted(id, r) => {
+                if let Ok(g) = &r {
+                    if g.granted && g.lease_ttl_ms > 0 {
+                        held.insert(g.lease_id.clone());
+                    }
+                }
+                Some(answer(id, r.map(Answer::Acquire)))
+            }
+            Event::ClientDone => {
+                reading = false;
+                None
+            }
+            Event::Stop => break,
+        };
+        if let Some(a) = answer {
+            if tx.send(Ok(a)).await.is_err() {
+                break;
+            }
+        }
+        if !reading && waiting.is_empty() {
+            break;
+        }
+    }
+    // Dropping a waiting acquire withdraws it from its queue.
+    drop(waiting);
+    if !held.is_empty() {
+        tracing::debug!(
+            leases = held.len(),
+            "LeaseStream ended: releasing its leases"
+        );
+    }
+    for lease in held {
+        // Already expired or released elsewhere is fine: release is idempotent.
+        let _ = svc.broker().release(&lease);
+    }
+}
+
+fn answer(id: u64, r: Result<Answer, Status>) -> pb::LeaseStreamResponse {
+    match r {
+        Ok(result) => pb::LeaseStreamResponse {
+            id,
+            result: Some(result),
+        },
+        Err(status) => failed(id, status),
+    }
+}
+
+fn failed(id: u64, status: Status) -> pb::LeaseStreamResponse {
+    pb::LeaseStreamResponse {
+        id,
+        result: Some(Answer::Error(pb::OperationError {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+        })),
+    }
+}
