@@ -877,9 +877,7 @@ impl TenantState {
             }
         };
         let throttled = http_status == 429;
-        let target = (throttled || !info.is_empty())
-            .then(|| self.attribute(&instances, info))
-            .flatten();
+        let (described, refused_by) = self.attribute_report(&instances, info, throttled);
         let s = self.learning;
         for &i in &instances {
             let Some(x) = self.instances.get_mut(i) else {
@@ -895,58 +893,15 @@ impl TenantState {
                 }
             }
         }
-        if let Some(i) = target {
-            let tenant = self.id.clone();
-            let bucket = self.name(i);
-            let Some(x) = self.instances.get_mut(i) else {
-                return Ok(ReportOutcome::default());
-            };
-            let mut learned = Vec::new();
-            let window = info
-                .window
-                .or(self.buckets[x.bucket].settings.rate.map(|r| r.window))
-                .unwrap_or(Duration::from_secs(60));
-            if let Some(limit) = info.limit {
-                let per_min = limit as f64 * 60.0 / window.as_secs_f64().max(1e-3);
-                learned.extend(x.learner.on_limit(per_min));
-            }
-            x.sync_budget(info, window, now);
-            if throttled {
-                x.throttled_total += 1;
-                learned.extend(
-                    x.learner
-                        .on_throttled(now, retry_after, info.exhausted(), &s),
-                );
-                // Jitter is drawn once per freeze end, not once per report.
-                for change in &learned {
-                    if let Learned::Frozen { until } = change {
-                        x.freeze(*until, self.rng.f64(), &s);
-                    }
-                }
-            }
-            x.apply_rate(now, &s);
-            for change in &learned {
-                match change {
-                    Learned::Frozen { until } => tracing::info!(
-                        %tenant, %bucket, oauth_client = x.oauth_client.as_deref().unwrap_or(""),
-                        frozen_ms = until.saturating_duration_since(now).as_millis() as u64,
-                        "upstream answered 429: bucket frozen for the whole tenant"
-                    ),
-                    Learned::Cut { from, to, why } => tracing::info!(
-                        %tenant, %bucket, from_per_min = from, to_per_min = to,
-                        "effective rate cut: {why}"
-                    ),
-                    Learned::Limit { per_min } => tracing::info!(
-                        %tenant, %bucket, learned_per_min = per_min,
-                        configured_per_min = x.learner.configured(),
-                        "upstream reports a limit below the configured rate; adopting it"
-                    ),
-                }
-            }
-            if !learned.is_empty() {
-                self.learned_dirty = true;
-            }
+        if let Some(i) = described.filter(|&d| refused_by != Some(d)) {
+            self.learn(i, Some(info), None, now);
         }
+        if let Some(i) = refused_by {
+            // Headers that describe another budget say nothing of this one.
+            let own = (described == Some(i)).then_some(info);
+            self.learn(i, own, Some(retry_after), now);
+        }
+        let target = refused_by.or(described);
         for &i in &instances {
             self.touch(i);
         }
@@ -954,6 +909,101 @@ impl TenantState {
             buckets: self.names(&instances),
             attributed_to: target.map(|i| self.name(i)),
         })
+    }
+
+    /// Which bucket the rate-limit headers describe, and which bucket
+    /// refused a 429. They differ when the headers describe a budget with
+    /// requests left: Genesys sends its per-OAuth-client headers on every
+    /// answer, also on a 429 from an org-wide endpoint-family limit, and
+    /// that 429 must teach the family's bucket, not freeze the client's.
+    fn attribute_report(
+        &self,
+        instances: &[usize],
+        info: &RateLimitInfo,
+        throttled: bool,
+    ) -> (Option<usize>, Option<usize>) {
+        let described = (!info.is_empty())
+            .then(|| self.attribute(instances, info))
+            .flatten();
+        if !throttled {
+            return (described, None);
+        }
+        let budget_left = info.remaining.is_some_and(|r| r > 0);
+        let refused_by = match described {
+            Some(d) if budget_left => {
+                let others: Vec<usize> = instances.iter().copied().filter(|&i| i != d).collect();
+                self.attribute(&others, &RateLimitInfo::default())
+                    .or(Some(d))
+            }
+            Some(d) => Some(d),
+            None => self.attribute(instances, info),
+        };
+        (described, refused_by)
+    }
+
+    /// Applies what a report says to instance `i`: `info` (the headers, when
+    /// they describe this bucket's budget) and `throttled` (a 429 this bucket
+    /// refused, with its Retry-After).
+    fn learn(
+        &mut self,
+        i: usize,
+        info: Option<&RateLimitInfo>,
+        throttled: Option<Option<Duration>>,
+        now: Instant,
+    ) {
+        let s = self.learning;
+        let tenant = self.id.clone();
+        let bucket = self.name(i);
+        let Some(x) = self.instances.get_mut(i) else {
+            return;
+        };
+        let mut learned = Vec::new();
+        let empty = RateLimitInfo::default();
+        let info = info.unwrap_or(&empty);
+        let window = info
+            .window
+            .or(self.buckets[x.bucket].settings.rate.map(|r| r.window))
+            .unwrap_or(Duration::from_secs(60));
+        if let Some(limit) = info.limit {
+            let per_min = limit as f64 * 60.0 / window.as_secs_f64().max(1e-3);
+            learned.extend(x.learner.on_limit(per_min));
+        }
+        x.sync_budget(info, window, now);
+        if let Some(retry_after) = throttled {
+            x.throttled_total += 1;
+            learned.extend(
+                x.learner
+                    .on_throttled(now, retry_after, info.exhausted(), &s),
+            );
+            // Jitter is drawn once per freeze end, not once per report.
+            for change in &learned {
+                if let Learned::Frozen { until } = change {
+                    x.freeze(*until, self.rng.f64(), &s);
+                }
+            }
+        }
+        x.apply_rate(now, &s);
+        for change in &learned {
+            match change {
+                Learned::Frozen { until } => tracing::info!(
+                    %tenant, %bucket, oauth_client = x.oauth_client.as_deref().unwrap_or(""),
+                    frozen_ms = until.saturating_duration_since(now).as_millis() as u64,
+                    "upstream answered 429: bucket frozen for the whole tenant"
+                ),
+                Learned::Cut { from, to, why } => tracing::info!(
+                    %tenant, %bucket, from_per_min = from, to_per_min = to,
+                    "effective rate cut: {why}"
+                ),
+                Learned::Limit { per_min } => tracing::info!(
+                    %tenant, %bucket, learned_per_min = per_min,
+                    configured_per_min = x.learner.configured(),
+                    "upstream reports a limit below the configured rate; adopting it"
+                ),
+            }
+        }
+        if !learned.is_empty() {
+            self.learned_dirty = true;
+        }
     }
 
     /// Which bucket of a call a 429 or rate-limit headers belong to.

@@ -395,6 +395,38 @@ window_ms = 60000
             .find(|s| s.bucket == "per-client")
             .unwrap();
         assert_eq!(p.upstream_remaining, 294);
+
+        // A 429 carrying the per-client headers with budget left came from
+        // another limit (Genesys sends the per-client headers on every
+        // answer): it freezes the analytics bucket, not the OAuth client's.
+        let mut throttled = report(429, "300", "7");
+        throttled.headers.insert("Retry-After".into(), "20".into());
+        let r = c.report(throttled).await.unwrap().into_inner();
+        assert_eq!(r.attributed_to, "analytics");
+        let bucket = |list: &[QuotaStatus], name: &str| {
+            list.iter().find(|s| s.bucket == name).unwrap().clone()
+        };
+        let list = b
+            .admin
+            .clone()
+            .list_buckets(ListBucketsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .buckets;
+        let (a, p) = (bucket(&list, "analytics"), bucket(&list, "per-client"));
+        assert!(a.frozen_until_ms > 0 && a.throttled_total == 1, "{a:?}");
+        assert!(p.frozen_until_ms == 0 && p.throttled_total == 0, "{p:?}");
+        assert_eq!(
+            p.upstream_remaining, 293,
+            "the headers still update the per-client budget"
+        );
+
+        // The same headers with the budget used up: the per-client bucket refused.
+        let mut spent = report(429, "300", "300");
+        spent.headers.insert("Retry-After".into(), "20".into());
+        let r = c.report(spent).await.unwrap().into_inner();
+        assert_eq!(r.attributed_to, "per-client");
         b.stop().await;
     }
 
