@@ -7,10 +7,17 @@
 //! The rules (README "How the broker learns" has a worked example):
 //! - **Freeze.** A 429 freezes the bucket until its Retry-After (or the
 //!   default freeze). Reports of the same wave only extend the freeze.
-//! - **Multiplicative cut, once per episode.** The first 429 of a congestion
-//!   episode cuts the effective rate by β. The episode lasts until the freeze
-//!   ends plus a grace; further 429s in it (twenty clients reporting the same
-//!   wave) do not cut again.
+//! - **Cut, once per episode.** The first 429 of a congestion episode cuts
+//!   the effective rate. When its Retry-After ends within a bucket window,
+//!   the upstream's window is taken to end then, and the successes reported
+//!   since that window began are what it served the fleet (the "window
+//!   fill"): the rate is cut to that less one permit, by at most β² and
+//!   at least one permit per window. A 429 without a usable Retry-After cuts
+//!   by β. Either way the rate then holds for `probe_hold_windows` and for
+//!   1/`ratio_threshold` successful calls before it grows again, so probing
+//!   for capacity that is not there costs about one 429 per that many calls.
+//!   The episode lasts until the freeze ends plus a grace; further 429s in it
+//!   (twenty clients reporting the same wave) do not cut again.
 //! - **Additive regrowth.** Each successful report outside an episode adds
 //!   back `configured / recovery_windows` per bucket window elapsed since the
 //!   last growth (at most one window's worth at a time). Additive rather than
@@ -42,6 +49,8 @@ pub struct LearnSettings {
     pub episode_grace: Duration,
     /// Windows it takes to regrow from zero to the configured rate.
     pub recovery_windows: f64,
+    /// Windows after a cut before the rate may grow again.
+    pub probe_hold_windows: f64,
     /// Sliding window of the 429 ratio.
     pub ratio_window: Duration,
     /// 429 ratio above which the backstop cuts.
@@ -65,6 +74,7 @@ impl Default for LearnSettings {
             default_freeze: Duration::from_secs(10),
             episode_grace: Duration::from_secs(2),
             recovery_windows: 5.0,
+            probe_hold_windows: 3.0,
             ratio_window: Duration::from_secs(60),
             ratio_threshold: 0.01,
             ratio_min_reports: 100,
@@ -145,6 +155,63 @@ impl Ratio {
     }
 }
 
+/// Successful reports counted per slot of a bucket window, so a 429 can
+/// tell how much of the upstream's window the fleet got before it filled.
+#[derive(Debug, Clone)]
+struct Fills {
+    origin: Instant,
+    slot: Duration,
+    /// (slot index, successes), oldest first; at most one window of slots.
+    slots: std::collections::VecDeque<(u64, u32)>,
+}
+
+/// Slots per bucket window in [`Fills`].
+const FILL_SLOTS: u32 = 60;
+
+impl Fills {
+    fn new(origin: Instant, window: Duration) -> Fills {
+        Fills {
+            origin,
+            slot: (window / FILL_SLOTS).max(Duration::from_millis(1)),
+            slots: Default::default(),
+        }
+    }
+
+    fn index(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.origin).as_nanos();
+        u64::try_from(since / self.slot.as_nanos().max(1)).unwrap_or(u64::MAX)
+    }
+
+    fn record(&mut self, now: Instant) {
+        let i = self.index(now);
+        while self
+            .slots
+            .front()
+            .is_some_and(|s| s.0 + u64::from(FILL_SLOTS) < i)
+        {
+            self.slots.pop_front();
+        }
+        match self.slots.back_mut() {
+            Some(s) if s.0 == i => s.1 += 1,
+            _ => self.slots.push_back((i, 1)),
+        }
+    }
+
+    /// Successes reported from `start` on. Of the slot `start` falls in,
+    /// which also holds successes from before it, the share after `start`.
+    fn since(&self, start: Instant) -> f64 {
+        let first = self.index(start);
+        let slot_end = self.origin + self.slot * u32::try_from(first + 1).unwrap_or(u32::MAX);
+        let share =
+            slot_end.saturating_duration_since(start).as_secs_f64() / self.slot.as_secs_f64();
+        self.slots
+            .iter()
+            .filter(|s| s.0 >= first)
+            .map(|s| f64::from(s.1) * if s.0 == first { share.min(1.0) } else { 1.0 })
+            .sum()
+    }
+}
+
 /// Learned state worth keeping across a restart.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Persisted {
@@ -171,7 +238,12 @@ pub struct Learner {
     episode_until: Option<Instant>,
     cooldown: Option<(Instant, f64)>,
     last_growth: Option<Instant>,
+    /// No growth before this (after a cut)...
+    hold_until: Option<Instant>,
+    /// ...nor before this many successes since the cut.
+    since_cut: u64,
     ratio: Ratio,
+    fills: Fills,
 }
 
 impl Learner {
@@ -187,7 +259,10 @@ impl Learner {
             episode_until: None,
             cooldown: None,
             last_growth: None,
+            hold_until: None,
+            since_cut: 0,
             ratio: Ratio::new(now),
+            fills: Fills::new(now, window.max(Duration::from_millis(1))),
         }
     }
 
@@ -215,6 +290,7 @@ impl Learner {
     pub fn set_configured(&mut self, per_min: f64, window: Duration) {
         self.configured = per_min;
         self.window = window.max(Duration::from_millis(1));
+        self.fills = Fills::new(self.fills.origin, self.window);
         self.effective = self.effective.min(per_min);
         if self.effective <= 0.0 {
             self.effective = per_min;
@@ -291,12 +367,27 @@ impl Learner {
         self.last_growth = Some(now);
         if !budget_spent {
             let from = self.rate(now, s);
-            self.effective = (from * s.beta).max(self.floor(s));
-            out.push(Learned::Cut {
-                from,
-                to: self.effective,
-                why: "429: multiplicative decrease (new congestion episode)",
-            });
+            let cut = (from * s.beta).max(self.floor(s));
+            let (to, why) = match self.window_fill(now, retry_after) {
+                Some(fill) => {
+                    // One window's measurement cuts at most two β steps, and
+                    // at least one permit per window.
+                    let most = (from * s.beta * s.beta).max(self.floor(s));
+                    let least = (from - self.per_min(1.0)).max(most);
+                    (
+                        fill.clamp(most, least),
+                        "429: cut to what the upstream's window served the fleet",
+                    )
+                }
+                None => (cut, "429: multiplicative decrease (new congestion episode)"),
+            };
+            self.effective = to;
+            self.hold_until = Some(
+                now + retry_after.unwrap_or(s.default_freeze)
+                    + self.window.mul_f64(s.probe_hold_windows.max(0.0)),
+            );
+            self.since_cut = 0;
+            out.push(Learned::Cut { from, to, why });
         }
         let (reports, throttled) = self.ratio.totals(now, s.ratio_window);
         let over =
@@ -314,14 +405,49 @@ impl Learner {
         out
     }
 
+    /// The rate, per minute, that fills the upstream's window as far as this
+    /// 429 shows: successes reported since the window that `retry_after`
+    /// ends began, less one permit: even pacing then stays inside it while
+    /// other consumers' spend wobbles by a call or so.
+    /// `None` without a Retry-After within one window, or with under two
+    /// successes.
+    fn window_fill(&self, now: Instant, retry_after: Option<Duration>) -> Option<f64> {
+        let reset = now + retry_after.filter(|r| *r <= self.window)?;
+        let start = reset.checked_sub(self.window).unwrap_or(self.fills.origin);
+        let served = self.fills.since(start);
+        (served >= 2.0).then(|| self.per_min(served - 1.0))
+    }
+
+    /// `permits` per bucket window, as a rate per minute.
+    fn per_min(&self, permits: f64) -> f64 {
+        permits * 60.0 / self.window.as_secs_f64()
+    }
+
     /// A successful upstream call: count it and regrow the rate.
     pub fn on_success(&mut self, now: Instant, s: &LearnSettings) {
         self.ratio.record(now, false, s.ratio_window);
+        self.fills.record(now);
+        self.since_cut = self.since_cut.saturating_add(1);
         if self.configured <= 0.0
             || self.frozen_until(now).is_some()
             || self.episode_until.is_some_and(|e| now < e)
         {
             return;
+        }
+        if let Some(hold) = self.hold_until {
+            // A probe above the last cut costs a 429 when the capacity is
+            // not there: at most one per 1/ratio_threshold calls.
+            let calls = if s.ratio_threshold > 0.0 {
+                (1.0 / s.ratio_threshold).min(1e9) as u64
+            } else {
+                0
+            };
+            if now < hold || self.since_cut < calls {
+                return;
+            }
+            // Growth accrues from the end of the hold.
+            self.hold_until = None;
+            self.last_growth = Some(hold);
         }
         // Growth accrues only outside freezes and episodes.
         let from = match (self.last_growth, self.episode_until) {
@@ -547,7 +673,11 @@ mod tests {
 
     #[test]
     fn success_regrows_additively_up_to_the_configured_rate() {
-        let s = LearnSettings::default();
+        let s = LearnSettings {
+            probe_hold_windows: 0.0,
+            ratio_threshold: 0.0,
+            ..Default::default()
+        };
         let t0 = Instant::now();
         let mut l = learner(t0);
         l.on_throttled(t0, Some(SEC), false, &s);
@@ -574,6 +704,83 @@ mod tests {
         assert_eq!(l.rate(t, &s), 60.0);
     }
 
+    /// `n` successes evenly spread over `[from, from + over)`.
+    fn successes(l: &mut Learner, from: Instant, over: Duration, n: u32, s: &LearnSettings) {
+        for k in 0..n {
+            l.on_success(from + over * k / n, s);
+        }
+    }
+
+    #[test]
+    fn a_429_cuts_to_what_the_upstream_window_served() {
+        let s = LearnSettings::default();
+        let t0 = Instant::now();
+        let mut l = learner(t0);
+        // The upstream window is [0 s, 60 s): 36 served in its first 40 s,
+        // then a 429 saying it resets in 20 s.
+        successes(&mut l, t0, 40 * SEC, 36, &s);
+        let out = l.on_throttled(t0 + 40 * SEC, Some(20 * SEC), false, &s);
+        assert!(
+            out.iter()
+                .any(|c| matches!(c, Learned::Cut { to, .. } if (to - 35.0).abs() < 1e-9)),
+            "{out:?}"
+        );
+        // Successes before the window began do not count: 20 more served
+        // from 60 s, in a window that now holds only 21.
+        let t1 = t0 + 60 * SEC;
+        successes(&mut l, t1, 30 * SEC, 20, &s);
+        let mut l2 = l.clone();
+        l.on_throttled(t1 + 30 * SEC, Some(30 * SEC), false, &s);
+        // 19 is above two β steps from 35 (17.2): taken as measured.
+        assert!((l.rate(t1 + 30 * SEC, &s) - 19.0).abs() < 1e-9);
+        // A Retry-After longer than the window says nothing of the window.
+        l2.on_throttled(t1 + 30 * SEC, Some(90 * SEC), false, &s);
+        assert!((l2.rate(t1 + 30 * SEC, &s) - 35.0 * s.beta).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_window_fill_cuts_at_most_two_beta_steps_and_at_least_one_permit() {
+        let s = LearnSettings::default();
+        let t0 = Instant::now();
+        let mut l = learner(t0);
+        // Only 2 served before the 429: one odd window does not crash the rate.
+        successes(&mut l, t0, SEC, 2, &s);
+        l.on_throttled(t0 + 5 * SEC, Some(55 * SEC), false, &s);
+        assert!((l.rate(t0, &s) - 60.0 * s.beta * s.beta).abs() < 1e-9);
+        // 80 served at 60/min (a burst carried over): still one permit less.
+        let mut l = learner(t0);
+        successes(&mut l, t0, 50 * SEC, 80, &s);
+        l.on_throttled(t0 + 50 * SEC, Some(10 * SEC), false, &s);
+        assert!((l.rate(t0, &s) - 59.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn after_a_cut_growth_waits_for_the_hold_and_enough_calls() {
+        let s = LearnSettings::default();
+        let t0 = Instant::now();
+        let mut l = learner(t0);
+        successes(&mut l, t0, 40 * SEC, 36, &s);
+        l.on_throttled(t0 + 40 * SEC, Some(20 * SEC), false, &s);
+        let cut = l.rate(t0, &s);
+        // Three windows after the reset (60 s + 180 s) at 35 calls a window:
+        // held, even though 100 calls have been made by then.
+        let mut t = t0 + 60 * SEC;
+        successes(&mut l, t, 180 * SEC, 105, &s);
+        t += 180 * SEC;
+        assert_eq!(l.rate(t, &s), cut);
+        // Past the hold, growth resumes, one window's worth per window.
+        successes(&mut l, t, 60 * SEC, 35, &s);
+        let grown = l.rate(t + 60 * SEC, &s) - cut;
+        assert!(grown > 10.0 && grown <= 12.0 + 1e-9, "grew {grown}");
+
+        // Past the hold but fewer than 1/ratio_threshold calls: still held.
+        let mut l = learner(t0);
+        successes(&mut l, t0, 40 * SEC, 36, &s);
+        l.on_throttled(t0 + 40 * SEC, Some(20 * SEC), false, &s);
+        successes(&mut l, t0 + 60 * SEC, 300 * SEC, 60, &s);
+        assert_eq!(l.rate(t0 + 360 * SEC, &s), cut);
+    }
+
     #[test]
     fn never_below_the_floor() {
         let s = LearnSettings::default();
@@ -595,8 +802,10 @@ mod tests {
         for i in 0..100 {
             l.on_success(ms(i * 100), &s);
         }
-        // 1 of 101: below 1%, a plain β cut; a second report of the wave.
+        // 1 of 101: below 1%, a plain cut (the window served 100, so one
+        // permit); a second report of the wave.
         l.on_throttled(ms(10_000), Some(SEC), false, &s);
+        assert!((l.rate(ms(10_000), &s) - 59.0).abs() < 1e-9);
         l.on_throttled(ms(10_100), Some(SEC), false, &s);
         assert!(l.cooldown_until(ms(10_100)).is_none());
         // A new episode while 3 of 104 (2.9%) were 429s: the backstop.
@@ -605,7 +814,7 @@ mod tests {
         l.on_throttled(ms(20_000), Some(SEC), false, &s);
         let t = ms(20_000);
         assert!(
-            (l.rate(t, &s) - before * 0.7 * 0.8).abs() < 1e-9,
+            (l.rate(t, &s) - (before - 1.0) * 0.8).abs() < 1e-9,
             "{}",
             l.rate(t, &s)
         );

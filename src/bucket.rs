@@ -140,11 +140,14 @@ impl TokenBucket {
         );
     }
 
-    /// Empties the bucket as of `at` (a freeze ending then): from `at` on,
-    /// permits come one interval apart, with no burst.
+    /// Empties the bucket as of `at` (a freeze ending then): one permit at
+    /// `at`, when the upstream's window has reset, then one interval apart,
+    /// with no burst.
     pub fn empty_at(&mut self, at: Instant) {
         self.resume_at = self.resume_at.max(at);
-        self.tat = self.tat.max(at + self.interval.saturating_mul(self.burst));
+        self.tat = self
+            .tat
+            .max(at + self.interval.saturating_mul(self.burst.saturating_sub(1)));
     }
 
     /// Lowers the level to at most `tokens` at `now` (someone else spent
@@ -281,9 +284,9 @@ mod tests {
         let mut b = TokenBucket::new(60, Duration::from_secs(60), 10, t0);
         let end = t0 + Duration::from_secs(15);
         b.empty_at(end);
-        assert_eq!(b.available(end), 0.0);
-        assert_eq!(b.ready_at(1, t0), Some(end + Duration::from_secs(1)));
-        assert_eq!(b.ready_at(2, t0), Some(end + Duration::from_secs(2)));
+        assert_eq!(b.available(end), 1.0, "one permit as the freeze ends");
+        assert_eq!(b.ready_at(1, t0), Some(end));
+        assert_eq!(b.ready_at(2, t0), Some(end + Duration::from_secs(1)));
     }
 
     #[test]

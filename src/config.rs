@@ -282,6 +282,7 @@ struct RawLearning {
     default_freeze_ms: u64,
     episode_grace_ms: u64,
     recovery_windows: f64,
+    probe_hold_windows: f64,
     ratio_window_ms: u64,
     ratio_threshold: f64,
     ratio_min_reports: u64,
@@ -299,6 +300,7 @@ impl Default for RawLearning {
             default_freeze_ms: ms(d.default_freeze),
             episode_grace_ms: ms(d.episode_grace),
             recovery_windows: d.recovery_windows,
+            probe_hold_windows: d.probe_hold_windows,
             ratio_window_ms: ms(d.ratio_window),
             ratio_threshold: d.ratio_threshold,
             ratio_min_reports: d.ratio_min_reports,
@@ -337,6 +339,12 @@ impl RawLearning {
                 self.recovery_windows
             ));
         }
+        if !(self.probe_hold_windows.is_finite() && self.probe_hold_windows >= 0.0) {
+            problems.push(format!(
+                "learning.probe_hold_windows = {} must be 0 or more",
+                self.probe_hold_windows
+            ));
+        }
         if self.ratio_window_ms < 1000 {
             problems.push("learning.ratio_window_ms must be at least 1000".into());
         }
@@ -346,6 +354,7 @@ impl RawLearning {
             default_freeze: Duration::from_millis(self.default_freeze_ms),
             episode_grace: Duration::from_millis(self.episode_grace_ms),
             recovery_windows: self.recovery_windows,
+            probe_hold_windows: self.probe_hold_windows,
             ratio_window: Duration::from_millis(self.ratio_window_ms),
             ratio_threshold: self.ratio_threshold,
             ratio_min_reports: self.ratio_min_reports,
