@@ -45,5 +45,5 @@ def test_stubs_cover_every_rpc():
     from quota_broker_client.quota.v1 import broker_pb2 as pb
 
     svc = pb.DESCRIPTOR.services_by_name
-    assert set(svc["QuotaBroker"].methods_by_name) == {"Acquire", "Release", "Renew", "Report", "Watch"}
+    assert set(svc["QuotaBroker"].methods_by_name) == {"Acquire", "Release", "Renew", "Report", "Watch", "LeaseStream"}
     assert "ListBuckets" in svc["QuotaAdmin"].methods_by_name
