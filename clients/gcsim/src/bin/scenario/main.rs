@@ -1,1 +1,101 @@
-fn main() {}
+//! `scenario`: the fleet-scenario benchmark. Runs, in one process run, the
+//! same fleet against fresh simulated Genesys Cloud orgs three ways (naive
+//! clients, clients with a local token bucket, clients leased by the quota
+//! broker) and prints one table (or JSON).
+//!
+//! # Layout
+//!
+//! - `cli`: flags and presets → a [`cli::Spec`].
+//! - `confgen`: the run's [`confgen::Plan`] (hidden-limit changes, unmanaged
+//!   consumer) and the simulator's and broker's config files.
+//! - `children`: the fresh simulator and broker of each mode (child
+//!   processes, or the broker in process).
+//! - `clock`: simulated time, aligned to the simulator's start.
+//! - `upstream`: HTTP to the simulator, and its control plane's types.
+//! - `modes`: how a client process calls upstream in each mode.
+//! - `fleet`: the workload (ingestion, wallboards, trunks) and its drain.
+//! - `measure`: counters, wait histograms, goodput and convergence.
+//! - `run`: one mode start to finish → a [`run::ModeResult`].
+//! - `report`: the table, the JSON, the broker's targets.
+//!
+//! Time: everything the table shows is simulated time; real time is
+//! simulated time divided by `--time-scale`, in the simulator and in the
+//! broker's config alike, so the dynamics do not depend on the scale.
+
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
+
+mod children;
+mod cli;
+mod clock;
+mod confgen;
+mod error;
+mod fleet;
+mod measure;
+mod modes;
+mod report;
+mod run;
+mod upstream;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::children::WorkDir;
+use crate::cli::{Args, Spec};
+use crate::confgen::Plan;
+use crate::error::Error;
+use crate::report::Report;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let spec = match args.resolve() {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("scenario: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("scenario: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(&spec)) {
+        Ok(report) => {
+            if spec.json {
+                println!("{}", report.json());
+            } else {
+                print!("{}", report.table());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("scenario: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Every mode in turn, each against fresh processes.
+async fn run(spec: &Spec) -> Result<Report, Error> {
+    let plan = Plan::new(spec.duration_s);
+    let dir = WorkDir::create()?;
+    let mut results = Vec::new();
+    for &mode in &spec.modes {
+        tracing::info!(mode = mode.as_str(), "running");
+        results.push(run::run_mode(spec, &plan, &dir, mode).await?);
+    }
+    Ok(Report::new(spec, &plan, results))
+}

@@ -1,0 +1,297 @@
+//! The processes a mode runs against, each fresh per mode: the simulator
+//! (the `gcsim` binary as a child, which prints its bound address on
+//! stdout) and, in broker mode, the quota broker (the `quota-broker` binary
+//! as a child on a port picked by binding 127.0.0.1:0 and dropping it, as
+//! loadgen does, or the quota-broker library in this process). Children are
+//! killed when dropped (`kill_on_drop`, and their stdin closes, which also
+//! stops gcsim); their config and log live in the run's temporary directory.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::cli::{BrokerSource, Spec};
+use crate::confgen::{broker_toml, Plan};
+use crate::error::Error;
+
+/// How long a child may take to start serving.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// The end of a failed child's log shown in the error, bytes.
+const LOG_TAIL: usize = 2_000;
+
+/// The run's temporary directory (configs, child logs); removed when dropped.
+pub(crate) struct WorkDir {
+    path: PathBuf,
+}
+
+impl WorkDir {
+    /// A fresh directory under the system's temporary directory.
+    pub(crate) fn create() -> Result<WorkDir, Error> {
+        let path = std::env::temp_dir().join(format!("scenario-{}", std::process::id()));
+        std::fs::create_dir_all(&path).map_err(Error::io(format!("create {}", path.display())))?;
+        Ok(WorkDir { path })
+    }
+
+    /// `name` inside it.
+    pub(crate) fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The last `LOG_TAIL` bytes of the log at `path`.
+fn log_tail(path: &Path) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let mut from = log.len().saturating_sub(LOG_TAIL);
+    while !log.is_char_boundary(from) {
+        from += 1;
+    }
+    log[from..].to_owned()
+}
+
+/// A child process with its log; killed when dropped.
+struct ChildProcess {
+    child: Child,
+    /// Kept open: gcsim exits when its stdin reaches EOF, and its stdout
+    /// stays readable so it never writes into a closed pipe.
+    _stdout: Option<BufReader<ChildStdout>>,
+}
+
+impl ChildProcess {
+    async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Starts `command` with its stderr to `log`, killed on drop.
+fn spawn(mut command: Command, what: &str, log: &Path) -> Result<Child, Error> {
+    let log_file = File::create(log).map_err(Error::io(format!("create {}", log.display())))?;
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(Error::io(format!("start {what}")))
+}
+
+/// A running simulator.
+pub(crate) struct Simulator {
+    addr: SocketAddr,
+    process: ChildProcess,
+}
+
+impl Simulator {
+    /// Starts a fresh simulator for `plan` as mode `name`.
+    pub(crate) async fn start(
+        spec: &Spec,
+        plan: &Plan,
+        dir: &WorkDir,
+        name: &str,
+    ) -> Result<Simulator, Error> {
+        let Some(bin) = spec.gcsim_bin.as_deref() else {
+            return Err(Error::MissingBinary(PathBuf::from(
+                "gcsim (build it: cargo build -p gcsim, or pass --gcsim-bin)",
+            )));
+        };
+        let config = dir.file(&format!("gcsim-{name}.toml"));
+        std::fs::write(&config, plan.sim_toml(spec))
+            .map_err(Error::io(format!("write {}", config.display())))?;
+        let log = dir.file(&format!("gcsim-{name}.log"));
+        let what = format!("gcsim ({name})");
+        let mut command = Command::new(bin);
+        command
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--time-scale")
+            .arg(spec.scale.to_string())
+            .arg("--seed")
+            .arg(spec.seed.to_string())
+            .arg("--config")
+            .arg(&config)
+            .arg("--log")
+            .arg("warn");
+        let mut child = spawn(command, &what, &log)?;
+        let fail = |why: String| Error::ChildStart {
+            what: what.clone(),
+            why,
+            log: log_tail(&log),
+        };
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| fail("no stdout pipe".into()))?;
+        let mut stdout = BufReader::new(stdout);
+        let read_addr = async {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                let n = stdout
+                    .read_line(&mut line)
+                    .await
+                    .map_err(|e| fail(format!("reading its stdout: {e}")))?;
+                if n == 0 {
+                    return Err(fail("exited before printing its address".into()));
+                }
+                if let Some(rest) = line.trim().strip_prefix("gcsim listening on http://") {
+                    return rest
+                        .parse::<SocketAddr>()
+                        .map_err(|e| fail(format!("bad address {rest:?}: {e}")));
+                }
+            }
+        };
+        let addr = tokio::time::timeout(READY_TIMEOUT, read_addr)
+            .await
+            .map_err(|_| fail(format!("no address within {READY_TIMEOUT:?}")))??;
+        Ok(Simulator {
+            addr,
+            process: ChildProcess {
+                child,
+                _stdout: Some(stdout),
+            },
+        })
+    }
+
+    /// Where it listens.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops it.
+    pub(crate) async fn stop(self) {
+        self.process.kill().await;
+    }
+}
+
+/// A running quota broker.
+pub(crate) enum BrokerServer {
+    /// A child process.
+    Child {
+        /// Where it listens.
+        addr: SocketAddr,
+        /// The process.
+        process: Box<ChildProcessHandle>,
+    },
+    /// A task of this process, serving until `stop` is sent.
+    InProcess {
+        /// Where it listens.
+        addr: SocketAddr,
+        /// Stops it.
+        stop: oneshot::Sender<()>,
+        /// The serving task.
+        task: JoinHandle<()>,
+    },
+}
+
+/// An opaque child process handle (boxed: much larger than a task's).
+pub(crate) struct ChildProcessHandle(ChildProcess);
+
+impl BrokerServer {
+    /// Starts a fresh broker for a run at the spec's time scale.
+    pub(crate) async fn start(spec: &Spec, dir: &WorkDir) -> Result<BrokerServer, Error> {
+        match &spec.broker {
+            BrokerSource::Binary(bin) => Self::child(bin, spec.scale, dir).await,
+            BrokerSource::InProcess => Self::in_process(spec.scale).await,
+        }
+    }
+
+    async fn child(bin: &Path, scale: f64, dir: &WorkDir) -> Result<BrokerServer, Error> {
+        let probe =
+            std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("bind 127.0.0.1:0"))?;
+        let addr = probe
+            .local_addr()
+            .map_err(Error::io("read the probe listener's address"))?;
+        drop(probe);
+        let toml = broker_toml(scale, Some(addr));
+        // Reject a bad config here, with every problem listed, rather than
+        // through a child's exit status.
+        quota_broker::Settings::from_toml(&toml)?;
+        let config = dir.file("broker.toml");
+        std::fs::write(&config, toml).map_err(Error::io(format!("write {}", config.display())))?;
+        let log = dir.file("broker.log");
+        let what = format!("quota-broker ({})", bin.display());
+        let mut command = Command::new(bin);
+        command.arg("--config").arg(&config).env("RUST_LOG", "warn");
+        let mut child = spawn(command, &what, &log)?;
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(Error::ChildStart {
+                    what,
+                    why: format!("exited with {status}"),
+                    log: log_tail(&log),
+                });
+            }
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::ChildStart {
+                    what,
+                    why: format!("not listening on {addr} within {READY_TIMEOUT:?}"),
+                    log: log_tail(&log),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(BrokerServer::Child {
+            addr,
+            process: Box::new(ChildProcessHandle(ChildProcess {
+                child,
+                _stdout: None,
+            })),
+        })
+    }
+
+    async fn in_process(scale: f64) -> Result<BrokerServer, Error> {
+        let settings = quota_broker::Settings::from_toml(&broker_toml(scale, None))?;
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(Error::io("bind 127.0.0.1:0"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(Error::io("read the listener's address"))?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            if let Err(e) = quota_broker::server::run(listener, &settings, shutdown).await {
+                tracing::error!(error = %e, "in-process broker failed");
+            }
+        });
+        // The listener is bound already: connections queue until it serves.
+        Ok(BrokerServer::InProcess { addr, stop, task })
+    }
+
+    /// Where it listens.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        match self {
+            BrokerServer::Child { addr, .. } | BrokerServer::InProcess { addr, .. } => *addr,
+        }
+    }
+
+    /// Stops it: a kill for a child, a bounded graceful shutdown in process.
+    pub(crate) async fn stop(self) {
+        match self {
+            BrokerServer::Child { process, .. } => process.0.kill().await,
+            BrokerServer::InProcess { stop, task, .. } => {
+                let _ = stop.send(());
+                let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+            }
+        }
+    }
+}

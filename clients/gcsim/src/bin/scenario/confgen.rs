@@ -1,0 +1,246 @@
+//! The run's plan (the simulated org, its hidden limit changes, the
+//! unmanaged consumer) and the two config files generated from it: the
+//! simulator's (simulated milliseconds; the simulator scales them itself)
+//! and the broker's (real milliseconds: every `*_ms` divided by the time
+//! scale, so the broker lives at the same pace as the simulated org).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use crate::cli::Spec;
+
+/// The org every mode runs against.
+pub(crate) const ORG: &str = "org-a";
+/// The day of analytics history the ingestion pages through.
+pub(crate) const DAY: &str = "2026-11-01";
+/// The analytics family's name in the simulator.
+pub(crate) const ANALYTICS: &str = "analytics-query";
+/// The writes family's name in the simulator.
+pub(crate) const WRITES: &str = "conversation-writes";
+/// Every family's window, and the token window, simulated ms.
+pub(crate) const WINDOW_MS: u64 = 60_000;
+/// Documented (and broker-configured) analytics permits per window.
+pub(crate) const ANALYTICS_DOCUMENTED: u64 = 60;
+/// What the simulator really enforces on analytics queries at first.
+pub(crate) const ANALYTICS_HIDDEN: u64 = 45;
+/// What it drops to at 40% of the run.
+pub(crate) const ANALYTICS_HIDDEN_LOW: u64 = 30;
+/// Analytics queries in flight at once, org-wide.
+pub(crate) const ANALYTICS_MAX_CONCURRENT: u64 = 10;
+/// Documented (and enforced) writes per window, org-wide.
+pub(crate) const WRITES_PERMITS: u64 = 300;
+/// Per OAuth client token, per window.
+pub(crate) const TOKEN_PERMITS: u64 = 300;
+/// Unmanaged analytics requests per window, before and after 60% of the run.
+pub(crate) const UNMANAGED: (u64, u64) = (5, 10);
+
+/// A change of the analytics family's hidden limit.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub(crate) struct LimitChange {
+    /// Simulated time of the change.
+    pub(crate) at_ms: u64,
+    /// Enforced permits before.
+    pub(crate) from: u64,
+    /// Enforced permits after.
+    pub(crate) to: u64,
+}
+
+/// What happens to the org during a run (the same in every mode).
+#[derive(Clone, Debug)]
+pub(crate) struct Plan {
+    /// Simulated ms the fleet produces work.
+    pub(crate) duration_ms: u64,
+    /// Hidden-limit changes of the analytics family.
+    pub(crate) changes: Vec<LimitChange>,
+    /// (from simulated ms, unmanaged requests per window).
+    pub(crate) unmanaged: Vec<(u64, u64)>,
+    /// Conversations per day of history: enough that the ingestion cannot
+    /// finish the day within the run, so its demand exceeds capacity all run.
+    pub(crate) conversations_per_day: u64,
+}
+
+impl Plan {
+    /// The plan for a run of `duration_s` simulated seconds: the hidden
+    /// limit drops 45 → 30 at 40% of the run and comes back at 75% when that
+    /// leaves at least 4 windows after the drop; the unmanaged consumer
+    /// doubles at 60%.
+    pub(crate) fn new(duration_s: u64) -> Plan {
+        let duration_ms = duration_s * 1000;
+        let drop_at = duration_ms * 2 / 5;
+        let back_at = duration_ms * 3 / 4;
+        let mut changes = vec![LimitChange {
+            at_ms: drop_at,
+            from: ANALYTICS_HIDDEN,
+            to: ANALYTICS_HIDDEN_LOW,
+        }];
+        if back_at - drop_at >= 4 * WINDOW_MS {
+            changes.push(LimitChange {
+                at_ms: back_at,
+                from: ANALYTICS_HIDDEN_LOW,
+                to: ANALYTICS_HIDDEN,
+            });
+        }
+        Plan {
+            duration_ms,
+            changes,
+            unmanaged: vec![(0, UNMANAGED.0), (duration_ms * 3 / 5, UNMANAGED.1)],
+            // At most the documented 60 pages of 100 per minute could be
+            // fetched: 100 conversations per second of run is more than that.
+            conversations_per_day: (100 * duration_s).max(20_000),
+        }
+    }
+
+    /// The simulator's config file.
+    pub(crate) fn sim_toml(&self, spec: &Spec) -> String {
+        let mut s = String::new();
+        // Writing to a String cannot fail.
+        let _ = writeln!(s, "time_scale = {:?}\nseed = {}\n", spec.scale, spec.seed);
+        let _ = writeln!(
+            s,
+            "[[orgs]]\nid = \"{ORG}\"\ntoken_permits = {TOKEN_PERMITS}\ntoken_window_ms = {WINDOW_MS}\n\
+             conversations_per_day = {}\nday = \"{DAY}\"\n",
+            self.conversations_per_day
+        );
+        let schedule: Vec<String> = self
+            .changes
+            .iter()
+            .map(|c| format!("{{ at_ms = {}, hidden_permits = {} }}", c.at_ms, c.to))
+            .collect();
+        let unmanaged: Vec<String> = self
+            .unmanaged
+            .iter()
+            .map(|(at, n)| format!("{{ at_ms = {at}, per_window = {n} }}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "  [[orgs.families]]\n  name = \"{ANALYTICS}\"\n  routes = [\"POST /api/v2/analytics/**/query\"]\n  \
+             documented_permits = {ANALYTICS_DOCUMENTED}\n  hidden_permits = {ANALYTICS_HIDDEN}\n  \
+             window_ms = {WINDOW_MS}\n  max_concurrent = {ANALYTICS_MAX_CONCURRENT}\n  \
+             schedule = [{}]\n  unmanaged = [{}]\n",
+            schedule.join(", "),
+            unmanaged.join(", ")
+        );
+        let _ = writeln!(
+            s,
+            "  [[orgs.families]]\n  name = \"{WRITES}\"\n  routes = [\"POST /api/v2/conversations/**\"]\n  \
+             documented_permits = {WRITES_PERMITS}\n  window_ms = {WINDOW_MS}"
+        );
+        s
+    }
+}
+
+/// The broker's config file for a run at `scale`, listening on `listen`
+/// (a child reads it; in process it is ignored). Tenant `org-a` is set up
+/// with the documented limits only: the broker has to learn the hidden one.
+pub(crate) fn broker_toml(scale: f64, listen: Option<SocketAddr>) -> String {
+    // A simulated duration in real ms, at least 1.
+    let ms = |sim_ms: f64| (sim_ms / scale).round().max(1.0) as u64;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "[server]\nmax_wait_ms = {}\nmax_lease_ttl_ms = {}\nshutdown_grace_ms = 1000\nstate_dir = \"\"",
+        ms(60_000.0),
+        ms(600_000.0)
+    );
+    if let Some(listen) = listen {
+        let _ = writeln!(s, "listen = \"{listen}\"");
+    }
+    // The learning durations of examples/broker.toml, scaled; the ratio
+    // window may not be shorter than 1 s (the CLI caps the scale at 60).
+    let _ = writeln!(
+        s,
+        "\n[learning]\ndefault_freeze_ms = {}\nepisode_grace_ms = {}\nratio_window_ms = {}\ncooldown_ms = {}\n",
+        ms(10_000.0),
+        ms(2_000.0),
+        ms(60_000.0).max(1000),
+        ms(3_600_000.0)
+    );
+    for (name, order, weight, reserve, wait) in [
+        ("critical", 0, 8, 0.1, 2_000.0),
+        ("interactive", 1, 4, 0.1, 500.0),
+        ("batch", 2, 2, 0.0, 30_000.0),
+        ("best_effort", 3, 1, 0.0, 0.0),
+    ] {
+        let wait = if wait > 0.0 { ms(wait) } else { 0 };
+        let _ = writeln!(
+            s,
+            "[[classes]]\nname = \"{name}\"\norder = {order}\nweight = {weight}\nreserve = {reserve:?}\n\
+             default_max_wait_ms = {wait}\n"
+        );
+    }
+    let window = ms(WINDOW_MS as f64);
+    let _ = writeln!(
+        s,
+        "[[tenants]]\nid = \"{ORG}\"\n\n\
+         [[tenants.buckets]]\nname = \"per-client\"\nscope = \"oauth_client\"\nroutes = [\"* /**\"]\n\
+         permits = {TOKEN_PERMITS}\nwindow_ms = {window}\nburst = {TOKEN_PERMITS}\n\n\
+         [[tenants.buckets]]\nname = \"{ANALYTICS}\"\nscope = \"org\"\nroutes = [\"POST /api/v2/analytics/**/query\"]\n\
+         permits = {ANALYTICS_DOCUMENTED}\nwindow_ms = {window}\nburst = 10\n\
+         max_in_flight = {ANALYTICS_MAX_CONCURRENT}\nlease_ttl_ms = {}\n\n\
+         [[tenants.buckets]]\nname = \"{WRITES}\"\nscope = \"org\"\nroutes = [\"POST /api/v2/conversations/**\"]\n\
+         permits = {WRITES_PERMITS}\nwindow_ms = {window}",
+        ms(30_000.0)
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_changes() {
+        let full = Plan::new(300);
+        assert_eq!(full.changes.len(), 1);
+        assert_eq!(full.changes[0].at_ms, 120_000);
+        assert_eq!(full.unmanaged, [(0, 5), (180_000, 10)]);
+        let long = Plan::new(1200);
+        assert_eq!(long.changes.len(), 2);
+        assert_eq!(long.changes[1].at_ms, 900_000);
+        assert_eq!(long.changes[1].to, ANALYTICS_HIDDEN);
+    }
+
+    #[test]
+    fn broker_accepts_its_config() {
+        let listen = SocketAddr::from(([127, 0, 0, 1], 4321));
+        let settings = quota_broker::Settings::from_toml(&broker_toml(20.0, Some(listen))).unwrap();
+        assert_eq!(settings.server.listen, listen);
+        assert_eq!(settings.server.max_wait.as_millis(), 3000);
+        assert_eq!(settings.learning.default_freeze.as_millis(), 500);
+        let tenant = &settings.tenants[0];
+        assert_eq!(tenant.id, ORG);
+        let analytics = tenant.buckets.iter().find(|b| b.name == ANALYTICS).unwrap();
+        assert_eq!(analytics.rate.as_ref().unwrap().window.as_millis(), 3000);
+        assert_eq!(analytics.lease_ttl.as_millis(), 1500);
+        let critical = settings
+            .classes
+            .iter()
+            .find(|c| c.name == "critical")
+            .unwrap();
+        assert_eq!(critical.default_max_wait.as_millis(), 100);
+    }
+
+    #[test]
+    fn sim_config_is_toml() {
+        let spec_toml = Plan::new(300).sim_toml(&test_spec());
+        let value: toml::Table = spec_toml.parse().unwrap();
+        let orgs = value["orgs"].as_array().unwrap();
+        let families = orgs[0]["families"].as_array().unwrap();
+        assert_eq!(families[0]["schedule"].as_array().unwrap().len(), 1);
+        assert_eq!(families[0]["hidden_permits"].as_integer(), Some(45));
+    }
+
+    fn test_spec() -> Spec {
+        Spec {
+            duration_s: 300,
+            scale: 10.0,
+            seed: 7,
+            json: false,
+            modes: vec![],
+            gcsim_bin: None,
+            broker: crate::cli::BrokerSource::InProcess,
+            keep_logs: None,
+            command: String::new(),
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! What a mode measured: the fleet's own counters and wait histograms
+//! (client side, simulated time), and the figures computed from the
+//! simulator's per-window stats afterwards (goodput share, convergence after
+//! a hidden-limit change).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, PoisonError};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::confgen::{LimitChange, WINDOW_MS};
+use crate::upstream::{FamilyStats, WindowStats};
+
+/// Longest wait a histogram tracks (larger ones count as this), simulated µs.
+const MAX_WAIT_US: u64 = 36_000_000_000;
+
+/// A priority class of the fleet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum Class {
+    /// Wallboards.
+    Critical,
+    /// Call-disposition writes.
+    Interactive,
+    /// Ingestion.
+    Batch,
+}
+
+impl Class {
+    /// Every class, most urgent first.
+    pub(crate) const ALL: [Class; 3] = [Class::Critical, Class::Interactive, Class::Batch];
+
+    /// The broker's name for it.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Class::Critical => "critical",
+            Class::Interactive => "interactive",
+            Class::Batch => "batch",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Which endpoint family a call belongs to (client-side counters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Family {
+    /// `POST /api/v2/analytics/**/query`.
+    Analytics,
+    /// `POST /api/v2/conversations/**`.
+    Writes,
+}
+
+/// Request counters of one family.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Upstream requests sent.
+    pub(crate) sent: AtomicU64,
+    /// Of them, answered 429.
+    pub(crate) refused: AtomicU64,
+    /// Of them, failed otherwise (transport, 5xx, unexpected 4xx).
+    pub(crate) errors: AtomicU64,
+}
+
+/// Everything the fleet counts while it runs (shared by every task).
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    /// Analytics calls.
+    pub(crate) analytics: Counters,
+    /// Write calls.
+    pub(crate) writes: Counters,
+    /// Per class: waits in simulated microseconds. std `Mutex`: held for
+    /// one `record`, never across `.await`.
+    waits: [Mutex<Histogram<u64>>; 3],
+    /// Broker mode: Acquires answered "not granted".
+    pub(crate) not_granted: AtomicU64,
+    /// Broker mode: leases granted.
+    pub(crate) granted: AtomicU64,
+    /// Broker mode: leases from the client's local fallback (broker away).
+    pub(crate) fallback_leases: AtomicU64,
+    /// Broker mode: reports the broker did not take.
+    pub(crate) report_errors: AtomicU64,
+    /// Local mode: refill-rate cuts by the seed 001 rule.
+    pub(crate) rate_cuts: AtomicU64,
+    /// Writes the upstream accepted.
+    pub(crate) writes_acked: AtomicU64,
+    /// Wallboard polls made, and skipped because the previous one was late.
+    pub(crate) polls: AtomicU64,
+    /// See `polls`.
+    pub(crate) polls_skipped: AtomicU64,
+}
+
+impl Metrics {
+    /// Empty counters.
+    pub(crate) fn new() -> Metrics {
+        let hist = || {
+            // Bounds 1 µs to 10 simulated hours, 3 significant digits: valid
+            // bounds, so construction cannot fail.
+            Mutex::new(
+                Histogram::new_with_bounds(1, MAX_WAIT_US, 3)
+                    .unwrap_or_else(|_| unreachable!("1 < MAX_WAIT_US and sigfig 3 are valid")),
+            )
+        };
+        Metrics {
+            analytics: Counters::default(),
+            writes: Counters::default(),
+            waits: [hist(), hist(), hist()],
+            not_granted: AtomicU64::new(0),
+            granted: AtomicU64::new(0),
+            fallback_leases: AtomicU64::new(0),
+            report_errors: AtomicU64::new(0),
+            rate_cuts: AtomicU64::new(0),
+            writes_acked: AtomicU64::new(0),
+            polls: AtomicU64::new(0),
+            polls_skipped: AtomicU64::new(0),
+        }
+    }
+
+    /// The counters of `family`.
+    pub(crate) fn family(&self, family: Family) -> &Counters {
+        match family {
+            Family::Analytics => &self.analytics,
+            Family::Writes => &self.writes,
+        }
+    }
+
+    /// Records one call's wait, simulated ms.
+    pub(crate) fn record_wait(&self, class: Class, sim_ms: f64) {
+        let us = (sim_ms.max(0.0) * 1000.0).round() as u64;
+        let mut h = self.waits[class.index()]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        h.saturating_record(us.max(1));
+    }
+
+    /// p50/p99/max of each class's waits.
+    pub(crate) fn waits(&self) -> BTreeMap<&'static str, WaitStats> {
+        Class::ALL
+            .iter()
+            .map(|&c| {
+                let h = self.waits[c.index()]
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let ms = |us: u64| us as f64 / 1000.0;
+                (
+                    c.as_str(),
+                    WaitStats {
+                        count: h.len(),
+                        p50_ms: ms(h.value_at_quantile(0.5)),
+                        p99_ms: ms(h.value_at_quantile(0.99)),
+                        max_ms: ms(h.max()),
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
+/// Wait percentiles of one class, simulated ms.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub(crate) struct WaitStats {
+    /// Calls measured.
+    pub(crate) count: u64,
+    /// Median wait.
+    pub(crate) p50_ms: f64,
+    /// 99th percentile wait.
+    pub(crate) p99_ms: f64,
+    /// Longest wait.
+    pub(crate) max_ms: f64,
+}
+
+/// A family's goodput over the run's whole windows.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Goodput {
+    /// Windows counted (the first is skipped, and the drain).
+    pub(crate) windows: Vec<u64>,
+    /// Fleet requests served in them.
+    pub(crate) served_fleet: u64,
+    /// What the org could serve the fleet in them: enforced permits less
+    /// what the unmanaged consumer got.
+    pub(crate) available: u64,
+    /// served_fleet / available.
+    pub(crate) share: Option<f64>,
+}
+
+/// The whole windows of a run of `duration_ms`, skipping window 0:
+/// 1..=last where the last ends by the end of production.
+fn full_windows(duration_ms: u64, window_ms: u64) -> std::ops::Range<u64> {
+    1..(duration_ms / window_ms.max(1))
+}
+
+/// What the org could serve the fleet in window `w`.
+fn available(w: &WindowStats) -> u64 {
+    w.enforced_permits.saturating_sub(w.served_unmanaged)
+}
+
+/// Goodput of `family` over the whole windows of a run of `duration_ms`.
+pub(crate) fn goodput(family: Option<&FamilyStats>, duration_ms: u64) -> Goodput {
+    let Some(family) = family else {
+        return Goodput {
+            windows: vec![],
+            served_fleet: 0,
+            available: 0,
+            share: None,
+        };
+    };
+    let range = full_windows(duration_ms, family.window_ms);
+    let counted: Vec<&WindowStats> = family
+        .windows
+        .iter()
+        .filter(|w| range.contains(&w.index))
+        .collect();
+    let served_fleet = counted.iter().map(|w| w.served_fleet).sum();
+    let available: u64 = counted.iter().map(|w| available(w)).sum();
+    Goodput {
+        windows: counted.iter().map(|w| w.index).collect(),
+        served_fleet,
+        available,
+        share: (available > 0).then(|| served_fleet as f64 / available as f64),
+    }
+}
+
+/// How long the fleet took to use the org well again after a change.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Convergence {
+    /// The change.
+    pub(crate) change: LimitChange,
+    /// The first window that met the bar, if any.
+    pub(crate) window: Option<u64>,
+    /// Windows from the change to the end of that window (1.0 = the first
+    /// whole window after a change at a window boundary already met it).
+    pub(crate) windows_after: Option<f64>,
+    /// Whether a whole window after the change lies within the run at all.
+    pub(crate) measurable: bool,
+}
+
+/// Whether window `w` uses the org well: served ≥ 90% of what it could
+/// serve the fleet, and at most max(1, 1% of served) refusals.
+fn converged(w: &WindowStats) -> bool {
+    let served = w.served_fleet as f64;
+    served >= 0.9 * available(w) as f64 && w.refused_fleet as f64 <= (0.01 * served).max(1.0)
+}
+
+/// Convergence after each change, over the run's whole windows.
+pub(crate) fn convergence(
+    family: Option<&FamilyStats>,
+    changes: &[LimitChange],
+    duration_ms: u64,
+) -> Vec<Convergence> {
+    let window_ms = family.map_or(WINDOW_MS, |f| f.window_ms).max(1);
+    let range = full_windows(duration_ms, window_ms);
+    changes
+        .iter()
+        .map(|&change| {
+            let first = change.at_ms.div_ceil(window_ms);
+            let candidates: Vec<&WindowStats> = family
+                .map(|f| {
+                    f.windows
+                        .iter()
+                        .filter(|w| w.index >= first && range.contains(&w.index))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let hit = candidates.iter().find(|w| converged(w)).map(|w| w.index);
+            Convergence {
+                change,
+                window: hit,
+                windows_after: hit.map(|k| {
+                    ((k + 1) * window_ms).saturating_sub(change.at_ms) as f64 / window_ms as f64
+                }),
+                measurable: first < range.end,
+            }
+        })
+        .collect()
+}
+
+/// Records of one kind: what should be stored, what is.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub(crate) struct Records {
+    /// Records the fleet should have stored.
+    pub(crate) expected: u64,
+    /// Distinct records stored.
+    pub(crate) stored: u64,
+    /// Records received or written more than once (the extra copies).
+    pub(crate) duplicates: u64,
+    /// expected − stored.
+    pub(crate) lost: u64,
+}
+
+impl Records {
+    /// Records with `lost` computed.
+    pub(crate) fn new(expected: u64, stored: u64, duplicates: u64) -> Records {
+        Records {
+            expected,
+            stored,
+            duplicates,
+            lost: expected.saturating_sub(stored),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(index: u64, enforced: u64, fleet: u64, unmanaged: u64, refused: u64) -> WindowStats {
+        WindowStats {
+            index,
+            start_ms: index * 60_000,
+            enforced_permits: enforced,
+            served_fleet: fleet,
+            served_unmanaged: unmanaged,
+            refused_fleet: refused,
+            refused_unmanaged: 0,
+        }
+    }
+
+    fn family(windows: Vec<WindowStats>) -> FamilyStats {
+        FamilyStats {
+            name: "analytics-query".into(),
+            window_ms: 60_000,
+            windows,
+        }
+    }
+
+    #[test]
+    fn goodput_skips_the_first_window_and_the_drain() {
+        let f = family(vec![
+            window(0, 45, 10, 5, 9),
+            window(1, 45, 38, 5, 0),
+            window(2, 30, 20, 5, 2),
+            window(3, 30, 25, 5, 0),
+        ]);
+        // 180 s of production: windows 1 and 2 count, 3 is the drain.
+        let g = goodput(Some(&f), 180_000);
+        assert_eq!(g.windows, [1, 2]);
+        assert_eq!((g.served_fleet, g.available), (58, 65));
+        assert!((g.share.unwrap() - 58.0 / 65.0).abs() < 1e-9);
+        assert!(goodput(None, 180_000).share.is_none());
+    }
+
+    #[test]
+    fn convergence_counts_windows_from_the_change() {
+        let f = family(vec![
+            window(0, 45, 40, 5, 0),
+            window(1, 45, 40, 5, 0),
+            window(2, 30, 30, 5, 12),
+            window(3, 30, 23, 5, 0),
+            window(4, 30, 25, 5, 0),
+        ]);
+        let change = |at_ms| LimitChange {
+            at_ms,
+            from: 45,
+            to: 30,
+        };
+        let c = convergence(Some(&f), &[change(120_000), change(90_000)], 300_000);
+        // Window 2 had 12 refusals; window 3 served 23 ≥ 0.9 × 25.
+        assert_eq!(c[0].window, Some(3));
+        assert_eq!(c[0].windows_after, Some(2.0));
+        assert_eq!(c[1].window, Some(3));
+        assert_eq!(c[1].windows_after, Some(2.5));
+        let late = convergence(Some(&f), &[change(250_000)], 300_000);
+        assert!(!late[0].measurable);
+        assert_eq!(late[0].window, None);
+    }
+
+    #[test]
+    fn waits_are_percentiles_in_sim_ms() {
+        let m = Metrics::new();
+        for ms in 1..=100 {
+            m.record_wait(Class::Critical, ms as f64);
+        }
+        let w = m.waits()["critical"];
+        assert_eq!(w.count, 100);
+        assert!((w.p50_ms - 50.0).abs() < 0.1, "{w:?}");
+        assert!((w.p99_ms - 99.0).abs() < 0.1, "{w:?}");
+        assert_eq!(m.waits()["batch"].count, 0);
+    }
+}

@@ -1,0 +1,337 @@
+//! The output: one table (a column per mode) with the broker's targets
+//! checked under it, or the same as one JSON object (`--json`). Targets are
+//! reported, never asserted: a miss says by how much.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::cli::{ModeName, Spec};
+use crate::confgen::{LimitChange, Plan, WINDOW_MS};
+use crate::run::ModeResult;
+
+/// One target of broker mode.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Target {
+    /// What is measured.
+    pub(crate) name: String,
+    /// The bar.
+    pub(crate) target: String,
+    /// What broker mode got.
+    pub(crate) value: String,
+    /// Whether it met the bar (None: could not be measured in this run).
+    pub(crate) met: Option<bool>,
+}
+
+/// The whole run.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Report {
+    /// The command line.
+    pub(crate) command: String,
+    /// Seed.
+    pub(crate) seed: u64,
+    /// Simulated seconds of production.
+    pub(crate) duration_s: u64,
+    /// Simulated seconds per real second.
+    pub(crate) time_scale: f64,
+    /// Window of every limit, simulated ms.
+    pub(crate) window_ms: u64,
+    /// Hidden-limit changes of the analytics family.
+    pub(crate) changes: Vec<LimitChange>,
+    /// Unmanaged consumer: (from simulated ms, requests per window).
+    pub(crate) unmanaged: Vec<(u64, u64)>,
+    /// Per mode, in the order run.
+    pub(crate) modes: Vec<ModeResult>,
+    /// Broker mode's targets (empty when it did not run).
+    pub(crate) targets: Vec<Target>,
+}
+
+impl Report {
+    /// The report of a run.
+    pub(crate) fn new(spec: &Spec, plan: &Plan, modes: Vec<ModeResult>) -> Report {
+        let targets = targets(&modes);
+        Report {
+            command: spec.command.clone(),
+            seed: spec.seed,
+            duration_s: spec.duration_s,
+            time_scale: spec.scale,
+            window_ms: WINDOW_MS,
+            changes: plan.changes.clone(),
+            unmanaged: plan.unmanaged.clone(),
+            modes,
+            targets,
+        }
+    }
+
+    /// The JSON object.
+    pub(crate) fn json(&self) -> String {
+        // Every field is plain data (strings, numbers, maps with string keys).
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// The table.
+    pub(crate) fn table(&self) -> String {
+        let mut out = String::new();
+        let changes: Vec<String> = self.changes.iter().map(change_label).collect();
+        let unmanaged: Vec<String> = self
+            .unmanaged
+            .iter()
+            .map(|(at, n)| format!("{n}/window from {} s", at / 1000))
+            .collect();
+        let _ = writeln!(out, "fleet scenario: {}", self.command);
+        let _ = writeln!(
+            out,
+            "seed {}, {} s simulated ({} s real per mode + drain), time scale {}, windows {} s",
+            self.seed,
+            self.duration_s,
+            (self.duration_s as f64 / self.time_scale).round(),
+            self.time_scale,
+            self.window_ms / 1000
+        );
+        let _ = writeln!(
+            out,
+            "org-a analytics-query: documented 60, hidden 45, {}; unmanaged {}\n",
+            changes.join(", "),
+            unmanaged.join(", ")
+        );
+        let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+        let mut row = |name: &str, f: &dyn Fn(&ModeResult) -> String| {
+            rows.push((name.to_owned(), self.modes.iter().map(f).collect()));
+        };
+        row("analytics goodput (served/available)", &|m| {
+            share(
+                m.analytics.share,
+                m.analytics.served_fleet,
+                m.analytics.available,
+            )
+        });
+        row("writes goodput (demand-bound)", &|m| {
+            share(m.writes.share, m.writes.served_fleet, m.writes.available)
+        });
+        row("upstream requests", &|m| m.requests.sent.to_string());
+        row("429s (ratio)", &|m| {
+            format!("{} ({:.2}%)", m.requests.refused, 100.0 * m.requests.ratio)
+        });
+        row("  simulator: refused / requests", &|m| {
+            format!("{} / {}", m.requests.sim_refused, m.requests.sim_total)
+        });
+        for class in ["critical", "interactive", "batch"] {
+            row(&format!("wait p50 / p99 {class} (sim ms)"), &|m| {
+                m.wait.get(class).map_or("-".into(), |w| {
+                    format!("{} / {}", ms(w.p50_ms), ms(w.p99_ms))
+                })
+            });
+        }
+        row("ingest records exp/stored/dup/lost", &|m| {
+            let r = m.records.ingest;
+            format!("{}/{}/{}/{}", r.expected, r.stored, r.duplicates, r.lost)
+        });
+        row("write records exp/stored/dup/lost", &|m| {
+            let r = m.records.writes;
+            format!("{}/{}/{}/{}", r.expected, r.stored, r.duplicates, r.lost)
+        });
+        for (i, change) in self.changes.iter().enumerate() {
+            row(
+                &format!("re-converged after {}", change_label(change)),
+                &|m| match m.convergence.get(i) {
+                    Some(c) if !c.measurable => "n/a (run too short)".into(),
+                    Some(c) => c
+                        .windows_after
+                        .map_or("never".into(), |w| format!("{w:.1} windows")),
+                    None => "-".into(),
+                },
+            );
+        }
+        row("wallboard polls made / skipped", &|m| {
+            format!("{} / {}", m.polls, m.polls_skipped)
+        });
+        row("leases granted / not granted", &|m| {
+            m.leases
+                .map_or("-".into(), |l| format!("{} / {}", l.granted, l.not_granted))
+        });
+        row("local refill-rate cuts", &|m| {
+            m.rate_cuts.map_or("-".into(), |c| c.to_string())
+        });
+        row("real seconds", &|m| format!("{:.1}", m.real_s));
+
+        let width = rows
+            .iter()
+            .map(|(n, _)| n.chars().count())
+            .max()
+            .unwrap_or(0);
+        let col = self
+            .modes
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                rows.iter()
+                    .map(|(_, v)| v[i].chars().count())
+                    .max()
+                    .unwrap_or(0)
+                    .max(m.mode.as_str().len())
+            })
+            .collect::<Vec<_>>();
+        let _ = write!(out, "{:width$}", "");
+        for (m, w) in self.modes.iter().zip(&col) {
+            let _ = write!(out, "  {:>w$}", m.mode.as_str());
+        }
+        out.push('\n');
+        for (name, values) in &rows {
+            let _ = write!(out, "{name:width$}");
+            for (v, w) in values.iter().zip(&col) {
+                let _ = write!(out, "  {v:>w$}");
+            }
+            out.push('\n');
+        }
+        for m in &self.modes {
+            let rejected = m.fleet.rejected_count;
+            if rejected > 0 || m.fleet.unfinished_tasks > 0 {
+                let _ = writeln!(
+                    out,
+                    "{}: {} calls rejected for good {:?}; {} tasks unfinished at the drain deadline",
+                    m.mode.as_str(),
+                    rejected,
+                    m.fleet.rejected,
+                    m.fleet.unfinished_tasks
+                );
+            }
+        }
+        if !self.targets.is_empty() {
+            let _ = writeln!(out, "\nbroker targets:");
+            for t in &self.targets {
+                let verdict = match t.met {
+                    Some(true) => "met",
+                    Some(false) => "MISSED",
+                    None => "n/a",
+                };
+                let _ = writeln!(
+                    out,
+                    "  {:<7} {:<44} {:<16} got {}",
+                    verdict, t.name, t.target, t.value
+                );
+            }
+        }
+        out
+    }
+}
+
+fn change_label(c: &LimitChange) -> String {
+    format!("{}→{} at {} s", c.from, c.to, c.at_ms / 1000)
+}
+
+fn share(share: Option<f64>, served: u64, available: u64) -> String {
+    match share {
+        Some(s) => format!("{:.1}% ({served}/{available})", 100.0 * s),
+        None => "-".into(),
+    }
+}
+
+fn ms(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+/// Broker mode's targets, against the baselines of the same run.
+fn targets(modes: &[ModeResult]) -> Vec<Target> {
+    let Some(b) = modes.iter().find(|m| m.mode == ModeName::Broker) else {
+        return Vec::new();
+    };
+    let mut t = Vec::new();
+    let pct = |v: f64| format!("{:.1}%", 100.0 * v);
+    let gp = b.analytics.share;
+    t.push(Target {
+        name: "analytics goodput share".into(),
+        target: "≥ 95%".into(),
+        value: gp.map_or("-".into(), |g| {
+            let miss = if g < 0.95 {
+                format!(" ({:.1} points short)", 100.0 * (0.95 - g))
+            } else {
+                String::new()
+            };
+            format!("{}{miss}", pct(g))
+        }),
+        met: gp.map(|g| g >= 0.95),
+    });
+    let ratio = b.requests.ratio;
+    t.push(Target {
+        name: "429 ratio over the run".into(),
+        target: "≤ 1%".into(),
+        value: format!(
+            "{:.2}% ({} of {})",
+            100.0 * ratio,
+            b.requests.refused,
+            b.requests.sent
+        ),
+        met: Some(ratio <= 0.01),
+    });
+    let lost = b.records.ingest.lost + b.records.writes.lost;
+    t.push(Target {
+        name: "records lost".into(),
+        target: "0".into(),
+        value: format!(
+            "{lost} (ingest {}, writes {})",
+            b.records.ingest.lost, b.records.writes.lost
+        ),
+        met: Some(lost == 0),
+    });
+    let p99 = b.wait.get("critical").map(|w| w.p99_ms);
+    t.push(Target {
+        name: "critical p99 wait (sim ms)".into(),
+        target: "≤ 50 ms".into(),
+        value: p99.map_or("-".into(), |p| format!("{} ms", ms(p))),
+        met: p99.map(|p| p <= 50.0),
+    });
+    for c in &b.convergence {
+        t.push(Target {
+            name: format!("re-converged after {}", change_label(&c.change)),
+            target: "≤ 2 windows".into(),
+            value: if !c.measurable {
+                "run too short".into()
+            } else {
+                c.windows_after
+                    .map_or("never".into(), |w| format!("{w:.1} windows"))
+            },
+            met: c
+                .measurable
+                .then(|| c.windows_after.is_some_and(|w| w <= 2.0)),
+        });
+    }
+    let others: Vec<&ModeResult> = modes
+        .iter()
+        .filter(|m| m.mode != ModeName::Broker)
+        .collect();
+    if !others.is_empty() {
+        let best_gp = others
+            .iter()
+            .filter_map(|m| m.analytics.share)
+            .fold(None, |a: Option<f64>, g| Some(a.map_or(g, |a| a.max(g))));
+        t.push(Target {
+            name: "goodput above every baseline".into(),
+            target: "> best baseline".into(),
+            value: format!(
+                "{} vs {}",
+                gp.map_or("-".into(), pct),
+                best_gp.map_or("-".into(), pct)
+            ),
+            met: gp.zip(best_gp).map(|(g, b)| g > b),
+        });
+        let best_ratio = others
+            .iter()
+            .map(|m| m.requests.ratio)
+            .fold(f64::INFINITY, f64::min);
+        t.push(Target {
+            name: "429 ratio below every baseline".into(),
+            target: "< best baseline".into(),
+            value: format!("{} vs {}", pct_2(ratio), pct_2(best_ratio)),
+            met: Some(ratio < best_ratio),
+        });
+    }
+    t
+}
+
+fn pct_2(v: f64) -> String {
+    format!("{:.2}%", 100.0 * v)
+}

@@ -1,0 +1,270 @@
+//! One mode, start to finish: a fresh simulator (and broker), the fleet
+//! on a clock aligned to the simulator's, then the simulator's own
+//! accounting read back and turned into the mode's figures.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::children::{BrokerServer, Simulator, WorkDir};
+use crate::cli::{ModeName, Spec};
+use crate::clock::SimClock;
+use crate::confgen::{Plan, ANALYTICS, ORG, WRITES};
+use crate::error::Error;
+use crate::fleet::{self, FleetOutcome};
+use crate::measure::{self, Convergence, Counters, Goodput, Metrics, Records, WaitStats};
+use crate::modes::Ctx;
+use crate::upstream::{SimStats, Upstream, WindowStats};
+
+/// Upstream requests of one family, client side.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub(crate) struct RequestCount {
+    /// Sent.
+    pub(crate) sent: u64,
+    /// Answered 429.
+    pub(crate) refused: u64,
+    /// Failed otherwise.
+    pub(crate) errors: u64,
+}
+
+impl From<&Counters> for RequestCount {
+    fn from(c: &Counters) -> Self {
+        RequestCount {
+            sent: c.sent.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Every upstream request of the fleet.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Requests {
+    /// All families, client side.
+    pub(crate) sent: u64,
+    /// 429s, client side.
+    pub(crate) refused: u64,
+    /// refused / sent.
+    pub(crate) ratio: f64,
+    /// Analytics queries.
+    pub(crate) analytics: RequestCount,
+    /// Writes.
+    pub(crate) writes: RequestCount,
+    /// The simulator's count of fleet requests (Σ over tokens).
+    pub(crate) sim_total: u64,
+    /// The simulator's count of fleet refusals (Σ over tokens).
+    pub(crate) sim_refused: u64,
+    /// The simulator's refusals by reason (the unmanaged consumer's included).
+    pub(crate) sim_refused_by_reason: BTreeMap<String, u64>,
+}
+
+/// Broker mode's lease counters.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub(crate) struct LeaseCounts {
+    /// Leases granted.
+    pub(crate) granted: u64,
+    /// Acquires answered "not granted" (asked again).
+    pub(crate) not_granted: u64,
+    /// Leases from the client's local fallback.
+    pub(crate) fallback: u64,
+    /// Reports the broker refused.
+    pub(crate) report_errors: u64,
+}
+
+/// Both kinds of records.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub(crate) struct AllRecords {
+    /// Ingested conversations.
+    pub(crate) ingest: Records,
+    /// Wrap-up writes.
+    pub(crate) writes: Records,
+}
+
+/// What one mode measured.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct ModeResult {
+    /// Which mode.
+    pub(crate) mode: ModeName,
+    /// Real seconds it took, start of the simulator to the end of the drain.
+    pub(crate) real_s: f64,
+    /// Simulated time the fleet started (the simulator started at 0).
+    pub(crate) started_ms: f64,
+    /// Upstream requests and 429s.
+    pub(crate) requests: Requests,
+    /// Analytics goodput over the whole windows.
+    pub(crate) analytics: Goodput,
+    /// Writes goodput over the whole windows (demand-bound: the trunks ask
+    /// for less than the family allows).
+    pub(crate) writes: Goodput,
+    /// Wait per class, simulated ms.
+    pub(crate) wait: BTreeMap<&'static str, WaitStats>,
+    /// Records expected vs stored.
+    pub(crate) records: AllRecords,
+    /// After each hidden-limit change.
+    pub(crate) convergence: Vec<Convergence>,
+    /// The analytics family's windows, as the simulator counted them.
+    pub(crate) analytics_windows: Vec<WindowStats>,
+    /// The fleet's own view of the run.
+    pub(crate) fleet: FleetOutcome,
+    /// Wallboard polls made.
+    pub(crate) polls: u64,
+    /// Wallboard polls skipped (the previous one was still retrying).
+    pub(crate) polls_skipped: u64,
+    /// Broker mode only.
+    pub(crate) leases: Option<LeaseCounts>,
+    /// Local mode only: refill-rate cuts by the seed 001 rule.
+    pub(crate) rate_cuts: Option<u64>,
+}
+
+/// Runs `mode` against fresh processes.
+pub(crate) async fn run_mode(
+    spec: &Spec,
+    plan: &Plan,
+    dir: &WorkDir,
+    mode: ModeName,
+) -> Result<ModeResult, Error> {
+    let real_start = std::time::Instant::now();
+    let sim = Simulator::start(spec, plan, dir, mode.as_str()).await?;
+    let broker = match mode {
+        ModeName::Broker => Some(BrokerServer::start(spec, dir).await?),
+        _ => None,
+    };
+    let upstream = Upstream::new(sim.addr());
+    let first = upstream.stats().await?;
+    let clock = SimClock::aligned(Instant::now(), first.sim_ms, spec.scale);
+    let metrics = Arc::new(Metrics::new());
+    let ctx = Arc::new(Ctx {
+        upstream: upstream.clone(),
+        clock,
+        metrics: metrics.clone(),
+    });
+    let started_ms = clock.now_ms();
+    let broker_url = broker.as_ref().map(|b| format!("http://{}", b.addr()));
+    let outcome = fleet::run(mode, ctx, plan, spec.seed, broker_url).await;
+    // Writes aborted at the drain deadline may still be landing.
+    tokio::time::sleep(clock.real(100.0)).await;
+    let read = async {
+        let stats = upstream.stats().await?;
+        let writes = upstream.writes(ORG).await?;
+        if let Some(dir) = &spec.keep_logs {
+            keep(dir, mode, &stats, &upstream).await?;
+        }
+        Ok::<_, Error>((stats, writes))
+    }
+    .await;
+    if let Some(broker) = broker {
+        broker.stop().await;
+    }
+    sim.stop().await;
+    let outcome = outcome?;
+    let (stats, writes) = read?;
+    Ok(figures(
+        mode,
+        plan,
+        &metrics,
+        outcome,
+        &stats,
+        &writes,
+        started_ms,
+        real_start.elapsed().as_secs_f64(),
+    ))
+}
+
+/// Writes the simulator's stats and log for `mode` into `dir`.
+async fn keep(
+    dir: &std::path::Path,
+    mode: ModeName,
+    stats: &SimStats,
+    upstream: &Upstream,
+) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
+    let log = upstream.log().await?;
+    for (name, value) in [
+        ("stats", serde_json::to_value(stats)),
+        ("log", serde_json::to_value(log)),
+    ] {
+        let path = dir.join(format!("{}-{name}.json", mode.as_str()));
+        let text = value
+            .and_then(|v| serde_json::to_string(&v))
+            .map_err(|e| Error::sim(format!("encode {name}"), e))?;
+        std::fs::write(&path, text).map_err(Error::io(format!("write {}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// The mode's figures from what the fleet and the simulator counted.
+#[allow(clippy::too_many_arguments)]
+fn figures(
+    mode: ModeName,
+    plan: &Plan,
+    metrics: &Metrics,
+    fleet: FleetOutcome,
+    stats: &SimStats,
+    writes: &BTreeMap<String, u64>,
+    started_ms: f64,
+    real_s: f64,
+) -> ModeResult {
+    let org = stats.org(ORG);
+    let analytics_family = org.and_then(|o| o.family(ANALYTICS));
+    let writes_family = org.and_then(|o| o.family(WRITES));
+    let analytics = RequestCount::from(&metrics.analytics);
+    let write_count = RequestCount::from(&metrics.writes);
+    let sent = analytics.sent + write_count.sent;
+    let refused = analytics.refused + write_count.refused;
+    let (sim_served, sim_refused) = org.map_or((0, 0), |o| {
+        o.tokens
+            .iter()
+            .fold((0, 0), |(s, r), t| (s + t.served, r + t.refused))
+    });
+    // Every conversation the trunks write is named t{trunk}-{n}.
+    let (stored, total) = writes
+        .iter()
+        .filter(|(id, _)| id.starts_with('t'))
+        .fold((0u64, 0u64), |(d, t), (_, &n)| {
+            (d + u64::from(n > 0), t + n)
+        });
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    ModeResult {
+        mode,
+        real_s,
+        started_ms,
+        requests: Requests {
+            sent,
+            refused,
+            ratio: if sent > 0 {
+                refused as f64 / sent as f64
+            } else {
+                0.0
+            },
+            analytics,
+            writes: write_count,
+            sim_total: sim_served + sim_refused,
+            sim_refused,
+            sim_refused_by_reason: org.map(|o| o.refused_by_reason.clone()).unwrap_or_default(),
+        },
+        analytics: measure::goodput(analytics_family, plan.duration_ms),
+        writes: measure::goodput(writes_family, plan.duration_ms),
+        wait: metrics.waits(),
+        records: AllRecords {
+            ingest: fleet.ingest,
+            writes: Records::new(fleet.writes_generated, stored, total.saturating_sub(stored)),
+        },
+        convergence: measure::convergence(analytics_family, &plan.changes, plan.duration_ms),
+        analytics_windows: analytics_family
+            .map(|f| f.windows.clone())
+            .unwrap_or_default(),
+        fleet,
+        polls: load(&metrics.polls),
+        polls_skipped: load(&metrics.polls_skipped),
+        leases: (mode == ModeName::Broker).then(|| LeaseCounts {
+            granted: load(&metrics.granted),
+            not_granted: load(&metrics.not_granted),
+            fallback: load(&metrics.fallback_leases),
+            report_errors: load(&metrics.report_errors),
+        }),
+        rate_cuts: (mode == ModeName::Local).then(|| load(&metrics.rate_cuts)),
+    }
+}

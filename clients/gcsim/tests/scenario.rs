@@ -1,0 +1,137 @@
+//! The fleet scenario's CI preset, end to end: the real `scenario` binary
+//! against the real `gcsim` binary (fresh per mode) and the quota broker in
+//! process, with loose asserts on its JSON. The run is real time (about 6 s
+//! per mode plus the drain), bounded by a hard timeout that kills it.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Longest the whole scenario may take before it is killed.
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Runs `scenario` with `args`, killed after [`TIMEOUT`]; its stdout.
+fn run_scenario(args: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_scenario"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start scenario");
+    // Drained on threads, so a full pipe never blocks the child.
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait on scenario") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "scenario did not finish within {TIMEOUT:?}; stderr:\n{}",
+                err.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    assert!(
+        status.success(),
+        "scenario failed ({status}); stderr:\n{stderr}\nstdout:\n{stdout}"
+    );
+    stdout
+}
+
+fn mode<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["modes"]
+        .as_array()
+        .and_then(|modes| modes.iter().find(|m| m["mode"] == name))
+        .unwrap_or_else(|| panic!("mode {name} missing from {report:#}"))
+}
+
+fn f64_at(v: &Value, path: &[&str]) -> f64 {
+    let mut at = v;
+    for key in path {
+        at = &at[*key];
+    }
+    at.as_f64()
+        .unwrap_or_else(|| panic!("{path:?} is not a number in {v:#}"))
+}
+
+#[test]
+fn ci_preset_broker_beats_naive() {
+    let stdout = run_scenario(&[
+        "--preset",
+        "ci",
+        "--json",
+        "--gcsim-bin",
+        env!("CARGO_BIN_EXE_gcsim"),
+        "--broker-in-process",
+    ]);
+    let report: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("scenario printed no JSON ({e}):\n{stdout}"));
+    assert_eq!(report["duration_s"], 120);
+    assert_eq!(report["time_scale"], 20.0);
+
+    // Every mode ran, did work, and its 429 count agrees with the simulator's.
+    for name in ["naive", "local", "broker"] {
+        let m = mode(&report, name);
+        let sent = f64_at(m, &["requests", "sent"]);
+        assert!(sent > 100.0, "{name} sent only {sent} requests: {m:#}");
+        assert!(
+            f64_at(m, &["records", "ingest", "expected"]) > 0.0,
+            "{name}: {m:#}"
+        );
+        assert!(
+            f64_at(m, &["records", "writes", "expected"]) > 0.0,
+            "{name}: {m:#}"
+        );
+        let refused = f64_at(m, &["requests", "refused"]);
+        let sim_refused = f64_at(m, &["requests", "sim_refused"]);
+        assert!(
+            (refused - sim_refused).abs() <= 2.0,
+            "{name}: client counted {refused} 429s, simulator {sim_refused}"
+        );
+    }
+
+    let naive = mode(&report, "naive");
+    let broker = mode(&report, "broker");
+    for kind in ["ingest", "writes"] {
+        let lost = f64_at(broker, &["records", kind, "lost"]);
+        assert_eq!(lost, 0.0, "broker mode lost {kind} records: {broker:#}");
+    }
+    let (b_ratio, n_ratio) = (
+        f64_at(broker, &["requests", "ratio"]),
+        f64_at(naive, &["requests", "ratio"]),
+    );
+    assert!(
+        b_ratio < n_ratio,
+        "broker 429 ratio {b_ratio} not below naive's {n_ratio}"
+    );
+    let share = f64_at(broker, &["analytics", "share"]);
+    assert!(share >= 0.8, "broker goodput share {share} below 0.8");
+    let (b_p99, n_p99) = (
+        f64_at(broker, &["wait", "critical", "p99_ms"]),
+        f64_at(naive, &["wait", "critical", "p99_ms"]),
+    );
+    assert!(
+        b_p99 < n_p99,
+        "broker critical p99 {b_p99} ms not below naive's {n_p99} ms"
+    );
+}
