@@ -16,6 +16,7 @@
 //! - `fleet`: the workload (ingestion, wallboards, trunks) and its drain.
 //! - `measure`: counters, wait histograms, goodput and convergence.
 //! - `run`: one mode start to finish → a [`run::ModeResult`].
+//! - `trace`: broker mode's samples of the broker's analytics bucket.
 //! - `report`: the table, the JSON, the broker's targets.
 //!
 //! Time: everything the table shows is simulated time; real time is
@@ -34,6 +35,7 @@ mod measure;
 mod modes;
 mod report;
 mod run;
+mod trace;
 mod upstream;
 
 use std::process::ExitCode;

@@ -184,6 +184,18 @@ pub(crate) struct Goodput {
     pub(crate) available: u64,
     /// served_fleet / available.
     pub(crate) share: Option<f64>,
+    /// What the org could serve the fleet had the unmanaged consumer been
+    /// served in full: enforced permits less its requests, served or not.
+    pub(crate) fair_available: u64,
+    /// served_fleet / fair_available: above 1 means the fleet took budget
+    /// the unmanaged consumer asked for.
+    pub(crate) fair_share: Option<f64>,
+    /// The unmanaged consumer's requests served in them.
+    pub(crate) unmanaged_served: u64,
+    /// The unmanaged consumer's requests refused in them (a fleet that
+    /// takes the whole window leaves it nothing: its share of `available`
+    /// looks better for it).
+    pub(crate) unmanaged_refused: u64,
 }
 
 /// The whole windows of a run of `duration_ms`, skipping window 0:
@@ -205,6 +217,10 @@ pub(crate) fn goodput(family: Option<&FamilyStats>, duration_ms: u64) -> Goodput
             served_fleet: 0,
             available: 0,
             share: None,
+            fair_available: 0,
+            fair_share: None,
+            unmanaged_served: 0,
+            unmanaged_refused: 0,
         };
     };
     let range = full_windows(duration_ms, family.window_ms);
@@ -215,11 +231,22 @@ pub(crate) fn goodput(family: Option<&FamilyStats>, duration_ms: u64) -> Goodput
         .collect();
     let served_fleet = counted.iter().map(|w| w.served_fleet).sum();
     let available: u64 = counted.iter().map(|w| available(w)).sum();
+    let fair_available: u64 = counted
+        .iter()
+        .map(|w| {
+            w.enforced_permits
+                .saturating_sub(w.served_unmanaged + w.refused_unmanaged)
+        })
+        .sum();
     Goodput {
         windows: counted.iter().map(|w| w.index).collect(),
         served_fleet,
         available,
         share: (available > 0).then(|| served_fleet as f64 / available as f64),
+        fair_available,
+        fair_share: (fair_available > 0).then(|| served_fleet as f64 / fair_available as f64),
+        unmanaged_served: counted.iter().map(|w| w.served_unmanaged).sum(),
+        unmanaged_refused: counted.iter().map(|w| w.refused_unmanaged).sum(),
     }
 }
 

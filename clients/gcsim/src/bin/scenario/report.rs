@@ -105,6 +105,19 @@ impl Report {
                 m.analytics.available,
             )
         });
+        row("  vs what is left after unmanaged demand", &|m| {
+            share(
+                m.analytics.fair_share,
+                m.analytics.served_fleet,
+                m.analytics.fair_available,
+            )
+        });
+        row("  unmanaged consumer served / refused", &|m| {
+            format!(
+                "{} / {}",
+                m.analytics.unmanaged_served, m.analytics.unmanaged_refused
+            )
+        });
         row("writes goodput (demand-bound)", &|m| {
             share(m.writes.share, m.writes.served_fleet, m.writes.available)
         });

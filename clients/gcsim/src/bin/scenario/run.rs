@@ -17,6 +17,7 @@ use crate::error::Error;
 use crate::fleet::{self, FleetOutcome};
 use crate::measure::{self, Convergence, Counters, Goodput, Metrics, Records, WaitStats};
 use crate::modes::Ctx;
+use crate::trace::{Sample, Tracer};
 use crate::upstream::{SimStats, Upstream, WindowStats};
 
 /// Upstream requests of one family, client side.
@@ -117,6 +118,9 @@ pub(crate) struct ModeResult {
     pub(crate) leases: Option<LeaseCounts>,
     /// Local mode only: refill-rate cuts by the seed 001 rule.
     pub(crate) rate_cuts: Option<u64>,
+    /// Broker mode only: its analytics bucket sampled over the run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) broker_trace: Vec<Sample>,
 }
 
 /// Runs `mode` against fresh processes.
@@ -143,7 +147,12 @@ pub(crate) async fn run_mode(
     });
     let started_ms = clock.now_ms();
     let broker_url = broker.as_ref().map(|b| format!("http://{}", b.addr()));
+    let tracer = broker.as_ref().map(|b| Tracer::start(b.addr(), clock));
     let outcome = fleet::run(mode, ctx, plan, spec.seed, broker_url).await;
+    let broker_trace = match tracer {
+        Some(t) => t.finish().await,
+        None => Vec::new(),
+    };
     // Writes aborted at the drain deadline may still be landing.
     tokio::time::sleep(clock.real(100.0)).await;
     let read = async {
@@ -161,7 +170,7 @@ pub(crate) async fn run_mode(
     sim.stop().await;
     let outcome = outcome?;
     let (stats, writes) = read?;
-    Ok(figures(
+    let mut result = figures(
         mode,
         plan,
         &metrics,
@@ -170,7 +179,9 @@ pub(crate) async fn run_mode(
         &writes,
         started_ms,
         real_start.elapsed().as_secs_f64(),
-    ))
+    );
+    result.broker_trace = broker_trace;
+    Ok(result)
 }
 
 /// Writes the simulator's stats and log for `mode` into `dir`.
@@ -266,5 +277,6 @@ fn figures(
             report_errors: load(&metrics.report_errors),
         }),
         rate_cuts: (mode == ModeName::Local).then(|| load(&metrics.rate_cuts)),
+        broker_trace: Vec::new(),
     }
 }
