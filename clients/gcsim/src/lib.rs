@@ -1,1 +1,39 @@
-//! gcsim: a Genesys Cloud stand-in for the fleet scenario.
+//! gcsim: a Genesys Cloud stand-in for the fleet scenario (the HTTP contract
+//! is clients/gcsim/README.md).
+//!
+//! # Layout
+//!
+//! - `config`: the TOML config, its defaults and validation.
+//! - `org`: one org's limits (token and family windows, hidden limits and
+//!   their schedule, concurrency, blocks and escalation, the unmanaged
+//!   consumer) and counters; plain Rust, simulated time passed in.
+//! - `data`: the deterministic analytics history and its details query.
+//! - `log`: the bounded log of every request served and refused.
+//! - `server`: the axum routes: auth → the org's decision → the endpoint's
+//!   answer after its simulated latency (holding any concurrency slot) →
+//!   the rate-limit headers; and the `/_sim` control plane.
+//!
+//! Time: the clock is `tokio::time::Instant` (tests may pause it); simulated
+//! ms = real ms since start × `time_scale`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), gcsim::SimError> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+//! let sim = gcsim::Sim::start(gcsim::SimConfig::default(), listener)?;
+//! println!("http://{}", sim.addr());
+//! sim.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
+
+mod config;
+mod data;
+mod error;
+mod log;
+mod org;
+mod server;
+
+pub use config::{FamilyConfig, OrgConfig, ScheduleStep, SimConfig, UnmanagedStep};
+pub use error::SimError;
+pub use server::{Sim, SimHandle};

@@ -1,1 +1,120 @@
-fn main() {}
+//! `gcsim`: the Genesys Cloud stand-in as a process. Prints
+//! `gcsim listening on http://ADDR` once bound and serves until SIGTERM,
+//! SIGINT or the end of its stdin (so a parent that dies takes it along).
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use gcsim::{Sim, SimConfig};
+use tokio::sync::oneshot;
+use tracing_subscriber::EnvFilter;
+
+/// A simulated Genesys Cloud org (rate limits, 429s, analytics data) on
+/// 127.0.0.1. The contract is clients/gcsim/README.md.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// TOML config (default: the built-in one-org config).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to bind.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Simulated time runs this many times faster than real time.
+    #[arg(long)]
+    time_scale: Option<f64>,
+    /// Seed of the analytics data.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Log filter (tracing `EnvFilter` syntax), to stderr.
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = match &args.config {
+        None => SimConfig::default(),
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => match SimConfig::from_toml(&text) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("gcsim: {}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+            },
+            Err(e) => {
+                eprintln!("gcsim: cannot read {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+    };
+    if let Some(scale) = args.time_scale {
+        config.time_scale = scale;
+    }
+    if let Some(seed) = args.seed {
+        config.seed = seed;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gcsim: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args.listen, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gcsim: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn serve(listen: SocketAddr, config: SimConfig) -> Result<(), gcsim::SimError> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| gcsim::SimError::Io {
+            what: format!("bind {listen}"),
+            source,
+        })?;
+    let sim = Sim::start(config, listener)?;
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "gcsim listening on http://{}", sim.addr());
+    let _ = out.flush();
+    // A plain thread, not tokio's stdin: a blocking read there would hold
+    // up the runtime's shutdown.
+    let (eof_tx, eof_rx) = oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+        let _ = eof_tx.send(());
+    });
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        _ = terminate => tracing::info!("SIGTERM: stopping"),
+        _ = eof_rx => tracing::info!("stdin closed: stopping"),
+    }
+    sim.shutdown().await;
+    Ok(())
+}

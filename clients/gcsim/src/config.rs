@@ -1,0 +1,322 @@
+//! The simulator's configuration: serde types of the TOML in
+//! clients/gcsim/README.md, the built-in default, and validation into the
+//! values the org model runs on. Every duration here is simulated ms.
+
+use serde::Deserialize;
+
+use quota_broker::route::Route;
+
+use crate::error::SimError;
+
+/// The whole simulator: its orgs, time scale, seed and escalation.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimConfig {
+    /// Simulated ms per real ms (`--time-scale` overrides).
+    pub time_scale: f64,
+    /// Seed of the analytics data (`--seed` overrides).
+    pub seed: u64,
+    /// First penalty for hammering during a block, simulated ms.
+    pub escalation_base_ms: u64,
+    /// Longest penalty, simulated ms.
+    pub escalation_max_ms: u64,
+    /// The orgs.
+    pub orgs: Vec<OrgConfig>,
+}
+
+impl Default for SimConfig {
+    fn default() -> SimConfig {
+        SimConfig {
+            time_scale: 1.0,
+            seed: 1,
+            escalation_base_ms: 1_000,
+            escalation_max_ms: 60_000,
+            orgs: vec![OrgConfig::default()],
+        }
+    }
+}
+
+/// One Genesys Cloud org.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrgConfig {
+    /// Org id: the `<org>` of `Authorization: Bearer <org>:<client>`.
+    pub id: String,
+    /// Requests per OAuth client token per token window.
+    pub token_permits: u64,
+    /// Token window, simulated ms.
+    pub token_window_ms: u64,
+    /// Conversations in the day of analytics history.
+    pub conversations_per_day: u64,
+    /// That day, `YYYY-MM-DD` (UTC).
+    pub day: String,
+    /// Endpoint families with org-wide limits.
+    pub families: Vec<FamilyConfig>,
+}
+
+impl Default for OrgConfig {
+    fn default() -> OrgConfig {
+        OrgConfig {
+            id: "org-a".into(),
+            token_permits: 300,
+            token_window_ms: 60_000,
+            conversations_per_day: 20_000,
+            day: "2026-11-01".into(),
+            families: vec![
+                FamilyConfig {
+                    name: "analytics-query".into(),
+                    routes: vec!["POST /api/v2/analytics/**/query".into()],
+                    documented_permits: 60,
+                    hidden_permits: Some(45),
+                    window_ms: 60_000,
+                    max_concurrent: Some(10),
+                    schedule: Vec::new(),
+                    unmanaged: vec![UnmanagedStep {
+                        at_ms: 0,
+                        per_window: 5,
+                    }],
+                },
+                FamilyConfig {
+                    name: "conversation-writes".into(),
+                    routes: vec!["POST /api/v2/conversations/**".into()],
+                    documented_permits: 300,
+                    ..FamilyConfig::default()
+                },
+            ],
+        }
+    }
+}
+
+/// An endpoint family: routes sharing one org-wide limit.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FamilyConfig {
+    /// Name (in stats, 429 reasons, limits/namespaces).
+    pub name: String,
+    /// `"METHOD /path/glob"` patterns, as the broker's.
+    pub routes: Vec<String>,
+    /// Permits per window that limits/namespaces reports.
+    pub documented_permits: u64,
+    /// Permits per window really enforced (default: documented).
+    pub hidden_permits: Option<u64>,
+    /// Window, simulated ms.
+    pub window_ms: u64,
+    /// Requests in flight at once, org-wide (default: unlimited).
+    pub max_concurrent: Option<u64>,
+    /// Changes of the hidden limit at simulated times.
+    pub schedule: Vec<ScheduleStep>,
+    /// The unmanaged consumer's requests per window, piecewise constant.
+    pub unmanaged: Vec<UnmanagedStep>,
+}
+
+impl Default for FamilyConfig {
+    fn default() -> FamilyConfig {
+        FamilyConfig {
+            name: String::new(),
+            routes: Vec::new(),
+            documented_permits: 0,
+            hidden_permits: None,
+            window_ms: 60_000,
+            max_concurrent: None,
+            schedule: Vec::new(),
+            unmanaged: Vec::new(),
+        }
+    }
+}
+
+/// From `at_ms` on, the family enforces `hidden_permits`.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleStep {
+    /// Simulated ms.
+    pub at_ms: u64,
+    /// Enforced permits per window from then on.
+    pub hidden_permits: u64,
+}
+
+/// From `at_ms` on, the unmanaged consumer sends `per_window` requests in
+/// every window of the family.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnmanagedStep {
+    /// Simulated ms.
+    pub at_ms: u64,
+    /// Requests per family window.
+    pub per_window: u64,
+}
+
+/// A family ready to run: routes parsed, schedules sorted.
+#[derive(Clone, Debug)]
+pub(crate) struct Family {
+    pub(crate) name: String,
+    pub(crate) routes: Vec<Route>,
+    /// The namespace limits/namespaces lists it under (the path segment
+    /// after `/api/v2/` of its first route).
+    pub(crate) namespace: String,
+    pub(crate) documented: u64,
+    pub(crate) hidden: u64,
+    pub(crate) window_ms: u64,
+    pub(crate) max_concurrent: Option<u64>,
+    pub(crate) schedule: Vec<ScheduleStep>,
+    pub(crate) unmanaged: Vec<UnmanagedStep>,
+}
+
+impl SimConfig {
+    /// Parses a TOML config; keys left out keep their defaults.
+    pub fn from_toml(text: &str) -> Result<SimConfig, SimError> {
+        toml::from_str(text).map_err(|e| SimError::Config(vec![e.to_string()]))
+    }
+
+    /// Every problem with the config, or nothing.
+    pub(crate) fn check(&self) -> Result<(), SimError> {
+        let mut problems = Vec::new();
+        if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
+            problems.push(format!(
+                "time_scale must be a positive number, got {}",
+                self.time_scale
+            ));
+        }
+        if self.escalation_base_ms == 0 || self.escalation_max_ms < self.escalation_base_ms {
+            problems.push("escalation_base_ms must be > 0 and <= escalation_max_ms".into());
+        }
+        if self.orgs.is_empty() {
+            problems.push("at least one [[orgs]] is needed".into());
+        }
+        for (i, org) in self.orgs.iter().enumerate() {
+            if org.id.is_empty() || org.id.contains(':') {
+                problems.push(format!("orgs[{i}].id must be non-empty without ':'"));
+            }
+            if self.orgs[..i].iter().any(|o| o.id == org.id) {
+                problems.push(format!("orgs[{i}].id {:?} appears twice", org.id));
+            }
+            if org.token_permits == 0 || org.token_window_ms == 0 {
+                problems.push(format!(
+                    "org {}: token_permits and token_window_ms must be > 0",
+                    org.id
+                ));
+            }
+            if crate::data::parse_day(&org.day).is_none() {
+                problems.push(format!(
+                    "org {}: day {:?} is not YYYY-MM-DD",
+                    org.id, org.day
+                ));
+            }
+            for (j, f) in org.families.iter().enumerate() {
+                if let Err(e) = f.ready() {
+                    problems.push(format!("org {} families[{j}]: {e}", org.id));
+                }
+                if org.families[..j].iter().any(|g| g.name == f.name) {
+                    problems.push(format!("org {}: family {:?} appears twice", org.id, f.name));
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(SimError::Config(problems))
+        }
+    }
+}
+
+impl FamilyConfig {
+    /// The family ready to run, or what is wrong with it.
+    pub(crate) fn ready(&self) -> Result<Family, String> {
+        if self.name.is_empty() {
+            return Err("name is empty".into());
+        }
+        if self.routes.is_empty() {
+            return Err(format!("{}: at least one route is needed", self.name));
+        }
+        let routes = self
+            .routes
+            .iter()
+            .map(|r| Route::parse(r).map_err(|e| format!("{}: route {r:?}: {e}", self.name)))
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.window_ms == 0 {
+            return Err(format!("{}: window_ms must be > 0", self.name));
+        }
+        if self.max_concurrent == Some(0) {
+            return Err(format!(
+                "{}: max_concurrent must be > 0 (leave it out for no limit)",
+                self.name
+            ));
+        }
+        let namespace = self.routes[0]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.strip_prefix("/api/v2/"))
+            .and_then(|p| p.split('/').next())
+            .unwrap_or("platform-api")
+            .to_owned();
+        let mut schedule = self.schedule.clone();
+        schedule.sort_by_key(|s| s.at_ms);
+        let mut unmanaged = self.unmanaged.clone();
+        unmanaged.sort_by_key(|s| s.at_ms);
+        Ok(Family {
+            name: self.name.clone(),
+            routes,
+            namespace,
+            documented: self.documented_permits,
+            hidden: self.hidden_permits.unwrap_or(self.documented_permits),
+            window_ms: self.window_ms,
+            max_concurrent: self.max_concurrent,
+            schedule,
+            unmanaged,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_the_documented_one() {
+        let c = SimConfig::default();
+        c.check().unwrap();
+        let org = &c.orgs[0];
+        assert_eq!(org.id, "org-a");
+        let analytics = org.families[0].ready().unwrap();
+        assert_eq!(
+            (
+                analytics.documented,
+                analytics.hidden,
+                analytics.max_concurrent
+            ),
+            (60, 45, Some(10))
+        );
+        assert_eq!(analytics.namespace, "analytics");
+        let writes = org.families[1].ready().unwrap();
+        assert_eq!((writes.documented, writes.hidden), (300, 300));
+        assert_eq!(writes.namespace, "conversations");
+    }
+
+    #[test]
+    fn toml_keeps_defaults_for_missing_keys() {
+        let c = SimConfig::from_toml(
+            "seed = 9\n[[orgs]]\nid = \"x\"\n[[orgs.families]]\nname = \"f\"\n\
+             routes = [\"GET /api/v2/users/**\"]\ndocumented_permits = 5\n\
+             schedule = [{ at_ms = 10, hidden_permits = 3 }]",
+        )
+        .unwrap();
+        c.check().unwrap();
+        assert_eq!((c.seed, c.time_scale), (9, 1.0));
+        assert_eq!(c.orgs[0].token_permits, 300);
+        let f = c.orgs[0].families[0].ready().unwrap();
+        assert_eq!((f.hidden, f.schedule[0].hidden_permits), (5, 3));
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let c = SimConfig::from_toml(
+            "time_scale = 0.0\n[[orgs]]\nid = \"a:b\"\nday = \"Nov 1\"\n\
+             [[orgs.families]]\nname = \"f\"\nroutes = [\"nope\"]",
+        )
+        .unwrap();
+        let Err(SimError::Config(problems)) = c.check() else {
+            panic!("accepted a bad config")
+        };
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(SimConfig::from_toml("bogus = 1").is_err());
+    }
+}

@@ -1,0 +1,256 @@
+//! The analytics history of an org: a day of deterministic conversations
+//! (the same seed and org give the same set), the details query over it
+//! (interval and paging), and the ISO-8601 timestamps it speaks.
+//!
+//! The date arithmetic is hand-written (days from a civil date, Howard
+//! Hinnant's algorithm): three small functions for one timestamp format do
+//! not justify a date-time crate in the build.
+
+use serde::Serialize;
+
+/// One day, ms.
+const DAY_MS: i64 = 86_400_000;
+
+/// One conversation of the history.
+#[derive(Clone, Debug)]
+struct Conversation {
+    id: String,
+    /// Unix ms.
+    start: i64,
+    /// Unix ms.
+    end: i64,
+    inbound: bool,
+    division: u8,
+}
+
+/// The org's conversations, sorted by start then id.
+#[derive(Debug)]
+pub(crate) struct History {
+    conversations: Vec<Conversation>,
+}
+
+/// A conversation as the details query returns it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ConversationJson {
+    conversation_id: String,
+    conversation_start: String,
+    conversation_end: String,
+    originating_direction: &'static str,
+    division_ids: [String; 1],
+}
+
+/// A details-query page.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct DetailsPage {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    conversations: Option<Vec<ConversationJson>>,
+    total_hits: u64,
+}
+
+impl DetailsPage {
+    /// Rows on the page (they decide the query's latency).
+    pub(crate) fn rows(&self) -> usize {
+        self.conversations.as_ref().map_or(0, Vec::len)
+    }
+}
+
+impl History {
+    /// `count` conversations starting on `day` (Unix ms of its midnight),
+    /// drawn from a generator seeded by `seed` and `org`.
+    pub(crate) fn generate(seed: u64, org: &str, day: i64, count: u64) -> History {
+        // FNV-1a of the org id: a stable hash (std's is randomly keyed).
+        let org_hash = org.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let mut rng = fastrand::Rng::with_seed(seed ^ org_hash);
+        let mut conversations: Vec<Conversation> = (0..count)
+            .map(|_| {
+                let start = day + rng.i64(0..DAY_MS);
+                let id = format!(
+                    "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+                    rng.u32(..),
+                    rng.u16(..),
+                    rng.u16(..0x1000),
+                    rng.u16(0x8000..0xc000),
+                    rng.u64(..1 << 48)
+                );
+                Conversation {
+                    id,
+                    start,
+                    end: start + rng.i64(30_000..1_800_000),
+                    inbound: rng.u8(..10) < 7,
+                    division: rng.u8(..4),
+                }
+            })
+            .collect();
+        conversations.sort_by(|a, b| (a.start, &a.id).cmp(&(b.start, &b.id)));
+        History { conversations }
+    }
+
+    /// The page `page` (from 1) of `page_size` among conversations starting
+    /// in `[from, to)`.
+    pub(crate) fn query(&self, from: i64, to: i64, page_size: usize, page: usize) -> DetailsPage {
+        let lo = self.conversations.partition_point(|c| c.start < from);
+        let hi = self.conversations.partition_point(|c| c.start < to).max(lo);
+        let hits = &self.conversations[lo..hi];
+        let skip = (page - 1).saturating_mul(page_size);
+        let conversations = (skip < hits.len()).then(|| {
+            hits[skip..]
+                .iter()
+                .take(page_size)
+                .map(|c| ConversationJson {
+                    conversation_id: c.id.clone(),
+                    conversation_start: format_ms(c.start),
+                    conversation_end: format_ms(c.end),
+                    originating_direction: if c.inbound { "inbound" } else { "outbound" },
+                    division_ids: [format!("division-{}", c.division)],
+                })
+                .collect()
+        });
+        DetailsPage {
+            conversations,
+            total_hits: hits.len() as u64,
+        }
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The civil date of a day count (inverse of [`days_from_civil`]).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (
+        if m <= 2 {
+            yoe + era * 400 + 1
+        } else {
+            yoe + era * 400
+        },
+        m,
+        d,
+    )
+}
+
+/// `YYYY-MM-DD` → Unix ms of its midnight UTC.
+pub(crate) fn parse_day(s: &str) -> Option<i64> {
+    let mut parts = s.splitn(3, '-');
+    let y: i64 = parts.next()?.parse().ok()?;
+    let m: i64 = parts.next()?.parse().ok()?;
+    let d: i64 = parts.next()?.parse().ok()?;
+    if s.len() != 10 || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    let days = days_from_civil(y, m, d);
+    // Rejects 2026-02-30 and the like.
+    (civil_from_days(days) == (y, m, d)).then_some(days * DAY_MS)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.sss]Z` → Unix ms.
+pub(crate) fn parse_timestamp(s: &str) -> Option<i64> {
+    let (date, time) = s.split_once('T')?;
+    let time = time.strip_suffix('Z')?;
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut parts = hms.splitn(3, ':');
+    let h: i64 = parts.next()?.parse().ok()?;
+    let m: i64 = parts.next()?.parse().ok()?;
+    let sec: i64 = parts.next()?.parse().ok()?;
+    if hms.len() != 8 || h > 23 || m > 59 || sec > 59 {
+        return None;
+    }
+    let ms = match frac.len() {
+        0 => 0,
+        1..=3 if frac.bytes().all(|b| b.is_ascii_digit()) => {
+            frac.parse::<i64>().ok()? * 10i64.pow(3 - frac.len() as u32)
+        }
+        _ => return None,
+    };
+    Some(parse_day(date)? + ((h * 60 + m) * 60 + sec) * 1000 + ms)
+}
+
+/// Unix ms → `YYYY-MM-DDTHH:MM:SS.sssZ`.
+pub(crate) fn format_ms(ms: i64) -> String {
+    let (y, m, d) = civil_from_days(ms.div_euclid(DAY_MS));
+    let t = ms.rem_euclid(DAY_MS);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t / 3_600_000,
+        t / 60_000 % 60,
+        t / 1000 % 60,
+        t % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip() {
+        let t = parse_timestamp("2026-11-01T13:05:09.250Z").unwrap();
+        assert_eq!(format_ms(t), "2026-11-01T13:05:09.250Z");
+        assert_eq!(parse_day("1970-01-01"), Some(0));
+        assert_eq!(
+            parse_timestamp("2024-02-29T00:00:00Z"),
+            Some(1_709_164_800_000)
+        );
+        for bad in [
+            "2026-11-01 00:00:00Z",
+            "2026-13-01T00:00:00Z",
+            "2026-02-30T00:00:00Z",
+        ] {
+            assert_eq!(parse_timestamp(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn same_seed_same_history_and_pages_cover_it() {
+        let day = parse_day("2026-11-01").unwrap();
+        let a = History::generate(7, "org-a", day, 1_000);
+        let b = History::generate(7, "org-a", day, 1_000);
+        let c = History::generate(7, "org-b", day, 1_000);
+        let ids = |h: &History| {
+            h.conversations
+                .iter()
+                .map(|c| c.id.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&a), ids(&b));
+        assert_ne!(ids(&a), ids(&c));
+
+        let (from, to) = (day + 3_600_000, day + 7_200_000);
+        let first = a.query(from, to, 10, 1);
+        let hits = first.total_hits as usize;
+        assert!((20..80).contains(&hits), "{hits} in one hour of 1,000/day");
+        let mut seen = Vec::new();
+        for page in 1.. {
+            let p = a.query(from, to, 10, page);
+            let Some(rows) = p.conversations else { break };
+            for r in rows {
+                let start = parse_timestamp(&r.conversation_start).unwrap();
+                assert!((from..to).contains(&start));
+                seen.push(r.conversation_id);
+            }
+        }
+        assert_eq!(seen.len(), hits);
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), hits, "pages overlap");
+    }
+}

@@ -1,0 +1,654 @@
+//! One simulated org's rate limiting: the per-token windows, the endpoint
+//! families' windows (hidden limits, their schedule, the concurrency limit),
+//! blocks and escalation, the unmanaged consumer, and the counters the
+//! control plane reports. Plain Rust with simulated time passed in; the
+//! HTTP side lives in `server`.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::config::{Family, OrgConfig};
+
+/// Why a request was refused, and when to come back (simulated ms).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Refusal {
+    /// `token`, `family:<name>`, `concurrency:<name>` or `blocked:<what>`.
+    pub(crate) reason: String,
+    /// The documented limit the refusal is about (for the 429 body).
+    pub(crate) limit: u64,
+    /// Simulated ms until the caller may try again.
+    pub(crate) retry_after_ms: f64,
+}
+
+/// What the org answered one request.
+#[derive(Debug)]
+pub(crate) struct Decision {
+    /// `Ok(families whose concurrency slot the request now holds)`.
+    pub(crate) verdict: Result<Vec<usize>, Refusal>,
+    /// The token's count in its current window (header).
+    pub(crate) token_count: u64,
+    /// Simulated ms until the token's window ends (header).
+    pub(crate) token_reset_ms: f64,
+}
+
+/// A block on a token or a family, with its escalation.
+#[derive(Clone, Copy, Debug, Default)]
+struct Block {
+    /// Simulated ms; requests before it are refused.
+    until: f64,
+    /// The last penalty given for hammering (0: none since the block began).
+    penalty: f64,
+}
+
+impl Block {
+    /// At `now`: `Some(retry after)` if blocked, extending the block by the
+    /// next penalty (hammering); `None` (and the penalty reset) if not.
+    fn hammer(&mut self, now: f64, base: f64, max: f64) -> Option<f64> {
+        if now < self.until {
+            self.penalty = if self.penalty == 0.0 {
+                base
+            } else {
+                (self.penalty * 2.0).min(max)
+            };
+            self.until = self.until.max(now + self.penalty);
+            Some(self.until - now)
+        } else {
+            self.penalty = 0.0;
+            None
+        }
+    }
+}
+
+/// One window of one family, as `/_sim/stats` reports it.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub(crate) struct WindowStats {
+    pub(crate) index: u64,
+    pub(crate) start_ms: u64,
+    pub(crate) enforced_permits: u64,
+    pub(crate) max_concurrent: Option<u64>,
+    pub(crate) served_fleet: u64,
+    pub(crate) served_unmanaged: u64,
+    pub(crate) refused_fleet: u64,
+    pub(crate) refused_unmanaged: u64,
+}
+
+impl WindowStats {
+    fn served(&self) -> u64 {
+        self.served_fleet + self.served_unmanaged
+    }
+}
+
+/// A family's live state.
+#[derive(Debug)]
+struct FamilyState {
+    family: Family,
+    /// Enforced permits per window now.
+    hidden: u64,
+    max_concurrent: Option<u64>,
+    in_flight: u64,
+    /// The schedule's next step.
+    next_step: usize,
+    /// Set through the control plane; wins over the config's steps.
+    unmanaged_override: Option<u64>,
+    /// The unmanaged consumer's requests in the current window: planned, sent.
+    unmanaged_planned: u64,
+    unmanaged_sent: u64,
+    /// Every window from 0 to the current one (never empty).
+    windows: Vec<WindowStats>,
+    block: Block,
+}
+
+impl FamilyState {
+    fn new(family: Family) -> FamilyState {
+        let mut state = FamilyState {
+            hidden: family.hidden,
+            max_concurrent: family.max_concurrent,
+            family,
+            in_flight: 0,
+            next_step: 0,
+            unmanaged_override: None,
+            unmanaged_planned: 0,
+            unmanaged_sent: 0,
+            windows: Vec::new(),
+            block: Block::default(),
+        };
+        state.open_window(0);
+        state
+    }
+
+    fn current(&mut self) -> &mut WindowStats {
+        let last = self.windows.len() - 1;
+        &mut self.windows[last]
+    }
+
+    fn window_end(&self) -> f64 {
+        (self.windows.len() as u64 * self.family.window_ms) as f64
+    }
+
+    /// Starts window `index`.
+    fn open_window(&mut self, index: u64) {
+        let start_ms = index * self.family.window_ms;
+        self.unmanaged_planned = self.unmanaged_override.unwrap_or_else(|| {
+            self.family
+                .unmanaged
+                .iter()
+                .rev()
+                .find(|s| s.at_ms <= start_ms)
+                .map_or(0, |s| s.per_window)
+        });
+        self.unmanaged_sent = 0;
+        self.windows.push(WindowStats {
+            index,
+            start_ms,
+            enforced_permits: self.hidden,
+            max_concurrent: self.max_concurrent,
+            served_fleet: 0,
+            served_unmanaged: 0,
+            refused_fleet: 0,
+            refused_unmanaged: 0,
+        });
+    }
+
+    /// Plays every event due by `now`, in time order: the unmanaged
+    /// consumer's requests (spread evenly through each window), hidden-limit
+    /// steps, window ends.
+    fn advance(&mut self, now: f64) {
+        loop {
+            let end = self.window_end();
+            let start = end - self.family.window_ms as f64;
+            let unmanaged_at = if self.unmanaged_sent < self.unmanaged_planned {
+                start
+                    + (self.unmanaged_sent as f64 + 0.5) * self.family.window_ms as f64
+                        / self.unmanaged_planned as f64
+            } else {
+                f64::INFINITY
+            };
+            let step_at = self
+                .family
+                .schedule
+                .get(self.next_step)
+                .map_or(f64::INFINITY, |s| s.at_ms as f64);
+            let next = unmanaged_at.min(step_at).min(end);
+            if next > now {
+                return;
+            }
+            if next == step_at {
+                let permits = self.family.schedule[self.next_step].hidden_permits;
+                self.next_step += 1;
+                self.set_hidden(permits);
+            } else if next == unmanaged_at && unmanaged_at < end {
+                self.unmanaged_sent += 1;
+                let hidden = self.hidden;
+                let w = self.current();
+                if w.served() < hidden {
+                    w.served_unmanaged += 1;
+                } else {
+                    w.refused_unmanaged += 1;
+                }
+            } else {
+                let index = self.windows.len() as u64;
+                self.open_window(index);
+            }
+        }
+    }
+
+    fn set_hidden(&mut self, permits: u64) {
+        self.hidden = permits;
+        self.current().enforced_permits = permits;
+    }
+}
+
+/// A token's live state.
+#[derive(Debug, Default)]
+struct TokenState {
+    window: u64,
+    count: u64,
+    served: u64,
+    refused: u64,
+    block: Block,
+}
+
+/// A change through `POST /_sim/orgs/{org}/families/{name}`.
+#[derive(Clone, Copy, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FamilyChange {
+    pub(crate) hidden_permits: Option<u64>,
+    pub(crate) max_concurrent: Option<u64>,
+    pub(crate) unmanaged_per_window: Option<u64>,
+}
+
+/// One org.
+#[derive(Debug)]
+pub(crate) struct Org {
+    token_permits: u64,
+    token_window_ms: u64,
+    escalation_base_ms: f64,
+    escalation_max_ms: f64,
+    families: Vec<FamilyState>,
+    tokens: BTreeMap<String, TokenState>,
+    refused_by_reason: BTreeMap<String, u64>,
+    writes: BTreeMap<String, u64>,
+    writes_total: u64,
+}
+
+impl Org {
+    /// An org from its checked config.
+    pub(crate) fn new(config: &OrgConfig, families: Vec<Family>, escalation: (u64, u64)) -> Org {
+        Org {
+            token_permits: config.token_permits,
+            token_window_ms: config.token_window_ms,
+            escalation_base_ms: escalation.0 as f64,
+            escalation_max_ms: escalation.1 as f64,
+            families: families.into_iter().map(FamilyState::new).collect(),
+            tokens: BTreeMap::new(),
+            refused_by_reason: BTreeMap::new(),
+            writes: BTreeMap::new(),
+            writes_total: 0,
+        }
+    }
+
+    /// Plays everything due by `now` in every family.
+    pub(crate) fn advance(&mut self, now: f64) {
+        for f in &mut self.families {
+            f.advance(now);
+        }
+    }
+
+    /// Decides one request of OAuth client `client` at `now`.
+    pub(crate) fn admit(&mut self, now: f64, client: &str, method: &str, path: &str) -> Decision {
+        self.advance(now);
+        let (base, max) = (self.escalation_base_ms, self.escalation_max_ms);
+        let token_window = self.token_window_ms as f64;
+        let index = (now / token_window) as u64;
+        let token_end = (index + 1) as f64 * token_window;
+        let token = self.tokens.entry(client.to_owned()).or_default();
+        if token.window != index {
+            token.window = index;
+            token.count = 0;
+        }
+        let matching: Vec<usize> = self
+            .families
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.family.routes.iter().any(|r| r.matches(method, path)))
+            .map(|(i, _)| i)
+            .collect();
+
+        let verdict = self.decide(now, client, &matching, token_end, (base, max));
+        let token = self.tokens.entry(client.to_owned()).or_default();
+        match &verdict {
+            Ok(_) => {
+                token.count += 1;
+                token.served += 1;
+                for &i in &matching {
+                    self.families[i].current().served_fleet += 1;
+                }
+            }
+            Err(refusal) => {
+                token.refused += 1;
+                *self
+                    .refused_by_reason
+                    .entry(refusal.reason.clone())
+                    .or_default() += 1;
+                for &i in &matching {
+                    self.families[i].current().refused_fleet += 1;
+                }
+            }
+        }
+        let token_count = token.count;
+        Decision {
+            verdict,
+            token_count,
+            token_reset_ms: token_end - now,
+        }
+    }
+
+    /// The checks, in the documented order; takes concurrency slots and sets
+    /// blocks, counts nothing else.
+    fn decide(
+        &mut self,
+        now: f64,
+        client: &str,
+        matching: &[usize],
+        token_end: f64,
+        (base, max): (f64, f64),
+    ) -> Result<Vec<usize>, Refusal> {
+        let token_permits = self.token_permits;
+        let token = self.tokens.entry(client.to_owned()).or_default();
+        if let Some(wait) = token.block.hammer(now, base, max) {
+            return Err(Refusal {
+                reason: "blocked:token".into(),
+                limit: token_permits,
+                retry_after_ms: wait,
+            });
+        }
+        for &i in matching {
+            let f = &mut self.families[i];
+            if let Some(wait) = f.block.hammer(now, base, max) {
+                return Err(Refusal {
+                    reason: format!("blocked:{}", f.family.name),
+                    limit: f.family.documented,
+                    retry_after_ms: wait,
+                });
+            }
+        }
+        for &i in matching {
+            let f = &self.families[i];
+            if f.max_concurrent.is_some_and(|max| f.in_flight >= max) {
+                return Err(Refusal {
+                    reason: format!("concurrency:{}", f.family.name),
+                    limit: f.max_concurrent.unwrap_or_default(),
+                    retry_after_ms: 1_000.0,
+                });
+            }
+        }
+        let token = self.tokens.entry(client.to_owned()).or_default();
+        if token.count >= token_permits {
+            token.block.until = token_end;
+            return Err(Refusal {
+                reason: "token".into(),
+                limit: token_permits,
+                retry_after_ms: token_end - now,
+            });
+        }
+        for &i in matching {
+            let f = &mut self.families[i];
+            let hidden = f.hidden;
+            if f.current().served() >= hidden {
+                let end = f.window_end();
+                f.block.until = end;
+                return Err(Refusal {
+                    reason: format!("family:{}", f.family.name),
+                    limit: f.family.documented,
+                    retry_after_ms: end - now,
+                });
+            }
+        }
+        let slots: Vec<usize> = matching
+            .iter()
+            .copied()
+            .filter(|&i| self.families[i].max_concurrent.is_some())
+            .collect();
+        for &i in &slots {
+            self.families[i].in_flight += 1;
+        }
+        Ok(slots)
+    }
+
+    /// Requests per token per token window.
+    pub(crate) fn token_permits(&self) -> u64 {
+        self.token_permits
+    }
+
+    /// Gives back the concurrency slots of a finished request.
+    pub(crate) fn release(&mut self, slots: &[usize]) {
+        for &i in slots {
+            if let Some(f) = self.families.get_mut(i) {
+                f.in_flight = f.in_flight.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Stores one wrap-up write.
+    pub(crate) fn store_write(&mut self, conversation: &str) {
+        *self.writes.entry(conversation.to_owned()).or_default() += 1;
+        self.writes_total += 1;
+    }
+
+    /// Conversation id → writes stored.
+    pub(crate) fn writes(&self) -> &BTreeMap<String, u64> {
+        &self.writes
+    }
+
+    /// Applies a control-plane change to family `name` at `now`; false if
+    /// there is no such family.
+    pub(crate) fn change(&mut self, now: f64, name: &str, change: FamilyChange) -> bool {
+        self.advance(now);
+        let Some(f) = self.families.iter_mut().find(|f| f.family.name == name) else {
+            return false;
+        };
+        if let Some(permits) = change.hidden_permits {
+            f.set_hidden(permits);
+        }
+        if let Some(max) = change.max_concurrent {
+            f.max_concurrent = (max > 0).then_some(max);
+            f.current().max_concurrent = f.max_concurrent;
+        }
+        if let Some(n) = change.unmanaged_per_window {
+            f.unmanaged_override = Some(n);
+            f.unmanaged_planned = n;
+        }
+        true
+    }
+
+    /// `(key, documented value)` of namespace `ns`, or `None` if unknown.
+    pub(crate) fn namespace(&self, ns: &str) -> Option<Vec<(String, u64)>> {
+        if ns == "platform-api" {
+            return Some(vec![(
+                "oauth-client-requests-per-window".into(),
+                self.token_permits,
+            )]);
+        }
+        let entities: Vec<(String, u64)> = self
+            .families
+            .iter()
+            .filter(|f| f.family.namespace == ns)
+            .map(|f| (f.family.name.clone(), f.family.documented))
+            .collect();
+        (!entities.is_empty()).then_some(entities)
+    }
+
+    /// The org's counters at `now`.
+    pub(crate) fn stats(&mut self, now: f64, id: &str) -> OrgStats {
+        self.advance(now);
+        OrgStats {
+            id: id.to_owned(),
+            families: self
+                .families
+                .iter()
+                .map(|f| FamilyStats {
+                    name: f.family.name.clone(),
+                    window_ms: f.family.window_ms,
+                    in_flight: f.in_flight,
+                    windows: f.windows.clone(),
+                })
+                .collect(),
+            tokens: self
+                .tokens
+                .iter()
+                .map(|(client, t)| TokenStats {
+                    client: client.clone(),
+                    served: t.served,
+                    refused: t.refused,
+                })
+                .collect(),
+            refused_by_reason: self.refused_by_reason.clone(),
+            writes: WriteStats {
+                distinct: self.writes.len() as u64,
+                total: self.writes_total,
+            },
+        }
+    }
+}
+
+/// One org in `/_sim/stats`.
+#[derive(Debug, Serialize)]
+pub(crate) struct OrgStats {
+    pub(crate) id: String,
+    pub(crate) families: Vec<FamilyStats>,
+    pub(crate) tokens: Vec<TokenStats>,
+    pub(crate) refused_by_reason: BTreeMap<String, u64>,
+    pub(crate) writes: WriteStats,
+}
+
+/// One family in `/_sim/stats`.
+#[derive(Debug, Serialize)]
+pub(crate) struct FamilyStats {
+    pub(crate) name: String,
+    pub(crate) window_ms: u64,
+    pub(crate) in_flight: u64,
+    pub(crate) windows: Vec<WindowStats>,
+}
+
+/// One token in `/_sim/stats`.
+#[derive(Debug, Serialize)]
+pub(crate) struct TokenStats {
+    pub(crate) client: String,
+    pub(crate) served: u64,
+    pub(crate) refused: u64,
+}
+
+/// Stored writes in `/_sim/stats`.
+#[derive(Debug, Serialize)]
+pub(crate) struct WriteStats {
+    pub(crate) distinct: u64,
+    pub(crate) total: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FamilyConfig, ScheduleStep, SimConfig, UnmanagedStep};
+
+    const QUERY: &str = "/api/v2/analytics/conversations/details/query";
+
+    fn org(families: Vec<FamilyConfig>, token_permits: u64) -> Org {
+        let mut config = SimConfig::default().orgs.remove(0);
+        config.token_permits = token_permits;
+        config.families = families;
+        let ready = config.families.iter().map(|f| f.ready().unwrap()).collect();
+        Org::new(&config, ready, (1_000, 60_000))
+    }
+
+    fn analytics(hidden: u64, max_concurrent: Option<u64>) -> FamilyConfig {
+        FamilyConfig {
+            name: "analytics-query".into(),
+            routes: vec!["POST /api/v2/analytics/**/query".into()],
+            documented_permits: 60,
+            hidden_permits: Some(hidden),
+            max_concurrent,
+            ..FamilyConfig::default()
+        }
+    }
+
+    fn reason(d: &Decision) -> Option<&str> {
+        d.verdict.as_ref().err().map(|r| r.reason.as_str())
+    }
+
+    #[test]
+    fn hidden_limit_refuses_and_blocks_to_window_end_then_escalates() {
+        let mut o = org(vec![analytics(3, None)], 300);
+        for i in 0..3 {
+            let d = o.admit(1_000.0 + f64::from(i), "c", "POST", QUERY);
+            assert!(d.verdict.is_ok());
+        }
+        let d = o.admit(10_000.0, "c", "POST", QUERY);
+        let r = d.verdict.unwrap_err();
+        assert_eq!(r.reason, "family:analytics-query");
+        assert_eq!(r.retry_after_ms, 50_000.0);
+        // Another client hammers during the block: extended by 1 s, 2 s, ...
+        // (never shortened), and the refusals consume nothing.
+        assert_eq!(
+            reason(&o.admit(59_500.0, "d", "POST", QUERY)),
+            Some("blocked:analytics-query")
+        );
+        let d = o.admit(59_600.0, "d", "POST", QUERY);
+        assert_eq!(d.verdict.unwrap_err().retry_after_ms, 2_000.0);
+        // Blocked into the next window although it has room (to 64.5 s).
+        let d = o.admit(60_500.0, "c", "POST", QUERY);
+        assert_eq!(d.verdict.unwrap_err().retry_after_ms, 4_000.0);
+        // After the block the penalty resets.
+        assert!(o.admit(64_500.0, "c", "POST", QUERY).verdict.is_ok());
+        let stats = o.stats(64_500.0, "org-a");
+        let w = &stats.families[0].windows;
+        assert_eq!((w[0].served_fleet, w[0].refused_fleet), (3, 3));
+        assert_eq!((w[1].served_fleet, w[1].refused_fleet), (1, 1));
+        assert_eq!(stats.refused_by_reason["blocked:analytics-query"], 3);
+    }
+
+    #[test]
+    fn token_limit_and_headers() {
+        let mut o = org(vec![], 2);
+        let d = o.admit(100.0, "c", "GET", "/x");
+        assert_eq!((d.token_count, d.token_reset_ms), (1, 59_900.0));
+        o.admit(200.0, "c", "GET", "/x");
+        let d = o.admit(300.0, "c", "GET", "/x");
+        assert_eq!(reason(&d), Some("token"));
+        assert_eq!(d.token_count, 2);
+        // Another token is not affected.
+        assert!(o.admit(300.0, "e", "GET", "/x").verdict.is_ok());
+        assert!(o.admit(60_000.0, "c", "GET", "/x").verdict.is_ok());
+    }
+
+    #[test]
+    fn concurrency_refuses_without_blocking() {
+        let mut o = org(vec![analytics(45, Some(2))], 300);
+        let a = o.admit(0.0, "c", "POST", QUERY).verdict.unwrap();
+        o.admit(0.0, "c", "POST", QUERY).verdict.unwrap();
+        let r = o.admit(1.0, "c", "POST", QUERY).verdict.unwrap_err();
+        assert_eq!(
+            (r.reason.as_str(), r.retry_after_ms),
+            ("concurrency:analytics-query", 1_000.0)
+        );
+        o.release(&a);
+        assert!(o.admit(2.0, "c", "POST", QUERY).verdict.is_ok());
+        // A GET of the same path is not in the family.
+        assert!(o.admit(2.0, "c", "GET", QUERY).verdict.is_ok());
+    }
+
+    #[test]
+    fn unmanaged_consumer_and_schedule_play_lazily_in_order() {
+        let mut f = analytics(4, None);
+        f.unmanaged = vec![
+            UnmanagedStep {
+                at_ms: 0,
+                per_window: 2,
+            },
+            UnmanagedStep {
+                at_ms: 120_000,
+                per_window: 6,
+            },
+        ];
+        f.schedule = vec![ScheduleStep {
+            at_ms: 90_000,
+            hidden_permits: 3,
+        }];
+        let mut o = org(vec![f], 300);
+        // Window 0: the unmanaged requests at 15 s and 45 s, two fleet ones.
+        assert!(o.admit(10_000.0, "c", "POST", QUERY).verdict.is_ok());
+        assert!(o.admit(50_000.0, "c", "POST", QUERY).verdict.is_ok());
+        assert!(o.admit(50_001.0, "c", "POST", QUERY).verdict.is_err());
+        let s = o.stats(200_000.0, "org-a");
+        let w = &s.families[0].windows;
+        assert_eq!(w.len(), 4);
+        assert_eq!((w[0].served_unmanaged, w[0].served_fleet), (2, 2));
+        assert_eq!((w[1].enforced_permits, w[1].served_unmanaged), (3, 2));
+        assert_eq!(w[2].enforced_permits, 3);
+        assert_eq!((w[2].served_unmanaged, w[2].refused_unmanaged), (3, 3));
+        // Window 3 (180–240 s) at 200 s: 6 planned, two due by then.
+        assert_eq!(w[3].served_unmanaged, 2);
+    }
+
+    #[test]
+    fn control_plane_changes_take_effect_now() {
+        let mut o = org(vec![analytics(45, Some(10))], 300);
+        assert!(o.change(
+            30_000.0,
+            "analytics-query",
+            FamilyChange {
+                hidden_permits: Some(1),
+                max_concurrent: Some(0),
+                unmanaged_per_window: Some(0),
+            }
+        ));
+        assert!(!o.change(30_000.0, "nope", FamilyChange::default()));
+        assert!(o.admit(30_001.0, "c", "POST", QUERY).verdict.is_ok());
+        assert!(o.admit(30_002.0, "c", "POST", QUERY).verdict.is_err());
+        let s = o.stats(30_002.0, "org-a");
+        let w = s.families[0].windows[0];
+        assert_eq!((w.enforced_permits, w.max_concurrent), (1, None));
+        assert_eq!(o.namespace("analytics").unwrap()[0].1, 60);
+        assert!(o.namespace("users").is_none());
+    }
+}

@@ -1,0 +1,660 @@
+//! The HTTP side: axum routes for the Genesys-like API and the `/_sim`
+//! control plane, the simulated clock, auth, the rate-limit headers, the
+//! 429 and error bodies, latency (slept while holding any concurrency slot),
+//! and the log of every request.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::config::SimConfig;
+use crate::data::{parse_day, parse_timestamp, History};
+use crate::error::SimError;
+use crate::log::{Entry, Log};
+use crate::org::{FamilyChange, Org, Refusal};
+
+/// How long `shutdown` waits for requests in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Simulated latency of a details query: fixed part and per row, ms.
+const DETAILS_LATENCY_MS: (f64, f64) = (400.0, 2.0);
+/// Simulated latency of a queue-observations query, ms.
+const OBSERVATIONS_LATENCY_MS: f64 = 20.0;
+/// Simulated latency of a wrap-up write, ms.
+const WRAPUP_LATENCY_MS: f64 = 30.0;
+/// Queues in every observations answer.
+const OBSERVED_QUEUES: usize = 8;
+
+/// Simulated time: real time since start × scale.
+#[derive(Clone, Copy, Debug)]
+struct Clock {
+    start: Instant,
+    scale: f64,
+}
+
+impl Clock {
+    fn now_ms(&self) -> f64 {
+        self.start.elapsed().as_secs_f64() * 1000.0 * self.scale
+    }
+
+    /// The real duration of `sim_ms`.
+    fn real(&self, sim_ms: f64) -> Duration {
+        Duration::from_secs_f64((sim_ms / self.scale / 1000.0).max(0.0))
+    }
+
+    /// `sim_ms` as header seconds: whole (rounded up) at scale 1, else
+    /// decimal with 3 places (never 0, so a client never retries at once).
+    fn header_secs(&self, sim_ms: f64) -> String {
+        let secs = sim_ms / self.scale / 1000.0;
+        if self.scale == 1.0 {
+            format!("{}", secs.ceil().max(1.0))
+        } else {
+            format!("{:.3}", secs.max(0.001))
+        }
+    }
+}
+
+/// One org and its history.
+struct OrgSlot {
+    /// std `Mutex`: held only for one decision, never across an await.
+    org: Mutex<Org>,
+    history: History,
+}
+
+struct Inner {
+    clock: Clock,
+    /// In config order (for stats).
+    ids: Vec<String>,
+    orgs: HashMap<String, OrgSlot>,
+    /// std `Mutex`: held to push one entry or copy one page.
+    log: Mutex<Log>,
+}
+
+/// The simulator: a cheap-clone handle on its state.
+#[derive(Clone)]
+pub struct Sim {
+    inner: Arc<Inner>,
+}
+
+/// A running simulator.
+pub struct SimHandle {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl SimHandle {
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops serving: requests in flight get [`SHUTDOWN_GRACE`] to finish.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        let mut task = self.task;
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves counters that are still usable.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Sim {
+    /// Checks `config`, builds its orgs and serves on `listener` (call
+    /// within a tokio runtime).
+    pub fn start(config: SimConfig, listener: TcpListener) -> Result<SimHandle, SimError> {
+        config.check()?;
+        let addr = listener.local_addr().map_err(|source| SimError::Io {
+            what: "read the listener's address".into(),
+            source,
+        })?;
+        let mut orgs = HashMap::new();
+        let mut ids = Vec::new();
+        for org in &config.orgs {
+            let families = org
+                .families
+                .iter()
+                .map(|f| f.ready())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| SimError::Config(vec![e]))?;
+            let day = parse_day(&org.day)
+                .ok_or_else(|| SimError::Config(vec![format!("day {:?}", org.day)]))?;
+            let slot = OrgSlot {
+                org: Mutex::new(Org::new(
+                    org,
+                    families,
+                    (config.escalation_base_ms, config.escalation_max_ms),
+                )),
+                history: History::generate(config.seed, &org.id, day, org.conversations_per_day),
+            };
+            ids.push(org.id.clone());
+            orgs.insert(org.id.clone(), slot);
+        }
+        let sim = Sim {
+            inner: Arc::new(Inner {
+                clock: Clock {
+                    start: Instant::now(),
+                    scale: config.time_scale,
+                },
+                ids,
+                orgs,
+                log: Mutex::new(Log::default()),
+            }),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let router = sim.router();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        tracing::info!(%addr, scale = config.time_scale, "gcsim serving");
+        Ok(SimHandle { addr, stop, task })
+    }
+
+    fn router(&self) -> Router {
+        Router::new()
+            .route(
+                "/api/v2/analytics/conversations/details/query",
+                post(details),
+            )
+            .route(
+                "/api/v2/analytics/queues/observations/query",
+                post(observations),
+            )
+            .route(
+                "/api/v2/conversations/calls/{conversation}/participants/{participant}/communications/{communication}/wrapup",
+                post(wrapup),
+            )
+            .route(
+                "/api/v2/organizations/limits/namespaces/{ns}",
+                get(namespace),
+            )
+            .route("/_sim/stats", get(stats))
+            .route("/_sim/orgs/{org}/writes", get(writes))
+            .route("/_sim/orgs/{org}/families/{name}", post(change))
+            .route("/_sim/log", get(log_page))
+            .fallback(not_found)
+            .with_state(self.clone())
+    }
+
+    fn log(
+        &self,
+        now: f64,
+        org: &str,
+        client: &str,
+        method: &str,
+        path: &str,
+        status: StatusCode,
+        reason: Option<String>,
+    ) {
+        lock(&self.inner.log).push(Entry {
+            seq: 0,
+            sim_ms: now,
+            org: org.to_owned(),
+            client: client.to_owned(),
+            method: method.to_owned(),
+            path: path.to_owned(),
+            status: status.as_u16(),
+            reason,
+        });
+    }
+
+    /// One API request: auth, the org's decision, `answer` (run once
+    /// admitted), its latency, the headers.
+    async fn serve<F>(&self, headers: &HeaderMap, method: &str, path: &str, answer: F) -> Response
+    where
+        F: FnOnce(&OrgSlot) -> Answer,
+    {
+        let (org_id, client) = match bearer(headers) {
+            Ok(caller) => caller,
+            Err(response) => return *response,
+        };
+        let Some(slot) = self.inner.orgs.get(org_id) else {
+            return error_body(
+                StatusCode::NOT_FOUND,
+                "not.found",
+                format!("No org {org_id:?} here."),
+                None,
+            );
+        };
+        let clock = self.inner.clock;
+        let now = clock.now_ms();
+        let (decision, allowed) = {
+            let mut org = lock(&slot.org);
+            (org.admit(now, client, method, path), org.token_permits())
+        };
+        let rate_headers = [
+            ("inin-ratelimit-allowed", allowed.to_string()),
+            ("inin-ratelimit-count", decision.token_count.to_string()),
+            (
+                "inin-ratelimit-reset",
+                clock.header_secs(decision.token_reset_ms),
+            ),
+        ];
+        let slots = match decision.verdict {
+            Ok(slots) => slots,
+            Err(refusal) => {
+                self.log(
+                    now,
+                    org_id,
+                    client,
+                    method,
+                    path,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Some(refusal.reason.clone()),
+                );
+                let mut response = too_many(&refusal);
+                let h = response.headers_mut();
+                if let Ok(v) = clock.header_secs(refusal.retry_after_ms).parse() {
+                    h.insert(header::RETRY_AFTER, v);
+                }
+                add_headers(&mut response, &rate_headers);
+                return response;
+            }
+        };
+        let _slots = SlotGuard {
+            sim: self.clone(),
+            org: org_id.to_owned(),
+            slots,
+        };
+        let answer = answer(slot);
+        self.log(now, org_id, client, method, path, answer.status, None);
+        tokio::time::sleep(clock.real(answer.latency_ms)).await;
+        let mut response = (
+            answer.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            answer.body,
+        )
+            .into_response();
+        add_headers(&mut response, &rate_headers);
+        response
+    }
+}
+
+/// Gives back the concurrency slots of a request when it ends (or when its
+/// client goes away mid-latency and the handler is dropped).
+struct SlotGuard {
+    sim: Sim,
+    org: String,
+    slots: Vec<usize>,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if self.slots.is_empty() {
+            return;
+        }
+        if let Some(slot) = self.sim.inner.orgs.get(&self.org) {
+            lock(&slot.org).release(&self.slots);
+        }
+    }
+}
+
+/// What an admitted request answers.
+struct Answer {
+    status: StatusCode,
+    body: String,
+    /// Simulated ms before the answer is sent.
+    latency_ms: f64,
+}
+
+impl Answer {
+    fn ok(status: StatusCode, body: String, latency_ms: f64) -> Answer {
+        Answer {
+            status,
+            body,
+            latency_ms,
+        }
+    }
+
+    fn bad_request(message: String) -> Answer {
+        Answer {
+            status: StatusCode::BAD_REQUEST,
+            body: error_json(StatusCode::BAD_REQUEST, "bad.request", &message, None),
+            latency_ms: 0.0,
+        }
+    }
+}
+
+fn add_headers(response: &mut Response, headers: &[(&'static str, String)]) {
+    for (name, value) in headers {
+        if let Ok(v) = value.parse() {
+            response.headers_mut().insert(*name, v);
+        }
+    }
+}
+
+/// `Authorization: Bearer <org>:<client>` → (org, client).
+fn bearer(headers: &HeaderMap) -> Result<(&str, &str), Box<Response>> {
+    let unauthorized = |why: &str| {
+        Box::new(error_body(
+            StatusCode::UNAUTHORIZED,
+            "authentication.required",
+            format!("{why}: expected \"Authorization: Bearer <org>:<client>\"."),
+            None,
+        ))
+    };
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("No authorization header"))?
+        .to_str()
+        .map_err(|_| unauthorized("Authorization header is not text"))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .ok_or_else(|| unauthorized("Not a bearer token"))?;
+    match token.split_once(':') {
+        Some((org, client)) if !org.is_empty() && !client.is_empty() => Ok((org, client)),
+        _ => Err(unauthorized("Malformed bearer token")),
+    }
+}
+
+/// A Genesys-style error body.
+fn error_json(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    params: Option<(u64, &str)>,
+) -> String {
+    let params = params.map_or_else(
+        || json!({}),
+        |(limit, reason)| json!({ "limit": limit.to_string(), "reason": reason }),
+    );
+    let context = format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        fastrand::u32(..),
+        fastrand::u16(..),
+        fastrand::u16(..0x1000),
+        fastrand::u16(0x8000..0xc000),
+        fastrand::u64(..1 << 48)
+    );
+    json!({
+        "message": message,
+        "code": code,
+        "status": status.as_u16(),
+        "messageParams": params,
+        "contextId": context,
+        "details": [],
+        "errors": [],
+    })
+    .to_string()
+}
+
+fn error_body(
+    status: StatusCode,
+    code: &str,
+    message: String,
+    params: Option<(u64, &str)>,
+) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        error_json(status, code, &message, params),
+    )
+        .into_response()
+}
+
+fn too_many(refusal: &Refusal) -> Response {
+    error_body(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too.many.requests",
+        format!("Rate limit exceeded the maximum. [{}]", refusal.reason),
+        Some((refusal.limit, &refusal.reason)),
+    )
+}
+
+/// The details query's body.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DetailsQuery {
+    interval: String,
+    #[serde(default)]
+    paging: Paging,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Paging {
+    page_size: Option<i64>,
+    page_number: Option<i64>,
+}
+
+fn details_answer(history: &History, body: &[u8]) -> Answer {
+    let query: DetailsQuery = match serde_json::from_slice(body) {
+        Ok(q) => q,
+        Err(e) => {
+            return Answer::bad_request(format!("The request body is not a details query: {e}"))
+        }
+    };
+    let interval = query.interval.split_once('/').and_then(|(a, b)| {
+        let (from, to) = (parse_timestamp(a)?, parse_timestamp(b)?);
+        (from < to).then_some((from, to))
+    });
+    let Some((from, to)) = interval else {
+        return Answer::bad_request(format!(
+            "interval {:?} is not \"<start>/<end>\" in ISO-8601 UTC with start before end",
+            query.interval
+        ));
+    };
+    let page_size = query.paging.page_size.unwrap_or(25);
+    let page_number = query.paging.page_number.unwrap_or(1);
+    if !(1..=100).contains(&page_size) || page_number < 1 {
+        return Answer::bad_request(format!(
+            "paging: pageSize must be 1–100 and pageNumber ≥ 1, got {page_size} and {page_number}"
+        ));
+    }
+    let page = history.query(from, to, page_size as usize, page_number as usize);
+    let latency = DETAILS_LATENCY_MS.0 + DETAILS_LATENCY_MS.1 * page.rows() as f64;
+    match serde_json::to_string(&page) {
+        Ok(body) => Answer::ok(StatusCode::OK, body, latency),
+        Err(e) => Answer::bad_request(format!("cannot encode the page: {e}")),
+    }
+}
+
+async fn details(State(sim): State<Sim>, headers: HeaderMap, uri: Uri, body: Bytes) -> Response {
+    sim.serve(&headers, "POST", uri.path(), |slot| {
+        details_answer(&slot.history, &body)
+    })
+    .await
+}
+
+async fn observations(
+    State(sim): State<Sim>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    sim.serve(&headers, "POST", uri.path(), |_| {
+        if let Err(e) = serde_json::from_slice::<serde_json::Value>(&body) {
+            return Answer::bad_request(format!("The request body is not JSON: {e}"));
+        }
+        let results: Vec<_> = (0..OBSERVED_QUEUES)
+            .map(|q| {
+                json!({
+                    "group": { "queueId": format!("queue-{q}") },
+                    "data": [
+                        { "metric": "oWaiting", "stats": { "count": q } },
+                        { "metric": "oInteracting", "stats": { "count": 2 * q } },
+                    ],
+                })
+            })
+            .collect();
+        Answer::ok(
+            StatusCode::OK,
+            json!({ "results": results }).to_string(),
+            OBSERVATIONS_LATENCY_MS,
+        )
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct Wrapup {
+    code: String,
+}
+
+async fn wrapup(
+    State(sim): State<Sim>,
+    Path((conversation, _participant, _communication)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    sim.serve(
+        &headers,
+        "POST",
+        uri.path(),
+        |slot| match serde_json::from_slice::<Wrapup>(&body) {
+            Ok(w) if !w.code.is_empty() => {
+                lock(&slot.org).store_write(&conversation);
+                Answer::ok(StatusCode::ACCEPTED, "{}".into(), WRAPUP_LATENCY_MS)
+            }
+            Ok(_) => Answer::bad_request("code must not be empty".into()),
+            Err(e) => Answer::bad_request(format!("The request body is not a wrap-up: {e}")),
+        },
+    )
+    .await
+}
+
+async fn namespace(
+    State(sim): State<Sim>,
+    Path(ns): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    sim.serve(&headers, "GET", uri.path(), |slot| {
+        match lock(&slot.org).namespace(&ns) {
+            Some(entities) => {
+                let entities: Vec<_> = entities
+                    .into_iter()
+                    .map(|(key, value)| json!({ "key": key, "value": value }))
+                    .collect();
+                Answer::ok(
+                    StatusCode::OK,
+                    json!({ "namespace": ns, "entities": entities }).to_string(),
+                    0.0,
+                )
+            }
+            None => Answer {
+                status: StatusCode::NOT_FOUND,
+                body: error_json(
+                    StatusCode::NOT_FOUND,
+                    "not.found",
+                    &format!("No limits namespace {ns:?}."),
+                    None,
+                ),
+                latency_ms: 0.0,
+            },
+        }
+    })
+    .await
+}
+
+async fn not_found(method: Method, uri: Uri) -> Response {
+    error_body(
+        StatusCode::NOT_FOUND,
+        "not.found",
+        format!(
+            "{method} {} is not something this simulator serves.",
+            uri.path()
+        ),
+        None,
+    )
+}
+
+async fn stats(State(sim): State<Sim>) -> Response {
+    let now = sim.inner.clock.now_ms();
+    let orgs: Vec<_> = sim
+        .inner
+        .ids
+        .iter()
+        .filter_map(|id| {
+            let slot = sim.inner.orgs.get(id)?;
+            Some(lock(&slot.org).stats(now, id))
+        })
+        .collect();
+    axum::Json(json!({ "sim_ms": now, "orgs": orgs })).into_response()
+}
+
+fn unknown_org(org: &str) -> Response {
+    error_body(
+        StatusCode::NOT_FOUND,
+        "not.found",
+        format!("No org {org:?} here."),
+        None,
+    )
+}
+
+async fn writes(State(sim): State<Sim>, Path(org): Path<String>) -> Response {
+    match sim.inner.orgs.get(&org) {
+        Some(slot) => axum::Json(lock(&slot.org).writes().clone()).into_response(),
+        None => unknown_org(&org),
+    }
+}
+
+async fn change(
+    State(sim): State<Sim>,
+    Path((org, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let Some(slot) = sim.inner.orgs.get(&org) else {
+        return unknown_org(&org);
+    };
+    let change: FamilyChange = match serde_json::from_slice(&body) {
+        Ok(c) => c,
+        Err(e) => {
+            return error_body(
+                StatusCode::BAD_REQUEST,
+                "bad.request",
+                format!("expected any of {{\"hidden_permits\":N,\"max_concurrent\":N,\"unmanaged_per_window\":N}}: {e}"),
+                None,
+            )
+        }
+    };
+    let now = sim.inner.clock.now_ms();
+    if lock(&slot.org).change(now, &name, change) {
+        tracing::info!(org, family = name, ?change, sim_ms = now, "family changed");
+        axum::Json(json!({ "sim_ms": now })).into_response()
+    } else {
+        error_body(
+            StatusCode::NOT_FOUND,
+            "not.found",
+            format!("Org {org:?} has no family {name:?}."),
+            None,
+        )
+    }
+}
+
+#[derive(Deserialize)]
+struct Since {
+    #[serde(default)]
+    since: u64,
+}
+
+async fn log_page(State(sim): State<Sim>, Query(q): Query<Since>) -> Response {
+    let page = lock(&sim.inner.log).page(q.since);
+    axum::Json(page).into_response()
+}
