@@ -173,11 +173,8 @@ impl FamilyState {
             if next > now {
                 return;
             }
-            if next == step_at {
-                let permits = self.family.schedule[self.next_step].hidden_permits;
-                self.next_step += 1;
-                self.set_hidden(permits);
-            } else if next == unmanaged_at && unmanaged_at < end {
+            if next == unmanaged_at {
+                // Always before `end`: (sent + 0.5) / planned < 1.
                 self.unmanaged_sent += 1;
                 let hidden = self.hidden;
                 let w = self.current();
@@ -186,9 +183,14 @@ impl FamilyState {
                 } else {
                     w.refused_unmanaged += 1;
                 }
-            } else {
+            } else if next == end {
+                // A step at a window boundary belongs to the new window.
                 let index = self.windows.len() as u64;
                 self.open_window(index);
+            } else {
+                let permits = self.family.schedule[self.next_step].hidden_permits;
+                self.next_step += 1;
+                self.set_hidden(permits);
             }
         }
     }
@@ -610,10 +612,16 @@ mod tests {
                 per_window: 6,
             },
         ];
-        f.schedule = vec![ScheduleStep {
-            at_ms: 90_000,
-            hidden_permits: 3,
-        }];
+        f.schedule = vec![
+            ScheduleStep {
+                at_ms: 90_000,
+                hidden_permits: 3,
+            },
+            ScheduleStep {
+                at_ms: 180_000,
+                hidden_permits: 5,
+            },
+        ];
         let mut o = org(vec![f], 300);
         // Window 0: the unmanaged requests at 15 s and 45 s, two fleet ones.
         assert!(o.admit(10_000.0, "c", "POST", QUERY).verdict.is_ok());
@@ -626,8 +634,10 @@ mod tests {
         assert_eq!((w[1].enforced_permits, w[1].served_unmanaged), (3, 2));
         assert_eq!(w[2].enforced_permits, 3);
         assert_eq!((w[2].served_unmanaged, w[2].refused_unmanaged), (3, 3));
-        // Window 3 (180–240 s) at 200 s: 6 planned, two due by then.
+        // Window 3 (180–240 s) at 200 s: 6 planned, two due by then; the
+        // step at its start is its own, not window 2's.
         assert_eq!(w[3].served_unmanaged, 2);
+        assert_eq!(w[3].enforced_permits, 5);
     }
 
     #[test]
