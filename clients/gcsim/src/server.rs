@@ -58,7 +58,8 @@ impl Clock {
     /// `sim_ms` as header seconds: whole (rounded up) at scale 1, else
     /// decimal with 3 places (never 0, so a client never retries at once).
     fn header_secs(&self, sim_ms: f64) -> String {
-        let secs = sim_ms / self.scale / 1000.0;
+        // Whole real ms first, so float noise never rounds 2 s up to 3.
+        let secs = (sim_ms / self.scale).round() / 1000.0;
         if self.scale == 1.0 {
             format!("{}", secs.ceil().max(1.0))
         } else {
@@ -201,26 +202,8 @@ impl Sim {
             .with_state(self.clone())
     }
 
-    fn log(
-        &self,
-        now: f64,
-        org: &str,
-        client: &str,
-        method: &str,
-        path: &str,
-        status: StatusCode,
-        reason: Option<String>,
-    ) {
-        lock(&self.inner.log).push(Entry {
-            seq: 0,
-            sim_ms: now,
-            org: org.to_owned(),
-            client: client.to_owned(),
-            method: method.to_owned(),
-            path: path.to_owned(),
-            status: status.as_u16(),
-            reason,
-        });
+    fn log(&self, entry: Entry) {
+        lock(&self.inner.log).push(entry);
     }
 
     /// One API request: auth, the org's decision, `answer` (run once
@@ -247,6 +230,16 @@ impl Sim {
             let mut org = lock(&slot.org);
             (org.admit(now, client, method, path), org.token_permits())
         };
+        let entry = |status: StatusCode, reason: Option<String>| Entry {
+            seq: 0,
+            sim_ms: now,
+            org: org_id.to_owned(),
+            client: client.to_owned(),
+            method: method.to_owned(),
+            path: path.to_owned(),
+            status: status.as_u16(),
+            reason,
+        };
         let rate_headers = [
             ("inin-ratelimit-allowed", allowed.to_string()),
             ("inin-ratelimit-count", decision.token_count.to_string()),
@@ -258,15 +251,10 @@ impl Sim {
         let slots = match decision.verdict {
             Ok(slots) => slots,
             Err(refusal) => {
-                self.log(
-                    now,
-                    org_id,
-                    client,
-                    method,
-                    path,
+                self.log(entry(
                     StatusCode::TOO_MANY_REQUESTS,
                     Some(refusal.reason.clone()),
-                );
+                ));
                 let mut response = too_many(&refusal);
                 let h = response.headers_mut();
                 if let Ok(v) = clock.header_secs(refusal.retry_after_ms).parse() {
@@ -282,7 +270,7 @@ impl Sim {
             slots,
         };
         let answer = answer(slot);
-        self.log(now, org_id, client, method, path, answer.status, None);
+        self.log(entry(answer.status, None));
         tokio::time::sleep(clock.real(answer.latency_ms)).await;
         let mut response = (
             answer.status,
