@@ -91,6 +91,9 @@ pub(crate) struct Metrics {
     pub(crate) polls: AtomicU64,
     /// See `polls`.
     pub(crate) polls_skipped: AtomicU64,
+    /// Critical calls: (wanted at, waited), simulated ms. std `Mutex`: held
+    /// for one push.
+    critical: Mutex<Vec<(f64, f64)>>,
 }
 
 impl Metrics {
@@ -116,6 +119,7 @@ impl Metrics {
             writes_acked: AtomicU64::new(0),
             polls: AtomicU64::new(0),
             polls_skipped: AtomicU64::new(0),
+            critical: Mutex::new(Vec::new()),
         }
     }
 
@@ -134,6 +138,23 @@ impl Metrics {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         h.saturating_record(us.max(1));
+    }
+
+    /// Remembers when a critical call was wanted and how long it waited,
+    /// simulated ms (for [`quiet_critical`]).
+    pub(crate) fn record_critical(&self, wanted_ms: f64, waited_ms: f64) {
+        self.critical
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((wanted_ms, waited_ms));
+    }
+
+    /// The critical calls recorded so far.
+    pub(crate) fn critical_calls(&self) -> Vec<(f64, f64)> {
+        self.critical
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// p50/p99/max of each class's waits.
@@ -157,6 +178,54 @@ impl Metrics {
             })
             .collect()
     }
+}
+
+/// Waits of the critical calls that began and ended in windows where the
+/// fleet took no 429 on `family`: what critical traffic waits once the
+/// limits are learned, apart from the windows a limit change or the first
+/// discovery of the hidden limit closes upstream for everyone.
+pub(crate) fn quiet_critical(calls: &[(f64, f64)], family: Option<&FamilyStats>) -> QuietWaits {
+    let loud: Vec<u64> = family
+        .map(|f| {
+            f.windows
+                .iter()
+                .filter(|w| w.refused_fleet > 0)
+                .map(|w| w.index)
+                .collect()
+        })
+        .unwrap_or_default();
+    let window_ms = family.map_or(WINDOW_MS, |f| f.window_ms).max(1) as f64;
+    let index = |ms: f64| (ms / window_ms) as u64;
+    let mut h = Histogram::<u64>::new_with_bounds(1, MAX_WAIT_US, 3)
+        .unwrap_or_else(|_| unreachable!("1 < MAX_WAIT_US and sigfig 3 are valid"));
+    for &(wanted, waited) in calls {
+        let (from, to) = (index(wanted), index(wanted + waited));
+        if !loud.iter().any(|w| (from..=to).contains(w)) {
+            h.saturating_record(((waited.max(0.0) * 1000.0).round() as u64).max(1));
+        }
+    }
+    let ms = |us: u64| us as f64 / 1000.0;
+    QuietWaits {
+        loud_windows: loud,
+        of: calls.len() as u64,
+        waits: WaitStats {
+            count: h.len(),
+            p50_ms: ms(h.value_at_quantile(0.5)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            max_ms: ms(h.max()),
+        },
+    }
+}
+
+/// See [`quiet_critical`].
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct QuietWaits {
+    /// Windows where the fleet took a 429 on the family (left out).
+    pub(crate) loud_windows: Vec<u64>,
+    /// Critical calls in all.
+    pub(crate) of: u64,
+    /// Waits of those in the other windows.
+    pub(crate) waits: WaitStats,
 }
 
 /// Wait percentiles of one class, simulated ms.
@@ -392,6 +461,27 @@ mod tests {
         let late = convergence(Some(&f), &[change(250_000)], 300_000);
         assert!(!late[0].measurable);
         assert_eq!(late[0].window, None);
+    }
+
+    #[test]
+    fn quiet_critical_leaves_out_calls_touching_a_window_with_a_429() {
+        let f = family(vec![
+            window(0, 45, 40, 5, 1),
+            window(1, 45, 40, 5, 0),
+            window(2, 45, 40, 5, 0),
+            window(3, 45, 40, 5, 2),
+        ]);
+        let calls = [
+            (10_000.0, 30_000.0), // window 0: out
+            (61_000.0, 5.0),
+            (70_000.0, 15.0),
+            (119_000.0, 2_000.0), // windows 1–2: in
+            (179_000.0, 2_000.0), // runs into window 3: out
+        ];
+        let q = quiet_critical(&calls, Some(&f));
+        assert_eq!(q.loud_windows, [0, 3]);
+        assert_eq!((q.of, q.waits.count), (5, 3));
+        assert!((q.waits.max_ms - 2_000.0).abs() < 2.0, "{q:?}");
     }
 
     #[test]

@@ -174,10 +174,15 @@ impl Caller {
 
     /// Records the wait of a served call sent at `sent`.
     fn done(&self, wanted: Instant, sent: Instant) {
-        let waited = sent.saturating_duration_since(wanted);
-        self.ctx
-            .metrics
-            .record_wait(self.class, self.ctx.clock.sim_ms(waited));
+        let waited = self
+            .ctx
+            .clock
+            .sim_ms(sent.saturating_duration_since(wanted));
+        self.ctx.metrics.record_wait(self.class, waited);
+        if self.class == Class::Critical {
+            let wanted = self.ctx.clock.sim_ms_at(wanted);
+            self.ctx.metrics.record_critical(wanted, waited);
+        }
     }
 
     async fn pause(&self, sim_ms: f64) {

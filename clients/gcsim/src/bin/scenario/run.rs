@@ -102,6 +102,8 @@ pub(crate) struct ModeResult {
     pub(crate) writes: Goodput,
     /// Wait per class, simulated ms.
     pub(crate) wait: BTreeMap<&'static str, WaitStats>,
+    /// Critical waits outside the windows where the fleet took a 429.
+    pub(crate) critical_quiet: measure::QuietWaits,
     /// Records expected vs stored.
     pub(crate) records: AllRecords,
     /// After each hidden-limit change.
@@ -259,6 +261,7 @@ fn figures(
         analytics: measure::goodput(analytics_family, plan.duration_ms),
         writes: measure::goodput(writes_family, plan.duration_ms),
         wait: metrics.waits(),
+        critical_quiet: measure::quiet_critical(&metrics.critical_calls(), analytics_family),
         records: AllRecords {
             ingest: fleet.ingest,
             writes: Records::new(fleet.writes_generated, stored, total.saturating_sub(stored)),
