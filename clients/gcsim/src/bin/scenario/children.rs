@@ -1,6 +1,6 @@
 //! The processes a mode runs against, each fresh per mode: the simulator
 //! (the `gcsim` binary as a child, which prints its bound address on
-//! stdout) and, in broker mode, the quota broker (the `quota-broker` binary
+//! stdout, or the gcsim library in this process) and, in broker mode, the quota broker (the `quota-broker` binary
 //! as a child on a port picked by binding 127.0.0.1:0 and dropping it, as
 //! loadgen does, or the quota-broker library in this process). Children are
 //! killed when dropped (`kill_on_drop`, and their stdin closes, which also
@@ -88,10 +88,16 @@ fn spawn(mut command: Command, what: &str, log: &Path) -> Result<Child, Error> {
         .map_err(Error::io(format!("start {what}")))
 }
 
-/// A running simulator.
+/// A running simulator: a child process, or the gcsim library serving on
+/// its own socket in this process.
 pub(crate) struct Simulator {
     addr: SocketAddr,
-    process: ChildProcess,
+    running: Running,
+}
+
+enum Running {
+    Child(Box<ChildProcess>),
+    InProcess(gcsim::SimHandle),
 }
 
 impl Simulator {
@@ -103,9 +109,19 @@ impl Simulator {
         name: &str,
     ) -> Result<Simulator, Error> {
         let Some(bin) = spec.gcsim_bin.as_deref() else {
-            return Err(Error::MissingBinary(PathBuf::from(
-                "gcsim (build it: cargo build -p gcsim, or pass --gcsim-bin)",
-            )));
+            let mut config = gcsim::SimConfig::from_toml(&plan.sim_toml(spec))
+                .map_err(|e| Error::sim("the generated simulator config", e))?;
+            config.time_scale = spec.scale;
+            config.seed = spec.seed;
+            let listener = TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(Error::io("bind 127.0.0.1:0"))?;
+            let sim = gcsim::Sim::start(config, listener)
+                .map_err(|e| Error::sim(format!("start gcsim ({name})"), e))?;
+            return Ok(Simulator {
+                addr: sim.addr(),
+                running: Running::InProcess(sim),
+            });
         };
         let config = dir.file(&format!("gcsim-{name}.toml"));
         std::fs::write(&config, plan.sim_toml(spec))
@@ -158,10 +174,10 @@ impl Simulator {
             .map_err(|_| fail(format!("no address within {READY_TIMEOUT:?}")))??;
         Ok(Simulator {
             addr,
-            process: ChildProcess {
+            running: Running::Child(Box::new(ChildProcess {
                 child,
                 _stdout: Some(stdout),
-            },
+            })),
         })
     }
 
@@ -172,7 +188,10 @@ impl Simulator {
 
     /// Stops it.
     pub(crate) async fn stop(self) {
-        self.process.kill().await;
+        match self.running {
+            Running::Child(process) => process.kill().await,
+            Running::InProcess(sim) => sim.shutdown().await,
+        }
     }
 }
 

@@ -38,7 +38,8 @@ pub(crate) struct Args {
         default_value = "naive,local,broker"
     )]
     pub(crate) modes: Vec<ModeName>,
-    /// The `gcsim` binary (default: next to this one; else in process).
+    /// Run this `gcsim` binary as the simulator (default: the gcsim library
+    /// in this process, on its own socket).
     #[arg(long, value_name = "PATH")]
     pub(crate) gcsim_bin: Option<PathBuf>,
     /// The `quota-broker` binary (default: next to this one; else in process).
@@ -152,7 +153,9 @@ impl Args {
         let gcsim_bin = match self.gcsim_bin {
             Some(p) if p.is_file() => Some(p),
             Some(p) => return Err(Error::MissingBinary(p)),
-            None => sibling("gcsim"),
+            // In process: a sibling binary may be stale (`cargo run --bin
+            // scenario` rebuilds only this one).
+            None => None,
         };
         let broker = match (self.broker_in_process, self.broker_bin) {
             (true, _) => BrokerSource::InProcess,

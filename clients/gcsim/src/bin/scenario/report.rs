@@ -141,6 +141,9 @@ impl Report {
         }
         row("  critical, windows without a 429", &|m| {
             let q = &m.critical_quiet;
+            if q.waits.count == 0 {
+                return format!("- (0 of {})", q.of);
+            }
             format!(
                 "{} / {} ({} of {})",
                 ms(q.waits.p50_ms),
@@ -313,11 +316,16 @@ fn targets(modes: &[ModeResult]) -> Vec<Target> {
         name: "critical p99 wait (sim ms)".into(),
         target: "≤ 50 ms".into(),
         value: p99.map_or("-".into(), |p| {
-            format!(
-                "{} ms (windows without a 429: {} ms)",
-                ms(p),
-                ms(b.critical_quiet.waits.p99_ms)
-            )
+            let quiet = &b.critical_quiet.waits;
+            if quiet.count == 0 {
+                format!("{} ms (every window had a 429)", ms(p))
+            } else {
+                format!(
+                    "{} ms (windows without a 429: {} ms)",
+                    ms(p),
+                    ms(quiet.p99_ms)
+                )
+            }
         }),
         met: p99.map(|p| p <= 50.0),
     });
