@@ -95,9 +95,26 @@ async fn run(spec: &Spec) -> Result<Report, Error> {
     let plan = Plan::new(spec.duration_s);
     let dir = WorkDir::create()?;
     let mut results = Vec::new();
-    for &mode in &spec.modes {
-        tracing::info!(mode = mode.as_str(), "running");
-        results.push(run::run_mode(spec, &plan, &dir, mode).await?);
+    let n = spec.modes.len();
+    for (i, &mode) in spec.modes.iter().enumerate() {
+        // Progress on stderr: a full run is minutes of silence otherwise.
+        eprintln!(
+            "scenario: mode {} of {n}: {} ({} simulated s at x{}) ...",
+            i + 1,
+            mode.as_str(),
+            spec.duration_s,
+            spec.scale
+        );
+        let result = run::run_mode(spec, &plan, &dir, mode).await?;
+        eprintln!(
+            "scenario: {} done in {:.1} real s: {} requests, {} 429s, {} records lost",
+            mode.as_str(),
+            result.real_s,
+            result.requests.sent,
+            result.requests.refused,
+            result.records.ingest.lost + result.records.writes.lost
+        );
+        results.push(result);
     }
     Ok(Report::new(spec, &plan, results))
 }
