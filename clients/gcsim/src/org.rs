@@ -187,10 +187,9 @@ impl FamilyState {
                 // A step at a window boundary belongs to the new window.
                 let index = self.windows.len() as u64;
                 self.open_window(index);
-            } else {
-                let permits = self.family.schedule[self.next_step].hidden_permits;
+            } else if let Some(step) = self.family.schedule.get(self.next_step).copied() {
                 self.next_step += 1;
-                self.set_hidden(permits);
+                self.set_hidden(step.hidden_permits);
             }
         }
     }

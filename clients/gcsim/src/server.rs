@@ -458,7 +458,16 @@ fn details_answer(history: &History, body: &[u8]) -> Answer {
     let latency = DETAILS_LATENCY_MS.0 + DETAILS_LATENCY_MS.1 * page.rows() as f64;
     match serde_json::to_string(&page) {
         Ok(body) => Answer::ok(StatusCode::OK, body, latency),
-        Err(e) => Answer::bad_request(format!("cannot encode the page: {e}")),
+        Err(e) => Answer {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            body: error_json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal.server.error",
+                &format!("The page could not be encoded: {e}"),
+                None,
+            ),
+            latency_ms: 0.0,
+        },
     }
 }
 
