@@ -85,9 +85,10 @@ impl TokenBucket {
 
     /// The earliest instant at which `n` permits can be taken while
     /// `reserve` permits (fractional) stay in the bucket for others, or
-    /// `None` if that never fits in the burst.
+    /// `None` if that never fits in the burst. A negative `reserve` may be
+    /// borrowed: the level may go that far below empty.
     pub fn ready_at_reserved(&self, n: u32, reserve: f64, now: Instant) -> Option<Instant> {
-        if reserve <= 0.0 {
+        if reserve == 0.0 {
             return self.ready_at(n, now);
         }
         let headroom = f64::from(self.burst) - f64::from(n) - reserve;
@@ -287,6 +288,25 @@ mod tests {
         assert_eq!(b.available(end), 1.0, "one permit as the freeze ends");
         assert_eq!(b.ready_at(1, t0), Some(end));
         assert_eq!(b.ready_at(2, t0), Some(end + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_negative_reserve_borrows_below_empty() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(60, Duration::from_secs(60), 10, t0);
+        b.take(10, t0);
+        assert_eq!(
+            b.ready_at_reserved(1, 0.0, t0),
+            Some(t0 + Duration::from_secs(1))
+        );
+        assert_eq!(b.ready_at_reserved(2, -2.0, t0), Some(t0));
+        b.take(2, t0);
+        // Two below empty: the next plain permit is 3 s away, not 1.
+        assert_eq!(b.ready_at(1, t0), Some(t0 + Duration::from_secs(3)));
+        assert_eq!(
+            b.ready_at_reserved(1, -2.0, t0),
+            Some(t0 + Duration::from_secs(1))
+        );
     }
 
     #[test]

@@ -226,10 +226,9 @@ impl Instance {
             }
         }
         let mut at = match self.tokens.as_ref() {
-            Some(t) => {
-                let reserved = f64::from(held_back(t.burst(), reserve));
-                t.ready_at_reserved(n, reserved, now).ok_or(())?
-            }
+            Some(t) => t
+                .ready_at_reserved(n, token_reserve(t.burst(), reserve), now)
+                .ok_or(())?,
             None => now,
         };
         if let Some(resume) = self.resume_at {
@@ -532,6 +531,40 @@ impl TenantState {
             .sum()
     }
 
+    /// The share of the buckets of `instances` that `class` must leave to
+    /// higher classes (positive), or may borrow below empty (negative): a
+    /// class nothing is held back from (the highest) may take what the
+    /// higher classes hold back from the lowest below empty while a lower
+    /// class waits on the bucket, so that right after a freeze, when the
+    /// bucket restarts empty, a critical call does not queue behind the
+    /// pacing. The waiting lower class pays it back (it waits until the
+    /// permits are earned again), so the total granted per window stays
+    /// the same; with no lower class waiting nothing is borrowed.
+    fn bucket_share(&self, class: usize, instances: &[usize]) -> f64 {
+        let held = self.reserve_above(class);
+        if held > 0.0 {
+            return held;
+        }
+        let order = self.classes.get(class).map_or(u32::MAX, |c| c.order);
+        let lower_waits = instances.iter().any(|&i| {
+            self.instances.get(i).is_some_and(|x| {
+                x.waiting
+                    .iter()
+                    .any(|(&k, &n)| n > 0 && self.classes.get(k).is_some_and(|c| c.order > order))
+            })
+        });
+        if !lower_waits {
+            return 0.0;
+        }
+        let lowest = self.classes.iter().map(|c| c.order).max().unwrap_or(0);
+        -self
+            .classes
+            .iter()
+            .filter(|c| c.order < lowest)
+            .map(|c| c.reserve)
+            .sum::<f64>()
+    }
+
     /// Whether waiters of `class` or a higher one wait on any of `instances`.
     fn waiting_at_or_above(&self, instances: &[usize], class: usize) -> bool {
         let order = self.classes.get(class).map_or(u32::MAX, |c| c.order);
@@ -576,13 +609,14 @@ impl TenantState {
         if let Some(denial) = self.paused(&instances) {
             return Ok(blocked(Vec::new(), denial));
         }
+        let share = self.bucket_share(class, &instances);
         if !self.waiting_at_or_above(&instances, class)
-            && self.can_take(&instances, args.permits, reserve, now)
+            && self.can_take(&instances, args.permits, share, now)
         {
             let grant = self.take(&instances, args.permits, &args.client_id, now);
             return Ok(Attempt::Granted(grant));
         }
-        let denial = self.explain(&instances, args.permits, reserve, now);
+        let denial = self.explain(&instances, args.permits, share, now);
         let full = instances.iter().find_map(|&i| {
             let x = self.instances.get(i)?;
             (x.queued >= self.max_waiters).then(|| self.buckets[x.bucket].settings.name.clone())
@@ -729,7 +763,7 @@ impl TenantState {
             }
             if let Some(t) = x.tokens.as_ref() {
                 let at = t
-                    .ready_at_reserved(n, f64::from(held_back(t.burst(), reserve)), now)
+                    .ready_at_reserved(n, token_reserve(t.burst(), reserve), now)
                     .unwrap_or(now);
                 if at > now {
                     retry = retry.max(at);
@@ -806,8 +840,8 @@ impl TenantState {
     pub fn withdraw(&mut self, waiter: u64, now: Instant) -> Option<Denial> {
         let w = self.queue.remove(waiter)?;
         self.unqueue(&w);
-        let reserve = self.reserve_above(w.class);
-        Some(self.explain(&w.instances, w.permits, reserve, now))
+        let share = self.bucket_share(w.class, &w.instances);
+        Some(self.explain(&w.instances, w.permits, share, now))
     }
 
     /// Hands a grant back (its waiter was gone before it could take it).
@@ -1288,7 +1322,7 @@ impl TenantState {
         let mut queue = std::mem::take(&mut self.queue);
         let mut grants = Vec::new();
         let (granted, next_ready) = queue.serve(|w| {
-            let reserve = self.reserve_above(w.class);
+            let reserve = self.bucket_share(w.class, &w.instances);
             if self.paused(&w.instances).is_none()
                 && self.can_take(&w.instances, w.permits, reserve, now)
             {
@@ -1402,8 +1436,20 @@ impl TenantState {
     }
 }
 
+/// Permits of a token bucket of `burst` held back by a reserve `share`,
+/// or, for a negative share, that may be borrowed below empty (see
+/// `reserve_above`).
+fn token_reserve(burst: u32, share: f64) -> f64 {
+    if share >= 0.0 {
+        f64::from(held_back(burst, share))
+    } else {
+        -f64::from(held_back(burst, -share))
+    }
+}
+
 /// Whole permits or slots of `capacity` held back by a reserve `share`
-/// (rounded down, so a small bucket keeps at least one for everyone).
+/// (rounded down, so a small bucket keeps at least one for everyone; 0 for
+/// a negative share).
 fn held_back(capacity: u32, share: f64) -> u32 {
     ((f64::from(capacity) * share + 1e-9).floor() as u32).min(capacity.saturating_sub(1))
 }
@@ -1550,6 +1596,53 @@ mod tests {
         assert_eq!(g.slot.map(|s| s.0), Some(t0 + 10 * SEC));
         assert_eq!(t.waiting(), 0);
         assert_eq!(t.leases_held(), 1);
+    }
+
+    #[test]
+    fn critical_borrows_below_empty_only_while_a_lower_class_waits() {
+        let t0 = Instant::now();
+        // One permit a second, burst 10; the default classes hold 20% (2
+        // permits) back from the lowest.
+        let mut t = tenant(
+            "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 60\n\
+             window_ms = 60000\nburst = 10",
+            t0,
+        );
+        let call = |class: &str| AcquireArgs {
+            class: class.into(),
+            ..args("GET", "/x", 1)
+        };
+        for _ in 0..10 {
+            granted(t.try_acquire(&call("critical"), t0).unwrap());
+        }
+        // Empty, nobody below waits: critical waits like anyone.
+        assert!(matches!(
+            t.try_acquire(&call("critical"), t0).unwrap(),
+            Attempt::Blocked { .. }
+        ));
+        let Attempt::Blocked {
+            instances, class, ..
+        } = t.try_acquire(&call("batch"), t0).unwrap()
+        else {
+            panic!("batch granted from an empty bucket")
+        };
+        let (tx, mut rx) = oneshot::channel();
+        t.enqueue(instances, class, &call("batch"), tx);
+        // Batch waits: critical borrows the 2 held back from it, no more.
+        granted(t.try_acquire(&call("critical"), t0).unwrap());
+        granted(t.try_acquire(&call("critical"), t0).unwrap());
+        let Attempt::Blocked { denial, .. } = t.try_acquire(&call("critical"), t0).unwrap() else {
+            panic!("borrowed past the reserve")
+        };
+        assert_eq!(denial.retry_after, SEC);
+        // Batch pays it back: 1 permit plus its 2 held back are 5 s away.
+        t.tick(t0 + 4 * SEC);
+        assert!(
+            rx.try_recv().is_err(),
+            "batch served before the debt was repaid"
+        );
+        t.tick(t0 + 5 * SEC);
+        rx.try_recv().expect("answered").expect("granted");
     }
 
     #[test]
