@@ -167,8 +167,9 @@ impl SimConfig {
         toml::from_str(text).map_err(|e| SimError::Config(vec![e.to_string()]))
     }
 
-    /// Every problem with the config, or nothing.
-    pub(crate) fn check(&self) -> Result<(), SimError> {
+    /// Every problem with the config, or nothing (`Sim::start` checks it
+    /// too; call it first to fail before binding anything).
+    pub fn check(&self) -> Result<(), SimError> {
         let mut problems = Vec::new();
         if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
             problems.push(format!(
