@@ -521,14 +521,24 @@ impl TenantState {
             })
     }
 
-    /// Share of every bucket that classes above `class` hold back from it.
-    fn reserve_above(&self, class: usize) -> f64 {
-        let order = self.classes.get(class).map_or(u32::MAX, |c| c.order);
+    /// The order of `class` (unknown: last).
+    fn order(&self, class: usize) -> u32 {
+        self.classes.get(class).map_or(u32::MAX, |c| c.order)
+    }
+
+    /// Share of every bucket that classes ordered before `order` hold back
+    /// from it.
+    fn reserve_before(&self, order: u32) -> f64 {
         self.classes
             .iter()
             .filter(|c| c.order < order)
             .map(|c| c.reserve)
             .sum()
+    }
+
+    /// Share of every bucket that classes above `class` hold back from it.
+    fn reserve_above(&self, class: usize) -> f64 {
+        self.reserve_before(self.order(class))
     }
 
     /// The share of the buckets of `instances` that `class` must leave to
@@ -545,34 +555,28 @@ impl TenantState {
         if held > 0.0 {
             return held;
         }
-        let order = self.classes.get(class).map_or(u32::MAX, |c| c.order);
-        let lower_waits = instances.iter().any(|&i| {
-            self.instances.get(i).is_some_and(|x| {
-                x.waiting
-                    .iter()
-                    .any(|(&k, &n)| n > 0 && self.classes.get(k).is_some_and(|c| c.order > order))
-            })
-        });
-        if !lower_waits {
+        let order = self.order(class);
+        if !self.waiting_where(instances, |o| o > order) {
             return 0.0;
         }
         let lowest = self.classes.iter().map(|c| c.order).max().unwrap_or(0);
-        -self
-            .classes
-            .iter()
-            .filter(|c| c.order < lowest)
-            .map(|c| c.reserve)
-            .sum::<f64>()
+        -self.reserve_before(lowest)
     }
 
     /// Whether waiters of `class` or a higher one wait on any of `instances`.
     fn waiting_at_or_above(&self, instances: &[usize], class: usize) -> bool {
-        let order = self.classes.get(class).map_or(u32::MAX, |c| c.order);
+        let order = self.order(class);
+        self.waiting_where(instances, |o| o <= order)
+    }
+
+    /// Whether waiters of a class whose order passes `keep` wait on any of
+    /// `instances`.
+    fn waiting_where(&self, instances: &[usize], keep: impl Fn(u32) -> bool) -> bool {
         instances.iter().any(|&i| {
             self.instances.get(i).is_some_and(|x| {
-                x.waiting.iter().any(|(&k, &n)| {
-                    n > 0 && self.classes.get(k).map_or(u32::MAX, |c| c.order) <= order
-                })
+                x.waiting
+                    .iter()
+                    .any(|(&k, &n)| n > 0 && keep(self.order(k)))
             })
         })
     }
@@ -1322,9 +1326,9 @@ impl TenantState {
         let mut queue = std::mem::take(&mut self.queue);
         let mut grants = Vec::new();
         let (granted, next_ready) = queue.serve(|w| {
-            let reserve = self.bucket_share(w.class, &w.instances);
+            let share = self.bucket_share(w.class, &w.instances);
             if self.paused(&w.instances).is_none()
-                && self.can_take(&w.instances, w.permits, reserve, now)
+                && self.can_take(&w.instances, w.permits, share, now)
             {
                 grants.push(self.take(&w.instances, w.permits, &w.client_id, now));
                 return Offer::Granted;
@@ -1335,7 +1339,7 @@ impl TenantState {
                 .map(|&i| {
                     self.instances
                         .get(i)
-                        .map_or(Err(()), |x| x.ready_at(w.permits, reserve, now))
+                        .map_or(Err(()), |x| x.ready_at(w.permits, share, now))
                 })
                 .collect();
             Offer::NotYet(ready.ok().and_then(|ts| ts.into_iter().max()))
@@ -1438,7 +1442,7 @@ impl TenantState {
 
 /// Permits of a token bucket of `burst` held back by a reserve `share`,
 /// or, for a negative share, that may be borrowed below empty (see
-/// `reserve_above`).
+/// `bucket_share`).
 fn token_reserve(burst: u32, share: f64) -> f64 {
     if share >= 0.0 {
         f64::from(held_back(burst, share))
