@@ -170,6 +170,11 @@ impl SimConfig {
     /// Every problem with the config, or nothing (`Sim::start` checks it
     /// too; call it first to fail before binding anything).
     pub fn check(&self) -> Result<(), SimError> {
+        self.ready().map(drop)
+    }
+
+    /// Every org ready to run (in config order), or every problem.
+    pub(crate) fn ready(&self) -> Result<Vec<ReadyOrg<'_>>, SimError> {
         let mut problems = Vec::new();
         if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
             problems.push(format!(
@@ -183,6 +188,7 @@ impl SimConfig {
         if self.orgs.is_empty() {
             problems.push("at least one [[orgs]] is needed".into());
         }
+        let mut ready = Vec::new();
         for (i, org) in self.orgs.iter().enumerate() {
             if org.id.is_empty() || org.id.contains(':') {
                 problems.push(format!("orgs[{i}].id must be non-empty without ':'"));
@@ -196,27 +202,45 @@ impl SimConfig {
                     org.id
                 ));
             }
-            if crate::data::parse_day(&org.day).is_none() {
+            let day_ms = crate::data::parse_day(&org.day);
+            if day_ms.is_none() {
                 problems.push(format!(
                     "org {}: day {:?} is not YYYY-MM-DD",
                     org.id, org.day
                 ));
             }
+            let mut families = Vec::new();
             for (j, f) in org.families.iter().enumerate() {
-                if let Err(e) = f.ready() {
-                    problems.push(format!("org {} families[{j}]: {e}", org.id));
+                match f.ready() {
+                    Ok(family) => families.push(family),
+                    Err(e) => problems.push(format!("org {} families[{j}]: {e}", org.id)),
                 }
                 if org.families[..j].iter().any(|g| g.name == f.name) {
                     problems.push(format!("org {}: family {:?} appears twice", org.id, f.name));
                 }
             }
+            if let Some(day_ms) = day_ms {
+                ready.push(ReadyOrg {
+                    config: org,
+                    families,
+                    day_ms,
+                });
+            }
         }
         if problems.is_empty() {
-            Ok(())
+            Ok(ready)
         } else {
             Err(SimError::Config(problems))
         }
     }
+}
+
+/// An org ready to run: its config, its families, its day's midnight.
+pub(crate) struct ReadyOrg<'a> {
+    pub(crate) config: &'a OrgConfig,
+    pub(crate) families: Vec<Family>,
+    /// Unix ms of the midnight its analytics history starts at.
+    pub(crate) day_ms: i64,
 }
 
 impl FamilyConfig {

@@ -68,14 +68,7 @@ impl History {
         let mut conversations: Vec<Conversation> = (0..count)
             .map(|_| {
                 let start = day + rng.i64(0..DAY_MS);
-                let id = format!(
-                    "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-                    rng.u32(..),
-                    rng.u16(..),
-                    rng.u16(..0x1000),
-                    rng.u16(0x8000..0xc000),
-                    rng.u64(..1 << 48)
-                );
+                let id = uuid_like(&mut rng);
                 Conversation {
                     id,
                     start,
@@ -114,6 +107,19 @@ impl History {
             total_hits: hits.len() as u64,
         }
     }
+}
+
+/// A random version-4-shaped UUID from `rng` (ids only need the shape; a
+/// uuid crate would add a dependency for one format string).
+pub(crate) fn uuid_like(rng: &mut fastrand::Rng) -> String {
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        rng.u32(..),
+        rng.u16(..),
+        rng.u16(..0x1000),
+        rng.u16(0x8000..0xc000),
+        rng.u64(..1 << 48)
+    )
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date.

@@ -26,6 +26,8 @@ pub(crate) struct Refusal {
 pub(crate) struct Decision {
     /// `Ok(families whose concurrency slot the request now holds)`.
     pub(crate) verdict: Result<Vec<usize>, Refusal>,
+    /// Requests per token per token window (header).
+    pub(crate) token_permits: u64,
     /// The token's count in its current window (header).
     pub(crate) token_count: u64,
     /// Simulated ms until the token's window ends (header).
@@ -259,15 +261,9 @@ impl Org {
     /// Decides one request of OAuth client `client` at `now`.
     pub(crate) fn admit(&mut self, now: f64, client: &str, method: &str, path: &str) -> Decision {
         self.advance(now);
-        let (base, max) = (self.escalation_base_ms, self.escalation_max_ms);
         let token_window = self.token_window_ms as f64;
         let index = (now / token_window) as u64;
         let token_end = (index + 1) as f64 * token_window;
-        let token = self.tokens.entry(client.to_owned()).or_default();
-        if token.window != index {
-            token.window = index;
-            token.count = 0;
-        }
         let matching: Vec<usize> = self
             .families
             .iter()
@@ -275,16 +271,28 @@ impl Org {
             .filter(|(_, f)| f.family.routes.iter().any(|r| r.matches(method, path)))
             .map(|(i, _)| i)
             .collect();
-
-        let verdict = self.decide(now, client, &matching, token_end, (base, max));
         let token = self.tokens.entry(client.to_owned()).or_default();
+        if token.window != index {
+            token.window = index;
+            token.count = 0;
+        }
+        let limits = Limits {
+            token_permits: self.token_permits,
+            token_end,
+            escalation: (self.escalation_base_ms, self.escalation_max_ms),
+        };
+        let verdict = decide(now, token, &mut self.families, &matching, limits);
+        let counted = |w: &mut WindowStats| match &verdict {
+            Ok(_) => w.served_fleet += 1,
+            Err(_) => w.refused_fleet += 1,
+        };
+        for &i in &matching {
+            counted(self.families[i].current());
+        }
         match &verdict {
             Ok(_) => {
                 token.count += 1;
                 token.served += 1;
-                for &i in &matching {
-                    self.families[i].current().served_fleet += 1;
-                }
             }
             Err(refusal) => {
                 token.refused += 1;
@@ -292,94 +300,14 @@ impl Org {
                     .refused_by_reason
                     .entry(refusal.reason.clone())
                     .or_default() += 1;
-                for &i in &matching {
-                    self.families[i].current().refused_fleet += 1;
-                }
             }
         }
-        let token_count = token.count;
         Decision {
             verdict,
-            token_count,
+            token_permits: self.token_permits,
+            token_count: token.count,
             token_reset_ms: token_end - now,
         }
-    }
-
-    /// The checks, in the documented order; takes concurrency slots and sets
-    /// blocks, counts nothing else.
-    fn decide(
-        &mut self,
-        now: f64,
-        client: &str,
-        matching: &[usize],
-        token_end: f64,
-        (base, max): (f64, f64),
-    ) -> Result<Vec<usize>, Refusal> {
-        let token_permits = self.token_permits;
-        let token = self.tokens.entry(client.to_owned()).or_default();
-        if let Some(wait) = token.block.hammer(now, base, max) {
-            return Err(Refusal {
-                reason: "blocked:token".into(),
-                limit: token_permits,
-                retry_after_ms: wait,
-            });
-        }
-        for &i in matching {
-            let f = &mut self.families[i];
-            if let Some(wait) = f.block.hammer(now, base, max) {
-                return Err(Refusal {
-                    reason: format!("blocked:{}", f.family.name),
-                    limit: f.family.documented,
-                    retry_after_ms: wait,
-                });
-            }
-        }
-        for &i in matching {
-            let f = &self.families[i];
-            if f.max_concurrent.is_some_and(|max| f.in_flight >= max) {
-                return Err(Refusal {
-                    reason: format!("concurrency:{}", f.family.name),
-                    limit: f.max_concurrent.unwrap_or_default(),
-                    retry_after_ms: 1_000.0,
-                });
-            }
-        }
-        let token = self.tokens.entry(client.to_owned()).or_default();
-        if token.count >= token_permits {
-            token.block.until = token_end;
-            return Err(Refusal {
-                reason: "token".into(),
-                limit: token_permits,
-                retry_after_ms: token_end - now,
-            });
-        }
-        for &i in matching {
-            let f = &mut self.families[i];
-            let hidden = f.hidden;
-            if f.current().served() >= hidden {
-                let end = f.window_end();
-                f.block.until = end;
-                return Err(Refusal {
-                    reason: format!("family:{}", f.family.name),
-                    limit: f.family.documented,
-                    retry_after_ms: end - now,
-                });
-            }
-        }
-        let slots: Vec<usize> = matching
-            .iter()
-            .copied()
-            .filter(|&i| self.families[i].max_concurrent.is_some())
-            .collect();
-        for &i in &slots {
-            self.families[i].in_flight += 1;
-        }
-        Ok(slots)
-    }
-
-    /// Requests per token per token window.
-    pub(crate) fn token_permits(&self) -> u64 {
-        self.token_permits
     }
 
     /// Gives back the concurrency slots of a finished request.
@@ -471,6 +399,86 @@ impl Org {
             },
         }
     }
+}
+
+/// What [`decide`] checks a request against, besides the families.
+#[derive(Clone, Copy)]
+struct Limits {
+    token_permits: u64,
+    /// Simulated ms when the token's current window ends.
+    token_end: f64,
+    /// First and longest escalation penalty, simulated ms.
+    escalation: (f64, f64),
+}
+
+/// The checks, in the documented order (blocks, concurrency, the token's
+/// window, the families' windows); takes concurrency slots and sets blocks,
+/// counts nothing else.
+fn decide(
+    now: f64,
+    token: &mut TokenState,
+    families: &mut [FamilyState],
+    matching: &[usize],
+    limits: Limits,
+) -> Result<Vec<usize>, Refusal> {
+    let (base, max) = limits.escalation;
+    if let Some(wait) = token.block.hammer(now, base, max) {
+        return Err(Refusal {
+            reason: "blocked:token".into(),
+            limit: limits.token_permits,
+            retry_after_ms: wait,
+        });
+    }
+    for &i in matching {
+        let f = &mut families[i];
+        if let Some(wait) = f.block.hammer(now, base, max) {
+            return Err(Refusal {
+                reason: format!("blocked:{}", f.family.name),
+                limit: f.family.documented,
+                retry_after_ms: wait,
+            });
+        }
+    }
+    for &i in matching {
+        let f = &families[i];
+        if let Some(max) = f.max_concurrent.filter(|&max| f.in_flight >= max) {
+            return Err(Refusal {
+                reason: format!("concurrency:{}", f.family.name),
+                limit: max,
+                retry_after_ms: 1_000.0,
+            });
+        }
+    }
+    if token.count >= limits.token_permits {
+        token.block.until = limits.token_end;
+        return Err(Refusal {
+            reason: "token".into(),
+            limit: limits.token_permits,
+            retry_after_ms: limits.token_end - now,
+        });
+    }
+    for &i in matching {
+        let f = &mut families[i];
+        let hidden = f.hidden;
+        if f.current().served() >= hidden {
+            let end = f.window_end();
+            f.block.until = end;
+            return Err(Refusal {
+                reason: format!("family:{}", f.family.name),
+                limit: f.family.documented,
+                retry_after_ms: end - now,
+            });
+        }
+    }
+    let slots: Vec<usize> = matching
+        .iter()
+        .copied()
+        .filter(|&i| families[i].max_concurrent.is_some())
+        .collect();
+    for &i in &slots {
+        families[i].in_flight += 1;
+    }
+    Ok(slots)
 }
 
 /// One org in `/_sim/stats`.

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::SimConfig;
-use crate::data::{parse_day, parse_timestamp, History};
+use crate::data::{parse_timestamp, uuid_like, History};
 use crate::error::SimError;
 use crate::log::{Entry, Log};
 use crate::org::{FamilyChange, Org, Refusal};
@@ -79,7 +79,10 @@ struct Inner {
     clock: Clock,
     /// In config order (for stats).
     ids: Vec<String>,
-    orgs: HashMap<String, OrgSlot>,
+    /// `Arc`: a request's concurrency slots are given back through it.
+    orgs: HashMap<String, Arc<OrgSlot>>,
+    /// The queue-observations answer: fixed, so built once.
+    observations: String,
     /// std `Mutex`: held to push one entry or copy one page.
     log: Mutex<Log>,
 }
@@ -125,32 +128,30 @@ impl Sim {
     /// Checks `config`, builds its orgs and serves on `listener` (call
     /// within a tokio runtime).
     pub fn start(config: SimConfig, listener: TcpListener) -> Result<SimHandle, SimError> {
-        config.check()?;
+        let ready = config.ready()?;
         let addr = listener.local_addr().map_err(|source| SimError::Io {
             what: "read the listener's address".into(),
             source,
         })?;
         let mut orgs = HashMap::new();
         let mut ids = Vec::new();
-        for org in &config.orgs {
-            let families = org
-                .families
-                .iter()
-                .map(|f| f.ready())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| SimError::Config(vec![e]))?;
-            let day = parse_day(&org.day)
-                .ok_or_else(|| SimError::Config(vec![format!("day {:?}", org.day)]))?;
+        for org in ready {
+            let id = org.config.id.clone();
             let slot = OrgSlot {
+                history: History::generate(
+                    config.seed,
+                    &id,
+                    org.day_ms,
+                    org.config.conversations_per_day,
+                ),
                 org: Mutex::new(Org::new(
-                    org,
-                    families,
+                    org.config,
+                    org.families,
                     (config.escalation_base_ms, config.escalation_max_ms),
                 )),
-                history: History::generate(config.seed, &org.id, day, org.conversations_per_day),
             };
-            ids.push(org.id.clone());
-            orgs.insert(org.id.clone(), slot);
+            ids.push(id.clone());
+            orgs.insert(id, Arc::new(slot));
         }
         let sim = Sim {
             inner: Arc::new(Inner {
@@ -161,6 +162,7 @@ impl Sim {
                 ids,
                 orgs,
                 log: Mutex::new(Log::default()),
+                observations: observations_body(),
             }),
         };
         let (stop, stopped) = oneshot::channel::<()>();
@@ -217,19 +219,11 @@ impl Sim {
             Err(response) => return *response,
         };
         let Some(slot) = self.inner.orgs.get(org_id) else {
-            return error_body(
-                StatusCode::NOT_FOUND,
-                "not.found",
-                format!("No org {org_id:?} here."),
-                None,
-            );
+            return unknown_org(org_id);
         };
         let clock = self.inner.clock;
         let now = clock.now_ms();
-        let (decision, allowed) = {
-            let mut org = lock(&slot.org);
-            (org.admit(now, client, method, path), org.token_permits())
-        };
+        let decision = lock(&slot.org).admit(now, client, method, path);
         let entry = |status: StatusCode, reason: Option<String>| Entry {
             seq: 0,
             sim_ms: now,
@@ -241,7 +235,7 @@ impl Sim {
             reason,
         };
         let rate_headers = [
-            ("inin-ratelimit-allowed", allowed.to_string()),
+            ("inin-ratelimit-allowed", decision.token_permits.to_string()),
             ("inin-ratelimit-count", decision.token_count.to_string()),
             (
                 "inin-ratelimit-reset",
@@ -265,8 +259,7 @@ impl Sim {
             }
         };
         let _slots = SlotGuard {
-            sim: self.clone(),
-            org: org_id.to_owned(),
+            slot: Arc::clone(slot),
             slots,
         };
         let answer = answer(slot);
@@ -286,18 +279,14 @@ impl Sim {
 /// Gives back the concurrency slots of a request when it ends (or when its
 /// client goes away mid-latency and the handler is dropped).
 struct SlotGuard {
-    sim: Sim,
-    org: String,
+    slot: Arc<OrgSlot>,
     slots: Vec<usize>,
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        if self.slots.is_empty() {
-            return;
-        }
-        if let Some(slot) = self.sim.inner.orgs.get(&self.org) {
-            lock(&slot.org).release(&self.slots);
+        if !self.slots.is_empty() {
+            lock(&self.slot.org).release(&self.slots);
         }
     }
 }
@@ -319,12 +308,17 @@ impl Answer {
         }
     }
 
-    fn bad_request(message: String) -> Answer {
+    /// A Genesys-style error, answered at once.
+    fn error(status: StatusCode, code: &str, message: &str) -> Answer {
         Answer {
-            status: StatusCode::BAD_REQUEST,
-            body: error_json(StatusCode::BAD_REQUEST, "bad.request", &message, None),
+            status,
+            body: error_json(status, code, message, None),
             latency_ms: 0.0,
         }
+    }
+
+    fn bad_request(message: String) -> Answer {
+        Answer::error(StatusCode::BAD_REQUEST, "bad.request", &message)
     }
 }
 
@@ -371,14 +365,7 @@ fn error_json(
         || json!({}),
         |(limit, reason)| json!({ "limit": limit.to_string(), "reason": reason }),
     );
-    let context = format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        fastrand::u32(..),
-        fastrand::u16(..),
-        fastrand::u16(..0x1000),
-        fastrand::u16(0x8000..0xc000),
-        fastrand::u64(..1 << 48)
-    );
+    let context = uuid_like(&mut fastrand::Rng::new());
     json!({
         "message": message,
         "code": code,
@@ -458,16 +445,11 @@ fn details_answer(history: &History, body: &[u8]) -> Answer {
     let latency = DETAILS_LATENCY_MS.0 + DETAILS_LATENCY_MS.1 * page.rows() as f64;
     match serde_json::to_string(&page) {
         Ok(body) => Answer::ok(StatusCode::OK, body, latency),
-        Err(e) => Answer {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            body: error_json(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal.server.error",
-                &format!("The page could not be encoded: {e}"),
-                None,
-            ),
-            latency_ms: 0.0,
-        },
+        Err(e) => Answer::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal.server.error",
+            &format!("The page could not be encoded: {e}"),
+        ),
     }
 }
 
@@ -484,28 +466,36 @@ async fn observations(
     uri: Uri,
     body: Bytes,
 ) -> Response {
-    sim.serve(&headers, "POST", uri.path(), |_| {
-        if let Err(e) = serde_json::from_slice::<serde_json::Value>(&body) {
-            return Answer::bad_request(format!("The request body is not JSON: {e}"));
-        }
-        let results: Vec<_> = (0..OBSERVED_QUEUES)
-            .map(|q| {
-                json!({
-                    "group": { "queueId": format!("queue-{q}") },
-                    "data": [
-                        { "metric": "oWaiting", "stats": { "count": q } },
-                        { "metric": "oInteracting", "stats": { "count": 2 * q } },
-                    ],
-                })
-            })
-            .collect();
-        Answer::ok(
-            StatusCode::OK,
-            json!({ "results": results }).to_string(),
-            OBSERVATIONS_LATENCY_MS,
-        )
-    })
+    sim.serve(
+        &headers,
+        "POST",
+        uri.path(),
+        |_| match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(_) => Answer::ok(
+                StatusCode::OK,
+                sim.inner.observations.clone(),
+                OBSERVATIONS_LATENCY_MS,
+            ),
+            Err(e) => Answer::bad_request(format!("The request body is not JSON: {e}")),
+        },
+    )
     .await
+}
+
+/// The fixed answer of a queue-observations query.
+fn observations_body() -> String {
+    let results: Vec<_> = (0..OBSERVED_QUEUES)
+        .map(|q| {
+            json!({
+                "group": { "queueId": format!("queue-{q}") },
+                "data": [
+                    { "metric": "oWaiting", "stats": { "count": q } },
+                    { "metric": "oInteracting", "stats": { "count": 2 * q } },
+                ],
+            })
+        })
+        .collect();
+    json!({ "results": results }).to_string()
 }
 
 #[derive(Deserialize)]
@@ -555,16 +545,11 @@ async fn namespace(
                     0.0,
                 )
             }
-            None => Answer {
-                status: StatusCode::NOT_FOUND,
-                body: error_json(
-                    StatusCode::NOT_FOUND,
-                    "not.found",
-                    &format!("No limits namespace {ns:?}."),
-                    None,
-                ),
-                latency_ms: 0.0,
-            },
+            None => Answer::error(
+                StatusCode::NOT_FOUND,
+                "not.found",
+                &format!("No limits namespace {ns:?}."),
+            ),
         }
     })
     .await

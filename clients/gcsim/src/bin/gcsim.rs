@@ -36,36 +36,24 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let filter = match EnvFilter::try_new(&args.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("gcsim: --log {:?}: {e}", args.log);
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let mut config = match &args.config {
-        None => SimConfig::default(),
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(text) => match SimConfig::from_toml(&text) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("gcsim: {}: {e}", path.display());
-                    return ExitCode::from(2);
-                }
-            },
-            Err(e) => {
-                eprintln!("gcsim: cannot read {}: {e}", path.display());
-                return ExitCode::from(2);
-            }
-        },
+    let config = match load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gcsim: {e}");
+            return ExitCode::from(2);
+        }
     };
-    if let Some(scale) = args.time_scale {
-        config.time_scale = scale;
-    }
-    if let Some(seed) = args.seed {
-        config.seed = seed;
-    }
-    if let Err(e) = config.check() {
-        eprintln!("gcsim: {e}");
-        return ExitCode::from(2);
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -84,6 +72,26 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The config of `args` (file or built-in, then the flags), checked.
+fn load(args: &Args) -> Result<SimConfig, String> {
+    let mut config = match &args.config {
+        None => SimConfig::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            SimConfig::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+    };
+    if let Some(scale) = args.time_scale {
+        config.time_scale = scale;
+    }
+    if let Some(seed) = args.seed {
+        config.seed = seed;
+    }
+    config.check().map_err(|e| e.to_string())?;
+    Ok(config)
 }
 
 async fn serve(listen: SocketAddr, config: SimConfig) -> Result<(), gcsim::SimError> {

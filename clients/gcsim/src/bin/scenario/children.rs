@@ -1,8 +1,9 @@
 //! The processes a mode runs against, each fresh per mode: the simulator
 //! (the `gcsim` binary as a child, which prints its bound address on
-//! stdout, or the gcsim library in this process) and, in broker mode, the quota broker (the `quota-broker` binary
-//! as a child on a port picked by binding 127.0.0.1:0 and dropping it, as
-//! loadgen does, or the quota-broker library in this process). Children are
+//! stdout, or the gcsim library in this process) and, in broker mode, the
+//! quota broker (the `quota-broker` binary as a child on a port picked by
+//! binding 127.0.0.1:0 and dropping it, as loadgen does, or the
+//! quota-broker library in this process). Children are
 //! killed when dropped (`kill_on_drop`, and their stdin closes, which also
 //! stops gcsim); their config and log live in the run's temporary directory.
 
@@ -109,10 +110,9 @@ impl Simulator {
         name: &str,
     ) -> Result<Simulator, Error> {
         let Some(bin) = spec.gcsim_bin.as_deref() else {
-            let mut config = gcsim::SimConfig::from_toml(&plan.sim_toml(spec))
+            // The generated config carries the scale and the seed.
+            let config = gcsim::SimConfig::from_toml(&plan.sim_toml(spec))
                 .map_err(|e| Error::sim("the generated simulator config", e))?;
-            config.time_scale = spec.scale;
-            config.seed = spec.seed;
             let listener = TcpListener::bind("127.0.0.1:0")
                 .await
                 .map_err(Error::io("bind 127.0.0.1:0"))?;

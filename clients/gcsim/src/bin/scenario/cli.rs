@@ -150,13 +150,18 @@ impl Args {
         if modes.is_empty() {
             return Err(Error::Usage("--modes names no mode".into()));
         }
-        let gcsim_bin = match self.gcsim_bin {
-            Some(p) if p.is_file() => Some(p),
-            Some(p) => return Err(Error::MissingBinary(p)),
-            // In process: a sibling binary may be stale (`cargo run --bin
-            // scenario` rebuilds only this one).
-            None => None,
-        };
+        // None: in process, not a sibling binary, which may be stale
+        // (`cargo run --bin scenario` rebuilds only this one).
+        let gcsim_bin = self
+            .gcsim_bin
+            .map(|p| {
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    Err(Error::MissingBinary(p))
+                }
+            })
+            .transpose()?;
         let broker = match (self.broker_in_process, self.broker_bin) {
             (true, _) => BrokerSource::InProcess,
             (false, Some(p)) if p.is_file() => BrokerSource::Binary(p),

@@ -99,14 +99,7 @@ pub(crate) struct Metrics {
 impl Metrics {
     /// Empty counters.
     pub(crate) fn new() -> Metrics {
-        let hist = || {
-            // Bounds 1 µs to 10 simulated hours, 3 significant digits: valid
-            // bounds, so construction cannot fail.
-            Mutex::new(
-                Histogram::new_with_bounds(1, MAX_WAIT_US, 3)
-                    .unwrap_or_else(|_| unreachable!("1 < MAX_WAIT_US and sigfig 3 are valid")),
-            )
-        };
+        let hist = || Mutex::new(wait_histogram());
         Metrics {
             analytics: Counters::default(),
             writes: Counters::default(),
@@ -131,25 +124,24 @@ impl Metrics {
         }
     }
 
-    /// Records one call's wait, simulated ms.
-    pub(crate) fn record_wait(&self, class: Class, sim_ms: f64) {
-        let us = (sim_ms.max(0.0) * 1000.0).round() as u64;
-        let mut h = self.waits[class.index()]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        h.saturating_record(us.max(1));
+    /// Records one call's wait, simulated ms; for a critical call also
+    /// when it was wanted (for [`quiet_critical`]).
+    pub(crate) fn record_wait(&self, class: Class, wanted_ms: f64, waited_ms: f64) {
+        record(
+            &mut self.waits[class.index()]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            waited_ms,
+        );
+        if class == Class::Critical {
+            self.critical
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((wanted_ms, waited_ms));
+        }
     }
 
-    /// Remembers when a critical call was wanted and how long it waited,
-    /// simulated ms (for [`quiet_critical`]).
-    pub(crate) fn record_critical(&self, wanted_ms: f64, waited_ms: f64) {
-        self.critical
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((wanted_ms, waited_ms));
-    }
-
-    /// The critical calls recorded so far.
+    /// The critical calls recorded so far: (wanted at, waited), sim ms.
     pub(crate) fn critical_calls(&self) -> Vec<(f64, f64)> {
         self.critical
             .lock()
@@ -165,19 +157,23 @@ impl Metrics {
                 let h = self.waits[c.index()]
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
-                let ms = |us: u64| us as f64 / 1000.0;
-                (
-                    c.as_str(),
-                    WaitStats {
-                        count: h.len(),
-                        p50_ms: ms(h.value_at_quantile(0.5)),
-                        p99_ms: ms(h.value_at_quantile(0.99)),
-                        max_ms: ms(h.max()),
-                    },
-                )
+                (c.as_str(), WaitStats::of(&h))
             })
             .collect()
     }
+}
+
+/// An empty histogram of waits in simulated µs.
+fn wait_histogram() -> Histogram<u64> {
+    // Bounds 1 µs to 10 simulated hours, 3 significant digits: valid
+    // bounds, so construction cannot fail.
+    Histogram::new_with_bounds(1, MAX_WAIT_US, 3)
+        .unwrap_or_else(|_| unreachable!("1 < MAX_WAIT_US and sigfig 3 are valid"))
+}
+
+/// Records a wait of `ms` simulated ms.
+fn record(h: &mut Histogram<u64>, ms: f64) {
+    h.saturating_record(((ms.max(0.0) * 1000.0).round() as u64).max(1));
 }
 
 /// Waits of the critical calls that began and ended in windows where the
@@ -196,24 +192,17 @@ pub(crate) fn quiet_critical(calls: &[(f64, f64)], family: Option<&FamilyStats>)
         .unwrap_or_default();
     let window_ms = family.map_or(WINDOW_MS, |f| f.window_ms).max(1) as f64;
     let index = |ms: f64| (ms / window_ms) as u64;
-    let mut h = Histogram::<u64>::new_with_bounds(1, MAX_WAIT_US, 3)
-        .unwrap_or_else(|_| unreachable!("1 < MAX_WAIT_US and sigfig 3 are valid"));
+    let mut h = wait_histogram();
     for &(wanted, waited) in calls {
         let (from, to) = (index(wanted), index(wanted + waited));
         if !loud.iter().any(|w| (from..=to).contains(w)) {
-            h.saturating_record(((waited.max(0.0) * 1000.0).round() as u64).max(1));
+            record(&mut h, waited);
         }
     }
-    let ms = |us: u64| us as f64 / 1000.0;
     QuietWaits {
         loud_windows: loud,
         of: calls.len() as u64,
-        waits: WaitStats {
-            count: h.len(),
-            p50_ms: ms(h.value_at_quantile(0.5)),
-            p99_ms: ms(h.value_at_quantile(0.99)),
-            max_ms: ms(h.max()),
-        },
+        waits: WaitStats::of(&h),
     }
 }
 
@@ -239,6 +228,19 @@ pub(crate) struct WaitStats {
     pub(crate) p99_ms: f64,
     /// Longest wait.
     pub(crate) max_ms: f64,
+}
+
+impl WaitStats {
+    /// The percentiles of a histogram of simulated µs.
+    fn of(h: &Histogram<u64>) -> WaitStats {
+        let ms = |us: u64| us as f64 / 1000.0;
+        WaitStats {
+            count: h.len(),
+            p50_ms: ms(h.value_at_quantile(0.5)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            max_ms: ms(h.max()),
+        }
+    }
 }
 
 /// A family's goodput over the run's whole windows.
@@ -488,7 +490,7 @@ mod tests {
     fn waits_are_percentiles_in_sim_ms() {
         let m = Metrics::new();
         for ms in 1..=100 {
-            m.record_wait(Class::Critical, ms as f64);
+            m.record_wait(Class::Critical, 0.0, ms as f64);
         }
         let w = m.waits()["critical"];
         assert_eq!(w.count, 100);

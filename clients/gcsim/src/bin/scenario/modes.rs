@@ -174,15 +174,11 @@ impl Caller {
 
     /// Records the wait of a served call sent at `sent`.
     fn done(&self, wanted: Instant, sent: Instant) {
-        let waited = self
-            .ctx
-            .clock
-            .sim_ms(sent.saturating_duration_since(wanted));
-        self.ctx.metrics.record_wait(self.class, waited);
-        if self.class == Class::Critical {
-            let wanted = self.ctx.clock.sim_ms_at(wanted);
-            self.ctx.metrics.record_critical(wanted, waited);
-        }
+        let clock = self.ctx.clock;
+        let waited = clock.sim_ms(sent.saturating_duration_since(wanted));
+        self.ctx
+            .metrics
+            .record_wait(self.class, clock.sim_ms_at(wanted), waited);
     }
 
     async fn pause(&self, sim_ms: f64) {
