@@ -3,9 +3,9 @@
 //! No gRPC, no runtime: this is the broker's own cost per grant.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use quota_broker::config::Settings;
-use quota_broker::tenant::{AcquireArgs, Attempt, TenantState};
+use quota_broker::{AcquireArgs, Decision, Settings, TenantState};
 use std::hint::black_box;
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// Rates high enough that the bench never runs out of permits.
@@ -34,6 +34,9 @@ burst = 1000000
 max_in_flight = 1000000
 "#;
 
+/// Never wait: the decision alone.
+const NOW: Option<Duration> = Some(Duration::ZERO);
+
 fn args(method: &str, path: &str) -> AcquireArgs {
     AcquireArgs {
         client_id: "bench".into(),
@@ -59,8 +62,8 @@ fn decision(c: &mut Criterion) {
     );
     let one = args("GET", "/other");
     g.bench_function("1 bucket (rate)", |b| {
-        b.iter(|| match t.try_acquire(black_box(&one), Instant::now()) {
-            Ok(Attempt::Granted(grant)) => black_box(grant),
+        b.iter(|| match t.acquire(black_box(&one), NOW, Instant::now()) {
+            Ok(Decision::Granted(grant)) => black_box(grant),
             _ => panic!("bench bucket ran dry"),
         })
     });
@@ -75,8 +78,8 @@ fn decision(c: &mut Criterion) {
     );
     let three = args("POST", "/api/v2/analytics/conversations/details/query");
     g.bench_function("3 buckets (rate + slot) acquire+release", |b| {
-        b.iter(|| match t.try_acquire(black_box(&three), Instant::now()) {
-            Ok(Attempt::Granted(grant)) => black_box(t.release(grant.lease_id)),
+        b.iter(|| match t.acquire(black_box(&three), NOW, Instant::now()) {
+            Ok(Decision::Granted(grant)) => black_box(t.release(grant.lease_id)),
             _ => panic!("bench bucket ran dry"),
         })
     });

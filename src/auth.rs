@@ -26,7 +26,7 @@ const ALL_TENANTS: &str = "*";
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Role {
+pub(crate) enum Role {
     /// Lease and inspect quota for its tenants.
     Client,
     /// Everything a client may do, plus the admin RPCs.
@@ -45,7 +45,7 @@ impl fmt::Display for Role {
 /// One token as written in the config file (`[[auth.tokens]]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawToken {
+pub(crate) struct RawToken {
     /// Who holds the token, for logs ("wallboard-team").
     pub name: String,
     /// Hex SHA-256 of the token (64 hex digits, case-insensitive).
@@ -81,7 +81,7 @@ impl RawToken {
     /// Validates into settings, pushing one human-readable line per problem
     /// (prefixed with `at`, e.g. `auth.tokens[2] ("wallboard")`) onto
     /// `problems`. Returns `None` if any problem was found.
-    pub fn validate(self, at: &str, problems: &mut Vec<String>) -> Option<TokenSettings> {
+    pub(crate) fn validate(self, at: &str, problems: &mut Vec<String>) -> Option<TokenSettings> {
         let before = problems.len();
         if self.name.trim().is_empty() {
             problems.push(format!("{at}: name must not be empty"));
@@ -129,7 +129,7 @@ impl RawToken {
 
 /// The caller a request was authenticated as.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
+pub(crate) struct Principal {
     name: Arc<str>,
     role: Role,
     /// `None` means every tenant.
@@ -147,17 +147,12 @@ impl Principal {
     }
 
     /// Name for logs ("anonymous" in open mode).
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
-    /// The role.
-    pub fn role(&self) -> Role {
-        self.role
-    }
-
     /// `Ok` if the principal may touch `tenant`, else [`AuthError::TenantDenied`].
-    pub fn may_access(&self, tenant: &str) -> Result<(), AuthError> {
+    pub(crate) fn may_access(&self, tenant: &str) -> Result<(), AuthError> {
         if self.sees(tenant) {
             Ok(())
         } else {
@@ -169,7 +164,7 @@ impl Principal {
     }
 
     /// `Ok` for admins, else [`AuthError::NotAdmin`].
-    pub fn require_admin(&self) -> Result<(), AuthError> {
+    pub(crate) fn require_admin(&self) -> Result<(), AuthError> {
         match self.role {
             Role::Admin => Ok(()),
             Role::Client => Err(AuthError::NotAdmin {
@@ -179,14 +174,14 @@ impl Principal {
     }
 
     /// Whether `tenant` is visible (for "all tenants I may see" listings).
-    pub fn sees(&self, tenant: &str) -> bool {
+    pub(crate) fn sees(&self, tenant: &str) -> bool {
         self.tenants.as_ref().is_none_or(|t| t.contains(tenant))
     }
 }
 
 /// Checks bearer tokens. Cheap to clone (the token table sits in an `Arc`).
 #[derive(Clone)]
-pub struct Authenticator {
+pub(crate) struct Authenticator {
     /// Keyed by the SHA-256 of the token; empty means open mode.
     tokens: Arc<HashMap<Hash, Principal>>,
 }
@@ -211,7 +206,7 @@ impl Authenticator {
     /// anonymous admin for every tenant (the caller only allows this on
     /// loopback). If two tokens share a hash, the first wins and the
     /// duplicate is logged.
-    pub fn new(tokens: Vec<TokenSettings>) -> Authenticator {
+    pub(crate) fn new(tokens: Vec<TokenSettings>) -> Authenticator {
         let mut map: HashMap<Hash, Principal> = HashMap::with_capacity(tokens.len());
         for t in tokens {
             if let Some(first) = map.get(&t.hash) {
@@ -235,14 +230,14 @@ impl Authenticator {
     }
 
     /// Whether it runs open (no tokens configured).
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.tokens.is_empty()
     }
 
     /// Authenticates the value of the `authorization` header
     /// (`Bearer <token>`, scheme case-insensitive, surrounding whitespace ok).
     /// Open mode: always `Ok(anonymous admin)`, whatever is sent.
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
+    pub(crate) fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
         if self.is_open() {
             return Ok(Principal::anonymous());
         }
@@ -451,7 +446,7 @@ mod tests {
             "  BEARER   s3cret-wall \t",
         ] {
             let p = a.authenticate(Some(ok)).unwrap();
-            assert_eq!((p.name(), p.role()), ("wallboard", Role::Client), "{ok:?}");
+            assert_eq!((p.name(), p.role), ("wallboard", Role::Client), "{ok:?}");
         }
     }
 
@@ -494,7 +489,7 @@ mod tests {
         assert!(a.is_open());
         for sent in [None, Some(""), Some("Basic x"), Some("Bearer whatever")] {
             let p = a.authenticate(sent).unwrap();
-            assert_eq!((p.name(), p.role()), ("anonymous", Role::Admin));
+            assert_eq!((p.name(), p.role), ("anonymous", Role::Admin));
             assert_eq!(p.require_admin(), Ok(()));
             assert_eq!(p.may_access("acme"), Ok(()));
         }
@@ -507,7 +502,7 @@ mod tests {
             settings(raw("second", "same", Role::Admin, &["*"])),
         ]);
         let p = a.authenticate(Some("Bearer same")).unwrap();
-        assert_eq!((p.name(), p.role()), ("first", Role::Client));
+        assert_eq!((p.name(), p.role), ("first", Role::Client));
     }
 
     #[test]

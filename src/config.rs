@@ -7,9 +7,9 @@
 //! `examples/broker.toml`, compiled in, so the documented example and the
 //! default can never drift apart.
 
-use crate::adaptive::LearnSettings;
 use crate::auth::{RawToken, TokenSettings};
-use crate::route::Route;
+use crate::learning::LearnSettings;
+use crate::limits::Route;
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -18,10 +18,10 @@ use std::path::Path;
 use std::time::Duration;
 
 /// The embedded default configuration (the content of `examples/broker.toml`).
-pub const DEFAULT_TOML: &str = include_str!("../examples/broker.toml");
+pub(crate) const DEFAULT_TOML: &str = include_str!("../examples/broker.toml");
 
 /// Prefix of environment variables that override single keys.
-pub const ENV_PREFIX: &str = "QUOTA_BROKER";
+pub(crate) const ENV_PREFIX: &str = "QUOTA_BROKER";
 
 /// Validated, typed configuration of the whole broker.
 #[derive(Debug, Clone)]
@@ -104,7 +104,7 @@ impl ClassSettings {
 }
 
 /// Checks a whole class set (after each class is checked on its own).
-pub fn check_class_set(classes: &[ClassSettings], problems: &mut Vec<String>) {
+pub(crate) fn check_class_set(classes: &[ClassSettings], problems: &mut Vec<String>) {
     let mut names = HashSet::new();
     for c in classes {
         if !names.insert(c.name.as_str()) {

@@ -3,65 +3,76 @@
 //! slots) and grants leases on it over gRPC, so integrations stop
 //! discovering the limit one 429 at a time.
 //!
+//! Without its default `server` feature the crate is only the wire API
+//! ([`pb`] and [`REPORTED_HEADERS`]), which is what client crates link.
+//!
 //! # Layout
 //!
 //! ```text
-//!  gRPC ──► service.rs / admin.rs   auth.rs (bearer tokens) → decode + validate, encode;
-//!              │  stream.rs         BrokerError → Status; stream.rs: LeaseStream sessions
-//!              ▼
-//!           broker.rs               Broker handle: tenants, waits, driver tasks, Watch feed,
-//!              │                    state files (state.rs); one lock per tenant, never
-//!              ▼                    held across .await
-//!           tenant.rs               one tenant's decision: class + reserve → route → buckets
-//!        ┌─────┼──────────┬────────────┐          → all-or-none grant; learning from reports
-//!   bucket.rs  lease.rs   scheduler.rs  adaptive.rs + headers.rs
-//!   token bucket  slot      waiting queue  freeze, effective rate,
-//!   + slots       leases    (weighted fair  budget view; header
-//!                 + expiry  share, per-client parsing
-//!                           round robin)
+//!  gRPC ──► grpc/        the only place tonic is served: codec (decode + validate,
+//!             │          encode, BrokerError → Status), QuotaBroker / QuotaAdmin,
+//!             │          LeaseStream sessions, run() with health, reflection, shutdown
+//!             │  auth.rs bearer tokens → Principal (tenant scopes, roles)
+//!             ▼
+//!          broker/       the async runtime around the pure state: the handle and
+//!             │          tenant registry, waits, one driver task per tenant, the
+//!             │          Watch feed, operators' changes, state files
+//!             ▼          (one std Mutex per tenant, never held across .await)
+//!          tenant/       one tenant's pure state machine: instances, per-client
+//!             │          registry, classes + reserves, decide, waiting, leases,
+//!             │          learn, operate, status
+//!      ┌──────┴───────┐
+//!   limits/        learning/
+//!   bucket, lease, adaptive rules, header parsing,
+//!   route,         attribution
+//!   scheduler
 //! ```
 //!
-//! A request flows: `service` authenticates and validates it →
-//! `Broker::acquire` locks the tenant → `TenantState::try_acquire` resolves
-//! the class and its reserve, matches routes (`route.rs`, cached), checks
-//! every bucket and takes from all or none → on "not now" with a wait, the
-//! request parks in the queue and the tenant's driver grants it the moment
-//! capacity frees (release, expiry, refill time, end of a freeze), or the
-//! wait ends with `granted = false` and a retry time. A `Report` goes to
-//! `TenantState::report`, which attributes a 429 and the rate-limit headers to
-//! one bucket and applies the learning rules. `config.rs` turns TOML + env
-//! into validated settings; `server.rs` wires services, health, reflection and
-//! shutdown; `main.rs` is the process.
+//! Beside them: `config.rs` (TOML + env → validated [`Settings`]),
+//! `clock.rs` (monotonic time ↔ wire milliseconds), `error.rs`
+//! ([`BrokerError`]), `api.rs` (the wire API), `main.rs` (the process).
+//!
+//! An Acquire goes down the layers and back once: `grpc` authenticates and
+//! decodes it → `Broker::acquire` locks the tenant → `TenantState::acquire`
+//! resolves the class and its reserve, matches routes (cached), checks every
+//! bucket and takes from all or none, and answers granted, denied (with a
+//! retry time and a reason), or queued with a receiver → the broker awaits
+//! that receiver outside the lock until the tenant's driver grants it (on a
+//! release, an expiry, a refill, the end of a freeze) or the deadline
+//! passes → `grpc` encodes the answer. A `Report` goes to
+//! `TenantState::report`, which attributes a 429 and the rate-limit headers
+//! to one bucket and applies the learning rules.
 
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
-pub mod adaptive;
-pub mod admin;
-pub mod auth;
-pub mod broker;
-pub mod bucket;
-pub mod config;
-pub mod error;
-pub mod headers;
-pub mod lease;
-pub mod route;
-pub mod scheduler;
-pub mod server;
-pub mod service;
-pub mod state;
-mod stream;
-pub mod tenant;
+mod api;
+#[cfg(feature = "server")]
+mod auth;
+#[cfg(feature = "server")]
+mod broker;
+#[cfg(feature = "server")]
+mod clock;
+#[cfg(feature = "server")]
+mod config;
+#[cfg(feature = "server")]
+mod error;
+#[cfg(feature = "server")]
+mod grpc;
+#[cfg(feature = "server")]
+mod learning;
+#[cfg(feature = "server")]
+mod limits;
+#[cfg(feature = "server")]
+mod tenant;
 
-/// Generated protobuf types and gRPC stubs of `quota.v1`.
-#[allow(missing_docs, unreachable_pub, clippy::all)]
-pub mod pb {
-    tonic::include_proto!("quota.v1");
-
-    /// Encoded descriptor set of `quota.v1`, served by reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/quota_v1_descriptor.bin"));
-}
-
-pub use broker::Broker;
-pub use config::Settings;
+pub use api::{pb, REPORTED_HEADERS};
+#[cfg(feature = "server")]
+pub use auth::hash_token;
+#[cfg(feature = "server")]
+pub use config::{ConfigError, Settings};
+#[cfg(feature = "server")]
 pub use error::BrokerError;
+#[cfg(feature = "server")]
+pub use grpc::{run, ServerError, MAX_CONCURRENT_STREAMS};
+#[cfg(feature = "server")]
+pub use tenant::{AcquireArgs, Decision, Denial, Grant, Queued, TenantState};

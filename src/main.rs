@@ -1,61 +1,50 @@
 //! The `quota-broker` process: flags, configuration, logging, signals.
 
-use quota_broker::{server, Settings};
+use clap::{Parser, Subcommand};
+use quota_broker::Settings;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
-const USAGE: &str = "usage: quota-broker [--config PATH]
-       quota-broker hash-token    (reads a token on stdin, prints its SHA-256 for [[auth.tokens]])
+/// Runs the quota broker.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Runs the quota broker.",
+    after_help = "Without --config it runs the embedded default (tenant \"demo\" on \
+127.0.0.1:50051; see examples/broker.toml). QUOTA_BROKER__SECTION__KEY environment \
+variables override single keys, e.g. QUOTA_BROKER__SERVER__LISTEN=0.0.0.0:50051. \
+Logging: RUST_LOG (default \"info\")."
+)]
+struct Cli {
+    /// A config file to run instead of the embedded default.
+    #[arg(short, long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
 
-Runs the quota broker. Without --config it runs the embedded default
-(tenant \"demo\" on 127.0.0.1:50051; see examples/broker.toml).
-QUOTA_BROKER__SECTION__KEY environment variables override single keys,
-e.g. QUOTA_BROKER__SERVER__LISTEN=0.0.0.0:50051. Logging: RUST_LOG
-(default \"info\").";
-
-/// Parses the one flag by hand: a crate for `--config PATH` and `--help`
-/// would cost more build time than it saves.
-fn parse_args() -> Result<Option<PathBuf>, String> {
-    let mut args = std::env::args_os().skip(1);
-    let mut config = None;
-    while let Some(arg) = args.next() {
-        match arg.to_str() {
-            Some("--config" | "-c") => {
-                config = Some(PathBuf::from(args.next().ok_or("--config needs a PATH")?));
-            }
-            Some("--help" | "-h") => return Err(String::new()),
-            Some("hash-token") => return Err("hash-token".into()),
-            _ => return Err(format!("unknown argument {arg:?}")),
-        }
-    }
-    Ok(config)
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Reads a token on stdin and prints its SHA-256, for [[auth.tokens]].
+    HashToken,
 }
 
 fn main() -> ExitCode {
-    let config_path = match parse_args() {
-        Ok(p) => p,
-        Err(e) if e.is_empty() => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
+    let cli = Cli::parse();
+    if let Some(Command::HashToken) = cli.command {
+        let mut token = String::new();
+        if let Err(e) = std::io::stdin().read_line(&mut token) {
+            eprintln!("quota-broker: cannot read the token from stdin: {e}");
+            return ExitCode::FAILURE;
         }
-        Err(e) if e == "hash-token" => {
-            let mut token = String::new();
-            if let Err(e) = std::io::stdin().read_line(&mut token) {
-                eprintln!("quota-broker: cannot read the token from stdin: {e}");
-                return ExitCode::FAILURE;
-            }
-            println!(
-                "{}",
-                quota_broker::auth::hash_token(token.trim_end_matches(['\r', '\n']))
-            );
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("quota-broker: {e}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+        println!(
+            "{}",
+            quota_broker::hash_token(token.trim_end_matches(['\r', '\n']))
+        );
+        return ExitCode::SUCCESS;
+    }
+    let config_path = cli.config;
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -102,7 +91,7 @@ fn main() -> ExitCode {
             ?tenants,
             "quota-broker serving"
         );
-        match server::run(listener, &settings, shutdown).await {
+        match quota_broker::run(listener, &settings, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "server failed");

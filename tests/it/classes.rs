@@ -395,7 +395,7 @@ async fn admin_changes_apply_at_once_and_survive_a_restart() {
 
 mod auth {
     use super::*;
-    use quota_broker::auth::hash_token;
+    use quota_broker::hash_token;
     use quota_broker::pb::{ReleaseRequest, WatchRequest};
     use tonic::metadata::MetadataValue;
     use tonic::{Code, Request};

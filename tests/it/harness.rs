@@ -3,7 +3,7 @@
 use quota_broker::pb::quota_admin_client::QuotaAdminClient;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
 use quota_broker::pb::{AcquireRequest, AcquireResponse, QuotaStatus};
-use quota_broker::{server, Settings};
+use quota_broker::Settings;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -14,7 +14,7 @@ pub struct TestBroker {
     pub admin: QuotaAdminClient<Channel>,
     pub channel: Channel,
     stop: Option<oneshot::Sender<()>>,
-    server: JoinHandle<Result<(), server::ServerError>>,
+    server: JoinHandle<Result<(), quota_broker::ServerError>>,
 }
 
 /// A tenant "t" with the given bucket tables.
@@ -31,7 +31,7 @@ pub async fn start(toml: &str) -> TestBroker {
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        server::run(listener, &settings, async {
+        quota_broker::run(listener, &settings, async {
             let _ = stopped.await;
         })
         .await

@@ -1,342 +1,148 @@
-//! Learning from reported throttling: convergence against an upstream model
-//! with a hidden limit and an unmanaged consumer (in-process, on a simulated
-//! clock), and freeze, paced resume, attribution and restart over gRPC.
+//! Learning over gRPC: freeze, paced resume, attribution, and learned
+//! state across a restart. (Convergence under a hidden limit is a unit test
+//! of the tenant, in-process on a simulated clock.)
 
-use quota_broker::config::Settings;
-use quota_broker::headers;
-use quota_broker::tenant::{AcquireArgs, Attempt, TenantState};
-use std::time::{Duration, SystemTime};
+use crate::harness::{req, start, TestBroker};
+use quota_broker::pb::{ListBucketsRequest, QuotaStatus, ReportRequest};
+use std::collections::HashMap;
+use std::time::Duration;
 use tokio::time::Instant;
 
-/// A fixed-window upstream like Genesys Cloud's: `limit` per `window`
-/// (the clients are not told it), `inin-ratelimit-*` headers on every
-/// answer, 429 with Retry-After once the window's budget is spent.
-struct Upstream {
-    limit: u64,
-    window: Duration,
-    window_start: Instant,
-    used: u64,
-    /// Whether the headers describe this limit. When not, as with a Genesys
-    /// endpoint-family limit, only a 429's Retry-After tells of it.
-    reveal: bool,
-}
-
-impl Upstream {
-    fn call(&mut self, now: Instant) -> (u32, Vec<(String, String)>) {
-        while now >= self.window_start + self.window {
-            self.window_start += self.window;
-            self.used = 0;
-        }
-        let reset = (self.window_start + self.window - now).as_secs_f64().ceil() as u64;
-        let status = if self.used >= self.limit {
-            429
-        } else {
-            self.used += 1;
-            200
-        };
-        let mut h = Vec::new();
-        if self.reveal {
-            h.push(("inin-ratelimit-allowed".to_owned(), self.limit.to_string()));
-            h.push(("inin-ratelimit-count".to_owned(), self.used.to_string()));
-            h.push(("inin-ratelimit-reset".to_owned(), reset.to_string()));
-        }
-        if status == 429 {
-            h.push(("Retry-After".to_owned(), reset.to_string()));
-        }
-        (status, h)
-    }
-
-    fn window_of(&self, t0: Instant, now: Instant) -> usize {
-        ((now - t0).as_secs_f64() / self.window.as_secs_f64()) as usize
-    }
-}
-
-/// An upstream answer on its way back: (arrival, status, headers).
-type Answer = (Instant, u32, Vec<(String, String)>);
-
-#[derive(Default, Clone, Copy, Debug)]
-struct WindowStats {
-    ok: u64,
-    throttled: u64,
-    unmanaged_ok: u64,
-}
-
-/// Runs `windows` windows of 4 greedy broker-leased clients (300 ms upstream
-/// latency) plus an unmanaged consumer spending `unmanaged` per window
-/// against an upstream whose real limit is `hidden` per minute, while the
-/// broker is configured with the documented 60 per minute.
-fn simulate(hidden: u64, unmanaged: u64, windows: usize, reveal: bool) -> Vec<WindowStats> {
-    let settings = Settings::from_toml(
-        r#"
-        [[tenants]]
-        id = "org"
-        [[tenants.buckets]]
-        name = "analytics"
-        routes = ["* /api/v2/analytics/**"]
-        permits = 60
-        window_ms = 60000
-        burst = 10
-        "#,
+/// Tenants "t" and "u", each with one org-wide 60/min bucket.
+fn two_tenants(state_dir: &str) -> String {
+    let bucket = "[[tenants.buckets]]\nname = \"org\"\nroutes = [\"* /**\"]\npermits = 60\nwindow_ms = 60000\nburst = 10\n";
+    format!(
+        "[server]\nstate_dir = \"{state_dir}\"\nshutdown_grace_ms = 2000\n\
+         [[tenants]]\nid = \"t\"\n{bucket}[[tenants]]\nid = \"u\"\n{bucket}"
     )
-    .unwrap();
-    let t0 = Instant::now();
-    let mut broker = TenantState::new(0, &settings.tenants[0], &settings, Default::default(), t0);
-    let window = Duration::from_secs(60);
-    let mut up = Upstream {
-        limit: hidden,
-        window,
-        window_start: t0,
-        used: 0,
-        reveal,
-    };
-    let step = Duration::from_millis(10);
-    let latency = Duration::from_millis(300);
-    let unmanaged_every = window / unmanaged.max(1) as u32;
-    let mut next_unmanaged = t0 + unmanaged_every / 2;
-    let args = AcquireArgs {
-        client_id: "ingest".into(),
-        class: "batch".into(),
-        method: "POST".into(),
-        path: "/api/v2/analytics/conversations/details/query".into(),
-        oauth_client: "oc".into(),
-        permits: 1,
-    };
-    // Per client: the answer it waits for (arrival, status, headers).
-    let mut in_flight: Vec<Option<Answer>> = vec![None; 4];
-    let mut stats = vec![WindowStats::default(); windows];
-    let mut now = t0;
-    while now < t0 + window * windows as u32 {
-        if unmanaged > 0 && now >= next_unmanaged {
-            let (status, _) = up.call(now);
-            if status == 200 {
-                stats[up.window_of(t0, now)].unmanaged_ok += 1;
-            }
-            next_unmanaged += unmanaged_every;
-        }
-        for slot in in_flight.iter_mut() {
-            if let Some((at, status, h)) = slot.as_ref() {
-                if *at <= now {
-                    let info = headers::parse(
-                        h.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-                        SystemTime::now(),
-                    );
-                    broker
-                        .report(
-                            ("POST", &args.path, "oc"),
-                            *status,
-                            info.retry_after,
-                            &info,
-                            now,
-                        )
-                        .unwrap();
-                    *slot = None;
-                }
-            }
-            if slot.is_none() {
-                if let Attempt::Granted(_) = broker.try_acquire(&args, now).unwrap() {
-                    let (status, h) = up.call(now);
-                    let w = &mut stats[up.window_of(t0, now)];
-                    if status == 200 {
-                        w.ok += 1
-                    } else {
-                        w.throttled += 1
-                    }
-                    *slot = Some((now + latency, status, h));
-                }
-            }
-        }
-        broker.tick(now);
-        now += step;
-    }
-    stats
 }
 
-/// The window from which on every window used at least `share` of what the
-/// upstream had left for the broker's clients.
-fn converged_from(stats: &[WindowStats], hidden: u64, share: f64) -> Option<usize> {
-    let good = |w: &WindowStats| w.ok as f64 >= share * (hidden - w.unmanaged_ok) as f64;
-    (0..stats.len()).find(|&k| stats[k..].iter().all(good))
-}
-
-#[test]
-fn fleet_converges_under_a_hidden_limit_and_an_unmanaged_consumer() {
-    // When the headers are silent about the limit, each probe for more
-    // capacity ends in a 429 and a freeze, and the window after it starts
-    // late (Retry-After, jitter, the batch class's reserve): those windows
-    // use 85-90%.
-    for (hidden, unmanaged, reveal, share) in [
-        (54, 9, true, 0.9),
-        (45, 0, true, 0.9),
-        (60, 15, true, 0.9),
-        (45, 9, false, 0.85),
-        (30, 0, false, 0.85),
-    ] {
-        let stats = simulate(hidden, unmanaged, 12, reveal);
-        let k = converged_from(&stats, hidden, share);
-        let after: Vec<_> = stats[k.unwrap_or(0)..].to_vec();
-        let ok: u64 = after.iter().map(|w| w.ok).sum();
-        let throttled: u64 = after.iter().map(|w| w.throttled).sum();
-        let left: u64 = after.iter().map(|w| hidden - w.unmanaged_ok).sum();
-        eprintln!(
-            "hidden {hidden}/min, unmanaged {unmanaged}/min, headers {}: converged from window {k:?}; after: \
-             used {ok} of {left} left ({:.1}%), 429 ratio {:.2}%; per window {stats:?}",
-            if reveal { "tell" } else { "silent" },
-            100.0 * ok as f64 / left as f64,
-            100.0 * throttled as f64 / (ok + throttled).max(1) as f64,
-        );
-        assert!(
-            k.is_some_and(|k| k <= 2),
-            "did not converge within two windows: {stats:?}"
-        );
-        assert!(
-            throttled as f64 <= 0.01 * (ok + throttled) as f64,
-            "429 ratio after convergence above 1%: {stats:?}"
-        );
+fn throttled(tenant: &str, retry_after: &str, headers: &[(&str, &str)]) -> ReportRequest {
+    let mut h: HashMap<String, String> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    h.insert("Retry-After".into(), retry_after.into());
+    ReportRequest {
+        tenant: tenant.into(),
+        method: "GET".into(),
+        path: "/api/v2/users".into(),
+        http_status: 429,
+        headers: h,
+        ..Default::default()
     }
 }
 
-mod grpc {
-    use crate::harness::{req, start, TestBroker};
-    use quota_broker::pb::{ListBucketsRequest, QuotaStatus, ReportRequest};
-    use std::collections::HashMap;
-    use std::time::Duration;
-    use tokio::time::Instant;
-
-    /// Tenants "t" and "u", each with one org-wide 60/min bucket.
-    fn two_tenants(state_dir: &str) -> String {
-        let bucket = "[[tenants.buckets]]\nname = \"org\"\nroutes = [\"* /**\"]\npermits = 60\nwindow_ms = 60000\nburst = 10\n";
-        format!(
-            "[server]\nstate_dir = \"{state_dir}\"\nshutdown_grace_ms = 2000\n\
-             [[tenants]]\nid = \"t\"\n{bucket}[[tenants]]\nid = \"u\"\n{bucket}"
-        )
-    }
-
-    fn throttled(tenant: &str, retry_after: &str, headers: &[(&str, &str)]) -> ReportRequest {
-        let mut h: HashMap<String, String> = headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        h.insert("Retry-After".into(), retry_after.into());
-        ReportRequest {
+async fn status(b: &TestBroker, tenant: &str) -> QuotaStatus {
+    let list = b
+        .admin
+        .clone()
+        .list_buckets(ListBucketsRequest {
             tenant: tenant.into(),
-            method: "GET".into(),
-            path: "/api/v2/users".into(),
-            http_status: 429,
-            headers: h,
-            ..Default::default()
-        }
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    list.buckets.into_iter().next().unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn identical_429s_from_twenty_clients_cut_once_and_freeze_the_tenant_only() {
+    let b = start(&two_tenants("")).await;
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let mut c = b.client.clone();
+            tokio::spawn(async move { c.report(throttled("t", "15", &[])).await.unwrap() })
+        })
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap().into_inner().attributed_to, "org");
     }
+    let s = status(&b, "t").await;
+    assert_eq!(s.throttled_total, 20);
+    assert!(
+        (s.effective_rate_per_min - 42.0).abs() < 1e-6,
+        "cut once: {}",
+        s.effective_rate_per_min
+    );
+    assert_eq!(s.configured_rate_per_min, 60.0);
+    assert!(
+        s.frozen_until_ms >= s.at_ms + 14_900,
+        "{} vs {}",
+        s.frozen_until_ms,
+        s.at_ms
+    );
+    assert!((s.throttle_ratio - 1.0).abs() < 1e-9);
 
-    async fn status(b: &TestBroker, tenant: &str) -> QuotaStatus {
-        let list = b
-            .admin
-            .clone()
-            .list_buckets(ListBucketsRequest {
-                tenant: tenant.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        list.buckets.into_iter().next().unwrap()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn identical_429s_from_twenty_clients_cut_once_and_freeze_the_tenant_only() {
-        let b = start(&two_tenants("")).await;
-        let calls: Vec<_> = (0..20)
-            .map(|_| {
-                let mut c = b.client.clone();
-                tokio::spawn(async move { c.report(throttled("t", "15", &[])).await.unwrap() })
-            })
-            .collect();
-        for c in calls {
-            assert_eq!(c.await.unwrap().into_inner().attributed_to, "org");
-        }
-        let s = status(&b, "t").await;
-        assert_eq!(s.throttled_total, 20);
-        assert!(
-            (s.effective_rate_per_min - 42.0).abs() < 1e-6,
-            "cut once: {}",
-            s.effective_rate_per_min
-        );
-        assert_eq!(s.configured_rate_per_min, 60.0);
-        assert!(
-            s.frozen_until_ms >= s.at_ms + 14_900,
-            "{} vs {}",
-            s.frozen_until_ms,
-            s.at_ms
-        );
-        assert!((s.throttle_ratio - 1.0).abs() < 1e-9);
-
-        // Every client of "t" waits out the freeze; "u" is untouched.
-        for client in ["wallboard", "ingest"] {
-            let mut r = req("GET", "/api/v2/users", 0);
-            r.client_id = client.into();
-            r.priority_class = "critical".into();
-            let a = b.acquire(r).await;
-            assert!(!a.granted);
-            // Freeze 15 s + jitter (< one 1 s interval) + the first paced permit (1.43 s).
-            assert!(
-                (15_000..=17_500).contains(&a.retry_after_ms),
-                "{}",
-                a.retry_after_ms
-            );
-            assert!(a.reason.contains("frozen"), "{}", a.reason);
-        }
+    // Every client of "t" waits out the freeze; "u" is untouched.
+    for client in ["wallboard", "ingest"] {
         let mut r = req("GET", "/api/v2/users", 0);
-        r.tenant = "u".into();
-        assert!(b.acquire(r).await.granted);
-        assert_eq!(status(&b, "u").await.frozen_until_ms, 0);
-        b.stop().await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn after_the_freeze_grants_resume_paced_not_in_a_burst() {
-        let b = start(&two_tenants("")).await;
-        b.client
-            .clone()
-            .report(throttled("t", "5", &[]))
-            .await
-            .unwrap();
-        let t0 = Instant::now();
-        // Ten clients wait through the freeze at once.
-        let waiters: Vec<_> = (0..10)
-            .map(|i| {
-                let mut c = b.client.clone();
-                tokio::spawn(async move {
-                    let mut r = req("GET", "/x", 30_000);
-                    r.client_id = format!("c{i}");
-                    let a = c.acquire(r).await.unwrap().into_inner();
-                    (a.granted, Instant::now())
-                })
-            })
-            .collect();
-        let mut at = Vec::new();
-        for w in waiters {
-            let (granted, when) = w.await.unwrap();
-            assert!(granted);
-            at.push(when - t0);
-        }
-        at.sort();
+        r.client_id = client.into();
+        r.priority_class = "critical".into();
+        let a = b.acquire(r).await;
+        assert!(!a.granted);
+        // Freeze 15 s + jitter (< one 1 s interval) + the first paced permit (1.43 s).
         assert!(
-            at[0] >= Duration::from_secs(5),
-            "nothing before the freeze ends: {at:?}"
+            (15_000..=17_500).contains(&a.retry_after_ms),
+            "{}",
+            a.retry_after_ms
         );
-        // Effective 42/min after the cut: one permit every ~1.43 s, no burst.
-        let first_second = at
-            .iter()
-            .filter(|d| **d < at[0] + Duration::from_secs(1))
-            .count();
-        assert_eq!(first_second, 1, "{at:?}");
-        for pair in at.windows(2) {
-            assert!(pair[1] - pair[0] >= Duration::from_millis(1_400), "{at:?}");
-        }
-        b.stop().await;
+        assert!(a.reason.contains("frozen"), "{}", a.reason);
     }
+    let mut r = req("GET", "/api/v2/users", 0);
+    r.tenant = "u".into();
+    assert!(b.acquire(r).await.granted);
+    assert_eq!(status(&b, "u").await.frozen_until_ms, 0);
+    b.stop().await;
+}
 
-    #[tokio::test(start_paused = true)]
-    async fn headers_teach_the_limit_and_attribution_picks_the_matching_bucket() {
-        let cfg = r#"
+#[tokio::test(start_paused = true)]
+async fn after_the_freeze_grants_resume_paced_not_in_a_burst() {
+    let b = start(&two_tenants("")).await;
+    b.client
+        .clone()
+        .report(throttled("t", "5", &[]))
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    // Ten clients wait through the freeze at once.
+    let waiters: Vec<_> = (0..10)
+        .map(|i| {
+            let mut c = b.client.clone();
+            tokio::spawn(async move {
+                let mut r = req("GET", "/x", 30_000);
+                r.client_id = format!("c{i}");
+                let a = c.acquire(r).await.unwrap().into_inner();
+                (a.granted, Instant::now())
+            })
+        })
+        .collect();
+    let mut at = Vec::new();
+    for w in waiters {
+        let (granted, when) = w.await.unwrap();
+        assert!(granted);
+        at.push(when - t0);
+    }
+    at.sort();
+    assert!(
+        at[0] >= Duration::from_secs(5),
+        "nothing before the freeze ends: {at:?}"
+    );
+    // Effective 42/min after the cut: one permit every ~1.43 s, no burst.
+    let first_second = at
+        .iter()
+        .filter(|d| **d < at[0] + Duration::from_secs(1))
+        .count();
+    assert_eq!(first_second, 1, "{at:?}");
+    for pair in at.windows(2) {
+        assert!(pair[1] - pair[0] >= Duration::from_millis(1_400), "{at:?}");
+    }
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn headers_teach_the_limit_and_attribution_picks_the_matching_bucket() {
+    let cfg = r#"
 [server]
 state_dir = ""
 [[tenants]]
@@ -353,136 +159,134 @@ routes = ["* /api/v2/analytics/**"]
 permits = 60
 window_ms = 60000
 "#;
-        let b = start(cfg).await;
-        let mut c = b.client.clone();
-        let report = |status, allowed: &str, count: &str| ReportRequest {
-            tenant: "t".into(),
-            method: "GET".into(),
-            path: "/api/v2/analytics/users/summary".into(),
-            oauth_client: "oc".into(),
-            http_status: status,
-            headers: [
-                ("inin-ratelimit-allowed", allowed),
-                ("inin-ratelimit-count", count),
-                ("inin-ratelimit-reset", "38"),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect(),
-            ..Default::default()
-        };
-        // allowed 300: the per-OAuth-client budget; 6 used, 294 left.
-        let r = c
-            .report(report(200, "300", "6"))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.attributed_to, "per-client");
-        // allowed 45: the analytics budget, lower than the configured 60.
-        let r = c
-            .report(report(200, "45", "40"))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.attributed_to, "analytics");
-        let list = b
-            .admin
-            .clone()
-            .list_buckets(ListBucketsRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-        let a = list
-            .buckets
-            .iter()
-            .find(|s| s.bucket == "analytics")
-            .unwrap();
-        assert_eq!(a.learned_limit_per_min, 45.0);
-        assert_eq!(a.configured_rate_per_min, 60.0);
-        assert!((a.effective_rate_per_min - 45.0).abs() < 1e-6);
-        assert_eq!(a.upstream_remaining, 5);
-        assert!(
-            a.tokens_available <= 5.0,
-            "shrunk to what the upstream has left"
-        );
-        let p = list
-            .buckets
-            .iter()
-            .find(|s| s.bucket == "per-client")
-            .unwrap();
-        assert_eq!(p.upstream_remaining, 294);
+    let b = start(cfg).await;
+    let mut c = b.client.clone();
+    let report = |status, allowed: &str, count: &str| ReportRequest {
+        tenant: "t".into(),
+        method: "GET".into(),
+        path: "/api/v2/analytics/users/summary".into(),
+        oauth_client: "oc".into(),
+        http_status: status,
+        headers: [
+            ("inin-ratelimit-allowed", allowed),
+            ("inin-ratelimit-count", count),
+            ("inin-ratelimit-reset", "38"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+        ..Default::default()
+    };
+    // allowed 300: the per-OAuth-client budget; 6 used, 294 left.
+    let r = c
+        .report(report(200, "300", "6"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.attributed_to, "per-client");
+    // allowed 45: the analytics budget, lower than the configured 60.
+    let r = c
+        .report(report(200, "45", "40"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.attributed_to, "analytics");
+    let list = b
+        .admin
+        .clone()
+        .list_buckets(ListBucketsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let a = list
+        .buckets
+        .iter()
+        .find(|s| s.bucket == "analytics")
+        .unwrap();
+    assert_eq!(a.learned_limit_per_min, 45.0);
+    assert_eq!(a.configured_rate_per_min, 60.0);
+    assert!((a.effective_rate_per_min - 45.0).abs() < 1e-6);
+    assert_eq!(a.upstream_remaining, 5);
+    assert!(
+        a.tokens_available <= 5.0,
+        "shrunk to what the upstream has left"
+    );
+    let p = list
+        .buckets
+        .iter()
+        .find(|s| s.bucket == "per-client")
+        .unwrap();
+    assert_eq!(p.upstream_remaining, 294);
 
-        // A 429 carrying the per-client headers with budget left came from
-        // another limit (Genesys sends the per-client headers on every
-        // answer): it freezes the analytics bucket, not the OAuth client's.
-        let mut throttled = report(429, "300", "7");
-        throttled.headers.insert("Retry-After".into(), "20".into());
-        let r = c.report(throttled).await.unwrap().into_inner();
-        assert_eq!(r.attributed_to, "analytics");
-        let bucket = |list: &[QuotaStatus], name: &str| {
-            list.iter().find(|s| s.bucket == name).unwrap().clone()
-        };
-        let list = b
-            .admin
-            .clone()
-            .list_buckets(ListBucketsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .buckets;
-        let (a, p) = (bucket(&list, "analytics"), bucket(&list, "per-client"));
-        assert!(a.frozen_until_ms > 0 && a.throttled_total == 1, "{a:?}");
-        assert!(p.frozen_until_ms == 0 && p.throttled_total == 0, "{p:?}");
-        assert_eq!(
-            p.upstream_remaining, 293,
-            "the headers still update the per-client budget"
-        );
+    // A 429 carrying the per-client headers with budget left came from
+    // another limit (Genesys sends the per-client headers on every
+    // answer): it freezes the analytics bucket, not the OAuth client's.
+    let mut throttled = report(429, "300", "7");
+    throttled.headers.insert("Retry-After".into(), "20".into());
+    let r = c.report(throttled).await.unwrap().into_inner();
+    assert_eq!(r.attributed_to, "analytics");
+    let bucket =
+        |list: &[QuotaStatus], name: &str| list.iter().find(|s| s.bucket == name).unwrap().clone();
+    let list = b
+        .admin
+        .clone()
+        .list_buckets(ListBucketsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .buckets;
+    let (a, p) = (bucket(&list, "analytics"), bucket(&list, "per-client"));
+    assert!(a.frozen_until_ms > 0 && a.throttled_total == 1, "{a:?}");
+    assert!(p.frozen_until_ms == 0 && p.throttled_total == 0, "{p:?}");
+    assert_eq!(
+        p.upstream_remaining, 293,
+        "the headers still update the per-client budget"
+    );
 
-        // The same headers with the budget used up: the per-client bucket refused.
-        let mut spent = report(429, "300", "300");
-        spent.headers.insert("Retry-After".into(), "20".into());
-        let r = c.report(spent).await.unwrap().into_inner();
-        assert_eq!(r.attributed_to, "per-client");
-        b.stop().await;
-    }
+    // The same headers with the budget used up: the per-client bucket refused.
+    let mut spent = report(429, "300", "300");
+    spent.headers.insert("Retry-After".into(), "20".into());
+    let r = c.report(spent).await.unwrap().into_inner();
+    assert_eq!(r.attributed_to, "per-client");
+    b.stop().await;
+}
 
-    #[tokio::test(start_paused = true)]
-    async fn learned_state_survives_a_restart() {
-        let dir = std::env::temp_dir().join(format!("qb-restart-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let cfg = two_tenants(dir.to_str().unwrap());
-        let b = start(&cfg).await;
-        let mut c = b.client.clone();
-        c.report(throttled("t", "600", &[("X-RateLimit-Limit", "50")]))
-            .await
-            .unwrap();
-        let before = status(&b, "t").await;
-        assert_eq!(before.learned_limit_per_min, 50.0);
-        assert!((before.effective_rate_per_min - 35.0).abs() < 1e-6);
-        b.stop().await;
-        assert!(dir.join("learned.toml").is_file());
+#[tokio::test(start_paused = true)]
+async fn learned_state_survives_a_restart() {
+    let dir = std::env::temp_dir().join(format!("qb-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = two_tenants(dir.to_str().unwrap());
+    let b = start(&cfg).await;
+    let mut c = b.client.clone();
+    c.report(throttled("t", "600", &[("X-RateLimit-Limit", "50")]))
+        .await
+        .unwrap();
+    let before = status(&b, "t").await;
+    assert_eq!(before.learned_limit_per_min, 50.0);
+    assert!((before.effective_rate_per_min - 35.0).abs() < 1e-6);
+    b.stop().await;
+    assert!(dir.join("learned.toml").is_file());
 
-        let b = start(&cfg).await;
-        let after = status(&b, "t").await;
-        assert_eq!(after.learned_limit_per_min, 50.0);
-        assert!(
-            (after.effective_rate_per_min - 35.0).abs() < 1e-6,
-            "{}",
-            after.effective_rate_per_min
-        );
-        assert!(
-            after.frozen_until_ms > after.at_ms,
-            "the freeze is still on after the restart"
-        );
-        assert!(!b.acquire(req("GET", "/x", 0)).await.granted);
-        assert_eq!(status(&b, "u").await.effective_rate_per_min, 60.0);
-        b.stop().await;
+    let b = start(&cfg).await;
+    let after = status(&b, "t").await;
+    assert_eq!(after.learned_limit_per_min, 50.0);
+    assert!(
+        (after.effective_rate_per_min - 35.0).abs() < 1e-6,
+        "{}",
+        after.effective_rate_per_min
+    );
+    assert!(
+        after.frozen_until_ms > after.at_ms,
+        "the freeze is still on after the restart"
+    );
+    assert!(!b.acquire(req("GET", "/x", 0)).await.granted);
+    assert_eq!(status(&b, "u").await.effective_rate_per_min, 60.0);
+    b.stop().await;
 
-        // A corrupt file is reported and the broker starts on config alone.
-        std::fs::write(dir.join("learned.toml"), "not = [valid").unwrap();
-        let b = start(&cfg).await;
-        assert_eq!(status(&b, "t").await.effective_rate_per_min, 60.0);
-        b.stop().await;
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+    // A corrupt file is reported and the broker starts on config alone.
+    std::fs::write(dir.join("learned.toml"), "not = [valid").unwrap();
+    let b = start(&cfg).await;
+    assert_eq!(status(&b, "t").await.effective_rate_per_min, 60.0);
+    b.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,7 +1,7 @@
 //! LeaseStream: many operations on one bidirectional stream.
 
 use crate::harness::{config, req, start};
-use quota_broker::auth::hash_token;
+use quota_broker::hash_token;
 use quota_broker::pb::lease_stream_request::Op;
 use quota_broker::pb::lease_stream_response::Result as Answer;
 use quota_broker::pb::{

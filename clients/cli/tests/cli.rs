@@ -1,10 +1,10 @@
 //! End-to-end tests of the `quotactl` binary against a real broker started
 //! in-process on 127.0.0.1:0. Every process wait is bounded in time.
 
-use quota_broker::auth::hash_token;
+use quota_broker::hash_token;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
 use quota_broker::pb::AcquireRequest;
-use quota_broker::{server, Settings};
+use quota_broker::Settings;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::process::{Output, Stdio};
@@ -70,7 +70,7 @@ window_ms = 60000
 struct Broker {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    server: JoinHandle<Result<(), server::ServerError>>,
+    server: JoinHandle<Result<(), quota_broker::ServerError>>,
 }
 
 impl Broker {
@@ -81,7 +81,7 @@ impl Broker {
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            server::run(listener, &settings, async {
+            quota_broker::run(listener, &settings, async {
                 let _ = stopped.await;
             })
             .await

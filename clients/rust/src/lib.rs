@@ -40,26 +40,11 @@ pub use layer::{LeaseLayer, LeaseService, LeaseServiceError};
 use fallback::Fallback;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
 use quota_broker::pb::{AcquireRequest, ReleaseRequest, RenewRequest, ReportRequest};
+use quota_broker::REPORTED_HEADERS;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
-
-/// Headers forwarded to the broker with a report (compared case-insensitively).
-const REPORTED_HEADERS: &[&str] = &[
-    "retry-after",
-    "inin-ratelimit-allowed",
-    "inin-ratelimit-count",
-    "inin-ratelimit-reset",
-    "x-ratelimit-limit",
-    "x-ratelimit-remaining",
-    "x-ratelimit-reset",
-    "ratelimit",
-    "ratelimit-policy",
-    "ratelimit-limit",
-    "ratelimit-remaining",
-    "ratelimit-reset",
-];
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]

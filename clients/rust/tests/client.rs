@@ -2,7 +2,7 @@
 
 use quota_broker::pb::quota_admin_client::QuotaAdminClient;
 use quota_broker::pb::{ListBucketsRequest, QuotaStatus};
-use quota_broker::{server, Settings};
+use quota_broker::Settings;
 use quota_broker_client::{BrokerClient, Call, ClientError, FallbackSettings, LeaseLayer};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -39,7 +39,7 @@ async fn broker_on(addr: &str) -> Broker {
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        server::run(listener, &settings, async {
+        quota_broker::run(listener, &settings, async {
             let _ = stopped.await;
         })
         .await

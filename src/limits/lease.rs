@@ -53,7 +53,7 @@ impl FromStr for LeaseId {
 
 /// A grant that holds concurrency slots.
 #[derive(Debug, Clone)]
-pub struct Lease {
+pub(crate) struct Lease {
     /// Random check value of the lease id.
     pub nonce: u32,
     /// Bucket instances whose slots the lease holds.
@@ -70,7 +70,7 @@ pub struct Lease {
 
 /// The leases of one tenant that hold slots, by sequence number and by expiry.
 #[derive(Debug, Default)]
-pub struct LeaseTable {
+pub(crate) struct LeaseTable {
     leases: HashMap<u64, Lease>,
     by_expiry: BTreeSet<(Instant, u64)>,
     next_seq: u64,
@@ -79,19 +79,19 @@ pub struct LeaseTable {
 impl LeaseTable {
     /// A fresh sequence number (also used for leases that hold no slot and
     /// are therefore never stored).
-    pub fn next_seq(&mut self) -> u64 {
+    pub(crate) fn next_seq(&mut self) -> u64 {
         self.next_seq += 1;
         self.next_seq
     }
 
     /// Stores a lease under `seq`.
-    pub fn insert(&mut self, seq: u64, lease: Lease) {
+    pub(crate) fn insert(&mut self, seq: u64, lease: Lease) {
         self.by_expiry.insert((lease.expires_at, seq));
         self.leases.insert(seq, lease);
     }
 
     /// Removes the lease if `seq` and `nonce` name a live one.
-    pub fn remove(&mut self, seq: u64, nonce: u32) -> Option<Lease> {
+    pub(crate) fn remove(&mut self, seq: u64, nonce: u32) -> Option<Lease> {
         if self.leases.get(&seq)?.nonce != nonce {
             return None;
         }
@@ -101,7 +101,7 @@ impl LeaseTable {
     }
 
     /// Moves a live lease's expiry; returns it, or `None` if unknown.
-    pub fn renew(&mut self, seq: u64, nonce: u32, expires_at: Instant) -> Option<&Lease> {
+    pub(crate) fn renew(&mut self, seq: u64, nonce: u32, expires_at: Instant) -> Option<&Lease> {
         let lease = self.leases.get_mut(&seq).filter(|l| l.nonce == nonce)?;
         self.by_expiry.remove(&(lease.expires_at, seq));
         lease.expires_at = expires_at;
@@ -110,12 +110,12 @@ impl LeaseTable {
     }
 
     /// A live lease.
-    pub fn get(&self, seq: u64, nonce: u32) -> Option<&Lease> {
+    pub(crate) fn get(&self, seq: u64, nonce: u32) -> Option<&Lease> {
         self.leases.get(&seq).filter(|l| l.nonce == nonce)
     }
 
     /// Removes and returns one lease that expired at or before `now`.
-    pub fn pop_expired(&mut self, now: Instant) -> Option<(u64, Lease)> {
+    pub(crate) fn pop_expired(&mut self, now: Instant) -> Option<(u64, Lease)> {
         let &(at, seq) = self.by_expiry.first()?;
         if at > now {
             return None;
@@ -125,12 +125,12 @@ impl LeaseTable {
     }
 
     /// When the next lease expires.
-    pub fn next_expiry(&self) -> Option<Instant> {
+    pub(crate) fn next_expiry(&self) -> Option<Instant> {
         self.by_expiry.first().map(|&(at, _)| at)
     }
 
     /// When the first lease holding a slot of `instance` expires.
-    pub fn first_expiry_holding(&self, instance: usize) -> Option<Instant> {
+    pub(crate) fn first_expiry_holding(&self, instance: usize) -> Option<Instant> {
         self.by_expiry
             .iter()
             .find(|(_, seq)| {
@@ -142,12 +142,13 @@ impl LeaseTable {
     }
 
     /// Number of live leases.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.leases.len()
     }
 
+    #[cfg(test)]
     /// Whether no lease is live.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.leases.is_empty()
     }
 }

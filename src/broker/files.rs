@@ -10,14 +10,14 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 /// Name of the learned-state file inside the state directory.
-pub const LEARNED_FILE: &str = "learned.toml";
+pub(super) const LEARNED_FILE: &str = "learned.toml";
 /// Name of the operators' changes file inside the state directory.
-pub const ADMIN_FILE: &str = "admin.toml";
+pub(super) const ADMIN_FILE: &str = "admin.toml";
 
 /// Operators' run-time changes, per tenant: only what they changed.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AdminFile {
+pub(super) struct AdminFile {
     /// Format version.
     pub version: u32,
     /// Changed priority classes.
@@ -31,7 +31,7 @@ pub struct AdminFile {
 /// A class as an operator set it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AdminClass {
+pub(super) struct AdminClass {
     /// Tenant id.
     pub tenant: String,
     /// Class name.
@@ -49,7 +49,7 @@ pub struct AdminClass {
 /// A bucket's limits and pause as an operator set them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AdminBucket {
+pub(super) struct AdminBucket {
     /// Tenant id.
     pub tenant: String,
     /// Bucket name.
@@ -73,7 +73,7 @@ pub struct AdminBucket {
 
 impl AdminFile {
     /// A file holding these changes.
-    pub fn new(classes: Vec<AdminClass>, buckets: Vec<AdminBucket>) -> AdminFile {
+    pub(super) fn new(classes: Vec<AdminClass>, buckets: Vec<AdminBucket>) -> AdminFile {
         AdminFile {
             version: FORMAT_VERSION,
             classes,
@@ -82,14 +82,14 @@ impl AdminFile {
     }
 
     /// Reads `dir/admin.toml`; `Ok(None)` if there is none yet.
-    pub fn read(dir: &Path) -> Result<Option<AdminFile>, StateError> {
+    pub(super) fn read(dir: &Path) -> Result<Option<AdminFile>, StateError> {
         let file: Option<AdminFile> = read_toml(dir, ADMIN_FILE)?;
         check_version(dir, ADMIN_FILE, file.as_ref().map(|f| f.version))?;
         Ok(file)
     }
 
     /// Writes `dir/admin.toml` atomically.
-    pub fn write(&self, dir: &Path) -> Result<(), StateError> {
+    pub(super) fn write(&self, dir: &Path) -> Result<(), StateError> {
         write_toml(dir, ADMIN_FILE, self)
     }
 }
@@ -150,7 +150,7 @@ const FORMAT_VERSION: u32 = 1;
 /// The learned-state file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LearnedFile {
+pub(crate) struct LearnedFile {
     /// Format version.
     pub version: u32,
     /// One entry per bucket instance with learned state.
@@ -161,7 +161,7 @@ pub struct LearnedFile {
 /// Learned state of one bucket instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LearnedEntry {
+pub(crate) struct LearnedEntry {
     /// Tenant id.
     pub tenant: String,
     /// Bucket name.
@@ -187,7 +187,7 @@ pub struct LearnedEntry {
 
 /// Why the state file could not be used.
 #[derive(Debug, thiserror::Error)]
-pub enum StateError {
+pub(crate) enum StateError {
     /// Reading or writing failed.
     #[error("{path}: {source}")]
     Io {
@@ -208,7 +208,7 @@ pub enum StateError {
 
 impl LearnedFile {
     /// A file holding `buckets`.
-    pub fn new(buckets: Vec<LearnedEntry>) -> LearnedFile {
+    pub(crate) fn new(buckets: Vec<LearnedEntry>) -> LearnedFile {
         LearnedFile {
             version: FORMAT_VERSION,
             buckets,
@@ -216,14 +216,14 @@ impl LearnedFile {
     }
 
     /// Reads `dir/learned.toml`; `Ok(None)` if there is none yet.
-    pub fn read(dir: &Path) -> Result<Option<LearnedFile>, StateError> {
+    pub(crate) fn read(dir: &Path) -> Result<Option<LearnedFile>, StateError> {
         let file: Option<LearnedFile> = read_toml(dir, LEARNED_FILE)?;
         check_version(dir, LEARNED_FILE, file.as_ref().map(|f| f.version))?;
         Ok(file)
     }
 
     /// Writes `dir/learned.toml` atomically, creating `dir` if needed.
-    pub fn write(&self, dir: &Path) -> Result<(), StateError> {
+    pub(crate) fn write(&self, dir: &Path) -> Result<(), StateError> {
         write_toml(dir, LEARNED_FILE, self)
     }
 }

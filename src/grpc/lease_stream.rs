@@ -5,11 +5,12 @@
 //! the stream, and the leases granted on it, which it releases when the
 //! stream ends for any reason.
 
+use super::codec::MAX_CONCURRENT_STREAMS;
+use super::ops::Ops;
 use crate::auth::Principal;
 use crate::pb;
 use crate::pb::lease_stream_request::Op;
 use crate::pb::lease_stream_response::Result as Answer;
-use crate::service::BrokerService;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::collections::HashSet;
 use tokio::sync::mpsc;
@@ -20,7 +21,7 @@ use tonic::{Status, Streaming};
 const ANSWER_BUFFER: usize = 256;
 /// Most acquires one stream may have waiting at once, as many as the
 /// concurrent unary RPCs one connection may have.
-const MAX_WAITING: usize = crate::server::MAX_CONCURRENT_STREAMS as usize;
+const MAX_WAITING: usize = MAX_CONCURRENT_STREAMS as usize;
 
 /// What the session answers on the response stream.
 pub(crate) type Answers = mpsc::Receiver<Result<pb::LeaseStreamResponse, Status>>;
@@ -30,7 +31,7 @@ pub(crate) type Answers = mpsc::Receiver<Result<pb::LeaseStreamResponse, Status>
 /// every waiting acquire is answered, when the client goes away, or at
 /// shutdown.
 pub(crate) fn serve(
-    svc: BrokerService,
+    svc: Ops,
     who: Principal,
     requests: Streaming<pb::LeaseStreamRequest>,
 ) -> Answers {
@@ -48,7 +49,7 @@ enum Event {
 }
 
 async fn session(
-    svc: BrokerService,
+    svc: Ops,
     who: Principal,
     mut requests: Streaming<pb::LeaseStreamRequest>,
     tx: mpsc::Sender<Result<pb::LeaseStreamResponse, Status>>,

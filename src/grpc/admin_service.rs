@@ -2,28 +2,27 @@
 //! set priority classes and bucket limits, pause and resume buckets. Every
 //! change needs an admin token scoped to the tenant, is logged with who made
 //! it, applies at once to waiting requests, and is saved to the state
-//! directory (see `broker.rs`).
+//! directory (see the broker's `admin` module).
 
+use super::codec::{class_from_pb, class_to_pb, principal, status_to_pb};
 use crate::auth::Authenticator;
 use crate::broker::{Broker, TenantBucketStatus};
-use crate::config::ClassSettings;
 use crate::error::BrokerError;
 use crate::pb;
-use crate::service::{principal, status_to_pb};
 use crate::tenant::LimitChange;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 /// The QuotaAdmin service.
 #[derive(Clone)]
-pub struct AdminService {
+pub(super) struct AdminService {
     broker: Broker,
     auth: Authenticator,
 }
 
 impl AdminService {
     /// Serves `broker`, checking tokens with `auth`.
-    pub fn new(broker: Broker, auth: Authenticator) -> AdminService {
+    pub(super) fn new(broker: Broker, auth: Authenticator) -> AdminService {
         AdminService { broker, auth }
     }
 
@@ -41,16 +40,6 @@ impl AdminService {
     fn first(&self, statuses: Vec<TenantBucketStatus>) -> Option<pb::QuotaStatus> {
         let clock = self.broker.clock();
         statuses.into_iter().next().map(|s| status_to_pb(s, clock))
-    }
-}
-
-fn class_to_pb(c: &ClassSettings) -> pb::PriorityClass {
-    pb::PriorityClass {
-        name: c.name.clone(),
-        order: c.order,
-        weight: c.weight,
-        reserve: c.reserve,
-        default_max_wait_ms: u64::try_from(c.default_max_wait.as_millis()).unwrap_or(u64::MAX),
     }
 }
 
@@ -90,14 +79,10 @@ impl pb::quota_admin_server::QuotaAdmin for AdminService {
         let c = r.class.ok_or_else(|| {
             BrokerError::invalid("class", "required: the class to create or change")
         })?;
-        let class = ClassSettings {
-            name: c.name,
-            order: c.order,
-            weight: c.weight,
-            reserve: c.reserve,
-            default_max_wait: Duration::from_millis(c.default_max_wait_ms),
-        };
-        let class = self.broker.set_class(&r.tenant, class, &who).await?;
+        let class = self
+            .broker
+            .set_class(&r.tenant, class_from_pb(c), &who)
+            .await?;
         Ok(Response::new(pb::SetPriorityClassResponse {
             class: Some(class_to_pb(&class)),
         }))

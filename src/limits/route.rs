@@ -80,7 +80,7 @@ impl fmt::Display for Route {
 /// two-level map looked up by `&str` without allocating; a general LRU crate
 /// would need an owned key per lookup.
 #[derive(Debug, Default)]
-pub struct RouteCache {
+pub(crate) struct RouteCache {
     /// path → [(method, matching bucket indices)].
     paths: std::collections::HashMap<Box<str>, Vec<MethodMatch>>,
 }
@@ -90,11 +90,11 @@ type MethodMatch = (Box<str>, Box<[usize]>);
 
 impl RouteCache {
     /// Most paths remembered.
-    pub const CAPACITY: usize = 4096;
+    pub(crate) const CAPACITY: usize = 4096;
 
     /// The bucket indices `method` + `path` match, computing them with
     /// `compute` on a miss.
-    pub fn matches(
+    pub(crate) fn matches(
         &mut self,
         method: &str,
         path: &str,

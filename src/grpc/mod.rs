@@ -3,12 +3,22 @@
 //! NOT_SERVING, streams and waiters end, open calls drain for at most the
 //! grace period).
 
-use crate::admin::AdminService;
+mod admin_service;
+mod broker_service;
+mod codec;
+mod lease_stream;
+mod ops;
+
+pub use codec::MAX_CONCURRENT_STREAMS;
+
 use crate::auth::Authenticator;
 use crate::broker::Broker;
+use crate::clock::millis;
 use crate::config::Settings;
 use crate::pb;
-use crate::service::BrokerService;
+use admin_service::AdminService;
+use broker_service::BrokerService;
+use codec::MAX_MESSAGE_BYTES;
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -17,19 +27,13 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
-/// Most concurrent RPCs (HTTP/2 streams) per client connection: a busy
-/// sidecar multiplexes many waiting Acquires on one connection.
-pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
-/// Largest request accepted. Requests are small (a report with its headers
-/// is well under 4 KiB); this bounds what a broken client can make us buffer.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// HTTP/2 PING interval on idle connections, so a sidecar that vanished
 /// without closing its socket (and the waits, leases and streams it holds)
 /// is noticed.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a keepalive PING may go unanswered before the connection is
 /// closed.
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +124,7 @@ pub async fn run(
     tokio::select! {
         r = serve => r?,
         _ = drain_deadline => {
-            tracing::warn!(grace_ms = grace.as_millis() as u64, "open calls did not finish within the shutdown grace; stopping anyway");
+            tracing::warn!(grace_ms = millis(grace), "open calls did not finish within the shutdown grace; stopping anyway");
         }
     }
     token.cancel();

@@ -87,7 +87,7 @@ impl Default for LearnSettings {
 
 /// Something the learner changed, for the info log.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Learned {
+pub(crate) enum Learned {
     /// Frozen until this instant.
     Frozen {
         /// Until when.
@@ -227,7 +227,7 @@ pub struct Persisted {
 
 /// The learning state of one bucket instance.
 #[derive(Debug, Clone)]
-pub struct Learner {
+pub(crate) struct Learner {
     /// Configured rate per minute (0: the bucket has no rate).
     configured: f64,
     /// The bucket's window, the time unit of regrowth.
@@ -249,7 +249,7 @@ pub struct Learner {
 impl Learner {
     /// A learner for a bucket configured at `configured_per_min` (0 for
     /// none) per `window`.
-    pub fn new(configured_per_min: f64, window: Duration, now: Instant) -> Learner {
+    pub(crate) fn new(configured_per_min: f64, window: Duration, now: Instant) -> Learner {
         Learner {
             configured: configured_per_min,
             window: window.max(Duration::from_millis(1)),
@@ -268,7 +268,7 @@ impl Learner {
 
     /// The rate to grant at, per minute: the effective rate within its
     /// bounds (floor, configured, learned limit, cooldown cap).
-    pub fn rate(&self, now: Instant, s: &LearnSettings) -> f64 {
+    pub(crate) fn rate(&self, now: Instant, s: &LearnSettings) -> f64 {
         let mut cap = self.configured;
         if let Some(l) = self.learned_limit {
             cap = cap.min(l);
@@ -287,7 +287,7 @@ impl Learner {
 
     /// An operator changed the configured rate: the effective rate keeps
     /// its value within the new bound (and regrows toward it).
-    pub fn set_configured(&mut self, per_min: f64, window: Duration) {
+    pub(crate) fn set_configured(&mut self, per_min: f64, window: Duration) {
         self.configured = per_min;
         self.window = window.max(Duration::from_millis(1));
         self.fills = Fills::new(self.fills.origin, self.window);
@@ -298,28 +298,28 @@ impl Learner {
     }
 
     /// The configured rate per minute.
-    pub fn configured(&self) -> f64 {
+    pub(crate) fn configured(&self) -> f64 {
         self.configured
     }
 
     /// The learned limit per minute, if any.
-    pub fn learned_limit(&self) -> Option<f64> {
+    pub(crate) fn learned_limit(&self) -> Option<f64> {
         self.learned_limit
     }
 
     /// Until when the bucket is frozen, if it is at `now`.
-    pub fn frozen_until(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn frozen_until(&self, now: Instant) -> Option<Instant> {
         self.frozen_until.filter(|&t| t > now)
     }
 
     /// Until when the backstop holds the rate, if it does at `now`.
-    pub fn cooldown_until(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn cooldown_until(&self, now: Instant) -> Option<Instant> {
         self.cooldown.map(|c| c.0).filter(|&t| t > now)
     }
 
     /// Whether nothing has been learned that is still in force at `now`
     /// (such an instance can be dropped and re-created without loss).
-    pub fn is_pristine(&self, now: Instant) -> bool {
+    pub(crate) fn is_pristine(&self, now: Instant) -> bool {
         self.effective >= self.configured
             && self.learned_limit.is_none()
             && self.frozen_until(now).is_none()
@@ -327,7 +327,7 @@ impl Learner {
     }
 
     /// The 429 ratio over the ratio window ending at `now`.
-    pub fn throttle_ratio(&self, now: Instant, s: &LearnSettings) -> f64 {
+    pub(crate) fn throttle_ratio(&self, now: Instant, s: &LearnSettings) -> f64 {
         let (reports, throttled) = self.ratio.totals(now, s.ratio_window);
         if reports == 0 {
             0.0
@@ -341,7 +341,7 @@ impl Learner {
     /// upstream's budget used up (`budget_spent`) is a budget event, not
     /// rate congestion: the freeze until the reset is the whole answer and
     /// the rate is not cut (the budget view paces the next window).
-    pub fn on_throttled(
+    pub(crate) fn on_throttled(
         &mut self,
         now: Instant,
         retry_after: Option<Duration>,
@@ -424,7 +424,7 @@ impl Learner {
     }
 
     /// A successful upstream call: count it and regrow the rate.
-    pub fn on_success(&mut self, now: Instant, s: &LearnSettings) {
+    pub(crate) fn on_success(&mut self, now: Instant, s: &LearnSettings) {
         self.ratio.record(now, false, s.ratio_window);
         self.fills.record(now);
         self.since_cut = self.since_cut.saturating_add(1);
@@ -468,7 +468,7 @@ impl Learner {
     /// The upstream says its limit is `per_min` per minute. Below the
     /// configured rate it becomes the learned limit; at or above, the
     /// learned limit is dropped.
-    pub fn on_limit(&mut self, per_min: f64) -> Option<Learned> {
+    pub(crate) fn on_limit(&mut self, per_min: f64) -> Option<Learned> {
         if !(per_min.is_finite() && per_min > 0.0) || self.configured <= 0.0 {
             return None;
         }
@@ -485,7 +485,7 @@ impl Learner {
     }
 
     /// The state worth persisting.
-    pub fn persisted(&self) -> Persisted {
+    pub(crate) fn persisted(&self) -> Persisted {
         Persisted {
             effective_per_min: self.effective,
             learned_limit_per_min: self.learned_limit,
@@ -495,7 +495,7 @@ impl Learner {
     }
 
     /// Restores persisted state (clamped to the configured rate).
-    pub fn restore(&mut self, p: Persisted) {
+    pub(crate) fn restore(&mut self, p: Persisted) {
         if p.effective_per_min.is_finite() && p.effective_per_min > 0.0 {
             self.effective = p.effective_per_min.min(self.configured);
         }
@@ -513,7 +513,7 @@ impl Learner {
 /// margin for what consumers the broker does not manage will spend before
 /// the reset (estimated from what they spent in the previous window).
 #[derive(Debug, Clone, Copy)]
-pub struct UpstreamBudget {
+pub(crate) struct UpstreamBudget {
     /// Upstream's remaining, minus our grants since it said so.
     remaining: u32,
     reset_at: Instant,
@@ -532,7 +532,7 @@ pub struct UpstreamBudget {
 impl UpstreamBudget {
     /// Folds a report (`limit` if stated, `remaining`, time to `reset`, the
     /// budget's `window`) into the previous view.
-    pub fn observe(
+    pub(crate) fn observe(
         prev: Option<UpstreamBudget>,
         limit: Option<u64>,
         remaining: u64,
@@ -570,7 +570,7 @@ impl UpstreamBudget {
     }
 
     /// Counts `n` of our grants made at `now`.
-    pub fn take(&mut self, n: u32, now: Instant) {
+    pub(crate) fn take(&mut self, n: u32, now: Instant) {
         if now >= self.reset_at {
             self.carried = self.carried.saturating_add(n);
         } else {
@@ -580,14 +580,14 @@ impl UpstreamBudget {
     }
 
     /// The upstream's remaining budget as we see it, while its window lasts.
-    pub fn remaining(&self, now: Instant) -> Option<u32> {
+    pub(crate) fn remaining(&self, now: Instant) -> Option<u32> {
         (self.reset_at > now).then_some(self.remaining)
     }
 
     /// The earliest instant `n` more grants fit, leaving room for what
     /// others are expected to spend until the reset; `None` when the
     /// budget does not constrain us.
-    pub fn ready_at(&self, n: u32, now: Instant) -> Option<Instant> {
+    pub(crate) fn ready_at(&self, n: u32, now: Instant) -> Option<Instant> {
         if self.reset_at <= now {
             return None;
         }

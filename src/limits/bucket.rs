@@ -23,7 +23,7 @@ use tokio::time::Instant;
 /// interval` of now. So in any window of length `w`, at most `burst + w /
 /// interval` permits are granted.
 #[derive(Debug, Clone)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     /// Time to earn one permit at the current (effective) rate.
     interval: Duration,
     /// Most permits held at once.
@@ -37,7 +37,7 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     /// A full bucket granting `permits` per `window`, holding at most `burst`.
-    pub fn new(permits: u32, window: Duration, burst: u32, now: Instant) -> TokenBucket {
+    pub(crate) fn new(permits: u32, window: Duration, burst: u32, now: Instant) -> TokenBucket {
         TokenBucket {
             interval: interval_of(permits, window),
             burst: burst.max(1),
@@ -47,35 +47,35 @@ impl TokenBucket {
     }
 
     /// Most permits the bucket can ever hold.
-    pub fn burst(&self) -> u32 {
+    pub(crate) fn burst(&self) -> u32 {
         self.burst
     }
 
     /// Time to earn one permit at the current rate.
-    pub fn interval(&self) -> Duration {
+    pub(crate) fn interval(&self) -> Duration {
         self.interval
     }
 
     /// Current rate in permits per minute.
-    pub fn rate_per_min(&self) -> f64 {
+    pub(crate) fn rate_per_min(&self) -> f64 {
         60.0 / self.interval.as_secs_f64()
     }
 
     /// Permits that could be taken at `now` (fractional).
-    pub fn available(&self, now: Instant) -> f64 {
+    pub(crate) fn available(&self, now: Instant) -> f64 {
         let backlog = self.tat.saturating_duration_since(now);
         (f64::from(self.burst) - backlog.as_secs_f64() / self.interval.as_secs_f64()).max(0.0)
     }
 
     /// Whether the bucket is full at `now` (an idle bucket can be dropped and
     /// re-created without anyone noticing).
-    pub fn is_full(&self, now: Instant) -> bool {
+    pub(crate) fn is_full(&self, now: Instant) -> bool {
         self.tat <= now
     }
 
     /// The earliest instant at which `n` permits can be taken, or `None` if
     /// `n` exceeds the burst and never can.
-    pub fn ready_at(&self, n: u32, now: Instant) -> Option<Instant> {
+    pub(crate) fn ready_at(&self, n: u32, now: Instant) -> Option<Instant> {
         if n > self.burst {
             return None;
         }
@@ -87,7 +87,7 @@ impl TokenBucket {
     /// `reserve` permits (fractional) stay in the bucket for others, or
     /// `None` if that never fits in the burst. A negative `reserve` may be
     /// borrowed: the level may go that far below empty.
-    pub fn ready_at_reserved(&self, n: u32, reserve: f64, now: Instant) -> Option<Instant> {
+    pub(crate) fn ready_at_reserved(&self, n: u32, reserve: f64, now: Instant) -> Option<Instant> {
         if reserve == 0.0 {
             return self.ready_at(n, now);
         }
@@ -99,8 +99,9 @@ impl TokenBucket {
         Some(self.tat.checked_sub(headroom).map_or(now, |t| t.max(now)))
     }
 
+    #[cfg(test)]
     /// Takes `n` permits if they are available at `now`.
-    pub fn try_take(&mut self, n: u32, now: Instant) -> bool {
+    pub(crate) fn try_take(&mut self, n: u32, now: Instant) -> bool {
         if self.ready_at(n, now).is_some_and(|t| t <= now) {
             self.take(n, now);
             true
@@ -110,13 +111,14 @@ impl TokenBucket {
     }
 
     /// Takes `n` permits; the caller has checked [`TokenBucket::ready_at`].
-    pub fn take(&mut self, n: u32, now: Instant) {
+    pub(crate) fn take(&mut self, n: u32, now: Instant) {
         self.tat = self.tat.max(now) + self.interval.saturating_mul(n);
     }
 
+    #[cfg(test)]
     /// Changes the rate at `now`, keeping the bucket's level: the permits
     /// taken and not yet earned back stay taken.
-    pub fn set_rate(&mut self, permits: u32, window: Duration, now: Instant) {
+    pub(crate) fn set_rate(&mut self, permits: u32, window: Duration, now: Instant) {
         self.set_interval(interval_of(permits, window), now);
     }
 
@@ -130,7 +132,7 @@ impl TokenBucket {
 
     /// Changes the rate to `per_min` permits per minute at `now`, keeping
     /// the level (see [`TokenBucket::set_rate`]).
-    pub fn set_rate_per_min(&mut self, per_min: f64, now: Instant) {
+    pub(crate) fn set_rate_per_min(&mut self, per_min: f64, now: Instant) {
         if !(per_min.is_finite() && per_min > 0.0) {
             return;
         }
@@ -144,7 +146,7 @@ impl TokenBucket {
     /// Empties the bucket as of `at` (a freeze ending then): one permit at
     /// `at`, when the upstream's window has reset, then one interval apart,
     /// with no burst.
-    pub fn empty_at(&mut self, at: Instant) {
+    pub(crate) fn empty_at(&mut self, at: Instant) {
         self.resume_at = self.resume_at.max(at);
         self.tat = self
             .tat
@@ -153,14 +155,14 @@ impl TokenBucket {
 
     /// Lowers the level to at most `tokens` at `now` (someone else spent
     /// part of the budget). Never raises it.
-    pub fn shrink_to(&mut self, tokens: u32, now: Instant) {
+    pub(crate) fn shrink_to(&mut self, tokens: u32, now: Instant) {
         let tokens = tokens.min(self.burst);
         let tat = now + self.interval.saturating_mul(self.burst - tokens);
         self.tat = self.tat.max(tat);
     }
 
     /// Changes the burst at `now`; the level is capped to the new burst.
-    pub fn set_burst(&mut self, burst: u32, now: Instant) {
+    pub(crate) fn set_burst(&mut self, burst: u32, now: Instant) {
         self.burst = burst.max(1);
         let max_backlog = self.interval.saturating_mul(self.burst);
         if self.tat.saturating_duration_since(now) > max_backlog {
@@ -178,44 +180,44 @@ fn interval_of(permits: u32, window: Duration) -> Duration {
 
 /// A pool of concurrency slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Slots {
+pub(crate) struct Slots {
     max: u32,
     in_flight: u32,
 }
 
 impl Slots {
     /// An empty pool of `max` slots.
-    pub fn new(max: u32) -> Slots {
+    pub(crate) fn new(max: u32) -> Slots {
         Slots { max, in_flight: 0 }
     }
 
     /// Slots currently held.
-    pub fn in_flight(&self) -> u32 {
+    pub(crate) fn in_flight(&self) -> u32 {
         self.in_flight
     }
 
     /// The limit.
-    pub fn max(&self) -> u32 {
+    pub(crate) fn max(&self) -> u32 {
         self.max
     }
 
     /// Whether `n` more slots are free.
-    pub fn has_room(&self, n: u32) -> bool {
+    pub(crate) fn has_room(&self, n: u32) -> bool {
         self.in_flight.saturating_add(n) <= self.max
     }
 
     /// Holds `n` slots; the caller has checked [`Slots::has_room`].
-    pub fn take(&mut self, n: u32) {
+    pub(crate) fn take(&mut self, n: u32) {
         self.in_flight = self.in_flight.saturating_add(n);
     }
 
     /// Returns `n` slots.
-    pub fn give_back(&mut self, n: u32) {
+    pub(crate) fn give_back(&mut self, n: u32) {
         self.in_flight = self.in_flight.saturating_sub(n);
     }
 
     /// Changes the limit; slots held above it stay held until returned.
-    pub fn set_max(&mut self, max: u32) {
+    pub(crate) fn set_max(&mut self, max: u32) {
         self.max = max;
     }
 }

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 /// One request waiting for capacity.
 #[derive(Debug)]
-pub struct Waiter<R> {
+pub(crate) struct Waiter<R> {
     /// Identifies the waiter for removal when its caller gives up.
     pub id: u64,
     /// Bucket instances it needs.
@@ -38,7 +38,7 @@ pub struct Waiter<R> {
 }
 
 /// What the tenant says of the waiter it is offered.
-pub enum Offer {
+pub(crate) enum Offer {
     /// Granted (capacity already taken); the waiter leaves the queue.
     Granted,
     /// Not yet; it could be granted at this instant, if known (tokens refill
@@ -48,7 +48,7 @@ pub enum Offer {
 
 /// A class as the queue sees it.
 #[derive(Debug, Clone, Copy)]
-pub struct ClassShape {
+pub(crate) struct ClassShape {
     /// Lower is served first on ties.
     pub order: u32,
     /// Share weight.
@@ -71,7 +71,7 @@ impl<R> ClassQueue<R> {
 
 /// The queue.
 #[derive(Debug)]
-pub struct Queue<R> {
+pub(crate) struct Queue<R> {
     classes: Vec<ClassQueue<R>>,
     /// Waiter id → class index.
     index: HashMap<u64, usize>,
@@ -93,7 +93,7 @@ impl<R> Default for Queue<R> {
 
 impl<R> Queue<R> {
     /// Sets the shape of class `class` (creating classes up to it).
-    pub fn set_class(&mut self, class: usize, shape: ClassShape) {
+    pub(crate) fn set_class(&mut self, class: usize, shape: ClassShape) {
         while self.classes.len() <= class {
             self.classes.push(ClassQueue {
                 clients: VecDeque::new(),
@@ -105,7 +105,7 @@ impl<R> Queue<R> {
     }
 
     /// Appends a waiter; returns its id.
-    pub fn push(
+    pub(crate) fn push(
         &mut self,
         instances: Vec<usize>,
         permits: u32,
@@ -147,7 +147,7 @@ impl<R> Queue<R> {
     }
 
     /// Removes a waiter (its caller gave up); `None` if it already left.
-    pub fn remove(&mut self, id: u64) -> Option<Waiter<R>> {
+    pub(crate) fn remove(&mut self, id: u64) -> Option<Waiter<R>> {
         let class = self.index.remove(&id)?;
         let q = &mut self.classes[class];
         let (c, at) =
@@ -162,7 +162,7 @@ impl<R> Queue<R> {
     }
 
     /// Removes every waiter.
-    pub fn drain(&mut self) -> Vec<Waiter<R>> {
+    pub(crate) fn drain(&mut self) -> Vec<Waiter<R>> {
         self.index.clear();
         self.classes
             .iter_mut()
@@ -172,7 +172,10 @@ impl<R> Queue<R> {
     }
 
     /// Removes the waiters `pred` selects.
-    pub fn remove_where(&mut self, mut pred: impl FnMut(&Waiter<R>) -> bool) -> Vec<Waiter<R>> {
+    pub(crate) fn remove_where(
+        &mut self,
+        mut pred: impl FnMut(&Waiter<R>) -> bool,
+    ) -> Vec<Waiter<R>> {
         let ids: Vec<u64> = self
             .classes
             .iter()
@@ -185,19 +188,14 @@ impl<R> Queue<R> {
     }
 
     /// Number of waiters.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.index.len()
-    }
-
-    /// Whether nobody waits.
-    pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
     }
 
     /// Offers capacity to waiters in scheduling order. `offer` takes the
     /// capacity and says `Granted`, or says when the waiter could be served.
     /// Returns the granted waiters and the earliest instant worth trying again.
-    pub fn serve(
+    pub(crate) fn serve(
         &mut self,
         mut offer: impl FnMut(&Waiter<R>) -> Offer,
     ) -> (Vec<Waiter<R>>, Option<Instant>) {

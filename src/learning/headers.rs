@@ -21,10 +21,11 @@
 //! and never panics: values that don't parse are skipped with a `debug!`
 //! log, so a later form can still supply the field.
 
+use crate::api::REPORTED_HEADERS;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The longest duration [`parse`] reports; larger values are capped to it.
-pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// Resets above this many seconds are Unix times, not deltas.
 const EPOCH_THRESHOLD: u64 = 1_000_000_000;
@@ -57,7 +58,7 @@ impl RateLimitInfo {
 }
 
 /// Parses headers (name, value) pairs; `now` converts HTTP-dates and epoch resets to durations.
-pub fn parse<'a>(
+pub(crate) fn parse<'a>(
     headers: impl IntoIterator<Item = (&'a str, &'a str)>,
     now: SystemTime,
 ) -> RateLimitInfo {
@@ -100,7 +101,11 @@ impl Seen {
     /// Records one header; false when it is a known header whose value
     /// doesn't parse.
     fn add(&mut self, name: &str, value: &str, now: SystemTime) -> bool {
-        match name.trim().to_ascii_lowercase().as_str() {
+        let name = name.trim().to_ascii_lowercase();
+        if !REPORTED_HEADERS.contains(&name.as_str()) {
+            return true;
+        }
+        match name.as_str() {
             "retry-after" => fill(&mut self.retry_after, retry_after(value, now)),
             "inin-ratelimit-allowed" => fill(&mut self.inin.limit, number(value)),
             "inin-ratelimit-count" => fill(&mut self.inin_count, number(value)),
@@ -459,6 +464,19 @@ mod tests {
         assert!(info.is_empty());
         assert!(!info.exhausted());
         assert!(!p(&[("Retry-After", "0")]).is_empty());
+    }
+
+    #[test]
+    fn every_reported_header_is_understood() {
+        // A value no form accepts: a header the parser knows reports it as
+        // unparseable; one it does not know would be silently accepted.
+        for name in REPORTED_HEADERS {
+            let mut seen = Seen::default();
+            assert!(
+                !seen.add(name, "not a value", SystemTime::now()),
+                "{name} is forwarded by clients but not read by the parser"
+            );
+        }
     }
 
     const NAMES: &[&str] = &[

@@ -1,0 +1,33 @@
+//! The wire API that clients and the broker share: the generated `quota.v1`
+//! types and gRPC stubs, and the names of the upstream response headers a
+//! `Report` carries. This is all the crate builds without its `server`
+//! feature, so a client links the API and none of the broker.
+
+/// Generated protobuf types and gRPC stubs of `quota.v1`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("quota.v1");
+
+    /// Encoded descriptor set of `quota.v1`, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/quota_v1_descriptor.bin"));
+}
+
+/// Upstream response headers the broker learns from, lower case. Clients
+/// forward these (compared case-insensitively) in `ReportRequest.headers`;
+/// the broker's header parser reads exactly these, so one list serves both
+/// sides and a header cannot be understood by one and dropped by the other.
+pub const REPORTED_HEADERS: &[&str] = &[
+    "retry-after",
+    "inin-ratelimit-allowed",
+    "inin-ratelimit-count",
+    "inin-ratelimit-reset",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "ratelimit",
+    "ratelimit-policy",
+    "ratelimit-limit",
+    "ratelimit-remaining",
+    "ratelimit-reset",
+];

@@ -1,0 +1,124 @@
+//! An Acquire on the broker: the tenant decides under its lock; a queued
+//! request then awaits its grant outside the lock, up to its deadline, and
+//! leaves the queue however the wait ends (granted, timed out, or the
+//! caller gone), handing back a grant that raced with its going.
+
+use super::Broker;
+use crate::error::BrokerError;
+use crate::tenant::{AcquireArgs, Decision, Denial, Grant};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// The answer to an Acquire.
+#[derive(Debug)]
+pub(crate) enum AcquireOutcome {
+    /// Granted.
+    Granted(Grant),
+    /// Not granted within the wait.
+    Denied(Denial),
+}
+
+impl Broker {
+    /// Grants `args` on `tenant`, waiting up to `max_wait` (`None`: the
+    /// class's default; capped by the server's `max_wait`) for capacity.
+    pub(crate) async fn acquire(
+        &self,
+        tenant: &str,
+        args: AcquireArgs,
+        max_wait: Option<Duration>,
+    ) -> Result<AcquireOutcome, BrokerError> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(BrokerError::ShuttingDown);
+        }
+        let t = self.tenant_index(tenant)?;
+        let tenant = &self.inner.tenants[t];
+        let decision = tenant.lock().acquire(&args, max_wait, Instant::now())?;
+        let queued = match decision {
+            Decision::Granted(g) => {
+                self.announce();
+                return Ok(AcquireOutcome::Granted(g));
+            }
+            Decision::Denied(d) => return Ok(AcquireOutcome::Denied(d)),
+            Decision::Queued(q) => q,
+        };
+        tenant.wake.notify_one();
+        self.announce();
+        let deadline = queued.deadline;
+        let mut wait = Waiting {
+            broker: self,
+            tenant: t,
+            waiter: queued.waiter,
+            rx: queued.reply,
+            settled: false,
+        };
+        tokio::select! {
+            r = &mut wait.rx => {
+                wait.settled = true;
+                match r {
+                    Ok(Ok(g)) => Ok(AcquireOutcome::Granted(g)),
+                    Ok(Err(d)) => Ok(AcquireOutcome::Denied(d)),
+                    Err(_) => Err(BrokerError::ShuttingDown),
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => Ok(wait.give_up()),
+        }
+    }
+}
+
+/// A request waiting in a tenant's queue. If the caller goes away (the RPC
+/// is cancelled and this is dropped), the waiter leaves the queue, and a
+/// grant that raced with the cancellation is handed back.
+struct Waiting<'a> {
+    broker: &'a Broker,
+    tenant: usize,
+    waiter: u64,
+    rx: oneshot::Receiver<Result<Grant, Denial>>,
+    settled: bool,
+}
+
+impl Waiting<'_> {
+    /// The wait is over: leave the queue and say why, unless a grant came in
+    /// the meantime, which the caller then gets.
+    pub(super) fn give_up(&mut self) -> AcquireOutcome {
+        self.settled = true;
+        let tenant = &self.broker.inner.tenants[self.tenant];
+        let mut state = tenant.lock();
+        let outcome = match state.withdraw(self.waiter, Instant::now()) {
+            Some(denial) => AcquireOutcome::Denied(denial),
+            // Not in the queue: the driver granted it (under this lock, so
+            // the grant is already in the channel).
+            None => match self.rx.try_recv() {
+                Ok(Ok(g)) => AcquireOutcome::Granted(g),
+                Ok(Err(d)) => AcquireOutcome::Denied(d),
+                Err(_) => AcquireOutcome::Denied(Denial {
+                    retry_after: Duration::ZERO,
+                    reason: "the broker is shutting down".into(),
+                    buckets: Vec::new(),
+                }),
+            },
+        };
+        drop(state);
+        tenant.wake.notify_one();
+        self.broker.announce();
+        outcome
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let tenant = &self.broker.inner.tenants[self.tenant];
+        let mut state = tenant.lock();
+        if state.withdraw(self.waiter, Instant::now()).is_none() {
+            if let Ok(Ok(g)) = self.rx.try_recv() {
+                state.undo(&g);
+            }
+        }
+        drop(state);
+        tenant.wake.notify_one();
+        self.broker.announce();
+    }
+}

@@ -1,0 +1,223 @@
+//! Operators' changes on the broker: classes, bucket limits, pause and
+//! resume. Each is applied under the tenant's lock, logged with who made it,
+//! wakes the tenant's waiters, and is saved (every change so far, as one
+//! file) to the state directory, from which it is restored at start.
+
+use super::files::{AdminBucket, AdminClass, AdminFile};
+use super::{Broker, TenantBucketStatus};
+use crate::config::ClassSettings;
+use crate::error::BrokerError;
+use crate::tenant::LimitChange;
+use std::collections::BTreeSet;
+use std::sync::PoisonError;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// What an operator changed, so only that is saved and restored.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum AdminKey {
+    Class(String),
+    Bucket(String),
+}
+
+impl Broker {
+    /// Creates or changes a priority class of `tenant`; durable.
+    pub(crate) async fn set_class(
+        &self,
+        tenant: &str,
+        class: ClassSettings,
+        who: &str,
+    ) -> Result<ClassSettings, BrokerError> {
+        let t = self.tenant_index(tenant)?;
+        self.inner.tenants[t].lock().set_class(class.clone())?;
+        tracing::info!(%tenant, class = %class.name, order = class.order, weight = class.weight,
+            reserve = class.reserve, default_max_wait_ms = class.default_max_wait.as_millis() as u64,
+            by = %who, "priority class set");
+        self.changed_by_admin(t, AdminKey::Class(class.name.clone()))
+            .await?;
+        Ok(class)
+    }
+
+    /// Changes a bucket's limits; durable; returns its instances' status.
+    pub(crate) async fn set_bucket_limit(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        change: LimitChange,
+        who: &str,
+    ) -> Result<Vec<TenantBucketStatus>, BrokerError> {
+        let t = self.tenant_index(tenant)?;
+        {
+            let mut state = self.inner.tenants[t].lock();
+            let b = state.set_bucket_limit(bucket, change, Instant::now())?;
+            tracing::info!(%tenant, %bucket, rate = ?b.rate, max_in_flight = ?b.max_in_flight,
+                by = %who, "bucket limit set");
+        }
+        self.changed_by_admin(t, AdminKey::Bucket(bucket.to_owned()))
+            .await?;
+        self.bucket_status(t, bucket)
+    }
+
+    /// Pauses (`Some(reason)`) or resumes (`None`) a bucket; durable.
+    pub(crate) async fn set_paused(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        reason: Option<String>,
+        who: &str,
+    ) -> Result<Vec<TenantBucketStatus>, BrokerError> {
+        let t = self.tenant_index(tenant)?;
+        let paused = reason.is_some();
+        self.inner.tenants[t]
+            .lock()
+            .set_paused(bucket, reason.clone(), Instant::now())?;
+        if paused {
+            tracing::info!(%tenant, %bucket, reason = reason.as_deref().unwrap_or(""), by = %who, "bucket paused");
+        } else {
+            tracing::info!(%tenant, %bucket, by = %who, "bucket resumed");
+        }
+        self.changed_by_admin(t, AdminKey::Bucket(bucket.to_owned()))
+            .await?;
+        self.bucket_status(t, bucket)
+    }
+
+    /// After an admin change: wake the tenant's waiters, tell Watch, and
+    /// write every admin change so far to the state directory.
+    pub(super) async fn changed_by_admin(
+        &self,
+        t: usize,
+        key: AdminKey,
+    ) -> Result<(), BrokerError> {
+        self.inner.tenants[t].wake.notify_one();
+        self.announce();
+        let file = {
+            let mut changed = self
+                .inner
+                .admin_changes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            changed.insert((t, key));
+            self.admin_file(&changed)
+        };
+        let Some(dir) = self.inner.server.state_dir.clone() else {
+            return Ok(());
+        };
+        match tokio::task::spawn_blocking(move || file.write(&dir)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "admin change applied but not saved");
+                Err(BrokerError::Internal(
+                    "the change is applied but could not be saved",
+                ))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "admin state writer failed");
+                Err(BrokerError::Internal(
+                    "the change is applied but could not be saved",
+                ))
+            }
+        }
+    }
+
+    pub(super) fn admin_file(&self, changed: &BTreeSet<(usize, AdminKey)>) -> AdminFile {
+        let mut classes = Vec::new();
+        let mut buckets = Vec::new();
+        for (t, key) in changed {
+            let state = self.inner.tenants[*t].lock();
+            let tenant = state.id().to_owned();
+            match key {
+                AdminKey::Class(name) => {
+                    if let Some(c) = state.classes().iter().find(|c| &c.name == name) {
+                        classes.push(AdminClass {
+                            tenant,
+                            name: c.name.clone(),
+                            order: c.order,
+                            weight: c.weight,
+                            reserve: c.reserve,
+                            default_max_wait_ms: u64::try_from(c.default_max_wait.as_millis())
+                                .unwrap_or(u64::MAX),
+                        });
+                    }
+                }
+                AdminKey::Bucket(name) => {
+                    if let Some((b, paused)) = state.bucket_admin_view(name) {
+                        buckets.push(AdminBucket {
+                            tenant,
+                            bucket: name.clone(),
+                            permits: b.rate.map(|r| r.permits.get()),
+                            window_ms: b
+                                .rate
+                                .map(|r| u64::try_from(r.window.as_millis()).unwrap_or(u64::MAX)),
+                            burst: b.rate.map(|r| r.burst.get()),
+                            max_in_flight: b.max_in_flight.map(|m| m.get()),
+                            paused: paused.map(str::to_owned),
+                        });
+                    }
+                }
+            }
+        }
+        AdminFile::new(classes, buckets)
+    }
+
+    /// Re-applies operators' changes saved in `dir`.
+    pub(super) fn restore_admin(&self, dir: &std::path::Path, now: Instant) {
+        let file = match AdminFile::read(dir) {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "operators' changes not restored; starting on the config alone");
+                return;
+            }
+        };
+        let mut changed = self
+            .inner
+            .admin_changes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for c in file.classes {
+            let Some(&t) = self.inner.by_id.get(&c.tenant) else {
+                continue;
+            };
+            let class = ClassSettings {
+                name: c.name.clone(),
+                order: c.order,
+                weight: c.weight,
+                reserve: c.reserve,
+                default_max_wait: Duration::from_millis(c.default_max_wait_ms),
+            };
+            match self.inner.tenants[t].lock().set_class(class) {
+                Ok(()) => {
+                    changed.insert((t, AdminKey::Class(c.name)));
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %c.tenant, error = %e, "saved class not restored")
+                }
+            }
+        }
+        for b in file.buckets {
+            let Some(&t) = self.inner.by_id.get(&b.tenant) else {
+                continue;
+            };
+            let mut state = self.inner.tenants[t].lock();
+            let change = LimitChange {
+                permits: b.permits,
+                window: b.window_ms.map(Duration::from_millis),
+                burst: b.burst,
+                max_in_flight: b.max_in_flight,
+            };
+            let restored = state
+                .set_bucket_limit(&b.bucket, change, now)
+                .map(|_| ())
+                .and_then(|()| state.set_paused(&b.bucket, b.paused.clone(), now));
+            match restored {
+                Ok(()) => {
+                    changed.insert((t, AdminKey::Bucket(b.bucket)));
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %b.tenant, error = %e, "saved bucket change not restored")
+                }
+            }
+        }
+        tracing::info!(dir = %dir.display(), changes = changed.len(), "operators' changes restored");
+    }
+}

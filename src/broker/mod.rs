@@ -1,0 +1,262 @@
+//! The broker handle: every tenant's state behind its lock, the per-tenant
+//! driver task that wakes waiters and expires leases on time, and the change
+//! feed behind Watch. Cheap to clone; the gRPC services hold one.
+//!
+//! A request locks its tenant once, decides, and unlocks before any
+//! `.await`. A request that must wait leaves a oneshot sender in the queue
+//! and awaits the receiver; the driver (woken by a `Notify` on every release
+//! and enqueue, and by a timer at the next instant anything can change) sends
+//! the grant under the lock. Waiting is therefore answered the moment capacity
+//! frees, with no polling.
+
+//!
+//! | file      | owns                                                          |
+//! |-----------|---------------------------------------------------------------|
+//! | `mod`     | the handle, the tenant registry, Release / Renew / Report     |
+//! | `acquire` | Acquire: the decision, then the wait and its clean-up         |
+//! | `driver`  | one task per tenant: grants on time, expiry, change announcements |
+//! | `watch`   | ListBuckets and the Watch feed                                |
+//! | `admin`   | operators' changes, saved to and restored from `admin.toml`   |
+//! | `persist` | learned state, saved to and restored from `learned.toml`      |
+//! | `files`   | the two state files and their atomic writes                   |
+
+mod acquire;
+mod admin;
+mod driver;
+mod files;
+mod persist;
+mod watch;
+
+pub(crate) use acquire::AcquireOutcome;
+pub(crate) use driver::Drivers;
+pub(crate) use watch::TenantBucketStatus;
+
+use crate::clock::Clock;
+use crate::config::{ServerSettings, Settings};
+use crate::error::BrokerError;
+use crate::learning::RateLimitInfo;
+use crate::limits::LeaseId;
+use crate::tenant::{ReportOutcome, TenantState};
+use admin::AdminKey;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// A tenant: its state and the bell of its driver.
+struct Tenant {
+    /// std `Mutex`: held only for the decision, never across `.await`, so
+    /// an async mutex would only add cost.
+    state: Mutex<TenantState>,
+    /// Wakes the driver after a release or an enqueue; `notify_one` keeps a
+    /// permit, so a wake-up that arrives while the driver works is not lost.
+    wake: Notify,
+}
+
+impl Tenant {
+    fn lock(&self) -> MutexGuard<'_, TenantState> {
+        // A panic while holding the lock leaves counts that are still
+        // consistent bucket by bucket; serving on beats failing every tenant
+        // request from then on.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+struct Inner {
+    server: ServerSettings,
+    tenants: Vec<Tenant>,
+    by_id: HashMap<String, usize>,
+    clock: Clock,
+    /// Broker-wide change counter; bucket instances remember the value of
+    /// their last change.
+    version: Arc<AtomicU64>,
+    /// The counter value last announced on `changes`.
+    announced: AtomicU64,
+    /// Tells Watch streams that something changed.
+    changes: tokio::sync::watch::Sender<()>,
+    shutdown: CancellationToken,
+    /// Every admin change so far (std `Mutex`: never held across `.await`).
+    admin_changes: Mutex<BTreeSet<(usize, AdminKey)>>,
+}
+
+/// The broker: cheap to clone, shared by the gRPC services.
+#[derive(Clone)]
+pub(crate) struct Broker {
+    inner: Arc<Inner>,
+}
+
+impl Broker {
+    /// Builds the broker from validated settings and starts one driver task
+    /// per tenant; they stop when `shutdown` is cancelled.
+    pub(crate) fn start(settings: &Settings, shutdown: CancellationToken) -> (Broker, Drivers) {
+        let now = Instant::now();
+        let version = Arc::new(AtomicU64::new(0));
+        let tenants: Vec<Tenant> = settings
+            .tenants
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Tenant {
+                state: Mutex::new(TenantState::new(
+                    u32::try_from(i).unwrap_or(u32::MAX),
+                    t,
+                    settings,
+                    version.clone(),
+                    now,
+                )),
+                wake: Notify::new(),
+            })
+            .collect();
+        let by_id = settings
+            .tenants
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.clone(), i))
+            .collect();
+        let broker = Broker {
+            inner: Arc::new(Inner {
+                server: settings.server.clone(),
+                tenants,
+                by_id,
+                clock: Clock::new(),
+                version,
+                announced: AtomicU64::new(0),
+                changes: tokio::sync::watch::Sender::new(()),
+                shutdown,
+                admin_changes: Mutex::new(BTreeSet::new()),
+            }),
+        };
+        if let Some(dir) = &settings.server.state_dir {
+            broker.restore_admin(dir, now);
+            broker.restore(dir, now);
+        }
+        let mut drivers: Vec<_> = (0..broker.inner.tenants.len())
+            .map(|t| tokio::spawn(broker.clone().drive(t)))
+            .collect();
+        if let Some(dir) = settings.server.state_dir.clone() {
+            drivers.push(tokio::spawn(broker.clone().persist(dir)));
+        }
+        (broker, Drivers(drivers))
+    }
+
+    /// Cancelled when the broker shuts down; long-lived streams end on it.
+    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    /// The clock mapping used for wire times.
+    pub(crate) fn clock(&self) -> Clock {
+        self.inner.clock
+    }
+
+    fn tenant_index(&self, tenant: &str) -> Result<usize, BrokerError> {
+        self.inner
+            .by_id
+            .get(tenant)
+            .copied()
+            .ok_or_else(|| BrokerError::UnknownTenant {
+                tenant: tenant.to_owned(),
+                known: self.tenant_ids().join(", "),
+            })
+    }
+
+    /// Configured tenant ids, in config order.
+    pub(crate) fn tenant_ids(&self) -> Vec<String> {
+        self.inner
+            .tenants
+            .iter()
+            .map(|t| t.lock().id().to_owned())
+            .collect()
+    }
+
+    /// The tenant id a lease id belongs to (`None` if it names no tenant).
+    pub(crate) fn lease_tenant_id(&self, lease_id: &str) -> Result<Option<String>, BrokerError> {
+        let id = parse_lease(lease_id)?;
+        Ok(self.lease_tenant(id).map(|t| t.lock().id().to_owned()))
+    }
+
+    fn lease_tenant(&self, id: LeaseId) -> Option<&Tenant> {
+        self.inner.tenants.get(usize::try_from(id.tenant).ok()?)
+    }
+
+    /// Returns a lease's slots. True if it held some.
+    pub(crate) fn release(&self, lease_id: &str) -> Result<bool, BrokerError> {
+        let id = parse_lease(lease_id)?;
+        let Some(tenant) = self.lease_tenant(id) else {
+            return Ok(false);
+        };
+        let released = tenant.lock().release(id);
+        if released {
+            tenant.wake.notify_one();
+            self.announce();
+        }
+        Ok(released)
+    }
+
+    /// Extends a lease's slots by `extend` from now (0: its default TTL).
+    /// Returns the new expiry and TTL.
+    pub(crate) fn renew(
+        &self,
+        lease_id: &str,
+        extend: Duration,
+    ) -> Result<(Instant, Duration), BrokerError> {
+        let id = parse_lease(lease_id)?;
+        let max = self.inner.server.max_lease_ttl;
+        if extend > max {
+            return Err(BrokerError::invalid(
+                "extend_ms",
+                format!(
+                    "{} ms is above the broker's max_lease_ttl_ms of {} ms; renew again later instead",
+                    extend.as_millis(),
+                    max.as_millis()
+                ),
+            ));
+        }
+        let tenant = self.lease_tenant(id).ok_or(BrokerError::LeaseNotFound {
+            lease_id: lease_id.to_owned(),
+        })?;
+        let extend = (!extend.is_zero()).then_some(extend);
+        let renewed = tenant.lock().renew(id, extend, Instant::now())?;
+        // A shorter TTL may move the next expiry earlier than the driver's timer.
+        tenant.wake.notify_one();
+        Ok(renewed)
+    }
+
+    /// Learns from an upstream outcome (see [`TenantState::report`]).
+    /// `call` is (method, path, OAuth client).
+    pub(crate) fn report(
+        &self,
+        tenant: &str,
+        call: (&str, &str, &str),
+        http_status: u32,
+        retry_after: Option<Duration>,
+        info: &RateLimitInfo,
+    ) -> Result<ReportOutcome, BrokerError> {
+        let t = self.tenant_index(tenant)?;
+        let tenant = &self.inner.tenants[t];
+        let outcome = tenant
+            .lock()
+            .report(call, http_status, retry_after, info, Instant::now())?;
+        // A freeze or a shrunk budget moves waiters' ready times.
+        tenant.wake.notify_one();
+        self.announce();
+        Ok(outcome)
+    }
+}
+
+fn parse_lease(lease_id: &str) -> Result<LeaseId, BrokerError> {
+    if lease_id.is_empty() {
+        return Err(BrokerError::invalid(
+            "lease_id",
+            "required: the lease_id an Acquire returned",
+        ));
+    }
+    lease_id.parse().map_err(|_| {
+        BrokerError::invalid(
+            "lease_id",
+            format!("{lease_id:?} is not a lease id this broker issued"),
+        )
+    })
+}

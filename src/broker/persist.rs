@@ -1,0 +1,100 @@
+//! Learned state across restarts: written to the state directory when it
+//! changed (at most once a second, and at shutdown) and restored at start,
+//! with wire times mapped back onto the monotonic clock.
+
+use super::files::{LearnedEntry, LearnedFile};
+use super::Broker;
+use crate::learning::Persisted;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How often learned state is written, at most.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+impl Broker {
+    pub(super) fn restore(&self, dir: &std::path::Path, now: Instant) {
+        let file = match LearnedFile::read(dir) {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "learned state not restored; starting on the config alone");
+                return;
+            }
+        };
+        let clock = self.inner.clock;
+        let mut restored = 0;
+        for e in file.buckets {
+            let Some(&t) = self.inner.by_id.get(&e.tenant) else {
+                tracing::info!(tenant = %e.tenant, "learned state of a tenant no longer configured: dropped");
+                continue;
+            };
+            let p = Persisted {
+                effective_per_min: e.effective_per_min,
+                learned_limit_per_min: e.learned_limit_per_min,
+                frozen_until: e.frozen_until_ms.and_then(|ms| clock.instant_of(ms, now)),
+                cooldown: e
+                    .cooldown_until_ms
+                    .and_then(|ms| clock.instant_of(ms, now))
+                    .zip(e.cooldown_per_min),
+            };
+            if self.inner.tenants[t]
+                .lock()
+                .restore(&e.bucket, e.oauth_client.as_deref(), p, now)
+            {
+                restored += 1;
+            }
+        }
+        tracing::info!(dir = %dir.display(), buckets = restored, "learned state restored");
+    }
+
+    /// Writes learned state when it changed, at most once per
+    /// [`PERSIST_EVERY`], and once more at shutdown.
+    pub(super) async fn persist(self, dir: std::path::PathBuf) {
+        loop {
+            let stop = tokio::select! {
+                _ = tokio::time::sleep(PERSIST_EVERY) => false,
+                _ = self.inner.shutdown.cancelled() => true,
+            };
+            let mut dirty = false;
+            for t in &self.inner.tenants {
+                dirty |= t.lock().take_learned_dirty();
+            }
+            if dirty {
+                let file = self.learned_file();
+                let dir = dir.clone();
+                let written = tokio::task::spawn_blocking(move || file.write(&dir)).await;
+                match written {
+                    Ok(Ok(())) => tracing::debug!("learned state written"),
+                    Ok(Err(e)) => tracing::error!(error = %e, "cannot write learned state"),
+                    Err(e) => tracing::error!(error = %e, "learned-state writer failed"),
+                }
+            }
+            if stop {
+                break;
+            }
+        }
+    }
+
+    /// Every tenant's learned state, for the state file.
+    pub(crate) fn learned_file(&self) -> LearnedFile {
+        let now = Instant::now();
+        let clock = self.inner.clock;
+        let mut entries = Vec::new();
+        for t in &self.inner.tenants {
+            let state = t.lock();
+            for (bucket, oauth_client, p) in state.learned(now) {
+                entries.push(LearnedEntry {
+                    tenant: state.id().to_owned(),
+                    bucket,
+                    oauth_client,
+                    effective_per_min: p.effective_per_min,
+                    learned_limit_per_min: p.learned_limit_per_min,
+                    frozen_until_ms: p.frozen_until.map(|t| clock.unix_ms(t)),
+                    cooldown_until_ms: p.cooldown.map(|c| clock.unix_ms(c.0)),
+                    cooldown_per_min: p.cooldown.map(|c| c.1),
+                });
+            }
+        }
+        LearnedFile::new(entries)
+    }
+}

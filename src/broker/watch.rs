@@ -1,0 +1,146 @@
+//! What the broker shows: ListBuckets (every visible bucket instance now)
+//! and the Watch feed (a snapshot, then each instance again when it
+//! changes, coalesced).
+
+use super::Broker;
+use crate::error::BrokerError;
+use crate::tenant::BucketStatus;
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Shortest time between two Watch updates of the same stream, so a busy
+/// bucket sends at most about ten updates a second.
+pub(super) const WATCH_COALESCE: Duration = Duration::from_millis(100);
+
+/// One bucket's status, with its tenant and time.
+#[derive(Debug, Clone)]
+pub(crate) struct TenantBucketStatus {
+    /// Tenant id.
+    pub tenant: String,
+    /// When the status was taken.
+    pub at: Instant,
+    /// The status.
+    pub status: BucketStatus,
+}
+
+impl Broker {
+    /// Every bucket instance of `tenant` (all tenants when `None`).
+    /// (Only tenants `sees` accepts, when no tenant is named.)
+    pub(crate) fn list(
+        &self,
+        tenant: Option<&str>,
+        sees: impl Fn(&str) -> bool,
+    ) -> Result<Vec<TenantBucketStatus>, BrokerError> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for t in self.visible(tenant, sees)? {
+            let state = self.inner.tenants[t].lock();
+            out.extend(
+                state
+                    .statuses(now)
+                    .into_iter()
+                    .map(|status| TenantBucketStatus {
+                        tenant: state.id().to_owned(),
+                        at: now,
+                        status,
+                    }),
+            );
+        }
+        Ok(out)
+    }
+
+    pub(super) fn visible(
+        &self,
+        tenant: Option<&str>,
+        sees: impl Fn(&str) -> bool,
+    ) -> Result<Vec<usize>, BrokerError> {
+        Ok(match tenant {
+            Some(t) => vec![self.tenant_index(t)?],
+            None => {
+                let mut seen: Vec<usize> = self
+                    .inner
+                    .by_id
+                    .iter()
+                    .filter(|(id, _)| sees(id))
+                    .map(|(_, &i)| i)
+                    .collect();
+                // Config order, not the map's.
+                seen.sort_unstable();
+                seen
+            }
+        })
+    }
+
+    /// Starts a Watch: a snapshot of every visible bucket at once, then each
+    /// bucket again when it changes, at most once per [`WATCH_COALESCE`].
+    /// The stream ends at shutdown or when the receiver is dropped.
+    pub(crate) fn watch(
+        &self,
+        tenant: Option<&str>,
+        sees: impl Fn(&str) -> bool,
+    ) -> Result<mpsc::Receiver<TenantBucketStatus>, BrokerError> {
+        let tenants = self.visible(tenant, sees)?;
+        let (tx, rx) = mpsc::channel(64);
+        let mut changes = self.inner.changes.subscribe();
+        let broker = self.clone();
+        // Owned by the shutdown token and by the receiver: it ends when
+        // either goes.
+        tokio::spawn(async move {
+            let shutdown = broker.inner.shutdown.clone();
+            let mut seen: Vec<HashMap<usize, u64>> = vec![HashMap::new(); tenants.len()];
+            loop {
+                changes.borrow_and_update();
+                let now = Instant::now();
+                let mut batch = Vec::new();
+                for (k, &t) in tenants.iter().enumerate() {
+                    let state = broker.inner.tenants[t].lock();
+                    batch.extend(state.statuses_since(&mut seen[k], now).into_iter().map(
+                        |status| TenantBucketStatus {
+                            tenant: state.id().to_owned(),
+                            at: now,
+                            status,
+                        },
+                    ));
+                }
+                for s in batch {
+                    tokio::select! {
+                        r = tx.send(s) => if r.is_err() { return },
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(WATCH_COALESCE) => {}
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                }
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    pub(super) fn bucket_status(
+        &self,
+        t: usize,
+        bucket: &str,
+    ) -> Result<Vec<TenantBucketStatus>, BrokerError> {
+        let now = Instant::now();
+        let state = self.inner.tenants[t].lock();
+        Ok(state
+            .statuses(now)
+            .into_iter()
+            .filter(|s| s.bucket == bucket)
+            .map(|status| TenantBucketStatus {
+                tenant: state.id().to_owned(),
+                at: now,
+                status,
+            })
+            .collect())
+    }
+}

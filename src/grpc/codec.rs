@@ -1,0 +1,193 @@
+//! The wire codec of both services: the limits on what a request may carry,
+//! decoding and validating request fields, encoding the broker's answers,
+//! and the one table that maps [`BrokerError`] and [`AuthError`] to gRPC
+//! status codes.
+
+use crate::auth::{AuthError, Authenticator, Principal};
+use crate::broker::TenantBucketStatus;
+use crate::clock::{millis, Clock};
+use crate::config::ClassSettings;
+use crate::error::BrokerError;
+use crate::pb;
+use crate::tenant::{Denial, Grant};
+use std::time::Duration;
+use tonic::{Request, Status};
+
+/// Most concurrent RPCs (HTTP/2 streams) per client connection: a busy
+/// sidecar multiplexes many waiting Acquires on one connection; one
+/// LeaseStream may have as many Acquires waiting.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Largest request accepted. Requests are small (a report with its headers
+/// is well under 4 KiB); this bounds what a broken client can make us buffer.
+pub(crate) const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Longest accepted identifier-like field (tenant, client id, class, OAuth client).
+const MAX_ID_LEN: usize = 256;
+/// Longest accepted path.
+const MAX_PATH_LEN: usize = 4096;
+
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Status {
+        let msg = e.to_string();
+        match e {
+            BrokerError::InvalidArgument { .. } => Status::invalid_argument(msg),
+            BrokerError::UnknownTenant { .. }
+            | BrokerError::NoBucketMatches { .. }
+            | BrokerError::LeaseNotFound { .. }
+            | BrokerError::UnknownBucket { .. } => Status::not_found(msg),
+            BrokerError::Internal(_) => Status::internal(msg),
+            BrokerError::TooManyPermits { .. } => Status::failed_precondition(msg),
+            BrokerError::ShuttingDown => Status::unavailable(msg),
+        }
+    }
+}
+
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Status {
+        if e.is_unauthenticated() {
+            Status::unauthenticated(e.to_string())
+        } else {
+            Status::permission_denied(e.to_string())
+        }
+    }
+}
+
+/// Authenticates a request from its `authorization` metadata.
+pub(crate) fn principal<T>(
+    auth: &Authenticator,
+    request: &Request<T>,
+) -> Result<Principal, Status> {
+    let header = request
+        .metadata()
+        .get("authorization")
+        .map(|v| v.to_str().unwrap_or(""));
+    Ok(auth.authenticate(header)?)
+}
+
+pub(crate) fn required<'a>(
+    field: &'static str,
+    value: &'a str,
+    example: &str,
+) -> Result<&'a str, BrokerError> {
+    if value.is_empty() {
+        return Err(BrokerError::invalid(
+            field,
+            format!("required, e.g. {example:?}"),
+        ));
+    }
+    bounded(field, value)
+}
+
+pub(crate) fn bounded<'a>(field: &'static str, value: &'a str) -> Result<&'a str, BrokerError> {
+    if value.len() > MAX_ID_LEN {
+        return Err(BrokerError::invalid(
+            field,
+            format!("{} bytes long; at most {MAX_ID_LEN}", value.len()),
+        ));
+    }
+    Ok(value)
+}
+
+/// Validates a method and path; returns the upper-case method and the path
+/// without its query string.
+pub(crate) fn call_of(method: &str, path: &str) -> Result<(String, String), BrokerError> {
+    let method = required("method", method, "POST")?;
+    if method.len() > 16 || !method.chars().all(|c| c.is_ascii_alphabetic()) {
+        return Err(BrokerError::invalid(
+            "method",
+            format!("{method:?} is not an HTTP method such as GET or POST"),
+        ));
+    }
+    if path.is_empty() {
+        return Err(BrokerError::invalid(
+            "path",
+            "required, e.g. \"/api/v2/analytics/conversations/details/query\"",
+        ));
+    }
+    if !path.starts_with('/') || path.len() > MAX_PATH_LEN {
+        return Err(BrokerError::invalid(
+            "path",
+            format!("must start with '/' and be at most {MAX_PATH_LEN} bytes; got {path:?}"),
+        ));
+    }
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    Ok((method.to_ascii_uppercase(), path.to_owned()))
+}
+
+/// Encodes a grant for the wire.
+pub(crate) fn grant_to_pb(g: Grant, clock: Clock) -> pb::AcquireResponse {
+    let (expires_at_ms, ttl_ms) = g
+        .slot
+        .map_or((0, 0), |(at, ttl)| (clock.unix_ms(at), millis(ttl)));
+    pb::AcquireResponse {
+        granted: true,
+        lease_id: g.lease_id.to_string(),
+        permits: g.permits,
+        lease_expires_at_ms: expires_at_ms,
+        lease_ttl_ms: ttl_ms,
+        retry_after_ms: 0,
+        reason: String::new(),
+        buckets: g.buckets,
+    }
+}
+
+/// Encodes a denial for the wire.
+pub(crate) fn denial_to_pb(d: Denial) -> pb::AcquireResponse {
+    pb::AcquireResponse {
+        granted: false,
+        permits: 0,
+        retry_after_ms: millis(d.retry_after),
+        reason: d.reason,
+        buckets: d.buckets,
+        ..Default::default()
+    }
+}
+
+/// Encodes a bucket status for the wire.
+pub(crate) fn status_to_pb(s: TenantBucketStatus, clock: Clock) -> pb::QuotaStatus {
+    let b = s.status;
+    pb::QuotaStatus {
+        tenant: s.tenant,
+        bucket: b.bucket,
+        configured_rate_per_min: b.configured_rate_per_min,
+        effective_rate_per_min: b.effective_rate_per_min,
+        tokens_available: b.tokens_available,
+        in_flight: b.in_flight,
+        max_in_flight: b.max_in_flight,
+        frozen_until_ms: b.frozen_until.map_or(0, |t| clock.unix_ms(t)),
+        waiting: b.waiting.into_iter().collect(),
+        granted_total: b.granted_total,
+        throttled_total: b.throttled_total,
+        at_ms: clock.unix_ms(s.at),
+        oauth_client: b.oauth_client.unwrap_or_default(),
+        scope: b.scope.as_str().to_owned(),
+        burst: b.burst,
+        reports_total: b.reports_total,
+        paused: b.paused.is_some(),
+        learned_limit_per_min: b.learned_limit_per_min.unwrap_or(0.0),
+        throttle_ratio: b.throttle_ratio,
+        cooldown_until_ms: b.cooldown_until.map_or(0, |t| clock.unix_ms(t)),
+        upstream_remaining: b.upstream_remaining.map_or(-1, i64::from),
+    }
+}
+
+/// Encodes a priority class for the wire.
+pub(crate) fn class_to_pb(c: &ClassSettings) -> pb::PriorityClass {
+    pb::PriorityClass {
+        name: c.name.clone(),
+        order: c.order,
+        weight: c.weight,
+        reserve: c.reserve,
+        default_max_wait_ms: millis(c.default_max_wait),
+    }
+}
+
+/// Decodes a priority class from the wire (checked by the tenant).
+pub(crate) fn class_from_pb(c: pb::PriorityClass) -> ClassSettings {
+    ClassSettings {
+        name: c.name,
+        order: c.order,
+        weight: c.weight,
+        reserve: c.reserve,
+        default_max_wait: Duration::from_millis(c.default_max_wait_ms),
+    }
+}

@@ -1,0 +1,139 @@
+//! The QuotaBroker operations for an authenticated caller: decode and
+//! validate, call the [`Broker`], encode. Unary RPCs and LeaseStream
+//! sessions run the same operations, so an operation answers the same
+//! either way.
+
+use super::codec::{bounded, call_of, denial_to_pb, grant_to_pb, required};
+use crate::auth::Principal;
+use crate::broker::{AcquireOutcome, Broker};
+use crate::clock::millis;
+use crate::error::BrokerError;
+use crate::learning::parse_headers;
+use crate::pb;
+use crate::tenant::AcquireArgs;
+use std::time::Duration;
+use tonic::Status;
+
+/// The operations, on one broker.
+#[derive(Clone)]
+pub(crate) struct Ops {
+    broker: Broker,
+}
+
+impl Ops {
+    /// Operations on `broker`.
+    pub(crate) fn new(broker: Broker) -> Ops {
+        Ops { broker }
+    }
+
+    /// The broker the operations run on.
+    pub(crate) fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    /// Checks that the caller may touch the tenant of a lease.
+    fn check_lease(&self, who: &Principal, lease_id: &str) -> Result<(), Status> {
+        if let Some(tenant) = self.broker.lease_tenant_id(lease_id)? {
+            who.may_access(&tenant)?;
+        }
+        Ok(())
+    }
+}
+
+impl Ops {
+    /// Acquire for an authenticated caller (unary and LeaseStream alike).
+    pub(crate) async fn acquire_op(
+        &self,
+        who: &Principal,
+        r: pb::AcquireRequest,
+    ) -> Result<pb::AcquireResponse, Status> {
+        let tenant = required("tenant", &r.tenant, "demo")?;
+        who.may_access(tenant)?;
+        let client_id = required("client_id", &r.client_id, "ingest-worker-1")?;
+        let class = bounded("priority_class", &r.priority_class)?;
+        let oauth_client = bounded("oauth_client", &r.oauth_client)?;
+        let (method, path) = call_of(&r.method, &r.path)?;
+        let args = AcquireArgs {
+            client_id: client_id.to_owned(),
+            class: class.to_owned(),
+            method,
+            path,
+            oauth_client: oauth_client.to_owned(),
+            permits: r.permits.max(1),
+        };
+        let outcome = self
+            .broker
+            .acquire(tenant, args, r.max_wait_ms.map(Duration::from_millis))
+            .await?;
+        Ok(match outcome {
+            AcquireOutcome::Granted(g) => grant_to_pb(g, self.broker.clock()),
+            AcquireOutcome::Denied(d) => denial_to_pb(d),
+        })
+    }
+
+    /// Release for an authenticated caller.
+    pub(crate) fn release_op(
+        &self,
+        who: &Principal,
+        r: pb::ReleaseRequest,
+    ) -> Result<pb::ReleaseResponse, Status> {
+        self.check_lease(who, &r.lease_id)?;
+        let released = self.broker.release(&r.lease_id)?;
+        Ok(pb::ReleaseResponse { released })
+    }
+
+    /// Renew for an authenticated caller.
+    pub(crate) fn renew_op(
+        &self,
+        who: &Principal,
+        r: pb::RenewRequest,
+    ) -> Result<pb::RenewResponse, Status> {
+        self.check_lease(who, &r.lease_id)?;
+        let (at, ttl) = self
+            .broker
+            .renew(&r.lease_id, Duration::from_millis(r.extend_ms))?;
+        Ok(pb::RenewResponse {
+            lease_expires_at_ms: self.broker.clock().unix_ms(at),
+            lease_ttl_ms: millis(ttl),
+        })
+    }
+
+    /// Report for an authenticated caller.
+    pub(crate) fn report_op(
+        &self,
+        who: &Principal,
+        r: pb::ReportRequest,
+    ) -> Result<pb::ReportResponse, Status> {
+        let tenant = required("tenant", &r.tenant, "demo")?;
+        who.may_access(tenant)?;
+        let oauth_client = bounded("oauth_client", &r.oauth_client)?;
+        let (method, path) = call_of(&r.method, &r.path)?;
+        if !(100..=599).contains(&r.http_status) {
+            return Err(BrokerError::invalid(
+                "http_status",
+                format!("{} is not an HTTP status (100-599)", r.http_status),
+            )
+            .into());
+        }
+        let info = parse_headers(
+            r.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            std::time::SystemTime::now(),
+        );
+        // Retry-After as sent by the upstream first, then the client's
+        // conversion of it.
+        let retry_after = info
+            .retry_after
+            .or((r.retry_after_ms > 0).then(|| Duration::from_millis(r.retry_after_ms)));
+        let outcome = self.broker.report(
+            tenant,
+            (&method, &path, oauth_client),
+            r.http_status,
+            retry_after,
+            &info,
+        )?;
+        Ok(pb::ReportResponse {
+            buckets: outcome.buckets,
+            attributed_to: outcome.attributed_to.unwrap_or_default(),
+        })
+    }
+}

@@ -1,0 +1,15 @@
+//! The primitives a tenant's decision is made of, each pure with the clock
+//! passed in: a token bucket and concurrency slots (`bucket`), the lease
+//! table with its expiry order (`lease`), route patterns and their cache
+//! (`route`), and the waiting queue with its fair-share order
+//! (`scheduler`).
+
+mod bucket;
+mod lease;
+mod route;
+mod scheduler;
+
+pub(crate) use bucket::{Slots, TokenBucket};
+pub(crate) use lease::{Lease, LeaseId, LeaseTable};
+pub(crate) use route::{Route, RouteCache};
+pub(crate) use scheduler::{ClassShape, Offer, Queue, Waiter};

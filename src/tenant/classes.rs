@@ -1,0 +1,163 @@
+//! Priority classes of one tenant: their order and weight in the queue, the
+//! reserve each holds back from lower classes, and how much of a bucket a
+//! class may take (or, for the highest, borrow while a lower class waits).
+
+use super::instance::held_back;
+use super::TenantState;
+use crate::config::{BucketSettings, ClassSettings};
+use crate::error::BrokerError;
+use crate::limits::ClassShape;
+
+impl TenantState {
+    /// The index of class `name` ("" is the default class).
+    pub fn class_index(&self, name: &str) -> Result<usize, BrokerError> {
+        if name.is_empty() {
+            return Ok(self.default_class);
+        }
+        self.classes
+            .iter()
+            .position(|c| c.name == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.classes.iter().map(|c| c.name.as_str()).collect();
+                BrokerError::invalid(
+                    "priority_class",
+                    format!(
+                        "{name:?} is not a class of tenant {:?}; use one of: {}",
+                        self.id,
+                        known.join(", ")
+                    ),
+                )
+            })
+    }
+
+    /// The order of `class` (unknown: last).
+    pub(super) fn order(&self, class: usize) -> u32 {
+        self.classes.get(class).map_or(u32::MAX, |c| c.order)
+    }
+
+    /// Share of every bucket that classes ordered before `order` hold back
+    /// from it.
+    pub(super) fn reserve_before(&self, order: u32) -> f64 {
+        self.classes
+            .iter()
+            .filter(|c| c.order < order)
+            .map(|c| c.reserve)
+            .sum()
+    }
+
+    /// Share of every bucket that classes above `class` hold back from it.
+    pub(super) fn reserve_above(&self, class: usize) -> f64 {
+        self.reserve_before(self.order(class))
+    }
+
+    /// The share of the buckets of `instances` that `class` must leave to
+    /// higher classes (positive), or may borrow below empty (negative): a
+    /// class nothing is held back from (the highest) may take what the
+    /// higher classes hold back from the lowest below empty while a lower
+    /// class waits on the bucket, so that right after a freeze, when the
+    /// bucket restarts empty, a critical call does not queue behind the
+    /// pacing. The waiting lower class pays it back (it waits until the
+    /// permits are earned again), so the total granted per window stays
+    /// the same; with no lower class waiting nothing is borrowed.
+    pub(super) fn bucket_share(&self, class: usize, instances: &[usize]) -> f64 {
+        let held = self.reserve_above(class);
+        if held > 0.0 {
+            return held;
+        }
+        let order = self.order(class);
+        if !self.waiting_where(instances, |o| o > order) {
+            return 0.0;
+        }
+        let lowest = self.classes.iter().map(|c| c.order).max().unwrap_or(0);
+        -self.reserve_before(lowest)
+    }
+
+    /// Whether waiters of `class` or a higher one wait on any of `instances`.
+    pub(super) fn waiting_at_or_above(&self, instances: &[usize], class: usize) -> bool {
+        let order = self.order(class);
+        self.waiting_where(instances, |o| o <= order)
+    }
+
+    /// Whether waiters of a class whose order passes `keep` wait on any of
+    /// `instances`.
+    pub(super) fn waiting_where(&self, instances: &[usize], keep: impl Fn(u32) -> bool) -> bool {
+        instances.iter().any(|&i| {
+            self.instances.get(i).is_some_and(|x| {
+                x.waiting
+                    .iter()
+                    .any(|(&k, &n)| n > 0 && keep(self.order(k)))
+            })
+        })
+    }
+
+    /// The tenant's classes.
+    pub fn classes(&self) -> &[ClassSettings] {
+        &self.classes
+    }
+
+    /// Creates or changes a class (checked as in the config).
+    pub fn set_class(&mut self, class: ClassSettings) -> Result<(), BrokerError> {
+        let mut next = self.classes.clone();
+        match next.iter_mut().find(|c| c.name == class.name) {
+            Some(c) => *c = class.clone(),
+            None => next.push(class.clone()),
+        }
+        let mut problems = Vec::new();
+        class.check("class", &mut problems);
+        crate::config::check_class_set(&next, &mut problems);
+        if !problems.is_empty() {
+            return Err(BrokerError::invalid("class", problems.join("; ")));
+        }
+        self.classes = next;
+        for (k, c) in self.classes.iter().enumerate() {
+            self.queue.set_class(
+                k,
+                ClassShape {
+                    order: c.order,
+                    weight: c.weight,
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn check_permits(
+    tenant: &str,
+    b: &BucketSettings,
+    permits: u32,
+    reserve: f64,
+) -> Result<(), BrokerError> {
+    let too_many = |max: u32, what| BrokerError::TooManyPermits {
+        tenant: tenant.to_owned(),
+        bucket: b.name.clone(),
+        permits,
+        max,
+        what,
+    };
+    if let Some(r) = b.rate {
+        let held = held_back(r.burst.get(), reserve);
+        let max = r.burst.get() - held;
+        if permits > max {
+            let what = if held > 0 {
+                "burst less the reserve of higher classes"
+            } else {
+                "burst"
+            };
+            return Err(too_many(max, what));
+        }
+    }
+    if let Some(m) = b.max_in_flight {
+        let held = held_back(m.get(), reserve);
+        let max = m.get() - held;
+        if permits > max {
+            let what = if held > 0 {
+                "max_in_flight less the reserve of higher classes"
+            } else {
+                "max_in_flight"
+            };
+            return Err(too_many(max, what));
+        }
+    }
+    Ok(())
+}

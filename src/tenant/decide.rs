@@ -1,0 +1,244 @@
+//! The decision on an Acquire: resolve the call's instances and the class's
+//! share, then take from every instance or from none; when that is not
+//! possible now, explain why and when it could be, and queue the request if
+//! it may wait.
+
+use super::instance::{held_back, token_reserve};
+use super::{AcquireArgs, Decision, Denial, Grant, TenantState};
+use crate::error::BrokerError;
+use crate::limits::{Lease, LeaseId};
+use std::fmt::Write as _;
+use std::time::Duration;
+use tokio::time::Instant;
+
+impl TenantState {
+    /// Decides an Acquire: granted at once, denied (with when it could be
+    /// granted and why not), or queued until capacity frees for at most its
+    /// wait: `max_wait`, else the class's default, capped by the server's.
+    pub fn acquire(
+        &mut self,
+        args: &AcquireArgs,
+        max_wait: Option<Duration>,
+        now: Instant,
+    ) -> Result<Decision, BrokerError> {
+        let class = self.class_index(&args.class)?;
+        let reserve = self.reserve_above(class);
+        let wait = max_wait
+            .unwrap_or_else(|| {
+                self.classes
+                    .get(class)
+                    .map_or(Duration::ZERO, |c| c.default_max_wait)
+            })
+            .min(self.max_wait);
+        let instances = match self.resolve(
+            &args.method,
+            &args.path,
+            &args.oauth_client,
+            args.permits,
+            reserve,
+            now,
+        )? {
+            Ok(i) => i,
+            Err(denial) => return Ok(Decision::Denied(denial)),
+        };
+        if let Some(denial) = self.paused(&instances) {
+            return Ok(Decision::Denied(denial));
+        }
+        let share = self.bucket_share(class, &instances);
+        if !self.waiting_at_or_above(&instances, class)
+            && self.can_take(&instances, args.permits, share, now)
+        {
+            let grant = self.take(&instances, args.permits, &args.client_id, now);
+            return Ok(Decision::Granted(grant));
+        }
+        let denial = self.explain(&instances, args.permits, share, now);
+        let full = instances.iter().find_map(|&i| {
+            let x = self.instances.get(i)?;
+            (x.queued >= self.max_waiters).then(|| self.buckets[x.bucket].settings.name.clone())
+        });
+        if let Some(bucket) = full {
+            return Ok(Decision::Denied(Denial {
+                reason: format!(
+                    "{}; and {} requests already wait on bucket {bucket:?} \
+                     (scheduling.max_waiters_per_bucket), so this one may not queue",
+                    denial.reason, self.max_waiters
+                ),
+                ..denial
+            }));
+        }
+        if wait.is_zero() {
+            return Ok(Decision::Denied(denial));
+        }
+        Ok(Decision::Queued(self.enqueue(
+            instances,
+            class,
+            args,
+            now + wait,
+        )))
+    }
+
+    /// A denial if any of `instances` belongs to a paused bucket.
+    pub(super) fn paused(&self, instances: &[usize]) -> Option<Denial> {
+        instances.iter().find_map(|&i| {
+            let def = &self.buckets[self.instances.get(i)?.bucket];
+            def.paused.as_ref().map(|why| Denial {
+                retry_after: Duration::ZERO,
+                reason: format!(
+                    "bucket {:?} is paused by an operator: {why}",
+                    def.settings.name
+                ),
+                buckets: self.names(instances),
+            })
+        })
+    }
+
+    pub(super) fn can_take(&self, instances: &[usize], n: u32, reserve: f64, now: Instant) -> bool {
+        instances.iter().all(|&i| {
+            self.instances
+                .get(i)
+                .is_some_and(|x| x.ready_at(n, reserve, now).is_ok_and(|t| t <= now))
+        })
+    }
+
+    /// Takes `n` from every instance; the caller has checked [`Self::can_take`].
+    pub(super) fn take(
+        &mut self,
+        instances: &[usize],
+        n: u32,
+        client_id: &str,
+        now: Instant,
+    ) -> Grant {
+        let mut slot_instances = Vec::new();
+        let mut ttl: Option<Duration> = None;
+        for &i in instances {
+            let Some(x) = self.instances.get_mut(i) else {
+                continue;
+            };
+            if let Some(t) = x.tokens.as_mut() {
+                t.take(n, now);
+            }
+            if let Some(u) = x.upstream.as_mut() {
+                u.take(n, now);
+            }
+            if let Some(s) = x.slots.as_mut() {
+                s.take(n);
+                slot_instances.push(i);
+                let bucket_ttl = self.buckets[x.bucket].settings.lease_ttl;
+                ttl = Some(ttl.map_or(bucket_ttl, |t| t.min(bucket_ttl)));
+            }
+            x.granted_total += u64::from(n);
+            self.touch(i);
+        }
+        let seq = self.leases.next_seq();
+        let nonce = fastrand::u32(..);
+        let slot = ttl.map(|ttl| {
+            let expires_at = now + ttl;
+            self.leases.insert(
+                seq,
+                Lease {
+                    nonce,
+                    instances: slot_instances,
+                    permits: n,
+                    expires_at,
+                    ttl,
+                    client_id: client_id.to_owned(),
+                },
+            );
+            (expires_at, ttl)
+        });
+        Grant {
+            lease_id: LeaseId {
+                tenant: self.idx,
+                seq,
+                nonce,
+            },
+            permits: n,
+            slot,
+            buckets: self.names(instances),
+        }
+    }
+
+    /// Why `n` permits on `instances` cannot be granted now, and when they
+    /// could be at the earliest.
+    pub fn explain(&self, instances: &[usize], n: u32, reserve: f64, now: Instant) -> Denial {
+        let mut retry = now;
+        let mut reason = String::new();
+        for &i in instances {
+            let Some(x) = self.instances.get(i) else {
+                continue;
+            };
+            let name = &self.buckets[x.bucket].settings.name;
+            let sep = if reason.is_empty() { "" } else { "; " };
+            if let Some(resume) = x.resume_at.filter(|&r| r > now) {
+                retry = retry.max(x.ready_at(n, reserve, now).unwrap_or(resume));
+                let _ = write!(
+                    reason,
+                    "{sep}bucket {name:?} is frozen for {} ms after the upstream answered 429",
+                    resume.saturating_duration_since(now).as_millis()
+                );
+                continue;
+            }
+            if let Some(at) = x.upstream.and_then(|u| u.ready_at(n, now)) {
+                retry = retry.max(at);
+                let _ = write!(
+                    reason,
+                    "{sep}bucket {name:?}: the upstream reports {} requests left before its \
+                     window resets, shared with consumers the broker does not manage",
+                    x.upstream.and_then(|u| u.remaining(now)).unwrap_or(0)
+                );
+                continue;
+            }
+            let note = |capacity: u32| match held_back(capacity, reserve) {
+                0 => String::new(),
+                held => format!(" ({held} held back for higher classes)"),
+            };
+            if let Some(s) = x
+                .slots
+                .filter(|s| !s.has_room(n.saturating_add(held_back(s.max(), reserve))))
+            {
+                let at = self.leases.first_expiry_holding(i).unwrap_or(now);
+                retry = retry.max(at);
+                let _ = write!(
+                    reason,
+                    "{sep}bucket {name:?} has {} of {} concurrency slots in use{}",
+                    s.in_flight(),
+                    s.max(),
+                    note(s.max())
+                );
+                continue;
+            }
+            if let Some(t) = x.tokens.as_ref() {
+                let at = t
+                    .ready_at_reserved(n, token_reserve(t.burst(), reserve), now)
+                    .unwrap_or(now);
+                if at > now {
+                    retry = retry.max(at);
+                    let _ = write!(
+                        reason,
+                        "{sep}bucket {name:?} has {:.2} permits for {n} asked (refills at \
+                         {:.1}/min){}",
+                        t.available(now),
+                        t.rate_per_min(),
+                        note(t.burst())
+                    );
+                    continue;
+                }
+            }
+            if x.queued > 0 {
+                let _ = write!(
+                    reason,
+                    "{sep}{} earlier requests wait on bucket {name:?}",
+                    x.queued
+                );
+            }
+        }
+        if reason.is_empty() {
+            reason.push_str("capacity is taken");
+        }
+        Denial {
+            retry_after: retry.saturating_duration_since(now),
+            reason,
+            buckets: self.names(instances),
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! One instance of a bucket: its token bucket and slots, its learner, the
+//! freeze after a 429 and the upstream's own view of its budget, and the
+//! arithmetic of reserves held back for higher classes.
+
+use crate::config::BucketSettings;
+use crate::learning::{LearnSettings, Learner, RateLimitInfo, UpstreamBudget};
+use crate::limits::{Slots, TokenBucket};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// One instance of a bucket.
+#[derive(Debug)]
+pub(super) struct Instance {
+    pub(super) bucket: usize,
+    pub(super) oauth_client: Option<Arc<str>>,
+    pub(super) tokens: Option<TokenBucket>,
+    pub(super) slots: Option<Slots>,
+    /// Waiters per class index.
+    pub(super) waiting: BTreeMap<usize, u32>,
+    pub(super) queued: u32,
+    pub(super) granted_total: u64,
+    pub(super) throttled_total: u64,
+    pub(super) reports_total: u64,
+    pub(super) learner: Learner,
+    /// Grants resume no earlier than this (freeze end plus jitter).
+    pub(super) resume_at: Option<Instant>,
+    pub(super) upstream: Option<UpstreamBudget>,
+    /// Bumped on every change; Watch sends instances whose version moved.
+    pub(super) version: u64,
+}
+
+impl Instance {
+    pub(super) fn new(
+        bucket: usize,
+        settings: &BucketSettings,
+        client: Option<Arc<str>>,
+        now: Instant,
+    ) -> Self {
+        Instance {
+            bucket,
+            oauth_client: client,
+            tokens: settings
+                .rate
+                .map(|r| TokenBucket::new(r.permits.get(), r.window, r.burst.get(), now)),
+            slots: settings.max_in_flight.map(|m| Slots::new(m.get())),
+            waiting: BTreeMap::new(),
+            queued: 0,
+            granted_total: 0,
+            throttled_total: 0,
+            reports_total: 0,
+            learner: Learner::new(
+                settings.rate.map_or(0.0, |r| r.per_minute()),
+                settings.rate.map_or(Duration::from_secs(60), |r| r.window),
+                now,
+            ),
+            resume_at: None,
+            upstream: None,
+            version: 0,
+        }
+    }
+
+    pub(super) fn idle(&self, now: Instant) -> bool {
+        self.queued == 0
+            && self.slots.is_none_or(|s| s.in_flight() == 0)
+            && self.tokens.as_ref().is_none_or(|t| t.is_full(now))
+            && self.resume_at.is_none_or(|t| t <= now)
+            && self.learner.is_pristine(now)
+    }
+
+    /// When `n` permits could be taken, ignoring the queue: `Ok` with the
+    /// token-ready instant if slots are free, `Err` if slots are the limit.
+    /// `reserve` is the share of the bucket held back for higher classes.
+    pub(super) fn ready_at(&self, n: u32, reserve: f64, now: Instant) -> Result<Instant, ()> {
+        if let Some(s) = self.slots {
+            if !s.has_room(n.saturating_add(held_back(s.max(), reserve))) {
+                return Err(());
+            }
+        }
+        let mut at = match self.tokens.as_ref() {
+            Some(t) => t
+                .ready_at_reserved(n, token_reserve(t.burst(), reserve), now)
+                .ok_or(())?,
+            None => now,
+        };
+        if let Some(resume) = self.resume_at {
+            at = at.max(resume);
+        }
+        if let Some(u) = self.upstream.and_then(|u| u.ready_at(n, now)) {
+            at = at.max(u);
+        }
+        Ok(at)
+    }
+
+    /// Puts the rate the learner says into the token bucket.
+    pub(super) fn apply_rate(&mut self, now: Instant, s: &LearnSettings) {
+        let rate = self.learner.rate(now, s);
+        if let Some(t) = self.tokens.as_mut() {
+            if (t.rate_per_min() - rate).abs() > 1e-9 * rate.max(1.0) {
+                t.set_rate_per_min(rate, now);
+            }
+        }
+    }
+
+    /// Freezes grants until `until`, plus up to `jitter` permit intervals
+    /// (`draw` in 0..1), after which they resume paced from an empty bucket.
+    pub(super) fn freeze(&mut self, until: Instant, draw: f64, s: &LearnSettings) {
+        let jitter = self
+            .tokens
+            .as_ref()
+            .map_or(Duration::ZERO, |t| t.interval().mul_f64(s.jitter * draw));
+        let resume = until + jitter;
+        self.resume_at = Some(self.resume_at.map_or(resume, |r| r.max(resume)));
+        if let Some(t) = self.tokens.as_mut() {
+            t.empty_at(resume);
+        }
+    }
+
+    /// Applies what the upstream says is left of the budget of `window`.
+    pub(super) fn sync_budget(&mut self, info: &RateLimitInfo, window: Duration, now: Instant) {
+        let Some(remaining) = info.remaining else {
+            return;
+        };
+        if let Some(t) = self.tokens.as_mut() {
+            t.shrink_to(u32::try_from(remaining).unwrap_or(u32::MAX), now);
+        }
+        if let Some(reset) = info.reset {
+            self.upstream = Some(UpstreamBudget::observe(
+                self.upstream,
+                info.limit,
+                remaining,
+                reset,
+                window,
+                now,
+            ));
+        }
+    }
+}
+
+/// Permits of a token bucket of `burst` held back by a reserve `share`,
+/// or, for a negative share, that may be borrowed below empty (see
+/// `bucket_share`).
+pub(super) fn token_reserve(burst: u32, share: f64) -> f64 {
+    if share >= 0.0 {
+        f64::from(held_back(burst, share))
+    } else {
+        -f64::from(held_back(burst, -share))
+    }
+}
+
+/// Whole permits or slots of `capacity` held back by a reserve `share`
+/// (rounded down, so a small bucket keeps at least one for everyone; 0 for
+/// a negative share).
+pub(super) fn held_back(capacity: u32, share: f64) -> u32 {
+    ((f64::from(capacity) * share + 1e-9).floor() as u32).min(capacity.saturating_sub(1))
+}

@@ -1,0 +1,243 @@
+//! What a tenant learns from a Report: the outcome counted on every bucket
+//! of the call, a 429 and the rate-limit headers attributed to one bucket,
+//! and the learning rules (freeze, cut, regrowth, budget view) applied to it;
+//! and the learned state kept across restarts.
+
+use super::TenantState;
+use crate::config::Scope;
+use crate::error::BrokerError;
+use crate::learning::{attribute, Candidate, Learned, Persisted, RateLimitInfo};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// What a report did.
+#[derive(Debug, Clone, Default)]
+pub struct ReportOutcome {
+    /// Buckets it was counted on.
+    pub buckets: Vec<String>,
+    /// The bucket a 429 or the rate-limit headers were attributed to.
+    pub attributed_to: Option<String>,
+}
+
+impl TenantState {
+    /// Learns from an upstream outcome: counts it on every bucket of the
+    /// call; a success regrows their rates; a 429 and the rate-limit headers
+    /// are attributed to one bucket (see [`TenantState::attribute`]), which
+    /// freezes, cuts its rate, and syncs to the upstream's remaining budget.
+    pub fn report(
+        &mut self,
+        call: (&str, &str, &str),
+        http_status: u32,
+        retry_after: Option<Duration>,
+        info: &RateLimitInfo,
+        now: Instant,
+    ) -> Result<ReportOutcome, BrokerError> {
+        let (method, path, oauth_client) = call;
+        let instances = match self.resolve(method, path, oauth_client, 1, 0.0, now)? {
+            Ok(i) => i,
+            Err(denial) => {
+                return Ok(ReportOutcome {
+                    buckets: denial.buckets,
+                    attributed_to: None,
+                })
+            }
+        };
+        let throttled = http_status == 429;
+        let (described, refused_by) = self.attribute_report(&instances, info, throttled);
+        let s = self.learning;
+        for &i in &instances {
+            let Some(x) = self.instances.get_mut(i) else {
+                continue;
+            };
+            x.reports_total += 1;
+            if http_status < 400 {
+                let before = x.learner.rate(now, &s);
+                x.learner.on_success(now, &s);
+                if x.learner.rate(now, &s) != before {
+                    x.apply_rate(now, &s);
+                    self.learned_dirty = true;
+                }
+            }
+        }
+        if let Some(i) = described.filter(|&d| refused_by != Some(d)) {
+            self.learn(i, Some(info), None, now);
+        }
+        if let Some(i) = refused_by {
+            // Headers that describe another budget say nothing of this one.
+            let own = (described == Some(i)).then_some(info);
+            self.learn(i, own, Some(retry_after), now);
+        }
+        let target = refused_by.or(described);
+        for &i in &instances {
+            self.touch(i);
+        }
+        Ok(ReportOutcome {
+            buckets: self.names(&instances),
+            attributed_to: target.map(|i| self.name(i)),
+        })
+    }
+
+    /// Which bucket the rate-limit headers describe, and which bucket
+    /// refused a 429. They differ when the headers describe a budget with
+    /// requests left: Genesys sends its per-OAuth-client headers on every
+    /// answer, also on a 429 from an org-wide endpoint-family limit, and
+    /// that 429 must teach the family's bucket, not freeze the client's.
+    pub(super) fn attribute_report(
+        &self,
+        instances: &[usize],
+        info: &RateLimitInfo,
+        throttled: bool,
+    ) -> (Option<usize>, Option<usize>) {
+        let described = (!info.is_empty())
+            .then(|| self.attribute(instances, info))
+            .flatten();
+        if !throttled {
+            return (described, None);
+        }
+        let budget_left = info.remaining.is_some_and(|r| r > 0);
+        let refused_by = match described {
+            Some(d) if budget_left => {
+                let others: Vec<usize> = instances.iter().copied().filter(|&i| i != d).collect();
+                self.attribute(&others, &RateLimitInfo::default())
+                    .or(Some(d))
+            }
+            Some(d) => Some(d),
+            None => self.attribute(instances, info),
+        };
+        (described, refused_by)
+    }
+
+    /// Applies what a report says to instance `i`: `info` (the headers, when
+    /// they describe this bucket's budget) and `throttled` (a 429 this bucket
+    /// refused, with its Retry-After).
+    pub(super) fn learn(
+        &mut self,
+        i: usize,
+        info: Option<&RateLimitInfo>,
+        throttled: Option<Option<Duration>>,
+        now: Instant,
+    ) {
+        let s = self.learning;
+        let tenant = self.id.clone();
+        let bucket = self.name(i);
+        let Some(x) = self.instances.get_mut(i) else {
+            return;
+        };
+        let mut learned = Vec::new();
+        let empty = RateLimitInfo::default();
+        let info = info.unwrap_or(&empty);
+        let window = info
+            .window
+            .or(self.buckets[x.bucket].settings.rate.map(|r| r.window))
+            .unwrap_or(Duration::from_secs(60));
+        if let Some(limit) = info.limit {
+            let per_min = limit as f64 * 60.0 / window.as_secs_f64().max(1e-3);
+            learned.extend(x.learner.on_limit(per_min));
+        }
+        x.sync_budget(info, window, now);
+        if let Some(retry_after) = throttled {
+            x.throttled_total += 1;
+            learned.extend(
+                x.learner
+                    .on_throttled(now, retry_after, info.exhausted(), &s),
+            );
+            // Jitter is drawn once per freeze end, not once per report.
+            for change in &learned {
+                if let Learned::Frozen { until } = change {
+                    x.freeze(*until, self.rng.f64(), &s);
+                }
+            }
+        }
+        x.apply_rate(now, &s);
+        for change in &learned {
+            match change {
+                Learned::Frozen { until } => tracing::info!(
+                    %tenant, %bucket, oauth_client = x.oauth_client.as_deref().unwrap_or(""),
+                    frozen_ms = until.saturating_duration_since(now).as_millis() as u64,
+                    "upstream answered 429: bucket frozen for the whole tenant"
+                ),
+                Learned::Cut { from, to, why } => tracing::info!(
+                    %tenant, %bucket, from_per_min = from, to_per_min = to,
+                    "effective rate cut: {why}"
+                ),
+                Learned::Limit { per_min } => tracing::info!(
+                    %tenant, %bucket, learned_per_min = per_min,
+                    configured_per_min = x.learner.configured(),
+                    "upstream reports a limit below the configured rate; adopting it"
+                ),
+            }
+        }
+        if !learned.is_empty() {
+            self.learned_dirty = true;
+        }
+    }
+
+    /// Which bucket of a call a 429 or rate-limit headers belong to (the
+    /// rule: [`crate::learning::attribute`]).
+    pub(super) fn attribute(&self, instances: &[usize], info: &RateLimitInfo) -> Option<usize> {
+        let candidates: Vec<Candidate> = instances
+            .iter()
+            .filter_map(|&i| {
+                let b = &self.buckets[self.instances.get(i)?.bucket].settings;
+                Some(Candidate {
+                    id: i,
+                    permits: b.rate.map(|r| r.permits.get()),
+                    rate_per_min: b.rate.map(|r| r.per_minute()),
+                    org_wide: b.scope == Scope::Org,
+                })
+            })
+            .collect();
+        attribute(&candidates, info.limit).or_else(|| instances.first().copied())
+    }
+
+    /// Whether learned state changed since the last call.
+    pub fn take_learned_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.learned_dirty)
+    }
+
+    /// Learned state of every instance that has any:
+    /// (bucket, OAuth client, state).
+    pub fn learned(&self, now: Instant) -> Vec<(String, Option<String>, Persisted)> {
+        self.instances
+            .iter()
+            .filter(|(_, x)| !x.learner.is_pristine(now))
+            .map(|(_, x)| {
+                let b = &self.buckets[x.bucket].settings;
+                let client = x.oauth_client.as_deref().map(str::to_owned);
+                (b.name.clone(), client, x.learner.persisted())
+            })
+            .collect()
+    }
+
+    /// Restores learned state of one instance (creating a per-client one).
+    /// False if the bucket no longer exists in the config.
+    pub fn restore(
+        &mut self,
+        bucket: &str,
+        oauth_client: Option<&str>,
+        p: Persisted,
+        now: Instant,
+    ) -> bool {
+        let Some(b) = self.buckets.iter().position(|d| d.settings.name == bucket) else {
+            return false;
+        };
+        let i = match (self.buckets[b].org, oauth_client) {
+            (Some(i), _) => Some(i),
+            (None, Some(c)) => match self.buckets[b].per_client.get(c) {
+                Some(&i) => Some(i),
+                None => self.add_client_instance(b, c, now),
+            },
+            (None, None) => None,
+        };
+        let Some(x) = i.and_then(|i| self.instances.get_mut(i)) else {
+            return false;
+        };
+        let s = &self.learning;
+        x.learner.restore(p);
+        if let Some(until) = x.learner.frozen_until(now) {
+            x.freeze(until, self.rng.f64(), s);
+        }
+        x.apply_rate(now, s);
+        true
+    }
+}

@@ -1,0 +1,49 @@
+//! Slot-holding leases of a tenant: release, renew, and the slots a lease
+//! gives back when released or expired.
+
+use super::TenantState;
+use crate::error::BrokerError;
+use crate::limits::{Lease, LeaseId};
+use std::time::Duration;
+use tokio::time::Instant;
+
+impl TenantState {
+    /// Returns a lease's slots; false if it holds none (unknown, released,
+    /// expired, or a lease of rate buckets only).
+    pub fn release(&mut self, id: LeaseId) -> bool {
+        let Some(lease) = self.leases.remove(id.seq, id.nonce) else {
+            return false;
+        };
+        self.give_back(&lease);
+        true
+    }
+
+    pub(super) fn give_back(&mut self, lease: &Lease) {
+        for &i in &lease.instances {
+            if let Some(s) = self.instances.get_mut(i).and_then(|x| x.slots.as_mut()) {
+                s.give_back(lease.permits);
+            }
+            self.touch(i);
+        }
+    }
+
+    /// Extends a lease's slots to `now + extend` (`None`: its default TTL).
+    pub fn renew(
+        &mut self,
+        id: LeaseId,
+        extend: Option<Duration>,
+        now: Instant,
+    ) -> Result<(Instant, Duration), BrokerError> {
+        let not_found = || BrokerError::LeaseNotFound {
+            lease_id: id.to_string(),
+        };
+        let ttl = extend
+            .or_else(|| self.leases.get(id.seq, id.nonce).map(|l| l.ttl))
+            .ok_or_else(not_found)?;
+        let expires_at = now + ttl;
+        self.leases
+            .renew(id.seq, id.nonce, expires_at)
+            .ok_or_else(not_found)?;
+        Ok((expires_at, ttl))
+    }
+}

@@ -1,0 +1,245 @@
+//! The whole quota state of one tenant and the decision on every request.
+//! Pure: the clock is passed in, nothing here awaits or does I/O.
+//!
+//! Everything a grant touches lives behind one lock (held by the broker,
+//! never across an `.await`), which is what makes a grant atomic across
+//! buckets: it checks every bucket and takes from all of them, or from none,
+//! with no window in which another request can slip between check and take.
+//! Replies to waiters are sent on the oneshot channels they left, while the
+//! lock is held, so a waiter that gives up can always tell whether it was
+//! granted. Bucket instances are slab indices that never leave this module.
+//!
+//! The type is one, its concerns are split along the call path:
+//!
+//! | file          | owns                                                              |
+//! |---------------|-------------------------------------------------------------------|
+//! | `instance`    | one bucket instance: tokens, slots, learner, freeze, budget view  |
+//! | `registry`    | route → instances, per-OAuth-client instances and their eviction  |
+//! | `classes`     | priority classes, reserves, what a class may take                 |
+//! | `decide`      | [`TenantState::acquire`]: grant, deny (and why), or queue         |
+//! | `waiting`     | the queue: enqueue, withdraw, and the driver's [`TenantState::tick`] |
+//! | `leases`      | release, renew and expiry of slot-holding leases                  |
+//! | `learn`       | [`TenantState::report`]: attribution and the learning rules       |
+//! | `operate`     | operators' changes: limits, pause, and learned state on disk      |
+//! | `status`      | [`BucketStatus`] for Watch and ListBuckets                        |
+
+mod classes;
+#[cfg(test)]
+mod convergence_tests;
+mod decide;
+mod instance;
+mod learn;
+mod leases;
+mod operate;
+mod registry;
+mod status;
+#[cfg(test)]
+mod tests;
+mod waiting;
+
+pub(crate) use learn::ReportOutcome;
+pub(crate) use status::BucketStatus;
+
+use crate::config::{ClassSettings, Scope, Settings, TenantSettings};
+use crate::learning::LearnSettings;
+use crate::limits::{ClassShape, LeaseId, LeaseTable, Queue, RouteCache};
+use instance::Instance;
+use registry::BucketDef;
+use slab::Slab;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// How often idle per-OAuth-client instances are looked for and dropped.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// An operator's change to a bucket's limits (`None`: unchanged).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LimitChange {
+    /// Permits per window.
+    pub permits: Option<u32>,
+    /// The window.
+    pub window: Option<Duration>,
+    /// Burst.
+    pub burst: Option<u32>,
+    /// Concurrency limit.
+    pub max_in_flight: Option<u32>,
+}
+
+/// A waiter's answer: a grant, or why not (the bucket was paused).
+pub(crate) type Reply = oneshot::Sender<Result<Grant, Denial>>;
+
+/// What an Acquire asks for, validated.
+#[derive(Debug, Clone)]
+pub struct AcquireArgs {
+    /// Calling client instance.
+    pub client_id: String,
+    /// Priority class ("" for the default class).
+    pub class: String,
+    /// Upper-case HTTP method.
+    pub method: String,
+    /// Path without query string.
+    pub path: String,
+    /// OAuth client ("" when not named).
+    pub oauth_client: String,
+    /// Permits, at least 1.
+    pub permits: u32,
+}
+
+/// A granted request.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// The lease.
+    pub lease_id: LeaseId,
+    /// Permits taken.
+    pub permits: u32,
+    /// Slot expiry and TTL, when slots are held.
+    pub slot: Option<(Instant, Duration)>,
+    /// Buckets drawn on.
+    pub buckets: Vec<String>,
+}
+
+/// A request that cannot be granted now.
+#[derive(Debug, Clone)]
+pub struct Denial {
+    /// Earliest it could be granted, from now.
+    pub retry_after: Duration,
+    /// Why, for people.
+    pub reason: String,
+    /// Buckets considered.
+    pub buckets: Vec<String>,
+}
+
+/// The answer to an Acquire, decided under the tenant's lock.
+#[derive(Debug)]
+pub enum Decision {
+    /// Granted at once.
+    Granted(Grant),
+    /// Not granted, and not waiting: the wait is zero, the queue is full,
+    /// the bucket is paused or the request may not queue.
+    Denied(Denial),
+    /// Waiting in the queue; the answer comes on [`Queued::reply`].
+    Queued(Queued),
+}
+
+/// A request waiting in the tenant's queue.
+#[derive(Debug)]
+pub struct Queued {
+    /// Ticket to [`TenantState::withdraw`] the request when its wait ends.
+    pub waiter: u64,
+    /// When the wait ends.
+    pub deadline: Instant,
+    /// Where the grant (or a pause's denial) arrives.
+    pub reply: oneshot::Receiver<Result<Grant, Denial>>,
+}
+
+/// Quota state of one tenant.
+pub struct TenantState {
+    idx: u32,
+    id: String,
+    learning: LearnSettings,
+    /// Jitter draws. Seeded per tenant, so runs are reproducible: jitter
+    /// needs spread, not secrecy (lease nonces use the global generator).
+    rng: fastrand::Rng,
+    /// Learned state changed since the last [`TenantState::take_learned_dirty`].
+    learned_dirty: bool,
+    buckets: Vec<BucketDef>,
+    instances: Slab<Instance>,
+    /// Which buckets a (method, path) matches; routes never change at run time.
+    routes: RouteCache,
+    leases: LeaseTable,
+    queue: Queue<Reply>,
+    classes: Vec<ClassSettings>,
+    default_class: usize,
+    max_waiters: u32,
+    /// Cap on any request's wait (the server's `max_wait_ms`).
+    max_wait: Duration,
+    version: Arc<std::sync::atomic::AtomicU64>,
+    next_sweep: Instant,
+}
+
+impl TenantState {
+    /// A tenant with full buckets at `now`. `version` is the broker-wide
+    /// change counter that Watch follows.
+    pub fn new(
+        idx: u32,
+        settings: &TenantSettings,
+        broker: &Settings,
+        version: Arc<std::sync::atomic::AtomicU64>,
+        now: Instant,
+    ) -> TenantState {
+        let mut instances = Slab::new();
+        let buckets = settings
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| BucketDef {
+                settings: b.clone(),
+                paused: None,
+                org: (b.scope == Scope::Org)
+                    .then(|| instances.insert(Instance::new(i, b, None, now))),
+                per_client: HashMap::new(),
+            })
+            .collect();
+        let mut queue = Queue::default();
+        for (k, c) in broker.classes.iter().enumerate() {
+            queue.set_class(
+                k,
+                ClassShape {
+                    order: c.order,
+                    weight: c.weight,
+                },
+            );
+        }
+        TenantState {
+            idx,
+            id: settings.id.clone(),
+            learning: broker.learning,
+            classes: broker.classes.clone(),
+            default_class: broker
+                .classes
+                .iter()
+                .position(|c| c.name == broker.scheduling.default_class)
+                .unwrap_or(0),
+            max_waiters: broker.scheduling.max_waiters_per_bucket,
+            max_wait: broker.server.max_wait,
+            rng: fastrand::Rng::with_seed(u64::from(idx) ^ 0x9e37_79b9_7f4a_7c15),
+            learned_dirty: false,
+            buckets,
+            instances,
+            routes: RouteCache::default(),
+            leases: LeaseTable::default(),
+            queue,
+            version,
+            next_sweep: now + SWEEP_EVERY,
+        }
+    }
+
+    /// The tenant id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn touch(&mut self, instance: usize) {
+        let v = self
+            .version
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if let Some(i) = self.instances.get_mut(instance) {
+            i.version = v;
+        }
+    }
+
+    fn name(&self, instance: usize) -> String {
+        let Some(i) = self.instances.get(instance) else {
+            return String::new();
+        };
+        self.buckets[i.bucket].settings.name.clone()
+    }
+
+    fn names(&self, instances: &[usize]) -> Vec<String> {
+        instances.iter().map(|&i| self.name(i)).collect()
+    }
+}

@@ -1,0 +1,135 @@
+//! Operators' changes to a tenant's buckets: limits and pause, applied at
+//! once to every instance and to the requests waiting on them.
+
+use super::{LimitChange, TenantState};
+use crate::config::BucketSettings;
+use crate::error::BrokerError;
+use crate::limits::{Slots, TokenBucket};
+use std::time::Duration;
+use tokio::time::Instant;
+
+impl TenantState {
+    /// Changes a bucket's configured limits (`None`/0 fields unchanged);
+    /// applies at once to every instance and to waiting requests.
+    pub fn set_bucket_limit(
+        &mut self,
+        bucket: &str,
+        change: LimitChange,
+        now: Instant,
+    ) -> Result<&BucketSettings, BrokerError> {
+        let b = self.bucket_index(bucket)?;
+        let old = self.buckets[b].settings.clone();
+        let bad = |field, problem: String| BrokerError::invalid(field, problem);
+        let rate = match (change.permits, change.window, old.rate) {
+            (None, None, r) => r.map(|r| (r.permits.get(), r.window, r.burst.get())),
+            (p, w, Some(r)) => Some((
+                p.unwrap_or(r.permits.get()),
+                w.unwrap_or(r.window),
+                r.burst.get(),
+            )),
+            (Some(p), Some(w), None) => Some((p, w, p)),
+            _ => {
+                return Err(bad(
+                    "permits",
+                    format!("bucket {bucket:?} has no rate yet; give both permits and window_ms"),
+                ))
+            }
+        }
+        .map(|(p, w, burst)| (p, w, change.burst.unwrap_or(burst)));
+        if let Some((p, w, burst)) = rate {
+            if p == 0 || w.is_zero() || w > Duration::from_secs(86_400) {
+                return Err(bad(
+                    "window_ms",
+                    "the rate needs permits > 0 and a window of 1 ms to 1 day".into(),
+                ));
+            }
+            if burst == 0 || burst > 1_000_000 {
+                return Err(bad(
+                    "burst",
+                    format!("{burst} must be between 1 and 1000000"),
+                ));
+            }
+        } else if change.burst.is_some() {
+            return Err(bad(
+                "burst",
+                format!("bucket {bucket:?} has no rate to burst"),
+            ));
+        }
+        let settings = &mut self.buckets[b].settings;
+        settings.rate = rate.and_then(|(p, w, burst)| {
+            Some(crate::config::Rate {
+                permits: std::num::NonZeroU32::new(p)?,
+                window: w,
+                burst: std::num::NonZeroU32::new(burst)?,
+            })
+        });
+        if let Some(m) = change.max_in_flight {
+            settings.max_in_flight = std::num::NonZeroU32::new(m);
+        }
+        let settings = settings.clone();
+        let s = self.learning;
+        for i in self.instances_of(b) {
+            let Some(x) = self.instances.get_mut(i) else {
+                continue;
+            };
+            if let Some(r) = settings.rate {
+                x.learner.set_configured(r.per_minute(), r.window);
+                match x.tokens.as_mut() {
+                    Some(t) => t.set_burst(r.burst.get(), now),
+                    None => {
+                        x.tokens = Some(TokenBucket::new(
+                            r.permits.get(),
+                            r.window,
+                            r.burst.get(),
+                            now,
+                        ))
+                    }
+                }
+                x.apply_rate(now, &s);
+            }
+            if let Some(m) = settings.max_in_flight {
+                match x.slots.as_mut() {
+                    Some(sl) => sl.set_max(m.get()),
+                    None => x.slots = Some(Slots::new(m.get())),
+                }
+            }
+            self.touch(i);
+        }
+        Ok(&self.buckets[b].settings)
+    }
+
+    /// Pauses (`Some(reason)`) or resumes (`None`) a bucket. Pausing answers
+    /// every request waiting on it at once, with the reason.
+    pub fn set_paused(
+        &mut self,
+        bucket: &str,
+        reason: Option<String>,
+        now: Instant,
+    ) -> Result<(), BrokerError> {
+        let b = self.bucket_index(bucket)?;
+        self.buckets[b].paused = reason;
+        let on_bucket = self.instances_of(b);
+        if self.buckets[b].paused.is_some() {
+            let gone = self
+                .queue
+                .remove_where(|w| w.instances.iter().any(|i| on_bucket.contains(i)));
+            for w in gone {
+                self.unqueue(&w);
+                let denial = self
+                    .paused(&w.instances)
+                    .unwrap_or_else(|| self.explain(&w.instances, w.permits, 0.0, now));
+                let _ = w.reply.send(Err(denial));
+            }
+        }
+        for i in on_bucket {
+            self.touch(i);
+        }
+        Ok(())
+    }
+
+    /// The bucket's current limits and pause, for the admin state file.
+    pub fn bucket_admin_view(&self, bucket: &str) -> Option<(&BucketSettings, Option<&str>)> {
+        let b = self.bucket_index(bucket).ok()?;
+        Some((&self.buckets[b].settings, self.buckets[b].paused.as_deref()))
+    }
+}

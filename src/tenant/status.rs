@@ -1,0 +1,119 @@
+//! The live state of a tenant's bucket instances, for Watch (only what
+//! changed since a stream last looked) and ListBuckets.
+
+use super::{Instance, TenantState};
+use crate::config::Scope;
+use std::collections::{BTreeMap, HashMap};
+use tokio::time::Instant;
+
+/// Live state of one bucket instance, for Watch and ListBuckets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BucketStatus {
+    /// Bucket name.
+    pub bucket: String,
+    /// Scope.
+    pub scope: Scope,
+    /// OAuth client of a per-client instance.
+    pub oauth_client: Option<String>,
+    /// Configured rate per minute (0 without a rate).
+    pub configured_rate_per_min: f64,
+    /// Effective rate per minute (0 without a rate).
+    pub effective_rate_per_min: f64,
+    /// Burst (0 without a rate).
+    pub burst: u32,
+    /// Permits available now.
+    pub tokens_available: f64,
+    /// Slots held.
+    pub in_flight: u32,
+    /// Slot limit (0 without one).
+    pub max_in_flight: u32,
+    /// Waiters per class.
+    pub waiting: BTreeMap<String, u32>,
+    /// Operator's reason, when the bucket is paused.
+    pub paused: Option<String>,
+    /// Permits granted.
+    pub granted_total: u64,
+    /// 429s reported.
+    pub throttled_total: u64,
+    /// Reports received.
+    pub reports_total: u64,
+    /// Frozen until (after a reported 429).
+    pub frozen_until: Option<Instant>,
+    /// Limit learned from rate-limit headers, per minute.
+    pub learned_limit_per_min: Option<f64>,
+    /// 429 ratio over the ratio window.
+    pub throttle_ratio: f64,
+    /// The ratio backstop holds the rate until then.
+    pub cooldown_until: Option<Instant>,
+    /// What the upstream last said is left of its budget (until its reset).
+    pub upstream_remaining: Option<u32>,
+}
+
+impl TenantState {
+    /// Status of instances whose version is above what `seen` holds for
+    /// them (all instances when `seen` is empty); updates `seen`.
+    pub fn statuses_since(
+        &self,
+        seen: &mut HashMap<usize, u64>,
+        now: Instant,
+    ) -> Vec<BucketStatus> {
+        let mut out = Vec::new();
+        for (i, x) in &self.instances {
+            let last = seen.get(&i).copied();
+            if last.is_some_and(|v| v >= x.version) {
+                continue;
+            }
+            seen.insert(i, x.version);
+            out.push(self.status_of(x, now));
+        }
+        seen.retain(|i, _| self.instances.contains(*i));
+        out
+    }
+
+    /// Status of every instance.
+    pub fn statuses(&self, now: Instant) -> Vec<BucketStatus> {
+        self.instances
+            .iter()
+            .map(|(_, x)| self.status_of(x, now))
+            .collect()
+    }
+
+    pub(super) fn status_of(&self, x: &Instance, now: Instant) -> BucketStatus {
+        let settings = &self.buckets[x.bucket].settings;
+        BucketStatus {
+            bucket: settings.name.clone(),
+            scope: settings.scope,
+            oauth_client: x.oauth_client.as_deref().map(str::to_owned),
+            configured_rate_per_min: settings.rate.map_or(0.0, |r| r.per_minute()),
+            effective_rate_per_min: x.tokens.as_ref().map_or(0.0, |t| t.rate_per_min()),
+            burst: x.tokens.as_ref().map_or(0, |t| t.burst()),
+            tokens_available: x.tokens.as_ref().map_or(0.0, |t| t.available(now)),
+            in_flight: x.slots.map_or(0, |s| s.in_flight()),
+            max_in_flight: x.slots.map_or(0, |s| s.max()),
+            waiting: x
+                .waiting
+                .iter()
+                .filter_map(|(&k, &n)| Some((self.classes.get(k)?.name.clone(), n)))
+                .collect(),
+            paused: self.buckets[x.bucket].paused.clone(),
+            granted_total: x.granted_total,
+            throttled_total: x.throttled_total,
+            reports_total: x.reports_total,
+            frozen_until: x.learner.frozen_until(now),
+            learned_limit_per_min: x.learner.learned_limit(),
+            throttle_ratio: x.learner.throttle_ratio(now, &self.learning),
+            cooldown_until: x.learner.cooldown_until(now),
+            upstream_remaining: x.upstream.and_then(|u| u.remaining(now)),
+        }
+    }
+
+    /// Waiters in the queue.
+    pub fn waiting(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Leases holding slots.
+    pub fn leases_held(&self) -> usize {
+        self.leases.len()
+    }
+}

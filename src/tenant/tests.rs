@@ -1,0 +1,300 @@
+//! Unit tests of the tenant state machine: grants, waits, reserves,
+//! expiry, per-client instances, and a proptest of the limits.
+
+use super::*;
+use crate::config::Settings;
+use crate::error::BrokerError;
+use crate::limits::LeaseId;
+use proptest::prelude::*;
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn tenant(toml_buckets: &str, now: Instant) -> TenantState {
+    let s = Settings::from_toml(&format!("[[tenants]]\nid = \"t\"\n{toml_buckets}")).unwrap();
+    TenantState::new(0, &s.tenants[0], &s, Default::default(), now)
+}
+
+fn args(method: &str, path: &str, permits: u32) -> AcquireArgs {
+    AcquireArgs {
+        client_id: "c".into(),
+        class: String::new(),
+        method: method.into(),
+        path: path.into(),
+        oauth_client: "oa".into(),
+        permits,
+    }
+}
+
+const TWO: &str = r#"
+    [[tenants.buckets]]
+    name = "rate"
+    routes = ["* /**"]
+    permits = 2
+    window_ms = 1000
+    [[tenants.buckets]]
+    name = "slots"
+    routes = ["POST /q"]
+    max_in_flight = 1
+    lease_ttl_ms = 5000
+"#;
+
+fn granted(a: Decision) -> Grant {
+    match a {
+        Decision::Granted(g) => g,
+        Decision::Denied(denial) => panic!("not granted: {}", denial.reason),
+        Decision::Queued(_) => panic!("queued"),
+    }
+}
+
+/// Waits long enough for any test: the request queues if it is not granted.
+const WAIT: Option<Duration> = Some(Duration::from_secs(3600));
+/// No wait: granted or denied at once.
+const NOW: Option<Duration> = Some(Duration::ZERO);
+
+#[test]
+fn grant_draws_on_all_buckets_or_none() {
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    let g = granted(t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
+    assert_eq!(g.buckets, ["rate", "slots"]);
+    assert_eq!(g.slot, Some((t0 + 5 * SEC, 5 * SEC)));
+    // The slot is taken: the next POST takes nothing from "rate" either.
+    let Decision::Denied(denial) = t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap() else {
+        panic!("granted past the slot limit")
+    };
+    assert!(
+        denial
+            .reason
+            .contains("\"slots\" has 1 of 1 concurrency slots in use"),
+        "{}",
+        denial.reason
+    );
+    assert_eq!(denial.retry_after, 5 * SEC);
+    let rate = t
+        .statuses(t0)
+        .into_iter()
+        .find(|s| s.bucket == "rate")
+        .unwrap();
+    assert_eq!(rate.tokens_available, 1.0);
+    assert!(t.release(g.lease_id));
+    assert!(!t.release(g.lease_id), "second release changes nothing");
+    granted(t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
+}
+
+#[test]
+fn expiry_returns_slots_and_serves_waiters() {
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    granted(t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
+    let Decision::Queued(Queued { reply: mut rx, .. }) =
+        t.acquire(&args("POST", "/q", 1), WAIT, t0).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        t.tick(t0),
+        Some(t0 + 5 * SEC),
+        "wakes at the lease's expiry"
+    );
+    assert!(rx.try_recv().is_err());
+    t.tick(t0 + 5 * SEC);
+    let g = rx
+        .try_recv()
+        .expect("answered once the slot expired")
+        .expect("granted");
+    assert_eq!(g.slot.map(|s| s.0), Some(t0 + 10 * SEC));
+    assert_eq!(t.waiting(), 0);
+    assert_eq!(t.leases_held(), 1);
+}
+
+#[test]
+fn critical_borrows_below_empty_only_while_a_lower_class_waits() {
+    let t0 = Instant::now();
+    // One permit a second, burst 10; the default classes hold 20% (2
+    // permits) back from the lowest.
+    let mut t = tenant(
+        "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 60\n\
+         window_ms = 60000\nburst = 10",
+        t0,
+    );
+    let call = |class: &str| AcquireArgs {
+        class: class.into(),
+        ..args("GET", "/x", 1)
+    };
+    for _ in 0..10 {
+        granted(t.acquire(&call("critical"), NOW, t0).unwrap());
+    }
+    // Empty, nobody below waits: critical waits like anyone.
+    assert!(matches!(
+        t.acquire(&call("critical"), NOW, t0).unwrap(),
+        Decision::Denied(_)
+    ));
+    let Decision::Queued(Queued { reply: mut rx, .. }) =
+        t.acquire(&call("batch"), WAIT, t0).unwrap()
+    else {
+        panic!("batch granted from an empty bucket")
+    };
+    // Batch waits: critical borrows the 2 held back from it, no more.
+    granted(t.acquire(&call("critical"), NOW, t0).unwrap());
+    granted(t.acquire(&call("critical"), NOW, t0).unwrap());
+    let Decision::Denied(denial) = t.acquire(&call("critical"), NOW, t0).unwrap() else {
+        panic!("borrowed past the reserve")
+    };
+    assert_eq!(denial.retry_after, SEC);
+    // Batch pays it back: 1 permit plus its 2 held back are 5 s away.
+    t.tick(t0 + 4 * SEC);
+    assert!(
+        rx.try_recv().is_err(),
+        "batch served before the debt was repaid"
+    );
+    t.tick(t0 + 5 * SEC);
+    rx.try_recv().expect("answered").expect("granted");
+}
+
+#[test]
+fn renew_extends_and_unknown_is_not_found() {
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    let g = granted(t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
+    let (at, ttl) = t.renew(g.lease_id, Some(20 * SEC), t0 + 4 * SEC).unwrap();
+    assert_eq!((at, ttl), (t0 + 24 * SEC, 20 * SEC));
+    t.tick(t0 + 10 * SEC);
+    assert_eq!(
+        t.leases_held(),
+        1,
+        "renewed lease survives its first expiry"
+    );
+    let (at, _) = t.renew(g.lease_id, None, t0 + 10 * SEC).unwrap();
+    assert_eq!(at, t0 + 15 * SEC, "default TTL");
+    t.tick(t0 + 15 * SEC);
+    assert!(matches!(
+        t.renew(g.lease_id, None, t0 + 15 * SEC),
+        Err(BrokerError::LeaseNotFound { .. })
+    ));
+    assert!(!t.release(g.lease_id), "release after expiry is a no-op");
+}
+
+#[test]
+fn errors_name_what_is_wrong() {
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    assert!(matches!(
+        t.acquire(&args("POST", "/q", 3), NOW, t0),
+        Err(BrokerError::TooManyPermits {
+            max: 2,
+            what: "burst",
+            ..
+        })
+    ));
+    let mut t = tenant(
+        "[[tenants.buckets]]\nname = \"only\"\nroutes = [\"GET /a\"]\nmax_in_flight = 1\n",
+        t0,
+    );
+    assert!(matches!(
+        t.acquire(&args("GET", "/b", 1), NOW, t0),
+        Err(BrokerError::NoBucketMatches { .. })
+    ));
+}
+
+#[test]
+fn per_client_instances_are_bounded_and_idle_ones_evicted() {
+    let t0 = Instant::now();
+    let mut t = tenant(
+        r#"
+        [[tenants.buckets]]
+        name = "pc"
+        scope = "oauth_client"
+        routes = ["* /**"]
+        permits = 1
+        window_ms = 1000
+        max_clients = 2
+        "#,
+        t0,
+    );
+    let mut a = args("GET", "/x", 1);
+    for c in ["a", "b"] {
+        a.oauth_client = c.into();
+        granted(t.acquire(&a, NOW, t0).unwrap());
+    }
+    a.oauth_client = "c".into();
+    let Decision::Denied(denial) = t.acquire(&a, NOW, t0).unwrap() else {
+        panic!()
+    };
+    assert!(
+        denial.reason.contains("limit of 2 OAuth clients"),
+        "{}",
+        denial.reason
+    );
+    // Once a and b are full again they are idle and make room.
+    granted(t.acquire(&a, NOW, t0 + SEC).unwrap());
+    assert_eq!(t.statuses(t0 + SEC).len(), 1);
+    // Each client has its own budget.
+    a.oauth_client = "a".into();
+    granted(t.acquire(&a, NOW, t0 + SEC).unwrap());
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Acquire(u32),
+    Release(usize),
+    Advance(u64),
+}
+
+proptest! {
+    /// No interleaving of acquires, releases, waits and expiries holds
+    /// more slots than the limit, or grants more permits in any window
+    /// than burst + rate × window.
+    #[test]
+    fn limits_hold_under_any_interleaving(
+        ops in prop::collection::vec(prop_oneof![
+            (1u32..3).prop_map(Op::Acquire),
+            (0usize..8).prop_map(Op::Release),
+            (0u64..3000).prop_map(Op::Advance),
+        ], 1..150)
+    ) {
+        let t0 = Instant::now();
+        let mut t = tenant(r#"
+            [[tenants.buckets]]
+            name = "both"
+            routes = ["* /**"]
+            permits = 5
+            window_ms = 1000
+            burst = 3
+            max_in_flight = 3
+            lease_ttl_ms = 2000
+        "#, t0);
+        let mut now = t0;
+        let mut held: Vec<LeaseId> = Vec::new();
+        let mut waiting = Vec::new();
+        let mut grants: Vec<(Instant, u32)> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Acquire(n) => match t.acquire(&args("GET", "/", n), WAIT, now).unwrap() {
+                    Decision::Granted(g) => { grants.push((now, n)); held.push(g.lease_id); }
+                    Decision::Queued(q) => waiting.push((n, q.reply)),
+                    Decision::Denied(d) => panic!("denied with a wait: {}", d.reason),
+                },
+                Op::Release(k) => if !held.is_empty() {
+                    let id = held.remove(k % held.len());
+                    t.release(id);
+                },
+                Op::Advance(ms) => now += Duration::from_millis(ms),
+            }
+            t.tick(now);
+            waiting.retain_mut(|(n, rx)| match rx.try_recv() {
+                Ok(Ok(g)) => { grants.push((now, *n)); held.push(g.lease_id); false }
+                Ok(Err(_)) => false,
+                Err(_) => true,
+            });
+            let s = &t.statuses(now)[0];
+            prop_assert!(s.in_flight <= 3, "{} slots held", s.in_flight);
+        }
+        for (i, &(start, _)) in grants.iter().enumerate() {
+            for &(end, _) in &grants[i..] {
+                let w = (end - start).as_secs_f64();
+                let n: u32 = grants.iter().filter(|(t, _)| *t >= start && *t <= end).map(|(_, n)| n).sum();
+                prop_assert!(f64::from(n) <= 3.0 + w * 5.0 + 1e-9, "{n} in {w}s");
+            }
+        }
+    }
+}

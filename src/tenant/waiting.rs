@@ -1,0 +1,132 @@
+//! The waiting side of a tenant: requests queue, leave when their wait ends
+//! or their caller goes, and are granted by the driver's
+//! [`TenantState::tick`] the moment capacity frees, in the order the
+//! scheduler picks.
+
+use super::{AcquireArgs, Denial, Grant, Queued, Reply, TenantState, SWEEP_EVERY};
+use crate::limits::{LeaseId, Offer, Waiter};
+use std::sync::Arc;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+impl TenantState {
+    /// Puts a request that may wait in the queue.
+    pub(super) fn enqueue(
+        &mut self,
+        instances: Vec<usize>,
+        class: usize,
+        args: &AcquireArgs,
+        deadline: Instant,
+    ) -> Queued {
+        for &i in &instances {
+            if let Some(x) = self.instances.get_mut(i) {
+                x.queued += 1;
+                *x.waiting.entry(class).or_default() += 1;
+            }
+            self.touch(i);
+        }
+        let (tx, rx) = oneshot::channel();
+        let waiter = self.queue.push(
+            instances,
+            args.permits,
+            class,
+            Arc::from(args.client_id.as_str()),
+            tx,
+        );
+        Queued {
+            waiter,
+            deadline,
+            reply: rx,
+        }
+    }
+
+    pub(super) fn unqueue(&mut self, w: &Waiter<Reply>) {
+        for &i in &w.instances {
+            if let Some(x) = self.instances.get_mut(i) {
+                x.queued = x.queued.saturating_sub(1);
+                if let Some(c) = x.waiting.get_mut(&w.class) {
+                    *c -= 1;
+                    if *c == 0 {
+                        x.waiting.remove(&w.class);
+                    }
+                }
+            }
+            self.touch(i);
+        }
+    }
+
+    /// Takes a waiter out of the queue (timeout or caller gone) and says why
+    /// it was not granted; `None` if it already left (it was granted).
+    pub fn withdraw(&mut self, waiter: u64, now: Instant) -> Option<Denial> {
+        let w = self.queue.remove(waiter)?;
+        self.unqueue(&w);
+        let share = self.bucket_share(w.class, &w.instances);
+        Some(self.explain(&w.instances, w.permits, share, now))
+    }
+
+    /// Hands a grant back (its waiter was gone before it could take it).
+    pub fn undo(&mut self, grant: &Grant) {
+        self.release(grant.lease_id);
+    }
+
+    /// Expires leases, serves waiters, drops idle instances; returns when to
+    /// run again at the latest (`None`: only when something changes).
+    pub fn tick(&mut self, now: Instant) -> Option<Instant> {
+        while let Some((seq, lease)) = self.leases.pop_expired(now) {
+            tracing::info!(
+                tenant = %self.id,
+                lease = %LeaseId { tenant: self.idx, seq, nonce: lease.nonce },
+                client_id = %lease.client_id,
+                "lease expired without release; its slots are back"
+            );
+            self.give_back(&lease);
+        }
+        let mut queue = std::mem::take(&mut self.queue);
+        let mut grants = Vec::new();
+        let (granted, next_ready) = queue.serve(|w| {
+            let share = self.bucket_share(w.class, &w.instances);
+            if self.paused(&w.instances).is_none()
+                && self.can_take(&w.instances, w.permits, share, now)
+            {
+                grants.push(self.take(&w.instances, w.permits, &w.client_id, now));
+                return Offer::Granted;
+            }
+            let ready: Result<Vec<Instant>, ()> = w
+                .instances
+                .iter()
+                .map(|&i| {
+                    self.instances
+                        .get(i)
+                        .map_or(Err(()), |x| x.ready_at(w.permits, share, now))
+                })
+                .collect();
+            Offer::NotYet(ready.ok().and_then(|ts| ts.into_iter().max()))
+        });
+        self.queue = queue;
+        for (w, grant) in granted.into_iter().zip(grants) {
+            self.unqueue(&w);
+            if let Err(Ok(grant)) = w.reply.send(Ok(grant)) {
+                // The waiter's caller is gone and could not withdraw first
+                // (it withdraws under this same lock): hand the grant back.
+                self.undo(&grant);
+            }
+        }
+        if now >= self.next_sweep {
+            self.evict_idle(None, now);
+            self.next_sweep = now + SWEEP_EVERY;
+        }
+        [next_ready, self.leases.next_expiry(), Some(self.next_sweep)]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Answers every waiter (shutdown): they leave the queue unanswered and
+    /// their callers see the channel closed.
+    pub fn drop_waiters(&mut self) {
+        let waiters = self.queue.drain();
+        for w in &waiters {
+            self.unqueue(w);
+        }
+    }
+}
