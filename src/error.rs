@@ -1,6 +1,6 @@
 //! The broker's error type: every way a request can be refused for good
 //! (as opposed to "not now", which is a normal `granted = false` answer).
-//! `service.rs` maps each variant to one gRPC status code.
+//! The gRPC codec (`grpc/codec.rs`) maps each variant to one status code.
 
 /// Why a request was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -5,6 +5,7 @@
 
 use super::files::{AdminBucket, AdminClass, AdminFile};
 use super::{Broker, TenantBucketStatus};
+use crate::clock::millis;
 use crate::config::ClassSettings;
 use crate::error::BrokerError;
 use crate::tenant::LimitChange;
@@ -31,7 +32,7 @@ impl Broker {
         let t = self.tenant_index(tenant)?;
         self.inner.tenants[t].lock().set_class(class.clone())?;
         tracing::info!(%tenant, class = %class.name, order = class.order, weight = class.weight,
-            reserve = class.reserve, default_max_wait_ms = class.default_max_wait.as_millis() as u64,
+            reserve = class.reserve, default_max_wait_ms = millis(class.default_max_wait),
             by = %who, "priority class set");
         self.changed_by_admin(t, AdminKey::Class(class.name.clone()))
             .await?;
@@ -130,12 +131,7 @@ impl Broker {
                     if let Some(c) = state.classes().iter().find(|c| &c.name == name) {
                         classes.push(AdminClass {
                             tenant,
-                            name: c.name.clone(),
-                            order: c.order,
-                            weight: c.weight,
-                            reserve: c.reserve,
-                            default_max_wait_ms: u64::try_from(c.default_max_wait.as_millis())
-                                .unwrap_or(u64::MAX),
+                            class: c.clone(),
                         });
                     }
                 }
@@ -145,9 +141,7 @@ impl Broker {
                             tenant,
                             bucket: name.clone(),
                             permits: b.rate.map(|r| r.permits.get()),
-                            window_ms: b
-                                .rate
-                                .map(|r| u64::try_from(r.window.as_millis()).unwrap_or(u64::MAX)),
+                            window_ms: b.rate.map(|r| millis(r.window)),
                             burst: b.rate.map(|r| r.burst.get()),
                             max_in_flight: b.max_in_flight.map(|m| m.get()),
                             paused: paused.map(str::to_owned),
@@ -178,16 +172,10 @@ impl Broker {
             let Some(&t) = self.inner.by_id.get(&c.tenant) else {
                 continue;
             };
-            let class = ClassSettings {
-                name: c.name.clone(),
-                order: c.order,
-                weight: c.weight,
-                reserve: c.reserve,
-                default_max_wait: Duration::from_millis(c.default_max_wait_ms),
-            };
-            match self.inner.tenants[t].lock().set_class(class) {
+
+            match self.inner.tenants[t].lock().set_class(c.class.clone()) {
                 Ok(()) => {
-                    changed.insert((t, AdminKey::Class(c.name)));
+                    changed.insert((t, AdminKey::Class(c.class.name)));
                 }
                 Err(e) => {
                     tracing::warn!(tenant = %c.tenant, error = %e, "saved class not restored")

@@ -5,6 +5,7 @@
 //! cannot be read is reported and ignored: the broker then starts on its
 //! config alone rather than not at all.
 
+use crate::config::ClassSettings;
 use serde::{Deserialize, Serialize};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -28,22 +29,15 @@ pub(super) struct AdminFile {
     pub buckets: Vec<AdminBucket>,
 }
 
-/// A class as an operator set it.
+/// A class as an operator set it (its fields as in the config's
+/// `[[classes]]`, beside the tenant).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct AdminClass {
     /// Tenant id.
-    pub tenant: String,
-    /// Class name.
-    pub name: String,
-    /// Order.
-    pub order: u32,
-    /// Weight.
-    pub weight: u32,
-    /// Reserve share.
-    pub reserve: f64,
-    /// Default wait, ms.
-    pub default_max_wait_ms: u64,
+    pub(super) tenant: String,
+    /// The class.
+    #[serde(flatten)]
+    pub(super) class: ClassSettings,
 }
 
 /// A bucket's limits and pause as an operator set them.

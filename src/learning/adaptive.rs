@@ -1,7 +1,7 @@
 //! Learning from upstream throttling, for one bucket instance: the freeze
 //! after a 429, the effective rate (cut on congestion, regrown on success),
 //! the limit learned from rate-limit headers, and the 429-ratio backstop.
-//! Pure: the clock is passed in; `tenant.rs` applies the results to the
+//! Pure: the clock is passed in; the tenant applies the results to the
 //! instance's token bucket.
 //!
 //! The rules (README "How the broker learns" has a worked example):
@@ -25,10 +25,12 @@
 //!   already tell it how much budget is left, so the rate only needs a slow,
 //!   predictable probe; a fast convex return to the old maximum is what
 //!   produces the next wave of 429s.
-//! - **Ratio backstop** (seed 001's rule). The 429 ratio over a sliding
-//!   window is tracked; when a new episode starts while it is above the
-//!   threshold (with enough reports to mean something), the rate is cut a
-//!   further 20% and held there for the cooldown.
+//! - **Ratio backstop.** A fleet whose share of 429s stays above a small
+//!   threshold (1% by default) is pushing too hard, whatever the episodes
+//!   say: the 429 ratio over a sliding window is tracked, and when a new
+//!   episode starts while it is above the threshold (with enough reports to
+//!   mean something), the rate is cut further to `ratio_cut` of itself
+//!   (default 0.8) and held there for the cooldown (default an hour).
 //! - **Bounds.** Never below the floor, never above the configured rate or a
 //!   learned limit.
 
@@ -399,7 +401,8 @@ impl Learner {
             out.push(Learned::Cut {
                 from,
                 to: self.effective,
-                why: "429 ratio above threshold: cut 20% and hold for the cooldown",
+                why: "the 429 ratio is above learning.ratio_threshold: cut to learning.ratio_cut of the rate \
+                      and held for learning.cooldown_ms",
             });
         }
         out

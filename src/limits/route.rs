@@ -7,15 +7,7 @@
 
 use std::fmt;
 
-/// One parsed route pattern.
-///
-/// ```
-/// use quota_broker::route::Route;
-///
-/// let query = Route::parse("POST /api/v2/analytics/**/query").unwrap();
-/// assert!(query.matches("POST", "/api/v2/analytics/conversations/details/query"));
-/// assert!(!query.matches("GET", "/api/v2/analytics/conversations/details/query"));
-/// ```
+/// One parsed route pattern, e.g. `POST /api/v2/analytics/**/query`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     /// Upper-case method, or `None` for any.
@@ -122,6 +114,13 @@ impl RouteCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pattern_matches_method_and_path() {
+        let query = Route::parse("POST /api/v2/analytics/**/query").unwrap();
+        assert!(query.matches("POST", "/api/v2/analytics/conversations/details/query"));
+        assert!(!query.matches("GET", "/api/v2/analytics/conversations/details/query"));
+    }
 
     fn m(pattern: &str, method: &str, path: &str) -> bool {
         Route::parse(pattern).unwrap().matches(method, path)

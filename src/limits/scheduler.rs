@@ -11,7 +11,7 @@
 //! - a waiter that cannot be granted holds its buckets for waiters of its own
 //!   and lower classes in this pass (so a large request is not starved by
 //!   small ones behind it) but not for higher classes, which may still use
-//!   their reserve (enforced by `tenant.rs` in the offer).
+//!   their reserve (enforced by the tenant in the offer).
 //!
 //! The queue owns each waiter's reply handle; it knows nothing of buckets
 //! beyond their indices, nor of classes beyond index, order and weight.

@@ -2,10 +2,10 @@
 //! once to every instance and to the requests waiting on them.
 
 use super::{LimitChange, TenantState};
-use crate::config::BucketSettings;
+use crate::clock::millis;
+use crate::config::{check_rate, BucketSettings};
 use crate::error::BrokerError;
 use crate::limits::{Slots, TokenBucket};
-use std::time::Duration;
 use tokio::time::Instant;
 
 impl TenantState {
@@ -36,33 +36,28 @@ impl TenantState {
             }
         }
         .map(|(p, w, burst)| (p, w, change.burst.unwrap_or(burst)));
-        if let Some((p, w, burst)) = rate {
-            if p == 0 || w.is_zero() || w > Duration::from_secs(86_400) {
-                return Err(bad(
-                    "window_ms",
-                    "the rate needs permits > 0 and a window of 1 ms to 1 day".into(),
-                ));
+        let rate = match rate {
+            Some((p, w, burst)) => {
+                Some(check_rate(p, millis(w), Some(burst)).map_err(|found| {
+                    let field = found.first().map_or("permits", |&(key, _)| key);
+                    let problem = found
+                        .iter()
+                        .map(|(key, problem)| format!("{key} {problem}"))
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    BrokerError::invalid(field, problem)
+                })?)
             }
-            if burst == 0 || burst > 1_000_000 {
+            None if change.burst.is_some() => {
                 return Err(bad(
                     "burst",
-                    format!("{burst} must be between 1 and 1000000"),
-                ));
+                    format!("bucket {bucket:?} has no rate to burst"),
+                ))
             }
-        } else if change.burst.is_some() {
-            return Err(bad(
-                "burst",
-                format!("bucket {bucket:?} has no rate to burst"),
-            ));
-        }
+            None => None,
+        };
         let settings = &mut self.buckets[b].settings;
-        settings.rate = rate.and_then(|(p, w, burst)| {
-            Some(crate::config::Rate {
-                permits: std::num::NonZeroU32::new(p)?,
-                window: w,
-                burst: std::num::NonZeroU32::new(burst)?,
-            })
-        });
+        settings.rate = rate;
         if let Some(m) = change.max_in_flight {
             settings.max_in_flight = std::num::NonZeroU32::new(m);
         }

@@ -39,7 +39,10 @@ fn unknown_flag_is_a_usage_error() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("usage: quota-broker"));
+    // clap's usage line ("Usage: quota-broker [OPTIONS] [COMMAND]").
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .to_lowercase()
+        .contains("usage: quota-broker"));
 }
 
 /// Kills the broker if the test fails before it exits, so no process (and

@@ -1,0 +1,439 @@
+//! Configuration: the embedded default, an optional TOML file, and
+//! `QUOTA_BROKER__…` environment overrides, layered by the `config` crate and
+//! then validated into typed [`Settings`] before anything binds a socket.
+//!
+//! Validation collects every problem rather than stopping at the first, so an
+//! operator fixes a bad file in one go. The embedded default is
+//! `examples/broker.toml`, compiled in, so the documented example and the
+//! default can never drift apart.
+
+mod raw;
+
+use crate::auth::TokenSettings;
+use crate::learning::LearnSettings;
+use crate::limits::Route;
+use raw::RawConfig;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::time::Duration;
+
+/// Windows longer than a day are almost certainly a unit mistake.
+const MAX_WINDOW_MS: u64 = 86_400_000;
+/// Keeps bucket arithmetic far from overflow.
+const MAX_BURST: u32 = 1_000_000;
+
+/// The embedded default configuration (the content of `examples/broker.toml`).
+pub(crate) const DEFAULT_TOML: &str = include_str!("../../examples/broker.toml");
+
+/// Prefix of environment variables that override single keys.
+pub(crate) const ENV_PREFIX: &str = "QUOTA_BROKER";
+
+/// Validated, typed configuration of the whole broker.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Process-level settings.
+    pub server: ServerSettings,
+    /// Upstream organisations, each with its buckets.
+    pub tenants: Vec<TenantSettings>,
+    /// How the broker learns from reported throttling.
+    pub learning: LearnSettings,
+    /// Priority classes every tenant starts with, in order.
+    pub classes: Vec<ClassSettings>,
+    /// Queueing rules.
+    pub scheduling: SchedulingSettings,
+    /// Bearer tokens; none means open (allowed on loopback only).
+    pub tokens: Vec<TokenSettings>,
+}
+
+/// A priority class. Its serde form is the `[[classes]]` entry of the
+/// config and of the state directory's `admin.toml` alike.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassSettings {
+    /// Name clients use in `priority_class`.
+    pub name: String,
+    /// Lower is served first.
+    pub order: u32,
+    /// Share weight among classes competing for the same capacity.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Share (0–1) of each bucket's burst and slots that lower classes may
+    /// never take.
+    #[serde(default)]
+    pub reserve: f64,
+    /// Wait used when an Acquire gives no `max_wait_ms`.
+    #[serde(default, rename = "default_max_wait_ms", with = "as_millis")]
+    pub default_max_wait: Duration,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A `Duration` as whole milliseconds in serde forms.
+mod as_millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(crate::clock::millis(*d))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+/// Queueing rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulingSettings {
+    /// Class of Acquires that name none.
+    pub default_class: String,
+    /// Most requests waiting on one bucket instance; past it, an immediate
+    /// `granted = false`.
+    pub max_waiters_per_bucket: u32,
+}
+
+impl ClassSettings {
+    /// Checks one class, pushing a line per problem.
+    pub fn check(&self, at: &str, problems: &mut Vec<String>) {
+        if self.name.trim().is_empty() || self.name.len() > 64 {
+            problems.push(format!("{at}: name must be 1 to 64 characters"));
+        }
+        if self.weight == 0 {
+            problems.push(format!("{at}: weight must be at least 1"));
+        }
+        if !(self.reserve.is_finite() && (0.0..1.0).contains(&self.reserve)) {
+            problems.push(format!(
+                "{at}: reserve {} must be at least 0 and below 1",
+                self.reserve
+            ));
+        }
+    }
+
+    /// The default set: critical (wallboards), interactive (call-flow
+    /// relays), batch (ingestion), best_effort; critical and interactive
+    /// each reserve 10% of every bucket.
+    pub fn defaults() -> Vec<ClassSettings> {
+        let class = |name: &str, order, weight, reserve, wait_ms| ClassSettings {
+            name: name.to_owned(),
+            order,
+            weight,
+            reserve,
+            default_max_wait: Duration::from_millis(wait_ms),
+        };
+        vec![
+            class("critical", 0, 8, 0.1, 2_000),
+            class("interactive", 1, 4, 0.1, 500),
+            class("batch", 2, 2, 0.0, 30_000),
+            class("best_effort", 3, 1, 0.0, 0),
+        ]
+    }
+}
+
+/// Checks a whole class set (after each class is checked on its own).
+pub(crate) fn check_class_set(classes: &[ClassSettings], problems: &mut Vec<String>) {
+    let mut names = HashSet::new();
+    for c in classes {
+        if !names.insert(c.name.as_str()) {
+            problems.push(format!("classes: name {:?} is used twice", c.name));
+        }
+    }
+    let total: f64 = classes.iter().map(|c| c.reserve).sum();
+    if total >= 1.0 {
+        problems.push(format!(
+            "classes: reserves add up to {total}; they must stay below 1 so the lowest class can run"
+        ));
+    }
+}
+
+/// Process-level settings.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Address the gRPC server binds.
+    pub listen: SocketAddr,
+    /// Cap on an Acquire's server-side wait.
+    pub max_wait: Duration,
+    /// Cap on the TTL a Renew may ask for.
+    pub max_lease_ttl: Duration,
+    /// Bound on the drain after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// Where learned state is kept across restarts (`None`: not kept).
+    pub state_dir: Option<std::path::PathBuf>,
+}
+
+/// One upstream organisation.
+#[derive(Debug, Clone)]
+pub struct TenantSettings {
+    /// Tenant id clients name in requests.
+    pub id: String,
+    /// Upstream region, informational.
+    pub region: Option<String>,
+    /// The tenant's limits.
+    pub buckets: Vec<BucketSettings>,
+}
+
+/// Whether a bucket is one for the whole tenant or one per OAuth client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// One instance for the whole tenant.
+    Org,
+    /// One instance per OAuth client id seen.
+    OauthClient,
+}
+
+impl Scope {
+    /// The name used in configuration and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Org => "org",
+            Scope::OauthClient => "oauth_client",
+        }
+    }
+}
+
+/// A rate: `permits` per `window`, holding at most `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Permits per window.
+    pub permits: NonZeroU32,
+    /// The window.
+    pub window: Duration,
+    /// Most permits held at once.
+    pub burst: NonZeroU32,
+}
+
+/// The one rule for a rate, for the config and operators' changes alike:
+/// `permits` per `window_ms` (1 ms to one day) holding `burst` (1 to
+/// 1 000 000; `None`: as many as `permits`). Each problem names its key.
+pub(crate) fn check_rate(
+    permits: u32,
+    window_ms: u64,
+    burst: Option<u32>,
+) -> Result<Rate, Vec<(&'static str, String)>> {
+    let mut problems = Vec::new();
+    let permits_ok = NonZeroU32::new(permits);
+    if permits_ok.is_none() {
+        problems.push(("permits", "must be above 0".to_owned()));
+    }
+    if window_ms == 0 || window_ms > MAX_WINDOW_MS {
+        problems.push((
+            "window_ms",
+            format!("{window_ms} must be between 1 and {MAX_WINDOW_MS} (one day)"),
+        ));
+    }
+    let burst_ok = match burst {
+        None => permits_ok,
+        Some(b) => NonZeroU32::new(b).filter(|b| b.get() <= MAX_BURST),
+    };
+    if let Some(asked) = burst.filter(|_| burst_ok.is_none()) {
+        problems.push((
+            "burst",
+            format!("{asked} must be between 1 and {MAX_BURST} (it defaults to permits)"),
+        ));
+    }
+    match (permits_ok, burst_ok) {
+        (Some(permits), Some(burst)) if problems.is_empty() => Ok(Rate {
+            permits,
+            window: Duration::from_millis(window_ms),
+            burst,
+        }),
+        _ => Err(problems),
+    }
+}
+
+impl Rate {
+    /// The rate in permits per minute.
+    pub fn per_minute(&self) -> f64 {
+        f64::from(self.permits.get()) * 60.0 / self.window.as_secs_f64()
+    }
+}
+
+/// One limit of a tenant.
+#[derive(Debug, Clone)]
+pub struct BucketSettings {
+    /// Unique name within the tenant.
+    pub name: String,
+    /// Org-wide or per OAuth client.
+    pub scope: Scope,
+    /// Which calls draw on this bucket.
+    pub routes: Vec<Route>,
+    /// Token-bucket rate, if the bucket limits rate.
+    pub rate: Option<Rate>,
+    /// Concurrency limit, if the bucket limits concurrency.
+    pub max_in_flight: Option<NonZeroU32>,
+    /// How long a slot is held without Renew.
+    pub lease_ttl: Duration,
+    /// Per-OAuth-client buckets: most instances kept.
+    pub max_clients: NonZeroU32,
+}
+
+/// Every problem found in a configuration, one line each.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .problems.join("\n  - "))]
+pub struct ConfigError {
+    /// One human-readable line per problem.
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    pub(super) fn one(problem: String) -> Self {
+        ConfigError {
+            problems: vec![problem],
+        }
+    }
+}
+
+impl Settings {
+    /// Loads the configuration: the file at `path` (or the embedded default
+    /// when `None`), then overrides from `env` (`QUOTA_BROKER__SECTION__KEY`
+    /// pairs; pass `std::env::vars()` in the process, a map in tests).
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::one(format!("cannot read config file {}: {e}", path.display()))
+            })?,
+            None => DEFAULT_TOML.to_owned(),
+        };
+        let base = config::File::from_str(&text, config::FileFormat::Toml);
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        let raw = config::Config::builder()
+            .add_source(base)
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(env)),
+            )
+            .build()
+            .and_then(|c| c.try_deserialize::<RawConfig>())
+            .map_err(|e| ConfigError::one(e.to_string()))?;
+        raw.validate()
+    }
+
+    /// Parses and validates a TOML document, with no environment overrides.
+    ///
+    /// ```
+    /// let s = quota_broker::Settings::from_toml(r#"
+    ///     [[tenants]]
+    ///     id = "acme"
+    ///     [[tenants.buckets]]
+    ///     name = "org"
+    ///     routes = ["* /**"]
+    ///     permits = 300
+    ///     window_ms = 60000
+    /// "#).unwrap();
+    /// assert_eq!(s.tenants[0].buckets[0].rate.unwrap().per_minute(), 300.0);
+    /// ```
+    pub fn from_toml(toml: &str) -> Result<Settings, ConfigError> {
+        let raw = config::Config::builder()
+            .add_source(config::File::from_str(toml, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize::<RawConfig>())
+            .map_err(|e| ConfigError::one(e.to_string()))?;
+        raw.validate()
+    }
+
+    /// The embedded default configuration.
+    pub fn embedded_default() -> Result<Settings, ConfigError> {
+        Settings::from_toml(DEFAULT_TOML)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid_and_has_the_documented_buckets() {
+        let s = Settings::embedded_default().unwrap();
+        assert_eq!(s.server.listen, "127.0.0.1:50051".parse().unwrap());
+        let demo = &s.tenants[0];
+        assert_eq!(demo.id, "demo");
+        let names: Vec<_> = demo.buckets.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["per-client", "analytics-query", "analytics-jobs"]);
+        let per_client = &demo.buckets[0];
+        assert_eq!(per_client.scope, Scope::OauthClient);
+        let rate = per_client.rate.unwrap();
+        assert_eq!(rate.per_minute(), 300.0);
+        let query = &demo.buckets[1];
+        assert!(query.rate.is_some() && query.max_in_flight.is_some());
+        assert!(demo.buckets[2].max_in_flight.is_some());
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let err = Settings::from_toml(
+            r#"
+            [server]
+            listen = "nowhere"
+            [[tenants]]
+            id = "a"
+            [[tenants.buckets]]
+            name = "x"
+            routes = ["FETCH"]
+            permits = 0
+            window_ms = 1000
+            [[tenants.buckets]]
+            name = "x"
+            routes = ["GET /a"]
+            [[tenants]]
+            id = "a"
+            "#,
+        )
+        .unwrap_err();
+        let all = err.to_string();
+        for needle in [
+            "server.listen \"nowhere\"",
+            "route \"FETCH\"",
+            "permits must be above 0",
+            "name \"x\" is used twice",
+            "limits nothing",
+            "id \"a\" is used twice",
+            "has no [[tenants.buckets]]",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert_eq!(err.problems.len(), 7, "{all}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Settings::from_toml("[server]\nlisten_on = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(err.to_string().contains("listen_on"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_a_key_of_the_default() {
+        let env = [(
+            "QUOTA_BROKER__SERVER__LISTEN".to_owned(),
+            "127.0.0.1:6000".to_owned(),
+        )];
+        let s = Settings::load(None, env).unwrap();
+        assert_eq!(s.server.listen.port(), 6000);
+        let env = [(
+            "QUOTA_BROKER__SERVER__MAX_WAIT_MS".to_owned(),
+            "1500".to_owned(),
+        )];
+        let s = Settings::load(None, env).unwrap();
+        assert_eq!(s.server.max_wait, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn missing_file_is_a_clear_error() {
+        let err = Settings::load(Some(Path::new("/nonexistent/broker.toml")), []).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/broker.toml"),
+            "{err}"
+        );
+    }
+}

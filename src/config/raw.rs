@@ -1,0 +1,441 @@
+//! The configuration as written (TOML keys, milliseconds, plain numbers) and
+//! its validation into typed [`Settings`], which collects every problem
+//! rather than stopping at the first.
+
+use super::{
+    check_class_set, check_rate, BucketSettings, ClassSettings, ConfigError, SchedulingSettings,
+    Scope, ServerSettings, Settings, TenantSettings,
+};
+use crate::auth::{RawToken, TokenSettings};
+use crate::clock::millis;
+use crate::learning::LearnSettings;
+use crate::limits::Route;
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    tenants: Vec<RawTenant>,
+    #[serde(default)]
+    learning: RawLearning,
+    #[serde(default)]
+    classes: Option<Vec<ClassSettings>>,
+    #[serde(default)]
+    scheduling: RawScheduling,
+    #[serde(default)]
+    auth: RawAuth,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    tokens: Vec<RawToken>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawScheduling {
+    default_class: String,
+    max_waiters_per_bucket: u32,
+}
+
+impl Default for RawScheduling {
+    fn default() -> Self {
+        RawScheduling {
+            default_class: "batch".to_owned(),
+            max_waiters_per_bucket: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLearning {
+    beta: f64,
+    floor_fraction: f64,
+    default_freeze_ms: u64,
+    episode_grace_ms: u64,
+    recovery_windows: f64,
+    probe_hold_windows: f64,
+    ratio_window_ms: u64,
+    ratio_threshold: f64,
+    ratio_min_reports: u64,
+    ratio_cut: f64,
+    cooldown_ms: u64,
+    jitter: f64,
+}
+
+impl Default for RawLearning {
+    fn default() -> Self {
+        let d = LearnSettings::default();
+        RawLearning {
+            beta: d.beta,
+            floor_fraction: d.floor_fraction,
+            default_freeze_ms: millis(d.default_freeze),
+            episode_grace_ms: millis(d.episode_grace),
+            recovery_windows: d.recovery_windows,
+            probe_hold_windows: d.probe_hold_windows,
+            ratio_window_ms: millis(d.ratio_window),
+            ratio_threshold: d.ratio_threshold,
+            ratio_min_reports: d.ratio_min_reports,
+            ratio_cut: d.ratio_cut,
+            cooldown_ms: millis(d.cooldown),
+            jitter: d.jitter,
+        }
+    }
+}
+
+impl RawLearning {
+    fn validate(self, problems: &mut Vec<String>) -> LearnSettings {
+        let mut share = |key: &str, v: f64, open_zero: bool| {
+            let ok = v.is_finite() && v <= 1.0 && if open_zero { v > 0.0 } else { v >= 0.0 };
+            if !ok {
+                let range = if open_zero {
+                    "above 0 and at most 1"
+                } else {
+                    "between 0 and 1"
+                };
+                problems.push(format!("learning.{key} = {v} must be {range}"));
+            }
+        };
+        share("beta", self.beta, true);
+        share("floor_fraction", self.floor_fraction, true);
+        share("ratio_threshold", self.ratio_threshold, false);
+        share("ratio_cut", self.ratio_cut, true);
+        share("jitter", self.jitter, false);
+        if !(self.recovery_windows.is_finite() && self.recovery_windows >= 0.1) {
+            problems.push(format!(
+                "learning.recovery_windows = {} must be at least 0.1",
+                self.recovery_windows
+            ));
+        }
+        if !(self.probe_hold_windows.is_finite() && self.probe_hold_windows >= 0.0) {
+            problems.push(format!(
+                "learning.probe_hold_windows = {} must be 0 or more",
+                self.probe_hold_windows
+            ));
+        }
+        if self.ratio_window_ms < 1000 {
+            problems.push("learning.ratio_window_ms must be at least 1000".into());
+        }
+        LearnSettings {
+            beta: self.beta,
+            floor_fraction: self.floor_fraction,
+            default_freeze: Duration::from_millis(self.default_freeze_ms),
+            episode_grace: Duration::from_millis(self.episode_grace_ms),
+            recovery_windows: self.recovery_windows,
+            probe_hold_windows: self.probe_hold_windows,
+            ratio_window: Duration::from_millis(self.ratio_window_ms),
+            ratio_threshold: self.ratio_threshold,
+            ratio_min_reports: self.ratio_min_reports,
+            ratio_cut: self.ratio_cut,
+            cooldown: Duration::from_millis(self.cooldown_ms),
+            jitter: self.jitter,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    listen: String,
+    max_wait_ms: u64,
+    max_lease_ttl_ms: u64,
+    shutdown_grace_ms: u64,
+    state_dir: String,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "127.0.0.1:50051".to_owned(),
+            max_wait_ms: 60_000,
+            max_lease_ttl_ms: 600_000,
+            shutdown_grace_ms: 10_000,
+            state_dir: "state".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    id: String,
+    region: Option<String>,
+    #[serde(default)]
+    buckets: Vec<RawBucket>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBucket {
+    name: String,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    routes: Vec<String>,
+    permits: Option<u32>,
+    window_ms: Option<u64>,
+    burst: Option<u32>,
+    max_in_flight: Option<u32>,
+    lease_ttl_ms: Option<u64>,
+    max_clients: Option<u32>,
+}
+
+const DEFAULT_LEASE_TTL_MS: u64 = 30_000;
+const DEFAULT_MAX_CLIENTS: u32 = 10_000;
+
+impl RawConfig {
+    pub(super) fn validate(self) -> Result<Settings, ConfigError> {
+        let mut problems = Vec::new();
+        let server = self.server.validate(&mut problems);
+        let learning = self.learning.validate(&mut problems);
+        let classes = self.classes.unwrap_or_else(ClassSettings::defaults);
+        if classes.is_empty() {
+            problems.push("[[classes]] is empty; define at least one priority class".into());
+        }
+        for (i, c) in classes.iter().enumerate() {
+            c.check(&format!("classes[{i}] ({:?})", c.name), &mut problems);
+        }
+        check_class_set(&classes, &mut problems);
+        if !classes
+            .iter()
+            .any(|c| c.name == self.scheduling.default_class)
+        {
+            problems.push(format!(
+                "scheduling.default_class {:?} is not a configured class",
+                self.scheduling.default_class
+            ));
+        }
+        if self.scheduling.max_waiters_per_bucket == 0 {
+            problems.push("scheduling.max_waiters_per_bucket must be at least 1".into());
+        }
+        let tenant_ids: HashSet<&str> = self.tenants.iter().map(|t| t.id.as_str()).collect();
+        let tokens: Vec<TokenSettings> = self
+            .auth
+            .tokens
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, t)| {
+                let at = format!("auth.tokens[{i}] ({:?})", t.name);
+                for tenant in &t.tenants {
+                    if tenant != "*" && !tenant_ids.contains(tenant.as_str()) {
+                        problems.push(format!("{at}: tenant {tenant:?} is not configured"));
+                    }
+                }
+                t.validate(&at, &mut problems)
+            })
+            .collect();
+        if tokens.is_empty() && !server.listen.ip().is_loopback() {
+            problems.push(format!(
+                "server.listen {} is not a loopback address but no [[auth.tokens]] are configured; \
+                 the broker runs without authentication on loopback only",
+                server.listen
+            ));
+        }
+        let scheduling = SchedulingSettings {
+            default_class: self.scheduling.default_class,
+            max_waiters_per_bucket: self.scheduling.max_waiters_per_bucket,
+        };
+        if self.tenants.is_empty() {
+            problems
+                .push("no [[tenants]] configured: the broker would have nothing to grant".into());
+        }
+        let mut ids = HashSet::new();
+        let tenants = self
+            .tenants
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if !ids.insert(t.id.clone()) {
+                    problems.push(format!("tenants[{i}]: id {:?} is used twice", t.id));
+                }
+                t.validate(i, &mut problems)
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(Settings {
+                server,
+                tenants,
+                learning,
+                classes,
+                scheduling,
+                tokens,
+            })
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+}
+
+impl RawServer {
+    fn validate(self, problems: &mut Vec<String>) -> ServerSettings {
+        let listen = self.listen.parse().unwrap_or_else(|e| {
+            problems.push(format!(
+                "server.listen {:?} is not an IP:port address ({e})",
+                self.listen
+            ));
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        });
+        if self.max_lease_ttl_ms == 0 {
+            problems.push("server.max_lease_ttl_ms must be above 0".into());
+        }
+        ServerSettings {
+            listen,
+            max_wait: Duration::from_millis(self.max_wait_ms),
+            max_lease_ttl: Duration::from_millis(self.max_lease_ttl_ms),
+            shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
+            state_dir: (!self.state_dir.is_empty()).then(|| self.state_dir.into()),
+        }
+    }
+}
+
+impl RawTenant {
+    fn validate(self, i: usize, problems: &mut Vec<String>) -> TenantSettings {
+        let at = format!("tenants[{i}] ({:?})", self.id);
+        if self.id.trim().is_empty() {
+            problems.push(format!("tenants[{i}]: id must not be empty"));
+        }
+        if self.buckets.is_empty() {
+            problems.push(format!("{at}: has no [[tenants.buckets]]"));
+        }
+        let mut names = HashSet::new();
+        let buckets = self
+            .buckets
+            .into_iter()
+            .enumerate()
+            .filter_map(|(j, b)| {
+                if !names.insert(b.name.clone()) {
+                    problems.push(format!(
+                        "{at}.buckets[{j}]: name {:?} is used twice",
+                        b.name
+                    ));
+                }
+                let at = format!("{at}.buckets[{j}] ({:?})", b.name);
+                b.validate(&at, problems)
+            })
+            .collect();
+        TenantSettings {
+            id: self.id,
+            region: self.region,
+            buckets,
+        }
+    }
+}
+
+impl RawBucket {
+    fn validate(self, at: &str, problems: &mut Vec<String>) -> Option<BucketSettings> {
+        let before = problems.len();
+        if self.name.trim().is_empty() {
+            problems.push(format!("{at}: name must not be empty"));
+        }
+        let scope = match self.scope.as_deref() {
+            None | Some("org") => Scope::Org,
+            Some("oauth_client") => Scope::OauthClient,
+            Some(other) => {
+                problems.push(format!(
+                    "{at}: scope {other:?} is unknown; use \"org\" or \"oauth_client\""
+                ));
+                Scope::Org
+            }
+        };
+        if self.routes.is_empty() {
+            problems.push(format!(
+                "{at}: routes is empty; give at least one \"METHOD /path/glob\""
+            ));
+        }
+        let routes = self
+            .routes
+            .iter()
+            .filter_map(|r| {
+                Route::parse(r)
+                    .map_err(|e| problems.push(format!("{at}: route {r:?}: {e}")))
+                    .ok()
+            })
+            .collect();
+        let rate = match (self.permits, self.window_ms) {
+            (None, None) => {
+                if self.burst.is_some() {
+                    problems.push(format!("{at}: burst is set but permits/window_ms are not"));
+                }
+                None
+            }
+            (Some(permits), Some(window_ms)) => match check_rate(permits, window_ms, self.burst) {
+                Ok(rate) => Some(rate),
+                Err(found) => {
+                    for (key, problem) in found {
+                        problems.push(format!("{at}: {key} {problem}"));
+                    }
+                    None
+                }
+            },
+            (Some(_), None) => {
+                problems.push(format!("{at}: permits is set without window_ms"));
+                None
+            }
+            (None, Some(_)) => {
+                problems.push(format!("{at}: window_ms is set without permits"));
+                None
+            }
+        };
+        let max_in_flight = self.max_in_flight.and_then(|m| {
+            let m = NonZeroU32::new(m);
+            if m.is_none() {
+                problems.push(format!(
+                    "{at}: max_in_flight must be above 0 (leave it out for no concurrency limit)"
+                ));
+            }
+            m
+        });
+        if self.permits.is_none() && self.window_ms.is_none() && self.max_in_flight.is_none() {
+            problems.push(format!(
+                "{at}: limits nothing; give permits + window_ms, max_in_flight, or both"
+            ));
+        }
+        let lease_ttl_ms = self.lease_ttl_ms.unwrap_or(DEFAULT_LEASE_TTL_MS);
+        if lease_ttl_ms == 0 {
+            problems.push(format!("{at}: lease_ttl_ms must be above 0"));
+        }
+        if self.lease_ttl_ms.is_some() && max_in_flight.is_none() {
+            problems.push(format!(
+                "{at}: lease_ttl_ms only applies to buckets with max_in_flight"
+            ));
+        }
+        let max_clients = match (scope, self.max_clients) {
+            (_, None) => NonZeroU32::new(DEFAULT_MAX_CLIENTS),
+            (Scope::Org, Some(_)) => {
+                problems.push(format!(
+                    "{at}: max_clients only applies to scope \"oauth_client\""
+                ));
+                None
+            }
+            (Scope::OauthClient, Some(m)) => {
+                let m = NonZeroU32::new(m);
+                if m.is_none() {
+                    problems.push(format!("{at}: max_clients must be above 0"));
+                }
+                m
+            }
+        };
+        if problems.len() != before {
+            return None;
+        }
+        Some(BucketSettings {
+            name: self.name,
+            scope,
+            routes,
+            rate,
+            max_in_flight,
+            lease_ttl: Duration::from_millis(lease_ttl_ms),
+            max_clients: max_clients?,
+        })
+    }
+}
