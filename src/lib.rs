@@ -28,7 +28,7 @@
 //!   scheduler
 //! ```
 //!
-//! Beside them: `config.rs` (TOML + env → validated [`Settings`]),
+//! Beside them: `config/` (TOML + env → validated [`Settings`]),
 //! `clock.rs` (monotonic time ↔ wire milliseconds), `error.rs`
 //! ([`BrokerError`]), `api.rs` (the wire API), `main.rs` (the process).
 //!
