@@ -1,12 +1,11 @@
 //! The simulator's configuration: serde types of the TOML in
-//! clients/gcsim/README.md, the built-in default, and validation into the
+//! testbed/gcsim/README.md, the built-in default, and validation into the
 //! values the org model runs on. Every duration here is simulated ms.
 
 use serde::Deserialize;
 
-use quota_broker::route::Route;
-
 use crate::error::SimError;
+use crate::route::Route;
 
 /// The whole simulator: its orgs, time scale, seed and escalation.
 #[derive(Clone, Debug, Deserialize)]
@@ -93,7 +92,8 @@ impl Default for OrgConfig {
 pub struct FamilyConfig {
     /// Name (in stats, 429 reasons, limits/namespaces).
     pub name: String,
-    /// `"METHOD /path/glob"` patterns, as the broker's.
+    /// `"METHOD /path/glob"` patterns: `*` matches within one path segment,
+    /// `**` any number of whole segments (see the README).
     pub routes: Vec<String>,
     /// Permits per window that limits/namespaces reports.
     pub documented_permits: u64,

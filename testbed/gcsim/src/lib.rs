@@ -1,9 +1,11 @@
-//! gcsim: a Genesys Cloud stand-in for the fleet scenario (the HTTP contract
-//! is clients/gcsim/README.md).
+//! gcsim: a Genesys Cloud stand-in, the upstream the fleet scenario runs
+//! against (the HTTP contract is testbed/gcsim/README.md). It shares no code
+//! with the quota broker it is used to test.
 //!
 //! # Layout
 //!
 //! - `config`: the TOML config, its defaults and validation.
+//! - `route`: the families' `"METHOD /path/glob"` route patterns.
 //! - `org`: one org's limits (token and family windows, hidden limits and
 //!   their schedule, concurrency, blocks and escalation, the unmanaged
 //!   consumer) and counters; plain Rust, simulated time passed in.
@@ -32,6 +34,7 @@ mod data;
 mod error;
 mod log;
 mod org;
+mod route;
 mod server;
 
 pub use config::{FamilyConfig, OrgConfig, ScheduleStep, SimConfig, UnmanagedStep};

@@ -18,7 +18,7 @@ pub(crate) enum Error {
     /// An RPC failed.
     Rpc(tonic::Status),
     /// The generated broker config was rejected.
-    Config(quota_broker::config::ConfigError),
+    Config(quota_broker::ConfigError),
     /// Histograms of different loops could not be merged.
     Histogram(hdrhistogram::AdditionError),
     /// A load task panicked or was cancelled.
@@ -111,8 +111,8 @@ impl From<tonic::Status> for Error {
     }
 }
 
-impl From<quota_broker::config::ConfigError> for Error {
-    fn from(e: quota_broker::config::ConfigError) -> Self {
+impl From<quota_broker::ConfigError> for Error {
+    fn from(e: quota_broker::ConfigError) -> Self {
         Error::Config(e)
     }
 }

@@ -111,7 +111,7 @@ pub(crate) async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
-        .max_concurrent_streams(quota_broker::server::MAX_CONCURRENT_STREAMS)
+        .max_concurrent_streams(quota_broker::MAX_CONCURRENT_STREAMS)
         .add_service(QuotaBrokerServer::new(Noop))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
-use quota_broker::{server, Settings};
+use quota_broker::Settings;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -52,7 +52,7 @@ impl Server {
             let shutdown = async {
                 let _ = stopped.await;
             };
-            if let Err(e) = server::run(listener, &settings, shutdown).await {
+            if let Err(e) = quota_broker::run(listener, &settings, shutdown).await {
                 eprintln!("loadgen: in-process broker: {e}");
             }
         });

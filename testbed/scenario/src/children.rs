@@ -288,7 +288,7 @@ impl BrokerServer {
             let shutdown = async {
                 let _ = stopped.await;
             };
-            if let Err(e) = quota_broker::server::run(listener, &settings, shutdown).await {
+            if let Err(e) = quota_broker::run(listener, &settings, shutdown).await {
                 tracing::error!(error = %e, "in-process broker failed");
             }
         });

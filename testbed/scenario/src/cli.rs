@@ -67,9 +67,11 @@ pub(crate) enum Preset {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum ModeName {
-    /// Sleep on Retry-After and retry (seeds 002/003).
+    /// Send; on a 429 sleep the Retry-After and send again.
     Naive,
-    /// A local token bucket per client process and the seed 001 rule.
+    /// A local token bucket per client process at the documented rate, cut
+    /// by 20% for an hour whenever more than 1% of its calls over a minute
+    /// were refused.
     Local,
     /// Every call leased by the quota broker.
     Broker,
@@ -151,7 +153,7 @@ impl Args {
             return Err(Error::Usage("--modes names no mode".into()));
         }
         // None: in process, not a sibling binary, which may be stale
-        // (`cargo run --bin scenario` rebuilds only this one).
+        // (`cargo run -p scenario` rebuilds only this one).
         let gcsim_bin = self
             .gcsim_bin
             .map(|p| {

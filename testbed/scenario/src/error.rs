@@ -36,7 +36,7 @@ pub(crate) enum Error {
     },
     /// The generated broker config was rejected.
     #[error("generated broker config rejected: {0}")]
-    BrokerConfig(#[from] quota_broker::config::ConfigError),
+    BrokerConfig(#[from] quota_broker::ConfigError),
     /// The broker refused a call (not a "not now": an error).
     #[error("broker: {0}")]
     Broker(#[from] quota_broker_client::ClientError),

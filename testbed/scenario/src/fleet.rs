@@ -56,7 +56,9 @@ const DRAIN_WINDOWS: u64 = 3;
 /// Documented per-minute rates the local mode's buckets use.
 const LOCAL_ANALYTICS_PER_MIN: f64 = 60.0;
 const LOCAL_WRITES_PER_MIN: f64 = 300.0;
-/// Seed 001: a semaphore of TotalLimit − 2 analytics queries in flight.
+/// Local mode's ingestion: a semaphore of the family's concurrency limit
+/// (TotalLimit) − 2 analytics queries in flight, leaving room for the
+/// wallboards.
 const LOCAL_INGEST_SLOTS: usize = crate::confgen::ANALYTICS_MAX_CONCURRENT as usize - 2;
 
 const DETAILS_PATH: &str = "/api/v2/analytics/conversations/details/query";

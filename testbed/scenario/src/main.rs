@@ -8,8 +8,8 @@
 //! - `cli`: flags and presets → a [`cli::Spec`].
 //! - `confgen`: the run's [`confgen::Plan`] (hidden-limit changes, unmanaged
 //!   consumer) and the simulator's and broker's config files.
-//! - `children`: the fresh simulator and broker of each mode (child
-//!   processes, or the broker in process).
+//! - `children`: the fresh simulator (gcsim) and broker of each mode, each
+//!   in this process or as a child process.
 //! - `clock`: simulated time, aligned to the simulator's start.
 //! - `upstream`: HTTP to the simulator, and its control plane's types.
 //! - `modes`: how a client process calls upstream in each mode.

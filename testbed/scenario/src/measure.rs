@@ -83,7 +83,8 @@ pub(crate) struct Metrics {
     pub(crate) fallback_leases: AtomicU64,
     /// Broker mode: reports the broker did not take.
     pub(crate) report_errors: AtomicU64,
-    /// Local mode: refill-rate cuts by the seed 001 rule.
+    /// Local mode: refill-rate cuts (more than 1% of a process's calls
+    /// refused over 60 simulated s → its rate × 0.8 for an hour).
     pub(crate) rate_cuts: AtomicU64,
     /// Writes the upstream accepted.
     pub(crate) writes_acked: AtomicU64,

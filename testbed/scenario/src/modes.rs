@@ -1,12 +1,13 @@
 //! How one simulated client process makes an upstream call in each mode,
 //! retrying until it succeeds (nothing is dropped):
 //!
-//! - **naive** (seeds 002/003): send; on a 429 sleep the `Retry-After`
-//!   (1 simulated second when absent) and send again.
-//! - **local** (seed 001): a token bucket per client process at the
-//!   documented rate (capacity one minute's permits), a semaphore of
-//!   `TotalLimit − 2` for the ingestion's analytics concurrency, a 429's
-//!   `Retry-After` pauses the process's bucket, and the adaptive rule: when
+//! - **naive**: send; on a 429 sleep the `Retry-After` (1 simulated second
+//!   when absent) and send again.
+//! - **local**: a token bucket per client process at the documented rate
+//!   (capacity one minute's permits), a semaphore of `TotalLimit − 2` (the
+//!   analytics family's concurrency limit, less 2 left to the wallboards)
+//!   for the ingestion's analytics queries, a 429's `Retry-After` pauses
+//!   the process's bucket, and the adaptive rule: when
 //!   more than 1% of the process's calls over the last 60 simulated seconds
 //!   were refused, its refill rate is cut by 20% for an hour (checked once
 //!   per 60 s; cuts stack, each expires after its hour).
@@ -38,7 +39,9 @@ use crate::upstream::{Answer, Upstream};
 const ERROR_PAUSE_MS: f64 = 1_000.0;
 /// Naive clients' sleep on a 429 without Retry-After, simulated ms.
 const DEFAULT_RETRY_AFTER_MS: f64 = 1_000.0;
-/// Seed 001: the ratio window, the threshold, the cut and how long it holds.
+/// Local mode's adaptive rule: when more than `RATIO_THRESHOLD` of a
+/// process's calls over `RATIO_WINDOW_MS` were refused, its refill rate is
+/// multiplied by `RATE_CUT` for `CUT_HOLD_MS` (all simulated ms).
 const RATIO_WINDOW_MS: f64 = 60_000.0;
 const RATIO_THRESHOLD: f64 = 0.01;
 const RATE_CUT: f64 = 0.8;
@@ -77,7 +80,7 @@ pub(crate) enum CallFailed {
 pub(crate) enum Policy {
     /// Nothing but Retry-After.
     Naive,
-    /// Seed 001's local bucket.
+    /// A local token bucket per process, cut by the adaptive rule.
     Local(Arc<LocalLimiter>),
     /// Leases from the broker.
     Broker(BrokerClient),
@@ -307,7 +310,7 @@ fn class_wait_ms(class: Class) -> f64 {
     }
 }
 
-/// Seed 001's limiter for one client process: a token bucket in simulated
+/// Local mode's limiter for one client process: a token bucket in simulated
 /// time, paused by Retry-After, its refill rate cut by the adaptive rule.
 pub(crate) struct LocalLimiter {
     /// std `Mutex`: held for one arithmetic step, never across `.await`.

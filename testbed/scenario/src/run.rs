@@ -118,7 +118,8 @@ pub(crate) struct ModeResult {
     pub(crate) polls_skipped: u64,
     /// Broker mode only.
     pub(crate) leases: Option<LeaseCounts>,
-    /// Local mode only: refill-rate cuts by the seed 001 rule.
+    /// Local mode only: refill-rate cuts (more than 1% of a process's calls
+    /// refused over 60 simulated s → its rate × 0.8 for an hour).
     pub(crate) rate_cuts: Option<u64>,
     /// Broker mode only: its analytics bucket sampled over the run.
     #[serde(skip_serializing_if = "Vec::is_empty")]

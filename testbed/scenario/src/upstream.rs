@@ -2,7 +2,7 @@
 //! client shared by every simulated client process; what tells them apart
 //! upstream is their OAuth token) and the control plane (`/_sim/stats`,
 //! `/_sim/orgs/{org}/writes`, `/_sim/log`) with serde types of its contract
-//! (clients/gcsim/README.md).
+//! (testbed/gcsim/README.md).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

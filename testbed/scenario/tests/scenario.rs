@@ -1,7 +1,8 @@
-//! The fleet scenario's CI preset, end to end: the real `scenario` binary
-//! against the real `gcsim` binary (fresh per mode) and the quota broker in
-//! process, with loose asserts on its JSON. The run is real time (about 6 s
-//! per mode plus the drain), bounded by a hard timeout that kills it.
+//! The fleet scenario's CI preset, end to end: the real `scenario` binary,
+//! running the simulator (the gcsim library, fresh per mode, on its own
+//! socket) and the quota broker in its process, with loose asserts on its
+//! JSON. The run is real time (about 6 s per mode plus the drain), bounded
+//! by a hard timeout that kills it.
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -76,14 +77,7 @@ fn f64_at(v: &Value, path: &[&str]) -> f64 {
 
 #[test]
 fn ci_preset_broker_beats_naive() {
-    let stdout = run_scenario(&[
-        "--preset",
-        "ci",
-        "--json",
-        "--gcsim-bin",
-        env!("CARGO_BIN_EXE_gcsim"),
-        "--broker-in-process",
-    ]);
+    let stdout = run_scenario(&["--preset", "ci", "--json", "--broker-in-process"]);
     let report: Value = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("scenario printed no JSON ({e}):\n{stdout}"));
     assert_eq!(report["duration_s"], 120);

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tracing_subscriber::EnvFilter;
 
 /// A simulated Genesys Cloud org (rate limits, 429s, analytics data) on
-/// 127.0.0.1. The contract is clients/gcsim/README.md.
+/// 127.0.0.1. The contract is testbed/gcsim/README.md.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {

@@ -1,6 +1,4 @@
 //! gcsim's integration tests, one binary (links once): the simulator over
-//! real sockets (`sim`), and the fleet scenario's CI preset end to end
-//! (`scenario`).
+//! real sockets and the `gcsim` binary (`sim`).
 
-mod scenario;
 mod sim;
