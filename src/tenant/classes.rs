@@ -31,12 +31,14 @@ impl TenantState {
     }
 
     /// The order of `class` (unknown: last).
+    #[inline]
     pub(super) fn order(&self, class: usize) -> u32 {
         self.classes.get(class).map_or(u32::MAX, |c| c.order)
     }
 
     /// Share of every bucket that classes ordered before `order` hold back
     /// from it.
+    #[inline]
     pub(super) fn reserve_before(&self, order: u32) -> f64 {
         self.classes
             .iter()
@@ -46,6 +48,7 @@ impl TenantState {
     }
 
     /// Share of every bucket that classes above `class` hold back from it.
+    #[inline]
     pub(super) fn reserve_above(&self, class: usize) -> f64 {
         self.reserve_before(self.order(class))
     }
@@ -59,6 +62,7 @@ impl TenantState {
     /// pacing. The waiting lower class pays it back (it waits until the
     /// permits are earned again), so the total granted per window stays
     /// the same; with no lower class waiting nothing is borrowed.
+    #[inline]
     pub(super) fn bucket_share(&self, class: usize, instances: &[usize]) -> f64 {
         let held = self.reserve_above(class);
         if held > 0.0 {
@@ -73,6 +77,7 @@ impl TenantState {
     }
 
     /// Whether waiters of `class` or a higher one wait on any of `instances`.
+    #[inline]
     pub(super) fn waiting_at_or_above(&self, instances: &[usize], class: usize) -> bool {
         let order = self.order(class);
         self.waiting_where(instances, |o| o <= order)
@@ -80,6 +85,7 @@ impl TenantState {
 
     /// Whether waiters of a class whose order passes `keep` wait on any of
     /// `instances`.
+    #[inline]
     pub(super) fn waiting_where(&self, instances: &[usize], keep: impl Fn(u32) -> bool) -> bool {
         instances.iter().any(|&i| {
             self.instances.get(i).is_some_and(|x| {
@@ -122,6 +128,7 @@ impl TenantState {
     }
 }
 
+#[inline]
 pub(super) fn check_permits(
     tenant: &str,
     b: &BucketSettings,

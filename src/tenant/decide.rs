@@ -78,6 +78,7 @@ impl TenantState {
     }
 
     /// A denial if any of `instances` belongs to a paused bucket.
+    #[inline]
     pub(super) fn paused(&self, instances: &[usize]) -> Option<Denial> {
         instances.iter().find_map(|&i| {
             let def = &self.buckets[self.instances.get(i)?.bucket];
@@ -92,6 +93,7 @@ impl TenantState {
         })
     }
 
+    #[inline]
     pub(super) fn can_take(&self, instances: &[usize], n: u32, reserve: f64, now: Instant) -> bool {
         instances.iter().all(|&i| {
             self.instances

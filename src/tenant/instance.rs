@@ -72,6 +72,7 @@ impl Instance {
     /// When `n` permits could be taken, ignoring the queue: `Ok` with the
     /// token-ready instant if slots are free, `Err` if slots are the limit.
     /// `reserve` is the share of the bucket held back for higher classes.
+    #[inline]
     pub(super) fn ready_at(&self, n: u32, reserve: f64, now: Instant) -> Result<Instant, ()> {
         if let Some(s) = self.slots {
             if !s.has_room(n.saturating_add(held_back(s.max(), reserve))) {
@@ -141,6 +142,7 @@ impl Instance {
 /// Permits of a token bucket of `burst` held back by a reserve `share`,
 /// or, for a negative share, that may be borrowed below empty (see
 /// `bucket_share`).
+#[inline]
 pub(super) fn token_reserve(burst: u32, share: f64) -> f64 {
     if share >= 0.0 {
         f64::from(held_back(burst, share))
@@ -152,6 +154,7 @@ pub(super) fn token_reserve(burst: u32, share: f64) -> f64 {
 /// Whole permits or slots of `capacity` held back by a reserve `share`
 /// (rounded down, so a small bucket keeps at least one for everyone; 0 for
 /// a negative share).
+#[inline]
 pub(super) fn held_back(capacity: u32, share: f64) -> u32 {
     ((f64::from(capacity) * share + 1e-9).floor() as u32).min(capacity.saturating_sub(1))
 }

@@ -222,6 +222,7 @@ impl TenantState {
         &self.id
     }
 
+    #[inline]
     fn touch(&mut self, instance: usize) {
         let v = self
             .version
@@ -232,6 +233,7 @@ impl TenantState {
         }
     }
 
+    #[inline]
     fn name(&self, instance: usize) -> String {
         let Some(i) = self.instances.get(instance) else {
             return String::new();
@@ -239,6 +241,7 @@ impl TenantState {
         self.buckets[i.bucket].settings.name.clone()
     }
 
+    #[inline]
     fn names(&self, instances: &[usize]) -> Vec<String> {
         instances.iter().map(|&i| self.name(i)).collect()
     }
