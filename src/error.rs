@@ -14,7 +14,11 @@ pub enum BrokerError {
         problem: String,
     },
     /// The tenant is not configured.
-    #[error("tenant {tenant:?} is not configured on this broker (configured: {known})")]
+    #[error(
+        "tenant {} is not configured on this broker (configured: {})",
+        clip(.tenant),
+        clip(.known)
+    )]
     UnknownTenant {
         /// The tenant asked for.
         tenant: String,
@@ -23,8 +27,11 @@ pub enum BrokerError {
     },
     /// No bucket of the tenant matches the call.
     #[error(
-        "tenant {tenant:?}: no bucket matches {method} {path}; add a route for it to a bucket \
-         (or a catch-all \"* /**\" bucket) in the broker config"
+        "tenant {}: no bucket matches {} {}; add a route for it to a bucket \
+         (or a catch-all \"* /**\" bucket) in the broker config",
+        clip(.tenant),
+        clip(.method),
+        clip(.path)
     )]
     NoBucketMatches {
         /// The tenant.
@@ -36,8 +43,10 @@ pub enum BrokerError {
     },
     /// More permits than a bucket can ever grant at once.
     #[error(
-        "tenant {tenant:?}: {permits} permits can never be granted at once: bucket {bucket:?} \
-         allows at most {max} ({what}); ask for fewer permits per Acquire"
+        "tenant {}: {permits} permits can never be granted at once: bucket {} \
+         allows at most {max} ({what}); ask for fewer permits per Acquire",
+        clip(.tenant),
+        clip(.bucket)
     )]
     TooManyPermits {
         /// The tenant.
@@ -53,15 +62,21 @@ pub enum BrokerError {
     },
     /// Renew of a lease that holds no slot (anymore).
     #[error(
-        "lease {lease_id} holds no slot: it was released, expired, or never held one; \
-         acquire a new lease"
+        "lease {} holds no slot: it was released, expired, or never held one; \
+         acquire a new lease",
+        clip(.lease_id)
     )]
     LeaseNotFound {
         /// The lease id given.
         lease_id: String,
     },
     /// An admin RPC names a bucket the tenant does not have.
-    #[error("tenant {tenant:?} has no bucket {bucket:?} (buckets: {known})")]
+    #[error(
+        "tenant {} has no bucket {} (buckets: {})",
+        clip(.tenant),
+        clip(.bucket),
+        clip(.known)
+    )]
     UnknownBucket {
         /// The tenant.
         tenant: String,
@@ -86,5 +101,37 @@ impl BrokerError {
             field,
             problem: problem.into(),
         }
+    }
+}
+
+/// Most characters of a caller's value echoed in an error.
+const ECHO_CHARS: usize = 64;
+
+/// A value as an error message shows it: quoted, and clipped to
+/// [`ECHO_CHARS`] characters with its full length noted, so an error never
+/// grows with what a caller sent.
+pub(crate) fn clip(value: &str) -> String {
+    match value.char_indices().nth(ECHO_CHARS) {
+        None => format!("{value:?}"),
+        Some((end, _)) => format!("{:?}… ({} bytes)", &value[..end], value.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echoed_values_are_clipped() {
+        assert_eq!(clip("demo"), "\"demo\"");
+        let long = "é".repeat(30_000);
+        let shown = clip(&long);
+        assert!(shown.len() < 200, "{shown}");
+        assert!(shown.ends_with("… (60000 bytes)"), "{shown}");
+        let e = BrokerError::UnknownTenant {
+            tenant: long.clone(),
+            known: "demo".into(),
+        };
+        assert!(e.to_string().len() < 300);
     }
 }

@@ -33,7 +33,7 @@ pub(crate) use watch::TenantBucketStatus;
 
 use crate::clock::Clock;
 use crate::config::{ServerSettings, Settings};
-use crate::error::BrokerError;
+use crate::error::{clip, BrokerError};
 use crate::learning::RateLimitInfo;
 use crate::limits::LeaseId;
 use crate::tenant::{ReportOutcome, TenantState};
@@ -256,7 +256,7 @@ fn parse_lease(lease_id: &str) -> Result<LeaseId, BrokerError> {
     lease_id.parse().map_err(|_| {
         BrokerError::invalid(
             "lease_id",
-            format!("{lease_id:?} is not a lease id this broker issued"),
+            format!("{} is not a lease id this broker issued", clip(lease_id)),
         )
     })
 }

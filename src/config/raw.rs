@@ -62,6 +62,7 @@ struct RawLearning {
     beta: f64,
     floor_fraction: f64,
     default_freeze_ms: u64,
+    max_freeze_ms: u64,
     episode_grace_ms: u64,
     recovery_windows: f64,
     probe_hold_windows: f64,
@@ -80,6 +81,7 @@ impl Default for RawLearning {
             beta: d.beta,
             floor_fraction: d.floor_fraction,
             default_freeze_ms: millis(d.default_freeze),
+            max_freeze_ms: millis(d.max_freeze),
             episode_grace_ms: millis(d.episode_grace),
             recovery_windows: d.recovery_windows,
             probe_hold_windows: d.probe_hold_windows,
@@ -123,6 +125,12 @@ impl RawLearning {
                 self.probe_hold_windows
             ));
         }
+        if self.max_freeze_ms < 1000 || self.max_freeze_ms < self.default_freeze_ms {
+            problems.push(format!(
+                "learning.max_freeze_ms = {} must be at least 1000 and at least default_freeze_ms",
+                self.max_freeze_ms
+            ));
+        }
         if self.ratio_window_ms < 1000 {
             problems.push("learning.ratio_window_ms must be at least 1000".into());
         }
@@ -130,6 +138,7 @@ impl RawLearning {
             beta: self.beta,
             floor_fraction: self.floor_fraction,
             default_freeze: Duration::from_millis(self.default_freeze_ms),
+            max_freeze: Duration::from_millis(self.max_freeze_ms),
             episode_grace: Duration::from_millis(self.episode_grace_ms),
             recovery_windows: self.recovery_windows,
             probe_hold_windows: self.probe_hold_windows,

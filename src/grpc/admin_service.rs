@@ -13,6 +13,9 @@ use crate::tenant::LimitChange;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
 
+/// Longest pause reason accepted.
+const MAX_REASON_LEN: usize = 256;
+
 /// The QuotaAdmin service.
 #[derive(Clone)]
 pub(super) struct AdminService {
@@ -115,6 +118,16 @@ impl pb::quota_admin_server::QuotaAdmin for AdminService {
     ) -> Result<Response<pb::PauseBucketResponse>, Status> {
         let who = self.admin(&request, &request.get_ref().tenant)?;
         let r = request.into_inner();
+        if r.reason.len() > MAX_REASON_LEN {
+            return Err(BrokerError::invalid(
+                "reason",
+                format!(
+                    "{} bytes long; at most {MAX_REASON_LEN}: every request the pause refuses carries it",
+                    r.reason.len()
+                ),
+            )
+            .into());
+        }
         let reason = if r.reason.is_empty() {
             format!("paused by {who}")
         } else {

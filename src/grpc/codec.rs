@@ -7,7 +7,8 @@ use crate::auth::{AuthError, Authenticator, Principal};
 use crate::broker::TenantBucketStatus;
 use crate::clock::{millis, Clock};
 use crate::config::ClassSettings;
-use crate::error::BrokerError;
+use crate::error::{clip, BrokerError};
+use crate::limits::normalize_path;
 use crate::pb;
 use crate::tenant::{Denial, Grant};
 use std::time::Duration;
@@ -25,9 +26,22 @@ const MAX_ID_LEN: usize = 256;
 /// Longest accepted path.
 const MAX_PATH_LEN: usize = 4096;
 
+/// Longest status message sent: values are clipped where they are echoed,
+/// and this bounds the whole, so an error always fits in the trailers a
+/// standard client accepts.
+const MAX_MESSAGE_LEN: usize = 1024;
+
 impl From<BrokerError> for Status {
     fn from(e: BrokerError) -> Status {
-        let msg = e.to_string();
+        let mut msg = e.to_string();
+        if msg.len() > MAX_MESSAGE_LEN {
+            let mut end = MAX_MESSAGE_LEN;
+            while !msg.is_char_boundary(end) {
+                end -= 1;
+            }
+            msg.truncate(end);
+            msg.push('…');
+        }
         match e {
             BrokerError::InvalidArgument { .. } => Status::invalid_argument(msg),
             BrokerError::UnknownTenant { .. }
@@ -94,7 +108,7 @@ pub(crate) fn call_of(method: &str, path: &str) -> Result<(String, String), Brok
     if method.len() > 16 || !method.chars().all(|c| c.is_ascii_alphabetic()) {
         return Err(BrokerError::invalid(
             "method",
-            format!("{method:?} is not an HTTP method such as GET or POST"),
+            format!("{} is not an HTTP method such as GET or POST", clip(method)),
         ));
     }
     if path.is_empty() {
@@ -106,11 +120,17 @@ pub(crate) fn call_of(method: &str, path: &str) -> Result<(String, String), Brok
     if !path.starts_with('/') || path.len() > MAX_PATH_LEN {
         return Err(BrokerError::invalid(
             "path",
-            format!("must start with '/' and be at most {MAX_PATH_LEN} bytes; got {path:?}"),
+            format!(
+                "must start with '/' and be at most {MAX_PATH_LEN} bytes; got {}",
+                clip(path)
+            ),
         ));
     }
     let path = path.split(['?', '#']).next().unwrap_or(path);
-    Ok((method.to_ascii_uppercase(), path.to_owned()))
+    let path = normalize_path(path).map_err(|e| {
+        BrokerError::invalid("path", format!("{} cannot be matched: {e}", clip(path)))
+    })?;
+    Ok((method.to_ascii_uppercase(), path))
 }
 
 /// Encodes a grant for the wire.

@@ -47,6 +47,9 @@ pub struct LearnSettings {
     pub floor_fraction: f64,
     /// Freeze after a 429 that says no Retry-After.
     pub default_freeze: Duration,
+    /// Longest freeze or upstream-budget block one report may impose, so a
+    /// wild `Retry-After` or reset cannot block a bucket for years.
+    pub max_freeze: Duration,
     /// How long after a freeze ends further 429s still belong to its episode.
     pub episode_grace: Duration,
     /// Windows it takes to regrow from zero to the configured rate.
@@ -74,6 +77,7 @@ impl Default for LearnSettings {
             beta: 0.7,
             floor_fraction: 0.05,
             default_freeze: Duration::from_secs(10),
+            max_freeze: Duration::from_secs(15 * 60),
             episode_grace: Duration::from_secs(2),
             recovery_windows: 5.0,
             probe_hold_windows: 3.0,

@@ -11,5 +11,5 @@ mod scheduler;
 
 pub(crate) use bucket::{Slots, TokenBucket};
 pub(crate) use lease::{Lease, LeaseId, LeaseTable};
-pub(crate) use route::{Route, RouteCache};
+pub(crate) use route::{normalize_path, Route, RouteCache};
 pub(crate) use scheduler::{ClassShape, Offer, Queue, Waiter};

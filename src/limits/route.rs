@@ -65,6 +65,52 @@ impl fmt::Display for Route {
     }
 }
 
+/// Why a path cannot be matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum PathError {
+    /// A percent-escape decodes to bytes that are not UTF-8.
+    #[error("its percent-escapes do not decode to UTF-8")]
+    NotUtf8,
+    /// A control character (decoded or not) in the path.
+    #[error("it holds a control character")]
+    Control,
+}
+
+/// The one form a path is matched in, for Acquire and Report alike, so that
+/// spellings an upstream treats as the same resource draw on the same
+/// buckets: percent-escapes decoded (`%71uery` is `query`; `%2F` is a `/`,
+/// which can only make more buckets match, never fewer), empty segments
+/// dropped (`//` from a sloppy URL join, and a trailing `/`), and dot
+/// segments resolved (`/a/./b/../c` is `/a/c`; `..` never climbs above the
+/// root). Case is kept: paths are case-sensitive.
+pub(crate) fn normalize_path(path: &str) -> Result<String, PathError> {
+    let decoded = percent_encoding::percent_decode_str(path)
+        .decode_utf8()
+        .map_err(|_| PathError::NotUtf8)?;
+    if decoded.chars().any(char::is_control) {
+        return Err(PathError::Control);
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    Ok(out)
+}
+
 /// Remembers which buckets a (method, path) matched, so a busy route is
 /// glob-matched once, not on every request. Bounded: when it holds
 /// [`RouteCache::CAPACITY`] paths it starts over (paths with ids in them
@@ -114,6 +160,55 @@ impl RouteCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_are_normalised_before_matching() {
+        let query = Route::parse("POST /api/v2/analytics/**/query").unwrap();
+        for spelled in [
+            "/api/v2/analytics/conversations/details/query",
+            "/api/v2//analytics/conversations/details/query",
+            "//api/v2/analytics/conversations/details/query",
+            "/api/v2/./analytics/conversations/x/../details/query",
+            "/api/v2/analytics/conversations/details/%71uery",
+            "/api%2Fv2/analytics/conversations/details/query",
+            "/../api/v2/analytics/conversations/details/query",
+            "/api/v2/analytics/conversations/details/query/",
+        ] {
+            let path = normalize_path(spelled).unwrap();
+            assert_eq!(path, "/api/v2/analytics/conversations/details/query");
+            assert!(query.matches("POST", &path), "{spelled} skipped the bucket");
+        }
+        assert_eq!(normalize_path("/").unwrap(), "/");
+        assert_eq!(normalize_path("/a/b/").unwrap(), "/a/b");
+        assert_eq!(normalize_path("/a/..").unwrap(), "/");
+        assert_eq!(normalize_path("/%ff"), Err(PathError::NotUtf8));
+        assert_eq!(normalize_path("/a%0Ab"), Err(PathError::Control));
+    }
+
+    proptest::proptest! {
+        /// Normalising is idempotent, and what comes out has no empty or dot
+        /// segments, so no spelling of a path matches fewer routes than its
+        /// normal form.
+        #[test]
+        fn normalising_is_idempotent_and_leaves_no_tricks(
+            path in "(/|//|/\\.|/\\.\\.|/[a-z%0-9]{1,6}){0,10}/?"
+        ) {
+            if let Ok(n) = normalize_path(&path) {
+                proptest::prop_assert_eq!(normalize_path(&n), Ok(n.clone()));
+                proptest::prop_assert!(n.starts_with('/'));
+                proptest::prop_assert!(!n.contains("//"), "{}", n);
+                for segment in n.split('/') {
+                    proptest::prop_assert!(segment != "." && segment != "..", "{}", n);
+                }
+            }
+        }
+
+        /// Whatever bytes arrive, normalising never panics.
+        #[test]
+        fn normalising_never_panics(path in proptest::prelude::any::<String>()) {
+            let _ = normalize_path(&path);
+        }
+    }
 
     #[test]
     fn a_pattern_matches_method_and_path() {

@@ -5,7 +5,7 @@
 use super::instance::held_back;
 use super::TenantState;
 use crate::config::{BucketSettings, ClassSettings};
-use crate::error::BrokerError;
+use crate::error::{clip, BrokerError};
 use crate::limits::ClassShape;
 
 impl TenantState {
@@ -22,7 +22,8 @@ impl TenantState {
                 BrokerError::invalid(
                     "priority_class",
                     format!(
-                        "{name:?} is not a class of tenant {:?}; use one of: {}",
+                        "{} is not a class of tenant {:?}; use one of: {}",
+                        clip(name),
                         self.id,
                         known.join(", ")
                     ),

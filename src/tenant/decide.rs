@@ -21,6 +21,7 @@ impl TenantState {
         max_wait: Option<Duration>,
         now: Instant,
     ) -> Result<Decision, BrokerError> {
+        let now = self.monotonic(now);
         let class = self.class_index(&args.class)?;
         let reserve = self.reserve_above(class);
         let wait = max_wait
@@ -162,7 +163,7 @@ impl TenantState {
 
     /// Why `n` permits on `instances` cannot be granted now, and when they
     /// could be at the earliest.
-    pub fn explain(&self, instances: &[usize], n: u32, reserve: f64, now: Instant) -> Denial {
+    pub(super) fn explain(&self, instances: &[usize], n: u32, reserve: f64, now: Instant) -> Denial {
         let mut retry = now;
         let mut reason = String::new();
         for &i in instances {

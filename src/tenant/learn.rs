@@ -5,6 +5,7 @@
 
 use super::TenantState;
 use crate::config::Scope;
+use crate::clock::millis;
 use crate::error::BrokerError;
 use crate::learning::{attribute, Candidate, Learned, Persisted, RateLimitInfo};
 use std::time::Duration;
@@ -32,7 +33,10 @@ impl TenantState {
         info: &RateLimitInfo,
         now: Instant,
     ) -> Result<ReportOutcome, BrokerError> {
+        let now = self.monotonic(now);
         let (method, path, oauth_client) = call;
+        let (retry_after, info) = self.capped(retry_after, info);
+        let info = &info;
         let instances = match self.resolve(method, path, oauth_client, 1, 0.0, now)? {
             Ok(i) => i,
             Err(denial) => {
@@ -75,6 +79,36 @@ impl TenantState {
             buckets: self.names(&instances),
             attributed_to: target.map(|i| self.name(i)),
         })
+    }
+
+    /// A report's Retry-After and reset, cut to `learning.max_freeze`: one
+    /// report must not block a bucket for longer (logged when it would).
+    fn capped(
+        &self,
+        retry_after: Option<Duration>,
+        info: &RateLimitInfo,
+    ) -> (Option<Duration>, RateLimitInfo) {
+        let max = self.learning.max_freeze;
+        let asked = [retry_after, info.retry_after, info.reset]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or_default();
+        if asked > max {
+            tracing::warn!(
+                tenant = %self.id,
+                asked_ms = millis(asked),
+                max_ms = millis(max),
+                "a report asks to block a bucket longer than learning.max_freeze_ms; capped"
+            );
+        }
+        let cap = |d: Option<Duration>| d.map(|d| d.min(max));
+        let info = RateLimitInfo {
+            retry_after: cap(info.retry_after),
+            reset: cap(info.reset),
+            ..*info
+        };
+        (cap(retry_after), info)
     }
 
     /// Which bucket the rate-limit headers describe, and which bucket
@@ -218,6 +252,7 @@ impl TenantState {
         p: Persisted,
         now: Instant,
     ) -> bool {
+        let now = self.monotonic(now);
         let Some(b) = self.buckets.iter().position(|d| d.settings.name == bucket) else {
             return false;
         };
@@ -233,6 +268,13 @@ impl TenantState {
             return false;
         };
         let s = &self.learning;
+        // A state file is ours, but not beyond doubt: no restored block
+        // outlasts what one report could impose now.
+        let p = Persisted {
+            frozen_until: p.frozen_until.map(|t| t.min(now + s.max_freeze)),
+            cooldown: p.cooldown.map(|(t, rate)| (t.min(now + s.cooldown), rate)),
+            ..p
+        };
         x.learner.restore(p);
         if let Some(until) = x.learner.frozen_until(now) {
             x.freeze(until, self.rng.f64(), s);

@@ -34,6 +34,7 @@ impl TenantState {
         extend: Option<Duration>,
         now: Instant,
     ) -> Result<(Instant, Duration), BrokerError> {
+        let now = self.monotonic(now);
         let not_found = || BrokerError::LeaseNotFound {
             lease_id: id.to_string(),
         };

@@ -158,6 +158,10 @@ pub struct TenantState {
     max_wait: Duration,
     version: Arc<std::sync::atomic::AtomicU64>,
     next_sweep: Instant,
+    /// The latest instant any call brought. A caller that read the clock
+    /// before another's call (a thread delayed on its way to the lock) is
+    /// decided at this instant instead, never at a stale one.
+    latest: Instant,
 }
 
 impl TenantState {
@@ -214,12 +218,21 @@ impl TenantState {
             queue,
             version,
             next_sweep: now + SWEEP_EVERY,
+            latest: now,
         }
     }
 
     /// The tenant id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// `now`, or the latest instant seen if `now` is older: time in the
+    /// tenant never runs backwards.
+    #[inline]
+    fn monotonic(&mut self, now: Instant) -> Instant {
+        self.latest = self.latest.max(now);
+        self.latest
     }
 
     #[inline]

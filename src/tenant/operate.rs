@@ -17,6 +17,7 @@ impl TenantState {
         change: LimitChange,
         now: Instant,
     ) -> Result<&BucketSettings, BrokerError> {
+        let now = self.monotonic(now);
         let b = self.bucket_index(bucket)?;
         let old = self.buckets[b].settings.clone();
         let bad = |field, problem: String| BrokerError::invalid(field, problem);
@@ -101,6 +102,7 @@ impl TenantState {
         reason: Option<String>,
         now: Instant,
     ) -> Result<(), BrokerError> {
+        let now = self.monotonic(now);
         let b = self.bucket_index(bucket)?;
         self.buckets[b].paused = reason;
         let on_bucket = self.instances_of(b);

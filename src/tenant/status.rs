@@ -79,6 +79,7 @@ impl TenantState {
     }
 
     pub(super) fn status_of(&self, x: &Instance, now: Instant) -> BucketStatus {
+        let now = now.max(self.latest);
         let settings = &self.buckets[x.bucket].settings;
         BucketStatus {
             bucket: settings.name.clone(),

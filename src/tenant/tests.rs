@@ -233,6 +233,59 @@ fn per_client_instances_are_bounded_and_idle_ones_evicted() {
     granted(t.acquire(&a, NOW, t0 + SEC).unwrap());
 }
 
+#[test]
+fn a_stale_clock_read_never_denies_a_full_bucket() {
+    let t0 = Instant::now();
+    // Burst 3 at 1000/s: the whole burst spans 3 ms.
+    let mut t = tenant(
+        "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 1000\n\
+         window_ms = 1000\nburst = 3",
+        t0,
+    );
+    let t1 = t0 + SEC;
+    granted(t.acquire(&args("GET", "/", 1), NOW, t1).unwrap());
+    // A caller that read the clock a second earlier, then waited for the
+    // lock: the bucket has 2 permits now, and it must see them.
+    granted(t.acquire(&args("GET", "/", 1), NOW, t0).unwrap());
+    let s = &t.statuses(t0)[0];
+    assert!(s.tokens_available >= 1.0, "{}", s.tokens_available);
+}
+
+#[test]
+fn a_report_cannot_block_a_bucket_for_years() {
+    use crate::learning::RateLimitInfo;
+    let t0 = Instant::now();
+    let max = LearnSettings::default().max_freeze;
+    let bucket = "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 60\n\
+                  window_ms = 60000";
+    let mut t = tenant(bucket, t0);
+    let forever = Some(Duration::from_millis(u64::MAX));
+    let none = RateLimitInfo::default();
+    t.report(("GET", "/", "oa"), 429, forever, &none, t0).unwrap();
+    let frozen = t.statuses(t0)[0].frozen_until.expect("frozen");
+    assert!(frozen <= t0 + max, "frozen for {:?}", frozen - t0);
+    let Decision::Denied(d) = t.acquire(&args("GET", "/", 1), NOW, t0).unwrap() else {
+        panic!("granted while frozen")
+    };
+    // Then it resumes paced, at the cut rate, from an empty bucket.
+    assert!(d.retry_after <= max + 60 * SEC, "{:?}", d.retry_after);
+
+    // A 200 that says nothing is left until a reset decades away.
+    let mut t = tenant(bucket, t0);
+    let far = RateLimitInfo {
+        limit: Some(60),
+        remaining: Some(0),
+        reset: Some(Duration::from_secs(1_000_000_000_000)),
+        ..RateLimitInfo::default()
+    };
+    t.report(("GET", "/", "oa"), 200, None, &far, t0).unwrap();
+    let Decision::Denied(d) = t.acquire(&args("GET", "/", 1), NOW, t0).unwrap() else {
+        panic!("granted past the upstream's budget")
+    };
+    // The block ends at the capped reset; the next window then paces in.
+    assert!(d.retry_after <= max + 60 * SEC, "{:?}", d.retry_after);
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Acquire(u32),

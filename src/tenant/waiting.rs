@@ -58,6 +58,7 @@ impl TenantState {
     /// Takes a waiter out of the queue (timeout or caller gone) and says why
     /// it was not granted; `None` if it already left (it was granted).
     pub fn withdraw(&mut self, waiter: u64, now: Instant) -> Option<Denial> {
+        let now = self.monotonic(now);
         let w = self.queue.remove(waiter)?;
         self.unqueue(&w);
         let share = self.bucket_share(w.class, &w.instances);
@@ -72,6 +73,7 @@ impl TenantState {
     /// Expires leases, serves waiters, drops idle instances; returns when to
     /// run again at the latest (`None`: only when something changes).
     pub fn tick(&mut self, now: Instant) -> Option<Instant> {
+        let now = self.monotonic(now);
         while let Some((seq, lease)) = self.leases.pop_expired(now) {
             tracing::info!(
                 tenant = %self.id,
