@@ -45,7 +45,11 @@ enum Event {
     Request(pb::LeaseStreamRequest),
     Granted(u64, Result<pb::AcquireResponse, Status>),
     ClientDone,
-    Stop,
+    /// The session must end with this status; acquires still waiting are
+    /// answered with it first.
+    End(Status),
+    /// Nobody reads the answers any more.
+    ClientGone,
 }
 
 async fn session(
@@ -58,20 +62,26 @@ async fn session(
     // Leases granted on this stream that still hold slots.
     let mut held: HashSet<String> = HashSet::new();
     let mut waiting = FuturesUnordered::new();
+    // Ids of the acquires in `waiting`, to answer them if the session ends.
+    let mut pending: HashSet<u64> = HashSet::new();
     let mut reading = true;
-    loop {
+    let end = loop {
         let event = tokio::select! {
             r = requests.message(), if reading => match r {
                 Ok(Some(req)) => Event::Request(req),
                 Ok(None) => Event::ClientDone,
+                // E.g. a message over the size limit: the stream cannot go
+                // on, and the client must hear why.
                 Err(status) => {
                     tracing::debug!(%status, "LeaseStream: request stream failed");
-                    Event::Stop
+                    Event::End(status)
                 }
             },
             Some((id, r)) = waiting.next(), if !waiting.is_empty() => Event::Granted(id, r),
-            _ = shutdown.cancelled() => Event::Stop,
-            _ = tx.closed() => Event::Stop,
+            _ = shutdown.cancelled() => Event::End(Status::unavailable(
+                "the broker is shutting down; open a new stream once it is back",
+            )),
+            _ = tx.closed() => Event::ClientGone,
         };
         let answer = match event {
             Event::Request(req) => {
@@ -79,6 +89,7 @@ async fn session(
                 match req.op {
                     Some(Op::Acquire(a)) if waiting.len() < MAX_WAITING => {
                         let (svc, who) = (&svc, &who);
+                        pending.insert(id);
                         waiting.push(async move { (id, svc.acquire_op(who, a).await) });
                         None
                     }
@@ -105,6 +116,7 @@ async fn session(
                 }
             }
             Event::Granted(id, r) => {
+                pending.remove(&id);
                 if let Ok(g) = &r {
                     if g.granted && g.lease_ttl_ms > 0 {
                         held.insert(g.lease_id.clone());
@@ -116,19 +128,37 @@ async fn session(
                 reading = false;
                 None
             }
-            Event::Stop => break,
+            Event::End(status) => break Some(status),
+            Event::ClientGone => break None,
         };
         if let Some(a) = answer {
             if tx.send(Ok(a)).await.is_err() {
-                break;
+                break None;
             }
         }
         if !reading && waiting.is_empty() {
-            break;
+            break None;
         }
-    }
+    };
     // Dropping a waiting acquire withdraws it from its queue.
     drop(waiting);
+    if let Some(status) = end {
+        // Every operation gets an answer, then the stream its status: like
+        // a unary waiter, a streamed one hears UNAVAILABLE at shutdown.
+        for id in pending {
+            let op = failed(
+                id,
+                Status::new(
+                    status.code(),
+                    format!("not answered before the stream ended: {}", status.message()),
+                ),
+            );
+            if tx.send(Ok(op)).await.is_err() {
+                break;
+            }
+        }
+        let _ = tx.send(Err(status)).await;
+    }
     if !held.is_empty() {
         tracing::debug!(
             leases = held.len(),

@@ -266,3 +266,61 @@ async fn a_stream_needs_a_token_and_each_operation_the_tenant() {
     drop(tx);
     b.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn at_shutdown_a_waiting_acquire_is_answered_and_the_stream_ends_unavailable() {
+    let mut b = start(&config(ONE_SLOT)).await;
+    let mut s = Session::open(&mut b.client.clone()).await;
+    s.send(1, acquire(0)).await;
+    let (_, Answer::Acquire(first)) = s.next().await else {
+        panic!("expected an acquire answer")
+    };
+    assert!(first.granted);
+    s.send(2, acquire(60_000)).await;
+    // Let the acquire reach the queue before the broker stops.
+    tokio::task::yield_now().await;
+    b.trigger_stop();
+    let (id, a) = s.next().await;
+    assert_eq!(id, 2);
+    let Answer::Error(e) = a else {
+        panic!("the waiting acquire was not refused: {a:?}")
+    };
+    assert_eq!(e.code, Code::Unavailable as i32, "{e:?}");
+    let end = s.rx.message().await.expect_err("the stream ended OK");
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    b.join().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_over_the_size_limit_ends_the_stream_with_its_error() {
+    let b = start(&config(ONE_SLOT)).await;
+    let mut s = Session::open(&mut b.client.clone()).await;
+    s.send(1, acquire(60_000)).await;
+    let (_, Answer::Acquire(first)) = s.next().await else {
+        panic!("expected an acquire answer")
+    };
+    assert!(first.granted);
+    // 2 waits; 3 is too large to decode.
+    s.send(2, acquire(60_000)).await;
+    let mut huge = ReportRequest {
+        tenant: "t".into(),
+        method: "GET".into(),
+        path: "/api/v2/users".into(),
+        http_status: 200,
+        ..Default::default()
+    };
+    huge.headers.insert("x-padding".into(), "x".repeat(100_000));
+    s.send(3, Op::Report(huge)).await;
+    let (id, a) = s.next().await;
+    assert!(
+        matches!((id, &a), (2, Answer::Error(e)) if e.code != Code::Ok as i32),
+        "{id} {a:?}"
+    );
+    let end = s.rx.message().await.expect_err("the stream ended OK");
+    assert!(
+        matches!(end.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{end:?}"
+    );
+    drop(s);
+    b.stop().await;
+}
