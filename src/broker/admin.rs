@@ -82,6 +82,35 @@ impl Broker {
         self.bucket_status(t, bucket)
     }
 
+    /// Forgets what was learned about a bucket (one OAuth client's instance
+    /// or all); the learned-state file follows within a second.
+    pub(crate) fn clear_learned(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        oauth_client: Option<&str>,
+        who: &str,
+    ) -> Result<Vec<TenantBucketStatus>, BrokerError> {
+        let t = self.tenant_index(tenant)?;
+        let now = Instant::now();
+        let statuses = {
+            let mut state = self.inner.tenants[t].lock();
+            state.clear_learned(bucket, oauth_client, now)?
+        };
+        tracing::info!(%tenant, %bucket, oauth_client = oauth_client.unwrap_or("(all)"),
+            instances = statuses.len(), by = %who, "learned state cleared");
+        self.inner.tenants[t].wake.notify_one();
+        self.announce();
+        Ok(statuses
+            .into_iter()
+            .map(|status| TenantBucketStatus {
+                tenant: tenant.to_owned(),
+                at: now,
+                status,
+            })
+            .collect())
+    }
+
     /// After an admin change: wake the tenant's waiters, tell Watch, and
     /// write every admin change so far to the state directory.
     pub(super) async fn changed_by_admin(

@@ -4,7 +4,7 @@
 //! it, applies at once to waiting requests, and is saved to the state
 //! directory (see the broker's `admin` module).
 
-use super::codec::{class_from_pb, class_to_pb, principal, status_to_pb};
+use super::codec::{bounded, class_from_pb, class_to_pb, principal, status_to_pb};
 use crate::auth::Authenticator;
 use crate::broker::{Broker, TenantBucketStatus};
 use crate::error::BrokerError;
@@ -155,5 +155,27 @@ impl pb::quota_admin_server::QuotaAdmin for AdminService {
         Ok(Response::new(pb::ResumeBucketResponse {
             status: self.first(statuses),
         }))
+    }
+
+    async fn clear_learned(
+        &self,
+        request: Request<pb::ClearLearnedRequest>,
+    ) -> Result<Response<pb::ClearLearnedResponse>, Status> {
+        let who = self.admin(&request, &request.get_ref().tenant)?;
+        let r = request.into_inner();
+        let oauth_client = bounded("oauth_client", &r.oauth_client)?;
+        let clock = self.broker.clock();
+        let statuses = self
+            .broker
+            .clear_learned(
+                &r.tenant,
+                &r.bucket,
+                (!oauth_client.is_empty()).then_some(oauth_client),
+                &who,
+            )?
+            .into_iter()
+            .map(|s| status_to_pb(s, clock))
+            .collect();
+        Ok(Response::new(pb::ClearLearnedResponse { statuses }))
     }
 }

@@ -153,6 +153,14 @@ impl TokenBucket {
             .max(at + self.interval.saturating_mul(self.burst.saturating_sub(1)));
     }
 
+    /// Starts the bucket over at `now` with one permit, then one interval
+    /// apart, whatever freeze or debt it carried (an operator lifting a
+    /// freeze; a restart that does not know the level).
+    pub(crate) fn restart_empty(&mut self, now: Instant) {
+        self.resume_at = now;
+        self.tat = now + self.interval.saturating_mul(self.burst.saturating_sub(1));
+    }
+
     /// Lowers the level to at most `tokens` at `now` (someone else spent
     /// part of the budget). Never raises it.
     pub(crate) fn shrink_to(&mut self, tokens: u32, now: Instant) {

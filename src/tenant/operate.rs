@@ -1,7 +1,9 @@
 //! Operators' changes to a tenant's buckets: limits and pause, applied at
 //! once to every instance and to the requests waiting on them.
 
-use super::{LimitChange, TenantState};
+use super::{BucketStatus, LimitChange, TenantState};
+use crate::learning::Learner;
+use std::time::Duration;
 use crate::clock::millis;
 use crate::config::{check_rate, BucketSettings};
 use crate::error::BrokerError;
@@ -122,6 +124,49 @@ impl TenantState {
             self.touch(i);
         }
         Ok(())
+    }
+
+    /// Forgets what was learned about bucket `bucket` (every instance, or
+    /// only `oauth_client`'s): freeze, cut rate, learned limit, cooldown
+    /// and the upstream's budget view. The instances resume paced from an
+    /// empty bucket at the configured rate, never with a burst. Returns the
+    /// statuses of the instances cleared.
+    pub fn clear_learned(
+        &mut self,
+        bucket: &str,
+        oauth_client: Option<&str>,
+        now: Instant,
+    ) -> Result<Vec<BucketStatus>, BrokerError> {
+        let now = self.monotonic(now);
+        let b = self.bucket_index(bucket)?;
+        let settings = &self.buckets[b].settings;
+        let (configured, window) = settings
+            .rate
+            .map_or((0.0, Duration::from_secs(60)), |r| (r.per_minute(), r.window));
+        let s = self.learning;
+        let mut cleared = Vec::new();
+        for i in self.instances_of(b) {
+            let Some(x) = self.instances.get_mut(i) else {
+                continue;
+            };
+            if oauth_client.is_some_and(|c| x.oauth_client.as_deref() != Some(c)) {
+                continue;
+            }
+            x.learner = Learner::new(configured, window, now);
+            x.resume_at = None;
+            x.upstream = None;
+            if let Some(t) = x.tokens.as_mut() {
+                t.restart_empty(now);
+            }
+            x.apply_rate(now, &s);
+            cleared.push(i);
+            self.touch(i);
+        }
+        self.learned_dirty = true;
+        Ok(cleared
+            .into_iter()
+            .filter_map(|i| Some(self.status_of(self.instances.get(i)?, now)))
+            .collect())
     }
 
     /// The bucket's current limits and pause, for the admin state file.

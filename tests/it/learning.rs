@@ -3,7 +3,7 @@
 //! of the tenant, in-process on a simulated clock.)
 
 use crate::harness::{req, start, TestBroker};
-use quota_broker::pb::{ListBucketsRequest, QuotaStatus, ReportRequest};
+use quota_broker::pb::{ClearLearnedRequest, ListBucketsRequest, QuotaStatus, ReportRequest};
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -93,6 +93,63 @@ async fn identical_429s_from_twenty_clients_cut_once_and_freeze_the_tenant_only(
     r.tenant = "u".into();
     assert!(b.acquire(r).await.granted);
     assert_eq!(status(&b, "u").await.frozen_until_ms, 0);
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wild_retry_after_is_capped_and_an_operator_can_lift_the_freeze() {
+    let b = start(&two_tenants("")).await;
+    // 2^64-1 ms: about 585 million years.
+    let mut r = throttled("t", "0", &[]);
+    r.headers.clear();
+    r.retry_after_ms = u64::MAX;
+    b.client.clone().report(r).await.unwrap();
+    let s = status(&b, "t").await;
+    let frozen_for = Duration::from_millis(s.frozen_until_ms.saturating_sub(s.at_ms));
+    assert!(frozen_for > Duration::ZERO, "not frozen at all");
+    assert!(
+        frozen_for <= Duration::from_secs(15 * 60),
+        "frozen for {frozen_for:?}"
+    );
+    let denied = b.acquire(req("GET", "/x", 0)).await;
+    assert!(!denied.granted);
+
+    let cleared = b
+        .admin
+        .clone()
+        .clear_learned(ClearLearnedRequest {
+            tenant: "t".into(),
+            bucket: "org".into(),
+            oauth_client: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .statuses;
+    assert_eq!(cleared.len(), 1);
+    assert_eq!(cleared[0].frozen_until_ms, 0);
+    assert_eq!(cleared[0].effective_rate_per_min, 60.0, "the cut is gone too");
+    // Granted within seconds (the batch class waits out the 2 permits held
+    // back for higher classes), then paced: no burst after the reset.
+    let t0 = Instant::now();
+    assert!(b.acquire(req("GET", "/x", 10_000)).await.granted);
+    let first = Instant::now() - t0;
+    assert!(first <= Duration::from_secs(4), "first grant after {first:?}");
+    assert!(b.acquire(req("GET", "/x", 10_000)).await.granted);
+    let second = Instant::now() - t0;
+    assert!(second - first >= Duration::from_millis(900), "{first:?} {second:?}");
+
+    let err = b
+        .admin
+        .clone()
+        .clear_learned(ClearLearnedRequest {
+            tenant: "t".into(),
+            bucket: "nope".into(),
+            oauth_client: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
     b.stop().await;
 }
 

@@ -55,6 +55,10 @@ pub enum Command {
     Pause(PauseArgs),
     /// Resume a paused bucket.
     Resume(ResumeArgs),
+    /// Forget what the broker learned about a bucket (freeze, cut rate,
+    /// learned limit, cooldown, the upstream's budget view): for when the
+    /// upstream's block is over but the broker still holds the bucket back.
+    Clear(ClearArgs),
 }
 
 /// `quotactl status`.
@@ -166,6 +170,22 @@ pub struct PauseArgs {
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
     /// Print the resulting state as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `quotactl clear`.
+#[derive(Debug, Args)]
+pub struct ClearArgs {
+    /// Tenant of the bucket.
+    #[arg(long, env = "QUOTA_BROKER_TENANT", value_name = "T")]
+    pub tenant: String,
+    /// Bucket name from the configuration.
+    pub bucket: String,
+    /// Only this OAuth client's instance of a per-client bucket (default: all).
+    #[arg(long, value_name = "ID")]
+    pub oauth_client: Option<String>,
+    /// Print the resulting states as JSON.
     #[arg(long)]
     pub json: bool,
 }

@@ -3,16 +3,16 @@
 //! [`crate::table`].
 
 use crate::cli::{
-    BucketCommand, ClassCommand, ClassSetArgs, Cli, Command, PauseArgs, ResumeArgs, SetLimitArgs,
-    StatusArgs, WatchArgs,
+    BucketCommand, ClassCommand, ClassSetArgs, ClearArgs, Cli, Command, PauseArgs, ResumeArgs,
+    SetLimitArgs, StatusArgs, WatchArgs,
 };
 use crate::error::Error;
 use crate::table::{self, BucketKey};
 use quota_broker::pb::quota_admin_client::QuotaAdminClient;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
 use quota_broker::pb::{
-    ListBucketsRequest, PauseBucketRequest, PriorityClass, QuotaStatus, ResumeBucketRequest,
-    SetBucketLimitRequest, SetPriorityClassRequest, WatchRequest,
+    ClearLearnedRequest, ListBucketsRequest, PauseBucketRequest, PriorityClass, QuotaStatus,
+    ResumeBucketRequest, SetBucketLimitRequest, SetPriorityClassRequest, WatchRequest,
 };
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -127,6 +127,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Bucket(BucketCommand::SetLimit(a)) => set_limit(&conn, a).await,
         Command::Pause(a) => pause(&conn, a).await,
         Command::Resume(a) => resume(&conn, a).await,
+        Command::Clear(a) => clear(&conn, a).await,
     }
 }
 
@@ -264,6 +265,29 @@ async fn resume(conn: &Conn, a: ResumeArgs) -> Result<(), Error> {
         .await?
         .status;
     print_status(status, a.json, &a.tenant, &a.bucket, "resumed")
+}
+
+async fn clear(conn: &Conn, a: ClearArgs) -> Result<(), Error> {
+    let req = ClearLearnedRequest {
+        tenant: a.tenant.clone(),
+        bucket: a.bucket.clone(),
+        oauth_client: a.oauth_client.unwrap_or_default(),
+    };
+    let statuses = conn
+        .call(conn.admin.clone().clear_learned(req))
+        .await?
+        .statuses;
+    if a.json {
+        let all: Vec<_> = statuses.iter().map(table::status_json).collect();
+        return print(&format!("{}\n", pretty(&serde_json::Value::Array(all))));
+    }
+    if statuses.is_empty() {
+        return print(&format!(
+            "{}/{}: no instance to clear\n",
+            a.tenant, a.bucket
+        ));
+    }
+    print(&table::render_status(&statuses))
 }
 
 /// Prints the state an admin change answered with, as a one-row table or JSON.

@@ -3,7 +3,7 @@
 
 use quota_broker::hash_token;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
-use quota_broker::pb::AcquireRequest;
+use quota_broker::pb::{AcquireRequest, ReportRequest};
 use quota_broker::Settings;
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -554,4 +554,39 @@ async fn watch_ends_cleanly_when_the_stream_ends() {
         .expect("quotactl exits in time")
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn clear_lifts_a_freeze_and_needs_an_admin() {
+    let b = Broker::start().await;
+    let mut client = QuotaBrokerClient::connect(b.url()).await.unwrap();
+    let mut report = tonic::Request::new(ReportRequest {
+        tenant: "t".into(),
+        method: "GET".into(),
+        path: "/x".into(),
+        http_status: 429,
+        retry_after_ms: 600_000,
+        ..Default::default()
+    });
+    report
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {CLIENT}").parse().unwrap());
+    client.report(report).await.unwrap();
+    let frozen = b.bucket("org").await;
+    assert!(frozen["frozen_until_ms"].as_u64().unwrap() > 0, "{frozen}");
+
+    let out = b
+        .run(Some(CLIENT), &["clear", "--tenant", "t", "org"])
+        .await;
+    assert_eq!(out.status.code(), Some(1), "a client token may not clear");
+    assert!(b.bucket("org").await["frozen_until_ms"].as_u64().unwrap() > 0);
+
+    let out = b
+        .ok(Some(ADMIN), &["clear", "--tenant", "t", "org", "--json"])
+        .await;
+    let cleared: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(cleared[0]["bucket"], "org");
+    assert_eq!(cleared[0]["frozen_until_ms"], 0);
+    assert_eq!(b.bucket("org").await["frozen_until_ms"], 0);
+    b.stop().await;
 }

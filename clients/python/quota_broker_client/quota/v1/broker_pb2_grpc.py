@@ -286,6 +286,11 @@ class QuotaAdminStub(object):
                 request_serializer=quota_dot_v1_dot_broker__pb2.ResumeBucketRequest.SerializeToString,
                 response_deserializer=quota_dot_v1_dot_broker__pb2.ResumeBucketResponse.FromString,
                 )
+        self.ClearLearned = channel.unary_unary(
+                '/quota.v1.QuotaAdmin/ClearLearned',
+                request_serializer=quota_dot_v1_dot_broker__pb2.ClearLearnedRequest.SerializeToString,
+                response_deserializer=quota_dot_v1_dot_broker__pb2.ClearLearnedResponse.FromString,
+                )
 
 
 class QuotaAdminServicer(object):
@@ -327,6 +332,16 @@ class QuotaAdminServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClearLearned(self, request, context):
+        """Forgets what the broker learned about a bucket: its freeze, cut rate,
+        learned limit, ratio cooldown and view of the upstream's budget. For
+        an incident in which the upstream's block is over (or never was) but
+        the broker still holds the bucket back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QuotaAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -354,6 +369,11 @@ def add_QuotaAdminServicer_to_server(servicer, server):
                     servicer.ResumeBucket,
                     request_deserializer=quota_dot_v1_dot_broker__pb2.ResumeBucketRequest.FromString,
                     response_serializer=quota_dot_v1_dot_broker__pb2.ResumeBucketResponse.SerializeToString,
+            ),
+            'ClearLearned': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearLearned,
+                    request_deserializer=quota_dot_v1_dot_broker__pb2.ClearLearnedRequest.FromString,
+                    response_serializer=quota_dot_v1_dot_broker__pb2.ClearLearnedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -448,5 +468,22 @@ class QuotaAdmin(object):
         return grpc.experimental.unary_unary(request, target, '/quota.v1.QuotaAdmin/ResumeBucket',
             quota_dot_v1_dot_broker__pb2.ResumeBucketRequest.SerializeToString,
             quota_dot_v1_dot_broker__pb2.ResumeBucketResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ClearLearned(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/quota.v1.QuotaAdmin/ClearLearned',
+            quota_dot_v1_dot_broker__pb2.ClearLearnedRequest.SerializeToString,
+            quota_dot_v1_dot_broker__pb2.ClearLearnedResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
