@@ -6,9 +6,11 @@
 //! presents, looks the hash up and yields the [`Principal`] the request runs
 //! as, which then answers "may this caller touch tenant X?" and "is it an
 //! admin?". With no tokens configured the broker runs open: every request is
-//! an anonymous admin (the server only allows that on loopback). Nothing here
-//! knows about tonic: the gRPC layer passes the `authorization` metadata in
-//! and maps [`AuthError`] to a status code.
+//! an anonymous admin (the server only allows that on loopback). Each token
+//! also carries its own overload limits (requests per second, Watch
+//! streams), which the gRPC layer enforces per [`Principal::token_index`].
+//! Nothing here knows about tonic: the gRPC layer passes the `authorization`
+//! metadata in and maps [`AuthError`] to a status code.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -54,6 +56,14 @@ pub(crate) struct RawToken {
     pub role: Role,
     /// Tenant ids the token may touch; `["*"]` means every tenant.
     pub tenants: Vec<String>,
+    /// RPCs per second this token may start (0: no limit); default
+    /// `overload.max_requests_per_sec`.
+    #[serde(default)]
+    pub max_requests_per_sec: Option<u32>,
+    /// Watch streams this token may hold open (0: no limit); default
+    /// `overload.max_watch_streams`.
+    #[serde(default)]
+    pub max_watch_streams: Option<u32>,
 }
 
 /// A validated token.
@@ -64,6 +74,10 @@ pub struct TokenSettings {
     role: Role,
     /// `None` means every tenant.
     tenants: Option<BTreeSet<String>>,
+    /// Own request rate (`None`: the `[overload]` default; 0: no limit).
+    max_requests_per_sec: Option<u32>,
+    /// Own Watch cap (`None`: the `[overload]` default; 0: no limit).
+    max_watch_streams: Option<u32>,
 }
 
 impl fmt::Debug for TokenSettings {
@@ -73,7 +87,26 @@ impl fmt::Debug for TokenSettings {
             .field("sha256", &short(&self.hash))
             .field("role", &self.role)
             .field("tenants", &self.tenants)
+            .field("max_requests_per_sec", &self.max_requests_per_sec)
+            .field("max_watch_streams", &self.max_watch_streams)
             .finish()
+    }
+}
+
+impl TokenSettings {
+    /// Its name, for logs and overload messages.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its own request rate, if set (0: no limit).
+    pub(crate) fn max_requests_per_sec(&self) -> Option<u32> {
+        self.max_requests_per_sec
+    }
+
+    /// Its own Watch cap, if set (0: no limit).
+    pub(crate) fn max_watch_streams(&self) -> Option<u32> {
+        self.max_watch_streams
     }
 }
 
@@ -123,6 +156,8 @@ impl RawToken {
             hash,
             role: self.role,
             tenants: (!wildcard).then(|| self.tenants.into_iter().collect()),
+            max_requests_per_sec: self.max_requests_per_sec,
+            max_watch_streams: self.max_watch_streams,
         })
     }
 }
@@ -134,6 +169,9 @@ pub(crate) struct Principal {
     role: Role,
     /// `None` means every tenant.
     tenants: Option<Arc<BTreeSet<String>>>,
+    /// Position of its token in the list given to [`Authenticator::new`];
+    /// `None` for the anonymous caller of open mode.
+    token_index: Option<usize>,
 }
 
 impl Principal {
@@ -143,12 +181,20 @@ impl Principal {
             name: "anonymous".into(),
             role: Role::Admin,
             tenants: None,
+            token_index: None,
         }
     }
 
     /// Name for logs ("anonymous" in open mode).
     pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Which configured token it authenticated with (its position in
+    /// `[[auth.tokens]]`), `None` in open mode. Overload limits are kept per
+    /// token under this index.
+    pub(crate) fn token_index(&self) -> Option<usize> {
+        self.token_index
     }
 
     /// `Ok` if the principal may touch `tenant`, else [`AuthError::TenantDenied`].
@@ -208,7 +254,7 @@ impl Authenticator {
     /// duplicate is logged.
     pub(crate) fn new(tokens: Vec<TokenSettings>) -> Authenticator {
         let mut map: HashMap<Hash, Principal> = HashMap::with_capacity(tokens.len());
-        for t in tokens {
+        for (index, t) in tokens.into_iter().enumerate() {
             if let Some(first) = map.get(&t.hash) {
                 tracing::warn!(
                     token = %t.name,
@@ -221,6 +267,7 @@ impl Authenticator {
                 name: t.name.into(),
                 role: t.role,
                 tenants: t.tenants.map(Arc::new),
+                token_index: Some(index),
             };
             map.insert(t.hash, principal);
         }
@@ -325,6 +372,8 @@ mod tests {
             sha256: hash_token(token),
             role,
             tenants: tenants.iter().map(|t| t.to_string()).collect(),
+            max_requests_per_sec: None,
+            max_watch_streams: None,
         }
     }
 
@@ -367,6 +416,8 @@ mod tests {
             sha256: "hunter2".into(),
             role: Role::Client,
             tenants: vec![],
+            max_requests_per_sec: None,
+            max_watch_streams: None,
         };
         let mut problems = Vec::new();
         assert!(r.validate("auth.tokens[2] (\"\")", &mut problems).is_none());
@@ -395,6 +446,17 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(r.role, Role::Admin);
+        assert_eq!((r.max_requests_per_sec, r.max_watch_streams), (None, None));
+        let limited: RawToken = toml::from_str(&format!(
+            "name = \"w\"\nsha256 = \"{ABC_SHA256}\"\nrole = \"client\"\ntenants = [\"*\"]\n\
+             max_requests_per_sec = 50\nmax_watch_streams = 0\n"
+        ))
+        .unwrap();
+        let s = settings(limited);
+        assert_eq!(
+            (s.max_requests_per_sec(), s.max_watch_streams()),
+            (Some(50), Some(0))
+        );
         let bad = toml::from_str::<RawToken>(&format!(
             "name = \"w\"\nsha256 = \"{ABC_SHA256}\"\nrole = \"root\"\ntenants = [\"*\"]\n"
         ));
@@ -490,6 +552,7 @@ mod tests {
         for sent in [None, Some(""), Some("Basic x"), Some("Bearer whatever")] {
             let p = a.authenticate(sent).unwrap();
             assert_eq!((p.name(), p.role), ("anonymous", Role::Admin));
+            assert_eq!(p.token_index(), None);
             assert_eq!(p.require_admin(), Ok(()));
             assert_eq!(p.may_access("acme"), Ok(()));
         }
@@ -503,6 +566,7 @@ mod tests {
         ]);
         let p = a.authenticate(Some("Bearer same")).unwrap();
         assert_eq!((p.name(), p.role), ("first", Role::Client));
+        assert_eq!(p.token_index(), Some(0));
     }
 
     #[test]

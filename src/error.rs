@@ -17,7 +17,7 @@ pub enum BrokerError {
     #[error(
         "tenant {} is not configured on this broker (configured: {})",
         clip(.tenant),
-        clip(.known)
+        clip_plain(.known)
     )]
     UnknownTenant {
         /// The tenant asked for.
@@ -30,8 +30,8 @@ pub enum BrokerError {
         "tenant {}: no bucket matches {} {}; add a route for it to a bucket \
          (or a catch-all \"* /**\" bucket) in the broker config",
         clip(.tenant),
-        clip(.method),
-        clip(.path)
+        clip_plain(.method),
+        clip_plain(.path)
     )]
     NoBucketMatches {
         /// The tenant.
@@ -75,7 +75,7 @@ pub enum BrokerError {
         "tenant {} has no bucket {} (buckets: {})",
         clip(.tenant),
         clip(.bucket),
-        clip(.known)
+        clip_plain(.known)
     )]
     UnknownBucket {
         /// The tenant.
@@ -117,6 +117,21 @@ pub(crate) fn clip(value: &str) -> String {
     }
 }
 
+/// Most characters of an unquoted value (a list of names, a path) shown in
+/// an error.
+const LIST_CHARS: usize = 256;
+
+/// An unquoted value, such as a comma-separated list of names, as an error
+/// shows it: as is, or cut after [`LIST_CHARS`] characters with its full
+/// length noted (ten thousand tenants must not make a ten-thousand-name
+/// error).
+pub(crate) fn clip_plain(list: &str) -> String {
+    match list.char_indices().nth(LIST_CHARS) {
+        None => list.to_owned(),
+        Some((end, _)) => format!("{}… ({} bytes in all)", &list[..end], list.len()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,5 +148,11 @@ mod tests {
             known: "demo".into(),
         };
         assert!(e.to_string().len() < 300);
+        let many: Vec<String> = (0..10_000).map(|i| format!("tenant-{i}")).collect();
+        let e = BrokerError::UnknownTenant {
+            tenant: "x".into(),
+            known: many.join(", "),
+        };
+        assert!(e.to_string().len() < 400, "{e}");
     }
 }

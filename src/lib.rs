@@ -11,8 +11,10 @@
 //! ```text
 //!  gRPC ──► grpc/        the only place tonic is served: codec (decode + validate,
 //!             │          encode, BrokerError → Status), QuotaBroker / QuotaAdmin,
-//!             │          LeaseStream sessions, run() with health, reflection, shutdown
-//!             │  auth.rs bearer tokens → Principal (tenant scopes, roles)
+//!             │          LeaseStream sessions, run() with health, reflection, shutdown;
+//!             │          transport (accept loop, TLS, handshake deadline, connection
+//!             │          caps), overload (per-caller rates and Watch caps)
+//!             │  auth.rs bearer tokens → Principal (tenant scopes, roles, limits)
 //!             ▼
 //!          broker/       the async runtime around the pure state: the handle and
 //!             │          tenant registry, waits, one driver task per tenant, the

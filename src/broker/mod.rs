@@ -36,7 +36,7 @@ use crate::config::{ServerSettings, Settings};
 use crate::error::{clip, BrokerError};
 use crate::learning::RateLimitInfo;
 use crate::limits::LeaseId;
-use crate::tenant::{ReportOutcome, TenantState};
+use crate::tenant::{AcquireArgs, ReportOutcome, TenantState};
 use admin::AdminKey;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::AtomicU64;
@@ -128,9 +128,19 @@ impl Broker {
                 admin_changes: Mutex::new(BTreeSet::new()),
             }),
         };
+        // Lease ids of this run start above any of an earlier run: the
+        // base grows by 2^20 a millisecond, more than grants can.
+        let seq_base = broker.inner.clock.unix_ms(now) << 20;
+        for t in &broker.inner.tenants {
+            t.lock().start_leases_after(seq_base);
+        }
         if let Some(dir) = &settings.server.state_dir {
             broker.restore_admin(dir, now);
-            broker.restore(dir, now);
+            if broker.restore(dir, now) {
+                for t in &broker.inner.tenants {
+                    t.lock().resume_after_restart(now);
+                }
+            }
         }
         let mut drivers: Vec<_> = (0..broker.inner.tenants.len())
             .map(|t| tokio::spawn(broker.clone().drive(t)))
@@ -197,10 +207,13 @@ impl Broker {
 
     /// Extends a lease's slots by `extend` from now (0: its default TTL).
     /// Returns the new expiry and TTL.
+    /// `acquired_with` (tenant, Acquire) lets a lease granted before a
+    /// restart be adopted (see the tenant's `restart` module).
     pub(crate) fn renew(
         &self,
         lease_id: &str,
         extend: Duration,
+        acquired_with: Option<(&str, &AcquireArgs)>,
     ) -> Result<(Instant, Duration), BrokerError> {
         let id = parse_lease(lease_id)?;
         let max = self.inner.server.max_lease_ttl;
@@ -217,8 +230,19 @@ impl Broker {
         let tenant = self.lease_tenant(id).ok_or(BrokerError::LeaseNotFound {
             lease_id: lease_id.to_owned(),
         })?;
+        let adopt = match acquired_with {
+            // The Acquire must be for the lease's own tenant.
+            Some((name, args)) if tenant.lock().id() == name => Some(args),
+            Some(_) => {
+                return Err(BrokerError::invalid(
+                    "acquired_with",
+                    "names another tenant than the lease's",
+                ))
+            }
+            None => None,
+        };
         let extend = (!extend.is_zero()).then_some(extend);
-        let renewed = tenant.lock().renew(id, extend, Instant::now())?;
+        let renewed = tenant.lock().renew(id, extend, adopt, Instant::now())?;
         // A shorter TTL may move the next expiry earlier than the driver's timer.
         tenant.wake.notify_one();
         Ok(renewed)

@@ -12,13 +12,15 @@ use tokio::time::Instant;
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
 
 impl Broker {
-    pub(super) fn restore(&self, dir: &std::path::Path, now: Instant) {
+    /// Restores learned state from `dir`; true if an earlier run left
+    /// state there (readable or not), so this start is a restart.
+    pub(super) fn restore(&self, dir: &std::path::Path, now: Instant) -> bool {
         let file = match LearnedFile::read(dir) {
             Ok(Some(f)) => f,
-            Ok(None) => return,
+            Ok(None) => return false,
             Err(e) => {
                 tracing::warn!(error = %e, "learned state not restored; starting on the config alone");
-                return;
+                return true;
             }
         };
         let clock = self.inner.clock;
@@ -45,17 +47,21 @@ impl Broker {
             }
         }
         tracing::info!(dir = %dir.display(), buckets = restored, "learned state restored");
+        true
     }
 
-    /// Writes learned state when it changed, at most once per
-    /// [`PERSIST_EVERY`], and once more at shutdown.
+    /// Writes learned state at start (so that a later start knows it is a
+    /// restart), then when it changed, at most once per [`PERSIST_EVERY`],
+    /// and once more at shutdown.
     pub(super) async fn persist(self, dir: std::path::PathBuf) {
+        let mut first = true;
         loop {
-            let stop = tokio::select! {
-                _ = tokio::time::sleep(PERSIST_EVERY) => false,
-                _ = self.inner.shutdown.cancelled() => true,
-            };
-            let mut dirty = false;
+            let stop = !first
+                && tokio::select! {
+                    _ = tokio::time::sleep(PERSIST_EVERY) => false,
+                    _ = self.inner.shutdown.cancelled() => true,
+                };
+            let mut dirty = std::mem::take(&mut first);
             for t in &self.inner.tenants {
                 dirty |= t.lock().take_learned_dirty();
             }

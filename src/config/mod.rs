@@ -8,6 +8,9 @@
 //! default can never drift apart.
 
 mod raw;
+mod tls;
+
+pub(crate) use tls::TlsSettings;
 
 use crate::auth::TokenSettings;
 use crate::learning::LearnSettings;
@@ -46,6 +49,34 @@ pub struct Settings {
     pub scheduling: SchedulingSettings,
     /// Bearer tokens; none means open (allowed on loopback only).
     pub tokens: Vec<TokenSettings>,
+    /// Request rates and stream caps per caller.
+    pub overload: OverloadSettings,
+}
+
+/// Overload protection per caller (`[overload]`); a token's own
+/// `max_requests_per_sec` / `max_watch_streams` override these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverloadSettings {
+    /// RPCs per second a token may start, and an anonymous caller (open
+    /// mode, or no valid token) per peer IP; the burst is one second's
+    /// worth. 0: no limit.
+    pub max_requests_per_sec: u32,
+    /// Watch streams a token (or an anonymous peer IP) may hold open at
+    /// once. 0: no limit.
+    pub max_watch_streams: u32,
+    /// Anonymous callers on a loopback address (127.0.0.0/8, ::1) are not
+    /// held to the per-IP limits (tokens always are).
+    pub exempt_loopback: bool,
+}
+
+impl Default for OverloadSettings {
+    fn default() -> Self {
+        OverloadSettings {
+            max_requests_per_sec: 2_000,
+            max_watch_streams: 64,
+            exempt_loopback: true,
+        }
+    }
 }
 
 /// A priority class. Its serde form is the `[[classes]]` entry of the
@@ -163,6 +194,18 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// Where learned state is kept across restarts (`None`: not kept).
     pub state_dir: Option<std::path::PathBuf>,
+    /// TLS on the gRPC port (`None`: plaintext, allowed with tokens only on
+    /// a loopback address).
+    pub tls: Option<TlsSettings>,
+    /// How long a new connection may take to complete its TLS handshake and
+    /// send the HTTP/2 preface before it is closed.
+    pub handshake_timeout: Duration,
+    /// Most connections still in their handshake at once; new ones beyond
+    /// it are closed at once.
+    pub max_pending_connections: usize,
+    /// Most open connections (pending or serving); new ones beyond it are
+    /// closed at once.
+    pub max_connections: usize,
 }
 
 /// One upstream organisation.
@@ -404,6 +447,68 @@ mod tests {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
         assert_eq!(err.problems.len(), 7, "{all}");
+    }
+
+    #[test]
+    fn embedded_default_is_plaintext_open_with_the_documented_limits() {
+        let s = Settings::embedded_default().unwrap();
+        assert!(s.server.tls.is_none());
+        assert!(s.tokens.is_empty());
+        assert_eq!(s.server.handshake_timeout, Duration::from_millis(5000));
+        assert_eq!(s.server.max_pending_connections, 256);
+        assert_eq!(s.server.max_connections, 10_000);
+        assert_eq!(s.overload, OverloadSettings::default());
+        // Leaving the keys out gives the same.
+        let bare = Settings::from_toml(
+            "[[tenants]]\nid = \"a\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n",
+        )
+        .unwrap();
+        assert_eq!(bare.overload, s.overload);
+        assert_eq!(bare.server.handshake_timeout, s.server.handshake_timeout);
+        assert_eq!(bare.server.max_connections, s.server.max_connections);
+    }
+
+    #[test]
+    fn connection_limits_and_tls_keys_are_checked() {
+        let err = Settings::from_toml(
+            r#"
+            [server]
+            handshake_timeout_ms = 50
+            max_pending_connections = 0
+            [server.tls]
+            client_ca = "ca.pem"
+            [[tenants]]
+            id = "a"
+            [[tenants.buckets]]
+            name = "b"
+            routes = ["* /**"]
+            max_in_flight = 1
+            "#,
+        )
+        .unwrap_err();
+        let all = err.to_string();
+        for needle in [
+            "server.handshake_timeout_ms 50 must be between 100 and 60000",
+            "server.max_pending_connections must be at least 1",
+            "server.tls.client_ca is set without server.tls.cert",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert_eq!(err.problems.len(), 3, "{all}");
+        let err = Settings::from_toml(
+            "[server]\nmax_connections = 10\nmax_pending_connections = 20\n[server.tls]\ncert = \"x.pem\"\n\
+             [[tenants]]\nid = \"a\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+        assert!(
+            err.problems[0].contains("max_connections 10 must be at least"),
+            "{err}"
+        );
+        assert!(
+            err.problems[1].contains("server.tls.cert is set without server.tls.key"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! its validation into typed [`Settings`], which collects every problem
 //! rather than stopping at the first.
 
+use super::tls::RawTls;
 use super::{
-    check_class_set, check_rate, BucketSettings, ClassSettings, ConfigError, SchedulingSettings,
-    Scope, ServerSettings, Settings, TenantSettings,
+    check_class_set, check_rate, BucketSettings, ClassSettings, ConfigError, OverloadSettings,
+    SchedulingSettings, Scope, ServerSettings, Settings, TenantSettings,
 };
 use crate::auth::{RawToken, TokenSettings};
 use crate::clock::millis;
@@ -31,6 +32,27 @@ pub(super) struct RawConfig {
     scheduling: RawScheduling,
     #[serde(default)]
     auth: RawAuth,
+    #[serde(default)]
+    overload: RawOverload,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawOverload {
+    max_requests_per_sec: u32,
+    max_watch_streams: u32,
+    exempt_loopback: bool,
+}
+
+impl Default for RawOverload {
+    fn default() -> Self {
+        let d = OverloadSettings::default();
+        RawOverload {
+            max_requests_per_sec: d.max_requests_per_sec,
+            max_watch_streams: d.max_watch_streams,
+            exempt_loopback: d.exempt_loopback,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -160,6 +182,10 @@ struct RawServer {
     max_lease_ttl_ms: u64,
     shutdown_grace_ms: u64,
     state_dir: String,
+    tls: RawTls,
+    handshake_timeout_ms: u64,
+    max_pending_connections: u32,
+    max_connections: u32,
 }
 
 impl Default for RawServer {
@@ -170,9 +196,17 @@ impl Default for RawServer {
             max_lease_ttl_ms: 600_000,
             shutdown_grace_ms: 10_000,
             state_dir: "state".to_owned(),
+            tls: RawTls::default(),
+            handshake_timeout_ms: 5_000,
+            max_pending_connections: 256,
+            max_connections: 10_000,
         }
     }
 }
+
+/// Bounds of `server.handshake_timeout_ms`: long enough for a TLS handshake
+/// over a slow link, short enough that idle sockets cannot pile up.
+const HANDSHAKE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=60_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -205,6 +239,7 @@ const DEFAULT_MAX_CLIENTS: u32 = 10_000;
 impl RawConfig {
     pub(super) fn validate(self) -> Result<Settings, ConfigError> {
         let mut problems = Vec::new();
+        let tls_asked = self.server.tls.is_set();
         let server = self.server.validate(&mut problems);
         let learning = self.learning.validate(&mut problems);
         let classes = self.classes.unwrap_or_else(ClassSettings::defaults);
@@ -250,6 +285,20 @@ impl RawConfig {
                 server.listen
             ));
         }
+        if !tokens.is_empty() && !server.listen.ip().is_loopback() && !tls_asked {
+            problems.push(format!(
+                "server.listen {} is not a loopback address and [[auth.tokens]] are configured, \
+                 but [server.tls] is not: bearer tokens would cross the network in plaintext, \
+                 where anyone on the path can read and replay them; set server.tls.cert and \
+                 server.tls.key, or listen on 127.0.0.1 behind a TLS-terminating proxy on this host",
+                server.listen
+            ));
+        }
+        let overload = OverloadSettings {
+            max_requests_per_sec: self.overload.max_requests_per_sec,
+            max_watch_streams: self.overload.max_watch_streams,
+            exempt_loopback: self.overload.exempt_loopback,
+        };
         let scheduling = SchedulingSettings {
             default_class: self.scheduling.default_class,
             max_waiters_per_bucket: self.scheduling.max_waiters_per_bucket,
@@ -278,6 +327,7 @@ impl RawConfig {
                 classes,
                 scheduling,
                 tokens,
+                overload,
             })
         } else {
             Err(ConfigError { problems })
@@ -297,12 +347,35 @@ impl RawServer {
         if self.max_lease_ttl_ms == 0 {
             problems.push("server.max_lease_ttl_ms must be above 0".into());
         }
+        if !HANDSHAKE_TIMEOUT_MS.contains(&self.handshake_timeout_ms) {
+            problems.push(format!(
+                "server.handshake_timeout_ms {} must be between {} and {}",
+                self.handshake_timeout_ms,
+                HANDSHAKE_TIMEOUT_MS.start(),
+                HANDSHAKE_TIMEOUT_MS.end()
+            ));
+        }
+        if self.max_pending_connections == 0 {
+            problems.push("server.max_pending_connections must be at least 1".into());
+        }
+        if self.max_connections < self.max_pending_connections {
+            problems.push(format!(
+                "server.max_connections {} must be at least server.max_pending_connections {} \
+                 (pending connections count among the open ones)",
+                self.max_connections, self.max_pending_connections
+            ));
+        }
+        let tls = self.tls.validate(problems);
         ServerSettings {
             listen,
             max_wait: Duration::from_millis(self.max_wait_ms),
             max_lease_ttl: Duration::from_millis(self.max_lease_ttl_ms),
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
             state_dir: (!self.state_dir.is_empty()).then(|| self.state_dir.into()),
+            tls,
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            max_pending_connections: self.max_pending_connections as usize,
+            max_connections: self.max_connections as usize,
         }
     }
 }

@@ -5,10 +5,13 @@
 use super::codec::{principal, status_to_pb};
 use super::lease_stream;
 use super::ops::Ops;
+use super::overload::Overload;
+use super::transport::PeerInfo;
 use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::pb;
 use std::pin::Pin;
+use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
@@ -18,14 +21,22 @@ use tonic::{Request, Response, Status};
 pub(crate) struct BrokerService {
     ops: Ops,
     auth: Authenticator,
+    /// Caps the Watch streams each caller holds open.
+    overload: Arc<Overload>,
 }
 
 impl BrokerService {
-    /// Serves `broker`, checking tokens with `auth`.
-    pub(crate) fn new(broker: Broker, auth: Authenticator) -> BrokerService {
+    /// Serves `broker`, checking tokens with `auth` and Watch caps with
+    /// `overload`.
+    pub(crate) fn new(
+        broker: Broker,
+        auth: Authenticator,
+        overload: Arc<Overload>,
+    ) -> BrokerService {
         BrokerService {
             ops: Ops::new(broker),
             auth,
+            overload,
         }
     }
 }
@@ -82,6 +93,9 @@ impl pb::quota_broker_server::QuotaBroker for BrokerService {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<WatchStream>, Status> {
         let who = principal(&self.auth, &request)?;
+        let permit = self
+            .overload
+            .open_watch(&who, request.extensions().get::<PeerInfo>())?;
         let tenant = request.into_inner().tenant;
         if !tenant.is_empty() {
             who.may_access(&tenant)?;
@@ -93,7 +107,11 @@ impl pb::quota_broker_server::QuotaBroker for BrokerService {
                 who.sees(t)
             })?;
         let clock = self.ops.broker().clock();
-        let stream = ReceiverStream::new(rx).map(move |s| Ok(status_to_pb(s, clock)));
+        let stream = ReceiverStream::new(rx).map(move |s| {
+            // Counted against the caller's Watch cap until the stream is dropped.
+            let _open = &permit;
+            Ok(status_to_pb(s, clock))
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -1,13 +1,17 @@
 //! The gRPC server: the broker's services plus grpc.health.v1 and server
 //! reflection on one listener, and the shutdown sequence (health goes
 //! NOT_SERVING, streams and waiters end, open calls drain for at most the
-//! grace period).
+//! grace period). Connections come through `transport` (handshake timeout,
+//! connection caps, TLS) and every RPC through `overload` (plaintext tokens
+//! from afar refused, per-caller rates).
 
 mod admin_service;
 mod broker_service;
 mod codec;
 mod lease_stream;
 mod ops;
+mod overload;
+mod transport;
 
 pub use codec::MAX_CONCURRENT_STREAMS;
 
@@ -19,11 +23,11 @@ use crate::pb;
 use admin_service::AdminService;
 use broker_service::BrokerService;
 use codec::MAX_MESSAGE_BYTES;
+use overload::{GuardLayer, Overload};
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
@@ -62,6 +66,15 @@ pub async fn run(
             "no [[auth.tokens]] configured: running OPEN (no authentication), allowed on loopback only"
         );
     }
+    match &settings.server.tls {
+        Some(tls) => tracing::info!(
+            cert = %tls.cert.display(),
+            mutual = tls.is_mutual(),
+            "serving gRPC over TLS"
+        ),
+        None => tracing::info!("serving plaintext gRPC (no [server.tls])"),
+    }
+    let overload = Overload::new(settings, auth.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
     let broker_name = <pb::quota_broker_server::QuotaBrokerServer<BrokerService> as tonic::server::NamedService>::NAME;
     let admin_name = <pb::quota_admin_server::QuotaAdminServer<AdminService> as tonic::server::NamedService>::NAME;
@@ -96,12 +109,14 @@ pub async fn run(
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(GuardLayer::new(overload.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
             pb::quota_broker_server::QuotaBrokerServer::new(BrokerService::new(
                 broker.clone(),
                 auth.clone(),
+                overload,
             ))
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
@@ -110,8 +125,7 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(
-            // Small answers must not sit in Nagle's buffer waiting for an ACK.
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            transport::incoming(listener, &settings.server, token.clone()),
             signal,
         );
     let drain_deadline = async {

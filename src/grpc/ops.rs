@@ -47,23 +47,10 @@ impl Ops {
         who: &Principal,
         r: pb::AcquireRequest,
     ) -> Result<pb::AcquireResponse, Status> {
-        let tenant = required("tenant", &r.tenant, "demo")?;
-        who.may_access(tenant)?;
-        let client_id = required("client_id", &r.client_id, "ingest-worker-1")?;
-        let class = bounded("priority_class", &r.priority_class)?;
-        let oauth_client = bounded("oauth_client", &r.oauth_client)?;
-        let (method, path) = call_of(&r.method, &r.path)?;
-        let args = AcquireArgs {
-            client_id: client_id.to_owned(),
-            class: class.to_owned(),
-            method,
-            path,
-            oauth_client: oauth_client.to_owned(),
-            permits: r.permits.max(1),
-        };
+        let (tenant, args) = acquire_args(who, &r)?;
         let outcome = self
             .broker
-            .acquire(tenant, args, r.max_wait_ms.map(Duration::from_millis))
+            .acquire(&tenant, args, r.max_wait_ms.map(Duration::from_millis))
             .await?;
         Ok(match outcome {
             AcquireOutcome::Granted(g) => grant_to_pb(g, self.broker.clock()),
@@ -89,9 +76,16 @@ impl Ops {
         r: pb::RenewRequest,
     ) -> Result<pb::RenewResponse, Status> {
         self.check_lease(who, &r.lease_id)?;
-        let (at, ttl) = self
-            .broker
-            .renew(&r.lease_id, Duration::from_millis(r.extend_ms))?;
+        let acquired_with = r
+            .acquired_with
+            .as_ref()
+            .map(|a| acquire_args(who, a))
+            .transpose()?;
+        let (at, ttl) = self.broker.renew(
+            &r.lease_id,
+            Duration::from_millis(r.extend_ms),
+            acquired_with.as_ref().map(|(t, a)| (t.as_str(), a)),
+        )?;
         Ok(pb::RenewResponse {
             lease_expires_at_ms: self.broker.clock().unix_ms(at),
             lease_ttl_ms: millis(ttl),
@@ -136,4 +130,23 @@ impl Ops {
             attributed_to: outcome.attributed_to.unwrap_or_default(),
         })
     }
+}
+
+/// Decodes and validates an Acquire for `who`: its tenant and arguments.
+fn acquire_args(who: &Principal, r: &pb::AcquireRequest) -> Result<(String, AcquireArgs), Status> {
+    let tenant = required("tenant", &r.tenant, "demo")?;
+    who.may_access(tenant)?;
+    let client_id = required("client_id", &r.client_id, "ingest-worker-1")?;
+    let class = bounded("priority_class", &r.priority_class)?;
+    let oauth_client = bounded("oauth_client", &r.oauth_client)?;
+    let (method, path) = call_of(&r.method, &r.path)?;
+    let args = AcquireArgs {
+        client_id: client_id.to_owned(),
+        class: class.to_owned(),
+        method,
+        path,
+        oauth_client: oauth_client.to_owned(),
+        permits: r.permits.max(1),
+    };
+    Ok((tenant.to_owned(), args))
 }

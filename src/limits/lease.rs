@@ -77,6 +77,13 @@ pub(crate) struct LeaseTable {
 }
 
 impl LeaseTable {
+    /// Issues sequence numbers above `base` from now on, so that ids of a
+    /// later run never meet the ids of an earlier one still in clients'
+    /// hands.
+    pub(crate) fn start_after(&mut self, base: u64) {
+        self.next_seq = self.next_seq.max(base);
+    }
+
     /// A fresh sequence number (also used for leases that hold no slot and
     /// are therefore never stored).
     pub(crate) fn next_seq(&mut self) -> u64 {

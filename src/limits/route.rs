@@ -103,7 +103,15 @@ pub(crate) fn normalize_path(path: &str) -> Result<String, PathError> {
     let mut out = String::with_capacity(decoded.len());
     for s in &segments {
         out.push('/');
-        out.push_str(s);
+        // A `%` that decoding left (from `%25`) stays escaped, so the normal
+        // form decodes to itself: it is matched once, as the upstream
+        // decodes once.
+        for (k, part) in s.split('%').enumerate() {
+            if k > 0 {
+                out.push_str("%25");
+            }
+            out.push_str(part);
+        }
     }
     if out.is_empty() {
         out.push('/');
@@ -181,6 +189,7 @@ mod tests {
         assert_eq!(normalize_path("/").unwrap(), "/");
         assert_eq!(normalize_path("/a/b/").unwrap(), "/a/b");
         assert_eq!(normalize_path("/a/..").unwrap(), "/");
+        assert_eq!(normalize_path("/%2571uery").unwrap(), "/%2571uery");
         assert_eq!(normalize_path("/%ff"), Err(PathError::NotUtf8));
         assert_eq!(normalize_path("/a%0Ab"), Err(PathError::Control));
     }

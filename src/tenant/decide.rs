@@ -163,7 +163,13 @@ impl TenantState {
 
     /// Why `n` permits on `instances` cannot be granted now, and when they
     /// could be at the earliest.
-    pub(super) fn explain(&self, instances: &[usize], n: u32, reserve: f64, now: Instant) -> Denial {
+    pub(super) fn explain(
+        &self,
+        instances: &[usize],
+        n: u32,
+        reserve: f64,
+        now: Instant,
+    ) -> Denial {
         let mut retry = now;
         let mut reason = String::new();
         for &i in instances {

@@ -29,6 +29,12 @@ pub(super) struct Instance {
     pub(super) upstream: Option<UpstreamBudget>,
     /// Bumped on every change; Watch sends instances whose version moved.
     pub(super) version: u64,
+    /// Slots that leases granted before a restart may hold (counted in
+    /// `slots`), until renewals adopt them or `phantom_until`.
+    pub(super) phantom: u32,
+    /// When unclaimed phantom slots come back: no lease granted before the
+    /// restart can be alive then without having been renewed (and adopted).
+    pub(super) phantom_until: Option<Instant>,
 }
 
 impl Instance {
@@ -58,6 +64,8 @@ impl Instance {
             resume_at: None,
             upstream: None,
             version: 0,
+            phantom: 0,
+            phantom_until: None,
         }
     }
 

@@ -4,8 +4,8 @@
 //! and the learned state kept across restarts.
 
 use super::TenantState;
-use crate::config::Scope;
 use crate::clock::millis;
+use crate::config::Scope;
 use crate::error::BrokerError;
 use crate::learning::{attribute, Candidate, Learned, Persisted, RateLimitInfo};
 use std::time::Duration;

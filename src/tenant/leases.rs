@@ -1,7 +1,7 @@
 //! Slot-holding leases of a tenant: release, renew, and the slots a lease
 //! gives back when released or expired.
 
-use super::TenantState;
+use super::{AcquireArgs, TenantState};
 use crate::error::BrokerError;
 use crate::limits::{Lease, LeaseId};
 use std::time::Duration;
@@ -28,19 +28,27 @@ impl TenantState {
     }
 
     /// Extends a lease's slots to `now + extend` (`None`: its default TTL).
+    /// A lease this run does not know, renewed with the Acquire that granted
+    /// it (`acquired_with`) while the restart learning mode lasts, is
+    /// adopted.
     pub fn renew(
         &mut self,
         id: LeaseId,
         extend: Option<Duration>,
+        acquired_with: Option<&AcquireArgs>,
         now: Instant,
     ) -> Result<(Instant, Duration), BrokerError> {
         let now = self.monotonic(now);
         let not_found = || BrokerError::LeaseNotFound {
             lease_id: id.to_string(),
         };
-        let ttl = extend
-            .or_else(|| self.leases.get(id.seq, id.nonce).map(|l| l.ttl))
-            .ok_or_else(not_found)?;
+        let Some(default_ttl) = self.leases.get(id.seq, id.nonce).map(|l| l.ttl) else {
+            return match acquired_with {
+                Some(args) => self.adopt(id, args, extend, now)?.ok_or_else(not_found),
+                None => Err(not_found()),
+            };
+        };
+        let ttl = extend.unwrap_or(default_ttl);
         let expires_at = now + ttl;
         self.leases
             .renew(id.seq, id.nonce, expires_at)

@@ -20,7 +20,8 @@
 //! | `waiting`     | the queue: enqueue, withdraw, and the driver's [`TenantState::tick`] |
 //! | `leases`      | release, renew and expiry of slot-holding leases                  |
 //! | `learn`       | [`TenantState::report`]: attribution and the learning rules       |
-//! | `operate`     | operators' changes: limits, pause, and learned state on disk      |
+//! | `operate`     | operators' changes: limits, pause, clearing what was learned      |
+//! | `restart`     | the learning mode after a restart: empty buckets, phantom slots, adoption |
 //! | `status`      | [`BucketStatus`] for Watch and ListBuckets                        |
 
 mod classes;
@@ -32,6 +33,7 @@ mod learn;
 mod leases;
 mod operate;
 mod registry;
+mod restart;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -162,6 +164,8 @@ pub struct TenantState {
     /// before another's call (a thread delayed on its way to the lock) is
     /// decided at this instant instead, never at a stale one.
     latest: Instant,
+    /// When the broker started with state (see `restart`).
+    restarted_at: Option<Instant>,
 }
 
 impl TenantState {
@@ -219,7 +223,15 @@ impl TenantState {
             version,
             next_sweep: now + SWEEP_EVERY,
             latest: now,
+            restarted_at: None,
         }
+    }
+
+    /// Issues lease sequence numbers above `base` (see
+    /// [`crate::limits::LeaseTable`]): the broker passes a value that grows
+    /// with wall time, so a restarted broker never reissues an id.
+    pub fn start_leases_after(&mut self, base: u64) {
+        self.leases.start_after(base);
     }
 
     /// The tenant id.

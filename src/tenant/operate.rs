@@ -2,12 +2,12 @@
 //! once to every instance and to the requests waiting on them.
 
 use super::{BucketStatus, LimitChange, TenantState};
-use crate::learning::Learner;
-use std::time::Duration;
 use crate::clock::millis;
 use crate::config::{check_rate, BucketSettings};
 use crate::error::BrokerError;
+use crate::learning::Learner;
 use crate::limits::{Slots, TokenBucket};
+use std::time::Duration;
 use tokio::time::Instant;
 
 impl TenantState {
@@ -140,9 +140,9 @@ impl TenantState {
         let now = self.monotonic(now);
         let b = self.bucket_index(bucket)?;
         let settings = &self.buckets[b].settings;
-        let (configured, window) = settings
-            .rate
-            .map_or((0.0, Duration::from_secs(60)), |r| (r.per_minute(), r.window));
+        let (configured, window) = settings.rate.map_or((0.0, Duration::from_secs(60)), |r| {
+            (r.per_minute(), r.window)
+        });
         let s = self.learning;
         let mut cleared = Vec::new();
         for i in self.instances_of(b) {

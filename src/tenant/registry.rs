@@ -106,6 +106,7 @@ impl TenantState {
         ));
         def.per_client.insert(client, i);
         self.touch(i);
+        self.restart_instance(i, now);
         Some(i)
     }
 

@@ -156,7 +156,9 @@ fn renew_extends_and_unknown_is_not_found() {
     let t0 = Instant::now();
     let mut t = tenant(TWO, t0);
     let g = granted(t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
-    let (at, ttl) = t.renew(g.lease_id, Some(20 * SEC), t0 + 4 * SEC).unwrap();
+    let (at, ttl) = t
+        .renew(g.lease_id, Some(20 * SEC), None, t0 + 4 * SEC)
+        .unwrap();
     assert_eq!((at, ttl), (t0 + 24 * SEC, 20 * SEC));
     t.tick(t0 + 10 * SEC);
     assert_eq!(
@@ -164,11 +166,11 @@ fn renew_extends_and_unknown_is_not_found() {
         1,
         "renewed lease survives its first expiry"
     );
-    let (at, _) = t.renew(g.lease_id, None, t0 + 10 * SEC).unwrap();
+    let (at, _) = t.renew(g.lease_id, None, None, t0 + 10 * SEC).unwrap();
     assert_eq!(at, t0 + 15 * SEC, "default TTL");
     t.tick(t0 + 15 * SEC);
     assert!(matches!(
-        t.renew(g.lease_id, None, t0 + 15 * SEC),
+        t.renew(g.lease_id, None, None, t0 + 15 * SEC),
         Err(BrokerError::LeaseNotFound { .. })
     ));
     assert!(!t.release(g.lease_id), "release after expiry is a no-op");
@@ -261,7 +263,8 @@ fn a_report_cannot_block_a_bucket_for_years() {
     let mut t = tenant(bucket, t0);
     let forever = Some(Duration::from_millis(u64::MAX));
     let none = RateLimitInfo::default();
-    t.report(("GET", "/", "oa"), 429, forever, &none, t0).unwrap();
+    t.report(("GET", "/", "oa"), 429, forever, &none, t0)
+        .unwrap();
     let frozen = t.statuses(t0)[0].frozen_until.expect("frozen");
     assert!(frozen <= t0 + max, "frozen for {:?}", frozen - t0);
     let Decision::Denied(d) = t.acquire(&args("GET", "/", 1), NOW, t0).unwrap() else {
@@ -284,6 +287,75 @@ fn a_report_cannot_block_a_bucket_for_years() {
     };
     // The block ends at the capped reset; the next window then paces in.
     assert!(d.retry_after <= max + 60 * SEC, "{:?}", d.retry_after);
+}
+
+#[test]
+fn after_a_restart_unclaimed_slots_come_back_after_one_lease_ttl() {
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    t.resume_after_restart(t0);
+    let Decision::Denied(d) = t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap() else {
+        panic!("granted a slot an earlier run's lease may hold")
+    };
+    assert!(
+        d.reason.contains("1 of 1 concurrency slots in use"),
+        "{}",
+        d.reason
+    );
+    assert_eq!(
+        t.statuses(t0)[0].tokens_available,
+        1.0,
+        "rate bucket restarts empty"
+    );
+    // A renewal of a lease this run never granted, outside the window or
+    // without its Acquire, is not adopted.
+    let stranger = LeaseId {
+        tenant: 0,
+        seq: 7,
+        nonce: 7,
+    };
+    assert!(t.renew(stranger, None, None, t0).is_err());
+    // The bucket's lease TTL is 5 s: then every earlier lease has expired.
+    assert_eq!(t.tick(t0 + SEC), Some(t0 + 5 * SEC));
+    t.tick(t0 + 5 * SEC);
+    granted(
+        t.acquire(&args("POST", "/q", 1), NOW, t0 + 5 * SEC)
+            .unwrap(),
+    );
+    assert!(
+        t.renew(stranger, None, Some(&args("POST", "/q", 1)), t0 + 5 * SEC)
+            .is_err(),
+        "adopted after the window"
+    );
+}
+
+#[test]
+fn an_adopted_lease_holds_its_slot_until_released() {
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    t.resume_after_restart(t0);
+    let earlier = LeaseId {
+        tenant: 0,
+        seq: 3,
+        nonce: 9,
+    };
+    let (at, ttl) = t
+        .renew(earlier, None, Some(&args("POST", "/q", 1)), t0 + SEC)
+        .unwrap();
+    assert_eq!((at, ttl), (t0 + 6 * SEC, 5 * SEC));
+    // The phantom became the adopted lease: at the window's end the slot
+    // stays held.
+    t.tick(t0 + 5 * SEC);
+    assert!(matches!(
+        t.acquire(&args("POST", "/q", 1), NOW, t0 + 5 * SEC)
+            .unwrap(),
+        Decision::Denied(_)
+    ));
+    assert!(t.release(earlier));
+    granted(
+        t.acquire(&args("POST", "/q", 1), NOW, t0 + 5 * SEC)
+            .unwrap(),
+    );
 }
 
 #[derive(Debug, Clone)]

@@ -83,6 +83,7 @@ impl TenantState {
             );
             self.give_back(&lease);
         }
+        let phantoms_end = self.end_phantoms(now);
         let mut queue = std::mem::take(&mut self.queue);
         let mut grants = Vec::new();
         let (granted, next_ready) = queue.serve(|w| {
@@ -117,10 +118,15 @@ impl TenantState {
             self.evict_idle(None, now);
             self.next_sweep = now + SWEEP_EVERY;
         }
-        [next_ready, self.leases.next_expiry(), Some(self.next_sweep)]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            next_ready,
+            self.leases.next_expiry(),
+            Some(self.next_sweep),
+            phantoms_end,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Answers every waiter (shutdown): they leave the queue unanswered and

@@ -162,6 +162,7 @@ async fn release_is_idempotent_and_renew_extends() {
         .renew(RenewRequest {
             lease_id: g.lease_id.clone(),
             extend_ms: 60_000,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -118,6 +118,7 @@ async fn lease_report_and_watch_errors() {
         c.renew(RenewRequest {
             lease_id: "0-99-1".into(),
             extend_ms: 0,
+            ..Default::default()
         })
         .await,
         "acquire a new lease",
@@ -127,6 +128,7 @@ async fn lease_report_and_watch_errors() {
         c.renew(RenewRequest {
             lease_id: "0-99-1".into(),
             extend_ms: 86_400_000,
+            ..Default::default()
         })
         .await,
         "max_lease_ttl_ms",
@@ -215,5 +217,49 @@ async fn oversized_requests_are_refused() {
         "{}",
         status.message()
     );
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn errors_never_echo_a_long_value_back() {
+    let b = start(&config(CFG)).await;
+    let mut c = b.client.clone();
+    let long = "x".repeat(60_000);
+    let short = |status: tonic::Status, code: Code| {
+        assert_eq!(status.code(), code, "{}", &status.message()[..200]);
+        assert!(
+            status.message().len() <= 1024,
+            "{} bytes of message",
+            status.message().len()
+        );
+    };
+    let lease = c
+        .release(ReleaseRequest {
+            lease_id: long.clone(),
+        })
+        .await
+        .unwrap_err();
+    short(lease, Code::InvalidArgument);
+    let path = c
+        .acquire(req("GET", &format!("/{long}"), 0))
+        .await
+        .unwrap_err();
+    short(path, Code::InvalidArgument);
+    let mut r = req("GET", "/api/v2/analytics/x/query", 0);
+    r.tenant = "y".repeat(200);
+    r.priority_class = "z".repeat(250);
+    let class = c.acquire(r).await.unwrap_err();
+    short(class, Code::NotFound);
+    let pause = b
+        .admin
+        .clone()
+        .pause_bucket(PauseBucketRequest {
+            tenant: "t".into(),
+            bucket: long.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    short(pause, Code::NotFound);
     b.stop().await;
 }

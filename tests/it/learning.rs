@@ -128,16 +128,25 @@ async fn a_wild_retry_after_is_capped_and_an_operator_can_lift_the_freeze() {
         .statuses;
     assert_eq!(cleared.len(), 1);
     assert_eq!(cleared[0].frozen_until_ms, 0);
-    assert_eq!(cleared[0].effective_rate_per_min, 60.0, "the cut is gone too");
+    assert_eq!(
+        cleared[0].effective_rate_per_min, 60.0,
+        "the cut is gone too"
+    );
     // Granted within seconds (the batch class waits out the 2 permits held
     // back for higher classes), then paced: no burst after the reset.
     let t0 = Instant::now();
     assert!(b.acquire(req("GET", "/x", 10_000)).await.granted);
     let first = Instant::now() - t0;
-    assert!(first <= Duration::from_secs(4), "first grant after {first:?}");
+    assert!(
+        first <= Duration::from_secs(4),
+        "first grant after {first:?}"
+    );
     assert!(b.acquire(req("GET", "/x", 10_000)).await.granted);
     let second = Instant::now() - t0;
-    assert!(second - first >= Duration::from_millis(900), "{first:?} {second:?}");
+    assert!(
+        second - first >= Duration::from_millis(900),
+        "{first:?} {second:?}"
+    );
 
     let err = b
         .admin

@@ -2,11 +2,16 @@
 //! One test binary with modules, so the suite links once.
 
 mod acquire;
+mod child;
 mod classes;
 mod errors;
 mod harness;
+mod invariants;
 mod learning;
 mod lifecycle;
+mod overload;
 mod process;
+mod restart;
 mod stream;
+mod tls;
 mod watch;

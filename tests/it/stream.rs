@@ -75,6 +75,7 @@ async fn pipelined_operations_answer_by_id_and_errors_keep_the_stream() {
         Op::Renew(RenewRequest {
             lease_id: g.lease_id.clone(),
             extend_ms: 5000,
+            ..Default::default()
         }),
     )
     .await;
@@ -277,8 +278,14 @@ async fn at_shutdown_a_waiting_acquire_is_answered_and_the_stream_ends_unavailab
     };
     assert!(first.granted);
     s.send(2, acquire(60_000)).await;
-    // Let the acquire reach the queue before the broker stops.
-    tokio::task::yield_now().await;
+    // The acquire is in the queue before the broker stops.
+    for _ in 0..1000 {
+        if b.bucket("slots").await.waiting.values().sum::<u32>() > 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(b.bucket("slots").await.waiting.values().sum::<u32>(), 1);
     b.trigger_stop();
     let (id, a) = s.next().await;
     assert_eq!(id, 2);

@@ -2,6 +2,7 @@
 //! each command does is in [`crate::commands`].
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
+use std::path::PathBuf;
 
 /// Where the broker listens when neither `--broker` nor `QUOTA_BROKER_URL` says.
 pub const DEFAULT_BROKER: &str = "http://127.0.0.1:50051";
@@ -11,8 +12,8 @@ pub const DEFAULT_BROKER: &str = "http://127.0.0.1:50051";
 #[derive(Debug, Parser)]
 #[command(name = "quotactl", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Broker address (`http://host:port`; a bare `host:port` means http).
-    /// TLS is not supported.
+    /// Broker address: `http://host:port`, or `https://host:port` for a
+    /// broker with `[server.tls]` (a bare `host:port` means http).
     #[arg(
         long,
         global = true,
@@ -33,9 +34,45 @@ pub struct Cli {
     )]
     pub token: Option<String>,
 
+    /// TLS options, for an `https://` broker.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// TLS options for an `https://` broker (all PEM files).
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// CA certificate(s) to trust for the broker's certificate, instead of
+    /// the system's trusted roots (a private CA).
+    #[arg(long, global = true, env = "QUOTA_BROKER_CA_CERT", value_name = "PATH")]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate chain for mutual TLS (with --client-key).
+    #[arg(
+        long,
+        global = true,
+        env = "QUOTA_BROKER_CLIENT_CERT",
+        value_name = "PATH"
+    )]
+    pub client_cert: Option<PathBuf>,
+    /// Private key of --client-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "QUOTA_BROKER_CLIENT_KEY",
+        value_name = "PATH"
+    )]
+    pub client_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// Whether any TLS option was given.
+    pub fn any(&self) -> bool {
+        self.ca_cert.is_some() || self.client_cert.is_some() || self.client_key.is_some()
+    }
 }
 
 /// The subcommands.
@@ -203,9 +240,8 @@ pub struct ResumeArgs {
     pub json: bool,
 }
 
-/// Accepts `http://host:port` or a bare `host:port` (taken as http);
-/// returns the URL with its scheme. Refuses `https://`, which this build
-/// cannot honour.
+/// Accepts `http://host:port`, `https://host:port` or a bare `host:port`
+/// (taken as http); returns the URL with its scheme.
 pub fn parse_broker_url(s: &str) -> Result<String, String> {
     let s = s.trim();
     if s.is_empty() {
@@ -215,17 +251,8 @@ pub fn parse_broker_url(s: &str) -> Result<String, String> {
         Some((scheme, rest)) => format!("{scheme}://{}", rest.trim_end_matches('/')),
         None => format!("http://{}", s.trim_end_matches('/')),
     };
-    if url.starts_with("https://") {
-        // tonic without a TLS feature would silently speak plaintext to an
-        // https URL, sending the token in the clear: refuse instead.
-        return Err(
-            "https is not supported (the broker serves plaintext gRPC); use http:// \
-             behind a TLS-terminating proxy or tunnel"
-                .into(),
-        );
-    }
-    if !url.starts_with("http://") {
-        return Err("expected an http:// URL, like http://127.0.0.1:50051".into());
+    if !url.starts_with("http://") && !url.starts_with("https://") {
+        return Err("expected an http:// or https:// URL, like http://127.0.0.1:50051".into());
     }
     match url.parse::<tonic::transport::Uri>() {
         Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) => Ok(url),
@@ -261,7 +288,10 @@ mod tests {
             parse_broker_url("http://broker:50051/").unwrap(),
             "http://broker:50051"
         );
-        assert!(parse_broker_url("https://broker").is_err());
+        assert_eq!(
+            parse_broker_url("https://broker:50051/").unwrap(),
+            "https://broker:50051"
+        );
         assert!(parse_broker_url("ftp://broker").is_err());
         assert!(parse_broker_url("").is_err());
         assert!(parse_broker_url("http://").is_err());

@@ -4,7 +4,7 @@
 
 use crate::cli::{
     BucketCommand, ClassCommand, ClassSetArgs, ClearArgs, Cli, Command, PauseArgs, ResumeArgs,
-    SetLimitArgs, StatusArgs, WatchArgs,
+    SetLimitArgs, StatusArgs, TlsArgs, WatchArgs,
 };
 use crate::error::Error;
 use crate::table::{self, BucketKey};
@@ -17,13 +17,14 @@ use quota_broker::pb::{
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::{IsTerminal, Write};
+use std::path::Path;
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// How long connecting to the broker may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -75,13 +76,18 @@ struct Conn {
 }
 
 impl Conn {
-    async fn open(url: &str, token: Option<&str>) -> Result<Conn, Error> {
+    async fn open(url: &str, token: Option<&str>, tls: &TlsArgs) -> Result<Conn, Error> {
         let bearer = Bearer::new(token)?;
-        let endpoint = Endpoint::from_shared(url.to_owned())
+        let mut endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| Error::transport(url, &e))?
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
+        if let Some(config) = tls_config(url, tls)? {
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| Error::Tls(chain(&e)))?;
+        }
         let channel = match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(Error::transport(url, &e)),
@@ -117,9 +123,63 @@ impl Conn {
     }
 }
 
+/// TLS for an `https://` URL from the `--ca-cert`, `--client-cert` and
+/// `--client-key` options (the system's roots without `--ca-cert`); `None`
+/// for `http://`, where the options are an error rather than ignored.
+fn tls_config(url: &str, tls: &TlsArgs) -> Result<Option<ClientTlsConfig>, Error> {
+    if !url.starts_with("https://") {
+        if tls.any() {
+            return Err(Error::Tls(format!(
+                "--ca-cert, --client-cert and --client-key need an https:// broker URL (got {url})"
+            )));
+        }
+        return Ok(None);
+    }
+    let read = |flag: &str, path: &Path| {
+        std::fs::read(path)
+            .map_err(|e| Error::Tls(format!("cannot read {flag} {}: {e}", path.display())))
+    };
+    let mut config = match &tls.ca_cert {
+        Some(ca) => {
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--ca-cert", ca)?))
+        }
+        None => ClientTlsConfig::new().with_native_roots(),
+    };
+    match (&tls.client_cert, &tls.client_key) {
+        (Some(cert), Some(key)) => {
+            config = config.identity(Identity::from_pem(
+                read("--client-cert", cert)?,
+                read("--client-key", key)?,
+            ));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(Error::Tls(
+                "--client-cert and --client-key go together (a certificate and its key)".into(),
+            ))
+        }
+    }
+    Ok(Some(config))
+}
+
+/// An error and its causes on one line.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<(), Error> {
-    let conn = Conn::open(&cli.broker, cli.token.as_deref()).await?;
+    let conn = Conn::open(&cli.broker, cli.token.as_deref(), &cli.tls).await?;
     match cli.command {
         Command::Status(a) => status(&conn, a).await,
         Command::Watch(a) => watch(&conn, a).await,

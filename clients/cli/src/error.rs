@@ -38,6 +38,9 @@ pub enum Error {
     },
     /// The token cannot be sent as gRPC metadata.
     BadToken,
+    /// The TLS options are not usable (a flag without https://, a file that
+    /// cannot be read, a certificate or key that does not parse).
+    Tls(String),
     /// Writing the output failed (other than a closed pipe).
     Output(std::io::Error),
 }
@@ -100,6 +103,7 @@ impl fmt::Display for Error {
                 f,
                 "the token contains characters that cannot be sent in gRPC metadata (printable ASCII only)"
             ),
+            Error::Tls(detail) => write!(f, "TLS: {}", one_line(detail)),
             Error::Output(e) => write!(f, "cannot write the output: {}", one_line(&e.to_string())),
         }
     }

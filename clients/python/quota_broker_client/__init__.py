@@ -8,9 +8,11 @@
             resp = do_the_call()
             lease.report(resp.status, resp.headers)
 
+While the broker is unreachable, leases come from a conservative local
+limiter (``FallbackSettings``) and outcomes are reported when it is back.
 The Genesys Cloud SDK adapter is ``quota_broker_client.genesys``.
 """
-from .client import Lease, QuotaBroker, WatchStream
+from .client import DEFAULT_CHANNEL_OPTIONS, Lease, QuotaBroker, WatchStream
 from .errors import (
     BrokerRpcError,
     DeadlineExceeded,
@@ -24,13 +26,15 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
+from .fallback import FallbackSettings, SystemClock
 from .headers import rate_limit_headers, retry_after_ms
 from .quota.v1 import broker_pb2 as pb
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "QuotaBroker", "Lease", "WatchStream", "pb",
+    "QuotaBroker", "Lease", "WatchStream", "pb", "FallbackSettings", "SystemClock",
+    "DEFAULT_CHANNEL_OPTIONS",
     "QuotaBrokerError", "NotGranted", "BrokerRpcError", "InvalidArgument", "NotFound",
     "FailedPrecondition", "Unauthenticated", "PermissionDenied", "Unavailable",
     "DeadlineExceeded", "Internal", "rate_limit_headers", "retry_after_ms",

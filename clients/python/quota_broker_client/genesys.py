@@ -26,6 +26,13 @@ silently sleeps out a 429's Retry-After and sends the request again; the
 broker would never see the 429. ``instrument`` replaces that pool manager's
 retries with ``NO_RETRIES`` (no retries on errors or statuses; redirects
 still followed), so each HTTP attempt is one lease and one report.
+
+Broker unreachable: the leases come from the QuotaBroker's local fallback
+limiter (half the rate granted over the last minute, at least 6/min, never
+unlimited; see ``quota_broker_client.FallbackSettings``), and the outcomes
+are kept and reported when the broker is back. A caller that retries a 429
+at once is paced by the same limiter (which also waits out the 429's
+Retry-After).
 """
 import logging
 from urllib.parse import urlsplit
@@ -84,14 +91,13 @@ class LeasedHttpClient(_Base):
     (selects per-OAuth-client buckets); None falls back to
     ``api_client.client_id`` when the SDK knows it (code-authorization flows).
     A NotGranted (no capacity within ``max_wait_ms``) propagates to the call
-    site, as do the broker's errors unless ``fail_open`` is set, in which case
-    an unreachable broker (UNAVAILABLE / DEADLINE_EXCEEDED) lets the call go
-    out unleased with a warning.
+    site, as do the broker's errors. An unreachable broker is not an error:
+    the broker client's local fallback limiter paces the calls.
     """
 
     def __init__(self, inner, broker, tenant, *, client_id, oauth_client=None, api_client=None,
-                 priority_class="", max_wait_ms=None, should_lease=default_should_lease,
-                 fail_open=False):
+                 priority_class="", max_wait_ms=None, should_lease=default_should_lease, **removed):
+        _reject_removed(removed, "LeasedHttpClient")
         if _Base is not object:
             super().__init__()
         self.inner = inner
@@ -103,7 +109,6 @@ class LeasedHttpClient(_Base):
         self.priority_class = priority_class
         self.max_wait_ms = max_wait_ms
         self.should_lease = should_lease
-        self.fail_open = fail_open
         self.retries_disabled = disable_retries(inner)
         if not self.retries_disabled:
             log.warning(
@@ -132,16 +137,11 @@ class LeasedHttpClient(_Base):
         if not self.should_lease(method, path):
             return self.inner.request(http_request_options)
         oauth_client = self._oauth_client()
-        try:
-            ctx = self.broker.lease(self.tenant, method, path, client_id=self.client_id,
-                                    oauth_client=oauth_client, priority_class=self.priority_class,
-                                    max_wait_ms=self.max_wait_ms)
-            lease = ctx.__enter__()
-        except (errors.Unavailable, errors.DeadlineExceeded) as e:
-            if not self.fail_open:
-                raise
-            log.warning("quota-broker unreachable (%s); %s %s goes out unleased", e, method, path)
-            return self.inner.request(http_request_options)
+        # Broker unreachable: a fallback lease from the local limiter (paced, never unlimited).
+        ctx = self.broker.lease(self.tenant, method, path, client_id=self.client_id,
+                                oauth_client=oauth_client, priority_class=self.priority_class,
+                                max_wait_ms=self.max_wait_ms)
+        lease = ctx.__enter__()
         exc_info = (None, None, None)
         try:
             try:
@@ -163,7 +163,7 @@ class LeasedHttpClient(_Base):
         if not 100 <= int(status) <= 599:
             return
         try:
-            lease.report(int(status), headers)
+            lease.report(int(status), headers)  # kept for later while the broker is unreachable
         except errors.QuotaBrokerError as e:
             # The call itself went through; losing one report must not fail it.
             log.warning("reporting %s %s -> %s failed: %s", lease.method, lease.path, status, e)
@@ -176,19 +176,33 @@ def _response_headers(response):
     return getattr(response, "headers", None)
 
 
+def _reject_removed(kwargs, where):
+    if "fail_open" in kwargs:
+        raise TypeError(
+            f"{where}: fail_open was removed: an unreachable broker no longer lets calls go out "
+            "unleased (unlimited); the QuotaBroker client paces them with its local fallback "
+            "limiter instead (QuotaBroker(..., fallback=FallbackSettings(...)))"
+        )
+    if kwargs:
+        raise TypeError(f"{where}() got unexpected keyword arguments: {', '.join(sorted(kwargs))}")
+
+
 def instrument(api_client, broker, tenant, *, client_id, oauth_client=None, priority_class="",
-               max_wait_ms=None, should_lease=default_should_lease, fail_open=False):
+               max_wait_ms=None, should_lease=default_should_lease, **removed):
     """Makes every HTTP request of ``api_client`` leased and reported; returns the wrapper.
 
     Also turns off the SDK's urllib3 retries (see the module docstring).
     Calling it twice on the same ApiClient is a no-op returning the wrapper.
+    While the broker is unreachable, ``broker``'s local fallback limiter
+    paces the calls (``fail_open`` is gone: never unlimited).
     """
+    _reject_removed(removed, "instrument")
     current = api_client.get_http_client()
     if isinstance(current, LeasedHttpClient):
         return current
     wrapper = LeasedHttpClient(current, broker, tenant, client_id=client_id,
                                oauth_client=oauth_client, api_client=api_client,
                                priority_class=priority_class, max_wait_ms=max_wait_ms,
-                               should_lease=should_lease, fail_open=fail_open)
+                               should_lease=should_lease)
     api_client.set_http_client(wrapper)
     return wrapper

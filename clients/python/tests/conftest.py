@@ -30,7 +30,7 @@ SINGLE_PATH = "/api/v2/test/single"
 BASE_CONFIG = """
 [server]
 listen = "127.0.0.1:{port}"
-state_dir = ""
+state_dir = "{state_dir}"
 shutdown_grace_ms = 2000
 
 {auth}
@@ -75,17 +75,21 @@ def free_port():
 
 
 class BrokerProcess:
-    def __init__(self, tmp_path, auth="", single_ttl_ms=1500):
+    """A broker process; ``port`` reuses a port (to restart a broker where clients expect it)."""
+
+    def __init__(self, tmp_path, auth="", single_ttl_ms=1500, port=None, state_dir=""):
         exe = broker_bin()
         if not os.access(exe, os.X_OK):
             pytest.fail(
                 f"quota-broker binary not found at {exe}: run `cargo build --bin quota-broker` "
                 "in the repo root or set QUOTA_BROKER_BIN"
             )
-        self.port = free_port()
+        self.port = port or free_port()
         self.addr = f"127.0.0.1:{self.port}"
-        self.config = tmp_path / "broker.toml"
-        self.config.write_text(BASE_CONFIG.format(port=self.port, auth=auth, single_ttl_ms=single_ttl_ms))
+        self.killed = False
+        self.config = tmp_path / f"broker-{self.port}.toml"
+        self.config.write_text(BASE_CONFIG.format(port=self.port, auth=auth, single_ttl_ms=single_ttl_ms,
+                                                  state_dir=state_dir))
         env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTA_BROKER__")}
         env["RUST_LOG"] = "info"
         env["NO_COLOR"] = "1"
@@ -124,6 +128,13 @@ class BrokerProcess:
     def client(self, token=None):
         return QuotaBroker(self.addr, token=token, timeout=10)
 
+    def kill(self):
+        """SIGKILL, as a crash would: no graceful shutdown. Returns once the process is gone."""
+        self.killed = True
+        self.proc.kill()
+        self.proc.wait(STOP_TIMEOUT_S)
+        self._reader.join(5)
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -148,6 +159,8 @@ def start_broker(tmp_path):
 
     yield start
     for b in started:
+        if b.killed:
+            continue
         rc = b.stop()
         assert rc == 0, f"quota-broker exited with {rc} on SIGTERM:\n{b.log()}"
 
@@ -167,3 +180,27 @@ def bucket(client, name, oauth_client=""):
     b = client.bucket(TENANT, name, oauth_client)
     assert b is not None, f"no bucket {name!r} in {[x.bucket for x in client.list_buckets(TENANT)]}"
     return b
+
+
+class FakeClock:
+    """A clock for QuotaBroker(clock=...): ``sleep`` advances it at once, nothing else does."""
+
+    def __init__(self, start=1000.0):
+        self.now = float(start)
+        self.slept = 0.0
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        assert seconds >= 0, seconds
+        self.now += seconds
+        self.slept += seconds
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def fake_clock():
+    return FakeClock()

@@ -170,11 +170,47 @@ def test_url_forms(broker_proc):
             assert c.list_buckets(TENANT)
 
 
-def test_unreachable_broker_is_unavailable():
+def test_unreachable_broker_means_fallback_or_unavailable():
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: connection refused
         with qb.QuotaBroker(f"127.0.0.1:{port}", timeout=3) as c:
+            lease = c.acquire(TENANT, "GET", "/api/v2/users/me", client_id="c", max_wait_ms=0)
+            assert lease.is_fallback and c.in_fallback
+        with qb.QuotaBroker(f"127.0.0.1:{port}", timeout=3, fallback=None) as c:
             with pytest.raises((qb.Unavailable, qb.DeadlineExceeded)):
                 c.acquire(TENANT, "GET", "/api/v2/users/me", client_id="c", max_wait_ms=0)
+
+
+def test_a_restarted_broker_adopts_a_held_lease(start_broker, tmp_path):
+    state = tmp_path / "state"
+    b = start_broker(state_dir=str(state), single_ttl_ms=5000)
+    client = b.client()
+    lease = client.acquire(TENANT, "GET", SINGLE_PATH, client_id="holder", max_wait_ms=0)
+    # A start is a restart only once the first run wrote its state file.
+    deadline = time.monotonic() + 5
+    while not (state / "learned.toml").exists():
+        assert time.monotonic() < deadline, "the broker wrote no state file"
+        time.sleep(0.01)
+    b.kill()
+    start_broker(state_dir=str(state), single_ttl_ms=5000, port=b.port)
+    # The held call goes on: its renewal is adopted, not NotFound.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            lease.renew()
+            break
+        except qb.Unavailable:
+            assert time.monotonic() < deadline, "the client did not reconnect"
+            time.sleep(0.05)
+    # Buckets restart empty: critical, which no class reserve holds back
+    # from, gets the first permit; the slot is what it waits for.
+    with pytest.raises(qb.NotGranted) as info:
+        client.acquire(TENANT, "GET", SINGLE_PATH, client_id="second",
+                       priority_class="critical", max_wait_ms=0)
+    assert "concurrency slots" in info.value.reason
+    assert lease.release() is True
+    client.acquire(TENANT, "GET", SINGLE_PATH, client_id="second",
+                   priority_class="critical", max_wait_ms=0).release()
+    client.close()

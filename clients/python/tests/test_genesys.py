@@ -4,9 +4,11 @@ A tiny HTTP server on 127.0.0.1 plays the Genesys Cloud API (the SDK's
 ApiClient takes its base URL as `host`); the broker is the real process.
 """
 import json
+import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import grpc
 import pytest
 
 gc = pytest.importorskip("PureCloudPlatformClientV2")
@@ -177,3 +179,67 @@ def test_non_api_paths_are_not_leased(broker, fake_api):
                                        headers={"Content-Type": "application/json"}, body={}))
     assert len(api.requests) == 1
     assert all(b.reports_total == 0 for b in broker.list_buckets(TENANT))
+
+
+def test_fail_open_is_gone(broker, fake_api):
+    api_client = api_client_for(fake_api([]).url)
+    for value in (True, False):
+        with pytest.raises(TypeError, match="fail_open was removed.*local fallback limiter"):
+            genesys.instrument(api_client, broker, TENANT, client_id="c", fail_open=value)
+        with pytest.raises(TypeError, match="fail_open was removed"):
+            genesys.LeasedHttpClient(api_client.get_http_client(), broker, TENANT, client_id="c",
+                                     fail_open=value)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        genesys.instrument(api_client, broker, TENANT, client_id="c", fail_closed=True)
+    assert not isinstance(api_client.get_http_client(), genesys.LeasedHttpClient)
+
+
+def test_broker_killed_sdk_calls_are_paced_and_reported_when_it_is_back(start_broker, fake_api,
+                                                                        fake_clock, caplog):
+    """The user's report: broker stopped, a worker that retries each 429 at once.
+
+    Before: every call raised (no upstream calls for the whole outage), or,
+    with fail_open, thousands of unleased calls. Now: the local fallback
+    limiter paces the loop and the outcomes reach the broker when it is back.
+    """
+    caplog.set_level(logging.INFO, logger="quota_broker_client")
+    proc = start_broker()
+    api = fake_api([OK, OK] + [THROTTLED] * 50)
+    broker = qb.QuotaBroker(proc.addr, clock=fake_clock)
+    try:
+        api_client = api_client_for(api.url)
+        genesys.instrument(api_client, broker, TENANT, client_id="ingest-1", oauth_client=OAUTH_CLIENT,
+                           priority_class="critical")
+        conversations = gc.ConversationsApi(api_client)
+        for _ in range(2):
+            assert conversations.post_analytics_conversations_details_query(query_body()).total_hits == 0
+        assert bucket(broker, "analytics-query").granted_total == 2
+
+        proc.kill()
+        start, sent_before, times = fake_clock.now, len(api.requests), []
+        while fake_clock.now < start + 60:  # a minute of "retry the 429 at once"
+            assert len(times) < 100, "the retry loop is not paced"
+            with pytest.raises(ApiException) as info:
+                conversations.post_analytics_conversations_details_query(query_body())
+            assert info.value.status == 429
+            times.append(fake_clock.now)  # when the call went out (the fake clock moves only in waits)
+        assert len(api.requests) - sent_before == len(times)
+        # 0.5 x 2 granted in the last minute is below the floor: 6/min, one call every 10 s,
+        # the first at once: 0, 10, ... 50 s in the first minute (then 60 s, which ends the loop).
+        assert broker.fallback_rate_per_min == 6
+        assert times == [start + 10 * k for k in range(7)]
+        assert broker.pending_reports == 7
+        warnings = [r for r in caplog.records
+                    if r.name.startswith("quota_broker_client") and r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage(), \
+            [r.getMessage() for r in warnings]
+
+        start_broker(port=proc.port)
+        grpc.channel_ready_future(broker.channel).result(timeout=10)
+        assert broker.flush_reports() == 7
+        assert not broker.in_fallback
+        aq = bucket(broker, "analytics-query")
+        assert (aq.reports_total, aq.throttled_total) == (7, 7)
+        assert bucket(broker, "per-client", OAUTH_CLIENT).reports_total == 7
+    finally:
+        broker.close()

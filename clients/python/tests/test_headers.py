@@ -42,3 +42,38 @@ def test_retry_after_ms():
     date = email.utils.formatdate(now + 30, usegmt=True)
     assert qb.retry_after_ms({"Retry-After": date}, now=now) == 30_000
     assert qb.retry_after_ms({"Retry-After": email.utils.formatdate(now - 30, usegmt=True)}, now=now) == 0
+
+
+def test_aged_headers_count_from_when_the_answer_came():
+    from quota_broker_client.headers import aged_rate_limit_headers
+
+    now = 1_700_000_000.0
+    genesys = {"retry-after": "15", "inin-ratelimit-allowed": "300", "inin-ratelimit-count": "300",
+               "inin-ratelimit-reset": "15"}
+    # 5 s later: 10 s of freeze and window left.
+    got, ms = aged_rate_limit_headers(genesys, 15_000, 5.0, now=now)
+    assert ms == 10_000
+    assert got == {"retry-after": "10", "inin-ratelimit-allowed": "300", "inin-ratelimit-count": "300",
+                   "inin-ratelimit-reset": "10"}
+    # A minute later: the freeze is over (0, not "absent": no default freeze), the
+    # window has reset so its count says nothing any more; the limit still holds.
+    got, ms = aged_rate_limit_headers(genesys, 15_000, 60.0, now=now)
+    assert ms == 0
+    assert got == {"retry-after": "0", "inin-ratelimit-allowed": "300"}
+    # A converted Retry-After with no header of its own still gets one.
+    assert aged_rate_limit_headers({}, 2_500, 1.25, now=now) == ({"retry-after": "1.25"}, 1_250)
+    # Epoch resets are absolute: kept while in the future, dropped (with the count) once past.
+    x = {"x-ratelimit-limit": "60", "x-ratelimit-remaining": "0", "x-ratelimit-reset": str(int(now + 30))}
+    assert aged_rate_limit_headers(x, 0, 10.0, now=now) == (x, 0)
+    assert aged_rate_limit_headers(x, 0, 10.0, now=now + 31) == ({"x-ratelimit-limit": "60"}, 0)
+    # Structured RateLimit: the reset parameter is aged, the header dropped once it passed.
+    ietf = {"ratelimit": "limit=10, remaining=0, reset=30", "ratelimit-policy": "10;w=60",
+            "ratelimit-reset": "garbage"}
+    got, _ = aged_rate_limit_headers(ietf, 0, 12.5, now=now)
+    assert got == {"ratelimit": "limit=10, remaining=0, reset=17.5", "ratelimit-policy": "10;w=60",
+                   "ratelimit-reset": "garbage"}
+    got, _ = aged_rate_limit_headers({"ratelimit": '"default";r=0;t=30'}, 0, 40.0, now=now)
+    assert got == {}
+    # Nothing time-bound: unchanged.
+    assert aged_rate_limit_headers({"ratelimit-policy": "10;w=60"}, 0, 99.0, now=now) == (
+        {"ratelimit-policy": "10;w=60"}, 0)

@@ -12,6 +12,11 @@
 //!   limiter (governor) at a conservative rate — a fraction of the rate it was
 //!   recently granted, never less than a configured floor and never
 //!   unlimited — logs that once, and goes back to the broker when it answers.
+//! - `https://` URLs speak TLS: the platform's trusted roots by default, or
+//!   a private CA and a client certificate (mutual TLS) with [`ClientTls`]
+//!   and [`BrokerClient::connect_with`].
+//! - A broker that is overloaded answers [`ClientError::Overloaded`] with the
+//!   time to wait before retrying.
 //!
 //! ```no_run
 //! use quota_broker_client::{BrokerClient, Call};
@@ -28,6 +33,22 @@
 //! drop(lease); // releases the slot
 //! # Ok(()) }
 //! ```
+//!
+//! Over TLS, with a private CA and a client certificate:
+//!
+//! ```no_run
+//! use quota_broker_client::{BrokerClient, ClientTls, ConnectOptions};
+//! # fn run() -> Result<(), quota_broker_client::ClientError> {
+//! let tls = ClientTls::from_files(
+//!     Some("ca.pem".as_ref()),
+//!     Some(("client.pem".as_ref(), "client.key".as_ref())),
+//! )?;
+//! let broker = BrokerClient::connect_with(
+//!     "https://broker.internal:50051",
+//!     ConnectOptions::new().token("my-token").tls(tls),
+//! )?;
+//! # Ok(()) }
+//! ```
 
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
@@ -41,10 +62,11 @@ use fallback::Fallback;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
 use quota_broker::pb::{AcquireRequest, ReleaseRequest, RenewRequest, ReportRequest};
 use quota_broker::REPORTED_HEADERS;
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +82,9 @@ pub enum ClientError {
     /// The token cannot be sent as a header.
     #[error("the token contains characters that cannot be sent in a header")]
     Token,
+    /// The TLS settings are not usable (a file, a certificate, a key).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The broker answered "not now".
     #[error("not granted: {reason} (retry in {retry_after:?})")]
     NotGranted {
@@ -68,9 +93,149 @@ pub enum ClientError {
         /// When to retry at the earliest.
         retry_after: Duration,
     },
+    /// The broker is overloaded for this caller (request rate, Watch
+    /// streams): try again after `retry_after`.
+    #[error("broker overloaded: {message} (retry in {retry_after:?})")]
+    Overloaded {
+        /// The broker's message.
+        message: String,
+        /// When to retry at the earliest.
+        retry_after: Duration,
+    },
     /// The broker refused the request (bad field, unknown tenant, auth...).
     #[error("broker refused: {0}")]
-    Refused(#[from] tonic::Status),
+    Refused(tonic::Status),
+}
+
+/// Response metadata in which the broker says how long to wait after an
+/// overload refusal, in milliseconds.
+const RETRY_AFTER_MS: &str = "retry-after-ms";
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> ClientError {
+        let retry_after = s
+            .metadata()
+            .get(RETRY_AFTER_MS)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        match retry_after {
+            Some(ms) if s.code() == tonic::Code::ResourceExhausted => ClientError::Overloaded {
+                message: s.message().to_owned(),
+                retry_after: Duration::from_millis(ms),
+            },
+            _ => ClientError::Refused(s),
+        }
+    }
+}
+
+/// TLS for an `https://` broker URL: which CA to trust and, for mutual TLS,
+/// the client's certificate and key. The default trusts the platform's
+/// roots and presents no certificate.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    ca: Option<Certificate>,
+    identity: Option<Identity>,
+    domain: Option<String>,
+}
+
+impl ClientTls {
+    /// The platform's trusted roots, no client certificate.
+    pub fn new() -> ClientTls {
+        ClientTls::default()
+    }
+
+    /// Trusts only the CA certificate(s) in `pem` instead of the platform's
+    /// roots (a private CA).
+    pub fn ca_pem(mut self, pem: impl AsRef<[u8]>) -> ClientTls {
+        self.ca = Some(Certificate::from_pem(pem));
+        self
+    }
+
+    /// Presents this certificate chain and key (PEM) to the broker, for
+    /// mutual TLS.
+    pub fn identity_pem(mut self, cert: impl AsRef<[u8]>, key: impl AsRef<[u8]>) -> ClientTls {
+        self.identity = Some(Identity::from_pem(cert, key));
+        self
+    }
+
+    /// Checks the broker's certificate for this name instead of the URL's
+    /// host.
+    pub fn domain_name(mut self, name: impl Into<String>) -> ClientTls {
+        self.domain = Some(name.into());
+        self
+    }
+
+    /// Reads the CA file (if any) and the client certificate and key files
+    /// (if any, as `(cert, key)`), all PEM.
+    pub fn from_files(
+        ca: Option<&Path>,
+        identity: Option<(&Path, &Path)>,
+    ) -> Result<ClientTls, ClientError> {
+        let read = |what: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| {
+                ClientError::Tls(format!("cannot read {what} {}: {e}", path.display()))
+            })
+        };
+        let mut tls = ClientTls::new();
+        if let Some(ca) = ca {
+            tls = tls.ca_pem(read("the CA certificate", ca)?);
+        }
+        if let Some((cert, key)) = identity {
+            tls = tls.identity_pem(
+                read("the client certificate", cert)?,
+                read("the client key", key)?,
+            );
+        }
+        Ok(tls)
+    }
+
+    fn into_tonic(self) -> ClientTlsConfig {
+        let mut c = ClientTlsConfig::new();
+        c = match self.ca {
+            Some(ca) => c.ca_certificate(ca),
+            None => c.with_native_roots(),
+        };
+        if let Some(id) = self.identity {
+            c = c.identity(id);
+        }
+        if let Some(d) = self.domain {
+            c = c.domain_name(d);
+        }
+        c
+    }
+}
+
+/// How [`BrokerClient::connect_with`] connects.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    token: Option<String>,
+    tls: Option<ClientTls>,
+    fallback: FallbackSettings,
+}
+
+impl ConnectOptions {
+    /// No token, TLS as the URL says (platform roots for `https://`),
+    /// default fallback.
+    pub fn new() -> ConnectOptions {
+        ConnectOptions::default()
+    }
+
+    /// Sends `token` as a bearer token on every call.
+    pub fn token(mut self, token: impl Into<String>) -> ConnectOptions {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// TLS settings; the URL must then be `https://`.
+    pub fn tls(mut self, tls: ClientTls) -> ConnectOptions {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// The local limiter used while the broker is unreachable.
+    pub fn fallback(mut self, fallback: FallbackSettings) -> ConnectOptions {
+        self.fallback = fallback;
+        self
+    }
 }
 
 /// One upstream call to lease.
@@ -135,6 +300,21 @@ impl Call {
         self
     }
 
+    /// The Acquire for this call, as sent (and sent again with each Renew,
+    /// so a broker that restarted can adopt the lease).
+    fn acquire_request(&self) -> AcquireRequest {
+        AcquireRequest {
+            tenant: self.tenant.clone(),
+            client_id: self.client_id.clone(),
+            priority_class: self.class.clone(),
+            method: self.method.clone(),
+            path: self.path.clone(),
+            oauth_client: self.oauth_client.clone(),
+            permits: self.permits,
+            max_wait_ms: self.max_wait.map(|d| d.as_millis() as u64),
+        }
+    }
+
     /// The same call to another method and path.
     pub fn to(&self, method: &str, path: &str) -> Call {
         Call {
@@ -159,9 +339,10 @@ pub struct BrokerClient {
 }
 
 impl BrokerClient {
-    /// A client for the broker at `url`, sending `token` as a bearer token.
-    /// Connects lazily, so a broker that is down at start means fallback,
-    /// not failure.
+    /// A client for the broker at `url` (`http://` or `https://`, the
+    /// latter trusting the platform's roots), sending `token` as a bearer
+    /// token. Connects lazily, so a broker that is down at start means
+    /// fallback, not failure.
     pub fn connect(url: &str, token: Option<&str>) -> Result<BrokerClient, ClientError> {
         Self::with_fallback(url, token, FallbackSettings::default())
     }
@@ -172,13 +353,36 @@ impl BrokerClient {
         token: Option<&str>,
         fallback: FallbackSettings,
     ) -> Result<BrokerClient, ClientError> {
+        let mut options = ConnectOptions::new().fallback(fallback);
+        options.token = token.map(str::to_owned);
+        Self::connect_with(url, options)
+    }
+
+    /// A client for the broker at `url` with explicit `options` (token,
+    /// TLS, fallback). TLS settings need an `https://` URL; a bad CA,
+    /// certificate or key is an error here, not at the first call.
+    pub fn connect_with(url: &str, options: ConnectOptions) -> Result<BrokerClient, ClientError> {
+        let bad_url = |message: String| ClientError::Url {
+            url: url.to_owned(),
+            message,
+        };
         let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| ClientError::Url {
-                url: url.to_owned(),
-                message: e.to_string(),
-            })?
+            .map_err(|e| bad_url(e.to_string()))?
             .connect_timeout(Duration::from_secs(2));
-        let token = token
+        let https = endpoint.uri().scheme_str() == Some("https");
+        let endpoint = match (https, options.tls) {
+            (true, tls) => endpoint
+                .tls_config(tls.unwrap_or_default().into_tonic())
+                .map_err(|e| ClientError::Tls(error_chain(&e)))?,
+            (false, Some(_)) => {
+                return Err(bad_url(
+                    "TLS settings were given for a plaintext URL; use https://".into(),
+                ))
+            }
+            (false, None) => endpoint,
+        };
+        let token = options
+            .token
             .map(|t| {
                 format!("Bearer {t}")
                     .parse()
@@ -189,7 +393,7 @@ impl BrokerClient {
             inner: Arc::new(Inner {
                 client: QuotaBrokerClient::new(endpoint.connect_lazy()),
                 token,
-                fallback: Mutex::new(Fallback::new(fallback)),
+                fallback: Mutex::new(Fallback::new(options.fallback)),
             }),
         })
     }
@@ -215,16 +419,7 @@ impl BrokerClient {
     /// ([`Lease::is_fallback`]).
     pub async fn acquire(&self, call: &Call) -> Result<Lease, ClientError> {
         if self.fallback().should_try_broker() {
-            let req = AcquireRequest {
-                tenant: call.tenant.clone(),
-                client_id: call.client_id.clone(),
-                priority_class: call.class.clone(),
-                method: call.method.clone(),
-                path: call.path.clone(),
-                oauth_client: call.oauth_client.clone(),
-                permits: call.permits,
-                max_wait_ms: call.max_wait.map(|d| d.as_millis() as u64),
-            };
+            let req = call.acquire_request();
             match self.inner.client.clone().acquire(self.request(req)).await {
                 Ok(r) => {
                     let r = r.into_inner();
@@ -295,10 +490,11 @@ impl BrokerClient {
         }
     }
 
-    async fn renew(&self, lease_id: String) -> Option<Duration> {
+    async fn renew(&self, lease_id: String, acquired_with: AcquireRequest) -> Option<Duration> {
         let req = RenewRequest {
             lease_id,
             extend_ms: 0,
+            acquired_with: Some(acquired_with),
         };
         match self.inner.client.clone().renew(self.request(req)).await {
             Ok(r) => Some(Duration::from_millis(r.into_inner().lease_ttl_ms)),
@@ -310,9 +506,26 @@ impl BrokerClient {
     }
 }
 
-/// The broker did not answer (down, restarting, network): fall back.
+/// The broker did not answer (down, restarting, network, or it closed the
+/// connection before serving it): fall back. A status made locally from a
+/// transport failure carries its source; the broker's own answers do not.
 fn is_unreachable(s: &tonic::Status) -> bool {
-    s.code() == tonic::Code::Unavailable
+    s.code() == tonic::Code::Unavailable || std::error::Error::source(s).is_some()
+}
+
+/// An error and its causes on one line.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Permission for one upstream call. Holds its concurrency slot, renewing it
@@ -329,13 +542,13 @@ impl Lease {
     fn new(client: BrokerClient, call: Call, id: String, ttl_ms: u64) -> Lease {
         let holds_slot = ttl_ms > 0;
         let renewer = holds_slot.then(|| {
-            let (client, id) = (client.clone(), id.clone());
+            let (client, id, acquired) = (client.clone(), id.clone(), call.acquire_request());
             tokio::spawn(async move {
                 let mut ttl = Duration::from_millis(ttl_ms);
                 loop {
                     // Renew at half the TTL, so one lost renewal is survivable.
                     tokio::time::sleep(ttl / 2).await;
-                    match client.renew(id.clone()).await {
+                    match client.renew(id.clone(), acquired.clone()).await {
                         Some(t) if !t.is_zero() => ttl = t,
                         _ => return,
                     }

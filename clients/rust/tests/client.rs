@@ -203,3 +203,42 @@ async fn falls_back_to_a_paced_local_limiter_and_returns_to_the_broker() {
     }
     b.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_overloaded_broker_says_when_to_retry() {
+    let toml = format!(
+        "{CONFIG}\n[[auth.tokens]]\nname = \"busy\"\nsha256 = \"{}\"\nrole = \"client\"\n\
+         tenants = [\"t\"]\nmax_requests_per_sec = 1\n",
+        quota_broker::hash_token("busy-token")
+    );
+    let settings = Settings::from_toml(&toml).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        quota_broker::run(listener, &settings, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    let client = BrokerClient::connect(&url, Some("busy-token")).unwrap();
+    let call = Call::new("t", "GET", "/x");
+    let lease = client.acquire(&call).await.unwrap();
+    assert!(!lease.is_fallback());
+    drop(lease); // GET /x takes no slot: nothing to release
+    match client.acquire(&call).await {
+        Err(ClientError::Overloaded {
+            message,
+            retry_after,
+        }) => {
+            assert!(message.contains("\"busy\""), "{message}");
+            assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(1));
+            tokio::time::sleep(retry_after).await;
+        }
+        other => panic!("expected Overloaded, got {:?}", other.err()),
+    }
+    assert!(!client.acquire(&call).await.unwrap().is_fallback());
+    let _ = stop.send(());
+    task.await.unwrap();
+}

@@ -1,0 +1,223 @@
+//! `quotactl` over TLS and mutual TLS against a real broker started
+//! in-process on 127.0.0.1:0, with certificates made at test time (rcgen).
+//! Every process wait is bounded in time.
+
+use quota_broker::{hash_token, Settings};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use std::path::PathBuf;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+use tokio::process::Command;
+use tokio::sync::oneshot;
+use tokio::time::timeout;
+
+const ADMIN: &str = "secret-ops";
+/// Bound on any one quotactl run.
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as
+/// files in a directory of their own.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("quotactl-tls-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "quotactl test CA");
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        for (name, san, usage) in [
+            ("server", "127.0.0.1", ExtendedKeyUsagePurpose::ServerAuth),
+            ("client", "operator", ExtendedKeyUsagePurpose::ClientAuth),
+        ] {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(vec![san.to_owned()]).unwrap();
+            params.extended_key_usages = vec![usage];
+            let cert = params.signed_by(&key, &*ca).unwrap();
+            std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.join(file).display().to_string()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A broker with mutual TLS and an admin token; returns its https URL.
+async fn start(pki: &Pki) -> (String, oneshot::Sender<()>) {
+    let toml = format!(
+        "[server]\nstate_dir = \"\"\n[server.tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\
+         [[auth.tokens]]\nname = \"ops\"\nsha256 = \"{}\"\nrole = \"admin\"\ntenants = [\"*\"]\n\
+         [[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"org\"\nroutes = [\"* /**\"]\n\
+         permits = 600\nwindow_ms = 60000\n",
+        pki.path("server.pem"),
+        pki.path("server.key"),
+        pki.path("ca.pem"),
+        hash_token(ADMIN),
+    );
+    let settings = Settings::from_toml(&toml).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        quota_broker::run(listener, &settings, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    (url, stop)
+}
+
+/// Runs quotactl with `args` (isolated from the caller's environment, but
+/// with `env`) to completion within [`LIMIT`].
+async fn quotactl(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_quotactl"));
+    for var in [
+        "QUOTA_BROKER_URL",
+        "QUOTA_BROKER_TOKEN",
+        "QUOTA_BROKER_TENANT",
+        "QUOTA_BROKER_CA_CERT",
+        "QUOTA_BROKER_CLIENT_CERT",
+        "QUOTA_BROKER_CLIENT_KEY",
+    ] {
+        c.env_remove(var);
+    }
+    c.args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    timeout(LIMIT, c.output())
+        .await
+        .expect("quotactl finished in time")
+        .expect("quotactl started")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_over_mutual_tls_with_flags_or_environment() {
+    let pki = Pki::new("mtls");
+    let (url, _stop) = start(&pki).await;
+    let (ca, cert, key) = (
+        pki.path("ca.pem"),
+        pki.path("client.pem"),
+        pki.path("client.key"),
+    );
+    let out = quotactl(
+        &[
+            "status",
+            "--json",
+            "--broker",
+            &url,
+            "--token",
+            ADMIN,
+            "--ca-cert",
+            &ca,
+            "--client-cert",
+            &cert,
+            "--client-key",
+            &key,
+        ],
+        &[],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert!(json.contains("\"bucket\": \"org\""), "{json}");
+
+    let out = quotactl(
+        &["status"],
+        &[
+            ("QUOTA_BROKER_URL", url.as_str()),
+            ("QUOTA_BROKER_TOKEN", ADMIN),
+            ("QUOTA_BROKER_CA_CERT", ca.as_str()),
+            ("QUOTA_BROKER_CLIENT_CERT", cert.as_str()),
+            ("QUOTA_BROKER_CLIENT_KEY", key.as_str()),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // No client certificate: refused by the broker, reported on one line.
+    let out = quotactl(
+        &[
+            "status",
+            "--broker",
+            &url,
+            "--token",
+            ADMIN,
+            "--ca-cert",
+            &ca,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("quotactl: "), "{err}");
+    assert!(!err.contains(ADMIN), "{err}");
+}
+
+#[tokio::test]
+async fn tls_options_that_cannot_work_are_refused_before_connecting() {
+    let pki = Pki::new("misuse");
+    let ca = pki.path("ca.pem");
+    let cert = pki.path("client.pem");
+    for (args, needle) in [
+        (
+            vec!["status", "--broker", "http://127.0.0.1:1", "--ca-cert", &ca],
+            "need an https:// broker URL",
+        ),
+        (
+            vec![
+                "status",
+                "--broker",
+                "https://127.0.0.1:1",
+                "--client-cert",
+                &cert,
+            ],
+            "--client-cert and --client-key go together",
+        ),
+        (
+            vec![
+                "status",
+                "--broker",
+                "https://127.0.0.1:1",
+                "--ca-cert",
+                "/nonexistent/ca.pem",
+            ],
+            "cannot read --ca-cert /nonexistent/ca.pem",
+        ),
+    ] {
+        let out = quotactl(&args, &[]).await;
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = stderr(&out);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+}

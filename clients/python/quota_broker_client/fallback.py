@@ -1,0 +1,260 @@
+"""The local fallback used while the broker cannot be reached.
+
+The rule is the Rust client's (``clients/rust/src/fallback.rs``), with the
+same defaults: calls are paced by a local limiter at ``fraction`` (0.5) of
+the permits this client was granted over the last minute, never below
+``floor_per_min`` (6 a minute, also the rate when nothing was granted yet)
+and never unlimited; burst 1, so the first call goes at once and the next
+ones one interval (60 s / rate) apart. While falling back, the broker is
+tried again (the call's own Acquire) at most every ``probe_every_s`` (1 s),
+also while a call waits for the local limiter, and the client goes back to
+the broker as soon as it answers.
+
+Beyond the Rust client: a 429 reported while falling back holds the local
+limiter until its Retry-After; the outcomes of calls made while falling back
+are kept (at most ``buffer_size``, the oldest dropped and counted) and
+reported to the broker once it is back.
+
+Every time read here comes from a clock object (``monotonic()`` and
+``sleep(seconds)``), :class:`SystemClock` unless one is injected, so the
+limiter can be driven by a fake clock in tests.
+"""
+import collections
+import dataclasses
+import logging
+import threading
+import time
+
+log = logging.getLogger("quota_broker_client")
+
+#: How far back grants count towards the fallback rate (the Rust client's minute).
+GRANT_WINDOW_S = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FallbackSettings:
+    """How the client behaves while the broker is unreachable (defaults: the Rust client's)."""
+
+    #: Share of the rate granted over the last minute to run at.
+    fraction: float = 0.5
+    #: Lowest fallback rate, per minute; also the rate if nothing was granted yet.
+    floor_per_min: int = 6
+    #: How often to try the broker again while falling back (seconds).
+    probe_every_s: float = 1.0
+    #: How many outcomes of fallback calls are kept for the broker; past it
+    #: the oldest are dropped (and counted).
+    buffer_size: int = 1000
+
+    def __post_init__(self):
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction!r}")
+        if int(self.floor_per_min) < 1:
+            raise ValueError(f"floor_per_min must be at least 1 (never unlimited, never stopped), "
+                             f"got {self.floor_per_min!r}")
+        if not self.probe_every_s > 0:
+            raise ValueError(f"probe_every_s must be > 0, got {self.probe_every_s!r}")
+        if int(self.buffer_size) < 0:
+            raise ValueError(f"buffer_size must be >= 0, got {self.buffer_size!r}")
+
+    def rate_per_min(self, granted_last_minute):
+        """The fallback rate for a client granted ``granted_last_minute`` permits in the last minute."""
+        return max(int(max(granted_last_minute * self.fraction, float(self.floor_per_min))), 1)
+
+
+class SystemClock:
+    """The real clock: ``time.monotonic`` and ``time.sleep``."""
+
+    @staticmethod
+    def monotonic():
+        return time.monotonic()
+
+    @staticmethod
+    def sleep(seconds):
+        time.sleep(seconds)
+
+
+class LocalFallback:
+    """State of the fallback: grant history, the local limiter, probes, buffered outcomes.
+
+    Thread-safe. ``target`` only names the broker in log lines.
+    """
+
+    def __init__(self, settings, clock, target=""):
+        self.settings = settings
+        self.clock = clock
+        self.target = target
+        self._lock = threading.Lock()
+        self._grants = collections.deque()  # (time, permits) of the last minute
+        self._granted = 0  # sum of permits in _grants
+        # While falling back (rate is None otherwise):
+        self._rate = None
+        self._interval = 0.0
+        self._tat = 0.0  # earliest time the local limiter allows the next call
+        self._last_probe = 0.0
+        self._entered_at = 0.0
+        self._calls = 0
+        # Outcomes to report: (observed at, ReportRequest), oldest first.
+        self._buffer = collections.deque()
+        self._dropped_total = 0
+        self._dropped_unflushed = 0
+        self._warned_full = False
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def active(self):
+        return self._rate is not None
+
+    @property
+    def rate_per_min(self):
+        """The local limiter's rate while falling back, else None."""
+        return self._rate
+
+    @property
+    def pending(self):
+        return len(self._buffer)
+
+    @property
+    def dropped_total(self):
+        return self._dropped_total
+
+    def _trim(self, now):
+        while self._grants and now - self._grants[0][0] > GRANT_WINDOW_S:
+            self._granted -= self._grants.popleft()[1]
+
+    def granted(self, permits):
+        """The broker granted ``permits``: they count towards the fallback rate for a minute."""
+        now = self.clock.monotonic()
+        with self._lock:
+            self._grants.append((now, max(int(permits), 1)))
+            self._granted += max(int(permits), 1)
+            self._trim(now)
+
+    def should_try_broker(self):
+        """Whether to ask the broker: always, unless falling back and the last probe was too recent."""
+        with self._lock:
+            if self._rate is None:
+                return True
+            now = self.clock.monotonic()
+            if now >= self._last_probe + self.settings.probe_every_s:
+                self._last_probe = now
+                return True
+            return False
+
+    def enter(self, error):
+        """The broker did not answer: start the local limiter (logged once per outage)."""
+        now = self.clock.monotonic()
+        with self._lock:
+            if self._rate is not None:
+                return
+            self._trim(now)
+            recent = self._granted
+            self._rate = self.settings.rate_per_min(recent)
+            self._interval = 60.0 / self._rate
+            self._tat = now
+            self._last_probe = now
+            self._entered_at = now
+            self._calls = 0
+            self._warned_full = False
+            rate = self._rate
+        log.warning(
+            "quota-broker at %s unreachable (%s); pacing calls with a local limiter at %d/min "
+            "(%.2f x %d granted in the last minute, floor %d/min) and trying it again every %gs; "
+            "outcomes are kept (at most %d) and reported when it is back",
+            self.target, error, rate, self.settings.fraction, recent, self.settings.floor_per_min,
+            self.settings.probe_every_s, self.settings.buffer_size,
+        )
+
+    def leave(self):
+        """The broker answered: stop the local limiter (logged once). True if it was falling back."""
+        with self._lock:
+            if self._rate is None:
+                return False
+            elapsed = self.clock.monotonic() - self._entered_at
+            calls, pending, dropped = self._calls, len(self._buffer), self._dropped_unflushed
+            self._rate = None
+        log.info(
+            "quota-broker at %s answers again after %.1fs; leaving the local fallback limiter "
+            "(%d calls made under it; %d outcomes to report, %d dropped)",
+            self.target, elapsed, calls, pending, dropped,
+        )
+        return True
+
+    def take(self):
+        """One call's permission from the local limiter.
+
+        None: not falling back (ask the broker); 0.0: taken; else the
+        seconds until the limiter allows a call. A multi-permit call counts
+        as one: the fallback rate is a trickle, not an account of the budget.
+        """
+        with self._lock:
+            if self._rate is None:
+                return None
+            now = self.clock.monotonic()
+            if now >= self._tat:
+                # Burst 1: a quiet spell does not save up calls.
+                self._tat = max(self._tat, now) + self._interval
+                self._calls += 1
+                return 0.0
+            return max(self._tat - now, 1e-3)
+
+    def until_probe(self):
+        """Seconds until the next probe of the broker is due (0 when due or not falling back)."""
+        with self._lock:
+            if self._rate is None:
+                return 0.0
+            return max(self._last_probe + self.settings.probe_every_s - self.clock.monotonic(), 0.0)
+
+    def throttled(self, retry_after_ms):
+        """A 429 while falling back: no local permission before its Retry-After."""
+        if retry_after_ms <= 0:
+            return
+        with self._lock:
+            if self._rate is not None:
+                self._tat = max(self._tat, self.clock.monotonic() + retry_after_ms / 1000.0)
+
+    # -- buffered outcomes -----------------------------------------------------
+
+    def keep(self, request):
+        """Keeps a ReportRequest the broker could not be sent, oldest dropped past the bound."""
+        now = self.clock.monotonic()
+        warn = False
+        with self._lock:
+            if self.settings.buffer_size <= 0:
+                self._dropped_total += 1
+                self._dropped_unflushed += 1
+                return
+            if len(self._buffer) >= self.settings.buffer_size:
+                self._buffer.popleft()
+                self._dropped_total += 1
+                self._dropped_unflushed += 1
+                warn, self._warned_full = not self._warned_full, True
+            self._buffer.append((now, request))
+        if warn:
+            log.warning("quota-broker fallback: %d outcomes waiting to be reported; dropping the oldest",
+                        self.settings.buffer_size)
+
+    def pop_oldest(self):
+        """(age in seconds, ReportRequest, kept at) of the oldest kept outcome, or None."""
+        with self._lock:
+            if not self._buffer:
+                return None
+            at, request = self._buffer.popleft()
+            return self.clock.monotonic() - at, request, at
+
+    def put_back(self, item):
+        """Returns an item from ``pop_oldest`` to the front (it could not be sent)."""
+        _, request, at = item
+        with self._lock:
+            if len(self._buffer) >= self.settings.buffer_size:
+                # Newer outcomes filled the buffer meanwhile; this one is the oldest.
+                self._dropped_total += 1
+                self._dropped_unflushed += 1
+                return
+            self._buffer.appendleft((at, request))
+
+    def take_dropped(self):
+        """Outcomes dropped since the last call (for the flush's log line)."""
+        with self._lock:
+            n, self._dropped_unflushed = self._dropped_unflushed, 0
+            return n

@@ -1,0 +1,257 @@
+"""The local fallback while the broker is unreachable, against a real broker process that is killed.
+
+Pacing is measured on a fake clock (``QuotaBroker(clock=...)``): the
+client's local limiter sleeps on it, so a minute of fallback takes no real
+time and the count of calls in a window is exact. Coming back to the
+broker is measured on the real clock, against a broker restarted on the
+same port.
+"""
+import logging
+import threading
+import time
+
+import grpc
+import pytest
+
+import quota_broker_client as qb
+from conftest import TENANT
+
+USERS = "/api/v2/users/me"  # matches only the per-client bucket (300/min)
+
+
+def bucket(client, name, oauth_client=""):
+    b = client.bucket(TENANT, name, oauth_client)
+    assert b is not None, f"no bucket {name!r}: {[x.bucket for x in client.list_buckets(TENANT)]}"
+    return b
+
+
+def client_logs(caplog, level=logging.WARNING):
+    return [r for r in caplog.records if r.name.startswith("quota_broker_client") and r.levelno >= level]
+
+
+def most_in_any_window(times, window_s):
+    """The largest number of calls in any window of ``window_s`` (starting at a call)."""
+    return max((sum(1 for u in times if t <= u < t + window_s) for t in times), default=0)
+
+
+def test_broker_killed_calls_continue_at_half_the_granted_rate(start_broker, fake_clock, caplog):
+    caplog.set_level(logging.INFO, logger="quota_broker_client")
+    proc = start_broker()
+    client = qb.QuotaBroker(proc.addr, clock=fake_clock)
+    try:
+        for _ in range(40):  # 40 grants "in the last minute" (the fake clock stands still)
+            with client.lease(TENANT, "GET", USERS, client_id="ingest-1", max_wait_ms=1000) as lease:
+                assert not lease.is_fallback
+                lease.report(200, {})
+        assert bucket(client, "per-client").reports_total == 40
+
+        proc.kill()
+        start = fake_clock.now
+        times = []
+        for _ in range(200):  # an unpaced loop never moves the fake clock: bounded by count
+            if fake_clock.now >= start + 60:
+                break
+            with client.lease(TENANT, "GET", USERS, client_id="ingest-1", max_wait_ms=None) as lease:
+                assert lease.is_fallback and lease.lease_id == "" and not lease.holds_slot
+                times.append(fake_clock.now)
+                assert lease.report(200, {"inin-ratelimit-allowed": "300"}) is None  # kept
+        else:
+            pytest.fail(f"{len(times)} fallback calls without the clock reaching a minute: not paced")
+
+        # 0.5 x 40 granted in the last minute = 20/min: one call every 3 s, the first at once.
+        assert client.in_fallback
+        assert client.fallback_rate_per_min == 20
+        bound = 1 + 60 * 20 / 60
+        in_first_minute = [t for t in times if t < start + 60]
+        assert len(in_first_minute) == 20, times  # calls go on, at 0, 3, ... 57 s
+        assert most_in_any_window(times, 60) <= bound
+        assert min(b - a for a, b in zip(times, times[1:])) >= 3.0 - 1e-9
+        assert client.pending_reports == len(times) and client.dropped_reports == 0
+
+        # Logged once, when entering the fallback; nothing per call.
+        warnings = client_logs(caplog)
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        assert "unreachable" in warnings[0].getMessage() and "20/min" in warnings[0].getMessage()
+    finally:
+        client.close()
+
+
+def test_only_the_last_minute_of_grants_counts(start_broker, fake_clock):
+    proc = start_broker()
+    with qb.QuotaBroker(proc.addr, clock=fake_clock) as client:
+        for _ in range(40):
+            client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=1000).release()
+        fake_clock.advance(30)
+        for _ in range(16):
+            client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=1000).release()
+        fake_clock.advance(31)  # the first 40 are now 61 s old
+        proc.kill()
+        assert client.acquire(TENANT, "GET", USERS, client_id="c").is_fallback
+        assert client.fallback_rate_per_min == 8  # 0.5 x 16
+
+
+def test_fallback_floor_max_wait_and_retry_after(start_broker, fake_clock):
+    proc = start_broker()
+    proc.kill()  # a broker that was never reached: nothing granted yet
+    with qb.QuotaBroker(proc.addr, clock=fake_clock, timeout=5) as client:
+        first = client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=0)
+        assert first.is_fallback
+        assert client.fallback_rate_per_min == 6  # the floor: one call every 10 s
+        assert first.renew() is None and first.release() is False
+
+        # The next permission is 10 s away: an explicit max_wait_ms is honoured.
+        with pytest.raises(qb.NotGranted) as info:
+            client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=5000)
+        assert "unreachable" in info.value.reason
+        assert info.value.retry_after_ms == 10_000
+        assert fake_clock.slept == 0
+
+        # A 429 while falling back holds the local limiter until its Retry-After.
+        t = fake_clock.now
+        assert first.report(429, {"Retry-After": "30"}) is None
+        second = client.acquire(TENANT, "GET", USERS, client_id="c")
+        assert second.is_fallback
+        assert fake_clock.now - t == pytest.approx(30)
+        assert client.pending_reports == 1
+
+
+def test_kept_outcomes_are_bounded_oldest_dropped_then_reported(start_broker, fake_clock, caplog):
+    caplog.set_level(logging.INFO, logger="quota_broker_client")
+    proc = start_broker()
+    settings = qb.FallbackSettings(buffer_size=3)
+    client = qb.QuotaBroker(proc.addr, clock=fake_clock, fallback=settings)
+    try:
+        client.list_buckets(TENANT)  # connected before the crash
+        proc.kill()
+        # Two 429s first (to be dropped), then three successes.
+        for status in (429, 429, 200, 200, 200):
+            with client.lease(TENANT, "GET", USERS, client_id="c") as lease:
+                assert lease.is_fallback
+                lease.report(status, {"Retry-After": "1"} if status == 429 else {})
+        assert client.pending_reports == 3
+        assert client.dropped_reports == 2
+        full = [r for r in client_logs(caplog) if "dropping the oldest" in r.getMessage()]
+        assert len(full) == 1
+
+        back = start_broker(port=proc.port)
+        grpc.channel_ready_future(client.channel).result(timeout=10)
+        assert client.flush_reports() == 3
+        assert not client.in_fallback
+        b = bucket(client, "per-client")
+        assert (b.reports_total, b.throttled_total) == (3, 0)  # the newest three
+        assert client.pending_reports == 0
+        assert back.proc.poll() is None
+    finally:
+        client.close()
+
+
+def test_back_to_the_broker_promptly_and_kept_outcomes_reported(start_broker, caplog):
+    caplog.set_level(logging.INFO, logger="quota_broker_client")
+    proc = start_broker()
+    # 600/min: one fallback call every 0.1 s, so the real-clock test stays short.
+    client = qb.QuotaBroker(proc.addr, fallback=qb.FallbackSettings(floor_per_min=600))
+    try:
+        held = client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=1000)
+        assert not held.is_fallback and held.lease_id
+
+        proc.kill()
+        # The call made under that lease answers after the crash: kept, nothing raises.
+        assert held.report(429, {"Retry-After": "1"}) is None
+        assert held.release() is False  # the broker is away; its slot expires by itself
+        for status in (200, 200, 429, 200, 200):
+            with client.lease(TENANT, "GET", USERS, client_id="c", max_wait_ms=5000) as lease:
+                assert lease.is_fallback
+                headers = ({"Retry-After": "0.2"} if status == 429 else
+                           {"inin-ratelimit-allowed": "300", "inin-ratelimit-count": "5",
+                            "inin-ratelimit-reset": "30"})
+                lease.report(status, headers)
+        assert client.in_fallback
+        assert client.pending_reports == 6
+        warnings = client_logs(caplog)
+        assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage(), \
+            [r.getMessage() for r in warnings]
+
+        start_broker(port=proc.port)  # returns once it logs "serving"
+        back_at = time.monotonic()
+        for _ in range(1000):
+            lease = client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=2000)
+            lease.release()
+            if not lease.is_fallback:
+                break
+            assert time.monotonic() - back_at < 10, "still falling back 10 s after the broker came back"
+        took = time.monotonic() - back_at
+        assert not lease.is_fallback and not client.in_fallback
+        assert took < 5, f"back to the broker {took:.1f}s after it came back"
+
+        # The kept outcomes reach the broker (a background thread sends them).
+        deadline = time.monotonic() + 5
+        while client.pending_reports or bucket(client, "per-client").reports_total < 6:
+            assert time.monotonic() < deadline, "kept outcomes not reported within 5 s"
+            time.sleep(0.05)  # waiting on the client's report thread (a real event)
+        b = bucket(client, "per-client")
+        assert (b.reports_total, b.throttled_total) == (6, 2)
+        # Entering and leaving, once each.
+        assert len([r for r in client_logs(caplog) if "unreachable" in r.getMessage()]) == 1
+        assert len([r for r in caplog.records if "answers again" in r.getMessage()]) == 1
+        assert len([r for r in caplog.records if r.getMessage().startswith("reported 6 outcomes")]) == 1
+    finally:
+        client.close()
+
+
+def test_threads_sharing_a_client_share_its_fallback_rate(start_broker):
+    proc = start_broker()
+    proc.kill()
+    # 600/min = 10/s on the real clock; 8 threads calling as fast as they are let.
+    client = qb.QuotaBroker(proc.addr, fallback=qb.FallbackSettings(floor_per_min=600))
+    times, lock = [], threading.Lock()
+    start = time.monotonic()
+
+    def worker():
+        while time.monotonic() < start + 1.5:
+            with client.lease(TENANT, "GET", USERS, client_id="w") as lease:
+                assert lease.is_fallback
+                with lock:
+                    times.append(time.monotonic())
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in threads)
+        assert len(times) >= 10
+        # Each call is recorded at or after its permission, which come 0.1 s apart from
+        # the first: over the span seen, at most 1 + 10/s (exact, whatever the scheduling).
+        assert len(times) <= 1 + 10 * (max(times) - start) + 1e-6
+    finally:
+        client.close()
+
+
+def test_without_fallback_an_unreachable_broker_raises(start_broker):
+    proc = start_broker()
+    proc.kill()
+    with qb.QuotaBroker(proc.addr, timeout=3, fallback=None) as client:
+        with pytest.raises((qb.Unavailable, qb.DeadlineExceeded)):
+            client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=0)
+        with pytest.raises((qb.Unavailable, qb.DeadlineExceeded)):
+            client.report(TENANT, "GET", USERS, 200, {})
+        assert not client.in_fallback and client.pending_reports == 0
+
+
+def test_fallback_settings_are_checked():
+    s = qb.FallbackSettings()
+    assert (s.fraction, s.floor_per_min, s.probe_every_s) == (0.5, 6, 1.0)  # the Rust client's
+    assert s.rate_per_min(0) == 6 and s.rate_per_min(40) == 20 and s.rate_per_min(13) == 6
+    for bad in (dict(fraction=0), dict(fraction=1.5), dict(floor_per_min=0), dict(probe_every_s=0),
+                dict(buffer_size=-1)):
+        with pytest.raises(ValueError):
+            qb.FallbackSettings(**bad)
+    with pytest.raises(TypeError):
+        qb.QuotaBroker("127.0.0.1:1", fallback={"fraction": 0.5})
+
+
+def test_reconnect_backoff_is_bounded():
+    opts = dict(qb.DEFAULT_CHANNEL_OPTIONS)
+    assert opts["grpc.max_reconnect_backoff_ms"] <= 5000
+    assert opts["grpc.initial_reconnect_backoff_ms"] <= opts["grpc.max_reconnect_backoff_ms"]

@@ -1,0 +1,221 @@
+//! `[server.tls]`: reads the certificate, key and client CA files named in
+//! the config, checks them (PEM that parses, a key that matches the
+//! certificate) and builds the rustls server configuration the gRPC port
+//! uses. Runs at load, so a bad path or PEM is a listed config problem
+//! before anything binds.
+
+use serde::Deserialize;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio_rustls::rustls::crypto::ring::default_provider;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+
+/// The `[server.tls]` table as written: file paths, "" for unset.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawTls {
+    cert: String,
+    key: String,
+    client_ca: String,
+}
+
+/// TLS on the gRPC port: the files it came from and the rustls
+/// configuration built from them.
+#[derive(Clone)]
+pub struct TlsSettings {
+    /// PEM certificate chain the broker presents (leaf first).
+    pub cert: PathBuf,
+    /// PEM private key of the leaf certificate.
+    pub key: PathBuf,
+    /// PEM CA certificates that client certificates must chain to; when set,
+    /// every client must present one (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+    config: Arc<ServerConfig>,
+}
+
+impl fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("client_ca", &self.client_ca)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsSettings {
+    /// Whether clients must present a certificate (mutual TLS).
+    pub fn is_mutual(&self) -> bool {
+        self.client_ca.is_some()
+    }
+
+    /// The rustls configuration (ALPN `h2`).
+    pub(crate) fn server_config(&self) -> Arc<ServerConfig> {
+        self.config.clone()
+    }
+}
+
+impl RawTls {
+    /// Whether any of the files is named (TLS is asked for, even if a file
+    /// turns out bad).
+    pub(super) fn is_set(&self) -> bool {
+        [&self.cert, &self.key, &self.client_ca]
+            .iter()
+            .any(|s| !s.trim().is_empty())
+    }
+
+    /// Validates into settings, pushing one line per problem. `None` when
+    /// nothing is set (plaintext) or when a problem was found.
+    pub(super) fn validate(self, problems: &mut Vec<String>) -> Option<TlsSettings> {
+        let set = |s: String| (!s.trim().is_empty()).then(|| PathBuf::from(s));
+        let (cert, key, client_ca) = (set(self.cert), set(self.key), set(self.client_ca));
+        let (cert, key) = match (cert, key) {
+            (None, None) => {
+                if client_ca.is_some() {
+                    problems.push(
+                        "server.tls.client_ca is set without server.tls.cert and server.tls.key; \
+                         mutual TLS needs the broker's own certificate too"
+                            .into(),
+                    );
+                }
+                return None;
+            }
+            (Some(_), None) => {
+                problems.push(
+                    "server.tls.cert is set without server.tls.key (the PEM private key of the certificate)"
+                        .into(),
+                );
+                return None;
+            }
+            (None, Some(_)) => {
+                problems.push(
+                    "server.tls.key is set without server.tls.cert (the PEM certificate chain)"
+                        .into(),
+                );
+                return None;
+            }
+            (Some(cert), Some(key)) => (cert, key),
+        };
+        let before = problems.len();
+        let chain = read_certs("server.tls.cert", &cert, problems);
+        let private_key = read("server.tls.key", &key, problems).and_then(|pem| {
+            PrivateKeyDer::from_pem_slice(&pem)
+                .map_err(|e| {
+                    problems.push(format!(
+                        "server.tls.key {}: no PEM private key found ({e}); expected \
+                         -----BEGIN PRIVATE KEY----- (PKCS#8), RSA or EC PRIVATE KEY",
+                        key.display()
+                    ))
+                })
+                .ok()
+        });
+        let roots = client_ca.as_ref().and_then(|ca| {
+            let certs = read_certs("server.tls.client_ca", ca, problems)?;
+            let mut roots = RootCertStore::empty();
+            let (_added, ignored) = roots.add_parsable_certificates(certs);
+            if roots.is_empty() {
+                problems.push(format!(
+                    "server.tls.client_ca {}: none of its certificates is a usable CA certificate",
+                    ca.display()
+                ));
+                return None;
+            }
+            if ignored > 0 {
+                tracing::warn!(
+                    client_ca = %ca.display(),
+                    ignored,
+                    "server.tls.client_ca: some certificates could not be parsed and are ignored"
+                );
+            }
+            Some(roots)
+        });
+        let (Some(chain), Some(private_key)) = (chain, private_key) else {
+            return None;
+        };
+        if problems.len() > before {
+            return None;
+        }
+        let provider = Arc::new(default_provider());
+        let builder = match ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+        {
+            Ok(b) => b,
+            Err(e) => {
+                problems.push(format!("server.tls: cannot set up TLS: {e}"));
+                return None;
+            }
+        };
+        let builder = match roots {
+            None => builder.with_no_client_auth(),
+            Some(roots) => {
+                match WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build()
+                {
+                    Ok(verifier) => builder.with_client_cert_verifier(verifier),
+                    Err(e) => {
+                        problems.push(format!(
+                            "server.tls.client_ca {}: cannot verify clients with it: {e}",
+                            client_ca.as_deref().unwrap_or(Path::new("")).display()
+                        ));
+                        return None;
+                    }
+                }
+            }
+        };
+        let mut config = match builder.with_single_cert(chain, private_key) {
+            Ok(c) => c,
+            Err(e) => {
+                problems.push(format!(
+                    "server.tls: the key {} does not fit the certificate {}: {e}",
+                    key.display(),
+                    cert.display()
+                ));
+                return None;
+            }
+        };
+        // gRPC is HTTP/2 only; clients (tonic among them) insist on h2.
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Some(TlsSettings {
+            cert,
+            key,
+            client_ca,
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// The bytes of `path`, or a problem naming `key`.
+fn read(key: &str, path: &Path, problems: &mut Vec<String>) -> Option<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| problems.push(format!("{key}: cannot read {}: {e}", path.display())))
+        .ok()
+}
+
+/// Every PEM certificate in `path` (at least one), or a problem naming `key`.
+fn read_certs(
+    key: &str,
+    path: &Path,
+    problems: &mut Vec<String>,
+) -> Option<Vec<CertificateDer<'static>>> {
+    let pem = read(key, path, problems)?;
+    match CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>() {
+        Ok(certs) if !certs.is_empty() => Some(certs),
+        Ok(_) => {
+            problems.push(format!(
+                "{key} {}: no PEM certificate found (expected -----BEGIN CERTIFICATE-----)",
+                path.display()
+            ));
+            None
+        }
+        Err(e) => {
+            problems.push(format!(
+                "{key} {}: not a valid PEM certificate file: {e}",
+                path.display()
+            ));
+            None
+        }
+    }
+}

@@ -1,0 +1,465 @@
+//! The gRPC port's front door: the accept loop that owns every socket until
+//! it has shown it speaks gRPC, and the connection type handed to tonic.
+//!
+//! A new connection must finish its TLS handshake (when `[server.tls]` is
+//! set) and send the 24-byte HTTP/2 client preface within
+//! `server.handshake_timeout_ms`, or it is closed. At most
+//! `server.max_pending_connections` may be at that stage at once and at most
+//! `server.max_connections` open in all; sockets beyond either cap are closed
+//! as soon as they are accepted. So sockets that connect and send nothing (a
+//! slowloris) hold a bounded number of descriptors for a bounded time, and
+//! turning them away needs no token.
+//!
+//! TLS is done here with tokio-rustls rather than by tonic, so the handshake
+//! falls under the same timeout. tonic gets a plain [`Conn`] that replays the
+//! preface read from it; its [`PeerInfo`] (peer address, TLS or not, and for
+//! TLS tonic's own `TlsConnectInfo` with the client's certificates) reaches
+//! every request as an extension.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
+
+use crate::clock::millis;
+use crate::config::ServerSettings;
+
+/// What every HTTP/2 client sends first (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Pause after an accept error that is not about one connection (out of
+/// descriptors, say), so the loop does not spin on it.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Handshaken connections waiting for tonic to take them.
+const HANDOFF_QUEUE: usize = 64;
+/// At most one warning this often while connections are being turned away.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerInfo {
+    tcp: TcpConnectInfo,
+    tls: bool,
+    /// tonic's TLS connection info (the client's certificates).
+    tls_info: Option<TlsConnectInfo<TcpConnectInfo>>,
+}
+
+impl PeerInfo {
+    /// A peer at `remote`, over TLS or not, with no certificates (for tests
+    /// of peers a test cannot be, such as a remote address).
+    #[cfg(test)]
+    pub(crate) fn new(remote: Option<SocketAddr>, tls: bool) -> PeerInfo {
+        PeerInfo {
+            tcp: TcpConnectInfo {
+                local_addr: None,
+                remote_addr: remote,
+            },
+            tls,
+            tls_info: None,
+        }
+    }
+
+    /// The peer's IP address (an IPv4-mapped IPv6 address as IPv4).
+    pub(crate) fn ip(&self) -> Option<IpAddr> {
+        self.tcp.remote_addr.map(|a| a.ip().to_canonical())
+    }
+
+    /// Whether the peer is on this host (127.0.0.0/8 or ::1).
+    pub(crate) fn is_loopback(&self) -> bool {
+        self.ip().is_some_and(|ip| ip.is_loopback())
+    }
+
+    /// Whether the connection is TLS.
+    pub(crate) fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// tonic's connection info, as its own TLS would set it, so
+    /// `Request::remote_addr` and `Request::peer_certs` work in services.
+    pub(crate) fn tonic_info(&self) -> (TcpConnectInfo, Option<TlsConnectInfo<TcpConnectInfo>>) {
+        (self.tcp.clone(), self.tls_info.clone())
+    }
+}
+
+/// A connection that finished its handshake, as tonic serves it: the
+/// preface already read is replayed, then reads and writes go to the socket
+/// (or its TLS session).
+pub(crate) struct Conn {
+    io: Io,
+    /// Bytes of [`PREFACE`] handed back to the reader so far.
+    replayed: usize,
+    info: PeerInfo,
+    /// Counts the connection among the open ones until it is dropped.
+    _open: Slot,
+}
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Connected for Conn {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(rest) = PREFACE.get(this.replayed..).filter(|r| !r.is_empty()) {
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.replayed += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A count with a cap, shared by the accept loop and the connections.
+#[derive(Clone, Default)]
+struct Gauge(Arc<AtomicUsize>);
+
+/// One unit of a [`Gauge`], given back when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Gauge {
+    /// A slot if fewer than `max` are taken.
+    fn try_take(&self, max: usize) -> Option<Slot> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(self.0.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What every connection's handshake needs.
+#[derive(Clone)]
+struct Front {
+    tls: Option<TlsAcceptor>,
+    handshake_timeout: Duration,
+    max_pending: usize,
+    max_connections: usize,
+    pending: Gauge,
+    open: Gauge,
+}
+
+/// Accepts connections on `listener` until `stop` is cancelled (or the
+/// returned stream is dropped), and yields those that complete their
+/// handshake in time. The listener closes when the loop ends.
+pub(crate) fn incoming(
+    listener: TcpListener,
+    server: &ServerSettings,
+    stop: CancellationToken,
+) -> ReceiverStream<io::Result<Conn>> {
+    let front = Front {
+        tls: server
+            .tls
+            .as_ref()
+            .map(|t| TlsAcceptor::from(t.server_config())),
+        handshake_timeout: server.handshake_timeout,
+        max_pending: server.max_pending_connections,
+        max_connections: server.max_connections,
+        pending: Gauge::default(),
+        open: Gauge::default(),
+    };
+    let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
+    tokio::spawn(accept_loop(listener, front, tx, stop));
+    ReceiverStream::new(rx)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    front: Front,
+    tx: mpsc::Sender<io::Result<Conn>>,
+    stop: CancellationToken,
+) {
+    // A flood logs one warning per REFUSAL_LOG_EVERY, with the count,
+    // rather than one line per socket.
+    let mut last_warning: Option<tokio::time::Instant> = None;
+    let mut refused_since_warning = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            () = tx.closed() => return,
+            r = listener.accept() => r,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) if is_about_one_connection(&e) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a connection failed; pausing before the next");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let slots = front.open.try_take(front.max_connections).map(|open| {
+            let pending = front.pending.try_take(front.max_pending);
+            (open, pending)
+        });
+        let (open, pending) = match slots {
+            Some((open, Some(pending))) => (open, pending),
+            refused => {
+                let cap = if refused.is_none() {
+                    "server.max_connections"
+                } else {
+                    "server.max_pending_connections"
+                };
+                refused_since_warning += 1;
+                if last_warning.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_EVERY) {
+                    tracing::warn!(
+                        %peer,
+                        cap,
+                        refused = refused_since_warning,
+                        "connection limit reached: new connections are closed at once \
+                         until pending ones finish their handshake or time out"
+                    );
+                    last_warning = Some(tokio::time::Instant::now());
+                    refused_since_warning = 0;
+                } else {
+                    tracing::debug!(%peer, cap, "connection closed at once");
+                }
+                // Dropping the socket closes it.
+                continue;
+            }
+        };
+        // Small answers must not sit in Nagle's buffer waiting for an ACK.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+        }
+        tokio::spawn(handshake(
+            tcp,
+            peer,
+            (open, pending),
+            front.clone(),
+            tx.clone(),
+            stop.clone(),
+        ));
+    }
+}
+
+/// Accept errors that concern only the connection being accepted.
+fn is_about_one_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+            | io::ErrorKind::TimedOut
+    )
+}
+
+/// Runs one connection's handshake under the timeout, then hands it over.
+async fn handshake(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    (open, pending): (Slot, Slot),
+    front: Front,
+    tx: mpsc::Sender<io::Result<Conn>>,
+    stop: CancellationToken,
+) {
+    let tcp_info = tcp.connect_info();
+    let done = tokio::select! {
+        () = stop.cancelled() => return,
+        r = tokio::time::timeout(front.handshake_timeout, establish(tcp, front.tls.as_ref())) => r,
+    };
+    let (io, tls_info) = match done {
+        Ok(Ok(established)) => established,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "handshake failed; connection closed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(
+                %peer,
+                timeout_ms = millis(front.handshake_timeout),
+                "no handshake within server.handshake_timeout_ms; connection closed"
+            );
+            return;
+        }
+    };
+    drop(pending);
+    let conn = Conn {
+        io,
+        replayed: 0,
+        info: PeerInfo {
+            tcp: tcp_info,
+            tls: tls_info.is_some(),
+            tls_info,
+        },
+        _open: open,
+    };
+    // The receiver is gone only when the server stops; the connection closes.
+    let _ = tx.send(Ok(conn)).await;
+}
+
+/// The TLS handshake (if configured), then the HTTP/2 preface.
+async fn establish(
+    tcp: TcpStream,
+    tls: Option<&TlsAcceptor>,
+) -> io::Result<(Io, Option<TlsConnectInfo<TcpConnectInfo>>)> {
+    let (mut io, tls_info) = match tls {
+        None => (Io::Plain(tcp), None),
+        Some(acceptor) => {
+            let stream = acceptor.accept(tcp).await?;
+            let info = stream.connect_info();
+            (Io::Tls(Box::new(stream)), Some(info))
+        }
+    };
+    let mut preface = [0u8; PREFACE.len()];
+    io.read_exact(&mut preface).await?;
+    if &preface != PREFACE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            if tls.is_some() {
+                "not an HTTP/2 client preface after the TLS handshake (gRPC needs HTTP/2)"
+            } else {
+                "not an HTTP/2 client preface (a TLS client on a plaintext port, or not gRPC)"
+            },
+        ));
+    }
+    Ok((io, tls_info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gauge_caps_and_gives_back() {
+        let g = Gauge::default();
+        let a = g.try_take(2).unwrap();
+        let _b = g.try_take(2).unwrap();
+        assert!(g.try_take(2).is_none());
+        drop(a);
+        assert!(g.try_take(2).is_some());
+    }
+
+    #[test]
+    fn peer_info_sees_loopback_through_mapped_ipv6() {
+        let at = |s: &str| PeerInfo::new(Some(s.parse().unwrap()), false);
+        assert!(at("127.0.0.1:1").is_loopback());
+        assert!(at("127.3.2.1:1").is_loopback());
+        assert!(at("[::1]:1").is_loopback());
+        assert!(at("[::ffff:127.0.0.1]:1").is_loopback());
+        assert!(!at("10.0.0.1:1").is_loopback());
+        assert!(!at("[::ffff:10.0.0.1]:1").is_loopback());
+        assert!(!PeerInfo::new(None, false).is_loopback());
+    }
+}

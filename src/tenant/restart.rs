@@ -1,0 +1,175 @@
+//! The learning mode after a restart. A broker that starts with state may
+//! have granted, before it stopped, leases whose holders are still calling
+//! the upstream, and token buckets it cannot know the level of. So, for
+//! every bucket instance:
+//!
+//! - its token bucket starts empty (one permit now, then paced), never full:
+//!   the upstream's window did not reset when the broker did;
+//! - all its slots count as held by unknown leases ("phantoms") for one
+//!   lease TTL; a renewal of a lease granted before the restart that says
+//!   which Acquire granted it is adopted (its phantom becomes a known
+//!   lease), and phantoms nobody claimed come back at the end of the TTL,
+//!   when every unrenewed lease of the earlier run has expired.
+//!
+//! New slots are therefore granted only from capacity no unknown lease can
+//! hold. Per-OAuth-client instances first seen during the window get the
+//! same treatment.
+
+use super::{AcquireArgs, TenantState};
+use crate::error::BrokerError;
+use crate::limits::{Lease, LeaseId};
+use std::time::Duration;
+use tokio::time::Instant;
+
+impl TenantState {
+    /// Enters the learning mode at `now` (the broker started with state).
+    pub fn resume_after_restart(&mut self, now: Instant) {
+        let now = self.monotonic(now);
+        self.restarted_at = Some(now);
+        let all: Vec<usize> = self.instances.iter().map(|(i, _)| i).collect();
+        for i in all {
+            self.restart_instance(i, now);
+        }
+        tracing::info!(
+            tenant = %self.id,
+            "started with state: token buckets start empty, slots count as held until \
+             renewals claim them or one lease TTL passes"
+        );
+    }
+
+    /// Whether `now` is inside the learning window of some bucket.
+    pub(super) fn restart_window(&self, now: Instant) -> Option<Instant> {
+        let at = self.restarted_at?;
+        let longest = self
+            .buckets
+            .iter()
+            .filter(|b| b.settings.max_in_flight.is_some())
+            .map(|b| b.settings.lease_ttl)
+            .max()?;
+        Some(at + longest).filter(|&end| end > now)
+    }
+
+    /// Applies the learning mode to instance `i` (at start, or when a
+    /// per-client instance is first seen inside the window).
+    pub(super) fn restart_instance(&mut self, i: usize, now: Instant) {
+        let Some(at) = self.restarted_at else {
+            return;
+        };
+        let Some(x) = self.instances.get_mut(i) else {
+            return;
+        };
+        let settings = &self.buckets[x.bucket].settings;
+        let ttl = settings.lease_ttl;
+        // The upstream's window did not reset with the broker: within one
+        // window of the restart, the level before it is unknown.
+        let window = settings.rate.map_or(Duration::ZERO, |r| r.window);
+        if let Some(t) = x.tokens.as_mut().filter(|_| at + window > now || at == now) {
+            t.restart_empty(now);
+        }
+        if let Some(s) = x.slots.as_mut() {
+            let until = at + ttl;
+            if until > now {
+                let free = s.max().saturating_sub(s.in_flight());
+                s.take(free);
+                x.phantom += free;
+                x.phantom_until = Some(until);
+            }
+        }
+        self.touch(i);
+    }
+
+    /// Gives back phantom slots whose window ended; returns the next end.
+    pub(super) fn end_phantoms(&mut self, now: Instant) -> Option<Instant> {
+        let mut next = None;
+        let mut ended = Vec::new();
+        for (i, x) in self.instances.iter_mut() {
+            match x.phantom_until {
+                Some(until) if until <= now => {
+                    if let Some(s) = x.slots.as_mut() {
+                        s.give_back(x.phantom);
+                    }
+                    if x.phantom > 0 {
+                        ended.push((i, x.phantom));
+                    }
+                    x.phantom = 0;
+                    x.phantom_until = None;
+                }
+                Some(until) => next = Some(next.map_or(until, |n: Instant| n.min(until))),
+                None => {}
+            }
+        }
+        for (i, n) in ended {
+            tracing::info!(tenant = %self.id, bucket = %self.name(i), slots = n,
+                "restart learning over: slots no renewal claimed are free again");
+            self.touch(i);
+        }
+        next
+    }
+
+    /// Adopts a lease granted before the restart, renewed with the Acquire
+    /// that granted it: its slots turn from phantoms into a known lease.
+    /// `Ok(None)` when it cannot be adopted (outside the window).
+    pub(super) fn adopt(
+        &mut self,
+        id: LeaseId,
+        args: &AcquireArgs,
+        extend: Option<Duration>,
+        now: Instant,
+    ) -> Result<Option<(Instant, Duration)>, BrokerError> {
+        if self.restart_window(now).is_none() {
+            return Ok(None);
+        }
+        let instances = match self.resolve(
+            &args.method,
+            &args.path,
+            &args.oauth_client,
+            args.permits,
+            0.0,
+            now,
+        )? {
+            Ok(i) => i,
+            Err(_) => return Ok(None),
+        };
+        let n = args.permits;
+        let mut held = Vec::new();
+        let mut ttl: Option<Duration> = None;
+        for i in instances {
+            let Some(x) = self.instances.get_mut(i) else {
+                continue;
+            };
+            let Some(s) = x.slots.as_mut() else {
+                continue;
+            };
+            let from_phantom = x.phantom.min(n);
+            x.phantom -= from_phantom;
+            // More than the phantoms cover (the limit was lowered, or the
+            // holder's count is off): the slots are in use all the same.
+            s.take(n - from_phantom);
+            held.push(i);
+            let bucket_ttl = self.buckets[x.bucket].settings.lease_ttl;
+            ttl = Some(ttl.map_or(bucket_ttl, |t| t.min(bucket_ttl)));
+        }
+        let Some(ttl) = ttl else {
+            return Ok(None);
+        };
+        for &i in &held {
+            self.touch(i);
+        }
+        let extend = extend.unwrap_or(ttl);
+        let expires_at = now + extend;
+        self.leases.insert(
+            id.seq,
+            Lease {
+                nonce: id.nonce,
+                instances: held,
+                permits: n,
+                expires_at,
+                ttl,
+                client_id: args.client_id.clone(),
+            },
+        );
+        tracing::info!(tenant = %self.id, lease = %id, client_id = %args.client_id,
+            "adopted a lease granted before the restart");
+        Ok(Some((expires_at, extend)))
+    }
+}

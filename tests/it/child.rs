@@ -1,0 +1,126 @@
+//! The `quota-broker` binary as a child process: started on a config file,
+//! its address read from its startup log line, killed if a test fails
+//! before it exits (so no process, and no pipe a CI runner waits on,
+//! outlives the test). Every wait is bounded.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Bound on the broker starting or exiting.
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Writes `content` to a config file unique to this test process.
+pub fn temp_config(name: &str, content: &str) -> PathBuf {
+    let path =
+        std::env::temp_dir().join(format!("quota-broker-{}-{name}.toml", std::process::id()));
+    std::fs::write(&path, content).unwrap();
+    path
+}
+
+/// A running broker process.
+pub struct Broker {
+    child: Option<std::process::Child>,
+    /// The address it serves, `host:port`.
+    pub addr: String,
+    log: Option<JoinHandle<String>>,
+}
+
+impl Broker {
+    /// Starts the binary on `config` and waits for its "serving" line.
+    pub async fn start(config: &Path) -> Broker {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut broker = Broker {
+            child: Some(child),
+            addr: String::new(),
+            log: None,
+        };
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        broker.log = Some(std::thread::spawn(move || {
+            let mut addr_tx = Some(addr_tx);
+            let mut log = String::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listen=").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or_default();
+                    if let Some(tx) = addr_tx.take() {
+                        let _ = tx.send(addr.to_owned());
+                    }
+                }
+                log.push_str(&line);
+                log.push('\n');
+            }
+            log
+        }));
+        broker.addr = tokio::time::timeout(LIMIT, addr_rx)
+            .await
+            .expect("broker printed its address within 30 s")
+            .expect("broker exited before serving");
+        broker
+    }
+
+    /// The broker's URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        assert!(Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// Sends `signal` and waits (at most 30 s) for the process to exit.
+    async fn stop_with(&mut self, signal: &str) -> ExitStatus {
+        self.signal(signal);
+        let mut child = self.child.take().expect("running");
+        let waiting = tokio::task::spawn_blocking(move || {
+            let status = child.wait();
+            (status, child)
+        });
+        match tokio::time::timeout(LIMIT, waiting).await {
+            Ok(done) => done.unwrap().0.unwrap(),
+            Err(_) => panic!("broker did not exit within 30 s of {signal}"),
+        }
+    }
+
+    /// SIGTERM; the exit status and everything the broker logged.
+    pub async fn terminate(mut self) -> (ExitStatus, String) {
+        let status = self.stop_with("-TERM").await;
+        (status, self.take_log())
+    }
+
+    /// SIGKILL: a crash, with no chance to save or release anything.
+    pub async fn kill(mut self) -> String {
+        self.stop_with("-KILL").await;
+        self.take_log()
+    }
+
+    fn take_log(&mut self) -> String {
+        self.log
+            .take()
+            .map(|l| l.join().unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

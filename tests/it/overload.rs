@@ -1,0 +1,317 @@
+//! Overload protection over real sockets and real gRPC: silent connections
+//! closed at the handshake timeout, the pending-handshake and connection
+//! caps, per-token and per-IP request rates, the Watch cap per token. Time
+//! is paused: a refusal that took any time at all would show as elapsed
+//! time, so "answered at once" is checked exactly.
+
+use crate::tls::{config, Server};
+use quota_broker::hash_token;
+use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
+use quota_broker::pb::{AcquireRequest, WatchRequest};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+fn acquire_req() -> AcquireRequest {
+    AcquireRequest {
+        tenant: "t".into(),
+        client_id: "overload-test".into(),
+        method: "GET".into(),
+        path: "/x".into(),
+        max_wait_ms: Some(0),
+        ..Default::default()
+    }
+}
+
+fn with_token<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    req
+}
+
+async fn acquire(channel: &Channel, token: Option<&str>) -> Result<(), Status> {
+    let r = QuotaBrokerClient::new(channel.clone())
+        .acquire(with_token(acquire_req(), token))
+        .await?
+        .into_inner();
+    assert!(r.granted, "{r:?}");
+    Ok(())
+}
+
+/// A connected plaintext channel from `from` (any loopback address).
+async fn channel_from(addr: SocketAddr, from: &str) -> Channel {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .local_address(Some(from.parse::<IpAddr>().unwrap()))
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// The retry time of an overload refusal: RESOURCE_EXHAUSTED, with
+/// `retry-after-ms` metadata that the message repeats.
+fn retry_after(status: &Status) -> Duration {
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let ms: u64 = status
+        .metadata()
+        .get("retry-after-ms")
+        .expect("retry-after-ms metadata")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        status.message().contains(&format!("retry in {ms} ms")),
+        "{}",
+        status.message()
+    );
+    Duration::from_millis(ms)
+}
+
+/// Reads until the broker closes the socket; true if it did (EOF or reset).
+async fn closed_by_broker(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(s.read(&mut buf).await, Ok(0) | Err(_))
+}
+
+#[tokio::test(start_paused = true)]
+async fn silent_connections_are_closed_at_the_handshake_timeout_while_clients_are_served() {
+    let server = Server::start(&config("handshake_timeout_ms = 5000\n")).await;
+    let started = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..50 {
+        silent.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    // A real client gets in and is served at once, slowloris or not.
+    let client = channel_from(server.addr, "127.0.0.1").await;
+    acquire(&client, None).await.unwrap();
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    for s in &mut silent {
+        assert!(closed_by_broker(s).await);
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(5000) && waited < Duration::from_millis(5100),
+        "closed after {waited:?}"
+    );
+    // The client's connection finished its handshake: it is not closed.
+    acquire(&client, None).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn connections_beyond_the_pending_cap_are_closed_at_once() {
+    let server = Server::start(&config(
+        "handshake_timeout_ms = 5000\nmax_pending_connections = 4\n",
+    ))
+    .await;
+    let started = Instant::now();
+    let mut pending = Vec::new();
+    for _ in 0..4 {
+        pending.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    let mut extra = Vec::new();
+    for _ in 0..3 {
+        extra.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    for s in &mut extra {
+        assert!(closed_by_broker(s).await);
+    }
+    // A gRPC client arriving now is turned away too, promptly.
+    let refused = Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect_lazy();
+    let err = acquire(&refused, None).await.unwrap_err();
+    // tonic reports a connection closed during its handshake as one of these.
+    assert!(
+        matches!(
+            err.code(),
+            Code::Unavailable | Code::Cancelled | Code::Unknown
+        ),
+        "{err:?}"
+    );
+    assert_eq!(started.elapsed(), Duration::ZERO, "refusals took time");
+    // Once the silent ones time out, there is room again.
+    for s in &mut pending {
+        assert!(closed_by_broker(s).await);
+    }
+    assert!(started.elapsed() >= Duration::from_millis(5000));
+    let client = channel_from(server.addr, "127.0.0.1").await;
+    acquire(&client, None).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn connections_beyond_the_connection_cap_are_closed_at_once() {
+    let server = Server::start(&config(
+        "max_connections = 2\nmax_pending_connections = 2\n",
+    ))
+    .await;
+    let first = channel_from(server.addr, "127.0.0.1").await;
+    acquire(&first, None).await.unwrap();
+    let started = Instant::now();
+    let _silent = TcpStream::connect(server.addr).await.unwrap();
+    let mut over = TcpStream::connect(server.addr).await.unwrap();
+    assert!(closed_by_broker(&mut over).await);
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    // Open connections keep being served.
+    acquire(&first, None).await.unwrap();
+    server.stop().await;
+}
+
+const TOKENS: &str = r#"
+[[auth.tokens]]
+name = "slow"
+sha256 = "SLOW"
+role = "client"
+tenants = ["t"]
+max_requests_per_sec = 5
+max_watch_streams = 2
+
+[[auth.tokens]]
+name = "unlimited"
+sha256 = "UNLIMITED"
+role = "client"
+tenants = ["t"]
+max_requests_per_sec = 0
+"#;
+
+fn with_tokens(server_keys: &str) -> String {
+    config(&format!(
+        "{server_keys}{}",
+        TOKENS
+            .replace("SLOW", &hash_token("slow-secret"))
+            .replace("UNLIMITED", &hash_token("unlimited-secret"))
+    ))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_over_its_rate_is_refused_at_once_with_a_retry_time() {
+    let server = Server::start(&with_tokens("")).await;
+    let client = channel_from(server.addr, "127.0.0.1").await;
+    let started = Instant::now();
+    for _ in 0..5 {
+        acquire(&client, Some("slow-secret")).await.unwrap();
+    }
+    let err = acquire(&client, Some("slow-secret")).await.unwrap_err();
+    assert_eq!(started.elapsed(), Duration::ZERO, "the refusal waited");
+    let wait = retry_after(&err);
+    assert!(
+        wait > Duration::ZERO && wait <= Duration::from_millis(200),
+        "{wait:?}"
+    );
+    assert!(err.message().contains("\"slow\""), "{}", err.message());
+    // Other tokens and health checks are not held back by it.
+    for _ in 0..50 {
+        acquire(&client, Some("unlimited-secret")).await.unwrap();
+    }
+    let mut health = HealthClient::new(client.clone());
+    for _ in 0..20 {
+        health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    // After the retry time, it is served again.
+    tokio::time::advance(wait).await;
+    acquire(&client, Some("slow-secret")).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn anonymous_callers_are_limited_per_peer_ip() {
+    let server = Server::start(&config(
+        "[overload]\nmax_requests_per_sec = 3\nexempt_loopback = false\n",
+    ))
+    .await;
+    let a = channel_from(server.addr, "127.0.0.1").await;
+    let b = channel_from(server.addr, "127.0.0.2").await;
+    for _ in 0..3 {
+        acquire(&a, None).await.unwrap();
+    }
+    let err = acquire(&a, None).await.unwrap_err();
+    retry_after(&err);
+    assert!(err.message().contains("127.0.0.1"), "{}", err.message());
+    // Another address has its own budget.
+    for _ in 0..3 {
+        acquire(&b, None).await.unwrap();
+    }
+    assert_eq!(
+        acquire(&b, None).await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
+    server.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn loopback_callers_are_exempt_from_anonymous_limits_by_default() {
+    let server = Server::start(&config("[overload]\nmax_requests_per_sec = 3\n")).await;
+    let a = channel_from(server.addr, "127.0.0.1").await;
+    for _ in 0..30 {
+        acquire(&a, None).await.unwrap();
+    }
+    server.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn watch_streams_per_token_are_capped() {
+    let server = Server::start(&with_tokens("")).await;
+    let client = channel_from(server.addr, "127.0.0.1").await;
+    let mut broker = QuotaBrokerClient::new(client.clone());
+    let watch = |token: &'static str| {
+        let mut broker = broker.clone();
+        async move {
+            broker
+                .watch(with_token(WatchRequest::default(), Some(token)))
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let mut first = watch("slow-secret").await.unwrap();
+    first.message().await.unwrap().expect("a snapshot");
+    let _second = watch("slow-secret").await.unwrap();
+    let started = Instant::now();
+    let err = watch("slow-secret").await.unwrap_err();
+    assert_eq!(started.elapsed(), Duration::ZERO, "the refusal waited");
+    let wait = retry_after(&err);
+    assert!(
+        err.message().contains("2 Watch streams"),
+        "{}",
+        err.message()
+    );
+    // Another token is not affected.
+    let _other = watch("unlimited-secret").await.unwrap();
+    // Closing a stream gives its place back (as soon as the broker sees the
+    // stream reset; a client retries after the time it was given).
+    drop(first);
+    let mut reopened = None;
+    for _ in 0..20 {
+        match broker
+            .watch(with_token(WatchRequest::default(), Some("slow-secret")))
+            .await
+        {
+            Ok(s) => {
+                reopened = Some(s.into_inner());
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    let mut reopened = reopened.expect("a closed Watch stream frees its place");
+    reopened.message().await.unwrap().expect("a snapshot");
+    server.stop().await;
+}

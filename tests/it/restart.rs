@@ -1,0 +1,214 @@
+//! A broker killed with SIGKILL and started again on the same state
+//! directory, while its clients hold slots and spend a token bucket: the
+//! restart learning mode must keep every limit across the restart.
+
+use crate::child::{temp_config, Broker};
+use crate::invariants::{Event, GrantLog};
+use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
+use quota_broker::pb::{AcquireRequest, ReleaseRequest, RenewRequest};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+/// A slot bucket (3) and a rate bucket (20 per 2 s, burst 20) on `dir`.
+fn config(dir: &Path) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+state_dir = "{}"
+shutdown_grace_ms = 1000
+[[tenants]]
+id = "t"
+[[tenants.buckets]]
+name = "slots"
+routes = ["POST /api/v2/analytics/**"]
+max_in_flight = 3
+lease_ttl_ms = 5000
+[[tenants.buckets]]
+name = "rate"
+routes = ["GET /api/v2/users/**"]
+permits = 20
+window_ms = 2000
+burst = 20
+"#,
+        dir.display()
+    )
+}
+
+fn state_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("quota-broker-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Critical, so no class reserve stands between the test and the limits.
+fn call(method: &str, path: &str, client: &str, max_wait_ms: u64) -> AcquireRequest {
+    AcquireRequest {
+        tenant: "t".into(),
+        client_id: client.into(),
+        priority_class: "critical".into(),
+        method: method.into(),
+        path: path.into(),
+        max_wait_ms: Some(max_wait_ms),
+        ..Default::default()
+    }
+}
+
+async fn client(b: &Broker) -> QuotaBrokerClient<Channel> {
+    QuotaBrokerClient::connect(b.url()).await.unwrap()
+}
+
+/// The broker writes its learned-state file at start; a restart is only a
+/// restart once it is there.
+async fn state_written(dir: &Path) {
+    let file = dir.join("learned.toml");
+    for _ in 0..500 {
+        if file.exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} was not written within 5 s", file.display());
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn after_a_crash_held_slots_are_adopted_and_never_granted_twice() {
+    let dir = state_dir("slots");
+    let path = temp_config("restart-slots", &config(&dir));
+    let mut log = GrantLog::default();
+    let b = Broker::start(&path).await;
+    let mut c = client(&b).await;
+    let path_of = "/api/v2/analytics/conversations/details/query";
+    let mut held = Vec::new();
+    for k in 0..3u64 {
+        let req = call("POST", path_of, &format!("holder-{k}"), 0);
+        let r = c.acquire(req.clone()).await.unwrap().into_inner();
+        assert!(r.granted, "{}", r.reason);
+        log.record(Event::Granted {
+            lease: k,
+            permits: 1,
+            slot: true,
+        });
+        held.push((r.lease_id, req));
+    }
+    state_written(&dir).await;
+
+    let crash_log = b.kill().await;
+    let b = Broker::start(&path).await;
+    let mut c = client(&b).await;
+    // The three calls still run upstream: a fourth may not start.
+    let r = c
+        .acquire(call("POST", path_of, "newcomer", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.granted, "granted a fourth slot after the restart");
+    // The holders renew as usual and are adopted, not told NOT_FOUND.
+    for (k, (lease_id, req)) in held.iter().enumerate() {
+        let renewed = c
+            .renew(RenewRequest {
+                lease_id: lease_id.clone(),
+                extend_ms: 0,
+                acquired_with: Some(req.clone()),
+            })
+            .await;
+        assert!(renewed.is_ok(), "holder {k}: {renewed:?}");
+        log.record(Event::Renewed { lease: k as u64 });
+    }
+    // The newcomer waits until a holder is done, then gets its slot.
+    let mut waiter = c.clone();
+    let newcomer = tokio::spawn(async move {
+        waiter
+            .acquire(call("POST", path_of, "newcomer", 10_000))
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    log.record(Event::Released { lease: 0 });
+    let released = c
+        .release(ReleaseRequest {
+            lease_id: held[0].0.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(released.released, "the adopted lease held its slot");
+    let r = tokio::time::timeout(Duration::from_secs(15), newcomer)
+        .await
+        .expect("the newcomer is answered")
+        .unwrap();
+    assert!(r.granted, "{}", r.reason);
+    log.record(Event::Granted {
+        lease: 3,
+        permits: 1,
+        slot: true,
+    });
+    let (status, restart_log) = b.terminate().await;
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(status.success(), "{restart_log}");
+    assert!(
+        restart_log.contains("adopted a lease granted before the restart"),
+        "{restart_log}\n--- before the crash ---\n{crash_log}"
+    );
+    log.check_slots(3).unwrap();
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_restart_does_not_refill_the_token_bucket() {
+    let dir = state_dir("rate");
+    let path = temp_config("restart-rate", &config(&dir));
+    let mut log = GrantLog::default();
+    let b = Broker::start(&path).await;
+    let mut c = client(&b).await;
+    let mut lease = 0u64;
+    // Spend the whole burst.
+    loop {
+        let r = c
+            .acquire(call("GET", "/api/v2/users/me", "spender", 0))
+            .await
+            .unwrap()
+            .into_inner();
+        if !r.granted {
+            break;
+        }
+        log.record(Event::Granted {
+            lease,
+            permits: 1,
+            slot: false,
+        });
+        lease += 1;
+        assert!(lease <= 21, "more than the burst at once");
+    }
+    assert_eq!(lease, 20, "the burst");
+    state_written(&dir).await;
+    let start = Instant::now();
+    b.kill().await;
+    let b = Broker::start(&path).await;
+    let mut c = client(&b).await;
+    // Keep asking for two seconds after the burst: whatever the broker
+    // grants, the log must stay within 20 + 10/s.
+    while Instant::now() < start + Duration::from_secs(2) {
+        let r = c
+            .acquire(call("GET", "/api/v2/users/me", "spender", 100))
+            .await
+            .unwrap()
+            .into_inner();
+        if r.granted {
+            log.record(Event::Granted {
+                lease,
+                permits: 1,
+                slot: false,
+            });
+            lease += 1;
+        }
+    }
+    let _ = b.terminate().await;
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    log.check_rate(20, Duration::from_secs(2), 20).unwrap();
+    assert!(lease > 20, "nothing granted after the restart");
+}

@@ -1,0 +1,360 @@
+//! TLS and mutual TLS on the gRPC port, with certificates made at test time
+//! (rcgen): a CA, a server certificate for 127.0.0.1, and client
+//! certificates from that CA and from another one.
+
+use quota_broker::hash_token;
+use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
+use quota_broker::pb::{AcquireRequest, AcquireResponse};
+use quota_broker::Settings;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::Code;
+
+/// Bound on anything that must fail fast rather than hang (real time).
+const PROMPTLY: Duration = Duration::from_secs(10);
+
+/// A certificate and its key, as PEM.
+struct Pem {
+    cert: String,
+    key: String,
+}
+
+/// A CA with a server certificate (127.0.0.1, localhost) and a client
+/// certificate, written to a directory of their own.
+struct Pki {
+    dir: PathBuf,
+    ca: String,
+    server: Pem,
+    client: Pem,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let dir =
+            std::env::temp_dir().join(format!("quota-broker-it-tls-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ca, server, client) = issue("quota-broker test CA");
+        let pki = Pki {
+            dir,
+            ca,
+            server,
+            client,
+        };
+        for (file, pem) in [
+            ("ca.pem", &pki.ca),
+            ("server.pem", &pki.server.cert),
+            ("server.key", &pki.server.key),
+            ("client.pem", &pki.client.cert),
+            ("client.key", &pki.client.key),
+        ] {
+            std::fs::write(pki.path(file), pem).unwrap();
+        }
+        pki
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// `[server.tls]` for these files; mutual with `client_ca`.
+    fn server_tls(&self, mutual: bool) -> String {
+        let mut s = format!(
+            "[server.tls]\ncert = {:?}\nkey = {:?}\n",
+            self.path("server.pem"),
+            self.path("server.key")
+        );
+        if mutual {
+            s.push_str(&format!("client_ca = {:?}\n", self.path("ca.pem")));
+        }
+        s
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A CA named `cn`, and a server and a client certificate it signed.
+fn issue(cn: &str) -> (String, Pem, Pem) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |sans: &[&str], usage| {
+        let key = KeyPair::generate().unwrap();
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let mut params = CertificateParams::new(sans).unwrap();
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &*ca).unwrap();
+        Pem {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    };
+    let server = leaf(
+        &["127.0.0.1", "localhost"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let client = leaf(&["ingest-1"], ExtendedKeyUsagePurpose::ClientAuth);
+    (ca.pem(), server, client)
+}
+
+/// A tenant "t" with one catch-all bucket; `extra` goes right after the
+/// `[server]` keys (more keys, then tables).
+pub(crate) fn config(extra: &str) -> String {
+    format!(
+        "[server]\nshutdown_grace_ms = 2000\nstate_dir = \"\"\n{extra}\n[[tenants]]\nid = \"t\"\n\
+         [[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 100\n"
+    )
+}
+
+/// A broker serving `toml` on 127.0.0.1:0.
+pub(crate) struct Server {
+    pub(crate) addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), quota_broker::ServerError>>,
+}
+
+impl Server {
+    pub(crate) async fn start(toml: &str) -> Server {
+        let settings = Settings::from_toml(toml).expect("test config is valid");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            quota_broker::run(listener, &settings, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Server {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub(crate) async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.unwrap().unwrap();
+    }
+}
+
+/// An https endpoint trusting `ca`, with a client identity if given.
+fn https(addr: SocketAddr, ca: &str, identity: Option<&Pem>) -> Endpoint {
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    if let Some(id) = identity {
+        tls = tls.identity(Identity::from_pem(&id.cert, &id.key));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .connect_timeout(PROMPTLY)
+        .tls_config(tls)
+        .unwrap()
+}
+
+fn acquire_req() -> AcquireRequest {
+    AcquireRequest {
+        tenant: "t".into(),
+        client_id: "tls-test".into(),
+        method: "GET".into(),
+        path: "/x".into(),
+        max_wait_ms: Some(0),
+        ..Default::default()
+    }
+}
+
+/// One Acquire on `channel` (with `token` if given), bounded by [`PROMPTLY`].
+async fn acquire(channel: Channel, token: Option<&str>) -> Result<AcquireResponse, tonic::Status> {
+    let mut req = tonic::Request::new(acquire_req());
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let call = async move { QuotaBrokerClient::new(channel).acquire(req).await };
+    tokio::time::timeout(PROMPTLY, call)
+        .await
+        .expect("answered or failed promptly, not hung")
+        .map(tonic::Response::into_inner)
+}
+
+fn assert_transport_failure(r: Result<AcquireResponse, tonic::Status>, what: &str) {
+    let err = r.expect_err(what);
+    assert!(
+        matches!(
+            err.code(),
+            Code::Unavailable | Code::Unknown | Code::Internal
+        ),
+        "{what}: {err:?}"
+    );
+}
+
+#[tokio::test]
+async fn tls_round_trip_with_a_token() {
+    let pki = Pki::new("round-trip");
+    let toml = config(&format!(
+        "{}\n[[auth.tokens]]\nname = \"ingest\"\nsha256 = \"{}\"\nrole = \"client\"\ntenants = [\"t\"]\n",
+        pki.server_tls(false),
+        hash_token("s3cret")
+    ));
+    let server = Server::start(&toml).await;
+    let channel = https(server.addr, &pki.ca, None).connect().await.unwrap();
+    let granted = acquire(channel.clone(), Some("s3cret")).await.unwrap();
+    assert!(granted.granted, "{granted:?}");
+    let err = acquire(channel, Some("wrong")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    // A client that does not trust the broker's CA refuses it.
+    let (other_ca, _, _) = issue("some other CA");
+    let untrusted = https(server.addr, &other_ca, None).connect_lazy();
+    assert_transport_failure(
+        acquire(untrusted, Some("s3cret")).await,
+        "a client that does not trust the server's CA",
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn mutual_tls_serves_only_clients_with_a_certificate_from_its_ca() {
+    let pki = Pki::new("mutual");
+    let server = Server::start(&config(&pki.server_tls(true))).await;
+    let with_cert = https(server.addr, &pki.ca, Some(&pki.client)).connect_lazy();
+    assert!(acquire(with_cert, None).await.unwrap().granted);
+
+    let without = https(server.addr, &pki.ca, None).connect_lazy();
+    assert_transport_failure(
+        acquire(without, None).await,
+        "a client without a certificate",
+    );
+    let (_, _, stranger) = issue("a CA the broker does not know");
+    let foreign = https(server.addr, &pki.ca, Some(&stranger)).connect_lazy();
+    assert_transport_failure(
+        acquire(foreign, None).await,
+        "a client certificate from another CA",
+    );
+    // The refusals cost the broker nothing lasting.
+    let again = https(server.addr, &pki.ca, Some(&pki.client)).connect_lazy();
+    assert!(acquire(again, None).await.unwrap().granted);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_plaintext_client_on_the_tls_port_fails_at_once() {
+    let pki = Pki::new("plaintext-client");
+    // A long handshake timeout: the failure must not wait for it.
+    let server = Server::start(&config(&format!(
+        "{}\n",
+        pki.server_tls(false)
+            .replace("[server.tls]", "handshake_timeout_ms = 60000\n[server.tls]")
+    )))
+    .await;
+    let plaintext = Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect_lazy();
+    assert_transport_failure(
+        acquire(plaintext, None).await,
+        "plaintext gRPC to the TLS port",
+    );
+    // TLS clients are still served.
+    let tls = https(server.addr, &pki.ca, None).connect_lazy();
+    assert!(acquire(tls, None).await.unwrap().granted);
+    server.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_that_never_starts_tls_is_closed_at_the_handshake_timeout() {
+    let pki = Pki::new("silent");
+    let server = Server::start(&config(
+        &pki.server_tls(false)
+            .replace("[server.tls]", "handshake_timeout_ms = 3000\n[server.tls]"),
+    ))
+    .await;
+    let started = tokio::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    // EOF (or a reset) once the broker gives up on it; paused time moves
+    // straight to the broker's timer.
+    let read = silent.read(&mut buf).await;
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(3000) && waited < Duration::from_millis(3500),
+        "closed after {waited:?}"
+    );
+    server.stop().await;
+}
+
+#[test]
+fn tls_files_are_checked_at_load_and_every_problem_is_listed() {
+    let pki = Pki::new("bad-files");
+    std::fs::write(pki.path("garbage.pem"), "not a certificate\n").unwrap();
+    let missing = Path::new("/nonexistent/quota-broker/server.pem");
+    let err = Settings::from_toml(&config(&format!(
+        "[server.tls]\ncert = {missing:?}\nkey = {:?}\nclient_ca = {:?}\n",
+        pki.path("garbage.pem"),
+        pki.path("garbage.pem"),
+    )))
+    .unwrap_err();
+    let all = err.to_string();
+    assert!(
+        all.contains("server.tls.cert: cannot read /nonexistent/quota-broker/server.pem"),
+        "{all}"
+    );
+    assert!(
+        all.contains("server.tls.key") && all.contains("no PEM private key"),
+        "{all}"
+    );
+    assert!(
+        all.contains("server.tls.client_ca") && all.contains("no PEM certificate"),
+        "{all}"
+    );
+    assert_eq!(err.problems.len(), 3, "{all}");
+
+    // A key that is not the certificate's.
+    let err = Settings::from_toml(&config(&format!(
+        "[server.tls]\ncert = {:?}\nkey = {:?}\n",
+        pki.path("server.pem"),
+        pki.path("client.key"),
+    )))
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("does not fit the certificate"),
+        "{err}"
+    );
+}
+
+#[test]
+fn tokens_off_loopback_need_tls() {
+    let pki = Pki::new("off-loopback");
+    let rest = format!(
+        "[[auth.tokens]]\nname = \"ingest\"\nsha256 = \"{}\"\nrole = \"client\"\ntenants = [\"t\"]\n\
+         [[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n",
+        hash_token("s3cret")
+    );
+    let listen = "[server]\nlisten = \"0.0.0.0:50051\"\n";
+    let err = Settings::from_toml(&format!("{listen}{rest}")).unwrap_err();
+    assert_eq!(err.problems.len(), 1, "{err}");
+    let problem = &err.problems[0];
+    for needle in ["0.0.0.0:50051", "plaintext", "replay", "server.tls.cert"] {
+        assert!(problem.contains(needle), "{needle:?} missing in {problem}");
+    }
+    let s = Settings::from_toml(&format!("{listen}{}{rest}", pki.server_tls(false))).unwrap();
+    assert!(s.server.tls.is_some_and(|t| !t.is_mutual()));
+}
