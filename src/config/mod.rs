@@ -7,6 +7,7 @@
 //! `examples/broker.toml`, compiled in, so the documented example and the
 //! default can never drift apart.
 
+mod collect;
 mod raw;
 mod tls;
 
@@ -358,9 +359,9 @@ impl Settings {
                     .source(Some(env)),
             )
             .build()
-            .and_then(|c| c.try_deserialize::<RawConfig>())
+            .and_then(|c| c.try_deserialize::<toml::Value>())
             .map_err(|e| ConfigError::one(e.to_string()))?;
-        raw.validate()
+        collect::read::<RawConfig>(raw)?.validate()
     }
 
     /// Parses and validates a TOML document, with no environment overrides.
@@ -381,9 +382,9 @@ impl Settings {
         let raw = config::Config::builder()
             .add_source(config::File::from_str(toml, config::FileFormat::Toml))
             .build()
-            .and_then(|c| c.try_deserialize::<RawConfig>())
+            .and_then(|c| c.try_deserialize::<toml::Value>())
             .map_err(|e| ConfigError::one(e.to_string()))?;
-        raw.validate()
+        collect::read::<RawConfig>(raw)?.validate()
     }
 
     /// The embedded default configuration.
@@ -509,6 +510,61 @@ mod tests {
             err.problems[1].contains("server.tls.cert is set without server.tls.key"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn every_type_error_and_unknown_key_is_listed() {
+        let err = Settings::from_toml(
+            r#"
+            [server]
+            max_wait_ms = "soon"
+            listen_on = "127.0.0.1:1"
+            [learning]
+            beta = "a lot"
+            [[tenants]]
+            id = "a"
+            colour = "blue"
+            [[tenants.buckets]]
+            name = "x"
+            routes = ["* /**"]
+            permits = "sixty"
+            window_ms = 60000
+            [[tenants.buckets]]
+            name = "y"
+            routes = ["* /**"]
+            max_in_flight = -1
+            lease_ttl = 5
+            "#,
+        )
+        .unwrap_err();
+        let all = err.to_string();
+        for needle in [
+            "server.max_wait_ms",
+            "server.listen_on",
+            "learning.beta",
+            "tenants[0].colour",
+            "tenants[0].buckets[0].permits",
+            "tenants[0].buckets[1].max_in_flight",
+            "tenants[0].buckets[1].lease_ttl",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert_eq!(err.problems.len(), 7, "{all}");
+    }
+
+    proptest::proptest! {
+        /// Whatever a config file holds, loading it answers (settings or a
+        /// list of problems) and never panics.
+        #[test]
+        fn loading_any_document_never_panics(doc in "(\\[[a-z.]{1,12}\\]\n|[a-z_]{1,12} = (\"[a-z0-9*/ ]{0,12}\"|-?[0-9]{1,6}|true|\\[\\])\n){0,12}") {
+            let _ = Settings::from_toml(&doc);
+        }
+
+        /// Nor does an arbitrary string.
+        #[test]
+        fn loading_any_string_never_panics(doc in proptest::prelude::any::<String>()) {
+            let _ = Settings::from_toml(&doc);
+        }
     }
 
     #[test]

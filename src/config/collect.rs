@@ -1,0 +1,69 @@
+//! Reads the layered configuration into its raw form while collecting every
+//! structural problem (a key of the wrong type, an unknown key) with its
+//! path, instead of stopping at the first as serde does: after each error
+//! the offending key is set aside and the document read again, until it
+//! reads cleanly or an error names no key that could be set aside.
+
+use super::ConfigError;
+use serde::de::DeserializeOwned;
+use serde_path_to_error::{Path, Segment};
+
+/// Most structural problems listed before giving up on a document.
+const MAX_PROBLEMS: usize = 50;
+
+/// Deserializes `T` from `doc`, or lists every structural problem found.
+pub(super) fn read<T: DeserializeOwned>(mut doc: toml::Value) -> Result<T, ConfigError> {
+    let mut problems = Vec::new();
+    loop {
+        match serde_path_to_error::deserialize::<_, T>(doc.clone()) {
+            Ok(t) if problems.is_empty() => return Ok(t),
+            Ok(_) => break,
+            Err(e) => {
+                let path = e.path().clone();
+                // The first line: the parser's own "in `key`" repeats the path.
+                let inner = e.into_inner().to_string();
+                let what = inner.lines().next().unwrap_or_default().trim();
+                problems.push(match path.to_string().as_str() {
+                    "." | "" => what.to_owned(),
+                    at => format!("{at}: {what}"),
+                });
+                if !remove(&mut doc, &path) || problems.len() >= MAX_PROBLEMS {
+                    break;
+                }
+            }
+        }
+    }
+    Err(ConfigError { problems })
+}
+
+/// Removes the value at `path` from `doc`; false if there is nothing
+/// there to remove.
+fn remove(doc: &mut toml::Value, path: &Path) -> bool {
+    let segments: Vec<&Segment> = path.iter().collect();
+    match segments.split_last() {
+        Some((Segment::Map { key }, parent)) => match walk(doc, parent) {
+            Some(toml::Value::Table(t)) => t.remove(key).is_some(),
+            _ => false,
+        },
+        Some((Segment::Seq { index }, parent)) => match walk(doc, parent) {
+            Some(toml::Value::Array(items)) if *index < items.len() => {
+                items.remove(*index);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+fn walk<'a>(doc: &'a mut toml::Value, segments: &[&Segment]) -> Option<&'a mut toml::Value> {
+    let mut at = doc;
+    for s in segments {
+        at = match (s, at) {
+            (Segment::Map { key }, toml::Value::Table(t)) => t.get_mut(key)?,
+            (Segment::Seq { index }, toml::Value::Array(a)) => a.get_mut(*index)?,
+            _ => return None,
+        };
+    }
+    Some(at)
+}
