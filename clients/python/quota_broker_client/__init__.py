@@ -10,6 +10,9 @@
 
 While the broker is unreachable, leases come from a conservative local
 limiter (``FallbackSettings``) and outcomes are reported when it is back.
+``https://`` urls speak TLS (``ca_cert=``, ``client_cert=``/``client_key=``
+for a private CA and mutual TLS); a broker over this caller's request rate
+raises ``Overloaded`` (wait its ``retry_after_ms``).
 The Genesys Cloud SDK adapter is ``quota_broker_client.genesys``.
 """
 from .client import DEFAULT_CHANNEL_OPTIONS, Lease, QuotaBroker, WatchStream
@@ -21,8 +24,10 @@ from .errors import (
     InvalidArgument,
     NotFound,
     NotGranted,
+    Overloaded,
     PermissionDenied,
     QuotaBrokerError,
+    TlsError,
     Unauthenticated,
     Unavailable,
 )
@@ -37,5 +42,5 @@ __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
     "QuotaBrokerError", "NotGranted", "BrokerRpcError", "InvalidArgument", "NotFound",
     "FailedPrecondition", "Unauthenticated", "PermissionDenied", "Unavailable",
-    "DeadlineExceeded", "Internal", "rate_limit_headers", "retry_after_ms",
+    "DeadlineExceeded", "Internal", "Overloaded", "TlsError", "rate_limit_headers", "retry_after_ms",
 ]

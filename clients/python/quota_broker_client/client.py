@@ -1,8 +1,10 @@
 """The quota-broker client: QuotaBroker, Lease, WatchStream."""
+import collections
 import contextlib
 import logging
 import math
 import threading
+import time
 from urllib.parse import urlsplit
 
 import grpc
@@ -10,6 +12,7 @@ import grpc
 from . import errors
 from .errors import NotGranted, NotFound
 from .fallback import FallbackSettings, LocalFallback, SystemClock
+from .tls import channel_credentials
 from .headers import aged_rate_limit_headers, rate_limit_headers, retry_after_ms as _retry_after_ms
 from .quota.v1 import broker_pb2 as pb
 from .quota.v1 import broker_pb2_grpc as pb_grpc
@@ -41,11 +44,17 @@ DEFAULT_CHANNEL_OPTIONS = (
 # The broker did not answer: these errors mean fall back, not fail.
 _UNREACHABLE = (errors.Unavailable, errors.DeadlineExceeded)
 
+# After an Overloaded answer without retry-after-ms, the kept reports and
+# releases wait this long (the broker's request rates are per second).
+_OVERLOAD_BACKOFF_S = 1.0
+# ...and never less than this between two tries of the background sender.
+_MIN_OVERLOAD_BACKOFF_S = 0.05
+
 
 def _target(url):
-    """Returns (target, secure) for "host:port", "http://host:port" or "https://host:port"."""
+    """Returns (target, tls) for "host:port" (tls None: not said), "http://..." (False), "https://..." (True)."""
     if "://" not in url:
-        return url, False
+        return url, None
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https", "grpc", "grpcs"):
         raise ValueError(f"unsupported scheme in broker url {url!r} (use http:// or https://)")
@@ -101,8 +110,9 @@ class Lease:
 
         ``headers`` are the raw response headers (any mapping or list of
         pairs); the rate-limit ones are picked out and Retry-After converted.
-        Returns the ReportResponse, or None when the broker is unreachable
-        (the outcome is kept and reported when it is back).
+        Returns the ReportResponse, or None when the outcome was kept for
+        later: the broker is unreachable (reported when it is back) or
+        overloaded for this caller (reported after its retry-after-ms).
         """
         self.last_report = self._broker.report(
             self.tenant,
@@ -144,7 +154,10 @@ class Lease:
         """Returns the slots (idempotent). True if this call returned slots.
 
         With the broker unreachable (and a fallback) it returns False: the
-        slots come back by themselves at their expiry.
+        slots come back by themselves at their expiry. With the broker
+        overloaded for this caller (and a fallback) it also returns False
+        and the release is sent in the background after the broker's
+        retry-after-ms.
         """
         if self.released:
             return False
@@ -158,6 +171,13 @@ class Lease:
                 raise
             # The broker is away; the slot comes back by itself at its expiry.
             log.debug("releasing lease %s failed: %s", self.lease_id, e)
+            released = False
+        except errors.Overloaded as e:
+            if self._broker._fallback is None:
+                raise
+            # Over this caller's request rate: released in the background
+            # once its retry-after-ms has passed (else the slot is held to expiry).
+            self._broker._defer_release(self.lease_id, e)
             released = False
         self.released = True
         return released
@@ -183,22 +203,33 @@ class _Renewer(threading.Thread):
 
     def run(self):
         ttl_ms = self.lease.lease_ttl_ms
+        wait_ms = ttl_ms / 2.0
         while ttl_ms > 0:
-            if self._halt.wait(max(ttl_ms / 2.0, 50) / 1000.0):
+            if self._halt.wait(max(wait_ms, 50) / 1000.0):
                 return
             try:
                 resp = self.lease.renew(0)
                 self.renewals += 1
                 ttl_ms = resp.lease_ttl_ms
+                wait_ms = ttl_ms / 2.0
             except NotFound as e:
                 log.warning("lease %s can no longer be renewed: %s", self.lease.lease_id, e)
                 return
+            except errors.Overloaded as e:
+                # Over this caller's request rate: again once the broker says so
+                # (within what is left of the slot's TTL); say so once.
+                (log.debug if self._warned else log.warning)(
+                    "renewing lease %s refused, broker overloaded: %s", self.lease.lease_id, e)
+                self._warned = True
+                retry_ms = e.retry_after_ms if e.retry_after_ms is not None else _OVERLOAD_BACKOFF_S * 1000
+                wait_ms = min(retry_ms, max(wait_ms / 2.0, 100))
             except errors.QuotaBrokerError as e:
                 # Transient (broker unreachable...): try again sooner; say so once.
                 (log.debug if self._warned else log.warning)(
                     "renewing lease %s failed: %s", self.lease.lease_id, e)
                 self._warned = True
                 ttl_ms = max(ttl_ms / 2.0, 100)
+                wait_ms = ttl_ms / 2.0
 
     def stop(self):
         self._halt.set()
@@ -240,12 +271,21 @@ class QuotaBroker:
     """A connection to a quota-broker.
 
     ``url`` is "host:port", "http://host:port" (plaintext) or
-    "https://host:port" (TLS with the system roots). ``token`` is sent as
-    ``authorization: Bearer <token>`` on every call. ``timeout`` is the
+    "https://host:port" (TLS). ``token`` is sent as
+    ``authorization: Bearer <token>`` on every call (over TLS too). ``timeout`` is the
     client-side deadline (seconds) added on top of an Acquire's server-side
     wait and used as is for the other unary calls. ``options`` are gRPC
     channel options, on top of :data:`DEFAULT_CHANNEL_OPTIONS` (reconnect
     backoff bounded to 2 s).
+
+    TLS: an ``https://`` url, or ``tls=True`` with "host:port". ``ca_cert``
+    (a private CA; default: gRPC's trusted roots), ``client_cert`` and
+    ``client_key`` (mutual TLS; both or neither) are PEM ``bytes``, a ``str``
+    holding PEM, or file paths; giving any of them with "host:port" also
+    means TLS. They are read and checked here (:class:`TlsError`).
+    ``tls_server_name`` checks the broker's certificate for that name
+    instead of the url's host. ``credentials``: ready-made
+    ``grpc.ChannelCredentials`` instead (not with the PEM arguments).
 
     ``fallback``: when the broker is unreachable (UNAVAILABLE, or no answer
     within the deadline), ``acquire``/``lease`` pace calls with a local
@@ -258,16 +298,30 @@ class QuotaBroker:
     """
 
     def __init__(self, url, token=None, *, timeout=_CALL_TIMEOUT_S, credentials=None, options=None,
-                 fallback=FallbackSettings(), clock=None):
-        target, secure = _target(url)
+                 fallback=FallbackSettings(), clock=None, tls=None, ca_cert=None, client_cert=None,
+                 client_key=None, tls_server_name=None):
+        target, url_tls = _target(url)
+        pem_given = any(v is not None for v in (ca_cert, client_cert, client_key))
+        tls_given = pem_given or tls_server_name is not None
+        if credentials is not None and pem_given:
+            raise ValueError("pass either credentials= or ca_cert/client_cert/client_key, not both")
+        if url_tls is False and (tls or tls_given):
+            raise ValueError(f"TLS settings given for the plaintext url {url!r}: use https://")
+        if tls is False and (url_tls or tls_given or credentials is not None):
+            raise ValueError(f"tls=False contradicts {'the https:// url' if url_tls else 'the TLS settings'}")
+        secure = bool(url_tls or tls or tls_given or credentials is not None)
         channel_options = dict(DEFAULT_CHANNEL_OPTIONS)
+        if tls_server_name is not None:
+            channel_options["grpc.ssl_target_name_override"] = tls_server_name
         channel_options.update(dict(options or ()))
         channel_options = list(channel_options.items())
-        if secure or credentials is not None:
-            creds = credentials or grpc.ssl_channel_credentials()
+        if secure:
+            creds = credentials or channel_credentials(ca_cert, client_cert, client_key)
             self._channel = grpc.secure_channel(target, creds, options=channel_options)
         else:
             self._channel = grpc.insecure_channel(target, options=channel_options)
+        #: Whether the channel speaks TLS.
+        self.tls = secure
         self.target = target
         self.timeout = timeout
         #: Call metadata (the bearer token), for calls on the raw stubs.
@@ -284,6 +338,15 @@ class QuotaBroker:
         self._flush_lock = threading.Lock()
         self._flusher = None
         self._flusher_lock = threading.Lock()
+        self._flush_again = False
+        self._closed = threading.Event()
+        # Overload: until when (time.monotonic(), real time: the broker's
+        # limiter runs on real time) the kept reports and releases wait, and
+        # how many Overloaded answers were seen.
+        self._hold_until = 0.0
+        self._overloads = 0
+        # Releases refused as Overloaded, sent by the background sender.
+        self._deferred_releases = collections.deque()
 
     @property
     def channel(self):
@@ -312,6 +375,65 @@ class QuotaBroker:
         """Outcomes dropped so far because more than ``buffer_size`` were waiting."""
         return self._fallback.dropped_total if self._fallback is not None else 0
 
+    @property
+    def pending_releases(self):
+        """Releases the broker refused as Overloaded, to be sent after its retry-after-ms."""
+        return len(self._deferred_releases)
+
+    # -- overload ----------------------------------------------------------------
+
+    def _overloaded(self, err):
+        """The broker answered Overloaded: the background sender waits its retry-after-ms."""
+        delay = err.retry_after_ms / 1000.0 if err.retry_after_ms is not None else _OVERLOAD_BACKOFF_S
+        with self._flusher_lock:
+            self._overloads += 1
+            self._hold_until = max(self._hold_until, time.monotonic() + delay)
+
+    def _held(self):
+        """Whether an Overloaded answer's retry-after-ms has not passed yet."""
+        return time.monotonic() < self._hold_until
+
+    def _defer_release(self, lease_id, err):
+        """Sends a release refused as Overloaded later, in the background (at most ``buffer_size``)."""
+        self._overloaded(err)
+        cap = max(self._fallback.settings.buffer_size, 1) if self._fallback is not None else 1000
+        with self._flusher_lock:
+            if len(self._deferred_releases) >= cap:
+                dropped = self._deferred_releases.popleft()  # its slot expires by itself
+                log.debug("deferred release of lease %s dropped (%d waiting)", dropped, cap)
+            self._deferred_releases.append(lease_id)
+        log.debug("release of lease %s deferred: %s", lease_id, err)
+        self._start_flusher()
+
+    def _release_deferred(self, timeout=None):
+        """Sends the deferred releases, oldest first; stops at an Overloaded or unreachable broker."""
+        while True:
+            with self._flusher_lock:
+                if not self._deferred_releases:
+                    return
+                lease_id = self._deferred_releases.popleft()
+            try:
+                self._call(self.stub.Release, pb.ReleaseRequest(lease_id=lease_id), timeout)
+            except errors.Overloaded as e:
+                self._overloaded(e)
+                with self._flusher_lock:
+                    self._deferred_releases.appendleft(lease_id)
+                return
+            except _UNREACHABLE:
+                with self._flusher_lock:
+                    self._deferred_releases.appendleft(lease_id)
+                return
+            except errors.BrokerRpcError as e:
+                log.debug("deferred release of lease %s refused: %s", lease_id, e)
+
+    def _send_deferred(self, timeout=None):
+        """Releases first (they free slots for the fleet), then the kept reports."""
+        self._release_deferred(timeout)
+        self.flush_reports(timeout)
+
+    def _has_deferred(self):
+        return bool(self._deferred_releases) or self.pending_reports > 0
+
     def _answers(self):
         """Whether the broker answers at all (any status but UNAVAILABLE / DEADLINE_EXCEEDED)."""
         try:
@@ -325,22 +447,48 @@ class QuotaBroker:
         if fb is None:
             return
         fb.leave()
-        if fb.pending:
+        if fb.pending or self._deferred_releases:
             self._start_flusher()
 
     def _start_flusher(self):
+        """Starts the background sender, or has the running one make another pass."""
         with self._flusher_lock:
-            if self._flusher is not None and self._flusher.is_alive():
+            self._flush_again = True
+            if self._flusher is not None or self._closed.is_set():
                 return
             self._flusher = threading.Thread(target=self._flush_in_background,
                                              name="quota-broker-report-flush", daemon=True)
             self._flusher.start()
 
     def _flush_in_background(self):
+        """Passes over the kept reports and deferred releases until nothing asks for another.
+
+        A pass stopped by an Overloaded answer is followed by another once
+        its retry-after-ms has passed; one stopped by an unreachable broker
+        ends the thread (the broker's next answer starts it again).
+        """
         try:
-            self.flush_reports()
-        except Exception:  # pragma: no cover - a bug must not go unnoticed, nor kill a caller
-            log.exception("reporting kept outcomes failed")
+            while True:
+                with self._flusher_lock:
+                    if self._closed.is_set() or not self._flush_again:
+                        self._flusher = None
+                        return
+                    self._flush_again = False
+                wait = self._hold_until - time.monotonic()
+                if wait > 0 and self._closed.wait(wait):
+                    continue
+                overloads = self._overloads
+                self._send_deferred()
+                if self._overloads != overloads and self._has_deferred():
+                    with self._flusher_lock:
+                        self._flush_again = True
+                        self._hold_until = max(self._hold_until,
+                                               time.monotonic() + _MIN_OVERLOAD_BACKOFF_S)
+        except Exception:
+            with self._flusher_lock:
+                self._flusher = None
+            if not self._closed.is_set():  # after close() the channel is gone: expected
+                log.exception("reporting kept outcomes failed")
 
     def flush_reports(self, timeout=None):
         """Reports the outcomes kept while the broker was unreachable, oldest first.
@@ -352,6 +500,8 @@ class QuotaBroker:
         at the first report the broker does not answer or answers
         RESOURCE_EXHAUSTED (the rest stay kept, and go at its next answer);
         one it refuses otherwise (e.g. a tenant no longer configured) is dropped.
+        After RESOURCE_EXHAUSTED (:class:`Overloaded`) the background sender
+        tries again once its ``retry_after_ms`` has passed.
         Returns how many were reported by this call.
         """
         fb = self._fallback
@@ -375,11 +525,13 @@ class QuotaBroker:
                 except _UNREACHABLE:
                     fb.put_back(item)
                     break
+                except errors.Overloaded as e:
+                    fb.leave()  # it answers
+                    fb.put_back(item)  # over this caller's request rate: the rest go later
+                    self._overloaded(e)
+                    break
                 except errors.BrokerRpcError as e:
                     fb.leave()  # it answers
-                    if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        fb.put_back(item)  # over its request rate: the rest go later
-                        break
                     refused += 1
                     log.debug("kept outcome %s %s -> %s refused: %s", req.method, req.path, req.http_status, e)
                     continue
@@ -395,12 +547,28 @@ class QuotaBroker:
     # -- lifecycle -----------------------------------------------------------
 
     def close(self):
-        """Reports kept outcomes if the broker answers (briefly), then closes the channel."""
+        """Sends kept outcomes and deferred releases if the broker answers (briefly), then closes.
+
+        When the broker answers Overloaded, waits its retry-after-ms once
+        (if at most 2 s) and tries again.
+        """
+        with self._flusher_lock:
+            self._closed.set()  # the background sender stops after its current call
+        timeout = min(self.timeout, _CLOSE_FLUSH_TIMEOUT_S)
+        for attempt in range(2):
+            if not self._has_deferred():
+                break
+            self._send_deferred(timeout=timeout)
+            wait = self._hold_until - time.monotonic()
+            if attempt or not self._has_deferred() or not 0 < wait <= _CLOSE_FLUSH_TIMEOUT_S:
+                break
+            time.sleep(wait)
         if self.pending_reports:
-            self.flush_reports(timeout=min(self.timeout, _CLOSE_FLUSH_TIMEOUT_S))
-            if self.pending_reports:
-                log.warning("closing with %d outcomes kept for quota-broker at %s unreported "
-                            "(it does not answer)", self.pending_reports, self.target)
+            log.warning("closing with %d outcomes kept for quota-broker at %s unreported "
+                        "(it does not answer, or is overloaded)", self.pending_reports, self.target)
+        if self._deferred_releases:
+            log.debug("closing with %d releases unsent (their slots expire by themselves)",
+                      len(self._deferred_releases))
         self._channel.close()
 
     def __enter__(self):
@@ -447,6 +615,10 @@ class QuotaBroker:
         subclass (InvalidArgument, NotFound, Unauthenticated...) on errors.
         ``max_wait_ms=None`` uses the priority class's default wait.
 
+        Overloaded (RESOURCE_EXHAUSTED: this caller is over its request
+        rate at the broker) is raised to the caller, never answered from the
+        fallback: the broker is up. Wait its ``retry_after_ms`` and retry.
+
         When the broker is unreachable the permission comes from the local
         fallback limiter (``lease.is_fallback``), waiting for it as long as
         needed, or raising NotGranted when it is further away than an explicit
@@ -467,6 +639,10 @@ class QuotaBroker:
                     if fb is None or (timeout is not None and isinstance(e, errors.DeadlineExceeded)):
                         raise  # no fallback, or the caller's own deadline
                     fb.enter(e)
+                except errors.Overloaded as e:
+                    self._overloaded(e)  # kept reports and releases wait as well
+                    self._broker_answered()  # refused, but an answer: not an outage
+                    raise
                 except errors.BrokerRpcError:
                     self._broker_answered()  # an error, but an answer
                     raise
@@ -552,7 +728,10 @@ class QuotaBroker:
 
         While the broker is unreachable (and with a fallback) the outcome is
         kept, to be reported when it is back, and None is returned; a 429's
-        Retry-After also holds the local fallback limiter.
+        Retry-After also holds the local fallback limiter. When the broker
+        answers Overloaded (or did so less than its retry-after-ms ago) the
+        outcome is kept too and reported in the background once that time
+        has passed. Without a fallback both raise (Unavailable, Overloaded).
         """
         picked = rate_limit_headers(headers)
         if retry_after_ms is None:
@@ -571,10 +750,21 @@ class QuotaBroker:
         if fb is None:
             return self._call(self.stub.Report, req)
         if not fb.active:
+            if self._held():
+                # Overloaded a moment ago: after the outcomes kept before it.
+                fb.keep(req)
+                self._start_flusher()
+                return None
             try:
                 return self._call(self.stub.Report, req)
             except _UNREACHABLE as e:
                 log.debug("report %s %s -> %s kept: %s", req.method, path, status, e)
+            except errors.Overloaded as e:
+                log.debug("report %s %s -> %s kept: %s", req.method, path, status, e)
+                self._overloaded(e)
+                fb.keep(req)
+                self._start_flusher()
+                return None
         if int(status) == 429:
             fb.throttled(int(retry_after_ms))
         fb.keep(req)

@@ -70,6 +70,32 @@ class Internal(BrokerRpcError):
     """An admin change was applied but could not be saved."""
 
 
+class Overloaded(BrokerRpcError):
+    """RESOURCE_EXHAUSTED: the broker is over a limit for this caller; retry later.
+
+    The broker answers this at once when a token (or a token-less peer IP)
+    is over its request rate (``[overload] max_requests_per_sec``, or the
+    token's own) or holds too many Watch streams. It is an answer, not an
+    outage: ``acquire`` raises it instead of falling back to the local
+    limiter. Wait ``retry_after_ms`` before the next call.
+    """
+
+    def __init__(self, code, details, rpc_error=None, retry_after_ms=None):
+        #: Milliseconds to wait before retrying, from the broker's
+        #: ``retry-after-ms`` response metadata; None when the answer carried
+        #: none (e.g. a RESOURCE_EXHAUSTED raised by gRPC itself).
+        self.retry_after_ms = retry_after_ms
+        super().__init__(code, details, rpc_error)
+
+
+class TlsError(QuotaBrokerError, ValueError):
+    """The TLS settings given to QuotaBroker are unusable (a file, a certificate, a key).
+
+    Checked when the client is built: gRPC itself would only fail the
+    handshake, which looks like an unreachable broker.
+    """
+
+
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -79,7 +105,36 @@ _BY_CODE = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.INTERNAL: Internal,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
 }
+
+#: Response metadata in which the broker says how long to wait after an
+#: overload refusal, in milliseconds.
+RETRY_AFTER_MS_KEY = "retry-after-ms"
+
+
+def _metadata_retry_after_ms(err):
+    """The ``retry-after-ms`` of an error's trailing (then initial) metadata, or None."""
+    for getter in ("trailing_metadata", "initial_metadata"):
+        fn = getattr(err, getter, None)
+        if not callable(fn):
+            continue
+        try:
+            md = fn() or ()
+        except Exception:  # pragma: no cover - not every RpcError carries metadata
+            continue
+        for item in md:
+            key, value = (item.key, item.value) if hasattr(item, "key") else item
+            if str(key).lower() != RETRY_AFTER_MS_KEY:
+                continue
+            if isinstance(value, bytes):
+                value = value.decode("ascii", "replace")
+            try:
+                ms = int(str(value).strip())
+            except ValueError:
+                return None
+            return ms if ms >= 0 else None
+    return None
 
 
 def from_rpc_error(err):
@@ -89,4 +144,6 @@ def from_rpc_error(err):
     if code is None:
         code = grpc.StatusCode.UNKNOWN
     cls = _BY_CODE.get(code, BrokerRpcError)
+    if cls is Overloaded:
+        return Overloaded(code, details or "", err, retry_after_ms=_metadata_retry_after_ms(err))
     return cls(code, details or "", err)

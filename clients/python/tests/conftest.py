@@ -2,7 +2,11 @@
 
 The binary is $QUOTA_BROKER_BIN (relative paths from the current directory),
 default ../../target/debug/quota-broker relative to clients/python.
+``Pki`` makes a CA and certificates at test time (``cryptography``), for
+brokers started with ``tls=pki.server_tls(...)``.
 """
+import datetime
+import ipaddress
 import os
 import re
 import signal
@@ -29,9 +33,13 @@ SINGLE_PATH = "/api/v2/test/single"
 # The embedded default's demo tenant, plus a one-slot bucket with a short TTL.
 BASE_CONFIG = """
 [server]
-listen = "127.0.0.1:{port}"
+listen = "{listen_host}:{port}"
 state_dir = "{state_dir}"
 shutdown_grace_ms = 2000
+
+{tls}
+
+{extra}
 
 {auth}
 
@@ -75,9 +83,15 @@ def free_port():
 
 
 class BrokerProcess:
-    """A broker process; ``port`` reuses a port (to restart a broker where clients expect it)."""
+    """A broker process; ``port`` reuses a port (to restart a broker where clients expect it).
 
-    def __init__(self, tmp_path, auth="", single_ttl_ms=1500, port=None, state_dir=""):
+    ``tls``: a ``[server.tls]`` table (``Pki.server_tls``); ``extra``: more
+    top-level tables (e.g. ``[overload]``); ``listen_host``: the address to
+    bind (clients still connect to ``host``, 127.0.0.1 unless given).
+    """
+
+    def __init__(self, tmp_path, auth="", single_ttl_ms=1500, port=None, state_dir="", tls="",
+                 extra="", listen_host="127.0.0.1", host=None):
         exe = broker_bin()
         if not os.access(exe, os.X_OK):
             pytest.fail(
@@ -85,11 +99,16 @@ class BrokerProcess:
                 "in the repo root or set QUOTA_BROKER_BIN"
             )
         self.port = port or free_port()
-        self.addr = f"127.0.0.1:{self.port}"
+        self.host = host or "127.0.0.1"
+        self.addr = f"{self.host}:{self.port}"
+        self.tls = bool(tls)
+        #: The url clients use: https:// for a TLS broker.
+        self.url = f"https://{self.addr}" if self.tls else self.addr
         self.killed = False
         self.config = tmp_path / f"broker-{self.port}.toml"
         self.config.write_text(BASE_CONFIG.format(port=self.port, auth=auth, single_ttl_ms=single_ttl_ms,
-                                                  state_dir=state_dir))
+                                                  state_dir=state_dir, tls=tls, extra=extra,
+                                                  listen_host=listen_host))
         env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTA_BROKER__")}
         env["RUST_LOG"] = "info"
         env["NO_COLOR"] = "1"
@@ -125,8 +144,8 @@ class BrokerProcess:
     def log(self):
         return "\n".join(self.lines[-50:])
 
-    def client(self, token=None):
-        return QuotaBroker(self.addr, token=token, timeout=10)
+    def client(self, token=None, **kw):
+        return QuotaBroker(self.url, token=token, timeout=10, **kw)
 
     def kill(self):
         """SIGKILL, as a crash would: no graceful shutdown. Returns once the process is gone."""
@@ -163,6 +182,120 @@ def start_broker(tmp_path):
             continue
         rc = b.stop()
         assert rc == 0, f"quota-broker exited with {rc} on SIGTERM:\n{b.log()}"
+
+
+def non_loopback_ipv4():
+    """An IPv4 address of this host other than loopback that can be bound, or None."""
+    candidates = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("203.0.113.1", 9))  # no packet is sent: only picks the route's source address
+            candidates.append(s.getsockname()[0])
+        except OSError:
+            pass
+    try:
+        candidates.extend(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    for ip in candidates:
+        if ipaddress.ip_address(ip).is_loopback or ip == "0.0.0.0":
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((ip, 0))
+            except OSError:
+                continue
+        return ip
+    return None
+
+
+class Pki:
+    """A CA, a server certificate (127.0.0.1, localhost and ``server_ips``) and a
+    client certificate it signed, made at test time and written to ``directory``.
+
+    ``ca_pem``, ``server_pem``, ``client_pem``, ``client_key_pem`` are the PEM
+    bytes; ``path(name)`` the files (ca.pem, server.pem, server.key,
+    client.pem, client.key).
+    """
+
+    def __init__(self, directory, name="quota-broker python test CA", server_ips=()):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        not_before, not_after = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1)
+
+        def key_pem(key):
+            return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption())
+
+        def cert_pem(cert):
+            return cert.public_bytes(serialization.Encoding.PEM)
+
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name).issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before).not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+
+        def leaf(cn, sans, usage):
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = (
+                x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+                .issuer_name(ca_name)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(not_before).not_valid_after(not_after)
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                               critical=False)
+                .sign(ca_key, hashes.SHA256())
+            )
+            return cert_pem(cert), key_pem(key)
+
+        ips = ["127.0.0.1", *server_ips]
+        server_sans = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips] + [x509.DNSName("localhost")]
+        self.ca_pem = cert_pem(ca)
+        self.server_pem, self.server_key_pem = leaf("quota-broker", server_sans, ExtendedKeyUsageOID.SERVER_AUTH)
+        self.client_pem, self.client_key_pem = leaf("ingest-1", [x509.DNSName("ingest-1")],
+                                                    ExtendedKeyUsageOID.CLIENT_AUTH)
+        for file, pem in (("ca.pem", self.ca_pem), ("server.pem", self.server_pem),
+                          ("server.key", self.server_key_pem), ("client.pem", self.client_pem),
+                          ("client.key", self.client_key_pem)):
+            self.path(file).write_bytes(pem)
+
+    def path(self, file):
+        return self.dir / file
+
+    def server_tls(self, mutual=False):
+        """``[server.tls]`` for these files; with ``client_ca`` (mutual TLS) if ``mutual``."""
+        s = f'[server.tls]\ncert = "{self.path("server.pem")}"\nkey = "{self.path("server.key")}"\n'
+        if mutual:
+            s += f'client_ca = "{self.path("ca.pem")}"\n'
+        return s
+
+
+@pytest.fixture
+def pki(tmp_path):
+    return Pki(tmp_path / "pki")
 
 
 @pytest.fixture

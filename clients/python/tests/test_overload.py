@@ -1,0 +1,138 @@
+"""Overloaded (RESOURCE_EXHAUSTED with retry-after-ms) against a real broker.
+
+The broker's ``[overload] max_requests_per_sec`` is 1 here, so the
+``tiny`` token gets one RPC a second; the ``observer`` token has its own
+1000 a second to look at the buckets without being limited.
+"""
+import hashlib
+import time
+
+import grpc
+import pytest
+
+import quota_broker_client as qb
+from conftest import SINGLE_PATH, TENANT
+
+TINY, OBSERVER = "tiny-token", "observer-token"
+OVERLOAD = "[overload]\nmax_requests_per_sec = 1\n"
+
+
+def tokens():
+    def one(name, token, extra=""):
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        return f'[[auth.tokens]]\nname = "{name}"\nsha256 = "{digest}"\nrole = "client"\ntenants = ["demo"]\n{extra}'
+    return one("tiny", TINY) + one("observer", OBSERVER, "max_requests_per_sec = 1000\n")
+
+
+@pytest.fixture
+def overload_proc(start_broker):
+    # A long slot TTL: a slot that comes back within the test was released, not expired.
+    return start_broker(auth=tokens(), extra=OVERLOAD, single_ttl_ms=60_000)
+
+
+def overloaded(call, attempts=5):
+    """Calls ``call`` until it raises Overloaded (the first of a second's calls passes); returns it."""
+    for _ in range(attempts):
+        try:
+            call()
+        except qb.Overloaded as e:
+            return e
+    pytest.fail(f"no Overloaded in {attempts} calls at 1 request a second")
+
+
+def test_overloaded_acquire_is_raised_with_retry_after_not_a_fallback(overload_proc):
+    with overload_proc.client(token=TINY) as client:
+        err = overloaded(lambda: client.acquire(TENANT, "GET", SINGLE_PATH, client_id="c",
+                                                max_wait_ms=0).release())
+        assert isinstance(err, qb.BrokerRpcError) and isinstance(err, qb.QuotaBrokerError)
+        assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert 0 < err.retry_after_ms <= 1000, err.retry_after_ms
+        assert "retry in" in err.details
+        assert not client.in_fallback  # an answer, not an outage
+        # The raw calls raise it too.
+        err = overloaded(lambda: client.list_buckets(TENANT))
+        assert 0 < err.retry_after_ms <= 1000
+    with overload_proc.client(token=TINY, fallback=None) as client:
+        err = overloaded(lambda: client.acquire_raw(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=0))
+        assert 0 < err.retry_after_ms <= 1000
+
+
+def test_refused_report_and_release_are_sent_after_retry_after(overload_proc):
+    observer = overload_proc.client(token=OBSERVER)
+    client = overload_proc.client(token=TINY)
+    attempts = {"Report": 0, "Release": 0}
+    for name in attempts:
+        real = getattr(client.stub, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            attempts[_name] += 1
+            return _real(*a, **kw)
+        setattr(client.stub, name, counted)
+    try:
+        # The acquire takes this second's request; what follows at once is refused.
+        lease = client.acquire(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=0)
+        assert lease.report(200, {"inin-ratelimit-allowed": "300"}) is None, \
+            "the report went through: over a second between two calls?"
+        assert client.pending_reports == 1 and not client.in_fallback
+        assert lease.release() is False  # refused too: deferred, not raised
+        assert client.pending_releases == 1
+        assert observer.bucket(TENANT, "single").in_flight == 1
+        reports_before = observer.bucket(TENANT, "single").reports_total
+
+        # The background sender waits the broker's retry-after-ms, then sends them:
+        # the release first (it frees the slot), then the report.
+        deadline = time.monotonic() + 5
+        while True:
+            b = observer.bucket(TENANT, "single")
+            if b.in_flight == 0 and b.reports_total == reports_before + 1:
+                break
+            assert time.monotonic() < deadline, (
+                f"not sent within 5 s: in_flight={b.in_flight}, reports={b.reports_total}, "
+                f"pending={client.pending_reports}/{client.pending_releases}, attempts={attempts}")
+            time.sleep(0.05)  # waiting on the client's sender thread (a real event)
+        assert client.pending_reports == 0 and client.pending_releases == 0
+        # Paced by retry-after-ms, not retried in a loop: at 1 request a second
+        # a busy sender would have tried hundreds of times.
+        assert attempts["Report"] <= 4 and attempts["Release"] <= 3, attempts
+    finally:
+        client.close()
+        observer.close()
+
+
+def test_without_fallback_report_and_release_raise_overloaded(overload_proc):
+    with overload_proc.client(token=TINY, fallback=None) as client:
+        err = overloaded(lambda: client.report(TENANT, "GET", SINGLE_PATH, 200, {}))
+        assert err.retry_after_ms is not None
+        err = overloaded(lambda: client.release("no-such-lease"))
+        assert err.retry_after_ms is not None
+
+
+class _FakeRpcError(grpc.RpcError):
+    def __init__(self, code, trailing=(), initial=()):
+        self._code, self._trailing, self._initial = code, trailing, initial
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return "overloaded: token tiny over 1 requests/s; retry in 250 ms"
+
+    def trailing_metadata(self):
+        return self._trailing
+
+    def initial_metadata(self):
+        return self._initial
+
+
+def test_retry_after_ms_is_read_from_metadata_only():
+    from quota_broker_client.errors import from_rpc_error
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    err = from_rpc_error(_FakeRpcError(code, trailing=(("retry-after-ms", "250"),)))
+    assert isinstance(err, qb.Overloaded) and err.retry_after_ms == 250
+    err = from_rpc_error(_FakeRpcError(code, initial=(("Retry-After-Ms", b"40"),)))
+    assert err.retry_after_ms == 40
+    # None without the metadata (the message is not parsed), or with junk in it.
+    assert from_rpc_error(_FakeRpcError(code)).retry_after_ms is None
+    assert from_rpc_error(_FakeRpcError(code, trailing=(("retry-after-ms", "soon"),))).retry_after_ms is None
+    assert type(from_rpc_error(_FakeRpcError(grpc.StatusCode.UNAVAILABLE))) is qb.Unavailable
