@@ -6,6 +6,8 @@
 //! quota-broker library in this process). Children are
 //! killed when dropped (`kill_on_drop`, and their stdin closes, which also
 //! stops gcsim); their config and log live in the run's temporary directory.
+//! For chaos the broker child keeps a state directory there too, and can be
+//! SIGKILLed and started again on the same address, config and state.
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -201,7 +203,7 @@ pub(crate) enum BrokerServer {
     Child {
         /// Where it listens.
         addr: SocketAddr,
-        /// The process.
+        /// The process, and how to start it again.
         process: Box<ChildProcessHandle>,
     },
     /// A task of this process, serving until `stop` is sent.
@@ -215,68 +217,148 @@ pub(crate) enum BrokerServer {
     },
 }
 
-/// An opaque child process handle (boxed: much larger than a task's).
-pub(crate) struct ChildProcessHandle(ChildProcess);
+/// A broker child process (boxed: much larger than a task's) and what it
+/// takes to start it again on the same port, config and state directory.
+pub(crate) struct ChildProcessHandle {
+    /// None between a kill and the restart.
+    process: Option<ChildProcess>,
+    bin: PathBuf,
+    config: PathBuf,
+    /// The log of each process started, in order.
+    logs: Vec<PathBuf>,
+    /// The `RUST_LOG` of every start.
+    log_filter: &'static str,
+}
+
+/// How a restart went.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Restarted {
+    /// Processes started until one listened (1: the first).
+    pub(crate) attempts: u32,
+}
+
+/// A restart is tried this many times when the new process exits before
+/// it listens (the port briefly still in use, say).
+const RESTART_ATTEMPTS: u32 = 20;
+/// Pause between two restart attempts, real.
+const RESTART_PAUSE: Duration = Duration::from_millis(100);
+/// The broker's log filter when it keeps state: warnings, and the restart
+/// learning mode's own lines (entered, leases adopted, over).
+const CHAOS_LOG_FILTER: &str = "warn,quota_broker::tenant::restart=info";
+
+/// Why a broker process did not come up.
+enum StartFailure {
+    /// It exited before listening (worth another attempt on a restart).
+    Exited(Error),
+    /// Anything else.
+    Other(Error),
+}
+
+impl StartFailure {
+    fn error(self) -> Error {
+        match self {
+            StartFailure::Exited(e) | StartFailure::Other(e) => e,
+        }
+    }
+}
+
+impl ChildProcessHandle {
+    /// Starts one broker process and waits until it listens on `addr`.
+    async fn spawn_ready(&mut self, addr: SocketAddr) -> Result<(), StartFailure> {
+        let log = match self.logs.len() {
+            0 => self.config.with_file_name("broker.log"),
+            n => self.config.with_file_name(format!("broker-{n}.log")),
+        };
+        self.logs.push(log.clone());
+        let what = format!("quota-broker ({})", self.bin.display());
+        let mut command = Command::new(&self.bin);
+        command
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", self.log_filter);
+        let mut child = spawn(command, &what, &log).map_err(StartFailure::Other)?;
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(StartFailure::Exited(Error::ChildStart {
+                    what,
+                    why: format!("exited with {status}"),
+                    log: log_tail(&log),
+                }));
+            }
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StartFailure::Other(Error::ChildStart {
+                    what,
+                    why: format!("not listening on {addr} within {READY_TIMEOUT:?}"),
+                    log: log_tail(&log),
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.process = Some(ChildProcess {
+            child,
+            _stdout: None,
+        });
+        Ok(())
+    }
+}
 
 impl BrokerServer {
-    /// Starts a fresh broker for a run at the spec's time scale.
+    /// Starts a fresh broker for a run at the spec's time scale (with a
+    /// state directory when the run has chaos: the restart must find it).
     pub(crate) async fn start(spec: &Spec, dir: &WorkDir) -> Result<BrokerServer, Error> {
         match &spec.broker {
-            BrokerSource::Binary(bin) => Self::child(bin, spec.scale, dir).await,
+            BrokerSource::Binary(bin) => {
+                Self::child(bin, spec.scale, dir, spec.chaos.is_some()).await
+            }
             BrokerSource::InProcess => Self::in_process(spec.scale).await,
         }
     }
 
-    async fn child(bin: &Path, scale: f64, dir: &WorkDir) -> Result<BrokerServer, Error> {
+    async fn child(
+        bin: &Path,
+        scale: f64,
+        dir: &WorkDir,
+        keep_state: bool,
+    ) -> Result<BrokerServer, Error> {
         let probe =
             std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("bind 127.0.0.1:0"))?;
         let addr = probe
             .local_addr()
             .map_err(Error::io("read the probe listener's address"))?;
         drop(probe);
-        let toml = broker_toml(scale, Some(addr));
+        let state_dir = dir.file("broker-state");
+        if keep_state {
+            // Fresh: what the first process finds is an empty directory.
+            let _ = std::fs::remove_dir_all(&state_dir);
+            std::fs::create_dir_all(&state_dir)
+                .map_err(Error::io(format!("create {}", state_dir.display())))?;
+        }
+        let toml = broker_toml(scale, Some(addr), keep_state.then_some(state_dir.as_path()));
         // Reject a bad config here, with every problem listed, rather than
         // through a child's exit status.
         quota_broker::Settings::from_toml(&toml)?;
         let config = dir.file("broker.toml");
         std::fs::write(&config, toml).map_err(Error::io(format!("write {}", config.display())))?;
-        let log = dir.file("broker.log");
-        let what = format!("quota-broker ({})", bin.display());
-        let mut command = Command::new(bin);
-        command.arg("--config").arg(&config).env("RUST_LOG", "warn");
-        let mut child = spawn(command, &what, &log)?;
-        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(Error::ChildStart {
-                    what,
-                    why: format!("exited with {status}"),
-                    log: log_tail(&log),
-                });
-            }
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                break;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Error::ChildStart {
-                    what,
-                    why: format!("not listening on {addr} within {READY_TIMEOUT:?}"),
-                    log: log_tail(&log),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Ok(BrokerServer::Child {
-            addr,
-            process: Box::new(ChildProcessHandle(ChildProcess {
-                child,
-                _stdout: None,
-            })),
-        })
+        let mut process = Box::new(ChildProcessHandle {
+            process: None,
+            bin: bin.to_owned(),
+            config,
+            logs: Vec::new(),
+            log_filter: if keep_state { CHAOS_LOG_FILTER } else { "warn" },
+        });
+        process
+            .spawn_ready(addr)
+            .await
+            .map_err(StartFailure::error)?;
+        Ok(BrokerServer::Child { addr, process })
     }
 
     async fn in_process(scale: f64) -> Result<BrokerServer, Error> {
-        let settings = quota_broker::Settings::from_toml(&broker_toml(scale, None))?;
+        let settings = quota_broker::Settings::from_toml(&broker_toml(scale, None, None))?;
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(Error::io("bind 127.0.0.1:0"))?;
@@ -303,10 +385,64 @@ impl BrokerServer {
         }
     }
 
+    /// SIGKILLs the child process (and reaps it): no shutdown of any kind,
+    /// as in a crash. An error for a broker in process.
+    pub(crate) async fn kill(&mut self) -> Result<(), Error> {
+        match self {
+            BrokerServer::Child { process, .. } => {
+                if let Some(p) = process.process.take() {
+                    p.kill().await;
+                }
+                Ok(())
+            }
+            BrokerServer::InProcess { .. } => Err(Error::BrokerServer(
+                "a broker in process cannot be killed".into(),
+            )),
+        }
+    }
+
+    /// Starts the killed child again, on the same address, config and
+    /// state directory; a process that exits before it listens (the port
+    /// briefly in use) is tried again, up to [`RESTART_ATTEMPTS`] times.
+    pub(crate) async fn restart(&mut self) -> Result<Restarted, Error> {
+        let BrokerServer::Child { addr, process } = self else {
+            return Err(Error::BrokerServer(
+                "a broker in process cannot be restarted".into(),
+            ));
+        };
+        if process.process.is_some() {
+            return Err(Error::BrokerServer("restart of a running broker".into()));
+        }
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match process.spawn_ready(*addr).await {
+                Ok(()) => return Ok(Restarted { attempts }),
+                Err(StartFailure::Exited(e)) if attempts < RESTART_ATTEMPTS => {
+                    tracing::warn!(attempt = attempts, error = %e, "broker restart failed; trying again");
+                    tokio::time::sleep(RESTART_PAUSE).await;
+                }
+                Err(e) => return Err(e.error()),
+            }
+        }
+    }
+
+    /// The logs of every broker process started, in order (none in process).
+    pub(crate) fn logs(&self) -> &[PathBuf] {
+        match self {
+            BrokerServer::Child { process, .. } => &process.logs,
+            BrokerServer::InProcess { .. } => &[],
+        }
+    }
+
     /// Stops it: a kill for a child, a bounded graceful shutdown in process.
     pub(crate) async fn stop(self) {
         match self {
-            BrokerServer::Child { process, .. } => process.0.kill().await,
+            BrokerServer::Child { process, .. } => {
+                if let Some(p) = process.process {
+                    p.kill().await;
+                }
+            }
             BrokerServer::InProcess { stop, task, .. } => {
                 let _ = stop.send(());
                 let _ = tokio::time::timeout(Duration::from_secs(3), task).await;

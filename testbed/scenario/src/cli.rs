@@ -49,9 +49,20 @@ pub(crate) struct Args {
     /// a binary is there: no stale binary can be picked up.
     #[arg(long)]
     pub(crate) broker_in_process: bool,
-    /// Write each mode's `/_sim/stats` and `/_sim/log` to this directory.
+    /// Write each mode's `/_sim/stats` and `/_sim/log` to this directory
+    /// (and a child broker's logs, `broker-0.log`, then one per restart).
     #[arg(long, value_name = "DIR")]
     pub(crate) keep_logs: Option<PathBuf>,
+    /// Chaos, in broker mode: SIGKILL the broker (a child process) at this
+    /// simulated second and restart it on the same port and state
+    /// directory; the table gains the outage's figures.
+    #[arg(long, value_name = "SIM_SECONDS")]
+    pub(crate) chaos_kill_at: Option<f64>,
+    /// With `--chaos-kill-at`: simulated seconds the broker stays down
+    /// before it is started again (default 0: at once, as a supervisor
+    /// would).
+    #[arg(long, value_name = "SIM_SECONDS", requires = "chaos_kill_at")]
+    pub(crate) chaos_down_for: Option<f64>,
 }
 
 /// A named set of defaults.
@@ -97,6 +108,15 @@ pub(crate) enum BrokerSource {
     InProcess,
 }
 
+/// Broker mode's chaos: when the broker is killed, how long it stays down.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Chaos {
+    /// Simulated ms of the SIGKILL.
+    pub(crate) kill_at_ms: f64,
+    /// Simulated ms between the kill and the restart.
+    pub(crate) down_for_ms: f64,
+}
+
 /// Everything a run needs, resolved from the flags.
 #[derive(Clone, Debug)]
 pub(crate) struct Spec {
@@ -116,6 +136,8 @@ pub(crate) struct Spec {
     pub(crate) broker: BrokerSource,
     /// Where to keep each mode's simulator stats and log.
     pub(crate) keep_logs: Option<PathBuf>,
+    /// Kill and restart the broker mid-run (broker mode only).
+    pub(crate) chaos: Option<Chaos>,
     /// The command line, for the report.
     pub(crate) command: String,
 }
@@ -164,13 +186,35 @@ impl Args {
                 }
             })
             .transpose()?;
+        let chaos = self
+            .chaos_kill_at
+            .map(|at| chaos(at, self.chaos_down_for.unwrap_or(0.0), duration_s, &modes))
+            .transpose()?;
         let broker = match (self.broker_in_process, self.broker_bin) {
+            (true, _) if chaos.is_some() => {
+                return Err(Error::Usage(
+                    "--chaos-kill-at kills the broker process: it cannot run in process \
+                     (drop --broker-in-process)"
+                        .into(),
+                ))
+            }
             (true, _) => BrokerSource::InProcess,
             (false, Some(p)) if p.is_file() => BrokerSource::Binary(p),
             (false, Some(p)) => return Err(Error::MissingBinary(p)),
-            (false, None) => {
-                sibling("quota-broker").map_or(BrokerSource::InProcess, BrokerSource::Binary)
-            }
+            (false, None) => match sibling("quota-broker") {
+                Some(p) => BrokerSource::Binary(p),
+                None if chaos.is_some() => {
+                    return Err(Error::Usage(format!(
+                        "--chaos-kill-at runs the broker as a child process, and there is no \
+                         quota-broker next to this binary ({}): build it (`cargo build \
+                         --release -p quota-broker` for a release scenario) or pass \
+                         --broker-bin PATH",
+                        sibling_path("quota-broker")
+                            .map_or_else(|| "?".into(), |p| p.display().to_string())
+                    )))
+                }
+                None => BrokerSource::InProcess,
+            },
         };
         Ok(Spec {
             duration_s,
@@ -181,18 +225,55 @@ impl Args {
             gcsim_bin,
             broker,
             keep_logs: self.keep_logs,
+            chaos,
             command: std::env::args().collect::<Vec<_>>().join(" "),
         })
     }
 }
 
+/// Checks the chaos flags: the kill falls within production, and the
+/// restart too, and there is a broker mode to kill the broker of.
+fn chaos(
+    kill_at_s: f64,
+    down_for_s: f64,
+    duration_s: u64,
+    modes: &[ModeName],
+) -> Result<Chaos, Error> {
+    if !modes.contains(&ModeName::Broker) {
+        return Err(Error::Usage(
+            "--chaos-kill-at kills the broker of broker mode: add broker to --modes".into(),
+        ));
+    }
+    if !(down_for_s.is_finite() && down_for_s >= 0.0) {
+        return Err(Error::Usage(format!(
+            "--chaos-down-for {down_for_s} must be a number of simulated seconds ≥ 0"
+        )));
+    }
+    let end = duration_s as f64;
+    if !(kill_at_s.is_finite() && kill_at_s > 0.0 && kill_at_s + down_for_s < end) {
+        return Err(Error::Usage(format!(
+            "--chaos-kill-at {kill_at_s} (+ --chaos-down-for {down_for_s}) must fall within \
+             the {duration_s} simulated seconds of production"
+        )));
+    }
+    Ok(Chaos {
+        kill_at_ms: kill_at_s * 1000.0,
+        down_for_ms: down_for_s * 1000.0,
+    })
+}
+
+/// Where `name` would be next to this executable.
+fn sibling_path(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    Some(
+        exe.parent()?
+            .join(format!("{name}{}", std::env::consts::EXE_SUFFIX)),
+    )
+}
+
 /// `name` next to this executable, if it is there.
 fn sibling(name: &str) -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let path = exe
-        .parent()?
-        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    path.is_file().then_some(path)
+    sibling_path(name).filter(|p| p.is_file())
 }
 
 #[cfg(test)]
@@ -224,5 +305,76 @@ mod tests {
         assert!(parse(&["--time-scale", "100"]).is_err());
         assert!(parse(&["--duration", "10"]).is_err());
         assert!(parse(&["--gcsim-bin", "/nonexistent/gcsim"]).is_err());
+    }
+
+    #[test]
+    fn chaos_needs_a_broker_process_and_a_time_within_the_run() {
+        // Any existing file stands in for the broker binary here.
+        let bin = std::env::current_exe().unwrap();
+        let bin = bin.to_str().unwrap();
+        let ok = parse(&[
+            "--preset",
+            "ci",
+            "--broker-bin",
+            bin,
+            "--chaos-kill-at",
+            "70",
+        ])
+        .unwrap();
+        assert_eq!(
+            ok.chaos,
+            Some(Chaos {
+                kill_at_ms: 70_000.0,
+                down_for_ms: 0.0
+            })
+        );
+        let down = parse(&[
+            "--broker-bin",
+            bin,
+            "--chaos-kill-at",
+            "150",
+            "--chaos-down-for",
+            "10",
+        ])
+        .unwrap();
+        assert_eq!(down.chaos.unwrap().down_for_ms, 10_000.0);
+        assert!(parse(&["--broker-bin", bin]).unwrap().chaos.is_none());
+        // In process: nothing to kill.
+        assert!(parse(&["--broker-in-process", "--chaos-kill-at", "70"]).is_err());
+        // Outside production, or no broker mode.
+        assert!(parse(&[
+            "--preset",
+            "ci",
+            "--broker-bin",
+            bin,
+            "--chaos-kill-at",
+            "120"
+        ])
+        .is_err());
+        assert!(parse(&["--broker-bin", bin, "--chaos-kill-at", "0"]).is_err());
+        assert!(parse(&[
+            "--preset",
+            "ci",
+            "--broker-bin",
+            bin,
+            "--chaos-kill-at",
+            "100",
+            "--chaos-down-for",
+            "30"
+        ])
+        .is_err());
+        assert!(parse(&[
+            "--broker-bin",
+            bin,
+            "--modes",
+            "naive",
+            "--chaos-kill-at",
+            "70"
+        ])
+        .is_err());
+        // --chaos-down-for alone is refused by clap.
+        let mut all = vec!["scenario", "--chaos-down-for", "5"];
+        all.push("--broker-in-process");
+        assert!(Args::try_parse_from(all).is_err());
     }
 }

@@ -51,6 +51,11 @@ impl SimClock {
         real.as_secs_f64() * 1000.0 * self.scale
     }
 
+    /// Simulated seconds per real second.
+    pub(crate) fn scale(&self) -> f64 {
+        self.scale
+    }
+
     /// Sleeps until simulated time `sim_ms`.
     pub(crate) async fn sleep_until(&self, sim_ms: f64) {
         tokio::time::sleep_until(self.instant_of(sim_ms)).await;

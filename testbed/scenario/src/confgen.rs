@@ -6,6 +6,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::path::Path;
 
 use crate::cli::Spec;
 
@@ -130,15 +131,26 @@ impl Plan {
 }
 
 /// The broker's config file for a run at `scale`, listening on `listen`
-/// (a child reads it; in process it is ignored). Tenant `org-a` is set up
+/// (a child reads it; in process it is ignored), keeping its state in
+/// `state_dir` (None: nothing kept; chaos runs keep it, so that the
+/// restarted broker starts as after a crash). Tenant `org-a` is set up
 /// with the documented limits only: the broker has to learn the hidden one.
-pub(crate) fn broker_toml(scale: f64, listen: Option<SocketAddr>) -> String {
+pub(crate) fn broker_toml(
+    scale: f64,
+    listen: Option<SocketAddr>,
+    state_dir: Option<&Path>,
+) -> String {
     // A simulated duration in real ms, at least 1.
     let ms = |sim_ms: f64| (sim_ms / scale).round().max(1.0) as u64;
+    // A JSON string is a TOML basic string (quotes and backslashes escaped).
+    let state_dir = serde_json::to_string(
+        &state_dir.map_or(String::new(), |p| p.to_string_lossy().into_owned()),
+    )
+    .unwrap_or_else(|_| "\"\"".into());
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "[server]\nmax_wait_ms = {}\nmax_lease_ttl_ms = {}\nshutdown_grace_ms = 1000\nstate_dir = \"\"",
+        "[server]\nmax_wait_ms = {}\nmax_lease_ttl_ms = {}\nshutdown_grace_ms = 1000\nstate_dir = {state_dir}",
         ms(60_000.0),
         ms(600_000.0)
     );
@@ -203,8 +215,14 @@ mod tests {
     #[test]
     fn broker_accepts_its_config() {
         let listen = SocketAddr::from(([127, 0, 0, 1], 4321));
-        let settings = quota_broker::Settings::from_toml(&broker_toml(20.0, Some(listen))).unwrap();
+        let settings =
+            quota_broker::Settings::from_toml(&broker_toml(20.0, Some(listen), None)).unwrap();
         assert_eq!(settings.server.listen, listen);
+        assert_eq!(settings.server.state_dir, None);
+        let dir = Path::new("/tmp/scenario \"x\"/broker-state");
+        let kept =
+            quota_broker::Settings::from_toml(&broker_toml(20.0, Some(listen), Some(dir))).unwrap();
+        assert_eq!(kept.server.state_dir.as_deref(), Some(dir));
         assert_eq!(settings.server.max_wait.as_millis(), 3000);
         assert_eq!(settings.learning.default_freeze.as_millis(), 500);
         let tenant = &settings.tenants[0];
@@ -240,6 +258,7 @@ mod tests {
             gcsim_bin: None,
             broker: crate::cli::BrokerSource::InProcess,
             keep_logs: None,
+            chaos: None,
             command: String::new(),
         }
     }

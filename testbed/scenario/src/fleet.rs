@@ -279,7 +279,11 @@ impl Processes {
                 let url = self.broker_url.as_deref().ok_or_else(|| {
                     Error::BrokerServer("broker mode without a broker address".into())
                 })?;
-                Policy::Broker(quota_broker_client::BrokerClient::connect(url, None)?)
+                Policy::Broker(quota_broker_client::BrokerClient::with_fallback(
+                    url,
+                    None,
+                    crate::modes::fallback_settings(self.ctx.clock.scale()),
+                )?)
             }
         })
     }

@@ -9,7 +9,9 @@
 //! - `confgen`: the run's [`confgen::Plan`] (hidden-limit changes, unmanaged
 //!   consumer) and the simulator's and broker's config files.
 //! - `children`: the fresh simulator (gcsim) and broker of each mode, each
-//!   in this process or as a child process.
+//!   in this process or as a child process (which chaos kills and restarts).
+//! - `chaos`: `--chaos-kill-at`: the broker SIGKILLed and restarted mid-run,
+//!   and the outage's figures.
 //! - `clock`: simulated time, aligned to the simulator's start.
 //! - `upstream`: HTTP to the simulator, and its control plane's types.
 //! - `modes`: how a client process calls upstream in each mode.
@@ -25,6 +27,7 @@
 
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
+mod chaos;
 mod children;
 mod cli;
 mod clock;

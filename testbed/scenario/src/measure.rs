@@ -81,6 +81,9 @@ pub(crate) struct Metrics {
     pub(crate) granted: AtomicU64,
     /// Broker mode: leases from the client's local fallback (broker away).
     pub(crate) fallback_leases: AtomicU64,
+    /// Broker mode: the requests sent on a fallback lease. std `Mutex`:
+    /// held for one push.
+    fallback_calls: Mutex<Vec<FallbackCall>>,
     /// Broker mode: reports the broker did not take.
     pub(crate) report_errors: AtomicU64,
     /// Local mode: refill-rate cuts (more than 1% of a process's calls
@@ -108,6 +111,7 @@ impl Metrics {
             not_granted: AtomicU64::new(0),
             granted: AtomicU64::new(0),
             fallback_leases: AtomicU64::new(0),
+            fallback_calls: Mutex::new(Vec::new()),
             report_errors: AtomicU64::new(0),
             rate_cuts: AtomicU64::new(0),
             writes_acked: AtomicU64::new(0),
@@ -142,6 +146,22 @@ impl Metrics {
         }
     }
 
+    /// Records a request sent on a fallback lease.
+    pub(crate) fn record_fallback(&self, call: FallbackCall) {
+        self.fallback_calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(call);
+    }
+
+    /// The requests sent on a fallback lease so far.
+    pub(crate) fn fallback_calls(&self) -> Vec<FallbackCall> {
+        self.fallback_calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// The critical calls recorded so far: (wanted at, waited), sim ms.
     pub(crate) fn critical_calls(&self) -> Vec<(f64, f64)> {
         self.critical
@@ -162,6 +182,18 @@ impl Metrics {
             })
             .collect()
     }
+}
+
+/// A request sent on a lease of the client's local fallback (the broker
+/// unreachable), simulated ms.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct FallbackCall {
+    /// When it was sent.
+    pub(crate) sent_ms: f64,
+    /// When it was answered (or failed).
+    pub(crate) answered_ms: f64,
+    /// Answered 429.
+    pub(crate) refused: bool,
 }
 
 /// An empty histogram of waits in simulated µs.
@@ -376,6 +408,62 @@ pub(crate) fn convergence(
         .collect()
 }
 
+/// Whether the upstream ever served more than a limit in a window, from
+/// the simulator's own per-window counts. gcsim answers 429 to a request
+/// over a limit before serving it, so `served_over` is 0 by construction
+/// unless the simulator is wrong: this checks that invariant. What the
+/// fleet sent beyond a limit shows as its 429s.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct LimitCheck {
+    /// The family.
+    pub(crate) family: String,
+    /// The window that served the most (fleet and unmanaged consumer).
+    pub(crate) busiest_window: Option<u64>,
+    /// Requests it served.
+    pub(crate) most_served: u64,
+    /// The limit in force in it.
+    pub(crate) limit: u64,
+    /// Σ over the windows of requests served beyond the limit in force.
+    pub(crate) served_over: u64,
+    /// Windows that served beyond it.
+    pub(crate) windows_over: Vec<u64>,
+}
+
+/// [`LimitCheck`] of `family`, whose hidden limit changed at `changes`.
+/// The limit in force in a window is what the simulator enforced at its
+/// end, or, when a change fell inside it (not on its start), the larger of
+/// that and the limit before the change (what was served before a drop
+/// counted against the old limit).
+pub(crate) fn limit_check(family: &FamilyStats, changes: &[LimitChange]) -> LimitCheck {
+    let limit_of = |w: &WindowStats| {
+        let end = w.start_ms + family.window_ms;
+        changes
+            .iter()
+            .filter(|c| c.at_ms > w.start_ms && c.at_ms < end)
+            .map(|c| c.from)
+            .fold(w.enforced_permits, u64::max)
+    };
+    let served = |w: &WindowStats| w.served_fleet + w.served_unmanaged;
+    let busiest = family
+        .windows
+        .iter()
+        .max_by_key(|w| (served(w), std::cmp::Reverse(w.index)));
+    let over: Vec<(u64, u64)> = family
+        .windows
+        .iter()
+        .filter(|w| served(w) > limit_of(w))
+        .map(|w| (w.index, served(w) - limit_of(w)))
+        .collect();
+    LimitCheck {
+        family: family.name.clone(),
+        busiest_window: busiest.map(|w| w.index),
+        most_served: busiest.map_or(0, served),
+        limit: busiest.map_or(0, limit_of),
+        served_over: over.iter().map(|(_, n)| n).sum(),
+        windows_over: over.iter().map(|(i, _)| *i).collect(),
+    }
+}
+
 /// Records of one kind: what should be stored, what is.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub(crate) struct Records {
@@ -485,6 +573,33 @@ mod tests {
         assert_eq!(q.loud_windows, [0, 3]);
         assert_eq!((q.of, q.waits.count), (5, 3));
         assert!((q.waits.max_ms - 2_000.0).abs() < 2.0, "{q:?}");
+    }
+
+    #[test]
+    fn limit_check_counts_served_beyond_the_limit_in_force() {
+        let f = family(vec![
+            window(0, 30, 38, 5, 0), // 45 → 30 at 40 s: 43 served, under 45
+            window(1, 30, 25, 5, 0),
+            window(2, 30, 27, 5, 1), // 32 served of 30: 2 over
+        ]);
+        let drop = LimitChange {
+            at_ms: 40_000,
+            from: 45,
+            to: 30,
+        };
+        let c = limit_check(&f, &[drop]);
+        assert_eq!(
+            (c.busiest_window, c.most_served, c.limit),
+            (Some(0), 43, 45)
+        );
+        assert_eq!((c.served_over, c.windows_over.clone()), (2, vec![2]));
+        // A change at a window's start is that window's own limit.
+        let at_start = LimitChange {
+            at_ms: 60_000,
+            ..drop
+        };
+        let c = limit_check(&f, &[at_start]);
+        assert_eq!((c.limit, c.served_over), (30, 15));
     }
 
     #[test]

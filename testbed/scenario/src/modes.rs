@@ -15,7 +15,10 @@
 //!   the answer (status and headers), `Release`; a refused Acquire is asked
 //!   again after its `retry_after` (at most the class's wait); a 429 is
 //!   reported and the call goes back to `Acquire` (the broker's freeze is
-//!   the wait).
+//!   the wait). While the broker is unreachable the client crate hands out
+//!   leases from its local fallback limiter (its settings scaled like
+//!   every duration, [`fallback_settings`]); requests sent on them are
+//!   counted and timed for the chaos figures.
 //!
 //! The wait a call measures runs from when the client wanted to make it to
 //! when the request that succeeded was sent.
@@ -25,14 +28,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use quota_broker_client::{BrokerClient, Call, ClientError};
+use quota_broker_client::{BrokerClient, Call, ClientError, FallbackSettings};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::clock::SimClock;
 use crate::confgen::ORG;
 use crate::error::Error;
-use crate::measure::{Class, Family, Metrics};
+use crate::measure::{Class, FallbackCall, Family, Metrics};
 use crate::upstream::{Answer, Upstream};
 
 /// Pause before resending after a transport error or a 5xx, simulated ms.
@@ -275,11 +278,20 @@ impl Caller {
                 Err(e) => return Err(CallFailed::Fatal(e.into())),
             };
             metrics.granted.fetch_add(1, Ordering::Relaxed);
-            if lease.is_fallback() {
+            let fallback = lease.is_fallback();
+            if fallback {
                 metrics.fallback_leases.fetch_add(1, Ordering::Relaxed);
             }
             let sent = Instant::now();
             let answer = self.send(family, path, &body).await;
+            if fallback {
+                let clock = self.ctx.clock;
+                metrics.record_fallback(FallbackCall {
+                    sent_ms: clock.sim_ms_at(sent),
+                    answered_ms: clock.now_ms(),
+                    refused: matches!(&answer, Ok(a) if a.status == 429),
+                });
+            }
             if let Ok(a) = &answer {
                 if let Err(e) = lease.report(a.status, &a.headers).await {
                     metrics.report_errors.fetch_add(1, Ordering::Relaxed);
@@ -298,6 +310,24 @@ impl Caller {
                 Outcome::Rejected(e) => return Err(e),
             }
         }
+    }
+}
+
+/// The broker-mode clients' local fallback (used while the broker is
+/// unreachable): the client's defaults (half the rate granted over the
+/// last minute, at least 6 a minute, the broker probed every second) with
+/// their durations scaled like every other duration of the run, so that
+/// they mean the same in simulated time: at least 6 a *simulated* minute,
+/// a probe every simulated second. (The client's one-minute look-back is
+/// not a setting: it stays a real minute, i.e. `scale` simulated minutes,
+/// which makes the fallback rate lower than it would be unscaled while a
+/// run is younger than a real minute.)
+pub(crate) fn fallback_settings(scale: f64) -> FallbackSettings {
+    let default = FallbackSettings::default();
+    FallbackSettings {
+        floor_per_min: (f64::from(default.floor_per_min) * scale).round() as u32,
+        probe_every: default.probe_every.div_f64(scale),
+        ..default
     }
 }
 
@@ -430,6 +460,15 @@ impl LocalState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fallback_settings_are_scaled_like_every_duration() {
+        let f = fallback_settings(20.0);
+        let default = FallbackSettings::default();
+        assert_eq!(f.floor_per_min, default.floor_per_min * 20);
+        assert_eq!(f.probe_every, default.probe_every / 20);
+        assert_eq!(f.fraction, default.fraction);
+    }
 
     #[test]
     fn bucket_starts_full_and_refills_at_the_rate() {

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::chaos::ChaosResult;
 use crate::cli::{ModeName, Spec};
 use crate::confgen::{LimitChange, Plan, WINDOW_MS};
 use crate::run::ModeResult;
@@ -183,6 +184,9 @@ impl Report {
             m.rate_cuts.map_or("-".into(), |c| c.to_string())
         });
         row("real seconds", &|m| format!("{:.1}", m.real_s));
+        if self.modes.iter().any(|m| m.chaos.is_some()) {
+            chaos_rows(&mut row);
+        }
 
         let width = rows
             .iter()
@@ -243,6 +247,96 @@ impl Report {
         }
         out
     }
+}
+
+/// A cell of every mode's column.
+type Cell<'a> = &'a dyn Fn(&ModeResult) -> String;
+/// Adds a row: its name and how to fill each mode's cell.
+type AddRow<'a> = dyn FnMut(&str, Cell<'_>) + 'a;
+
+/// The rows of a chaos run (`--chaos-kill-at`): "-" for modes without it.
+fn chaos_rows(row: &mut AddRow<'_>) {
+    let secs = |ms: f64| format!("{:.1}", ms / 1000.0);
+    row("chaos: broker SIGKILLed / listening (sim s)", &|m| {
+        chaos_cell(m, |c| {
+            format!("{} / {}", secs(c.killed_ms), secs(c.back_ms))
+        })
+    });
+    row("  outage: broker down / fleet's (sim s)", &|m| {
+        chaos_cell(m, |c| {
+            format!("{} / {}", secs(c.broker_down_ms), secs(c.fleet_outage_ms))
+        })
+    });
+    row("  restart attempts / permits granted after", &|m| {
+        chaos_cell(m, |c| {
+            let granted = c
+                .granted_after_restart
+                .map_or("no answer".into(), |n| n.to_string());
+            format!("{} / {granted}", c.restart_attempts)
+        })
+    });
+    row("  restart learning mode (broker's log)", &|m| {
+        chaos_cell(m, |c| {
+            let l = &c.broker_log;
+            let state = match (l.learning_mode, l.learning_over) {
+                (true, true) => "entered, ended",
+                (true, false) => "entered",
+                (false, _) => "not seen",
+            };
+            format!("{state}; {} adopted", l.leases_adopted)
+        })
+    });
+    row("  fallback calls: broker down / back (429s)", &|m| {
+        chaos_cell(m, |c| {
+            let f = &c.fallback;
+            format!("{} / {} ({})", f.while_down, f.after_back, f.refused)
+        })
+    });
+    row("  requests before / during / window after / later", &|m| {
+        chaos_cell(m, |c| {
+            let p = &c.phases;
+            format!(
+                "{} / {} / {} / {}",
+                p.before.requests, p.during.requests, p.after.requests, p.later.requests
+            )
+        })
+    });
+    row("  429s before / during / window after / later", &|m| {
+        chaos_cell(m, |c| {
+            let p = &c.phases;
+            format!(
+                "{} / {} / {} / {}",
+                p.before.refused, p.during.refused, p.after.refused, p.later.refused
+            )
+        })
+    });
+    row("    of them on fallback leases", &|m| {
+        chaos_cell(m, |c| {
+            let p = &c.phases;
+            format!(
+                "{} / {} / {} / {}",
+                p.before.refused_on_fallback,
+                p.during.refused_on_fallback,
+                p.after.refused_on_fallback,
+                p.later.refused_on_fallback
+            )
+        })
+    });
+    // Families in the simulator's order: analytics, then writes.
+    row("served beyond a limit (busiest windows)", &|m| {
+        let over: u64 = m.limits.iter().map(|l| l.served_over).sum();
+        let busiest: Vec<String> = m
+            .limits
+            .iter()
+            .map(|l| format!("{}/{}", l.most_served, l.limit))
+            .collect();
+        format!("{over} ({})", busiest.join(", "))
+    });
+}
+
+/// A chaos row's cell: `f` of the mode's chaos figures, "-" without them.
+fn chaos_cell(m: &ModeResult, f: impl Fn(&ChaosResult) -> String) -> String {
+    m.chaos.as_ref().map_or("-".into(), f)
 }
 
 fn change_label(c: &LimitChange) -> String {
@@ -342,6 +436,30 @@ fn targets(modes: &[ModeResult]) -> Vec<Target> {
             met: c
                 .measurable
                 .then(|| c.windows_after.is_some_and(|w| w <= 2.0)),
+        });
+    }
+    if let Some(c) = &b.chaos {
+        t.push(Target {
+            name: "chaos: broker restarted and granted again".into(),
+            target: "yes".into(),
+            value: format!(
+                "{} ({} attempt(s), {} permits granted after)",
+                if c.restarted { "yes" } else { "no" },
+                c.restart_attempts,
+                c.granted_after_restart
+                    .map_or("no answer".into(), |n| n.to_string())
+            ),
+            met: Some(c.restarted),
+        });
+        let over: u64 = b.limits.iter().map(|l| l.served_over).sum();
+        t.push(Target {
+            name: "chaos: upstream served beyond a limit".into(),
+            target: "0".into(),
+            value: format!(
+                "{over} (429s during the outage {}, in the window after {})",
+                c.phases.during.refused, c.phases.after.refused
+            ),
+            met: Some(over == 0),
         });
     }
     let others: Vec<&ModeResult> = modes

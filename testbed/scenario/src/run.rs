@@ -9,13 +9,16 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::chaos::{self, ChaosResult};
 use crate::children::{BrokerServer, Simulator, WorkDir};
 use crate::cli::{ModeName, Spec};
 use crate::clock::SimClock;
 use crate::confgen::{Plan, ANALYTICS, ORG, WRITES};
 use crate::error::Error;
 use crate::fleet::{self, FleetOutcome};
-use crate::measure::{self, Convergence, Counters, Goodput, Metrics, Records, WaitStats};
+use crate::measure::{
+    self, Convergence, Counters, Goodput, LimitCheck, Metrics, Records, WaitStats,
+};
 use crate::modes::Ctx;
 use crate::trace::{Sample, Tracer};
 use crate::upstream::{SimStats, Upstream, WindowStats};
@@ -121,6 +124,11 @@ pub(crate) struct ModeResult {
     /// Local mode only: refill-rate cuts (more than 1% of a process's calls
     /// refused over 60 simulated s → its rate × 0.8 for an hour).
     pub(crate) rate_cuts: Option<u64>,
+    /// Per family: whether the upstream ever served beyond its limit.
+    pub(crate) limits: Vec<LimitCheck>,
+    /// Broker mode with `--chaos-kill-at` only: the outage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) chaos: Option<ChaosResult>,
     /// Broker mode only: its analytics bucket sampled over the run.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) broker_trace: Vec<Sample>,
@@ -135,7 +143,7 @@ pub(crate) async fn run_mode(
 ) -> Result<ModeResult, Error> {
     let real_start = std::time::Instant::now();
     let sim = Simulator::start(spec, plan, dir, mode.as_str()).await?;
-    let broker = match mode {
+    let mut broker = match mode {
         ModeName::Broker => Some(BrokerServer::start(spec, dir).await?),
         _ => None,
     };
@@ -151,7 +159,15 @@ pub(crate) async fn run_mode(
     let started_ms = clock.now_ms();
     let broker_url = broker.as_ref().map(|b| format!("http://{}", b.addr()));
     let tracer = broker.as_ref().map(|b| Tracer::start(b.addr(), clock));
-    let outcome = fleet::run(mode, ctx, plan, spec.seed, broker_url).await;
+    // Chaos: the broker is killed and restarted while the fleet runs.
+    let strike = async {
+        match (spec.chaos, broker.as_mut()) {
+            (Some(c), Some(b)) => Some(chaos::strike(b, c, clock).await),
+            _ => None,
+        }
+    };
+    let (outcome, struck) =
+        tokio::join!(fleet::run(mode, ctx, plan, spec.seed, broker_url), strike);
     let broker_trace = match tracer {
         Some(t) => t.finish().await,
         None => Vec::new(),
@@ -164,15 +180,32 @@ pub(crate) async fn run_mode(
         if let Some(dir) = &spec.keep_logs {
             keep(dir, mode, &stats, &upstream).await?;
         }
-        Ok::<_, Error>((stats, writes))
+        // The chaos phases are cut from the simulator's log.
+        let log = match struck {
+            Some(Ok(_)) => upstream.log().await?,
+            _ => Vec::new(),
+        };
+        Ok::<_, Error>((stats, writes, log))
     }
     .await;
+    let mut granted_after_restart = None;
+    let mut broker_logs = Vec::new();
+    let mut kept = Ok(());
     if let Some(broker) = broker {
+        if matches!(struck, Some(Ok(_))) {
+            granted_after_restart = chaos::granted_by(broker.addr()).await;
+        }
+        broker_logs = broker.logs().to_vec();
         broker.stop().await;
+        if let Some(dir) = &spec.keep_logs {
+            kept = keep_broker_logs(dir, &broker_logs);
+        }
     }
     sim.stop().await;
     let outcome = outcome?;
-    let (stats, writes) = read?;
+    let struck = struck.transpose()?;
+    let (stats, writes, log) = read?;
+    kept?;
     let mut result = figures(
         mode,
         plan,
@@ -184,6 +217,15 @@ pub(crate) async fn run_mode(
         real_start.elapsed().as_secs_f64(),
     );
     result.broker_trace = broker_trace;
+    if let Some(struck) = struck {
+        result.chaos = Some(ChaosResult::new(
+            struck,
+            &metrics,
+            &log,
+            &broker_logs,
+            granted_after_restart,
+        )?);
+    }
     Ok(result)
 }
 
@@ -205,6 +247,21 @@ async fn keep(
             .and_then(|v| serde_json::to_string(&v))
             .map_err(|e| Error::sim(format!("encode {name}"), e))?;
         std::fs::write(&path, text).map_err(Error::io(format!("write {}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Copies the logs of the broker processes (the first, then each restart)
+/// into `dir` as `broker-0.log`, `broker-1.log`, ...
+fn keep_broker_logs(dir: &std::path::Path, logs: &[std::path::PathBuf]) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
+    for (i, log) in logs.iter().enumerate() {
+        let to = dir.join(format!("broker-{i}.log"));
+        std::fs::copy(log, &to).map_err(Error::io(format!(
+            "copy {} to {}",
+            log.display(),
+            to.display()
+        )))?;
     }
     Ok(())
 }
@@ -281,6 +338,23 @@ fn figures(
             report_errors: load(&metrics.report_errors),
         }),
         rate_cuts: (mode == ModeName::Local).then(|| load(&metrics.rate_cuts)),
+        limits: org
+            .map(|o| {
+                o.families
+                    .iter()
+                    .map(|f| {
+                        // The plan's hidden-limit changes are the analytics family's.
+                        let changes = if f.name == ANALYTICS {
+                            &plan.changes[..]
+                        } else {
+                            &[]
+                        };
+                        measure::limit_check(f, changes)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        chaos: None,
         broker_trace: Vec::new(),
     }
 }

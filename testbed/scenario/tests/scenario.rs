@@ -4,80 +4,22 @@
 //! JSON. The run is real time (about 6 s per mode plus the drain), bounded
 //! by a hard timeout that kills it.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::time::Duration;
+
+use common::{f64_at, mode, run_scenario};
 use serde_json::Value;
 
 /// Longest the whole scenario may take before it is killed.
 const TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Runs `scenario` with `args`, killed after [`TIMEOUT`]; its stdout.
-fn run_scenario(args: &[&str]) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_scenario"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start scenario");
-    // Drained on threads, so a full pipe never blocks the child.
-    let mut stdout = child.stdout.take().expect("stdout is piped");
-    let mut stderr = child.stderr.take().expect("stderr is piped");
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait on scenario") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "scenario did not finish within {TIMEOUT:?}; stderr:\n{}",
-                err.join().unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let stdout = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
-    assert!(
-        status.success(),
-        "scenario failed ({status}); stderr:\n{stderr}\nstdout:\n{stdout}"
-    );
-    stdout
-}
-
-fn mode<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["modes"]
-        .as_array()
-        .and_then(|modes| modes.iter().find(|m| m["mode"] == name))
-        .unwrap_or_else(|| panic!("mode {name} missing from {report:#}"))
-}
-
-fn f64_at(v: &Value, path: &[&str]) -> f64 {
-    let mut at = v;
-    for key in path {
-        at = &at[*key];
-    }
-    at.as_f64()
-        .unwrap_or_else(|| panic!("{path:?} is not a number in {v:#}"))
-}
-
 #[test]
 fn ci_preset_broker_beats_naive() {
-    let stdout = run_scenario(&["--preset", "ci", "--json", "--broker-in-process"]);
+    let stdout = run_scenario(
+        &["--preset", "ci", "--json", "--broker-in-process"],
+        TIMEOUT,
+    );
     let report: Value = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("scenario printed no JSON ({e}):\n{stdout}"));
     assert_eq!(report["duration_s"], 120);
