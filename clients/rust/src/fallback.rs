@@ -93,6 +93,11 @@ impl Fallback {
         for _ in 0..permits {
             self.grants.push_back(now);
         }
+        self.forget_old(now);
+    }
+
+    /// Keeps only the last minute's grants.
+    fn forget_old(&mut self, now: Instant) {
         while self
             .grants
             .front()
@@ -112,6 +117,7 @@ impl Fallback {
         if self.local.is_some() {
             return;
         }
+        self.forget_old(Instant::now());
         let recent = self.grants.len() as f64; // grants in the last minute
         let per_min = (recent * self.settings.fraction)
             .max(f64::from(self.settings.floor_per_min))
@@ -128,19 +134,34 @@ impl Fallback {
         self.last_probe = Some(Instant::now());
     }
 
-    /// Takes one call's permission from the local limiter: `None` when
-    /// taken (or not falling back), else how long to wait before trying
-    /// again. A multi-permit call counts as one here: the fallback rate is a
-    /// floor-level trickle, not an accounting of the upstream's budget.
-    pub(crate) fn try_take(&mut self) -> Option<Duration> {
-        let (limiter, clock) = self.local.as_ref()?;
+    /// Takes one call's permission from the local limiter. A multi-permit
+    /// call counts as one here: the fallback rate is a floor-level trickle,
+    /// not an accounting of the upstream's budget.
+    pub(crate) fn try_take(&mut self) -> Take {
+        let Some((limiter, clock)) = self.local.as_ref() else {
+            return Take::BrokerBack;
+        };
         match limiter.check() {
-            Ok(()) => None,
-            Err(not_until) => Some(
+            Ok(()) => Take::Taken,
+            // Never past the next probe: a waiting call takes its turn to
+            // ask the broker.
+            Err(not_until) => Take::Wait(
                 not_until
                     .wait_time_from(clock.now())
+                    .min(self.settings.probe_every)
                     .max(Duration::from_millis(1)),
             ),
         }
     }
+}
+
+/// What the local limiter says to a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Take {
+    /// Go ahead, unleased.
+    Taken,
+    /// Ask again after this long (or probe the broker then).
+    Wait(Duration),
+    /// Not falling back (the broker answered meanwhile): ask the broker.
+    BrokerBack,
 }

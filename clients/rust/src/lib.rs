@@ -58,7 +58,7 @@ mod layer;
 pub use fallback::FallbackSettings;
 pub use layer::{LeaseLayer, LeaseService, LeaseServiceError};
 
-use fallback::Fallback;
+use fallback::{Fallback, Take};
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
 use quota_broker::pb::{AcquireRequest, ReleaseRequest, RenewRequest, ReportRequest};
 use quota_broker::REPORTED_HEADERS;
@@ -418,35 +418,39 @@ impl BrokerClient {
     /// comes from the local fallback limiter instead
     /// ([`Lease::is_fallback`]).
     pub async fn acquire(&self, call: &Call) -> Result<Lease, ClientError> {
-        if self.fallback().should_try_broker() {
-            let req = call.acquire_request();
-            match self.inner.client.clone().acquire(self.request(req)).await {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    self.fallback().broker_answered();
-                    if !r.granted {
-                        return Err(ClientError::NotGranted {
-                            reason: r.reason,
-                            retry_after: Duration::from_millis(r.retry_after_ms),
-                        });
-                    }
-                    self.fallback().granted(call.permits);
-                    return Ok(Lease::new(
-                        self.clone(),
-                        call.clone(),
-                        r.lease_id,
-                        r.lease_ttl_ms,
-                    ));
-                }
-                Err(s) if is_unreachable(&s) => self.fallback().broker_unreachable(&s),
-                Err(s) => return Err(s.into()),
-            }
-        }
         loop {
-            let wait = self.fallback().try_take();
-            match wait {
-                None => return Ok(Lease::local(self.clone(), call.clone())),
-                Some(wait) => tokio::time::sleep(wait).await,
+            if self.fallback().should_try_broker() {
+                let req = call.acquire_request();
+                match self.inner.client.clone().acquire(self.request(req)).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        self.fallback().broker_answered();
+                        if !r.granted {
+                            return Err(ClientError::NotGranted {
+                                reason: r.reason,
+                                retry_after: Duration::from_millis(r.retry_after_ms),
+                            });
+                        }
+                        self.fallback().granted(call.permits);
+                        return Ok(Lease::new(
+                            self.clone(),
+                            call.clone(),
+                            r.lease_id,
+                            r.lease_ttl_ms,
+                        ));
+                    }
+                    Err(s) if is_unreachable(&s) => self.fallback().broker_unreachable(&s),
+                    Err(s) => return Err(s.into()),
+                }
+            }
+            let take = self.fallback().try_take();
+            match take {
+                Take::Taken => return Ok(Lease::local(self.clone(), call.clone())),
+                // Waiting for the local limiter, the broker is probed again
+                // meanwhile; once it answers, waiting calls ask it instead
+                // of going out unleased all at once.
+                Take::Wait(wait) => tokio::time::sleep(wait).await,
+                Take::BrokerBack => {}
             }
         }
     }

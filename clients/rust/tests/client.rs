@@ -205,6 +205,42 @@ async fn falls_back_to_a_paced_local_limiter_and_returns_to_the_broker() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn calls_waiting_on_the_fallback_take_leases_once_the_broker_is_back() {
+    let b = broker_on("127.0.0.1:0").await;
+    let addr = b.addr;
+    let settings = FallbackSettings {
+        fraction: 0.5,
+        floor_per_min: 6,
+        probe_every: Duration::from_secs(1),
+    };
+    let client = BrokerClient::with_fallback(&b.url(), None, settings).unwrap();
+    let call = Call::new("t", "GET", "/x").class("critical");
+    assert!(!client.acquire(&call).await.unwrap().is_fallback());
+    b.stop().await;
+    // The first call takes the local limiter's one permit; five more wait
+    // (one every ten seconds at the floor).
+    assert!(client.acquire(&call).await.unwrap().is_fallback());
+    let waiting: Vec<_> = (0..5)
+        .map(|_| {
+            let (client, call) = (client.clone(), call.clone());
+            tokio::spawn(async move {
+                let lease = client.acquire(&call).await.unwrap();
+                (lease.is_fallback(), Instant::now())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let back = Instant::now();
+    let b = broker_on(&addr.to_string()).await;
+    for w in waiting {
+        let (fallback, at) = w.await.unwrap();
+        assert!(!fallback, "went out unleased after the broker was back");
+        assert!(at - back <= Duration::from_secs(3), "{:?} late", at - back);
+    }
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_overloaded_broker_says_when_to_retry() {
     let toml = format!(
         "{CONFIG}\n[[auth.tokens]]\nname = \"busy\"\nsha256 = \"{}\"\nrole = \"client\"\n\
