@@ -141,6 +141,11 @@ impl Broker {
                     t.lock().resume_after_restart(now);
                 }
             }
+            // Before serving: once a grant is out, the state directory says
+            // so, and a start after a crash knows it is a restart.
+            if let Err(e) = broker.learned_file().write(dir) {
+                tracing::error!(error = %e, "cannot write learned state");
+            }
         }
         let mut drivers: Vec<_> = (0..broker.inner.tenants.len())
             .map(|t| tokio::spawn(broker.clone().drive(t)))

@@ -50,18 +50,16 @@ impl Broker {
         true
     }
 
-    /// Writes learned state at start (so that a later start knows it is a
-    /// restart), then when it changed, at most once per [`PERSIST_EVERY`],
-    /// and once more at shutdown.
+    /// Writes learned state when it changed, at most once per
+    /// [`PERSIST_EVERY`], and once more at shutdown. (The broker writes it
+    /// once before serving, too.)
     pub(super) async fn persist(self, dir: std::path::PathBuf) {
-        let mut first = true;
         loop {
-            let stop = !first
-                && tokio::select! {
-                    _ = tokio::time::sleep(PERSIST_EVERY) => false,
-                    _ = self.inner.shutdown.cancelled() => true,
-                };
-            let mut dirty = std::mem::take(&mut first);
+            let stop = tokio::select! {
+                _ = tokio::time::sleep(PERSIST_EVERY) => false,
+                _ = self.inner.shutdown.cancelled() => true,
+            };
+            let mut dirty = false;
             for t in &self.inner.tenants {
                 dirty |= t.lock().take_learned_dirty();
             }
