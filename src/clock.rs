@@ -28,7 +28,7 @@ impl Clock {
             .unwrap_or_default();
         Clock {
             origin: Instant::now(),
-            origin_unix_ms: u64::try_from(unix.as_millis()).unwrap_or(u64::MAX),
+            origin_unix_ms: millis(unix),
         }
     }
 
@@ -40,8 +40,7 @@ impl Clock {
 
     /// `at` in unix milliseconds.
     pub(crate) fn unix_ms(&self, at: Instant) -> u64 {
-        let since = at.saturating_duration_since(self.origin).as_millis();
         self.origin_unix_ms
-            .saturating_add(u64::try_from(since).unwrap_or(u64::MAX))
+            .saturating_add(millis(at.saturating_duration_since(self.origin)))
     }
 }

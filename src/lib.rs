@@ -22,11 +22,12 @@
 //!             ▼          (one std Mutex per tenant, never held across .await)
 //!          tenant/       one tenant's pure state machine: instances, per-client
 //!             │          registry, classes + reserves, decide, waiting, leases,
-//!             │          learn, operate, status
+//!             │          learn, operate, restart (learning mode), status
 //!      ┌──────┴───────┐
 //!   limits/        learning/
 //!   bucket, lease, adaptive rules, header parsing,
-//!   route,         attribution
+//!   route (paths   attribution
+//!   normalised),
 //!   scheduler
 //! ```
 //!

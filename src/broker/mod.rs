@@ -31,7 +31,7 @@ pub(crate) use acquire::AcquireOutcome;
 pub(crate) use driver::Drivers;
 pub(crate) use watch::TenantBucketStatus;
 
-use crate::clock::Clock;
+use crate::clock::{millis, Clock};
 use crate::config::{ServerSettings, Settings};
 use crate::error::{clip, BrokerError};
 use crate::learning::RateLimitInfo;
@@ -227,8 +227,8 @@ impl Broker {
                 "extend_ms",
                 format!(
                     "{} ms is above the broker's max_lease_ttl_ms of {} ms; renew again later instead",
-                    extend.as_millis(),
-                    max.as_millis()
+                    millis(extend),
+                    millis(max)
                 ),
             ));
         }

@@ -5,6 +5,7 @@
 
 use super::instance::{held_back, token_reserve};
 use super::{AcquireArgs, Decision, Denial, Grant, TenantState};
+use crate::clock::millis;
 use crate::error::BrokerError;
 use crate::limits::{Lease, LeaseId};
 use std::fmt::Write as _;
@@ -183,7 +184,7 @@ impl TenantState {
                 let _ = write!(
                     reason,
                     "{sep}bucket {name:?} is frozen for {} ms after the upstream answered 429",
-                    resume.saturating_duration_since(now).as_millis()
+                    millis(resume.saturating_duration_since(now))
                 );
                 continue;
             }

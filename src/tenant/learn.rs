@@ -187,7 +187,7 @@ impl TenantState {
             match change {
                 Learned::Frozen { until } => tracing::info!(
                     %tenant, %bucket, oauth_client = x.oauth_client.as_deref().unwrap_or(""),
-                    frozen_ms = until.saturating_duration_since(now).as_millis() as u64,
+                    frozen_ms = millis(until.saturating_duration_since(now)),
                     "upstream answered 429: bucket frozen for the whole tenant"
                 ),
                 Learned::Cut { from, to, why } => tracing::info!(

@@ -92,3 +92,41 @@ async fn a_busy_bucket_updates_at_most_ten_times_a_second() {
     );
     b.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn every_tenant_is_listed_in_config_order() {
+    let ids = ["delta", "alpha", "echo", "charlie", "bravo", "foxtrot"];
+    let mut toml = String::from("[server]\nstate_dir = \"\"\n");
+    for id in ids {
+        toml.push_str(&format!(
+            "[[tenants]]\nid = \"{id}\"\n[[tenants.buckets]]\nname = \"org\"\n\
+             routes = [\"* /**\"]\nmax_in_flight = 1\n"
+        ));
+    }
+    let b = start(&toml).await;
+    let listed: Vec<String> = b
+        .admin
+        .clone()
+        .list_buckets(quota_broker::pb::ListBucketsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .buckets
+        .into_iter()
+        .map(|s| s.tenant)
+        .collect();
+    assert_eq!(listed, ids, "not in config order");
+    let mut w = b
+        .client
+        .clone()
+        .watch(WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut watched = Vec::new();
+    for _ in ids {
+        watched.push(w.message().await.unwrap().unwrap().tenant);
+    }
+    assert_eq!(watched, ids, "the Watch snapshot is not in config order");
+    b.stop().await;
+}
