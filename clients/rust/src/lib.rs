@@ -53,12 +53,14 @@
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 mod fallback;
+mod kept;
 mod layer;
 
 pub use fallback::FallbackSettings;
 pub use layer::{LeaseLayer, LeaseService, LeaseServiceError};
 
 use fallback::{Fallback, Take};
+use kept::Kept;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
 use quota_broker::pb::{AcquireRequest, ReleaseRequest, RenewRequest, ReportRequest};
 use quota_broker::REPORTED_HEADERS;
@@ -330,6 +332,9 @@ struct Inner {
     token: Option<MetadataValue<tonic::metadata::Ascii>>,
     /// std `Mutex`: held for a check of the local limiter, never across `.await`.
     fallback: Mutex<Fallback>,
+    /// Outcomes the broker could not be told yet (std `Mutex`: never held
+    /// across `.await`).
+    kept: Mutex<Kept>,
 }
 
 /// A connection to the broker (cheap to clone).
@@ -394,6 +399,7 @@ impl BrokerClient {
                 client: QuotaBrokerClient::new(endpoint.connect_lazy()),
                 token,
                 fallback: Mutex::new(Fallback::new(options.fallback)),
+                kept: Mutex::new(Kept::default()),
             }),
         })
     }
@@ -425,6 +431,7 @@ impl BrokerClient {
                     Ok(r) => {
                         let r = r.into_inner();
                         self.fallback().broker_answered();
+                        self.send_kept_in_background();
                         if !r.granted {
                             return Err(ClientError::NotGranted {
                                 reason: r.reason,
@@ -478,13 +485,69 @@ impl BrokerClient {
             retry_after_ms: 0,
             headers,
         };
-        match self.inner.client.clone().report(self.request(req)).await {
+        match self
+            .inner
+            .client
+            .clone()
+            .report(self.request(req.clone()))
+            .await
+        {
             Ok(_) => Ok(()),
-            // The broker is away: nothing to learn from this one; the local
-            // limiter already keeps the pace conservative.
-            Err(s) if is_unreachable(&s) => Ok(()),
+            // The broker is away: it hears of this once it is back.
+            Err(s) if is_unreachable(&s) => {
+                self.kept().keep(req);
+                Ok(())
+            }
             Err(s) => Err(s.into()),
         }
+    }
+
+    /// Sends the outcomes kept while the broker was unreachable, oldest
+    /// first; returns how many were sent. Stops (keeping the rest) when the
+    /// broker is unreachable again. The client also does this by itself,
+    /// in the background, when the broker answers again.
+    pub async fn flush_reports(&self) -> usize {
+        let mut sent = 0;
+        loop {
+            let Some(report) = self.kept().next() else {
+                return sent;
+            };
+            match self
+                .inner
+                .client
+                .clone()
+                .report(self.request(report.clone()))
+                .await
+            {
+                Ok(_) => sent += 1,
+                Err(s) if is_unreachable(&s) => {
+                    self.kept().put_back(report);
+                    return sent;
+                }
+                // Refused for good (e.g. a bucket no longer configured).
+                Err(s) => tracing::debug!(error = %s, "a kept report was refused; dropped"),
+            }
+        }
+    }
+
+    fn send_kept_in_background(&self) {
+        if self.kept().is_empty() {
+            return;
+        }
+        let client = self.clone();
+        // Ends by itself once the kept reports are sent or the broker is
+        // away again.
+        tokio::spawn(async move {
+            let sent = client.flush_reports().await;
+            tracing::info!(sent, "outcomes kept during the broker's absence reported");
+        });
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.inner
+            .kept
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     async fn release(&self, lease_id: String) {

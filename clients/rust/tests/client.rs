@@ -229,7 +229,7 @@ async fn calls_waiting_on_the_fallback_take_leases_once_the_broker_is_back() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::advance(Duration::from_secs(2)).await;
     let back = Instant::now();
     let b = broker_on(&addr.to_string()).await;
     for w in waiting {
@@ -237,6 +237,42 @@ async fn calls_waiting_on_the_fallback_take_leases_once_the_broker_is_back() {
         assert!(!fallback, "went out unleased after the broker was back");
         assert!(at - back <= Duration::from_secs(3), "{:?} late", at - back);
     }
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn outcomes_from_the_outage_are_reported_once_the_broker_is_back() {
+    let b = broker_on("127.0.0.1:0").await;
+    let addr = b.addr;
+    let settings = FallbackSettings {
+        fraction: 0.5,
+        floor_per_min: 600,
+        probe_every: Duration::from_secs(1),
+    };
+    let client = BrokerClient::with_fallback(&b.url(), None, settings).unwrap();
+    let call = Call::new("t", "GET", "/x").class("critical");
+    b.stop().await;
+    let mut throttled = http::HeaderMap::new();
+    throttled.insert("retry-after", "600".parse().unwrap());
+    for status in [200, 429] {
+        let lease = client.acquire(&call).await.unwrap();
+        assert!(lease.is_fallback());
+        lease.report(status, &throttled).await.unwrap();
+    }
+    let b = broker_on(&addr.to_string()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut sent = 0;
+    while sent < 2 {
+        sent += client.flush_reports().await;
+        assert!(Instant::now() < deadline, "kept outcomes never sent");
+        tokio::time::advance(Duration::from_millis(100)).await;
+    }
+    let org = b.bucket("org").await;
+    assert_eq!((org.reports_total, org.throttled_total), (2, 1));
+    assert!(
+        org.frozen_until_ms > 0,
+        "the 429 from the outage froze the bucket"
+    );
     b.stop().await;
 }
 
