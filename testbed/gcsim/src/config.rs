@@ -49,8 +49,74 @@ pub struct OrgConfig {
     pub conversations_per_day: u64,
     /// That day, `YYYY-MM-DD` (UTC).
     pub day: String,
+    /// Whether the `inin-ratelimit-*` headers describe the token limit.
+    pub token_tell: bool,
+    /// How a token refusal's `Retry-After` is rounded.
+    pub token_retry_after: RetryAfter,
     /// Endpoint families with org-wide limits.
     pub families: Vec<FamilyConfig>,
+}
+
+/// How a limit admits requests (see the README).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitKind {
+    /// At most `permits` per window; windows aligned to the start.
+    #[default]
+    FixedWindow,
+    /// A bucket of `burst` tokens refilled continuously at `permits` per
+    /// window; a request takes one.
+    TokenBucket,
+    /// At most `permits` in any span of one window (the last `window_ms`).
+    SlidingLog,
+}
+
+impl LimitKind {
+    /// The name in the config and in `/_sim/stats`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::FixedWindow => "fixed_window",
+            LimitKind::TokenBucket => "token_bucket",
+            LimitKind::SlidingLog => "sliding_log",
+        }
+    }
+}
+
+/// How `Retry-After` is computed from the exact time until the limit admits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryAfter {
+    /// The exact simulated time (the header has decimals when scaled).
+    #[default]
+    Exact,
+    /// Rounded up to whole simulated seconds.
+    WholeSeconds,
+}
+
+impl RetryAfter {
+    /// `ms` rounded as this says (simulated ms).
+    pub(crate) fn round(self, ms: f64) -> f64 {
+        match self {
+            RetryAfter::Exact => ms,
+            // Whole ms first, so float noise never rounds 2 s up to 3.
+            RetryAfter::WholeSeconds => ((ms.round() / 1000.0).ceil() * 1000.0).max(1000.0),
+        }
+    }
+}
+
+/// How the unmanaged consumer's requests fall in time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnmanagedPattern {
+    /// Each window's requests spread evenly through it.
+    #[default]
+    Steady,
+    /// Each window's requests back to back (10 simulated ms apart) from a
+    /// pseudo-random point in the first half of the window.
+    Bursty,
+    /// Like steady, but the requests per window move linearly from one
+    /// step's `per_window` to the next step's (constant after the last).
+    Ramping,
 }
 
 impl Default for OrgConfig {
@@ -61,19 +127,20 @@ impl Default for OrgConfig {
             token_window_ms: 60_000,
             conversations_per_day: 20_000,
             day: "2026-11-01".into(),
+            token_tell: true,
+            token_retry_after: RetryAfter::Exact,
             families: vec![
                 FamilyConfig {
                     name: "analytics-query".into(),
                     routes: vec!["POST /api/v2/analytics/**/query".into()],
                     documented_permits: 60,
                     hidden_permits: Some(45),
-                    window_ms: 60_000,
                     max_concurrent: Some(10),
-                    schedule: Vec::new(),
                     unmanaged: vec![UnmanagedStep {
                         at_ms: 0,
                         per_window: 5,
                     }],
+                    ..FamilyConfig::default()
                 },
                 FamilyConfig {
                     name: "conversation-writes".into(),
@@ -107,6 +174,16 @@ pub struct FamilyConfig {
     pub schedule: Vec<ScheduleStep>,
     /// The unmanaged consumer's requests per window, piecewise constant.
     pub unmanaged: Vec<UnmanagedStep>,
+    /// How the limit admits requests.
+    pub kind: LimitKind,
+    /// Token bucket only: its capacity (default: the enforced permits).
+    pub burst: Option<u64>,
+    /// Whether the `inin-ratelimit-*` headers describe this limit.
+    pub tell: bool,
+    /// How a refusal's `Retry-After` is rounded.
+    pub retry_after: RetryAfter,
+    /// How the unmanaged consumer's requests fall in time.
+    pub unmanaged_pattern: UnmanagedPattern,
 }
 
 impl Default for FamilyConfig {
@@ -120,6 +197,11 @@ impl Default for FamilyConfig {
             max_concurrent: None,
             schedule: Vec::new(),
             unmanaged: Vec::new(),
+            kind: LimitKind::FixedWindow,
+            burst: None,
+            tell: false,
+            retry_after: RetryAfter::Exact,
+            unmanaged_pattern: UnmanagedPattern::Steady,
         }
     }
 }
@@ -159,6 +241,11 @@ pub(crate) struct Family {
     pub(crate) max_concurrent: Option<u64>,
     pub(crate) schedule: Vec<ScheduleStep>,
     pub(crate) unmanaged: Vec<UnmanagedStep>,
+    pub(crate) kind: LimitKind,
+    pub(crate) burst: Option<u64>,
+    pub(crate) tell: bool,
+    pub(crate) retry_after: RetryAfter,
+    pub(crate) pattern: UnmanagedPattern,
 }
 
 impl SimConfig {
@@ -266,6 +353,15 @@ impl FamilyConfig {
                 self.name
             ));
         }
+        if self.burst.is_some() && self.kind != LimitKind::TokenBucket {
+            return Err(format!(
+                "{}: burst is for kind = \"token_bucket\" only",
+                self.name
+            ));
+        }
+        if self.burst == Some(0) {
+            return Err(format!("{}: burst must be > 0", self.name));
+        }
         let namespace = self.routes[0]
             .split_whitespace()
             .nth(1)
@@ -287,6 +383,11 @@ impl FamilyConfig {
             max_concurrent: self.max_concurrent,
             schedule,
             unmanaged,
+            kind: self.kind,
+            burst: self.burst,
+            tell: self.tell,
+            retry_after: self.retry_after,
+            pattern: self.unmanaged_pattern,
         })
     }
 }
@@ -343,5 +444,43 @@ mod tests {
         };
         assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(SimConfig::from_toml("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn limit_kinds_and_their_keys() {
+        let c = SimConfig::from_toml(
+            "[[orgs]]\nid = \"x\"\ntoken_tell = false\ntoken_retry_after = \"whole_seconds\"\n\
+             [[orgs.families]]\nname = \"f\"\nroutes = [\"POST /api/v2/analytics/**\"]\n\
+             documented_permits = 60\nhidden_permits = 45\nkind = \"token_bucket\"\nburst = 10\n\
+             tell = true\nretry_after = \"whole_seconds\"\nunmanaged_pattern = \"bursty\"\n\
+             [[orgs.families]]\nname = \"g\"\nroutes = [\"GET /x\"]\nkind = \"sliding_log\"",
+        )
+        .unwrap();
+        c.check().unwrap();
+        let org = &c.orgs[0];
+        assert!(!org.token_tell);
+        assert_eq!(org.token_retry_after, RetryAfter::WholeSeconds);
+        let f = org.families[0].ready().unwrap();
+        assert_eq!(
+            (f.kind, f.burst, f.tell),
+            (LimitKind::TokenBucket, Some(10), true)
+        );
+        assert_eq!(f.pattern, UnmanagedPattern::Bursty);
+        assert_eq!(org.families[1].kind, LimitKind::SlidingLog);
+        // Defaults: today's behaviour.
+        let d = &SimConfig::default().orgs[0];
+        assert!(d.token_tell);
+        assert_eq!(d.families[0].kind, LimitKind::FixedWindow);
+        assert!(!d.families[0].tell);
+        // burst is for token buckets; unknown kinds are refused.
+        let bad = SimConfig::from_toml(
+            "[[orgs]]\n[[orgs.families]]\nname = \"f\"\nroutes = [\"GET /x\"]\nburst = 3",
+        )
+        .unwrap();
+        assert!(bad.check().is_err());
+        assert!(SimConfig::from_toml(
+            "[[orgs]]\n[[orgs.families]]\nname = \"f\"\nkind = \"leaky\""
+        )
+        .is_err());
     }
 }

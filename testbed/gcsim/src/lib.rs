@@ -37,6 +37,9 @@ mod org;
 mod route;
 mod server;
 
-pub use config::{FamilyConfig, OrgConfig, ScheduleStep, SimConfig, UnmanagedStep};
+pub use config::{
+    FamilyConfig, LimitKind, OrgConfig, RetryAfter, ScheduleStep, SimConfig, UnmanagedPattern,
+    UnmanagedStep,
+};
 pub use error::SimError;
 pub use server::{Sim, SimHandle};

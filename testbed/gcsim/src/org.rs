@@ -4,11 +4,11 @@
 //! control plane reports. Plain Rust with simulated time passed in; the
 //! HTTP side lives in `server`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::Serialize;
 
-use crate::config::{Family, OrgConfig};
+use crate::config::{Family, LimitKind, OrgConfig, RetryAfter, UnmanagedPattern};
 
 /// Why a request was refused, and when to come back (simulated ms).
 #[derive(Clone, Debug, PartialEq)]
@@ -26,13 +26,45 @@ pub(crate) struct Refusal {
 pub(crate) struct Decision {
     /// `Ok(families whose concurrency slot the request now holds)`.
     pub(crate) verdict: Result<Vec<usize>, Refusal>,
-    /// Requests per token per token window (header).
-    pub(crate) token_permits: u64,
-    /// The token's count in its current window (header).
-    pub(crate) token_count: u64,
-    /// Simulated ms until the token's window ends (header).
-    pub(crate) token_reset_ms: f64,
+    /// What the `inin-ratelimit-*` headers say, if a limit that tells
+    /// applies (`None`: no such headers).
+    pub(crate) told: Option<Told>,
 }
+
+/// The `inin-ratelimit-*` headers: one limit, after this request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Told {
+    /// `inin-ratelimit-allowed`: permits (a token bucket: its capacity).
+    pub(crate) allowed: u64,
+    /// `inin-ratelimit-count`: used now (a token bucket: tokens missing).
+    pub(crate) count: u64,
+    /// `inin-ratelimit-reset`: simulated ms until the window ends (a token
+    /// bucket: until it is full; a sliding log: until its oldest request
+    /// leaves it).
+    pub(crate) reset_ms: f64,
+}
+
+impl Told {
+    fn remaining(&self) -> u64 {
+        self.allowed.saturating_sub(self.count)
+    }
+}
+
+/// A family's admission state besides its windows' counts.
+#[derive(Debug)]
+enum Limiter {
+    /// Fixed windows: the current window's served count is the state.
+    Fixed,
+    /// Tokens now (may be fractional), as of simulated ms `at`.
+    Bucket { tokens: f64, at: f64 },
+    /// When each request of the last window was served (fleet and
+    /// unmanaged), oldest first.
+    Log(VecDeque<f64>),
+}
+
+/// Float slack of the token bucket: a caller who waits the Retry-After it
+/// was given finds the token there.
+const EPSILON: f64 = 1e-6;
 
 /// A block on a token or a family, with its escalation.
 #[derive(Clone, Copy, Debug, Default)]
@@ -99,11 +131,22 @@ struct FamilyState {
     /// Every window from 0 to the current one (never empty).
     windows: Vec<WindowStats>,
     block: Block,
+    limiter: Limiter,
 }
 
 impl FamilyState {
     fn new(family: Family) -> FamilyState {
+        let limiter = match family.kind {
+            LimitKind::FixedWindow => Limiter::Fixed,
+            // A fresh bucket is full.
+            LimitKind::TokenBucket => Limiter::Bucket {
+                tokens: family.burst.unwrap_or(family.hidden) as f64,
+                at: 0.0,
+            },
+            LimitKind::SlidingLog => Limiter::Log(VecDeque::new()),
+        };
         let mut state = FamilyState {
+            limiter,
             hidden: family.hidden,
             max_concurrent: family.max_concurrent,
             family,
@@ -128,16 +171,131 @@ impl FamilyState {
         (self.windows.len() as u64 * self.family.window_ms) as f64
     }
 
+    /// Token bucket: its capacity.
+    fn capacity(&self) -> f64 {
+        self.family.burst.unwrap_or(self.hidden) as f64
+    }
+
+    /// Token bucket: tokens per simulated ms.
+    fn rate(&self) -> f64 {
+        self.hidden as f64 / self.family.window_ms as f64
+    }
+
+    /// Token bucket: adds the tokens earned up to `now`.
+    fn refill(&mut self, now: f64) {
+        let (capacity, rate) = (self.capacity(), self.rate());
+        if let Limiter::Bucket { tokens, at } = &mut self.limiter {
+            if now > *at {
+                *tokens = (*tokens + (now - *at) * rate).min(capacity);
+                *at = now;
+            }
+        }
+    }
+
+    /// `Ok` if the limit admits one more request at `now`, else `Err(the
+    /// simulated time it next would)`. Takes nothing (see [`Self::take`]).
+    fn room(&mut self, now: f64) -> Result<(), f64> {
+        self.refill(now);
+        let window = self.family.window_ms as f64;
+        let hidden = self.hidden;
+        let rate = self.rate();
+        let end = self.window_end();
+        let served = self.windows.last().map_or(0, WindowStats::served);
+        match &mut self.limiter {
+            Limiter::Fixed if served < hidden => Ok(()),
+            Limiter::Fixed => Err(end),
+            Limiter::Bucket { tokens, .. } if *tokens >= 1.0 - EPSILON => Ok(()),
+            Limiter::Bucket { tokens, .. } if rate > 0.0 => Err(now + (1.0 - *tokens) / rate),
+            Limiter::Bucket { .. } => Err(now + window),
+            Limiter::Log(log) => {
+                while log.front().is_some_and(|&t| t + window <= now) {
+                    log.pop_front();
+                }
+                if (log.len() as u64) < hidden {
+                    Ok(())
+                } else {
+                    // Room once all but hidden − 1 of the log have left.
+                    let k = log.len() - hidden as usize;
+                    Err(log.get(k).map_or(now + window, |t| t + window))
+                }
+            }
+        }
+    }
+
+    /// Counts one admitted request against the limit at `now` (after
+    /// [`Self::room`] said yes; fixed windows count in their stats).
+    fn take(&mut self, now: f64) {
+        match &mut self.limiter {
+            Limiter::Fixed => {}
+            Limiter::Bucket { tokens, .. } => *tokens = (*tokens - 1.0).max(0.0),
+            Limiter::Log(log) => log.push_back(now),
+        }
+    }
+
+    /// What the headers say about this limit at `now`.
+    fn told(&mut self, now: f64) -> Told {
+        // Prunes the log and refills the bucket.
+        let _ = self.room(now);
+        let (capacity, rate) = (self.capacity(), self.rate());
+        let window = self.family.window_ms as f64;
+        match &self.limiter {
+            Limiter::Fixed => Told {
+                allowed: self.hidden,
+                count: self.windows.last().map_or(0, WindowStats::served),
+                reset_ms: self.window_end() - now,
+            },
+            Limiter::Bucket { tokens, .. } => Told {
+                allowed: capacity as u64,
+                count: (capacity - (tokens + EPSILON).floor()).max(0.0) as u64,
+                reset_ms: if rate > 0.0 {
+                    (capacity - tokens).max(0.0) / rate
+                } else {
+                    window
+                },
+            },
+            Limiter::Log(log) => Told {
+                allowed: self.hidden,
+                count: log.len() as u64,
+                reset_ms: log.front().map_or(0.0, |t| t + window - now),
+            },
+        }
+    }
+
+    /// When the unmanaged consumer's request `sent` (of `planned`) in the
+    /// current window falls, simulated ms from the window's start (always
+    /// within the window).
+    fn unmanaged_offset(&self, sent: u64, planned: u64) -> f64 {
+        let window = self.family.window_ms as f64;
+        match self.family.pattern {
+            UnmanagedPattern::Steady | UnmanagedPattern::Ramping => {
+                (sent as f64 + 0.5) * window / planned as f64
+            }
+            UnmanagedPattern::Bursty => {
+                let index = self.windows.len() as u64 - 1;
+                let start = unit(&self.family.name, index) * window / 2.0;
+                let spacing = (window / 2.0 / planned as f64).min(10.0);
+                start + sent as f64 * spacing
+            }
+        }
+    }
+
     /// Starts window `index`.
     fn open_window(&mut self, index: u64) {
         let start_ms = index * self.family.window_ms;
         self.unmanaged_planned = self.unmanaged_override.unwrap_or_else(|| {
-            self.family
-                .unmanaged
-                .iter()
-                .rev()
-                .find(|s| s.at_ms <= start_ms)
-                .map_or(0, |s| s.per_window)
+            let steps = &self.family.unmanaged;
+            let Some(i) = steps.iter().rposition(|s| s.at_ms <= start_ms) else {
+                return 0;
+            };
+            match (self.family.pattern, steps.get(i + 1)) {
+                (UnmanagedPattern::Ramping, Some(next)) if next.at_ms > steps[i].at_ms => {
+                    let (from, to) = (steps[i].per_window as f64, next.per_window as f64);
+                    let f =
+                        (start_ms - steps[i].at_ms) as f64 / (next.at_ms - steps[i].at_ms) as f64;
+                    (from + (to - from) * f).round() as u64
+                }
+                _ => steps[i].per_window,
+            }
         });
         self.unmanaged_sent = 0;
         self.windows.push(WindowStats {
@@ -160,9 +318,7 @@ impl FamilyState {
             let end = self.window_end();
             let start = end - self.family.window_ms as f64;
             let unmanaged_at = if self.unmanaged_sent < self.unmanaged_planned {
-                start
-                    + (self.unmanaged_sent as f64 + 0.5) * self.family.window_ms as f64
-                        / self.unmanaged_planned as f64
+                start + self.unmanaged_offset(self.unmanaged_sent, self.unmanaged_planned)
             } else {
                 f64::INFINITY
             };
@@ -176,14 +332,13 @@ impl FamilyState {
                 return;
             }
             if next == unmanaged_at {
-                // Always before `end`: (sent + 0.5) / planned < 1.
+                // Always before `end` (see `unmanaged_offset`).
                 self.unmanaged_sent += 1;
-                let hidden = self.hidden;
-                let w = self.current();
-                if w.served() < hidden {
-                    w.served_unmanaged += 1;
+                if self.room(next).is_ok() {
+                    self.take(next);
+                    self.current().served_unmanaged += 1;
                 } else {
-                    w.refused_unmanaged += 1;
+                    self.current().refused_unmanaged += 1;
                 }
             } else if next == end {
                 // A step at a window boundary belongs to the new window.
@@ -191,15 +346,35 @@ impl FamilyState {
                 self.open_window(index);
             } else if let Some(step) = self.family.schedule.get(self.next_step).copied() {
                 self.next_step += 1;
-                self.set_hidden(step.hidden_permits);
+                self.set_hidden(next, step.hidden_permits);
             }
         }
     }
 
-    fn set_hidden(&mut self, permits: u64) {
+    /// The enforced permits from `now` on (a token bucket keeps the
+    /// tokens earned at the old rate, up to its new capacity).
+    fn set_hidden(&mut self, now: f64, permits: u64) {
+        self.refill(now);
         self.hidden = permits;
         self.current().enforced_permits = permits;
+        let capacity = self.capacity();
+        if let Limiter::Bucket { tokens, .. } = &mut self.limiter {
+            *tokens = tokens.min(capacity);
+        }
     }
+}
+
+/// A pseudo-random number in [0, 1) from a family's name and a window
+/// index (the bursty consumer's burst time; the same every run).
+fn unit(name: &str, index: u64) -> f64 {
+    let mut x = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    }) ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    // splitmix64's finaliser.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// A token's live state.
@@ -226,6 +401,8 @@ pub(crate) struct FamilyChange {
 pub(crate) struct Org {
     token_permits: u64,
     token_window_ms: u64,
+    token_tell: bool,
+    token_retry_after: RetryAfter,
     escalation_base_ms: f64,
     escalation_max_ms: f64,
     families: Vec<FamilyState>,
@@ -241,6 +418,8 @@ impl Org {
         Org {
             token_permits: config.token_permits,
             token_window_ms: config.token_window_ms,
+            token_tell: config.token_tell,
+            token_retry_after: config.token_retry_after,
             escalation_base_ms: escalation.0 as f64,
             escalation_max_ms: escalation.1 as f64,
             families: families.into_iter().map(FamilyState::new).collect(),
@@ -278,6 +457,7 @@ impl Org {
         }
         let limits = Limits {
             token_permits: self.token_permits,
+            token_retry_after: self.token_retry_after,
             token_end,
             escalation: (self.escalation_base_ms, self.escalation_max_ms),
         };
@@ -302,12 +482,23 @@ impl Org {
                     .or_default() += 1;
             }
         }
-        Decision {
-            verdict,
-            token_permits: self.token_permits,
-            token_count: token.count,
-            token_reset_ms: token_end - now,
+        // The told limit with the least left (the token's on a tie).
+        let token_told = self.token_tell.then_some(Told {
+            allowed: self.token_permits,
+            count: token.count,
+            reset_ms: token_end - now,
+        });
+        let mut told = token_told;
+        for &i in &matching {
+            let f = &mut self.families[i];
+            if f.family.tell {
+                let t = f.told(now);
+                if told.is_none_or(|best| t.remaining() < best.remaining()) {
+                    told = Some(t);
+                }
+            }
         }
+        Decision { verdict, told }
     }
 
     /// Gives back the concurrency slots of a finished request.
@@ -338,7 +529,7 @@ impl Org {
             return false;
         };
         if let Some(permits) = change.hidden_permits {
-            f.set_hidden(permits);
+            f.set_hidden(now, permits);
         }
         if let Some(max) = change.max_concurrent {
             f.max_concurrent = (max > 0).then_some(max);
@@ -379,6 +570,8 @@ impl Org {
                 .map(|f| FamilyStats {
                     name: f.family.name.clone(),
                     window_ms: f.family.window_ms,
+                    kind: f.family.kind.as_str(),
+                    burst: (f.family.kind == LimitKind::TokenBucket).then(|| f.capacity() as u64),
                     in_flight: f.in_flight,
                     windows: f.windows.clone(),
                 })
@@ -405,6 +598,7 @@ impl Org {
 #[derive(Clone, Copy)]
 struct Limits {
     token_permits: u64,
+    token_retry_after: RetryAfter,
     /// Simulated ms when the token's current window ends.
     token_end: f64,
     /// First and longest escalation penalty, simulated ms.
@@ -426,7 +620,7 @@ fn decide(
         return Err(Refusal {
             reason: "blocked:token".into(),
             limit: limits.token_permits,
-            retry_after_ms: wait,
+            retry_after_ms: limits.token_retry_after.round(wait),
         });
     }
     for &i in matching {
@@ -435,7 +629,7 @@ fn decide(
             return Err(Refusal {
                 reason: format!("blocked:{}", f.family.name),
                 limit: f.family.documented,
-                retry_after_ms: wait,
+                retry_after_ms: f.family.retry_after.round(wait),
             });
         }
     }
@@ -454,21 +648,22 @@ fn decide(
         return Err(Refusal {
             reason: "token".into(),
             limit: limits.token_permits,
-            retry_after_ms: limits.token_end - now,
+            retry_after_ms: limits.token_retry_after.round(limits.token_end - now),
         });
     }
     for &i in matching {
         let f = &mut families[i];
-        let hidden = f.hidden;
-        if f.current().served() >= hidden {
-            let end = f.window_end();
-            f.block.until = end;
+        if let Err(until) = f.room(now) {
+            f.block.until = until;
             return Err(Refusal {
                 reason: format!("family:{}", f.family.name),
                 limit: f.family.documented,
-                retry_after_ms: end - now,
+                retry_after_ms: f.family.retry_after.round(until - now),
             });
         }
+    }
+    for &i in matching {
+        families[i].take(now);
     }
     let slots: Vec<usize> = matching
         .iter()
@@ -496,6 +691,11 @@ pub(crate) struct OrgStats {
 pub(crate) struct FamilyStats {
     pub(crate) name: String,
     pub(crate) window_ms: u64,
+    /// `fixed_window`, `token_bucket` or `sliding_log`.
+    pub(crate) kind: &'static str,
+    /// Token bucket only: its capacity now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) burst: Option<u64>,
     pub(crate) in_flight: u64,
     pub(crate) windows: Vec<WindowStats>,
 }
@@ -518,7 +718,10 @@ pub(crate) struct WriteStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{FamilyConfig, ScheduleStep, SimConfig, UnmanagedStep};
+    use crate::config::{
+        FamilyConfig, LimitKind, RetryAfter, ScheduleStep, SimConfig, UnmanagedPattern,
+        UnmanagedStep,
+    };
 
     const QUERY: &str = "/api/v2/analytics/conversations/details/query";
 
@@ -580,11 +783,12 @@ mod tests {
     fn token_limit_and_headers() {
         let mut o = org(vec![], 2);
         let d = o.admit(100.0, "c", "GET", "/x");
-        assert_eq!((d.token_count, d.token_reset_ms), (1, 59_900.0));
+        let t = d.told.unwrap();
+        assert_eq!((t.count, t.reset_ms), (1, 59_900.0));
         o.admit(200.0, "c", "GET", "/x");
         let d = o.admit(300.0, "c", "GET", "/x");
         assert_eq!(reason(&d), Some("token"));
-        assert_eq!(d.token_count, 2);
+        assert_eq!(d.told.unwrap().count, 2);
         // Another token is not affected.
         assert!(o.admit(300.0, "e", "GET", "/x").verdict.is_ok());
         assert!(o.admit(60_000.0, "c", "GET", "/x").verdict.is_ok());
@@ -667,5 +871,188 @@ mod tests {
         assert_eq!((w.enforced_permits, w.max_concurrent), (1, None));
         assert_eq!(o.namespace("analytics").unwrap()[0].1, 60);
         assert!(o.namespace("users").is_none());
+    }
+
+    /// A family of `kind`: `permits` per `window_ms`, nothing else.
+    fn limited(kind: LimitKind, permits: u64, window_ms: u64) -> FamilyConfig {
+        FamilyConfig {
+            kind,
+            window_ms,
+            ..analytics(permits, None)
+        }
+    }
+
+    /// One client sending as fast as it is let (1 ms apart when served,
+    /// at the Retry-After when refused) for `until` ms: when it was served.
+    fn greedy(o: &mut Org, until: f64) -> Vec<f64> {
+        let (mut t, mut served) = (0.0, Vec::new());
+        while t < until {
+            match o.admit(t, "c", "POST", QUERY).verdict {
+                Ok(_) => {
+                    served.push(t);
+                    t += 1.0;
+                }
+                Err(r) => t += r.retry_after_ms,
+            }
+        }
+        served
+    }
+
+    #[test]
+    fn token_bucket_serves_its_burst_then_its_refill_rate() {
+        let mut f = limited(LimitKind::TokenBucket, 60, 60_000);
+        f.burst = Some(5);
+        let mut o = org(vec![f], 1_000);
+        for _ in 0..5 {
+            assert!(o.admit(0.0, "c", "POST", QUERY).verdict.is_ok());
+        }
+        let r = o.admit(0.0, "c", "POST", QUERY).verdict.unwrap_err();
+        assert_eq!(r.reason, "family:analytics-query");
+        assert!((r.retry_after_ms - 1_000.0).abs() < 1e-6, "{r:?}");
+        // One token a second after that; the block lasts to the token only.
+        assert!(o.admit(1_000.0, "c", "POST", QUERY).verdict.is_ok());
+        assert!(o.admit(1_500.0, "c", "POST", QUERY).verdict.is_err());
+        // Served over 2 minutes: the burst and one a second, no more.
+        let mut f = limited(LimitKind::TokenBucket, 60, 60_000);
+        f.burst = Some(5);
+        let mut o = org(vec![f], 1_000);
+        let served = greedy(&mut o, 120_000.0);
+        assert!((124..=126).contains(&served.len()), "{}", served.len());
+        for (i, &t) in served.iter().enumerate() {
+            // By time t at most burst + rate × t.
+            assert!(i as f64 + 1.0 <= 5.0 + t / 1_000.0 + 1e-6, "{i} at {t}");
+        }
+    }
+
+    #[test]
+    fn token_bucket_default_burst_is_the_permits_and_stats_say_so() {
+        let mut o = org(vec![limited(LimitKind::TokenBucket, 45, 60_000)], 1_000);
+        let served = greedy(&mut o, 60_000.0);
+        // 45 at once, then one every 1.33 s.
+        assert!((88..=90).contains(&served.len()), "{}", served.len());
+        let s = o.stats(60_000.0, "org-a");
+        assert_eq!(
+            (s.families[0].kind, s.families[0].burst),
+            ("token_bucket", Some(45))
+        );
+    }
+
+    #[test]
+    fn sliding_log_never_serves_more_than_n_in_any_window() {
+        let mut o = org(vec![limited(LimitKind::SlidingLog, 3, 10_000)], 1_000);
+        for t in [0.0, 4_000.0, 8_000.0] {
+            assert!(o.admit(t, "c", "POST", QUERY).verdict.is_ok());
+        }
+        let r = o.admit(9_000.0, "c", "POST", QUERY).verdict.unwrap_err();
+        assert_eq!(r.retry_after_ms, 1_000.0);
+        // The first request left the log at 10 s.
+        assert!(o.admit(10_000.0, "c", "POST", QUERY).verdict.is_ok());
+        assert!(o.admit(10_001.0, "c", "POST", QUERY).verdict.is_err());
+
+        let mut o = org(vec![limited(LimitKind::SlidingLog, 5, 10_000)], 10_000);
+        let served = greedy(&mut o, 60_000.0);
+        assert!(served.len() >= 25, "{}", served.len());
+        for pair in served.windows(6) {
+            assert!(pair[5] - pair[0] >= 10_000.0, "{pair:?}");
+        }
+        // A fixed window lets 2N through across a boundary.
+        let mut o = org(vec![limited(LimitKind::FixedWindow, 5, 10_000)], 10_000);
+        for t in [9_000.0, 9_001.0, 9_002.0, 9_003.0, 9_004.0] {
+            assert!(o.admit(t, "c", "POST", QUERY).verdict.is_ok());
+        }
+        let served = greedy(&mut o, 20_000.0);
+        assert_eq!(served.len(), 5);
+        assert!(served[4] - 9_000.0 < 10_000.0);
+    }
+
+    #[test]
+    fn whole_second_retry_after_rounds_up() {
+        assert_eq!(RetryAfter::WholeSeconds.round(1_333.3), 2_000.0);
+        assert_eq!(RetryAfter::WholeSeconds.round(2_000.000_1), 2_000.0);
+        assert_eq!(RetryAfter::WholeSeconds.round(0.4), 1_000.0);
+        assert_eq!(RetryAfter::Exact.round(1_333.3), 1_333.3);
+        let mut f = limited(LimitKind::TokenBucket, 45, 60_000);
+        f.burst = Some(1);
+        f.retry_after = RetryAfter::WholeSeconds;
+        let mut o = org(vec![f], 1_000);
+        assert!(o.admit(0.0, "c", "POST", QUERY).verdict.is_ok());
+        let r = o.admit(0.0, "c", "POST", QUERY).verdict.unwrap_err();
+        assert_eq!(r.retry_after_ms, 2_000.0);
+        // The block itself ends at the token (1.33 s), not at the rounding.
+        assert!(o.admit(1_334.0, "c", "POST", QUERY).verdict.is_ok());
+    }
+
+    #[test]
+    fn headers_tell_only_limits_that_tell() {
+        // Today's default: the token's limit only.
+        let mut o = org(vec![analytics(45, None)], 300);
+        let t = o.admit(0.0, "c", "POST", QUERY).told.unwrap();
+        assert_eq!((t.allowed, t.count), (300, 1));
+        // A silent org: no headers at all.
+        let mut silent = SimConfig::default().orgs.remove(0);
+        silent.token_tell = false;
+        silent.families = vec![limited(LimitKind::TokenBucket, 45, 60_000)];
+        let ready = silent.families.iter().map(|f| f.ready().unwrap()).collect();
+        let mut o = Org::new(&silent, ready, (1_000, 60_000));
+        assert_eq!(o.admit(0.0, "c", "POST", QUERY).told, None);
+        // A family that tells, with less left than the token: its figures.
+        let mut f = analytics(45, None);
+        f.tell = true;
+        let mut o = org(vec![f], 300);
+        o.admit(0.0, "c", "POST", QUERY);
+        let t = o.admit(1_000.0, "c", "POST", QUERY).told.unwrap();
+        assert_eq!((t.allowed, t.count, t.reset_ms), (45, 2, 59_000.0));
+        // Not on a route outside the family.
+        let t = o.admit(1_000.0, "c", "GET", "/x").told.unwrap();
+        assert_eq!(t.allowed, 300);
+    }
+
+    #[test]
+    fn unmanaged_patterns() {
+        let steps = vec![
+            UnmanagedStep {
+                at_ms: 0,
+                per_window: 2,
+            },
+            UnmanagedStep {
+                at_ms: 240_000,
+                per_window: 10,
+            },
+        ];
+        let mut f = analytics(100, None);
+        f.unmanaged = steps.clone();
+        f.unmanaged_pattern = UnmanagedPattern::Ramping;
+        let mut o = org(vec![f], 300);
+        let s = o.stats(360_000.0, "org-a");
+        let per_window: Vec<u64> = s.families[0].windows[..6]
+            .iter()
+            .map(|w| w.served_unmanaged)
+            .collect();
+        assert_eq!(per_window, [2, 4, 6, 8, 10, 10]);
+        // Bursty: a window's requests together, somewhere in its first half,
+        // and the burst empties a token bucket.
+        let mut f = limited(LimitKind::TokenBucket, 10, 60_000);
+        f.unmanaged = vec![UnmanagedStep {
+            at_ms: 0,
+            per_window: 12,
+        }];
+        f.unmanaged_pattern = UnmanagedPattern::Bursty;
+        let mut o = org(vec![f], 300);
+        let s = o.stats(59_999.0, "org-a");
+        let w = s.families[0].windows[0];
+        assert_eq!(w.served_unmanaged + w.refused_unmanaged, 12);
+        assert!(w.refused_unmanaged >= 1, "{w:?}");
+        let burst = (0..12)
+            .map(|k| o.families[0].unmanaged_offset(k, 12))
+            .collect::<Vec<_>>();
+        assert!(
+            burst[11] - burst[0] <= 110.0 && burst[11] < 60_000.0,
+            "{burst:?}"
+        );
+        // Steady: spread evenly (the default, as before).
+        let mut f = limited(LimitKind::SlidingLog, 100, 60_000);
+        f.unmanaged = steps;
+        let o = org(vec![f], 300);
+        assert_eq!(o.families[0].unmanaged_offset(1, 2), 45_000.0);
     }
 }

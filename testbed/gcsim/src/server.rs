@@ -234,14 +234,17 @@ impl Sim {
             status: status.as_u16(),
             reason,
         };
-        let rate_headers = [
-            ("inin-ratelimit-allowed", decision.token_permits.to_string()),
-            ("inin-ratelimit-count", decision.token_count.to_string()),
-            (
-                "inin-ratelimit-reset",
-                clock.header_secs(decision.token_reset_ms),
-            ),
-        ];
+        // None when no limit that applies tells (a silent org).
+        let rate_headers: Vec<(&'static str, String)> = decision
+            .told
+            .map(|t| {
+                vec![
+                    ("inin-ratelimit-allowed", t.allowed.to_string()),
+                    ("inin-ratelimit-count", t.count.to_string()),
+                    ("inin-ratelimit-reset", clock.header_secs(t.reset_ms)),
+                ]
+            })
+            .unwrap_or_default();
         let slots = match decision.verdict {
             Ok(slots) => slots,
             Err(refusal) => {

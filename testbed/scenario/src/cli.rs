@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
+use crate::confgen::UpstreamFile;
 use crate::error::Error;
 
 /// Runs the same fleet against fresh simulated Genesys Cloud orgs three ways
@@ -30,14 +31,22 @@ pub(crate) struct Args {
     /// scale 10. `--duration` / `--time-scale` override a preset.
     #[arg(long, value_enum)]
     pub(crate) preset: Option<Preset>,
-    /// Modes to run, in this order.
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "naive,local,broker"
-    )]
-    pub(crate) modes: Vec<ModeName>,
+    /// Modes to run, in this order (default: naive,local,broker; with
+    /// `--matrix`, broker).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub(crate) modes: Option<Vec<ModeName>>,
+    /// Run against the org in this gcsim config file instead of the
+    /// generated one (testbed/scenario/README.md says what it must
+    /// document); repeat it to run against each in turn.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) upstream: Vec<PathBuf>,
+    /// Run every `--upstream` file × every seed of `--seeds` and print one
+    /// table (or `--json`) of a few figures per cell.
+    #[arg(long, requires = "upstream")]
+    pub(crate) matrix: bool,
+    /// With `--matrix`: the seeds (default: `--seed`).
+    #[arg(long, value_delimiter = ',', requires = "matrix")]
+    pub(crate) seeds: Vec<u64>,
     /// Run this `gcsim` binary as the simulator (default: the gcsim library
     /// in this process, on its own socket).
     #[arg(long, value_name = "PATH")]
@@ -130,6 +139,10 @@ pub(crate) struct Spec {
     pub(crate) json: bool,
     /// Modes, in order.
     pub(crate) modes: Vec<ModeName>,
+    /// `--upstream` files, in order (empty: the generated org).
+    pub(crate) upstreams: Vec<UpstreamFile>,
+    /// `--matrix`: its seeds.
+    pub(crate) matrix: Option<Vec<u64>>,
     /// The simulator binary, if there is one to run.
     pub(crate) gcsim_bin: Option<PathBuf>,
     /// Where the broker comes from.
@@ -165,8 +178,13 @@ impl Args {
                 "--duration {duration_s} must be at least 60 (one window)"
             )));
         }
+        let default_modes = if self.matrix {
+            vec![ModeName::Broker]
+        } else {
+            vec![ModeName::Naive, ModeName::Local, ModeName::Broker]
+        };
         let mut modes = Vec::new();
-        for m in self.modes {
+        for m in self.modes.unwrap_or(default_modes) {
             if !modes.contains(&m) {
                 modes.push(m);
             }
@@ -216,12 +234,31 @@ impl Args {
                 None => BrokerSource::InProcess,
             },
         };
+        if chaos.is_some() && self.matrix {
+            return Err(Error::Usage(
+                "--chaos-kill-at and --matrix do not go together".into(),
+            ));
+        }
+        let upstreams = self
+            .upstream
+            .iter()
+            .map(|p| UpstreamFile::load(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let matrix = self.matrix.then(|| {
+            if self.seeds.is_empty() {
+                vec![self.seed]
+            } else {
+                self.seeds.clone()
+            }
+        });
         Ok(Spec {
             duration_s,
             scale,
             seed: self.seed,
             json: self.json,
             modes,
+            upstreams,
+            matrix,
             gcsim_bin,
             broker,
             keep_logs: self.keep_logs,
@@ -297,6 +334,50 @@ mod tests {
         assert_eq!((custom.duration_s, custom.scale), (600, 20.0));
         let modes = parse(&["--modes", "broker,naive,broker", "--broker-in-process"]).unwrap();
         assert_eq!(modes.modes, [ModeName::Broker, ModeName::Naive]);
+    }
+
+    #[test]
+    fn upstream_files_and_the_matrix() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/upstreams/");
+        let fixed = format!("{dir}genesys-fixed.toml");
+        let silent = format!("{dir}sliding-log-bursty.toml");
+        let two = parse(&[
+            "--upstream",
+            &fixed,
+            "--upstream",
+            &silent,
+            "--broker-in-process",
+        ])
+        .unwrap();
+        assert_eq!(two.upstreams.len(), 2);
+        assert_eq!(two.modes.len(), 3);
+        assert!(two.matrix.is_none());
+        let m = parse(&[
+            "--matrix",
+            "--upstream",
+            &fixed,
+            "--seeds",
+            "1,2",
+            "--broker-in-process",
+        ])
+        .unwrap();
+        assert_eq!(
+            (m.matrix, m.modes),
+            (Some(vec![1, 2]), vec![ModeName::Broker])
+        );
+        let m = parse(&[
+            "--matrix",
+            "--upstream",
+            &fixed,
+            "--seed",
+            "5",
+            "--broker-in-process",
+        ])
+        .unwrap();
+        assert_eq!(m.matrix, Some(vec![5]));
+        // The matrix needs files; a missing file is refused.
+        assert!(Args::try_parse_from(["scenario", "--matrix"]).is_err());
+        assert!(parse(&["--upstream", "/nonexistent.toml", "--broker-in-process"]).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use crate::cli::Spec;
+use crate::error::Error;
 
 /// The org every mode runs against.
 pub(crate) const ORG: &str = "org-a";
@@ -58,6 +59,135 @@ pub(crate) struct Plan {
     /// Conversations per day of history: enough that the ingestion cannot
     /// finish the day within the run, so its demand exceeds capacity all run.
     pub(crate) conversations_per_day: u64,
+    /// `--upstream FILE`: the org it describes replaces the generated one
+    /// (then `changes` and `unmanaged` are the file's).
+    pub(crate) upstream: Option<UpstreamFile>,
+}
+
+/// An org file of `--upstream`: a gcsim config (testbed/gcsim/README.md)
+/// whose org `org-a` the fleet runs against instead of the generated one.
+#[derive(Clone, Debug)]
+pub(crate) struct UpstreamFile {
+    /// The file's name without `.toml` (the matrix's row label).
+    pub(crate) name: String,
+    /// The file as TOML.
+    table: toml::Table,
+    /// Its analytics family in a line (the report's header).
+    pub(crate) summary: String,
+    /// Its analytics family's hidden-limit changes.
+    changes: Vec<LimitChange>,
+    /// Its analytics family's unmanaged steps (from ms, per window).
+    unmanaged: Vec<(u64, u64)>,
+    /// `conversations_per_day` of org-a as the file sets it.
+    conversations_per_day: u64,
+}
+
+impl UpstreamFile {
+    /// Reads and checks `path`: a valid gcsim config with org `org-a`
+    /// documenting what the broker's config and local mode are set up
+    /// with (token 300, analytics 60, writes 300, each per 60 s), and the
+    /// two families by their names. What it enforces, and how, is free.
+    pub(crate) fn load(path: &Path) -> Result<UpstreamFile, Error> {
+        let bad = |why: String| Error::Usage(format!("--upstream {}: {why}", path.display()));
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let table: toml::Table = text.parse().map_err(|e| bad(format!("{e}")))?;
+        let config = gcsim::SimConfig::from_toml(&text).map_err(|e| bad(e.to_string()))?;
+        config.check().map_err(|e| bad(e.to_string()))?;
+        let org = config
+            .orgs
+            .iter()
+            .find(|o| o.id == ORG)
+            .ok_or_else(|| bad(format!("no [[orgs]] with id = \"{ORG}\"")))?;
+        let documented = format!(
+            "the broker and local mode are set up with the documented limits (token \
+             {TOKEN_PERMITS}, {ANALYTICS} {ANALYTICS_DOCUMENTED}, {WRITES} {WRITES_PERMITS}, \
+             each per {WINDOW_MS} ms): the file must document those (what it enforces is free)"
+        );
+        if (org.token_permits, org.token_window_ms) != (TOKEN_PERMITS, WINDOW_MS) {
+            return Err(bad(documented));
+        }
+        let family = |name: &str, permits: u64| {
+            org.families
+                .iter()
+                .find(|f| f.name == name)
+                .filter(|f| (f.documented_permits, f.window_ms) == (permits, WINDOW_MS))
+        };
+        let (Some(analytics), Some(_)) = (
+            family(ANALYTICS, ANALYTICS_DOCUMENTED),
+            family(WRITES, WRITES_PERMITS),
+        ) else {
+            return Err(bad(format!(
+                "needs families {ANALYTICS} and {WRITES}; {documented}"
+            )));
+        };
+        let mut steps = analytics.schedule.clone();
+        steps.sort_by_key(|s| s.at_ms);
+        let mut from = analytics
+            .hidden_permits
+            .unwrap_or(analytics.documented_permits);
+        let first = from;
+        let changes = steps
+            .iter()
+            .map(|s| {
+                let c = LimitChange {
+                    at_ms: s.at_ms,
+                    from,
+                    to: s.hidden_permits,
+                };
+                from = s.hidden_permits;
+                c
+            })
+            .collect();
+        let mut unmanaged: Vec<(u64, u64)> = analytics
+            .unmanaged
+            .iter()
+            .map(|s| (s.at_ms, s.per_window))
+            .collect();
+        unmanaged.sort_unstable();
+        let mut summary = format!(
+            "{} (file {}): {ANALYTICS} {}",
+            path.file_stem()
+                .map_or_else(String::new, |s| s.to_string_lossy().into_owned()),
+            path.display(),
+            analytics.kind.as_str()
+        );
+        if analytics.kind == gcsim::LimitKind::TokenBucket {
+            let _ = write!(summary, " (burst {})", analytics.burst.unwrap_or(first));
+        }
+        let _ = write!(
+            summary,
+            ", documented {}, hidden {first}, max concurrent {}, {}, Retry-After {}; unmanaged {}",
+            analytics.documented_permits,
+            analytics
+                .max_concurrent
+                .map_or_else(|| "none".into(), |n| n.to_string()),
+            match (org.token_tell, analytics.tell) {
+                (_, true) => "tells its limit in headers",
+                (true, false) => "headers tell the token limit only",
+                (false, false) => "silent (no rate-limit headers)",
+            },
+            match analytics.retry_after {
+                gcsim::RetryAfter::Exact => "exact",
+                gcsim::RetryAfter::WholeSeconds => "whole seconds",
+            },
+            match analytics.unmanaged_pattern {
+                gcsim::UnmanagedPattern::Steady => "steady",
+                gcsim::UnmanagedPattern::Bursty => "bursty",
+                gcsim::UnmanagedPattern::Ramping => "ramping",
+            }
+        );
+        Ok(UpstreamFile {
+            name: path.file_stem().map_or_else(
+                || path.display().to_string(),
+                |s| s.to_string_lossy().into_owned(),
+            ),
+            table,
+            summary,
+            changes,
+            unmanaged,
+            conversations_per_day: org.conversations_per_day,
+        })
+    }
 }
 
 impl Plan {
@@ -88,11 +218,45 @@ impl Plan {
             // At most the documented 60 pages of 100 per minute could be
             // fetched: 100 conversations per second of run is more than that.
             conversations_per_day: (100 * duration_s).max(20_000),
+            upstream: None,
         }
     }
 
-    /// The simulator's config file.
+    /// The plan of a run of `duration_s` against `file`'s org: its own
+    /// hidden-limit changes (those within the run) and unmanaged consumer.
+    pub(crate) fn with_upstream(duration_s: u64, file: UpstreamFile) -> Plan {
+        let mut plan = Plan::new(duration_s);
+        plan.changes = file
+            .changes
+            .iter()
+            .copied()
+            .filter(|c| c.at_ms < plan.duration_ms)
+            .collect();
+        plan.unmanaged = file.unmanaged.clone();
+        plan.conversations_per_day = plan.conversations_per_day.max(file.conversations_per_day);
+        plan.upstream = Some(file);
+        plan
+    }
+
+    /// The simulator's config file: generated, or the `--upstream` file
+    /// with the run's scale and seed, and enough history for the run.
     pub(crate) fn sim_toml(&self, spec: &Spec) -> String {
+        if let Some(file) = &self.upstream {
+            let mut table = file.table.clone();
+            table.insert("time_scale".into(), toml::Value::Float(spec.scale));
+            table.insert("seed".into(), toml::Value::Integer(spec.seed as i64));
+            if let Some(orgs) = table.get_mut("orgs").and_then(|o| o.as_array_mut()) {
+                for org in orgs.iter_mut().filter_map(|o| o.as_table_mut()) {
+                    if org.get("id").and_then(|v| v.as_str()) == Some(ORG) {
+                        org.insert(
+                            "conversations_per_day".into(),
+                            toml::Value::Integer(self.conversations_per_day as i64),
+                        );
+                    }
+                }
+            }
+            return toml::to_string(&table).unwrap_or_default();
+        }
         let mut s = String::new();
         // Writing to a String cannot fail.
         let _ = writeln!(s, "time_scale = {:?}\nseed = {}\n", spec.scale, spec.seed);
@@ -248,6 +412,73 @@ mod tests {
         assert_eq!(families[0]["hidden_permits"].as_integer(), Some(45));
     }
 
+    fn shipped(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("upstreams")
+            .join(name)
+    }
+
+    #[test]
+    fn genesys_fixed_file_is_the_generated_org_at_300_s() {
+        let spec = test_spec();
+        let file = UpstreamFile::load(&shipped("genesys-fixed.toml")).unwrap();
+        assert_eq!(file.name, "genesys-fixed");
+        let generated = Plan::new(300);
+        let from_file = Plan::with_upstream(300, file);
+        let parse = |t: &str| format!("{:?}", gcsim::SimConfig::from_toml(t).unwrap());
+        assert_eq!(
+            parse(&from_file.sim_toml(&spec)),
+            parse(&generated.sim_toml(&spec))
+        );
+        assert_eq!(from_file.unmanaged, generated.unmanaged);
+        assert_eq!(
+            format!("{:?}", from_file.changes),
+            format!("{:?}", generated.changes)
+        );
+    }
+
+    #[test]
+    fn every_shipped_upstream_loads_and_gets_the_runs_scale_and_seed() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("upstreams");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let file = UpstreamFile::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            let text = Plan::with_upstream(120, file).sim_toml(&test_spec());
+            let config = gcsim::SimConfig::from_toml(&text).unwrap();
+            config.check().unwrap();
+            assert_eq!((config.time_scale, config.seed), (10.0, 7));
+            assert!(config.orgs[0].conversations_per_day >= 20_000);
+            n += 1;
+        }
+        assert!(n >= 3);
+        let silent = UpstreamFile::load(&shipped("token-bucket-silent.toml")).unwrap();
+        assert!(
+            silent.summary.contains("token_bucket"),
+            "{}",
+            silent.summary
+        );
+        assert!(silent.summary.contains("silent"), "{}", silent.summary);
+        assert!(silent.changes.is_empty());
+    }
+
+    #[test]
+    fn an_upstream_must_document_what_the_broker_is_told() {
+        let dir = std::env::temp_dir().join(format!("scenario-upstream-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        let text = std::fs::read_to_string(shipped("genesys-fixed.toml"))
+            .unwrap()
+            .replace("documented_permits = 60", "documented_permits = 50");
+        std::fs::write(&path, text).unwrap();
+        let err = UpstreamFile::load(&path).unwrap_err().to_string();
+        assert!(err.contains("must document"), "{err}");
+        std::fs::write(&path, "[[orgs]]\nid = \"org-b\"").unwrap();
+        assert!(UpstreamFile::load(&path).is_err());
+        assert!(UpstreamFile::load(&dir.join("missing.toml")).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     fn test_spec() -> Spec {
         Spec {
             duration_s: 300,
@@ -255,6 +486,8 @@ mod tests {
             seed: 7,
             json: false,
             modes: vec![],
+            upstreams: vec![],
+            matrix: None,
             gcsim_bin: None,
             broker: crate::cli::BrokerSource::InProcess,
             keep_logs: None,

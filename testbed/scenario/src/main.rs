@@ -20,6 +20,7 @@
 //! - `run`: one mode start to finish → a [`run::ModeResult`].
 //! - `trace`: broker mode's samples of the broker's analytics bucket.
 //! - `report`: the table, the JSON, the broker's targets.
+//! - `matrix`: `--matrix`: upstream files × seeds, a few figures per cell.
 //!
 //! Time: everything the table shows is simulated time; real time is
 //! simulated time divided by `--time-scale`, in the simulator and in the
@@ -34,6 +35,7 @@ mod clock;
 mod confgen;
 mod error;
 mod fleet;
+mod matrix;
 mod measure;
 mod modes;
 mod report;
@@ -50,6 +52,7 @@ use crate::children::WorkDir;
 use crate::cli::{Args, Spec};
 use crate::confgen::Plan;
 use crate::error::Error;
+use crate::matrix::Matrix;
 use crate::report::Report;
 
 fn main() -> ExitCode {
@@ -77,13 +80,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(&spec)) {
-        Ok(report) => {
-            if spec.json {
-                println!("{}", report.json());
-            } else {
-                print!("{}", report.table());
-            }
+    match runtime.block_on(output(&spec)) {
+        Ok(text) => {
+            print!("{text}");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -93,9 +92,63 @@ fn main() -> ExitCode {
     }
 }
 
+/// What the run prints: the matrix; or one report per upstream (the
+/// generated org when no `--upstream` is given), as tables or as JSON (an
+/// object, or an array of them for several upstreams).
+async fn output(spec: &Spec) -> Result<String, Error> {
+    if let Some(seeds) = &spec.matrix {
+        let mut matrix = Matrix::new(spec);
+        for file in &spec.upstreams {
+            for &seed in seeds {
+                // Each cell keeps its logs in its own directory.
+                let spec = Spec {
+                    seed,
+                    keep_logs: spec
+                        .keep_logs
+                        .as_ref()
+                        .map(|d| d.join(format!("{}-seed{seed}", file.name))),
+                    ..spec.clone()
+                };
+                eprintln!("scenario: matrix cell {} seed {seed}", file.name);
+                let plan = Plan::with_upstream(spec.duration_s, file.clone());
+                matrix.add(&file.name, seed, &run(&spec, &plan).await?);
+            }
+        }
+        return Ok(if spec.json {
+            format!("{}\n", matrix.json())
+        } else {
+            matrix.table()
+        });
+    }
+    let plans: Vec<Plan> = if spec.upstreams.is_empty() {
+        vec![Plan::new(spec.duration_s)]
+    } else {
+        spec.upstreams
+            .iter()
+            .map(|f| Plan::with_upstream(spec.duration_s, f.clone()))
+            .collect()
+    };
+    let mut reports = Vec::new();
+    for plan in &plans {
+        reports.push(run(spec, plan).await?);
+    }
+    Ok(match (spec.json, &reports[..]) {
+        (true, [one]) => format!("{}\n", one.json()),
+        (true, _) => format!(
+            "{}\n",
+            serde_json::to_string_pretty(&reports)
+                .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        ),
+        (false, _) => reports
+            .iter()
+            .map(Report::table)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    })
+}
+
 /// Every mode in turn, each against fresh processes.
-async fn run(spec: &Spec) -> Result<Report, Error> {
-    let plan = Plan::new(spec.duration_s);
+async fn run(spec: &Spec, plan: &Plan) -> Result<Report, Error> {
     let dir = WorkDir::create()?;
     let mut results = Vec::new();
     let n = spec.modes.len();
@@ -108,7 +161,7 @@ async fn run(spec: &Spec) -> Result<Report, Error> {
             spec.duration_s,
             spec.scale
         );
-        let result = run::run_mode(spec, &plan, &dir, mode).await?;
+        let result = run::run_mode(spec, plan, &dir, mode).await?;
         eprintln!(
             "scenario: {} done in {:.1} real s: {} requests, {} 429s, {} records lost",
             mode.as_str(),
@@ -119,5 +172,5 @@ async fn run(spec: &Spec) -> Result<Report, Error> {
         );
         results.push(result);
     }
-    Ok(Report::new(spec, &plan, results))
+    Ok(Report::new(spec, plan, results))
 }

@@ -225,10 +225,12 @@ pub(crate) fn quiet_critical(calls: &[(f64, f64)], family: Option<&FamilyStats>)
         .unwrap_or_default();
     let window_ms = family.map_or(WINDOW_MS, |f| f.window_ms).max(1) as f64;
     let index = |ms: f64| (ms / window_ms) as u64;
-    let mut h = wait_histogram();
+    let (mut h, mut in_loud) = (wait_histogram(), wait_histogram());
     for &(wanted, waited) in calls {
         let (from, to) = (index(wanted), index(wanted + waited));
-        if !loud.iter().any(|w| (from..=to).contains(w)) {
+        if loud.iter().any(|w| (from..=to).contains(w)) {
+            record(&mut in_loud, waited);
+        } else {
             record(&mut h, waited);
         }
     }
@@ -236,6 +238,7 @@ pub(crate) fn quiet_critical(calls: &[(f64, f64)], family: Option<&FamilyStats>)
         loud_windows: loud,
         of: calls.len() as u64,
         waits: WaitStats::of(&h),
+        loud_waits: WaitStats::of(&in_loud),
     }
 }
 
@@ -248,6 +251,8 @@ pub(crate) struct QuietWaits {
     pub(crate) of: u64,
     /// Waits of those in the other windows.
     pub(crate) waits: WaitStats,
+    /// Waits of those that began or ended in a window with a 429.
+    pub(crate) loud_waits: WaitStats,
 }
 
 /// Wait percentiles of one class, simulated ms.
@@ -434,7 +439,14 @@ pub(crate) struct LimitCheck {
 /// end, or, when a change fell inside it (not on its start), the larger of
 /// that and the limit before the change (what was served before a drop
 /// counted against the old limit).
+///
+/// A token bucket may serve its capacity on top of a window's refill in
+/// one aligned window, so its limit in a window is that much higher.
 pub(crate) fn limit_check(family: &FamilyStats, changes: &[LimitChange]) -> LimitCheck {
+    let burst = match family.kind.as_deref() {
+        Some("token_bucket") => family.burst.unwrap_or(0),
+        _ => 0,
+    };
     let limit_of = |w: &WindowStats| {
         let end = w.start_ms + family.window_ms;
         changes
@@ -442,6 +454,7 @@ pub(crate) fn limit_check(family: &FamilyStats, changes: &[LimitChange]) -> Limi
             .filter(|c| c.at_ms > w.start_ms && c.at_ms < end)
             .map(|c| c.from)
             .fold(w.enforced_permits, u64::max)
+            + burst
     };
     let served = |w: &WindowStats| w.served_fleet + w.served_unmanaged;
     let busiest = family
@@ -509,6 +522,8 @@ mod tests {
         FamilyStats {
             name: "analytics-query".into(),
             window_ms: 60_000,
+            kind: None,
+            burst: None,
             windows,
         }
     }
@@ -613,5 +628,27 @@ mod tests {
         assert!((w.p50_ms - 50.0).abs() < 0.1, "{w:?}");
         assert!((w.p99_ms - 99.0).abs() < 0.1, "{w:?}");
         assert_eq!(m.waits()["batch"].count, 0);
+    }
+
+    #[test]
+    fn a_token_bucket_may_serve_its_burst_on_top_of_a_window() {
+        let mut f = family(vec![window(0, 45, 50, 5, 0), window(1, 45, 40, 5, 0)]);
+        assert_eq!(limit_check(&f, &[]).served_over, 10);
+        f.kind = Some("token_bucket".into());
+        f.burst = Some(10);
+        assert_eq!(limit_check(&f, &[]).served_over, 0);
+        f.burst = Some(9);
+        assert_eq!(limit_check(&f, &[]).windows_over, [0]);
+    }
+
+    #[test]
+    fn critical_waits_inside_and_outside_windows_with_a_429() {
+        let f = family(vec![window(0, 45, 40, 5, 0), window(1, 45, 40, 5, 2)]);
+        let q = quiet_critical(
+            &[(1_000.0, 5.0), (59_000.0, 2_000.0), (70_000.0, 9.0)],
+            Some(&f),
+        );
+        assert_eq!((q.waits.count, q.loud_waits.count), (1, 2));
+        assert_eq!(q.loud_windows, [1]);
     }
 }

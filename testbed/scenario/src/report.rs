@@ -41,6 +41,10 @@ pub(crate) struct Report {
     pub(crate) changes: Vec<LimitChange>,
     /// Unmanaged consumer: (from simulated ms, requests per window).
     pub(crate) unmanaged: Vec<(u64, u64)>,
+    /// `--upstream`: the file and its analytics family in a line (None:
+    /// the generated org).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) upstream: Option<String>,
     /// Per mode, in the order run.
     pub(crate) modes: Vec<ModeResult>,
     /// Broker mode's targets (empty when it did not run).
@@ -59,6 +63,7 @@ impl Report {
             window_ms: WINDOW_MS,
             changes: plan.changes.clone(),
             unmanaged: plan.unmanaged.clone(),
+            upstream: plan.upstream.as_ref().map(|f| f.summary.clone()),
             modes,
             targets,
         }
@@ -89,10 +94,16 @@ impl Report {
             self.time_scale,
             self.window_ms / 1000
         );
+        if let Some(upstream) = &self.upstream {
+            let _ = writeln!(out, "upstream {upstream}");
+        }
+        let hidden = match self.changes.first() {
+            Some(c) => format!("hidden {}, {}", c.from, changes.join(", ")),
+            None => "no hidden-limit change in the run".into(),
+        };
         let _ = writeln!(
             out,
-            "org-a analytics-query: documented 60, hidden 45, {}; unmanaged {}\n",
-            changes.join(", "),
+            "org-a analytics-query: documented 60, {hidden}; unmanaged {}\n",
             unmanaged.join(", ")
         );
         let mut rows: Vec<(String, Vec<String>)> = Vec::new();

@@ -214,6 +214,12 @@ pub(crate) struct FamilyStats {
     pub(crate) name: String,
     /// Window length, simulated ms.
     pub(crate) window_ms: u64,
+    /// `fixed_window`, `token_bucket` or `sliding_log` (absent: fixed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) kind: Option<String>,
+    /// A token bucket's capacity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) burst: Option<u64>,
     /// Every window from 0 to the current one.
     #[serde(default)]
     pub(crate) windows: Vec<WindowStats>,

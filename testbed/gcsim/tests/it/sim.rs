@@ -383,3 +383,34 @@ fn binary_prints_its_address_and_exits_when_stdin_closes() {
         }
     }
 }
+
+/// A silent token bucket over HTTP: no `inin-ratelimit-*` headers at all,
+/// a whole-second Retry-After (in real seconds at the time scale), and the
+/// stats name the kind and the capacity.
+#[tokio::test(start_paused = true)]
+async fn silent_token_bucket_sends_only_429_and_whole_second_retry_after() {
+    let mut c = config(45, None, 0);
+    c.time_scale = 10.0;
+    c.orgs[0].token_tell = false;
+    let f = &mut c.orgs[0].families[0];
+    f.kind = gcsim::LimitKind::TokenBucket;
+    f.burst = Some(2);
+    f.retry_after = gcsim::RetryAfter::WholeSeconds;
+    let (sim, http) = start(c).await;
+    for _ in 0..2 {
+        let r = http.query("org-a:ingest", &page_body(1, 1)).await;
+        assert_eq!(r.status, 200, "{}", r.json);
+        assert!(r.headers.get("inin-ratelimit-allowed").is_none());
+    }
+    let r = http.query("org-a:ingest", &page_body(1, 1)).await;
+    assert_eq!(r.status, 429, "{}", r.json);
+    assert!(r.headers.get("inin-ratelimit-count").is_none());
+    // The next token is 1.33 simulated s away (less the 0.8 s the two
+    // queries took): rounded up to 1 simulated s = 0.1 real s at ×10.
+    assert_eq!(r.header("retry-after"), "0.100");
+    let stats = http.get("/_sim/stats").await;
+    let family = &stats["orgs"][0]["families"][0];
+    assert_eq!(family["kind"], "token_bucket");
+    assert_eq!(family["burst"], 2);
+    sim.shutdown().await;
+}

@@ -1,0 +1,196 @@
+//! `--matrix`: the fleet against every `--upstream` file × every seed (broker
+//! mode by default), one row per cell with a few of the report's figures.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::cli::{ModeName, Spec};
+use crate::report::Report;
+use crate::run::ModeResult;
+
+/// One upstream × seed × mode.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Cell {
+    /// The upstream file's name (without `.toml`).
+    pub(crate) upstream: String,
+    /// Seed.
+    pub(crate) seed: u64,
+    /// Mode.
+    pub(crate) mode: ModeName,
+    /// Analytics served to the fleet / (enforced − the unmanaged consumer's
+    /// requests, served or not), over the run's whole windows.
+    pub(crate) goodput_of_left: Option<f64>,
+    /// Analytics served to the fleet / (enforced − what the unmanaged
+    /// consumer was served).
+    pub(crate) goodput_of_available: Option<f64>,
+    /// The fleet's 429s / its requests (every family).
+    pub(crate) ratio_429: f64,
+    /// The fleet's 429s.
+    pub(crate) refused: u64,
+    /// Critical waits (sim ms) of calls in windows where the fleet took no
+    /// analytics 429: p50, p99, count.
+    pub(crate) critical_outside: (f64, f64, u64),
+    /// Critical waits of calls that began or ended in a window where it
+    /// took one (the upstream's blocks).
+    pub(crate) critical_inside: (f64, f64, u64),
+    /// Batch (ingestion) p99 wait, sim ms.
+    pub(crate) batch_p99_ms: f64,
+    /// Ingest and write records lost.
+    pub(crate) records_lost: u64,
+    /// Requests the upstream served beyond a limit (0 by construction).
+    pub(crate) served_over: u64,
+    /// The upstream file's analytics family in a line.
+    pub(crate) upstream_summary: String,
+}
+
+impl Cell {
+    fn new(upstream: &str, seed: u64, summary: &str, m: &ModeResult) -> Cell {
+        let q = &m.critical_quiet;
+        let wait = |w: &crate::measure::WaitStats| (w.p50_ms, w.p99_ms, w.count);
+        Cell {
+            upstream: upstream.to_owned(),
+            seed,
+            mode: m.mode,
+            goodput_of_left: m.analytics.fair_share,
+            goodput_of_available: m.analytics.share,
+            ratio_429: m.requests.ratio,
+            refused: m.requests.refused,
+            critical_outside: wait(&q.waits),
+            critical_inside: wait(&q.loud_waits),
+            batch_p99_ms: m.wait.get("batch").map_or(0.0, |w| w.p99_ms),
+            records_lost: m.records.ingest.lost + m.records.writes.lost,
+            served_over: m.limits.iter().map(|l| l.served_over).sum(),
+            upstream_summary: summary.to_owned(),
+        }
+    }
+}
+
+/// Every cell of a matrix run.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Matrix {
+    /// The command line.
+    pub(crate) command: String,
+    /// Simulated seconds of production per cell.
+    pub(crate) duration_s: u64,
+    /// Simulated seconds per real second.
+    pub(crate) time_scale: f64,
+    /// Upstream × seed × mode, in the order run.
+    pub(crate) cells: Vec<Cell>,
+}
+
+impl Matrix {
+    /// An empty matrix for `spec`.
+    pub(crate) fn new(spec: &Spec) -> Matrix {
+        Matrix {
+            command: spec.command.clone(),
+            duration_s: spec.duration_s,
+            time_scale: spec.scale,
+            cells: Vec::new(),
+        }
+    }
+
+    /// The cells of one run (one per mode).
+    pub(crate) fn add(&mut self, upstream: &str, seed: u64, report: &Report) {
+        let summary = report.upstream.as_deref().unwrap_or("generated");
+        for m in &report.modes {
+            self.cells.push(Cell::new(upstream, seed, summary, m));
+        }
+    }
+
+    /// The JSON object.
+    pub(crate) fn json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// The table: one row per cell, then each upstream's summary.
+    pub(crate) fn table(&self) -> String {
+        let pct = |s: Option<f64>| s.map_or("-".into(), |s| format!("{:.1}%", 100.0 * s));
+        let ms = |v: f64| {
+            if v < 10.0 {
+                format!("{v:.1}")
+            } else {
+                format!("{v:.0}")
+            }
+        };
+        let waits = |(p50, p99, n): (f64, f64, u64)| {
+            if n == 0 {
+                "- (0)".into()
+            } else {
+                format!("{} / {} ({n})", ms(p50), ms(p99))
+            }
+        };
+        let head = [
+            "upstream",
+            "seed",
+            "mode",
+            "goodput/left",
+            "goodput/avail",
+            "429s (ratio)",
+            "critical p50/p99 outside blocks",
+            "critical p50/p99 inside",
+            "batch p99",
+            "lost",
+            "over limit",
+        ];
+        let rows: Vec<Vec<String>> = self
+            .cells
+            .iter()
+            .map(|c| {
+                vec![
+                    c.upstream.clone(),
+                    c.seed.to_string(),
+                    c.mode.as_str().to_owned(),
+                    pct(c.goodput_of_left),
+                    pct(c.goodput_of_available),
+                    format!("{} ({:.2}%)", c.refused, 100.0 * c.ratio_429),
+                    waits(c.critical_outside),
+                    waits(c.critical_inside),
+                    ms(c.batch_p99_ms),
+                    c.records_lost.to_string(),
+                    c.served_over.to_string(),
+                ]
+            })
+            .collect();
+        let widths: Vec<usize> = (0..head.len())
+            .map(|i| {
+                rows.iter()
+                    .map(|r| r[i].chars().count())
+                    .chain([head[i].len()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut out = String::new();
+        let _ = writeln!(out, "scenario matrix: {}", self.command);
+        let _ = writeln!(
+            out,
+            "{} s simulated per cell at time scale {}; waits in simulated ms\n",
+            self.duration_s, self.time_scale
+        );
+        let line = |out: &mut String, cells: &[&str]| {
+            for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+                let sep = if i == 0 { "" } else { "  " };
+                if i < 3 {
+                    let _ = write!(out, "{sep}{c:<w$}");
+                } else {
+                    let _ = write!(out, "{sep}{c:>w$}");
+                }
+            }
+            out.push('\n');
+        };
+        line(&mut out, &head);
+        for r in &rows {
+            line(&mut out, &r.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+        out.push('\n');
+        let mut seen = Vec::new();
+        for c in &self.cells {
+            if !seen.contains(&&c.upstream) {
+                seen.push(&c.upstream);
+                let _ = writeln!(out, "{}", c.upstream_summary);
+            }
+        }
+        out
+    }
+}
