@@ -163,17 +163,23 @@ async fn report_and_the_tower_layer_tell_the_broker_about_429s() {
     b.stop().await;
 }
 
+/// A client of `b` that falls back to `floor_per_min` (half its recent
+/// grants) and probes every `probe_s` seconds, and a critical call.
+fn fallback_client(b: &Broker, floor_per_min: u32, probe_s: u64) -> (BrokerClient, Call) {
+    let settings = FallbackSettings {
+        fraction: 0.5,
+        floor_per_min,
+        probe_every: Duration::from_secs(probe_s),
+    };
+    let client = BrokerClient::with_fallback(&b.url(), None, settings).unwrap();
+    (client, Call::new("t", "GET", "/x").class("critical"))
+}
+
 #[tokio::test(start_paused = true)]
 async fn falls_back_to_a_paced_local_limiter_and_returns_to_the_broker() {
     let b = broker_on("127.0.0.1:0").await;
     let addr = b.addr;
-    let settings = FallbackSettings {
-        fraction: 0.5,
-        floor_per_min: 60,
-        probe_every: Duration::from_secs(5),
-    };
-    let client = BrokerClient::with_fallback(&b.url(), None, settings).unwrap();
-    let call = Call::new("t", "GET", "/x").class("critical");
+    let (client, call) = fallback_client(&b, 60, 5);
     for _ in 0..4 {
         assert!(!client.acquire(&call).await.unwrap().is_fallback());
     }
@@ -208,13 +214,7 @@ async fn falls_back_to_a_paced_local_limiter_and_returns_to_the_broker() {
 async fn calls_waiting_on_the_fallback_take_leases_once_the_broker_is_back() {
     let b = broker_on("127.0.0.1:0").await;
     let addr = b.addr;
-    let settings = FallbackSettings {
-        fraction: 0.5,
-        floor_per_min: 6,
-        probe_every: Duration::from_secs(1),
-    };
-    let client = BrokerClient::with_fallback(&b.url(), None, settings).unwrap();
-    let call = Call::new("t", "GET", "/x").class("critical");
+    let (client, call) = fallback_client(&b, 6, 1);
     assert!(!client.acquire(&call).await.unwrap().is_fallback());
     b.stop().await;
     // The first call takes the local limiter's one permit; five more wait
@@ -244,13 +244,7 @@ async fn calls_waiting_on_the_fallback_take_leases_once_the_broker_is_back() {
 async fn outcomes_from_the_outage_are_reported_once_the_broker_is_back() {
     let b = broker_on("127.0.0.1:0").await;
     let addr = b.addr;
-    let settings = FallbackSettings {
-        fraction: 0.5,
-        floor_per_min: 600,
-        probe_every: Duration::from_secs(1),
-    };
-    let client = BrokerClient::with_fallback(&b.url(), None, settings).unwrap();
-    let call = Call::new("t", "GET", "/x").class("critical");
+    let (client, call) = fallback_client(&b, 600, 1);
     b.stop().await;
     let mut throttled = http::HeaderMap::new();
     throttled.insert("retry-after", "600".parse().unwrap());
