@@ -83,11 +83,22 @@ impl fmt::Display for Error {
             Error::Unreachable { url, detail } => {
                 write!(f, "cannot reach the broker at {url}: {}", one_line(detail))
             }
-            Error::Lost { url, detail } => write!(
-                f,
-                "lost the connection to the broker at {url}: {}",
-                one_line(detail)
-            ),
+            Error::Lost { url, detail } => {
+                write!(
+                    f,
+                    "lost the connection to the broker at {url}: {}",
+                    one_line(detail)
+                )?;
+                // A broker with [server.tls] drops a plaintext client during
+                // the handshake; h2's own words for it are no help.
+                if url.starts_with("http://") {
+                    write!(
+                        f,
+                        " (if the broker serves TLS, use an https:// URL, with --ca-cert for a private CA)"
+                    )?;
+                }
+                Ok(())
+            }
             Error::Rpc { code, message } => {
                 let message = one_line(message);
                 if message.is_empty() {

@@ -149,6 +149,16 @@ async fn status_over_mutual_tls_with_flags_or_environment() {
     let json = String::from_utf8_lossy(&out.stdout);
     assert!(json.contains("\"bucket\": \"org\""), "{json}");
 
+    // Plaintext against the TLS port: one line that says what to do.
+    let plain = url.replacen("https://", "http://", 1);
+    let out = quotactl(&["status", "--broker", &plain, "--token", ADMIN], &[]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("use an https:// URL"),
+        "{}",
+        stderr(&out)
+    );
+
     let out = quotactl(
         &["status"],
         &[
