@@ -90,7 +90,7 @@ impl fmt::Display for Error {
                     one_line(detail)
                 )?;
                 // A broker with [server.tls] drops a plaintext client during
-                // the handshake; h2's own words for it are no help.
+                // the handshake, which looks like any broken connection.
                 if url.starts_with("http://") {
                     write!(
                         f,
@@ -230,7 +230,8 @@ mod tests {
         let e = Error::status("http://b:1", tonic::Status::from_error(Box::new(io)));
         assert_eq!(
             e.to_string(),
-            "lost the connection to the broker at http://b:1: stream closed because of a broken pipe"
+            "lost the connection to the broker at http://b:1: stream closed because of a broken pipe \
+             (if the broker serves TLS, use an https:// URL, with --ca-cert for a private CA)"
         );
         // The same code sent by the broker stays an RPC error.
         let e = Error::status("http://b:1", tonic::Status::unavailable("shutting down"));
