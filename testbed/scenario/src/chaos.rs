@@ -181,6 +181,16 @@ pub(crate) struct Phases {
     pub(crate) later: Phase,
 }
 
+impl Phases {
+    /// `count` of each phase, in order, as "before / during / after / later".
+    pub(crate) fn each(&self, count: impl Fn(&Phase) -> u64) -> String {
+        [&self.before, &self.during, &self.after, &self.later]
+            .map(count)
+            .map(|n| n.to_string())
+            .join(" / ")
+    }
+}
+
 /// What the restarted broker's own log says (`--keep-logs DIR` keeps the
 /// logs themselves).
 #[derive(Clone, Debug, Serialize)]

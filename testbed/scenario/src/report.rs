@@ -304,34 +304,13 @@ fn chaos_rows(row: &mut AddRow<'_>) {
         })
     });
     row("  requests before / during / window after / later", &|m| {
-        chaos_cell(m, |c| {
-            let p = &c.phases;
-            format!(
-                "{} / {} / {} / {}",
-                p.before.requests, p.during.requests, p.after.requests, p.later.requests
-            )
-        })
+        chaos_cell(m, |c| c.phases.each(|p| p.requests))
     });
     row("  429s before / during / window after / later", &|m| {
-        chaos_cell(m, |c| {
-            let p = &c.phases;
-            format!(
-                "{} / {} / {} / {}",
-                p.before.refused, p.during.refused, p.after.refused, p.later.refused
-            )
-        })
+        chaos_cell(m, |c| c.phases.each(|p| p.refused))
     });
     row("    of them on fallback leases", &|m| {
-        chaos_cell(m, |c| {
-            let p = &c.phases;
-            format!(
-                "{} / {} / {} / {}",
-                p.before.refused_on_fallback,
-                p.during.refused_on_fallback,
-                p.after.refused_on_fallback,
-                p.later.refused_on_fallback
-            )
-        })
+        chaos_cell(m, |c| c.phases.each(|p| p.refused_on_fallback))
     });
     // Families in the simulator's order: analytics, then writes.
     row("served beyond a limit (busiest windows)", &|m| {
