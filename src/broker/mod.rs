@@ -235,19 +235,18 @@ impl Broker {
         let tenant = self.lease_tenant(id).ok_or(BrokerError::LeaseNotFound {
             lease_id: lease_id.to_owned(),
         })?;
-        let adopt = match acquired_with {
+        let extend = (!extend.is_zero()).then_some(extend);
+        let renewed = {
+            let mut state = tenant.lock();
             // The Acquire must be for the lease's own tenant.
-            Some((name, args)) if tenant.lock().id() == name => Some(args),
-            Some(_) => {
+            if acquired_with.is_some_and(|(name, _)| name != state.id()) {
                 return Err(BrokerError::invalid(
                     "acquired_with",
                     "names another tenant than the lease's",
-                ))
+                ));
             }
-            None => None,
+            state.renew(id, extend, acquired_with.map(|(_, a)| a), Instant::now())?
         };
-        let extend = (!extend.is_zero()).then_some(extend);
-        let renewed = tenant.lock().renew(id, extend, adopt, Instant::now())?;
         // A shorter TTL may move the next expiry earlier than the driver's timer.
         tenant.wake.notify_one();
         Ok(renewed)
