@@ -3,13 +3,9 @@
 //! Every process wait is bounded in time.
 
 use quota_broker::{hash_token, Settings};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
-use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::Duration;
+use testpki::Pki;
 use tokio::process::Command;
 use tokio::sync::oneshot;
 use tokio::time::timeout;
@@ -18,52 +14,6 @@ const ADMIN: &str = "secret-ops";
 /// Bound on any one quotactl run.
 const LIMIT: Duration = Duration::from_secs(30);
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, as
-/// files in a directory of their own.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let dir = std::env::temp_dir().join(format!("quotactl-tls-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "quotactl test CA");
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-        for (name, san, usage) in [
-            ("server", "127.0.0.1", ExtendedKeyUsagePurpose::ServerAuth),
-            ("client", "operator", ExtendedKeyUsagePurpose::ClientAuth),
-        ] {
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(vec![san.to_owned()]).unwrap();
-            params.extended_key_usages = vec![usage];
-            let cert = params.signed_by(&key, &*ca).unwrap();
-            std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-            std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
-        }
-        Pki { dir }
-    }
-
-    fn path(&self, file: &str) -> String {
-        self.dir.join(file).display().to_string()
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// A broker with mutual TLS and an admin token; returns its https URL.
 async fn start(pki: &Pki) -> (String, oneshot::Sender<()>) {
     let toml = format!(
@@ -71,9 +21,9 @@ async fn start(pki: &Pki) -> (String, oneshot::Sender<()>) {
          [[auth.tokens]]\nname = \"ops\"\nsha256 = \"{}\"\nrole = \"admin\"\ntenants = [\"*\"]\n\
          [[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"org\"\nroutes = [\"* /**\"]\n\
          permits = 600\nwindow_ms = 60000\n",
-        pki.path("server.pem"),
-        pki.path("server.key"),
-        pki.path("ca.pem"),
+        pki.arg("server.pem"),
+        pki.arg("server.key"),
+        pki.arg("ca.pem"),
         hash_token(ADMIN),
     );
     let settings = Settings::from_toml(&toml).unwrap();
@@ -123,9 +73,9 @@ async fn status_over_mutual_tls_with_flags_or_environment() {
     let pki = Pki::new("mtls");
     let (url, _stop) = start(&pki).await;
     let (ca, cert, key) = (
-        pki.path("ca.pem"),
-        pki.path("client.pem"),
-        pki.path("client.key"),
+        pki.arg("ca.pem"),
+        pki.arg("client.pem"),
+        pki.arg("client.key"),
     );
     let out = quotactl(
         &[
@@ -196,8 +146,8 @@ async fn status_over_mutual_tls_with_flags_or_environment() {
 #[tokio::test]
 async fn tls_options_that_cannot_work_are_refused_before_connecting() {
     let pki = Pki::new("misuse");
-    let ca = pki.path("ca.pem");
-    let cert = pki.path("client.pem");
+    let ca = pki.arg("ca.pem");
+    let cert = pki.arg("client.pem");
     for (args, needle) in [
         (
             vec!["status", "--broker", "http://127.0.0.1:1", "--ca-cert", &ca],

@@ -3,70 +3,10 @@
 
 use quota_broker::Settings;
 use quota_broker_client::{BrokerClient, Call, ClientError, ClientTls, ConnectOptions};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use testpki::Pki;
 use tokio::sync::oneshot;
-
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, as
-/// files in a directory of their own.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let dir = std::env::temp_dir().join(format!(
-            "quota-broker-client-tls-{}-{name}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "client test CA");
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-        for (name, sans, usage) in [
-            (
-                "server",
-                vec!["127.0.0.1".to_owned()],
-                ExtendedKeyUsagePurpose::ServerAuth,
-            ),
-            (
-                "client",
-                vec!["ingest-1".to_owned()],
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ),
-        ] {
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(sans).unwrap();
-            params.extended_key_usages = vec![usage];
-            let cert = params.signed_by(&key, &*ca).unwrap();
-            std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-            std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
-        }
-        Pki { dir }
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.join(file)
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A broker with mutual TLS on 127.0.0.1:0; stops when `stop` is dropped.
 async fn mtls_broker(pki: &Pki) -> (SocketAddr, oneshot::Sender<()>) {
