@@ -5,6 +5,7 @@
 use serde::Deserialize;
 
 use crate::error::SimError;
+use crate::jobs::JobsConfig;
 use crate::route::Route;
 
 /// The whole simulator: its orgs, time scale, seed and escalation.
@@ -55,6 +56,8 @@ pub struct OrgConfig {
     pub token_retry_after: RetryAfter,
     /// Endpoint families with org-wide limits.
     pub families: Vec<FamilyConfig>,
+    /// The analytics details jobs API's limits and timing.
+    pub jobs: JobsConfig,
 }
 
 /// How a limit admits requests (see the README).
@@ -149,6 +152,7 @@ impl Default for OrgConfig {
                     ..FamilyConfig::default()
                 },
             ],
+            jobs: JobsConfig::default(),
         }
     }
 }
@@ -295,6 +299,9 @@ impl SimConfig {
                     "org {}: day {:?} is not YYYY-MM-DD",
                     org.id, org.day
                 ));
+            }
+            if let Some(problem) = org.jobs.problem() {
+                problems.push(format!("org {}: {problem}", org.id));
             }
             let mut families = Vec::new();
             for (j, f) in org.families.iter().enumerate() {

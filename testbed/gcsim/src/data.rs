@@ -7,7 +7,10 @@
 //! not justify a date-time crate in the build.
 
 use serde::Serialize;
+use serde_json::json;
 
+/// Queues the conversations are spread over.
+const QUEUES: usize = 8;
 /// One day, ms.
 const DAY_MS: i64 = 86_400_000;
 
@@ -38,6 +41,9 @@ pub(crate) struct ConversationJson {
     conversation_end: String,
     originating_direction: &'static str,
     division_ids: [String; 1],
+    /// One customer participant: its session's media type, and a segment
+    /// with the queue and wrap-up code.
+    participants: [serde_json::Value; 1],
 }
 
 /// A details-query page.
@@ -85,26 +91,77 @@ impl History {
     /// The page `page` (from 1) of `page_size` among conversations starting
     /// in `[from, to)`.
     pub(crate) fn query(&self, from: i64, to: i64, page_size: usize, page: usize) -> DetailsPage {
+        let skip = (page - 1).saturating_mul(page_size);
+        let rows = self.slice(from, to, skip, page_size);
+        DetailsPage {
+            conversations: (!rows.is_empty()).then_some(rows),
+            total_hits: self.count(from, to) as u64,
+        }
+    }
+
+    /// The conversations starting in `[from, to)`.
+    fn hits(&self, from: i64, to: i64) -> &[Conversation] {
         let lo = self.conversations.partition_point(|c| c.start < from);
         let hi = self.conversations.partition_point(|c| c.start < to).max(lo);
-        let hits = &self.conversations[lo..hi];
-        let skip = (page - 1).saturating_mul(page_size);
-        let conversations = (skip < hits.len()).then(|| {
-            hits[skip..]
-                .iter()
-                .take(page_size)
-                .map(|c| ConversationJson {
-                    conversation_id: c.id.clone(),
-                    conversation_start: format_ms(c.start),
-                    conversation_end: format_ms(c.end),
-                    originating_direction: if c.inbound { "inbound" } else { "outbound" },
-                    division_ids: [format!("division-{}", c.division)],
-                })
-                .collect()
+        &self.conversations[lo..hi]
+    }
+
+    /// How many conversations start in `[from, to)`.
+    pub(crate) fn count(&self, from: i64, to: i64) -> usize {
+        self.hits(from, to).len()
+    }
+
+    /// At most `limit` conversations starting in `[from, to)`, from the
+    /// `skip`th on.
+    pub(crate) fn slice(
+        &self,
+        from: i64,
+        to: i64,
+        skip: usize,
+        limit: usize,
+    ) -> Vec<ConversationJson> {
+        let hits = self.hits(from, to);
+        hits.get(skip..)
+            .unwrap_or_default()
+            .iter()
+            .take(limit)
+            .map(Conversation::json)
+            .collect()
+    }
+
+    /// Every conversation id, in history order.
+    pub(crate) fn ids(&self) -> Vec<&str> {
+        self.conversations.iter().map(|c| c.id.as_str()).collect()
+    }
+}
+
+impl Conversation {
+    fn json(&self) -> ConversationJson {
+        // Media, queue and wrap-up follow from the id (no draw from the
+        // generator, so the same seed keeps giving the same conversations).
+        let n = self.id.bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
         });
-        DetailsPage {
-            conversations,
-            total_hits: hits.len() as u64,
+        let media = ["voice", "chat", "email", "message"][n % 4];
+        let queue = format!("queue-{}", n / 4 % QUEUES);
+        let wrap_up = format!("wrapup-{}", n / 32 % 5);
+        ConversationJson {
+            conversation_id: self.id.clone(),
+            conversation_start: format_ms(self.start),
+            conversation_end: format_ms(self.end),
+            originating_direction: if self.inbound { "inbound" } else { "outbound" },
+            division_ids: [format!("division-{}", self.division)],
+            participants: [json!({
+                "purpose": "customer",
+                "sessions": [{
+                    "mediaType": media,
+                    "segments": [{
+                        "segmentType": "interact",
+                        "queueId": queue,
+                        "wrapUpCode": wrap_up,
+                    }],
+                }],
+            })],
         }
     }
 }
