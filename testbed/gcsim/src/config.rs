@@ -58,6 +58,11 @@ pub struct OrgConfig {
     pub families: Vec<FamilyConfig>,
     /// The analytics details jobs API's limits and timing.
     pub jobs: JobsConfig,
+    /// The secret of this org's OAuth clients (`POST /oauth/token` with
+    /// client id `<client>@<org>`).
+    pub oauth_secret: String,
+    /// Lifetime of an access token it issues, real seconds.
+    pub token_ttl_s: u64,
 }
 
 /// How a limit admits requests (see the README).
@@ -153,6 +158,8 @@ impl Default for OrgConfig {
                 },
             ],
             jobs: JobsConfig::default(),
+            oauth_secret: "gcsim-secret".into(),
+            token_ttl_s: 86_400,
         }
     }
 }
@@ -286,6 +293,12 @@ impl SimConfig {
             }
             if self.orgs[..i].iter().any(|o| o.id == org.id) {
                 problems.push(format!("orgs[{i}].id {:?} appears twice", org.id));
+            }
+            if org.oauth_secret.is_empty() || org.token_ttl_s == 0 {
+                problems.push(format!(
+                    "org {}: oauth_secret must be non-empty and token_ttl_s > 0",
+                    org.id
+                ));
             }
             if org.token_permits == 0 || org.token_window_ms == 0 {
                 problems.push(format!(
