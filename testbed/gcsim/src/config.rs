@@ -50,6 +50,8 @@ pub struct OrgConfig {
     pub conversations_per_day: u64,
     /// That day, `YYYY-MM-DD` (UTC).
     pub day: String,
+    /// Days of history from `day` on, `conversations_per_day` each.
+    pub days: u64,
     /// Whether the `inin-ratelimit-*` headers describe the token limit.
     pub token_tell: bool,
     /// How a token refusal's `Retry-After` is rounded.
@@ -135,6 +137,7 @@ impl Default for OrgConfig {
             token_window_ms: 60_000,
             conversations_per_day: 20_000,
             day: "2026-11-01".into(),
+            days: 1,
             token_tell: true,
             token_retry_after: RetryAfter::Exact,
             families: vec![
@@ -312,6 +315,9 @@ impl SimConfig {
                     "org {}: day {:?} is not YYYY-MM-DD",
                     org.id, org.day
                 ));
+            }
+            if !(1..=366).contains(&org.days) {
+                problems.push(format!("org {}: days must be 1-366", org.id));
             }
             if let Some(problem) = org.jobs.problem() {
                 problems.push(format!("org {}: {problem}", org.id));

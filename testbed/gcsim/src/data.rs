@@ -63,28 +63,34 @@ impl DetailsPage {
 }
 
 impl History {
-    /// `count` conversations starting on `day` (Unix ms of its midnight),
-    /// drawn from a generator seeded by `seed` and `org`.
-    pub(crate) fn generate(seed: u64, org: &str, day: i64, count: u64) -> History {
+    /// `count` conversations starting on each of `days` days from `day`
+    /// (Unix ms of its midnight), drawn from a generator seeded by `seed`
+    /// and `org` (the first day's are the same whatever `days` is).
+    pub(crate) fn generate(seed: u64, org: &str, day: i64, days: u64, count: u64) -> History {
         // FNV-1a of the org id: a stable hash (std's is randomly keyed).
         let org_hash = org.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
         let mut rng = fastrand::Rng::with_seed(seed ^ org_hash);
-        let mut conversations: Vec<Conversation> = (0..count)
-            .map(|_| {
-                let start = day + rng.i64(0..DAY_MS);
-                let id = uuid_like(&mut rng);
-                Conversation {
-                    id,
-                    start,
-                    end: start + rng.i64(30_000..1_800_000),
-                    inbound: rng.u8(..10) < 7,
-                    division: rng.u8(..4),
-                }
-            })
-            .collect();
-        conversations.sort_by(|a, b| (a.start, &a.id).cmp(&(b.start, &b.id)));
+        let mut conversations = Vec::new();
+        for d in 0..days as i64 {
+            let midnight = day + d * DAY_MS;
+            let mut today: Vec<Conversation> = (0..count)
+                .map(|_| {
+                    let start = midnight + rng.i64(0..DAY_MS);
+                    let id = uuid_like(&mut rng);
+                    Conversation {
+                        id,
+                        start,
+                        end: start + rng.i64(30_000..1_800_000),
+                        inbound: rng.u8(..10) < 7,
+                        division: rng.u8(..4),
+                    }
+                })
+                .collect();
+            today.sort_by(|a, b| (a.start, &a.id).cmp(&(b.start, &b.id)));
+            conversations.append(&mut today);
+        }
         History { conversations }
     }
 
@@ -285,9 +291,9 @@ mod tests {
     #[test]
     fn same_seed_same_history_and_pages_cover_it() {
         let day = parse_day("2026-11-01").unwrap();
-        let a = History::generate(7, "org-a", day, 1_000);
-        let b = History::generate(7, "org-a", day, 1_000);
-        let c = History::generate(7, "org-b", day, 1_000);
+        let a = History::generate(7, "org-a", day, 1, 1_000);
+        let b = History::generate(7, "org-a", day, 1, 1_000);
+        let c = History::generate(7, "org-b", day, 1, 1_000);
         let ids = |h: &History| {
             h.conversations
                 .iter()

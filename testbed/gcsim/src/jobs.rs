@@ -268,7 +268,7 @@ mod tests {
         };
         (
             Jobs::new(config),
-            History::generate(1, "o", day, 2_400),
+            History::generate(1, "o", day, 1, 2_400),
             day,
         )
     }

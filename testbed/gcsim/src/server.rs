@@ -158,6 +158,7 @@ impl Sim {
                     config.seed,
                     &id,
                     org.day_ms,
+                    org.config.days,
                     org.config.conversations_per_day,
                 ),
                 oauth_secret: org.config.oauth_secret.clone(),
