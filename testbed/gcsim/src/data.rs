@@ -56,6 +56,13 @@ pub(crate) struct DetailsPage {
 }
 
 impl DetailsPage {
+    /// Drops the page's last row (a fault: `totalHits` is left as it was).
+    pub(crate) fn drop_last(&mut self) {
+        if let Some(rows) = &mut self.conversations {
+            rows.pop();
+        }
+    }
+
     /// Rows on the page (they decide the query's latency).
     pub(crate) fn rows(&self) -> usize {
         self.conversations.as_ref().map_or(0, Vec::len)

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -76,6 +77,9 @@ struct OrgSlot {
     history: History,
     /// std `Mutex`: held for one submission, status or page.
     jobs: Mutex<Jobs>,
+    /// Details-query pages still to answer one row short (a fault the
+    /// control plane sets; `totalHits` stays true).
+    short_pages: AtomicU64,
     /// Its OAuth clients' secret and the lifetime of the tokens it issues.
     oauth_secret: String,
     token_ttl: Duration,
@@ -154,6 +158,7 @@ impl Sim {
             let id = org.config.id.clone();
             let slot = OrgSlot {
                 jobs: Mutex::new(Jobs::new(org.config.jobs.clone())),
+                short_pages: AtomicU64::new(0),
                 history: History::generate(
                     config.seed,
                     &id,
@@ -219,6 +224,7 @@ impl Sim {
                 get(job_results),
             )
             .route("/_sim/orgs/{org}/conversations", get(conversation_ids))
+            .route("/_sim/orgs/{org}/short-pages", post(short_pages))
             .route(
                 "/api/v2/organizations/limits/namespaces/{ns}",
                 get(namespace),
@@ -578,7 +584,8 @@ fn bad_interval(interval: &str) -> String {
     format!("interval {shown:?} is not \"<start>/<end>\" in ISO-8601 UTC with start before end")
 }
 
-fn details_answer(history: &History, body: &[u8]) -> Answer {
+fn details_answer(slot: &OrgSlot, body: &[u8]) -> Answer {
+    let history = &slot.history;
     let query: DetailsQuery = match serde_json::from_slice(body) {
         Ok(q) => q,
         Err(e) => {
@@ -595,7 +602,15 @@ fn details_answer(history: &History, body: &[u8]) -> Answer {
             "paging: pageSize must be 1–100 and pageNumber ≥ 1, got {page_size} and {page_number}"
         ));
     }
-    let page = history.query(from, to, page_size as usize, page_number as usize);
+    let mut page = history.query(from, to, page_size as usize, page_number as usize);
+    let short = page.rows() > 0
+        && slot
+            .short_pages
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+    if short {
+        page.drop_last();
+    }
     let latency = DETAILS_LATENCY_MS.0 + DETAILS_LATENCY_MS.1 * page.rows() as f64;
     match serde_json::to_string(&page) {
         Ok(body) => Answer::ok(StatusCode::OK, body, latency),
@@ -609,7 +624,7 @@ fn details_answer(history: &History, body: &[u8]) -> Answer {
 
 async fn details(State(sim): State<Sim>, headers: HeaderMap, uri: Uri, body: Bytes) -> Response {
     sim.serve(&headers, "POST", uri.path(), |slot| {
-        details_answer(&slot.history, &body)
+        details_answer(slot, &body)
     })
     .await
 }
@@ -921,5 +936,25 @@ async fn conversation_ids(State(sim): State<Sim>, Path(org): Path<String>) -> Re
     match sim.inner.orgs.get(&org) {
         Some(slot) => axum::Json(slot.history.ids()).into_response(),
         None => unknown_org(&org),
+    }
+}
+
+/// `POST /_sim/orgs/{org}/short-pages` body `N`: the next N details-query
+/// pages with rows each lose their last row.
+async fn short_pages(State(sim): State<Sim>, Path(org): Path<String>, body: Bytes) -> Response {
+    let Some(slot) = sim.inner.orgs.get(&org) else {
+        return unknown_org(&org);
+    };
+    match serde_json::from_slice::<u64>(&body) {
+        Ok(n) => {
+            slot.short_pages.store(n, Ordering::Relaxed);
+            axum::Json(json!({ "short_pages": n })).into_response()
+        }
+        Err(e) => error_body(
+            StatusCode::BAD_REQUEST,
+            "bad.request",
+            format!("expected a number of pages: {e}"),
+            None,
+        ),
     }
 }
