@@ -164,6 +164,19 @@ impl Bed {
         )
     }
 
+    /// The next `n` details-query pages answer one row short.
+    pub async fn short_pages(&self, n: u64) {
+        let url = format!("{}/_sim/orgs/org-a/short-pages", self.region());
+        let answer = self
+            .http
+            .post(url)
+            .body(n.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().is_success(), "{answer:?}");
+    }
+
     /// Every conversation id gcsim holds, sorted.
     pub async fn conversation_ids(&self) -> Vec<String> {
         let url = format!("{}/_sim/orgs/org-a/conversations", self.region());

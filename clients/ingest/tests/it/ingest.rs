@@ -152,3 +152,33 @@ async fn a_broker_restart_mid_run_loses_nothing() {
     sink.close().await;
     bed.sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_short_of_its_total_hits_is_fetched_again_and_reported() {
+    let bed = Bed::start().await;
+    bed.short_pages(1).await;
+    let path = sqlite("short");
+    let sink = open(&path).await;
+    let mut plan = plan(DAY1, "2026-11-02", BlockSize::Hour);
+    plan.parallel = 1;
+    let summary = run(&plan, &bed.source(SourceKind::Query, "short"), &sink)
+        .await
+        .unwrap();
+    assert_eq!(
+        (summary.mismatches, summary.blocks_final),
+        (1, 24),
+        "{summary:?}"
+    );
+    let checkpoints = sink.checkpoints().await.unwrap();
+    assert_eq!(checkpoints[0].mismatches, 1, "the first block's first page");
+    assert!(checkpoints.iter().all(|c| c.total_hits == Some(c.records)));
+    assert_eq!(sink.count().await.unwrap() as u64, summary.records);
+    sink.close().await;
+    bed.sim.shutdown().await;
+}
+
+#[test]
+fn the_readme_broker_config_for_gcsim_is_valid() {
+    let text = include_str!("../../gcsim-broker.toml");
+    quota_broker::Settings::from_toml(text).unwrap();
+}
