@@ -1,5 +1,5 @@
 //! The figures of gc-ingest against gcsim (the test bed of the
-//! integration tests: three days of 5,000 conversations, a hidden limit of
+//! integration tests: three days of 8,000 conversations, a hidden limit of
 //! 45 of a documented 60 per minute, an unmanaged consumer, at 100× speed),
 //! the broker in process, SQLite files: per source, records/s, records per
 //! upstream request and 429s; then a run aborted mid-way and resumed.

@@ -12,7 +12,7 @@ use quota_broker_client::{BrokerClient, Call};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-/// gcsim at 100× speed: three days of 5,000 conversations; the analytics
+/// gcsim at 100× speed: three days of 8,000 conversations; the analytics
 /// family enforces 45 of its documented 60 per minute with an unmanaged
 /// consumer taking 5; two jobs may run at once.
 const GCSIM: &str = r#"
@@ -22,7 +22,7 @@ seed = 11
 id = "org-a"
 day = "2026-11-01"
 days = 3
-conversations_per_day = 5000
+conversations_per_day = 8000
 [[orgs.families]]
 name = "analytics-query"
 routes = ["POST /api/v2/analytics/**/query"]
@@ -53,7 +53,7 @@ name = "analytics-query"
 routes = ["POST /api/v2/analytics/**/query"]
 permits = 60
 window_ms = 600
-burst = 10
+burst = 2
 max_in_flight = 8
 [[tenants.buckets]]
 name = "jobs-submit"

@@ -12,7 +12,7 @@ use crate::common::{open, plan, sqlite, until_done, Bed, Broker, DAY1, END};
 async fn both_sources_store_exactly_gcsims_conversations() {
     let bed = Bed::start().await;
     let expected = bed.conversation_ids().await;
-    assert_eq!(expected.len(), 15_000);
+    assert_eq!(expected.len(), 24_000);
     let mut per_request = Vec::new();
     for (kind, block, client) in [
         (SourceKind::Query, BlockSize::Hour, "query"),
@@ -24,7 +24,7 @@ async fn both_sources_store_exactly_gcsims_conversations() {
             .await
             .unwrap();
         assert_eq!(sink.conversation_ids().await.unwrap(), expected, "{client}");
-        assert_eq!(summary.records, 15_000, "{summary:?}");
+        assert_eq!(summary.records, 24_000, "{summary:?}");
         assert_eq!(summary.blocks_final, summary.blocks_total, "{summary:?}");
         assert_eq!((summary.blocks_failed, summary.mismatches), (0, 0));
         let checkpoints = sink.checkpoints().await.unwrap();
@@ -135,7 +135,7 @@ async fn a_broker_restart_mid_run_loses_nothing() {
     // Down: the client falls back to its local limiter and the run goes on.
     let addr = bed.broker.addr.to_string();
     bed.broker.stop().await;
-    until_done(&sink, 13).await;
+    until_done(&sink, 11).await;
     // Back on the same port: leases come from it again.
     bed.broker = Broker::start(&addr).await;
     let summary = tokio::time::timeout(Duration::from_secs(120), task)

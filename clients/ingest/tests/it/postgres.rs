@@ -15,17 +15,17 @@ async fn postgres_stores_exactly_gcsims_day_and_a_second_run_changes_nothing() {
     let plan = plan(DAY1, "2026-11-02", BlockSize::Day);
     let source = bed.source(SourceKind::Jobs, "pg");
     let summary = run(&plan, &source, &sink).await.unwrap();
-    assert_eq!((summary.records, summary.blocks_final), (5_000, 1));
+    assert_eq!((summary.records, summary.blocks_final), (8_000, 1));
     let first_day: Vec<String> = {
         let mut all = bed.conversation_ids().await;
         let stored = sink.conversation_ids().await.unwrap();
         all.retain(|id| stored.binary_search(id).is_ok());
         all
     };
-    assert_eq!(first_day.len(), 5_000, "every stored id is one of gcsim's");
+    assert_eq!(first_day.len(), 8_000, "every stored id is one of gcsim's");
     let again = run(&plan, &source, &sink).await.unwrap();
     assert_eq!((again.blocks_skipped, again.upstream_requests), (1, 0));
-    assert_eq!(sink.count().await.unwrap(), 5_000);
+    assert_eq!(sink.count().await.unwrap(), 8_000);
     sink.close().await;
     bed.sim.shutdown().await;
 }
