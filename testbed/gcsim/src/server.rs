@@ -612,14 +612,7 @@ fn details_answer(slot: &OrgSlot, body: &[u8]) -> Answer {
         page.drop_last();
     }
     let latency = DETAILS_LATENCY_MS.0 + DETAILS_LATENCY_MS.1 * page.rows() as f64;
-    match serde_json::to_string(&page) {
-        Ok(body) => Answer::ok(StatusCode::OK, body, latency),
-        Err(e) => Answer::error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal.server.error",
-            &format!("The page could not be encoded: {e}"),
-        ),
-    }
+    json_answer(&page, latency)
 }
 
 async fn details(State(sim): State<Sim>, headers: HeaderMap, uri: Uri, body: Bytes) -> Response {

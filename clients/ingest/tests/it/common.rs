@@ -177,18 +177,16 @@ impl Bed {
         assert!(answer.status().is_success(), "{answer:?}");
     }
 
+    /// GET `path` of gcsim's control plane, as JSON.
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        let url = format!("{}{path}", self.region());
+        let answer = self.http.get(url).send().await.unwrap();
+        answer.json().await.unwrap()
+    }
+
     /// Every conversation id gcsim holds, sorted.
     pub async fn conversation_ids(&self) -> Vec<String> {
-        let url = format!("{}/_sim/orgs/org-a/conversations", self.region());
-        let mut ids: Vec<String> = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let mut ids: Vec<String> = self.get("/_sim/orgs/org-a/conversations").await;
         ids.sort();
         ids
     }
@@ -198,16 +196,7 @@ impl Bed {
     pub async fn served(&self, client: &str) -> (u64, Vec<String>) {
         let (mut since, mut all, mut throttled) = (0, 0, Vec::new());
         loop {
-            let url = format!("{}/_sim/log?since={since}", self.region());
-            let page: Value = self
-                .http
-                .get(url)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let page: Value = self.get(&format!("/_sim/log?since={since}")).await;
             let entries = page["entries"].as_array().unwrap();
             for e in entries.iter().filter(|e| e["client"] == client) {
                 all += 1;
