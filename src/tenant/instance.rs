@@ -35,6 +35,10 @@ pub(super) struct Instance {
     /// When unclaimed phantom slots come back: no lease granted before the
     /// restart can be alive then without having been renewed (and adopted).
     pub(super) phantom_until: Option<Instant>,
+    /// The longest time to reset the upstream's headers for this bucket
+    /// stated: the length of the upstream's window as far as they show
+    /// (see `header_window`).
+    pub(super) longest_reset: Duration,
 }
 
 impl Instance {
@@ -66,6 +70,29 @@ impl Instance {
             version: 0,
             phantom: 0,
             phantom_until: None,
+            longest_reset: Duration::ZERO,
+        }
+    }
+
+    /// The window a header-stated limit applies to when the headers do not
+    /// say: the longest reset they stated, at most the bucket's window.
+    /// A fixed or sliding window's reset reaches its window's length at the
+    /// window's start; a token bucket's only reaches the time to refill it
+    /// from empty (capacity ÷ rate), so capacity over that window is its
+    /// refill rate, where taking the capacity as a per-window limit would
+    /// starve the fleet. Until a long reset is seen the limit reads high,
+    /// which caps nothing: the budget view and the 429 rules still apply.
+    pub(super) fn header_window(&mut self, reset: Option<Duration>, bucket: Duration) -> Duration {
+        if let Some(r) = reset {
+            self.longest_reset = self.longest_reset.max(r.min(bucket));
+        }
+        // Within 10% of the bucket's window it is that window, seen a
+        // little after it started.
+        if self.longest_reset >= bucket.mul_f64(0.9) || self.longest_reset < Duration::from_secs(1)
+        {
+            bucket
+        } else {
+            self.longest_reset
         }
     }
 

@@ -160,10 +160,14 @@ impl TenantState {
         let mut learned = Vec::new();
         let empty = RateLimitInfo::default();
         let info = info.unwrap_or(&empty);
-        let window = info
-            .window
-            .or(self.buckets[x.bucket].settings.rate.map(|r| r.window))
-            .unwrap_or(Duration::from_secs(60));
+        let bucket_window = self.buckets[x.bucket]
+            .settings
+            .rate
+            .map_or(Duration::from_secs(60), |r| r.window);
+        let window = match info.window {
+            Some(w) => w,
+            None => x.header_window(info.reset, bucket_window),
+        };
         if let Some(limit) = info.limit {
             let per_min = limit as f64 * 60.0 / window.as_secs_f64().max(1e-3);
             learned.extend(x.learner.on_limit(per_min));

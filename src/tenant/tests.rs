@@ -423,3 +423,35 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_token_buckets_capacity_is_not_taken_for_a_per_window_limit() {
+    use crate::learning::RateLimitInfo;
+    let t0 = Instant::now();
+    let bucket = "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 60\n\
+                  window_ms = 60000";
+    let told = |count: u64, reset_ms: u64| RateLimitInfo {
+        limit: Some(10),
+        remaining: Some(10 - count),
+        reset: Some(Duration::from_millis(reset_ms)),
+        ..RateLimitInfo::default()
+    };
+    let learned = |t: &TenantState| t.statuses(t0)[0].learned_limit_per_min;
+    // A bucket of 10 refilled at 45 a minute: its reset is the time to
+    // refill what is used, 10 / 0.75 per s = 13.3 s from empty.
+    let mut t = tenant(bucket, t0);
+    for (count, reset_ms) in [(2, 2_667), (6, 8_000), (10, 13_333), (4, 5_333)] {
+        t.report(("GET", "/", "oa"), 200, None, &told(count, reset_ms), t0)
+            .unwrap();
+    }
+    let per_min = learned(&t).expect("a limit below 60 a minute");
+    assert!((per_min - 45.0).abs() < 0.1, "learned {per_min} a minute");
+
+    // A fixed window of 10 a minute: a report at its start says 60 s.
+    let mut t = tenant(bucket, t0);
+    for (count, reset_ms) in [(5, 30_000), (1, 60_000), (3, 40_000)] {
+        t.report(("GET", "/", "oa"), 200, None, &told(count, reset_ms), t0)
+            .unwrap();
+    }
+    assert_eq!(learned(&t), Some(10.0));
+}

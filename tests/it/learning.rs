@@ -227,7 +227,7 @@ window_ms = 60000
 "#;
     let b = start(cfg).await;
     let mut c = b.client.clone();
-    let report = |status, allowed: &str, count: &str| ReportRequest {
+    let report = |status, allowed: &str, count: &str, reset: &str| ReportRequest {
         tenant: "t".into(),
         method: "GET".into(),
         path: "/api/v2/analytics/users/summary".into(),
@@ -236,7 +236,7 @@ window_ms = 60000
         headers: [
             ("inin-ratelimit-allowed", allowed),
             ("inin-ratelimit-count", count),
-            ("inin-ratelimit-reset", "38"),
+            ("inin-ratelimit-reset", reset),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -245,14 +245,16 @@ window_ms = 60000
     };
     // allowed 300: the per-OAuth-client budget; 6 used, 294 left.
     let r = c
-        .report(report(200, "300", "6"))
+        .report(report(200, "300", "6", "38"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(r.attributed_to, "per-client");
-    // allowed 45: the analytics budget, lower than the configured 60.
+    // allowed 45: the analytics budget, lower than the configured 60, in a
+    // window that started 2 s ago (a reset that long says the limit is per
+    // minute, not per the seconds left).
     let r = c
-        .report(report(200, "45", "40"))
+        .report(report(200, "45", "40", "58"))
         .await
         .unwrap()
         .into_inner();
@@ -287,7 +289,7 @@ window_ms = 60000
     // A 429 carrying the per-client headers with budget left came from
     // another limit (Genesys sends the per-client headers on every
     // answer): it freezes the analytics bucket, not the OAuth client's.
-    let mut throttled = report(429, "300", "7");
+    let mut throttled = report(429, "300", "7", "38");
     throttled.headers.insert("Retry-After".into(), "20".into());
     let r = c.report(throttled).await.unwrap().into_inner();
     assert_eq!(r.attributed_to, "analytics");
@@ -310,7 +312,7 @@ window_ms = 60000
     );
 
     // The same headers with the budget used up: the per-client bucket refused.
-    let mut spent = report(429, "300", "300");
+    let mut spent = report(429, "300", "300", "38");
     spent.headers.insert("Retry-After".into(), "20".into());
     let r = c.report(spent).await.unwrap().into_inner();
     assert_eq!(r.attributed_to, "per-client");
