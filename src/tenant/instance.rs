@@ -3,7 +3,7 @@
 //! arithmetic of reserves held back for higher classes.
 
 use crate::config::BucketSettings;
-use crate::learning::{LearnSettings, Learner, RateLimitInfo, UpstreamBudget};
+use crate::learning::{LearnSettings, Learner, RateLimitInfo, SlotLearner, UpstreamBudget};
 use crate::limits::{Slots, TokenBucket};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,6 +24,8 @@ pub(super) struct Instance {
     pub(super) throttled_total: u64,
     pub(super) reports_total: u64,
     pub(super) learner: Learner,
+    /// The learned concurrency limit (instances with slots only).
+    pub(super) slot_learner: Option<SlotLearner>,
     /// Grants resume no earlier than this (freeze end plus jitter).
     pub(super) resume_at: Option<Instant>,
     pub(super) upstream: Option<UpstreamBudget>,
@@ -60,6 +62,12 @@ impl Instance {
             granted_total: 0,
             throttled_total: 0,
             reports_total: 0,
+            slot_learner: settings.max_in_flight.map(|m| {
+                SlotLearner::new(
+                    m.get(),
+                    settings.rate.map_or(Duration::from_secs(60), |r| r.window),
+                )
+            }),
             learner: Learner::new(
                 settings.rate.map_or(0.0, |r| r.per_minute()),
                 settings.rate.map_or(Duration::from_secs(60), |r| r.window),
@@ -102,6 +110,17 @@ impl Instance {
             && self.tokens.as_ref().is_none_or(|t| t.is_full(now))
             && self.resume_at.is_none_or(|t| t <= now)
             && self.learner.is_pristine(now)
+            && self
+                .slot_learner
+                .as_ref()
+                .is_none_or(|l| l.learned().is_none())
+    }
+
+    /// Puts the concurrency limit the slot learner says into the slots.
+    pub(super) fn apply_slot_limit(&mut self) {
+        if let (Some(slots), Some(l)) = (self.slots.as_mut(), self.slot_learner.as_ref()) {
+            slots.set_max(l.max());
+        }
     }
 
     /// When `n` permits could be taken, ignoring the queue: `Ok` with the

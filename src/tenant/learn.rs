@@ -61,6 +61,13 @@ impl TenantState {
                     x.apply_rate(now, &s);
                     self.learned_dirty = true;
                 }
+                if let Some(max) = x.slot_learner.as_mut().and_then(|l| l.on_success(now, &s)) {
+                    x.apply_slot_limit();
+                    tracing::info!(
+                        tenant = %self.id, bucket = %self.buckets[x.bucket].settings.name,
+                        max_in_flight = max, "probing a learned concurrency limit up one slot"
+                    );
+                }
             }
         }
         if let Some(i) = described.filter(|&d| refused_by != Some(d)) {
@@ -78,6 +85,67 @@ impl TenantState {
         Ok(ReportOutcome {
             buckets: self.names(&instances),
             attributed_to: target.map(|i| self.name(i)),
+        })
+    }
+
+    /// A 429 the upstream says is about requests in flight: the first slot
+    /// bucket of the call learns a lower concurrency limit (see
+    /// `SlotLearner`); no rate is frozen or cut. A call without a slot
+    /// bucket learns from it as from any 429.
+    pub fn report_in_flight_refusal(
+        &mut self,
+        call: (&str, &str, &str),
+        retry_after: Option<Duration>,
+        info: &RateLimitInfo,
+        now: Instant,
+    ) -> Result<ReportOutcome, BrokerError> {
+        let now = self.monotonic(now);
+        let (method, path, oauth_client) = call;
+        let instances = match self.resolve(method, path, oauth_client, 1, 0.0, now)? {
+            Ok(i) => i,
+            Err(denial) => {
+                return Ok(ReportOutcome {
+                    buckets: denial.buckets,
+                    attributed_to: None,
+                })
+            }
+        };
+        let Some(target) = instances.iter().copied().find(|&i| {
+            self.instances
+                .get(i)
+                .is_some_and(|x| x.slot_learner.is_some())
+        }) else {
+            return self.report(call, 429, retry_after, info, now);
+        };
+        let s = self.learning;
+        for &i in &instances {
+            if let Some(x) = self.instances.get_mut(i) {
+                x.reports_total += 1;
+            }
+        }
+        if let Some(x) = self.instances.get_mut(target) {
+            x.throttled_total += 1;
+            let in_flight = x.slots.map_or(0, |sl| sl.in_flight());
+            if let Some(max) = x
+                .slot_learner
+                .as_mut()
+                .and_then(|l| l.on_refused(in_flight, now, &s))
+            {
+                x.apply_slot_limit();
+                self.learned_dirty = true;
+                tracing::info!(
+                    tenant = %self.id, bucket = %self.buckets[x.bucket].settings.name,
+                    in_flight, max_in_flight = max,
+                    "upstream refused a call for concurrency: learned a lower concurrency limit"
+                );
+            }
+        }
+        for &i in &instances {
+            self.touch(i);
+        }
+        Ok(ReportOutcome {
+            buckets: self.names(&instances),
+            attributed_to: Some(self.name(target)),
         })
     }
 

@@ -455,3 +455,41 @@ fn a_token_buckets_capacity_is_not_taken_for_a_per_window_limit() {
     }
     assert_eq!(learned(&t), Some(10.0));
 }
+
+#[test]
+fn a_concurrency_429_lowers_the_slot_limit_not_the_rate() {
+    use crate::learning::RateLimitInfo;
+    let t0 = Instant::now();
+    let bucket = "[[tenants.buckets]]\nname = \"q\"\nroutes = [\"POST /q\"]\npermits = 600\n\
+                  window_ms = 60000\nmax_in_flight = 8\nlease_ttl_ms = 60000";
+    let mut t = tenant(bucket, t0);
+    for _ in 0..5 {
+        granted(t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
+    }
+    let out = t
+        .report_in_flight_refusal(
+            ("POST", "/q", "oa"),
+            Some(SEC),
+            &RateLimitInfo::default(),
+            t0,
+        )
+        .unwrap();
+    assert_eq!(out.attributed_to.as_deref(), Some("q"));
+    let q = &t.statuses(t0)[0];
+    assert_eq!((q.in_flight, q.max_in_flight), (5, 4));
+    assert_eq!(q.frozen_until, None, "the rate is not frozen");
+    assert_eq!(q.effective_rate_per_min, 600.0, "nor cut");
+    // Five in flight, four allowed: no grant until two come back.
+    assert!(matches!(
+        t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap(),
+        Decision::Denied(_)
+    ));
+
+    // Without a slot bucket it is an ordinary 429: the rate freezes.
+    let rate_only = "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 60\n\
+                     window_ms = 60000";
+    let mut t = tenant(rate_only, t0);
+    t.report_in_flight_refusal(("GET", "/", "oa"), Some(SEC), &RateLimitInfo::default(), t0)
+        .unwrap();
+    assert!(t.statuses(t0)[0].frozen_until.is_some());
+}

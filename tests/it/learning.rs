@@ -358,3 +358,39 @@ async fn learned_state_survives_a_restart() {
     b.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_429_flagged_as_concurrency_lowers_the_slot_limit_and_leaves_the_rate() {
+    let cfg = "[server]\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n\
+               [[tenants.buckets]]\nname = \"q\"\nroutes = [\"POST /q\"]\npermits = 600\n\
+               window_ms = 60000\nmax_in_flight = 8\nlease_ttl_ms = 60000\n";
+    let b = start(cfg).await;
+    for _ in 0..3 {
+        assert!(b.acquire(req("POST", "/q", 0)).await.granted);
+    }
+    let refused = ReportRequest {
+        tenant: "t".into(),
+        method: "POST".into(),
+        path: "/q".into(),
+        http_status: 429,
+        concurrency_limited: true,
+        headers: [("Retry-After".to_owned(), "1".to_owned())].into(),
+        ..Default::default()
+    };
+    let r = b.client.clone().report(refused.clone()).await.unwrap();
+    assert_eq!(r.into_inner().attributed_to, "q");
+    let q = b.bucket("q").await;
+    assert_eq!((q.in_flight, q.max_in_flight), (3, 2), "{q:?}");
+    assert_eq!(q.frozen_until_ms, 0, "the rate is not frozen: {q:?}");
+    assert_eq!(q.effective_rate_per_min, 600.0);
+    // The same 429 without the flag freezes and cuts the rate instead.
+    let r = ReportRequest {
+        concurrency_limited: false,
+        ..refused
+    };
+    b.client.clone().report(r).await.unwrap();
+    let q = b.bucket("q").await;
+    assert!(q.frozen_until_ms > 0, "{q:?}");
+    assert_eq!(q.max_in_flight, 2);
+    b.stop().await;
+}
