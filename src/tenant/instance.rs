@@ -96,8 +96,7 @@ impl Instance {
         }
         // Within 10% of the bucket's window it is that window, seen a
         // little after it started.
-        if self.longest_reset >= bucket.mul_f64(0.9) || self.longest_reset < Duration::from_secs(1)
-        {
+        if self.longest_reset >= bucket.mul_f64(0.9) || self.longest_reset.is_zero() {
             bucket
         } else {
             self.longest_reset
@@ -140,6 +139,14 @@ impl Instance {
             None => now,
         };
         if let Some(resume) = self.resume_at {
+            // A class that may borrow (the top one, while a lower class
+            // waits) resumes when the freeze ends; the jitter spreads the
+            // lower classes' resumption behind it.
+            let resume = if reserve < 0.0 {
+                self.learner.frozen_until(now).unwrap_or(now).min(resume)
+            } else {
+                resume
+            };
             at = at.max(resume);
         }
         if let Some(u) = self.upstream.and_then(|u| u.ready_at(n, now)) {
@@ -173,12 +180,25 @@ impl Instance {
     }
 
     /// Applies what the upstream says is left of the budget of `window`.
-    pub(super) fn sync_budget(&mut self, info: &RateLimitInfo, window: Duration, now: Instant) {
+    /// A `continuous` budget (a token bucket's: refilled all the time, its
+    /// reset only the time to refill it whole) only shrinks the bucket: a
+    /// view that waits for its reset would hold every class for seconds
+    /// while the next permit is a fraction of one away.
+    pub(super) fn sync_budget(
+        &mut self,
+        info: &RateLimitInfo,
+        (window, continuous): (Duration, bool),
+        now: Instant,
+    ) {
         let Some(remaining) = info.remaining else {
             return;
         };
         if let Some(t) = self.tokens.as_mut() {
             t.shrink_to(u32::try_from(remaining).unwrap_or(u32::MAX), now);
+        }
+        if continuous {
+            self.upstream = None;
+            return;
         }
         if let Some(reset) = info.reset {
             self.upstream = Some(UpstreamBudget::observe(

@@ -236,11 +236,13 @@ impl TenantState {
             Some(w) => w,
             None => x.header_window(info.reset, bucket_window),
         };
+        // Resets far shorter than the window: refilled continuously.
+        let continuous = info.window.is_none() && window.mul_f64(2.0) < bucket_window;
         if let Some(limit) = info.limit {
             let per_min = limit as f64 * 60.0 / window.as_secs_f64().max(1e-3);
             learned.extend(x.learner.on_limit(per_min));
         }
-        x.sync_budget(info, window, now);
+        x.sync_budget(info, (window, continuous), now);
         if let Some(retry_after) = throttled {
             x.throttled_total += 1;
             learned.extend(

@@ -493,3 +493,84 @@ fn a_concurrency_429_lowers_the_slot_limit_not_the_rate() {
         .unwrap();
     assert!(t.statuses(t0)[0].frozen_until.is_some());
 }
+
+#[test]
+fn after_a_freeze_critical_resumes_at_its_end_while_batch_waits_out_the_jitter() {
+    use crate::learning::RateLimitInfo;
+    let t0 = Instant::now();
+    let mut t = tenant(
+        "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 6\n\
+         window_ms = 60000\nburst = 10",
+        t0,
+    );
+    // A permit every 10 s: the jitter after a freeze is up to 10 s.
+    t.report(
+        ("GET", "/x", "oa"),
+        429,
+        Some(20 * SEC),
+        &RateLimitInfo::default(),
+        t0,
+    )
+    .unwrap();
+    let call = |class: &str| AcquireArgs {
+        class: class.into(),
+        ..args("GET", "/x", 1)
+    };
+    let Decision::Queued(Queued {
+        reply: mut batch, ..
+    }) = t.acquire(&call("batch"), WAIT, t0).unwrap()
+    else {
+        panic!("batch granted while frozen")
+    };
+    let at_end = t0 + 20 * SEC;
+    granted(t.acquire(&call("critical"), NOW, at_end).unwrap());
+    t.tick(at_end);
+    assert!(batch.try_recv().is_err(), "batch resumed with critical");
+}
+
+#[test]
+fn a_continuously_refilled_budget_is_not_waited_for_until_its_reset() {
+    use crate::learning::RateLimitInfo;
+    let t0 = Instant::now();
+    let mut t = tenant(
+        "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 60\n\
+         window_ms = 60000\nburst = 10",
+        t0,
+    );
+    // A bucket of 10 refilled at 45 a minute, seen empty: full in 13.3 s,
+    // its next permit 1.3 s away.
+    let empty = RateLimitInfo {
+        limit: Some(10),
+        remaining: Some(0),
+        reset: Some(Duration::from_millis(13_333)),
+        ..RateLimitInfo::default()
+    };
+    t.report(("GET", "/x", "oa"), 200, None, &empty, t0)
+        .unwrap();
+    let Decision::Denied(d) = t.acquire(&args("GET", "/x", 1), NOW, t0).unwrap() else {
+        panic!("granted from an empty budget")
+    };
+    // A permit interval at the learned 45 a minute, and the 2 permits the
+    // default class leaves to higher ones: 3 × 1.33 s.
+    assert!(d.retry_after <= 4 * SEC, "waits {:?}", d.retry_after);
+    // The same from a fixed window (its reset seen at a full minute):
+    // nothing more until the reset.
+    let mut t = tenant(
+        "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 60\n\
+         window_ms = 60000\nburst = 10",
+        t0,
+    );
+    let fresh = RateLimitInfo {
+        remaining: Some(9),
+        reset: Some(60 * SEC),
+        ..empty
+    };
+    t.report(("GET", "/x", "oa"), 200, None, &fresh, t0)
+        .unwrap();
+    t.report(("GET", "/x", "oa"), 200, None, &empty, t0)
+        .unwrap();
+    let Decision::Denied(d) = t.acquire(&args("GET", "/x", 1), NOW, t0).unwrap() else {
+        panic!("granted from an empty budget")
+    };
+    assert!(d.retry_after >= 13 * SEC, "waits {:?}", d.retry_after);
+}
