@@ -27,6 +27,9 @@ use crate::plan::{parse_time, Block};
 /// bind limits).
 const ROWS_PER_INSERT: usize = 500;
 
+/// How long a SQLite writer waits for another's transaction.
+const SQLITE_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 60000";
+
 const SCHEMA: [&str; 3] = [
     "CREATE TABLE IF NOT EXISTS conversations (
         conversation_id TEXT PRIMARY KEY,
@@ -164,11 +167,20 @@ impl Sink {
         } else {
             format!("sqlite://{target}?mode=rwc")
         };
-        let pool = AnyPoolOptions::new()
+        let mut options = AnyPoolOptions::new()
             .max_connections(if sqlite { 4 } else { 8 })
-            .acquire_timeout(Duration::from_secs(30))
-            .connect(&url)
-            .await?;
+            .acquire_timeout(Duration::from_secs(30));
+        if sqlite {
+            // One writer at a time: a worker storing a day block waits for
+            // another's transaction instead of failing after the default 5 s.
+            options = options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query(SQLITE_BUSY_TIMEOUT).execute(conn).await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = options.connect(&url).await?;
         if sqlite {
             // Several workers may share the file: readers never wait on
             // the writer (sqlx's default busy timeout covers writers).
