@@ -378,9 +378,9 @@ fn targets(modes: &[ModeResult], moves: bool) -> Vec<Target> {
     t.push(Target {
         name: "429 ratio over the run".into(),
         target: if moves {
-            "≤ 1% (the limit moves)".into()
+            "≤ 1% (moves)".into()
         } else {
-            "≤ 0.5% (the limit holds)".into()
+            "≤ 0.5% (holds)".into()
         },
         value: format!(
             "{:.2}% ({} of {}; analytics alone {})",
@@ -409,7 +409,7 @@ fn targets(modes: &[ModeResult], moves: bool) -> Vec<Target> {
     let quiet = &b.critical_quiet.waits;
     let all = b.wait.get("critical").map(|w| w.p99_ms);
     t.push(Target {
-        name: "critical p99 wait outside upstream blocks (sim ms)".into(),
+        name: "critical p99 outside blocks (sim ms)".into(),
         target: "≤ 50 ms".into(),
         value: if quiet.count == 0 {
             format!(
