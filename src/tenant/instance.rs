@@ -23,6 +23,8 @@ pub(super) struct Instance {
     pub(super) granted_total: u64,
     pub(super) throttled_total: u64,
     pub(super) reports_total: u64,
+    /// Freezes after a 429 (for the metrics).
+    pub(super) freezes_total: u64,
     pub(super) learner: Learner,
     /// Grants resume no earlier than this (freeze end plus jitter).
     pub(super) resume_at: Option<Instant>,
@@ -56,6 +58,7 @@ impl Instance {
             granted_total: 0,
             throttled_total: 0,
             reports_total: 0,
+            freezes_total: 0,
             learner: Learner::new(
                 settings.rate.map_or(0.0, |r| r.per_minute()),
                 settings.rate.map_or(Duration::from_secs(60), |r| r.window),
@@ -120,6 +123,7 @@ impl Instance {
             .as_ref()
             .map_or(Duration::ZERO, |t| t.interval().mul_f64(s.jitter * draw));
         let resume = until + jitter;
+        self.freezes_total += 1;
         self.resume_at = Some(self.resume_at.map_or(resume, |r| r.max(resume)));
         if let Some(t) = self.tokens.as_mut() {
             t.empty_at(resume);

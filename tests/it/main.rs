@@ -9,6 +9,7 @@ mod harness;
 mod invariants;
 mod learning;
 mod lifecycle;
+mod observe;
 mod overload;
 mod process;
 mod restart;
