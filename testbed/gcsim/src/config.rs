@@ -55,6 +55,11 @@ pub struct OrgConfig {
     pub token_retry_after: RetryAfter,
     /// Endpoint families with org-wide limits.
     pub families: Vec<FamilyConfig>,
+    /// The secret of this org's OAuth clients (`POST /oauth/token` with
+    /// client id `<client>@<org>`).
+    pub oauth_secret: String,
+    /// Lifetime of an access token it issues, real seconds.
+    pub token_ttl_s: u64,
 }
 
 /// How a limit admits requests (see the README).
@@ -149,6 +154,8 @@ impl Default for OrgConfig {
                     ..FamilyConfig::default()
                 },
             ],
+            oauth_secret: "gcsim-secret".into(),
+            token_ttl_s: 86_400,
         }
     }
 }
@@ -282,6 +289,12 @@ impl SimConfig {
             }
             if self.orgs[..i].iter().any(|o| o.id == org.id) {
                 problems.push(format!("orgs[{i}].id {:?} appears twice", org.id));
+            }
+            if org.oauth_secret.is_empty() || org.token_ttl_s == 0 {
+                problems.push(format!(
+                    "org {}: oauth_secret must be non-empty and token_ttl_s > 0",
+                    org.id
+                ));
             }
             if org.token_permits == 0 || org.token_window_ms == 0 {
                 problems.push(format!(

@@ -73,6 +73,16 @@ struct OrgSlot {
     /// std `Mutex`: held only for one decision, never across an await.
     org: Mutex<Org>,
     history: History,
+    /// Its OAuth clients' secret and the lifetime of the tokens it issues.
+    oauth_secret: String,
+    token_ttl: Duration,
+}
+
+/// An access token `POST /oauth/token` issued.
+struct Issued {
+    org: String,
+    client: String,
+    expires: Instant,
 }
 
 struct Inner {
@@ -85,6 +95,8 @@ struct Inner {
     observations: String,
     /// std `Mutex`: held to push one entry or copy one page.
     log: Mutex<Log>,
+    /// Access tokens issued, by token; std `Mutex`: held for one lookup.
+    tokens: Mutex<HashMap<String, Issued>>,
 }
 
 /// The simulator: a cheap-clone handle on its state.
@@ -144,6 +156,8 @@ impl Sim {
                     org.day_ms,
                     org.config.conversations_per_day,
                 ),
+                oauth_secret: org.config.oauth_secret.clone(),
+                token_ttl: Duration::from_secs(org.config.token_ttl_s),
                 org: Mutex::new(Org::new(
                     org.config,
                     org.families,
@@ -163,6 +177,7 @@ impl Sim {
                 orgs,
                 log: Mutex::new(Log::default()),
                 observations: observations_body(),
+                tokens: Mutex::new(HashMap::new()),
             }),
         };
         let (stop, stopped) = oneshot::channel::<()>();
@@ -196,6 +211,7 @@ impl Sim {
                 "/api/v2/organizations/limits/namespaces/{ns}",
                 get(namespace),
             )
+            .route("/oauth/token", post(oauth_token))
             .route("/_sim/stats", get(stats))
             .route("/_sim/orgs/{org}/writes", get(writes))
             .route("/_sim/orgs/{org}/families/{name}", post(change))
@@ -214,10 +230,11 @@ impl Sim {
     where
         F: FnOnce(&OrgSlot) -> Answer,
     {
-        let (org_id, client) = match bearer(headers) {
+        let (org_id, client) = match self.caller(headers) {
             Ok(caller) => caller,
             Err(response) => return *response,
         };
+        let (org_id, client) = (org_id.as_str(), client.as_str());
         let Some(slot) = self.inner.orgs.get(org_id) else {
             return unknown_org(org_id);
         };
@@ -333,28 +350,134 @@ fn add_headers(response: &mut Response, headers: &[(&'static str, String)]) {
     }
 }
 
-/// `Authorization: Bearer <org>:<client>` → (org, client).
-fn bearer(headers: &HeaderMap) -> Result<(&str, &str), Box<Response>> {
-    let unauthorized = |why: &str| {
-        Box::new(error_body(
-            StatusCode::UNAUTHORIZED,
-            "authentication.required",
-            format!("{why}: expected \"Authorization: Bearer <org>:<client>\"."),
-            None,
-        ))
-    };
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| unauthorized("No authorization header"))?
-        .to_str()
-        .map_err(|_| unauthorized("Authorization header is not text"))?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .ok_or_else(|| unauthorized("Not a bearer token"))?;
-    match token.split_once(':') {
-        Some((org, client)) if !org.is_empty() && !client.is_empty() => Ok((org, client)),
-        _ => Err(unauthorized("Malformed bearer token")),
+impl Sim {
+    /// The caller of an API request: `Authorization: Bearer <token>` with a
+    /// token `POST /oauth/token` issued, or `Bearer <org>:<client>`, →
+    /// (org, client).
+    fn caller(&self, headers: &HeaderMap) -> Result<(String, String), Box<Response>> {
+        let unauthorized = |why: &str| {
+            Box::new(error_body(
+                StatusCode::UNAUTHORIZED,
+                "authentication.required",
+                format!(
+                    "{why}: expected \"Authorization: Bearer <access token>\" \
+                     (from POST /oauth/token) or \"Bearer <org>:<client>\"."
+                ),
+                None,
+            ))
+        };
+        let value = headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| unauthorized("No authorization header"))?
+            .to_str()
+            .map_err(|_| unauthorized("Authorization header is not text"))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| unauthorized("Not a bearer token"))?;
+        if let Some((org, client)) = token.split_once(':') {
+            return if !org.is_empty() && !client.is_empty() {
+                Ok((org.to_owned(), client.to_owned()))
+            } else {
+                Err(unauthorized("Malformed bearer token"))
+            };
+        }
+        match lock(&self.inner.tokens).get(token) {
+            Some(issued) if issued.expires > Instant::now() => {
+                Ok((issued.org.clone(), issued.client.clone()))
+            }
+            Some(_) => Err(unauthorized("The access token has expired")),
+            None => Err(unauthorized("Unknown access token")),
+        }
     }
+}
+
+/// The form of `POST /oauth/token`.
+#[derive(Deserialize)]
+struct TokenForm {
+    grant_type: String,
+}
+
+/// OAuth client credentials: `Authorization: Basic base64(<client>@<org>:
+/// <the org's oauth_secret>)`, form `grant_type=client_credentials`.
+async fn oauth_token(
+    State(sim): State<Sim>,
+    headers: HeaderMap,
+    form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let oauth_error = |status: StatusCode, error: &str, description: &str| {
+        (
+            status,
+            axum::Json(json!({ "error": error, "description": description })),
+        )
+            .into_response()
+    };
+    let invalid_client =
+        |description: &str| oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", description);
+    match form {
+        Ok(form) if form.grant_type == "client_credentials" => {}
+        Ok(_) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "only grant_type=client_credentials is supported",
+            )
+        }
+        Err(_) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "expected a form body grant_type=client_credentials",
+            )
+        }
+    }
+    let Some((client_id, secret)) = basic_credentials(&headers) else {
+        return invalid_client("expected Authorization: Basic base64(client_id:client_secret)");
+    };
+    let Some((client, org)) = client_id
+        .rsplit_once('@')
+        .filter(|(c, o)| !c.is_empty() && !o.is_empty())
+    else {
+        return invalid_client("a gcsim client id is <client>@<org>");
+    };
+    let Some(slot) = sim.inner.orgs.get(org) else {
+        return invalid_client("no such org");
+    };
+    if secret != slot.oauth_secret {
+        return invalid_client("wrong client secret");
+    }
+    let token = format!("gcsim-{}", uuid_like(&mut fastrand::Rng::new()));
+    let now = Instant::now();
+    {
+        let mut tokens = lock(&sim.inner.tokens);
+        tokens.retain(|_, t| t.expires > now);
+        tokens.insert(
+            token.clone(),
+            Issued {
+                org: org.to_owned(),
+                client: client.to_owned(),
+                expires: now + slot.token_ttl,
+            },
+        );
+    }
+    axum::Json(json!({
+        "access_token": token,
+        "token_type": "bearer",
+        "expires_in": slot.token_ttl.as_secs(),
+    }))
+    .into_response()
+}
+
+/// `Authorization: Basic base64(id:secret)` → (id, secret).
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    use base64::Engine;
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (id, secret) = text.split_once(':')?;
+    Some((id.to_owned(), secret.to_owned()))
 }
 
 /// A Genesys-style error body.

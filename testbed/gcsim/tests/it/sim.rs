@@ -50,11 +50,23 @@ impl Http {
     }
 
     async fn send(&self, method: Method, path: &str, auth: Option<&str>, body: &str) -> Reply {
+        let bearer = auth.map(|auth| format!("Bearer {auth}"));
+        let headers: Vec<(&str, &str)> = bearer.iter().map(|b| ("authorization", &b[..])).collect();
+        self.send_with(method, path, &headers, body).await
+    }
+
+    async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Reply {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base));
-        if let Some(auth) = auth {
-            req = req.header("authorization", format!("Bearer {auth}"));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
         }
         let resp = self
             .client
@@ -412,5 +424,87 @@ async fn silent_token_bucket_sends_only_429_and_whole_second_retry_after() {
     let family = &stats["orgs"][0]["families"][0];
     assert_eq!(family["kind"], "token_bucket");
     assert_eq!(family["burst"], 2);
+    sim.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn oauth_client_credentials_issue_tokens_the_api_accepts_until_they_expire() {
+    let mut c = config(45, None, 0);
+    c.orgs[0].token_ttl_s = 600;
+    let (sim, http) = start(c).await;
+    let login = |user: &str, secret: &str, form: &str| {
+        use base64::Engine;
+        let basic = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"))
+        );
+        let form = form.to_owned();
+        let http = &http;
+        async move {
+            http.send_with(
+                Method::POST,
+                "/oauth/token",
+                &[
+                    ("authorization", &basic),
+                    ("content-type", "application/x-www-form-urlencoded"),
+                ],
+                &form,
+            )
+            .await
+        }
+    };
+    let grant = "grant_type=client_credentials";
+    let r = login("relay@org-a", "gcsim-secret", grant).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(r.json["token_type"], "bearer");
+    assert_eq!(r.json["expires_in"], 600);
+    let token = r.json["access_token"].as_str().unwrap().to_owned();
+
+    for (user, secret, form, status, error) in [
+        ("relay@org-a", "wrong", grant, 401, "invalid_client"),
+        ("relay@nobody", "gcsim-secret", grant, 401, "invalid_client"),
+        ("relay", "gcsim-secret", grant, 401, "invalid_client"),
+        (
+            "relay@org-a",
+            "gcsim-secret",
+            "grant_type=password",
+            400,
+            "unsupported_grant_type",
+        ),
+    ] {
+        let r = login(user, secret, form).await;
+        assert_eq!(
+            (r.status, r.json["error"].as_str()),
+            (status, Some(error)),
+            "{user} {form}"
+        );
+    }
+
+    let wrapup = "/api/v2/conversations/calls/c9/participants/p/communications/m/wrapup";
+    let r = http
+        .send(Method::POST, wrapup, Some(&token), r#"{"code":"sale"}"#)
+        .await;
+    assert_eq!(r.status, 202, "{}", r.json);
+    assert_eq!(http.get("/_sim/orgs/org-a/writes").await["c9"], 1);
+    let r = http
+        .send(
+            Method::POST,
+            wrapup,
+            Some("gcsim-not-issued"),
+            r#"{"code":"x"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 401);
+
+    tokio::time::advance(Duration::from_secs(601)).await;
+    let r = http
+        .send(Method::POST, wrapup, Some(&token), r#"{"code":"sale"}"#)
+        .await;
+    assert_eq!(r.status, 401);
+    assert!(
+        r.json["message"].as_str().unwrap().contains("expired"),
+        "{}",
+        r.json
+    );
     sim.shutdown().await;
 }

@@ -1,0 +1,494 @@
+//! Genesys Cloud API calls leased through quota-broker, for the tools that
+//! call the upstream on a fleet's behalf (the call-flow relay, bulk
+//! ingestion): the region's hosts, an OAuth client-credentials token kept
+//! fresh, and [`Upstream`], which leases every call from the broker, makes
+//! it, reports its status and rate-limit headers back, and retries what is
+//! worth retrying only when the broker grants again.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), gc_upstream::UpstreamError> {
+//! use gc_upstream::{Credentials, Region, Request, RetryPolicy, Upstream, UpstreamError};
+//! use quota_broker_client::{BrokerClient, Call};
+//!
+//! let broker = BrokerClient::connect("http://127.0.0.1:50051", None).map_err(UpstreamError::Lease)?;
+//! let template = Call::new("my-org", "GET", "/").client_id("relay-1").class("interactive");
+//! let upstream = Upstream::new(
+//!     Region::new("mypurecloud.com")?,
+//!     Credentials { client_id: "…".into(), client_secret: "…".into() },
+//!     broker,
+//!     template,
+//! )?;
+//! let answer = upstream
+//!     .send_retrying(&Request::get("/api/v2/users/me"), &RetryPolicy::default())
+//!     .await?;
+//! println!("{}", answer.status);
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+mod region;
+mod token;
+
+pub use region::{Credentials, Region};
+
+use bytes::Bytes;
+use quota_broker_client::{BrokerClient, Call, ClientError, Lease};
+use serde::de::DeserializeOwned;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use token::TokenCache;
+
+/// Longest response body read (a details page of 100 conversations is far
+/// below it); a longer one is an error rather than unbounded memory.
+const MAX_BODY: usize = 32 << 20;
+/// First pause before retrying a 5xx or a transport error; doubled each
+/// attempt up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Longest `Retry-After` honoured locally (only for fallback leases: with
+/// the broker, its next grant is the answer).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
+/// Shortest pause after "not granted", whatever the broker suggested.
+const MIN_NOT_GRANTED_PAUSE: Duration = Duration::from_millis(10);
+
+/// Why an upstream call could not be made or answered.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// A region, URL or path that cannot be used.
+    #[error("invalid {what}: {message}")]
+    Invalid {
+        /// Which setting or argument.
+        what: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The login host refused the client credentials (not retried).
+    #[error("login refused ({status}): {message}")]
+    Auth {
+        /// HTTP status of the login answer.
+        status: u16,
+        /// The login host's error, clipped.
+        message: String,
+    },
+    /// The broker refused the lease (unknown tenant, bad token, ...).
+    #[error("lease refused: {0}")]
+    Lease(ClientError),
+    /// The connection to the upstream failed or timed out (retried by
+    /// [`Upstream::send_retrying`]).
+    #[error("upstream unreachable: {0}")]
+    Transport(String),
+    /// The upstream's answer was longer than the limit.
+    #[error("upstream answer over {MAX_BODY} bytes")]
+    BodyTooLarge,
+}
+
+impl UpstreamError {
+    fn retryable(&self) -> bool {
+        matches!(self, UpstreamError::Transport(_))
+    }
+}
+
+/// One upstream request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// HTTP method.
+    pub method: http::Method,
+    /// Path from `/api/v2/...`, optionally with `?query`.
+    pub path: String,
+    /// JSON body, if any.
+    pub body: Option<serde_json::Value>,
+}
+
+impl Request {
+    /// A GET of `path`.
+    pub fn get(path: impl Into<String>) -> Request {
+        Request {
+            method: http::Method::GET,
+            path: path.into(),
+            body: None,
+        }
+    }
+
+    /// A POST of `body` to `path`.
+    pub fn post(path: impl Into<String>, body: serde_json::Value) -> Request {
+        Request {
+            method: http::Method::POST,
+            path: path.into(),
+            body: Some(body),
+        }
+    }
+
+    /// The path without its query: what the broker's routes match.
+    fn route_path(&self) -> &str {
+        self.path.split('?').next().unwrap_or_default()
+    }
+}
+
+/// The upstream's answer.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// HTTP status.
+    pub status: u16,
+    /// Response headers.
+    pub headers: http::HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+}
+
+impl Response {
+    /// The body as JSON of type `T`.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(&self.body)
+    }
+
+    /// The body as text (lossy), for messages.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Whether a retry may succeed: 429 or 5xx.
+    pub fn is_retryable(&self) -> bool {
+        self.status == 429 || self.status >= 500
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        let secs: f64 = self
+            .headers
+            .get(http::header::RETRY_AFTER)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs).min(MAX_RETRY_AFTER))
+    }
+}
+
+/// How [`Upstream::send_retrying`] retries.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (at least 1).
+    pub max_attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> RetryPolicy {
+        RetryPolicy { max_attempts: 8 }
+    }
+}
+
+/// Counts of what an [`Upstream`] did since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Upstream requests sent (answered or not).
+    pub calls: u64,
+    /// Answers by class of status.
+    pub ok_2xx: u64,
+    /// 4xx other than 429.
+    pub client_4xx: u64,
+    /// 429 answers.
+    pub throttled_429: u64,
+    /// 5xx answers.
+    pub server_5xx: u64,
+    /// Requests without an answer (connection, timeout).
+    pub transport_errors: u64,
+    /// Attempts after the first, by `send_retrying` and after a 401.
+    pub retries: u64,
+    /// Leases from the client's local fallback (broker unreachable).
+    pub fallback_leases: u64,
+    /// Access tokens fetched from the login host.
+    pub logins: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    calls: AtomicU64,
+    ok_2xx: AtomicU64,
+    client_4xx: AtomicU64,
+    throttled_429: AtomicU64,
+    server_5xx: AtomicU64,
+    transport_errors: AtomicU64,
+    retries: AtomicU64,
+    fallback_leases: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+struct Inner {
+    http: reqwest::Client,
+    api: String,
+    tokens: TokenCache,
+    broker: BrokerClient,
+    template: Call,
+    counters: Counters,
+}
+
+/// Leased, authenticated calls to one org's API (cheap to clone).
+#[derive(Clone)]
+pub struct Upstream {
+    inner: Arc<Inner>,
+}
+
+impl Upstream {
+    /// Calls `region`'s API with `credentials`, leasing every call from
+    /// `broker` as `template` (its tenant, client id, OAuth client and
+    /// class; method and path are each request's). Requests time out after
+    /// 60 s.
+    pub fn new(
+        region: Region,
+        credentials: Credentials,
+        broker: BrokerClient,
+        template: Call,
+    ) -> Result<Upstream, UpstreamError> {
+        Upstream::with_timeout(
+            region,
+            credentials,
+            broker,
+            template,
+            Some(Duration::from_secs(60)),
+        )
+    }
+
+    /// [`Upstream::new`] with another request timeout (`None`: none).
+    pub fn with_timeout(
+        region: Region,
+        credentials: Credentials,
+        broker: BrokerClient,
+        template: Call,
+        timeout: Option<Duration>,
+    ) -> Result<Upstream, UpstreamError> {
+        let mut builder = reqwest::Client::builder().user_agent("quota-broker-gc-upstream");
+        if let Some(t) = timeout {
+            builder = builder.timeout(t);
+        }
+        let http = builder.build().map_err(|e| UpstreamError::Invalid {
+            what: "HTTP client settings",
+            message: e.to_string(),
+        })?;
+        let tokens = TokenCache::new(http.clone(), &region.login, credentials);
+        Ok(Upstream {
+            inner: Arc::new(Inner {
+                http,
+                api: region.api,
+                tokens,
+                broker,
+                template,
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// What this upstream did so far.
+    pub fn stats(&self) -> Stats {
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            calls: get(&c.calls),
+            ok_2xx: get(&c.ok_2xx),
+            client_4xx: get(&c.client_4xx),
+            throttled_429: get(&c.throttled_429),
+            server_5xx: get(&c.server_5xx),
+            transport_errors: get(&c.transport_errors),
+            retries: get(&c.retries),
+            fallback_leases: get(&c.fallback_leases),
+            logins: self.inner.tokens.logins(),
+        }
+    }
+
+    /// One leased attempt: the token, a lease for the request's method and
+    /// path (waiting as long as the broker says "not yet"), the call, the
+    /// report, the release. A 401 is tried once more with a new token.
+    pub async fn send(&self, req: &Request) -> Result<Response, UpstreamError> {
+        self.attempt(req).await.map(|(response, _)| response)
+    }
+
+    /// [`Upstream::send`] again while it answers 429 or 5xx or cannot reach
+    /// the upstream, at most `retry.max_attempts` in all. Each attempt is
+    /// leased anew: after a reported 429 the broker holds the next grant
+    /// until the upstream will take it. Returns the last answer; what a 4xx
+    /// means is the caller's to decide.
+    pub async fn send_retrying(
+        &self,
+        req: &Request,
+        retry: &RetryPolicy,
+    ) -> Result<Response, UpstreamError> {
+        let mut attempt = 1;
+        loop {
+            let last = attempt >= retry.max_attempts.max(1);
+            let pause = match self.attempt(req).await {
+                Ok((response, fallback)) if response.is_retryable() && !last => {
+                    match (response.status, fallback) {
+                        // Without the broker nobody else learned the 429.
+                        (429, true) => response.retry_after().unwrap_or(FIRST_BACKOFF),
+                        (429, false) => Duration::ZERO,
+                        _ => backoff(attempt),
+                    }
+                }
+                Ok((response, _)) => return Ok(response),
+                Err(e) if e.retryable() && !last => backoff(attempt),
+                Err(e) => return Err(e),
+            };
+            bump(&self.inner.counters.retries);
+            tracing::debug!(attempt, ?pause, path = %req.route_path(), "retrying upstream call");
+            tokio::time::sleep(pause).await;
+            attempt += 1;
+        }
+    }
+
+    async fn attempt(&self, req: &Request) -> Result<(Response, bool), UpstreamError> {
+        if !req.path.starts_with('/') {
+            return Err(UpstreamError::Invalid {
+                what: "path",
+                message: "an API path starts with '/'".into(),
+            });
+        }
+        let call = self
+            .inner
+            .template
+            .to(req.method.as_str(), req.route_path());
+        let mut renewed_token = false;
+        loop {
+            let token = self.inner.tokens.get().await?;
+            let lease = self.lease(&call).await?;
+            let fallback = lease.is_fallback();
+            if fallback {
+                bump(&self.inner.counters.fallback_leases);
+            }
+            let response = self.call(req, &token).await;
+            let response = match response {
+                Ok(r) => r,
+                Err(e) => {
+                    lease.release().await;
+                    return Err(e);
+                }
+            };
+            if let Err(e) = lease.report(response.status, &response.headers).await {
+                // The client keeps what it could not send and sends it later.
+                tracing::debug!(error = %e, "report not delivered yet");
+            }
+            lease.release().await;
+            if response.status == 401 && !renewed_token {
+                renewed_token = true;
+                self.inner.tokens.invalidate(&token).await;
+                bump(&self.inner.counters.retries);
+                continue;
+            }
+            return Ok((response, fallback));
+        }
+    }
+
+    /// A lease for `call`; "not granted" and "overloaded" are waited out.
+    async fn lease(&self, call: &Call) -> Result<Lease, UpstreamError> {
+        loop {
+            match self.inner.broker.acquire(call).await {
+                Ok(lease) => return Ok(lease),
+                Err(ClientError::NotGranted { retry_after, .. })
+                | Err(ClientError::Overloaded { retry_after, .. }) => {
+                    tokio::time::sleep(retry_after.max(MIN_NOT_GRANTED_PAUSE)).await;
+                }
+                Err(e) => return Err(UpstreamError::Lease(e)),
+            }
+        }
+    }
+
+    async fn call(&self, req: &Request, token: &str) -> Result<Response, UpstreamError> {
+        let c = &self.inner.counters;
+        bump(&c.calls);
+        let url = format!("{}{}", self.inner.api, req.path);
+        let mut builder = self
+            .inner
+            .http
+            .request(req.method.clone(), url)
+            .bearer_auth(token);
+        if let Some(body) = &req.body {
+            builder = builder.json(body);
+        }
+        let read = async {
+            let mut response = builder.send().await?;
+            let status = response.status().as_u16();
+            let headers = std::mem::take(response.headers_mut());
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await? {
+                if body.len() + chunk.len() > MAX_BODY {
+                    return Ok(Err(UpstreamError::BodyTooLarge));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok::<_, reqwest::Error>(Ok(Response {
+                status,
+                headers,
+                body: body.into(),
+            }))
+        };
+        let response = match read.await {
+            Ok(r) => r?,
+            Err(e) => {
+                bump(&c.transport_errors);
+                return Err(UpstreamError::Transport(without_url(e)));
+            }
+        };
+        bump(match response.status {
+            200..=299 => &c.ok_2xx,
+            429 => &c.throttled_429,
+            400..=499 => &c.client_4xx,
+            500.. => &c.server_5xx,
+            _ => &c.ok_2xx,
+        });
+        Ok(response)
+    }
+}
+
+/// 200 ms, 400 ms, ... up to 10 s.
+fn backoff(attempt: u32) -> Duration {
+    FIRST_BACKOFF
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF)
+}
+
+/// A reqwest error's message without its URL (which may carry a query the
+/// caller would rather not see in logs).
+fn without_url(e: reqwest::Error) -> String {
+    e.without_url().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        assert_eq!(backoff(1), Duration::from_millis(200));
+        assert_eq!(backoff(3), Duration::from_millis(800));
+        assert_eq!(backoff(20), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds_and_capped() {
+        let with = |v: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(http::header::RETRY_AFTER, v.parse().unwrap());
+            Response {
+                status: 429,
+                headers,
+                body: Bytes::new(),
+            }
+            .retry_after()
+        };
+        assert_eq!(with("2"), Some(Duration::from_secs(2)));
+        assert_eq!(with("0.5"), Some(Duration::from_millis(500)));
+        assert_eq!(with("99999"), Some(MAX_RETRY_AFTER));
+        assert_eq!(with("soon"), None);
+    }
+
+    #[test]
+    fn the_broker_sees_the_path_without_its_query() {
+        let r = Request::get("/api/v2/analytics/jobs/7/results?cursor=abc");
+        assert_eq!(r.route_path(), "/api/v2/analytics/jobs/7/results");
+    }
+}

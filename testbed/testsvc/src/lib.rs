@@ -1,0 +1,279 @@
+//! Test support for tests that need a real server: installs the Debian
+//! packages they need (once per machine, serialised across the test
+//! processes that run at the same time) and runs PostgreSQL on 127.0.0.1 on
+//! an ephemeral port in a directory of its own, stopped and removed when
+//! dropped. Every failure is an `Err` that says what to install or what
+//! went wrong, so a test fails with it instead of skipping.
+
+#![warn(missing_docs)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Serialises `apt-get` across the test binaries cargo runs in parallel;
+/// `DPkg::Lock::Timeout` below also waits out any other apt run (dpkg fails
+/// at once on a held lock by default).
+const APT_LOCK: &str = "/tmp/quota-broker-testsvc-apt.lock";
+
+/// Installs the Debian packages `packages` that are not installed yet.
+pub fn apt_install(packages: &[&str]) -> Result<(), String> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        return Err(format!(
+            "these tests need the Debian packages {missing:?}; install them \
+             (apt-get install {}) or run the tests as root so they install themselves",
+            missing.join(" ")
+        ));
+    }
+    // Checked again under the lock: another test process may have installed
+    // them while this one waited.
+    let script = format!(
+        "missing=''; for p in {pkgs}; do \
+           dpkg-query -W -f='${{Status}}' \"$p\" 2>/dev/null | grep -q 'install ok installed' \
+           || missing=\"$missing $p\"; done; \
+         [ -z \"$missing\" ] && exit 0; \
+         export DEBIAN_FRONTEND=noninteractive; \
+         apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null && \
+         apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends $missing",
+        pkgs = missing.join(" ")
+    );
+    let out = run(Command::new("flock").args([APT_LOCK, "sh", "-c", &script]))
+        .map_err(|e| format!("installing {missing:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "apt-get could not install {missing:?}: {}",
+            tail(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// A port on 127.0.0.1 that was free a moment ago (the OS picked it).
+pub fn free_port() -> Result<u16, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port on 127.0.0.1: {e}"))
+}
+
+/// A directory of its own under the system's temporary directory.
+pub fn scratch_dir(what: &str) -> Result<PathBuf, String> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "testsvc-{what}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+fn run(command: &mut Command) -> Result<Output, String> {
+    command
+        .output()
+        .map_err(|e| format!("running {:?}: {e}", command.get_program()))
+}
+
+fn tail(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// A PostgreSQL server of its own on 127.0.0.1, trusting local connections
+/// as `postgres`; stopped and its directory removed when dropped.
+pub struct Postgres {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Postgres {
+    /// Installs PostgreSQL if needed, makes a cluster in a fresh directory
+    /// and starts it.
+    pub fn start() -> Result<Postgres, String> {
+        let bin = match postgres_bin() {
+            Some(bin) => bin,
+            None => {
+                apt_install(&["postgresql"])?;
+                postgres_bin().ok_or(
+                    "the postgresql package is installed but no /usr/lib/postgresql/*/bin/initdb",
+                )?
+            }
+        };
+        let dir = scratch_dir("pg")?;
+        let data = dir.join("data");
+        // PostgreSQL refuses to run as root: as root, the cluster belongs to
+        // the `postgres` user the package created.
+        let as_postgres = is_root();
+        if as_postgres {
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir))?;
+        }
+        let initdb = run(pg_command(&bin, "initdb", as_postgres)
+            .args([
+                "--auth=trust",
+                "--username=postgres",
+                "--encoding=UTF8",
+                "--no-sync",
+            ])
+            .arg("-D")
+            .arg(&data))?;
+        if !initdb.status.success() {
+            return Err(format!("initdb failed: {}", tail(&initdb.stderr)));
+        }
+        let mut last = String::new();
+        // The port is free when picked but may be taken before the server
+        // binds it: a few tries.
+        for _ in 0..3 {
+            let port = free_port()?;
+            let options = format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+                dir.display()
+            );
+            let start = run(pg_command(&bin, "pg_ctl", as_postgres)
+                .arg("-D")
+                .arg(&data)
+                .args(["-w", "-t", "60", "-o", &options, "-l"])
+                .arg(dir.join("log"))
+                .arg("start"))?;
+            if start.status.success() {
+                return Ok(Postgres { bin, dir, port });
+            }
+            last = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        Err(format!(
+            "PostgreSQL did not start: {}",
+            tail(last.as_bytes())
+        ))
+    }
+
+    /// The server's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`.
+    pub fn url(&self) -> String {
+        self.url_of("postgres")
+    }
+
+    fn url_of(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Creates database `name` (lower-case letters, digits, `_`) and
+    /// returns its URL.
+    pub fn create_database(&self, name: &str) -> Result<String, String> {
+        let valid = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !valid {
+            return Err("a database name here is 1-63 of [a-z0-9_]".into());
+        }
+        let out = run(Command::new(self.bin.join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+            ])
+            .args(["-p", &self.port.to_string()])
+            .args(["-c", &format!("CREATE DATABASE {name}")]))?;
+        if !out.status.success() {
+            return Err(format!("CREATE DATABASE {name}: {}", tail(&out.stderr)));
+        }
+        Ok(self.url_of(name))
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = pg_command(&self.bin, "pg_ctl", is_root())
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn pg_command(bin: &Path, tool: &str, as_postgres: bool) -> Command {
+    if as_postgres {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin.join(tool));
+        c
+    } else {
+        Command::new(bin.join(tool))
+    }
+}
+
+/// The newest `/usr/lib/postgresql/<version>/bin` that has `initdb`.
+fn postgres_bin() -> Option<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_starts_takes_a_database_and_stops() {
+        let pg = Postgres::start().unwrap_or_else(|e| panic!("{e}"));
+        let url = pg
+            .create_database("testsvc_check")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(url.ends_with("/testsvc_check"), "{url}");
+        assert!(
+            pg.create_database("testsvc_check").is_err(),
+            "created twice"
+        );
+        assert!(pg.create_database("Bad-Name").is_err());
+        let port = pg.port();
+        let dir = pg.dir.clone();
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        drop(pg);
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+        assert!(!dir.exists());
+    }
+}
