@@ -37,8 +37,10 @@ use tokio_util::sync::CancellationToken;
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const DASHBOARD_JS: &str = include_str!("assets/dashboard.js");
 const DASHBOARD_CSS: &str = include_str!("assets/dashboard.css");
-/// OpenMetrics text, which Prometheus negotiates and parses.
-const METRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// OpenMetrics text, for scrapers that ask for it.
+const OPENMETRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Prometheus text format 0.0.4, for everyone else (promtool, curl).
+const PROMETHEUS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// A comment on an idle feed this often, so proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -98,10 +100,27 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
-async fn metrics(State(http): State<Http>) -> Response {
+/// The metrics as OpenMetrics when the scraper accepts it (Prometheus
+/// does), else as Prometheus text.
+async fn metrics(State(http): State<Http>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
     let mut text = String::with_capacity(16 * 1024);
-    match prometheus_client::encoding::text::encode(&mut text, &http.registry) {
-        Ok(()) => ([(header::CONTENT_TYPE, METRICS_TYPE)], text).into_response(),
+    let (encoded, content_type) = if openmetrics {
+        (
+            prometheus_client::encoding::text::encode(&mut text, &http.registry),
+            OPENMETRICS_TYPE,
+        )
+    } else {
+        (
+            prometheus_client::encoding::prometheus_text::encode(&mut text, &http.registry),
+            PROMETHEUS_TYPE,
+        )
+    };
+    match encoded {
+        Ok(()) => ([(header::CONTENT_TYPE, content_type)], text).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "cannot encode the metrics");
             (

@@ -29,7 +29,6 @@ impl Observed {
         QuotaBrokerClient::new(self.channel.clone())
     }
 
-    #[allow(dead_code)] // used by the dashboard test
     pub fn admin(&self) -> QuotaAdminClient<Channel> {
         QuotaAdminClient::new(self.channel.clone())
     }
@@ -214,11 +213,20 @@ async fn metrics_count_on_the_path_and_read_the_buckets_at_scrape_time() {
         })
         .await
         .unwrap();
-    let m = get(b.http, "/metrics", &[]).await;
+    let m = get(
+        b.http,
+        "/metrics",
+        &[(
+            "Accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+        )],
+    )
+    .await;
     assert_eq!(m.status, 200);
     assert!(m
         .header("content-type")
         .is_some_and(|t| t.starts_with("application/openmetrics-text")));
+    assert!(m.body.ends_with("# EOF\n"));
     let text = &m.body;
     let t = "tenant=\"t\"";
     let tb = "tenant=\"t\",bucket=\"users\"";
@@ -561,4 +569,64 @@ async fn json_logs_carry_the_request_id() {
     let _ = reader.join();
     let _ = std::fs::remove_file(&path);
     outcome.expect("the JSON log lines came within the limit");
+}
+
+/// The sample alert rules pass `promtool check rules` and their unit tests
+/// (`promtool test rules`), and a live `/metrics` passes
+/// `promtool check metrics`. Installs Debian's `prometheus` for promtool.
+#[tokio::test]
+async fn alert_rules_and_live_metrics_pass_promtool() {
+    use std::process::{Command, Stdio};
+
+    testsvc::apt_install(&["prometheus"])
+        .unwrap_or_else(|e| panic!("promtool (Debian package prometheus) is needed: {e}"));
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/prometheus");
+    let run = |args: &[&str]| {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run promtool: {e}"));
+        assert!(
+            out.status.success(),
+            "promtool {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["check", "rules", "quota-broker-alerts.yml"]);
+    run(&["test", "rules", "alerts-test.yml"]);
+
+    let b = start(&config("")).await;
+    let mut client = b.client();
+    client
+        .acquire(req("GET", "/api/v2/users/1", 0))
+        .await
+        .unwrap();
+    let metrics = get(b.http, "/metrics", &[]).await;
+    b.stop().await;
+    // Asked without an Accept header: the Prometheus text format.
+    assert!(metrics
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/plain; version=0.0.4")));
+    let text = metrics.body;
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = check.stdin.take().unwrap();
+        stdin.write_all(text.as_bytes()).unwrap();
+    }
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

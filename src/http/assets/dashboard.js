@@ -3,7 +3,9 @@
 // on a canvas here; nothing is fetched from elsewhere.
 "use strict";
 
-const WINDOW_MS = 5 * 60 * 1000;   // chart span
+const WINDOW_MS = 5 * 60 * 1000;   // chart span, at most
+const MIN_SPAN_MS = 30 * 1000;     // chart span, at least (a fresh page zooms in)
+const opened = Date.now();
 const MAX_SAMPLES = 3000;          // per panel, oldest dropped
 const panels = new Map();          // key -> panel state
 
@@ -47,7 +49,7 @@ function panelFor(r) {
   if (r.oauth_client) title.append(el("span", "client", "client " + r.oauth_client));
   title.append(badge);
   const figs = el("div", "figures");
-  const rate = figure("effective / configured per min", "rate");
+  const rate = figure("per min / configured", "rate");
   const slots = figure("slots in flight", "slots");
   const granted = figure("granted", "granted");
   const thr = figure("429s", "thr");
@@ -123,14 +125,15 @@ function draw(p, now) {
   const g = c.getContext("2d");
   g.setTransform(dpr, 0, 0, dpr, 0, 0);
   g.clearRect(0, 0, w, h);
-  const from = now - WINDOW_MS;
-  while (p.samples.length > 1 && p.samples[1].t < from) p.samples.shift();
+  const span = Math.min(WINDOW_MS, Math.max(MIN_SPAN_MS, now - opened));
+  const from = now - span;
+  while (p.samples.length > 1 && p.samples[1].t < now - WINDOW_MS) p.samples.shift();
   while (p.marks.length && p.marks[0] < from) p.marks.shift();
   let top = 1;
   for (const s of p.samples) top = Math.max(top, s.eff, s.conf);
   top *= 1.15;
   const pad = { l: 52, r: 8, t: 8, b: 20 };
-  const x = (t) => pad.l + (w - pad.l - pad.r) * (t - from) / WINDOW_MS;
+  const x = (t) => pad.l + (w - pad.l - pad.r) * (t - from) / span;
   const y = (v) => pad.t + (h - pad.t - pad.b) * (1 - v / top);
   const css = getComputedStyle(document.documentElement);
   g.strokeStyle = css.getPropertyValue("--line");
@@ -142,9 +145,10 @@ function draw(p, now) {
     g.beginPath(); g.moveTo(pad.l, y(v)); g.lineTo(w - pad.r, y(v)); g.stroke();
     g.fillText(fmtRate(v), 4, y(v) + 4);
   }
-  for (let m = 0; m <= 5; m++) {
-    const t = from + m * 60000;
-    g.fillText(m === 5 ? "now" : "-" + (5 - m) + " min", x(t) - 14, h - 4);
+  const step = [5000, 10000, 30000, 60000].find((s) => span / s <= 6) || 60000;
+  for (let ago = 0; ago <= span; ago += step) {
+    const label = ago === 0 ? "now" : ago < 60000 ? "-" + ago / 1000 + " s" : "-" + ago / 60000 + " min";
+    g.fillText(label, Math.min(x(now - ago) - 12, w - 30), h - 4);
   }
   g.strokeStyle = css.getPropertyValue("--thr");
   g.lineWidth = 2;
