@@ -114,6 +114,8 @@ pub async fn serve(
         ),
         None => tracing::info!("serving plaintext gRPC (no [server.tls])"),
     }
+    // The HTTP port outlives the gRPC drain, so /readyz can say 503 during it.
+    let http_stop = CancellationToken::new();
     let http_task = http.map(|listener| {
         registry.register_collector(Box::new(BucketCollector::new(broker.clone())));
         tokio::spawn(crate::http::serve(
@@ -122,6 +124,7 @@ pub async fn serve(
             broker.clone(),
             auth.clone(),
             token.clone(),
+            http_stop.clone(),
         ))
     });
     let overload = Overload::new(settings, auth.clone());
@@ -198,6 +201,7 @@ pub async fn serve(
         }
     }
     token.cancel();
+    http_stop.cancel();
     if let Some(task) = http_task {
         match task.await {
             Ok(Ok(())) => {}

@@ -29,6 +29,19 @@ fn given_id(value: &http::HeaderValue) -> Option<&str> {
     plain.then_some(id)
 }
 
+/// A new request id: 16 hex digits (written without a `format!`
+/// allocation; a valid header value by construction).
+fn new_id() -> http::HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u64(..);
+    let mut digits = [0u8; 16];
+    for d in digits.iter_mut().rev() {
+        *d = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    http::HeaderValue::from_bytes(&digits).unwrap_or(http::HeaderValue::from_static("0"))
+}
+
 /// The tower layer in front of every service.
 #[derive(Clone)]
 pub(crate) struct ObserveLayer {
@@ -79,15 +92,15 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let started = Instant::now();
-        let id = match req.headers().get(REQUEST_ID).and_then(given_id) {
+        let mut id = match req.headers().get(REQUEST_ID).and_then(given_id) {
             Some(id) => http::HeaderValue::from_str(id).ok(),
             None => None,
         }
-        .unwrap_or_else(|| {
-            // 16 hex digits: a valid header value by construction.
-            http::HeaderValue::from_str(&format!("{:016x}", fastrand::u64(..)))
-                .unwrap_or(http::HeaderValue::from_static("0"))
-        });
+        .unwrap_or_else(new_id);
+        // A value that differs on every call must not enter HPACK's dynamic
+        // table: it would evict the headers that repeat (content-type,
+        // grpc-status) and make every response larger.
+        id.set_sensitive(true);
         let method = Metrics::method(req.uri().path());
         let span = tracing::info_span!(
             "rpc",

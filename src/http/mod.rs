@@ -53,19 +53,22 @@ struct Http {
     shutdown: CancellationToken,
 }
 
-/// Serves the HTTP port on `listener` until `shutdown` is cancelled.
+/// Serves the HTTP port on `listener` until `stop` is cancelled; `/readyz`
+/// answers 503 from when `shutdown` (the broker's) is cancelled, so
+/// orchestrators see the drain.
 pub(crate) async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     broker: Broker,
     auth: Authenticator,
     shutdown: CancellationToken,
+    stop: CancellationToken,
 ) -> std::io::Result<()> {
     let state = Http {
         registry,
         broker,
         auth,
-        shutdown: shutdown.clone(),
+        shutdown,
     };
     let app = Router::new()
         .route("/", get(index))
@@ -80,7 +83,7 @@ pub(crate) async fn serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .with_graceful_shutdown(async move { stop.cancelled().await })
     .await
 }
 

@@ -18,6 +18,7 @@ use tokio::process::Command;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 
+use crate::child::child_files;
 use crate::drive::{connect, Tally, Window};
 use crate::error::Error;
 
@@ -56,8 +57,9 @@ mod wire {
 }
 
 const THROTTLE: &str = "/throttlecrab.RateLimiter/Throttle";
-/// A rate no run reaches, so every call is allowed on both servers.
-const HUGE: i32 = 1_000_000_000;
+/// A million a second, burst a million (the broker's largest burst): no
+/// run comes near it, so every call is allowed on both servers.
+const HUGE: i32 = 1_000_000;
 
 /// Flags of `loadgen peer`.
 #[derive(clap::Args, Debug)]
@@ -156,14 +158,6 @@ fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_millis((utime + stime) * 10))
 }
 
-fn free_port() -> Result<SocketAddr, Error> {
-    let probe =
-        std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("bind 127.0.0.1:0"))?;
-    probe
-        .local_addr()
-        .map_err(Error::io("read the probe listener's address"))
-}
-
 /// The broker config: one tenant `t0`, a rate-only bucket (org-wide for one
 /// key, per OAuth client for many).
 fn broker_config(listen: SocketAddr, keys: usize, metrics: bool) -> String {
@@ -187,10 +181,7 @@ async fn spawn(
     peer_bin: &Path,
     pin: bool,
 ) -> Result<Proc, Error> {
-    let addr = free_port()?;
-    let dir = std::env::temp_dir().join(format!("loadgen-peer-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(Error::io(format!("create {}", dir.display())))?;
-    let log_path = dir.join(format!("{target:?}.log"));
+    let (addr, dir, log_path) = child_files(&format!("peer-{target:?}"))?;
     let mut files = vec![log_path.clone()];
     let (bin, args): (&Path, Vec<String>) = match target {
         Target::BrokerMetrics | Target::BrokerNoMetrics => {
