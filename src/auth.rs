@@ -230,6 +230,8 @@ impl Principal {
 pub(crate) struct Authenticator {
     /// Keyed by the SHA-256 of the token; empty means open mode.
     tokens: Arc<HashMap<Hash, Principal>>,
+    /// Open mode's caller, made once (a clone is a reference count).
+    anonymous: Principal,
 }
 
 impl fmt::Debug for Authenticator {
@@ -273,6 +275,7 @@ impl Authenticator {
         }
         Authenticator {
             tokens: Arc::new(map),
+            anonymous: Principal::anonymous(),
         }
     }
 
@@ -286,7 +289,7 @@ impl Authenticator {
     /// Open mode: always `Ok(anonymous admin)`, whatever is sent.
     pub(crate) fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
         if self.is_open() {
-            return Ok(Principal::anonymous());
+            return Ok(self.anonymous.clone());
         }
         let value = authorization.ok_or(AuthError::Missing)?.trim();
         let token = match value.split_once(char::is_whitespace) {

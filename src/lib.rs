@@ -11,7 +11,8 @@
 //! ```text
 //!  gRPC ──► grpc/        the only place tonic is served: codec (decode + validate,
 //!             │          encode, BrokerError → Status), QuotaBroker / QuotaAdmin,
-//!             │          LeaseStream sessions, run() with health, reflection, shutdown;
+//!             │          LeaseStream sessions, serve() with health, reflection, shutdown;
+//!             │          observe (request ids on a span and in the response, latency);
 //!             │          transport (accept loop, TLS, handshake deadline, connection
 //!             │          caps), overload (per-caller rates and Watch caps)
 //!             │  auth.rs bearer tokens → Principal (tenant scopes, roles, limits)
@@ -29,6 +30,11 @@
 //!   route (paths   attribution
 //!   normalised),
 //!   scheduler
+//!
+//!  HTTP ──► http/        /metrics, the dashboard and its event feed (the
+//!                        Watch feed as server-sent events), /healthz, /readyz
+//!           metrics/     counters on the request path (label sets resolved
+//!                        at start), bucket gauges read at scrape time
 //! ```
 //!
 //! Beside them: `config/` (TOML + env → validated [`Settings`]),
@@ -62,9 +68,13 @@ mod error;
 #[cfg(feature = "server")]
 mod grpc;
 #[cfg(feature = "server")]
+mod http;
+#[cfg(feature = "server")]
 mod learning;
 #[cfg(feature = "server")]
 mod limits;
+#[cfg(feature = "server")]
+mod metrics;
 #[cfg(feature = "server")]
 mod tenant;
 
@@ -72,10 +82,10 @@ pub use api::{pb, REPORTED_HEADERS};
 #[cfg(feature = "server")]
 pub use auth::hash_token;
 #[cfg(feature = "server")]
-pub use config::{ConfigError, Settings};
+pub use config::{ConfigError, LogFormat, Settings};
 #[cfg(feature = "server")]
 pub use error::BrokerError;
 #[cfg(feature = "server")]
-pub use grpc::{run, ServerError, MAX_CONCURRENT_STREAMS};
+pub use grpc::{run, serve, Listeners, ServerError, MAX_CONCURRENT_STREAMS};
 #[cfg(feature = "server")]
 pub use tenant::{AcquireArgs, Decision, Denial, Grant, Queued, TenantState};

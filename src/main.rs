@@ -1,7 +1,7 @@
 //! The `quota-broker` process: flags, configuration, logging, signals.
 
 use clap::{Parser, Subcommand};
-use quota_broker::Settings;
+use quota_broker::{LogFormat, Settings};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
@@ -14,7 +14,8 @@ use tracing_subscriber::EnvFilter;
     after_help = "Without --config it runs the embedded default (tenant \"demo\" on \
 127.0.0.1:50051; see examples/broker.toml). QUOTA_BROKER__SECTION__KEY environment \
 variables override single keys, e.g. QUOTA_BROKER__SERVER__LISTEN=0.0.0.0:50051. \
-Logging: RUST_LOG (default \"info\")."
+Logging: RUST_LOG (default \"info\"), server.log_format = \"text\" or \"json\". \
+HTTP (metrics, dashboard, probes): server.http_listen, default 127.0.0.1:9464."
 )]
 struct Cli {
     /// A config file to run instead of the embedded default.
@@ -45,12 +46,6 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let config_path = cli.config;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let settings = match Settings::load(config_path.as_deref(), std::env::vars()) {
         Ok(s) => s,
         Err(e) => {
@@ -58,6 +53,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match settings.server.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -83,15 +86,37 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let http = match settings.server.http_listen {
+            None => None,
+            // A taken metrics port must not take the quota decisions down
+            // with it: the broker serves gRPC and says loudly what is off.
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::error!(
+                        http_listen = %addr, error = %e,
+                        "cannot listen on server.http_listen: serving gRPC without /metrics, \
+                         the dashboard and the HTTP health probes"
+                    );
+                    None
+                }
+            },
+        };
         let tenants: Vec<&str> = settings.tenants.iter().map(|t| t.id.as_str()).collect();
         let listen = listener.local_addr().unwrap_or(settings.server.listen);
+        let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         tracing::info!(
             %listen,
+            http = %http_addr.map_or("off".into(), |a| a.to_string()),
             config = %config_path.as_deref().map_or("embedded default".into(), |p| p.display().to_string()),
             ?tenants,
             "quota-broker serving"
         );
-        match quota_broker::run(listener, &settings, shutdown).await {
+        let listeners = quota_broker::Listeners {
+            grpc: listener,
+            http,
+        };
+        match quota_broker::serve(listeners, &settings, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "server failed");

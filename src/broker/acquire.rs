@@ -33,13 +33,24 @@ impl Broker {
         }
         let t = self.tenant_index(tenant)?;
         let tenant = &self.inner.tenants[t];
-        let decision = tenant.lock().acquire(&args, max_wait, Instant::now())?;
+        let metrics = self.inner.metrics.as_deref();
+        let class = metrics.map_or(0, |m| m.class(&args.class));
+        let started = Instant::now();
+        let decision = tenant.lock().acquire(&args, max_wait, started)?;
         let queued = match decision {
             Decision::Granted(g) => {
                 self.announce();
+                if let Some(m) = metrics {
+                    m.granted(t, class);
+                }
                 return Ok(AcquireOutcome::Granted(g));
             }
-            Decision::Denied(d) => return Ok(AcquireOutcome::Denied(d)),
+            Decision::Denied(d) => {
+                if let Some(m) = metrics {
+                    m.denied(t, class, &d.reason);
+                }
+                return Ok(AcquireOutcome::Denied(d));
+            }
             Decision::Queued(q) => q,
         };
         tenant.wake.notify_one();
@@ -52,17 +63,25 @@ impl Broker {
             rx: queued.reply,
             settled: false,
         };
-        tokio::select! {
+        let outcome = tokio::select! {
             r = &mut wait.rx => {
                 wait.settled = true;
                 match r {
-                    Ok(Ok(g)) => Ok(AcquireOutcome::Granted(g)),
-                    Ok(Err(d)) => Ok(AcquireOutcome::Denied(d)),
-                    Err(_) => Err(BrokerError::ShuttingDown),
+                    Ok(Ok(g)) => AcquireOutcome::Granted(g),
+                    Ok(Err(d)) => AcquireOutcome::Denied(d),
+                    Err(_) => return Err(BrokerError::ShuttingDown),
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => Ok(wait.give_up()),
+            _ = tokio::time::sleep_until(deadline) => wait.give_up(),
+        };
+        if let Some(m) = metrics {
+            m.waited(t, class, started.elapsed());
+            match &outcome {
+                AcquireOutcome::Granted(_) => m.granted(t, class),
+                AcquireOutcome::Denied(d) => m.denied(t, class, &d.reason),
+            }
         }
+        Ok(outcome)
     }
 }
 

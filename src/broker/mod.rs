@@ -36,6 +36,7 @@ use crate::config::{ServerSettings, Settings};
 use crate::error::{clip, BrokerError};
 use crate::learning::RateLimitInfo;
 use crate::limits::LeaseId;
+use crate::metrics::Metrics;
 use crate::tenant::{AcquireArgs, ReportOutcome, TenantState};
 use admin::AdminKey;
 use std::collections::{BTreeSet, HashMap};
@@ -80,6 +81,8 @@ struct Inner {
     shutdown: CancellationToken,
     /// Every admin change so far (std `Mutex`: never held across `.await`).
     admin_changes: Mutex<BTreeSet<(usize, AdminKey)>>,
+    /// Counters on the request path (`None`: metrics are off).
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// The broker: cheap to clone, shared by the gRPC services.
@@ -90,8 +93,13 @@ pub(crate) struct Broker {
 
 impl Broker {
     /// Builds the broker from validated settings and starts one driver task
-    /// per tenant; they stop when `shutdown` is cancelled.
-    pub(crate) fn start(settings: &Settings, shutdown: CancellationToken) -> (Broker, Drivers) {
+    /// per tenant; they stop when `shutdown` is cancelled. `metrics` counts
+    /// grants, denials, waits and reports.
+    pub(crate) fn start(
+        settings: &Settings,
+        shutdown: CancellationToken,
+        metrics: Option<Arc<Metrics>>,
+    ) -> (Broker, Drivers) {
         let now = Instant::now();
         let version = Arc::new(AtomicU64::new(0));
         let tenants: Vec<Tenant> = settings
@@ -126,6 +134,7 @@ impl Broker {
                 changes: tokio::sync::watch::Sender::new(()),
                 shutdown,
                 admin_changes: Mutex::new(BTreeSet::new()),
+                metrics,
             }),
         };
         // Lease ids of this run start above any of an earlier run: the
@@ -275,6 +284,9 @@ impl Broker {
                 .lock()
                 .report(call, http_status, retry_after, info, now)?
         };
+        if let Some(m) = &self.inner.metrics {
+            m.reported(t, &outcome.buckets, http_status);
+        }
         // A freeze or a shrunk budget moves waiters' ready times.
         tenant.wake.notify_one();
         self.announce();

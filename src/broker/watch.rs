@@ -85,9 +85,11 @@ impl Broker {
         let (tx, rx) = mpsc::channel(64);
         let mut changes = self.inner.changes.subscribe();
         let broker = self.clone();
+        let open = self.inner.metrics.as_ref().map(|m| m.watch_opened());
         // Owned by the shutdown token and by the receiver: it ends when
         // either goes.
         tokio::spawn(async move {
+            let _open = open;
             let shutdown = broker.inner.shutdown.clone();
             let mut seen: Vec<HashMap<usize, u64>> = vec![HashMap::new(); tenants.len()];
             loop {
@@ -123,6 +125,18 @@ impl Broker {
             }
         });
         Ok(rx)
+    }
+
+    /// Leases holding slots, per tenant (config order).
+    pub(crate) fn leases_held(&self) -> Vec<(String, usize)> {
+        self.inner
+            .tenants
+            .iter()
+            .map(|t| {
+                let state = t.lock();
+                (state.id().to_owned(), state.leases_held())
+            })
+            .collect()
     }
 
     pub(super) fn bucket_status(

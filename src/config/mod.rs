@@ -207,6 +207,20 @@ pub struct ServerSettings {
     /// Most open connections (pending or serving); new ones beyond it are
     /// closed at once.
     pub max_connections: usize,
+    /// Address of the HTTP port (`/metrics`, the dashboard, `/healthz`,
+    /// `/readyz`); `None`: no HTTP port.
+    pub http_listen: Option<SocketAddr>,
+    /// How log lines are written.
+    pub log_format: LogFormat,
+}
+
+/// How the process writes its log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
 }
 
 /// One upstream organisation.

@@ -4,11 +4,12 @@
 
 use super::tls::RawTls;
 use super::{
-    check_class_set, check_rate, BucketSettings, ClassSettings, ConfigError, OverloadSettings,
-    SchedulingSettings, Scope, ServerSettings, Settings, TenantSettings,
+    check_class_set, check_rate, BucketSettings, ClassSettings, ConfigError, LogFormat,
+    OverloadSettings, SchedulingSettings, Scope, ServerSettings, Settings, TenantSettings,
 };
 use crate::auth::{RawToken, TokenSettings};
 use crate::clock::millis;
+use crate::error::clip;
 use crate::learning::LearnSettings;
 use crate::limits::Route;
 use serde::Deserialize;
@@ -195,6 +196,8 @@ struct RawServer {
     handshake_timeout_ms: u64,
     max_pending_connections: u32,
     max_connections: u32,
+    http_listen: String,
+    log_format: String,
 }
 
 impl Default for RawServer {
@@ -209,6 +212,8 @@ impl Default for RawServer {
             handshake_timeout_ms: 5_000,
             max_pending_connections: 256,
             max_connections: 10_000,
+            http_listen: "127.0.0.1:9464".to_owned(),
+            log_format: "text".to_owned(),
         }
     }
 }
@@ -303,6 +308,15 @@ impl RawConfig {
                 server.listen
             ));
         }
+        if let Some(http) = server.http_listen {
+            if tokens.is_empty() && !http.ip().is_loopback() {
+                problems.push(format!(
+                    "server.http_listen {http} is not a loopback address but no [[auth.tokens]] \
+                     are configured: the dashboard shows every tenant's buckets; listen on \
+                     127.0.0.1, configure tokens, or set server.http_listen = \"\" to turn it off"
+                ));
+            }
+        }
         let overload = OverloadSettings {
             max_requests_per_sec: self.overload.max_requests_per_sec,
             max_watch_streams: self.overload.max_watch_streams,
@@ -375,6 +389,31 @@ impl RawServer {
             ));
         }
         let tls = self.tls.validate(problems);
+        let http_listen = (!self.http_listen.is_empty())
+            .then(|| {
+                self.http_listen
+                    .parse()
+                    .map_err(|e| {
+                        problems.push(format!(
+                            "server.http_listen {:?} is not an IP:port address ({e}); \
+                             \"\" turns the HTTP port off",
+                            self.http_listen
+                        ))
+                    })
+                    .ok()
+            })
+            .flatten();
+        let log_format = match self.log_format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                problems.push(format!(
+                    "server.log_format {} must be \"text\" or \"json\"",
+                    clip(other)
+                ));
+                LogFormat::Text
+            }
+        };
         ServerSettings {
             listen,
             max_wait: Duration::from_millis(self.max_wait_ms),
@@ -385,6 +424,8 @@ impl RawServer {
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             max_pending_connections: self.max_pending_connections as usize,
             max_connections: self.max_connections as usize,
+            http_listen,
+            log_format,
         }
     }
 }

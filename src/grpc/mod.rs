@@ -1,14 +1,17 @@
-//! The gRPC server: the broker's services plus grpc.health.v1 and server
-//! reflection on one listener, and the shutdown sequence (health goes
-//! NOT_SERVING, streams and waiters end, open calls drain for at most the
-//! grace period). Connections come through `transport` (handshake timeout,
-//! connection caps, TLS) and every RPC through `overload` (plaintext tokens
-//! from afar refused, per-caller rates).
+//! The gRPC server: the broker's services plus grpc.health.v1 (per
+//! service) and server reflection (v1 and v1alpha) on one listener, the
+//! HTTP port beside it when one is given, and the shutdown sequence (health
+//! goes NOT_SERVING, streams and waiters end, open calls drain for at most
+//! the grace period). Connections come through `transport` (handshake
+//! timeout, connection caps, TLS) and every RPC through `observe` (request
+//! id, latency) and `overload` (plaintext tokens from afar refused,
+//! per-caller rates).
 
 mod admin_service;
 mod broker_service;
 mod codec;
 mod lease_stream;
+mod observe;
 mod ops;
 mod overload;
 mod transport;
@@ -19,12 +22,17 @@ use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::clock::millis;
 use crate::config::Settings;
+use crate::metrics::{BucketCollector, Metrics};
 use crate::pb;
 use admin_service::AdminService;
 use broker_service::BrokerService;
 use codec::MAX_MESSAGE_BYTES;
+use observe::ObserveLayer;
 use overload::{GuardLayer, Overload};
+use pb::quota_admin_server::QuotaAdminServer;
+use pb::quota_broker_server::QuotaBrokerServer;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -50,15 +58,47 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves the broker on `listener` until `shutdown` completes, then shuts
-/// down gracefully within `settings.server.shutdown_grace`.
+/// The listeners the broker serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC port.
+    pub grpc: TcpListener,
+    /// The HTTP port (`/metrics`, the dashboard, health probes); `None`:
+    /// none, and no metrics are counted.
+    pub http: Option<TcpListener>,
+}
+
+/// Serves the broker on `listener` (gRPC only) until `shutdown` completes,
+/// then shuts down gracefully within `settings.server.shutdown_grace`.
 pub async fn run(
     listener: TcpListener,
     settings: &Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let listeners = Listeners {
+        grpc: listener,
+        http: None,
+    };
+    serve(listeners, settings, shutdown).await
+}
+
+/// Serves the broker on `listeners` until `shutdown` completes, then shuts
+/// down gracefully within `settings.server.shutdown_grace`.
+pub async fn serve(
+    listeners: Listeners,
+    settings: &Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let Listeners {
+        grpc: listener,
+        http,
+    } = listeners;
     let token = CancellationToken::new();
-    let (broker, drivers) = Broker::start(settings, token.clone());
+    let mut registry = crate::metrics::registry();
+    let metrics = http
+        .is_some()
+        .then(|| Arc::new(Metrics::new(settings, &mut registry)));
+    let (broker, drivers) = Broker::start(settings, token.clone(), metrics.clone());
     let auth = Authenticator::new(settings.tokens.clone());
     if auth.is_open() {
         tracing::warn!(
@@ -74,19 +114,36 @@ pub async fn run(
         ),
         None => tracing::info!("serving plaintext gRPC (no [server.tls])"),
     }
+    // The HTTP port outlives the gRPC drain, so /readyz can say 503 during it.
+    let http_stop = CancellationToken::new();
+    let http_task = http.map(|listener| {
+        registry.register_collector(Box::new(BucketCollector::new(broker.clone())));
+        tokio::spawn(crate::http::serve(
+            listener,
+            Arc::new(registry),
+            broker.clone(),
+            auth.clone(),
+            token.clone(),
+            http_stop.clone(),
+        ))
+    });
     let overload = Overload::new(settings, auth.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
-    let broker_name = <pb::quota_broker_server::QuotaBrokerServer<BrokerService> as tonic::server::NamedService>::NAME;
-    let admin_name = <pb::quota_admin_server::QuotaAdminServer<AdminService> as tonic::server::NamedService>::NAME;
-    for name in ["", broker_name, admin_name] {
-        health
-            .set_service_status(name, ServingStatus::Serving)
-            .await;
-    }
+    health
+        .set_serving::<QuotaBrokerServer<BrokerService>>()
+        .await;
+    health.set_serving::<QuotaAdminServer<AdminService>>().await;
+    health.set_service_status("", ServingStatus::Serving).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // v1alpha too: Python's grpcio-reflection, Postman and older
+    // grpcurl/grpcui ask only for it.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
 
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = {
@@ -94,11 +151,15 @@ pub async fn run(
         async move {
             shutdown.await;
             tracing::info!("shutdown requested: health NOT_SERVING, ending streams and waits");
-            for name in ["", broker_name, admin_name] {
-                health
-                    .set_service_status(name, ServingStatus::NotServing)
-                    .await;
-            }
+            health
+                .set_not_serving::<QuotaBrokerServer<BrokerService>>()
+                .await;
+            health
+                .set_not_serving::<QuotaAdminServer<AdminService>>()
+                .await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
             token.cancel();
             let _ = draining_tx.send(());
         }
@@ -109,19 +170,17 @@ pub async fn run(
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(ObserveLayer::new(metrics))
         .layer(GuardLayer::new(overload.clone()))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
-            pb::quota_broker_server::QuotaBrokerServer::new(BrokerService::new(
-                broker.clone(),
-                auth.clone(),
-                overload,
-            ))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            QuotaBrokerServer::new(BrokerService::new(broker.clone(), auth.clone(), overload))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            pb::quota_admin_server::QuotaAdminServer::new(AdminService::new(broker, auth))
+            QuotaAdminServer::new(AdminService::new(broker, auth))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(
@@ -142,6 +201,14 @@ pub async fn run(
         }
     }
     token.cancel();
+    http_stop.cancel();
+    if let Some(task) = http_task {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the HTTP port failed"),
+            Err(e) => tracing::error!(error = %e, "the HTTP server task failed"),
+        }
+    }
     drivers.join().await;
     tracing::info!("broker stopped");
     Ok(())

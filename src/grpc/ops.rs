@@ -47,11 +47,9 @@ impl Ops {
         who: &Principal,
         r: pb::AcquireRequest,
     ) -> Result<pb::AcquireResponse, Status> {
-        let (tenant, args) = acquire_args(who, &r)?;
-        let outcome = self
-            .broker
-            .acquire(&tenant, args, r.max_wait_ms.map(Duration::from_millis))
-            .await?;
+        let max_wait = r.max_wait_ms.map(Duration::from_millis);
+        let (tenant, args) = acquire_args_owned(who, r)?;
+        let outcome = self.broker.acquire(&tenant, args, max_wait).await?;
         Ok(match outcome {
             AcquireOutcome::Granted(g) => grant_to_pb(g, self.broker.clock()),
             AcquireOutcome::Denied(d) => denial_to_pb(d),
@@ -132,21 +130,53 @@ impl Ops {
     }
 }
 
-/// Decodes and validates an Acquire for `who`: its tenant and arguments.
-fn acquire_args(who: &Principal, r: &pb::AcquireRequest) -> Result<(String, AcquireArgs), Status> {
+/// [`acquire_args`], moving the request's strings instead of copying them
+/// (the hot path: four allocations fewer per call).
+fn acquire_args_owned(
+    who: &Principal,
+    mut r: pb::AcquireRequest,
+) -> Result<(String, AcquireArgs), Status> {
+    let (_, checked) = acquire_args_checked(who, &r)?;
+    let args = AcquireArgs {
+        client_id: std::mem::take(&mut r.client_id),
+        class: std::mem::take(&mut r.priority_class),
+        oauth_client: std::mem::take(&mut r.oauth_client),
+        ..checked
+    };
+    Ok((r.tenant, args))
+}
+
+/// Validates an Acquire for `who`: its tenant, and its arguments with the
+/// caller's strings left empty (the method and path are normalised copies).
+fn acquire_args_checked<'r>(
+    who: &Principal,
+    r: &'r pb::AcquireRequest,
+) -> Result<(&'r str, AcquireArgs), Status> {
     let tenant = required("tenant", &r.tenant, "demo")?;
     who.may_access(tenant)?;
-    let client_id = required("client_id", &r.client_id, "ingest-worker-1")?;
-    let class = bounded("priority_class", &r.priority_class)?;
-    let oauth_client = bounded("oauth_client", &r.oauth_client)?;
+    required("client_id", &r.client_id, "ingest-worker-1")?;
+    bounded("priority_class", &r.priority_class)?;
+    bounded("oauth_client", &r.oauth_client)?;
     let (method, path) = call_of(&r.method, &r.path)?;
     let args = AcquireArgs {
-        client_id: client_id.to_owned(),
-        class: class.to_owned(),
+        client_id: String::new(),
+        class: String::new(),
         method,
         path,
-        oauth_client: oauth_client.to_owned(),
+        oauth_client: String::new(),
         permits: r.permits.max(1),
+    };
+    Ok((tenant, args))
+}
+
+/// Decodes and validates an Acquire for `who`: its tenant and arguments.
+fn acquire_args(who: &Principal, r: &pb::AcquireRequest) -> Result<(String, AcquireArgs), Status> {
+    let (tenant, checked) = acquire_args_checked(who, r)?;
+    let args = AcquireArgs {
+        client_id: r.client_id.clone(),
+        class: r.priority_class.clone(),
+        oauth_client: r.oauth_client.clone(),
+        ..checked
     };
     Ok((tenant.to_owned(), args))
 }

@@ -84,6 +84,14 @@ pub(crate) enum PathError {
 /// segments resolved (`/a/./b/../c` is `/a/c`; `..` never climbs above the
 /// root). Case is kept: paths are case-sensitive.
 pub(crate) fn normalize_path(path: &str) -> Result<String, PathError> {
+    if is_normal(path) {
+        return Ok(path.to_owned());
+    }
+    normalize_any(path)
+}
+
+/// [`normalize_path`] without the shortcut for paths already normal.
+fn normalize_any(path: &str) -> Result<String, PathError> {
     let decoded = percent_encoding::percent_decode_str(path)
         .decode_utf8()
         .map_err(|_| PathError::NotUtf8)?;
@@ -117,6 +125,18 @@ pub(crate) fn normalize_path(path: &str) -> Result<String, PathError> {
         out.push('/');
     }
     Ok(out)
+}
+
+/// Whether `path` is already in normal form (the common case, skipped
+/// cheaply): plain ASCII without `%` or control characters, and no empty,
+/// `.` or `..` segment (so no `//` and no trailing `/`).
+fn is_normal(path: &str) -> bool {
+    path.len() > 1
+        && path.starts_with('/')
+        && path
+            .bytes()
+            .all(|b| b.is_ascii() && b != b'%' && !b.is_ascii_control())
+        && path[1..].split('/').all(|s| !matches!(s, "" | "." | ".."))
 }
 
 /// Remembers which buckets a (method, path) matched, so a busy route is
@@ -209,6 +229,17 @@ mod tests {
                 for segment in n.split('/') {
                     proptest::prop_assert!(segment != "." && segment != "..", "{}", n);
                 }
+            }
+        }
+
+        /// The shortcut for paths already normal agrees with the full
+        /// normalisation.
+        #[test]
+        fn the_shortcut_agrees_with_normalising(
+            path in "(/|//|/\\.|/\\.\\.|/[a-zA-Z%0-9._~-]{1,6}){0,10}/?"
+        ) {
+            if is_normal(&path) {
+                proptest::prop_assert_eq!(normalize_any(&path), Ok(path.clone()));
             }
         }
 

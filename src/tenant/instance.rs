@@ -23,6 +23,8 @@ pub(super) struct Instance {
     pub(super) granted_total: u64,
     pub(super) throttled_total: u64,
     pub(super) reports_total: u64,
+    /// Freezes after a 429 (for the metrics).
+    pub(super) freezes_total: u64,
     pub(super) learner: Learner,
     /// The learned concurrency limit (instances with slots only).
     pub(super) slot_learner: Option<SlotLearner>,
@@ -62,6 +64,7 @@ impl Instance {
             granted_total: 0,
             throttled_total: 0,
             reports_total: 0,
+            freezes_total: 0,
             slot_learner: settings.max_in_flight.map(|m| {
                 SlotLearner::new(
                     m.get(),
@@ -173,6 +176,7 @@ impl Instance {
             .as_ref()
             .map_or(Duration::ZERO, |t| t.interval().mul_f64(s.jitter * draw));
         let resume = until + jitter;
+        self.freezes_total += 1;
         self.resume_at = Some(self.resume_at.map_or(resume, |r| r.max(resume)));
         if let Some(t) = self.tokens.as_mut() {
             t.empty_at(resume);

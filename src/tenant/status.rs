@@ -37,6 +37,8 @@ pub struct BucketStatus {
     pub throttled_total: u64,
     /// Reports received.
     pub reports_total: u64,
+    /// Freezes after a 429.
+    pub freezes_total: u64,
     /// Frozen until (after a reported 429).
     pub frozen_until: Option<Instant>,
     /// Limit learned from rate-limit headers, per minute.
@@ -100,6 +102,7 @@ impl TenantState {
             granted_total: x.granted_total,
             throttled_total: x.throttled_total,
             reports_total: x.reports_total,
+            freezes_total: x.freezes_total,
             frozen_until: x.learner.frozen_until(now),
             learned_limit_per_min: x.learner.learned_limit(),
             throttle_ratio: x.learner.throttle_ratio(now, &self.learning),

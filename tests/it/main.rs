@@ -4,11 +4,13 @@
 mod acquire;
 mod child;
 mod classes;
+mod dashboard;
 mod errors;
 mod harness;
 mod invariants;
 mod learning;
 mod lifecycle;
+mod observe;
 mod overload;
 mod process;
 mod restart;

@@ -42,7 +42,11 @@ impl BrokerConfig {
     /// The TOML text.
     pub(crate) fn render(&self) -> String {
         let mut s = String::with_capacity(64 + self.tenants * self.buckets * 200);
-        s.push_str("[server]\nshutdown_grace_ms = 1000\nstate_dir = \"\"\nmax_wait_ms = 1000\n");
+        // Metrics on, as deployed, on a port of its own.
+        s.push_str(
+            "[server]\nshutdown_grace_ms = 1000\nstate_dir = \"\"\nmax_wait_ms = 1000\n\
+             http_listen = \"127.0.0.1:0\"\n",
+        );
         if let Some(listen) = self.listen {
             // Writing to a String cannot fail.
             let _ = writeln!(s, "listen = \"{listen}\"");

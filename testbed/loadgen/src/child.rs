@@ -61,6 +61,16 @@ fn log_tail(path: &Path) -> String {
     log[from..].to_owned()
 }
 
+/// A free port, this process's directory for child files, and the log
+/// file path of child `name` in it.
+pub(crate) fn child_files(name: &str) -> Result<(SocketAddr, PathBuf, PathBuf), Error> {
+    let addr = free_port()?;
+    let dir = std::env::temp_dir().join(format!("loadgen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(Error::io(format!("create {}", dir.display())))?;
+    let log_path = dir.join(format!("{name}.log"));
+    Ok((addr, dir, log_path))
+}
+
 impl Child {
     /// Starts `program` as a child named `name` (for its files and errors)
     /// and waits until it serves, at most `ready_timeout`.
@@ -69,10 +79,7 @@ impl Child {
         program: Program<'_>,
         ready_timeout: Duration,
     ) -> Result<Child, Error> {
-        let addr = free_port()?;
-        let dir = std::env::temp_dir().join(format!("loadgen-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(Error::io(format!("create {}", dir.display())))?;
-        let log_path = dir.join(format!("{name}.log"));
+        let (addr, dir, log_path) = child_files(name)?;
         let mut files = vec![log_path.clone()];
         let mut command = match program {
             Program::Broker { bin, mut config } => {

@@ -7,6 +7,7 @@
 //! ```text
 //!  main.rs       flags; `loadgen` (one run per target), `loadgen scale`
 //!     │          (the suite), hidden `loadgen noop-server` (child process)
+//!     ├─ peer.rs       `loadgen peer`: unary Acquire vs throttlecrab-server
 //!     ├─ scale.rs      the scale suite: tenants, open loop, stream vs unary,
 //!     │                held leases, watchers; one table
 //!     ├─ drive.rs      a Plan → pairs/s + latency histogram; unary loops
@@ -34,6 +35,7 @@ mod drive;
 mod error;
 mod hold;
 mod noop;
+mod peer;
 mod report;
 mod scale;
 mod server;
@@ -75,6 +77,9 @@ enum Command {
     /// The scale suite: tenants, open loop at 50%, stream vs unary, held
     /// leases, Watch streams; one table.
     Scale(scale::ScaleArgs),
+    /// Unary Acquire against a peer rate-limit server (throttlecrab-server):
+    /// calls/s, latency and server CPU per call, metrics on and off.
+    Peer(peer::PeerArgs),
     /// Serve the no-op service on ADDR until stdin closes (used by `scale`).
     #[command(hide = true)]
     NoopServer {
@@ -224,6 +229,7 @@ fn main() {
         match cli.command {
             None => run(cli.run).await,
             Some(Command::Scale(args)) => scale::run(args).await,
+            Some(Command::Peer(args)) => peer::run(args).await,
             Some(Command::NoopServer { listen }) => noop_server(listen).await,
         }
     });

@@ -47,12 +47,17 @@ impl Server {
         let settings = Settings::from_toml(&config.render())?;
         let listener = bind().await?;
         let addr = local_addr(&listener)?;
+        // Metrics on, as deployed.
+        let listeners = quota_broker::Listeners {
+            grpc: listener,
+            http: Some(bind().await?),
+        };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let shutdown = async {
                 let _ = stopped.await;
             };
-            if let Err(e) = quota_broker::run(listener, &settings, shutdown).await {
+            if let Err(e) = quota_broker::serve(listeners, &settings, shutdown).await {
                 eprintln!("loadgen: in-process broker: {e}");
             }
         });

@@ -1,0 +1,138 @@
+//! What every RPC leaves behind: a request id (the caller's `x-request-id`
+//! when it is short and plain, else a new one) on a tracing span, so every
+//! log line of the request carries it, sent back in the `x-request-id`
+//! response metadata; and the call's latency in the metrics.
+
+use crate::metrics::Metrics;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::time::Instant;
+use tonic::codegen::http;
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+/// Request and response metadata carrying the request id.
+pub(crate) const REQUEST_ID: &str = "x-request-id";
+/// Longest caller-given request id kept; longer ones are replaced.
+const MAX_REQUEST_ID: usize = 64;
+
+/// The caller's request id if it is 1–64 characters of `[A-Za-z0-9._:-]`.
+fn given_id(value: &http::HeaderValue) -> Option<&str> {
+    let id = value.to_str().ok()?;
+    let plain = !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    plain.then_some(id)
+}
+
+/// A new request id: 16 hex digits (written without a `format!`
+/// allocation; a valid header value by construction).
+fn new_id() -> http::HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u64(..);
+    let mut digits = [0u8; 16];
+    for d in digits.iter_mut().rev() {
+        *d = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    http::HeaderValue::from_bytes(&digits).unwrap_or(http::HeaderValue::from_static("0"))
+}
+
+/// The tower layer in front of every service.
+#[derive(Clone)]
+pub(crate) struct ObserveLayer {
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl ObserveLayer {
+    /// Times calls into `metrics` (when on).
+    pub(crate) fn new(metrics: Option<Arc<Metrics>>) -> ObserveLayer {
+        ObserveLayer { metrics }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The service [`ObserveLayer`] makes.
+#[derive(Clone)]
+pub(crate) struct Observe<S> {
+    inner: S,
+    metrics: Option<Arc<Metrics>>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B, R> Service<http::Request<B>> for Observe<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    R: 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<http::Response<R>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let mut id = match req.headers().get(REQUEST_ID).and_then(given_id) {
+            Some(id) => http::HeaderValue::from_str(id).ok(),
+            None => None,
+        }
+        .unwrap_or_else(new_id);
+        // A value that differs on every call must not enter HPACK's dynamic
+        // table: it would evict the headers that repeat (content-type,
+        // grpc-status) and make every response larger.
+        id.set_sensitive(true);
+        let method = Metrics::method(req.uri().path());
+        let span = tracing::info_span!(
+            "rpc",
+            request_id = id.to_str().unwrap_or(""),
+            method = Metrics::method_name(method)
+        );
+        let call = self.inner.call(req).instrument(span);
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let mut r = call.await;
+            if let Ok(response) = &mut r {
+                response.headers_mut().insert(REQUEST_ID, id);
+            }
+            if let Some(m) = metrics {
+                m.rpc_done(method, started.elapsed());
+            }
+            r
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_short_plain_ids_are_kept() {
+        let ok = http::HeaderValue::from_static("abc-123_x.y:z");
+        assert_eq!(given_id(&ok), Some("abc-123_x.y:z"));
+        for bad in ["", "has space", "a/b", &"x".repeat(65)] {
+            let v = http::HeaderValue::from_str(bad).unwrap();
+            assert_eq!(given_id(&v), None, "{bad:?}");
+        }
+    }
+}

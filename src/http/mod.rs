@@ -1,0 +1,239 @@
+//! The HTTP port (`server.http_listen`): Prometheus `/metrics`, the live
+//! dashboard at `/` with its server-sent event feed `/events`, and the
+//! orchestrators' probes `/healthz` (the process answers) and `/readyz`
+//! (it serves, and is not shutting down).
+//!
+//! `/metrics` and the probes need no token, like gRPC health. The event
+//! feed shows tenants' buckets, so it follows the gRPC rules: with
+//! `[[auth.tokens]]` configured it needs a token (`Authorization: Bearer`,
+//! or `?token=` since a browser's `EventSource` cannot send headers), shows
+//! only the tenants the token is scoped to, and refuses a token sent from
+//! another host over this plaintext port. The dashboard's page and script
+//! are static, embedded in the binary (no CDN: it works offline).
+//!
+//! The feed is the broker's Watch feed (a snapshot, then each bucket again
+//! when it changes, coalesced): nothing polls.
+
+use crate::auth::{AuthError, Authenticator};
+use crate::broker::{Broker, TenantBucketStatus};
+use crate::clock::{millis, Clock};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures_util::StreamExt;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+const INDEX_HTML: &str = include_str!("assets/index.html");
+const DASHBOARD_JS: &str = include_str!("assets/dashboard.js");
+const DASHBOARD_CSS: &str = include_str!("assets/dashboard.css");
+/// OpenMetrics text, for scrapers that ask for it.
+const OPENMETRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Prometheus text format 0.0.4, for everyone else (promtool, curl).
+const PROMETHEUS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// A comment on an idle feed this often, so proxies keep it open.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// What the handlers share.
+#[derive(Clone)]
+struct Http {
+    registry: Arc<Registry>,
+    broker: Broker,
+    auth: Authenticator,
+    shutdown: CancellationToken,
+}
+
+/// Serves the HTTP port on `listener` until `stop` is cancelled; `/readyz`
+/// answers 503 from when `shutdown` (the broker's) is cancelled, so
+/// orchestrators see the drain.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    broker: Broker,
+    auth: Authenticator,
+    shutdown: CancellationToken,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let state = Http {
+        registry,
+        broker,
+        auth,
+        shutdown,
+    };
+    let app = Router::new()
+        .route("/", get(index))
+        .route("/dashboard.js", get(script))
+        .route("/dashboard.css", get(style))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/events", get(events))
+        .with_state(state);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { stop.cancelled().await })
+    .await
+}
+
+async fn index() -> Response {
+    asset("text/html; charset=utf-8", INDEX_HTML)
+}
+
+async fn script() -> Response {
+    asset("text/javascript; charset=utf-8", DASHBOARD_JS)
+}
+
+async fn style() -> Response {
+    asset("text/css; charset=utf-8", DASHBOARD_CSS)
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+/// The metrics as OpenMetrics when the scraper accepts it (Prometheus
+/// does), else as Prometheus text.
+async fn metrics(State(http): State<Http>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    let mut text = String::with_capacity(16 * 1024);
+    let (encoded, content_type) = if openmetrics {
+        (
+            prometheus_client::encoding::text::encode(&mut text, &http.registry),
+            OPENMETRICS_TYPE,
+        )
+    } else {
+        (
+            prometheus_client::encoding::prometheus_text::encode(&mut text, &http.registry),
+            PROMETHEUS_TYPE,
+        )
+    };
+    match encoded {
+        Ok(()) => ([(header::CONTENT_TYPE, content_type)], text).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode the metrics");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot encode the metrics\n",
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(http): State<Http>) -> Response {
+    if http.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else {
+        "ready\n".into_response()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    #[serde(default)]
+    tenant: String,
+    #[serde(default)]
+    token: String,
+}
+
+async fn events(
+    State(http): State<Http>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<EventsQuery>,
+) -> Response {
+    let bearer = format!("Bearer {}", q.token);
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .or((!q.token.is_empty()).then_some(bearer.as_str()));
+    if authorization.is_some() && !http.auth.is_open() && !peer.ip().is_loopback() {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "a token sent over plain HTTP from another host is refused (it crossed the network \
+             in the clear; rotate it): open the dashboard on the broker's host, or through an \
+             SSH tunnel or a TLS-terminating proxy there",
+        );
+    }
+    let who = match http.auth.authenticate(authorization) {
+        Ok(who) => who,
+        Err(e) => return refuse(StatusCode::UNAUTHORIZED, &auth_message(&e)),
+    };
+    let tenant = (!q.tenant.is_empty()).then_some(q.tenant.as_str());
+    if let Some(t) = tenant {
+        if let Err(e) = who.may_access(t) {
+            return refuse(StatusCode::FORBIDDEN, &e.to_string());
+        }
+    }
+    let rx = match http.broker.watch(tenant, |t| who.sees(t)) {
+        Ok(rx) => rx,
+        Err(e) => return refuse(StatusCode::NOT_FOUND, &e.to_string()),
+    };
+    let clock = http.broker.clock();
+    let stream = ReceiverStream::new(rx).map(move |s| {
+        Ok::<_, Infallible>(Event::default().event("bucket").data(record(&s, clock)))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response()
+}
+
+fn auth_message(e: &AuthError) -> String {
+    format!(
+        "{e}; the dashboard takes the token as #token=... in its address, \
+         the event feed as Authorization: Bearer or ?token="
+    )
+}
+
+fn refuse(status: StatusCode, why: &str) -> Response {
+    (status, format!("{why}\n")).into_response()
+}
+
+/// One bucket instance as the dashboard reads it (times relative to `at_ms`,
+/// so the page needs no clock of its own in sync).
+fn record(s: &TenantBucketStatus, clock: Clock) -> String {
+    let b = &s.status;
+    let frozen_ms = b
+        .frozen_until
+        .map_or(0, |u| millis(u.saturating_duration_since(s.at)));
+    serde_json::json!({
+        "tenant": s.tenant,
+        "bucket": b.bucket,
+        "scope": b.scope.as_str(),
+        "oauth_client": b.oauth_client.as_deref().unwrap_or(""),
+        "configured_per_min": b.configured_rate_per_min,
+        "effective_per_min": b.effective_rate_per_min,
+        "learned_per_min": b.learned_limit_per_min,
+        "burst": b.burst,
+        "tokens": b.tokens_available,
+        "in_flight": b.in_flight,
+        "max_in_flight": b.max_in_flight,
+        "waiting": b.waiting,
+        "paused": b.paused.is_some(),
+        "granted_total": b.granted_total,
+        "throttled_total": b.throttled_total,
+        "reports_total": b.reports_total,
+        "frozen_ms": frozen_ms,
+        "at_ms": clock.unix_ms(s.at),
+    })
+    .to_string()
+}

@@ -1,0 +1,257 @@
+//! The bucket metrics, read at scrape time from the same snapshots as
+//! ListBuckets: nothing on the request path. Instances of a per-OAuth-client
+//! bucket are summed into their bucket (client ids are no labels).
+
+use crate::broker::{Broker, TenantBucketStatus};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use std::collections::BTreeMap;
+use tokio::time::Instant;
+
+/// Reads every bucket of the broker on each scrape.
+pub(crate) struct BucketCollector {
+    broker: Broker,
+}
+
+impl std::fmt::Debug for BucketCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BucketCollector").finish_non_exhaustive()
+    }
+}
+
+impl BucketCollector {
+    /// Collects `broker`'s buckets.
+    pub(crate) fn new(broker: Broker) -> BucketCollector {
+        BucketCollector { broker }
+    }
+}
+
+/// One bucket's figures, its instances summed.
+#[derive(Default)]
+struct Sum {
+    instances: f64,
+    grants: u64,
+    throttled: u64,
+    freezes: u64,
+    configured: f64,
+    effective: f64,
+    learned: Option<f64>,
+    tokens: f64,
+    in_flight: f64,
+    max_in_flight: f64,
+    frozen: f64,
+    freeze_left: f64,
+    paused: f64,
+    ratio: f64,
+    waiting: BTreeMap<String, u32>,
+}
+
+impl Sum {
+    fn add(&mut self, s: &TenantBucketStatus, now: Instant) {
+        let b = &s.status;
+        self.instances += 1.0;
+        self.grants += b.granted_total;
+        self.throttled += b.throttled_total;
+        self.freezes += b.freezes_total;
+        self.configured += b.configured_rate_per_min / 60.0;
+        self.effective += b.effective_rate_per_min / 60.0;
+        if let Some(l) = b.learned_limit_per_min {
+            *self.learned.get_or_insert(0.0) += l / 60.0;
+        }
+        self.tokens += b.tokens_available;
+        self.in_flight += f64::from(b.in_flight);
+        self.max_in_flight += f64::from(b.max_in_flight);
+        if let Some(until) = b.frozen_until.filter(|&u| u > now) {
+            self.frozen = 1.0;
+            self.freeze_left = self
+                .freeze_left
+                .max(until.saturating_duration_since(now).as_secs_f64());
+        }
+        if b.paused.is_some() {
+            self.paused = 1.0;
+        }
+        self.ratio = self.ratio.max(b.throttle_ratio);
+        for (class, n) in &b.waiting {
+            *self.waiting.entry(class.clone()).or_default() += n;
+        }
+    }
+}
+
+type Key = (String, String);
+
+fn gauges(
+    encoder: &mut DescriptorEncoder<'_>,
+    sums: &BTreeMap<Key, Sum>,
+    name: &str,
+    help: &str,
+    value: impl Fn(&Sum) -> Option<f64>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for ((tenant, bucket), sum) in sums {
+        if let Some(v) = value(sum) {
+            let labels = [("tenant", tenant.as_str()), ("bucket", bucket.as_str())];
+            ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
+fn counters(
+    encoder: &mut DescriptorEncoder<'_>,
+    sums: &BTreeMap<Key, Sum>,
+    name: &str,
+    help: &str,
+    value: impl Fn(&Sum) -> u64,
+) -> Result<(), std::fmt::Error> {
+    let mut m = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for ((tenant, bucket), sum) in sums {
+        let labels = [("tenant", tenant.as_str()), ("bucket", bucket.as_str())];
+        ConstCounter::new(value(sum)).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for BucketCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let now = Instant::now();
+        let mut sums: BTreeMap<Key, Sum> = BTreeMap::new();
+        let Ok(list) = self.broker.list(None, |_| true) else {
+            return Ok(());
+        };
+        for s in &list {
+            sums.entry((s.tenant.clone(), s.status.bucket.clone()))
+                .or_default()
+                .add(s, now);
+        }
+        let e = &mut encoder;
+        counters(
+            e,
+            &sums,
+            "bucket_grants",
+            "Permits granted on the bucket",
+            |s| s.grants,
+        )?;
+        counters(
+            e,
+            &sums,
+            "throttled",
+            "Reported 429s attributed to the bucket",
+            |s| s.throttled,
+        )?;
+        counters(
+            e,
+            &sums,
+            "freezes",
+            "Times the bucket froze after a 429",
+            |s| s.freezes,
+        )?;
+        gauges(
+            e,
+            &sums,
+            "configured_rate_per_second",
+            "The configured rate (0 without one)",
+            |s| Some(s.configured),
+        )?;
+        gauges(
+            e,
+            &sums,
+            "effective_rate_per_second",
+            "The rate granted now, after what was learned",
+            |s| Some(s.effective),
+        )?;
+        gauges(
+            e,
+            &sums,
+            "learned_rate_per_second",
+            "The limit learned from the upstream's rate-limit headers",
+            |s| s.learned,
+        )?;
+        gauges(e, &sums, "tokens", "Permits available now", |s| {
+            Some(s.tokens)
+        })?;
+        gauges(e, &sums, "slots_in_flight", "Concurrency slots held", |s| {
+            Some(s.in_flight)
+        })?;
+        gauges(
+            e,
+            &sums,
+            "slots_max",
+            "Concurrency slot limit (0 without one)",
+            |s| Some(s.max_in_flight),
+        )?;
+        gauges(
+            e,
+            &sums,
+            "frozen",
+            "1 while the bucket is frozen after a 429",
+            |s| Some(s.frozen),
+        )?;
+        gauges(
+            e,
+            &sums,
+            "freeze_remaining_seconds",
+            "Time left of the bucket's freeze",
+            |s| Some(s.freeze_left),
+        )?;
+        gauges(
+            e,
+            &sums,
+            "paused",
+            "1 while an operator pauses the bucket",
+            |s| Some(s.paused),
+        )?;
+        gauges(
+            e,
+            &sums,
+            "throttle_ratio",
+            "Share of reports that were 429s over the ratio window",
+            |s| Some(s.ratio),
+        )?;
+        gauges(
+            e,
+            &sums,
+            "instances",
+            "Bucket instances (one per OAuth client seen for per-client buckets)",
+            |s| Some(s.instances),
+        )?;
+        let mut m = e.encode_descriptor(
+            "waiters",
+            "Acquires waiting, per class",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for ((tenant, bucket), sum) in &sums {
+            for (class, n) in &sum.waiting {
+                let labels = [
+                    ("tenant", tenant.as_str()),
+                    ("bucket", bucket.as_str()),
+                    ("class", class.as_str()),
+                ];
+                ConstGauge::new(i64::from(*n)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut m = e.encode_descriptor(
+            "leases_held",
+            "Leases holding concurrency slots",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (tenant, held) in self.broker.leases_held() {
+            ConstGauge::new(held as i64)
+                .encode(m.encode_family(&[("tenant", tenant.as_str())])?)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,527 @@
+//! Prometheus metrics, in the `quota_broker_` namespace, with bounded label
+//! sets: tenants, buckets and classes come from the configuration, reasons
+//! and methods from fixed lists; no lease ids, paths or OAuth client ids.
+//!
+//! Two kinds, so the hot path pays only for what cannot be had otherwise:
+//! - counted on the path ([`Metrics`]): grants and denials per class, the
+//!   queue wait, reported statuses, RPC latency. Every label set is resolved
+//!   once at start into a handle (an `Arc`'d atomic), so a call bumps an
+//!   atomic and allocates nothing;
+//! - read at scrape time ([`BucketCollector`]): rates, tokens, slots,
+//!   waiters, freezes and leases, from the same bucket snapshots as
+//!   ListBuckets, so the decision itself carries no metric code.
+
+mod buckets;
+
+pub(crate) use buckets::BucketCollector;
+
+use crate::config::Settings;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// A label set: label names are fixed, values come from the configuration.
+type Labels = Vec<(&'static str, String)>;
+
+/// Why an Acquire was denied, as a bounded label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DenyReason {
+    /// Not enough tokens (the rate).
+    Rate,
+    /// Every concurrency slot taken.
+    Slots,
+    /// Frozen after a 429.
+    Frozen,
+    /// The upstream's own remaining budget says no.
+    UpstreamBudget,
+    /// Paused by an operator.
+    Paused,
+    /// Too many waiters already; this one may not queue.
+    QueueFull,
+    /// A per-OAuth-client bucket tracks as many clients as it may.
+    ClientsFull,
+    /// Earlier requests of higher or equal classes wait.
+    Queue,
+    /// The broker is shutting down.
+    ShuttingDown,
+}
+
+impl DenyReason {
+    const ALL: [DenyReason; 9] = [
+        DenyReason::Rate,
+        DenyReason::Slots,
+        DenyReason::Frozen,
+        DenyReason::UpstreamBudget,
+        DenyReason::Paused,
+        DenyReason::QueueFull,
+        DenyReason::ClientsFull,
+        DenyReason::Queue,
+        DenyReason::ShuttingDown,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            DenyReason::Rate => "rate",
+            DenyReason::Slots => "slots",
+            DenyReason::Frozen => "frozen",
+            DenyReason::UpstreamBudget => "upstream_budget",
+            DenyReason::Paused => "paused",
+            DenyReason::QueueFull => "queue_full",
+            DenyReason::ClientsFull => "clients_full",
+            DenyReason::Queue => "queue",
+            DenyReason::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// Classifies a denial by the explanation the tenant gave it. The
+    /// explanation is the one description of a denial the decision makes
+    /// (it names the first cause per bucket); reading it here keeps the
+    /// decision free of metric code. `tests::every_denial_is_classified`
+    /// pins the phrases.
+    pub(crate) fn of(reason: &str) -> DenyReason {
+        const PHRASES: [(&str, DenyReason); 9] = [
+            ("may not queue", DenyReason::QueueFull),
+            ("is paused", DenyReason::Paused),
+            ("OAuth clients", DenyReason::ClientsFull),
+            ("shutting down", DenyReason::ShuttingDown),
+            ("frozen", DenyReason::Frozen),
+            ("the upstream reports", DenyReason::UpstreamBudget),
+            ("concurrency slots", DenyReason::Slots),
+            ("permits for", DenyReason::Rate),
+            ("earlier requests wait", DenyReason::Queue),
+        ];
+        PHRASES
+            .iter()
+            .find(|(phrase, _)| reason.contains(phrase))
+            .map_or(DenyReason::Rate, |&(_, r)| r)
+    }
+}
+
+/// The RPCs timed, by their gRPC path; anything else counts as `other`.
+const METHODS: [&str; 14] = [
+    "/quota.v1.QuotaBroker/Acquire",
+    "/quota.v1.QuotaBroker/Release",
+    "/quota.v1.QuotaBroker/Renew",
+    "/quota.v1.QuotaBroker/Report",
+    "/quota.v1.QuotaBroker/Watch",
+    "/quota.v1.QuotaBroker/LeaseStream",
+    "/quota.v1.QuotaAdmin/ListBuckets",
+    "/quota.v1.QuotaAdmin/SetPriorityClass",
+    "/quota.v1.QuotaAdmin/SetBucketLimit",
+    "/quota.v1.QuotaAdmin/PauseBucket",
+    "/quota.v1.QuotaAdmin/ResumeBucket",
+    "/quota.v1.QuotaAdmin/ClearLearned",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+];
+
+/// Upstream status classes of reports.
+const STATUSES: [&str; 6] = ["2xx", "3xx", "4xx", "429", "5xx", "other"];
+
+fn status_class(status: u32) -> usize {
+    match status {
+        429 => 3,
+        200..=299 => 0,
+        300..=399 => 1,
+        400..=499 => 2,
+        500..=599 => 4,
+        _ => 5,
+    }
+}
+
+/// Seconds: queue waits and RPC latencies, 100 µs to 60 s.
+fn time_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 30.0, 60.0,
+    ]
+    .into_iter()
+}
+
+/// One tenant's handles.
+struct TenantMetrics {
+    /// Bucket name → index into `reports`.
+    buckets: HashMap<String, usize>,
+    /// Per class (config order, then `other`).
+    grants: Vec<Counter>,
+    /// Per class × [`DenyReason::ALL`].
+    denials: Vec<Counter>,
+    /// Per class.
+    waits: Vec<Histogram>,
+    /// Per bucket × [`STATUSES`].
+    reports: Vec<Counter>,
+}
+
+/// The metrics counted on the request path. Cheap to share (`Arc`); every
+/// method is a few atomic operations.
+pub(crate) struct Metrics {
+    tenants: Vec<TenantMetrics>,
+    /// Class names in config order; index `classes.len()` is `other`.
+    classes: Vec<String>,
+    default_class: usize,
+    rpc: Vec<Histogram>,
+    watch_streams: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Registers every family in `registry` and resolves every label set of
+    /// `settings`' tenants, buckets and classes.
+    pub(crate) fn new(settings: &Settings, registry: &mut Registry) -> Metrics {
+        let grants = Family::<Labels, Counter>::default();
+        let denials = Family::<Labels, Counter>::default();
+        let waits = Family::<Labels, Histogram>::new_with_constructor(
+            (|| Histogram::new(time_buckets())) as fn() -> Histogram,
+        );
+        let reports = Family::<Labels, Counter>::default();
+        let rpc = Family::<Labels, Histogram>::new_with_constructor(
+            (|| Histogram::new(time_buckets())) as fn() -> Histogram,
+        );
+        let watch_streams = Gauge::default();
+        registry.register(
+            "grants",
+            "Acquires granted, per tenant and priority class",
+            grants.clone(),
+        );
+        registry.register(
+            "denials",
+            "Acquires denied, per tenant, priority class and reason",
+            denials.clone(),
+        );
+        registry.register(
+            "wait_seconds",
+            "Time queued Acquires waited for their answer, per tenant and class",
+            waits.clone(),
+        );
+        registry.register(
+            "reports",
+            "Upstream outcomes reported, per tenant, bucket and status class",
+            reports.clone(),
+        );
+        registry.register(
+            "rpc_duration_seconds",
+            "gRPC call latency in the broker until the response starts, per method (streams: until they open)",
+            rpc.clone(),
+        );
+        registry.register(
+            "watch_streams",
+            "Open Watch streams and dashboard event feeds",
+            watch_streams.clone(),
+        );
+        let mut classes: Vec<String> = settings.classes.iter().map(|c| c.name.clone()).collect();
+        let default_class = classes
+            .iter()
+            .position(|c| *c == settings.scheduling.default_class)
+            .unwrap_or(0);
+        classes.push("other".to_owned());
+        let tenants = settings
+            .tenants
+            .iter()
+            .map(|t| {
+                let tenant = || ("tenant", t.id.clone());
+                let per_class = |family: &Family<Labels, Counter>| -> Vec<Counter> {
+                    classes
+                        .iter()
+                        .map(|c| {
+                            family
+                                .get_or_create(&vec![tenant(), ("class", c.clone())])
+                                .clone()
+                        })
+                        .collect()
+                };
+                let denials = classes
+                    .iter()
+                    .flat_map(|c| {
+                        DenyReason::ALL.iter().map(|r| {
+                            denials
+                                .get_or_create(&vec![
+                                    tenant(),
+                                    ("class", c.clone()),
+                                    ("reason", r.label().to_owned()),
+                                ])
+                                .clone()
+                        })
+                    })
+                    .collect();
+                let reports = t
+                    .buckets
+                    .iter()
+                    .flat_map(|b| {
+                        STATUSES.iter().map(|s| {
+                            reports
+                                .get_or_create(&vec![
+                                    tenant(),
+                                    ("bucket", b.name.clone()),
+                                    ("status", (*s).to_owned()),
+                                ])
+                                .clone()
+                        })
+                    })
+                    .collect();
+                TenantMetrics {
+                    buckets: t
+                        .buckets
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| (b.name.clone(), i))
+                        .collect(),
+                    grants: per_class(&grants),
+                    denials,
+                    waits: classes
+                        .iter()
+                        .map(|c| {
+                            waits
+                                .get_or_create(&vec![tenant(), ("class", c.clone())])
+                                .clone()
+                        })
+                        .collect(),
+                    reports,
+                }
+            })
+            .collect();
+        let rpc = METHODS
+            .iter()
+            .chain(std::iter::once(&"other"))
+            .map(|m| {
+                rpc.get_or_create(&vec![("method", (*m).to_owned())])
+                    .clone()
+            })
+            .collect();
+        Metrics {
+            tenants,
+            classes,
+            default_class,
+            rpc,
+            watch_streams,
+        }
+    }
+
+    /// The label index of a class name ("" is the default class).
+    pub(crate) fn class(&self, name: &str) -> usize {
+        if name.is_empty() {
+            return self.default_class;
+        }
+        let known = self.classes.len() - 1;
+        self.classes[..known]
+            .iter()
+            .position(|c| c == name)
+            .unwrap_or(known)
+    }
+
+    /// An Acquire of tenant `t`, class index `class` was granted.
+    pub(crate) fn granted(&self, t: usize, class: usize) {
+        if let Some(c) = self.tenants.get(t).and_then(|m| m.grants.get(class)) {
+            c.inc();
+        }
+    }
+
+    /// An Acquire was denied, for `reason` (the tenant's explanation).
+    pub(crate) fn denied(&self, t: usize, class: usize, reason: &str) {
+        let r = DenyReason::of(reason);
+        let at = class * DenyReason::ALL.len()
+            + DenyReason::ALL.iter().position(|&x| x == r).unwrap_or(0);
+        if let Some(c) = self.tenants.get(t).and_then(|m| m.denials.get(at)) {
+            c.inc();
+        }
+    }
+
+    /// A queued Acquire waited `waited` for its answer.
+    pub(crate) fn waited(&self, t: usize, class: usize, waited: Duration) {
+        if let Some(h) = self.tenants.get(t).and_then(|m| m.waits.get(class)) {
+            h.observe(waited.as_secs_f64());
+        }
+    }
+
+    /// A report of `status` was counted on `buckets`.
+    pub(crate) fn reported(&self, t: usize, buckets: &[String], status: u32) {
+        let Some(m) = self.tenants.get(t) else {
+            return;
+        };
+        for b in buckets {
+            if let Some(c) = m
+                .buckets
+                .get(b)
+                .and_then(|&i| m.reports.get(i * STATUSES.len() + status_class(status)))
+            {
+                c.inc();
+            }
+        }
+    }
+
+    /// The method index of a gRPC path, for [`Metrics::rpc_done`].
+    pub(crate) fn method(path: &str) -> usize {
+        METHODS
+            .iter()
+            .position(|m| *m == path)
+            .unwrap_or(METHODS.len())
+    }
+
+    /// The label of a method index.
+    pub(crate) fn method_name(method: usize) -> &'static str {
+        METHODS.get(method).copied().unwrap_or("other")
+    }
+
+    /// An RPC of method index `method` took `took`.
+    pub(crate) fn rpc_done(&self, method: usize, took: Duration) {
+        if let Some(h) = self.rpc.get(method) {
+            h.observe(took.as_secs_f64());
+        }
+    }
+
+    /// Counts an open Watch stream or event feed until the guard drops.
+    pub(crate) fn watch_opened(&self) -> WatchGuard {
+        self.watch_streams.inc();
+        WatchGuard(self.watch_streams.clone())
+    }
+}
+
+/// Counts one open Watch stream while it lives.
+#[derive(Debug)]
+pub(crate) struct WatchGuard(Gauge);
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A registry with the `quota_broker_` prefix.
+pub(crate) fn registry() -> Registry {
+    Registry::with_prefix("quota_broker")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tenant::{AcquireArgs, Decision, TenantState};
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+    use tokio::time::Instant;
+
+    fn tenant(buckets: &str) -> (TenantState, Settings) {
+        let settings = Settings::from_toml(&format!(
+            "[server]\nstate_dir = \"\"\n[scheduling]\nmax_waiters_per_bucket = 1\n\
+             [[tenants]]\nid = \"t\"\n{buckets}"
+        ))
+        .unwrap();
+        let t = TenantState::new(
+            0,
+            &settings.tenants[0],
+            &settings,
+            Arc::new(AtomicU64::new(0)),
+            Instant::now(),
+        );
+        (t, settings)
+    }
+
+    fn args(path: &str) -> AcquireArgs {
+        AcquireArgs {
+            client_id: "c".into(),
+            class: String::new(),
+            method: "GET".into(),
+            path: path.into(),
+            oauth_client: String::new(),
+            permits: 1,
+        }
+    }
+
+    fn denial(t: &mut TenantState, path: &str, wait: u64, now: Instant) -> String {
+        match t
+            .acquire(&args(path), Some(Duration::from_millis(wait)), now)
+            .unwrap()
+        {
+            Decision::Denied(d) => d.reason,
+            other => panic!("expected a denial, got {other:?}"),
+        }
+    }
+
+    /// The explanations the decision gives, each classified as its cause.
+    #[tokio::test(start_paused = true)]
+    async fn every_denial_is_classified() {
+        let (mut t, _) = tenant(
+            "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"GET /r\"]\npermits = 1\nwindow_ms = 60000\n\
+             [[tenants.buckets]]\nname = \"s\"\nroutes = [\"GET /s\"]\nmax_in_flight = 1\n\
+             [[tenants.buckets]]\nname = \"p\"\nroutes = [\"GET /p\"]\nmax_in_flight = 1\n",
+        );
+        let now = Instant::now();
+        assert!(matches!(
+            t.acquire(&args("/r"), Some(Duration::ZERO), now).unwrap(),
+            Decision::Granted(_)
+        ));
+        let rate = denial(&mut t, "/r", 0, now);
+        assert_eq!(DenyReason::of(&rate), DenyReason::Rate, "{rate}");
+        assert!(matches!(
+            t.acquire(&args("/s"), Some(Duration::ZERO), now).unwrap(),
+            Decision::Granted(_)
+        ));
+        let slots = denial(&mut t, "/s", 0, now);
+        assert_eq!(DenyReason::of(&slots), DenyReason::Slots, "{slots}");
+        // One waiter fills the queue (max_waiters_per_bucket = 1).
+        assert!(matches!(
+            t.acquire(&args("/s"), Some(Duration::from_secs(5)), now)
+                .unwrap(),
+            Decision::Queued(_)
+        ));
+        let full = denial(&mut t, "/s", 5000, now);
+        assert_eq!(DenyReason::of(&full), DenyReason::QueueFull, "{full}");
+        t.set_paused("p", Some("maintenance".into()), now).unwrap();
+        let paused = denial(&mut t, "/p", 0, now);
+        assert_eq!(DenyReason::of(&paused), DenyReason::Paused, "{paused}");
+        assert_eq!(
+            DenyReason::of("the broker is shutting down"),
+            DenyReason::ShuttingDown
+        );
+    }
+
+    #[test]
+    fn label_sets_are_resolved_once_and_counted() {
+        let (_, settings) = tenant(
+            "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"GET /r\"]\npermits = 1\nwindow_ms = 60000\n",
+        );
+        let mut registry = registry();
+        let m = Metrics::new(&settings, &mut registry);
+        let class = m.class("");
+        m.granted(0, class);
+        m.denied(
+            0,
+            m.class("batch"),
+            "bucket \"r\" has 0.00 permits for 1 asked",
+        );
+        m.denied(0, m.class("no-such-class"), "capacity is taken");
+        m.reported(0, &["r".to_owned()], 429);
+        m.rpc_done(
+            Metrics::method("/quota.v1.QuotaBroker/Acquire"),
+            Duration::from_millis(1),
+        );
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let default = &settings.scheduling.default_class;
+        assert!(
+            text.contains(&format!(
+                "quota_broker_grants_total{{tenant=\"t\",class=\"{default}\"}} 1"
+            )),
+            "{text}"
+        );
+        assert!(text.contains(
+            "quota_broker_denials_total{tenant=\"t\",class=\"batch\",reason=\"rate\"} 1"
+        ));
+        assert!(text.contains(
+            "quota_broker_denials_total{tenant=\"t\",class=\"other\",reason=\"rate\"} 1"
+        ));
+        assert!(
+            text.contains("quota_broker_reports_total{tenant=\"t\",bucket=\"r\",status=\"429\"} 1")
+        );
+        assert!(text.contains(
+            "quota_broker_rpc_duration_seconds_count{method=\"/quota.v1.QuotaBroker/Acquire\"} 1"
+        ));
+    }
+}

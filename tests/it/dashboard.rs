@@ -1,0 +1,301 @@
+//! The dashboard in a real browser: headless Chromium (Debian `chromium`)
+//! driven by Playwright (`playwright-core`, pinned, installed with npm under
+//! target/), against a broker under load. It waits for the charts to move,
+//! checks that the numbers shown match ListBuckets once the load stops,
+//! and saves a screenshot (`target/tmp/dashboard.png`; the README shows a
+//! copy, docs/dashboard.png). Anything that cannot be installed fails the
+//! test, saying what.
+
+use super::harness::req;
+use super::observe::start;
+use quota_broker::pb::{ListBucketsRequest, ReportRequest};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// The Playwright version installed (its Chromium protocol fits Debian
+/// bookworm's Chromium).
+const PLAYWRIGHT: &str = "playwright-core@1.65.1";
+/// Bound on the whole browser session.
+const LIMIT: Duration = Duration::from_secs(120);
+
+const CONFIG: &str = r#"
+[server]
+shutdown_grace_ms = 1000
+state_dir = ""
+[[tenants]]
+id = "contact-centre"
+[[tenants.buckets]]
+name = "users"
+routes = ["GET /api/v2/users/**"]
+permits = 600
+window_ms = 60000
+burst = 20
+max_in_flight = 12
+[[tenants.buckets]]
+name = "analytics-query"
+routes = ["POST /api/v2/analytics/**/query"]
+permits = 120
+window_ms = 60000
+burst = 5
+max_in_flight = 8
+"#;
+
+/// The browser session: open the page, wait for the charts to move, print
+/// MOVED; read the expected figures as one JSON line on stdin; wait until
+/// the page shows them, print MATCHED, save the screenshot.
+const SCRIPT: &str = r#"
+const { chromium } = require(process.env.PW_DIR + "/node_modules/playwright-core");
+const readline = require("readline");
+const [url, shot] = process.argv.slice(2);
+const lines = readline.createInterface({ input: process.stdin });
+const nextLine = () => new Promise((ok) => lines.once("line", ok));
+const shown = () => [...document.querySelectorAll("section.panel")].map((p) => ({
+  key: p.dataset.key,
+  points: +p.querySelector("canvas").dataset.points,
+  image: p.querySelector("canvas").toDataURL(),
+  granted: p.querySelector(".fig.granted .v").dataset.value,
+  throttled: p.querySelector(".fig.thr .v").dataset.value,
+  configured: p.querySelector(".fig.rate .v").dataset.configured,
+  in_flight: p.querySelector(".fig.slots .v").dataset.inFlight,
+  max_in_flight: p.querySelector(".fig.slots .v").dataset.max,
+}));
+(async () => {
+  const browser = await chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu"],
+  });
+  try {
+    const page = await browser.newPage({ viewport: { width: 1600, height: 820 } });
+    page.on("console", (m) => console.error("page:", m.text()));
+    await page.goto(url);
+    await page.waitForFunction(() => document.querySelectorAll("section.panel").length >= 2,
+      null, { timeout: 30000 });
+    const before = await page.evaluate(shown);
+    const most = Math.max(...before.map((p) => p.points));
+    await page.waitForFunction((n) => [...document.querySelectorAll("section.panel canvas")]
+      .some((c) => +c.dataset.points >= n + 5), most, { timeout: 30000 });
+    const after = await page.evaluate(shown);
+    const moved = after.some((p) => {
+      const b = before.find((x) => x.key === p.key);
+      return b && b.image !== p.image;
+    });
+    if (!moved) throw new Error("no chart changed while points arrived");
+    console.log("MOVED");
+    const expected = JSON.parse(await nextLine());
+    try {
+      await page.waitForFunction((exp) => {
+        const now = [...document.querySelectorAll("section.panel")];
+        return exp.every((e) => {
+          const p = now.find((x) => x.dataset.key === e.key);
+          if (!p) return false;
+          const v = (sel, field) => p.querySelector(sel).dataset[field];
+          return v(".fig.granted .v", "value") === String(e.granted)
+            && v(".fig.thr .v", "value") === String(e.throttled)
+            && Number(v(".fig.rate .v", "configured")) === e.configured
+            && v(".fig.slots .v", "inFlight") === String(e.in_flight)
+            && v(".fig.slots .v", "max") === String(e.max_in_flight);
+        });
+      }, expected, { timeout: 20000 });
+    } catch (e) {
+      const got = (await page.evaluate(shown)).map(({ image, ...rest }) => rest);
+      throw new Error("the page never showed " + JSON.stringify(expected)
+        + "; it shows " + JSON.stringify(got));
+    }
+    console.log("MATCHED");
+    await page.screenshot({ path: shot });
+    console.log("SHOT");
+  } finally {
+    await browser.close();
+  }
+})().catch((e) => { console.error(String(e && e.stack || e)); process.exit(1); });
+"#;
+
+/// Installs Chromium, Node.js, npm and Playwright; the Playwright directory.
+fn install() -> PathBuf {
+    testsvc::apt_install(&["chromium", "nodejs"]).unwrap_or_else(|e| {
+        panic!("the dashboard test needs Chromium and Node.js: {e}");
+    });
+    let has_npm = std::process::Command::new("npm")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_npm {
+        // Debian's nodejs comes without npm; some other builds bundle it.
+        testsvc::apt_install(&["npm"])
+            .unwrap_or_else(|e| panic!("the dashboard test needs npm: {e}"));
+    }
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("playwright");
+    if !dir
+        .join("node_modules/playwright-core/package.json")
+        .is_file()
+    {
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = std::process::Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir)
+            .arg(PLAYWRIGHT)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run npm: {e}"));
+        assert!(
+            out.status.success(),
+            "npm install {PLAYWRIGHT} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_what_list_buckets_says() {
+    let playwright = tokio::task::spawn_blocking(install).await.unwrap();
+    let b = start(CONFIG).await;
+
+    // Load: workers that each hold one lease on a bucket and swap it for a
+    // new one as soon as the broker grants it (paced by the buckets' rates,
+    // so nothing here sleeps). Once the charts move, a 429 on analytics-query.
+    let mut load = tokio::task::JoinSet::new();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for w in 0..6 {
+        let mut client = b.client();
+        let stop = stop.clone();
+        let (method, path) = if w % 2 == 0 {
+            ("GET", "/api/v2/users/me")
+        } else {
+            ("POST", "/api/v2/analytics/conversations/details/query")
+        };
+        load.spawn(async move {
+            let mut held: Option<String> = None;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut r = req(method, path, 2_000);
+                r.tenant = "contact-centre".into();
+                let Ok(answer) = client.acquire(r).await else {
+                    return;
+                };
+                let answer = answer.into_inner();
+                if answer.granted {
+                    if let Some(lease_id) = held.replace(answer.lease_id) {
+                        let _ = client
+                            .release(quota_broker::pb::ReleaseRequest { lease_id })
+                            .await;
+                    }
+                }
+            }
+        });
+    }
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    let script = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-test.js");
+    std::fs::write(&script, SCRIPT).unwrap();
+    let mut node = tokio::process::Command::new("node")
+        .arg(&script)
+        .arg(format!("http://{}/", b.http))
+        .arg(&shot)
+        .env("PW_DIR", &playwright)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run node: {e}"));
+    let mut stdin = node.stdin.take().unwrap();
+    let mut out = BufReader::new(node.stdout.take().unwrap()).lines();
+    let mut errors = node.stderr.take().unwrap();
+    let session = async {
+        let line = out.next_line().await.unwrap();
+        if line.as_deref() != Some("MOVED") {
+            return Err(format!("the charts did not move (node said {line:?})"));
+        }
+        // A 429 on analytics-query: a marker on its chart, a cut rate and a
+        // freeze countdown.
+        b.client()
+            .report(ReportRequest {
+                tenant: "contact-centre".into(),
+                method: "POST".into(),
+                path: "/api/v2/analytics/conversations/details/query".into(),
+                http_status: 429,
+                retry_after_ms: 60_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        // Stop the load (each worker ends after its current call, so no
+        // call is in flight), then tell the page what ListBuckets says.
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        while load.join_next().await.is_some() {}
+        let expected = settled(&b).await;
+        assert_eq!(expected.len(), 2, "{expected:?}");
+        assert!(
+            expected.iter().any(|e| e["granted"].as_u64() > Some(0)),
+            "the load was granted something: {expected:?}"
+        );
+        stdin
+            .write_all(format!("{}\n", serde_json::Value::from(expected)).as_bytes())
+            .await
+            .unwrap();
+        for want in ["MATCHED", "SHOT"] {
+            let line = out.next_line().await.unwrap();
+            if line.as_deref() != Some(want) {
+                return Err(format!("expected {want}, node said {line:?}"));
+            }
+        }
+        Ok(())
+    };
+    let outcome = tokio::time::timeout(LIMIT, session).await;
+    let _ = node.start_kill();
+    let mut log = String::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_string(&mut errors, &mut log),
+    )
+    .await;
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("{e}\nnode's stderr:\n{log}"),
+        Err(_) => panic!("the browser session took over {LIMIT:?}\nnode's stderr:\n{log}"),
+    }
+    assert!(shot.is_file(), "no screenshot at {}", shot.display());
+    b.stop().await;
+}
+
+/// ListBuckets as the page should show it, once nothing waits and two
+/// reads in a row agree (bounded).
+async fn settled(b: &super::observe::Observed) -> Vec<serde_json::Value> {
+    let read = || async {
+        let list = b
+            .admin()
+            .list_buckets(ListBucketsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let waiting: u32 = list.buckets.iter().flat_map(|s| s.waiting.values()).sum();
+        let figures: Vec<serde_json::Value> = list
+            .buckets
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "key": format!("{}/{}/{}", s.tenant, s.bucket, s.oauth_client),
+                    "granted": s.granted_total,
+                    "throttled": s.throttled_total,
+                    "configured": s.configured_rate_per_min,
+                    "in_flight": s.in_flight,
+                    "max_in_flight": s.max_in_flight,
+                })
+            })
+            .collect();
+        (waiting, figures)
+    };
+    tokio::time::timeout(Duration::from_secs(20), async {
+        let mut last = read().await;
+        loop {
+            let now = read().await;
+            if now.0 == 0 && now == last {
+                return now.1;
+            }
+            last = now;
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the broker settled after the load stopped")
+}

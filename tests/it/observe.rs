@@ -1,0 +1,632 @@
+//! Observability: the HTTP port (/metrics, the event feed, probes),
+//! reflection v1alpha, per-service health, request ids and JSON logs.
+
+use super::harness::req;
+use quota_broker::pb::quota_admin_client::QuotaAdminClient;
+use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
+use quota_broker::pb::ReportRequest;
+use quota_broker::{Listeners, Settings};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+
+/// Bound on every wait of these tests.
+const LIMIT: Duration = Duration::from_secs(20);
+
+pub struct Observed {
+    pub channel: Channel,
+    pub http: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<Result<(), quota_broker::ServerError>>,
+}
+
+impl Observed {
+    pub fn client(&self) -> QuotaBrokerClient<Channel> {
+        QuotaBrokerClient::new(self.channel.clone())
+    }
+
+    pub fn admin(&self) -> QuotaAdminClient<Channel> {
+        QuotaAdminClient::new(self.channel.clone())
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(LIMIT, &mut self.server)
+            .await
+            .expect("the broker stops within the limit")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// A broker with its HTTP port, both on ephemeral loopback ports.
+pub async fn start(toml: &str) -> Observed {
+    let settings = Settings::from_toml(toml).expect("test config is valid");
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let listeners = Listeners {
+        grpc,
+        http: Some(http),
+    };
+    let server = tokio::spawn(async move {
+        quota_broker::serve(listeners, &settings, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let channel = Endpoint::from_shared(format!("http://{grpc_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Observed {
+        channel,
+        http: http_addr,
+        stop: Some(stop),
+        server,
+    }
+}
+
+const BUCKETS: &str =
+    "[[tenants.buckets]]\nname = \"users\"\nroutes = [\"GET /api/v2/users/**\"]\n\
+                       permits = 2\nwindow_ms = 60000\nmax_in_flight = 5\n";
+
+fn config(extra: &str) -> String {
+    format!(
+        "[server]\nshutdown_grace_ms = 2000\nstate_dir = \"\"\n{extra}\n[[tenants]]\nid = \"t\"\n{BUCKETS}\
+         [[tenants]]\nid = \"u\"\n{BUCKETS}"
+    )
+}
+
+/// An HTTP/1.1 response: status, headers (lower-case names), body.
+struct HttpResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl HttpResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends a GET and reads the status line and headers; the body stays in the
+/// reader (bodies are read by [`get`] or as an event stream). Written by
+/// hand: the test needs one GET and a chunked event stream, not an HTTP
+/// client's dependencies.
+async fn open(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (HttpResponse, BufReader<TcpStream>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).await.unwrap();
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP status line: {line:?}"));
+    let mut response = HttpResponse {
+        status,
+        headers: Vec::new(),
+        body: String::new(),
+    };
+    loop {
+        line.clear();
+        reader.read_line(&mut line).await.unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            response
+                .headers
+                .push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+    }
+    (response, reader)
+}
+
+/// Reads one chunk of a chunked body (`None` at its end).
+async fn chunk(reader: &mut BufReader<TcpStream>) -> Option<String> {
+    let mut size = String::new();
+    reader.read_line(&mut size).await.ok()?;
+    let n = usize::from_str_radix(size.trim(), 16).ok()?;
+    if n == 0 {
+        return None;
+    }
+    let mut data = vec![0; n + 2];
+    reader.read_exact(&mut data).await.ok()?;
+    data.truncate(n);
+    String::from_utf8(data).ok()
+}
+
+async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+    tokio::time::timeout(LIMIT, async {
+        let (mut response, mut reader) = open(addr, path, headers).await;
+        if response.header("transfer-encoding") == Some("chunked") {
+            while let Some(c) = chunk(&mut reader).await {
+                response.body.push_str(&c);
+            }
+        } else {
+            reader.read_to_string(&mut response.body).await.unwrap();
+        }
+        response
+    })
+    .await
+    .expect("the HTTP answer came within the limit")
+}
+
+/// The value of the sample `name{labels}` in a metrics text, if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_on_the_path_and_read_the_buckets_at_scrape_time() {
+    let b = start(&config("")).await;
+    let mut client = b.client();
+    // Two permits a minute: two grants, then a denial for the rate.
+    for _ in 0..2 {
+        let r = client
+            .acquire(req("GET", "/api/v2/users/1", 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.granted);
+    }
+    let r = client
+        .acquire(req("GET", "/api/v2/users/1", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.granted);
+    client
+        .report(ReportRequest {
+            tenant: "t".into(),
+            method: "GET".into(),
+            path: "/api/v2/users/1".into(),
+            http_status: 429,
+            retry_after_ms: 30_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let m = get(
+        b.http,
+        "/metrics",
+        &[(
+            "Accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+        )],
+    )
+    .await;
+    assert_eq!(m.status, 200);
+    assert!(m
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("application/openmetrics-text")));
+    assert!(m.body.ends_with("# EOF\n"));
+    let text = &m.body;
+    let t = "tenant=\"t\"";
+    let tb = "tenant=\"t\",bucket=\"users\"";
+    let expect = [
+        (
+            format!("quota_broker_grants_total{{{t},class=\"batch\"}}"),
+            2.0,
+        ),
+        (
+            format!("quota_broker_denials_total{{{t},class=\"batch\",reason=\"rate\"}}"),
+            1.0,
+        ),
+        (
+            format!("quota_broker_reports_total{{{tb},status=\"429\"}}"),
+            1.0,
+        ),
+        (format!("quota_broker_bucket_grants_total{{{tb}}}"), 2.0),
+        (format!("quota_broker_throttled_total{{{tb}}}"), 1.0),
+        (format!("quota_broker_freezes_total{{{tb}}}"), 1.0),
+        (format!("quota_broker_frozen{{{tb}}}"), 1.0),
+        (format!("quota_broker_slots_max{{{tb}}}"), 5.0),
+        // Untouched tenant "u": its series exist, at zero.
+        (
+            "quota_broker_bucket_grants_total{tenant=\"u\",bucket=\"users\"}".to_owned(),
+            0.0,
+        ),
+        (
+            "quota_broker_rpc_duration_seconds_count{method=\"/quota.v1.QuotaBroker/Acquire\"}"
+                .to_owned(),
+            3.0,
+        ),
+    ];
+    for (series, value) in expect {
+        assert_eq!(sample(text, &series), Some(value), "{series} in\n{text}");
+    }
+    let configured = sample(
+        text,
+        &format!("quota_broker_configured_rate_per_second{{{tb}}}"),
+    )
+    .expect("configured rate exported");
+    assert!((configured - 2.0 / 60.0).abs() < 1e-9, "{configured}");
+    let left = sample(
+        text,
+        &format!("quota_broker_freeze_remaining_seconds{{{tb}}}"),
+    )
+    .expect("freeze countdown exported");
+    assert!(left > 0.0 && left <= 31.0, "{left}");
+    // No unbounded label: no lease ids, paths or client ids.
+    assert!(!text.contains("/api/v2"), "a path leaked into a label");
+    assert!(
+        !text.contains("client_id"),
+        "a client id leaked into a label"
+    );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn probes_answer_without_a_token() {
+    let b = start(&config(&tokens_config())).await;
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = get(b.http, path, &[]).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+    }
+    let page = get(b.http, "/", &[]).await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("dashboard.js"));
+    let script = get(b.http, "/dashboard.js", &[]).await;
+    assert!(script.body.contains("EventSource"));
+    assert!(
+        !page.body.contains("http://") && !page.body.contains("https://"),
+        "the page loads nothing from elsewhere"
+    );
+    b.stop().await;
+}
+
+const TOKEN: &str = "t-only-token";
+
+fn tokens_config() -> String {
+    format!(
+        "[[auth.tokens]]\nname = \"t-reader\"\nsha256 = \"{}\"\nrole = \"client\"\ntenants = [\"t\"]\n",
+        quota_broker::hash_token(TOKEN)
+    )
+}
+
+/// Reads server-sent events until one satisfies `pred`.
+async fn next_event(
+    reader: &mut BufReader<TcpStream>,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    tokio::time::timeout(LIMIT, async {
+        let mut pending = String::new();
+        loop {
+            let c = chunk(reader).await.expect("the event feed ended early");
+            pending.push_str(&c);
+            while let Some(end) = pending.find("\n\n") {
+                let event: String = pending.drain(..end + 2).collect();
+                let data = event
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok());
+                if let Some(v) = data.filter(|v| pred(v)) {
+                    return v;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the expected event came within the limit")
+}
+
+#[tokio::test]
+async fn the_event_feed_needs_a_token_and_shows_only_its_tenants() {
+    let b = start(&config(&tokens_config())).await;
+    let none = get(b.http, "/events", &[]).await;
+    assert_eq!(none.status, 401, "{}", none.body);
+    assert!(none.body.contains("#token="), "{}", none.body);
+    let wrong = get(b.http, "/events?token=nope", &[]).await;
+    assert_eq!(wrong.status, 401);
+    let other = get(b.http, &format!("/events?tenant=u&token={TOKEN}"), &[]).await;
+    assert_eq!(other.status, 403, "{}", other.body);
+
+    let bearer = format!("Bearer {TOKEN}");
+    let (head, mut feed) = open(b.http, "/events", &[("Authorization", &bearer)]).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-type"), Some("text/event-stream"));
+    let first = next_event(&mut feed, |_| true).await;
+    assert_eq!(first["tenant"], "t", "only tenant t is visible: {first}");
+    assert_eq!(first["bucket"], "users");
+    assert_eq!(first["granted_total"], 0);
+
+    // A grant on t arrives as a change, on the same feed Watch uses.
+    let mut client = b.client();
+    let mut r = req("GET", "/api/v2/users/1", 0);
+    r.tenant = "t".into();
+    let mut request = tonic::Request::new(r);
+    request
+        .metadata_mut()
+        .insert("authorization", bearer.parse().unwrap());
+    assert!(client.acquire(request).await.unwrap().into_inner().granted);
+    let changed = next_event(&mut feed, |v| v["granted_total"] == 1).await;
+    assert_eq!(changed["tenant"], "t");
+    assert_eq!(changed["in_flight"], 1);
+    assert_eq!(changed["max_in_flight"], 5);
+    drop(feed);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn reflection_answers_v1alpha_and_v1() {
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient as V1alpha;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest as AlphaRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse as AlphaResponse;
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest as AlphaMessage;
+
+    let b = start(&config("")).await;
+    let mut alpha = V1alpha::new(b.channel.clone());
+    let ask = AlphaMessage {
+        host: String::new(),
+        message_request: Some(AlphaRequest::ListServices(String::new())),
+    };
+    let mut answers = alpha
+        .server_reflection_info(tokio_stream::iter([ask]))
+        .await
+        .expect("v1alpha reflection is served")
+        .into_inner();
+    let answer = answers.message().await.unwrap().expect("one answer");
+    let Some(AlphaResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("not a service list: {answer:?}");
+    };
+    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for name in [
+        "quota.v1.QuotaBroker",
+        "quota.v1.QuotaAdmin",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&name), "{name} not in {names:?}");
+    }
+
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient as V1;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut v1 = V1::new(b.channel.clone());
+    let ask = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = v1
+        .server_reflection_info(tokio_stream::iter([ask]))
+        .await
+        .expect("v1 reflection is still served")
+        .into_inner();
+    assert!(answers.message().await.unwrap().is_some());
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn health_is_reported_per_service() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let b = start(&config("")).await;
+    let mut health = HealthClient::new(b.channel.clone());
+    for service in ["", "quota.v1.QuotaBroker", "quota.v1.QuotaAdmin"] {
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status(), ServingStatus::Serving, "{service:?}");
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "quota.v1.Nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_id_comes_back_in_the_response_metadata() {
+    let b = start(&config("")).await;
+    let mut client = b.client();
+    let mut given = tonic::Request::new(req("GET", "/api/v2/users/1", 0));
+    given
+        .metadata_mut()
+        .insert("x-request-id", "call-42.a_b".parse().unwrap());
+    let r = client.acquire(given).await.unwrap();
+    assert_eq!(
+        r.metadata().get("x-request-id").unwrap().to_str().unwrap(),
+        "call-42.a_b"
+    );
+    // None given, or one too long or with other characters: a new one.
+    for given in [None, Some("x".repeat(65)), Some("has space".to_owned())] {
+        let mut request = tonic::Request::new(req("GET", "/api/v2/users/1", 0));
+        if let Some(id) = &given {
+            request
+                .metadata_mut()
+                .insert("x-request-id", id.parse().unwrap());
+        }
+        let r = client.acquire(request).await.unwrap();
+        let id = r.metadata().get("x-request-id").unwrap().to_str().unwrap();
+        assert_eq!(id.len(), 16, "{id}");
+        assert!(id.bytes().all(|c| c.is_ascii_hexdigit()), "{id}");
+    }
+    // Errors carry it too.
+    let mut bad = tonic::Request::new(req("GET", "/api/v2/users/1", 0));
+    bad.get_mut().tenant = "nope".into();
+    bad.metadata_mut()
+        .insert("x-request-id", "failing-1".parse().unwrap());
+    let e = client.acquire(bad).await.unwrap_err();
+    assert_eq!(
+        e.metadata().get("x-request-id").unwrap().to_str().unwrap(),
+        "failing-1"
+    );
+    b.stop().await;
+}
+
+/// The binary with `log_format = "json"`: every line is a JSON object, and
+/// a line logged inside an RPC carries that RPC's request id.
+#[tokio::test]
+async fn json_logs_carry_the_request_id() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let path = super::child::temp_config(
+        "json-logs",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"\"\nlog_format = \"json\"\n\
+             state_dir = \"\"\n[[tenants]]\nid = \"t\"\n{BUCKETS}"
+        ),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let result = async {
+        let mut addr = None;
+        while addr.is_none() {
+            let line = lines
+                .recv()
+                .await
+                .expect("the broker logged before exiting");
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            addr = v["fields"]["listen"].as_str().map(str::to_owned);
+        }
+        let mut client = QuotaBrokerClient::connect(format!("http://{}", addr.unwrap()))
+            .await
+            .unwrap();
+        let mut report = tonic::Request::new(ReportRequest {
+            tenant: "t".into(),
+            method: "GET".into(),
+            path: "/api/v2/users/1".into(),
+            http_status: 429,
+            retry_after_ms: 5_000,
+            ..Default::default()
+        });
+        report
+            .metadata_mut()
+            .insert("x-request-id", "report-7".parse().unwrap());
+        client.report(report).await.unwrap();
+        loop {
+            let line = lines.recv().await.expect("the freeze was logged");
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            let message = v["fields"]["message"].as_str().unwrap_or_default();
+            if message.contains("frozen") {
+                assert_eq!(v["span"]["request_id"], "report-7", "{line}");
+                assert_eq!(
+                    v["span"]["method"], "/quota.v1.QuotaBroker/Report",
+                    "{line}"
+                );
+                break;
+            }
+        }
+    };
+    let outcome = tokio::time::timeout(LIMIT, result).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = reader.join();
+    let _ = std::fs::remove_file(&path);
+    outcome.expect("the JSON log lines came within the limit");
+}
+
+/// The sample alert rules pass `promtool check rules` and their unit tests
+/// (`promtool test rules`), and a live `/metrics` passes
+/// `promtool check metrics`. Installs Debian's `prometheus` for promtool.
+#[tokio::test]
+async fn alert_rules_and_live_metrics_pass_promtool() {
+    use std::process::{Command, Stdio};
+
+    testsvc::apt_install(&["prometheus"])
+        .unwrap_or_else(|e| panic!("promtool (Debian package prometheus) is needed: {e}"));
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/prometheus");
+    let run = |args: &[&str]| {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run promtool: {e}"));
+        assert!(
+            out.status.success(),
+            "promtool {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["check", "rules", "quota-broker-alerts.yml"]);
+    run(&["test", "rules", "alerts-test.yml"]);
+
+    let b = start(&config("")).await;
+    let mut client = b.client();
+    client
+        .acquire(req("GET", "/api/v2/users/1", 0))
+        .await
+        .unwrap();
+    let metrics = get(b.http, "/metrics", &[]).await;
+    b.stop().await;
+    // Asked without an Accept header: the Prometheus text format.
+    assert!(metrics
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/plain; version=0.0.4")));
+    let text = metrics.body;
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = check.stdin.take().unwrap();
+        stdin.write_all(text.as_bytes()).unwrap();
+    }
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
