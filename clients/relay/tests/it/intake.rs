@@ -1,0 +1,124 @@
+//! Intake: credentials, checks, duplicates, a full queue, metrics.
+
+use serde_json::json;
+
+use crate::common::*;
+
+/// An upstream nobody listens on: records stay queued (transport errors
+/// are retried), so the queue fills.
+fn unreachable_upstream(settings: &mut gc_relay::Settings) {
+    settings.upstream.region = "http://127.0.0.1:1".into();
+}
+
+#[tokio::test]
+async fn intake_refuses_strangers_and_bad_records_and_a_full_queue_says_when() {
+    let dir = TempDir::new("intake");
+    let sim = gcsim(sim_config(1.0, 300, 0)).await;
+    let broker = broker(60_000).await;
+    let mut settings = settings(&dir.sqlite(), &sim, &broker.url);
+    unreachable_upstream(&mut settings);
+    settings.limits.max_records = 2;
+    let relay = relay(settings).await;
+    let base = format!("http://{}", relay.addr());
+    let http = reqwest::Client::new();
+    let url = format!("{base}/records");
+
+    // No credentials, wrong ones: 401 with a Basic challenge.
+    let r = http.post(&url).json(&wrapup("a")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Basic"));
+    let r = http
+        .post(&url)
+        .basic_auth(USER, Some("wrong"))
+        .json(&wrapup("a"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // The shared secret works as well as Basic.
+    let r = http
+        .post(&url)
+        .header(gc_relay::SECRET_HEADER, "shared-secret")
+        .json(&wrapup("a"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+
+    let flow = Flow::new(&base);
+    // A record that is not one: 400, and the message does not echo it.
+    let (status, body) = flow
+        .post(&json!({"idempotencyKey": "k", "method": "GET", "path": "/api/v2/x"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = flow.post(&json!({"nonsense-field-xyz": 1})).await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(!body.to_string().contains("nonsense-field-xyz"), "{body}");
+
+    // The repeat of a stored key is the same record, even when full.
+    let (status, first) = flow.post(&wrapup("b")).await.unwrap();
+    assert_eq!((status, first["duplicate"].as_bool()), (202, Some(false)));
+    let (status, again) = flow.post(&wrapup("b")).await.unwrap();
+    assert_eq!(status, 202);
+    assert_eq!(again["recordId"], first["recordId"]);
+    assert_eq!(again["duplicate"], true);
+    // Two records queued: the third is refused with a Retry-After.
+    let r = http
+        .post(&url)
+        .basic_auth(USER, Some(PASSWORD))
+        .json(&wrapup("c"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "5");
+    let (status, _) = flow.post(&wrapup("b")).await.unwrap();
+    assert_eq!(status, 202);
+
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "gc_relay_queue_depth 2",
+        "gc_relay_intake_requests_total{outcome=\"accepted\"} 2",
+        "gc_relay_intake_requests_total{outcome=\"duplicate\"} 2",
+        "gc_relay_intake_requests_total{outcome=\"full\"} 1",
+        "gc_relay_intake_requests_total{outcome=\"unauthorized\"} 2",
+        "gc_relay_intake_requests_total{outcome=\"invalid\"} 2",
+        "gc_relay_ack_seconds_count 4",
+        "gc_relay_dead_letters 0",
+    ] {
+        assert!(metrics.contains(line), "{line:?} not in\n{metrics}");
+    }
+    assert!(
+        metrics.contains("gc_relay_oldest_record_age_seconds"),
+        "{metrics}"
+    );
+    relay.shutdown().await;
+    broker.stop().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_relay_without_credentials_does_not_start() {
+    let dir = TempDir::new("open");
+    let sim = gcsim(sim_config(1.0, 300, 0)).await;
+    let mut settings = settings(&dir.sqlite(), &sim, "http://127.0.0.1:1");
+    settings.auth = gc_relay::Auth::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = match gc_relay::start(settings, listener).await {
+        Ok(_) => panic!("an open relay started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("credentials"), "{err}");
+    sim.shutdown().await;
+}
