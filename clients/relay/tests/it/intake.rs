@@ -122,3 +122,61 @@ async fn a_relay_without_credentials_does_not_start() {
     assert!(err.contains("credentials"), "{err}");
     sim.shutdown().await;
 }
+
+/// The shipped Data Action's request template, filled in as Architect
+/// fills it (`${input.X}` replaced, `$esc.jsonString(...)` quoted), is a
+/// record the relay takes.
+#[tokio::test]
+async fn the_shipped_data_action_makes_records_the_relay_takes() {
+    let action: serde_json::Value = serde_json::from_str(include_str!(
+        "../../architect/queue-wrapup-data-action.json"
+    ))
+    .unwrap();
+    let template = action["config"]["request"]["requestTemplate"]
+        .as_str()
+        .unwrap();
+    let inputs = [
+        ("conversationId", "conv-1"),
+        ("participantId", "part-1"),
+        ("communicationId", "comm-1"),
+        ("wrapupCode", "code-1"),
+        ("notes", "said \"thanks\""),
+    ];
+    let mut filled = template.replace(
+        "$esc.jsonString(${input.notes})",
+        &serde_json::to_string(inputs[4].1).unwrap(),
+    );
+    for (name, value) in inputs {
+        filled = filled.replace(&format!("${{input.{name}}}"), value);
+    }
+    let record: serde_json::Value = serde_json::from_str(&filled).unwrap();
+    for required in action["contract"]["input"]["inputSchema"]["required"]
+        .as_array()
+        .unwrap()
+    {
+        let name = required.as_str().unwrap();
+        assert!(template.contains(&format!("${{input.{name}}}")), "{name}");
+    }
+
+    let dir = TempDir::new("action");
+    let sim = gcsim(sim_config(60.0, 300, 0)).await;
+    let broker = broker(1_000).await;
+    let relay = relay(settings(&dir.sqlite(), &sim, &broker.url)).await;
+    let flow = Flow::new(&format!("http://{}", relay.addr()));
+    let (status, answer) = flow.post(&record).await.unwrap();
+    assert_eq!(status, 202, "{answer}");
+    // The action's translation map reads these.
+    assert!(
+        answer["recordId"].is_i64() && answer["duplicate"] == false,
+        "{answer}"
+    );
+    wait_until(
+        "the write upstream",
+        std::time::Duration::from_secs(30),
+        || async { writes(&sim).await.get("conv-1") == Some(&1) },
+    )
+    .await;
+    relay.shutdown().await;
+    broker.stop().await;
+    sim.shutdown().await;
+}
