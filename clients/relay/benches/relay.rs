@@ -3,10 +3,11 @@
 //! child process on a SQLite queue:
 //!
 //! 1. **burst**: 15 trunks post wrap-up records at `--rate` records/s in
-//!    all for `--secs` (open loop: each post is sent on its tick whatever
-//!    the previous one is doing) while the upstream throttles; intake
-//!    latency percentiles, records drained per second against what the
-//!    upstream leaves the fleet, upstream 429 ratio.
+//!    all for `--secs` real seconds (open loop: each post is sent on its
+//!    tick whatever the previous one is doing) while the upstream (gcsim
+//!    at 10×, so the burst spans five windows) throttles; intake latency
+//!    percentiles, records drained per window against what the upstream
+//!    leaves the fleet, upstream 429 ratio.
 //! 2. **kill**: a burst at gcsim 60× (a window per real second), the relay
 //!    SIGKILLed halfway and restarted on its file, the flows re-posting
 //!    what was not acknowledged; acknowledged records lost, records the
@@ -17,7 +18,6 @@
 #[path = "../tests/it/common.rs"]
 mod common;
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,6 +31,9 @@ const TRUNKS: usize = 15;
 /// them the unmanaged consumer's: 180 a minute left to the fleet.
 const HIDDEN: u64 = 240;
 const UNMANAGED: u64 = 60;
+/// Phase 1's gcsim time scale: a window is 6 real seconds, so the burst
+/// spans whole windows and the drain rate is not one window's head start.
+const SCALE: f64 = 10.0;
 
 struct Args {
     secs: u64,
@@ -90,8 +93,8 @@ async fn status(url: &str) -> Value {
 
 async fn burst(args: &Args) {
     let dir = TempDir::new("bench");
-    let sim = gcsim(sim_config(1.0, HIDDEN, UNMANAGED)).await;
-    let broker = broker(60_000).await;
+    let sim = gcsim(sim_config(SCALE, HIDDEN, UNMANAGED)).await;
+    let broker = broker((60_000.0 / SCALE) as u64).await;
     let child = Child::start(&serve_args(&dir.sqlite(), &sim, &broker.url)).await;
     let flow = Flow::new(&child.url);
     let latencies = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
@@ -136,10 +139,12 @@ async fn burst(args: &Args) {
     let delivered = s["queue"]["done"].as_i64().unwrap_or(0);
     let calls = s["upstream"]["calls"].as_u64().unwrap_or(0);
     let throttled = s["upstream"]["throttled_429"].as_u64().unwrap_or(0);
-    let fleet_limit = (HIDDEN - UNMANAGED) as f64 / 60.0;
+    // Per simulated minute (one window).
+    let fleet_limit = (HIDDEN - UNMANAGED) as f64;
+    let drained_per_min = delivered as f64 / (elapsed * SCALE / 60.0);
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     println!();
-    println!("burst: {TRUNKS} trunks, {} records/s for {} s, gcsim writes documented {DOCUMENTED}/min, enforced {HIDDEN}/min, unmanaged {UNMANAGED}/min", args.rate, args.secs);
+    println!("burst: {TRUNKS} trunks, {} records/s for {} real s, gcsim at x{SCALE}, writes documented {DOCUMENTED}/min, enforced {HIDDEN}/min, unmanaged {UNMANAGED}/min", args.rate, args.secs);
     println!("| figure | value |");
     println!("|---|---|");
     println!(
@@ -156,7 +161,7 @@ async fn burst(args: &Args) {
         ms(0.99),
         h.max() as f64 / 1000.0
     );
-    println!("| drained | {delivered} in {elapsed:.1} s = {:.2}/s (upstream leaves the fleet {fleet_limit:.2}/s) |", delivered as f64 / elapsed);
+    println!("| drained | {delivered} in {:.0} simulated s = {drained_per_min:.1}/min (the upstream leaves the fleet {fleet_limit:.0}/min) |", elapsed * SCALE);
     println!(
         "| upstream calls / 429s | {calls} / {throttled} ({:.2}%) |",
         100.0 * throttled as f64 / calls.max(1) as f64
@@ -180,53 +185,10 @@ async fn kill(args: &Args) {
     let sim = gcsim(sim_config(60.0, 100, 20)).await;
     let broker = broker(1_000).await;
     let serve = serve_args(&dir.sqlite(), &sim, &broker.url);
-    let child = Child::start(&serve).await;
-    let flow = Flow::new(&child.url);
     let total = args.kill_records;
-    let acked = Arc::new(Mutex::new(BTreeSet::new()));
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut posters = tokio::task::JoinSet::new();
-    for _ in 0..32 {
-        let (flow, acked, next) = (flow.clone(), acked.clone(), next.clone());
-        posters.spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total {
-                    return;
-                }
-                let c = format!("k{i}");
-                if let Ok((202, _)) = flow.post(&wrapup(&c)).await {
-                    acked.lock().unwrap().insert(c);
-                }
-            }
-        });
-    }
-    wait_until(
-        "half the records acknowledged",
-        Duration::from_secs(120),
-        || {
-            let acked = acked.clone();
-            async move { acked.lock().unwrap().len() >= total / 2 }
-        },
-    )
-    .await;
-    child.kill9().await;
-    while posters.join_next().await.is_some() {}
-    let before = acked.lock().unwrap().clone();
+    let before = burst_and_kill(Child::start(&serve).await, total, 32, total / 2).await;
     let child = Child::start(&serve).await;
-    let flow = Flow::new(&child.url);
-    for i in 0..total {
-        let c = format!("k{i}");
-        if !before.contains(&c) {
-            let _ = flow.post(&wrapup(&c)).await;
-        }
-    }
-    let url = child.url.clone();
-    wait_until("the queue drained", Duration::from_secs(300), || {
-        let url = url.clone();
-        async move { status(&url).await["queue"]["records"] == 0 }
-    })
-    .await;
+    repost_and_drain(&child.url, total, &before).await;
     let w = writes(&sim).await;
     let lost = before.iter().filter(|c| !w.contains_key(*c)).count();
     let twice = w.values().filter(|&&n| n > 1).count();

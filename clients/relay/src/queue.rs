@@ -12,7 +12,7 @@
 //! or `dropped`. Done and dropped records stay (until pruned) so a repeated
 //! idempotency key is still recognised.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{
@@ -567,15 +567,33 @@ async fn migrate(db: &Db) -> Result<(), RelayError> {
     Ok(())
 }
 
+/// What the writer knows of the records pending or in flight: read from
+/// the database at most every [`OPEN_REFRESH`] (other relays on a shared
+/// queue, replays and reclaims change it too), kept up to date with its own
+/// inserts and outcomes in between, so a commit does not count the queue.
+#[derive(Default)]
+struct Open {
+    records: i64,
+    bytes: i64,
+    read_at: Option<Instant>,
+}
+
+/// How often [`Open`] is read from the database.
+const OPEN_REFRESH: Duration = Duration::from_secs(1);
+
 /// The writer: gathers what is waiting (up to [`BATCH_MAX`]), commits it in
 /// one transaction, then answers every caller.
 async fn write_loop(db: Db, mut ops: mpsc::Receiver<Op>, limits: Limits) {
     let mut batch = Vec::with_capacity(BATCH_MAX);
+    let mut open = Open::default();
     while ops.recv_many(&mut batch, BATCH_MAX).await > 0 {
         let (finishes, enqueues): (Vec<Op>, Vec<Op>) = batch
             .drain(..)
             .partition(|op| matches!(op, Op::Finish { .. }));
-        let results = commit(&db, &finishes, &enqueues, limits).await;
+        let results = commit(&db, &finishes, &enqueues, limits, &mut open).await;
+        if results.is_err() {
+            open.read_at = None;
+        }
         match results {
             Ok(stored) => {
                 for op in finishes {
@@ -613,8 +631,9 @@ async fn commit(
     finishes: &[Op],
     enqueues: &[Op],
     limits: Limits,
+    open: &mut Open,
 ) -> Result<Vec<Stored>, RelayError> {
-    let open = placeholders(
+    let count = placeholders(
         db,
         "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(bytes), 0) AS BIGINT) AS bytes \
          FROM relay_records WHERE state IN ('pending', 'inflight')",
@@ -629,7 +648,7 @@ async fn commit(
     let done = placeholders(
         db,
         "UPDATE relay_records SET state = 'done', done_ms = ?, lease_owner = NULL \
-         WHERE id = ? AND state = 'inflight' AND lease_owner = ?",
+         WHERE id = ? AND state = 'inflight' AND lease_owner = ? RETURNING bytes",
     );
     let retry = placeholders(
         db,
@@ -639,7 +658,7 @@ async fn commit(
     let dead = placeholders(
         db,
         "UPDATE relay_records SET state = 'dead', lease_owner = NULL \
-         WHERE id = ? AND state = 'inflight' AND lease_owner = ?",
+         WHERE id = ? AND state = 'inflight' AND lease_owner = ? RETURNING bytes",
     );
     let letter = placeholders(
         db,
@@ -652,32 +671,35 @@ async fn commit(
     with_pool!(db, pool => {
         // Read before the transaction: the limits are a bound, not a
         // promise, and SQLite's transaction must begin with its lock.
-        let (mut records, mut bytes) = if enqueues.is_empty() {
-            (0, 0)
-        } else {
-            let row = sqlx::query(&open).fetch_one(pool).await.map_err(what)?;
-            (
-                row.try_get::<i64, _>("n").map_err(what)?,
-                row.try_get::<i64, _>("bytes").map_err(what)?,
-            )
-        };
+        if !enqueues.is_empty() && open.read_at.is_none_or(|t| t.elapsed() >= OPEN_REFRESH) {
+            let row = sqlx::query(&count).fetch_one(pool).await.map_err(what)?;
+            open.records = row.try_get::<i64, _>("n").map_err(what)?;
+            open.bytes = row.try_get::<i64, _>("bytes").map_err(what)?;
+            open.read_at = Some(Instant::now());
+        }
+        let (mut records, mut bytes) = (open.records, open.bytes);
         let mut tx = pool.begin_write().await.map_err(what)?;
         for op in finishes {
             let Op::Finish { id, owner, outcome, .. } = op else { continue };
             match outcome {
                 Outcome::Done => {
-                    sqlx::query(&done).bind(now).bind(*id).bind(owner)
-                        .execute(&mut *tx).await.map_err(what)?;
+                    let row = sqlx::query(&done).bind(now).bind(*id).bind(owner)
+                        .fetch_optional(&mut *tx).await.map_err(what)?;
+                    if let Some(row) = row {
+                        records -= 1;
+                        bytes -= row.try_get::<i64, _>("bytes").map_err(what)?;
+                    }
                 }
                 Outcome::Retry { at_ms } => {
                     sqlx::query(&retry).bind(*at_ms).bind(*id).bind(owner)
                         .execute(&mut *tx).await.map_err(what)?;
                 }
                 Outcome::Dead { status, answer } => {
-                    let changed = sqlx::query(&dead).bind(*id).bind(owner)
-                        .execute(&mut *tx).await.map_err(what)?
-                        .rows_affected();
-                    if changed > 0 {
+                    let row = sqlx::query(&dead).bind(*id).bind(owner)
+                        .fetch_optional(&mut *tx).await.map_err(what)?;
+                    if let Some(row) = row {
+                        records -= 1;
+                        bytes -= row.try_get::<i64, _>("bytes").map_err(what)?;
                         sqlx::query(&letter)
                             .bind(*id)
                             .bind(i64::from(*status))
@@ -736,6 +758,7 @@ async fn commit(
             stored.push(s);
         }
         tx.commit().await.map_err(what)?;
+        (open.records, open.bytes) = (records, bytes);
         Ok(stored)
     })
 }

@@ -283,3 +283,74 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Posts wrap-ups `k0..k{total}` to `child` from `flows` concurrent flows
+/// and SIGKILLs it once `kill_after` are acknowledged; returns the ones
+/// acknowledged (a post refused or cut off by the kill is the flow's
+/// failure path).
+pub async fn burst_and_kill(
+    child: Child,
+    total: usize,
+    flows: usize,
+    kill_after: usize,
+) -> std::collections::BTreeSet<String> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let flow = Flow::new(&child.url);
+    let acked = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut posters = tokio::task::JoinSet::new();
+    for _ in 0..flows {
+        let (flow, acked, next) = (flow.clone(), acked.clone(), next.clone());
+        posters.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return;
+                }
+                let c = format!("k{i}");
+                if let Ok((202, _)) = flow.post(&wrapup(&c)).await {
+                    acked.lock().unwrap().insert(c);
+                }
+            }
+        });
+    }
+    wait_until(
+        "records acknowledged before the kill",
+        Duration::from_secs(120),
+        || {
+            let acked = acked.clone();
+            async move { acked.lock().unwrap().len() >= kill_after }
+        },
+    )
+    .await;
+    child.kill9().await;
+    while posters.join_next().await.is_some() {}
+    let acked = acked.lock().unwrap().clone();
+    acked
+}
+
+/// Posts to the relay at `url` every wrap-up of `k0..k{total}` not in
+/// `acked` (the flows trying again), then waits until its queue is empty.
+pub async fn repost_and_drain(url: &str, total: usize, acked: &std::collections::BTreeSet<String>) {
+    let flow = Flow::new(url);
+    for i in 0..total {
+        let c = format!("k{i}");
+        if !acked.contains(&c) {
+            assert_eq!(flow.post(&wrapup(&c)).await.unwrap().0, 202);
+        }
+    }
+    let status = format!("{url}/status");
+    wait_until(
+        "the queue drained after the restart",
+        Duration::from_secs(300),
+        || {
+            let status = status.clone();
+            async move {
+                let s: Value = reqwest::get(&status).await.unwrap().json().await.unwrap();
+                s["queue"]["records"] == 0
+            }
+        },
+    )
+    .await;
+}
