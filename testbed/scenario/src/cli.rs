@@ -359,7 +359,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(two.upstreams.len(), 2);
-        assert_eq!(two.modes.len(), 3);
+        assert_eq!(two.modes.len(), 4);
         assert!(two.matrix.is_none());
         let m = parse(&[
             "--matrix",
