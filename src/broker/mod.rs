@@ -252,21 +252,29 @@ impl Broker {
         Ok(renewed)
     }
 
-    /// Learns from an upstream outcome (see [`TenantState::report`]).
+    /// Learns from an upstream outcome (see [`TenantState::report`]; a 429
+    /// `concurrency_limited`: [`TenantState::report_in_flight_refusal`]).
     /// `call` is (method, path, OAuth client).
     pub(crate) fn report(
         &self,
         tenant: &str,
         call: (&str, &str, &str),
-        http_status: u32,
+        (http_status, concurrency_limited): (u32, bool),
         retry_after: Option<Duration>,
         info: &RateLimitInfo,
     ) -> Result<ReportOutcome, BrokerError> {
         let t = self.tenant_index(tenant)?;
         let tenant = &self.inner.tenants[t];
-        let outcome = tenant
-            .lock()
-            .report(call, http_status, retry_after, info, Instant::now())?;
+        let now = Instant::now();
+        let outcome = if http_status == 429 && concurrency_limited {
+            tenant
+                .lock()
+                .report_in_flight_refusal(call, retry_after, info, now)?
+        } else {
+            tenant
+                .lock()
+                .report(call, http_status, retry_after, info, now)?
+        };
         // A freeze or a shrunk budget moves waiters' ready times.
         tenant.wake.notify_one();
         self.announce();

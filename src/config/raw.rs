@@ -88,6 +88,7 @@ struct RawLearning {
     episode_grace_ms: u64,
     recovery_windows: f64,
     probe_hold_windows: f64,
+    probe_max_windows: f64,
     ratio_window_ms: u64,
     ratio_threshold: f64,
     ratio_min_reports: u64,
@@ -107,6 +108,7 @@ impl Default for RawLearning {
             episode_grace_ms: millis(d.episode_grace),
             recovery_windows: d.recovery_windows,
             probe_hold_windows: d.probe_hold_windows,
+            probe_max_windows: d.probe_max_windows,
             ratio_window_ms: millis(d.ratio_window),
             ratio_threshold: d.ratio_threshold,
             ratio_min_reports: d.ratio_min_reports,
@@ -141,6 +143,12 @@ impl RawLearning {
                 self.recovery_windows
             ));
         }
+        if !(self.probe_max_windows.is_finite() && self.probe_max_windows >= 0.0) {
+            problems.push(format!(
+                "learning.probe_max_windows = {} must be 0 or more",
+                self.probe_max_windows
+            ));
+        }
         if !(self.probe_hold_windows.is_finite() && self.probe_hold_windows >= 0.0) {
             problems.push(format!(
                 "learning.probe_hold_windows = {} must be 0 or more",
@@ -164,6 +172,7 @@ impl RawLearning {
             episode_grace: Duration::from_millis(self.episode_grace_ms),
             recovery_windows: self.recovery_windows,
             probe_hold_windows: self.probe_hold_windows,
+            probe_max_windows: self.probe_max_windows,
             ratio_window: Duration::from_millis(self.ratio_window_ms),
             ratio_threshold: self.ratio_threshold,
             ratio_min_reports: self.ratio_min_reports,

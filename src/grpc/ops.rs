@@ -121,7 +121,7 @@ impl Ops {
         let outcome = self.broker.report(
             tenant,
             (&method, &path, oauth_client),
-            r.http_status,
+            (r.http_status, r.concurrency_limited),
             retry_after,
             &info,
         )?;

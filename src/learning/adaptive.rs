@@ -56,6 +56,9 @@ pub struct LearnSettings {
     pub recovery_windows: f64,
     /// Windows after a cut before the rate may grow again.
     pub probe_hold_windows: f64,
+    /// Longest wait, in windows, before probing above a ceiling the
+    /// upstream confirmed by refusing about the same rate again.
+    pub probe_max_windows: f64,
     /// Sliding window of the 429 ratio.
     pub ratio_window: Duration,
     /// 429 ratio above which the backstop cuts.
@@ -81,6 +84,7 @@ impl Default for LearnSettings {
             episode_grace: Duration::from_secs(2),
             recovery_windows: 5.0,
             probe_hold_windows: 3.0,
+            probe_max_windows: 8.0,
             ratio_window: Duration::from_secs(60),
             ratio_threshold: 0.01,
             ratio_min_reports: 100,
@@ -248,6 +252,12 @@ pub(crate) struct Learner {
     hold_until: Option<Instant>,
     /// ...nor before this many successes since the cut.
     since_cut: u64,
+    /// The rate the upstream last refused (see `ceiling_growth`).
+    ceiling: Option<f64>,
+    /// How many 429s in a row came at about that rate.
+    ceiling_hits: u32,
+    /// No probing above the ceiling before this.
+    probe_after: Option<Instant>,
     ratio: Ratio,
     fills: Fills,
 }
@@ -267,6 +277,9 @@ impl Learner {
             last_growth: None,
             hold_until: None,
             since_cut: 0,
+            ceiling: None,
+            ceiling_hits: 0,
+            probe_after: None,
             ratio: Ratio::new(now),
             fills: Fills::new(now, window.max(Duration::from_millis(1))),
         }
@@ -374,6 +387,7 @@ impl Learner {
         if !budget_spent {
             let from = self.rate(now, s);
             let cut = (from * s.beta).max(self.floor(s));
+            self.remember_ceiling(from);
             let (to, why) = match self.window_fill(now, retry_after) {
                 Some(fill) => {
                     // One window's measurement cuts at most two β steps, and
@@ -425,6 +439,68 @@ impl Learner {
         (served >= 2.0).then(|| self.per_min(served - 1.0))
     }
 
+    /// A 429 at `rate`: at or above the remembered ceiling, or within 15%
+    /// below it, it confirms it (probing above it then waits longer);
+    /// further below, the capacity dropped and it is the new ceiling.
+    fn remember_ceiling(&mut self, rate: f64) {
+        match self.ceiling {
+            Some(c) if rate >= 0.85 * c => {
+                self.ceiling = Some(c.min((c + rate) / 2.0));
+                self.ceiling_hits = (self.ceiling_hits + 1).min(8);
+            }
+            _ => {
+                self.ceiling = Some(rate);
+                self.ceiling_hits = 0;
+            }
+        }
+        self.probe_after = None;
+    }
+
+    /// The rate after growing `step` from `rate` under the ceiling rule:
+    /// growth stops just below the rate the upstream last refused (5% or a
+    /// permit per window below it, the lower); after `probe_hold_windows`
+    /// × 2^(times it was confirmed) windows there (at most
+    /// `probe_max_windows`), it probes up to the ceiling by a step shrunk by
+    /// that count, and past it by the full step. Past 10% above the ceiling without a 429 the ceiling has
+    /// moved: it is forgotten. `None`: hold the rate.
+    fn ceiling_growth(
+        &mut self,
+        rate: f64,
+        step: f64,
+        now: Instant,
+        s: &LearnSettings,
+    ) -> Option<f64> {
+        let Some(c) = self.ceiling else {
+            return Some(rate + step);
+        };
+        let cruise = (c * 0.95).min(c - self.per_min(1.0)).max(self.floor(s));
+        if rate + 1e-9 < cruise {
+            return Some((rate + step).min(cruise));
+        }
+        let probe_after = *self.probe_after.get_or_insert_with(|| {
+            let windows = (s.probe_hold_windows * f64::from(1u32 << self.ceiling_hits.min(16)))
+                .min(s.probe_max_windows)
+                .max(0.0);
+            now + self.window.mul_f64(windows)
+        });
+        if now < probe_after {
+            return None;
+        }
+        // Up to the ceiling by a shrunk step; once past it without a 429
+        // the capacity has likely risen, so the full step.
+        let next = if rate < c {
+            (rate + step / f64::from(1 + self.ceiling_hits.min(3))).min(c)
+        } else {
+            rate + step
+        };
+        if next > c * 1.1 {
+            self.ceiling = None;
+            self.ceiling_hits = 0;
+            self.probe_after = None;
+        }
+        Some(next)
+    }
+
     /// `permits` per bucket window, as a rate per minute.
     fn per_min(&self, permits: f64) -> f64 {
         permits * 60.0 / self.window.as_secs_f64()
@@ -469,7 +545,10 @@ impl Learner {
             * (since.as_secs_f64() / self.window.as_secs_f64());
         // Grow from the rate actually in force, so a cap lifted later does
         // not release a backlog of growth at once.
-        self.effective = (self.rate(now, s) + step).min(self.configured);
+        let rate = self.rate(now, s);
+        if let Some(next) = self.ceiling_growth(rate, step, now, s) {
+            self.effective = next.min(self.configured);
+        }
     }
 
     /// The upstream says its limit is `per_min` per minute. Below the
@@ -895,5 +974,79 @@ mod tests {
             at - t1
         );
         assert_eq!(b.remaining(t1 + 61 * SEC), None);
+    }
+
+    /// A fleet paced by the learner against a fixed-window upstream whose
+    /// capacity per window is `capacity(window)`, one step a second for
+    /// `windows` windows: (429s, successes) per window.
+    fn drive(s: &LearnSettings, windows: u64, capacity: impl Fn(u64) -> u64) -> Vec<(u64, u64)> {
+        let t0 = Instant::now();
+        let mut l = learner(t0);
+        let mut out = vec![(0, 0); windows as usize];
+        let mut credit = 0.0;
+        for sec in 0..windows * 60 {
+            let now = t0 + SEC * sec as u32;
+            let w = (sec / 60) as usize;
+            if l.frozen_until(now).is_some() {
+                credit = 0.0;
+                continue;
+            }
+            credit += l.rate(now, s) / 60.0;
+            while credit >= 1.0 {
+                credit -= 1.0;
+                if out[w].1 < capacity(w as u64) {
+                    out[w].1 += 1;
+                    l.on_success(now, s);
+                } else {
+                    out[w].0 += 1;
+                    let reset = SEC * (60 - (sec % 60)) as u32;
+                    l.on_throttled(now, Some(reset), false, s);
+                    credit = 0.0;
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_confirmed_ceiling_is_probed_less_and_less_often() {
+        let s = LearnSettings::default();
+        let run = drive(&s, 120, |_| 45);
+        let late: Vec<u64> = run[20..].iter().map(|w| w.0).collect();
+        let throttled: u64 = late.iter().sum();
+        let served: u64 = run[20..].iter().map(|w| w.1).sum();
+        // 100 windows at a steady 45: one probe at most every
+        // probe_max_windows (8) once confirmed.
+        assert!(throttled <= 100 / 8 + 1, "429s per window: {late:?}");
+        assert!(
+            served as f64 >= 0.95 * 45.0 * 100.0,
+            "served {served} of {}",
+            45 * 100
+        );
+        // Without the memory (probing as soon as the hold ends, full step)
+        // the same upstream refuses more.
+        let forgetful = LearnSettings {
+            probe_max_windows: 0.0,
+            ..s
+        };
+        let more: u64 = drive(&forgetful, 120, |_| 45)[20..]
+            .iter()
+            .map(|w| w.0)
+            .sum();
+        assert!(more > throttled, "{more} vs {throttled}");
+    }
+
+    #[test]
+    fn a_rise_above_a_confirmed_ceiling_is_still_found() {
+        let s = LearnSettings::default();
+        let run = drive(&s, 80, |w| if w < 40 { 40 } else { 55 });
+        // Found within probe_max_windows and a few windows of growth.
+        let found = run[40..].iter().position(|w| w.1 >= 50).map(|i| i + 40);
+        assert!(
+            found.is_some_and(|w| w <= 40 + 8 + 4),
+            "served per window: {:?}",
+            run.iter().map(|w| w.1).collect::<Vec<_>>()
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! arithmetic of reserves held back for higher classes.
 
 use crate::config::BucketSettings;
-use crate::learning::{LearnSettings, Learner, RateLimitInfo, UpstreamBudget};
+use crate::learning::{LearnSettings, Learner, RateLimitInfo, SlotLearner, UpstreamBudget};
 use crate::limits::{Slots, TokenBucket};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,6 +24,8 @@ pub(super) struct Instance {
     pub(super) throttled_total: u64,
     pub(super) reports_total: u64,
     pub(super) learner: Learner,
+    /// The learned concurrency limit (instances with slots only).
+    pub(super) slot_learner: Option<SlotLearner>,
     /// Grants resume no earlier than this (freeze end plus jitter).
     pub(super) resume_at: Option<Instant>,
     pub(super) upstream: Option<UpstreamBudget>,
@@ -35,6 +37,10 @@ pub(super) struct Instance {
     /// When unclaimed phantom slots come back: no lease granted before the
     /// restart can be alive then without having been renewed (and adopted).
     pub(super) phantom_until: Option<Instant>,
+    /// The longest time to reset the upstream's headers for this bucket
+    /// stated: the length of the upstream's window as far as they show
+    /// (see `header_window`).
+    pub(super) longest_reset: Duration,
 }
 
 impl Instance {
@@ -56,6 +62,12 @@ impl Instance {
             granted_total: 0,
             throttled_total: 0,
             reports_total: 0,
+            slot_learner: settings.max_in_flight.map(|m| {
+                SlotLearner::new(
+                    m.get(),
+                    settings.rate.map_or(Duration::from_secs(60), |r| r.window),
+                )
+            }),
             learner: Learner::new(
                 settings.rate.map_or(0.0, |r| r.per_minute()),
                 settings.rate.map_or(Duration::from_secs(60), |r| r.window),
@@ -66,6 +78,28 @@ impl Instance {
             version: 0,
             phantom: 0,
             phantom_until: None,
+            longest_reset: Duration::ZERO,
+        }
+    }
+
+    /// The window a header-stated limit applies to when the headers do not
+    /// say: the longest reset they stated, at most the bucket's window.
+    /// A fixed or sliding window's reset reaches its window's length at the
+    /// window's start; a token bucket's only reaches the time to refill it
+    /// from empty (capacity ÷ rate), so capacity over that window is its
+    /// refill rate, where taking the capacity as a per-window limit would
+    /// starve the fleet. Until a long reset is seen the limit reads high,
+    /// which caps nothing: the budget view and the 429 rules still apply.
+    pub(super) fn header_window(&mut self, reset: Option<Duration>, bucket: Duration) -> Duration {
+        if let Some(r) = reset {
+            self.longest_reset = self.longest_reset.max(r.min(bucket));
+        }
+        // Within 10% of the bucket's window it is that window, seen a
+        // little after it started.
+        if self.longest_reset >= bucket.mul_f64(0.9) || self.longest_reset.is_zero() {
+            bucket
+        } else {
+            self.longest_reset
         }
     }
 
@@ -75,6 +109,17 @@ impl Instance {
             && self.tokens.as_ref().is_none_or(|t| t.is_full(now))
             && self.resume_at.is_none_or(|t| t <= now)
             && self.learner.is_pristine(now)
+            && self
+                .slot_learner
+                .as_ref()
+                .is_none_or(|l| l.learned().is_none())
+    }
+
+    /// Puts the concurrency limit the slot learner says into the slots.
+    pub(super) fn apply_slot_limit(&mut self) {
+        if let (Some(slots), Some(l)) = (self.slots.as_mut(), self.slot_learner.as_ref()) {
+            slots.set_max(l.max());
+        }
     }
 
     /// When `n` permits could be taken, ignoring the queue: `Ok` with the
@@ -94,6 +139,14 @@ impl Instance {
             None => now,
         };
         if let Some(resume) = self.resume_at {
+            // A class that may borrow (the top one, while a lower class
+            // waits) resumes when the freeze ends; the jitter spreads the
+            // lower classes' resumption behind it.
+            let resume = if reserve < 0.0 {
+                self.learner.frozen_until(now).unwrap_or(now).min(resume)
+            } else {
+                resume
+            };
             at = at.max(resume);
         }
         if let Some(u) = self.upstream.and_then(|u| u.ready_at(n, now)) {
@@ -127,12 +180,25 @@ impl Instance {
     }
 
     /// Applies what the upstream says is left of the budget of `window`.
-    pub(super) fn sync_budget(&mut self, info: &RateLimitInfo, window: Duration, now: Instant) {
+    /// A `continuous` budget (a token bucket's: refilled all the time, its
+    /// reset only the time to refill it whole) only shrinks the bucket: a
+    /// view that waits for its reset would hold every class for seconds
+    /// while the next permit is a fraction of one away.
+    pub(super) fn sync_budget(
+        &mut self,
+        info: &RateLimitInfo,
+        (window, continuous): (Duration, bool),
+        now: Instant,
+    ) {
         let Some(remaining) = info.remaining else {
             return;
         };
         if let Some(t) = self.tokens.as_mut() {
             t.shrink_to(u32::try_from(remaining).unwrap_or(u32::MAX), now);
+        }
+        if continuous {
+            self.upstream = None;
+            return;
         }
         if let Some(reset) = info.reset {
             self.upstream = Some(UpstreamBudget::observe(

@@ -61,6 +61,13 @@ impl TenantState {
                     x.apply_rate(now, &s);
                     self.learned_dirty = true;
                 }
+                if let Some(max) = x.slot_learner.as_mut().and_then(|l| l.on_success(now, &s)) {
+                    x.apply_slot_limit();
+                    tracing::info!(
+                        tenant = %self.id, bucket = %self.buckets[x.bucket].settings.name,
+                        max_in_flight = max, "probing a learned concurrency limit up one slot"
+                    );
+                }
             }
         }
         if let Some(i) = described.filter(|&d| refused_by != Some(d)) {
@@ -78,6 +85,67 @@ impl TenantState {
         Ok(ReportOutcome {
             buckets: self.names(&instances),
             attributed_to: target.map(|i| self.name(i)),
+        })
+    }
+
+    /// A 429 the upstream says is about requests in flight: the first slot
+    /// bucket of the call learns a lower concurrency limit (see
+    /// `SlotLearner`); no rate is frozen or cut. A call without a slot
+    /// bucket learns from it as from any 429.
+    pub fn report_in_flight_refusal(
+        &mut self,
+        call: (&str, &str, &str),
+        retry_after: Option<Duration>,
+        info: &RateLimitInfo,
+        now: Instant,
+    ) -> Result<ReportOutcome, BrokerError> {
+        let now = self.monotonic(now);
+        let (method, path, oauth_client) = call;
+        let instances = match self.resolve(method, path, oauth_client, 1, 0.0, now)? {
+            Ok(i) => i,
+            Err(denial) => {
+                return Ok(ReportOutcome {
+                    buckets: denial.buckets,
+                    attributed_to: None,
+                })
+            }
+        };
+        let Some(target) = instances.iter().copied().find(|&i| {
+            self.instances
+                .get(i)
+                .is_some_and(|x| x.slot_learner.is_some())
+        }) else {
+            return self.report(call, 429, retry_after, info, now);
+        };
+        let s = self.learning;
+        for &i in &instances {
+            if let Some(x) = self.instances.get_mut(i) {
+                x.reports_total += 1;
+            }
+        }
+        if let Some(x) = self.instances.get_mut(target) {
+            x.throttled_total += 1;
+            let in_flight = x.slots.map_or(0, |sl| sl.in_flight());
+            if let Some(max) = x
+                .slot_learner
+                .as_mut()
+                .and_then(|l| l.on_refused(in_flight, now, &s))
+            {
+                x.apply_slot_limit();
+                self.learned_dirty = true;
+                tracing::info!(
+                    tenant = %self.id, bucket = %self.buckets[x.bucket].settings.name,
+                    in_flight, max_in_flight = max,
+                    "upstream refused a call for concurrency: learned a lower concurrency limit"
+                );
+            }
+        }
+        for &i in &instances {
+            self.touch(i);
+        }
+        Ok(ReportOutcome {
+            buckets: self.names(&instances),
+            attributed_to: Some(self.name(target)),
         })
     }
 
@@ -160,15 +228,21 @@ impl TenantState {
         let mut learned = Vec::new();
         let empty = RateLimitInfo::default();
         let info = info.unwrap_or(&empty);
-        let window = info
-            .window
-            .or(self.buckets[x.bucket].settings.rate.map(|r| r.window))
-            .unwrap_or(Duration::from_secs(60));
+        let bucket_window = self.buckets[x.bucket]
+            .settings
+            .rate
+            .map_or(Duration::from_secs(60), |r| r.window);
+        let window = match info.window {
+            Some(w) => w,
+            None => x.header_window(info.reset, bucket_window),
+        };
+        // Resets far shorter than the window: refilled continuously.
+        let continuous = info.window.is_none() && window.mul_f64(2.0) < bucket_window;
         if let Some(limit) = info.limit {
             let per_min = limit as f64 * 60.0 / window.as_secs_f64().max(1e-3);
             learned.extend(x.learner.on_limit(per_min));
         }
-        x.sync_budget(info, window, now);
+        x.sync_budget(info, (window, continuous), now);
         if let Some(retry_after) = throttled {
             x.throttled_total += 1;
             learned.extend(

@@ -5,7 +5,7 @@ use super::{BucketStatus, LimitChange, TenantState};
 use crate::clock::millis;
 use crate::config::{check_rate, BucketSettings};
 use crate::error::BrokerError;
-use crate::learning::Learner;
+use crate::learning::{Learner, SlotLearner};
 use crate::limits::{Slots, TokenBucket};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -86,10 +86,14 @@ impl TenantState {
                 x.apply_rate(now, &s);
             }
             if let Some(m) = settings.max_in_flight {
-                match x.slots.as_mut() {
-                    Some(sl) => sl.set_max(m.get()),
-                    None => x.slots = Some(Slots::new(m.get())),
+                if x.slots.is_none() {
+                    x.slots = Some(Slots::new(m.get()));
                 }
+                let window = settings.rate.map_or(Duration::from_secs(60), |r| r.window);
+                x.slot_learner
+                    .get_or_insert_with(|| SlotLearner::new(m.get(), window))
+                    .set_configured(m.get());
+                x.apply_slot_limit();
             }
             self.touch(i);
         }
@@ -153,6 +157,10 @@ impl TenantState {
                 continue;
             }
             x.learner = Learner::new(configured, window, now);
+            if let Some(l) = x.slot_learner.as_mut() {
+                l.clear();
+            }
+            x.apply_slot_limit();
             x.resume_at = None;
             x.upstream = None;
             if let Some(t) = x.tokens.as_mut() {

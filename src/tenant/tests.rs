@@ -423,3 +423,154 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_token_buckets_capacity_is_not_taken_for_a_per_window_limit() {
+    use crate::learning::RateLimitInfo;
+    let t0 = Instant::now();
+    let bucket = "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 60\n\
+                  window_ms = 60000";
+    let told = |count: u64, reset_ms: u64| RateLimitInfo {
+        limit: Some(10),
+        remaining: Some(10 - count),
+        reset: Some(Duration::from_millis(reset_ms)),
+        ..RateLimitInfo::default()
+    };
+    let learned = |t: &TenantState| t.statuses(t0)[0].learned_limit_per_min;
+    // A bucket of 10 refilled at 45 a minute: its reset is the time to
+    // refill what is used, 10 / 0.75 per s = 13.3 s from empty.
+    let mut t = tenant(bucket, t0);
+    for (count, reset_ms) in [(2, 2_667), (6, 8_000), (10, 13_333), (4, 5_333)] {
+        t.report(("GET", "/", "oa"), 200, None, &told(count, reset_ms), t0)
+            .unwrap();
+    }
+    let per_min = learned(&t).expect("a limit below 60 a minute");
+    assert!((per_min - 45.0).abs() < 0.1, "learned {per_min} a minute");
+
+    // A fixed window of 10 a minute: a report at its start says 60 s.
+    let mut t = tenant(bucket, t0);
+    for (count, reset_ms) in [(5, 30_000), (1, 60_000), (3, 40_000)] {
+        t.report(("GET", "/", "oa"), 200, None, &told(count, reset_ms), t0)
+            .unwrap();
+    }
+    assert_eq!(learned(&t), Some(10.0));
+}
+
+#[test]
+fn a_concurrency_429_lowers_the_slot_limit_not_the_rate() {
+    use crate::learning::RateLimitInfo;
+    let t0 = Instant::now();
+    let bucket = "[[tenants.buckets]]\nname = \"q\"\nroutes = [\"POST /q\"]\npermits = 600\n\
+                  window_ms = 60000\nmax_in_flight = 8\nlease_ttl_ms = 60000";
+    let mut t = tenant(bucket, t0);
+    for _ in 0..5 {
+        granted(t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
+    }
+    let out = t
+        .report_in_flight_refusal(
+            ("POST", "/q", "oa"),
+            Some(SEC),
+            &RateLimitInfo::default(),
+            t0,
+        )
+        .unwrap();
+    assert_eq!(out.attributed_to.as_deref(), Some("q"));
+    let q = &t.statuses(t0)[0];
+    assert_eq!((q.in_flight, q.max_in_flight), (5, 4));
+    assert_eq!(q.frozen_until, None, "the rate is not frozen");
+    assert_eq!(q.effective_rate_per_min, 600.0, "nor cut");
+    // Five in flight, four allowed: no grant until two come back.
+    assert!(matches!(
+        t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap(),
+        Decision::Denied(_)
+    ));
+
+    // Without a slot bucket it is an ordinary 429: the rate freezes.
+    let rate_only = "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 60\n\
+                     window_ms = 60000";
+    let mut t = tenant(rate_only, t0);
+    t.report_in_flight_refusal(("GET", "/", "oa"), Some(SEC), &RateLimitInfo::default(), t0)
+        .unwrap();
+    assert!(t.statuses(t0)[0].frozen_until.is_some());
+}
+
+#[test]
+fn after_a_freeze_critical_resumes_at_its_end_while_batch_waits_out_the_jitter() {
+    use crate::learning::RateLimitInfo;
+    let t0 = Instant::now();
+    let mut t = tenant(
+        "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 6\n\
+         window_ms = 60000\nburst = 10",
+        t0,
+    );
+    // A permit every 10 s: the jitter after a freeze is up to 10 s.
+    t.report(
+        ("GET", "/x", "oa"),
+        429,
+        Some(20 * SEC),
+        &RateLimitInfo::default(),
+        t0,
+    )
+    .unwrap();
+    let call = |class: &str| AcquireArgs {
+        class: class.into(),
+        ..args("GET", "/x", 1)
+    };
+    let Decision::Queued(Queued {
+        reply: mut batch, ..
+    }) = t.acquire(&call("batch"), WAIT, t0).unwrap()
+    else {
+        panic!("batch granted while frozen")
+    };
+    let at_end = t0 + 20 * SEC;
+    granted(t.acquire(&call("critical"), NOW, at_end).unwrap());
+    t.tick(at_end);
+    assert!(batch.try_recv().is_err(), "batch resumed with critical");
+}
+
+#[test]
+fn a_continuously_refilled_budget_is_not_waited_for_until_its_reset() {
+    use crate::learning::RateLimitInfo;
+    let t0 = Instant::now();
+    let mut t = tenant(
+        "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 60\n\
+         window_ms = 60000\nburst = 10",
+        t0,
+    );
+    // A bucket of 10 refilled at 45 a minute, seen empty: full in 13.3 s,
+    // its next permit 1.3 s away.
+    let empty = RateLimitInfo {
+        limit: Some(10),
+        remaining: Some(0),
+        reset: Some(Duration::from_millis(13_333)),
+        ..RateLimitInfo::default()
+    };
+    t.report(("GET", "/x", "oa"), 200, None, &empty, t0)
+        .unwrap();
+    let Decision::Denied(d) = t.acquire(&args("GET", "/x", 1), NOW, t0).unwrap() else {
+        panic!("granted from an empty budget")
+    };
+    // A permit interval at the learned 45 a minute, and the 2 permits the
+    // default class leaves to higher ones: 3 × 1.33 s.
+    assert!(d.retry_after <= 4 * SEC, "waits {:?}", d.retry_after);
+    // The same from a fixed window (its reset seen at a full minute):
+    // nothing more until the reset.
+    let mut t = tenant(
+        "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 60\n\
+         window_ms = 60000\nburst = 10",
+        t0,
+    );
+    let fresh = RateLimitInfo {
+        remaining: Some(9),
+        reset: Some(60 * SEC),
+        ..empty
+    };
+    t.report(("GET", "/x", "oa"), 200, None, &fresh, t0)
+        .unwrap();
+    t.report(("GET", "/x", "oa"), 200, None, &empty, t0)
+        .unwrap();
+    let Decision::Denied(d) = t.acquire(&args("GET", "/x", 1), NOW, t0).unwrap() else {
+        panic!("granted from an empty budget")
+    };
+    assert!(d.retry_after >= 13 * SEC, "waits {:?}", d.retry_after);
+}

@@ -227,7 +227,7 @@ window_ms = 60000
 "#;
     let b = start(cfg).await;
     let mut c = b.client.clone();
-    let report = |status, allowed: &str, count: &str| ReportRequest {
+    let report = |status, allowed: &str, count: &str, reset: &str| ReportRequest {
         tenant: "t".into(),
         method: "GET".into(),
         path: "/api/v2/analytics/users/summary".into(),
@@ -236,7 +236,7 @@ window_ms = 60000
         headers: [
             ("inin-ratelimit-allowed", allowed),
             ("inin-ratelimit-count", count),
-            ("inin-ratelimit-reset", "38"),
+            ("inin-ratelimit-reset", reset),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -245,14 +245,16 @@ window_ms = 60000
     };
     // allowed 300: the per-OAuth-client budget; 6 used, 294 left.
     let r = c
-        .report(report(200, "300", "6"))
+        .report(report(200, "300", "6", "38"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(r.attributed_to, "per-client");
-    // allowed 45: the analytics budget, lower than the configured 60.
+    // allowed 45: the analytics budget, lower than the configured 60, in a
+    // window that started 2 s ago (a reset that long says the limit is per
+    // minute, not per the seconds left).
     let r = c
-        .report(report(200, "45", "40"))
+        .report(report(200, "45", "40", "58"))
         .await
         .unwrap()
         .into_inner();
@@ -287,7 +289,7 @@ window_ms = 60000
     // A 429 carrying the per-client headers with budget left came from
     // another limit (Genesys sends the per-client headers on every
     // answer): it freezes the analytics bucket, not the OAuth client's.
-    let mut throttled = report(429, "300", "7");
+    let mut throttled = report(429, "300", "7", "38");
     throttled.headers.insert("Retry-After".into(), "20".into());
     let r = c.report(throttled).await.unwrap().into_inner();
     assert_eq!(r.attributed_to, "analytics");
@@ -310,7 +312,7 @@ window_ms = 60000
     );
 
     // The same headers with the budget used up: the per-client bucket refused.
-    let mut spent = report(429, "300", "300");
+    let mut spent = report(429, "300", "300", "38");
     spent.headers.insert("Retry-After".into(), "20".into());
     let r = c.report(spent).await.unwrap().into_inner();
     assert_eq!(r.attributed_to, "per-client");
@@ -355,4 +357,40 @@ async fn learned_state_survives_a_restart() {
     assert_eq!(status(&b, "t").await.effective_rate_per_min, 60.0);
     b.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_flagged_as_concurrency_lowers_the_slot_limit_and_leaves_the_rate() {
+    let cfg = "[server]\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n\
+               [[tenants.buckets]]\nname = \"q\"\nroutes = [\"POST /q\"]\npermits = 600\n\
+               window_ms = 60000\nmax_in_flight = 8\nlease_ttl_ms = 60000\n";
+    let b = start(cfg).await;
+    for _ in 0..3 {
+        assert!(b.acquire(req("POST", "/q", 0)).await.granted);
+    }
+    let refused = ReportRequest {
+        tenant: "t".into(),
+        method: "POST".into(),
+        path: "/q".into(),
+        http_status: 429,
+        concurrency_limited: true,
+        headers: [("Retry-After".to_owned(), "1".to_owned())].into(),
+        ..Default::default()
+    };
+    let r = b.client.clone().report(refused.clone()).await.unwrap();
+    assert_eq!(r.into_inner().attributed_to, "q");
+    let q = b.bucket("q").await;
+    assert_eq!((q.in_flight, q.max_in_flight), (3, 2), "{q:?}");
+    assert_eq!(q.frozen_until_ms, 0, "the rate is not frozen: {q:?}");
+    assert_eq!(q.effective_rate_per_min, 600.0);
+    // The same 429 without the flag freezes and cuts the rate instead.
+    let r = ReportRequest {
+        concurrency_limited: false,
+        ..refused
+    };
+    b.client.clone().report(r).await.unwrap();
+    let q = b.bucket("q").await;
+    assert!(q.frozen_until_ms > 0, "{q:?}");
+    assert_eq!(q.max_in_flight, 2);
+    b.stop().await;
 }

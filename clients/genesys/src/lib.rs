@@ -34,7 +34,7 @@ mod token;
 pub use region::{Credentials, Region};
 
 use bytes::Bytes;
-use quota_broker_client::{BrokerClient, Call, ClientError, Lease};
+use quota_broker_client::{says_concurrency, BrokerClient, Call, ClientError, Lease};
 use serde::de::DeserializeOwned;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -368,7 +368,12 @@ impl Upstream {
                     return Err(e);
                 }
             };
-            if let Err(e) = lease.report(response.status, &response.headers).await {
+            let reported = if response.status == 429 && says_concurrency(&response.body) {
+                lease.report_concurrency_429(&response.headers).await
+            } else {
+                lease.report(response.status, &response.headers).await
+            };
+            if let Err(e) = reported {
                 // The client keeps what it could not send and sends it later.
                 tracing::debug!(error = %e, "report not delivered yet");
             }

@@ -15,7 +15,7 @@ for a private CA and mutual TLS); a broker over this caller's request rate
 raises ``Overloaded`` (wait its ``retry_after_ms``).
 The Genesys Cloud SDK adapter is ``quota_broker_client.genesys``.
 """
-from .client import DEFAULT_CHANNEL_OPTIONS, Lease, QuotaBroker, WatchStream
+from .client import DEFAULT_CHANNEL_OPTIONS, Lease, QuotaBroker, WatchStream, says_concurrency
 from .errors import (
     BrokerRpcError,
     DeadlineExceeded,
@@ -43,4 +43,5 @@ __all__ = [
     "QuotaBrokerError", "NotGranted", "BrokerRpcError", "InvalidArgument", "NotFound",
     "FailedPrecondition", "Unauthenticated", "PermissionDenied", "Unavailable",
     "DeadlineExceeded", "Internal", "Overloaded", "TlsError", "rate_limit_headers", "retry_after_ms",
+    "says_concurrency",
 ]

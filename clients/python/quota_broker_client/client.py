@@ -51,6 +51,17 @@ _OVERLOAD_BACKOFF_S = 1.0
 _MIN_OVERLOAD_BACKOFF_S = 0.05
 
 
+
+def says_concurrency(body):
+    """Whether a 429's body (bytes or text) says the refusal is about
+    concurrent requests ("concurrent", "concurrency"), to report it with
+    ``concurrency_limited=True``."""
+    if body is None:
+        return False
+    if isinstance(body, (bytes, bytearray)):
+        body = body.decode("utf-8", "replace")
+    return "concurren" in str(body).lower()
+
 def _target(url):
     """Returns (target, tls) for "host:port" (tls None: not said), "http://..." (False), "https://..." (True)."""
     if "://" not in url:
@@ -105,11 +116,14 @@ class Lease:
         """Whether the lease holds concurrency slots (which expire unless renewed)."""
         return self.lease_ttl_ms > 0
 
-    def report(self, status, headers=None, *, retry_after_ms=None):
+    def report(self, status, headers=None, *, retry_after_ms=None, concurrency_limited=False):
         """Reports the upstream's answer to this lease's call.
 
         ``headers`` are the raw response headers (any mapping or list of
         pairs); the rate-limit ones are picked out and Retry-After converted.
+        ``concurrency_limited``: a 429 whose body says it is about concurrent
+        requests (see ``says_concurrency``); the broker then lowers the
+        learned concurrency limit instead of the rate.
         Returns the ReportResponse, or None when the outcome was kept for
         later: the broker is unreachable (reported when it is back) or
         overloaded for this caller (reported after its retry-after-ms).
@@ -123,6 +137,7 @@ class Lease:
             oauth_client=self.oauth_client,
             lease_id=self.lease_id,
             retry_after_ms=retry_after_ms,
+            concurrency_limited=concurrency_limited,
         )
         return self.last_report
 
@@ -718,7 +733,7 @@ class QuotaBroker:
         return self._call(self.stub.Renew, req)
 
     def report(self, tenant, method, path, status, headers=None, *, oauth_client="",
-               lease_id="", retry_after_ms=None):
+               lease_id="", retry_after_ms=None, concurrency_limited=False):
         """Tells the broker how an upstream call went. Returns ReportResponse.
 
         ``headers``: the raw response headers (mapping or pairs, names
@@ -745,6 +760,7 @@ class QuotaBroker:
             http_status=int(status),
             retry_after_ms=int(retry_after_ms),
             headers=picked,
+            concurrency_limited=bool(concurrency_limited) and int(status) == 429,
         )
         fb = self._fallback
         if fb is None:

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 import urllib3
 
 from . import errors
-from .client import QuotaBroker  # noqa: F401  (for type references in docs)
+from .client import QuotaBroker, says_concurrency  # noqa: F401  (QuotaBroker: for type references in docs)
 
 log = logging.getLogger("quota_broker_client.genesys")
 
@@ -149,7 +149,8 @@ class LeasedHttpClient(_Base):
             except Exception as e:  # ApiException carries status and headers
                 status = getattr(e, "status", None)
                 if ApiException is not None and isinstance(e, ApiException) and status:
-                    self._report(lease, status, getattr(e, "headers", None))
+                    self._report(lease, status, getattr(e, "headers", None),
+                                 getattr(e, "body", None))
                 raise
             self._report(lease, response.status, _response_headers(response))
             return response
@@ -159,11 +160,13 @@ class LeasedHttpClient(_Base):
         finally:
             ctx.__exit__(*exc_info)
 
-    def _report(self, lease, status, headers):
+    def _report(self, lease, status, headers, body=None):
         if not 100 <= int(status) <= 599:
             return
+        concurrency = int(status) == 429 and says_concurrency(body)
         try:
-            lease.report(int(status), headers)  # kept for later while the broker is unreachable
+            # Kept for later while the broker is unreachable.
+            lease.report(int(status), headers, concurrency_limited=concurrency)
         except errors.QuotaBrokerError as e:
             # The call itself went through; losing one report must not fail it.
             log.warning("reporting %s %s -> %s failed: %s", lease.method, lease.path, status, e)

@@ -85,6 +85,22 @@ def test_report_429_freezes_bucket(broker):
     assert info.value.retry_after_ms > 10_000
 
 
+def test_report_429_about_concurrency_lowers_the_slot_limit(broker):
+    body = b'{"message":"Too many concurrent requests for this endpoint"}'
+    assert qb.says_concurrency(body) and not qb.says_concurrency(b"rate limit exceeded")
+    held = [broker.acquire(TENANT, "POST", ANALYTICS_QUERY, client_id=f"w{i}", max_wait_ms=1000)
+            for i in range(3)]
+    try:
+        resp = held[0].report(429, {"Retry-After": "1"}, concurrency_limited=qb.says_concurrency(body))
+        assert resp.attributed_to == "analytics-query"
+        b = status(broker, "analytics-query")
+        assert (b.in_flight, b.max_in_flight) == (3, 2)
+        assert b.frozen_until_ms == 0  # the rate is left alone
+    finally:
+        for lease in held:
+            lease.release()
+
+
 def test_report_without_lease(broker):
     resp = broker.report(TENANT, "POST", ANALYTICS_QUERY, 200,
                          [("X-RateLimit-Limit", "60"), ("x-ratelimit-remaining", "50")])

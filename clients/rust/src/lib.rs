@@ -470,6 +470,21 @@ impl BrokerClient {
         status: u16,
         headers: &http::HeaderMap,
     ) -> Result<(), ClientError> {
+        self.report_outcome(call, lease_id, status, headers, false)
+            .await
+    }
+
+    /// [`BrokerClient::report`], saying whether a 429 was about requests
+    /// in flight rather than rate (see [`says_concurrency`]): the broker
+    /// then lowers the call's learned concurrency limit instead of its rate.
+    pub async fn report_outcome(
+        &self,
+        call: &Call,
+        lease_id: &str,
+        status: u16,
+        headers: &http::HeaderMap,
+        concurrency_limited: bool,
+    ) -> Result<(), ClientError> {
         let headers = headers
             .iter()
             .filter(|(k, _)| REPORTED_HEADERS.contains(&k.as_str()))
@@ -484,6 +499,7 @@ impl BrokerClient {
             http_status: u32::from(status),
             retry_after_ms: 0,
             headers,
+            concurrency_limited: concurrency_limited && status == 429,
         };
         match self
             .inner
@@ -595,6 +611,15 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Whether a 429's body says the refusal is about concurrent requests
+/// (Genesys Cloud and most APIs word it "concurrent" / "concurrency"), so
+/// it can be reported with [`Lease::report_concurrency_429`].
+pub fn says_concurrency(body: &[u8]) -> bool {
+    const WORD: &[u8] = b"concurren";
+    body.windows(WORD.len())
+        .any(|w| w.eq_ignore_ascii_case(WORD))
+}
+
 /// Permission for one upstream call. Holds its concurrency slot, renewing it
 /// in the background, until dropped.
 pub struct Lease {
@@ -675,6 +700,17 @@ impl Lease {
         }
     }
 
+    /// Reports a 429 whose body says it is about requests in flight (see
+    /// [`says_concurrency`]), with its headers.
+    pub async fn report_concurrency_429(
+        &self,
+        headers: &http::HeaderMap,
+    ) -> Result<(), ClientError> {
+        self.client
+            .report_outcome(&self.call, &self.id, 429, headers, true)
+            .await
+    }
+
     /// [`Lease::report`] for an `http::Response`.
     pub async fn report_response<B>(
         &self,
@@ -695,5 +731,22 @@ impl Drop for Lease {
                 rt.spawn(async move { client.release(id).await });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod body_tests {
+    use super::says_concurrency;
+
+    #[test]
+    fn a_concurrency_refusal_is_recognised_by_its_wording() {
+        assert!(says_concurrency(
+            b"{\"message\":\"Rate limit exceeded the maximum. [concurrency:analytics]\"}"
+        ));
+        assert!(says_concurrency(b"Too many CONCURRENT requests"));
+        assert!(!says_concurrency(
+            b"Rate limit exceeded the maximum. [family:analytics]"
+        ));
+        assert!(!says_concurrency(b""));
     }
 }

@@ -5,6 +5,7 @@
 use serde::Deserialize;
 
 use crate::error::SimError;
+use crate::jobs::JobsConfig;
 use crate::route::Route;
 
 /// The whole simulator: its orgs, time scale, seed and escalation.
@@ -49,12 +50,16 @@ pub struct OrgConfig {
     pub conversations_per_day: u64,
     /// That day, `YYYY-MM-DD` (UTC).
     pub day: String,
+    /// Days of history from `day` on, `conversations_per_day` each.
+    pub days: u64,
     /// Whether the `inin-ratelimit-*` headers describe the token limit.
     pub token_tell: bool,
     /// How a token refusal's `Retry-After` is rounded.
     pub token_retry_after: RetryAfter,
     /// Endpoint families with org-wide limits.
     pub families: Vec<FamilyConfig>,
+    /// The analytics details jobs API's limits and timing.
+    pub jobs: JobsConfig,
     /// The secret of this org's OAuth clients (`POST /oauth/token` with
     /// client id `<client>@<org>`).
     pub oauth_secret: String,
@@ -132,6 +137,7 @@ impl Default for OrgConfig {
             token_window_ms: 60_000,
             conversations_per_day: 20_000,
             day: "2026-11-01".into(),
+            days: 1,
             token_tell: true,
             token_retry_after: RetryAfter::Exact,
             families: vec![
@@ -154,6 +160,7 @@ impl Default for OrgConfig {
                     ..FamilyConfig::default()
                 },
             ],
+            jobs: JobsConfig::default(),
             oauth_secret: "gcsim-secret".into(),
             token_ttl_s: 86_400,
         }
@@ -308,6 +315,12 @@ impl SimConfig {
                     "org {}: day {:?} is not YYYY-MM-DD",
                     org.id, org.day
                 ));
+            }
+            if !(1..=366).contains(&org.days) {
+                problems.push(format!("org {}: days must be 1-366", org.id));
+            }
+            if let Some(problem) = org.jobs.problem() {
+                problems.push(format!("org {}: {problem}", org.id));
             }
             let mut families = Vec::new();
             for (j, f) in org.families.iter().enumerate() {

@@ -7,7 +7,10 @@
 //! not justify a date-time crate in the build.
 
 use serde::Serialize;
+use serde_json::json;
 
+/// Queues the conversations are spread over.
+const QUEUES: usize = 8;
 /// One day, ms.
 const DAY_MS: i64 = 86_400_000;
 
@@ -38,6 +41,9 @@ pub(crate) struct ConversationJson {
     conversation_end: String,
     originating_direction: &'static str,
     division_ids: [String; 1],
+    /// One customer participant: its session's media type, and a segment
+    /// with the queue and wrap-up code.
+    participants: [serde_json::Value; 1],
 }
 
 /// A details-query page.
@@ -50,6 +56,13 @@ pub(crate) struct DetailsPage {
 }
 
 impl DetailsPage {
+    /// Drops the page's last row (a fault: `totalHits` is left as it was).
+    pub(crate) fn drop_last(&mut self) {
+        if let Some(rows) = &mut self.conversations {
+            rows.pop();
+        }
+    }
+
     /// Rows on the page (they decide the query's latency).
     pub(crate) fn rows(&self) -> usize {
         self.conversations.as_ref().map_or(0, Vec::len)
@@ -57,54 +70,111 @@ impl DetailsPage {
 }
 
 impl History {
-    /// `count` conversations starting on `day` (Unix ms of its midnight),
-    /// drawn from a generator seeded by `seed` and `org`.
-    pub(crate) fn generate(seed: u64, org: &str, day: i64, count: u64) -> History {
+    /// `count` conversations starting on each of `days` days from `day`
+    /// (Unix ms of its midnight), drawn from a generator seeded by `seed`
+    /// and `org` (the first day's are the same whatever `days` is).
+    pub(crate) fn generate(seed: u64, org: &str, day: i64, days: u64, count: u64) -> History {
         // FNV-1a of the org id: a stable hash (std's is randomly keyed).
         let org_hash = org.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
         let mut rng = fastrand::Rng::with_seed(seed ^ org_hash);
-        let mut conversations: Vec<Conversation> = (0..count)
-            .map(|_| {
-                let start = day + rng.i64(0..DAY_MS);
-                let id = uuid_like(&mut rng);
-                Conversation {
-                    id,
-                    start,
-                    end: start + rng.i64(30_000..1_800_000),
-                    inbound: rng.u8(..10) < 7,
-                    division: rng.u8(..4),
-                }
-            })
-            .collect();
-        conversations.sort_by(|a, b| (a.start, &a.id).cmp(&(b.start, &b.id)));
+        let mut conversations = Vec::new();
+        for d in 0..days as i64 {
+            let midnight = day + d * DAY_MS;
+            let mut today: Vec<Conversation> = (0..count)
+                .map(|_| {
+                    let start = midnight + rng.i64(0..DAY_MS);
+                    let id = uuid_like(&mut rng);
+                    Conversation {
+                        id,
+                        start,
+                        end: start + rng.i64(30_000..1_800_000),
+                        inbound: rng.u8(..10) < 7,
+                        division: rng.u8(..4),
+                    }
+                })
+                .collect();
+            today.sort_by(|a, b| (a.start, &a.id).cmp(&(b.start, &b.id)));
+            conversations.append(&mut today);
+        }
         History { conversations }
     }
 
     /// The page `page` (from 1) of `page_size` among conversations starting
     /// in `[from, to)`.
     pub(crate) fn query(&self, from: i64, to: i64, page_size: usize, page: usize) -> DetailsPage {
+        let skip = (page - 1).saturating_mul(page_size);
+        let rows = self.slice(from, to, skip, page_size);
+        DetailsPage {
+            conversations: (!rows.is_empty()).then_some(rows),
+            total_hits: self.count(from, to) as u64,
+        }
+    }
+
+    /// The conversations starting in `[from, to)`.
+    fn hits(&self, from: i64, to: i64) -> &[Conversation] {
         let lo = self.conversations.partition_point(|c| c.start < from);
         let hi = self.conversations.partition_point(|c| c.start < to).max(lo);
-        let hits = &self.conversations[lo..hi];
-        let skip = (page - 1).saturating_mul(page_size);
-        let conversations = (skip < hits.len()).then(|| {
-            hits[skip..]
-                .iter()
-                .take(page_size)
-                .map(|c| ConversationJson {
-                    conversation_id: c.id.clone(),
-                    conversation_start: format_ms(c.start),
-                    conversation_end: format_ms(c.end),
-                    originating_direction: if c.inbound { "inbound" } else { "outbound" },
-                    division_ids: [format!("division-{}", c.division)],
-                })
-                .collect()
+        &self.conversations[lo..hi]
+    }
+
+    /// How many conversations start in `[from, to)`.
+    pub(crate) fn count(&self, from: i64, to: i64) -> usize {
+        self.hits(from, to).len()
+    }
+
+    /// At most `limit` conversations starting in `[from, to)`, from the
+    /// `skip`th on.
+    pub(crate) fn slice(
+        &self,
+        from: i64,
+        to: i64,
+        skip: usize,
+        limit: usize,
+    ) -> Vec<ConversationJson> {
+        let hits = self.hits(from, to);
+        hits.get(skip..)
+            .unwrap_or_default()
+            .iter()
+            .take(limit)
+            .map(Conversation::json)
+            .collect()
+    }
+
+    /// Every conversation id, in history order.
+    pub(crate) fn ids(&self) -> Vec<&str> {
+        self.conversations.iter().map(|c| c.id.as_str()).collect()
+    }
+}
+
+impl Conversation {
+    fn json(&self) -> ConversationJson {
+        // Media, queue and wrap-up follow from the id (no draw from the
+        // generator, so the same seed keeps giving the same conversations).
+        let n = self.id.bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
         });
-        DetailsPage {
-            conversations,
-            total_hits: hits.len() as u64,
+        let media = ["voice", "chat", "email", "message"][n % 4];
+        let queue = format!("queue-{}", n / 4 % QUEUES);
+        let wrap_up = format!("wrapup-{}", n / 32 % 5);
+        ConversationJson {
+            conversation_id: self.id.clone(),
+            conversation_start: format_ms(self.start),
+            conversation_end: format_ms(self.end),
+            originating_direction: if self.inbound { "inbound" } else { "outbound" },
+            division_ids: [format!("division-{}", self.division)],
+            participants: [json!({
+                "purpose": "customer",
+                "sessions": [{
+                    "mediaType": media,
+                    "segments": [{
+                        "segmentType": "interact",
+                        "queueId": queue,
+                        "wrapUpCode": wrap_up,
+                    }],
+                }],
+            })],
         }
     }
 }
@@ -228,9 +298,9 @@ mod tests {
     #[test]
     fn same_seed_same_history_and_pages_cover_it() {
         let day = parse_day("2026-11-01").unwrap();
-        let a = History::generate(7, "org-a", day, 1_000);
-        let b = History::generate(7, "org-a", day, 1_000);
-        let c = History::generate(7, "org-b", day, 1_000);
+        let a = History::generate(7, "org-a", day, 1, 1_000);
+        let b = History::generate(7, "org-a", day, 1, 1_000);
+        let c = History::generate(7, "org-b", day, 1, 1_000);
         let ids = |h: &History| {
             h.conversations
                 .iter()

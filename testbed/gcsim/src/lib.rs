@@ -10,6 +10,8 @@
 //!   their schedule, concurrency, blocks and escalation, the unmanaged
 //!   consumer) and counters; plain Rust, simulated time passed in.
 //! - `data`: the deterministic analytics history and its details query.
+//! - `jobs`: the asynchronous details jobs (submit, poll, cursor-paged
+//!   results) and their limits (running jobs, submissions per window).
 //! - `log`: the bounded log of every request served and refused.
 //! - `server`: the axum routes: auth → the org's decision → the endpoint's
 //!   answer after its simulated latency (holding any concurrency slot) →
@@ -32,6 +34,7 @@
 mod config;
 mod data;
 mod error;
+mod jobs;
 mod log;
 mod org;
 mod route;
@@ -42,4 +45,5 @@ pub use config::{
     UnmanagedStep,
 };
 pub use error::SimError;
+pub use jobs::JobsConfig;
 pub use server::{Sim, SimHandle};

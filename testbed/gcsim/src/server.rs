@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use tokio::time::Instant;
 use crate::config::SimConfig;
 use crate::data::{parse_timestamp, uuid_like, History};
 use crate::error::SimError;
+use crate::jobs::{JobError, Jobs};
 use crate::log::{Entry, Log};
 use crate::org::{FamilyChange, Org, Refusal};
 
@@ -73,6 +75,11 @@ struct OrgSlot {
     /// std `Mutex`: held only for one decision, never across an await.
     org: Mutex<Org>,
     history: History,
+    /// std `Mutex`: held for one submission, status or page.
+    jobs: Mutex<Jobs>,
+    /// Details-query pages still to answer one row short (a fault the
+    /// control plane sets; `totalHits` stays true).
+    short_pages: AtomicU64,
     /// Its OAuth clients' secret and the lifetime of the tokens it issues.
     oauth_secret: String,
     token_ttl: Duration,
@@ -150,10 +157,13 @@ impl Sim {
         for org in ready {
             let id = org.config.id.clone();
             let slot = OrgSlot {
+                jobs: Mutex::new(Jobs::new(org.config.jobs.clone())),
+                short_pages: AtomicU64::new(0),
                 history: History::generate(
                     config.seed,
                     &id,
                     org.day_ms,
+                    org.config.days,
                     org.config.conversations_per_day,
                 ),
                 oauth_secret: org.config.oauth_secret.clone(),
@@ -207,6 +217,14 @@ impl Sim {
                 "/api/v2/conversations/calls/{conversation}/participants/{participant}/communications/{communication}/wrapup",
                 post(wrapup),
             )
+            .route("/api/v2/analytics/conversations/details/jobs", post(job_submit))
+            .route("/api/v2/analytics/conversations/details/jobs/{id}", get(job_status))
+            .route(
+                "/api/v2/analytics/conversations/details/jobs/{id}/results",
+                get(job_results),
+            )
+            .route("/_sim/orgs/{org}/conversations", get(conversation_ids))
+            .route("/_sim/orgs/{org}/short-pages", post(short_pages))
             .route(
                 "/api/v2/organizations/limits/namespaces/{ns}",
                 get(namespace),
@@ -291,6 +309,12 @@ impl Sim {
             answer.body,
         )
             .into_response();
+        if let Some(v) = answer
+            .retry_after_ms
+            .and_then(|ms| clock.header_secs(ms).parse().ok())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, v);
+        }
         add_headers(&mut response, &rate_headers);
         response
     }
@@ -317,6 +341,8 @@ struct Answer {
     body: String,
     /// Simulated ms before the answer is sent.
     latency_ms: f64,
+    /// A refusal's wait, simulated ms (the `Retry-After` header).
+    retry_after_ms: Option<f64>,
 }
 
 impl Answer {
@@ -325,6 +351,7 @@ impl Answer {
             status,
             body,
             latency_ms,
+            retry_after_ms: None,
         }
     }
 
@@ -334,6 +361,7 @@ impl Answer {
             status,
             body: error_json(status, code, message, None),
             latency_ms: 0.0,
+            retry_after_ms: None,
         }
     }
 
@@ -543,22 +571,29 @@ struct Paging {
     page_number: Option<i64>,
 }
 
-fn details_answer(history: &History, body: &[u8]) -> Answer {
+/// `"<start>/<end>"` in ISO-8601 UTC, start before end → Unix ms.
+fn parse_interval(interval: &str) -> Option<(i64, i64)> {
+    let (a, b) = interval.split_once('/')?;
+    let (from, to) = (parse_timestamp(a)?, parse_timestamp(b)?);
+    (from < to).then_some((from, to))
+}
+
+fn bad_interval(interval: &str) -> String {
+    // Bounded: an interval is a few dozen characters, not an echo of a body.
+    let shown: String = interval.chars().take(80).collect();
+    format!("interval {shown:?} is not \"<start>/<end>\" in ISO-8601 UTC with start before end")
+}
+
+fn details_answer(slot: &OrgSlot, body: &[u8]) -> Answer {
+    let history = &slot.history;
     let query: DetailsQuery = match serde_json::from_slice(body) {
         Ok(q) => q,
         Err(e) => {
             return Answer::bad_request(format!("The request body is not a details query: {e}"))
         }
     };
-    let interval = query.interval.split_once('/').and_then(|(a, b)| {
-        let (from, to) = (parse_timestamp(a)?, parse_timestamp(b)?);
-        (from < to).then_some((from, to))
-    });
-    let Some((from, to)) = interval else {
-        return Answer::bad_request(format!(
-            "interval {:?} is not \"<start>/<end>\" in ISO-8601 UTC with start before end",
-            query.interval
-        ));
+    let Some((from, to)) = parse_interval(&query.interval) else {
+        return Answer::bad_request(bad_interval(&query.interval));
     };
     let page_size = query.paging.page_size.unwrap_or(25);
     let page_number = query.paging.page_number.unwrap_or(1);
@@ -567,21 +602,22 @@ fn details_answer(history: &History, body: &[u8]) -> Answer {
             "paging: pageSize must be 1–100 and pageNumber ≥ 1, got {page_size} and {page_number}"
         ));
     }
-    let page = history.query(from, to, page_size as usize, page_number as usize);
-    let latency = DETAILS_LATENCY_MS.0 + DETAILS_LATENCY_MS.1 * page.rows() as f64;
-    match serde_json::to_string(&page) {
-        Ok(body) => Answer::ok(StatusCode::OK, body, latency),
-        Err(e) => Answer::error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal.server.error",
-            &format!("The page could not be encoded: {e}"),
-        ),
+    let mut page = history.query(from, to, page_size as usize, page_number as usize);
+    let short = page.rows() > 0
+        && slot
+            .short_pages
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+    if short {
+        page.drop_last();
     }
+    let latency = DETAILS_LATENCY_MS.0 + DETAILS_LATENCY_MS.1 * page.rows() as f64;
+    json_answer(&page, latency)
 }
 
 async fn details(State(sim): State<Sim>, headers: HeaderMap, uri: Uri, body: Bytes) -> Response {
     sim.serve(&headers, "POST", uri.path(), |slot| {
-        details_answer(&slot.history, &body)
+        details_answer(slot, &body)
     })
     .await
 }
@@ -765,4 +801,153 @@ struct Since {
 async fn log_page(State(sim): State<Sim>, Query(q): Query<Since>) -> Response {
     let page = lock(&sim.inner.log).page(q.since);
     axum::Json(page).into_response()
+}
+
+/// Simulated latency of a job submission or status, ms.
+const JOB_LATENCY_MS: f64 = 50.0;
+/// Simulated latency of a job results page: fixed part and per row, ms.
+const JOB_RESULTS_LATENCY_MS: (f64, f64) = (100.0, 0.1);
+
+/// A job submission's body: the interval, as the details query has it.
+#[derive(Deserialize)]
+struct JobQuery {
+    interval: String,
+}
+
+fn job_submit_answer(sim: &Sim, slot: &OrgSlot, body: &[u8]) -> Answer {
+    let query: JobQuery = match serde_json::from_slice(body) {
+        Ok(q) => q,
+        Err(e) => return Answer::bad_request(format!("The request body is not a job query: {e}")),
+    };
+    let Some((from, to)) = parse_interval(&query.interval) else {
+        return Answer::bad_request(bad_interval(&query.interval));
+    };
+    let now = sim.inner.clock.now_ms();
+    let id = uuid_like(&mut fastrand::Rng::new());
+    match lock(&slot.jobs).submit(now, &slot.history, from, to, id) {
+        Ok(id) => Answer::ok(
+            StatusCode::ACCEPTED,
+            json!({ "jobId": id }).to_string(),
+            JOB_LATENCY_MS,
+        ),
+        Err(refusal) => Answer {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            body: error_json(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too.many.requests",
+                &format!("Rate limit exceeded the maximum. [{}]", refusal.reason),
+                Some((refusal.limit, refusal.reason)),
+            ),
+            latency_ms: 0.0,
+            retry_after_ms: Some(refusal.retry_after_ms),
+        },
+    }
+}
+
+fn job_error(e: JobError) -> Answer {
+    match e {
+        JobError::NotFound => Answer::error(
+            StatusCode::NOT_FOUND,
+            "not.found",
+            "No such job (never submitted, or expired).",
+        ),
+        JobError::NotFulfilled => Answer::bad_request("The job is not fulfilled yet.".into()),
+        JobError::BadRequest(message) => Answer::bad_request(message),
+    }
+}
+
+fn json_answer<T: serde::Serialize>(value: &T, latency_ms: f64) -> Answer {
+    match serde_json::to_string(value) {
+        Ok(body) => Answer::ok(StatusCode::OK, body, latency_ms),
+        Err(e) => Answer::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal.server.error",
+            &format!("The answer could not be encoded: {e}"),
+        ),
+    }
+}
+
+async fn job_submit(State(sim): State<Sim>, headers: HeaderMap, uri: Uri, body: Bytes) -> Response {
+    sim.serve(&headers, "POST", uri.path(), |slot| {
+        job_submit_answer(&sim, slot, &body)
+    })
+    .await
+}
+
+async fn job_status(
+    State(sim): State<Sim>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    let now = sim.inner.clock.now_ms();
+    sim.serve(&headers, "GET", uri.path(), |slot| {
+        match lock(&slot.jobs).status(now, &id, 0) {
+            Ok(status) => json_answer(&status, JOB_LATENCY_MS),
+            Err(e) => job_error(e),
+        }
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ResultsParams {
+    cursor: Option<String>,
+    page_size: Option<usize>,
+}
+
+async fn job_results(
+    State(sim): State<Sim>,
+    Path(id): Path<String>,
+    Query(params): Query<ResultsParams>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    let now = sim.inner.clock.now_ms();
+    sim.serve(&headers, "GET", uri.path(), |slot| {
+        let page = lock(&slot.jobs).results(
+            now,
+            &slot.history,
+            &id,
+            params.cursor.as_deref(),
+            params.page_size,
+        );
+        match page {
+            Ok(page) => {
+                let latency =
+                    JOB_RESULTS_LATENCY_MS.0 + JOB_RESULTS_LATENCY_MS.1 * page.rows() as f64;
+                json_answer(&page, latency)
+            }
+            Err(e) => job_error(e),
+        }
+    })
+    .await
+}
+
+async fn conversation_ids(State(sim): State<Sim>, Path(org): Path<String>) -> Response {
+    match sim.inner.orgs.get(&org) {
+        Some(slot) => axum::Json(slot.history.ids()).into_response(),
+        None => unknown_org(&org),
+    }
+}
+
+/// `POST /_sim/orgs/{org}/short-pages` body `N`: the next N details-query
+/// pages with rows each lose their last row.
+async fn short_pages(State(sim): State<Sim>, Path(org): Path<String>, body: Bytes) -> Response {
+    let Some(slot) = sim.inner.orgs.get(&org) else {
+        return unknown_org(&org);
+    };
+    match serde_json::from_slice::<u64>(&body) {
+        Ok(n) => {
+            slot.short_pages.store(n, Ordering::Relaxed);
+            axum::Json(json!({ "short_pages": n })).into_response()
+        }
+        Err(e) => error_body(
+            StatusCode::BAD_REQUEST,
+            "bad.request",
+            format!("expected a number of pages: {e}"),
+            None,
+        ),
+    }
 }

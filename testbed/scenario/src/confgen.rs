@@ -441,8 +441,12 @@ mod tests {
     fn every_shipped_upstream_loads_and_gets_the_runs_scale_and_seed() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("upstreams");
         let mut n = 0;
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
+        let files = std::fs::read_dir(&dir)
+            .unwrap()
+            .chain(std::fs::read_dir(dir.join("held-out")).unwrap())
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"));
+        for path in files {
             let file = UpstreamFile::load(&path).unwrap_or_else(|e| panic!("{e}"));
             let text = Plan::with_upstream(120, file).sim_toml(&test_spec());
             let config = gcsim::SimConfig::from_toml(&text).unwrap();

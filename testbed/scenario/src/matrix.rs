@@ -42,13 +42,49 @@ pub(crate) struct Cell {
     pub(crate) served_over: u64,
     /// The upstream file's analytics family in a line.
     pub(crate) upstream_summary: String,
+    /// Whether what is left for the fleet moves during the run (a hidden
+    /// limit change, an unmanaged consumer that changes its pace).
+    pub(crate) limit_moves: bool,
+    /// The targets this cell misses, and by how much (see [`TARGETS`]).
+    pub(crate) misses: Vec<String>,
+}
+
+/// The fleet's targets, per cell.
+pub(crate) const TARGETS: &str = "targets per cell: 429 ratio <= 0.5% where the limit does not move, \
+     <= 1% where it moves; goodput >= 97% of what the unmanaged consumer left; critical p99 <= 50 ms \
+     outside upstream blocks; 0 records lost";
+
+impl Cell {
+    /// What this cell misses of [`TARGETS`].
+    fn misses(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let max_429 = if self.limit_moves { 0.01 } else { 0.005 };
+        if self.ratio_429 > max_429 {
+            out.push(format!(
+                "429s +{:.2} pt",
+                100.0 * (self.ratio_429 - max_429)
+            ));
+        }
+        if let Some(g) = self.goodput_of_left.filter(|&g| g < 0.97) {
+            out.push(format!("goodput -{:.1} pt", 100.0 * (0.97 - g)));
+        }
+        let (_, p99, n) = self.critical_outside;
+        if n > 0 && p99 > 50.0 {
+            out.push(format!("critical p99 +{:.0} ms", p99 - 50.0));
+        }
+        if self.records_lost > 0 {
+            out.push(format!("{} lost", self.records_lost));
+        }
+        out
+    }
 }
 
 impl Cell {
-    fn new(upstream: &str, seed: u64, summary: &str, m: &ModeResult) -> Cell {
+    fn new(upstream: &str, seed: u64, report: &Report, m: &ModeResult) -> Cell {
+        let summary = report.upstream.as_deref().unwrap_or("generated");
         let q = &m.critical_quiet;
         let wait = |w: &crate::measure::WaitStats| (w.p50_ms, w.p99_ms, w.count);
-        Cell {
+        let mut cell = Cell {
             upstream: upstream.to_owned(),
             seed,
             mode: m.mode,
@@ -62,7 +98,11 @@ impl Cell {
             records_lost: m.records.ingest.lost + m.records.writes.lost,
             served_over: m.limits.iter().map(|l| l.served_over).sum(),
             upstream_summary: summary.to_owned(),
-        }
+            limit_moves: !report.changes.is_empty() || report.unmanaged.len() > 1,
+            misses: Vec::new(),
+        };
+        cell.misses = cell.misses();
+        cell
     }
 }
 
@@ -92,9 +132,8 @@ impl Matrix {
 
     /// The cells of one run (one per mode).
     pub(crate) fn add(&mut self, upstream: &str, seed: u64, report: &Report) {
-        let summary = report.upstream.as_deref().unwrap_or("generated");
         for m in &report.modes {
-            self.cells.push(Cell::new(upstream, seed, summary, m));
+            self.cells.push(Cell::new(upstream, seed, report, m));
         }
     }
 
@@ -132,6 +171,7 @@ impl Matrix {
             "batch p99",
             "lost",
             "over limit",
+            "misses",
         ];
         let rows: Vec<Vec<String>> = self
             .cells
@@ -149,6 +189,11 @@ impl Matrix {
                     ms(c.batch_p99_ms),
                     c.records_lost.to_string(),
                     c.served_over.to_string(),
+                    if c.misses.is_empty() {
+                        "-".into()
+                    } else {
+                        c.misses.join(", ")
+                    },
                 ]
             })
             .collect();
@@ -171,7 +216,7 @@ impl Matrix {
         let line = |out: &mut String, cells: &[&str]| {
             for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
                 let sep = if i == 0 { "" } else { "  " };
-                if i < 3 {
+                if i < 3 || i == cells.len() - 1 {
                     let _ = write!(out, "{sep}{c:<w$}");
                 } else {
                     let _ = write!(out, "{sep}{c:>w$}");
@@ -183,7 +228,7 @@ impl Matrix {
         for r in &rows {
             line(&mut out, &r.iter().map(String::as_str).collect::<Vec<_>>());
         }
-        out.push('\n');
+        let _ = writeln!(out, "\n{TARGETS}\n");
         let mut seen = Vec::new();
         for c in &self.cells {
             if !seen.contains(&&c.upstream) {

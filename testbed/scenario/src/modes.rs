@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use quota_broker_client::{BrokerClient, Call, ClientError, FallbackSettings};
+use quota_broker_client::{says_concurrency, BrokerClient, Call, ClientError, FallbackSettings};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
@@ -296,7 +296,12 @@ impl Caller {
                 });
             }
             if let Ok(a) = &answer {
-                if let Err(e) = lease.report(a.status, &a.headers).await {
+                let reported = if a.status == 429 && says_concurrency(&a.body) {
+                    lease.report_concurrency_429(&a.headers).await
+                } else {
+                    lease.report(a.status, &a.headers).await
+                };
+                if let Err(e) = reported {
                     metrics.report_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "report refused");
                 }

@@ -508,3 +508,66 @@ async fn oauth_client_credentials_issue_tokens_the_api_accepts_until_they_expire
     );
     sim.shutdown().await;
 }
+
+const JOBS: &str = "/api/v2/analytics/conversations/details/jobs";
+
+#[tokio::test(start_paused = true)]
+async fn jobs_are_fulfilled_after_their_latency_and_refused_over_their_limits() {
+    let mut c = config(1_000, None, 0);
+    c.orgs[0].jobs.max_running = 1;
+    let (sim, http) = start(c).await;
+    let body = format!("{{{HOUR}}}");
+    let r = http
+        .send(Method::POST, JOBS, Some("org-a:ingest"), &body)
+        .await;
+    assert_eq!(r.status, 202, "{}", r.json);
+    let id = r.json["jobId"].as_str().unwrap().to_owned();
+    // A second while the first runs: 429 with a Retry-After, like Genesys.
+    let busy = http
+        .send(Method::POST, JOBS, Some("org-a:ingest"), &body)
+        .await;
+    assert_eq!(busy.status, 429);
+    assert_eq!(busy.json["messageParams"]["reason"], "jobs:running");
+    assert!(busy.header("retry-after").parse::<f64>().unwrap() > 0.0);
+    let status = format!("{JOBS}/{id}");
+    let r = http
+        .send(Method::GET, &status, Some("org-a:ingest"), "")
+        .await;
+    assert_eq!(r.json["state"], "PENDING");
+    // 5 s + 1 s per 1,000 rows (about 833 in the hour).
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let r = http
+        .send(Method::GET, &status, Some("org-a:ingest"), "")
+        .await;
+    assert_eq!(r.json["state"], "FULFILLED", "{}", r.json);
+    let total = r.json["totalHits"].as_u64().unwrap();
+    let mut ids = Vec::new();
+    let mut path = format!("{status}/results?pageSize=500");
+    loop {
+        let r = http
+            .send(Method::GET, &path, Some("org-a:ingest"), "")
+            .await;
+        assert_eq!(r.status, 200, "{}", r.json);
+        for c in r.json["conversations"].as_array().unwrap() {
+            ids.push(c["conversationId"].as_str().unwrap().to_owned());
+        }
+        match r.json["cursor"].as_str() {
+            Some(cursor) => path = format!("{status}/results?pageSize=500&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(ids.len() as u64, total);
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len() as u64, total, "pages overlap");
+    let r = http
+        .send(
+            Method::GET,
+            &format!("{JOBS}/nope"),
+            Some("org-a:ingest"),
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 404);
+    sim.shutdown().await;
+}

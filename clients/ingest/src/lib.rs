@@ -1,0 +1,35 @@
+//! gc-ingest: years of Genesys Cloud conversation details into a SQL
+//! database, every upstream call leased through quota-broker as class
+//! `batch`, with nothing lost and nothing duplicated.
+//!
+//! # Layout
+//!
+//! - `plan`: the range cut into hour or day [`Block`]s, the watermark
+//!   (blocks newer than it are provisional), timestamps.
+//! - `source`: a block's conversations from the details query (paged) or
+//!   the details jobs (submit, poll, cursor-paged results), through
+//!   [`gc_upstream::Upstream`] (OAuth, lease, call, report, retry).
+//! - `sink`: SQLite or PostgreSQL: conversations upserted by id, one
+//!   checkpoint row per block, block claims for several workers.
+//! - `run`: the workers: claim → fetch → check against `totalHits` →
+//!   store rows and checkpoint in one transaction; the [`Summary`].
+//! - `progress`: the bar on a terminal, plain lines otherwise.
+//!
+//! A killed run resumes where it stopped: blocks stored as done are never
+//! fetched again, a block cut off mid-fetch left nothing behind.
+
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
+
+mod error;
+mod plan;
+mod progress;
+mod run;
+mod sink;
+mod source;
+
+pub use error::IngestError;
+pub use plan::{blocks, format_ms, now_ms, parse_time, Block, BlockSize};
+pub use progress::Display;
+pub use run::{run, Plan, Summary};
+pub use sink::{Checkpoint, Sink};
+pub use source::{JobOptions, Source, SourceKind, JOBS_PATH, JOB_SLOT_METHOD, QUERY_PATH};

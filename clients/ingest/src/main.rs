@@ -1,0 +1,208 @@
+//! `gc-ingest`: the command line over the library: arguments → an
+//! upstream leased through the broker, a sink, a plan → the run → a
+//! summary (`--json`) and an exit code (0: every block stored; 1: some
+//! failed, run again to finish; 2: bad arguments or set-up).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use gc_ingest::{
+    parse_time, run, BlockSize, Display, IngestError, JobOptions, Plan, Sink, Source, SourceKind,
+    QUERY_PATH,
+};
+use gc_upstream::{Credentials, Region, Upstream};
+use quota_broker_client::{BrokerClient, Call};
+
+/// Pull Genesys Cloud conversation details for a time range into SQLite or
+/// PostgreSQL, leased through quota-broker.
+#[derive(Parser, Debug)]
+#[command(name = "gc-ingest", version)]
+struct Args {
+    /// Region host (mypurecloud.com, mypurecloud.ie, …) or a base URL
+    /// (http://127.0.0.1:PORT for gcsim).
+    #[arg(long)]
+    region: String,
+    /// OAuth client id (client credentials grant).
+    #[arg(long, env = "GC_CLIENT_ID")]
+    client_id: String,
+    /// OAuth client secret.
+    #[arg(long, env = "GC_CLIENT_SECRET", hide_env_values = true)]
+    client_secret: String,
+    /// The broker.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    broker: String,
+    /// Bearer token for the broker.
+    #[arg(long, env = "QUOTA_BROKER_TOKEN", hide_env_values = true)]
+    broker_token: Option<String>,
+    /// The broker tenant of the org.
+    #[arg(long)]
+    tenant: String,
+    /// `query` (synchronous details query) or `jobs` (asynchronous jobs).
+    #[arg(long, default_value = "query")]
+    source: SourceKind,
+    /// Start of the range (YYYY-MM-DD or RFC 3339), included.
+    #[arg(long)]
+    from: String,
+    /// End of the range, excluded.
+    #[arg(long)]
+    to: String,
+    /// Block length, `hour` or `day` (default: hour for query, day for jobs).
+    #[arg(long)]
+    block: Option<BlockSize>,
+    /// Blocks ending less than this before now are fetched again next run
+    /// (`90m`, `4h`, `2d`).
+    #[arg(long, default_value = "4h", value_parser = parse_duration)]
+    watermark: Duration,
+    /// "Now" for the watermark (RFC 3339; default: the clock).
+    #[arg(long)]
+    now: Option<String>,
+    /// SQLite file or postgres:// URL.
+    #[arg(long, default_value = "gc-ingest.db")]
+    sink: String,
+    /// This worker's name in block claims (one per concurrent worker).
+    #[arg(long, default_value = "gc-ingest")]
+    worker: String,
+    /// Blocks fetched at once.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// Jobs running at once (jobs source).
+    #[arg(long, default_value_t = 2)]
+    max_jobs: usize,
+    /// First pause before polling a job (doubles up to 30 s).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    poll: Duration,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar or lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// `90s`, `15m`, `4h`, `2d`, or a number of ms (`250ms`).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| "a duration is a number and a unit: 250ms, 90s, 15m, 4h, 2d".to_owned())?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err("a duration's unit is ms, s, m, h or d".into()),
+    };
+    Ok(Duration::from_millis(n.saturating_mul(ms)))
+}
+
+fn setup(args: &Args) -> Result<(Plan, Source), IngestError> {
+    let from = parse_time(&args.from)?;
+    let to = parse_time(&args.to)?;
+    let block = args.block.unwrap_or(match args.source {
+        SourceKind::Query => BlockSize::Hour,
+        SourceKind::Jobs => BlockSize::Day,
+    });
+    let mut plan = Plan::new(from, to, block);
+    plan.watermark = args.watermark;
+    if let Some(now) = &args.now {
+        plan.now_ms = parse_time(now)?;
+    }
+    plan.owner = args.worker.clone();
+    plan.parallel = args.parallel.max(1);
+    plan.display = if args.quiet {
+        Display::Quiet
+    } else {
+        Display::Auto
+    };
+    let broker = BrokerClient::connect(&args.broker, args.broker_token.as_deref())
+        .map_err(|e| IngestError::Usage(format!("--broker: {e}")))?;
+    let template = Call::new(&args.tenant, "POST", QUERY_PATH)
+        .client_id(&args.worker)
+        .oauth_client(&args.client_id)
+        .class("batch");
+    let upstream = Upstream::new(
+        Region::new(&args.region)?,
+        Credentials {
+            client_id: args.client_id.clone(),
+            client_secret: args.client_secret.clone(),
+        },
+        broker.clone(),
+        template.clone(),
+    )?;
+    let source = Source::new(
+        args.source,
+        upstream,
+        Some((broker, template)),
+        JobOptions {
+            max_running: args.max_jobs.max(1),
+            first_poll: args.poll,
+        },
+    );
+    Ok((plan, source))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GC_INGEST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let (plan, source) = match setup(&args) {
+        Ok(set) => set,
+        Err(e) => {
+            eprintln!("gc-ingest: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let sink = match Sink::open(&args.sink).await {
+        Ok(sink) => sink,
+        Err(e) => {
+            eprintln!("gc-ingest: cannot open the sink: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let outcome = run(&plan, &source, &sink).await;
+    sink.close().await;
+    match outcome {
+        Ok(summary) => {
+            if args.json {
+                match serde_json::to_string(&summary) {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => eprintln!("gc-ingest: the summary could not be encoded: {e}"),
+                }
+            } else if !args.quiet {
+                eprintln!(
+                    "gc-ingest: {} records in {:.1}s ({:.0}/s) from {} blocks ({} already done, {} provisional, {} failed); {} upstream requests, {} 429s",
+                    summary.records,
+                    summary.elapsed_s,
+                    summary.records_per_s,
+                    summary.blocks_total,
+                    summary.blocks_skipped,
+                    summary.blocks_provisional,
+                    summary.blocks_failed,
+                    summary.upstream_requests,
+                    summary.upstream_429,
+                );
+                for e in &summary.errors {
+                    eprintln!("  {e}");
+                }
+            }
+            if summary.blocks_failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("gc-ingest: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! What a person watching sees: a progress bar (blocks done of total,
+//! records, the current rate, 429s, ETA) when stderr is a terminal, one
+//! plain line per finished block otherwise (logs, CI). Writes nothing when
+//! quiet.
+
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::plan::Block;
+
+/// How progress is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Display {
+    /// A bar on a terminal, lines otherwise.
+    Auto,
+    /// Nothing.
+    Quiet,
+}
+
+/// Progress of one run (shared by its workers).
+pub(crate) struct Progress {
+    bar: Option<ProgressBar>,
+    lines: bool,
+    total: u64,
+    started: Instant,
+    blocks: AtomicU64,
+    records: AtomicU64,
+}
+
+impl Progress {
+    /// Progress over `total` blocks to fetch.
+    pub(crate) fn new(total: u64, display: Display) -> Progress {
+        let terminal = display == Display::Auto && std::io::stderr().is_terminal();
+        let bar = terminal.then(|| {
+            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            // A template of our own: the literal one is known good, so a
+            // failure here is a bug worth falling back from, not failing on.
+            if let Ok(style) =
+                ProgressStyle::with_template("{bar:30} {pos}/{len} blocks  {msg}  ETA {eta}")
+            {
+                bar.set_style(style);
+            }
+            bar.enable_steady_tick(Duration::from_millis(250));
+            bar
+        });
+        Progress {
+            bar,
+            lines: display == Display::Auto && !terminal,
+            total,
+            started: Instant::now(),
+            blocks: AtomicU64::new(0),
+            records: AtomicU64::new(0),
+        }
+    }
+
+    /// `block` is stored with `records`; `throttled` 429s so far.
+    pub(crate) fn block_done(&self, block: Block, records: u64, throttled: u64) {
+        let blocks = self.blocks.fetch_add(1, Ordering::Relaxed) + 1;
+        let all = self.records.fetch_add(records, Ordering::Relaxed) + records;
+        let elapsed = self.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = all as f64 / elapsed;
+        if let Some(bar) = &self.bar {
+            bar.set_position(blocks);
+            bar.set_message(format!("{all} records  {rate:.0}/s  {throttled} 429s"));
+        } else if self.lines {
+            let left = self.total.saturating_sub(blocks);
+            let eta = elapsed / blocks as f64 * left as f64;
+            // The tool's own output on stderr, one line per block.
+            let _ = writeln!(
+                std::io::stderr(),
+                "{block}: {records} records; {blocks}/{} blocks, {all} records, {rate:.0}/s, {throttled} 429s, ETA {eta:.0}s",
+                self.total
+            );
+        }
+    }
+
+    /// Ends the bar.
+    pub(crate) fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! One run: the range's blocks minus those the sink has as done, fetched
+//! by a few workers at once. Each worker claims a block in the sink (so
+//! workers in other processes skip it), fetches it, checks the records
+//! against `totalHits` (a mismatch fetches the block again and is counted),
+//! and stores rows and checkpoint together: final when older than the
+//! watermark, provisional (fetched again next run) otherwise.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio::task::JoinSet;
+
+use crate::error::IngestError;
+use crate::plan::{blocks, now_ms, Block, BlockSize};
+use crate::progress::{Display, Progress};
+use crate::sink::{Done, Sink};
+use crate::source::Source;
+
+/// Errors kept in the summary (the rest are only counted).
+const KEPT_ERRORS: usize = 10;
+
+/// What a run covers and how.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Unix ms, included.
+    pub from_ms: i64,
+    /// Unix ms, excluded.
+    pub to_ms: i64,
+    /// Block length.
+    pub block: BlockSize,
+    /// Blocks ending less than this before `now_ms` are provisional.
+    pub watermark: Duration,
+    /// "Now" for the watermark (Unix ms).
+    pub now_ms: i64,
+    /// This worker's name in block claims (several workers on one range
+    /// need different names; the same name takes its own claims back).
+    pub owner: String,
+    /// How long a claim keeps other workers off a block.
+    pub claim_ttl: Duration,
+    /// Blocks fetched at once by this process.
+    pub parallel: usize,
+    /// Fetches of a block that disagrees with its `totalHits` before the
+    /// block fails.
+    pub max_attempts: u32,
+    /// Progress display.
+    pub display: Display,
+}
+
+impl Plan {
+    /// `[from_ms, to_ms)` in `block`s, with the defaults: a 4 h watermark
+    /// from the wall clock, owner `gc-ingest`, 10 min claims, 4 blocks at
+    /// once, 3 attempts, progress shown.
+    pub fn new(from_ms: i64, to_ms: i64, block: BlockSize) -> Plan {
+        Plan {
+            from_ms,
+            to_ms,
+            block,
+            watermark: Duration::from_secs(4 * 3600),
+            now_ms: now_ms(),
+            owner: "gc-ingest".into(),
+            claim_ttl: Duration::from_secs(600),
+            parallel: 4,
+            max_attempts: 3,
+            display: Display::Auto,
+        }
+    }
+}
+
+/// What a run did (the `--json` summary).
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Summary {
+    /// `query` or `jobs`.
+    pub source: String,
+    /// Blocks in the range.
+    pub blocks_total: u64,
+    /// Blocks already done before this run (not fetched).
+    pub blocks_skipped: u64,
+    /// Blocks fetched and stored as final.
+    pub blocks_final: u64,
+    /// Blocks fetched and stored as provisional (newer than the watermark).
+    pub blocks_provisional: u64,
+    /// Blocks another worker held a claim on.
+    pub blocks_busy: u64,
+    /// Blocks that failed (left unclaimed for the next run).
+    pub blocks_failed: u64,
+    /// Records stored.
+    pub records: u64,
+    /// Fetches thrown away because the records did not match `totalHits`.
+    pub mismatches: u64,
+    /// Wall time, seconds.
+    pub elapsed_s: f64,
+    /// Records stored per second.
+    pub records_per_s: f64,
+    /// Upstream requests sent.
+    pub upstream_requests: u64,
+    /// 429 answers among them.
+    pub upstream_429: u64,
+    /// Retries among them.
+    pub upstream_retries: u64,
+    /// Leases from the local fallback (broker unreachable).
+    pub fallback_leases: u64,
+    /// Records per upstream request.
+    pub records_per_request: f64,
+    /// The first few failures.
+    pub errors: Vec<String>,
+}
+
+/// Shared by the workers.
+struct Work {
+    queue: Mutex<VecDeque<Block>>,
+    /// std `Mutex`: held to add one block's outcome.
+    summary: Mutex<Summary>,
+    progress: Progress,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Counters stay usable after a panic elsewhere.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs `plan`: fetches every block of the range not yet done from
+/// `source` into `sink`.
+pub async fn run(plan: &Plan, source: &Source, sink: &Sink) -> Result<Summary, IngestError> {
+    if plan.from_ms >= plan.to_ms {
+        return Err(IngestError::Usage(
+            "the range is empty: --from must be before --to".into(),
+        ));
+    }
+    let started = Instant::now();
+    let before = source.upstream().stats();
+    let done: HashSet<Block> = sink
+        .checkpoints()
+        .await?
+        .into_iter()
+        .filter(|c| c.status == "done")
+        .map(|c| c.block)
+        .collect();
+    let all = blocks(plan.from_ms, plan.to_ms, plan.block);
+    let todo: VecDeque<Block> = all.iter().copied().filter(|b| !done.contains(b)).collect();
+    let work = Arc::new(Work {
+        progress: Progress::new(todo.len() as u64, plan.display),
+        summary: Mutex::new(Summary {
+            source: source.kind().as_str().into(),
+            blocks_total: all.len() as u64,
+            blocks_skipped: (all.len() - todo.len()) as u64,
+            ..Summary::default()
+        }),
+        queue: Mutex::new(todo),
+    });
+    let mut workers = JoinSet::new();
+    for _ in 0..plan.parallel.max(1) {
+        let (work, plan, source, sink) = (
+            Arc::clone(&work),
+            plan.clone(),
+            source.clone(),
+            sink.clone(),
+        );
+        workers.spawn(async move { worker(&work, &plan, &source, &sink).await });
+    }
+    let mut failure = None;
+    while let Some(joined) = workers.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            // A sink failure stops the run: nothing can be checkpointed.
+            Ok(Err(e)) => failure = Some(e),
+            Err(e) => failure = Some(IngestError::Usage(format!("a worker failed: {e}"))),
+        }
+    }
+    work.progress.finish();
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let mut summary = lock(&work.summary).clone();
+    let stats = source.upstream().stats();
+    summary.elapsed_s = started.elapsed().as_secs_f64();
+    summary.records_per_s = summary.records as f64 / summary.elapsed_s.max(1e-3);
+    summary.upstream_requests = stats.calls - before.calls;
+    summary.upstream_429 = stats.throttled_429 - before.throttled_429;
+    summary.upstream_retries = stats.retries - before.retries;
+    summary.fallback_leases = stats.fallback_leases - before.fallback_leases;
+    summary.records_per_request = summary.records as f64 / summary.upstream_requests.max(1) as f64;
+    Ok(summary)
+}
+
+/// Takes blocks off the queue until it is empty. Fetch failures are
+/// counted and the block left for later; a sink failure ends the worker.
+async fn worker(work: &Work, plan: &Plan, source: &Source, sink: &Sink) -> Result<(), IngestError> {
+    loop {
+        let Some(block) = lock(&work.queue).pop_front() else {
+            return Ok(());
+        };
+        if !sink
+            .claim(block, &plan.owner, now_ms(), plan.claim_ttl)
+            .await?
+        {
+            lock(&work.summary).blocks_busy += 1;
+            continue;
+        }
+        match fetch_checked(block, plan, source).await {
+            Ok((conversations, total_hits, mismatches)) => {
+                let is_final = block.is_final(plan.now_ms, plan.watermark);
+                let records = conversations.len() as u64;
+                let done = Done {
+                    block,
+                    conversations: &conversations,
+                    total_hits,
+                    is_final,
+                    mismatches,
+                };
+                sink.store(done, now_ms()).await?;
+                {
+                    let mut s = lock(&work.summary);
+                    s.records += records;
+                    s.mismatches += u64::from(mismatches);
+                    if is_final {
+                        s.blocks_final += 1;
+                    } else {
+                        s.blocks_provisional += 1;
+                    }
+                }
+                let throttled = source.upstream().stats().throttled_429;
+                work.progress.block_done(block, records, throttled);
+            }
+            Err(e) => {
+                tracing::warn!(%block, error = %e, "block failed; left for the next run");
+                sink.unclaim(block, &plan.owner).await?;
+                let mut s = lock(&work.summary);
+                s.blocks_failed += 1;
+                if s.errors.len() < KEPT_ERRORS {
+                    s.errors.push(format!("{block}: {e}"));
+                }
+            }
+        }
+    }
+}
+
+/// `block`'s conversations once they agree with its `totalHits` (fetched
+/// again while they do not), with the number of fetches thrown away.
+async fn fetch_checked(
+    block: Block,
+    plan: &Plan,
+    source: &Source,
+) -> Result<(Vec<Value>, Option<u64>, u32), IngestError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let fetched = source.fetch(block).await?;
+        let distinct: HashSet<&str> = fetched
+            .conversations
+            .iter()
+            .filter_map(|c| c.get("conversationId")?.as_str())
+            .collect();
+        let received = fetched.conversations.len() as u64;
+        // Without a totalHits, all that can be checked is no duplicates.
+        let expected = fetched.total_hits.unwrap_or(received);
+        if received == expected && distinct.len() as u64 == expected {
+            return Ok((fetched.conversations, fetched.total_hits, attempt - 1));
+        }
+        tracing::warn!(%block, received, distinct = distinct.len(), total_hits = expected, attempt,
+            "records do not match totalHits; fetching the block again");
+        if attempt >= plan.max_attempts.max(1) {
+            return Err(IngestError::Mismatch {
+                interval: block.interval(),
+                received: distinct.len() as u64,
+                total_hits: expected,
+                attempts: attempt,
+            });
+        }
+    }
+}

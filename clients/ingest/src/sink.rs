@@ -1,0 +1,433 @@
+//! The warehouse side: SQLite (a file, the default) or PostgreSQL (a URL)
+//! through sqlx's `Any` driver, so one set of statements serves both.
+//!
+//! Two tables. `conversations` holds each conversation once, keyed by its
+//! id (an upsert: fetching a block again replaces, never duplicates), with
+//! the raw JSON and the fields people query. `ingest_blocks` is the
+//! checkpoint: one row per block with its status (`claimed`, `done`, or
+//! `provisional` when newer than the watermark), records, `totalHits`,
+//! how often it was fetched, and the claim (owner + expiry) through which
+//! several workers split one range. A block's rows and its checkpoint are
+//! written in one transaction, so a killed run leaves a block either done
+//! or not started.
+//!
+//! The raw JSON is `TEXT`, not `JSONB`: the `Any` driver binds strings, and
+//! one schema for both databases is worth more here than JSON operators.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use crate::error::IngestError;
+use crate::plan::{parse_time, Block};
+
+/// Rows per multi-row INSERT (9 binds each; far below both databases'
+/// bind limits).
+const ROWS_PER_INSERT: usize = 500;
+
+/// How long a SQLite writer waits for another's transaction.
+const SQLITE_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 60000";
+
+const SCHEMA: [&str; 3] = [
+    "CREATE TABLE IF NOT EXISTS conversations (
+        conversation_id TEXT PRIMARY KEY,
+        conversation_start TEXT NOT NULL,
+        conversation_end TEXT,
+        start_ms BIGINT NOT NULL,
+        direction TEXT,
+        queue_id TEXT,
+        wrap_up_code TEXT,
+        media_type TEXT,
+        raw TEXT NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS conversations_start ON conversations (start_ms)",
+    "CREATE TABLE IF NOT EXISTS ingest_blocks (
+        block_start BIGINT NOT NULL,
+        block_end BIGINT NOT NULL,
+        status TEXT NOT NULL,
+        records BIGINT NOT NULL DEFAULT 0,
+        total_hits BIGINT,
+        fetches BIGINT NOT NULL DEFAULT 0,
+        mismatches BIGINT NOT NULL DEFAULT 0,
+        owner TEXT,
+        claim_expires_ms BIGINT NOT NULL DEFAULT 0,
+        updated_ms BIGINT NOT NULL,
+        PRIMARY KEY (block_start, block_end)
+    )",
+];
+
+/// A block's checkpoint, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The block.
+    pub block: Block,
+    /// `claimed`, `done` or `provisional`.
+    pub status: String,
+    /// Records stored by its last fetch.
+    pub records: i64,
+    /// Its `totalHits` at the last fetch (`None`: not said).
+    pub total_hits: Option<i64>,
+    /// Complete fetches stored.
+    pub fetches: i64,
+    /// Fetches that disagreed with `totalHits` and were fetched again.
+    pub mismatches: i64,
+}
+
+/// A block's conversations and checkpoint, to store together.
+pub struct Done<'a> {
+    /// The block.
+    pub block: Block,
+    /// Its conversations.
+    pub conversations: &'a [Value],
+    /// What the upstream said it holds.
+    pub total_hits: Option<u64>,
+    /// Final (older than the watermark) or to fetch again next run.
+    pub is_final: bool,
+    /// Fetches that were thrown away for a `totalHits` mismatch.
+    pub mismatches: u32,
+}
+
+/// The database (cheap to clone: a pool).
+#[derive(Clone)]
+pub struct Sink {
+    pool: AnyPool,
+}
+
+/// The fields people query, pulled from one conversation's JSON.
+struct Fields<'a> {
+    id: &'a str,
+    start: &'a str,
+    start_ms: i64,
+    end: Option<&'a str>,
+    direction: Option<&'a str>,
+    queue: Option<&'a str>,
+    wrap_up: Option<&'a str>,
+    media: Option<&'a str>,
+}
+
+impl<'a> Fields<'a> {
+    fn of(c: &'a Value) -> Result<Fields<'a>, IngestError> {
+        let text = |key: &str| c.get(key).and_then(Value::as_str);
+        let id = text("conversationId")
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| IngestError::answer("conversation", "no conversationId"))?;
+        let start = text("conversationStart")
+            .ok_or_else(|| IngestError::answer("conversation", "no conversationStart"))?;
+        let sessions = || {
+            c.get("participants")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.get("sessions")?.as_array())
+                .flatten()
+        };
+        let segment_field = |key: &str| {
+            sessions()
+                .filter_map(|s| s.get("segments")?.as_array())
+                .flatten()
+                .find_map(|seg| seg.get(key)?.as_str())
+        };
+        Ok(Fields {
+            id,
+            start,
+            start_ms: parse_time(start)?,
+            end: text("conversationEnd"),
+            direction: text("originatingDirection"),
+            queue: segment_field("queueId"),
+            wrap_up: segment_field("wrapUpCode"),
+            media: sessions().find_map(|s| s.get("mediaType")?.as_str()),
+        })
+    }
+}
+
+fn checkpoint(row: &AnyRow) -> Result<Checkpoint, sqlx::Error> {
+    Ok(Checkpoint {
+        block: Block {
+            start: row.try_get("block_start")?,
+            end: row.try_get("block_end")?,
+        },
+        status: row.try_get("status")?,
+        records: row.try_get("records")?,
+        total_hits: row.try_get("total_hits")?,
+        fetches: row.try_get("fetches")?,
+        mismatches: row.try_get("mismatches")?,
+    })
+}
+
+impl Sink {
+    /// Opens `target`: a `postgres://` URL, a `sqlite:` URL, or a file path
+    /// (SQLite, created if missing); creates the tables if needed.
+    pub async fn open(target: &str) -> Result<Sink, IngestError> {
+        sqlx::any::install_default_drivers();
+        let sqlite = !(target.starts_with("postgres://") || target.starts_with("postgresql://"));
+        let url = if !sqlite || target.starts_with("sqlite:") {
+            target.to_owned()
+        } else {
+            format!("sqlite://{target}?mode=rwc")
+        };
+        let mut options = AnyPoolOptions::new()
+            .max_connections(if sqlite { 4 } else { 8 })
+            .acquire_timeout(Duration::from_secs(30));
+        if sqlite {
+            // One writer at a time: a worker storing a day block waits for
+            // another's transaction instead of failing after the default 5 s.
+            options = options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query(SQLITE_BUSY_TIMEOUT).execute(conn).await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = options.connect(&url).await?;
+        if sqlite {
+            // Several workers may share the file: readers never wait on
+            // the writer (sqlx's default busy timeout covers writers).
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await?;
+        }
+        for statement in SCHEMA {
+            sqlx::query(statement).execute(&pool).await?;
+        }
+        Ok(Sink { pool })
+    }
+
+    /// Every checkpoint, in block order.
+    pub async fn checkpoints(&self) -> Result<Vec<Checkpoint>, IngestError> {
+        let rows = sqlx::query(
+            "SELECT block_start, block_end, status, records, total_hits, fetches, mismatches
+             FROM ingest_blocks ORDER BY block_start, block_end",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(checkpoint).collect::<Result<_, _>>()?)
+    }
+
+    /// Claims `block` for `owner` until `now + ttl`: `true` if it is now
+    /// ours (unclaimed, our own, or its claim expired) and not done.
+    pub async fn claim(
+        &self,
+        block: Block,
+        owner: &str,
+        now_ms: i64,
+        ttl: Duration,
+    ) -> Result<bool, IngestError> {
+        let expires = now_ms + ttl.as_millis() as i64;
+        let claimed = sqlx::query(
+            "INSERT INTO ingest_blocks (block_start, block_end, status, owner, claim_expires_ms, updated_ms)
+             VALUES ($1, $2, 'claimed', $3, $4, $5)
+             ON CONFLICT (block_start, block_end) DO UPDATE
+               SET status = 'claimed', owner = $3, claim_expires_ms = $4, updated_ms = $5
+               WHERE ingest_blocks.status <> 'done'
+                 AND (ingest_blocks.status <> 'claimed'
+                      OR ingest_blocks.owner = $3
+                      OR ingest_blocks.claim_expires_ms < $5)",
+        )
+        .bind(block.start)
+        .bind(block.end)
+        .bind(owner)
+        .bind(expires)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(claimed.rows_affected() == 1)
+    }
+
+    /// Stores a block's conversations (upserts by id) and its checkpoint
+    /// in one transaction.
+    pub async fn store(&self, done: Done<'_>, now_ms: i64) -> Result<(), IngestError> {
+        let fields = done
+            .conversations
+            .iter()
+            .map(Fields::of)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut tx = self.pool.begin().await?;
+        for (chunk, raws) in fields
+            .chunks(ROWS_PER_INSERT)
+            .zip(done.conversations.chunks(ROWS_PER_INSERT))
+        {
+            let sql = upsert_sql(chunk.len());
+            let mut q = sqlx::query(&sql);
+            for (f, raw) in chunk.iter().zip(raws) {
+                q = q
+                    .bind(f.id)
+                    .bind(f.start)
+                    .bind(f.end)
+                    .bind(f.start_ms)
+                    .bind(f.direction)
+                    .bind(f.queue)
+                    .bind(f.wrap_up)
+                    .bind(f.media)
+                    .bind(raw.to_string());
+            }
+            q.execute(&mut *tx).await?;
+        }
+        sqlx::query(
+            "UPDATE ingest_blocks
+             SET status = $3, records = $4, total_hits = $5, fetches = fetches + 1,
+                 mismatches = mismatches + $6, owner = NULL, claim_expires_ms = 0, updated_ms = $7
+             WHERE block_start = $1 AND block_end = $2",
+        )
+        .bind(done.block.start)
+        .bind(done.block.end)
+        .bind(if done.is_final { "done" } else { "provisional" })
+        .bind(done.conversations.len() as i64)
+        .bind(done.total_hits.map(|t| t as i64))
+        .bind(i64::from(done.mismatches))
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Gives up `owner`'s claim on `block` (after a failure), so another
+    /// worker or the next run takes it at once.
+    pub async fn unclaim(&self, block: Block, owner: &str) -> Result<(), IngestError> {
+        sqlx::query(
+            "UPDATE ingest_blocks SET claim_expires_ms = 0
+             WHERE block_start = $1 AND block_end = $2 AND owner = $3 AND status = 'claimed'",
+        )
+        .bind(block.start)
+        .bind(block.end)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every stored conversation id, sorted.
+    pub async fn conversation_ids(&self) -> Result<Vec<String>, IngestError> {
+        let rows =
+            sqlx::query("SELECT conversation_id FROM conversations ORDER BY conversation_id")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Stored conversations.
+    pub async fn count(&self) -> Result<i64, IngestError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM conversations")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>(0)?)
+    }
+
+    /// Closes the pool (waits for its connections).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// `INSERT … ON CONFLICT (conversation_id) DO UPDATE` of `rows` rows, with
+/// `$n` placeholders (both databases take them).
+fn upsert_sql(rows: usize) -> String {
+    const COLUMNS: usize = 9;
+    let mut sql = String::from(
+        "INSERT INTO conversations (conversation_id, conversation_start, conversation_end, start_ms, \
+         direction, queue_id, wrap_up_code, media_type, raw) VALUES ",
+    );
+    for r in 0..rows {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for c in 0..COLUMNS {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", r * COLUMNS + c + 1));
+        }
+        sql.push(')');
+    }
+    sql.push_str(
+        " ON CONFLICT (conversation_id) DO UPDATE SET \
+         conversation_start = excluded.conversation_start, conversation_end = excluded.conversation_end, \
+         start_ms = excluded.start_ms, direction = excluded.direction, queue_id = excluded.queue_id, \
+         wrap_up_code = excluded.wrap_up_code, media_type = excluded.media_type, raw = excluded.raw",
+    );
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_queried_fields_come_from_the_documented_places() {
+        let c = json!({
+            "conversationId": "c1",
+            "conversationStart": "2026-11-01T00:00:01.000Z",
+            "conversationEnd": "2026-11-01T00:10:00.000Z",
+            "originatingDirection": "inbound",
+            "participants": [
+                { "purpose": "ivr", "sessions": [{ "mediaType": "voice", "segments": [{}] }] },
+                { "purpose": "agent", "sessions": [{ "segments": [
+                    { "queueId": "q1" }, { "wrapUpCode": "w1" }
+                ] }] }
+            ]
+        });
+        let f = Fields::of(&c).unwrap();
+        assert_eq!(f.id, "c1");
+        assert_eq!(f.start_ms, parse_time("2026-11-01T00:00:01Z").unwrap());
+        assert_eq!(
+            (f.direction, f.queue, f.wrap_up, f.media),
+            (Some("inbound"), Some("q1"), Some("w1"), Some("voice"))
+        );
+        assert!(Fields::of(&json!({ "conversationStart": "2026-11-01" })).is_err());
+    }
+
+    #[test]
+    fn upsert_numbers_every_placeholder() {
+        let sql = upsert_sql(2);
+        assert!(sql.contains("($1, $2, $3, $4, $5, $6, $7, $8, $9), ($10,"));
+        assert!(sql.contains("$18)"));
+        assert!(!sql.contains("$19"));
+    }
+
+    #[tokio::test]
+    async fn a_block_is_stored_once_claimed_once_and_upserted_on_refetch() {
+        let dir = std::env::temp_dir().join(format!("gc-ingest-sink-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.db");
+        let _ = std::fs::remove_file(&path);
+        let sink = Sink::open(path.to_str().unwrap()).await.unwrap();
+        let block = Block { start: 0, end: 10 };
+        let ttl = Duration::from_secs(60);
+        assert!(sink.claim(block, "a", 1, ttl).await.unwrap());
+        assert!(!sink.claim(block, "b", 2, ttl).await.unwrap(), "a holds it");
+        assert!(
+            sink.claim(block, "b", 60_002, ttl).await.unwrap(),
+            "expired"
+        );
+        let rows = [
+            json!({ "conversationId": "x", "conversationStart": "1970-01-01T00:00:00.001Z" }),
+            json!({ "conversationId": "y", "conversationStart": "1970-01-01T00:00:00.002Z" }),
+        ];
+        let done = |is_final| Done {
+            block,
+            conversations: &rows,
+            total_hits: Some(2),
+            is_final,
+            mismatches: 0,
+        };
+        sink.store(done(false), 3).await.unwrap();
+        assert!(sink.claim(block, "a", 4, ttl).await.unwrap(), "provisional");
+        sink.store(done(true), 5).await.unwrap();
+        assert!(!sink.claim(block, "a", 6, ttl).await.unwrap(), "done");
+        assert_eq!(sink.conversation_ids().await.unwrap(), ["x", "y"]);
+        let cp = sink.checkpoints().await.unwrap();
+        assert_eq!(
+            (cp[0].status.as_str(), cp[0].fetches, cp[0].records),
+            ("done", 2, 2)
+        );
+        sink.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

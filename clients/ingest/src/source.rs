@@ -1,0 +1,348 @@
+//! Where a block's conversations come from: the synchronous details query
+//! (paged by number, `totalHits` on every page) or the asynchronous details
+//! jobs (submit, poll until fulfilled, page the results by cursor). Every
+//! request goes through [`Upstream`], so it is leased from the broker and
+//! reported back; a job also holds a broker lease on the pseudo-route
+//! `JOB /api/v2/analytics/conversations/details/jobs` from submission to
+//! its last page, which a bucket with `max_in_flight` turns into the org's
+//! running-jobs limit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gc_upstream::{Request, Response, RetryPolicy, Upstream};
+use quota_broker_client::{BrokerClient, Call};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+use crate::error::IngestError;
+use crate::plan::Block;
+
+/// The details query.
+pub const QUERY_PATH: &str = "/api/v2/analytics/conversations/details/query";
+/// The details jobs.
+pub const JOBS_PATH: &str = "/api/v2/analytics/conversations/details/jobs";
+/// The method of the lease a job holds while it runs (no upstream call is
+/// made with it; a broker bucket routed on it counts running jobs).
+pub const JOB_SLOT_METHOD: &str = "JOB";
+/// Largest details-query page.
+const QUERY_PAGE: usize = 100;
+/// Results page asked of a job.
+const JOB_PAGE: usize = 10_000;
+/// Longest pause between two polls of a job.
+const MAX_POLL: Duration = Duration::from_secs(30);
+/// Submissions of one block's job before giving up (a job that vanished,
+/// 404, is submitted again).
+const MAX_SUBMITS: u32 = 3;
+
+/// Which API a run reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    /// `POST …/details/query`, interval + paging.
+    Query,
+    /// `POST …/details/jobs`, poll, `GET …/results?cursor=`.
+    Jobs,
+}
+
+impl SourceKind {
+    /// Its name on the command line and in summaries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Query => "query",
+            SourceKind::Jobs => "jobs",
+        }
+    }
+}
+
+impl std::str::FromStr for SourceKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<SourceKind, String> {
+        match s {
+            "query" => Ok(SourceKind::Query),
+            "jobs" => Ok(SourceKind::Jobs),
+            _ => Err("a source is \"query\" or \"jobs\"".into()),
+        }
+    }
+}
+
+/// One block as fetched.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The conversations, as the API returned them.
+    pub conversations: Vec<Value>,
+    /// How many the upstream says the block holds (`None`: it did not say,
+    /// as the real jobs API does not).
+    pub total_hits: Option<u64>,
+}
+
+/// A source of blocks: the upstream, and what the jobs need.
+#[derive(Clone)]
+pub struct Source {
+    kind: SourceKind,
+    upstream: Upstream,
+    retry: RetryPolicy,
+    jobs: Arc<JobSettings>,
+}
+
+/// What only the jobs source uses.
+struct JobSettings {
+    /// Its slot leases (`None`: no broker lease beyond each request's).
+    broker: Option<(BrokerClient, Call)>,
+    /// Local cap on jobs running at once (the broker's bucket may be lower).
+    running: Semaphore,
+    first_poll: Duration,
+}
+
+/// How a [`Source`] of jobs behaves.
+#[derive(Clone, Debug)]
+pub struct JobOptions {
+    /// Jobs this process runs at once.
+    pub max_running: usize,
+    /// First pause before polling a job; doubled each poll up to 30 s.
+    pub first_poll: Duration,
+}
+
+impl Default for JobOptions {
+    fn default() -> JobOptions {
+        JobOptions {
+            max_running: 2,
+            first_poll: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct QueryPage {
+    #[serde(default)]
+    conversations: Vec<Value>,
+    #[serde(default)]
+    total_hits: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Submitted {
+    job_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JobStatus {
+    state: String,
+    total_hits: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct ResultsPage {
+    #[serde(default)]
+    conversations: Vec<Value>,
+    cursor: Option<String>,
+}
+
+impl Source {
+    /// A `kind` source over `upstream`; jobs hold slot leases from `broker`
+    /// with `template` (its tenant, client id and class) when given.
+    pub fn new(
+        kind: SourceKind,
+        upstream: Upstream,
+        broker: Option<(BrokerClient, Call)>,
+        jobs: JobOptions,
+    ) -> Source {
+        Source {
+            kind,
+            upstream,
+            retry: RetryPolicy::default(),
+            jobs: Arc::new(JobSettings {
+                broker,
+                running: Semaphore::new(jobs.max_running.max(1)),
+                first_poll: jobs.first_poll,
+            }),
+        }
+    }
+
+    /// Which API it reads.
+    pub fn kind(&self) -> SourceKind {
+        self.kind
+    }
+
+    /// The upstream (for its counters).
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    /// Every conversation of `block`.
+    pub async fn fetch(&self, block: Block) -> Result<Fetched, IngestError> {
+        match self.kind {
+            SourceKind::Query => self.fetch_query(block).await,
+            SourceKind::Jobs => self.fetch_job(block).await,
+        }
+    }
+
+    /// `req` with retries; a non-2xx last answer is an error.
+    async fn call(&self, what: &'static str, req: Request) -> Result<Response, IngestError> {
+        let answer = self.upstream.send_retrying(&req, &self.retry).await?;
+        if (200..300).contains(&answer.status) {
+            Ok(answer)
+        } else {
+            Err(IngestError::status(what, answer.status, &answer.text()))
+        }
+    }
+
+    async fn fetch_query(&self, block: Block) -> Result<Fetched, IngestError> {
+        let mut conversations = Vec::new();
+        let mut total = 0;
+        for page_number in 1.. {
+            let body = json!({
+                "interval": block.interval(),
+                "order": "asc",
+                "orderBy": "conversationStart",
+                "paging": { "pageSize": QUERY_PAGE, "pageNumber": page_number },
+            });
+            let answer = self
+                .call("details query", Request::post(QUERY_PATH, body))
+                .await?;
+            let page: QueryPage = answer
+                .json()
+                .map_err(|e| IngestError::answer("details query", e))?;
+            total = page.total_hits;
+            let rows = page.conversations.len();
+            conversations.extend(page.conversations);
+            if rows < QUERY_PAGE || conversations.len() as u64 >= total {
+                break;
+            }
+        }
+        Ok(Fetched {
+            conversations,
+            total_hits: Some(total),
+        })
+    }
+
+    async fn fetch_job(&self, block: Block) -> Result<Fetched, IngestError> {
+        // Closed never: the semaphore lives as long as the source.
+        let _running = self
+            .jobs
+            .running
+            .acquire()
+            .await
+            .map_err(|_| IngestError::Usage("the job limiter was closed".into()))?;
+        // Held until the last results page: one running job.
+        let _slot = match &self.jobs.broker {
+            Some((broker, template)) => Some(
+                broker
+                    .acquire(&template.to(JOB_SLOT_METHOD, JOBS_PATH))
+                    .await
+                    .map_err(|e| IngestError::Upstream(gc_upstream::UpstreamError::Lease(e)))?,
+            ),
+            None => None,
+        };
+        let mut submits = 0;
+        loop {
+            submits += 1;
+            let answer = self
+                .call(
+                    "job submission",
+                    Request::post(JOBS_PATH, json!({ "interval": block.interval() })),
+                )
+                .await?;
+            let job: Submitted = answer
+                .json()
+                .map_err(|e| IngestError::answer("job submission", e))?;
+            match self.await_job(block, &job.job_id).await? {
+                Some(total_hits) => {
+                    let conversations = self.job_results(&job.job_id).await?;
+                    return Ok(Fetched {
+                        conversations,
+                        total_hits,
+                    });
+                }
+                None if submits < MAX_SUBMITS => {
+                    tracing::warn!(%block, "job vanished before it was fulfilled; submitting again");
+                }
+                None => {
+                    return Err(IngestError::JobFailed {
+                        interval: block.interval(),
+                        state: "EXPIRED".into(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Polls job `id` until it is fulfilled: `Some(its totalHits, if
+    /// said)`, or `None` if the upstream no longer knows it (404).
+    async fn await_job(&self, block: Block, id: &str) -> Result<Option<Option<u64>>, IngestError> {
+        let mut pause = self.jobs.first_poll;
+        loop {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_POLL);
+            let req = Request::get(format!("{JOBS_PATH}/{id}"));
+            let answer = self.upstream.send_retrying(&req, &self.retry).await?;
+            match answer.status {
+                404 => return Ok(None),
+                200..=299 => {}
+                status => return Err(IngestError::status("job status", status, &answer.text())),
+            }
+            let status: JobStatus = answer
+                .json()
+                .map_err(|e| IngestError::answer("job status", e))?;
+            match status.state.as_str() {
+                "FULFILLED" => return Ok(Some(status.total_hits)),
+                "QUEUED" | "PENDING" | "RUNNING" => {}
+                other => {
+                    return Err(IngestError::JobFailed {
+                        interval: block.interval(),
+                        state: other.chars().take(20).collect(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Every results page of fulfilled job `id`.
+    async fn job_results(&self, id: &str) -> Result<Vec<Value>, IngestError> {
+        let mut conversations = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!("{JOBS_PATH}/{id}/results?pageSize={JOB_PAGE}");
+            if let Some(c) = &cursor {
+                path.push_str("&cursor=");
+                path.push_str(&encode_query(c));
+            }
+            let answer = self.call("job results", Request::get(path)).await?;
+            let page: ResultsPage = answer
+                .json()
+                .map_err(|e| IngestError::answer("job results", e))?;
+            conversations.extend(page.conversations);
+            match page.cursor {
+                Some(c) if !c.is_empty() => cursor = Some(c),
+                _ => return Ok(conversations),
+            }
+        }
+    }
+}
+
+/// `s` percent-encoded for a query string (cursors are opaque).
+fn encode_query(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, CURSOR).to_string()
+}
+
+/// Everything but RFC 3986's unreserved characters.
+const CURSOR: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_are_encoded_for_the_query_string() {
+        assert_eq!(encode_query("a.b-1_~"), "a.b-1_~");
+        assert_eq!(encode_query("x/y+z="), "x%2Fy%2Bz%3D");
+    }
+}

@@ -1,0 +1,258 @@
+//! The test bed: gcsim and the broker on ephemeral ports (the broker
+//! restartable on the same port), an upstream for one OAuth client, runs
+//! of the library, and what gcsim says it holds and served.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use gc_ingest::{BlockSize, Display, JobOptions, Plan, Sink, Source, SourceKind, QUERY_PATH};
+use gc_upstream::{Credentials, Region, Upstream};
+use quota_broker_client::{BrokerClient, Call};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+/// gcsim at 100× speed: three days of 8,000 conversations; the analytics
+/// family enforces 45 of its documented 60 per minute with an unmanaged
+/// consumer taking 5; two jobs may run at once.
+const GCSIM: &str = r#"
+time_scale = 100.0
+seed = 11
+[[orgs]]
+id = "org-a"
+day = "2026-11-01"
+days = 3
+conversations_per_day = 8000
+[[orgs.families]]
+name = "analytics-query"
+routes = ["POST /api/v2/analytics/**/query"]
+documented_permits = 60
+hidden_permits = 45
+max_concurrent = 10
+unmanaged = [{ at_ms = 0, per_window = 5 }]
+[orgs.jobs]
+max_running = 2
+submits_per_window = 10
+"#;
+
+/// The broker's view of the same org, in real time (gcsim's minute is
+/// 600 ms): the documented limits, not the hidden one.
+const BROKER: &str = r#"
+[server]
+state_dir = ""
+[[tenants]]
+id = "org-a"
+[[tenants.buckets]]
+name = "per-client"
+scope = "oauth_client"
+routes = ["* /**"]
+permits = 300
+window_ms = 600
+[[tenants.buckets]]
+name = "analytics-query"
+routes = ["POST /api/v2/analytics/**/query"]
+permits = 60
+window_ms = 600
+burst = 2
+max_in_flight = 8
+[[tenants.buckets]]
+name = "jobs-submit"
+routes = ["POST /api/v2/analytics/conversations/details/jobs"]
+permits = 10
+window_ms = 600
+[[tenants.buckets]]
+name = "jobs-running"
+routes = ["JOB /api/v2/analytics/conversations/details/jobs"]
+max_in_flight = 2
+lease_ttl_ms = 5000
+"#;
+
+/// The first day of gcsim's history.
+pub const DAY1: &str = "2026-11-01";
+/// The day after its last.
+pub const END: &str = "2026-11-04";
+
+pub struct Bed {
+    pub sim: gcsim::SimHandle,
+    pub broker: Broker,
+    pub http: reqwest::Client,
+}
+
+pub struct Broker {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Broker {
+    pub async fn start(addr: &str) -> Broker {
+        let settings = quota_broker::Settings::from_toml(BROKER).unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            quota_broker::run(listener, &settings, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        Broker {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops it (leases in flight end with it).
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
+        self.task.abort();
+    }
+}
+
+impl Bed {
+    pub async fn start() -> Bed {
+        let config = gcsim::SimConfig::from_toml(GCSIM).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sim = gcsim::Sim::start(config, listener).unwrap();
+        Bed {
+            sim,
+            broker: Broker::start("127.0.0.1:0").await,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn region(&self) -> String {
+        format!("http://{}", self.sim.addr())
+    }
+
+    /// A source reading as OAuth client `client` of org-a, leased from
+    /// the broker as class batch.
+    pub fn source(&self, kind: SourceKind, client: &str) -> Source {
+        let broker = BrokerClient::connect(&self.broker.url(), None).unwrap();
+        let client_id = format!("{client}@org-a");
+        let template = Call::new("org-a", "POST", QUERY_PATH)
+            .client_id(client)
+            .oauth_client(&client_id)
+            .class("batch");
+        let upstream = Upstream::new(
+            Region::new(&self.region()).unwrap(),
+            Credentials {
+                client_id,
+                client_secret: "gcsim-secret".into(),
+            },
+            broker.clone(),
+            template.clone(),
+        )
+        .unwrap();
+        Source::new(
+            kind,
+            upstream,
+            Some((broker, template)),
+            JobOptions {
+                max_running: 2,
+                first_poll: Duration::from_millis(100),
+            },
+        )
+    }
+
+    /// The next `n` details-query pages answer one row short.
+    pub async fn short_pages(&self, n: u64) {
+        let url = format!("{}/_sim/orgs/org-a/short-pages", self.region());
+        let answer = self
+            .http
+            .post(url)
+            .body(n.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().is_success(), "{answer:?}");
+    }
+
+    /// GET `path` of gcsim's control plane, as JSON.
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        let url = format!("{}{path}", self.region());
+        let answer = self.http.get(url).send().await.unwrap();
+        answer.json().await.unwrap()
+    }
+
+    /// Every conversation id gcsim holds, sorted.
+    pub async fn conversation_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.get("/_sim/orgs/org-a/conversations").await;
+        ids.sort();
+        ids
+    }
+
+    /// (requests, 429s with their sim time and reason) gcsim logged for
+    /// OAuth client `client`.
+    pub async fn served(&self, client: &str) -> (u64, Vec<String>) {
+        let (mut since, mut all, mut throttled) = (0, 0, Vec::new());
+        loop {
+            let page: Value = self.get(&format!("/_sim/log?since={since}")).await;
+            let entries = page["entries"].as_array().unwrap();
+            for e in entries.iter().filter(|e| e["client"] == client) {
+                all += 1;
+                if e["status"] == 429 {
+                    throttled.push(format!("{} ms {}", e["sim_ms"], e["reason"]));
+                }
+            }
+            if entries.is_empty() {
+                return (all, throttled);
+            }
+            since = page["next"].as_u64().unwrap();
+        }
+    }
+}
+
+/// A plan over `[from, to)` with the wall clock (gcsim's days are long
+/// past, so every block is final), no progress output.
+pub fn plan(from: &str, to: &str, block: BlockSize) -> Plan {
+    let mut plan = Plan::new(
+        gc_ingest::parse_time(from).unwrap(),
+        gc_ingest::parse_time(to).unwrap(),
+        block,
+    );
+    plan.display = Display::Quiet;
+    plan
+}
+
+/// A fresh SQLite file path for `name` (removed first if left over).
+pub fn sqlite(name: &str) -> PathBuf {
+    let dir = testsvc::scratch_dir("gc-ingest").unwrap();
+    dir.join(format!("{name}.db"))
+}
+
+pub async fn open(path: &std::path::Path) -> Sink {
+    Sink::open(path.to_str().unwrap()).await.unwrap()
+}
+
+/// Waits (bounded) until `sink` has at least `n` blocks done.
+pub async fn until_done(sink: &Sink, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tick.tick().await;
+        let done = sink
+            .checkpoints()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|c| c.status == "done")
+            .count();
+        if done >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {done} of {n} blocks done after 60 s"
+        );
+    }
+}

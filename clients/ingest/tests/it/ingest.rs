@@ -1,0 +1,184 @@
+//! Whole runs in process: both sources store exactly gcsim's set with few
+//! 429s (and the jobs API moves ≥ 10× the records per request), the
+//! watermark, two workers on one range, a broker restart mid-run.
+
+use std::time::Duration;
+
+use gc_ingest::{parse_time, run, BlockSize, SourceKind};
+
+use crate::common::{open, plan, sqlite, until_done, Bed, Broker, DAY1, END};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_sources_store_exactly_gcsims_conversations() {
+    let bed = Bed::start().await;
+    let expected = bed.conversation_ids().await;
+    assert_eq!(expected.len(), 24_000);
+    let mut per_request = Vec::new();
+    for (kind, block, client) in [
+        (SourceKind::Query, BlockSize::Hour, "query"),
+        (SourceKind::Jobs, BlockSize::Day, "jobs"),
+    ] {
+        let path = sqlite(client);
+        let sink = open(&path).await;
+        let summary = run(&plan(DAY1, END, block), &bed.source(kind, client), &sink)
+            .await
+            .unwrap();
+        assert_eq!(sink.conversation_ids().await.unwrap(), expected, "{client}");
+        assert_eq!(summary.records, 24_000, "{summary:?}");
+        assert_eq!(summary.blocks_final, summary.blocks_total, "{summary:?}");
+        assert_eq!((summary.blocks_failed, summary.mismatches), (0, 0));
+        let checkpoints = sink.checkpoints().await.unwrap();
+        assert!(checkpoints
+            .iter()
+            .all(|c| c.total_hits == Some(c.records) && c.fetches == 1));
+        let (served, throttled) = bed.served(client).await;
+        assert_eq!(served, summary.upstream_requests, "gcsim saw every request");
+        assert!(
+            throttled.len() as u64 * 100 <= served,
+            "{client}: {} 429s in {served} requests: {throttled:?}",
+            throttled.len()
+        );
+        per_request.push(summary.records_per_request);
+        sink.close().await;
+    }
+    assert!(
+        per_request[1] >= 10.0 * per_request[0],
+        "records per request: query {:.1}, jobs {:.1}",
+        per_request[0],
+        per_request[1]
+    );
+    bed.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_newer_than_the_watermark_are_fetched_again_next_run() {
+    let bed = Bed::start().await;
+    let path = sqlite("watermark");
+    let sink = open(&path).await;
+    let mut plan = plan("2026-11-03", END, BlockSize::Hour);
+    plan.now_ms = parse_time("2026-11-03T20:00:00Z").unwrap();
+    plan.watermark = Duration::from_secs(4 * 3600);
+    let source = bed.source(SourceKind::Query, "wm");
+    let first = run(&plan, &source, &sink).await.unwrap();
+    // Blocks ending by 16:00 are final; the 8 after are provisional.
+    assert_eq!((first.blocks_final, first.blocks_provisional), (16, 8));
+    let second = run(&plan, &source, &sink).await.unwrap();
+    assert_eq!(
+        (second.blocks_skipped, second.blocks_provisional),
+        (16, 8),
+        "{second:?}"
+    );
+    let fetches: Vec<i64> = sink
+        .checkpoints()
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.fetches)
+        .collect();
+    assert_eq!(fetches, [[1; 16].as_slice(), &[2; 8]].concat());
+    // Fetched twice, stored once.
+    assert_eq!(sink.count().await.unwrap() as u64, first.records);
+    sink.close().await;
+    bed.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_split_one_range_and_never_fetch_a_block_twice() {
+    let bed = Bed::start().await;
+    let path = sqlite("split");
+    let (a, b) = (open(&path).await, open(&path).await);
+    let mut plan_a = plan(DAY1, "2026-11-02", BlockSize::Hour);
+    plan_a.owner = "w1".into();
+    plan_a.parallel = 2;
+    let mut plan_b = plan_a.clone();
+    plan_b.owner = "w2".into();
+    let (source_a, source_b) = (
+        bed.source(SourceKind::Query, "w1"),
+        bed.source(SourceKind::Query, "w2"),
+    );
+    let (ra, rb) = tokio::join!(run(&plan_a, &source_a, &a), run(&plan_b, &source_b, &b));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(ra.blocks_final + rb.blocks_final, 24, "{ra:?} {rb:?}");
+    assert!(ra.blocks_final > 0 && rb.blocks_final > 0, "{ra:?} {rb:?}");
+    assert!(a
+        .checkpoints()
+        .await
+        .unwrap()
+        .iter()
+        .all(|c| c.fetches == 1));
+    let ids = a.conversation_ids().await.unwrap();
+    let expected: Vec<String> = bed.conversation_ids().await[..]
+        .iter()
+        .filter(|id| ids.binary_search(id).is_ok())
+        .cloned()
+        .collect();
+    assert_eq!(ids.len() as u64, ra.records + rb.records);
+    assert_eq!(ids, expected);
+    a.close().await;
+    b.close().await;
+    bed.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_run_loses_nothing() {
+    let mut bed = Bed::start().await;
+    let path = sqlite("restart");
+    let sink = open(&path).await;
+    let mut plan = plan(DAY1, END, BlockSize::Hour);
+    plan.parallel = 2;
+    let source = bed.source(SourceKind::Query, "restart");
+    let task = {
+        let (sink, source) = (sink.clone(), source.clone());
+        tokio::spawn(async move { run(&plan, &source, &sink).await })
+    };
+    until_done(&sink, 10).await;
+    // Down: the client falls back to its local limiter and the run goes on.
+    let addr = bed.broker.addr.to_string();
+    bed.broker.stop().await;
+    until_done(&sink, 11).await;
+    // Back on the same port: leases come from it again.
+    bed.broker = Broker::start(&addr).await;
+    let summary = tokio::time::timeout(Duration::from_secs(120), task)
+        .await
+        .expect("the run ends")
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.blocks_final, 72, "{summary:?}");
+    assert!(summary.fallback_leases > 0, "{summary:?}");
+    assert_eq!(
+        sink.conversation_ids().await.unwrap(),
+        bed.conversation_ids().await
+    );
+    sink.close().await;
+    bed.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_short_of_its_total_hits_is_fetched_again_and_reported() {
+    let bed = Bed::start().await;
+    bed.short_pages(1).await;
+    let path = sqlite("short");
+    let sink = open(&path).await;
+    let mut plan = plan(DAY1, "2026-11-02", BlockSize::Hour);
+    plan.parallel = 1;
+    let summary = run(&plan, &bed.source(SourceKind::Query, "short"), &sink)
+        .await
+        .unwrap();
+    assert_eq!(
+        (summary.mismatches, summary.blocks_final),
+        (1, 24),
+        "{summary:?}"
+    );
+    let checkpoints = sink.checkpoints().await.unwrap();
+    assert_eq!(checkpoints[0].mismatches, 1, "the first block's first page");
+    assert!(checkpoints.iter().all(|c| c.total_hits == Some(c.records)));
+    assert_eq!(sink.count().await.unwrap() as u64, summary.records);
+    sink.close().await;
+    bed.sim.shutdown().await;
+}
+
+#[test]
+fn the_readme_broker_config_for_gcsim_is_valid() {
+    let text = include_str!("../../gcsim-broker.toml");
+    quota_broker::Settings::from_toml(text).unwrap();
+}

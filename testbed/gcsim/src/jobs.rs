@@ -1,0 +1,338 @@
+//! The asynchronous analytics details jobs of one org: submit a job for an
+//! interval, poll its state until it is fulfilled (after a latency that
+//! grows with its rows), then page its results by cursor. Its own limits,
+//! as Genesys has them: jobs running at once and submissions per window
+//! (a refused submission is a 429 with `Retry-After`). Plain Rust with
+//! simulated time passed in; the routes live in `server`.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::{format_ms, ConversationJson, History};
+
+/// Results page size when the caller gives none.
+const DEFAULT_RESULTS_PAGE: usize = 1_000;
+/// Largest results page.
+const MAX_RESULTS_PAGE: usize = 10_000;
+/// Retry-After of a refusal for too many running jobs, simulated ms.
+const RUNNING_RETRY_MS: f64 = 1_000.0;
+
+/// The jobs API's limits and timing (simulated ms), per org.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Jobs queued or running at once; one more submission is a 429.
+    pub max_running: u64,
+    /// Submissions per window; one more is a 429 until the window ends.
+    pub submits_per_window: u64,
+    /// The submission window.
+    pub submit_window_ms: u64,
+    /// Time from submission to fulfilment: this fixed part…
+    pub fulfil_base_ms: u64,
+    /// …plus this much per 1,000 rows of the job.
+    pub fulfil_per_1000_rows_ms: u64,
+    /// How long a job and its results stay after submission (then 404).
+    pub expiry_ms: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> JobsConfig {
+        JobsConfig {
+            max_running: 2,
+            submits_per_window: 10,
+            submit_window_ms: 60_000,
+            fulfil_base_ms: 5_000,
+            fulfil_per_1000_rows_ms: 1_000,
+            expiry_ms: 86_400_000,
+        }
+    }
+}
+
+impl JobsConfig {
+    /// What is wrong with it, if anything.
+    pub(crate) fn problem(&self) -> Option<&'static str> {
+        (self.max_running == 0 || self.submits_per_window == 0 || self.submit_window_ms == 0)
+            .then_some("jobs: max_running, submits_per_window and submit_window_ms must be > 0")
+    }
+}
+
+/// One submitted job.
+#[derive(Debug)]
+struct Job {
+    from: i64,
+    to: i64,
+    submitted_ms: f64,
+    fulfilled_ms: f64,
+    rows: u64,
+}
+
+/// An org's jobs and the state of their limits.
+#[derive(Debug)]
+pub(crate) struct Jobs {
+    config: JobsConfig,
+    jobs: HashMap<String, Job>,
+    /// (window index, submissions admitted in it).
+    window: (u64, u64),
+}
+
+/// A refused submission (answered 429).
+#[derive(Debug, PartialEq)]
+pub(crate) struct JobRefusal {
+    /// `jobs:running` or `jobs:submits`.
+    pub(crate) reason: &'static str,
+    /// The limit refused against.
+    pub(crate) limit: u64,
+    /// Simulated ms until a submission may succeed.
+    pub(crate) retry_after_ms: f64,
+}
+
+/// The job status answer.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct JobStatus {
+    state: &'static str,
+    submission_date: String,
+    expiration_date: String,
+    /// gcsim's addition, once fulfilled: the rows of the job (the real
+    /// API does not say; a client may check its count against it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total_hits: Option<u64>,
+}
+
+/// A results page.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ResultsPage {
+    conversations: Vec<ConversationJson>,
+    /// Absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cursor: Option<String>,
+    data_availability_date: String,
+}
+
+impl ResultsPage {
+    /// Rows on the page.
+    pub(crate) fn rows(&self) -> usize {
+        self.conversations.len()
+    }
+}
+
+/// Why a status or results request has no answer.
+#[derive(Debug, PartialEq)]
+pub(crate) enum JobError {
+    /// No such job (never submitted, or expired).
+    NotFound,
+    /// Results asked for before the job is fulfilled.
+    NotFulfilled,
+    /// A cursor this job never handed out, or a bad page size.
+    BadRequest(String),
+}
+
+impl Jobs {
+    pub(crate) fn new(config: JobsConfig) -> Jobs {
+        Jobs {
+            config,
+            jobs: HashMap::new(),
+            window: (0, 0),
+        }
+    }
+
+    /// Jobs not yet fulfilled at `now`.
+    fn running(&self, now: f64) -> u64 {
+        self.jobs.values().filter(|j| j.fulfilled_ms > now).count() as u64
+    }
+
+    /// Submits a job over `[from, to)` at `now`: its id, or why not.
+    pub(crate) fn submit(
+        &mut self,
+        now: f64,
+        history: &History,
+        from: i64,
+        to: i64,
+        id: String,
+    ) -> Result<String, JobRefusal> {
+        let expiry = self.config.expiry_ms as f64;
+        self.jobs.retain(|_, j| now - j.submitted_ms < expiry);
+        let window_ms = self.config.submit_window_ms as f64;
+        let index = (now / window_ms) as u64;
+        if self.window.0 != index {
+            self.window = (index, 0);
+        }
+        if self.window.1 >= self.config.submits_per_window {
+            return Err(JobRefusal {
+                reason: "jobs:submits",
+                limit: self.config.submits_per_window,
+                retry_after_ms: (index + 1) as f64 * window_ms - now,
+            });
+        }
+        if self.running(now) >= self.config.max_running {
+            let first_done = self
+                .jobs
+                .values()
+                .map(|j| j.fulfilled_ms)
+                .filter(|t| *t > now)
+                .fold(f64::INFINITY, f64::min);
+            return Err(JobRefusal {
+                reason: "jobs:running",
+                limit: self.config.max_running,
+                retry_after_ms: (first_done - now).clamp(1.0, RUNNING_RETRY_MS),
+            });
+        }
+        self.window.1 += 1;
+        let rows = history.count(from, to) as u64;
+        let latency = self.config.fulfil_base_ms as f64
+            + self.config.fulfil_per_1000_rows_ms as f64 * rows as f64 / 1000.0;
+        self.jobs.insert(
+            id.clone(),
+            Job {
+                from,
+                to,
+                submitted_ms: now,
+                fulfilled_ms: now + latency,
+                rows,
+            },
+        );
+        Ok(id)
+    }
+
+    /// The status of job `id` at `now`; `epoch_ms` (Unix ms) is simulated
+    /// time 0, for the dates of the answer.
+    pub(crate) fn status(&self, now: f64, id: &str, epoch_ms: i64) -> Result<JobStatus, JobError> {
+        let job = self.jobs.get(id).ok_or(JobError::NotFound)?;
+        let done = job.fulfilled_ms <= now;
+        Ok(JobStatus {
+            state: if done { "FULFILLED" } else { "PENDING" },
+            submission_date: format_ms(epoch_ms + job.submitted_ms as i64),
+            expiration_date: format_ms(epoch_ms + (job.submitted_ms as i64) + self.expiry()),
+            total_hits: done.then_some(job.rows),
+        })
+    }
+
+    fn expiry(&self) -> i64 {
+        self.config.expiry_ms as i64
+    }
+
+    /// A results page of job `id` at `now`, from `cursor` (none: the
+    /// first page).
+    pub(crate) fn results(
+        &self,
+        now: f64,
+        history: &History,
+        id: &str,
+        cursor: Option<&str>,
+        page_size: Option<usize>,
+    ) -> Result<ResultsPage, JobError> {
+        let job = self.jobs.get(id).ok_or(JobError::NotFound)?;
+        if job.fulfilled_ms > now {
+            return Err(JobError::NotFulfilled);
+        }
+        let size = page_size.unwrap_or(DEFAULT_RESULTS_PAGE);
+        if !(1..=MAX_RESULTS_PAGE).contains(&size) {
+            return Err(JobError::BadRequest(format!(
+                "pageSize must be 1–{MAX_RESULTS_PAGE}, got {size}"
+            )));
+        }
+        let offset = match cursor {
+            None => 0,
+            Some(c) => parse_cursor(id, c).ok_or_else(|| {
+                JobError::BadRequest("cursor is not one this job handed out".into())
+            })?,
+        };
+        let conversations = history.slice(job.from, job.to, offset, size);
+        let next = offset + conversations.len();
+        Ok(ResultsPage {
+            cursor: ((next as u64) < job.rows).then(|| format!("{id}.{next}")),
+            conversations,
+            data_availability_date: format_ms(job.to),
+        })
+    }
+}
+
+/// The offset in a cursor `"<job id>.<offset>"` of job `id`.
+fn parse_cursor(id: &str, cursor: &str) -> Option<usize> {
+    cursor.strip_prefix(id)?.strip_prefix('.')?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::parse_day;
+
+    fn setup() -> (Jobs, History, i64) {
+        let day = parse_day("2026-11-01").unwrap();
+        let config = JobsConfig {
+            max_running: 1,
+            submits_per_window: 2,
+            ..JobsConfig::default()
+        };
+        (
+            Jobs::new(config),
+            History::generate(1, "o", day, 1, 2_400),
+            day,
+        )
+    }
+
+    #[test]
+    fn a_job_is_pending_then_pages_its_interval_by_cursor() {
+        let (mut jobs, history, day) = setup();
+        let (from, to) = (day, day + 6 * 3_600_000);
+        let id = jobs.submit(0.0, &history, from, to, "j1".into()).unwrap();
+        let pending = jobs.status(100.0, &id, 0).unwrap();
+        assert_eq!((pending.state, pending.total_hits), ("PENDING", None));
+        assert_eq!(
+            jobs.results(100.0, &history, &id, None, None).err(),
+            Some(JobError::NotFulfilled)
+        );
+        let later = 60_000.0;
+        let done = jobs.status(later, &id, 0).unwrap();
+        let hits = done.total_hits.unwrap();
+        assert_eq!(done.state, "FULFILLED");
+        assert_eq!(hits as usize, history.count(from, to));
+        let (mut rows, mut cursor, mut pages) = (0, None, 0);
+        loop {
+            let page = jobs
+                .results(later, &history, &id, cursor.as_deref(), Some(256))
+                .unwrap();
+            rows += page.rows();
+            pages += 1;
+            match page.cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(rows as u64, hits);
+        assert_eq!(pages, (hits as usize).div_ceil(256));
+        assert!(matches!(
+            jobs.results(later, &history, &id, Some("other.5"), None),
+            Err(JobError::BadRequest(_))
+        ));
+        assert_eq!(
+            jobs.status(later, "nope", 0).err(),
+            Some(JobError::NotFound)
+        );
+    }
+
+    #[test]
+    fn running_and_submit_limits_refuse_with_a_wait() {
+        let (mut jobs, history, day) = setup();
+        jobs.submit(0.0, &history, day, day + 1, "a".into())
+            .unwrap();
+        let busy = jobs
+            .submit(10.0, &history, day, day + 1, "b".into())
+            .unwrap_err();
+        assert_eq!(busy.reason, "jobs:running");
+        assert!(busy.retry_after_ms > 0.0 && busy.retry_after_ms <= RUNNING_RETRY_MS);
+        // Once the first is fulfilled, a second fits; a third is over the
+        // submit rate until the window ends.
+        jobs.submit(30_000.0, &history, day, day + 1, "b".into())
+            .unwrap();
+        let rate = jobs
+            .submit(50_000.0, &history, day, day + 1, "c".into())
+            .unwrap_err();
+        assert_eq!(rate.reason, "jobs:submits");
+        assert_eq!(rate.retry_after_ms, 10_000.0);
+        jobs.submit(60_000.0, &history, day, day + 1, "c".into())
+            .unwrap();
+    }
+}
