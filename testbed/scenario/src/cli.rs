@@ -95,6 +95,9 @@ pub(crate) enum ModeName {
     Local,
     /// Every call leased by the quota broker.
     Broker,
+    /// As broker, but the trunks' writes go through gc-relay (the
+    /// Architect call-flow relay).
+    Relay,
 }
 
 impl ModeName {
@@ -104,6 +107,7 @@ impl ModeName {
             ModeName::Naive => "naive",
             ModeName::Local => "local",
             ModeName::Broker => "broker",
+            ModeName::Relay => "broker+relay",
         }
     }
 }
@@ -181,7 +185,12 @@ impl Args {
         let default_modes = if self.matrix {
             vec![ModeName::Broker]
         } else {
-            vec![ModeName::Naive, ModeName::Local, ModeName::Broker]
+            vec![
+                ModeName::Naive,
+                ModeName::Local,
+                ModeName::Broker,
+                ModeName::Relay,
+            ]
         };
         let mut modes = Vec::new();
         for m in self.modes.unwrap_or(default_modes) {
@@ -350,7 +359,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(two.upstreams.len(), 2);
-        assert_eq!(two.modes.len(), 3);
+        assert_eq!(two.modes.len(), 4);
         assert!(two.matrix.is_none());
         let m = parse(&[
             "--matrix",

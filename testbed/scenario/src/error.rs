@@ -43,6 +43,9 @@ pub(crate) enum Error {
     /// The in-process broker failed or did not become ready.
     #[error("in-process broker: {0}")]
     BrokerServer(String),
+    /// gc-relay ("broker + relay" mode) did not start.
+    #[error("gc-relay: {0}")]
+    Relay(#[from] gc_relay::RelayError),
     /// A fleet task panicked.
     #[error("a fleet task failed: {0}")]
     Task(#[from] tokio::task::JoinError),

@@ -263,6 +263,8 @@ struct Processes {
     ctx: Arc<Ctx>,
     mode: ModeName,
     broker_url: Option<String>,
+    /// "broker + relay" mode: where the trunks post their writes.
+    relay: Option<crate::relay::RelayIntake>,
 }
 
 impl Processes {
@@ -275,7 +277,7 @@ impl Processes {
                 slots,
                 self.ctx.clock.now_ms(),
             ))),
-            ModeName::Broker => {
+            ModeName::Broker | ModeName::Relay => {
                 let url = self.broker_url.as_deref().ok_or_else(|| {
                     Error::BrokerServer("broker mode without a broker address".into())
                 })?;
@@ -307,6 +309,7 @@ pub(crate) async fn run(
     plan: &Plan,
     seed: u64,
     broker_url: Option<String>,
+    relay: Option<crate::relay::RelayIntake>,
 ) -> Result<FleetOutcome, Error> {
     let clock = ctx.clock;
     let stop_ms = plan.duration_ms as f64;
@@ -323,6 +326,7 @@ pub(crate) async fn run(
         ctx: ctx.clone(),
         mode,
         broker_url,
+        relay,
     };
     let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
 
@@ -341,7 +345,10 @@ pub(crate) async fn run(
     let schedule = trunk_schedule(seed, plan.duration_ms);
     let writes_generated = schedule.iter().flatten().map(|b| u64::from(b.writes)).sum();
     for (t, bursts) in schedule.into_iter().enumerate() {
-        let policy = procs.policy(LOCAL_WRITES_PER_MIN, None)?;
+        let policy = match &procs.relay {
+            Some(relay) => Policy::Relay(relay.clone()),
+            None => procs.policy(LOCAL_WRITES_PER_MIN, None)?,
+        };
         let oauth = if t < TRUNKS / 2 {
             "trunks-a"
         } else {

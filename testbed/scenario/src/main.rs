@@ -38,6 +38,7 @@ mod fleet;
 mod matrix;
 mod measure;
 mod modes;
+mod relay;
 mod report;
 mod run;
 mod trace;

@@ -87,6 +87,8 @@ pub(crate) enum Policy {
     Local(Arc<LocalLimiter>),
     /// Leases from the broker.
     Broker(BrokerClient),
+    /// Writes posted to gc-relay ("broker + relay" mode's trunks).
+    Relay(crate::relay::RelayIntake),
 }
 
 /// One caller: a client process (its policy), one of its instances, an
@@ -144,6 +146,7 @@ impl Caller {
             Policy::Naive => self.call_naive(family, path, body, wanted).await,
             Policy::Local(limiter) => self.call_local(limiter, family, path, body, wanted).await,
             Policy::Broker(client) => self.call_broker(client, family, path, body, wanted).await,
+            Policy::Relay(relay) => self.call_relay(relay, path, body, wanted).await,
         }
     }
 
@@ -179,7 +182,7 @@ impl Caller {
     }
 
     /// Records the wait of a served call sent at `sent`.
-    fn done(&self, wanted: Instant, sent: Instant) {
+    pub(crate) fn done_at(&self, wanted: Instant, sent: Instant) {
         let clock = self.ctx.clock;
         let waited = clock.sim_ms(sent.saturating_duration_since(wanted));
         self.ctx
@@ -202,7 +205,7 @@ impl Caller {
             let sent = Instant::now();
             match outcome(self.send(family, path, &body).await) {
                 Outcome::Done(answer) => {
-                    self.done(wanted, sent);
+                    self.done_at(wanted, sent);
                     return Ok(answer);
                 }
                 Outcome::Throttled(Some(ra)) => tokio::time::sleep(ra).await,
@@ -241,7 +244,7 @@ impl Caller {
             }
             match o {
                 Outcome::Done(answer) => {
-                    self.done(wanted, sent);
+                    self.done_at(wanted, sent);
                     return Ok(answer);
                 }
                 // The pause is in the bucket now: the next take() waits it out.
@@ -306,7 +309,7 @@ impl Caller {
             lease.release().await;
             match outcome(answer) {
                 Outcome::Done(answer) => {
-                    self.done(wanted, sent);
+                    self.done_at(wanted, sent);
                     return Ok(answer);
                 }
                 // Reported: the broker froze the bucket; Acquire waits it out.

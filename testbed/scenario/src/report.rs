@@ -471,7 +471,7 @@ fn targets(modes: &[ModeResult], moves: bool) -> Vec<Target> {
     }
     let others: Vec<&ModeResult> = modes
         .iter()
-        .filter(|m| m.mode != ModeName::Broker)
+        .filter(|m| !matches!(m.mode, ModeName::Broker | ModeName::Relay))
         .collect();
     if !others.is_empty() {
         let best_ratio = others

@@ -20,6 +20,7 @@ use crate::measure::{
     self, Convergence, Counters, Goodput, LimitCheck, Metrics, Records, WaitStats,
 };
 use crate::modes::Ctx;
+use crate::relay::RelayServer;
 use crate::trace::{Sample, Tracer};
 use crate::upstream::{SimStats, Upstream, WindowStats};
 
@@ -144,7 +145,7 @@ pub(crate) async fn run_mode(
     let real_start = std::time::Instant::now();
     let sim = Simulator::start(spec, plan, dir, mode.as_str()).await?;
     let mut broker = match mode {
-        ModeName::Broker => Some(BrokerServer::start(spec, dir).await?),
+        ModeName::Broker | ModeName::Relay => Some(BrokerServer::start(spec, dir).await?),
         _ => None,
     };
     let upstream = Upstream::new(sim.addr());
@@ -158,16 +159,29 @@ pub(crate) async fn run_mode(
     });
     let started_ms = clock.now_ms();
     let broker_url = broker.as_ref().map(|b| format!("http://{}", b.addr()));
+    let relay = match (mode, &broker_url) {
+        (ModeName::Relay, Some(url)) => Some(RelayServer::start(sim.addr(), url, dir).await?),
+        _ => None,
+    };
     let tracer = broker.as_ref().map(|b| Tracer::start(b.addr(), clock));
     // Chaos: the broker is killed and restarted while the fleet runs.
     let strike = async {
-        match (spec.chaos, broker.as_mut()) {
+        match (
+            spec.chaos.filter(|_| mode == ModeName::Broker),
+            broker.as_mut(),
+        ) {
             (Some(c), Some(b)) => Some(chaos::strike(b, c, clock).await),
             _ => None,
         }
     };
-    let (outcome, struck) =
-        tokio::join!(fleet::run(mode, ctx, plan, spec.seed, broker_url), strike);
+    let intake = relay.as_ref().map(RelayServer::intake);
+    let (outcome, struck) = tokio::join!(
+        fleet::run(mode, ctx, plan, spec.seed, broker_url, intake),
+        strike
+    );
+    if let Some(relay) = relay {
+        relay.finish(clock, &metrics).await;
+    }
     let broker_trace = match tracer {
         Some(t) => t.finish().await,
         None => Vec::new(),

@@ -1,7 +1,8 @@
 //! The fleet scenario's CI preset, end to end: the real `scenario` binary,
 //! running the simulator (the gcsim library, fresh per mode, on its own
 //! socket) and the quota broker in its process, with loose asserts on its
-//! JSON. The run is real time (about 6 s per mode plus the drain), bounded
+//! JSON (four modes: naive, local, broker, broker + relay). The run is real
+//! time (about 6 s per mode plus the drain), bounded
 //! by a hard timeout that kills it.
 
 mod common;
@@ -12,7 +13,7 @@ use common::{f64_at, mode, run_scenario};
 use serde_json::Value;
 
 /// Longest the whole scenario may take before it is killed.
-const TIMEOUT: Duration = Duration::from_secs(90);
+const TIMEOUT: Duration = Duration::from_secs(120);
 
 #[test]
 fn ci_preset_broker_beats_naive() {
@@ -26,7 +27,7 @@ fn ci_preset_broker_beats_naive() {
     assert_eq!(report["time_scale"], 20.0);
 
     // Every mode ran, did work, and its 429 count agrees with the simulator's.
-    for name in ["naive", "local", "broker"] {
+    for name in ["naive", "local", "broker", "relay"] {
         let m = mode(&report, name);
         let sent = f64_at(m, &["requests", "sent"]);
         assert!(sent > 100.0, "{name} sent only {sent} requests: {m:#}");
@@ -60,6 +61,15 @@ fn ci_preset_broker_beats_naive() {
         b_ratio < n_ratio,
         "broker 429 ratio {b_ratio} not below naive's {n_ratio}"
     );
+    // Broker + relay: the trunks' writes through gc-relay lose nothing.
+    let relay = mode(&report, "relay");
+    for kind in ["ingest", "writes"] {
+        let lost = f64_at(relay, &["records", kind, "lost"]);
+        assert_eq!(
+            lost, 0.0,
+            "broker+relay mode lost {kind} records: {relay:#}"
+        );
+    }
     let share = f64_at(broker, &["analytics", "share"]);
     assert!(share >= 0.8, "broker goodput share {share} below 0.8");
     let (b_p99, n_p99) = (

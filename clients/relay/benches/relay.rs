@@ -1,0 +1,206 @@
+//! The relay's figures against gcsim (a hidden limit below the documented
+//! one, an unmanaged consumer) and a real broker, the relay binary as a
+//! child process on a SQLite queue:
+//!
+//! 1. **burst**: 15 trunks post wrap-up records at `--rate` records/s in
+//!    all for `--secs` real seconds (open loop: each post is sent on its
+//!    tick whatever the previous one is doing) while the upstream (gcsim
+//!    at 10×, so the burst spans five windows) throttles; intake latency
+//!    percentiles, records drained per window against what the upstream
+//!    leaves the fleet, upstream 429 ratio.
+//! 2. **kill**: a burst at gcsim 60× (a window per real second), the relay
+//!    SIGKILLed halfway and restarted on its file, the flows re-posting
+//!    what was not acknowledged; acknowledged records lost, records the
+//!    upstream stored twice.
+//!
+//! `cargo bench -p gc-relay --bench relay -- [--secs 30] [--rate 500]`
+
+#[path = "../tests/it/common.rs"]
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use hdrhistogram::Histogram;
+use serde_json::Value;
+
+const TRUNKS: usize = 15;
+/// Phase 1's writes family: documented 300 a minute, 240 enforced, 60 of
+/// them the unmanaged consumer's: 180 a minute left to the fleet.
+const HIDDEN: u64 = 240;
+const UNMANAGED: u64 = 60;
+/// Phase 1's gcsim time scale: a window is 6 real seconds, so the burst
+/// spans whole windows and the drain rate is not one window's head start.
+const SCALE: f64 = 10.0;
+
+struct Args {
+    secs: u64,
+    rate: u64,
+    kill_records: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        secs: 30,
+        rate: 500,
+        kill_records: 3_000,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = argv.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().and_then(|v| v.parse::<u64>().ok());
+        match flag.as_str() {
+            "--secs" => a.secs = value().unwrap_or(a.secs),
+            "--rate" => a.rate = value().unwrap_or(a.rate),
+            "--kill-records" => a.kill_records = value().map_or(a.kill_records, |v| v as usize),
+            // cargo bench passes --bench.
+            _ => {}
+        }
+    }
+    a
+}
+
+fn main() {
+    let args = args();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        println!("machine: {} cores, load average {}", cores(), load());
+        burst(&args).await;
+        kill(&args).await;
+    });
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+async fn status(url: &str) -> Value {
+    reqwest::get(format!("{url}/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn burst(args: &Args) {
+    let dir = TempDir::new("bench");
+    let sim = gcsim(sim_config(SCALE, HIDDEN, UNMANAGED)).await;
+    let broker = broker((60_000.0 / SCALE) as u64).await;
+    let child = Child::start(&serve_args(&dir.sqlite(), &sim, &broker.url)).await;
+    let flow = Flow::new(&child.url);
+    let latencies = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let per_trunk = Duration::from_secs_f64(TRUNKS as f64 / args.rate as f64);
+    let end = tokio::time::Instant::now() + Duration::from_secs(args.secs);
+    let started = Instant::now();
+    let mut trunks = tokio::task::JoinSet::new();
+    for t in 0..TRUNKS {
+        let (flow, latencies, refused) = (flow.clone(), latencies.clone(), refused.clone());
+        trunks.spawn(async move {
+            let mut tick = tokio::time::interval(per_trunk);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut posts = tokio::task::JoinSet::new();
+            let mut n = 0u64;
+            while tokio::time::Instant::now() < end {
+                tick.tick().await;
+                let record = wrapup(&format!("t{t}-{n}"));
+                n += 1;
+                let (flow, latencies, refused) = (flow.clone(), latencies.clone(), refused.clone());
+                posts.spawn(async move {
+                    let sent = Instant::now();
+                    let ok = matches!(flow.post(&record).await, Ok((202, _)));
+                    let us = sent.elapsed().as_micros() as u64;
+                    if ok {
+                        let _ = latencies.lock().unwrap().record(us.max(1));
+                    } else {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+                while posts.try_join_next().is_some() {}
+            }
+            while posts.join_next().await.is_some() {}
+        });
+    }
+    while trunks.join_next().await.is_some() {}
+    let elapsed = started.elapsed().as_secs_f64();
+    let s = status(&child.url).await;
+    let stats = sim_stats(&sim).await;
+    let h = latencies.lock().unwrap().clone();
+    let accepted = h.len();
+    let delivered = s["queue"]["done"].as_i64().unwrap_or(0);
+    let calls = s["upstream"]["calls"].as_u64().unwrap_or(0);
+    let throttled = s["upstream"]["throttled_429"].as_u64().unwrap_or(0);
+    // Per simulated minute (one window).
+    let fleet_limit = (HIDDEN - UNMANAGED) as f64;
+    let drained_per_min = delivered as f64 / (elapsed * SCALE / 60.0);
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    println!();
+    println!("burst: {TRUNKS} trunks, {} records/s for {} real s, gcsim at x{SCALE}, writes documented {DOCUMENTED}/min, enforced {HIDDEN}/min, unmanaged {UNMANAGED}/min", args.rate, args.secs);
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!(
+        "| records accepted (202) | {accepted} ({:.0}/s) |",
+        accepted as f64 / elapsed
+    );
+    println!(
+        "| records refused or failed | {} |",
+        refused.load(Ordering::Relaxed)
+    );
+    println!(
+        "| intake p50 / p99 / max | {:.2} / {:.2} / {:.2} ms |",
+        ms(0.5),
+        ms(0.99),
+        h.max() as f64 / 1000.0
+    );
+    println!("| drained | {delivered} in {:.0} simulated s = {drained_per_min:.1}/min (the upstream leaves the fleet {fleet_limit:.0}/min) |", elapsed * SCALE);
+    println!(
+        "| upstream calls / 429s | {calls} / {throttled} ({:.2}%) |",
+        100.0 * throttled as f64 / calls.max(1) as f64
+    );
+    println!(
+        "| gcsim refused (fleet, by reason) | {} |",
+        stats["refused_by_reason"]
+    );
+    println!(
+        "| queue left | {} records, oldest {:.1} s |",
+        s["queue"]["records"],
+        s["queue"]["oldest_age_s"].as_f64().unwrap_or(0.0)
+    );
+    child.kill9().await;
+    broker.stop().await;
+    sim.shutdown().await;
+}
+
+async fn kill(args: &Args) {
+    let dir = TempDir::new("bench-kill");
+    let sim = gcsim(sim_config(60.0, 100, 20)).await;
+    let broker = broker(1_000).await;
+    let serve = serve_args(&dir.sqlite(), &sim, &broker.url);
+    let total = args.kill_records;
+    let before = burst_and_kill(Child::start(&serve).await, total, 32, total / 2).await;
+    let child = Child::start(&serve).await;
+    repost_and_drain(&child.url, total, &before).await;
+    let w = writes(&sim).await;
+    let lost = before.iter().filter(|c| !w.contains_key(*c)).count();
+    let twice = w.values().filter(|&&n| n > 1).count();
+    println!();
+    println!("kill -9: {total} records posted by 32 flows, the relay SIGKILLed after {} acknowledged, restarted on its SQLite file", before.len());
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!("| acknowledged before the kill | {} |", before.len());
+    println!("| acknowledged records lost | {lost} |");
+    println!("| records written twice upstream | {twice} |");
+    println!("| records written upstream | {} of {total} |", w.len());
+    child.kill9().await;
+    broker.stop().await;
+    sim.shutdown().await;
+}

@@ -1,0 +1,265 @@
+//! `gc-relay`: `serve` runs the relay; `status` and `dlq list|replay|drop`
+//! read and settle its queue directly (they work while it runs, and on a
+//! PostgreSQL queue from any host that reaches it).
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use gc_relay::{Auth, DrainSettings, Limits, Queue, RelayError, Settings, UpstreamSettings};
+
+#[derive(Parser)]
+#[command(
+    name = "gc-relay",
+    version,
+    about = "Architect call-flow relay: HTTP intake, durable queue, drained through quota-broker"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (RUST_LOG syntax).
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Take records over HTTP and drain them upstream.
+    Serve(Box<Serve>),
+    /// The queue's depth, oldest record, drain rate and dead letters.
+    Status {
+        #[command(flatten)]
+        queue: QueueArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The dead letters (records the upstream refused with a 4xx).
+    Dlq {
+        #[command(subcommand)]
+        action: Dlq,
+    },
+}
+
+#[derive(Args)]
+struct QueueArg {
+    /// `sqlite:PATH` (or a path) or `postgres://user@host/db`.
+    #[arg(long, env = "GC_RELAY_QUEUE", default_value = "sqlite:gc-relay.db")]
+    queue: String,
+}
+
+#[derive(Subcommand)]
+enum Dlq {
+    /// List them, oldest first.
+    List {
+        #[command(flatten)]
+        queue: QueueArg,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Put them back in the queue.
+    Replay(Pick),
+    /// Drop them for good (their keys stay known).
+    Drop(Pick),
+}
+
+#[derive(Args)]
+struct Pick {
+    #[command(flatten)]
+    queue: QueueArg,
+    /// Every dead letter.
+    #[arg(long, conflicts_with = "ids")]
+    all: bool,
+    /// Record ids.
+    #[arg(required_unless_present = "all")]
+    ids: Vec<i64>,
+}
+
+#[derive(Args)]
+struct Serve {
+    #[command(flatten)]
+    queue: QueueArg,
+    /// Where to listen.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Genesys Cloud region host (mypurecloud.com) or base URL (gcsim).
+    #[arg(long, env = "GC_RELAY_REGION")]
+    region: String,
+    /// OAuth client-credentials client id.
+    #[arg(long, env = "GC_RELAY_CLIENT_ID")]
+    client_id: String,
+    /// Its secret.
+    #[arg(long, env = "GC_RELAY_CLIENT_SECRET", hide_env_values = true)]
+    client_secret: String,
+    /// The quota broker.
+    #[arg(
+        long,
+        env = "GC_RELAY_BROKER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    broker: String,
+    /// The broker's bearer token.
+    #[arg(long, env = "GC_RELAY_BROKER_TOKEN", hide_env_values = true)]
+    broker_token: Option<String>,
+    /// The broker tenant (the org).
+    #[arg(long, env = "GC_RELAY_TENANT")]
+    tenant: String,
+    /// This relay's name (broker client id).
+    #[arg(long, default_value = "gc-relay")]
+    name: String,
+    /// Basic-auth user the Data Action sends.
+    #[arg(long, env = "GC_RELAY_BASIC_USER", requires = "basic_password")]
+    basic_user: Option<String>,
+    /// Basic-auth password the Data Action sends.
+    #[arg(
+        long,
+        env = "GC_RELAY_BASIC_PASSWORD",
+        hide_env_values = true,
+        requires = "basic_user"
+    )]
+    basic_password: Option<String>,
+    /// Shared secret the Data Action sends in `X-Relay-Secret`.
+    #[arg(long, env = "GC_RELAY_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Records pending or in flight before intake answers 503.
+    #[arg(long, default_value_t = Limits::default().max_records)]
+    max_records: u64,
+    /// Their bytes before intake answers 503.
+    #[arg(long, default_value_t = Limits::default().max_bytes)]
+    max_bytes: u64,
+    /// Largest record, bytes.
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_record_bytes: usize,
+    /// Records being delivered at once.
+    #[arg(long, default_value_t = DrainSettings::default().concurrency)]
+    concurrency: usize,
+    /// Seconds a claim holds a record (a dead relay's come back after it).
+    #[arg(long, default_value_t = DrainSettings::default().claim.as_secs())]
+    claim_secs: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gc-relay: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gc-relay: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), RelayError> {
+    match command {
+        Command::Serve(s) => serve(*s).await,
+        Command::Status { queue, json } => {
+            let depth = open(&queue).await?.depth().await?;
+            if json {
+                println!("{}", serde_json::to_string(&depth).unwrap_or_default());
+            } else {
+                println!("records pending or in flight  {}", depth.records);
+                println!("  of which in flight          {}", depth.inflight);
+                println!("  bytes                       {}", depth.bytes);
+                println!("oldest record age             {:.1} s", depth.oldest_age_s);
+                println!(
+                    "drain rate (last minute)      {:.2} records/s",
+                    depth.done_last_minute as f64 / 60.0
+                );
+                println!("delivered (kept)              {}", depth.done);
+                println!("dead letters                  {}", depth.dead);
+            }
+            Ok(())
+        }
+        Command::Dlq { action } => match action {
+            Dlq::List { queue, limit } => {
+                for d in open(&queue).await?.dead_letters(limit).await? {
+                    println!("{}", serde_json::to_string(&d).unwrap_or_default());
+                }
+                Ok(())
+            }
+            Dlq::Replay(p) => {
+                let n = open(&p.queue).await?.replay(ids(&p)).await?;
+                println!("{n} dead letters back in the queue");
+                Ok(())
+            }
+            Dlq::Drop(p) => {
+                let n = open(&p.queue).await?.drop_dead(ids(&p)).await?;
+                println!("{n} dead letters dropped");
+                Ok(())
+            }
+        },
+    }
+}
+
+fn ids(p: &Pick) -> Option<&[i64]> {
+    (!p.all).then_some(p.ids.as_slice())
+}
+
+async fn open(q: &QueueArg) -> Result<Queue, RelayError> {
+    Queue::open(&q.queue, Limits::default()).await
+}
+
+async fn serve(s: Serve) -> Result<(), RelayError> {
+    let upstream = UpstreamSettings {
+        region: s.region,
+        client_id: s.client_id,
+        client_secret: s.client_secret,
+        broker: s.broker,
+        broker_token: s.broker_token,
+        tenant: s.tenant,
+    };
+    let auth = Auth {
+        basic: s.basic_user.zip(s.basic_password),
+        secret: s.secret,
+    };
+    let mut settings = Settings::new(&s.queue.queue, upstream, auth);
+    settings.limits = Limits {
+        max_records: s.max_records,
+        max_bytes: s.max_bytes,
+    };
+    settings.max_record_bytes = s.max_record_bytes;
+    settings.drain.concurrency = s.concurrency;
+    settings.drain.claim = Duration::from_secs(s.claim_secs.max(1));
+    settings.name = s.name;
+    let listener = tokio::net::TcpListener::bind(s.listen)
+        .await
+        .map_err(|source| RelayError::Io {
+            what: format!("bind {}", s.listen),
+            source,
+        })?;
+    let relay = gc_relay::start(settings, listener).await?;
+    // One line on stdout once bound, for whoever started it.
+    println!("gc-relay listening on http://{}", relay.addr());
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    relay.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

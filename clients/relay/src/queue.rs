@@ -1,0 +1,788 @@
+//! The durable queue: one table of records and one of dead letters, in
+//! SQLite (embedded, WAL, `synchronous=FULL`) or PostgreSQL (shared by
+//! several relays; claims take `FOR UPDATE SKIP LOCKED`). Owns the schema,
+//! the SQL of both back ends, and the group commit: intake and drain
+//! outcomes go through one writer task that commits whatever has gathered
+//! in one transaction, and each caller is answered only after that commit
+//! (so a 202 means the record is on disk).
+//!
+//! A record's states: `pending` → `inflight` (claimed by one relay, with a
+//! lease that expires so a dead relay's records come back) → `done`, or
+//! `dead` (with a row in the dead-letter table) → `pending` again on replay
+//! or `dropped`. Done and dropped records stay (until pruned) so a repeated
+//! idempotency key is still recognised.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::Row;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::RelayError;
+use crate::record::{NewRecord, Record};
+
+/// Operations the writer gathers per transaction at most.
+const BATCH_MAX: usize = 512;
+/// Operations waiting for the writer at most (then callers wait).
+const CHANNEL: usize = 4096;
+/// SQLite connections: the writer, the drain's claims, status reads.
+const SQLITE_CONNECTIONS: u32 = 4;
+/// PostgreSQL connections per relay.
+const PG_CONNECTIONS: u32 = 8;
+/// How long a statement waits for SQLite's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of an upstream answer kept in a dead letter.
+const DEAD_ANSWER_MAX: usize = 4096;
+
+/// How full the queue may get before intake answers 503.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Records pending or in flight.
+    pub max_records: u64,
+    /// Their bytes (method, path, body and keys).
+    pub max_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_records: 1_000_000,
+            max_bytes: 1 << 30,
+        }
+    }
+}
+
+/// What intake answers for one record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    /// Stored now under this id.
+    New(i64),
+    /// The idempotency key was stored before, under this id.
+    Duplicate(i64),
+    /// The queue is full.
+    Full,
+}
+
+/// A record's upstream outcome, as the drain reports it.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// Delivered (2xx).
+    Done,
+    /// Not now (429, 5xx, transport, broker): pending again from `at_ms`.
+    Retry {
+        /// Epoch ms before which it is not claimed again.
+        at_ms: i64,
+    },
+    /// Refused for good (4xx other than 429): to the dead letters.
+    Dead {
+        /// The upstream's status.
+        status: u16,
+        /// The upstream's answer (cut to [`DEAD_ANSWER_MAX`] bytes).
+        answer: String,
+    },
+}
+
+/// One dead letter.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeadLetter {
+    /// The record's id.
+    pub id: i64,
+    /// Its idempotency key.
+    pub key: String,
+    /// Its method and path.
+    pub method: String,
+    /// Its path.
+    pub path: String,
+    /// The upstream's status.
+    pub status: i64,
+    /// The upstream's answer.
+    pub answer: String,
+    /// When it died, epoch ms.
+    pub dead_ms: i64,
+}
+
+/// The queue's figures (for `/status`, `gc-relay status` and `/metrics`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Depth {
+    /// Records pending or in flight.
+    pub records: i64,
+    /// Of which in flight.
+    pub inflight: i64,
+    /// Their bytes.
+    pub bytes: i64,
+    /// Age of the oldest of them, seconds (0 when none).
+    pub oldest_age_s: f64,
+    /// Dead letters.
+    pub dead: i64,
+    /// Records delivered in the last minute.
+    pub done_last_minute: i64,
+    /// Records delivered and still kept.
+    pub done: i64,
+}
+
+/// The database: SQLite or PostgreSQL.
+#[derive(Clone)]
+enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to the pool of whichever back end `$db`
+/// is (the same code compiled for both drivers).
+macro_rules! with_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            Db::Sqlite($pool) => $body,
+            Db::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// A write transaction: `BEGIN IMMEDIATE` on SQLite, so the write lock is
+/// taken up front and a read before a write never fails on a busy snapshot.
+trait BeginWrite {
+    type Database: sqlx::Database;
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Database>, sqlx::Error>;
+}
+
+impl BeginWrite for SqlitePool {
+    type Database = sqlx::Sqlite;
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+impl BeginWrite for PgPool {
+    type Database = sqlx::Postgres;
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        self.begin().await
+    }
+}
+
+/// One operation for the writer, with the channel its caller waits on.
+enum Op {
+    Enqueue(NewRecord, oneshot::Sender<Result<Stored, RelayError>>),
+    Finish {
+        id: i64,
+        owner: String,
+        outcome: Outcome,
+        done: oneshot::Sender<Result<(), RelayError>>,
+    },
+}
+
+/// The queue: a cheap-clone handle (a pool and the writer's channel).
+#[derive(Clone)]
+pub struct Queue {
+    db: Db,
+    writer: mpsc::Sender<Op>,
+    limits: Limits,
+}
+
+impl Queue {
+    /// Opens (creating if needed) the queue at `url`: `sqlite:PATH` or a
+    /// bare path for SQLite, `postgres://...` for PostgreSQL. Starts the
+    /// writer task, which stops when every handle is dropped.
+    pub async fn open(url: &str, limits: Limits) -> Result<Queue, RelayError> {
+        let db = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = PgPoolOptions::new()
+                .max_connections(PG_CONNECTIONS)
+                .connect(url)
+                .await
+                .map_err(|e| RelayError::db("connect to PostgreSQL", e))?;
+            Db::Postgres(pool)
+        } else {
+            let path = url
+                .strip_prefix("sqlite://")
+                .or_else(|| url.strip_prefix("sqlite:"))
+                .unwrap_or(url);
+            let options = SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(BUSY_TIMEOUT);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(SQLITE_CONNECTIONS)
+                .connect_with(options)
+                .await
+                .map_err(|e| RelayError::db("open the SQLite queue", e))?;
+            Db::Sqlite(pool)
+        };
+        migrate(&db).await?;
+        let (writer, ops) = mpsc::channel(CHANNEL);
+        tokio::spawn(write_loop(db.clone(), ops, limits));
+        Ok(Queue { db, writer, limits })
+    }
+
+    /// Whether this queue is PostgreSQL.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.db, Db::Postgres(_))
+    }
+
+    /// The limits intake enforces.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Stores `record` (or finds its key), answering once committed.
+    pub async fn enqueue(&self, record: NewRecord) -> Result<Stored, RelayError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(Op::Enqueue(record, tx))
+            .await
+            .map_err(|_| RelayError::WriterGone)?;
+        rx.await.map_err(|_| RelayError::WriterGone)?
+    }
+
+    /// Records the outcome of a claimed record (if `owner` still holds it).
+    pub async fn finish(&self, id: i64, owner: &str, outcome: Outcome) -> Result<(), RelayError> {
+        let (done, rx) = oneshot::channel();
+        self.writer
+            .send(Op::Finish {
+                id,
+                owner: owner.to_owned(),
+                outcome,
+                done,
+            })
+            .await
+            .map_err(|_| RelayError::WriterGone)?;
+        rx.await.map_err(|_| RelayError::WriterGone)?
+    }
+
+    /// Claims up to `n` records for `owner` until `lease` from now: pending,
+    /// due, and with no older record of their order key pending or in
+    /// flight (so a key's records go upstream one at a time, in order).
+    pub async fn claim(
+        &self,
+        owner: &str,
+        n: usize,
+        lease: Duration,
+    ) -> Result<Vec<Record>, RelayError> {
+        let now = now_ms();
+        let until = now + lease.as_millis() as i64;
+        // The candidates in id order; PostgreSQL locks them and skips those
+        // another relay is claiming.
+        let lock = match self.db {
+            Db::Sqlite(_) => "",
+            Db::Postgres(_) => "FOR UPDATE SKIP LOCKED",
+        };
+        let sql = self.sql(&format!(
+            "UPDATE relay_records SET state = 'inflight', lease_owner = ?, \
+               lease_until_ms = ?, attempts = attempts + 1 \
+             WHERE id IN (SELECT r.id FROM relay_records r \
+               WHERE r.state = 'pending' AND r.not_before_ms <= ? \
+                 AND NOT EXISTS (SELECT 1 FROM relay_records o WHERE o.order_key = r.order_key \
+                   AND o.id < r.id AND o.state IN ('pending', 'inflight')) \
+               ORDER BY r.id LIMIT ? {lock}) \
+             RETURNING id, idem_key, method, path, body, attempts, received_ms"
+        ));
+        let mut records = with_pool!(&self.db, pool => {
+            let rows = sqlx::query(&sql)
+                .bind(owner)
+                .bind(until)
+                .bind(now)
+                .bind(n as i64)
+                .fetch_all(pool)
+                .await
+                .map_err(|e| RelayError::db("claim records", e))?;
+            rows.iter().map(|row| {
+                Ok(Record {
+                    id: row.try_get("id")?,
+                    key: row.try_get("idem_key")?,
+                    method: row.try_get("method")?,
+                    path: row.try_get("path")?,
+                    body: row.try_get("body")?,
+                    attempts: row.try_get("attempts")?,
+                    received_ms: row.try_get("received_ms")?,
+                })
+            })
+            .collect::<Result<Vec<Record>, sqlx::Error>>()
+            .map_err(|e| RelayError::db("read claimed records", e))?
+        });
+        records.sort_by_key(|r| r.id);
+        Ok(records)
+    }
+
+    /// Puts records whose lease has expired (their relay died) back to
+    /// pending; returns how many.
+    pub async fn reclaim(&self) -> Result<u64, RelayError> {
+        let sql = self.sql(
+            "UPDATE relay_records SET state = 'pending', lease_owner = NULL \
+             WHERE state = 'inflight' AND lease_until_ms < ?",
+        );
+        self.execute("reclaim expired leases", &sql, &[now_ms()])
+            .await
+    }
+
+    /// Puts every claimed record back to pending (a SQLite queue at start:
+    /// its only relay is this one, so any claim is a dead predecessor's).
+    pub async fn release_all_claims(&self) -> Result<u64, RelayError> {
+        let sql = "UPDATE relay_records SET state = 'pending', lease_owner = NULL \
+                   WHERE state = 'inflight'";
+        self.execute("release claims of a previous run", sql, &[])
+            .await
+    }
+
+    /// Deletes delivered and dropped records older than `keep`.
+    pub async fn prune(&self, keep: Duration) -> Result<u64, RelayError> {
+        let sql = self
+            .sql("DELETE FROM relay_records WHERE state IN ('done', 'dropped') AND done_ms < ?");
+        let before = now_ms() - keep.as_millis() as i64;
+        self.execute("prune delivered records", &sql, &[before])
+            .await
+    }
+
+    /// The queue's figures now.
+    pub async fn depth(&self) -> Result<Depth, RelayError> {
+        let now = now_ms();
+        let open = self.sql(
+            "SELECT COUNT(*) AS n, \
+               CAST(COALESCE(SUM(CASE WHEN state = 'inflight' THEN 1 ELSE 0 END), 0) AS BIGINT) AS inflight, \
+               CAST(COALESCE(SUM(bytes), 0) AS BIGINT) AS bytes, \
+               CAST(COALESCE(MIN(received_ms), 0) AS BIGINT) AS oldest \
+             FROM relay_records WHERE state IN ('pending', 'inflight')",
+        );
+        let counts = self.sql(
+            "SELECT \
+               CAST(COALESCE(SUM(CASE WHEN state = 'dead' THEN 1 ELSE 0 END), 0) AS BIGINT) AS dead, \
+               CAST(COALESCE(SUM(CASE WHEN state = 'done' AND done_ms >= ? THEN 1 ELSE 0 END), 0) AS BIGINT) AS recent, \
+               CAST(COALESCE(SUM(CASE WHEN state = 'done' THEN 1 ELSE 0 END), 0) AS BIGINT) AS done \
+             FROM relay_records WHERE state IN ('dead', 'done')",
+        );
+        with_pool!(&self.db, pool => {
+            let read = |e| RelayError::db("read the queue's depth", e);
+            let a = sqlx::query(&open).fetch_one(pool).await.map_err(read)?;
+            let b = sqlx::query(&counts)
+                .bind(now - 60_000)
+                .fetch_one(pool)
+                .await
+                .map_err(read)?;
+            let get = |row: &_, name: &str| -> Result<i64, RelayError> {
+                sqlx::Row::try_get::<i64, _>(row, name).map_err(read)
+            };
+            let records = get(&a, "n")?;
+            let oldest = get(&a, "oldest")?;
+            Ok(Depth {
+                records,
+                inflight: get(&a, "inflight")?,
+                bytes: get(&a, "bytes")?,
+                oldest_age_s: if records > 0 {
+                    ((now - oldest).max(0) as f64) / 1000.0
+                } else {
+                    0.0
+                },
+                dead: get(&b, "dead")?,
+                done_last_minute: get(&b, "recent")?,
+                done: get(&b, "done")?,
+            })
+        })
+    }
+
+    /// The dead letters, oldest first (at most `limit`).
+    pub async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>, RelayError> {
+        let sql = self.sql(
+            "SELECT r.id, r.idem_key, r.method, r.path, d.status, d.answer, d.dead_ms \
+             FROM relay_dead_letters d JOIN relay_records r ON r.id = d.record_id \
+             ORDER BY r.id LIMIT ?",
+        );
+        with_pool!(&self.db, pool => {
+            let rows = sqlx::query(&sql)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await
+                .map_err(|e| RelayError::db("list dead letters", e))?;
+            rows.iter()
+                .map(|row| {
+                    Ok(DeadLetter {
+                        id: row.try_get("id")?,
+                        key: row.try_get("idem_key")?,
+                        method: row.try_get("method")?,
+                        path: row.try_get("path")?,
+                        status: row.try_get("status")?,
+                        answer: row.try_get("answer")?,
+                        dead_ms: row.try_get("dead_ms")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(|e| RelayError::db("read dead letters", e))
+        })
+    }
+
+    /// Puts dead letters back in the queue (`ids`, or all when `None`);
+    /// returns how many.
+    pub async fn replay(&self, ids: Option<&[i64]>) -> Result<u64, RelayError> {
+        self.settle_dead(
+            ids,
+            "state = 'pending', not_before_ms = ?, attempts = 0",
+            now_ms(),
+        )
+        .await
+    }
+
+    /// Drops dead letters for good (`ids`, or all when `None`): their keys
+    /// stay known, so a repeat is still one record; returns how many.
+    pub async fn drop_dead(&self, ids: Option<&[i64]>) -> Result<u64, RelayError> {
+        self.settle_dead(ids, "state = 'dropped', done_ms = ?", now_ms())
+            .await
+    }
+
+    /// Sets `set` (with one `?`, bound to `value`) on the dead records of
+    /// `ids` (all when `None`) and removes their dead letters.
+    async fn settle_dead(
+        &self,
+        ids: Option<&[i64]>,
+        set: &str,
+        value: i64,
+    ) -> Result<u64, RelayError> {
+        let which = match ids {
+            None => String::new(),
+            Some(ids) => {
+                let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+                format!(" AND id IN ({})", list.join(","))
+            }
+        };
+        let update = self.sql(&format!(
+            "UPDATE relay_records SET {set} WHERE state = 'dead'{which}"
+        ));
+        let delete = "DELETE FROM relay_dead_letters WHERE record_id NOT IN \
+                      (SELECT id FROM relay_records WHERE state = 'dead')";
+        let what = |e| RelayError::db("settle dead letters", e);
+        with_pool!(&self.db, pool => {
+            let mut tx = pool.begin_write().await.map_err(what)?;
+            let n = sqlx::query(&update)
+                .bind(value)
+                .execute(&mut *tx)
+                .await
+                .map_err(what)?
+                .rows_affected();
+            sqlx::query(delete).execute(&mut *tx).await.map_err(what)?;
+            tx.commit().await.map_err(what)?;
+            Ok(n)
+        })
+    }
+
+    async fn execute(&self, what: &str, sql: &str, binds: &[i64]) -> Result<u64, RelayError> {
+        with_pool!(&self.db, pool => {
+            let mut q = sqlx::query(sql);
+            for b in binds {
+                q = q.bind(*b);
+            }
+            q.execute(pool)
+                .await
+                .map(|r| r.rows_affected())
+                .map_err(|e| RelayError::db(what, e))
+        })
+    }
+
+    fn sql(&self, text: &str) -> String {
+        placeholders(&self.db, text)
+    }
+}
+
+/// `text` with `?` placeholders, or `$1, $2, ...` for PostgreSQL.
+fn placeholders(db: &Db, text: &str) -> String {
+    match db {
+        Db::Sqlite(_) => text.to_owned(),
+        Db::Postgres(_) => {
+            let mut out = String::with_capacity(text.len() + 8);
+            let mut n = 0;
+            for c in text.chars() {
+                if c == '?' {
+                    n += 1;
+                    out.push('$');
+                    out.push_str(&n.to_string());
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch (wall clock: several relays share the
+/// PostgreSQL queue's times).
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Creates the tables if missing (PostgreSQL: under an advisory lock, since
+/// two relays may start at once).
+async fn migrate(db: &Db) -> Result<(), RelayError> {
+    let id = match db {
+        Db::Sqlite(_) => "id INTEGER PRIMARY KEY AUTOINCREMENT",
+        Db::Postgres(_) => "id BIGSERIAL PRIMARY KEY",
+    };
+    let statements = [
+        format!(
+            "CREATE TABLE IF NOT EXISTS relay_records ( \
+               {id}, \
+               idem_key TEXT NOT NULL UNIQUE, \
+               order_key TEXT NOT NULL, \
+               method TEXT NOT NULL, \
+               path TEXT NOT NULL, \
+               body TEXT, \
+               bytes BIGINT NOT NULL, \
+               state TEXT NOT NULL, \
+               attempts BIGINT NOT NULL DEFAULT 0, \
+               received_ms BIGINT NOT NULL, \
+               not_before_ms BIGINT NOT NULL, \
+               lease_owner TEXT, \
+               lease_until_ms BIGINT, \
+               done_ms BIGINT)"
+        ),
+        "CREATE INDEX IF NOT EXISTS relay_records_state ON relay_records (state, id)".into(),
+        "CREATE INDEX IF NOT EXISTS relay_records_order ON relay_records (order_key, id)".into(),
+        "CREATE TABLE IF NOT EXISTS relay_dead_letters ( \
+           record_id BIGINT PRIMARY KEY, \
+           status BIGINT NOT NULL, \
+           answer TEXT NOT NULL, \
+           dead_ms BIGINT NOT NULL)"
+            .into(),
+    ];
+    let what = |e| RelayError::db("create the queue's tables", e);
+    match db {
+        Db::Sqlite(pool) => {
+            for s in &statements {
+                sqlx::query(s).execute(pool).await.map_err(what)?;
+            }
+        }
+        Db::Postgres(pool) => {
+            let mut tx = pool.begin().await.map_err(what)?;
+            sqlx::query("SELECT pg_advisory_xact_lock(7311)")
+                .execute(&mut *tx)
+                .await
+                .map_err(what)?;
+            for s in &statements {
+                sqlx::query(s).execute(&mut *tx).await.map_err(what)?;
+            }
+            tx.commit().await.map_err(what)?;
+        }
+    }
+    Ok(())
+}
+
+/// What the writer knows of the records pending or in flight: read from
+/// the database at most every [`OPEN_REFRESH`] (other relays on a shared
+/// queue, replays and reclaims change it too), kept up to date with its own
+/// inserts and outcomes in between, so a commit does not count the queue.
+#[derive(Default)]
+struct Open {
+    records: i64,
+    bytes: i64,
+    read_at: Option<Instant>,
+}
+
+/// How often [`Open`] is read from the database.
+const OPEN_REFRESH: Duration = Duration::from_secs(1);
+
+/// The writer: gathers what is waiting (up to [`BATCH_MAX`]), commits it in
+/// one transaction, then answers every caller.
+async fn write_loop(db: Db, mut ops: mpsc::Receiver<Op>, limits: Limits) {
+    let mut batch = Vec::with_capacity(BATCH_MAX);
+    let mut open = Open::default();
+    while ops.recv_many(&mut batch, BATCH_MAX).await > 0 {
+        let (finishes, enqueues): (Vec<Op>, Vec<Op>) = batch
+            .drain(..)
+            .partition(|op| matches!(op, Op::Finish { .. }));
+        let results = commit(&db, &finishes, &enqueues, limits, &mut open).await;
+        if results.is_err() {
+            open.read_at = None;
+        }
+        match results {
+            Ok(stored) => {
+                for op in finishes {
+                    if let Op::Finish { done, .. } = op {
+                        let _ = done.send(Ok(()));
+                    }
+                }
+                for (op, s) in enqueues.into_iter().zip(stored) {
+                    if let Op::Enqueue(_, reply) = op {
+                        let _ = reply.send(Ok(s));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "queue write failed; the batch is answered with the error");
+                for op in finishes.into_iter().chain(enqueues) {
+                    match op {
+                        Op::Finish { done, .. } => {
+                            let _ = done.send(Err(RelayError::Unavailable));
+                        }
+                        Op::Enqueue(_, reply) => {
+                            let _ = reply.send(Err(RelayError::Unavailable));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One transaction: the outcomes first (writes, so SQLite's lock is held
+/// from the start), then the new records, as far as the limits allow.
+async fn commit(
+    db: &Db,
+    finishes: &[Op],
+    enqueues: &[Op],
+    limits: Limits,
+    open: &mut Open,
+) -> Result<Vec<Stored>, RelayError> {
+    let count = placeholders(
+        db,
+        "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(bytes), 0) AS BIGINT) AS bytes \
+         FROM relay_records WHERE state IN ('pending', 'inflight')",
+    );
+    let insert = placeholders(
+        db,
+        "INSERT INTO relay_records (idem_key, order_key, method, path, body, bytes, state, \
+           received_ms, not_before_ms) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?) \
+         ON CONFLICT (idem_key) DO NOTHING RETURNING id",
+    );
+    let find = placeholders(db, "SELECT id FROM relay_records WHERE idem_key = ?");
+    let done = placeholders(
+        db,
+        "UPDATE relay_records SET state = 'done', done_ms = ?, lease_owner = NULL \
+         WHERE id = ? AND state = 'inflight' AND lease_owner = ? RETURNING bytes",
+    );
+    let retry = placeholders(
+        db,
+        "UPDATE relay_records SET state = 'pending', not_before_ms = ?, lease_owner = NULL \
+         WHERE id = ? AND state = 'inflight' AND lease_owner = ?",
+    );
+    let dead = placeholders(
+        db,
+        "UPDATE relay_records SET state = 'dead', lease_owner = NULL \
+         WHERE id = ? AND state = 'inflight' AND lease_owner = ? RETURNING bytes",
+    );
+    let letter = placeholders(
+        db,
+        "INSERT INTO relay_dead_letters (record_id, status, answer, dead_ms) VALUES (?, ?, ?, ?) \
+         ON CONFLICT (record_id) DO UPDATE SET status = excluded.status, \
+           answer = excluded.answer, dead_ms = excluded.dead_ms",
+    );
+    let what = |e| RelayError::db("commit to the queue", e);
+    let now = now_ms();
+    with_pool!(db, pool => {
+        // Read before the transaction: the limits are a bound, not a
+        // promise, and SQLite's transaction must begin with its lock.
+        if !enqueues.is_empty() && open.read_at.is_none_or(|t| t.elapsed() >= OPEN_REFRESH) {
+            let row = sqlx::query(&count).fetch_one(pool).await.map_err(what)?;
+            open.records = row.try_get::<i64, _>("n").map_err(what)?;
+            open.bytes = row.try_get::<i64, _>("bytes").map_err(what)?;
+            open.read_at = Some(Instant::now());
+        }
+        let (mut records, mut bytes) = (open.records, open.bytes);
+        let mut tx = pool.begin_write().await.map_err(what)?;
+        for op in finishes {
+            let Op::Finish { id, owner, outcome, .. } = op else { continue };
+            match outcome {
+                Outcome::Done => {
+                    let row = sqlx::query(&done).bind(now).bind(*id).bind(owner)
+                        .fetch_optional(&mut *tx).await.map_err(what)?;
+                    if let Some(row) = row {
+                        records -= 1;
+                        bytes -= row.try_get::<i64, _>("bytes").map_err(what)?;
+                    }
+                }
+                Outcome::Retry { at_ms } => {
+                    sqlx::query(&retry).bind(*at_ms).bind(*id).bind(owner)
+                        .execute(&mut *tx).await.map_err(what)?;
+                }
+                Outcome::Dead { status, answer } => {
+                    let row = sqlx::query(&dead).bind(*id).bind(owner)
+                        .fetch_optional(&mut *tx).await.map_err(what)?;
+                    if let Some(row) = row {
+                        records -= 1;
+                        bytes -= row.try_get::<i64, _>("bytes").map_err(what)?;
+                        sqlx::query(&letter)
+                            .bind(*id)
+                            .bind(i64::from(*status))
+                            .bind(cut(answer, DEAD_ANSWER_MAX))
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(what)?;
+                    }
+                }
+            }
+        }
+        let mut stored = Vec::with_capacity(enqueues.len());
+        for op in enqueues {
+            let Op::Enqueue(r, _) = op else { continue };
+            let size = r.bytes() as i64;
+            let room = (records as u64) < limits.max_records
+                && (bytes + size) as u64 <= limits.max_bytes;
+            let inserted = if room {
+                sqlx::query(&insert)
+                    .bind(&r.key)
+                    .bind(&r.order_key)
+                    .bind(&r.method)
+                    .bind(&r.path)
+                    .bind(r.body.as_deref())
+                    .bind(size)
+                    .bind(now)
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(what)?
+                    .map(|row| row.try_get::<i64, _>("id"))
+                    .transpose()
+                    .map_err(what)?
+            } else {
+                None
+            };
+            let s = match inserted {
+                Some(id) => {
+                    records += 1;
+                    bytes += size;
+                    Stored::New(id)
+                }
+                None => {
+                    let found = sqlx::query(&find)
+                        .bind(&r.key)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(what)?;
+                    match found {
+                        Some(row) => Stored::Duplicate(row.try_get::<i64, _>("id").map_err(what)?),
+                        None => Stored::Full,
+                    }
+                }
+            };
+            stored.push(s);
+        }
+        tx.commit().await.map_err(what)?;
+        (open.records, open.bytes) = (records, bytes);
+        Ok(stored)
+    })
+}
+
+/// `s` cut to at most `max` bytes on a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cut_keeps_characters_whole() {
+        assert_eq!(cut("abc", 10), "abc");
+        assert_eq!(cut("héllo", 2), "h");
+        assert_eq!(cut("héllo", 3), "hé");
+    }
+}

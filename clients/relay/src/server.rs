@@ -1,0 +1,218 @@
+//! The relay's HTTP side: `POST /records` (the Data Action's intake:
+//! credentials, the record's checks, the durable store, 202 with the
+//! record's id), `GET /status` (the queue's figures as JSON), `GET
+//! /metrics` (Prometheus) and `GET /healthz`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine as _;
+use gc_upstream::Upstream;
+use serde_json::json;
+use tokio::sync::Notify;
+
+use crate::error::RelayError;
+use crate::metrics::Metrics;
+use crate::queue::{Queue, Stored};
+use crate::record::{Intake, NewRecord};
+
+/// The header that carries the shared secret.
+pub const SECRET_HEADER: &str = "x-relay-secret";
+
+/// Who may post records: Basic credentials, a shared secret, or both.
+#[derive(Clone, Debug, Default)]
+pub struct Auth {
+    /// `user:password` for Basic auth.
+    pub basic: Option<(String, String)>,
+    /// The value of the [`SECRET_HEADER`] header.
+    pub secret: Option<String>,
+}
+
+impl Auth {
+    /// Whether anything is configured (the relay refuses to start open).
+    pub fn is_set(&self) -> bool {
+        self.basic.is_some() || self.secret.is_some()
+    }
+
+    fn allows(&self, headers: &HeaderMap) -> bool {
+        if let (Some(secret), Some(given)) = (&self.secret, headers.get(SECRET_HEADER)) {
+            if same(secret.as_bytes(), given.as_bytes()) {
+                return true;
+            }
+        }
+        let Some((user, password)) = &self.basic else {
+            return false;
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Basic "))
+            .and_then(|b| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(b.trim())
+                    .ok()
+            });
+        let expected = format!("{user}:{password}");
+        given.is_some_and(|g| same(expected.as_bytes(), &g))
+    }
+}
+
+/// Compares secrets in time that does not depend on where they differ
+/// (a dependency for these few lines is not worth it).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub(crate) struct App {
+    pub(crate) queue: Queue,
+    pub(crate) auth: Arc<Auth>,
+    pub(crate) metrics: Metrics,
+    pub(crate) upstream: Upstream,
+    pub(crate) max_record_bytes: usize,
+    pub(crate) full_retry_after_s: u64,
+    /// Tells the drain a record arrived.
+    pub(crate) wake: Arc<Notify>,
+}
+
+pub(crate) fn router(app: App) -> Router {
+    // Room for the JSON around a record of the largest size.
+    let limit = app.max_record_bytes * 2 + 4096;
+    Router::new()
+        .route("/records", post(intake))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(app)
+}
+
+async fn intake(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = Instant::now();
+    let answer = accept(&app, &headers, &body).await;
+    let outcome = match &answer {
+        Ok(Stored::New(_)) => "accepted",
+        Ok(Stored::Duplicate(_)) => "duplicate",
+        Ok(Stored::Full) | Err(RelayError::Full { .. }) => "full",
+        Err(RelayError::Unauthorized) => "unauthorized",
+        Err(RelayError::Invalid(_) | RelayError::Body(_)) => "invalid",
+        Err(_) => "unavailable",
+    };
+    app.metrics.intake(outcome);
+    match answer {
+        Ok(Stored::New(id)) | Ok(Stored::Duplicate(id)) => {
+            app.metrics
+                .ack_seconds
+                .observe(started.elapsed().as_secs_f64());
+            if outcome == "accepted" {
+                app.wake.notify_one();
+            }
+            let duplicate = outcome == "duplicate";
+            (
+                StatusCode::ACCEPTED,
+                axum::Json(json!({ "recordId": id, "duplicate": duplicate })),
+            )
+                .into_response()
+        }
+        Ok(Stored::Full) => RelayError::Full {
+            retry_after_s: app.full_retry_after_s,
+        }
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn accept(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Stored, RelayError> {
+    if !app.auth.allows(headers) {
+        return Err(RelayError::Unauthorized);
+    }
+    let intake: Intake = serde_json::from_slice(body).map_err(|e| {
+        // serde's message names a field or a position, never the input.
+        RelayError::Body(format!(
+            "{} at line {} column {}",
+            category(&e),
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let record = NewRecord::check(intake, app.max_record_bytes)?;
+    app.queue.enqueue(record).await
+}
+
+fn category(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Io => "unreadable",
+        serde_json::error::Category::Syntax => "not JSON",
+        serde_json::error::Category::Data => "missing, unknown or mistyped field",
+        serde_json::error::Category::Eof => "cut short",
+    }
+}
+
+async fn status(State(app): State<App>) -> Response {
+    match app.queue.depth().await {
+        Ok(depth) => {
+            let s = app.upstream.stats();
+            axum::Json(json!({
+                "queue": depth,
+                "upstream": {
+                    "calls": s.calls,
+                    "ok_2xx": s.ok_2xx,
+                    "client_4xx": s.client_4xx,
+                    "throttled_429": s.throttled_429,
+                    "server_5xx": s.server_5xx,
+                    "transport_errors": s.transport_errors,
+                    "retries": s.retries,
+                    "fallback_leases": s.fallback_leases,
+                    "logins": s.logins,
+                },
+            }))
+            .into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    match app.queue.depth().await {
+        Ok(depth) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            app.metrics.encode(&depth),
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_and_secret_are_checked() {
+        let auth = Auth {
+            basic: Some(("flow".into(), "pw".into())),
+            secret: Some("s3cret".into()),
+        };
+        let mut h = HeaderMap::new();
+        assert!(!auth.allows(&h));
+        h.insert(SECRET_HEADER, "s3cret".parse().unwrap());
+        assert!(auth.allows(&h));
+        h.insert(SECRET_HEADER, "s3creT".parse().unwrap());
+        assert!(!auth.allows(&h));
+        // "flow:pw"
+        h.insert(header::AUTHORIZATION, "Basic Zmxvdzpwdw==".parse().unwrap());
+        assert!(auth.allows(&h));
+        h.insert(header::AUTHORIZATION, "Basic Zmxvdzpwdg==".parse().unwrap());
+        assert!(!auth.allows(&h));
+    }
+}

@@ -1,0 +1,182 @@
+//! Intake: credentials, checks, duplicates, a full queue, metrics.
+
+use serde_json::json;
+
+use crate::common::*;
+
+/// An upstream nobody listens on: records stay queued (transport errors
+/// are retried), so the queue fills.
+fn unreachable_upstream(settings: &mut gc_relay::Settings) {
+    settings.upstream.region = "http://127.0.0.1:1".into();
+}
+
+#[tokio::test]
+async fn intake_refuses_strangers_and_bad_records_and_a_full_queue_says_when() {
+    let dir = TempDir::new("intake");
+    let sim = gcsim(sim_config(1.0, 300, 0)).await;
+    let broker = broker(60_000).await;
+    let mut settings = settings(&dir.sqlite(), &sim, &broker.url);
+    unreachable_upstream(&mut settings);
+    settings.limits.max_records = 2;
+    let relay = relay(settings).await;
+    let base = format!("http://{}", relay.addr());
+    let http = reqwest::Client::new();
+    let url = format!("{base}/records");
+
+    // No credentials, wrong ones: 401 with a Basic challenge.
+    let r = http.post(&url).json(&wrapup("a")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Basic"));
+    let r = http
+        .post(&url)
+        .basic_auth(USER, Some("wrong"))
+        .json(&wrapup("a"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // The shared secret works as well as Basic.
+    let r = http
+        .post(&url)
+        .header(gc_relay::SECRET_HEADER, "shared-secret")
+        .json(&wrapup("a"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+
+    let flow = Flow::new(&base);
+    // A record that is not one: 400, and the message does not echo it.
+    let (status, body) = flow
+        .post(&json!({"idempotencyKey": "k", "method": "GET", "path": "/api/v2/x"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = flow.post(&json!({"nonsense-field-xyz": 1})).await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(!body.to_string().contains("nonsense-field-xyz"), "{body}");
+
+    // The repeat of a stored key is the same record, even when full.
+    let (status, first) = flow.post(&wrapup("b")).await.unwrap();
+    assert_eq!((status, first["duplicate"].as_bool()), (202, Some(false)));
+    let (status, again) = flow.post(&wrapup("b")).await.unwrap();
+    assert_eq!(status, 202);
+    assert_eq!(again["recordId"], first["recordId"]);
+    assert_eq!(again["duplicate"], true);
+    // Two records queued: the third is refused with a Retry-After.
+    let r = http
+        .post(&url)
+        .basic_auth(USER, Some(PASSWORD))
+        .json(&wrapup("c"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "5");
+    let (status, _) = flow.post(&wrapup("b")).await.unwrap();
+    assert_eq!(status, 202);
+
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "gc_relay_queue_depth 2",
+        "gc_relay_intake_requests_total{outcome=\"accepted\"} 2",
+        "gc_relay_intake_requests_total{outcome=\"duplicate\"} 2",
+        "gc_relay_intake_requests_total{outcome=\"full\"} 1",
+        "gc_relay_intake_requests_total{outcome=\"unauthorized\"} 2",
+        "gc_relay_intake_requests_total{outcome=\"invalid\"} 2",
+        "gc_relay_ack_seconds_count 4",
+        "gc_relay_dead_letters 0",
+    ] {
+        assert!(metrics.contains(line), "{line:?} not in\n{metrics}");
+    }
+    assert!(
+        metrics.contains("gc_relay_oldest_record_age_seconds"),
+        "{metrics}"
+    );
+    relay.shutdown().await;
+    broker.stop().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_relay_without_credentials_does_not_start() {
+    let dir = TempDir::new("open");
+    let sim = gcsim(sim_config(1.0, 300, 0)).await;
+    let mut settings = settings(&dir.sqlite(), &sim, "http://127.0.0.1:1");
+    settings.auth = gc_relay::Auth::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = match gc_relay::start(settings, listener).await {
+        Ok(_) => panic!("an open relay started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("credentials"), "{err}");
+    sim.shutdown().await;
+}
+
+/// The shipped Data Action's request template, filled in as Architect
+/// fills it (`${input.X}` replaced, `$esc.jsonString(...)` quoted), is a
+/// record the relay takes.
+#[tokio::test]
+async fn the_shipped_data_action_makes_records_the_relay_takes() {
+    let action: serde_json::Value = serde_json::from_str(include_str!(
+        "../../architect/queue-wrapup-data-action.json"
+    ))
+    .unwrap();
+    let template = action["config"]["request"]["requestTemplate"]
+        .as_str()
+        .unwrap();
+    let inputs = [
+        ("conversationId", "conv-1"),
+        ("participantId", "part-1"),
+        ("communicationId", "comm-1"),
+        ("wrapupCode", "code-1"),
+        ("notes", "said \"thanks\""),
+    ];
+    let mut filled = template.replace(
+        "$esc.jsonString(${input.notes})",
+        &serde_json::to_string(inputs[4].1).unwrap(),
+    );
+    for (name, value) in inputs {
+        filled = filled.replace(&format!("${{input.{name}}}"), value);
+    }
+    let record: serde_json::Value = serde_json::from_str(&filled).unwrap();
+    for required in action["contract"]["input"]["inputSchema"]["required"]
+        .as_array()
+        .unwrap()
+    {
+        let name = required.as_str().unwrap();
+        assert!(template.contains(&format!("${{input.{name}}}")), "{name}");
+    }
+
+    let dir = TempDir::new("action");
+    let sim = gcsim(sim_config(60.0, 300, 0)).await;
+    let broker = broker(1_000).await;
+    let relay = relay(settings(&dir.sqlite(), &sim, &broker.url)).await;
+    let flow = Flow::new(&format!("http://{}", relay.addr()));
+    let (status, answer) = flow.post(&record).await.unwrap();
+    assert_eq!(status, 202, "{answer}");
+    // The action's translation map reads these.
+    assert!(
+        answer["recordId"].is_i64() && answer["duplicate"] == false,
+        "{answer}"
+    );
+    wait_until(
+        "the write upstream",
+        std::time::Duration::from_secs(30),
+        || async { writes(&sim).await.get("conv-1") == Some(&1) },
+    )
+    .await;
+    relay.shutdown().await;
+    broker.stop().await;
+    sim.shutdown().await;
+}
