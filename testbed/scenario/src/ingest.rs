@@ -41,13 +41,12 @@ use crate::confgen::{DAY, ORG};
 use crate::error::Error;
 use crate::measure::{Class, Records};
 use crate::modes::Ctx;
+use crate::relay::OAUTH_SECRET;
 
 /// Workers, as the synthetic ingestion's.
 const WORKERS: usize = 4;
 /// The OAuth client (gcsim's client id is `<client>@<org>`).
 const OAUTH_CLIENT: &str = "ingest";
-/// gcsim's default OAuth secret.
-const OAUTH_SECRET: &str = "gcsim-secret";
 /// The broker's client id of the process.
 const CLIENT_ID: &str = "gc-ingest";
 /// Failures kept as examples.
