@@ -146,6 +146,12 @@ impl History {
     pub(crate) fn ids(&self) -> Vec<&str> {
         self.conversations.iter().map(|c| c.id.as_str()).collect()
     }
+
+    /// The ids of the conversations starting in `[from, to)`, in history
+    /// order.
+    pub(crate) fn ids_in(&self, from: i64, to: i64) -> Vec<&str> {
+        self.hits(from, to).iter().map(|c| c.id.as_str()).collect()
+    }
 }
 
 impl Conversation {
@@ -293,6 +299,21 @@ mod tests {
         ] {
             assert_eq!(parse_timestamp(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn ids_in_an_interval_are_the_queries_hits() {
+        let day = parse_day("2026-11-01").unwrap();
+        let h = History::generate(3, "org-a", day, 1, 500);
+        let hour = 3_600_000;
+        let mut all = Vec::new();
+        for k in 0..24 {
+            let (from, to) = (day + k * hour, day + (k + 1) * hour);
+            let ids = h.ids_in(from, to);
+            assert_eq!(ids.len(), h.count(from, to));
+            all.extend(ids);
+        }
+        assert_eq!(all, h.ids());
     }
 
     #[test]

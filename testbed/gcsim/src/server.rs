@@ -925,11 +925,33 @@ async fn job_results(
     .await
 }
 
-async fn conversation_ids(State(sim): State<Sim>, Path(org): Path<String>) -> Response {
-    match sim.inner.orgs.get(&org) {
-        Some(slot) => axum::Json(slot.history.ids()).into_response(),
-        None => unknown_org(&org),
+async fn conversation_ids(
+    State(sim): State<Sim>,
+    Path(org): Path<String>,
+    Query(q): Query<IdsParams>,
+) -> Response {
+    let Some(slot) = sim.inner.orgs.get(&org) else {
+        return unknown_org(&org);
+    };
+    match q.interval {
+        None => axum::Json(slot.history.ids()).into_response(),
+        Some(interval) => match parse_interval(&interval) {
+            Some((from, to)) => axum::Json(slot.history.ids_in(from, to)).into_response(),
+            None => error_body(
+                StatusCode::BAD_REQUEST,
+                "bad.request",
+                bad_interval(&interval),
+                None,
+            ),
+        },
     }
+}
+
+/// `GET /_sim/orgs/{org}/conversations?interval=<start>/<end>`: only the
+/// conversations starting in the interval.
+#[derive(Deserialize)]
+struct IdsParams {
+    interval: Option<String>,
 }
 
 /// `POST /_sim/orgs/{org}/short-pages` body `N`: the next N details-query

@@ -46,6 +46,10 @@ pub(crate) enum Error {
     /// gc-relay ("broker + relay" mode) did not start.
     #[error("gc-relay: {0}")]
     Relay(#[from] gc_relay::RelayError),
+    /// gc-ingest (the broker modes' ingestion) could not be set up or
+    /// its sink failed.
+    #[error("gc-ingest: {0}")]
+    Ingest(String),
     /// A fleet task panicked.
     #[error("a fleet task failed: {0}")]
     Task(#[from] tokio::task::JoinError),

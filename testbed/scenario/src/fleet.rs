@@ -6,7 +6,9 @@
 //!   interval to learn `totalHits`, which queues its other pages for every
 //!   worker; a new interval is started only when no page is queued and no
 //!   page 1 is in flight (so little is half-done when production stops).
-//!   Workers send their next request as soon as they may.
+//!   Workers send their next request as soon as they may. This is the
+//!   naive and local modes' ingestion; the modes through the broker run
+//!   gc-ingest instead ([`crate::ingest`]).
 //! - **Wallboards** (class `critical`, OAuth clients `wallboard-0..2`): each
 //!   polls the queue observations every 10 simulated seconds, phase-offset;
 //!   a poll that comes due while the previous one is still retrying is
@@ -33,6 +35,7 @@ use tokio::time::Instant;
 use crate::cli::ModeName;
 use crate::confgen::{Plan, DAY, WINDOW_MS};
 use crate::error::Error;
+use crate::ingest::GcIngest;
 use crate::measure::{Class, Family, Records};
 use crate::modes::{CallFailed, Caller, Ctx, LocalLimiter, Policy};
 
@@ -310,6 +313,7 @@ pub(crate) async fn run(
     seed: u64,
     broker_url: Option<String>,
     relay: Option<crate::relay::RelayIntake>,
+    gc_ingest: Option<Arc<GcIngest>>,
 ) -> Result<FleetOutcome, Error> {
     let clock = ctx.clock;
     let stop_ms = plan.duration_ms as f64;
@@ -330,10 +334,15 @@ pub(crate) async fn run(
     };
     let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
 
-    let ingest = procs.policy(LOCAL_ANALYTICS_PER_MIN, Some(LOCAL_INGEST_SLOTS))?;
-    for w in 0..WORKERS {
-        let caller = procs.caller(&ingest, format!("ingest-w{w}"), "ingest", Class::Batch);
-        tasks.spawn(ingest_worker(caller, shared.clone()));
+    // The broker modes' ingestion is gc-ingest (crate::ingest).
+    if let Some(gc) = &gc_ingest {
+        gc.spawn(&mut tasks, &ctx, shared.stop_at);
+    } else {
+        let ingest = procs.policy(LOCAL_ANALYTICS_PER_MIN, Some(LOCAL_INGEST_SLOTS))?;
+        for w in 0..WORKERS {
+            let caller = procs.caller(&ingest, format!("ingest-w{w}"), "ingest", Class::Batch);
+            tasks.spawn(ingest_worker(caller, shared.clone()));
+        }
     }
     for b in 0..WALLBOARDS {
         let policy = procs.policy(LOCAL_ANALYTICS_PER_MIN, None)?;
@@ -374,6 +383,10 @@ pub(crate) async fn run(
         }
     }
     let drained_at_ms = clock.now_ms().min(deadline_ms);
+    let gc = match &gc_ingest {
+        Some(gc) => Some(gc.finish(&ctx).await?),
+        None => None,
+    };
 
     let state = shared
         .ingest
@@ -384,10 +397,18 @@ pub(crate) async fn run(
         .rejected
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
+    let (ingest, intervals_started, pages) = match gc {
+        Some(gc) => (gc.records, gc.blocks_started, gc.pages),
+        None => (
+            Records::new(state.expected, state.ids.len() as u64, state.duplicates),
+            state.intervals_started,
+            state.pages_fetched,
+        ),
+    };
     Ok(FleetOutcome {
-        ingest: Records::new(state.expected, state.ids.len() as u64, state.duplicates),
-        intervals_started: state.intervals_started,
-        pages: state.pages_fetched,
+        ingest,
+        intervals_started,
+        pages,
         writes_generated,
         writes_acked: ctx.metrics.writes_acked.load(Ordering::Relaxed),
         unfinished_tasks,

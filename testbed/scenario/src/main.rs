@@ -35,6 +35,7 @@ mod clock;
 mod confgen;
 mod error;
 mod fleet;
+mod ingest;
 mod matrix;
 mod measure;
 mod modes;
@@ -60,7 +61,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+            // sqlx's slow-statement warnings (gc-ingest's 500-row inserts
+            // on a busy machine) are noise here.
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("warn,sqlx::query=error")),
         )
         .with_writer(std::io::stderr)
         .init();

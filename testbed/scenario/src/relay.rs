@@ -27,8 +27,8 @@ const USER: &str = "architect";
 const PASSWORD: &str = "scenario";
 /// The relay's OAuth client at the simulator (`<client>@<org>`).
 const OAUTH_CLIENT: &str = "trunks-relay";
-/// gcsim's default OAuth secret.
-const OAUTH_SECRET: &str = "gcsim-secret";
+/// gcsim's default OAuth secret (also gc-ingest's, [`crate::ingest`]).
+pub(crate) const OAUTH_SECRET: &str = "gcsim-secret";
 /// Windows the relay gets to empty its queue after the fleet is done (as
 /// the fleet's own drain).
 const DRAIN_WINDOWS: f64 = 3.0;

@@ -16,6 +16,7 @@ use crate::clock::SimClock;
 use crate::confgen::{Plan, ANALYTICS, ORG, WRITES};
 use crate::error::Error;
 use crate::fleet::{self, FleetOutcome};
+use crate::ingest::GcIngest;
 use crate::measure::{
     self, Convergence, Counters, Goodput, LimitCheck, Metrics, Records, WaitStats,
 };
@@ -175,8 +176,13 @@ pub(crate) async fn run_mode(
         }
     };
     let intake = relay.as_ref().map(RelayServer::intake);
+    // The modes through the broker ingest with gc-ingest.
+    let gc_ingest = match &broker_url {
+        Some(url) => Some(GcIngest::start(sim.addr(), url, dir, mode.as_str(), spec.scale).await?),
+        None => None,
+    };
     let (outcome, struck) = tokio::join!(
-        fleet::run(mode, ctx, plan, spec.seed, broker_url, intake),
+        fleet::run(mode, ctx, plan, spec.seed, broker_url, intake, gc_ingest),
         strike
     );
     if let Some(relay) = relay {

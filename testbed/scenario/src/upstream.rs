@@ -141,6 +141,19 @@ impl Upstream {
         self.get_json(&format!("/_sim/orgs/{org}/writes")).await
     }
 
+    /// `/_sim/orgs/{org}/conversations?interval=`: the ids of the org's
+    /// conversations starting in `interval` (`<start>/<end>`).
+    pub(crate) async fn conversation_ids(
+        &self,
+        org: &str,
+        interval: &str,
+    ) -> Result<Vec<String>, Error> {
+        self.get_json(&format!(
+            "/_sim/orgs/{org}/conversations?interval={interval}"
+        ))
+        .await
+    }
+
     /// The whole `/_sim/log` (every page), as raw JSON entries.
     pub(crate) async fn log(&self) -> Result<Vec<serde_json::Value>, Error> {
         let mut since = 0u64;
