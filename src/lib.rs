@@ -86,6 +86,6 @@ pub use config::{ConfigError, LogFormat, Settings};
 #[cfg(feature = "server")]
 pub use error::BrokerError;
 #[cfg(feature = "server")]
-pub use grpc::{run, serve, Listeners, ServerError, MAX_CONCURRENT_STREAMS};
+pub use grpc::{run, serve, Embedded, Listeners, ServerError, MAX_CONCURRENT_STREAMS};
 #[cfg(feature = "server")]
 pub use tenant::{AcquireArgs, Decision, Denial, Grant, Queued, TenantState};

@@ -10,6 +10,7 @@
 mod admin_service;
 mod broker_service;
 mod codec;
+mod embedded;
 mod lease_stream;
 mod observe;
 mod ops;
@@ -17,6 +18,7 @@ mod overload;
 mod transport;
 
 pub use codec::MAX_CONCURRENT_STREAMS;
+pub use embedded::Embedded;
 
 use crate::auth::Authenticator;
 use crate::broker::Broker;

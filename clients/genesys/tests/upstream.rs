@@ -4,11 +4,10 @@
 
 use gc_upstream::{Credentials, Region, Request, RetryPolicy, Stats, Upstream, UpstreamError};
 use gcsim::{Sim, SimConfig, SimHandle};
-use quota_broker::Settings;
+use quota_broker::{Embedded, Settings};
 use quota_broker_client::{BrokerClient, Call, FallbackSettings};
 use serde_json::json;
 use std::time::Duration;
-use tokio::sync::oneshot;
 
 const BROKER: &str = r#"
 [server]
@@ -22,32 +21,10 @@ permits = 300
 window_ms = 60000
 "#;
 
-struct Broker {
-    url: String,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn broker() -> Broker {
+async fn broker() -> Embedded {
     let settings = Settings::from_toml(BROKER).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        quota_broker::run(listener, &settings, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    Broker { url, stop, task }
-}
-
-impl Broker {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap();
-    }
+    Embedded::spawn(listener, settings).unwrap()
 }
 
 /// The default org with its writes family enforcing `hidden` a minute.
@@ -97,7 +74,7 @@ async fn a_429_is_reported_and_retried_only_when_the_broker_grants_again() {
     let broker = broker().await;
     let up = upstream(
         &sim,
-        BrokerClient::connect(&broker.url, None).unwrap(),
+        BrokerClient::connect(&broker.url(), None).unwrap(),
         "gcsim-secret",
     );
     let start = tokio::time::Instant::now();
@@ -125,7 +102,7 @@ async fn a_429_is_reported_and_retried_only_when_the_broker_grants_again() {
     let w = writes(&sim).await;
     assert_eq!(w.as_object().unwrap().len(), 25, "{w}");
     assert!(w.as_object().unwrap().values().all(|n| n == 1), "{w}");
-    broker.stop().await;
+    broker.stop().await.unwrap();
     sim.shutdown().await;
 }
 
@@ -133,7 +110,7 @@ async fn a_429_is_reported_and_retried_only_when_the_broker_grants_again() {
 async fn tokens_are_refreshed_before_they_expire_and_bad_credentials_fail() {
     let sim = gcsim(300, 10).await;
     let broker = broker().await;
-    let client = BrokerClient::connect(&broker.url, None).unwrap();
+    let client = BrokerClient::connect(&broker.url(), None).unwrap();
     let up = upstream(&sim, client.clone(), "gcsim-secret");
     assert_eq!(up.send(&wrapup("a")).await.unwrap().status, 202);
     assert_eq!(up.send(&wrapup("b")).await.unwrap().status, 202);
@@ -158,7 +135,7 @@ async fn tokens_are_refreshed_before_they_expire_and_bad_credentials_fail() {
         other => panic!("expected a login refusal, got {other:?}"),
     }
     assert_eq!(wrong.stats().calls, 0, "no API call without a token");
-    broker.stop().await;
+    broker.stop().await.unwrap();
     sim.shutdown().await;
 }
 
@@ -168,7 +145,7 @@ async fn a_4xx_is_answered_not_retried() {
     let broker = broker().await;
     let up = upstream(
         &sim,
-        BrokerClient::connect(&broker.url, None).unwrap(),
+        BrokerClient::connect(&broker.url(), None).unwrap(),
         "gcsim-secret",
     );
     let bad = Request::post(
@@ -194,7 +171,7 @@ async fn a_4xx_is_answered_not_retried() {
         up.send(&Request::get("api/v2/no-slash")).await,
         Err(UpstreamError::Invalid { what: "path", .. })
     ));
-    broker.stop().await;
+    broker.stop().await.unwrap();
     sim.shutdown().await;
 }
 

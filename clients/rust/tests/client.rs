@@ -2,7 +2,7 @@
 
 use quota_broker::pb::quota_admin_client::QuotaAdminClient;
 use quota_broker::pb::{ListBucketsRequest, QuotaStatus};
-use quota_broker::Settings;
+use quota_broker::{Embedded, Settings};
 use quota_broker_client::{BrokerClient, Call, ClientError, FallbackSettings, LeaseLayer};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -29,39 +29,26 @@ window_ms = 60000
 
 struct Broker {
     addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+    server: Embedded,
 }
 
 async fn broker_on(addr: &str) -> Broker {
     let settings = Settings::from_toml(CONFIG).unwrap();
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        quota_broker::run(listener, &settings, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
+    let server = Embedded::spawn(listener, settings).unwrap();
     Broker {
-        addr,
-        stop: Some(stop),
-        task,
+        addr: server.addr(),
+        server,
     }
 }
 
 impl Broker {
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        self.task.await.unwrap();
+    async fn stop(self) {
+        self.server.stop().await.unwrap();
     }
 
     async fn bucket(&self, name: &str) -> QuotaStatus {

@@ -10,7 +10,6 @@ use gc_ingest::{BlockSize, Display, JobOptions, Plan, Sink, Source, SourceKind, 
 use gc_upstream::{Credentials, Region, Upstream};
 use quota_broker_client::{BrokerClient, Call};
 use serde_json::Value;
-use tokio::sync::oneshot;
 
 /// gcsim at 100× speed: three days of 8,000 conversations; the analytics
 /// family enforces 45 of its documented 60 per minute with an unmanaged
@@ -80,27 +79,17 @@ pub struct Bed {
 
 pub struct Broker {
     pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+    server: Option<quota_broker::Embedded>,
 }
 
 impl Broker {
     pub async fn start(addr: &str) -> Broker {
         let settings = quota_broker::Settings::from_toml(BROKER).unwrap();
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            quota_broker::run(listener, &settings, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
+        let server = quota_broker::Embedded::spawn(listener, settings).unwrap();
         Broker {
-            addr,
-            stop: Some(stop),
-            task,
+            addr: server.addr(),
+            server: Some(server),
         }
     }
 
@@ -108,13 +97,11 @@ impl Broker {
         format!("http://{}", self.addr)
     }
 
-    /// Stops it (leases in flight end with it).
+    /// Stops it (leases in flight end with it; after 10 s it is aborted).
     pub async fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
+        if let Some(server) = self.server.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), server.stop()).await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
-        self.task.abort();
     }
 }
 

@@ -11,7 +11,6 @@ use std::time::Duration;
 use gc_relay::{Auth, RelayHandle, Settings, UpstreamSettings};
 use gcsim::{Sim, SimConfig, SimHandle};
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
 
 /// The org, and the broker's tenant for it.
 pub const ORG: &str = "org-a";
@@ -49,8 +48,7 @@ pub async fn gcsim(config: SimConfig) -> SimHandle {
 /// per `window_ms` (real ms: gcsim's window at its scale).
 pub struct Broker {
     pub url: String,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
+    server: quota_broker::Embedded,
 }
 
 pub async fn broker(window_ms: u64) -> Broker {
@@ -69,22 +67,16 @@ window_ms = {window_ms}
     );
     let settings = quota_broker::Settings::from_toml(&config).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        quota_broker::run(listener, &settings, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    Broker { url, stop, task }
+    let server = quota_broker::Embedded::spawn(listener, settings).unwrap();
+    Broker {
+        url: server.url(),
+        server,
+    }
 }
 
 impl Broker {
     pub async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap();
+        self.server.stop().await.unwrap();
     }
 }
 
