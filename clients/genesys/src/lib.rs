@@ -154,7 +154,9 @@ impl Response {
         self.status == 429 || self.status >= 500
     }
 
-    fn retry_after(&self) -> Option<Duration> {
+    /// The answer's `Retry-After` in (decimal) seconds, if it makes sense,
+    /// at most two minutes.
+    pub fn retry_after(&self) -> Option<Duration> {
         let secs: f64 = self
             .headers
             .get(http::header::RETRY_AFTER)?

@@ -213,7 +213,8 @@ impl Drain {
             Ok(r) if (200..300).contains(&r.status) => Outcome::Done,
             Ok(r) if r.is_retryable() => {
                 let wait = if r.status == 429 {
-                    retry_after(&r.headers).unwrap_or(DEFAULT_RETRY_AFTER)
+                    r.retry_after()
+                        .map_or(DEFAULT_RETRY_AFTER, |w| w.min(MAX_BACKOFF))
                 } else {
                     backoff(record.attempts)
                 };
@@ -254,18 +255,6 @@ fn request(record: &Record) -> Result<Request, &'static str> {
     })
 }
 
-/// `Retry-After` in seconds, if there is one that makes sense.
-fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
-    let secs: f64 = headers
-        .get(http::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs).min(MAX_BACKOFF))
-}
-
 /// 1 s, 2 s, 4 s, ... up to [`MAX_BACKOFF`], by attempts so far.
 fn backoff(attempts: i64) -> Duration {
     let exp = attempts.saturating_sub(1).clamp(0, 16) as u32;
@@ -283,15 +272,5 @@ mod tests {
         assert_eq!(backoff(1), Duration::from_secs(1));
         assert_eq!(backoff(3), Duration::from_secs(4));
         assert_eq!(backoff(40), MAX_BACKOFF);
-    }
-
-    #[test]
-    fn retry_after_is_seconds_and_bounded() {
-        let mut h = http::HeaderMap::new();
-        assert_eq!(retry_after(&h), None);
-        h.insert(http::header::RETRY_AFTER, "1.5".parse().unwrap());
-        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
-        h.insert(http::header::RETRY_AFTER, "9999".parse().unwrap());
-        assert_eq!(retry_after(&h), Some(MAX_BACKOFF));
     }
 }
