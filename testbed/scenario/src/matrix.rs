@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::cli::{ModeName, Spec};
-use crate::report::Report;
+use crate::report::{max_429, Report, MAX_CRITICAL_P99_MS, MIN_GOODPUT_OF_LEFT};
 use crate::run::ModeResult;
 
 /// One upstream × seed × mode.
@@ -58,19 +58,22 @@ impl Cell {
     /// What this cell misses of [`TARGETS`].
     fn misses(&self) -> Vec<String> {
         let mut out = Vec::new();
-        let max_429 = if self.limit_moves { 0.01 } else { 0.005 };
+        let max_429 = max_429(self.limit_moves);
         if self.ratio_429 > max_429 {
             out.push(format!(
                 "429s +{:.2} pt",
                 100.0 * (self.ratio_429 - max_429)
             ));
         }
-        if let Some(g) = self.goodput_of_left.filter(|&g| g < 0.97) {
-            out.push(format!("goodput -{:.1} pt", 100.0 * (0.97 - g)));
+        if let Some(g) = self.goodput_of_left.filter(|&g| g < MIN_GOODPUT_OF_LEFT) {
+            out.push(format!(
+                "goodput -{:.1} pt",
+                100.0 * (MIN_GOODPUT_OF_LEFT - g)
+            ));
         }
         let (_, p99, n) = self.critical_outside;
-        if n > 0 && p99 > 50.0 {
-            out.push(format!("critical p99 +{:.0} ms", p99 - 50.0));
+        if n > 0 && p99 > MAX_CRITICAL_P99_MS {
+            out.push(format!("critical p99 +{:.0} ms", p99 - MAX_CRITICAL_P99_MS));
         }
         if self.records_lost > 0 {
             out.push(format!("{} lost", self.records_lost));

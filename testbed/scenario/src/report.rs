@@ -349,6 +349,23 @@ fn ms(v: f64) -> String {
     }
 }
 
+/// Least goodput of what the unmanaged consumer left.
+pub(crate) const MIN_GOODPUT_OF_LEFT: f64 = 0.97;
+/// Most 429s per request where what is left for the fleet holds / moves.
+pub(crate) const MAX_429_HOLDS: f64 = 0.005;
+pub(crate) const MAX_429_MOVES: f64 = 0.01;
+/// Longest critical p99 wait outside the upstream's blocks, sim ms.
+pub(crate) const MAX_CRITICAL_P99_MS: f64 = 50.0;
+
+/// The most 429s per request for a run whose limit `moves` or not.
+pub(crate) fn max_429(moves: bool) -> f64 {
+    if moves {
+        MAX_429_MOVES
+    } else {
+        MAX_429_HOLDS
+    }
+}
+
 /// Broker mode's targets, and its 429s against the baselines of the same
 /// run. `moves`: what is left for the fleet changes during the run.
 fn targets(modes: &[ModeResult], moves: bool) -> Vec<Target> {
@@ -364,17 +381,17 @@ fn targets(modes: &[ModeResult], moves: bool) -> Vec<Target> {
         name: "analytics goodput of what is left".into(),
         target: "≥ 97%".into(),
         value: gp.map_or("-".into(), |g| {
-            let miss = if g < 0.97 {
-                format!(" ({:.1} points short)", 100.0 * (0.97 - g))
+            let miss = if g < MIN_GOODPUT_OF_LEFT {
+                format!(" ({:.1} points short)", 100.0 * (MIN_GOODPUT_OF_LEFT - g))
             } else {
                 String::new()
             };
             format!("{}{miss}", pct(g))
         }),
-        met: gp.map(|g| g >= 0.97),
+        met: gp.map(|g| g >= MIN_GOODPUT_OF_LEFT),
     });
     let ratio = b.requests.ratio;
-    let max_ratio = if moves { 0.01 } else { 0.005 };
+    let max_ratio = max_429(moves);
     t.push(Target {
         name: "429 ratio over the run".into(),
         target: if moves {
@@ -423,7 +440,7 @@ fn targets(modes: &[ModeResult], moves: bool) -> Vec<Target> {
                 all.map_or("-".into(), ms)
             )
         },
-        met: (quiet.count > 0).then_some(quiet.p99_ms <= 50.0),
+        met: (quiet.count > 0).then_some(quiet.p99_ms <= MAX_CRITICAL_P99_MS),
     });
     for c in &b.convergence {
         let windows = if c.change.to < c.change.from {
