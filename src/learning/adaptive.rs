@@ -50,7 +50,8 @@ pub struct LearnSettings {
     /// Longest freeze or upstream-budget block one report may impose, so a
     /// wild `Retry-After` or reset cannot block a bucket for years.
     pub max_freeze: Duration,
-    /// How long after a freeze ends further 429s still belong to its episode.
+    /// How long after a freeze ends further 429s still belong to its
+    /// episode (at most a quarter of the bucket's window).
     pub episode_grace: Duration,
     /// Windows it takes to regrow from zero to the configured rate.
     pub recovery_windows: f64,
@@ -375,7 +376,10 @@ impl Learner {
             out.push(Learned::Frozen { until });
         }
         let new_episode = self.episode_until.is_none_or(|e| now >= e);
-        let episode_end = self.frozen_until.unwrap_or(until) + s.episode_grace;
+        // Stragglers of one episode come back within a round trip; a 429 a
+        // window later is new congestion, whatever the configured grace.
+        let grace = s.episode_grace.min(self.window / 4);
+        let episode_end = self.frozen_until.unwrap_or(until) + grace;
         self.episode_until = Some(
             self.episode_until
                 .map_or(episode_end, |e| e.max(episode_end)),

@@ -36,6 +36,7 @@ pub use region::{Credentials, Region};
 use bytes::Bytes;
 use quota_broker_client::{says_concurrency, BrokerClient, Call, ClientError, Lease};
 use serde::de::DeserializeOwned;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -204,6 +205,9 @@ pub struct Stats {
     pub fallback_leases: u64,
     /// Access tokens fetched from the login host.
     pub logins: u64,
+    /// Leases given back unused because a 429 for the same route came back
+    /// after they were granted (leased again once the broker knew).
+    pub withheld: u64,
 }
 
 #[derive(Default)]
@@ -216,6 +220,7 @@ struct Counters {
     transport_errors: AtomicU64,
     retries: AtomicU64,
     fallback_leases: AtomicU64,
+    withheld: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -229,6 +234,30 @@ struct Inner {
     broker: BrokerClient,
     template: Call,
     counters: Counters,
+    throttled: Throttled,
+}
+
+/// 429s seen per route ("METHOD path"). A rate 429 is counted and reported
+/// under the write lock, so a lease granted before the broker heard of it
+/// is caught (the count moved) and leased again only after the broker holds
+/// the route back: calls in this process racing the report do not each earn
+/// a 429 of their own.
+#[derive(Default)]
+struct Throttled(tokio::sync::RwLock<HashMap<String, u64>>);
+
+impl Throttled {
+    /// 429s seen for `route` so far; waits while one is being reported.
+    async fn seen(&self, route: &str) -> u64 {
+        self.0.read().await.get(route).copied().unwrap_or(0)
+    }
+
+    /// Counts a 429 for `route` and runs `report` before anyone reads the
+    /// count again.
+    async fn record<T>(&self, route: &str, report: impl std::future::Future<Output = T>) -> T {
+        let mut counts = self.0.write().await;
+        *counts.entry(route.to_owned()).or_default() += 1;
+        report.await
+    }
 }
 
 /// Leased, authenticated calls to one org's API (cheap to clone).
@@ -282,6 +311,7 @@ impl Upstream {
                 broker,
                 template,
                 counters: Counters::default(),
+                throttled: Throttled::default(),
             }),
         })
     }
@@ -300,6 +330,7 @@ impl Upstream {
             retries: get(&c.retries),
             fallback_leases: get(&c.fallback_leases),
             logins: self.inner.tokens.logins(),
+            withheld: get(&c.withheld),
         }
     }
 
@@ -354,11 +385,18 @@ impl Upstream {
             .inner
             .template
             .to(req.method.as_str(), req.route_path());
+        let route = format!("{} {}", req.method, req.route_path());
         let mut renewed_token = false;
         loop {
             let token = self.inner.tokens.get().await?;
+            let seen = self.inner.throttled.seen(&route).await;
             let lease = self.lease(&call).await?;
             let fallback = lease.is_fallback();
+            if !fallback && self.inner.throttled.seen(&route).await != seen {
+                bump(&self.inner.counters.withheld);
+                lease.release().await;
+                continue;
+            }
             if fallback {
                 bump(&self.inner.counters.fallback_leases);
             }
@@ -372,6 +410,9 @@ impl Upstream {
             };
             let reported = if response.status == 429 && says_concurrency(&response.body) {
                 lease.report_concurrency_429(&response.headers).await
+            } else if response.status == 429 {
+                let report = lease.report(response.status, &response.headers);
+                self.inner.throttled.record(&route, report).await
             } else {
                 lease.report(response.status, &response.headers).await
             };
@@ -467,6 +508,37 @@ fn without_url(e: reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_lease_checked_while_a_429_is_reported_sees_it_once_reported() {
+        let throttled = Arc::new(Throttled::default());
+        let route = "POST /api/v2/analytics/conversations/details/query";
+        let before = throttled.seen(route).await;
+        let (reported_tx, reported_rx) = tokio::sync::oneshot::channel::<()>();
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let reporter = tokio::spawn({
+            let throttled = throttled.clone();
+            async move {
+                throttled
+                    .record(route, async move {
+                        let _ = started_tx.send(());
+                        reported_rx.await
+                    })
+                    .await
+            }
+        });
+        started_rx.await.unwrap();
+        let check = tokio::spawn({
+            let throttled = throttled.clone();
+            async move { throttled.seen(route).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!check.is_finished(), "the check waits for the report");
+        reported_tx.send(()).unwrap();
+        reporter.await.unwrap().unwrap();
+        assert_eq!(check.await.unwrap(), before + 1);
+        assert_eq!(throttled.seen("GET /api/v2/users/me").await, 0);
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_cap() {

@@ -11,7 +11,7 @@ use gc_upstream::{Credentials, Region, Upstream};
 use quota_broker_client::{BrokerClient, Call};
 use serde_json::Value;
 
-/// gcsim at 100× speed: three days of 8,000 conversations; the analytics
+/// gcsim at 100× speed: three days of `{per_day}` conversations; the analytics
 /// family enforces 45 of its documented 60 per minute with an unmanaged
 /// consumer taking 5; two jobs may run at once.
 const GCSIM: &str = r#"
@@ -21,7 +21,7 @@ seed = 11
 id = "org-a"
 day = "2026-11-01"
 days = 3
-conversations_per_day = 8000
+conversations_per_day = {per_day}
 [[orgs.families]]
 name = "analytics-query"
 routes = ["POST /api/v2/analytics/**/query"]
@@ -107,7 +107,13 @@ impl Broker {
 
 impl Bed {
     pub async fn start() -> Bed {
-        let config = gcsim::SimConfig::from_toml(GCSIM).unwrap();
+        Bed::with_per_day(8000).await
+    }
+
+    /// The bed with `per_day` conversations a day instead of 8,000.
+    pub async fn with_per_day(per_day: u32) -> Bed {
+        let config = GCSIM.replace("{per_day}", &per_day.to_string());
+        let config = gcsim::SimConfig::from_toml(&config).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let sim = gcsim::Sim::start(config, listener).unwrap();
         Bed {
