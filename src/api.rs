@@ -13,6 +13,11 @@ pub mod pb {
         include_bytes!(concat!(env!("OUT_DIR"), "/quota_v1_descriptor.bin"));
 }
 
+/// Response metadata of an UNAVAILABLE answer from a broker of a cluster
+/// that does not lead the call's tenant: the leader's gRPC URL. Clients
+/// send the call there.
+pub const LEADER_METADATA: &str = "x-quota-broker-leader";
+
 /// Upstream response headers the broker learns from, lower case. Clients
 /// forward these (compared case-insensitively) in `ReportRequest.headers`;
 /// the broker's header parser reads exactly these, so one list serves both

@@ -92,6 +92,30 @@ pub enum BrokerError {
     /// The broker is shutting down.
     #[error("the broker is shutting down; retry once it is back")]
     ShuttingDown,
+    /// Cluster mode: another broker leads the tenant (or none does yet).
+    #[error("{}", not_leader_message(.tenant, .leader.as_deref()))]
+    NotLeader {
+        /// The tenant.
+        tenant: String,
+        /// The leader's URL, if known (also sent as the
+        /// `x-quota-broker-leader` response metadata).
+        leader: Option<String>,
+    },
+}
+
+fn not_leader_message(tenant: &str, leader: Option<&str>) -> String {
+    match leader {
+        Some(url) => format!(
+            "this broker does not lead tenant {}; its leader is {url}: send the call there \
+             (the quota-broker clients follow the x-quota-broker-leader metadata)",
+            clip(tenant)
+        ),
+        None => format!(
+            "no broker leads tenant {} right now (a leader is being elected, or this broker \
+             lost etcd); retry shortly or on another broker",
+            clip(tenant)
+        ),
+    }
 }
 
 impl BrokerError {

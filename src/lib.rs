@@ -62,6 +62,8 @@ mod broker;
 #[cfg(feature = "server")]
 mod clock;
 #[cfg(feature = "server")]
+mod cluster;
+#[cfg(feature = "server")]
 mod config;
 #[cfg(feature = "server")]
 mod error;
@@ -78,7 +80,7 @@ mod metrics;
 #[cfg(feature = "server")]
 mod tenant;
 
-pub use api::{pb, REPORTED_HEADERS};
+pub use api::{pb, LEADER_METADATA, REPORTED_HEADERS};
 #[cfg(feature = "server")]
 pub use auth::hash_token;
 #[cfg(feature = "server")]

@@ -69,7 +69,8 @@ impl Broker {
                 match r {
                     Ok(Ok(g)) => AcquireOutcome::Granted(g),
                     Ok(Err(d)) => AcquireOutcome::Denied(d),
-                    Err(_) => return Err(BrokerError::ShuttingDown),
+                    // Cluster mode: the tenant moved to another broker.
+                    Err(_) => return Err(self.leading(t).err().unwrap_or(BrokerError::ShuttingDown)),
                 }
             }
             _ = tokio::time::sleep_until(deadline) => wait.give_up(),

@@ -30,6 +30,7 @@ impl Broker {
         who: &str,
     ) -> Result<ClassSettings, BrokerError> {
         let t = self.tenant_index(tenant)?;
+        self.leading(t)?;
         self.inner.tenants[t].lock().set_class(class.clone())?;
         tracing::info!(%tenant, class = %class.name, order = class.order, weight = class.weight,
             reserve = class.reserve, default_max_wait_ms = millis(class.default_max_wait),
@@ -48,6 +49,7 @@ impl Broker {
         who: &str,
     ) -> Result<Vec<TenantBucketStatus>, BrokerError> {
         let t = self.tenant_index(tenant)?;
+        self.leading(t)?;
         {
             let mut state = self.inner.tenants[t].lock();
             let b = state.set_bucket_limit(bucket, change, Instant::now())?;
@@ -68,6 +70,7 @@ impl Broker {
         who: &str,
     ) -> Result<Vec<TenantBucketStatus>, BrokerError> {
         let t = self.tenant_index(tenant)?;
+        self.leading(t)?;
         let paused = reason.is_some();
         self.inner.tenants[t]
             .lock()
@@ -92,6 +95,7 @@ impl Broker {
         who: &str,
     ) -> Result<Vec<TenantBucketStatus>, BrokerError> {
         let t = self.tenant_index(tenant)?;
+        self.leading(t)?;
         let now = Instant::now();
         let statuses = {
             let mut state = self.inner.tenants[t].lock();
@@ -129,6 +133,9 @@ impl Broker {
             changed.insert((t, key));
             self.admin_file(&changed)
         };
+        if self.inner.cluster.get().is_some() {
+            return self.save_to_cluster(t).await;
+        }
         let Some(dir) = self.inner.server.state_dir.clone() else {
             return Ok(());
         };
@@ -192,6 +199,13 @@ impl Broker {
                 return;
             }
         };
+        let changes = self.apply_admin(file, now);
+        tracing::info!(dir = %dir.display(), changes, "operators' changes restored");
+    }
+
+    /// Re-applies the changes in an admin file; how many changes are
+    /// recorded afterwards.
+    pub(super) fn apply_admin(&self, file: AdminFile, now: Instant) -> usize {
         let mut changed = self
             .inner
             .admin_changes
@@ -235,6 +249,6 @@ impl Broker {
                 }
             }
         }
-        tracing::info!(dir = %dir.display(), changes = changed.len(), "operators' changes restored");
+        changed.len()
     }
 }

@@ -19,11 +19,13 @@
 //! | `admin`   | operators' changes, saved to and restored from `admin.toml`   |
 //! | `persist` | learned state, saved to and restored from `learned.toml`      |
 //! | `files`   | the two state files and their atomic writes                   |
+//! | `lead`    | cluster mode: leading a tenant, take-over, hand-over, snapshots |
 
 mod acquire;
 mod admin;
 mod driver;
 mod files;
+mod lead;
 mod persist;
 mod watch;
 
@@ -68,6 +70,11 @@ impl Tenant {
 
 struct Inner {
     server: ServerSettings,
+    /// The whole config: a tenant taken over in cluster mode is rebuilt
+    /// from it.
+    settings: Settings,
+    /// Cluster mode: where snapshots are saved (set once the task starts).
+    cluster: std::sync::OnceLock<crate::cluster::Store>,
     tenants: Vec<Tenant>,
     by_id: HashMap<String, usize>,
     clock: Clock,
@@ -126,6 +133,8 @@ impl Broker {
         let broker = Broker {
             inner: Arc::new(Inner {
                 server: settings.server.clone(),
+                settings: settings.clone(),
+                cluster: std::sync::OnceLock::new(),
                 tenants,
                 by_id,
                 clock: Clock::new(),
@@ -143,7 +152,18 @@ impl Broker {
         for t in &broker.inner.tenants {
             t.lock().start_leases_after(seq_base);
         }
-        if let Some(dir) = &settings.server.state_dir {
+        let state_dir = match &settings.cluster {
+            // Cluster mode: nothing is led until etcd says so, and the
+            // state lives in etcd.
+            Some(_) => {
+                for t in &broker.inner.tenants {
+                    t.lock().set_lead(None, None);
+                }
+                None
+            }
+            None => settings.server.state_dir.as_ref(),
+        };
+        if let Some(dir) = state_dir {
             broker.restore_admin(dir, now);
             if broker.restore(dir, now) {
                 for t in &broker.inner.tenants {
@@ -159,8 +179,11 @@ impl Broker {
         let mut drivers: Vec<_> = (0..broker.inner.tenants.len())
             .map(|t| tokio::spawn(broker.clone().drive(t)))
             .collect();
-        if let Some(dir) = settings.server.state_dir.clone() {
+        if let Some(dir) = state_dir.cloned() {
             drivers.push(tokio::spawn(broker.clone().persist(dir)));
+        }
+        if let Some(c) = &settings.cluster {
+            drivers.push(tokio::spawn(crate::cluster::run(broker.clone(), c.clone())));
         }
         (broker, Drivers(drivers))
     }
@@ -211,7 +234,13 @@ impl Broker {
         let Some(tenant) = self.lease_tenant(id) else {
             return Ok(false);
         };
-        let released = tenant.lock().release(id);
+        let released = {
+            let mut state = tenant.lock();
+            if let Some(e) = state.not_leading(Instant::now()) {
+                return Err(e);
+            }
+            state.release(id)
+        };
         if released {
             tenant.wake.notify_one();
             self.announce();
@@ -247,6 +276,9 @@ impl Broker {
         let extend = (!extend.is_zero()).then_some(extend);
         let renewed = {
             let mut state = tenant.lock();
+            if let Some(e) = state.not_leading(Instant::now()) {
+                return Err(e);
+            }
             // The Acquire must be for the lease's own tenant.
             if acquired_with.is_some_and(|(name, _)| name != state.id()) {
                 return Err(BrokerError::invalid(
@@ -275,6 +307,7 @@ impl Broker {
         let t = self.tenant_index(tenant)?;
         let tenant = &self.inner.tenants[t];
         let now = Instant::now();
+        self.leading(t)?;
         let outcome = if http_status == 429 && concurrency_limited {
             tenant
                 .lock()

@@ -23,6 +23,13 @@ impl Broker {
                 return true;
             }
         };
+        let restored = self.apply_learned(file, now);
+        tracing::info!(dir = %dir.display(), buckets = restored, "learned state restored");
+        true
+    }
+
+    /// Applies a learned-state file's entries; how many were.
+    pub(super) fn apply_learned(&self, file: LearnedFile, now: Instant) -> usize {
         let clock = self.inner.clock;
         let mut restored = 0;
         for e in file.buckets {
@@ -46,8 +53,7 @@ impl Broker {
                 restored += 1;
             }
         }
-        tracing::info!(dir = %dir.display(), buckets = restored, "learned state restored");
-        true
+        restored
     }
 
     /// Writes learned state when it changed, at most once per
@@ -81,10 +87,16 @@ impl Broker {
 
     /// Every tenant's learned state, for the state file.
     pub(crate) fn learned_file(&self) -> LearnedFile {
+        self.learned_of(None)
+    }
+
+    /// The learned state of tenant `only` (`None`: of every tenant).
+    pub(super) fn learned_of(&self, only: Option<usize>) -> LearnedFile {
         let now = Instant::now();
         let clock = self.inner.clock;
         let mut entries = Vec::new();
-        for t in &self.inner.tenants {
+        let tenants = self.inner.tenants.iter().enumerate();
+        for (_, t) in tenants.filter(|(i, _)| only.is_none_or(|o| o == *i)) {
             let state = t.lock();
             for (bucket, oauth_client, p) in state.learned(now) {
                 entries.push(LearnedEntry {

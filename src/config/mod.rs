@@ -52,6 +52,29 @@ pub struct Settings {
     pub tokens: Vec<TokenSettings>,
     /// Request rates and stream caps per caller.
     pub overload: OverloadSettings,
+    /// Cluster mode on etcd (`None`: a single broker, state in `state_dir`).
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// Cluster mode (`[cluster]`): brokers that share tenants through etcd, one
+/// leader per tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// etcd endpoints, `http://host:port`.
+    pub etcd: Vec<String>,
+    /// This broker's name in the cluster, unique among its members.
+    pub node: String,
+    /// The gRPC URL clients reach this broker at (sent to them when they
+    /// ask a broker that does not lead their tenant).
+    pub advertise: String,
+    /// Key prefix of the cluster's keys in etcd.
+    pub prefix: String,
+    /// TTL of this broker's etcd lease (whole seconds): how long a dead
+    /// leader's tenants wait before another broker takes them.
+    pub lease_ttl: Duration,
+    /// A leader stops granting this long before its etcd lease could have
+    /// expired (covers the clocks of broker and etcd drifting apart).
+    pub safety_margin: Duration,
 }
 
 /// Overload protection per caller (`[overload]`); a token's own

@@ -9,8 +9,8 @@ use crate::clock::{millis, Clock};
 use crate::config::ClassSettings;
 use crate::error::{clip, BrokerError};
 use crate::limits::normalize_path;
-use crate::pb;
 use crate::tenant::{Denial, Grant};
+use crate::{pb, LEADER_METADATA};
 use std::time::Duration;
 use tonic::{Request, Status};
 
@@ -51,6 +51,13 @@ impl From<BrokerError> for Status {
             BrokerError::Internal(_) => Status::internal(msg),
             BrokerError::TooManyPermits { .. } => Status::failed_precondition(msg),
             BrokerError::ShuttingDown => Status::unavailable(msg),
+            BrokerError::NotLeader { leader, .. } => {
+                let mut status = Status::unavailable(msg);
+                if let Some(v) = leader.and_then(|l| l.parse().ok()) {
+                    status.metadata_mut().insert(LEADER_METADATA, v);
+                }
+                status
+            }
         }
     }
 }

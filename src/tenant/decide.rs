@@ -23,6 +23,9 @@ impl TenantState {
         now: Instant,
     ) -> Result<Decision, BrokerError> {
         let now = self.monotonic(now);
+        if let Some(e) = self.not_leading(now) {
+            return Err(e);
+        }
         let class = self.class_index(&args.class)?;
         let reserve = self.reserve_above(class);
         let wait = max_wait

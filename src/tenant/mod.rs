@@ -166,6 +166,13 @@ pub struct TenantState {
     latest: Instant,
     /// When the broker started with state (see `restart`).
     restarted_at: Option<Instant>,
+    /// Cluster mode: this broker grants for the tenant only before this
+    /// instant (its leadership, kept current by the cluster task); `None`:
+    /// always (a single broker).
+    lead_until: Option<Instant>,
+    /// Cluster mode: the URL of the broker that leads the tenant, when this
+    /// one does not (and knows it).
+    leader: Option<String>,
 }
 
 impl TenantState {
@@ -224,7 +231,31 @@ impl TenantState {
             next_sweep: now + SWEEP_EVERY,
             latest: now,
             restarted_at: None,
+            lead_until: None,
+            leader: None,
         }
+    }
+
+    /// Cluster mode: grant only before `until` (`None`: not at all, until
+    /// told again); `leader` is who to send callers to meanwhile.
+    pub fn set_lead(&mut self, until: Option<Instant>, leader: Option<String>) {
+        self.lead_until = Some(until.unwrap_or(self.latest));
+        self.leader = leader;
+    }
+
+    /// Whether this broker may grant for the tenant at `now`; if not, the
+    /// error that sends the caller to the leader.
+    pub fn not_leading(&self, now: Instant) -> Option<crate::error::BrokerError> {
+        let until = self.lead_until?;
+        (now >= until).then(|| crate::error::BrokerError::NotLeader {
+            tenant: self.id.clone(),
+            leader: self.leader.clone(),
+        })
+    }
+
+    /// True if this broker grants for the tenant at `now`.
+    pub fn leads(&self, now: Instant) -> bool {
+        self.not_leading(now).is_none()
     }
 
     /// Issues lease sequence numbers above `base` (see

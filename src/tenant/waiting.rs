@@ -84,6 +84,14 @@ impl TenantState {
             self.give_back(&lease);
         }
         let phantoms_end = self.end_phantoms(now);
+        if !self.leads(now) {
+            // Cluster mode, not (or no longer) the leader: nothing is granted;
+            // the cluster task answers the waiters when leadership moves.
+            return [self.leases.next_expiry(), phantoms_end]
+                .into_iter()
+                .flatten()
+                .min();
+        }
         let mut queue = std::mem::take(&mut self.queue);
         let mut grants = Vec::new();
         let (granted, next_ready) = queue.serve(|w| {

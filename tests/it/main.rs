@@ -4,6 +4,7 @@
 mod acquire;
 mod child;
 mod classes;
+mod cluster;
 mod dashboard;
 mod errors;
 mod harness;

@@ -17,6 +17,9 @@
 //!   and [`BrokerClient::connect_with`].
 //! - A broker that is overloaded answers [`ClientError::Overloaded`] with the
 //!   time to wait before retrying.
+//! - A cluster of brokers: give several URLs, comma-separated; calls go to
+//!   the tenant's leader, following a broker's redirect, and to the next
+//!   broker when one is down.
 //!
 //! ```no_run
 //! use quota_broker_client::{BrokerClient, Call};
@@ -328,13 +331,24 @@ impl Call {
 }
 
 struct Inner {
-    client: QuotaBrokerClient<Channel>,
+    /// The broker calls go to now (std `Mutex`: never held across `.await`).
+    conn: Mutex<Conn>,
+    /// The configured broker URLs, tried in turn when one does not answer.
+    urls: Vec<String>,
+    /// TLS for every broker URL (`None`: the platform's roots for https).
+    tls: Option<ClientTls>,
     token: Option<MetadataValue<tonic::metadata::Ascii>>,
     /// std `Mutex`: held for a check of the local limiter, never across `.await`.
     fallback: Mutex<Fallback>,
     /// Outcomes the broker could not be told yet (std `Mutex`: never held
     /// across `.await`).
     kept: Mutex<Kept>,
+}
+
+/// The broker calls go to, and its URL.
+struct Conn {
+    url: String,
+    client: QuotaBrokerClient<Channel>,
 }
 
 /// A connection to the broker (cheap to clone).
@@ -347,7 +361,10 @@ impl BrokerClient {
     /// A client for the broker at `url` (`http://` or `https://`, the
     /// latter trusting the platform's roots), sending `token` as a bearer
     /// token. Connects lazily, so a broker that is down at start means
-    /// fallback, not failure.
+    /// fallback, not failure. For a cluster, `url` lists several brokers,
+    /// comma-separated: calls follow the tenant's leader (the
+    /// `x-quota-broker-leader` answer) and move to the next broker when
+    /// one does not answer.
     pub fn connect(url: &str, token: Option<&str>) -> Result<BrokerClient, ClientError> {
         Self::with_fallback(url, token, FallbackSettings::default())
     }
@@ -367,25 +384,20 @@ impl BrokerClient {
     /// TLS, fallback). TLS settings need an `https://` URL; a bad CA,
     /// certificate or key is an error here, not at the first call.
     pub fn connect_with(url: &str, options: ConnectOptions) -> Result<BrokerClient, ClientError> {
-        let bad_url = |message: String| ClientError::Url {
+        let urls: Vec<String> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let first = urls.first().ok_or_else(|| ClientError::Url {
             url: url.to_owned(),
-            message,
-        };
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| bad_url(e.to_string()))?
-            .connect_timeout(Duration::from_secs(2));
-        let https = endpoint.uri().scheme_str() == Some("https");
-        let endpoint = match (https, options.tls) {
-            (true, tls) => endpoint
-                .tls_config(tls.unwrap_or_default().into_tonic())
-                .map_err(|e| ClientError::Tls(error_chain(&e)))?,
-            (false, Some(_)) => {
-                return Err(bad_url(
-                    "TLS settings were given for a plaintext URL; use https://".into(),
-                ))
-            }
-            (false, None) => endpoint,
-        };
+            message: "no broker URL given".into(),
+        })?;
+        let mut clients = Vec::new();
+        for u in &urls {
+            clients.push(channel(u, options.tls.as_ref())?);
+        }
         let token = options
             .token
             .map(|t| {
@@ -396,12 +408,79 @@ impl BrokerClient {
             .transpose()?;
         Ok(BrokerClient {
             inner: Arc::new(Inner {
-                client: QuotaBrokerClient::new(endpoint.connect_lazy()),
+                conn: Mutex::new(Conn {
+                    url: first.clone(),
+                    client: clients.swap_remove(0),
+                }),
+                urls,
+                tls: options.tls,
                 token,
                 fallback: Mutex::new(Fallback::new(options.fallback)),
                 kept: Mutex::new(Kept::default()),
             }),
         })
+    }
+
+    /// The broker URL calls go to now (the leader of a cluster, once one
+    /// answered that it is not).
+    pub fn current_url(&self) -> String {
+        self.conn().url.clone()
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Conn> {
+        self.inner
+            .conn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs one RPC on the current broker. A broker of a cluster that does
+    /// not lead the tenant answers UNAVAILABLE with the leader's URL: the
+    /// call goes there. UNAVAILABLE without one (the broker is down, or no
+    /// leader is elected yet): the next configured URL. The last answer
+    /// when every hop is used.
+    async fn rpc<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut(QuotaBrokerClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let hops = self.inner.urls.len() + 2;
+        let mut hop = 0;
+        loop {
+            let (url, client) = {
+                let c = self.conn();
+                (c.url.clone(), c.client.clone())
+            };
+            let status = match call(client).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if s.code() == tonic::Code::Unavailable && hop < hops => s,
+                Err(s) => return Err(s),
+            };
+            hop += 1;
+            let leader = status
+                .metadata()
+                .get(quota_broker::LEADER_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let next = match leader {
+                Some(l) if l != url => l,
+                // "I lead it" cannot come with UNAVAILABLE; do not loop.
+                Some(_) => return Err(status),
+                None => {
+                    let urls = &self.inner.urls;
+                    if urls.len() < 2 {
+                        return Err(status);
+                    }
+                    let at = urls.iter().position(|u| *u == url).map_or(0, |i| i + 1);
+                    urls[at % urls.len()].clone()
+                }
+            };
+            let Ok(client) = channel(&next, self.inner.tls.as_ref()) else {
+                return Err(status);
+            };
+            tracing::debug!(from = %url, to = %next, "following the cluster to another broker");
+            *self.conn() = Conn { url: next, client };
+        }
     }
 
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
@@ -427,9 +506,14 @@ impl BrokerClient {
         loop {
             if self.fallback().should_try_broker() {
                 let req = call.acquire_request();
-                match self.inner.client.clone().acquire(self.request(req)).await {
+                let answer = self
+                    .rpc(|mut c| {
+                        let req = self.request(req.clone());
+                        async move { c.acquire(req).await }
+                    })
+                    .await;
+                match answer {
                     Ok(r) => {
-                        let r = r.into_inner();
                         self.fallback().broker_answered();
                         self.send_kept_in_background();
                         if !r.granted {
@@ -501,13 +585,13 @@ impl BrokerClient {
             headers,
             concurrency_limited: concurrency_limited && status == 429,
         };
-        match self
-            .inner
-            .client
-            .clone()
-            .report(self.request(req.clone()))
-            .await
-        {
+        let answer = self
+            .rpc(|mut c| {
+                let req = self.request(req.clone());
+                async move { c.report(req).await }
+            })
+            .await;
+        match answer {
             Ok(_) => Ok(()),
             // The broker is away: it hears of this once it is back.
             Err(s) if is_unreachable(&s) => {
@@ -528,13 +612,13 @@ impl BrokerClient {
             let Some(report) = self.kept().next() else {
                 return sent;
             };
-            match self
-                .inner
-                .client
-                .clone()
-                .report(self.request(report.clone()))
-                .await
-            {
+            let answer = self
+                .rpc(|mut c| {
+                    let req = self.request(report.clone());
+                    async move { c.report(req).await }
+                })
+                .await;
+            match answer {
                 Ok(_) => sent += 1,
                 Err(s) if is_unreachable(&s) => {
                     self.kept().put_back(report);
@@ -568,7 +652,13 @@ impl BrokerClient {
 
     async fn release(&self, lease_id: String) {
         let req = ReleaseRequest { lease_id };
-        if let Err(e) = self.inner.client.clone().release(self.request(req)).await {
+        let answer = self
+            .rpc(|mut c| {
+                let req = self.request(req.clone());
+                async move { c.release(req).await }
+            })
+            .await;
+        if let Err(e) = answer {
             tracing::debug!(error = %e, "release failed; the slot comes back at its expiry");
         }
     }
@@ -579,14 +669,44 @@ impl BrokerClient {
             extend_ms: 0,
             acquired_with: Some(acquired_with),
         };
-        match self.inner.client.clone().renew(self.request(req)).await {
-            Ok(r) => Some(Duration::from_millis(r.into_inner().lease_ttl_ms)),
+        let answer = self
+            .rpc(|mut c| {
+                let req = self.request(req.clone());
+                async move { c.renew(req).await }
+            })
+            .await;
+        match answer {
+            Ok(r) => Some(Duration::from_millis(r.lease_ttl_ms)),
             Err(e) => {
                 tracing::warn!(error = %e, "lease renewal failed");
                 None
             }
         }
     }
+}
+
+/// A lazily connected client for the broker at `url`.
+fn channel(url: &str, tls: Option<&ClientTls>) -> Result<QuotaBrokerClient<Channel>, ClientError> {
+    let bad_url = |message: String| ClientError::Url {
+        url: url.to_owned(),
+        message,
+    };
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| bad_url(e.to_string()))?
+        .connect_timeout(Duration::from_secs(2));
+    let https = endpoint.uri().scheme_str() == Some("https");
+    let endpoint = match (https, tls) {
+        (true, tls) => endpoint
+            .tls_config(tls.cloned().unwrap_or_default().into_tonic())
+            .map_err(|e| ClientError::Tls(error_chain(&e)))?,
+        (false, Some(_)) => {
+            return Err(bad_url(
+                "TLS settings were given for a plaintext URL; use https://".into(),
+            ))
+        }
+        (false, None) => endpoint,
+    };
+    Ok(QuotaBrokerClient::new(endpoint.connect_lazy()))
 }
 
 /// The broker did not answer (down, restarting, network, or it closed the

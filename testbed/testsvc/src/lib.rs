@@ -1,8 +1,8 @@
 //! Test support for tests that need a real server: installs the Debian
 //! packages they need (once per machine, serialised across the test
-//! processes that run at the same time) and runs PostgreSQL on 127.0.0.1 on
-//! an ephemeral port in a directory of its own, stopped and removed when
-//! dropped. Every failure is an `Err` that says what to install or what
+//! processes that run at the same time) and runs PostgreSQL and etcd on
+//! 127.0.0.1 on ephemeral ports, each in a directory of its own, stopped and
+//! removed when dropped. Every failure is an `Err` that says what to install or what
 //! went wrong, so a test fails with it instead of skipping.
 
 #![warn(missing_docs)]
@@ -277,3 +277,109 @@ mod tests {
         assert!(!dir.exists());
     }
 }
+
+/// An etcd server of its own on 127.0.0.1 (one member, ephemeral ports, a
+/// fresh data directory); killed and its directory removed when dropped.
+/// It can be stopped and started again on the same ports and data, for
+/// tests of what happens while etcd is away.
+pub struct Etcd {
+    child: Option<std::process::Child>,
+    dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+}
+
+impl Etcd {
+    /// Installs etcd (Debian `etcd-server`) if needed and starts it.
+    pub fn start() -> Result<Etcd, String> {
+        if !Path::new(ETCD_BIN).exists() {
+            apt_install(&["etcd-server"])?;
+        }
+        let mut etcd = Etcd {
+            child: None,
+            dir: scratch_dir("etcd")?,
+            client_port: free_port()?,
+            peer_port: free_port()?,
+        };
+        etcd.resume()?;
+        Ok(etcd)
+    }
+
+    /// `http://127.0.0.1:PORT`, the client URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Kills the server (its data stays, for [`Etcd::resume`]).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again (after [`Etcd::stop`]) and waits until it
+    /// answers its health check (at most 30 s).
+    pub fn resume(&mut self) -> Result<(), String> {
+        let (client, peer) = (
+            format!("http://127.0.0.1:{}", self.client_port),
+            format!("http://127.0.0.1:{}", self.peer_port),
+        );
+        let log = std::fs::File::create(self.dir.join("log"))
+            .map_err(|e| format!("etcd log file: {e}"))?;
+        let log2 = log.try_clone().map_err(|e| format!("etcd log file: {e}"))?;
+        let child = Command::new(ETCD_BIN)
+            .args(["--name", "t", "--data-dir"])
+            .arg(self.dir.join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| format!("{ETCD_BIN} did not start: {e}"))?;
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if self.healthy() {
+                return Ok(());
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+                return Err(format!("etcd exited ({status}): {}", tail(log.as_bytes())));
+            }
+            // Waiting for a process to come up, not for time to pass.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+        Err(format!(
+            "etcd not healthy after 30 s: {}",
+            tail(log.as_bytes())
+        ))
+    }
+
+    /// GET /health answers `"health":"true"`.
+    fn healthy(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.client_port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+        let request = "GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+        let mut answer = String::new();
+        s.write_all(request.as_bytes()).is_ok()
+            && s.read_to_string(&mut answer).is_ok()
+            && answer.contains("\"health\":\"true\"")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const ETCD_BIN: &str = "/usr/bin/etcd";

@@ -1,0 +1,154 @@
+//! Cluster mode on the broker's side: whether this broker leads a tenant and
+//! until when; taking a tenant over (its state rebuilt from the snapshot the
+//! last leader saved, then the restart learning mode, as after a crash);
+//! handing it over; and the snapshot itself (learned state and operators'
+//! changes). The cluster task (`crate::cluster`) decides when.
+
+use super::files::{AdminFile, LearnedFile};
+use super::Broker;
+use crate::error::BrokerError;
+use crate::tenant::TenantState;
+use serde::{Deserialize, Serialize};
+use std::sync::PoisonError;
+use tokio::time::Instant;
+
+/// What a leader saves of a tenant for the next one.
+#[derive(Debug, Serialize, Deserialize)]
+struct Snapshot {
+    learned: LearnedFile,
+    admin: AdminFile,
+}
+
+impl Broker {
+    /// Cluster mode: an error that sends the caller to tenant `t`'s leader,
+    /// unless this broker leads it now.
+    pub(super) fn leading(&self, t: usize) -> Result<(), BrokerError> {
+        match self.inner.tenants[t].lock().not_leading(Instant::now()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Where cluster mode saves snapshots (set by the cluster task).
+    pub(crate) fn cluster_store(&self) -> &std::sync::OnceLock<crate::cluster::Store> {
+        &self.inner.cluster
+    }
+
+    /// True if this broker grants for tenant `t` now.
+    pub(crate) fn leads(&self, t: usize) -> bool {
+        self.leading(t).is_ok()
+    }
+
+    /// Keeps leading tenant `t` until `until`.
+    pub(crate) fn lead(&self, t: usize, until: Instant) {
+        let tenant = &self.inner.tenants[t];
+        tenant.lock().set_lead(Some(until), None);
+        tenant.wake.notify_one();
+    }
+
+    /// Not the leader of tenant `t` (and it holds no state worth keeping);
+    /// callers are sent to `leader`.
+    pub(crate) fn follow(&self, t: usize, leader: Option<String>) {
+        self.inner.tenants[t].lock().set_lead(None, leader);
+    }
+
+    /// Stops leading tenant `t` now: nothing more is granted, and requests
+    /// waiting for a grant are answered with the way to `leader`.
+    pub(crate) fn step_down(&self, t: usize, leader: Option<String>) {
+        let tenant = &self.inner.tenants[t];
+        {
+            let mut state = tenant.lock();
+            state.set_lead(None, leader);
+            state.drop_waiters();
+        }
+        tenant.wake.notify_one();
+        self.announce();
+    }
+
+    /// Becomes tenant `t`'s leader until `until`: its state is rebuilt from
+    /// the config and `snapshot` (what the last leader saved, if any), in
+    /// the restart learning mode: leases the last leader granted may still
+    /// be held, and its buckets' levels are unknown.
+    pub(crate) fn take_over(&self, t: usize, snapshot: Option<&[u8]>, until: Instant) {
+        let now = Instant::now();
+        let settings = &self.inner.settings;
+        let mut fresh = TenantState::new(
+            u32::try_from(t).unwrap_or(u32::MAX),
+            &settings.tenants[t],
+            settings,
+            self.inner.version.clone(),
+            now,
+        );
+        fresh.start_leases_after(self.inner.clock.unix_ms(now) << 20);
+        fresh.set_lead(None, None);
+        let tenant = &self.inner.tenants[t];
+        {
+            let mut state = tenant.lock();
+            state.drop_waiters();
+            *state = fresh;
+        }
+        self.inner
+            .admin_changes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(i, _)| *i != t);
+        let snapshot = snapshot.and_then(|bytes| {
+            serde_json::from_slice::<Snapshot>(bytes)
+                .map_err(|e| {
+                    tracing::warn!(tenant = %settings.tenants[t].id, error = %e,
+                        "saved cluster state unreadable; taking over on the config alone")
+                })
+                .ok()
+        });
+        let (mut changes, mut learned) = (0, 0);
+        if let Some(s) = snapshot {
+            changes = self.apply_admin(s.admin, now);
+            learned = self.apply_learned(s.learned, now);
+        }
+        {
+            let mut state = tenant.lock();
+            state.resume_after_restart(now);
+            state.set_lead(Some(until), None);
+        }
+        tracing::info!(tenant = %settings.tenants[t].id, changes, learned,
+            "took the tenant over: leading it (restart learning mode)");
+        tenant.wake.notify_one();
+        self.announce();
+    }
+
+    /// Tenant `t`'s state as the next leader needs it.
+    pub(crate) fn snapshot(&self, t: usize) -> Vec<u8> {
+        let admin = {
+            let changed = self
+                .inner
+                .admin_changes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let mine = changed.iter().filter(|(i, _)| *i == t).cloned().collect();
+            self.admin_file(&mine)
+        };
+        let snapshot = Snapshot {
+            learned: self.learned_of(Some(t)),
+            admin,
+        };
+        serde_json::to_vec(&snapshot).unwrap_or_default()
+    }
+
+    /// True if tenant `t`'s learned state changed since the last call.
+    pub(crate) fn take_dirty(&self, t: usize) -> bool {
+        self.inner.tenants[t].lock().take_learned_dirty()
+    }
+
+    /// Saves tenant `t`'s snapshot to the cluster now (an operator's change
+    /// is answered once it is durable).
+    pub(super) async fn save_to_cluster(&self, t: usize) -> Result<(), BrokerError> {
+        let Some(store) = self.inner.cluster.get() else {
+            return Ok(());
+        };
+        let id = self.inner.settings.tenants[t].id.clone();
+        store.save(&id, self.snapshot(t)).await.map_err(|e| {
+            tracing::error!(tenant = %id, error = %e, "admin change applied but not saved to etcd");
+            BrokerError::Internal("the change is applied but could not be saved to etcd")
+        })
+    }
+}

@@ -1,0 +1,331 @@
+//! The few etcd v3 calls cluster mode makes, over the generated gRPC client:
+//! a lease and its keep-alive stream, prefix reads, a create-if-absent and a
+//! compare-and-put / compare-and-delete on a key's value.
+//!
+//! Written on the generated stubs rather than the `etcd-client` crate, whose
+//! build script needs a system `protoc`; `cargo build` stays protoc-free.
+
+use super::proto::etcdserverpb::{
+    compare, kv_client::KvClient, lease_client::LeaseClient, request_op, Compare,
+    DeleteRangeRequest, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
+    LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Streaming;
+
+/// An etcd call that failed: which, and what etcd or the network said.
+#[derive(Debug, thiserror::Error)]
+#[error("etcd {call}: {message}")]
+pub(crate) struct EtcdError {
+    call: &'static str,
+    message: String,
+}
+
+impl EtcdError {
+    fn new(call: &'static str, e: impl std::fmt::Display) -> EtcdError {
+        EtcdError {
+            call,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// A connection to an etcd cluster (any of its endpoints; cheap to clone).
+#[derive(Clone)]
+pub(crate) struct Etcd {
+    kv: KvClient<Channel>,
+    lease: LeaseClient<Channel>,
+    /// Bound on every call (not set on the channel: it would end the
+    /// keep-alive stream too).
+    timeout: Duration,
+}
+
+/// The keep-alive stream of one etcd lease.
+pub(crate) struct KeepAlive {
+    id: i64,
+    timeout: Duration,
+    /// A request is already on the stream (etcd answers the stream's
+    /// headers only once it has one to answer).
+    primed: bool,
+    requests: mpsc::Sender<LeaseKeepAliveRequest>,
+    responses: Streaming<LeaseKeepAliveResponse>,
+}
+
+impl KeepAlive {
+    /// The lease's id.
+    pub(crate) fn id(&self) -> i64 {
+        self.id
+    }
+
+    /// Refreshes the lease: its TTL from now as etcd says it (`None`: the
+    /// lease is gone).
+    pub(crate) async fn refresh(&mut self) -> Result<Option<Duration>, EtcdError> {
+        if !std::mem::take(&mut self.primed) {
+            self.requests
+                .send(LeaseKeepAliveRequest { id: self.id })
+                .await
+                .map_err(|e| EtcdError::new("lease keep-alive", e))?;
+        }
+        let answer = tokio::time::timeout(self.timeout, self.responses.message())
+            .await
+            .map_err(|_| EtcdError::new("lease keep-alive", "no answer in time"))?
+            .map_err(|e| EtcdError::new("lease keep-alive", e))?
+            .ok_or_else(|| EtcdError::new("lease keep-alive", "stream ended"))?;
+        Ok((answer.ttl > 0).then(|| Duration::from_secs(answer.ttl.unsigned_abs())))
+    }
+}
+
+/// A key and its value under a prefix.
+pub(crate) struct Entry {
+    pub(crate) key: String,
+    pub(crate) value: Vec<u8>,
+}
+
+/// `call` bounded by `timeout`, its error as an [`EtcdError`].
+async fn bounded<T>(
+    timeout: Duration,
+    what: &'static str,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, EtcdError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(EtcdError::new(what, s.message())),
+        Err(_) => Err(EtcdError::new(what, "no answer in time")),
+    }
+}
+
+impl Etcd {
+    /// Connects lazily to `endpoints` (each `http://host:port`), balancing
+    /// over them; every call times out after `timeout`.
+    pub(crate) fn connect(endpoints: &[String], timeout: Duration) -> Result<Etcd, EtcdError> {
+        let endpoints = endpoints
+            .iter()
+            .map(|e| {
+                Endpoint::from_shared(e.clone())
+                    .map(|e| e.connect_timeout(timeout))
+                    .map_err(|err| EtcdError::new("endpoint", format!("{e}: {err}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let channel = Channel::balance_list(endpoints.into_iter());
+        Ok(Etcd {
+            kv: KvClient::new(channel.clone()),
+            lease: LeaseClient::new(channel),
+            timeout,
+        })
+    }
+
+    /// A new lease of `ttl` and its keep-alive stream.
+    pub(crate) async fn grant(&self, ttl: Duration) -> Result<KeepAlive, EtcdError> {
+        let ttl = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let granted = bounded(
+            self.timeout,
+            "lease grant",
+            self.lease
+                .clone()
+                .lease_grant(LeaseGrantRequest { ttl, id: 0 }),
+        )
+        .await?;
+        self.keep_alive(granted.id).await
+    }
+
+    /// A keep-alive stream for lease `id`.
+    pub(crate) async fn keep_alive(&self, id: i64) -> Result<KeepAlive, EtcdError> {
+        let (requests, rx) = mpsc::channel(4);
+        requests
+            .send(LeaseKeepAliveRequest { id })
+            .await
+            .map_err(|e| EtcdError::new("lease keep-alive", e))?;
+        let responses = bounded(
+            self.timeout,
+            "lease keep-alive",
+            self.lease
+                .clone()
+                .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await?;
+        Ok(KeepAlive {
+            id,
+            timeout: self.timeout,
+            primed: true,
+            requests,
+            responses,
+        })
+    }
+
+    /// Revokes lease `id` (its keys go with it).
+    pub(crate) async fn revoke(&self, id: i64) -> Result<(), EtcdError> {
+        bounded(
+            self.timeout,
+            "lease revoke",
+            self.lease.clone().lease_revoke(LeaseRevokeRequest { id }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Every key under `prefix`, in key order.
+    pub(crate) async fn list(&self, prefix: &str) -> Result<Vec<Entry>, EtcdError> {
+        let answer = bounded(
+            self.timeout,
+            "range",
+            self.kv.clone().range(RangeRequest {
+                key: prefix.as_bytes().to_vec(),
+                range_end: prefix_end(prefix.as_bytes()),
+                ..RangeRequest::default()
+            }),
+        )
+        .await?;
+        Ok(answer
+            .kvs
+            .into_iter()
+            .map(|kv| Entry {
+                key: String::from_utf8_lossy(&kv.key).into_owned(),
+                value: kv.value,
+            })
+            .collect())
+    }
+
+    /// The value of `key`, if it exists.
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, EtcdError> {
+        let answer = bounded(
+            self.timeout,
+            "range",
+            self.kv.clone().range(RangeRequest {
+                key: key.as_bytes().to_vec(),
+                ..RangeRequest::default()
+            }),
+        )
+        .await?;
+        Ok(answer.kvs.into_iter().next().map(|kv| kv.value))
+    }
+
+    /// Puts `key` = `value` (attached to `lease` unless 0).
+    pub(crate) async fn put(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<(), EtcdError> {
+        bounded(
+            self.timeout,
+            "put",
+            self.kv.clone().put(PutRequest {
+                key: key.as_bytes().to_vec(),
+                value,
+                lease,
+                ..PutRequest::default()
+            }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Creates `key` = `value` on `lease` if no one holds it; true if created.
+    pub(crate) async fn create(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: i64,
+    ) -> Result<bool, EtcdError> {
+        let absent = Compare {
+            result: compare::CompareResult::Equal as i32,
+            target: compare::CompareTarget::Create as i32,
+            key: key.as_bytes().to_vec(),
+            target_union: Some(compare::TargetUnion::CreateRevision(0)),
+            ..Compare::default()
+        };
+        self.txn(vec![absent], put_op(key, value.to_vec(), lease), "create")
+            .await
+    }
+
+    /// Puts `key` = `value` (no lease) if `guard` holds `owner`; true if put.
+    pub(crate) async fn put_if(
+        &self,
+        (guard, owner): (&str, &[u8]),
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<bool, EtcdError> {
+        self.txn(
+            vec![value_is(guard, owner)],
+            put_op(key, value, 0),
+            "guarded put",
+        )
+        .await
+    }
+
+    /// Deletes `key` if its value is `value`; true if deleted.
+    pub(crate) async fn delete_if(&self, key: &str, value: &[u8]) -> Result<bool, EtcdError> {
+        let delete = RequestOp {
+            request: Some(request_op::Request::RequestDeleteRange(
+                DeleteRangeRequest {
+                    key: key.as_bytes().to_vec(),
+                    ..DeleteRangeRequest::default()
+                },
+            )),
+        };
+        self.txn(vec![value_is(key, value)], delete, "guarded delete")
+            .await
+    }
+
+    async fn txn(
+        &self,
+        compare: Vec<Compare>,
+        success: RequestOp,
+        call: &'static str,
+    ) -> Result<bool, EtcdError> {
+        let answer = bounded(
+            self.timeout,
+            call,
+            self.kv.clone().txn(TxnRequest {
+                compare,
+                success: vec![success],
+                failure: Vec::new(),
+            }),
+        )
+        .await?;
+        Ok(answer.succeeded)
+    }
+}
+
+fn value_is(key: &str, value: &[u8]) -> Compare {
+    Compare {
+        result: compare::CompareResult::Equal as i32,
+        target: compare::CompareTarget::Value as i32,
+        key: key.as_bytes().to_vec(),
+        target_union: Some(compare::TargetUnion::Value(value.to_vec())),
+        ..Compare::default()
+    }
+}
+
+fn put_op(key: &str, value: Vec<u8>, lease: i64) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::RequestPut(PutRequest {
+            key: key.as_bytes().to_vec(),
+            value,
+            lease,
+            ..PutRequest::default()
+        })),
+    }
+}
+
+/// The end of the key range of `prefix`: the prefix with its last byte
+/// below 0xff incremented (etcd's convention).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn a_prefix_range_ends_past_every_key_under_it() {
+        assert_eq!(prefix_end(b"/qb/members/"), b"/qb/members0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+}

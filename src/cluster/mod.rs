@@ -1,0 +1,357 @@
+//! Cluster mode: brokers sharing tenants through etcd, one leader per
+//! tenant, so no broker is a single point of failure and no two brokers
+//! grant one budget at once.
+//!
+//! | file        | owns                                                      |
+//! |-------------|-----------------------------------------------------------|
+//! | `mod`       | the cluster task: membership, elections, hand-over, saves |
+//! | `placement` | which member should lead a tenant (rendezvous hashing)    |
+//! | `etcd`      | the etcd v3 calls made, on the generated client           |
+//! | `proto`     | the generated etcd API                                     |
+//!
+//! Keys, under `cluster.prefix`:
+//! - `members/<node>` = the node's advertised URL, on its etcd lease: the
+//!   live members.
+//! - `leaders/<tenant>` = the leading node's name, on its etcd lease:
+//!   created only if absent, so at most one node holds it; it vanishes when
+//!   the holder's lease expires.
+//! - `state/<tenant>` = the leader's snapshot (learned state, operators'
+//!   changes), written only while the writer holds `leaders/<tenant>`.
+//!
+//! Safety: a leader grants only until `t + TTL − safety_margin`, where `t`
+//! is when it *sent* the keep-alive etcd last answered. etcd expires the
+//! lease no earlier than TTL after it *received* that keep-alive (later than
+//! `t`), and only then can another node create `leaders/<tenant>`. So as
+//! long as the two clocks advance at rates within `safety_margin / TTL` of
+//! each other (NTP-disciplined clocks differ by parts per million), the old
+//! leader has stopped before the new one starts.
+//!
+//! Every tick (a fifth of the TTL, at most a second) the task refreshes the
+//! lease, reads members and leaders (two range reads, whatever the number
+//! of tenants), and for each tenant: the member rendezvous hashing prefers
+//! creates the leader key when it is free and takes the tenant over; a
+//! leader that is no longer preferred (a member joined) saves, steps down
+//! and deletes its key, so the preferred member takes over on its next
+//! tick; everyone else records who leads, to send callers there.
+
+mod etcd;
+mod placement;
+mod proto;
+
+use crate::broker::Broker;
+use crate::config::ClusterSettings;
+use etcd::{Etcd, EtcdError, KeepAlive};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Where a leader saves tenant snapshots.
+pub(crate) struct Store {
+    etcd: Etcd,
+    keys: Keys,
+    node: String,
+}
+
+impl Store {
+    /// Saves `snapshot` as `tenant`'s state if this node holds its leader
+    /// key.
+    pub(crate) async fn save(&self, tenant: &str, snapshot: Vec<u8>) -> Result<(), EtcdError> {
+        let saved = self
+            .etcd
+            .put_if(
+                (&self.keys.leader(tenant), self.node.as_bytes()),
+                &self.keys.state(tenant),
+                snapshot,
+            )
+            .await?;
+        if !saved {
+            tracing::warn!(%tenant, "state not saved: this broker no longer holds the tenant's leader key");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn members(&self) -> String {
+        format!("{}/members/", self.prefix)
+    }
+    fn member(&self, node: &str) -> String {
+        format!("{}/members/{node}", self.prefix)
+    }
+    fn leaders(&self) -> String {
+        format!("{}/leaders/", self.prefix)
+    }
+    fn leader(&self, tenant: &str) -> String {
+        format!("{}/leaders/{tenant}", self.prefix)
+    }
+    fn state(&self, tenant: &str) -> String {
+        format!("{}/state/{tenant}", self.prefix)
+    }
+}
+
+/// How often learned state is saved, at most.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+
+/// The cluster task: runs until the broker shuts down, then hands every
+/// tenant it leads over (saved, keys deleted, lease revoked) so the next
+/// leader need not wait for the lease to expire.
+pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
+    let tick = (settings.lease_ttl / 5).min(Duration::from_secs(1));
+    let etcd = match Etcd::connect(&settings.etcd, tick.max(Duration::from_millis(500))) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "cluster mode cannot start: no tenant will be led");
+            return;
+        }
+    };
+    let keys = Keys {
+        prefix: settings.prefix.clone(),
+    };
+    let store = Store {
+        etcd: etcd.clone(),
+        keys: keys.clone(),
+        node: settings.node.clone(),
+    };
+    // Only `run` sets it, once.
+    let _ = broker.cluster_store().set(store);
+    let mut node = Node {
+        broker: broker.clone(),
+        etcd,
+        keys,
+        settings,
+        tenants: broker.tenant_ids(),
+        led: HashSet::new(),
+        last_save: Instant::now(),
+    };
+    let shutdown = broker.shutdown_token().clone();
+    let mut backoff = tick;
+    loop {
+        // A session ends by itself at shutdown (every etcd call is bounded).
+        match node.session(tick).await {
+            Ok(Some(lease)) => {
+                node.hand_over_all(lease).await;
+                break;
+            }
+            Ok(None) => backoff = tick,
+            Err(e) => {
+                tracing::warn!(error = %e, "etcd unreachable: leading nothing until it answers");
+                node.lose_all();
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(node.settings.lease_ttl);
+            }
+        }
+    }
+}
+
+struct Node {
+    broker: Broker,
+    etcd: Etcd,
+    keys: Keys,
+    settings: ClusterSettings,
+    tenants: Vec<String>,
+    /// Tenants this node took over and has not stepped down from.
+    led: HashSet<usize>,
+    last_save: Instant,
+}
+
+impl Node {
+    /// One etcd lease's life: registers, then ticks until the lease is lost
+    /// (`Ok(None)`, start another), etcd fails (`Err`), or the broker shuts
+    /// down (`Ok(Some(lease))`, to hand over).
+    async fn session(&mut self, tick: Duration) -> Result<Option<i64>, EtcdError> {
+        let mut keep = self.etcd.grant(self.settings.lease_ttl).await?;
+        let lease = keep.id();
+        let me = self.settings.node.clone();
+        self.etcd
+            .put(
+                &self.keys.member(&me),
+                self.settings.advertise.as_bytes().to_vec(),
+                lease,
+            )
+            .await?;
+        // Leader keys of an earlier lease of ours (etcd was away for less
+        // than the TTL) would expire with a lease no longer refreshed:
+        // free them and win them again on this one.
+        for e in self.etcd.list(&self.keys.leaders()).await? {
+            if e.value == me.as_bytes() {
+                self.etcd.delete_if(&e.key, me.as_bytes()).await?;
+            }
+        }
+        tracing::info!(node = %me, lease, "joined the cluster");
+        let shutdown = self.broker.shutdown_token().clone();
+        let mut next = Instant::now();
+        loop {
+            let Some(valid_until) = self.refresh(&mut keep).await? else {
+                tracing::warn!(node = %me, "etcd lease expired: stepping down from every tenant");
+                self.lose_all();
+                return Ok(None);
+            };
+            if let Err(e) = self.step(lease, valid_until).await {
+                tracing::warn!(error = %e, "cluster step failed; tenants led stay led until their lease margin");
+            }
+            next += tick;
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                () = shutdown.cancelled() => return Ok(Some(lease)),
+            }
+            next = next.max(Instant::now());
+        }
+    }
+
+    /// Refreshes the lease: until when this node may grant (`None`: the
+    /// lease is gone). A failed refresh is retried on a new stream until
+    /// the margin would pass; tenants stop being granted at it regardless.
+    async fn refresh(&mut self, keep: &mut KeepAlive) -> Result<Option<Instant>, EtcdError> {
+        let sent = Instant::now();
+        let ttl = match keep.refresh().await {
+            Ok(ttl) => ttl,
+            Err(e) => {
+                tracing::debug!(error = %e, "keep-alive failed; reopening the stream");
+                *keep = self.etcd.keep_alive(keep.id()).await?;
+                keep.refresh().await?
+            }
+        };
+        Ok(ttl.map(|ttl| sent + ttl.saturating_sub(self.settings.safety_margin)))
+    }
+
+    /// One tick with the lease valid until `valid_until`.
+    async fn step(&mut self, lease: i64, valid_until: Instant) -> Result<(), EtcdError> {
+        let members: HashMap<String, String> = self
+            .etcd
+            .list(&self.keys.members())
+            .await?
+            .into_iter()
+            .filter_map(|e| {
+                let node = e.key.strip_prefix(&self.keys.members())?.to_owned();
+                Some((node, String::from_utf8_lossy(&e.value).into_owned()))
+            })
+            .collect();
+        let leaders: HashMap<String, String> = self
+            .etcd
+            .list(&self.keys.leaders())
+            .await?
+            .into_iter()
+            .filter_map(|e| {
+                let tenant = e.key.strip_prefix(&self.keys.leaders())?.to_owned();
+                Some((tenant, String::from_utf8_lossy(&e.value).into_owned()))
+            })
+            .collect();
+        let me = self.settings.node.clone();
+        let url = |node: Option<&str>| node.and_then(|n| members.get(n).cloned());
+        for t in 0..self.tenants.len() {
+            let tenant = self.tenants[t].clone();
+            let preferred = placement::leader_of(&tenant, members.keys().map(String::as_str))
+                .map(str::to_owned);
+            let holder = leaders.get(&tenant).map(String::as_str);
+            match holder {
+                Some(h) if h == me => {
+                    if preferred.as_deref().is_some_and(|p| p != me) {
+                        self.hand_over(t, url(preferred.as_deref())).await?;
+                    } else if self.led.contains(&t) && self.broker.leads(t) {
+                        self.broker.lead(t, valid_until);
+                    } else {
+                        // Ours from before a lapse (etcd slow, margin passed):
+                        // rebuild from the saved state as any new leader would.
+                        self.take_over(t, valid_until).await?;
+                    }
+                }
+                None if preferred.as_deref() == Some(me.as_str()) => {
+                    if self
+                        .etcd
+                        .create(&self.keys.leader(&tenant), me.as_bytes(), lease)
+                        .await?
+                    {
+                        self.take_over(t, valid_until).await?;
+                    }
+                }
+                other => {
+                    if self.led.remove(&t) {
+                        tracing::warn!(%tenant, leader = ?other, "another broker leads the tenant now: stepped down");
+                        self.broker
+                            .step_down(t, url(other.or(preferred.as_deref())));
+                    } else {
+                        self.broker.follow(t, url(other.or(preferred.as_deref())));
+                    }
+                }
+            }
+        }
+        if self.last_save.elapsed() >= SAVE_EVERY {
+            self.last_save = Instant::now();
+            self.save_dirty().await?;
+        }
+        Ok(())
+    }
+
+    async fn take_over(&mut self, t: usize, valid_until: Instant) -> Result<(), EtcdError> {
+        let saved = self.etcd.get(&self.keys.state(&self.tenants[t])).await?;
+        self.broker.take_over(t, saved.as_deref(), valid_until);
+        self.led.insert(t);
+        Ok(())
+    }
+
+    /// Hands tenant `t` to `next`: stops granting first, then saves and
+    /// frees the leader key.
+    async fn hand_over(&mut self, t: usize, next: Option<String>) -> Result<(), EtcdError> {
+        let tenant = self.tenants[t].clone();
+        self.broker.step_down(t, next.clone());
+        self.led.remove(&t);
+        let me = self.settings.node.as_bytes().to_vec();
+        self.etcd
+            .put_if(
+                (&self.keys.leader(&tenant), &me),
+                &self.keys.state(&tenant),
+                self.broker.snapshot(t),
+            )
+            .await?;
+        self.etcd.delete_if(&self.keys.leader(&tenant), &me).await?;
+        tracing::info!(%tenant, next = ?next, "handed the tenant over to its preferred broker");
+        Ok(())
+    }
+
+    /// At shutdown: hands every tenant over and leaves the cluster.
+    async fn hand_over_all(&mut self, lease: i64) {
+        let led: Vec<usize> = self.led.iter().copied().collect();
+        for t in led {
+            if let Err(e) = self.hand_over(t, None).await {
+                tracing::warn!(error = %e, "hand-over at shutdown failed; the lease expiry frees the tenant");
+            }
+        }
+        if let Err(e) = self.etcd.revoke(lease).await {
+            tracing::warn!(error = %e, "could not leave the cluster; the lease expiry will");
+        }
+    }
+
+    /// The lease is gone or etcd unreachable: lead nothing.
+    fn lose_all(&mut self) {
+        for t in self.led.drain() {
+            self.broker.step_down(t, None);
+        }
+    }
+
+    /// Saves the snapshot of every led tenant whose learned state changed.
+    async fn save_dirty(&mut self) -> Result<(), EtcdError> {
+        let me = self.settings.node.as_bytes().to_vec();
+        let led: Vec<usize> = self.led.iter().copied().collect();
+        for t in led {
+            if self.broker.take_dirty(t) {
+                let tenant = &self.tenants[t];
+                self.etcd
+                    .put_if(
+                        (&self.keys.leader(tenant), &me),
+                        &self.keys.state(tenant),
+                        self.broker.snapshot(t),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}

