@@ -27,7 +27,8 @@ pub(crate) struct TenantBucketStatus {
 
 impl Broker {
     /// Every bucket instance of `tenant` (all tenants when `None`).
-    /// (Only tenants `sees` accepts, when no tenant is named.)
+    /// (Only tenants `sees` accepts, when no tenant is named; in cluster
+    /// mode only tenants this broker leads.)
     pub(crate) fn list(
         &self,
         tenant: Option<&str>,
@@ -57,13 +58,18 @@ impl Broker {
         sees: impl Fn(&str) -> bool,
     ) -> Result<Vec<usize>, BrokerError> {
         Ok(match tenant {
-            Some(t) => vec![self.tenant_index(t)?],
+            Some(t) => {
+                let t = self.tenant_index(t)?;
+                self.leading(t)?;
+                vec![t]
+            }
+            // Cluster mode: the tenants this broker leads.
             None => {
                 let mut seen: Vec<usize> = self
                     .inner
                     .by_id
                     .iter()
-                    .filter(|(id, _)| sees(id))
+                    .filter(|(id, &i)| sees(id) && self.leads(i))
                     .map(|(_, &i)| i)
                     .collect();
                 // Config order, not the map's.
