@@ -63,7 +63,7 @@ lease_ttl_ms = 3000
 }
 
 struct Cluster {
-    _etcd: testsvc::Etcd,
+    etcd: testsvc::Etcd,
     etcd_url: String,
     prefix: String,
     tenants: Vec<String>,
@@ -74,7 +74,7 @@ impl Cluster {
     async fn start(etcd: testsvc::Etcd, name: &str, nodes: &[&str], tenants: usize) -> Cluster {
         let mut c = Cluster {
             etcd_url: etcd.url(),
-            _etcd: etcd,
+            etcd,
             prefix: format!("/qb-test-{name}"),
             tenants: (0..tenants).map(|i| format!("t{i}")).collect(),
             brokers: HashMap::new(),
@@ -462,4 +462,113 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
         rate.effective_rate_per_min < 480.0,
         "the learned cut is carried over: {rate:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_etcd_no_broker_grants_past_its_lease_and_a_leader_returns_with_it() {
+    let etcd = testsvc::Etcd::start().unwrap();
+    let mut cluster = Cluster::start(etcd, "etcd-down", &["b1", "b2"], 1).await;
+    let urls = cluster.urls();
+    let first = settled_leader(&urls, "t0").await;
+    let grants = Arc::new(Mutex::new(Vec::<(Instant, String)>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for url in urls.clone() {
+        let (grants, stop) = (grants.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client(&url).acquire(rate_call("t0", "spender", 100)).await {
+                    Ok(r) if r.get_ref().granted => {
+                        grants.lock().unwrap().push((Instant::now(), url.clone()));
+                    }
+                    Ok(_) => {}
+                    Err(s) if away(&s) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Err(s) => panic!("{url}: {s}"),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopped_at = Instant::now();
+    cluster.etcd.stop();
+    // Past the lease TTL and a second more: every broker must have stopped.
+    tokio::time::sleep(Duration::from_millis(TTL_MS + 1_000)).await;
+    let during: Vec<(Instant, String)> = grants
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| *t > stopped_at)
+        .cloned()
+        .collect();
+    let last = during.last().map(|(t, _)| *t - stopped_at);
+    eprintln!(
+        "etcd stopped: {} grants after, the last {last:?} after (lease TTL {TTL_MS} ms, margin {MARGIN_MS} ms)",
+        during.len()
+    );
+    assert!(
+        during
+            .iter()
+            .all(|(t, u)| *u == first && *t < stopped_at + Duration::from_millis(TTL_MS)),
+        "grants past the lease: {during:?}"
+    );
+    for u in &urls {
+        assert!(
+            leads(u, "t0").await.is_err(),
+            "{u} still leads without etcd"
+        );
+    }
+    let resumed_at = Instant::now();
+    cluster.etcd.resume().unwrap();
+    let again = leader(&urls, "t0").await;
+    let back = loop {
+        let last = grants.lock().unwrap().last().cloned();
+        if let Some((t, u)) = last.filter(|(t, _)| *t > resumed_at) {
+            break (t - resumed_at, u);
+        }
+        assert!(
+            resumed_at.elapsed() < Duration::from_secs(20),
+            "no grant after etcd came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("etcd back: {again} leads, first grant {:?} after", back.0);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in load {
+        tokio::time::timeout(Duration::from_secs(30), l)
+            .await
+            .expect("load stops")
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_broker_takes_only_its_share_of_tenants() {
+    let etcd = testsvc::Etcd::start().unwrap();
+    let mut cluster = Cluster::start(etcd, "join", &["b1", "b2"], 12).await;
+    let tenants = cluster.tenants.clone();
+    let urls = cluster.urls();
+    let mut before = HashMap::new();
+    for t in &tenants {
+        before.insert(t.clone(), settled_leader(&urls, t).await);
+    }
+    cluster.add("b3").await;
+    let urls = cluster.urls();
+    let new = urls
+        .iter()
+        .find(|u| !before.values().any(|b| b == *u))
+        .cloned()
+        .unwrap();
+    let mut moved = 0;
+    for t in &tenants {
+        let after = settled_leader(&urls, t).await;
+        if after != before[t] {
+            assert_eq!(after, new, "{t} moved between the old brokers");
+            moved += 1;
+        }
+    }
+    eprintln!(
+        "b3 joined: {moved} of {} tenants moved to it",
+        tenants.len()
+    );
+    assert!(moved > 0 && moved < tenants.len(), "{moved}");
 }

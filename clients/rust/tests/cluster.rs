@@ -1,0 +1,115 @@
+//! The client against a cluster of three in-process brokers on a real etcd
+//! (installed and started by the test on 127.0.0.1): given any one broker it
+//! finds the tenant's leader; given all three it keeps leasing while the
+//! leader shuts down, without an error reaching the caller.
+
+use quota_broker::{Embedded, Settings};
+use quota_broker_client::{BrokerClient, Call};
+use std::time::Duration;
+use tokio::time::Instant;
+
+async fn node(etcd: &str, name: &str, prefix: &str) -> Embedded {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let toml = format!(
+        r#"[server]
+state_dir = ""
+http_listen = ""
+shutdown_grace_ms = 1000
+[cluster]
+etcd = ["{etcd}"]
+node = "{name}"
+advertise = "http://{addr}"
+prefix = "{prefix}"
+lease_ttl_ms = 2000
+safety_margin_ms = 500
+[[tenants]]
+id = "t"
+[[tenants.buckets]]
+name = "org"
+routes = ["* /**"]
+permits = 100
+window_ms = 1000
+burst = 20
+"#
+    );
+    Embedded::spawn(listener, Settings::from_toml(&toml).unwrap()).unwrap()
+}
+
+fn call() -> Call {
+    Call::new("t", "GET", "/api/v2/users/me")
+        .client_id("c")
+        .class("critical")
+}
+
+/// Leases until one comes from a broker (not the fallback); its URL.
+async fn leased_by_broker(client: &BrokerClient) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lease = client.acquire(&call()).await.unwrap();
+        if !lease.is_fallback() {
+            return client.current_url();
+        }
+        assert!(Instant::now() < deadline, "no broker granted within 20 s");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_follows_the_leader_and_rides_out_a_hand_over() {
+    let etcd = testsvc::Etcd::start().unwrap();
+    let prefix = "/qb-client-test";
+    let mut nodes = Vec::new();
+    for name in ["b1", "b2", "b3"] {
+        nodes.push(node(&etcd.url(), name, prefix).await);
+    }
+    let urls: Vec<String> = nodes.iter().map(Embedded::url).collect();
+    let all = BrokerClient::connect(&urls.join(","), None).unwrap();
+    // Settled: the same leader for a second.
+    let mut leader = leased_by_broker(&all).await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = leased_by_broker(&all).await;
+        if now == leader {
+            break;
+        }
+        leader = now;
+    }
+    // A client given only a follower finds the leader by itself.
+    let follower = urls.iter().find(|u| **u != leader).unwrap();
+    let one = BrokerClient::connect(follower, None).unwrap();
+    assert_eq!(leased_by_broker(&one).await, leader);
+
+    // The leader shuts down (hands the tenant over) while the client leases.
+    let i = urls.iter().position(|u| *u == leader).unwrap();
+    let stopping = nodes.remove(i);
+    let lessee = all.clone();
+    let load = tokio::spawn(async move {
+        let (mut broker, mut fallback) = (0, 0);
+        let until = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < until {
+            // Every call answers: granted by a broker, or by the fallback
+            // while no broker leads.
+            let lease = lessee
+                .acquire(&call())
+                .await
+                .expect("no error reaches the caller");
+            if lease.is_fallback() {
+                fallback += 1;
+            } else {
+                broker += 1;
+            }
+            let report = lease.report(200, &http::HeaderMap::new()).await;
+            assert!(report.is_ok(), "{report:?}");
+        }
+        (broker, fallback)
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stopping.stop().await.unwrap();
+    let (broker, fallback) = load.await.unwrap();
+    let next = leased_by_broker(&all).await;
+    assert_ne!(next, leader, "the stopped broker cannot lead");
+    eprintln!("hand-over: {broker} broker leases, {fallback} fallback leases, now led by {next}");
+    for n in nodes {
+        n.stop().await.unwrap();
+    }
+}
