@@ -25,6 +25,23 @@ fi
 
 "$PY" -m pip install --quiet --disable-pip-version-check "${USER_FLAG[@]}" ".[test,genesys]"
 
+# The cluster tests (tests/test_cluster.py) run a real etcd: install it when
+# missing (Debian etcd-server; we are root on CI). tests/conftest.py tries
+# the same and fails those tests loudly if it cannot.
+if [ ! -x /usr/bin/etcd ]; then
+  echo "ci.sh: /usr/bin/etcd missing; installing etcd-server"
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "ci.sh: not root: install etcd-server (apt-get install -y etcd-server) for the cluster tests" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends etcd-server \
+    || { apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null \
+         && apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends etcd-server; } \
+    || { echo "ci.sh: apt-get could not install etcd-server, needed by the cluster tests" >&2; exit 1; }
+  [ -x /usr/bin/etcd ] || { echo "ci.sh: etcd-server installed but /usr/bin/etcd is missing" >&2; exit 1; }
+fi
+
 # -P: no current directory on sys.path, so the installed package (not the
 # source tree) is what gets tested.
 "$PY" -P -m pytest -q "$@"

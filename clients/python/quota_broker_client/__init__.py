@@ -12,7 +12,10 @@ While the broker is unreachable, leases come from a conservative local
 limiter (``FallbackSettings``) and outcomes are reported when it is back.
 ``https://`` urls speak TLS (``ca_cert=``, ``client_cert=``/``client_key=``
 for a private CA and mutual TLS); a broker over this caller's request rate
-raises ``Overloaded`` (wait its ``retry_after_ms``).
+raises ``Overloaded`` (wait its ``retry_after_ms``). For a cluster of
+brokers pass several urls (a list, or comma-separated): calls follow the
+tenant's leader (``x-quota-broker-leader``) and move on from a broker that
+does not answer.
 The Genesys Cloud SDK adapter is ``quota_broker_client.genesys``.
 """
 from .client import DEFAULT_CHANNEL_OPTIONS, Lease, QuotaBroker, WatchStream, says_concurrency

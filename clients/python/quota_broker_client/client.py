@@ -78,6 +78,59 @@ def _target(url):
     return netloc, secure
 
 
+#: Response metadata in which a broker of a cluster that does not lead the
+#: call's tenant names the leader's URL (with an UNAVAILABLE status).
+LEADER_METADATA_KEY = "x-quota-broker-leader"
+
+
+def _split_urls(url):
+    """The broker urls of ``url``: a str (several comma-separated) or a list/tuple of str."""
+    if isinstance(url, (bytes, bytearray)):
+        url = url.decode("utf-8")
+    items = [url] if isinstance(url, str) else list(url)
+    urls = []
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"broker url must be a str, got {type(item).__name__}")
+        urls.extend(u.strip() for u in item.split(",") if u.strip())
+    if not urls:
+        raise ValueError(f"no broker url given in {url!r}")
+    return urls
+
+
+def _leader_of(err):
+    """The leader URL of an UNAVAILABLE answer's ``x-quota-broker-leader`` metadata, or None."""
+    for getter in ("trailing_metadata", "initial_metadata"):
+        fn = getattr(err, getter, None)
+        if not callable(fn):
+            continue
+        try:
+            md = fn() or ()
+        except Exception:  # pragma: no cover - not every RpcError carries metadata
+            continue
+        for item in md:
+            key, value = (item.key, item.value) if hasattr(item, "key") else item
+            if str(key).lower() != LEADER_METADATA_KEY:
+                continue
+            if isinstance(value, (bytes, bytearray)):
+                value = value.decode("ascii", "replace")
+            value = str(value).strip()
+            return value or None
+    return None
+
+
+class _Conn:
+    """One broker address: its channel and stubs (cached per target by QuotaBroker)."""
+
+    def __init__(self, target, channel):
+        self.target = target
+        self.channel = channel
+        self.stub = pb_grpc.QuotaBrokerStub(channel)
+        self.admin_stub = pb_grpc.QuotaAdminStub(channel)
+        # grpc.health.v1 Check with an empty HealthCheckRequest (service ""), as raw bytes.
+        self.health_check = channel.unary_unary(_HEALTH_CHECK)
+
+
 class Lease:
     """A granted Acquire. Use ``report()`` after the upstream call, ``release()`` when done.
 
@@ -85,15 +138,21 @@ class Lease:
     ``lease_ttl_ms``, ``lease_expires_at_ms``, ``buckets``) plus the request's
     ``tenant``, ``method``, ``path``, ``oauth_client`` and ``client_id``.
 
+    ``target``: the broker ("host:port") that granted it; with a cluster,
+    the tenant's leader then (renewals and the release go to whichever
+    broker leads the tenant when they are sent).
+
     ``is_fallback``: the broker was unreachable and the local fallback
     limiter gave the permission (no lease id, no slot; ``report()`` keeps
     the outcome for the broker, ``release()`` and ``renew()`` do nothing).
     """
 
     def __init__(self, broker, response, *, tenant, method, path, oauth_client, client_id,
-                 priority_class="", is_fallback=False):
+                 priority_class="", is_fallback=False, target=None):
         self._broker = broker
         self.is_fallback = is_fallback
+        #: The broker ("host:port") that granted the lease (None for a fallback lease).
+        self.target = target
         self.response = response
         self.lease_id = response.lease_id
         self.permits = response.permits
@@ -255,20 +314,36 @@ class _Renewer(threading.Thread):
 class WatchStream:
     """Iterator over QuotaStatus messages of a Watch; ``cancel()`` (or ``with``) ends it."""
 
-    def __init__(self, call):
+    def __init__(self, call, reopen=None):
         self._call = call
         self._cancelled = False
+        # Before the first message, an UNAVAILABLE answer (a broker that does
+        # not lead the tenant, or is down) opens the stream again where
+        # reopen(error, hop) says (None: nowhere, raise).
+        self._reopen = reopen
+        self._hops = 0
+        self._started = False
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        try:
-            return next(self._call)
-        except grpc.RpcError as e:
-            if self._cancelled or e.code() == grpc.StatusCode.CANCELLED:
-                raise StopIteration from None
-            raise errors.from_rpc_error(e) from None
+        while True:
+            try:
+                msg = next(self._call)
+                self._started = True
+                return msg
+            except grpc.RpcError as e:
+                if self._cancelled or e.code() == grpc.StatusCode.CANCELLED:
+                    raise StopIteration from None
+                if (not self._started and self._reopen is not None
+                        and e.code() == grpc.StatusCode.UNAVAILABLE):
+                    self._hops += 1
+                    call = self._reopen(e, self._hops)
+                    if call is not None and not self._cancelled:
+                        self._call = call
+                        continue
+                raise errors.from_rpc_error(e) from None
 
     def cancel(self):
         self._cancelled = True
@@ -286,7 +361,14 @@ class QuotaBroker:
     """A connection to a quota-broker.
 
     ``url`` is "host:port", "http://host:port" (plaintext) or
-    "https://host:port" (TLS). ``token`` is sent as
+    "https://host:port" (TLS); for a cluster, several of them (a list, or
+    one string comma-separated; all plaintext or all TLS). A broker that
+    does not lead the call's tenant answers UNAVAILABLE naming the leader
+    (``x-quota-broker-leader``): the call goes there, with this client's TLS
+    settings, and later calls too. UNAVAILABLE without a leader (the broker
+    is down, no leader elected yet): the next configured broker. After
+    (number of urls + 2) hops the call counts as an unreachable broker
+    (the fallback below). Channels are made once per broker and kept. ``token`` is sent as
     ``authorization: Bearer <token>`` on every call (over TLS too). ``timeout`` is the
     client-side deadline (seconds) added on top of an Acquire's server-side
     wait and used as is for the other unary calls. ``options`` are gRPC
@@ -315,7 +397,12 @@ class QuotaBroker:
     def __init__(self, url, token=None, *, timeout=_CALL_TIMEOUT_S, credentials=None, options=None,
                  fallback=FallbackSettings(), clock=None, tls=None, ca_cert=None, client_cert=None,
                  client_key=None, tls_server_name=None):
-        target, url_tls = _target(url)
+        urls = _split_urls(url)
+        parsed = [_target(u) for u in urls]
+        said = {t for _, t in parsed if t is not None}
+        if len(said) > 1:
+            raise ValueError(f"broker urls {url!r} mix http:// and https://: use one or the other")
+        url_tls = said.pop() if said else None
         pem_given = any(v is not None for v in (ca_cert, client_cert, client_key))
         tls_given = pem_given or tls_server_name is not None
         if credentials is not None and pem_given:
@@ -329,27 +416,26 @@ class QuotaBroker:
         if tls_server_name is not None:
             channel_options["grpc.ssl_target_name_override"] = tls_server_name
         channel_options.update(dict(options or ()))
-        channel_options = list(channel_options.items())
-        if secure:
-            creds = credentials or channel_credentials(ca_cert, client_cert, client_key)
-            self._channel = grpc.secure_channel(target, creds, options=channel_options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=channel_options)
-        #: Whether the channel speaks TLS.
+        self._channel_options = list(channel_options.items())
+        self._creds = (credentials or channel_credentials(ca_cert, client_cert, client_key)) if secure else None
+        #: Whether the channels speak TLS.
         self.tls = secure
-        self.target = target
+        #: The configured broker targets ("host:port"), in order: calls move
+        #: to the next one when the current one does not answer.
+        self.targets = list(dict.fromkeys(t for t, _ in parsed))
+        # Channels per target (configured ones, and leaders the brokers named),
+        # created on first use; _conn is the one calls go to now.
+        self._conns_lock = threading.Lock()
+        self._conns = {}
+        self._conn = self._conn_for(self.targets[0])
         self.timeout = timeout
         #: Call metadata (the bearer token), for calls on the raw stubs.
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        #: Raw generated stubs, for anything the wrapper does not cover.
-        self.stub = pb_grpc.QuotaBrokerStub(self._channel)
-        self.admin_stub = pb_grpc.QuotaAdminStub(self._channel)
-        # grpc.health.v1 Check with an empty HealthCheckRequest (service ""), as raw bytes.
-        self._health_check = self._channel.unary_unary(_HEALTH_CHECK)
         self._clock = clock if clock is not None else SystemClock()
         if fallback is not None and not isinstance(fallback, FallbackSettings):
             raise TypeError(f"fallback must be a FallbackSettings or None, got {type(fallback).__name__}")
-        self._fallback = LocalFallback(fallback, self._clock, target) if fallback is not None else None
+        self._fallback = (LocalFallback(fallback, self._clock, ", ".join(self.targets))
+                          if fallback is not None else None)
         self._flush_lock = threading.Lock()
         self._flusher = None
         self._flusher_lock = threading.Lock()
@@ -363,10 +449,94 @@ class QuotaBroker:
         # Releases refused as Overloaded, sent by the background sender.
         self._deferred_releases = collections.deque()
 
+    # -- connections -------------------------------------------------------------
+
     @property
     def channel(self):
-        """The underlying ``grpc.Channel``."""
-        return self._channel
+        """The ``grpc.Channel`` calls go to now."""
+        return self._conn.channel
+
+    @property
+    def target(self):
+        """The broker calls go to now ("host:port"): the first configured one
+        until a broker names another as the tenant's leader or does not answer."""
+        return self._conn.target
+
+    @property
+    def stub(self):
+        """Raw generated QuotaBroker stub on the current broker, for anything the wrapper does not cover."""
+        return self._conn.stub
+
+    @property
+    def admin_stub(self):
+        """Raw generated QuotaAdmin stub on the current broker."""
+        return self._conn.admin_stub
+
+    def _conn_for(self, target):
+        """The (cached) channel and stubs of ``target``."""
+        with self._conns_lock:
+            conn = self._conns.get(target)
+            if conn is None:
+                if self.tls:
+                    channel = grpc.secure_channel(target, self._creds, options=self._channel_options)
+                else:
+                    channel = grpc.insecure_channel(target, options=self._channel_options)
+                conn = self._conns[target] = _Conn(target, channel)
+            return conn
+
+    def _leader_target(self, leader_url):
+        """The target of a leader URL a broker named, or None when this client cannot reach it
+        with its TLS settings (an ``http://`` leader for a TLS client, or the reverse)."""
+        try:
+            target, url_tls = _target(leader_url)
+        except ValueError:
+            return None
+        if url_tls is not None and url_tls != self.tls:
+            return None
+        return target
+
+    def _next_target(self, after):
+        """The configured target after ``after`` (the first one if ``after`` is not configured)."""
+        try:
+            at = self.targets.index(after) + 1
+        except ValueError:
+            at = 0
+        return self.targets[at % len(self.targets)]
+
+    def _move(self, frm, to, why):
+        """Calls go to ``to`` from now on (unless another thread moved them off ``frm`` meanwhile)."""
+        conn = self._conn_for(to)
+        with self._conns_lock:
+            if self._conn is frm:
+                self._conn = conn
+        log.debug("quota-broker: following the cluster from %s to %s (%s)", frm.target, to, why)
+        return conn
+
+    def _follow(self, conn, err, hop):
+        """Where to send a call again after ``conn`` answered UNAVAILABLE (``err``), or None.
+
+        With the ``x-quota-broker-leader`` metadata: that leader. Without it
+        (the broker is down, or no leader is elected yet): the next
+        configured broker. At most (number of configured brokers + 2) hops
+        per call, as the Rust client.
+        """
+        if hop > len(self.targets) + 2:
+            return None
+        leader = _leader_of(err)
+        if leader is not None:
+            target = self._leader_target(leader)
+            if target is None:
+                log.warning("quota-broker at %s names %s as the leader, which this client cannot "
+                            "reach with its TLS settings (tls=%s)", conn.target, leader, self.tls)
+                return None
+            if target == conn.target:
+                # "I lead it" cannot come with UNAVAILABLE: do not loop.
+                log.debug("quota-broker at %s names itself as the leader in an UNAVAILABLE answer", conn.target)
+                return None
+            return self._move(conn, target, f"leader {leader}")
+        if len(self.targets) < 2:
+            return None
+        return self._move(conn, self._next_target(conn.target), "no answer / no leader")
 
     # -- fallback state --------------------------------------------------------
 
@@ -428,7 +598,7 @@ class QuotaBroker:
                     return
                 lease_id = self._deferred_releases.popleft()
             try:
-                self._call(self.stub.Release, pb.ReleaseRequest(lease_id=lease_id), timeout)
+                self._call("Release", pb.ReleaseRequest(lease_id=lease_id), timeout)
             except errors.Overloaded as e:
                 self._overloaded(e)
                 with self._flusher_lock:
@@ -450,12 +620,24 @@ class QuotaBroker:
         return bool(self._deferred_releases) or self.pending_reports > 0
 
     def _answers(self):
-        """Whether the broker answers at all (any status but UNAVAILABLE / DEADLINE_EXCEEDED)."""
-        try:
-            self._health_check(b"", timeout=min(self.timeout, _PROBE_TIMEOUT_S), metadata=self.metadata)
-        except grpc.RpcError as e:
-            return e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-        return True
+        """Whether a broker answers at all (any status but UNAVAILABLE / DEADLINE_EXCEEDED).
+
+        The current broker first, then the other configured ones in turn;
+        calls move to the first that answers.
+        """
+        first = self._conn
+        order = [first.target] + [t for t in self.targets if t != first.target]
+        for target in order:
+            conn = self._conn_for(target)
+            try:
+                conn.health_check(b"", timeout=min(self.timeout, _PROBE_TIMEOUT_S), metadata=self.metadata)
+            except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    continue
+            if conn is not first:
+                self._move(first, target, "answers the health probe")
+            return True
+        return False
 
     def _broker_answered(self):
         fb = self._fallback
@@ -536,7 +718,7 @@ class QuotaBroker:
                 aged.headers.clear()
                 aged.headers.update(headers)
                 try:
-                    self._call(self.stub.Report, aged, timeout)
+                    self._call("Report", aged, timeout)
                 except _UNREACHABLE:
                     fb.put_back(item)
                     break
@@ -584,7 +766,10 @@ class QuotaBroker:
         if self._deferred_releases:
             log.debug("closing with %d releases unsent (their slots expire by themselves)",
                       len(self._deferred_releases))
-        self._channel.close()
+        with self._conns_lock:
+            conns = list(self._conns.values())
+        for conn in conns:
+            conn.channel.close()
 
     def __enter__(self):
         return self
@@ -593,18 +778,46 @@ class QuotaBroker:
         self.close()
         return False
 
-    def _call(self, fn, request, timeout=None):
-        try:
-            return fn(request, timeout=self.timeout if timeout is None else timeout,
-                      metadata=self.metadata)
-        except grpc.RpcError as e:
-            raise errors.from_rpc_error(e) from None
+    def _call(self, name, request, timeout=None, *, admin=False):
+        """Runs the unary RPC ``name`` following the cluster (see ``_call_at``); returns its response."""
+        return self._call_at(name, request, timeout, admin=admin)[0]
+
+    def _call_at(self, name, request, timeout=None, *, admin=False):
+        """Runs the unary RPC ``name`` on the current broker, following the cluster.
+
+        UNAVAILABLE with ``x-quota-broker-leader``: again at that leader;
+        without it: again at the next configured broker; at most (number of
+        configured brokers + 2) hops, then the last answer is raised (and is
+        an unreachable broker to the fallback). ``timeout`` is per hop.
+        Returns (response, target of the broker that answered).
+        """
+        hop = 0
+        conn = self._conn
+        while True:
+            fn = getattr(conn.admin_stub if admin else conn.stub, name)
+            try:
+                return fn(request, timeout=self.timeout if timeout is None else timeout,
+                          metadata=self.metadata), conn.target
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise errors.from_rpc_error(e) from None
+                hop += 1
+                conn = self._follow(conn, e, hop)
+                if conn is None:
+                    raise errors.from_rpc_error(e) from None
 
     # -- data plane ----------------------------------------------------------
 
     def acquire_raw(self, tenant, method, path, *, client_id, oauth_client="",
                     priority_class="", permits=1, max_wait_ms=None, timeout=None):
         """Acquire returning the AcquireResponse as is (granted or not); no fallback."""
+        return self._acquire_at(tenant, method, path, client_id=client_id, oauth_client=oauth_client,
+                                priority_class=priority_class, permits=permits,
+                                max_wait_ms=max_wait_ms, timeout=timeout)[0]
+
+    def _acquire_at(self, tenant, method, path, *, client_id, oauth_client="",
+                    priority_class="", permits=1, max_wait_ms=None, timeout=None):
+        """``acquire_raw`` returning (AcquireResponse, target of the broker that answered)."""
         req = pb.AcquireRequest(
             tenant=tenant,
             client_id=client_id,
@@ -619,7 +832,7 @@ class QuotaBroker:
         if timeout is None:
             wait_ms = _SERVER_MAX_WAIT_MS if max_wait_ms is None else min(int(max_wait_ms), _SERVER_MAX_WAIT_MS)
             timeout = wait_ms / 1000.0 + self.timeout
-        return self._call(self.stub.Acquire, req, timeout)
+        return self._call_at("Acquire", req, timeout)
 
     def acquire(self, tenant, method, path, *, client_id, oauth_client="",
                 priority_class="", permits=1, max_wait_ms=None, timeout=None):
@@ -647,9 +860,10 @@ class QuotaBroker:
         while True:
             if fb is None or (fb.should_try_broker() and (not fb.active or self._answers())):
                 try:
-                    resp = self.acquire_raw(tenant, method, path, client_id=client_id,
-                                            oauth_client=oauth_client, priority_class=priority_class,
-                                            permits=permits, max_wait_ms=max_wait_ms, timeout=timeout)
+                    resp, granted_by = self._acquire_at(
+                        tenant, method, path, client_id=client_id, oauth_client=oauth_client,
+                        priority_class=priority_class, permits=permits, max_wait_ms=max_wait_ms,
+                        timeout=timeout)
                 except _UNREACHABLE as e:
                     if fb is None or (timeout is not None and isinstance(e, errors.DeadlineExceeded)):
                         raise  # no fallback, or the caller's own deadline
@@ -669,7 +883,7 @@ class QuotaBroker:
                         fb.granted(resp.permits or permits)
                     return Lease(self, resp, tenant=tenant, method=method, path=path,
                                  oauth_client=oauth_client or "", client_id=client_id,
-                                 priority_class=priority_class or "")
+                                 priority_class=priority_class or "", target=granted_by)
             wait = fb.take()
             if wait is None:
                 continue  # no longer falling back: ask the broker
@@ -719,7 +933,7 @@ class QuotaBroker:
 
     def release(self, lease_id):
         """Returns a lease's slots. Idempotent; True if this call returned slots."""
-        return self._call(self.stub.Release, pb.ReleaseRequest(lease_id=lease_id)).released
+        return self._call("Release", pb.ReleaseRequest(lease_id=lease_id)).released
 
     def renew(self, lease_id, extend_ms=0, *, acquired_with=None):
         """Extends a lease's slots (0: the lease's default TTL). Returns RenewResponse.
@@ -730,7 +944,7 @@ class QuotaBroker:
         req = pb.RenewRequest(lease_id=lease_id, extend_ms=int(extend_ms))
         if acquired_with is not None:
             req.acquired_with.CopyFrom(acquired_with)
-        return self._call(self.stub.Renew, req)
+        return self._call("Renew", req)
 
     def report(self, tenant, method, path, status, headers=None, *, oauth_client="",
                lease_id="", retry_after_ms=None, concurrency_limited=False):
@@ -764,7 +978,7 @@ class QuotaBroker:
         )
         fb = self._fallback
         if fb is None:
-            return self._call(self.stub.Report, req)
+            return self._call("Report", req)
         if not fb.active:
             if self._held():
                 # Overloaded a moment ago: after the outcomes kept before it.
@@ -772,7 +986,7 @@ class QuotaBroker:
                 self._start_flusher()
                 return None
             try:
-                return self._call(self.stub.Report, req)
+                return self._call("Report", req)
             except _UNREACHABLE as e:
                 log.debug("report %s %s -> %s kept: %s", req.method, path, status, e)
             except errors.Overloaded as e:
@@ -792,18 +1006,30 @@ class QuotaBroker:
         Returns a WatchStream (iterate it; ``cancel()`` or use ``with`` to
         stop). ``timeout`` bounds the whole stream (seconds; None: no bound).
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        opened_on = [self._conn]
+
+        def open_stream(conn):
+            opened_on[0] = conn
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            return conn.stub.Watch(pb.WatchRequest(tenant=tenant), timeout=left, metadata=self.metadata)
+
+        def reopen(err, hop):
+            # Follows the cluster like a unary call (leader named, else the next broker).
+            conn = self._follow(opened_on[0], err, hop)
+            return None if conn is None else open_stream(conn)
+
         try:
-            call = self.stub.Watch(pb.WatchRequest(tenant=tenant), timeout=timeout,
-                                   metadata=self.metadata)
+            call = open_stream(self._conn)
         except grpc.RpcError as e:
             raise errors.from_rpc_error(e) from None
-        return WatchStream(call)
+        return WatchStream(call, reopen)
 
     # -- operator plane ------------------------------------------------------
 
     def list_buckets(self, tenant=""):
         """Every bucket instance (QuotaStatus messages) the caller may see."""
-        return list(self._call(self.admin_stub.ListBuckets, pb.ListBucketsRequest(tenant=tenant)).buckets)
+        return list(self._call("ListBuckets", pb.ListBucketsRequest(tenant=tenant), admin=True).buckets)
 
     def bucket(self, tenant, name, oauth_client=""):
         """The QuotaStatus of one bucket instance, or None."""

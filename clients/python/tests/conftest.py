@@ -9,6 +9,7 @@ import datetime
 import ipaddress
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -91,7 +92,7 @@ class BrokerProcess:
     """
 
     def __init__(self, tmp_path, auth="", single_ttl_ms=1500, port=None, state_dir="", tls="",
-                 extra="", listen_host="127.0.0.1", host=None):
+                 extra="", listen_host="127.0.0.1", host=None, config_text=None):
         exe = broker_bin()
         if not os.access(exe, os.X_OK):
             pytest.fail(
@@ -106,9 +107,13 @@ class BrokerProcess:
         self.url = f"https://{self.addr}" if self.tls else self.addr
         self.killed = False
         self.config = tmp_path / f"broker-{self.port}.toml"
-        self.config.write_text(BASE_CONFIG.format(port=self.port, auth=auth, single_ttl_ms=single_ttl_ms,
-                                                  state_dir=state_dir, tls=tls, extra=extra,
-                                                  listen_host=listen_host))
+        if config_text is not None:
+            # A whole config of its own (e.g. a cluster node), "{port}" filled in.
+            self.config.write_text(config_text.replace("{port}", str(self.port)))
+        else:
+            self.config.write_text(BASE_CONFIG.format(port=self.port, auth=auth,
+                                                      single_ttl_ms=single_ttl_ms, state_dir=state_dir,
+                                                      tls=tls, extra=extra, listen_host=listen_host))
         env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTA_BROKER__")}
         env["RUST_LOG"] = "info"
         env["NO_COLOR"] = "1"
@@ -337,3 +342,92 @@ class FakeClock:
 @pytest.fixture
 def fake_clock():
     return FakeClock()
+
+
+# -- etcd, for the cluster tests ---------------------------------------------
+
+ETCD_BIN = "/usr/bin/etcd"
+ETCD_START_TIMEOUT_S = 30
+_APT_LOCK = "/tmp/quota-broker-testsvc-apt.lock"  # the Rust tests' testsvc uses the same lock
+
+
+def ensure_etcd():
+    """The etcd binary, installing Debian ``etcd-server`` when missing (as root).
+
+    Fails the test with what to do when it cannot: never skips.
+    """
+    if os.access(ETCD_BIN, os.X_OK):
+        return ETCD_BIN
+    if os.geteuid() != 0:
+        pytest.fail(f"the cluster tests need etcd ({ETCD_BIN}, Debian package etcd-server): "
+                    "run `apt-get install -y etcd-server`, or run the tests as root so they install it")
+    script = ("export DEBIAN_FRONTEND=noninteractive; "
+              "apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends etcd-server "
+              "|| { apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null && "
+              "apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends etcd-server; }")
+    cmd = ["flock", _APT_LOCK, "sh", "-c", script] if shutil.which("flock") else ["sh", "-c", script]
+    try:
+        out = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.fail(f"installing etcd-server with apt-get failed: {e}")
+    if out.returncode != 0 or not os.access(ETCD_BIN, os.X_OK):
+        tail = (out.stdout + out.stderr).decode("utf-8", "replace")[-2000:]
+        pytest.fail(f"apt-get could not install etcd-server (exit {out.returncode}); "
+                    f"the cluster tests need {ETCD_BIN}:\n{tail}")
+    return ETCD_BIN
+
+
+class EtcdProcess:
+    """A one-member etcd on 127.0.0.1, ephemeral ports, data under ``directory``."""
+
+    def __init__(self, directory):
+        exe = ensure_etcd()
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.client_port, self.peer_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        self.log_path = self.dir / "etcd.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [exe, "--name", "t", "--data-dir", str(self.dir / "data"),
+             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"t={peer}"],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + ETCD_START_TIMEOUT_S
+        while not self.healthy():
+            if self.proc.poll() is not None:
+                pytest.fail(f"etcd exited with {self.proc.returncode} before being healthy:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"etcd not healthy after {ETCD_START_TIMEOUT_S}s:\n{self.log()}")
+            time.sleep(0.05)  # polling a server until it is up
+
+    def healthy(self):
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
+                return '"health":"true"' in r.read().decode("utf-8", "replace").replace(" ", "")
+        except OSError:
+            return False
+
+    def log(self):
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(STOP_TIMEOUT_S)
+        self._log.close()
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    e = EtcdProcess(tmp_path / "etcd")
+    yield e
+    e.stop()
