@@ -13,16 +13,19 @@ pub const DEFAULT_BROKER: &str = "http://127.0.0.1:50051";
 #[command(name = "quotactl", version, about, propagate_version = true)]
 pub struct Cli {
     /// Broker address: `http://host:port`, or `https://host:port` for a
-    /// broker with `[server.tls]` (a bare `host:port` means http).
+    /// broker with `[server.tls]` (a bare `host:port` means http). A
+    /// cluster: several, comma-separated (`http://b1:50051,http://b2:50051`);
+    /// a command for one tenant goes to that tenant's leader, a command over
+    /// every tenant asks every broker given.
     #[arg(
         long,
         global = true,
         env = "QUOTA_BROKER_URL",
         default_value = DEFAULT_BROKER,
-        value_name = "URL",
-        value_parser = parse_broker_url
+        value_name = "URL[,URL...]",
+        value_parser = parse_brokers
     )]
-    pub broker: String,
+    pub broker: Brokers,
 
     /// Bearer token, sent as `authorization: Bearer <token>` on every call.
     #[arg(
@@ -260,6 +263,35 @@ pub fn parse_broker_url(s: &str) -> Result<String, String> {
     }
 }
 
+/// The broker addresses given (`--broker`, comma-separated): at least one,
+/// each a URL with its scheme, no two the same, in the order given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Brokers(pub Vec<String>);
+
+/// Accepts one broker address or several, comma-separated (blanks around
+/// the commas are ignored, a repeated address counts once); each as
+/// [`parse_broker_url`].
+pub fn parse_brokers(s: &str) -> Result<Brokers, String> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    if parts.len() == 1 {
+        return parse_broker_url(parts[0]).map(|u| Brokers(vec![u]));
+    }
+    let mut urls: Vec<String> = Vec::new();
+    for part in parts {
+        if part.is_empty() {
+            return Err(format!(
+                "empty address in {s:?}; expected URLs separated by commas, like \
+                 http://10.0.0.1:50051,http://10.0.0.2:50051"
+            ));
+        }
+        let url = parse_broker_url(part).map_err(|e| format!("{part}: {e}"))?;
+        if !urls.contains(&url) {
+            urls.push(url);
+        }
+    }
+    Ok(Brokers(urls))
+}
+
 /// A share between 0.0 and 1.0.
 fn parse_share(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
@@ -296,6 +328,25 @@ mod tests {
         assert!(parse_broker_url("").is_err());
         assert!(parse_broker_url("http://").is_err());
         assert!(parse_broker_url("http://a b").is_err());
+    }
+
+    #[test]
+    fn broker_lists() {
+        assert_eq!(
+            parse_brokers("127.0.0.1:1").unwrap(),
+            Brokers(vec!["http://127.0.0.1:1".into()])
+        );
+        assert_eq!(
+            parse_brokers("http://a:1, https://b:2/ ,a:1").unwrap(),
+            Brokers(vec!["http://a:1".into(), "https://b:2".into()])
+        );
+        assert!(parse_brokers("").is_err());
+        assert!(parse_brokers("a:1,,b:2").is_err());
+        assert!(parse_brokers("a:1,").is_err());
+        let e = parse_brokers("a:1,ftp://b").unwrap_err();
+        assert!(e.starts_with("ftp://b: "), "{e}");
+        let cli = Cli::try_parse_from(["quotactl", "--broker", "a:1,b:2", "status"]).unwrap();
+        assert_eq!(cli.broker.0, ["http://a:1", "http://b:2"]);
     }
 
     #[test]

@@ -1,10 +1,17 @@
 //! What each subcommand does: connect to the broker (with the bearer token on
 //! every call), make the RPC, print the answer. Formatting is in
 //! [`crate::table`].
+//!
+//! Several brokers (a cluster, `--broker URL,URL,...`): a call for one
+//! tenant goes to the first broker given and follows the cluster as the
+//! Rust client does ([`Cluster::call`]); a call over every tenant (`status`
+//! or `watch` without `--tenant`) goes to every broker given and the
+//! answers are merged ([`Cluster::each`]), each broker showing the tenants
+//! it leads.
 
 use crate::cli::{
-    BucketCommand, ClassCommand, ClassSetArgs, ClearArgs, Cli, Command, PauseArgs, ResumeArgs,
-    SetLimitArgs, StatusArgs, TlsArgs, WatchArgs,
+    parse_broker_url, BucketCommand, ClassCommand, ClassSetArgs, ClearArgs, Cli, Command,
+    PauseArgs, ResumeArgs, SetLimitArgs, StatusArgs, TlsArgs, WatchArgs,
 };
 use crate::error::Error;
 use crate::table::{self, BucketKey};
@@ -14,13 +21,13 @@ use quota_broker::pb::{
     ClearLearnedRequest, ListBucketsRequest, PauseBucketRequest, PriorityClass, QuotaStatus,
     ResumeBucketRequest, SetBucketLimitRequest, SetPriorityClassRequest, WatchRequest,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Duration;
 use tokio::time::Instant;
-use tokio_stream::StreamExt;
+use tokio_stream::{StreamExt, StreamMap};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
@@ -107,19 +114,160 @@ impl Conn {
         })
     }
 
-    /// Awaits a unary call, bounded by [`CALL_TIMEOUT`], mapping its errors.
+    /// Awaits a call, bounded by [`CALL_TIMEOUT`], mapping its errors; on
+    /// a failure also the leader the broker named in the
+    /// `x-quota-broker-leader` metadata, if any.
     async fn call<T>(
         &self,
         f: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    ) -> Result<T, Error> {
+    ) -> Result<T, (Error, Option<String>)> {
         match tokio::time::timeout(CALL_TIMEOUT, f).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(s)) => Err(Error::status(&self.url, s)),
-            Err(_) => Err(Error::Timeout {
-                url: self.url.clone(),
-                secs: CALL_TIMEOUT.as_secs(),
-            }),
+            Ok(Err(s)) => {
+                let leader = s
+                    .metadata()
+                    .get(quota_broker::LEADER_METADATA)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_broker_url(v).ok());
+                Err((Error::status(&self.url, s), leader))
+            }
+            Err(_) => Err((
+                Error::Timeout {
+                    url: self.url.clone(),
+                    secs: CALL_TIMEOUT.as_secs(),
+                },
+                None,
+            )),
         }
+    }
+}
+
+/// The brokers given, with a connection to each one used so far.
+struct Cluster {
+    urls: Vec<String>,
+    token: Option<String>,
+    tls: TlsArgs,
+    conns: HashMap<String, Conn>,
+}
+
+impl Cluster {
+    fn new(urls: Vec<String>, token: Option<String>, tls: TlsArgs) -> Cluster {
+        Cluster {
+            urls,
+            token,
+            tls,
+            conns: HashMap::new(),
+        }
+    }
+
+    /// The connection to `url`, opened on first use.
+    async fn conn(&mut self, url: &str) -> Result<&Conn, Error> {
+        if !self.conns.contains_key(url) {
+            let conn = Conn::open(url, self.token.as_deref(), &self.tls).await?;
+            self.conns.insert(url.to_owned(), conn);
+        }
+        Ok(&self.conns[url])
+    }
+
+    /// Makes a call for `tenant` on the broker that leads it, the way the
+    /// Rust client does: first on the first broker given; a broker that
+    /// answers UNAVAILABLE naming the leader (`x-quota-broker-leader`)
+    /// sends the call there; one that names none, cannot be reached, or
+    /// drops the connection, to the next broker given not tried yet. At
+    /// most as many attempts as brokers given plus two. Returns the URL
+    /// that answered and its answer; when none did, the one error if only
+    /// one broker was tried (as with a single broker), else
+    /// [`Error::NoBroker`] naming every broker tried.
+    async fn call<T, F, Fut>(&mut self, tenant: &str, mut f: F) -> Result<(String, T), Error>
+    where
+        F: FnMut(&Conn) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let most = self.urls.len() + 2;
+        let mut tried: Vec<(String, Error)> = Vec::new();
+        let mut url = self.urls[0].clone();
+        loop {
+            let (error, leader) = match self.conn(&url).await {
+                Ok(conn) => match conn.call(f(conn)).await {
+                    Ok(answer) => return Ok((url, answer)),
+                    Err(failed) => failed,
+                },
+                Err(e) => (e, None),
+            };
+            if !error.try_another() {
+                return Err(error);
+            }
+            tried.push((url.clone(), error));
+            let next = match leader {
+                // "I lead it" cannot come with UNAVAILABLE: do not loop.
+                Some(l) if l == url => None,
+                Some(l) => Some(l),
+                None => self
+                    .urls
+                    .iter()
+                    .find(|u| !tried.iter().any(|(t, _)| t == *u))
+                    .cloned(),
+            };
+            match next {
+                Some(n) if tried.len() < most => url = n,
+                _ => break,
+            }
+        }
+        if tried.len() == 1 {
+            return Err(tried.remove(0).1);
+        }
+        Err(Error::NoBroker {
+            tenant: Some(tenant.to_owned()),
+            tried,
+        })
+    }
+
+    /// Makes a call over every tenant on every broker given, one after the
+    /// other (no following: each answers for the tenants it leads).
+    /// Returns the answers, each with its broker's URL, and
+    /// [`Error::Partial`] if some broker failed: each such one is reported
+    /// on stderr (`quotactl: URL: why`) and left out. When none answers:
+    /// the one error for a single broker (as before), else
+    /// [`Error::NoBroker`]. Options that cannot work (token, TLS) fail at
+    /// once.
+    async fn each<T, F, Fut>(
+        &mut self,
+        mut f: F,
+    ) -> Result<(Vec<(String, T)>, Option<Error>), Error>
+    where
+        F: FnMut(&Conn) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut answers = Vec::new();
+        let mut failed: Vec<(String, Error)> = Vec::new();
+        for url in self.urls.clone() {
+            let result = match self.conn(&url).await {
+                Ok(conn) => conn.call(f(conn)).await.map_err(|(e, _)| e),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(answer) => answers.push((url, answer)),
+                Err(e @ (Error::BadToken | Error::Tls(_))) => return Err(e),
+                Err(e) => failed.push((url, e)),
+            }
+        }
+        if answers.is_empty() {
+            if failed.len() == 1 {
+                return Err(failed.remove(0).1);
+            }
+            return Err(Error::NoBroker {
+                tenant: None,
+                tried: failed,
+            });
+        }
+        let partial = (!failed.is_empty()).then_some(Error::Partial {
+            failed: failed.len(),
+            total: self.urls.len(),
+        });
+        for (url, e) in failed {
+            eprintln!("quotactl: {url}: {}", e.without_url());
+        }
+        Ok((answers, partial))
     }
 }
 
@@ -179,50 +327,100 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<(), Error> {
-    let conn = Conn::open(&cli.broker, cli.token.as_deref(), &cli.tls).await?;
+    let mut c = Cluster::new(cli.broker.0, cli.token, cli.tls);
+    // As with one broker: TLS options that cannot apply fail before any call.
+    for url in &c.urls {
+        tls_config(url, &c.tls)?;
+    }
     match cli.command {
-        Command::Status(a) => status(&conn, a).await,
-        Command::Watch(a) => watch(&conn, a).await,
-        Command::Class(ClassCommand::Set(a)) => class_set(&conn, a).await,
-        Command::Bucket(BucketCommand::SetLimit(a)) => set_limit(&conn, a).await,
-        Command::Pause(a) => pause(&conn, a).await,
-        Command::Resume(a) => resume(&conn, a).await,
-        Command::Clear(a) => clear(&conn, a).await,
+        Command::Status(a) => status(&mut c, a).await,
+        Command::Watch(a) => watch(&mut c, a).await,
+        Command::Class(ClassCommand::Set(a)) => class_set(&mut c, a).await,
+        Command::Bucket(BucketCommand::SetLimit(a)) => set_limit(&mut c, a).await,
+        Command::Pause(a) => pause(&mut c, a).await,
+        Command::Resume(a) => resume(&mut c, a).await,
+        Command::Clear(a) => clear(&mut c, a).await,
     }
 }
 
-async fn status(conn: &Conn, a: StatusArgs) -> Result<(), Error> {
-    let req = ListBucketsRequest {
-        tenant: a.tenant.unwrap_or_default(),
+/// Merges bucket states from several brokers: one per bucket (the latest
+/// snapshot, should two brokers show the same bucket), sorted.
+fn merge(answers: impl IntoIterator<Item = QuotaStatus>) -> Vec<QuotaStatus> {
+    let mut by_key: BTreeMap<BucketKey, QuotaStatus> = BTreeMap::new();
+    for s in answers {
+        match by_key.get(&table::key(&s)) {
+            Some(old) if old.at_ms >= s.at_ms => {}
+            _ => {
+                by_key.insert(table::key(&s), s);
+            }
+        }
+    }
+    by_key.into_values().collect()
+}
+
+async fn status(c: &mut Cluster, a: StatusArgs) -> Result<(), Error> {
+    let list = |conn: &Conn, tenant: String| {
+        let mut admin = conn.admin.clone();
+        async move { admin.list_buckets(ListBucketsRequest { tenant }).await }
     };
-    let mut buckets = conn
-        .call(conn.admin.clone().list_buckets(req))
-        .await?
-        .buckets;
+    let (mut buckets, partial) = match &a.tenant {
+        Some(t) => (
+            c.call(t, |conn| list(conn, t.clone())).await?.1.buckets,
+            None,
+        ),
+        None => {
+            let (answers, partial) = c.each(|conn| list(conn, String::new())).await?;
+            (
+                merge(answers.into_iter().flat_map(|(_, r)| r.buckets)),
+                partial,
+            )
+        }
+    };
     table::sort(&mut buckets);
     if a.json {
         let all: Vec<_> = buckets.iter().map(table::status_json).collect();
-        print(&format!("{}\n", pretty(&serde_json::Value::Array(all))))
+        print(&format!("{}\n", pretty(&serde_json::Value::Array(all))))?;
     } else {
-        print(&table::render_status(&buckets))
+        print(&table::render_status(&buckets))?;
     }
+    partial.map_or(Ok(()), Err)
 }
 
-async fn watch(conn: &Conn, a: WatchArgs) -> Result<(), Error> {
-    let req = WatchRequest {
-        tenant: a.tenant.unwrap_or_default(),
+async fn watch(c: &mut Cluster, a: WatchArgs) -> Result<(), Error> {
+    let open = |conn: &Conn, tenant: String| {
+        let mut broker = conn.broker.clone();
+        async move { broker.watch(WatchRequest { tenant }).await }
     };
-    let mut stream = conn.call(conn.broker.clone().watch(req)).await?;
+    // Every stream, by its broker's URL.
+    let mut streams = StreamMap::new();
+    let partial = match &a.tenant {
+        Some(t) => {
+            let (url, stream) = c.call(t, |conn| open(conn, t.clone())).await?;
+            streams.insert(url, stream);
+            None
+        }
+        None => {
+            let (answers, partial) = c.each(|conn| open(conn, String::new())).await?;
+            for (url, stream) in answers {
+                streams.insert(url, stream);
+            }
+            partial
+        }
+    };
+    let title = streams.keys().cloned().collect::<Vec<_>>().join(",");
     let limit = a.count.unwrap_or(u64::MAX);
     let tty = std::io::stdout().is_terminal();
     let mut state: BTreeMap<BucketKey, QuotaStatus> = BTreeMap::new();
     let mut updates = 0u64;
-    let failed = |s| Error::status(&conn.url, s);
+    let failed = |(url, s): (String, Result<QuotaStatus, tonic::Status>)| {
+        s.map_err(|s| Error::status(&url, s))
+    };
+    let mut stream = streams.map(failed);
     while updates < limit {
         let Some(first) = stream.next().await else {
             break;
         };
-        let first = first.map_err(failed)?;
+        let first = first?;
         updates += 1;
         if a.json {
             print(&format!("{}\n", table::status_json(&first)))?;
@@ -240,7 +438,7 @@ async fn watch(conn: &Conn, a: WatchArgs) -> Result<(), Error> {
                     break;
                 }
                 Ok(Some(s)) => {
-                    let s = s.map_err(failed)?;
+                    let s = s?;
                     updates += 1;
                     state.insert(table::key(&s), s);
                 }
@@ -249,8 +447,7 @@ async fn watch(conn: &Conn, a: WatchArgs) -> Result<(), Error> {
         let body = table::render_status(state.values());
         if tty {
             print(&format!(
-                "{CLEAR_SCREEN}quotactl watch {}: {} buckets, {updates} updates (Ctrl-C to stop)\n\n{body}",
-                conn.url,
+                "{CLEAR_SCREEN}quotactl watch {title}: {} buckets, {updates} updates (Ctrl-C to stop)\n\n{body}",
                 state.len()
             ))?;
         } else {
@@ -260,10 +457,10 @@ async fn watch(conn: &Conn, a: WatchArgs) -> Result<(), Error> {
             break;
         }
     }
-    Ok(())
+    partial.map_or(Ok(()), Err)
 }
 
-async fn class_set(conn: &Conn, a: ClassSetArgs) -> Result<(), Error> {
+async fn class_set(c: &mut Cluster, a: ClassSetArgs) -> Result<(), Error> {
     let req = SetPriorityClassRequest {
         tenant: a.tenant.clone(),
         class: Some(PriorityClass {
@@ -274,9 +471,13 @@ async fn class_set(conn: &Conn, a: ClassSetArgs) -> Result<(), Error> {
             default_max_wait_ms: a.default_max_wait_ms,
         }),
     };
-    let class = conn
-        .call(conn.admin.clone().set_priority_class(req))
+    let class = c
+        .call(&a.tenant, |conn| {
+            let (mut admin, req) = (conn.admin.clone(), req.clone());
+            async move { admin.set_priority_class(req).await }
+        })
         .await?
+        .1
         .class;
     match (class, a.json) {
         (Some(c), true) => print(&format!("{}\n", pretty(&table::class_json(&c)))),
@@ -286,7 +487,7 @@ async fn class_set(conn: &Conn, a: ClassSetArgs) -> Result<(), Error> {
     }
 }
 
-async fn set_limit(conn: &Conn, a: SetLimitArgs) -> Result<(), Error> {
+async fn set_limit(c: &mut Cluster, a: SetLimitArgs) -> Result<(), Error> {
     let req = SetBucketLimitRequest {
         tenant: a.tenant.clone(),
         bucket: a.bucket.clone(),
@@ -295,47 +496,63 @@ async fn set_limit(conn: &Conn, a: SetLimitArgs) -> Result<(), Error> {
         burst: a.burst.unwrap_or(0),
         max_in_flight: a.max_in_flight.unwrap_or(0),
     };
-    let status = conn
-        .call(conn.admin.clone().set_bucket_limit(req))
+    let status = c
+        .call(&a.tenant, |conn| {
+            let (mut admin, req) = (conn.admin.clone(), req.clone());
+            async move { admin.set_bucket_limit(req).await }
+        })
         .await?
+        .1
         .status;
     print_status(status, a.json, &a.tenant, &a.bucket, "limit changed")
 }
 
-async fn pause(conn: &Conn, a: PauseArgs) -> Result<(), Error> {
+async fn pause(c: &mut Cluster, a: PauseArgs) -> Result<(), Error> {
     let req = PauseBucketRequest {
         tenant: a.tenant.clone(),
         bucket: a.bucket.clone(),
         reason: a.reason.unwrap_or_default(),
     };
-    let status = conn
-        .call(conn.admin.clone().pause_bucket(req))
+    let status = c
+        .call(&a.tenant, |conn| {
+            let (mut admin, req) = (conn.admin.clone(), req.clone());
+            async move { admin.pause_bucket(req).await }
+        })
         .await?
+        .1
         .status;
     print_status(status, a.json, &a.tenant, &a.bucket, "paused")
 }
 
-async fn resume(conn: &Conn, a: ResumeArgs) -> Result<(), Error> {
+async fn resume(c: &mut Cluster, a: ResumeArgs) -> Result<(), Error> {
     let req = ResumeBucketRequest {
         tenant: a.tenant.clone(),
         bucket: a.bucket.clone(),
     };
-    let status = conn
-        .call(conn.admin.clone().resume_bucket(req))
+    let status = c
+        .call(&a.tenant, |conn| {
+            let (mut admin, req) = (conn.admin.clone(), req.clone());
+            async move { admin.resume_bucket(req).await }
+        })
         .await?
+        .1
         .status;
     print_status(status, a.json, &a.tenant, &a.bucket, "resumed")
 }
 
-async fn clear(conn: &Conn, a: ClearArgs) -> Result<(), Error> {
+async fn clear(c: &mut Cluster, a: ClearArgs) -> Result<(), Error> {
     let req = ClearLearnedRequest {
         tenant: a.tenant.clone(),
         bucket: a.bucket.clone(),
         oauth_client: a.oauth_client.unwrap_or_default(),
     };
-    let statuses = conn
-        .call(conn.admin.clone().clear_learned(req))
+    let statuses = c
+        .call(&a.tenant, |conn| {
+            let (mut admin, req) = (conn.admin.clone(), req.clone());
+            async move { admin.clear_learned(req).await }
+        })
         .await?
+        .1
         .statuses;
     if a.json {
         let all: Vec<_> = statuses.iter().map(table::status_json).collect();

@@ -43,6 +43,22 @@ pub enum Error {
     Tls(String),
     /// Writing the output failed (other than a closed pipe).
     Output(std::io::Error),
+    /// Several brokers were tried and none served the call: each URL tried
+    /// and why it did not (a broker not leading the tenant, unreachable, ...).
+    NoBroker {
+        /// The tenant of the call; `None` for a call over every tenant.
+        tenant: Option<String>,
+        /// Each broker tried, in order, with its failure.
+        tried: Vec<(String, Error)>,
+    },
+    /// A command over every tenant got answers from only some of the
+    /// brokers given (each failure was reported on stderr before).
+    Partial {
+        /// Brokers that did not answer.
+        failed: usize,
+        /// Brokers given.
+        total: usize,
+    },
 }
 
 impl Error {
@@ -73,6 +89,34 @@ impl Error {
         Error::Rpc {
             code: s.code(),
             message: s.message().to_owned(),
+        }
+    }
+}
+
+impl Error {
+    /// Whether another broker of a cluster may serve the call this error
+    /// failed: the broker did not serve it (UNAVAILABLE: not the tenant's
+    /// leader, no leader yet, shutting down), could not be reached, or the
+    /// connection broke.
+    pub fn try_another(&self) -> bool {
+        matches!(
+            self,
+            Error::Unreachable { .. }
+                | Error::Lost { .. }
+                | Error::Rpc {
+                    code: Code::Unavailable,
+                    ..
+                }
+        )
+    }
+
+    /// This error without the broker's URL, for a list of brokers tried.
+    pub fn without_url(&self) -> String {
+        match self {
+            Error::Unreachable { detail, .. } => format!("unreachable: {}", one_line(detail)),
+            Error::Lost { detail, .. } => format!("connection lost: {}", one_line(detail)),
+            Error::Timeout { secs, .. } => format!("no answer within {secs}s"),
+            other => other.to_string(),
         }
     }
 }
@@ -116,6 +160,21 @@ impl fmt::Display for Error {
             ),
             Error::Tls(detail) => write!(f, "TLS: {}", one_line(detail)),
             Error::Output(e) => write!(f, "cannot write the output: {}", one_line(&e.to_string())),
+            Error::NoBroker { tenant, tried } => {
+                match tenant {
+                    Some(t) => write!(f, "no broker served tenant {t:?}; tried ")?,
+                    None => write!(f, "no broker answered; tried ")?,
+                }
+                for (i, (url, e)) in tried.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { ", " };
+                    write!(f, "{sep}{url} ({})", e.without_url())?;
+                }
+                Ok(())
+            }
+            Error::Partial { failed, total } => write!(
+                f,
+                "{failed} of {total} brokers did not answer (see above); the output lacks the tenants they lead"
+            ),
         }
     }
 }
@@ -248,6 +307,31 @@ mod tests {
         );
         let other = std::io::Error::other("failed to lookup address information (os error 2)");
         assert_eq!(cause(&other), "failed to lookup address information");
+    }
+
+    #[test]
+    fn no_broker_names_every_url_tried() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let e = Error::NoBroker {
+            tenant: Some("t".into()),
+            tried: vec![
+                (
+                    "http://a:1".into(),
+                    Error::status("http://a:1", tonic::Status::unavailable("no leader\nyet")),
+                ),
+                (
+                    "http://b:2".into(),
+                    Error::transport("http://b:2", &refused),
+                ),
+            ],
+        };
+        assert_eq!(
+            e.to_string(),
+            "no broker served tenant \"t\"; tried http://a:1 (UNAVAILABLE: no leader; yet), \
+             http://b:2 (unreachable: connection refused)"
+        );
+        assert!(Error::status("x", tonic::Status::unavailable("")).try_another());
+        assert!(!Error::status("x", tonic::Status::not_found("")).try_another());
     }
 
     #[test]

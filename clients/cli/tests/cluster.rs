@@ -1,0 +1,361 @@
+//! `quotactl` against a cluster: a real etcd on 127.0.0.1 (installed and
+//! started by `testsvc`) and two brokers in process. A command for one
+//! tenant given a follower (or a dead address) first reaches the leader;
+//! `status` and `watch` over every tenant merge what every broker leads;
+//! errors name every broker tried. Every wait is bounded in time.
+
+use quota_broker::hash_token;
+use quota_broker::pb::quota_admin_client::QuotaAdminClient;
+use quota_broker::pb::ListBucketsRequest;
+use quota_broker::{Embedded, Settings};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+use tokio::process::Command;
+use tokio::time::{timeout, Instant};
+
+const ADMIN: &str = "secret-ops";
+/// Bound on any one quotactl run.
+const LIMIT: Duration = Duration::from_secs(30);
+const TENANTS: [&str; 4] = ["t0", "t1", "t2", "t3"];
+
+/// Node `node` of the cluster under `prefix`, advertised at `url`: tenants
+/// t0..t3, each with one rate bucket "rate" (60 per minute); an admin
+/// token.
+fn config(node: &str, url: &str, etcd: &str, prefix: &str) -> String {
+    let mut toml = format!(
+        r#"[server]
+state_dir = ""
+http_listen = ""
+shutdown_grace_ms = 500
+[cluster]
+etcd = ["{etcd}"]
+node = "{node}"
+advertise = "{url}"
+prefix = "{prefix}"
+lease_ttl_ms = 2000
+safety_margin_ms = 500
+[[auth.tokens]]
+name = "ops"
+sha256 = "{admin}"
+role = "admin"
+tenants = ["*"]
+"#,
+        admin = hash_token(ADMIN),
+    );
+    for t in TENANTS {
+        toml.push_str(&format!(
+            r#"[[tenants]]
+id = "{t}"
+[[tenants.buckets]]
+name = "rate"
+routes = ["* /**"]
+permits = 60
+window_ms = 60000
+"#
+        ));
+    }
+    toml
+}
+
+/// An etcd and two brokers of one cluster.
+struct Cluster {
+    brokers: Vec<Embedded>,
+    _etcd: testsvc::Etcd,
+}
+
+impl Cluster {
+    /// Starts etcd and brokers b1 and b2 under a prefix of this test's own.
+    async fn start(name: &str) -> Cluster {
+        let etcd = tokio::task::spawn_blocking(testsvc::Etcd::start)
+            .await
+            .unwrap()
+            .expect("etcd starts");
+        let prefix = format!("/qb-cli-test-{name}");
+        let mut brokers = Vec::new();
+        for node in ["b1", "b2"] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let settings = Settings::from_toml(&config(node, &url, &etcd.url(), &prefix))
+                .expect("test config is valid");
+            brokers.push(Embedded::spawn(listener, settings).unwrap());
+        }
+        Cluster {
+            brokers,
+            _etcd: etcd,
+        }
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.brokers.iter().map(Embedded::url).collect()
+    }
+
+    /// Waits (at most 20 s) until every tenant has one leader that every
+    /// broker agrees on, the same a second later; returns each tenant's.
+    async fn settled(&self) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last: Option<Vec<String>> = None;
+        loop {
+            let mut now = Vec::new();
+            for t in TENANTS {
+                match leader(&self.urls(), t).await {
+                    Some(l) => now.push(l),
+                    None => break,
+                }
+            }
+            if now.len() == TENANTS.len() && last.as_ref() == Some(&now) {
+                return now;
+            }
+            assert!(Instant::now() < deadline, "no settled leaders within 20 s");
+            let settled = now.len() == TENANTS.len();
+            last = settled.then_some(now);
+            let pause = if settled { 1000 } else { 100 };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        for b in self.brokers.drain(..) {
+            let _ = timeout(Duration::from_secs(10), b.stop()).await;
+        }
+    }
+}
+
+/// The one broker of `urls` that serves `tenant` if every other one names
+/// it as the leader.
+async fn leader(urls: &[String], tenant: &str) -> Option<String> {
+    let mut leading = Vec::new();
+    let mut named = Vec::new();
+    for url in urls {
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .ok()?;
+        let mut req = tonic::Request::new(ListBucketsRequest {
+            tenant: tenant.into(),
+        });
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {ADMIN}").parse().unwrap());
+        match QuotaAdminClient::new(channel).list_buckets(req).await {
+            Ok(_) => leading.push(url.clone()),
+            Err(s) if s.code() == tonic::Code::Unavailable => named.push(
+                s.metadata()
+                    .get(quota_broker::LEADER_METADATA)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            ),
+            Err(s) => panic!("{url}: {s}"),
+        }
+    }
+    match &leading[..] {
+        [one] if named.iter().all(|n| n.as_deref() == Some(one.as_str())) => Some(one.clone()),
+        _ => None,
+    }
+}
+
+/// quotactl with `args` against `brokers` (comma-joined), with the admin
+/// token, isolated from the caller's environment; run within [`LIMIT`].
+async fn quotactl(brokers: &[&str], args: &[&str]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_quotactl"));
+    c.arg("--broker")
+        .arg(brokers.join(","))
+        .arg("--token")
+        .arg(ADMIN)
+        .args(args)
+        .env_remove("QUOTA_BROKER_URL")
+        .env_remove("QUOTA_BROKER_TOKEN")
+        .env_remove("QUOTA_BROKER_TENANT")
+        .env_remove("QUOTA_BROKER_CA_CERT")
+        .env_remove("QUOTA_BROKER_CLIENT_CERT")
+        .env_remove("QUOTA_BROKER_CLIENT_KEY")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    timeout(LIMIT, c.output())
+        .await
+        .expect("quotactl finished in time")
+        .expect("quotactl started")
+}
+
+/// Runs quotactl, asserts success with nothing on stderr, returns stdout as JSON.
+async fn ok_json(brokers: &[&str], args: &[&str]) -> Value {
+    let out = quotactl(brokers, args).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.is_empty(),
+        "quotactl {brokers:?} {args:?}: {:?}: {err}",
+        out.status
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
+/// The tenants of a JSON array of bucket states, each bucket at most once.
+fn tenants_of(buckets: &Value) -> BTreeSet<String> {
+    let list = buckets.as_array().expect("an array");
+    let keys: BTreeSet<(String, String)> = list
+        .iter()
+        .map(|b| {
+            (
+                b["tenant"].as_str().unwrap().into(),
+                b["bucket"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(keys.len(), list.len(), "a bucket shown twice: {buckets}");
+    keys.into_iter().map(|(t, _)| t).collect()
+}
+
+/// An address where nothing listens (a port that was just free).
+fn dead_url() -> String {
+    format!("http://127.0.0.1:{}", testsvc::free_port().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_commands_reach_the_leader_from_a_follower_or_a_dead_address() {
+    let cluster = Cluster::start("follow").await;
+    let leaders = cluster.settled().await;
+    let urls = cluster.urls();
+    let leader = leaders[0].clone();
+    let follower = urls.iter().find(|u| **u != leader).unwrap().clone();
+
+    // The follower first: it names the leader, the change is made there.
+    let set = ok_json(
+        &[&follower, &leader],
+        &[
+            "bucket",
+            "set-limit",
+            "--tenant",
+            "t0",
+            "rate",
+            "--permits",
+            "45",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(set["tenant"], "t0");
+    assert_eq!(set["configured_rate_per_min"], 45.0);
+    // Visible from the follower alone (it sends quotactl to the leader).
+    let status = ok_json(&[&follower], &["status", "--tenant", "t0", "--json"]).await;
+    assert_eq!(status[0]["bucket"], "rate");
+    assert_eq!(status[0]["configured_rate_per_min"], 45.0);
+    // And on the leader itself.
+    let status = ok_json(&[&leader], &["status", "--tenant", "t0", "--json"]).await;
+    assert_eq!(status[0]["configured_rate_per_min"], 45.0);
+
+    // A dead address first: the next one given, then its leader.
+    let dead = dead_url();
+    let paused = ok_json(
+        &[&dead, &follower],
+        &[
+            "pause", "--tenant", "t0", "rate", "--reason", "test", "--json",
+        ],
+    )
+    .await;
+    assert_eq!(paused["paused"], true);
+    let resumed = ok_json(
+        &[&dead, &follower],
+        &["resume", "--tenant", "t0", "rate", "--json"],
+    )
+    .await;
+    assert_eq!(resumed["paused"], false);
+
+    // A tenant not configured is the broker's answer, not a hop.
+    let out = quotactl(&[&follower, &leader], &["status", "--tenant", "nope"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("quotactl: NOT_FOUND: "), "{err}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_watch_without_a_tenant_merge_every_broker() {
+    let cluster = Cluster::start("merge").await;
+    let leaders = cluster.settled().await;
+    let urls = cluster.urls();
+    let all: BTreeSet<String> = TENANTS.iter().map(|t| t.to_string()).collect();
+
+    // Each broker alone: the tenants it leads.
+    for url in &urls {
+        let mine: BTreeSet<String> = TENANTS
+            .iter()
+            .zip(&leaders)
+            .filter(|(_, l)| *l == url)
+            .map(|(t, _)| t.to_string())
+            .collect();
+        let shown = ok_json(&[url], &["status", "--json"]).await;
+        assert_eq!(tenants_of(&shown), mine, "{url}");
+    }
+    // Both: every tenant, each bucket once.
+    let both = [urls[0].as_str(), urls[1].as_str()];
+    let shown = ok_json(&both, &["status", "--json"]).await;
+    assert_eq!(tenants_of(&shown), all);
+
+    // Watch: the snapshot of both brokers is one update per bucket.
+    let count = TENANTS.len().to_string();
+    let out = quotactl(&both, &["watch", "--json", "--count", &count]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(tenants_of(&Value::Array(lines)), all);
+
+    // One broker away: what the others show, the missing one named, exit 1.
+    let dead = dead_url();
+    let out = quotactl(&[&urls[0], &dead], &["status", "--json"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(tenants_of(&shown).is_subset(&all));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("quotactl: {dead}: unreachable: connection refused"),
+            "quotactl: 1 of 2 brokers did not answer (see above); the output lacks the tenants they lead"
+                .to_owned(),
+        ],
+        "{err}"
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_brokers_are_named_in_one_line() {
+    // The only address given: the same error as ever.
+    let dead = dead_url();
+    let out = quotactl(&[&dead], &["resume", "--tenant", "t0", "rate"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("quotactl: cannot reach the broker at {dead}: connection refused\n")
+    );
+    // Several: every one tried, in order.
+    let other = dead_url();
+    let out = quotactl(&[&dead, &other], &["resume", "--tenant", "t0", "rate"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "quotactl: no broker served tenant \"t0\"; tried {dead} (unreachable: connection refused), \
+             {other} (unreachable: connection refused)\n"
+        )
+    );
+    let out = quotactl(&[&dead, &other], &["status"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "quotactl: no broker answered; tried {dead} (unreachable: connection refused), \
+             {other} (unreachable: connection refused)\n"
+        )
+    );
+}
