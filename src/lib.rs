@@ -31,6 +31,10 @@
 //!   normalised),
 //!   scheduler
 //!
+//!  etcd ◄─► cluster/     cluster mode: membership, one leader per tenant
+//!                        (rendezvous hashing, etcd leases), hand-over,
+//!                        snapshots; the broker's side is broker/lead.rs
+//!
 //!  HTTP ──► http/        /metrics, the dashboard and its event feed (the
 //!                        Watch feed as server-sent events), /healthz, /readyz
 //!           metrics/     counters on the request path (label sets resolved

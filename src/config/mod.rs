@@ -452,6 +452,36 @@ mod tests {
     }
 
     #[test]
+    fn the_cluster_example_is_valid_and_bad_cluster_keys_are_listed() {
+        let s = Settings::from_toml(include_str!("../../examples/cluster-node.toml")).unwrap();
+        let c = s.cluster.unwrap();
+        assert_eq!(
+            (c.node.as_str(), c.prefix.as_str()),
+            ("b1", "/quota-broker")
+        );
+        assert_eq!(
+            (c.lease_ttl, c.safety_margin),
+            (Duration::from_secs(5), Duration::from_secs(1))
+        );
+        let bad = Settings::from_toml(
+            "[cluster]\netcd = [\"127.0.0.1:2379\"]\nnode = \"a/b\"\nadvertise = \"x\"\n\
+             lease_ttl_ms = 2500\nsafety_margin_ms = 2000\n[[tenants]]\nid = \"t\"\n\
+             [[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "cluster.etcd",
+            "cluster.node",
+            "cluster.advertise",
+            "cluster.lease_ttl_ms",
+            "cluster.safety_margin_ms",
+        ] {
+            assert!(bad.contains(key), "{key} missing from: {bad}");
+        }
+    }
+
+    #[test]
     fn every_problem_is_listed() {
         let err = Settings::from_toml(
             r#"
