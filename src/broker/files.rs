@@ -177,6 +177,16 @@ pub(crate) struct LearnedEntry {
     /// Rate the cooldown holds, per minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cooldown_per_min: Option<f64>,
+    /// The upstream budget view: what is left, as the upstream said less our
+    /// grants since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_remaining: Option<u32>,
+    /// …until this reset, unix ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_reset_ms: Option<u64>,
+    /// …of a window this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_window_ms: Option<u64>,
 }
 
 /// Why the state file could not be used.
@@ -243,6 +253,9 @@ mod tests {
             frozen_until_ms: Some(1_800_000_000_000),
             cooldown_until_ms: None,
             cooldown_per_min: None,
+            upstream_remaining: Some(3),
+            upstream_reset_ms: Some(1_800_000_000_000),
+            upstream_window_ms: Some(60_000),
         }]);
         f.write(&d).unwrap();
         assert_eq!(LearnedFile::read(&d).unwrap(), Some(f));

@@ -45,6 +45,16 @@ impl Broker {
                     .cooldown_until_ms
                     .and_then(|ms| clock.instant_of(ms, now))
                     .zip(e.cooldown_per_min),
+                upstream: match (
+                    e.upstream_remaining,
+                    e.upstream_reset_ms,
+                    e.upstream_window_ms,
+                ) {
+                    (Some(r), Some(reset), Some(w)) => clock
+                        .instant_of(reset, now)
+                        .map(|at| (r, at, Duration::from_millis(w))),
+                    _ => None,
+                },
             };
             if self.inner.tenants[t]
                 .lock()
@@ -108,6 +118,9 @@ impl Broker {
                     frozen_until_ms: p.frozen_until.map(|t| clock.unix_ms(t)),
                     cooldown_until_ms: p.cooldown.map(|c| clock.unix_ms(c.0)),
                     cooldown_per_min: p.cooldown.map(|c| c.1),
+                    upstream_remaining: p.upstream.map(|u| u.0),
+                    upstream_reset_ms: p.upstream.map(|u| clock.unix_ms(u.1)),
+                    upstream_window_ms: p.upstream.map(|u| crate::clock::millis(u.2)),
                 });
             }
         }

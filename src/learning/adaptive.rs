@@ -234,6 +234,8 @@ pub struct Persisted {
     pub frozen_until: Option<Instant>,
     /// Backstop cooldown end and the rate it holds.
     pub cooldown: Option<(Instant, f64)>,
+    /// The upstream budget view: remaining, its reset, its window.
+    pub upstream: Option<(u32, Instant, Duration)>,
 }
 
 /// The learning state of one bucket instance.
@@ -581,6 +583,7 @@ impl Learner {
             learned_limit_per_min: self.learned_limit,
             frozen_until: self.frozen_until,
             cooldown: self.cooldown,
+            upstream: None,
         }
     }
 
@@ -657,6 +660,29 @@ impl UpstreamBudget {
                     .map_or(0.0, |p| p.max_used.saturating_sub(u64::from(p.ours)) as f64),
             },
         }
+    }
+
+    /// The view to save: remaining, reset, window (`None`: its window is
+    /// over, nothing to carry).
+    pub(crate) fn saved(&self, now: Instant) -> Option<(u32, Instant, Duration)> {
+        (self.reset_at > now).then_some((self.remaining, self.reset_at, self.window))
+    }
+
+    /// A saved view resumed at `now`, if its window is not over.
+    pub(crate) fn resumed(
+        (remaining, reset_at, window): (u32, Instant, Duration),
+        now: Instant,
+    ) -> Option<UpstreamBudget> {
+        (reset_at > now).then(|| {
+            UpstreamBudget::observe(
+                None,
+                None,
+                u64::from(remaining),
+                reset_at - now,
+                window,
+                now,
+            )
+        })
     }
 
     /// Counts `n` of our grants made at `now`.

@@ -7,7 +7,7 @@ use super::TenantState;
 use crate::clock::millis;
 use crate::config::Scope;
 use crate::error::BrokerError;
-use crate::learning::{attribute, Candidate, Learned, Persisted, RateLimitInfo};
+use crate::learning::{attribute, Candidate, Learned, Persisted, RateLimitInfo, UpstreamBudget};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -275,7 +275,9 @@ impl TenantState {
                 ),
             }
         }
-        if !learned.is_empty() {
+        // A budget view from headers is learned state too (saved at most
+        // once a second).
+        if !learned.is_empty() || info.remaining.is_some() {
             self.learned_dirty = true;
         }
     }
@@ -308,11 +310,18 @@ impl TenantState {
     pub fn learned(&self, now: Instant) -> Vec<(String, Option<String>, Persisted)> {
         self.instances
             .iter()
-            .filter(|(_, x)| !x.learner.is_pristine(now))
-            .map(|(_, x)| {
+            .filter_map(|(_, x)| {
+                let upstream = x.upstream.and_then(|u| u.saved(now));
+                if x.learner.is_pristine(now) && upstream.is_none() {
+                    return None;
+                }
                 let b = &self.buckets[x.bucket].settings;
                 let client = x.oauth_client.as_deref().map(str::to_owned);
-                (b.name.clone(), client, x.learner.persisted())
+                let p = Persisted {
+                    upstream,
+                    ..x.learner.persisted()
+                };
+                Some((b.name.clone(), client, p))
             })
             .collect()
     }
@@ -349,6 +358,9 @@ impl TenantState {
             cooldown: p.cooldown.map(|(t, rate)| (t.min(now + s.cooldown), rate)),
             ..p
         };
+        if let Some(view) = p.upstream.and_then(|v| UpstreamBudget::resumed(v, now)) {
+            x.upstream = Some(view);
+        }
         x.learner.restore(p);
         if let Some(until) = x.learner.frozen_until(now) {
             x.freeze(until, self.rng.f64(), s);

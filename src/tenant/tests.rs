@@ -574,3 +574,39 @@ fn a_continuously_refilled_budget_is_not_waited_for_until_its_reset() {
     };
     assert!(d.retry_after >= 13 * SEC, "waits {:?}", d.retry_after);
 }
+
+#[test]
+fn the_upstream_budget_view_is_saved_and_resumed() {
+    use crate::learning::RateLimitInfo;
+    let t0 = Instant::now();
+    let bucket = "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 600\n\
+                  window_ms = 60000";
+    let mut t = tenant(bucket, t0);
+    let told = RateLimitInfo {
+        limit: Some(300),
+        remaining: Some(7),
+        reset: Some(Duration::from_secs(45)),
+        ..RateLimitInfo::default()
+    };
+    t.report(("GET", "/", "oa"), 200, None, &told, t0).unwrap();
+    assert!(t.take_learned_dirty(), "a budget view is learned state");
+    let saved = t.learned(t0);
+    assert_eq!(saved[0].2.upstream.map(|u| u.0), Some(7), "{saved:?}");
+
+    // A new leader (or a restart) 5 s later resumes it until its reset.
+    let t1 = t0 + Duration::from_secs(5);
+    let mut next = tenant(bucket, t1);
+    for (bucket, client, p) in saved.clone() {
+        assert!(next.restore(&bucket, client.as_deref(), p, t1));
+    }
+    assert_eq!(next.statuses(t1)[0].upstream_remaining, Some(7));
+    // Past its reset there is nothing to carry.
+    let mut late = tenant(bucket, t0 + Duration::from_secs(50));
+    for (bucket, client, p) in saved {
+        late.restore(&bucket, client.as_deref(), p, t0 + Duration::from_secs(50));
+    }
+    assert_eq!(
+        late.statuses(t0 + Duration::from_secs(50))[0].upstream_remaining,
+        None
+    );
+}

@@ -50,7 +50,10 @@ impl Broker {
             let mut addr_tx = Some(addr_tx);
             let mut log = String::new();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listen=").nth(1) {
+                // The startup line only: an error about a taken
+                // `http_listen=` port must not be read as the gRPC address.
+                let serving = line.contains("quota-broker serving");
+                if let Some(rest) = line.split(" listen=").nth(1).filter(|_| serving) {
                     let addr = rest.split_whitespace().next().unwrap_or_default();
                     if let Some(tx) = addr_tx.take() {
                         let _ = tx.send(addr.to_owned());

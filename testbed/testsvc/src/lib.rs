@@ -69,12 +69,36 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// A port on 127.0.0.1 that was free a moment ago (the OS picked it).
+/// A port on 127.0.0.1 that was free a moment ago, for a server that must
+/// be told its port before it starts (etcd, PostgreSQL, a cluster node that
+/// advertises its URL).
+///
+/// Picked below the kernel's ephemeral range, so a socket another test
+/// binds to port 0 in the meantime (the kernel hands those out from the
+/// ephemeral range) cannot take it; spread by process id and a counter so
+/// concurrent test processes rarely try the same one, and checked by
+/// binding it.
 pub fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free port on 127.0.0.1: {e}"))
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = ephemeral_low().unwrap_or(32_768);
+    let (first, span) = (10_000u32, u32::from(low).saturating_sub(10_000).max(1_000));
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..200 {
+        let k = start.wrapping_add(NEXT.fetch_add(97, Ordering::Relaxed));
+        let port = u16::try_from(first + k % span).unwrap_or(20_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(format!(
+        "no free port on 127.0.0.1 between {first} and {low}"
+    ))
+}
+
+/// The first port of the kernel's ephemeral range.
+fn ephemeral_low() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
 }
 
 /// A directory of its own under the system's temporary directory.
