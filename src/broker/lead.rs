@@ -17,7 +17,24 @@ use tokio::time::Instant;
 struct Snapshot {
     learned: LearnedFile,
     admin: AdminFile,
+    /// Written by a leader that stopped granting before it saved (a
+    /// hand-over): its token levels are exact, so the next leader resumes
+    /// them instead of starting empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    handed_over: Option<HandOver>,
 }
+
+#[derive(Debug, Serialize, Deserialize)]
+struct HandOver {
+    /// When the levels were read, unix ms.
+    at_ms: u64,
+    /// (bucket, OAuth client, permits available).
+    levels: Vec<(String, Option<String>, f64)>,
+}
+
+/// Levels handed over longer ago than this are not trusted (another leader
+/// may have led in between without saving).
+const HAND_OVER_FRESH_MS: u64 = 10_000;
 
 impl Broker {
     /// Cluster mode: an error that sends the caller to tenant `t`'s leader,
@@ -65,11 +82,13 @@ impl Broker {
         self.announce();
     }
 
-    /// Becomes tenant `t`'s leader until `until`: its state is rebuilt from
-    /// the config and `snapshot` (what the last leader saved, if any), in
-    /// the restart learning mode: leases the last leader granted may still
-    /// be held, and its buckets' levels are unknown.
-    pub(crate) fn take_over(&self, t: usize, snapshot: Option<&[u8]>, until: Instant) {
+    /// Rebuilds tenant `t` to lead it (from [`Broker::lead`] on): from the
+    /// config and `snapshot`, what the last leader saved, in the restart
+    /// learning mode (leases the last leader granted may still be held, and
+    /// its buckets' levels are unknown, unless it handed them over). No
+    /// snapshot: no broker ever led the tenant (every leader saves before
+    /// it grants), so it starts as a fresh broker does, buckets full.
+    pub(crate) fn take_over(&self, t: usize, snapshot: Option<&[u8]>) {
         let now = Instant::now();
         let settings = &self.inner.settings;
         let mut fresh = TenantState::new(
@@ -100,24 +119,35 @@ impl Broker {
                 })
                 .ok()
         });
-        let (mut changes, mut learned) = (0, 0);
+        let (mut changes, mut learned, mut handed_over) = (0, 0, None);
+        let led_before = snapshot.is_some();
         if let Some(s) = snapshot {
             changes = self.apply_admin(s.admin, now);
             learned = self.apply_learned(s.learned, now);
+            handed_over = s.handed_over;
         }
-        {
+        let now_ms = self.inner.clock.unix_ms(now);
+        let handed_over =
+            handed_over.filter(|h| h.at_ms <= now_ms && now_ms - h.at_ms <= HAND_OVER_FRESH_MS);
+        if led_before {
             let mut state = tenant.lock();
             state.resume_after_restart(now);
-            state.set_lead(Some(until), None);
+            if let Some(h) = &handed_over {
+                let age = std::time::Duration::from_millis(now_ms - h.at_ms);
+                state.resume_levels(&h.levels, age, now);
+            }
         }
-        tracing::info!(tenant = %settings.tenants[t].id, changes, learned,
-            "took the tenant over: leading it (restart learning mode)");
-        tenant.wake.notify_one();
-        self.announce();
+        tracing::info!(tenant = %settings.tenants[t].id, changes, learned, led_before,
+            levels_handed_over = handed_over.is_some(),
+            "taking the tenant over");
     }
 
     /// Tenant `t`'s state as the next leader needs it.
     pub(crate) fn snapshot(&self, t: usize) -> Vec<u8> {
+        serde_json::to_vec(&self.snapshot_of(t)).unwrap_or_default()
+    }
+
+    fn snapshot_of(&self, t: usize) -> Snapshot {
         let admin = {
             let changed = self
                 .inner
@@ -127,10 +157,23 @@ impl Broker {
             let mine = changed.iter().filter(|(i, _)| *i == t).cloned().collect();
             self.admin_file(&mine)
         };
-        let snapshot = Snapshot {
+        Snapshot {
             learned: self.learned_of(Some(t)),
             admin,
-        };
+            handed_over: None,
+        }
+    }
+
+    /// Tenant `t`'s snapshot with its token levels, for a hand-over: call
+    /// it after [`Broker::step_down`], when nothing is granted any more.
+    pub(crate) fn final_snapshot(&self, t: usize) -> Vec<u8> {
+        let now = Instant::now();
+        let levels = self.inner.tenants[t].lock().levels(now);
+        let mut snapshot = self.snapshot_of(t);
+        snapshot.handed_over = Some(HandOver {
+            at_ms: self.inner.clock.unix_ms(now),
+            levels,
+        });
         serde_json::to_vec(&snapshot).unwrap_or_default()
     }
 

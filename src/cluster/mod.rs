@@ -291,9 +291,26 @@ impl Node {
     }
 
     async fn take_over(&mut self, t: usize, valid_until: Instant) -> Result<(), EtcdError> {
-        let saved = self.etcd.get(&self.keys.state(&self.tenants[t])).await?;
-        self.broker.take_over(t, saved.as_deref(), valid_until);
-        self.led.insert(t);
+        let tenant = self.tenants[t].clone();
+        let saved = self.etcd.get(&self.keys.state(&tenant)).await?;
+        self.broker.take_over(t, saved.as_deref());
+        // Saved before the first grant: a snapshot then always exists once
+        // anyone granted (so the next leader knows to be careful), and the
+        // levels a hand-over left do not outlive this lead.
+        let me = self.settings.node.as_bytes().to_vec();
+        let saved = self
+            .etcd
+            .put_if(
+                (&self.keys.leader(&tenant), &me),
+                &self.keys.state(&tenant),
+                self.broker.snapshot(t),
+            )
+            .await?;
+        if saved {
+            self.broker.lead(t, valid_until);
+            self.led.insert(t);
+            tracing::info!(%tenant, "took the tenant over: leading it");
+        }
         Ok(())
     }
 
@@ -308,7 +325,7 @@ impl Node {
             .put_if(
                 (&self.keys.leader(&tenant), &me),
                 &self.keys.state(&tenant),
-                self.broker.snapshot(t),
+                self.broker.final_snapshot(t),
             )
             .await?;
         self.etcd.delete_if(&self.keys.leader(&tenant), &me).await?;

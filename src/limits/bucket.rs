@@ -161,6 +161,13 @@ impl TokenBucket {
         self.tat = now + self.interval.saturating_mul(self.burst.saturating_sub(1));
     }
 
+    /// Sets the level to `tokens` at `now` (capped to the burst): a level
+    /// known exactly, handed over by the previous leader of a cluster.
+    pub(crate) fn set_level(&mut self, tokens: f64, now: Instant) {
+        let owed = (f64::from(self.burst) - tokens).clamp(0.0, f64::from(self.burst));
+        self.tat = now + self.interval.mul_f64(owed);
+    }
+
     /// Lowers the level to at most `tokens` at `now` (someone else spent
     /// part of the budget). Never raises it.
     pub(crate) fn shrink_to(&mut self, tokens: u32, now: Instant) {

@@ -172,4 +172,51 @@ impl TenantState {
             "adopted a lease granted before the restart");
         Ok(Some((expires_at, extend)))
     }
+
+    /// The token level of every rate bucket instance at `now`: (bucket,
+    /// OAuth client, permits available). Exact once nothing is granted any
+    /// more (a cluster leader handing the tenant over).
+    pub fn levels(&self, now: Instant) -> Vec<(String, Option<String>, f64)> {
+        self.instances
+            .iter()
+            .filter_map(|(_, x)| {
+                let t = x.tokens.as_ref()?;
+                let b = &self.buckets[x.bucket].settings;
+                let client = x.oauth_client.as_deref().map(str::to_owned);
+                Some((b.name.clone(), client, t.available(now)))
+            })
+            .collect()
+    }
+
+    /// Resumes token levels the last leader handed over, `age` ago, plus
+    /// what refilled since (instead of the learning mode's empty bucket).
+    pub fn resume_levels(
+        &mut self,
+        levels: &[(String, Option<String>, f64)],
+        age: Duration,
+        now: Instant,
+    ) {
+        let now = self.monotonic(now);
+        for (bucket, client, level) in levels {
+            let Some(b) = self.buckets.iter().position(|d| &d.settings.name == bucket) else {
+                continue;
+            };
+            let i = match (self.buckets[b].org, client.as_deref()) {
+                (Some(i), _) => Some(i),
+                (None, Some(c)) => match self.buckets[b].per_client.get(c) {
+                    Some(&i) => Some(i),
+                    None => self.add_client_instance(b, c, now),
+                },
+                (None, None) => None,
+            };
+            let Some(t) = i
+                .and_then(|i| self.instances.get_mut(i))
+                .and_then(|x| x.tokens.as_mut())
+            else {
+                continue;
+            };
+            let refilled = age.as_secs_f64() / t.interval().as_secs_f64();
+            t.set_level(level + refilled, now);
+        }
+    }
 }

@@ -277,31 +277,6 @@ fn postgres_bin() -> Option<PathBuf> {
     versions.pop().map(|(_, bin)| bin)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn postgres_starts_takes_a_database_and_stops() {
-        let pg = Postgres::start().unwrap_or_else(|e| panic!("{e}"));
-        let url = pg
-            .create_database("testsvc_check")
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(url.ends_with("/testsvc_check"), "{url}");
-        assert!(
-            pg.create_database("testsvc_check").is_err(),
-            "created twice"
-        );
-        assert!(pg.create_database("Bad-Name").is_err());
-        let port = pg.port();
-        let dir = pg.dir.clone();
-        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-        drop(pg);
-        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
-        assert!(!dir.exists());
-    }
-}
-
 /// An etcd server of its own on 127.0.0.1 (one member, ephemeral ports, a
 /// fresh data directory); killed and its directory removed when dropped.
 /// It can be stopped and started again on the same ports and data, for
@@ -407,3 +382,28 @@ impl Drop for Etcd {
 }
 
 const ETCD_BIN: &str = "/usr/bin/etcd";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_starts_takes_a_database_and_stops() {
+        let pg = Postgres::start().unwrap_or_else(|e| panic!("{e}"));
+        let url = pg
+            .create_database("testsvc_check")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(url.ends_with("/testsvc_check"), "{url}");
+        assert!(
+            pg.create_database("testsvc_check").is_err(),
+            "created twice"
+        );
+        assert!(pg.create_database("Bad-Name").is_err());
+        let port = pg.port();
+        let dir = pg.dir.clone();
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        drop(pg);
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+        assert!(!dir.exists());
+    }
+}
