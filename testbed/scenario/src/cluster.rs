@@ -4,6 +4,12 @@
 //! `--chaos-kill-at`, in broker mode, the leader of the org's tenant is
 //! SIGKILLed at that simulated time and the take-over is measured.
 //!
+//! The cluster starts before the mode's simulator (whose clock the plan's
+//! times count from): etcd, the nodes, one leader named by every node for
+//! a while, then one window (scaled), since a tenant's first leader runs
+//! the restart learning mode as any take-over does (token buckets start
+//! empty and fill over a window).
+//!
 //! The leader is found by asking every broker `ListBuckets` for the org's
 //! tenant: the leader answers it, the others answer UNAVAILABLE (with the
 //! leader's URL when they know it). After the kill the survivors are asked
@@ -41,7 +47,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::children::{free_addr, BrokerServer, WorkDir};
 use crate::cli::{Chaos, ClusterSpec, Spec};
 use crate::clock::SimClock;
-use crate::confgen::{cluster_node_toml, ANALYTICS, ORG, WRITES};
+use crate::confgen::{cluster_node_toml, ANALYTICS, ORG, WINDOW_MS, WRITES};
 use crate::error::Error;
 use crate::measure::Metrics;
 
@@ -118,6 +124,14 @@ impl BrokerCluster {
         }
         let cluster = BrokerCluster { nodes, etcd };
         let leader = cluster.wait_stable().await?;
+        // A tenant's first leader runs the restart learning mode too (it
+        // cannot tell a fresh cluster from a take-over): its token buckets
+        // start empty and fill over one window. The fleet starts after it,
+        // as it would against a cluster up for a while.
+        tokio::time::sleep(Duration::from_secs_f64(
+            WINDOW_MS as f64 / spec.scale / 1000.0,
+        ))
+        .await;
         eprintln!(
             "scenario: cluster of {} brokers on etcd {}: {} leads {ORG}",
             cluster.nodes.len(),

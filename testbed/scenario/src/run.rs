@@ -149,7 +149,6 @@ pub(crate) async fn run_mode(
     mode: ModeName,
 ) -> Result<ModeResult, Error> {
     let real_start = std::time::Instant::now();
-    let sim = Simulator::start(spec, plan, dir, mode.as_str()).await?;
     let brokered = matches!(mode, ModeName::Broker | ModeName::Relay);
     let mut cluster = match (brokered, spec.cluster, &spec.broker) {
         (true, Some(c), BrokerSource::Binary(bin)) => {
@@ -162,6 +161,9 @@ pub(crate) async fn run_mode(
         }
         _ => None,
     };
+    // After the cluster, which takes seconds to elect and settle: the
+    // simulator's clock (and the plan's times) start here.
+    let sim = Simulator::start(spec, plan, dir, mode.as_str()).await?;
     let mut broker = if brokered && cluster.is_none() {
         Some(BrokerServer::start(spec, dir).await?)
     } else {
