@@ -20,6 +20,8 @@ pub(crate) struct BrokerConfig {
     pub(crate) tenants: usize,
     /// Buckets per tenant, all matching `* /**`.
     pub(crate) buckets: usize,
+    /// The first bucket's `lease_ttl_ms` (default [`LEASE_TTL_MS`]).
+    pub(crate) lease_ttl_ms: u64,
     /// `server.listen`; only a broker run as a child process reads it.
     pub(crate) listen: Option<SocketAddr>,
 }
@@ -30,6 +32,7 @@ impl BrokerConfig {
         BrokerConfig {
             tenants: tenants.max(1),
             buckets: buckets.max(1),
+            lease_ttl_ms: LEASE_TTL_MS,
             listen: None,
         }
     }
@@ -63,13 +66,40 @@ impl BrokerConfig {
                 if b == 0 {
                     let _ = writeln!(
                         s,
-                        "max_in_flight = {MAX_IN_FLIGHT}\nlease_ttl_ms = {LEASE_TTL_MS}"
+                        "max_in_flight = {MAX_IN_FLIGHT}\nlease_ttl_ms = {}",
+                        self.lease_ttl_ms
                     );
                 }
             }
             s.push('\n');
         }
         s
+    }
+}
+
+/// A cluster node's `[cluster]` section (appended to a [`BrokerConfig`]'s
+/// text): etcd, the node's name, its etcd lease TTL (the safety margin is
+/// a fifth of it, at least 1 s and at most half); it advertises its listen
+/// address.
+#[derive(Clone, Debug)]
+pub(crate) struct ClusterNode {
+    /// The etcd client URL.
+    pub(crate) etcd: String,
+    /// The node's name.
+    pub(crate) node: String,
+    /// The etcd lease TTL, ms (whole seconds, at least 2000).
+    pub(crate) lease_ttl_ms: u64,
+}
+
+impl ClusterNode {
+    /// The `[cluster]` section for a node listening on `listen`.
+    pub(crate) fn render(&self, listen: SocketAddr) -> String {
+        let margin = (self.lease_ttl_ms / 5).max(1000).min(self.lease_ttl_ms / 2);
+        format!(
+            "\n[cluster]\netcd = [\"{}\"]\nnode = \"{}\"\nadvertise = \"http://{listen}\"\n\
+             prefix = \"/quota-broker\"\nlease_ttl_ms = {}\nsafety_margin_ms = {margin}\n",
+            self.etcd, self.node, self.lease_ttl_ms
+        )
     }
 }
 
@@ -92,5 +122,27 @@ mod tests {
         assert_eq!(first.max_in_flight.map(|m| m.get()), Some(MAX_IN_FLIGHT));
         assert_eq!(first.lease_ttl.as_millis(), u128::from(LEASE_TTL_MS));
         assert_eq!(config.tenant_ids(), ["t0", "t1", "t2"]);
+    }
+
+    #[test]
+    fn renders_a_cluster_node_the_broker_accepts() {
+        let listen = SocketAddr::from(([127, 0, 0, 1], 4321));
+        let config = BrokerConfig {
+            listen: Some(listen),
+            lease_ttl_ms: 1000,
+            ..BrokerConfig::new(2, 1)
+        };
+        let node = ClusterNode {
+            etcd: "http://127.0.0.1:2379".into(),
+            node: "b2".into(),
+            lease_ttl_ms: 5000,
+        };
+        let text = format!("{}{}", config.render(), node.render(listen));
+        let settings = quota_broker::Settings::from_toml(&text).unwrap();
+        let cluster = settings.cluster.unwrap();
+        assert_eq!(cluster.node, "b2");
+        assert_eq!(cluster.advertise, "http://127.0.0.1:4321");
+        assert_eq!(cluster.safety_margin.as_millis(), 1000);
+        assert_eq!(settings.tenants[1].buckets[0].lease_ttl.as_millis(), 1000);
     }
 }

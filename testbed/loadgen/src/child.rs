@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use crate::brokerconf::BrokerConfig;
+use crate::brokerconf::{BrokerConfig, ClusterNode};
 use crate::error::Error;
 use crate::server::wait_ready;
 
@@ -29,6 +29,9 @@ pub(crate) enum Program<'a> {
         bin: &'a Path,
         /// The config to write for it.
         config: BrokerConfig,
+        /// Cluster mode: its `[cluster]` section. Such a node is ready
+        /// when it listens (it answers pairs only for tenants it leads).
+        cluster: Option<&'a ClusterNode>,
     },
     /// This binary's `noop-server` subcommand.
     Noop,
@@ -81,14 +84,24 @@ impl Child {
     ) -> Result<Child, Error> {
         let (addr, dir, log_path) = child_files(name)?;
         let mut files = vec![log_path.clone()];
+        let mut listening_is_ready = false;
         let mut command = match program {
-            Program::Broker { bin, mut config } => {
+            Program::Broker {
+                bin,
+                mut config,
+                cluster,
+            } => {
                 if !bin.is_file() {
                     return Err(Error::MissingBinary(bin.to_owned()));
                 }
                 config.listen = Some(addr);
+                let mut text = config.render();
+                if let Some(node) = cluster {
+                    text.push_str(&node.render(addr));
+                    listening_is_ready = true;
+                }
                 let config_path = dir.join(format!("{name}.toml"));
-                std::fs::write(&config_path, config.render())
+                std::fs::write(&config_path, text)
                     .map_err(Error::io(format!("write {}", config_path.display())))?;
                 files.push(config_path.clone());
                 let mut command = Command::new(bin);
@@ -128,7 +141,7 @@ impl Child {
         };
         let what = format!("{name} (pid {pid}, {addr})");
         let waiting = &mut child.child;
-        wait_ready(addr, &what, ready_timeout, || match waiting.try_wait() {
+        let exited = || match waiting.try_wait() {
             Ok(None) => Ok(()),
             Ok(Some(status)) => Err(Error::Exited {
                 what: what.clone(),
@@ -136,14 +149,23 @@ impl Child {
                 log: log_tail(&log_path),
             }),
             Err(e) => Err(Error::Io(format!("wait on {what}"), e)),
-        })
-        .await?;
+        };
+        if listening_is_ready {
+            wait_listening(addr, &what, ready_timeout, exited).await?;
+        } else {
+            wait_ready(addr, &what, ready_timeout, exited).await?;
+        }
         Ok(child)
     }
 
     /// Where it listens.
     pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Its process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
     }
 
     /// Its resident set size (VmRSS) in KiB, if it can be read.
@@ -166,6 +188,31 @@ impl Drop for Child {
         if let Some(dir) = self.files.first().and_then(|f| f.parent()) {
             // Fails while other children still use it; the last one removes it.
             let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Waits until something accepts connections on `addr` (at most
+/// `timeout`); `exited` fails when the server is gone for good.
+async fn wait_listening(
+    addr: SocketAddr,
+    what: &str,
+    timeout: Duration,
+    mut exited: impl FnMut() -> Result<(), Error>,
+) -> Result<(), Error> {
+    let started = tokio::time::Instant::now();
+    loop {
+        exited()?;
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(_) => return Ok(()),
+            Err(e) if started.elapsed() >= timeout => {
+                return Err(Error::NotReady {
+                    what: what.to_owned(),
+                    waited: started.elapsed(),
+                    last: e.to_string(),
+                })
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
 }

@@ -47,6 +47,8 @@ pub(crate) enum Error {
     Protocol(String),
     /// Holding leases needs every Acquire granted with a slot.
     NotHeld(String),
+    /// `loadgen cluster`: etcd, or the cluster's leaders, did not come up.
+    Cluster(String),
 }
 
 impl Error {
@@ -81,6 +83,7 @@ impl fmt::Display for Error {
             ),
             Error::Protocol(what) => write!(f, "LeaseStream protocol: {what}"),
             Error::NotHeld(what) => write!(f, "cannot hold leases: {what}"),
+            Error::Cluster(what) => write!(f, "broker cluster: {what}"),
         }
     }
 }

@@ -7,6 +7,8 @@
 //! ```text
 //!  main.rs       flags; `loadgen` (one run per target), `loadgen scale`
 //!     │          (the suite), hidden `loadgen noop-server` (child process)
+//!     ├─ cluster.rs    `loadgen cluster`: pairs/s with 1, 2, 3 brokers in
+//!     │                cluster mode on etcd, clients following leaders
 //!     ├─ peer.rs       `loadgen peer`: unary Acquire vs throttlecrab-server
 //!     ├─ scale.rs      the scale suite: tenants, open loop, stream vs unary,
 //!     │                held leases, watchers; one table
@@ -31,6 +33,7 @@
 
 mod brokerconf;
 mod child;
+mod cluster;
 mod drive;
 mod error;
 mod hold;
@@ -77,6 +80,10 @@ enum Command {
     /// The scale suite: tenants, open loop at 50%, stream vs unary, held
     /// leases, Watch streams; one table.
     Scale(scale::ScaleArgs),
+    /// Scale-out: pairs/s with 1, 2 and 3 brokers in cluster mode on a
+    /// real etcd over 1,000 tenants, one client per tenant following its
+    /// leader; one table.
+    Cluster(cluster::ClusterArgs),
     /// Unary Acquire against a peer rate-limit server (throttlecrab-server):
     /// calls/s, latency and server CPU per call, metrics on and off.
     Peer(peer::PeerArgs),
@@ -230,6 +237,7 @@ fn main() {
             None => run(cli.run).await,
             Some(Command::Scale(args)) => scale::run(args).await,
             Some(Command::Peer(args)) => peer::run(args).await,
+            Some(Command::Cluster(args)) => cluster::run(args).await,
             Some(Command::NoopServer { listen }) => noop_server(listen).await,
         }
     });

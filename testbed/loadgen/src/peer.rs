@@ -147,7 +147,7 @@ impl Drop for Proc {
 }
 
 /// User + system CPU time of `pid` so far, from /proc/PID/stat.
-fn cpu_time(pid: u32) -> Option<Duration> {
+pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces, in parentheses).
     let rest = stat.rsplit_once(')')?.1;

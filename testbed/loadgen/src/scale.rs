@@ -143,7 +143,16 @@ impl Launcher {
         let started = Instant::now();
         let server = match self {
             Launcher::Child(bin) => Server::Child(Box::new(
-                Child::spawn(name, Program::Broker { bin, config }, READY_TIMEOUT).await?,
+                Child::spawn(
+                    name,
+                    Program::Broker {
+                        bin,
+                        config,
+                        cluster: None,
+                    },
+                    READY_TIMEOUT,
+                )
+                .await?,
             )),
             Launcher::InProcess => Server::broker_in_process(&config).await?,
         };

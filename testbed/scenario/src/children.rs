@@ -55,6 +55,16 @@ impl Drop for WorkDir {
     }
 }
 
+/// An address on 127.0.0.1 that was free a moment ago (bound to port 0
+/// and dropped).
+pub(crate) fn free_addr() -> Result<SocketAddr, Error> {
+    let probe =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("bind 127.0.0.1:0"))?;
+    probe
+        .local_addr()
+        .map_err(Error::io("read the probe listener's address"))
+}
+
 /// The last `LOG_TAIL` bytes of the log at `path`.
 fn log_tail(path: &Path) -> String {
     let log = std::fs::read_to_string(path).unwrap_or_default();
@@ -265,9 +275,14 @@ impl StartFailure {
 impl ChildProcessHandle {
     /// Starts one broker process and waits until it listens on `addr`.
     async fn spawn_ready(&mut self, addr: SocketAddr) -> Result<(), StartFailure> {
+        // broker.toml: broker.log, then broker-1.log, ... per restart.
+        let stem = self
+            .config
+            .file_stem()
+            .map_or_else(|| "broker".into(), |s| s.to_string_lossy().into_owned());
         let log = match self.logs.len() {
-            0 => self.config.with_file_name("broker.log"),
-            n => self.config.with_file_name(format!("broker-{n}.log")),
+            0 => self.config.with_file_name(format!("{stem}.log")),
+            n => self.config.with_file_name(format!("{stem}-{n}.log")),
         };
         self.logs.push(log.clone());
         let what = format!("quota-broker ({})", self.bin.display());
@@ -324,12 +339,7 @@ impl BrokerServer {
         dir: &WorkDir,
         keep_state: bool,
     ) -> Result<BrokerServer, Error> {
-        let probe =
-            std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("bind 127.0.0.1:0"))?;
-        let addr = probe
-            .local_addr()
-            .map_err(Error::io("read the probe listener's address"))?;
-        drop(probe);
+        let addr = free_addr()?;
         let state_dir = dir.file("broker-state");
         if keep_state {
             // Fresh: what the first process finds is an empty directory.
@@ -341,14 +351,27 @@ impl BrokerServer {
         // Reject a bad config here, with every problem listed, rather than
         // through a child's exit status.
         quota_broker::Settings::from_toml(&toml)?;
-        let config = dir.file("broker.toml");
-        std::fs::write(&config, toml).map_err(Error::io(format!("write {}", config.display())))?;
+        let filter = if keep_state { CHAOS_LOG_FILTER } else { "warn" };
+        Self::process(bin, addr, &dir.file("broker.toml"), &toml, filter).await
+    }
+
+    /// Starts the broker binary `bin` listening on `addr` with config
+    /// `toml` (written to `config`; its log next to it) and `RUST_LOG`
+    /// `log_filter`.
+    pub(crate) async fn process(
+        bin: &Path,
+        addr: SocketAddr,
+        config: &Path,
+        toml: &str,
+        log_filter: &'static str,
+    ) -> Result<BrokerServer, Error> {
+        std::fs::write(config, toml).map_err(Error::io(format!("write {}", config.display())))?;
         let mut process = Box::new(ChildProcessHandle {
             process: None,
             bin: bin.to_owned(),
-            config,
+            config: config.to_owned(),
             logs: Vec::new(),
-            log_filter: if keep_state { CHAOS_LOG_FILTER } else { "warn" },
+            log_filter,
         });
         process
             .spawn_ready(addr)

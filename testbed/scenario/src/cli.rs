@@ -72,6 +72,15 @@ pub(crate) struct Args {
     /// would).
     #[arg(long, value_name = "SIM_SECONDS", requires = "chaos_kill_at")]
     pub(crate) chaos_down_for: Option<f64>,
+    /// Broker modes run against a cluster of N broker processes on a real
+    /// etcd (installed as Debian `etcd-server` if missing) instead of one
+    /// broker; the fleet's clients get every broker's URL and follow the
+    /// tenant's leader. With `--chaos-kill-at` the leader of the org's
+    /// tenant is SIGKILLed then (and started again after `--chaos-down-for`
+    /// if given; without it, it stays down) and the table gains the
+    /// take-over's figures.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(2..=9))]
+    pub(crate) cluster: Option<u8>,
 }
 
 /// A named set of defaults.
@@ -130,6 +139,16 @@ pub(crate) struct Chaos {
     pub(crate) down_for_ms: f64,
 }
 
+/// `--cluster`: how many brokers, and the leader kill's restart.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct ClusterSpec {
+    /// Broker processes.
+    pub(crate) nodes: usize,
+    /// With `--chaos-kill-at`: simulated ms from the kill to the killed
+    /// leader's restart (None: it stays down).
+    pub(crate) restart_after_ms: Option<f64>,
+}
+
 /// Everything a run needs, resolved from the flags.
 #[derive(Clone, Debug)]
 pub(crate) struct Spec {
@@ -153,8 +172,11 @@ pub(crate) struct Spec {
     pub(crate) broker: BrokerSource,
     /// Where to keep each mode's simulator stats and log.
     pub(crate) keep_logs: Option<PathBuf>,
-    /// Kill and restart the broker mid-run (broker mode only).
+    /// Kill and restart the broker mid-run (broker mode only); with
+    /// `cluster`, the tenant's leader.
     pub(crate) chaos: Option<Chaos>,
+    /// Broker modes against a cluster of brokers on etcd.
+    pub(crate) cluster: Option<ClusterSpec>,
     /// The command line, for the report.
     pub(crate) command: String,
 }
@@ -217,7 +239,13 @@ impl Args {
             .chaos_kill_at
             .map(|at| chaos(at, self.chaos_down_for.unwrap_or(0.0), duration_s, &modes))
             .transpose()?;
+        let kills_a_process = chaos.is_some() || self.cluster.is_some();
         let broker = match (self.broker_in_process, self.broker_bin) {
+            (true, _) if self.cluster.is_some() => {
+                return Err(Error::Usage(
+                    "--cluster runs broker processes: drop --broker-in-process".into(),
+                ))
+            }
             (true, _) if chaos.is_some() => {
                 return Err(Error::Usage(
                     "--chaos-kill-at kills the broker process: it cannot run in process \
@@ -230,9 +258,9 @@ impl Args {
             (false, Some(p)) => return Err(Error::MissingBinary(p)),
             (false, None) => match sibling("quota-broker") {
                 Some(p) => BrokerSource::Binary(p),
-                None if chaos.is_some() => {
+                None if kills_a_process => {
                     return Err(Error::Usage(format!(
-                        "--chaos-kill-at runs the broker as a child process, and there is no \
+                        "--chaos-kill-at and --cluster run the broker as a child process, and there is no \
                          quota-broker next to this binary ({}): build it (`cargo build \
                          --release -p quota-broker` for a release scenario) or pass \
                          --broker-bin PATH",
@@ -243,6 +271,24 @@ impl Args {
                 None => BrokerSource::InProcess,
             },
         };
+        if self.cluster.is_some() && self.matrix {
+            return Err(Error::Usage(
+                "--cluster and --matrix do not go together".into(),
+            ));
+        }
+        if self.cluster.is_some()
+            && !modes
+                .iter()
+                .any(|m| matches!(m, ModeName::Broker | ModeName::Relay))
+        {
+            return Err(Error::Usage(
+                "--cluster runs the broker modes against a cluster: add broker to --modes".into(),
+            ));
+        }
+        let cluster = self.cluster.map(|n| ClusterSpec {
+            nodes: usize::from(n),
+            restart_after_ms: chaos.and(self.chaos_down_for).map(|s| s * 1000.0),
+        });
         if chaos.is_some() && self.matrix {
             return Err(Error::Usage(
                 "--chaos-kill-at and --matrix do not go together".into(),
@@ -272,6 +318,7 @@ impl Args {
             broker,
             keep_logs: self.keep_logs,
             chaos,
+            cluster,
             command: std::env::args().collect::<Vec<_>>().join(" "),
         })
     }
@@ -462,6 +509,42 @@ mod tests {
             "70"
         ])
         .is_err());
+        // A cluster: the leader stays down unless --chaos-down-for says.
+        let c = parse(&[
+            "--preset",
+            "ci",
+            "--broker-bin",
+            bin,
+            "--modes",
+            "broker",
+            "--cluster",
+            "3",
+            "--chaos-kill-at",
+            "50",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.cluster,
+            Some(ClusterSpec {
+                nodes: 3,
+                restart_after_ms: None
+            })
+        );
+        let c = parse(&[
+            "--broker-bin",
+            bin,
+            "--cluster",
+            "3",
+            "--chaos-kill-at",
+            "50",
+            "--chaos-down-for",
+            "20",
+        ])
+        .unwrap();
+        assert_eq!(c.cluster.unwrap().restart_after_ms, Some(20_000.0));
+        assert!(parse(&["--broker-in-process", "--cluster", "3"]).is_err());
+        assert!(Args::try_parse_from(["scenario", "--broker-bin", bin, "--cluster", "1"]).is_err());
+        assert!(parse(&["--broker-bin", bin, "--modes", "naive", "--cluster", "3"]).is_err());
         // --chaos-down-for alone is refused by clap.
         let mut all = vec!["scenario", "--chaos-down-for", "5"];
         all.push("--broker-in-process");

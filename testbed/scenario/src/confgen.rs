@@ -294,6 +294,30 @@ impl Plan {
     }
 }
 
+/// A cluster node's config: [`broker_toml`] on `listen`, no HTTP port (the
+/// nodes would share the default one), no state directory (the snapshot is
+/// in etcd), and a `[cluster]` section: etcd at `etcd`, node name `node`,
+/// advertised at its listen address, the shortest etcd lease (`ttl_ms`,
+/// real) and half of it as the safety margin. The lease and margin are real
+/// time, not scaled: etcd counts whole seconds.
+pub(crate) fn cluster_node_toml(
+    scale: f64,
+    listen: SocketAddr,
+    etcd: &str,
+    node: &str,
+    ttl_ms: u64,
+) -> String {
+    let base = broker_toml(scale, Some(listen), None);
+    let mut s = base.replacen("[server]\n", "[server]\nhttp_listen = \"\"\n", 1);
+    let _ = writeln!(
+        s,
+        "\n\n[cluster]\netcd = [\"{etcd}\"]\nnode = \"{node}\"\nadvertise = \"http://{listen}\"\n\
+         prefix = \"/quota-broker\"\nlease_ttl_ms = {ttl_ms}\nsafety_margin_ms = {}",
+        ttl_ms / 2
+    );
+    s
+}
+
 /// The broker's config file for a run at `scale`, listening on `listen`
 /// (a child reads it; in process it is ignored), keeping its state in
 /// `state_dir` (None: nothing kept; chaos runs keep it, so that the
@@ -403,6 +427,20 @@ mod tests {
     }
 
     #[test]
+    fn cluster_node_config_is_valid() {
+        let listen: SocketAddr = "127.0.0.1:4321".parse().unwrap();
+        let toml = cluster_node_toml(20.0, listen, "http://127.0.0.1:2379", "b1", 2000);
+        let settings = quota_broker::Settings::from_toml(&toml).unwrap();
+        assert_eq!(settings.server.listen, listen);
+        assert!(settings.server.http_listen.is_none());
+        let cluster = settings.cluster.expect("a [cluster] section");
+        assert_eq!(cluster.node, "b1");
+        assert_eq!(cluster.advertise, "http://127.0.0.1:4321");
+        assert_eq!(cluster.lease_ttl.as_millis(), 2000);
+        assert_eq!(cluster.safety_margin.as_millis(), 1000);
+    }
+
+    #[test]
     fn sim_config_is_toml() {
         let spec_toml = Plan::new(300).sim_toml(&test_spec());
         let value: toml::Table = spec_toml.parse().unwrap();
@@ -496,6 +534,7 @@ mod tests {
             broker: crate::cli::BrokerSource::InProcess,
             keep_logs: None,
             chaos: None,
+            cluster: None,
             command: String::new(),
         }
     }

@@ -43,6 +43,9 @@ pub(crate) enum Error {
     /// The in-process broker failed or did not become ready.
     #[error("in-process broker: {0}")]
     BrokerServer(String),
+    /// `--cluster`: etcd or the cluster did not behave.
+    #[error("broker cluster: {0}")]
+    Cluster(String),
     /// gc-relay ("broker + relay" mode) did not start.
     #[error("gc-relay: {0}")]
     Relay(#[from] gc_relay::RelayError),

@@ -12,6 +12,9 @@
 //!   in this process or as a child process (which chaos kills and restarts).
 //! - `chaos`: `--chaos-kill-at`: the broker SIGKILLed and restarted mid-run,
 //!   and the outage's figures.
+//! - `cluster`: `--cluster N`: the broker modes against N brokers on etcd,
+//!   and with `--chaos-kill-at` the tenant's leader SIGKILLed mid-run and
+//!   the take-over's figures.
 //! - `clock`: simulated time, aligned to the simulator's start.
 //! - `upstream`: HTTP to the simulator, and its control plane's types.
 //! - `modes`: how a client process calls upstream in each mode.
@@ -32,6 +35,7 @@ mod chaos;
 mod children;
 mod cli;
 mod clock;
+mod cluster;
 mod confgen;
 mod error;
 mod fleet;

@@ -84,6 +84,9 @@ pub(crate) struct Metrics {
     /// Broker mode: the requests sent on a fallback lease. std `Mutex`:
     /// held for one push.
     fallback_calls: Mutex<Vec<FallbackCall>>,
+    /// Broker mode: the leases a broker granted (not the fallback's). std
+    /// `Mutex`: held for one push.
+    broker_grants: Mutex<Vec<BrokerGrant>>,
     /// Broker mode: reports the broker did not take.
     pub(crate) report_errors: AtomicU64,
     /// Local mode: refill-rate cuts (more than 1% of a process's calls
@@ -112,6 +115,7 @@ impl Metrics {
             granted: AtomicU64::new(0),
             fallback_leases: AtomicU64::new(0),
             fallback_calls: Mutex::new(Vec::new()),
+            broker_grants: Mutex::new(Vec::new()),
             report_errors: AtomicU64::new(0),
             rate_cuts: AtomicU64::new(0),
             writes_acked: AtomicU64::new(0),
@@ -162,6 +166,22 @@ impl Metrics {
             .clone()
     }
 
+    /// Records a lease a broker granted.
+    pub(crate) fn record_grant(&self, grant: BrokerGrant) {
+        self.broker_grants
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(grant);
+    }
+
+    /// The leases brokers granted so far.
+    pub(crate) fn broker_grants(&self) -> Vec<BrokerGrant> {
+        self.broker_grants
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// The critical calls recorded so far: (wanted at, waited), sim ms.
     pub(crate) fn critical_calls(&self) -> Vec<(f64, f64)> {
         self.critical
@@ -194,6 +214,15 @@ pub(crate) struct FallbackCall {
     pub(crate) answered_ms: f64,
     /// Answered 429.
     pub(crate) refused: bool,
+}
+
+/// A lease a broker granted (the Acquire that got it), simulated ms.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct BrokerGrant {
+    /// When the Acquire was sent.
+    pub(crate) sent_ms: f64,
+    /// When the grant came back.
+    pub(crate) answered_ms: f64,
 }
 
 /// An empty histogram of waits in simulated µs.

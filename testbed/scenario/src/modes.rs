@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use crate::clock::SimClock;
 use crate::confgen::ORG;
 use crate::error::Error;
-use crate::measure::{Class, FallbackCall, Family, Metrics};
+use crate::measure::{BrokerGrant, Class, FallbackCall, Family, Metrics};
 use crate::upstream::{Answer, Upstream};
 
 /// Pause before resending after a transport error or a 5xx, simulated ms.
@@ -270,6 +270,7 @@ impl Caller {
             .class(self.class.as_str());
         let retry_cap = self.ctx.clock.real(class_wait_ms(self.class));
         loop {
+            let asked = Instant::now();
             let lease = match client.acquire(&call).await {
                 Ok(lease) => lease,
                 Err(ClientError::NotGranted { retry_after, .. }) => {
@@ -284,6 +285,12 @@ impl Caller {
             let fallback = lease.is_fallback();
             if fallback {
                 metrics.fallback_leases.fetch_add(1, Ordering::Relaxed);
+            } else {
+                let clock = self.ctx.clock;
+                metrics.record_grant(BrokerGrant {
+                    sent_ms: clock.sim_ms_at(asked),
+                    answered_ms: clock.now_ms(),
+                });
             }
             let sent = Instant::now();
             let answer = self.send(family, path, &body).await;

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::chaos::ChaosResult;
 use crate::cli::{ModeName, Spec};
+use crate::cluster::{ClusterResult, Takeover};
 use crate::confgen::{LimitChange, Plan, WINDOW_MS};
 use crate::run::ModeResult;
 
@@ -199,6 +200,9 @@ impl Report {
         if self.modes.iter().any(|m| m.chaos.is_some()) {
             chaos_rows(&mut row);
         }
+        if self.modes.iter().any(|m| m.cluster.is_some()) {
+            cluster_rows(&mut row);
+        }
 
         let width = rows
             .iter()
@@ -323,6 +327,66 @@ fn chaos_rows(row: &mut AddRow<'_>) {
             .collect();
         format!("{over} ({})", busiest.join(", "))
     });
+}
+
+/// The rows of a `--cluster` run: "-" for modes without it.
+fn cluster_rows(row: &mut AddRow<'_>) {
+    let secs = |ms: f64| format!("{:.1}", ms / 1000.0);
+    row("cluster: brokers / etcd lease TTL (real ms)", &|m| {
+        cluster_cell(m, |c| format!("{} / {}", c.nodes, c.lease_ttl_real_ms))
+    });
+    row("  leader at the end (granted since it led)", &|m| {
+        cluster_cell(m, |c| {
+            format!(
+                "{} ({})",
+                c.leader_at_end.as_deref().unwrap_or("none"),
+                c.granted_by_leader_at_end
+                    .map_or("-".into(), |n| n.to_string())
+            )
+        })
+    });
+    let kill = |m: &ModeResult, f: &dyn Fn(&Takeover) -> String| {
+        cluster_cell(m, |c| c.kill.as_ref().map_or("-".into(), f))
+    };
+    row("  leader SIGKILLed → new leader", &|m| {
+        kill(m, &|k| {
+            format!(
+                "{} at {} → {} from {} (sim s)",
+                k.killed,
+                secs(k.killed_ms),
+                k.new_leader,
+                secs(k.leader_seen_ms)
+            )
+        })
+    });
+    row(
+        "  take-over: kill → first grant (sim s / real ms)",
+        &|m| {
+            kill(m, &|k| match (k.takeover_ms, k.takeover_real_ms) {
+                (Some(t), Some(r)) => format!("{} / {r:.0}", secs(t)),
+                _ => "no grant after the kill".into(),
+            })
+        },
+    );
+    row(
+        "  grants in the gap (must be 0) / in flight at kill",
+        &|m| {
+            kill(m, &|k| {
+                format!("{} / {}", k.grants_in_gap, k.grants_in_flight_at_kill)
+            })
+        },
+    );
+    row("  fallback calls in the gap", &|m| {
+        kill(m, &|k| k.fallback_calls_in_gap.to_string())
+    });
+    row("  killed broker restarted (sim s)", &|m| {
+        kill(m, &|k| k.restarted_ms.map_or("no".into(), secs))
+    });
+}
+
+/// A cluster row's cell: `f` of the mode's cluster figures, "-" without.
+fn cluster_cell(m: &ModeResult, f: impl Fn(&ClusterResult) -> String) -> String {
+    m.cluster.as_ref().map_or("-".into(), f)
 }
 
 /// A chaos row's cell: `f` of the mode's chaos figures, "-" without them.
@@ -484,6 +548,26 @@ fn targets(modes: &[ModeResult], moves: bool) -> Vec<Target> {
                 c.phases.during.refused, c.phases.after.refused
             ),
             met: Some(over == 0),
+        });
+    }
+    if let Some(k) = b.cluster.as_ref().and_then(|c| c.kill.as_ref()) {
+        t.push(Target {
+            name: "cluster: another broker took the tenant over".into(),
+            target: "yes".into(),
+            value: format!(
+                "{} → {} in {}",
+                k.killed,
+                k.new_leader,
+                k.takeover_ms
+                    .map_or("never".into(), |t| format!("{:.1} sim s", t / 1000.0))
+            ),
+            met: Some(k.new_leader_took_over),
+        });
+        t.push(Target {
+            name: "cluster: grants during the take-over gap".into(),
+            target: "0".into(),
+            value: k.grants_in_gap.to_string(),
+            met: Some(k.grants_in_gap == 0),
         });
     }
     let others: Vec<&ModeResult> = modes

@@ -11,8 +11,9 @@ use tokio::time::Instant;
 
 use crate::chaos::{self, ChaosResult};
 use crate::children::{BrokerServer, Simulator, WorkDir};
-use crate::cli::{ModeName, Spec};
+use crate::cli::{BrokerSource, ModeName, Spec};
 use crate::clock::SimClock;
+use crate::cluster::{self, BrokerCluster, ClusterResult};
 use crate::confgen::{Plan, ANALYTICS, ORG, WRITES};
 use crate::error::Error;
 use crate::fleet::{self, FleetOutcome};
@@ -131,6 +132,10 @@ pub(crate) struct ModeResult {
     /// Broker mode with `--chaos-kill-at` only: the outage.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) chaos: Option<ChaosResult>,
+    /// Broker modes with `--cluster` only: the cluster (and the leader
+    /// kill's take-over).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) cluster: Option<ClusterResult>,
     /// Broker mode only: its analytics bucket sampled over the run.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) broker_trace: Vec<Sample>,
@@ -144,10 +149,25 @@ pub(crate) async fn run_mode(
     mode: ModeName,
 ) -> Result<ModeResult, Error> {
     let real_start = std::time::Instant::now();
-    let sim = Simulator::start(spec, plan, dir, mode.as_str()).await?;
-    let mut broker = match mode {
-        ModeName::Broker | ModeName::Relay => Some(BrokerServer::start(spec, dir).await?),
+    let brokered = matches!(mode, ModeName::Broker | ModeName::Relay);
+    let mut cluster = match (brokered, spec.cluster, &spec.broker) {
+        (true, Some(c), BrokerSource::Binary(bin)) => {
+            Some(BrokerCluster::start(spec, c, bin, dir).await?)
+        }
+        (true, Some(_), BrokerSource::InProcess) => {
+            return Err(Error::Usage(
+                "--cluster needs the quota-broker binary".into(),
+            ))
+        }
         _ => None,
+    };
+    // After the cluster, which takes seconds to elect and settle: the
+    // simulator's clock (and the plan's times) start here.
+    let sim = Simulator::start(spec, plan, dir, mode.as_str()).await?;
+    let mut broker = if brokered && cluster.is_none() {
+        Some(BrokerServer::start(spec, dir).await?)
+    } else {
+        None
     };
     let upstream = Upstream::new(sim.addr());
     let first = upstream.stats().await?;
@@ -159,7 +179,11 @@ pub(crate) async fn run_mode(
         metrics: metrics.clone(),
     });
     let started_ms = clock.now_ms();
-    let broker_url = broker.as_ref().map(|b| format!("http://{}", b.addr()));
+    let broker_url = match (&broker, &cluster) {
+        (Some(b), _) => Some(format!("http://{}", b.addr())),
+        (None, Some(c)) => Some(c.urls()),
+        (None, None) => None,
+    };
     let relay = match (mode, &broker_url) {
         (ModeName::Relay, Some(url)) => Some(RelayServer::start(sim.addr(), url, dir).await?),
         _ => None,
@@ -175,15 +199,29 @@ pub(crate) async fn run_mode(
             _ => None,
         }
     };
+    // --cluster with chaos: the tenant's leader is killed instead.
+    let cluster_strike = async {
+        match (
+            spec.chaos.filter(|_| mode == ModeName::Broker),
+            spec.cluster,
+            cluster.as_mut(),
+        ) {
+            (Some(c), Some(cs), Some(cl)) => {
+                Some(cluster::strike(cl, c, cs.restart_after_ms, clock).await)
+            }
+            _ => None,
+        }
+    };
     let intake = relay.as_ref().map(RelayServer::intake);
     // The modes through the broker ingest with gc-ingest.
     let gc_ingest = match &broker_url {
         Some(url) => Some(GcIngest::start(sim.addr(), url, dir, mode.as_str(), spec.scale).await?),
         None => None,
     };
-    let (outcome, struck) = tokio::join!(
+    let (outcome, struck, cluster_struck) = tokio::join!(
         fleet::run(mode, ctx, plan, spec.seed, broker_url, intake, gc_ingest),
-        strike
+        strike,
+        cluster_strike
     );
     if let Some(relay) = relay {
         relay.finish(clock, &metrics).await;
@@ -221,6 +259,26 @@ pub(crate) async fn run_mode(
             kept = keep_broker_logs(dir, &broker_logs);
         }
     }
+    let mut cluster_figures = None;
+    if let Some(cluster) = cluster {
+        let end = cluster.at_end().await;
+        let logs = cluster.logs();
+        cluster.stop().await;
+        if let Some(dir) = &spec.keep_logs {
+            kept = kept.and(keep_logs_as_named(dir, &logs));
+        }
+        if let Some(cs) = spec.cluster {
+            let struck = match cluster_struck {
+                Some(Ok(s)) => Some(s),
+                Some(Err(e)) => {
+                    sim.stop().await;
+                    return Err(e);
+                }
+                None => None,
+            };
+            cluster_figures = Some(ClusterResult::new(cs, end, struck, &metrics, spec.scale));
+        }
+    }
     sim.stop().await;
     let outcome = outcome?;
     let struck = struck.transpose()?;
@@ -237,6 +295,7 @@ pub(crate) async fn run_mode(
         real_start.elapsed().as_secs_f64(),
     );
     result.broker_trace = broker_trace;
+    result.cluster = cluster_figures;
     if let Some(struck) = struck {
         result.chaos = Some(ChaosResult::new(
             struck,
@@ -277,6 +336,24 @@ fn keep_broker_logs(dir: &std::path::Path, logs: &[std::path::PathBuf]) -> Resul
     std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
     for (i, log) in logs.iter().enumerate() {
         let to = dir.join(format!("broker-{i}.log"));
+        std::fs::copy(log, &to).map_err(Error::io(format!(
+            "copy {} to {}",
+            log.display(),
+            to.display()
+        )))?;
+    }
+    Ok(())
+}
+
+/// Copies the cluster's broker logs into `dir` under their own names
+/// (`broker-b1.log`, `broker-b1-1.log` after a restart, ...).
+fn keep_logs_as_named(dir: &std::path::Path, logs: &[std::path::PathBuf]) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
+    for log in logs {
+        let Some(name) = log.file_name() else {
+            continue;
+        };
+        let to = dir.join(name);
         std::fs::copy(log, &to).map_err(Error::io(format!(
             "copy {} to {}",
             log.display(),
@@ -375,6 +452,7 @@ fn figures(
             })
             .unwrap_or_default(),
         chaos: None,
+        cluster: None,
         broker_trace: Vec::new(),
     }
 }
