@@ -558,6 +558,38 @@ async fn a_joining_broker_takes_only_its_share_of_tenants() {
     for t in &tenants {
         before.insert(t.clone(), settled_leader(&urls, t).await);
     }
+    // Every tenant spent as fast as it grants, through the join.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for t in tenants.clone() {
+        let (f, stop) = (Follower::new(urls.clone()), stop.clone());
+        load.push(tokio::spawn(async move {
+            let mut log = GrantLog::default();
+            let mut lease = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client(&f.url())
+                    .acquire(rate_call(&t, "spender", 100))
+                    .await
+                {
+                    Ok(r) if r.get_ref().granted => {
+                        log.record(Event::Granted {
+                            lease,
+                            permits: 1,
+                            slot: false,
+                        });
+                        lease += 1;
+                    }
+                    Ok(_) => {}
+                    Err(s) if away(&s) => {
+                        f.follow(&s);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(s) => panic!("{t}: {s}"),
+                }
+            }
+            (t, log)
+        }));
+    }
     cluster.add("b3").await;
     let urls = cluster.urls();
     let new = urls
@@ -573,8 +605,21 @@ async fn a_joining_broker_takes_only_its_share_of_tenants() {
             moved += 1;
         }
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut grants = 0;
+    for l in load {
+        let (t, log) = tokio::time::timeout(Duration::from_secs(30), l)
+            .await
+            .expect("load stops")
+            .unwrap();
+        // Burst 5, 10 a second, whoever granted: the hand-over carried the
+        // level, it did not refill the bucket.
+        log.check_rate(5, Duration::from_secs(1), 10)
+            .unwrap_or_else(|e| panic!("{t}: {e}"));
+        grants += log.granted();
+    }
     eprintln!(
-        "b3 joined: {moved} of {} tenants moved to it",
+        "b3 joined: {moved} of {} tenants moved to it; {grants} grants under way, every tenant within its rate",
         tenants.len()
     );
     assert!(moved > 0 && moved < tenants.len(), "{moved}");

@@ -37,6 +37,11 @@ impl GrantLog {
         self.events.push((Instant::now(), event));
     }
 
+    /// How many grants were seen.
+    pub fn granted(&self) -> usize {
+        self.grants().len()
+    }
+
     /// Grants seen, with their time and permits.
     fn grants(&self) -> Vec<(Instant, u32)> {
         self.events
