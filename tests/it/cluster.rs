@@ -11,7 +11,7 @@ use crate::invariants::{Event, GrantLog};
 use quota_broker::pb::quota_admin_client::QuotaAdminClient;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
 use quota_broker::pb::{
-    AcquireRequest, ListBucketsRequest, ReleaseRequest, RenewRequest, ReportRequest,
+    AcquireRequest, ListBucketsRequest, QuotaStatus, ReleaseRequest, RenewRequest, ReportRequest,
     SetBucketLimitRequest,
 };
 use std::collections::HashMap;
@@ -199,6 +199,21 @@ async fn settled_leader(urls: &[String], tenant: &str) -> String {
         }
         last = now;
     }
+}
+
+/// Bucket `name` of `tenant` as the broker at `url` lists it.
+async fn bucket(url: &str, tenant: &str, name: &str) -> QuotaStatus {
+    QuotaAdminClient::new(Channel::from_shared(url.to_owned()).unwrap().connect_lazy())
+        .list_buckets(ListBucketsRequest {
+            tenant: tenant.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .buckets
+        .into_iter()
+        .find(|b| b.bucket == name)
+        .unwrap_or_else(|| panic!("{url} lists no bucket {name}"))
 }
 
 /// The broker did not serve the call: not the leader, down, or gone
@@ -451,19 +466,7 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
     assert!(errors.is_empty(), "{errors:?}");
 
     // The operator's change and the learned cut are on the new leader.
-    let listed =
-        QuotaAdminClient::new(Channel::from_shared(second.clone()).unwrap().connect_lazy())
-            .list_buckets(ListBucketsRequest {
-                tenant: "t0".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-    let rate = listed
-        .buckets
-        .iter()
-        .find(|b| b.bucket == "rate")
-        .expect("the rate bucket");
+    let rate = bucket(&second, "t0", "rate").await;
     assert_eq!(rate.configured_rate_per_min, 480.0, "{rate:?}");
     assert!(
         rate.effective_rate_per_min < 480.0,
@@ -650,19 +653,7 @@ async fn a_leader_that_shuts_down_hands_its_token_levels_over() {
     assert!(log.contains("handed the tenant over"), "{log}");
     let rest: Vec<String> = urls.iter().filter(|u| **u != first).cloned().collect();
     let second = leader(&rest, "t0").await;
-    let listed = QuotaAdminClient::new(Channel::from_shared(second).unwrap().connect_lazy())
-        .list_buckets(ListBucketsRequest {
-            tenant: "t0".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let level = listed
-        .buckets
-        .iter()
-        .find(|b| b.bucket == "slow")
-        .map(|b| b.tokens_available)
-        .unwrap();
+    let level = bucket(&second, "t0", "slow").await.tokens_available;
     // 20 − 8 spent, plus 1 a second since: not empty (a crash's learning
     // mode) and not full.
     let most = 12.0 + spent_at.elapsed().as_secs_f64() + 0.5;
