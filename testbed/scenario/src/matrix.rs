@@ -6,7 +6,9 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::cli::{ModeName, Spec};
-use crate::report::{max_429, Report, MAX_CRITICAL_P99_MS, MIN_GOODPUT_OF_LEFT};
+use crate::report::{
+    change_label, max_429, max_reconverge_windows, Report, MAX_CRITICAL_P99_MS, MIN_GOODPUT_OF_LEFT,
+};
 use crate::run::ModeResult;
 
 /// One upstream × seed × mode.
@@ -45,14 +47,29 @@ pub(crate) struct Cell {
     /// Whether what is left for the fleet moves during the run (a hidden
     /// limit change, an unmanaged consumer that changes its pace).
     pub(crate) limit_moves: bool,
+    /// Re-convergence after each change of the hidden limit.
+    pub(crate) reconverged: Vec<Reconverged>,
     /// The targets this cell misses, and by how much (see [`TARGETS`]).
     pub(crate) misses: Vec<String>,
+}
+
+/// How soon the fleet used the org well again after a limit change.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Reconverged {
+    /// The change, e.g. "45→30 at 150 s".
+    pub(crate) change: String,
+    /// Windows from the change until a window met the bar (`None`: never).
+    pub(crate) windows_after: Option<f64>,
+    /// Whether a whole window after the change lies within the run.
+    pub(crate) measurable: bool,
+    /// The target, in windows.
+    pub(crate) target: f64,
 }
 
 /// The fleet's targets, per cell.
 pub(crate) const TARGETS: &str = "targets per cell: 429 ratio <= 0.5% where the limit does not move, \
      <= 1% where it moves; goodput >= 97% of what the unmanaged consumer left; critical p99 <= 50 ms \
-     outside upstream blocks; 0 records lost";
+     outside upstream blocks; re-converged within 2 windows of a limit drop, 4 of a rise; 0 records lost";
 
 impl Cell {
     /// What this cell misses of [`TARGETS`].
@@ -74,6 +91,15 @@ impl Cell {
         let (_, p99, n) = self.critical_outside;
         if n > 0 && p99 > MAX_CRITICAL_P99_MS {
             out.push(format!("critical p99 +{:.0} ms", p99 - MAX_CRITICAL_P99_MS));
+        }
+        for r in self.reconverged.iter().filter(|r| r.measurable) {
+            match r.windows_after {
+                None => out.push(format!("never re-converged after {}", r.change)),
+                Some(w) if w > r.target => {
+                    out.push(format!("re-converge +{:.1} windows", w - r.target))
+                }
+                Some(_) => {}
+            }
         }
         if self.records_lost > 0 {
             out.push(format!("{} lost", self.records_lost));
@@ -102,6 +128,16 @@ impl Cell {
             served_over: m.limits.iter().map(|l| l.served_over).sum(),
             upstream_summary: summary.to_owned(),
             limit_moves: !report.changes.is_empty() || report.unmanaged.len() > 1,
+            reconverged: m
+                .convergence
+                .iter()
+                .map(|c| Reconverged {
+                    change: change_label(&c.change),
+                    windows_after: c.windows_after,
+                    measurable: c.measurable,
+                    target: max_reconverge_windows(&c.change),
+                })
+                .collect(),
             misses: Vec::new(),
         };
         cell.misses = cell.misses();
@@ -174,6 +210,7 @@ impl Matrix {
             "batch p99",
             "lost",
             "over limit",
+            "re-converged",
             "misses",
         ];
         let rows: Vec<Vec<String>> = self
@@ -192,6 +229,7 @@ impl Matrix {
                     ms(c.batch_p99_ms),
                     c.records_lost.to_string(),
                     c.served_over.to_string(),
+                    reconverged(&c.reconverged),
                     if c.misses.is_empty() {
                         "-".into()
                     } else {
@@ -240,5 +278,80 @@ impl Matrix {
             }
         }
         out
+    }
+}
+
+/// The re-converged column: windows after each change ("-": no change).
+fn reconverged(r: &[Reconverged]) -> String {
+    if r.is_empty() {
+        return "-".into();
+    }
+    r.iter()
+        .map(|r| match (r.measurable, r.windows_after) {
+            (false, _) => "n/a".to_owned(),
+            (true, None) => "never".to_owned(),
+            (true, Some(w)) => format!("{w:.1} w"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(reconverged: Vec<Reconverged>) -> Cell {
+        let mut c = Cell {
+            upstream: "u".into(),
+            seed: 1,
+            mode: ModeName::Broker,
+            goodput_of_left: Some(0.99),
+            goodput_of_available: Some(0.99),
+            ratio_429: 0.001,
+            refused: 1,
+            critical_outside: (1.0, 10.0, 100),
+            critical_inside: (1.0, 10.0, 10),
+            batch_p99_ms: 100.0,
+            records_lost: 0,
+            served_over: 0,
+            upstream_summary: String::new(),
+            limit_moves: true,
+            reconverged,
+            misses: Vec::new(),
+        };
+        c.misses = c.misses();
+        c
+    }
+
+    fn after(windows_after: Option<f64>, measurable: bool, target: f64) -> Reconverged {
+        Reconverged {
+            change: "45→30 at 150 s".into(),
+            windows_after,
+            measurable,
+            target,
+        }
+    }
+
+    #[test]
+    fn a_slow_or_missing_reconvergence_is_a_miss_and_shows_in_its_column() {
+        assert!(cell(vec![after(Some(2.0), true, 2.0)]).misses.is_empty());
+        assert_eq!(
+            cell(vec![after(Some(3.5), true, 2.0)]).misses,
+            ["re-converge +1.5 windows"]
+        );
+        assert_eq!(
+            cell(vec![after(None, true, 4.0)]).misses,
+            ["never re-converged after 45→30 at 150 s"]
+        );
+        assert!(cell(vec![after(None, false, 4.0)]).misses.is_empty());
+        assert_eq!(reconverged(&[]), "-");
+        assert_eq!(
+            reconverged(&[
+                after(Some(2.0), true, 2.0),
+                after(None, true, 4.0),
+                after(None, false, 4.0)
+            ]),
+            "2.0 w, never, n/a"
+        );
     }
 }

@@ -394,7 +394,7 @@ fn chaos_cell(m: &ModeResult, f: impl Fn(&ChaosResult) -> String) -> String {
     m.chaos.as_ref().map_or("-".into(), f)
 }
 
-fn change_label(c: &LimitChange) -> String {
+pub(crate) fn change_label(c: &LimitChange) -> String {
     format!("{}→{} at {} s", c.from, c.to, c.at_ms / 1000)
 }
 
@@ -420,6 +420,16 @@ pub(crate) const MAX_429_HOLDS: f64 = 0.005;
 pub(crate) const MAX_429_MOVES: f64 = 0.01;
 /// Longest critical p99 wait outside the upstream's blocks, sim ms.
 pub(crate) const MAX_CRITICAL_P99_MS: f64 = 50.0;
+
+/// Most windows to re-converge after a change of what is left: 2 after a
+/// drop (a 429 says so at once), 4 after a rise (found by probing).
+pub(crate) fn max_reconverge_windows(c: &LimitChange) -> f64 {
+    if c.to < c.from {
+        2.0
+    } else {
+        4.0
+    }
+}
 
 /// The most 429s per request for a run whose limit `moves` or not.
 pub(crate) fn max_429(moves: bool) -> f64 {
@@ -507,11 +517,7 @@ fn targets(modes: &[ModeResult], moves: bool) -> Vec<Target> {
         met: (quiet.count > 0).then_some(quiet.p99_ms <= MAX_CRITICAL_P99_MS),
     });
     for c in &b.convergence {
-        let windows = if c.change.to < c.change.from {
-            2.0
-        } else {
-            4.0
-        };
+        let windows = max_reconverge_windows(&c.change);
         t.push(Target {
             name: format!("re-converged after {}", change_label(&c.change)),
             target: format!("≤ {windows} windows"),
