@@ -254,7 +254,11 @@ const RESTART_ATTEMPTS: u32 = 20;
 const RESTART_PAUSE: Duration = Duration::from_millis(100);
 /// The broker's log filter when it keeps state: warnings, and the restart
 /// learning mode's own lines (entered, leases adopted, over).
-const CHAOS_LOG_FILTER: &str = "warn,quota_broker::tenant::restart=info";
+const CHAOS_LOG_FILTER: &str =
+    "warn,quota_broker::tenant::restart=info,quota_broker::tenant::learn=info";
+/// A child broker's log: what it learned (cuts, freezes, limits; a line per
+/// congestion episode), for `--keep-logs`.
+const LEARNING_LOG_FILTER: &str = "warn,quota_broker::tenant::learn=info";
 
 /// Why a broker process did not come up.
 enum StartFailure {
@@ -351,7 +355,11 @@ impl BrokerServer {
         // Reject a bad config here, with every problem listed, rather than
         // through a child's exit status.
         quota_broker::Settings::from_toml(&toml)?;
-        let filter = if keep_state { CHAOS_LOG_FILTER } else { "warn" };
+        let filter = if keep_state {
+            CHAOS_LOG_FILTER
+        } else {
+            LEARNING_LOG_FILTER
+        };
         Self::process(bin, addr, &dir.file("broker.toml"), &toml, filter).await
     }
 
