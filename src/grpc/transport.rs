@@ -15,6 +15,11 @@
 //! preface read from it; its [`PeerInfo`] (peer address, TLS or not, and for
 //! TLS tonic's own `TlsConnectInfo` with the client's certificates) reaches
 //! every request as an extension.
+//!
+//! [`Conn`] also coalesces the connection's writes (see [`Coalesce`]): h2
+//! flushes as soon as a response is ready, and each call's response is ready
+//! in its own task, so without it a busy connection sends one small segment
+//! (one `write` and one loopback delivery) per response.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -100,8 +105,92 @@ pub(crate) struct Conn {
     /// Bytes of [`PREFACE`] handed back to the reader so far.
     replayed: usize,
     info: PeerInfo,
+    /// Holds a write back briefly so that more responses join it.
+    coalesce: Coalesce,
     /// Counts the connection among the open ones until it is dropped.
     _open: Slot,
+}
+
+/// Write coalescing without Nagle's delay.
+///
+/// hyper runs every call in a task of its own; a finished call queues its
+/// response frames in h2 and wakes the connection task, which (tokio runs a
+/// task woken by the running one next) encodes and writes them at once. With
+/// many calls in flight that is one `writev`, one TCP segment and one wake-up
+/// of the client per response: a quarter of the server's CPU went to
+/// `writev` and the loopback delivery under it. So the first write after a
+/// flush is held back (`Pending`, the task woken again at once, which puts
+/// it behind the tasks already queued on its worker, as `yield_now` does):
+/// the calls queued meanwhile finish, h2 encodes their responses into its
+/// buffer, and they go out in one write.
+///
+/// The hold ends after [`MAX_HOLD_TRIES`] write attempts (h2 tries once or
+/// more per poll of the connection) or when [`MAX_HOLD_BYTES`] wait. No timer
+/// is involved: a lone response waits a few passes of the scheduler,
+/// microseconds, not a delayed ACK as with Nagle (`TCP_NODELAY` stays on).
+/// A hold that gained nothing (one call at a time) turns holding off for
+/// the next [`SKIP_AFTER_IDLE_HOLD`] writes, so a connection with one call
+/// in flight rarely pays for one.
+///
+/// Done here by hand because neither h2 nor hyper has a "write at the end of
+/// the batch" option, and TCP_CORK would need the same end-of-batch signal.
+#[derive(Default)]
+struct Coalesce {
+    /// The next write is the first since a flush: hold it back.
+    armed: bool,
+    /// A hold is in progress.
+    holding: bool,
+    /// Bytes offered when the hold began.
+    held_len: usize,
+    /// Write attempts during the hold.
+    tries: u32,
+    /// Batches still to write without a hold.
+    skip: u32,
+}
+
+/// Write attempts a hold lasts at most.
+const MAX_HOLD_TRIES: u32 = 4;
+/// Bytes that end a hold (about 50 small responses; h2's write buffer is 16 KiB).
+const MAX_HOLD_BYTES: usize = 8 * 1024;
+/// Batches written at once after a hold that gained nothing.
+const SKIP_AFTER_IDLE_HOLD: u32 = 16;
+
+impl Coalesce {
+    /// `Ready` when a write of `len` bytes may go to the socket now;
+    /// `Pending` (with the task woken again) while it is held back.
+    fn poll_write_ready(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<()> {
+        if self.holding {
+            self.tries += 1;
+            if self.tries < MAX_HOLD_TRIES && len < MAX_HOLD_BYTES {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if len <= self.held_len {
+                self.skip = SKIP_AFTER_IDLE_HOLD;
+            }
+            self.holding = false;
+            self.armed = false;
+            return Poll::Ready(());
+        }
+        if !self.armed || len >= MAX_HOLD_BYTES {
+            return Poll::Ready(());
+        }
+        if self.skip > 0 {
+            self.skip -= 1;
+            self.armed = false;
+            return Poll::Ready(());
+        }
+        self.holding = true;
+        self.held_len = len;
+        self.tries = 0;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// A flush went through: the next write starts a new batch.
+    fn flushed(&mut self) {
+        self.armed = true;
+    }
 }
 
 enum Io {
@@ -140,7 +229,9 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        std::task::ready!(this.coalesce.poll_write_ready(cx, buf.len()));
+        Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -148,7 +239,10 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let len = bufs.iter().map(|b| b.len()).sum();
+        std::task::ready!(this.coalesce.poll_write_ready(cx, len));
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -156,7 +250,12 @@ impl AsyncWrite for Conn {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let flushed = Pin::new(&mut this.io).poll_flush(cx);
+        if flushed.is_ready() {
+            this.coalesce.flushed();
+        }
+        flushed
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -398,6 +497,7 @@ async fn handshake(
     let conn = Conn {
         io,
         replayed: 0,
+        coalesce: Coalesce::default(),
         info: PeerInfo {
             tcp: tcp_info,
             tls: tls_info.is_some(),
@@ -449,6 +549,42 @@ mod tests {
         assert!(g.try_take(2).is_none());
         drop(a);
         assert!(g.try_take(2).is_some());
+    }
+
+    #[test]
+    fn coalesce_holds_a_write_briefly_and_stops_holding_when_it_gains_nothing() {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut c = Coalesce::default();
+        // The first write of a connection goes out at once.
+        assert!(c.poll_write_ready(&mut cx, 100).is_ready());
+        c.flushed();
+        // After a flush, a write is held for a few attempts while it grows.
+        assert!(c.poll_write_ready(&mut cx, 100).is_pending());
+        for _ in 1..MAX_HOLD_TRIES {
+            assert!(c.poll_write_ready(&mut cx, 300).is_pending());
+        }
+        assert!(c.poll_write_ready(&mut cx, 300).is_ready());
+        // It gained (300 > 100 bytes): the next batch is held too.
+        c.flushed();
+        assert!(c.poll_write_ready(&mut cx, 100).is_pending());
+        assert!(c.poll_write_ready(&mut cx, MAX_HOLD_BYTES).is_ready());
+        // A big batch goes at once.
+        c.flushed();
+        assert!(c.poll_write_ready(&mut cx, MAX_HOLD_BYTES).is_ready());
+        // A hold that gained nothing turns holding off for a while.
+        c.flushed();
+        assert!(c.poll_write_ready(&mut cx, 100).is_pending());
+        let mut out = false;
+        for _ in 0..MAX_HOLD_TRIES {
+            out |= c.poll_write_ready(&mut cx, 100).is_ready();
+        }
+        assert!(out);
+        for _ in 0..SKIP_AFTER_IDLE_HOLD {
+            c.flushed();
+            assert!(c.poll_write_ready(&mut cx, 100).is_ready());
+        }
+        c.flushed();
+        assert!(c.poll_write_ready(&mut cx, 100).is_pending());
     }
 
     #[test]
