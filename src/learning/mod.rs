@@ -1,16 +1,18 @@
 //! Learning from what the upstream answers: the rate-limit headers parsed
 //! (`headers`), the bucket a 429 or headers belong to (`attribution`), and
-//! the rules that turn them into a freeze, an effective rate and a view of
-//! the upstream's remaining budget (`adaptive`), and a concurrency limit the
-//! upstream keeps to itself (`concurrency`). Pure: the clock is passed in;
+//! the rules that turn them into a freeze and an effective rate
+//! (`adaptive`), the view of the upstream's remaining budget (`budget`), and
+//! a concurrency limit the upstream keeps to itself (`concurrency`). Pure: the clock is passed in;
 //! the tenant applies the results to its bucket instances.
 
 mod adaptive;
 mod attribution;
+mod budget;
 mod concurrency;
 mod headers;
 
-pub(crate) use adaptive::{LearnSettings, Learned, Learner, Persisted, UpstreamBudget};
+pub(crate) use adaptive::{LearnSettings, Learned, Learner, Persisted};
 pub(crate) use attribution::{attribute, Candidate};
+pub(crate) use budget::UpstreamBudget;
 pub(crate) use concurrency::SlotLearner;
 pub(crate) use headers::{parse as parse_headers, RateLimitInfo};
