@@ -160,6 +160,59 @@ async fn leads(url: &str, tenant: &str) -> Result<(), Option<String>> {
     }
 }
 
+/// The pause between two polls of real processes (brokers, etcd): it paces
+/// the polling; no loop waits for time to pass, each ends on what the
+/// servers answer (bounded by a deadline).
+async fn poll_pause() {
+    tokio::time::sleep(POLL).await;
+}
+
+const POLL: Duration = Duration::from_millis(20);
+
+/// Grants seen by the load, by broker URL; waiters are woken on each.
+#[derive(Clone, Default)]
+struct Grants(Arc<(Mutex<Vec<Grant>>, tokio::sync::Notify)>);
+
+/// When, and which broker.
+type Grant = (Instant, String);
+
+impl Grants {
+    fn push(&self, url: &str) {
+        self.0
+             .0
+            .lock()
+            .unwrap()
+            .push((Instant::now(), url.to_owned()));
+        self.0 .1.notify_waiters();
+    }
+
+    fn all(&self) -> Vec<Grant> {
+        self.0 .0.lock().unwrap().clone()
+    }
+
+    /// Waits (at most 30 s) until `url` has granted `n` since `since`.
+    async fn until(&self, url: &str, n: usize, since: Instant) {
+        let count = || {
+            self.all()
+                .iter()
+                .filter(|(t, u)| u == url && *t > since)
+                .count()
+        };
+        let waited = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let notified = self.0 .1.notified();
+                if count() >= n {
+                    return;
+                }
+                notified.await;
+            }
+        });
+        waited
+            .await
+            .unwrap_or_else(|_| panic!("{url} did not grant {n} within 30 s"));
+    }
+}
+
 /// The URL of `tenant`'s leader once exactly one of `urls` leads it and
 /// every other one says so (at most 20 s).
 async fn leader(urls: &[String], tenant: &str) -> String {
@@ -183,21 +236,24 @@ async fn leader(urls: &[String], tenant: &str) -> String {
             Instant::now() < deadline,
             "no settled leader for {tenant} within 20 s"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        poll_pause().await;
     }
 }
 
 /// The URL of `tenant`'s leader once the cluster settled: the same answer
-/// twice, a second apart (a member that just joined may still take it).
+/// in every poll for a second (a member that just joined may still take
+/// it over on its next tick).
 async fn settled_leader(urls: &[String], tenant: &str) -> String {
     let mut last = leader(urls, tenant).await;
+    let mut since = Instant::now();
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        poll_pause().await;
         let now = leader(urls, tenant).await;
-        if now == last {
-            return now;
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= Duration::from_secs(1) {
+            return last;
         }
-        last = now;
     }
 }
 
@@ -289,7 +345,7 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
         .unwrap();
 
     let log = Arc::new(Mutex::new(GrantLog::default()));
-    let by_node = Arc::new(Mutex::new(Vec::<(Instant, String)>::new()));
+    let by_node = Grants::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
     let lease_seq = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -315,12 +371,12 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
                             permits: 1,
                             slot: false,
                         });
-                        by_node.lock().unwrap().push((Instant::now(), url));
+                        by_node.push(&url);
                     }
                     Ok(_) => {}
                     Err(s) if away(&s) => {
                         f.follow(&s);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        poll_pause().await;
                     }
                     Err(s) => panic!("spender: {s}"),
                 }
@@ -344,7 +400,7 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
                     Ok(r) => r.into_inner(),
                     Err(s) if away(&s) => {
                         f.follow(&s);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        poll_pause().await;
                         continue;
                     }
                     Err(s) => panic!("{me}: {s}"),
@@ -358,8 +414,9 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
                     permits: 1,
                     slot: true,
                 });
-                // Hold it 1.5 s (the upstream call), renewing every 500 ms
-                // wherever the tenant is led by then.
+                // Hold it 1.5 s (the upstream call it stands for runs in
+                // real time), renewing every 500 ms wherever the tenant is
+                // led by then.
                 let until = Instant::now() + Duration::from_millis(1_500);
                 let mut held = true;
                 while Instant::now() < until && held {
@@ -378,7 +435,7 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
                             }
                             Err(s) if away(&s) => {
                                 f.follow(&s);
-                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                poll_pause().await;
                             }
                             Err(s) => {
                                 errors.lock().unwrap().push(format!("{me} renew: {s}"));
@@ -401,7 +458,7 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
                         match client(&f.url()).release(release.clone()).await {
                             Err(s) if away(&s) => {
                                 f.follow(&s);
-                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                poll_pause().await;
                             }
                             _ => break,
                         }
@@ -411,15 +468,16 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
         }));
     }
 
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The first leader under load: 15 grants (1.5 s at 10 a second).
+    by_node.until(&first, 15, Instant::now()).await;
     let first_node = cluster.node_of(&first);
     let killed_at = Instant::now();
     let old = cluster.brokers.remove(&first_node).unwrap();
     old.kill().await;
     let rest: Vec<String> = urls.iter().filter(|u| **u != first).cloned().collect();
     let second = leader(&rest, "t0").await;
-    // Load goes on under the new leader for a while.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Load goes on under the new leader: 20 grants.
+    by_node.until(&second, 20, killed_at).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for l in load {
         tokio::time::timeout(Duration::from_secs(30), l)
@@ -428,7 +486,7 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
             .unwrap();
     }
 
-    let grants = by_node.lock().unwrap().clone();
+    let grants = by_node.all();
     let after: Vec<&(Instant, String)> = grants.iter().filter(|(t, _)| *t > killed_at).collect();
     let taken_over = after
         .iter()
@@ -480,7 +538,7 @@ async fn without_etcd_no_broker_grants_past_its_lease_and_a_leader_returns_with_
     let mut cluster = Cluster::start(etcd, "etcd-down", &["b1", "b2"], 1).await;
     let urls = cluster.urls();
     let first = settled_leader(&urls, "t0").await;
-    let grants = Arc::new(Mutex::new(Vec::<(Instant, String)>::new()));
+    let grants = Grants::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut load = Vec::new();
     for url in urls.clone() {
@@ -489,23 +547,24 @@ async fn without_etcd_no_broker_grants_past_its_lease_and_a_leader_returns_with_
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 match client(&url).acquire(rate_call("t0", "spender", 100)).await {
                     Ok(r) if r.get_ref().granted => {
-                        grants.lock().unwrap().push((Instant::now(), url.clone()));
+                        grants.push(&url);
                     }
                     Ok(_) => {}
-                    Err(s) if away(&s) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Err(s) if away(&s) => poll_pause().await,
                     Err(s) => panic!("{url}: {s}"),
                 }
             }
         }));
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    grants.until(&first, 5, Instant::now()).await;
     let stopped_at = Instant::now();
     cluster.etcd.stop();
     // Past the lease TTL and a second more: every broker must have stopped.
+    // The one wait for time itself: the promise is about the brokers' and
+    // etcd's real clocks (child processes), which no test clock reaches.
     tokio::time::sleep(Duration::from_millis(TTL_MS + 1_000)).await;
     let during: Vec<(Instant, String)> = grants
-        .lock()
-        .unwrap()
+        .all()
         .iter()
         .filter(|(t, _)| *t > stopped_at)
         .cloned()
@@ -530,18 +589,13 @@ async fn without_etcd_no_broker_grants_past_its_lease_and_a_leader_returns_with_
     let resumed_at = Instant::now();
     cluster.etcd.resume().unwrap();
     let again = leader(&urls, "t0").await;
-    let back = loop {
-        let last = grants.lock().unwrap().last().cloned();
-        if let Some((t, u)) = last.filter(|(t, _)| *t > resumed_at) {
-            break (t - resumed_at, u);
-        }
-        assert!(
-            resumed_at.elapsed() < Duration::from_secs(20),
-            "no grant after etcd came back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    eprintln!("etcd back: {again} leads, first grant {:?} after", back.0);
+    grants.until(&again, 1, resumed_at).await;
+    let back = grants
+        .all()
+        .iter()
+        .find(|(t, _)| *t > resumed_at)
+        .map(|(t, _)| *t - resumed_at);
+    eprintln!("etcd back: {again} leads, first grant {back:?} after");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for l in load {
         tokio::time::timeout(Duration::from_secs(30), l)
@@ -585,7 +639,7 @@ async fn a_joining_broker_takes_only_its_share_of_tenants() {
                     Ok(_) => {}
                     Err(s) if away(&s) => {
                         f.follow(&s);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        poll_pause().await;
                     }
                     Err(s) => panic!("{t}: {s}"),
                 }
