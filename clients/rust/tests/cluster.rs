@@ -64,7 +64,8 @@ async fn the_client_follows_the_leader_and_rides_out_a_hand_over() {
     }
     let urls: Vec<String> = nodes.iter().map(Embedded::url).collect();
     let all = BrokerClient::connect(&urls.join(","), None).unwrap();
-    // Settled: the same leader for a second.
+    // Settled: the same leader a second later (polled, not waited on: a
+    // broker that just joined may take the tenant on its next tick).
     let mut leader = leased_by_broker(&all).await;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -83,29 +84,44 @@ async fn the_client_follows_the_leader_and_rides_out_a_hand_over() {
     let i = urls.iter().position(|u| *u == leader).unwrap();
     let stopping = nodes.remove(i);
     let lessee = all.clone();
+    // (broker leases, fallback leases) so far; the load runs until told.
+    let (count, mut counted) = tokio::sync::watch::channel((0u64, 0u64));
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let load = tokio::spawn(async move {
-        let (mut broker, mut fallback) = (0, 0);
-        let until = Instant::now() + Duration::from_secs(6);
-        while Instant::now() < until {
+        while !*stopped.borrow_and_update() {
             // Every call answers: granted by a broker, or by the fallback
             // while no broker leads.
             let lease = lessee
                 .acquire(&call())
                 .await
                 .expect("no error reaches the caller");
-            if lease.is_fallback() {
-                fallback += 1;
-            } else {
-                broker += 1;
-            }
+            count.send_modify(|(broker, fallback)| {
+                *if lease.is_fallback() {
+                    fallback
+                } else {
+                    broker
+                } += 1
+            });
             let report = lease.report(200, &http::HeaderMap::new()).await;
             assert!(report.is_ok(), "{report:?}");
         }
-        (broker, fallback)
     });
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let bound = Duration::from_secs(30);
+    let leases = |n: u64| move |c: &(u64, u64)| c.0 >= n;
+    tokio::time::timeout(bound, counted.wait_for(leases(50)))
+        .await
+        .expect("50 leases before the hand-over")
+        .unwrap();
     stopping.stop().await.unwrap();
-    let (broker, fallback) = load.await.unwrap();
+    let at_stop = counted.borrow().0;
+    // 50 more broker leases: from the new leader.
+    tokio::time::timeout(bound, counted.wait_for(leases(at_stop + 50)))
+        .await
+        .expect("50 leases from the new leader")
+        .unwrap();
+    stop.send(true).unwrap();
+    load.await.unwrap();
+    let (broker, fallback) = *counted.borrow();
     let next = leased_by_broker(&all).await;
     assert_ne!(next, leader, "the stopped broker cannot lead");
     eprintln!("hand-over: {broker} broker leases, {fallback} fallback leases, now led by {next}");
