@@ -189,9 +189,18 @@ impl Broker {
             return Ok(());
         };
         let id = self.inner.settings.tenants[t].id.clone();
-        store.save(&id, self.snapshot(t)).await.map_err(|e| {
+        let saved = store.save(&id, self.snapshot(t)).await.map_err(|e| {
             tracing::error!(tenant = %id, error = %e, "admin change applied but not saved to etcd");
             BrokerError::Internal("the change is applied but could not be saved to etcd")
-        })
+        })?;
+        if saved {
+            Ok(())
+        } else {
+            // The lead moved meanwhile: the new leader never saw the change.
+            Err(BrokerError::NotLeader {
+                tenant: id,
+                leader: None,
+            })
+        }
     }
 }

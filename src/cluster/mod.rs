@@ -46,6 +46,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Where a leader saves tenant snapshots.
+#[derive(Clone)]
 pub(crate) struct Store {
     etcd: Etcd,
     keys: Keys,
@@ -54,8 +55,8 @@ pub(crate) struct Store {
 
 impl Store {
     /// Saves `snapshot` as `tenant`'s state if this node holds its leader
-    /// key.
-    pub(crate) async fn save(&self, tenant: &str, snapshot: Vec<u8>) -> Result<(), EtcdError> {
+    /// key; false if it does not (nothing written).
+    pub(crate) async fn save(&self, tenant: &str, snapshot: Vec<u8>) -> Result<bool, EtcdError> {
         let saved = self
             .etcd
             .put_if(
@@ -67,7 +68,7 @@ impl Store {
         if !saved {
             tracing::warn!(%tenant, "state not saved: this broker no longer holds the tenant's leader key");
         }
-        Ok(())
+        Ok(saved)
     }
 }
 
@@ -118,9 +119,10 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
         node: settings.node.clone(),
     };
     // Only `run` sets it, once.
-    let _ = broker.cluster_store().set(store);
+    let _ = broker.cluster_store().set(store.clone());
     let mut node = Node {
         broker: broker.clone(),
+        store,
         etcd,
         keys,
         settings,
@@ -153,6 +155,7 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
 
 struct Node {
     broker: Broker,
+    store: Store,
     etcd: Etcd,
     keys: Keys,
     settings: ClusterSettings,
@@ -297,16 +300,7 @@ impl Node {
         // Saved before the first grant: a snapshot then always exists once
         // anyone granted (so the next leader knows to be careful), and the
         // levels a hand-over left do not outlive this lead.
-        let me = self.settings.node.as_bytes().to_vec();
-        let saved = self
-            .etcd
-            .put_if(
-                (&self.keys.leader(&tenant), &me),
-                &self.keys.state(&tenant),
-                self.broker.snapshot(t),
-            )
-            .await?;
-        if saved {
+        if self.store.save(&tenant, self.broker.snapshot(t)).await? {
             self.broker.lead(t, valid_until);
             self.led.insert(t);
             tracing::info!(%tenant, "took the tenant over: leading it");
@@ -320,15 +314,11 @@ impl Node {
         let tenant = self.tenants[t].clone();
         self.broker.step_down(t, next.clone());
         self.led.remove(&t);
-        let me = self.settings.node.as_bytes().to_vec();
-        self.etcd
-            .put_if(
-                (&self.keys.leader(&tenant), &me),
-                &self.keys.state(&tenant),
-                self.broker.final_snapshot(t),
-            )
+        self.store
+            .save(&tenant, self.broker.final_snapshot(t))
             .await?;
-        self.etcd.delete_if(&self.keys.leader(&tenant), &me).await?;
+        let me = self.settings.node.as_bytes();
+        self.etcd.delete_if(&self.keys.leader(&tenant), me).await?;
         tracing::info!(%tenant, next = ?next, "handed the tenant over to its preferred broker");
         Ok(())
     }
@@ -355,17 +345,11 @@ impl Node {
 
     /// Saves the snapshot of every led tenant whose learned state changed.
     async fn save_dirty(&mut self) -> Result<(), EtcdError> {
-        let me = self.settings.node.as_bytes().to_vec();
         let led: Vec<usize> = self.led.iter().copied().collect();
         for t in led {
             if self.broker.take_dirty(t) {
-                let tenant = &self.tenants[t];
-                self.etcd
-                    .put_if(
-                        (&self.keys.leader(tenant), &me),
-                        &self.keys.state(tenant),
-                        self.broker.snapshot(t),
-                    )
+                self.store
+                    .save(&self.tenants[t], self.broker.snapshot(t))
                     .await?;
             }
         }

@@ -326,6 +326,28 @@ impl TenantState {
             .collect()
     }
 
+    /// The instance of `bucket` for `oauth_client` (created for a
+    /// per-client bucket); `None` if the config has no such bucket.
+    pub(super) fn instance_of(
+        &mut self,
+        bucket: &str,
+        oauth_client: Option<&str>,
+        now: Instant,
+    ) -> Option<usize> {
+        let b = self
+            .buckets
+            .iter()
+            .position(|d| d.settings.name == bucket)?;
+        match (self.buckets[b].org, oauth_client) {
+            (Some(i), _) => Some(i),
+            (None, Some(c)) => match self.buckets[b].per_client.get(c) {
+                Some(&i) => Some(i),
+                None => self.add_client_instance(b, c, now),
+            },
+            (None, None) => None,
+        }
+    }
+
     /// Restores learned state of one instance (creating a per-client one).
     /// False if the bucket no longer exists in the config.
     pub fn restore(
@@ -336,18 +358,10 @@ impl TenantState {
         now: Instant,
     ) -> bool {
         let now = self.monotonic(now);
-        let Some(b) = self.buckets.iter().position(|d| d.settings.name == bucket) else {
-            return false;
-        };
-        let i = match (self.buckets[b].org, oauth_client) {
-            (Some(i), _) => Some(i),
-            (None, Some(c)) => match self.buckets[b].per_client.get(c) {
-                Some(&i) => Some(i),
-                None => self.add_client_instance(b, c, now),
-            },
-            (None, None) => None,
-        };
-        let Some(x) = i.and_then(|i| self.instances.get_mut(i)) else {
+        let Some(x) = self
+            .instance_of(bucket, oauth_client, now)
+            .and_then(|i| self.instances.get_mut(i))
+        else {
             return false;
         };
         let s = &self.learning;

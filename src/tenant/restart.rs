@@ -198,18 +198,8 @@ impl TenantState {
     ) {
         let now = self.monotonic(now);
         for (bucket, client, level) in levels {
-            let Some(b) = self.buckets.iter().position(|d| &d.settings.name == bucket) else {
-                continue;
-            };
-            let i = match (self.buckets[b].org, client.as_deref()) {
-                (Some(i), _) => Some(i),
-                (None, Some(c)) => match self.buckets[b].per_client.get(c) {
-                    Some(&i) => Some(i),
-                    None => self.add_client_instance(b, c, now),
-                },
-                (None, None) => None,
-            };
-            let Some(t) = i
+            let Some(t) = self
+                .instance_of(bucket, client.as_deref(), now)
                 .and_then(|i| self.instances.get_mut(i))
                 .and_then(|x| x.tokens.as_mut())
             else {
