@@ -147,7 +147,7 @@ pub(crate) fn grant_to_pb(g: Grant, clock: Clock) -> pb::AcquireResponse {
         .map_or((0, 0), |(at, ttl)| (clock.unix_ms(at), millis(ttl)));
     pb::AcquireResponse {
         granted: true,
-        lease_id: g.lease_id.to_string(),
+        lease_id: g.lease_id.to_wire(),
         permits: g.permits,
         lease_expires_at_ms: expires_at_ms,
         lease_ttl_ms: ttl_ms,

@@ -19,6 +19,7 @@ const LIMIT: Duration = Duration::from_secs(20);
 
 pub struct Observed {
     pub channel: Channel,
+    pub grpc: SocketAddr,
     pub http: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<Result<(), quota_broker::ServerError>>,
@@ -33,10 +34,15 @@ impl Observed {
         QuotaAdminClient::new(self.channel.clone())
     }
 
-    pub async fn stop(mut self) {
+    /// Asks the broker to shut down, without waiting for it.
+    pub fn signal_stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    pub async fn stop(mut self) {
+        self.signal_stop();
         tokio::time::timeout(LIMIT, &mut self.server)
             .await
             .expect("the broker stops within the limit")
@@ -69,6 +75,7 @@ pub async fn start(toml: &str) -> Observed {
         .unwrap();
     Observed {
         channel,
+        grpc: grpc_addr,
         http: http_addr,
         stop: Some(stop),
         server,
@@ -281,6 +288,93 @@ async fn metrics_count_on_the_path_and_read_the_buckets_at_scrape_time() {
         "a client id leaked into a label"
     );
     b.stop().await;
+}
+
+/// A gRPC message frame: uncompressed, length-prefixed.
+fn grpc_frame(message: &impl prost::Message) -> bytes::Bytes {
+    let body = message.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&body);
+    frame.into()
+}
+
+/// A unary Acquire on a raw HTTP/2 connection, its request body not yet
+/// sent (end of stream not set).
+fn open_acquire(
+    h2: &mut h2::client::SendRequest<bytes::Bytes>,
+    grpc: SocketAddr,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let request =
+        tonic::codegen::http::Request::post(format!("http://{grpc}/quota.v1.QuotaBroker/Acquire"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+    h2.send_request(request, false).unwrap()
+}
+
+#[tokio::test]
+async fn readyz_says_503_while_open_calls_drain() {
+    let toml = format!(
+        "[server]\nshutdown_grace_ms = 60000\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n{BUCKETS}"
+    );
+    let mut b = start(&toml).await;
+    assert_eq!(get(b.http, "/readyz", &[]).await.status, 200);
+    let tcp = TcpStream::connect(b.grpc).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    // A call left open: the broker is reading its request body.
+    let (open_response, mut open_body) = open_acquire(&mut h2, b.grpc);
+    // A whole call after it on the same connection: once it is answered,
+    // the broker has taken the open one (streams arrive in order).
+    let mut h2 = h2.ready().await.unwrap();
+    let (response, mut body) = open_acquire(&mut h2, b.grpc);
+    body.send_data(grpc_frame(&req("GET", "/api/v2/users/1", 0)), true)
+        .unwrap();
+    let answered = tokio::time::timeout(LIMIT, response)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answered.status(), 200);
+
+    b.signal_stop();
+    let drained = tokio::time::timeout(LIMIT, async {
+        loop {
+            let r = get(b.http, "/readyz", &[]).await;
+            if r.status == 503 {
+                return r;
+            }
+            assert_eq!(r.status, 200, "{}", r.body);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("/readyz turned 503 after the shutdown signal");
+    assert!(drained.body.contains("shutting down"), "{}", drained.body);
+    // Still draining: the open call holds the broker, the process answers.
+    assert!(
+        !b.server.is_finished(),
+        "the broker waits for the open call"
+    );
+    assert_eq!(get(b.http, "/healthz", &[]).await.status, 200);
+
+    // The open call finishes, and with it the drain.
+    open_body
+        .send_data(grpc_frame(&req("GET", "/api/v2/users/1", 0)), true)
+        .unwrap();
+    let finished = tokio::time::timeout(LIMIT, open_response)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(finished.status(), 200);
+    let http = b.http;
+    b.stop().await;
+    assert!(
+        TcpStream::connect(http).await.is_err(),
+        "the HTTP port closes once the drain is over"
+    );
 }
 
 #[tokio::test]

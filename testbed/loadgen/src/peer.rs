@@ -90,6 +90,20 @@ pub(crate) struct PeerArgs {
     /// `taskset -c 1` so driver and server each have one core.
     #[arg(long)]
     pin: bool,
+    /// Only these cells (default: all three).
+    #[arg(long, value_enum)]
+    cell: Vec<CellKind>,
+}
+
+/// The cells `loadgen peer` measures.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum CellKind {
+    /// One key, `--connections` × `--concurrency` in flight.
+    OneKey,
+    /// 1,000 keys, `--connections` × `--concurrency` in flight.
+    ManyKeys,
+    /// One key, one call in flight on one connection.
+    OneInFlight,
 }
 
 /// What a run drives.
@@ -342,7 +356,7 @@ async fn run_once(
     proc: &Proc,
     warmup: Duration,
     duration: Duration,
-) -> Result<(Tally, Duration), Error> {
+) -> Result<(Tally, Cpu), Error> {
     let channels = connect(proc.addr, cell.connections).await?;
     let start = Instant::now();
     let window = Window {
@@ -371,26 +385,39 @@ async fn run_once(
         });
     }
     tokio::time::sleep_until((window.measure_from).into()).await;
-    let cpu_from = cpu_time(proc.pid);
+    let own = std::process::id();
+    let from = (cpu_time(proc.pid), cpu_time(own));
     let mut tally = Tally::new();
-    let cpu_to = {
-        tokio::time::sleep_until(window.end.into()).await;
-        cpu_time(proc.pid)
-    };
+    tokio::time::sleep_until(window.end.into()).await;
+    let to = (cpu_time(proc.pid), cpu_time(own));
     while let Some(t) = tasks.join_next().await {
         tally.merge(&t?)?;
     }
-    let cpu = match (cpu_from, cpu_to) {
+    let spent = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
         (Some(a), Some(b)) => b.saturating_sub(a),
         _ => Duration::ZERO,
     };
+    let cpu = Cpu {
+        server: spent(from.0, to.0),
+        driver: spent(from.1, to.1),
+    };
     Ok((tally, cpu))
+}
+
+/// CPU time spent during a measured run.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    /// By the server under test.
+    server: Duration,
+    /// By loadgen itself (the driver).
+    driver: Duration,
 }
 
 /// Pooled figures of one target in one cell.
 struct Pooled {
     tally: Tally,
     cpu: Duration,
+    driver_cpu: Duration,
     secs: f64,
     per_run: Vec<f64>,
 }
@@ -406,22 +433,35 @@ pub(crate) async fn run(args: PeerArgs) -> Result<(), Error> {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/peer/bin/throttlecrab-server")
     });
     let cells = [
-        Cell {
-            keys: 1,
-            connections: args.connections,
-            concurrency: args.concurrency,
-        },
-        Cell {
-            keys: 1000,
-            connections: args.connections,
-            concurrency: args.concurrency,
-        },
-        Cell {
-            keys: 1,
-            connections: 1,
-            concurrency: 1,
-        },
+        (
+            CellKind::OneKey,
+            Cell {
+                keys: 1,
+                connections: args.connections,
+                concurrency: args.concurrency,
+            },
+        ),
+        (
+            CellKind::ManyKeys,
+            Cell {
+                keys: 1000,
+                connections: args.connections,
+                concurrency: args.concurrency,
+            },
+        ),
+        (
+            CellKind::OneInFlight,
+            Cell {
+                keys: 1,
+                connections: 1,
+                concurrency: 1,
+            },
+        ),
     ];
+    let cells = cells
+        .into_iter()
+        .filter(|(kind, _)| args.cell.is_empty() || args.cell.contains(kind))
+        .map(|(_, cell)| cell);
     let targets = [Target::BrokerMetrics, Target::BrokerNoMetrics, Target::Peer];
     eprintln!(
         "loadgen peer: {} runs x {:?} (+{:?} warm-up) per cell and target, alternating{}",
@@ -430,14 +470,15 @@ pub(crate) async fn run(args: PeerArgs) -> Result<(), Error> {
         args.warmup,
         if args.pin { ", servers on CPU 0" } else { "" }
     );
-    println!("| cell | target | calls/s (pooled) | runs (calls/s) | p50 µs | p99 µs | server CPU µs/call | vs peer calls/s | vs peer CPU |");
-    println!("|---|---|---:|---|---:|---:|---:|---:|---:|");
+    println!("| cell | target | calls/s (pooled) | runs (calls/s) | p50 µs | p99 µs | server CPU µs/call | driver CPU µs/call | vs peer calls/s | vs peer CPU |");
+    println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for cell in cells {
         let mut pooled: Vec<Pooled> = targets
             .iter()
             .map(|_| Pooled {
                 tally: Tally::new(),
                 cpu: Duration::ZERO,
+                driver_cpu: Duration::ZERO,
                 secs: 0.0,
                 per_run: Vec::new(),
             })
@@ -463,7 +504,8 @@ pub(crate) async fn run(args: PeerArgs) -> Result<(), Error> {
                 let p = &mut pooled[t];
                 p.per_run.push(rate);
                 p.tally.merge(&tally)?;
-                p.cpu += cpu;
+                p.cpu += cpu.server;
+                p.driver_cpu += cpu.driver;
                 p.secs += args.duration.as_secs_f64();
             }
         }
@@ -482,13 +524,14 @@ pub(crate) async fn run(args: PeerArgs) -> Result<(), Error> {
                 )
             };
             println!(
-                "| {} | {} | {rate:.0} | {} | {} | {} | {:.1} | {vs_rate} | {vs_cpu} |",
+                "| {} | {} | {rate:.0} | {} | {} | {} | {:.1} | {:.1} | {vs_rate} | {vs_cpu} |",
                 cell.label(),
                 targets[t].name(),
                 runs.join(", "),
                 p.tally.hist.value_at_quantile(0.5),
                 p.tally.hist.value_at_quantile(0.99),
                 cpu_per_call(p),
+                p.driver_cpu.as_secs_f64() * 1e6 / (p.tally.pairs.max(1) as f64),
             );
         }
     }
