@@ -223,6 +223,19 @@ impl Fills {
     }
 }
 
+/// A 429 that cut the rate, as the next one needs it.
+#[derive(Debug, Clone, Copy)]
+struct Refusal {
+    at: Instant,
+    /// `Learner::served` then.
+    served: u64,
+    /// When its Retry-After ended.
+    freeze_end: Instant,
+    /// Its Retry-After was short (a tenth of a window or less): the
+    /// upstream gave a permit back soon after refusing.
+    short: bool,
+}
+
 /// Learned state worth keeping across a restart.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Persisted {
@@ -261,6 +274,13 @@ pub(crate) struct Learner {
     ceiling_hits: u32,
     /// No probing above the ceiling before this.
     probe_after: Option<Instant>,
+    /// Successful reports ever counted (a clock for "served since").
+    served: u64,
+    /// The first 429 of the last episode that cut (see `refill_rate`).
+    last_refusal: Option<Refusal>,
+    /// Successes and seconds outside freezes counted since the first
+    /// refusal of the current descent (see `refill_rate`).
+    descent: Option<(f64, f64)>,
     ratio: Ratio,
     fills: Fills,
 }
@@ -283,6 +303,9 @@ impl Learner {
             ceiling: None,
             ceiling_hits: 0,
             probe_after: None,
+            served: 0,
+            last_refusal: None,
+            descent: None,
             ratio: Ratio::new(now),
             fills: Fills::new(now, window.max(Duration::from_millis(1))),
         }
@@ -394,18 +417,37 @@ impl Learner {
             let from = self.rate(now, s);
             let cut = (from * s.beta).max(self.floor(s));
             self.remember_ceiling(from);
-            let (to, why) = match self.window_fill(now, retry_after) {
-                Some(fill) => {
-                    // One window's measurement cuts at most two β steps, and
-                    // at least one permit per window.
-                    let most = (from * s.beta * s.beta).max(self.floor(s));
-                    let least = (from - self.per_min(1.0)).max(most);
+            let most = (from * s.beta * s.beta).max(self.floor(s));
+            let least = (from - self.per_min(1.0)).max(most);
+            let refill = self.refill_rate(now, retry_after);
+            let ra = retry_after.unwrap_or(s.default_freeze);
+            self.last_refusal = Some(Refusal {
+                at: now,
+                served: self.served,
+                freeze_end: now + ra,
+                short: ra <= self.window / 10,
+            });
+            let (to, why) = match refill {
+                Some(rate) => {
+                    // The rate refused was inflated by what the upstream
+                    // held; the refill is where its ceiling is.
+                    self.ceiling = Some(rate.max(self.floor(s)));
+                    self.ceiling_hits = 0;
                     (
-                        fill.clamp(most, least),
-                        "429: cut to what the upstream's window served the fleet",
+                        (rate - self.per_min(1.0)).clamp(most, least),
+                        "429 again within the window the last one implied: cut to the rate the \
+                         upstream served the fleet between the refusals of this descent",
                     )
                 }
-                None => (cut, "429: multiplicative decrease (new congestion episode)"),
+                // One window's measurement cuts at most two β steps, and at
+                // least one permit per window.
+                None => match self.window_fill(now, retry_after) {
+                    Some(fill) => (
+                        fill.clamp(most, least),
+                        "429: cut to what the upstream's window served the fleet",
+                    ),
+                    None => (cut, "429: multiplicative decrease (new congestion episode)"),
+                },
             };
             self.effective = to;
             self.hold_until = Some(
@@ -443,6 +485,42 @@ impl Learner {
         let start = reset.checked_sub(self.window).unwrap_or(self.fills.origin);
         let served = self.fills.since(start);
         (served >= 2.0).then(|| self.per_min(served - 1.0))
+    }
+
+    /// The rate, per minute, the upstream served the fleet between the
+    /// refusals of a descent; `None` (and the
+    /// descent over) unless the window this 429's Retry-After implies began
+    /// before the previous refusal, and that refusal's Retry-After was short.
+    ///
+    /// A window that resets whole (fixed windows) cannot contain a refusal
+    /// and then serve again: the refusal blocks until the window ends. When
+    /// it does, and the upstream gave a permit back soon after refusing, it
+    /// gives permits back while it refuses — a token bucket refills, a
+    /// sliding log ages entries out — and what it served over a whole window
+    /// is inflated by whatever it held before (a bucket that starts full
+    /// serves a minute's worth on top of the refill), so a cut to the window
+    /// fill lands above what it can keep serving and the next 429 follows.
+    /// Between two refusals, though, such an upstream was at its limit at
+    /// both ends: from the end of the first one's freeze, which gave back
+    /// one permit, it served what it refilled. Summed over the descent, the
+    /// ±1 call of where each refusal fell weighs less.
+    fn refill_rate(&mut self, now: Instant, retry_after: Option<Duration>) -> Option<f64> {
+        let implied_start = retry_after
+            .filter(|r| *r <= self.window)
+            .and_then(|r| (now + r).checked_sub(self.window));
+        let prev = self
+            .last_refusal
+            .filter(|p| p.short && implied_start.is_some_and(|start| start < p.at));
+        let Some(prev) = prev else {
+            self.descent = None;
+            return None;
+        };
+        let served = self.served.saturating_sub(prev.served).saturating_sub(1) as f64;
+        let secs = now.saturating_duration_since(prev.freeze_end).as_secs_f64();
+        let (total, span) = self.descent.get_or_insert((0.0, 0.0));
+        *total += served;
+        *span += secs;
+        (*span > 0.0).then(|| *total * 60.0 / *span)
     }
 
     /// A 429 at `rate`: at or above the remembered ceiling, or within 15%
@@ -516,6 +594,7 @@ impl Learner {
     pub(crate) fn on_success(&mut self, now: Instant, s: &LearnSettings) {
         self.ratio.record(now, false, s.ratio_window);
         self.fills.record(now);
+        self.served = self.served.saturating_add(1);
         self.since_cut = self.since_cut.saturating_add(1);
         if self.configured <= 0.0
             || self.frozen_until(now).is_some()
@@ -800,15 +879,22 @@ mod tests {
         assert!((l.rate(ms(10_000), &s) - 59.0).abs() < 1e-9);
         l.on_throttled(ms(10_100), Some(SEC), false, &s);
         assert!(l.cooldown_until(ms(10_100)).is_none());
-        // A new episode while 3 of 104 (2.9%) were 429s: the backstop.
+        // A new episode while 3 of 104 (2.9%) were 429s: the backstop cuts
+        // what the episode's own cut left by a further 20%.
         l.on_success(ms(19_000), &s);
-        let before = l.rate(ms(20_000), &s);
+        let mut plain = l.clone();
+        let no_backstop = LearnSettings {
+            ratio_threshold: 1.0,
+            ..s
+        };
+        plain.on_throttled(ms(20_000), Some(SEC), false, &no_backstop);
         l.on_throttled(ms(20_000), Some(SEC), false, &s);
         let t = ms(20_000);
         assert!(
-            (l.rate(t, &s) - (before - 1.0) * 0.8).abs() < 1e-9,
-            "{}",
-            l.rate(t, &s)
+            (l.rate(t, &s) - plain.rate(t, &s) * 0.8).abs() < 1e-9,
+            "{} vs {}",
+            l.rate(t, &s),
+            plain.rate(t, &s)
         );
         assert!(l.cooldown_until(t).is_some());
         assert!((l.throttle_ratio(t, &s) - 3.0 / 104.0).abs() < 1e-9);
@@ -854,6 +940,7 @@ mod tests {
         assert_eq!(fresh.frozen_until(t0), l.frozen_until(t0));
         assert_eq!(fresh.learned_limit(), Some(50.0));
     }
+
 
     /// A fleet paced by the learner against a fixed-window upstream whose
     /// capacity per window is `capacity(window)`, one step a second for
@@ -914,6 +1001,72 @@ mod tests {
             .map(|w| w.0)
             .sum();
         assert!(more > throttled, "{more} vs {throttled}");
+    }
+
+    /// A fleet paced by the learner against a token bucket of `capacity`
+    /// (full at the start) refilled at `refill` a minute, shared with a
+    /// steady unmanaged consumer of `unmanaged` a minute; Retry-After is the
+    /// time to the next permit in whole seconds, rounded up. Steps of 100 ms
+    /// for `windows` windows: (429s, successes) per window and the rate at
+    /// the end.
+    fn drive_bucket(
+        s: &LearnSettings,
+        windows: u64,
+        (capacity, refill, unmanaged): (f64, f64, f64),
+    ) -> (Vec<(u64, u64)>, f64) {
+        let t0 = Instant::now();
+        let mut l = learner(t0);
+        let mut out = vec![(0, 0); windows as usize];
+        let (mut level, mut credit, mut theirs) = (capacity, 0.0, 0.0);
+        let step = Duration::from_millis(100);
+        for k in 0..windows * 600 {
+            let now = t0 + step * k as u32;
+            let w = (k / 600) as usize;
+            level = (level + refill / 600.0).min(capacity);
+            theirs += unmanaged / 600.0;
+            if theirs >= 1.0 && level >= 1.0 {
+                theirs -= 1.0;
+                level -= 1.0;
+            }
+            if l.frozen_until(now).is_some() {
+                credit = 0.0;
+                continue;
+            }
+            credit += l.rate(now, s) / 600.0;
+            if credit >= 1.0 {
+                credit -= 1.0;
+                if level >= 1.0 {
+                    level -= 1.0;
+                    out[w].1 += 1;
+                    l.on_success(now, s);
+                } else {
+                    out[w].0 += 1;
+                    let wait = ((1.0 - level) * 60.0 / refill).ceil().max(1.0);
+                    l.on_throttled(now, Some(Duration::from_secs_f64(wait)), false, s);
+                    credit = 0.0;
+                }
+            }
+        }
+        let end = t0 + step * (windows * 600) as u32;
+        (out, l.rate(end, s))
+    }
+
+    #[test]
+    fn refusals_within_the_window_the_last_one_implied_cut_to_the_refill() {
+        let s = LearnSettings::default();
+        // 45 a minute refilled continuously into a bucket that starts with a
+        // minute's worth; 15 a minute taken by someone else: 30 left.
+        let (run, rate) = drive_bucket(&s, 6, (45.0, 45.0, 15.0));
+        let throttled: u64 = run.iter().map(|w| w.0).sum();
+        // The first refusal's window fill is inflated by the full bucket;
+        // the next refusals come within the window it implied and cut to
+        // what was served between refusals: no cascade of cuts to a
+        // window fill that is still draining the bucket.
+        assert!(throttled <= 3, "429s per window: {run:?}");
+        assert!((27.0..=30.0).contains(&rate), "rate {rate}");
+        // The same upstream's windows keep serving what is left.
+        let served: u64 = run[2..].iter().map(|w| w.1).sum();
+        assert!(served >= 4 * 27, "served per window: {run:?}");
     }
 
     #[test]
