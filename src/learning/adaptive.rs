@@ -249,6 +249,12 @@ pub struct Persisted {
     pub cooldown: Option<(Instant, f64)>,
     /// The upstream budget view: remaining, its reset, its window.
     pub upstream: Option<(u32, Instant, Duration)>,
+    /// The ceiling memory: the rate the upstream last refused, per minute,
+    /// and how many 429s in a row came at about that rate.
+    pub ceiling: Option<(f64, u32)>,
+    /// The learned concurrency limit and how many refusals in a row
+    /// confirmed it (see `SlotLearner`).
+    pub slots: Option<(u32, u32)>,
 }
 
 /// The learning state of one bucket instance.
@@ -663,7 +669,14 @@ impl Learner {
             frozen_until: self.frozen_until,
             cooldown: self.cooldown,
             upstream: None,
+            ceiling: self.ceiling.map(|c| (c, self.ceiling_hits)),
+            slots: None,
         }
+    }
+
+    /// Whether a ceiling is remembered.
+    pub(crate) fn has_ceiling(&self) -> bool {
+        self.ceiling.is_some()
     }
 
     /// Restores persisted state (clamped to the configured rate).
@@ -677,6 +690,12 @@ impl Learner {
         self.frozen_until = p.frozen_until;
         self.episode_until = p.frozen_until;
         self.cooldown = p.cooldown;
+        // The wait before the next probe starts over from the restart.
+        if let Some((c, hits)) = p.ceiling.filter(|(c, _)| c.is_finite() && *c > 0.0) {
+            self.ceiling = Some(c);
+            self.ceiling_hits = hits.min(8);
+            self.probe_after = None;
+        }
     }
 }
 
@@ -941,6 +960,22 @@ mod tests {
         assert_eq!(fresh.learned_limit(), Some(50.0));
     }
 
+    #[test]
+    fn the_ceiling_memory_survives_a_restart() {
+        let s = LearnSettings::default();
+        let t0 = Instant::now();
+        let mut l = learner(t0);
+        // Refused at about 45, confirmed once.
+        (l.ceiling, l.ceiling_hits) = (Some(45.0), 1);
+        let p = l.persisted();
+        assert_eq!(p.ceiling, Some((45.0, 1)));
+        let mut fresh = learner(t0);
+        fresh.restore(p);
+        assert_eq!((fresh.ceiling, fresh.ceiling_hits), (Some(45.0), 1));
+        // So regrowth after the restart stops below it, as before it.
+        let grown = fresh.ceiling_growth(40.0, 12.0, t0, &s);
+        assert_eq!(grown, Some(45.0 * 0.95));
+    }
 
     /// A fleet paced by the learner against a fixed-window upstream whose
     /// capacity per window is `capacity(window)`, one step a second for
