@@ -231,9 +231,6 @@ struct Refusal {
     served: u64,
     /// When its Retry-After ended.
     freeze_end: Instant,
-    /// Its Retry-After was short (a tenth of a window or less): the
-    /// upstream gave a permit back soon after refusing.
-    short: bool,
 }
 
 /// Learned state worth keeping across a restart.
@@ -431,10 +428,14 @@ impl Learner {
                 at: now,
                 served: self.served,
                 freeze_end: now + ra,
-                short: ra <= self.window / 10,
             });
             let (to, why) = match refill {
-                Some(rate) => {
+                Some(None) => (
+                    least,
+                    "429 again within the window the last one implied, too soon to measure \
+                     the upstream's refill: cut by one permit",
+                ),
+                Some(Some(rate)) => {
                     // The rate refused was inflated by what the upstream
                     // held; the refill is where its ceiling is.
                     self.ceiling = Some(rate.max(self.floor(s)));
@@ -494,39 +495,41 @@ impl Learner {
     }
 
     /// The rate, per minute, the upstream served the fleet between the
-    /// refusals of a descent; `None` (and the
-    /// descent over) unless the window this 429's Retry-After implies began
-    /// before the previous refusal, and that refusal's Retry-After was short.
+    /// refusals of a descent: `None` (and the descent over) unless the
+    /// window this 429's Retry-After implies began before the previous
+    /// refusal; `Some(None)` while the time measured is under a tenth of a
+    /// window (a call or two either way would decide the figure).
     ///
     /// A window that resets whole (fixed windows) cannot contain a refusal
     /// and then serve again: the refusal blocks until the window ends. When
-    /// it does, and the upstream gave a permit back soon after refusing, it
-    /// gives permits back while it refuses — a token bucket refills, a
-    /// sliding log ages entries out — and what it served over a whole window
-    /// is inflated by whatever it held before (a bucket that starts full
-    /// serves a minute's worth on top of the refill), so a cut to the window
-    /// fill lands above what it can keep serving and the next 429 follows.
-    /// Between two refusals, though, such an upstream was at its limit at
-    /// both ends: from the end of the first one's freeze, which gave back
-    /// one permit, it served what it refilled. Summed over the descent, the
-    /// ±1 call of where each refusal fell weighs less.
-    fn refill_rate(&mut self, now: Instant, retry_after: Option<Duration>) -> Option<f64> {
+    /// it does, the upstream gives permits back while it refuses — a token
+    /// bucket refills, a sliding log ages entries out — and what it served
+    /// over that window is no measure of what it can keep serving: inflated
+    /// by what it held before (a bucket that starts full serves a minute's
+    /// worth on top of the refill, so a cut to the window fill lands above
+    /// the refill and the next 429 follows), or deflated by the previous
+    /// refusal's freeze. Between two refusals, though, such an upstream was
+    /// at its limit at both ends: from the end of the first one's freeze,
+    /// which gave back one permit, it served what it refilled. Summed over
+    /// the descent, the ±1 call of where each refusal fell weighs less.
+    fn refill_rate(&mut self, now: Instant, retry_after: Option<Duration>) -> Option<Option<f64>> {
         let implied_start = retry_after
             .filter(|r| *r <= self.window)
             .and_then(|r| (now + r).checked_sub(self.window));
         let prev = self
             .last_refusal
-            .filter(|p| p.short && implied_start.is_some_and(|start| start < p.at));
+            .filter(|p| implied_start.is_some_and(|start| start < p.at));
         let Some(prev) = prev else {
             self.descent = None;
             return None;
         };
         let served = self.served.saturating_sub(prev.served).saturating_sub(1) as f64;
         let secs = now.saturating_duration_since(prev.freeze_end).as_secs_f64();
+        let least_span = (self.window / 10).as_secs_f64();
         let (total, span) = self.descent.get_or_insert((0.0, 0.0));
         *total += served;
         *span += secs;
-        (*span > 0.0).then(|| *total * 60.0 / *span)
+        Some((*span >= least_span && *span > 0.0).then(|| *total * 60.0 / *span))
     }
 
     /// A 429 at `rate`: at or above the remembered ceiling, or within 15%
