@@ -12,8 +12,11 @@
 //!   the upstream's window is taken to end then, and the successes reported
 //!   since that window began are what it served the fleet (the "window
 //!   fill"): the rate is cut to that less one permit, by at most β² and
-//!   at least one permit per window. A 429 without a usable Retry-After cuts
-//!   by β. Either way the rate then holds for `probe_hold_windows` and for
+//!   at least one permit per window. A 429 whose implied window began
+//!   before the previous refusal (no fixed window does that: the upstream
+//!   refills continuously or ages a log) cuts instead to what was served
+//!   between the refusals, outside their freezes (see `refill_rate`). A 429
+//!   without a usable Retry-After cuts by β. Either way the rate then holds for `probe_hold_windows` and for
 //!   1/`ratio_threshold` successful calls before it grows again, so probing
 //!   for capacity that is not there costs about one 429 per that many calls.
 //!   The episode lasts until the freeze ends plus a grace; further 429s in it
