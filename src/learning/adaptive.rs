@@ -12,8 +12,11 @@
 //!   the upstream's window is taken to end then, and the successes reported
 //!   since that window began are what it served the fleet (the "window
 //!   fill"): the rate is cut to that less one permit, by at most β² and
-//!   at least one permit per window. A 429 without a usable Retry-After cuts
-//!   by β. Either way the rate then holds for `probe_hold_windows` and for
+//!   at least one permit per window. A 429 whose implied window began
+//!   before the previous refusal (no fixed window does that: the upstream
+//!   refills continuously or ages a log) cuts instead to what was served
+//!   between the refusals, outside their freezes (see `refill_rate`). A 429
+//!   without a usable Retry-After cuts by β. Either way the rate then holds for `probe_hold_windows` and for
 //!   1/`ratio_threshold` successful calls before it grows again, so probing
 //!   for capacity that is not there costs about one 429 per that many calls.
 //!   The episode lasts until the freeze ends plus a grace; further 429s in it
@@ -223,6 +226,16 @@ impl Fills {
     }
 }
 
+/// A 429 that cut the rate, as the next one needs it.
+#[derive(Debug, Clone, Copy)]
+struct Refusal {
+    at: Instant,
+    /// `Learner::served` then.
+    served: u64,
+    /// When its Retry-After ended.
+    freeze_end: Instant,
+}
+
 /// Learned state worth keeping across a restart.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Persisted {
@@ -236,6 +249,12 @@ pub struct Persisted {
     pub cooldown: Option<(Instant, f64)>,
     /// The upstream budget view: remaining, its reset, its window.
     pub upstream: Option<(u32, Instant, Duration)>,
+    /// The ceiling memory: the rate the upstream last refused, per minute,
+    /// and how many 429s in a row came at about that rate.
+    pub ceiling: Option<(f64, u32)>,
+    /// The learned concurrency limit and how many refusals in a row
+    /// confirmed it (see `SlotLearner`).
+    pub slots: Option<(u32, u32)>,
 }
 
 /// The learning state of one bucket instance.
@@ -261,6 +280,13 @@ pub(crate) struct Learner {
     ceiling_hits: u32,
     /// No probing above the ceiling before this.
     probe_after: Option<Instant>,
+    /// Successful reports ever counted (a clock for "served since").
+    served: u64,
+    /// The first 429 of the last episode that cut (see `refill_rate`).
+    last_refusal: Option<Refusal>,
+    /// Successes and seconds outside freezes counted since the first
+    /// refusal of the current descent (see `refill_rate`).
+    descent: Option<(f64, f64)>,
     ratio: Ratio,
     fills: Fills,
 }
@@ -283,6 +309,9 @@ impl Learner {
             ceiling: None,
             ceiling_hits: 0,
             probe_after: None,
+            served: 0,
+            last_refusal: None,
+            descent: None,
             ratio: Ratio::new(now),
             fills: Fills::new(now, window.max(Duration::from_millis(1))),
         }
@@ -394,18 +423,41 @@ impl Learner {
             let from = self.rate(now, s);
             let cut = (from * s.beta).max(self.floor(s));
             self.remember_ceiling(from);
-            let (to, why) = match self.window_fill(now, retry_after) {
-                Some(fill) => {
-                    // One window's measurement cuts at most two β steps, and
-                    // at least one permit per window.
-                    let most = (from * s.beta * s.beta).max(self.floor(s));
-                    let least = (from - self.per_min(1.0)).max(most);
+            let most = (from * s.beta * s.beta).max(self.floor(s));
+            let least = (from - self.per_min(1.0)).max(most);
+            let refill = self.refill_rate(now, retry_after);
+            let ra = retry_after.unwrap_or(s.default_freeze);
+            self.last_refusal = Some(Refusal {
+                at: now,
+                served: self.served,
+                freeze_end: now + ra,
+            });
+            let (to, why) = match refill {
+                Some(None) => (
+                    least,
+                    "429 again within the window the last one implied, too soon to measure \
+                     the upstream's refill: cut by one permit",
+                ),
+                Some(Some(rate)) => {
+                    // The rate refused was inflated by what the upstream
+                    // held; the refill is where its ceiling is.
+                    self.ceiling = Some(rate.max(self.floor(s)));
+                    self.ceiling_hits = 0;
                     (
-                        fill.clamp(most, least),
-                        "429: cut to what the upstream's window served the fleet",
+                        (rate - self.per_min(1.0)).clamp(most, least),
+                        "429 again within the window the last one implied: cut to the rate the \
+                         upstream served the fleet between the refusals of this descent",
                     )
                 }
-                None => (cut, "429: multiplicative decrease (new congestion episode)"),
+                // One window's measurement cuts at most two β steps, and at
+                // least one permit per window.
+                None => match self.window_fill(now, retry_after) {
+                    Some(fill) => (
+                        fill.clamp(most, least),
+                        "429: cut to what the upstream's window served the fleet",
+                    ),
+                    None => (cut, "429: multiplicative decrease (new congestion episode)"),
+                },
             };
             self.effective = to;
             self.hold_until = Some(
@@ -443,6 +495,44 @@ impl Learner {
         let start = reset.checked_sub(self.window).unwrap_or(self.fills.origin);
         let served = self.fills.since(start);
         (served >= 2.0).then(|| self.per_min(served - 1.0))
+    }
+
+    /// The rate, per minute, the upstream served the fleet between the
+    /// refusals of a descent: `None` (and the descent over) unless the
+    /// window this 429's Retry-After implies began before the previous
+    /// refusal; `Some(None)` while the time measured is under a tenth of a
+    /// window (a call or two either way would decide the figure).
+    ///
+    /// A window that resets whole (fixed windows) cannot contain a refusal
+    /// and then serve again: the refusal blocks until the window ends. When
+    /// it does, the upstream gives permits back while it refuses — a token
+    /// bucket refills, a sliding log ages entries out — and what it served
+    /// over that window is no measure of what it can keep serving: inflated
+    /// by what it held before (a bucket that starts full serves a minute's
+    /// worth on top of the refill, so a cut to the window fill lands above
+    /// the refill and the next 429 follows), or deflated by the previous
+    /// refusal's freeze. Between two refusals, though, such an upstream was
+    /// at its limit at both ends: from the end of the first one's freeze,
+    /// which gave back one permit, it served what it refilled. Summed over
+    /// the descent, the ±1 call of where each refusal fell weighs less.
+    fn refill_rate(&mut self, now: Instant, retry_after: Option<Duration>) -> Option<Option<f64>> {
+        let implied_start = retry_after
+            .filter(|r| *r <= self.window)
+            .and_then(|r| (now + r).checked_sub(self.window));
+        let prev = self
+            .last_refusal
+            .filter(|p| implied_start.is_some_and(|start| start < p.at));
+        let Some(prev) = prev else {
+            self.descent = None;
+            return None;
+        };
+        let served = self.served.saturating_sub(prev.served).saturating_sub(1) as f64;
+        let secs = now.saturating_duration_since(prev.freeze_end).as_secs_f64();
+        let least_span = (self.window / 10).as_secs_f64();
+        let (total, span) = self.descent.get_or_insert((0.0, 0.0));
+        *total += served;
+        *span += secs;
+        Some((*span >= least_span && *span > 0.0).then(|| *total * 60.0 / *span))
     }
 
     /// A 429 at `rate`: at or above the remembered ceiling, or within 15%
@@ -516,6 +606,7 @@ impl Learner {
     pub(crate) fn on_success(&mut self, now: Instant, s: &LearnSettings) {
         self.ratio.record(now, false, s.ratio_window);
         self.fills.record(now);
+        self.served = self.served.saturating_add(1);
         self.since_cut = self.since_cut.saturating_add(1);
         if self.configured <= 0.0
             || self.frozen_until(now).is_some()
@@ -584,7 +675,14 @@ impl Learner {
             frozen_until: self.frozen_until,
             cooldown: self.cooldown,
             upstream: None,
+            ceiling: self.ceiling.map(|c| (c, self.ceiling_hits)),
+            slots: None,
         }
+    }
+
+    /// Whether a ceiling is remembered.
+    pub(crate) fn has_ceiling(&self) -> bool {
+        self.ceiling.is_some()
     }
 
     /// Restores persisted state (clamped to the configured rate).
@@ -598,6 +696,12 @@ impl Learner {
         self.frozen_until = p.frozen_until;
         self.episode_until = p.frozen_until;
         self.cooldown = p.cooldown;
+        // The wait before the next probe starts over from the restart.
+        if let Some((c, hits)) = p.ceiling.filter(|(c, _)| c.is_finite() && *c > 0.0) {
+            self.ceiling = Some(c);
+            self.ceiling_hits = hits.min(8);
+            self.probe_after = None;
+        }
     }
 }
 
@@ -800,15 +904,22 @@ mod tests {
         assert!((l.rate(ms(10_000), &s) - 59.0).abs() < 1e-9);
         l.on_throttled(ms(10_100), Some(SEC), false, &s);
         assert!(l.cooldown_until(ms(10_100)).is_none());
-        // A new episode while 3 of 104 (2.9%) were 429s: the backstop.
+        // A new episode while 3 of 104 (2.9%) were 429s: the backstop cuts
+        // what the episode's own cut left by a further 20%.
         l.on_success(ms(19_000), &s);
-        let before = l.rate(ms(20_000), &s);
+        let mut plain = l.clone();
+        let no_backstop = LearnSettings {
+            ratio_threshold: 1.0,
+            ..s
+        };
+        plain.on_throttled(ms(20_000), Some(SEC), false, &no_backstop);
         l.on_throttled(ms(20_000), Some(SEC), false, &s);
         let t = ms(20_000);
         assert!(
-            (l.rate(t, &s) - (before - 1.0) * 0.8).abs() < 1e-9,
-            "{}",
-            l.rate(t, &s)
+            (l.rate(t, &s) - plain.rate(t, &s) * 0.8).abs() < 1e-9,
+            "{} vs {}",
+            l.rate(t, &s),
+            plain.rate(t, &s)
         );
         assert!(l.cooldown_until(t).is_some());
         assert!((l.throttle_ratio(t, &s) - 3.0 / 104.0).abs() < 1e-9);
@@ -853,6 +964,23 @@ mod tests {
         assert_eq!(fresh.rate(t0, &s), l.rate(t0, &s));
         assert_eq!(fresh.frozen_until(t0), l.frozen_until(t0));
         assert_eq!(fresh.learned_limit(), Some(50.0));
+    }
+
+    #[test]
+    fn the_ceiling_memory_survives_a_restart() {
+        let s = LearnSettings::default();
+        let t0 = Instant::now();
+        let mut l = learner(t0);
+        // Refused at about 45, confirmed once.
+        (l.ceiling, l.ceiling_hits) = (Some(45.0), 1);
+        let p = l.persisted();
+        assert_eq!(p.ceiling, Some((45.0, 1)));
+        let mut fresh = learner(t0);
+        fresh.restore(p);
+        assert_eq!((fresh.ceiling, fresh.ceiling_hits), (Some(45.0), 1));
+        // So regrowth after the restart stops below it, as before it.
+        let grown = fresh.ceiling_growth(40.0, 12.0, t0, &s);
+        assert_eq!(grown, Some(45.0 * 0.95));
     }
 
     /// A fleet paced by the learner against a fixed-window upstream whose
@@ -914,6 +1042,72 @@ mod tests {
             .map(|w| w.0)
             .sum();
         assert!(more > throttled, "{more} vs {throttled}");
+    }
+
+    /// A fleet paced by the learner against a token bucket of `capacity`
+    /// (full at the start) refilled at `refill` a minute, shared with a
+    /// steady unmanaged consumer of `unmanaged` a minute; Retry-After is the
+    /// time to the next permit in whole seconds, rounded up. Steps of 100 ms
+    /// for `windows` windows: (429s, successes) per window and the rate at
+    /// the end.
+    fn drive_bucket(
+        s: &LearnSettings,
+        windows: u64,
+        (capacity, refill, unmanaged): (f64, f64, f64),
+    ) -> (Vec<(u64, u64)>, f64) {
+        let t0 = Instant::now();
+        let mut l = learner(t0);
+        let mut out = vec![(0, 0); windows as usize];
+        let (mut level, mut credit, mut theirs) = (capacity, 0.0, 0.0);
+        let step = Duration::from_millis(100);
+        for k in 0..windows * 600 {
+            let now = t0 + step * k as u32;
+            let w = (k / 600) as usize;
+            level = (level + refill / 600.0).min(capacity);
+            theirs += unmanaged / 600.0;
+            if theirs >= 1.0 && level >= 1.0 {
+                theirs -= 1.0;
+                level -= 1.0;
+            }
+            if l.frozen_until(now).is_some() {
+                credit = 0.0;
+                continue;
+            }
+            credit += l.rate(now, s) / 600.0;
+            if credit >= 1.0 {
+                credit -= 1.0;
+                if level >= 1.0 {
+                    level -= 1.0;
+                    out[w].1 += 1;
+                    l.on_success(now, s);
+                } else {
+                    out[w].0 += 1;
+                    let wait = ((1.0 - level) * 60.0 / refill).ceil().max(1.0);
+                    l.on_throttled(now, Some(Duration::from_secs_f64(wait)), false, s);
+                    credit = 0.0;
+                }
+            }
+        }
+        let end = t0 + step * (windows * 600) as u32;
+        (out, l.rate(end, s))
+    }
+
+    #[test]
+    fn refusals_within_the_window_the_last_one_implied_cut_to_the_refill() {
+        let s = LearnSettings::default();
+        // 45 a minute refilled continuously into a bucket that starts with a
+        // minute's worth; 15 a minute taken by someone else: 30 left.
+        let (run, rate) = drive_bucket(&s, 6, (45.0, 45.0, 15.0));
+        let throttled: u64 = run.iter().map(|w| w.0).sum();
+        // The first refusal's window fill is inflated by the full bucket;
+        // the next refusals come within the window it implied and cut to
+        // what was served between refusals: no cascade of cuts to a
+        // window fill that is still draining the bucket.
+        assert!(throttled <= 3, "429s per window: {run:?}");
+        assert!((27.0..=30.0).contains(&rate), "rate {rate}");
+        // The same upstream's windows keep serving what is left.
+        let served: u64 = run[2..].iter().map(|w| w.1).sum();
+        assert!(served >= 4 * 27, "served per window: {run:?}");
     }
 
     #[test]

@@ -52,6 +52,23 @@ impl SlotLearner {
         }
     }
 
+    /// What to keep across a restart: the learned limit and how many
+    /// refusals in a row confirmed it.
+    pub(crate) fn persisted(&self) -> Option<(u32, u32)> {
+        self.learned().map(|l| (l, self.hits))
+    }
+
+    /// Restores a persisted limit (within the configured one); the wait
+    /// before the next probe starts over at `now`.
+    pub(crate) fn restore(&mut self, (learned, hits): (u32, u32), now: Instant, s: &LearnSettings) {
+        if learned == 0 || learned >= self.configured {
+            return;
+        }
+        self.learned = Some(learned);
+        self.hits = hits.min(8);
+        self.probe_after = Some(now + self.window.mul_f64(s.probe_hold_windows.max(0.0)));
+    }
+
     /// Forgets what was learned.
     pub(crate) fn clear(&mut self) {
         *self = SlotLearner::new(self.configured, self.window);
@@ -148,6 +165,27 @@ mod tests {
         }
         assert_eq!((l.max(), l.learned()), (8, None));
         assert_eq!(l.on_success(t + 9 * MIN, &s), None);
+    }
+
+    #[test]
+    fn a_learned_limit_survives_a_restart() {
+        let s = LearnSettings::default();
+        let t0 = Instant::now();
+        let mut l = SlotLearner::new(8, MIN);
+        l.on_refused(5, t0, &s);
+        l.on_refused(5, t0 + MIN, &s);
+        let p = l.persisted();
+        assert_eq!(p, Some((3, 1)));
+        let mut fresh = SlotLearner::new(8, MIN);
+        fresh.restore((4, 2), t0, &s);
+        assert_eq!((fresh.max(), fresh.learned(), fresh.hits), (4, Some(4), 2));
+        // Not probed up before the hold is over, from the restart.
+        assert_eq!(fresh.on_success(t0 + 2 * MIN, &s), None);
+        assert_eq!(fresh.on_success(t0 + 3 * MIN, &s), Some(5));
+        // Nothing beyond the configured limit is restored.
+        let mut small = SlotLearner::new(3, MIN);
+        small.restore((4, 0), t0, &s);
+        assert_eq!(small.learned(), None);
     }
 
     #[test]

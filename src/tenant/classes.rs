@@ -2,7 +2,7 @@
 //! reserve each holds back from lower classes, and how much of a bucket a
 //! class may take (or, for the highest, borrow while a lower class waits).
 
-use super::instance::held_back;
+use super::instance::{held_back, Share};
 use super::TenantState;
 use crate::config::{BucketSettings, ClassSettings};
 use crate::error::{clip, BrokerError};
@@ -54,27 +54,29 @@ impl TenantState {
         self.reserve_before(self.order(class))
     }
 
-    /// The share of the buckets of `instances` that `class` must leave to
-    /// higher classes (positive), or may borrow below empty (negative): a
-    /// class nothing is held back from (the highest) may take what the
-    /// higher classes hold back from the lowest below empty while a lower
-    /// class waits on the bucket, so that right after a freeze, when the
-    /// bucket restarts empty, a critical call does not queue behind the
-    /// pacing. The waiting lower class pays it back (it waits until the
-    /// permits are earned again), so the total granted per window stays
-    /// the same; with no lower class waiting nothing is borrowed.
+    /// What `class` must leave of the buckets of `instances` to higher
+    /// classes, and what it may borrow below empty. While a lower class
+    /// waits on them, a class that holds back less than the lowest one does
+    /// may take what the classes between hold back (at least one permit)
+    /// below empty: so a wallboard or a trunk finds a permit at once while
+    /// batch saturates the bucket, however small its burst and even right
+    /// after a freeze or a budget sync emptied it. The waiting lower class
+    /// repays the debt from the refill before it is served again (it waits
+    /// until the permits are earned), so the headroom is reserved in the
+    /// refill and the total granted per window stays the same; with no
+    /// lower class waiting nothing is borrowed and batch uses it all.
     #[inline]
-    pub(super) fn bucket_share(&self, class: usize, instances: &[usize]) -> f64 {
+    pub(super) fn bucket_share(&self, class: usize, instances: &[usize]) -> Share {
         let held = self.reserve_above(class);
-        if held > 0.0 {
-            return held;
-        }
-        let order = self.order(class);
-        if !self.waiting_where(instances, |o| o > order) {
-            return 0.0;
-        }
         let lowest = self.classes.iter().map(|c| c.order).max().unwrap_or(0);
-        -self.reserve_before(lowest)
+        let below = self.reserve_before(lowest);
+        let order = self.order(class);
+        let borrow = if held + 1e-9 < below && self.waiting_where(instances, |o| o > order) {
+            below
+        } else {
+            0.0
+        };
+        Share { held, borrow }
     }
 
     /// Whether waiters of `class` or a higher one wait on any of `instances`.

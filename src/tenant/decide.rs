@@ -3,7 +3,7 @@
 //! possible now, explain why and when it could be, and queue the request if
 //! it may wait.
 
-use super::instance::{held_back, token_reserve};
+use super::instance::Share;
 use super::{AcquireArgs, Decision, Denial, Grant, TenantState};
 use crate::clock::millis;
 use crate::error::BrokerError;
@@ -99,11 +99,11 @@ impl TenantState {
     }
 
     #[inline]
-    pub(super) fn can_take(&self, instances: &[usize], n: u32, reserve: f64, now: Instant) -> bool {
+    pub(super) fn can_take(&self, instances: &[usize], n: u32, share: Share, now: Instant) -> bool {
         instances.iter().all(|&i| {
             self.instances
                 .get(i)
-                .is_some_and(|x| x.ready_at(n, reserve, now).is_ok_and(|t| t <= now))
+                .is_some_and(|x| x.ready_at(n, share, now).is_ok_and(|t| t <= now))
         })
     }
 
@@ -171,7 +171,7 @@ impl TenantState {
         &self,
         instances: &[usize],
         n: u32,
-        reserve: f64,
+        share: Share,
         now: Instant,
     ) -> Denial {
         let mut retry = now;
@@ -183,7 +183,7 @@ impl TenantState {
             let name = &self.buckets[x.bucket].settings.name;
             let sep = if reason.is_empty() { "" } else { "; " };
             if let Some(resume) = x.resume_at.filter(|&r| r > now) {
-                retry = retry.max(x.ready_at(n, reserve, now).unwrap_or(resume));
+                retry = retry.max(x.ready_at(n, share, now).unwrap_or(resume));
                 let _ = write!(
                     reason,
                     "{sep}bucket {name:?} is frozen for {} ms after the upstream answered 429",
@@ -201,13 +201,13 @@ impl TenantState {
                 );
                 continue;
             }
-            let note = |capacity: u32| match held_back(capacity, reserve) {
+            let note = |capacity: u32| match share.slots(capacity) {
                 0 => String::new(),
                 held => format!(" ({held} held back for higher classes)"),
             };
             if let Some(s) = x
                 .slots
-                .filter(|s| !s.has_room(n.saturating_add(held_back(s.max(), reserve))))
+                .filter(|s| !s.has_room(n.saturating_add(share.slots(s.max()))))
             {
                 let at = self.leases.first_expiry_holding(i).unwrap_or(now);
                 retry = retry.max(at);
@@ -222,7 +222,7 @@ impl TenantState {
             }
             if let Some(t) = x.tokens.as_ref() {
                 let at = t
-                    .ready_at_reserved(n, token_reserve(t.burst(), reserve), now)
+                    .ready_at_reserved(n, share.tokens(t.burst()), now)
                     .unwrap_or(now);
                 if at > now {
                     retry = retry.max(at);

@@ -127,25 +127,25 @@ impl Instance {
 
     /// When `n` permits could be taken, ignoring the queue: `Ok` with the
     /// token-ready instant if slots are free, `Err` if slots are the limit.
-    /// `reserve` is the share of the bucket held back for higher classes.
+    /// `share` is what the class leaves to higher classes or may borrow.
     #[inline]
-    pub(super) fn ready_at(&self, n: u32, reserve: f64, now: Instant) -> Result<Instant, ()> {
+    pub(super) fn ready_at(&self, n: u32, share: Share, now: Instant) -> Result<Instant, ()> {
         if let Some(s) = self.slots {
-            if !s.has_room(n.saturating_add(held_back(s.max(), reserve))) {
+            if !s.has_room(n.saturating_add(share.slots(s.max()))) {
                 return Err(());
             }
         }
         let mut at = match self.tokens.as_ref() {
             Some(t) => t
-                .ready_at_reserved(n, token_reserve(t.burst(), reserve), now)
+                .ready_at_reserved(n, share.tokens(t.burst()), now)
                 .ok_or(())?,
             None => now,
         };
         if let Some(resume) = self.resume_at {
-            // A class that may borrow (the top one, while a lower class
-            // waits) resumes when the freeze ends; the jitter spreads the
-            // lower classes' resumption behind it.
-            let resume = if reserve < 0.0 {
+            // A class that may borrow (one above a waiting lower class)
+            // resumes when the freeze ends; the jitter spreads the lower
+            // classes' resumption behind it.
+            let resume = if share.borrow > 0.0 {
                 self.learner.frozen_until(now).unwrap_or(now).min(resume)
             } else {
                 resume
@@ -217,15 +217,42 @@ impl Instance {
     }
 }
 
-/// Permits of a token bucket of `burst` held back by a reserve `share`,
-/// or, for a negative share, that may be borrowed below empty (see
-/// `bucket_share`).
-#[inline]
-pub(super) fn token_reserve(burst: u32, share: f64) -> f64 {
-    if share >= 0.0 {
-        f64::from(held_back(burst, share))
-    } else {
-        -f64::from(held_back(burst, -share))
+/// What a class leaves of a bucket to the classes above it, and what it may
+/// take of it below empty (see `TenantState::bucket_share`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct Share {
+    /// Share of the burst and of the slots held back for higher classes.
+    pub(super) held: f64,
+    /// Share of the burst the class may borrow below empty; when positive,
+    /// at least one permit.
+    pub(super) borrow: f64,
+}
+
+impl Share {
+    /// Nothing held back, nothing borrowed.
+    pub(super) const NONE: Share = Share {
+        held: 0.0,
+        borrow: 0.0,
+    };
+
+    /// Permits of a token bucket of `burst` that must stay in it; negative:
+    /// how far below empty the class may take it.
+    #[inline]
+    pub(super) fn tokens(self, burst: u32) -> f64 {
+        let held = f64::from(held_back(burst, self.held));
+        if self.borrow <= 0.0 {
+            return held;
+        }
+        // A bucket too small for a whole permit of the reserve still gives
+        // one: the headroom is repaid from the refill, not kept in the burst.
+        let borrowed = (f64::from(burst) * self.borrow + 1e-9).floor().max(1.0);
+        (held - borrowed).min(-1.0)
+    }
+
+    /// Slots of `max` that must stay free (slots are never borrowed).
+    #[inline]
+    pub(super) fn slots(self, max: u32) -> u32 {
+        held_back(max, self.held)
     }
 }
 

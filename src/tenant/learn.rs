@@ -312,13 +312,19 @@ impl TenantState {
             .iter()
             .filter_map(|(_, x)| {
                 let upstream = x.upstream.and_then(|u| u.saved(now));
-                if x.learner.is_pristine(now) && upstream.is_none() {
+                let slots = x.slot_learner.as_ref().and_then(|l| l.persisted());
+                if x.learner.is_pristine(now)
+                    && upstream.is_none()
+                    && slots.is_none()
+                    && !x.learner.has_ceiling()
+                {
                     return None;
                 }
                 let b = &self.buckets[x.bucket].settings;
                 let client = x.oauth_client.as_deref().map(str::to_owned);
                 let p = Persisted {
                     upstream,
+                    slots,
                     ..x.learner.persisted()
                 };
                 Some((b.name.clone(), client, p))
@@ -376,6 +382,10 @@ impl TenantState {
             x.upstream = Some(view);
         }
         x.learner.restore(p);
+        if let (Some(l), Some(slots)) = (x.slot_learner.as_mut(), p.slots) {
+            l.restore(slots, now, s);
+            x.apply_slot_limit();
+        }
         if let Some(until) = x.learner.frozen_until(now) {
             x.freeze(until, self.rng.f64(), s);
         }

@@ -118,9 +118,9 @@ impl TenantState {
                 .remove_where(|w| w.instances.iter().any(|i| on_bucket.contains(i)));
             for w in gone {
                 self.unqueue(&w);
-                let denial = self
-                    .paused(&w.instances)
-                    .unwrap_or_else(|| self.explain(&w.instances, w.permits, 0.0, now));
+                let denial = self.paused(&w.instances).unwrap_or_else(|| {
+                    self.explain(&w.instances, w.permits, super::instance::Share::NONE, now)
+                });
                 let _ = w.reply.send(Err(denial));
             }
         }

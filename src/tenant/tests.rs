@@ -152,6 +152,50 @@ fn critical_borrows_below_empty_only_while_a_lower_class_waits() {
 }
 
 #[test]
+fn higher_classes_find_a_permit_at_once_while_batch_saturates_a_small_bucket() {
+    let t0 = Instant::now();
+    // One permit a second, burst 1: 20% of it is no whole permit, so a
+    // reserve kept in the burst would hold nothing back.
+    let mut t = tenant(
+        "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 60\n\
+         window_ms = 60000\nburst = 1",
+        t0,
+    );
+    let call = |class: &str| AcquireArgs {
+        class: class.into(),
+        ..args("GET", "/x", 1)
+    };
+    granted(t.acquire(&call("batch"), NOW, t0).unwrap());
+    let Decision::Queued(Queued { reply: mut rx, .. }) =
+        t.acquire(&call("batch"), WAIT, t0).unwrap()
+    else {
+        panic!("batch granted from an empty bucket")
+    };
+    // Batch saturates the bucket and waits on it: a trunk's call and a
+    // wallboard's poll are granted at once, each from the headroom.
+    granted(t.acquire(&call("interactive"), NOW, t0).unwrap());
+    t.tick(t0 + SEC);
+    assert!(
+        rx.try_recv().is_err(),
+        "batch served before the debt was repaid"
+    );
+    granted(t.acquire(&call("critical"), NOW, t0 + SEC).unwrap());
+    // The headroom is one permit below empty; it is repaid first.
+    assert!(matches!(
+        t.acquire(&call("critical"), NOW, t0 + SEC).unwrap(),
+        Decision::Denied(_)
+    ));
+    t.tick(t0 + 2 * SEC);
+    assert!(
+        rx.try_recv().is_err(),
+        "batch served before the debt was repaid"
+    );
+    // The total is unchanged: 4 grants in 3 s from a bucket of 1 at 1/s.
+    t.tick(t0 + 3 * SEC);
+    rx.try_recv().expect("answered").expect("granted");
+}
+
+#[test]
 fn renew_extends_and_unknown_is_not_found() {
     let t0 = Instant::now();
     let mut t = tenant(TWO, t0);

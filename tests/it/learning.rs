@@ -394,3 +394,45 @@ async fn a_429_flagged_as_concurrency_lowers_the_slot_limit_and_leaves_the_rate(
     assert_eq!(q.max_in_flight, 2);
     b.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_learned_slot_limit_and_the_ceiling_memory_survive_a_restart() {
+    let dir = std::env::temp_dir().join(format!("qb-memory-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = format!(
+        "[server]\nstate_dir = \"{}\"\nshutdown_grace_ms = 2000\n[[tenants]]\nid = \"t\"\n\
+         [[tenants.buckets]]\nname = \"q\"\nroutes = [\"POST /q\"]\npermits = 600\n\
+         window_ms = 60000\nmax_in_flight = 8\nlease_ttl_ms = 60000\n",
+        dir.display()
+    );
+    let b = start(&cfg).await;
+    for _ in 0..3 {
+        assert!(b.acquire(req("POST", "/q", 0)).await.granted);
+    }
+    let refused = ReportRequest {
+        tenant: "t".into(),
+        method: "POST".into(),
+        path: "/q".into(),
+        http_status: 429,
+        concurrency_limited: true,
+        headers: [("Retry-After".to_owned(), "1".to_owned())].into(),
+        ..Default::default()
+    };
+    b.client.clone().report(refused.clone()).await.unwrap();
+    // And a rate 429: the rate it came at is the remembered ceiling.
+    let rate = ReportRequest {
+        concurrency_limited: false,
+        ..refused
+    };
+    b.client.clone().report(rate).await.unwrap();
+    assert_eq!(b.bucket("q").await.max_in_flight, 2);
+    b.stop().await;
+    let memory = std::fs::read_to_string(dir.join("learned-memory.toml")).unwrap();
+    assert!(memory.contains("ceiling_per_min = 600.0"), "{memory}");
+
+    let b = start(&cfg).await;
+    let q = b.bucket("q").await;
+    assert_eq!(q.max_in_flight, 2, "the learned slot limit is back: {q:?}");
+    b.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
