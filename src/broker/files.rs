@@ -88,7 +88,11 @@ impl AdminFile {
     }
 }
 
-fn check_version(dir: &Path, name: &str, version: Option<u32>) -> Result<(), StateError> {
+pub(super) fn check_version(
+    dir: &Path,
+    name: &str,
+    version: Option<u32>,
+) -> Result<(), StateError> {
     match version {
         Some(v) if v != FORMAT_VERSION => Err(StateError::Corrupt {
             path: dir.join(name),
@@ -98,7 +102,7 @@ fn check_version(dir: &Path, name: &str, version: Option<u32>) -> Result<(), Sta
     }
 }
 
-fn read_toml<T: serde::de::DeserializeOwned>(
+pub(super) fn read_toml<T: serde::de::DeserializeOwned>(
     dir: &Path,
     name: &str,
 ) -> Result<Option<T>, StateError> {
@@ -116,7 +120,11 @@ fn read_toml<T: serde::de::DeserializeOwned>(
         })
 }
 
-fn write_toml<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), StateError> {
+pub(super) fn write_toml<T: Serialize>(
+    dir: &Path,
+    name: &str,
+    value: &T,
+) -> Result<(), StateError> {
     let path = dir.join(name);
     let io = |source| StateError::Io {
         path: path.clone(),
@@ -139,7 +147,7 @@ fn write_toml<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), Sta
         .map_err(io)?;
     Ok(())
 }
-const FORMAT_VERSION: u32 = 1;
+pub(super) const FORMAT_VERSION: u32 = 1;
 
 /// The learned-state file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

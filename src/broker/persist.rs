@@ -5,12 +5,13 @@
 //! learned concurrency limit — goes to `learned-memory.toml` beside it,
 //! written and read with it (an unreadable one is logged and ignored).
 
-use super::files::{LearnedEntry, LearnedFile, StateError};
+use super::files::{
+    check_version, read_toml, write_toml, LearnedEntry, LearnedFile, StateError, FORMAT_VERSION,
+};
 use super::Broker;
 use crate::learning::Persisted;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::path::Path;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -20,8 +21,6 @@ const PERSIST_EVERY: Duration = Duration::from_secs(1);
 
 /// Name of the learner's memory file inside the state directory.
 const MEMORY_FILE: &str = "learned-memory.toml";
-/// Its format version.
-const MEMORY_VERSION: u32 = 1;
 
 /// The learner's memory of every bucket instance that has any.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -65,47 +64,14 @@ type InstanceKey = (String, String, Option<String>);
 impl MemoryFile {
     /// Reads `dir/learned-memory.toml`; `Ok(None)` if there is none.
     pub(crate) fn read(dir: &Path) -> Result<Option<MemoryFile>, StateError> {
-        let path = dir.join(MEMORY_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Io { path, source }),
-        };
-        let file: MemoryFile = toml::from_str(&text).map_err(|e| StateError::Corrupt {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        if file.version != MEMORY_VERSION {
-            return Err(StateError::Corrupt {
-                path,
-                message: format!("format version {} is not {MEMORY_VERSION}", file.version),
-            });
-        }
-        Ok(Some(file))
+        let file: Option<MemoryFile> = read_toml(dir, MEMORY_FILE)?;
+        check_version(dir, MEMORY_FILE, file.as_ref().map(|f| f.version))?;
+        Ok(file)
     }
 
-    /// Writes `dir/learned-memory.toml` atomically (temp file, fsync,
-    /// rename, fsync of the directory), creating `dir` if needed.
+    /// Writes `dir/learned-memory.toml` atomically, creating `dir` if needed.
     pub(crate) fn write(&self, dir: &Path) -> Result<(), StateError> {
-        let path = dir.join(MEMORY_FILE);
-        let io = |source| StateError::Io {
-            path: path.clone(),
-            source,
-        };
-        let text = toml::to_string(self).map_err(|e| StateError::Corrupt {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let tmp = dir.join(format!(".{MEMORY_FILE}.tmp"));
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(text.as_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        drop(f);
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)
+        write_toml(dir, MEMORY_FILE, self)
     }
 
     /// The entries by instance.
@@ -258,7 +224,7 @@ impl Broker {
             }
         }
         MemoryFile {
-            version: MEMORY_VERSION,
+            version: FORMAT_VERSION,
             buckets,
         }
     }
