@@ -88,11 +88,7 @@ impl AdminFile {
     }
 }
 
-pub(super) fn check_version(
-    dir: &Path,
-    name: &str,
-    version: Option<u32>,
-) -> Result<(), StateError> {
+fn check_version(dir: &Path, name: &str, version: Option<u32>) -> Result<(), StateError> {
     match version {
         Some(v) if v != FORMAT_VERSION => Err(StateError::Corrupt {
             path: dir.join(name),
@@ -102,7 +98,7 @@ pub(super) fn check_version(
     }
 }
 
-pub(super) fn read_toml<T: serde::de::DeserializeOwned>(
+fn read_toml<T: serde::de::DeserializeOwned>(
     dir: &Path,
     name: &str,
 ) -> Result<Option<T>, StateError> {
@@ -120,11 +116,7 @@ pub(super) fn read_toml<T: serde::de::DeserializeOwned>(
         })
 }
 
-pub(super) fn write_toml<T: Serialize>(
-    dir: &Path,
-    name: &str,
-    value: &T,
-) -> Result<(), StateError> {
+fn write_toml<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), StateError> {
     let path = dir.join(name);
     let io = |source| StateError::Io {
         path: path.clone(),
@@ -147,7 +139,7 @@ pub(super) fn write_toml<T: Serialize>(
         .map_err(io)?;
     Ok(())
 }
-pub(super) const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 1;
 
 /// The learned-state file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -195,6 +187,18 @@ pub(crate) struct LearnedEntry {
     /// …of a window this long.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_window_ms: Option<u64>,
+    /// The learner's memory: the rate the upstream last refused, per minute…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceiling_per_min: Option<f64>,
+    /// …and how many 429s in a row came at about that rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceiling_hits: Option<u32>,
+    /// A learned concurrency limit…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
+    /// …and how many refusals in a row confirmed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight_hits: Option<u32>,
 }
 
 /// Why the state file could not be used.
@@ -264,6 +268,10 @@ mod tests {
             upstream_remaining: Some(3),
             upstream_reset_ms: Some(1_800_000_000_000),
             upstream_window_ms: Some(60_000),
+            ceiling_per_min: Some(47.5),
+            ceiling_hits: Some(2),
+            max_in_flight: Some(4),
+            max_in_flight_hits: Some(1),
         }]);
         f.write(&d).unwrap();
         assert_eq!(LearnedFile::read(&d).unwrap(), Some(f));

@@ -427,7 +427,7 @@ async fn a_learned_slot_limit_and_the_ceiling_memory_survive_a_restart() {
     b.client.clone().report(rate).await.unwrap();
     assert_eq!(b.bucket("q").await.max_in_flight, 2);
     b.stop().await;
-    let memory = std::fs::read_to_string(dir.join("learned-memory.toml")).unwrap();
+    let memory = std::fs::read_to_string(dir.join("learned.toml")).unwrap();
     assert!(memory.contains("ceiling_per_min = 600.0"), "{memory}");
 
     let b = start(&cfg).await;
