@@ -359,16 +359,19 @@ async fn learned_state_survives_a_restart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_429_flagged_as_concurrency_lowers_the_slot_limit_and_leaves_the_rate() {
-    let cfg = "[server]\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n\
-               [[tenants.buckets]]\nname = \"q\"\nroutes = [\"POST /q\"]\npermits = 600\n\
-               window_ms = 60000\nmax_in_flight = 8\nlease_ttl_ms = 60000\n";
-    let b = start(cfg).await;
-    for _ in 0..3 {
-        assert!(b.acquire(req("POST", "/q", 0)).await.granted);
-    }
-    let refused = ReportRequest {
+/// Tenant `t` with bucket `q` (`POST /q`, 600 a minute, 8 slots), its
+/// state kept in `state_dir` (`""`: none).
+fn slot_bucket(state_dir: &str) -> String {
+    format!(
+        "[server]\nstate_dir = \"{state_dir}\"\nshutdown_grace_ms = 2000\n[[tenants]]\nid = \"t\"\n\
+         [[tenants.buckets]]\nname = \"q\"\nroutes = [\"POST /q\"]\npermits = 600\n\
+         window_ms = 60000\nmax_in_flight = 8\nlease_ttl_ms = 60000\n"
+    )
+}
+
+/// A 429 on `POST /q` that the client says is about concurrency.
+fn concurrency_429() -> ReportRequest {
+    ReportRequest {
         tenant: "t".into(),
         method: "POST".into(),
         path: "/q".into(),
@@ -376,7 +379,16 @@ async fn a_429_flagged_as_concurrency_lowers_the_slot_limit_and_leaves_the_rate(
         concurrency_limited: true,
         headers: [("Retry-After".to_owned(), "1".to_owned())].into(),
         ..Default::default()
-    };
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_429_flagged_as_concurrency_lowers_the_slot_limit_and_leaves_the_rate() {
+    let b = start(&slot_bucket("")).await;
+    for _ in 0..3 {
+        assert!(b.acquire(req("POST", "/q", 0)).await.granted);
+    }
+    let refused = concurrency_429();
     let r = b.client.clone().report(refused.clone()).await.unwrap();
     assert_eq!(r.into_inner().attributed_to, "q");
     let q = b.bucket("q").await;
@@ -399,25 +411,12 @@ async fn a_429_flagged_as_concurrency_lowers_the_slot_limit_and_leaves_the_rate(
 async fn a_learned_slot_limit_and_the_ceiling_memory_survive_a_restart() {
     let dir = std::env::temp_dir().join(format!("qb-memory-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let cfg = format!(
-        "[server]\nstate_dir = \"{}\"\nshutdown_grace_ms = 2000\n[[tenants]]\nid = \"t\"\n\
-         [[tenants.buckets]]\nname = \"q\"\nroutes = [\"POST /q\"]\npermits = 600\n\
-         window_ms = 60000\nmax_in_flight = 8\nlease_ttl_ms = 60000\n",
-        dir.display()
-    );
+    let cfg = slot_bucket(&dir.display().to_string());
     let b = start(&cfg).await;
     for _ in 0..3 {
         assert!(b.acquire(req("POST", "/q", 0)).await.granted);
     }
-    let refused = ReportRequest {
-        tenant: "t".into(),
-        method: "POST".into(),
-        path: "/q".into(),
-        http_status: 429,
-        concurrency_limited: true,
-        headers: [("Retry-After".to_owned(), "1".to_owned())].into(),
-        ..Default::default()
-    };
+    let refused = concurrency_429();
     b.client.clone().report(refused.clone()).await.unwrap();
     // And a rate 429: the rate it came at is the remembered ceiling.
     let rate = ReportRequest {
