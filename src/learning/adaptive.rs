@@ -37,6 +37,7 @@
 //! - **Bounds.** Never below the floor, never above the configured rate or a
 //!   learned limit.
 
+use super::served::{Fills, Ratio};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -121,109 +122,6 @@ pub(crate) enum Learned {
         /// The learned limit per minute.
         per_min: f64,
     },
-}
-
-/// Outcomes counted per second over the ratio window.
-#[derive(Debug, Clone)]
-struct Ratio {
-    /// (second index, reports, throttled), oldest first.
-    slots: std::collections::VecDeque<(u64, u64, u64)>,
-    origin: Instant,
-}
-
-impl Ratio {
-    fn new(origin: Instant) -> Ratio {
-        Ratio {
-            slots: Default::default(),
-            origin,
-        }
-    }
-
-    fn record(&mut self, now: Instant, throttled: bool, window: Duration) {
-        let sec = now.saturating_duration_since(self.origin).as_secs();
-        self.expire(sec, window);
-        match self.slots.back_mut() {
-            Some(s) if s.0 == sec => {
-                s.1 += 1;
-                s.2 += u64::from(throttled);
-            }
-            _ => self.slots.push_back((sec, 1, u64::from(throttled))),
-        }
-    }
-
-    fn expire(&mut self, sec: u64, window: Duration) {
-        let keep = window.as_secs().max(1);
-        while self.slots.front().is_some_and(|s| s.0 + keep <= sec) {
-            self.slots.pop_front();
-        }
-    }
-
-    /// (reports, throttled) in the window ending at `now`.
-    fn totals(&self, now: Instant, window: Duration) -> (u64, u64) {
-        let sec = now.saturating_duration_since(self.origin).as_secs();
-        let keep = window.as_secs().max(1);
-        self.slots
-            .iter()
-            .filter(|s| s.0 + keep > sec)
-            .fold((0, 0), |(r, t), s| (r + s.1, t + s.2))
-    }
-}
-
-/// Successful reports counted per slot of a bucket window, so a 429 can
-/// tell how much of the upstream's window the fleet got before it filled.
-#[derive(Debug, Clone)]
-struct Fills {
-    origin: Instant,
-    slot: Duration,
-    /// (slot index, successes), oldest first; at most one window of slots.
-    slots: std::collections::VecDeque<(u64, u32)>,
-}
-
-/// Slots per bucket window in [`Fills`].
-const FILL_SLOTS: u32 = 60;
-
-impl Fills {
-    fn new(origin: Instant, window: Duration) -> Fills {
-        Fills {
-            origin,
-            slot: (window / FILL_SLOTS).max(Duration::from_millis(1)),
-            slots: Default::default(),
-        }
-    }
-
-    fn index(&self, at: Instant) -> u64 {
-        let since = at.saturating_duration_since(self.origin).as_nanos();
-        u64::try_from(since / self.slot.as_nanos().max(1)).unwrap_or(u64::MAX)
-    }
-
-    fn record(&mut self, now: Instant) {
-        let i = self.index(now);
-        while self
-            .slots
-            .front()
-            .is_some_and(|s| s.0 + u64::from(FILL_SLOTS) < i)
-        {
-            self.slots.pop_front();
-        }
-        match self.slots.back_mut() {
-            Some(s) if s.0 == i => s.1 += 1,
-            _ => self.slots.push_back((i, 1)),
-        }
-    }
-
-    /// Successes reported from `start` on. Of the slot `start` falls in,
-    /// which also holds successes from before it, the share after `start`.
-    fn since(&self, start: Instant) -> f64 {
-        let first = self.index(start);
-        let slot_end = self.origin + self.slot * u32::try_from(first + 1).unwrap_or(u32::MAX);
-        let share =
-            slot_end.saturating_duration_since(start).as_secs_f64() / self.slot.as_secs_f64();
-        self.slots
-            .iter()
-            .filter(|s| s.0 >= first)
-            .map(|s| f64::from(s.1) * if s.0 == first { share.min(1.0) } else { 1.0 })
-            .sum()
-    }
 }
 
 /// A 429 that cut the rate, as the next one needs it.
@@ -341,7 +239,7 @@ impl Learner {
     pub(crate) fn set_configured(&mut self, per_min: f64, window: Duration) {
         self.configured = per_min;
         self.window = window.max(Duration::from_millis(1));
-        self.fills = Fills::new(self.fills.origin, self.window);
+        self.fills = Fills::new(self.fills.origin(), self.window);
         self.effective = self.effective.min(per_min);
         if self.effective <= 0.0 {
             self.effective = per_min;
@@ -492,7 +390,9 @@ impl Learner {
     /// successes.
     fn window_fill(&self, now: Instant, retry_after: Option<Duration>) -> Option<f64> {
         let reset = now + retry_after.filter(|r| *r <= self.window)?;
-        let start = reset.checked_sub(self.window).unwrap_or(self.fills.origin);
+        let start = reset
+            .checked_sub(self.window)
+            .unwrap_or(self.fills.origin());
         let served = self.fills.since(start);
         (served >= 2.0).then(|| self.per_min(served - 1.0))
     }
