@@ -159,7 +159,10 @@ async fn a_restart_does_not_refill_the_token_bucket() {
     let b = Broker::start(&path).await;
     let mut c = client(&b).await;
     let mut lease = 0u64;
-    // Spend the whole burst.
+    // Spend the whole burst. The bucket refills 10 a second meanwhile, which
+    // a slow machine's calls give time for.
+    let began = Instant::now();
+    let most = |began: Instant| 20 + (began.elapsed().as_secs_f64() * 10.0) as u64;
     loop {
         let r = c
             .acquire(call("GET", "/api/v2/users/me", "spender", 0))
@@ -175,9 +178,13 @@ async fn a_restart_does_not_refill_the_token_bucket() {
             slot: false,
         });
         lease += 1;
-        assert!(lease <= 21, "more than the burst at once");
+        assert!(lease <= most(began), "more than the burst and its refill");
     }
-    assert_eq!(lease, 20, "the burst");
+    assert!(
+        (20..=most(began)).contains(&lease),
+        "the burst and what refilled while it was spent: {lease} grants in {:?}",
+        began.elapsed()
+    );
     state_written(&dir);
     let start = Instant::now();
     b.kill().await;
