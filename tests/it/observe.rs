@@ -314,6 +314,22 @@ fn open_acquire(
     h2.send_request(request, false).unwrap()
 }
 
+/// Sends an Acquire as the request body of an opened call, ending it.
+fn send_acquire(body: &mut h2::SendStream<bytes::Bytes>) {
+    body.send_data(grpc_frame(&req("GET", "/api/v2/users/1", 0)), true)
+        .unwrap();
+}
+
+/// The HTTP status of an answer, within the limit.
+async fn status_of(response: h2::client::ResponseFuture) -> u16 {
+    tokio::time::timeout(LIMIT, response)
+        .await
+        .expect("answered within the limit")
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 #[tokio::test]
 async fn readyz_says_503_while_open_calls_drain() {
     let toml = format!(
@@ -331,13 +347,8 @@ async fn readyz_says_503_while_open_calls_drain() {
     // the broker has taken the open one (streams arrive in order).
     let mut h2 = h2.ready().await.unwrap();
     let (response, mut body) = open_acquire(&mut h2, b.grpc);
-    body.send_data(grpc_frame(&req("GET", "/api/v2/users/1", 0)), true)
-        .unwrap();
-    let answered = tokio::time::timeout(LIMIT, response)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(answered.status(), 200);
+    send_acquire(&mut body);
+    assert_eq!(status_of(response).await, 200);
 
     b.signal_stop();
     let drained = tokio::time::timeout(LIMIT, async {
@@ -346,8 +357,9 @@ async fn readyz_says_503_while_open_calls_drain() {
             if r.status == 503 {
                 return r;
             }
+            // Each poll is a whole HTTP round trip; the flip follows the
+            // signal within a few scheduler passes.
             assert_eq!(r.status, 200, "{}", r.body);
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await
@@ -361,14 +373,8 @@ async fn readyz_says_503_while_open_calls_drain() {
     assert_eq!(get(b.http, "/healthz", &[]).await.status, 200);
 
     // The open call finishes, and with it the drain.
-    open_body
-        .send_data(grpc_frame(&req("GET", "/api/v2/users/1", 0)), true)
-        .unwrap();
-    let finished = tokio::time::timeout(LIMIT, open_response)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(finished.status(), 200);
+    send_acquire(&mut open_body);
+    assert_eq!(status_of(open_response).await, 200);
     let http = b.http;
     b.stop().await;
     assert!(
