@@ -3,6 +3,7 @@
 //! log line of the request carries it, sent back in the `x-request-id`
 //! response metadata; and the call's latency in the metrics.
 
+use super::transport::PeerInfo;
 use crate::metrics::Metrics;
 use std::future::Future;
 use std::pin::Pin;
@@ -99,8 +100,14 @@ where
         .unwrap_or_else(new_id);
         // A value that differs on every call must not enter HPACK's dynamic
         // table: it would evict the headers that repeat (content-type,
-        // grpc-status) and make every response larger.
-        id.set_sensitive(true);
+        // grpc-status) and make every response larger. The first on a
+        // connection does, so that the header's name is in the table and
+        // the later ones send only their value.
+        let first = req
+            .extensions()
+            .get::<PeerInfo>()
+            .is_some_and(PeerInfo::first_request_id);
+        id.set_sensitive(!first);
         let method = Metrics::method(req.uri().path());
         let span = tracing::info_span!(
             "rpc",

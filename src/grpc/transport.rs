@@ -24,7 +24,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -58,6 +58,9 @@ pub(crate) struct PeerInfo {
     tls: bool,
     /// tonic's TLS connection info (the client's certificates).
     tls_info: Option<TlsConnectInfo<TcpConnectInfo>>,
+    /// Set once a response on this connection carried an `x-request-id`
+    /// that HPACK may index (see `observe`).
+    id_indexed: Arc<AtomicBool>,
 }
 
 impl PeerInfo {
@@ -72,6 +75,7 @@ impl PeerInfo {
             },
             tls,
             tls_info: None,
+            id_indexed: Arc::default(),
         }
     }
 
@@ -88,6 +92,13 @@ impl PeerInfo {
     /// Whether the connection is TLS.
     pub(crate) fn is_tls(&self) -> bool {
         self.tls
+    }
+
+    /// True the first time it is asked on a connection: that response's
+    /// `x-request-id` may enter HPACK's dynamic table, so later ones send
+    /// only their value.
+    pub(crate) fn first_request_id(&self) -> bool {
+        !self.id_indexed.load(Ordering::Relaxed) && !self.id_indexed.swap(true, Ordering::Relaxed)
     }
 
     /// tonic's connection info, as its own TLS would set it, so
@@ -502,6 +513,7 @@ async fn handshake(
             tcp: tcp_info,
             tls: tls_info.is_some(),
             tls_info,
+            id_indexed: Arc::default(),
         },
         _open: open,
     };
@@ -540,6 +552,16 @@ async fn establish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_first_request_id_of_a_connection_is_indexed() {
+        let info = PeerInfo::new(None, false);
+        let copy = info.clone();
+        assert!(copy.first_request_id());
+        assert!(!info.first_request_id());
+        assert!(!copy.first_request_id());
+        assert!(PeerInfo::new(None, false).first_request_id());
+    }
 
     #[test]
     fn gauge_caps_and_gives_back() {

@@ -10,6 +10,7 @@
 //!     ├─ cluster.rs    `loadgen cluster`: pairs/s with 1, 2, 3 brokers in
 //!     │                cluster mode on etcd, clients following leaders
 //!     ├─ peer.rs       `loadgen peer`: unary Acquire vs throttlecrab-server
+//!     │   └─ raw.rs    its driver with requests encoded before the run
 //!     ├─ scale.rs      the scale suite: tenants, open loop, stream vs unary,
 //!     │                held leases, watchers; one table
 //!     ├─ drive.rs      a Plan → pairs/s + latency histogram; unary loops
@@ -39,6 +40,7 @@ mod error;
 mod hold;
 mod noop;
 mod peer;
+mod raw;
 mod report;
 mod scale;
 mod server;

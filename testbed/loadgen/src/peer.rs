@@ -21,6 +21,8 @@ use tonic::transport::Channel;
 use crate::child::child_files;
 use crate::drive::{connect, Tally, Window};
 use crate::error::Error;
+use crate::raw::{Encoded, RawCaller};
+use prost::Message;
 
 /// The peer's one RPC, written out by hand: a build script and a proto
 /// file for a single message pair would cost more than these lines.
@@ -57,6 +59,7 @@ mod wire {
 }
 
 const THROTTLE: &str = "/throttlecrab.RateLimiter/Throttle";
+const ACQUIRE: &str = "/quota.v1.QuotaBroker/Acquire";
 /// A million a second, burst a million (the broker's largest burst): no
 /// run comes near it, so every call is allowed on both servers.
 const HUGE: i32 = 1_000_000;
@@ -93,6 +96,21 @@ pub(crate) struct PeerArgs {
     /// Only these cells (default: all three).
     #[arg(long, value_enum)]
     cell: Vec<CellKind>,
+    /// How the driver makes its calls (default: typed); several run one
+    /// after the other, each cell with each.
+    #[arg(long, value_enum)]
+    driver: Vec<Driver>,
+}
+
+/// How the driver builds requests and reads answers.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Driver {
+    /// Each server's generated client: requests built and encoded, answers
+    /// decoded, per call (what a real client pays).
+    Typed,
+    /// Requests encoded before the run and answers taken as bytes, so the
+    /// driver spends the same on either server (see raw.rs).
+    Raw,
 }
 
 /// The cells `loadgen peer` measures.
@@ -124,22 +142,27 @@ impl Target {
     }
 }
 
-/// A cell: keys and load shape.
+/// A cell: keys, load shape and driver.
 #[derive(Clone, Copy, Debug)]
 struct Cell {
     keys: usize,
     connections: usize,
     concurrency: usize,
+    driver: Driver,
 }
 
 impl Cell {
     fn label(self) -> String {
         format!(
-            "{} key{}, {} conn x {} in flight",
+            "{} key{}, {} conn x {} in flight{}",
             self.keys,
             if self.keys == 1 { "" } else { "s" },
             self.connections,
-            self.concurrency
+            self.concurrency,
+            match self.driver {
+                Driver::Typed => "",
+                Driver::Raw => ", raw driver",
+            }
         )
     }
 }
@@ -261,7 +284,7 @@ async fn spawn(
         }
         let attempt = async {
             let channels = connect(addr, 1).await?;
-            let mut caller = Caller::new(target, channels[0].clone());
+            let mut caller = Caller::new(target, channels[0].clone(), Driver::Typed, 1);
             caller.call(0).await.map_err(Error::Rpc)
         };
         match tokio::time::timeout(Duration::from_secs(2), attempt).await {
@@ -285,17 +308,53 @@ async fn spawn(
     }
 }
 
+/// The broker's Acquire on key `key`: one permit of the rate bucket, no wait.
+fn acquire_request(key: usize) -> AcquireRequest {
+    AcquireRequest {
+        tenant: "t0".into(),
+        client_id: "loadgen".into(),
+        priority_class: String::new(),
+        method: "GET".into(),
+        path: "/api/v2/users".into(),
+        oauth_client: format!("k{key}"),
+        permits: 1,
+        max_wait_ms: Some(0),
+    }
+}
+
+/// The peer's Throttle on key `key`: one unit of a limit no run reaches.
+fn throttle_request(key: usize) -> wire::ThrottleRequest {
+    wire::ThrottleRequest {
+        key: format!("k{key}"),
+        max_burst: HUGE,
+        count_per_period: HUGE,
+        period: 1,
+        quantity: 1,
+    }
+}
+
 /// One rate decision per call, on either server.
 enum Caller {
     Broker(QuotaBrokerClient<Channel>),
     Peer(tonic::client::Grpc<Channel>),
+    Raw(RawCaller),
 }
 
 impl Caller {
-    fn new(target: Target, channel: Channel) -> Caller {
-        match target {
-            Target::Peer => Caller::Peer(tonic::client::Grpc::new(channel)),
-            _ => Caller::Broker(QuotaBrokerClient::new(channel)),
+    /// A caller of `target` over `channel`; `keys` sizes the raw driver's
+    /// table of encoded requests.
+    fn new(target: Target, channel: Channel, driver: Driver, keys: usize) -> Caller {
+        match (driver, target) {
+            (Driver::Raw, Target::Peer) => Caller::Raw(RawCaller::new(
+                channel,
+                Encoded::new(THROTTLE, keys, |k| throttle_request(k).encode_to_vec()),
+            )),
+            (Driver::Raw, _) => Caller::Raw(RawCaller::new(
+                channel,
+                Encoded::new(ACQUIRE, keys, |k| acquire_request(k).encode_to_vec()),
+            )),
+            (Driver::Typed, Target::Peer) => Caller::Peer(tonic::client::Grpc::new(channel)),
+            (Driver::Typed, _) => Caller::Broker(QuotaBrokerClient::new(channel)),
         }
     }
 
@@ -303,19 +362,7 @@ impl Caller {
     async fn call(&mut self, key: usize) -> Result<(), tonic::Status> {
         match self {
             Caller::Broker(client) => {
-                let r = client
-                    .acquire(AcquireRequest {
-                        tenant: "t0".into(),
-                        client_id: "loadgen".into(),
-                        priority_class: String::new(),
-                        method: "GET".into(),
-                        path: "/api/v2/users".into(),
-                        oauth_client: format!("k{key}"),
-                        permits: 1,
-                        max_wait_ms: Some(0),
-                    })
-                    .await?
-                    .into_inner();
+                let r = client.acquire(acquire_request(key)).await?.into_inner();
                 if r.granted {
                     Ok(())
                 } else {
@@ -326,13 +373,7 @@ impl Caller {
                 grpc.ready()
                     .await
                     .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                let request = tonic::Request::new(wire::ThrottleRequest {
-                    key: format!("k{key}"),
-                    max_burst: HUGE,
-                    count_per_period: HUGE,
-                    period: 1,
-                    quantity: 1,
-                });
+                let request = tonic::Request::new(throttle_request(key));
                 let codec =
                     tonic_prost::ProstCodec::<wire::ThrottleRequest, wire::ThrottleResponse>::default();
                 let r = grpc
@@ -345,6 +386,7 @@ impl Caller {
                     Err(tonic::Status::resource_exhausted("throttled"))
                 }
             }
+            Caller::Raw(raw) => raw.call(key).await,
         }
     }
 }
@@ -367,7 +409,12 @@ async fn run_once(
     let mut tasks = tokio::task::JoinSet::new();
     let loops = cell.connections * cell.concurrency;
     for i in 0..loops {
-        let mut caller = Caller::new(target, channels[i % channels.len()].clone());
+        let mut caller = Caller::new(
+            target,
+            channels[i % channels.len()].clone(),
+            cell.driver,
+            cell.keys,
+        );
         let keys = cell.keys;
         tasks.spawn(async move {
             let mut tally = Tally::new();
@@ -439,6 +486,7 @@ pub(crate) async fn run(args: PeerArgs) -> Result<(), Error> {
                 keys: 1,
                 connections: args.connections,
                 concurrency: args.concurrency,
+                driver: Driver::Typed,
             },
         ),
         (
@@ -447,6 +495,7 @@ pub(crate) async fn run(args: PeerArgs) -> Result<(), Error> {
                 keys: 1000,
                 connections: args.connections,
                 concurrency: args.concurrency,
+                driver: Driver::Typed,
             },
         ),
         (
@@ -455,13 +504,24 @@ pub(crate) async fn run(args: PeerArgs) -> Result<(), Error> {
                 keys: 1,
                 connections: 1,
                 concurrency: 1,
+                driver: Driver::Typed,
             },
         ),
     ];
-    let cells = cells
-        .into_iter()
-        .filter(|(kind, _)| args.cell.is_empty() || args.cell.contains(kind))
-        .map(|(_, cell)| cell);
+    let drivers = if args.driver.is_empty() {
+        vec![Driver::Typed]
+    } else {
+        args.driver.clone()
+    };
+    let cells: Vec<Cell> = drivers
+        .iter()
+        .flat_map(|&driver| {
+            cells
+                .iter()
+                .filter(|(kind, _)| args.cell.is_empty() || args.cell.contains(kind))
+                .map(move |&(_, cell)| Cell { driver, ..cell })
+        })
+        .collect();
     let targets = [Target::BrokerMetrics, Target::BrokerNoMetrics, Target::Peer];
     eprintln!(
         "loadgen peer: {} runs x {:?} (+{:?} warm-up) per cell and target, alternating{}",
