@@ -6,18 +6,14 @@
 //! - counted on the path ([`Metrics`]): grants and denials per class, the
 //!   queue wait, reported statuses, RPC latency. Every label set is resolved
 //!   once at start into a handle (an `Arc`'d atomic), so a call bumps an
-//!   atomic and allocates nothing; what every Acquire touches (grants, RPC
-//!   latency) is kept per thread (`sharded`), so parallel workers do not
-//!   contend for it;
+//!   atomic and allocates nothing;
 //! - read at scrape time ([`BucketCollector`]): rates, tokens, slots,
 //!   waiters, freezes and leases, from the same bucket snapshots as
 //!   ListBuckets, so the decision itself carries no metric code.
 
 mod buckets;
-mod sharded;
 
 pub(crate) use buckets::BucketCollector;
-use sharded::{ShardedCounter, ShardedHistogram};
 
 use crate::config::Settings;
 use prometheus_client::metrics::counter::Counter;
@@ -151,7 +147,7 @@ struct TenantMetrics {
     /// Bucket name → index into `reports`.
     buckets: HashMap<String, usize>,
     /// Per class (config order, then `other`).
-    grants: Vec<ShardedCounter>,
+    grants: Vec<Counter>,
     /// Per class × [`DenyReason::ALL`].
     denials: Vec<Counter>,
     /// Per class.
@@ -167,7 +163,7 @@ pub(crate) struct Metrics {
     /// Class names in config order; index `classes.len()` is `other`.
     classes: Vec<String>,
     default_class: usize,
-    rpc: Vec<ShardedHistogram>,
+    rpc: Vec<Histogram>,
     watch_streams: Gauge,
 }
 
@@ -181,14 +177,14 @@ impl Metrics {
     /// Registers every family in `registry` and resolves every label set of
     /// `settings`' tenants, buckets and classes.
     pub(crate) fn new(settings: &Settings, registry: &mut Registry) -> Metrics {
-        let grants = Family::<Labels, ShardedCounter>::default();
+        let grants = Family::<Labels, Counter>::default();
         let denials = Family::<Labels, Counter>::default();
         let waits = Family::<Labels, Histogram>::new_with_constructor(
             (|| Histogram::new(time_buckets())) as fn() -> Histogram,
         );
         let reports = Family::<Labels, Counter>::default();
-        let rpc = Family::<Labels, ShardedHistogram>::new_with_constructor(
-            (|| ShardedHistogram::new(time_buckets())) as fn() -> ShardedHistogram,
+        let rpc = Family::<Labels, Histogram>::new_with_constructor(
+            (|| Histogram::new(time_buckets())) as fn() -> Histogram,
         );
         let watch_streams = Gauge::default();
         registry.register(
@@ -232,7 +228,7 @@ impl Metrics {
             .iter()
             .map(|t| {
                 let tenant = || ("tenant", t.id.clone());
-                let per_class = |family: &Family<Labels, ShardedCounter>| -> Vec<ShardedCounter> {
+                let per_class = |family: &Family<Labels, Counter>| -> Vec<Counter> {
                     classes
                         .iter()
                         .map(|c| {
