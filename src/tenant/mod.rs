@@ -30,8 +30,6 @@ mod convergence_tests;
 mod decide;
 #[cfg(test)]
 mod freeze_tests;
-#[cfg(test)]
-mod headroom_tests;
 mod instance;
 mod learn;
 mod leases;

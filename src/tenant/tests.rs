@@ -108,6 +108,94 @@ fn expiry_returns_slots_and_serves_waiters() {
 }
 
 #[test]
+fn critical_borrows_below_empty_only_while_a_lower_class_waits() {
+    let t0 = Instant::now();
+    // One permit a second, burst 10; the default classes hold 20% (2
+    // permits) back from the lowest.
+    let mut t = tenant(
+        "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 60\n\
+         window_ms = 60000\nburst = 10",
+        t0,
+    );
+    let call = |class: &str| AcquireArgs {
+        class: class.into(),
+        ..args("GET", "/x", 1)
+    };
+    for _ in 0..10 {
+        granted(t.acquire(&call("critical"), NOW, t0).unwrap());
+    }
+    // Empty, nobody below waits: critical waits like anyone.
+    assert!(matches!(
+        t.acquire(&call("critical"), NOW, t0).unwrap(),
+        Decision::Denied(_)
+    ));
+    let Decision::Queued(Queued { reply: mut rx, .. }) =
+        t.acquire(&call("batch"), WAIT, t0).unwrap()
+    else {
+        panic!("batch granted from an empty bucket")
+    };
+    // Batch waits: critical borrows the 2 held back from it, no more.
+    granted(t.acquire(&call("critical"), NOW, t0).unwrap());
+    granted(t.acquire(&call("critical"), NOW, t0).unwrap());
+    let Decision::Denied(denial) = t.acquire(&call("critical"), NOW, t0).unwrap() else {
+        panic!("borrowed past the reserve")
+    };
+    assert_eq!(denial.retry_after, SEC);
+    // Batch pays it back: 1 permit plus its 2 held back are 5 s away.
+    t.tick(t0 + 4 * SEC);
+    assert!(
+        rx.try_recv().is_err(),
+        "batch served before the debt was repaid"
+    );
+    t.tick(t0 + 5 * SEC);
+    rx.try_recv().expect("answered").expect("granted");
+}
+
+#[test]
+fn higher_classes_find_a_permit_at_once_while_batch_saturates_a_small_bucket() {
+    let t0 = Instant::now();
+    // One permit a second, burst 1: 20% of it is no whole permit, so a
+    // reserve kept in the burst would hold nothing back.
+    let mut t = tenant(
+        "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 60\n\
+         window_ms = 60000\nburst = 1",
+        t0,
+    );
+    let call = |class: &str| AcquireArgs {
+        class: class.into(),
+        ..args("GET", "/x", 1)
+    };
+    granted(t.acquire(&call("batch"), NOW, t0).unwrap());
+    let Decision::Queued(Queued { reply: mut rx, .. }) =
+        t.acquire(&call("batch"), WAIT, t0).unwrap()
+    else {
+        panic!("batch granted from an empty bucket")
+    };
+    // Batch saturates the bucket and waits on it: a trunk's call and a
+    // wallboard's poll are granted at once, each from the headroom.
+    granted(t.acquire(&call("interactive"), NOW, t0).unwrap());
+    t.tick(t0 + SEC);
+    assert!(
+        rx.try_recv().is_err(),
+        "batch served before the debt was repaid"
+    );
+    granted(t.acquire(&call("critical"), NOW, t0 + SEC).unwrap());
+    // The headroom is one permit below empty; it is repaid first.
+    assert!(matches!(
+        t.acquire(&call("critical"), NOW, t0 + SEC).unwrap(),
+        Decision::Denied(_)
+    ));
+    t.tick(t0 + 2 * SEC);
+    assert!(
+        rx.try_recv().is_err(),
+        "batch served before the debt was repaid"
+    );
+    // The total is unchanged: 4 grants in 3 s from a bucket of 1 at 1/s.
+    t.tick(t0 + 3 * SEC);
+    rx.try_recv().expect("answered").expect("granted");
+}
+
+#[test]
 fn renew_extends_and_unknown_is_not_found() {
     let t0 = Instant::now();
     let mut t = tenant(TWO, t0);
