@@ -168,8 +168,12 @@ impl Instance {
         }
     }
 
-    /// Freezes grants until `until`, plus up to `jitter` permit intervals
-    /// (`draw` in 0..1), after which they resume paced from an empty bucket.
+    /// Freezes grants until `until`, after which they resume paced from a
+    /// bucket empty at `until`; classes that may not borrow resume up to
+    /// `jitter` permit intervals later (`draw` in 0..1). The refill starts
+    /// at `until` all the same: a class that may borrow is served from the
+    /// freeze's end (see `ready_at`), and a refill started after the
+    /// jitter would make it repay its headroom that much later.
     pub(super) fn freeze(&mut self, until: Instant, draw: f64, s: &LearnSettings) {
         let jitter = self
             .tokens
@@ -179,7 +183,7 @@ impl Instance {
         self.freezes_total += 1;
         self.resume_at = Some(self.resume_at.map_or(resume, |r| r.max(resume)));
         if let Some(t) = self.tokens.as_mut() {
-            t.empty_at(resume);
+            t.empty_at(until);
         }
     }
 

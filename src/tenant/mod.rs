@@ -28,6 +28,8 @@ mod classes;
 #[cfg(test)]
 mod convergence_tests;
 mod decide;
+#[cfg(test)]
+mod freeze_tests;
 mod instance;
 mod learn;
 mod leases;

@@ -9,12 +9,12 @@ use proptest::prelude::*;
 
 const SEC: Duration = Duration::from_secs(1);
 
-fn tenant(toml_buckets: &str, now: Instant) -> TenantState {
+pub(super) fn tenant(toml_buckets: &str, now: Instant) -> TenantState {
     let s = Settings::from_toml(&format!("[[tenants]]\nid = \"t\"\n{toml_buckets}")).unwrap();
     TenantState::new(0, &s.tenants[0], &s, Default::default(), now)
 }
 
-fn args(method: &str, path: &str, permits: u32) -> AcquireArgs {
+pub(super) fn args(method: &str, path: &str, permits: u32) -> AcquireArgs {
     AcquireArgs {
         client_id: "c".into(),
         class: String::new(),
@@ -38,7 +38,7 @@ const TWO: &str = r#"
     lease_ttl_ms = 5000
 "#;
 
-fn granted(a: Decision) -> Grant {
+pub(super) fn granted(a: Decision) -> Grant {
     match a {
         Decision::Granted(g) => g,
         Decision::Denied(denial) => panic!("not granted: {}", denial.reason),
@@ -47,9 +47,9 @@ fn granted(a: Decision) -> Grant {
 }
 
 /// Waits long enough for any test: the request queues if it is not granted.
-const WAIT: Option<Duration> = Some(Duration::from_secs(3600));
+pub(super) const WAIT: Option<Duration> = Some(Duration::from_secs(3600));
 /// No wait: granted or denied at once.
-const NOW: Option<Duration> = Some(Duration::ZERO);
+pub(super) const NOW: Option<Duration> = Some(Duration::ZERO);
 
 #[test]
 fn grant_draws_on_all_buckets_or_none() {
@@ -536,40 +536,6 @@ fn a_concurrency_429_lowers_the_slot_limit_not_the_rate() {
     t.report_in_flight_refusal(("GET", "/", "oa"), Some(SEC), &RateLimitInfo::default(), t0)
         .unwrap();
     assert!(t.statuses(t0)[0].frozen_until.is_some());
-}
-
-#[test]
-fn after_a_freeze_critical_resumes_at_its_end_while_batch_waits_out_the_jitter() {
-    use crate::learning::RateLimitInfo;
-    let t0 = Instant::now();
-    let mut t = tenant(
-        "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 6\n\
-         window_ms = 60000\nburst = 10",
-        t0,
-    );
-    // A permit every 10 s: the jitter after a freeze is up to 10 s.
-    t.report(
-        ("GET", "/x", "oa"),
-        429,
-        Some(20 * SEC),
-        &RateLimitInfo::default(),
-        t0,
-    )
-    .unwrap();
-    let call = |class: &str| AcquireArgs {
-        class: class.into(),
-        ..args("GET", "/x", 1)
-    };
-    let Decision::Queued(Queued {
-        reply: mut batch, ..
-    }) = t.acquire(&call("batch"), WAIT, t0).unwrap()
-    else {
-        panic!("batch granted while frozen")
-    };
-    let at_end = t0 + 20 * SEC;
-    granted(t.acquire(&call("critical"), NOW, at_end).unwrap());
-    t.tick(at_end);
-    assert!(batch.try_recv().is_err(), "batch resumed with critical");
 }
 
 #[test]

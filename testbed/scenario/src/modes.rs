@@ -269,13 +269,26 @@ impl Caller {
             .oauth_client(self.oauth_client.clone())
             .class(self.class.as_str());
         let retry_cap = self.ctx.clock.real(class_wait_ms(self.class));
+        let clock = self.ctx.clock;
+        let mut steps = Steps::new(self.class);
         loop {
             let asked = Instant::now();
             let lease = match client.acquire(&call).await {
                 Ok(lease) => lease,
-                Err(ClientError::NotGranted { retry_after, .. }) => {
+                Err(ClientError::NotGranted {
+                    retry_after,
+                    reason,
+                }) => {
                     metrics.not_granted.fetch_add(1, Ordering::Relaxed);
                     let wait = retry_after.clamp(Duration::from_millis(1), retry_cap);
+                    steps.note(|| {
+                        format!(
+                            "acquire {:.1} ms at {:.0}: not granted ({reason}), retry in {:.1} ms",
+                            clock.sim_ms(asked.elapsed()),
+                            clock.sim_ms_at(asked),
+                            clock.sim_ms(wait)
+                        )
+                    });
                     tokio::time::sleep(wait).await;
                     continue;
                 }
@@ -293,7 +306,24 @@ impl Caller {
                 });
             }
             let sent = Instant::now();
+            steps.note(|| {
+                format!(
+                    "acquire {:.1} ms at {:.0}: granted",
+                    clock.sim_ms(sent.saturating_duration_since(asked)),
+                    clock.sim_ms_at(asked)
+                )
+            });
             let answer = self.send(family, path, &body).await;
+            if let Ok(a) = &answer {
+                steps.note(|| {
+                    format!(
+                        "sent at {:.0}: {} after {:.1} ms",
+                        clock.sim_ms_at(sent),
+                        a.status,
+                        clock.sim_ms(sent.elapsed())
+                    )
+                });
+            }
             if fallback {
                 let clock = self.ctx.clock;
                 metrics.record_fallback(FallbackCall {
@@ -317,6 +347,7 @@ impl Caller {
             match outcome(answer) {
                 Outcome::Done(answer) => {
                     self.done_at(wanted, sent);
+                    steps.log_if_slow(&self.client_id, clock, wanted, sent);
                     return Ok(answer);
                 }
                 // Reported: the broker froze the bucket; Acquire waits it out.
@@ -324,6 +355,40 @@ impl Caller {
                 Outcome::Retry => self.pause(ERROR_PAUSE_MS).await,
                 Outcome::Rejected(e) => return Err(e),
             }
+        }
+    }
+}
+
+/// What a broker-mode critical call went through (each Acquire, its time
+/// and answer, each send), logged at info under the target
+/// `scenario::slow_critical` when the call waited longer than the critical
+/// target: how a slow poll is told apart (queued behind a refill, a
+/// freeze, a slow round trip). Nothing is kept for other classes.
+struct Steps(Option<Vec<String>>);
+
+impl Steps {
+    fn new(class: Class) -> Steps {
+        Steps((class == Class::Critical).then(Vec::new))
+    }
+
+    fn note(&mut self, step: impl FnOnce() -> String) {
+        if let Some(steps) = self.0.as_mut() {
+            steps.push(step());
+        }
+    }
+
+    fn log_if_slow(&self, client_id: &str, clock: SimClock, wanted: Instant, sent: Instant) {
+        let Some(steps) = &self.0 else { return };
+        let waited = clock.sim_ms(sent.saturating_duration_since(wanted));
+        if waited > crate::report::MAX_CRITICAL_P99_MS {
+            tracing::info!(
+                target: "scenario::slow_critical",
+                wanted_ms = clock.sim_ms_at(wanted),
+                waited_ms = waited,
+                client = client_id,
+                "slow critical call: {}",
+                steps.join(" | ")
+            );
         }
     }
 }

@@ -1,0 +1,95 @@
+//! After a freeze: the top class resumes at the freeze's end with the
+//! bucket's refill, while the jitter holds back only the classes below it.
+
+use super::tests::{args, granted, tenant, NOW, WAIT};
+use super::{AcquireArgs, Decision, Queued};
+use crate::learning::RateLimitInfo;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn call(class: &str) -> AcquireArgs {
+    AcquireArgs {
+        class: class.into(),
+        ..args("GET", "/x", 1)
+    }
+}
+
+#[test]
+fn after_a_freeze_critical_resumes_at_its_end_while_batch_waits_out_the_jitter() {
+    let t0 = Instant::now();
+    let mut t = tenant(
+        "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 6\n\
+         window_ms = 60000\nburst = 10",
+        t0,
+    );
+    // A permit every 10 s: the jitter after a freeze is up to 10 s.
+    t.report(
+        ("GET", "/x", "oa"),
+        429,
+        Some(20 * SEC),
+        &RateLimitInfo::default(),
+        t0,
+    )
+    .unwrap();
+    let Decision::Queued(Queued {
+        reply: mut batch, ..
+    }) = t.acquire(&call("batch"), WAIT, t0).unwrap()
+    else {
+        panic!("batch granted while frozen")
+    };
+    let at_end = t0 + 20 * SEC;
+    granted(t.acquire(&call("critical"), NOW, at_end).unwrap());
+    t.tick(at_end);
+    assert!(batch.try_recv().is_err(), "batch resumed with critical");
+}
+
+#[test]
+fn after_a_freeze_the_top_class_refills_from_its_end_not_from_after_the_jitter() {
+    let t0 = Instant::now();
+    let mut t = tenant(
+        "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 6\n\
+         window_ms = 60000\nburst = 10",
+        t0,
+    );
+    t.report(
+        ("GET", "/x", "oa"),
+        429,
+        Some(20 * SEC),
+        &RateLimitInfo::default(),
+        t0,
+    )
+    .unwrap();
+    let until = t0 + 20 * SEC;
+    let (_, x) = t.instances.iter().next().unwrap();
+    let interval = x.tokens.as_ref().unwrap().interval();
+    let resume = x.resume_at.unwrap();
+    // The seeded draw: a jitter of a good part of an interval, else this
+    // test could not tell the two apart.
+    assert!(
+        resume >= until + interval / 10,
+        "jitter {:?} of {interval:?}",
+        resume - until
+    );
+    let Decision::Queued(Queued {
+        reply: mut batch, ..
+    }) = t.acquire(&call("batch"), WAIT, t0).unwrap()
+    else {
+        panic!("batch granted while frozen")
+    };
+    // Three polls came due during the freeze and are served at its end:
+    // the permit of the freeze's end and the two borrowed below empty.
+    for _ in 0..3 {
+        granted(t.acquire(&call("critical"), NOW, until).unwrap());
+    }
+    // The next one is due once the refill earned a permit back, one
+    // interval after the freeze's end. The jitter is not the top class's
+    // to wait out twice (it was served before it).
+    granted(t.acquire(&call("critical"), NOW, until + interval).unwrap());
+    t.tick(until + interval);
+    assert!(
+        batch.try_recv().is_err(),
+        "batch served before the debt was repaid"
+    );
+}
