@@ -2,7 +2,7 @@
 //! bucket's refill, while the jitter holds back only the classes below it.
 
 use super::tests::{args, granted, tenant, NOW, WAIT};
-use super::{AcquireArgs, Decision, Queued};
+use super::{AcquireArgs, Decision, Queued, TenantState};
 use crate::learning::RateLimitInfo;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -16,15 +16,14 @@ fn call(class: &str) -> AcquireArgs {
     }
 }
 
-#[test]
-fn after_a_freeze_critical_resumes_at_its_end_while_batch_waits_out_the_jitter() {
-    let t0 = Instant::now();
+/// A bucket of 6 a minute (a permit every 10 s, so the jitter after a
+/// freeze is up to 10 s), frozen at `t0` by a 429 with Retry-After 20 s.
+fn frozen_for_20s(t0: Instant) -> TenantState {
     let mut t = tenant(
         "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 6\n\
          window_ms = 60000\nburst = 10",
         t0,
     );
-    // A permit every 10 s: the jitter after a freeze is up to 10 s.
     t.report(
         ("GET", "/x", "oa"),
         429,
@@ -33,6 +32,13 @@ fn after_a_freeze_critical_resumes_at_its_end_while_batch_waits_out_the_jitter()
         t0,
     )
     .unwrap();
+    t
+}
+
+#[test]
+fn after_a_freeze_critical_resumes_at_its_end_while_batch_waits_out_the_jitter() {
+    let t0 = Instant::now();
+    let mut t = frozen_for_20s(t0);
     let Decision::Queued(Queued {
         reply: mut batch, ..
     }) = t.acquire(&call("batch"), WAIT, t0).unwrap()
@@ -48,19 +54,7 @@ fn after_a_freeze_critical_resumes_at_its_end_while_batch_waits_out_the_jitter()
 #[test]
 fn after_a_freeze_the_top_class_refills_from_its_end_not_from_after_the_jitter() {
     let t0 = Instant::now();
-    let mut t = tenant(
-        "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 6\n\
-         window_ms = 60000\nburst = 10",
-        t0,
-    );
-    t.report(
-        ("GET", "/x", "oa"),
-        429,
-        Some(20 * SEC),
-        &RateLimitInfo::default(),
-        t0,
-    )
-    .unwrap();
+    let mut t = frozen_for_20s(t0);
     let until = t0 + 20 * SEC;
     let (_, x) = t.instances.iter().next().unwrap();
     let interval = x.tokens.as_ref().unwrap().interval();
