@@ -559,10 +559,28 @@ async fn without_etcd_no_broker_grants_past_its_lease_and_a_leader_returns_with_
     grants.until(&first, 5, Instant::now()).await;
     let stopped_at = Instant::now();
     cluster.etcd.stop();
-    // Past the lease TTL and a second more: every broker must have stopped.
-    // The one wait for time itself: the promise is about the brokers' and
-    // etcd's real clocks (child processes), which no test clock reaches.
-    tokio::time::sleep(Duration::from_millis(TTL_MS + 1_000)).await;
+    // Every broker must stop leading within the lease TTL and a second
+    // more: poll them until none leads (then none can grant, etcd being
+    // gone), failing at that deadline.
+    let deadline = stopped_at + Duration::from_millis(TTL_MS + 1_000);
+    let mut leading = urls.clone();
+    loop {
+        let mut still = Vec::new();
+        for u in leading {
+            if leads(&u, "t0").await.is_ok() {
+                still.push(u);
+            }
+        }
+        leading = still;
+        if leading.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{leading:?} still lead {TTL_MS} + 1000 ms after etcd stopped"
+        );
+        poll_pause().await;
+    }
     let during: Vec<(Instant, String)> = grants
         .all()
         .iter()
