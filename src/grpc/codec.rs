@@ -79,7 +79,8 @@ pub(crate) fn principal<T>(
 ) -> Result<Principal, Status> {
     let header = request
         .metadata()
-        .get("authorization")
+        .as_ref()
+        .get(tonic::codegen::http::header::AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or(""));
     Ok(auth.authenticate(header)?)
 }

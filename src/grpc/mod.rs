@@ -11,6 +11,7 @@ mod admin_service;
 mod broker_service;
 mod codec;
 mod embedded;
+mod fast;
 mod lease_stream;
 mod observe;
 mod ops;
@@ -29,6 +30,7 @@ use crate::pb;
 use admin_service::AdminService;
 use broker_service::BrokerService;
 use codec::MAX_MESSAGE_BYTES;
+use fast::FastAcquireLayer;
 use observe::ObserveLayer;
 use overload::{GuardLayer, Overload};
 use pb::quota_admin_server::QuotaAdminServer;
@@ -167,19 +169,20 @@ pub async fn serve(
         }
     };
     let grace = settings.server.shutdown_grace;
+    let broker_service = BrokerService::new(broker.clone(), auth.clone(), overload.clone());
     let serve = Server::builder()
         // Explicit transport limits (README "Transport limits").
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .layer(ObserveLayer::new(metrics))
-        .layer(GuardLayer::new(overload.clone()))
+        .layer(GuardLayer::new(overload))
+        .layer(FastAcquireLayer::new(broker_service.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(
-            QuotaBrokerServer::new(BrokerService::new(broker.clone(), auth.clone(), overload))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            QuotaBrokerServer::new(broker_service).max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
             QuotaAdminServer::new(AdminService::new(broker, auth))

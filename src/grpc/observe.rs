@@ -14,8 +14,9 @@ use tonic::codegen::http;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-/// Request and response metadata carrying the request id.
-pub(crate) const REQUEST_ID: &str = "x-request-id";
+/// Request and response metadata carrying the request id (a name made
+/// once: looking a header up by a string parses the string every time).
+pub(crate) const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 /// Longest caller-given request id kept; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 64;
 
@@ -93,7 +94,7 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let started = Instant::now();
-        let mut id = match req.headers().get(REQUEST_ID).and_then(given_id) {
+        let mut id = match req.headers().get(&REQUEST_ID).and_then(given_id) {
             Some(id) => http::HeaderValue::from_str(id).ok(),
             None => None,
         }

@@ -217,6 +217,15 @@ async fn oversized_requests_are_refused() {
         "{}",
         status.message()
     );
+    // Acquire has its own framing (src/grpc/fast.rs), with the same limit.
+    let acquire = req("GET", &format!("/api/v2/{}", "a".repeat(100 * 1024)), 0);
+    let status = b.client.clone().acquire(acquire).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{}", status.message());
+    assert!(
+        status.message().contains("limit is: 65536"),
+        "{}",
+        status.message()
+    );
     b.stop().await;
 }
 

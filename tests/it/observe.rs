@@ -4,7 +4,7 @@
 use super::harness::req;
 use quota_broker::pb::quota_admin_client::QuotaAdminClient;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
-use quota_broker::pb::ReportRequest;
+use quota_broker::pb::{AcquireResponse, ReportRequest};
 use quota_broker::{Listeners, Settings};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -328,6 +328,92 @@ async fn status_of(response: h2::client::ResponseFuture) -> u16 {
         .unwrap()
         .status()
         .as_u16()
+}
+
+/// An answer read off a raw HTTP/2 stream: its headers, its body and its
+/// trailers (none for a trailers-only answer).
+async fn read_answer(
+    response: h2::client::ResponseFuture,
+) -> (
+    tonic::codegen::http::HeaderMap,
+    Vec<u8>,
+    Option<tonic::codegen::http::HeaderMap>,
+) {
+    tokio::time::timeout(LIMIT, async {
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), 200);
+        let headers = response.headers().clone();
+        let mut body = response.into_body();
+        let mut data = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            data.extend_from_slice(&chunk);
+        }
+        let trailers = body.trailers().await.unwrap();
+        (headers, data, trailers)
+    })
+    .await
+    .expect("answered within the limit")
+}
+
+/// Acquire frames its own answers (src/grpc/fast.rs): seen from a client
+/// other than tonic's, they are plain gRPC, and what that framing does not
+/// take (compression) still gets tonic's answer.
+#[tokio::test]
+async fn acquire_answers_are_plain_grpc_on_the_wire() {
+    let b = start(&config("")).await;
+    let tcp = TcpStream::connect(b.grpc).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let frame = grpc_frame(&req("GET", "/api/v2/users/1", 0));
+
+    // The message split over two DATA frames, the first inside the prefix.
+    let mut h2 = h2.ready().await.unwrap();
+    let (response, mut body) = open_acquire(&mut h2, b.grpc);
+    body.send_data(frame.slice(..3), false).unwrap();
+    body.send_data(frame.slice(3..), true).unwrap();
+    let (headers, data, trailers) = read_answer(response).await;
+    assert_eq!(headers["content-type"], "application/grpc");
+    assert_eq!(headers["x-request-id"].len(), 16);
+    assert!(
+        !headers.contains_key("content-length"),
+        "gRPC answers carry no content-length: {headers:?}"
+    );
+    assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
+    assert_eq!(data[0], 0, "not compressed");
+    let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
+    assert_eq!(len, data.len() - 5, "one message, its length as prefixed");
+    let answer = <AcquireResponse as prost::Message>::decode(&data[5..]).unwrap();
+    assert!(answer.granted, "{answer:?}");
+    assert_eq!(answer.buckets, ["users"]);
+
+    // A body that ends inside its message: a trailers-only INTERNAL.
+    let mut h2 = h2.ready().await.unwrap();
+    let (response, mut body) = open_acquire(&mut h2, b.grpc);
+    body.send_data(frame.slice(..frame.len() - 1), true)
+        .unwrap();
+    let (headers, data, trailers) = read_answer(response).await;
+    assert_eq!(headers["grpc-status"], "13", "{headers:?}");
+    assert!(data.is_empty() && trailers.is_none());
+
+    // Compressed: tonic's answer, as for every other method (no
+    // compression is enabled).
+    let mut h2 = h2.ready().await.unwrap();
+    let request = tonic::codegen::http::Request::post(format!(
+        "http://{}/quota.v1.QuotaBroker/Acquire",
+        b.grpc
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("grpc-encoding", "gzip")
+    .body(())
+    .unwrap();
+    let (response, mut body) = h2.send_request(request, false).unwrap();
+    body.send_data(frame.clone(), true).unwrap();
+    let (headers, _, _) = read_answer(response).await;
+    assert_eq!(headers["grpc-status"], "12", "{headers:?}");
+    b.stop().await;
 }
 
 #[tokio::test]

@@ -37,6 +37,7 @@ mod child;
 mod cluster;
 mod drive;
 mod error;
+mod h2drive;
 mod hold;
 mod noop;
 mod peer;

@@ -21,7 +21,10 @@ use tonic::transport::Channel;
 use crate::child::child_files;
 use crate::drive::{connect, Tally, Window};
 use crate::error::Error;
+use crate::h2drive::{Framed, H2Caller};
 use crate::raw::{Encoded, RawCaller};
+use bytes::Bytes;
+use h2::client::SendRequest;
 use prost::Message;
 
 /// The peer's one RPC, written out by hand: a build script and a proto
@@ -111,6 +114,9 @@ enum Driver {
     /// Requests encoded before the run and answers taken as bytes, so the
     /// driver spends the same on either server (see raw.rs).
     Raw,
+    /// The raw driver's requests over the h2 crate directly, without
+    /// tonic's client (see h2drive.rs): the lightest driver.
+    H2,
 }
 
 /// The cells `loadgen peer` measures.
@@ -162,6 +168,7 @@ impl Cell {
             match self.driver {
                 Driver::Typed => "",
                 Driver::Raw => ", raw driver",
+                Driver::H2 => ", h2 driver",
             }
         )
     }
@@ -284,7 +291,8 @@ async fn spawn(
         }
         let attempt = async {
             let channels = connect(addr, 1).await?;
-            let mut caller = Caller::new(target, channels[0].clone(), Driver::Typed, 1);
+            let mut caller =
+                Caller::new(target, Conn::Tonic(channels[0].clone()), Driver::Typed, 1)?;
             caller.call(0).await.map_err(Error::Rpc)
         };
         match tokio::time::timeout(Duration::from_secs(2), attempt).await {
@@ -333,29 +341,62 @@ fn throttle_request(key: usize) -> wire::ThrottleRequest {
     }
 }
 
+/// One connection to a server, as the driver uses it.
+#[derive(Clone)]
+enum Conn {
+    /// A tonic channel (typed and raw drivers).
+    Tonic(Channel),
+    /// An h2 connection and the server's address (h2 driver).
+    H2(SendRequest<Bytes>, SocketAddr),
+}
+
+/// `n` connections to `addr` for `driver`.
+async fn open(addr: SocketAddr, n: usize, driver: Driver) -> Result<Vec<Conn>, Error> {
+    Ok(match driver {
+        Driver::H2 => crate::h2drive::connect(addr, n)
+            .await?
+            .into_iter()
+            .map(|send| Conn::H2(send, addr))
+            .collect(),
+        Driver::Typed | Driver::Raw => connect(addr, n)
+            .await?
+            .into_iter()
+            .map(Conn::Tonic)
+            .collect(),
+    })
+}
+
 /// One rate decision per call, on either server.
 enum Caller {
     Broker(QuotaBrokerClient<Channel>),
     Peer(tonic::client::Grpc<Channel>),
     Raw(RawCaller),
+    H2(H2Caller),
 }
 
 impl Caller {
-    /// A caller of `target` over `channel`; `keys` sizes the raw driver's
-    /// table of encoded requests.
-    fn new(target: Target, channel: Channel, driver: Driver, keys: usize) -> Caller {
-        match (driver, target) {
-            (Driver::Raw, Target::Peer) => Caller::Raw(RawCaller::new(
-                channel,
-                Encoded::new(THROTTLE, keys, |k| throttle_request(k).encode_to_vec()),
+    /// A caller of `target` over `conn`; `keys` sizes the raw drivers'
+    /// tables of encoded requests.
+    fn new(target: Target, conn: Conn, driver: Driver, keys: usize) -> Result<Caller, Error> {
+        let (path, encode): (&'static str, fn(usize) -> Vec<u8>) = match target {
+            Target::Peer => (THROTTLE, |k| throttle_request(k).encode_to_vec()),
+            _ => (ACQUIRE, |k| acquire_request(k).encode_to_vec()),
+        };
+        Ok(match (conn, driver, target) {
+            (Conn::H2(send, addr), _, _) => Caller::H2(H2Caller::new(
+                send,
+                Framed::new(addr, path, keys, encode).map_err(Error::Rpc)?,
             )),
-            (Driver::Raw, _) => Caller::Raw(RawCaller::new(
-                channel,
-                Encoded::new(ACQUIRE, keys, |k| acquire_request(k).encode_to_vec()),
-            )),
-            (Driver::Typed, Target::Peer) => Caller::Peer(tonic::client::Grpc::new(channel)),
-            (Driver::Typed, _) => Caller::Broker(QuotaBrokerClient::new(channel)),
-        }
+            (Conn::Tonic(channel), Driver::Raw | Driver::H2, _) => {
+                Caller::Raw(RawCaller::new(channel, Encoded::new(path, keys, encode)))
+            }
+            (Conn::Tonic(channel), Driver::Typed, Target::Peer) => {
+                Caller::Peer(tonic::client::Grpc::new(channel))
+            }
+            (Conn::Tonic(channel), Driver::Typed, _) => {
+                Caller::Broker(QuotaBrokerClient::new(channel))
+            }
+        })
     }
 
     /// One call on key `key`; Err on a transport error or a refusal.
@@ -387,6 +428,7 @@ impl Caller {
                 }
             }
             Caller::Raw(raw) => raw.call(key).await,
+            Caller::H2(h2) => h2.call(key).await,
         }
     }
 }
@@ -399,7 +441,7 @@ async fn run_once(
     warmup: Duration,
     duration: Duration,
 ) -> Result<(Tally, Cpu), Error> {
-    let channels = connect(proc.addr, cell.connections).await?;
+    let conns = open(proc.addr, cell.connections, cell.driver).await?;
     let start = Instant::now();
     let window = Window {
         start,
@@ -411,10 +453,10 @@ async fn run_once(
     for i in 0..loops {
         let mut caller = Caller::new(
             target,
-            channels[i % channels.len()].clone(),
+            conns[i % conns.len()].clone(),
             cell.driver,
             cell.keys,
-        );
+        )?;
         let keys = cell.keys;
         tasks.spawn(async move {
             let mut tally = Tally::new();

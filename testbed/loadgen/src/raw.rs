@@ -18,7 +18,7 @@ use tonic::transport::Channel;
 use tonic::Status;
 
 /// Field 1, varint, value 1: `granted = true` / `allowed = true`.
-const ALLOWED: [u8; 2] = [0x08, 0x01];
+pub(crate) const ALLOWED: [u8; 2] = [0x08, 0x01];
 
 /// Passes bytes through both ways.
 #[derive(Clone, Copy, Default)]
