@@ -5,7 +5,8 @@
 //! the grace period). Connections come through `transport` (handshake
 //! timeout, connection caps, TLS) and every RPC through `observe` (request
 //! id, latency) and `overload` (plaintext tokens from afar refused,
-//! per-caller rates).
+//! per-caller rates); then a unary Acquire is read and answered by `fast`
+//! (its own gRPC framing), every other call by tonic's router.
 
 mod admin_service;
 mod broker_service;
