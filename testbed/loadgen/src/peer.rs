@@ -476,9 +476,11 @@ async fn run_once(
     tokio::time::sleep_until((window.measure_from).into()).await;
     let own = std::process::id();
     let from = (cpu_time(proc.pid), cpu_time(own));
+    let io_from = (syscalls(proc.pid), syscalls(own));
     let mut tally = Tally::new();
     tokio::time::sleep_until(window.end.into()).await;
     let to = (cpu_time(proc.pid), cpu_time(own));
+    let io_to = (syscalls(proc.pid), syscalls(own));
     while let Some(t) = tasks.join_next().await {
         tally.merge(&t?)?;
     }
@@ -486,9 +488,18 @@ async fn run_once(
         (Some(a), Some(b)) => b.saturating_sub(a),
         _ => Duration::ZERO,
     };
+    let counted = |a: Option<Syscalls>, b: Option<Syscalls>| match (a, b) {
+        (Some(a), Some(b)) => Syscalls {
+            reads: b.reads.saturating_sub(a.reads),
+            writes: b.writes.saturating_sub(a.writes),
+        },
+        _ => Syscalls::default(),
+    };
     let cpu = Cpu {
         server: spent(from.0, to.0),
         driver: spent(from.1, to.1),
+        server_io: counted(io_from.0, io_to.0),
+        driver_io: counted(io_from.1, io_to.1),
     };
     Ok((tally, cpu))
 }
@@ -500,6 +511,33 @@ struct Cpu {
     server: Duration,
     /// By loadgen itself (the driver).
     driver: Duration,
+    /// Read and write system calls of the server.
+    server_io: Syscalls,
+    /// Read and write system calls of the driver.
+    driver_io: Syscalls,
+}
+
+/// Counts of read-like and write-like system calls, from /proc/PID/io:
+/// how many calls share a socket write (batching). Socket reads through
+/// `recv` are not among the reads counted there.
+#[derive(Clone, Copy, Default)]
+struct Syscalls {
+    reads: u64,
+    writes: u64,
+}
+
+/// `syscr` and `syscw` of `pid` so far.
+fn syscalls(pid: u32) -> Option<Syscalls> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let field = |name: &str| {
+        io.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Some(Syscalls {
+        reads: field("syscr:")?,
+        writes: field("syscw:")?,
+    })
 }
 
 /// Pooled figures of one target in one cell.
@@ -507,6 +545,8 @@ struct Pooled {
     tally: Tally,
     cpu: Duration,
     driver_cpu: Duration,
+    server_writes: u64,
+    driver_writes: u64,
     secs: f64,
     per_run: Vec<f64>,
 }
@@ -572,8 +612,8 @@ pub(crate) async fn run(args: PeerArgs) -> Result<(), Error> {
         args.warmup,
         if args.pin { ", servers on CPU 0" } else { "" }
     );
-    println!("| cell | target | calls/s (pooled) | runs (calls/s) | p50 µs | p99 µs | server CPU µs/call | driver CPU µs/call | vs peer calls/s | vs peer CPU |");
-    println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    println!("| cell | target | calls/s (pooled) | runs (calls/s) | p50 µs | p99 µs | server CPU µs/call | driver CPU µs/call | calls per server write | calls per driver write | vs peer calls/s | vs peer CPU |");
+    println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for cell in cells {
         let mut pooled: Vec<Pooled> = targets
             .iter()
@@ -581,6 +621,8 @@ pub(crate) async fn run(args: PeerArgs) -> Result<(), Error> {
                 tally: Tally::new(),
                 cpu: Duration::ZERO,
                 driver_cpu: Duration::ZERO,
+                server_writes: 0,
+                driver_writes: 0,
                 secs: 0.0,
                 per_run: Vec::new(),
             })
@@ -608,6 +650,8 @@ pub(crate) async fn run(args: PeerArgs) -> Result<(), Error> {
                 p.tally.merge(&tally)?;
                 p.cpu += cpu.server;
                 p.driver_cpu += cpu.driver;
+                p.server_writes += cpu.server_io.writes;
+                p.driver_writes += cpu.driver_io.writes;
                 p.secs += args.duration.as_secs_f64();
             }
         }
@@ -626,7 +670,7 @@ pub(crate) async fn run(args: PeerArgs) -> Result<(), Error> {
                 )
             };
             println!(
-                "| {} | {} | {rate:.0} | {} | {} | {} | {:.1} | {:.1} | {vs_rate} | {vs_cpu} |",
+                "| {} | {} | {rate:.0} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {vs_rate} | {vs_cpu} |",
                 cell.label(),
                 targets[t].name(),
                 runs.join(", "),
@@ -634,6 +678,8 @@ pub(crate) async fn run(args: PeerArgs) -> Result<(), Error> {
                 p.tally.hist.value_at_quantile(0.99),
                 cpu_per_call(p),
                 p.driver_cpu.as_secs_f64() * 1e6 / (p.tally.pairs.max(1) as f64),
+                p.tally.pairs as f64 / p.server_writes.max(1) as f64,
+                p.tally.pairs as f64 / p.driver_writes.max(1) as f64,
             );
         }
     }
@@ -647,6 +693,10 @@ mod tests {
     #[test]
     fn reads_cpu_time_of_this_process() {
         assert!(cpu_time(std::process::id()).is_some());
+        let before = syscalls(std::process::id()).unwrap();
+        let _ = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let after = syscalls(std::process::id()).unwrap();
+        assert!(after.reads > before.reads);
     }
 
     #[test]
