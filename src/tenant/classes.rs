@@ -64,10 +64,7 @@ impl TenantState {
     /// repays the debt from the refill before it is served again (it waits
     /// until the permits are earned), so the headroom is reserved in the
     /// refill and the total granted per window stays the same; with no
-    /// lower class waiting nothing is borrowed and batch uses it all. The
-    /// lowest classes are spared the reserve in the burst where the refill
-    /// the classes above leave over cannot restore it within a window (see
-    /// `Instance::token_reserve`).
+    /// lower class waiting nothing is borrowed and batch uses it all.
     #[inline]
     pub(super) fn bucket_share(&self, class: usize, instances: &[usize]) -> Share {
         let held = self.reserve_above(class);
@@ -79,11 +76,7 @@ impl TenantState {
         } else {
             0.0
         };
-        Share {
-            held,
-            borrow,
-            lowest: below > 0.0 && held + 1e-9 >= below,
-        }
+        Share { held, borrow }
     }
 
     /// Whether waiters of `class` or a higher one wait on any of `instances`.

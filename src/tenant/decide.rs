@@ -53,7 +53,7 @@ impl TenantState {
         if !self.waiting_at_or_above(&instances, class)
             && self.can_take(&instances, args.permits, share, now)
         {
-            let grant = self.take(&instances, args.permits, share, &args.client_id, now);
+            let grant = self.take(&instances, args.permits, &args.client_id, now);
             return Ok(Decision::Granted(grant));
         }
         let denial = self.explain(&instances, args.permits, share, now);
@@ -112,7 +112,6 @@ impl TenantState {
         &mut self,
         instances: &[usize],
         n: u32,
-        share: Share,
         client_id: &str,
         now: Instant,
     ) -> Grant {
@@ -124,9 +123,6 @@ impl TenantState {
             };
             if let Some(t) = x.tokens.as_mut() {
                 t.take(n, now);
-            }
-            if !share.lowest {
-                x.above.add(n, now);
             }
             if let Some(u) = x.upstream.as_mut() {
                 u.take(n, now);
@@ -225,8 +221,9 @@ impl TenantState {
                 continue;
             }
             if let Some(t) = x.tokens.as_ref() {
-                let reserve = x.token_reserve(t, share, now);
-                let at = t.ready_at_reserved(n, reserve, now).unwrap_or(now);
+                let at = t
+                    .ready_at_reserved(n, share.tokens(t.burst()), now)
+                    .unwrap_or(now);
                 if at > now {
                     retry = retry.max(at);
                     let _ = write!(
@@ -235,11 +232,7 @@ impl TenantState {
                          {:.1}/min){}",
                         t.available(now),
                         t.rate_per_min(),
-                        if reserve > 0.0 {
-                            note(t.burst())
-                        } else {
-                            String::new()
-                        }
+                        note(t.burst())
                     );
                     continue;
                 }

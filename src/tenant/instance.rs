@@ -43,9 +43,6 @@ pub(super) struct Instance {
     /// stated: the length of the upstream's window as far as they show
     /// (see `header_window`).
     pub(super) longest_reset: Duration,
-    /// Permits granted to classes above the lowest, over about a window
-    /// (see `token_reserve`).
-    pub(super) above: Recent,
 }
 
 impl Instance {
@@ -85,36 +82,6 @@ impl Instance {
             phantom: 0,
             phantom_until: None,
             longest_reset: Duration::ZERO,
-            above: Recent::new(settings.rate.map_or(Duration::from_secs(60), |r| r.window)),
-        }
-    }
-
-    /// Permits of the token bucket `t` that `share`'s class must leave in
-    /// it (negative: may borrow). The lowest classes hold back the reserve
-    /// of the classes above only while the refill those leave over earns
-    /// back, within a window, the reserve, the headroom they may borrow
-    /// below empty and a permit. When the classes above take nearly all
-    /// of the refill (a wallboard's 18 a minute of a learned 20), the
-    /// level climbs that far only over minutes after every freeze empties
-    /// the bucket, and the lowest class gets nothing meanwhile though the
-    /// upstream has room; the classes above are then served from the
-    /// headroom below empty alone.
-    #[inline]
-    pub(super) fn token_reserve(&self, t: &TokenBucket, share: Share, now: Instant) -> f64 {
-        let reserve = share.tokens(t.burst());
-        if !share.lowest || reserve <= 0.0 {
-            return reserve;
-        }
-        let refill = 1.0 / t.interval().as_secs_f64().max(1e-9);
-        let left = (refill - self.above.per_sec(now)) * self.above.horizon().as_secs_f64();
-        let headroom = Share {
-            borrow: share.held,
-            ..Share::NONE
-        };
-        if left < reserve - headroom.tokens(t.burst()) + 1.0 {
-            0.0
-        } else {
-            reserve
         }
     }
 
@@ -170,7 +137,7 @@ impl Instance {
         }
         let mut at = match self.tokens.as_ref() {
             Some(t) => t
-                .ready_at_reserved(n, self.token_reserve(t, share, now), now)
+                .ready_at_reserved(n, share.tokens(t.burst()), now)
                 .ok_or(())?,
             None => now,
         };
@@ -263,10 +230,6 @@ pub(super) struct Share {
     /// Share of the burst the class may borrow below empty; when positive,
     /// at least one permit.
     pub(super) borrow: f64,
-    /// The class holds back the reserve of every class that may borrow
-    /// (the lowest ones): it may be spared it (see `Instance::token_reserve`),
-    /// and its grants are not counted in `Instance::above`.
-    pub(super) lowest: bool,
 }
 
 impl Share {
@@ -274,7 +237,6 @@ impl Share {
     pub(super) const NONE: Share = Share {
         held: 0.0,
         borrow: 0.0,
-        lowest: false,
     };
 
     /// Permits of a token bucket of `burst` that must stay in it; negative:
@@ -295,46 +257,6 @@ impl Share {
     #[inline]
     pub(super) fn slots(self, max: u32) -> u32 {
         held_back(max, self.held)
-    }
-}
-
-/// A count of permits that decays exponentially over a horizon: in a
-/// steady flow it reads the permits of the last horizon.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Recent {
-    horizon: Duration,
-    count: f64,
-    at: Option<Instant>,
-}
-
-impl Recent {
-    pub(super) fn new(horizon: Duration) -> Recent {
-        Recent {
-            horizon: horizon.max(Duration::from_millis(1)),
-            count: 0.0,
-            at: None,
-        }
-    }
-
-    fn decayed(&self, now: Instant) -> f64 {
-        self.at.map_or(0.0, |at| {
-            let age = now.saturating_duration_since(at).as_secs_f64();
-            self.count * (-age / self.horizon.as_secs_f64()).exp()
-        })
-    }
-
-    pub(super) fn add(&mut self, n: u32, now: Instant) {
-        self.count = self.decayed(now) + f64::from(n);
-        self.at = Some(self.at.map_or(now, |at| at.max(now)));
-    }
-
-    pub(super) fn horizon(&self) -> Duration {
-        self.horizon
-    }
-
-    /// Permits a second, over about the horizon.
-    pub(super) fn per_sec(&self, now: Instant) -> f64 {
-        self.decayed(now) / self.horizon.as_secs_f64()
     }
 }
 

@@ -152,65 +152,6 @@ fn critical_borrows_below_empty_only_while_a_lower_class_waits() {
 }
 
 #[test]
-fn batch_is_not_held_to_a_reserve_the_refill_left_over_cannot_restore() {
-    let t0 = Instant::now();
-    // 20 a minute, burst 10; three wallboards poll 18 a minute between
-    // them: what they leave of the refill (2 a minute) would take minutes
-    // to earn back the 2 permits held back from batch and the 2 they may
-    // borrow below empty.
-    let mut t = tenant(
-        "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 20\n\
-         window_ms = 60000\nburst = 10",
-        t0,
-    );
-    let call = |class: &str| AcquireArgs {
-        class: class.into(),
-        ..args("GET", "/x", 1)
-    };
-    let poll = Duration::from_secs(10) / 3;
-    let mut at = t0 + SEC;
-    let wallboard = |t: &mut TenantState, at: Instant| {
-        t.tick(at);
-        granted(t.acquire(&call("critical"), NOW, at).unwrap());
-    };
-    while at < t0 + 240 * SEC {
-        wallboard(&mut t, at);
-        at += poll;
-    }
-    // A freeze empties the bucket; a poll due during it takes the permit
-    // of its end, and batch waits.
-    let freeze_end = t0 + 240 * SEC;
-    let s = t.learning;
-    for (_, x) in t.instances.iter_mut() {
-        x.freeze(freeze_end, 0.0, &s);
-    }
-    wallboard(&mut t, freeze_end);
-    let batch = |t: &mut TenantState, at: Instant| match t.acquire(&call("batch"), WAIT, at) {
-        Ok(Decision::Queued(Queued { reply, .. })) => reply,
-        _ => panic!("batch granted from an empty bucket"),
-    };
-    let mut rx = batch(&mut t, freeze_end);
-    // Every poll is still granted at once (from the headroom below empty
-    // while batch waits, as it always does here), and batch is served
-    // within the minute: once the debt is repaid and a permit earned, not
-    // the reserve on top of them.
-    let mut served = 0;
-    while at < freeze_end + 60 * SEC {
-        t.tick(at);
-        if rx.try_recv().is_ok() {
-            served += 1;
-            rx = batch(&mut t, at);
-        }
-        wallboard(&mut t, at);
-        at += poll;
-    }
-    assert!(
-        served >= 1,
-        "batch waited out the whole minute after the freeze"
-    );
-}
-
-#[test]
 fn higher_classes_find_a_permit_at_once_while_batch_saturates_a_small_bucket() {
     let t0 = Instant::now();
     // One permit a second, burst 1: 20% of it is no whole permit, so a

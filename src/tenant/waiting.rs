@@ -99,7 +99,7 @@ impl TenantState {
             if self.paused(&w.instances).is_none()
                 && self.can_take(&w.instances, w.permits, share, now)
             {
-                grants.push(self.take(&w.instances, w.permits, share, &w.client_id, now));
+                grants.push(self.take(&w.instances, w.permits, &w.client_id, now));
                 return Offer::Granted;
             }
             let ready: Result<Vec<Instant>, ()> = w
