@@ -168,6 +168,49 @@ fn h2_status(e: h2::Error) -> Status {
 mod tests {
     use super::*;
 
+    /// The driver against a real broker: a grant, a refusal (an answer with
+    /// `granted = false`) and an error (a trailers-only answer).
+    #[tokio::test]
+    async fn calls_a_real_broker_and_reads_grants_refusals_and_errors() {
+        use prost::Message;
+        use quota_broker::pb::AcquireRequest;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let settings = quota_broker::Settings::from_toml(
+            "[server]\nstate_dir = \"\"\n[[tenants]]\nid = \"t0\"\n[[tenants.buckets]]\n\
+             name = \"rate\"\nroutes = [\"* /**\"]\npermits = 1\nwindow_ms = 60000\n",
+        )
+        .unwrap();
+        let broker = quota_broker::Embedded::spawn(listener, settings).unwrap();
+        let addr = broker.addr();
+        let conns = connect(addr, 1).await.unwrap();
+        let acquire = |tenant: &'static str| {
+            move |_| {
+                AcquireRequest {
+                    tenant: tenant.into(),
+                    client_id: "h2drive".into(),
+                    method: "GET".into(),
+                    path: "/api/v2/users".into(),
+                    max_wait_ms: Some(0),
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            }
+        };
+        let path = "/quota.v1.QuotaBroker/Acquire";
+        let framed = Framed::new(addr, path, 1, acquire("t0")).unwrap();
+        let mut caller = H2Caller::new(conns[0].clone(), framed);
+        caller.call(0).await.unwrap();
+        let refused = caller.call(0).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert_eq!(refused.message(), "not allowed");
+        let framed = Framed::new(addr, path, 1, acquire("nope")).unwrap();
+        let mut caller = H2Caller::new(conns[0].clone(), framed);
+        let error = caller.call(0).await.unwrap_err();
+        assert_eq!(error.code(), Code::NotFound, "{error:?}");
+        assert!(error.message().contains("nope"), "{error:?}");
+        broker.stop().await.unwrap();
+    }
+
     #[test]
     fn a_frame_is_the_uncompressed_flag_the_length_and_the_message() {
         let framed = frame(b"abc").unwrap();
