@@ -141,23 +141,14 @@ impl H2Caller {
     }
 }
 
-/// The `grpc-status` in `headers`, if there is one: Ok for 0.
+/// The `grpc-status` in `headers`, if there is one: Ok for 0 (tonic's
+/// parser, so the driver reads statuses as tonic's client does).
 fn grpc_status(headers: &HeaderMap<HeaderValue>) -> Option<Result<(), Status>> {
-    let code = headers.get("grpc-status")?;
-    let code = code
-        .to_str()
-        .ok()
-        .and_then(|c| c.parse::<i32>().ok())
-        .unwrap_or(Code::Unknown as i32);
-    if code == 0 {
-        return Some(Ok(()));
-    }
-    let message = headers
-        .get("grpc-message")
-        .and_then(|m| m.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    Some(Err(Status::new(Code::from_i32(code), message)))
+    let status = Status::from_header_map(headers)?;
+    Some(match status.code() {
+        Code::Ok => Ok(()),
+        _ => Err(status),
+    })
 }
 
 fn h2_status(e: h2::Error) -> Status {
