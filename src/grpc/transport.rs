@@ -130,10 +130,18 @@ pub(crate) struct Conn {
 /// many calls in flight that is one `writev`, one TCP segment and one wake-up
 /// of the client per response: a quarter of the server's CPU went to
 /// `writev` and the loopback delivery under it. So the first write after a
-/// flush is held back (`Pending`, the task woken again at once, which puts
-/// it behind the tasks already queued on its worker, as `yield_now` does):
-/// the calls queued meanwhile finish, h2 encodes their responses into its
-/// buffer, and they go out in one write.
+/// flush is held back (`Pending`, the task's waker put on its worker's list
+/// of deferred wake-ups, as `yield_now` does): the calls queued meanwhile
+/// finish, h2 encodes their responses into its buffer, and they go out in
+/// one write. The worker runs deferred wake-ups when it runs out of tasks
+/// or at its next check for I/O; each finished call also wakes the
+/// connection task, and every such poll counts as an attempt.
+///
+/// Waking the task again at once instead (it then queues behind the tasks
+/// ready on its worker) gathered answers the same way but also woke the
+/// runtime's idle worker to steal them, a `futex` and a context switch
+/// every few answers; a client on the same machine paid for that too
+/// (BENCHMARKS.md §7).
 ///
 /// The hold ends after [`MAX_HOLD_TRIES`] write attempts (h2 tries once or
 /// more per poll of the connection) or when [`MAX_HOLD_BYTES`] wait. No timer
@@ -173,7 +181,7 @@ impl Coalesce {
         if self.holding {
             self.tries += 1;
             if self.tries < MAX_HOLD_TRIES && len < MAX_HOLD_BYTES {
-                cx.waker().wake_by_ref();
+                wake_later(cx);
                 return Poll::Pending;
             }
             if len <= self.held_len {
@@ -194,7 +202,7 @@ impl Coalesce {
         self.holding = true;
         self.held_len = len;
         self.tries = 0;
-        cx.waker().wake_by_ref();
+        wake_later(cx);
         Poll::Pending
     }
 
@@ -202,6 +210,14 @@ impl Coalesce {
     fn flushed(&mut self) {
         self.armed = true;
     }
+}
+
+/// Wakes the task once its worker has run the tasks already ready (tokio's
+/// deferred wake-ups: polling `yield_now` once puts the waker there and
+/// nothing else, so the future is dropped at once).
+fn wake_later(cx: &mut Context<'_>) {
+    let mut later = std::pin::pin!(tokio::task::yield_now());
+    let _ = std::future::Future::poll(later.as_mut(), cx);
 }
 
 enum Io {
