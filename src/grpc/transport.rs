@@ -626,6 +626,34 @@ mod tests {
     }
 
     #[test]
+    fn a_held_write_is_woken_after_the_ready_tasks_not_at_once() {
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let count = Arc::new(Count(AtomicUsize::new(0)));
+            let waker = std::task::Waker::from(count.clone());
+            let mut cx = Context::from_waker(&waker);
+            let mut c = Coalesce::default();
+            c.flushed();
+            assert!(c.poll_write_ready(&mut cx, 100).is_pending());
+            // Not woken yet: a wake now would put the task straight back
+            // in the queue (and wake an idle worker to steal it).
+            assert_eq!(count.0.load(Ordering::SeqCst), 0);
+            // The runtime runs its deferred wake-ups once its ready tasks
+            // have run.
+            tokio::task::yield_now().await;
+            assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        });
+    }
+
+    #[test]
     fn peer_info_sees_loopback_through_mapped_ipv6() {
         let at = |s: &str| PeerInfo::new(Some(s.parse().unwrap()), false);
         assert!(at("127.0.0.1:1").is_loopback());
