@@ -15,8 +15,8 @@
 //!   at least one permit per window. A 429 whose implied window began
 //!   before the previous refusal (no fixed window does that: the upstream
 //!   refills continuously or ages a log) cuts instead to what was served
-//!   between the refusals, outside their freezes (see `refill_rate`). A 429
-//!   without a usable Retry-After cuts by β. Either way the rate then holds for `probe_hold_windows` and for
+//!   between the refusals (see `refill_rate`). A 429 without a usable
+//!   Retry-After cuts by β. Either way the rate then holds for `probe_hold_windows` and for
 //!   1/`ratio_threshold` successful calls before it grows again, so probing
 //!   for capacity that is not there costs about one 429 per that many calls.
 //!   The episode lasts until the freeze ends plus a grace; further 429s in it
@@ -130,8 +130,23 @@ struct Refusal {
     at: Instant,
     /// `Learner::served` then.
     served: u64,
-    /// When its Retry-After ended.
-    freeze_end: Instant,
+    /// When the upstream is taken to have started serving again: the end
+    /// of its Retry-After less one permit interval at the rate refused, or
+    /// the refusal itself if that is later (see `refill_rate`).
+    serving_from: Instant,
+}
+
+impl Refusal {
+    /// A refusal at `at` frozen for `freeze`, when the fleet was paced at
+    /// `per_min`.
+    fn new(at: Instant, served: u64, freeze: Duration, per_min: f64) -> Refusal {
+        let interval = Duration::from_secs_f64(60.0 / per_min.max(1e-3)).min(freeze);
+        Refusal {
+            at,
+            served,
+            serving_from: at + (freeze - interval),
+        }
+    }
 }
 
 /// Learned state worth keeping across a restart.
@@ -180,10 +195,10 @@ pub(crate) struct Learner {
     probe_after: Option<Instant>,
     /// Successful reports ever counted (a clock for "served since").
     served: u64,
-    /// The first 429 of the last episode that cut (see `refill_rate`).
+    /// The last 429 of the last episode that cut (see `refill_rate`).
     last_refusal: Option<Refusal>,
-    /// Successes and seconds outside freezes counted since the first
-    /// refusal of the current descent (see `refill_rate`).
+    /// Successes and seconds of serving counted since the first refusal
+    /// of the current descent (see `refill_rate`).
     descent: Option<(f64, f64)>,
     ratio: Ratio,
     fills: Fills,
@@ -313,6 +328,15 @@ impl Learner {
             self.episode_until
                 .map_or(episode_end, |e| e.max(episode_end)),
         );
+        if !new_episode {
+            // A straggler the upstream refused at the freeze's end: the
+            // measure of its refill starts again from it (see `refill_rate`).
+            if let Some(r) = self.last_refusal.as_mut() {
+                let per_min = self.effective.min(self.configured);
+                let freeze = retry_after.unwrap_or(s.default_freeze);
+                *r = Refusal::new(now, self.served, freeze, per_min);
+            }
+        }
         if !new_episode || self.configured <= 0.0 {
             return out;
         }
@@ -325,11 +349,7 @@ impl Learner {
             let least = (from - self.per_min(1.0)).max(most);
             let refill = self.refill_rate(now, retry_after);
             let ra = retry_after.unwrap_or(s.default_freeze);
-            self.last_refusal = Some(Refusal {
-                at: now,
-                served: self.served,
-                freeze_end: now + ra,
-            });
+            self.last_refusal = Some(Refusal::new(now, self.served, ra, from));
             let (to, why) = match refill {
                 Some(None) => (
                     least,
@@ -338,11 +358,14 @@ impl Learner {
                 ),
                 Some(Some(rate)) => {
                     // The rate refused was inflated by what the upstream
-                    // held; the refill is where its ceiling is.
+                    // held; the refill is where its ceiling is. No permit
+                    // less, as after a window fill: the measure is not
+                    // biased either way, and paced evenly at its refill a
+                    // continuous upstream refuses nothing.
                     self.ceiling = Some(rate.max(self.floor(s)));
                     self.ceiling_hits = 0;
                     (
-                        (rate - self.per_min(1.0)).clamp(most, least),
+                        rate.clamp(most, least),
                         "429 again within the window the last one implied: cut to the rate the \
                          upstream served the fleet between the refusals of this descent",
                     )
@@ -412,9 +435,18 @@ impl Learner {
     /// worth on top of the refill, so a cut to the window fill lands above
     /// the refill and the next 429 follows), or deflated by the previous
     /// refusal's freeze. Between two refusals, though, such an upstream was
-    /// at its limit at both ends: from the end of the first one's freeze,
-    /// which gave back one permit, it served what it refilled. Summed over
-    /// the descent, the ±1 call of where each refusal fell weighs less.
+    /// at its limit at both ends, so it served the fleet what it refilled
+    /// less what others took. The refill runs through the first one's
+    /// freeze, but a freeze longer than a permit interval (a sliding log
+    /// overfull after a drop) is time the upstream had nothing to give: the
+    /// time measured starts one permit interval (at the rate refused)
+    /// before the freeze ended, or at the refusal if that is later, and
+    /// the permit the freeze gave back counts as served in it. A straggler
+    /// of the same episode (a retry at the freeze's end that the upstream
+    /// still refused) shows it was at its limit then too: the measure
+    /// starts again from it. Neither end is biased (the upstream holds
+    /// under one permit at a refusal, whichever), and summed over the
+    /// descent the ±1 call of where each refusal fell weighs less.
     fn refill_rate(&mut self, now: Instant, retry_after: Option<Duration>) -> Option<Option<f64>> {
         let implied_start = retry_after
             .filter(|r| *r <= self.window)
@@ -426,8 +458,10 @@ impl Learner {
             self.descent = None;
             return None;
         };
-        let served = self.served.saturating_sub(prev.served).saturating_sub(1) as f64;
-        let secs = now.saturating_duration_since(prev.freeze_end).as_secs_f64();
+        let served = self.served.saturating_sub(prev.served) as f64;
+        let secs = now
+            .saturating_duration_since(prev.serving_from)
+            .as_secs_f64();
         let least_span = (self.window / 10).as_secs_f64();
         let (total, span) = self.descent.get_or_insert((0.0, 0.0));
         *total += served;
@@ -995,19 +1029,52 @@ mod tests {
     #[test]
     fn refusals_within_the_window_the_last_one_implied_cut_to_the_refill() {
         let s = LearnSettings::default();
-        // 45 a minute refilled continuously into a bucket that starts with a
-        // minute's worth; 15 a minute taken by someone else: 30 left.
-        let (run, rate) = drive_bucket(&s, 6, (45.0, 45.0, 15.0));
-        let throttled: u64 = run.iter().map(|w| w.0).sum();
-        // The first refusal's window fill is inflated by the full bucket;
-        // the next refusals come within the window it implied and cut to
-        // what was served between refusals: no cascade of cuts to a
-        // window fill that is still draining the bucket.
-        assert!(throttled <= 3, "429s per window: {run:?}");
-        assert!((27.0..=30.0).contains(&rate), "rate {rate}");
-        // The same upstream's windows keep serving what is left.
-        let served: u64 = run[2..].iter().map(|w| w.1).sum();
-        assert!(served >= 4 * 27, "served per window: {run:?}");
+        // Token buckets that start full, refilled continuously, shared with
+        // a steady consumer that is not the fleet's: (capacity, refill,
+        // theirs) a minute, and what that leaves the fleet.
+        for (bucket, left) in [
+            ((45.0, 45.0, 15.0), 30.0),
+            ((60.0, 50.0, 15.0), 35.0),
+            ((20.0, 45.0, 15.0), 30.0),
+            ((45.0, 45.0, 0.0), 45.0),
+        ] {
+            let (run, rate) = drive_bucket(&s, 6, bucket);
+            let throttled: u64 = run.iter().map(|w| w.0).sum();
+            // The first refusal's window fill is inflated by the full
+            // bucket; the next refusals come within the window it implied
+            // and cut to what was served between refusals: no cascade of
+            // cuts to a window fill that is still draining the bucket.
+            assert!(throttled <= 4, "{bucket:?}: 429s per window: {run:?}");
+            assert!(rate <= left + 1.0, "{bucket:?}: rate {rate}");
+            // Once the bucket is drained, each window serves nearly all
+            // that is left, not the measure of a refill cut short by the
+            // freezes (28 of 30, 28 of 35, 26 of 30).
+            assert!(
+                run.iter().skip(3).all(|w| w.1 as f64 >= 0.9 * left),
+                "{bucket:?}: (429s, served) per window: {run:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_long_freeze_is_not_counted_as_time_the_upstream_refilled() {
+        let s = LearnSettings::default();
+        let t0 = Instant::now();
+        let mut l = learner(t0);
+        // A sliding log overfull after a drop: nothing for 30 s, then 30 a
+        // minute as entries age out, until it refuses again.
+        l.on_throttled(t0 + 10 * SEC, Some(30 * SEC), false, &s);
+        for k in 0..6u32 {
+            l.on_success(t0 + (41 + 2 * k) * SEC, &s);
+        }
+        let out = l.on_throttled(t0 + 52 * SEC, Some(2 * SEC), false, &s);
+        let to = out.iter().find_map(|x| match x {
+            Learned::Cut { to, .. } => Some(*to),
+            _ => None,
+        });
+        // 6 served from a second before the freeze ended: 27.7 a minute,
+        // not 6 over the 42 s since the first refusal (8.6).
+        assert!(to.is_some_and(|r| (26.0..=32.0).contains(&r)), "{out:?}");
     }
 
     #[test]
