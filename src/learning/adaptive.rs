@@ -200,6 +200,9 @@ pub(crate) struct Learner {
     /// Successes and seconds of serving counted since the first refusal
     /// of the current descent (see `refill_rate`).
     descent: Option<(f64, f64)>,
+    /// A 429 came within the window the previous one implied: the
+    /// upstream gives permits back while it refuses (see `refill_rate`).
+    continuous: bool,
     ratio: Ratio,
     fills: Fills,
 }
@@ -225,6 +228,7 @@ impl Learner {
             served: 0,
             last_refusal: None,
             descent: None,
+            continuous: false,
             ratio: Ratio::new(now),
             fills: Fills::new(now, window.max(Duration::from_millis(1))),
         }
@@ -458,6 +462,7 @@ impl Learner {
             self.descent = None;
             return None;
         };
+        self.continuous = true;
         let served = self.served.saturating_sub(prev.served) as f64;
         let secs = now
             .saturating_duration_since(prev.serving_from)
@@ -612,6 +617,15 @@ impl Learner {
             ceiling: self.ceiling.map(|c| (c, self.ceiling_hits)),
             slots: None,
         }
+    }
+
+    /// Whether the upstream was seen giving permits back while it refused
+    /// (a token bucket refilling, a sliding log ageing entries out) rather
+    /// than resetting whole windows: where it does, the broker's pace at
+    /// the learned rate is all the upstream has (not persisted: learned
+    /// again at the next such refusal after a restart).
+    pub(crate) fn refills_continuously(&self) -> bool {
+        self.continuous
     }
 
     /// Whether a ceiling is remembered.

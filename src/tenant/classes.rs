@@ -7,6 +7,7 @@ use super::TenantState;
 use crate::config::{BucketSettings, ClassSettings};
 use crate::error::{clip, BrokerError};
 use crate::limits::ClassShape;
+use tokio::time::Instant;
 
 impl TenantState {
     /// The index of class `name` ("" is the default class).
@@ -65,18 +66,72 @@ impl TenantState {
     /// until the permits are earned), so the headroom is reserved in the
     /// refill and the total granted per window stays the same; with no
     /// lower class waiting nothing is borrowed and batch uses it all.
+    /// A lower class refused until a later instant counts as waiting until
+    /// then: a client whose wait ran out sleeps out its `retry_after` and
+    /// asks again, and repays the debt as if it had stayed in the queue;
+    /// without that, a wallboard polling while batch sleeps found the
+    /// bucket batch had emptied and no headroom below it. Not where the
+    /// upstream of one of the instances was seen refilling continuously
+    /// (see `Learner::refills_continuously`): paced at its learned refill,
+    /// the broker's empty bucket is the upstream's, and a permit lent
+    /// below it before anyone comes back to repay it is a 429; a fixed
+    /// window, once reset, holds the whole window whatever the pace.
     #[inline]
-    pub(super) fn bucket_share(&self, class: usize, instances: &[usize]) -> Share {
+    pub(super) fn bucket_share(&self, class: usize, instances: &[usize], now: Instant) -> Share {
         let held = self.reserve_above(class);
         let lowest = self.classes.iter().map(|c| c.order).max().unwrap_or(0);
         let below = self.reserve_before(lowest);
         let order = self.order(class);
-        let borrow = if held + 1e-9 < below && self.waiting_where(instances, |o| o > order) {
+        let lower = |o| o > order;
+        let borrow = if held + 1e-9 < below
+            && (self.waiting_where(instances, lower)
+                || (self.deferred_where(instances, now, lower)
+                    && !self.refills_continuously(instances)))
+        {
             below
         } else {
             0.0
         };
         Share { held, borrow }
+    }
+
+    /// Whether the upstream of any of `instances` refills continuously.
+    #[inline]
+    fn refills_continuously(&self, instances: &[usize]) -> bool {
+        instances.iter().any(|&i| {
+            self.instances
+                .get(i)
+                .is_some_and(|x| x.learner.refills_continuously())
+        })
+    }
+
+    /// Whether a class whose order passes `keep` was refused on any of
+    /// `instances` and told to ask again after `now`.
+    #[inline]
+    fn deferred_where(
+        &self,
+        instances: &[usize],
+        now: Instant,
+        keep: impl Fn(u32) -> bool,
+    ) -> bool {
+        instances.iter().any(|&i| {
+            self.instances.get(i).is_some_and(|x| {
+                x.deferred
+                    .iter()
+                    .any(|(&k, &until)| until > now && keep(self.order(k)))
+            })
+        })
+    }
+
+    /// Remembers that `class` was refused on `instances` and told to ask
+    /// again at `until` (see [`Self::bucket_share`]).
+    pub(super) fn defer(&mut self, instances: &[usize], class: usize, until: Instant) {
+        for &i in instances {
+            if let Some(x) = self.instances.get_mut(i) {
+                let at = x.deferred.entry(class).or_insert(until);
+                *at = (*at).max(until);
+            }
+        }
     }
 
     /// Whether waiters of `class` or a higher one wait on any of `instances`.

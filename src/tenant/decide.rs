@@ -49,7 +49,7 @@ impl TenantState {
         if let Some(denial) = self.paused(&instances) {
             return Ok(Decision::Denied(denial));
         }
-        let share = self.bucket_share(class, &instances);
+        let share = self.bucket_share(class, &instances, now);
         if !self.waiting_at_or_above(&instances, class)
             && self.can_take(&instances, args.permits, share, now)
         {
@@ -57,11 +57,13 @@ impl TenantState {
             return Ok(Decision::Granted(grant));
         }
         let denial = self.explain(&instances, args.permits, share, now);
+        let back = now + denial.retry_after;
         let full = instances.iter().find_map(|&i| {
             let x = self.instances.get(i)?;
             (x.queued >= self.max_waiters).then(|| self.buckets[x.bucket].settings.name.clone())
         });
         if let Some(bucket) = full {
+            self.defer(&instances, class, back);
             return Ok(Decision::Denied(Denial {
                 reason: format!(
                     "{}; and {} requests already wait on bucket {bucket:?} \
@@ -72,6 +74,7 @@ impl TenantState {
             }));
         }
         if wait.is_zero() {
+            self.defer(&instances, class, back);
             return Ok(Decision::Denied(denial));
         }
         Ok(Decision::Queued(self.enqueue(

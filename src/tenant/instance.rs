@@ -19,6 +19,10 @@ pub(super) struct Instance {
     pub(super) slots: Option<Slots>,
     /// Waiters per class index.
     pub(super) waiting: BTreeMap<usize, u32>,
+    /// Classes refused here (not granted within their wait) per class
+    /// index, and when they were told to ask again: demand that sleeps
+    /// outside the queue until then (see `TenantState::bucket_share`).
+    pub(super) deferred: BTreeMap<usize, Instant>,
     pub(super) queued: u32,
     pub(super) granted_total: u64,
     pub(super) throttled_total: u64,
@@ -60,6 +64,7 @@ impl Instance {
                 .map(|r| TokenBucket::new(r.permits.get(), r.window, r.burst.get(), now)),
             slots: settings.max_in_flight.map(|m| Slots::new(m.get())),
             waiting: BTreeMap::new(),
+            deferred: BTreeMap::new(),
             queued: 0,
             granted_total: 0,
             throttled_total: 0,

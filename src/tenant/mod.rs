@@ -30,6 +30,8 @@ mod convergence_tests;
 mod decide;
 #[cfg(test)]
 mod freeze_tests;
+#[cfg(test)]
+mod headroom_tests;
 mod instance;
 mod learn;
 mod leases;

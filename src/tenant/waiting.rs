@@ -61,8 +61,10 @@ impl TenantState {
         let now = self.monotonic(now);
         let w = self.queue.remove(waiter)?;
         self.unqueue(&w);
-        let share = self.bucket_share(w.class, &w.instances);
-        Some(self.explain(&w.instances, w.permits, share, now))
+        let share = self.bucket_share(w.class, &w.instances, now);
+        let denial = self.explain(&w.instances, w.permits, share, now);
+        self.defer(&w.instances, w.class, now + denial.retry_after);
+        Some(denial)
     }
 
     /// Hands a grant back (its waiter was gone before it could take it).
@@ -95,7 +97,7 @@ impl TenantState {
         let mut queue = std::mem::take(&mut self.queue);
         let mut grants = Vec::new();
         let (granted, next_ready) = queue.serve(|w| {
-            let share = self.bucket_share(w.class, &w.instances);
+            let share = self.bucket_share(w.class, &w.instances, now);
             if self.paused(&w.instances).is_none()
                 && self.can_take(&w.instances, w.permits, share, now)
             {
