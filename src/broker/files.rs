@@ -199,6 +199,10 @@ pub(crate) struct LearnedEntry {
     /// …and how many refusals in a row confirmed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_in_flight_hits: Option<u32>,
+    /// The upstream was seen giving permits back while it refused (a
+    /// token bucket or a sliding log, not fixed windows).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refills_continuously: bool,
 }
 
 /// Why the state file could not be used.
@@ -272,6 +276,7 @@ mod tests {
             ceiling_hits: Some(2),
             max_in_flight: Some(4),
             max_in_flight_hits: Some(1),
+            refills_continuously: true,
         }]);
         f.write(&d).unwrap();
         assert_eq!(LearnedFile::read(&d).unwrap(), Some(f));

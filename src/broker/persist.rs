@@ -61,6 +61,7 @@ impl Broker {
                 slots: e
                     .max_in_flight
                     .map(|l| (l, e.max_in_flight_hits.unwrap_or(0))),
+                refills_continuously: e.refills_continuously,
             };
             if self.inner.tenants[t]
                 .lock()
@@ -131,6 +132,7 @@ impl Broker {
                     ceiling_hits: p.ceiling.map(|c| c.1),
                     max_in_flight: p.slots.map(|l| l.0),
                     max_in_flight_hits: p.slots.map(|l| l.1),
+                    refills_continuously: p.refills_continuously,
                 });
             }
         }

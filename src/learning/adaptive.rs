@@ -168,6 +168,9 @@ pub struct Persisted {
     /// The learned concurrency limit and how many refusals in a row
     /// confirmed it (see `SlotLearner`).
     pub slots: Option<(u32, u32)>,
+    /// The upstream was seen refilling continuously (see
+    /// `Learner::refills_continuously`).
+    pub refills_continuously: bool,
 }
 
 /// The learning state of one bucket instance.
@@ -616,14 +619,15 @@ impl Learner {
             upstream: None,
             ceiling: self.ceiling.map(|c| (c, self.ceiling_hits)),
             slots: None,
+            refills_continuously: self.continuous,
         }
     }
 
     /// Whether the upstream was seen giving permits back while it refused
     /// (a token bucket refilling, a sliding log ageing entries out) rather
     /// than resetting whole windows: where it does, the broker's pace at
-    /// the learned rate is all the upstream has (not persisted: learned
-    /// again at the next such refusal after a restart).
+    /// the learned rate is all the upstream has. An upstream's kind does
+    /// not change: once seen, kept (and persisted).
     pub(crate) fn refills_continuously(&self) -> bool {
         self.continuous
     }
@@ -650,6 +654,7 @@ impl Learner {
             self.ceiling_hits = hits.min(8);
             self.probe_after = None;
         }
+        self.continuous |= p.refills_continuously;
     }
 }
 
@@ -921,11 +926,18 @@ mod tests {
         let mut l = learner(t0);
         // Refused at about 45, confirmed once.
         (l.ceiling, l.ceiling_hits) = (Some(45.0), 1);
+        // And seen refilling continuously.
+        l.on_throttled(t0, Some(SEC), false, &s);
+        l.on_throttled(t0 + 10 * SEC, Some(SEC), false, &s);
+        assert!(l.refills_continuously());
+        (l.ceiling, l.ceiling_hits) = (Some(45.0), 1);
         let p = l.persisted();
         assert_eq!(p.ceiling, Some((45.0, 1)));
         let mut fresh = learner(t0);
+        assert!(!fresh.refills_continuously());
         fresh.restore(p);
         assert_eq!((fresh.ceiling, fresh.ceiling_hits), (Some(45.0), 1));
+        assert!(fresh.refills_continuously());
         // So regrowth after the restart stops below it, as before it.
         let grown = fresh.ceiling_growth(40.0, 12.0, t0, &s);
         assert_eq!(grown, Some(45.0 * 0.95));

@@ -317,6 +317,7 @@ impl TenantState {
                     && upstream.is_none()
                     && slots.is_none()
                     && !x.learner.has_ceiling()
+                    && !x.learner.refills_continuously()
                 {
                     return None;
                 }
