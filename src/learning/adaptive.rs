@@ -200,6 +200,8 @@ pub(crate) struct Learner {
     served: u64,
     /// The last 429 of the last episode that cut (see `refill_rate`).
     last_refusal: Option<Refusal>,
+    /// Whether the current episode is the one `last_refusal` began.
+    refusal_episode: bool,
     /// Successes and seconds of serving counted since the first refusal
     /// of the current descent (see `refill_rate`).
     descent: Option<(f64, f64)>,
@@ -230,6 +232,7 @@ impl Learner {
             probe_after: None,
             served: 0,
             last_refusal: None,
+            refusal_episode: false,
             descent: None,
             continuous: false,
             ratio: Ratio::new(now),
@@ -335,7 +338,9 @@ impl Learner {
             self.episode_until
                 .map_or(episode_end, |e| e.max(episode_end)),
         );
-        if !new_episode {
+        if new_episode {
+            self.refusal_episode = false;
+        } else if self.refusal_episode {
             // A straggler the upstream refused at the freeze's end: the
             // measure of its refill starts again from it (see `refill_rate`).
             if let Some(r) = self.last_refusal.as_mut() {
@@ -357,6 +362,7 @@ impl Learner {
             let refill = self.refill_rate(now, retry_after);
             let ra = retry_after.unwrap_or(s.default_freeze);
             self.last_refusal = Some(Refusal::new(now, self.served, ra, from));
+            self.refusal_episode = true;
             let (to, why) = match refill {
                 Some(None) => (
                     least,
@@ -1101,6 +1107,22 @@ mod tests {
         // 6 served from a second before the freeze ended: 27.7 a minute,
         // not 6 over the 42 s since the first refusal (8.6).
         assert!(to.is_some_and(|r| (26.0..=32.0).contains(&r)), "{out:?}");
+    }
+
+    #[test]
+    fn only_a_straggler_of_the_episode_that_cut_restarts_the_measure() {
+        let s = LearnSettings::default();
+        let t0 = Instant::now();
+        let mut l = learner(t0);
+        l.on_throttled(t0, Some(SEC), false, &s);
+        // A later episode that cut nothing (the budget the headers showed
+        // spent), and a straggler of it.
+        l.on_throttled(t0 + 30 * SEC, Some(45 * SEC), true, &s);
+        l.on_throttled(t0 + 31 * SEC, Some(44 * SEC), true, &s);
+        // A 429 whose implied window began after the cut but before that
+        // straggler: no refusal of a descent came inside it.
+        l.on_throttled(t0 + 79 * SEC, Some(SEC), false, &s);
+        assert!(!l.refills_continuously());
     }
 
     #[test]
