@@ -62,8 +62,18 @@ pub(crate) struct Reconverged {
     pub(crate) windows_after: Option<f64>,
     /// Whether a whole window after the change lies within the run.
     pub(crate) measurable: bool,
+    /// Windows from the change to the end of the run's last whole window.
+    pub(crate) windows_in_run: f64,
     /// The target, in windows.
     pub(crate) target: f64,
+}
+
+impl Reconverged {
+    /// Neither met nor missed: not re-converged by the end of a run that
+    /// ends before the target does.
+    fn pending(&self) -> bool {
+        self.windows_after.is_none() && self.windows_in_run < self.target
+    }
 }
 
 /// The fleet's targets, per cell.
@@ -92,7 +102,11 @@ impl Cell {
         if n > 0 && p99 > MAX_CRITICAL_P99_MS {
             out.push(format!("critical p99 +{:.0} ms", p99 - MAX_CRITICAL_P99_MS));
         }
-        for r in self.reconverged.iter().filter(|r| r.measurable) {
+        for r in self
+            .reconverged
+            .iter()
+            .filter(|r| r.measurable && !r.pending())
+        {
             match r.windows_after {
                 None => out.push(format!("never re-converged after {}", r.change)),
                 Some(w) if w > r.target => {
@@ -135,6 +149,7 @@ impl Cell {
                     change: change_label(&c.change),
                     windows_after: c.windows_after,
                     measurable: c.measurable,
+                    windows_in_run: c.windows_in_run,
                     target: max_reconverge_windows(&c.change),
                 })
                 .collect(),
@@ -289,6 +304,7 @@ fn reconverged(r: &[Reconverged]) -> String {
     r.iter()
         .map(|r| match (r.measurable, r.windows_after) {
             (false, _) => "n/a".to_owned(),
+            (true, None) if r.pending() => format!("not in {:.1} w", r.windows_in_run),
             (true, None) => "never".to_owned(),
             (true, Some(w)) => format!("{w:.1} w"),
         })
@@ -328,6 +344,7 @@ mod tests {
             change: "45→30 at 150 s".into(),
             windows_after,
             measurable,
+            windows_in_run: 4.0,
             target,
         }
     }
@@ -353,5 +370,23 @@ mod tests {
             ]),
             "2.0 w, never, n/a"
         );
+    }
+
+    #[test]
+    fn a_run_that_ends_before_the_target_does_neither_meets_nor_misses_it() {
+        let rise = |windows_after, windows_in_run| Reconverged {
+            change: "35→50 at 150 s".into(),
+            windows_after,
+            measurable: true,
+            windows_in_run,
+            target: 4.0,
+        };
+        assert!(cell(vec![rise(None, 2.5)]).misses.is_empty());
+        assert_eq!(reconverged(&[rise(None, 2.5)]), "not in 2.5 w");
+        assert_eq!(
+            cell(vec![rise(None, 4.5)]).misses,
+            ["never re-converged after 35→50 at 150 s"]
+        );
+        assert!(cell(vec![rise(Some(2.0), 2.5)]).misses.is_empty());
     }
 }

@@ -347,6 +347,14 @@ fn available(w: &WindowStats) -> u64 {
     w.enforced_permits.saturating_sub(w.served_unmanaged)
 }
 
+/// What the unmanaged consumer's demand left the fleet in window `w`: its
+/// refused requests count as its demand, not as budget the fleet should
+/// have taken from it.
+fn left(w: &WindowStats) -> u64 {
+    w.enforced_permits
+        .saturating_sub(w.served_unmanaged + w.refused_unmanaged)
+}
+
 /// Goodput of `family` over the whole windows of a run of `duration_ms`.
 pub(crate) fn goodput(family: Option<&FamilyStats>, duration_ms: u64) -> Goodput {
     let Some(family) = family else {
@@ -369,13 +377,7 @@ pub(crate) fn goodput(family: Option<&FamilyStats>, duration_ms: u64) -> Goodput
         .collect();
     let served_fleet = counted.iter().map(|w| w.served_fleet).sum();
     let available: u64 = counted.iter().map(|w| available(w)).sum();
-    let fair_available: u64 = counted
-        .iter()
-        .map(|w| {
-            w.enforced_permits
-                .saturating_sub(w.served_unmanaged + w.refused_unmanaged)
-        })
-        .sum();
+    let fair_available: u64 = counted.iter().map(|w| left(w)).sum();
     Goodput {
         windows: counted.iter().map(|w| w.index).collect(),
         served_fleet,
@@ -400,13 +402,18 @@ pub(crate) struct Convergence {
     pub(crate) windows_after: Option<f64>,
     /// Whether a whole window after the change lies within the run at all.
     pub(crate) measurable: bool,
+    /// Windows from the change to the end of the run's last whole window:
+    /// a fleet that has not re-converged by then may still do so within
+    /// a target longer than that.
+    pub(crate) windows_in_run: f64,
 }
 
-/// Whether window `w` uses the org well: served ≥ 90% of what it could
-/// serve the fleet, and at most max(1, 1% of served) refusals.
+/// Whether window `w` uses the org well: served ≥ 90% of what the
+/// unmanaged consumer left (as the goodput counts it), and at most
+/// max(1, 1% of served) refusals.
 fn converged(w: &WindowStats) -> bool {
     let served = w.served_fleet as f64;
-    served >= 0.9 * available(w) as f64 && w.refused_fleet as f64 <= (0.01 * served).max(1.0)
+    served >= 0.9 * left(w) as f64 && w.refused_fleet as f64 <= (0.01 * served).max(1.0)
 }
 
 /// Convergence after each change, over the run's whole windows.
@@ -437,6 +444,8 @@ pub(crate) fn convergence(
                     ((k + 1) * window_ms).saturating_sub(change.at_ms) as f64 / window_ms as f64
                 }),
                 measurable: first < range.end,
+                windows_in_run: (range.end * window_ms).saturating_sub(change.at_ms) as f64
+                    / window_ms as f64,
             }
         })
         .collect()
@@ -593,9 +602,37 @@ mod tests {
         assert_eq!(c[0].windows_after, Some(2.0));
         assert_eq!(c[1].window, Some(3));
         assert_eq!(c[1].windows_after, Some(2.5));
+        assert_eq!(c[0].windows_in_run, 3.0);
         let late = convergence(Some(&f), &[change(250_000)], 300_000);
         assert!(!late[0].measurable);
         assert_eq!(late[0].window, None);
+    }
+
+    #[test]
+    fn convergence_counts_refused_unmanaged_demand_as_the_consumers_own() {
+        // 30 enforced, the consumer asked 10 and got 6: 20 left for the
+        // fleet, which served 18 (90%), not 18 of the 24 the consumer's
+        // refusals would leave if they counted as the fleet's.
+        let refused = |mut w: WindowStats, n| {
+            w.refused_unmanaged = n;
+            w
+        };
+        let f = family(vec![
+            window(0, 45, 35, 10, 0),
+            window(1, 45, 35, 10, 0),
+            refused(window(2, 30, 17, 6, 1), 4),
+            refused(window(3, 30, 18, 6, 0), 4),
+            window(4, 30, 20, 10, 0),
+        ]);
+        let drop = LimitChange {
+            at_ms: 120_000,
+            from: 45,
+            to: 30,
+        };
+        let c = convergence(Some(&f), &[drop], 300_000);
+        assert_eq!(c[0].window, Some(3));
+        let g = goodput(Some(&f), 300_000);
+        assert_eq!(g.fair_available, 35 + 20 + 20 + 20);
     }
 
     #[test]

@@ -179,6 +179,12 @@ impl Report {
                 &format!("re-converged after {}", change_label(change)),
                 &|m| match m.convergence.get(i) {
                     Some(c) if !c.measurable => "n/a (run too short)".into(),
+                    Some(c)
+                        if c.windows_after.is_none()
+                            && c.windows_in_run < max_reconverge_windows(&c.change) =>
+                    {
+                        format!("not within the run's {:.1} windows", c.windows_in_run)
+                    }
                     Some(c) => c
                         .windows_after
                         .map_or("never".into(), |w| format!("{w:.1} windows")),
@@ -518,18 +524,23 @@ fn targets(modes: &[ModeResult], moves: bool) -> Vec<Target> {
     });
     for c in &b.convergence {
         let windows = max_reconverge_windows(&c.change);
+        // Not re-converged by the end of a run that ends before the target.
+        let pending = c.windows_after.is_none() && c.windows_in_run < windows;
         t.push(Target {
             name: format!("re-converged after {}", change_label(&c.change)),
             target: format!("≤ {windows} windows"),
             value: if !c.measurable {
                 "run too short".into()
+            } else if pending {
+                format!(
+                    "not within the run's {:.1} windows (run longer to know)",
+                    c.windows_in_run
+                )
             } else {
                 c.windows_after
                     .map_or("never".into(), |w| format!("{w:.1} windows"))
             },
-            met: c
-                .measurable
-                .then(|| c.windows_after.is_some_and(|w| w <= windows)),
+            met: (c.measurable && !pending).then(|| c.windows_after.is_some_and(|w| w <= windows)),
         });
     }
     if let Some(c) = &b.chaos {
