@@ -10,7 +10,9 @@
 //! - **Cut, once per episode.** The first 429 of a congestion episode cuts
 //!   the effective rate. When its Retry-After ends within a bucket window,
 //!   the upstream's window is taken to end then, and the successes reported
-//!   since that window began are what it served the fleet (the "window
+//!   since that window began (or since the previous freeze ended, when that
+//!   was at about its start: the calls the freeze released are the
+//!   window's) are what it served the fleet (the "window
 //!   fill"): the rate is cut to that less one permit, by at most β² and
 //!   at least one permit per window. A 429 whose implied window began
 //!   before the previous refusal (no fixed window does that: the upstream
@@ -324,6 +326,7 @@ impl Learner {
     ) -> Vec<Learned> {
         let mut out = Vec::new();
         self.ratio.record(now, true, s.ratio_window);
+        let previous_freeze = self.frozen_until;
         let until = now + retry_after.unwrap_or(s.default_freeze);
         if self.frozen_until.is_none_or(|f| f < until) {
             self.frozen_until = Some(until);
@@ -385,7 +388,7 @@ impl Learner {
                 }
                 // One window's measurement cuts at most two β steps, and at
                 // least one permit per window.
-                None => match self.window_fill(now, retry_after) {
+                None => match self.window_fill(now, retry_after, previous_freeze) {
                     Some(fill) => (
                         fill.clamp(most, least),
                         "429: cut to what the upstream's window served the fleet",
@@ -424,12 +427,30 @@ impl Learner {
     /// other consumers' spend wobbles by a call or so.
     /// `None` without a Retry-After within one window, or with under two
     /// successes.
-    fn window_fill(&self, now: Instant, retry_after: Option<Duration>) -> Option<f64> {
+    ///
+    /// A freeze that ended within a counting slot of that window's start
+    /// (`previous_freeze`) ended at the same reset, seen through two
+    /// reports that each reached the broker a moment after the upstream
+    /// answered: the calls it released are this window's, though they
+    /// fall a few ms before the start this 429 implies, and the slot it
+    /// ended in served nothing before it. Counting that slot by the share
+    /// of it after the start would miss the calls released at once.
+    fn window_fill(
+        &self,
+        now: Instant,
+        retry_after: Option<Duration>,
+        previous_freeze: Option<Instant>,
+    ) -> Option<f64> {
         let reset = now + retry_after.filter(|r| *r <= self.window)?;
         let start = reset
             .checked_sub(self.window)
             .unwrap_or(self.fills.origin());
-        let served = self.fills.since(start);
+        let released_at_start = previous_freeze
+            .filter(|&f| f <= now && f.max(start) - f.min(start) <= self.fills.slot());
+        let served = match released_at_start {
+            Some(f) => self.fills.whole_slots_since(f),
+            None => self.fills.since(start),
+        };
         (served >= 2.0).then(|| self.per_min(served - 1.0))
     }
 
@@ -1123,6 +1144,34 @@ mod tests {
         // straggler: no refusal of a descent came inside it.
         l.on_throttled(t0 + 79 * SEC, Some(SEC), false, &s);
         assert!(!l.refills_continuously());
+    }
+
+    #[test]
+    fn the_calls_a_freeze_released_at_a_reset_count_in_the_window_it_began() {
+        let s = LearnSettings::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut l = learner(t0);
+        // A fixed window resets at 60 s; the 429's report reached the
+        // broker 30 ms after the upstream answered, so the freeze ends at
+        // 59.97 s and releases 3 queued calls then.
+        l.on_throttled(t0 + 40 * SEC, Some(ms(19_970)), false, &s);
+        for _ in 0..3 {
+            l.on_success(t0 + ms(59_980), &s);
+        }
+        for k in 0..27u32 {
+            l.on_success(t0 + ms(62_000 + 1_000 * u64::from(k)), &s);
+        }
+        // The next refusal's report lags 20 ms less: the window it
+        // implies starts at 59.99 s, 10 ms after the 3 released calls.
+        let out = l.on_throttled(t0 + 100 * SEC, Some(ms(19_990)), false, &s);
+        let to = out.iter().find_map(|x| match x {
+            Learned::Cut { to, .. } => Some(*to),
+            _ => None,
+        });
+        // 30 served in the window: cut to 29, not to the 26 of the share
+        // of their slot after 59.99 s.
+        assert!(to.is_some_and(|r| (r - 29.0).abs() < 0.5), "{out:?}");
     }
 
     #[test]

@@ -100,6 +100,21 @@ impl Fills {
         }
     }
 
+    /// The length of a counting slot.
+    pub(super) fn slot(&self) -> Duration {
+        self.slot
+    }
+
+    /// Successes reported in the slot `at` falls in and after it, whole.
+    pub(super) fn whole_slots_since(&self, at: Instant) -> f64 {
+        let first = self.index(at);
+        self.slots
+            .iter()
+            .filter(|s| s.0 >= first)
+            .map(|s| f64::from(s.1))
+            .sum()
+    }
+
     /// Successes reported from `start` on. Of the slot `start` falls in,
     /// which also holds successes from before it, the share after `start`.
     pub(super) fn since(&self, start: Instant) -> f64 {
