@@ -408,6 +408,14 @@ pub(crate) struct Convergence {
     pub(crate) windows_in_run: f64,
 }
 
+impl Convergence {
+    /// Neither met nor missed against a target of `target` windows: not
+    /// re-converged by the end of a run that ends before the target does.
+    pub(crate) fn pending(&self, target: f64) -> bool {
+        self.windows_after.is_none() && self.windows_in_run < target
+    }
+}
+
 /// Whether window `w` uses the org well: served ≥ 90% of what the
 /// unmanaged consumer left (as the goodput counts it), and at most
 /// max(1, 1% of served) refusals.

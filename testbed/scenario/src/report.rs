@@ -179,10 +179,7 @@ impl Report {
                 &format!("re-converged after {}", change_label(change)),
                 &|m| match m.convergence.get(i) {
                     Some(c) if !c.measurable => "n/a (run too short)".into(),
-                    Some(c)
-                        if c.windows_after.is_none()
-                            && c.windows_in_run < max_reconverge_windows(&c.change) =>
-                    {
+                    Some(c) if c.pending(max_reconverge_windows(&c.change)) => {
                         format!("not within the run's {:.1} windows", c.windows_in_run)
                     }
                     Some(c) => c
@@ -524,8 +521,7 @@ fn targets(modes: &[ModeResult], moves: bool) -> Vec<Target> {
     });
     for c in &b.convergence {
         let windows = max_reconverge_windows(&c.change);
-        // Not re-converged by the end of a run that ends before the target.
-        let pending = c.windows_after.is_none() && c.windows_in_run < windows;
+        let pending = c.pending(windows);
         t.push(Target {
             name: format!("re-converged after {}", change_label(&c.change)),
             target: format!("≤ {windows} windows"),
