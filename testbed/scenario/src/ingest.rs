@@ -16,7 +16,9 @@
 //! - Records: expected = gcsim's conversations of the blocks started (its
 //!   control plane, `/_sim/orgs/{org}/conversations?interval=`), stored =
 //!   the sink's rows among them, duplicates = rows stored more than once
-//!   plus rows gcsim does not have there, lost = expected − stored.
+//!   plus rows gcsim does not have there, unfinished = the missing ones of
+//!   blocks the drain deadline cut off (their checkpoint is not done, so
+//!   the next run fetches them), lost = expected − stored − unfinished.
 //! - Counters: gc-ingest's upstream counts its requests, 429s and fallback
 //!   leases (added to the fleet's at the end), not each call's wait; the
 //!   batch wait recorded is each block's, from when a worker took it to
@@ -249,16 +251,33 @@ impl GcIngest {
         if failed > 0 {
             tracing::warn!(failed, ?errors, "gc-ingest block runs failed (run again)");
         }
-        let mut expected = HashSet::new();
-        for block in &started {
-            expected.extend(self.sim.conversation_ids(ORG, &block.interval()).await?);
-        }
         let rows = self
             .sink
             .conversation_ids()
             .await
             .map_err(ingest_error("read the sink"))?;
+        // A block whose checkpoint is not done (or provisional: stored, to
+        // be fetched again) was cut off by the drain deadline: its claim
+        // expires and the next run fetches it, so what it misses is
+        // unfinished, not lost.
+        let stored_blocks: HashSet<Block> = self
+            .sink
+            .checkpoints()
+            .await
+            .map_err(ingest_error("read the checkpoints"))?
+            .into_iter()
+            .filter(|c| c.status == "done" || c.status == "provisional")
+            .map(|c| c.block)
+            .collect();
         self.sink.close().await;
+        let in_sink: HashSet<&str> = rows.iter().map(String::as_str).collect();
+        let mut expected = HashSet::new();
+        let mut unfinished = 0u64;
+        for block in &started {
+            let ids = self.sim.conversation_ids(ORG, &block.interval()).await?;
+            unfinished += left_for_next_run(block, &ids, &stored_blocks, &in_sink);
+            expected.extend(ids);
+        }
         let distinct = rows.len() as u64;
         let stored = rows.iter().filter(|id| expected.contains(*id)).count() as u64;
         let unexpected = distinct - stored;
@@ -269,13 +288,56 @@ impl GcIngest {
             );
         }
         Ok(IngestFigures {
-            records: Records::new(
+            records: Records::with_unfinished(
                 expected.len() as u64,
                 stored,
                 records.saturating_sub(distinct) + unexpected,
+                unfinished,
             ),
             blocks_started: started.len() as u64,
             pages: stats.ok_2xx,
         })
+    }
+}
+
+/// Records of `block` (gcsim's `ids` of it) the sink lacks, where the
+/// block's checkpoint says it was never stored: the next run fetches them.
+fn left_for_next_run(
+    block: &Block,
+    ids: &[String],
+    stored_blocks: &HashSet<Block>,
+    in_sink: &HashSet<&str>,
+) -> u64 {
+    if stored_blocks.contains(block) {
+        return 0;
+    }
+    ids.iter()
+        .filter(|id| !in_sink.contains(id.as_str()))
+        .count() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_blocks_never_stored_leave_records_for_the_next_run() {
+        let done = Block { start: 0, end: 10 };
+        let cut_off = Block { start: 10, end: 20 };
+        let stored_blocks: HashSet<Block> = [done].into();
+        let ids = |p: &str| (0..4).map(|i| format!("{p}{i}")).collect::<Vec<_>>();
+        let in_sink: HashSet<&str> = ["a0", "a1", "a2"].into();
+        // A stored block that lacks a record lost it: not the next run's.
+        assert_eq!(
+            left_for_next_run(&done, &ids("a"), &stored_blocks, &in_sink),
+            0
+        );
+        // A block cut off before its store: all four are left.
+        assert_eq!(
+            left_for_next_run(&cut_off, &ids("b"), &stored_blocks, &in_sink),
+            4
+        );
+        let records = Records::with_unfinished(8, 3, 0, 4);
+        assert_eq!((records.unfinished, records.lost), (4, 1));
     }
 }

@@ -40,6 +40,9 @@ pub(crate) struct Cell {
     pub(crate) batch_p99_ms: f64,
     /// Ingest and write records lost.
     pub(crate) records_lost: u64,
+    /// Records the drain deadline left for the next run (see
+    /// [`crate::measure::Records::unfinished`]); not a miss, but shown.
+    pub(crate) records_unfinished: u64,
     /// Requests the upstream served beyond a limit (0 by construction).
     pub(crate) served_over: u64,
     /// The upstream file's analytics family in a line.
@@ -139,6 +142,7 @@ impl Cell {
             critical_inside: wait(&q.loud_waits),
             batch_p99_ms: m.wait.get("batch").map_or(0.0, |w| w.p99_ms),
             records_lost: m.records.ingest.lost + m.records.writes.lost,
+            records_unfinished: m.records.ingest.unfinished + m.records.writes.unfinished,
             served_over: m.limits.iter().map(|l| l.served_over).sum(),
             upstream_summary: summary.to_owned(),
             limit_moves: !report.changes.is_empty() || report.unmanaged.len() > 1,
@@ -242,7 +246,11 @@ impl Matrix {
                     waits(c.critical_outside),
                     waits(c.critical_inside),
                     ms(c.batch_p99_ms),
-                    c.records_lost.to_string(),
+                    if c.records_unfinished > 0 {
+                        format!("{} (+{} unfinished)", c.records_lost, c.records_unfinished)
+                    } else {
+                        c.records_lost.to_string()
+                    },
                     c.served_over.to_string(),
                     reconverged(&c.reconverged),
                     if c.misses.is_empty() {
@@ -329,6 +337,7 @@ mod tests {
             critical_inside: (1.0, 10.0, 10),
             batch_p99_ms: 100.0,
             records_lost: 0,
+            records_unfinished: 0,
             served_over: 0,
             upstream_summary: String::new(),
             limit_moves: true,

@@ -532,18 +532,35 @@ pub(crate) struct Records {
     pub(crate) stored: u64,
     /// Records received or written more than once (the extra copies).
     pub(crate) duplicates: u64,
-    /// expected − stored.
+    /// Records not stored because the drain deadline stopped the work that
+    /// was fetching them, where that work is checkpointed and the next run
+    /// fetches them (gc-ingest's blocks whose checkpoint is not done).
+    pub(crate) unfinished: u64,
+    /// expected − stored − unfinished.
     pub(crate) lost: u64,
 }
 
 impl Records {
-    /// Records with `lost` computed.
+    /// Records with `lost` computed; nothing unfinished.
     pub(crate) fn new(expected: u64, stored: u64, duplicates: u64) -> Records {
+        Records::with_unfinished(expected, stored, duplicates, 0)
+    }
+
+    /// Records with `lost` computed, `unfinished` of the missing ones left
+    /// for the next run.
+    pub(crate) fn with_unfinished(
+        expected: u64,
+        stored: u64,
+        duplicates: u64,
+        unfinished: u64,
+    ) -> Records {
+        let missing = expected.saturating_sub(stored);
         Records {
             expected,
             stored,
             duplicates,
-            lost: expected.saturating_sub(stored),
+            unfinished: unfinished.min(missing),
+            lost: missing.saturating_sub(unfinished),
         }
     }
 }

@@ -166,13 +166,19 @@ impl Report {
                 q.of
             )
         });
-        row("ingest records exp/stored/dup/lost", &|m| {
+        row("ingest records exp/stored/dup/unfinished/lost", &|m| {
             let r = m.records.ingest;
-            format!("{}/{}/{}/{}", r.expected, r.stored, r.duplicates, r.lost)
+            format!(
+                "{}/{}/{}/{}/{}",
+                r.expected, r.stored, r.duplicates, r.unfinished, r.lost
+            )
         });
-        row("write records exp/stored/dup/lost", &|m| {
+        row("write records exp/stored/dup/unfinished/lost", &|m| {
             let r = m.records.writes;
-            format!("{}/{}/{}/{}", r.expected, r.stored, r.duplicates, r.lost)
+            format!(
+                "{}/{}/{}/{}/{}",
+                r.expected, r.stored, r.duplicates, r.unfinished, r.lost
+            )
         });
         for (i, change) in self.changes.iter().enumerate() {
             row(
@@ -493,8 +499,10 @@ fn targets(modes: &[ModeResult], moves: bool) -> Vec<Target> {
         name: "records lost".into(),
         target: "0".into(),
         value: format!(
-            "{lost} (ingest {}, writes {})",
-            b.records.ingest.lost, b.records.writes.lost
+            "{lost} (ingest {}, writes {}; left unfinished for the next run: {})",
+            b.records.ingest.lost,
+            b.records.writes.lost,
+            b.records.ingest.unfinished + b.records.writes.unfinished
         ),
         met: Some(lost == 0),
     });
