@@ -3,8 +3,9 @@
 //! run's directory) the way an Architect flow's data action would, and the
 //! relay drains them to the simulator leased by the same broker. A write's
 //! wait is the agent's: until the relay's 202. After production the relay
-//! gets the fleet's drain time to empty its queue; a record still queued
-//! then is counted lost like any unfinished write.
+//! gets the fleet's drain time to empty its queue; a record still in its
+//! queue then is counted unfinished, not lost: the queue is on disk and
+//! the relay's next start sends it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -93,7 +94,8 @@ impl RelayServer {
 
     /// Waits ([`DRAIN_WINDOWS`] at most) for the queue to empty, stops the
     /// relay, and counts its upstream requests as the fleet's writes.
-    pub(crate) async fn finish(self, clock: SimClock, metrics: &Metrics) {
+    /// Returns the records still queued.
+    pub(crate) async fn finish(self, clock: SimClock, metrics: &Metrics) -> u64 {
         let deadline = Instant::now() + clock.real(DRAIN_WINDOWS * WINDOW_MS as f64);
         let queue = self.relay.queue().clone();
         let empty = async {
@@ -107,6 +109,13 @@ impl RelayServer {
         if tokio::time::timeout_at(deadline, empty).await.is_err() {
             tracing::warn!("the relay's queue did not empty by the drain deadline");
         }
+        let queued = match queue.depth().await {
+            Ok(d) => u64::try_from(d.records).unwrap_or(0),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the relay's queue depth");
+                0
+            }
+        };
         let s = self.relay.upstream().stats();
         let w = &metrics.writes;
         w.sent.fetch_add(s.calls, Ordering::Relaxed);
@@ -116,6 +125,7 @@ impl RelayServer {
             Ordering::Relaxed,
         );
         self.relay.shutdown().await;
+        queued
     }
 }
 

@@ -223,9 +223,10 @@ pub(crate) async fn run_mode(
         strike,
         cluster_strike
     );
-    if let Some(relay) = relay {
-        relay.finish(clock, &metrics).await;
-    }
+    let relay_queued = match relay {
+        Some(relay) => relay.finish(clock, &metrics).await,
+        None => 0,
+    };
     let broker_trace = match tracer {
         Some(t) => t.finish().await,
         None => Vec::new(),
@@ -296,6 +297,10 @@ pub(crate) async fn run_mode(
     );
     result.broker_trace = broker_trace;
     result.cluster = cluster_figures;
+    // What the relay still had queued is on disk for its next start.
+    let w = result.records.writes;
+    result.records.writes =
+        Records::with_unfinished(w.expected, w.stored, w.duplicates, relay_queued);
     if let Some(struck) = struck {
         result.chaos = Some(ChaosResult::new(
             struck,
