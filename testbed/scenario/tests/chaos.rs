@@ -64,7 +64,8 @@ fn broker_killed_and_restarted_mid_run_loses_nothing() {
             f64_at(broker, &["records", kind, "expected"]) > 0.0,
             "no {kind} records at all: {broker:#}"
         );
-        let lost = f64_at(broker, &["records", kind, "lost"]);
+        let lost = f64_at(broker, &["records", kind, "lost"])
+            + f64_at(broker, &["records", kind, "unfinished"]);
         assert_eq!(
             lost, 0.0,
             "{kind} records lost across the restart: {broker:#}"

@@ -54,6 +54,7 @@ fn tiny_matrix_has_every_cell_and_loses_nothing() {
     );
     for c in cells {
         assert_eq!(c["records_lost"], 0, "{c:#}");
+        assert_eq!(c["records_unfinished"], 0, "{c:#}");
         assert_eq!(c["served_over"], 0, "{c:#}");
         for key in [
             "goodput_of_left",
