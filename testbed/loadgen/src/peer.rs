@@ -12,8 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
-use quota_broker::pb::AcquireRequest;
+use quota_broker::pb::{AcquireRequest, AcquireResponse};
 use tokio::process::Command;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
@@ -366,9 +365,12 @@ async fn open(addr: SocketAddr, n: usize, driver: Driver) -> Result<Vec<Conn>, E
     })
 }
 
-/// One rate decision per call, on either server.
+/// One rate decision per call, on either server. The typed callers of
+/// both go through `tonic::client::Grpc::unary` with prost's codec, so
+/// they differ only in their messages (the generated broker client would
+/// also add its method extension to every request).
 enum Caller {
-    Broker(QuotaBrokerClient<Channel>),
+    Broker(tonic::client::Grpc<Channel>),
     Peer(tonic::client::Grpc<Channel>),
     Raw(RawCaller),
     H2(H2Caller),
@@ -394,7 +396,7 @@ impl Caller {
                 Caller::Peer(tonic::client::Grpc::new(channel))
             }
             (Conn::Tonic(channel), Driver::Typed, _) => {
-                Caller::Broker(QuotaBrokerClient::new(channel))
+                Caller::Broker(tonic::client::Grpc::new(channel))
             }
         })
     }
@@ -402,8 +404,16 @@ impl Caller {
     /// One call on key `key`; Err on a transport error or a refusal.
     async fn call(&mut self, key: usize) -> Result<(), tonic::Status> {
         match self {
-            Caller::Broker(client) => {
-                let r = client.acquire(acquire_request(key)).await?.into_inner();
+            Caller::Broker(grpc) => {
+                grpc.ready()
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                let request = tonic::Request::new(acquire_request(key));
+                let codec = tonic_prost::ProstCodec::<AcquireRequest, AcquireResponse>::default();
+                let r = grpc
+                    .unary(request, PathAndQuery::from_static(ACQUIRE), codec)
+                    .await?
+                    .into_inner();
                 if r.granted {
                     Ok(())
                 } else {
