@@ -405,15 +405,7 @@ impl Caller {
     async fn call(&mut self, key: usize) -> Result<(), tonic::Status> {
         match self {
             Caller::Broker(grpc) => {
-                grpc.ready()
-                    .await
-                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                let request = tonic::Request::new(acquire_request(key));
-                let codec = tonic_prost::ProstCodec::<AcquireRequest, AcquireResponse>::default();
-                let r = grpc
-                    .unary(request, PathAndQuery::from_static(ACQUIRE), codec)
-                    .await?
-                    .into_inner();
+                let r: AcquireResponse = typed_unary(grpc, ACQUIRE, acquire_request(key)).await?;
                 if r.granted {
                     Ok(())
                 } else {
@@ -421,16 +413,8 @@ impl Caller {
                 }
             }
             Caller::Peer(grpc) => {
-                grpc.ready()
-                    .await
-                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                let request = tonic::Request::new(throttle_request(key));
-                let codec =
-                    tonic_prost::ProstCodec::<wire::ThrottleRequest, wire::ThrottleResponse>::default();
-                let r = grpc
-                    .unary(request, PathAndQuery::from_static(THROTTLE), codec)
-                    .await?
-                    .into_inner();
+                let r: wire::ThrottleResponse =
+                    typed_unary(grpc, THROTTLE, throttle_request(key)).await?;
                 if r.allowed {
                     Ok(())
                 } else {
@@ -441,6 +425,31 @@ impl Caller {
             Caller::H2(h2) => h2.call(key).await,
         }
     }
+}
+
+/// One unary call of `path` with prost's codec, the typed callers' path
+/// for either server.
+async fn typed_unary<Req, Resp>(
+    grpc: &mut tonic::client::Grpc<Channel>,
+    path: &'static str,
+    request: Req,
+) -> Result<Resp, tonic::Status>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    Resp: prost::Message + Default + Send + Sync + 'static,
+{
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
+    Ok(grpc
+        .unary(
+            tonic::Request::new(request),
+            PathAndQuery::from_static(path),
+            codec,
+        )
+        .await?
+        .into_inner())
 }
 
 /// One measured run of `cell` on `proc`.

@@ -14,7 +14,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{broker_bin, f64_at, mode, run_scenario};
+use common::{broker_bin, f64_at, mode, not_stored, run_scenario};
 use serde_json::Value;
 
 /// Longest the scenario may take before it is killed.
@@ -64,8 +64,7 @@ fn broker_killed_and_restarted_mid_run_loses_nothing() {
             f64_at(broker, &["records", kind, "expected"]) > 0.0,
             "no {kind} records at all: {broker:#}"
         );
-        let lost = f64_at(broker, &["records", kind, "lost"])
-            + f64_at(broker, &["records", kind, "unfinished"]);
+        let lost = not_stored(broker, kind);
         assert_eq!(
             lost, 0.0,
             "{kind} records lost across the restart: {broker:#}"

@@ -15,7 +15,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{broker_bin, f64_at, mode, run_scenario};
+use common::{broker_bin, f64_at, mode, not_stored, run_scenario};
 use serde_json::Value;
 
 /// Longest the scenario may take before it is killed (etcd's first
@@ -69,8 +69,7 @@ fn cluster_leader_killed_mid_run_is_taken_over_without_double_grants() {
             f64_at(broker, &["records", kind, "expected"]) > 0.0,
             "no {kind} records at all: {broker:#}"
         );
-        let lost = f64_at(broker, &["records", kind, "lost"])
-            + f64_at(broker, &["records", kind, "unfinished"]);
+        let lost = not_stored(broker, kind);
         assert_eq!(lost, 0.0, "{kind} records lost across the take-over");
     }
     let limits = broker["limits"].as_array().expect("limits per family");

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{f64_at, mode, run_scenario};
+use common::{f64_at, mode, not_stored, run_scenario};
 use serde_json::Value;
 
 /// Longest the whole scenario may take before it is killed.
@@ -50,8 +50,7 @@ fn ci_preset_broker_beats_naive() {
     let naive = mode(&report, "naive");
     let broker = mode(&report, "broker");
     for kind in ["ingest", "writes"] {
-        let lost = f64_at(broker, &["records", kind, "lost"])
-            + f64_at(broker, &["records", kind, "unfinished"]);
+        let lost = not_stored(broker, kind);
         assert_eq!(
             lost, 0.0,
             "broker mode lost or left unfinished {kind} records: {broker:#}"
@@ -68,8 +67,7 @@ fn ci_preset_broker_beats_naive() {
     // Broker + relay: the trunks' writes through gc-relay lose nothing.
     let relay = mode(&report, "relay");
     for kind in ["ingest", "writes"] {
-        let lost = f64_at(relay, &["records", kind, "lost"])
-            + f64_at(relay, &["records", kind, "unfinished"]);
+        let lost = not_stored(relay, kind);
         assert_eq!(
             lost, 0.0,
             "broker+relay mode lost or left unfinished {kind} records: {relay:#}"

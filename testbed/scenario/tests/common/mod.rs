@@ -93,3 +93,9 @@ pub fn f64_at(v: &Value, path: &[&str]) -> f64 {
     at.as_f64()
         .unwrap_or_else(|| panic!("{path:?} is not a number in {v:#}"))
 }
+
+/// A mode's `kind` records ("ingest" or "writes") not stored by the end of
+/// the run: lost, or left unfinished for the next run.
+pub fn not_stored(mode: &Value, kind: &str) -> f64 {
+    f64_at(mode, &["records", kind, "lost"]) + f64_at(mode, &["records", kind, "unfinished"])
+}
