@@ -815,4 +815,27 @@ async fn alert_rules_and_live_metrics_pass_promtool() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // Every series the rules watch is one the broker exports: a renamed
+    // metric would leave an alert that can never fire.
+    let rules = std::fs::read_to_string(dir.join("quota-broker-alerts.yml")).unwrap();
+    let mut watched: Vec<&str> = rules
+        .match_indices("quota_broker_")
+        .map(|(at, _)| {
+            let rest = &rules[at..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    watched.sort_unstable();
+    watched.dedup();
+    assert!(watched.len() >= 5, "{watched:?}");
+    for name in watched {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' '])),
+            "the alert rules watch {name}, which /metrics does not export:\n{text}"
+        );
+    }
 }
