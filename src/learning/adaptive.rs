@@ -1186,4 +1186,38 @@ mod tests {
             run.iter().map(|w| w.1).collect::<Vec<_>>()
         );
     }
+
+    /// At a low rate the hold's call budget (1/`ratio_threshold`
+    /// successful calls after a cut), not its windows, paces the probes:
+    /// on fixed windows of 16 a minute, 100 calls are 6 windows. A
+    /// smaller budget finds a rise sooner and pays for it in 429s.
+    #[test]
+    fn at_a_low_rate_the_call_budget_trades_429s_for_finding_a_rise() {
+        let s = LearnSettings::default();
+        let half = LearnSettings {
+            ratio_threshold: 0.02,
+            ..s
+        };
+        let steady = |s: &LearnSettings| {
+            let run = drive(s, 120, |_| 16);
+            let throttled: u64 = run[20..].iter().map(|w| w.0).sum();
+            let served: u64 = run[20..].iter().map(|w| w.1).sum();
+            (throttled, served)
+        };
+        let found = |s: &LearnSettings| {
+            let run = drive(s, 60, |w| if w < 10 { 16 } else { 24 });
+            run[10..].iter().position(|w| w.1 >= 22)
+        };
+        let ((cost, served), (cost_half, _)) = (steady(&s), steady(&half));
+        let (rise, rise_half) = (found(&s), found(&half));
+        // Over 100 windows: 14 429s (0.9 % of the calls), 95 % served; a
+        // rise to 24 found 6 windows after it. Half the budget: 21 and 4.
+        assert!(
+            cost <= 15 && served >= 1_500,
+            "{cost} 429s, {served} served"
+        );
+        assert!(rise.is_some_and(|w| w <= 6), "{rise:?}");
+        assert!(cost_half > cost, "{cost_half} vs {cost}");
+        assert!(rise_half < rise, "{rise_half:?} vs {rise:?}");
+    }
 }
