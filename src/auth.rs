@@ -204,7 +204,7 @@ impl Principal {
         } else {
             Err(AuthError::TenantDenied {
                 name: self.name.to_string(),
-                tenant: tenant.to_owned(),
+                tenant: crate::error::clip(tenant),
             })
         }
     }
@@ -336,12 +336,13 @@ pub enum AuthError {
     UnknownToken,
     /// Token not scoped to that tenant (→ PERMISSION_DENIED).
     #[error(
-        "token {name:?} may not use tenant {tenant:?}; its tenants are set in the broker config"
+        "token {name:?} may not use tenant {tenant}; its tenants are set in the broker config"
     )]
     TenantDenied {
         /// The token's configured name.
         name: String,
-        /// The tenant it asked for.
+        /// The tenant it asked for, quoted and clipped (it is the caller's
+        /// input).
         tenant: String,
     },
     /// Admin RPC with a client token (→ PERMISSION_DENIED).
@@ -529,6 +530,11 @@ mod tests {
             "token \"wallboard\" may not use tenant \"initech\"; \
              its tenants are set in the broker config"
         );
+        // The tenant is the caller's input: clipped, not echoed whole.
+        let long = "x".repeat(64 * 1024);
+        let message = wall.may_access(&long).unwrap_err().to_string();
+        assert!(message.len() < 1_000, "{} bytes", message.len());
+        assert!(message.contains("(65536 bytes)"), "{message}");
         let ops = a.authenticate(Some("Bearer s3cret-ops")).unwrap();
         assert_eq!(ops.may_access("initech"), Ok(()));
         assert!(ops.sees("anything"));

@@ -10,7 +10,7 @@ use crate::config::ClassSettings;
 use crate::error::BrokerError;
 use crate::tenant::LimitChange;
 use std::collections::BTreeSet;
-use std::sync::PoisonError;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -124,6 +124,8 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         self.inner.tenants[t].wake.notify_one();
         self.announce();
+        // Held until the write ends, even if this caller goes away.
+        let saving = Arc::clone(&self.inner.admin_saves).lock_owned().await;
         let file = {
             let mut changed = self
                 .inner
@@ -139,7 +141,12 @@ impl Broker {
         let Some(dir) = self.inner.server.state_dir.clone() else {
             return Ok(());
         };
-        match tokio::task::spawn_blocking(move || file.write(&dir)).await {
+        let write = move || {
+            let written = file.write(&dir);
+            drop(saving);
+            written
+        };
+        match tokio::task::spawn_blocking(write).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "admin change applied but not saved");

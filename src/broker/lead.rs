@@ -182,6 +182,11 @@ impl Broker {
         self.inner.tenants[t].lock().take_learned_dirty()
     }
 
+    /// Tenant `t`'s learned state was taken as dirty but not saved.
+    pub(crate) fn still_dirty(&self, t: usize) {
+        self.inner.tenants[t].lock().mark_learned_dirty();
+    }
+
     /// Saves tenant `t`'s snapshot to the cluster now (an operator's change
     /// is answered once it is durable).
     pub(super) async fn save_to_cluster(&self, t: usize) -> Result<(), BrokerError> {

@@ -88,6 +88,10 @@ struct Inner {
     shutdown: CancellationToken,
     /// Every admin change so far (std `Mutex`: never held across `.await`).
     admin_changes: Mutex<BTreeSet<(usize, AdminKey)>>,
+    /// One save of admin changes at a time, its snapshot taken under it:
+    /// saves share a temporary file, and the last one must hold the last
+    /// change.
+    admin_saves: Arc<tokio::sync::Mutex<()>>,
     /// Counters on the request path (`None`: metrics are off).
     metrics: Option<Arc<Metrics>>,
 }
@@ -143,6 +147,7 @@ impl Broker {
                 changes: tokio::sync::watch::Sender::new(()),
                 shutdown,
                 admin_changes: Mutex::new(BTreeSet::new()),
+                admin_saves: Arc::default(),
                 metrics,
             }),
         };

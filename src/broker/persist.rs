@@ -82,18 +82,34 @@ impl Broker {
                 _ = tokio::time::sleep(PERSIST_EVERY) => false,
                 _ = self.inner.shutdown.cancelled() => true,
             };
-            let mut dirty = false;
-            for t in &self.inner.tenants {
-                dirty |= t.lock().take_learned_dirty();
+            let mut dirty = Vec::new();
+            for (i, t) in self.inner.tenants.iter().enumerate() {
+                if t.lock().take_learned_dirty() {
+                    dirty.push(i);
+                }
             }
-            if dirty {
+            if !dirty.is_empty() {
                 let file = self.learned_file();
                 let dir = dir.clone();
                 let written = tokio::task::spawn_blocking(move || file.write(&dir)).await;
-                match written {
-                    Ok(Ok(())) => tracing::debug!("learned state written"),
-                    Ok(Err(e)) => tracing::error!(error = %e, "cannot write learned state"),
-                    Err(e) => tracing::error!(error = %e, "learned-state writer failed"),
+                let failed = match written {
+                    Ok(Ok(())) => {
+                        tracing::debug!("learned state written");
+                        false
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "cannot write learned state; trying again later");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "learned-state writer failed; trying again later");
+                        true
+                    }
+                };
+                if failed {
+                    for t in dirty {
+                        self.still_dirty(t);
+                    }
                 }
             }
             if stop {

@@ -348,9 +348,14 @@ impl Node {
         let led: Vec<usize> = self.led.iter().copied().collect();
         for t in led {
             if self.broker.take_dirty(t) {
-                self.store
+                let saved = self
+                    .store
                     .save(&self.tenants[t], self.broker.snapshot(t))
-                    .await?;
+                    .await;
+                if saved.is_err() {
+                    self.broker.still_dirty(t);
+                }
+                saved?;
             }
         }
         Ok(())

@@ -12,8 +12,10 @@ use crate::pb;
 use crate::pb::lease_stream_request::Op;
 use crate::pb::lease_stream_response::Result as Answer;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tonic::{Status, Streaming};
 
 /// Answers buffered for a slow reader; when full, the session stops reading
@@ -22,6 +24,8 @@ const ANSWER_BUFFER: usize = 256;
 /// Most acquires one stream may have waiting at once, as many as the
 /// concurrent unary RPCs one connection may have.
 const MAX_WAITING: usize = MAX_CONCURRENT_STREAMS as usize;
+/// Leases the session tracks before it first forgets those that expired.
+const HELD_PRUNE_AT: usize = 1024;
 
 /// What the session answers on the response stream.
 pub(crate) type Answers = mpsc::Receiver<Result<pb::LeaseStreamResponse, Status>>;
@@ -59,8 +63,7 @@ async fn session(
     tx: mpsc::Sender<Result<pb::LeaseStreamResponse, Status>>,
 ) {
     let shutdown = svc.broker().shutdown_token().clone();
-    // Leases granted on this stream that still hold slots.
-    let mut held: HashSet<String> = HashSet::new();
+    let mut held = Held::default();
     let mut waiting = FuturesUnordered::new();
     // Ids of the acquires in `waiting`, to answer them if the session ends.
     let mut pending: HashSet<u64> = HashSet::new();
@@ -87,6 +90,12 @@ async fn session(
             Event::Request(req) => {
                 let id = req.id;
                 match req.op {
+                    Some(Op::Acquire(_)) if pending.contains(&id) => Some(failed(
+                        id,
+                        Status::invalid_argument(format!(
+                            "id {id} is already waiting on this stream; give each operation its own id"
+                        )),
+                    )),
                     Some(Op::Acquire(a)) if waiting.len() < MAX_WAITING => {
                         let (svc, who) = (&svc, &who);
                         pending.insert(id);
@@ -100,10 +109,17 @@ async fn session(
                         )),
                     )),
                     Some(Op::Release(r)) => {
-                        held.remove(&r.lease_id);
+                        held.released(&r.lease_id);
                         Some(answer(id, svc.release_op(&who, r).map(Answer::Release)))
                     }
-                    Some(Op::Renew(r)) => Some(answer(id, svc.renew_op(&who, r).map(Answer::Renew))),
+                    Some(Op::Renew(r)) => {
+                        let lease_id = r.lease_id.clone();
+                        let renewed = svc.renew_op(&who, r);
+                        if let Ok(a) = &renewed {
+                            held.renewed(&lease_id, a.lease_ttl_ms, Instant::now());
+                        }
+                        Some(answer(id, renewed.map(Answer::Renew)))
+                    }
                     Some(Op::Report(r)) => {
                         Some(answer(id, svc.report_op(&who, r).map(Answer::Report)))
                     }
@@ -119,7 +135,7 @@ async fn session(
                 pending.remove(&id);
                 if let Ok(g) = &r {
                     if g.granted && g.lease_ttl_ms > 0 {
-                        held.insert(g.lease_id.clone());
+                        held.granted(&g.lease_id, g.lease_ttl_ms, Instant::now());
                     }
                 }
                 Some(answer(id, r.map(Answer::Acquire)))
@@ -159,15 +175,51 @@ async fn session(
         }
         let _ = tx.send(Err(status)).await;
     }
+    let held = held.0;
     if !held.is_empty() {
         tracing::debug!(
             leases = held.len(),
             "LeaseStream ended: releasing its leases"
         );
     }
-    for lease in held {
+    for lease in held.into_keys() {
         // Already expired or released elsewhere is fine: release is idempotent.
         let _ = svc.broker().release(&lease);
+    }
+}
+
+/// Leases granted on a stream that may still hold slots, with their expiry
+/// as the stream last heard it (one renewed by a unary Renew may be
+/// forgotten early: its TTL frees it all the same). Those that expired are
+/// forgotten each time the map doubles, so a stream that lets its leases
+/// expire does not grow it without end.
+#[derive(Debug)]
+struct Held(HashMap<String, Instant>, usize);
+
+impl Default for Held {
+    fn default() -> Held {
+        Held(HashMap::new(), HELD_PRUNE_AT)
+    }
+}
+
+impl Held {
+    fn granted(&mut self, lease_id: &str, ttl_ms: u64, now: Instant) {
+        self.0
+            .insert(lease_id.to_owned(), now + Duration::from_millis(ttl_ms));
+        if self.0.len() >= self.1 {
+            self.0.retain(|_, until| *until > now);
+            self.1 = HELD_PRUNE_AT.max(2 * self.0.len());
+        }
+    }
+
+    fn renewed(&mut self, lease_id: &str, ttl_ms: u64, now: Instant) {
+        if let Some(until) = self.0.get_mut(lease_id) {
+            *until = now + Duration::from_millis(ttl_ms);
+        }
+    }
+
+    fn released(&mut self, lease_id: &str) {
+        self.0.remove(lease_id);
     }
 }
 
@@ -188,5 +240,31 @@ fn failed(id: u64, status: Status) -> pb::LeaseStreamResponse {
             code: status.code() as i32,
             message: status.message().to_owned(),
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expired_leases_are_forgotten_and_live_ones_kept() {
+        let t0 = Instant::now();
+        let mut held = Held::default();
+        held.granted("renewed", 1_000, t0);
+        held.granted("live", 60_000, t0);
+        for i in 0..HELD_PRUNE_AT - 3 {
+            held.granted(&format!("short-{i}"), 1_000, t0);
+        }
+        held.renewed("renewed", 60_000, t0);
+        held.released("live");
+        held.granted("live", 60_000, t0);
+        assert_eq!(held.0.len(), HELD_PRUNE_AT - 1);
+        // The next grant, after the short ones expired, forgets them.
+        held.granted("next", 1_000, t0 + Duration::from_secs(2));
+        let mut left: Vec<&str> = held.0.keys().map(String::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["live", "next", "renewed"]);
+        assert_eq!(held.1, HELD_PRUNE_AT);
     }
 }

@@ -33,7 +33,8 @@ use broker_service::BrokerService;
 use codec::MAX_MESSAGE_BYTES;
 use fast::FastAcquireLayer;
 use observe::ObserveLayer;
-use overload::{GuardLayer, Overload};
+use overload::GuardLayer;
+pub(crate) use overload::Overload;
 use pb::quota_admin_server::QuotaAdminServer;
 use pb::quota_broker_server::QuotaBrokerServer;
 use std::future::Future;
@@ -43,6 +44,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
+pub(crate) use transport::PeerInfo;
 
 /// HTTP/2 PING interval on idle connections, so a sidecar that vanished
 /// without closing its socket (and the waits, leases and streams it holds)
@@ -119,6 +121,7 @@ pub async fn serve(
         ),
         None => tracing::info!("serving plaintext gRPC (no [server.tls])"),
     }
+    let overload = Overload::new(settings, auth.clone());
     // The HTTP port outlives the gRPC drain, so /readyz can say 503 during it.
     let http_stop = CancellationToken::new();
     let http_task = http.map(|listener| {
@@ -128,11 +131,11 @@ pub async fn serve(
             Arc::new(registry),
             broker.clone(),
             auth.clone(),
+            overload.clone(),
             token.clone(),
             http_stop.clone(),
         ))
     });
-    let overload = Overload::new(settings, auth.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<QuotaBrokerServer<BrokerService>>()

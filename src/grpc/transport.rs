@@ -64,9 +64,9 @@ pub(crate) struct PeerInfo {
 }
 
 impl PeerInfo {
-    /// A peer at `remote`, over TLS or not, with no certificates (for tests
-    /// of peers a test cannot be, such as a remote address).
-    #[cfg(test)]
+    /// A peer at `remote`, over TLS or not, with no certificates (the HTTP
+    /// port's callers, and tests of peers a test cannot be, such as a
+    /// remote address).
     pub(crate) fn new(remote: Option<SocketAddr>, tls: bool) -> PeerInfo {
         PeerInfo {
             tcp: TcpConnectInfo {

@@ -17,6 +17,7 @@
 use crate::auth::{AuthError, Authenticator};
 use crate::broker::{Broker, TenantBucketStatus};
 use crate::clock::{millis, Clock};
+use crate::grpc::{Overload, PeerInfo};
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -50,6 +51,8 @@ struct Http {
     registry: Arc<Registry>,
     broker: Broker,
     auth: Authenticator,
+    /// Caps the event feeds a caller holds open, with gRPC Watch's limits.
+    overload: Arc<Overload>,
     shutdown: CancellationToken,
 }
 
@@ -61,6 +64,7 @@ pub(crate) async fn serve(
     registry: Arc<Registry>,
     broker: Broker,
     auth: Authenticator,
+    overload: Arc<Overload>,
     shutdown: CancellationToken,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
@@ -68,6 +72,7 @@ pub(crate) async fn serve(
         registry,
         broker,
         auth,
+        overload,
         shutdown,
     };
     let app = Router::new()
@@ -184,12 +189,21 @@ async fn events(
             return refuse(StatusCode::FORBIDDEN, &e.to_string());
         }
     }
+    let permit = match http
+        .overload
+        .open_watch(&who, Some(&PeerInfo::new(Some(peer), false)))
+    {
+        Ok(permit) => permit,
+        Err(status) => return refuse(StatusCode::TOO_MANY_REQUESTS, status.message()),
+    };
     let rx = match http.broker.watch(tenant, |t| who.sees(t)) {
         Ok(rx) => rx,
         Err(e) => return refuse(StatusCode::NOT_FOUND, &e.to_string()),
     };
     let clock = http.broker.clock();
     let stream = ReceiverStream::new(rx).map(move |s| {
+        // The feed holds its place under the cap until it ends.
+        let _open = &permit;
         Ok::<_, Infallible>(Event::default().event("bucket").data(record(&s, clock)))
     });
     Sse::new(stream)

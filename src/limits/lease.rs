@@ -98,6 +98,8 @@ pub(crate) struct LeaseTable {
     leases: HashMap<u64, Lease>,
     by_expiry: BTreeSet<(Instant, u64)>,
     next_seq: u64,
+    /// Sequence numbers up to this one were issued before this run.
+    base: u64,
 }
 
 impl LeaseTable {
@@ -106,6 +108,14 @@ impl LeaseTable {
     /// hands.
     pub(crate) fn start_after(&mut self, base: u64) {
         self.next_seq = self.next_seq.max(base);
+        self.base = self.base.max(base);
+    }
+
+    /// True if `seq` may name a lease an earlier run granted that this run
+    /// does not hold yet: never one this run issued, nor one it holds
+    /// under another nonce (a guessed id must not replace a live lease).
+    pub(crate) fn may_adopt(&self, seq: u64) -> bool {
+        seq <= self.base && !self.leases.contains_key(&seq)
     }
 
     /// A fresh sequence number (also used for leases that hold no slot and

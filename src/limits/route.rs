@@ -141,21 +141,24 @@ fn is_normal(path: &str) -> bool {
 
 /// Remembers which buckets a (method, path) matched, so a busy route is
 /// glob-matched once, not on every request. Bounded: when it holds
-/// [`RouteCache::CAPACITY`] paths it starts over (paths with ids in them
-/// would otherwise grow it without end). Hand-written because it is a
+/// [`RouteCache::CAPACITY`] (method, path) pairs it starts over (paths with
+/// ids in them, or a caller inventing methods, would otherwise grow it
+/// without end). Hand-written because it is a
 /// two-level map looked up by `&str` without allocating; a general LRU crate
 /// would need an owned key per lookup.
 #[derive(Debug, Default)]
 pub(crate) struct RouteCache {
     /// path → [(method, matching bucket indices)].
     paths: std::collections::HashMap<Box<str>, Vec<MethodMatch>>,
+    /// (method, path) pairs held, over all paths.
+    entries: usize,
 }
 
 /// A method and the bucket indices it matched on one path.
 type MethodMatch = (Box<str>, Box<[usize]>);
 
 impl RouteCache {
-    /// Most paths remembered.
+    /// Most (method, path) pairs remembered.
     pub(crate) const CAPACITY: usize = 4096;
 
     /// The bucket indices `method` + `path` match, computing them with
@@ -171,9 +174,11 @@ impl RouteCache {
             .get(path)
             .and_then(|ms| ms.iter().position(|(m, _)| &**m == method));
         if hit.is_none() {
-            if self.paths.len() >= Self::CAPACITY && !self.paths.contains_key(path) {
+            if self.entries >= Self::CAPACITY {
                 self.paths.clear();
+                self.entries = 0;
             }
+            self.entries += 1;
             self.paths
                 .entry(path.into())
                 .or_default()
@@ -313,5 +318,16 @@ mod tests {
             c.matches("GET", &format!("/u/{i}"), Vec::new);
         }
         assert!(c.paths.len() <= RouteCache::CAPACITY);
+        // Methods invented for one path count too.
+        for i in 0..RouteCache::CAPACITY + 10 {
+            let method: String = format!("{i:04}")
+                .bytes()
+                .map(|d| char::from(b'A' + (d - b'0')))
+                .collect();
+            assert_eq!(c.matches(&method, "/a", || vec![9]), [9]);
+        }
+        let held: usize = c.paths.values().map(Vec::len).sum();
+        assert!(held <= RouteCache::CAPACITY, "{held} pairs held");
+        assert_eq!(held, c.entries);
     }
 }

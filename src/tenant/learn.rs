@@ -305,6 +305,12 @@ impl TenantState {
         std::mem::take(&mut self.learned_dirty)
     }
 
+    /// Marks learned state as not saved (a save after
+    /// [`TenantState::take_learned_dirty`] failed), so the next one writes it.
+    pub fn mark_learned_dirty(&mut self) {
+        self.learned_dirty = true;
+    }
+
     /// Learned state of every instance that has any:
     /// (bucket, OAuth client, state).
     pub fn learned(&self, now: Instant) -> Vec<(String, Option<String>, Persisted)> {

@@ -116,7 +116,7 @@ impl TenantState {
         extend: Option<Duration>,
         now: Instant,
     ) -> Result<Option<(Instant, Duration)>, BrokerError> {
-        if self.restart_window(now).is_none() {
+        if self.restart_window(now).is_none() || !self.leases.may_adopt(id.seq) {
             return Ok(None);
         }
         let instances = match self.resolve(

@@ -249,6 +249,7 @@ fn a_report_cannot_block_a_bucket_for_years() {
 fn after_a_restart_unclaimed_slots_come_back_after_one_lease_ttl() {
     let t0 = Instant::now();
     let mut t = tenant(TWO, t0);
+    t.start_leases_after(100);
     t.resume_after_restart(t0);
     let Decision::Denied(d) = t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap() else {
         panic!("granted a slot an earlier run's lease may hold")
@@ -289,6 +290,7 @@ fn after_a_restart_unclaimed_slots_come_back_after_one_lease_ttl() {
 fn an_adopted_lease_holds_its_slot_until_released() {
     let t0 = Instant::now();
     let mut t = tenant(TWO, t0);
+    t.start_leases_after(100);
     t.resume_after_restart(t0);
     let earlier = LeaseId {
         tenant: 0,
@@ -312,6 +314,41 @@ fn an_adopted_lease_holds_its_slot_until_released() {
         t.acquire(&args("POST", "/q", 1), NOW, t0 + 5 * SEC)
             .unwrap(),
     );
+}
+
+#[test]
+fn a_guessed_lease_id_is_not_adopted() {
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    t.start_leases_after(100);
+    t.resume_after_restart(t0);
+    let earlier = LeaseId {
+        tenant: 0,
+        seq: 3,
+        nonce: 9,
+    };
+    let with = args("POST", "/q", 1);
+    t.renew(earlier, None, Some(&with), t0).unwrap();
+    // The same sequence number under another nonce must not replace the
+    // adopted lease (its slot would never come back).
+    let guessed = LeaseId {
+        nonce: 10,
+        ..earlier
+    };
+    assert!(t.renew(guessed, None, Some(&with), t0).is_err());
+    assert!(!t.release(guessed));
+    // Nor is a number this run issues (or will) adopted.
+    let ours = LeaseId {
+        tenant: 0,
+        seq: 101,
+        nonce: 1,
+    };
+    assert!(t.renew(ours, None, Some(&with), t0).is_err());
+    assert!(
+        t.release(earlier),
+        "the adopted lease is still the one held"
+    );
+    granted(t.acquire(&with, NOW, t0).unwrap());
 }
 
 #[derive(Debug, Clone)]

@@ -561,6 +561,35 @@ async fn the_event_feed_needs_a_token_and_shows_only_its_tenants() {
 }
 
 #[tokio::test]
+async fn a_token_holds_at_most_its_watch_streams_of_event_feeds() {
+    let capped = format!("{}max_watch_streams = 2\n", tokens_config());
+    let b = start(&config(&capped)).await;
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("Authorization", bearer.as_str())];
+    let (first, feed) = open(b.http, "/events", &auth).await;
+    let (second, _kept) = open(b.http, "/events", &auth).await;
+    assert_eq!((first.status, second.status), (200, 200));
+    let over = get(b.http, "/events", &auth).await;
+    assert_eq!(over.status, 429, "{}", over.body);
+    assert!(over.body.contains("max_watch_streams"), "{}", over.body);
+    // A feed that ends gives its place back.
+    drop(feed);
+    let reopened = tokio::time::timeout(LIMIT, async {
+        loop {
+            let (head, feed) = open(b.http, "/events", &auth).await;
+            if head.status == 200 {
+                return feed;
+            }
+            assert_eq!(head.status, 429);
+        }
+    })
+    .await
+    .expect("the closed feed's place came back");
+    drop(reopened);
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn reflection_answers_v1alpha_and_v1() {
     use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient as V1alpha;
     use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest as AlphaRequest;

@@ -177,6 +177,36 @@ async fn a_waiting_acquire_does_not_hold_up_a_release_behind_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_acquire_with_the_id_of_a_waiting_one_is_refused() {
+    let b = start(&config(ONE_SLOT)).await;
+    let mut s = Session::open(&mut b.client.clone()).await;
+    s.send(1, acquire(0)).await;
+    let (_, Answer::Acquire(first)) = s.next().await else {
+        panic!("expected an acquire answer")
+    };
+    s.send(2, acquire(10_000)).await;
+    // The same id again while 2 waits: refused, and 2 still answered.
+    s.send(2, acquire(10_000)).await;
+    let (id, a) = s.next().await;
+    assert!(
+        matches!((id, &a), (2, Answer::Error(e))
+            if e.code == Code::InvalidArgument as i32 && e.message.contains("already waiting")),
+        "{id} {a:?}"
+    );
+    s.send(
+        3,
+        Op::Release(ReleaseRequest {
+            lease_id: first.lease_id,
+        }),
+    )
+    .await;
+    assert!(matches!(s.next().await, (3, Answer::Release(r)) if r.released));
+    assert!(matches!(s.next().await, (2, Answer::Acquire(g)) if g.granted));
+    drop(s);
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn leases_of_a_stream_that_ends_are_released() {
     let b = start(&config(ONE_SLOT)).await;
     let mut s = Session::open(&mut b.client.clone()).await;

@@ -663,7 +663,11 @@ impl BrokerClient {
         }
     }
 
-    async fn renew(&self, lease_id: String, acquired_with: AcquireRequest) -> Option<Duration> {
+    async fn renew(
+        &self,
+        lease_id: String,
+        acquired_with: AcquireRequest,
+    ) -> Result<Duration, tonic::Status> {
         let req = RenewRequest {
             lease_id,
             extend_ms: 0,
@@ -675,13 +679,10 @@ impl BrokerClient {
                 async move { c.renew(req).await }
             })
             .await;
-        match answer {
-            Ok(r) => Some(Duration::from_millis(r.lease_ttl_ms)),
-            Err(e) => {
-                tracing::warn!(error = %e, "lease renewal failed");
-                None
-            }
+        if let Err(e) = &answer {
+            tracing::warn!(error = %e, "lease renewal failed");
         }
+        answer.map(|r| Duration::from_millis(r.lease_ttl_ms))
     }
 }
 
@@ -731,6 +732,23 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Whether a renewal refused with `code` may pass if tried again: the
+/// broker was unreachable, overloaded or busy, not "no such lease" or a
+/// refusal of the caller.
+fn renewal_may_pass_later(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unavailable
+            | ResourceExhausted
+            | DeadlineExceeded
+            | Aborted
+            | Internal
+            | Unknown
+            | Cancelled
+    )
+}
+
 /// Whether a 429's body says the refusal is about concurrent requests
 /// (Genesys Cloud and most APIs word it "concurrent" / "concurrency"), so
 /// it can be reported with [`Lease::report_concurrency_429`].
@@ -757,12 +775,30 @@ impl Lease {
             let (client, id, acquired) = (client.clone(), id.clone(), call.acquire_request());
             tokio::spawn(async move {
                 let mut ttl = Duration::from_millis(ttl_ms);
+                let mut expires = tokio::time::Instant::now() + ttl;
+                // Renew at half the TTL; a renewal that fails for a while
+                // (broker restarting, overloaded, leader moving) is tried
+                // again every eighth of it until the lease would expire.
+                let mut wait = ttl / 2;
                 loop {
-                    // Renew at half the TTL, so one lost renewal is survivable.
-                    tokio::time::sleep(ttl / 2).await;
+                    tokio::time::sleep(wait).await;
                     match client.renew(id.clone(), acquired.clone()).await {
-                        Some(t) if !t.is_zero() => ttl = t,
-                        _ => return,
+                        Ok(t) if !t.is_zero() => {
+                            ttl = t;
+                            expires = tokio::time::Instant::now() + t;
+                            wait = t / 2;
+                        }
+                        // The lease holds no slot any more.
+                        Ok(_) => return,
+                        Err(s) if !renewal_may_pass_later(s.code()) => return,
+                        Err(_) => {
+                            let left =
+                                expires.saturating_duration_since(tokio::time::Instant::now());
+                            if left.is_zero() {
+                                return;
+                            }
+                            wait = (ttl / 8).max(Duration::from_millis(100)).min(left);
+                        }
                     }
                 }
             })

@@ -109,6 +109,49 @@ async fn a_held_lease_is_renewed_in_the_background() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_renewal_refused_for_a_while_is_tried_again() {
+    let config = format!(
+        "{CONFIG}[[auth.tokens]]\nname = \"c\"\nsha256 = \"{}\"\nrole = \"client\"\n\
+         tenants = [\"t\"]\nmax_requests_per_sec = 5\n\
+         [[auth.tokens]]\nname = \"w\"\nsha256 = \"{}\"\nrole = \"client\"\n\
+         tenants = [\"t\"]\nmax_requests_per_sec = 0\n",
+        quota_broker::hash_token("c-secret"),
+        quota_broker::hash_token("w-secret"),
+    );
+    let settings = Settings::from_toml(&config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = Embedded::spawn(listener, settings).unwrap();
+    let client = BrokerClient::connect(&server.url(), Some("c-secret")).unwrap();
+    let lease = client.acquire(&q()).await.unwrap();
+    assert!(!lease.is_fallback());
+    // Just before the renewal (at half the 5 s TTL) the token spends its 5
+    // requests a second, so the broker refuses the renewal as overloaded.
+    tokio::time::sleep(Duration::from_millis(2_400)).await;
+    let busy = BrokerClient::connect(&server.url(), Some("c-secret")).unwrap();
+    let mut refused = false;
+    for _ in 0..10 {
+        let r = busy
+            .acquire(&Call::new("t", "GET", "/x").max_wait(Duration::ZERO))
+            .await;
+        refused |= matches!(r, Err(ClientError::Overloaded { .. }));
+    }
+    assert!(refused, "the token's request rate was not spent");
+    // The renewal is tried again before the lease expires: another caller
+    // waiting 20 s (four TTLs) does not get the slot.
+    let other = BrokerClient::connect(&server.url(), Some("w-secret")).unwrap();
+    let t0 = Instant::now();
+    let waited = other.acquire(&q().max_wait(Duration::from_secs(20))).await;
+    let waited = waited.map(|l| l.is_fallback());
+    assert!(t0.elapsed() >= Duration::from_secs(20), "{waited:?}");
+    assert!(
+        matches!(waited, Err(ClientError::NotGranted { .. })),
+        "the slot was free: {waited:?}"
+    );
+    drop(lease);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn report_and_the_tower_layer_tell_the_broker_about_429s() {
     let b = broker_on("127.0.0.1:0").await;
     let client = BrokerClient::connect(&b.url(), None).unwrap();
