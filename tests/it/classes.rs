@@ -403,6 +403,48 @@ async fn admin_changes_apply_at_once_and_survive_a_restart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[tokio::test(start_paused = true)]
+async fn admin_changes_made_at_once_are_all_saved_and_the_last_survives() {
+    let dir = std::env::temp_dir().join(format!("qb-admin-race-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = saturated("").replace(
+        "state_dir = \"\"",
+        &format!("state_dir = {:?}", dir.to_str().unwrap()),
+    );
+    let b = start(&cfg).await;
+    // The saves share one file: each change is answered once it is saved,
+    // and the file ends with the state the last one left.
+    let changes = (1..=24u32).map(|i| {
+        let mut admin = b.admin.clone();
+        async move {
+            admin
+                .set_bucket_limit(SetBucketLimitRequest {
+                    tenant: "t".into(),
+                    bucket: "org".into(),
+                    permits: 100 + i,
+                    window_ms: 60_000,
+                    burst: 4,
+                    max_in_flight: 3,
+                })
+                .await
+        }
+    });
+    for answer in futures_util::future::join_all(changes).await {
+        answer.expect("the change was saved");
+    }
+    let last = list(&b)
+        .await
+        .remove("org")
+        .unwrap()
+        .configured_rate_per_min;
+    b.stop().await;
+    let b = start(&cfg).await;
+    let org = list(&b).await.remove("org").unwrap();
+    assert_eq!(org.configured_rate_per_min, last);
+    b.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 mod auth {
     use super::*;
     use quota_broker::hash_token;
