@@ -111,11 +111,19 @@ impl Instance {
         }
     }
 
-    pub(super) fn idle(&self, now: Instant) -> bool {
+    /// Nobody uses it: dropping it would lose at most what it learned.
+    pub(super) fn quiet(&self, now: Instant) -> bool {
         self.queued == 0
             && self.slots.is_none_or(|s| s.in_flight() == 0)
             && self.tokens.as_ref().is_none_or(|t| t.is_full(now))
             && self.resume_at.is_none_or(|t| t <= now)
+            && self.learner.frozen_until(now).is_none()
+    }
+
+    /// Quiet and has learned nothing still in force: a fresh instance would
+    /// be the same.
+    pub(super) fn idle(&self, now: Instant) -> bool {
+        self.quiet(now)
             && self.learner.is_pristine(now)
             && self
                 .slot_learner

@@ -92,7 +92,7 @@ impl TenantState {
         let max = self.buckets[bucket].settings.max_clients.get() as usize;
         if self.buckets[bucket].per_client.len() >= max {
             self.evict_idle(Some(bucket), now);
-            if self.buckets[bucket].per_client.len() >= max {
+            if self.buckets[bucket].per_client.len() >= max && !self.forget_stalest(bucket, now) {
                 return None;
             }
         }
@@ -126,6 +126,33 @@ impl TenantState {
                 !idle
             });
         }
+    }
+
+    /// Drops the quiet per-client instance of `bucket` that changed least
+    /// recently, forgetting what it learned: without this, instances kept
+    /// only for their learned limits (a Report may teach one for any OAuth
+    /// client name) would fill the bucket's `max_clients` for good. False if
+    /// every instance is in use.
+    fn forget_stalest(&mut self, bucket: usize, now: Instant) -> bool {
+        let instances = &self.instances;
+        let stalest = self.buckets[bucket]
+            .per_client
+            .iter()
+            .filter_map(|(client, &i)| {
+                let x = instances.get(i)?;
+                x.quiet(now).then(|| (x.version, client.clone(), i))
+            })
+            .min_by_key(|(version, _, _)| *version);
+        let Some((_, client, i)) = stalest else {
+            return false;
+        };
+        self.buckets[bucket].per_client.remove(&client);
+        self.instances.try_remove(i);
+        self.learned_dirty = true;
+        tracing::info!(tenant = %self.id, bucket = %self.buckets[bucket].settings.name,
+            oauth_client = %client,
+            "forgot the learned limits of the OAuth client unused longest, to track a new one (max_clients)");
+        true
     }
 
     /// Every instance of bucket `b`.

@@ -192,6 +192,56 @@ fn per_client_instances_are_bounded_and_idle_ones_evicted() {
 }
 
 #[test]
+fn reports_for_made_up_oauth_clients_cannot_fill_max_clients_for_good() {
+    use crate::learning::RateLimitInfo;
+    let t0 = Instant::now();
+    let mut t = tenant(
+        r#"
+        [[tenants.buckets]]
+        name = "pc"
+        scope = "oauth_client"
+        routes = ["* /**"]
+        permits = 60
+        window_ms = 60000
+        max_clients = 2
+        "#,
+        t0,
+    );
+    // Two reports teach limits for clients nobody acquires for.
+    let low = RateLimitInfo {
+        limit: Some(1),
+        ..RateLimitInfo::default()
+    };
+    for c in ["made-up-1", "made-up-2"] {
+        t.report(("GET", "/x", c), 200, None, &low, t0).unwrap();
+    }
+    // A real client still gets an instance: the one changed least recently
+    // is forgotten, learned limit and all.
+    let mut a = args("GET", "/x", 1);
+    a.oauth_client = "real".into();
+    granted(t.acquire(&a, NOW, t0).unwrap());
+    let mut clients: Vec<String> = t
+        .statuses(t0)
+        .into_iter()
+        .filter_map(|s| s.oauth_client)
+        .collect();
+    clients.sort();
+    assert_eq!(clients, ["made-up-2", "real"]);
+    // An instance in use is never forgotten: with both busy, a third waits.
+    a.oauth_client = "made-up-2".into();
+    granted(t.acquire(&a, NOW, t0).unwrap());
+    a.oauth_client = "third".into();
+    let Decision::Denied(denial) = t.acquire(&a, NOW, t0).unwrap() else {
+        panic!("a busy client's instance was dropped")
+    };
+    assert!(
+        denial.reason.contains("limit of 2 OAuth clients"),
+        "{}",
+        denial.reason
+    );
+}
+
+#[test]
 fn a_stale_clock_read_never_denies_a_full_bucket() {
     let t0 = Instant::now();
     // Burst 3 at 1000/s: the whole burst spans 3 ms.
