@@ -475,6 +475,11 @@ impl BrokerClient {
                     urls[at % urls.len()].clone()
                 }
             };
+            if !may_follow(&url, &next) {
+                tracing::warn!(from = %url, to = %next,
+                    "not following a broker's leader hint from https to plaintext (the token would cross in the clear)");
+                return Err(status);
+            }
             let Ok(client) = channel(&next, self.inner.tls.as_ref()) else {
                 return Err(status);
             };
@@ -684,6 +689,16 @@ impl BrokerClient {
         }
         answer.map(|r| Duration::from_millis(r.lease_ttl_ms))
     }
+}
+
+/// Whether the client may go from broker `from` to `to` (a leader hint or
+/// the next configured URL): never from TLS to plaintext.
+fn may_follow(from: &str, to: &str) -> bool {
+    let https = |u: &str| {
+        u.get(..8)
+            .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+    };
+    !https(from) || https(to)
 }
 
 /// A lazily connected client for the broker at `url`.
@@ -904,5 +919,16 @@ mod body_tests {
             b"Rate limit exceeded the maximum. [family:analytics]"
         ));
         assert!(!says_concurrency(b""));
+    }
+
+    #[test]
+    fn a_leader_hint_never_leads_from_tls_to_plaintext() {
+        use super::may_follow;
+        assert!(may_follow("https://a:7443", "https://b:7443"));
+        assert!(may_follow("HTTPS://a:7443", "https://b:7443"));
+        assert!(may_follow("http://a:7070", "http://b:7070"));
+        assert!(may_follow("http://a:7070", "https://b:7443"));
+        assert!(!may_follow("https://a:7443", "http://b:7070"));
+        assert!(!may_follow("https://a:7443", "b:7070"));
     }
 }
