@@ -77,8 +77,12 @@ pub(crate) struct Queue<R> {
     index: HashMap<u64, usize>,
     /// Virtual time of the last grant.
     vnow: f64,
-    next_id: u64,
 }
+
+/// Waiter ids, unique in the process: a waiter that outlived its queue (a
+/// tenant's state replaced when a cluster member takes it over) can never
+/// withdraw another queue's waiter by its id.
+static NEXT_WAITER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl<R> Default for Queue<R> {
     fn default() -> Self {
@@ -86,7 +90,6 @@ impl<R> Default for Queue<R> {
             classes: Vec::new(),
             index: HashMap::new(),
             vnow: 0.0,
-            next_id: 0,
         }
     }
 }
@@ -123,8 +126,7 @@ impl<R> Queue<R> {
                 |c| c.shape,
             ),
         );
-        self.next_id += 1;
-        let id = self.next_id;
+        let id = NEXT_WAITER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let vnow = self.vnow;
         let q = &mut self.classes[class];
         if q.is_empty() {
@@ -289,6 +291,19 @@ mod tests {
             },
         );
         q
+    }
+
+    #[test]
+    fn a_waiter_id_never_names_a_waiter_of_another_queue() {
+        // A replaced tenant state's queue starts afresh; an id handed out by
+        // the old one must not withdraw a newcomer of the new one.
+        let mut old = q3();
+        let stale = old.push(vec![0], 1, 0, "a".into(), "old");
+        let mut fresh = q3();
+        let newcomer = fresh.push(vec![0], 1, 0, "b".into(), "new");
+        assert_ne!(stale, newcomer);
+        assert!(fresh.remove(stale).is_none());
+        assert_eq!(fresh.len(), 1);
     }
 
     #[test]
