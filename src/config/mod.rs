@@ -369,6 +369,33 @@ impl ConfigError {
 }
 
 impl Settings {
+    /// Creates `server.state_dir` if it is missing and checks that the
+    /// broker can write files there; call it before serving. Without it a
+    /// start after a crash could not tell it is a restart (and would grant
+    /// slots the earlier run's callers still hold), and every operator's
+    /// change would be refused as unsaved. Nothing to check in cluster mode
+    /// (the state lives in etcd) or without a state directory.
+    pub fn check_state_dir(&self) -> Result<(), String> {
+        let Some(dir) = self.server.state_dir.as_deref() else {
+            return Ok(());
+        };
+        if self.cluster.is_some() {
+            return Ok(());
+        }
+        let probe = dir.join(".write-check");
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(&probe, b"quota-broker"))
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|e| {
+                format!(
+                    "server.state_dir {:?}: cannot write there: {e} (learned limits and operators' \
+                     changes are kept there; fix the path or its permissions, or set it to \"\" \
+                     to keep nothing across restarts)",
+                    dir.display().to_string()
+                )
+            })
+    }
+
     /// Loads the configuration: the file at `path` (or the embedded default
     /// when `None`), then overrides from `env` (`QUOTA_BROKER__SECTION__KEY`
     /// pairs; pass `std::env::vars()` in the process, a map in tests).

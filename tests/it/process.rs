@@ -24,6 +24,32 @@ fn bad_config_exits_non_zero_listing_every_problem() {
 }
 
 #[test]
+fn a_state_dir_it_cannot_write_exits_2_naming_it() {
+    // A directory below a regular file can never be created.
+    let file = temp_config("not-a-dir", "");
+    let dir = file.join("state");
+    let path = temp_config(
+        "state-dir",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nstate_dir = {:?}\n[[tenants]]\nid = \"t\"\n\
+             [[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 2\n",
+            dir.to_str().unwrap()
+        ),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("server.state_dir"), "{err}");
+    assert!(err.contains("cannot write there"), "{err}");
+}
+
+#[test]
 fn unknown_flag_is_a_usage_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
         .arg("--bogus")
