@@ -167,7 +167,8 @@ impl TenantState {
             None => next.push(class.clone()),
         }
         let mut problems = Vec::new();
-        class.check("class", &mut problems);
+        // The error says "class: " already; name the class instead.
+        class.check(&crate::error::clip(&class.name), &mut problems);
         crate::config::check_class_set(&next, &mut problems);
         if !problems.is_empty() {
             return Err(BrokerError::invalid("class", problems.join("; ")));

@@ -242,6 +242,32 @@ fn reports_for_made_up_oauth_clients_cannot_fill_max_clients_for_good() {
 }
 
 #[test]
+fn a_bad_class_is_refused_naming_it_once_and_clipped() {
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    let mut class = crate::config::ClassSettings {
+        name: "reports".into(),
+        order: 1,
+        weight: 0,
+        reserve: 0.0,
+        default_max_wait: Duration::ZERO,
+    };
+    let err = t.set_class(class.clone()).unwrap_err().to_string();
+    assert!(
+        err.ends_with("class: \"reports\": weight must be at least 1"),
+        "{err}"
+    );
+    class.name = "x".repeat(10_000);
+    class.weight = 1;
+    let err = t.set_class(class).unwrap_err().to_string();
+    assert!(
+        err.contains("(10000 bytes): name must be 1 to 64 characters"),
+        "{err}"
+    );
+    assert!(err.len() < 300, "{} bytes", err.len());
+}
+
+#[test]
 fn a_stale_clock_read_never_denies_a_full_bucket() {
     let t0 = Instant::now();
     // Burst 3 at 1000/s: the whole burst spans 3 ms.
