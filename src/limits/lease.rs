@@ -67,6 +67,15 @@ impl FromStr for LeaseId {
         else {
             return Err(BadLeaseId);
         };
+        // The shape `to_wire` writes: hex digits only, the check value
+        // always 8 of them (so a mistyped id is refused, not taken as one
+        // this broker might have issued and released).
+        let hex = |p: &str, len: std::ops::RangeInclusive<usize>| {
+            len.contains(&p.len()) && p.bytes().all(|b| b.is_ascii_hexdigit())
+        };
+        if !(hex(t, 1..=8) && hex(q, 1..=16) && hex(n, 8..=8)) {
+            return Err(BadLeaseId);
+        }
         Ok(LeaseId {
             tenant: u32::from_str_radix(t, 16).map_err(|_| BadLeaseId)?,
             seq: u64::from_str_radix(q, 16).map_err(|_| BadLeaseId)?,
@@ -217,7 +226,21 @@ mod tests {
             nonce: 0xdead,
         };
         assert_eq!(id.to_string().parse::<LeaseId>(), Ok(id));
-        for bad in ["", "x", "1-2", "1-2-3-4", "g-1-1", "1--1"] {
+        for bad in [
+            "",
+            "x",
+            "1-2",
+            "1-2-3-4",
+            "g-1-1",
+            "1--1",
+            "9-9-9",
+            "0-1-5c0f1d2",
+            "0-1-5c0f1d2e0",
+            "+0-1-5c0f1d2e",
+            "0-+1-5c0f1d2e",
+            "123456789-1-5c0f1d2e",
+            "0-12345678901234567-5c0f1d2e",
+        ] {
             assert_eq!(bad.parse::<LeaseId>(), Err(BadLeaseId), "{bad}");
         }
     }

@@ -116,7 +116,7 @@ async fn lease_report_and_watch_errors() {
     expect(
         Code::NotFound,
         c.renew(RenewRequest {
-            lease_id: "0-99-1".into(),
+            lease_id: "0-99-00000001".into(),
             extend_ms: 0,
             ..Default::default()
         })
@@ -126,7 +126,7 @@ async fn lease_report_and_watch_errors() {
     expect(
         Code::InvalidArgument,
         c.renew(RenewRequest {
-            lease_id: "0-99-1".into(),
+            lease_id: "0-99-00000001".into(),
             extend_ms: 86_400_000,
             ..Default::default()
         })
