@@ -86,10 +86,17 @@ pub fn rate(configured: f64, effective: f64) -> String {
     }
 }
 
-/// Tokens available out of the burst, e.g. `7.5/10`; `-` without a rate.
+/// Tokens available out of the burst, e.g. `7.5/10`, and what the upstream
+/// said is left when that is less (the broker grants no more than it):
+/// `300.0/300 (295 upstream)`; `-` without a rate.
 pub fn tokens(s: &QuotaStatus) -> String {
     if s.burst == 0 && s.configured_rate_per_min <= 0.0 {
         "-".into()
+    } else if s.upstream_remaining >= 0 && (s.upstream_remaining as f64) < s.tokens_available {
+        format!(
+            "{:.1}/{} ({} upstream)",
+            s.tokens_available, s.burst, s.upstream_remaining
+        )
     } else {
         format!("{:.1}/{}", s.tokens_available, s.burst)
     }
@@ -285,6 +292,12 @@ mod tests {
         let none: HashMap<String, u32> = HashMap::from([("batch".into(), 0)]);
         assert_eq!(waiting(&none), "-");
         assert_eq!(waiting(&status("x").waiting), "batch:3 critical:1");
+        let mut s = status("x");
+        assert_eq!(tokens(&s), "7.5/10");
+        s.upstream_remaining = 5;
+        assert_eq!(tokens(&s), "7.5/10 (5 upstream)");
+        s.upstream_remaining = 8;
+        assert_eq!(tokens(&s), "7.5/10", "more left upstream than here");
     }
 
     #[test]
