@@ -14,6 +14,9 @@ const MAX_PROBLEMS: usize = 50;
 /// Deserializes `T` from `doc`, or lists every structural problem found.
 pub(super) fn read<T: DeserializeOwned>(mut doc: toml::Value) -> Result<T, ConfigError> {
     let mut problems = Vec::new();
+    // Keys set aside so far: a required one then reads as missing, which
+    // is not a problem of its own.
+    let mut removed = Vec::new();
     loop {
         match serde_path_to_error::deserialize::<_, T>(doc.clone()) {
             Ok(t) if problems.is_empty() => return Ok(t),
@@ -23,10 +26,29 @@ pub(super) fn read<T: DeserializeOwned>(mut doc: toml::Value) -> Result<T, Confi
                 // The first line: the parser's own "in `key`" repeats the path.
                 let inner = e.into_inner().to_string();
                 let what = inner.lines().next().unwrap_or_default().trim();
-                problems.push(match path.to_string().as_str() {
-                    "." | "" => what.to_owned(),
-                    at => format!("{at}: {what}"),
-                });
+                let at = match path.to_string().as_str() {
+                    "." | "" => String::new(),
+                    at => at.to_owned(),
+                };
+                let set_aside = what
+                    .strip_prefix("missing field `")
+                    .and_then(|rest| rest.strip_suffix('`'))
+                    .is_some_and(|field| {
+                        let key = if at.is_empty() {
+                            field.to_owned()
+                        } else {
+                            format!("{at}.{field}")
+                        };
+                        removed.contains(&key)
+                    });
+                if !set_aside {
+                    problems.push(if at.is_empty() {
+                        what.to_owned()
+                    } else {
+                        format!("{at}: {what}")
+                    });
+                }
+                removed.push(at);
                 if !remove(&mut doc, &path) || problems.len() >= MAX_PROBLEMS {
                     break;
                 }

@@ -366,6 +366,24 @@ impl ConfigError {
             problems: vec![problem],
         }
     }
+
+    /// Says where each problem comes from: the environment variable that
+    /// set its key (`overrides`: key path → variable), or else `source` for
+    /// a problem that names no key (a TOML syntax error).
+    fn annotated(mut self, source: &str, overrides: &[(String, String)]) -> Self {
+        for p in &mut self.problems {
+            let from_env = overrides.iter().find(|(key, _)| {
+                p.strip_prefix(key.as_str())
+                    .is_some_and(|rest| rest.starts_with([':', ' ', '[', '.']))
+            });
+            if let Some((_, var)) = from_env {
+                p.push_str(&format!(" (set by the environment variable {var})"));
+            } else if p.starts_with("TOML parse error") {
+                *p = format!("{source}: {p}");
+            }
+        }
+        self
+    }
 }
 
 impl Settings {
@@ -414,6 +432,29 @@ impl Settings {
             .into_iter()
             .filter(|(k, _)| k.starts_with(ENV_PREFIX))
             .collect();
+        let source = path.map_or_else(
+            || "the embedded default config".to_owned(),
+            |p| format!("config file {}", p.display()),
+        );
+        let overrides: Vec<(String, String)> = env
+            .keys()
+            .filter_map(|k| {
+                let path = k.strip_prefix(ENV_PREFIX)?.strip_prefix("__")?;
+                Some((path.to_lowercase().replace("__", "."), k.clone()))
+            })
+            .collect();
+        Self::load_sources(base, env)
+            .map_err(|e| e.annotated(&source, &overrides))?
+            .validate()
+            .map_err(|e| e.annotated(&source, &overrides))
+    }
+
+    /// The configuration read from the file's text `base` and the
+    /// environment overrides `env`, not validated yet.
+    fn load_sources(
+        base: config::File<config::FileSourceString, config::FileFormat>,
+        env: config::Map<String, String>,
+    ) -> Result<RawConfig, ConfigError> {
         let raw = config::Config::builder()
             .add_source(base)
             .add_source(
@@ -425,7 +466,7 @@ impl Settings {
             .build()
             .and_then(|c| c.try_deserialize::<toml::Value>())
             .map_err(|e| ConfigError::one(e.to_string()))?;
-        collect::read::<RawConfig>(raw)?.validate()
+        collect::read::<RawConfig>(raw)
     }
 
     /// Parses and validates a TOML document, with no environment overrides.
@@ -681,6 +722,66 @@ mod tests {
         )];
         let s = Settings::load(None, env).unwrap();
         assert_eq!(s.server.max_wait, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn a_problem_set_by_the_environment_names_its_variable() {
+        let env = [
+            ("QUOTA_BROKER__SERVER__LISTN".to_owned(), "x".to_owned()),
+            (
+                "QUOTA_BROKER__SERVER__MAX_WAIT_MS".to_owned(),
+                "abc".to_owned(),
+            ),
+        ];
+        let err = Settings::load(None, env).unwrap_err().to_string();
+        assert!(
+            err.contains("(set by the environment variable QUOTA_BROKER__SERVER__LISTN)"),
+            "{err}"
+        );
+        assert!(
+            err.contains("(set by the environment variable QUOTA_BROKER__SERVER__MAX_WAIT_MS)"),
+            "{err}"
+        );
+        // A semantic problem too.
+        let env = [("QUOTA_BROKER__SERVER__LISTEN".to_owned(), "nope".to_owned())];
+        let err = Settings::load(None, env).unwrap_err().to_string();
+        assert!(
+            err.contains("(set by the environment variable QUOTA_BROKER__SERVER__LISTEN)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_key_set_aside_for_its_value_is_not_also_missing() {
+        let err = Settings::from_toml(
+            "[[auth.tokens]]\nname = \"x\"\nsha256 = \"00\"\nrole = \"admn\"\ntenants = []\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.problems,
+            ["auth.tokens[0].role: unknown variant `admn`, expected `client` or `admin`"]
+        );
+        // A key that is really missing still is one.
+        let err =
+            Settings::from_toml("[[auth.tokens]]\nname = \"x\"\nsha256 = \"00\"\n").unwrap_err();
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.contains("missing field `role`")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_toml_syntax_error_names_the_file() {
+        let path = std::env::temp_dir().join(format!("qb-syntax-{}.toml", std::process::id()));
+        std::fs::write(&path, "[server\nlisten = 1\n").unwrap();
+        let err = Settings::load(Some(&path), []).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            err.contains(&format!("config file {}: TOML parse error", path.display())),
+            "{err}"
+        );
     }
 
     #[test]
