@@ -12,8 +12,20 @@ mod table;
 use clap::Parser;
 use std::process::ExitCode;
 
+/// Longest argument accepted: names, reasons, URLs and tokens are all far
+/// shorter, and clap's errors would echo a longer one whole.
+const MAX_ARG_BYTES: usize = 8192;
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    if let Some((i, len)) = std::env::args_os()
+        .map(|a| a.len())
+        .enumerate()
+        .find(|&(_, len)| len > MAX_ARG_BYTES)
+    {
+        eprintln!("quotactl: argument {i} is {len} bytes long; at most {MAX_ARG_BYTES}");
+        return ExitCode::from(2);
+    }
     let cli = cli::Cli::parse();
     match commands::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -488,6 +488,13 @@ async fn usage_errors_exit_2() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(!out.stderr.is_empty());
     }
+    // An argument far longer than any name is refused without echoing it.
+    let long = "x".repeat(100_000);
+    let out = output(quotactl(&["--broker", &long, "status"])).await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("argument 2 is 100000 bytes long"), "{err}");
+    assert!(err.len() < 200, "{} bytes", err.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
