@@ -87,7 +87,9 @@ impl Broker {
     /// learning mode (leases the last leader granted may still be held, and
     /// its buckets' levels are unknown, unless it handed them over). No
     /// snapshot: no broker ever led the tenant (every leader saves before
-    /// it grants), so it starts as a fresh broker does, buckets full.
+    /// it grants), so it starts as a fresh broker does, buckets full. A
+    /// snapshot that cannot be read still says someone led: the learning
+    /// mode holds.
     pub(crate) fn take_over(&self, t: usize, snapshot: Option<&[u8]>) {
         let now = Instant::now();
         let settings = &self.inner.settings;
@@ -111,6 +113,7 @@ impl Broker {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|(i, _)| *i != t);
+        let led_before = snapshot.is_some();
         let snapshot = snapshot.and_then(|bytes| {
             serde_json::from_slice::<Snapshot>(bytes)
                 .map_err(|e| {
@@ -120,7 +123,6 @@ impl Broker {
                 .ok()
         });
         let (mut changes, mut learned, mut handed_over) = (0, 0, None);
-        let led_before = snapshot.is_some();
         if let Some(s) = snapshot {
             changes = self.apply_admin(s.admin, now);
             learned = self.apply_learned(s.learned, now);
@@ -207,5 +209,36 @@ impl Broker {
                 leader: None,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use tokio_util::sync::CancellationToken;
+
+    const ONE_BUCKET: &str = "[server]\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n\
+        [[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\npermits = 60\n\
+        window_ms = 60000\nburst = 10\n";
+
+    fn tokens(b: &Broker) -> f64 {
+        b.inner.tenants[0].lock().statuses(Instant::now())[0].tokens_available
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_that_cannot_be_read_still_means_someone_led() {
+        let settings = Settings::from_toml(ONE_BUCKET).unwrap();
+        let stop = CancellationToken::new();
+        let (broker, _drivers) = Broker::start(&settings, stop.clone(), None);
+        // Nothing saved: nobody led it, the bucket starts full.
+        broker.take_over(0, None);
+        assert_eq!(tokens(&broker), 10.0);
+        // Something saved that this broker cannot read (a newer broker's
+        // fields, a failed encoding): the earlier leader's grants may be
+        // out, so the bucket starts empty.
+        broker.take_over(0, Some(b"{\"from\": \"a newer broker\"}"));
+        assert!(tokens(&broker) < 2.0, "{}", tokens(&broker));
+        stop.cancel();
     }
 }

@@ -24,7 +24,7 @@ pub(crate) struct EtcdError {
 }
 
 impl EtcdError {
-    fn new(call: &'static str, e: impl std::fmt::Display) -> EtcdError {
+    pub(crate) fn new(call: &'static str, e: impl std::fmt::Display) -> EtcdError {
         EtcdError {
             call,
             message: e.to_string(),
@@ -46,9 +46,9 @@ pub(crate) struct Etcd {
 pub(crate) struct KeepAlive {
     id: i64,
     timeout: Duration,
-    /// A request is already on the stream (etcd answers the stream's
-    /// headers only once it has one to answer).
-    primed: bool,
+    /// When the request already on the stream was sent (etcd answers the
+    /// stream's headers only once it has one to answer).
+    primed: Option<tokio::time::Instant>,
     requests: mpsc::Sender<LeaseKeepAliveRequest>,
     responses: Streaming<LeaseKeepAliveResponse>,
 }
@@ -59,21 +59,30 @@ impl KeepAlive {
         self.id
     }
 
-    /// Refreshes the lease: its TTL from now as etcd says it (`None`: the
-    /// lease is gone).
-    pub(crate) async fn refresh(&mut self) -> Result<Option<Duration>, EtcdError> {
-        if !std::mem::take(&mut self.primed) {
-            self.requests
-                .send(LeaseKeepAliveRequest { id: self.id })
-                .await
-                .map_err(|e| EtcdError::new("lease keep-alive", e))?;
-        }
+    /// Refreshes the lease: when the request was sent, and the TTL etcd
+    /// gave from when it answered it (`None`: the lease is gone). The lease
+    /// lasts at least until the send time plus that TTL.
+    pub(crate) async fn refresh(
+        &mut self,
+    ) -> Result<(tokio::time::Instant, Option<Duration>), EtcdError> {
+        let sent = match self.primed.take() {
+            Some(at) => at,
+            None => {
+                let at = tokio::time::Instant::now();
+                self.requests
+                    .send(LeaseKeepAliveRequest { id: self.id })
+                    .await
+                    .map_err(|e| EtcdError::new("lease keep-alive", e))?;
+                at
+            }
+        };
         let answer = tokio::time::timeout(self.timeout, self.responses.message())
             .await
             .map_err(|_| EtcdError::new("lease keep-alive", "no answer in time"))?
             .map_err(|e| EtcdError::new("lease keep-alive", e))?
             .ok_or_else(|| EtcdError::new("lease keep-alive", "stream ended"))?;
-        Ok((answer.ttl > 0).then(|| Duration::from_secs(answer.ttl.unsigned_abs())))
+        let ttl = (answer.ttl > 0).then(|| Duration::from_secs(answer.ttl.unsigned_abs()));
+        Ok((sent, ttl))
     }
 }
 
@@ -81,6 +90,8 @@ impl KeepAlive {
 pub(crate) struct Entry {
     pub(crate) key: String,
     pub(crate) value: Vec<u8>,
+    /// The lease the key is attached to (0: none).
+    pub(crate) lease: i64,
 }
 
 /// `call` bounded by `timeout`, its error as an [`EtcdError`].
@@ -133,6 +144,7 @@ impl Etcd {
     /// A keep-alive stream for lease `id`.
     pub(crate) async fn keep_alive(&self, id: i64) -> Result<KeepAlive, EtcdError> {
         let (requests, rx) = mpsc::channel(4);
+        let primed = tokio::time::Instant::now();
         requests
             .send(LeaseKeepAliveRequest { id })
             .await
@@ -148,7 +160,7 @@ impl Etcd {
         Ok(KeepAlive {
             id,
             timeout: self.timeout,
-            primed: true,
+            primed: Some(primed),
             requests,
             responses,
         })
@@ -183,6 +195,7 @@ impl Etcd {
             .map(|kv| Entry {
                 key: String::from_utf8_lossy(&kv.key).into_owned(),
                 value: kv.value,
+                lease: kv.lease,
             })
             .collect())
     }
@@ -199,6 +212,21 @@ impl Etcd {
         )
         .await?;
         Ok(answer.kvs.into_iter().next().map(|kv| kv.value))
+    }
+
+    /// The lease `key` is attached to, if the key exists (0: none).
+    pub(crate) async fn lease_of(&self, key: &str) -> Result<Option<i64>, EtcdError> {
+        let answer = bounded(
+            self.timeout,
+            "range",
+            self.kv.clone().range(RangeRequest {
+                key: key.as_bytes().to_vec(),
+                keys_only: true,
+                ..RangeRequest::default()
+            }),
+        )
+        .await?;
+        Ok(answer.kvs.into_iter().next().map(|kv| kv.lease))
     }
 
     /// Puts `key` = `value` (attached to `lease` unless 0).

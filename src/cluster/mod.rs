@@ -129,6 +129,7 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
         tenants: broker.tenant_ids(),
         led: HashSet::new(),
         last_save: Instant::now(),
+        own_leases: Vec::new(),
     };
     let shutdown = broker.shutdown_token().clone();
     let mut backoff = tick;
@@ -141,7 +142,7 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
             }
             Ok(None) => backoff = tick,
             Err(e) => {
-                tracing::warn!(error = %e, "etcd unreachable: leading nothing until it answers");
+                tracing::warn!(error = %e, "cluster session failed: leading nothing until one succeeds");
                 node.lose_all();
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
@@ -163,6 +164,9 @@ struct Node {
     /// Tenants this node took over and has not stepped down from.
     led: HashSet<usize>,
     last_save: Instant,
+    /// The etcd leases this process joined on, latest last (a few): keys on
+    /// them are this process's own, on any other lease another process's.
+    own_leases: Vec<i64>,
 }
 
 impl Node {
@@ -173,6 +177,26 @@ impl Node {
         let mut keep = self.etcd.grant(self.settings.lease_ttl).await?;
         let lease = keep.id();
         let me = self.settings.node.clone();
+        // A live member key of this name on a lease this process never held:
+        // another broker runs as this node (or one that crashed moments ago,
+        // whose lease has not expired yet). Taking its name would make both
+        // lead its tenants; wait for its lease to go instead.
+        if let Some(theirs) = self.etcd.lease_of(&self.keys.member(&me)).await? {
+            if theirs != 0 && !self.own_leases.contains(&theirs) {
+                let _ = self.etcd.revoke(lease).await;
+                return Err(EtcdError::new(
+                    "join",
+                    format!(
+                        "another broker is a member as node {me:?} (etcd lease {theirs:x}): each \
+                         broker needs its own cluster.node; joining once that lease expires"
+                    ),
+                ));
+            }
+        }
+        self.own_leases.push(lease);
+        if self.own_leases.len() > 8 {
+            self.own_leases.remove(0);
+        }
         self.etcd
             .put(
                 &self.keys.member(&me),
@@ -184,7 +208,7 @@ impl Node {
         // than the TTL) would expire with a lease no longer refreshed:
         // free them and win them again on this one.
         for e in self.etcd.list(&self.keys.leaders()).await? {
-            if e.value == me.as_bytes() {
+            if e.value == me.as_bytes() && self.own_leases.contains(&e.lease) {
                 self.etcd.delete_if(&e.key, me.as_bytes()).await?;
             }
         }
@@ -213,9 +237,10 @@ impl Node {
     /// lease is gone). A failed refresh is retried on a new stream until
     /// the margin would pass; tenants stop being granted at it regardless.
     async fn refresh(&mut self, keep: &mut KeepAlive) -> Result<Option<Instant>, EtcdError> {
-        let sent = Instant::now();
-        let ttl = match keep.refresh().await {
-            Ok(ttl) => ttl,
+        // From when the answered request was sent, which for a new stream
+        // is when it was opened (the registration's calls came since).
+        let (sent, ttl) = match keep.refresh().await {
+            Ok(answer) => answer,
             Err(e) => {
                 tracing::debug!(error = %e, "keep-alive failed; reopening the stream");
                 *keep = self.etcd.keep_alive(keep.id()).await?;
@@ -249,6 +274,14 @@ impl Node {
             .collect();
         let me = self.settings.node.clone();
         let url = |node: Option<&str>| node.and_then(|n| members.get(n).cloned());
+        // First extend every lead this node holds: an etcd error on one
+        // tenant below must not let the others lapse.
+        for t in 0..self.tenants.len() {
+            let mine = leaders.get(&self.tenants[t]).is_some_and(|h| *h == me);
+            if mine && self.led.contains(&t) && self.broker.leads(t) {
+                self.broker.lead(t, valid_until);
+            }
+        }
         for t in 0..self.tenants.len() {
             let tenant = self.tenants[t].clone();
             let preferred = placement::leader_of(&tenant, members.keys().map(String::as_str))

@@ -533,6 +533,42 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_broker_under_a_members_node_name_leads_nothing() {
+    let etcd = testsvc::Etcd::start().unwrap();
+    let cluster = Cluster::start(etcd, "same-name", &["b1"], 1).await;
+    let first = settled_leader(&cluster.urls(), "t0").await;
+    // Another process configured as b1 too (a copied config, an overlapping
+    // deploy): it must not take b1's tenants while b1 lives.
+    let port = testsvc::free_port().unwrap();
+    let toml = config(
+        "b1",
+        port,
+        &cluster.etcd_url,
+        &cluster.prefix,
+        &cluster.tenants,
+    );
+    let dup = Broker::start(&temp_config(&format!("cluster-dup-{port}"), &toml)).await;
+    let watch_until = Instant::now() + Duration::from_millis(2 * TTL_MS);
+    while Instant::now() < watch_until {
+        assert_eq!(
+            leads(&first, "t0").await,
+            Ok(()),
+            "the first b1 stopped leading"
+        );
+        assert!(
+            leads(&dup.url(), "t0").await.is_err(),
+            "the second b1 leads too"
+        );
+        poll_pause().await;
+    }
+    let (_, log) = dup.terminate().await;
+    assert!(
+        log.contains("another broker is a member as node \"b1\""),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_etcd_no_broker_grants_past_its_lease_and_a_leader_returns_with_it() {
     let etcd = testsvc::Etcd::start().unwrap();
     let mut cluster = Cluster::start(etcd, "etcd-down", &["b1", "b2"], 1).await;
