@@ -10,7 +10,7 @@ use crate::config::ClassSettings;
 use crate::error::BrokerError;
 use crate::tenant::LimitChange;
 use std::collections::BTreeSet;
-use std::sync::{Arc, PoisonError};
+use std::sync::PoisonError;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -125,7 +125,7 @@ impl Broker {
         self.inner.tenants[t].wake.notify_one();
         self.announce();
         // Held until the write ends, even if this caller goes away.
-        let saving = Arc::clone(&self.inner.admin_saves).lock_owned().await;
+        let saving = self.hold_saves().await;
         let file = {
             let mut changed = self
                 .inner

@@ -9,7 +9,7 @@ use super::Broker;
 use crate::error::BrokerError;
 use crate::tenant::TenantState;
 use serde::{Deserialize, Serialize};
-use std::sync::PoisonError;
+use std::sync::{Arc, PoisonError};
 use tokio::time::Instant;
 
 /// What a leader saves of a tenant for the next one.
@@ -182,6 +182,13 @@ impl Broker {
     /// True if tenant `t`'s learned state changed since the last call.
     pub(crate) fn take_dirty(&self, t: usize) -> bool {
         self.inner.tenants[t].lock().take_learned_dirty()
+    }
+
+    /// Holds off every other save of state (operators' changes, snapshots)
+    /// until dropped: take it before a snapshot and keep it until the
+    /// snapshot is written, so saves land in the order they were taken.
+    pub(crate) async fn hold_saves(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        Arc::clone(&self.inner.admin_saves).lock_owned().await
     }
 
     /// Tenant `t`'s learned state was taken as dirty but not saved.

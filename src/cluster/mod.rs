@@ -329,6 +329,7 @@ impl Node {
     async fn take_over(&mut self, t: usize, valid_until: Instant) -> Result<(), EtcdError> {
         let tenant = self.tenants[t].clone();
         let saved = self.etcd.get(&self.keys.state(&tenant)).await?;
+        let _in_order = self.broker.hold_saves().await;
         self.broker.take_over(t, saved.as_deref());
         // Saved before the first grant: a snapshot then always exists once
         // anyone granted (so the next leader knows to be careful), and the
@@ -345,6 +346,9 @@ impl Node {
     /// frees the leader key.
     async fn hand_over(&mut self, t: usize, next: Option<String>) -> Result<(), EtcdError> {
         let tenant = self.tenants[t].clone();
+        // Until the key is gone: an operator's change saved after the final
+        // snapshot would be lost, so its save must find the key deleted.
+        let _in_order = self.broker.hold_saves().await;
         self.broker.step_down(t, next.clone());
         self.led.remove(&t);
         self.store
@@ -381,6 +385,7 @@ impl Node {
         let led: Vec<usize> = self.led.iter().copied().collect();
         for t in led {
             if self.broker.take_dirty(t) {
+                let _in_order = self.broker.hold_saves().await;
                 let saved = self
                     .store
                     .save(&self.tenants[t], self.broker.snapshot(t))
