@@ -31,21 +31,34 @@ pub struct Intake {
 /// Why a record is refused (the messages never echo the input).
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Invalid {
-    /// Key missing or too long.
-    #[error("idempotencyKey must be 1 to {KEY_MAX} bytes")]
+    /// Key missing, too long, or holding control characters.
+    #[error("idempotencyKey must be 1 to {KEY_MAX} bytes, without control characters")]
     Key,
-    /// Order key too long.
-    #[error("orderKey must be 1 to {KEY_MAX} bytes")]
+    /// Order key too long, or holding control characters.
+    #[error("orderKey must be 1 to {KEY_MAX} bytes, without control characters")]
     OrderKey,
     /// Method not one of the writes.
     #[error("method must be POST, PUT, PATCH or DELETE")]
     Method,
     /// Path not an API path.
-    #[error("path must start with /api/v2/, be at most {PATH_MAX} bytes, and hold no spaces, '..' or '#'")]
+    #[error("path must start with /api/v2/, be at most {PATH_MAX} bytes, and hold no spaces, '..', '#' or an encoded '.', '/' or '\\'")]
     Path,
     /// Too big.
     #[error("the record is larger than the relay's limit of {0} bytes")]
     TooLarge(usize),
+}
+
+/// True if `path` percent-encodes a '.', '/' or '\\': an HTTP client
+/// normalising `%2e%2e` would leave `/api/v2/` (and the broker would lease
+/// the call for a route it does not go to).
+fn encodes_a_separator(path: &str) -> bool {
+    path.as_bytes().windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!(
+                (w[1], w[2].to_ascii_lowercase()),
+                (b'2', b'e') | (b'2', b'f') | (b'5', b'c')
+            )
+    })
 }
 
 /// A checked record, ready to store.
@@ -66,11 +79,15 @@ pub struct NewRecord {
 impl NewRecord {
     /// Checks `intake` (at most `max_bytes` in all).
     pub fn check(intake: Intake, max_bytes: usize) -> Result<NewRecord, Invalid> {
-        if intake.idempotency_key.is_empty() || intake.idempotency_key.len() > KEY_MAX {
+        // Control characters: a NUL cannot be stored in PostgreSQL's TEXT,
+        // and would fail the whole group commit the record joins.
+        let bad_key =
+            |k: &str| k.is_empty() || k.len() > KEY_MAX || k.chars().any(char::is_control);
+        if bad_key(&intake.idempotency_key) {
             return Err(Invalid::Key);
         }
         let order_key = match intake.order_key {
-            Some(k) if k.is_empty() || k.len() > KEY_MAX => return Err(Invalid::OrderKey),
+            Some(k) if bad_key(&k) => return Err(Invalid::OrderKey),
             Some(k) => k,
             None => intake.path.clone(),
         };
@@ -84,6 +101,7 @@ impl NewRecord {
             || p.contains("..")
             || p.contains('#')
             || p.chars().any(|c| c.is_whitespace() || c.is_control())
+            || encodes_a_separator(p)
         {
             return Err(Invalid::Path);
         }
@@ -172,6 +190,31 @@ mod tests {
             check(r#"{"idempotencyKey":"k","method":"POST","path":"/api/v2/x","orderKey":""}"#),
             Invalid::OrderKey
         );
+        // A NUL would fail the whole group commit in PostgreSQL.
+        assert_eq!(
+            check(r#"{"idempotencyKey":"k\u0000","method":"POST","path":"/api/v2/x"}"#),
+            Invalid::Key
+        );
+        assert_eq!(
+            check(
+                r#"{"idempotencyKey":"k","method":"POST","path":"/api/v2/x","orderKey":"a\u0000"}"#
+            ),
+            Invalid::OrderKey
+        );
+        // Encoded dots and slashes that a client would normalise away.
+        for path in [
+            "/api/v2/%2e%2e/%2E%2E/x",
+            "/api/v2/users%2F..%2Fx",
+            "/api/v2/a%5c..%5cb",
+        ] {
+            let json = format!(r#"{{"idempotencyKey":"k","method":"POST","path":"{path}"}}"#);
+            assert_eq!(check(&json), Invalid::Path, "{path}");
+        }
+        assert!(NewRecord::check(
+            intake(r#"{"idempotencyKey":"k","method":"POST","path":"/api/v2/users/a%20b"}"#),
+            200
+        )
+        .is_ok());
         let big = format!(
             r#"{{"idempotencyKey":"k","method":"POST","path":"/api/v2/x","body":"{}"}}"#,
             "a".repeat(300)
