@@ -113,6 +113,8 @@ pub struct RelayHandle {
     stop: watch::Sender<bool>,
     http: JoinHandle<std::io::Result<()>>,
     drain: JoinHandle<()>,
+    /// SQLite: this relay is the file's only one while it serves.
+    _only_relay: Option<std::fs::File>,
 }
 
 impl RelayHandle {
@@ -160,6 +162,10 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<RelayHan
         source,
     })?;
     let upstream = upstream(&settings)?;
+    let only_relay = match queue::sqlite_path(&settings.queue) {
+        Some(path) => Some(queue::lock_queue_file(path)?),
+        None => None,
+    };
     let queue = Queue::open(&settings.queue, settings.limits).await?;
     let metrics = metrics::Metrics::default();
     let wake = Arc::new(Notify::new());
@@ -207,6 +213,7 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<RelayHan
         stop,
         http,
         drain,
+        _only_relay: only_relay,
     })
 }
 

@@ -181,6 +181,49 @@ pub struct Queue {
     limits: Limits,
 }
 
+/// The file of a SQLite queue URL (`sqlite:PATH`, `sqlite://PATH` or a bare
+/// path); `None` for PostgreSQL.
+pub(crate) fn sqlite_path(url: &str) -> Option<&str> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return None;
+    }
+    Some(
+        url.strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .unwrap_or(url),
+    )
+}
+
+/// Takes `<path>.lock` for a serving relay: a second one on the same SQLite
+/// file would release the first one's claims at its start and send their
+/// records upstream again. (The CLI's inspections do not take it.) The
+/// lock goes with the process, even a killed one.
+pub(crate) fn lock_queue_file(path: &str) -> Result<std::fs::File, RelayError> {
+    let lock_path = format!("{path}.lock");
+    let io = |what: String| {
+        move |source| RelayError::Io {
+            what: what.clone(),
+            source,
+        }
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io(format!("open the queue's lock file {lock_path}")))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(RelayError::Settings(format!(
+            "another relay uses the queue {path} (it holds {lock_path}): one relay per SQLite \
+             file; run several on PostgreSQL"
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(io(format!("lock the queue's lock file {lock_path}"))(e))
+        }
+    }
+}
+
 impl Queue {
     /// Opens (creating if needed) the queue at `url`: `sqlite:PATH` or a
     /// bare path for SQLite, `postgres://...` for PostgreSQL. Starts the
@@ -194,10 +237,7 @@ impl Queue {
                 .map_err(|e| RelayError::db("connect to PostgreSQL", e))?;
             Db::Postgres(pool)
         } else {
-            let path = url
-                .strip_prefix("sqlite://")
-                .or_else(|| url.strip_prefix("sqlite:"))
-                .unwrap_or(url);
+            let path = sqlite_path(url).unwrap_or(url);
             let options = SqliteConnectOptions::new()
                 .filename(path)
                 .create_if_missing(true)

@@ -180,3 +180,26 @@ async fn the_shipped_data_action_makes_records_the_relay_takes() {
     broker.stop().await;
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_second_relay_on_the_same_sqlite_file_is_refused() {
+    let dir = TempDir::new("one-relay");
+    let sim = gcsim(sim_config(1.0, 300, 0)).await;
+    let broker = broker(60_000).await;
+    let first = relay(settings(&dir.sqlite(), &sim, &broker.url)).await;
+    // The second would release the first one's claims and send their
+    // records upstream again.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let second = gc_relay::start(settings(&dir.sqlite(), &sim, &broker.url), listener).await;
+    let err = second.err().expect("a second relay on the file started");
+    assert!(
+        err.to_string().contains("another relay uses the queue"),
+        "{err}"
+    );
+    // Once the first is gone, the file is free again.
+    first.shutdown().await;
+    let again = relay(settings(&dir.sqlite(), &sim, &broker.url)).await;
+    again.shutdown().await;
+    broker.stop().await;
+    sim.shutdown().await;
+}
