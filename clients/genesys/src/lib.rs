@@ -55,6 +55,22 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
 /// Shortest pause after "not granted", whatever the broker suggested.
 const MIN_NOT_GRANTED_PAUSE: Duration = Duration::from_millis(10);
 
+/// A lease for `call` from `broker`, asked again after each "not now"
+/// (not granted within the class's wait, or the broker over this caller's
+/// rate) until it is granted; other errors end it.
+pub async fn lease_waiting(broker: &BrokerClient, call: &Call) -> Result<Lease, UpstreamError> {
+    loop {
+        match broker.acquire(call).await {
+            Ok(lease) => return Ok(lease),
+            Err(ClientError::NotGranted { retry_after, .. })
+            | Err(ClientError::Overloaded { retry_after, .. }) => {
+                tokio::time::sleep(retry_after.max(MIN_NOT_GRANTED_PAUSE)).await;
+            }
+            Err(e) => return Err(UpstreamError::Lease(e)),
+        }
+    }
+}
+
 /// Why an upstream call could not be made or answered.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -433,16 +449,7 @@ impl Upstream {
 
     /// A lease for `call`; "not granted" and "overloaded" are waited out.
     async fn lease(&self, call: &Call) -> Result<Lease, UpstreamError> {
-        loop {
-            match self.inner.broker.acquire(call).await {
-                Ok(lease) => return Ok(lease),
-                Err(ClientError::NotGranted { retry_after, .. })
-                | Err(ClientError::Overloaded { retry_after, .. }) => {
-                    tokio::time::sleep(retry_after.max(MIN_NOT_GRANTED_PAUSE)).await;
-                }
-                Err(e) => return Err(UpstreamError::Lease(e)),
-            }
-        }
+        lease_waiting(&self.inner.broker, call).await
     }
 
     async fn call(&self, req: &Request, token: &str) -> Result<Response, UpstreamError> {

@@ -1,7 +1,8 @@
 //! `gc-ingest`: the command line over the library: arguments → an
 //! upstream leased through the broker, a sink, a plan → the run → a
 //! summary (`--json`) and an exit code (0: every block stored; 1: some
-//! failed, run again to finish; 2: bad arguments or set-up).
+//! failed, run again to finish; 2: bad arguments or set-up; 3: none failed,
+//! but some were held by other workers, whose runs must finish them).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -179,7 +180,7 @@ async fn main() -> ExitCode {
                 }
             } else if !args.quiet {
                 eprintln!(
-                    "gc-ingest: {} records in {:.1}s ({:.0}/s) from {} blocks ({} already done, {} provisional, {} failed); {} upstream requests, {} 429s",
+                    "gc-ingest: {} records in {:.1}s ({:.0}/s) from {} blocks ({} already done, {} provisional, {} failed, {} held by other workers); {} upstream requests, {} 429s",
                     summary.records,
                     summary.elapsed_s,
                     summary.records_per_s,
@@ -187,6 +188,7 @@ async fn main() -> ExitCode {
                     summary.blocks_skipped,
                     summary.blocks_provisional,
                     summary.blocks_failed,
+                    summary.blocks_busy,
                     summary.upstream_requests,
                     summary.upstream_429,
                 );
@@ -194,10 +196,12 @@ async fn main() -> ExitCode {
                     eprintln!("  {e}");
                 }
             }
-            if summary.blocks_failed == 0 {
-                ExitCode::SUCCESS
-            } else {
+            if summary.blocks_failed > 0 {
                 ExitCode::FAILURE
+            } else if summary.blocks_busy > 0 {
+                ExitCode::from(3)
+            } else {
+                ExitCode::SUCCESS
             }
         }
         Err(e) => {

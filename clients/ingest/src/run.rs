@@ -210,7 +210,16 @@ async fn worker(work: &Work, plan: &Plan, source: &Source, sink: &Sink) -> Resul
                     is_final,
                     mismatches,
                 };
-                sink.store(done, now_ms()).await?;
+                match sink.store(done, now_ms()).await {
+                    Ok(()) => {}
+                    // A record the sink cannot read (no conversationStart...):
+                    // the block fails, visibly, and the run goes on.
+                    Err(e @ IngestError::Answer { .. }) => {
+                        block_failed(work, plan, sink, block, &e).await?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
                 {
                     let mut s = lock(&work.summary);
                     s.records += records;
@@ -224,17 +233,27 @@ async fn worker(work: &Work, plan: &Plan, source: &Source, sink: &Sink) -> Resul
                 let throttled = source.upstream().stats().throttled_429;
                 work.progress.block_done(block, records, throttled);
             }
-            Err(e) => {
-                tracing::warn!(%block, error = %e, "block failed; left for the next run");
-                sink.unclaim(block, &plan.owner).await?;
-                let mut s = lock(&work.summary);
-                s.blocks_failed += 1;
-                if s.errors.len() < KEPT_ERRORS {
-                    s.errors.push(format!("{block}: {e}"));
-                }
-            }
+            Err(e) => block_failed(work, plan, sink, block, &e).await?,
         }
     }
+}
+
+/// Gives `block` back (for the next run) and counts why it failed.
+async fn block_failed(
+    work: &Work,
+    plan: &Plan,
+    sink: &Sink,
+    block: Block,
+    e: &IngestError,
+) -> Result<(), IngestError> {
+    tracing::warn!(%block, error = %e, "block failed; left for the next run");
+    sink.unclaim(block, &plan.owner).await?;
+    let mut s = lock(&work.summary);
+    s.blocks_failed += 1;
+    if s.errors.len() < KEPT_ERRORS {
+        s.errors.push(format!("{block}: {e}"));
+    }
+    Ok(())
 }
 
 /// `block`'s conversations once they agree with its `totalHits` (fetched

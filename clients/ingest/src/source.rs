@@ -230,11 +230,11 @@ impl Source {
             .map_err(|_| IngestError::Usage("the job limiter was closed".into()))?;
         // Held until the last results page: one running job.
         let _slot = match &self.jobs.broker {
+            // A job slot busy (another process's job) is waited for, as
+            // every other lease is, not a failed block.
             Some((broker, template)) => Some(
-                broker
-                    .acquire(&template.to(JOB_SLOT_METHOD, JOBS_PATH))
-                    .await
-                    .map_err(|e| IngestError::Upstream(gc_upstream::UpstreamError::Lease(e)))?,
+                gc_upstream::lease_waiting(broker, &template.to(JOB_SLOT_METHOD, JOBS_PATH))
+                    .await?,
             ),
             None => None,
         };

@@ -37,7 +37,9 @@ pub(crate) struct History {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct ConversationJson {
     conversation_id: String,
-    conversation_start: String,
+    /// Always there, but for the malformed-pages fault.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    conversation_start: Option<String>,
     conversation_end: String,
     originating_direction: &'static str,
     division_ids: [String; 1],
@@ -60,6 +62,18 @@ impl DetailsPage {
     pub(crate) fn drop_last(&mut self) {
         if let Some(rows) = &mut self.conversations {
             rows.pop();
+        }
+    }
+
+    /// Takes the first row's `conversationStart` away (a fault: a record
+    /// the API documents as always having one).
+    pub(crate) fn garble_first(&mut self) {
+        if let Some(first) = self
+            .conversations
+            .as_mut()
+            .and_then(|rows| rows.first_mut())
+        {
+            first.conversation_start = None;
         }
     }
 
@@ -166,7 +180,7 @@ impl Conversation {
         let wrap_up = format!("wrapup-{}", n / 32 % 5);
         ConversationJson {
             conversation_id: self.id.clone(),
-            conversation_start: format_ms(self.start),
+            conversation_start: Some(format_ms(self.start)),
             conversation_end: format_ms(self.end),
             originating_direction: if self.inbound { "inbound" } else { "outbound" },
             division_ids: [format!("division-{}", self.division)],
@@ -340,7 +354,7 @@ mod tests {
             let p = a.query(from, to, 10, page);
             let Some(rows) = p.conversations else { break };
             for r in rows {
-                let start = parse_timestamp(&r.conversation_start).unwrap();
+                let start = parse_timestamp(r.conversation_start.as_deref().unwrap()).unwrap();
                 assert!((from..to).contains(&start));
                 seen.push(r.conversation_id);
             }

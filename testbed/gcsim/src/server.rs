@@ -80,6 +80,9 @@ struct OrgSlot {
     /// Details-query pages still to answer one row short (a fault the
     /// control plane sets; `totalHits` stays true).
     short_pages: AtomicU64,
+    /// Details-query pages still to answer with their first row missing
+    /// its `conversationStart` (a fault the control plane sets).
+    malformed_pages: AtomicU64,
     /// Its OAuth clients' secret and the lifetime of the tokens it issues.
     oauth_secret: String,
     token_ttl: Duration,
@@ -159,6 +162,7 @@ impl Sim {
             let slot = OrgSlot {
                 jobs: Mutex::new(Jobs::new(org.config.jobs.clone())),
                 short_pages: AtomicU64::new(0),
+                malformed_pages: AtomicU64::new(0),
                 history: History::generate(
                     config.seed,
                     &id,
@@ -225,6 +229,7 @@ impl Sim {
             )
             .route("/_sim/orgs/{org}/conversations", get(conversation_ids))
             .route("/_sim/orgs/{org}/short-pages", post(short_pages))
+            .route("/_sim/orgs/{org}/malformed-pages", post(malformed_pages))
             .route(
                 "/api/v2/organizations/limits/namespaces/{ns}",
                 get(namespace),
@@ -611,6 +616,14 @@ fn details_answer(slot: &OrgSlot, body: &[u8]) -> Answer {
     if short {
         page.drop_last();
     }
+    let malformed = page.rows() > 0
+        && slot
+            .malformed_pages
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+    if malformed {
+        page.garble_first();
+    }
     let latency = DETAILS_LATENCY_MS.0 + DETAILS_LATENCY_MS.1 * page.rows() as f64;
     json_answer(&page, latency)
 }
@@ -957,13 +970,32 @@ struct IdsParams {
 /// `POST /_sim/orgs/{org}/short-pages` body `N`: the next N details-query
 /// pages with rows each lose their last row.
 async fn short_pages(State(sim): State<Sim>, Path(org): Path<String>, body: Bytes) -> Response {
-    let Some(slot) = sim.inner.orgs.get(&org) else {
-        return unknown_org(&org);
+    page_fault(&sim, &org, &body, "short_pages", |slot| &slot.short_pages)
+}
+
+/// `POST /_sim/orgs/{org}/malformed-pages` body `N`: the first row of each
+/// of the next N details-query pages with rows lacks `conversationStart`.
+async fn malformed_pages(State(sim): State<Sim>, Path(org): Path<String>, body: Bytes) -> Response {
+    page_fault(&sim, &org, &body, "malformed_pages", |slot| {
+        &slot.malformed_pages
+    })
+}
+
+/// Sets the count of a details-query page fault from a request body `N`.
+fn page_fault(
+    sim: &Sim,
+    org: &str,
+    body: &[u8],
+    name: &str,
+    counter: impl Fn(&OrgSlot) -> &AtomicU64,
+) -> Response {
+    let Some(slot) = sim.inner.orgs.get(org) else {
+        return unknown_org(org);
     };
-    match serde_json::from_slice::<u64>(&body) {
+    match serde_json::from_slice::<u64>(body) {
         Ok(n) => {
-            slot.short_pages.store(n, Ordering::Relaxed);
-            axum::Json(json!({ "short_pages": n })).into_response()
+            counter(slot).store(n, Ordering::Relaxed);
+            axum::Json(json!({ name: n })).into_response()
         }
         Err(e) => error_body(
             StatusCode::BAD_REQUEST,

@@ -159,7 +159,17 @@ impl Bed {
 
     /// The next `n` details-query pages answer one row short.
     pub async fn short_pages(&self, n: u64) {
-        let url = format!("{}/_sim/orgs/org-a/short-pages", self.region());
+        self.page_fault("short-pages", n).await;
+    }
+
+    /// The first row of each of the next `n` details-query pages lacks its
+    /// `conversationStart`.
+    pub async fn malformed_pages(&self, n: u64) {
+        self.page_fault("malformed-pages", n).await;
+    }
+
+    async fn page_fault(&self, fault: &str, n: u64) {
+        let url = format!("{}/_sim/orgs/org-a/{fault}", self.region());
         let answer = self
             .http
             .post(url)

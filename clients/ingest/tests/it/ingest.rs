@@ -180,6 +180,41 @@ async fn a_block_short_of_its_total_hits_is_fetched_again_and_reported() {
     bed.sim.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_malformed_record_fails_its_block_and_the_run_goes_on() {
+    let bed = Bed::start().await;
+    bed.malformed_pages(1).await;
+    let path = sqlite("malformed");
+    let sink = open(&path).await;
+    let mut plan = plan(DAY1, "2026-11-02", BlockSize::Hour);
+    plan.parallel = 1;
+    let source = bed.source(SourceKind::Query, "malformed");
+    let summary = run(&plan, &source, &sink).await.unwrap();
+    assert_eq!(
+        (summary.blocks_failed, summary.blocks_final),
+        (1, 23),
+        "{summary:?}"
+    );
+    assert!(
+        summary.errors[0].contains("no conversationStart"),
+        "{:?}",
+        summary.errors
+    );
+    // The fault is spent: the next run stores the block it left.
+    let again = run(&plan, &source, &sink).await.unwrap();
+    assert_eq!(
+        (again.blocks_failed, again.blocks_final),
+        (0, 1),
+        "{again:?}"
+    );
+    assert_eq!(
+        sink.count().await.unwrap() as u64,
+        summary.records + again.records
+    );
+    sink.close().await;
+    bed.sim.shutdown().await;
+}
+
 #[test]
 fn the_readme_broker_config_for_gcsim_is_valid() {
     let text = include_str!("../../gcsim-broker.toml");
