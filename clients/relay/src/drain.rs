@@ -178,9 +178,13 @@ impl Drain {
             Err(_) => {
                 tracing::warn!(
                     id = record.id,
-                    "delivery outlived its claim; retrying the record"
+                    "delivery outlived its claim; retrying the record after a backoff"
                 );
-                Outcome::Retry { at_ms: now_ms() }
+                // Not at once: a slow upstream that does take the write
+                // would get it again every claim.
+                Outcome::Retry {
+                    at_ms: now_ms() + backoff(record.attempts).as_millis() as i64,
+                }
             }
         };
         let label = match &outcome {
@@ -212,12 +216,7 @@ impl Drain {
         match self.upstream.send_retrying(&request, &policy).await {
             Ok(r) if (200..300).contains(&r.status) => Outcome::Done,
             Ok(r) if r.is_retryable() => {
-                let wait = if r.status == 429 {
-                    r.retry_after()
-                        .map_or(DEFAULT_RETRY_AFTER, |w| w.min(MAX_BACKOFF))
-                } else {
-                    backoff(record.attempts)
-                };
+                let wait = retry_wait(r.status, r.retry_after(), record.attempts);
                 Outcome::Retry {
                     at_ms: now_ms() + wait.as_millis() as i64,
                 }
@@ -256,6 +255,17 @@ fn request(record: &Record) -> Result<Request, &'static str> {
 }
 
 /// 1 s, 2 s, 4 s, ... up to [`MAX_BACKOFF`], by attempts so far.
+/// How long a record waits after a retryable answer (a 429 or a 5xx): the
+/// upstream's `Retry-After` when it sent one (at most [`MAX_BACKOFF`]),
+/// else a default for a 429 and the backoff for a 5xx.
+fn retry_wait(status: u16, retry_after: Option<Duration>, attempts: i64) -> Duration {
+    match retry_after {
+        Some(w) => w.min(MAX_BACKOFF),
+        None if status == 429 => DEFAULT_RETRY_AFTER,
+        None => backoff(attempts),
+    }
+}
+
 fn backoff(attempts: i64) -> Duration {
     let exp = attempts.saturating_sub(1).clamp(0, 16) as u32;
     Duration::from_secs(1)
@@ -272,5 +282,15 @@ mod tests {
         assert_eq!(backoff(1), Duration::from_secs(1));
         assert_eq!(backoff(3), Duration::from_secs(4));
         assert_eq!(backoff(40), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn a_retry_after_is_followed_on_a_5xx_too() {
+        let s = Duration::from_secs;
+        assert_eq!(retry_wait(503, Some(s(20)), 1), s(20));
+        assert_eq!(retry_wait(429, Some(s(7)), 1), s(7));
+        assert_eq!(retry_wait(503, Some(s(3_600)), 1), MAX_BACKOFF);
+        assert_eq!(retry_wait(503, None, 3), backoff(3));
+        assert_eq!(retry_wait(429, None, 3), DEFAULT_RETRY_AFTER);
     }
 }
