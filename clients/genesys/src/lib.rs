@@ -37,7 +37,7 @@ use bytes::Bytes;
 use quota_broker_client::{says_concurrency, BrokerClient, Call, ClientError, Lease};
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use token::TokenCache;
@@ -97,9 +97,9 @@ pub enum UpstreamError {
     /// [`Upstream::send_retrying`]).
     #[error("upstream unreachable: {0}")]
     Transport(String),
-    /// The upstream's answer was longer than the limit.
-    #[error("upstream answer over {MAX_BODY} bytes")]
-    BodyTooLarge,
+    /// The upstream's answer was longer than the limit (bytes).
+    #[error("upstream answer over {0} bytes")]
+    BodyTooLarge(usize),
 }
 
 impl UpstreamError {
@@ -251,6 +251,8 @@ struct Inner {
     template: Call,
     counters: Counters,
     throttled: Throttled,
+    /// Longest answer body read (bytes).
+    max_body: AtomicUsize,
 }
 
 /// 429s seen per route ("METHOD path"). A rate 429 is counted and reported
@@ -328,8 +330,15 @@ impl Upstream {
                 template,
                 counters: Counters::default(),
                 throttled: Throttled::default(),
+                max_body: AtomicUsize::new(MAX_BODY),
             }),
         })
+    }
+
+    /// Sets the longest answer body read (default 32 MiB): a longer one is
+    /// [`UpstreamError::BodyTooLarge`], not read into memory.
+    pub fn set_max_body(&self, bytes: usize) {
+        self.inner.max_body.store(bytes, Ordering::Relaxed);
     }
 
     /// What this upstream did so far.
@@ -470,8 +479,9 @@ impl Upstream {
             let headers = std::mem::take(response.headers_mut());
             let mut body = Vec::new();
             while let Some(chunk) = response.chunk().await? {
-                if body.len() + chunk.len() > MAX_BODY {
-                    return Ok(Err(UpstreamError::BodyTooLarge));
+                let max = self.inner.max_body.load(Ordering::Relaxed);
+                if body.len() + chunk.len() > max {
+                    return Ok(Err(UpstreamError::BodyTooLarge(max)));
                 }
                 body.extend_from_slice(&chunk);
             }

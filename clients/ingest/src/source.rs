@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gc_upstream::{Request, Response, RetryPolicy, Upstream};
+use gc_upstream::{Request, Response, RetryPolicy, Upstream, UpstreamError};
 use quota_broker_client::{BrokerClient, Call};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -28,8 +28,11 @@ pub const JOBS_PATH: &str = "/api/v2/analytics/conversations/details/jobs";
 pub const JOB_SLOT_METHOD: &str = "JOB";
 /// Largest details-query page.
 const QUERY_PAGE: usize = 100;
-/// Results page asked of a job.
+/// Results page asked of a job first.
 const JOB_PAGE: usize = 10_000;
+/// Smallest results page: pages over the upstream client's body limit are
+/// asked again at half the size, down to this.
+const MIN_JOB_PAGE: usize = 100;
 /// Longest pause between two polls of a job.
 const MAX_POLL: Duration = Duration::from_secs(30);
 /// Submissions of one block's job before giving up (a job that vanished,
@@ -305,13 +308,25 @@ impl Source {
     async fn job_results(&self, id: &str) -> Result<Vec<Value>, IngestError> {
         let mut conversations = Vec::new();
         let mut cursor: Option<String> = None;
+        let mut page_size = JOB_PAGE;
         loop {
-            let mut path = format!("{JOBS_PATH}/{id}/results?pageSize={JOB_PAGE}");
+            let mut path = format!("{JOBS_PATH}/{id}/results?pageSize={page_size}");
             if let Some(c) = &cursor {
                 path.push_str("&cursor=");
                 path.push_str(&encode_query(c));
             }
-            let answer = self.call("job results", Request::get(path)).await?;
+            let answer = match self.call("job results", Request::get(path)).await {
+                // Records larger than planned for: the same page, smaller.
+                Err(IngestError::Upstream(UpstreamError::BodyTooLarge(max)))
+                    if page_size > MIN_JOB_PAGE =>
+                {
+                    page_size = (page_size / 2).max(MIN_JOB_PAGE);
+                    tracing::info!(job = %id, page_size, max_body = max,
+                        "a results page was over the body limit; asking for smaller ones");
+                    continue;
+                }
+                answer => answer?,
+            };
             let page: ResultsPage = answer
                 .json()
                 .map_err(|e| IngestError::answer("job results", e))?;

@@ -215,6 +215,33 @@ async fn a_malformed_record_fails_its_block_and_the_run_goes_on() {
     bed.sim.shutdown().await;
 }
 
+#[tokio::test]
+async fn job_results_over_the_body_limit_are_asked_for_in_smaller_pages() {
+    let bed = Bed::start().await;
+    let path = sqlite("small-pages");
+    let sink = open(&path).await;
+    let source = bed.source(SourceKind::Jobs, "small-pages");
+    // A day's 8,000 records do not fit in 200 kB; pages of 10,000 records
+    // of real size might not fit in the default 32 MiB.
+    source.upstream().set_max_body(200_000);
+    let plan = plan(DAY1, "2026-11-02", BlockSize::Day);
+    let summary = run(&plan, &source, &sink).await.unwrap();
+    assert_eq!(
+        (summary.blocks_failed, summary.blocks_final),
+        (0, 1),
+        "{summary:?}"
+    );
+    assert_eq!(summary.records, 8_000, "the whole day");
+    assert_eq!(sink.count().await.unwrap(), 8_000);
+    assert!(
+        summary.upstream_requests >= 8,
+        "{} requests: the pages were not smaller",
+        summary.upstream_requests
+    );
+    sink.close().await;
+    bed.sim.shutdown().await;
+}
+
 #[test]
 fn the_readme_broker_config_for_gcsim_is_valid() {
     let text = include_str!("../../gcsim-broker.toml");
