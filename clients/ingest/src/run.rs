@@ -10,14 +10,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::Value;
 use tokio::task::JoinSet;
 
 use crate::error::IngestError;
 use crate::plan::{blocks, now_ms, Block, BlockSize};
 use crate::progress::{Display, Progress};
 use crate::sink::{Done, Sink};
-use crate::source::Source;
+use crate::source::{Fetched, Source};
 
 /// Errors kept in the summary (the rest are only counted).
 const KEPT_ERRORS: usize = 10;
@@ -200,8 +199,14 @@ async fn worker(work: &Work, plan: &Plan, source: &Source, sink: &Sink) -> Resul
             continue;
         }
         match fetch_checked(block, plan, source).await {
-            Ok((conversations, total_hits, mismatches)) => {
-                let is_final = block.is_final(plan.now_ms, plan.watermark);
+            Ok((fetched, mismatches)) => {
+                let complete = fetched.available_until.is_none_or(|a| a >= block.end);
+                if !complete {
+                    tracing::info!(%block, available_until = %crate::plan::format_ms(fetched.available_until.unwrap_or_default()),
+                        "the upstream's data does not reach the block's end yet: stored as provisional");
+                }
+                let is_final = complete && block.is_final(plan.now_ms, plan.watermark);
+                let (conversations, total_hits) = (fetched.conversations, fetched.total_hits);
                 let records = conversations.len() as u64;
                 let done = Done {
                     block,
@@ -262,7 +267,7 @@ async fn fetch_checked(
     block: Block,
     plan: &Plan,
     source: &Source,
-) -> Result<(Vec<Value>, Option<u64>, u32), IngestError> {
+) -> Result<(Fetched, u32), IngestError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -276,7 +281,7 @@ async fn fetch_checked(
         // Without a totalHits, all that can be checked is no duplicates.
         let expected = fetched.total_hits.unwrap_or(received);
         if received == expected && distinct.len() as u64 == expected {
-            return Ok((fetched.conversations, fetched.total_hits, attempt - 1));
+            return Ok((fetched, attempt - 1));
         }
         tracing::warn!(%block, received, distinct = distinct.len(), total_hits = expected, attempt,
             "records do not match totalHits; fetching the block again");

@@ -78,6 +78,10 @@ pub struct Fetched {
     /// How many the upstream says the block holds (`None`: it did not say,
     /// as the real jobs API does not).
     pub total_hits: Option<u64>,
+    /// How far the upstream's data reached when it answered (Unix ms; the
+    /// jobs API's `dataAvailabilityDate`; `None`: it did not say). A block
+    /// ending after it is not complete yet.
+    pub available_until: Option<i64>,
 }
 
 /// A source of blocks: the upstream, and what the jobs need.
@@ -143,6 +147,8 @@ struct ResultsPage {
     #[serde(default)]
     conversations: Vec<Value>,
     cursor: Option<String>,
+    #[serde(default, rename = "dataAvailabilityDate")]
+    data_availability_date: Option<String>,
 }
 
 impl Source {
@@ -220,6 +226,7 @@ impl Source {
         Ok(Fetched {
             conversations,
             total_hits: Some(total),
+            available_until: None,
         })
     }
 
@@ -255,10 +262,11 @@ impl Source {
                 .map_err(|e| IngestError::answer("job submission", e))?;
             match self.await_job(block, &job.job_id).await? {
                 Some(total_hits) => {
-                    let conversations = self.job_results(&job.job_id).await?;
+                    let (conversations, available_until) = self.job_results(&job.job_id).await?;
                     return Ok(Fetched {
                         conversations,
                         total_hits,
+                        available_until,
                     });
                 }
                 None if submits < MAX_SUBMITS => {
@@ -304,9 +312,11 @@ impl Source {
         }
     }
 
-    /// Every results page of fulfilled job `id`.
-    async fn job_results(&self, id: &str) -> Result<Vec<Value>, IngestError> {
+    /// Every results page of fulfilled job `id`, and the earliest
+    /// `dataAvailabilityDate` they gave.
+    async fn job_results(&self, id: &str) -> Result<(Vec<Value>, Option<i64>), IngestError> {
         let mut conversations = Vec::new();
+        let mut available_until: Option<i64> = None;
         let mut cursor: Option<String> = None;
         let mut page_size = JOB_PAGE;
         loop {
@@ -331,9 +341,15 @@ impl Source {
                 .json()
                 .map_err(|e| IngestError::answer("job results", e))?;
             conversations.extend(page.conversations);
+            if let Some(date) = &page.data_availability_date {
+                let at = crate::plan::parse_time(date).map_err(|_| {
+                    IngestError::answer("job results", "dataAvailabilityDate is not a time")
+                })?;
+                available_until = Some(available_until.map_or(at, |a: i64| a.min(at)));
+            }
             match page.cursor {
                 Some(c) if !c.is_empty() => cursor = Some(c),
-                _ => return Ok(conversations),
+                _ => return Ok((conversations, available_until)),
             }
         }
     }

@@ -74,6 +74,9 @@ pub(crate) struct Jobs {
     jobs: HashMap<String, Job>,
     /// (window index, submissions admitted in it).
     window: (u64, u64),
+    /// Unix ms up to which jobs see data (a fault the control plane sets:
+    /// the upstream's data lags; `None`: all of it).
+    available_until: Option<i64>,
 }
 
 /// A refused submission (answered 429).
@@ -135,7 +138,15 @@ impl Jobs {
             config,
             jobs: HashMap::new(),
             window: (0, 0),
+            available_until: None,
         }
+    }
+
+    /// Jobs submitted from now on see only conversations starting before
+    /// `until` (Unix ms), and say so in `dataAvailabilityDate`; `None`:
+    /// all data again.
+    pub(crate) fn set_available_until(&mut self, until: Option<i64>) {
+        self.available_until = until;
     }
 
     /// Jobs not yet fulfilled at `now`.
@@ -180,6 +191,8 @@ impl Jobs {
             });
         }
         self.window.1 += 1;
+        // What the job can see: its interval, cut where data ends.
+        let to = self.available_until.map_or(to, |a| to.min(a.max(from)));
         let rows = history.count(from, to) as u64;
         let latency = self.config.fulfil_base_ms as f64
             + self.config.fulfil_per_1000_rows_ms as f64 * rows as f64 / 1000.0;
@@ -244,7 +257,7 @@ impl Jobs {
         Ok(ResultsPage {
             cursor: ((next as u64) < job.rows).then(|| format!("{id}.{next}")),
             conversations,
-            data_availability_date: format_ms(job.to),
+            data_availability_date: format_ms(self.available_until.unwrap_or(job.to)),
         })
     }
 }

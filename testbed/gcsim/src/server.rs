@@ -231,6 +231,10 @@ impl Sim {
             .route("/_sim/orgs/{org}/short-pages", post(short_pages))
             .route("/_sim/orgs/{org}/malformed-pages", post(malformed_pages))
             .route(
+                "/_sim/orgs/{org}/jobs-available-until",
+                post(jobs_available_until),
+            )
+            .route(
                 "/api/v2/organizations/limits/namespaces/{ns}",
                 get(namespace),
             )
@@ -979,6 +983,31 @@ async fn malformed_pages(State(sim): State<Sim>, Path(org): Path<String>, body: 
     page_fault(&sim, &org, &body, "malformed_pages", |slot| {
         &slot.malformed_pages
     })
+}
+
+/// `POST /_sim/orgs/{org}/jobs-available-until` body a Unix ms time, or
+/// `null`: jobs submitted from now on see only conversations starting
+/// before it, and their results say it as `dataAvailabilityDate`.
+async fn jobs_available_until(
+    State(sim): State<Sim>,
+    Path(org): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Some(slot) = sim.inner.orgs.get(&org) else {
+        return unknown_org(&org);
+    };
+    match serde_json::from_slice::<Option<i64>>(&body) {
+        Ok(until) => {
+            lock(&slot.jobs).set_available_until(until);
+            axum::Json(json!({ "jobs_available_until": until })).into_response()
+        }
+        Err(e) => error_body(
+            StatusCode::BAD_REQUEST,
+            "bad.request",
+            format!("expected Unix ms or null: {e}"),
+            None,
+        ),
+    }
 }
 
 /// Sets the count of a details-query page fault from a request body `N`.

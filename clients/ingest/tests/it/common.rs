@@ -168,6 +168,15 @@ impl Bed {
         self.page_fault("malformed-pages", n).await;
     }
 
+    /// Jobs submitted from now on see data only up to `until` (Unix ms;
+    /// `None`: all of it).
+    pub async fn jobs_available_until(&self, until: Option<i64>) {
+        let url = format!("{}/_sim/orgs/org-a/jobs-available-until", self.region());
+        let body = serde_json::to_string(&until).unwrap();
+        let answer = self.http.post(url).body(body).send().await.unwrap();
+        assert!(answer.status().is_success(), "{answer:?}");
+    }
+
     async fn page_fault(&self, fault: &str, n: u64) {
         let url = format!("{}/_sim/orgs/org-a/{fault}", self.region());
         let answer = self

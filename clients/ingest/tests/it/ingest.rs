@@ -242,6 +242,35 @@ async fn job_results_over_the_body_limit_are_asked_for_in_smaller_pages() {
     bed.sim.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_job_block_past_the_upstreams_data_is_provisional_until_the_data_is_there() {
+    let bed = Bed::start().await;
+    let noon = gc_ingest::parse_time("2026-11-01T12:00:00Z").unwrap();
+    bed.jobs_available_until(Some(noon)).await;
+    let path = sqlite("availability");
+    let sink = open(&path).await;
+    let source = bed.source(SourceKind::Jobs, "availability");
+    let plan = plan(DAY1, "2026-11-02", BlockSize::Day);
+    let first = run(&plan, &source, &sink).await.unwrap();
+    assert_eq!(
+        (first.blocks_final, first.blocks_provisional),
+        (0, 1),
+        "the day's data ended at noon: {first:?}"
+    );
+    assert!(first.records > 0 && first.records < 8_000, "{first:?}");
+    // The data catches up: the next run fetches the block again, whole.
+    bed.jobs_available_until(None).await;
+    let second = run(&plan, &source, &sink).await.unwrap();
+    assert_eq!(
+        (second.blocks_final, second.records),
+        (1, 8_000),
+        "{second:?}"
+    );
+    assert_eq!(sink.count().await.unwrap(), 8_000);
+    sink.close().await;
+    bed.sim.shutdown().await;
+}
+
 #[test]
 fn the_readme_broker_config_for_gcsim_is_valid() {
     let text = include_str!("../../gcsim-broker.toml");
