@@ -135,8 +135,7 @@ impl Broker {
             let mut state = tenant.lock();
             state.resume_after_restart(now);
             if let Some(h) = &handed_over {
-                let age = std::time::Duration::from_millis(now_ms - h.at_ms);
-                state.resume_levels(&h.levels, age, now);
+                state.resume_levels(&h.levels, now);
             }
         }
         tracing::info!(tenant = %settings.tenants[t].id, changes, learned, led_before,

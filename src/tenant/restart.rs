@@ -188,14 +188,12 @@ impl TenantState {
             .collect()
     }
 
-    /// Resumes token levels the last leader handed over, `age` ago, plus
-    /// what refilled since (instead of the learning mode's empty bucket).
-    pub fn resume_levels(
-        &mut self,
-        levels: &[(String, Option<String>, f64)],
-        age: Duration,
-        now: Instant,
-    ) {
+    /// Resumes token levels the last leader handed over (instead of the
+    /// learning mode's empty bucket), as they were: nothing is credited for
+    /// the refill in between, which could only be measured between two
+    /// hosts' wall clocks (their offset would become extra permits); the
+    /// gap is a cluster tick at most, so a bucket is short by at most that.
+    pub fn resume_levels(&mut self, levels: &[(String, Option<String>, f64)], now: Instant) {
         let now = self.monotonic(now);
         for (bucket, client, level) in levels {
             let Some(t) = self
@@ -205,8 +203,7 @@ impl TenantState {
             else {
                 continue;
             };
-            let refilled = age.as_secs_f64() / t.interval().as_secs_f64();
-            t.set_level(level + refilled, now);
+            t.set_level(*level, now);
         }
     }
 }
