@@ -166,9 +166,10 @@ impl Response {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
-    /// Whether a retry may succeed: 429 or 5xx.
+    /// Whether a retry may succeed: 408 (the upstream timed the request
+    /// out), 429 or 5xx.
     pub fn is_retryable(&self) -> bool {
-        self.status == 429 || self.status >= 500
+        matches!(self.status, 408 | 429) || self.status >= 500
     }
 
     /// The answer's `Retry-After` in (decimal) seconds, if it makes sense,
@@ -562,6 +563,21 @@ mod tests {
         assert_eq!(backoff(1), Duration::from_millis(200));
         assert_eq!(backoff(3), Duration::from_millis(800));
         assert_eq!(backoff(20), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn timeouts_throttling_and_server_errors_may_pass_later() {
+        let answer = |status| Response {
+            status,
+            headers: http::HeaderMap::new(),
+            body: Bytes::new(),
+        };
+        for status in [408, 429, 500, 503] {
+            assert!(answer(status).is_retryable(), "{status}");
+        }
+        for status in [400, 401, 403, 404, 409] {
+            assert!(!answer(status).is_retryable(), "{status}");
+        }
     }
 
     #[test]
