@@ -315,7 +315,7 @@ impl Queue {
              WHERE id IN (SELECT r.id FROM relay_records r \
                WHERE r.state = 'pending' AND r.not_before_ms <= ? \
                  AND NOT EXISTS (SELECT 1 FROM relay_records o WHERE o.order_key = r.order_key \
-                   AND o.id < r.id AND o.state IN ('pending', 'inflight')) \
+                   AND o.id < r.id AND o.state IN ('pending', 'inflight', 'dead')) \
                ORDER BY r.id LIMIT ? {lock}) \
              RETURNING id, idem_key, method, path, body, attempts, received_ms"
         ));

@@ -175,3 +175,50 @@ async fn a_refused_record_is_a_dead_letter_the_cli_lists_replays_and_drops() {
     broker.stop().await;
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_dead_letter_holds_back_the_records_of_its_order_key() {
+    let dir = TempDir::new("dlq-order");
+    let sim = gcsim(sim_config(SCALE, 300, 0)).await;
+    let broker = broker(WINDOW_REAL_MS).await;
+    let relay = relay(settings(&dir.sqlite(), &sim, &broker.url)).await;
+    let flow = Flow::new(&format!("http://{}", relay.addr()));
+    // Two records of one order key; the first is refused (no code).
+    let mut first = wrapup("first");
+    first["body"] = json!({"code": ""});
+    first["orderKey"] = json!("agent-7");
+    let mut second = wrapup("second");
+    second["orderKey"] = json!("agent-7");
+    let (_, answer) = flow.post(&first).await.unwrap();
+    let id = answer["recordId"].as_i64().unwrap();
+    assert_eq!(flow.post(&second).await.unwrap().0, 202);
+    let queue = relay.queue().clone();
+    wait_until("a dead letter", Duration::from_secs(30), || async {
+        queue.depth().await.unwrap().dead == 1
+    })
+    .await;
+    // A record of another key, accepted after both: once it is delivered
+    // the drain has claimed past the second, which still waits, unclaimed.
+    assert_eq!(flow.post(&wrapup("other")).await.unwrap().0, 202);
+    wait_until(
+        "the other key's record delivered",
+        Duration::from_secs(30),
+        || async { queue.depth().await.unwrap().done == 1 },
+    )
+    .await;
+    let depth = queue.depth().await.unwrap();
+    assert_eq!((depth.records, depth.inflight), (1, 0), "{depth:?}");
+    assert!(
+        !writes(&sim).await.contains_key("second"),
+        "delivered out of order"
+    );
+    // Dropped, the first no longer holds the key back.
+    assert_eq!(queue.drop_dead(Some(&[id])).await.unwrap(), 1);
+    wait_until("the second delivered", Duration::from_secs(30), || async {
+        writes(&sim).await.contains_key("second")
+    })
+    .await;
+    relay.shutdown().await;
+    broker.stop().await;
+    sim.shutdown().await;
+}
