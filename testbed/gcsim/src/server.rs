@@ -612,19 +612,17 @@ fn details_answer(slot: &OrgSlot, body: &[u8]) -> Answer {
         ));
     }
     let mut page = history.query(from, to, page_size as usize, page_number as usize);
-    let short = page.rows() > 0
-        && slot
-            .short_pages
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok();
+    // A page fault set by the control plane, taken once per page with rows.
+    let take = |left: &AtomicU64| {
+        page.rows() > 0
+            && left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+    };
+    let (short, malformed) = (take(&slot.short_pages), take(&slot.malformed_pages));
     if short {
         page.drop_last();
     }
-    let malformed = page.rows() > 0
-        && slot
-            .malformed_pages
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok();
     if malformed {
         page.garble_first();
     }
