@@ -52,6 +52,37 @@ impl Broker {
         Ok(out)
     }
 
+    /// Every bucket instance's state, and per tenant and bucket what its
+    /// dropped per-client instances had counted, each tenant read under one
+    /// lock (so no instance is in both or neither): for totals that never
+    /// go down.
+    pub(crate) fn list_with_retired(
+        &self,
+    ) -> (
+        Vec<TenantBucketStatus>,
+        Vec<(String, String, crate::tenant::Retired)>,
+    ) {
+        let now = Instant::now();
+        let (mut live, mut retired) = (Vec::new(), Vec::new());
+        for t in &self.inner.tenants {
+            let state = t.lock();
+            live.extend(
+                state
+                    .statuses(now)
+                    .into_iter()
+                    .map(|status| TenantBucketStatus {
+                        tenant: state.id().to_owned(),
+                        at: now,
+                        status,
+                    }),
+            );
+            for (bucket, r) in state.retired() {
+                retired.push((state.id().to_owned(), bucket, r));
+            }
+        }
+        (live, retired)
+    }
+
     pub(super) fn visible(
         &self,
         tenant: Option<&str>,

@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::{Status, Streaming};
+use tracing::Instrument;
 
 /// Answers buffered for a slow reader; when full, the session stops reading
 /// requests until the client reads (backpressure, not unbounded memory).
@@ -40,7 +41,9 @@ pub(crate) fn serve(
     requests: Streaming<pb::LeaseStreamRequest>,
 ) -> Answers {
     let (tx, rx) = mpsc::channel(ANSWER_BUFFER);
-    tokio::spawn(session(svc, who, requests, tx));
+    // In the stream's request span: the session's log lines, and the
+    // broker's for operations on it, carry its request id.
+    tokio::spawn(session(svc, who, requests, tx).in_current_span());
     rx
 }
 

@@ -110,7 +110,9 @@ where
             .is_some_and(PeerInfo::first_request_id);
         id.set_sensitive(!first);
         let method = Metrics::method(req.uri().path());
-        let span = tracing::info_span!(
+        // At error level, so a filter that keeps only warnings and errors
+        // (RUST_LOG=warn) still puts the request id on them.
+        let span = tracing::error_span!(
             "rpc",
             request_id = id.to_str().unwrap_or(""),
             method = Metrics::method_name(method)

@@ -94,7 +94,8 @@ fn gauges(
         None,
         prometheus_client::metrics::MetricType::Gauge,
     )?;
-    for ((tenant, bucket), sum) in sums {
+    // A bucket known only by its dropped instances has no state to show.
+    for ((tenant, bucket), sum) in sums.iter().filter(|(_, s)| s.instances > 0.0) {
         if let Some(v) = value(sum) {
             let labels = [("tenant", tenant.as_str()), ("bucket", bucket.as_str())];
             ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
@@ -127,13 +128,19 @@ impl Collector for BucketCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let now = Instant::now();
         let mut sums: BTreeMap<Key, Sum> = BTreeMap::new();
-        let Ok(list) = self.broker.list(None, |_| true) else {
-            return Ok(());
-        };
+        let (list, retired) = self.broker.list_with_retired();
         for s in &list {
             sums.entry((s.tenant.clone(), s.status.bucket.clone()))
                 .or_default()
                 .add(s, now);
+        }
+        // Dropped instances' counts stay in the totals: a counter that went
+        // down would read as a reset, and `rate()` would count it all again.
+        for (tenant, bucket, r) in retired {
+            let sum = sums.entry((tenant, bucket)).or_default();
+            sum.grants += r.granted;
+            sum.throttled += r.throttled;
+            sum.freezes += r.freezes;
         }
         let e = &mut encoder;
         counters(

@@ -44,6 +44,7 @@ mod tests;
 mod waiting;
 
 pub(crate) use learn::ReportOutcome;
+pub(crate) use registry::Retired;
 pub(crate) use status::BucketStatus;
 
 use crate::config::{ClassSettings, Scope, Settings, TenantSettings};
@@ -200,6 +201,7 @@ impl TenantState {
                 org: (b.scope == Scope::Org)
                     .then(|| instances.insert(Instance::new(i, b, None, now))),
                 per_client: HashMap::new(),
+                retired: Default::default(),
             })
             .collect();
         let mut queue = Queue::default();

@@ -17,6 +17,28 @@ pub(super) struct BucketDef {
     pub(super) paused: Option<String>,
     pub(super) org: Option<usize>,
     pub(super) per_client: HashMap<Arc<str>, usize>,
+    /// What dropped per-client instances had counted (grants, 429s,
+    /// freezes), so the bucket's totals never go down.
+    pub(super) retired: Retired,
+}
+
+/// Counts of bucket instances no longer held.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Retired {
+    /// Permits granted.
+    pub granted: u64,
+    /// 429s attributed.
+    pub throttled: u64,
+    /// Freezes.
+    pub freezes: u64,
+}
+
+impl Retired {
+    fn add(&mut self, x: &Instance) {
+        self.granted += x.granted_total;
+        self.throttled += x.throttled_total;
+        self.freezes += x.freezes_total;
+    }
 }
 
 impl TenantState {
@@ -118,10 +140,13 @@ impl TenantState {
                 continue;
             }
             let instances = &mut self.instances;
+            let retired = &mut def.retired;
             def.per_client.retain(|_, &mut i| {
                 let idle = instances.get(i).is_none_or(|x| x.idle(now));
                 if idle {
-                    instances.try_remove(i);
+                    if let Some(x) = instances.try_remove(i) {
+                        retired.add(&x);
+                    }
                 }
                 !idle
             });
@@ -147,12 +172,23 @@ impl TenantState {
             return false;
         };
         self.buckets[bucket].per_client.remove(&client);
-        self.instances.try_remove(i);
+        if let Some(x) = self.instances.try_remove(i) {
+            self.buckets[bucket].retired.add(&x);
+        }
         self.learned_dirty = true;
         tracing::info!(tenant = %self.id, bucket = %self.buckets[bucket].settings.name,
             oauth_client = %client,
             "forgot the learned limits of the OAuth client unused longest, to track a new one (max_clients)");
         true
+    }
+
+    /// Per bucket, what its dropped instances had counted.
+    pub fn retired(&self) -> Vec<(String, Retired)> {
+        self.buckets
+            .iter()
+            .filter(|b| b.retired != Retired::default())
+            .map(|b| (b.settings.name.clone(), b.retired))
+            .collect()
     }
 
     /// Every instance of bucket `b`.
