@@ -235,6 +235,9 @@ class Lease:
         """
         if self.released:
             return False
+        renewer = getattr(self, "_renewer", None)
+        if renewer is not None:
+            renewer.stop()  # a released lease is not renewed
         if self.is_fallback:
             self.released = True
             return False
@@ -278,6 +281,8 @@ class _Renewer(threading.Thread):
     def run(self):
         ttl_ms = self.lease.lease_ttl_ms
         wait_ms = ttl_ms / 2.0
+        # When the slot expires unless a renewal gets through.
+        expires = time.monotonic() + ttl_ms / 1000.0
         while ttl_ms > 0:
             if self._halt.wait(max(wait_ms, 50) / 1000.0):
                 return
@@ -286,7 +291,10 @@ class _Renewer(threading.Thread):
                 self.renewals += 1
                 ttl_ms = resp.lease_ttl_ms
                 wait_ms = ttl_ms / 2.0
-            except NotFound as e:
+                expires = time.monotonic() + ttl_ms / 1000.0
+            except (NotFound, errors.InvalidArgument, errors.PermissionDenied,
+                    errors.Unauthenticated) as e:
+                # No renewal can pass: the lease is gone, or this caller may not.
                 log.warning("lease %s can no longer be renewed: %s", self.lease.lease_id, e)
                 return
             except errors.Overloaded as e:
@@ -302,8 +310,13 @@ class _Renewer(threading.Thread):
                 (log.debug if self._warned else log.warning)(
                     "renewing lease %s failed: %s", self.lease.lease_id, e)
                 self._warned = True
-                ttl_ms = max(ttl_ms / 2.0, 100)
-                wait_ms = ttl_ms / 2.0
+                # Again every eighth of the TTL (at least every 100 ms), until
+                # the slot would have expired.
+                left_ms = (expires - time.monotonic()) * 1000.0
+                if left_ms <= 0:
+                    log.warning("lease %s expired while its renewal failed", self.lease.lease_id)
+                    return
+                wait_ms = min(max(ttl_ms / 8.0, 100), left_ms)
 
     def stop(self):
         self._halt.set()
@@ -830,7 +843,10 @@ class QuotaBroker:
         if max_wait_ms is not None:
             req.max_wait_ms = int(max_wait_ms)
         if timeout is None:
-            wait_ms = _SERVER_MAX_WAIT_MS if max_wait_ms is None else min(int(max_wait_ms), _SERVER_MAX_WAIT_MS)
+            # An explicit wait as asked (the broker caps it at its own
+            # server.max_wait_ms); the class's default wait, which this
+            # client does not know, at the broker's default cap.
+            wait_ms = _SERVER_MAX_WAIT_MS if max_wait_ms is None else int(max_wait_ms)
             timeout = wait_ms / 1000.0 + self.timeout
         return self._call_at("Acquire", req, timeout)
 
@@ -867,6 +883,15 @@ class QuotaBroker:
                 except _UNREACHABLE as e:
                     if fb is None or (timeout is not None and isinstance(e, errors.DeadlineExceeded)):
                         raise  # no fallback, or the caller's own deadline
+                    if isinstance(e, errors.DeadlineExceeded) and self._answers():
+                        # The broker is up and held the call past this
+                        # client's deadline (a wait longer than the broker's
+                        # default cap): not an outage, so no fallback lease
+                        # beside the broker's own grants.
+                        raise NotGranted(
+                            f"no answer within the client's deadline of {_SERVER_MAX_WAIT_MS // 1000} s "
+                            "plus its timeout while the broker is up; pass max_wait_ms (or timeout) "
+                            "for waits longer than that", 0) from e
                     fb.enter(e)
                 except errors.Overloaded as e:
                     self._overloaded(e)  # kept reports and releases wait as well

@@ -41,6 +41,11 @@ def rate_limit_headers(headers):
     return out
 
 
+# Longest Retry-After passed on (a year, the broker's own cap on freezes
+# is far shorter).
+_MAX_RETRY_AFTER_S = 365 * 24 * 3600
+
+
 def retry_after_ms(headers, now=None):
     """Retry-After (delta seconds or HTTP-date) in ms from now; 0 if absent or garbage."""
     value = None
@@ -54,7 +59,9 @@ def retry_after_ms(headers, now=None):
         seconds = float(value)
         if seconds != seconds or seconds < 0:  # NaN or negative
             return 0
-        return int(round(seconds * 1000))
+        # "inf", "1e400", "1e20": far beyond any real wait (and beyond what
+        # int() or the uint64 field can take); the broker caps it anyway.
+        return int(round(min(seconds, _MAX_RETRY_AFTER_S) * 1000))
     except ValueError:
         pass
     try:

@@ -52,6 +52,26 @@ def test_not_granted_when_slot_taken(broker):
     assert lease.release() is False  # idempotent
 
 
+def test_a_broker_holding_a_call_past_the_deadline_is_not_an_outage(broker_proc, monkeypatch):
+    # The batch class waits up to 30 s; this client's deadline for a call
+    # without max_wait_ms is made 0.5 s + its 1 s timeout.
+    monkeypatch.setattr(qb.client, "_SERVER_MAX_WAIT_MS", 500)
+    with broker_proc.client() as holder, qb.QuotaBroker(broker_proc.url, timeout=1.0) as client:
+        with holder.lease(TENANT, "GET", SINGLE_PATH, client_id="holder", max_wait_ms=0):
+            with pytest.raises(qb.NotGranted) as info:
+                client.acquire(TENANT, "GET", SINGLE_PATH, client_id="second",
+                               priority_class="batch")
+            assert "deadline" in info.value.reason
+            assert not client.in_fallback, "a fallback lease beside the broker's slot"
+
+
+def test_a_released_lease_is_no_longer_renewed(broker):
+    with broker.lease(TENANT, "GET", SINGLE_PATH, client_id="early", max_wait_ms=0) as lease:
+        assert lease._renewer.is_alive()
+        assert lease.release() is True
+        assert not lease._renewer.is_alive()
+
+
 def test_lease_renews_slot_past_its_ttl(broker):
     # The "single" bucket's lease TTL is 1.5 s; hold it for 2.6 s.
     with broker.lease(TENANT, "GET", SINGLE_PATH, client_id="long-call", max_wait_ms=0) as lease:

@@ -38,6 +38,10 @@ def test_retry_after_ms():
     assert qb.retry_after_ms({"Retry-After": "soon"}) == 0
     assert qb.retry_after_ms({"Retry-After": "-3"}) == 0
     assert qb.retry_after_ms({}) == 0
+    # Beyond any real wait (and beyond int() or a uint64): capped, not a crash.
+    year_ms = 365 * 24 * 3600 * 1000
+    for huge in ("inf", "Infinity", "1e400", "1e20"):
+        assert qb.retry_after_ms({"Retry-After": huge}) == year_ms, huge
     now = 1_700_000_000.0
     date = email.utils.formatdate(now + 30, usegmt=True)
     assert qb.retry_after_ms({"Retry-After": date}, now=now) == 30_000
