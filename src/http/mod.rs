@@ -171,7 +171,7 @@ async fn events(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .or((!q.token.is_empty()).then_some(bearer.as_str()));
-    if authorization.is_some() && !http.auth.is_open() && !peer.ip().is_loopback() {
+    if authorization.is_some() && !http.auth.is_open() && !peer.ip().to_canonical().is_loopback() {
         return refuse(
             StatusCode::UNAUTHORIZED,
             "a token sent over plain HTTP from another host is refused (it crossed the network \

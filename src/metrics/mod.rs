@@ -83,6 +83,9 @@ impl DenyReason {
     /// decision free of metric code. `tests::every_denial_is_classified`
     /// pins the phrases.
     pub(crate) fn of(reason: &str) -> DenyReason {
+        // Names in it are quoted (`bucket "frozen-foods"`): read only the
+        // words around them.
+        let reason = unquoted(reason);
         const PHRASES: [(&str, DenyReason); 9] = [
             ("may not queue", DenyReason::QueueFull),
             ("is paused", DenyReason::Paused),
@@ -99,6 +102,24 @@ impl DenyReason {
             .find(|(phrase, _)| reason.contains(phrase))
             .map_or(DenyReason::Rate, |&(_, r)| r)
     }
+}
+
+/// `text` without its `"…"` parts (names written with `{:?}`, so a quote
+/// inside one is escaped).
+fn unquoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut quoted, mut escaped) = (false, false);
+    for c in text.chars() {
+        match (quoted, escaped, c) {
+            (false, _, '"') => quoted = true,
+            (false, _, c) => out.push(c),
+            (true, true, _) => escaped = false,
+            (true, false, '\\') => escaped = true,
+            (true, false, '"') => quoted = false,
+            (true, false, _) => {}
+        }
+    }
+    out
 }
 
 /// The RPCs timed, by their gRPC path; anything else counts as `other`.
@@ -459,6 +480,10 @@ mod tests {
         ));
         let rate = denial(&mut t, "/r", 0, now);
         assert_eq!(DenyReason::of(&rate), DenyReason::Rate, "{rate}");
+        // A bucket's name is not read as the cause.
+        let named = rate.replace("\"r\"", "\"frozen-foods \\\" is paused\"");
+        assert_ne!(named, rate);
+        assert_eq!(DenyReason::of(&named), DenyReason::Rate, "{named}");
         assert!(matches!(
             t.acquire(&args("/s"), Some(Duration::ZERO), now).unwrap(),
             Decision::Granted(_)
