@@ -125,7 +125,9 @@ pub async fn serve(
     // The HTTP port outlives the gRPC drain, so /readyz can say 503 during it.
     let http_stop = CancellationToken::new();
     let http_task = http.map(|listener| {
-        registry.register_collector(Box::new(BucketCollector::new(broker.clone())));
+        if let Some(m) = &metrics {
+            registry.register_collector(Box::new(BucketCollector::new(broker.clone(), m.clone())));
+        }
         tokio::spawn(crate::http::serve(
             listener,
             Arc::new(registry),

@@ -2,17 +2,22 @@
 //! ListBuckets: nothing on the request path. Instances of a per-OAuth-client
 //! bucket are summed into their bucket (client ids are no labels).
 
+use super::Metrics;
 use crate::broker::{Broker, TenantBucketStatus};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use tokio::time::Instant;
 
 /// Reads every bucket of the broker on each scrape.
 pub(crate) struct BucketCollector {
     broker: Broker,
+    /// For the `class` labels of waiters, as the request-path metrics give
+    /// them.
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for BucketCollector {
@@ -22,9 +27,9 @@ impl std::fmt::Debug for BucketCollector {
 }
 
 impl BucketCollector {
-    /// Collects `broker`'s buckets.
-    pub(crate) fn new(broker: Broker) -> BucketCollector {
-        BucketCollector { broker }
+    /// Collects `broker`'s buckets, labelling classes as `metrics` does.
+    pub(crate) fn new(broker: Broker, metrics: Arc<Metrics>) -> BucketCollector {
+        BucketCollector { broker, metrics }
     }
 }
 
@@ -76,6 +81,16 @@ impl Sum {
         for (class, n) in &b.waiting {
             *self.waiting.entry(class.clone()).or_default() += n;
         }
+    }
+
+    /// Waiters per `class` label: classes added at run time as `other`.
+    fn waiting_by_label(&self, metrics: &Metrics) -> BTreeMap<String, u32> {
+        let mut out = BTreeMap::new();
+        for (class, n) in &self.waiting {
+            *out.entry(metrics.class_label(class).to_owned())
+                .or_default() += n;
+        }
+        out
     }
 }
 
@@ -240,7 +255,7 @@ impl Collector for BucketCollector {
             prometheus_client::metrics::MetricType::Gauge,
         )?;
         for ((tenant, bucket), sum) in &sums {
-            for (class, n) in &sum.waiting {
+            for (class, n) in &sum.waiting_by_label(&self.metrics) {
                 let labels = [
                     ("tenant", tenant.as_str()),
                     ("bucket", bucket.as_str()),

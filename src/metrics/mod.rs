@@ -326,6 +326,16 @@ impl Metrics {
         }
     }
 
+    /// The `class` label of a class name: its own for a configured class,
+    /// `other` for one added at run time (label sets stay bounded).
+    pub(crate) fn class_label(&self, name: &str) -> &str {
+        let known = self.classes.len() - 1;
+        self.classes[..known]
+            .iter()
+            .find(|c| *c == name)
+            .map_or("other", String::as_str)
+    }
+
     /// The label index of a class name ("" is the default class).
     pub(crate) fn class(&self, name: &str) -> usize {
         if name.is_empty() {

@@ -324,6 +324,59 @@ async fn a_buckets_totals_keep_what_its_dropped_instances_counted() {
     b.stop().await;
 }
 
+#[tokio::test]
+async fn waiters_of_a_class_added_at_run_time_are_labelled_other() {
+    use quota_broker::pb::{PriorityClass, SetPriorityClassRequest};
+    let b = start(&config("")).await;
+    QuotaAdminClient::new(b.channel.clone())
+        .set_priority_class(SetPriorityClassRequest {
+            tenant: "t".into(),
+            class: Some(PriorityClass {
+                name: "reports".into(),
+                order: 1,
+                weight: 1,
+                reserve: 0.0,
+                default_max_wait_ms: 0,
+            }),
+        })
+        .await
+        .unwrap();
+    // Two permits a minute: the third Acquire, of the new class, waits.
+    let mut client = b.client();
+    for _ in 0..2 {
+        assert!(
+            client
+                .acquire(req("GET", "/api/v2/users/1", 0))
+                .await
+                .unwrap()
+                .into_inner()
+                .granted
+        );
+    }
+    let waiting = tokio::spawn({
+        let mut client = b.client();
+        async move {
+            let mut r = req("GET", "/api/v2/users/1", 50_000);
+            r.priority_class = "reports".into();
+            client.acquire(r).await
+        }
+    });
+    let other = "quota_broker_waiters{tenant=\"t\",bucket=\"users\",class=\"other\"}";
+    let text = tokio::time::timeout(LIMIT, async {
+        loop {
+            let m = get(b.http, "/metrics", &[]).await;
+            if sample(&m.body, other) == Some(1.0) {
+                return m.body;
+            }
+        }
+    })
+    .await
+    .expect("the waiter was exported under class other");
+    assert!(!text.contains("class=\"reports\""), "{text}");
+    waiting.abort();
+    b.stop().await;
+}
+
 /// A gRPC message frame: uncompressed, length-prefixed.
 fn grpc_frame(message: &impl prost::Message) -> bytes::Bytes {
     let body = message.encode_to_vec();
