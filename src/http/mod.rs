@@ -179,6 +179,14 @@ async fn events(
              SSH tunnel or a TLS-terminating proxy there",
         );
     }
+    if http.auth.is_open() && !addressed_to_an_ip_or_localhost(&headers) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "with no [[auth.tokens]] the event feed answers only requests addressed to \
+             localhost or an IP address (a page elsewhere must not reach it by DNS \
+             rebinding); configure tokens to serve it under a name",
+        );
+    }
     let who = match http.auth.authenticate(authorization) {
         Ok(who) => who,
         Err(e) => return refuse(StatusCode::UNAUTHORIZED, &auth_message(&e)),
@@ -209,6 +217,21 @@ async fn events(
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response()
+}
+
+/// Whether the request's `Host` is `localhost` or an IP address (with or
+/// without a port), not a name a browser may have resolved to this host.
+fn addressed_to_an_ip_or_localhost(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    // "[::1]:9464", "127.0.0.1:9464", "localhost", "::1"
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None if host.matches(':').count() > 1 => host,
+        None => host.split(':').next().unwrap_or_default(),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
 }
 
 fn auth_message(e: &AuthError) -> String {

@@ -119,7 +119,11 @@ async fn open(
     headers: &[(&str, &str)],
 ) -> (HttpResponse, BufReader<TcpStream>) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    // The test's own Host header, if it gives one.
+    let mut request = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        request.push_str(&format!("Host: {addr}\r\n"));
+    }
     for (k, v) in headers {
         request.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -321,6 +325,25 @@ async fn a_buckets_totals_keep_what_its_dropped_instances_counted() {
         "a counter went down:\n{}",
         m.body
     );
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn an_open_brokers_event_feed_answers_only_localhost_or_an_ip() {
+    let b = start(&config("")).await;
+    let port = b.http.port();
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        "[::1]".into(),
+    ] {
+        let (head, _feed) = open(b.http, "/events", &[("Host", &host)]).await;
+        assert_eq!(head.status, 200, "{host}");
+    }
+    // A name that a hostile page's domain may have been rebound to.
+    let r = get(b.http, "/events", &[("Host", "attacker.example:9464")]).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("DNS"), "{}", r.body);
     b.stop().await;
 }
 
