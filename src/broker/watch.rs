@@ -37,22 +37,12 @@ impl Broker {
         let now = Instant::now();
         let mut out = Vec::new();
         for t in self.visible(tenant, sees)? {
-            let state = self.inner.tenants[t].lock();
-            out.extend(
-                state
-                    .statuses(now)
-                    .into_iter()
-                    .map(|status| TenantBucketStatus {
-                        tenant: state.id().to_owned(),
-                        at: now,
-                        status,
-                    }),
-            );
+            out.extend(statuses_of(&self.inner.tenants[t].lock(), now));
         }
         Ok(out)
     }
 
-    /// Every bucket instance's state, and per tenant and bucket what its
+    /// [`Broker::list`] of every tenant, and per tenant and bucket what its
     /// dropped per-client instances had counted, each tenant read under one
     /// lock (so no instance is in both or neither): for totals that never
     /// go down.
@@ -64,18 +54,9 @@ impl Broker {
     ) {
         let now = Instant::now();
         let (mut live, mut retired) = (Vec::new(), Vec::new());
-        for t in &self.inner.tenants {
-            let state = t.lock();
-            live.extend(
-                state
-                    .statuses(now)
-                    .into_iter()
-                    .map(|status| TenantBucketStatus {
-                        tenant: state.id().to_owned(),
-                        at: now,
-                        status,
-                    }),
-            );
+        for t in self.visible(None, |_| true).unwrap_or_default() {
+            let state = self.inner.tenants[t].lock();
+            live.extend(statuses_of(&state, now));
             for (bucket, r) in state.retired() {
                 retired.push((state.id().to_owned(), bucket, r));
             }
@@ -194,4 +175,19 @@ impl Broker {
             })
             .collect())
     }
+}
+
+/// Every bucket instance of one tenant's state, at `now`.
+fn statuses_of(
+    state: &crate::tenant::TenantState,
+    now: Instant,
+) -> impl Iterator<Item = TenantBucketStatus> + '_ {
+    state
+        .statuses(now)
+        .into_iter()
+        .map(move |status| TenantBucketStatus {
+            tenant: state.id().to_owned(),
+            at: now,
+            status,
+        })
 }
