@@ -21,6 +21,7 @@ The Genesys Cloud SDK adapter is ``quota_broker_client.genesys``.
 from .client import DEFAULT_CHANNEL_OPTIONS, Lease, QuotaBroker, WatchStream, says_concurrency
 from .errors import (
     BrokerRpcError,
+    Closed,
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
@@ -43,7 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "QuotaBroker", "Lease", "WatchStream", "pb", "FallbackSettings", "SystemClock",
     "DEFAULT_CHANNEL_OPTIONS",
-    "QuotaBrokerError", "NotGranted", "BrokerRpcError", "InvalidArgument", "NotFound",
+    "QuotaBrokerError", "NotGranted", "BrokerRpcError", "Closed", "InvalidArgument", "NotFound",
     "FailedPrecondition", "Unauthenticated", "PermissionDenied", "Unavailable",
     "DeadlineExceeded", "Internal", "Overloaded", "TlsError", "rate_limit_headers", "retry_after_ms",
     "says_concurrency",

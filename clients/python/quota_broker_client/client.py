@@ -243,6 +243,9 @@ class Lease:
             return False
         try:
             released = self._broker.release(self.lease_id)
+        except errors.Closed:
+            # The client is gone; the slot comes back by itself at its expiry.
+            released = False
         except _UNREACHABLE as e:
             if self._broker._fallback is None:
                 raise
@@ -292,6 +295,8 @@ class _Renewer(threading.Thread):
                 ttl_ms = resp.lease_ttl_ms
                 wait_ms = ttl_ms / 2.0
                 expires = time.monotonic() + ttl_ms / 1000.0
+            except errors.Closed:
+                return
             except (NotFound, errors.InvalidArgument, errors.PermissionDenied,
                     errors.Unauthenticated) as e:
                 # No renewal can pass: the lease is gone, or this caller may not.
@@ -454,6 +459,7 @@ class QuotaBroker:
         self._flusher_lock = threading.Lock()
         self._flush_again = False
         self._closed = threading.Event()
+        self._channels_closed = False
         # Overload: until when (time.monotonic(), real time: the broker's
         # limiter runs on real time) the kept reports and releases wait, and
         # how many Overloaded answers were seen.
@@ -781,6 +787,8 @@ class QuotaBroker:
                       len(self._deferred_releases))
         with self._conns_lock:
             conns = list(self._conns.values())
+            # From here on every call raises Closed, not gRPC's ValueError.
+            self._channels_closed = True
         for conn in conns:
             conn.channel.close()
 
@@ -804,6 +812,8 @@ class QuotaBroker:
         an unreachable broker to the fallback). ``timeout`` is per hop.
         Returns (response, target of the broker that answered).
         """
+        if self._channels_closed:
+            raise errors.Closed()
         hop = 0
         conn = self._conn
         while True:
@@ -870,6 +880,8 @@ class QuotaBroker:
         fallback (``fallback=None``) it raises Unavailable / DeadlineExceeded.
         An explicit ``timeout`` that runs out is DeadlineExceeded, not a fallback.
         """
+        if self._channels_closed:
+            raise errors.Closed()
         method = method.upper()
         fb = self._fallback
         started = self._clock.monotonic()

@@ -88,6 +88,13 @@ class Overloaded(BrokerRpcError):
         super().__init__(code, details, rpc_error)
 
 
+class Closed(QuotaBrokerError):
+    """The QuotaBroker was closed: it makes no more calls."""
+
+    def __init__(self):
+        super().__init__("the quota-broker client is closed")
+
+
 class TlsError(QuotaBrokerError, ValueError):
     """The TLS settings given to QuotaBroker are unusable (a file, a certificate, a key).
 

@@ -72,6 +72,18 @@ def test_a_released_lease_is_no_longer_renewed(broker):
         assert not lease._renewer.is_alive()
 
 
+def test_a_closed_client_says_so_and_its_leases_end_quietly(broker_proc):
+    client = broker_proc.client()
+    lease = client.acquire(TENANT, "GET", SINGLE_PATH, client_id="closing", max_wait_ms=0)
+    client.close()
+    # The slot comes back by itself at its expiry; nothing is raised.
+    assert lease.release() is False
+    with pytest.raises(qb.Closed):
+        client.acquire(TENANT, "GET", SINGLE_PATH, client_id="after", max_wait_ms=0)
+    with pytest.raises(qb.Closed):
+        client.report(TENANT, "GET", SINGLE_PATH, 200, {})
+
+
 def test_lease_renews_slot_past_its_ttl(broker):
     # The "single" bucket's lease TTL is 1.5 s; hold it for 2.6 s.
     with broker.lease(TENANT, "GET", SINGLE_PATH, client_id="long-call", max_wait_ms=0) as lease:
