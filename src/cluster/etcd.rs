@@ -202,31 +202,31 @@ impl Etcd {
 
     /// The value of `key`, if it exists.
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, EtcdError> {
-        let answer = bounded(
-            self.timeout,
-            "range",
-            self.kv.clone().range(RangeRequest {
-                key: key.as_bytes().to_vec(),
-                ..RangeRequest::default()
-            }),
-        )
-        .await?;
-        Ok(answer.kvs.into_iter().next().map(|kv| kv.value))
+        Ok(self.one(key, false).await?.map(|kv| kv.value))
     }
 
     /// The lease `key` is attached to, if the key exists (0: none).
     pub(crate) async fn lease_of(&self, key: &str) -> Result<Option<i64>, EtcdError> {
+        Ok(self.one(key, true).await?.map(|kv| kv.lease))
+    }
+
+    /// The entry of `key` (without its value when `keys_only`), if it exists.
+    async fn one(
+        &self,
+        key: &str,
+        keys_only: bool,
+    ) -> Result<Option<super::proto::mvccpb::KeyValue>, EtcdError> {
         let answer = bounded(
             self.timeout,
             "range",
             self.kv.clone().range(RangeRequest {
                 key: key.as_bytes().to_vec(),
-                keys_only: true,
+                keys_only,
                 ..RangeRequest::default()
             }),
         )
         .await?;
-        Ok(answer.kvs.into_iter().next().map(|kv| kv.lease))
+        Ok(answer.kvs.into_iter().next())
     }
 
     /// Puts `key` = `value` (attached to `lease` unless 0).

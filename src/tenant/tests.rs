@@ -154,21 +154,22 @@ fn errors_name_what_is_wrong() {
     ));
 }
 
+/// A tenant whose one bucket, `pc`, keeps an instance per OAuth client
+/// (`permits` per `window_ms` each), at most two.
+fn per_client(permits: u32, window_ms: u64, t0: Instant) -> TenantState {
+    tenant(
+        &format!(
+            "[[tenants.buckets]]\nname = \"pc\"\nscope = \"oauth_client\"\nroutes = [\"* /**\"]\n\
+             permits = {permits}\nwindow_ms = {window_ms}\nmax_clients = 2\n"
+        ),
+        t0,
+    )
+}
+
 #[test]
 fn per_client_instances_are_bounded_and_idle_ones_evicted() {
     let t0 = Instant::now();
-    let mut t = tenant(
-        r#"
-        [[tenants.buckets]]
-        name = "pc"
-        scope = "oauth_client"
-        routes = ["* /**"]
-        permits = 1
-        window_ms = 1000
-        max_clients = 2
-        "#,
-        t0,
-    );
+    let mut t = per_client(1, 1000, t0);
     let mut a = args("GET", "/x", 1);
     for c in ["a", "b"] {
         a.oauth_client = c.into();
@@ -195,18 +196,7 @@ fn per_client_instances_are_bounded_and_idle_ones_evicted() {
 fn reports_for_made_up_oauth_clients_cannot_fill_max_clients_for_good() {
     use crate::learning::RateLimitInfo;
     let t0 = Instant::now();
-    let mut t = tenant(
-        r#"
-        [[tenants.buckets]]
-        name = "pc"
-        scope = "oauth_client"
-        routes = ["* /**"]
-        permits = 60
-        window_ms = 60000
-        max_clients = 2
-        "#,
-        t0,
-    );
+    let mut t = per_client(60, 60_000, t0);
     // Two reports teach limits for clients nobody acquires for.
     let low = RateLimitInfo {
         limit: Some(1),

@@ -4,20 +4,26 @@ use crate::child::{temp_config, Broker};
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
 use std::process::Command;
 
+/// Runs the broker on the config file at `path` (then removed), which it
+/// must refuse with exit status 2; returns what it printed on stderr.
+fn refused_config(path: &std::path::Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
+        .arg("--config")
+        .arg(path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(path);
+    assert_eq!(out.status.code(), Some(2));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn bad_config_exits_non_zero_listing_every_problem() {
     let path = temp_config(
         "bad",
         "[server]\nlisten = \"nope\"\n[[tenants]]\nid = \"a\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"GET x\"]\n",
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&path);
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_config(&path);
     assert!(err.contains("server.listen \"nope\""), "{err}");
     assert!(err.contains("route \"GET x\""), "{err}");
     assert!(err.contains("limits nothing"), "{err}");
@@ -36,15 +42,8 @@ fn a_state_dir_it_cannot_write_exits_2_naming_it() {
             dir.to_str().unwrap()
         ),
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&path);
+    let err = refused_config(&path);
     let _ = std::fs::remove_file(&file);
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("server.state_dir"), "{err}");
     assert!(err.contains("cannot write there"), "{err}");
 }
