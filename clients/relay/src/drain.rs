@@ -3,7 +3,7 @@
 //! as class `interactive` and reported back), at most `concurrency` at a
 //! time, then records the outcome: delivered; pending again after the
 //! upstream's or the broker's wait (429, 5xx, transport, no lease); or dead
-//! (any other 4xx, with the upstream's answer). It also gives back the
+//! (any other 4xx than 408 and 429, with the upstream's answer). It also gives back the
 //! records of relays whose claims expired and prunes old delivered ones.
 
 use std::sync::Arc;

@@ -19,7 +19,7 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Log filter (RUST_LOG syntax).
-    #[arg(long, global = true, default_value = "info")]
+    #[arg(long, global = true, env = "GC_RELAY_LOG", default_value = "info")]
     log: String,
 }
 
@@ -82,7 +82,7 @@ struct Serve {
     #[command(flatten)]
     queue: QueueArg,
     /// Where to listen.
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "GC_RELAY_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// Genesys Cloud region host (mypurecloud.com) or base URL (gcsim).
     #[arg(long, env = "GC_RELAY_REGION")]
@@ -107,7 +107,7 @@ struct Serve {
     #[arg(long, env = "GC_RELAY_TENANT")]
     tenant: String,
     /// This relay's name (broker client id).
-    #[arg(long, default_value = "gc-relay")]
+    #[arg(long, env = "GC_RELAY_NAME", default_value = "gc-relay")]
     name: String,
     /// Basic-auth user the Data Action sends.
     #[arg(long, env = "GC_RELAY_BASIC_USER", requires = "basic_password")]
@@ -124,19 +124,19 @@ struct Serve {
     #[arg(long, env = "GC_RELAY_SECRET", hide_env_values = true)]
     secret: Option<String>,
     /// Records pending or in flight before intake answers 503.
-    #[arg(long, default_value_t = Limits::default().max_records)]
+    #[arg(long, env = "GC_RELAY_MAX_RECORDS", default_value_t = Limits::default().max_records)]
     max_records: u64,
     /// Their bytes before intake answers 503.
-    #[arg(long, default_value_t = Limits::default().max_bytes)]
+    #[arg(long, env = "GC_RELAY_MAX_BYTES", default_value_t = Limits::default().max_bytes)]
     max_bytes: u64,
     /// Largest record, bytes.
-    #[arg(long, default_value_t = 64 * 1024)]
+    #[arg(long, env = "GC_RELAY_MAX_RECORD_BYTES", default_value_t = 64 * 1024)]
     max_record_bytes: usize,
     /// Records being delivered at once.
-    #[arg(long, default_value_t = DrainSettings::default().concurrency)]
+    #[arg(long, env = "GC_RELAY_CONCURRENCY", default_value_t = DrainSettings::default().concurrency)]
     concurrency: usize,
     /// Seconds a claim holds a record (a dead relay's come back after it).
-    #[arg(long, default_value_t = DrainSettings::default().claim.as_secs())]
+    #[arg(long, env = "GC_RELAY_CLAIM_SECS", default_value_t = DrainSettings::default().claim.as_secs())]
     claim_secs: u64,
 }
 
@@ -262,4 +262,30 @@ async fn shutdown_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// A relay deployed with environment variables only (a container) can
+    /// set every option of `serve`, as its README says.
+    #[test]
+    fn every_option_of_serve_has_an_environment_variable() {
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").expect("the serve subcommand");
+        let missing: Vec<String> = serve
+            .get_arguments()
+            .chain(cli.get_arguments())
+            .filter(|a| !a.is_positional() && a.get_long().is_some())
+            .filter(|a| !matches!(a.get_id().as_str(), "help" | "version"))
+            .filter(|a| a.get_env().is_none())
+            .map(|a| a.get_id().to_string())
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "options without an environment variable: {missing:?}"
+        );
+    }
 }

@@ -31,7 +31,7 @@ pub(crate) struct Args {
     /// scale 10. `--duration` / `--time-scale` override a preset.
     #[arg(long, value_enum)]
     pub(crate) preset: Option<Preset>,
-    /// Modes to run, in this order (default: naive,local,broker; with
+    /// Modes to run, in this order (default: naive,local,broker,relay; with
     /// `--matrix`, broker).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub(crate) modes: Option<Vec<ModeName>>,
