@@ -10,9 +10,10 @@ use super::proto::etcdserverpb::{
     DeleteRangeRequest, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
     LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
+use crate::config::EtcdTls;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Streaming;
 
 /// An etcd call that failed: which, and what etcd or the network said.
@@ -108,15 +109,33 @@ async fn bounded<T>(
 }
 
 impl Etcd {
-    /// Connects lazily to `endpoints` (each `http://host:port`), balancing
-    /// over them; every call times out after `timeout`.
-    pub(crate) fn connect(endpoints: &[String], timeout: Duration) -> Result<Etcd, EtcdError> {
+    /// Connects lazily to `endpoints` (each `http://host:port`, or
+    /// `https://host:port` with `tls`), balancing over them; every call
+    /// times out after `timeout`.
+    pub(crate) fn connect(
+        endpoints: &[String],
+        tls: Option<&EtcdTls>,
+        timeout: Duration,
+    ) -> Result<Etcd, EtcdError> {
+        let tls = tls.map(|tls| {
+            let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca));
+            match &tls.identity {
+                Some((cert, key)) => config.identity(Identity::from_pem(cert, key)),
+                None => config,
+            }
+        });
         let endpoints = endpoints
             .iter()
             .map(|e| {
-                Endpoint::from_shared(e.clone())
-                    .map(|e| e.connect_timeout(timeout))
-                    .map_err(|err| EtcdError::new("endpoint", format!("{e}: {err}")))
+                let endpoint = Endpoint::from_shared(e.clone())
+                    .map_err(|err| EtcdError::new("endpoint", format!("{e}: {err}")))?
+                    .connect_timeout(timeout);
+                match &tls {
+                    Some(tls) => endpoint
+                        .tls_config(tls.clone())
+                        .map_err(|err| EtcdError::new("endpoint TLS", format!("{e}: {err}"))),
+                    None => Ok(endpoint),
+                }
             })
             .collect::<Result<Vec<_>, _>>()?;
         let channel = Channel::balance_list(endpoints.into_iter());

@@ -103,7 +103,11 @@ const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// leader need not wait for the lease to expire.
 pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
     let tick = (settings.lease_ttl / 5).min(Duration::from_secs(1));
-    let etcd = match Etcd::connect(&settings.etcd, tick.max(Duration::from_millis(500))) {
+    let etcd = match Etcd::connect(
+        &settings.etcd,
+        settings.etcd_tls.as_ref(),
+        tick.max(Duration::from_millis(500)),
+    ) {
         Ok(e) => e,
         Err(e) => {
             tracing::error!(error = %e, "cluster mode cannot start: no tenant will be led");

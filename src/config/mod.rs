@@ -11,7 +11,7 @@ mod collect;
 mod raw;
 mod tls;
 
-pub(crate) use tls::TlsSettings;
+pub(crate) use tls::{EtcdTls, TlsSettings};
 
 use crate::auth::TokenSettings;
 use crate::learning::LearnSettings;
@@ -60,7 +60,8 @@ pub struct Settings {
 /// leader per tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterSettings {
-    /// etcd endpoints, `http://host:port`.
+    /// etcd endpoints, `http://host:port`, or `https://host:port` with
+    /// [`ClusterSettings::etcd_tls`].
     pub etcd: Vec<String>,
     /// This broker's name in the cluster, unique among its members.
     pub node: String,
@@ -75,6 +76,9 @@ pub struct ClusterSettings {
     /// A leader stops granting this long before its etcd lease could have
     /// expired (covers the clocks of broker and etcd drifting apart).
     pub safety_margin: Duration,
+    /// TLS to etcd (`https://` endpoints): the CA to trust and, for an etcd
+    /// with `--client-cert-auth`, the broker's client certificate.
+    pub etcd_tls: Option<EtcdTls>,
 }
 
 /// Overload protection per caller (`[overload]`); a token's own
@@ -546,6 +550,87 @@ mod tests {
             "cluster.safety_margin_ms",
         ] {
             assert!(bad.contains(key), "{key} missing from: {bad}");
+        }
+    }
+
+    #[test]
+    fn etcd_over_tls_needs_its_ca_and_whole_pairs_of_files() {
+        let pki = testpki::Pki::new("config-etcd-tls");
+        let node = |etcd: &str, files: &str| {
+            Settings::from_toml(&format!(
+                "[cluster]\netcd = [{etcd}]\nnode = \"b1\"\n\
+                 advertise = \"http://127.0.0.1:50051\"\n{files}\n[[tenants]]\nid = \"t\"\n\
+                 [[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n"
+            ))
+        };
+        let https = "\"https://127.0.0.1:2379\", \"https://127.0.0.2:2379\"";
+        let ca = format!("etcd_ca = {:?}", pki.arg("ca.pem"));
+        let pair = format!(
+            "{ca}\netcd_cert = {:?}\netcd_key = {:?}",
+            pki.arg("client.pem"),
+            pki.arg("client.key")
+        );
+        let tls = node(https, &pair)
+            .unwrap()
+            .cluster
+            .unwrap()
+            .etcd_tls
+            .unwrap();
+        assert!(tls.identity.is_some());
+        let tls = node(https, &ca).unwrap().cluster.unwrap().etcd_tls.unwrap();
+        assert!(tls.identity.is_none());
+        assert_eq!(
+            node("\"http://127.0.0.1:2379\"", "")
+                .unwrap()
+                .cluster
+                .unwrap()
+                .etcd_tls,
+            None
+        );
+        for (etcd, files, says) in [
+            (https, String::new(), "set cluster.etcd_ca"),
+            (
+                "\"http://127.0.0.1:2379\"",
+                ca.clone(),
+                "the endpoints are http://",
+            ),
+            (
+                "\"http://127.0.0.1:2379\", \"https://127.0.0.1:2380\"",
+                ca.clone(),
+                "mixes http:// and https://",
+            ),
+            (
+                https,
+                format!("{ca}\netcd_cert = {:?}", pki.arg("client.pem")),
+                "etcd_cert is set without cluster.etcd_key",
+            ),
+            (
+                https,
+                "etcd_ca = \"/nonexistent/ca.pem\"".to_owned(),
+                "cluster.etcd_ca: cannot read /nonexistent/ca.pem",
+            ),
+            (
+                https,
+                format!("etcd_ca = {:?}", pki.arg("client.key")),
+                "no PEM certificate found",
+            ),
+            (
+                https,
+                format!(
+                    "{ca}\netcd_cert = {:?}\netcd_key = {:?}",
+                    pki.arg("client.pem"),
+                    pki.arg("ca.pem")
+                ),
+                "cluster.etcd_key",
+            ),
+            (
+                "\"https://\"",
+                ca.clone(),
+                "is not an http:// or https:// URL",
+            ),
+        ] {
+            let err = node(etcd, &files).unwrap_err().to_string();
+            assert!(err.contains(says), "{etcd} {files}: {err}");
         }
     }
 

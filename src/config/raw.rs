@@ -2,7 +2,7 @@
 //! its validation into typed [`Settings`], which collects every problem
 //! rather than stopping at the first.
 
-use super::tls::RawTls;
+use super::tls::{EtcdTls, RawTls};
 use super::{
     check_class_set, check_rate, BucketSettings, ClassSettings, ClusterSettings, ConfigError,
     LogFormat, OverloadSettings, SchedulingSettings, Scope, ServerSettings, Settings,
@@ -54,6 +54,12 @@ struct RawCluster {
     lease_ttl_ms: u64,
     #[serde(default = "default_safety_margin")]
     safety_margin_ms: u64,
+    #[serde(default)]
+    etcd_ca: String,
+    #[serde(default)]
+    etcd_cert: String,
+    #[serde(default)]
+    etcd_key: String,
 }
 
 fn default_prefix() -> String {
@@ -77,13 +83,21 @@ impl RawCluster {
             );
         }
         for e in &self.etcd {
-            if !(e.starts_with("http://") || e.starts_with("https://")) {
+            let url_ok = (e.starts_with("http://") || e.starts_with("https://"))
+                && e.parse::<tonic::codegen::http::Uri>()
+                    .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()));
+            if !url_ok {
                 problems.push(format!(
                     "cluster.etcd: {} is not an http:// or https:// URL",
                     clip(e)
                 ));
             }
         }
+        let etcd_tls = EtcdTls::validate(
+            &self.etcd,
+            [self.etcd_ca, self.etcd_cert, self.etcd_key],
+            problems,
+        );
         let name_ok = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
         if self.node.is_empty() || self.node.len() > 64 || !self.node.chars().all(name_ok) {
             problems.push(format!(
@@ -122,6 +136,7 @@ impl RawCluster {
             prefix: self.prefix.trim_end_matches('/').to_owned(),
             lease_ttl: Duration::from_millis(self.lease_ttl_ms),
             safety_margin: Duration::from_millis(self.safety_margin_ms),
+            etcd_tls,
         }
     }
 }

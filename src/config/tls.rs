@@ -1,8 +1,8 @@
-//! `[server.tls]`: reads the certificate, key and client CA files named in
-//! the config, checks them (PEM that parses, a key that matches the
-//! certificate) and builds the rustls server configuration the gRPC port
-//! uses. Runs at load, so a bad path or PEM is a listed config problem
-//! before anything binds.
+//! TLS files named in the config, read and checked at load (PEM that
+//! parses, a key that matches the certificate), so a bad path or PEM is a
+//! listed config problem before anything binds: `[server.tls]`, built into
+//! the rustls server configuration of the gRPC port, and the `cluster.etcd_*`
+//! files of cluster mode's connection to an etcd served over TLS.
 
 use serde::Deserialize;
 use std::fmt;
@@ -183,6 +183,116 @@ impl RawTls {
             key,
             client_ca,
             config: Arc::new(config),
+        })
+    }
+}
+
+/// TLS to etcd: the PEM files of `cluster.etcd_ca` and, for an etcd that
+/// asks for client certificates, `cluster.etcd_cert` + `cluster.etcd_key`,
+/// read at load.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// PEM CA certificates the etcd servers' certificates must chain to.
+    pub ca: Vec<u8>,
+    /// PEM certificate chain and private key the broker presents, if set.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdTls {
+    /// Checks the `[ca, cert, key]` paths ("" for unset) against the
+    /// endpoints' schemes: `https://` endpoints need the CA (there are no
+    /// system roots to fall back on, and an etcd's certificate is almost
+    /// always from a private CA), the files are of no use to `http://` ones,
+    /// and one list is all one or the other.
+    pub(super) fn validate(
+        endpoints: &[String],
+        [ca, cert, key]: [String; 3],
+        problems: &mut Vec<String>,
+    ) -> Option<EtcdTls> {
+        let set = |s: String| (!s.trim().is_empty()).then(|| PathBuf::from(s));
+        let (ca, cert, key) = (set(ca), set(cert), set(key));
+        let https = endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        if https > 0 && https < endpoints.len() {
+            problems.push(
+                "cluster.etcd mixes http:// and https:// endpoints; one etcd cluster is \
+                 served one way"
+                    .into(),
+            );
+            return None;
+        }
+        if https == 0 {
+            if ca.is_some() || cert.is_some() || key.is_some() {
+                problems.push(
+                    "cluster.etcd_ca, etcd_cert and etcd_key are for https:// etcd endpoints; \
+                     the endpoints are http://"
+                        .into(),
+                );
+            }
+            return None;
+        }
+        let Some(ca) = ca else {
+            problems.push(
+                "cluster.etcd has https:// endpoints: set cluster.etcd_ca to the PEM file of \
+                 the CA that signed the etcd servers' certificates"
+                    .into(),
+            );
+            return None;
+        };
+        let before = problems.len();
+        let ca_pem = read_certs("cluster.etcd_ca", &ca, problems)
+            .and_then(|_| read("cluster.etcd_ca", &ca, problems));
+        let identity = match (cert, key) {
+            (None, None) => None,
+            (Some(_), None) => {
+                problems.push(
+                    "cluster.etcd_cert is set without cluster.etcd_key (the PEM private key of \
+                     the certificate)"
+                        .into(),
+                );
+                None
+            }
+            (None, Some(_)) => {
+                problems.push(
+                    "cluster.etcd_key is set without cluster.etcd_cert (the PEM certificate \
+                     chain)"
+                        .into(),
+                );
+                None
+            }
+            (Some(cert), Some(key)) => {
+                let cert_pem = read_certs("cluster.etcd_cert", &cert, problems)
+                    .and_then(|_| read("cluster.etcd_cert", &cert, problems));
+                let key_pem = read("cluster.etcd_key", &key, problems).filter(|pem| {
+                    PrivateKeyDer::from_pem_slice(pem)
+                        .map_err(|e| {
+                            problems.push(format!(
+                                "cluster.etcd_key {}: no PEM private key found ({e}); expected \
+                                 -----BEGIN PRIVATE KEY----- (PKCS#8), RSA or EC PRIVATE KEY",
+                                key.display()
+                            ))
+                        })
+                        .is_ok()
+                });
+                cert_pem.zip(key_pem)
+            }
+        };
+        if problems.len() > before {
+            return None;
+        }
+        Some(EtcdTls {
+            ca: ca_pem?,
+            identity,
         })
     }
 }

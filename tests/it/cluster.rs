@@ -15,6 +15,7 @@ use quota_broker::pb::{
     SetBucketLimitRequest,
 };
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -566,6 +567,65 @@ async fn a_second_broker_under_a_members_node_name_leads_nothing() {
         log.contains("another broker is a member as node \"b1\""),
         "{log}"
     );
+}
+
+/// A single node of tenant `t0` on `etcd` under `prefix`, with `tls`
+/// (lines of `[cluster]`: `etcd_ca = …`).
+fn tls_node(etcd: &str, prefix: &str, tls: &str) -> PathBuf {
+    let port = testsvc::free_port().unwrap();
+    let toml = config("b1", port, etcd, prefix, &["t0".to_owned()]).replacen(
+        "[[tenants]]",
+        &format!("{tls}\n[[tenants]]"),
+        1,
+    );
+    temp_config(&format!("cluster-tls-{port}"), &toml)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_leads_over_etcd_with_tls_and_client_certificates_and_refuses_an_unknown_etcd() {
+    let pki = testpki::Pki::new("etcd-tls");
+    let etcd = testsvc::Etcd::start_tls(testsvc::EtcdTls {
+        cert: pki.path("server.pem"),
+        key: pki.path("server.key"),
+        client_ca: Some(pki.path("ca.pem")),
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(etcd.url().starts_with("https://"), "{}", etcd.url());
+    let files = |ca: &testpki::Pki| {
+        format!(
+            "etcd_ca = {:?}\netcd_cert = {:?}\netcd_key = {:?}",
+            ca.arg("ca.pem"),
+            pki.arg("client.pem"),
+            pki.arg("client.key")
+        )
+    };
+    // It trusts etcd's CA and presents a certificate etcd trusts: it leads
+    // (etcd refuses a client without one, so leading shows it was sent).
+    let good = Broker::start(&tls_node(&etcd.url(), "/qb-test-tls", &files(&pki))).await;
+    assert_eq!(settled_leader(&[good.url()], "t0").await, good.url());
+    let granted = client(&good.url())
+        .acquire(rate_call("t0", "c", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(granted.granted, "{granted:?}");
+    // The same, but trusting another CA than the one that signed etcd's
+    // certificate: it must not take that etcd's word for anything.
+    let other = testpki::Pki::new("etcd-tls-other");
+    let doubting =
+        Broker::start(&tls_node(&etcd.url(), "/qb-test-tls-other", &files(&other))).await;
+    let watch_until = Instant::now() + Duration::from_millis(2 * TTL_MS);
+    while Instant::now() < watch_until {
+        assert!(
+            leads(&doubting.url(), "t0").await.is_err(),
+            "a broker that does not trust etcd's certificate leads"
+        );
+        poll_pause().await;
+    }
+    let (_, log) = doubting.terminate().await;
+    assert!(log.contains("cluster session failed"), "{log}");
+    let (_, log) = good.terminate().await;
+    assert!(!log.contains("cluster session failed"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -286,11 +286,35 @@ pub struct Etcd {
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    /// Plain HTTP `/health` and `/metrics` (the client port may be TLS).
+    health_port: u16,
+    tls: Option<EtcdTls>,
+}
+
+/// PEM files of an etcd served over TLS.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    /// The server's certificate (for 127.0.0.1).
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// With `Some(ca)`, clients must present a certificate signed by it
+    /// (etcd's `--client-cert-auth`).
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Etcd {
     /// Installs etcd (Debian `etcd-server`) if needed and starts it.
     pub fn start() -> Result<Etcd, String> {
+        Etcd::start_with(None)
+    }
+
+    /// Like [`Etcd::start`], its client URL `https://` with `tls`.
+    pub fn start_tls(tls: EtcdTls) -> Result<Etcd, String> {
+        Etcd::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<EtcdTls>) -> Result<Etcd, String> {
         if !Path::new(ETCD_BIN).exists() {
             apt_install(&["etcd-server"])?;
         }
@@ -299,14 +323,17 @@ impl Etcd {
             dir: scratch_dir("etcd")?,
             client_port: free_port()?,
             peer_port: free_port()?,
+            health_port: free_port()?,
+            tls,
         };
         etcd.resume()?;
         Ok(etcd)
     }
 
-    /// `http://127.0.0.1:PORT`, the client URL.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS), the client URL.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// Kills the server (its data stays, for [`Etcd::resume`]).
@@ -320,21 +347,35 @@ impl Etcd {
     /// Starts the server again (after [`Etcd::stop`]) and waits until it
     /// answers its health check (at most 30 s).
     pub fn resume(&mut self) -> Result<(), String> {
-        let (client, peer) = (
-            format!("http://127.0.0.1:{}", self.client_port),
+        let (client, peer, health) = (
+            self.url(),
             format!("http://127.0.0.1:{}", self.peer_port),
+            format!("http://127.0.0.1:{}", self.health_port),
         );
         let log = std::fs::File::create(self.dir.join("log"))
             .map_err(|e| format!("etcd log file: {e}"))?;
         let log2 = log.try_clone().map_err(|e| format!("etcd log file: {e}"))?;
-        let child = Command::new(ETCD_BIN)
+        let mut command = Command::new(ETCD_BIN);
+        command
             .args(["--name", "t", "--data-dir"])
             .arg(self.dir.join("data"))
             .args(["--listen-client-urls", &client])
             .args(["--advertise-client-urls", &client])
+            .args(["--listen-metrics-urls", &health])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("t={peer}")])
+            .args(["--initial-cluster", &format!("t={peer}")]);
+        if let Some(tls) = &self.tls {
+            command.arg("--cert-file").arg(&tls.cert);
+            command.arg("--key-file").arg(&tls.key);
+            if let Some(ca) = &tls.client_ca {
+                command
+                    .arg("--client-cert-auth")
+                    .arg("--trusted-ca-file")
+                    .arg(ca);
+            }
+        }
+        let child = command
             .stdout(log)
             .stderr(log2)
             .spawn()
@@ -362,7 +403,7 @@ impl Etcd {
     /// GET /health answers `"health":"true"`.
     fn healthy(&self) -> bool {
         use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.client_port)) else {
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.health_port)) else {
             return false;
         };
         let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
