@@ -109,6 +109,9 @@ pub(crate) struct LeaseTable {
     next_seq: u64,
     /// Sequence numbers up to this one were issued before this run.
     base: u64,
+    /// The highest sequence number above `next_seq` taken in from an
+    /// earlier run (adopted, or handed over): numbering skips the live ones.
+    taken_above: u64,
 }
 
 impl LeaseTable {
@@ -123,21 +126,45 @@ impl LeaseTable {
     /// True if `seq` may name a lease an earlier run granted that this run
     /// does not hold yet: never one this run issued, nor one it holds
     /// under another nonce (a guessed id must not replace a live lease).
+    ///
+    /// An earlier run's numbers are usually below `base` (it is taken from
+    /// the clock), but not when that run was on another host whose clock
+    /// was ahead (a cluster's last leader): so any number this run has not
+    /// issued qualifies, and [`LeaseTable::next_seq`] skips those taken in.
     pub(crate) fn may_adopt(&self, seq: u64) -> bool {
-        seq <= self.base && !self.leases.contains_key(&seq)
+        let issued_here = self.base < seq && seq <= self.next_seq;
+        !issued_here && !self.leases.contains_key(&seq)
     }
 
     /// A fresh sequence number (also used for leases that hold no slot and
     /// are therefore never stored).
     pub(crate) fn next_seq(&mut self) -> u64 {
         self.next_seq += 1;
+        while self.next_seq <= self.taken_above && self.leases.contains_key(&self.next_seq) {
+            self.next_seq += 1;
+        }
         self.next_seq
     }
 
-    /// Stores a lease under `seq`.
+    /// Stores a lease this run granted under `seq` (from
+    /// [`LeaseTable::next_seq`]).
     pub(crate) fn insert(&mut self, seq: u64, lease: Lease) {
         self.by_expiry.insert((lease.expires_at, seq));
         self.leases.insert(seq, lease);
+    }
+
+    /// Stores a lease an earlier run granted (adopted, or handed over),
+    /// under its own number; `false`, and nothing stored, if that number
+    /// is live already.
+    pub(crate) fn take_in(&mut self, seq: u64, lease: Lease) -> bool {
+        if self.leases.contains_key(&seq) {
+            return false;
+        }
+        if seq > self.next_seq {
+            self.taken_above = self.taken_above.max(seq);
+        }
+        self.insert(seq, lease);
+        true
     }
 
     /// Removes the lease if `seq` and `nonce` name a live one.

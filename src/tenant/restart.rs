@@ -157,7 +157,7 @@ impl TenantState {
         }
         let extend = extend.unwrap_or(ttl);
         let expires_at = now + extend;
-        self.leases.insert(
+        self.leases.take_in(
             id.seq,
             Lease {
                 nonce: id.nonce,

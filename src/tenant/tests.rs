@@ -403,18 +403,47 @@ fn a_guessed_lease_id_is_not_adopted() {
     };
     assert!(t.renew(guessed, None, Some(&with), t0).is_err());
     assert!(!t.release(guessed));
-    // Nor is a number this run issues (or will) adopted.
-    let ours = LeaseId {
-        tenant: 0,
-        seq: 101,
-        nonce: 1,
-    };
+    // Nor is a number this run issued (its lease released, or one that
+    // held no slot).
+    let ours = granted(t.acquire(&args("GET", "/", 1), NOW, t0).unwrap()).lease_id;
+    assert_eq!(ours.seq, 101);
     assert!(t.renew(ours, None, Some(&with), t0).is_err());
     assert!(
         t.release(earlier),
         "the adopted lease is still the one held"
     );
-    granted(t.acquire(&with, NOW, t0).unwrap());
+    granted(t.acquire(&with, NOW, t0 + SEC).unwrap());
+}
+
+#[test]
+fn a_lease_numbered_above_this_runs_start_is_adopted_and_its_number_never_reissued() {
+    // The last leader's clock ran ahead of this host's: its lease numbers
+    // (taken from its clock) are above this run's start.
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    t.start_leases_after(100);
+    t.resume_after_restart(t0);
+    let ahead = LeaseId {
+        tenant: 0,
+        seq: 102,
+        nonce: 9,
+    };
+    let with = args("POST", "/q", 1);
+    t.renew(ahead, None, Some(&with), t0)
+        .expect("the lease of a leader whose clock ran ahead is adopted");
+    // Numbering goes past it without issuing it again.
+    let first = granted(t.acquire(&args("GET", "/", 1), NOW, t0).unwrap());
+    let second = granted(t.acquire(&args("GET", "/", 1), NOW, t0 + SEC).unwrap());
+    assert_eq!((first.lease_id.seq, second.lease_id.seq), (101, 103));
+    // Renewed, it holds its slot past the learning window, until released.
+    t.renew(ahead, None, None, t0 + 3 * SEC).unwrap();
+    t.tick(t0 + 5 * SEC);
+    assert!(matches!(
+        t.acquire(&with, NOW, t0 + 5 * SEC).unwrap(),
+        Decision::Denied(_)
+    ));
+    assert!(t.release(ahead));
+    granted(t.acquire(&with, NOW, t0 + 5 * SEC).unwrap());
 }
 
 #[derive(Debug, Clone)]
