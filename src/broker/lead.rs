@@ -7,7 +7,7 @@
 use super::files::{AdminFile, LearnedFile};
 use super::Broker;
 use crate::error::BrokerError;
-use crate::tenant::TenantState;
+use crate::tenant::{HandedLease, TenantState};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, PoisonError};
 use tokio::time::Instant;
@@ -30,6 +30,12 @@ struct HandOver {
     at_ms: u64,
     /// (bucket, OAuth client, permits available).
     levels: Vec<(String, Option<String>, f64)>,
+    /// The live leases that hold slots; `None` when some slots counted as
+    /// held by an earlier leader's unknown leases (or the snapshot is from
+    /// a broker that did not hand leases over): the next leader then runs
+    /// the restart learning mode for slots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    leases: Option<Vec<HandedLease>>,
 }
 
 /// Levels handed over longer ago than this are not trusted (another leader
@@ -85,7 +91,9 @@ impl Broker {
     /// Rebuilds tenant `t` to lead it (from [`Broker::lead`] on): from the
     /// config and `snapshot`, what the last leader saved, in the restart
     /// learning mode (leases the last leader granted may still be held, and
-    /// its buckets' levels are unknown, unless it handed them over). No
+    /// its buckets' levels are unknown), unless it handed them over: then
+    /// with its levels and, when it knew every lease holding a slot, those
+    /// leases. No
     /// snapshot: no broker ever led the tenant (every leader saves before
     /// it grants), so it starts as a fresh broker does, buckets full. A
     /// snapshot that cannot be read still says someone led: the learning
@@ -133,13 +141,27 @@ impl Broker {
             handed_over.filter(|h| h.at_ms <= now_ms && now_ms - h.at_ms <= HAND_OVER_FRESH_MS);
         if led_before {
             let mut state = tenant.lock();
-            state.resume_after_restart(now);
-            if let Some(h) = &handed_over {
-                state.resume_levels(&h.levels, now);
+            match &handed_over {
+                // Levels and leases exact: nothing to learn again.
+                Some(HandOver {
+                    levels,
+                    leases: Some(leases),
+                    ..
+                }) => {
+                    state.resume_levels(levels, now);
+                    state.resume_leases(leases, now);
+                }
+                _ => {
+                    state.resume_after_restart(now);
+                    if let Some(h) = &handed_over {
+                        state.resume_levels(&h.levels, now);
+                    }
+                }
             }
         }
         tracing::info!(tenant = %settings.tenants[t].id, changes, learned, led_before,
             levels_handed_over = handed_over.is_some(),
+            leases_handed_over = handed_over.as_ref().and_then(|h| h.leases.as_ref()).map(Vec::len),
             "taking the tenant over");
     }
 
@@ -169,11 +191,15 @@ impl Broker {
     /// it after [`Broker::step_down`], when nothing is granted any more.
     pub(crate) fn final_snapshot(&self, t: usize) -> Vec<u8> {
         let now = Instant::now();
-        let levels = self.inner.tenants[t].lock().levels(now);
+        let (levels, leases) = {
+            let state = self.inner.tenants[t].lock();
+            (state.levels(now), state.live_leases(now))
+        };
         let mut snapshot = self.snapshot_of(t);
         snapshot.handed_over = Some(HandOver {
             at_ms: self.inner.clock.unix_ms(now),
             levels,
+            leases,
         });
         serde_json::to_vec(&snapshot).unwrap_or_default()
     }
@@ -245,6 +271,58 @@ mod tests {
         // out, so the bucket starts empty.
         broker.take_over(0, Some(b"{\"from\": \"a newer broker\"}"));
         assert!(tokens(&broker) < 2.0, "{}", tokens(&broker));
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_hand_over_carries_the_leases_that_hold_slots() {
+        let settings = Settings::from_toml(
+            "[server]\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n\
+             [[tenants.buckets]]\nname = \"slots\"\nroutes = [\"* /**\"]\n\
+             max_in_flight = 2\nlease_ttl_ms = 30000\n",
+        )
+        .unwrap();
+        let stop = CancellationToken::new();
+        let (old, _old_drivers) = Broker::start(&settings, stop.clone(), None);
+        let (new, _new_drivers) = Broker::start(&settings, stop.clone(), None);
+        let now = Instant::now();
+        let until = now + std::time::Duration::from_secs(60);
+        let call = crate::tenant::AcquireArgs {
+            client_id: "c".into(),
+            class: String::new(),
+            method: "POST".into(),
+            path: "/x".into(),
+            oauth_client: String::new(),
+            permits: 1,
+        };
+        let acquire = |b: &Broker| {
+            b.inner.tenants[0]
+                .lock()
+                .acquire(&call, Some(std::time::Duration::ZERO), Instant::now())
+                .unwrap()
+        };
+        old.take_over(0, None);
+        old.lead(0, until);
+        let crate::tenant::Decision::Granted(held) = acquire(&old) else {
+            panic!("the first slot is not granted")
+        };
+        // Led before, and then handed over (a shutdown, a broker joining).
+        let earlier = old.snapshot(0);
+        old.step_down(0, None);
+        let handed = old.final_snapshot(0);
+        new.take_over(0, Some(&earlier));
+        new.lead(0, until);
+        // Without the leases: the free slot counts as held by an unknown
+        // lease for the bucket's lease TTL.
+        assert!(matches!(acquire(&new), crate::tenant::Decision::Denied(_)));
+        new.take_over(0, Some(&handed));
+        new.lead(0, until);
+        // With them: the free slot is free, the held one held by its lease,
+        // which the new leader knows (its release frees it).
+        assert!(matches!(acquire(&new), crate::tenant::Decision::Granted(_)));
+        assert!(matches!(acquire(&new), crate::tenant::Decision::Denied(_)));
+        assert!(new.inner.tenants[0].lock().release(held.lease_id));
+        assert!(matches!(acquire(&new), crate::tenant::Decision::Granted(_)));
         stop.cancel();
     }
 }

@@ -218,6 +218,11 @@ impl LeaseTable {
             .map(|&(at, _)| at)
     }
 
+    /// The live leases, by sequence number.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, &Lease)> {
+        self.leases.iter().map(|(&seq, lease)| (seq, lease))
+    }
+
     /// Number of live leases.
     pub(crate) fn len(&self) -> usize {
         self.leases.len()

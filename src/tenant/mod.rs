@@ -45,6 +45,7 @@ mod waiting;
 
 pub(crate) use learn::ReportOutcome;
 pub(crate) use registry::Retired;
+pub(crate) use restart::HandedLease;
 pub(crate) use status::BucketStatus;
 
 use crate::config::{ClassSettings, Scope, Settings, TenantSettings};

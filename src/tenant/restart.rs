@@ -18,8 +18,23 @@
 use super::{AcquireArgs, TenantState};
 use crate::error::BrokerError;
 use crate::limits::{Lease, LeaseId};
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// A live lease that holds slots, as a cluster leader hands it to the next:
+/// its id's parts, the (bucket, OAuth client) instances it holds, and how
+/// long it has left.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct HandedLease {
+    seq: u64,
+    nonce: u32,
+    slots: Vec<(String, Option<String>)>,
+    permits: u32,
+    left_ms: u64,
+    ttl_ms: u64,
+    client_id: String,
+}
 
 impl TenantState {
     /// Enters the learning mode at `now` (the broker started with state).
@@ -204,6 +219,81 @@ impl TenantState {
                 continue;
             };
             t.set_level(*level, now);
+        }
+    }
+
+    /// Every live lease that holds slots, for a hand-over (call it once
+    /// nothing is granted any more), or `None` while slots still count as
+    /// held by unknown leases of an earlier leader: those cannot be handed
+    /// over, so the next leader runs the restart learning mode instead.
+    pub(crate) fn live_leases(&self, now: Instant) -> Option<Vec<HandedLease>> {
+        if self.instances.iter().any(|(_, x)| x.phantom > 0) {
+            return None;
+        }
+        let leases = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.expires_at > now)
+            .map(|(seq, l)| HandedLease {
+                seq,
+                nonce: l.nonce,
+                slots: l
+                    .instances
+                    .iter()
+                    .filter_map(|&i| self.instances.get(i))
+                    .map(|x| {
+                        let bucket = &self.buckets[x.bucket].settings.name;
+                        (bucket.clone(), x.oauth_client.as_deref().map(str::to_owned))
+                    })
+                    .collect(),
+                permits: l.permits,
+                left_ms: crate::clock::millis(l.expires_at - now),
+                ttl_ms: crate::clock::millis(l.ttl),
+                client_id: l.client_id.clone(),
+            })
+            .collect();
+        Some(leases)
+    }
+
+    /// Takes in the leases the last leader handed over, as they were: their
+    /// slots held, each until the time it had left from `now` (later than
+    /// when the last leader counted it, so never sooner than there).
+    /// Slots of buckets no longer configured are left out.
+    pub(crate) fn resume_leases(&mut self, leases: &[HandedLease], now: Instant) {
+        let now = self.monotonic(now);
+        for h in leases {
+            let mut held = Vec::new();
+            for (bucket, client) in &h.slots {
+                let Some(i) = self.instance_of(bucket, client.as_deref(), now) else {
+                    continue;
+                };
+                let Some(s) = self.instances.get_mut(i).and_then(|x| x.slots.as_mut()) else {
+                    continue;
+                };
+                s.take(h.permits);
+                held.push(i);
+            }
+            if held.is_empty() {
+                continue;
+            }
+            let lease = Lease {
+                nonce: h.nonce,
+                instances: held.clone(),
+                permits: h.permits,
+                expires_at: now + Duration::from_millis(h.left_ms),
+                ttl: Duration::from_millis(h.ttl_ms),
+                client_id: h.client_id.clone(),
+            };
+            let taken = self.leases.take_in(h.seq, lease);
+            for i in held {
+                if !taken {
+                    // A number listed twice: its slots are held once.
+                    if let Some(s) = self.instances.get_mut(i).and_then(|x| x.slots.as_mut()) {
+                        s.give_back(h.permits);
+                    }
+                }
+                self.touch(i);
+            }
         }
     }
 }

@@ -664,3 +664,31 @@ fn the_upstream_budget_view_is_saved_and_resumed() {
         None
     );
 }
+
+#[test]
+fn leases_are_handed_over_only_when_no_slot_is_held_by_an_unknown_one() {
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    t.start_leases_after(100);
+    t.resume_after_restart(t0);
+    // An earlier leader's leases may still hold the slot: the next leader
+    // must learn them again, not take "no lease" for the truth.
+    assert_eq!(t.live_leases(t0), None);
+    t.tick(t0 + 5 * SEC);
+    let held = granted(
+        t.acquire(&args("POST", "/q", 1), NOW, t0 + 5 * SEC)
+            .unwrap(),
+    );
+    let leases = t
+        .live_leases(t0 + 6 * SEC)
+        .expect("every slot's lease is known");
+    assert_eq!(leases.len(), 1);
+    let mut next = tenant(TWO, t0);
+    next.resume_leases(&leases, t0 + 6 * SEC);
+    assert!(matches!(
+        next.acquire(&args("POST", "/q", 1), NOW, t0 + 6 * SEC)
+            .unwrap(),
+        Decision::Denied(_)
+    ));
+    assert!(next.release(held.lease_id));
+}

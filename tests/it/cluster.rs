@@ -797,7 +797,7 @@ async fn a_joining_broker_takes_only_its_share_of_tenants() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leader_that_shuts_down_hands_its_token_levels_over() {
+async fn a_leader_that_shuts_down_hands_its_token_levels_and_leases_over() {
     let etcd = testsvc::Etcd::start().unwrap();
     let mut cluster = Cluster::start(etcd, "handover", &["b1", "b2"], 1).await;
     let urls = cluster.urls();
@@ -814,6 +814,13 @@ async fn a_leader_that_shuts_down_hands_its_token_levels_over() {
             .into_inner();
         assert!(r.granted, "{}", r.reason);
     }
+    // A slot held through the hand-over, of the bucket's 3.
+    let held = client(&first)
+        .acquire(slot_call("t0", "holder", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(held.granted, "{}", held.reason);
     let spent_at = Instant::now();
     let node = cluster.node_of(&first);
     let (status, log) = cluster.brokers.remove(&node).unwrap().terminate().await;
@@ -827,4 +834,29 @@ async fn a_leader_that_shuts_down_hands_its_token_levels_over() {
     let most = 12.0 + spent_at.elapsed().as_secs_f64() + 0.5;
     eprintln!("hand-over: the new leader holds {level:.1} of 20 (at most {most:.1})");
     assert!((11.5..=most).contains(&level), "{level}");
+    // The held lease came along: the other two slots are free at once (not
+    // counted as held for the bucket's 3 s lease TTL), the third is its,
+    // and the new leader knows it by its id.
+    for n in 0..2 {
+        let r = client(&second)
+            .acquire(slot_call("t0", "newcomer", 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.granted, "slot {n} at the new leader: {}", r.reason);
+    }
+    let r = client(&second)
+        .acquire(slot_call("t0", "newcomer", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.granted, "the handed-over lease's slot was granted again");
+    let released = client(&second)
+        .release(ReleaseRequest {
+            lease_id: held.lease_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(released.released, "the new leader does not know the lease");
 }
