@@ -95,6 +95,23 @@ pub(crate) struct Entry {
     pub(crate) lease: i64,
 }
 
+/// What a failed call's status says, with the causes a transport error
+/// carries ("tcp connect error: Connection refused", a certificate etcd
+/// refused), which its message alone leaves out.
+fn status_text(s: &tonic::Status) -> String {
+    let mut text = s.message().to_owned();
+    let mut cause = std::error::Error::source(s);
+    while let Some(e) = cause {
+        let said = e.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = e.source();
+    }
+    text
+}
+
 /// `call` bounded by `timeout`, its error as an [`EtcdError`].
 async fn bounded<T>(
     timeout: Duration,
@@ -103,7 +120,7 @@ async fn bounded<T>(
 ) -> Result<T, EtcdError> {
     match tokio::time::timeout(timeout, call).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
-        Ok(Err(s)) => Err(EtcdError::new(what, s.message())),
+        Ok(Err(s)) => Err(EtcdError::new(what, status_text(&s))),
         Err(_) => Err(EtcdError::new(what, "no answer in time")),
     }
 }
@@ -367,12 +384,31 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    use super::prefix_end;
+    use super::*;
 
     #[test]
     fn a_prefix_range_ends_past_every_key_under_it() {
         assert_eq!(prefix_end(b"/qb/members/"), b"/qb/members0".to_vec());
         assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
         assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_connection_says_why() {
+        // A loopback port nothing listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let etcd = Etcd::connect(
+            &[format!("http://127.0.0.1:{port}")],
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let Err(e) = etcd.grant(Duration::from_secs(2)).await else {
+            panic!("a lease from nowhere")
+        };
+        assert!(e.to_string().contains("Connection refused"), "{e}");
     }
 }

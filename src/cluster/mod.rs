@@ -146,7 +146,8 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
             }
             Ok(None) => backoff = tick,
             Err(e) => {
-                tracing::warn!(error = %e, "cluster session failed: leading nothing until one succeeds");
+                tracing::warn!(error = %e, etcd = ?node.settings.etcd,
+                    "cluster session failed: leading nothing until one succeeds");
                 node.lose_all();
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
@@ -364,12 +365,21 @@ impl Node {
         Ok(())
     }
 
-    /// At shutdown: hands every tenant over and leaves the cluster.
+    /// At shutdown: hands every tenant over and leaves the cluster. The
+    /// first etcd failure ends the hand-overs (each further one would wait
+    /// for its own timeout, so a broker leading many tenants would outlast
+    /// any grace period): the rest stop being granted at once and are
+    /// freed by the lease's expiry, as after a crash.
     async fn hand_over_all(&mut self, lease: i64) {
         let led: Vec<usize> = self.led.iter().copied().collect();
         for t in led {
             if let Err(e) = self.hand_over(t, None).await {
-                tracing::warn!(error = %e, "hand-over at shutdown failed; the lease expiry frees the tenant");
+                let left = self.led.len();
+                self.lose_all();
+                tracing::warn!(error = %e, tenants_left = left,
+                    "hand-over at shutdown failed; the tenant and those not handed over yet \
+                     are freed by the lease's expiry");
+                return;
             }
         }
         if let Err(e) = self.etcd.revoke(lease).await {

@@ -551,6 +551,20 @@ mod tests {
         ] {
             assert!(bad.contains(key), "{key} missing from: {bad}");
         }
+        // A URL without a host would be sent to callers as the leader's.
+        let no_host = Settings::from_toml(
+            "[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nnode = \"b1\"\n\
+             advertise = \"http://\"\n[[tenants]]\nid = \"t\"\n\
+             [[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            no_host.contains(
+                "cluster.advertise \"http://\" must be the URL clients reach this broker at, e.g."
+            ),
+            "{no_host}"
+        );
     }
 
     #[test]
@@ -625,6 +639,11 @@ mod tests {
             ),
             (
                 "\"https://\"",
+                ca.clone(),
+                "is not an http:// or https:// URL",
+            ),
+            (
+                "\"https://127.0.0.1:2379 \"",
                 ca.clone(),
                 "is not an http:// or https:// URL",
             ),

@@ -62,6 +62,14 @@ struct RawCluster {
     etcd_key: String,
 }
 
+/// An `http://` or `https://` URL with a host (what a gRPC client can dial).
+fn is_http_url(url: &str) -> bool {
+    (url.starts_with("http://") || url.starts_with("https://"))
+        && url
+            .parse::<tonic::codegen::http::Uri>()
+            .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()))
+}
+
 fn default_prefix() -> String {
     "/quota-broker".into()
 }
@@ -83,10 +91,7 @@ impl RawCluster {
             );
         }
         for e in &self.etcd {
-            let url_ok = (e.starts_with("http://") || e.starts_with("https://"))
-                && e.parse::<tonic::codegen::http::Uri>()
-                    .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()));
-            if !url_ok {
+            if !is_http_url(e) {
                 problems.push(format!(
                     "cluster.etcd: {} is not an http:// or https:// URL",
                     clip(e)
@@ -105,9 +110,10 @@ impl RawCluster {
                 clip(&self.node)
             ));
         }
-        if !(self.advertise.starts_with("http://") || self.advertise.starts_with("https://")) {
+        if !is_http_url(&self.advertise) {
             problems.push(format!(
-                "cluster.advertise {} must be the URL clients reach this broker at,                  e.g. \"http://10.0.0.5:50051\"",
+                "cluster.advertise {} must be the URL clients reach this broker at, \
+                 e.g. \"http://10.0.0.5:50051\"",
                 clip(&self.advertise)
             ));
         }

@@ -623,9 +623,32 @@ async fn a_broker_leads_over_etcd_with_tls_and_client_certificates_and_refuses_a
         poll_pause().await;
     }
     let (_, log) = doubting.terminate().await;
-    assert!(log.contains("cluster session failed"), "{log}");
+    // The cause is named, not only "transport error".
+    assert!(
+        log.contains("cluster session failed") && log.contains("UnknownIssuer"),
+        "{log}"
+    );
     let (_, log) = good.terminate().await;
     assert!(!log.contains("cluster session failed"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_with_etcd_hanging_waits_for_one_etcd_timeout_not_one_per_tenant() {
+    let etcd = testsvc::Etcd::start().unwrap();
+    let mut cluster = Cluster::start(etcd, "hanging", &["b1"], 10).await;
+    let urls = cluster.urls();
+    for t in cluster.tenants.clone() {
+        leader(&urls, &t).await;
+    }
+    // etcd hangs (a frozen host: nothing refused, nothing answered), and
+    // the broker is told to stop before its keep-alive could notice.
+    cluster.etcd.freeze().unwrap();
+    let (status, log) = cluster.brokers.remove("b1").unwrap().terminate().await;
+    cluster.etcd.thaw().unwrap();
+    assert!(status.success(), "{log}");
+    let failed = log.matches("hand-over at shutdown failed").count();
+    assert_eq!(failed, 1, "one etcd timeout per tenant led: {log}");
+    assert!(log.contains("tenants_left=9"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -344,6 +344,34 @@ impl Etcd {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is
+    /// answered, as with a host that hangs.
+    pub fn freeze(&self) -> Result<(), String> {
+        self.signal("-STOP")
+    }
+
+    /// Lets a frozen server run again (SIGCONT).
+    pub fn thaw(&self) -> Result<(), String> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> Result<(), String> {
+        let pid = self
+            .child
+            .as_ref()
+            .ok_or("etcd is not running")?
+            .id()
+            .to_string();
+        let status = Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .map_err(|e| format!("kill {signal}: {e}"))?;
+        status
+            .success()
+            .then_some(())
+            .ok_or_else(|| format!("kill {signal} {pid}: {status}"))
+    }
+
     /// Starts the server again (after [`Etcd::stop`]) and waits until it
     /// answers its health check (at most 30 s).
     pub fn resume(&mut self) -> Result<(), String> {
