@@ -62,6 +62,12 @@ impl Broker {
         self.leading(t).is_ok()
     }
 
+    /// (tenants configured, tenants this broker grants for now).
+    pub(crate) fn tenants_led(&self) -> (usize, usize) {
+        let all = self.inner.tenants.len();
+        (all, (0..all).filter(|&t| self.leads(t)).count())
+    }
+
     /// Keeps leading tenant `t` until `until`.
     pub(crate) fn lead(&self, t: usize, until: Instant) {
         let tenant = &self.inner.tenants[t];
@@ -308,7 +314,9 @@ mod tests {
         };
         // Led before, and then handed over (a shutdown, a broker joining).
         let earlier = old.snapshot(0);
+        assert_eq!(old.tenants_led(), (1, 1));
         old.step_down(0, None);
+        assert_eq!(old.tenants_led(), (1, 0), "/metrics' tenants_led");
         let handed = old.final_snapshot(0);
         new.take_over(0, Some(&earlier));
         new.lead(0, until);

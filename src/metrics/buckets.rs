@@ -274,6 +274,19 @@ impl Collector for BucketCollector {
             ConstGauge::new(held as i64)
                 .encode(m.encode_family(&[("tenant", tenant.as_str())])?)?;
         }
+        let (configured, led) = self.broker.tenants_led();
+        ConstGauge::new(configured as i64).encode(e.encode_descriptor(
+            "tenants",
+            "Tenants configured",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(led as i64).encode(e.encode_descriptor(
+            "tenants_led",
+            "Tenants this broker grants for now (in a cluster: leads; all of them alone)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?)?;
         Ok(())
     }
 }

@@ -259,6 +259,9 @@ async fn metrics_count_on_the_path_and_read_the_buckets_at_scrape_time() {
         (format!("quota_broker_freezes_total{{{tb}}}"), 1.0),
         (format!("quota_broker_frozen{{{tb}}}"), 1.0),
         (format!("quota_broker_slots_max{{{tb}}}"), 5.0),
+        // Alone, a broker grants for every tenant configured.
+        ("quota_broker_tenants".to_owned(), 2.0),
+        ("quota_broker_tenants_led".to_owned(), 2.0),
         // Untouched tenant "u": its series exist, at zero.
         (
             "quota_broker_bucket_grants_total{tenant=\"u\",bucket=\"users\"}".to_owned(),
