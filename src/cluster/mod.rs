@@ -361,7 +361,14 @@ impl Node {
             .await?;
         let me = self.settings.node.as_bytes();
         self.etcd.delete_if(&self.keys.leader(&tenant), me).await?;
-        tracing::info!(%tenant, next = ?next, "handed the tenant over to its preferred broker");
+        match &next {
+            Some(next) => {
+                tracing::info!(%tenant, %next, "handed the tenant over to its preferred broker")
+            }
+            None => {
+                tracing::info!(%tenant, "handed the tenant over: the next leader takes it on its next tick")
+            }
+        }
         Ok(())
     }
 
