@@ -22,6 +22,9 @@ struct Snapshot {
     /// them instead of starting empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     handed_over: Option<HandOver>,
+    /// The lead term of the state saved (0: a broker that drew none).
+    #[serde(default)]
+    term: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -99,14 +102,29 @@ impl Broker {
     /// learning mode (leases the last leader granted may still be held, and
     /// its buckets' levels are unknown), unless it handed them over: then
     /// with its levels and, when it knew every lease holding a slot, those
-    /// leases. No
-    /// snapshot: no broker ever led the tenant (every leader saves before
-    /// it grants), so it starts as a fresh broker does, buckets full. A
-    /// snapshot that cannot be read still says someone led: the learning
-    /// mode holds.
+    /// leases. No snapshot: no broker ever led the tenant (every leader
+    /// saves before it grants), so it starts as a fresh broker does,
+    /// buckets full. A snapshot that cannot be read still says someone
+    /// led: the learning mode holds.
+    ///
+    /// A snapshot of this broker's own term (its lead lapsed, etcd away for
+    /// a moment, and no other broker led since: one would have saved its
+    /// own term before its first grant) resumes the state as it was left:
+    /// levels and leases exact, nothing to learn again.
     pub(crate) fn take_over(&self, t: usize, snapshot: Option<&[u8]>) {
         let now = Instant::now();
         let settings = &self.inner.settings;
+        let tenant = &self.inner.tenants[t];
+        let parsed = snapshot.map(serde_json::from_slice::<Snapshot>);
+        if let Some(Ok(s)) = &parsed {
+            let mut state = tenant.lock();
+            if s.term != 0 && s.term == state.lead_term() && !state.leads(now) {
+                state.drop_waiters();
+                tracing::info!(tenant = %settings.tenants[t].id,
+                    "taking the tenant over as this broker left it: no other broker led it since");
+                return;
+            }
+        }
         let mut fresh = TenantState::new(
             u32::try_from(t).unwrap_or(u32::MAX),
             &settings.tenants[t],
@@ -116,7 +134,7 @@ impl Broker {
         );
         fresh.start_leases_after(self.inner.clock.unix_ms(now) << 20);
         fresh.set_lead(None, None);
-        let tenant = &self.inner.tenants[t];
+        fresh.new_lead_term();
         {
             let mut state = tenant.lock();
             state.drop_waiters();
@@ -127,9 +145,9 @@ impl Broker {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|(i, _)| *i != t);
-        let led_before = snapshot.is_some();
-        let snapshot = snapshot.and_then(|bytes| {
-            serde_json::from_slice::<Snapshot>(bytes)
+        let led_before = parsed.is_some();
+        let snapshot = parsed.and_then(|parsed| {
+            parsed
                 .map_err(|e| {
                     tracing::warn!(tenant = %settings.tenants[t].id, error = %e,
                         "saved cluster state unreadable; taking over on the config alone")
@@ -190,6 +208,7 @@ impl Broker {
             learned: self.learned_of(Some(t)),
             admin,
             handed_over: None,
+            term: self.inner.tenants[t].lock().lead_term(),
         }
     }
 
@@ -331,6 +350,67 @@ mod tests {
         assert!(matches!(acquire(&new), crate::tenant::Decision::Denied(_)));
         assert!(new.inner.tenants[0].lock().release(held.lease_id));
         assert!(matches!(acquire(&new), crate::tenant::Decision::Granted(_)));
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_lead_that_lapsed_resumes_its_own_state_unless_another_broker_led() {
+        let settings = Settings::from_toml(
+            "[server]\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n\
+             [[tenants.buckets]]\nname = \"slots\"\nroutes = [\"* /**\"]\n\
+             max_in_flight = 2\nlease_ttl_ms = 30000\n",
+        )
+        .unwrap();
+        let stop = CancellationToken::new();
+        let (b, _b_drivers) = Broker::start(&settings, stop.clone(), None);
+        let (other, _other_drivers) = Broker::start(&settings, stop.clone(), None);
+        let until = Instant::now() + std::time::Duration::from_secs(60);
+        let call = crate::tenant::AcquireArgs {
+            client_id: "c".into(),
+            class: String::new(),
+            method: "POST".into(),
+            path: "/x".into(),
+            oauth_client: String::new(),
+            permits: 1,
+        };
+        let acquire = |b: &Broker| {
+            b.inner.tenants[0]
+                .lock()
+                .acquire(&call, Some(std::time::Duration::ZERO), Instant::now())
+                .unwrap()
+        };
+        b.take_over(0, None);
+        b.lead(0, until);
+        let crate::tenant::Decision::Granted(held) = acquire(&b) else {
+            panic!("a slot is not granted")
+        };
+        let _ = acquire(&b);
+        assert!(b.inner.tenants[0].lock().release(held.lease_id));
+        let crate::tenant::Decision::Granted(held) = acquire(&b) else {
+            panic!("a released slot is not granted again")
+        };
+        // etcd away for a moment: the lead lapses, nobody else leads.
+        let saved = b.snapshot(0);
+        b.step_down(0, None);
+        b.take_over(0, Some(&saved));
+        b.lead(0, until);
+        // As it was: both slots held by known leases (not phantoms that
+        // would hold them for 30 s), one released at once by its id.
+        assert!(matches!(acquire(&b), crate::tenant::Decision::Denied(_)));
+        assert!(b.inner.tenants[0].lock().release(held.lease_id));
+        let crate::tenant::Decision::Granted(_) = acquire(&b) else {
+            panic!("the lapsed lead did not resume its own state")
+        };
+        // Another broker led in between (it saved its own term first): the
+        // earlier state is stale, the learning mode holds.
+        let saved = b.snapshot(0);
+        b.step_down(0, None);
+        other.take_over(0, Some(&saved));
+        let theirs = other.snapshot(0);
+        b.take_over(0, Some(&theirs));
+        b.lead(0, until);
+        assert!(matches!(acquire(&b), crate::tenant::Decision::Denied(_)));
+        assert!(!b.inner.tenants[0].lock().release(held.lease_id));
         stop.cancel();
     }
 }

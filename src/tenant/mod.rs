@@ -179,6 +179,9 @@ pub struct TenantState {
     /// Cluster mode: the URL of the broker that leads the tenant, when this
     /// one does not (and knows it).
     leader: Option<String>,
+    /// Cluster mode: a random number drawn when this state was built to
+    /// lead the tenant, saved in every snapshot of it (0: not drawn).
+    lead_term: u64,
 }
 
 impl TenantState {
@@ -240,6 +243,7 @@ impl TenantState {
             restarted_at: None,
             lead_until: None,
             leader: None,
+            lead_term: 0,
         }
     }
 
@@ -258,6 +262,17 @@ impl TenantState {
             tenant: self.id.clone(),
             leader: self.leader.clone(),
         })
+    }
+
+    /// Cluster mode: the term this state leads in (see
+    /// `Broker::take_over`); 0 before one is drawn.
+    pub(crate) fn lead_term(&self) -> u64 {
+        self.lead_term
+    }
+
+    /// Draws this state's lead term.
+    pub(crate) fn new_lead_term(&mut self) {
+        self.lead_term = fastrand::u64(1..);
     }
 
     /// True if this broker grants for the tenant at `now`.
