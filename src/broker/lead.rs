@@ -39,6 +39,10 @@ struct HandOver {
     /// the restart learning mode for slots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     leases: Option<Vec<HandedLease>>,
+    /// The tenant's index at the broker that handed it over: lease ids
+    /// carry it, so the leases are taken in only where it is the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tenant_index: Option<u32>,
 }
 
 /// Levels handed over longer ago than this are not trusted (another leader
@@ -170,10 +174,17 @@ impl Broker {
                 Some(HandOver {
                     levels,
                     leases: Some(leases),
+                    tenant_index,
                     ..
-                }) => {
+                }) if usize::try_from(tenant_index.unwrap_or(u32::MAX)) == Ok(t) => {
                     state.resume_levels(levels, now);
-                    state.resume_leases(leases, now);
+                    if !state.resume_leases(leases, settings.server.max_lease_ttl, now) {
+                        tracing::warn!(tenant = %settings.tenants[t].id,
+                            "some handed-over leases have no place in this broker's config \
+                             (it differs from the last leader's): learning the slots again");
+                        state.resume_after_restart(now);
+                        state.resume_levels(levels, now);
+                    }
                 }
                 _ => {
                     state.resume_after_restart(now);
@@ -225,6 +236,7 @@ impl Broker {
             at_ms: self.inner.clock.unix_ms(now),
             levels,
             leases,
+            tenant_index: u32::try_from(t).ok(),
         });
         serde_json::to_vec(&snapshot).unwrap_or_default()
     }

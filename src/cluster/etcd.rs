@@ -99,8 +99,11 @@ pub(crate) struct Entry {
 /// carries ("tcp connect error: Connection refused", a certificate etcd
 /// refused), which its message alone leaves out.
 fn status_text(s: &tonic::Status) -> String {
-    let mut text = s.message().to_owned();
-    let mut cause = std::error::Error::source(s);
+    with_causes(s.message().to_owned(), std::error::Error::source(s))
+}
+
+/// `text`, then each cause in turn that it does not say already.
+fn with_causes(mut text: String, mut cause: Option<&(dyn std::error::Error + 'static)>) -> String {
     while let Some(e) = cause {
         let said = e.to_string();
         if !text.contains(&said) {
@@ -148,9 +151,10 @@ impl Etcd {
                     .map_err(|err| EtcdError::new("endpoint", format!("{e}: {err}")))?
                     .connect_timeout(timeout);
                 match &tls {
-                    Some(tls) => endpoint
-                        .tls_config(tls.clone())
-                        .map_err(|err| EtcdError::new("endpoint TLS", format!("{e}: {err}"))),
+                    Some(tls) => endpoint.tls_config(tls.clone()).map_err(|err| {
+                        let text = with_causes(err.to_string(), std::error::Error::source(&err));
+                        EtcdError::new("endpoint TLS", format!("{e}: {text}"))
+                    }),
                     None => Ok(endpoint),
                 }
             })

@@ -643,6 +643,15 @@ mod tests {
                 "is not an http:// or https:// URL",
             ),
             (
+                https,
+                format!(
+                    "{ca}\netcd_cert = {:?}\netcd_key = {:?}",
+                    pki.arg("client.pem"),
+                    pki.arg("server.key")
+                ),
+                "cluster.etcd_key does not fit cluster.etcd_cert",
+            ),
+            (
                 "\"https://127.0.0.1:2379 \"",
                 ca.clone(),
                 "is not an http:// or https:// URL",

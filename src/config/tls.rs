@@ -12,7 +12,7 @@ use tokio_rustls::rustls::crypto::ring::default_provider;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
-use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 /// The `[server.tls]` table as written: file paths, "" for unset.
 #[derive(Debug, Default, Deserialize)]
@@ -290,8 +290,44 @@ impl EtcdTls {
         if problems.len() > before {
             return None;
         }
+        let ca_pem = ca_pem?;
+        // What the connection will do with them, done now: a CA with no
+        // usable certificate, or a key that does not fit its certificate,
+        // is a config problem, not a broker that runs and never leads.
+        let mut roots = RootCertStore::empty();
+        roots.add_parsable_certificates(
+            CertificateDer::pem_slice_iter(&ca_pem).filter_map(Result::ok),
+        );
+        if roots.is_empty() {
+            problems.push(format!(
+                "cluster.etcd_ca {}: none of its certificates is a usable CA certificate",
+                ca.display()
+            ));
+            return None;
+        }
+        if let Some((cert_pem, key_pem)) = &identity {
+            let chain = CertificateDer::pem_slice_iter(cert_pem)
+                .filter_map(Result::ok)
+                .collect();
+            let fits = PrivateKeyDer::from_pem_slice(key_pem)
+                .map_err(|e| e.to_string())
+                .and_then(|key| {
+                    ClientConfig::builder_with_provider(Arc::new(default_provider()))
+                        .with_safe_default_protocol_versions()
+                        .map_err(|e| e.to_string())?
+                        .with_root_certificates(roots)
+                        .with_client_auth_cert(chain, key)
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(e) = fits {
+                problems.push(format!(
+                    "cluster.etcd_key does not fit cluster.etcd_cert: {e}"
+                ));
+                return None;
+            }
+        }
         Some(EtcdTls {
-            ca: ca_pem?,
+            ca: ca_pem,
             identity,
         })
     }

@@ -223,10 +223,27 @@ impl TenantState {
     }
 
     /// Every live lease that holds slots, for a hand-over (call it once
-    /// nothing is granted any more), or `None` while slots still count as
-    /// held by unknown leases of an earlier leader: those cannot be handed
-    /// over, so the next leader runs the restart learning mode instead.
+    /// nothing is granted any more), or `None` while this state is still
+    /// learning after a restart or take-over: unknown leases of an earlier
+    /// leader may hold slots (of instances not even seen yet, per OAuth
+    /// client), and those cannot be handed over, so the next leader runs
+    /// the learning mode instead.
     pub(crate) fn live_leases(&self, now: Instant) -> Option<Vec<HandedLease>> {
+        if let Some(at) = self.restarted_at {
+            let longest = self
+                .buckets
+                .iter()
+                .flat_map(|b| {
+                    let slots = b.settings.max_in_flight.map(|_| b.settings.lease_ttl);
+                    [slots, b.settings.rate.map(|r| r.window)]
+                })
+                .flatten()
+                .max()
+                .unwrap_or_default();
+            if now < at + longest {
+                return None;
+            }
+        }
         if self.instances.iter().any(|(_, x)| x.phantom > 0) {
             return None;
         }
@@ -257,17 +274,33 @@ impl TenantState {
 
     /// Takes in the leases the last leader handed over, as they were: their
     /// slots held, each until the time it had left from `now` (later than
-    /// when the last leader counted it, so never sooner than there).
-    /// Slots of buckets no longer configured are left out.
-    pub(crate) fn resume_leases(&mut self, leases: &[HandedLease], now: Instant) {
+    /// when the last leader counted it, so never sooner than there), and no
+    /// longer than `max_left` (a snapshot is input). `false` if some slot
+    /// has no place here (this broker's config differs: a bucket gone, no
+    /// longer per-client or no longer with slots, no room for another
+    /// OAuth client): the caller then runs the learning mode on top, so
+    /// that slot's holder is not forgotten.
+    pub(crate) fn resume_leases(
+        &mut self,
+        leases: &[HandedLease],
+        max_left: Duration,
+        now: Instant,
+    ) -> bool {
         let now = self.monotonic(now);
+        let mut all_placed = true;
         for h in leases {
             let mut held = Vec::new();
             for (bucket, client) in &h.slots {
-                let Some(i) = self.instance_of(bucket, client.as_deref(), now) else {
-                    continue;
-                };
-                let Some(s) = self.instances.get_mut(i).and_then(|x| x.slots.as_mut()) else {
+                let placed = self
+                    .instance_of(bucket, client.as_deref(), now)
+                    .filter(|&i| {
+                        self.instances
+                            .get(i)
+                            .is_some_and(|x| x.oauth_client.as_deref() == client.as_deref())
+                    })
+                    .and_then(|i| Some((i, self.instances.get_mut(i)?.slots.as_mut()?)));
+                let Some((i, s)) = placed else {
+                    all_placed = false;
                     continue;
                 };
                 s.take(h.permits);
@@ -276,12 +309,18 @@ impl TenantState {
             if held.is_empty() {
                 continue;
             }
+            let ttl = held
+                .iter()
+                .filter_map(|&i| self.instances.get(i))
+                .map(|x| self.buckets[x.bucket].settings.lease_ttl)
+                .min()
+                .unwrap_or_default();
             let lease = Lease {
                 nonce: h.nonce,
                 instances: held.clone(),
                 permits: h.permits,
-                expires_at: now + Duration::from_millis(h.left_ms),
-                ttl: Duration::from_millis(h.ttl_ms),
+                expires_at: now + Duration::from_millis(h.left_ms).min(max_left),
+                ttl: Duration::from_millis(h.ttl_ms).min(ttl),
                 client_id: h.client_id.clone(),
             };
             let taken = self.leases.take_in(h.seq, lease);
@@ -295,5 +334,6 @@ impl TenantState {
                 self.touch(i);
             }
         }
+        all_placed
     }
 }

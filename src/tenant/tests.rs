@@ -684,11 +684,57 @@ fn leases_are_handed_over_only_when_no_slot_is_held_by_an_unknown_one() {
         .expect("every slot's lease is known");
     assert_eq!(leases.len(), 1);
     let mut next = tenant(TWO, t0);
-    next.resume_leases(&leases, t0 + 6 * SEC);
+    assert!(next.resume_leases(&leases, 600 * SEC, t0 + 6 * SEC));
     assert!(matches!(
         next.acquire(&args("POST", "/q", 1), NOW, t0 + 6 * SEC)
             .unwrap(),
         Decision::Denied(_)
     ));
     assert!(next.release(held.lease_id));
+}
+
+#[test]
+fn no_lease_is_handed_over_while_an_unseen_oauth_clients_slot_may_be_held() {
+    let t0 = Instant::now();
+    let mut t = tenant(
+        r#"
+        [[tenants.buckets]]
+        name = "per-client"
+        scope = "oauth_client"
+        routes = ["POST /q"]
+        max_in_flight = 1
+        lease_ttl_ms = 5000
+        "#,
+        t0,
+    );
+    t.resume_after_restart(t0);
+    // No instance yet, so no phantom: but a client the last leader served
+    // may hold its slot, and would find it free at the next leader.
+    assert_eq!(t.live_leases(t0 + SEC), None);
+    assert_eq!(t.live_leases(t0 + 5 * SEC), Some(Vec::new()));
+}
+
+#[test]
+fn handed_leases_without_a_place_here_say_so_and_live_no_longer_than_allowed() {
+    let t0 = Instant::now();
+    let mut last = tenant(TWO, t0);
+    let held = granted(last.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
+    let handed = last.live_leases(t0).unwrap();
+    // Here the bucket has no slots: the lease cannot be placed.
+    let mut here = tenant(
+        r#"
+        [[tenants.buckets]]
+        name = "slots"
+        routes = ["POST /q"]
+        permits = 5
+        window_ms = 1000
+        "#,
+        t0,
+    );
+    assert!(!here.resume_leases(&handed, 600 * SEC, t0));
+    // A lease claiming more time than a renewal may give is cut to it.
+    let mut next = tenant(TWO, t0);
+    assert!(next.resume_leases(&handed, SEC, t0));
+    next.tick(t0 + 2 * SEC);
+    assert!(next.renew(held.lease_id, None, None, t0 + 2 * SEC).is_err());
 }

@@ -647,8 +647,14 @@ async fn a_shutdown_with_etcd_hanging_waits_for_one_etcd_timeout_not_one_per_ten
     cluster.etcd.thaw().unwrap();
     assert!(status.success(), "{log}");
     let failed = log.matches("hand-over at shutdown failed").count();
-    assert_eq!(failed, 1, "one etcd timeout per tenant led: {log}");
-    assert!(log.contains("tenants_left=9"), "{log}");
+    // (None, if the freeze caught the session mid-call first: it then
+    // stepped down from every tenant before the shutdown began.)
+    let lapsed_first = failed == 0 && log.contains("cluster session failed");
+    assert!(
+        failed == 1 || lapsed_first,
+        "one etcd timeout per tenant led: {log}"
+    );
+    assert!(lapsed_first || log.contains("tenants_left=9"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
