@@ -124,6 +124,7 @@ impl Broker {
             let mut state = tenant.lock();
             if s.term != 0 && s.term == state.lead_term() && !state.leads(now) {
                 state.drop_waiters();
+                state.resume_lapsed(now);
                 tracing::info!(tenant = %settings.tenants[t].id,
                     "taking the tenant over as this broker left it: no other broker led it since");
                 return;
@@ -423,6 +424,56 @@ mod tests {
         b.lead(0, until);
         assert!(matches!(acquire(&b), crate::tenant::Decision::Denied(_)));
         assert!(!b.inner.tenants[0].lock().release(held.lease_id));
+        stop.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lapsed_leads_leases_keep_the_time_they_had_left() {
+        let settings = Settings::from_toml(
+            "[server]\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n\
+             [[tenants.buckets]]\nname = \"slots\"\nroutes = [\"* /**\"]\n\
+             max_in_flight = 1\nlease_ttl_ms = 2000\n",
+        )
+        .unwrap();
+        let stop = CancellationToken::new();
+        let (b, _drivers) = Broker::start(&settings, stop.clone(), None);
+        let call = crate::tenant::AcquireArgs {
+            client_id: "c".into(),
+            class: String::new(),
+            method: "POST".into(),
+            path: "/x".into(),
+            oauth_client: String::new(),
+            permits: 1,
+        };
+        let granted = |b: &Broker| {
+            let now = Instant::now();
+            let mut state = b.inner.tenants[0].lock();
+            state.tick(now);
+            matches!(
+                state.acquire(&call, Some(std::time::Duration::ZERO), now),
+                Ok(crate::tenant::Decision::Granted(_))
+            )
+        };
+        let ms = std::time::Duration::from_millis;
+        b.take_over(0, None);
+        b.lead(0, Instant::now() + ms(60_000));
+        assert!(granted(&b));
+        // Half a second later the lead lapses for five seconds: the lease,
+        // 1.5 s left, cannot be renewed meanwhile, so it must not expire.
+        tokio::time::advance(ms(500)).await;
+        let saved = b.snapshot(0);
+        b.step_down(0, None);
+        tokio::time::advance(ms(5_000)).await;
+        b.take_over(0, Some(&saved));
+        b.lead(0, Instant::now() + ms(60_000));
+        assert!(
+            !granted(&b),
+            "the lease expired while its holder could not renew it"
+        );
+        tokio::time::advance(ms(1_400)).await;
+        assert!(!granted(&b), "the lease lost time it had");
+        tokio::time::advance(ms(200)).await;
+        assert!(granted(&b), "the lease outlived its time");
         stop.cancel();
     }
 }

@@ -218,6 +218,18 @@ impl LeaseTable {
             .map(|&(at, _)| at)
     }
 
+    /// Moves every live lease's expiry `by` later.
+    pub(crate) fn postpone_all(&mut self, by: Duration) {
+        self.by_expiry = self
+            .leases
+            .iter_mut()
+            .map(|(&seq, lease)| {
+                lease.expires_at += by;
+                (lease.expires_at, seq)
+            })
+            .collect();
+    }
+
     /// The live leases, by sequence number.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, &Lease)> {
         self.leases.iter().map(|(&seq, lease)| (seq, lease))

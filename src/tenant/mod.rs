@@ -250,7 +250,10 @@ impl TenantState {
     /// Cluster mode: grant only before `until` (`None`: not at all, until
     /// told again); `leader` is who to send callers to meanwhile.
     pub fn set_lead(&mut self, until: Option<Instant>, leader: Option<String>) {
-        self.lead_until = Some(until.unwrap_or(self.latest));
+        // Stepping down: the lead ended now, or at its deadline if that
+        // passed first.
+        let ended = || self.lead_until.map_or(self.latest, |u| u.min(self.latest));
+        self.lead_until = Some(until.unwrap_or_else(ended));
         self.leader = leader;
     }
 

@@ -222,6 +222,27 @@ impl TenantState {
         }
     }
 
+    /// Resumes this state after a lapse of its lead (cluster mode: etcd
+    /// away for a moment, no other broker leading since): nothing expired
+    /// or ended while it did not lead, so every lease, phantom and the
+    /// learning window get the time they had left when it stopped.
+    pub(crate) fn resume_lapsed(&mut self, now: Instant) {
+        let now = self.monotonic(now);
+        let Some(ended) = self.lead_until else {
+            return;
+        };
+        let lapse = now.saturating_duration_since(ended);
+        self.leases.postpone_all(lapse);
+        for (_, x) in self.instances.iter_mut() {
+            if let Some(until) = x.phantom_until.as_mut() {
+                *until += lapse;
+            }
+        }
+        if let Some(at) = self.restarted_at.as_mut() {
+            *at += lapse;
+        }
+    }
+
     /// Every live lease that holds slots, for a hand-over (call it once
     /// nothing is granted any more), or `None` while this state is still
     /// learning after a restart or take-over: unknown leases of an earlier

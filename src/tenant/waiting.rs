@@ -76,6 +76,13 @@ impl TenantState {
     /// run again at the latest (`None`: only when something changes).
     pub fn tick(&mut self, now: Instant) -> Option<Instant> {
         let now = self.monotonic(now);
+        if !self.leads(now) {
+            // Cluster mode, not (or no longer) the leader: nothing is
+            // granted, and no lease expires either: its holder cannot renew
+            // here, and if this broker wins the tenant back as it left it,
+            // each lease resumes the time it had left (`resume_lapsed`).
+            return None;
+        }
         while let Some((seq, lease)) = self.leases.pop_expired(now) {
             tracing::info!(
                 tenant = %self.id,
@@ -86,14 +93,6 @@ impl TenantState {
             self.give_back(&lease);
         }
         let phantoms_end = self.end_phantoms(now);
-        if !self.leads(now) {
-            // Cluster mode, not (or no longer) the leader: nothing is granted;
-            // the cluster task answers the waiters when leadership moves.
-            return [self.leases.next_expiry(), phantoms_end]
-                .into_iter()
-                .flatten()
-                .min();
-        }
         let mut queue = std::mem::take(&mut self.queue);
         let mut grants = Vec::new();
         let (granted, next_ready) = queue.serve(|w| {
