@@ -39,10 +39,6 @@ struct HandOver {
     /// the restart learning mode for slots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     leases: Option<Vec<HandedLease>>,
-    /// The tenant's index at the broker that handed it over: lease ids
-    /// carry it, so the leases are taken in only where it is the same.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    tenant_index: Option<u32>,
 }
 
 /// Levels handed over longer ago than this are not trusted (another leader
@@ -175,9 +171,8 @@ impl Broker {
                 Some(HandOver {
                     levels,
                     leases: Some(leases),
-                    tenant_index,
                     ..
-                }) if usize::try_from(tenant_index.unwrap_or(u32::MAX)) == Ok(t) => {
+                }) => {
                     state.resume_levels(levels, now);
                     if !state.resume_leases(leases, settings.server.max_lease_ttl, now) {
                         tracing::warn!(tenant = %settings.tenants[t].id,
@@ -237,7 +232,6 @@ impl Broker {
             at_ms: self.inner.clock.unix_ms(now),
             levels,
             leases,
-            tenant_index: u32::try_from(t).ok(),
         });
         serde_json::to_vec(&snapshot).unwrap_or_default()
     }

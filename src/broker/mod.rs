@@ -77,6 +77,8 @@ struct Inner {
     cluster: std::sync::OnceLock<crate::cluster::Store>,
     tenants: Vec<Tenant>,
     by_id: HashMap<String, usize>,
+    /// Tenants by the tag their lease ids carry.
+    by_tag: HashMap<u32, usize>,
     clock: Clock,
     /// Broker-wide change counter; bucket instances remember the value of
     /// their last change.
@@ -134,6 +136,12 @@ impl Broker {
             .enumerate()
             .map(|(i, t)| (t.id.clone(), i))
             .collect();
+        let by_tag = settings
+            .tenants
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (crate::limits::tenant_tag(&t.id), i))
+            .collect();
         let broker = Broker {
             inner: Arc::new(Inner {
                 server: settings.server.clone(),
@@ -141,6 +149,7 @@ impl Broker {
                 cluster: std::sync::OnceLock::new(),
                 tenants,
                 by_id,
+                by_tag,
                 clock: Clock::new(),
                 version,
                 announced: AtomicU64::new(0),
@@ -230,7 +239,7 @@ impl Broker {
     }
 
     fn lease_tenant(&self, id: LeaseId) -> Option<&Tenant> {
-        self.inner.tenants.get(usize::try_from(id.tenant).ok()?)
+        self.inner.tenants.get(*self.inner.by_tag.get(&id.tenant)?)
     }
 
     /// Returns a lease's slots. True if it held some.

@@ -663,6 +663,28 @@ mod tests {
     }
 
     #[test]
+    fn two_tenants_whose_lease_id_tags_collide_are_refused() {
+        let mut seen: std::collections::HashMap<u32, String> = std::collections::HashMap::new();
+        let (a, b) = (0u64..)
+            .find_map(|n| {
+                let id = format!("org-{n}");
+                let tag = crate::limits::tenant_tag(&id);
+                seen.insert(tag, id.clone()).map(|other| (other, id))
+            })
+            .unwrap();
+        let tenant = |id: &str| {
+            format!(
+                "[[tenants]]\nid = \"{id}\"\n[[tenants.buckets]]\nname = \"b\"\n\
+                 routes = [\"* /**\"]\nmax_in_flight = 1\n"
+            )
+        };
+        let err = Settings::from_toml(&(tenant(&a) + &tenant(&b)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("has the same lease-id tag as"), "{err}");
+    }
+
+    #[test]
     fn every_problem_is_listed() {
         let err = Settings::from_toml(
             r#"

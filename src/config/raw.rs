@@ -442,6 +442,7 @@ impl RawConfig {
                 .push("no [[tenants]] configured: the broker would have nothing to grant".into());
         }
         let mut ids = HashSet::new();
+        let mut tags = std::collections::HashMap::new();
         let tenants = self
             .tenants
             .into_iter()
@@ -449,6 +450,15 @@ impl RawConfig {
             .map(|(i, t)| {
                 if !ids.insert(t.id.clone()) {
                     problems.push(format!("tenants[{i}]: id {:?} is used twice", t.id));
+                } else if let Some(other) =
+                    tags.insert(crate::limits::tenant_tag(&t.id), t.id.clone())
+                {
+                    problems.push(format!(
+                        "tenants[{i}]: id {:?} has the same lease-id tag as {:?} (a hash \
+                         collision, about one in four billion): rename one of them",
+                        clip(&t.id),
+                        clip(&other)
+                    ));
                 }
                 t.validate(i, &mut problems)
             })

@@ -10,16 +10,30 @@ use tokio::time::Instant;
 
 /// A lease's public identity: `{tenant:x}-{seq:x}-{nonce:08x}`.
 ///
-/// The tenant index routes Release/Renew to the right tenant without a global
-/// table; the random nonce makes ids of other clients' leases unguessable.
+/// The tenant tag ([`tenant_tag`]) routes Release/Renew to the right
+/// tenant; the random nonce makes ids of other clients' leases unguessable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LeaseId {
-    /// Index of the tenant in the broker.
+    /// The tenant's tag.
     pub tenant: u32,
     /// Sequence number, unique within the tenant.
     pub seq: u64,
     /// Random check value.
     pub nonce: u32,
+}
+
+/// The tag of tenant `id` in its lease ids: a hash of the id (FNV-1a, fixed
+/// across builds), not its place in the config, so a lease stays its
+/// tenant's when tenants are added or reordered between a restart, or
+/// listed in another order by a cluster's other brokers. Config validation
+/// refuses two tenants with one tag.
+pub(crate) fn tenant_tag(id: &str) -> u32 {
+    use std::hash::Hasher as _;
+    let mut h = fnv::FnvHasher::default();
+    h.write(id.as_bytes());
+    let h = h.finish();
+    // Both halves, folded.
+    (h ^ (h >> 32)) as u32
 }
 
 impl LeaseId {

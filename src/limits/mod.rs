@@ -10,6 +10,6 @@ mod route;
 mod scheduler;
 
 pub(crate) use bucket::{Slots, TokenBucket};
-pub(crate) use lease::{Lease, LeaseId, LeaseTable};
+pub(crate) use lease::{tenant_tag, Lease, LeaseId, LeaseTable};
 pub(crate) use route::{normalize_path, Route, RouteCache};
 pub(crate) use scheduler::{ClassShape, Offer, Queue, Waiter};

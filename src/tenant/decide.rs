@@ -158,7 +158,7 @@ impl TenantState {
         });
         Grant {
             lease_id: LeaseId {
-                tenant: self.idx,
+                tenant: self.tag,
                 seq,
                 nonce,
             },

@@ -145,7 +145,8 @@ pub struct Queued {
 
 /// Quota state of one tenant.
 pub struct TenantState {
-    idx: u32,
+    /// The tenant's tag in lease ids.
+    tag: u32,
     id: String,
     learning: LearnSettings,
     /// Jitter draws. Seeded per tenant, so runs are reproducible: jitter
@@ -219,7 +220,7 @@ impl TenantState {
             );
         }
         TenantState {
-            idx,
+            tag: crate::limits::tenant_tag(&settings.id),
             id: settings.id.clone(),
             learning: broker.learning,
             classes: broker.classes.clone(),

@@ -86,7 +86,7 @@ impl TenantState {
         while let Some((seq, lease)) = self.leases.pop_expired(now) {
             tracing::info!(
                 tenant = %self.id,
-                lease = %LeaseId { tenant: self.idx, seq, nonce: lease.nonce },
+                lease = %LeaseId { tenant: self.tag, seq, nonce: lease.nonce },
                 client_id = %lease.client_id,
                 "lease expired without release; its slots are back"
             );

@@ -68,7 +68,8 @@ fn state_written(dir: &Path) {
 
 #[cfg(unix)]
 #[tokio::test]
-async fn after_a_crash_held_slots_are_adopted_and_never_granted_twice() {
+async fn after_a_crash_held_slots_are_adopted_and_never_granted_twice_even_with_a_tenant_added_first(
+) {
     let dir = state_dir("slots");
     let path = temp_config("restart-slots", &config(&dir));
     let mut log = GrantLog::default();
@@ -90,7 +91,16 @@ async fn after_a_crash_held_slots_are_adopted_and_never_granted_twice() {
     state_written(&dir);
 
     let crash_log = b.kill().await;
-    let b = Broker::start(&path).await;
+    // Restarted with a tenant added before this one (a routine change):
+    // the leases are still this tenant's.
+    let added = config(&dir).replacen(
+        "[[tenants]]",
+        "[[tenants]]\nid = \"newco\"\n[[tenants.buckets]]\nname = \"b\"\n\
+         routes = [\"* /**\"]\nmax_in_flight = 1\n[[tenants]]",
+        1,
+    );
+    let restart_path = temp_config("restart-slots-added", &added);
+    let b = Broker::start(&restart_path).await;
     let mut c = client(&b).await;
     // The three calls still run upstream: a fourth may not start.
     let r = c
@@ -141,6 +151,7 @@ async fn after_a_crash_held_slots_are_adopted_and_never_granted_twice() {
     });
     let (status, restart_log) = b.terminate().await;
     let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&restart_path);
     let _ = std::fs::remove_dir_all(&dir);
     assert!(status.success(), "{restart_log}");
     assert!(
