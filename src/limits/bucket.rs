@@ -155,10 +155,19 @@ impl TokenBucket {
 
     /// Starts the bucket over at `now` with one permit, then one interval
     /// apart, whatever freeze or debt it carried (an operator lifting a
-    /// freeze; a restart that does not know the level).
+    /// freeze).
     pub(crate) fn restart_empty(&mut self, now: Instant) {
         self.resume_at = now;
         self.tat = now + self.interval.saturating_mul(self.burst.saturating_sub(1));
+    }
+
+    /// Starts the bucket over at `now` with nothing in it, the first permit
+    /// one interval later (a restart that does not know the level: the
+    /// bucket may have been empty when the broker stopped, and a permit at
+    /// once would add one to the bound at every restart of a crash loop).
+    pub(crate) fn restart_drained(&mut self, now: Instant) {
+        self.resume_at = now;
+        self.tat = now + self.interval.saturating_mul(self.burst);
     }
 
     /// Sets the level to `tokens` at `now` (capped to the burst): a level

@@ -3,8 +3,9 @@
 //! the upstream, and token buckets it cannot know the level of. So, for
 //! every bucket instance:
 //!
-//! - its token bucket starts empty (one permit now, then paced), never full:
-//!   the upstream's window did not reset when the broker did;
+//! - its token bucket starts empty (its first permit one interval later,
+//!   then paced), never full: the upstream's window did not reset when the
+//!   broker did, and a permit at once would add one per restart;
 //! - all its slots count as held by unknown leases ("phantoms") for one
 //!   lease TTL; a renewal of a lease granted before the restart that says
 //!   which Acquire granted it is adopted (its phantom becomes a known
@@ -79,7 +80,7 @@ impl TenantState {
         // window of the restart, the level before it is unknown.
         let window = settings.rate.map_or(Duration::ZERO, |r| r.window);
         if let Some(t) = x.tokens.as_mut().filter(|_| at + window > now || at == now) {
-            t.restart_empty(now);
+            t.restart_drained(now);
         }
         if let Some(s) = x.slots.as_mut() {
             let until = at + ttl;

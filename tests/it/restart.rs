@@ -11,7 +11,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-/// A slot bucket (3) and a rate bucket (20 per 2 s, burst 20) on `dir`.
+/// A slot bucket (3), a rate bucket (20 per 2 s, burst 20) and a slow one
+/// (1 a second, burst 5) on `dir`.
 fn config(dir: &Path) -> String {
     format!(
         r#"[server]
@@ -31,6 +32,12 @@ routes = ["GET /api/v2/users/**"]
 permits = 20
 window_ms = 2000
 burst = 20
+[[tenants.buckets]]
+name = "slow"
+routes = ["GET /api/v2/slow/**"]
+permits = 60
+window_ms = 60000
+burst = 5
 "#,
         dir.display()
     )
@@ -223,4 +230,57 @@ async fn a_restart_does_not_refill_the_token_bucket() {
     let _ = std::fs::remove_dir_all(&dir);
     log.check_rate(20, Duration::from_secs(2), 20).unwrap();
     assert!(lease > 20, "nothing granted after the restart");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_crash_loop_grants_no_permit_per_restart() {
+    let dir = state_dir("loop");
+    let path = temp_config("restart-loop", &config(&dir));
+    let mut log = GrantLog::default();
+    let mut lease = 0u64;
+    let slow = |wait| call("GET", "/api/v2/slow/x", "spender", wait);
+    let mut b = Broker::start(&path).await;
+    let mut c = client(&b).await;
+    // The burst of 5 spent, then the broker crashes three times in a row,
+    // each new run asked at once: the bucket was empty at every crash, so
+    // a run that starts with a permit grants more than 1 a second.
+    loop {
+        let r = c.acquire(slow(0)).await.unwrap().into_inner();
+        if !r.granted {
+            break;
+        }
+        log.record(Event::Granted {
+            lease,
+            permits: 1,
+            slot: false,
+        });
+        lease += 1;
+    }
+    state_written(&dir);
+    for _ in 0..3 {
+        b.kill().await;
+        b = Broker::start(&path).await;
+        c = client(&b).await;
+        if c.acquire(slow(0)).await.unwrap().into_inner().granted {
+            log.record(Event::Granted {
+                lease,
+                permits: 1,
+                slot: false,
+            });
+            lease += 1;
+        }
+    }
+    // The last run then paces the bucket again.
+    let r = c.acquire(slow(5_000)).await.unwrap().into_inner();
+    assert!(r.granted, "{}", r.reason);
+    log.record(Event::Granted {
+        lease,
+        permits: 1,
+        slot: false,
+    });
+    let _ = b.terminate().await;
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    log.check_rate(5, Duration::from_secs(1), 1).unwrap();
 }
