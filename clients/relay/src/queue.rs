@@ -246,6 +246,13 @@ impl Queue {
                 .busy_timeout(BUSY_TIMEOUT);
             let pool = SqlitePoolOptions::new()
                 .max_connections(SQLITE_CONNECTIONS)
+                // A write SQLite rolled back by itself (disk full, I/O
+                // error) leaves the driver's transaction count behind, and
+                // that connection then refuses every BEGIN: close it, so
+                // the pool opens a sound one once there is room again.
+                .after_release(|conn, _| {
+                    Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) })
+                })
                 .connect_with(options)
                 .await
                 .map_err(|e| RelayError::db("open the SQLite queue", e))?;
@@ -818,6 +825,40 @@ fn cut(s: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_write_sqlite_rolled_back_by_itself_does_not_break_later_ones() {
+        let dir = std::env::temp_dir().join(format!("gc-relay-rollback-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite:{}", dir.join("q.db").display());
+        let q = Queue::open(&url, Limits::default()).await.unwrap();
+        let Db::Sqlite(pool) = q.db.clone() else {
+            panic!("not SQLite")
+        };
+        // What a full disk or an I/O error does: SQLite ends the transaction
+        // itself, and the driver's ROLLBACK at the drop then fails.
+        {
+            let mut tx = pool.begin_write().await.unwrap();
+            sqlx::query("ROLLBACK").execute(&mut *tx).await.unwrap();
+        }
+        // Every connection of the pool, in turn, still begins a write.
+        for n in 0..2 * SQLITE_CONNECTIONS {
+            let tx = pool.begin_write().await.unwrap_or_else(|e| {
+                panic!("write {n} after a transaction SQLite rolled back: {e}")
+            });
+            tx.commit().await.unwrap();
+        }
+        let record = NewRecord {
+            key: "k".into(),
+            order_key: "o".into(),
+            method: "POST".into(),
+            path: "/api/v2/x".into(),
+            body: None,
+        };
+        q.enqueue(record).await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn cut_keeps_characters_whole() {
