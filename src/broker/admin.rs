@@ -7,7 +7,7 @@ use super::files::{AdminBucket, AdminClass, AdminFile};
 use super::{Broker, TenantBucketStatus};
 use crate::clock::millis;
 use crate::config::ClassSettings;
-use crate::error::BrokerError;
+use crate::error::{clip, BrokerError};
 use crate::tenant::LimitChange;
 use std::collections::BTreeSet;
 use std::sync::PoisonError;
@@ -86,8 +86,10 @@ impl Broker {
     }
 
     /// Forgets what was learned about a bucket (one OAuth client's instance
-    /// or all); the learned-state file follows within a second.
-    pub(crate) fn clear_learned(
+    /// or all); durable: saved (the learned-state file, or the cluster's
+    /// snapshot) before it answers, so a crash right after cannot bring a
+    /// freeze back.
+    pub(crate) async fn clear_learned(
         &self,
         tenant: &str,
         bucket: &str,
@@ -105,6 +107,7 @@ impl Broker {
             instances = statuses.len(), by = %who, "learned state cleared");
         self.inner.tenants[t].wake.notify_one();
         self.announce();
+        self.save_learned_now(t).await?;
         Ok(statuses
             .into_iter()
             .map(|status| TenantBucketStatus {
@@ -113,6 +116,40 @@ impl Broker {
                 status,
             })
             .collect())
+    }
+
+    /// Saves tenant `t`'s learned state now (after an operator cleared it).
+    async fn save_learned_now(&self, t: usize) -> Result<(), BrokerError> {
+        if self.inner.cluster.get().is_some() {
+            return self.save_to_cluster(t).await;
+        }
+        let Some(dir) = self.inner.server.state_dir.clone() else {
+            return Ok(());
+        };
+        let saving = self.hold_saves().await;
+        let file = self.learned_file();
+        let write = move || {
+            let written = file.write(&dir);
+            drop(saving);
+            written
+        };
+        match tokio::task::spawn_blocking(write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "learned state cleared but not saved");
+                self.still_dirty(t);
+                Err(BrokerError::Internal(
+                    "the change is applied but could not be saved",
+                ))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "learned-state writer failed");
+                self.still_dirty(t);
+                Err(BrokerError::Internal(
+                    "the change is applied but could not be saved",
+                ))
+            }
+        }
     }
 
     /// After an admin change: wake the tenant's waiters, tell Watch, and
@@ -180,13 +217,39 @@ impl Broker {
                 }
                 AdminKey::Bucket(name) => {
                     if let Some((b, paused)) = state.bucket_admin_view(name) {
+                        // Only what differs from the config: a pause pins no
+                        // limit, and a later edit of the config's other
+                        // fields takes effect at the next start.
+                        let configured = self.inner.settings.tenants[*t]
+                            .buckets
+                            .iter()
+                            .find(|c| &c.name == name);
+                        let rate = configured.and_then(|c| c.rate);
+                        let differs = |now: Option<u64>, then: Option<u64>| {
+                            now.filter(|_| configured.is_none() || now != then)
+                        };
+                        let narrow = |v: Option<u64>| v.and_then(|v| u32::try_from(v).ok());
                         buckets.push(AdminBucket {
                             tenant,
                             bucket: name.clone(),
-                            permits: b.rate.map(|r| r.permits.get()),
-                            window_ms: b.rate.map(|r| millis(r.window)),
-                            burst: b.rate.map(|r| r.burst.get()),
-                            max_in_flight: b.max_in_flight.map(|m| m.get()),
+                            permits: narrow(differs(
+                                b.rate.map(|r| u64::from(r.permits.get())),
+                                rate.map(|r| u64::from(r.permits.get())),
+                            )),
+                            window_ms: differs(
+                                b.rate.map(|r| millis(r.window)),
+                                rate.map(|r| millis(r.window)),
+                            ),
+                            burst: narrow(differs(
+                                b.rate.map(|r| u64::from(r.burst.get())),
+                                rate.map(|r| u64::from(r.burst.get())),
+                            )),
+                            max_in_flight: narrow(differs(
+                                b.max_in_flight.map(|m| u64::from(m.get())),
+                                configured
+                                    .and_then(|c| c.max_in_flight)
+                                    .map(|m| u64::from(m.get())),
+                            )),
                             paused: paused.map(str::to_owned),
                         });
                     }
@@ -220,6 +283,8 @@ impl Broker {
             .unwrap_or_else(PoisonError::into_inner);
         for c in file.classes {
             let Some(&t) = self.inner.by_id.get(&c.tenant) else {
+                tracing::warn!(tenant = %clip(&c.tenant), class = %clip(&c.class.name),
+                    "an operator's class change for a tenant no longer configured: dropped");
                 continue;
             };
 
@@ -234,6 +299,8 @@ impl Broker {
         }
         for b in file.buckets {
             let Some(&t) = self.inner.by_id.get(&b.tenant) else {
+                tracing::warn!(tenant = %clip(&b.tenant), bucket = %clip(&b.bucket),
+                    "an operator's bucket change for a tenant no longer configured: dropped");
                 continue;
             };
             let mut state = self.inner.tenants[t].lock();
@@ -249,6 +316,10 @@ impl Broker {
                 .and_then(|()| state.set_paused(&b.bucket, b.paused.clone(), now));
             match restored {
                 Ok(()) => {
+                    tracing::info!(tenant = %b.tenant, bucket = %b.bucket, permits = ?b.permits,
+                        window_ms = ?b.window_ms, burst = ?b.burst, max_in_flight = ?b.max_in_flight,
+                        paused = ?b.paused,
+                        "an operator's change is re-applied over the config (the fields set)");
                     changed.insert((t, AdminKey::Bucket(b.bucket)));
                 }
                 Err(e) => {

@@ -89,23 +89,34 @@ impl Broker {
                 }
             }
             if !dirty.is_empty() {
+                // One writer of the state files at a time (an operator's
+                // clear writes this file too).
+                let saving = self.hold_saves().await;
                 let file = self.learned_file();
                 let dir = dir.clone();
-                let written = tokio::task::spawn_blocking(move || file.write(&dir)).await;
-                let failed = match written {
+                let written = tokio::task::spawn_blocking(move || {
+                    let written = file.write(&dir);
+                    drop(saving);
+                    written
+                })
+                .await;
+                let error = match written {
                     Ok(Ok(())) => {
                         tracing::debug!("learned state written");
-                        false
+                        None
                     }
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "cannot write learned state; trying again later");
-                        true
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "learned-state writer failed; trying again later");
-                        true
-                    }
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(e) => Some(e.to_string()),
                 };
+                let failed = error.is_some();
+                match error {
+                    None => {}
+                    Some(e) if stop => tracing::error!(error = %e,
+                        "cannot write learned state at shutdown: what was learned since its \
+                         last write is lost"),
+                    Some(e) => tracing::error!(error = %e,
+                        "cannot write learned state; trying again in a second"),
+                }
                 if failed {
                     for t in dirty {
                         self.still_dirty(t);

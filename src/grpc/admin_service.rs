@@ -172,7 +172,8 @@ impl pb::quota_admin_server::QuotaAdmin for AdminService {
                 &r.bucket,
                 (!oauth_client.is_empty()).then_some(oauth_client),
                 &who,
-            )?
+            )
+            .await?
             .into_iter()
             .map(|s| status_to_pb(s, clock))
             .collect();

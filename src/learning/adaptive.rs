@@ -261,13 +261,19 @@ impl Learner {
         self.configured * s.floor_fraction
     }
 
-    /// An operator changed the configured rate: the effective rate keeps
-    /// its value within the new bound (and regrows toward it).
+    /// An operator changed the configured rate. A rate nothing cut (it ran
+    /// at the configured one) follows the change either way; a rate a 429
+    /// cut keeps its value within the new bound (and regrows toward it).
     pub(crate) fn set_configured(&mut self, per_min: f64, window: Duration) {
+        let uncut = self.effective >= self.configured;
         self.configured = per_min;
         self.window = window.max(Duration::from_millis(1));
         self.fills = Fills::new(self.fills.origin(), self.window);
-        self.effective = self.effective.min(per_min);
+        self.effective = if uncut {
+            per_min
+        } else {
+            self.effective.min(per_min)
+        };
         if self.effective <= 0.0 {
             self.effective = per_min;
         }
@@ -720,6 +726,25 @@ mod tests {
         let later = t0 + 20 * SEC;
         let out = l.on_throttled(later, Some(SEC), false, &s);
         assert!(out.iter().any(|c| matches!(c, Learned::Cut { .. })));
+    }
+
+    #[test]
+    fn an_operators_raise_applies_at_once_unless_a_429_cut_the_rate() {
+        let s = LearnSettings::default();
+        let t0 = Instant::now();
+        let minute = Duration::from_secs(60);
+        let mut l = learner(t0);
+        // Lowered, then raised: nothing was learned, the rate follows.
+        l.set_configured(30.0, minute);
+        assert_eq!(l.rate(t0, &s), 30.0);
+        l.set_configured(240.0, minute);
+        assert_eq!(l.rate(t0, &s), 240.0);
+        // A 429 cut it: a raise keeps the cut (it regrows from there).
+        l.on_throttled(t0, Some(SEC), false, &s);
+        let cut = l.rate(t0 + 2 * SEC, &s);
+        assert!(cut < 240.0, "{cut}");
+        l.set_configured(480.0, minute);
+        assert_eq!(l.rate(t0 + 2 * SEC, &s), cut);
     }
 
     #[test]

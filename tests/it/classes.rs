@@ -403,6 +403,43 @@ async fn admin_changes_apply_at_once_and_survive_a_restart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[tokio::test]
+async fn a_pause_pins_no_limit_so_a_config_edit_still_takes_effect() {
+    let dir = std::env::temp_dir().join(format!("qb-admin-pin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = |permits: u32| {
+        saturated("")
+            .replace(
+                "state_dir = \"\"",
+                &format!("state_dir = {:?}", dir.to_str().unwrap()),
+            )
+            .replace("permits = 600", &format!("permits = {permits}"))
+    };
+    let b = start(&cfg(600)).await;
+    b.admin
+        .clone()
+        .pause_bucket(PauseBucketRequest {
+            tenant: "t".into(),
+            bucket: "org".into(),
+            reason: "maintenance".into(),
+        })
+        .await
+        .unwrap();
+    b.stop().await;
+    let saved = std::fs::read_to_string(dir.join("admin.toml")).unwrap();
+    assert!(
+        !saved.contains("permits"),
+        "a pause pinned the rate:\n{saved}"
+    );
+    // The config's rate is edited while the bucket is paused: the edit
+    // takes effect, the pause stays.
+    let b = start(&cfg(300)).await;
+    let org = list(&b).await.remove("org").unwrap();
+    b.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!((org.configured_rate_per_min, org.paused), (300.0, true));
+}
+
 #[tokio::test(start_paused = true)]
 async fn admin_changes_made_at_once_are_all_saved_and_the_last_survives() {
     let dir = std::env::temp_dir().join(format!("qb-admin-race-{}", std::process::id()));

@@ -4,8 +4,12 @@
 
 use crate::child::{temp_config, Broker};
 use crate::invariants::{Event, GrantLog};
+use quota_broker::pb::quota_admin_client::QuotaAdminClient;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
-use quota_broker::pb::{AcquireRequest, ReleaseRequest, RenewRequest};
+use quota_broker::pb::{
+    AcquireRequest, ClearLearnedRequest, ListBucketsRequest, ReleaseRequest, RenewRequest,
+    ReportRequest,
+};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -283,4 +287,66 @@ async fn a_crash_loop_grants_no_permit_per_restart() {
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_dir_all(&dir);
     log.check_rate(5, Duration::from_secs(1), 1).unwrap();
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn an_operators_clear_survives_a_crash_right_after_it() {
+    let dir = state_dir("clear");
+    let path = temp_config("restart-clear", &config(&dir));
+    let frozen = |b: &Broker| {
+        let url = b.url();
+        async move {
+            let list = QuotaAdminClient::connect(url)
+                .await
+                .unwrap()
+                .list_buckets(ListBucketsRequest { tenant: "t".into() })
+                .await
+                .unwrap()
+                .into_inner();
+            let slow = list.buckets.iter().find(|s| s.bucket == "slow").unwrap();
+            slow.frozen_until_ms > slow.at_ms
+        }
+    };
+    let b = Broker::start(&path).await;
+    // The upstream refuses for ten minutes: the bucket freezes.
+    client(&b)
+        .await
+        .report(ReportRequest {
+            tenant: "t".into(),
+            method: "GET".into(),
+            path: "/api/v2/slow/x".into(),
+            http_status: 429,
+            retry_after_ms: 600_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(frozen(&b).await, "the 429 did not freeze the bucket");
+    // ...and the freeze is saved (within a second): a crash now keeps it.
+    let file = dir.join("learned.toml");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&file).is_ok_and(|t| t.contains("slow")) {
+        assert!(Instant::now() < deadline, "the freeze was not saved");
+        // Polls the file the broker writes; nothing waits for time itself.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // An operator knows better and clears it; the broker crashes at once.
+    QuotaAdminClient::connect(b.url())
+        .await
+        .unwrap()
+        .clear_learned(ClearLearnedRequest {
+            tenant: "t".into(),
+            bucket: "slow".into(),
+            oauth_client: String::new(),
+        })
+        .await
+        .unwrap();
+    b.kill().await;
+    let b = Broker::start(&path).await;
+    let again = frozen(&b).await;
+    let _ = b.terminate().await;
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!again, "the cleared freeze came back after the crash");
 }
