@@ -108,12 +108,17 @@ fn read_toml<T: serde::de::DeserializeOwned>(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(StateError::Io { path, source }),
     };
-    toml::from_str(&text)
-        .map(Some)
-        .map_err(|e| StateError::Corrupt {
+    toml::from_str(&text).map(Some).map_err(|e| {
+        // Where and what, not the line itself (it may be megabytes).
+        let line = e
+            .span()
+            .and_then(|s| text.get(..s.start))
+            .map_or(1, |t| t.lines().count().max(1));
+        StateError::Corrupt {
             path,
-            message: e.to_string(),
-        })
+            message: format!("line {line}: {}", crate::error::clip_plain(e.message())),
+        }
+    })
 }
 
 fn write_toml<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), StateError> {
@@ -283,6 +288,16 @@ mod tests {
         std::fs::write(d.join(LEARNED_FILE), "version = 1\nbuckets = 7\n").unwrap();
         let err = LearnedFile::read(&d).unwrap_err();
         assert!(err.to_string().contains("corrupt"), "{err}");
+        // A line of 300 KB is not echoed back.
+        let long = format!("version = 1\nbuckets = \"{}\n", "x".repeat(300_000));
+        std::fs::write(d.join(LEARNED_FILE), long).unwrap();
+        let err = LearnedFile::read(&d).unwrap_err().to_string();
+        assert!(
+            err.len() < 1_000 && err.contains("line 2"),
+            "{} bytes: {}",
+            err.len(),
+            &err[..200]
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -21,7 +21,11 @@ impl Broker {
             Ok(Some(f)) => f,
             Ok(None) => return false,
             Err(e) => {
-                tracing::warn!(error = %e, "learned state not restored; starting on the config alone");
+                // This run writes the file before it serves: keep the bad
+                // one aside for whoever wants to know what happened.
+                let kept = keep_aside(dir, super::files::LEARNED_FILE);
+                tracing::warn!(error = %e, kept_as = ?kept,
+                    "learned state not restored; starting on the config alone");
                 return true;
             }
         };
@@ -165,4 +169,14 @@ impl Broker {
         }
         LearnedFile::new(entries)
     }
+}
+
+/// Renames `dir/name` to `name.unreadable-<unix ms>` (it is about to be
+/// overwritten); the new name, if the rename worked.
+fn keep_aside(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let aside = dir.join(format!("{name}.unreadable-{ms}"));
+    std::fs::rename(dir.join(name), &aside).ok().map(|()| aside)
 }

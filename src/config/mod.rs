@@ -383,11 +383,26 @@ impl ConfigError {
             if let Some((_, var)) = from_env {
                 p.push_str(&format!(" (set by the environment variable {var})"));
             } else if p.starts_with("TOML parse error") {
-                *p = format!("{source}: {p}");
+                *p = format!("{source}: {}", one_line_toml_error(p));
             }
         }
         self
     }
+}
+
+/// A TOML parse error on one line, without the source line it quotes (a
+/// file with a long line would be echoed whole): where it is, and what is
+/// wrong, clipped.
+fn one_line_toml_error(text: &str) -> String {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let at = lines.next().unwrap_or_default();
+    // After the first line: the quoted source (`|` gutters, a caret line),
+    // then the message.
+    let message = lines
+        .filter(|l| !l.starts_with('|') && !l.contains(" | ") && !l.starts_with('^'))
+        .last()
+        .unwrap_or_default();
+    crate::error::clip_plain(&format!("{at}: {message}"))
 }
 
 impl Settings {
@@ -912,11 +927,21 @@ mod tests {
         let path = std::env::temp_dir().join(format!("qb-syntax-{}.toml", std::process::id()));
         std::fs::write(&path, "[server\nlisten = 1\n").unwrap();
         let err = Settings::load(Some(&path), []).unwrap_err().to_string();
-        let _ = std::fs::remove_file(&path);
         assert!(
             err.contains(&format!("config file {}: TOML parse error", path.display())),
             "{err}"
         );
+        // A long line is not echoed back, and the error stays on one line.
+        let long = format!("[server]\nlisten = \"{}\n", "a".repeat(100_000));
+        std::fs::write(&path, long).unwrap();
+        let err = Settings::load(Some(&path), []).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&path);
+        assert!(err.len() < 1_000, "{} bytes", err.len());
+        assert!(
+            err.contains("line 2") && err.contains("invalid basic string"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 2, "{err}");
     }
 
     #[test]

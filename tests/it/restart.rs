@@ -350,3 +350,26 @@ async fn an_operators_clear_survives_a_crash_right_after_it() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(!again, "the cleared freeze came back after the crash");
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn an_unreadable_state_file_is_kept_aside_not_overwritten() {
+    let dir = state_dir("unreadable");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("learned.toml"), "version = 1\nbuckets = 7\n").unwrap();
+    let path = temp_config("restart-unreadable", &config(&dir));
+    let b = Broker::start(&path).await;
+    let (_, log) = b.terminate().await;
+    let aside: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("learned.toml.unreadable-"))
+        .collect();
+    let kept = aside
+        .first()
+        .map(|n| std::fs::read_to_string(dir.join(n)).unwrap());
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(kept.as_deref(), Some("version = 1\nbuckets = 7\n"), "{log}");
+    assert!(log.contains("kept_as"), "{log}");
+}
