@@ -398,10 +398,9 @@ fn one_line_toml_error(text: &str) -> String {
     let at = lines.next().unwrap_or_default();
     // After the first line: the quoted source (`|` gutters, a caret line),
     // then the message.
-    let message = lines
-        .filter(|l| !l.starts_with('|') && !l.contains(" | ") && !l.starts_with('^'))
-        .last()
-        .unwrap_or_default();
+    let mut message =
+        lines.filter(|l| !l.starts_with('|') && !l.contains(" | ") && !l.starts_with('^'));
+    let message = message.next_back().unwrap_or_default();
     crate::error::clip_plain(&format!("{at}: {message}"))
 }
 
