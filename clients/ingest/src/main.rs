@@ -96,8 +96,19 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "d" => 86_400_000,
         _ => return Err("a duration's unit is ms, s, m, h or d".into()),
     };
-    Ok(Duration::from_millis(n.saturating_mul(ms)))
+    let ms = n.saturating_mul(ms);
+    if ms > MAX_DURATION_MS {
+        return Err("a duration is at most 36500d (100 years)".into());
+    }
+    Ok(Duration::from_millis(ms))
 }
+
+/// 100 years, in ms: more than any watermark or poll means.
+const MAX_DURATION_MS: u64 = 36_500 * 86_400_000;
+
+/// Most blocks one run plans (114 years of hours): a range beyond it is a
+/// typo, and would take gigabytes before the first request.
+const MAX_BLOCKS: i64 = 1_000_000;
 
 fn setup(args: &Args) -> Result<(Plan, Source), IngestError> {
     let from = parse_time(&args.from)?;
@@ -106,6 +117,20 @@ fn setup(args: &Args) -> Result<(Plan, Source), IngestError> {
         SourceKind::Query => BlockSize::Hour,
         SourceKind::Jobs => BlockSize::Day,
     });
+    if from >= to {
+        return Err(IngestError::Usage(
+            "the range is empty: --from must be before --to".into(),
+        ));
+    }
+    let count = (to - from).saturating_add(block.ms() - 1) / block.ms();
+    if count > MAX_BLOCKS {
+        return Err(IngestError::Usage(format!(
+            "--from {} --to {} is {count} blocks; at most {MAX_BLOCKS} a run: \
+             use --block day, or a shorter range per run",
+            args.from.chars().take(40).collect::<String>(),
+            args.to.chars().take(40).collect::<String>()
+        )));
+    }
     let mut plan = Plan::new(from, to, block);
     plan.watermark = args.watermark;
     if let Some(now) = &args.now {
@@ -162,10 +187,11 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let sink_name = sink_shown(&args.sink);
     let sink = match Sink::open(&args.sink).await {
         Ok(sink) => sink,
         Err(e) => {
-            eprintln!("gc-ingest: cannot open the sink: {e}");
+            eprintln!("gc-ingest: cannot open the sink {sink_name}: {e}");
             return ExitCode::from(2);
         }
     };
@@ -204,9 +230,39 @@ async fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
+        Err(e @ IngestError::Usage(_)) => {
+            eprintln!("gc-ingest: {e}");
+            ExitCode::from(2)
+        }
+        Err(e @ IngestError::Sink(_)) => {
+            eprintln!(
+                "gc-ingest: the sink {sink_name} failed: {e}; blocks stored so far are kept, \
+                 run again once it is fixed"
+            );
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("gc-ingest: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// A sink name for messages: a path or URL, its password hidden, clipped.
+fn sink_shown(sink: &str) -> String {
+    let shown = match (sink.find("://"), sink.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &sink[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &sink[..scheme + 3], &sink[at..]),
+                None => sink.to_owned(),
+            }
+        }
+        _ => sink.to_owned(),
+    };
+    let mut clipped: String = shown.chars().take(200).collect();
+    if clipped.len() < shown.len() {
+        clipped.push('…');
+    }
+    clipped
 }

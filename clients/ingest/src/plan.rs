@@ -64,7 +64,7 @@ impl Block {
     /// Whether no conversation in it can still change at `now`: it ended
     /// at least `watermark` ago.
     pub fn is_final(&self, now_ms: i64, watermark: Duration) -> bool {
-        self.end <= now_ms - watermark.as_millis() as i64
+        self.end <= now_ms.saturating_sub(i64::try_from(watermark.as_millis()).unwrap_or(i64::MAX))
     }
 }
 

@@ -388,7 +388,12 @@ impl BrokerClient {
             .split(',')
             .map(str::trim)
             .filter(|u| !u.is_empty())
-            .map(str::to_owned)
+            // A bare `host:port` is plaintext, as quotactl and the Python
+            // client read it.
+            .map(|u| match u.contains("://") {
+                true => u.to_owned(),
+                false => format!("http://{u}"),
+            })
             .collect();
         let first = urls.first().ok_or_else(|| ClientError::Url {
             url: url.to_owned(),
@@ -710,6 +715,16 @@ fn channel(url: &str, tls: Option<&ClientTls>) -> Result<QuotaBrokerClient<Chann
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| bad_url(e.to_string()))?
         .connect_timeout(Duration::from_secs(2));
+    // Checked here, not at the first call: a URL that cannot be dialled
+    // would otherwise read as a broker that is down, and every call would
+    // quietly run on the fallback rate.
+    let dialable = matches!(endpoint.uri().scheme_str(), Some("http" | "https"))
+        && endpoint.uri().host().is_some_and(|h| !h.is_empty());
+    if !dialable {
+        return Err(bad_url(
+            "expected http://host:port or https://host:port".into(),
+        ));
+    }
     let https = endpoint.uri().scheme_str() == Some("https");
     let endpoint = match (https, tls) {
         (true, tls) => endpoint

@@ -338,3 +338,24 @@ async fn an_overloaded_broker_says_when_to_retry() {
     let _ = stop.send(());
     task.await.unwrap();
 }
+
+/// A URL no call could dial is refused when connecting, not read as a
+/// broker that is down (every call would quietly run on the fallback); a
+/// bare `host:port` is plaintext.
+#[tokio::test]
+async fn urls_that_cannot_be_dialled_are_refused_and_a_bare_host_port_is_http() {
+    for bad in [
+        "ftp://127.0.0.1:50051",
+        "http://",
+        "http:///x",
+        "https://:50051",
+    ] {
+        let err = BrokerClient::connect(bad, None).err();
+        assert!(
+            matches!(err, Some(ClientError::Url { .. })),
+            "{bad}: {err:?}"
+        );
+    }
+    let client = BrokerClient::connect("127.0.0.1:50051", None).unwrap();
+    assert_eq!(client.current_url(), "http://127.0.0.1:50051");
+}

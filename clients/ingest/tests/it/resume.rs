@@ -72,3 +72,41 @@ async fn killed_mid_run_it_resumes_without_fetching_finished_blocks_again() {
     watcher.close().await;
     bed.sim.shutdown().await;
 }
+
+/// Arguments it cannot use exit 2 with one line saying why, before any
+/// request: a reversed or absurd range, an absurd duration.
+#[test]
+fn bad_arguments_exit_2_before_any_request() {
+    for (extra, says) in [
+        (
+            &["--from", "2026-11-02", "--to", "2026-11-01"][..],
+            "the range is empty",
+        ),
+        (
+            &["--from", "0001-01-01", "--to", "9999-12-31"][..],
+            "at most 1000000 a run",
+        ),
+        (
+            &[
+                "--from",
+                "2026-11-01",
+                "--to",
+                "2026-11-02",
+                "--watermark",
+                "9223372036854775808ms",
+            ][..],
+            "at most 36500d",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gc-ingest"))
+            .args(["--region", "http://127.0.0.1:9", "--tenant", "t"])
+            .args(["--client-id", "a", "--client-secret", "b"])
+            .args(["--sink", "/nonexistent/never-opened.db"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.contains(says), "{extra:?}: {err}");
+    }
+}
