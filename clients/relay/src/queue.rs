@@ -183,7 +183,7 @@ pub struct Queue {
 
 /// The file of a SQLite queue URL (`sqlite:PATH`, `sqlite://PATH` or a bare
 /// path); `None` for PostgreSQL.
-pub(crate) fn sqlite_path(url: &str) -> Option<&str> {
+pub fn sqlite_path(url: &str) -> Option<&str> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         return None;
     }

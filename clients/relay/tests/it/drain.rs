@@ -222,3 +222,23 @@ async fn a_dead_letter_holds_back_the_records_of_its_order_key() {
     broker.stop().await;
     sim.shutdown().await;
 }
+
+/// `status` and `dlq` on a mistyped queue path say so, and create nothing
+/// (they read a queue; they do not start one).
+#[test]
+fn status_and_dlq_refuse_a_queue_that_does_not_exist() {
+    let dir = TempDir::new("typo");
+    let typo = dir.0.join("typo.db");
+    for args in [&["status"][..], &["dlq", "list"][..]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gc-relay"))
+            .args(args)
+            .arg("--queue")
+            .arg(&typo)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(err.contains("there is no queue at"), "{args:?}: {err}");
+        assert!(!typo.exists(), "{args:?} created {}", typo.display());
+    }
+}
