@@ -17,6 +17,7 @@ use crate::plan::{blocks, now_ms, Block, BlockSize};
 use crate::progress::{Display, Progress};
 use crate::sink::{Done, Sink};
 use crate::source::{Fetched, Source};
+use gc_upstream::UpstreamError;
 
 /// Errors kept in the summary (the rest are only counted).
 const KEPT_ERRORS: usize = 10;
@@ -110,6 +111,9 @@ pub struct Summary {
 /// Shared by the workers.
 struct Work {
     queue: Mutex<VecDeque<Block>>,
+    /// A failure every block would meet (login or lease refused): the
+    /// workers stop, and the run ends with it.
+    setup_failed: Mutex<Option<String>>,
     /// std `Mutex`: held to add one block's outcome.
     summary: Mutex<Summary>,
     progress: Progress,
@@ -148,6 +152,7 @@ pub async fn run(plan: &Plan, source: &Source, sink: &Sink) -> Result<Summary, I
             ..Summary::default()
         }),
         queue: Mutex::new(todo),
+        setup_failed: Mutex::new(None),
     });
     let mut workers = JoinSet::new();
     for _ in 0..plan.parallel.max(1) {
@@ -172,6 +177,12 @@ pub async fn run(plan: &Plan, source: &Source, sink: &Sink) -> Result<Summary, I
     if let Some(e) = failure {
         return Err(e);
     }
+    if let Some(e) = lock(&work.setup_failed).take() {
+        return Err(IngestError::Usage(format!(
+            "{e} (every block would meet it: fix the client credentials, the tenant or the \
+             broker token, then run again; blocks stored so far are kept)"
+        )));
+    }
     let mut summary = lock(&work.summary).clone();
     let stats = source.upstream().stats();
     summary.elapsed_s = started.elapsed().as_secs_f64();
@@ -188,6 +199,9 @@ pub async fn run(plan: &Plan, source: &Source, sink: &Sink) -> Result<Summary, I
 /// counted and the block left for later; a sink failure ends the worker.
 async fn worker(work: &Work, plan: &Plan, source: &Source, sink: &Sink) -> Result<(), IngestError> {
     loop {
+        if lock(&work.setup_failed).is_some() {
+            return Ok(());
+        }
         let Some(block) = lock(&work.queue).pop_front() else {
             return Ok(());
         };
@@ -237,6 +251,13 @@ async fn worker(work: &Work, plan: &Plan, source: &Source, sink: &Sink) -> Resul
                 }
                 let throttled = source.upstream().stats().throttled_429;
                 work.progress.block_done(block, records, throttled);
+            }
+            Err(
+                e @ IngestError::Upstream(UpstreamError::Auth { .. } | UpstreamError::Lease(_)),
+            ) => {
+                sink.unclaim(block, &plan.owner).await?;
+                lock(&work.setup_failed).get_or_insert_with(|| e.to_string());
+                return Ok(());
             }
             Err(e) => block_failed(work, plan, sink, block, &e).await?,
         }

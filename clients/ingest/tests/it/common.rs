@@ -130,6 +130,11 @@ impl Bed {
     /// A source reading as OAuth client `client` of org-a, leased from
     /// the broker as class batch.
     pub fn source(&self, kind: SourceKind, client: &str) -> Source {
+        self.source_with_secret(kind, client, "gcsim-secret")
+    }
+
+    /// Like [`Bed::source`], logging in with `secret`.
+    pub fn source_with_secret(&self, kind: SourceKind, client: &str, secret: &str) -> Source {
         let broker = BrokerClient::connect(&self.broker.url(), None).unwrap();
         let client_id = format!("{client}@org-a");
         let template = Call::new("org-a", "POST", QUERY_PATH)
@@ -140,7 +145,7 @@ impl Bed {
             Region::new(&self.region()).unwrap(),
             Credentials {
                 client_id,
-                client_secret: "gcsim-secret".into(),
+                client_secret: secret.into(),
             },
             broker.clone(),
             template.clone(),

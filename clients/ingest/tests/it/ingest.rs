@@ -181,6 +181,23 @@ async fn a_block_short_of_its_total_hits_is_fetched_again_and_reported() {
 }
 
 #[tokio::test]
+async fn refused_credentials_stop_the_run_once_instead_of_failing_every_block() {
+    let bed = Bed::start().await;
+    let path = sqlite("refused");
+    let sink = open(&path).await;
+    let plan = plan(DAY1, "2026-11-02", BlockSize::Hour);
+    let source = bed.source_with_secret(SourceKind::Query, "refused", "not-the-secret");
+    let err = run(&plan, &source, &sink).await.unwrap_err();
+    assert!(matches!(err, gc_ingest::IngestError::Usage(_)), "{err}");
+    assert!(err.to_string().contains("login"), "{err}");
+    // Nothing stored, nothing left claimed: the next run starts clean.
+    let claimed = sink.checkpoints().await.unwrap();
+    assert!(claimed.iter().all(|c| c.status != "done"), "{claimed:?}");
+    sink.close().await;
+    bed.sim.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_malformed_record_fails_its_block_and_the_run_goes_on() {
     let bed = Bed::start().await;
     bed.malformed_pages(1).await;
