@@ -152,6 +152,9 @@ const FORMAT_VERSION: u32 = 1;
 pub(crate) struct LearnedFile {
     /// Format version.
     pub version: u32,
+    /// When it was written, unix ms (by the writer's clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_at_ms: Option<u64>,
     /// One entry per bucket instance with learned state.
     #[serde(default)]
     pub buckets: Vec<LearnedEntry>,
@@ -236,6 +239,7 @@ impl LearnedFile {
     pub(crate) fn new(buckets: Vec<LearnedEntry>) -> LearnedFile {
         LearnedFile {
             version: FORMAT_VERSION,
+            saved_at_ms: None,
             buckets,
         }
     }

@@ -37,6 +37,21 @@ impl Broker {
     /// Applies a learned-state file's entries; how many were.
     pub(super) fn apply_learned(&self, file: LearnedFile, now: Instant) -> usize {
         let clock = self.inner.clock;
+        // Written "in the future" of this clock (it was set back, or the
+        // file comes from a host whose clock runs ahead): its times are
+        // read that much earlier, so a freeze is never longer than it was
+        // when the file was written.
+        let ahead = file
+            .saved_at_ms
+            .map_or(0, |saved| saved.saturating_sub(clock.unix_ms(now)));
+        if ahead > 1_000 {
+            tracing::warn!(
+                ahead_ms = ahead,
+                "learned state was written ahead of this clock: its freezes and resets are read \
+                 as that much earlier"
+            );
+        }
+        let back = |ms: u64| ms.saturating_sub(ahead);
         let mut restored = 0;
         for e in file.buckets {
             let Some(&t) = self.inner.by_id.get(&e.tenant) else {
@@ -46,10 +61,12 @@ impl Broker {
             let p = Persisted {
                 effective_per_min: e.effective_per_min,
                 learned_limit_per_min: e.learned_limit_per_min,
-                frozen_until: e.frozen_until_ms.and_then(|ms| clock.instant_of(ms, now)),
+                frozen_until: e
+                    .frozen_until_ms
+                    .and_then(|ms| clock.instant_of(back(ms), now)),
                 cooldown: e
                     .cooldown_until_ms
-                    .and_then(|ms| clock.instant_of(ms, now))
+                    .and_then(|ms| clock.instant_of(back(ms), now))
                     .zip(e.cooldown_per_min),
                 upstream: match (
                     e.upstream_remaining,
@@ -57,7 +74,7 @@ impl Broker {
                     e.upstream_window_ms,
                 ) {
                     (Some(r), Some(reset), Some(w)) => clock
-                        .instant_of(reset, now)
+                        .instant_of(back(reset), now)
                         .map(|at| (r, at, Duration::from_millis(w))),
                     _ => None,
                 },
@@ -167,7 +184,9 @@ impl Broker {
                 });
             }
         }
-        LearnedFile::new(entries)
+        let mut file = LearnedFile::new(entries);
+        file.saved_at_ms = Some(clock.unix_ms(now));
+        file
     }
 }
 
@@ -179,4 +198,57 @@ fn keep_aside(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
         .map_or(0, |d| d.as_millis());
     let aside = dir.join(format!("{name}.unreadable-{ms}"));
     std::fs::rename(dir.join(name), &aside).ok().map(|()| aside)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use tokio_util::sync::CancellationToken;
+
+    #[tokio::test]
+    async fn a_file_written_ahead_of_this_clock_does_not_lengthen_a_freeze() {
+        let settings = Settings::from_toml(
+            "[server]\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\n\
+             name = \"b\"\nroutes = [\"* /**\"]\npermits = 60\nwindow_ms = 60000\n",
+        )
+        .unwrap();
+        let stop = CancellationToken::new();
+        let (b, _drivers) = Broker::start(&settings, stop.clone(), None);
+        let now = Instant::now();
+        let now_ms = b.inner.clock.unix_ms(now);
+        let frozen_for = |saved_at_ms: u64| {
+            let mut file = LearnedFile::new(vec![LearnedEntry {
+                tenant: "t".into(),
+                bucket: "b".into(),
+                oauth_client: None,
+                effective_per_min: 42.0,
+                learned_limit_per_min: None,
+                // One minute left when the file was written...
+                frozen_until_ms: Some(saved_at_ms + 60_000),
+                cooldown_until_ms: None,
+                cooldown_per_min: None,
+                upstream_remaining: None,
+                upstream_reset_ms: None,
+                upstream_window_ms: None,
+                ceiling_per_min: None,
+                ceiling_hits: None,
+                max_in_flight: None,
+                max_in_flight_hits: None,
+                refills_continuously: false,
+            }]);
+            file.saved_at_ms = Some(saved_at_ms);
+            b.apply_learned(file, now);
+            let until = b.inner.tenants[0].lock().statuses(now)[0].frozen_until;
+            until.map(|u| u - now)
+        };
+        // ...written by this clock a second ago: 59 s left.
+        let left = frozen_for(now_ms - 1_000).unwrap();
+        assert!(left <= Duration::from_secs(59), "{left:?}");
+        // ...written two minutes "later" (this clock was set back): still a
+        // minute at most, not three.
+        let left = frozen_for(now_ms + 120_000).unwrap();
+        assert!(left <= Duration::from_secs(60), "{left:?}");
+        stop.cancel();
+    }
 }

@@ -54,6 +54,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
 /// Shortest pause after "not granted", whatever the broker suggested.
 const MIN_NOT_GRANTED_PAUSE: Duration = Duration::from_millis(10);
+/// Longest: the broker's estimate is of the bucket as it was; an operator
+/// raising the limit or clearing a cut makes it stale, and a fresh
+/// Acquire queues again anyway.
+const MAX_NOT_GRANTED_PAUSE: Duration = Duration::from_secs(5);
 
 /// A lease for `call` from `broker`, asked again after each "not now"
 /// (not granted within the class's wait, or the broker over this caller's
@@ -64,7 +68,8 @@ pub async fn lease_waiting(broker: &BrokerClient, call: &Call) -> Result<Lease, 
             Ok(lease) => return Ok(lease),
             Err(ClientError::NotGranted { retry_after, .. })
             | Err(ClientError::Overloaded { retry_after, .. }) => {
-                tokio::time::sleep(retry_after.max(MIN_NOT_GRANTED_PAUSE)).await;
+                tokio::time::sleep(retry_after.clamp(MIN_NOT_GRANTED_PAUSE, MAX_NOT_GRANTED_PAUSE))
+                    .await;
             }
             Err(e) => return Err(UpstreamError::Lease(e)),
         }

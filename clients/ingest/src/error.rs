@@ -41,6 +41,9 @@ pub enum IngestError {
         /// The job's last state.
         state: String,
     },
+    /// Another run is working on this sink under the same worker name.
+    #[error("{0}")]
+    WorkerBusy(String),
     /// A block still disagreed with its `totalHits` after every attempt.
     #[error("block {interval}: {received} records received, totalHits {total_hits}, after {attempts} attempts")]
     Mismatch {

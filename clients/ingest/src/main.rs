@@ -234,6 +234,10 @@ async fn main() -> ExitCode {
             eprintln!("gc-ingest: {e}");
             ExitCode::from(2)
         }
+        Err(e @ IngestError::WorkerBusy(_)) => {
+            eprintln!("gc-ingest: {e}");
+            ExitCode::from(3)
+        }
         Err(e @ IngestError::Sink(_)) => {
             eprintln!(
                 "gc-ingest: the sink {sink_name} failed: {e}; blocks stored so far are kept, \

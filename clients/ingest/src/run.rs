@@ -22,6 +22,70 @@ use gc_upstream::UpstreamError;
 /// Errors kept in the summary (the rest are only counted).
 const KEPT_ERRORS: usize = 10;
 
+/// How often a run says it is alive, holding its worker name.
+const HEARTBEAT: Duration = Duration::from_secs(10);
+/// A worker name not heard of for this long is free again (its run died
+/// on another host, or without a trace).
+const NAME_STALE: Duration = Duration::from_secs(60);
+
+/// This run's id: host, process and start, so a run on the same host can
+/// tell that the holder of its worker name is gone.
+fn run_id() -> String {
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}/{}/{}-{n}", host.trim(), std::process::id(), now_ms())
+}
+
+/// Whether run `id` is known to be over: its host is this one and its
+/// process is gone (a run killed, its name still held).
+fn run_is_over(id: &str) -> bool {
+    let mine = run_id();
+    let host_of = |id: &str| id.split('/').next().map(str::to_owned);
+    let pid = id.split('/').nth(1).and_then(|p| p.parse::<u32>().ok());
+    match (host_of(id), host_of(&mine), pid) {
+        (Some(h), Some(m), Some(pid)) if !h.is_empty() && h == m => {
+            std::path::Path::new("/proc/self").exists()
+                && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        }
+        _ => false,
+    }
+}
+
+/// Takes `plan.owner` for this run, or says who holds it.
+async fn take_worker_name(plan: &Plan, sink: &Sink, run: &str) -> Result<(), IngestError> {
+    let now = now_ms();
+    let stale = now - NAME_STALE.as_millis() as i64;
+    if sink.take_worker_name(&plan.owner, run, now, stale).await? {
+        return Ok(());
+    }
+    let holder = sink.worker_name_holder(&plan.owner).await?;
+    if let Some((id, seen)) = &holder {
+        if run_is_over(id)
+            && sink
+                .take_worker_name(&plan.owner, run, now, i64::MAX)
+                .await?
+        {
+            tracing::info!(worker = %plan.owner, "the run that held this worker name is gone: taking it");
+            return Ok(());
+        }
+        return Err(IngestError::WorkerBusy(format!(
+            "another gc-ingest run works on this sink as worker {:?} (seen {} s ago): give this \
+             run another --worker name to share the range with it, or let it finish",
+            plan.owner.chars().take(64).collect::<String>(),
+            (now - seen).max(0) / 1000
+        )));
+    }
+    // Released between the two reads: try once more.
+    if sink.take_worker_name(&plan.owner, run, now, stale).await? {
+        return Ok(());
+    }
+    Err(IngestError::WorkerBusy(format!(
+        "another gc-ingest run works on this sink as worker {:?}",
+        plan.owner.chars().take(64).collect::<String>()
+    )))
+}
+
 /// What a run covers and how.
 #[derive(Clone, Debug)]
 pub struct Plan {
@@ -132,6 +196,31 @@ pub async fn run(plan: &Plan, source: &Source, sink: &Sink) -> Result<Summary, I
             "the range is empty: --from must be before --to".into(),
         ));
     }
+    let run = run_id();
+    take_worker_name(plan, sink, &run).await?;
+    let heartbeat = {
+        let (sink, owner, run) = (sink.clone(), plan.owner.clone(), run.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(HEARTBEAT).await;
+                let now = now_ms();
+                let stale = now - NAME_STALE.as_millis() as i64;
+                if let Err(e) = sink.take_worker_name(&owner, &run, now, stale).await {
+                    tracing::warn!(error = %e, "could not renew this run's worker name");
+                }
+            }
+        })
+    };
+    let outcome = run_blocks(plan, source, sink).await;
+    heartbeat.abort();
+    if let Err(e) = sink.release_worker_name(&plan.owner, &run).await {
+        tracing::warn!(error = %e, "could not give this run's worker name back");
+    }
+    outcome
+}
+
+/// The run itself, once the worker name is this run's.
+async fn run_blocks(plan: &Plan, source: &Source, sink: &Sink) -> Result<Summary, IngestError> {
     let started = Instant::now();
     let before = source.upstream().stats();
     let done: HashSet<Block> = sink

@@ -30,7 +30,7 @@ const ROWS_PER_INSERT: usize = 500;
 /// How long a SQLite writer waits for another's transaction.
 const SQLITE_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 60000";
 
-const SCHEMA: [&str; 3] = [
+const SCHEMA: [&str; 4] = [
     "CREATE TABLE IF NOT EXISTS conversations (
         conversation_id TEXT PRIMARY KEY,
         conversation_start TEXT NOT NULL,
@@ -55,6 +55,11 @@ const SCHEMA: [&str; 3] = [
         claim_expires_ms BIGINT NOT NULL DEFAULT 0,
         updated_ms BIGINT NOT NULL,
         PRIMARY KEY (block_start, block_end)
+    )",
+    "CREATE TABLE IF NOT EXISTS ingest_runs (
+        owner TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL,
+        seen_ms BIGINT NOT NULL
     )",
 ];
 
@@ -203,6 +208,58 @@ impl Sink {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(checkpoint).collect::<Result<_, _>>()?)
+    }
+
+    /// Takes worker name `owner` for run `run_id` (or keeps it: call it
+    /// again as a heartbeat): `false` while another run holds it, that is
+    /// it was seen after `stale_before_ms` and, when `dead` says so, its
+    /// process is not known to be gone. Two runs under one name would both
+    /// take the name's block claims and fetch every block twice.
+    pub async fn take_worker_name(
+        &self,
+        owner: &str,
+        run_id: &str,
+        now_ms: i64,
+        stale_before_ms: i64,
+    ) -> Result<bool, IngestError> {
+        let taken = sqlx::query(
+            "INSERT INTO ingest_runs (owner, run_id, seen_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (owner) DO UPDATE SET run_id = $2, seen_ms = $3
+               WHERE ingest_runs.run_id = $2 OR ingest_runs.seen_ms < $4",
+        )
+        .bind(owner)
+        .bind(run_id)
+        .bind(now_ms)
+        .bind(stale_before_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(taken.rows_affected() == 1)
+    }
+
+    /// The run that holds worker name `owner`, if any: its id and when it
+    /// was last seen.
+    pub async fn worker_name_holder(
+        &self,
+        owner: &str,
+    ) -> Result<Option<(String, i64)>, IngestError> {
+        let row = sqlx::query("SELECT run_id, seen_ms FROM ingest_runs WHERE owner = $1")
+            .bind(owner)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => Some((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)),
+            None => None,
+        })
+    }
+
+    /// Gives worker name `owner` back at the end of run `run_id`.
+    pub async fn release_worker_name(&self, owner: &str, run_id: &str) -> Result<(), IngestError> {
+        sqlx::query("DELETE FROM ingest_runs WHERE owner = $1 AND run_id = $2")
+            .bind(owner)
+            .bind(run_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Claims `block` for `owner` until `now + ttl`: `true` if it is now

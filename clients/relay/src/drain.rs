@@ -178,7 +178,8 @@ impl Drain {
             Err(_) => {
                 tracing::warn!(
                     id = record.id,
-                    "delivery outlived its claim; retrying the record after a backoff"
+                    "delivery outlived its claim (waiting for a lease, or for the upstream); \
+                     retrying the record after a backoff"
                 );
                 // Not at once: a slow upstream that does take the write
                 // would get it again every claim.

@@ -181,6 +181,44 @@ async fn a_block_short_of_its_total_hits_is_fetched_again_and_reported() {
 }
 
 #[tokio::test]
+async fn a_second_run_under_the_same_worker_name_does_not_fetch_the_range_again() {
+    let bed = Bed::start().await;
+    let path = sqlite("same-name");
+    let sink = open(&path).await;
+    let plan = plan(DAY1, "2026-11-02", BlockSize::Hour);
+    let source = bed.source(SourceKind::Query, "same-name");
+    let first = {
+        let (plan, source, sink) = (plan.clone(), source.clone(), sink.clone());
+        tokio::spawn(async move { run(&plan, &source, &sink).await })
+    };
+    // Once the first run holds the name (an overlapping cron run starts):
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sink
+        .worker_name_holder(&plan.owner)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first run never started"
+        );
+        tokio::task::yield_now().await;
+    }
+    let second = run(&plan, &source, &sink).await;
+    assert!(
+        matches!(&second, Err(gc_ingest::IngestError::WorkerBusy(_))),
+        "{second:?}"
+    );
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.blocks_final, 24, "{first:?}");
+    // The name is free again once the first run is over.
+    assert_eq!(sink.worker_name_holder(&plan.owner).await.unwrap(), None);
+    sink.close().await;
+    bed.sim.shutdown().await;
+}
+
+#[tokio::test]
 async fn refused_credentials_stop_the_run_once_instead_of_failing_every_block() {
     let bed = Bed::start().await;
     let path = sqlite("refused");
