@@ -120,13 +120,17 @@ impl Broker {
 
     /// Saves tenant `t`'s learned state now (after an operator cleared it).
     async fn save_learned_now(&self, t: usize) -> Result<(), BrokerError> {
+        // In the order of the other saves (operators' changes, the cluster
+        // task's snapshots, the learned-state writer).
+        let saving = self.hold_saves().await;
         if self.inner.cluster.get().is_some() {
-            return self.save_to_cluster(t).await;
+            let saved = self.save_to_cluster(t).await;
+            drop(saving);
+            return saved;
         }
         let Some(dir) = self.inner.server.state_dir.clone() else {
             return Ok(());
         };
-        let saving = self.hold_saves().await;
         let file = self.learned_file();
         let write = move || {
             let written = file.write(&dir);

@@ -15,9 +15,9 @@ pub(super) const LEARNED_FILE: &str = "learned.toml";
 /// Name of the operators' changes file inside the state directory.
 pub(super) const ADMIN_FILE: &str = "admin.toml";
 
-/// Operators' run-time changes, per tenant: only what they changed.
+/// Operators' run-time changes, per tenant: only what they changed. Fields
+/// it does not know are ignored (see [`LearnedFile`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct AdminFile {
     /// Format version.
     pub version: u32,
@@ -42,7 +42,6 @@ pub(super) struct AdminClass {
 
 /// A bucket's limits and pause as an operator set them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct AdminBucket {
     /// Tenant id.
     pub tenant: String,
@@ -113,7 +112,7 @@ fn read_toml<T: serde::de::DeserializeOwned>(
         let line = e
             .span()
             .and_then(|s| text.get(..s.start))
-            .map_or(1, |t| t.lines().count().max(1));
+            .map_or(1, |t| t.matches('\n').count() + 1);
         StateError::Corrupt {
             path,
             message: format!("line {line}: {}", crate::error::clip_plain(e.message())),
@@ -146,9 +145,11 @@ fn write_toml<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), Sta
 }
 const FORMAT_VERSION: u32 = 1;
 
-/// The learned-state file.
+/// The learned-state file. Fields it does not know are ignored, not
+/// refused: a cluster's snapshots carry it, and during a rolling upgrade an
+/// older broker must still read a newer one's (refused, it would start the
+/// tenant on its config alone, dropping operators' changes).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct LearnedFile {
     /// Format version.
     pub version: u32,
@@ -160,9 +161,8 @@ pub(crate) struct LearnedFile {
     pub buckets: Vec<LearnedEntry>,
 }
 
-/// Learned state of one bucket instance.
+/// Learned state of one bucket instance (unknown fields ignored, as above).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct LearnedEntry {
     /// Tenant id.
     pub tenant: String,
@@ -302,6 +302,21 @@ mod tests {
             err.len(),
             &err[..200]
         );
+        // A newer broker's fields are ignored, not refused (a cluster in a
+        // rolling upgrade reads each other's snapshots).
+        std::fs::write(
+            d.join(LEARNED_FILE),
+            "version = 1\nwritten_by = \"a newer broker\"\n[[buckets]]\ntenant = \"t\"\n\
+             bucket = \"b\"\neffective_per_min = 42.0\nsomething_new = 3\n",
+        )
+        .unwrap();
+        let read = LearnedFile::read(&d).unwrap().unwrap();
+        assert_eq!(read.buckets[0].effective_per_min, 42.0);
+        let admin = "version = 1\nnew_list = []\n[[buckets]]\ntenant = \"t\"\nbucket = \"b\"\n\
+                     paused = \"x\"\nmax_clients = 9\n";
+        std::fs::write(d.join(ADMIN_FILE), admin).unwrap();
+        let read = AdminFile::read(&d).unwrap().unwrap();
+        assert_eq!(read.buckets[0].paused.as_deref(), Some("x"));
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -171,7 +171,7 @@ impl Broker {
             // state lives in etcd.
             Some(_) => {
                 for t in &broker.inner.tenants {
-                    t.lock().set_lead(None, None);
+                    t.lock().set_lead(None, None, now);
                 }
                 None
             }
@@ -239,7 +239,12 @@ impl Broker {
     }
 
     fn lease_tenant(&self, id: LeaseId) -> Option<&Tenant> {
-        self.inner.tenants.get(*self.inner.by_tag.get(&id.tenant)?)
+        match self.inner.by_tag.get(&id.tenant) {
+            Some(&t) => self.inner.tenants.get(t),
+            // An id from a build that named tenants by their place in the
+            // config (its leases are still held across the upgrade).
+            None => self.inner.tenants.get(usize::try_from(id.tenant).ok()?),
+        }
     }
 
     /// Returns a lease's slots. True if it held some.

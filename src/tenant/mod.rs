@@ -250,11 +250,12 @@ impl TenantState {
 
     /// Cluster mode: grant only before `until` (`None`: not at all, until
     /// told again); `leader` is who to send callers to meanwhile.
-    pub fn set_lead(&mut self, until: Option<Instant>, leader: Option<String>) {
+    pub fn set_lead(&mut self, until: Option<Instant>, leader: Option<String>, now: Instant) {
         // Stepping down: the lead ended now, or at its deadline if that
         // passed first.
-        let ended = || self.lead_until.map_or(self.latest, |u| u.min(self.latest));
-        self.lead_until = Some(until.unwrap_or_else(ended));
+        let now = self.monotonic(now);
+        let ended = self.lead_until.map_or(now, |u| u.min(now));
+        self.lead_until = Some(until.unwrap_or(ended));
         self.leader = leader;
     }
 

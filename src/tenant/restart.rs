@@ -233,6 +233,9 @@ impl TenantState {
             return;
         };
         let lapse = now.saturating_duration_since(ended);
+        // Counted once: a second resume (the save after this one failed)
+        // credits only the time since this one.
+        self.lead_until = Some(now);
         self.leases.postpone_all(lapse);
         for (_, x) in self.instances.iter_mut() {
             if let Some(until) = x.phantom_until.as_mut() {

@@ -264,6 +264,15 @@ fn sink_shown(sink: &str) -> String {
         }
         _ => sink.to_owned(),
     };
+    // A password given as a query parameter (`?password=…`) too.
+    let shown = match shown.find("password=") {
+        Some(at) => {
+            let value = at + "password=".len();
+            let end = shown[value..].find('&').map_or(shown.len(), |e| value + e);
+            format!("{}***{}", &shown[..value], &shown[end..])
+        }
+        None => shown,
+    };
     let mut clipped: String = shown.chars().take(200).collect();
     if clipped.len() < shown.len() {
         clipped.push('…');

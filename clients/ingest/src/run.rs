@@ -18,6 +18,7 @@ use crate::progress::{Display, Progress};
 use crate::sink::{Done, Sink};
 use crate::source::{Fetched, Source};
 use gc_upstream::UpstreamError;
+use quota_broker_client::ClientError;
 
 /// Errors kept in the summary (the rest are only counted).
 const KEPT_ERRORS: usize = 10;
@@ -32,24 +33,34 @@ const NAME_STALE: Duration = Duration::from_secs(60);
 /// tell that the holder of its worker name is gone.
 fn run_id() -> String {
     static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{}/{}/{}-{n}", host.trim(), std::process::id(), now_ms())
+    format!("{}/{}/{}-{n}", host(), std::process::id(), now_ms())
+}
+
+/// This host, as far as process ids go: its name and its pid namespace
+/// (containers sharing a host name each have their own pids).
+fn host() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let pids = std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    format!("{}{}", name.trim(), pids).replace('/', "_")
 }
 
 /// Whether run `id` is known to be over: its host is this one and its
 /// process is gone (a run killed, its name still held).
 fn run_is_over(id: &str) -> bool {
-    let mine = run_id();
-    let host_of = |id: &str| id.split('/').next().map(str::to_owned);
-    let pid = id.split('/').nth(1).and_then(|p| p.parse::<u32>().ok());
-    match (host_of(id), host_of(&mine), pid) {
-        (Some(h), Some(m), Some(pid)) if !h.is_empty() && h == m => {
-            std::path::Path::new("/proc/self").exists()
-                && !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        }
-        _ => false,
-    }
+    let mut parts = id.split('/');
+    let (Some(h), Some(pid)) = (
+        parts.next(),
+        parts.next().and_then(|p| p.parse::<u32>().ok()),
+    ) else {
+        return false;
+    };
+    !h.is_empty()
+        && h == host()
+        && std::path::Path::new("/proc/self").exists()
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Takes `plan.owner` for this run, or says who holds it.
@@ -63,7 +74,7 @@ async fn take_worker_name(plan: &Plan, sink: &Sink, run: &str) -> Result<(), Ing
     if let Some((id, seen)) = &holder {
         if run_is_over(id)
             && sink
-                .take_worker_name(&plan.owner, run, now, i64::MAX)
+                .take_worker_name_from(&plan.owner, run, id, now)
                 .await?
         {
             tracing::info!(worker = %plan.owner, "the run that held this worker name is gone: taking it");
@@ -178,6 +189,8 @@ struct Work {
     /// A failure every block would meet (login or lease refused): the
     /// workers stop, and the run ends with it.
     setup_failed: Mutex<Option<String>>,
+    /// Another run took this run's worker name: take no more blocks.
+    lost: Arc<std::sync::atomic::AtomicBool>,
     /// std `Mutex`: held to add one block's outcome.
     summary: Mutex<Summary>,
     progress: Progress,
@@ -198,29 +211,49 @@ pub async fn run(plan: &Plan, source: &Source, sink: &Sink) -> Result<Summary, I
     }
     let run = run_id();
     take_worker_name(plan, sink, &run).await?;
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let heartbeat = {
-        let (sink, owner, run) = (sink.clone(), plan.owner.clone(), run.clone());
+        let (sink, owner, run, lost) =
+            (sink.clone(), plan.owner.clone(), run.clone(), lost.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(HEARTBEAT).await;
-                let now = now_ms();
-                let stale = now - NAME_STALE.as_millis() as i64;
-                if let Err(e) = sink.take_worker_name(&owner, &run, now, stale).await {
-                    tracing::warn!(error = %e, "could not renew this run's worker name");
+                match sink.renew_worker_name(&owner, &run, now_ms()).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::error!(worker = %owner,
+                            "another run took this run's worker name: stopping after the blocks \
+                             in hand");
+                        lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not renew this run's worker name"),
                 }
             }
         })
     };
-    let outcome = run_blocks(plan, source, sink).await;
+    let outcome = run_blocks(plan, source, sink, &lost).await;
     heartbeat.abort();
     if let Err(e) = sink.release_worker_name(&plan.owner, &run).await {
         tracing::warn!(error = %e, "could not give this run's worker name back");
+    }
+    if lost.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(IngestError::WorkerBusy(
+            "another run took this run's worker name (this one was not heard of for a minute); \
+             blocks stored so far are kept, the rest are that run's"
+                .into(),
+        ));
     }
     outcome
 }
 
 /// The run itself, once the worker name is this run's.
-async fn run_blocks(plan: &Plan, source: &Source, sink: &Sink) -> Result<Summary, IngestError> {
+async fn run_blocks(
+    plan: &Plan,
+    source: &Source,
+    sink: &Sink,
+    lost: &Arc<std::sync::atomic::AtomicBool>,
+) -> Result<Summary, IngestError> {
     let started = Instant::now();
     let before = source.upstream().stats();
     let done: HashSet<Block> = sink
@@ -242,6 +275,7 @@ async fn run_blocks(plan: &Plan, source: &Source, sink: &Sink) -> Result<Summary
         }),
         queue: Mutex::new(todo),
         setup_failed: Mutex::new(None),
+        lost: Arc::clone(lost),
     });
     let mut workers = JoinSet::new();
     for _ in 0..plan.parallel.max(1) {
@@ -288,7 +322,9 @@ async fn run_blocks(plan: &Plan, source: &Source, sink: &Sink) -> Result<Summary
 /// counted and the block left for later; a sink failure ends the worker.
 async fn worker(work: &Work, plan: &Plan, source: &Source, sink: &Sink) -> Result<(), IngestError> {
     loop {
-        if lock(&work.setup_failed).is_some() {
+        if lock(&work.setup_failed).is_some()
+            || work.lost.load(std::sync::atomic::Ordering::Relaxed)
+        {
             return Ok(());
         }
         let Some(block) = lock(&work.queue).pop_front() else {
@@ -341,15 +377,33 @@ async fn worker(work: &Work, plan: &Plan, source: &Source, sink: &Sink) -> Resul
                 let throttled = source.upstream().stats().throttled_429;
                 work.progress.block_done(block, records, throttled);
             }
-            Err(
-                e @ IngestError::Upstream(UpstreamError::Auth { .. } | UpstreamError::Lease(_)),
-            ) => {
+            Err(e) if refused_for_every_block(&e) => {
                 sink.unclaim(block, &plan.owner).await?;
                 lock(&work.setup_failed).get_or_insert_with(|| e.to_string());
                 return Ok(());
             }
             Err(e) => block_failed(work, plan, sink, block, &e).await?,
         }
+    }
+}
+
+/// A refusal every block would meet: the login refused, or the broker
+/// refusing the lease for who asks (unknown tenant, bad token), not a
+/// broker or network error that may pass.
+fn refused_for_every_block(e: &IngestError) -> bool {
+    use tonic::Code;
+    match e {
+        IngestError::Upstream(UpstreamError::Auth { .. }) => true,
+        IngestError::Upstream(UpstreamError::Lease(ClientError::Refused(s))) => matches!(
+            s.code(),
+            Code::Unauthenticated
+                | Code::PermissionDenied
+                | Code::NotFound
+                | Code::InvalidArgument
+                | Code::FailedPrecondition
+        ),
+        IngestError::Upstream(UpstreamError::Lease(ClientError::Token)) => true,
+        _ => false,
     }
 }
 

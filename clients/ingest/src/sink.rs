@@ -236,6 +236,45 @@ impl Sink {
         Ok(taken.rows_affected() == 1)
     }
 
+    /// Takes worker name `owner` from run `gone` (known to be over), if it
+    /// still holds it: of two runs that found it gone, one gets it.
+    pub async fn take_worker_name_from(
+        &self,
+        owner: &str,
+        run_id: &str,
+        gone: &str,
+        now_ms: i64,
+    ) -> Result<bool, IngestError> {
+        let taken = sqlx::query(
+            "UPDATE ingest_runs SET run_id = $2, seen_ms = $3 WHERE owner = $1 AND run_id = $4",
+        )
+        .bind(owner)
+        .bind(run_id)
+        .bind(now_ms)
+        .bind(gone)
+        .execute(&self.pool)
+        .await?;
+        Ok(taken.rows_affected() == 1)
+    }
+
+    /// Says run `run_id` is alive, holding worker name `owner`: `false`
+    /// if it no longer does (another run took the name).
+    pub async fn renew_worker_name(
+        &self,
+        owner: &str,
+        run_id: &str,
+        now_ms: i64,
+    ) -> Result<bool, IngestError> {
+        let renewed =
+            sqlx::query("UPDATE ingest_runs SET seen_ms = $3 WHERE owner = $1 AND run_id = $2")
+                .bind(owner)
+                .bind(run_id)
+                .bind(now_ms)
+                .execute(&self.pool)
+                .await?;
+        Ok(renewed.rows_affected() == 1)
+    }
+
     /// The run that holds worker name `owner`, if any: its id and when it
     /// was last seen.
     pub async fn worker_name_holder(

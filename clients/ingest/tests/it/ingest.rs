@@ -228,9 +228,15 @@ async fn refused_credentials_stop_the_run_once_instead_of_failing_every_block() 
     let err = run(&plan, &source, &sink).await.unwrap_err();
     assert!(matches!(err, gc_ingest::IngestError::Usage(_)), "{err}");
     assert!(err.to_string().contains("login"), "{err}");
-    // Nothing stored, nothing left claimed: the next run starts clean.
-    let claimed = sink.checkpoints().await.unwrap();
-    assert!(claimed.iter().all(|c| c.status != "done"), "{claimed:?}");
+    // Nothing left claimed: with the right secret the next run takes every
+    // block at once.
+    let good = bed.source(SourceKind::Query, "refused");
+    let again = run(&plan, &good, &sink).await.unwrap();
+    assert_eq!(
+        (again.blocks_final, again.blocks_busy, again.blocks_failed),
+        (24, 0, 0),
+        "{again:?}"
+    );
     sink.close().await;
     bed.sim.shutdown().await;
 }
