@@ -132,28 +132,11 @@ impl Broker {
             return Ok(());
         };
         let file = self.learned_file();
-        let write = move || {
-            let written = file.write(&dir);
-            drop(saving);
-            written
-        };
-        match tokio::task::spawn_blocking(write).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "learned state cleared but not saved");
-                self.still_dirty(t);
-                Err(BrokerError::Internal(
-                    "the change is applied but could not be saved",
-                ))
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "learned-state writer failed");
-                self.still_dirty(t);
-                Err(BrokerError::Internal(
-                    "the change is applied but could not be saved",
-                ))
-            }
+        let saved = write_state(move || file.write(&dir), saving, "learned state cleared").await;
+        if saved.is_err() {
+            self.still_dirty(t);
         }
+        saved
     }
 
     /// After an admin change: wake the tenant's waiters, tell Watch, and
@@ -182,26 +165,7 @@ impl Broker {
         let Some(dir) = self.inner.server.state_dir.clone() else {
             return Ok(());
         };
-        let write = move || {
-            let written = file.write(&dir);
-            drop(saving);
-            written
-        };
-        match tokio::task::spawn_blocking(write).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "admin change applied but not saved");
-                Err(BrokerError::Internal(
-                    "the change is applied but could not be saved",
-                ))
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "admin state writer failed");
-                Err(BrokerError::Internal(
-                    "the change is applied but could not be saved",
-                ))
-            }
-        }
+        write_state(move || file.write(&dir), saving, "admin change applied").await
     }
 
     pub(super) fn admin_file(&self, changed: &BTreeSet<(usize, AdminKey)>) -> AdminFile {
@@ -333,4 +297,29 @@ impl Broker {
         }
         changed.len()
     }
+}
+
+/// Runs `write` (a state file's atomic write) off the async threads,
+/// holding `saving` until it ends, and answers the operator's change: saved,
+/// or applied but not saved (`what` names the change in the log).
+async fn write_state(
+    write: impl FnOnce() -> Result<(), super::files::StateError> + Send + 'static,
+    saving: tokio::sync::OwnedMutexGuard<()>,
+    what: &'static str,
+) -> Result<(), BrokerError> {
+    let written = tokio::task::spawn_blocking(move || {
+        let written = write();
+        drop(saving);
+        written
+    })
+    .await;
+    let error = match written {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => format!("the writer failed: {e}"),
+    };
+    tracing::error!(error = %error, "{what} but not saved");
+    Err(BrokerError::Internal(
+        "the change is applied but could not be saved",
+    ))
 }

@@ -288,6 +288,33 @@ mod tests {
         [[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\npermits = 60\n\
         window_ms = 60000\nburst = 10\n";
 
+    /// One tenant "t" with one bucket of `max` slots, leases of `ttl_ms`.
+    fn slots(max: u32, ttl_ms: u64) -> Settings {
+        Settings::from_toml(&format!(
+            "[server]\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n\
+             [[tenants.buckets]]\nname = \"slots\"\nroutes = [\"* /**\"]\n\
+             max_in_flight = {max}\nlease_ttl_ms = {ttl_ms}\n"
+        ))
+        .unwrap()
+    }
+
+    /// One slot of tenant "t" at `now`, decided at once.
+    fn take_slot(b: &Broker, now: Instant) -> crate::tenant::Decision {
+        let call = crate::tenant::AcquireArgs {
+            client_id: "c".into(),
+            class: String::new(),
+            method: "POST".into(),
+            path: "/x".into(),
+            oauth_client: String::new(),
+            permits: 1,
+        };
+        let decided =
+            b.inner.tenants[0]
+                .lock()
+                .acquire(&call, Some(std::time::Duration::ZERO), now);
+        decided.unwrap()
+    }
+
     fn tokens(b: &Broker) -> f64 {
         b.inner.tenants[0].lock().statuses(Instant::now())[0].tokens_available
     }
@@ -310,31 +337,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_hand_over_carries_the_leases_that_hold_slots() {
-        let settings = Settings::from_toml(
-            "[server]\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n\
-             [[tenants.buckets]]\nname = \"slots\"\nroutes = [\"* /**\"]\n\
-             max_in_flight = 2\nlease_ttl_ms = 30000\n",
-        )
-        .unwrap();
+        let settings = slots(2, 30000);
         let stop = CancellationToken::new();
         let (old, _old_drivers) = Broker::start(&settings, stop.clone(), None);
         let (new, _new_drivers) = Broker::start(&settings, stop.clone(), None);
         let now = Instant::now();
         let until = now + std::time::Duration::from_secs(60);
-        let call = crate::tenant::AcquireArgs {
-            client_id: "c".into(),
-            class: String::new(),
-            method: "POST".into(),
-            path: "/x".into(),
-            oauth_client: String::new(),
-            permits: 1,
-        };
-        let acquire = |b: &Broker| {
-            b.inner.tenants[0]
-                .lock()
-                .acquire(&call, Some(std::time::Duration::ZERO), Instant::now())
-                .unwrap()
-        };
+        let acquire = |b: &Broker| take_slot(b, Instant::now());
         old.take_over(0, None);
         old.lead(0, until);
         let crate::tenant::Decision::Granted(held) = acquire(&old) else {
@@ -364,30 +373,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_lead_that_lapsed_resumes_its_own_state_unless_another_broker_led() {
-        let settings = Settings::from_toml(
-            "[server]\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n\
-             [[tenants.buckets]]\nname = \"slots\"\nroutes = [\"* /**\"]\n\
-             max_in_flight = 2\nlease_ttl_ms = 30000\n",
-        )
-        .unwrap();
+        let settings = slots(2, 30000);
         let stop = CancellationToken::new();
         let (b, _b_drivers) = Broker::start(&settings, stop.clone(), None);
         let (other, _other_drivers) = Broker::start(&settings, stop.clone(), None);
         let until = Instant::now() + std::time::Duration::from_secs(60);
-        let call = crate::tenant::AcquireArgs {
-            client_id: "c".into(),
-            class: String::new(),
-            method: "POST".into(),
-            path: "/x".into(),
-            oauth_client: String::new(),
-            permits: 1,
-        };
-        let acquire = |b: &Broker| {
-            b.inner.tenants[0]
-                .lock()
-                .acquire(&call, Some(std::time::Duration::ZERO), Instant::now())
-                .unwrap()
-        };
+        let acquire = |b: &Broker| take_slot(b, Instant::now());
         b.take_over(0, None);
         b.lead(0, until);
         let crate::tenant::Decision::Granted(held) = acquire(&b) else {
@@ -425,30 +416,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lapsed_leads_leases_keep_the_time_they_had_left() {
-        let settings = Settings::from_toml(
-            "[server]\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n\
-             [[tenants.buckets]]\nname = \"slots\"\nroutes = [\"* /**\"]\n\
-             max_in_flight = 1\nlease_ttl_ms = 2000\n",
-        )
-        .unwrap();
+        let settings = slots(1, 2000);
         let stop = CancellationToken::new();
         let (b, _drivers) = Broker::start(&settings, stop.clone(), None);
-        let call = crate::tenant::AcquireArgs {
-            client_id: "c".into(),
-            class: String::new(),
-            method: "POST".into(),
-            path: "/x".into(),
-            oauth_client: String::new(),
-            permits: 1,
-        };
         let granted = |b: &Broker| {
             let now = Instant::now();
-            let mut state = b.inner.tenants[0].lock();
-            state.tick(now);
-            matches!(
-                state.acquire(&call, Some(std::time::Duration::ZERO), now),
-                Ok(crate::tenant::Decision::Granted(_))
-            )
+            b.inner.tenants[0].lock().tick(now);
+            matches!(take_slot(b, now), crate::tenant::Decision::Granted(_))
         };
         let ms = std::time::Duration::from_millis;
         b.take_over(0, None);
@@ -480,27 +454,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_lease_id_of_the_build_that_named_tenants_by_place_still_finds_its_tenant() {
-        let settings = Settings::from_toml(
-            "[server]\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n\
-             [[tenants.buckets]]\nname = \"slots\"\nroutes = [\"* /**\"]\n\
-             max_in_flight = 1\nlease_ttl_ms = 30000\n",
-        )
-        .unwrap();
+        let settings = slots(1, 30000);
         let stop = CancellationToken::new();
         let (b, _drivers) = Broker::start(&settings, stop.clone(), None);
-        let call = crate::tenant::AcquireArgs {
-            client_id: "c".into(),
-            class: String::new(),
-            method: "POST".into(),
-            path: "/x".into(),
-            oauth_client: String::new(),
-            permits: 1,
-        };
-        let crate::tenant::Decision::Granted(g) = b.inner.tenants[0]
-            .lock()
-            .acquire(&call, Some(std::time::Duration::ZERO), Instant::now())
-            .unwrap()
-        else {
+        let crate::tenant::Decision::Granted(g) = take_slot(&b, Instant::now()) else {
             panic!("not granted")
         };
         // The same lease as the earlier build wrote its id: tenant 0 by place.

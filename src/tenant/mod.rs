@@ -40,6 +40,8 @@ mod registry;
 mod restart;
 mod status;
 #[cfg(test)]
+mod restart_tests;
+#[cfg(test)]
 mod tests;
 mod waiting;
 

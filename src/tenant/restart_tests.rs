@@ -1,0 +1,220 @@
+//! Unit tests of the learning mode after a restart or a take-over: slots
+//! held by unknown leases, adoption of an earlier run's leases, and the
+//! leases a cluster leader hands to the next.
+
+use super::tests::{args, granted, tenant, NOW, TWO};
+use super::*;
+use crate::limits::LeaseId;
+
+const SEC: Duration = Duration::from_secs(1);
+
+#[test]
+fn after_a_restart_unclaimed_slots_come_back_after_one_lease_ttl() {
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    t.start_leases_after(100);
+    t.resume_after_restart(t0);
+    let Decision::Denied(d) = t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap() else {
+        panic!("granted a slot an earlier run's lease may hold")
+    };
+    assert!(
+        d.reason.contains("1 of 1 concurrency slots in use"),
+        "{}",
+        d.reason
+    );
+    assert_eq!(
+        t.statuses(t0)[0].tokens_available,
+        0.0,
+        "rate bucket restarts drained"
+    );
+    // A renewal of a lease this run never granted, outside the window or
+    // without its Acquire, is not adopted.
+    let stranger = LeaseId {
+        tenant: 0,
+        seq: 7,
+        nonce: 7,
+    };
+    assert!(t.renew(stranger, None, None, t0).is_err());
+    // The bucket's lease TTL is 5 s: then every earlier lease has expired.
+    assert_eq!(t.tick(t0 + SEC), Some(t0 + 5 * SEC));
+    t.tick(t0 + 5 * SEC);
+    granted(
+        t.acquire(&args("POST", "/q", 1), NOW, t0 + 5 * SEC)
+            .unwrap(),
+    );
+    assert!(
+        t.renew(stranger, None, Some(&args("POST", "/q", 1)), t0 + 5 * SEC)
+            .is_err(),
+        "adopted after the window"
+    );
+}
+
+#[test]
+fn an_adopted_lease_holds_its_slot_until_released() {
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    t.start_leases_after(100);
+    t.resume_after_restart(t0);
+    let earlier = LeaseId {
+        tenant: 0,
+        seq: 3,
+        nonce: 9,
+    };
+    let (at, ttl) = t
+        .renew(earlier, None, Some(&args("POST", "/q", 1)), t0 + SEC)
+        .unwrap();
+    assert_eq!((at, ttl), (t0 + 6 * SEC, 5 * SEC));
+    // The phantom became the adopted lease: at the window's end the slot
+    // stays held.
+    t.tick(t0 + 5 * SEC);
+    assert!(matches!(
+        t.acquire(&args("POST", "/q", 1), NOW, t0 + 5 * SEC)
+            .unwrap(),
+        Decision::Denied(_)
+    ));
+    assert!(t.release(earlier));
+    granted(
+        t.acquire(&args("POST", "/q", 1), NOW, t0 + 5 * SEC)
+            .unwrap(),
+    );
+}
+
+#[test]
+fn a_guessed_lease_id_is_not_adopted() {
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    t.start_leases_after(100);
+    t.resume_after_restart(t0);
+    let earlier = LeaseId {
+        tenant: 0,
+        seq: 3,
+        nonce: 9,
+    };
+    let with = args("POST", "/q", 1);
+    t.renew(earlier, None, Some(&with), t0).unwrap();
+    // The same sequence number under another nonce must not replace the
+    // adopted lease (its slot would never come back).
+    let guessed = LeaseId {
+        nonce: 10,
+        ..earlier
+    };
+    assert!(t.renew(guessed, None, Some(&with), t0).is_err());
+    assert!(!t.release(guessed));
+    // Nor is a number this run issued (its lease released, or one that
+    // held no slot).
+    // (The rate bucket restarts drained: its first permit half a second on.)
+    let half = t0 + SEC / 2;
+    let ours = granted(t.acquire(&args("GET", "/", 1), NOW, half).unwrap()).lease_id;
+    assert_eq!(ours.seq, 101);
+    assert!(t.renew(ours, None, Some(&with), half).is_err());
+    assert!(
+        t.release(earlier),
+        "the adopted lease is still the one held"
+    );
+    granted(t.acquire(&with, NOW, t0 + SEC).unwrap());
+}
+
+#[test]
+fn a_lease_numbered_above_this_runs_start_is_adopted_and_its_number_never_reissued() {
+    // The last leader's clock ran ahead of this host's: its lease numbers
+    // (taken from its clock) are above this run's start.
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    t.start_leases_after(100);
+    t.resume_after_restart(t0);
+    let ahead = LeaseId {
+        tenant: 0,
+        seq: 102,
+        nonce: 9,
+    };
+    let with = args("POST", "/q", 1);
+    t.renew(ahead, None, Some(&with), t0)
+        .expect("the lease of a leader whose clock ran ahead is adopted");
+    // Numbering goes past it without issuing it again.
+    let first = granted(t.acquire(&args("GET", "/", 1), NOW, t0 + SEC / 2).unwrap());
+    let second = granted(t.acquire(&args("GET", "/", 1), NOW, t0 + SEC).unwrap());
+    assert_eq!((first.lease_id.seq, second.lease_id.seq), (101, 103));
+    // Renewed, it holds its slot past the learning window, until released.
+    t.renew(ahead, None, None, t0 + 3 * SEC).unwrap();
+    t.tick(t0 + 5 * SEC);
+    assert!(matches!(
+        t.acquire(&with, NOW, t0 + 5 * SEC).unwrap(),
+        Decision::Denied(_)
+    ));
+    assert!(t.release(ahead));
+    granted(t.acquire(&with, NOW, t0 + 5 * SEC).unwrap());
+}
+
+#[test]
+fn leases_are_handed_over_only_when_no_slot_is_held_by_an_unknown_one() {
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    t.start_leases_after(100);
+    t.resume_after_restart(t0);
+    // An earlier leader's leases may still hold the slot: the next leader
+    // must learn them again, not take "no lease" for the truth.
+    assert_eq!(t.live_leases(t0), None);
+    t.tick(t0 + 5 * SEC);
+    let held = granted(
+        t.acquire(&args("POST", "/q", 1), NOW, t0 + 5 * SEC)
+            .unwrap(),
+    );
+    let leases = t
+        .live_leases(t0 + 6 * SEC)
+        .expect("every slot's lease is known");
+    assert_eq!(leases.len(), 1);
+    let mut next = tenant(TWO, t0);
+    assert!(next.resume_leases(&leases, 600 * SEC, t0 + 6 * SEC));
+    assert!(matches!(
+        next.acquire(&args("POST", "/q", 1), NOW, t0 + 6 * SEC)
+            .unwrap(),
+        Decision::Denied(_)
+    ));
+    assert!(next.release(held.lease_id));
+}
+
+#[test]
+fn no_lease_is_handed_over_while_an_unseen_oauth_clients_slot_may_be_held() {
+    let t0 = Instant::now();
+    let mut t = tenant(
+        r#"
+        [[tenants.buckets]]
+        name = "per-client"
+        scope = "oauth_client"
+        routes = ["POST /q"]
+        max_in_flight = 1
+        lease_ttl_ms = 5000
+        "#,
+        t0,
+    );
+    t.resume_after_restart(t0);
+    // No instance yet, so no phantom: but a client the last leader served
+    // may hold its slot, and would find it free at the next leader.
+    assert_eq!(t.live_leases(t0 + SEC), None);
+    assert_eq!(t.live_leases(t0 + 5 * SEC), Some(Vec::new()));
+}
+
+#[test]
+fn handed_leases_without_a_place_here_say_so_and_live_no_longer_than_allowed() {
+    let t0 = Instant::now();
+    let mut last = tenant(TWO, t0);
+    let held = granted(last.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
+    let handed = last.live_leases(t0).unwrap();
+    // Here the bucket has no slots: the lease cannot be placed.
+    let mut here = tenant(
+        r#"
+        [[tenants.buckets]]
+        name = "slots"
+        routes = ["POST /q"]
+        permits = 5
+        window_ms = 1000
+        "#,
+        t0,
+    );
+    assert!(!here.resume_leases(&handed, 600 * SEC, t0));
+    // A lease claiming more time than a renewal may give is cut to it.
+    let mut next = tenant(TWO, t0);
+    assert!(next.resume_leases(&handed, SEC, t0));
+    next.tick(t0 + 2 * SEC);
+    assert!(next.renew(held.lease_id, None, None, t0 + 2 * SEC).is_err());
+}
