@@ -38,9 +38,9 @@ mod leases;
 mod operate;
 mod registry;
 mod restart;
-mod status;
 #[cfg(test)]
 mod restart_tests;
+mod status;
 #[cfg(test)]
 mod tests;
 mod waiting;

@@ -8,12 +8,19 @@ use crate::limits::LeaseId;
 
 const SEC: Duration = Duration::from_secs(1);
 
-#[test]
-fn after_a_restart_unclaimed_slots_come_back_after_one_lease_ttl() {
-    let t0 = Instant::now();
+/// Tenant [`TWO`] restarted at `t0`: the earlier run issued lease numbers
+/// up to 100.
+fn restarted(t0: Instant) -> TenantState {
     let mut t = tenant(TWO, t0);
     t.start_leases_after(100);
     t.resume_after_restart(t0);
+    t
+}
+
+#[test]
+fn after_a_restart_unclaimed_slots_come_back_after_one_lease_ttl() {
+    let t0 = Instant::now();
+    let mut t = restarted(t0);
     let Decision::Denied(d) = t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap() else {
         panic!("granted a slot an earlier run's lease may hold")
     };
@@ -52,9 +59,7 @@ fn after_a_restart_unclaimed_slots_come_back_after_one_lease_ttl() {
 #[test]
 fn an_adopted_lease_holds_its_slot_until_released() {
     let t0 = Instant::now();
-    let mut t = tenant(TWO, t0);
-    t.start_leases_after(100);
-    t.resume_after_restart(t0);
+    let mut t = restarted(t0);
     let earlier = LeaseId {
         tenant: 0,
         seq: 3,
@@ -82,9 +87,7 @@ fn an_adopted_lease_holds_its_slot_until_released() {
 #[test]
 fn a_guessed_lease_id_is_not_adopted() {
     let t0 = Instant::now();
-    let mut t = tenant(TWO, t0);
-    t.start_leases_after(100);
-    t.resume_after_restart(t0);
+    let mut t = restarted(t0);
     let earlier = LeaseId {
         tenant: 0,
         seq: 3,
@@ -119,9 +122,7 @@ fn a_lease_numbered_above_this_runs_start_is_adopted_and_its_number_never_reissu
     // The last leader's clock ran ahead of this host's: its lease numbers
     // (taken from its clock) are above this run's start.
     let t0 = Instant::now();
-    let mut t = tenant(TWO, t0);
-    t.start_leases_after(100);
-    t.resume_after_restart(t0);
+    let mut t = restarted(t0);
     let ahead = LeaseId {
         tenant: 0,
         seq: 102,
@@ -148,9 +149,7 @@ fn a_lease_numbered_above_this_runs_start_is_adopted_and_its_number_never_reissu
 #[test]
 fn leases_are_handed_over_only_when_no_slot_is_held_by_an_unknown_one() {
     let t0 = Instant::now();
-    let mut t = tenant(TWO, t0);
-    t.start_leases_after(100);
-    t.resume_after_restart(t0);
+    let mut t = restarted(t0);
     // An earlier leader's leases may still hold the slot: the next leader
     // must learn them again, not take "no lease" for the truth.
     assert_eq!(t.live_leases(t0), None);

@@ -70,6 +70,17 @@ async fn client(b: &Broker) -> QuotaBrokerClient<Channel> {
     QuotaBrokerClient::connect(b.url()).await.unwrap()
 }
 
+/// Logs a grant of one permit that holds no slot, as lease `lease` (then
+/// the next number).
+fn rate_grant(log: &mut GrantLog, lease: &mut u64) {
+    log.record(Event::Granted {
+        lease: *lease,
+        permits: 1,
+        slot: false,
+    });
+    *lease += 1;
+}
+
 /// The broker writes its learned-state file before it serves: once a
 /// client was served, a start on the same directory is a restart.
 fn state_written(dir: &Path) {
@@ -194,12 +205,7 @@ async fn a_restart_does_not_refill_the_token_bucket() {
         if !r.granted {
             break;
         }
-        log.record(Event::Granted {
-            lease,
-            permits: 1,
-            slot: false,
-        });
-        lease += 1;
+        rate_grant(&mut log, &mut lease);
         assert!(lease <= most(began), "more than the burst and its refill");
     }
     assert!(
@@ -221,12 +227,7 @@ async fn a_restart_does_not_refill_the_token_bucket() {
             .unwrap()
             .into_inner();
         if r.granted {
-            log.record(Event::Granted {
-                lease,
-                permits: 1,
-                slot: false,
-            });
-            lease += 1;
+            rate_grant(&mut log, &mut lease);
         }
     }
     let _ = b.terminate().await;
@@ -254,12 +255,7 @@ async fn a_crash_loop_grants_no_permit_per_restart() {
         if !r.granted {
             break;
         }
-        log.record(Event::Granted {
-            lease,
-            permits: 1,
-            slot: false,
-        });
-        lease += 1;
+        rate_grant(&mut log, &mut lease);
     }
     state_written(&dir);
     for _ in 0..3 {
@@ -267,12 +263,7 @@ async fn a_crash_loop_grants_no_permit_per_restart() {
         b = Broker::start(&path).await;
         c = client(&b).await;
         if c.acquire(slow(0)).await.unwrap().into_inner().granted {
-            log.record(Event::Granted {
-                lease,
-                permits: 1,
-                slot: false,
-            });
-            lease += 1;
+            rate_grant(&mut log, &mut lease);
         }
     }
     // The last run then paces the bucket again.
