@@ -134,6 +134,7 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
         led: HashSet::new(),
         last_save: Instant::now(),
         own_leases: Vec::new(),
+        members: HashMap::new(),
     };
     let shutdown = broker.shutdown_token().clone();
     let mut backoff = tick;
@@ -172,6 +173,9 @@ struct Node {
     /// The etcd leases this process joined on, latest last (a few): keys on
     /// them are this process's own, on any other lease another process's.
     own_leases: Vec<i64>,
+    /// The members (node → URL) the last tick read: at shutdown, where
+    /// each tenant goes next.
+    members: HashMap<String, String>,
 }
 
 impl Node {
@@ -277,6 +281,7 @@ impl Node {
                 Some((tenant, String::from_utf8_lossy(&e.value).into_owned()))
             })
             .collect();
+        self.members = members.clone();
         let me = self.settings.node.clone();
         let url = |node: Option<&str>| node.and_then(|n| members.get(n).cloned());
         // First extend every lead this node holds: an etcd error on one
@@ -379,8 +384,18 @@ impl Node {
     /// freed by the lease's expiry, as after a crash.
     async fn hand_over_all(&mut self, lease: i64) {
         let led: Vec<usize> = self.led.iter().copied().collect();
+        let me = self.settings.node.clone();
         for t in led {
-            if let Err(e) = self.hand_over(t, None).await {
+            // The member that wins the tenant once this one is gone: its
+            // callers are sent there rather than told no one leads.
+            let others = self
+                .members
+                .keys()
+                .filter(|n| **n != me)
+                .map(String::as_str);
+            let next = placement::leader_of(&self.tenants[t], others)
+                .and_then(|n| self.members.get(n).cloned());
+            if let Err(e) = self.hand_over(t, next).await {
                 let left = self.led.len();
                 self.lose_all();
                 tracing::warn!(error = %e, tenants_left = left,

@@ -856,6 +856,8 @@ async fn a_leader_that_shuts_down_hands_its_token_levels_and_leases_over() {
     assert!(status.success(), "{log}");
     assert!(log.contains("handed the tenant over"), "{log}");
     let rest: Vec<String> = urls.iter().filter(|u| **u != first).cloned().collect();
+    // It named the broker that takes the tenant (its callers are sent there).
+    assert!(log.contains(&format!("next={}", rest[0])), "{log}");
     let second = leader(&rest, "t0").await;
     let level = bucket(&second, "t0", "slow").await.tokens_available;
     // 20 − 8 spent, plus 1 a second since: not empty (a crash's learning

@@ -218,6 +218,12 @@ async fn main() -> ExitCode {
                     summary.upstream_requests,
                     summary.upstream_429,
                 );
+                if summary.fallback_leases > 0 {
+                    eprintln!(
+                        "  {} calls ran on the local fallback rate: the broker was unreachable",
+                        summary.fallback_leases
+                    );
+                }
                 for e in &summary.errors {
                     eprintln!("  {e}");
                 }

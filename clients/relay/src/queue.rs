@@ -12,6 +12,8 @@
 //! or `dropped`. Done and dropped records stay (until pruned) so a repeated
 //! idempotency key is still recognised.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -179,6 +181,8 @@ pub struct Queue {
     db: Db,
     writer: mpsc::Sender<Op>,
     limits: Limits,
+    /// The writer's last commit failed (disk full, database down).
+    failing: Arc<AtomicBool>,
 }
 
 /// The file of a SQLite queue URL (`sqlite:PATH`, `sqlite://PATH` or a bare
@@ -260,8 +264,20 @@ impl Queue {
         };
         migrate(&db).await?;
         let (writer, ops) = mpsc::channel(CHANNEL);
-        tokio::spawn(write_loop(db.clone(), ops, limits));
-        Ok(Queue { db, writer, limits })
+        let failing = Arc::new(AtomicBool::new(false));
+        tokio::spawn(write_loop(db.clone(), ops, limits, failing.clone()));
+        Ok(Queue {
+            db,
+            writer,
+            limits,
+            failing,
+        })
+    }
+
+    /// Whether the last write failed (and none succeeded since): the relay
+    /// cannot store records now.
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
     }
 
     /// Whether this queue is PostgreSQL.
@@ -630,7 +646,7 @@ const OPEN_REFRESH: Duration = Duration::from_secs(1);
 
 /// The writer: gathers what is waiting (up to [`BATCH_MAX`]), commits it in
 /// one transaction, then answers every caller.
-async fn write_loop(db: Db, mut ops: mpsc::Receiver<Op>, limits: Limits) {
+async fn write_loop(db: Db, mut ops: mpsc::Receiver<Op>, limits: Limits, failing: Arc<AtomicBool>) {
     let mut batch = Vec::with_capacity(BATCH_MAX);
     let mut open = Open::default();
     while ops.recv_many(&mut batch, BATCH_MAX).await > 0 {
@@ -641,6 +657,7 @@ async fn write_loop(db: Db, mut ops: mpsc::Receiver<Op>, limits: Limits) {
         if results.is_err() {
             open.read_at = None;
         }
+        failing.store(results.is_err(), Ordering::Relaxed);
         match results {
             Ok(stored) => {
                 for op in finishes {
@@ -856,7 +873,15 @@ mod tests {
             path: "/api/v2/x".into(),
             body: None,
         };
-        q.enqueue(record).await.unwrap();
+        q.enqueue(record.clone()).await.unwrap();
+        assert!(!q.is_failing());
+        // A database that cannot be written: health says so.
+        pool.close().await;
+        assert!(q.enqueue(record).await.is_err());
+        assert!(
+            q.is_failing(),
+            "a failed write is not reported by is_failing"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

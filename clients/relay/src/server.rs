@@ -89,9 +89,24 @@ pub(crate) fn router(app: App) -> Router {
         .route("/records", post(intake))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(health))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(app)
+}
+
+/// 200 while the queue stores records; 503 while its last write failed
+/// (disk full, database down), so an orchestrator sees what intake's 503s
+/// say.
+async fn health(State(app): State<App>) -> Response {
+    if app.queue.is_failing() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the queue cannot store records; see the relay's log\n",
+        )
+            .into_response()
+    } else {
+        "ok".into_response()
+    }
 }
 
 async fn intake(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
