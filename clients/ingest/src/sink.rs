@@ -167,11 +167,31 @@ impl Sink {
     pub async fn open(target: &str) -> Result<Sink, IngestError> {
         sqlx::any::install_default_drivers();
         let sqlite = !(target.starts_with("postgres://") || target.starts_with("postgresql://"));
-        let url = if !sqlite || target.starts_with("sqlite:") {
+        let url = if !sqlite {
             target.to_owned()
+        } else if target.starts_with("sqlite:") {
+            // Created if missing, as a bare path is, unless the URL says.
+            match (target.contains("mode="), target.contains('?')) {
+                (true, _) => target.to_owned(),
+                (false, true) => format!("{target}&mode=rwc"),
+                (false, false) => format!("{target}?mode=rwc"),
+            }
         } else {
             format!("sqlite://{target}?mode=rwc")
         };
+        // One connection first, for its own error ("connection refused", "no
+        // such directory"): the pool would retry it for its whole acquire
+        // timeout and then say only that it timed out.
+        {
+            use sqlx::Connection as _;
+            let first =
+                tokio::time::timeout(Duration::from_secs(30), sqlx::AnyConnection::connect(&url))
+                    .await
+                    .map_err(|_| {
+                        IngestError::Usage("the sink did not answer within 30 s".into())
+                    })??;
+            first.close().await?;
+        }
         let mut options = AnyPoolOptions::new()
             .max_connections(if sqlite { 4 } else { 8 })
             .acquire_timeout(Duration::from_secs(30));
@@ -485,6 +505,26 @@ mod tests {
         assert!(sql.contains("($1, $2, $3, $4, $5, $6, $7, $8, $9), ($10,"));
         assert!(sql.contains("$18)"));
         assert!(!sql.contains("$19"));
+    }
+
+    #[tokio::test]
+    async fn a_sqlite_url_creates_its_file_and_an_unreachable_database_says_why() {
+        let path = std::env::temp_dir().join(format!("gc-ingest-url-{}.db", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let sink = Sink::open(&format!("sqlite:{}", path.display()))
+            .await
+            .unwrap();
+        sink.close().await;
+        assert!(path.exists());
+        let _ = std::fs::remove_file(&path);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let Err(e) = Sink::open(&format!("postgres://u:p@127.0.0.1:{port}/db")).await else {
+            panic!("a sink from nowhere")
+        };
+        assert!(e.to_string().contains("refused"), "{e}");
     }
 
     #[tokio::test]

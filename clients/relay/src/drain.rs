@@ -218,6 +218,14 @@ impl Drain {
             Ok(r) if (200..300).contains(&r.status) => Outcome::Done,
             Ok(r) if r.is_retryable() => {
                 let wait = retry_wait(r.status, r.retry_after(), record.attempts);
+                if r.status != 429 {
+                    tracing::warn!(
+                        id = record.id,
+                        status = r.status,
+                        retry_in_ms = wait.as_millis() as u64,
+                        "the upstream failed the record; it is retried"
+                    );
+                }
                 Outcome::Retry {
                     at_ms: now_ms() + wait.as_millis() as i64,
                 }

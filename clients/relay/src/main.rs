@@ -193,14 +193,27 @@ async fn run(command: Command) -> Result<(), RelayError> {
             Dlq::Replay(p) => {
                 let n = open(&p.queue).await?.replay(ids(&p)).await?;
                 println!("{n} dead letters back in the queue");
-                Ok(())
+                all_named(&p, n)
             }
             Dlq::Drop(p) => {
                 let n = open(&p.queue).await?.drop_dead(ids(&p)).await?;
                 println!("{n} dead letters dropped");
-                Ok(())
+                all_named(&p, n)
             }
         },
+    }
+}
+
+/// An error when ids were named and fewer than them were dead letters
+/// (a mistyped id is not a success).
+fn all_named(p: &Pick, done: u64) -> Result<(), RelayError> {
+    match ids(p) {
+        Some(ids) if done < ids.len() as u64 => Err(RelayError::Settings(format!(
+            "{} of the {} ids named are not dead letters (see gc-relay dlq list)",
+            ids.len() as u64 - done,
+            ids.len()
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -167,6 +167,16 @@ async fn a_refused_record_is_a_dead_letter_the_cli_lists_replays_and_drops() {
         "1 dead letters dropped"
     );
     assert_eq!(cli(&["dlq", "list"]), "");
+    // An id that is no dead letter (mistyped, already dropped) is an error.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gc-relay"))
+        .args(["dlq", "drop", &id.to_string(), "--queue", &dir.sqlite()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("1 of the 1 ids named are not dead letters"),
+        "{err}"
+    );
     // Its key is still known: a repeat is the same record, not a new one.
     let (status, again) = flow.post(&bad).await.unwrap();
     assert_eq!((status, again["recordId"].as_i64()), (202, Some(id)));
