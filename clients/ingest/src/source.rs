@@ -35,6 +35,8 @@ const JOB_PAGE: usize = 10_000;
 const MIN_JOB_PAGE: usize = 100;
 /// Longest pause between two polls of a job.
 const MAX_POLL: Duration = Duration::from_secs(30);
+/// A job slot not granted within this is reported as waited for.
+const SAY_WAITING_AFTER: Duration = Duration::from_secs(5);
 /// Submissions of one block's job before giving up (a job that vanished,
 /// 404, is submitted again).
 const MAX_SUBMITS: u32 = 3;
@@ -242,10 +244,22 @@ impl Source {
         let _slot = match &self.jobs.broker {
             // A job slot busy (another process's job) is waited for, as
             // every other lease is, not a failed block.
-            Some((broker, template)) => Some(
-                gc_upstream::lease_waiting(broker, &template.to(JOB_SLOT_METHOD, JOBS_PATH))
-                    .await?,
-            ),
+            Some((broker, template)) => {
+                let call = template.to(JOB_SLOT_METHOD, JOBS_PATH);
+                let waiting = gc_upstream::lease_waiting(broker, &call);
+                tokio::pin!(waiting);
+                let lease = match tokio::time::timeout(SAY_WAITING_AFTER, &mut waiting).await {
+                    Ok(lease) => lease?,
+                    Err(_) => {
+                        // A long silent wait reads as a hang: say what for.
+                        tracing::warn!(%block,
+                            "waiting for a job slot: the broker's running-jobs bucket is full \
+                             (other runs' jobs, or a killed run's until their lease TTL)");
+                        waiting.await?
+                    }
+                };
+                Some(lease)
+            }
             None => None,
         };
         let mut submits = 0;
