@@ -8,6 +8,15 @@ use crate::limits::LeaseId;
 
 const SEC: Duration = Duration::from_secs(1);
 
+/// The id of a lease an earlier run granted.
+fn lease(seq: u64, nonce: u32) -> LeaseId {
+    LeaseId {
+        tenant: 0,
+        seq,
+        nonce,
+    }
+}
+
 /// Tenant [`TWO`] restarted at `t0`: the earlier run issued lease numbers
 /// up to 100.
 fn restarted(t0: Instant) -> TenantState {
@@ -36,11 +45,7 @@ fn after_a_restart_unclaimed_slots_come_back_after_one_lease_ttl() {
     );
     // A renewal of a lease this run never granted, outside the window or
     // without its Acquire, is not adopted.
-    let stranger = LeaseId {
-        tenant: 0,
-        seq: 7,
-        nonce: 7,
-    };
+    let stranger = lease(7, 7);
     assert!(t.renew(stranger, None, None, t0).is_err());
     // The bucket's lease TTL is 5 s: then every earlier lease has expired.
     assert_eq!(t.tick(t0 + SEC), Some(t0 + 5 * SEC));
@@ -60,11 +65,7 @@ fn after_a_restart_unclaimed_slots_come_back_after_one_lease_ttl() {
 fn an_adopted_lease_holds_its_slot_until_released() {
     let t0 = Instant::now();
     let mut t = restarted(t0);
-    let earlier = LeaseId {
-        tenant: 0,
-        seq: 3,
-        nonce: 9,
-    };
+    let earlier = lease(3, 9);
     let (at, ttl) = t
         .renew(earlier, None, Some(&args("POST", "/q", 1)), t0 + SEC)
         .unwrap();
@@ -88,11 +89,7 @@ fn an_adopted_lease_holds_its_slot_until_released() {
 fn a_guessed_lease_id_is_not_adopted() {
     let t0 = Instant::now();
     let mut t = restarted(t0);
-    let earlier = LeaseId {
-        tenant: 0,
-        seq: 3,
-        nonce: 9,
-    };
+    let earlier = lease(3, 9);
     let with = args("POST", "/q", 1);
     t.renew(earlier, None, Some(&with), t0).unwrap();
     // The same sequence number under another nonce must not replace the
@@ -123,11 +120,7 @@ fn a_lease_numbered_above_this_runs_start_is_adopted_and_its_number_never_reissu
     // (taken from its clock) are above this run's start.
     let t0 = Instant::now();
     let mut t = restarted(t0);
-    let ahead = LeaseId {
-        tenant: 0,
-        seq: 102,
-        nonce: 9,
-    };
+    let ahead = lease(102, 9);
     let with = args("POST", "/q", 1);
     t.renew(ahead, None, Some(&with), t0)
         .expect("the lease of a leader whose clock ran ahead is adopted");

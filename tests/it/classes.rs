@@ -20,6 +20,28 @@ fn saturated(extra: &str) -> String {
     )
 }
 
+/// [`saturated`] with its state kept in `dir`.
+fn saturated_in(dir: &std::path::Path) -> String {
+    saturated("").replace(
+        "state_dir = \"\"",
+        &format!("state_dir = {:?}", dir.to_str().unwrap()),
+    )
+}
+
+/// Pauses bucket "org" of tenant "t" for maintenance.
+async fn pause_org(
+    admin: &mut quota_broker::pb::quota_admin_client::QuotaAdminClient<tonic::transport::Channel>,
+) {
+    admin
+        .pause_bucket(PauseBucketRequest {
+            tenant: "t".into(),
+            bucket: "org".into(),
+            reason: "maintenance".into(),
+        })
+        .await
+        .unwrap();
+}
+
 fn class_req(class: &str, client: &str, max_wait_ms: u64) -> AcquireRequest {
     let mut r = req("GET", "/api/v2/analytics/queues/observations", max_wait_ms);
     r.priority_class = class.into();
@@ -291,10 +313,7 @@ async fn pause_tells_waiters_why_and_resume_grants_again() {
 async fn admin_changes_apply_at_once_and_survive_a_restart() {
     let dir = std::env::temp_dir().join(format!("qb-admin-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let cfg = saturated("").replace(
-        "state_dir = \"\"",
-        &format!("state_dir = {:?}", dir.to_str().unwrap()),
-    );
+    let cfg = saturated_in(&dir);
     let b = start(&cfg).await;
     let mut admin = b.admin.clone();
     let class = PriorityClass {
@@ -336,14 +355,7 @@ async fn admin_changes_apply_at_once_and_survive_a_restart() {
         (120.0, 4, 3)
     );
     assert!(limit.tokens_available <= 4.0);
-    admin
-        .pause_bucket(PauseBucketRequest {
-            tenant: "t".into(),
-            bucket: "org".into(),
-            reason: "maintenance".into(),
-        })
-        .await
-        .unwrap();
+    pause_org(&mut admin).await;
     // A bad class is refused with the reason.
     let bad = PriorityClass {
         name: "greedy".into(),
@@ -407,24 +419,10 @@ async fn admin_changes_apply_at_once_and_survive_a_restart() {
 async fn a_pause_pins_no_limit_so_a_config_edit_still_takes_effect() {
     let dir = std::env::temp_dir().join(format!("qb-admin-pin-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let cfg = |permits: u32| {
-        saturated("")
-            .replace(
-                "state_dir = \"\"",
-                &format!("state_dir = {:?}", dir.to_str().unwrap()),
-            )
-            .replace("permits = 600", &format!("permits = {permits}"))
-    };
+    let cfg =
+        |permits: u32| saturated_in(&dir).replace("permits = 600", &format!("permits = {permits}"));
     let b = start(&cfg(600)).await;
-    b.admin
-        .clone()
-        .pause_bucket(PauseBucketRequest {
-            tenant: "t".into(),
-            bucket: "org".into(),
-            reason: "maintenance".into(),
-        })
-        .await
-        .unwrap();
+    pause_org(&mut b.admin.clone()).await;
     b.stop().await;
     let saved = std::fs::read_to_string(dir.join("admin.toml")).unwrap();
     assert!(
@@ -444,10 +442,7 @@ async fn a_pause_pins_no_limit_so_a_config_edit_still_takes_effect() {
 async fn admin_changes_made_at_once_are_all_saved_and_the_last_survives() {
     let dir = std::env::temp_dir().join(format!("qb-admin-race-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let cfg = saturated("").replace(
-        "state_dir = \"\"",
-        &format!("state_dir = {:?}", dir.to_str().unwrap()),
-    );
+    let cfg = saturated_in(&dir);
     let b = start(&cfg).await;
     // The saves share one file: each change is answered once it is saved,
     // and the file ends with the state the last one left.
