@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::error::IngestError;
 use crate::plan::{blocks, now_ms, Block, BlockSize};
@@ -212,31 +213,9 @@ pub async fn run(plan: &Plan, source: &Source, sink: &Sink) -> Result<Summary, I
     let run = run_id();
     take_worker_name(plan, sink, &run).await?;
     let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let heartbeat = {
-        let (sink, owner, run, lost) =
-            (sink.clone(), plan.owner.clone(), run.clone(), lost.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(HEARTBEAT).await;
-                match sink.renew_worker_name(&owner, &run, now_ms()).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::error!(worker = %owner,
-                            "another run took this run's worker name: stopping after the blocks \
-                             in hand");
-                        lost.store(true, std::sync::atomic::Ordering::Relaxed);
-                        return;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "could not renew this run's worker name"),
-                }
-            }
-        })
-    };
+    let name = NameHeld::start(sink, &plan.owner, &run, &lost);
     let outcome = run_blocks(plan, source, sink, &lost).await;
-    heartbeat.abort();
-    if let Err(e) = sink.release_worker_name(&plan.owner, &run).await {
-        tracing::warn!(error = %e, "could not give this run's worker name back");
-    }
+    name.release().await;
     if lost.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(IngestError::WorkerBusy(
             "another run took this run's worker name (this one was not heard of for a minute); \
@@ -245,6 +224,80 @@ pub async fn run(plan: &Plan, source: &Source, sink: &Sink) -> Result<Summary, I
         ));
     }
     outcome
+}
+
+/// The worker name while a run holds it: a heartbeat renews it, and the
+/// name is given back when the run ends, or when its future is dropped (a
+/// caller's deadline or `select!`): a heartbeat outliving the run would
+/// keep the name from every later run in this process.
+struct NameHeld {
+    heartbeat: AbortOnDropHandle<()>,
+    sink: Sink,
+    owner: String,
+    run: String,
+    released: bool,
+}
+
+impl NameHeld {
+    /// Starts the heartbeat; it sets `lost` when another run took the name.
+    fn start(
+        sink: &Sink,
+        owner: &str,
+        run: &str,
+        lost: &Arc<std::sync::atomic::AtomicBool>,
+    ) -> NameHeld {
+        let (s, o, r, lost) = (sink.clone(), owner.to_owned(), run.to_owned(), lost.clone());
+        let heartbeat = AbortOnDropHandle::new(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(HEARTBEAT).await;
+                match s.renew_worker_name(&o, &r, now_ms()).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::error!(worker = %o,
+                            "another run took this run's worker name: stopping after the blocks \
+                             in hand");
+                        lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not renew this run's worker name"),
+                }
+            }
+        }));
+        NameHeld {
+            heartbeat,
+            sink: sink.clone(),
+            owner: owner.to_owned(),
+            run: run.to_owned(),
+            released: false,
+        }
+    }
+
+    /// The run is over: stop the heartbeat and give the name back.
+    async fn release(mut self) {
+        self.released = true;
+        self.heartbeat.abort();
+        if let Err(e) = self.sink.release_worker_name(&self.owner, &self.run).await {
+            tracing::warn!(error = %e, "could not give this run's worker name back");
+        }
+    }
+}
+
+impl Drop for NameHeld {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        // Dropped mid-run: the heartbeat stops with its handle; the name is
+        // given back by a task of its own (without a runtime, it goes stale).
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (sink, owner, run) = (self.sink.clone(), self.owner.clone(), self.run.clone());
+            rt.spawn(async move {
+                if let Err(e) = sink.release_worker_name(&owner, &run).await {
+                    tracing::warn!(error = %e, "could not give a cancelled run's worker name back");
+                }
+            });
+        }
+    }
 }
 
 /// The run itself, once the worker name is this run's.

@@ -219,6 +219,53 @@ async fn a_second_run_under_the_same_worker_name_does_not_fetch_the_range_again(
 }
 
 #[tokio::test]
+async fn a_cancelled_run_gives_its_worker_name_back() {
+    let bed = Bed::start().await;
+    let path = sqlite("cancelled");
+    let sink = open(&path).await;
+    let plan = plan(DAY1, "2026-11-02", BlockSize::Hour);
+    let source = bed.source(SourceKind::Query, "cancelled");
+    let first = {
+        let (plan, source, sink) = (plan.clone(), source.clone(), sink.clone());
+        tokio::spawn(async move { run(&plan, &source, &sink).await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sink
+        .worker_name_holder(&plan.owner)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never started"
+        );
+        tokio::task::yield_now().await;
+    }
+    // A caller drops the run (a drain deadline, a select that took
+    // another branch): the name must not stay held by a heartbeat that
+    // outlives the run, or every later run under it is refused.
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Some(held) = sink.worker_name_holder(&plan.owner).await.unwrap() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cancelled run still holds the worker name: {held:?}"
+        );
+        tokio::task::yield_now().await;
+    }
+    let second = run(&plan, &source, &sink).await.unwrap();
+    assert_eq!(
+        second.blocks_final + second.blocks_skipped,
+        24,
+        "{second:?}"
+    );
+    sink.close().await;
+    bed.sim.shutdown().await;
+}
+
+#[tokio::test]
 async fn refused_credentials_stop_the_run_once_instead_of_failing_every_block() {
     let bed = Bed::start().await;
     let path = sqlite("refused");
