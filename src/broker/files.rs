@@ -1,5 +1,6 @@
-//! State on disk: learned state (`learned.toml`) and operators' run-time
-//! changes (`admin.toml`) in the state directory, each written atomically
+//! State on disk: learned state (`learned.toml`), operators' run-time
+//! changes (`admin.toml`) and a graceful stop's record of its leases
+//! (`stopped.json`) in the state directory, each written atomically
 //! (temp file, fsync, rename, fsync of the directory) so a crash leaves
 //! either the old file or the new one, and read once at start. A file that
 //! cannot be read is reported and ignored: the broker then starts on its
@@ -14,6 +15,61 @@ use std::path::{Path, PathBuf};
 pub(super) const LEARNED_FILE: &str = "learned.toml";
 /// Name of the operators' changes file inside the state directory.
 pub(super) const ADMIN_FILE: &str = "admin.toml";
+/// Name of the record a graceful stop leaves (see [`StopRecord`]).
+pub(super) const STOP_FILE: &str = "stopped.json";
+
+/// What a graceful stop knew once it granted no more: every tenant's live
+/// leases, so the next start holds their slots instead of treating every
+/// slot as held by an unknown lease. JSON, not TOML: a lease's instances
+/// are (bucket, OAuth client or none) pairs. Read once and removed at the
+/// next start, and trusted only if it names the run that wrote
+/// `learned.toml` last: every start writes that file before it serves, so
+/// a record older than the last start (whose run may have crashed) never
+/// matches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(super) struct StopRecord {
+    /// The run that stopped (see [`LearnedFile::run`]).
+    pub run: u64,
+    /// When, unix ms.
+    pub stopped_at_ms: u64,
+    /// Per tenant id, its live leases; `None` where it did not know every
+    /// slot's holder (still learning after its own start).
+    pub tenants: std::collections::BTreeMap<String, Option<Vec<crate::tenant::HandedLease>>>,
+}
+
+impl StopRecord {
+    /// Writes `dir/stopped.json` atomically.
+    pub(super) fn write(&self, dir: &Path) -> Result<(), StateError> {
+        let path = dir.join(STOP_FILE);
+        let text = serde_json::to_string(self).map_err(|e| StateError::Corrupt {
+            path,
+            message: e.to_string(),
+        })?;
+        write_atomic(dir, STOP_FILE, text.as_bytes())
+    }
+
+    /// Reads and removes `dir/stopped.json`: `Ok(None)` if there is none.
+    /// It is removed even when unreadable (the start that reads it is about
+    /// to write `learned.toml`, so it could never match again).
+    pub(super) fn take(dir: &Path) -> Result<Option<StopRecord>, StateError> {
+        let path = dir.join(STOP_FILE);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        std::fs::remove_file(&path).map_err(|source| StateError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|e| StateError::Corrupt {
+                path,
+                message: crate::error::clip_plain(&e.to_string()),
+            })
+    }
+}
 
 /// Operators' run-time changes, per tenant: only what they changed. Fields
 /// it does not know are ignored (see [`LearnedFile`]).
@@ -121,19 +177,24 @@ fn read_toml<T: serde::de::DeserializeOwned>(
 }
 
 fn write_toml<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), StateError> {
+    let text = toml::to_string(value).map_err(|e| StateError::Corrupt {
+        path: dir.join(name),
+        message: e.to_string(),
+    })?;
+    write_atomic(dir, name, text.as_bytes())
+}
+
+/// Writes `dir/name` atomically: temp file, fsync, rename, fsync of `dir`.
+fn write_atomic(dir: &Path, name: &str, text: &[u8]) -> Result<(), StateError> {
     let path = dir.join(name);
     let io = |source| StateError::Io {
         path: path.clone(),
         source,
     };
-    let text = toml::to_string(value).map_err(|e| StateError::Corrupt {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
     std::fs::create_dir_all(dir).map_err(io)?;
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(text.as_bytes()).map_err(io)?;
+    f.write_all(text).map_err(io)?;
     f.sync_all().map_err(io)?;
     drop(f);
     std::fs::rename(&tmp, &path).map_err(io)?;
@@ -156,6 +217,10 @@ pub(crate) struct LearnedFile {
     /// When it was written, unix ms (by the writer's clock).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved_at_ms: Option<u64>,
+    /// The run that wrote it (random, drawn at start): a stop record is
+    /// trusted only when it names the run that wrote this file last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<u64>,
     /// One entry per bucket instance with learned state.
     #[serde(default)]
     pub buckets: Vec<LearnedEntry>,
@@ -240,6 +305,7 @@ impl LearnedFile {
         LearnedFile {
             version: FORMAT_VERSION,
             saved_at_ms: None,
+            run: None,
             buckets,
         }
     }

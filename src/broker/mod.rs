@@ -96,6 +96,8 @@ struct Inner {
     admin_saves: Arc<tokio::sync::Mutex<()>>,
     /// Counters on the request path (`None`: metrics are off).
     metrics: Option<Arc<Metrics>>,
+    /// This run, drawn at start (see `files::StopRecord`).
+    run: u64,
 }
 
 /// The broker: cheap to clone, shared by the gRPC services.
@@ -158,6 +160,7 @@ impl Broker {
                 admin_changes: Mutex::new(BTreeSet::new()),
                 admin_saves: Arc::default(),
                 metrics,
+                run: fastrand::u64(..),
             }),
         };
         // Lease ids of this run start above any of an earlier run: the
@@ -179,10 +182,8 @@ impl Broker {
         };
         if let Some(dir) = state_dir {
             broker.restore_admin(dir, now);
-            if broker.restore(dir, now) {
-                for t in &broker.inner.tenants {
-                    t.lock().resume_after_restart(now);
-                }
+            if let Some(last_run) = broker.restore(dir, now) {
+                broker.resume(dir, last_run, now);
             }
             // Before serving: once a grant is out, the state directory says
             // so, and a start after a crash knows it is a restart.

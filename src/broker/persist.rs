@@ -4,7 +4,7 @@
 //! the learner's memory too (the ceiling and a learned concurrency limit),
 //! so a restart and a cluster hand-over keep it alike.
 
-use super::files::{LearnedEntry, LearnedFile};
+use super::files::{LearnedEntry, LearnedFile, StopRecord};
 use super::Broker;
 use crate::learning::Persisted;
 use std::time::Duration;
@@ -14,24 +14,101 @@ use tokio::time::Instant;
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
 
 impl Broker {
-    /// Restores learned state from `dir`; true if an earlier run left
-    /// state there (readable or not), so this start is a restart.
-    pub(super) fn restore(&self, dir: &std::path::Path, now: Instant) -> bool {
+    /// Restores learned state from `dir`. `None` if no earlier run left
+    /// state there; else this start is a restart, and `Some` of the run
+    /// that wrote the file (`None` inside when unknown or unreadable).
+    pub(super) fn restore(&self, dir: &std::path::Path, now: Instant) -> Option<Option<u64>> {
         let file = match LearnedFile::read(dir) {
             Ok(Some(f)) => f,
-            Ok(None) => return false,
+            Ok(None) => return None,
             Err(e) => {
                 // This run writes the file before it serves: keep the bad
                 // one aside for whoever wants to know what happened.
                 let kept = keep_aside(dir, super::files::LEARNED_FILE);
                 tracing::warn!(error = %e, kept_as = ?kept,
                     "learned state not restored; starting on the config alone");
-                return true;
+                return Some(None);
             }
         };
+        let run = file.run;
         let restored = self.apply_learned(file, now);
         tracing::info!(dir = %dir.display(), buckets = restored, "learned state restored");
-        true
+        Some(run)
+    }
+
+    /// Starts every tenant after a restart on `dir`, whose `learned.toml`
+    /// the run `last_run` wrote: from the leases a graceful stop of that
+    /// run recorded, else (a crash, an older record, none) in the restart
+    /// learning mode.
+    pub(super) fn resume(&self, dir: &std::path::Path, last_run: Option<u64>, now: Instant) {
+        let record = match StopRecord::take(dir) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e,
+                    "the last stop's record of its leases could not be used: every slot counts \
+                     as held until renewals claim it or one lease TTL passes");
+                None
+            }
+        };
+        let record = record.filter(|r| {
+            let current = Some(r.run) == last_run;
+            if !current {
+                tracing::warn!(
+                    "a stop record older than the last start (that run did not stop \
+                     gracefully): every slot counts as held until renewals claim it or one \
+                     lease TTL passes"
+                );
+            }
+            current
+        });
+        let max_left = self.inner.settings.server.max_lease_ttl;
+        for t in &self.inner.tenants {
+            let mut state = t.lock();
+            let leases = record
+                .as_ref()
+                .and_then(|r| r.tenants.get(state.id()))
+                .and_then(Option::as_ref);
+            match leases {
+                Some(leases) => {
+                    state.resume_after_stop(leases, max_left, now);
+                }
+                None => state.resume_after_restart(now),
+            }
+        }
+    }
+
+    /// A single broker with a state directory: records, once this run
+    /// grants no more, every tenant's live leases there for the next start
+    /// (see [`StopRecord`]). Call it after the server stopped answering: it
+    /// also stops every tenant granting. (A cluster hands its leases to the
+    /// next leader instead.)
+    pub(crate) fn record_stop(&self) {
+        let settings = &self.inner.settings;
+        let Some(dir) = settings.server.state_dir.as_ref() else {
+            return;
+        };
+        if settings.cluster.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        let mut tenants = std::collections::BTreeMap::new();
+        for t in &self.inner.tenants {
+            let mut state = t.lock();
+            state.set_lead(None, None, now);
+            state.drop_waiters();
+            tenants.insert(state.id().to_owned(), state.live_leases(now));
+        }
+        let record = StopRecord {
+            run: self.inner.run,
+            stopped_at_ms: self.inner.clock.unix_ms(now),
+            tenants,
+        };
+        match record.write(dir) {
+            Ok(()) => tracing::info!("recorded the live leases for the next start"),
+            Err(e) => tracing::error!(error = %e,
+                "cannot record the live leases: the next start counts every slot as held for \
+                 one lease TTL"),
+        }
     }
 
     /// Applies a learned-state file's entries; how many were.
@@ -186,6 +263,7 @@ impl Broker {
         }
         let mut file = LearnedFile::new(entries);
         file.saved_at_ms = Some(clock.unix_ms(now));
+        file.run = Some(self.inner.run);
         file
     }
 }

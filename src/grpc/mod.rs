@@ -191,7 +191,7 @@ pub async fn serve(
             QuotaBrokerServer::new(broker_service).max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            QuotaAdminServer::new(AdminService::new(broker, auth))
+            QuotaAdminServer::new(AdminService::new(broker.clone(), auth))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(
@@ -212,6 +212,7 @@ pub async fn serve(
         }
     }
     token.cancel();
+    broker.record_stop();
     http_stop.cancel();
     if let Some(task) = http_task {
         match task.await {

@@ -175,6 +175,10 @@ pub struct TenantState {
     latest: Instant,
     /// When the broker started with state (see `restart`).
     restarted_at: Option<Instant>,
+    /// Whether the restart may have left leases this state does not know
+    /// (a crash): their slots count as phantoms. `false` after a stop that
+    /// recorded every live lease (see `resume_after_stop`).
+    unknown_leases: bool,
     /// Cluster mode: this broker grants for the tenant only before this
     /// instant (its leadership, kept current by the cluster task); `None`:
     /// always (a single broker).
@@ -244,6 +248,7 @@ impl TenantState {
             next_sweep: now + SWEEP_EVERY,
             latest: now,
             restarted_at: None,
+            unknown_leases: true,
             lead_until: None,
             leader: None,
             lead_term: 0,

@@ -42,6 +42,7 @@ impl TenantState {
     pub fn resume_after_restart(&mut self, now: Instant) {
         let now = self.monotonic(now);
         self.restarted_at = Some(now);
+        self.unknown_leases = true;
         let all: Vec<usize> = self.instances.iter().map(|(i, _)| i).collect();
         for i in all {
             self.restart_instance(i, now);
@@ -51,6 +52,40 @@ impl TenantState {
             "started with state: token buckets start empty, slots count as held until \
              renewals claim them or one lease TTL passes"
         );
+    }
+
+    /// Resumes after a graceful stop that recorded every live lease
+    /// (`leases`, from [`TenantState::live_leases`] at the stop): the token
+    /// buckets start empty as after a crash (the upstream's window did not
+    /// reset, and callers may have spent on their local fallback while no
+    /// broker answered), but the slots are the recorded leases', not
+    /// phantoms, so a deploy does not hold every free slot for a lease TTL.
+    /// A recorded lease with no place in this config (it changed) falls
+    /// back to the crash learning mode. `false` then.
+    pub(crate) fn resume_after_stop(
+        &mut self,
+        leases: &[HandedLease],
+        max_left: Duration,
+        now: Instant,
+    ) -> bool {
+        let at = self.monotonic(now);
+        self.restarted_at = Some(at);
+        self.unknown_leases = false;
+        let all: Vec<usize> = self.instances.iter().map(|(i, _)| i).collect();
+        for i in all {
+            self.restart_instance(i, at);
+        }
+        if !self.resume_leases(leases, max_left, now) {
+            tracing::warn!(tenant = %self.id,
+                "some leases recorded at the last stop have no place in this config: \
+                 their slots count as held until renewals claim them or one lease TTL passes");
+            self.resume_after_restart(now);
+            return false;
+        }
+        tracing::info!(tenant = %self.id, leases = leases.len(),
+            "started after a graceful stop: token buckets start empty, the leases it recorded \
+             hold their slots and every other slot is free");
+        true
     }
 
     /// Whether `now` is inside the learning window of some bucket.
@@ -82,7 +117,7 @@ impl TenantState {
         if let Some(t) = x.tokens.as_mut().filter(|_| at + window > now || at == now) {
             t.restart_drained(now);
         }
-        if let Some(s) = x.slots.as_mut() {
+        if let Some(s) = x.slots.as_mut().filter(|_| self.unknown_leases) {
             let until = at + ttl;
             if until > now {
                 let free = s.max().saturating_sub(s.in_flight());
@@ -132,7 +167,10 @@ impl TenantState {
         extend: Option<Duration>,
         now: Instant,
     ) -> Result<Option<(Instant, Duration)>, BrokerError> {
-        if self.restart_window(now).is_none() || !self.leases.may_adopt(id.seq) {
+        if !self.unknown_leases
+            || self.restart_window(now).is_none()
+            || !self.leases.may_adopt(id.seq)
+        {
             return Ok(None);
         }
         let instances = match self.resolve(
@@ -254,7 +292,7 @@ impl TenantState {
     /// client), and those cannot be handed over, so the next leader runs
     /// the learning mode instead.
     pub(crate) fn live_leases(&self, now: Instant) -> Option<Vec<HandedLease>> {
-        if let Some(at) = self.restarted_at {
+        if let Some(at) = self.restarted_at.filter(|_| self.unknown_leases) {
             let longest = self
                 .buckets
                 .iter()

@@ -361,3 +361,117 @@ async fn an_unreadable_state_file_is_kept_aside_not_overwritten() {
     assert_eq!(kept.as_deref(), Some("version = 1\nbuckets = 7\n"), "{log}");
     assert!(log.contains("kept_as"), "{log}");
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_graceful_restart_holds_only_the_leases_it_recorded_and_a_stale_record_is_not_trusted() {
+    let dir = state_dir("graceful");
+    let path = temp_config("restart-graceful", &config(&dir));
+    let path_of = "/api/v2/analytics/conversations/details/query";
+    let mut log = GrantLog::default();
+    let b = Broker::start(&path).await;
+    let mut c = client(&b).await;
+    let mut held = Vec::new();
+    for k in 0..2u64 {
+        let r = c
+            .acquire(call("POST", path_of, &format!("holder-{k}"), 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.granted, "{}", r.reason);
+        log.record(Event::Granted {
+            lease: k,
+            permits: 1,
+            slot: true,
+        });
+        held.push(r.lease_id);
+    }
+    let (status, first_log) = b.terminate().await;
+    assert!(status.success(), "{first_log}");
+    let record = dir.join("stopped.json");
+    assert!(
+        record.exists(),
+        "a graceful stop left no record:\n{first_log}"
+    );
+    let first_record = std::fs::read(&record).unwrap();
+
+    // A deploy: the two holders still call upstream, the third slot is free
+    // at once (not held for a lease TTL as after a crash), a fourth is not.
+    let b = Broker::start(&path).await;
+    let mut c = client(&b).await;
+    let r = c
+        .acquire(call("POST", path_of, "newcomer", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!record.exists(), "the record is used once");
+    assert!(
+        r.granted,
+        "the free slot after a graceful restart: {}",
+        r.reason
+    );
+    log.record(Event::Granted {
+        lease: 2,
+        permits: 1,
+        slot: true,
+    });
+    let r = c
+        .acquire(call("POST", path_of, "fourth", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.granted, "granted a fourth slot after a graceful restart");
+    // The recorded leases are known by their ids: renewed without saying
+    // which Acquire granted them, released with their slot.
+    let renewed = c
+        .renew(RenewRequest {
+            lease_id: held[0].clone(),
+            extend_ms: 0,
+            acquired_with: None,
+        })
+        .await;
+    assert!(renewed.is_ok(), "{renewed:?}");
+    log.record(Event::Renewed { lease: 0 });
+    log.record(Event::Released { lease: 1 });
+    let released = c
+        .release(ReleaseRequest {
+            lease_id: held[1].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(released.released, "the recorded lease held its slot");
+    let r = c
+        .acquire(call("POST", path_of, "after-release", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.granted, "{}", r.reason);
+    log.record(Event::Granted {
+        lease: 3,
+        permits: 1,
+        slot: true,
+    });
+
+    // That run crashes; the first run's record is found again (a backup
+    // restored, a copy left behind). It names a run older than the last
+    // start, whose leases it does not know: every slot counts as held.
+    let crash_log = b.kill().await;
+    std::fs::write(&record, &first_record).unwrap();
+    let b = Broker::start(&path).await;
+    let mut c = client(&b).await;
+    let r = c
+        .acquire(call("POST", path_of, "after-crash", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, last_log) = b.terminate().await;
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        !r.granted,
+        "a stale stop record was trusted after a crash:\n{last_log}\n--- crashed run ---\n{crash_log}"
+    );
+    assert!(last_log.contains("older than the last start"), "{last_log}");
+    log.check_slots(3).unwrap();
+}
