@@ -2,9 +2,11 @@
 //! driven by Playwright (`playwright-core`, pinned, installed with npm under
 //! target/), against a broker under load. It waits for the charts to move,
 //! checks that the numbers shown match ListBuckets once the load stops,
-//! and saves a screenshot (`target/tmp/dashboard.png`; the README shows a
-//! copy, docs/dashboard.png). Anything that cannot be installed fails the
-//! test, saying what.
+//! that a frozen bucket is shown first and a full one says so, saves a
+//! screenshot (`target/tmp/dashboard.png`; the README shows a copy,
+//! docs/dashboard.png), and that a page whose broker stopped says it has
+//! no data instead of showing the last figures as current. Anything that
+//! cannot be installed fails the test, saying what.
 
 use super::harness::req;
 use super::observe::start;
@@ -44,7 +46,11 @@ max_in_flight = 8
 
 /// The browser session: open the page, wait for the charts to move, print
 /// MOVED; read the expected figures as one JSON line on stdin; wait until
-/// the page shows them, print MATCHED, save the screenshot.
+/// the page shows them, print MATCHED; check the frozen `users` panel comes
+/// first, print ORDERED; save the screenshot, print SHOT; on a line BUSY
+/// wait for analytics-query's badge to say it is at its limit, print
+/// LIMIT; on a line STOPPED wait for the page to say it has no data, print
+/// STALE.
 const SCRIPT: &str = r#"
 const { chromium } = require(process.env.PW_DIR + "/node_modules/playwright-core");
 const readline = require("readline");
@@ -60,6 +66,7 @@ const shown = () => [...document.querySelectorAll("section.panel")].map((p) => (
   configured: p.querySelector(".fig.rate .v").dataset.configured,
   in_flight: p.querySelector(".fig.slots .v").dataset.inFlight,
   max_in_flight: p.querySelector(".fig.slots .v").dataset.max,
+  waiting: p.dataset.waiting,
 }));
 (async () => {
   const browser = await chromium.launch({
@@ -95,7 +102,8 @@ const shown = () => [...document.querySelectorAll("section.panel")].map((p) => (
             && v(".fig.thr .v", "value") === String(e.throttled)
             && Number(v(".fig.rate .v", "configured")) === e.configured
             && v(".fig.slots .v", "inFlight") === String(e.in_flight)
-            && v(".fig.slots .v", "max") === String(e.max_in_flight);
+            && v(".fig.slots .v", "max") === String(e.max_in_flight)
+            && p.dataset.waiting === String(e.waiting);
         });
       }, expected, { timeout: 20000 });
     } catch (e) {
@@ -104,8 +112,47 @@ const shown = () => [...document.querySelectorAll("section.panel")].map((p) => (
         + "; it shows " + JSON.stringify(got));
     }
     console.log("MATCHED");
+    const placed = () => [...document.querySelectorAll("section.panel")]
+      .map((p) => ({ bucket: p.dataset.bucket, badge: p.querySelector(".badge").textContent,
+        box: p.getBoundingClientRect().toJSON() }))
+      .sort((a, b) => a.box.top - b.box.top || a.box.left - b.box.left);
+    try {
+      await page.waitForFunction((f) => {
+        const first = eval(f)()[0];
+        return first.bucket === "users" && first.badge.startsWith("FROZEN");
+      }, "(" + placed.toString() + ")", { timeout: 5000 });
+    } catch (e) {
+      throw new Error("the frozen panel is not shown first: "
+        + JSON.stringify(await page.evaluate(placed)));
+    }
+    console.log("ORDERED");
     await page.screenshot({ path: shot });
     console.log("SHOT");
+    const badgeOf = (bucket) => document.querySelector(
+      `section.panel[data-bucket="${bucket}"] .badge`).textContent;
+    if ((await nextLine()) !== "BUSY") throw new Error("expected BUSY");
+    try {
+      await page.waitForFunction(() => document.querySelector(
+        'section.panel[data-bucket="analytics-query"] .badge').textContent.startsWith("AT LIMIT"),
+        null, { timeout: 20000 });
+    } catch (e) {
+      throw new Error("analytics-query never said AT LIMIT: "
+        + await page.evaluate(badgeOf, "analytics-query"));
+    }
+    console.log("LIMIT");
+    if ((await nextLine()) !== "STOPPED") throw new Error("expected STOPPED");
+    try {
+      await page.waitForFunction(() => document.body.classList.contains("stale")
+        && [...document.querySelectorAll("section.panel .badge")]
+          .every((b) => b.textContent === "NO DATA")
+        && document.getElementById("problem").textContent.startsWith("Not connected"),
+        null, { timeout: 20000 });
+    } catch (e) {
+      throw new Error("the page did not say its data stopped: "
+        + await page.evaluate(() => document.body.className + " | "
+          + document.getElementById("problem").textContent));
+    }
+    console.log("STALE");
   } finally {
     await browser.close();
   }
@@ -206,13 +253,13 @@ async fn the_dashboard_shows_what_list_buckets_says() {
         if line.as_deref() != Some("MOVED") {
             return Err(format!("the charts did not move (node said {line:?})"));
         }
-        // A 429 on analytics-query: a marker on its chart, a cut rate and a
-        // freeze countdown.
+        // A 429 on users: a marker on its chart, a cut rate and a freeze
+        // countdown, and the panel moves to the top.
         b.client()
             .report(ReportRequest {
                 tenant: "contact-centre".into(),
-                method: "POST".into(),
-                path: "/api/v2/analytics/conversations/details/query".into(),
+                method: "GET".into(),
+                path: "/api/v2/users/me".into(),
                 http_status: 429,
                 retry_after_ms: 60_000,
                 ..Default::default()
@@ -229,19 +276,76 @@ async fn the_dashboard_shows_what_list_buckets_says() {
             expected.iter().any(|e| e["granted"].as_u64() > Some(0)),
             "the load was granted something: {expected:?}"
         );
+        let in_flight = expected
+            .iter()
+            .find(|e| {
+                e["key"]
+                    .as_str()
+                    .is_some_and(|k| k.contains("/analytics-query/"))
+            })
+            .and_then(|e| e["in_flight"].as_u64())
+            .unwrap_or_default();
         stdin
             .write_all(format!("{}\n", serde_json::Value::from(expected)).as_bytes())
             .await
             .unwrap();
-        for want in ["MATCHED", "SHOT"] {
+        for want in ["MATCHED", "ORDERED", "SHOT"] {
             let line = out.next_line().await.unwrap();
             if line.as_deref() != Some(want) {
                 return Err(format!("expected {want}, node said {line:?}"));
             }
         }
-        Ok(())
+        // Every analytics-query slot held (the load's workers still hold
+        // theirs), and a caller waiting for one.
+        let mut client = b.client();
+        let analytics = |wait| {
+            let mut r = req(
+                "POST",
+                "/api/v2/analytics/conversations/details/query",
+                wait,
+            );
+            r.tenant = "contact-centre".into();
+            r.priority_class = "critical".into();
+            r
+        };
+        for _ in in_flight..8 {
+            let answer = client.acquire(analytics(5_000)).await.unwrap().into_inner();
+            if !answer.granted {
+                return Err(format!(
+                    "a free analytics slot was refused: {}",
+                    answer.reason
+                ));
+            }
+        }
+        let r = analytics(60_000);
+        let waiter = tokio::spawn(async move { client.acquire(r).await });
+        stdin.write_all(b"BUSY\n").await.unwrap();
+        let line = out.next_line().await.unwrap();
+        if line.as_deref() != Some("LIMIT") {
+            return Err(format!("expected LIMIT, node said {line:?}"));
+        }
+        Ok(waiter)
     };
     let outcome = tokio::time::timeout(LIMIT, session).await;
+    // The broker stops: the page must not go on showing its last figures
+    // as if they were current.
+    let outcome = match outcome {
+        Ok(Ok(waiter)) => {
+            b.stop().await;
+            waiter.abort();
+            let stale = async {
+                stdin.write_all(b"STOPPED\n").await.unwrap();
+                out.next_line().await.unwrap()
+            };
+            match tokio::time::timeout(Duration::from_secs(30), stale).await {
+                Ok(Some(line)) if line == "STALE" => Ok(Ok(())),
+                Ok(line) => Ok(Err(format!("expected STALE, node said {line:?}"))),
+                Err(e) => Err(e),
+            }
+        }
+        Ok(Err(e)) => Ok(Err(e)),
+        Err(e) => Err(e),
+    };
     let _ = node.start_kill();
     let mut log = String::new();
     let _ = tokio::time::timeout(
@@ -255,7 +359,6 @@ async fn the_dashboard_shows_what_list_buckets_says() {
         Err(_) => panic!("the browser session took over {LIMIT:?}\nnode's stderr:\n{log}"),
     }
     assert!(shot.is_file(), "no screenshot at {}", shot.display());
-    b.stop().await;
 }
 
 /// ListBuckets as the page should show it, once nothing waits and two
@@ -280,6 +383,7 @@ async fn settled(b: &super::observe::Observed) -> Vec<serde_json::Value> {
                     "configured": s.configured_rate_per_min,
                     "in_flight": s.in_flight,
                     "max_in_flight": s.max_in_flight,
+                    "waiting": s.waiting.values().sum::<u32>(),
                 })
             })
             .collect();

@@ -7,7 +7,11 @@ const WINDOW_MS = 5 * 60 * 1000;   // chart span, at most
 const MIN_SPAN_MS = 30 * 1000;     // chart span, at least (a fresh page zooms in)
 const opened = Date.now();
 const MAX_SAMPLES = 3000;          // per panel, oldest dropped
+const USAGE_MS = 20 * 1000;        // granted per minute, over this trailing span
+const SWEEP_MS = 3000;             // after a (re)connect, panels not announced by then are gone
 const panels = new Map();          // key -> panel state
+let feed = 0;                      // connections so far; a panel remembers the last that announced it
+let lostAt = 0;                    // when the feed went down (0: it is up)
 
 const params = new URLSearchParams(location.search);
 const hash = new URLSearchParams(location.hash.slice(1));
@@ -45,7 +49,9 @@ function panelFor(r) {
   root.dataset.oauthClient = r.oauth_client;
   const title = el("div", "title");
   const badge = el("span", "badge", "OK");
-  title.append(el("span", "name", r.bucket), el("span", "tenant", r.tenant));
+  const name = el("span", "name", r.bucket);
+  name.title = r.bucket;
+  title.append(name, el("span", "tenant", r.tenant));
   if (r.oauth_client) title.append(el("span", "client", "client " + r.oauth_client));
   title.append(badge);
   const figs = el("div", "figures");
@@ -54,13 +60,14 @@ function panelFor(r) {
   const granted = figure("granted", "granted");
   const thr = figure("429s", "thr");
   figs.append(rate.root, slots.root, granted.root, thr.root);
+  const caption = el("div", "caption");
   const canvas = el("canvas");
   canvas.dataset.points = "0";
   const waiting = el("div", "waiting");
-  root.append(title, figs, canvas, waiting);
+  root.append(title, figs, caption, canvas, waiting);
   insertSorted(root, key);
-  p = { key, root, badge, rate, slots, granted, thr, canvas, waiting,
-        samples: [], marks: [], last: null, frozenUntil: 0 };
+  p = { key, root, badge, rate, slots, granted, thr, caption, canvas, waiting,
+        samples: [], marks: [], grants: [], last: null, frozenUntil: 0, feed };
   panels.set(key, p);
   return p;
 }
@@ -73,17 +80,44 @@ function insertSorted(root, key) {
   main.append(root);
 }
 
+// A bucket with no rate charts its slots instead.
+function slotsOnly(r) {
+  return !(r.configured_per_min > 0) && r.max_in_flight > 0;
+}
+
+// Permits granted per minute over the trailing USAGE_MS, from the totals
+// the feed announced (it announces every change).
+function usage(p, now) {
+  while (p.grants.length > 1 && p.grants[1].t <= now - USAGE_MS) p.grants.shift();
+  if (!p.last || p.grants.length === 0) return 0;
+  const first = p.grants[0];
+  const since = first.t <= now - USAGE_MS ? first.total : first.before;
+  const span = Math.min(Math.max(now - opened, 1000), USAGE_MS);
+  return Math.max(0, p.last.granted_total - since) * 60000 / span;
+}
+
 function update(r) {
   const p = panelFor(r);
   const now = Date.now();
+  p.feed = feed;
   if (p.last && r.throttled_total > p.last.throttled_total) p.marks.push(now);
+  const counted = p.last && r.granted_total >= p.last.granted_total;
+  if (!counted) p.grants = [];  // first seen, or the instance was re-created
+  p.grants.push({ t: now, total: r.granted_total, before: counted ? p.last.granted_total : r.granted_total });
   p.last = r;
-  p.samples.push({ t: now, eff: r.effective_per_min, conf: r.configured_per_min });
+  const slots = slotsOnly(r);
+  p.samples.push(slots
+    ? { t: now, eff: r.in_flight, conf: r.max_in_flight, used: r.in_flight }
+    : { t: now, eff: r.effective_per_min, conf: r.configured_per_min, used: usage(p, now) });
   if (p.samples.length > MAX_SAMPLES) p.samples.splice(0, p.samples.length - MAX_SAMPLES);
   p.frozenUntil = r.frozen_ms > 0 ? now + r.frozen_ms : 0;
   p.canvas.dataset.points = String(p.samples.length);
   p.rate.v.innerHTML = "";
-  p.rate.v.append(fmtRate(r.effective_per_min), el("small", "", " / " + fmtRate(r.configured_per_min)));
+  if (slots) p.rate.v.append("—");
+  else p.rate.v.append(fmtRate(r.effective_per_min), el("small", "", " / " + fmtRate(r.configured_per_min)));
+  p.caption.textContent = slots
+    ? "slots in flight (solid) and the limit (dashed)"
+    : "per minute: allowed now (solid), configured (dashed), granted (thin)";
   p.rate.v.dataset.effective = String(r.effective_per_min);
   p.rate.v.dataset.configured = String(r.configured_per_min);
   p.slots.v.textContent = r.max_in_flight ? r.in_flight + " / " + r.max_in_flight : "—";
@@ -92,6 +126,7 @@ function update(r) {
   p.granted.v.textContent = r.granted_total.toLocaleString("en");
   p.granted.v.dataset.value = String(r.granted_total);
   p.thr.v.textContent = r.throttled_total.toLocaleString("en");
+  p.root.dataset.waiting = String(Object.values(r.waiting).reduce((a, n) => a + n, 0));
   p.thr.v.dataset.value = String(r.throttled_total);
   p.waiting.innerHTML = "";
   const classes = Object.entries(r.waiting).filter(([, n]) => n > 0);
@@ -104,16 +139,29 @@ function update(r) {
     });
   }
   p.root.classList.toggle("paused", r.paused);
+  badge(p, now);
 }
 
+// What a lead must see first: paused, frozen after 429s, callers waiting
+// (the bucket is at its limit), or no data at all (the feed is down).
 function badge(p, now) {
   const left = p.frozenUntil - now;
+  const r = p.last;
+  const waiting = r ? Object.values(r.waiting).reduce((a, n) => a + n, 0) : 0;
+  const full = r && r.max_in_flight > 0 && r.in_flight >= r.max_in_flight;
   let text = "OK", cls = "badge";
-  if (p.last && p.last.paused) { text = "PAUSED"; cls += " paused"; }
+  if (lostAt) { text = "NO DATA"; cls += " stale"; }
+  else if (r && r.paused) { text = "PAUSED"; cls += " paused"; }
   else if (left > 0) { text = "FROZEN " + Math.ceil(left / 1000) + " s"; cls += " frozen"; }
+  else if (waiting > 0) { text = "AT LIMIT · " + waiting + " WAITING"; cls += " limit"; }
+  else if (full) { text = "SLOTS FULL"; cls += " limit"; }
   if (p.badge.textContent !== text) p.badge.textContent = text;
   p.badge.className = cls;
-  p.root.classList.toggle("frozen", left > 0);
+  p.root.classList.toggle("frozen", !lostAt && left > 0);
+  p.root.classList.toggle("limit", !lostAt && left <= 0 && (waiting > 0 || !!full));
+  // Problems first: a wallboard shows the top of the page.
+  p.root.classList.toggle("alert", !lostAt && text !== "OK");
+  p.thr.root.classList.toggle("recent", p.marks.length > 0);
 }
 
 function draw(p, now) {
@@ -130,7 +178,7 @@ function draw(p, now) {
   while (p.samples.length > 1 && p.samples[1].t < now - WINDOW_MS) p.samples.shift();
   while (p.marks.length && p.marks[0] < from) p.marks.shift();
   let top = 1;
-  for (const s of p.samples) top = Math.max(top, s.eff, s.conf);
+  for (const s of p.samples) top = Math.max(top, s.eff, s.conf, s.used || 0);
   top *= 1.15;
   const pad = { l: 52, r: 8, t: 8, b: 20 };
   const x = (t) => pad.l + (w - pad.l - pad.r) * (t - from) / span;
@@ -138,8 +186,8 @@ function draw(p, now) {
   const css = getComputedStyle(document.documentElement);
   g.strokeStyle = css.getPropertyValue("--line");
   g.fillStyle = css.getPropertyValue("--dim");
-  g.font = "13px system-ui, sans-serif";
   g.lineWidth = 1;
+  g.font = "15px system-ui, sans-serif";
   for (let i = 0; i <= 4; i++) {
     const v = top * i / 4;
     g.beginPath(); g.moveTo(pad.l, y(v)); g.lineTo(w - pad.r, y(v)); g.stroke();
@@ -155,9 +203,9 @@ function draw(p, now) {
   for (const t of p.marks) {
     g.beginPath(); g.moveTo(x(t), pad.t); g.lineTo(x(t), h - pad.b); g.stroke();
   }
-  const line = (field, color, dash) => {
+  const line = (field, color, dash, width) => {
     if (p.samples.length === 0) return;
-    g.strokeStyle = color; g.lineWidth = 3; g.setLineDash(dash);
+    g.strokeStyle = color; g.lineWidth = width || 3; g.setLineDash(dash);
     g.beginPath();
     let prev = null;
     for (const s of p.samples) {
@@ -170,12 +218,44 @@ function draw(p, now) {
     g.stroke(); g.setLineDash([]);
   };
   line("conf", css.getPropertyValue("--conf"), [8, 6]);
+  if (p.last && !slotsOnly(p.last)) line("used", css.getPropertyValue("--info"), [], 1.5);
   line("eff", css.getPropertyValue("--eff"), []);
 }
 
 function render() {
   const now = Date.now();
-  for (const p of panels.values()) { badge(p, now); draw(p, now); }
+  for (const p of panels.values()) {
+    // The granted line moves with time even when nothing is announced.
+    if (!lostAt && p.last && !slotsOnly(p.last)) {
+      const s = p.samples[p.samples.length - 1];
+      const used = usage(p, now);
+      if (s && s.t < now - 1000 && Math.abs(s.used - used) > 1e-9) {
+        p.samples.push({ t: now, eff: s.eff, conf: s.conf, used });
+      }
+    }
+    badge(p, now);
+    draw(p, now);
+  }
+  if (lostAt) {
+    problem("Not connected to the broker since " + new Date(lostAt).toLocaleTimeString("en-GB")
+      + ": the figures below are from then (" + Math.round((now - lostAt) / 1000) + " s ago). Reconnecting…");
+  }
+}
+
+// Panels the feed did not announce since it (re)connected: bucket
+// instances the broker dropped (an OAuth client no longer seen, a bucket
+// gone from the config after a restart). The feed announces every
+// instance at once when it opens.
+function sweep(connection) {
+  if (connection !== feed || lostAt) return;
+  for (const [key, p] of panels) {
+    if (p.feed !== connection) { p.root.remove(); panels.delete(key); }
+  }
+}
+
+function lost() {
+  if (!lostAt) lostAt = Date.now();
+  document.body.classList.add("stale");
 }
 
 function problem(text) {
@@ -192,10 +272,14 @@ function connect() {
   const src = new EventSource("/events?" + q.toString());
   src.addEventListener("open", () => {
     conn.textContent = "live"; conn.className = "conn up"; problem("");
+    lostAt = 0; feed += 1;
+    document.body.classList.remove("stale");
+    setTimeout(sweep, SWEEP_MS, feed);
   });
   src.addEventListener("bucket", (e) => update(JSON.parse(e.data)));
   src.addEventListener("error", () => {
     conn.textContent = "reconnecting…"; conn.className = "conn down";
+    lost();
     if (src.readyState === EventSource.CLOSED) {
       // Refused (a token is needed, or it is not scoped to the tenant):
       // say so, and try again later in case the broker restarts.
