@@ -60,6 +60,36 @@ impl Broker {
         &self.inner.cluster
     }
 
+    /// Cluster mode: this broker's etcd lease is valid until `until`
+    /// (`None`: it has none, etcd is away).
+    pub(crate) fn set_in_cluster(&self, until: Option<Instant>) {
+        *self
+            .inner
+            .in_cluster_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = until;
+    }
+
+    /// Why this broker cannot serve now, for `/readyz`: in cluster mode,
+    /// without a valid etcd lease it leads no tenant and knows no leader
+    /// to send callers to (a broker of a healthy cluster that leads none
+    /// is ready: it redirects).
+    pub(crate) fn not_ready(&self) -> Option<&'static str> {
+        self.inner.settings.cluster.as_ref()?;
+        let until = *self
+            .inner
+            .in_cluster_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match until {
+            Some(u) if u > Instant::now() => None,
+            _ => Some(
+                "not in the cluster: no valid etcd lease (etcd unreachable, or the lease lost), \
+                 so this broker leads no tenant and knows no leader to send callers to",
+            ),
+        }
+    }
+
     /// True if this broker grants for tenant `t` now.
     pub(crate) fn leads(&self, t: usize) -> bool {
         self.leading(t).is_ok()

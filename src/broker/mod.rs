@@ -98,6 +98,9 @@ struct Inner {
     metrics: Option<Arc<Metrics>>,
     /// This run, drawn at start (see `files::StopRecord`).
     run: u64,
+    /// Cluster mode: until when this broker's etcd lease is known valid
+    /// (`None`: not in the cluster now). Read by `/readyz`.
+    in_cluster_until: Mutex<Option<Instant>>,
 }
 
 /// The broker: cheap to clone, shared by the gRPC services.
@@ -161,6 +164,7 @@ impl Broker {
                 admin_saves: Arc::default(),
                 metrics,
                 run: fastrand::u64(..),
+                in_cluster_until: Mutex::new(None),
             }),
         };
         // Lease ids of this run start above any of an earlier run: the

@@ -230,6 +230,7 @@ impl Node {
                 self.lose_all();
                 return Ok(None);
             };
+            self.broker.set_in_cluster(Some(valid_until));
             if let Err(e) = self.step(lease, valid_until).await {
                 tracing::warn!(error = %e, "cluster step failed; tenants led stay led until their lease margin");
             }
@@ -411,6 +412,7 @@ impl Node {
 
     /// The lease is gone or etcd unreachable: lead nothing.
     fn lose_all(&mut self) {
+        self.broker.set_in_cluster(None);
         for t in self.led.drain() {
             self.broker.step_down(t, None);
         }

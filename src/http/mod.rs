@@ -147,6 +147,8 @@ async fn healthz() -> &'static str {
 async fn readyz(State(http): State<Http>) -> Response {
     if http.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else if let Some(why) = http.broker.not_ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response()
     } else {
         "ready\n".into_response()
     }

@@ -529,6 +529,62 @@ async fn acquire_answers_are_plain_grpc_on_the_wire() {
     b.stop().await;
 }
 
+/// In cluster mode `/readyz` says whether the broker is in the cluster: a
+/// broker without a valid etcd lease leads nothing and knows no leader to
+/// send callers to, so a load balancer must not route to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_in_a_cluster_follows_the_etcd_lease() {
+    let mut etcd = testsvc::Etcd::start().unwrap();
+    let b = start(&format!(
+        r#"[server]
+state_dir = ""
+shutdown_grace_ms = 1000
+[cluster]
+etcd = ["{}"]
+node = "ready-1"
+advertise = "http://127.0.0.1:1"
+prefix = "/qb-test-readyz"
+lease_ttl_ms = 2000
+safety_margin_ms = 500
+[[tenants]]
+id = "t"
+[[tenants.buckets]]
+name = "b"
+routes = ["* /**"]
+permits = 60
+window_ms = 60000
+"#,
+        etcd.url()
+    ))
+    .await;
+    let until = |want: u16| {
+        let http = b.http;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let r = get(http, "/readyz", &[]).await;
+                if r.status == want {
+                    return r;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "/readyz stayed {} ({}) instead of {want}",
+                    r.status,
+                    r.body.trim()
+                );
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    until(200).await;
+    etcd.stop();
+    let r = until(503).await;
+    assert!(r.body.contains("not in the cluster"), "{}", r.body);
+    // Alive all the same: a restart would not bring etcd back.
+    assert_eq!(get(b.http, "/healthz", &[]).await.status, 200);
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn readyz_says_503_while_open_calls_drain() {
     let toml = format!(
