@@ -17,6 +17,8 @@ use tracing::Instrument;
 /// Request and response metadata carrying the request id (a name made
 /// once: looking a header up by a string parses the string every time).
 pub(crate) const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
 /// Longest caller-given request id kept; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 64;
 
@@ -117,11 +119,12 @@ where
             request_id = id.to_str().unwrap_or(""),
             method = Metrics::method_name(method)
         );
-        let call = self.inner.call(req).instrument(span);
+        let call = self.inner.call(req).instrument(span.clone());
         let metrics = self.metrics.clone();
         Box::pin(async move {
             let mut r = call.await;
             if let Ok(response) = &mut r {
+                log_refusal(&span, response.headers());
                 response.headers_mut().insert(REQUEST_ID, id);
             }
             if let Some(m) = metrics {
@@ -130,6 +133,32 @@ where
             r
         })
     }
+}
+
+/// Logs a call answered with an error status (a trailers-only answer: how
+/// the broker answers every refusal), with the request id the caller got
+/// back, so that id leads to a line. The message is the broker's own,
+/// bounded. An error in a stream's trailers is logged where it happens.
+fn log_refusal(span: &tracing::Span, headers: &http::HeaderMap) {
+    let Some(code) = headers.get(&GRPC_STATUS).and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    if code == "0" {
+        return;
+    }
+    let code = code
+        .parse::<i32>()
+        .map_or(tonic::Code::Unknown, tonic::Code::from_i32);
+    let message = headers
+        .get(&GRPC_MESSAGE)
+        .and_then(|v| v.to_str().ok())
+        .map(|m| {
+            percent_encoding::percent_decode_str(m)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    span.in_scope(|| tracing::info!(code = ?code, reason = %message, "refused"));
 }
 
 #[cfg(test)]

@@ -891,8 +891,12 @@ async fn json_logs_carry_the_request_id() {
         .arg("--config")
         .arg(&path)
         // The RPC layer's own info lines off, as in a quieter production
-        // set-up: the request id must still reach the lines logged below it.
-        .env("RUST_LOG", "info,quota_broker::grpc=warn")
+        // set-up (its refusals kept): the request id must still reach the
+        // lines logged below it.
+        .env(
+            "RUST_LOG",
+            "info,quota_broker::grpc=warn,quota_broker::grpc::observe=info",
+        )
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -934,7 +938,7 @@ async fn json_logs_carry_the_request_id() {
             .metadata_mut()
             .insert("x-request-id", "report-7".parse().unwrap());
         client.report(report).await.unwrap();
-        loop {
+        let frozen = loop {
             let line = lines.recv().await.expect("the freeze was logged");
             let v: serde_json::Value = serde_json::from_str(&line)
                 .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
@@ -942,7 +946,23 @@ async fn json_logs_carry_the_request_id() {
             if message.contains("frozen") {
                 break v;
             }
-        }
+        };
+        // A refused call is logged under the id its caller got back.
+        let mut bad = tonic::Request::new(req("GET", "/api/v2/users/1", 0));
+        bad.get_mut().tenant = "nope".into();
+        bad.metadata_mut()
+            .insert("x-request-id", "refused-9".parse().unwrap());
+        let e = client.acquire(bad).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+        let refused = loop {
+            let line = lines.recv().await.expect("the refusal was logged");
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            if v["fields"]["message"] == "refused" {
+                break v;
+            }
+        };
+        (frozen, refused)
     };
     let outcome = tokio::time::timeout(LIMIT, result).await;
     // Stopped before any assertion: a failing test leaves no broker behind.
@@ -950,9 +970,15 @@ async fn json_logs_carry_the_request_id() {
     let _ = child.wait();
     let _ = reader.join();
     let _ = std::fs::remove_file(&path);
-    let v = outcome.expect("the JSON log lines came within the limit");
+    let (v, refused) = outcome.expect("the JSON log lines came within the limit");
     assert_eq!(v["span"]["request_id"], "report-7", "{v}");
     assert_eq!(v["span"]["method"], "/quota.v1.QuotaBroker/Report", "{v}");
+    assert_eq!(refused["span"]["request_id"], "refused-9", "{refused}");
+    assert_eq!(refused["fields"]["code"], "NotFound", "{refused}");
+    assert!(
+        refused["fields"]["reason"].is_string() && refused.to_string().contains("nope"),
+        "the refusal says why: {refused}"
+    );
 }
 
 /// The sample alert rules pass `promtool check rules` and their unit tests
