@@ -97,10 +97,19 @@ fn main() -> ExitCode {
         };
         let http = match settings.server.http_listen {
             None => None,
-            // A taken metrics port must not take the quota decisions down
-            // with it: the broker serves gRPC and says loudly what is off.
             Some(addr) => match tokio::net::TcpListener::bind(addr).await {
                 Ok(l) => Some(l),
+                // A port the config asks for: probes and scrapes there would
+                // reach whatever holds it, describing another process.
+                Err(e) if settings.server.http_listen_required => {
+                    eprintln!(
+                        "quota-broker: cannot listen on server.http_listen {addr}: {e} (set \
+                         another address, or \"\" to turn the HTTP port off)"
+                    );
+                    return ExitCode::FAILURE;
+                }
+                // The default port, taken (another broker on this host): it
+                // must not take the quota decisions down with it.
                 Err(e) => {
                     tracing::error!(
                         http_listen = %addr, error = %e,

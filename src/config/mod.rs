@@ -237,6 +237,9 @@ pub struct ServerSettings {
     /// Address of the HTTP port (`/metrics`, the dashboard, `/healthz`,
     /// `/readyz`); `None`: no HTTP port.
     pub http_listen: Option<SocketAddr>,
+    /// Whether `http_listen` was set (in the file or the environment): a
+    /// port asked for must be bound, the default one is best effort.
+    pub http_listen_required: bool,
     /// How log lines are written.
     pub log_format: LogFormat,
 }

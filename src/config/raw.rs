@@ -306,9 +306,15 @@ struct RawServer {
     handshake_timeout_ms: u64,
     max_pending_connections: u32,
     max_connections: u32,
-    http_listen: String,
+    /// `None`: not set, the default address (see `DEFAULT_HTTP_LISTEN`).
+    http_listen: Option<String>,
     log_format: String,
 }
+
+/// The HTTP port when `server.http_listen` is not set: best effort (a
+/// taken port is logged, gRPC served without it); an address set in the
+/// config must be bound.
+pub(crate) const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9464";
 
 impl Default for RawServer {
     fn default() -> Self {
@@ -322,7 +328,7 @@ impl Default for RawServer {
             handshake_timeout_ms: 5_000,
             max_pending_connections: 256,
             max_connections: 10_000,
-            http_listen: "127.0.0.1:9464".to_owned(),
+            http_listen: None,
             log_format: "text".to_owned(),
         }
     }
@@ -511,20 +517,27 @@ impl RawServer {
             ));
         }
         let tls = self.tls.validate(problems);
-        let http_listen = (!self.http_listen.is_empty())
+        let http_listen_required = self.http_listen.is_some();
+        let http_text = self.http_listen.as_deref().unwrap_or(DEFAULT_HTTP_LISTEN);
+        let http_listen = (!http_text.is_empty())
             .then(|| {
-                self.http_listen
-                    .parse()
+                http_text
+                    .parse::<SocketAddr>()
                     .map_err(|e| {
                         problems.push(format!(
-                            "server.http_listen {:?} is not an IP:port address ({e}); \
-                             \"\" turns the HTTP port off",
-                            self.http_listen
+                            "server.http_listen {http_text:?} is not an IP:port address ({e}); \
+                             \"\" turns the HTTP port off"
                         ))
                     })
                     .ok()
             })
             .flatten();
+        if let Some(http) = http_listen.filter(|h| *h == listen && h.port() != 0) {
+            problems.push(format!(
+                "server.http_listen {http} is the gRPC port (server.listen): give the HTTP \
+                 port its own, or \"\" to turn it off"
+            ));
+        }
         let log_format = match self.log_format.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -547,6 +560,7 @@ impl RawServer {
             max_pending_connections: self.max_pending_connections as usize,
             max_connections: self.max_connections as usize,
             http_listen,
+            http_listen_required,
             log_format,
         }
     }

@@ -49,6 +49,46 @@ fn a_state_dir_it_cannot_write_exits_2_naming_it() {
 }
 
 #[test]
+fn an_http_port_asked_for_must_be_bound_and_differ_from_the_grpc_port() {
+    // Held here: the broker must not serve with probes and scrapes going
+    // to whatever holds its configured HTTP port.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let path = temp_config(
+        "http-taken",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:{port}\"\n\
+             state_dir = \"\"\n[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\n\
+             routes = [\"* /**\"]\nmax_in_flight = 2\n"
+        ),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    drop(taken);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot listen on server.http_listen 127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
+    // The same port for both is a config error, found before anything binds.
+    let path = temp_config(
+        "http-same",
+        "[server]\nlisten = \"127.0.0.1:50999\"\nhttp_listen = \"127.0.0.1:50999\"\n\
+         state_dir = \"\"\n[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\n\
+         routes = [\"* /**\"]\nmax_in_flight = 2\n",
+    );
+    let err = refused_config(&path);
+    assert!(err.contains("is the gRPC port"), "{err}");
+}
+
+#[test]
 fn unknown_flag_is_a_usage_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
         .arg("--bogus")
