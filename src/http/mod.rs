@@ -265,6 +265,7 @@ fn record(s: &TenantBucketStatus, clock: Clock) -> String {
         "burst": b.burst,
         "tokens": b.tokens_available,
         "in_flight": b.in_flight,
+        "held_over": b.held_over,
         "max_in_flight": b.max_in_flight,
         "waiting": b.waiting,
         "paused": b.paused.is_some(),

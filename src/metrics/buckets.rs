@@ -45,6 +45,7 @@ struct Sum {
     learned: Option<f64>,
     tokens: f64,
     in_flight: f64,
+    held_over: f64,
     max_in_flight: f64,
     frozen: f64,
     freeze_left: f64,
@@ -67,6 +68,7 @@ impl Sum {
         }
         self.tokens += b.tokens_available;
         self.in_flight += f64::from(b.in_flight);
+        self.held_over += f64::from(b.held_over);
         self.max_in_flight += f64::from(b.max_in_flight);
         if let Some(until) = b.frozen_until.filter(|&u| u > now) {
             self.frozen = 1.0;
@@ -206,6 +208,14 @@ impl Collector for BucketCollector {
         gauges(e, &sums, "slots_in_flight", "Concurrency slots held", |s| {
             Some(s.in_flight)
         })?;
+        gauges(
+            e,
+            &sums,
+            "slots_held_over",
+            "Of the slots held, those counted for unknown leases of the run before a crash, \
+             until renewals claim them or one lease TTL passes",
+            |s| Some(s.held_over),
+        )?;
         gauges(
             e,
             &sums,

@@ -25,6 +25,10 @@ pub struct BucketStatus {
     pub tokens_available: f64,
     /// Slots held.
     pub in_flight: u32,
+    /// Of `in_flight`, slots counted as held by leases of the run before
+    /// a restart after a crash (nobody known holds them): free again when
+    /// renewals claim them or one lease TTL passes.
+    pub held_over: u32,
     /// Slot limit (0 without one).
     pub max_in_flight: u32,
     /// Waiters per class.
@@ -92,6 +96,7 @@ impl TenantState {
             burst: x.tokens.as_ref().map_or(0, |t| t.burst()),
             tokens_available: x.tokens.as_ref().map_or(0.0, |t| t.available(now)),
             in_flight: x.slots.map_or(0, |s| s.in_flight()),
+            held_over: x.phantom,
             max_in_flight: x.slots.map_or(0, |s| s.max()),
             waiting: x
                 .waiting

@@ -529,6 +529,57 @@ async fn acquire_answers_are_plain_grpc_on_the_wire() {
     b.stop().await;
 }
 
+/// After a crash every free slot counts as held by an unknown lease of the
+/// run before; `/metrics` says how many, so on-call does not read them as
+/// load. (A graceful stop records its leases and leaves none.)
+#[tokio::test]
+async fn slots_held_over_from_before_a_crash_are_shown_apart() {
+    let dir = std::env::temp_dir().join(format!("quota-broker-{}-held-over", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let config = format!(
+        r#"[server]
+state_dir = "{}"
+shutdown_grace_ms = 1000
+[[tenants]]
+id = "t"
+[[tenants.buckets]]
+name = "jobs"
+routes = ["* /**"]
+max_in_flight = 5
+lease_ttl_ms = 60000
+"#,
+        dir.display()
+    );
+    let held_over = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("quota_broker_slots_held_over{"))
+            .map(str::to_owned)
+    };
+    let b = start(&config).await;
+    let metrics = get(b.http, "/metrics", &[]).await.body;
+    assert_eq!(
+        held_over(&metrics).as_deref(),
+        Some("quota_broker_slots_held_over{tenant=\"t\",bucket=\"jobs\"} 0.0"),
+        "{metrics}"
+    );
+    b.stop().await;
+    // What a crash leaves: the state file, no record of the leases.
+    std::fs::remove_file(dir.join("stopped.json")).unwrap();
+    let b = start(&config).await;
+    let metrics = get(b.http, "/metrics", &[]).await.body;
+    b.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        held_over(&metrics).as_deref(),
+        Some("quota_broker_slots_held_over{tenant=\"t\",bucket=\"jobs\"} 5.0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("quota_broker_slots_in_flight{tenant=\"t\",bucket=\"jobs\"} 5.0"),
+        "{metrics}"
+    );
+}
+
 /// In cluster mode `/readyz` says whether the broker is in the cluster: a
 /// broker without a valid etcd lease leads nothing and knows no leader to
 /// send callers to, so a load balancer must not route to it.

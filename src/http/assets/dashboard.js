@@ -121,6 +121,9 @@ function update(r) {
   p.rate.v.dataset.effective = String(r.effective_per_min);
   p.rate.v.dataset.configured = String(r.configured_per_min);
   p.slots.v.textContent = r.max_in_flight ? r.in_flight + " / " + r.max_in_flight : "—";
+  p.slots.root.querySelector(".l").textContent = r.held_over > 0
+    ? "slots in flight · " + r.held_over + " held over from before a restart"
+    : "slots in flight";
   p.slots.v.dataset.inFlight = String(r.in_flight);
   p.slots.v.dataset.max = String(r.max_in_flight);
   p.granted.v.textContent = r.granted_total.toLocaleString("en");
