@@ -32,6 +32,10 @@ pub(super) struct StopRecord {
     pub run: u64,
     /// When, unix ms.
     pub stopped_at_ms: u64,
+    /// That run's `server.max_lease_ttl_ms`: a lease it renewed for that
+    /// long keeps it, even if this run's limit is lower.
+    #[serde(default)]
+    pub max_lease_ttl_ms: u64,
     /// Per tenant id, its live leases; `None` where it did not know every
     /// slot's holder (still learning after its own start).
     pub tenants: std::collections::BTreeMap<String, Option<Vec<crate::tenant::HandedLease>>>,
@@ -62,6 +66,14 @@ impl StopRecord {
             path: path.clone(),
             source,
         })?;
+        // Removed for good before this run grants: a power loss must not
+        // bring the record back for a later start to trust.
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| StateError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         serde_json::from_slice(&text)
             .map(Some)
             .map_err(|e| StateError::Corrupt {

@@ -61,7 +61,10 @@ impl Broker {
             }
             current
         });
-        let max_left = self.inner.settings.server.max_lease_ttl;
+        let mut max_left = self.inner.settings.server.max_lease_ttl;
+        if let Some(r) = &record {
+            max_left = max_left.max(Duration::from_millis(r.max_lease_ttl_ms));
+        }
         for t in &self.inner.tenants {
             let mut state = t.lock();
             let leases = record
@@ -101,6 +104,7 @@ impl Broker {
         let record = StopRecord {
             run: self.inner.run,
             stopped_at_ms: self.inner.clock.unix_ms(now),
+            max_lease_ttl_ms: crate::clock::millis(settings.server.max_lease_ttl),
             tenants,
         };
         match record.write(dir) {

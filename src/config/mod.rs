@@ -702,6 +702,33 @@ mod tests {
     }
 
     #[test]
+    fn an_http_port_set_must_differ_from_the_grpc_port_and_the_default_is_never_refused() {
+        let bucket = "[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\n\
+                      routes = [\"* /**\"]\nmax_in_flight = 1\n";
+        let with = |server: &str| Settings::from_toml(&format!("[server]\n{server}\n{bucket}"));
+        // Left at the default, the HTTP port is best effort: a gRPC port on
+        // the default's address is not the user's mistake to report.
+        let s = with("listen = \"127.0.0.1:9464\"\nstate_dir = \"\"").unwrap();
+        assert!(!s.server.http_listen_required);
+        for (listen, http) in [
+            ("127.0.0.1:7000", "127.0.0.1:7000"),
+            ("0.0.0.0:7000", "127.0.0.1:7000"),
+            ("127.0.0.1:7000", "0.0.0.0:7000"),
+        ] {
+            let e = with(&format!(
+                "listen = \"{listen}\"\nhttp_listen = \"{http}\"\nstate_dir = \"\""
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("is the gRPC port"), "{listen} {http}: {e}");
+        }
+        let s =
+            with("listen = \"127.0.0.1:7000\"\nhttp_listen = \"127.0.0.1:7001\"\nstate_dir = \"\"")
+                .unwrap();
+        assert!(s.server.http_listen_required);
+    }
+
+    #[test]
     fn every_problem_is_listed() {
         let err = Settings::from_toml(
             r#"

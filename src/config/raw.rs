@@ -532,7 +532,14 @@ impl RawServer {
                     .ok()
             })
             .flatten();
-        if let Some(http) = http_listen.filter(|h| *h == listen && h.port() != 0) {
+        let same_port = |h: &SocketAddr| {
+            h.port() == listen.port()
+                && h.port() != 0
+                && (h.ip() == listen.ip()
+                    || h.ip().is_unspecified()
+                    || listen.ip().is_unspecified())
+        };
+        if let Some(http) = http_listen.filter(|h| http_listen_required && same_port(h)) {
             problems.push(format!(
                 "server.http_listen {http} is the gRPC port (server.listen): give the HTTP \
                  port its own, or \"\" to turn it off"

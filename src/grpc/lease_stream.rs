@@ -179,6 +179,19 @@ async fn session(
         let _ = tx.send(Err(status)).await;
     }
     let held = held.0;
+    if shutdown.is_cancelled() {
+        // The broker is stopping, not the caller: its calls upstream may
+        // still run. The leases stay held, so the stop records them (or a
+        // cluster hands them over) and the next broker keeps their slots
+        // until they are renewed, released or expire.
+        if !held.is_empty() {
+            tracing::debug!(
+                leases = held.len(),
+                "LeaseStream ended by shutdown: its leases stay held for the next start"
+            );
+        }
+        return;
+    }
     if !held.is_empty() {
         tracing::debug!(
             leases = held.len(),

@@ -158,7 +158,14 @@ fn log_refusal(span: &tracing::Span, headers: &http::HeaderMap) {
                 .into_owned()
         })
         .unwrap_or_default();
-    span.in_scope(|| tracing::info!(code = ?code, reason = %message, "refused"));
+    span.in_scope(|| match code {
+        // Shed under overload, or sent elsewhere (shutting down, not the
+        // leader): a line each would cost most when the broker has least.
+        tonic::Code::ResourceExhausted | tonic::Code::Unavailable => {
+            tracing::debug!(code = ?code, reason = %message, "refused");
+        }
+        _ => tracing::info!(code = ?code, reason = %message, "refused"),
+    });
 }
 
 #[cfg(test)]

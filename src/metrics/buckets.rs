@@ -212,8 +212,8 @@ impl Collector for BucketCollector {
             e,
             &sums,
             "slots_held_over",
-            "Of the slots held, those counted for unknown leases of the run before a crash, \
-             until renewals claim them or one lease TTL passes",
+            "Of the slots held, those counted for unknown leases of an earlier run (after a \
+             crash), until renewals claim them or one lease TTL passes",
             |s| Some(s.held_over),
         )?;
         gauges(

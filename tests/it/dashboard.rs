@@ -35,6 +35,7 @@ permits = 600
 window_ms = 60000
 burst = 20
 max_in_flight = 12
+lease_ttl_ms = 600000
 [[tenants.buckets]]
 name = "analytics-query"
 routes = ["POST /api/v2/analytics/**/query"]
@@ -42,6 +43,7 @@ permits = 120
 window_ms = 60000
 burst = 5
 max_in_flight = 8
+lease_ttl_ms = 600000
 "#;
 
 /// The browser session: open the page, wait for the charts to move, print

@@ -366,7 +366,11 @@ async fn an_unreadable_state_file_is_kept_aside_not_overwritten() {
 #[tokio::test]
 async fn a_graceful_restart_holds_only_the_leases_it_recorded_and_a_stale_record_is_not_trusted() {
     let dir = state_dir("graceful");
-    let path = temp_config("restart-graceful", &config(&dir));
+    // Leases that outlive two starts on a slow machine.
+    let path = temp_config(
+        "restart-graceful",
+        &config(&dir).replace("lease_ttl_ms = 5000", "lease_ttl_ms = 60000"),
+    );
     let path_of = "/api/v2/analytics/conversations/details/query";
     let mut log = GrantLog::default();
     let b = Broker::start(&path).await;

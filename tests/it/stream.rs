@@ -361,3 +361,37 @@ async fn a_message_over_the_size_limit_ends_the_stream_with_its_error() {
     drop(s);
     b.stop().await;
 }
+
+/// A graceful stop ends every stream, but it is the broker that goes, not
+/// the caller, whose calls upstream may still run: the streams' leases stay
+/// held, are recorded with the others, and keep their slots on the next
+/// start.
+#[tokio::test]
+async fn a_streams_leases_keep_their_slots_across_a_graceful_restart() {
+    let dir = std::env::temp_dir().join(format!("quota-broker-{}-stream-stop", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let config = format!(
+        "[server]\nstate_dir = \"{}\"\nshutdown_grace_ms = 1000\n[[tenants]]\nid = \"t\"\n\
+         [[tenants.buckets]]\nname = \"slots\"\nroutes = [\"* /**\"]\nmax_in_flight = 2\n\
+         lease_ttl_ms = 60000\n",
+        dir.display()
+    );
+    let b = crate::observe::start(&config).await;
+    let mut s = Session::open(&mut b.client()).await;
+    s.send(1, acquire(0)).await;
+    let (_, a) = s.next().await;
+    assert!(matches!(&a, Answer::Acquire(g) if g.granted), "{a:?}");
+    b.stop().await;
+
+    let b = crate::observe::start(&config).await;
+    let mut c = b.client();
+    let first = c.acquire(req("GET", "/x", 0)).await.unwrap().into_inner();
+    let second = c.acquire(req("GET", "/x", 0)).await.unwrap().into_inner();
+    b.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(first.granted, "{}", first.reason);
+    assert!(
+        !second.granted,
+        "the stream's lease lost its slot in the restart"
+    );
+}

@@ -274,11 +274,12 @@ impl NameHeld {
 
     /// The run is over: stop the heartbeat and give the name back.
     async fn release(mut self) {
-        self.released = true;
         self.heartbeat.abort();
         if let Err(e) = self.sink.release_worker_name(&self.owner, &self.run).await {
             tracing::warn!(error = %e, "could not give this run's worker name back");
         }
+        // Only now: dropped during the release above, `Drop` releases.
+        self.released = true;
     }
 }
 

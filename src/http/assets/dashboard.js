@@ -12,6 +12,7 @@ const SWEEP_MS = 3000;             // after a (re)connect, panels not announced 
 const panels = new Map();          // key -> panel state
 let feed = 0;                      // connections so far; a panel remembers the last that announced it
 let lostAt = 0;                    // when the feed went down (0: it is up)
+let refused = "";                  // why the broker refused the feed, when it did
 
 const params = new URLSearchParams(location.search);
 const hash = new URLSearchParams(location.hash.slice(1));
@@ -67,7 +68,8 @@ function panelFor(r) {
   root.append(title, figs, caption, canvas, waiting);
   insertSorted(root, key);
   p = { key, root, badge, rate, slots, granted, thr, caption, canvas, waiting,
-        samples: [], marks: [], grants: [], last: null, frozenUntil: 0, feed };
+        samples: [], marks: [], grants: [], since: Date.now(), last: null, frozenUntil: 0,
+        feed: 0 };
   panels.set(key, p);
   return p;
 }
@@ -92,18 +94,22 @@ function usage(p, now) {
   if (!p.last || p.grants.length === 0) return 0;
   const first = p.grants[0];
   const since = first.t <= now - USAGE_MS ? first.total : first.before;
-  const span = Math.min(Math.max(now - opened, 1000), USAGE_MS);
+  const span = Math.min(Math.max(now - p.since, 1000), USAGE_MS);
   return Math.max(0, p.last.granted_total - since) * 60000 / span;
 }
 
 function update(r) {
   const p = panelFor(r);
   const now = Date.now();
+  // Counted from the first announcement of this connection: grants made
+  // while the feed was down (or before the instance was re-created) are
+  // not this span's.
+  const counted = p.feed === feed && p.last && r.granted_total >= p.last.granted_total;
   p.feed = feed;
   if (p.last && r.throttled_total > p.last.throttled_total) p.marks.push(now);
-  const counted = p.last && r.granted_total >= p.last.granted_total;
-  if (!counted) p.grants = [];  // first seen, or the instance was re-created
+  if (!counted) { p.grants = []; p.since = now; }
   p.grants.push({ t: now, total: r.granted_total, before: counted ? p.last.granted_total : r.granted_total });
+  usage(p, now);  // trims what is older than the span
   p.last = r;
   const slots = slotsOnly(r);
   p.samples.push(slots
@@ -239,7 +245,9 @@ function render() {
     badge(p, now);
     draw(p, now);
   }
-  if (lostAt) {
+  if (refused) {
+    problem(refused);
+  } else if (lostAt) {
     problem("Not connected to the broker since " + new Date(lostAt).toLocaleTimeString("en-GB")
       + ": the figures below are from then (" + Math.round((now - lostAt) / 1000) + " s ago). Reconnecting…");
   }
@@ -275,7 +283,7 @@ function connect() {
   const src = new EventSource("/events?" + q.toString());
   src.addEventListener("open", () => {
     conn.textContent = "live"; conn.className = "conn up"; problem("");
-    lostAt = 0; feed += 1;
+    lostAt = 0; refused = ""; feed += 1;
     document.body.classList.remove("stale");
     setTimeout(sweep, SWEEP_MS, feed);
   });
@@ -287,7 +295,10 @@ function connect() {
       // Refused (a token is needed, or it is not scoped to the tenant):
       // say so, and try again later in case the broker restarts.
       fetch("/events?" + q.toString()).then((r) => r.ok ? "" : r.text()).then((t) => {
-        if (t) problem(t + (token ? "" : " — add #token=YOUR_TOKEN to this page's address"));
+        if (t) {
+          refused = t + (token ? "" : " — add #token=YOUR_TOKEN to this page's address");
+          problem(refused);
+        }
       }).catch(() => {});
       setTimeout(connect, 5000);
     }
