@@ -43,6 +43,11 @@ struct Sum {
     configured: f64,
     effective: f64,
     learned: Option<f64>,
+    /// Some instance has a rate (a token bucket) / a slot limit: the
+    /// gauges of a limit the bucket does not have are left out, not 0
+    /// (which would read as exhausted).
+    has_rate: bool,
+    has_slots: bool,
     tokens: f64,
     in_flight: f64,
     held_over: f64,
@@ -67,6 +72,8 @@ impl Sum {
             *self.learned.get_or_insert(0.0) += l / 60.0;
         }
         self.tokens += b.tokens_available;
+        self.has_rate |= b.burst > 0;
+        self.has_slots |= b.max_in_flight > 0;
         self.in_flight += f64::from(b.in_flight);
         self.held_over += f64::from(b.held_over);
         self.max_in_flight += f64::from(b.max_in_flight);
@@ -85,9 +92,15 @@ impl Sum {
         }
     }
 
-    /// Waiters per `class` label: classes added at run time as `other`.
+    /// Waiters per `class` label, every label present (0 when nobody
+    /// waits: a series that comes and goes reads as missing data); classes
+    /// added at run time as `other`.
     fn waiting_by_label(&self, metrics: &Metrics) -> BTreeMap<String, u32> {
-        let mut out = BTreeMap::new();
+        let mut out: BTreeMap<String, u32> = metrics
+            .class_labels()
+            .iter()
+            .map(|c| (c.clone(), 0))
+            .collect();
         for (class, n) in &self.waiting {
             *out.entry(metrics.class_label(class).to_owned())
                 .or_default() += n;
@@ -185,14 +198,14 @@ impl Collector for BucketCollector {
             e,
             &sums,
             "configured_rate_per_second",
-            "The configured rate (0 without one)",
+            "The configured rate (0 without one; a per-OAuth-client bucket's instances summed)",
             |s| Some(s.configured),
         )?;
         gauges(
             e,
             &sums,
             "effective_rate_per_second",
-            "The rate granted now, after what was learned",
+            "The rate granted at after what was learned (nothing is granted while frozen or paused)",
             |s| Some(s.effective),
         )?;
         gauges(
@@ -202,26 +215,34 @@ impl Collector for BucketCollector {
             "The limit learned from the upstream's rate-limit headers",
             |s| s.learned,
         )?;
-        gauges(e, &sums, "tokens", "Permits available now", |s| {
-            Some(s.tokens)
-        })?;
-        gauges(e, &sums, "slots_in_flight", "Concurrency slots held", |s| {
-            Some(s.in_flight)
-        })?;
+        gauges(
+            e,
+            &sums,
+            "tokens",
+            "Permits available now (buckets with a rate)",
+            |s| s.has_rate.then_some(s.tokens),
+        )?;
+        gauges(
+            e,
+            &sums,
+            "slots_in_flight",
+            "Concurrency slots held (buckets with a slot limit)",
+            |s| s.has_slots.then_some(s.in_flight),
+        )?;
         gauges(
             e,
             &sums,
             "slots_held_over",
             "Of the slots held, those counted for unknown leases of an earlier run (after a \
              crash), until renewals claim them or one lease TTL passes",
-            |s| Some(s.held_over),
+            |s| s.has_slots.then_some(s.held_over),
         )?;
         gauges(
             e,
             &sums,
             "slots_max",
-            "Concurrency slot limit (0 without one)",
-            |s| Some(s.max_in_flight),
+            "Concurrency slot limit (buckets with one)",
+            |s| s.has_slots.then_some(s.max_in_flight),
         )?;
         gauges(
             e,

@@ -326,6 +326,11 @@ impl Metrics {
         }
     }
 
+    /// Every `class` label: the configured classes, then `other`.
+    pub(crate) fn class_labels(&self) -> &[String] {
+        &self.classes
+    }
+
     /// The `class` label of a class name: its own for a configured class,
     /// `other` for one added at run time (label sets stay bounded).
     pub(crate) fn class_label(&self, name: &str) -> &str {

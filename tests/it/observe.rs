@@ -562,6 +562,16 @@ lease_ttl_ms = 60000
         Some("quota_broker_slots_held_over{tenant=\"t\",bucket=\"jobs\"} 0.0"),
         "{metrics}"
     );
+    // A bucket without a rate has no token gauge (0 would read as
+    // exhausted), and its waiters series are there at 0, not missing.
+    assert!(
+        !metrics.contains("quota_broker_tokens{tenant=\"t\",bucket=\"jobs\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("quota_broker_waiters{tenant=\"t\",bucket=\"jobs\",class=\"other\"} 0\n"),
+        "{metrics}"
+    );
     b.stop().await;
     // What a crash leaves: the state file, no record of the leases.
     std::fs::remove_file(dir.join("stopped.json")).unwrap();
