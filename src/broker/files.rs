@@ -203,6 +203,13 @@ fn write_atomic(dir: &Path, name: &str, text: &[u8]) -> Result<(), StateError> {
         path: path.clone(),
         source,
     };
+    // `create_dir_all` would say only "File exists".
+    if dir.exists() && !dir.is_dir() {
+        return Err(StateError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::other("the state directory is not a directory"),
+        });
+    }
     std::fs::create_dir_all(dir).map_err(io)?;
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut f = std::fs::File::create(&tmp).map_err(io)?;

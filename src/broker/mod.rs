@@ -101,6 +101,8 @@ struct Inner {
     /// Cluster mode: until when this broker's etcd lease is known valid
     /// (`None`: not in the cluster now). Read by `/readyz`.
     in_cluster_until: Mutex<Option<Instant>>,
+    /// The last write of learned state failed (for `/metrics`).
+    state_failing: std::sync::atomic::AtomicBool,
 }
 
 /// The broker: cheap to clone, shared by the gRPC services.
@@ -165,6 +167,7 @@ impl Broker {
                 metrics,
                 run: fastrand::u64(..),
                 in_cluster_until: Mutex::new(None),
+                state_failing: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         // Lease ids of this run start above any of an earlier run: the

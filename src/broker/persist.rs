@@ -211,6 +211,9 @@ impl Broker {
                     Err(e) => Some(e.to_string()),
                 };
                 let failed = error.is_some();
+                self.inner
+                    .state_failing
+                    .store(failed, std::sync::atomic::Ordering::Relaxed);
                 match error {
                     None => {}
                     Some(e) if stop => tracing::error!(error = %e,
@@ -229,6 +232,15 @@ impl Broker {
                 break;
             }
         }
+    }
+
+    /// Whether the last write of learned state failed (a full disk, the
+    /// state directory gone or not writable): what is learned meanwhile is
+    /// lost at a crash.
+    pub(crate) fn state_save_failing(&self) -> bool {
+        self.inner
+            .state_failing
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every tenant's learned state, for the state file.

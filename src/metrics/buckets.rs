@@ -305,6 +305,14 @@ impl Collector for BucketCollector {
             ConstGauge::new(held as i64)
                 .encode(m.encode_family(&[("tenant", tenant.as_str())])?)?;
         }
+        ConstGauge::new(i64::from(self.broker.state_save_failing())).encode(
+            e.encode_descriptor(
+                "state_save_failing",
+                "1 while the last write of learned state to server.state_dir failed",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?,
+        )?;
         let (configured, led) = self.broker.tenants_led();
         ConstGauge::new(configured as i64).encode(e.encode_descriptor(
             "tenants",

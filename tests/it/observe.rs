@@ -590,6 +590,49 @@ lease_ttl_ms = 60000
     );
 }
 
+/// A state directory that breaks while the broker runs (removed, replaced,
+/// its disk full) does not stop it, but `/metrics` says its learned state
+/// is no longer saved.
+#[tokio::test]
+async fn a_state_directory_that_breaks_is_shown_in_the_metrics() {
+    let dir =
+        std::env::temp_dir().join(format!("quota-broker-{}-state-breaks", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let b = start(&format!(
+        "[server]\nstate_dir = \"{}\"\nshutdown_grace_ms = 1000\n[[tenants]]\nid = \"t\"\n{BUCKETS}",
+        dir.display()
+    ))
+    .await;
+    let failing = |text: &str| sample(text, "quota_broker_state_save_failing");
+    assert_eq!(failing(&get(b.http, "/metrics", &[]).await.body), Some(0.0));
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::write(&dir, "not a directory").unwrap();
+    // Something learned, to be saved.
+    b.client()
+        .report(ReportRequest {
+            tenant: "t".into(),
+            method: "GET".into(),
+            path: "/api/v2/users/1".into(),
+            http_status: 429,
+            retry_after_ms: 1_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(LIMIT, async {
+        loop {
+            let text = get(b.http, "/metrics", &[]).await.body;
+            if failing(&text) == Some(1.0) {
+                return;
+            }
+        }
+    })
+    .await;
+    b.stop().await;
+    let _ = std::fs::remove_file(&dir);
+    seen.expect("state_save_failing turned 1 once the state directory broke");
+}
+
 /// In cluster mode `/readyz` says whether the broker is in the cluster: a
 /// broker without a valid etcd lease leads nothing and knows no leader to
 /// send callers to, so a load balancer must not route to it.
