@@ -127,7 +127,7 @@ fn main() -> ExitCode {
             %listen,
             http = %http_addr.map_or("off".into(), |a| a.to_string()),
             config = %config_path.as_deref().map_or("embedded default".into(), |p| p.display().to_string()),
-            ?tenants,
+            tenants = %tenants.join(","),
             "quota-broker serving"
         );
         let listeners = quota_broker::Listeners {
