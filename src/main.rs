@@ -153,10 +153,22 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut terminate = signal(SignalKind::terminate())?;
+        // SIGHUP's default action ends the process at once (no graceful
+        // stop, no lease record); `systemctl reload` and habit send it.
+        let mut hangup = signal(SignalKind::hangup())?;
         Ok(async move {
-            tokio::select! {
-                _ = interrupt.recv() => {}
-                _ = terminate.recv() => {}
+            loop {
+                tokio::select! {
+                    // A SIGHUP that came first is told of first.
+                    biased;
+                    _ = hangup.recv() => tracing::warn!(
+                        "SIGHUP ignored: nothing is reloaded at run time (the config, tokens \
+                         and certificates are read at start); restart the broker to apply \
+                         changes (SIGTERM stops it gracefully)"
+                    ),
+                    _ = interrupt.recv() => break,
+                    _ = terminate.recv() => break,
+                }
             }
         })
     }

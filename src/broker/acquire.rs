@@ -36,7 +36,15 @@ impl Broker {
         let metrics = self.inner.metrics.as_deref();
         let class = metrics.map_or(0, |m| m.class(&args.class));
         let started = Instant::now();
-        let decision = tenant.lock().acquire(&args, max_wait, started)?;
+        let (decision, wake) = {
+            let mut state = tenant.lock();
+            let decision = state.acquire(&args, max_wait, started)?;
+            (decision, state.take_wake_driver())
+        };
+        if wake {
+            // A lease that expires before the driver's next run.
+            tenant.wake.notify_one();
+        }
         let queued = match decision {
             Decision::Granted(g) => {
                 self.announce();

@@ -313,10 +313,14 @@ impl Broker {
                     "names another tenant than the lease's",
                 ));
             }
-            state.renew(id, extend, acquired_with.map(|(_, a)| a), Instant::now())?
+            let renewed = state.renew(id, extend, acquired_with.map(|(_, a)| a), Instant::now())?;
+            (renewed, state.take_wake_driver())
         };
+        let (renewed, wake) = renewed;
         // A shorter TTL may move the next expiry earlier than the driver's timer.
-        tenant.wake.notify_one();
+        if wake {
+            tenant.wake.notify_one();
+        }
         Ok(renewed)
     }
 

@@ -186,12 +186,17 @@ impl TokenBucket {
     }
 
     /// Changes the burst at `now`; the level is capped to the new burst.
+    /// Raised, the level stays where it was (the new room fills at the
+    /// rate, never at once: a raise must not hand out its difference); a
+    /// debt below empty (a freeze, borrowed permits) is kept either way.
     pub(crate) fn set_burst(&mut self, burst: u32, now: Instant) {
+        let backlog = self.tat.saturating_duration_since(now);
+        let full = self.interval.saturating_mul(self.burst);
+        let debt = backlog.saturating_sub(full);
+        let level = full.saturating_sub(backlog);
         self.burst = burst.max(1);
-        let max_backlog = self.interval.saturating_mul(self.burst);
-        if self.tat.saturating_duration_since(now) > max_backlog {
-            self.tat = now + max_backlog;
-        }
+        let full = self.interval.saturating_mul(self.burst);
+        self.tat = now + debt + (full - level.min(full));
     }
 }
 
@@ -303,6 +308,34 @@ mod tests {
         b.set_burst(4, t0);
         assert_eq!(b.available(t0), 0.0);
         assert_eq!(b.ready_at(4, t0), Some(t0 + Duration::from_secs(4)));
+    }
+
+    #[test]
+    fn a_raised_burst_keeps_the_level_and_a_lowered_one_caps_it() {
+        let t0 = Instant::now();
+        let minute = Duration::from_secs(60);
+        // Drained, then raised from 10 to 100: still empty, refilling at
+        // the rate (it handed out the 90 of difference at once).
+        let mut b = TokenBucket::new(60, minute, 10, t0);
+        b.take(10, t0);
+        b.set_burst(100, t0);
+        assert!(b.available(t0) < 1e-9, "{}", b.available(t0));
+        assert_eq!(b.ready_at(1, t0), Some(t0 + Duration::from_secs(1)));
+        // Part full, raised: the same level.
+        let mut b = TokenBucket::new(60, minute, 10, t0);
+        b.take(4, t0);
+        b.set_burst(50, t0);
+        assert!((b.available(t0) - 6.0).abs() < 1e-9, "{}", b.available(t0));
+        // Lowered below the level: capped to the new burst.
+        let mut b = TokenBucket::new(60, minute, 200, t0);
+        b.take(17, t0);
+        b.set_burst(10, t0);
+        assert!((b.available(t0) - 10.0).abs() < 1e-9, "{}", b.available(t0));
+        // A freeze's debt survives a change either way.
+        let mut b = TokenBucket::new(60, minute, 10, t0);
+        b.empty_at(t0 + Duration::from_secs(30));
+        b.set_burst(20, t0);
+        assert!(b.ready_at(1, t0).unwrap() >= t0 + Duration::from_secs(30));
     }
 
     #[test]

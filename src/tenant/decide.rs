@@ -12,6 +12,11 @@ use std::fmt::Write as _;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// What a paused bucket's denial says to wait before asking again: a pause
+/// has no end an operator states, and 0 had every caller that honours it
+/// ask again at once, in a loop.
+pub(crate) const PAUSED_RETRY: Duration = Duration::from_secs(5);
+
 impl TenantState {
     /// Decides an Acquire: granted at once, denied (with when it could be
     /// granted and why not), or queued until capacity frees for at most its
@@ -26,6 +31,7 @@ impl TenantState {
         if let Some(e) = self.not_leading(now) {
             return Err(e);
         }
+        self.expire_leases(now);
         let class = self.class_index(&args.class)?;
         let reserve = self.reserve_above(class);
         let wait = max_wait
@@ -91,7 +97,7 @@ impl TenantState {
         instances.iter().find_map(|&i| {
             let def = &self.buckets[self.instances.get(i)?.bucket];
             def.paused.as_ref().map(|why| Denial {
-                retry_after: Duration::ZERO,
+                retry_after: PAUSED_RETRY,
                 reason: format!(
                     "bucket {:?} is paused by an operator: {why}",
                     def.settings.name
@@ -154,6 +160,7 @@ impl TenantState {
                     client_id: client_id.to_owned(),
                 },
             );
+            self.expires_at(expires_at);
             (expires_at, ttl)
         });
         Grant {

@@ -11,11 +11,44 @@ impl TenantState {
     /// Returns a lease's slots; false if it holds none (unknown, released,
     /// expired, or a lease of rate buckets only).
     pub fn release(&mut self, id: LeaseId) -> bool {
+        self.expire_leases(self.latest);
         let Some(lease) = self.leases.remove(id.seq, id.nonce) else {
             return false;
         };
         self.give_back(&lease);
         true
+    }
+
+    /// Gives back the slots of leases that expired by `now`. The driver
+    /// does it on time; a call that comes first does it itself, so nothing
+    /// it decides (or a renewal it accepts) counts an expired lease. Not
+    /// while this broker does not lead the tenant (see `tick`).
+    pub(super) fn expire_leases(&mut self, now: Instant) {
+        if !self.leads(now) {
+            return;
+        }
+        while let Some((seq, lease)) = self.leases.pop_expired(now) {
+            tracing::info!(
+                tenant = %self.id,
+                lease = %LeaseId { tenant: self.tag, seq, nonce: lease.nonce },
+                client_id = %lease.client_id,
+                "lease expired without release; its slots are back"
+            );
+            self.give_back(&lease);
+        }
+    }
+
+    /// Notes a lease that expires at `at`: if that is before the driver's
+    /// next run, the driver must be woken to expire it on time.
+    pub(super) fn expires_at(&mut self, at: Instant) {
+        if self.driver_next.is_none_or(|next| at < next) {
+            self.wake_driver = true;
+        }
+    }
+
+    /// Whether the driver must be woken (see `expires_at`); clears it.
+    pub fn take_wake_driver(&mut self) -> bool {
+        std::mem::take(&mut self.wake_driver)
     }
 
     pub(super) fn give_back(&mut self, lease: &Lease) {
@@ -39,6 +72,7 @@ impl TenantState {
         now: Instant,
     ) -> Result<(Instant, Duration), BrokerError> {
         let now = self.monotonic(now);
+        self.expire_leases(now);
         let not_found = || BrokerError::LeaseNotFound {
             lease_id: id.to_string(),
         };
@@ -53,6 +87,7 @@ impl TenantState {
         self.leases
             .renew(id.seq, id.nonce, expires_at)
             .ok_or_else(not_found)?;
+        self.expires_at(expires_at);
         Ok((expires_at, ttl))
     }
 }

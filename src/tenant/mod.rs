@@ -175,6 +175,11 @@ pub struct TenantState {
     latest: Instant,
     /// When the broker started with state (see `restart`).
     restarted_at: Option<Instant>,
+    /// When the driver last planned to run `tick` again (`None`: only when
+    /// woken): a lease granted to expire before that must wake it.
+    driver_next: Option<Instant>,
+    /// Set when such a lease was granted; the caller wakes the driver.
+    wake_driver: bool,
     /// Whether the restart may have left leases this state does not know
     /// (a crash): their slots count as phantoms. `false` after a stop that
     /// recorded every live lease (see `resume_after_stop`).
@@ -248,6 +253,8 @@ impl TenantState {
             next_sweep: now + SWEEP_EVERY,
             latest: now,
             restarted_at: None,
+            driver_next: None,
+            wake_driver: false,
             unknown_leases: true,
             lead_until: None,
             leader: None,

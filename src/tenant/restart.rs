@@ -211,6 +211,7 @@ impl TenantState {
         }
         let extend = extend.unwrap_or(ttl);
         let expires_at = now + extend;
+        self.expires_at(expires_at);
         self.leases.take_in(
             id.seq,
             Lease {

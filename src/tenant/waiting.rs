@@ -4,7 +4,7 @@
 //! scheduler picks.
 
 use super::{AcquireArgs, Denial, Grant, Queued, Reply, TenantState, SWEEP_EVERY};
-use crate::limits::{LeaseId, Offer, Waiter};
+use crate::limits::{Offer, Waiter};
 use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -83,15 +83,7 @@ impl TenantState {
             // each lease resumes the time it had left (`resume_lapsed`).
             return None;
         }
-        while let Some((seq, lease)) = self.leases.pop_expired(now) {
-            tracing::info!(
-                tenant = %self.id,
-                lease = %LeaseId { tenant: self.tag, seq, nonce: lease.nonce },
-                client_id = %lease.client_id,
-                "lease expired without release; its slots are back"
-            );
-            self.give_back(&lease);
-        }
+        self.expire_leases(now);
         let phantoms_end = self.end_phantoms(now);
         let mut queue = std::mem::take(&mut self.queue);
         let mut grants = Vec::new();
@@ -127,7 +119,7 @@ impl TenantState {
             self.evict_idle(None, now);
             self.next_sweep = now + SWEEP_EVERY;
         }
-        [
+        let next = [
             next_ready,
             self.leases.next_expiry(),
             Some(self.next_sweep),
@@ -135,7 +127,11 @@ impl TenantState {
         ]
         .into_iter()
         .flatten()
-        .min()
+        .min();
+        self.driver_next = next;
+        // This run planned for every lease granted so far.
+        self.wake_driver = false;
+        next
     }
 
     /// Answers every waiter (shutdown): they leave the queue unanswered and

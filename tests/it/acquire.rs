@@ -153,6 +153,38 @@ async fn expired_lease_returns_its_slot_by_itself() {
     b.stop().await;
 }
 
+/// Nobody waiting: an expired lease's slot is back at its expiry all the
+/// same, in what the broker reports as in what it decides, and the lease
+/// can no longer be renewed (the driver slept until its next sweep, a
+/// minute, so a crashed holder's slot looked held that long).
+#[tokio::test(start_paused = true)]
+async fn an_expired_lease_frees_its_slot_on_time_with_nobody_waiting() {
+    let b = start(&config(SLOT)).await;
+    let first = b.acquire(req("POST", "/q", 0)).await;
+    assert!(first.granted);
+    tokio::time::sleep(Duration::from_millis(5_100)).await;
+    assert_eq!(
+        b.bucket("slots").await.in_flight,
+        0,
+        "ListBuckets still counts the expired lease"
+    );
+    let renewed = b
+        .client
+        .clone()
+        .renew(RenewRequest {
+            lease_id: first.lease_id.clone(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        renewed.map(|_| ()).unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    let r = b.acquire(req("POST", "/q", 0)).await;
+    assert!(r.granted, "{}", r.reason);
+    b.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn release_is_idempotent_and_renew_extends() {
     let b = start(&config(SLOT)).await;

@@ -76,7 +76,8 @@ impl Broker {
         format!("http://{}", self.addr)
     }
 
-    fn signal(&self, signal: &str) {
+    /// Sends `signal` (e.g. "-HUP") to the process.
+    pub fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().expect("running").id().to_string();
         assert!(Command::new("kill")
             .args([signal, &pid])

@@ -296,6 +296,8 @@ async fn pause_tells_waiters_why_and_resume_grants_again() {
     tokio::time::advance(Duration::from_secs(10)).await;
     let r = b.acquire(class_req("critical", "wallboard", 1_000)).await;
     assert!(!r.granted && r.reason.contains("paused"), "{}", r.reason);
+    // Asked to come back later, not at once (a caller that honours 0 spins).
+    assert_eq!(r.retry_after_ms, 5_000);
     b.admin
         .clone()
         .resume_bucket(ResumeBucketRequest {

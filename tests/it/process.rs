@@ -109,6 +109,8 @@ async fn serves_then_exits_zero_on_sigterm() {
         "[server]\nlisten = \"127.0.0.1:0\"\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 2\n",
     );
     let broker = Broker::start(&path).await;
+    // A reload signal out of habit does not end it (its default action).
+    broker.signal("-HUP");
     let mut client = QuotaBrokerClient::connect(broker.url()).await.unwrap();
     let r = client
         .acquire(quota_broker::pb::AcquireRequest {
@@ -126,5 +128,6 @@ async fn serves_then_exits_zero_on_sigterm() {
     let _ = std::fs::remove_file(&path);
     assert!(status.success(), "exit {status:?}\n{log}");
     assert!(log.contains("shutdown requested"), "{log}");
+    assert!(log.contains("SIGHUP ignored"), "{log}");
     assert!(log.contains("broker stopped"), "{log}");
 }
