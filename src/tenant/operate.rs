@@ -25,10 +25,17 @@ impl TenantState {
         let bad = |field, problem: String| BrokerError::invalid(field, problem);
         let rate = match (change.permits, change.window, old.rate) {
             (None, None, r) => r.map(|r| (r.permits.get(), r.window, r.burst.get())),
+            // A burst as large as the permits (the default when none is
+            // given) follows them: lowering the permits of an upstream in
+            // trouble must not leave the old window's worth as a burst.
             (p, w, Some(r)) => Some((
                 p.unwrap_or(r.permits.get()),
                 w.unwrap_or(r.window),
-                r.burst.get(),
+                if r.burst == r.permits {
+                    p.unwrap_or(r.burst.get())
+                } else {
+                    r.burst.get()
+                },
             )),
             (Some(p), Some(w), None) => Some((p, w, p)),
             _ => {

@@ -529,3 +529,34 @@ fn the_upstream_budget_view_is_saved_and_resumed() {
         None
     );
 }
+
+#[test]
+fn a_default_burst_follows_the_permits_an_operator_sets_and_a_set_one_stays() {
+    let t0 = Instant::now();
+    let mut t = tenant(
+        "[[tenants.buckets]]\nname = \"implicit\"\nroutes = [\"GET /a\"]\npermits = 300\n\
+         window_ms = 60000\n[[tenants.buckets]]\nname = \"explicit\"\nroutes = [\"GET /b\"]\n\
+         permits = 300\nwindow_ms = 60000\nburst = 20\n",
+        t0,
+    );
+    let lower = |permits| LimitChange {
+        permits: Some(permits),
+        window: None,
+        burst: None,
+        max_in_flight: None,
+    };
+    let implicit = t.set_bucket_limit("implicit", lower(100), t0).unwrap();
+    assert_eq!(implicit.rate.map(|r| r.burst.get()), Some(100));
+    let explicit = t.set_bucket_limit("explicit", lower(100), t0).unwrap();
+    assert_eq!(explicit.rate.map(|r| r.burst.get()), Some(20));
+    // At most the new burst at once, not the old window's 300.
+    let mut granted = 0;
+    while matches!(
+        t.acquire(&args("GET", "/a", 1), NOW, t0),
+        Ok(Decision::Granted(_))
+    ) {
+        granted += 1;
+        assert!(granted <= 300, "no end to the burst");
+    }
+    assert_eq!(granted, 100);
+}
