@@ -448,6 +448,10 @@ class QuotaBroker:
         self._conn = self._conn_for(self.targets[0])
         self.timeout = timeout
         #: Call metadata (the bearer token), for calls on the raw stubs.
+        # A token read from a file keeps its trailing newline, which gRPC
+        # refuses as metadata ("Invalid metadata"): the broker's hashes and
+        # `quota-broker hash-token` strip it too.
+        token = token.strip() if isinstance(token, str) else token
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._clock = clock if clock is not None else SystemClock()
         if fallback is not None and not isinstance(fallback, FallbackSettings):

@@ -172,6 +172,9 @@ tenants = ["demo"]
     with proc.client(token="wrong-token") as wrong:
         with pytest.raises(qb.Unauthenticated):
             wrong.acquire(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=0)
+    # Read from a file, newline and all.
+    with proc.client(token=token + "\n") as from_file:
+        assert from_file.list_buckets(TENANT)
     with proc.client(token=token) as good:
         with good.lease(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=0) as lease:
             assert lease.lease_id
