@@ -117,7 +117,8 @@ where
         let span = tracing::error_span!(
             "rpc",
             request_id = id.to_str().unwrap_or(""),
-            method = Metrics::method_name(method)
+            method = Metrics::method_name(method),
+            token = tracing::field::Empty
         );
         let call = self.inner.call(req).instrument(span.clone());
         let metrics = self.metrics.clone();

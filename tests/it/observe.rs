@@ -988,9 +988,12 @@ async fn json_logs_carry_the_request_id() {
         "json-logs",
         &format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"\"\nlog_format = \"json\"\n\
-             state_dir = \"\"\n[[tenants]]\nid = \"t\"\n{BUCKETS}"
+             state_dir = \"\"\n[[auth.tokens]]\nname = \"wallboard-7\"\nsha256 = \"{}\"\n\
+             role = \"client\"\ntenants = [\"t\"]\n[[tenants]]\nid = \"t\"\n{BUCKETS}",
+            quota_broker::hash_token("s3cret-wallboard")
         ),
     );
+    let bearer: tonic::metadata::MetadataValue<_> = "Bearer s3cret-wallboard".parse().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
         .arg("--config")
         .arg(&path)
@@ -1041,6 +1044,9 @@ async fn json_logs_carry_the_request_id() {
         report
             .metadata_mut()
             .insert("x-request-id", "report-7".parse().unwrap());
+        report
+            .metadata_mut()
+            .insert("authorization", bearer.clone());
         client.report(report).await.unwrap();
         let frozen = loop {
             let line = lines.recv().await.expect("the freeze was logged");
@@ -1056,8 +1062,9 @@ async fn json_logs_carry_the_request_id() {
         bad.get_mut().tenant = "nope".into();
         bad.metadata_mut()
             .insert("x-request-id", "refused-9".parse().unwrap());
+        bad.metadata_mut().insert("authorization", bearer.clone());
         let e = client.acquire(bad).await.unwrap_err();
-        assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
         let refused = loop {
             let line = lines.recv().await.expect("the refusal was logged");
             let v: serde_json::Value = serde_json::from_str(&line)
@@ -1077,10 +1084,15 @@ async fn json_logs_carry_the_request_id() {
     let (v, refused) = outcome.expect("the JSON log lines came within the limit");
     assert_eq!(v["span"]["request_id"], "report-7", "{v}");
     assert_eq!(v["span"]["method"], "/quota.v1.QuotaBroker/Report", "{v}");
+    // Whose token froze the bucket.
+    assert_eq!(v["span"]["token"], "wallboard-7", "{v}");
     assert_eq!(refused["span"]["request_id"], "refused-9", "{refused}");
-    assert_eq!(refused["fields"]["code"], "NotFound", "{refused}");
+    assert_eq!(refused["fields"]["code"], "PermissionDenied", "{refused}");
+    assert_eq!(refused["span"]["token"], "wallboard-7", "{refused}");
     assert!(
-        refused["fields"]["reason"].is_string() && refused.to_string().contains("nope"),
+        refused["fields"]["reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
         "the refusal says why: {refused}"
     );
 }
