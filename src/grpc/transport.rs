@@ -491,6 +491,55 @@ fn is_about_one_connection(e: &io::Error) -> bool {
     )
 }
 
+/// Failed handshakes, for a log line at most once a minute.
+static FAILED_HANDSHAKES: Throttled = Throttled::new(Duration::from_secs(60));
+
+/// Counts events and says when one may be logged: the first, then at most
+/// one per `every`, with how many came since the last line. (By hand: a
+/// counter and a timestamp in two atomics; the crates for this throttle
+/// whole subscribers, not one message.)
+struct Throttled {
+    every: Duration,
+    /// Milliseconds since the process's first event, of the last line + 1
+    /// (0: no line yet).
+    last: std::sync::atomic::AtomicU64,
+    count: std::sync::atomic::AtomicU64,
+}
+
+impl Throttled {
+    const fn new(every: Duration) -> Throttled {
+        Throttled {
+            every,
+            last: std::sync::atomic::AtomicU64::new(0),
+            count: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one event; `Some(events since the last line)` if it may be
+    /// logged now.
+    fn note(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let now = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as u64
+            + 1;
+        self.count.fetch_add(1, Relaxed);
+        let last = self.last.load(Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= self.every.as_millis() as u64;
+        if due
+            && self
+                .last
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            return Some(self.count.swap(0, Relaxed));
+        }
+        None
+    }
+}
+
 /// Runs one connection's handshake under the timeout, then hands it over.
 async fn handshake(
     tcp: TcpStream,
@@ -508,7 +557,15 @@ async fn handshake(
     let (io, tls_info) = match done {
         Ok(Ok(established)) => established,
         Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "handshake failed; connection closed");
+            // A client that cannot connect (a wrong CA, an expired or
+            // mismatched certificate, plaintext to a TLS port) sees only
+            // "unavailable": say it here, at most once a minute, with how
+            // many failed since.
+            match FAILED_HANDSHAKES.note() {
+                Some(since) => tracing::info!(%peer, error = %e, failed_since_last_line = since,
+                    "connection closed: its handshake failed (TLS or HTTP/2 preface)"),
+                None => tracing::debug!(%peer, error = %e, "handshake failed; connection closed"),
+            }
             return;
         }
         Err(_) => {
@@ -568,6 +625,18 @@ async fn establish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttled_message_is_logged_first_then_held_with_its_count() {
+        let t = Throttled::new(Duration::from_secs(3600));
+        assert_eq!(t.note(), Some(1), "the first is logged");
+        assert_eq!(t.note(), None);
+        assert_eq!(t.note(), None);
+        assert_eq!(t.count.load(std::sync::atomic::Ordering::Relaxed), 2);
+        let every = Throttled::new(Duration::ZERO);
+        assert_eq!(every.note(), Some(1));
+        assert_eq!(every.note(), Some(1), "due again: counts only itself");
+    }
 
     #[test]
     fn only_the_first_request_id_of_a_connection_is_indexed() {
