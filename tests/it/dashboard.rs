@@ -44,6 +44,10 @@ window_ms = 60000
 burst = 5
 max_in_flight = 8
 lease_ttl_ms = 600000
+[[tenants.buckets]]
+name = "jobs"
+routes = ["POST /api/v2/analytics/jobs/**"]
+max_in_flight = 4
 "#;
 
 /// The browser session: open the page, wait for the charts to move, print
@@ -76,7 +80,7 @@ const shown = () => [...document.querySelectorAll("section.panel")].map((p) => (
     args: ["--no-sandbox", "--disable-gpu"],
   });
   try {
-    const page = await browser.newPage({ viewport: { width: 1600, height: 820 } });
+    const page = await browser.newPage({ viewport: { width: 1920, height: 1080 } });
     page.on("console", (m) => console.error("page:", m.text()));
     await page.goto(url);
     await page.waitForFunction(() => document.querySelectorAll("section.panel").length >= 2,
@@ -114,6 +118,15 @@ const shown = () => [...document.querySelectorAll("section.panel")].map((p) => (
         + "; it shows " + JSON.stringify(got));
     }
     console.log("MATCHED");
+    // A bucket without a rate charts its slots, and says so.
+    const jobs = await page.evaluate(() => {
+      const p = document.querySelector('section.panel[data-bucket="jobs"]');
+      return p && { rate: p.querySelector(".fig.rate .v").textContent,
+        caption: p.querySelector(".caption").textContent };
+    });
+    if (!jobs || jobs.rate !== "—" || !jobs.caption.startsWith("slots in flight")) {
+      throw new Error("the slot-only panel shows " + JSON.stringify(jobs));
+    }
     const placed = () => [...document.querySelectorAll("section.panel")]
       .map((p) => ({ bucket: p.dataset.bucket, badge: p.querySelector(".badge").textContent,
         box: p.getBoundingClientRect().toJSON() }))
@@ -273,7 +286,7 @@ async fn the_dashboard_shows_what_list_buckets_says() {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         while load.join_next().await.is_some() {}
         let expected = settled(&b).await;
-        assert_eq!(expected.len(), 2, "{expected:?}");
+        assert_eq!(expected.len(), 3, "{expected:?}");
         assert!(
             expected.iter().any(|e| e["granted"].as_u64() > Some(0)),
             "the load was granted something: {expected:?}"

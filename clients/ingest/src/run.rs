@@ -211,9 +211,16 @@ pub async fn run(plan: &Plan, source: &Source, sink: &Sink) -> Result<Summary, I
         ));
     }
     let run = run_id();
-    take_worker_name(plan, sink, &run).await?;
+    // Before the name is taken: a run dropped while its claim is on the
+    // way to the sink gives it back all the same (giving back a name this
+    // run does not hold deletes nothing).
+    let mut name = NameHeld::new(sink, &plan.owner, &run);
+    if let Err(e) = take_worker_name(plan, sink, &run).await {
+        name.released = true;
+        return Err(e);
+    }
     let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let name = NameHeld::start(sink, &plan.owner, &run, &lost);
+    name.start(&lost);
     let outcome = run_blocks(plan, source, sink, &lost).await;
     name.release().await;
     if lost.load(std::sync::atomic::Ordering::Relaxed) {
@@ -231,7 +238,7 @@ pub async fn run(plan: &Plan, source: &Source, sink: &Sink) -> Result<Summary, I
 /// caller's deadline or `select!`): a heartbeat outliving the run would
 /// keep the name from every later run in this process.
 struct NameHeld {
-    heartbeat: AbortOnDropHandle<()>,
+    heartbeat: Option<AbortOnDropHandle<()>>,
     sink: Sink,
     owner: String,
     run: String,
@@ -239,14 +246,26 @@ struct NameHeld {
 }
 
 impl NameHeld {
-    /// Starts the heartbeat; it sets `lost` when another run took the name.
-    fn start(
-        sink: &Sink,
-        owner: &str,
-        run: &str,
-        lost: &Arc<std::sync::atomic::AtomicBool>,
-    ) -> NameHeld {
-        let (s, o, r, lost) = (sink.clone(), owner.to_owned(), run.to_owned(), lost.clone());
+    /// The name `owner` of run `run`, before it is taken.
+    fn new(sink: &Sink, owner: &str, run: &str) -> NameHeld {
+        NameHeld {
+            heartbeat: None,
+            sink: sink.clone(),
+            owner: owner.to_owned(),
+            run: run.to_owned(),
+            released: false,
+        }
+    }
+
+    /// Starts the heartbeat once the name is taken; it sets `lost` when
+    /// another run took the name.
+    fn start(&mut self, lost: &Arc<std::sync::atomic::AtomicBool>) {
+        let (s, o, r, lost) = (
+            self.sink.clone(),
+            self.owner.clone(),
+            self.run.clone(),
+            lost.clone(),
+        );
         let heartbeat = AbortOnDropHandle::new(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(HEARTBEAT).await;
@@ -263,18 +282,14 @@ impl NameHeld {
                 }
             }
         }));
-        NameHeld {
-            heartbeat,
-            sink: sink.clone(),
-            owner: owner.to_owned(),
-            run: run.to_owned(),
-            released: false,
-        }
+        self.heartbeat = Some(heartbeat);
     }
 
     /// The run is over: stop the heartbeat and give the name back.
     async fn release(mut self) {
-        self.heartbeat.abort();
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
         if let Err(e) = self.sink.release_worker_name(&self.owner, &self.run).await {
             tracing::warn!(error = %e, "could not give this run's worker name back");
         }

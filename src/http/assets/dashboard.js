@@ -121,6 +121,7 @@ function update(r) {
   p.rate.v.innerHTML = "";
   if (slots) p.rate.v.append("—");
   else p.rate.v.append(fmtRate(r.effective_per_min), el("small", "", " / " + fmtRate(r.configured_per_min)));
+  p.rate.root.querySelector(".l").textContent = slots ? "no rate limit" : "per min / configured";
   p.caption.textContent = slots
     ? "slots in flight (solid) and the limit (dashed)"
     : "per minute: allowed now (solid), configured (dashed), granted (thin)";
