@@ -162,7 +162,7 @@ async fn an_expired_lease_frees_its_slot_on_time_with_nobody_waiting() {
     let b = start(&config(SLOT)).await;
     let first = b.acquire(req("POST", "/q", 0)).await;
     assert!(first.granted);
-    tokio::time::sleep(Duration::from_millis(5_100)).await;
+    tokio::time::advance(Duration::from_millis(5_100)).await;
     assert_eq!(
         b.bucket("slots").await.in_flight,
         0,

@@ -180,18 +180,17 @@ async fn a_block_short_of_its_total_hits_is_fetched_again_and_reported() {
     bed.sim.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_second_run_under_the_same_worker_name_does_not_fetch_the_range_again() {
-    let bed = Bed::start().await;
-    let path = sqlite("same-name");
-    let sink = open(&path).await;
-    let plan = plan(DAY1, "2026-11-02", BlockSize::Hour);
-    let source = bed.source(SourceKind::Query, "same-name");
-    let first = {
+/// Starts a run of `plan` and waits (bounded) until it holds its worker
+/// name.
+async fn holding_the_name(
+    plan: &gc_ingest::Plan,
+    source: &gc_ingest::Source,
+    sink: &gc_ingest::Sink,
+) -> tokio::task::JoinHandle<Result<gc_ingest::Summary, gc_ingest::IngestError>> {
+    let handle = {
         let (plan, source, sink) = (plan.clone(), source.clone(), sink.clone());
         tokio::spawn(async move { run(&plan, &source, &sink).await })
     };
-    // Once the first run holds the name (an overlapping cron run starts):
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while sink
         .worker_name_holder(&plan.owner)
@@ -201,10 +200,22 @@ async fn a_second_run_under_the_same_worker_name_does_not_fetch_the_range_again(
     {
         assert!(
             std::time::Instant::now() < deadline,
-            "the first run never started"
+            "the run never took its worker name"
         );
         tokio::task::yield_now().await;
     }
+    handle
+}
+
+#[tokio::test]
+async fn a_second_run_under_the_same_worker_name_does_not_fetch_the_range_again() {
+    let bed = Bed::start().await;
+    let path = sqlite("same-name");
+    let sink = open(&path).await;
+    let plan = plan(DAY1, "2026-11-02", BlockSize::Hour);
+    let source = bed.source(SourceKind::Query, "same-name");
+    // Once the first run holds the name (an overlapping cron run starts):
+    let first = holding_the_name(&plan, &source, &sink).await;
     let second = run(&plan, &source, &sink).await;
     assert!(
         matches!(&second, Err(gc_ingest::IngestError::WorkerBusy(_))),
@@ -225,23 +236,7 @@ async fn a_cancelled_run_gives_its_worker_name_back() {
     let sink = open(&path).await;
     let plan = plan(DAY1, "2026-11-02", BlockSize::Hour);
     let source = bed.source(SourceKind::Query, "cancelled");
-    let first = {
-        let (plan, source, sink) = (plan.clone(), source.clone(), sink.clone());
-        tokio::spawn(async move { run(&plan, &source, &sink).await })
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while sink
-        .worker_name_holder(&plan.owner)
-        .await
-        .unwrap()
-        .is_none()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the run never started"
-        );
-        tokio::task::yield_now().await;
-    }
+    let first = holding_the_name(&plan, &source, &sink).await;
     // A caller drops the run (a drain deadline, a select that took
     // another branch): the name must not stay held by a heartbeat that
     // outlives the run, or every later run under it is refused.
