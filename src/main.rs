@@ -146,7 +146,7 @@ fn main() -> ExitCode {
 
 /// Installs the SIGINT/SIGTERM handlers now (so a signal that arrives
 /// right after the "serving" log line is not lost) and returns a future that
-/// completes on either.
+/// completes on either; SIGHUP is logged and ignored.
 fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {

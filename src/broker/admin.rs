@@ -197,21 +197,29 @@ impl Broker {
                             now.filter(|_| configured.is_none() || now != then)
                         };
                         let narrow = |v: Option<u64>| v.and_then(|v| u32::try_from(v).ok());
+                        let permits = narrow(differs(
+                            b.rate.map(|r| u64::from(r.permits.get())),
+                            rate.map(|r| u64::from(r.permits.get())),
+                        ));
+                        // With changed permits the burst is saved whatever it
+                        // is: replayed alone, a burst equal to the config's
+                        // permits would follow the new ones.
+                        let burst = match permits {
+                            Some(_) => b.rate.map(|r| r.burst.get()),
+                            None => narrow(differs(
+                                b.rate.map(|r| u64::from(r.burst.get())),
+                                rate.map(|r| u64::from(r.burst.get())),
+                            )),
+                        };
                         buckets.push(AdminBucket {
                             tenant,
                             bucket: name.clone(),
-                            permits: narrow(differs(
-                                b.rate.map(|r| u64::from(r.permits.get())),
-                                rate.map(|r| u64::from(r.permits.get())),
-                            )),
+                            permits,
                             window_ms: differs(
                                 b.rate.map(|r| millis(r.window)),
                                 rate.map(|r| millis(r.window)),
                             ),
-                            burst: narrow(differs(
-                                b.rate.map(|r| u64::from(r.burst.get())),
-                                rate.map(|r| u64::from(r.burst.get())),
-                            )),
+                            burst,
                             max_in_flight: narrow(differs(
                                 b.max_in_flight.map(|m| u64::from(m.get())),
                                 configured

@@ -1,7 +1,10 @@
 //! One driver task per tenant: it grants waiters the moment capacity frees,
 //! expires leases on time and drops idle per-client instances, woken by a
-//! `Notify` on every release and enqueue and by a timer at the next instant
+//! `Notify` on every release and enqueue, on a grant or renewal whose lease
+//! expires before its next planned run, and by a timer at the next instant
 //! anything can change; and it tells Watch streams that something changed.
+//! (Acquire, Renew and Release expire due leases themselves first, so none
+//! of them counts an expired lease while the driver is on its way.)
 
 use super::Broker;
 use std::sync::atomic::Ordering;

@@ -196,6 +196,10 @@ impl Broker {
             // so, and a start after a crash knows it is a restart.
             if let Err(e) = broker.learned_file().write(dir) {
                 tracing::error!(error = %e, "cannot write learned state");
+                broker
+                    .inner
+                    .state_failing
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
         let mut drivers: Vec<_> = (0..broker.inner.tenants.len())

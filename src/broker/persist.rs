@@ -109,9 +109,14 @@ impl Broker {
         };
         match record.write(dir) {
             Ok(()) => tracing::info!("recorded the live leases for the next start"),
-            Err(e) => tracing::error!(error = %e,
-                "cannot record the live leases: the next start counts every slot as held for \
-                 one lease TTL"),
+            Err(e) => {
+                self.inner
+                    .state_failing
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(error = %e,
+                    "cannot record the live leases: the next start counts every slot as held for \
+                     one lease TTL")
+            }
         }
     }
 

@@ -561,7 +561,10 @@ async fn handshake(
             // mismatched certificate, plaintext to a TLS port) sees only
             // "unavailable": say it here, at most once a minute, with how
             // many failed since.
-            match FAILED_HANDSHAKES.note() {
+            // A connection closed before saying anything (a TCP health
+            // check, a port scan) is not a client that failed to connect.
+            let silent = e.kind() == io::ErrorKind::UnexpectedEof;
+            match (!silent).then(|| FAILED_HANDSHAKES.note()).flatten() {
                 Some(since) => tracing::info!(%peer, error = %e, failed_since_last_line = since,
                     "connection closed: its handshake failed (TLS or HTTP/2 preface)"),
                 None => tracing::debug!(%peer, error = %e, "handshake failed; connection closed"),

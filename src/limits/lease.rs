@@ -126,6 +126,11 @@ pub(crate) struct LeaseTable {
     /// The highest sequence number above `next_seq` taken in from an
     /// earlier run (adopted, or handed over): numbering skips the live ones.
     taken_above: u64,
+    /// Every number taken in from an earlier run: once such a lease expired
+    /// or was released, its slot is back in the pool, so a late renewal
+    /// must not adopt it again (it would take another unknown holder's
+    /// phantom). As many as the earlier run's leases, at most.
+    taken: std::collections::HashSet<u64>,
 }
 
 impl LeaseTable {
@@ -147,7 +152,7 @@ impl LeaseTable {
     /// issued qualifies, and [`LeaseTable::next_seq`] skips those taken in.
     pub(crate) fn may_adopt(&self, seq: u64) -> bool {
         let issued_here = self.base < seq && seq <= self.next_seq;
-        !issued_here && !self.leases.contains_key(&seq)
+        !issued_here && !self.leases.contains_key(&seq) && !self.taken.contains(&seq)
     }
 
     /// A fresh sequence number (also used for leases that hold no slot and
@@ -177,6 +182,7 @@ impl LeaseTable {
         if seq > self.next_seq {
             self.taken_above = self.taken_above.max(seq);
         }
+        self.taken.insert(seq);
         self.insert(seq, lease);
         true
     }

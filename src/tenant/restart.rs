@@ -131,6 +131,9 @@ impl TenantState {
 
     /// Gives back phantom slots whose window ended; returns the next end.
     pub(super) fn end_phantoms(&mut self, now: Instant) -> Option<Instant> {
+        // Phantoms exist only after a restart: no walk over every instance
+        // on each run of the driver otherwise.
+        self.restarted_at?;
         let mut next = None;
         let mut ended = Vec::new();
         for (i, x) in self.instances.iter_mut() {

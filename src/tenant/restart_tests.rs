@@ -86,6 +86,20 @@ fn an_adopted_lease_holds_its_slot_until_released() {
 }
 
 #[test]
+fn an_adopted_lease_that_expired_is_not_adopted_again() {
+    let t0 = Instant::now();
+    let mut t = restarted(t0);
+    let earlier = lease(3, 9);
+    let with = args("POST", "/q", 1);
+    // Adopted for one second only, then let expire inside the window.
+    t.renew(earlier, Some(SEC), Some(&with), t0).unwrap();
+    t.tick(t0 + 2 * SEC);
+    // Renewed late: its slot went back to the pool; adopting it again
+    // would take the phantom of another holder still calling.
+    assert!(t.renew(earlier, None, Some(&with), t0 + 2 * SEC).is_err());
+}
+
+#[test]
 fn a_guessed_lease_id_is_not_adopted() {
     let t0 = Instant::now();
     let mut t = restarted(t0);

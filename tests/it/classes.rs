@@ -440,6 +440,36 @@ async fn a_pause_pins_no_limit_so_a_config_edit_still_takes_effect() {
     assert_eq!((org.configured_rate_per_min, org.paused), (300.0, true));
 }
 
+/// A burst as large as the config's permits, kept by an operator who
+/// lowered the permits, is still that burst after a restart (replayed
+/// alone, the saved permits would have taken the burst with them).
+#[tokio::test]
+async fn an_operators_burst_survives_a_restart_beside_changed_permits() {
+    let dir = std::env::temp_dir().join(format!("qb-admin-burst-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = saturated_in(&dir).replace("burst = 10\n", "");
+    let b = start(&cfg).await;
+    b.admin
+        .clone()
+        .set_bucket_limit(SetBucketLimitRequest {
+            tenant: "t".into(),
+            bucket: "org".into(),
+            permits: 100,
+            window_ms: 0,
+            burst: 600,
+            max_in_flight: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(list(&b).await.remove("org").unwrap().burst, 600);
+    b.stop().await;
+    let b = start(&cfg).await;
+    let org = list(&b).await.remove("org").unwrap();
+    b.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!((org.configured_rate_per_min, org.burst), (100.0, 600));
+}
+
 #[tokio::test(start_paused = true)]
 async fn admin_changes_made_at_once_are_all_saved_and_the_last_survives() {
     let dir = std::env::temp_dir().join(format!("qb-admin-race-{}", std::process::id()));

@@ -48,9 +48,22 @@ fn host() -> String {
     format!("{}{}", name.trim(), pids).replace('/', "_")
 }
 
+/// The runs of this process still going (their ids): a run of this process
+/// not among them is over, though its process lives (its future was
+/// dropped, and its claim of a name may have reached the sink after the
+/// give-back did).
+fn live_runs() -> std::sync::MutexGuard<'static, HashSet<String>> {
+    static LIVE: std::sync::OnceLock<Mutex<HashSet<String>>> = std::sync::OnceLock::new();
+    lock(LIVE.get_or_init(Mutex::default))
+}
+
 /// Whether run `id` is known to be over: its host is this one and its
-/// process is gone (a run killed, its name still held).
+/// process is gone (a run killed, its name still held), or it is a run of
+/// this process no longer going.
 fn run_is_over(id: &str) -> bool {
+    if let Some(rest) = id.strip_prefix(&format!("{}/{}/", host(), std::process::id())) {
+        return !rest.is_empty() && !live_runs().contains(id);
+    }
     let mut parts = id.split('/');
     let (Some(h), Some(pid)) = (
         parts.next(),
@@ -214,6 +227,7 @@ pub async fn run(plan: &Plan, source: &Source, sink: &Sink) -> Result<Summary, I
     // Before the name is taken: a run dropped while its claim is on the
     // way to the sink gives it back all the same (giving back a name this
     // run does not hold deletes nothing).
+    live_runs().insert(run.clone());
     let mut name = NameHeld::new(sink, &plan.owner, &run);
     if let Err(e) = take_worker_name(plan, sink, &run).await {
         name.released = true;
@@ -300,6 +314,7 @@ impl NameHeld {
 
 impl Drop for NameHeld {
     fn drop(&mut self) {
+        live_runs().remove(&self.run);
         if self.released {
             return;
         }
