@@ -77,38 +77,44 @@ fn run_is_over(id: &str) -> bool {
         && !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Takes `plan.owner` for this run, or says who holds it.
+/// Takes `plan.owner` for this run, or says who holds it. The holder may
+/// change between the reads (a run ending, or one of this process dropped
+/// and giving the name back): a few tries.
 async fn take_worker_name(plan: &Plan, sink: &Sink, run: &str) -> Result<(), IngestError> {
-    let now = now_ms();
-    let stale = now - NAME_STALE.as_millis() as i64;
-    if sink.take_worker_name(&plan.owner, run, now, stale).await? {
-        return Ok(());
-    }
-    let holder = sink.worker_name_holder(&plan.owner).await?;
-    if let Some((id, seen)) = &holder {
-        if run_is_over(id)
-            && sink
-                .take_worker_name_from(&plan.owner, run, id, now)
-                .await?
-        {
-            tracing::info!(worker = %plan.owner, "the run that held this worker name is gone: taking it");
+    let busy = |seen: Option<i64>, now: i64| {
+        IngestError::WorkerBusy(format!(
+            "another gc-ingest run works on this sink as worker {:?}{}: give this run another \
+             --worker name to share the range with it, or let it finish",
+            plan.owner.chars().take(64).collect::<String>(),
+            seen.map_or(String::new(), |seen| format!(
+                " (seen {} s ago)",
+                (now - seen).max(0) / 1000
+            ))
+        ))
+    };
+    for _ in 0..3 {
+        let now = now_ms();
+        let stale = now - NAME_STALE.as_millis() as i64;
+        if sink.take_worker_name(&plan.owner, run, now, stale).await? {
             return Ok(());
         }
-        return Err(IngestError::WorkerBusy(format!(
-            "another gc-ingest run works on this sink as worker {:?} (seen {} s ago): give this \
-             run another --worker name to share the range with it, or let it finish",
-            plan.owner.chars().take(64).collect::<String>(),
-            (now - seen).max(0) / 1000
-        )));
+        match sink.worker_name_holder(&plan.owner).await? {
+            // Given back between the two reads.
+            None => continue,
+            Some((id, _)) if run_is_over(&id) => {
+                if sink
+                    .take_worker_name_from(&plan.owner, run, &id, now)
+                    .await?
+                {
+                    tracing::info!(worker = %plan.owner,
+                        "the run that held this worker name is gone: taking it");
+                    return Ok(());
+                }
+            }
+            Some((_, seen)) => return Err(busy(Some(seen), now)),
+        }
     }
-    // Released between the two reads: try once more.
-    if sink.take_worker_name(&plan.owner, run, now, stale).await? {
-        return Ok(());
-    }
-    Err(IngestError::WorkerBusy(format!(
-        "another gc-ingest run works on this sink as worker {:?}",
-        plan.owner.chars().take(64).collect::<String>()
-    )))
+    Err(busy(None, now_ms()))
 }
 
 /// What a run covers and how.
