@@ -7,8 +7,8 @@ use crate::invariants::{Event, GrantLog};
 use quota_broker::pb::quota_admin_client::QuotaAdminClient;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
 use quota_broker::pb::{
-    AcquireRequest, ClearLearnedRequest, ListBucketsRequest, ReleaseRequest, RenewRequest,
-    ReportRequest,
+    AcquireRequest, AcquireResponse, ClearLearnedRequest, ListBucketsRequest, ReleaseRequest,
+    RenewRequest, ReportRequest,
 };
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -64,6 +64,11 @@ fn call(method: &str, path: &str, client: &str, max_wait_ms: u64) -> AcquireRequ
         max_wait_ms: Some(max_wait_ms),
         ..Default::default()
     }
+}
+
+/// Acquire `req`, and its answer.
+async fn ask(c: &mut QuotaBrokerClient<Channel>, req: AcquireRequest) -> AcquireResponse {
+    c.acquire(req).await.unwrap().into_inner()
 }
 
 async fn client(b: &Broker) -> QuotaBrokerClient<Channel> {
@@ -125,11 +130,7 @@ async fn after_a_crash_held_slots_are_adopted_and_never_granted_twice_even_with_
     let b = Broker::start(&restart_path).await;
     let mut c = client(&b).await;
     // The three calls still run upstream: a fourth may not start.
-    let r = c
-        .acquire(call("POST", path_of, "newcomer", 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(&mut c, call("POST", path_of, "newcomer", 0)).await;
     assert!(!r.granted, "granted a fourth slot after the restart");
     // The holders renew as usual and are adopted, not told NOT_FOUND.
     for (k, (lease_id, req)) in held.iter().enumerate() {
@@ -197,11 +198,7 @@ async fn a_restart_does_not_refill_the_token_bucket() {
     let began = Instant::now();
     let most = |began: Instant| 20 + (began.elapsed().as_secs_f64() * 10.0) as u64;
     loop {
-        let r = c
-            .acquire(call("GET", "/api/v2/users/me", "spender", 0))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = ask(&mut c, call("GET", "/api/v2/users/me", "spender", 0)).await;
         if !r.granted {
             break;
         }
@@ -221,11 +218,7 @@ async fn a_restart_does_not_refill_the_token_bucket() {
     // Keep asking for two seconds after the burst: whatever the broker
     // grants, the log must stay within 20 + 10/s.
     while Instant::now() < start + Duration::from_secs(2) {
-        let r = c
-            .acquire(call("GET", "/api/v2/users/me", "spender", 100))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = ask(&mut c, call("GET", "/api/v2/users/me", "spender", 100)).await;
         if r.granted {
             rate_grant(&mut log, &mut lease);
         }
@@ -377,11 +370,7 @@ async fn a_graceful_restart_holds_only_the_leases_it_recorded_and_a_stale_record
     let mut c = client(&b).await;
     let mut held = Vec::new();
     for k in 0..2u64 {
-        let r = c
-            .acquire(call("POST", path_of, &format!("holder-{k}"), 0))
-            .await
-            .unwrap()
-            .into_inner();
+        let r = ask(&mut c, call("POST", path_of, &format!("holder-{k}"), 0)).await;
         assert!(r.granted, "{}", r.reason);
         log.record(Event::Granted {
             lease: k,
@@ -403,11 +392,7 @@ async fn a_graceful_restart_holds_only_the_leases_it_recorded_and_a_stale_record
     // at once (not held for a lease TTL as after a crash), a fourth is not.
     let b = Broker::start(&path).await;
     let mut c = client(&b).await;
-    let r = c
-        .acquire(call("POST", path_of, "newcomer", 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(&mut c, call("POST", path_of, "newcomer", 0)).await;
     assert!(!record.exists(), "the record is used once");
     assert!(
         r.granted,
@@ -419,11 +404,7 @@ async fn a_graceful_restart_holds_only_the_leases_it_recorded_and_a_stale_record
         permits: 1,
         slot: true,
     });
-    let r = c
-        .acquire(call("POST", path_of, "fourth", 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(&mut c, call("POST", path_of, "fourth", 0)).await;
     assert!(!r.granted, "granted a fourth slot after a graceful restart");
     // The recorded leases are known by their ids: renewed without saying
     // which Acquire granted them, released with their slot.
@@ -445,11 +426,7 @@ async fn a_graceful_restart_holds_only_the_leases_it_recorded_and_a_stale_record
         .unwrap()
         .into_inner();
     assert!(released.released, "the recorded lease held its slot");
-    let r = c
-        .acquire(call("POST", path_of, "after-release", 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(&mut c, call("POST", path_of, "after-release", 0)).await;
     assert!(r.granted, "{}", r.reason);
     log.record(Event::Granted {
         lease: 3,
@@ -464,11 +441,7 @@ async fn a_graceful_restart_holds_only_the_leases_it_recorded_and_a_stale_record
     std::fs::write(&record, &first_record).unwrap();
     let b = Broker::start(&path).await;
     let mut c = client(&b).await;
-    let r = c
-        .acquire(call("POST", path_of, "after-crash", 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = ask(&mut c, call("POST", path_of, "after-crash", 0)).await;
     let (_, last_log) = b.terminate().await;
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_dir_all(&dir);
