@@ -28,6 +28,9 @@ pub enum Error {
         code: Code,
         /// The broker's message.
         message: String,
+        /// The request id the broker gave the call (`x-request-id`): its
+        /// log line about the call carries it.
+        request_id: Option<String>,
     },
     /// The broker did not answer within the time limit.
     Timeout {
@@ -86,9 +89,22 @@ impl Error {
                 };
             }
         }
+        let request_id = s
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|id| {
+                !id.is_empty()
+                    && id.len() <= 64
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+            })
+            .map(str::to_owned);
         Error::Rpc {
             code: s.code(),
             message: s.message().to_owned(),
+            request_id,
         }
     }
 }
@@ -143,12 +159,20 @@ impl fmt::Display for Error {
                 }
                 Ok(())
             }
-            Error::Rpc { code, message } => {
+            Error::Rpc {
+                code,
+                message,
+                request_id,
+            } => {
                 let message = one_line(message);
                 if message.is_empty() {
-                    write!(f, "{}", code_name(*code))
+                    write!(f, "{}", code_name(*code))?;
                 } else {
-                    write!(f, "{}: {message}", code_name(*code))
+                    write!(f, "{}: {message}", code_name(*code))?;
+                }
+                match request_id {
+                    Some(id) => write!(f, " (request id {id})"),
+                    None => Ok(()),
                 }
             }
             Error::Timeout { url, secs } => {
@@ -278,6 +302,24 @@ mod tests {
         assert_eq!(e.to_string(), "NOT_FOUND: a; b");
         let e = Error::status("http://x", tonic::Status::internal(""));
         assert_eq!(e.to_string(), "INTERNAL");
+        // The broker's request id, so its log line can be found; one that
+        // is not a plain short id is left out.
+        let mut with_id = tonic::Status::not_found("no tenant \"x\"");
+        with_id
+            .metadata_mut()
+            .insert("x-request-id", "9f2c4e1a00b3d7e5".parse().unwrap());
+        let e = Error::status("http://x", with_id);
+        assert_eq!(
+            e.to_string(),
+            "NOT_FOUND: no tenant \"x\" (request id 9f2c4e1a00b3d7e5)"
+        );
+        let mut odd = tonic::Status::not_found("gone");
+        odd.metadata_mut()
+            .insert("x-request-id", "a b".parse().unwrap());
+        assert_eq!(
+            Error::status("http://x", odd).to_string(),
+            "NOT_FOUND: gone"
+        );
     }
 
     #[test]

@@ -411,9 +411,19 @@ async fn broker_errors_are_one_line_and_exit_1() {
         .await;
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
+    // With the broker's request id, which its log line about the call carries.
+    let line = stderr_line(&out);
+    let (said, id) = line
+        .strip_suffix(')')
+        .and_then(|l| l.split_once(" (request id "))
+        .unwrap_or_else(|| panic!("no request id: {line}"));
     assert_eq!(
-        stderr_line(&out),
+        said,
         "quotactl: PERMISSION_DENIED: token \"ingest\" has role client; this RPC needs an admin token"
+    );
+    assert!(
+        id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
     );
     assert_eq!(b.bucket("jobs").await["paused"], false);
 
