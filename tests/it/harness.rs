@@ -17,6 +17,14 @@ pub struct TestBroker {
     server: JoinHandle<Result<(), quota_broker::ServerError>>,
 }
 
+/// A state directory of this test process named `name`, empty (an
+/// earlier run's left behind is removed).
+pub fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("quota-broker-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 /// A tenant "t" with the given bucket tables.
 pub fn config(buckets: &str) -> String {
     format!(

@@ -534,8 +534,7 @@ async fn acquire_answers_are_plain_grpc_on_the_wire() {
 /// load. (A graceful stop records its leases and leaves none.)
 #[tokio::test]
 async fn slots_held_over_from_before_a_crash_are_shown_apart() {
-    let dir = std::env::temp_dir().join(format!("quota-broker-{}-held-over", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = crate::harness::fresh_dir("held-over");
     let config = format!(
         r#"[server]
 state_dir = "{}"
@@ -595,9 +594,7 @@ lease_ttl_ms = 60000
 /// is no longer saved.
 #[tokio::test]
 async fn a_state_directory_that_breaks_is_shown_in_the_metrics() {
-    let dir =
-        std::env::temp_dir().join(format!("quota-broker-{}-state-breaks", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = crate::harness::fresh_dir("state-breaks");
     let b = start(&format!(
         "[server]\nstate_dir = \"{}\"\nshutdown_grace_ms = 1000\n[[tenants]]\nid = \"t\"\n{BUCKETS}",
         dir.display()

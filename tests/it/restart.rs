@@ -3,6 +3,7 @@
 //! restart learning mode must keep every limit across the restart.
 
 use crate::child::{temp_config, Broker};
+use crate::harness::fresh_dir;
 use crate::invariants::{Event, GrantLog};
 use quota_broker::pb::quota_admin_client::QuotaAdminClient;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
@@ -10,7 +11,7 @@ use quota_broker::pb::{
     AcquireRequest, AcquireResponse, ClearLearnedRequest, ListBucketsRequest, ReleaseRequest,
     RenewRequest, ReportRequest,
 };
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -45,12 +46,6 @@ burst = 5
 "#,
         dir.display()
     )
-}
-
-fn state_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("quota-broker-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
 }
 
 /// Critical, so no class reserve stands between the test and the limits.
@@ -97,7 +92,7 @@ fn state_written(dir: &Path) {
 #[tokio::test]
 async fn after_a_crash_held_slots_are_adopted_and_never_granted_twice_even_with_a_tenant_added_first(
 ) {
-    let dir = state_dir("slots");
+    let dir = fresh_dir("slots");
     let path = temp_config("restart-slots", &config(&dir));
     let mut log = GrantLog::default();
     let b = Broker::start(&path).await;
@@ -187,7 +182,7 @@ async fn after_a_crash_held_slots_are_adopted_and_never_granted_twice_even_with_
 #[cfg(unix)]
 #[tokio::test]
 async fn a_restart_does_not_refill_the_token_bucket() {
-    let dir = state_dir("rate");
+    let dir = fresh_dir("rate");
     let path = temp_config("restart-rate", &config(&dir));
     let mut log = GrantLog::default();
     let b = Broker::start(&path).await;
@@ -233,7 +228,7 @@ async fn a_restart_does_not_refill_the_token_bucket() {
 #[cfg(unix)]
 #[tokio::test]
 async fn a_crash_loop_grants_no_permit_per_restart() {
-    let dir = state_dir("loop");
+    let dir = fresh_dir("loop");
     let path = temp_config("restart-loop", &config(&dir));
     let mut log = GrantLog::default();
     let mut lease = 0u64;
@@ -276,7 +271,7 @@ async fn a_crash_loop_grants_no_permit_per_restart() {
 #[cfg(unix)]
 #[tokio::test]
 async fn an_operators_clear_survives_a_crash_right_after_it() {
-    let dir = state_dir("clear");
+    let dir = fresh_dir("clear");
     let path = temp_config("restart-clear", &config(&dir));
     let frozen = |b: &Broker| {
         let url = b.url();
@@ -335,7 +330,7 @@ async fn an_operators_clear_survives_a_crash_right_after_it() {
 #[cfg(unix)]
 #[tokio::test]
 async fn an_unreadable_state_file_is_kept_aside_not_overwritten() {
-    let dir = state_dir("unreadable");
+    let dir = fresh_dir("unreadable");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("learned.toml"), "version = 1\nbuckets = 7\n").unwrap();
     let path = temp_config("restart-unreadable", &config(&dir));
@@ -358,7 +353,7 @@ async fn an_unreadable_state_file_is_kept_aside_not_overwritten() {
 #[cfg(unix)]
 #[tokio::test]
 async fn a_graceful_restart_holds_only_the_leases_it_recorded_and_a_stale_record_is_not_trusted() {
-    let dir = state_dir("graceful");
+    let dir = fresh_dir("graceful");
     // Leases that outlive two starts on a slow machine.
     let path = temp_config(
         "restart-graceful",

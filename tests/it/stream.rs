@@ -368,8 +368,7 @@ async fn a_message_over_the_size_limit_ends_the_stream_with_its_error() {
 /// start.
 #[tokio::test]
 async fn a_streams_leases_keep_their_slots_across_a_graceful_restart() {
-    let dir = std::env::temp_dir().join(format!("quota-broker-{}-stream-stop", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = crate::harness::fresh_dir("stream-stop");
     let config = format!(
         "[server]\nstate_dir = \"{}\"\nshutdown_grace_ms = 1000\n[[tenants]]\nid = \"t\"\n\
          [[tenants.buckets]]\nname = \"slots\"\nroutes = [\"* /**\"]\nmax_in_flight = 2\n\
