@@ -145,6 +145,41 @@ impl Broker {
         Ok(rx)
     }
 
+    /// The broker-wide change counter: it moves whenever any bucket
+    /// instance changes (a read of it takes no lock).
+    pub(crate) fn change_version(&self) -> u64 {
+        self.inner
+            .version
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The bucket instances, of every tenant this broker leads now, that
+    /// changed since `seen` (per tenant index, what was last read of it;
+    /// updated). Tenants no longer led are forgotten, so they are read in
+    /// full if led again.
+    pub(crate) fn changed_since(
+        &self,
+        seen: &mut HashMap<usize, HashMap<usize, u64>>,
+    ) -> Vec<TenantBucketStatus> {
+        let now = Instant::now();
+        let tenants = self.visible(None, |_| true).unwrap_or_default();
+        // (`visible` returns them sorted.)
+        seen.retain(|t, _| tenants.binary_search(t).is_ok());
+        let mut out = Vec::new();
+        for t in tenants {
+            let state = self.inner.tenants[t].lock();
+            let since = seen.entry(t).or_default();
+            out.extend(state.statuses_since(since, now).into_iter().map(|status| {
+                TenantBucketStatus {
+                    tenant: state.id().to_owned(),
+                    at: now,
+                    status,
+                }
+            }));
+        }
+        out
+    }
+
     /// Leases holding slots, per tenant (config order).
     pub(crate) fn leases_held(&self) -> Vec<(String, usize)> {
         self.inner

@@ -11,8 +11,10 @@
 //! another host over this plaintext port. The dashboard's page and script
 //! are static, embedded in the binary (no CDN: it works offline).
 //!
-//! The feed is the broker's Watch feed (a snapshot, then each bucket again
-//! when it changes, coalesced): nothing polls.
+//! The feed starts with what each visible instance showed over the last
+//! minutes (`history`: one `history` event per instance), then is the
+//! broker's Watch feed (a snapshot, then each bucket again when it changes,
+//! coalesced): the page polls nothing.
 
 use crate::auth::{AuthError, Authenticator};
 use crate::broker::{Broker, TenantBucketStatus};
@@ -25,6 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures_util::StreamExt;
+use history::History;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use std::convert::Infallible;
@@ -34,6 +37,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+
+mod history;
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const DASHBOARD_JS: &str = include_str!("assets/dashboard.js");
@@ -54,6 +59,8 @@ struct Http {
     /// Caps the event feeds a caller holds open, with gRPC Watch's limits.
     overload: Arc<Overload>,
     shutdown: CancellationToken,
+    /// The last minutes, for pages that open now.
+    history: Arc<History>,
 }
 
 /// Serves the HTTP port on `listener` until `stop` is cancelled; `/readyz`
@@ -68,12 +75,14 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
+    let history = History::spawn(broker.clone(), stop.clone());
     let state = Http {
         registry,
         broker,
         auth,
         overload,
         shutdown,
+        history,
     };
     let app = Router::new()
         .route("/", get(index))
@@ -211,11 +220,20 @@ async fn events(
         Err(e) => return refuse(StatusCode::NOT_FOUND, &e.to_string()),
     };
     let clock = http.broker.clock();
-    let stream = ReceiverStream::new(rx).map(move |s| {
+    // Up to now, not to the last step.
+    http.history.sample(&http.broker);
+    let now = tokio::time::Instant::now();
+    let past: Vec<Result<Event, Infallible>> = http
+        .history
+        .series(|t| tenant.map_or_else(|| who.sees(t), |only| only == t))
+        .iter()
+        .map(|s| Ok(Event::default().event("history").data(s.to_json(now))))
+        .collect();
+    let stream = futures_util::stream::iter(past).chain(ReceiverStream::new(rx).map(move |s| {
         // The feed holds its place under the cap until it ends.
         let _open = &permit;
         Ok::<_, Infallible>(Event::default().event("bucket").data(record(&s, clock)))
-    });
+    }));
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response()

@@ -2,7 +2,8 @@
 //! driven by Playwright (`playwright-core`, pinned, installed with npm under
 //! target/), against a broker under load. It waits for the charts to move,
 //! checks that the numbers shown match ListBuckets once the load stops,
-//! that a frozen bucket is shown first and a full one says so, saves a
+//! that a frozen bucket is shown first and a full one says so, that a page
+//! opened later draws the minutes before it (the 429 included), saves a
 //! screenshot (`target/tmp/dashboard.png`; the README shows a copy,
 //! docs/dashboard.png), and that a page whose broker stopped says it has
 //! no data instead of showing the last figures as current. Anything that
@@ -55,8 +56,9 @@ max_in_flight = 4
 /// the page shows them, print MATCHED; check the frozen `users` panel comes
 /// first, print ORDERED; save the screenshot, print SHOT; on a line BUSY
 /// wait for analytics-query's badge to say it is at its limit, print
-/// LIMIT; on a line STOPPED wait for the page to say it has no data, print
-/// STALE.
+/// LIMIT; open a second page and check it drew the minutes before it
+/// opened, the 429 marker on users included, print HISTORY; on a line
+/// STOPPED wait for the page to say it has no data, print STALE.
 const SCRIPT: &str = r#"
 const { chromium } = require(process.env.PW_DIR + "/node_modules/playwright-core");
 const readline = require("readline");
@@ -155,6 +157,27 @@ const shown = () => [...document.querySelectorAll("section.panel")].map((p) => (
         + await page.evaluate(badgeOf, "analytics-query"));
     }
     console.log("LIMIT");
+    // A page opened now (a wallboard switched on) draws what happened
+    // before it opened: the broker sends its last minutes first.
+    const later = await browser.newPage({ viewport: { width: 1920, height: 1080 } });
+    await later.goto(url);
+    const drawn = () => {
+      const c = document.querySelector('section.panel[data-bucket="users"] canvas');
+      return c && { history: +c.dataset.history, marks: +c.dataset.marks,
+        points: +c.dataset.points };
+    };
+    try {
+      await later.waitForFunction((f) => {
+        const d = eval(f)();
+        return d && d.history >= 2 && d.marks >= 1;
+      }, "(" + drawn.toString() + ")", { timeout: 10000 });
+    } catch (e) {
+      throw new Error("a page opened later did not draw the minutes before it: "
+        + JSON.stringify(await later.evaluate(drawn)));
+    }
+    await later.screenshot({ path: shot.replace(/\.png$/, "-later.png") });
+    await later.close();
+    console.log("HISTORY");
     if ((await nextLine()) !== "STOPPED") throw new Error("expected STOPPED");
     try {
       await page.waitForFunction(() => document.body.classList.contains("stale")
@@ -335,9 +358,11 @@ async fn the_dashboard_shows_what_list_buckets_says() {
         let r = analytics(60_000);
         let waiter = tokio::spawn(async move { client.acquire(r).await });
         stdin.write_all(b"BUSY\n").await.unwrap();
-        let line = out.next_line().await.unwrap();
-        if line.as_deref() != Some("LIMIT") {
-            return Err(format!("expected LIMIT, node said {line:?}"));
+        for want in ["LIMIT", "HISTORY"] {
+            let line = out.next_line().await.unwrap();
+            if line.as_deref() != Some(want) {
+                return Err(format!("expected {want}, node said {line:?}"));
+            }
         }
         Ok(waiter)
     };

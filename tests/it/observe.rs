@@ -767,11 +767,21 @@ fn tokens_config() -> String {
     )
 }
 
-/// Reads server-sent events until one satisfies `pred`.
+/// Reads server-sent events until a `bucket` event satisfies `pred`.
 async fn next_event(
     reader: &mut BufReader<TcpStream>,
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
+    next_of(reader, "bucket", pred).await
+}
+
+/// Reads server-sent events until one of `kind` satisfies `pred`.
+async fn next_of(
+    reader: &mut BufReader<TcpStream>,
+    kind: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let kind = format!("event: {kind}");
     tokio::time::timeout(LIMIT, async {
         let mut pending = String::new();
         loop {
@@ -782,6 +792,7 @@ async fn next_event(
                 let data = event
                     .lines()
                     .find_map(|l| l.strip_prefix("data: "))
+                    .filter(|_| event.lines().any(|l| l == kind))
                     .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok());
                 if let Some(v) = data.filter(|v| pred(v)) {
                     return v;
@@ -826,6 +837,89 @@ async fn the_event_feed_needs_a_token_and_shows_only_its_tenants() {
     assert_eq!(changed["tenant"], "t");
     assert_eq!(changed["in_flight"], 1);
     assert_eq!(changed["max_in_flight"], 5);
+    drop(feed);
+    b.stop().await;
+}
+
+/// Reads a feed's opening `history` events (up to its first `bucket`
+/// event).
+async fn history_of(reader: &mut BufReader<TcpStream>) -> Vec<serde_json::Value> {
+    tokio::time::timeout(LIMIT, async {
+        let (mut pending, mut out) = (String::new(), Vec::new());
+        loop {
+            let c = chunk(reader).await.expect("the event feed ended early");
+            pending.push_str(&c);
+            while let Some(end) = pending.find("\n\n") {
+                let event: String = pending.drain(..end + 2).collect();
+                if event.lines().any(|l| l == "event: bucket") {
+                    return out;
+                }
+                if event.lines().any(|l| l == "event: history") {
+                    let data = event.lines().find_map(|l| l.strip_prefix("data: "));
+                    out.push(serde_json::from_str(data.unwrap_or_default()).unwrap());
+                }
+            }
+        }
+    })
+    .await
+    .expect("the feed's history came within the limit")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_page_opened_later_is_sent_the_last_minutes_of_its_tenants() {
+    let b = start(&config(&tokens_config())).await;
+    let bearer = format!("Bearer {TOKEN}");
+    let mut client = b.client();
+    let grant = || {
+        let mut r = req("GET", "/api/v2/users/1", 0);
+        r.tenant = "t".into();
+        let mut request = tonic::Request::new(r);
+        request
+            .metadata_mut()
+            .insert("authorization", bearer.parse().unwrap());
+        let mut client = client.clone();
+        async move { client.acquire(request).await.unwrap().into_inner() }
+    };
+    let first = grant().await;
+    assert!(first.granted, "{}", first.reason);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(grant().await.granted);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Just before the page opens: it still sees this.
+    let mut release = tonic::Request::new(quota_broker::pb::ReleaseRequest {
+        lease_id: first.lease_id,
+    });
+    release
+        .metadata_mut()
+        .insert("authorization", bearer.parse().unwrap());
+    client.release(release).await.unwrap();
+
+    let (head, mut feed) = open(b.http, "/events", &[("Authorization", &bearer)]).await;
+    assert_eq!(head.status, 200);
+    let history = history_of(&mut feed).await;
+    assert_eq!(history.len(), 1, "only tenant t's one bucket: {history:?}");
+    let h = &history[0];
+    assert_eq!((&h["tenant"], &h["bucket"]), (&"t".into(), &"users".into()));
+    // [ms ago, allowed/min, configured/min, granted, 429s, in flight, max]
+    let points = h["points"].as_array().unwrap();
+    let at = |granted: u64| {
+        points
+            .iter()
+            .find(|p| p[3] == granted)
+            .unwrap_or_else(|| panic!("no point with {granted} granted: {points:?}"))
+    };
+    assert!(
+        at(1)[0].as_u64() >= Some(at(2)[0].as_u64().unwrap() + 2_000),
+        "one grant, then two, steps apart: {points:?}"
+    );
+    assert_eq!(at(1)[5], 1, "{points:?}");
+    let last = points.last().unwrap();
+    assert_eq!(
+        (&last[3], &last[5], &last[6]),
+        (&2.into(), &1.into(), &5.into())
+    );
+    assert_eq!(last[0], 0, "read as the page opened: {points:?}");
+    assert_eq!(last[2], 2.0);
     drop(feed);
     b.stop().await;
 }

@@ -1,11 +1,12 @@
 // quota-broker dashboard: one panel per bucket instance, fed by the
-// broker's server-sent events (/events, the Watch feed). Charts are drawn
-// on a canvas here; nothing is fetched from elsewhere.
+// broker's server-sent events (/events: the last minutes of each instance,
+// then the Watch feed). Charts are drawn on a canvas here; nothing is
+// fetched from elsewhere.
 "use strict";
 
 const WINDOW_MS = 5 * 60 * 1000;   // chart span, at most
 const MIN_SPAN_MS = 30 * 1000;     // chart span, at least (a fresh page zooms in)
-const opened = Date.now();
+let since = Date.now();            // the oldest data shown (the broker's history reaches back)
 const MAX_SAMPLES = 3000;          // per panel, oldest dropped
 const USAGE_MS = 20 * 1000;        // granted per minute, over this trailing span
 const SWEEP_MS = 3000;             // after a (re)connect, panels not announced by then are gone
@@ -64,11 +65,14 @@ function panelFor(r) {
   const caption = el("div", "caption");
   const canvas = el("canvas");
   canvas.dataset.points = "0";
+  canvas.dataset.history = "0";
+  canvas.dataset.marks = "0";
   const waiting = el("div", "waiting");
   root.append(title, figs, caption, canvas, waiting);
   insertSorted(root, key);
   p = { key, root, badge, rate, slots, granted, thr, caption, canvas, waiting,
         samples: [], marks: [], grants: [], since: Date.now(), last: null, frozenUntil: 0,
+        histFeed: 0, histTotal: 0, histSlots: false,
         feed: 0 };
   panels.set(key, p);
   return p;
@@ -85,6 +89,44 @@ function insertSorted(root, key) {
 // A bucket with no rate charts its slots instead.
 function slotsOnly(r) {
   return !(r.configured_per_min > 0) && r.max_in_flight > 0;
+}
+
+// What the instance showed over the last minutes, as the broker remembers
+// it (a point per change, at most one every 2 s): the chart and its 429
+// marks start there instead of empty. Each point is [ms ago, allowed per
+// minute, configured per minute, granted total, 429s total, slots in
+// flight, slot limit]; it replaces what the page drew before (the broker's
+// memory also covers a time the feed was down).
+function history(h) {
+  if (!h.points.length) return;
+  const p = panelFor(h);
+  const now = Date.now();
+  const pts = h.points.map((a) => ({ t: now - a[0], eff: a[1], conf: a[2], granted: a[3],
+    thr: a[4], inFlight: a[5], max: a[6] }));
+  const last = pts[pts.length - 1];
+  const slots = !(last.conf > 0) && last.max > 0;
+  p.histSlots = slots;
+  let base = 0;
+  p.samples = pts.map((q, i) => {
+    if (slots) return { t: q.t, eff: q.inFlight, conf: q.max, used: q.inFlight };
+    // Granted per minute over the trailing USAGE_MS, as the live line.
+    while (base + 1 < i && pts[base + 1].t <= q.t - USAGE_MS) base += 1;
+    const from = pts[base];
+    const span = Math.max(q.t - from.t, 1000);
+    return { t: q.t, eff: q.eff, conf: q.conf,
+      used: i === 0 ? 0 : Math.max(0, q.granted - from.granted) * 60000 / span };
+  });
+  p.marks = pts.filter((q, i) => i > 0 && q.thr > pts[i - 1].thr).map((q) => q.t);
+  // The live granted line goes on from these totals.
+  p.grants = pts.map((q, i) => ({ t: q.t, total: q.granted, before: i ? pts[i - 1].granted : q.granted }));
+  p.since = pts[0].t;
+  p.histFeed = feed;
+  p.histTotal = last.granted;
+  since = Math.min(since, Math.max(pts[0].t, now - WINDOW_MS));
+  p.canvas.dataset.points = String(p.samples.length);
+  p.canvas.dataset.history = String(pts.length);
+  p.canvas.dataset.marks = String(p.marks.length);
+  draw(p, now);
 }
 
 // Permits granted per minute over the trailing USAGE_MS, from the totals
@@ -104,11 +146,14 @@ function update(r) {
   // Counted from the first announcement of this connection: grants made
   // while the feed was down (or before the instance was re-created) are
   // not this span's.
-  const counted = p.feed === feed && p.last && r.granted_total >= p.last.granted_total;
+  const prior = p.feed === feed && p.last ? p.last.granted_total
+    : p.histFeed === feed ? p.histTotal : null;
+  const counted = prior !== null && r.granted_total >= prior;
   p.feed = feed;
   if (p.last && r.throttled_total > p.last.throttled_total) p.marks.push(now);
+  p.canvas.dataset.marks = String(p.marks.length);
   if (!counted) { p.grants = []; p.since = now; }
-  p.grants.push({ t: now, total: r.granted_total, before: counted ? p.last.granted_total : r.granted_total });
+  p.grants.push({ t: now, total: r.granted_total, before: counted ? prior : r.granted_total });
   usage(p, now);  // trims what is older than the span
   p.last = r;
   const slots = slotsOnly(r);
@@ -183,7 +228,7 @@ function draw(p, now) {
   const g = c.getContext("2d");
   g.setTransform(dpr, 0, 0, dpr, 0, 0);
   g.clearRect(0, 0, w, h);
-  const span = Math.min(WINDOW_MS, Math.max(MIN_SPAN_MS, now - opened));
+  const span = Math.min(WINDOW_MS, Math.max(MIN_SPAN_MS, now - since));
   const from = now - span;
   while (p.samples.length > 1 && p.samples[1].t < now - WINDOW_MS) p.samples.shift();
   while (p.marks.length && p.marks[0] < from) p.marks.shift();
@@ -228,7 +273,7 @@ function draw(p, now) {
     g.stroke(); g.setLineDash([]);
   };
   line("conf", css.getPropertyValue("--conf"), [8, 6]);
-  if (p.last && !slotsOnly(p.last)) line("used", css.getPropertyValue("--info"), [], 1.5);
+  if (p.last ? !slotsOnly(p.last) : !p.histSlots) line("used", css.getPropertyValue("--info"), [], 1.5);
   line("eff", css.getPropertyValue("--eff"), []);
 }
 
@@ -288,6 +333,7 @@ function connect() {
     document.body.classList.remove("stale");
     setTimeout(sweep, SWEEP_MS, feed);
   });
+  src.addEventListener("history", (e) => history(JSON.parse(e.data)));
   src.addEventListener("bucket", (e) => update(JSON.parse(e.data)));
   src.addEventListener("error", () => {
     conn.textContent = "reconnecting…"; conn.className = "conn down";
