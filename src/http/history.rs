@@ -43,6 +43,14 @@ struct Point {
 /// Tenant, bucket, OAuth client ("" for a shared bucket).
 type Key = (String, String, String);
 
+/// One instance's points, oldest first.
+#[derive(Debug)]
+struct Ring {
+    /// "org" or "oauth_client" (the page groups per-client instances).
+    scope: &'static str,
+    points: VecDeque<Point>,
+}
+
 /// The last [`WINDOW`] of every instance seen.
 #[derive(Debug, Default)]
 pub(crate) struct History {
@@ -52,7 +60,7 @@ pub(crate) struct History {
 
 #[derive(Debug, Default)]
 struct Inner {
-    rings: HashMap<Key, VecDeque<Point>>,
+    rings: HashMap<Key, Ring>,
     /// What the last sample read of each tenant (see `Broker::changed_since`).
     seen: HashMap<usize, HashMap<usize, u64>>,
     /// The broker's change counter at the last sample.
@@ -65,6 +73,7 @@ pub(crate) struct Series {
     pub tenant: String,
     pub bucket: String,
     pub oauth_client: String,
+    scope: &'static str,
     points: Vec<Point>,
 }
 
@@ -115,7 +124,8 @@ impl History {
                 tenant: tenant.clone(),
                 bucket: bucket.clone(),
                 oauth_client: oauth_client.clone(),
-                points: ring.iter().copied().collect(),
+                scope: ring.scope,
+                points: ring.points.iter().copied().collect(),
             })
             .collect();
         out.sort_unstable_by(|a, b| {
@@ -126,7 +136,7 @@ impl History {
 }
 
 /// Adds a point per status.
-fn record(rings: &mut HashMap<Key, VecDeque<Point>>, batch: &[TenantBucketStatus]) {
+fn record(rings: &mut HashMap<Key, Ring>, batch: &[TenantBucketStatus]) {
     for s in batch {
         let b = &s.status;
         let key = (
@@ -137,7 +147,13 @@ fn record(rings: &mut HashMap<Key, VecDeque<Point>>, batch: &[TenantBucketStatus
         if !rings.contains_key(&key) && rings.len() >= MAX_INSTANCES {
             forget_the_quietest(rings);
         }
-        let ring = rings.entry(key).or_default();
+        let ring = &mut rings
+            .entry(key)
+            .or_insert_with(|| Ring {
+                scope: b.scope.as_str(),
+                points: VecDeque::new(),
+            })
+            .points;
         let from = match ring.back() {
             // (A page opened within the step.)
             Some(last) if last.from + STEP > s.at => {
@@ -165,10 +181,10 @@ fn record(rings: &mut HashMap<Key, VecDeque<Point>>, batch: &[TenantBucketStatus
 }
 
 /// Drops the instance whose last point is the oldest.
-fn forget_the_quietest(rings: &mut HashMap<Key, VecDeque<Point>>) {
+fn forget_the_quietest(rings: &mut HashMap<Key, Ring>) {
     let quietest = rings
         .iter()
-        .min_by_key(|(_, ring)| ring.back().map(|p| p.at))
+        .min_by_key(|(_, ring)| ring.points.back().map(|p| p.at))
         .map(|(k, _)| k.clone());
     if let Some(k) = quietest {
         rings.remove(&k);
@@ -199,6 +215,7 @@ impl Series {
             "tenant": self.tenant,
             "bucket": self.bucket,
             "oauth_client": self.oauth_client,
+            "scope": self.scope,
             "points": points,
         })
         .to_string()

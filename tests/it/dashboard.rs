@@ -49,12 +49,20 @@ lease_ttl_ms = 600000
 name = "jobs"
 routes = ["POST /api/v2/analytics/jobs/**"]
 max_in_flight = 4
+[[tenants.buckets]]
+name = "routing"
+scope = "oauth_client"
+routes = ["GET /api/v2/routing/**"]
+permits = 300
+window_ms = 60000
+burst = 10
 "#;
 
 /// The browser session: open the page, wait for the charts to move, print
 /// MOVED; read the expected figures as one JSON line on stdin; wait until
-/// the page shows them, print MATCHED; check the frozen `users` panel comes
-/// first, print ORDERED; save the screenshot, print SHOT; on a line BUSY
+/// the page shows them, print MATCHED; check the frozen `users` and
+/// `routing` panels come first and the per-client `routing` panel names its
+/// frozen client, print ORDERED; save the screenshot, print SHOT; on a line BUSY
 /// wait for analytics-query's badge to say it is at its limit, print
 /// LIMIT; open a second page and check it drew the minutes before it
 /// opened, the 429 marker on users included, print HISTORY; on a line
@@ -135,12 +143,25 @@ const shown = () => [...document.querySelectorAll("section.panel")].map((p) => (
       .sort((a, b) => a.box.top - b.box.top || a.box.left - b.box.left);
     try {
       await page.waitForFunction((f) => {
-        const first = eval(f)()[0];
-        return first.bucket === "users" && first.badge.startsWith("FROZEN");
+        const first = eval(f)().slice(0, 2);
+        return first.map((p) => p.bucket).sort().join() === "routing,users"
+          && first.every((p) => p.badge.startsWith("FROZEN"));
       }, "(" + placed.toString() + ")", { timeout: 5000 });
     } catch (e) {
-      throw new Error("the frozen panel is not shown first: "
+      throw new Error("the frozen panels are not shown first: "
         + JSON.stringify(await page.evaluate(placed)));
+    }
+    // One panel for the per-client bucket's two clients, naming the frozen one.
+    const routing = await page.evaluate(() => {
+      const p = [...document.querySelectorAll('section.panel[data-bucket="routing"]')];
+      return p.map((x) => ({ clients: x.dataset.clients, key: x.dataset.key,
+        title: x.querySelector(".title").textContent, badge: x.querySelector(".badge").textContent,
+        problems: x.querySelector(".problems").textContent }));
+    });
+    if (routing.length !== 1 || routing[0].clients !== "2" || !routing[0].title.includes("2 clients")
+      || !/^FROZEN \d+ s · 1 OF 2 CLIENTS$/.test(routing[0].badge)
+      || !routing[0].problems.startsWith("client wallboard-a FROZEN")) {
+      throw new Error("the per-client panel shows " + JSON.stringify(routing));
     }
     console.log("ORDERED");
     await page.screenshot({ path: shot });
@@ -242,19 +263,22 @@ async fn the_dashboard_shows_what_list_buckets_says() {
     // so nothing here sleeps). Once the charts move, a 429 on analytics-query.
     let mut load = tokio::task::JoinSet::new();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for w in 0..6 {
+    for w in 0..8 {
         let mut client = b.client();
         let stop = stop.clone();
-        let (method, path) = if w % 2 == 0 {
-            ("GET", "/api/v2/users/me")
-        } else {
-            ("POST", "/api/v2/analytics/conversations/details/query")
+        let (method, path, oauth_client) = match w % 4 {
+            0 => ("GET", "/api/v2/users/me", ""),
+            1 => ("POST", "/api/v2/analytics/conversations/details/query", ""),
+            // A per-client bucket: one instance per OAuth client.
+            2 => ("GET", "/api/v2/routing/queues", "wallboard-a"),
+            _ => ("GET", "/api/v2/routing/queues", "wallboard-b"),
         };
         load.spawn(async move {
             let mut held: Option<String> = None;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let mut r = req(method, path, 2_000);
                 r.tenant = "contact-centre".into();
+                r.oauth_client = oauth_client.into();
                 let Ok(answer) = client.acquire(r).await else {
                     return;
                 };
@@ -304,12 +328,25 @@ async fn the_dashboard_shows_what_list_buckets_says() {
             })
             .await
             .unwrap();
+        // And on one client of the per-client bucket: that instance freezes.
+        b.client()
+            .report(ReportRequest {
+                tenant: "contact-centre".into(),
+                method: "GET".into(),
+                path: "/api/v2/routing/queues".into(),
+                oauth_client: "wallboard-a".into(),
+                http_status: 429,
+                retry_after_ms: 60_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         // Stop the load (each worker ends after its current call, so no
         // call is in flight), then tell the page what ListBuckets says.
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         while load.join_next().await.is_some() {}
         let expected = settled(&b).await;
-        assert_eq!(expected.len(), 3, "{expected:?}");
+        assert_eq!(expected.len(), 4, "{expected:?}");
         assert!(
             expected.iter().any(|e| e["granted"].as_u64() > Some(0)),
             "the load was granted something: {expected:?}"
@@ -412,18 +449,42 @@ async fn settled(b: &super::observe::Observed) -> Vec<serde_json::Value> {
             .unwrap()
             .into_inner();
         let waiting: u32 = list.buckets.iter().flat_map(|s| s.waiting.values()).sum();
-        let figures: Vec<serde_json::Value> = list
-            .buckets
-            .iter()
-            .map(|s| {
+        // One panel per bucket: a per-client bucket's instances summed.
+        let mut panels = std::collections::BTreeMap::<String, [f64; 6]>::new();
+        for s in &list.buckets {
+            let client = if s.scope == "oauth_client" {
+                "*"
+            } else {
+                &s.oauth_client
+            };
+            let sum = panels
+                .entry(format!("{}/{}/{}", s.tenant, s.bucket, client))
+                .or_default();
+            for (k, v) in [
+                s.granted_total as f64,
+                s.throttled_total as f64,
+                s.configured_rate_per_min,
+                f64::from(s.in_flight),
+                f64::from(s.max_in_flight),
+                f64::from(s.waiting.values().sum::<u32>()),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                sum[k] += v;
+            }
+        }
+        let figures: Vec<serde_json::Value> = panels
+            .into_iter()
+            .map(|(key, f)| {
                 serde_json::json!({
-                    "key": format!("{}/{}/{}", s.tenant, s.bucket, s.oauth_client),
-                    "granted": s.granted_total,
-                    "throttled": s.throttled_total,
-                    "configured": s.configured_rate_per_min,
-                    "in_flight": s.in_flight,
-                    "max_in_flight": s.max_in_flight,
-                    "waiting": s.waiting.values().sum::<u32>(),
+                    "key": key,
+                    "granted": f[0] as u64,
+                    "throttled": f[1] as u64,
+                    "configured": f[2],
+                    "in_flight": f[3] as u64,
+                    "max_in_flight": f[4] as u64,
+                    "waiting": f[5] as u64,
                 })
             })
             .collect();

@@ -1,19 +1,24 @@
-// quota-broker dashboard: one panel per bucket instance, fed by the
-// broker's server-sent events (/events: the last minutes of each instance,
-// then the Watch feed). Charts are drawn on a canvas here; nothing is
-// fetched from elsewhere.
+// quota-broker dashboard: one panel per bucket, fed by the broker's
+// server-sent events (/events: the last minutes of each bucket instance,
+// then the Watch feed). An org-wide bucket has one instance; a per-client
+// bucket has one per OAuth client, and its panel sums them and names the
+// clients with a problem (400 clients make one panel, not 400). Charts are
+// drawn on a canvas here; nothing is fetched from elsewhere.
 "use strict";
 
 const WINDOW_MS = 5 * 60 * 1000;   // chart span, at most
 const MIN_SPAN_MS = 30 * 1000;     // chart span, at least (a fresh page zooms in)
-let since = Date.now();            // the oldest data shown (the broker's history reaches back)
 const MAX_SAMPLES = 3000;          // per panel, oldest dropped
 const USAGE_MS = 20 * 1000;        // granted per minute, over this trailing span
-const SWEEP_MS = 3000;             // after a (re)connect, panels not announced by then are gone
-const panels = new Map();          // key -> panel state
-let feed = 0;                      // connections so far; a panel remembers the last that announced it
+const SWEEP_MS = 3000;             // after a (re)connect, instances not announced by then are gone
+const MERGE_MS = 1000;             // a per-client panel's history: one point per this span
+const LISTED = 4;                  // clients with a problem named under a per-client panel
+const instances = new Map();       // instance key -> its state (figures, grants counted)
+const panels = new Map();          // panel key -> panel (DOM, chart samples, its instances)
+let feed = 0;                      // connections so far; an instance remembers the last that announced it
 let lostAt = 0;                    // when the feed went down (0: it is up)
 let refused = "";                  // why the broker refused the feed, when it did
+let since = Date.now();            // the oldest data shown (the broker's history reaches back)
 
 const params = new URLSearchParams(location.search);
 const hash = new URLSearchParams(location.hash.slice(1));
@@ -40,21 +45,44 @@ function figure(label, cls) {
   return { root: f, v };
 }
 
-function panelFor(r) {
+// A per-client bucket's instances share a panel.
+function perClient(r) {
+  return r.scope === "oauth_client";
+}
+
+function panelKey(r) {
+  return r.tenant + "/" + r.bucket + "/" + (perClient(r) ? "*" : r.oauth_client);
+}
+
+function instanceFor(r) {
   const key = r.tenant + "/" + r.bucket + "/" + r.oauth_client;
+  let i = instances.get(key);
+  if (i) return i;
+  const p = panelFor(r);
+  i = { key, panel: p, client: r.oauth_client, last: null, grants: [], since: Date.now(),
+        feed: 0, frozenUntil: 0, pts: [], histFeed: 0, histTotal: 0 };
+  instances.set(key, i);
+  p.members.add(i);
+  return i;
+}
+
+function panelFor(r) {
+  const key = panelKey(r);
   let p = panels.get(key);
   if (p) return p;
+  const group = perClient(r);
   const root = el("section", "panel");
   root.dataset.key = key;
   root.dataset.tenant = r.tenant;
   root.dataset.bucket = r.bucket;
-  root.dataset.oauthClient = r.oauth_client;
+  root.dataset.oauthClient = group ? "*" : r.oauth_client;
   const title = el("div", "title");
   const badge = el("span", "badge", "OK");
   const name = el("span", "name", r.bucket);
   name.title = r.bucket;
   title.append(name, el("span", "tenant", r.tenant));
-  if (r.oauth_client) title.append(el("span", "client", "client " + r.oauth_client));
+  const clients = el("span", "client");
+  if (group) title.append(clients);
   title.append(badge);
   const figs = el("div", "figures");
   const rate = figure("per min / configured", "rate");
@@ -68,12 +96,12 @@ function panelFor(r) {
   canvas.dataset.history = "0";
   canvas.dataset.marks = "0";
   const waiting = el("div", "waiting");
-  root.append(title, figs, caption, canvas, waiting);
+  const problems = el("div", "problems");
+  root.append(title, figs, caption, canvas, waiting, problems);
   insertSorted(root, key);
-  p = { key, root, badge, rate, slots, granted, thr, caption, canvas, waiting,
-        samples: [], marks: [], grants: [], since: Date.now(), last: null, frozenUntil: 0,
-        histFeed: 0, histTotal: 0, histSlots: false,
-        feed: 0 };
+  p = { key, group, root, badge, clients, rate, slots, granted, thr, caption, canvas, waiting,
+        problems, members: new Set(), samples: [], marks: [], last: null, histDirty: false,
+        histSlots: false };
   panels.set(key, p);
   return p;
 }
@@ -91,82 +119,144 @@ function slotsOnly(r) {
   return !(r.configured_per_min > 0) && r.max_in_flight > 0;
 }
 
-// What the instance showed over the last minutes, as the broker remembers
-// it (a point per change, at most one every 2 s): the chart and its 429
-// marks start there instead of empty. Each point is [ms ago, allowed per
-// minute, configured per minute, granted total, 429s total, slots in
-// flight, slot limit]; it replaces what the page drew before (the broker's
-// memory also covers a time the feed was down).
-function history(h) {
-  if (!h.points.length) return;
-  const p = panelFor(h);
-  const now = Date.now();
-  const pts = h.points.map((a) => ({ t: now - a[0], eff: a[1], conf: a[2], granted: a[3],
-    thr: a[4], inFlight: a[5], max: a[6] }));
-  const last = pts[pts.length - 1];
-  const slots = !(last.conf > 0) && last.max > 0;
-  p.histSlots = slots;
-  let base = 0;
-  p.samples = pts.map((q, i) => {
-    if (slots) return { t: q.t, eff: q.inFlight, conf: q.max, used: q.inFlight };
-    // Granted per minute over the trailing USAGE_MS, as the live line.
-    while (base + 1 < i && pts[base + 1].t <= q.t - USAGE_MS) base += 1;
-    const from = pts[base];
-    const span = Math.max(q.t - from.t, 1000);
-    return { t: q.t, eff: q.eff, conf: q.conf,
-      used: i === 0 ? 0 : Math.max(0, q.granted - from.granted) * 60000 / span };
-  });
-  p.marks = pts.filter((q, i) => i > 0 && q.thr > pts[i - 1].thr).map((q) => q.t);
-  // The live granted line goes on from these totals.
-  p.grants = pts.map((q, i) => ({ t: q.t, total: q.granted, before: i ? pts[i - 1].granted : q.granted }));
-  p.since = pts[0].t;
-  p.histFeed = feed;
-  p.histTotal = last.granted;
-  since = Math.min(since, Math.max(pts[0].t, now - WINDOW_MS));
-  p.canvas.dataset.points = String(p.samples.length);
-  p.canvas.dataset.history = String(pts.length);
-  p.canvas.dataset.marks = String(p.marks.length);
-  draw(p, now);
+// What the panel shows: its one instance, or the sum of a per-client
+// bucket's instances.
+function combined(p) {
+  const rs = [...p.members].map((i) => i.last).filter(Boolean);
+  if (rs.length === 0) return null;
+  if (!p.group) return rs[0];
+  const sum = (f) => rs.reduce((a, r) => a + r[f], 0);
+  const waiting = {};
+  for (const r of rs) for (const [c, n] of Object.entries(r.waiting)) waiting[c] = (waiting[c] || 0) + n;
+  return {
+    tenant: rs[0].tenant, bucket: rs[0].bucket, scope: rs[0].scope, oauth_client: "*",
+    configured_per_min: sum("configured_per_min"), effective_per_min: sum("effective_per_min"),
+    in_flight: sum("in_flight"), held_over: sum("held_over"), max_in_flight: sum("max_in_flight"),
+    granted_total: sum("granted_total"), throttled_total: sum("throttled_total"),
+    waiting, paused: rs.every((r) => r.paused), clients: rs.length,
+  };
 }
 
 // Permits granted per minute over the trailing USAGE_MS, from the totals
 // the feed announced (it announces every change).
-function usage(p, now) {
-  while (p.grants.length > 1 && p.grants[1].t <= now - USAGE_MS) p.grants.shift();
-  if (!p.last || p.grants.length === 0) return 0;
-  const first = p.grants[0];
-  const since = first.t <= now - USAGE_MS ? first.total : first.before;
-  const span = Math.min(Math.max(now - p.since, 1000), USAGE_MS);
-  return Math.max(0, p.last.granted_total - since) * 60000 / span;
+function usage(i, now) {
+  while (i.grants.length > 1 && i.grants[1].t <= now - USAGE_MS) i.grants.shift();
+  if (!i.last || i.grants.length === 0) return 0;
+  const first = i.grants[0];
+  const from = first.t <= now - USAGE_MS ? first.total : first.before;
+  const span = Math.min(Math.max(now - i.since, 1000), USAGE_MS);
+  return Math.max(0, i.last.granted_total - from) * 60000 / span;
+}
+
+function panelUsage(p, now) {
+  let used = 0;
+  for (const i of p.members) used += usage(i, now);
+  return used;
+}
+
+// What an instance showed over the last minutes, as the broker remembers
+// it (a point per change, at most one every 2 s): the chart and its 429
+// marks start there instead of empty. Each point is [ms ago, allowed per
+// minute, configured per minute, granted total, 429s total, slots in
+// flight, slot limit]; the panel's chart is rebuilt from its instances'
+// points on the next redraw, replacing what the page drew before (the
+// broker's memory also covers a time the feed was down).
+function history(h) {
+  if (!h.points.length) return;
+  const i = instanceFor(h);
+  const now = Date.now();
+  i.pts = h.points.map((a) => ({ t: now - a[0], eff: a[1], conf: a[2], granted: a[3],
+    thr: a[4], inFlight: a[5], max: a[6] }));
+  // The live granted line goes on from these totals.
+  i.grants = i.pts.map((q, k) => ({ t: q.t, total: q.granted, before: k ? i.pts[k - 1].granted : q.granted }));
+  i.since = i.pts[0].t;
+  i.histFeed = feed;
+  i.histTotal = i.pts[i.pts.length - 1].granted;
+  i.panel.histDirty = true;
+  since = Math.min(since, Math.max(i.pts[0].t, now - WINDOW_MS));
+}
+
+// A panel's chart from its instances' history: at each point of any of
+// them, the sum of each one's latest (for a per-client panel, at most one
+// point per MERGE_MS).
+function rebuild(p) {
+  p.histDirty = false;
+  const members = [...p.members].filter((i) => i.histFeed === feed && i.pts.length);
+  if (members.length === 0) return;
+  const events = [];
+  members.forEach((i, k) => i.pts.forEach((q) => events.push({ k, q })));
+  events.sort((a, b) => a.q.t - b.q.t);
+  const latest = new Array(members.length).fill(null);
+  const pts = [];
+  for (let e = 0; e < events.length; e++) {
+    latest[events[e].k] = events[e].q;
+    const t = events[e].q.t;
+    if (e + 1 < events.length && events[e + 1].q.t - t < (p.group ? MERGE_MS : 1)) continue;
+    const sum = (f) => latest.reduce((a, q) => a + (q ? q[f] : 0), 0);
+    pts.push({ t, eff: sum("eff"), conf: sum("conf"), granted: sum("granted"), thr: sum("thr"),
+      inFlight: sum("inFlight"), max: sum("max") });
+  }
+  const last = pts[pts.length - 1];
+  const slots = !(last.conf > 0) && last.max > 0;
+  p.histSlots = slots;
+  let base = 0;
+  p.samples = pts.map((q, k) => {
+    if (slots) return { t: q.t, eff: q.inFlight, conf: q.max, used: q.inFlight };
+    // Granted per minute over the trailing USAGE_MS, as the live line.
+    while (base + 1 < k && pts[base + 1].t <= q.t - USAGE_MS) base += 1;
+    const from = pts[base];
+    const span = Math.max(q.t - from.t, 1000);
+    return { t: q.t, eff: q.eff, conf: q.conf,
+      used: k === 0 ? 0 : Math.max(0, q.granted - from.granted) * 60000 / span };
+  });
+  p.marks = pts.filter((q, k) => k > 0 && q.thr > pts[k - 1].thr).map((q) => q.t);
+  p.canvas.dataset.points = String(p.samples.length);
+  p.canvas.dataset.history = String(pts.length);
+  p.canvas.dataset.marks = String(p.marks.length);
 }
 
 function update(r) {
-  const p = panelFor(r);
+  const i = instanceFor(r);
+  const p = i.panel;
   const now = Date.now();
-  // Counted from the first announcement of this connection: grants made
-  // while the feed was down (or before the instance was re-created) are
-  // not this span's.
-  const prior = p.feed === feed && p.last ? p.last.granted_total
-    : p.histFeed === feed ? p.histTotal : null;
+  if (p.histDirty) rebuild(p);
+  // Counted from the first announcement of this connection (or the
+  // history it sent): grants made while the feed was down (or before the
+  // instance was re-created) are not this span's.
+  const prior = i.feed === feed && i.last ? i.last.granted_total
+    : i.histFeed === feed ? i.histTotal : null;
   const counted = prior !== null && r.granted_total >= prior;
-  p.feed = feed;
-  if (p.last && r.throttled_total > p.last.throttled_total) p.marks.push(now);
-  p.canvas.dataset.marks = String(p.marks.length);
-  if (!counted) { p.grants = []; p.since = now; }
-  p.grants.push({ t: now, total: r.granted_total, before: counted ? prior : r.granted_total });
-  usage(p, now);  // trims what is older than the span
+  i.feed = feed;
+  if (i.last && r.throttled_total > i.last.throttled_total) {
+    p.marks.push(now);
+    p.canvas.dataset.marks = String(p.marks.length);
+  }
+  if (!counted) { i.grants = []; i.since = now; }
+  i.grants.push({ t: now, total: r.granted_total, before: counted ? prior : r.granted_total });
+  usage(i, now);  // trims what is older than the span
+  i.last = r;
+  i.frozenUntil = r.frozen_ms > 0 ? now + r.frozen_ms : 0;
+  show(p, now);
+}
+
+// The panel's figures, and a chart sample, from its instances now.
+function show(p, now) {
+  const r = combined(p);
+  if (!r) return;
   p.last = r;
   const slots = slotsOnly(r);
   p.samples.push(slots
     ? { t: now, eff: r.in_flight, conf: r.max_in_flight, used: r.in_flight }
-    : { t: now, eff: r.effective_per_min, conf: r.configured_per_min, used: usage(p, now) });
+    : { t: now, eff: r.effective_per_min, conf: r.configured_per_min, used: panelUsage(p, now) });
   if (p.samples.length > MAX_SAMPLES) p.samples.splice(0, p.samples.length - MAX_SAMPLES);
-  p.frozenUntil = r.frozen_ms > 0 ? now + r.frozen_ms : 0;
   p.canvas.dataset.points = String(p.samples.length);
+  if (p.group) p.clients.textContent = r.clients + (r.clients === 1 ? " client" : " clients");
+  p.root.dataset.clients = String(p.group ? r.clients : 1);
   p.rate.v.innerHTML = "";
   if (slots) p.rate.v.append("—");
   else p.rate.v.append(fmtRate(r.effective_per_min), el("small", "", " / " + fmtRate(r.configured_per_min)));
-  p.rate.root.querySelector(".l").textContent = slots ? "no rate limit" : "per min / configured";
+  p.rate.root.querySelector(".l").textContent = slots ? "no rate limit"
+    : p.group ? "per min / configured, Σ" : "per min / configured";
   p.caption.textContent = slots
     ? "slots in flight (solid) and the limit (dashed)"
     : "per minute: allowed now (solid), configured (dashed), granted (thin)";
@@ -181,42 +271,73 @@ function update(r) {
   p.granted.v.textContent = r.granted_total.toLocaleString("en");
   p.granted.v.dataset.value = String(r.granted_total);
   p.thr.v.textContent = r.throttled_total.toLocaleString("en");
-  p.root.dataset.waiting = String(Object.values(r.waiting).reduce((a, n) => a + n, 0));
   p.thr.v.dataset.value = String(r.throttled_total);
+  p.root.dataset.waiting = String(Object.values(r.waiting).reduce((a, n) => a + n, 0));
   p.waiting.innerHTML = "";
   const classes = Object.entries(r.waiting).filter(([, n]) => n > 0);
   if (classes.length === 0) {
     p.waiting.textContent = "nothing waiting";
   } else {
     p.waiting.append("waiting: ");
-    classes.forEach(([c, n], i) => {
-      p.waiting.append((i ? " · " : "") + c + " ", el("b", "", String(n)));
+    classes.forEach(([c, n], k) => {
+      p.waiting.append((k ? " · " : "") + c + " ", el("b", "", String(n)));
     });
   }
   p.root.classList.toggle("paused", r.paused);
   badge(p, now);
 }
 
+// What an instance has that a lead must see, most urgent first ("" if
+// nothing).
+function trouble(i, now) {
+  const r = i.last;
+  if (!r) return "";
+  const left = i.frozenUntil - now;
+  const waiting = Object.values(r.waiting).reduce((a, n) => a + n, 0);
+  if (r.paused) return "PAUSED";
+  if (left > 0) return "FROZEN " + Math.ceil(left / 1000) + " s";
+  if (waiting > 0) return "AT LIMIT · " + waiting + " WAITING";
+  if (r.max_in_flight > 0 && r.in_flight >= r.max_in_flight) return "SLOTS FULL";
+  return "";
+}
+
+const RANK = ["PAUSED", "FROZEN", "AT LIMIT", "SLOTS FULL"];
+const rank = (t) => RANK.findIndex((w) => t.startsWith(w));
+
 // What a lead must see first: paused, frozen after 429s, callers waiting
-// (the bucket is at its limit), or no data at all (the feed is down).
+// (the bucket is at its limit), or no data at all (the feed is down). A
+// per-client panel shows its worst client and how many have a problem,
+// and names them.
 function badge(p, now) {
-  const left = p.frozenUntil - now;
-  const r = p.last;
-  const waiting = r ? Object.values(r.waiting).reduce((a, n) => a + n, 0) : 0;
-  const full = r && r.max_in_flight > 0 && r.in_flight >= r.max_in_flight;
+  const troubled = [...p.members].map((i) => ({ i, t: trouble(i, now) })).filter((x) => x.t);
+  troubled.sort((a, b) => rank(a.t) - rank(b.t) || a.i.client.localeCompare(b.i.client));
   let text = "OK", cls = "badge";
   if (lostAt) { text = "NO DATA"; cls += " stale"; }
-  else if (r && r.paused) { text = "PAUSED"; cls += " paused"; }
-  else if (left > 0) { text = "FROZEN " + Math.ceil(left / 1000) + " s"; cls += " frozen"; }
-  else if (waiting > 0) { text = "AT LIMIT · " + waiting + " WAITING"; cls += " limit"; }
-  else if (full) { text = "SLOTS FULL"; cls += " limit"; }
+  else if (troubled.length) {
+    const worst = troubled[0].t, kind = rank(worst);
+    if (!p.group || (troubled.length === 1 && kind !== 2)) text = worst;
+    else if (kind === 2) {
+      // Callers waiting on every client, not only the worst one's.
+      const waiting = p.last ? Object.values(p.last.waiting).reduce((a, n) => a + n, 0) : 0;
+      text = "AT LIMIT · " + waiting + " WAITING";
+    } else text = RANK[kind];
+    if (p.group) text += " · " + troubled.length + " OF " + p.members.size + " CLIENTS";
+    cls += [" paused", " frozen", " limit", " limit"][kind];
+  }
   if (p.badge.textContent !== text) p.badge.textContent = text;
   p.badge.className = cls;
-  p.root.classList.toggle("frozen", !lostAt && left > 0);
-  p.root.classList.toggle("limit", !lostAt && left <= 0 && (waiting > 0 || !!full));
+  const frozen = !lostAt && cls.endsWith(" frozen");
+  p.root.classList.toggle("frozen", frozen);
+  p.root.classList.toggle("limit", !lostAt && cls.endsWith(" limit"));
   // Problems first: a wallboard shows the top of the page.
   p.root.classList.toggle("alert", !lostAt && text !== "OK");
   p.thr.root.classList.toggle("recent", p.marks.length > 0);
+  if (p.group) {
+    const named = troubled.slice(0, LISTED).map((x) => "client " + (x.i.client || "(none)") + " " + x.t);
+    const more = troubled.length - named.length;
+    const text = named.join(" · ") + (more > 0 ? " · and " + more + " more" : "");
+    if (p.problems.textContent !== text) p.problems.textContent = text;
+  }
 }
 
 function draw(p, now) {
@@ -243,8 +364,8 @@ function draw(p, now) {
   g.fillStyle = css.getPropertyValue("--dim");
   g.lineWidth = 1;
   g.font = "15px system-ui, sans-serif";
-  for (let i = 0; i <= 4; i++) {
-    const v = top * i / 4;
+  for (let k = 0; k <= 4; k++) {
+    const v = top * k / 4;
     g.beginPath(); g.moveTo(pad.l, y(v)); g.lineTo(w - pad.r, y(v)); g.stroke();
     g.fillText(fmtRate(v), 4, y(v) + 4);
   }
@@ -280,10 +401,11 @@ function draw(p, now) {
 function render() {
   const now = Date.now();
   for (const p of panels.values()) {
+    if (p.histDirty) rebuild(p);
     // The granted line moves with time even when nothing is announced.
     if (!lostAt && p.last && !slotsOnly(p.last)) {
       const s = p.samples[p.samples.length - 1];
-      const used = usage(p, now);
+      const used = panelUsage(p, now);
       if (s && s.t < now - 1000 && Math.abs(s.used - used) > 1e-9) {
         p.samples.push({ t: now, eff: s.eff, conf: s.conf, used });
       }
@@ -299,14 +421,20 @@ function render() {
   }
 }
 
-// Panels the feed did not announce since it (re)connected: bucket
-// instances the broker dropped (an OAuth client no longer seen, a bucket
-// gone from the config after a restart). The feed announces every
-// instance at once when it opens.
+// Instances the feed did not announce since it (re)connected: ones the
+// broker dropped (an OAuth client no longer seen, a bucket gone from the
+// config after a restart). The feed announces every instance at once when
+// it opens. A panel left with none goes too.
 function sweep(connection) {
   if (connection !== feed || lostAt) return;
+  for (const [key, i] of instances) {
+    if (i.feed === connection) continue;
+    instances.delete(key);
+    i.panel.members.delete(i);
+  }
   for (const [key, p] of panels) {
-    if (p.feed !== connection) { p.root.remove(); panels.delete(key); }
+    if (p.members.size === 0) { p.root.remove(); panels.delete(key); }
+    else show(p, Date.now());
   }
 }
 
