@@ -1,6 +1,7 @@
 //! TLS files named in the config, read and checked at load (PEM that
-//! parses, a key that matches the certificate), so a bad path or PEM is a
-//! listed config problem before anything binds: `[server.tls]`, built into
+//! parses, a key that matches the certificate, a certificate that has not
+//! expired), so a bad path or PEM is a listed config problem before
+//! anything binds: `[server.tls]`, built into
 //! the rustls server configuration of the gRPC port, and the `cluster.etcd_*`
 //! files of cluster mode's connection to an etcd served over TLS.
 
@@ -34,6 +35,12 @@ pub struct TlsSettings {
     /// PEM CA certificates that client certificates must chain to; when set,
     /// every client must present one (mutual TLS).
     pub client_ca: Option<PathBuf>,
+    /// When the broker's certificate (the chain's first) expires, in unix
+    /// seconds.
+    pub cert_not_after: i64,
+    /// When the first of the client CA certificates expires, in unix
+    /// seconds.
+    pub client_ca_not_after: Option<i64>,
     config: Arc<ServerConfig>,
 }
 
@@ -57,6 +64,78 @@ impl TlsSettings {
     pub(crate) fn server_config(&self) -> Arc<ServerConfig> {
         self.config.clone()
     }
+
+    /// Logs a warning for each certificate that expires within
+    /// [`EXPIRY_WARNING`] (clients will refuse it then, and fall back).
+    pub(crate) fn warn_if_expiring(&self) {
+        let now = unix_now();
+        let soon = |at: i64| at - now < EXPIRY_WARNING.as_secs() as i64;
+        if soon(self.cert_not_after) {
+            tracing::warn!(
+                cert = %self.cert.display(),
+                expires = %utc(self.cert_not_after),
+                "server.tls.cert expires soon: renew it and restart before then, or every \
+                 client's handshake fails"
+            );
+        }
+        if let (Some(ca), Some(at)) = (&self.client_ca, self.client_ca_not_after) {
+            if soon(at) {
+                tracing::warn!(
+                    client_ca = %ca.display(),
+                    expires = %utc(at),
+                    "server.tls.client_ca expires soon: client certificates it signed are \
+                     refused from then"
+                );
+            }
+        }
+    }
+}
+
+/// A certificate expiring this soon is warned about at start.
+pub(crate) const EXPIRY_WARNING: std::time::Duration =
+    std::time::Duration::from_secs(14 * 24 * 3600);
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// `at` (unix seconds) as an RFC 2822 time, for messages.
+fn utc(at: i64) -> String {
+    x509_parser::time::ASN1Time::from_timestamp(at)
+        .ok()
+        .and_then(|t| t.to_rfc2822().ok())
+        .unwrap_or_else(|| format!("{at} (unix seconds)"))
+}
+
+/// When the certificate expires (unix seconds), or a problem when it
+/// cannot be read or has expired.
+fn not_after(
+    key: &str,
+    path: &Path,
+    cert: &CertificateDer<'_>,
+    problems: &mut Vec<String>,
+) -> Option<i64> {
+    let at = match x509_parser::parse_x509_certificate(cert.as_ref()) {
+        Ok((_, c)) => c.validity().not_after.timestamp(),
+        Err(e) => {
+            problems.push(format!(
+                "{key} {}: not a readable X.509 certificate: {e}",
+                path.display()
+            ));
+            return None;
+        }
+    };
+    if at <= unix_now() {
+        problems.push(format!(
+            "{key} {}: the certificate expired at {}; clients refuse it: renew it",
+            path.display(),
+            utc(at)
+        ));
+        return None;
+    }
+    Some(at)
 }
 
 impl RawTls {
@@ -102,6 +181,9 @@ impl RawTls {
         };
         let before = problems.len();
         let chain = read_certs("server.tls.cert", &cert, problems);
+        let cert_not_after = chain
+            .as_ref()
+            .and_then(|c| not_after("server.tls.cert", &cert, &c[0], problems));
         let private_key = read("server.tls.key", &key, problems).and_then(|pem| {
             PrivateKeyDer::from_pem_slice(&pem)
                 .map_err(|e| {
@@ -113,8 +195,13 @@ impl RawTls {
                 })
                 .ok()
         });
+        let mut client_ca_not_after = None;
         let roots = client_ca.as_ref().and_then(|ca| {
             let certs = read_certs("server.tls.client_ca", ca, problems)?;
+            for c in &certs {
+                let at = not_after("server.tls.client_ca", ca, c, problems)?;
+                client_ca_not_after = Some(client_ca_not_after.map_or(at, |m: i64| m.min(at)));
+            }
             let mut roots = RootCertStore::empty();
             let (_added, ignored) = roots.add_parsable_certificates(certs);
             if roots.is_empty() {
@@ -133,7 +220,9 @@ impl RawTls {
             }
             Some(roots)
         });
-        let (Some(chain), Some(private_key)) = (chain, private_key) else {
+        let (Some(chain), Some(private_key), Some(cert_not_after)) =
+            (chain, private_key, cert_not_after)
+        else {
             return None;
         };
         if problems.len() > before {
@@ -182,6 +271,8 @@ impl RawTls {
             cert,
             key,
             client_ca,
+            cert_not_after,
+            client_ca_not_after,
             config: Arc::new(config),
         })
     }

@@ -114,11 +114,14 @@ pub async fn serve(
         );
     }
     match &settings.server.tls {
-        Some(tls) => tracing::info!(
-            cert = %tls.cert.display(),
-            mutual = tls.is_mutual(),
-            "serving gRPC over TLS"
-        ),
+        Some(tls) => {
+            tracing::info!(
+                cert = %tls.cert.display(),
+                mutual = tls.is_mutual(),
+                "serving gRPC over TLS"
+            );
+            tls.warn_if_expiring();
+        }
         None => tracing::info!("serving plaintext gRPC (no [server.tls])"),
     }
     let overload = Overload::new(settings, auth.clone());

@@ -238,6 +238,23 @@ impl Metrics {
             "Open Watch streams and dashboard event feeds",
             watch_streams.clone(),
         );
+        if let Some(tls) = &settings.server.tls {
+            let expiry = Family::<Labels, Gauge>::default();
+            registry.register(
+                "tls_cert_expiry_timestamp_seconds",
+                "When the gRPC port's TLS certificates expire (unix time), per certificate: \
+                 server (the broker's own) and client_ca (the first of the client CAs to expire)",
+                expiry.clone(),
+            );
+            expiry
+                .get_or_create(&vec![("cert", "server".to_owned())])
+                .set(tls.cert_not_after);
+            if let Some(at) = tls.client_ca_not_after {
+                expiry
+                    .get_or_create(&vec![("cert", "client_ca".to_owned())])
+                    .set(at);
+            }
+        }
         let mut classes: Vec<String> = settings.classes.iter().map(|c| c.name.clone()).collect();
         let default_class = classes
             .iter()
@@ -438,6 +455,38 @@ pub(crate) fn registry() -> Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_certificates_expiry_is_exported() {
+        let dir = std::env::temp_dir().join(format!("qb-metrics-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2999, 1, 1);
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join("c.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("c.key"), key.serialize_pem()).unwrap();
+        let settings = Settings::from_toml(&format!(
+            "[server]\nstate_dir = \"\"\n[server.tls]\ncert = {:?}\nkey = {:?}\n\
+             [[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\n\
+             max_in_flight = 1\n",
+            dir.join("c.pem"),
+            dir.join("c.key")
+        ))
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut registry = Registry::with_prefix("quota_broker");
+        let _metrics = Metrics::new(&settings, &mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        // 2999-01-01T00:00:00Z
+        assert!(
+            text.lines().any(|l| l
+                == "quota_broker_tls_cert_expiry_timestamp_seconds{cert=\"server\"} 32472144000"),
+            "{text}"
+        );
+        assert!(!text.contains("cert=\"client_ca\""), "{text}");
+    }
     use crate::tenant::{AcquireArgs, Decision, TenantState};
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;

@@ -340,6 +340,67 @@ fn tls_files_are_checked_at_load_and_every_problem_is_listed() {
     );
 }
 
+/// A self-signed certificate for 127.0.0.1 valid from `not_before` to
+/// `not_after` (unix seconds), as PEM.
+fn dated(not_before: i64, not_after: i64) -> Pem {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    params.not_before = time::OffsetDateTime::from_unix_timestamp(not_before).unwrap();
+    params.not_after = time::OffsetDateTime::from_unix_timestamp(not_after).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    Pem {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    }
+}
+
+#[test]
+fn an_expired_certificate_is_a_config_problem_and_a_valid_ones_expiry_is_known() {
+    let pki = Pki::new("dated");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let day = 86_400;
+    let expired = dated(now - 400 * day, now - day);
+    let soon = dated(now - day, now + 3 * day);
+    for (name, pem) in [("expired", &expired), ("soon", &soon)] {
+        std::fs::write(pki.path(&format!("{name}.pem")), &pem.cert).unwrap();
+        std::fs::write(pki.path(&format!("{name}.key")), &pem.key).unwrap();
+    }
+    let tls = |cert: &str, ca: &str| {
+        config(&format!(
+            "[server.tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+            pki.path(&format!("{cert}.pem")),
+            pki.path(&format!("{cert}.key")),
+            pki.path(ca),
+        ))
+    };
+    let err = Settings::from_toml(&tls("expired", "ca.pem")).unwrap_err();
+    assert_eq!(err.problems.len(), 1, "{err}");
+    assert!(
+        err.problems[0].starts_with("server.tls.cert ")
+            && err.problems[0].contains("the certificate expired at")
+            && err.problems[0].contains("renew it"),
+        "{err}"
+    );
+    // An expired client CA: every client certificate it signed is refused.
+    let err = Settings::from_toml(&tls("soon", "expired.pem")).unwrap_err();
+    assert!(
+        err.problems
+            .iter()
+            .any(|p| p.starts_with("server.tls.client_ca ")
+                && p.contains("the certificate expired at")),
+        "{err}"
+    );
+    // Expiring in three days: served (with a warning at start), and when
+    // is known (the metric's value).
+    let settings = Settings::from_toml(&tls("soon", "soon.pem")).unwrap();
+    let tls = settings.server.tls.as_ref().unwrap();
+    assert_eq!(tls.cert_not_after, now + 3 * day);
+    assert_eq!(tls.client_ca_not_after, Some(now + 3 * day));
+}
+
 #[test]
 fn tokens_off_loopback_need_tls() {
     let pki = Pki::new("off-loopback");
