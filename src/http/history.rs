@@ -2,18 +2,21 @@
 //! [`WINDOW`], so a page opened (a wallboard switched on, a tab reloaded)
 //! draws the last minutes at once instead of starting empty.
 //!
-//! Every [`STEP`], and when a page opens, a sampler reads the broker's
-//! change counter; when it moved, it reads the instances that changed (as
-//! Watch does) and adds a point to each (or updates the instance's last
-//! point, if that began less than [`STEP`] before: a point stands for the
-//! last state of its step). Nothing is read when nothing changed, and nothing
-//! is added on the request path. Memory is bounded: [`WINDOW`] / [`STEP`]
-//! points per instance, at most [`MAX_INSTANCES`] instances (those quiet
-//! longest are forgotten first).
+//! Every [`STEP`], and when a page opens (at most every [`OPEN_SAMPLE`]), a
+//! sampler reads the broker's change counter; when it moved, it reads the
+//! instances that changed (as Watch does) and gives each the point of the
+//! current step (steps counted from the sampler's start, so a point stands
+//! for the last state of its step). Nothing is read when nothing changed,
+//! and nothing is added on the request path. Instances the broker no longer
+//! has (an OAuth client dropped, a tenant led elsewhere now) are forgotten
+//! within [`PRUNE`], and a page is sent only instances that exist as it
+//! opens. Memory is bounded: [`WINDOW`] / [`STEP`] points per instance, at
+//! most [`MAX_INSTANCES`] instances (later ones get no history until room
+//! is made: evicting the quietest on every new one would thrash).
 
 use crate::broker::{Broker, TenantBucketStatus};
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -24,12 +27,17 @@ pub(crate) const WINDOW: Duration = Duration::from_secs(5 * 60);
 pub(crate) const STEP: Duration = Duration::from_secs(2);
 /// Instances remembered at most (per-client buckets can make many).
 pub(crate) const MAX_INSTANCES: usize = 2_000;
+/// A page opening samples first unless a sample was read this recently
+/// (pages opening together share one).
+pub(crate) const OPEN_SAMPLE: Duration = Duration::from_millis(500);
+/// Instances the broker no longer has are forgotten this often.
+pub(crate) const PRUNE: Duration = Duration::from_secs(60);
 
 /// One instance at one time: what the dashboard charts and counts.
 #[derive(Debug, Clone, Copy)]
 struct Point {
-    /// When its step began.
-    from: Instant,
+    /// Its step (since the sampler started).
+    step: u64,
     /// When its figures were read.
     at: Instant,
     effective_per_min: f64,
@@ -41,7 +49,7 @@ struct Point {
 }
 
 /// Tenant, bucket, OAuth client ("" for a shared bucket).
-type Key = (String, String, String);
+pub(crate) type Key = (String, String, String);
 
 /// One instance's points, oldest first.
 #[derive(Debug)]
@@ -52,19 +60,25 @@ struct Ring {
 }
 
 /// The last [`WINDOW`] of every instance seen.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct History {
     /// std `Mutex`: never held across `.await`.
     inner: Mutex<Inner>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
+    /// Where step 0 begins.
+    start: Instant,
     rings: HashMap<Key, Ring>,
     /// What the last sample read of each tenant (see `Broker::changed_since`).
     seen: HashMap<usize, HashMap<usize, u64>>,
     /// The broker's change counter at the last sample.
     version: Option<u64>,
+    /// When a sample last read the broker.
+    read_at: Option<Instant>,
+    /// When instances the broker no longer has were last forgotten.
+    pruned_at: Instant,
 }
 
 /// One instance's points, oldest first, as the event feed sends them.
@@ -78,9 +92,22 @@ pub(crate) struct Series {
 }
 
 impl History {
+    pub(crate) fn new(start: Instant) -> History {
+        History {
+            inner: Mutex::new(Inner {
+                start,
+                rings: HashMap::new(),
+                seen: HashMap::new(),
+                version: None,
+                read_at: None,
+                pruned_at: start,
+            }),
+        }
+    }
+
     /// Samples `broker` every [`STEP`] until `stop` is cancelled.
     pub(crate) fn spawn(broker: Broker, stop: CancellationToken) -> std::sync::Arc<History> {
-        let history = std::sync::Arc::new(History::default());
+        let history = std::sync::Arc::new(History::new(Instant::now()));
         let h = history.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(STEP);
@@ -90,42 +117,74 @@ impl History {
                     _ = tick.tick() => {}
                     _ = stop.cancelled() => return,
                 }
-                h.sample(&broker);
+                h.sample(&broker, false);
             }
         });
         history
     }
 
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // What a panicked sample left is still points in order.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Adds a point to each instance of `broker` that changed since the
-    /// last sample.
-    pub(crate) fn sample(&self, broker: &Broker) {
-        let Ok(mut inner) = self.inner.lock() else {
+    /// last sample (for a page opening: unless one was read within
+    /// [`OPEN_SAMPLE`]).
+    pub(crate) fn sample(&self, broker: &Broker, page_opening: bool) {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        if now >= inner.pruned_at + PRUNE {
+            inner.pruned_at = now;
+            let live: HashSet<Key> = broker
+                .list(None, |_| true)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| key_of(&s))
+                .collect();
+            inner.rings.retain(|k, _| live.contains(k));
+        }
+        if page_opening && inner.read_at.is_some_and(|at| at + OPEN_SAMPLE > now) {
             return;
-        };
+        }
         let version = broker.change_version();
         if inner.version == Some(version) {
             return;
         }
         inner.version = Some(version);
+        inner.read_at = Some(now);
+        let inner = &mut *inner;
         let batch = broker.changed_since(&mut inner.seen);
-        record(&mut inner.rings, &batch);
+        record(inner.start, &mut inner.rings, &batch);
     }
 
-    /// Every instance of the tenants `shows` accepts, in key order.
-    pub(crate) fn series(&self, shows: impl Fn(&str) -> bool) -> Vec<Series> {
-        let Ok(inner) = self.inner.lock() else {
-            return Vec::new();
-        };
+    /// The instances in `live`, in key order, each with its points of the
+    /// last [`WINDOW`] before `now` and the one before them (where its line
+    /// starts).
+    pub(crate) fn series(&self, live: &HashSet<Key>, now: Instant) -> Vec<Series> {
+        let inner = self.lock();
         let mut out: Vec<Series> = inner
             .rings
             .iter()
-            .filter(|((tenant, _, _), _)| shows(tenant))
-            .map(|((tenant, bucket, oauth_client), ring)| Series {
-                tenant: tenant.clone(),
-                bucket: bucket.clone(),
-                oauth_client: oauth_client.clone(),
-                scope: ring.scope,
-                points: ring.points.iter().copied().collect(),
+            .filter(|(k, _)| live.contains(*k))
+            .map(|((tenant, bucket, oauth_client), ring)| {
+                let inside = ring
+                    .points
+                    .iter()
+                    .position(|p| p.at + WINDOW > now)
+                    .unwrap_or(ring.points.len());
+                Series {
+                    tenant: tenant.clone(),
+                    bucket: bucket.clone(),
+                    oauth_client: oauth_client.clone(),
+                    scope: ring.scope,
+                    points: ring
+                        .points
+                        .iter()
+                        .skip(inside.saturating_sub(1))
+                        .copied()
+                        .collect(),
+                }
             })
             .collect();
         out.sort_unstable_by(|a, b| {
@@ -135,17 +194,22 @@ impl History {
     }
 }
 
-/// Adds a point per status.
-fn record(rings: &mut HashMap<Key, Ring>, batch: &[TenantBucketStatus]) {
+/// The instance a status is of.
+pub(crate) fn key_of(s: &TenantBucketStatus) -> Key {
+    (
+        s.tenant.clone(),
+        s.status.bucket.clone(),
+        s.status.oauth_client.clone().unwrap_or_default(),
+    )
+}
+
+/// Gives each status the point of its step.
+fn record(start: Instant, rings: &mut HashMap<Key, Ring>, batch: &[TenantBucketStatus]) {
     for s in batch {
         let b = &s.status;
-        let key = (
-            s.tenant.clone(),
-            b.bucket.clone(),
-            b.oauth_client.clone().unwrap_or_default(),
-        );
+        let key = key_of(s);
         if !rings.contains_key(&key) && rings.len() >= MAX_INSTANCES {
-            forget_the_quietest(rings);
+            continue;
         }
         let ring = &mut rings
             .entry(key)
@@ -154,17 +218,14 @@ fn record(rings: &mut HashMap<Key, Ring>, batch: &[TenantBucketStatus]) {
                 points: VecDeque::new(),
             })
             .points;
-        let from = match ring.back() {
-            // (A page opened within the step.)
-            Some(last) if last.from + STEP > s.at => {
-                let from = last.from;
-                ring.pop_back();
-                from
-            }
-            _ => s.at,
-        };
+        let step =
+            u64::try_from(s.at.saturating_duration_since(start).as_nanos() / STEP.as_nanos())
+                .unwrap_or(u64::MAX);
+        if ring.back().is_some_and(|last| last.step == step) {
+            ring.pop_back();
+        }
         ring.push_back(Point {
-            from,
+            step,
             at: s.at,
             effective_per_min: b.effective_rate_per_min,
             configured_per_min: b.configured_rate_per_min,
@@ -177,17 +238,6 @@ fn record(rings: &mut HashMap<Key, Ring>, batch: &[TenantBucketStatus]) {
         while ring.len() > 1 && ring[1].at + WINDOW <= s.at {
             ring.pop_front();
         }
-    }
-}
-
-/// Drops the instance whose last point is the oldest.
-fn forget_the_quietest(rings: &mut HashMap<Key, Ring>) {
-    let quietest = rings
-        .iter()
-        .min_by_key(|(_, ring)| ring.points.back().map(|p| p.at))
-        .map(|(k, _)| k.clone());
-    if let Some(k) = quietest {
-        rings.remove(&k);
     }
 }
 
@@ -259,23 +309,33 @@ mod tests {
 
     impl History {
         fn record(&self, batch: &[TenantBucketStatus]) {
-            record(&mut self.inner.lock().unwrap().rings, batch);
+            let mut inner = self.lock();
+            let start = inner.start;
+            record(start, &mut inner.rings, batch);
+        }
+
+        fn all(&self, now: Instant) -> Vec<Series> {
+            let keys: HashSet<Key> = self.lock().rings.keys().cloned().collect();
+            self.series(&keys, now)
         }
     }
 
     #[tokio::test(start_paused = true)]
-    async fn keeps_the_window_and_one_point_before_it() {
-        let h = History::default();
+    async fn keeps_the_window_and_one_point_before_it_one_point_a_step() {
         let t0 = Instant::now();
-        for i in 0..200u64 {
-            h.record(&[status("t", "b", t0 + STEP * i as u32, i)]);
-            // A page opened within the step: the step's point is updated.
-            h.record(&[status("t", "b", t0 + STEP * i as u32 + STEP / 2, i)]);
+        let h = History::new(t0);
+        for i in 0..200u32 {
+            // Late by up to half a step, as a busy sampler may be...
+            let late = Duration::from_millis(u64::from(i % 7) * 130);
+            h.record(&[status("t", "b", t0 + STEP * i + late, i.into())]);
+            // ...and a page opened within the step: the step's point is
+            // updated, not added.
+            h.record(&[status("t", "b", t0 + STEP * i + STEP * 9 / 10, i.into())]);
         }
-        let series = h.series(|_| true);
+        let last = t0 + STEP * 199 + STEP * 9 / 10;
+        let series = h.all(last);
         assert_eq!(series.len(), 1);
         let points = &series[0].points;
-        let last = t0 + STEP * 199 + STEP / 2;
         assert_eq!(points.last().map(|p| p.granted_total), Some(199));
         assert!(
             points[0].at + WINDOW <= last,
@@ -286,27 +346,29 @@ mod tests {
             points.len(),
             (WINDOW.as_secs() / STEP.as_secs()) as usize + 1
         );
+        // Sent later, after the instance went quiet: only the window, and
+        // the point where its line starts.
+        let quiet = h.all(last + WINDOW + STEP * 10);
+        assert_eq!(quiet[0].points.len(), 1);
+        assert_eq!(quiet[0].points[0].granted_total, 199);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn forgets_the_quietest_instance_beyond_the_cap_and_filters_tenants() {
-        let h = History::default();
+    async fn beyond_the_cap_new_instances_wait_and_only_live_ones_are_sent() {
         let t0 = Instant::now();
+        let h = History::new(t0);
         for i in 0..MAX_INSTANCES {
-            h.record(&[status(
-                "t",
-                &format!("b{i:05}"),
-                t0 + Duration::from_millis(i as u64 + 1),
-                0,
-            )]);
+            h.record(&[status("t", &format!("b{i:05}"), t0, 0)]);
         }
-        // b00000 is the quietest: a new instance takes its place.
         h.record(&[status("u", "new", t0 + STEP, 0)]);
-        let all = h.series(|_| true);
+        let all = h.all(t0 + STEP);
         assert_eq!(all.len(), MAX_INSTANCES);
-        assert!(!all.iter().any(|s| s.bucket == "b00000"));
-        assert!(all.iter().any(|s| s.bucket == "b00001"));
-        let u = h.series(|t| t == "u");
+        assert!(!all.iter().any(|s| s.bucket == "new"));
+        // Room made (as pruning does for instances the broker dropped).
+        h.lock().rings.retain(|k, _| k.1 != "b00000");
+        h.record(&[status("u", "new", t0 + STEP * 2, 0)]);
+        let live: HashSet<Key> = [("u".into(), "new".into(), String::new())].into();
+        let u = h.series(&live, t0 + STEP * 2);
         assert_eq!(u.len(), 1);
         assert_eq!(u[0].bucket, "new");
     }

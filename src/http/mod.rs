@@ -215,20 +215,26 @@ async fn events(
         Ok(permit) => permit,
         Err(status) => return refuse(StatusCode::TOO_MANY_REQUESTS, status.message()),
     };
+    // The minutes before, of the instances there are now, read up to now
+    // (not to the last step) and before the live feed's first snapshot, so
+    // that snapshot is never older than the history.
+    let live = match http.broker.list(tenant, |t| who.sees(t)) {
+        Ok(list) => list.iter().map(history::key_of).collect(),
+        Err(e) => return refuse(StatusCode::NOT_FOUND, &e.to_string()),
+    };
+    http.history.sample(&http.broker, true);
+    let now = tokio::time::Instant::now();
+    let past: Vec<Result<Event, Infallible>> = http
+        .history
+        .series(&live, now)
+        .iter()
+        .map(|s| Ok(Event::default().event("history").data(s.to_json(now))))
+        .collect();
     let rx = match http.broker.watch(tenant, |t| who.sees(t)) {
         Ok(rx) => rx,
         Err(e) => return refuse(StatusCode::NOT_FOUND, &e.to_string()),
     };
     let clock = http.broker.clock();
-    // Up to now, not to the last step.
-    http.history.sample(&http.broker);
-    let now = tokio::time::Instant::now();
-    let past: Vec<Result<Event, Infallible>> = http
-        .history
-        .series(|t| tenant.map_or_else(|| who.sees(t), |only| only == t))
-        .iter()
-        .map(|s| Ok(Event::default().event("history").data(s.to_json(now))))
-        .collect();
     let stream = futures_util::stream::iter(past).chain(ReceiverStream::new(rx).map(move |s| {
         // The feed holds its place under the cap until it ends.
         let _open = &permit;

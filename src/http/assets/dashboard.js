@@ -19,6 +19,7 @@ let feed = 0;                      // connections so far; an instance remembers 
 let lostAt = 0;                    // when the feed went down (0: it is up)
 let refused = "";                  // why the broker refused the feed, when it did
 let since = Date.now();            // the oldest data shown (the broker's history reaches back)
+let armed = false;                 // this connection's sweep is set
 
 const params = new URLSearchParams(location.search);
 const hash = new URLSearchParams(location.hash.slice(1));
@@ -60,7 +61,7 @@ function instanceFor(r) {
   if (i) return i;
   const p = panelFor(r);
   i = { key, panel: p, client: r.oauth_client, last: null, grants: [], since: Date.now(),
-        feed: 0, frozenUntil: 0, pts: [], histFeed: 0, histTotal: 0 };
+        feed: 0, frozenUntil: 0, pts: [], histFeed: 0, histTotal: 0, histThr: 0 };
   instances.set(key, i);
   p.members.add(i);
   return i;
@@ -172,6 +173,7 @@ function history(h) {
   i.since = i.pts[0].t;
   i.histFeed = feed;
   i.histTotal = i.pts[i.pts.length - 1].granted;
+  i.histThr = i.pts[i.pts.length - 1].thr;
   i.panel.histDirty = true;
   since = Math.min(since, Math.max(i.pts[0].t, now - WINDOW_MS));
 }
@@ -199,20 +201,31 @@ function rebuild(p) {
   const last = pts[pts.length - 1];
   const slots = !(last.conf > 0) && last.max > 0;
   p.histSlots = slots;
-  let base = 0;
-  p.samples = pts.map((q, k) => {
-    if (slots) return { t: q.t, eff: q.inFlight, conf: q.max, used: q.inFlight };
-    // Granted per minute over the trailing USAGE_MS, as the live line.
-    while (base + 1 < k && pts[base + 1].t <= q.t - USAGE_MS) base += 1;
-    const from = pts[base];
-    const span = Math.max(q.t - from.t, 1000);
-    return { t: q.t, eff: q.eff, conf: q.conf,
-      used: k === 0 ? 0 : Math.max(0, q.granted - from.granted) * 60000 / span };
-  });
+  if (slots) {
+    p.samples = pts.map((q) => ({ t: q.t, eff: q.inFlight, conf: q.max, used: q.inFlight }));
+  } else {
+    // Granted per minute over the trailing USAGE_MS, as the live line:
+    // evaluated at each point and again USAGE_MS after it (when what it
+    // counted leaves the span), the totals between points being those of
+    // the point before.
+    const now = Date.now();
+    const times = [...new Set(pts.flatMap((q) => [q.t, q.t + USAGE_MS]))]
+      .filter((t) => t <= now).sort((a, b) => a - b);
+    let k = 0, back = 0;
+    p.samples = times.map((t) => {
+      while (k + 1 < pts.length && pts[k + 1].t <= t) k += 1;
+      while (back + 1 < pts.length && pts[back + 1].t <= t - USAGE_MS) back += 1;
+      const q = pts[k];
+      const base = pts[back].t <= t - USAGE_MS ? pts[back] : pts[0];
+      const span = Math.min(Math.max(t - pts[0].t, 1000), USAGE_MS);
+      return { t, eff: q.eff, conf: q.conf, used: Math.max(0, q.granted - base.granted) * 60000 / span };
+    });
+  }
   p.marks = pts.filter((q, k) => k > 0 && q.thr > pts[k - 1].thr).map((q) => q.t);
   p.canvas.dataset.points = String(p.samples.length);
   p.canvas.dataset.history = String(pts.length);
   p.canvas.dataset.marks = String(p.marks.length);
+  draw(p, Date.now());
 }
 
 function update(r) {
@@ -227,7 +240,11 @@ function update(r) {
     : i.histFeed === feed ? i.histTotal : null;
   const counted = prior !== null && r.granted_total >= prior;
   i.feed = feed;
-  if (i.last && r.throttled_total > i.last.throttled_total) {
+  // 429s since what this connection's history or last announcement said
+  // (the history already marked the ones before).
+  const priorThr = i.feed === feed && i.last ? i.last.throttled_total
+    : i.histFeed === feed ? i.histThr : i.last ? i.last.throttled_total : null;
+  if (priorThr !== null && r.throttled_total > priorThr) {
     p.marks.push(now);
     p.canvas.dataset.marks = String(p.marks.length);
   }
@@ -457,12 +474,16 @@ function connect() {
   const src = new EventSource("/events?" + q.toString());
   src.addEventListener("open", () => {
     conn.textContent = "live"; conn.className = "conn up"; problem("");
-    lostAt = 0; refused = ""; feed += 1;
+    lostAt = 0; refused = ""; feed += 1; armed = false;
     document.body.classList.remove("stale");
-    setTimeout(sweep, SWEEP_MS, feed);
   });
   src.addEventListener("history", (e) => history(JSON.parse(e.data)));
-  src.addEventListener("bucket", (e) => update(JSON.parse(e.data)));
+  src.addEventListener("bucket", (e) => {
+    // The live snapshot follows the history: from its first event, every
+    // instance the broker has is announced within SWEEP_MS.
+    if (!armed) { armed = true; setTimeout(sweep, SWEEP_MS, feed); }
+    update(JSON.parse(e.data));
+  });
   src.addEventListener("error", () => {
     conn.textContent = "reconnecting…"; conn.className = "conn down";
     lost();
