@@ -5,10 +5,13 @@
 //!
 //! `/metrics` and the probes need no token, like gRPC health. The event
 //! feed shows tenants' buckets, so it follows the gRPC rules: with
-//! `[[auth.tokens]]` configured it needs a token (`Authorization: Bearer`,
-//! or `?token=` since a browser's `EventSource` cannot send headers), shows
-//! only the tenants the token is scoped to, and refuses a token sent from
-//! another host over this plaintext port. The dashboard's page and script
+//! `[[auth.tokens]]` configured it needs a token, shows only the tenants the
+//! token is scoped to, and refuses a token sent from another host over this
+//! plaintext port. A browser's `EventSource` cannot send headers, so the
+//! page trades its token for a cookie first (`POST /session` with
+//! `Authorization: Bearer`; the cookie is `HttpOnly`, `SameSite=Strict`,
+//! sent to `/events` only), which keeps the token out of URLs and access
+//! logs; `/events` takes `Authorization`, that cookie, or `?token=`. The dashboard's page and script
 //! are static, embedded in the binary (no CDN: it works offline).
 //!
 //! The feed starts with what each visible instance showed over the last
@@ -92,6 +95,7 @@ pub(crate) async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/events", get(events))
+        .route("/session", axum::routing::post(session))
         .with_state(state);
     axum::serve(
         listener,
@@ -171,36 +175,140 @@ struct EventsQuery {
     token: String,
 }
 
+/// The cookie the page's token is kept in (see [`session`]), followed by
+/// the port the browser addressed: browsers scope cookies by host name
+/// only, and two brokers' dashboards on one host (or two tunnels) must not
+/// trade each other's tokens.
+const SESSION_COOKIE: &str = "qb_token_";
+/// How long the browser keeps it (a wallboard runs for weeks; a token
+/// revoked before then is refused anyway).
+const SESSION_MAX_AGE_S: u64 = 30 * 24 * 3600;
+
+/// The caller, by the token in `Authorization`, else in the session cookie,
+/// else in `?token=`; or the refusal to answer with.
+fn caller(
+    http: &Http,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    query_token: &str,
+) -> Result<crate::auth::Principal, Response> {
+    let from_cookie = session_token(headers);
+    let bearer = match (from_cookie, query_token) {
+        (Some(t), _) => Some(format!("Bearer {t}")),
+        (None, t) if !t.is_empty() => Some(format!("Bearer {t}")),
+        _ => None,
+    };
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .or(bearer.as_deref());
+    if authorization.is_some() && !http.auth.is_open() && !peer.ip().to_canonical().is_loopback() {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "a token sent over plain HTTP from another host is refused (it crossed the network \
+             in the clear; rotate it): open the dashboard on the broker's host, or through an \
+             SSH tunnel or a TLS-terminating proxy there",
+        ));
+    }
+    if http.auth.is_open() && !addressed_to_an_ip_or_localhost(headers) {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "with no [[auth.tokens]] the event feed answers only requests addressed to \
+             localhost or an IP address (a page elsewhere must not reach it by DNS \
+             rebinding); configure tokens to serve it under a name",
+        ));
+    }
+    http.auth
+        .authenticate(authorization)
+        .map_err(|e| refuse(StatusCode::UNAUTHORIZED, &auth_message(&e)))
+}
+
+/// The token in the session cookie, if the request carries one.
+fn session_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            c.trim()
+                .strip_prefix(&cookie_name(headers))?
+                .strip_prefix('=')
+        })
+        .map(|v| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .filter(|t| !t.is_empty())
+}
+
+/// The session cookie's name for the port in the request's `Host` (80
+/// without one).
+fn cookie_name(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let port = host
+        .rsplit_once(':')
+        .map(|(_, p)| p)
+        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.len() <= 5)
+        .unwrap_or("80");
+    format!("{SESSION_COOKIE}{port}")
+}
+
+/// Trades the token in `Authorization` for a session cookie the page's
+/// `EventSource` sends to `/events` (it cannot send headers): 204 with the
+/// cookie, or the refusal `/events` would give. In open mode there is
+/// nothing to trade: 204 without a cookie.
+async fn session(
+    State(http): State<Http>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if headers.get(header::AUTHORIZATION).is_none() && !http.auth.is_open() {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "POST /session takes the token as Authorization: Bearer TOKEN",
+        );
+    }
+    if let Err(refused) = caller(&http, peer, &headers, "") {
+        return refused;
+    }
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .trim();
+    if http.auth.is_open() || token.is_empty() {
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    let value: String =
+        percent_encoding::utf8_percent_encode(token, percent_encoding::NON_ALPHANUMERIC).collect();
+    let cookie = format!(
+        "{}={value}; Path=/events; HttpOnly; SameSite=Strict; Max-Age={SESSION_MAX_AGE_S}",
+        cookie_name(&headers)
+    );
+    match axum::http::HeaderValue::from_str(&cookie) {
+        Ok(v) => (StatusCode::NO_CONTENT, [(header::SET_COOKIE, v)]).into_response(),
+        Err(_) => refuse(
+            StatusCode::BAD_REQUEST,
+            "the token cannot be kept in a cookie",
+        ),
+    }
+}
+
 async fn events(
     State(http): State<Http>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Query(q): Query<EventsQuery>,
 ) -> Response {
-    let bearer = format!("Bearer {}", q.token);
-    let authorization = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .or((!q.token.is_empty()).then_some(bearer.as_str()));
-    if authorization.is_some() && !http.auth.is_open() && !peer.ip().to_canonical().is_loopback() {
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            "a token sent over plain HTTP from another host is refused (it crossed the network \
-             in the clear; rotate it): open the dashboard on the broker's host, or through an \
-             SSH tunnel or a TLS-terminating proxy there",
-        );
-    }
-    if http.auth.is_open() && !addressed_to_an_ip_or_localhost(&headers) {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "with no [[auth.tokens]] the event feed answers only requests addressed to \
-             localhost or an IP address (a page elsewhere must not reach it by DNS \
-             rebinding); configure tokens to serve it under a name",
-        );
-    }
-    let who = match http.auth.authenticate(authorization) {
+    let who = match caller(&http, peer, &headers, &q.token) {
         Ok(who) => who,
-        Err(e) => return refuse(StatusCode::UNAUTHORIZED, &auth_message(&e)),
+        Err(refused) => return refused,
     };
     let tenant = (!q.tenant.is_empty()).then_some(q.tenant.as_str());
     if let Some(t) = tenant {
@@ -263,7 +371,8 @@ fn addressed_to_an_ip_or_localhost(headers: &HeaderMap) -> bool {
 fn auth_message(e: &AuthError) -> String {
     format!(
         "{e}; the dashboard takes the token as #token=... in its address, \
-         the event feed as Authorization: Bearer or ?token="
+         the event feed as Authorization: Bearer, the session cookie (POST /session) \
+         or ?token="
     )
 }
 

@@ -504,3 +504,72 @@ async fn settled(b: &super::observe::Observed) -> Vec<serde_json::Value> {
     .await
     .expect("the broker settled after the load stopped")
 }
+
+/// With tokens: the page opened as `/#token=...` trades the token for a
+/// cookie, takes it out of its address, never puts it in a request's URL,
+/// shows only the token's tenants, and after a reload without it goes on
+/// with the cookie. Prints OK.
+const TOKEN_SCRIPT: &str = r##"
+const { chromium } = require(process.env.PW_DIR + "/node_modules/playwright-core");
+const [url, token] = process.argv.slice(2);
+(async () => {
+  const browser = await chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu"],
+  });
+  try {
+    const page = await browser.newPage();
+    page.on("console", (m) => console.error("page:", m.text()));
+    const sent = [];
+    page.on("request", (r) => sent.push(r.url()));
+    const live = () => document.querySelectorAll("section.panel").length >= 1
+      && document.getElementById("conn").textContent === "live";
+    await page.goto(url + "#token=" + encodeURIComponent(token));
+    await page.waitForFunction(live, null, { timeout: 20000 });
+    const state = () => ({ hash: location.hash, cookie: document.cookie,
+      tenants: [...new Set([...document.querySelectorAll("section.panel")]
+        .map((p) => p.dataset.tenant))].join() });
+    const first = await page.evaluate(state);
+    if (first.hash !== "" || first.cookie !== "" || first.tenants !== "t") {
+      throw new Error("after opening with the token: " + JSON.stringify(first));
+    }
+    await page.reload();
+    await page.waitForFunction(live, null, { timeout: 20000 });
+    const again = await page.evaluate(state);
+    if (again.tenants !== "t") throw new Error("after a reload: " + JSON.stringify(again));
+    const leaked = sent.filter((u) => /\/(events|session)/.test(u) && u.includes(token));
+    if (leaked.length) throw new Error("the token was in a request URL: " + leaked.join(" "));
+    if (!sent.some((u) => u.endsWith("/session"))) throw new Error("no POST /session: " + sent.join(" "));
+    console.log("OK");
+  } finally {
+    await browser.close();
+  }
+})().catch((e) => { console.error(String(e && e.stack || e)); process.exit(1); });
+"##;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_keeps_its_token_out_of_urls() {
+    use super::observe::{config, tokens_config, TOKEN};
+    let playwright = tokio::task::spawn_blocking(install).await.unwrap();
+    let b = start(&config(&tokens_config())).await;
+    let script = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-token-test.js");
+    std::fs::write(&script, TOKEN_SCRIPT).unwrap();
+    let run = tokio::process::Command::new("node")
+        .arg(&script)
+        .arg(format!("http://{}/", b.http))
+        .arg(TOKEN)
+        .env("PW_DIR", &playwright)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(LIMIT, run)
+        .await
+        .unwrap_or_else(|_| panic!("the browser session took over {LIMIT:?}"))
+        .unwrap_or_else(|e| panic!("cannot run node: {e}"));
+    b.stop().await;
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "OK",
+        "node said:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

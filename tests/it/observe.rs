@@ -86,7 +86,7 @@ const BUCKETS: &str =
     "[[tenants.buckets]]\nname = \"users\"\nroutes = [\"GET /api/v2/users/**\"]\n\
                        permits = 2\nwindow_ms = 60000\nmax_in_flight = 5\n";
 
-fn config(extra: &str) -> String {
+pub fn config(extra: &str) -> String {
     format!(
         "[server]\nshutdown_grace_ms = 2000\nstate_dir = \"\"\n{extra}\n[[tenants]]\nid = \"t\"\n{BUCKETS}\
          [[tenants]]\nid = \"u\"\n{BUCKETS}"
@@ -118,9 +118,22 @@ async fn open(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (HttpResponse, BufReader<TcpStream>) {
+    send(addr, "GET", path, headers).await
+}
+
+/// [`open`] with any method (no body).
+async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (HttpResponse, BufReader<TcpStream>) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     // The test's own Host header, if it gives one.
-    let mut request = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if method != "GET" {
+        request.push_str("Content-Length: 0\r\n");
+    }
     if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
         request.push_str(&format!("Host: {addr}\r\n"));
     }
@@ -758,9 +771,9 @@ async fn probes_answer_without_a_token() {
     b.stop().await;
 }
 
-const TOKEN: &str = "t-only-token";
+pub const TOKEN: &str = "t-only-token";
 
-fn tokens_config() -> String {
+pub fn tokens_config() -> String {
     format!(
         "[[auth.tokens]]\nname = \"t-reader\"\nsha256 = \"{}\"\nrole = \"client\"\ntenants = [\"t\"]\n",
         quota_broker::hash_token(TOKEN)
@@ -921,6 +934,54 @@ async fn a_page_opened_later_is_sent_the_last_minutes_of_its_tenants() {
     assert_eq!(last[0], 0, "read as the page opened: {points:?}");
     assert_eq!(last[2], 2.0);
     drop(feed);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn the_page_trades_its_token_for_a_cookie_only_the_feed_gets() {
+    let b = start(&config(&tokens_config())).await;
+    let post = |headers: Vec<(&'static str, String)>| async move {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (head, _) = send(b.http, "POST", "/session", &h).await;
+        head
+    };
+    let none = post(vec![]).await;
+    assert_eq!(none.status, 401);
+    let wrong = post(vec![("Authorization", "Bearer nope".into())]).await;
+    assert_eq!(wrong.status, 401);
+    assert!(wrong.header("set-cookie").is_none());
+
+    let ok = post(vec![("Authorization", format!("Bearer {TOKEN}"))]).await;
+    assert_eq!(ok.status, 204);
+    let cookie = ok
+        .header("set-cookie")
+        .expect("a session cookie")
+        .to_owned();
+    let name = format!("qb_token_{}", b.http.port());
+    assert!(cookie.starts_with(&format!("{name}=")), "{cookie}");
+    for attribute in ["Path=/events", "HttpOnly", "SameSite=Strict", "Max-Age="] {
+        assert!(cookie.contains(attribute), "{attribute} in {cookie}");
+    }
+    let pair = cookie.split(';').next().unwrap();
+
+    // The feed with the cookie alone: the token's tenants only.
+    let (head, mut feed) = open(b.http, "/events", &[("Cookie", pair)]).await;
+    assert_eq!(head.status, 200);
+    let first = next_event(&mut feed, |_| true).await;
+    assert_eq!(first["tenant"], "t", "{first}");
+    drop(feed);
+    let (head, _feed) = open(
+        b.http,
+        "/events?tenant=u",
+        &[("Cookie", &format!("other=1; {pair}"))],
+    )
+    .await;
+    assert_eq!(head.status, 403, "scoped to t, not u");
+    // Under another port's name (another broker's dashboard on this
+    // host), it is not this broker's.
+    let elsewhere = pair.replacen(&name, "qb_token_1", 1);
+    let refused = get(b.http, "/events", &[("Cookie", &elsewhere)]).await;
+    assert_eq!(refused.status, 401, "{}", refused.body);
     b.stop().await;
 }
 

@@ -162,7 +162,7 @@ function panelUsage(p, now) {
 // flight, slot limit]; the panel's chart is rebuilt from its instances'
 // points on the next redraw, replacing what the page drew before (the
 // broker's memory also covers a time the feed was down).
-function history(h) {
+function fromHistory(h) {
   if (!h.points.length) return;
   const i = instanceFor(h);
   const now = Date.now();
@@ -469,7 +469,6 @@ function problem(text) {
 function connect() {
   const q = new URLSearchParams();
   if (tenant) q.set("tenant", tenant);
-  if (token) q.set("token", token);
   const conn = document.getElementById("conn");
   const src = new EventSource("/events?" + q.toString());
   src.addEventListener("open", () => {
@@ -477,7 +476,7 @@ function connect() {
     lostAt = 0; refused = ""; feed += 1; armed = false;
     document.body.classList.remove("stale");
   });
-  src.addEventListener("history", (e) => history(JSON.parse(e.data)));
+  src.addEventListener("history", (e) => fromHistory(JSON.parse(e.data)));
   src.addEventListener("bucket", (e) => {
     // The live snapshot follows the history: from its first event, every
     // instance the broker has is announced within SWEEP_MS.
@@ -501,7 +500,25 @@ function connect() {
   });
 }
 
+// A token in the address (#token=...) is traded for a cookie the feed
+// sends (an EventSource cannot send headers, and a token in the feed's
+// URL would be written to access logs), then taken out of the address
+// bar. A reload without it goes on with the cookie.
+function start() {
+  if (!token) { connect(); return; }
+  fetch("/session", { method: "POST", headers: { Authorization: "Bearer " + token } })
+    .then((r) => r.ok ? "" : r.text())
+    .then((t) => {
+      if (t) { refused = t; problem(t); }
+      hash.delete("token");
+      const rest = hash.toString();
+      window.history.replaceState(null, "", location.pathname + location.search + (rest ? "#" + rest : ""));
+      connect();
+    })
+    .catch(() => setTimeout(start, 5000));
+}
+
 // Redraws move the time axis and count freezes down; the data itself
 // arrives only as events.
 setInterval(render, 250);
-connect();
+start();
