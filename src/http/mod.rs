@@ -191,7 +191,7 @@ fn caller(
     peer: SocketAddr,
     headers: &HeaderMap,
     query_token: &str,
-) -> Result<crate::auth::Principal, Response> {
+) -> Result<crate::auth::Principal, Box<Response>> {
     let from_cookie = session_token(headers);
     let bearer = match (from_cookie, query_token) {
         (Some(t), _) => Some(format!("Bearer {t}")),
@@ -203,24 +203,24 @@ fn caller(
         .and_then(|v| v.to_str().ok())
         .or(bearer.as_deref());
     if authorization.is_some() && !http.auth.is_open() && !peer.ip().to_canonical().is_loopback() {
-        return Err(refuse(
+        return Err(Box::new(refuse(
             StatusCode::UNAUTHORIZED,
             "a token sent over plain HTTP from another host is refused (it crossed the network \
              in the clear; rotate it): open the dashboard on the broker's host, or through an \
              SSH tunnel or a TLS-terminating proxy there",
-        ));
+        )));
     }
     if http.auth.is_open() && !addressed_to_an_ip_or_localhost(headers) {
-        return Err(refuse(
+        return Err(Box::new(refuse(
             StatusCode::FORBIDDEN,
             "with no [[auth.tokens]] the event feed answers only requests addressed to \
              localhost or an IP address (a page elsewhere must not reach it by DNS \
              rebinding); configure tokens to serve it under a name",
-        ));
+        )));
     }
     http.auth
         .authenticate(authorization)
-        .map_err(|e| refuse(StatusCode::UNAUTHORIZED, &auth_message(&e)))
+        .map_err(|e| Box::new(refuse(StatusCode::UNAUTHORIZED, &auth_message(&e))))
 }
 
 /// The token in the session cookie, if the request carries one.
@@ -274,7 +274,7 @@ async fn session(
         );
     }
     if let Err(refused) = caller(&http, peer, &headers, "") {
-        return refused;
+        return *refused;
     }
     let token = headers
         .get(header::AUTHORIZATION)
@@ -308,7 +308,7 @@ async fn events(
 ) -> Response {
     let who = match caller(&http, peer, &headers, &q.token) {
         Ok(who) => who,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let tenant = (!q.tenant.is_empty()).then_some(q.tenant.as_str());
     if let Some(t) = tenant {
