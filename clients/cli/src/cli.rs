@@ -69,12 +69,24 @@ pub struct TlsArgs {
         value_name = "PATH"
     )]
     pub client_key: Option<PathBuf>,
+    /// Name to check the broker's certificate against, when the URL's host
+    /// is not one it names (an IP address, a tunnel, a load balancer's name).
+    #[arg(
+        long,
+        global = true,
+        env = "QUOTA_BROKER_TLS_SERVER_NAME",
+        value_name = "NAME"
+    )]
+    pub tls_server_name: Option<String>,
 }
 
 impl TlsArgs {
     /// Whether any TLS option was given.
     pub fn any(&self) -> bool {
-        self.ca_cert.is_some() || self.client_cert.is_some() || self.client_key.is_some()
+        self.ca_cert.is_some()
+            || self.client_cert.is_some()
+            || self.client_key.is_some()
+            || self.tls_server_name.is_some()
     }
 }
 

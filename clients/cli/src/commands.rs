@@ -278,26 +278,43 @@ fn tls_config(url: &str, tls: &TlsArgs) -> Result<Option<ClientTlsConfig>, Error
     if !url.starts_with("https://") {
         if tls.any() {
             return Err(Error::Tls(format!(
-                "--ca-cert, --client-cert and --client-key need an https:// broker URL (got {url})"
+                "--ca-cert, --client-cert, --client-key and --tls-server-name need an https:// \
+                 broker URL (got {url})"
             )));
         }
         return Ok(None);
     }
-    let read = |flag: &str, path: &Path| {
-        std::fs::read(path)
-            .map_err(|e| Error::Tls(format!("cannot read {flag} {}: {e}", path.display())))
+    // tonic takes any bytes here and fails only at the handshake, with an
+    // error that does not name the file: check the PEM's kind first.
+    let read = |flag: &str, path: &Path, kind: &str| {
+        let pem = std::fs::read(path)
+            .map_err(|e| Error::Tls(format!("cannot read {flag} {}: {e}", path.display())))?;
+        let text = String::from_utf8_lossy(&pem);
+        let found = text
+            .lines()
+            .any(|l| l.starts_with("-----BEGIN ") && l.contains(kind));
+        if !found {
+            return Err(Error::Tls(format!(
+                "{flag} {}: no PEM {} in it (expected a -----BEGIN ...{kind}----- block)",
+                path.display(),
+                kind.to_ascii_lowercase()
+            )));
+        }
+        Ok(pem)
     };
     let mut config = match &tls.ca_cert {
-        Some(ca) => {
-            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--ca-cert", ca)?))
-        }
+        Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(
+            "--ca-cert",
+            ca,
+            "CERTIFICATE",
+        )?)),
         None => ClientTlsConfig::new().with_native_roots(),
     };
     match (&tls.client_cert, &tls.client_key) {
         (Some(cert), Some(key)) => {
             config = config.identity(Identity::from_pem(
-                read("--client-cert", cert)?,
-                read("--client-key", key)?,
+                read("--client-cert", cert, "CERTIFICATE")?,
+                read("--client-key", key, "PRIVATE KEY")?,
             ));
         }
         (None, None) => {}
@@ -306,6 +323,9 @@ fn tls_config(url: &str, tls: &TlsArgs) -> Result<Option<ClientTlsConfig>, Error
                 "--client-cert and --client-key go together (a certificate and its key)".into(),
             ))
         }
+    }
+    if let Some(name) = &tls.tls_server_name {
+        config = config.domain_name(name.clone());
     }
     Ok(Some(config))
 }

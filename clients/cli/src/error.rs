@@ -129,7 +129,9 @@ impl Error {
     /// This error without the broker's URL, for a list of brokers tried.
     pub fn without_url(&self) -> String {
         match self {
-            Error::Unreachable { detail, .. } => format!("unreachable: {}", one_line(detail)),
+            Error::Unreachable { detail, .. } => {
+                format!("unreachable: {}{}", one_line(detail), tls_hint(detail))
+            }
             Error::Lost { detail, .. } => format!("connection lost: {}", one_line(detail)),
             Error::Timeout { secs, .. } => format!("no answer within {secs}s"),
             other => other.to_string(),
@@ -137,11 +139,32 @@ impl Error {
     }
 }
 
+/// What to do about a TLS handshake the client refused, by rustls's words
+/// for it ("" for anything else).
+fn tls_hint(detail: &str) -> &'static str {
+    if detail.contains("not valid for name") {
+        " (connect by a name the certificate has, or give one with --tls-server-name)"
+    } else if detail.contains("UnknownIssuer") {
+        " (no CA trusted here signed the broker's certificate: --ca-cert with the CA that did)"
+    } else if detail.contains("xpired") {
+        " (the broker's certificate has expired: renew it on the broker)"
+    } else if detail.contains("NotValidYet") || detail.contains("not valid yet") {
+        " (the broker's certificate is not valid yet: check this host's clock)"
+    } else {
+        ""
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Unreachable { url, detail } => {
-                write!(f, "cannot reach the broker at {url}: {}", one_line(detail))
+                write!(
+                    f,
+                    "cannot reach the broker at {url}: {}{}",
+                    one_line(detail),
+                    tls_hint(detail)
+                )
             }
             Error::Lost { url, detail } => {
                 write!(
@@ -155,6 +178,15 @@ impl fmt::Display for Error {
                     write!(
                         f,
                         " (if the broker serves TLS, use an https:// URL, with --ca-cert for a private CA)"
+                    )?;
+                } else if url.starts_with("https://") {
+                    // With TLS 1.3 a client certificate is checked after the
+                    // client's side of the handshake: the refusal arrives as
+                    // a broken connection on the first call.
+                    write!(
+                        f,
+                        " (a broker with mutual TLS drops a client without a certificate from its \
+                         client CA: --client-cert and --client-key)"
                     )?;
                 }
                 Ok(())

@@ -51,6 +51,7 @@ async fn quotactl(args: &[&str], env: &[(&str, &str)]) -> Output {
         "QUOTA_BROKER_CA_CERT",
         "QUOTA_BROKER_CLIENT_CERT",
         "QUOTA_BROKER_CLIENT_KEY",
+        "QUOTA_BROKER_TLS_SERVER_NAME",
     ] {
         c.env_remove(var);
     }
@@ -141,6 +142,56 @@ async fn status_over_mutual_tls_with_flags_or_environment() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("quotactl: "), "{err}");
     assert!(!err.contains(ADMIN), "{err}");
+    assert!(err.contains("--client-cert and --client-key"), "{err}");
+
+    // The certificate checked against a name given apart from the URL's
+    // host; a name it lacks, or no CA, each says what to do.
+    let with = |extra: &[&str]| {
+        let mut args = vec![
+            "status",
+            "--broker",
+            &url,
+            "--token",
+            ADMIN,
+            "--client-cert",
+            &cert,
+            "--client-key",
+            &key,
+        ];
+        args.extend_from_slice(extra);
+        args.iter()
+            .map(|s| (*s).to_owned())
+            .collect::<Vec<String>>()
+    };
+    let run = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        quotactl(&args, &[]).await
+    };
+    let out = run(with(&[
+        "--ca-cert",
+        &ca,
+        "--tls-server-name",
+        "broker.test",
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(with(&["--ca-cert", &ca, "--tls-server-name", "other.test"])).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not valid for name") && stderr(&out).contains("--tls-server-name"),
+        "{}",
+        stderr(&out)
+    );
+    // Another CA's certificate to trust (the system's roots would do the
+    // same, if the machine has any).
+    let other = Pki::new("mtls-other-ca");
+    let out = run(with(&["--ca-cert", &other.arg("ca.pem")])).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("--ca-cert with the CA that did"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test]
@@ -148,6 +199,7 @@ async fn tls_options_that_cannot_work_are_refused_before_connecting() {
     let pki = Pki::new("misuse");
     let ca = pki.arg("ca.pem");
     let cert = pki.arg("client.pem");
+    let key = pki.arg("client.key");
     for (args, needle) in [
         (
             vec!["status", "--broker", "http://127.0.0.1:1", "--ca-cert", &ca],
@@ -172,6 +224,26 @@ async fn tls_options_that_cannot_work_are_refused_before_connecting() {
                 "/nonexistent/ca.pem",
             ],
             "cannot read --ca-cert /nonexistent/ca.pem",
+        ),
+        (
+            vec![
+                "status",
+                "--broker",
+                "https://127.0.0.1:1",
+                "--ca-cert",
+                &key,
+            ],
+            "no PEM certificate in it",
+        ),
+        (
+            vec![
+                "status",
+                "--broker",
+                "http://127.0.0.1:1",
+                "--tls-server-name",
+                "broker.test",
+            ],
+            "need an https:// broker URL",
         ),
     ] {
         let out = quotactl(&args, &[]).await;

@@ -1,5 +1,6 @@
 //! Test support for the TLS tests of the client crates: a private CA, a
-//! server certificate for 127.0.0.1 and a client certificate, made with
+//! server certificate for 127.0.0.1 and the name `broker.test`, and a
+//! client certificate, made with
 //! rcgen at test time and written as PEM files to a directory of their own,
 //! removed when dropped. Panics on failure: it is only ever used by tests.
 
@@ -11,7 +12,8 @@ use rcgen::{
 };
 use std::path::PathBuf;
 
-/// `ca.pem`, `server.pem` + `server.key` (for 127.0.0.1) and `client.pem` +
+/// `ca.pem`, `server.pem` + `server.key` (for 127.0.0.1 and `broker.test`)
+/// and `client.pem` +
 /// `client.key`, in one directory.
 pub struct Pki {
     dir: PathBuf,
@@ -34,12 +36,21 @@ impl Pki {
         ];
         let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
         std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-        for (file, san, usage) in [
-            ("server", "127.0.0.1", ExtendedKeyUsagePurpose::ServerAuth),
-            ("client", "ingest-1", ExtendedKeyUsagePurpose::ClientAuth),
+        for (file, sans, usage) in [
+            (
+                "server",
+                &["127.0.0.1", "broker.test"][..],
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ),
+            (
+                "client",
+                &["ingest-1"][..],
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ),
         ] {
             let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(vec![san.to_owned()]).unwrap();
+            let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
+            let mut params = CertificateParams::new(sans).unwrap();
             params.extended_key_usages = vec![usage];
             let cert = params.signed_by(&key, &*ca).unwrap();
             std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).unwrap();
