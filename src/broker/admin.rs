@@ -40,6 +40,20 @@ impl Broker {
         Ok(class)
     }
 
+    /// `tenant`'s classes as now in force, served first to last, and its
+    /// default class.
+    pub(crate) fn classes(
+        &self,
+        tenant: &str,
+    ) -> Result<(Vec<ClassSettings>, String), BrokerError> {
+        let t = self.tenant_index(tenant)?;
+        self.leading(t)?;
+        let state = self.inner.tenants[t].lock();
+        let mut classes = state.classes().to_vec();
+        classes.sort_by(|a, b| (a.order, &a.name).cmp(&(b.order, &b.name)));
+        Ok((classes, state.default_class().to_owned()))
+    }
+
     /// Changes a bucket's limits; durable; returns its instances' status.
     pub(crate) async fn set_bucket_limit(
         &self,

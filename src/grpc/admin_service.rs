@@ -91,6 +91,27 @@ impl pb::quota_admin_server::QuotaAdmin for AdminService {
         }))
     }
 
+    async fn list_priority_classes(
+        &self,
+        request: Request<pb::ListPriorityClassesRequest>,
+    ) -> Result<Response<pb::ListPriorityClassesResponse>, Status> {
+        let who = principal(&self.auth, &request)?;
+        let tenant = request.into_inner().tenant;
+        if tenant.is_empty() {
+            return Err(BrokerError::invalid(
+                "tenant",
+                "required: the tenant whose classes to list",
+            )
+            .into());
+        }
+        who.may_access(&tenant)?;
+        let (classes, default_class) = self.broker.classes(&tenant)?;
+        Ok(Response::new(pb::ListPriorityClassesResponse {
+            classes: classes.iter().map(class_to_pb).collect(),
+            default_class,
+        }))
+    }
+
     async fn set_bucket_limit(
         &self,
         request: Request<pb::SetBucketLimitRequest>,

@@ -123,7 +123,7 @@ fn unquoted(text: &str) -> String {
 }
 
 /// The RPCs timed, by their gRPC path; anything else counts as `other`.
-const METHODS: [&str; 14] = [
+const METHODS: [&str; 15] = [
     "/quota.v1.QuotaBroker/Acquire",
     "/quota.v1.QuotaBroker/Release",
     "/quota.v1.QuotaBroker/Renew",
@@ -132,6 +132,7 @@ const METHODS: [&str; 14] = [
     "/quota.v1.QuotaBroker/LeaseStream",
     "/quota.v1.QuotaAdmin/ListBuckets",
     "/quota.v1.QuotaAdmin/SetPriorityClass",
+    "/quota.v1.QuotaAdmin/ListPriorityClasses",
     "/quota.v1.QuotaAdmin/SetBucketLimit",
     "/quota.v1.QuotaAdmin/PauseBucket",
     "/quota.v1.QuotaAdmin/ResumeBucket",

@@ -159,6 +159,13 @@ impl TenantState {
         &self.classes
     }
 
+    /// The class of Acquires that name none.
+    pub fn default_class(&self) -> &str {
+        self.classes
+            .get(self.default_class)
+            .map_or("", |c| c.name.as_str())
+    }
+
     /// Creates or changes a class (checked as in the config).
     pub fn set_class(&mut self, class: ClassSettings) -> Result<(), BrokerError> {
         let mut next = self.classes.clone();

@@ -4,8 +4,9 @@
 
 use crate::harness::{req, start, TestBroker};
 use quota_broker::pb::{
-    AcquireRequest, ListBucketsRequest, PauseBucketRequest, PriorityClass, QuotaStatus,
-    ResumeBucketRequest, SetBucketLimitRequest, SetPriorityClassRequest,
+    AcquireRequest, ListBucketsRequest, ListPriorityClassesRequest, PauseBucketRequest,
+    PriorityClass, QuotaStatus, ResumeBucketRequest, SetBucketLimitRequest,
+    SetPriorityClassRequest,
 };
 use std::collections::HashMap;
 use std::time::Duration;
@@ -333,7 +334,7 @@ async fn admin_changes_apply_at_once_and_survive_a_restart() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(set.class, Some(class));
+    assert_eq!(set.class.as_ref(), Some(&class));
     let limit = admin
         .set_bucket_limit(SetBucketLimitRequest {
             tenant: "t".into(),
@@ -392,6 +393,38 @@ async fn admin_changes_apply_at_once_and_survive_a_restart() {
         ),
         (120.0, 4, 3, true)
     );
+    // The class list after the restart: the config's and the one added,
+    // served first to last.
+    let listed = b
+        .admin
+        .clone()
+        .list_priority_classes(ListPriorityClassesRequest { tenant: "t".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.classes.contains(&class), "{listed:?}");
+    assert!(listed
+        .classes
+        .windows(2)
+        .all(|w| (w[0].order, &w[0].name) <= (w[1].order, &w[1].name)));
+    assert!(listed
+        .classes
+        .iter()
+        .any(|c| c.name == listed.default_class));
+    for (tenant, code) in [
+        ("", tonic::Code::InvalidArgument),
+        ("nobody", tonic::Code::NotFound),
+    ] {
+        let err = b
+            .admin
+            .clone()
+            .list_priority_classes(ListPriorityClassesRequest {
+                tenant: tenant.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{tenant:?}: {err:?}");
+    }
     b.admin
         .clone()
         .resume_bucket(ResumeBucketRequest {

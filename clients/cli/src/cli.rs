@@ -141,9 +141,23 @@ pub struct WatchArgs {
 /// `quotactl class ...`.
 #[derive(Debug, Subcommand)]
 pub enum ClassCommand {
+    /// A tenant's priority classes as now in force, served first to last
+    /// (ListPriorityClasses).
+    List(ClassListArgs),
     /// Create or change a priority class (SetPriorityClass). Every field is
     /// replaced, so give them all.
     Set(ClassSetArgs),
+}
+
+/// `quotactl class list`.
+#[derive(Debug, Args)]
+pub struct ClassListArgs {
+    /// Tenant whose classes to list.
+    #[arg(long, env = "QUOTA_BROKER_TENANT", value_name = "T")]
+    pub tenant: String,
+    /// A JSON object (`classes`, `default_class`) instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `quotactl class set`.

@@ -10,16 +10,17 @@
 //! it leads.
 
 use crate::cli::{
-    parse_broker_url, BucketCommand, ClassCommand, ClassSetArgs, ClearArgs, Cli, Command,
-    PauseArgs, ResumeArgs, SetLimitArgs, StatusArgs, TlsArgs, WatchArgs,
+    parse_broker_url, BucketCommand, ClassCommand, ClassListArgs, ClassSetArgs, ClearArgs, Cli,
+    Command, PauseArgs, ResumeArgs, SetLimitArgs, StatusArgs, TlsArgs, WatchArgs,
 };
 use crate::error::Error;
 use crate::table::{self, BucketKey};
 use quota_broker::pb::quota_admin_client::QuotaAdminClient;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
 use quota_broker::pb::{
-    ClearLearnedRequest, ListBucketsRequest, PauseBucketRequest, PriorityClass, QuotaStatus,
-    ResumeBucketRequest, SetBucketLimitRequest, SetPriorityClassRequest, WatchRequest,
+    ClearLearnedRequest, ListBucketsRequest, ListPriorityClassesRequest, PauseBucketRequest,
+    PriorityClass, QuotaStatus, ResumeBucketRequest, SetBucketLimitRequest,
+    SetPriorityClassRequest, WatchRequest,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -355,6 +356,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Status(a) => status(&mut c, a).await,
         Command::Watch(a) => watch(&mut c, a).await,
+        Command::Class(ClassCommand::List(a)) => class_list(&mut c, a).await,
         Command::Class(ClassCommand::Set(a)) => class_set(&mut c, a).await,
         Command::Bucket(BucketCommand::SetLimit(a)) => set_limit(&mut c, a).await,
         Command::Pause(a) => pause(&mut c, a).await,
@@ -478,6 +480,35 @@ async fn watch(c: &mut Cluster, a: WatchArgs) -> Result<(), Error> {
         }
     }
     partial.map_or(Ok(()), Err)
+}
+
+async fn class_list(c: &mut Cluster, a: ClassListArgs) -> Result<(), Error> {
+    let req = ListPriorityClassesRequest {
+        tenant: a.tenant.clone(),
+    };
+    let list = c
+        .call(&a.tenant, |conn| {
+            let (mut admin, req) = (conn.admin.clone(), req.clone());
+            async move { admin.list_priority_classes(req).await }
+        })
+        .await?
+        .1;
+    if a.json {
+        let classes: Vec<_> = list.classes.iter().map(table::class_json).collect();
+        print(&format!(
+            "{}\n",
+            pretty(&serde_json::json!({
+                "tenant": a.tenant,
+                "classes": classes,
+                "default_class": list.default_class,
+            }))
+        ))
+    } else {
+        print(&table::render_classes(
+            &list.classes,
+            Some(list.default_class.as_str()),
+        ))
+    }
 }
 
 async fn class_set(c: &mut Cluster, a: ClassSetArgs) -> Result<(), Error> {

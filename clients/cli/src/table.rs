@@ -238,17 +238,31 @@ pub fn class_json(c: &PriorityClass) -> Value {
 
 /// A priority class as a one-row table.
 pub fn render_class(c: &PriorityClass) -> String {
-    let row = vec![
-        c.name.clone(),
-        c.order.to_string(),
-        c.weight.to_string(),
-        percent(c.reserve),
-        format!("{} ms", c.default_max_wait_ms),
-    ];
+    render_classes(std::slice::from_ref(c), None)
+}
+
+/// Priority classes as a table, the default one marked when given.
+pub fn render_classes(classes: &[PriorityClass], default_class: Option<&str>) -> String {
+    let rows: Vec<Vec<String>> = classes
+        .iter()
+        .map(|c| {
+            let mut name = c.name.clone();
+            if default_class == Some(c.name.as_str()) {
+                name.push_str(" (default)");
+            }
+            vec![
+                name,
+                c.order.to_string(),
+                c.weight.to_string(),
+                percent(c.reserve),
+                format!("{} ms", c.default_max_wait_ms),
+            ]
+        })
+        .collect();
     render(
         &["CLASS", "ORDER", "WEIGHT", "RESERVE", "DEFAULT MAX WAIT"],
         &[false, true, true, true, true],
-        &[row],
+        &rows,
     )
 }
 

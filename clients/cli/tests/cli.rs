@@ -329,6 +329,35 @@ async fn admin_commands_change_the_broker() {
     let class: Value = serde_json::from_str(&json).unwrap();
     assert_eq!(class["weight"], 4);
     assert_eq!(class["default_max_wait_ms"], 0);
+    // class list: the config's classes and the one added, in the order they
+    // are served, the default marked.
+    let table = b.ok(Some(ADMIN), &["class", "list", "--tenant", "t"]).await;
+    assert!(table.starts_with("CLASS"), "{table}");
+    assert!(table.contains("(default)"), "{table}");
+    let rows: Vec<&str> = table.lines().skip(1).filter(|l| !l.is_empty()).collect();
+    assert!(
+        rows.iter()
+            .any(|r| r.starts_with("reports ") && r.contains("5.00%")),
+        "{table}"
+    );
+    let listed: Value = serde_json::from_str(
+        &b.ok(Some(ADMIN), &["class", "list", "--tenant", "t", "--json"])
+            .await,
+    )
+    .unwrap();
+    let classes = listed["classes"].as_array().unwrap();
+    let orders: Vec<u64> = classes
+        .iter()
+        .map(|c| c["order"].as_u64().unwrap())
+        .collect();
+    assert!(orders.windows(2).all(|w| w[0] <= w[1]), "{listed}");
+    let reports = classes.iter().find(|c| c["name"] == "reports").unwrap();
+    assert_eq!(reports["weight"], 4);
+    assert!(
+        classes.iter().any(|c| c["name"] == listed["default_class"]),
+        "{listed}"
+    );
+    assert_eq!(classes.len(), rows.len(), "{table}");
     let mut client = QuotaBrokerClient::connect(b.url()).await.unwrap();
     let mut acquire = tonic::Request::new(AcquireRequest {
         tenant: "t".into(),

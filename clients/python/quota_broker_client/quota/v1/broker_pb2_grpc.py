@@ -271,6 +271,11 @@ class QuotaAdminStub(object):
                 request_serializer=quota_dot_v1_dot_broker__pb2.SetPriorityClassRequest.SerializeToString,
                 response_deserializer=quota_dot_v1_dot_broker__pb2.SetPriorityClassResponse.FromString,
                 )
+        self.ListPriorityClasses = channel.unary_unary(
+                '/quota.v1.QuotaAdmin/ListPriorityClasses',
+                request_serializer=quota_dot_v1_dot_broker__pb2.ListPriorityClassesRequest.SerializeToString,
+                response_deserializer=quota_dot_v1_dot_broker__pb2.ListPriorityClassesResponse.FromString,
+                )
         self.SetBucketLimit = channel.unary_unary(
                 '/quota.v1.QuotaAdmin/SetBucketLimit',
                 request_serializer=quota_dot_v1_dot_broker__pb2.SetBucketLimitRequest.SerializeToString,
@@ -306,6 +311,14 @@ class QuotaAdminServicer(object):
 
     def SetPriorityClass(self, request, context):
         """Creates or changes a priority class.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPriorityClasses(self, request, context):
+        """Lists a tenant's priority classes as now in force (the configuration's,
+        with operators' changes).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -354,6 +367,11 @@ def add_QuotaAdminServicer_to_server(servicer, server):
                     servicer.SetPriorityClass,
                     request_deserializer=quota_dot_v1_dot_broker__pb2.SetPriorityClassRequest.FromString,
                     response_serializer=quota_dot_v1_dot_broker__pb2.SetPriorityClassResponse.SerializeToString,
+            ),
+            'ListPriorityClasses': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPriorityClasses,
+                    request_deserializer=quota_dot_v1_dot_broker__pb2.ListPriorityClassesRequest.FromString,
+                    response_serializer=quota_dot_v1_dot_broker__pb2.ListPriorityClassesResponse.SerializeToString,
             ),
             'SetBucketLimit': grpc.unary_unary_rpc_method_handler(
                     servicer.SetBucketLimit,
@@ -417,6 +435,23 @@ class QuotaAdmin(object):
         return grpc.experimental.unary_unary(request, target, '/quota.v1.QuotaAdmin/SetPriorityClass',
             quota_dot_v1_dot_broker__pb2.SetPriorityClassRequest.SerializeToString,
             quota_dot_v1_dot_broker__pb2.SetPriorityClassResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListPriorityClasses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/quota.v1.QuotaAdmin/ListPriorityClasses',
+            quota_dot_v1_dot_broker__pb2.ListPriorityClassesRequest.SerializeToString,
+            quota_dot_v1_dot_broker__pb2.ListPriorityClassesResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
