@@ -8,13 +8,16 @@
 //! current step (steps counted from the sampler's start, so a point stands
 //! for the last state of its step). Nothing is read when nothing changed,
 //! and nothing is added on the request path. Instances the broker no longer
-//! has (an OAuth client dropped, a tenant led elsewhere now) are forgotten
-//! within [`PRUNE`], and a page is sent only instances that exist as it
-//! opens. Memory is bounded: [`WINDOW`] / [`STEP`] points per instance, at
+//! has are forgotten within [`PRUNE`] (a tenant led elsewhere now, a bucket
+//! gone), except a per-client bucket's: an idle OAuth client's instance is
+//! dropped and re-created on its next call, and its points stay part of
+//! the bucket's last minutes until they age out. A page is sent the
+//! instances that exist as it opens, and a per-client bucket's others. Memory is bounded: [`WINDOW`] / [`STEP`] points per instance, at
 //! most [`MAX_INSTANCES`] instances (later ones get no history until room
 //! is made: evicting the quietest on every new one would thrash).
 
 use crate::broker::{Broker, TenantBucketStatus};
+use crate::config::Scope;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -142,7 +145,11 @@ impl History {
                 .into_iter()
                 .map(|s| key_of(&s))
                 .collect();
-            inner.rings.retain(|k, _| live.contains(k));
+            inner.rings.retain(|k, ring| {
+                live.contains(k)
+                    || (ring.scope == Scope::OauthClient.as_str()
+                        && ring.points.back().is_some_and(|p| p.at + WINDOW > now))
+            });
         }
         if page_opening && inner.read_at.is_some_and(|at| at + OPEN_SAMPLE > now) {
             return;
@@ -158,15 +165,25 @@ impl History {
         record(inner.start, &mut inner.rings, &batch);
     }
 
-    /// The instances in `live`, in key order, each with its points of the
-    /// last [`WINDOW`] before `now` and the one before them (where its line
+    /// The instances in `live`, and those of per-client buckets with an
+    /// instance in `live`, in key order, each with its points of the last
+    /// [`WINDOW`] before `now` and the one before them (where its line
     /// starts).
     pub(crate) fn series(&self, live: &HashSet<Key>, now: Instant) -> Vec<Series> {
+        let buckets: HashSet<(&str, &str)> = live
+            .iter()
+            .map(|(t, b, _)| (t.as_str(), b.as_str()))
+            .collect();
         let inner = self.lock();
         let mut out: Vec<Series> = inner
             .rings
             .iter()
-            .filter(|(k, _)| live.contains(*k))
+            .filter(|(k, ring)| {
+                live.contains(*k)
+                    || (ring.scope == Scope::OauthClient.as_str()
+                        && buckets.contains(&(k.0.as_str(), k.1.as_str()))
+                        && ring.points.back().is_some_and(|p| p.at + WINDOW > now))
+            })
             .map(|((tenant, bucket, oauth_client), ring)| {
                 let inside = ring
                     .points

@@ -160,9 +160,17 @@ const shown = () => [...document.querySelectorAll("section.panel")].map((p) => (
     });
     if (routing.length !== 1 || routing[0].clients !== "2" || !routing[0].title.includes("2 clients")
       || !/^FROZEN \d+ s · 1 OF 2 CLIENTS$/.test(routing[0].badge)
-      || !routing[0].problems.startsWith("client wallboard-a FROZEN")) {
+      || !routing[0].problems.includes("client wallboard-a FROZEN")) {
       throw new Error("the per-client panel shows " + JSON.stringify(routing));
     }
+    // The per-client panel hears from both clients; its chart keeps one
+    // live point per half second however many announce.
+    const crowded = await page.evaluate(() => {
+      const live = panels.get("contact-centre/routing/*").samples.filter((q) => q.live);
+      return live.filter((q, k) => k > 0
+        && Math.floor(q.t / 500) === Math.floor(live[k - 1].t / 500)).length;
+    });
+    if (crowded) throw new Error(crowded + " chart points share a half second");
     console.log("ORDERED");
     await page.screenshot({ path: shot });
     console.log("SHOT");

@@ -82,12 +82,25 @@ impl Error {
             if s.code() == Code::Unavailable && s.message().contains("connect") {
                 return Error::transport(url, src);
             }
-            if matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Internal) {
+            // (CANCELLED: a connection the broker closed as the call began,
+            // e.g. refusing the client's certificate under mutual TLS.)
+            if matches!(
+                s.code(),
+                Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+            ) {
                 return Error::Lost {
                     url: url.to_owned(),
                     detail: cause(src),
                 };
             }
+        }
+        // The broker never answers CANCELLED: the connection was closed
+        // under the call (with or without a transport error as its source).
+        if s.code() == Code::Cancelled {
+            return Error::Lost {
+                url: url.to_owned(),
+                detail: s.message().to_owned(),
+            };
         }
         let request_id = s
             .metadata()
@@ -317,6 +330,21 @@ fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cancelled_call_is_a_lost_connection_with_what_to_do() {
+        let e = Error::status(
+            "https://b:50051",
+            tonic::Status::cancelled("operation was canceled"),
+        );
+        assert!(matches!(e, Error::Lost { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("lost the connection to the broker at https://b:50051")
+                && text.contains("--client-cert and --client-key"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn rpc_errors_are_one_line_with_the_code_name() {

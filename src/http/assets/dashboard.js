@@ -9,6 +9,9 @@
 const WINDOW_MS = 5 * 60 * 1000;   // chart span, at most
 const MIN_SPAN_MS = 30 * 1000;     // chart span, at least (a fresh page zooms in)
 const MAX_SAMPLES = 3000;          // per panel, oldest dropped
+const SLOT_MS = 500;               // live chart samples: the last of each slot (a per-client
+                                   // panel hears from every client; 300 of them must not
+                                   // crowd five minutes out)
 const USAGE_MS = 20 * 1000;        // granted per minute, over this trailing span
 const SWEEP_MS = 3000;             // after a (re)connect, instances not announced by then are gone
 const MERGE_MS = 1000;             // a per-client panel's history: one point per this span
@@ -27,9 +30,17 @@ const tenant = params.get("tenant") || "";
 const token = hash.get("token") || "";
 document.getElementById("scope").textContent = tenant ? "tenant " + tenant : "all tenants";
 
+const compact = new Intl.NumberFormat("en", { notation: "compact", maximumFractionDigits: 1 });
+
 function fmtRate(perMin) {
+  if (perMin >= 10000) return compact.format(perMin);
   if (perMin >= 100) return Math.round(perMin).toLocaleString("en");
   return perMin.toFixed(1);
+}
+
+// A count, short enough to read from across a room (53.3K beyond 9,999).
+function fmtCount(n) {
+  return n >= 10000 ? compact.format(n) : n.toLocaleString("en");
 }
 
 function el(tag, cls, text) {
@@ -102,7 +113,7 @@ function panelFor(r) {
   insertSorted(root, key);
   p = { key, group, root, badge, clients, rate, slots, granted, thr, caption, canvas, waiting,
         problems, members: new Set(), samples: [], marks: [], last: null, histDirty: false,
-        histSlots: false };
+        histSlots: false, dropped: { granted: 0, thr: 0 } };
   panels.set(key, p);
   return p;
 }
@@ -127,13 +138,16 @@ function combined(p) {
   if (rs.length === 0) return null;
   if (!p.group) return rs[0];
   const sum = (f) => rs.reduce((a, r) => a + r[f], 0);
+  // Totals also count what instances the broker dropped had counted (an
+  // idle client's instance is re-created at 0), as /metrics does.
   const waiting = {};
   for (const r of rs) for (const [c, n] of Object.entries(r.waiting)) waiting[c] = (waiting[c] || 0) + n;
   return {
     tenant: rs[0].tenant, bucket: rs[0].bucket, scope: rs[0].scope, oauth_client: "*",
     configured_per_min: sum("configured_per_min"), effective_per_min: sum("effective_per_min"),
     in_flight: sum("in_flight"), held_over: sum("held_over"), max_in_flight: sum("max_in_flight"),
-    granted_total: sum("granted_total"), throttled_total: sum("throttled_total"),
+    granted_total: sum("granted_total") + p.dropped.granted,
+    throttled_total: sum("throttled_total") + p.dropped.thr,
     waiting, paused: rs.every((r) => r.paused), clients: rs.length,
   };
 }
@@ -145,8 +159,10 @@ function usage(i, now) {
   if (!i.last || i.grants.length === 0) return 0;
   const first = i.grants[0];
   const from = first.t <= now - USAGE_MS ? first.total : first.before;
-  const span = Math.min(Math.max(now - i.since, 1000), USAGE_MS);
-  return Math.max(0, i.last.granted_total - from) * 60000 / span;
+  // Over the whole span even when less of it is known (a page just
+  // opened, a broker just restarted): the line then rises to the rate
+  // instead of spiking above it.
+  return Math.max(0, i.last.granted_total - from) * 60000 / USAGE_MS;
 }
 
 function panelUsage(p, now) {
@@ -186,7 +202,17 @@ function rebuild(p) {
   const members = [...p.members].filter((i) => i.histFeed === feed && i.pts.length);
   if (members.length === 0) return;
   const events = [];
-  members.forEach((i, k) => i.pts.forEach((q) => events.push({ k, q })));
+  members.forEach((i, k) => {
+    // An instance re-created by the broker starts its totals at 0 again:
+    // carry what it had counted, so sums never go down.
+    let carry = { granted: 0, thr: 0 }, prev = null;
+    for (const q of i.pts) {
+      if (prev && q.granted < prev.granted) carry.granted += prev.granted;
+      if (prev && q.thr < prev.thr) carry.thr += prev.thr;
+      prev = q;
+      events.push({ k, q: { ...q, granted: q.granted + carry.granted, thr: q.thr + carry.thr } });
+    }
+  });
   events.sort((a, b) => a.q.t - b.q.t);
   const latest = new Array(members.length).fill(null);
   const pts = [];
@@ -201,6 +227,11 @@ function rebuild(p) {
   const last = pts[pts.length - 1];
   const slots = !(last.conf > 0) && last.max > 0;
   p.histSlots = slots;
+  // What the page drew before the broker's memory begins (a broker that
+  // restarted remembers only since then) stays, with a gap between.
+  const begins = pts[0].t;
+  const before = p.samples.filter((q) => q.t < begins && !q.gap);
+  const marksBefore = p.marks.filter((t) => t < begins);
   if (slots) {
     p.samples = pts.map((q) => ({ t: q.t, eff: q.inFlight, conf: q.max, used: q.inFlight }));
   } else {
@@ -217,11 +248,16 @@ function rebuild(p) {
       while (back + 1 < pts.length && pts[back + 1].t <= t - USAGE_MS) back += 1;
       const q = pts[k];
       const base = pts[back].t <= t - USAGE_MS ? pts[back] : pts[0];
-      const span = Math.min(Math.max(t - pts[0].t, 1000), USAGE_MS);
-      return { t, eff: q.eff, conf: q.conf, used: Math.max(0, q.granted - base.granted) * 60000 / span };
+      return { t, eff: q.eff, conf: q.conf,
+        used: Math.max(0, q.granted - base.granted) * 60000 / USAGE_MS };
     });
   }
-  p.marks = pts.filter((q, k) => k > 0 && q.thr > pts[k - 1].thr).map((q) => q.t);
+  if (before.length) {
+    const gap = begins - before[before.length - 1].t > 5000
+      ? [{ t: before[before.length - 1].t + 1, gap: true }] : [];
+    p.samples = before.concat(gap, p.samples);
+  }
+  p.marks = marksBefore.concat(pts.filter((q, k) => k > 0 && q.thr > pts[k - 1].thr).map((q) => q.t));
   p.canvas.dataset.points = String(p.samples.length);
   p.canvas.dataset.history = String(pts.length);
   p.canvas.dataset.marks = String(p.marks.length);
@@ -239,11 +275,17 @@ function update(r) {
   const prior = i.feed === feed && i.last ? i.last.granted_total
     : i.histFeed === feed ? i.histTotal : null;
   const counted = prior !== null && r.granted_total >= prior;
-  i.feed = feed;
   // 429s since what this connection's history or last announcement said
   // (the history already marked the ones before).
   const priorThr = i.feed === feed && i.last ? i.last.throttled_total
     : i.histFeed === feed ? i.histThr : i.last ? i.last.throttled_total : null;
+  i.feed = feed;
+  // Re-created by the broker (its totals start at 0 again): keep what it
+  // had counted in the panel's totals.
+  const had = i.last ? { granted: i.last.granted_total, thr: i.last.throttled_total }
+    : i.pts.length ? i.pts[i.pts.length - 1] : null;
+  if (had && r.granted_total < had.granted) p.dropped.granted += had.granted;
+  if (had && r.throttled_total < had.thr) p.dropped.thr += had.thr;
   if (priorThr !== null && r.throttled_total > priorThr) {
     p.marks.push(now);
     p.canvas.dataset.marks = String(p.marks.length);
@@ -256,16 +298,31 @@ function update(r) {
   show(p, now);
 }
 
+// A live chart sample: the last of its SLOT_MS slot replaces the earlier
+// ones (a burst of announcements, a snapshot arriving one client at a
+// time, draws one point).
+function sample(p, q) {
+  const last = p.samples[p.samples.length - 1];
+  if (last && last.live && Math.floor(last.t / SLOT_MS) === Math.floor(q.t / SLOT_MS)) {
+    p.samples[p.samples.length - 1] = { ...q, live: true };
+  } else {
+    p.samples.push({ ...q, live: true });
+  }
+  if (p.samples.length > MAX_SAMPLES) p.samples.splice(0, p.samples.length - MAX_SAMPLES);
+  p.canvas.dataset.points = String(p.samples.length);
+}
+
 // The panel's figures, and a chart sample, from its instances now.
 function show(p, now) {
   const r = combined(p);
   if (!r) return;
   p.last = r;
   const slots = slotsOnly(r);
-  p.samples.push(slots
+  // A paused bucket allows nothing, whatever its rate.
+  const allowed = [...p.members].reduce((a, i) => a + (i.last && !i.last.paused ? i.last.effective_per_min : 0), 0);
+  sample(p, slots
     ? { t: now, eff: r.in_flight, conf: r.max_in_flight, used: r.in_flight }
-    : { t: now, eff: r.effective_per_min, conf: r.configured_per_min, used: panelUsage(p, now) });
-  if (p.samples.length > MAX_SAMPLES) p.samples.splice(0, p.samples.length - MAX_SAMPLES);
+    : { t: now, eff: allowed, conf: r.configured_per_min, used: panelUsage(p, now) });
   p.canvas.dataset.points = String(p.samples.length);
   if (p.group) p.clients.textContent = r.clients + (r.clients === 1 ? " client" : " clients");
   p.root.dataset.clients = String(p.group ? r.clients : 1);
@@ -279,15 +336,15 @@ function show(p, now) {
     : "per minute: allowed now (solid), configured (dashed), granted (thin)";
   p.rate.v.dataset.effective = String(r.effective_per_min);
   p.rate.v.dataset.configured = String(r.configured_per_min);
-  p.slots.v.textContent = r.max_in_flight ? r.in_flight + " / " + r.max_in_flight : "—";
+  p.slots.v.textContent = r.max_in_flight ? fmtCount(r.in_flight) + " / " + fmtCount(r.max_in_flight) : "—";
   p.slots.root.querySelector(".l").textContent = r.held_over > 0
     ? "slots in flight · " + r.held_over + " held over from before a restart"
     : "slots in flight";
   p.slots.v.dataset.inFlight = String(r.in_flight);
   p.slots.v.dataset.max = String(r.max_in_flight);
-  p.granted.v.textContent = r.granted_total.toLocaleString("en");
+  p.granted.v.textContent = fmtCount(r.granted_total);
   p.granted.v.dataset.value = String(r.granted_total);
-  p.thr.v.textContent = r.throttled_total.toLocaleString("en");
+  p.thr.v.textContent = fmtCount(r.throttled_total);
   p.thr.v.dataset.value = String(r.throttled_total);
   p.root.dataset.waiting = String(Object.values(r.waiting).reduce((a, n) => a + n, 0));
   p.waiting.innerHTML = "";
@@ -305,54 +362,67 @@ function show(p, now) {
 }
 
 // What an instance has that a lead must see, most urgent first ("" if
-// nothing).
+// nothing). AT LIMIT only when this bucket is what callers wait for (no
+// permit left, or every slot held): a call waits on every bucket it
+// draws on, so callers may queue here for another bucket's sake.
 function trouble(i, now) {
   const r = i.last;
   if (!r) return "";
   const left = i.frozenUntil - now;
   const waiting = Object.values(r.waiting).reduce((a, n) => a + n, 0);
-  if (r.paused) return "PAUSED";
+  const full = r.max_in_flight > 0 && r.in_flight >= r.max_in_flight;
+  const spent = r.configured_per_min > 0 && r.tokens < 1;
   if (left > 0) return "FROZEN " + Math.ceil(left / 1000) + " s";
-  if (waiting > 0) return "AT LIMIT · " + waiting + " WAITING";
-  if (r.max_in_flight > 0 && r.in_flight >= r.max_in_flight) return "SLOTS FULL";
+  if (r.paused) return "PAUSED";
+  if (waiting > 0 && (full || spent)) return "AT LIMIT · " + waiting + " WAITING";
+  if (full) return "SLOTS FULL";
+  if (waiting > 0) return waiting + " WAITING";
   return "";
 }
 
-const RANK = ["PAUSED", "FROZEN", "AT LIMIT", "SLOTS FULL"];
-const rank = (t) => RANK.findIndex((w) => t.startsWith(w));
+// Most urgent first; the last kind is callers waiting for another bucket.
+const KINDS = [/^FROZEN/, /^PAUSED/, /^AT LIMIT/, /^SLOTS FULL/, /WAITING$/];
+const kindOf = (t) => KINDS.findIndex((k) => k.test(t));
+const KIND_NAMES = ["FROZEN", "PAUSED", "AT LIMIT", "SLOTS FULL", "WAITING"];
+const KIND_CLASSES = [" frozen", " paused", " limit", " limit", " waiting"];
 
-// What a lead must see first: paused, frozen after 429s, callers waiting
-// (the bucket is at its limit), or no data at all (the feed is down). A
-// per-client panel shows its worst client and how many have a problem,
-// and names them.
+// What a lead must see first: frozen after 429s, paused, callers waiting
+// at the bucket's limit, or no data at all (the feed is down). A
+// per-client panel shows its worst client and how many clients share
+// that problem, and names them. Panels with a problem come first, the
+// most urgent kind first.
 function badge(p, now) {
   const troubled = [...p.members].map((i) => ({ i, t: trouble(i, now) })).filter((x) => x.t);
-  troubled.sort((a, b) => rank(a.t) - rank(b.t) || a.i.client.localeCompare(b.i.client));
-  let text = "OK", cls = "badge";
+  troubled.sort((a, b) => kindOf(a.t) - kindOf(b.t) || a.i.client.localeCompare(b.i.client));
+  let text = "OK", cls = "badge", kind = -1;
   if (lostAt) { text = "NO DATA"; cls += " stale"; }
   else if (troubled.length) {
-    const worst = troubled[0].t, kind = rank(worst);
-    if (!p.group || (troubled.length === 1 && kind !== 2)) text = worst;
-    else if (kind === 2) {
-      // Callers waiting on every client, not only the worst one's.
-      const waiting = p.last ? Object.values(p.last.waiting).reduce((a, n) => a + n, 0) : 0;
-      text = "AT LIMIT · " + waiting + " WAITING";
-    } else text = RANK[kind];
-    if (p.group) text += " · " + troubled.length + " OF " + p.members.size + " CLIENTS";
-    cls += [" paused", " frozen", " limit", " limit"][kind];
+    const worst = troubled[0].t;
+    kind = kindOf(worst);
+    const alike = troubled.filter((x) => kindOf(x.t) === kind).length;
+    const waiting = p.last ? Object.values(p.last.waiting).reduce((a, n) => a + n, 0) : 0;
+    if (!p.group || (alike === 1 && kind !== 2 && kind !== 4)) text = worst;
+    // Callers waiting on every client, not only the worst one's.
+    else if (kind === 2) text = "AT LIMIT · " + waiting + " WAITING";
+    else if (kind === 4) text = waiting + " WAITING";
+    else text = KIND_NAMES[kind];
+    if (p.group) text += " · " + alike + " OF " + p.members.size + " CLIENTS";
+    cls += KIND_CLASSES[kind];
   }
   if (p.badge.textContent !== text) p.badge.textContent = text;
   p.badge.className = cls;
-  const frozen = !lostAt && cls.endsWith(" frozen");
-  p.root.classList.toggle("frozen", frozen);
-  p.root.classList.toggle("limit", !lostAt && cls.endsWith(" limit"));
+  const alert = !lostAt && kind >= 0 && kind < 4;
+  p.root.classList.toggle("frozen", !lostAt && kind === 0);
+  p.root.classList.toggle("limit", !lostAt && (kind === 1 || kind === 2 || kind === 3));
   // Problems first: a wallboard shows the top of the page.
-  p.root.classList.toggle("alert", !lostAt && text !== "OK");
+  p.root.classList.toggle("alert", alert);
+  p.root.style.order = alert ? String(kind - 4) : "";
   p.thr.root.classList.toggle("recent", p.marks.length > 0);
   if (p.group) {
     const named = troubled.slice(0, LISTED).map((x) => "client " + (x.i.client || "(none)") + " " + x.t);
     const more = troubled.length - named.length;
-    const text = named.join(" · ") + (more > 0 ? " · and " + more + " more" : "");
+    const text = (more > 0 ? troubled.length + " of " + p.members.size + " clients: " : "")
+      + named.join(" · ") + (more > 0 ? " · and " + more + " more" : "");
     if (p.problems.textContent !== text) p.problems.textContent = text;
   }
 }
@@ -371,7 +441,7 @@ function draw(p, now) {
   while (p.samples.length > 1 && p.samples[1].t < now - WINDOW_MS) p.samples.shift();
   while (p.marks.length && p.marks[0] < from) p.marks.shift();
   let top = 1;
-  for (const s of p.samples) top = Math.max(top, s.eff, s.conf, s.used || 0);
+  for (const s of p.samples) if (!s.gap) top = Math.max(top, s.eff, s.conf, s.used || 0);
   top *= 1.15;
   const pad = { l: 52, r: 8, t: 8, b: 20 };
   const x = (t) => pad.l + (w - pad.l - pad.r) * (t - from) / span;
@@ -403,11 +473,17 @@ function draw(p, now) {
     let prev = null;
     for (const s of p.samples) {
       const sx = x(Math.max(s.t, from));
+      if (s.gap) {
+        // The broker restarted: nothing is known between.
+        if (prev !== null) g.lineTo(sx, y(prev));
+        prev = null;
+        continue;
+      }
       if (prev === null) g.moveTo(sx, y(s[field]));
       else { g.lineTo(sx, y(prev)); g.lineTo(sx, y(s[field])); }
       prev = s[field];
     }
-    g.lineTo(x(now), y(prev));
+    if (prev !== null) g.lineTo(x(now), y(prev));
     g.stroke(); g.setLineDash([]);
   };
   line("conf", css.getPropertyValue("--conf"), [8, 6]);
@@ -423,8 +499,8 @@ function render() {
     if (!lostAt && p.last && !slotsOnly(p.last)) {
       const s = p.samples[p.samples.length - 1];
       const used = panelUsage(p, now);
-      if (s && s.t < now - 1000 && Math.abs(s.used - used) > 1e-9) {
-        p.samples.push({ t: now, eff: s.eff, conf: s.conf, used });
+      if (s && !s.gap && s.t < now - 1000 && Math.abs(s.used - used) > 1e-9) {
+        sample(p, { t: now, eff: s.eff, conf: s.conf, used });
       }
     }
     badge(p, now);
@@ -448,6 +524,13 @@ function sweep(connection) {
     if (i.feed === connection) continue;
     instances.delete(key);
     i.panel.members.delete(i);
+    // A per-client bucket's totals keep what a dropped client counted.
+    const last = i.last ? { granted: i.last.granted_total, thr: i.last.throttled_total }
+      : i.pts.length ? i.pts[i.pts.length - 1] : null;
+    if (i.panel.group && last) {
+      i.panel.dropped.granted += last.granted;
+      i.panel.dropped.thr += last.thr;
+    }
   }
   for (const [key, p] of panels) {
     if (p.members.size === 0) { p.root.remove(); panels.delete(key); }
@@ -474,6 +557,9 @@ function connect() {
   src.addEventListener("open", () => {
     conn.textContent = "live"; conn.className = "conn up"; problem("");
     lostAt = 0; refused = ""; feed += 1; armed = false;
+    // Counted again from what this connection says (the broker may have
+    // restarted, its totals at 0).
+    for (const p of panels.values()) p.dropped = { granted: 0, thr: 0 };
     document.body.classList.remove("stale");
   });
   src.addEventListener("history", (e) => fromHistory(JSON.parse(e.data)));
