@@ -232,6 +232,8 @@ pub(crate) struct Authenticator {
     tokens: Arc<HashMap<Hash, Principal>>,
     /// Open mode's caller, made once (a clone is a reference count).
     anonymous: Principal,
+    /// Each token's hash, by its place in the config (`None`: a duplicate).
+    hashes: Arc<Vec<Option<Hash>>>,
 }
 
 impl fmt::Debug for Authenticator {
@@ -256,7 +258,9 @@ impl Authenticator {
     /// duplicate is logged.
     pub(crate) fn new(tokens: Vec<TokenSettings>) -> Authenticator {
         let mut map: HashMap<Hash, Principal> = HashMap::with_capacity(tokens.len());
+        let mut hashes = Vec::with_capacity(tokens.len());
         for (index, t) in tokens.into_iter().enumerate() {
+            hashes.push((!map.contains_key(&t.hash)).then_some(t.hash));
             if let Some(first) = map.get(&t.hash) {
                 tracing::warn!(
                     token = %t.name,
@@ -276,7 +280,14 @@ impl Authenticator {
         Authenticator {
             tokens: Arc::new(map),
             anonymous: Principal::anonymous(),
+            hashes: Arc::new(hashes),
         }
+    }
+
+    /// The token at `index` in the config, and its hash, if it is in force.
+    pub(crate) fn token_at(&self, index: usize) -> Option<(Principal, Hash)> {
+        let hash = (*self.hashes.get(index)?)?;
+        Some((self.tokens.get(&hash)?.clone(), hash))
     }
 
     /// Whether it runs open (no tokens configured).

@@ -224,6 +224,11 @@ impl Broker {
         self.inner.clock
     }
 
+    /// `server.state_dir`, if set.
+    pub(crate) fn state_dir(&self) -> Option<&std::path::Path> {
+        self.inner.server.state_dir.as_deref()
+    }
+
     fn tenant_index(&self, tenant: &str) -> Result<usize, BrokerError> {
         self.inner
             .by_id

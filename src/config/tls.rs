@@ -41,6 +41,8 @@ pub struct TlsSettings {
     /// When the first of the client CA certificates expires, in unix
     /// seconds.
     pub client_ca_not_after: Option<i64>,
+    /// Client CA certificates that have expired (left in a bundle; of no use).
+    pub expired_client_cas: usize,
     config: Arc<ServerConfig>,
 }
 
@@ -78,6 +80,14 @@ impl TlsSettings {
                  client's handshake fails"
             );
         }
+        if let (Some(ca), n @ 1..) = (&self.client_ca, self.expired_client_cas) {
+            tracing::warn!(
+                client_ca = %ca.display(),
+                expired = n,
+                "server.tls.client_ca holds expired certificates; they are of no use (client \
+                 certificates signed by them are refused): remove them"
+            );
+        }
         if let (Some(ca), Some(at)) = (&self.client_ca, self.client_ca_not_after) {
             if soon(at) {
                 tracing::warn!(
@@ -110,26 +120,38 @@ fn utc(at: i64) -> String {
 }
 
 /// When the certificate expires (unix seconds), or a problem when it
-/// cannot be read or has expired.
-fn not_after(
+/// cannot be read.
+fn expiry(
     key: &str,
     path: &Path,
     cert: &CertificateDer<'_>,
     problems: &mut Vec<String>,
 ) -> Option<i64> {
-    let at = match x509_parser::parse_x509_certificate(cert.as_ref()) {
-        Ok((_, c)) => c.validity().not_after.timestamp(),
+    match x509_parser::parse_x509_certificate(cert.as_ref()) {
+        Ok((_, c)) => Some(c.validity().not_after.timestamp()),
         Err(e) => {
             problems.push(format!(
                 "{key} {}: not a readable X.509 certificate: {e}",
                 path.display()
             ));
-            return None;
+            None
         }
-    };
+    }
+}
+
+/// [`expiry`], and a problem when it has expired (`which` names the
+/// certificate in the message).
+fn not_after(
+    key: &str,
+    path: &Path,
+    cert: &CertificateDer<'_>,
+    which: &str,
+    problems: &mut Vec<String>,
+) -> Option<i64> {
+    let at = expiry(key, path, cert, problems)?;
     if at <= unix_now() {
         problems.push(format!(
-            "{key} {}: the certificate expired at {}; clients refuse it: renew it",
+            "{key} {}: {which} expired at {}; clients refuse it: renew it",
             path.display(),
             utc(at)
         ));
@@ -181,9 +203,20 @@ impl RawTls {
         };
         let before = problems.len();
         let chain = read_certs("server.tls.cert", &cert, problems);
-        let cert_not_after = chain
-            .as_ref()
-            .and_then(|c| not_after("server.tls.cert", &cert, &c[0], problems));
+        // The chain expires with the first of its certificates to expire.
+        let cert_not_after = chain.as_ref().and_then(|c| {
+            let mut first: Option<i64> = None;
+            for (k, der) in c.iter().enumerate() {
+                let which = if k == 0 {
+                    "the certificate"
+                } else {
+                    "an intermediate certificate of its chain"
+                };
+                let at = not_after("server.tls.cert", &cert, der, which, problems)?;
+                first = Some(first.map_or(at, |m| m.min(at)));
+            }
+            first
+        });
         let private_key = read("server.tls.key", &key, problems).and_then(|pem| {
             PrivateKeyDer::from_pem_slice(&pem)
                 .map_err(|e| {
@@ -195,12 +228,29 @@ impl RawTls {
                 })
                 .ok()
         });
-        let mut client_ca_not_after = None;
+        let (mut client_ca_not_after, mut expired_client_cas) = (None, 0);
         let roots = client_ca.as_ref().and_then(|ca| {
             let certs = read_certs("server.tls.client_ca", ca, problems)?;
+            // A bundle kept through a rotation may still hold the old, expired
+            // CA: it is of no use, but only a bundle of nothing else is wrong.
+            let mut expired = Vec::new();
             for c in &certs {
-                let at = not_after("server.tls.client_ca", ca, c, problems)?;
-                client_ca_not_after = Some(client_ca_not_after.map_or(at, |m: i64| m.min(at)));
+                let at = expiry("server.tls.client_ca", ca, c, problems)?;
+                if at <= unix_now() {
+                    expired.push(at);
+                } else {
+                    client_ca_not_after = Some(client_ca_not_after.map_or(at, |m: i64| m.min(at)));
+                }
+            }
+            expired_client_cas = expired.len();
+            if client_ca_not_after.is_none() {
+                problems.push(format!(
+                    "server.tls.client_ca {}: every certificate in it has expired (the last at \
+                     {}); clients' certificates cannot be checked: renew it",
+                    ca.display(),
+                    utc(expired.iter().copied().max().unwrap_or_default())
+                ));
+                return None;
             }
             let mut roots = RootCertStore::empty();
             let (_added, ignored) = roots.add_parsable_certificates(certs);
@@ -273,6 +323,7 @@ impl RawTls {
             client_ca,
             cert_not_after,
             client_ca_not_after,
+            expired_client_cas,
             config: Arc::new(config),
         })
     }

@@ -49,6 +49,7 @@ struct Point {
     throttled_total: u64,
     in_flight: u32,
     max_in_flight: u32,
+    paused: bool,
 }
 
 /// Tenant, bucket, OAuth client ("" for a shared bucket).
@@ -250,6 +251,7 @@ fn record(start: Instant, rings: &mut HashMap<Key, Ring>, batch: &[TenantBucketS
             throttled_total: b.throttled_total,
             in_flight: b.in_flight,
             max_in_flight: b.max_in_flight,
+            paused: b.paused.is_some(),
         });
         // One point from before the window stays: where the line starts.
         while ring.len() > 1 && ring[1].at + WINDOW <= s.at {
@@ -261,7 +263,8 @@ fn record(start: Instant, rings: &mut HashMap<Key, Ring>, batch: &[TenantBucketS
 impl Series {
     /// The event's JSON: each point as `[ms ago, effective per min,
     /// configured per min, granted total, 429s total, in flight, max in
-    /// flight]`, times relative to `now` so the page needs no clock in sync.
+    /// flight, paused (1 or 0)]`, times relative to `now` so the page needs
+    /// no clock in sync.
     pub(crate) fn to_json(&self, now: Instant) -> String {
         let points: Vec<serde_json::Value> = self
             .points
@@ -275,6 +278,7 @@ impl Series {
                     p.throttled_total,
                     p.in_flight,
                     p.max_in_flight,
+                    u8::from(p.paused),
                 ])
             })
             .collect();

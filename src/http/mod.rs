@@ -8,10 +8,10 @@
 //! `[[auth.tokens]]` configured it needs a token, shows only the tenants the
 //! token is scoped to, and refuses a token sent from another host over this
 //! plaintext port. A browser's `EventSource` cannot send headers, so the
-//! page trades its token for a cookie first (`POST /session` with
-//! `Authorization: Bearer`; the cookie is `HttpOnly`, `SameSite=Strict`,
-//! sent to `/events` only), which keeps the token out of URLs and access
-//! logs; `/events` takes `Authorization`, that cookie, or `?token=`. The dashboard's page and script
+//! page trades its token for a session cookie first (`POST /session` with
+//! `Authorization: Bearer`; see `session`), which keeps the token out of
+//! URLs, access logs and the browser; `/events` takes `Authorization`,
+//! `?token=`, or that cookie. The dashboard's page and script
 //! are static, embedded in the binary (no CDN: it works offline).
 //!
 //! The feed starts with what each visible instance showed over the last
@@ -42,6 +42,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 mod history;
+mod session;
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const DASHBOARD_JS: &str = include_str!("assets/dashboard.js");
@@ -52,6 +53,8 @@ const OPENMETRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 const PROMETHEUS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// A comment on an idle feed this often, so proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// The event feed says which instances exist this often.
+const INSTANCES_EVERY: Duration = Duration::from_secs(15);
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -64,6 +67,8 @@ struct Http {
     shutdown: CancellationToken,
     /// The last minutes, for pages that open now.
     history: Arc<History>,
+    /// The dashboard's session cookies.
+    sessions: Arc<session::Sessions>,
 }
 
 /// Serves the HTTP port on `listener` until `stop` is cancelled; `/readyz`
@@ -79,6 +84,7 @@ pub(crate) async fn serve(
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let history = History::spawn(broker.clone(), stop.clone());
+    let sessions = Arc::new(session::Sessions::new(broker.state_dir()));
     let state = Http {
         registry,
         broker,
@@ -86,6 +92,7 @@ pub(crate) async fn serve(
         overload,
         shutdown,
         history,
+        sessions,
     };
     let app = Router::new()
         .route("/", get(index))
@@ -95,7 +102,10 @@ pub(crate) async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/events", get(events))
-        .route("/session", axum::routing::post(session))
+        .route(
+            "/session",
+            axum::routing::post(open_session).delete(close_session),
+        )
         .with_state(state);
     axum::serve(
         listener,
@@ -175,34 +185,29 @@ struct EventsQuery {
     token: String,
 }
 
-/// The cookie the page's token is kept in (see [`session`]), followed by
-/// the port the browser addressed: browsers scope cookies by host name
-/// only, and two brokers' dashboards on one host (or two tunnels) must not
-/// trade each other's tokens.
-const SESSION_COOKIE: &str = "qb_token_";
-/// How long the browser keeps it (a wallboard runs for weeks; a token
-/// revoked before then is refused anyway).
-const SESSION_MAX_AGE_S: u64 = 30 * 24 * 3600;
+/// The session cookie's name is this, then the port the browser
+/// addressed: browsers scope cookies by host name only, and two brokers'
+/// dashboards on one host (or two tunnels) keep theirs apart.
+const SESSION_COOKIE: &str = "qb_session_";
 
-/// The caller, by the token in `Authorization`, else in the session cookie,
-/// else in `?token=`; or the refusal to answer with.
+/// The caller, by the token in `Authorization`, else in `?token=`, else by
+/// the session cookie; or the refusal to answer with.
 fn caller(
     http: &Http,
     peer: SocketAddr,
     headers: &HeaderMap,
     query_token: &str,
 ) -> Result<crate::auth::Principal, Box<Response>> {
-    let from_cookie = session_token(headers);
-    let bearer = match (from_cookie, query_token) {
-        (Some(t), _) => Some(format!("Bearer {t}")),
-        (None, t) if !t.is_empty() => Some(format!("Bearer {t}")),
-        _ => None,
-    };
+    let bearer = (!query_token.is_empty()).then(|| format!("Bearer {query_token}"));
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .or(bearer.as_deref());
-    if authorization.is_some() && !http.auth.is_open() && !peer.ip().to_canonical().is_loopback() {
+    let cookie = session_cookie(headers);
+    if (authorization.is_some() || cookie.is_some())
+        && !http.auth.is_open()
+        && !peer.ip().to_canonical().is_loopback()
+    {
         return Err(Box::new(refuse(
             StatusCode::UNAUTHORIZED,
             "a token sent over plain HTTP from another host is refused (it crossed the network \
@@ -218,28 +223,32 @@ fn caller(
              rebinding); configure tokens to serve it under a name",
         )));
     }
+    if authorization.is_none() && !http.auth.is_open() {
+        if let Some(value) = cookie {
+            return http.sessions.check(&value, &http.auth).ok_or_else(|| {
+                Box::new(refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "the dashboard's session has expired, or its token was removed or \
+                     replaced: open the page again with #token=... in its address",
+                ))
+            });
+        }
+    }
     http.auth
         .authenticate(authorization)
         .map_err(|e| Box::new(refuse(StatusCode::UNAUTHORIZED, &auth_message(&e))))
 }
 
-/// The token in the session cookie, if the request carries one.
-fn session_token(headers: &HeaderMap) -> Option<String> {
+/// The session cookie's value, if the request carries one.
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    let name = cookie_name(headers);
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .find_map(|c| {
-            c.trim()
-                .strip_prefix(&cookie_name(headers))?
-                .strip_prefix('=')
-        })
-        .map(|v| {
-            percent_encoding::percent_decode_str(v)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
+        .find_map(|c| c.trim().strip_prefix(&name)?.strip_prefix('='))
+        .map(str::to_owned)
         .filter(|t| !t.is_empty())
 }
 
@@ -258,11 +267,28 @@ fn cookie_name(headers: &HeaderMap) -> String {
     format!("{SESSION_COOKIE}{port}")
 }
 
+/// `Set-Cookie` for the session `value` (`None`: clear it). `Secure` when
+/// a TLS-terminating proxy says the page came over https.
+fn set_cookie(headers: &HeaderMap, value: Option<&str>) -> Option<axum::http::HeaderValue> {
+    let secure = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|p| p.eq_ignore_ascii_case("https"));
+    let cookie = format!(
+        "{}={}; Path=/events; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        cookie_name(headers),
+        value.unwrap_or(""),
+        value.map_or(0, |_| session::SESSION_TTL.as_secs()),
+        if secure { "; Secure" } else { "" }
+    );
+    axum::http::HeaderValue::from_str(&cookie).ok()
+}
+
 /// Trades the token in `Authorization` for a session cookie the page's
 /// `EventSource` sends to `/events` (it cannot send headers): 204 with the
 /// cookie, or the refusal `/events` would give. In open mode there is
 /// nothing to trade: 204 without a cookie.
-async fn session(
+async fn open_session(
     State(http): State<Http>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
@@ -273,30 +299,27 @@ async fn session(
             "POST /session takes the token as Authorization: Bearer TOKEN",
         );
     }
-    if let Err(refused) = caller(&http, peer, &headers, "") {
-        return *refused;
-    }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default()
-        .trim();
-    if http.auth.is_open() || token.is_empty() {
+    let who = match caller(&http, peer, &headers, "") {
+        Ok(who) => who,
+        Err(refused) => return *refused,
+    };
+    let token = who
+        .token_index()
+        .and_then(|i| Some((i, http.auth.token_at(i)?.1)));
+    let Some((index, hash)) = token else {
         return StatusCode::NO_CONTENT.into_response();
+    };
+    match set_cookie(&headers, Some(&http.sessions.issue(index, &hash))) {
+        Some(v) => (StatusCode::NO_CONTENT, [(header::SET_COOKIE, v)]).into_response(),
+        None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
-    let value: String =
-        percent_encoding::utf8_percent_encode(token, percent_encoding::NON_ALPHANUMERIC).collect();
-    let cookie = format!(
-        "{}={value}; Path=/events; HttpOnly; SameSite=Strict; Max-Age={SESSION_MAX_AGE_S}",
-        cookie_name(&headers)
-    );
-    match axum::http::HeaderValue::from_str(&cookie) {
-        Ok(v) => (StatusCode::NO_CONTENT, [(header::SET_COOKIE, v)]).into_response(),
-        Err(_) => refuse(
-            StatusCode::BAD_REQUEST,
-            "the token cannot be kept in a cookie",
-        ),
+}
+
+/// Ends the page's session (clears its cookie).
+async fn close_session(headers: HeaderMap) -> Response {
+    match set_cookie(&headers, None) {
+        Some(v) => (StatusCode::NO_CONTENT, [(header::SET_COOKIE, v)]).into_response(),
+        None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 
@@ -310,6 +333,14 @@ async fn events(
         Ok(who) => who,
         Err(refused) => return *refused,
     };
+    // A feed opened with the session renews it.
+    let by_session =
+        !http.auth.is_open() && headers.get(header::AUTHORIZATION).is_none() && q.token.is_empty();
+    let renewed = by_session
+        .then(|| who.token_index())
+        .flatten()
+        .and_then(|i| http.auth.token_at(i).map(|(_, hash)| (i, hash)))
+        .and_then(|(i, hash)| set_cookie(&headers, Some(&http.sessions.issue(i, &hash))));
     let tenant = (!q.tenant.is_empty()).then_some(q.tenant.as_str());
     if let Some(t) = tenant {
         if let Err(e) = who.may_access(t) {
@@ -343,14 +374,42 @@ async fn events(
         Err(e) => return refuse(StatusCode::NOT_FOUND, &e.to_string()),
     };
     let clock = http.broker.clock();
-    let stream = futures_util::stream::iter(past).chain(ReceiverStream::new(rx).map(move |s| {
-        // The feed holds its place under the cap until it ends.
-        let _open = &permit;
+    let only = tenant.map(str::to_owned);
+    let shows = move |t: &str| only.as_deref().map_or_else(|| who.sees(t), |o| o == t);
+    let broker = http.broker.clone();
+    // Which instances exist (Watch announces no removals: an idle OAuth
+    // client's instance is dropped and re-created at 0) and what the
+    // dropped ones had counted: at once, then every INSTANCES_EVERY, read
+    // as each is sent.
+    let census = futures_util::stream::unfold(true, move |first| {
+        let (broker, shows) = (broker.clone(), shows.clone());
+        async move {
+            if !first {
+                tokio::time::sleep(INSTANCES_EVERY).await;
+            }
+            Some((instances(&broker, &shows), false))
+        }
+    });
+    let live = ReceiverStream::new(rx).map(move |s| {
         Ok::<_, Infallible>(Event::default().event("bucket").data(record(&s, clock)))
-    }));
-    Sse::new(stream)
+    });
+    // (The census ends with the broker, as the live feed does, so the feed
+    // ends and the HTTP port can shut down.)
+    let census = census.take_until(http.shutdown.clone().cancelled_owned());
+    let stream = futures_util::stream::iter(past)
+        .chain(futures_util::stream::select(census, live))
+        .map(move |e| {
+            // The feed holds its place under the cap until it ends.
+            let _open = &permit;
+            e
+        });
+    let mut response = Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-        .into_response()
+        .into_response();
+    if let Some(cookie) = renewed {
+        response.headers_mut().insert(header::SET_COOKIE, cookie);
+    }
+    response
 }
 
 /// Whether the request's `Host` is `localhost` or an IP address (with or
@@ -378,6 +437,37 @@ fn auth_message(e: &AuthError) -> String {
 
 fn refuse(status: StatusCode, why: &str) -> Response {
     (status, format!("{why}\n")).into_response()
+}
+
+/// The `instances` event: every instance of the tenants `shows` accepts
+/// (`"tenant/bucket/oauth client"`), and per bucket what its dropped
+/// instances had counted.
+fn instances(broker: &Broker, shows: &dyn Fn(&str) -> bool) -> Result<Event, Infallible> {
+    let (live, retired) = broker.list_with_retired();
+    let keys: Vec<String> = live
+        .iter()
+        .filter(|s| shows(&s.tenant))
+        .map(|s| {
+            format!(
+                "{}/{}/{}",
+                s.tenant,
+                s.status.bucket,
+                s.status.oauth_client.as_deref().unwrap_or("")
+            )
+        })
+        .collect();
+    let retired: Vec<serde_json::Value> = retired
+        .iter()
+        .filter(|(t, _, _)| shows(t))
+        .map(|(t, b, r)| {
+            serde_json::json!({
+                "tenant": t, "bucket": b, "granted": r.granted, "throttled": r.throttled,
+            })
+        })
+        .collect();
+    Ok(Event::default()
+        .event("instances")
+        .data(serde_json::json!({ "instances": keys, "retired": retired }).to_string()))
 }
 
 /// One bucket instance as the dashboard reads it (times relative to `at_ms`,

@@ -937,6 +937,48 @@ async fn a_page_opened_later_is_sent_the_last_minutes_of_its_tenants() {
     b.stop().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_feed_says_which_instances_exist_and_what_dropped_ones_counted() {
+    let b = start(
+        "[server]\nshutdown_grace_ms = 2000\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n\
+         [[tenants.buckets]]\nname = \"routing\"\nscope = \"oauth_client\"\n\
+         routes = [\"GET /api/v2/routing/**\"]\npermits = 60\nwindow_ms = 60000\n",
+    )
+    .await;
+    let client = b.client();
+    let grant = |oauth_client: &str| {
+        let mut r = req("GET", "/api/v2/routing/queues", 0);
+        r.tenant = "t".into();
+        r.oauth_client = oauth_client.into();
+        let mut client = client.clone();
+        async move { client.acquire(r).await.unwrap().into_inner().granted }
+    };
+    assert!(grant("a").await && grant("a").await && grant("b").await);
+    // Idle and full again: the broker drops both instances (Watch does
+    // not say so), keeping what they counted for the bucket's totals.
+    tokio::time::sleep(Duration::from_secs(180)).await;
+    assert!(grant("c").await);
+    let (head, mut feed) = open(b.http, "/events", &[]).await;
+    assert_eq!(head.status, 200);
+    let census = next_of(&mut feed, "instances", |_| true).await;
+    assert_eq!(
+        census["instances"],
+        serde_json::json!(["t/routing/c"]),
+        "{census}"
+    );
+    assert_eq!(
+        census["retired"],
+        serde_json::json!([{"tenant": "t", "bucket": "routing", "granted": 3, "throttled": 0}]),
+        "{census}"
+    );
+    // Re-created at 0 on its next call.
+    assert!(grant("a").await);
+    let again = next_event(&mut feed, |v| v["oauth_client"] == "a").await;
+    assert_eq!(again["granted_total"], 1);
+    drop(feed);
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn the_page_trades_its_token_for_a_cookie_only_the_feed_gets() {
     let b = start(&config(&tokens_config())).await;
@@ -951,22 +993,41 @@ async fn the_page_trades_its_token_for_a_cookie_only_the_feed_gets() {
     assert_eq!(wrong.status, 401);
     assert!(wrong.header("set-cookie").is_none());
 
-    let ok = post(vec![("Authorization", format!("Bearer {TOKEN}"))]).await;
+    // The scheme in any case, as gRPC takes it.
+    let ok = post(vec![("Authorization", format!("bearer  {TOKEN}"))]).await;
     assert_eq!(ok.status, 204);
     let cookie = ok
         .header("set-cookie")
         .expect("a session cookie")
         .to_owned();
-    let name = format!("qb_token_{}", b.http.port());
+    let name = format!("qb_session_{}", b.http.port());
     assert!(cookie.starts_with(&format!("{name}=")), "{cookie}");
     for attribute in ["Path=/events", "HttpOnly", "SameSite=Strict", "Max-Age="] {
         assert!(cookie.contains(attribute), "{attribute} in {cookie}");
     }
+    assert!(!cookie.contains("Secure"), "plain HTTP: {cookie}");
     let pair = cookie.split(';').next().unwrap();
+    // Not the token: it is no gRPC credential.
+    assert!(!pair.contains(TOKEN) && !pair.contains("t-only"), "{pair}");
+    let mut request = tonic::Request::new(req("GET", "/api/v2/users/1", 0));
+    request.get_mut().tenant = "t".into();
+    let value = pair.split_once('=').unwrap().1;
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {value}").parse().unwrap());
+    let err = b.client().acquire(request).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
-    // The feed with the cookie alone: the token's tenants only.
+    // The feed with the cookie alone: the token's tenants only, and the
+    // session renewed.
     let (head, mut feed) = open(b.http, "/events", &[("Cookie", pair)]).await;
     assert_eq!(head.status, 200);
+    assert!(
+        head.header("set-cookie")
+            .is_some_and(|c| c.starts_with(&format!("{name}="))),
+        "renewed: {:?}",
+        head.headers
+    );
     let first = next_event(&mut feed, |_| true).await;
     assert_eq!(first["tenant"], "t", "{first}");
     drop(feed);
@@ -979,9 +1040,58 @@ async fn the_page_trades_its_token_for_a_cookie_only_the_feed_gets() {
     assert_eq!(head.status, 403, "scoped to t, not u");
     // Under another port's name (another broker's dashboard on this
     // host), it is not this broker's.
-    let elsewhere = pair.replacen(&name, "qb_token_1", 1);
+    let elsewhere = pair.replacen(&name, "qb_session_1", 1);
     let refused = get(b.http, "/events", &[("Cookie", &elsewhere)]).await;
     assert_eq!(refused.status, 401, "{}", refused.body);
+    // Forged or stale: refused, saying what to do; a token in the query
+    // goes before it.
+    let forged = format!("{name}=0.99999999999.00");
+    let refused = get(b.http, "/events", &[("Cookie", &forged)]).await;
+    assert_eq!(refused.status, 401);
+    assert!(refused.body.contains("#token="), "{}", refused.body);
+    let (head, _feed) = open(
+        b.http,
+        &format!("/events?token={TOKEN}"),
+        &[("Cookie", &forged)],
+    )
+    .await;
+    assert_eq!(head.status, 200);
+    // Behind a TLS-terminating proxy the cookie is Secure; DELETE ends it.
+    let proxied = post(vec![
+        ("Authorization", format!("Bearer {TOKEN}")),
+        ("X-Forwarded-Proto", "https".into()),
+    ])
+    .await;
+    assert!(proxied
+        .header("set-cookie")
+        .is_some_and(|c| c.ends_with("; Secure")));
+    let (gone, _) = send(b.http, "DELETE", "/session", &[]).await;
+    assert_eq!(gone.status, 204);
+    assert!(gone
+        .header("set-cookie")
+        .is_some_and(|c| c.starts_with(&format!("{name}=;")) && c.contains("Max-Age=0")));
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_token_lists_the_classes_of_its_tenants_only() {
+    let b = start(&config(&tokens_config())).await;
+    let list = |tenant: &str| {
+        let mut request = tonic::Request::new(quota_broker::pb::ListPriorityClassesRequest {
+            tenant: tenant.into(),
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        let mut admin = b.admin();
+        async move { admin.list_priority_classes(request).await }
+    };
+    let mine = list("t").await.unwrap().into_inner();
+    assert!(!mine.classes.is_empty());
+    assert_eq!(
+        list("u").await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
     b.stop().await;
 }
 

@@ -384,13 +384,34 @@ fn an_expired_certificate_is_a_config_problem_and_a_valid_ones_expiry_is_known()
             && err.problems[0].contains("renew it"),
         "{err}"
     );
-    // An expired client CA: every client certificate it signed is refused.
+    // A client CA bundle of nothing but expired certificates: no client
+    // certificate can be checked.
     let err = Settings::from_toml(&tls("soon", "expired.pem")).unwrap_err();
     assert!(
         err.problems
             .iter()
             .any(|p| p.starts_with("server.tls.client_ca ")
-                && p.contains("the certificate expired at")),
+                && p.contains("every certificate in it has expired")),
+        "{err}"
+    );
+    // One kept through a rotation beside the new CA: served, and counted
+    // (a warning at start).
+    let bundle = format!("{}{}", expired.cert, soon.cert);
+    std::fs::write(pki.path("bundle.pem"), bundle).unwrap();
+    let settings = Settings::from_toml(&tls("soon", "bundle.pem")).unwrap();
+    let served = settings.server.tls.as_ref().unwrap();
+    assert_eq!(served.expired_client_cas, 1);
+    assert_eq!(served.client_ca_not_after, Some(now + 3 * day));
+    // An expired intermediate in the broker's chain.
+    std::fs::write(
+        pki.path("chain.pem"),
+        format!("{}{}", soon.cert, expired.cert),
+    )
+    .unwrap();
+    std::fs::write(pki.path("chain.key"), &soon.key).unwrap();
+    let err = Settings::from_toml(&tls("chain", "ca.pem")).unwrap_err();
+    assert!(
+        err.problems[0].contains("an intermediate certificate of its chain expired at"),
         "{err}"
     );
     // Expiring in three days: served (with a warning at start), and when

@@ -291,9 +291,17 @@ fn tls_config(url: &str, tls: &TlsArgs) -> Result<Option<ClientTlsConfig>, Error
         let pem = std::fs::read(path)
             .map_err(|e| Error::Tls(format!("cannot read {flag} {}: {e}", path.display())))?;
         let text = String::from_utf8_lossy(&pem);
-        let found = text
-            .lines()
-            .any(|l| l.starts_with("-----BEGIN ") && l.contains(kind));
+        // The block's exact kind ("CERTIFICATE REQUEST" is not one, nor is
+        // an "ENCRYPTED PRIVATE KEY", which tonic cannot use).
+        let found = text.lines().any(|l| {
+            l.strip_prefix("-----BEGIN ")
+                .and_then(|l| l.strip_suffix("-----"))
+                .is_some_and(|k| {
+                    k == kind
+                        || (kind == "PRIVATE KEY"
+                            && matches!(k, "RSA PRIVATE KEY" | "EC PRIVATE KEY"))
+                })
+        });
         if !found {
             return Err(Error::Tls(format!(
                 "{flag} {}: no PEM {} in it (expected a -----BEGIN ...{kind}----- block)",

@@ -198,8 +198,9 @@ impl fmt::Display for Error {
                     // a broken connection on the first call.
                     write!(
                         f,
-                        " (a broker with mutual TLS drops a client without a certificate from its \
-                         client CA: --client-cert and --client-key)"
+                        " (if the broker was not restarting: under mutual TLS it drops a client \
+                         whose certificate its client CA did not sign, or that gave none: check \
+                         --client-cert and --client-key)"
                     )?;
                 }
                 Ok(())

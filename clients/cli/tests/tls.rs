@@ -167,7 +167,22 @@ async fn status_over_mutual_tls_with_flags_or_environment() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         quotactl(&args, &[]).await
     };
-    let out = run(with(&[
+    // By a name the certificate lacks ("localhost"): refused without the
+    // flag, served with it.
+    let by_name = url.replacen("127.0.0.1", "localhost", 1);
+    let named = |extra: &[&str]| {
+        let mut args = with(extra);
+        args[2] = by_name.clone();
+        args
+    };
+    let out = run(named(&["--ca-cert", &ca])).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--tls-server-name"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(named(&[
         "--ca-cert",
         &ca,
         "--tls-server-name",

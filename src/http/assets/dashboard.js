@@ -13,7 +13,6 @@ const SLOT_MS = 500;               // live chart samples: the last of each slot 
                                    // panel hears from every client; 300 of them must not
                                    // crowd five minutes out)
 const USAGE_MS = 20 * 1000;        // granted per minute, over this trailing span
-const SWEEP_MS = 3000;             // after a (re)connect, instances not announced by then are gone
 const MERGE_MS = 1000;             // a per-client panel's history: one point per this span
 const LISTED = 4;                  // clients with a problem named under a per-client panel
 const instances = new Map();       // instance key -> its state (figures, grants counted)
@@ -22,7 +21,6 @@ let feed = 0;                      // connections so far; an instance remembers 
 let lostAt = 0;                    // when the feed went down (0: it is up)
 let refused = "";                  // why the broker refused the feed, when it did
 let since = Date.now();            // the oldest data shown (the broker's history reaches back)
-let armed = false;                 // this connection's sweep is set
 
 const params = new URLSearchParams(location.search);
 const hash = new URLSearchParams(location.hash.slice(1));
@@ -113,7 +111,7 @@ function panelFor(r) {
   insertSorted(root, key);
   p = { key, group, root, badge, clients, rate, slots, granted, thr, caption, canvas, waiting,
         problems, members: new Set(), samples: [], marks: [], last: null, histDirty: false,
-        histSlots: false, dropped: { granted: 0, thr: 0 } };
+        histSlots: false, retired: { granted: 0, thr: 0 } };
   panels.set(key, p);
   return p;
 }
@@ -139,15 +137,16 @@ function combined(p) {
   if (!p.group) return rs[0];
   const sum = (f) => rs.reduce((a, r) => a + r[f], 0);
   // Totals also count what instances the broker dropped had counted (an
-  // idle client's instance is re-created at 0), as /metrics does.
+  // idle client's instance is dropped, and re-created at 0), as /metrics
+  // does.
   const waiting = {};
   for (const r of rs) for (const [c, n] of Object.entries(r.waiting)) waiting[c] = (waiting[c] || 0) + n;
   return {
     tenant: rs[0].tenant, bucket: rs[0].bucket, scope: rs[0].scope, oauth_client: "*",
     configured_per_min: sum("configured_per_min"), effective_per_min: sum("effective_per_min"),
     in_flight: sum("in_flight"), held_over: sum("held_over"), max_in_flight: sum("max_in_flight"),
-    granted_total: sum("granted_total") + p.dropped.granted,
-    throttled_total: sum("throttled_total") + p.dropped.thr,
+    granted_total: sum("granted_total") + p.retired.granted,
+    throttled_total: sum("throttled_total") + p.retired.thr,
     waiting, paused: rs.every((r) => r.paused), clients: rs.length,
   };
 }
@@ -175,14 +174,15 @@ function panelUsage(p, now) {
 // it (a point per change, at most one every 2 s): the chart and its 429
 // marks start there instead of empty. Each point is [ms ago, allowed per
 // minute, configured per minute, granted total, 429s total, slots in
-// flight, slot limit]; the panel's chart is rebuilt from its instances'
+// flight, slot limit, paused (1 or 0)]; the panel's chart is rebuilt from its instances'
 // points on the next redraw, replacing what the page drew before (the
 // broker's memory also covers a time the feed was down).
 function fromHistory(h) {
   if (!h.points.length) return;
   const i = instanceFor(h);
   const now = Date.now();
-  i.pts = h.points.map((a) => ({ t: now - a[0], eff: a[1], conf: a[2], granted: a[3],
+  // (A paused instance allows nothing, whatever its rate.)
+  i.pts = h.points.map((a) => ({ t: now - a[0], eff: a[7] ? 0 : a[1], conf: a[2], granted: a[3],
     thr: a[4], inFlight: a[5], max: a[6] }));
   // The live granted line goes on from these totals.
   i.grants = i.pts.map((q, k) => ({ t: q.t, total: q.granted, before: k ? i.pts[k - 1].granted : q.granted }));
@@ -219,7 +219,10 @@ function rebuild(p) {
   for (let e = 0; e < events.length; e++) {
     latest[events[e].k] = events[e].q;
     const t = events[e].q.t;
-    if (e + 1 < events.length && events[e + 1].q.t - t < (p.group ? MERGE_MS : 1)) continue;
+    // One point per MERGE_MS slot for a per-client panel (every point for
+    // one instance).
+    const slot = (u) => p.group ? Math.floor(u / MERGE_MS) : u;
+    if (e + 1 < events.length && slot(events[e + 1].q.t) === slot(t)) continue;
     const sum = (f) => latest.reduce((a, q) => a + (q ? q[f] : 0), 0);
     pts.push({ t, eff: sum("eff"), conf: sum("conf"), granted: sum("granted"), thr: sum("thr"),
       inFlight: sum("inFlight"), max: sum("max") });
@@ -230,7 +233,7 @@ function rebuild(p) {
   // What the page drew before the broker's memory begins (a broker that
   // restarted remembers only since then) stays, with a gap between.
   const begins = pts[0].t;
-  const before = p.samples.filter((q) => q.t < begins && !q.gap);
+  const before = p.samples.filter((q) => q.t < begins);
   const marksBefore = p.marks.filter((t) => t < begins);
   if (slots) {
     p.samples = pts.map((q) => ({ t: q.t, eff: q.inFlight, conf: q.max, used: q.inFlight }));
@@ -280,12 +283,6 @@ function update(r) {
   const priorThr = i.feed === feed && i.last ? i.last.throttled_total
     : i.histFeed === feed ? i.histThr : i.last ? i.last.throttled_total : null;
   i.feed = feed;
-  // Re-created by the broker (its totals start at 0 again): keep what it
-  // had counted in the panel's totals.
-  const had = i.last ? { granted: i.last.granted_total, thr: i.last.throttled_total }
-    : i.pts.length ? i.pts[i.pts.length - 1] : null;
-  if (had && r.granted_total < had.granted) p.dropped.granted += had.granted;
-  if (had && r.throttled_total < had.thr) p.dropped.thr += had.thr;
   if (priorThr !== null && r.throttled_total > priorThr) {
     p.marks.push(now);
     p.canvas.dataset.marks = String(p.marks.length);
@@ -514,27 +511,28 @@ function render() {
   }
 }
 
-// Instances the feed did not announce since it (re)connected: ones the
-// broker dropped (an OAuth client no longer seen, a bucket gone from the
-// config after a restart). The feed announces every instance at once when
-// it opens. A panel left with none goes too.
-function sweep(connection) {
-  if (connection !== feed || lostAt) return;
+// Which instances the broker has (sent as the feed opens, then every
+// 15 s; Watch announces no removals), and what the dropped ones of each
+// bucket had counted. Instances it no longer has go (an OAuth client's
+// instance dropped while idle, a bucket gone after a restart), and a
+// panel left with none.
+function census(m) {
+  const alive = new Set(m.instances);
   for (const [key, i] of instances) {
-    if (i.feed === connection) continue;
+    if (alive.has(key)) continue;
+    // Their history is part of the panel's chart: drawn before they go.
+    if (i.panel.histDirty) rebuild(i.panel);
     instances.delete(key);
     i.panel.members.delete(i);
-    // A per-client bucket's totals keep what a dropped client counted.
-    const last = i.last ? { granted: i.last.granted_total, thr: i.last.throttled_total }
-      : i.pts.length ? i.pts[i.pts.length - 1] : null;
-    if (i.panel.group && last) {
-      i.panel.dropped.granted += last.granted;
-      i.panel.dropped.thr += last.thr;
-    }
   }
+  const retired = new Map(m.retired.map((x) => [x.tenant + "/" + x.bucket,
+    { granted: x.granted, thr: x.throttled }]));
+  const now = Date.now();
   for (const [key, p] of panels) {
-    if (p.members.size === 0) { p.root.remove(); panels.delete(key); }
-    else show(p, Date.now());
+    if (p.members.size === 0) { p.root.remove(); panels.delete(key); continue; }
+    p.retired = retired.get(p.root.dataset.tenant + "/" + p.root.dataset.bucket)
+      || { granted: 0, thr: 0 };
+    show(p, now);
   }
 }
 
@@ -556,19 +554,12 @@ function connect() {
   const src = new EventSource("/events?" + q.toString());
   src.addEventListener("open", () => {
     conn.textContent = "live"; conn.className = "conn up"; problem("");
-    lostAt = 0; refused = ""; feed += 1; armed = false;
-    // Counted again from what this connection says (the broker may have
-    // restarted, its totals at 0).
-    for (const p of panels.values()) p.dropped = { granted: 0, thr: 0 };
+    lostAt = 0; refused = ""; feed += 1;
     document.body.classList.remove("stale");
   });
   src.addEventListener("history", (e) => fromHistory(JSON.parse(e.data)));
-  src.addEventListener("bucket", (e) => {
-    // The live snapshot follows the history: from its first event, every
-    // instance the broker has is announced within SWEEP_MS.
-    if (!armed) { armed = true; setTimeout(sweep, SWEEP_MS, feed); }
-    update(JSON.parse(e.data));
-  });
+  src.addEventListener("instances", (e) => census(JSON.parse(e.data)));
+  src.addEventListener("bucket", (e) => update(JSON.parse(e.data)));
   src.addEventListener("error", () => {
     conn.textContent = "reconnecting…"; conn.className = "conn down";
     lost();
@@ -595,10 +586,11 @@ function start() {
   fetch("/session", { method: "POST", headers: { Authorization: "Bearer " + token } })
     .then((r) => r.ok ? "" : r.text())
     .then((t) => {
-      if (t) { refused = t; problem(t); }
       hash.delete("token");
       const rest = hash.toString();
       window.history.replaceState(null, "", location.pathname + location.search + (rest ? "#" + rest : ""));
+      // A token refused is said, not replaced by an older session's.
+      if (t) { refused = t; problem(t); return; }
       connect();
     })
     .catch(() => setTimeout(start, 5000));

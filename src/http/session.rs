@@ -1,0 +1,180 @@
+//! The dashboard's session cookie: what the page trades its token for,
+//! since a browser's `EventSource` cannot send an `Authorization` header
+//! and a token in the feed's URL would land in access logs.
+//!
+//! The cookie is not the token: `{token's place in the config}.{expiry,
+//! unix seconds}.{MAC}`, the MAC an HMAC-SHA256 over the token's SHA-256
+//! and the expiry under a key of this broker's (`dashboard.key` in
+//! `server.state_dir`, made on first use; drawn per run without a state
+//! directory, so sessions then end at a restart). So it opens the event
+//! feed and nothing else (it is no gRPC credential), names no secret, and
+//! ends when its token is removed or replaced, when it expires, or when
+//! the key file is deleted. Each feed opened with it renews it.
+
+use crate::auth::{Authenticator, Principal};
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long a session lasts without a feed opened with it.
+pub(crate) const SESSION_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The key's file in `server.state_dir`.
+const KEY_FILE: &str = "dashboard.key";
+
+/// Issues and checks session cookies.
+pub(crate) struct Sessions {
+    key: hmac::Key,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions").finish_non_exhaustive()
+    }
+}
+
+impl Sessions {
+    /// With the key in `state_dir` (made if missing), or one drawn now.
+    pub(crate) fn new(state_dir: Option<&Path>) -> Sessions {
+        let bytes = state_dir
+            .and_then(|dir| match stored_key(&dir.join(KEY_FILE)) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    tracing::warn!(error = %e, dir = %dir.display(),
+                        "cannot keep the dashboard's session key in server.state_dir; \
+                         sessions end at a restart");
+                    None
+                }
+            })
+            .or_else(|| random().ok())
+            .unwrap_or_default();
+        Sessions {
+            key: hmac::Key::new(hmac::HMAC_SHA256, &bytes),
+        }
+    }
+
+    /// A cookie value for the token at `index` whose hash is `hash`.
+    pub(crate) fn issue(&self, index: usize, hash: &[u8; 32]) -> String {
+        let expires = unix_now().saturating_add(SESSION_TTL.as_secs());
+        let tag = hmac::sign(&self.key, &message(hash, expires));
+        format!("{index}.{expires}.{}", hex::encode(tag.as_ref()))
+    }
+
+    /// The caller a cookie value stands for, if it is one of ours, has not
+    /// expired, and its token is still in force.
+    pub(crate) fn check(&self, value: &str, auth: &Authenticator) -> Option<Principal> {
+        let mut parts = value.splitn(3, '.');
+        let index: usize = parts.next()?.parse().ok()?;
+        let expires: u64 = parts.next()?.parse().ok()?;
+        let tag = hex::decode(parts.next()?).ok()?;
+        if expires <= unix_now() {
+            return None;
+        }
+        let (who, hash) = auth.token_at(index)?;
+        hmac::verify(&self.key, &message(&hash, expires), &tag).ok()?;
+        Some(who)
+    }
+}
+
+fn message(hash: &[u8; 32], expires: u64) -> Vec<u8> {
+    let mut m = b"quota-broker dashboard session\0".to_vec();
+    m.extend_from_slice(hash);
+    m.extend_from_slice(&expires.to_be_bytes());
+    m
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn random() -> Result<[u8; 32], String> {
+    let mut key = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut key)
+        .map_err(|_| "the system's random source failed".to_owned())?;
+    Ok(key)
+}
+
+/// The key in `path`, made (readable by this user only) if missing.
+fn stored_key(path: &Path) -> Result<[u8; 32], String> {
+    match std::fs::read(path) {
+        Ok(bytes) => bytes
+            .try_into()
+            .map_err(|_| format!("{} is not a 32-byte key: delete it", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = random()?;
+            write_private(path, &key).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(key)
+        }
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+fn write_private(path: &Path, key: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(path)?;
+    f.write_all(key)?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::TokenSettings;
+
+    fn auth(tokens: &[(&str, &str)]) -> Authenticator {
+        let toml: String = tokens
+            .iter()
+            .map(|(name, token)| {
+                format!(
+                    "[[auth.tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\nrole = \"client\"\n\
+                     tenants = [\"t\"]\n",
+                    crate::auth::hash_token(token)
+                )
+            })
+            .collect();
+        let settings = crate::config::Settings::from_toml(&format!(
+            "[server]\nstate_dir = \"\"\n{toml}[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\n\
+             name = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n"
+        ))
+        .unwrap();
+        let tokens: Vec<TokenSettings> = settings.tokens.clone();
+        Authenticator::new(tokens)
+    }
+
+    #[test]
+    fn a_cookie_stands_for_its_token_until_the_token_changes() {
+        let dir = std::env::temp_dir().join(format!("qb-session-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sessions = Sessions::new(Some(&dir));
+        let a = auth(&[("wallboard", "secret-1"), ("ops", "secret-2")]);
+        let (_, hash) = a.token_at(1).unwrap();
+        let cookie = sessions.issue(1, &hash);
+        assert!(!cookie.contains("secret"), "{cookie}");
+        assert_eq!(sessions.check(&cookie, &a).unwrap().name(), "ops");
+        // The same key after a restart (kept in the state directory).
+        assert!(Sessions::new(Some(&dir)).check(&cookie, &a).is_some());
+        // Tampered, for another token, the token replaced, another key.
+        let forged = cookie.replacen("1.", "0.", 1);
+        assert!(sessions.check(&forged, &a).is_none());
+        let replaced = auth(&[("wallboard", "secret-1"), ("ops", "secret-3")]);
+        assert!(sessions.check(&cookie, &replaced).is_none());
+        assert!(Sessions::new(None).check(&cookie, &a).is_none());
+        // Expired.
+        let past = unix_now() - 1;
+        let tag = hmac::sign(&sessions.key, &message(&hash, past));
+        let expired = format!("1.{past}.{}", hex::encode(tag.as_ref()));
+        assert!(sessions.check(&expired, &a).is_none());
+        for junk in ["", "1", "1.2", "x.y.z", "1.1.00"] {
+            assert!(sessions.check(junk, &a).is_none(), "{junk}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
