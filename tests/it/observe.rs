@@ -780,6 +780,15 @@ pub fn tokens_config() -> String {
     )
 }
 
+/// `message` as a call with `authorization: Bearer <token>`.
+fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
 /// Reads server-sent events until a `bucket` event satisfies `pred`.
 async fn next_event(
     reader: &mut BufReader<TcpStream>,
@@ -841,11 +850,14 @@ async fn the_event_feed_needs_a_token_and_shows_only_its_tenants() {
     let mut client = b.client();
     let mut r = req("GET", "/api/v2/users/1", 0);
     r.tenant = "t".into();
-    let mut request = tonic::Request::new(r);
-    request
-        .metadata_mut()
-        .insert("authorization", bearer.parse().unwrap());
-    assert!(client.acquire(request).await.unwrap().into_inner().granted);
+    assert!(
+        client
+            .acquire(with_token(r, TOKEN))
+            .await
+            .unwrap()
+            .into_inner()
+            .granted
+    );
     let changed = next_event(&mut feed, |v| v["granted_total"] == 1).await;
     assert_eq!(changed["tenant"], "t");
     assert_eq!(changed["in_flight"], 1);
@@ -886,12 +898,14 @@ async fn a_page_opened_later_is_sent_the_last_minutes_of_its_tenants() {
     let grant = || {
         let mut r = req("GET", "/api/v2/users/1", 0);
         r.tenant = "t".into();
-        let mut request = tonic::Request::new(r);
-        request
-            .metadata_mut()
-            .insert("authorization", bearer.parse().unwrap());
         let mut client = client.clone();
-        async move { client.acquire(request).await.unwrap().into_inner() }
+        async move {
+            client
+                .acquire(with_token(r, TOKEN))
+                .await
+                .unwrap()
+                .into_inner()
+        }
     };
     let first = grant().await;
     assert!(first.granted, "{}", first.reason);
@@ -899,13 +913,10 @@ async fn a_page_opened_later_is_sent_the_last_minutes_of_its_tenants() {
     assert!(grant().await.granted);
     tokio::time::sleep(Duration::from_secs(4)).await;
     // Just before the page opens: it still sees this.
-    let mut release = tonic::Request::new(quota_broker::pb::ReleaseRequest {
+    let release = quota_broker::pb::ReleaseRequest {
         lease_id: first.lease_id,
-    });
-    release
-        .metadata_mut()
-        .insert("authorization", bearer.parse().unwrap());
-    client.release(release).await.unwrap();
+    };
+    client.release(with_token(release, TOKEN)).await.unwrap();
 
     let (head, mut feed) = open(b.http, "/events", &[("Authorization", &bearer)]).await;
     assert_eq!(head.status, 200);
@@ -1009,13 +1020,10 @@ async fn the_page_trades_its_token_for_a_cookie_only_the_feed_gets() {
     let pair = cookie.split(';').next().unwrap();
     // Not the token: it is no gRPC credential.
     assert!(!pair.contains(TOKEN) && !pair.contains("t-only"), "{pair}");
-    let mut request = tonic::Request::new(req("GET", "/api/v2/users/1", 0));
-    request.get_mut().tenant = "t".into();
+    let mut r = req("GET", "/api/v2/users/1", 0);
+    r.tenant = "t".into();
     let value = pair.split_once('=').unwrap().1;
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {value}").parse().unwrap());
-    let err = b.client().acquire(request).await.unwrap_err();
+    let err = b.client().acquire(with_token(r, value)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
     // The feed with the cookie alone: the token's tenants only, and the
@@ -1077,12 +1085,12 @@ async fn the_page_trades_its_token_for_a_cookie_only_the_feed_gets() {
 async fn a_client_token_lists_the_classes_of_its_tenants_only() {
     let b = start(&config(&tokens_config())).await;
     let list = |tenant: &str| {
-        let mut request = tonic::Request::new(quota_broker::pb::ListPriorityClassesRequest {
-            tenant: tenant.into(),
-        });
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        let request = with_token(
+            quota_broker::pb::ListPriorityClassesRequest {
+                tenant: tenant.into(),
+            },
+            TOKEN,
+        );
         let mut admin = b.admin();
         async move { admin.list_priority_classes(request).await }
     };
