@@ -465,9 +465,29 @@ fn instances(broker: &Broker, shows: &dyn Fn(&str) -> bool) -> Result<Event, Inf
             })
         })
         .collect();
-    Ok(Event::default()
-        .event("instances")
-        .data(serde_json::json!({ "instances": keys, "retired": retired }).to_string()))
+    // Each shown tenant's classes: a class may not take of a bucket what
+    // the classes served before it keep back (their reserves), so the page
+    // can tell a bucket its waiters cannot draw from.
+    let mut tenants: Vec<&str> = live.iter().map(|s| s.tenant.as_str()).collect();
+    tenants.dedup();
+    let classes: serde_json::Map<String, serde_json::Value> = tenants
+        .into_iter()
+        .filter(|t| shows(t))
+        .filter_map(|t| {
+            let (classes, _) = broker.classes(t).ok()?;
+            let list: Vec<serde_json::Value> = classes
+                .iter()
+                .map(
+                    |c| serde_json::json!({"name": c.name, "order": c.order, "reserve": c.reserve}),
+                )
+                .collect();
+            Some((t.to_owned(), serde_json::Value::from(list)))
+        })
+        .collect();
+    Ok(Event::default().event("instances").data(
+        serde_json::json!({ "instances": keys, "retired": retired, "classes": classes })
+            .to_string(),
+    ))
 }
 
 /// One bucket instance as the dashboard reads it (times relative to `at_ms`,

@@ -160,7 +160,7 @@ const shown = () => [...document.querySelectorAll("section.panel")].map((p) => (
     });
     if (routing.length !== 1 || routing[0].clients !== "2" || !routing[0].title.includes("2 clients")
       || !/^FROZEN \d+ s · 1 OF 2 CLIENTS$/.test(routing[0].badge)
-      || !routing[0].problems.includes("client wallboard-a FROZEN")) {
+      || !routing[0].problems.includes("wallboard-a: FROZEN")) {
       throw new Error("the per-client panel shows " + JSON.stringify(routing));
     }
     // The per-client panel hears from both clients; its chart keeps one
@@ -173,6 +173,20 @@ const shown = () => [...document.querySelectorAll("section.panel")].map((p) => (
     if (crowded) throw new Error(crowded + " chart points share a half second");
     console.log("ORDERED");
     await page.screenshot({ path: shot });
+    // AT LIMIT counts the reserves of the classes served before a waiting
+    // one: batch cannot take the 20 of a 100 burst critical keeps back.
+    const blockedAt = await page.evaluate(() => {
+      const saved = classes;
+      classes = { x: [{ name: "critical", order: 0, reserve: 0.2 },
+        { name: "batch", order: 2, reserve: 0 }] };
+      const r = (tokens, waiting) => ({ tenant: "x", configured_per_min: 600, burst: 100,
+        tokens, max_in_flight: 0, in_flight: 0, waiting });
+      const out = [blocked(r(15, { batch: 3 })), blocked(r(25, { batch: 3 })),
+        blocked(r(15, { critical: 1 })), blocked(r(0.5, { critical: 1 }))];
+      classes = saved;
+      return out.join();
+    });
+    if (blockedAt !== "true,false,false,true") throw new Error("blocked(): " + blockedAt);
     console.log("SHOT");
     const badgeOf = (bucket) => document.querySelector(
       `section.panel[data-bucket="${bucket}"] .badge`).textContent;
@@ -513,10 +527,11 @@ async fn settled(b: &super::observe::Observed) -> Vec<serde_json::Value> {
     .expect("the broker settled after the load stopped")
 }
 
-/// With tokens: the page opened as `/#token=...` trades the token for a
-/// cookie, takes it out of its address, never puts it in a request's URL,
-/// shows only the token's tenants, and after a reload without it goes on
-/// with the cookie. Prints OK.
+/// With tokens: a page opened with a wrong `#token=` says it was refused;
+/// the right one typed into its address is traded for a cookie and taken
+/// out of the address, never put in a request's URL; the page shows only
+/// the token's tenants, and after a reload without it goes on with the
+/// cookie. Prints OK.
 const TOKEN_SCRIPT: &str = r##"
 const { chromium } = require(process.env.PW_DIR + "/node_modules/playwright-core");
 const [url, token] = process.argv.slice(2);
@@ -532,7 +547,12 @@ const [url, token] = process.argv.slice(2);
     page.on("request", (r) => sent.push(r.url()));
     const live = () => document.querySelectorAll("section.panel").length >= 1
       && document.getElementById("conn").textContent === "live";
-    await page.goto(url + "#token=" + encodeURIComponent(token));
+    // A wrong token first: refused, and said so.
+    await page.goto(url + "#token=wrong-token");
+    await page.waitForFunction(() => !document.getElementById("problem").hidden
+      && document.getElementById("conn").textContent === "refused", null, { timeout: 20000 });
+    // Then the right one typed into the address, as the refusal advises.
+    await page.evaluate((t) => { location.hash = "#token=" + encodeURIComponent(t); }, token);
     await page.waitForFunction(live, null, { timeout: 20000 });
     const state = () => ({ hash: location.hash, cookie: document.cookie,
       tenants: [...new Set([...document.querySelectorAll("section.panel")]

@@ -15,6 +15,7 @@ const SLOT_MS = 500;               // live chart samples: the last of each slot 
 const USAGE_MS = 20 * 1000;        // granted per minute, over this trailing span
 const MERGE_MS = 1000;             // a per-client panel's history: one point per this span
 const LISTED = 4;                  // clients with a problem named under a per-client panel
+const HOLD_MS = 10000;             // a panel keeps its place this long after its problem clears
 const instances = new Map();       // instance key -> its state (figures, grants counted)
 const panels = new Map();          // panel key -> panel (DOM, chart samples, its instances)
 let feed = 0;                      // connections so far; an instance remembers the last that announced it
@@ -23,9 +24,10 @@ let refused = "";                  // why the broker refused the feed, when it d
 let since = Date.now();            // the oldest data shown (the broker's history reaches back)
 
 const params = new URLSearchParams(location.search);
-const hash = new URLSearchParams(location.hash.slice(1));
+let classes = {};                  // per tenant: [{name, order, reserve}] (the instances event)
+let source = null;                 // the feed's EventSource
 const tenant = params.get("tenant") || "";
-const token = hash.get("token") || "";
+
 document.getElementById("scope").textContent = tenant ? "tenant " + tenant : "all tenants";
 
 const compact = new Intl.NumberFormat("en", { notation: "compact", maximumFractionDigits: 1 });
@@ -325,13 +327,13 @@ function show(p, now) {
   p.root.dataset.clients = String(p.group ? r.clients : 1);
   p.rate.v.innerHTML = "";
   if (slots) p.rate.v.append("—");
-  else p.rate.v.append(fmtRate(r.effective_per_min), el("small", "", " / " + fmtRate(r.configured_per_min)));
+  else p.rate.v.append(fmtRate(allowed), el("small", "", " / " + fmtRate(r.configured_per_min)));
   p.rate.root.querySelector(".l").textContent = slots ? "no rate limit"
     : p.group ? "per min / configured, Σ" : "per min / configured";
   p.caption.textContent = slots
     ? "slots in flight (solid) and the limit (dashed)"
     : "per minute: allowed now (solid), configured (dashed), granted (thin)";
-  p.rate.v.dataset.effective = String(r.effective_per_min);
+  p.rate.v.dataset.effective = String(allowed);
   p.rate.v.dataset.configured = String(r.configured_per_min);
   p.slots.v.textContent = r.max_in_flight ? fmtCount(r.in_flight) + " / " + fmtCount(r.max_in_flight) : "—";
   p.slots.root.querySelector(".l").textContent = r.held_over > 0
@@ -368,13 +370,28 @@ function trouble(i, now) {
   const left = i.frozenUntil - now;
   const waiting = Object.values(r.waiting).reduce((a, n) => a + n, 0);
   const full = r.max_in_flight > 0 && r.in_flight >= r.max_in_flight;
-  const spent = r.configured_per_min > 0 && r.tokens < 1;
   if (left > 0) return "FROZEN " + Math.ceil(left / 1000) + " s";
   if (r.paused) return "PAUSED";
-  if (waiting > 0 && (full || spent)) return "AT LIMIT · " + waiting + " WAITING";
+  if (waiting > 0 && (full || blocked(r))) return "AT LIMIT · " + waiting + " WAITING";
   if (full) return "SLOTS FULL";
   if (waiting > 0) return waiting + " WAITING";
   return "";
+}
+
+// Whether a class waiting here cannot draw from this bucket now: what is
+// left is within what the classes served before it keep back (their
+// reserves, shares of the burst and of the slots).
+function blocked(r) {
+  const list = classes[r.tenant] || [];
+  for (const [name, n] of Object.entries(r.waiting)) {
+    if (!(n > 0)) continue;
+    const own = list.find((c) => c.name === name);
+    const order = own ? own.order : Infinity;
+    const kept = list.filter((c) => c.order < order).reduce((a, c) => a + c.reserve, 0);
+    if (r.configured_per_min > 0 && r.tokens < kept * r.burst + 1) return true;
+    if (r.max_in_flight > 0 && r.in_flight >= r.max_in_flight - Math.floor(kept * r.max_in_flight)) return true;
+  }
+  return false;
 }
 
 // Most urgent first; the last kind is callers waiting for another bucket.
@@ -411,15 +428,19 @@ function badge(p, now) {
   const alert = !lostAt && kind >= 0 && kind < 4;
   p.root.classList.toggle("frozen", !lostAt && kind === 0);
   p.root.classList.toggle("limit", !lostAt && (kind === 1 || kind === 2 || kind === 3));
-  // Problems first: a wallboard shows the top of the page.
+  // Problems first: a wallboard shows the top of the page. A panel keeps
+  // its place for HOLD_MS after its problem clears (a bucket at its limit
+  // on and off must not move the whole wall about).
   p.root.classList.toggle("alert", alert);
-  p.root.style.order = alert ? String(kind - 4) : "";
+  if (alert) { p.held = { order: Math.min(kind - 4, p.held && p.held.until > now ? p.held.order : 0), until: now + HOLD_MS }; }
+  const order = alert || (p.held && p.held.until > now) ? String(p.held.order) : "";
+  if (p.root.style.order !== order) p.root.style.order = order;
   p.thr.root.classList.toggle("recent", p.marks.length > 0);
   if (p.group) {
-    const named = troubled.slice(0, LISTED).map((x) => "client " + (x.i.client || "(none)") + " " + x.t);
+    const named = troubled.slice(0, LISTED).map((x) => (x.i.client || "(no client)") + ": " + x.t);
     const more = troubled.length - named.length;
-    const text = (more > 0 ? troubled.length + " of " + p.members.size + " clients: " : "")
-      + named.join(" · ") + (more > 0 ? " · and " + more + " more" : "");
+    const text = (more > 0 ? troubled.length + " of " + p.members.size + " clients — " : "")
+      + named.join("; ") + (more > 0 ? "; and " + more + " more" : "");
     if (p.problems.textContent !== text) p.problems.textContent = text;
   }
 }
@@ -480,7 +501,8 @@ function draw(p, now) {
       else { g.lineTo(sx, y(prev)); g.lineTo(sx, y(s[field])); }
       prev = s[field];
     }
-    if (prev !== null) g.lineTo(x(now), y(prev));
+    // (Known until the feed was lost, not since.)
+    if (prev !== null) g.lineTo(x(lostAt || now), y(prev));
     g.stroke(); g.setLineDash([]);
   };
   line("conf", css.getPropertyValue("--conf"), [8, 6]);
@@ -517,6 +539,7 @@ function render() {
 // instance dropped while idle, a bucket gone after a restart), and a
 // panel left with none.
 function census(m) {
+  classes = m.classes || {};
   const alive = new Set(m.instances);
   for (const [key, i] of instances) {
     if (alive.has(key)) continue;
@@ -551,7 +574,9 @@ function connect() {
   const q = new URLSearchParams();
   if (tenant) q.set("tenant", tenant);
   const conn = document.getElementById("conn");
+  if (source) source.close();
   const src = new EventSource("/events?" + q.toString());
+  source = src;
   src.addEventListener("open", () => {
     conn.textContent = "live"; conn.className = "conn up"; problem("");
     lostAt = 0; refused = ""; feed += 1;
@@ -561,18 +586,21 @@ function connect() {
   src.addEventListener("instances", (e) => census(JSON.parse(e.data)));
   src.addEventListener("bucket", (e) => update(JSON.parse(e.data)));
   src.addEventListener("error", () => {
+    if (source !== src) return;
     conn.textContent = "reconnecting…"; conn.className = "conn down";
     lost();
     if (src.readyState === EventSource.CLOSED) {
       // Refused (a token is needed, or it is not scoped to the tenant):
       // say so, and try again later in case the broker restarts.
-      fetch("/events?" + q.toString()).then((r) => r.ok ? "" : r.text()).then((t) => {
-        if (t) {
-          refused = t + (token ? "" : " — add #token=YOUR_TOKEN to this page's address");
+      fetch("/events?" + q.toString()).then((r) => r.ok ? "" : r.text().then((t) => ({ t, r })))
+        .then((x) => {
+          if (!x) return;
+          conn.textContent = "refused";
+          refused = x.t.trim() + (x.r.status === 401
+            ? " — add #token=YOUR_TOKEN to this page's address" : "");
           problem(refused);
-        }
-      }).catch(() => {});
-      setTimeout(connect, 5000);
+        }).catch(() => {});
+      setTimeout(() => { if (source === src) connect(); }, 5000);
     }
   });
 }
@@ -582,19 +610,32 @@ function connect() {
 // URL would be written to access logs), then taken out of the address
 // bar. A reload without it goes on with the cookie.
 function start() {
+  const hash = new URLSearchParams(location.hash.slice(1));
+  const token = hash.get("token") || "";
   if (!token) { connect(); return; }
+  hash.delete("token");
+  const rest = hash.toString();
+  window.history.replaceState(null, "", location.pathname + location.search + (rest ? "#" + rest : ""));
   fetch("/session", { method: "POST", headers: { Authorization: "Bearer " + token } })
     .then((r) => r.ok ? "" : r.text())
     .then((t) => {
-      hash.delete("token");
-      const rest = hash.toString();
-      window.history.replaceState(null, "", location.pathname + location.search + (rest ? "#" + rest : ""));
       // A token refused is said, not replaced by an older session's.
-      if (t) { refused = t; problem(t); return; }
+      if (t) {
+        if (source) { source.close(); source = null; }
+        refused = t.trim(); problem(refused);
+        document.getElementById("conn").textContent = "refused";
+        return;
+      }
       connect();
     })
     .catch(() => setTimeout(start, 5000));
 }
+
+// A token typed into the address later (as the refusal advises) is
+// traded the same way.
+window.addEventListener("hashchange", () => {
+  if (new URLSearchParams(location.hash.slice(1)).get("token")) start();
+});
 
 // Redraws move the time axis and count freezes down; the data itself
 // arrives only as events.
