@@ -261,6 +261,9 @@ function rebuild(p) {
     const gap = begins - before[before.length - 1].t > 5000
       ? [{ t: before[before.length - 1].t + 1, gap: true }] : [];
     p.samples = before.concat(gap, p.samples);
+    // The broker's totals start again with it: the figures say so, since
+    // the chart still shows the 429s before.
+    if (gap.length) p.restarted = true;
   }
   p.marks = marksBefore.concat(pts.filter((q, k) => k > 0 && q.thr > pts[k - 1].thr).map((q) => q.t));
   p.canvas.dataset.points = String(p.samples.length);
@@ -344,6 +347,10 @@ function show(p, now) {
   p.granted.v.textContent = fmtCount(r.granted_total);
   p.granted.v.dataset.value = String(r.granted_total);
   p.thr.v.textContent = fmtCount(r.throttled_total);
+  if (p.restarted) {
+    p.granted.root.querySelector(".l").textContent = "granted since restart";
+    p.thr.root.querySelector(".l").textContent = "429s since restart";
+  }
   p.thr.v.dataset.value = String(r.throttled_total);
   p.root.dataset.waiting = String(Object.values(r.waiting).reduce((a, n) => a + n, 0));
   p.waiting.innerHTML = "";
