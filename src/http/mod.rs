@@ -428,8 +428,13 @@ fn addressed_to_an_ip_or_localhost(headers: &HeaderMap) -> bool {
 }
 
 fn auth_message(e: &AuthError) -> String {
+    // (gRPC's wording, "metadata", is not this port's.)
+    let why = match e {
+        AuthError::Missing => "no token".to_owned(),
+        other => other.to_string(),
+    };
     format!(
-        "{e}; the dashboard takes the token as #token=... in its address, \
+        "{why}; the dashboard takes the token as #token=... in its address, \
          the event feed as Authorization: Bearer, the session cookie (POST /session) \
          or ?token="
     )

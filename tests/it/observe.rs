@@ -832,6 +832,11 @@ async fn the_event_feed_needs_a_token_and_shows_only_its_tenants() {
     let none = get(b.http, "/events", &[]).await;
     assert_eq!(none.status, 401, "{}", none.body);
     assert!(none.body.contains("#token="), "{}", none.body);
+    assert!(
+        none.body.starts_with("no token;"),
+        "HTTP words: {}",
+        none.body
+    );
     let wrong = get(b.http, "/events?token=nope", &[]).await;
     assert_eq!(wrong.status, 401);
     let other = get(b.http, &format!("/events?tenant=u&token={TOKEN}"), &[]).await;
