@@ -99,6 +99,16 @@ impl Broker {
         tenant: Option<&str>,
         sees: impl Fn(&str) -> bool,
     ) -> Result<mpsc::Receiver<TenantBucketStatus>, BrokerError> {
+        self.watch_every(tenant, sees, WATCH_COALESCE)
+    }
+
+    /// [`Broker::watch`], each bucket at most once per `coalesce`.
+    pub(crate) fn watch_every(
+        &self,
+        tenant: Option<&str>,
+        sees: impl Fn(&str) -> bool,
+        coalesce: Duration,
+    ) -> Result<mpsc::Receiver<TenantBucketStatus>, BrokerError> {
         let tenants = self.visible(tenant, sees)?;
         let (tx, rx) = mpsc::channel(64);
         let mut changes = self.inner.changes.subscribe();
@@ -131,7 +141,7 @@ impl Broker {
                     }
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(WATCH_COALESCE) => {}
+                    _ = tokio::time::sleep(coalesce) => {}
                     _ = shutdown.cancelled() => return,
                     _ = tx.closed() => return,
                 }

@@ -53,6 +53,10 @@ const OPENMETRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 const PROMETHEUS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// A comment on an idle feed this often, so proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// The event feed sends each instance at most this often: the page keeps
+/// one chart point per half second, and a per-client bucket of 300 busy
+/// clients would otherwise send it some 600 events a second.
+const FEED_COALESCE: Duration = Duration::from_millis(500);
 /// The event feed says which instances exist this often.
 const INSTANCES_EVERY: Duration = Duration::from_secs(15);
 
@@ -369,7 +373,10 @@ async fn events(
         .iter()
         .map(|s| Ok(Event::default().event("history").data(s.to_json(now))))
         .collect();
-    let rx = match http.broker.watch(tenant, |t| who.sees(t)) {
+    let rx = match http
+        .broker
+        .watch_every(tenant, |t| who.sees(t), FEED_COALESCE)
+    {
         Ok(rx) => rx,
         Err(e) => return refuse(StatusCode::NOT_FOUND, &e.to_string()),
     };

@@ -1108,6 +1108,38 @@ async fn a_client_token_lists_the_classes_of_its_tenants_only() {
     b.stop().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_event_feed_sends_a_busy_bucket_at_most_twice_a_second() {
+    let b = start(
+        "[server]\nshutdown_grace_ms = 2000\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n\
+         [[tenants.buckets]]\nname = \"users\"\nroutes = [\"GET /api/v2/users/**\"]\n\
+         permits = 6000\nwindow_ms = 60000\nburst = 100\n",
+    )
+    .await;
+    let (head, mut feed) = open(b.http, "/events", &[]).await;
+    assert_eq!(head.status, 200);
+    next_event(&mut feed, |v| v["granted_total"] == 0).await;
+    let mut client = b.client();
+    // A grant every 50 ms for two seconds.
+    for _ in 0..40 {
+        let mut r = req("GET", "/api/v2/users/1", 0);
+        r.tenant = "t".into();
+        assert!(client.acquire(r).await.unwrap().into_inner().granted);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut seen = 0;
+    loop {
+        let e = next_event(&mut feed, |_| true).await;
+        seen += 1;
+        if e["granted_total"] == 40 {
+            break;
+        }
+    }
+    assert!((3..=6).contains(&seen), "{seen} events for 2 s of grants");
+    drop(feed);
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn a_token_holds_at_most_its_watch_streams_of_event_feeds() {
     let capped = format!("{}max_watch_streams = 2\n", tokens_config());
