@@ -12,6 +12,14 @@ pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The wall clock now, in unix seconds (certificate expiry, session
+/// cookies: times that must hold across restarts and hosts).
+pub(crate) fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Maps the broker's monotonic clock to unix milliseconds for the wire.
 /// Anchored once at start, so paused test time and wire times agree.
 #[derive(Debug, Clone, Copy)]

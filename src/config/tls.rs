@@ -106,9 +106,7 @@ pub(crate) const EXPIRY_WARNING: std::time::Duration =
     std::time::Duration::from_secs(14 * 24 * 3600);
 
 fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    i64::try_from(crate::clock::unix_secs()).unwrap_or(i64::MAX)
 }
 
 /// `at` (unix seconds) as an RFC 2822 time, for messages.

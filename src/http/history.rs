@@ -88,9 +88,9 @@ struct Inner {
 /// One instance's points, oldest first, as the event feed sends them.
 #[derive(Debug)]
 pub(crate) struct Series {
-    pub tenant: String,
-    pub bucket: String,
-    pub oauth_client: String,
+    tenant: String,
+    bucket: String,
+    oauth_client: String,
     scope: &'static str,
     points: Vec<Point>,
 }

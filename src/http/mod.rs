@@ -33,6 +33,7 @@ use futures_util::StreamExt;
 use history::History;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -307,16 +308,22 @@ async fn open_session(
         Ok(who) => who,
         Err(refused) => return *refused,
     };
-    let token = who
-        .token_index()
-        .and_then(|i| Some((i, http.auth.token_at(i)?.1)));
-    let Some((index, hash)) = token else {
-        return StatusCode::NO_CONTENT.into_response();
-    };
-    match set_cookie(&headers, Some(&http.sessions.issue(index, &hash))) {
+    // (Open mode's caller has no token: nothing to keep.)
+    match new_session(&http, &headers, &who) {
         Some(v) => (StatusCode::NO_CONTENT, [(header::SET_COOKIE, v)]).into_response(),
-        None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
     }
+}
+
+/// `Set-Cookie` for a new session of `who`'s token (`None` without one).
+fn new_session(
+    http: &Http,
+    headers: &HeaderMap,
+    who: &crate::auth::Principal,
+) -> Option<axum::http::HeaderValue> {
+    let index = who.token_index()?;
+    let (_, hash) = http.auth.token_at(index)?;
+    set_cookie(headers, Some(&http.sessions.issue(index, &hash)))
 }
 
 /// Ends the page's session (clears its cookie).
@@ -341,10 +348,8 @@ async fn events(
     let by_session =
         !http.auth.is_open() && headers.get(header::AUTHORIZATION).is_none() && q.token.is_empty();
     let renewed = by_session
-        .then(|| who.token_index())
-        .flatten()
-        .and_then(|i| http.auth.token_at(i).map(|(_, hash)| (i, hash)))
-        .and_then(|(i, hash)| set_cookie(&headers, Some(&http.sessions.issue(i, &hash))));
+        .then(|| new_session(&http, &headers, &who))
+        .flatten();
     let tenant = (!q.tenant.is_empty()).then_some(q.tenant.as_str());
     if let Some(t) = tenant {
         if let Err(e) = who.may_access(t) {
@@ -358,13 +363,14 @@ async fn events(
         Ok(permit) => permit,
         Err(status) => return refuse(StatusCode::TOO_MANY_REQUESTS, status.message()),
     };
-    // The minutes before, of the instances there are now, read up to now
-    // (not to the last step) and before the live feed's first snapshot, so
-    // that snapshot is never older than the history.
-    let live = match http.broker.list(tenant, |t| who.sees(t)) {
-        Ok(list) => list.iter().map(history::key_of).collect(),
-        Err(e) => return refuse(StatusCode::NOT_FOUND, &e.to_string()),
-    };
+    let only = tenant.map(str::to_owned);
+    let viewer = who.clone();
+    let shows = move |t: &str| only.as_deref().map_or_else(|| viewer.sees(t), |o| o == t);
+    // Which instances exist now: the feed's first `instances` event, and
+    // the instances whose last minutes it sends, read up to now (not to the
+    // last step) and before the live feed's first snapshot, so that
+    // snapshot is never older than the history.
+    let (live, first_census) = census(&http.broker, &shows);
     http.history.sample(&http.broker, true);
     let now = tokio::time::Instant::now();
     let past: Vec<Result<Event, Infallible>> = http
@@ -381,20 +387,16 @@ async fn events(
         Err(e) => return refuse(StatusCode::NOT_FOUND, &e.to_string()),
     };
     let clock = http.broker.clock();
-    let only = tenant.map(str::to_owned);
-    let shows = move |t: &str| only.as_deref().map_or_else(|| who.sees(t), |o| o == t);
     let broker = http.broker.clone();
     // Which instances exist (Watch announces no removals: an idle OAuth
     // client's instance is dropped and re-created at 0) and what the
     // dropped ones had counted: at once, then every INSTANCES_EVERY, read
     // as each is sent.
-    let census = futures_util::stream::unfold(true, move |first| {
+    let later = futures_util::stream::unfold((), move |()| {
         let (broker, shows) = (broker.clone(), shows.clone());
         async move {
-            if !first {
-                tokio::time::sleep(INSTANCES_EVERY).await;
-            }
-            Some((instances(&broker, &shows), false))
+            tokio::time::sleep(INSTANCES_EVERY).await;
+            Some((Ok(census(&broker, &shows).1), ()))
         }
     });
     let live = ReceiverStream::new(rx).map(move |s| {
@@ -402,9 +404,10 @@ async fn events(
     });
     // (The census ends with the broker, as the live feed does, so the feed
     // ends and the HTTP port can shut down.)
-    let census = census.take_until(http.shutdown.clone().cancelled_owned());
+    let later = later.take_until(http.shutdown.clone().cancelled_owned());
     let stream = futures_util::stream::iter(past)
-        .chain(futures_util::stream::select(census, live))
+        .chain(futures_util::stream::once(async { Ok(first_census) }))
+        .chain(futures_util::stream::select(later, live))
         .map(move |e| {
             // The feed holds its place under the cap until it ends.
             let _open = &permit;
@@ -451,23 +454,18 @@ fn refuse(status: StatusCode, why: &str) -> Response {
     (status, format!("{why}\n")).into_response()
 }
 
-/// The `instances` event: every instance of the tenants `shows` accepts
-/// (`"tenant/bucket/oauth client"`), and per bucket what its dropped
-/// instances had counted.
-fn instances(broker: &Broker, shows: &dyn Fn(&str) -> bool) -> Result<Event, Infallible> {
+/// Every instance of the tenants `shows` accepts, and the `instances`
+/// event that says so (`"tenant/bucket/oauth client"`), with per bucket
+/// what its dropped instances had counted and each tenant's classes.
+fn census(broker: &Broker, shows: &dyn Fn(&str) -> bool) -> (HashSet<history::Key>, Event) {
     let (live, retired) = broker.list_with_retired();
-    let keys: Vec<String> = live
+    let live: Vec<&TenantBucketStatus> = live.iter().filter(|s| shows(&s.tenant)).collect();
+    let set: HashSet<history::Key> = live.iter().map(|s| history::key_of(s)).collect();
+    let mut keys: Vec<String> = set
         .iter()
-        .filter(|s| shows(&s.tenant))
-        .map(|s| {
-            format!(
-                "{}/{}/{}",
-                s.tenant,
-                s.status.bucket,
-                s.status.oauth_client.as_deref().unwrap_or("")
-            )
-        })
+        .map(|(tenant, bucket, client)| format!("{tenant}/{bucket}/{client}"))
         .collect();
+    keys.sort_unstable();
     let retired: Vec<serde_json::Value> = retired
         .iter()
         .filter(|(t, _, _)| shows(t))
@@ -496,10 +494,11 @@ fn instances(broker: &Broker, shows: &dyn Fn(&str) -> bool) -> Result<Event, Inf
             Some((t.to_owned(), serde_json::Value::from(list)))
         })
         .collect();
-    Ok(Event::default().event("instances").data(
+    let event = Event::default().event("instances").data(
         serde_json::json!({ "instances": keys, "retired": retired, "classes": classes })
             .to_string(),
-    ))
+    );
+    (set, event)
 }
 
 /// One bucket instance as the dashboard reads it (times relative to `at_ms`,

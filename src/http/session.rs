@@ -12,10 +12,11 @@
 //! the key file is deleted. Each feed opened with it renews it.
 
 use crate::auth::{Authenticator, Principal};
+use crate::clock::unix_secs as unix_now;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// How long a session lasts without a feed opened with it.
 pub(crate) const SESSION_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -81,12 +82,6 @@ fn message(hash: &[u8; 32], expires: u64) -> Vec<u8> {
     m.extend_from_slice(hash);
     m.extend_from_slice(&expires.to_be_bytes());
     m
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn random() -> Result<[u8; 32], String> {

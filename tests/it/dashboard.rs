@@ -338,31 +338,25 @@ async fn the_dashboard_shows_what_list_buckets_says() {
             return Err(format!("the charts did not move (node said {line:?})"));
         }
         // A 429 on users: a marker on its chart, a cut rate and a freeze
-        // countdown, and the panel moves to the top.
-        b.client()
-            .report(ReportRequest {
-                tenant: "contact-centre".into(),
-                method: "GET".into(),
-                path: "/api/v2/users/me".into(),
-                http_status: 429,
-                retry_after_ms: 60_000,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        // And on one client of the per-client bucket: that instance freezes.
-        b.client()
-            .report(ReportRequest {
-                tenant: "contact-centre".into(),
-                method: "GET".into(),
-                path: "/api/v2/routing/queues".into(),
-                oauth_client: "wallboard-a".into(),
-                http_status: 429,
-                retry_after_ms: 60_000,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        // countdown, and the panel moves to the top. And on one client of
+        // the per-client bucket: that instance freezes.
+        for (path, oauth_client) in [
+            ("/api/v2/users/me", ""),
+            ("/api/v2/routing/queues", "wallboard-a"),
+        ] {
+            b.client()
+                .report(ReportRequest {
+                    tenant: "contact-centre".into(),
+                    method: "GET".into(),
+                    path: path.into(),
+                    oauth_client: oauth_client.into(),
+                    http_status: 429,
+                    retry_after_ms: 60_000,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
         // Stop the load (each worker ends after its current call, so no
         // call is in flight), then tell the page what ListBuckets says.
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
