@@ -2,7 +2,8 @@
 //! driven by Playwright (`playwright-core`, pinned, installed with npm under
 //! target/), against a broker under load. It waits for the charts to move,
 //! checks that the numbers shown match ListBuckets once the load stops,
-//! that a frozen bucket is shown first and a full one says so, that a page
+//! that a frozen bucket is shown first and one at its limit says so (every
+//! slot held, or batch held back by the reserve of the classes above it), that a page
 //! opened later draws the minutes before it (the 429 included), saves a
 //! screenshot (`target/tmp/dashboard.png`; the README shows a copy,
 //! docs/dashboard.png), and that a page whose broker stopped says it has
@@ -56,6 +57,12 @@ routes = ["GET /api/v2/routing/**"]
 permits = 300
 window_ms = 60000
 burst = 10
+[[tenants.buckets]]
+name = "recordings"
+routes = ["GET /api/v2/recording/**"]
+permits = 60
+window_ms = 60000
+burst = 10
 "#;
 
 /// The browser session: open the page, wait for the charts to move, print
@@ -63,8 +70,9 @@ burst = 10
 /// the page shows them, print MATCHED; check the frozen `users` and
 /// `routing` panels come first and the per-client `routing` panel names its
 /// frozen client, print ORDERED; save the screenshot, print SHOT; on a line BUSY
-/// wait for analytics-query's badge to say it is at its limit, print
-/// LIMIT; open a second page and check it drew the minutes before it
+/// wait for analytics-query's badge (every slot held) and recordings' (batch
+/// callers held back by the reserve of the classes above them) to say they
+/// are at their limit, print LIMIT; open a second page and check it drew the minutes before it
 /// opened, the 429 marker on users included, print HISTORY; on a line
 /// STOPPED wait for the page to say it has no data, print STALE.
 const SCRIPT: &str = r#"
@@ -199,6 +207,14 @@ const shown = () => [...document.querySelectorAll("section.panel")].map((p) => (
       throw new Error("analytics-query never said AT LIMIT: "
         + await page.evaluate(badgeOf, "analytics-query"));
     }
+    try {
+      await page.waitForFunction(() => document.querySelector(
+        'section.panel[data-bucket="recordings"] .badge').textContent.startsWith("AT LIMIT"),
+        null, { timeout: 20000 });
+    } catch (e) {
+      throw new Error("recordings never said AT LIMIT: "
+        + await page.evaluate(badgeOf, "recordings"));
+    }
     console.log("LIMIT");
     // A page opened now (a wallboard switched on) draws what happened
     // before it opened: the broker sends its last minutes first.
@@ -332,6 +348,7 @@ async fn the_dashboard_shows_what_list_buckets_says() {
     let mut stdin = node.stdin.take().unwrap();
     let mut out = BufReader::new(node.stdout.take().unwrap()).lines();
     let mut errors = node.stderr.take().unwrap();
+    let mut batch = tokio::task::JoinSet::new();
     let session = async {
         let line = out.next_line().await.unwrap();
         if line.as_deref() != Some("MOVED") {
@@ -362,7 +379,7 @@ async fn the_dashboard_shows_what_list_buckets_says() {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         while load.join_next().await.is_some() {}
         let expected = settled(&b).await;
-        assert_eq!(expected.len(), 4, "{expected:?}");
+        assert_eq!(expected.len(), 5, "{expected:?}");
         assert!(
             expected.iter().any(|e| e["granted"].as_u64() > Some(0)),
             "the load was granted something: {expected:?}"
@@ -410,6 +427,22 @@ async fn the_dashboard_shows_what_list_buckets_says() {
         }
         let r = analytics(60_000);
         let waiter = tokio::spawn(async move { client.acquire(r).await });
+        // Batch callers drain recordings down to what critical and
+        // interactive keep back (2 of its burst of 10), then wait for
+        // the refill: permits are left, but not for them.
+        for _ in 0..2 {
+            let mut client = b.client();
+            batch.spawn(async move {
+                loop {
+                    let mut r = req("GET", "/api/v2/recording/jobs", 60_000);
+                    r.tenant = "contact-centre".into();
+                    r.priority_class = "batch".into();
+                    if client.acquire(r).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         stdin.write_all(b"BUSY\n").await.unwrap();
         for want in ["LIMIT", "HISTORY"] {
             let line = out.next_line().await.unwrap();
@@ -420,6 +453,7 @@ async fn the_dashboard_shows_what_list_buckets_says() {
         Ok(waiter)
     };
     let outcome = tokio::time::timeout(LIMIT, session).await;
+    batch.abort_all();
     // The broker stops: the page must not go on showing its last figures
     // as if they were current.
     let outcome = match outcome {
