@@ -3,12 +3,12 @@
 //! target/), against a broker under load. It waits for the charts to move,
 //! checks that the numbers shown match ListBuckets once the load stops,
 //! that a frozen bucket is shown first and one at its limit says so (every
-//! slot held, or batch held back by the reserve of the classes above it), that a page
-//! opened later draws the minutes before it (the 429 included), saves a
-//! screenshot (`target/tmp/dashboard.png`; the README shows a copy,
-//! docs/dashboard.png), and that a page whose broker stopped says it has
-//! no data instead of showing the last figures as current. Anything that
-//! cannot be installed fails the test, saying what.
+//! slot held, or batch held back by the reserve of the classes above it),
+//! that a page opened later draws the minutes before it (the 429
+//! included), saves a screenshot (`target/tmp/dashboard.png`; the README
+//! shows a copy, docs/dashboard.png), and that a page whose broker stopped
+//! says it has no data instead of showing the last figures as current.
+//! Anything that cannot be installed fails the test, saying what.
 
 use super::harness::req;
 use super::observe::start;
