@@ -34,7 +34,7 @@ use codec::MAX_MESSAGE_BYTES;
 use fast::FastAcquireLayer;
 use observe::ObserveLayer;
 use overload::GuardLayer;
-pub(crate) use overload::Overload;
+pub(crate) use overload::{Overload, RETRY_AFTER_MS};
 use pb::quota_admin_server::QuotaAdminServer;
 use pb::quota_broker_server::QuotaBrokerServer;
 use std::future::Future;
@@ -53,6 +53,14 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a keepalive PING may go unanswered before the connection is
 /// closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// grpc.health.v1's own name, checked like the others.
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+/// The reflection services, both versions.
+const REFLECTION_SERVICES: [&str; 2] = [
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -146,16 +154,24 @@ pub async fn serve(
         .set_serving::<QuotaBrokerServer<BrokerService>>()
         .await;
     health.set_serving::<QuotaAdminServer<AdminService>>().await;
-    health.set_service_status("", ServingStatus::Serving).await;
+    for service in ["", HEALTH_SERVICE].iter().chain(&REFLECTION_SERVICES) {
+        health
+            .set_service_status(*service, ServingStatus::Serving)
+            .await;
+    }
+    // Each version lists the other too (a client sees every service the
+    // port serves, whichever it asks).
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     // v1alpha too: Python's grpcio-reflection, Postman and older
     // grpcurl/grpcui ask only for it.
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
@@ -170,9 +186,11 @@ pub async fn serve(
             health
                 .set_not_serving::<QuotaAdminServer<AdminService>>()
                 .await;
-            health
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
+            for service in ["", HEALTH_SERVICE].iter().chain(&REFLECTION_SERVICES) {
+                health
+                    .set_service_status(*service, ServingStatus::NotServing)
+                    .await;
+            }
             token.cancel();
             let _ = draining_tx.send(());
         }

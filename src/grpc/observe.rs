@@ -1,14 +1,17 @@
 //! What every RPC leaves behind: a request id (the caller's `x-request-id`
 //! when it is short and plain, else a new one) on a tracing span, so every
 //! log line of the request carries it, sent back in the `x-request-id`
-//! response metadata; and the call's latency in the metrics.
+//! response metadata; the call's latency in the metrics; and each call
+//! answered with an error status, logged and counted by method and code.
 
 use super::transport::PeerInfo;
 use crate::metrics::Metrics;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::time::Instant;
 use tonic::codegen::http;
 use tower::{Layer, Service};
@@ -21,6 +24,37 @@ const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status
 const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
 /// Longest caller-given request id kept; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 64;
+/// Calls shed under overload or turned away while shutting down are
+/// logged at info at most once this often (with how many there were),
+/// the rest at debug: a line each would cost most when the broker has
+/// least to spare.
+const SHED_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// When a shed call was last logged at info, and how many since.
+#[derive(Debug)]
+struct ShedLog {
+    since: Instant,
+    /// Milliseconds after `since` of the last info line, plus one (0: none
+    /// yet).
+    last_ms: AtomicU64,
+    unlogged: AtomicU64,
+}
+
+impl ShedLog {
+    /// How many calls this line speaks for, if this one is to be logged at
+    /// info.
+    fn take(&self) -> Option<u64> {
+        self.unlogged.fetch_add(1, Ordering::Relaxed);
+        let now = crate::clock::millis(self.since.elapsed()) + 1;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= crate::clock::millis(SHED_LOG_EVERY);
+        (due && self
+            .last_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok())
+        .then(|| self.unlogged.swap(0, Ordering::Relaxed).max(1))
+    }
+}
 
 /// The caller's request id if it is 1–64 characters of `[A-Za-z0-9._:-]`.
 fn given_id(value: &http::HeaderValue) -> Option<&str> {
@@ -50,12 +84,20 @@ fn new_id() -> http::HeaderValue {
 #[derive(Clone)]
 pub(crate) struct ObserveLayer {
     metrics: Option<Arc<Metrics>>,
+    shed: Arc<ShedLog>,
 }
 
 impl ObserveLayer {
     /// Times calls into `metrics` (when on).
     pub(crate) fn new(metrics: Option<Arc<Metrics>>) -> ObserveLayer {
-        ObserveLayer { metrics }
+        ObserveLayer {
+            metrics,
+            shed: Arc::new(ShedLog {
+                since: Instant::now(),
+                last_ms: AtomicU64::new(0),
+                unlogged: AtomicU64::new(0),
+            }),
+        }
     }
 }
 
@@ -66,6 +108,7 @@ impl<S> Layer<S> for ObserveLayer {
         Observe {
             inner,
             metrics: self.metrics.clone(),
+            shed: self.shed.clone(),
         }
     }
 }
@@ -75,6 +118,7 @@ impl<S> Layer<S> for ObserveLayer {
 pub(crate) struct Observe<S> {
     inner: S,
     metrics: Option<Arc<Metrics>>,
+    shed: Arc<ShedLog>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -122,10 +166,16 @@ where
         );
         let call = self.inner.call(req).instrument(span.clone());
         let metrics = self.metrics.clone();
+        let shed = self.shed.clone();
         Box::pin(async move {
             let mut r = call.await;
             if let Ok(response) = &mut r {
-                log_refusal(&span, response.headers());
+                if let Some(code) = refusal(response.headers()) {
+                    log_refusal(&span, response.headers(), code, &shed);
+                    if let Some(m) = &metrics {
+                        m.refused(method, code);
+                    }
+                }
                 response.headers_mut().insert(REQUEST_ID, id);
             }
             if let Some(m) = metrics {
@@ -136,20 +186,21 @@ where
     }
 }
 
-/// Logs a call answered with an error status (a trailers-only answer: how
-/// the broker answers every refusal), with the request id the caller got
-/// back, so that id leads to a line. The message is the broker's own,
-/// bounded. An error in a stream's trailers is logged where it happens.
-fn log_refusal(span: &tracing::Span, headers: &http::HeaderMap) {
-    let Some(code) = headers.get(&GRPC_STATUS).and_then(|v| v.to_str().ok()) else {
-        return;
-    };
-    if code == "0" {
-        return;
-    }
-    let code = code
-        .parse::<i32>()
-        .map_or(tonic::Code::Unknown, tonic::Code::from_i32);
+/// The error code of a call answered with an error status (a
+/// trailers-only answer: how the broker answers every refusal); `None` for
+/// an answer that goes on to a body. An error in a stream's trailers is
+/// logged where it happens.
+fn refusal(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    let code = headers.get(&GRPC_STATUS).and_then(|v| v.to_str().ok())?;
+    (code != "0").then(|| {
+        code.parse::<i32>()
+            .map_or(tonic::Code::Unknown, tonic::Code::from_i32)
+    })
+}
+
+/// Logs a refused call with the request id the caller got back, so that id
+/// leads to a line. The message is the broker's own, bounded.
+fn log_refusal(span: &tracing::Span, headers: &http::HeaderMap, code: tonic::Code, shed: &ShedLog) {
     let message = headers
         .get(&GRPC_MESSAGE)
         .and_then(|v| v.to_str().ok())
@@ -161,10 +212,16 @@ fn log_refusal(span: &tracing::Span, headers: &http::HeaderMap) {
         .unwrap_or_default();
     span.in_scope(|| match code {
         // Shed under overload, or sent elsewhere (shutting down, not the
-        // leader): a line each would cost most when the broker has least.
-        tonic::Code::ResourceExhausted | tonic::Code::Unavailable => {
-            tracing::debug!(code = ?code, reason = %message, "refused");
-        }
+        // leader).
+        tonic::Code::ResourceExhausted | tonic::Code::Unavailable => match shed.take() {
+            Some(calls) => tracing::info!(
+                code = ?code,
+                reason = %message,
+                calls_shed_since_last_line = calls,
+                "refused (shed: at most one line every 10 s at info, each call at debug)"
+            ),
+            None => tracing::debug!(code = ?code, reason = %message, "refused"),
+        },
         _ => tracing::info!(code = ?code, reason = %message, "refused"),
     });
 }

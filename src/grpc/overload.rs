@@ -271,12 +271,12 @@ impl Overload {
         };
         let (max, whose) = match caller {
             Caller::Token(i) => match self.tokens.get(i) {
-                Some(b) => (b.max_watch, format!("token {:?}", b.name)),
+                Some(b) => (b.max_watch, format!("token {:?} already has", b.name)),
                 None => return Ok(WatchPermit(None)),
             },
             Caller::Peer(ip) => (
                 self.anonymous_max_watch,
-                format!("callers without a valid token at {ip}"),
+                format!("callers without a valid token at {ip} already hold"),
             ),
         };
         if max == 0 {
@@ -287,7 +287,7 @@ impl Overload {
         if *n >= max {
             return Err(exhausted(
                 format!(
-                    "{whose} already hold {max} Watch streams open (max_watch_streams); \
+                    "{whose} {max} Watch streams or dashboard feeds open (max_watch_streams); \
                      close one first"
                 ),
                 WATCH_RETRY,

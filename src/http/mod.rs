@@ -361,7 +361,19 @@ async fn events(
         .open_watch(&who, Some(&PeerInfo::new(Some(peer), false)))
     {
         Ok(permit) => permit,
-        Err(status) => return refuse(StatusCode::TOO_MANY_REQUESTS, status.message()),
+        Err(status) => {
+            let mut refused = refuse(StatusCode::TOO_MANY_REQUESTS, status.message());
+            // HTTP says when to come back in whole seconds.
+            let ms = status
+                .metadata()
+                .get(crate::grpc::RETRY_AFTER_MS)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .unwrap_or(1_000);
+            refused
+                .headers_mut()
+                .insert(header::RETRY_AFTER, ms.div_ceil(1_000).max(1).into());
+            return refused;
+        }
     };
     let only = tenant.map(str::to_owned);
     let viewer = who.clone();

@@ -42,6 +42,8 @@ struct Sum {
     freezes: u64,
     configured: f64,
     effective: f64,
+    /// The lowest effective / configured of the instances with a rate.
+    lowest_share: Option<f64>,
     learned: Option<f64>,
     /// Some instance has a rate (a token bucket) / a slot limit: the
     /// gauges of a limit the bucket does not have are left out, not 0
@@ -68,6 +70,10 @@ impl Sum {
         self.freezes += b.freezes_total;
         self.configured += b.configured_rate_per_min / 60.0;
         self.effective += b.effective_rate_per_min / 60.0;
+        if b.configured_rate_per_min > 0.0 {
+            let share = b.effective_rate_per_min / b.configured_rate_per_min;
+            self.lowest_share = Some(self.lowest_share.map_or(share, |l| l.min(share)));
+        }
         if let Some(l) = b.learned_limit_per_min {
             *self.learned.get_or_insert(0.0) += l / 60.0;
         }
@@ -198,35 +204,45 @@ impl Collector for BucketCollector {
             e,
             &sums,
             "configured_rate_per_second",
-            "The configured rate (0 without one; a per-OAuth-client bucket's instances summed)",
+            "The configured rate (0 without one; per-OAuth-client buckets: their instances summed)",
             |s| Some(s.configured),
         )?;
         gauges(
             e,
             &sums,
             "effective_rate_per_second",
-            "The rate granted at after what was learned (nothing is granted while frozen or paused)",
+            "The rate granted at after what was learned (nothing is granted while frozen or \
+             paused; per-OAuth-client buckets: their instances summed)",
             |s| Some(s.effective),
         )?;
         gauges(
             e,
             &sums,
+            "effective_rate_lowest_share",
+            "Effective over configured rate of the bucket's most cut instance (per-OAuth-client \
+             buckets: the OAuth client learning cut furthest; buckets with a rate)",
+            |s| s.lowest_share,
+        )?;
+        gauges(
+            e,
+            &sums,
             "learned_rate_per_second",
-            "The limit learned from the upstream's rate-limit headers",
+            "The limit learned from the upstream's rate-limit headers (per-OAuth-client buckets: \
+             their instances' summed)",
             |s| s.learned,
         )?;
         gauges(
             e,
             &sums,
             "tokens",
-            "Permits available now (buckets with a rate)",
+            "Permits available now (buckets with a rate; per-OAuth-client buckets: summed)",
             |s| s.has_rate.then_some(s.tokens),
         )?;
         gauges(
             e,
             &sums,
             "slots_in_flight",
-            "Concurrency slots held (buckets with a slot limit)",
+            "Concurrency slots held (buckets with a slot limit; per-OAuth-client buckets: summed)",
             |s| s.has_slots.then_some(s.in_flight),
         )?;
         gauges(
@@ -241,21 +257,21 @@ impl Collector for BucketCollector {
             e,
             &sums,
             "slots_max",
-            "Concurrency slot limit (buckets with one)",
+            "Concurrency slot limit (buckets with one; per-OAuth-client buckets: summed)",
             |s| s.has_slots.then_some(s.max_in_flight),
         )?;
         gauges(
             e,
             &sums,
             "frozen",
-            "1 while the bucket is frozen after a 429",
+            "1 while the bucket is frozen after a 429 (per-OAuth-client buckets: any of its clients)",
             |s| Some(s.frozen),
         )?;
         gauges(
             e,
             &sums,
             "freeze_remaining_seconds",
-            "Time left of the bucket's freeze",
+            "Time left of the bucket's freeze (per-OAuth-client buckets: the longest)",
             |s| Some(s.freeze_left),
         )?;
         gauges(
@@ -269,7 +285,8 @@ impl Collector for BucketCollector {
             e,
             &sums,
             "throttle_ratio",
-            "Share of reports that were 429s over the ratio window",
+            "Share of reports that were 429s over the ratio window (per-OAuth-client buckets: the \
+             highest of its clients')",
             |s| Some(s.ratio),
         )?;
         gauges(

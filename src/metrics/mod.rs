@@ -141,6 +141,30 @@ const METHODS: [&str; 15] = [
     "/grpc.health.v1.Health/Watch",
 ];
 
+/// A gRPC status code as a label: its name in snake case.
+fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
 /// Upstream status classes of reports.
 const STATUSES: [&str; 6] = ["2xx", "3xx", "4xx", "429", "5xx", "other"];
 
@@ -186,6 +210,9 @@ pub(crate) struct Metrics {
     classes: Vec<String>,
     default_class: usize,
     rpc: Vec<Histogram>,
+    /// Per method and status code, created at the first refusal of each
+    /// (refusals are off the hot path; most pairs never happen).
+    refusals: Family<Labels, Counter>,
     watch_streams: Gauge,
 }
 
@@ -208,6 +235,7 @@ impl Metrics {
         let rpc = Family::<Labels, Histogram>::new_with_constructor(
             (|| Histogram::new(time_buckets())) as fn() -> Histogram,
         );
+        let refusals = Family::<Labels, Counter>::default();
         let watch_streams = Gauge::default();
         registry.register(
             "grants",
@@ -233,6 +261,13 @@ impl Metrics {
             "rpc_duration_seconds",
             "gRPC call latency in the broker until the response starts, per method (streams: until they open)",
             rpc.clone(),
+        );
+        registry.register(
+            "rpc_refusals",
+            "gRPC calls answered with an error status, per method and code (resource_exhausted: \
+             shed under overload; unavailable: shutting down or not the leader; \
+             unauthenticated, permission_denied: tokens)",
+            refusals.clone(),
         );
         registry.register(
             "watch_streams",
@@ -340,6 +375,7 @@ impl Metrics {
             classes,
             default_class,
             rpc,
+            refusals,
             watch_streams,
         }
     }
@@ -429,6 +465,16 @@ impl Metrics {
         if let Some(h) = self.rpc.get(method) {
             h.observe(took.as_secs_f64());
         }
+    }
+
+    /// An RPC of method index `method` was answered with the error `code`.
+    pub(crate) fn refused(&self, method: usize, code: tonic::Code) {
+        self.refusals
+            .get_or_create(&vec![
+                ("method", Metrics::method_name(method).to_owned()),
+                ("code", code_label(code).to_owned()),
+            ])
+            .inc();
     }
 
     /// Counts an open Watch stream or event feed until the guard drops.

@@ -4,7 +4,7 @@
 use super::harness::req;
 use quota_broker::pb::quota_admin_client::QuotaAdminClient;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
-use quota_broker::pb::{AcquireResponse, ReportRequest};
+use quota_broker::pb::{AcquireResponse, ListBucketsRequest, ReportRequest};
 use quota_broker::{Listeners, Settings};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -341,6 +341,72 @@ async fn a_buckets_totals_keep_what_its_dropped_instances_counted() {
         "a counter went down:\n{}",
         m.body
     );
+    b.stop().await;
+}
+
+/// A per-OAuth-client bucket's rates are its clients' summed, and the
+/// most cut client is exported apart: the sum hides one client cut to a
+/// fraction among many at their full rate.
+#[tokio::test]
+async fn a_per_client_buckets_most_cut_client_is_exported() {
+    let b = start(
+        "[server]\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\n\
+         name = \"pc\"\nscope = \"oauth_client\"\nroutes = [\"GET /q\"]\npermits = 60\n\
+         window_ms = 60000\n",
+    )
+    .await;
+    let mut client = b.client();
+    for oauth in ["a", "b", "c"] {
+        let mut r = req("GET", "/q", 0);
+        r.oauth_client = oauth.into();
+        let g = client.acquire(r).await.unwrap().into_inner();
+        assert!(g.granted, "{}", g.reason);
+    }
+    // Client a's 429 without a Retry-After cuts its instance alone.
+    client
+        .report(ReportRequest {
+            tenant: "t".into(),
+            method: "GET".into(),
+            path: "/q".into(),
+            oauth_client: "a".into(),
+            http_status: 429,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let listed = QuotaAdminClient::new(b.channel.clone())
+        .list_buckets(ListBucketsRequest { tenant: "t".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .buckets;
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    let share =
+        |s: &quota_broker::pb::QuotaStatus| s.effective_rate_per_min / s.configured_rate_per_min;
+    let lowest = listed.iter().map(share).fold(f64::INFINITY, f64::min);
+    let summed = listed.iter().map(|s| s.effective_rate_per_min).sum::<f64>()
+        / listed
+            .iter()
+            .map(|s| s.configured_rate_per_min)
+            .sum::<f64>();
+    assert!(lowest < 1.0, "the 429 cut nothing: {listed:?}");
+    let m = get(b.http, "/metrics", &[]).await.body;
+    let at = |name: &str| {
+        sample(
+            &m,
+            &format!("quota_broker_{name}{{tenant=\"t\",bucket=\"pc\"}}"),
+        )
+        .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+    };
+    assert!(
+        (at("effective_rate_lowest_share") - lowest).abs() < 1e-9,
+        "{m}"
+    );
+    assert!(
+        (at("effective_rate_per_second") / at("configured_rate_per_second") - summed).abs() < 1e-9,
+        "{m}"
+    );
+    assert!(summed > lowest + 0.05, "{summed} {lowest}");
     b.stop().await;
 }
 
@@ -1152,6 +1218,13 @@ async fn a_token_holds_at_most_its_watch_streams_of_event_feeds() {
     let over = get(b.http, "/events", &auth).await;
     assert_eq!(over.status, 429, "{}", over.body);
     assert!(over.body.contains("max_watch_streams"), "{}", over.body);
+    assert!(
+        over.body
+            .contains("\"t-reader\" already has 2 Watch streams"),
+        "{}",
+        over.body
+    );
+    assert_eq!(over.header("retry-after"), Some("1"), "{:?}", over.headers);
     // A feed that ends gives its place back.
     drop(feed);
     let reopened = tokio::time::timeout(LIMIT, async {
@@ -1196,12 +1269,15 @@ async fn reflection_answers_v1alpha_and_v1() {
         "quota.v1.QuotaBroker",
         "quota.v1.QuotaAdmin",
         "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
     ] {
         assert!(names.contains(&name), "{name} not in {names:?}");
     }
 
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient as V1;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     let mut v1 = V1::new(b.channel.clone());
     let ask = ServerReflectionRequest {
@@ -1213,7 +1289,70 @@ async fn reflection_answers_v1alpha_and_v1() {
         .await
         .expect("v1 reflection is still served")
         .into_inner();
-    assert!(answers.message().await.unwrap().is_some());
+    let answer = answers.message().await.unwrap().expect("one answer");
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("not a service list: {answer:?}");
+    };
+    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for name in [
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(names.contains(&name), "{name} not in {names:?}");
+    }
+    b.stop().await;
+}
+
+/// Calls shed under overload are counted by method and code (they are
+/// logged at info only once every 10 s).
+#[tokio::test]
+async fn shed_calls_are_counted_by_method_and_code() {
+    let capped = format!(
+        "{}max_requests_per_sec = 2\n[overload]\nexempt_loopback = false\n",
+        tokens_config()
+    );
+    let b = start(&config(&capped)).await;
+    let mut admin = QuotaAdminClient::new(b.channel.clone());
+    let mut shed = 0;
+    for _ in 0..10 {
+        let asked = ListBucketsRequest { tenant: "t".into() };
+        match admin.list_buckets(with_token(asked, TOKEN)).await {
+            Ok(_) => {}
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => shed += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(
+        shed >= 5,
+        "only {shed} of 10 calls at once over 2 a second were shed"
+    );
+    // A refusal of another kind, counted apart.
+    let other = admin
+        .list_buckets(with_token(ListBucketsRequest { tenant: "u".into() }, TOKEN))
+        .await
+        .unwrap_err();
+    let denied = match other.code() {
+        tonic::Code::PermissionDenied => "permission_denied",
+        tonic::Code::ResourceExhausted => {
+            shed += 1;
+            ""
+        }
+        code => panic!("{code:?}: {other}"),
+    };
+    let text = get(b.http, "/metrics", &[]).await.body;
+    let series = |code: &str| {
+        format!(
+            "quota_broker_rpc_refusals_total{{method=\"/quota.v1.QuotaAdmin/ListBuckets\",code=\"{code}\"}}"
+        )
+    };
+    assert_eq!(
+        sample(&text, &series("resource_exhausted")),
+        Some(f64::from(shed)),
+        "{text}"
+    );
+    if !denied.is_empty() {
+        assert_eq!(sample(&text, &series(denied)), Some(1.0), "{text}");
+    }
     b.stop().await;
 }
 
@@ -1225,7 +1364,14 @@ async fn health_is_reported_per_service() {
 
     let b = start(&config("")).await;
     let mut health = HealthClient::new(b.channel.clone());
-    for service in ["", "quota.v1.QuotaBroker", "quota.v1.QuotaAdmin"] {
+    for service in [
+        "",
+        "quota.v1.QuotaBroker",
+        "quota.v1.QuotaAdmin",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
         let r = health
             .check(HealthCheckRequest {
                 service: service.into(),
