@@ -5,7 +5,7 @@
 //! binding 127.0.0.1:0 and dropping it, as loadgen does, or the
 //! quota-broker library in this process). Children are
 //! killed when dropped (`kill_on_drop`, and their stdin closes, which also
-//! stops gcsim); their config and log live in the run's temporary directory.
+//! stops gcsim), which `main` makes happen on SIGINT/SIGTERM too; their config and log live in the run's temporary directory.
 //! For chaos the broker child keeps a state directory there too, and can be
 //! SIGKILLed and started again on the same address, config and state.
 

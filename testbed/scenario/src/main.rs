@@ -25,6 +25,9 @@
 //! - `report`: the table, the JSON, the broker's targets.
 //! - `matrix`: `--matrix`: upstream files × seeds, a few figures per cell.
 //!
+//! Stopping: SIGINT or SIGTERM drops the run (every child process is
+//! killed, the temporary directory removed) and exits 130 or 143.
+//!
 //! Time: everything the table shows is simulated time; real time is
 //! simulated time divided by `--time-scale`, in the simulator and in the
 //! broker's config alike, so the dynamics do not depend on the scale.
@@ -50,6 +53,7 @@ mod trace;
 mod upstream;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
@@ -89,15 +93,84 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(output(&spec)) {
-        Ok(text) => {
+    let outcome = runtime.block_on(until_stopped(output(&spec)));
+    // A stop drops the run's future (its children's handles kill them,
+    // its temporary directory goes); tasks still holding a child are
+    // dropped here, and a blocking start (etcd) is waited for, bounded.
+    runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
+    match outcome {
+        Stopped::Finished(Ok(text)) => {
             print!("{text}");
             ExitCode::SUCCESS
         }
-        Err(e) => {
+        Stopped::Finished(Err(e)) => {
             eprintln!("scenario: {e}");
             ExitCode::FAILURE
         }
+        Stopped::Signal(signal) => {
+            eprintln!(
+                "scenario: stopped by {}; its children are stopped and its temporary \
+                 directory removed",
+                signal.name()
+            );
+            ExitCode::from(signal.exit_code())
+        }
+        Stopped::NoSignalHandler(e) => {
+            eprintln!("scenario: cannot handle SIGINT/SIGTERM: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// How long, after a stop, tasks and blocking starts may take to finish.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A signal that stops a run.
+#[derive(Clone, Copy, Debug)]
+enum StopSignal {
+    Interrupt,
+    Terminate,
+}
+
+impl StopSignal {
+    fn name(self) -> &'static str {
+        match self {
+            StopSignal::Interrupt => "SIGINT",
+            StopSignal::Terminate => "SIGTERM",
+        }
+    }
+
+    /// 128 + the signal's number, as a shell reports it.
+    fn exit_code(self) -> u8 {
+        match self {
+            StopSignal::Interrupt => 130,
+            StopSignal::Terminate => 143,
+        }
+    }
+}
+
+/// How a run ended.
+enum Stopped<T> {
+    Finished(T),
+    Signal(StopSignal),
+    NoSignalHandler(std::io::Error),
+}
+
+/// Runs `work` until it finishes or SIGINT/SIGTERM arrives; on a signal
+/// `work` is dropped.
+async fn until_stopped<T>(work: impl std::future::Future<Output = T>) -> Stopped<T> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut interrupt, mut terminate) = match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(i), Ok(t)) => (i, t),
+        (Err(e), _) | (_, Err(e)) => return Stopped::NoSignalHandler(e),
+    };
+    tokio::select! {
+        out = work => Stopped::Finished(out),
+        _ = interrupt.recv() => Stopped::Signal(StopSignal::Interrupt),
+        _ = terminate.recv() => Stopped::Signal(StopSignal::Terminate),
     }
 }
 

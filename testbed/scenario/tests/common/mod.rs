@@ -99,3 +99,20 @@ pub fn f64_at(v: &Value, path: &[&str]) -> f64 {
 pub fn not_stored(mode: &Value, kind: &str) -> f64 {
     f64_at(mode, &["records", kind, "lost"]) + f64_at(mode, &["records", kind, "unfinished"])
 }
+
+/// The gcsim binary of this build, next to the test's own `deps/` (`cargo
+/// test -p gcsim` and `cargo build -p gcsim` put it there).
+pub fn gcsim_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test runs from <target>/<profile>/deps");
+    let bin = dir.join(format!("gcsim{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "no gcsim binary at {}: run `cargo build -p gcsim` first",
+        bin.display()
+    );
+    bin
+}
