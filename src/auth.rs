@@ -22,6 +22,9 @@ use sha2::{Digest, Sha256};
 /// A SHA-256 digest.
 type Hash = [u8; 32];
 
+/// Longest token name.
+const MAX_NAME_CHARS: usize = 64;
+
 /// The tenant list entry that means "every tenant".
 const ALL_TENANTS: &str = "*";
 
@@ -99,6 +102,11 @@ impl TokenSettings {
         &self.name
     }
 
+    /// The SHA-256 of the token.
+    pub(crate) fn hash(&self) -> [u8; 32] {
+        self.hash
+    }
+
     /// Its own request rate, if set (0: no limit).
     pub(crate) fn max_requests_per_sec(&self) -> Option<u32> {
         self.max_requests_per_sec
@@ -118,6 +126,14 @@ impl RawToken {
         let before = problems.len();
         if self.name.trim().is_empty() {
             problems.push(format!("{at}: name must not be empty"));
+        }
+        // The name is on every log line of the token's calls.
+        if self.name.chars().count() > MAX_NAME_CHARS {
+            problems.push(format!(
+                "{at}: name is {} characters; at most {MAX_NAME_CHARS} (it names the token's \
+                 holder on every log line of its calls)",
+                self.name.chars().count()
+            ));
         }
         // Never echo the value: a plain token pasted here by mistake must not
         // end up in logs.

@@ -30,6 +30,7 @@ pub(super) fn read<T: DeserializeOwned>(mut doc: toml::Value) -> Result<T, Confi
                     "." | "" => String::new(),
                     at => at.to_owned(),
                 };
+                let what = &clip_quoted(what);
                 let set_aside = what
                     .strip_prefix("missing field `")
                     .and_then(|rest| rest.strip_suffix('`'))
@@ -45,7 +46,7 @@ pub(super) fn read<T: DeserializeOwned>(mut doc: toml::Value) -> Result<T, Confi
                     problems.push(if at.is_empty() {
                         what.to_owned()
                     } else {
-                        format!("{at}: {what}")
+                        format!("{}: {what}", clip_path(&path))
                     });
                 }
                 removed.push(at);
@@ -56,6 +57,65 @@ pub(super) fn read<T: DeserializeOwned>(mut doc: toml::Value) -> Result<T, Confi
         }
     }
     Err(ConfigError { problems })
+}
+
+/// Longest key shown in a problem: a key is input, and a 5,000-character
+/// one must not make a 5,000-character line.
+const KEY_CHARS: usize = 64;
+
+/// `key` as a problem shows it: as is, or cut after [`KEY_CHARS`].
+fn clip_key(key: &str) -> String {
+    match key.char_indices().nth(KEY_CHARS) {
+        None => key.to_owned(),
+        Some((end, _)) => format!("{}…", &key[..end]),
+    }
+}
+
+/// The path as serde_path_to_error writes it (`tenants[0].buckets`),
+/// each key clipped.
+fn clip_path(path: &Path) -> String {
+    let mut out = String::new();
+    for s in path.iter() {
+        match s {
+            Segment::Map { key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(&clip_key(key));
+            }
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Enum { variant } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(&clip_key(variant));
+            }
+            Segment::Unknown => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push('?');
+            }
+        }
+    }
+    out
+}
+
+/// serde's message with every `quoted` name in it clipped (an unknown
+/// field's name is the input's).
+fn clip_quoted(message: &str) -> String {
+    message
+        .split('`')
+        .enumerate()
+        .map(|(i, part)| {
+            if i % 2 == 1 {
+                clip_key(part)
+            } else {
+                part.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("`")
 }
 
 /// Removes the value at `path` from `doc`; false if there is nothing

@@ -888,6 +888,16 @@ mod tests {
     }
 
     #[test]
+    fn a_long_unknown_key_is_clipped_where_it_is_named() {
+        let key = "k".repeat(5_000);
+        let err = Settings::from_toml(&format!("[server]\n{key} = 1\n")).unwrap_err();
+        let all = err.to_string();
+        assert!(all.len() < 1_000, "{} bytes: {all}", all.len());
+        assert!(all.contains(&format!("server.{}…", &key[..64])), "{all}");
+        assert!(all.contains("expected one of `listen`"), "{all}");
+    }
+
+    #[test]
     fn env_overrides_a_key_of_the_default() {
         let env = [(
             "QUOTA_BROKER__SERVER__LISTEN".to_owned(),
@@ -949,6 +959,44 @@ mod tests {
                 .any(|p| p.contains("missing field `role`")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_token_listed_twice_is_a_problem_and_a_name_is_short() {
+        let token = |name: &str, role: &str, tenants: &str| {
+            format!(
+                "[[auth.tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\nrole = \"{role}\"\n\
+                 tenants = {tenants}\n",
+                crate::auth::hash_token("s3cret")
+            )
+        };
+        let tenants = "[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\n\
+                       routes = [\"* /**\"]\nmax_in_flight = 1\n";
+        let twice = format!(
+            "{}{}{tenants}",
+            token("ops", "admin", "[\"*\"]"),
+            token("wallboard", "client", "[\"t\"]")
+        );
+        let err = Settings::from_toml(&twice).unwrap_err();
+        assert_eq!(
+            err.problems,
+            ["auth.tokens[1] (\"wallboard\"): the same sha256 as auth.tokens[0]; a token has one \
+              entry (two holders need two tokens)"]
+        );
+        let long = "n".repeat(3_000);
+        let err = Settings::from_toml(&format!("{}{tenants}", token(&long, "client", "[\"t\"]")))
+            .unwrap_err();
+        let all = err.to_string();
+        assert!(all.contains("name is 3000 characters; at most 64"), "{all}");
+        assert!(all.len() < 500, "{all}");
+        // One name, two tokens: a rotation.
+        let rotation = format!(
+            "{}[[auth.tokens]]\nname = \"ops\"\nsha256 = \"{}\"\nrole = \"admin\"\n\
+             tenants = [\"*\"]\n{tenants}",
+            token("ops", "admin", "[\"*\"]"),
+            crate::auth::hash_token("n3w-s3cret")
+        );
+        assert!(Settings::from_toml(&rotation).is_ok());
     }
 
     #[test]

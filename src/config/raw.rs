@@ -13,7 +13,7 @@ use crate::error::clip;
 use crate::learning::LearnSettings;
 use crate::limits::Route;
 use serde::Deserialize;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -288,21 +288,34 @@ impl RawConfig {
             problems.push("scheduling.max_waiters_per_bucket must be at least 1".into());
         }
         let tenant_ids: HashSet<&str> = self.tenants.iter().map(|t| t.id.as_str()).collect();
-        let tokens: Vec<TokenSettings> = self
+        let tokens: Vec<(usize, TokenSettings)> = self
             .auth
             .tokens
             .into_iter()
             .enumerate()
             .filter_map(|(i, t)| {
-                let at = format!("auth.tokens[{i}] ({:?})", t.name);
+                let at = format!("auth.tokens[{i}] ({})", clip(&t.name));
                 for tenant in &t.tenants {
                     if tenant != "*" && !tenant_ids.contains(tenant.as_str()) {
-                        problems.push(format!("{at}: tenant {tenant:?} is not configured"));
+                        problems.push(format!("{at}: tenant {} is not configured", clip(tenant)));
                     }
                 }
-                t.validate(&at, &mut problems)
+                Some((i, t.validate(&at, &mut problems)?))
             })
             .collect();
+        // One token, one role and one tenant list: a hash listed twice
+        // would leave which entry a caller runs as to the order of the file.
+        let mut first_of: HashMap<[u8; 32], usize> = HashMap::new();
+        for (i, t) in &tokens {
+            if let Some(first) = first_of.insert(t.hash(), *i) {
+                problems.push(format!(
+                    "auth.tokens[{i}] ({}): the same sha256 as auth.tokens[{first}]; a token \
+                     has one entry (two holders need two tokens)",
+                    clip(t.name())
+                ));
+            }
+        }
+        let tokens: Vec<TokenSettings> = tokens.into_iter().map(|(_, t)| t).collect();
         if tokens.is_empty() && !server.listen.ip().is_loopback() {
             problems.push(format!(
                 "server.listen {} is not a loopback address but no [[auth.tokens]] are configured; \
@@ -380,17 +393,28 @@ impl RawConfig {
     }
 }
 
+/// Longest `server.shutdown_grace_ms`.
+const MAX_SHUTDOWN_GRACE_MS: u64 = 3_600_000;
+
 impl RawServer {
     fn validate(self, problems: &mut Vec<String>) -> ServerSettings {
         let listen = self.listen.parse().unwrap_or_else(|e| {
             problems.push(format!(
-                "server.listen {:?} is not an IP:port address ({e})",
-                self.listen
+                "server.listen {} is not an IP:port address ({e})",
+                clip(&self.listen)
             ));
             SocketAddr::from(([127, 0, 0, 1], 0))
         });
         if self.max_lease_ttl_ms == 0 {
             problems.push("server.max_lease_ttl_ms must be above 0".into());
+        }
+        // A drain longer than this is no drain: an orchestrator has long
+        // since killed the process, and a typo must not hold a stop.
+        if self.shutdown_grace_ms > MAX_SHUTDOWN_GRACE_MS {
+            problems.push(format!(
+                "server.shutdown_grace_ms {} is over an hour ({MAX_SHUTDOWN_GRACE_MS})",
+                self.shutdown_grace_ms
+            ));
         }
         if !HANDSHAKE_TIMEOUT_MS.contains(&self.handshake_timeout_ms) {
             problems.push(format!(

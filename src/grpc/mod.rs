@@ -116,8 +116,11 @@ pub async fn serve(
     let (broker, drivers) = Broker::start(settings, token.clone(), metrics.clone());
     let auth = Authenticator::new(settings.tokens.clone());
     if auth.is_open() {
+        // The address bound (an embedding caller may bind another port
+        // than the config's).
+        let listen = listener.local_addr().map_or(settings.server.listen, |a| a);
         tracing::warn!(
-            listen = %settings.server.listen,
+            %listen,
             "no [[auth.tokens]] configured: running OPEN (no authentication), allowed on loopback only"
         );
     }

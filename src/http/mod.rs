@@ -23,6 +23,7 @@ use crate::auth::{AuthError, Authenticator};
 use crate::broker::{Broker, TenantBucketStatus};
 use crate::clock::{millis, Clock};
 use crate::grpc::{Overload, PeerInfo};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -338,8 +339,20 @@ async fn events(
     State(http): State<Http>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    Query(q): Query<EventsQuery>,
+    q: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "{}: /events takes ?tenant=ID and ?token=TOKEN, each at most once",
+                    crate::error::clip_plain(&e.body_text())
+                ),
+            )
+        }
+    };
     let who = match caller(&http, peer, &headers, &q.token) {
         Ok(who) => who,
         Err(refused) => return *refused,

@@ -5,6 +5,7 @@
 //! number of whole segments. The method is an exact, case-insensitive HTTP
 //! method or `*` for any.
 
+use crate::error::clip;
 use std::fmt;
 
 /// One parsed route pattern, e.g. `POST /api/v2/analytics/**/query`.
@@ -23,11 +24,17 @@ pub enum RouteError {
     #[error("expected \"METHOD /path/glob\", e.g. \"POST /api/v2/analytics/**/query\"")]
     Shape,
     /// Method is not a token of letters.
-    #[error("method {0:?} is not an HTTP method or \"*\"")]
+    #[error("method {0} is not an HTTP method or \"*\"")]
     Method(String),
     /// Path does not start with `/`.
-    #[error("path {0:?} must start with '/'")]
+    #[error("path {0} must start with '/'")]
     Path(String),
+    /// `**` that is not a whole path segment.
+    #[error(
+        "path {0}: \"**\" must be a whole path segment (\"/a/**/b\"); within a segment, \
+         \"*\" matches any characters"
+    )]
+    Glob(String),
 }
 
 impl Route {
@@ -39,11 +46,16 @@ impl Route {
         };
         let method = match method {
             "*" => None,
+            // Letters: an HTTP method, or a name of the caller's own for a
+            // slot that is no HTTP call (`JOB` for an ingestion job).
             m if m.chars().all(|c| c.is_ascii_alphabetic()) => Some(m.to_ascii_uppercase()),
-            m => return Err(RouteError::Method(m.to_owned())),
+            m => return Err(RouteError::Method(clip(m))),
         };
         if !glob.starts_with('/') {
-            return Err(RouteError::Path(glob.to_owned()));
+            return Err(RouteError::Path(clip(glob)));
+        }
+        if glob.split('/').any(|seg| seg.contains("**") && seg != "**") {
+            return Err(RouteError::Glob(clip(glob)));
         }
         Ok(Route {
             method,
@@ -293,12 +305,26 @@ mod tests {
     #[test]
     fn bad_patterns_are_explained() {
         assert_eq!(Route::parse("/api"), Err(RouteError::Shape));
-        assert_eq!(Route::parse("GET api"), Err(RouteError::Path("api".into())));
         assert_eq!(
-            Route::parse("G3T /api"),
-            Err(RouteError::Method("G3T".into()))
+            Route::parse("GET api"),
+            Err(RouteError::Path("\"api\"".into()))
         );
+        for method in ["G3T", "GET/"] {
+            assert_eq!(
+                Route::parse(&format!("{method} /api")),
+                Err(RouteError::Method(format!("{method:?}")))
+            );
+        }
         assert_eq!(Route::parse("GET /a /b"), Err(RouteError::Shape));
+        for glob in ["/a/***/b", "/a/**x/b", "/a**"] {
+            assert_eq!(
+                Route::parse(&format!("GET {glob}")),
+                Err(RouteError::Glob(format!("{glob:?}")))
+            );
+        }
+        assert!(Route::parse("patch /a/**").is_ok());
+        let long = Route::parse(&format!("GET {}", "x".repeat(5_000))).unwrap_err();
+        assert!(long.to_string().len() < 300, "{long}");
     }
 
     #[test]

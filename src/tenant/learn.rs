@@ -262,7 +262,12 @@ impl TenantState {
                 Learned::Frozen { until } => tracing::info!(
                     %tenant, %bucket, oauth_client = x.oauth_client.as_deref().unwrap_or(""),
                     frozen_ms = millis(until.saturating_duration_since(now)),
-                    "upstream answered 429: bucket frozen for the whole tenant"
+                    "upstream answered 429: bucket frozen for {}",
+                    match x.oauth_client.as_deref() {
+                        None => "every caller of the tenant",
+                        Some("") => "the callers that name no OAuth client",
+                        Some(_) => "this OAuth client",
+                    }
                 ),
                 Learned::Cut { from, to, why } => tracing::info!(
                     %tenant, %bucket, from_per_min = from, to_per_min = to,

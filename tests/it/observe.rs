@@ -426,6 +426,14 @@ async fn an_open_brokers_event_feed_answers_only_localhost_or_an_ip() {
     let r = get(b.http, "/events", &[("Host", "attacker.example:9464")]).await;
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.body.contains("DNS"), "{}", r.body);
+    // A query the feed cannot read says what it takes.
+    let r = get(b.http, "/events?tenant=t&tenant=u", &[]).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.body.contains("duplicate field") && r.body.contains("each at most once"),
+        "{}",
+        r.body
+    );
     b.stop().await;
 }
 

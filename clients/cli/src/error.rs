@@ -142,8 +142,8 @@ impl Error {
     /// This error without the broker's URL, for a list of brokers tried.
     pub fn without_url(&self) -> String {
         match self {
-            Error::Unreachable { detail, .. } => {
-                format!("unreachable: {}{}", one_line(detail), tls_hint(detail))
+            Error::Unreachable { url, detail } => {
+                format!("unreachable: {}{}", one_line(detail), tls_hint(url, detail))
             }
             Error::Lost { detail, .. } => format!("connection lost: {}", one_line(detail)),
             Error::Timeout { secs, .. } => format!("no answer within {secs}s"),
@@ -154,8 +154,22 @@ impl Error {
 
 /// What to do about a TLS handshake the client refused, by rustls's words
 /// for it ("" for anything else).
-fn tls_hint(detail: &str) -> &'static str {
-    if detail.contains("not valid for name") {
+fn tls_hint(url: &str, detail: &str) -> &'static str {
+    if url.starts_with("https://")
+        && [
+            "reset",
+            "InvalidContentType",
+            "corrupt message",
+            "unexpected EOF",
+            "close_notify",
+        ]
+        .iter()
+        .any(|w| detail.contains(w))
+    {
+        // A plaintext broker answers a TLS ClientHello with HTTP/2 bytes or
+        // by closing the connection.
+        " (does the broker serve TLS on this port? one without [server.tls] needs an http:// URL)"
+    } else if detail.contains("not valid for name") {
         " (connect by a name the certificate has, or give one with --tls-server-name)"
     } else if detail.contains("UnknownIssuer") {
         " (no CA trusted here signed the broker's certificate: --ca-cert with the CA that did)"
@@ -174,15 +188,17 @@ impl fmt::Display for Error {
             Error::Unreachable { url, detail } => {
                 write!(
                     f,
-                    "cannot reach the broker at {url}: {}{}",
+                    "cannot reach the broker at {}: {}{}",
+                    short(url),
                     one_line(detail),
-                    tls_hint(detail)
+                    tls_hint(url, detail)
                 )
             }
             Error::Lost { url, detail } => {
                 write!(
                     f,
-                    "lost the connection to the broker at {url}: {}",
+                    "lost the connection to the broker at {}: {}",
+                    short(url),
                     one_line(detail)
                 )?;
                 // A broker with [server.tls] drops a plaintext client during
@@ -222,13 +238,19 @@ impl fmt::Display for Error {
                 }
             }
             Error::Timeout { url, secs } => {
-                write!(f, "the broker at {url} did not answer within {secs}s")
+                write!(f, "the broker at {} did not answer within {secs}s", short(url))
             }
             Error::BadToken => write!(
                 f,
                 "the token contains characters that cannot be sent in gRPC metadata (printable ASCII only)"
             ),
-            Error::Tls(detail) => write!(f, "TLS: {}", one_line(detail)),
+            Error::Tls(detail) => {
+                write!(f, "TLS: {}", one_line(detail))?;
+                if detail.contains("KeyMismatch") || detail.contains("keys may not be consistent") {
+                    write!(f, " (--client-key is not the key of --client-cert)")?;
+                }
+                Ok(())
+            }
             Error::Output(e) => write!(f, "cannot write the output: {}", one_line(&e.to_string())),
             Error::NoBroker { tenant, tried } => {
                 match tenant {
@@ -237,7 +259,7 @@ impl fmt::Display for Error {
                 }
                 for (i, (url, e)) in tried.iter().enumerate() {
                     let sep = if i == 0 { "" } else { ", " };
-                    write!(f, "{sep}{url} ({})", e.without_url())?;
+                    write!(f, "{sep}{} ({})", short(url), e.without_url())?;
                 }
                 Ok(())
             }
@@ -321,11 +343,33 @@ fn strip_os_error(s: &str) -> String {
 
 /// Collapses line breaks so an error is always one line.
 fn one_line(s: &str) -> String {
-    s.split(['\n', '\r'])
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ")
+    clip(
+        &s.split(['\n', '\r'])
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; "),
+        DETAIL_CHARS,
+    )
+}
+
+/// Most characters of a URL shown: it is what was typed.
+const URL_CHARS: usize = 200;
+/// Most characters of an error's own words shown (a resolver's echoes the
+/// host name it was given, however long).
+const DETAIL_CHARS: usize = 1_000;
+
+/// `s` as an error shows it: as is, or cut after `most` characters.
+fn clip(s: &str, most: usize) -> String {
+    match s.char_indices().nth(most) {
+        None => s.to_owned(),
+        Some((end, _)) => format!("{}… ({} bytes)", &s[..end], s.len()),
+    }
+}
+
+/// A broker URL as an error shows it.
+fn short(url: &str) -> String {
+    clip(url, URL_CHARS)
 }
 
 #[cfg(test)]
@@ -435,6 +479,39 @@ mod tests {
         );
         assert!(Error::status("x", tonic::Status::unavailable("")).try_another());
         assert!(!Error::status("x", tonic::Status::not_found("")).try_another());
+    }
+
+    #[test]
+    fn what_was_typed_is_clipped_and_tls_mistakes_say_what_to_do() {
+        let long = format!("http://{}:1", "h".repeat(3_000));
+        let e = Error::Unreachable {
+            url: long,
+            detail: "failed to lookup address information".into(),
+        };
+        let shown = e.to_string();
+        assert!(shown.len() < 300, "{shown}");
+        assert!(shown.contains("(3009 bytes)"), "{shown}");
+        let plaintext = Error::Unreachable {
+            url: "https://127.0.0.1:50051".into(),
+            detail: "connection reset".into(),
+        };
+        assert!(
+            plaintext.to_string().contains("needs an http:// URL"),
+            "{plaintext}"
+        );
+        let http = Error::Unreachable {
+            url: "http://127.0.0.1:50051".into(),
+            detail: "connection reset".into(),
+        };
+        assert!(!http.to_string().contains("TLS"), "{http}");
+        let mismatch =
+            Error::Tls("transport error: keys may not be consistent: KeyMismatch".into());
+        assert!(
+            mismatch
+                .to_string()
+                .ends_with("(--client-key is not the key of --client-cert)"),
+            "{mismatch}"
+        );
     }
 
     #[test]
