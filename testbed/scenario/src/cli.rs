@@ -1,7 +1,7 @@
 //! The command line: flags, presets, and the resolved [`Spec`] of one run
 //! (what every other module reads; nothing else looks at the flags).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, ValueEnum};
 
@@ -299,13 +299,33 @@ impl Args {
             .iter()
             .map(|p| UpstreamFile::load(p))
             .collect::<Result<Vec<_>, _>>()?;
-        let matrix = self.matrix.then(|| {
-            if self.seeds.is_empty() {
-                vec![self.seed]
-            } else {
-                self.seeds.clone()
+        // The name labels the matrix's rows and the kept logs' folders.
+        for (i, file) in upstreams.iter().enumerate() {
+            if let Some(j) = upstreams[..i].iter().position(|f| f.name == file.name) {
+                return Err(Error::Usage(format!(
+                    "--upstream {} and --upstream {} have the same name {:?} (the file \
+                     name without .toml labels the rows and the kept logs): rename one",
+                    self.upstream[j].display(),
+                    self.upstream[i].display(),
+                    file.name
+                )));
             }
+        }
+        let matrix = self.matrix.then(|| {
+            let mut seeds = Vec::new();
+            for &seed in &self.seeds {
+                if !seeds.contains(&seed) {
+                    seeds.push(seed);
+                }
+            }
+            if seeds.is_empty() {
+                seeds.push(self.seed);
+            }
+            seeds
         });
+        if let Some(dir) = &self.keep_logs {
+            writable_dir(dir)?;
+        }
         Ok(Spec {
             duration_s,
             scale,
@@ -353,6 +373,21 @@ fn chaos(
         kill_at_ms: kill_at_s * 1000.0,
         down_for_ms: down_for_s * 1000.0,
     })
+}
+
+/// Creates `dir` (a `--keep-logs` folder) if needed and checks that a
+/// file can be written in it, so that a bad folder fails before a run.
+pub(crate) fn writable_dir(dir: &Path) -> Result<(), Error> {
+    let bad = |e: std::io::Error| {
+        Error::Usage(format!(
+            "--keep-logs {}: not a folder this process can write ({e})",
+            dir.display()
+        ))
+    };
+    std::fs::create_dir_all(dir).map_err(bad)?;
+    let probe = dir.join(format!(".scenario-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(bad)?;
+    std::fs::remove_file(&probe).map_err(bad)
 }
 
 /// Where `name` would be next to this executable.
@@ -434,6 +469,53 @@ mod tests {
         // The matrix needs files; a missing file is refused.
         assert!(Args::try_parse_from(["scenario", "--matrix"]).is_err());
         assert!(parse(&["--upstream", "/nonexistent.toml", "--broker-in-process"]).is_err());
+        // Repeated seeds run once.
+        let m = parse(&[
+            "--matrix",
+            "--upstream",
+            &fixed,
+            "--seeds",
+            "1,2,1",
+            "--broker-in-process",
+        ])
+        .unwrap();
+        assert_eq!(m.matrix, Some(vec![1, 2]));
+    }
+
+    #[test]
+    fn upstream_files_of_the_same_name_are_refused() {
+        let dir = std::env::temp_dir().join(format!("scenario-stems-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("other")).unwrap();
+        let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/upstreams/genesys-fixed.toml");
+        let copy = dir.join("other/genesys-fixed.toml");
+        std::fs::copy(shipped, &copy).unwrap();
+        let err = parse(&[
+            "--matrix",
+            "--upstream",
+            shipped,
+            "--upstream",
+            copy.to_str().unwrap(),
+            "--broker-in-process",
+        ])
+        .unwrap_err()
+        .to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(err.contains("the same name \"genesys-fixed\""), "{err}");
+        assert!(err.contains("other/genesys-fixed.toml"), "{err}");
+    }
+
+    #[test]
+    fn a_keep_logs_folder_is_checked_before_the_run() {
+        let err = parse(&["--keep-logs", "/proc/nope", "--broker-in-process"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--keep-logs /proc/nope"), "{err}");
+        let dir = std::env::temp_dir().join(format!("scenario-keep-{}", std::process::id()));
+        let spec = parse(&["--keep-logs", dir.to_str().unwrap(), "--broker-in-process"]).unwrap();
+        assert!(dir.is_dir());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        assert_eq!(spec.keep_logs.as_deref(), Some(dir.as_path()));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

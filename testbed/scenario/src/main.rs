@@ -99,9 +99,14 @@ fn main() -> ExitCode {
     // dropped here, and a blocking start (etcd) is waited for, bounded.
     runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
     match outcome {
-        Stopped::Finished(Ok(text)) => {
+        Stopped::Finished(Ok(Output { text, failed })) => {
             print!("{text}");
-            ExitCode::SUCCESS
+            if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("scenario: {failed} run(s) failed (reported with the others)");
+                ExitCode::FAILURE
+            }
         }
         Stopped::Finished(Err(e)) => {
             eprintln!("scenario: {e}");
@@ -174,14 +179,26 @@ async fn until_stopped<T>(work: impl std::future::Future<Output = T>) -> Stopped
     }
 }
 
+/// What the run prints, and how many runs failed (a failed run is
+/// reported with its error; the others are still printed).
+struct Output {
+    text: String,
+    failed: usize,
+}
+
 /// What the run prints: the matrix; or one report per upstream (the
 /// generated org when no `--upstream` is given), as tables or as JSON (an
-/// object, or an array of them for several upstreams).
-async fn output(spec: &Spec) -> Result<String, Error> {
+/// object, or an array of them for several upstreams). Only a lone run's
+/// failure is an `Err`.
+async fn output(spec: &Spec) -> Result<Output, Error> {
     if let Some(seeds) = &spec.matrix {
         let mut matrix = Matrix::new(spec);
+        let total = spec.upstreams.len() * seeds.len();
+        let started = std::time::Instant::now();
+        let mut i = 0;
         for file in &spec.upstreams {
             for &seed in seeds {
+                i += 1;
                 // Each cell keeps its logs in its own directory.
                 let spec = Spec {
                     seed,
@@ -191,46 +208,93 @@ async fn output(spec: &Spec) -> Result<String, Error> {
                         .map(|d| d.join(format!("{}-seed{seed}", file.name))),
                     ..spec.clone()
                 };
-                eprintln!("scenario: matrix cell {} seed {seed}", file.name);
+                eprintln!(
+                    "scenario: matrix cell {i} of {total}: {} seed {seed} ({:.0} real s elapsed)",
+                    file.name,
+                    started.elapsed().as_secs_f64()
+                );
                 let plan = Plan::with_upstream(spec.duration_s, file.clone());
-                matrix.add(&file.name, seed, &run(&spec, &plan).await?);
+                match run(&spec, &plan).await {
+                    Ok(report) => matrix.add(&file.name, seed, &report),
+                    Err(e) => {
+                        eprintln!("scenario: matrix cell {i} of {total} failed: {e}");
+                        matrix.fail(&file.name, seed, e.to_string());
+                    }
+                }
             }
         }
-        return Ok(if spec.json {
+        let text = if spec.json {
             format!("{}\n", matrix.json())
         } else {
             matrix.table()
+        };
+        return Ok(Output {
+            text,
+            failed: matrix.failed.len(),
         });
     }
-    let plans: Vec<Plan> = if spec.upstreams.is_empty() {
-        vec![Plan::new(spec.duration_s)]
-    } else {
-        spec.upstreams
-            .iter()
-            .map(|f| Plan::with_upstream(spec.duration_s, f.clone()))
-            .collect()
-    };
-    let mut reports = Vec::new();
-    for plan in &plans {
-        reports.push(run(spec, plan).await?);
+    if spec.upstreams.is_empty() {
+        let report = run(spec, &Plan::new(spec.duration_s)).await?;
+        let text = if spec.json {
+            format!("{}\n", report.json())
+        } else {
+            report.table()
+        };
+        return Ok(Output { text, failed: 0 });
     }
-    Ok(match (spec.json, &reports[..]) {
-        (true, [one]) => format!("{}\n", one.json()),
-        (true, _) => format!(
-            "{}\n",
-            serde_json::to_string_pretty(&reports)
-                .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
-        ),
+    let mut reports = Vec::new();
+    for file in &spec.upstreams {
+        let plan = Plan::with_upstream(spec.duration_s, file.clone());
+        let report = run(spec, &plan).await.map_err(|e| {
+            eprintln!("scenario: upstream {} failed: {e}", file.name);
+            (file.name.clone(), e.to_string())
+        });
+        reports.push(report);
+    }
+    Ok(several(spec.json, &reports))
+}
+
+/// The output of several upstreams' runs, failed ones included.
+fn several(json: bool, reports: &[Result<Report, (String, String)>]) -> Output {
+    let failed = reports.iter().filter(|r| r.is_err()).count();
+    let text = match (json, reports) {
+        (true, [Ok(one)]) => format!("{}\n", one.json()),
+        (true, _) => {
+            let all: Vec<serde_json::Value> = reports
+                .iter()
+                .map(|r| match r {
+                    Ok(report) => serde_json::to_value(report)
+                        .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() })),
+                    Err((upstream, error)) => {
+                        serde_json::json!({ "upstream": upstream, "error": error })
+                    }
+                })
+                .collect();
+            format!(
+                "{}\n",
+                serde_json::to_string_pretty(&all)
+                    .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+            )
+        }
         (false, _) => reports
             .iter()
-            .map(Report::table)
+            .map(|r| match r {
+                Ok(report) => report.table(),
+                Err((upstream, error)) => {
+                    format!("scenario: upstream {upstream} failed: {error}\n")
+                }
+            })
             .collect::<Vec<_>>()
             .join("\n"),
-    })
+    };
+    Output { text, failed }
 }
 
 /// Every mode in turn, each against fresh processes.
 async fn run(spec: &Spec, plan: &Plan) -> Result<Report, Error> {
+    if let Some(dir) = &spec.keep_logs {
+        cli::writable_dir(dir)?;
+    }
     let dir = WorkDir::create()?;
     let mut results = Vec::new();
     let n = spec.modes.len();
@@ -255,4 +319,34 @@ async fn run(spec: &Spec, plan: &Plan) -> Result<Report, Error> {
         results.push(result);
     }
     Ok(Report::new(spec, plan, results))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_upstream_is_reported_with_the_others() {
+        let spec = Args::parse_from(["scenario", "--broker-in-process"])
+            .resolve()
+            .unwrap();
+        let ok = || Ok(Report::new(&spec, &Plan::new(300), Vec::new()));
+        let failed = || Err(("bad".to_owned(), "simulator stats: no answer".to_owned()));
+        let out = several(false, &[ok(), failed()]);
+        assert_eq!(out.failed, 1);
+        let table = Report::new(&spec, &Plan::new(300), Vec::new()).table();
+        assert!(out.text.starts_with(&table), "{}", out.text);
+        assert!(
+            out.text
+                .contains("scenario: upstream bad failed: simulator stats: no answer"),
+            "{}",
+            out.text
+        );
+        let out = several(true, &[failed(), ok()]);
+        let json: serde_json::Value = serde_json::from_str(&out.text).unwrap();
+        assert_eq!(json[0]["upstream"], "bad");
+        assert_eq!(json[0]["error"], "simulator stats: no answer");
+        assert_eq!(json[1]["duration_s"], 300);
+        assert_eq!(several(true, &[ok()]).failed, 0);
+    }
 }

@@ -175,6 +175,19 @@ pub(crate) struct Matrix {
     pub(crate) time_scale: f64,
     /// Upstream × seed × mode, in the order run.
     pub(crate) cells: Vec<Cell>,
+    /// Upstream × seed runs that did not complete, with their error.
+    pub(crate) failed: Vec<FailedCell>,
+}
+
+/// An upstream × seed run that failed (every mode of it).
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct FailedCell {
+    /// The upstream file's name.
+    pub(crate) upstream: String,
+    /// Seed.
+    pub(crate) seed: u64,
+    /// Why it failed.
+    pub(crate) error: String,
 }
 
 impl Matrix {
@@ -185,7 +198,17 @@ impl Matrix {
             duration_s: spec.duration_s,
             time_scale: spec.scale,
             cells: Vec::new(),
+            failed: Vec::new(),
         }
+    }
+
+    /// A run that failed: reported under the table, the others kept.
+    pub(crate) fn fail(&mut self, upstream: &str, seed: u64, error: String) {
+        self.failed.push(FailedCell {
+            upstream: upstream.to_owned(),
+            seed,
+            error,
+        });
     }
 
     /// The cells of one run (one per mode).
@@ -292,6 +315,12 @@ impl Matrix {
         for r in &rows {
             line(&mut out, &r.iter().map(String::as_str).collect::<Vec<_>>());
         }
+        if !self.failed.is_empty() {
+            let _ = writeln!(out, "\nfailed cells (not in the table):");
+            for f in &self.failed {
+                let _ = writeln!(out, "  {} seed {}: {}", f.upstream, f.seed, f.error);
+            }
+        }
         let _ = writeln!(out, "\n{TARGETS}\n");
         let mut seen = Vec::new();
         for c in &self.cells {
@@ -379,6 +408,30 @@ mod tests {
             ]),
             "2.0 w, never, n/a"
         );
+    }
+
+    #[test]
+    fn a_failed_cell_is_listed_and_the_others_kept() {
+        let mut m = Matrix {
+            command: "scenario --matrix".into(),
+            duration_s: 120,
+            time_scale: 60.0,
+            cells: vec![cell(Vec::new())],
+            failed: Vec::new(),
+        };
+        m.fail("broken", 3, "simulator stats: no answer".into());
+        let table = m.table();
+        assert!(table.contains("\nu "), "{table}");
+        assert!(
+            table.contains(
+                "failed cells (not in the table):\n  broken seed 3: simulator stats: no answer"
+            ),
+            "{table}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&m.json()).unwrap();
+        assert_eq!(json["cells"].as_array().unwrap().len(), 1);
+        assert_eq!(json["failed"][0]["upstream"], "broken");
+        assert_eq!(json["failed"][0]["error"], "simulator stats: no answer");
     }
 
     #[test]

@@ -218,11 +218,17 @@ pub(crate) async fn run_mode(
         Some(url) => Some(GcIngest::start(sim.addr(), url, dir, mode.as_str(), spec.scale).await?),
         None => None,
     };
-    let (outcome, struck, cluster_struck) = tokio::join!(
-        fleet::run(mode, ctx, plan, spec.seed, broker_url, intake, gc_ingest),
-        strike,
-        cluster_strike
-    );
+    let work = async {
+        tokio::join!(
+            fleet::run(mode, ctx, plan, spec.seed, broker_url, intake, gc_ingest),
+            strike,
+            cluster_strike
+        )
+    };
+    let (outcome, struck, cluster_struck) = tokio::select! {
+        done = work => done,
+        never = progress(mode, clock, plan.duration_ms) => match never {},
+    };
     let relay_queued = match relay {
         Some(relay) => relay.finish(clock, &metrics).await,
         None => 0,
@@ -311,6 +317,39 @@ pub(crate) async fn run_mode(
         )?);
     }
     Ok(result)
+}
+
+/// Real time between two progress lines.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Prints a progress line on stderr every [`PROGRESS_EVERY`]: the
+/// simulated time reached, of the run's production; never returns.
+async fn progress(mode: ModeName, clock: SimClock, duration_ms: u64) -> std::convert::Infallible {
+    let mut tick = tokio::time::interval_at(Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+    loop {
+        tick.tick().await;
+        eprintln!(
+            "scenario: {}",
+            progress_line(mode, clock.now_ms(), duration_ms)
+        );
+    }
+}
+
+/// One progress line: where simulated time is, in production or the drain.
+fn progress_line(mode: ModeName, now_ms: f64, duration_ms: u64) -> String {
+    let (now_s, total_s) = (now_ms / 1000.0, duration_ms as f64 / 1000.0);
+    if now_s < total_s {
+        format!(
+            "{}: simulated {now_s:.0} s of {total_s:.0} s ({:.0}%)",
+            mode.as_str(),
+            100.0 * now_s / total_s
+        )
+    } else {
+        format!(
+            "{}: simulated {now_s:.0} s, production over at {total_s:.0} s: draining",
+            mode.as_str()
+        )
+    }
 }
 
 /// Writes the simulator's stats and log for `mode` into `dir`.
@@ -459,5 +498,22 @@ fn figures(
         chaos: None,
         cluster: None,
         broker_trace: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_say_where_simulated_time_is() {
+        assert_eq!(
+            progress_line(ModeName::Broker, 90_400.0, 300_000),
+            "broker: simulated 90 s of 300 s (30%)"
+        );
+        assert_eq!(
+            progress_line(ModeName::Naive, 305_000.0, 300_000),
+            "naive: simulated 305 s, production over at 300 s: draining"
+        );
     }
 }
