@@ -373,6 +373,20 @@ impl FamilyConfig {
         if self.window_ms == 0 {
             return Err(format!("{}: window_ms must be > 0", self.name));
         }
+        if self.hidden_permits.unwrap_or(self.documented_permits) == 0 {
+            return Err(format!(
+                "{}: the enforced permits (hidden_permits, or documented_permits when \
+                 hidden_permits is left out) must be > 0: a limit of 0 refuses every request",
+                self.name
+            ));
+        }
+        if self.schedule.iter().any(|s| s.hidden_permits == 0) {
+            return Err(format!(
+                "{}: a schedule step's hidden_permits must be > 0: a limit of 0 refuses every \
+                 request",
+                self.name
+            ));
+        }
         if self.max_concurrent == Some(0) {
             return Err(format!(
                 "{}: max_concurrent must be > 0 (leave it out for no limit)",
@@ -473,13 +487,36 @@ mod tests {
     }
 
     #[test]
+    fn a_limit_of_zero_is_refused() {
+        let family = |keys: &str| {
+            SimConfig::from_toml(&format!(
+                "[[orgs]]\n[[orgs.families]]\nname = \"f\"\nroutes = [\"GET /x\"]\n{keys}"
+            ))
+            .unwrap()
+            .check()
+            .map_err(|e| e.to_string())
+        };
+        family("documented_permits = 5").unwrap();
+        for keys in [
+            "documented_permits = 60\nhidden_permits = 0",
+            "hidden_permits = 0",
+            "",
+            "documented_permits = 5\nschedule = [{ at_ms = 1000, hidden_permits = 0 }]",
+        ] {
+            let err = family(keys).unwrap_err();
+            assert!(err.contains("refuses every request"), "{keys:?}: {err}");
+        }
+    }
+
+    #[test]
     fn limit_kinds_and_their_keys() {
         let c = SimConfig::from_toml(
             "[[orgs]]\nid = \"x\"\ntoken_tell = false\ntoken_retry_after = \"whole_seconds\"\n\
              [[orgs.families]]\nname = \"f\"\nroutes = [\"POST /api/v2/analytics/**\"]\n\
              documented_permits = 60\nhidden_permits = 45\nkind = \"token_bucket\"\nburst = 10\n\
              tell = true\nretry_after = \"whole_seconds\"\nunmanaged_pattern = \"bursty\"\n\
-             [[orgs.families]]\nname = \"g\"\nroutes = [\"GET /x\"]\nkind = \"sliding_log\"",
+             [[orgs.families]]\nname = \"g\"\nroutes = [\"GET /x\"]\ndocumented_permits = 5\n\
+             kind = \"sliding_log\"",
         )
         .unwrap();
         c.check().unwrap();

@@ -15,8 +15,9 @@ use crate::config::{Family, LimitKind, OrgConfig, RetryAfter, UnmanagedPattern};
 pub(crate) struct Refusal {
     /// `token`, `family:<name>`, `concurrency:<name>` or `blocked:<what>`.
     pub(crate) reason: String,
-    /// The documented limit the refusal is about (for the 429 body).
-    pub(crate) limit: u64,
+    /// The documented limit the refusal is about (for the 429 body); None
+    /// for a concurrency refusal, whose limit is documented nowhere.
+    pub(crate) limit: Option<u64>,
     /// Simulated ms until the caller may try again.
     pub(crate) retry_after_ms: f64,
 }
@@ -619,7 +620,7 @@ fn decide(
     if let Some(wait) = token.block.hammer(now, base, max) {
         return Err(Refusal {
             reason: "blocked:token".into(),
-            limit: limits.token_permits,
+            limit: Some(limits.token_permits),
             retry_after_ms: limits.token_retry_after.round(wait),
         });
     }
@@ -628,17 +629,17 @@ fn decide(
         if let Some(wait) = f.block.hammer(now, base, max) {
             return Err(Refusal {
                 reason: format!("blocked:{}", f.family.name),
-                limit: f.family.documented,
+                limit: Some(f.family.documented),
                 retry_after_ms: f.family.retry_after.round(wait),
             });
         }
     }
     for &i in matching {
         let f = &families[i];
-        if let Some(max) = f.max_concurrent.filter(|&max| f.in_flight >= max) {
+        if f.max_concurrent.is_some_and(|max| f.in_flight >= max) {
             return Err(Refusal {
                 reason: format!("concurrency:{}", f.family.name),
-                limit: max,
+                limit: None,
                 retry_after_ms: 1_000.0,
             });
         }
@@ -647,7 +648,7 @@ fn decide(
         token.block.until = limits.token_end;
         return Err(Refusal {
             reason: "token".into(),
-            limit: limits.token_permits,
+            limit: Some(limits.token_permits),
             retry_after_ms: limits.token_retry_after.round(limits.token_end - now),
         });
     }
@@ -657,7 +658,7 @@ fn decide(
             f.block.until = until;
             return Err(Refusal {
                 reason: format!("family:{}", f.family.name),
-                limit: f.family.documented,
+                limit: Some(f.family.documented),
                 retry_after_ms: f.family.retry_after.round(until - now),
             });
         }

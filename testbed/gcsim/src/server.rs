@@ -522,12 +522,13 @@ fn error_json(
     status: StatusCode,
     code: &str,
     message: &str,
-    params: Option<(u64, &str)>,
+    params: Option<(Option<u64>, &str)>,
 ) -> String {
-    let params = params.map_or_else(
-        || json!({}),
-        |(limit, reason)| json!({ "limit": limit.to_string(), "reason": reason }),
-    );
+    let params = match params {
+        None => json!({}),
+        Some((Some(limit), reason)) => json!({ "limit": limit.to_string(), "reason": reason }),
+        Some((None, reason)) => json!({ "reason": reason }),
+    };
     let context = uuid_like(&mut fastrand::Rng::new());
     json!({
         "message": message,
@@ -545,7 +546,7 @@ fn error_body(
     status: StatusCode,
     code: &str,
     message: String,
-    params: Option<(u64, &str)>,
+    params: Option<(Option<u64>, &str)>,
 ) -> Response {
     (
         status,
@@ -851,7 +852,7 @@ fn job_submit_answer(sim: &Sim, slot: &OrgSlot, body: &[u8]) -> Answer {
                 StatusCode::TOO_MANY_REQUESTS,
                 "too.many.requests",
                 &format!("Rate limit exceeded the maximum. [{}]", refusal.reason),
-                Some((refusal.limit, refusal.reason)),
+                Some((Some(refusal.limit), refusal.reason)),
             ),
             latency_ms: 0.0,
             retry_after_ms: Some(refusal.retry_after_ms),

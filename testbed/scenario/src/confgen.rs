@@ -294,8 +294,7 @@ impl Plan {
     }
 }
 
-/// A cluster node's config: [`broker_toml`] on `listen`, no HTTP port (the
-/// nodes would share the default one), no state directory (the snapshot is
+/// A cluster node's config: [`broker_toml`] on `listen`, no state directory (the snapshot is
 /// in etcd), and a `[cluster]` section: etcd at `etcd`, node name `node`,
 /// advertised at its listen address, the shortest etcd lease (`ttl_ms`,
 /// real) and half of it as the safety margin. The lease and margin are real
@@ -307,8 +306,7 @@ pub(crate) fn cluster_node_toml(
     node: &str,
     ttl_ms: u64,
 ) -> String {
-    let base = broker_toml(scale, Some(listen), None);
-    let mut s = base.replacen("[server]\n", "[server]\nhttp_listen = \"\"\n", 1);
+    let mut s = broker_toml(scale, Some(listen), None);
     let _ = writeln!(
         s,
         "\n\n[cluster]\netcd = [\"{etcd}\"]\nnode = \"{node}\"\nadvertise = \"http://{listen}\"\n\
@@ -321,7 +319,8 @@ pub(crate) fn cluster_node_toml(
 /// The broker's config file for a run at `scale`, listening on `listen`
 /// (a child reads it; in process it is ignored), keeping its state in
 /// `state_dir` (None: nothing kept; chaos runs keep it, so that the
-/// restarted broker starts as after a crash). Tenant `org-a` is set up
+/// restarted broker starts as after a crash), with no HTTP port (nothing
+/// here reads it, and the default one belongs to a real broker). Tenant `org-a` is set up
 /// with the documented limits only: the broker has to learn the hidden one.
 pub(crate) fn broker_toml(
     scale: f64,
@@ -338,7 +337,7 @@ pub(crate) fn broker_toml(
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "[server]\nmax_wait_ms = {}\nmax_lease_ttl_ms = {}\nshutdown_grace_ms = 1000\nstate_dir = {state_dir}",
+        "[server]\nhttp_listen = \"\"\nmax_wait_ms = {}\nmax_lease_ttl_ms = {}\nshutdown_grace_ms = 1000\nstate_dir = {state_dir}",
         ms(60_000.0),
         ms(600_000.0)
     );
@@ -406,6 +405,7 @@ mod tests {
         let settings =
             quota_broker::Settings::from_toml(&broker_toml(20.0, Some(listen), None)).unwrap();
         assert_eq!(settings.server.listen, listen);
+        assert!(settings.server.http_listen.is_none());
         assert_eq!(settings.server.state_dir, None);
         let dir = Path::new("/tmp/scenario \"x\"/broker-state");
         let kept =

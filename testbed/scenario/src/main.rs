@@ -52,6 +52,7 @@ mod run;
 mod trace;
 mod upstream;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -75,6 +76,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| EnvFilter::new("warn,sqlx::query=error")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let spec = match args.resolve() {
         Ok(spec) => spec,

@@ -1,12 +1,13 @@
 //! `--matrix` end to end, CI-sized: two shipped upstream files × one seed,
 //! broker mode, 120 simulated s at ×60 (about 2 real s a cell plus the
-//! drain), the simulator and the broker in the scenario's process.
+//! drain), the simulator and the broker in the scenario's process, whose
+//! logs (at info) reach a pipe without colour codes.
 
 mod common;
 
 use std::time::Duration;
 
-use common::run_scenario;
+use common::run_scenario_with;
 use serde_json::Value;
 
 #[test]
@@ -14,7 +15,7 @@ fn tiny_matrix_has_every_cell_and_loses_nothing() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/upstreams/");
     let fixed = format!("{dir}genesys-fixed.toml");
     let silent = format!("{dir}token-bucket-silent.toml");
-    let stdout = run_scenario(
+    let (stdout, stderr) = run_scenario_with(
         &[
             "--matrix",
             "--upstream",
@@ -30,8 +31,12 @@ fn tiny_matrix_has_every_cell_and_loses_nothing() {
             "--broker-in-process",
             "--json",
         ],
+        &[("RUST_LOG", "warn,quota_broker=info")],
         Duration::from_secs(60),
     );
+    assert!(stderr.contains("INFO"), "no broker log line in {stderr:?}");
+    assert!(!stderr.contains('\u{1b}'), "ANSI codes on stderr");
+    assert!(stderr.contains("matrix cell 2 of 2"), "{stderr}");
     let report: Value = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("scenario printed no JSON ({e}):\n{stdout}"));
     let cells = report["cells"].as_array().expect("cells");

@@ -2,7 +2,7 @@
 //! `gcsim listening on http://ADDR` once bound and serves until SIGTERM,
 //! SIGINT or the end of its stdin (so a parent that dies takes it along).
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,14 +13,15 @@ use tokio::sync::oneshot;
 use tracing_subscriber::EnvFilter;
 
 /// A simulated Genesys Cloud org (rate limits, 429s, analytics data) on
-/// 127.0.0.1. The contract is testbed/gcsim/README.md.
+/// loopback. The contract is testbed/gcsim/README.md.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
     /// TOML config (default: the built-in one-org config).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Address to bind.
+    /// Address to bind: a loopback address only (the `/_sim` control
+    /// plane has no authentication).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
     /// Simulated time runs this many times faster than real time.
@@ -46,7 +47,16 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if !args.listen.ip().is_loopback() {
+        eprintln!(
+            "gcsim: --listen {}: only a loopback address (127.0.0.1, ::1) is allowed: \
+             the /_sim control plane has no authentication",
+            args.listen
+        );
+        return ExitCode::from(2);
+    }
     let config = match load(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -76,12 +86,16 @@ fn main() -> ExitCode {
 
 /// The config of `args` (file or built-in, then the flags), checked.
 fn load(args: &Args) -> Result<SimConfig, String> {
+    let source = args.config.as_ref().map_or_else(
+        || "the built-in config".to_owned(),
+        |p| p.display().to_string(),
+    );
     let mut config = match &args.config {
         None => SimConfig::default(),
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            SimConfig::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("cannot read {source}: {e}"))?;
+            SimConfig::from_toml(&text).map_err(|e| format!("{source}: {e}"))?
         }
     };
     if let Some(scale) = args.time_scale {
@@ -90,7 +104,7 @@ fn load(args: &Args) -> Result<SimConfig, String> {
     if let Some(seed) = args.seed {
         config.seed = seed;
     }
-    config.check().map_err(|e| e.to_string())?;
+    config.check().map_err(|e| format!("{source}: {e}"))?;
     Ok(config)
 }
 

@@ -235,6 +235,15 @@ async fn concurrency_slot_is_held_through_the_latency() {
         refused.json["messageParams"]["reason"],
         "concurrency:analytics-query"
     );
+    // The hidden concurrency limit is in no answer.
+    assert_eq!(
+        refused.json["messageParams"]
+            .as_object()
+            .map(|p| p.keys().collect::<Vec<_>>()),
+        Some(vec![&"reason".to_owned()]),
+        "{}",
+        refused.json
+    );
     assert_eq!(refused.header("retry-after"), "1");
     // Released once answered.
     let stats = http.get("/_sim/stats").await;
@@ -394,6 +403,58 @@ fn binary_prints_its_address_and_exits_when_stdin_closes() {
             panic!("gcsim did not exit within 10 s of its stdin closing");
         }
     }
+}
+
+/// Runs the binary with `args` and stdin closed; its exit code and stderr.
+fn run_binary(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_gcsim"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn binary_refuses_a_non_loopback_address() {
+    for addr in ["0.0.0.0:0", "[::]:0"] {
+        let (code, stderr) = run_binary(&["--listen", addr]);
+        assert_eq!(code, Some(2), "{addr}: {stderr}");
+        assert!(stderr.contains("only a loopback address"), "{stderr}");
+    }
+}
+
+#[test]
+fn binary_names_the_config_file_of_a_bad_config() {
+    let path = std::env::temp_dir().join(format!("gcsim-zero-window-{}.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        "[[orgs]]\n[[orgs.families]]\nname = \"f\"\nroutes = [\"GET /x\"]\n\
+         documented_permits = 5\nwindow_ms = 0",
+    )
+    .unwrap();
+    let (code, stderr) = run_binary(&["--config", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}: bad simulator config", path.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("window_ms must be > 0"), "{stderr}");
+}
+
+#[test]
+fn binary_logs_without_colour_codes_when_stderr_is_not_a_terminal() {
+    // Stdin at EOF: it starts, logs at info that it stops, and exits.
+    let (code, stderr) = run_binary(&["--log", "info"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("stopping"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "ANSI codes in {stderr:?}");
 }
 
 /// A silent token bucket over HTTP: no `inin-ratelimit-*` headers at all,

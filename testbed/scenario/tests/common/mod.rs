@@ -13,8 +13,19 @@ use serde_json::Value;
 /// Runs `scenario` with `args`, killed after `timeout`; its stdout. Panics
 /// (with its stderr) if it fails or runs out of time.
 pub fn run_scenario(args: &[&str], timeout: Duration) -> String {
+    run_scenario_with(args, &[], timeout).0
+}
+
+/// As [`run_scenario`], with environment variables `env`; its stdout and
+/// stderr.
+pub fn run_scenario_with(
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> (String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_scenario"))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -54,7 +65,7 @@ pub fn run_scenario(args: &[&str], timeout: Duration) -> String {
         status.success(),
         "scenario failed ({status}); stderr:\n{stderr}\nstdout:\n{stdout}"
     );
-    stdout
+    (stdout, stderr)
 }
 
 /// The quota-broker binary of this build: in the target directory, next to
