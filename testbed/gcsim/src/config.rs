@@ -357,6 +357,15 @@ pub(crate) struct ReadyOrg<'a> {
 }
 
 impl FamilyConfig {
+    /// Whether one of its routes matches a request with `method` to `path`
+    /// (a route that does not parse matches nothing; `check` reports it).
+    pub fn covers(&self, method: &str, path: &str) -> bool {
+        self.routes
+            .iter()
+            .filter_map(|r| Route::parse(r).ok())
+            .any(|r| r.matches(method, path))
+    }
+
     /// The family ready to run, or what is wrong with it.
     pub(crate) fn ready(&self) -> Result<Family, String> {
         if self.name.is_empty() {
@@ -484,6 +493,14 @@ mod tests {
         };
         assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(SimConfig::from_toml("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn a_family_covers_what_its_routes_match() {
+        let analytics = &SimConfig::default().orgs[0].families[0];
+        assert!(analytics.covers("POST", "/api/v2/analytics/conversations/details/query"));
+        assert!(!analytics.covers("GET", "/api/v2/analytics/conversations/details/query"));
+        assert!(!analytics.covers("POST", "/api/v2/analytics/conversations/details/jobs"));
     }
 
     #[test]

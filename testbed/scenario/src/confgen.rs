@@ -10,6 +10,8 @@ use std::path::Path;
 
 use crate::cli::Spec;
 use crate::error::Error;
+use crate::fleet::{wrapup_path, DETAILS_PATH, OBSERVATIONS_PATH};
+use crate::relay::OAUTH_SECRET;
 
 /// The org every mode runs against.
 pub(crate) const ORG: &str = "org-a";
@@ -90,14 +92,66 @@ impl UpstreamFile {
     pub(crate) fn load(path: &Path) -> Result<UpstreamFile, Error> {
         let bad = |why: String| Error::Usage(format!("--upstream {}: {why}", path.display()));
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-        let table: toml::Table = text.parse().map_err(|e| bad(format!("{e}")))?;
+        // gcsim's parse first: its errors say which key and what it must be.
         let config = gcsim::SimConfig::from_toml(&text).map_err(|e| bad(e.to_string()))?;
         config.check().map_err(|e| bad(e.to_string()))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e| bad(format!("bad simulator config: {e}")))?;
+        // Left out, gcsim's built-in org and families would run silently.
+        let org_table = table
+            .get("orgs")
+            .and_then(toml::Value::as_array)
+            .and_then(|orgs| {
+                orgs.iter()
+                    .filter_map(toml::Value::as_table)
+                    .find(|o| o.get("id").and_then(toml::Value::as_str) == Some(ORG))
+            })
+            .ok_or_else(|| {
+                bad(format!(
+                    "no [[orgs]] with id = \"{ORG}\": the file must describe the org the fleet \
+                     runs against itself"
+                ))
+            })?;
+        if !org_table.contains_key("families") {
+            return Err(bad(format!(
+                "[[orgs]] id = \"{ORG}\" has no [[orgs.families]]: the file must describe \
+                 families {ANALYTICS} and {WRITES} itself"
+            )));
+        }
         let org = config
             .orgs
             .iter()
             .find(|o| o.id == ORG)
             .ok_or_else(|| bad(format!("no [[orgs]] with id = \"{ORG}\"")))?;
+        if org.day != DAY {
+            return Err(bad(format!(
+                "[[orgs]] id = \"{ORG}\": day must be \"{DAY}\", the day the ingestion pages \
+                 through (left out, it is)"
+            )));
+        }
+        if org.oauth_secret != OAUTH_SECRET {
+            return Err(bad(format!(
+                "[[orgs]] id = \"{ORG}\": oauth_secret must be \"{OAUTH_SECRET}\", the secret \
+                 the scenario's clients log in with (left out, it is)"
+            )));
+        }
+        for (family, path) in [
+            (ANALYTICS, DETAILS_PATH.to_owned()),
+            (ANALYTICS, OBSERVATIONS_PATH.to_owned()),
+            (WRITES, wrapup_path("c1")),
+        ] {
+            let covered = org
+                .families
+                .iter()
+                .any(|f| f.name == family && f.covers("POST", &path));
+            if !covered {
+                return Err(bad(format!(
+                    "family {family}: its routes must cover POST {path}, which the fleet calls \
+                     and the broker meters as {family} (else the fleet's calls are unlimited)"
+                )));
+            }
+        }
         let documented = format!(
             "the broker and local mode are set up with the documented limits (token \
              {TOKEN_PERMITS}, {ANALYTICS} {ANALYTICS_DOCUMENTED}, {WRITES} {WRITES_PERMITS}, \
@@ -517,6 +571,48 @@ mod tests {
         assert!(err.contains("must document"), "{err}");
         std::fs::write(&path, "[[orgs]]\nid = \"org-b\"").unwrap();
         assert!(UpstreamFile::load(&path).is_err());
+        let fixed = std::fs::read_to_string(shipped("genesys-fixed.toml")).unwrap();
+        // Each: the file, and what the error must say.
+        for (text, says) in [
+            (String::new(), "no [[orgs]] with id = \"org-a\""),
+            ("time_scale = 2.0".into(), "no [[orgs]] with id = \"org-a\""),
+            (
+                "[[orgs]]\nid = \"org-a\"".into(),
+                "has no [[orgs.families]]",
+            ),
+            (
+                fixed.replace("**/query", "**/querry"),
+                "family analytics-query: its routes must cover POST /api/v2/analytics/conversations/details/query",
+            ),
+            (
+                fixed.replace(
+                    "POST /api/v2/analytics/**/query",
+                    "POST /api/v2/analytics/conversations/**/query",
+                ),
+                "must cover POST /api/v2/analytics/queues/observations/query",
+            ),
+            (
+                fixed.replace("POST /api/v2/conversations/**", "POST /api/v2/conversation/**"),
+                "family conversation-writes: its routes must cover",
+            ),
+            (
+                fixed.replace("[[orgs]]\nid = \"org-a\"", "[[orgs]]\nid = \"org-a\"\nday = \"2026-11-02\""),
+                "day must be \"2026-11-01\"",
+            ),
+            (
+                fixed.replace("[[orgs]]\nid = \"org-a\"", "[[orgs]]\nid = \"org-a\"\noauth_secret = \"other\""),
+                "oauth_secret must be \"gcsim-secret\"",
+            ),
+            (
+                fixed.replace("hidden_permits = 45", "hidden_permits = 99999999999999999999"),
+                "bad simulator config",
+            ),
+        ] {
+            std::fs::write(&path, &text).unwrap();
+            let err = UpstreamFile::load(&path).unwrap_err().to_string();
+            assert!(err.contains(&format!("--upstream {}", path.display())), "{err}");
+            assert!(err.contains(says), "{says:?} not in {err}");
+        }
         assert!(UpstreamFile::load(&dir.join("missing.toml")).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -64,8 +64,14 @@ const LOCAL_WRITES_PER_MIN: f64 = 300.0;
 /// wallboards.
 const LOCAL_INGEST_SLOTS: usize = crate::confgen::ANALYTICS_MAX_CONCURRENT as usize - 2;
 
-const DETAILS_PATH: &str = "/api/v2/analytics/conversations/details/query";
-const OBSERVATIONS_PATH: &str = "/api/v2/analytics/queues/observations/query";
+/// The ingestion's query.
+pub(crate) const DETAILS_PATH: &str = "/api/v2/analytics/conversations/details/query";
+/// The wallboards' query.
+pub(crate) const OBSERVATIONS_PATH: &str = "/api/v2/analytics/queues/observations/query";
+/// A trunk's write, for conversation `id`.
+pub(crate) fn wrapup_path(id: &str) -> String {
+    format!("/api/v2/conversations/calls/{id}/participants/p1/communications/c1/wrapup")
+}
 
 /// One burst of writes of a trunk.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -527,9 +533,7 @@ async fn trunk(
             n += 1;
             let (caller, shared) = (caller.clone(), shared.clone());
             writes.spawn(async move {
-                let path = format!(
-                    "/api/v2/conversations/calls/{id}/participants/p1/communications/c1/wrapup"
-                );
+                let path = wrapup_path(&id);
                 let body = Bytes::from_static(br#"{"code":"resolved","notes":"scenario"}"#);
                 match caller.call(Family::Writes, &path, body, wanted).await {
                     Ok(_) => {

@@ -574,6 +574,7 @@ mod tests {
             index,
             start_ms: index * 60_000,
             enforced_permits: enforced,
+            max_concurrent: None,
             served_fleet: fleet,
             served_unmanaged: unmanaged,
             refused_fleet: refused,
@@ -587,6 +588,7 @@ mod tests {
             window_ms: 60_000,
             kind: None,
             burst: None,
+            in_flight: 0,
             windows,
         }
     }

@@ -233,6 +233,9 @@ pub(crate) struct FamilyStats {
     /// A token bucket's capacity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) burst: Option<u64>,
+    /// Requests holding a concurrency slot now.
+    #[serde(default)]
+    pub(crate) in_flight: u64,
     /// Every window from 0 to the current one.
     #[serde(default)]
     pub(crate) windows: Vec<WindowStats>,
@@ -247,6 +250,9 @@ pub(crate) struct WindowStats {
     pub(crate) start_ms: u64,
     /// Permits the family enforced in it.
     pub(crate) enforced_permits: u64,
+    /// The concurrency limit in it (None: none).
+    #[serde(default)]
+    pub(crate) max_concurrent: Option<u64>,
     /// Fleet requests served.
     #[serde(default)]
     pub(crate) served_fleet: u64,
@@ -292,7 +298,7 @@ mod tests {
     #[test]
     fn decodes_the_contracts_stats() {
         let json = r#"{"sim_ms":61000,"orgs":[{"id":"org-a","families":[{"name":"analytics-query",
-            "window_ms":60000,"windows":[{"index":0,"start_ms":0,"enforced_permits":45,"max_concurrent":10,
+            "window_ms":60000,"in_flight":2,"windows":[{"index":0,"start_ms":0,"enforced_permits":45,"max_concurrent":10,
             "served_fleet":40,"served_unmanaged":5,"refused_fleet":3,"refused_unmanaged":0}]}],
             "tokens":[{"client":"ingest","served":30,"refused":2}],"refused_by_reason":{"token":1},
             "writes":{"distinct":10,"total":11}}]}"#;
@@ -304,6 +310,22 @@ mod tests {
             (45, 40, 3)
         );
         assert_eq!(org.writes.total, 11);
+        // Kept logs re-encode the stats: nothing of the contract is lost.
+        let kept = serde_json::to_value(&stats).unwrap();
+        let family = &kept["orgs"][0]["families"][0];
+        assert_eq!(family["in_flight"], 2);
+        assert_eq!(family["windows"][0]["max_concurrent"], 10);
+    }
+
+    #[tokio::test]
+    async fn kept_stats_are_what_the_simulator_said() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sim = gcsim::Sim::start(gcsim::SimConfig::default(), listener).unwrap();
+        let upstream = Upstream::new(sim.addr());
+        let raw: serde_json::Value = upstream.get_json("/_sim/stats").await.unwrap();
+        let typed: SimStats = serde_json::from_value(raw.clone()).unwrap();
+        sim.shutdown().await;
+        assert_eq!(serde_json::to_value(&typed).unwrap(), raw);
     }
 
     #[test]
