@@ -80,6 +80,9 @@ pub(crate) struct UpstreamFile {
     changes: Vec<LimitChange>,
     /// Its analytics family's unmanaged steps (from ms, per window).
     unmanaged: Vec<(u64, u64)>,
+    /// Whether the unmanaged consumer ramps between its steps (else it
+    /// keeps each step's count until the next).
+    pub(crate) ramping: bool,
     /// `conversations_per_day` of org-a as the file sets it.
     conversations_per_day: u64,
 }
@@ -239,6 +242,7 @@ impl UpstreamFile {
             summary,
             changes,
             unmanaged,
+            ramping: analytics.unmanaged_pattern == gcsim::UnmanagedPattern::Ramping,
             conversations_per_day: org.conversations_per_day,
         })
     }

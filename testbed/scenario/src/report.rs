@@ -42,6 +42,9 @@ pub(crate) struct Report {
     pub(crate) changes: Vec<LimitChange>,
     /// Unmanaged consumer: (from simulated ms, requests per window).
     pub(crate) unmanaged: Vec<(u64, u64)>,
+    /// Whether it ramps between those steps, window by window.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) unmanaged_ramping: bool,
     /// `--upstream`: the file and its analytics family in a line (None:
     /// the generated org).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -65,6 +68,7 @@ impl Report {
             window_ms: WINDOW_MS,
             changes: plan.changes.clone(),
             unmanaged: plan.unmanaged.clone(),
+            unmanaged_ramping: plan.upstream.as_ref().is_some_and(|f| f.ramping),
             upstream: plan.upstream.as_ref().map(|f| f.summary.clone()),
             modes,
             targets,
@@ -81,11 +85,7 @@ impl Report {
     pub(crate) fn table(&self) -> String {
         let mut out = String::new();
         let changes: Vec<String> = self.changes.iter().map(change_label).collect();
-        let unmanaged: Vec<String> = self
-            .unmanaged
-            .iter()
-            .map(|(at, n)| format!("{n}/window from {} s", at / 1000))
-            .collect();
+        let unmanaged = unmanaged_steps(&self.unmanaged, self.unmanaged_ramping, self.window_ms);
         let _ = writeln!(out, "fleet scenario: {}", self.command);
         let _ = writeln!(
             out,
@@ -105,8 +105,7 @@ impl Report {
         };
         let _ = writeln!(
             out,
-            "org-a analytics-query: documented 60, {hidden}; unmanaged {}\n",
-            unmanaged.join(", ")
+            "org-a analytics-query: documented 60, {hidden}; unmanaged {unmanaged}\n"
         );
         let mut rows: Vec<(String, Vec<String>)> = Vec::new();
         let mut row = |name: &str, f: &dyn Fn(&ModeResult) -> String| {
@@ -422,6 +421,30 @@ fn ms(v: f64) -> String {
     }
 }
 
+/// The unmanaged consumer's steps as gcsim plays them: a step counts from
+/// the first window that starts at or after it, and a ramping consumer
+/// moves window by window from one step's count to the next's.
+fn unmanaged_steps(steps: &[(u64, u64)], ramping: bool, window_ms: u64) -> String {
+    let starts = |at: u64| at.div_ceil(window_ms.max(1)) * window_ms.max(1) / 1000;
+    let parts: Vec<String> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, &(at, n))| match steps.get(i + 1) {
+            Some(&(next, to)) if ramping && to != n => format!(
+                "{n} → {to}/window over the windows from {} s to {} s",
+                starts(at),
+                starts(next)
+            ),
+            _ => format!("{n}/window from {} s", starts(at)),
+        })
+        .collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
 /// Least goodput of what the unmanaged consumer left.
 pub(crate) const MIN_GOODPUT_OF_LEFT: f64 = 0.97;
 /// Most 429s per request where what is left for the fleet holds / moves.
@@ -620,4 +643,23 @@ fn share_of(part: u64, whole: u64) -> f64 {
 
 fn pct_2(v: f64) -> String {
     format!("{:.2}%", 100.0 * v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_unmanaged_consumer_is_described_as_gcsim_plays_it() {
+        // A step at 30 s counts from the window that starts at 60 s.
+        assert_eq!(
+            unmanaged_steps(&[(0, 4), (30_000, 12)], false, 60_000),
+            "4/window from 0 s, 12/window from 60 s"
+        );
+        assert_eq!(
+            unmanaged_steps(&[(0, 4), (120_000, 12)], true, 60_000),
+            "4 → 12/window over the windows from 0 s to 120 s, 12/window from 120 s"
+        );
+        assert_eq!(unmanaged_steps(&[], false, 60_000), "none");
+    }
 }
