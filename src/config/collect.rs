@@ -30,7 +30,7 @@ pub(super) fn read<T: DeserializeOwned>(mut doc: toml::Value) -> Result<T, Confi
                     "." | "" => String::new(),
                     at => at.to_owned(),
                 };
-                let what = &clip_quoted(what);
+                let what = &clip_words(what);
                 let set_aside = what
                     .strip_prefix("missing field `")
                     .and_then(|rest| rest.strip_suffix('`'))
@@ -101,21 +101,24 @@ fn clip_path(path: &Path) -> String {
     out
 }
 
-/// serde's message with every `quoted` name in it clipped (an unknown
-/// field's name is the input's).
-fn clip_quoted(message: &str) -> String {
-    message
-        .split('`')
-        .enumerate()
-        .map(|(i, part)| {
-            if i % 2 == 1 {
-                clip_key(part)
-            } else {
-                part.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("`")
+/// Longest message of serde's shown.
+const MESSAGE_CHARS: usize = 1_000;
+
+/// serde's message with every word in it clipped, then the whole: it
+/// quotes what was read (an unknown field's name, a value of the wrong
+/// type), however long.
+fn clip_words(message: &str) -> String {
+    let words: Vec<String> = message.split(' ').map(clip_key).collect();
+    let joined = words.join(" ");
+    match joined.char_indices().nth(MESSAGE_CHARS) {
+        None => joined,
+        Some((end, _)) => format!("{}…", &joined[..end]),
+    }
+}
+
+/// A dotted key (`server.listen`) as problems show it, each part clipped.
+pub(super) fn clip_dotted(key: &str) -> String {
+    key.split('.').map(clip_key).collect::<Vec<_>>().join(".")
 }
 
 /// Removes the value at `path` from `doc`; false if there is nothing

@@ -379,12 +379,18 @@ impl ConfigError {
     /// a problem that names no key (a TOML syntax error).
     fn annotated(mut self, source: &str, overrides: &[(String, String)]) -> Self {
         for p in &mut self.problems {
+            // Problems name keys clipped (`collect::clip_dotted`).
             let from_env = overrides.iter().find(|(key, _)| {
-                p.strip_prefix(key.as_str())
-                    .is_some_and(|rest| rest.starts_with([':', ' ', '[', '.']))
+                [key.clone(), collect::clip_dotted(key)].iter().any(|k| {
+                    p.strip_prefix(k.as_str())
+                        .is_some_and(|rest| rest.starts_with([':', ' ', '[', '.']))
+                })
             });
             if let Some((_, var)) = from_env {
-                p.push_str(&format!(" (set by the environment variable {var})"));
+                p.push_str(&format!(
+                    " (set by the environment variable {})",
+                    crate::error::clip_plain(var)
+                ));
             } else if p.starts_with("TOML parse error") {
                 *p = format!("{source}: {}", one_line_toml_error(p));
             }
@@ -895,6 +901,22 @@ mod tests {
         assert!(all.len() < 1_000, "{} bytes: {all}", all.len());
         assert!(all.contains(&format!("server.{}…", &key[..64])), "{all}");
         assert!(all.contains("expected one of `listen`"), "{all}");
+        // A value of the wrong type is quoted by serde: clipped too.
+        let value = "v".repeat(5_000);
+        let err =
+            Settings::from_toml(&format!("[server]\nmax_wait_ms = \"{value}\"\n")).unwrap_err();
+        let all = err.to_string();
+        assert!(all.len() < 1_000, "{} bytes: {all}", all.len());
+        assert!(all.contains("server.max_wait_ms: invalid type"), "{all}");
+        // A long key from the environment is still said to come from there.
+        let var = format!("QUOTA_BROKER__SERVER__{}", "K".repeat(200));
+        let err = Settings::load(None, [(var, "1".to_owned())]).unwrap_err();
+        let all = err.to_string();
+        assert!(
+            all.contains("(set by the environment variable QUOTA_BROKER__SERVER__KKK"),
+            "{all}"
+        );
+        assert!(all.len() < 1_000, "{} bytes: {all}", all.len());
     }
 
     #[test]

@@ -272,7 +272,7 @@ impl RawConfig {
             problems.push("[[classes]] is empty; define at least one priority class".into());
         }
         for (i, c) in classes.iter().enumerate() {
-            c.check(&format!("classes[{i}] ({:?})", c.name), &mut problems);
+            c.check(&format!("classes[{i}] ({})", clip(&c.name)), &mut problems);
         }
         check_class_set(&classes, &mut problems);
         if !classes
@@ -280,8 +280,8 @@ impl RawConfig {
             .any(|c| c.name == self.scheduling.default_class)
         {
             problems.push(format!(
-                "scheduling.default_class {:?} is not a configured class",
-                self.scheduling.default_class
+                "scheduling.default_class {} is not a configured class",
+                clip(&self.scheduling.default_class)
             ));
         }
         if self.scheduling.max_waiters_per_bucket == 0 {
@@ -307,7 +307,8 @@ impl RawConfig {
         // would leave which entry a caller runs as to the order of the file.
         let mut first_of: HashMap<[u8; 32], usize> = HashMap::new();
         for (i, t) in &tokens {
-            if let Some(first) = first_of.insert(t.hash(), *i) {
+            let first = *first_of.entry(t.hash()).or_insert(*i);
+            if first != *i {
                 problems.push(format!(
                     "auth.tokens[{i}] ({}): the same sha256 as auth.tokens[{first}]; a token \
                      has one entry (two holders need two tokens)",
@@ -362,7 +363,7 @@ impl RawConfig {
             .enumerate()
             .map(|(i, t)| {
                 if !ids.insert(t.id.clone()) {
-                    problems.push(format!("tenants[{i}]: id {:?} is used twice", t.id));
+                    problems.push(format!("tenants[{i}]: id {} is used twice", clip(&t.id)));
                 } else if let Some(other) =
                     tags.insert(crate::limits::tenant_tag(&t.id), t.id.clone())
                 {
@@ -443,8 +444,9 @@ impl RawServer {
                     .parse::<SocketAddr>()
                     .map_err(|e| {
                         problems.push(format!(
-                            "server.http_listen {http_text:?} is not an IP:port address ({e}); \
-                             \"\" turns the HTTP port off"
+                            "server.http_listen {} is not an IP:port address ({e}); \
+                             \"\" turns the HTTP port off",
+                            clip(http_text)
                         ))
                     })
                     .ok()
@@ -493,7 +495,7 @@ impl RawServer {
 
 impl RawTenant {
     fn validate(self, i: usize, problems: &mut Vec<String>) -> TenantSettings {
-        let at = format!("tenants[{i}] ({:?})", self.id);
+        let at = format!("tenants[{i}] ({})", clip(&self.id));
         if self.id.trim().is_empty() {
             problems.push(format!("tenants[{i}]: id must not be empty"));
         }
@@ -508,11 +510,11 @@ impl RawTenant {
             .filter_map(|(j, b)| {
                 if !names.insert(b.name.clone()) {
                     problems.push(format!(
-                        "{at}.buckets[{j}]: name {:?} is used twice",
-                        b.name
+                        "{at}.buckets[{j}]: name {} is used twice",
+                        clip(&b.name)
                     ));
                 }
-                let at = format!("{at}.buckets[{j}] ({:?})", b.name);
+                let at = format!("{at}.buckets[{j}] ({})", clip(&b.name));
                 b.validate(&at, problems)
             })
             .collect();
@@ -535,7 +537,8 @@ impl RawBucket {
             Some("oauth_client") => Scope::OauthClient,
             Some(other) => {
                 problems.push(format!(
-                    "{at}: scope {other:?} is unknown; use \"org\" or \"oauth_client\""
+                    "{at}: scope {} is unknown; use \"org\" or \"oauth_client\"",
+                    clip(other)
                 ));
                 Scope::Org
             }
@@ -550,7 +553,7 @@ impl RawBucket {
             .iter()
             .filter_map(|r| {
                 Route::parse(r)
-                    .map_err(|e| problems.push(format!("{at}: route {r:?}: {e}")))
+                    .map_err(|e| problems.push(format!("{at}: route {}: {e}", clip(r))))
                     .ok()
             })
             .collect();

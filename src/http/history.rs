@@ -318,6 +318,7 @@ mod tests {
                 granted_total: granted,
                 throttled_total: 0,
                 reports_total: 0,
+                last_report: None,
                 freezes_total: 0,
                 frozen_until: None,
                 learned_limit_per_min: None,

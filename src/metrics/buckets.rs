@@ -4,12 +4,14 @@
 
 use super::Metrics;
 use crate::broker::{Broker, TenantBucketStatus};
+use crate::config::Scope;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// Reads every bucket of the broker on each scrape.
@@ -32,6 +34,10 @@ impl BucketCollector {
         BucketCollector { broker, metrics }
     }
 }
+
+/// How recently a per-client instance must have had a report to count in
+/// `effective_rate_lowest_share` (the sample alert's `for`).
+const IN_USE_WITHIN: Duration = Duration::from_secs(15 * 60);
 
 /// One bucket's figures, its instances summed.
 #[derive(Default)]
@@ -70,7 +76,14 @@ impl Sum {
         self.freezes += b.freezes_total;
         self.configured += b.configured_rate_per_min / 60.0;
         self.effective += b.effective_rate_per_min / 60.0;
-        if b.configured_rate_per_min > 0.0 {
+        // A per-client instance counts while its client reports: one
+        // that took a 429 and went quiet (or an OAuth client a Report
+        // merely named) keeps its cut rate until the broker drops it, and
+        // would hold the bucket's figure down for nobody.
+        let in_use = b.scope == Scope::Org
+            || b.last_report
+                .is_some_and(|at| now.saturating_duration_since(at) <= IN_USE_WITHIN);
+        if b.configured_rate_per_min > 0.0 && in_use {
             let share = b.effective_rate_per_min / b.configured_rate_per_min;
             self.lowest_share = Some(self.lowest_share.map_or(share, |l| l.min(share)));
         }
@@ -220,7 +233,8 @@ impl Collector for BucketCollector {
             &sums,
             "effective_rate_lowest_share",
             "Effective over configured rate of the bucket's most cut instance (per-OAuth-client \
-             buckets: the OAuth client learning cut furthest; buckets with a rate)",
+             buckets: the OAuth client learning cut furthest of those that reported in the last \
+             15 min; buckets with a rate)",
             |s| s.lowest_share,
         )?;
         gauges(
@@ -344,5 +358,64 @@ impl Collector for BucketCollector {
             prometheus_client::metrics::MetricType::Gauge,
         )?)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tenant::BucketStatus;
+
+    fn instance(scope: Scope, effective: f64, last_report: Option<Instant>) -> TenantBucketStatus {
+        TenantBucketStatus {
+            tenant: "t".into(),
+            at: Instant::now(),
+            status: BucketStatus {
+                bucket: "b".into(),
+                scope,
+                oauth_client: (scope == Scope::OauthClient).then(|| "c".into()),
+                configured_rate_per_min: 60.0,
+                effective_rate_per_min: effective,
+                burst: 10,
+                tokens_available: 0.0,
+                in_flight: 0,
+                held_over: 0,
+                max_in_flight: 0,
+                waiting: Default::default(),
+                paused: None,
+                granted_total: 0,
+                throttled_total: 0,
+                reports_total: 0,
+                last_report,
+                freezes_total: 0,
+                frozen_until: None,
+                learned_limit_per_min: None,
+                throttle_ratio: 0.0,
+                cooldown_until: None,
+                upstream_remaining: None,
+            },
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_clients_cut_rate_does_not_count_as_the_buckets_lowest_share() {
+        let reported = Instant::now();
+        tokio::time::advance(IN_USE_WITHIN + Duration::from_secs(1)).await;
+        let now = Instant::now();
+        let lowest = |instances: &[TenantBucketStatus]| {
+            let mut sum = Sum::default();
+            for s in instances {
+                sum.add(s, now);
+            }
+            sum.lowest_share
+        };
+        // A client cut to a fifth that has not reported since.
+        let quiet = instance(Scope::OauthClient, 12.0, Some(reported));
+        let busy = instance(Scope::OauthClient, 30.0, Some(now));
+        assert_eq!(lowest(&[quiet.clone(), busy]), Some(0.5));
+        assert_eq!(lowest(std::slice::from_ref(&quiet)), None);
+        assert_eq!(lowest(&[instance(Scope::OauthClient, 12.0, None)]), None);
+        // An org-wide bucket's cut rate is the next caller's, reports or not.
+        assert_eq!(lowest(&[instance(Scope::Org, 12.0, None)]), Some(0.2));
     }
 }

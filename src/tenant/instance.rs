@@ -27,6 +27,8 @@ pub(super) struct Instance {
     pub(super) granted_total: u64,
     pub(super) throttled_total: u64,
     pub(super) reports_total: u64,
+    /// When the last report reached it (since this run began).
+    pub(super) last_report: Option<Instant>,
     /// Freezes after a 429 (for the metrics).
     pub(super) freezes_total: u64,
     pub(super) learner: Learner,
@@ -69,6 +71,7 @@ impl Instance {
             granted_total: 0,
             throttled_total: 0,
             reports_total: 0,
+            last_report: None,
             freezes_total: 0,
             slot_learner: settings.max_in_flight.map(|m| {
                 SlotLearner::new(

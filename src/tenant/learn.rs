@@ -54,6 +54,7 @@ impl TenantState {
                 continue;
             };
             x.reports_total += 1;
+            x.last_report = Some(now);
             if http_status < 400 {
                 let before = x.learner.rate(now, &s);
                 x.learner.on_success(now, &s);
@@ -121,6 +122,7 @@ impl TenantState {
         for &i in &instances {
             if let Some(x) = self.instances.get_mut(i) {
                 x.reports_total += 1;
+                x.last_report = Some(now);
             }
         }
         if let Some(x) = self.instances.get_mut(target) {

@@ -41,6 +41,9 @@ pub struct BucketStatus {
     pub throttled_total: u64,
     /// Reports received.
     pub reports_total: u64,
+    /// When the last report was received (`None`: none since this run
+    /// began).
+    pub last_report: Option<Instant>,
     /// Freezes after a 429.
     pub freezes_total: u64,
     /// Frozen until (after a reported 429).
@@ -107,6 +110,7 @@ impl TenantState {
             granted_total: x.granted_total,
             throttled_total: x.throttled_total,
             reports_total: x.reports_total,
+            last_report: x.last_report,
             freezes_total: x.freezes_total,
             frozen_until: x.learner.frozen_until(now),
             learned_limit_per_min: x.learner.learned_limit(),

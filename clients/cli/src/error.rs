@@ -155,7 +155,15 @@ impl Error {
 /// What to do about a TLS handshake the client refused, by rustls's words
 /// for it ("" for anything else).
 fn tls_hint(url: &str, detail: &str) -> &'static str {
-    if url.starts_with("https://")
+    if detail.contains("not valid for name") {
+        " (connect by a name the certificate has, or give one with --tls-server-name)"
+    } else if detail.contains("UnknownIssuer") {
+        " (no CA trusted here signed the broker's certificate: --ca-cert with the CA that did)"
+    } else if detail.contains("xpired") {
+        " (the broker's certificate has expired: renew it on the broker)"
+    } else if detail.contains("NotValidYet") || detail.contains("not valid yet") {
+        " (the broker's certificate is not valid yet: check this host's clock)"
+    } else if url.starts_with("https://")
         && [
             "reset",
             "InvalidContentType",
@@ -168,15 +176,7 @@ fn tls_hint(url: &str, detail: &str) -> &'static str {
     {
         // A plaintext broker answers a TLS ClientHello with HTTP/2 bytes or
         // by closing the connection.
-        " (does the broker serve TLS on this port? one without [server.tls] needs an http:// URL)"
-    } else if detail.contains("not valid for name") {
-        " (connect by a name the certificate has, or give one with --tls-server-name)"
-    } else if detail.contains("UnknownIssuer") {
-        " (no CA trusted here signed the broker's certificate: --ca-cert with the CA that did)"
-    } else if detail.contains("xpired") {
-        " (the broker's certificate has expired: renew it on the broker)"
-    } else if detail.contains("NotValidYet") || detail.contains("not valid yet") {
-        " (the broker's certificate is not valid yet: check this host's clock)"
+        " (if the broker serves no TLS on this port, without [server.tls], use an http:// URL)"
     } else {
         ""
     }
@@ -496,7 +496,7 @@ mod tests {
             detail: "connection reset".into(),
         };
         assert!(
-            plaintext.to_string().contains("needs an http:// URL"),
+            plaintext.to_string().contains("use an http:// URL"),
             "{plaintext}"
         );
         let http = Error::Unreachable {

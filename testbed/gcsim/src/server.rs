@@ -794,6 +794,15 @@ async fn change(
             )
         }
     };
+    if change.hidden_permits == Some(0) {
+        return error_body(
+            StatusCode::BAD_REQUEST,
+            "bad.request",
+            "hidden_permits must be above 0 (a limit of 0 refuses every request, as no upstream does)"
+                .into(),
+            None,
+        );
+    }
     let now = sim.inner.clock.now_ms();
     if lock(&slot.org).change(now, &name, change) {
         tracing::info!(org, family = name, ?change, sim_ms = now, "family changed");

@@ -100,6 +100,9 @@ fn main() -> ExitCode {
     // its temporary directory goes); tasks still holding a child are
     // dropped here, and a blocking start (etcd) is waited for, bounded.
     runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
+    if matches!(outcome, Stopped::Signal(_)) {
+        sweep();
+    }
     match outcome {
         Stopped::Finished(Ok(Output { text, failed })) => {
             print!("{text}");
@@ -126,6 +129,36 @@ fn main() -> ExitCode {
             eprintln!("scenario: cannot handle SIGINT/SIGTERM: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// After a stop: kills any child process still running (one started by a
+/// blocking start the shutdown did not wait out, such as etcd's, has no
+/// handle that kills it when dropped) and removes the temporary directory
+/// if a task still writing into it kept it.
+fn sweep() {
+    let me = std::process::id();
+    let children: Vec<String> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{name}/stat")).ok()?;
+            // "pid (comm) state ppid ...": comm may hold spaces and ')'.
+            let mut after = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+            let (state, ppid) = (after.next()?, after.next()?.parse::<u32>().ok()?);
+            (ppid == me && state != "Z").then_some(name)
+        })
+        .collect();
+    if !children.is_empty() {
+        let _ = std::process::Command::new("kill")
+            .arg("-KILL")
+            .args(&children)
+            .status();
+    }
+    let dir = std::env::temp_dir().join(format!("scenario-{me}"));
+    if dir.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
@@ -261,6 +294,14 @@ fn several(json: bool, reports: &[Result<Report, (String, String)>]) -> Output {
     let failed = reports.iter().filter(|r| r.is_err()).count();
     let text = match (json, reports) {
         (true, [Ok(one)]) => format!("{}\n", one.json()),
+        // One file: one object, as when it succeeds.
+        (true, [Err((upstream, error))]) => format!(
+            "{}\n",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "upstream": upstream, "error": error })
+            )
+            .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        ),
         (true, _) => {
             let all: Vec<serde_json::Value> = reports
                 .iter()

@@ -339,6 +339,16 @@ async fn writes_log_limits_auth_and_control_plane() {
         )
         .await;
     assert_eq!(r.status, 400);
+    // A limit of 0 (every request refused) is refused, as in the config.
+    let r = http
+        .send(
+            Method::POST,
+            "/_sim/orgs/org-a/families/analytics-query",
+            None,
+            r#"{"hidden_permits":0}"#,
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.json);
 
     let log = http.get("/_sim/log?since=0").await;
     let entries = log["entries"].as_array().unwrap();
