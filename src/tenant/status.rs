@@ -130,3 +130,35 @@ impl TenantState {
         self.leases.len()
     }
 }
+
+#[cfg(test)]
+impl BucketStatus {
+    /// An org-wide bucket at 60 a minute, burst 60, nothing counted or
+    /// learned: for tests to change what they look at.
+    pub(crate) fn sample(bucket: &str) -> BucketStatus {
+        BucketStatus {
+            bucket: bucket.into(),
+            scope: crate::config::Scope::Org,
+            oauth_client: None,
+            configured_rate_per_min: 60.0,
+            effective_rate_per_min: 60.0,
+            burst: 60,
+            tokens_available: 0.0,
+            in_flight: 0,
+            held_over: 0,
+            max_in_flight: 0,
+            waiting: Default::default(),
+            paused: None,
+            granted_total: 0,
+            throttled_total: 0,
+            reports_total: 0,
+            last_report: None,
+            freezes_total: 0,
+            frozen_until: None,
+            learned_limit_per_min: None,
+            throttle_ratio: 0.0,
+            cooldown_until: None,
+            upstream_remaining: None,
+        }
+    }
+}
