@@ -269,22 +269,6 @@ impl Etcd {
         Ok(answer.kvs.into_iter().next())
     }
 
-    /// Puts `key` = `value` (attached to `lease` unless 0).
-    pub(crate) async fn put(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<(), EtcdError> {
-        bounded(
-            self.timeout,
-            "put",
-            self.kv.clone().put(PutRequest {
-                key: key.as_bytes().to_vec(),
-                value,
-                lease,
-                ..PutRequest::default()
-            }),
-        )
-        .await?;
-        Ok(())
-    }
-
     /// Creates `key` = `value` on `lease` if no one holds it; true if created.
     pub(crate) async fn create(
         &self,
@@ -303,23 +287,42 @@ impl Etcd {
             .await
     }
 
-    /// Puts `key` = `value` (no lease) if `guard` holds `owner`; true if put.
+    /// Puts `key` = `value` (no lease) if `guard` is on etcd lease
+    /// `owner`; true if put. By lease, not by the value (a node's name): a
+    /// second process under the same name holds other leases.
     pub(crate) async fn put_if(
         &self,
-        (guard, owner): (&str, &[u8]),
+        (guard, owner): (&str, i64),
         key: &str,
         value: Vec<u8>,
     ) -> Result<bool, EtcdError> {
         self.txn(
-            vec![value_is(guard, owner)],
+            vec![lease_is(guard, owner)],
             put_op(key, value, 0),
             "guarded put",
         )
         .await
     }
 
-    /// Deletes `key` if its value is `value`; true if deleted.
-    pub(crate) async fn delete_if(&self, key: &str, value: &[u8]) -> Result<bool, EtcdError> {
+    /// Puts `key` = `value` on `lease` if `key` is on etcd lease `was`;
+    /// true if put.
+    pub(crate) async fn replace_if(
+        &self,
+        key: &str,
+        was: i64,
+        value: Vec<u8>,
+        lease: i64,
+    ) -> Result<bool, EtcdError> {
+        self.txn(
+            vec![lease_is(key, was)],
+            put_op(key, value, lease),
+            "guarded replace",
+        )
+        .await
+    }
+
+    /// Deletes `key` if it is on etcd lease `lease`; true if deleted.
+    pub(crate) async fn delete_if(&self, key: &str, lease: i64) -> Result<bool, EtcdError> {
         let delete = RequestOp {
             request: Some(request_op::Request::RequestDeleteRange(
                 DeleteRangeRequest {
@@ -328,7 +331,7 @@ impl Etcd {
                 },
             )),
         };
-        self.txn(vec![value_is(key, value)], delete, "guarded delete")
+        self.txn(vec![lease_is(key, lease)], delete, "guarded delete")
             .await
     }
 
@@ -352,12 +355,12 @@ impl Etcd {
     }
 }
 
-fn value_is(key: &str, value: &[u8]) -> Compare {
+fn lease_is(key: &str, lease: i64) -> Compare {
     Compare {
         result: compare::CompareResult::Equal as i32,
-        target: compare::CompareTarget::Value as i32,
+        target: compare::CompareTarget::Lease as i32,
         key: key.as_bytes().to_vec(),
-        target_union: Some(compare::TargetUnion::Value(value.to_vec())),
+        target_union: Some(compare::TargetUnion::Lease(lease)),
         ..Compare::default()
     }
 }

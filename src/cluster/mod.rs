@@ -11,12 +11,16 @@
 //!
 //! Keys, under `cluster.prefix`:
 //! - `members/<node>` = the node's advertised URL, on its etcd lease: the
-//!   live members.
+//!   live members; created only if absent (or on an earlier lease of the
+//!   same process), so two processes configured with one node name cannot
+//!   both join.
 //! - `leaders/<tenant>` = the leading node's name, on its etcd lease:
 //!   created only if absent, so at most one node holds it; it vanishes when
-//!   the holder's lease expires.
+//!   the holder's lease expires. A node leads a tenant only while the key
+//!   is on its *current lease*, not merely while it holds its name.
 //! - `state/<tenant>` = the leader's snapshot (learned state, operators'
-//!   changes), written only while the writer holds `leaders/<tenant>`.
+//!   changes), written only while the writer's lease holds
+//!   `leaders/<tenant>`.
 //!
 //! Safety: a leader grants only until `t + TTL − safety_margin`, where `t`
 //! is when it *sent* the keep-alive etcd last answered. etcd expires the
@@ -42,6 +46,8 @@ use crate::broker::Broker;
 use crate::config::ClusterSettings;
 use etcd::{Etcd, EtcdError, KeepAlive};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -50,21 +56,24 @@ use tokio::time::Instant;
 pub(crate) struct Store {
     etcd: Etcd,
     keys: Keys,
-    node: String,
+    /// The etcd lease this process is a member on (0: none).
+    lease: Arc<AtomicI64>,
 }
 
 impl Store {
-    /// Saves `snapshot` as `tenant`'s state if this node holds its leader
-    /// key; false if it does not (nothing written).
+    /// Saves `snapshot` as `tenant`'s state if this process's lease holds
+    /// its leader key; false if it does not (nothing written).
     pub(crate) async fn save(&self, tenant: &str, snapshot: Vec<u8>) -> Result<bool, EtcdError> {
-        let saved = self
-            .etcd
-            .put_if(
-                (&self.keys.leader(tenant), self.node.as_bytes()),
-                &self.keys.state(tenant),
-                snapshot,
-            )
-            .await?;
+        let lease = self.lease.load(Ordering::Acquire);
+        let saved = lease != 0
+            && self
+                .etcd
+                .put_if(
+                    (&self.keys.leader(tenant), lease),
+                    &self.keys.state(tenant),
+                    snapshot,
+                )
+                .await?;
         if !saved {
             tracing::warn!(%tenant, "state not saved: this broker no longer holds the tenant's leader key");
         }
@@ -120,7 +129,7 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
     let store = Store {
         etcd: etcd.clone(),
         keys: keys.clone(),
-        node: settings.node.clone(),
+        lease: Arc::new(AtomicI64::new(0)),
     };
     // Only `run` sets it, once.
     let _ = broker.cluster_store().set(store.clone());
@@ -186,39 +195,54 @@ impl Node {
         let mut keep = self.etcd.grant(self.settings.lease_ttl).await?;
         let lease = keep.id();
         let me = self.settings.node.clone();
-        // A live member key of this name on a lease this process never held:
-        // another broker runs as this node (or one that crashed moments ago,
-        // whose lease has not expired yet). Taking its name would make both
-        // lead its tenants; wait for its lease to go instead.
-        if let Some(theirs) = self.etcd.lease_of(&self.keys.member(&me)).await? {
-            if theirs != 0 && !self.own_leases.contains(&theirs) {
-                let _ = self.etcd.revoke(lease).await;
-                return Err(EtcdError::new(
-                    "join",
-                    format!(
-                        "another broker is a member as node {me:?} (etcd lease {theirs:x}): each \
-                         broker needs its own cluster.node; joining once that lease expires"
-                    ),
-                ));
+        // The member key is created only if absent, or replaced only while
+        // on an earlier lease of this process (etcd was away for less than
+        // the TTL): on a lease this process never held, another broker
+        // runs as this node (or one that crashed moments ago, whose lease
+        // has not expired yet). Taking its name would make both lead its
+        // tenants; wait for its lease to go instead. Atomic, so two
+        // processes started at once under one name cannot both join.
+        let member = self.keys.member(&me);
+        let url = self.settings.advertise.as_bytes().to_vec();
+        let joined = if self.etcd.create(&member, &url, lease).await? {
+            true
+        } else {
+            match self.etcd.lease_of(&member).await? {
+                Some(was) if was == 0 || self.own_leases.contains(&was) => {
+                    self.etcd.replace_if(&member, was, url, lease).await?
+                }
+                Some(theirs) => {
+                    let _ = self.etcd.revoke(lease).await;
+                    return Err(EtcdError::new(
+                        "join",
+                        format!(
+                            "another broker is a member as node {me:?} (etcd lease {theirs:x}): \
+                             each broker needs its own cluster.node; joining once that lease \
+                             expires (a broker restarted within lease_ttl_ms waits for its \
+                             earlier run's lease the same way)"
+                        ),
+                    ));
+                }
+                None => false,
             }
+        };
+        if !joined {
+            let _ = self.etcd.revoke(lease).await;
+            return Err(EtcdError::new(
+                "join",
+                format!("the member key of node {me:?} changed while joining; trying again"),
+            ));
         }
         self.own_leases.push(lease);
         if self.own_leases.len() > 8 {
             self.own_leases.remove(0);
         }
-        self.etcd
-            .put(
-                &self.keys.member(&me),
-                self.settings.advertise.as_bytes().to_vec(),
-                lease,
-            )
-            .await?;
-        // Leader keys of an earlier lease of ours (etcd was away for less
-        // than the TTL) would expire with a lease no longer refreshed:
-        // free them and win them again on this one.
+        self.store.lease.store(lease, Ordering::Release);
+        // Leader keys of an earlier lease of ours would expire with a lease
+        // no longer refreshed: free them and win them again on this one.
         for e in self.etcd.list(&self.keys.leaders()).await? {
-            if e.value == me.as_bytes() && self.own_leases.contains(&e.lease) {
-                self.etcd.delete_if(&e.key, me.as_bytes()).await?;
+            if e.lease != lease && self.own_leases.contains(&e.lease) {
+                self.etcd.delete_if(&e.key, e.lease).await?;
             }
         }
         tracing::info!(node = %me, lease, "joined the cluster");
@@ -272,14 +296,18 @@ impl Node {
                 Some((node, String::from_utf8_lossy(&e.value).into_owned()))
             })
             .collect();
-        let leaders: HashMap<String, String> = self
+        // Tenant → (leading node, its lease).
+        let leaders: HashMap<String, (String, i64)> = self
             .etcd
             .list(&self.keys.leaders())
             .await?
             .into_iter()
             .filter_map(|e| {
                 let tenant = e.key.strip_prefix(&self.keys.leaders())?.to_owned();
-                Some((tenant, String::from_utf8_lossy(&e.value).into_owned()))
+                Some((
+                    tenant,
+                    (String::from_utf8_lossy(&e.value).into_owned(), e.lease),
+                ))
             })
             .collect();
         self.members = members.clone();
@@ -287,8 +315,11 @@ impl Node {
         let url = |node: Option<&str>| node.and_then(|n| members.get(n).cloned());
         // First extend every lead this node holds: an etcd error on one
         // tenant below must not let the others lapse.
+        // Ours: on this lease. Our name on a lease of another process is
+        // another broker configured with this node name.
+        let ours = |t: &str| leaders.get(t).is_some_and(|(_, l)| *l == lease);
         for t in 0..self.tenants.len() {
-            let mine = leaders.get(&self.tenants[t]).is_some_and(|h| *h == me);
+            let mine = ours(&self.tenants[t]);
             if mine && self.led.contains(&t) && self.broker.leads(t) {
                 self.broker.lead(t, valid_until);
             }
@@ -297,11 +328,11 @@ impl Node {
             let tenant = self.tenants[t].clone();
             let preferred = placement::leader_of(&tenant, members.keys().map(String::as_str))
                 .map(str::to_owned);
-            let holder = leaders.get(&tenant).map(String::as_str);
+            let holder = leaders.get(&tenant).map(|(h, _)| h.as_str());
             match holder {
-                Some(h) if h == me => {
+                Some(_) if ours(&tenant) => {
                     if preferred.as_deref().is_some_and(|p| p != me) {
-                        self.hand_over(t, url(preferred.as_deref())).await?;
+                        self.hand_over(t, url(preferred.as_deref()), lease).await?;
                     } else if self.led.contains(&t) && self.broker.leads(t) {
                         self.broker.lead(t, valid_until);
                     } else {
@@ -317,6 +348,17 @@ impl Node {
                         .await?
                     {
                         self.take_over(t, valid_until).await?;
+                    }
+                }
+                Some(h) if h == me => {
+                    // Never send callers to our own address for it.
+                    tracing::error!(%tenant, node = %me,
+                        "another process leads the tenant under this broker's cluster.node: \
+                         each broker needs its own node name");
+                    if self.led.remove(&t) {
+                        self.broker.step_down(t, None);
+                    } else {
+                        self.broker.follow(t, None);
                     }
                 }
                 other => {
@@ -355,7 +397,12 @@ impl Node {
 
     /// Hands tenant `t` to `next`: stops granting first, then saves and
     /// frees the leader key.
-    async fn hand_over(&mut self, t: usize, next: Option<String>) -> Result<(), EtcdError> {
+    async fn hand_over(
+        &mut self,
+        t: usize,
+        next: Option<String>,
+        lease: i64,
+    ) -> Result<(), EtcdError> {
         let tenant = self.tenants[t].clone();
         // Until the key is gone: an operator's change saved after the final
         // snapshot would be lost, so its save must find the key deleted.
@@ -365,8 +412,9 @@ impl Node {
         self.store
             .save(&tenant, self.broker.final_snapshot(t))
             .await?;
-        let me = self.settings.node.as_bytes();
-        self.etcd.delete_if(&self.keys.leader(&tenant), me).await?;
+        self.etcd
+            .delete_if(&self.keys.leader(&tenant), lease)
+            .await?;
         match &next {
             Some(next) => {
                 tracing::info!(%tenant, %next, "handed the tenant over to its preferred broker")
@@ -396,7 +444,7 @@ impl Node {
                 .map(String::as_str);
             let next = placement::leader_of(&self.tenants[t], others)
                 .and_then(|n| self.members.get(n).cloned());
-            if let Err(e) = self.hand_over(t, next).await {
+            if let Err(e) = self.hand_over(t, next, lease).await {
                 let left = self.led.len();
                 self.lose_all();
                 tracing::warn!(error = %e, tenants_left = left,
@@ -412,6 +460,7 @@ impl Node {
 
     /// The lease is gone or etcd unreachable: lead nothing.
     fn lose_all(&mut self) {
+        self.store.lease.store(0, Ordering::Release);
         self.broker.set_in_cluster(None);
         for t in self.led.drain() {
             self.broker.step_down(t, None);

@@ -569,6 +569,67 @@ async fn a_second_broker_under_a_members_node_name_leads_nothing() {
     );
 }
 
+/// Two processes configured with one node name that reach etcd at the
+/// same moment (both started while it hung): one joins, the other waits;
+/// never do both lead a tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_brokers_started_at_once_under_one_name_do_not_both_lead() {
+    let etcd = testsvc::Etcd::start().unwrap();
+    let cluster = Cluster::start(etcd, "same-name-at-once", &[], 1).await;
+    cluster.etcd.freeze().unwrap();
+    let mut twins = Vec::new();
+    for _ in 0..2 {
+        let port = testsvc::free_port().unwrap();
+        let toml = config(
+            "b9",
+            port,
+            &cluster.etcd_url,
+            &cluster.prefix,
+            &cluster.tenants,
+        );
+        twins.push(Broker::start(&temp_config(&format!("cluster-twin-{port}"), &toml)).await);
+    }
+    // Both asked etcd for a lease while it hung; it answers both at once.
+    cluster.etcd.thaw().unwrap();
+    // (The twin that did not join knows no leader to send callers to:
+    // `leader()`'s settled cluster never comes.)
+    let urls: Vec<String> = twins.iter().map(Broker::url).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut first: Option<String> = None;
+    let mut watch_until = deadline;
+    while Instant::now() < watch_until {
+        let mut leading = Vec::new();
+        for url in &urls {
+            if leads(url, "t0").await.is_ok() {
+                leading.push(url.clone());
+            }
+        }
+        assert!(leading.len() <= 1, "both b9s lead t0: {leading:?}");
+        if first.is_none() {
+            if let [one] = &leading[..] {
+                first = Some(one.clone());
+                watch_until = Instant::now() + Duration::from_millis(2 * TTL_MS);
+            }
+        }
+        poll_pause().await;
+    }
+    let first = first.expect("one b9 leads t0 within 20 s");
+    assert_eq!(
+        leads(&first, "t0").await,
+        Ok(()),
+        "the leader stopped leading"
+    );
+    let mut logs = String::new();
+    for twin in twins {
+        logs.push_str(&twin.terminate().await.1);
+    }
+    assert!(
+        logs.contains("another broker is a member as node \"b9\"")
+            || logs.contains("changed while joining"),
+        "{logs}"
+    );
+}
+
 /// A single node of tenant `t0` on `etcd` under `prefix`, with `tls`
 /// (lines of `[cluster]`: `etcd_ca = …`).
 fn tls_node(etcd: &str, prefix: &str, tls: &str) -> PathBuf {
