@@ -706,15 +706,28 @@ fn may_follow(from: &str, to: &str) -> bool {
     !https(from) || https(to)
 }
 
+/// Quiet time on a connection with calls open before the client pings
+/// the broker.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a ping may go unanswered before the connection (and its open
+/// calls) is given up: a hung broker is noticed within about 5 s.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A lazily connected client for the broker at `url`.
 fn channel(url: &str, tls: Option<&ClientTls>) -> Result<QuotaBrokerClient<Channel>, ClientError> {
     let bad_url = |message: String| ClientError::Url {
         url: url.to_owned(),
         message,
     };
+    // The keep-alive is what notices a broker whose host hangs or was cut
+    // off (connections open, nothing answered): without it a call on an
+    // established connection waits forever, neither moving to the next
+    // broker nor falling back. Pings only while calls are open.
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| bad_url(e.to_string()))?
-        .connect_timeout(Duration::from_secs(2));
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
     // Checked here, not at the first call: a URL that cannot be dialled
     // would otherwise read as a broker that is down, and every call would
     // quietly run on the fallback rate.

@@ -240,6 +240,85 @@ async fn falls_back_to_a_paced_local_limiter_and_returns_to_the_broker() {
     b.stop().await;
 }
 
+/// A TCP proxy in front of a broker that can stop passing bytes, as a
+/// host that hangs or is cut off does: connections stay open, nothing is
+/// answered.
+struct Hangable {
+    addr: SocketAddr,
+    hung: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Hangable {
+    async fn before(to: SocketAddr) -> Hangable {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hung = std::sync::Arc::new(AtomicBool::new(false));
+        let pass = hung.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
+                    continue;
+                };
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                for (mut from, mut to) in [(ri, wo), (ro, wi)].map(|(r, w)| {
+                    (
+                        Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                        Box::new(w) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                    )
+                }) {
+                    let hung = pass.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n) = from.read(&mut buf).await {
+                            if n == 0 {
+                                return;
+                            }
+                            if hung.load(Ordering::Relaxed) {
+                                std::future::pending::<()>().await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Hangable { addr, hung }
+    }
+
+    fn hang(&self) {
+        self.hung.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The broker's host hangs with a call open: the client's keep-alive
+/// notices and the call falls back instead of waiting for ever.
+#[tokio::test(start_paused = true)]
+async fn a_broker_that_hangs_is_noticed_and_calls_fall_back() {
+    let b = broker_on("127.0.0.1:0").await;
+    let proxy = Hangable::before(b.addr).await;
+    let settings = FallbackSettings {
+        fraction: 0.5,
+        floor_per_min: 60,
+        probe_every: Duration::from_secs(5),
+    };
+    let client =
+        BrokerClient::with_fallback(&format!("http://{}", proxy.addr), None, settings).unwrap();
+    let call = Call::new("t", "GET", "/x").class("critical");
+    assert!(!client.acquire(&call).await.unwrap().is_fallback());
+    proxy.hang();
+    let lease = tokio::time::timeout(Duration::from_secs(60), client.acquire(&call))
+        .await
+        .expect("the call waited on the hung broker for a minute")
+        .unwrap();
+    assert!(lease.is_fallback());
+    b.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn calls_waiting_on_the_fallback_take_leases_once_the_broker_is_back() {
     let b = broker_on("127.0.0.1:0").await;
