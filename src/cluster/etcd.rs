@@ -269,6 +269,13 @@ impl Etcd {
         Ok(answer.kvs.into_iter().next())
     }
 
+    /// Puts `key` = `value` (attached to `lease` unless 0).
+    pub(crate) async fn put(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<(), EtcdError> {
+        self.txn(Vec::new(), put_op(key, value, lease), "put")
+            .await
+            .map(|_| ())
+    }
+
     /// Creates `key` = `value` on `lease` if no one holds it; true if created.
     pub(crate) async fn create(
         &self,

@@ -14,6 +14,11 @@
 //!   live members; created only if absent (or on an earlier lease of the
 //!   same process), so two processes configured with one node name cannot
 //!   both join.
+//! - `serves/<node>` = the tenant ids of the node's config, one a line, on
+//!   its etcd lease: a tenant is placed only among the members that serve
+//!   it (a node without this key, of an older build, counts as serving
+//!   every tenant), so a member whose config lacks a tenant is never
+//!   elected to lead it, and one that alone has a tenant leads it.
 //! - `leaders/<tenant>` = the leading node's name, on its etcd lease:
 //!   created only if absent, so at most one node holds it; it vanishes when
 //!   the holder's lease expires. A node leads a tenant only while the key
@@ -93,6 +98,12 @@ impl Keys {
     fn member(&self, node: &str) -> String {
         format!("{}/members/{node}", self.prefix)
     }
+    fn serving(&self) -> String {
+        format!("{}/serves/", self.prefix)
+    }
+    fn serves(&self, node: &str) -> String {
+        format!("{}/serves/{node}", self.prefix)
+    }
     fn leaders(&self) -> String {
         format!("{}/leaders/", self.prefix)
     }
@@ -144,6 +155,8 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
         last_save: Instant::now(),
         own_leases: Vec::new(),
         members: HashMap::new(),
+        serves: HashMap::new(),
+        warned: HashSet::new(),
     };
     let shutdown = broker.shutdown_token().clone();
     let mut backoff = tick;
@@ -185,6 +198,11 @@ struct Node {
     /// The members (node → URL) the last tick read: at shutdown, where
     /// each tenant goes next.
     members: HashMap<String, String>,
+    /// The tenants each member serves, as the last tick read (a member
+    /// missing here serves every tenant).
+    serves: HashMap<String, HashSet<String>>,
+    /// Members already warned about for serving other tenants.
+    warned: HashSet<String>,
 }
 
 impl Node {
@@ -237,6 +255,12 @@ impl Node {
         if self.own_leases.len() > 8 {
             self.own_leases.remove(0);
         }
+        // The node's name is this process's now (the member key above):
+        // so is its `serves` key.
+        let tenants = self.tenants.join("\n").into_bytes();
+        self.etcd
+            .put(&self.keys.serves(&me), tenants, lease)
+            .await?;
         self.store.lease.store(lease, Ordering::Release);
         // Leader keys of an earlier lease of ours would expire with a lease
         // no longer refreshed: free them and win them again on this one.
@@ -310,8 +334,31 @@ impl Node {
                 ))
             })
             .collect();
+        let serves: HashMap<String, HashSet<String>> = self
+            .etcd
+            .list(&self.keys.serving())
+            .await?
+            .into_iter()
+            .filter_map(|e| {
+                let node = e.key.strip_prefix(&self.keys.serving())?.to_owned();
+                let tenants = String::from_utf8_lossy(&e.value)
+                    .lines()
+                    .map(str::to_owned)
+                    .collect();
+                Some((node, tenants))
+            })
+            .collect();
+        self.warn_of_other_tenants(&members, &serves);
         self.members = members.clone();
+        self.serves = serves.clone();
         let me = self.settings.node.clone();
+        let serving = |tenant: &str| {
+            members
+                .keys()
+                .filter(|m| serves.get(*m).is_none_or(|s| s.contains(tenant)))
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+        };
         let url = |node: Option<&str>| node.and_then(|n| members.get(n).cloned());
         // First extend every lead this node holds: an etcd error on one
         // tenant below must not let the others lapse.
@@ -326,8 +373,7 @@ impl Node {
         }
         for t in 0..self.tenants.len() {
             let tenant = self.tenants[t].clone();
-            let preferred = placement::leader_of(&tenant, members.keys().map(String::as_str))
-                .map(str::to_owned);
+            let preferred = placement::leader_of(&tenant, serving(&tenant)).map(str::to_owned);
             let holder = leaders.get(&tenant).map(|(h, _)| h.as_str());
             match holder {
                 Some(_) if ours(&tenant) => {
@@ -437,13 +483,15 @@ impl Node {
         for t in led {
             // The member that wins the tenant once this one is gone: its
             // callers are sent there rather than told no one leads.
+            let tenant = &self.tenants[t];
             let others = self
                 .members
                 .keys()
                 .filter(|n| **n != me)
+                .filter(|n| self.serves.get(*n).is_none_or(|s| s.contains(tenant)))
                 .map(String::as_str);
-            let next = placement::leader_of(&self.tenants[t], others)
-                .and_then(|n| self.members.get(n).cloned());
+            let next =
+                placement::leader_of(tenant, others).and_then(|n| self.members.get(n).cloned());
             if let Err(e) = self.hand_over(t, next, lease).await {
                 let left = self.led.len();
                 self.lose_all();
@@ -455,6 +503,32 @@ impl Node {
         }
         if let Err(e) = self.etcd.revoke(lease).await {
             tracing::warn!(error = %e, "could not leave the cluster; the lease expiry will");
+        }
+    }
+
+    /// Warns once per member whose config serves other tenants than this
+    /// one's: every broker of a cluster should have the same tenants (a
+    /// tenant only some serve is led only by them, and a broker without
+    /// one answers its callers NOT_FOUND).
+    fn warn_of_other_tenants(
+        &mut self,
+        members: &HashMap<String, String>,
+        serves: &HashMap<String, HashSet<String>>,
+    ) {
+        self.warned.retain(|m| members.contains_key(m));
+        let ours: HashSet<&str> = self.tenants.iter().map(String::as_str).collect();
+        for (node, theirs) in serves {
+            if *node == self.settings.node || !members.contains_key(node) {
+                continue;
+            }
+            let theirs: HashSet<&str> = theirs.iter().map(String::as_str).collect();
+            if theirs != ours && self.warned.insert(node.clone()) {
+                let lacks: Vec<&str> = ours.difference(&theirs).copied().take(5).collect();
+                let extra: Vec<&str> = theirs.difference(&ours).copied().take(5).collect();
+                tracing::warn!(member = %node, lacks = ?lacks, only_it_has = ?extra,
+                    "a member of the cluster serves other tenants than this broker: every broker \
+                     should have the same [[tenants]]; a tenant is led only by members that serve it");
+            }
         }
     }
 

@@ -569,6 +569,53 @@ async fn a_second_broker_under_a_members_node_name_leads_nothing() {
     );
 }
 
+/// A member whose config lacks some tenants is never elected to lead them
+/// (they would go unled), a tenant only one member has is led by it, and
+/// the others warn that the members' tenants differ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_is_led_only_by_members_that_serve_it() {
+    let etcd = testsvc::Etcd::start().unwrap();
+    let mut cluster = Cluster::start(etcd, "other-tenants", &["b1"], 8).await;
+    let all = cluster.tenants.clone();
+    // b2 serves t0–t3 and a tenant of its own, not t4–t7.
+    let mut some: Vec<String> = all[..4].to_vec();
+    some.push("only-b2".into());
+    let port = testsvc::free_port().unwrap();
+    let toml = config("b2", port, &cluster.etcd_url, &cluster.prefix, &some);
+    let b2 = Broker::start(&temp_config(&format!("cluster-b2-{port}"), &toml)).await;
+    let b1 = cluster.brokers["b1"].url();
+    // b2 has joined once it leads its own tenant.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while leads(&b2.url(), "only-b2").await.is_err() {
+        assert!(Instant::now() < deadline, "only-b2 is not led by b2");
+        poll_pause().await;
+    }
+    // Then, for a lease TTL and more (ticks of both, hand-overs done):
+    // t4–t7 stay led by b1 whatever the hashing prefers, and each of t0–t3
+    // is led by one of the two.
+    let urls = vec![b1.clone(), b2.url()];
+    let watch_until = Instant::now() + Duration::from_millis(2 * TTL_MS);
+    while Instant::now() < watch_until {
+        for t in &all[4..] {
+            assert_eq!(
+                leads(&b1, t).await,
+                Ok(()),
+                "{t}, which b2 lacks, is not led by b1"
+            );
+        }
+        poll_pause().await;
+    }
+    for t in &all[..4] {
+        leader(&urls, t).await;
+    }
+    let (_, log) = b2.terminate().await;
+    assert!(
+        log.contains("serves other tenants than this broker"),
+        "{log}"
+    );
+    cluster.brokers.clear();
+}
+
 /// Two processes configured with one node name that reach etcd at the
 /// same moment (both started while it hung): one joins, the other waits;
 /// never do both lead a tenant.
