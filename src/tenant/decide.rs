@@ -219,7 +219,14 @@ impl TenantState {
                 .slots
                 .filter(|s| !s.has_room(n.saturating_add(share.slots(s.max()))))
             {
-                let at = self.leases.first_expiry_holding(i).unwrap_or(now);
+                // The first slot back: a known lease's expiry, or the
+                // end of the slots counted for an earlier run's unknown
+                // leases after a restart.
+                let phantoms = x.phantom_until.filter(|_| x.phantom > 0);
+                let at = match (self.leases.first_expiry_holding(i), phantoms) {
+                    (Some(lease), Some(phantom)) => lease.min(phantom),
+                    (lease, phantom) => lease.or(phantom).unwrap_or(now),
+                };
                 retry = retry.max(at);
                 let _ = write!(
                     reason,

@@ -38,6 +38,8 @@ fn after_a_restart_unclaimed_slots_come_back_after_one_lease_ttl() {
         "{}",
         d.reason
     );
+    // Told when the slot comes back (the lease TTL, 5 s), not "now".
+    assert_eq!(d.retry_after, 5 * SEC);
     assert_eq!(
         t.statuses(t0)[0].tokens_available,
         0.0,

@@ -74,7 +74,24 @@ fn run_is_over(id: &str) -> bool {
     !h.is_empty()
         && h == host()
         && std::path::Path::new("/proc/self").exists()
-        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !process_alive(pid)
+}
+
+/// Whether process `pid` runs: it exists and has not exited (a killed
+/// process stays a zombie until reaped, which in a container whose first
+/// process does not reap may be a while).
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // "pid (comm) state ...": comm may hold spaces and ')'.
+            let state = stat
+                .get(stat.rfind(')')? + 1..)?
+                .split_whitespace()
+                .next()?;
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
 }
 
 /// Takes `plan.owner` for this run, or says who holds it. The holder may
@@ -547,5 +564,26 @@ async fn fetch_checked(
                 attempts: attempt,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::process_alive;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_killed_process_not_yet_reaped_is_not_a_live_run() {
+        assert!(process_alive(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        // It exits at once and stays a zombie until waited for.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_alive(child.id()) {
+            assert!(Instant::now() < deadline, "`true` still running after 10 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(std::path::Path::new(&format!("/proc/{}", child.id())).exists());
+        child.wait().unwrap();
+        assert!(!process_alive(u32::MAX));
     }
 }

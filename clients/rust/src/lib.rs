@@ -389,12 +389,18 @@ impl BrokerClient {
             .map(str::trim)
             .filter(|u| !u.is_empty())
             // A bare `host:port` is plaintext, as quotactl and the Python
-            // client read it.
-            .map(|u| match u.contains("://") {
-                true => u.to_owned(),
-                false => format!("http://{u}"),
+            // client read it; with a `/` in it, it is a mistyped URL
+            // (`http:/host:port`), which would otherwise dial a host named
+            // `http` and run every call on the fallback rate.
+            .map(|u| match (u.contains("://"), u.contains('/')) {
+                (true, _) => Ok(u.to_owned()),
+                (false, false) => Ok(format!("http://{u}")),
+                (false, true) => Err(ClientError::Url {
+                    url: u.chars().take(200).collect(),
+                    message: "expected http://host:port, https://host:port or host:port".into(),
+                }),
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         let first = urls.first().ok_or_else(|| ClientError::Url {
             url: url.to_owned(),
             message: "no broker URL given".into(),

@@ -428,6 +428,8 @@ async fn urls_that_cannot_be_dialled_are_refused_and_a_bare_host_port_is_http() 
         "http://",
         "http:///x",
         "https://:50051",
+        "http:/127.0.0.1:50051",
+        "htp:/x",
     ] {
         let err = BrokerClient::connect(bad, None).err();
         assert!(
