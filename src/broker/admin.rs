@@ -263,14 +263,16 @@ impl Broker {
         tracing::info!(dir = %dir.display(), changes, "operators' changes restored");
     }
 
-    /// Re-applies the changes in an admin file; how many changes are
-    /// recorded afterwards.
+    /// Re-applies the changes in an admin file; how many of them applied.
     pub(super) fn apply_admin(&self, file: AdminFile, now: Instant) -> usize {
         let mut changed = self
             .inner
             .admin_changes
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        // Those of `file` (a tenant's snapshot names that tenant's only;
+        // `changed` holds every tenant's).
+        let mut applied = 0;
         for c in file.classes {
             let Some(&t) = self.inner.by_id.get(&c.tenant) else {
                 tracing::warn!(tenant = %clip(&c.tenant), class = %clip(&c.class.name),
@@ -281,6 +283,7 @@ impl Broker {
             match self.inner.tenants[t].lock().set_class(c.class.clone()) {
                 Ok(()) => {
                     changed.insert((t, AdminKey::Class(c.class.name)));
+                    applied += 1;
                 }
                 Err(e) => {
                     tracing::warn!(tenant = %c.tenant, error = %e, "saved class not restored")
@@ -311,13 +314,14 @@ impl Broker {
                         paused = ?b.paused,
                         "an operator's change is re-applied over the config (the fields set)");
                     changed.insert((t, AdminKey::Bucket(b.bucket)));
+                    applied += 1;
                 }
                 Err(e) => {
                     tracing::warn!(tenant = %b.tenant, error = %e, "saved bucket change not restored")
                 }
             }
         }
-        changed.len()
+        applied
     }
 }
 

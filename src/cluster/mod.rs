@@ -539,6 +539,12 @@ impl Node {
         for t in self.led.drain() {
             self.broker.step_down(t, None);
         }
+        // Cut off from etcd, this broker no longer knows who leads the
+        // others either: callers are told no one does (and fall back)
+        // rather than sent to a leader that may be gone.
+        for t in 0..self.tenants.len() {
+            self.broker.follow(t, None);
+        }
     }
 
     /// Saves the snapshot of every led tenant whose learned state changed.

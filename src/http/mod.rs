@@ -409,6 +409,16 @@ async fn events(
         .watch_every(tenant, |t| who.sees(t), FEED_COALESCE)
     {
         Ok(rx) => rx,
+        // Another broker of the cluster leads it (or none does yet): a
+        // retry may find it here, or the message says where it is led.
+        Err(e @ crate::error::BrokerError::NotLeader { .. }) => {
+            let mut refused = refuse(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+            refused.headers_mut().insert(
+                header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("5"),
+            );
+            return refused;
+        }
         Err(e) => return refuse(StatusCode::NOT_FOUND, &e.to_string()),
     };
     let clock = http.broker.clock();

@@ -99,6 +99,10 @@ fn stored_key(path: &Path) -> Result<[u8; 32], String> {
             .try_into()
             .map_err(|_| format!("{} is not a 32-byte key: delete it", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // In cluster mode nothing else made the directory.
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            }
             let key = random()?;
             write_private(path, &key).map_err(|e| format!("{}: {e}", path.display()))?;
             Ok(key)
@@ -145,10 +149,12 @@ mod tests {
 
     #[test]
     fn a_cookie_stands_for_its_token_until_the_token_changes() {
-        let dir = std::env::temp_dir().join(format!("qb-session-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let top = std::env::temp_dir().join(format!("qb-session-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&top);
+        // A state directory nothing made yet (cluster mode): made.
+        let dir = top.join("state");
         let sessions = Sessions::new(Some(&dir));
+        assert!(dir.join(KEY_FILE).is_file());
         let a = auth(&[("wallboard", "secret-1"), ("ops", "secret-2")]);
         let (_, hash) = a.token_at(1).unwrap();
         let cookie = sessions.issue(1, &hash);
@@ -170,6 +176,6 @@ mod tests {
         for junk in ["", "1", "1.2", "x.y.z", "1.1.00"] {
             assert!(sessions.check(junk, &a).is_none(), "{junk}");
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&top);
     }
 }

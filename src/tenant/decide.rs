@@ -79,7 +79,16 @@ impl TenantState {
                 ..denial
             }));
         }
-        if wait.is_zero() {
+        // Frozen past the end of its wait, it cannot be granted within it:
+        // told at once when to come back, not held for nothing (a caller
+        // that waits 20 s on a bucket frozen for 33 s learned it at 20 s).
+        let frozen_past_wait = instances.iter().any(|&i| {
+            self.instances
+                .get(i)
+                .and_then(|x| x.learner.frozen_until(now))
+                .is_some_and(|until| until > now + wait)
+        });
+        if wait.is_zero() || frozen_past_wait {
             self.defer(&instances, class, back);
             return Ok(Decision::Denied(denial));
         }

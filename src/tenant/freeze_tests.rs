@@ -36,6 +36,22 @@ fn frozen_for_20s(t0: Instant) -> TenantState {
 }
 
 #[test]
+fn a_call_that_would_wait_less_than_the_freeze_is_told_at_once() {
+    let t0 = Instant::now();
+    let mut t = frozen_for_20s(t0);
+    let Decision::Denied(d) = t.acquire(&call("batch"), Some(10 * SEC), t0 + SEC).unwrap() else {
+        panic!("held for a wait the freeze outlasts")
+    };
+    assert!(d.retry_after >= 19 * SEC, "{:?}", d.retry_after);
+    // A wait past the freeze's end still queues.
+    assert!(matches!(
+        t.acquire(&call("critical"), Some(30 * SEC), t0 + SEC)
+            .unwrap(),
+        Decision::Queued(_)
+    ));
+}
+
+#[test]
 fn after_a_freeze_critical_resumes_at_its_end_while_batch_waits_out_the_jitter() {
     let t0 = Instant::now();
     let mut t = frozen_for_20s(t0);

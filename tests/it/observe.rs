@@ -770,6 +770,12 @@ window_ms = 60000
     assert!(r.body.contains("not in the cluster"), "{}", r.body);
     // Alive all the same: a restart would not bring etcd back.
     assert_eq!(get(b.http, "/healthz", &[]).await.status, 200);
+    // A dashboard feed of a tenant it no longer leads: unavailable (try
+    // again, or where the message says), not "not found".
+    let r = get(b.http, "/events?tenant=t", &[]).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("no broker leads tenant"), "{}", r.body);
+    assert_eq!(r.header("retry-after"), Some("5"));
     b.stop().await;
 }
 
