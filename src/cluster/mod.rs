@@ -310,44 +310,19 @@ impl Node {
 
     /// One tick with the lease valid until `valid_until`.
     async fn step(&mut self, lease: i64, valid_until: Instant) -> Result<(), EtcdError> {
-        let members: HashMap<String, String> = self
-            .etcd
-            .list(&self.keys.members())
-            .await?
-            .into_iter()
-            .filter_map(|e| {
-                let node = e.key.strip_prefix(&self.keys.members())?.to_owned();
-                Some((node, String::from_utf8_lossy(&e.value).into_owned()))
-            })
-            .collect();
+        let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+        let members = self
+            .listed(&self.keys.members(), |e| text(&e.value))
+            .await?;
         // Tenant → (leading node, its lease).
-        let leaders: HashMap<String, (String, i64)> = self
-            .etcd
-            .list(&self.keys.leaders())
-            .await?
-            .into_iter()
-            .filter_map(|e| {
-                let tenant = e.key.strip_prefix(&self.keys.leaders())?.to_owned();
-                Some((
-                    tenant,
-                    (String::from_utf8_lossy(&e.value).into_owned(), e.lease),
-                ))
-            })
-            .collect();
+        let leaders = self
+            .listed(&self.keys.leaders(), |e| (text(&e.value), e.lease))
+            .await?;
         let serves: HashMap<String, HashSet<String>> = self
-            .etcd
-            .list(&self.keys.serving())
-            .await?
-            .into_iter()
-            .filter_map(|e| {
-                let node = e.key.strip_prefix(&self.keys.serving())?.to_owned();
-                let tenants = String::from_utf8_lossy(&e.value)
-                    .lines()
-                    .map(str::to_owned)
-                    .collect();
-                Some((node, tenants))
+            .listed(&self.keys.serving(), |e| {
+                text(&e.value).lines().map(str::to_owned).collect()
             })
-            .collect();
+            .await?;
         self.warn_of_other_tenants(&members, &serves);
         self.members = members.clone();
         self.serves = serves.clone();
@@ -423,6 +398,21 @@ impl Node {
             self.save_dirty().await?;
         }
         Ok(())
+    }
+
+    /// The keys under `prefix`, by what follows it, each read by `read`.
+    async fn listed<T>(
+        &self,
+        prefix: &str,
+        read: impl Fn(&etcd::Entry) -> T,
+    ) -> Result<HashMap<String, T>, EtcdError> {
+        Ok(self
+            .etcd
+            .list(prefix)
+            .await?
+            .iter()
+            .filter_map(|e| Some((e.key.strip_prefix(prefix)?.to_owned(), read(e))))
+            .collect())
     }
 
     async fn take_over(&mut self, t: usize, valid_until: Instant) -> Result<(), EtcdError> {
