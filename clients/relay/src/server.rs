@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -20,7 +21,7 @@ use tokio::sync::Notify;
 use crate::error::RelayError;
 use crate::metrics::Metrics;
 use crate::queue::{Queue, Stored};
-use crate::record::{Intake, NewRecord};
+use crate::record::{Intake, Invalid, NewRecord};
 
 /// The header that carries the shared secret.
 pub const SECRET_HEADER: &str = "x-relay-secret";
@@ -109,7 +110,24 @@ async fn health(State(app): State<App>) -> Response {
     }
 }
 
-async fn intake(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
+async fn intake(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    // A body over the buffer limit is refused before it is read whole:
+    // answered as every other refusal is (JSON), not in axum's words.
+    let body = match body {
+        Ok(body) => body,
+        Err(e) => {
+            app.metrics.intake("invalid");
+            return if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                RelayError::Invalid(Invalid::TooLarge(app.max_record_bytes)).into_response()
+            } else {
+                RelayError::Body(e.body_text().chars().take(200).collect()).into_response()
+            };
+        }
+    };
     let started = Instant::now();
     let answer = accept(&app, &headers, &body).await;
     let outcome = match &answer {

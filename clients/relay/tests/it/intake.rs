@@ -58,6 +58,18 @@ async fn intake_refuses_strangers_and_bad_records_and_a_full_queue_says_when() {
     let (status, body) = flow.post(&json!({"nonsense-field-xyz": 1})).await.unwrap();
     assert_eq!(status, 400, "{body}");
     assert!(!body.to_string().contains("nonsense-field-xyz"), "{body}");
+    // A body past the relay's buffer: 413, in the same JSON as every
+    // other refusal.
+    let huge = json!({"idempotencyKey": "h", "method": "POST", "path": "/api/v2/x",
+        "orderKey": "h", "body": "x".repeat(5 << 20)});
+    let (status, body) = flow.post(&huge).await.unwrap();
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("larger than the relay's limit")),
+        "{body}"
+    );
 
     // The repeat of a stored key is the same record, even when full.
     let (status, first) = flow.post(&wrapup("b")).await.unwrap();
@@ -93,7 +105,7 @@ async fn intake_refuses_strangers_and_bad_records_and_a_full_queue_says_when() {
         "gc_relay_intake_requests_total{outcome=\"duplicate\"} 2",
         "gc_relay_intake_requests_total{outcome=\"full\"} 1",
         "gc_relay_intake_requests_total{outcome=\"unauthorized\"} 2",
-        "gc_relay_intake_requests_total{outcome=\"invalid\"} 2",
+        "gc_relay_intake_requests_total{outcome=\"invalid\"} 3",
         "gc_relay_ack_seconds_count 4",
         "gc_relay_dead_letters 0",
     ] {
