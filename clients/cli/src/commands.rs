@@ -413,6 +413,11 @@ async fn status(c: &mut Cluster, a: StatusArgs) -> Result<(), Error> {
     } else {
         print(&table::render_status(&buckets))?;
     }
+    // Every tenant has buckets: none listed over every tenant means no
+    // broker leads any, not an empty org.
+    if a.tenant.is_none() && buckets.is_empty() && partial.is_none() {
+        return Err(Error::NothingLed);
+    }
     partial.map_or(Ok(()), Err)
 }
 

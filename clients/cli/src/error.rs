@@ -46,6 +46,9 @@ pub enum Error {
     Tls(String),
     /// Writing the output failed (other than a closed pipe).
     Output(std::io::Error),
+    /// A command over every tenant found no broker leading any (a cluster
+    /// cut off from etcd, or electing).
+    NothingLed,
     /// Several brokers were tried and none served the call: each URL tried
     /// and why it did not (a broker not leading the tenant, unreachable, ...).
     NoBroker {
@@ -240,6 +243,11 @@ impl fmt::Display for Error {
             Error::Timeout { url, secs } => {
                 write!(f, "the broker at {} did not answer within {secs}s", short(url))
             }
+            Error::NothingLed => write!(
+                f,
+                "no broker given leads any tenant right now (a cluster cut off from etcd, or \
+                 electing leaders): `quotactl status --tenant T` says why for one tenant"
+            ),
             Error::BadToken => write!(
                 f,
                 "the token contains characters that cannot be sent in gRPC metadata (printable ASCII only)"

@@ -62,7 +62,7 @@ window_ms = 60000
 /// An etcd and two brokers of one cluster.
 struct Cluster {
     brokers: Vec<Embedded>,
-    _etcd: testsvc::Etcd,
+    etcd: testsvc::Etcd,
 }
 
 impl Cluster {
@@ -81,10 +81,7 @@ impl Cluster {
                 .expect("test config is valid");
             brokers.push(Embedded::spawn(listener, settings).unwrap());
         }
-        Cluster {
-            brokers,
-            _etcd: etcd,
-        }
+        Cluster { brokers, etcd }
     }
 
     fn urls(&self) -> Vec<String> {
@@ -284,6 +281,14 @@ async fn status_and_watch_without_a_tenant_merge_every_broker() {
             .filter(|(_, l)| *l == url)
             .map(|(t, _)| t.to_string())
             .collect();
+        if mine.is_empty() {
+            // A member that leads nothing, asked alone: said, exit 1.
+            let out = quotactl(&[url], &["status", "--json"]).await;
+            assert_eq!(out.status.code(), Some(1));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("no broker given leads any tenant"), "{err}");
+            continue;
+        }
         let shown = ok_json(&[url], &["status", "--json"]).await;
         assert_eq!(tenants_of(&shown), mine, "{url}");
     }
@@ -324,6 +329,21 @@ async fn status_and_watch_without_a_tenant_merge_every_broker() {
         ],
         "{err}"
     );
+
+    // etcd gone: once no broker leads anything, status says so, exit 1
+    // (not an empty table and 0).
+    let mut cluster = cluster;
+    cluster.etcd.stop();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = quotactl(&both, &["status"]).await;
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if err.contains("no broker given leads any tenant right now") {
+            assert_eq!(out.status.code(), Some(1), "{err}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "status still says {err:?}");
+    }
     cluster.stop().await;
 }
 
