@@ -150,6 +150,11 @@ def from_rpc_error(err):
     details = err.details() if hasattr(err, "details") else str(err)
     if code is None:
         code = grpc.StatusCode.UNKNOWN
+    # The deadline, seen pass by the broker first: tonic answers the gRPC
+    # timeout a call carries with CANCELLED "Timeout expired" (a race with
+    # this client's own DEADLINE_EXCEEDED, won by the broker under load).
+    if code == grpc.StatusCode.CANCELLED and details == "Timeout expired":
+        code = grpc.StatusCode.DEADLINE_EXCEEDED
     cls = _BY_CODE.get(code, BrokerRpcError)
     if cls is Overloaded:
         return Overloaded(code, details or "", err, retry_after_ms=_metadata_retry_after_ms(err))

@@ -108,14 +108,16 @@ def test_without_fallback_report_and_release_raise_overloaded(overload_proc):
 
 
 class _FakeRpcError(grpc.RpcError):
-    def __init__(self, code, trailing=(), initial=()):
+    def __init__(self, code, trailing=(), initial=(),
+                 details="overloaded: token tiny over 1 requests/s; retry in 250 ms"):
         self._code, self._trailing, self._initial = code, trailing, initial
+        self._details = details
 
     def code(self):
         return self._code
 
     def details(self):
-        return "overloaded: token tiny over 1 requests/s; retry in 250 ms"
+        return self._details
 
     def trailing_metadata(self):
         return self._trailing
@@ -136,3 +138,14 @@ def test_retry_after_ms_is_read_from_metadata_only():
     assert from_rpc_error(_FakeRpcError(code)).retry_after_ms is None
     assert from_rpc_error(_FakeRpcError(code, trailing=(("retry-after-ms", "soon"),))).retry_after_ms is None
     assert type(from_rpc_error(_FakeRpcError(grpc.StatusCode.UNAVAILABLE))) is qb.Unavailable
+
+
+def test_a_deadline_the_broker_saw_pass_first_is_the_deadline():
+    from quota_broker_client.errors import from_rpc_error
+
+    # tonic's answer to the gRPC timeout a call carries, which races with
+    # the client's own DEADLINE_EXCEEDED.
+    err = from_rpc_error(_FakeRpcError(grpc.StatusCode.CANCELLED, details="Timeout expired"))
+    assert isinstance(err, qb.DeadlineExceeded)
+    other = from_rpc_error(_FakeRpcError(grpc.StatusCode.CANCELLED, details="client went away"))
+    assert not isinstance(other, qb.DeadlineExceeded)
