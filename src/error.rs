@@ -141,6 +141,15 @@ pub(crate) fn clip(value: &str) -> String {
     }
 }
 
+/// `text` as is, or cut after `most` characters with `…` (no note of its
+/// length: for names inside a longer message).
+pub(crate) fn cut(text: &str, most: usize) -> String {
+    match text.char_indices().nth(most) {
+        None => text.to_owned(),
+        Some((end, _)) => format!("{}…", &text[..end]),
+    }
+}
+
 /// Most characters of an unquoted value (a list of names, a path) shown in
 /// an error.
 const LIST_CHARS: usize = 256;

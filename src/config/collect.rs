@@ -65,10 +65,7 @@ const KEY_CHARS: usize = 64;
 
 /// `key` as a problem shows it: as is, or cut after [`KEY_CHARS`].
 fn clip_key(key: &str) -> String {
-    match key.char_indices().nth(KEY_CHARS) {
-        None => key.to_owned(),
-        Some((end, _)) => format!("{}…", &key[..end]),
-    }
+    crate::error::cut(key, KEY_CHARS)
 }
 
 /// The path as serde_path_to_error writes it (`tenants[0].buckets`),
@@ -109,11 +106,7 @@ const MESSAGE_CHARS: usize = 1_000;
 /// type), however long.
 fn clip_words(message: &str) -> String {
     let words: Vec<String> = message.split(' ').map(clip_key).collect();
-    let joined = words.join(" ");
-    match joined.char_indices().nth(MESSAGE_CHARS) {
-        None => joined,
-        Some((end, _)) => format!("{}…", &joined[..end]),
-    }
+    crate::error::cut(&words.join(" "), MESSAGE_CHARS)
 }
 
 /// A dotted key (`server.listen`) as problems show it, each part clipped.

@@ -72,16 +72,31 @@ pub fn run_scenario_with(
 /// the test's own `deps/` (`cargo build -p quota-broker`, and `cargo test
 /// --workspace`, put it there). A test that needs it fails without it.
 pub fn broker_bin() -> PathBuf {
+    built(
+        "quota-broker",
+        "run `cargo build -p quota-broker` first (with the same profile as the tests; \
+         `cargo test --workspace` builds it)",
+    )
+}
+
+/// The gcsim binary of this build, next to the test's own `deps/` (`cargo
+/// test -p gcsim` and `cargo build -p gcsim` put it there).
+pub fn gcsim_bin() -> PathBuf {
+    built("gcsim", "run `cargo build -p gcsim` first")
+}
+
+/// The binary `name` in this build's target directory, or a failure that
+/// says how to build it.
+fn built(name: &str, how: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test's own path");
     let dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("the test runs from <target>/<profile>/deps");
-    let bin = dir.join(format!("quota-broker{}", std::env::consts::EXE_SUFFIX));
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         bin.is_file(),
-        "no quota-broker binary at {}: run `cargo build -p quota-broker` first \
-         (with the same profile as the tests; `cargo test --workspace` builds it)",
+        "no {name} binary at {}: {how}",
         bin.display()
     );
     bin
@@ -109,21 +124,4 @@ pub fn f64_at(v: &Value, path: &[&str]) -> f64 {
 /// the run: lost, or left unfinished for the next run.
 pub fn not_stored(mode: &Value, kind: &str) -> f64 {
     f64_at(mode, &["records", kind, "lost"]) + f64_at(mode, &["records", kind, "unfinished"])
-}
-
-/// The gcsim binary of this build, next to the test's own `deps/` (`cargo
-/// test -p gcsim` and `cargo build -p gcsim` put it there).
-pub fn gcsim_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("the test runs from <target>/<profile>/deps");
-    let bin = dir.join(format!("gcsim{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.is_file(),
-        "no gcsim binary at {}: run `cargo build -p gcsim` first",
-        bin.display()
-    );
-    bin
 }
