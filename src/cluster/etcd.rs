@@ -269,13 +269,6 @@ impl Etcd {
         Ok(answer.kvs.into_iter().next())
     }
 
-    /// Puts `key` = `value` (attached to `lease` unless 0).
-    pub(crate) async fn put(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<(), EtcdError> {
-        self.txn(Vec::new(), put_op(key, value, lease), "put")
-            .await
-            .map(|_| ())
-    }
-
     /// Creates `key` = `value` on `lease` if no one holds it; true if created.
     pub(crate) async fn create(
         &self,
@@ -283,15 +276,12 @@ impl Etcd {
         value: &[u8],
         lease: i64,
     ) -> Result<bool, EtcdError> {
-        let absent = Compare {
-            result: compare::CompareResult::Equal as i32,
-            target: compare::CompareTarget::Create as i32,
-            key: key.as_bytes().to_vec(),
-            target_union: Some(compare::TargetUnion::CreateRevision(0)),
-            ..Compare::default()
-        };
-        self.txn(vec![absent], put_op(key, value.to_vec(), lease), "create")
-            .await
+        self.txn(
+            vec![absent(key)],
+            vec![put_op(key, value.to_vec(), lease)],
+            "create",
+        )
+        .await
     }
 
     /// Puts `key` = `value` (no lease) if `guard` is on etcd lease
@@ -305,25 +295,31 @@ impl Etcd {
     ) -> Result<bool, EtcdError> {
         self.txn(
             vec![lease_is(guard, owner)],
-            put_op(key, value, 0),
+            vec![put_op(key, value, 0)],
             "guarded put",
         )
         .await
     }
 
-    /// Puts `key` = `value` on `lease` if `key` is on etcd lease `was`;
-    /// true if put.
-    pub(crate) async fn replace_if(
+    /// Puts `key` = `value` and `with`'s key = value, both on `lease`, in
+    /// one transaction: if `key` is absent (`was` is `None`) or on etcd
+    /// lease `was`. True if put. One transaction, so no one reads the
+    /// first key without the second.
+    pub(crate) async fn put_pair_if(
         &self,
-        key: &str,
-        was: i64,
-        value: Vec<u8>,
+        (key, value): (&str, Vec<u8>),
+        (with, with_value): (&str, Vec<u8>),
+        was: Option<i64>,
         lease: i64,
     ) -> Result<bool, EtcdError> {
+        let guard = match was {
+            Some(was) => lease_is(key, was),
+            None => absent(key),
+        };
         self.txn(
-            vec![lease_is(key, was)],
-            put_op(key, value, lease),
-            "guarded replace",
+            vec![guard],
+            vec![put_op(key, value, lease), put_op(with, with_value, lease)],
+            "guarded pair put",
         )
         .await
     }
@@ -338,14 +334,14 @@ impl Etcd {
                 },
             )),
         };
-        self.txn(vec![lease_is(key, lease)], delete, "guarded delete")
+        self.txn(vec![lease_is(key, lease)], vec![delete], "guarded delete")
             .await
     }
 
     async fn txn(
         &self,
         compare: Vec<Compare>,
-        success: RequestOp,
+        success: Vec<RequestOp>,
         call: &'static str,
     ) -> Result<bool, EtcdError> {
         let answer = bounded(
@@ -353,12 +349,22 @@ impl Etcd {
             call,
             self.kv.clone().txn(TxnRequest {
                 compare,
-                success: vec![success],
+                success,
                 failure: Vec::new(),
             }),
         )
         .await?;
         Ok(answer.succeeded)
+    }
+}
+
+fn absent(key: &str) -> Compare {
+    Compare {
+        result: compare::CompareResult::Equal as i32,
+        target: compare::CompareTarget::Create as i32,
+        key: key.as_bytes().to_vec(),
+        target_union: Some(compare::TargetUnion::CreateRevision(0)),
+        ..Compare::default()
     }
 }
 

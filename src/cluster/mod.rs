@@ -220,15 +220,26 @@ impl Node {
         // has not expired yet). Taking its name would make both lead its
         // tenants; wait for its lease to go instead. Atomic, so two
         // processes started at once under one name cannot both join.
+        // The `serves` key is written with it, in one transaction: a member
+        // seen without it would count as serving every tenant, and be
+        // handed tenants it does not have.
         let member = self.keys.member(&me);
         let url = self.settings.advertise.as_bytes().to_vec();
-        let joined = if self.etcd.create(&member, &url, lease).await? {
+        let serves = self.keys.serves(&me);
+        let tenants = self.tenants.join("\n").into_bytes();
+        let join = |was| {
+            self.etcd.put_pair_if(
+                (&member, url.clone()),
+                (&serves, tenants.clone()),
+                was,
+                lease,
+            )
+        };
+        let joined = if join(None).await? {
             true
         } else {
             match self.etcd.lease_of(&member).await? {
-                Some(was) if was == 0 || self.own_leases.contains(&was) => {
-                    self.etcd.replace_if(&member, was, url, lease).await?
-                }
+                Some(was) if was == 0 || self.own_leases.contains(&was) => join(Some(was)).await?,
                 Some(theirs) => {
                     let _ = self.etcd.revoke(lease).await;
                     return Err(EtcdError::new(
@@ -255,12 +266,6 @@ impl Node {
         if self.own_leases.len() > 8 {
             self.own_leases.remove(0);
         }
-        // The node's name is this process's now (the member key above):
-        // so is its `serves` key.
-        let tenants = self.tenants.join("\n").into_bytes();
-        self.etcd
-            .put(&self.keys.serves(&me), tenants, lease)
-            .await?;
         self.store.lease.store(lease, Ordering::Release);
         // Leader keys of an earlier lease of ours would expire with a lease
         // no longer refreshed: free them and win them again on this one.

@@ -258,6 +258,12 @@ const shown = () => [...document.querySelectorAll("section.panel")].map((p) => (
 
 /// Installs Chromium, Node.js, npm and Playwright; the Playwright directory.
 fn install() -> PathBuf {
+    // Both browser tests start at once: two npm runs writing one
+    // node_modules would leave a half-written package to the first.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     testsvc::apt_install(&["chromium", "nodejs"]).unwrap_or_else(|e| {
         panic!("the dashboard test needs Chromium and Node.js: {e}");
     });
