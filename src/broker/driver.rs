@@ -48,6 +48,14 @@ impl Broker {
         self.announce();
     }
 
+    /// Tells Watch streams that this broker began or stopped leading a
+    /// tenant (no bucket need have changed).
+    pub(super) fn leadership_changed(&self) {
+        if self.inner.changes.receiver_count() > 0 {
+            self.inner.changes.send_replace(());
+        }
+    }
+
     /// Tells Watch streams if any bucket changed since the last call.
     pub(super) fn announce(&self) {
         // Nobody watches: nothing to tell (a stream that starts later begins

@@ -104,16 +104,32 @@ impl Broker {
     /// Keeps leading tenant `t` until `until`.
     pub(crate) fn lead(&self, t: usize, until: Instant) {
         let tenant = &self.inner.tenants[t];
-        tenant.lock().set_lead(Some(until), None, Instant::now());
+        let began = {
+            let mut state = tenant.lock();
+            let now = Instant::now();
+            let led = state.leads(now);
+            state.set_lead(Some(until), None, now);
+            !led
+        };
         tenant.wake.notify_one();
+        if began {
+            self.leadership_changed();
+        }
     }
 
     /// Not the leader of tenant `t` (and it holds no state worth keeping);
     /// callers are sent to `leader`.
     pub(crate) fn follow(&self, t: usize, leader: Option<String>) {
-        self.inner.tenants[t]
-            .lock()
-            .set_lead(None, leader, Instant::now());
+        let ended = {
+            let mut state = self.inner.tenants[t].lock();
+            let now = Instant::now();
+            let led = state.leads(now);
+            state.set_lead(None, leader, now);
+            led
+        };
+        if ended {
+            self.leadership_changed();
+        }
     }
 
     /// Stops leading tenant `t` now: nothing more is granted, and requests
@@ -127,6 +143,7 @@ impl Broker {
         }
         tenant.wake.notify_one();
         self.announce();
+        self.leadership_changed();
     }
 
     /// Rebuilds tenant `t` to lead it (from [`Broker::lead`] on): from the

@@ -14,6 +14,9 @@ use tokio::time::Instant;
 /// bucket sends at most about ten updates a second.
 pub(super) const WATCH_COALESCE: Duration = Duration::from_millis(100);
 
+/// What a Watch stream carries: a bucket's status, or why it ends.
+pub(crate) type Watched = Result<TenantBucketStatus, BrokerError>;
+
 /// One bucket's status, with its tenant and time.
 #[derive(Debug, Clone)]
 pub(crate) struct TenantBucketStatus {
@@ -93,23 +96,46 @@ impl Broker {
 
     /// Starts a Watch: a snapshot of every visible bucket at once, then each
     /// bucket again when it changes, at most once per [`WATCH_COALESCE`].
-    /// The stream ends at shutdown or when the receiver is dropped.
+    /// The stream ends at shutdown or when the receiver is dropped; in
+    /// cluster mode see [`Broker::watch_every`].
     pub(crate) fn watch(
         &self,
         tenant: Option<&str>,
         sees: impl Fn(&str) -> bool,
-    ) -> Result<mpsc::Receiver<TenantBucketStatus>, BrokerError> {
+    ) -> Result<mpsc::Receiver<Watched>, BrokerError> {
         self.watch_every(tenant, sees, WATCH_COALESCE)
     }
 
     /// [`Broker::watch`], each bucket at most once per `coalesce`.
+    ///
+    /// In cluster mode the stream follows what this broker leads: a Watch
+    /// of one tenant ends with [`BrokerError::NotLeader`] (naming the next
+    /// leader where known) once this broker stops leading it, rather than
+    /// going silent on figures no longer true; a Watch of every tenant
+    /// sends the whole state of each tenant this broker takes over, and
+    /// nothing more of those it no longer leads.
     pub(crate) fn watch_every(
         &self,
         tenant: Option<&str>,
         sees: impl Fn(&str) -> bool,
         coalesce: Duration,
-    ) -> Result<mpsc::Receiver<TenantBucketStatus>, BrokerError> {
-        let tenants = self.visible(tenant, sees)?;
+    ) -> Result<mpsc::Receiver<Watched>, BrokerError> {
+        let named = tenant.is_some();
+        // The tenants the caller may see, led here or not.
+        let shown: Vec<usize> = match tenant {
+            Some(_) => self.visible(tenant, sees)?,
+            None => {
+                let mut all: Vec<usize> = self
+                    .inner
+                    .by_id
+                    .iter()
+                    .filter(|(id, _)| sees(id))
+                    .map(|(_, &i)| i)
+                    .collect();
+                all.sort_unstable();
+                all
+            }
+        };
         let (tx, rx) = mpsc::channel(64);
         let mut changes = self.inner.changes.subscribe();
         let broker = self.clone();
@@ -119,24 +145,35 @@ impl Broker {
         tokio::spawn(async move {
             let _open = open;
             let shutdown = broker.inner.shutdown.clone();
-            let mut seen: Vec<HashMap<usize, u64>> = vec![HashMap::new(); tenants.len()];
+            // Per tenant led, what was last sent of each instance; a tenant
+            // no longer led is forgotten, so it is sent whole if led again.
+            let mut seen: HashMap<usize, HashMap<usize, u64>> = HashMap::new();
             loop {
                 changes.borrow_and_update();
                 let now = Instant::now();
                 let mut batch = Vec::new();
-                for (k, &t) in tenants.iter().enumerate() {
+                for &t in &shown {
+                    if let Err(e) = broker.leading(t) {
+                        seen.remove(&t);
+                        if named {
+                            batch.push(Err(e));
+                        }
+                        continue;
+                    }
                     let state = broker.inner.tenants[t].lock();
-                    batch.extend(state.statuses_since(&mut seen[k], now).into_iter().map(
-                        |status| TenantBucketStatus {
+                    let since = seen.entry(t).or_default();
+                    batch.extend(state.statuses_since(since, now).into_iter().map(|status| {
+                        Ok(TenantBucketStatus {
                             tenant: state.id().to_owned(),
                             at: now,
                             status,
-                        },
-                    ));
+                        })
+                    }));
                 }
                 for s in batch {
+                    let last = s.is_err();
                     tokio::select! {
-                        r = tx.send(s) => if r.is_err() { return },
+                        r = tx.send(s) => if r.is_err() || last { return },
                         _ = shutdown.cancelled() => return,
                     }
                 }

@@ -110,7 +110,8 @@ impl pb::quota_broker_server::QuotaBroker for BrokerService {
         let stream = ReceiverStream::new(rx).map(move |s| {
             // Counted against the caller's Watch cap until the stream is dropped.
             let _open = &permit;
-            Ok(status_to_pb(s, clock))
+            // An error (the tenant is led elsewhere now) is the last item.
+            s.map(|s| status_to_pb(s, clock)).map_err(Status::from)
         });
         Ok(Response::new(Box::pin(stream)))
     }

@@ -434,9 +434,12 @@ async fn events(
             Some((Ok(census(&broker, &shows).1), ()))
         }
     });
-    let live = ReceiverStream::new(rx).map(move |s| {
-        Ok::<_, Infallible>(Event::default().event("bucket").data(record(&s, clock)))
-    });
+    // A feed of one tenant ends when it is led elsewhere: the page
+    // reconnects, and is told where it is led (503).
+    let live =
+        tokio_stream::StreamExt::map_while(ReceiverStream::new(rx), Result::ok).map(move |s| {
+            Ok::<_, Infallible>(Event::default().event("bucket").data(record(&s, clock)))
+        });
     // (The census ends with the broker, as the live feed does, so the feed
     // ends and the HTTP port can shut down.)
     let later = later.take_until(http.shutdown.clone().cancelled_owned());

@@ -12,9 +12,9 @@ use quota_broker::pb::quota_admin_client::QuotaAdminClient;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
 use quota_broker::pb::{
     AcquireRequest, ListBucketsRequest, QuotaStatus, ReleaseRequest, RenewRequest, ReportRequest,
-    SetBucketLimitRequest,
+    SetBucketLimitRequest, WatchRequest,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -632,6 +632,100 @@ async fn a_tenant_is_led_only_by_members_that_serve_it() {
         "{log}"
     );
     cluster.brokers.clear();
+}
+
+/// A Watch follows what its broker leads: a Watch of one tenant ends with
+/// UNAVAILABLE naming the new leader when the tenant moves (it does not go
+/// silent on figures no longer true), one of a tenant that stays goes on,
+/// and a Watch of every tenant on the joining broker sends each tenant it
+/// takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_when_its_tenant_moves_and_a_watch_of_all_follows_what_is_led() {
+    let etcd = testsvc::Etcd::start().unwrap();
+    let mut cluster = Cluster::start(etcd, "watch-moves", &["b1"], 8).await;
+    let tenants = cluster.tenants.clone();
+    let b1 = cluster.brokers["b1"].url();
+    for t in &tenants {
+        leader(std::slice::from_ref(&b1), t).await;
+    }
+    const BOUND: Duration = Duration::from_secs(20);
+    let mut named = Vec::new();
+    for t in &tenants {
+        let mut s = client(&b1)
+            .watch(WatchRequest { tenant: t.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = tokio::time::timeout(BOUND, s.message())
+            .await
+            .expect("a snapshot within 20 s")
+            .unwrap()
+            .expect("a snapshot");
+        assert_eq!(&first.tenant, t);
+        named.push((t.clone(), s));
+    }
+    cluster.add("b2").await;
+    let b2 = cluster.brokers["b2"].url();
+    let mut all_on_b2 = client(&b2)
+        .watch(WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let urls = cluster.urls();
+    let mut moved = HashSet::new();
+    for t in &tenants {
+        if settled_leader(&urls, t).await == b2 {
+            moved.insert(t.clone());
+        }
+    }
+    assert!(
+        !moved.is_empty() && moved.len() < tenants.len(),
+        "{moved:?}"
+    );
+    for (t, s) in &mut named {
+        if moved.contains(t) {
+            let end = tokio::time::timeout(BOUND, async {
+                loop {
+                    match s.message().await {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => return None,
+                        Err(e) => return Some(e),
+                    }
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{t} moved to b2, and its Watch on b1 went on"));
+            let e = end.unwrap_or_else(|| panic!("{t}'s Watch on b1 ended without saying why"));
+            assert_eq!(e.code(), tonic::Code::Unavailable, "{t}: {e}");
+            let named_leader = e
+                .metadata()
+                .get(quota_broker::LEADER_METADATA)
+                .and_then(|v| v.to_str().ok());
+            assert_eq!(named_leader, Some(b2.as_str()), "{t}: {e}");
+        } else {
+            // What has arrived on a tenant that stayed: updates, no end.
+            while let Some(r) = futures_util::FutureExt::now_or_never(s.message()) {
+                match r {
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("{t} stayed on b1, and its Watch ended"),
+                    Err(e) => panic!("{t} stayed on b1, and its Watch ended: {e}"),
+                }
+            }
+        }
+    }
+    let mut heard = HashSet::new();
+    tokio::time::timeout(BOUND, async {
+        while !moved.is_subset(&heard) {
+            let m = all_on_b2
+                .message()
+                .await
+                .unwrap()
+                .expect("b2's Watch went on");
+            heard.insert(m.tenant);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("b2's Watch of every tenant sent {heard:?} of {moved:?}"));
 }
 
 /// Two processes configured with one node name that reach etcd at the

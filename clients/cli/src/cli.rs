@@ -127,7 +127,8 @@ pub struct StatusArgs {
 /// `quotactl watch`.
 #[derive(Debug, Args)]
 pub struct WatchArgs {
-    /// Only this tenant (default: every tenant the token may see).
+    /// Only this tenant (default: every tenant the token may see); in a
+    /// cluster, followed to its next leader when it moves.
     #[arg(long, env = "QUOTA_BROKER_TENANT", value_name = "T")]
     pub tenant: Option<String>,
     /// One JSON object per update and line, instead of the redrawn table.

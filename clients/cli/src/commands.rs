@@ -179,14 +179,28 @@ impl Cluster {
     /// that answered and its answer; when none did, the one error if only
     /// one broker was tried (as with a single broker), else
     /// [`Error::NoBroker`] naming every broker tried.
-    async fn call<T, F, Fut>(&mut self, tenant: &str, mut f: F) -> Result<(String, T), Error>
+    async fn call<T, F, Fut>(&mut self, tenant: &str, f: F) -> Result<(String, T), Error>
+    where
+        F: FnMut(&Conn) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let first = self.urls[0].clone();
+        self.call_at(first, tenant, f).await
+    }
+
+    /// [`Cluster::call`], first on `url` (a leader a broker named).
+    async fn call_at<T, F, Fut>(
+        &mut self,
+        mut url: String,
+        tenant: &str,
+        mut f: F,
+    ) -> Result<(String, T), Error>
     where
         F: FnMut(&Conn) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let most = self.urls.len() + 2;
         let mut tried: Vec<(String, Error)> = Vec::new();
-        let mut url = self.urls[0].clone();
         loop {
             let (error, leader) = match self.conn(&url).await {
                 Ok(conn) => match conn.call(f(conn)).await {
@@ -421,6 +435,118 @@ async fn status(c: &mut Cluster, a: StatusArgs) -> Result<(), Error> {
     partial.map_or(Ok(()), Err)
 }
 
+/// How long `watch --tenant` keeps looking for the tenant's leader after
+/// its stream ended (a hand-over, a broker stopped, an election).
+const FOLLOW_FOR: Duration = Duration::from_secs(30);
+/// The pause between two looks while no broker leads the tenant.
+const FOLLOW_PAUSE: Duration = Duration::from_millis(500);
+
+/// The Watch streams of one `quotactl watch`, by their broker's URL. Of one
+/// tenant (`tenant` set), a stream that ends (the tenant moved to another
+/// broker, or its broker stopped) is opened again on the tenant's leader,
+/// for at most [`FOLLOW_FOR`]; the new leader's snapshot follows.
+struct Feed {
+    streams: StreamMap<String, tonic::Streaming<QuotaStatus>>,
+    tenant: Option<String>,
+    /// The URL of the tenant's stream.
+    watched: Option<String>,
+    /// A stream of the tenant ended: (its URL, the leader it named, why,
+    /// since when the leader is looked for).
+    lost: Option<(String, Option<String>, String, Instant)>,
+}
+
+impl Feed {
+    /// The next update; `None` when every stream ended (never for one
+    /// tenant, which is followed or fails).
+    async fn next(&mut self, c: &mut Cluster) -> Option<Result<QuotaStatus, Error>> {
+        loop {
+            if let Some(lost) = self.lost.clone() {
+                if let Err(e) = self.follow(c, lost).await {
+                    return Some(Err(e));
+                }
+            }
+            match self.streams.next().await {
+                Some((_, Ok(s))) => return Some(Ok(s)),
+                Some((url, Err(status))) => {
+                    let leader = status
+                        .metadata()
+                        .get(quota_broker::LEADER_METADATA)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| parse_broker_url(v).ok());
+                    let error = Error::status(&url, status);
+                    if self.tenant.is_none() || !error.try_another() {
+                        return Some(Err(error));
+                    }
+                    self.streams.remove(&url);
+                    let why = error.without_url();
+                    self.lost = Some((url, leader, why, Instant::now()));
+                }
+                None => {
+                    let (Some(_), Some(url)) = (&self.tenant, self.watched.take()) else {
+                        return None;
+                    };
+                    let why = "its broker is shutting down".to_owned();
+                    self.lost = Some((url, None, why, Instant::now()));
+                }
+            }
+        }
+    }
+
+    /// Opens the tenant's stream again on its leader: first the one the
+    /// ended stream named, else the brokers given.
+    async fn follow(
+        &mut self,
+        c: &mut Cluster,
+        (url, leader, why, since): (String, Option<String>, String, Instant),
+    ) -> Result<(), Error> {
+        let tenant = self.tenant.clone().unwrap_or_default();
+        loop {
+            let start = leader.clone().unwrap_or_else(|| {
+                // The next broker given after the one that ended.
+                let at = c.urls.iter().position(|u| *u == url).map_or(0, |i| i + 1);
+                c.urls[at % c.urls.len()].clone()
+            });
+            let opened = c
+                .call_at(start, &tenant, |conn| {
+                    let mut broker = conn.broker.clone();
+                    let tenant = tenant.clone();
+                    async move { broker.watch(WatchRequest { tenant }).await }
+                })
+                .await;
+            match opened {
+                Ok((to, stream)) => {
+                    eprintln!(
+                        "quotactl: the Watch of tenant {tenant:?} on {url} ended ({}); following it on {to}",
+                        one_line_why(&why)
+                    );
+                    self.watched = Some(to.clone());
+                    self.streams.insert(to, stream);
+                    self.lost = None;
+                    return Ok(());
+                }
+                Err(e) if worth_another_look(&e) && since.elapsed() < FOLLOW_FOR => {
+                    tokio::time::sleep(FOLLOW_PAUSE).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Whether no broker led the tenant for now (an election, a broker
+/// stopping), rather than a refusal that a later look would meet again.
+fn worth_another_look(e: &Error) -> bool {
+    match e {
+        Error::NoBroker { tried, .. } => tried.iter().all(|(_, e)| e.try_another()),
+        e => e.try_another(),
+    }
+}
+
+/// A reason on one line, for a note on stderr.
+fn one_line_why(why: &str) -> String {
+    why.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 async fn watch(c: &mut Cluster, a: WatchArgs) -> Result<(), Error> {
     let open = |conn: &Conn, tenant: String| {
         let mut broker = conn.broker.clone();
@@ -447,12 +573,15 @@ async fn watch(c: &mut Cluster, a: WatchArgs) -> Result<(), Error> {
     let tty = std::io::stdout().is_terminal();
     let mut state: BTreeMap<BucketKey, QuotaStatus> = BTreeMap::new();
     let mut updates = 0u64;
-    let failed = |(url, s): (String, Result<QuotaStatus, tonic::Status>)| {
-        s.map_err(|s| Error::status(&url, s))
+    let watched = a.tenant.as_ref().and(streams.keys().next().cloned());
+    let mut feed = Feed {
+        watched,
+        streams,
+        tenant: a.tenant.clone(),
+        lost: None,
     };
-    let mut stream = streams.map(failed);
     while updates < limit {
-        let Some(first) = stream.next().await else {
+        let Some(first) = feed.next(c).await else {
             break;
         };
         let first = first?;
@@ -466,7 +595,7 @@ async fn watch(c: &mut Cluster, a: WatchArgs) -> Result<(), Error> {
         let deadline = Instant::now() + REDRAW_EVERY;
         let mut ended = false;
         while updates < limit {
-            match tokio::time::timeout_at(deadline, stream.next()).await {
+            match tokio::time::timeout_at(deadline, feed.next(c)).await {
                 Err(_) => break,
                 Ok(None) => {
                     ended = true;

@@ -266,6 +266,68 @@ async fn tenant_commands_reach_the_leader_from_a_follower_or_a_dead_address() {
     cluster.stop().await;
 }
 
+/// `watch --tenant` follows its tenant when its leader stops: the new
+/// leader's snapshot follows the old one's, with a note on stderr, and the
+/// stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_of_a_tenant_follows_it_to_its_next_leader() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    let mut cluster = Cluster::start("follow").await;
+    let leaders = cluster.settled().await;
+    let urls = cluster.urls();
+    let (tenant, first) = (TENANTS[0], leaders[0].clone());
+    let other = urls.iter().find(|u| **u != first).unwrap().clone();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quotactl"))
+        .arg("--broker")
+        .arg(urls.join(","))
+        .args(["--token", ADMIN, "watch", "--tenant", tenant, "--json"])
+        .args(["--count", "2"])
+        .env_remove("QUOTA_BROKER_URL")
+        .env_remove("QUOTA_BROKER_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("quotactl started");
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut line = async || -> Value {
+        let l = timeout(LIMIT, out.next_line())
+            .await
+            .expect("a line within 30 s")
+            .unwrap()
+            .expect("quotactl went on");
+        serde_json::from_str(&l).unwrap()
+    };
+    assert_eq!(line().await["tenant"], tenant);
+    let stopping = cluster
+        .brokers
+        .iter()
+        .position(|b| b.url() == first)
+        .unwrap();
+    cluster.brokers.remove(stopping).stop().await.unwrap();
+    assert_eq!(line().await["tenant"], tenant);
+    let status = timeout(LIMIT, child.wait()).await.unwrap().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "quotactl: the Watch of tenant \"{tenant}\" on {first} ended ("
+        )) && err
+            .trim_end()
+            .ends_with(&format!("; following it on {other}")),
+        "{err}"
+    );
+    cluster.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_watch_without_a_tenant_merge_every_broker() {
     let cluster = Cluster::start("merge").await;
