@@ -41,7 +41,9 @@
 //! creates the leader key when it is free and takes the tenant over; a
 //! leader that is no longer preferred (a member joined) saves, steps down
 //! and deletes its key, so the preferred member takes over on its next
-//! tick; everyone else records who leads, to send callers there.
+//! tick; everyone else records who leads, to send callers there. A broker
+//! joining again after etcd was away leaves, for a grace, the tenants of
+//! the members it saw before to them (`Node::await_earlier_members`).
 
 mod etcd;
 mod placement;
@@ -157,6 +159,9 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
         members: HashMap::new(),
         serves: HashMap::new(),
         warned: HashSet::new(),
+        awaited: HashMap::new(),
+        awaited_until: Instant::now(),
+        member_leases: HashMap::new(),
     };
     let shutdown = broker.shutdown_token().clone();
     let mut backoff = tick;
@@ -203,6 +208,14 @@ struct Node {
     serves: HashMap<String, HashSet<String>>,
     /// Members already warned about for serving other tenants.
     warned: HashSet<String>,
+    /// The other members this broker saw before it joined again (etcd was
+    /// away), with the etcd lease they were on and what they serve, and
+    /// until when their tenants wait for them: see
+    /// [`Node::await_earlier_members`].
+    awaited: HashMap<String, (i64, Option<HashSet<String>>)>,
+    awaited_until: Instant,
+    /// The etcd lease of each member's key, as the last tick read.
+    member_leases: HashMap<String, i64>,
 }
 
 impl Node {
@@ -275,6 +288,7 @@ impl Node {
             }
         }
         tracing::info!(node = %me, lease, "joined the cluster");
+        self.await_earlier_members();
         let shutdown = self.broker.shutdown_token().clone();
         let mut next = Instant::now();
         loop {
@@ -316,9 +330,14 @@ impl Node {
     /// One tick with the lease valid until `valid_until`.
     async fn step(&mut self, lease: i64, valid_until: Instant) -> Result<(), EtcdError> {
         let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
-        let members = self
-            .listed(&self.keys.members(), |e| text(&e.value))
+        // Node → (URL, its etcd lease).
+        let member_keys = self
+            .listed(&self.keys.members(), |e| (text(&e.value), e.lease))
             .await?;
+        let members: HashMap<String, String> = member_keys
+            .iter()
+            .map(|(n, (url, _))| (n.clone(), url.clone()))
+            .collect();
         // Tenant → (leading node, its lease).
         let leaders = self
             .listed(&self.keys.leaders(), |e| (text(&e.value), e.lease))
@@ -330,14 +349,31 @@ impl Node {
             .await?;
         self.warn_of_other_tenants(&members, &serves);
         self.members = members.clone();
+        self.member_leases = member_keys
+            .iter()
+            .map(|(n, (_, l))| (n.clone(), *l))
+            .collect();
         self.serves = serves.clone();
         let me = self.settings.node.clone();
+        // Back: on another lease than before (the earlier one's key may
+        // linger until etcd expires it).
+        self.awaited
+            .retain(|m, (was, _)| member_keys.get(m).is_none_or(|(_, l)| l == was));
+        if Instant::now() >= self.awaited_until {
+            self.awaited.clear();
+        }
+        let awaited = self.awaited.clone();
         let serving = |tenant: &str| {
-            members
+            let live = members
                 .keys()
-                .filter(|m| serves.get(*m).is_none_or(|s| s.contains(tenant)))
-                .map(String::as_str)
-                .collect::<Vec<_>>()
+                .filter(|m| serves.get(*m).is_none_or(|s| s.contains(tenant)));
+            let coming = awaited
+                .iter()
+                .filter(|(m, (_, s))| {
+                    !members.contains_key(*m) && s.as_ref().is_none_or(|s| s.contains(tenant))
+                })
+                .map(|(m, _)| m);
+            live.chain(coming).map(String::as_str).collect::<Vec<_>>()
         };
         let url = |node: Option<&str>| node.and_then(|n| members.get(n).cloned());
         // First extend every lead this node holds: an etcd error on one
@@ -355,9 +391,14 @@ impl Node {
             let tenant = self.tenants[t].clone();
             let preferred = placement::leader_of(&tenant, serving(&tenant)).map(str::to_owned);
             let holder = leaders.get(&tenant).map(|(h, _)| h.as_str());
+            // A member awaited back is preferred: no one takes the tenant
+            // yet, and one held is kept until that member is back.
+            let absent = preferred
+                .as_deref()
+                .is_some_and(|p| awaited.contains_key(p));
             match holder {
                 Some(_) if ours(&tenant) => {
-                    if preferred.as_deref().is_some_and(|p| p != me) {
+                    if preferred.as_deref().is_some_and(|p| p != me) && !absent {
                         self.hand_over(t, url(preferred.as_deref()), lease).await?;
                     } else if self.led.contains(&t) && self.broker.leads(t) {
                         self.broker.lead(t, valid_until);
@@ -539,6 +580,37 @@ impl Node {
         // rather than sent to a leader that may be gone.
         for t in 0..self.tenants.len() {
             self.broker.follow(t, None);
+        }
+    }
+
+    /// On joining again after etcd was away (every lease expired, brokers
+    /// coming back one by one): for up to two lease TTLs, or until they are
+    /// back, placement still counts the members seen before, so a tenant
+    /// whose leader is not back yet waits for it rather than going to
+    /// whichever broker is back first and moving again as the others
+    /// return. Each tenant then goes back to the broker that led it, which
+    /// resumes it as it left it (no other broker led it since): levels and
+    /// leases exact, no restart learning mode. A member that does not come
+    /// back within the grace is no longer counted. At a first start nothing
+    /// is awaited.
+    fn await_earlier_members(&mut self) {
+        let me = &self.settings.node;
+        self.awaited = self
+            .members
+            .keys()
+            .filter(|m| *m != me)
+            .map(|m| {
+                let lease = self.member_leases.get(m).copied().unwrap_or_default();
+                (m.clone(), (lease, self.serves.get(m).cloned()))
+            })
+            .collect();
+        self.awaited_until = Instant::now() + 2 * self.settings.lease_ttl;
+        if !self.awaited.is_empty() {
+            let mut names: Vec<&str> = self.awaited.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            names.truncate(8);
+            tracing::info!(members = ?names, for_ms = (2 * self.settings.lease_ttl).as_millis() as u64,
+                "joined again: the tenants of the members seen before wait for them to come back");
         }
     }
 

@@ -877,6 +877,91 @@ async fn a_shutdown_with_etcd_hanging_waits_for_one_etcd_timeout_not_one_per_ten
     assert!(lapsed_first || log.contains("tenants_left=9"), "{log}");
 }
 
+/// etcd hangs until no broker leads anything, and one broker (b3) hangs
+/// with it; etcd answers again, then b3 comes back a moment after the
+/// others: b3's tenants wait for it rather than going to b1 or b2 (and
+/// moving back when b3 returns), and every tenant goes back to the broker
+/// that led it, which resumes it as it left it (its grant count goes on;
+/// a tenant another broker led in between is rebuilt in the restart
+/// learning mode, its count from 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_etcd_hung_every_tenant_waits_for_its_leader_and_resumes_as_it_left_it() {
+    let etcd = testsvc::Etcd::start().unwrap();
+    let cluster = Cluster::start(etcd, "hung-rejoin", &["b1", "b2", "b3"], 9).await;
+    let tenants = cluster.tenants.clone();
+    let urls = cluster.urls();
+    let mut before = HashMap::new();
+    for t in &tenants {
+        let url = settled_leader(&urls, t).await;
+        let granted = client(&url)
+            .acquire(rate_call(t, "spender", 1_000))
+            .await
+            .unwrap()
+            .into_inner()
+            .granted;
+        assert!(granted, "{t} at {url}");
+        let count = bucket(&url, t, "rate").await.granted_total;
+        before.insert(t.clone(), (url, count));
+    }
+    let b3 = cluster.brokers["b3"].url();
+    let others: Vec<String> = urls.iter().filter(|u| **u != b3).cloned().collect();
+    let of_b3: Vec<&String> = tenants.iter().filter(|t| before[*t].0 == b3).collect();
+    assert!(!of_b3.is_empty(), "b3 leads none of {before:?}");
+    cluster.etcd.freeze().unwrap();
+    cluster.brokers["b3"].signal("-STOP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for u in &others {
+        for t in &tenants {
+            while leads(u, t).await.is_ok() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{u} still leads {t} with etcd hung"
+                );
+                poll_pause().await;
+            }
+        }
+    }
+    cluster.etcd.thaw().unwrap();
+    // b1 and b2 lead their tenants again; b3's stay unled (its keys gone
+    // with its lease, no broker leads them) while it is away.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for t in &tenants {
+        loop {
+            let settled = if before[t].0 == b3 {
+                let mut none = true;
+                for u in &others {
+                    match leads(u, t).await {
+                        Ok(()) => panic!("{u} took {t} over while b3, its leader, was coming back"),
+                        Err(to) => none &= to.is_none(),
+                    }
+                }
+                none
+            } else {
+                leads(&before[t].0, t).await.is_ok()
+            };
+            if settled {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{t} did not settle with etcd back"
+            );
+            poll_pause().await;
+        }
+    }
+    cluster.brokers["b3"].signal("-CONT");
+    for t in &tenants {
+        let (url, count) = &before[t];
+        let after = settled_leader(&urls, t).await;
+        assert_eq!(&after, url, "{t} moved to another broker");
+        let now = bucket(url, t, "rate").await.granted_total;
+        assert!(
+            now >= *count,
+            "{t} was rebuilt at {url} (granted {now}, {count} before): another broker led it in between"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_etcd_no_broker_grants_past_its_lease_and_a_leader_returns_with_it() {
     let etcd = testsvc::Etcd::start().unwrap();
