@@ -310,8 +310,13 @@ impl Broker {
         };
         let id = self.inner.settings.tenants[t].id.clone();
         let saved = store.save(&id, self.snapshot(t)).await.map_err(|e| {
+            // Saved with the learned state on the cluster task's next
+            // round that reaches etcd, while this broker leads the tenant.
+            self.still_dirty(t);
             tracing::error!(tenant = %id, error = %e, "admin change applied but not saved to etcd");
-            BrokerError::Internal("the change is applied but could not be saved to etcd")
+            BrokerError::Internal(
+                "the change is applied but etcd did not answer: it is saved once etcd does,                  unless the tenant moves to another broker first (check it with quotactl status)",
+            )
         })?;
         if saved {
             Ok(())
