@@ -18,6 +18,31 @@ pub mod pb {
 /// send the call there.
 pub const LEADER_METADATA: &str = "x-quota-broker-leader";
 
+/// The canonical upper-case name of a gRPC code, e.g. `PERMISSION_DENIED`:
+/// what the broker's documentation and logs say, not tonic's description.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 /// Upstream response headers the broker learns from, lower case. Clients
 /// forward these (compared case-insensitively) in `ReportRequest.headers`;
 /// the broker's header parser reads exactly these, so one list serves both

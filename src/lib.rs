@@ -84,7 +84,7 @@ mod metrics;
 #[cfg(feature = "server")]
 mod tenant;
 
-pub use api::{pb, LEADER_METADATA, REPORTED_HEADERS};
+pub use api::{code_name, pb, LEADER_METADATA, REPORTED_HEADERS};
 #[cfg(feature = "server")]
 pub use auth::hash_token;
 #[cfg(feature = "server")]

@@ -347,6 +347,41 @@ impl Upstream {
         self.inner.max_body.store(bytes, Ordering::Relaxed);
     }
 
+    /// Checks at start what would otherwise fail every call later: that
+    /// the broker serves the tenant to this token, and that the login host
+    /// takes the client credentials (the token is kept for the first
+    /// call). A refusal of either is an error; a broker or login host that
+    /// does not answer within `within` is not (calls wait or fall back as
+    /// they would anyway): it comes back as a warning to log.
+    pub async fn preflight(&self, within: Duration) -> Result<Vec<String>, UpstreamError> {
+        let mut warnings = Vec::new();
+        let tenant = self.inner.template.tenant();
+        let broker = self.inner.broker.current_url();
+        if !self
+            .inner
+            .broker
+            .check(tenant, within)
+            .await
+            .map_err(UpstreamError::Lease)?
+        {
+            warnings.push(format!(
+                "the broker at {broker} did not answer the start-up check of tenant {tenant:?}:                  calls wait for it or use the local fallback rate"
+            ));
+        }
+        match tokio::time::timeout(within, self.inner.tokens.get()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e @ UpstreamError::Transport(_))) => warnings.push(format!(
+                "the login host did not answer the start-up check ({e}): calls log in when they can"
+            )),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => warnings.push(
+                "the login host did not answer the start-up check in time: calls log in when they can"
+                    .to_owned(),
+            ),
+        }
+        Ok(warnings)
+    }
+
     /// What this upstream did so far.
     pub fn stats(&self) -> Stats {
         let c = &self.inner.counters;

@@ -170,6 +170,9 @@ fn setup(args: &Args) -> Result<(Plan, Source), IngestError> {
     Ok((plan, source))
 }
 
+/// How long the start-up check waits for the broker and the login host.
+const PREFLIGHT_WAIT: Duration = Duration::from_secs(5);
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -188,6 +191,19 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // A wrong broker token, tenant or client secret stops the run here,
+    // before any block is planned or the sink opened.
+    match source.upstream().preflight(PREFLIGHT_WAIT).await {
+        Ok(warnings) => {
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
+        }
+        Err(e) => {
+            eprintln!("gc-ingest: start-up check: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let sink_name = sink_shown(&args.sink);
     let sink = match Sink::open(&args.sink).await {
         Ok(sink) => sink,

@@ -148,6 +148,9 @@ impl RelayHandle {
     }
 }
 
+/// How long the start-up check waits for the broker and the login host.
+const PREFLIGHT_WAIT: Duration = Duration::from_secs(5);
+
 /// Opens the queue, builds the upstream caller, and serves on `listener`
 /// while draining (call within a tokio runtime). Settings that cannot work
 /// (no credentials for intake, a bad region or broker URL) are errors here.
@@ -162,6 +165,15 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<RelayHan
         source,
     })?;
     let upstream = upstream(&settings)?;
+    // A wrong broker token, tenant or client secret stops the relay here,
+    // not every record it would take and never deliver.
+    for warning in upstream
+        .preflight(PREFLIGHT_WAIT)
+        .await
+        .map_err(|e| RelayError::Upstream(format!("start-up check: {e}")))?
+    {
+        tracing::warn!("{warning}");
+    }
     let only_relay = match queue::sqlite_path(&settings.queue) {
         Some(path) => Some(queue::lock_queue_file(path)?),
         None => None,

@@ -65,7 +65,7 @@ pub use layer::{LeaseLayer, LeaseService, LeaseServiceError};
 use fallback::{Fallback, Take};
 use kept::Kept;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
-use quota_broker::pb::{AcquireRequest, ReleaseRequest, RenewRequest, ReportRequest};
+use quota_broker::pb::{AcquireRequest, ReleaseRequest, RenewRequest, ReportRequest, WatchRequest};
 use quota_broker::REPORTED_HEADERS;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -108,7 +108,7 @@ pub enum ClientError {
         retry_after: Duration,
     },
     /// The broker refused the request (bad field, unknown tenant, auth...).
-    #[error("broker refused: {0}")]
+    #[error("broker refused: {}: {}", quota_broker::code_name(.0.code()), .0.message())]
     Refused(tonic::Status),
 }
 
@@ -273,6 +273,11 @@ impl Call {
             permits: 1,
             max_wait: None,
         }
+    }
+
+    /// The tenant the call is for.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
     }
 
     /// The calling integration instance (for fair sharing and logs).
@@ -559,6 +564,35 @@ impl BrokerClient {
                 Take::Wait(wait) => tokio::time::sleep(wait).await,
                 Take::BrokerBack => {}
             }
+        }
+    }
+
+    /// Checks that the broker serves `tenant` to this client, as a service
+    /// does at start so that a wrong token or tenant stops it there rather
+    /// than failing every call later: `Ok(true)` it does; `Ok(false)` not
+    /// checked: no broker answered within `within` (calls would use the
+    /// fallback rate until one does), or it was over this token's Watch
+    /// cap; an error is the broker's refusal (an unknown tenant, a token it
+    /// does not know or not scoped to the tenant).
+    /// Reads the snapshot of a Watch of the tenant (following a cluster to
+    /// its leader): nothing is granted, reported or counted.
+    pub async fn check(&self, tenant: &str, within: Duration) -> Result<bool, ClientError> {
+        let watch = self.rpc(|mut c| {
+            let req = self.request(WatchRequest {
+                tenant: tenant.to_owned(),
+            });
+            async move {
+                let mut stream = c.watch(req).await?.into_inner();
+                stream.message().await.map(tonic::Response::new)
+            }
+        });
+        match tokio::time::timeout(within, watch).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(s)) if is_unreachable(&s) || s.code() == tonic::Code::ResourceExhausted => {
+                Ok(false)
+            }
+            Ok(Err(s)) => Err(s.into()),
+            Err(_) => Ok(false),
         }
     }
 

@@ -110,3 +110,44 @@ fn bad_arguments_exit_2_before_any_request() {
         assert!(err.contains(says), "{extra:?}: {err}");
     }
 }
+
+/// A wrong client secret or tenant exits 2 with one line saying which,
+/// before the sink is opened or any block planned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_secret_or_tenant_exits_2_before_the_sink_is_opened() {
+    let bed = Bed::start().await;
+    let sink = std::env::temp_dir().join(format!("gc-ingest-never-{}.db", std::process::id()));
+    for (secret, tenant, says) in [
+        (
+            "wrong-secret",
+            "org-a",
+            "start-up check: login refused (401)",
+        ),
+        (
+            "gcsim-secret",
+            "org-unknown",
+            "start-up check: lease refused: broker refused: NOT_FOUND: tenant \"org-unknown\"",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_gc-ingest"))
+            .args(["--region", &bed.region()])
+            .args(["--client-id", "check@org-a", "--client-secret", secret])
+            .args(["--broker", &bed.broker.url(), "--tenant", tenant])
+            .args(["--source", "query", "--from", DAY1, "--to", END])
+            .arg("--sink")
+            .arg(&sink)
+            .args(["--json", "--quiet"])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(60), out)
+            .await
+            .expect("it exits")
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.starts_with(&format!("gc-ingest: {says}")), "{err}");
+        assert!(!sink.exists(), "the sink was opened: {err}");
+    }
+    bed.sim.shutdown().await;
+}

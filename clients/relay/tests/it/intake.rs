@@ -215,3 +215,96 @@ async fn a_second_relay_on_the_same_sqlite_file_is_refused() {
     broker.stop().await;
     sim.shutdown().await;
 }
+
+/// A relay whose tenant, broker token or client secret is wrong does not
+/// start: the error says which, before it takes a single record it could
+/// never deliver. One whose broker does not answer starts (its calls wait
+/// or fall back, as they would later).
+#[tokio::test]
+async fn a_wrong_tenant_token_or_secret_stops_the_relay_at_start() {
+    let dir = TempDir::new("preflight");
+    let sim = gcsim(sim_config(1.0, 300, 0)).await;
+    // A broker that takes only its tokens: the relay's, and one scoped to
+    // another org.
+    let config = format!(
+        r#"
+[server]
+state_dir = ""
+[[auth.tokens]]
+name = "relay"
+sha256 = "{}"
+role = "client"
+tenants = ["*"]
+[[auth.tokens]]
+name = "another-team"
+sha256 = "{}"
+role = "client"
+tenants = ["org-closed"]
+[[tenants]]
+id = "{ORG}"
+[[tenants.buckets]]
+name = "writes"
+routes = ["POST /api/v2/conversations/**"]
+permits = 300
+window_ms = 60000
+[[tenants]]
+id = "org-closed"
+[[tenants.buckets]]
+name = "writes"
+routes = ["POST /api/v2/conversations/**"]
+permits = 300
+window_ms = 60000
+"#,
+        quota_broker::hash_token("relay-token"),
+        quota_broker::hash_token("another-teams-token"),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broker = quota_broker::Embedded::spawn(
+        listener,
+        quota_broker::Settings::from_toml(&config).unwrap(),
+    )
+    .unwrap();
+    let broker_url = broker.url();
+    let start = |settings: gc_relay::Settings| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        gc_relay::start(settings, listener).await
+    };
+    let with = |edit: fn(&mut gc_relay::Settings)| {
+        let mut s = settings(&dir.sqlite(), &sim, &broker_url);
+        s.upstream.broker_token = Some("relay-token".into());
+        edit(&mut s);
+        s
+    };
+    type Edit = fn(&mut gc_relay::Settings);
+    let cases: [(Edit, &str); 4] = [
+        (|s| s.upstream.tenant = "org-unknown".into(), "NOT_FOUND"),
+        (
+            |s| s.upstream.broker_token = Some("another-teams-token".into()),
+            "PERMISSION_DENIED",
+        ),
+        (
+            |s| s.upstream.broker_token = Some("no-such-token".into()),
+            "UNAUTHENTICATED",
+        ),
+        (
+            |s| s.upstream.client_secret = "wrong-secret".into(),
+            "login refused (401)",
+        ),
+    ];
+    for (edit, says) in cases {
+        let Err(e) = start(with(edit)).await else {
+            panic!("the relay started; it should have said {says}")
+        };
+        let e = e.to_string();
+        assert!(e.starts_with("upstream: start-up check: "), "{e}");
+        assert!(e.contains(says), "{e}");
+    }
+    // All right: it starts. The broker away: it starts too (its calls wait
+    // or fall back), and its log says so.
+    start(with(|_| {})).await.unwrap().shutdown().await;
+    let away = start(with(|s| s.upstream.broker = "http://127.0.0.1:1".into()))
+        .await
+        .expect("a relay whose broker is away starts");
+    away.shutdown().await;
+    broker.stop().await.unwrap();
+}
