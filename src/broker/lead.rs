@@ -423,6 +423,73 @@ mod tests {
         stop.cancel();
     }
 
+    /// A Watch of a tenant ends when this broker stops granting for it,
+    /// told (a hand-over names the next leader) or not (the lead runs out,
+    /// etcd away, and nothing changes to wake the stream); a Watch of every
+    /// tenant goes on, and sends the tenant whole when it is led again.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_of_a_tenant_ends_when_its_lead_ends_or_runs_out() {
+        use crate::broker::watch::Watched;
+        async fn next(
+            rx: &mut tokio::sync::mpsc::Receiver<Watched>,
+            what: &str,
+        ) -> Option<Watched> {
+            tokio::time::timeout(std::time::Duration::from_secs(30), rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{what}: nothing within 30 s"))
+        }
+        let settings = slots(2, 30000);
+        let stop = CancellationToken::new();
+        let (b, _drivers) = Broker::start(&settings, stop.clone(), None);
+        b.take_over(0, None);
+        b.lead(0, Instant::now() + std::time::Duration::from_secs(2));
+        let id = settings.tenants[0].id.clone();
+        let mut one = b.watch(Some(&id), |_| true).unwrap();
+        let mut all = b.watch(None, |_| true).unwrap();
+        assert!(matches!(
+            next(&mut one, "one's snapshot").await,
+            Some(Ok(_))
+        ));
+        assert!(matches!(
+            next(&mut all, "all's snapshot").await,
+            Some(Ok(_))
+        ));
+        // Runs out: no change, no call; the stream ends at the deadline.
+        let Some(Err(BrokerError::NotLeader { leader: None, .. })) =
+            next(&mut one, "the lapse").await
+        else {
+            panic!("the Watch of a lapsed tenant did not end")
+        };
+        assert!(next(&mut one, "the end").await.is_none());
+        // Taken over again: the Watch of every tenant sends it whole.
+        b.take_over(0, None);
+        b.lead(0, Instant::now() + std::time::Duration::from_secs(60));
+        assert!(matches!(
+            next(&mut all, "all, led again").await,
+            Some(Ok(_))
+        ));
+        // Handed over: ends at once, naming the next leader.
+        let mut one = b.watch(Some(&id), |_| true).unwrap();
+        assert!(matches!(
+            next(&mut one, "one's second snapshot").await,
+            Some(Ok(_))
+        ));
+        b.step_down(0, Some("http://next:50051".into()));
+        let Some(Err(BrokerError::NotLeader {
+            leader: Some(next_leader),
+            ..
+        })) = next(&mut one, "the hand-over").await
+        else {
+            panic!("the Watch of a tenant handed over did not end")
+        };
+        assert_eq!(next_leader, "http://next:50051");
+        stop.cancel();
+        assert!(matches!(
+            b.watch(Some(&id), |_| true),
+            Err(BrokerError::ShuttingDown)
+        ));
+    }
+
     #[tokio::test]
     async fn a_lead_that_lapsed_resumes_its_own_state_unless_another_broker_led() {
         let settings = slots(2, 30000);

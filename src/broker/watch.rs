@@ -110,16 +110,21 @@ impl Broker {
     ///
     /// In cluster mode the stream follows what this broker leads: a Watch
     /// of one tenant ends with [`BrokerError::NotLeader`] (naming the next
-    /// leader where known) once this broker stops leading it, rather than
-    /// going silent on figures no longer true; a Watch of every tenant
-    /// sends the whole state of each tenant this broker takes over, and
-    /// nothing more of those it no longer leads.
+    /// leader where known) once this broker stops granting for it (handed
+    /// over, stepped down, or its lead ran out with etcd away), rather
+    /// than going silent on figures no longer true; a Watch of every
+    /// tenant sends the whole state of each tenant this broker takes over,
+    /// and nothing more of those it no longer leads. A broker shutting
+    /// down opens none.
     pub(crate) fn watch_every(
         &self,
         tenant: Option<&str>,
         sees: impl Fn(&str) -> bool,
         coalesce: Duration,
     ) -> Result<mpsc::Receiver<Watched>, BrokerError> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(BrokerError::ShuttingDown);
+        }
         let named = tenant.is_some();
         // The tenants the caller may see, led here or not.
         let shown: Vec<usize> = match tenant {
@@ -145,23 +150,36 @@ impl Broker {
         tokio::spawn(async move {
             let _open = open;
             let shutdown = broker.inner.shutdown.clone();
-            // Per tenant led, what was last sent of each instance; a tenant
-            // no longer led is forgotten, so it is sent whole if led again.
-            let mut seen: HashMap<usize, HashMap<usize, u64>> = HashMap::new();
+            // Per tenant led, its lead term and what was last sent of each
+            // instance; a tenant no longer led is forgotten, and one taken
+            // over anew (a new term: rebuilt, its versions from 0), so it
+            // is sent whole.
+            let mut seen: HashMap<usize, (u64, HashMap<usize, u64>)> = HashMap::new();
             loop {
                 changes.borrow_and_update();
                 let now = Instant::now();
                 let mut batch = Vec::new();
+                // A Watch of one tenant looks again when its lead would run
+                // out (refreshed leads move it on): a lead that lapses,
+                // etcd away, is announced by no change.
+                let mut lapses = None;
                 for &t in &shown {
-                    if let Err(e) = broker.leading(t) {
+                    let state = broker.inner.tenants[t].lock();
+                    if let Some(e) = state.not_leading(now) {
                         seen.remove(&t);
                         if named {
                             batch.push(Err(e));
                         }
                         continue;
                     }
-                    let state = broker.inner.tenants[t].lock();
-                    let since = seen.entry(t).or_default();
+                    if named {
+                        lapses = state.lead_until();
+                    }
+                    let term = state.lead_term();
+                    let (seen_term, since) = seen.entry(t).or_insert((term, HashMap::new()));
+                    if *seen_term != term {
+                        (*seen_term, *since) = (term, HashMap::new());
+                    }
                     batch.extend(state.statuses_since(since, now).into_iter().map(|status| {
                         Ok(TenantBucketStatus {
                             tenant: state.id().to_owned(),
@@ -173,19 +191,29 @@ impl Broker {
                 for s in batch {
                     let last = s.is_err();
                     tokio::select! {
-                        r = tx.send(s) => if r.is_err() || last { return },
+                        biased;
                         _ = shutdown.cancelled() => return,
+                        r = tx.send(s) => if r.is_err() || last { return },
                     }
                 }
                 tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
                     _ = tokio::time::sleep(coalesce) => {}
-                    _ = shutdown.cancelled() => return,
-                    _ = tx.closed() => return,
                 }
+                let lapse = async {
+                    match lapses {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
-                    r = changes.changed() => if r.is_err() { return },
+                    biased;
                     _ = shutdown.cancelled() => return,
                     _ = tx.closed() => return,
+                    r = changes.changed() => if r.is_err() { return },
+                    () = lapse => {}
                 }
             }
         });

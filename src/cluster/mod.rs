@@ -160,8 +160,9 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
         serves: HashMap::new(),
         warned: HashSet::new(),
         awaited: HashMap::new(),
-        awaited_until: Instant::now(),
+        awaited_since: Instant::now(),
         member_leases: HashMap::new(),
+        etcd_was_away: false,
     };
     let shutdown = broker.shutdown_token().clone();
     let mut backoff = tick;
@@ -172,8 +173,14 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
                 node.hand_over_all(lease).await;
                 break;
             }
-            Ok(None) => backoff = tick,
+            Ok(None) => {
+                // The lease expired while etcd answered: this broker alone
+                // was away (paused, cut off); the others kept theirs.
+                node.etcd_was_away = false;
+                backoff = tick;
+            }
             Err(e) => {
+                node.etcd_was_away = true;
                 tracing::warn!(error = %e, etcd = ?node.settings.etcd,
                     "cluster session failed: leading nothing until one succeeds");
                 node.lose_all();
@@ -210,12 +217,15 @@ struct Node {
     warned: HashSet<String>,
     /// The other members this broker saw before it joined again (etcd was
     /// away), with the etcd lease they were on and what they serve, and
-    /// until when their tenants wait for them: see
+    /// since when their tenants wait for them: see
     /// [`Node::await_earlier_members`].
     awaited: HashMap<String, (i64, Option<HashSet<String>>)>,
-    awaited_until: Instant,
+    awaited_since: Instant,
     /// The etcd lease of each member's key, as the last tick read.
     member_leases: HashMap<String, i64>,
+    /// The last session ended with etcd not answering (rather than with
+    /// the lease found expired).
+    etcd_was_away: bool,
 }
 
 impl Node {
@@ -288,7 +298,11 @@ impl Node {
             }
         }
         tracing::info!(node = %me, lease, "joined the cluster");
-        self.await_earlier_members();
+        if self.etcd_was_away {
+            self.await_earlier_members();
+        } else {
+            self.awaited.clear();
+        }
         let shutdown = self.broker.shutdown_token().clone();
         let mut next = Instant::now();
         loop {
@@ -359,7 +373,17 @@ impl Node {
         // linger until etcd expires it).
         self.awaited
             .retain(|m, (was, _)| member_keys.get(m).is_none_or(|(_, l)| l == was));
-        if Instant::now() >= self.awaited_until {
+        let waited = self.awaited_since.elapsed();
+        let ttl = self.settings.lease_ttl;
+        if waited >= 2 * ttl {
+            self.awaited.clear();
+        } else if waited >= ttl + (ttl / 5).min(Duration::from_secs(1))
+            && self.awaited.keys().any(|m| member_keys.contains_key(m))
+        {
+            // A key on its earlier lease a TTL on: that lease is being
+            // refreshed, so etcd was away for this broker alone (its
+            // link), not for the cluster; no one else is coming back.
+            tracing::info!("members seen before kept their etcd leases: no longer waiting for any");
             self.awaited.clear();
         }
         let awaited = self.awaited.clone();
@@ -583,9 +607,13 @@ impl Node {
         }
     }
 
-    /// On joining again after etcd was away (every lease expired, brokers
-    /// coming back one by one): for up to two lease TTLs, or until they are
-    /// back, placement still counts the members seen before, so a tenant
+    /// On joining again after etcd did not answer (every lease expired,
+    /// brokers coming back one by one): for up to two lease TTLs, or until
+    /// they are back, placement still counts the members seen before (not
+    /// after a lease found expired with etcd answering: then this broker
+    /// alone was away; nor once a member seen before is still on its
+    /// earlier lease a TTL on: etcd was away for this broker's link
+    /// alone), so a tenant
     /// whose leader is not back yet waits for it rather than going to
     /// whichever broker is back first and moving again as the others
     /// return. Each tenant then goes back to the broker that led it, which
@@ -604,7 +632,7 @@ impl Node {
                 (m.clone(), (lease, self.serves.get(m).cloned()))
             })
             .collect();
-        self.awaited_until = Instant::now() + 2 * self.settings.lease_ttl;
+        self.awaited_since = Instant::now();
         if !self.awaited.is_empty() {
             let mut names: Vec<&str> = self.awaited.keys().map(String::as_str).collect();
             names.sort_unstable();

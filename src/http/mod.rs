@@ -440,12 +440,21 @@ async fn events(
         tokio_stream::StreamExt::map_while(ReceiverStream::new(rx), Result::ok).map(move |s| {
             Ok::<_, Infallible>(Event::default().event("bucket").data(record(&s, clock)))
         });
-    // (The census ends with the broker, as the live feed does, so the feed
-    // ends and the HTTP port can shut down.)
-    let later = later.take_until(http.shutdown.clone().cancelled_owned());
+    // The feed ends with the live part (the tenant led elsewhere, or the
+    // broker shutting down), the census with it, so the page reconnects
+    // and the HTTP port can shut down.
+    let live = live
+        .map(Some)
+        .chain(futures_util::stream::once(std::future::ready(None)));
+    let later = later
+        .take_until(http.shutdown.clone().cancelled_owned())
+        .map(Some);
+    let merged = futures_util::stream::select(later, live)
+        .take_while(|e| std::future::ready(e.is_some()))
+        .filter_map(std::future::ready);
     let stream = futures_util::stream::iter(past)
         .chain(futures_util::stream::once(async { Ok(first_census) }))
-        .chain(futures_util::stream::select(later, live))
+        .chain(merged)
         .map(move |e| {
             // The feed holds its place under the cap until it ends.
             let _open = &permit;

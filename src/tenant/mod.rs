@@ -294,6 +294,12 @@ impl TenantState {
         self.lead_term = fastrand::u64(1..);
     }
 
+    /// Cluster mode: until when this broker grants for the tenant (`None`:
+    /// not in a cluster, no end).
+    pub(crate) fn lead_until(&self) -> Option<Instant> {
+        self.lead_until
+    }
+
     /// True if this broker grants for the tenant at `now`.
     pub fn leads(&self, now: Instant) -> bool {
         self.not_leading(now).is_none()

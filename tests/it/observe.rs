@@ -765,9 +765,40 @@ window_ms = 60000
         }
     };
     until(200).await;
+    // A page's feed of the tenant, open once the broker leads it.
+    let deadline = std::time::Instant::now() + LIMIT;
+    let (mut feed, mut seen) = loop {
+        let mut feed = TcpStream::connect(b.http).await.unwrap();
+        feed.write_all(b"GET /events?tenant=t HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        read_until(&mut feed, &mut seen, b"\r\n\r\n").await;
+        if seen.starts_with(b"HTTP/1.1 200") {
+            break (feed, seen);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the feed answered {}",
+            String::from_utf8_lossy(&seen)
+        );
+        tokio::task::yield_now().await;
+    };
+    let sent =
+        tokio::time::timeout(LIMIT, read_until(&mut feed, &mut seen, b"event: bucket")).await;
+    assert!(
+        sent.is_ok(),
+        "the feed sent {}",
+        String::from_utf8_lossy(&seen)
+    );
     etcd.stop();
     let r = until(503).await;
     assert!(r.body.contains("not in the cluster"), "{}", r.body);
+    // The feed ends (its last chunk) rather than going on silent, so the
+    // page reconnects and is told no broker leads the tenant.
+    tokio::time::timeout(LIMIT, read_until(&mut feed, &mut seen, b"\r\n0\r\n\r\n"))
+        .await
+        .expect("the feed of a tenant no longer led ends");
     // Alive all the same: a restart would not bring etcd back.
     assert_eq!(get(b.http, "/healthz", &[]).await.status, 200);
     // A dashboard feed of a tenant it no longer leads: unavailable (try
@@ -777,6 +808,16 @@ window_ms = 60000
     assert!(r.body.contains("no broker leads tenant"), "{}", r.body);
     assert_eq!(r.header("retry-after"), Some("5"));
     b.stop().await;
+}
+
+/// Reads `feed` into `seen` until it holds `want`.
+async fn read_until(feed: &mut TcpStream, seen: &mut Vec<u8>, want: &[u8]) {
+    let mut buf = [0u8; 4096];
+    while !seen.windows(want.len()).any(|w| w == want) {
+        let n = feed.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the feed closed without {want:?}");
+        seen.extend_from_slice(&buf[..n]);
+    }
 }
 
 #[tokio::test]

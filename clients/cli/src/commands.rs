@@ -453,6 +453,9 @@ struct Feed {
     /// A stream of the tenant ended: (its URL, the leader it named, why,
     /// since when the leader is looked for).
     lost: Option<(String, Option<String>, String, Instant)>,
+    /// The tenant's stream moved to another broker since the last look:
+    /// what the old one sent is to be forgotten.
+    switched: bool,
 }
 
 impl Feed {
@@ -478,11 +481,18 @@ impl Feed {
                         return Some(Err(error));
                     }
                     self.streams.remove(&url);
-                    let why = error.without_url();
+                    let why = match &leader {
+                        Some(l) => format!("the tenant moved to {l}"),
+                        None => one_line_why(&error.without_url()),
+                    };
                     self.lost = Some((url, leader, why, Instant::now()));
                 }
                 None => {
-                    let (Some(_), Some(url)) = (&self.tenant, self.watched.take()) else {
+                    // Ended without an error: its broker is shutting down.
+                    // With no other broker given, so does the watch.
+                    let (Some(_), Some(url), true) =
+                        (&self.tenant, self.watched.take(), c.urls.len() > 1)
+                    else {
                         return None;
                     };
                     let why = "its broker is shutting down".to_owned();
@@ -516,12 +526,12 @@ impl Feed {
             match opened {
                 Ok((to, stream)) => {
                     eprintln!(
-                        "quotactl: the Watch of tenant {tenant:?} on {url} ended ({}); following it on {to}",
-                        one_line_why(&why)
+                        "quotactl: the Watch of tenant {tenant:?} on {url} ended ({why}); following it on {to}"
                     );
                     self.watched = Some(to.clone());
                     self.streams.insert(to, stream);
                     self.lost = None;
+                    self.switched = true;
                     return Ok(());
                 }
                 Err(e) if worth_another_look(&e) && since.elapsed() < FOLLOW_FOR => {
@@ -530,6 +540,19 @@ impl Feed {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// After the tenant's stream moved to another broker: the old broker's
+/// rows go (the new one's snapshot follows), the title names the new one.
+fn forget_if_switched(
+    feed: &mut Feed,
+    state: &mut BTreeMap<BucketKey, QuotaStatus>,
+    title: &mut String,
+) {
+    if std::mem::take(&mut feed.switched) {
+        state.clear();
+        *title = feed.streams.keys().cloned().collect::<Vec<_>>().join(",");
     }
 }
 
@@ -542,9 +565,13 @@ fn worth_another_look(e: &Error) -> bool {
     }
 }
 
-/// A reason on one line, for a note on stderr.
+/// A reason on one line and at most 160 characters, for a note on stderr.
 fn one_line_why(why: &str) -> String {
-    why.split_whitespace().collect::<Vec<_>>().join(" ")
+    let line = why.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(160) {
+        Some((at, _)) => format!("{}…", &line[..at]),
+        None => line,
+    }
 }
 
 async fn watch(c: &mut Cluster, a: WatchArgs) -> Result<(), Error> {
@@ -579,7 +606,9 @@ async fn watch(c: &mut Cluster, a: WatchArgs) -> Result<(), Error> {
         streams,
         tenant: a.tenant.clone(),
         lost: None,
+        switched: false,
     };
+    let mut title = title;
     while updates < limit {
         let Some(first) = feed.next(c).await else {
             break;
@@ -590,6 +619,7 @@ async fn watch(c: &mut Cluster, a: WatchArgs) -> Result<(), Error> {
             print(&format!("{}\n", table::status_json(&first)))?;
             continue;
         }
+        forget_if_switched(&mut feed, &mut state, &mut title);
         state.insert(table::key(&first), first);
         // Coalesce what arrives right after (the initial snapshot, bursts).
         let deadline = Instant::now() + REDRAW_EVERY;
@@ -604,6 +634,7 @@ async fn watch(c: &mut Cluster, a: WatchArgs) -> Result<(), Error> {
                 Ok(Some(s)) => {
                     let s = s?;
                     updates += 1;
+                    forget_if_switched(&mut feed, &mut state, &mut title);
                     state.insert(table::key(&s), s);
                 }
             }

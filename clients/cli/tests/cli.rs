@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::net::SocketAddr;
 use std::process::{Output, Stdio};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -577,9 +577,20 @@ async fn watch_table_merges_the_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_ends_cleanly_when_the_stream_ends() {
+    // Of one tenant too: with one broker given there is nowhere to follow
+    // it to.
+    for args in [
+        &["watch", "--json"][..],
+        &["watch", "--tenant", "t", "--json"],
+    ] {
+        watch_ends_cleanly_when_the_broker_stops(args).await;
+    }
+}
+
+async fn watch_ends_cleanly_when_the_broker_stops(args: &[&str]) {
     let b = Broker::start().await;
     let mut child = b
-        .cmd(Some(CLIENT), &["watch", "--json"])
+        .cmd(Some(CLIENT), args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -601,7 +612,18 @@ async fn watch_ends_cleanly_when_the_stream_ends() {
         .await
         .expect("quotactl exits in time")
         .unwrap();
-    assert!(status.success(), "{status:?}");
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    assert!(
+        status.success() && err.is_empty(),
+        "{args:?}: {status:?}: {err}"
+    );
 }
 
 #[tokio::test]

@@ -135,10 +135,24 @@ async fn a_broker_restart_mid_run_loses_nothing() {
         tokio::spawn(async move { run(&plan, &source, &sink).await })
     };
     until_done(&sink, 10).await;
-    // Down: the client falls back to its local limiter and the run goes on.
+    // Down: the client falls back to its local limiter and the run goes on
+    // (a block finished on a fallback lease; counting blocks alone could
+    // pass on blocks whose leases came before the stop).
     let addr = bed.broker.addr.to_string();
+    let done_before = done(&sink).await;
     bed.broker.stop().await;
-    until_done(&sink, 11).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tick.tick().await;
+        if source.upstream().stats().fallback_leases > 0 && done(&sink).await > done_before + 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no block done on fallback leases within 60 s of the broker's stop"
+        );
+    }
     // Back on the same port: leases come from it again.
     bed.broker = Broker::start(&addr).await;
     let summary = tokio::time::timeout(Duration::from_secs(120), task)
@@ -372,4 +386,14 @@ async fn a_job_block_past_the_upstreams_data_is_provisional_until_the_data_is_th
 fn the_readme_broker_config_for_gcsim_is_valid() {
     let text = include_str!("../../gcsim-broker.toml");
     quota_broker::Settings::from_toml(text).unwrap();
+}
+
+/// Blocks done so far.
+async fn done(sink: &gc_ingest::Sink) -> usize {
+    sink.checkpoints()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|c| c.status == "done")
+        .count()
 }
