@@ -490,6 +490,30 @@ mod tests {
         ));
     }
 
+    /// The dashboard history's reader of changes reads a tenant taken over
+    /// anew whole, even with no pass between the step-down and the
+    /// take-over (the rebuilt state's versions start from 0 again).
+    #[tokio::test]
+    async fn a_tenant_taken_over_anew_is_read_whole() {
+        let settings = slots(2, 30000);
+        let stop = CancellationToken::new();
+        let (b, _drivers) = Broker::start(&settings, stop.clone(), None);
+        let until = Instant::now() + std::time::Duration::from_secs(60);
+        b.take_over(0, None);
+        b.lead(0, until);
+        let mut seen = crate::broker::Seen::new();
+        assert!(!b.changed_since(&mut seen).is_empty());
+        assert!(b.changed_since(&mut seen).is_empty());
+        b.step_down(0, None);
+        b.take_over(0, None);
+        b.lead(0, until);
+        assert!(
+            !b.changed_since(&mut seen).is_empty(),
+            "a tenant rebuilt by a take-over was not read again"
+        );
+        stop.cancel();
+    }
+
     #[tokio::test]
     async fn a_lead_that_lapsed_resumes_its_own_state_unless_another_broker_led() {
         let settings = slots(2, 30000);

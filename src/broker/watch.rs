@@ -17,6 +17,21 @@ pub(super) const WATCH_COALESCE: Duration = Duration::from_millis(100);
 /// What a Watch stream carries: a bucket's status, or why it ends.
 pub(crate) type Watched = Result<TenantBucketStatus, BrokerError>;
 
+/// What a reader of changes last read, per tenant index: the tenant's lead
+/// term then, and each instance's version.
+pub(crate) type Seen = HashMap<usize, (u64, HashMap<usize, u64>)>;
+
+/// `seen`'s versions of tenant `t` now in lead term `term`: none if the
+/// tenant was taken over anew since (rebuilt, its versions from 0), so it
+/// is read whole.
+fn read_of(seen: &mut Seen, t: usize, term: u64) -> &mut HashMap<usize, u64> {
+    let (seen_term, since) = seen.entry(t).or_insert((term, HashMap::new()));
+    if *seen_term != term {
+        (*seen_term, *since) = (term, HashMap::new());
+    }
+    since
+}
+
 /// One bucket's status, with its tenant and time.
 #[derive(Debug, Clone)]
 pub(crate) struct TenantBucketStatus {
@@ -154,7 +169,7 @@ impl Broker {
             // instance; a tenant no longer led is forgotten, and one taken
             // over anew (a new term: rebuilt, its versions from 0), so it
             // is sent whole.
-            let mut seen: HashMap<usize, (u64, HashMap<usize, u64>)> = HashMap::new();
+            let mut seen = Seen::new();
             loop {
                 changes.borrow_and_update();
                 let now = Instant::now();
@@ -175,11 +190,7 @@ impl Broker {
                     if named {
                         lapses = state.lead_until();
                     }
-                    let term = state.lead_term();
-                    let (seen_term, since) = seen.entry(t).or_insert((term, HashMap::new()));
-                    if *seen_term != term {
-                        (*seen_term, *since) = (term, HashMap::new());
-                    }
+                    let since = read_of(&mut seen, t, state.lead_term());
                     batch.extend(state.statuses_since(since, now).into_iter().map(|status| {
                         Ok(TenantBucketStatus {
                             tenant: state.id().to_owned(),
@@ -230,12 +241,9 @@ impl Broker {
 
     /// The bucket instances, of every tenant this broker leads now, that
     /// changed since `seen` (per tenant index, what was last read of it;
-    /// updated). Tenants no longer led are forgotten, so they are read in
-    /// full if led again.
-    pub(crate) fn changed_since(
-        &self,
-        seen: &mut HashMap<usize, HashMap<usize, u64>>,
-    ) -> Vec<TenantBucketStatus> {
+    /// updated). Tenants no longer led are forgotten, and a tenant taken
+    /// over anew is read in full.
+    pub(crate) fn changed_since(&self, seen: &mut Seen) -> Vec<TenantBucketStatus> {
         let now = Instant::now();
         let tenants = self.visible(None, |_| true).unwrap_or_default();
         // (`visible` returns them sorted.)
@@ -243,7 +251,7 @@ impl Broker {
         let mut out = Vec::new();
         for t in tenants {
             let state = self.inner.tenants[t].lock();
-            let since = seen.entry(t).or_default();
+            let since = read_of(seen, t, state.lead_term());
             out.extend(state.statuses_since(since, now).into_iter().map(|status| {
                 TenantBucketStatus {
                     tenant: state.id().to_owned(),

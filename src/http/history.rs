@@ -76,7 +76,7 @@ struct Inner {
     start: Instant,
     rings: HashMap<Key, Ring>,
     /// What the last sample read of each tenant (see `Broker::changed_since`).
-    seen: HashMap<usize, HashMap<usize, u64>>,
+    seen: crate::broker::Seen,
     /// The broker's change counter at the last sample.
     version: Option<u64>,
     /// When a sample last read the broker.
