@@ -163,6 +163,7 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
         awaited_since: Instant::now(),
         member_leases: HashMap::new(),
         etcd_was_away: false,
+        refresh_failed: false,
     };
     let shutdown = broker.shutdown_token().clone();
     let mut backoff = tick;
@@ -174,9 +175,11 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
                 break;
             }
             Ok(None) => {
-                // The lease expired while etcd answered: this broker alone
-                // was away (paused, cut off); the others kept theirs.
-                node.etcd_was_away = false;
+                // The lease found expired: etcd had stopped answering first
+                // (a hang: every lease expired), or it answered at once
+                // (this broker alone was away, paused: the others kept
+                // theirs).
+                node.etcd_was_away = node.refresh_failed;
                 backoff = tick;
             }
             Err(e) => {
@@ -224,8 +227,10 @@ struct Node {
     /// The etcd lease of each member's key, as the last tick read.
     member_leases: HashMap<String, i64>,
     /// The last session ended with etcd not answering (rather than with
-    /// the lease found expired).
+    /// the lease found expired by a broker that alone was away).
     etcd_was_away: bool,
+    /// A keep-alive of this session went unanswered.
+    refresh_failed: bool,
 }
 
 impl Node {
@@ -233,6 +238,7 @@ impl Node {
     /// (`Ok(None)`, start another), etcd fails (`Err`), or the broker shuts
     /// down (`Ok(Some(lease))`, to hand over).
     async fn session(&mut self, tick: Duration) -> Result<Option<i64>, EtcdError> {
+        self.refresh_failed = false;
         let mut keep = self.etcd.grant(self.settings.lease_ttl).await?;
         let lease = keep.id();
         let me = self.settings.node.clone();
@@ -333,6 +339,7 @@ impl Node {
         let (sent, ttl) = match keep.refresh().await {
             Ok(answer) => answer,
             Err(e) => {
+                self.refresh_failed = true;
                 tracing::debug!(error = %e, "keep-alive failed; reopening the stream");
                 *keep = self.etcd.keep_alive(keep.id()).await?;
                 keep.refresh().await?
@@ -610,10 +617,10 @@ impl Node {
     /// On joining again after etcd did not answer (every lease expired,
     /// brokers coming back one by one): for up to two lease TTLs, or until
     /// they are back, placement still counts the members seen before (not
-    /// after a lease found expired with etcd answering: then this broker
-    /// alone was away; nor once a member seen before is still on its
-    /// earlier lease a TTL on: etcd was away for this broker's link
-    /// alone), so a tenant
+    /// after a lease found expired at the first keep-alive that asked:
+    /// then this broker alone was away, paused; nor once a member seen
+    /// before is still on its earlier lease a TTL on: etcd was away for
+    /// this broker's link alone), so a tenant
     /// whose leader is not back yet waits for it rather than going to
     /// whichever broker is back first and moving again as the others
     /// return. Each tenant then goes back to the broker that led it, which
