@@ -10,6 +10,7 @@ use crate::error::BrokerError;
 use crate::tenant::{HandedLease, TenantState};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, PoisonError};
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// What a leader saves of a tenant for the next one.
@@ -39,6 +40,16 @@ struct HandOver {
     /// the restart learning mode for slots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     leases: Option<Vec<HandedLease>>,
+    /// How long before `at_ms` the level of an instance not among `levels`
+    /// became unknown to that leader (a restart or take-over within a
+    /// bucket window), in ms; `None`: it was full. Absent (a snapshot of a
+    /// broker that did not say): unknown from the hand-over on.
+    #[serde(default = "unknown_at_hand_over")]
+    levels_unknown_ms: Option<u64>,
+}
+
+fn unknown_at_hand_over() -> Option<u64> {
+    Some(0)
 }
 
 /// Levels handed over longer ago than this are not trusted (another leader
@@ -215,6 +226,10 @@ impl Broker {
             handed_over.filter(|h| h.at_ms <= now_ms && now_ms - h.at_ms <= HAND_OVER_FRESH_MS);
         if led_before {
             let mut state = tenant.lock();
+            let unknown_for = handed_over
+                .as_ref()
+                .and_then(|h| h.levels_unknown_ms)
+                .map(Duration::from_millis);
             match &handed_over {
                 // Levels and leases exact: nothing to learn again.
                 Some(HandOver {
@@ -222,19 +237,19 @@ impl Broker {
                     leases: Some(leases),
                     ..
                 }) => {
-                    state.resume_levels(levels, now);
+                    state.resume_levels(levels, unknown_for, now);
                     if !state.resume_leases(leases, settings.server.max_lease_ttl, now) {
                         tracing::warn!(tenant = %settings.tenants[t].id,
                             "some handed-over leases have no place in this broker's config \
                              (it differs from the last leader's): learning the slots again");
                         state.resume_after_restart(now);
-                        state.resume_levels(levels, now);
+                        state.resume_levels(levels, unknown_for, now);
                     }
                 }
                 _ => {
                     state.resume_after_restart(now);
                     if let Some(h) = &handed_over {
-                        state.resume_levels(&h.levels, now);
+                        state.resume_levels(&h.levels, unknown_for, now);
                     }
                 }
             }
@@ -272,15 +287,20 @@ impl Broker {
     /// it after [`Broker::step_down`], when nothing is granted any more.
     pub(crate) fn final_snapshot(&self, t: usize) -> Vec<u8> {
         let now = Instant::now();
-        let (levels, leases) = {
+        let (levels, leases, unknown_for) = {
             let state = self.inner.tenants[t].lock();
-            (state.levels(now), state.live_leases(now))
+            (
+                state.levels(now),
+                state.live_leases(now),
+                state.levels_unknown_for(now),
+            )
         };
         let mut snapshot = self.snapshot_of(t);
         snapshot.handed_over = Some(HandOver {
             at_ms: self.inner.clock.unix_ms(now),
             levels,
             leases,
+            levels_unknown_ms: unknown_for.map(|d| d.as_millis().try_into().unwrap_or(u64::MAX)),
         });
         serde_json::to_vec(&snapshot).unwrap_or_default()
     }
@@ -315,7 +335,8 @@ impl Broker {
             self.still_dirty(t);
             tracing::error!(tenant = %id, error = %e, "admin change applied but not saved to etcd");
             BrokerError::Internal(
-                "the change is applied but etcd did not answer: it is saved once etcd does,                  unless the tenant moves to another broker first (check it with quotactl status)",
+                "the change is applied but etcd did not answer: it is saved once etcd does, \
+                 unless the tenant moves to another broker first (check it with quotactl status)",
             )
         })?;
         if saved {

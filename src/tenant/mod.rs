@@ -175,6 +175,11 @@ pub struct TenantState {
     latest: Instant,
     /// When the broker started with state (see `restart`).
     restarted_at: Option<Instant>,
+    /// From when the token level of an instance not seen since is unknown
+    /// (a restart, or a take-over whose last leader did not know it
+    /// either): one first seen within its bucket's window of this starts
+    /// empty (see `restart`).
+    levels_unknown_since: Option<Instant>,
     /// When the driver last planned to run `tick` again (`None`: only when
     /// woken): a lease granted to expire before that must wake it.
     driver_next: Option<Instant>,
@@ -253,6 +258,7 @@ impl TenantState {
             next_sweep: now + SWEEP_EVERY,
             latest: now,
             restarted_at: None,
+            levels_unknown_since: None,
             driver_next: None,
             wake_driver: false,
             unknown_leases: true,

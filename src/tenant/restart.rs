@@ -42,6 +42,7 @@ impl TenantState {
     pub fn resume_after_restart(&mut self, now: Instant) {
         let now = self.monotonic(now);
         self.restarted_at = Some(now);
+        self.levels_unknown_since = Some(now);
         self.unknown_leases = true;
         let all: Vec<usize> = self.instances.iter().map(|(i, _)| i).collect();
         for i in all {
@@ -70,6 +71,7 @@ impl TenantState {
     ) -> bool {
         let at = self.monotonic(now);
         self.restarted_at = Some(at);
+        self.levels_unknown_since = Some(at);
         self.unknown_leases = false;
         let all: Vec<usize> = self.instances.iter().map(|(i, _)| i).collect();
         for i in all {
@@ -103,9 +105,9 @@ impl TenantState {
     /// Applies the learning mode to instance `i` (at start, or when a
     /// per-client instance is first seen inside the window).
     pub(super) fn restart_instance(&mut self, i: usize, now: Instant) {
-        let Some(at) = self.restarted_at else {
+        if self.restarted_at.is_none() && self.levels_unknown_since.is_none() {
             return;
-        };
+        }
         let Some(x) = self.instances.get_mut(i) else {
             return;
         };
@@ -114,10 +116,14 @@ impl TenantState {
         // The upstream's window did not reset with the broker: within one
         // window of the restart, the level before it is unknown.
         let window = settings.rate.map_or(Duration::ZERO, |r| r.window);
-        if let Some(t) = x.tokens.as_mut().filter(|_| at + window > now || at == now) {
+        let unknown = self
+            .levels_unknown_since
+            .is_some_and(|at| at + window > now || at == now);
+        if let Some(t) = x.tokens.as_mut().filter(|_| unknown) {
             t.restart_drained(now);
         }
-        if let Some(s) = x.slots.as_mut().filter(|_| self.unknown_leases) {
+        let phantoms_from = self.restarted_at.filter(|_| self.unknown_leases);
+        if let (Some(s), Some(at)) = (x.slots.as_mut(), phantoms_from) {
             let until = at + ttl;
             if until > now {
                 let free = s.max().saturating_sub(s.in_flight());
@@ -246,13 +252,38 @@ impl TenantState {
             .collect()
     }
 
+    /// How long before `now` the level of an instance not seen since
+    /// became unknown, while that still matters (within the longest rate
+    /// window): what a hand-over passes on with [`TenantState::levels`].
+    /// `None`: every instance not seen is full.
+    pub fn levels_unknown_for(&self, now: Instant) -> Option<Duration> {
+        let since = self.levels_unknown_since?;
+        let longest = self
+            .buckets
+            .iter()
+            .filter_map(|b| b.settings.rate.map(|r| r.window))
+            .max()?;
+        (since + longest > now).then(|| now.saturating_duration_since(since))
+    }
+
     /// Resumes token levels the last leader handed over (instead of the
     /// learning mode's empty bucket), as they were: nothing is credited for
     /// the refill in between, which could only be measured between two
     /// hosts' wall clocks (their offset would become extra permits); the
     /// gap is a cluster tick at most, so a bucket is short by at most that.
-    pub fn resume_levels(&mut self, levels: &[(String, Option<String>, f64)], now: Instant) {
+    /// An instance not among them (an OAuth client the last leader had not
+    /// seen, or dropped when full) is as full here as it was there, unless
+    /// that leader did not know its level either (`unknown_for`, from
+    /// [`TenantState::levels_unknown_for`]): then it starts empty if first
+    /// seen within its window of when that began, as after a restart.
+    pub fn resume_levels(
+        &mut self,
+        levels: &[(String, Option<String>, f64)],
+        unknown_for: Option<Duration>,
+        now: Instant,
+    ) {
         let now = self.monotonic(now);
+        self.levels_unknown_since = unknown_for.map(|d| now.checked_sub(d).unwrap_or(now));
         for (bucket, client, level) in levels {
             let Some(t) = self
                 .instance_of(bucket, client.as_deref(), now)
@@ -285,6 +316,9 @@ impl TenantState {
             }
         }
         if let Some(at) = self.restarted_at.as_mut() {
+            *at += lapse;
+        }
+        if let Some(at) = self.levels_unknown_since.as_mut() {
             *at += lapse;
         }
     }

@@ -226,3 +226,66 @@ fn handed_leases_without_a_place_here_say_so_and_live_no_longer_than_allowed() {
     next.tick(t0 + 2 * SEC);
     assert!(next.renew(held.lease_id, None, None, t0 + 2 * SEC).is_err());
 }
+
+/// A per-OAuth-client rate bucket of 10 a minute.
+const PER_CLIENT: &str = r#"
+    [[tenants.buckets]]
+    name = "per-client"
+    scope = "oauth_client"
+    routes = ["* /**"]
+    permits = 10
+    window_ms = 60000
+"#;
+
+/// `a` with OAuth client `client`.
+fn of_client(client: &str) -> AcquireArgs {
+    AcquireArgs {
+        oauth_client: client.into(),
+        ..args("GET", "/q", 1)
+    }
+}
+
+/// Permits granted at once to `client` at `now`, up to 20.
+fn at_once(t: &mut TenantState, client: &str, now: Instant) -> u32 {
+    (0..20)
+        .take_while(|_| {
+            matches!(
+                t.acquire(&of_client(client), NOW, now).unwrap(),
+                Decision::Granted(_)
+            )
+        })
+        .count() as u32
+}
+
+#[test]
+fn after_a_hand_over_an_oauth_client_the_last_leader_had_not_seen_starts_as_full_as_there() {
+    let t0 = Instant::now();
+    // A leader that knew every level: a client it never saw is full.
+    let mut last = tenant(PER_CLIENT, t0);
+    // What a full instance grants at once (less the higher classes' reserve).
+    let full = at_once(&mut last, "seen", t0);
+    assert!(full >= 5, "{full}");
+    let at = t0 + 6 * SEC;
+    assert_eq!(last.levels_unknown_for(at), None);
+    let mut next = tenant(PER_CLIENT, t0);
+    next.resume_after_restart(at);
+    next.resume_levels(&last.levels(at), last.levels_unknown_for(at), at);
+    assert!(
+        at_once(&mut next, "seen", at) <= 1,
+        "its level is handed over"
+    );
+    assert_eq!(at_once(&mut next, "unseen", at), full);
+
+    // A leader itself within a window of its restart did not know the
+    // level of a client it had not seen: neither does the next one, for
+    // the rest of that window.
+    let mut restarted = tenant(PER_CLIENT, t0);
+    restarted.resume_after_restart(t0);
+    let at = t0 + 20 * SEC;
+    assert_eq!(restarted.levels_unknown_for(at), Some(20 * SEC));
+    let mut next = tenant(PER_CLIENT, t0);
+    next.resume_after_restart(at);
+    next.resume_levels(&restarted.levels(at), restarted.levels_unknown_for(at), at);
+    assert_eq!(at_once(&mut next, "unseen", at), 0);
+    assert_eq!(at_once(&mut next, "unseen-later", t0 + 61 * SEC), full);
+}

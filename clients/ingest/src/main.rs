@@ -218,7 +218,15 @@ async fn main() -> ExitCode {
         Ok(summary) => {
             if args.json {
                 match serde_json::to_string(&summary) {
-                    Ok(line) => println!("{line}"),
+                    Ok(line) => {
+                        use std::io::Write;
+                        // A reader that went away is not told anything more.
+                        if let Err(e) = writeln!(std::io::stdout().lock(), "{line}") {
+                            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                                eprintln!("gc-ingest: the summary could not be written: {e}");
+                            }
+                        }
+                    }
                     Err(e) => eprintln!("gc-ingest: the summary could not be encoded: {e}"),
                 }
             } else if !args.quiet {

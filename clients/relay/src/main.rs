@@ -169,39 +169,67 @@ async fn run(command: Command) -> Result<(), RelayError> {
         Command::Status { queue, json } => {
             let depth = open(&queue).await?.depth().await?;
             if json {
-                println!("{}", serde_json::to_string(&depth).unwrap_or_default());
+                out(&format!(
+                    "{}\n",
+                    serde_json::to_string(&depth).unwrap_or_default()
+                ))
             } else {
-                println!("records pending or in flight  {}", depth.records);
-                println!("  of which in flight          {}", depth.inflight);
-                println!("  bytes                       {}", depth.bytes);
-                println!("oldest record age             {:.1} s", depth.oldest_age_s);
-                println!(
-                    "drain rate (last minute)      {:.2} records/s",
-                    depth.done_last_minute as f64 / 60.0
-                );
-                println!("delivered (kept)              {}", depth.done);
-                println!("dead letters                  {}", depth.dead);
+                out(&format!(
+                    "records pending or in flight  {}\n\
+                     \x20 of which in flight          {}\n\
+                     \x20 bytes                       {}\n\
+                     oldest record age             {:.1} s\n\
+                     drain rate (last minute)      {:.2} records/s\n\
+                     delivered (kept)              {}\n\
+                     dead letters                  {}\n",
+                    depth.records,
+                    depth.inflight,
+                    depth.bytes,
+                    depth.oldest_age_s,
+                    depth.done_last_minute as f64 / 60.0,
+                    depth.done,
+                    depth.dead
+                ))
             }
-            Ok(())
         }
         Command::Dlq { action } => match action {
             Dlq::List { queue, limit } => {
                 for d in open(&queue).await?.dead_letters(limit).await? {
-                    println!("{}", serde_json::to_string(&d).unwrap_or_default());
+                    out(&format!(
+                        "{}\n",
+                        serde_json::to_string(&d).unwrap_or_default()
+                    ))?;
                 }
                 Ok(())
             }
             Dlq::Replay(p) => {
                 let n = open(&p.queue).await?.replay(ids(&p)).await?;
-                println!("{n} dead letters back in the queue");
+                out(&format!("{n} dead letters back in the queue\n"))?;
                 all_named(&p, n)
             }
             Dlq::Drop(p) => {
                 let n = open(&p.queue).await?.drop_dead(ids(&p)).await?;
-                println!("{n} dead letters dropped");
+                out(&format!("{n} dead letters dropped\n"))?;
                 all_named(&p, n)
             }
         },
+    }
+}
+
+/// Writes `text` to stdout. A reader that went away (`gc-relay status |
+/// head -1`) is not an error: the rest was not wanted.
+fn out(text: &str) -> Result<(), RelayError> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(source) if source.kind() != std::io::ErrorKind::BrokenPipe => Err(RelayError::Io {
+            what: "write to stdout".to_owned(),
+            source,
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -266,7 +294,7 @@ async fn serve(s: Serve) -> Result<(), RelayError> {
         })?;
     let relay = gc_relay::start(settings, listener).await?;
     // One line on stdout once bound, for whoever started it.
-    println!("gc-relay listening on http://{}", relay.addr());
+    out(&format!("gc-relay listening on http://{}\n", relay.addr()))?;
     shutdown_signal().await;
     tracing::info!("shutting down");
     relay.shutdown().await;

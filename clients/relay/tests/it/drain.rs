@@ -147,6 +147,20 @@ async fn a_refused_record_is_a_dead_letter_the_cli_lists_replays_and_drops() {
         "{list}"
     );
     assert!(cli(&["status"]).contains("dead letters                  1"));
+    // A reader that went away (`gc-relay status | head -1`) is no failure.
+    for args in [&["status"][..], &["dlq", "list"][..]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gc-relay"))
+            .args(args)
+            .args(["--queue", &dir.sqlite()])
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && err.is_empty(), "{args:?}: {err}");
+    }
 
     // Replayed, it is refused again and comes back.
     assert_eq!(
