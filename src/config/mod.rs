@@ -379,12 +379,19 @@ impl ConfigError {
     /// a problem that names no key (a TOML syntax error).
     fn annotated(mut self, source: &str, overrides: &[(String, String)]) -> Self {
         for p in &mut self.problems {
-            // Problems name keys clipped (`collect::clip_dotted`).
+            // Problems name keys clipped (`collect::clip_dotted`); an
+            // unknown section is named alone, above the key the variable set.
+            let named = p.split([':', ' ']).next().unwrap_or_default();
             let from_env = overrides.iter().find(|(key, _)| {
-                [key.clone(), collect::clip_dotted(key)].iter().any(|k| {
-                    p.strip_prefix(k.as_str())
-                        .is_some_and(|rest| rest.starts_with([':', ' ', '[', '.']))
-                })
+                let under_named = !named.is_empty()
+                    && key
+                        .strip_prefix(named)
+                        .is_some_and(|rest| rest.starts_with('.'));
+                under_named
+                    || [key.clone(), collect::clip_dotted(key)].iter().any(|k| {
+                        p.strip_prefix(k.as_str())
+                            .is_some_and(|rest| rest.starts_with([':', ' ', '[', '.']))
+                    })
             });
             if let Some((_, var)) = from_env {
                 p.push_str(&format!(
@@ -951,6 +958,14 @@ mod tests {
         );
         assert!(
             err.contains("(set by the environment variable QUOTA_BROKER__SERVER__MAX_WAIT_MS)"),
+            "{err}"
+        );
+        // A section that does not exist, named alone.
+        let env = [("QUOTA_BROKER__SERVR__LISTEN".to_owned(), "x".to_owned())];
+        let err = Settings::load(None, env).unwrap_err().to_string();
+        assert!(
+            err.contains("servr")
+                && err.contains("(set by the environment variable QUOTA_BROKER__SERVR__LISTEN)"),
             "{err}"
         );
         // A semantic problem too.

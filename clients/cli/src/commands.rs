@@ -38,6 +38,12 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a unary call may take (Watch streams are not bounded).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Quiet time on a connection with calls open before quotactl pings the
+/// broker, and how long the ping may go unanswered: a broker whose host
+/// hangs (connections accepted, nothing answered) fails the call within
+/// about 5 s, and the next broker given is tried, as the Rust client does.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Watch table mode coalesces updates arriving this close together into one redraw.
 const REDRAW_EVERY: Duration = Duration::from_millis(100);
 /// Largest answer accepted (ListBuckets with many per-client instances).
@@ -89,8 +95,8 @@ impl Conn {
         let mut endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| Error::transport(url, &e))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT);
         if let Some(config) = tls_config(url, tls)? {
             endpoint = endpoint
                 .tls_config(config)

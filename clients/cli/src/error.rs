@@ -128,13 +128,14 @@ impl Error {
 impl Error {
     /// Whether another broker of a cluster may serve the call this error
     /// failed: the broker did not serve it (UNAVAILABLE: not the tenant's
-    /// leader, no leader yet, shutting down), could not be reached, or the
-    /// connection broke.
+    /// leader, no leader yet, shutting down), could not be reached, the
+    /// connection broke, or it did not answer in time.
     pub fn try_another(&self) -> bool {
         matches!(
             self,
             Error::Unreachable { .. }
                 | Error::Lost { .. }
+                | Error::Timeout { .. }
                 | Error::Rpc {
                     code: Code::Unavailable,
                     ..

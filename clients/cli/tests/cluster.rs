@@ -441,3 +441,45 @@ async fn unreachable_brokers_are_named_in_one_line() {
         )
     );
 }
+
+/// A broker whose host hangs (its port accepts connections, nothing is
+/// ever answered) given first is passed over within seconds: a command for
+/// one tenant reaches the leader through the next broker given, and
+/// `status` over every tenant shows what the others lead and names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_broker_given_first_is_passed_over() {
+    let cluster = Cluster::start("hung").await;
+    cluster.settled().await;
+    let urls = cluster.urls();
+    // Never accepted: the kernel completes the handshakes, as for a process
+    // that is stopped.
+    let hung_socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung = format!("http://{}", hung_socket.local_addr().unwrap());
+
+    let started = Instant::now();
+    let paused = ok_json(
+        &[&hung, &urls[0]],
+        &[
+            "pause", "--tenant", "t1", "rate", "--reason", "test", "--json",
+        ],
+    )
+    .await;
+    assert_eq!(paused["paused"], true);
+    let out = quotactl(&[&hung, &urls[0], &urls[1]], &["status", "--json"]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with(&format!("quotactl: {hung}: connection lost")),
+        "{err}"
+    );
+    let buckets: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(tenants_of(&buckets), TENANTS.map(String::from).into());
+    // Both within what a call may take (30 s), and far from it.
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(hung_socket);
+    cluster.stop().await;
+}
