@@ -343,19 +343,28 @@ impl Broker {
         (http_status, concurrency_limited): (u32, bool),
         retry_after: Option<Duration>,
         info: &RateLimitInfo,
+        idempotency_key: &str,
     ) -> Result<ReportOutcome, BrokerError> {
         let t = self.tenant_index(tenant)?;
         let tenant = &self.inner.tenants[t];
         let now = Instant::now();
         self.leading(t)?;
-        let outcome = if http_status == 429 && concurrency_limited {
-            tenant
-                .lock()
-                .report_in_flight_refusal(call, retry_after, info, now)?
-        } else {
-            tenant
-                .lock()
-                .report(call, http_status, retry_after, info, now)?
+        let key = (!idempotency_key.is_empty()).then_some(idempotency_key);
+        let outcome = {
+            let mut state = tenant.lock();
+            if let Some(before) = key.and_then(|k| state.reported_before(k, now)) {
+                tracing::debug!(tenant = %state.id(), "a Report sent again: answered, not counted twice");
+                return Ok(before);
+            }
+            let outcome = if http_status == 429 && concurrency_limited {
+                state.report_in_flight_refusal(call, retry_after, info, now)?
+            } else {
+                state.report(call, http_status, retry_after, info, now)?
+            };
+            if let Some(k) = key {
+                state.counted_report(k, &outcome, now);
+            }
+            outcome
         };
         if let Some(m) = &self.inner.metrics {
             m.reported(t, &outcome.buckets, http_status);

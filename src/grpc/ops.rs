@@ -99,6 +99,7 @@ impl Ops {
         let tenant = required("tenant", &r.tenant, "demo")?;
         who.may_access(tenant)?;
         let oauth_client = bounded("oauth_client", &r.oauth_client)?;
+        let key = bounded("idempotency_key", &r.idempotency_key)?;
         let (method, path) = call_of(&r.method, &r.path)?;
         if !(100..=599).contains(&r.http_status) {
             return Err(BrokerError::invalid(
@@ -122,6 +123,7 @@ impl Ops {
             (r.http_status, r.concurrency_limited),
             retry_after,
             &info,
+            key,
         )?;
         Ok(pb::ReportResponse {
             buckets: outcome.buckets,

@@ -20,6 +20,7 @@
 //! | `waiting`     | the queue: enqueue, withdraw, and the driver's [`TenantState::tick`] |
 //! | `leases`      | release, renew and expiry of slot-holding leases                  |
 //! | `learn`       | [`TenantState::report`]: attribution and the learning rules       |
+//! | `recent`      | recent Reports' idempotency keys, so a Report sent again counts once |
 //! | `operate`     | operators' changes: limits, pause, clearing what was learned      |
 //! | `restart`     | the learning mode after a restart: empty buckets, phantom slots, adoption |
 //! | `status`      | [`BucketStatus`] for Watch and ListBuckets                        |
@@ -36,6 +37,7 @@ mod instance;
 mod learn;
 mod leases;
 mod operate;
+mod recent;
 mod registry;
 mod restart;
 #[cfg(test)]
@@ -180,6 +182,8 @@ pub struct TenantState {
     /// either): one first seen within its bucket's window of this starts
     /// empty (see `restart`).
     levels_unknown_since: Option<Instant>,
+    /// Recent Reports' idempotency keys and answers.
+    recent_reports: recent::Recent,
     /// When the driver last planned to run `tick` again (`None`: only when
     /// woken): a lease granted to expire before that must wake it.
     driver_next: Option<Instant>,
@@ -259,6 +263,7 @@ impl TenantState {
             latest: now,
             restarted_at: None,
             levels_unknown_since: None,
+            recent_reports: recent::Recent::default(),
             driver_next: None,
             wake_driver: false,
             unknown_leases: true,

@@ -96,6 +96,41 @@ async fn identical_429s_from_twenty_clients_cut_once_and_freeze_the_tenant_only(
     b.stop().await;
 }
 
+/// A Report sent again with its idempotency key (its first answer never
+/// reached the client) is answered as the first time and counted once;
+/// without a key, or with another, every Report counts.
+#[tokio::test(start_paused = true)]
+async fn a_report_sent_again_with_its_key_counts_once() {
+    let b = start(&two_tenants("")).await;
+    let mut c = b.client.clone();
+    let keyed = |key: &str| ReportRequest {
+        idempotency_key: key.into(),
+        ..throttled("t", "15", &[])
+    };
+    let first = c.report(keyed("k1")).await.unwrap().into_inner();
+    assert_eq!(first.attributed_to, "org");
+    let again = c.report(keyed("k1")).await.unwrap().into_inner();
+    assert_eq!(again, first);
+    assert_eq!(status(&b, "t").await.throttled_total, 1);
+    c.report(keyed("k2")).await.unwrap();
+    c.report(keyed("")).await.unwrap();
+    c.report(keyed("")).await.unwrap();
+    assert_eq!(status(&b, "t").await.throttled_total, 4);
+    // The same key on another tenant is another report.
+    c.report(ReportRequest {
+        idempotency_key: "k1".into(),
+        ..throttled("u", "15", &[])
+    })
+    .await
+    .unwrap();
+    assert_eq!(status(&b, "u").await.throttled_total, 1);
+    // A key longer than any id is refused, not stored.
+    let e = c.report(keyed(&"k".repeat(300))).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("idempotency_key"), "{}", e.message());
+    b.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_wild_retry_after_is_capped_and_an_operator_can_lift_the_freeze() {
     let b = start(&two_tenants("")).await;

@@ -5,6 +5,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from urllib.parse import urlsplit
 
 import grpc
@@ -1016,6 +1017,9 @@ class QuotaBroker:
             retry_after_ms=int(retry_after_ms),
             headers=picked,
             concurrency_limited=bool(concurrency_limited) and int(status) == 429,
+            # Kept with the outcome: sent again after no answer, it counts
+            # once even if the broker received the first.
+            idempotency_key=uuid.uuid4().hex,
         )
         fb = self._fallback
         if fb is None:

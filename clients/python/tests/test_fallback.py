@@ -255,3 +255,25 @@ def test_reconnect_backoff_is_bounded():
     opts = dict(qb.DEFAULT_CHANNEL_OPTIONS)
     assert opts["grpc.max_reconnect_backoff_ms"] <= 5000
     assert opts["grpc.initial_reconnect_backoff_ms"] <= opts["grpc.max_reconnect_backoff_ms"]
+
+
+def test_a_report_a_frozen_broker_received_and_the_client_kept_counts_once(start_broker):
+    """A broker stopped (SIGSTOP) receives a Report into its socket but
+    answers only once thawed; the client gave up at its deadline and kept
+    the outcome. Both reach the broker; its idempotency key counts it once."""
+    import os
+    import signal
+
+    proc = start_broker()
+    with qb.QuotaBroker(proc.addr, timeout=1) as client:
+        client.list_buckets(TENANT)  # connected: the Report goes out at once
+        os.kill(proc.proc.pid, signal.SIGSTOP)
+        try:
+            assert client.report(TENANT, "GET", USERS, 429, {"Retry-After": "1"},
+                                 oauth_client="frozen") is None
+            assert client.pending_reports == 1
+        finally:
+            os.kill(proc.proc.pid, signal.SIGCONT)
+        assert client.flush_reports() == 1
+        b = bucket(client, "per-client", "frozen")
+        assert (b.reports_total, b.throttled_total) == (1, 1)

@@ -634,6 +634,9 @@ impl BrokerClient {
             retry_after_ms: 0,
             headers,
             concurrency_limited: concurrency_limited && status == 429,
+            // Kept with the report: sent again after no answer, it counts
+            // once even if the broker received the first.
+            idempotency_key: format!("{:032x}", fastrand::u128(..)),
         };
         let answer = self
             .rpc(|mut c| {
