@@ -35,11 +35,23 @@ _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 #: Channel options set unless given: gRPC's default reconnect backoff grows
 #: to 120 s while the broker is down, so a client would come back to it up
 #: to two minutes late. Reconnect attempts here are at most 2 s apart (the
-#: min value is gRPC's minimum connect timeout, not a wait).
+#: min value is gRPC's minimum connect timeout, not a wait). And HTTP/2
+#: pings every 2 s while calls are open, each given 3 s to be answered: a
+#: broker whose host hangs (connections open, nothing answered) fails the
+#: calls open on it within about 5 s, which then fall back or move to the
+#: next broker, instead of waiting out an Acquire's whole deadline (up to
+#: 70 s without a ``max_wait_ms``). As many pings as needed while a call
+#: waits without data (gRPC stops after 2 by default), and every ping's
+#: answer awaited 3 s (gRPC's own flow-control pings wait 60 s by default,
+#: and while one is out no keepalive ping is sent).
 DEFAULT_CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.min_reconnect_backoff_ms", 2000),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 2000),
+    ("grpc.keepalive_timeout_ms", 3000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.ping_timeout_ms", 3000),
 )
 
 # The broker did not answer: these errors mean fall back, not fail.

@@ -277,3 +277,24 @@ def test_a_report_a_frozen_broker_received_and_the_client_kept_counts_once(start
         assert client.flush_reports() == 1
         b = bucket(client, "per-client", "frozen")
         assert (b.reports_total, b.throttled_total) == (1, 1)
+
+
+def test_a_hung_broker_is_given_up_within_seconds_not_at_the_deadline(start_broker):
+    """A broker stopped (SIGSTOP) while an Acquire waits on it: the HTTP/2
+    pings go unanswered and the call falls back within seconds, not at its
+    deadline (60 s of the broker's default cap plus the call timeout)."""
+    import os
+    import signal
+
+    proc = start_broker()
+    with qb.QuotaBroker(proc.addr) as client:
+        client.list_buckets(TENANT)  # connected before the broker hangs
+        os.kill(proc.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            lease = client.acquire(TENANT, "GET", USERS, client_id="c")
+            took = time.monotonic() - started
+        finally:
+            os.kill(proc.proc.pid, signal.SIGCONT)
+        assert lease.is_fallback
+        assert took < 20, f"fell back after {took:.1f} s"
