@@ -284,6 +284,36 @@ impl Broker {
         Ok(released)
     }
 
+    /// Notes the idempotency key of the Acquire on `tenant` that was
+    /// granted slot-holding lease `id` (see [`Broker::release_by_key`]).
+    pub(crate) fn granted_with_key(&self, tenant: &str, key: &str, id: LeaseId) {
+        if let Ok(t) = self.tenant_index(tenant) {
+            self.inner.tenants[t].lock().granted_with_key(key, id);
+        }
+    }
+
+    /// Returns the slots of the lease granted to `tenant`'s Acquire with
+    /// idempotency key `key`, whose answer never reached its client. True
+    /// if it held some.
+    pub(crate) fn release_by_key(&self, tenant: &str, key: &str) -> Result<bool, BrokerError> {
+        let t = self.tenant_index(tenant)?;
+        let tenant = &self.inner.tenants[t];
+        let released = {
+            let mut state = tenant.lock();
+            if let Some(e) = state.not_leading(Instant::now()) {
+                return Err(e);
+            }
+            state.release_by_key(key)
+        };
+        if released {
+            tracing::info!(tenant = %self.inner.settings.tenants[t].id,
+                "released the lease of an Acquire whose answer did not reach its client");
+            tenant.wake.notify_one();
+            self.announce();
+        }
+        Ok(released)
+    }
+
     /// Extends a lease's slots by `extend` from now (0: its default TTL).
     /// Returns the new expiry and TTL.
     /// `acquired_with` (tenant, Acquire) lets a lease granted before a

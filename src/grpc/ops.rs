@@ -45,13 +45,20 @@ impl Ops {
     pub(crate) async fn acquire_op(
         &self,
         who: &Principal,
-        r: pb::AcquireRequest,
+        mut r: pb::AcquireRequest,
     ) -> Result<pb::AcquireResponse, Status> {
         let max_wait = r.max_wait_ms.map(Duration::from_millis);
+        let key = std::mem::take(&mut r.idempotency_key);
+        bounded("idempotency_key", &key)?;
         let (tenant, args) = acquire_args_owned(who, r)?;
         let outcome = self.broker.acquire(&tenant, args, max_wait).await?;
         Ok(match outcome {
-            AcquireOutcome::Granted(g) => grant_to_pb(g, self.broker.clock()),
+            AcquireOutcome::Granted(g) => {
+                if !key.is_empty() && g.slot.is_some() {
+                    self.broker.granted_with_key(&tenant, &key, g.lease_id);
+                }
+                grant_to_pb(g, self.broker.clock())
+            }
             AcquireOutcome::Denied(d) => denial_to_pb(d),
         })
     }
@@ -62,6 +69,13 @@ impl Ops {
         who: &Principal,
         r: pb::ReleaseRequest,
     ) -> Result<pb::ReleaseResponse, Status> {
+        if r.lease_id.is_empty() && !r.acquire_key.is_empty() {
+            let tenant = required("tenant", &r.tenant, "demo")?;
+            who.may_access(tenant)?;
+            let key = bounded("acquire_key", &r.acquire_key)?;
+            let released = self.broker.release_by_key(tenant, key)?;
+            return Ok(pb::ReleaseResponse { released });
+        }
         self.check_lease(who, &r.lease_id)?;
         let released = self.broker.release(&r.lease_id)?;
         Ok(pb::ReleaseResponse { released })

@@ -8,6 +8,27 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 impl TenantState {
+    /// Notes that slot-holding lease `id` was granted to an Acquire with
+    /// idempotency key `key`, for [`TenantState::release_by_key`]. Entries
+    /// of leases that ended are dropped once they outnumber the live ones.
+    pub fn granted_with_key(&mut self, key: &str, id: LeaseId) {
+        if self.acquire_keys.len() >= 64 + 2 * self.leases.len() {
+            let leases = &self.leases;
+            self.acquire_keys
+                .retain(|_, l| leases.get(l.seq, l.nonce).is_some());
+        }
+        self.acquire_keys.insert(Box::from(key), id);
+    }
+
+    /// Returns the slots of the lease granted to the Acquire with
+    /// idempotency key `key` (its answer never reached the client); false
+    /// if none holds any.
+    pub fn release_by_key(&mut self, key: &str) -> bool {
+        self.acquire_keys
+            .remove(key)
+            .is_some_and(|id| self.release(id))
+    }
+
     /// Returns a lease's slots; false if it holds none (unknown, released,
     /// expired, or a lease of rate buckets only).
     pub fn release(&mut self, id: LeaseId) -> bool {

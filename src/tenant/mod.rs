@@ -184,6 +184,9 @@ pub struct TenantState {
     levels_unknown_since: Option<Instant>,
     /// Recent Reports' idempotency keys and answers.
     recent_reports: recent::Recent,
+    /// The idempotency keys of Acquires granted a slot-holding lease (see
+    /// `leases`).
+    acquire_keys: HashMap<Box<str>, LeaseId>,
     /// When the driver last planned to run `tick` again (`None`: only when
     /// woken): a lease granted to expire before that must wake it.
     driver_next: Option<Instant>,
@@ -264,6 +267,7 @@ impl TenantState {
             restarted_at: None,
             levels_unknown_since: None,
             recent_reports: recent::Recent::default(),
+            acquire_keys: HashMap::new(),
             driver_next: None,
             wake_driver: false,
             unknown_leases: true,

@@ -561,3 +561,25 @@ fn a_default_burst_follows_the_permits_an_operator_sets_and_a_set_one_stays() {
     }
     assert!((50..=100).contains(&granted), "{granted} granted at once");
 }
+
+#[test]
+fn keys_of_acquires_whose_leases_ended_are_forgotten() {
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    let mut now = t0;
+    for i in 0..500 {
+        now += Duration::from_secs(1);
+        let g = granted(t.acquire(&args("POST", "/q", 1), NOW, now).unwrap());
+        t.granted_with_key(&format!("k{i}"), g.lease_id);
+        assert!(t.release(g.lease_id));
+    }
+    // At most a few dozen beyond twice the live leases (none live here).
+    assert!(t.acquire_keys.len() <= 65, "{}", t.acquire_keys.len());
+    let g = granted(
+        t.acquire(&args("POST", "/q", 1), NOW, now + Duration::from_secs(1))
+            .unwrap(),
+    );
+    t.granted_with_key("live", g.lease_id);
+    assert!(t.release_by_key("live"));
+    assert!(!t.release_by_key("live"));
+}

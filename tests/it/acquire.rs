@@ -1,7 +1,7 @@
 //! Grants, waits, timeouts, all-or-nothing, expiry and release over gRPC.
 
 use crate::harness::{config, req, start};
-use quota_broker::pb::{ReleaseRequest, RenewRequest};
+use quota_broker::pb::{AcquireRequest, ReleaseRequest, RenewRequest};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -104,6 +104,7 @@ async fn waiter_is_granted_the_moment_a_slot_is_released() {
         .clone()
         .release(ReleaseRequest {
             lease_id: first.lease_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -115,6 +116,57 @@ async fn waiter_is_granted_the_moment_a_slot_is_released() {
         waited < Duration::from_secs(1),
         "granted on release, not at expiry: {waited:?}"
     );
+    b.stop().await;
+}
+
+/// A client that got no answer to an Acquire releases, by the Acquire's
+/// idempotency key, the lease the broker granted it anyway: its slot is
+/// free again at once, not at the lease's expiry.
+#[tokio::test(start_paused = true)]
+async fn a_lease_whose_answer_was_lost_is_released_by_the_acquires_key() {
+    let b = start(&config(SLOT)).await;
+    let mut c = b.client.clone();
+    let by_key = |tenant: &str, key: &str| ReleaseRequest {
+        tenant: tenant.into(),
+        acquire_key: key.into(),
+        ..Default::default()
+    };
+    let lost = b
+        .acquire(AcquireRequest {
+            idempotency_key: "k-lost".into(),
+            ..req("POST", "/q", 0)
+        })
+        .await;
+    assert!(lost.granted, "{}", lost.reason);
+    assert!(
+        !b.acquire(req("POST", "/q", 0)).await.granted,
+        "the one slot is held"
+    );
+    let unknown = c
+        .release(by_key("t", "k-other"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!unknown.released);
+    let released = c.release(by_key("t", "k-lost")).await.unwrap().into_inner();
+    assert!(released.released);
+    assert!(
+        b.acquire(req("POST", "/q", 0)).await.granted,
+        "free again at once"
+    );
+    // Once only; and a lease released by its id is not released again.
+    assert!(
+        !c.release(by_key("t", "k-lost"))
+            .await
+            .unwrap()
+            .into_inner()
+            .released
+    );
+    let e = c.release(by_key("", "k")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e = c.release(by_key("t", &"k".repeat(300))).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("acquire_key"), "{}", e.message());
     b.stop().await;
 }
 
@@ -144,6 +196,7 @@ async fn expired_lease_returns_its_slot_by_itself() {
         .clone()
         .release(ReleaseRequest {
             lease_id: first.lease_id,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -210,11 +263,14 @@ async fn release_is_idempotent_and_renew_extends() {
     let rel = |id: String| {
         let mut c = c.clone();
         async move {
-            c.release(ReleaseRequest { lease_id: id })
-                .await
-                .unwrap()
-                .into_inner()
-                .released
+            c.release(ReleaseRequest {
+                lease_id: id,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .released
         }
     };
     assert!(rel(g.lease_id.clone()).await);
@@ -329,6 +385,7 @@ async fn cancelled_waiter_leaves_the_queue_and_takes_nothing() {
         .clone()
         .release(ReleaseRequest {
             lease_id: first.lease_id,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -622,6 +622,7 @@ mod auth {
         // Another tenant's client cannot release this lease.
         let rel = ReleaseRequest {
             lease_id: ok.lease_id.clone(),
+            ..Default::default()
         };
         assert_eq!(
             code(c.release(with(rel.clone(), Some("secret-u-client"))).await)

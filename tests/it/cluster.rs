@@ -454,6 +454,7 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
                     log.lock().unwrap().record(Event::Released { lease });
                     let release = ReleaseRequest {
                         lease_id: r.lease_id.clone(),
+                        ..Default::default()
                     };
                     for _ in 0..60 {
                         match client(&f.url()).release(release.clone()).await {
@@ -1190,6 +1191,7 @@ async fn a_leader_that_shuts_down_hands_its_token_levels_and_leases_over() {
     let released = client(&second)
         .release(ReleaseRequest {
             lease_id: held.lease_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -330,7 +330,10 @@ async fn the_dashboard_shows_what_list_buckets_says() {
                 if answer.granted {
                     if let Some(lease_id) = held.replace(answer.lease_id) {
                         let _ = client
-                            .release(quota_broker::pb::ReleaseRequest { lease_id })
+                            .release(quota_broker::pb::ReleaseRequest {
+                                lease_id,
+                                ..Default::default()
+                            })
                             .await;
                     }
                 }

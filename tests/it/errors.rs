@@ -101,6 +101,7 @@ async fn lease_report_and_watch_errors() {
         Code::InvalidArgument,
         c.release(ReleaseRequest {
             lease_id: String::new(),
+            ..Default::default()
         })
         .await,
         "lease_id",
@@ -109,6 +110,7 @@ async fn lease_report_and_watch_errors() {
         Code::InvalidArgument,
         c.release(ReleaseRequest {
             lease_id: "not-a-lease".into(),
+            ..Default::default()
         })
         .await,
         "not a lease id",
@@ -241,6 +243,7 @@ async fn errors_never_echo_a_long_value_back() {
     let lease = c
         .release(ReleaseRequest {
             lease_id: long.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -106,6 +106,7 @@ pub fn req(method: &str, path: &str, max_wait_ms: u64) -> AcquireRequest {
         oauth_client: String::new(),
         permits: 0,
         max_wait_ms: Some(max_wait_ms),
+        idempotency_key: String::new(),
     }
 }
 

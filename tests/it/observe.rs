@@ -329,6 +329,7 @@ async fn a_buckets_totals_keep_what_its_dropped_instances_counted() {
         client
             .release(quota_broker::pb::ReleaseRequest {
                 lease_id: g.lease_id,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -1041,6 +1042,7 @@ async fn a_page_opened_later_is_sent_the_last_minutes_of_its_tenants() {
     // Just before the page opens: it still sees this.
     let release = quota_broker::pb::ReleaseRequest {
         lease_id: first.lease_id,
+        ..Default::default()
     };
     client.release(with_token(release, TOKEN)).await.unwrap();
 

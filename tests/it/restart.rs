@@ -152,6 +152,7 @@ async fn after_a_crash_held_slots_are_adopted_and_never_granted_twice_even_with_
     let released = c
         .release(ReleaseRequest {
             lease_id: held[0].0.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -416,6 +417,7 @@ async fn a_graceful_restart_holds_only_the_leases_it_recorded_and_a_stale_record
     let released = c
         .release(ReleaseRequest {
             lease_id: held[1].clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

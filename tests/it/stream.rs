@@ -101,6 +101,7 @@ async fn pipelined_operations_answer_by_id_and_errors_keep_the_stream() {
         6,
         Op::Release(ReleaseRequest {
             lease_id: g.lease_id.clone(),
+            ..Default::default()
         }),
     )
     .await;
@@ -159,6 +160,7 @@ async fn a_waiting_acquire_does_not_hold_up_a_release_behind_it() {
         3,
         Op::Release(ReleaseRequest {
             lease_id: first.lease_id,
+            ..Default::default()
         }),
     )
     .await;
@@ -197,6 +199,7 @@ async fn an_acquire_with_the_id_of_a_waiting_one_is_refused() {
         3,
         Op::Release(ReleaseRequest {
             lease_id: first.lease_id,
+            ..Default::default()
         }),
     )
     .await;
@@ -234,7 +237,12 @@ async fn leases_of_a_stream_that_ends_are_released() {
         let mut c = b.client.clone();
         let lease = g.lease_id.clone();
         tokio::spawn(async move {
-            c.release(ReleaseRequest { lease_id: lease }).await.unwrap();
+            c.release(ReleaseRequest {
+                lease_id: lease,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         })
     };
     waiter.await.unwrap();

@@ -57,6 +57,13 @@ DEFAULT_CHANNEL_OPTIONS = (
 # The broker did not answer: these errors mean fall back, not fail.
 _UNREACHABLE = (errors.Unavailable, errors.DeadlineExceeded)
 
+def _never_sent(err):
+    """Whether a call failed before it could reach a broker (no connection)."""
+    details = (getattr(err, "details", "") or "").lower()
+    return isinstance(err, errors.Unavailable) and (
+        "failed to connect" in details or "connection refused" in details)
+
+
 # After an Overloaded answer without retry-after-ms, the kept reports and
 # releases wait this long (the broker's request rates are per second).
 _OVERLOAD_BACKOFF_S = 1.0
@@ -598,7 +605,9 @@ class QuotaBroker:
 
     @property
     def pending_releases(self):
-        """Releases the broker refused as Overloaded, to be sent after its retry-after-ms."""
+        """Releases waiting to be sent: those the broker refused as Overloaded (sent
+        after its retry-after-ms), and those of Acquires that got no answer
+        (sent when a broker answers again)."""
         return len(self._deferred_releases)
 
     # -- overload ----------------------------------------------------------------
@@ -617,14 +626,23 @@ class QuotaBroker:
     def _defer_release(self, lease_id, err):
         """Sends a release refused as Overloaded later, in the background (at most ``buffer_size``)."""
         self._overloaded(err)
+        self._keep_release(pb.ReleaseRequest(lease_id=lease_id))
+        log.debug("release of lease %s deferred: %s", lease_id, err)
+        self._start_flusher()
+
+    def _release_unanswered(self, tenant, key):
+        """An Acquire got no answer, yet the broker may have read it (frozen or
+        cut off after): once it answers again, a lease it granted that nobody
+        holds is released by the Acquire's idempotency key."""
+        self._keep_release(pb.ReleaseRequest(tenant=tenant, acquire_key=key))
+
+    def _keep_release(self, req):
         cap = max(self._fallback.settings.buffer_size, 1) if self._fallback is not None else 1000
         with self._flusher_lock:
             if len(self._deferred_releases) >= cap:
                 dropped = self._deferred_releases.popleft()  # its slot expires by itself
-                log.debug("deferred release of lease %s dropped (%d waiting)", dropped, cap)
-            self._deferred_releases.append(lease_id)
-        log.debug("release of lease %s deferred: %s", lease_id, err)
-        self._start_flusher()
+                log.debug("deferred release %s dropped (%d waiting)", dropped, cap)
+            self._deferred_releases.append(req)
 
     def _release_deferred(self, timeout=None):
         """Sends the deferred releases, oldest first; stops at an Overloaded or unreachable broker."""
@@ -632,20 +650,20 @@ class QuotaBroker:
             with self._flusher_lock:
                 if not self._deferred_releases:
                     return
-                lease_id = self._deferred_releases.popleft()
+                req = self._deferred_releases.popleft()
             try:
-                self._call("Release", pb.ReleaseRequest(lease_id=lease_id), timeout)
+                self._call("Release", req, timeout)
             except errors.Overloaded as e:
                 self._overloaded(e)
                 with self._flusher_lock:
-                    self._deferred_releases.appendleft(lease_id)
+                    self._deferred_releases.appendleft(req)
                 return
             except _UNREACHABLE:
                 with self._flusher_lock:
-                    self._deferred_releases.appendleft(lease_id)
+                    self._deferred_releases.appendleft(req)
                 return
             except errors.BrokerRpcError as e:
-                log.debug("deferred release of lease %s refused: %s", lease_id, e)
+                log.debug("deferred release %s refused: %s", req, e)
 
     def _send_deferred(self, timeout=None):
         """Releases first (they free slots for the fleet), then the kept reports."""
@@ -856,7 +874,7 @@ class QuotaBroker:
                                 max_wait_ms=max_wait_ms, timeout=timeout)[0]
 
     def _acquire_at(self, tenant, method, path, *, client_id, oauth_client="",
-                    priority_class="", permits=1, max_wait_ms=None, timeout=None):
+                    priority_class="", permits=1, max_wait_ms=None, timeout=None, key=""):
         """``acquire_raw`` returning (AcquireResponse, target of the broker that answered)."""
         req = pb.AcquireRequest(
             tenant=tenant,
@@ -866,6 +884,7 @@ class QuotaBroker:
             path=path,
             oauth_client=oauth_client or "",
             permits=permits,
+            idempotency_key=key,
         )
         if max_wait_ms is not None:
             req.max_wait_ms = int(max_wait_ms)
@@ -904,12 +923,15 @@ class QuotaBroker:
         started = self._clock.monotonic()
         while True:
             if fb is None or (fb.should_try_broker() and (not fb.active or self._answers())):
+                key = uuid.uuid4().hex
                 try:
                     resp, granted_by = self._acquire_at(
                         tenant, method, path, client_id=client_id, oauth_client=oauth_client,
                         priority_class=priority_class, permits=permits, max_wait_ms=max_wait_ms,
-                        timeout=timeout)
+                        timeout=timeout, key=key)
                 except _UNREACHABLE as e:
+                    if fb is not None and not _never_sent(e):
+                        self._release_unanswered(tenant, key)
                     if fb is None or (timeout is not None and isinstance(e, errors.DeadlineExceeded)):
                         raise  # no fallback, or the caller's own deadline
                     if isinstance(e, errors.DeadlineExceeded) and self._answers():

@@ -298,3 +298,32 @@ def test_a_hung_broker_is_given_up_within_seconds_not_at_the_deadline(start_brok
             os.kill(proc.proc.pid, signal.SIGCONT)
         assert lease.is_fallback
         assert took < 20, f"fell back after {took:.1f} s"
+
+
+def test_a_lease_a_frozen_broker_granted_after_the_client_gave_up_is_released(start_broker):
+    """A broker stopped (SIGSTOP) reads an Acquire but answers only once
+    thawed; the client fell back meanwhile. The slot the broker granted is
+    released by the Acquire's idempotency key once it answers again, not
+    held until the lease expires."""
+    import os
+    import signal
+
+    proc = start_broker(single_ttl_ms=60000)
+    with qb.QuotaBroker(proc.addr, timeout=1) as client:
+        client.list_buckets(TENANT)  # connected: the Acquire goes out at once
+        os.kill(proc.proc.pid, signal.SIGSTOP)
+        try:
+            lease = client.acquire(TENANT, "GET", "/api/v2/test/single", client_id="c",
+                                   max_wait_ms=0)
+            assert lease.is_fallback
+            assert client.pending_releases == 1
+        finally:
+            os.kill(proc.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while client.pending_releases or bucket(client, "single").in_flight:
+            assert time.monotonic() < deadline, (
+                f"slot still held 10 s after the thaw: pending {client.pending_releases}, "
+                f"in flight {bucket(client, 'single').in_flight}")
+            client.acquire(TENANT, "GET", USERS, client_id="c").release()  # an answer: sends them
+            time.sleep(0.05)  # the client's sender thread (a real event)
+        assert bucket(client, "single").granted_total == 1

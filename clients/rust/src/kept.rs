@@ -32,6 +32,9 @@ const WINDOW_COUNTS: &[&str] = &[
 pub(crate) struct Kept {
     reports: VecDeque<(Instant, ReportRequest)>,
     dropped: u64,
+    /// (tenant, idempotency key) of Acquires that got no answer: a lease
+    /// the broker granted them is released once it answers again.
+    releases: VecDeque<(String, String)>,
 }
 
 impl Kept {
@@ -52,7 +55,27 @@ impl Kept {
 
     /// Whether anything waits to be sent.
     pub(crate) fn is_empty(&self) -> bool {
-        self.reports.is_empty()
+        self.reports.is_empty() && self.releases.is_empty()
+    }
+
+    /// Keeps the release of a lease an unanswered Acquire (of `tenant`,
+    /// with idempotency key `key`) may have been granted; drops the oldest
+    /// past [`KEPT_MAX`] (its slot comes back at its expiry).
+    pub(crate) fn keep_release(&mut self, tenant: String, key: String) {
+        if self.releases.len() >= KEPT_MAX {
+            self.releases.pop_front();
+        }
+        self.releases.push_back((tenant, key));
+    }
+
+    /// The oldest kept release.
+    pub(crate) fn next_release(&mut self) -> Option<(String, String)> {
+        self.releases.pop_front()
+    }
+
+    /// Puts a release that could not be sent back at the front.
+    pub(crate) fn put_back_release(&mut self, release: (String, String)) {
+        self.releases.push_front(release);
     }
 
     /// The oldest kept outcome, aged to now.

@@ -322,6 +322,7 @@ impl Call {
             oauth_client: self.oauth_client.clone(),
             permits: self.permits,
             max_wait_ms: self.max_wait.map(|d| d.as_millis() as u64),
+            idempotency_key: new_key(),
         }
     }
 
@@ -551,7 +552,15 @@ impl BrokerClient {
                             r.lease_ttl_ms,
                         ));
                     }
-                    Err(s) if is_unreachable(&s) => self.fallback().broker_unreachable(&s),
+                    Err(s) if is_unreachable(&s) => {
+                        // The broker may have read it before it stopped
+                        // answering: once it is back, a lease it granted
+                        // nobody holds is released by the Acquire's key.
+                        if may_have_reached_a_broker(&s) {
+                            self.kept().keep_release(req.tenant, req.idempotency_key);
+                        }
+                        self.fallback().broker_unreachable(&s)
+                    }
                     Err(s) => return Err(s.into()),
                 }
             }
@@ -636,7 +645,7 @@ impl BrokerClient {
             concurrency_limited: concurrency_limited && status == 429,
             // Kept with the report: sent again after no answer, it counts
             // once even if the broker received the first.
-            idempotency_key: format!("{:032x}", fastrand::u128(..)),
+            idempotency_key: new_key(),
         };
         let answer = self
             .rpc(|mut c| {
@@ -660,6 +669,33 @@ impl BrokerClient {
     /// broker is unreachable again. The client also does this by itself,
     /// in the background, when the broker answers again.
     pub async fn flush_reports(&self) -> usize {
+        loop {
+            let next = self.kept().next_release();
+            let Some((tenant, acquire_key)) = next else {
+                break;
+            };
+            let req = ReleaseRequest {
+                tenant,
+                acquire_key,
+                ..Default::default()
+            };
+            let answer = self
+                .rpc(|mut c| {
+                    let req = self.request(req.clone());
+                    async move { c.release(req).await }
+                })
+                .await;
+            match answer {
+                Err(s) if is_unreachable(&s) => {
+                    self.kept().put_back_release((req.tenant, req.acquire_key));
+                    return 0;
+                }
+                Err(s) => {
+                    tracing::debug!(error = %s, "a release of an unanswered Acquire was refused")
+                }
+                Ok(_) => {}
+            }
+        }
         let mut sent = 0;
         loop {
             let Some(report) = self.kept().next() else {
@@ -704,7 +740,10 @@ impl BrokerClient {
     }
 
     async fn release(&self, lease_id: String) {
-        let req = ReleaseRequest { lease_id };
+        let req = ReleaseRequest {
+            lease_id,
+            ..Default::default()
+        };
         let answer = self
             .rpc(|mut c| {
                 let req = self.request(req.clone());
@@ -747,6 +786,11 @@ fn may_follow(from: &str, to: &str) -> bool {
             .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
     };
     !https(from) || https(to)
+}
+
+/// A random idempotency key for an Acquire or a Report.
+fn new_key() -> String {
+    format!("{:032x}", fastrand::u128(..))
 }
 
 /// Quiet time on a connection with calls open before the client pings
@@ -801,6 +845,17 @@ fn channel(url: &str, tls: Option<&ClientTls>) -> Result<QuotaBrokerClient<Chann
 /// transport failure carries its source; the broker's own answers do not.
 fn is_unreachable(s: &tonic::Status) -> bool {
     s.code() == tonic::Code::Unavailable || std::error::Error::source(s).is_some()
+}
+
+/// Whether a call that failed on the transport may have been read by a
+/// broker (the connection broke or went unanswered), rather than failing to
+/// connect at all.
+fn may_have_reached_a_broker(s: &tonic::Status) -> bool {
+    let Some(source) = std::error::Error::source(s) else {
+        return false;
+    };
+    let chain = error_chain(source);
+    !(chain.contains("tcp connect error") || chain.contains("Connection refused"))
 }
 
 /// An error and its causes on one line.

@@ -216,6 +216,7 @@ pub(crate) fn acquire_request(tenant: &str) -> AcquireRequest {
         oauth_client: String::new(),
         permits: 1,
         max_wait_ms: Some(100),
+        idempotency_key: String::new(),
     }
 }
 
@@ -242,6 +243,7 @@ pub(crate) async fn pair(
     client
         .release(ReleaseRequest {
             lease_id: acquired.lease_id,
+            ..Default::default()
         })
         .await?;
     Ok(())

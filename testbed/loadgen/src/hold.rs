@@ -82,7 +82,10 @@ impl Held {
                 let mut released = 0;
                 for lease_id in chunk {
                     if client
-                        .release(ReleaseRequest { lease_id })
+                        .release(ReleaseRequest {
+                            lease_id,
+                            ..Default::default()
+                        })
                         .await?
                         .into_inner()
                         .released

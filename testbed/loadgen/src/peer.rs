@@ -326,6 +326,7 @@ fn acquire_request(key: usize) -> AcquireRequest {
         oauth_client: format!("k{key}"),
         permits: 1,
         max_wait_ms: Some(0),
+        idempotency_key: String::new(),
     }
 }
 

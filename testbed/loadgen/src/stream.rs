@@ -145,6 +145,7 @@ impl Driver {
                     id: k as u64,
                     op: Some(Op::Release(ReleaseRequest {
                         lease_id: granted.lease_id,
+                        ..Default::default()
                     })),
                 })
                 .await
