@@ -9,24 +9,33 @@ use tokio::time::Instant;
 
 impl TenantState {
     /// Notes that slot-holding lease `id` was granted to an Acquire with
-    /// idempotency key `key`, for [`TenantState::release_by_key`]. Entries
-    /// of leases that ended are dropped once they outnumber the live ones.
+    /// idempotency key `key`, for [`TenantState::release_by_key`]: every
+    /// lease under one key (a client that sent the Acquire again to this
+    /// broker after no answer, a frozen broker reading both). Entries of
+    /// leases that ended are dropped once they outnumber the live ones.
     pub fn granted_with_key(&mut self, key: &str, id: LeaseId) {
         if self.acquire_keys.len() >= 64 + 2 * self.leases.len() {
             let leases = &self.leases;
-            self.acquire_keys
-                .retain(|_, l| leases.get(l.seq, l.nonce).is_some());
+            self.acquire_keys.retain(|_, ids| {
+                ids.retain(|l| leases.get(l.seq, l.nonce).is_some());
+                !ids.is_empty()
+            });
         }
-        self.acquire_keys.insert(Box::from(key), id);
+        self.acquire_keys
+            .entry(Box::from(key))
+            .or_default()
+            .push(id);
     }
 
-    /// Returns the slots of the lease granted to the Acquire with
-    /// idempotency key `key` (its answer never reached the client); false
-    /// if none holds any.
+    /// Returns the slots of the leases granted to Acquires with idempotency
+    /// key `key` (their answers never reached the client); false if none
+    /// held any.
     pub fn release_by_key(&mut self, key: &str) -> bool {
-        self.acquire_keys
-            .remove(key)
-            .is_some_and(|id| self.release(id))
+        let mut released = false;
+        for id in self.acquire_keys.remove(key).unwrap_or_default() {
+            released |= self.release(id);
+        }
+        released
     }
 
     /// Returns a lease's slots; false if it holds none (unknown, released,

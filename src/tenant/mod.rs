@@ -186,7 +186,7 @@ pub struct TenantState {
     recent_reports: recent::Recent,
     /// The idempotency keys of Acquires granted a slot-holding lease (see
     /// `leases`).
-    acquire_keys: HashMap<Box<str>, LeaseId>,
+    acquire_keys: HashMap<Box<str>, Vec<LeaseId>>,
     /// When the driver last planned to run `tick` again (`None`: only when
     /// woken): a lease granted to expire before that must wake it.
     driver_next: Option<Instant>,

@@ -582,4 +582,24 @@ fn keys_of_acquires_whose_leases_ended_are_forgotten() {
     t.granted_with_key("live", g.lease_id);
     assert!(t.release_by_key("live"));
     assert!(!t.release_by_key("live"));
+    // One key granted twice (sent again after no answer): both released.
+    let mut t = tenant(
+        r#"
+        [[tenants.buckets]]
+        name = "slots"
+        routes = ["POST /q"]
+        max_in_flight = 2
+        lease_ttl_ms = 5000
+        "#,
+        t0,
+    );
+    for _ in 0..2 {
+        let g = granted(t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
+        t.granted_with_key("twice", g.lease_id);
+    }
+    assert!(t.release_by_key("twice"));
+    assert!(matches!(
+        t.acquire(&args("POST", "/q", 2), NOW, t0).unwrap(),
+        Decision::Granted(_)
+    ));
 }

@@ -219,11 +219,18 @@ impl Cluster {
                 return Err(error);
             }
             tried.push((url.clone(), error));
+            // A broker already given up on (unreachable, the connection
+            // lost, no answer in time) is not asked again on another's word.
+            let given_up = |l: &String| {
+                tried
+                    .iter()
+                    .any(|(t, e)| t == l && !matches!(e, Error::Rpc { .. }))
+            };
             let next = match leader {
                 // "I lead it" cannot come with UNAVAILABLE: do not loop.
                 Some(l) if l == url => None,
-                Some(l) => Some(l),
-                None => self
+                Some(l) if !given_up(&l) => Some(l),
+                _ => self
                     .urls
                     .iter()
                     .find(|u| !tried.iter().any(|(t, _)| t == *u))

@@ -57,11 +57,22 @@ DEFAULT_CHANNEL_OPTIONS = (
 # The broker did not answer: these errors mean fall back, not fail.
 _UNREACHABLE = (errors.Unavailable, errors.DeadlineExceeded)
 
-def _never_sent(err):
-    """Whether a call failed before it could reach a broker (no connection)."""
+def _may_have_reached_a_broker(err):
+    """Whether a call that got no answer may have been read by a broker: its
+    deadline passed, or the connection broke or went unanswered under it;
+    not a connection that failed, nor a broker's own UNAVAILABLE (not the
+    leader, shutting down: it carries the broker's request id)."""
+    if isinstance(err, errors.DeadlineExceeded):
+        return True
     details = (getattr(err, "details", "") or "").lower()
-    return isinstance(err, errors.Unavailable) and (
-        "failed to connect" in details or "connection refused" in details)
+    if "failed to connect" in details or "connection refused" in details:
+        return False
+    call = getattr(err, "rpc_error", None)
+    try:
+        trailers = dict(call.trailing_metadata() or ()) if call is not None else {}
+    except Exception:  # not a grpc.Call: nothing says the broker answered
+        trailers = {}
+    return "x-request-id" not in trailers
 
 
 # After an Overloaded answer without retry-after-ms, the kept reports and
@@ -930,7 +941,7 @@ class QuotaBroker:
                         priority_class=priority_class, permits=permits, max_wait_ms=max_wait_ms,
                         timeout=timeout, key=key)
                 except _UNREACHABLE as e:
-                    if fb is not None and not _never_sent(e):
+                    if fb is not None and _may_have_reached_a_broker(e):
                         self._release_unanswered(tenant, key)
                     if fb is None or (timeout is not None and isinstance(e, errors.DeadlineExceeded)):
                         raise  # no fallback, or the caller's own deadline

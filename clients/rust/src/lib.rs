@@ -556,7 +556,7 @@ impl BrokerClient {
                         // The broker may have read it before it stopped
                         // answering: once it is back, a lease it granted
                         // nobody holds is released by the Acquire's key.
-                        if may_have_reached_a_broker(&s) {
+                        if may_have_reached_a_broker(&s) && !req.idempotency_key.is_empty() {
                             self.kept().keep_release(req.tenant, req.idempotency_key);
                         }
                         self.fallback().broker_unreachable(&s)
@@ -686,7 +686,8 @@ impl BrokerClient {
                 })
                 .await;
             match answer {
-                Err(s) if is_unreachable(&s) => {
+                // Away again, or over this caller's request rate: later.
+                Err(s) if is_unreachable(&s) || s.code() == tonic::Code::ResourceExhausted => {
                     self.kept().put_back_release((req.tenant, req.acquire_key));
                     return 0;
                 }
@@ -788,9 +789,16 @@ fn may_follow(from: &str, to: &str) -> bool {
     !https(from) || https(to)
 }
 
-/// A random idempotency key for an Acquire or a Report.
+/// A random idempotency key for an Acquire or a Report: 128 bits from the
+/// OS (unguessable: it names a lease to release). Should the OS refuse,
+/// none: the broker then counts a Report sent again twice, and a lease
+/// granted to an unanswered Acquire holds its slots until its expiry.
 fn new_key() -> String {
-    format!("{:032x}", fastrand::u128(..))
+    let mut bytes = [0u8; 16];
+    match getrandom::fill(&mut bytes) {
+        Ok(()) => bytes.iter().map(|b| format!("{b:02x}")).collect(),
+        Err(_) => String::new(),
+    }
 }
 
 /// Quiet time on a connection with calls open before the client pings

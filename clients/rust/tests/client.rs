@@ -246,6 +246,9 @@ async fn falls_back_to_a_paced_local_limiter_and_returns_to_the_broker() {
 struct Hangable {
     addr: SocketAddr,
     hung: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Only the broker's answers stop: what the client sends still reaches
+    /// it (a broker frozen after reading, as its host's kernel buffers it).
+    answers_hung: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Hangable {
@@ -255,7 +258,9 @@ impl Hangable {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hung = std::sync::Arc::new(AtomicBool::new(false));
+        let answers_hung = std::sync::Arc::new(AtomicBool::new(false));
         let pass = hung.clone();
+        let pass_answers = answers_hung.clone();
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
@@ -263,20 +268,28 @@ impl Hangable {
                 };
                 let (ri, wi) = inbound.into_split();
                 let (ro, wo) = outbound.into_split();
-                for (mut from, mut to) in [(ri, wo), (ro, wi)].map(|(r, w)| {
-                    (
-                        Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-                        Box::new(w) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
-                    )
-                }) {
+                for (answers, (mut from, mut to)) in
+                    [(false, (ri, wo)), (true, (ro, wi))].map(|(answers, (r, w))| {
+                        (
+                            answers,
+                            (
+                                Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                                Box::new(w) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                            ),
+                        )
+                    })
+                {
                     let hung = pass.clone();
+                    let answers_hung = pass_answers.clone();
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 16 * 1024];
                         while let Ok(n) = from.read(&mut buf).await {
                             if n == 0 {
                                 return;
                             }
-                            if hung.load(Ordering::Relaxed) {
+                            if hung.load(Ordering::Relaxed)
+                                || (answers && answers_hung.load(Ordering::Relaxed))
+                            {
                                 std::future::pending::<()>().await;
                             }
                             if to.write_all(&buf[..n]).await.is_err() {
@@ -287,12 +300,71 @@ impl Hangable {
                 }
             }
         });
-        Hangable { addr, hung }
+        Hangable {
+            addr,
+            hung,
+            answers_hung,
+        }
     }
 
     fn hang(&self) {
         self.hung.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+
+    /// The broker's answers stop (on every connection, open or new).
+    fn hang_answers(&self, hung: bool) {
+        self.answers_hung
+            .store(hung, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The broker reads an Acquire and grants it, but its answer never comes
+/// back (a broker frozen after reading it): the client falls back, and
+/// once the broker answers again releases the lease by the Acquire's key,
+/// so its slot is free long before the lease's expiry. On the real clock:
+/// a paused one jumps past the keep-alive while bytes cross the proxy.
+#[tokio::test]
+async fn a_lease_granted_after_the_client_gave_up_is_released_by_its_key() {
+    let settings =
+        Settings::from_toml(&CONFIG.replace("lease_ttl_ms = 5000", "lease_ttl_ms = 600000"))
+            .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = Embedded::spawn(listener, settings).unwrap();
+    let b = Broker {
+        addr: server.addr(),
+        server,
+    };
+    let proxy = Hangable::before(b.addr).await;
+    let settings = FallbackSettings {
+        fraction: 0.5,
+        floor_per_min: 60,
+        probe_every: Duration::from_secs(1),
+    };
+    let client =
+        BrokerClient::with_fallback(&format!("http://{}", proxy.addr), None, settings).unwrap();
+    client.acquire(&q()).await.unwrap().release().await;
+    assert_eq!(b.bucket("slots").await.in_flight, 0);
+
+    proxy.hang_answers(true);
+    let lease = tokio::time::timeout(Duration::from_secs(60), client.acquire(&q()))
+        .await
+        .expect("the call waited on the broker for a minute")
+        .unwrap();
+    assert!(lease.is_fallback());
+    assert_eq!(
+        b.bucket("slots").await.in_flight,
+        1,
+        "the broker granted the Acquire it read"
+    );
+
+    proxy.hang_answers(false);
+    client.flush_reports().await;
+    assert_eq!(
+        b.bucket("slots").await.in_flight,
+        0,
+        "the slot was not released by the Acquire's key"
+    );
+    b.stop().await;
 }
 
 /// The broker's host hangs with a call open: the client's keep-alive
