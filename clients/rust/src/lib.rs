@@ -65,7 +65,9 @@ pub use layer::{LeaseLayer, LeaseService, LeaseServiceError};
 use fallback::{Fallback, Take};
 use kept::Kept;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
-use quota_broker::pb::{AcquireRequest, ReleaseRequest, RenewRequest, ReportRequest, WatchRequest};
+use quota_broker::pb::{
+    AcquireRequest, ReleaseRequest, ReleaseResponse, RenewRequest, ReportRequest, WatchRequest,
+};
 use quota_broker::REPORTED_HEADERS;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -679,13 +681,7 @@ impl BrokerClient {
                 acquire_key,
                 ..Default::default()
             };
-            let answer = self
-                .rpc(|mut c| {
-                    let req = self.request(req.clone());
-                    async move { c.release(req).await }
-                })
-                .await;
-            match answer {
+            match self.send_release(&req).await {
                 // Away again, or over this caller's request rate: later.
                 Err(s) if is_unreachable(&s) || s.code() == tonic::Code::ResourceExhausted => {
                     self.kept().put_back_release((req.tenant, req.acquire_key));
@@ -740,18 +736,20 @@ impl BrokerClient {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    async fn send_release(&self, req: &ReleaseRequest) -> Result<ReleaseResponse, tonic::Status> {
+        self.rpc(|mut c| {
+            let req = self.request(req.clone());
+            async move { c.release(req).await }
+        })
+        .await
+    }
+
     async fn release(&self, lease_id: String) {
         let req = ReleaseRequest {
             lease_id,
             ..Default::default()
         };
-        let answer = self
-            .rpc(|mut c| {
-                let req = self.request(req.clone());
-                async move { c.release(req).await }
-            })
-            .await;
-        if let Err(e) = answer {
+        if let Err(e) = self.send_release(&req).await {
             tracing::debug!(error = %e, "release failed; the slot comes back at its expiry");
         }
     }
