@@ -1069,6 +1069,9 @@ class QuotaBroker:
         fb = self._fallback
         if fb is None:
             return self._call("Report", req)
+        if fb.active and fb.should_try_broker() and self._answers():
+            # A client that only reports finds the broker back too.
+            self._broker_answered()
         if not fb.active:
             if self._held():
                 # Overloaded a moment ago: after the outcomes kept before it.
@@ -1079,6 +1082,9 @@ class QuotaBroker:
                 return self._call("Report", req)
             except _UNREACHABLE as e:
                 log.debug("report %s %s -> %s kept: %s", req.method, path, status, e)
+                # The next calls fall back at once instead of each waiting
+                # out its deadline on a broker that does not answer.
+                fb.enter(e)
             except errors.Overloaded as e:
                 log.debug("report %s %s -> %s kept: %s", req.method, path, status, e)
                 self._overloaded(e)

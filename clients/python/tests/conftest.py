@@ -152,6 +152,32 @@ class BrokerProcess:
     def client(self, token=None, **kw):
         return QuotaBroker(self.url, token=token, timeout=10, **kw)
 
+    def freeze(self):
+        """SIGSTOP, as a host that hangs: returns once every thread of the
+        process is stopped (the signal reaches threads running on another
+        core a moment after kill() returns)."""
+        self.proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        task_dir = f"/proc/{self.proc.pid}/task"
+        while True:
+            states = []
+            for tid in os.listdir(task_dir):
+                try:
+                    with open(f"{task_dir}/{tid}/stat") as f:
+                        # state is the field after the ")" closing the name
+                        states.append(f.read().rsplit(")", 1)[1].split()[0])
+                except OSError:
+                    continue  # a thread that ended meanwhile
+            if states and all(st in ("T", "t") for st in states):
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(f"quota-broker not stopped {STOP_TIMEOUT_S}s after SIGSTOP: {states}")
+            time.sleep(0.001)  # polling the kernel's view of the process (a real event)
+
+    def thaw(self):
+        """SIGCONT."""
+        self.proc.send_signal(signal.SIGCONT)
+
     def kill(self):
         """SIGKILL, as a crash would: no graceful shutdown. Returns once the process is gone."""
         self.killed = True

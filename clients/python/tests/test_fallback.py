@@ -261,19 +261,16 @@ def test_a_report_a_frozen_broker_received_and_the_client_kept_counts_once(start
     """A broker stopped (SIGSTOP) receives a Report into its socket but
     answers only once thawed; the client gave up at its deadline and kept
     the outcome. Both reach the broker; its idempotency key counts it once."""
-    import os
-    import signal
-
     proc = start_broker()
     with qb.QuotaBroker(proc.addr, timeout=1) as client:
         client.list_buckets(TENANT)  # connected: the Report goes out at once
-        os.kill(proc.proc.pid, signal.SIGSTOP)
+        proc.freeze()
         try:
             assert client.report(TENANT, "GET", USERS, 429, {"Retry-After": "1"},
                                  oauth_client="frozen") is None
             assert client.pending_reports == 1
         finally:
-            os.kill(proc.proc.pid, signal.SIGCONT)
+            proc.thaw()
         assert client.flush_reports() == 1
         b = bucket(client, "per-client", "frozen")
         assert (b.reports_total, b.throttled_total) == (1, 1)
@@ -283,19 +280,16 @@ def test_a_hung_broker_is_given_up_within_seconds_not_at_the_deadline(start_brok
     """A broker stopped (SIGSTOP) while an Acquire waits on it: the HTTP/2
     pings go unanswered and the call falls back within seconds, not at its
     deadline (60 s of the broker's default cap plus the call timeout)."""
-    import os
-    import signal
-
     proc = start_broker()
     with qb.QuotaBroker(proc.addr) as client:
         client.list_buckets(TENANT)  # connected before the broker hangs
-        os.kill(proc.proc.pid, signal.SIGSTOP)
+        proc.freeze()
         try:
             started = time.monotonic()
             lease = client.acquire(TENANT, "GET", USERS, client_id="c")
             took = time.monotonic() - started
         finally:
-            os.kill(proc.proc.pid, signal.SIGCONT)
+            proc.thaw()
         assert lease.is_fallback
         assert took < 20, f"fell back after {took:.1f} s"
 
@@ -305,20 +299,17 @@ def test_a_lease_a_frozen_broker_granted_after_the_client_gave_up_is_released(st
     thawed; the client fell back meanwhile. The slot the broker granted is
     released by the Acquire's idempotency key once it answers again, not
     held until the lease expires."""
-    import os
-    import signal
-
     proc = start_broker(single_ttl_ms=60000)
     with qb.QuotaBroker(proc.addr, timeout=1) as client:
         client.list_buckets(TENANT)  # connected: the Acquire goes out at once
-        os.kill(proc.proc.pid, signal.SIGSTOP)
+        proc.freeze()
         try:
             lease = client.acquire(TENANT, "GET", "/api/v2/test/single", client_id="c",
                                    max_wait_ms=0)
             assert lease.is_fallback
             assert client.pending_releases == 1
         finally:
-            os.kill(proc.proc.pid, signal.SIGCONT)
+            proc.thaw()
         deadline = time.monotonic() + 10
         while client.pending_releases or bucket(client, "single").in_flight:
             assert time.monotonic() < deadline, (
@@ -327,3 +318,31 @@ def test_a_lease_a_frozen_broker_granted_after_the_client_gave_up_is_released(st
             client.acquire(TENANT, "GET", USERS, client_id="c").release()  # an answer: sends them
             time.sleep(0.05)  # the client's sender thread (a real event)
         assert bucket(client, "single").granted_total == 1
+
+
+def test_reports_alone_fall_back_on_a_hung_broker_and_find_it_back(start_broker):
+    """A client that only reports: the first report a hung broker does not
+    answer enters the fallback, so the next ones are kept at once instead
+    of each waiting out its deadline; once the broker answers, a report
+    goes to it again and the kept ones follow."""
+    proc = start_broker()
+    with qb.QuotaBroker(proc.addr, fallback=qb.FallbackSettings(probe_every_s=0.2)) as client:
+        client.list_buckets(TENANT)  # connected before the broker hangs
+        proc.freeze()
+        try:
+            assert client.report(TENANT, "GET", USERS, 200, oauth_client="r") is None
+            assert client.in_fallback
+            started = time.monotonic()
+            for _ in range(5):
+                assert client.report(TENANT, "GET", USERS, 200, oauth_client="r") is None
+            assert time.monotonic() - started < 2.0 * 5, "each report waited on the hung broker"
+        finally:
+            proc.thaw()
+        deadline = time.monotonic() + 10
+        while client.in_fallback:
+            assert time.monotonic() < deadline, "still falling back 10 s after the thaw"
+            client.report(TENANT, "GET", USERS, 200, oauth_client="r")
+            time.sleep(0.05)  # the client's probe interval (a real event: the broker's answer)
+        client.flush_reports()
+        b = bucket(client, "per-client", "r")
+        assert b.reports_total >= 7
