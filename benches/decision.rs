@@ -45,6 +45,7 @@ fn args(method: &str, path: &str) -> AcquireArgs {
         path: path.into(),
         oauth_client: "oauth-1".into(),
         permits: 1,
+        idempotency_key: String::new(),
     }
 }
 

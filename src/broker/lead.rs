@@ -380,6 +380,7 @@ mod tests {
             path: "/x".into(),
             oauth_client: String::new(),
             permits: 1,
+            idempotency_key: String::new(),
         };
         let decided =
             b.inner.tenants[0]

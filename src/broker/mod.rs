@@ -284,14 +284,6 @@ impl Broker {
         Ok(released)
     }
 
-    /// Notes the idempotency key of the Acquire on `tenant` that was
-    /// granted slot-holding lease `id` (see [`Broker::release_by_key`]).
-    pub(crate) fn granted_with_key(&self, tenant: &str, key: &str, id: LeaseId) {
-        if let Ok(t) = self.tenant_index(tenant) {
-            self.inner.tenants[t].lock().granted_with_key(key, id);
-        }
-    }
-
     /// Returns the slots of the lease granted to `tenant`'s Acquire with
     /// idempotency key `key`, whose answer never reached its client. True
     /// if it held some.

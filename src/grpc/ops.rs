@@ -45,20 +45,13 @@ impl Ops {
     pub(crate) async fn acquire_op(
         &self,
         who: &Principal,
-        mut r: pb::AcquireRequest,
+        r: pb::AcquireRequest,
     ) -> Result<pb::AcquireResponse, Status> {
         let max_wait = r.max_wait_ms.map(Duration::from_millis);
-        let key = std::mem::take(&mut r.idempotency_key);
-        bounded("idempotency_key", &key)?;
         let (tenant, args) = acquire_args_owned(who, r)?;
         let outcome = self.broker.acquire(&tenant, args, max_wait).await?;
         Ok(match outcome {
-            AcquireOutcome::Granted(g) => {
-                if !key.is_empty() && g.slot.is_some() {
-                    self.broker.granted_with_key(&tenant, &key, g.lease_id);
-                }
-                grant_to_pb(g, self.broker.clock())
-            }
+            AcquireOutcome::Granted(g) => grant_to_pb(g, self.broker.clock()),
             AcquireOutcome::Denied(d) => denial_to_pb(d),
         })
     }
@@ -157,6 +150,7 @@ fn acquire_args_owned(
         client_id: std::mem::take(&mut r.client_id),
         class: std::mem::take(&mut r.priority_class),
         oauth_client: std::mem::take(&mut r.oauth_client),
+        idempotency_key: std::mem::take(&mut r.idempotency_key),
         ..checked
     };
     Ok((r.tenant, args))
@@ -173,6 +167,7 @@ fn acquire_args_checked<'r>(
     required("client_id", &r.client_id, "ingest-worker-1")?;
     bounded("priority_class", &r.priority_class)?;
     bounded("oauth_client", &r.oauth_client)?;
+    bounded("idempotency_key", &r.idempotency_key)?;
     let (method, path) = call_of(&r.method, &r.path)?;
     let args = AcquireArgs {
         client_id: String::new(),
@@ -181,6 +176,7 @@ fn acquire_args_checked<'r>(
         path,
         oauth_client: String::new(),
         permits: r.permits.max(1),
+        idempotency_key: String::new(),
     };
     Ok((tenant, args))
 }

@@ -563,6 +563,7 @@ mod tests {
             path: path.into(),
             oauth_client: String::new(),
             permits: 1,
+            idempotency_key: String::new(),
         }
     }
 

@@ -100,6 +100,7 @@ fn simulate(hidden: u64, unmanaged: u64, windows: usize, reveal: bool) -> Vec<Wi
         path: "/api/v2/analytics/conversations/details/query".into(),
         oauth_client: "oc".into(),
         permits: 1,
+        idempotency_key: String::new(),
     };
     // Per client: the answer it waits for (arrival, status, headers).
     let mut in_flight: Vec<Option<Answer>> = vec![None; 4];

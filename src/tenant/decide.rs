@@ -60,6 +60,9 @@ impl TenantState {
             && self.can_take(&instances, args.permits, share, now)
         {
             let grant = self.take(&instances, args.permits, &args.client_id, now);
+            if grant.slot.is_some() && !args.idempotency_key.is_empty() {
+                self.granted_with_key(&args.idempotency_key, grant.lease_id);
+            }
             return Ok(Decision::Granted(grant));
         }
         let denial = self.explain(&instances, args.permits, share, now);

@@ -80,8 +80,15 @@ pub struct LimitChange {
     pub max_in_flight: Option<u32>,
 }
 
-/// A waiter's answer: a grant, or why not (the bucket was paused).
-pub(crate) type Reply = oneshot::Sender<Result<Grant, Denial>>;
+/// Where a waiter's answer goes (a grant, or why not: the bucket was
+/// paused), and the idempotency key its grant is noted under.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    /// The waiting Acquire's end of the answer.
+    pub tx: oneshot::Sender<Result<Grant, Denial>>,
+    /// The Acquire's idempotency key ("" for none).
+    pub key: Box<str>,
+}
 
 /// What an Acquire asks for, validated.
 #[derive(Debug, Clone)]
@@ -98,6 +105,10 @@ pub struct AcquireArgs {
     pub oauth_client: String,
     /// Permits, at least 1.
     pub permits: u32,
+    /// The Acquire's idempotency key ("" for none): a slot-holding lease
+    /// granted to it is noted under it, in the same step as the grant, for
+    /// [`TenantState::release_by_key`].
+    pub idempotency_key: String,
 }
 
 /// A granted request.

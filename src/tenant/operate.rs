@@ -128,7 +128,7 @@ impl TenantState {
                 let denial = self.paused(&w.instances).unwrap_or_else(|| {
                     self.explain(&w.instances, w.permits, super::instance::Share::NONE, now)
                 });
-                let _ = w.reply.send(Err(denial));
+                let _ = w.reply.tx.send(Err(denial));
             }
         }
         for i in on_bucket {

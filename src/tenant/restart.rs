@@ -35,7 +35,16 @@ pub(crate) struct HandedLease {
     left_ms: u64,
     ttl_ms: u64,
     client_id: String,
+    /// The idempotency key of the Acquire that was granted it, so a client
+    /// whose answer was lost can still release it by that key at the next
+    /// leader (or after a graceful restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    acquire_key: Option<String>,
 }
+
+/// Longest idempotency key taken from a hand-over (a snapshot is input;
+/// the gRPC API takes no longer ones).
+pub(super) const MAX_HANDED_KEY: usize = 256;
 
 impl TenantState {
     /// Enters the learning mode at `now` (the broker started with state).
@@ -348,6 +357,11 @@ impl TenantState {
         if self.instances.iter().any(|(_, x)| x.phantom > 0) {
             return None;
         }
+        let keys: std::collections::HashMap<u64, &str> = self
+            .acquire_keys
+            .iter()
+            .flat_map(|(key, ids)| ids.iter().map(move |id| (id.seq, &**key)))
+            .collect();
         let leases = self
             .leases
             .iter()
@@ -368,6 +382,7 @@ impl TenantState {
                 left_ms: crate::clock::millis(l.expires_at - now),
                 ttl_ms: crate::clock::millis(l.ttl),
                 client_id: l.client_id.clone(),
+                acquire_key: keys.get(&seq).map(|&k| k.to_owned()),
             })
             .collect();
         Some(leases)
@@ -425,6 +440,18 @@ impl TenantState {
                 client_id: h.client_id.clone(),
             };
             let taken = self.leases.take_in(h.seq, lease);
+            if let Some(key) = h
+                .acquire_key
+                .as_deref()
+                .filter(|k| taken && k.len() <= MAX_HANDED_KEY)
+            {
+                let id = LeaseId {
+                    tenant: self.tag,
+                    seq: h.seq,
+                    nonce: h.nonce,
+                };
+                self.granted_with_key(key, id);
+            }
             for i in held {
                 if !taken {
                     // A number listed twice: its slots are held once.

@@ -227,6 +227,40 @@ fn handed_leases_without_a_place_here_say_so_and_live_no_longer_than_allowed() {
     assert!(next.renew(held.lease_id, None, None, t0 + 2 * SEC).is_err());
 }
 
+#[test]
+fn a_handed_lease_is_released_by_its_acquires_key_at_the_next_leader() {
+    let t0 = Instant::now();
+    let mut last = tenant(TWO, t0);
+    let keyed = AcquireArgs {
+        idempotency_key: "lost-answer".into(),
+        ..args("POST", "/q", 1)
+    };
+    let held = granted(last.acquire(&keyed, NOW, t0).unwrap());
+    let handed = last.live_leases(t0).unwrap();
+    // Through the snapshot's JSON, as a hand-over goes.
+    let json = serde_json::to_string(&handed).unwrap();
+    let handed: Vec<HandedLease> = serde_json::from_str(&json).unwrap();
+    let mut next = tenant(TWO, t0);
+    assert!(next.resume_leases(&handed, 600 * SEC, t0));
+    assert!(
+        next.release_by_key("lost-answer"),
+        "the client that never saw the grant releases it at the next leader"
+    );
+    assert!(!next.release(held.lease_id), "already released");
+    granted(next.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
+    // A key longer than the API takes is not taken from a snapshot.
+    let mut last = tenant(TWO, t0);
+    let long = "k".repeat(super::restart::MAX_HANDED_KEY + 1);
+    let keyed = AcquireArgs {
+        idempotency_key: long.clone(),
+        ..args("POST", "/q", 1)
+    };
+    granted(last.acquire(&keyed, NOW, t0).unwrap());
+    let mut next = tenant(TWO, t0);
+    assert!(next.resume_leases(&last.live_leases(t0).unwrap(), 600 * SEC, t0));
+    assert!(!next.release_by_key(&long));
+}
+
 /// A per-OAuth-client rate bucket of 10 a minute.
 const PER_CLIENT: &str = r#"
     [[tenants.buckets]]

@@ -22,6 +22,7 @@ pub(super) fn args(method: &str, path: &str, permits: u32) -> AcquireArgs {
         path: path.into(),
         oauth_client: "oa".into(),
         permits,
+        idempotency_key: String::new(),
     }
 }
 
@@ -562,6 +563,14 @@ fn a_default_burst_follows_the_permits_an_operator_sets_and_a_set_one_stays() {
     assert!((50..=100).contains(&granted), "{granted} granted at once");
 }
 
+/// An Acquire of `permits` on `POST /q` with idempotency key `key`.
+fn keyed(key: &str, permits: u32) -> AcquireArgs {
+    AcquireArgs {
+        idempotency_key: key.into(),
+        ..args("POST", "/q", permits)
+    }
+}
+
 #[test]
 fn keys_of_acquires_whose_leases_ended_are_forgotten() {
     let t0 = Instant::now();
@@ -569,17 +578,15 @@ fn keys_of_acquires_whose_leases_ended_are_forgotten() {
     let mut now = t0;
     for i in 0..500 {
         now += Duration::from_secs(1);
-        let g = granted(t.acquire(&args("POST", "/q", 1), NOW, now).unwrap());
-        t.granted_with_key(&format!("k{i}"), g.lease_id);
+        let g = granted(t.acquire(&keyed(&format!("k{i}"), 1), NOW, now).unwrap());
         assert!(t.release(g.lease_id));
     }
     // At most a few dozen beyond twice the live leases (none live here).
     assert!(t.acquire_keys.len() <= 65, "{}", t.acquire_keys.len());
-    let g = granted(
-        t.acquire(&args("POST", "/q", 1), NOW, now + Duration::from_secs(1))
+    granted(
+        t.acquire(&keyed("live", 1), NOW, now + Duration::from_secs(1))
             .unwrap(),
     );
-    t.granted_with_key("live", g.lease_id);
     assert!(t.release_by_key("live"));
     assert!(!t.release_by_key("live"));
     // One key granted twice (sent again after no answer): both released.
@@ -594,12 +601,32 @@ fn keys_of_acquires_whose_leases_ended_are_forgotten() {
         t0,
     );
     for _ in 0..2 {
-        let g = granted(t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
-        t.granted_with_key("twice", g.lease_id);
+        granted(t.acquire(&keyed("twice", 1), NOW, t0).unwrap());
     }
     assert!(t.release_by_key("twice"));
     assert!(matches!(
         t.acquire(&args("POST", "/q", 2), NOW, t0).unwrap(),
         Decision::Granted(_)
     ));
+}
+
+#[test]
+fn a_keyed_acquire_granted_from_the_queue_is_released_by_its_key() {
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    let first = granted(t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
+    let Decision::Queued(Queued { reply: mut rx, .. }) =
+        t.acquire(&keyed("waited", 1), WAIT, t0).unwrap()
+    else {
+        panic!("the second Acquire should wait for the only slot")
+    };
+    assert!(!t.release_by_key("waited"), "nothing granted yet");
+    assert!(t.release(first.lease_id));
+    t.tick(t0);
+    // Noted under its key in the step that granted it, before its caller
+    // has read the answer: a release by key that comes first finds it.
+    assert!(t.release_by_key("waited"), "the queued grant under its key");
+    let g = rx.try_recv().expect("granted").expect("a grant");
+    assert!(!t.release(g.lease_id), "already released by its key");
+    granted(t.acquire(&args("POST", "/q", 1), NOW, t0 + SEC).unwrap());
 }

@@ -31,7 +31,10 @@ impl TenantState {
             args.permits,
             class,
             Arc::from(args.client_id.as_str()),
-            tx,
+            Reply {
+                tx,
+                key: Box::from(args.idempotency_key.as_str()),
+            },
         );
         Queued {
             waiter,
@@ -109,10 +112,13 @@ impl TenantState {
         self.queue = queue;
         for (w, grant) in granted.into_iter().zip(grants) {
             self.unqueue(&w);
-            if let Err(Ok(grant)) = w.reply.send(Ok(grant)) {
+            let (lease, slot) = (grant.lease_id, grant.slot.is_some());
+            match w.reply.tx.send(Ok(grant)) {
                 // The waiter's caller is gone and could not withdraw first
                 // (it withdraws under this same lock): hand the grant back.
-                self.undo(&grant);
+                Err(Ok(grant)) => self.undo(&grant),
+                _ if slot && !w.reply.key.is_empty() => self.granted_with_key(&w.reply.key, lease),
+                _ => {}
             }
         }
         if now >= self.next_sweep {
