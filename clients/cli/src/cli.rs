@@ -37,6 +37,19 @@ pub struct Cli {
     )]
     pub token: Option<String>,
 
+    /// Seconds a unary call to one broker may take before quotactl gives up
+    /// on it (and tries the next broker given, if any). Watch streams are
+    /// not bounded by it.
+    #[arg(
+        long,
+        global = true,
+        env = "QUOTA_BROKER_TIMEOUT",
+        default_value_t = 30,
+        value_name = "SECS",
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    pub timeout: u64,
+
     /// TLS options, for an `https://` broker.
     #[command(flatten)]
     pub tls: TlsArgs,

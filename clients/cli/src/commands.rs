@@ -36,8 +36,6 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 /// How long connecting to the broker may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a unary call may take (Watch streams are not bounded).
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Quiet time on a connection with calls open before quotactl pings the
 /// broker, and how long the ping may go unanswered: a broker whose host
 /// hangs (connections accepted, nothing answered) fails the call within
@@ -85,12 +83,19 @@ type Authed = InterceptedService<Channel, Bearer>;
 /// A connection to one broker.
 struct Conn {
     url: String,
+    /// How long a unary call may take (Watch streams are not bounded).
+    call_timeout: Duration,
     admin: QuotaAdminClient<Authed>,
     broker: QuotaBrokerClient<Authed>,
 }
 
 impl Conn {
-    async fn open(url: &str, token: Option<&str>, tls: &TlsArgs) -> Result<Conn, Error> {
+    async fn open(
+        url: &str,
+        token: Option<&str>,
+        tls: &TlsArgs,
+        call_timeout: Duration,
+    ) -> Result<Conn, Error> {
         let bearer = Bearer::new(token)?;
         let mut endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| Error::transport(url, &e))?
@@ -114,6 +119,7 @@ impl Conn {
         };
         Ok(Conn {
             url: url.to_owned(),
+            call_timeout,
             admin: QuotaAdminClient::with_interceptor(channel.clone(), bearer.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
             broker: QuotaBrokerClient::with_interceptor(channel, bearer)
@@ -121,14 +127,14 @@ impl Conn {
         })
     }
 
-    /// Awaits a call, bounded by [`CALL_TIMEOUT`], mapping its errors; on
+    /// Awaits a call, bounded by `--timeout`, mapping its errors; on
     /// a failure also the leader the broker named in the
     /// `x-quota-broker-leader` metadata, if any.
     async fn call<T>(
         &self,
         f: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, (Error, Option<String>)> {
-        match tokio::time::timeout(CALL_TIMEOUT, f).await {
+        match tokio::time::timeout(self.call_timeout, f).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(s)) => {
                 let leader = s
@@ -141,7 +147,7 @@ impl Conn {
             Err(_) => Err((
                 Error::Timeout {
                     url: self.url.clone(),
-                    secs: CALL_TIMEOUT.as_secs(),
+                    secs: self.call_timeout.as_secs(),
                 },
                 None,
             )),
@@ -154,15 +160,22 @@ struct Cluster {
     urls: Vec<String>,
     token: Option<String>,
     tls: TlsArgs,
+    call_timeout: Duration,
     conns: HashMap<String, Conn>,
 }
 
 impl Cluster {
-    fn new(urls: Vec<String>, token: Option<String>, tls: TlsArgs) -> Cluster {
+    fn new(
+        urls: Vec<String>,
+        token: Option<String>,
+        tls: TlsArgs,
+        call_timeout: Duration,
+    ) -> Cluster {
         Cluster {
             urls,
             token,
             tls,
+            call_timeout,
             conns: HashMap::new(),
         }
     }
@@ -170,7 +183,7 @@ impl Cluster {
     /// The connection to `url`, opened on first use.
     async fn conn(&mut self, url: &str) -> Result<&Conn, Error> {
         if !self.conns.contains_key(url) {
-            let conn = Conn::open(url, self.token.as_deref(), &self.tls).await?;
+            let conn = Conn::open(url, self.token.as_deref(), &self.tls, self.call_timeout).await?;
             self.conns.insert(url.to_owned(), conn);
         }
         Ok(&self.conns[url])
@@ -383,7 +396,8 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> Result<(), Error> {
-    let mut c = Cluster::new(cli.broker.0, cli.token, cli.tls);
+    let timeout = Duration::from_secs(cli.timeout);
+    let mut c = Cluster::new(cli.broker.0, cli.token, cli.tls, timeout);
     // As with one broker: TLS options that cannot apply fail before any call.
     for url in &c.urls {
         tls_config(url, &c.tls)?;

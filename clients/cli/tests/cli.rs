@@ -167,6 +167,8 @@ fn quotactl(args: &[&str]) -> Command {
         .env_remove("QUOTA_BROKER_CA_CERT")
         .env_remove("QUOTA_BROKER_CLIENT_CERT")
         .env_remove("QUOTA_BROKER_CLIENT_KEY")
+        .env_remove("QUOTA_BROKER_TLS_SERVER_NAME")
+        .env_remove("QUOTA_BROKER_TIMEOUT")
         .stdin(Stdio::null())
         .kill_on_drop(true);
     c
@@ -658,5 +660,122 @@ async fn clear_lifts_a_freeze_and_needs_an_admin() {
     assert_eq!(cleared[0]["bucket"], "org");
     assert_eq!(cleared[0]["frozen_until_ms"], 0);
     assert_eq!(b.bucket("org").await["frozen_until_ms"], 0);
+    b.stop().await;
+}
+
+/// A gRPC server for both broker services that takes every call and never
+/// answers it (a broker whose connections and pings are served while its
+/// calls are stuck).
+#[derive(Clone)]
+struct Silent<const ADMIN: bool>;
+
+impl<const ADMIN: bool> tonic::server::NamedService for Silent<ADMIN> {
+    const NAME: &'static str = if ADMIN {
+        "quota.v1.QuotaAdmin"
+    } else {
+        "quota.v1.QuotaBroker"
+    };
+}
+
+impl<const ADMIN: bool> tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>>
+    for Silent<ADMIN>
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Pending<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        std::future::pending()
+    }
+}
+
+/// Starts a [`Silent`] server; its URL and the task serving it.
+async fn silent() -> (String, JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(Silent::<true>)
+            .add_service(Silent::<false>)
+            .serve_with_incoming(incoming)
+            .await;
+    });
+    (url, server)
+}
+
+#[tokio::test]
+async fn a_broker_that_never_answers_is_given_up_after_the_timeout_and_the_next_tried() {
+    let b = Broker::start().await;
+    let (stuck, server) = silent().await;
+    let brokers = format!("{stuck},{}", b.url());
+    let started = tokio::time::Instant::now();
+    let out = output(quotactl(&[
+        "--broker",
+        &brokers,
+        "--token",
+        ADMIN,
+        "--timeout",
+        "1",
+        "pause",
+        "--tenant",
+        "t",
+        "org",
+        "--reason",
+        "stuck broker",
+        "--json",
+    ]))
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let paused: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(paused["paused"], true, "{paused}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the stuck broker was given its second"
+    );
+    // A command over every broker given says which one did not answer, and
+    // shows what the other said.
+    let out = output(quotactl(&[
+        "--broker",
+        &brokers,
+        "--token",
+        ADMIN,
+        "--timeout",
+        "1",
+        "status",
+        "--json",
+    ]))
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with(&format!("quotactl: {stuck}: no answer within 1s\n")),
+        "{err}"
+    );
+    let buckets: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let org = buckets
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["bucket"] == "org")
+        .expect("bucket org listed");
+    assert_eq!(org["paused"], true, "{org}");
+    // Nonsense timeouts are refused before anything is sent.
+    for bad in ["0", "3601", "soon"] {
+        let out = b.run(Some(ADMIN), &["--timeout", bad, "status"]).await;
+        assert_eq!(out.status.code(), Some(2), "--timeout {bad}");
+    }
+    server.abort();
     b.stop().await;
 }
