@@ -706,10 +706,9 @@ class QuotaBroker:
 
     def _broker_answered(self):
         fb = self._fallback
-        if fb is None:
-            return
-        fb.leave()
-        if fb.pending or self._deferred_releases:
+        if fb is not None:
+            fb.leave()
+        if (fb is not None and fb.pending) or self._deferred_releases:
             self._start_flusher()
 
     def _start_flusher(self):
@@ -941,7 +940,7 @@ class QuotaBroker:
                         priority_class=priority_class, permits=permits, max_wait_ms=max_wait_ms,
                         timeout=timeout, key=key)
                 except _UNREACHABLE as e:
-                    if fb is not None and _may_have_reached_a_broker(e):
+                    if _may_have_reached_a_broker(e):
                         self._release_unanswered(tenant, key)
                     if fb is None or (timeout is not None and isinstance(e, errors.DeadlineExceeded)):
                         raise  # no fallback, or the caller's own deadline

@@ -320,6 +320,30 @@ def test_a_lease_a_frozen_broker_granted_after_the_client_gave_up_is_released(st
         assert bucket(client, "single").granted_total == 1
 
 
+def test_without_a_fallback_a_lease_granted_after_the_client_gave_up_is_released(start_broker):
+    """The same without a fallback: the Acquire the frozen broker read raises
+    to the caller, and the slot it granted meanwhile is released by the
+    Acquire's key at the broker's next answer."""
+    proc = start_broker(single_ttl_ms=60000)
+    with qb.QuotaBroker(proc.addr, timeout=1, fallback=None) as client:
+        client.list_buckets(TENANT)  # connected: the Acquire goes out at once
+        proc.freeze()
+        try:
+            with pytest.raises((qb.DeadlineExceeded, qb.Unavailable)):
+                client.acquire(TENANT, "GET", "/api/v2/test/single", client_id="c", max_wait_ms=0)
+            assert client.pending_releases == 1
+        finally:
+            proc.thaw()
+        deadline = time.monotonic() + 10
+        while client.pending_releases or bucket(client, "single").in_flight:
+            assert time.monotonic() < deadline, (
+                f"slot still held 10 s after the thaw: pending {client.pending_releases}, "
+                f"in flight {bucket(client, 'single').in_flight}")
+            client.acquire(TENANT, "GET", USERS, client_id="c").release()  # an answer: sends them
+            time.sleep(0.05)  # the client's sender thread (a real event)
+        assert bucket(client, "single").granted_total == 1
+
+
 def test_reports_alone_fall_back_on_a_hung_broker_and_find_it_back(start_broker):
     """A client that only reports: the first report a hung broker does not
     answer enters the fallback, so the next ones are kept at once instead
