@@ -742,7 +742,7 @@ async fn a_broker_that_never_answers_is_given_up_after_the_timeout_and_the_next_
     assert_eq!(paused["paused"], true, "{paused}");
     assert!(
         started.elapsed() >= Duration::from_secs(2),
-        "the stuck broker was given its second"
+        "the stuck broker was given its 2 s"
     );
     // A command over every broker given says which one did not answer, and
     // shows what the other said.
