@@ -64,14 +64,14 @@ struct Args {
     /// This worker's name in block claims (one per concurrent worker).
     #[arg(long, default_value = "gc-ingest")]
     worker: String,
-    /// Blocks fetched at once.
-    #[arg(long, default_value_t = 4)]
+    /// Blocks fetched at once (1–256).
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     parallel: usize,
-    /// Jobs running at once (jobs source).
-    #[arg(long, default_value_t = 2)]
+    /// Jobs running at once (jobs source; 1–256).
+    #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     max_jobs: usize,
-    /// First pause before polling a job (doubles up to 30 s).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    /// First pause before polling a job (100ms–30s; doubles up to 30 s).
+    #[arg(long, default_value = "1s", value_parser = parse_poll)]
     poll: Duration,
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
@@ -103,7 +103,18 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(ms))
 }
 
-/// 100 years, in ms: more than any watermark or poll means.
+/// A job's first poll pause: [`parse_duration`], from 100 ms (each poll
+/// takes a lease on the org's budget; 0 would poll in a tight loop) to the
+/// 30 s the pause doubles up to.
+fn parse_poll(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if !(Duration::from_millis(100)..=Duration::from_secs(30)).contains(&d) {
+        return Err("the first poll pause is 100ms to 30s (it doubles up to 30s)".into());
+    }
+    Ok(d)
+}
+
+/// 100 years, in ms: more than any watermark means.
 const MAX_DURATION_MS: u64 = 36_500 * 86_400_000;
 
 /// Most blocks one run plans (114 years of hours): a range beyond it is a
@@ -137,7 +148,7 @@ fn setup(args: &Args) -> Result<(Plan, Source), IngestError> {
         plan.now_ms = parse_time(now)?;
     }
     plan.owner = args.worker.clone();
-    plan.parallel = args.parallel.max(1);
+    plan.parallel = args.parallel;
     plan.display = if args.quiet {
         Display::Quiet
     } else {
@@ -163,7 +174,7 @@ fn setup(args: &Args) -> Result<(Plan, Source), IngestError> {
         upstream,
         Some((broker, template)),
         JobOptions {
-            max_running: args.max_jobs.max(1),
+            max_running: args.max_jobs,
             first_poll: args.poll,
         },
     );

@@ -97,6 +97,43 @@ fn bad_arguments_exit_2_before_any_request() {
             ][..],
             "at most 36500d",
         ),
+        (
+            &["--from", "2026-11-01", "--to", "2026-11-02", "--poll", "0s"][..],
+            "the first poll pause is 100ms to 30s",
+        ),
+        (
+            &[
+                "--from",
+                "2026-11-01",
+                "--to",
+                "2026-11-02",
+                "--poll",
+                "31s",
+            ][..],
+            "the first poll pause is 100ms to 30s",
+        ),
+        (
+            &[
+                "--from",
+                "2026-11-01",
+                "--to",
+                "2026-11-02",
+                "--parallel",
+                "0",
+            ][..],
+            "0 is not in 1..=256",
+        ),
+        (
+            &[
+                "--from",
+                "2026-11-01",
+                "--to",
+                "2026-11-02",
+                "--max-jobs",
+                "0",
+            ][..],
+            "0 is not in 1..=256",
+        ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_gc-ingest"))
             .args(["--region", "http://127.0.0.1:9", "--tenant", "t"])
