@@ -93,6 +93,28 @@ pub struct TlsArgs {
     pub tls_server_name: Option<String>,
 }
 
+impl Cli {
+    /// What is wrong with the options together, which clap cannot say:
+    /// TLS options for a broker URL that is not `https://`, or a client
+    /// certificate without its key (or a key without its certificate).
+    pub fn usage_problem(&self) -> Option<String> {
+        if self.tls.any() {
+            if let Some(url) = self.broker.0.iter().find(|u| !u.starts_with("https://")) {
+                return Some(format!(
+                    "--ca-cert, --client-cert, --client-key and --tls-server-name need an \
+                     https:// broker URL (got {url})"
+                ));
+            }
+        }
+        if self.tls.client_cert.is_some() != self.tls.client_key.is_some() {
+            return Some(
+                "--client-cert and --client-key go together (a certificate and its key)".into(),
+            );
+        }
+        None
+    }
+}
+
 impl TlsArgs {
     /// Whether any TLS option was given.
     pub fn any(&self) -> bool {

@@ -314,15 +314,10 @@ impl Cluster {
 
 /// TLS for an `https://` URL from the `--ca-cert`, `--client-cert` and
 /// `--client-key` options (the system's roots without `--ca-cert`); `None`
-/// for `http://`, where the options are an error rather than ignored.
+/// for `http://` (TLS options with one were refused at start:
+/// [`crate::cli::Cli::usage_problem`]).
 fn tls_config(url: &str, tls: &TlsArgs) -> Result<Option<ClientTlsConfig>, Error> {
     if !url.starts_with("https://") {
-        if tls.any() {
-            return Err(Error::Tls(format!(
-                "--ca-cert, --client-cert, --client-key and --tls-server-name need an https:// \
-                 broker URL (got {url})"
-            )));
-        }
         return Ok(None);
     }
     // tonic takes any bytes here and fails only at the handshake, with an

@@ -1,8 +1,9 @@
 //! `quotactl`, the command-line tool of quota-broker: status and live watch
 //! of every bucket, priority classes, bucket limits, pause and resume.
 //!
-//! Exit status: 0 on success, 2 for usage errors (from clap), 1 for anything
-//! else, reported as one line `quotactl: <error>` on stderr.
+//! Exit status: 0 on success, 2 for usage errors (bad or missing flags, or
+//! flags that do not go together), 1 for anything else; an error is one
+//! line `quotactl: <error>` on stderr (clap's usage errors: its own text).
 
 mod cli;
 mod commands;
@@ -27,6 +28,10 @@ async fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let cli = cli::Cli::parse();
+    if let Some(problem) = cli.usage_problem() {
+        eprintln!("quotactl: {problem}");
+        return ExitCode::from(2);
+    }
     match commands::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`quotactl watch --json | head -1`): done.

@@ -215,10 +215,25 @@ async fn tls_options_that_cannot_work_are_refused_before_connecting() {
     let ca = pki.arg("ca.pem");
     let cert = pki.arg("client.pem");
     let key = pki.arg("client.key");
-    for (args, needle) in [
+    // Options that do not go together are a usage error (2); a file that
+    // cannot be used, an error found when it is read (1).
+    for (args, needle, code) in [
         (
             vec!["status", "--broker", "http://127.0.0.1:1", "--ca-cert", &ca],
             "need an https:// broker URL",
+            2,
+        ),
+        (
+            // One of several brokers given is not https.
+            vec![
+                "status",
+                "--broker",
+                "https://127.0.0.1:1,http://127.0.0.1:2",
+                "--ca-cert",
+                &ca,
+            ],
+            "need an https:// broker URL (got http://127.0.0.1:2)",
+            2,
         ),
         (
             vec![
@@ -229,6 +244,18 @@ async fn tls_options_that_cannot_work_are_refused_before_connecting() {
                 &cert,
             ],
             "--client-cert and --client-key go together",
+            2,
+        ),
+        (
+            vec![
+                "status",
+                "--broker",
+                "https://127.0.0.1:1",
+                "--client-key",
+                &key,
+            ],
+            "--client-cert and --client-key go together",
+            2,
         ),
         (
             vec![
@@ -239,6 +266,7 @@ async fn tls_options_that_cannot_work_are_refused_before_connecting() {
                 "/nonexistent/ca.pem",
             ],
             "cannot read --ca-cert /nonexistent/ca.pem",
+            1,
         ),
         (
             vec![
@@ -249,6 +277,7 @@ async fn tls_options_that_cannot_work_are_refused_before_connecting() {
                 &key,
             ],
             "no PEM certificate in it",
+            1,
         ),
         (
             vec![
@@ -259,10 +288,11 @@ async fn tls_options_that_cannot_work_are_refused_before_connecting() {
                 "broker.test",
             ],
             "need an https:// broker URL",
+            2,
         ),
     ] {
         let out = quotactl(&args, &[]).await;
-        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(out.status.code(), Some(code), "{args:?}");
         let err = stderr(&out);
         assert!(err.contains(needle), "{args:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{err}");
