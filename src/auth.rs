@@ -149,6 +149,11 @@ impl RawToken {
                     ", some not hex"
                 },
             ));
+        } else if self.sha256.eq_ignore_ascii_case(&hash_token("")) {
+            problems.push(format!(
+                "{at}: sha256 is the hash of an empty token, which no caller can send (an empty \
+                 or unset variable hashed?); hash the token itself: `quota-broker hash-token`"
+            ));
         }
         if self.tenants.is_empty() {
             problems.push(format!(
@@ -468,6 +473,19 @@ mod tests {
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].contains("not hex"));
         assert!(problems[1].contains("mixes \"*\""));
+    }
+
+    #[test]
+    fn the_hash_of_an_empty_token_is_refused() {
+        let mut r = raw("w", "", Role::Admin, &["*"]);
+        r.sha256 = hash_token("").to_uppercase();
+        let mut problems = Vec::new();
+        assert!(r.validate("at", &mut problems).is_none());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("hash of an empty token"),
+            "{problems:?}"
+        );
     }
 
     #[test]

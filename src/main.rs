@@ -37,16 +37,16 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::HashToken) = cli.command {
-        let mut token = String::new();
-        if let Err(e) = std::io::stdin().read_line(&mut token) {
-            eprintln!("quota-broker: cannot read the token from stdin: {e}");
-            return ExitCode::FAILURE;
-        }
-        println!(
-            "{}",
-            quota_broker::hash_token(token.trim_end_matches(['\r', '\n']))
-        );
-        return ExitCode::SUCCESS;
+        return match read_token() {
+            Ok(token) => {
+                println!("{}", quota_broker::hash_token(&token));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("quota-broker: hash-token: {e}");
+                ExitCode::from(2)
+            }
+        };
     }
     let config_path = cli.config;
     let settings = match Settings::load(config_path.as_deref(), std::env::vars()) {
@@ -178,4 +178,32 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             let _ = tokio::signal::ctrl_c().await;
         })
     }
+}
+
+/// Longest token `hash-token` reads (tokens are tens of characters).
+const MAX_TOKEN_BYTES: u64 = 4096;
+
+/// The one token on stdin, without the whitespace around it (the broker
+/// trims a bearer token the same way). Nothing, several lines or too much
+/// is refused: a hash of those would never match what a client sends.
+fn read_token() -> Result<String, String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::io::stdin()
+        .take(MAX_TOKEN_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read the token from stdin: {e}"))?;
+    if text.len() as u64 > MAX_TOKEN_BYTES {
+        return Err(format!(
+            "more than {MAX_TOKEN_BYTES} bytes on stdin; give one token"
+        ));
+    }
+    let token = text.trim();
+    if token.is_empty() {
+        return Err("no token on stdin (an empty or unset variable?); give one token".into());
+    }
+    if token.contains(['\n', '\r']) {
+        return Err("more than one line on stdin; give one token".into());
+    }
+    Ok(token.to_owned())
 }

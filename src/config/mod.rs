@@ -440,10 +440,10 @@ impl Settings {
             .and_then(|()| std::fs::remove_file(&probe))
             .map_err(|e| {
                 format!(
-                    "server.state_dir {:?}: cannot write there: {e} (learned limits and operators' \
+                    "server.state_dir {}: cannot write there: {e} (learned limits and operators' \
                      changes are kept there; fix the path or its permissions, or set it to \"\" \
                      to keep nothing across restarts)",
-                    dir.display().to_string()
+                    crate::error::clip(&dir.display().to_string())
                 )
             })
     }
@@ -457,7 +457,7 @@ impl Settings {
     ) -> Result<Settings, ConfigError> {
         let text = match path {
             Some(path) => std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::one(format!("cannot read config file {}: {e}", path.display()))
+                ConfigError::one(format!("cannot read config file {}: {e}", shown(path)))
             })?,
             None => DEFAULT_TOML.to_owned(),
         };
@@ -468,7 +468,7 @@ impl Settings {
             .collect();
         let source = path.map_or_else(
             || "the embedded default config".to_owned(),
-            |p| format!("config file {}", p.display()),
+            |p| format!("config file {}", shown(p)),
         );
         let overrides: Vec<(String, String)> = env
             .keys()
@@ -530,6 +530,11 @@ impl Settings {
     pub fn embedded_default() -> Result<Settings, ConfigError> {
         Settings::from_toml(DEFAULT_TOML)
     }
+}
+
+/// A file's path as a config error names it: clipped (a path is input).
+pub(crate) fn shown(path: &Path) -> String {
+    crate::error::clip_plain(&path.display().to_string())
 }
 
 #[cfg(test)]

@@ -130,7 +130,7 @@ fn expiry(
         Err(e) => {
             problems.push(format!(
                 "{key} {}: not a readable X.509 certificate: {e}",
-                path.display()
+                super::shown(path)
             ));
             None
         }
@@ -150,7 +150,7 @@ fn not_after(
     if at <= unix_now() {
         problems.push(format!(
             "{key} {}: {which} expired at {}; clients refuse it: renew it",
-            path.display(),
+            super::shown(path),
             utc(at)
         ));
         return None;
@@ -221,7 +221,7 @@ impl RawTls {
                     problems.push(format!(
                         "server.tls.key {}: no PEM private key found ({e}); expected \
                          -----BEGIN PRIVATE KEY----- (PKCS#8), RSA or EC PRIVATE KEY",
-                        key.display()
+                        super::shown(&key)
                     ))
                 })
                 .ok()
@@ -245,7 +245,7 @@ impl RawTls {
                 problems.push(format!(
                     "server.tls.client_ca {}: every certificate in it has expired (the last at \
                      {}); clients' certificates cannot be checked: renew it",
-                    ca.display(),
+                    super::shown(ca),
                     utc(expired.iter().copied().max().unwrap_or_default())
                 ));
                 return None;
@@ -255,7 +255,7 @@ impl RawTls {
             if roots.is_empty() {
                 problems.push(format!(
                     "server.tls.client_ca {}: none of its certificates is a usable CA certificate",
-                    ca.display()
+                    super::shown(ca)
                 ));
                 return None;
             }
@@ -476,7 +476,7 @@ impl EtcdTls {
 /// The bytes of `path`, or a problem naming `key`.
 fn read(key: &str, path: &Path, problems: &mut Vec<String>) -> Option<Vec<u8>> {
     std::fs::read(path)
-        .map_err(|e| problems.push(format!("{key}: cannot read {}: {e}", path.display())))
+        .map_err(|e| problems.push(format!("{key}: cannot read {}: {e}", super::shown(path))))
         .ok()
 }
 
@@ -492,14 +492,14 @@ fn read_certs(
         Ok(_) => {
             problems.push(format!(
                 "{key} {}: no PEM certificate found (expected -----BEGIN CERTIFICATE-----)",
-                path.display()
+                super::shown(path)
             ));
             None
         }
         Err(e) => {
             problems.push(format!(
                 "{key} {}: not a valid PEM certificate file: {e}",
-                path.display()
+                super::shown(path)
             ));
             None
         }

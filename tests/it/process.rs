@@ -88,6 +88,66 @@ fn an_http_port_asked_for_must_be_bound_and_differ_from_the_grpc_port() {
     assert!(err.contains("is the gRPC port"), "{err}");
 }
 
+/// `hash-token` with `input` on stdin: exit status, stdout, stderr.
+fn hash_token(input: &[u8]) -> (Option<i32>, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
+        .arg("hash-token")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It may stop reading early (too much): a broken pipe is its answer.
+    let _ = child.stdin.take().unwrap().write_all(input);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn hash_token_hashes_one_token_and_refuses_anything_else() {
+    let abc = quota_broker::hash_token("abc");
+    for input in [&b"abc"[..], b"abc\n", b"  abc \r\n"] {
+        assert_eq!(
+            hash_token(input),
+            (Some(0), format!("{abc}\n"), String::new())
+        );
+    }
+    for (input, says) in [
+        (&b""[..], "no token on stdin"),
+        (b" \n", "no token on stdin"),
+        (b"a\nb\n", "more than one line"),
+        (&[b'x'; 5000][..], "more than 4096 bytes"),
+    ] {
+        let (code, out, err) = hash_token(input);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(out.is_empty(), "{out}");
+        assert!(
+            err.starts_with("quota-broker: hash-token: ") && err.contains(says),
+            "{err}"
+        );
+        assert!(err.len() < 200, "{err}");
+    }
+}
+
+#[test]
+fn a_config_path_it_cannot_read_is_named_clipped() {
+    let path = std::env::temp_dir().join("p".repeat(5000));
+    let out = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot read config file"), "{err}");
+    assert!(err.len() < 600, "{} bytes: {err}", err.len());
+}
+
 #[test]
 fn unknown_flag_is_a_usage_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
