@@ -146,9 +146,9 @@ pub async fn serve(
             listener,
             Arc::new(registry),
             broker.clone(),
-            auth.clone(),
             overload.clone(),
             token.clone(),
+            settings.server.max_connections,
             http_stop.clone(),
         ))
     });

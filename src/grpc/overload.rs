@@ -140,6 +140,11 @@ pub(crate) struct Overload {
 }
 
 impl Overload {
+    /// The tokens its limits are per.
+    pub(crate) fn auth(&self) -> &Authenticator {
+        &self.auth
+    }
+
     /// The limits of `settings`; `auth` must be built from the same
     /// `settings.tokens`, in order.
     pub(crate) fn new(settings: &Settings, auth: Authenticator) -> Arc<Overload> {

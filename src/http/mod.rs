@@ -84,11 +84,12 @@ pub(crate) async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     broker: Broker,
-    auth: Authenticator,
     overload: Arc<Overload>,
     shutdown: CancellationToken,
+    max_connections: usize,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
+    let auth = overload.auth().clone();
     let history = History::spawn(broker.clone(), stop.clone());
     let sessions = Arc::new(session::Sessions::new(broker.state_dir()));
     let state = Http {
@@ -113,12 +114,93 @@ pub(crate) async fn serve(
             axum::routing::post(open_session).delete(close_session),
         )
         .with_state(state);
-    axum::serve(
+    accept(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        app,
+        max_connections.min(MAX_HTTP_CONNECTIONS),
+        stop,
     )
-    .with_graceful_shutdown(async move { stop.cancelled().await })
-    .await
+    .await;
+    Ok(())
+}
+
+/// Most connections the HTTP port holds open at once (dashboards, their
+/// feeds, scrapers, probes), and fewer if `server.max_connections` says
+/// so; one beyond is closed at once, so idle sockets cannot take the
+/// process's file descriptors from the gRPC port.
+pub(crate) const MAX_HTTP_CONNECTIONS: usize = 512;
+/// How long a client may take to send a request's headers (also the first
+/// request's, and the next one's on a kept-alive connection).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `app` on `listener` until `stop`, then waits for the open
+/// connections to finish (event feeds end at the broker's shutdown).
+/// By hand rather than `axum::serve`, which has no connection cap and no
+/// header deadline.
+async fn accept(listener: TcpListener, app: Router, cap: usize, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut refused = Refusals::default();
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors, mostly: the error repeats until
+                // some close, so pause rather than spin.
+                refused.note(format_args!("accepting a connection failed: {e}"));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused.note(format_args!(
+                "{cap} connections already open; closing a new one"
+            ));
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(
+            app.clone().layer(axum::Extension(ConnectInfo(peer))),
+        );
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Connections the HTTP port could not take, logged at most once every
+/// 10 s with how many since the last line.
+#[derive(Default)]
+struct Refusals {
+    last: Option<tokio::time::Instant>,
+    since: u64,
+}
+
+impl Refusals {
+    fn note(&mut self, what: std::fmt::Arguments<'_>) {
+        self.since += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .last
+            .is_none_or(|at| now - at >= Duration::from_secs(10))
+        {
+            tracing::warn!(refused_since_last_line = self.since, "HTTP port: {what}");
+            self.last = Some(now);
+            self.since = 0;
+        }
+    }
 }
 
 async fn index() -> Response {

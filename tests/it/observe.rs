@@ -1692,3 +1692,82 @@ async fn alert_rules_and_live_metrics_pass_promtool() {
         );
     }
 }
+
+/// Reads until the peer closes the connection; the bytes it sent.
+async fn until_closed(stream: &mut TcpStream) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let _ = stream.read_to_end(&mut seen).await;
+    seen
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_headers_never_end_is_closed_after_ten_seconds() {
+    let b = start(&config("")).await;
+    let mut slow = TcpStream::connect(b.http).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+    let started = tokio::time::Instant::now();
+    let seen = tokio::time::timeout(Duration::from_secs(60), until_closed(&mut slow))
+        .await
+        .expect("closed by the broker, not held open");
+    assert!(
+        started.elapsed() >= Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // A 408 or nothing: never a served request.
+    assert!(!String::from_utf8_lossy(&seen).contains("200 OK"));
+    // A connection that says nothing at all is closed too.
+    let mut silent = TcpStream::connect(b.http).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), until_closed(&mut silent))
+        .await
+        .expect("a silent connection is closed");
+    assert_eq!(get(b.http, "/healthz", &[]).await.status, 200);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn the_http_port_holds_at_most_its_connection_cap() {
+    let b = start(&config("max_connections = 4\nmax_pending_connections = 4")).await;
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(b.http).await.unwrap();
+        // A whole request each, so each is surely accepted before the next.
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut line = String::new();
+        let mut reader = BufReader::new(s);
+        reader.read_line(&mut line).await.unwrap();
+        assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+        idle.push(reader);
+    }
+    // The fifth is closed at once, unanswered.
+    let mut fifth = TcpStream::connect(b.http).await.unwrap();
+    let _ = fifth
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await;
+    let seen = tokio::time::timeout(LIMIT, until_closed(&mut fifth))
+        .await
+        .expect("the connection over the cap is closed");
+    assert!(seen.is_empty(), "{}", String::from_utf8_lossy(&seen));
+    // One closes: a new one is served (once the broker has seen it close).
+    drop(idle.pop());
+    let served = tokio::time::timeout(LIMIT, async {
+        loop {
+            let mut s = TcpStream::connect(b.http).await.unwrap();
+            let _ = s
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .await;
+            let seen = until_closed(&mut s).await;
+            if !seen.is_empty() {
+                break String::from_utf8_lossy(&seen).into_owned();
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("a connection is served again once one closed");
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    drop(idle);
+    b.stop().await;
+}
