@@ -1721,6 +1721,15 @@ async fn a_request_whose_headers_never_end_is_closed_after_ten_seconds() {
     tokio::time::timeout(Duration::from_secs(60), until_closed(&mut silent))
         .await
         .expect("a silent connection is closed");
+    // A kept-alive connection left idle after its answer is closed too.
+    let mut kept = TcpStream::connect(b.http).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(60), until_closed(&mut kept))
+        .await
+        .expect("an idle kept-alive connection is closed");
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
     assert_eq!(get(b.http, "/healthz", &[]).await.status, 200);
     b.stop().await;
 }
