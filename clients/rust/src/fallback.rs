@@ -71,21 +71,22 @@ impl Fallback {
         }
     }
 
-    /// Whether to ask the broker (always, unless falling back and the last
-    /// probe was too recent).
-    pub(crate) fn should_try_broker(&mut self) -> bool {
+    /// Where a call goes: to the broker, unless falling back; then to the
+    /// local limiter, and once every `probe_every` a probe of the broker
+    /// is due (made in the background: a hung broker must not hold the
+    /// calls that fall back for its keep-alive to notice).
+    pub(crate) fn route(&mut self) -> Route {
         if self.local.is_none() {
-            return true;
+            return Route::Broker;
         }
         let now = Instant::now();
-        if self
+        let probe = self
             .last_probe
-            .is_none_or(|t| now >= t + self.settings.probe_every)
-        {
+            .is_none_or(|t| now >= t + self.settings.probe_every);
+        if probe {
             self.last_probe = Some(now);
-            return true;
         }
-        false
+        Route::Local { probe }
     }
 
     pub(crate) fn granted(&mut self, permits: u32) {
@@ -153,6 +154,16 @@ impl Fallback {
             ),
         }
     }
+}
+
+/// Where a call goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Not falling back: ask the broker.
+    Broker,
+    /// Falling back: the local limiter; `probe` when the broker is to be
+    /// probed now.
+    Local { probe: bool },
 }
 
 /// What the local limiter says to a call.

@@ -62,7 +62,7 @@ mod layer;
 pub use fallback::FallbackSettings;
 pub use layer::{LeaseLayer, LeaseService, LeaseServiceError};
 
-use fallback::{Fallback, Take};
+use fallback::{Fallback, Route, Take};
 use kept::Kept;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
 use quota_broker::pb::{
@@ -70,6 +70,7 @@ use quota_broker::pb::{
 };
 use quota_broker::REPORTED_HEADERS;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tonic::metadata::MetadataValue;
@@ -351,6 +352,8 @@ struct Inner {
     /// Outcomes the broker could not be told yet (std `Mutex`: never held
     /// across `.await`).
     kept: Mutex<Kept>,
+    /// A probe of the broker runs in the background (while falling back).
+    probing: AtomicBool,
 }
 
 /// The broker calls go to, and its URL.
@@ -436,6 +439,7 @@ impl BrokerClient {
                 token,
                 fallback: Mutex::new(Fallback::new(options.fallback)),
                 kept: Mutex::new(Kept::default()),
+                probing: AtomicBool::new(false),
             }),
         })
     }
@@ -528,7 +532,11 @@ impl BrokerClient {
     /// ([`Lease::is_fallback`]).
     pub async fn acquire(&self, call: &Call) -> Result<Lease, ClientError> {
         loop {
-            if self.fallback().should_try_broker() {
+            let route = self.fallback().route();
+            if route == (Route::Local { probe: true }) {
+                self.probe_in_background();
+            }
+            if route == Route::Broker {
                 let req = call.acquire_request();
                 let answer = self
                     .rpc(|mut c| {
@@ -649,6 +657,15 @@ impl BrokerClient {
             // once even if the broker received the first.
             idempotency_key: new_key(),
         };
+        // Falling back: kept for when the broker is back, without waiting
+        // on it (it is probed in the background).
+        if let Route::Local { probe } = self.fallback().route() {
+            if probe {
+                self.probe_in_background();
+            }
+            self.kept().keep(req);
+            return Ok(());
+        }
         let answer = self
             .rpc(|mut c| {
                 let req = self.request(req.clone());
@@ -714,6 +731,25 @@ impl BrokerClient {
                 Err(s) => tracing::debug!(error = %s, "a kept report was refused; dropped"),
             }
         }
+    }
+
+    /// Probes the broker (one probe at a time) while falling back; when a
+    /// broker answers, calls go to it again and what was kept is sent. The
+    /// probe is a Release of no lease: any answer but "unreachable" says a
+    /// broker is back, and it changes nothing there.
+    fn probe_in_background(&self) {
+        if self.inner.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let client = self.clone();
+        tokio::spawn(async move {
+            let answer = client.send_release(&ReleaseRequest::default()).await;
+            client.inner.probing.store(false, Ordering::Release);
+            if !matches!(&answer, Err(s) if is_unreachable(s)) {
+                client.fallback().broker_answered();
+                client.send_kept_in_background();
+            }
+        });
     }
 
     fn send_kept_in_background(&self) {

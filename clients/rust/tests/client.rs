@@ -391,6 +391,39 @@ async fn a_broker_that_hangs_is_noticed_and_calls_fall_back() {
     b.stop().await;
 }
 
+/// Falling back from a hung broker, calls go at the local limiter's rate:
+/// neither a probe of the broker nor a report waits for the keep-alive to
+/// give up on it (each did: one call in about 10 s at a rate of 60 a
+/// minute).
+#[tokio::test(start_paused = true)]
+async fn falling_back_from_a_hung_broker_calls_go_at_the_fallback_rate() {
+    let b = broker_on("127.0.0.1:0").await;
+    let proxy = Hangable::before(b.addr).await;
+    let settings = FallbackSettings {
+        fraction: 0.5,
+        floor_per_min: 60,
+        probe_every: Duration::from_secs(1),
+    };
+    let client =
+        BrokerClient::with_fallback(&format!("http://{}", proxy.addr), None, settings).unwrap();
+    let call = Call::new("t", "GET", "/x").class("critical");
+    assert!(!client.acquire(&call).await.unwrap().is_fallback());
+    proxy.hang();
+    assert!(client.acquire(&call).await.unwrap().is_fallback());
+    let started = Instant::now();
+    for _ in 0..10 {
+        let lease = client.acquire(&call).await.unwrap();
+        assert!(lease.is_fallback());
+        lease.report(200, &http::HeaderMap::new()).await.unwrap();
+    }
+    // At one a second, ten calls take about ten seconds of the (paused)
+    // clock; a probe or a report waiting on the hung broker took about 5 s
+    // each.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(15), "ten calls took {took:?}");
+    b.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn calls_waiting_on_the_fallback_take_leases_once_the_broker_is_back() {
     let b = broker_on("127.0.0.1:0").await;
