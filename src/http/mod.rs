@@ -75,6 +75,9 @@ struct Http {
     history: Arc<History>,
     /// The dashboard's session cookies.
     sessions: Arc<session::Sessions>,
+    /// The port is bound to a loopback address: what it shows without a
+    /// token is for this host's own callers, addressed as such.
+    loopback: bool,
 }
 
 /// Serves the HTTP port on `listener` until `stop` is cancelled; `/readyz`
@@ -90,6 +93,7 @@ pub(crate) async fn serve(
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let auth = overload.auth().clone();
+    let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
     let history = History::spawn(broker.clone(), stop.clone());
     let sessions = Arc::new(session::Sessions::new(broker.state_dir()));
     let state = Http {
@@ -100,6 +104,7 @@ pub(crate) async fn serve(
         shutdown,
         history,
         sessions,
+        loopback,
     };
     let app = Router::new()
         .route("/", get(index))
@@ -222,6 +227,14 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 /// The metrics as OpenMetrics when the scraper accepts it (Prometheus
 /// does), else as Prometheus text.
 async fn metrics(State(http): State<Http>, headers: HeaderMap) -> Response {
+    if http.loopback && !addressed_to_an_ip_or_localhost(&headers) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "on a loopback address the metrics answer only requests addressed to localhost \
+             or an IP address (a page elsewhere must not read them by DNS rebinding); scrape \
+             127.0.0.1 or localhost",
+        );
+    }
     let openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

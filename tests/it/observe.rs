@@ -412,7 +412,7 @@ async fn a_per_client_buckets_most_cut_client_is_exported() {
 }
 
 #[tokio::test]
-async fn an_open_brokers_event_feed_answers_only_localhost_or_an_ip() {
+async fn an_open_brokers_event_feed_and_metrics_answer_only_localhost_or_an_ip() {
     let b = start(&config("")).await;
     let port = b.http.port();
     for host in [
@@ -427,6 +427,12 @@ async fn an_open_brokers_event_feed_answers_only_localhost_or_an_ip() {
     let r = get(b.http, "/events", &[("Host", "attacker.example:9464")]).await;
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.body.contains("DNS"), "{}", r.body);
+    // The metrics show the same buckets: on a loopback port, likewise.
+    let r = get(b.http, "/metrics", &[("Host", "attacker.example:9464")]).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("DNS"), "{}", r.body);
+    let r = get(b.http, "/metrics", &[("Host", &format!("localhost:{port}"))]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
     // A query the feed cannot read says what it takes.
     let r = get(b.http, "/events?tenant=t&tenant=u", &[]).await;
     assert_eq!(r.status, 400, "{}", r.body);
