@@ -431,7 +431,12 @@ async fn an_open_brokers_event_feed_and_metrics_answer_only_localhost_or_an_ip()
     let r = get(b.http, "/metrics", &[("Host", "attacker.example:9464")]).await;
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.body.contains("DNS"), "{}", r.body);
-    let r = get(b.http, "/metrics", &[("Host", &format!("localhost:{port}"))]).await;
+    let r = get(
+        b.http,
+        "/metrics",
+        &[("Host", &format!("localhost:{port}"))],
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
     // A query the feed cannot read says what it takes.
     let r = get(b.http, "/events?tenant=t&tenant=u", &[]).await;

@@ -53,8 +53,10 @@ impl Auth {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Basic "))
-            .and_then(|b| {
+            .and_then(|v| v.trim().split_once(' '))
+            // The scheme's name is case-insensitive (RFC 9110).
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+            .and_then(|(_, b)| {
                 base64::engine::general_purpose::STANDARD
                     .decode(b.trim())
                     .ok()
@@ -87,7 +89,13 @@ pub(crate) fn router(app: App) -> Router {
     // Room for the JSON around a record of the largest size.
     let limit = app.max_record_bytes * 2 + 4096;
     Router::new()
-        .route("/records", post(intake))
+        .route(
+            "/records",
+            post(intake).route_layer(axum::middleware::from_fn_with_state(
+                app.clone(),
+                authorized,
+            )),
+        )
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/healthz", get(health))
@@ -110,11 +118,7 @@ async fn health(State(app): State<App>) -> Response {
     }
 }
 
-async fn intake(
-    State(app): State<App>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn intake(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> Response {
     // A body over the buffer limit is refused before it is read whole:
     // answered as every other refusal is (JSON), not in axum's words.
     let body = match body {
@@ -129,7 +133,7 @@ async fn intake(
         }
     };
     let started = Instant::now();
-    let answer = accept(&app, &headers, &body).await;
+    let answer = accept(&app, &body).await;
     let outcome = match &answer {
         Ok(Stored::New(_)) => "accepted",
         Ok(Stored::Duplicate(_)) => "duplicate",
@@ -162,10 +166,21 @@ async fn intake(
     }
 }
 
-async fn accept(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<Stored, RelayError> {
-    if !app.auth.allows(headers) {
-        return Err(RelayError::Unauthorized);
+/// Refuses a caller without the intake's credentials before its body is
+/// read (an unauthenticated caller must not make the relay buffer it).
+async fn authorized(
+    State(app): State<App>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !app.auth.allows(request.headers()) {
+        app.metrics.intake("unauthorized");
+        return RelayError::Unauthorized.into_response();
     }
+    next.run(request).await
+}
+
+async fn accept(app: &App, body: &[u8]) -> Result<Stored, RelayError> {
     let intake: Intake = serde_json::from_slice(body).map_err(|e| {
         // serde's message names a field or a position, never the input.
         RelayError::Body(format!(

@@ -38,6 +38,26 @@ async fn intake_refuses_strangers_and_bad_records_and_a_full_queue_says_when() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    // Refused before its body is read: a body over the limit is still 401.
+    let r = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(vec![b' '; 8 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // The scheme's name in any case (RFC 9110).
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+    let r = http
+        .post(&url)
+        .header("authorization", format!("basic {basic}"))
+        .json(&wrapup("a"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
     // The shared secret works as well as Basic.
     let r = http
         .post(&url)
@@ -102,11 +122,11 @@ async fn intake_refuses_strangers_and_bad_records_and_a_full_queue_says_when() {
     for line in [
         "gc_relay_queue_depth 2",
         "gc_relay_intake_requests_total{outcome=\"accepted\"} 2",
-        "gc_relay_intake_requests_total{outcome=\"duplicate\"} 2",
+        "gc_relay_intake_requests_total{outcome=\"duplicate\"} 3",
         "gc_relay_intake_requests_total{outcome=\"full\"} 1",
-        "gc_relay_intake_requests_total{outcome=\"unauthorized\"} 2",
+        "gc_relay_intake_requests_total{outcome=\"unauthorized\"} 3",
         "gc_relay_intake_requests_total{outcome=\"invalid\"} 3",
-        "gc_relay_ack_seconds_count 4",
+        "gc_relay_ack_seconds_count 5",
         "gc_relay_dead_letters 0",
     ] {
         assert!(metrics.contains(line), "{line:?} not in\n{metrics}");
