@@ -64,6 +64,9 @@ pub enum Stored {
     New(i64),
     /// The idempotency key was stored before, under this id.
     Duplicate(i64),
+    /// The idempotency key was stored before, under this id, with another
+    /// method, path or body: not this record, which is not stored.
+    Conflict(i64),
     /// The queue is full.
     Full,
 }
@@ -708,7 +711,10 @@ async fn commit(
            received_ms, not_before_ms) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?) \
          ON CONFLICT (idem_key) DO NOTHING RETURNING id",
     );
-    let find = placeholders(db, "SELECT id FROM relay_records WHERE idem_key = ?");
+    let find = placeholders(
+        db,
+        "SELECT id, method, path, body FROM relay_records WHERE idem_key = ?",
+    );
     let done = placeholders(
         db,
         "UPDATE relay_records SET state = 'done', done_ms = ?, lease_owner = NULL \
@@ -814,7 +820,18 @@ async fn commit(
                         .await
                         .map_err(what)?;
                     match found {
-                        Some(row) => Stored::Duplicate(row.try_get::<i64, _>("id").map_err(what)?),
+                        Some(row) => {
+                            let id = row.try_get::<i64, _>("id").map_err(what)?;
+                            let same = row.try_get::<String, _>("method").map_err(what)? == r.method
+                                && row.try_get::<String, _>("path").map_err(what)? == r.path
+                                && row.try_get::<Option<String>, _>("body").map_err(what)?
+                                    == r.body;
+                            if same {
+                                Stored::Duplicate(id)
+                            } else {
+                                Stored::Conflict(id)
+                            }
+                        }
                         None => Stored::Full,
                     }
                 }

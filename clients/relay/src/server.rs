@@ -137,6 +137,7 @@ async fn intake(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> 
     let outcome = match &answer {
         Ok(Stored::New(_)) => "accepted",
         Ok(Stored::Duplicate(_)) => "duplicate",
+        Ok(Stored::Conflict(_)) => "conflict",
         Ok(Stored::Full) | Err(RelayError::Full { .. }) => "full",
         Err(RelayError::Unauthorized) => "unauthorized",
         Err(RelayError::Invalid(_) | RelayError::Body(_)) => "invalid",
@@ -158,6 +159,15 @@ async fn intake(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> 
             )
                 .into_response()
         }
+        Ok(Stored::Conflict(id)) => (
+            StatusCode::CONFLICT,
+            axum::Json(json!({
+                "error": "this idempotencyKey was stored before with another method, path or \
+                          body; this record was not stored: give each write its own key",
+                "recordId": id,
+            })),
+        )
+            .into_response(),
         Ok(Stored::Full) => RelayError::Full {
             retry_after_s: app.full_retry_after_s,
         }

@@ -98,6 +98,18 @@ async fn intake_refuses_strangers_and_bad_records_and_a_full_queue_says_when() {
     assert_eq!(status, 202);
     assert_eq!(again["recordId"], first["recordId"]);
     assert_eq!(again["duplicate"], true);
+    // The same key on another write is not that record: 409, not stored.
+    let mut other = wrapup("b");
+    other["body"] = json!({"code": "other"});
+    let (status, conflict) = flow.post(&other).await.unwrap();
+    assert_eq!(status, 409, "{conflict}");
+    assert_eq!(conflict["recordId"], first["recordId"]);
+    assert!(
+        conflict["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("its own key")),
+        "{conflict}"
+    );
     // Two records queued: the third is refused with a Retry-After.
     let r = http
         .post(&url)
@@ -124,6 +136,7 @@ async fn intake_refuses_strangers_and_bad_records_and_a_full_queue_says_when() {
         "gc_relay_intake_requests_total{outcome=\"accepted\"} 2",
         "gc_relay_intake_requests_total{outcome=\"duplicate\"} 3",
         "gc_relay_intake_requests_total{outcome=\"full\"} 1",
+        "gc_relay_intake_requests_total{outcome=\"conflict\"} 1",
         "gc_relay_intake_requests_total{outcome=\"unauthorized\"} 3",
         "gc_relay_intake_requests_total{outcome=\"invalid\"} 3",
         "gc_relay_ack_seconds_count 5",
