@@ -170,11 +170,20 @@ where
         Box::pin(async move {
             let mut r = call.await;
             if let Ok(response) = &mut r {
-                if let Some(code) = refusal(response.headers()) {
-                    log_refusal(&span, response.headers(), code, &shed);
-                    if let Some(m) = &metrics {
-                        m.refused(method, code);
+                match refusal(response.headers()) {
+                    // The broker answers nothing UNKNOWN: it is tonic's
+                    // status for a request the connection broke under
+                    // (its caller gone), which nobody is refused.
+                    Some(tonic::Code::Unknown) => span.in_scope(|| {
+                        tracing::debug!("call abandoned: its request could not be read")
+                    }),
+                    Some(code) => {
+                        log_refusal(&span, response.headers(), code, &shed);
+                        if let Some(m) = &metrics {
+                            m.refused(method, code);
+                        }
                     }
+                    None => {}
                 }
                 response.headers_mut().insert(REQUEST_ID, id);
             }

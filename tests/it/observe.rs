@@ -1791,3 +1791,42 @@ async fn the_http_port_holds_at_most_its_connection_cap() {
     drop(idle);
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_call_whose_connection_broke_under_its_request_is_no_refusal() {
+    let b = start(&config("")).await;
+    let tcp = TcpStream::connect(b.grpc).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let (_response, mut body) = open_acquire(&mut h2, b.grpc);
+    // Half the message, then the connection goes.
+    let frame = grpc_frame(&req("GET", "/api/v2/users/1", 0));
+    body.send_data(frame.slice(..frame.len() / 2), false)
+        .unwrap();
+    tokio::task::yield_now().await;
+    body.send_reset(h2::Reason::INTERNAL_ERROR);
+    drop(h2);
+    connection.abort();
+    let acquire = "/quota.v1.QuotaBroker/Acquire";
+    let text = tokio::time::timeout(LIMIT, async {
+        loop {
+            let text = get(b.http, "/metrics", &[]).await.body;
+            let done = sample(
+                &text,
+                &format!("quota_broker_rpc_duration_seconds_count{{method=\"{acquire}\"}}"),
+            );
+            if done.is_some_and(|n| n >= 1.0) {
+                break text;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the broken call ended");
+    assert!(
+        !text.contains("quota_broker_rpc_refusals_total{"),
+        "counted as a refusal:\n{text}"
+    );
+    b.stop().await;
+}
