@@ -717,13 +717,13 @@ async fn a_broker_that_never_answers_is_given_up_after_the_timeout_and_the_next_
     let (stuck, server) = silent().await;
     let brokers = format!("{stuck},{}", b.url());
     let started = tokio::time::Instant::now();
-    let out = output(quotactl(&[
-        "--broker",
-        &brokers,
-        "--token",
-        ADMIN,
-        "--timeout",
-        "2",
+    // Both brokers, the stuck one first, 2 s for each call.
+    let run = |args: &[&str]| {
+        let mut c = quotactl(&["--broker", &brokers, "--token", ADMIN, "--timeout", "2"]);
+        c.args(args);
+        output(c)
+    };
+    let out = run(&[
         "pause",
         "--tenant",
         "t",
@@ -731,7 +731,7 @@ async fn a_broker_that_never_answers_is_given_up_after_the_timeout_and_the_next_
         "--reason",
         "stuck broker",
         "--json",
-    ]))
+    ])
     .await;
     assert!(
         out.status.success(),
@@ -746,17 +746,7 @@ async fn a_broker_that_never_answers_is_given_up_after_the_timeout_and_the_next_
     );
     // A command over every broker given says which one did not answer, and
     // shows what the other said.
-    let out = output(quotactl(&[
-        "--broker",
-        &brokers,
-        "--token",
-        ADMIN,
-        "--timeout",
-        "2",
-        "status",
-        "--json",
-    ]))
-    .await;
+    let out = run(&["status", "--json"]).await;
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -294,6 +294,19 @@ def test_a_hung_broker_is_given_up_within_seconds_not_at_the_deadline(start_brok
         assert took < 20, f"fell back after {took:.1f} s"
 
 
+def _until_the_slot_is_released_by_key(client):
+    """After the thaw: the broker's answers send the kept release by key, and
+    the one slot of "single" the frozen broker granted comes free."""
+    deadline = time.monotonic() + 10
+    while client.pending_releases or bucket(client, "single").in_flight:
+        assert time.monotonic() < deadline, (
+            f"slot still held 10 s after the thaw: pending {client.pending_releases}, "
+            f"in flight {bucket(client, 'single').in_flight}")
+        client.acquire(TENANT, "GET", USERS, client_id="c").release()  # an answer: sends them
+        time.sleep(0.05)  # the client's sender thread (a real event)
+    assert bucket(client, "single").granted_total == 1
+
+
 def test_a_lease_a_frozen_broker_granted_after_the_client_gave_up_is_released(start_broker):
     """A broker stopped (SIGSTOP) reads an Acquire but answers only once
     thawed; the client fell back meanwhile. The slot the broker granted is
@@ -310,14 +323,7 @@ def test_a_lease_a_frozen_broker_granted_after_the_client_gave_up_is_released(st
             assert client.pending_releases == 1
         finally:
             proc.thaw()
-        deadline = time.monotonic() + 10
-        while client.pending_releases or bucket(client, "single").in_flight:
-            assert time.monotonic() < deadline, (
-                f"slot still held 10 s after the thaw: pending {client.pending_releases}, "
-                f"in flight {bucket(client, 'single').in_flight}")
-            client.acquire(TENANT, "GET", USERS, client_id="c").release()  # an answer: sends them
-            time.sleep(0.05)  # the client's sender thread (a real event)
-        assert bucket(client, "single").granted_total == 1
+        _until_the_slot_is_released_by_key(client)
 
 
 def test_without_a_fallback_a_lease_granted_after_the_client_gave_up_is_released(start_broker):
@@ -334,14 +340,7 @@ def test_without_a_fallback_a_lease_granted_after_the_client_gave_up_is_released
             assert client.pending_releases == 1
         finally:
             proc.thaw()
-        deadline = time.monotonic() + 10
-        while client.pending_releases or bucket(client, "single").in_flight:
-            assert time.monotonic() < deadline, (
-                f"slot still held 10 s after the thaw: pending {client.pending_releases}, "
-                f"in flight {bucket(client, 'single').in_flight}")
-            client.acquire(TENANT, "GET", USERS, client_id="c").release()  # an answer: sends them
-            time.sleep(0.05)  # the client's sender thread (a real event)
-        assert bucket(client, "single").granted_total == 1
+        _until_the_slot_is_released_by_key(client)
 
 
 def test_reports_alone_fall_back_on_a_hung_broker_and_find_it_back(start_broker):

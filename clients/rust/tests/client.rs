@@ -367,21 +367,29 @@ async fn a_lease_granted_after_the_client_gave_up_is_released_by_its_key() {
     b.stop().await;
 }
 
-/// The broker's host hangs with a call open: the client's keep-alive
-/// notices and the call falls back instead of waiting for ever.
-#[tokio::test(start_paused = true)]
-async fn a_broker_that_hangs_is_noticed_and_calls_fall_back() {
+/// A broker behind a [`Hangable`] proxy, a client of it falling back at
+/// 60 a minute (probing every `probe_every`), and a call it was granted
+/// once by the broker.
+async fn behind_a_hangable_proxy(probe_every: Duration) -> (Broker, Hangable, BrokerClient, Call) {
     let b = broker_on("127.0.0.1:0").await;
     let proxy = Hangable::before(b.addr).await;
     let settings = FallbackSettings {
         fraction: 0.5,
         floor_per_min: 60,
-        probe_every: Duration::from_secs(5),
+        probe_every,
     };
     let client =
         BrokerClient::with_fallback(&format!("http://{}", proxy.addr), None, settings).unwrap();
     let call = Call::new("t", "GET", "/x").class("critical");
     assert!(!client.acquire(&call).await.unwrap().is_fallback());
+    (b, proxy, client, call)
+}
+
+/// The broker's host hangs with a call open: the client's keep-alive
+/// notices and the call falls back instead of waiting for ever.
+#[tokio::test(start_paused = true)]
+async fn a_broker_that_hangs_is_noticed_and_calls_fall_back() {
+    let (b, proxy, client, call) = behind_a_hangable_proxy(Duration::from_secs(5)).await;
     proxy.hang();
     let lease = tokio::time::timeout(Duration::from_secs(60), client.acquire(&call))
         .await
@@ -397,17 +405,7 @@ async fn a_broker_that_hangs_is_noticed_and_calls_fall_back() {
 /// minute).
 #[tokio::test(start_paused = true)]
 async fn falling_back_from_a_hung_broker_calls_go_at_the_fallback_rate() {
-    let b = broker_on("127.0.0.1:0").await;
-    let proxy = Hangable::before(b.addr).await;
-    let settings = FallbackSettings {
-        fraction: 0.5,
-        floor_per_min: 60,
-        probe_every: Duration::from_secs(1),
-    };
-    let client =
-        BrokerClient::with_fallback(&format!("http://{}", proxy.addr), None, settings).unwrap();
-    let call = Call::new("t", "GET", "/x").class("critical");
-    assert!(!client.acquire(&call).await.unwrap().is_fallback());
+    let (b, proxy, client, call) = behind_a_hangable_proxy(Duration::from_secs(1)).await;
     proxy.hang();
     assert!(client.acquire(&call).await.unwrap().is_fallback());
     let started = Instant::now();
