@@ -502,6 +502,7 @@ class QuotaBroker:
         self._overloads = 0
         # Releases refused as Overloaded, sent by the background sender.
         self._deferred_releases = collections.deque()
+        self._prober = None
 
     # -- connections -------------------------------------------------------------
 
@@ -703,6 +704,29 @@ class QuotaBroker:
                 self._move(first, target, "answers the health probe")
             return True
         return False
+
+    def _probe_in_background(self):
+        """While falling back: probes the brokers in a thread of its own, one
+        probe at a time, so that no call waits on a broker that hangs (its
+        probe may take the probe's whole timeout); when one answers, calls
+        go to it again and what was kept is sent."""
+        with self._flusher_lock:
+            if self._prober is not None or self._closed.is_set():
+                return
+            self._prober = threading.Thread(target=self._probe, name="quota-broker-probe",
+                                            daemon=True)
+            self._prober.start()
+
+    def _probe(self):
+        try:
+            if self._answers():
+                self._broker_answered()
+        except Exception:  # after close() the channels are gone: expected
+            if not self._closed.is_set():
+                log.exception("probing the broker failed")
+        finally:
+            with self._flusher_lock:
+                self._prober = None
 
     def _broker_answered(self):
         fb = self._fallback
@@ -932,7 +956,9 @@ class QuotaBroker:
         fb = self._fallback
         started = self._clock.monotonic()
         while True:
-            if fb is None or (fb.should_try_broker() and (not fb.active or self._answers())):
+            if fb is not None and fb.active and fb.should_try_broker():
+                self._probe_in_background()
+            if fb is None or not fb.active:
                 key = uuid.uuid4().hex
                 try:
                     resp, granted_by = self._acquire_at(
@@ -1068,9 +1094,9 @@ class QuotaBroker:
         fb = self._fallback
         if fb is None:
             return self._call("Report", req)
-        if fb.active and fb.should_try_broker() and self._answers():
+        if fb.active and fb.should_try_broker():
             # A client that only reports finds the broker back too.
-            self._broker_answered()
+            self._probe_in_background()
         if not fb.active:
             if self._held():
                 # Overloaded a moment ago: after the outcomes kept before it.

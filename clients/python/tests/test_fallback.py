@@ -174,13 +174,20 @@ def test_back_to_the_broker_promptly_and_kept_outcomes_reported(start_broker, ca
         start_broker(port=proc.port)  # returns once it logs "serving"
         back_at = time.monotonic()
         for _ in range(1000):
-            lease = client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=2000)
+            try:
+                lease = client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=2000)
+            except qb.NotGranted:
+                # The broker's own answer: the kept outcomes, its two 429s
+                # among them, may have reached it first (sent as soon as a
+                # probe found it back).
+                assert not client.in_fallback
+                break
             lease.release()
             if not lease.is_fallback:
                 break
             assert time.monotonic() - back_at < 10, "still falling back 10 s after the broker came back"
         took = time.monotonic() - back_at
-        assert not lease.is_fallback and not client.in_fallback
+        assert not client.in_fallback
         assert took < 5, f"back to the broker {took:.1f}s after it came back"
 
         # The kept outcomes reach the broker (a background thread sends them).

@@ -153,12 +153,16 @@ def test_fallback_and_return_over_tls(start_broker, pki):
         start_broker(port=proc.port, tls=pki.server_tls(mutual=True))
         back_at = time.monotonic()
         for _ in range(1000):
-            lease = client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=2000)
+            try:
+                lease = client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=2000)
+            except qb.NotGranted:
+                # The broker's own answer (the kept 429 may have reached it first).
+                break
             lease.release()
             if not lease.is_fallback:
                 break
             assert time.monotonic() - back_at < 10, "still falling back 10 s after the broker came back"
-        assert not lease.is_fallback and not client.in_fallback
+        assert not client.in_fallback
         assert time.monotonic() - back_at < 5, "not back to the TLS broker within 5 s"
         deadline = time.monotonic() + 5
         while client.pending_reports or client.bucket(TENANT, "per-client").reports_total < 2:
