@@ -394,27 +394,42 @@ async fn learned_state_survives_a_restart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test(start_paused = true)]
+/// Waits until `/metrics` says `state_save_failing` is `value` (the
+/// writer's round that made it so has run).
+async fn until_state_save_failing(b: &crate::observe::Observed, value: f64) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let text = crate::observe::get(b.http, "/metrics", &[]).await.body;
+            if crate::observe::sample(&text, "quota_broker_state_save_failing") == Some(value) {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("state_save_failing never became {value}"));
+}
+
+#[tokio::test]
 async fn learned_state_whose_write_failed_is_written_at_a_later_round() {
     let dir = std::env::temp_dir().join(format!("qb-persist-retry-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let b = start(&two_tenants(dir.to_str().unwrap())).await;
+    let b = crate::observe::start(&two_tenants(dir.to_str().unwrap())).await;
     let file = dir.join("learned.toml");
     assert!(file.is_file(), "written before serving");
     // Something takes the file's place: the writes fail.
     std::fs::remove_file(&file).unwrap();
     std::fs::create_dir_all(file.join("in-the-way")).unwrap();
-    let mut c = b.client.clone();
-    c.report(throttled("t", "600", &[("X-RateLimit-Limit", "50")]))
+    b.client()
+        .report(throttled("t", "600", &[("X-RateLimit-Limit", "50")]))
         .await
         .unwrap();
-    // A few rounds of the writer (one a second; each write runs to its end
-    // before the paused clock moves on).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    until_state_save_failing(&b, 1.0).await;
     assert!(file.is_dir());
     std::fs::remove_dir_all(&file).unwrap();
-    // Nothing changes any more, and still the cut is written.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Nothing changes any more, and still the cut is written at a later
+    // round of the writer.
+    until_state_save_failing(&b, 0.0).await;
     let text = std::fs::read_to_string(&file).expect("the learned state was written");
     assert!(text.contains("learned_limit_per_min = 50"), "{text}");
     b.stop().await;

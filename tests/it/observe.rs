@@ -94,10 +94,10 @@ pub fn config(extra: &str) -> String {
 }
 
 /// An HTTP/1.1 response: status, headers (lower-case names), body.
-struct HttpResponse {
+pub struct HttpResponse {
     status: u16,
     headers: Vec<(String, String)>,
-    body: String,
+    pub body: String,
 }
 
 impl HttpResponse {
@@ -185,7 +185,7 @@ async fn chunk(reader: &mut BufReader<TcpStream>) -> Option<String> {
     String::from_utf8(data).ok()
 }
 
-async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
     tokio::time::timeout(LIMIT, async {
         let (mut response, mut reader) = open(addr, path, headers).await;
         if response.header("transfer-encoding") == Some("chunked") {
@@ -202,7 +202,7 @@ async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpResp
 }
 
 /// The value of the sample `name{labels}` in a metrics text, if present.
-fn sample(text: &str, series: &str) -> Option<f64> {
+pub fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
