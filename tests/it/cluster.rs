@@ -419,9 +419,11 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
                 // real time), renewing every 500 ms wherever the tenant is
                 // led by then.
                 let until = Instant::now() + Duration::from_millis(1_500);
+                let every = Duration::from_millis(500);
+                let mut renewals = tokio::time::interval_at(Instant::now() + every, every);
                 let mut held = true;
                 while Instant::now() < until && held {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    renewals.tick().await;
                     let renew = RenewRequest {
                         lease_id: r.lease_id.clone(),
                         extend_ms: 0,
