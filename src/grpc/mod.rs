@@ -19,6 +19,8 @@ mod ops;
 mod overload;
 mod transport;
 
+pub(crate) use transport::Throttled;
+
 pub use codec::MAX_CONCURRENT_STREAMS;
 pub use embedded::Embedded;
 

@@ -4,11 +4,10 @@
 //! response metadata; the call's latency in the metrics; and each call
 //! answered with an error status, logged and counted by method and code.
 
-use super::transport::PeerInfo;
+use super::transport::{PeerInfo, Throttled};
 use crate::metrics::Metrics;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -29,32 +28,6 @@ const MAX_REQUEST_ID: usize = 64;
 /// the rest at debug: a line each would cost most when the broker has
 /// least to spare.
 const SHED_LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// When a shed call was last logged at info, and how many since.
-#[derive(Debug)]
-struct ShedLog {
-    since: Instant,
-    /// Milliseconds after `since` of the last info line, plus one (0: none
-    /// yet).
-    last_ms: AtomicU64,
-    unlogged: AtomicU64,
-}
-
-impl ShedLog {
-    /// How many calls this line speaks for, if this one is to be logged at
-    /// info.
-    fn take(&self) -> Option<u64> {
-        self.unlogged.fetch_add(1, Ordering::Relaxed);
-        let now = crate::clock::millis(self.since.elapsed()) + 1;
-        let last = self.last_ms.load(Ordering::Relaxed);
-        let due = last == 0 || now.saturating_sub(last) >= crate::clock::millis(SHED_LOG_EVERY);
-        (due && self
-            .last_ms
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok())
-        .then(|| self.unlogged.swap(0, Ordering::Relaxed).max(1))
-    }
-}
 
 /// The caller's request id if it is 1–64 characters of `[A-Za-z0-9._:-]`.
 fn given_id(value: &http::HeaderValue) -> Option<&str> {
@@ -84,7 +57,8 @@ fn new_id() -> http::HeaderValue {
 #[derive(Clone)]
 pub(crate) struct ObserveLayer {
     metrics: Option<Arc<Metrics>>,
-    shed: Arc<ShedLog>,
+    /// When a shed call was last logged at info, and how many since.
+    shed: Arc<Throttled>,
 }
 
 impl ObserveLayer {
@@ -92,11 +66,7 @@ impl ObserveLayer {
     pub(crate) fn new(metrics: Option<Arc<Metrics>>) -> ObserveLayer {
         ObserveLayer {
             metrics,
-            shed: Arc::new(ShedLog {
-                since: Instant::now(),
-                last_ms: AtomicU64::new(0),
-                unlogged: AtomicU64::new(0),
-            }),
+            shed: Arc::new(Throttled::new(SHED_LOG_EVERY)),
         }
     }
 }
@@ -118,7 +88,7 @@ impl<S> Layer<S> for ObserveLayer {
 pub(crate) struct Observe<S> {
     inner: S,
     metrics: Option<Arc<Metrics>>,
-    shed: Arc<ShedLog>,
+    shed: Arc<Throttled>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -209,7 +179,12 @@ fn refusal(headers: &http::HeaderMap) -> Option<tonic::Code> {
 
 /// Logs a refused call with the request id the caller got back, so that id
 /// leads to a line. The message is the broker's own, bounded.
-fn log_refusal(span: &tracing::Span, headers: &http::HeaderMap, code: tonic::Code, shed: &ShedLog) {
+fn log_refusal(
+    span: &tracing::Span,
+    headers: &http::HeaderMap,
+    code: tonic::Code,
+    shed: &Throttled,
+) {
     let message = headers
         .get(&GRPC_MESSAGE)
         .and_then(|v| v.to_str().ok())
@@ -222,7 +197,7 @@ fn log_refusal(span: &tracing::Span, headers: &http::HeaderMap, code: tonic::Cod
     span.in_scope(|| match code {
         // Shed under overload, or sent elsewhere (shutting down, not the
         // leader).
-        tonic::Code::ResourceExhausted | tonic::Code::Unavailable => match shed.take() {
+        tonic::Code::ResourceExhausted | tonic::Code::Unavailable => match shed.note() {
             Some(calls) => tracing::info!(
                 code = ?code,
                 reason = %message,

@@ -498,7 +498,7 @@ static FAILED_HANDSHAKES: Throttled = Throttled::new(Duration::from_secs(60));
 /// one per `every`, with how many came since the last line. (By hand: a
 /// counter and a timestamp in two atomics; the crates for this throttle
 /// whole subscribers, not one message.)
-struct Throttled {
+pub(crate) struct Throttled {
     every: Duration,
     /// Milliseconds since the process's first event, of the last line + 1
     /// (0: no line yet).
@@ -507,7 +507,7 @@ struct Throttled {
 }
 
 impl Throttled {
-    const fn new(every: Duration) -> Throttled {
+    pub(crate) const fn new(every: Duration) -> Throttled {
         Throttled {
             every,
             last: std::sync::atomic::AtomicU64::new(0),
@@ -517,7 +517,7 @@ impl Throttled {
 
     /// Counts one event; `Some(events since the last line)` if it may be
     /// logged now.
-    fn note(&self) -> Option<u64> {
+    pub(crate) fn note(&self) -> Option<u64> {
         use std::sync::atomic::Ordering::Relaxed;
         static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
         let now = START

@@ -22,7 +22,7 @@
 use crate::auth::{AuthError, Authenticator};
 use crate::broker::{Broker, TenantBucketStatus};
 use crate::clock::{millis, Clock};
-use crate::grpc::{Overload, PeerInfo};
+use crate::grpc::{Overload, PeerInfo, Throttled};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -145,7 +145,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 async fn accept(listener: TcpListener, app: Router, cap: usize, stop: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(cap));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut refused = Refusals::default();
+    // Connections it could not take: a line at most every 10 s.
+    let refused = Throttled::new(Duration::from_secs(10));
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -156,15 +157,21 @@ async fn accept(listener: TcpListener, app: Router, cap: usize, stop: Cancellati
             Err(e) => {
                 // Out of file descriptors, mostly: the error repeats until
                 // some close, so pause rather than spin.
-                refused.note(format_args!("accepting a connection failed: {e}"));
+                if let Some(n) = refused.note() {
+                    tracing::warn!(refused_since_last_line = n, error = %e,
+                        "HTTP port: accepting a connection failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refused.note(format_args!(
-                "{cap} connections already open; closing a new one"
-            ));
+            if let Some(n) = refused.note() {
+                tracing::warn!(
+                    refused_since_last_line = n,
+                    "HTTP port: {cap} connections already open; closing a new one"
+                );
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -183,29 +190,6 @@ async fn accept(listener: TcpListener, app: Router, cap: usize, stop: Cancellati
     }
     drop(listener);
     graceful.shutdown().await;
-}
-
-/// Connections the HTTP port could not take, logged at most once every
-/// 10 s with how many since the last line.
-#[derive(Default)]
-struct Refusals {
-    last: Option<tokio::time::Instant>,
-    since: u64,
-}
-
-impl Refusals {
-    fn note(&mut self, what: std::fmt::Arguments<'_>) {
-        self.since += 1;
-        let now = tokio::time::Instant::now();
-        if self
-            .last
-            .is_none_or(|at| now - at >= Duration::from_secs(10))
-        {
-            tracing::warn!(refused_since_last_line = self.since, "HTTP port: {what}");
-            self.last = Some(now);
-            self.since = 0;
-        }
-    }
 }
 
 async fn index() -> Response {

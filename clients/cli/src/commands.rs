@@ -354,19 +354,12 @@ fn tls_config(url: &str, tls: &TlsArgs) -> Result<Option<ClientTlsConfig>, Error
         )?)),
         None => ClientTlsConfig::new().with_native_roots(),
     };
-    match (&tls.client_cert, &tls.client_key) {
-        (Some(cert), Some(key)) => {
-            config = config.identity(Identity::from_pem(
-                read("--client-cert", cert, "CERTIFICATE")?,
-                read("--client-key", key, "PRIVATE KEY")?,
-            ));
-        }
-        (None, None) => {}
-        _ => {
-            return Err(Error::Tls(
-                "--client-cert and --client-key go together (a certificate and its key)".into(),
-            ))
-        }
+    // One without the other was refused at start (`Cli::usage_problem`).
+    if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
+        config = config.identity(Identity::from_pem(
+            read("--client-cert", cert, "CERTIFICATE")?,
+            read("--client-key", key, "PRIVATE KEY")?,
+        ));
     }
     if let Some(name) = &tls.tls_server_name {
         config = config.domain_name(name.clone());
