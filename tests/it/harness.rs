@@ -124,3 +124,38 @@ pub async fn wait_for(
         }
     }
 }
+
+/// How long [`clock_held`] lets a wait take in real time.
+const HELD_AT_MOST: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Runs `fut` on a paused clock that does not move meanwhile, and panics
+/// (naming `what`) if it takes more than 20 s of real time.
+///
+/// A paused runtime with nothing to run moves its clock to the next timer
+/// at once; a loopback packet still on its way through a loaded kernel (a
+/// connect, a close, an answer) leaves it with nothing to run for a moment,
+/// and time jumps by a keep-alive interval that never passed for the broker.
+/// Here the runtime is kept busy, so only real progress finishes `fut`:
+/// something done within `clock_held` took no time on the broker's clock.
+pub async fn clock_held<F: std::future::Future>(what: &str, fut: F) -> F::Output {
+    let real = std::time::Instant::now();
+    let spin = async {
+        // A task that yields is run again before the runtime parks, and a
+        // park that must not block does not advance a paused clock.
+        while real.elapsed() < HELD_AT_MOST {
+            tokio::task::yield_now().await;
+        }
+    };
+    let started = tokio::time::Instant::now();
+    let out = tokio::select! {
+        biased;
+        out = fut => out,
+        () = spin => panic!("{what}: not done within {HELD_AT_MOST:?} of real time"),
+    };
+    assert_eq!(
+        started.elapsed(),
+        std::time::Duration::ZERO,
+        "{what}: the clock moved while held"
+    );
+    out
+}

@@ -1,9 +1,10 @@
 //! Overload protection over real sockets and real gRPC: silent connections
 //! closed at the handshake timeout, the pending-handshake and connection
 //! caps, per-token and per-IP request rates, the Watch cap per token. Time
-//! is paused: a refusal that took any time at all would show as elapsed
-//! time, so "answered at once" is checked exactly.
+//! is paused, and "answered at once" is checked exactly: the call finishes
+//! with the clock held still ([`clock_held`]).
 
+use crate::harness::clock_held;
 use crate::tls::{config, Server};
 use quota_broker::hash_token;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
@@ -83,26 +84,43 @@ async fn closed_by_broker(s: &mut TcpStream) -> bool {
     matches!(s.read(&mut buf).await, Ok(0) | Err(_))
 }
 
+/// Whether the socket is open with nothing to read, asked without waiting.
+fn still_open(s: &TcpStream) -> bool {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(
+        socket2::SockRef::from(s).peek(&mut buf),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+    )
+}
+
 #[tokio::test(start_paused = true)]
 async fn silent_connections_are_closed_at_the_handshake_timeout_while_clients_are_served() {
     let server = Server::start(&config("handshake_timeout_ms = 5000\n")).await;
-    let started = Instant::now();
-    let mut silent = Vec::new();
-    for _ in 0..50 {
-        silent.push(TcpStream::connect(server.addr).await.unwrap());
-    }
     // A real client gets in and is served at once, slowloris or not.
-    let client = channel_from(server.addr, "127.0.0.1").await;
-    acquire(&client, None).await.unwrap();
-    assert_eq!(started.elapsed(), Duration::ZERO);
-    for s in &mut silent {
-        assert!(closed_by_broker(s).await);
-    }
-    let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(5000) && waited < Duration::from_millis(5100),
-        "closed after {waited:?}"
-    );
+    let (mut silent, client) = clock_held("a client among 50 silent connections", async {
+        let mut silent = Vec::new();
+        for _ in 0..50 {
+            silent.push(TcpStream::connect(server.addr).await.unwrap());
+        }
+        let client = channel_from(server.addr, "127.0.0.1").await;
+        acquire(&client, None).await.unwrap();
+        (silent, client)
+    })
+    .await;
+    // Open until the handshake timeout, closed at it.
+    tokio::time::advance(Duration::from_millis(4999)).await;
+    // A call's round trip gives every woken task its turn first.
+    clock_held("a call before the timeout", acquire(&client, None))
+        .await
+        .unwrap();
+    assert!(silent.iter().all(still_open), "closed before the timeout");
+    tokio::time::advance(Duration::from_millis(1)).await;
+    clock_held("the silent connections closed at the timeout", async {
+        for s in &mut silent {
+            assert!(closed_by_broker(s).await);
+        }
+    })
+    .await;
     // The client's connection finished its handshake: it is not closed.
     acquire(&client, None).await.unwrap();
     server.stop().await;
@@ -115,31 +133,34 @@ async fn connections_beyond_the_pending_cap_are_closed_at_once() {
     ))
     .await;
     let started = Instant::now();
-    let mut pending = Vec::new();
-    for _ in 0..4 {
-        pending.push(TcpStream::connect(server.addr).await.unwrap());
-    }
-    let mut extra = Vec::new();
-    for _ in 0..3 {
-        extra.push(TcpStream::connect(server.addr).await.unwrap());
-    }
-    for s in &mut extra {
-        assert!(closed_by_broker(s).await);
-    }
-    // A gRPC client arriving now is turned away too, promptly.
-    let refused = Endpoint::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect_lazy();
-    let err = acquire(&refused, None).await.unwrap_err();
-    // tonic reports a connection closed during its handshake as one of these.
-    assert!(
-        matches!(
-            err.code(),
-            Code::Unavailable | Code::Cancelled | Code::Unknown
-        ),
-        "{err:?}"
-    );
-    assert_eq!(started.elapsed(), Duration::ZERO, "refusals took time");
+    let mut pending = clock_held("connections beyond the cap closed at once", async {
+        let mut pending = Vec::new();
+        for _ in 0..4 {
+            pending.push(TcpStream::connect(server.addr).await.unwrap());
+        }
+        let mut extra = Vec::new();
+        for _ in 0..3 {
+            extra.push(TcpStream::connect(server.addr).await.unwrap());
+        }
+        for s in &mut extra {
+            assert!(closed_by_broker(s).await);
+        }
+        // A gRPC client arriving now is turned away too, promptly.
+        let refused = Endpoint::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .connect_lazy();
+        let err = acquire(&refused, None).await.unwrap_err();
+        // tonic reports a connection closed during its handshake as one of these.
+        assert!(
+            matches!(
+                err.code(),
+                Code::Unavailable | Code::Cancelled | Code::Unknown
+            ),
+            "{err:?}"
+        );
+        pending
+    })
+    .await;
     // Once the silent ones time out, there is room again.
     for s in &mut pending {
         assert!(closed_by_broker(s).await);
@@ -158,11 +179,13 @@ async fn connections_beyond_the_connection_cap_are_closed_at_once() {
     .await;
     let first = channel_from(server.addr, "127.0.0.1").await;
     acquire(&first, None).await.unwrap();
-    let started = Instant::now();
-    let _silent = TcpStream::connect(server.addr).await.unwrap();
-    let mut over = TcpStream::connect(server.addr).await.unwrap();
-    assert!(closed_by_broker(&mut over).await);
-    assert_eq!(started.elapsed(), Duration::ZERO);
+    let _silent = clock_held("a connection beyond the cap closed at once", async {
+        let silent = TcpStream::connect(server.addr).await.unwrap();
+        let mut over = TcpStream::connect(server.addr).await.unwrap();
+        assert!(closed_by_broker(&mut over).await);
+        silent
+    })
+    .await;
     // Open connections keep being served.
     acquire(&first, None).await.unwrap();
     server.stop().await;
@@ -198,12 +221,13 @@ fn with_tokens(server_keys: &str) -> String {
 async fn a_token_over_its_rate_is_refused_at_once_with_a_retry_time() {
     let server = Server::start(&with_tokens("")).await;
     let client = channel_from(server.addr, "127.0.0.1").await;
-    let started = Instant::now();
-    for _ in 0..5 {
-        acquire(&client, Some("slow-secret")).await.unwrap();
-    }
-    let err = acquire(&client, Some("slow-secret")).await.unwrap_err();
-    assert_eq!(started.elapsed(), Duration::ZERO, "the refusal waited");
+    let err = clock_held("a token over its rate refused at once", async {
+        for _ in 0..5 {
+            acquire(&client, Some("slow-secret")).await.unwrap();
+        }
+        acquire(&client, Some("slow-secret")).await.unwrap_err()
+    })
+    .await;
     let wait = retry_after(&err);
     assert!(
         wait > Duration::ZERO && wait <= Duration::from_millis(200),
@@ -281,9 +305,12 @@ async fn watch_streams_per_token_are_capped() {
     let mut first = watch("slow-secret").await.unwrap();
     first.message().await.unwrap().expect("a snapshot");
     let _second = watch("slow-secret").await.unwrap();
-    let started = Instant::now();
-    let err = watch("slow-secret").await.unwrap_err();
-    assert_eq!(started.elapsed(), Duration::ZERO, "the refusal waited");
+    let err = clock_held(
+        "a Watch beyond the cap refused at once",
+        watch("slow-secret"),
+    )
+    .await
+    .unwrap_err();
     let wait = retry_after(&err);
     assert!(
         err.message().contains("2 Watch streams"),
