@@ -301,6 +301,36 @@ def test_a_hung_broker_is_given_up_within_seconds_not_at_the_deadline(start_brok
         assert took < 20, f"fell back after {took:.1f} s"
 
 
+def test_falling_back_from_a_hung_broker_no_call_waits_for_the_probe(start_broker):
+    """Falling back from a hung broker (SIGSTOP), the probe that asks it
+    again hangs up to its timeout in a thread of its own: calls made
+    meanwhile are answered from the fallback without waiting for it, and
+    no second probe starts while one is out."""
+    proc = start_broker()
+    fallback = qb.FallbackSettings(probe_every_s=0.01, floor_per_min=60000)
+    with qb.QuotaBroker(proc.addr, fallback=fallback) as client:
+        client.list_buckets(TENANT)  # connected before the broker hangs
+        proc.freeze()
+        try:
+            assert client.acquire(TENANT, "GET", USERS, client_id="c").is_fallback
+
+            def probes():
+                return [t for t in threading.enumerate() if t.name == "quota-broker-probe"]
+
+            deadline = time.monotonic() + 10
+            while not probes():
+                assert time.monotonic() < deadline, "no probe of the hung broker within 10 s"
+                assert client.acquire(TENANT, "GET", USERS, client_id="c").is_fallback
+            (probe,) = probes()
+            for _ in range(20):
+                assert client.acquire(TENANT, "GET", USERS, client_id="c").is_fallback
+                client.report(TENANT, "GET", USERS, 200)
+            # Still out on the hung broker: the calls above did not wait for it.
+            assert probe.is_alive() and probes() == [probe]
+        finally:
+            proc.thaw()
+
+
 def _until_the_slot_is_released_by_key(client):
     """After the thaw: the broker's answers send the kept release by key, and
     the one slot of "single" the frozen broker granted comes free."""
