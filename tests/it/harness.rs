@@ -159,3 +159,19 @@ pub async fn clock_held<F: std::future::Future>(what: &str, fut: F) -> F::Output
     );
     out
 }
+
+/// Reads until the broker closes the socket; true if it did (EOF or reset).
+pub async fn closed_by_broker(s: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    matches!(s.read(&mut buf).await, Ok(0) | Err(_))
+}
+
+/// Whether the socket is open with nothing to read, asked without waiting.
+pub fn still_open(s: &tokio::net::TcpStream) -> bool {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(
+        socket2::SockRef::from(s).peek(&mut buf),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+    )
+}

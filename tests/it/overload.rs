@@ -4,14 +4,13 @@
 //! is paused, and "answered at once" is checked exactly: the call finishes
 //! with the clock held still ([`clock_held`]).
 
-use crate::harness::clock_held;
+use crate::harness::{clock_held, closed_by_broker, still_open};
 use crate::tls::{config, Server};
 use quota_broker::hash_token;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
 use quota_broker::pb::{AcquireRequest, WatchRequest};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
@@ -76,21 +75,6 @@ fn retry_after(status: &Status) -> Duration {
         status.message()
     );
     Duration::from_millis(ms)
-}
-
-/// Reads until the broker closes the socket; true if it did (EOF or reset).
-async fn closed_by_broker(s: &mut TcpStream) -> bool {
-    let mut buf = [0u8; 64];
-    matches!(s.read(&mut buf).await, Ok(0) | Err(_))
-}
-
-/// Whether the socket is open with nothing to read, asked without waiting.
-fn still_open(s: &TcpStream) -> bool {
-    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-    matches!(
-        socket2::SockRef::from(s).peek(&mut buf),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-    )
 }
 
 #[tokio::test(start_paused = true)]

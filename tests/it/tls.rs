@@ -2,6 +2,7 @@
 //! (rcgen): a CA, a server certificate for 127.0.0.1, and client
 //! certificates from that CA and from another one.
 
+use crate::harness::{clock_held, closed_by_broker, still_open};
 use quota_broker::hash_token;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
 use quota_broker::pb::{AcquireRequest, AcquireResponse};
@@ -13,7 +14,6 @@ use rcgen::{
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -286,18 +286,23 @@ async fn a_connection_that_never_starts_tls_is_closed_at_the_handshake_timeout()
             .replace("[server.tls]", "handshake_timeout_ms = 3000\n[server.tls]"),
     ))
     .await;
-    let started = tokio::time::Instant::now();
-    let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let mut buf = [0u8; 64];
-    // EOF (or a reset) once the broker gives up on it; paused time moves
-    // straight to the broker's timer.
-    let read = silent.read(&mut buf).await;
-    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-    let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(3000) && waited < Duration::from_millis(3500),
-        "closed after {waited:?}"
-    );
+    let tls = https(server.addr, &pki.ca, None).connect_lazy();
+    let mut silent = clock_held("a silent connection, then a TLS client", async {
+        let silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        // Accepted in order: once the client is served, the broker has
+        // the silent connection's handshake under way.
+        assert!(acquire(tls.clone(), None).await.unwrap().granted);
+        silent
+    })
+    .await;
+    tokio::time::advance(Duration::from_millis(2999)).await;
+    // A call's round trip gives every woken task its turn first.
+    let served = clock_held("a call before the timeout", acquire(tls, None)).await;
+    assert!(served.unwrap().granted);
+    assert!(still_open(&silent), "closed before the handshake timeout");
+    tokio::time::advance(Duration::from_millis(1)).await;
+    // EOF (or a reset) at the timeout.
+    assert!(clock_held("closed at the timeout", closed_by_broker(&mut silent)).await);
     server.stop().await;
 }
 
