@@ -165,16 +165,27 @@ impl TokenBucket {
     /// one interval later (a restart that does not know the level: the
     /// bucket may have been empty when the broker stopped, and a permit at
     /// once would add one to the bound at every restart of a crash loop).
+    /// A freeze restored on it before keeps it empty until the freeze ends.
     pub(crate) fn restart_drained(&mut self, now: Instant) {
-        self.resume_at = now;
-        self.tat = now + self.interval.saturating_mul(self.burst);
+        self.resume_at = self.resume_at.max(now);
+        self.tat = self.tat.max(now + self.interval.saturating_mul(self.burst));
     }
 
     /// Sets the level to `tokens` at `now` (capped to the burst): a level
-    /// known exactly, handed over by the previous leader of a cluster.
+    /// known exactly, handed over by the previous leader of a cluster. A
+    /// freeze restored on it before keeps it empty until the freeze ends.
     pub(crate) fn set_level(&mut self, tokens: f64, now: Instant) {
         let owed = (f64::from(self.burst) - tokens).clamp(0.0, f64::from(self.burst));
-        self.tat = now + self.interval.mul_f64(owed);
+        self.tat = self.tat.max(now + self.interval.mul_f64(owed));
+    }
+
+    /// Earns nothing for `lapse` from `from` on: the level at
+    /// `from + lapse` is the level at `from` (a cluster leader whose lead
+    /// lapsed while the fleet ran on its fallback).
+    pub(crate) fn postpone(&mut self, from: Instant, lapse: Duration) {
+        if self.tat > from {
+            self.tat += lapse;
+        }
     }
 
     /// Lowers the level to at most `tokens` at `now` (someone else spent

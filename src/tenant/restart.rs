@@ -308,7 +308,9 @@ impl TenantState {
     /// Resumes this state after a lapse of its lead (cluster mode: etcd
     /// away for a moment, no other broker leading since): nothing expired
     /// or ended while it did not lead, so every lease, phantom and the
-    /// learning window get the time they had left when it stopped.
+    /// learning window get the time they had left when it stopped, and
+    /// every token bucket the level it had (the fleet ran on its fallback
+    /// meanwhile, spending what the upstream refilled).
     pub(crate) fn resume_lapsed(&mut self, now: Instant) {
         let now = self.monotonic(now);
         let Some(ended) = self.lead_until else {
@@ -322,6 +324,9 @@ impl TenantState {
         for (_, x) in self.instances.iter_mut() {
             if let Some(until) = x.phantom_until.as_mut() {
                 *until += lapse;
+            }
+            if let Some(t) = x.tokens.as_mut() {
+                t.postpone(ended, lapse);
             }
         }
         if let Some(at) = self.restarted_at.as_mut() {

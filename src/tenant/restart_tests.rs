@@ -323,3 +323,99 @@ fn after_a_hand_over_an_oauth_client_the_last_leader_had_not_seen_starts_as_full
     assert_eq!(at_once(&mut next, "unseen", at), 0);
     assert_eq!(at_once(&mut next, "unseen-later", t0 + 61 * SEC), full);
 }
+
+/// An org bucket of 60 a minute with a burst of 20.
+const BURSTY: &str = r#"
+    [[tenants.buckets]]
+    name = "org"
+    routes = ["* /**"]
+    permits = 60
+    window_ms = 60000
+    burst = 20
+"#;
+
+/// A tenant on [`BURSTY`] that a 429 with `Retry-After: 10` froze at `t0`.
+fn frozen_at(t0: Instant) -> TenantState {
+    let mut t = tenant(BURSTY, t0);
+    let info = crate::learning::RateLimitInfo::default();
+    t.report(("GET", "/", "oa"), 429, Some(10 * SEC), &info, t0)
+        .unwrap();
+    t
+}
+
+/// Critical permits (no class reserve between) granted from `from` to
+/// `from + 15 s`, asking every 100 ms for all it can get.
+fn granted_over_15s(t: &mut TenantState, from: Instant) -> u32 {
+    let critical = AcquireArgs {
+        class: "critical".into(),
+        ..args("GET", "/", 1)
+    };
+    (0..150)
+        .map(|tick| {
+            let now = from + tick * SEC / 10;
+            (0..20)
+                .take_while(|_| matches!(t.acquire(&critical, NOW, now), Ok(Decision::Granted(_))))
+                .count() as u32
+        })
+        .sum()
+}
+
+#[test]
+fn a_freeze_restored_after_a_crash_or_a_take_over_ends_on_an_empty_bucket() {
+    let t0 = Instant::now();
+    let at = t0 + 2 * SEC;
+    // Never stopped: the freeze ends at 10 s on an empty bucket, then one
+    // permit a second (about 5 by 17 s).
+    let mut kept = frozen_at(t0);
+    let paced = granted_over_15s(&mut kept, at);
+    assert!((4..=6).contains(&paced), "{paced}");
+
+    let last = frozen_at(t0);
+    let restore = |t: &mut TenantState| {
+        for (bucket, client, p) in last.learned(at) {
+            assert!(t.restore(&bucket, client.as_deref(), p, at));
+        }
+    };
+    // Restarted 2 s into the freeze (its state file read back): not a
+    // bucket refilled from the restart on (10 at once at 10 s).
+    let mut restarted = tenant(BURSTY, at);
+    restore(&mut restarted);
+    restarted.resume_after_restart(at);
+    assert_eq!(
+        granted_over_15s(&mut restarted, at),
+        paced,
+        "after a restart"
+    );
+    // Taken over with the last leader's levels (its bucket empty).
+    let mut next = tenant(BURSTY, at);
+    restore(&mut next);
+    next.resume_after_restart(at);
+    next.resume_levels(&last.levels(at), last.levels_unknown_for(at), at);
+    assert_eq!(granted_over_15s(&mut next, at), paced, "after a take-over");
+}
+
+#[test]
+fn a_lead_that_lapsed_resumes_the_level_it_left_not_a_refilled_bucket() {
+    let t0 = Instant::now();
+    let mut t = tenant(BURSTY, t0);
+    t.set_lead(Some(t0 + 60 * SEC), None, t0);
+    let critical = AcquireArgs {
+        class: "critical".into(),
+        ..args("GET", "/", 1)
+    };
+    for _ in 0..20 {
+        granted(t.acquire(&critical, NOW, t0).unwrap());
+    }
+    // etcd away at 1 s: the lead ends there, and comes back 30 s later
+    // with no other broker having led.
+    let left = t0 + SEC;
+    t.set_lead(None, None, left);
+    let back = left + 30 * SEC;
+    t.resume_lapsed(back);
+    t.set_lead(Some(back + 60 * SEC), None, back);
+    // One permit earned before the lapse, none during it.
+    let at_once = (0..20)
+        .take_while(|_| matches!(t.acquire(&critical, NOW, back), Ok(Decision::Granted(_))))
+        .count();
+    assert_eq!(at_once, 1);
+}
