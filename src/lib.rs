@@ -88,7 +88,7 @@ pub use api::{code_name, pb, LEADER_METADATA, REPORTED_HEADERS};
 #[cfg(feature = "server")]
 pub use auth::hash_token;
 #[cfg(feature = "server")]
-pub use config::{ConfigError, LogFormat, Settings};
+pub use config::{unread_env_vars, ConfigError, LogFormat, Settings};
 #[cfg(feature = "server")]
 pub use error::BrokerError;
 #[cfg(feature = "server")]

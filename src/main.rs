@@ -70,6 +70,10 @@ fn main() -> ExitCode {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().with_current_span(true).init(),
     }
+    for var in quota_broker::unread_env_vars(std::env::vars()) {
+        tracing::warn!(%var, "environment variable not read: config overrides are \
+            QUOTA_BROKER__<SECTION>__<KEY>, two underscores after QUOTA_BROKER and between parts");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

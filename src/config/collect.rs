@@ -12,11 +12,22 @@ use serde_path_to_error::{Path, Segment};
 const MAX_PROBLEMS: usize = 50;
 
 /// Deserializes `T` from `doc`, or lists every structural problem found.
-pub(super) fn read<T: DeserializeOwned>(mut doc: toml::Value) -> Result<T, ConfigError> {
+/// `written`: keys the environment set and their values as written; an
+/// environment variable's value reads as a number or a boolean where it
+/// looks like one, and as written where a string is expected (a node
+/// named `007`, a state directory `2026`).
+pub(super) fn read<T: DeserializeOwned>(
+    mut doc: toml::Value,
+    written: &[(String, String)],
+) -> Result<T, ConfigError> {
     let mut problems = Vec::new();
     // Keys set aside so far: a required one then reads as missing, which
     // is not a problem of its own.
     let mut removed = Vec::new();
+    // Every key or element set aside, in the document as it was then: an
+    // element set aside moves the ones after it down, and a problem names
+    // an element by its place in the file.
+    let mut set_aside_paths: Vec<Vec<Seg>> = Vec::new();
     loop {
         match serde_path_to_error::deserialize::<_, T>(doc.clone()) {
             Ok(t) if problems.is_empty() => return Ok(t),
@@ -30,6 +41,16 @@ pub(super) fn read<T: DeserializeOwned>(mut doc: toml::Value) -> Result<T, Confi
                     "." | "" => String::new(),
                     at => at.to_owned(),
                 };
+                if what.starts_with("invalid type:") && what.ends_with("expected a string") {
+                    let as_written = written.iter().find(|(key, _)| *key == at);
+                    let segments: Vec<&Segment> = path.iter().collect();
+                    if let (Some((_, v)), Some(slot)) = (as_written, walk(&mut doc, &segments)) {
+                        if !slot.is_str() {
+                            *slot = toml::Value::String(v.clone());
+                            continue;
+                        }
+                    }
+                }
                 let what = &clip_words(what);
                 let set_aside = what
                     .strip_prefix("missing field `")
@@ -42,13 +63,18 @@ pub(super) fn read<T: DeserializeOwned>(mut doc: toml::Value) -> Result<T, Confi
                         };
                         removed.contains(&key)
                     });
+                let segs: Vec<Seg> = path.iter().map(Seg::of).collect();
                 if !set_aside {
                     problems.push(if at.is_empty() {
                         what.to_owned()
                     } else {
-                        format!("{}: {what}", clip_path(&path))
+                        format!(
+                            "{}: {what}",
+                            clip_path(&as_in_the_file(&segs, &set_aside_paths))
+                        )
                     });
                 }
+                set_aside_paths.push(segs);
                 removed.push(at);
                 if !remove(&mut doc, &path) || problems.len() >= MAX_PROBLEMS {
                     break;
@@ -68,26 +94,62 @@ fn clip_key(key: &str) -> String {
     crate::error::cut(key, KEY_CHARS)
 }
 
+/// One step of a path into the document.
+#[derive(Debug, Clone, PartialEq)]
+enum Seg {
+    /// A key of a table (or an enum's variant).
+    Key(String),
+    /// An element of an array.
+    At(usize),
+    Unknown,
+}
+
+impl Seg {
+    fn of(s: &Segment) -> Seg {
+        match s {
+            Segment::Map { key } => Seg::Key(key.clone()),
+            Segment::Enum { variant } => Seg::Key(variant.clone()),
+            Segment::Seq { index } => Seg::At(*index),
+            Segment::Unknown => Seg::Unknown,
+        }
+    }
+}
+
+/// `path`, read after every removal in `set_aside` (oldest first), as it
+/// is in the file: each array element removed before an element moved it
+/// down by one.
+fn as_in_the_file(path: &[Seg], set_aside: &[Vec<Seg>]) -> Vec<Seg> {
+    let mut path = path.to_vec();
+    for gone in set_aside.iter().rev() {
+        let Some((Seg::At(gone_at), parent)) = gone.split_last() else {
+            continue;
+        };
+        let depth = parent.len();
+        if path.len() > depth && path[..depth] == *parent {
+            if let Seg::At(at) = &mut path[depth] {
+                if *at >= *gone_at {
+                    *at += 1;
+                }
+            }
+        }
+    }
+    path
+}
+
 /// The path as serde_path_to_error writes it (`tenants[0].buckets`),
 /// each key clipped.
-fn clip_path(path: &Path) -> String {
+fn clip_path(path: &[Seg]) -> String {
     let mut out = String::new();
-    for s in path.iter() {
+    for s in path {
         match s {
-            Segment::Map { key } => {
+            Seg::Key(key) => {
                 if !out.is_empty() {
                     out.push('.');
                 }
                 out.push_str(&clip_key(key));
             }
-            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
-            Segment::Enum { variant } => {
-                if !out.is_empty() {
-                    out.push('.');
-                }
-                out.push_str(&clip_key(variant));
-            }
-            Segment::Unknown => {
+            Seg::At(index) => out.push_str(&format!("[{index}]")),
+            Seg::Unknown => {
                 if !out.is_empty() {
                     out.push('.');
                 }

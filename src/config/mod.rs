@@ -171,6 +171,14 @@ impl ClassSettings {
                 self.reserve
             ));
         }
+        if self.default_max_wait > Duration::from_millis(raw::MAX_WAIT_MS) {
+            problems.push(format!(
+                "{at}: default_max_wait_ms {} is over an hour ({}); server.max_wait_ms caps \
+                 every wait anyway",
+                self.default_max_wait.as_millis(),
+                raw::MAX_WAIT_MS
+            ));
+        }
     }
 
     /// The default set: critical (wallboards), interactive (call-flow
@@ -204,7 +212,7 @@ pub(crate) fn check_class_set(classes: &[ClassSettings], problems: &mut Vec<Stri
     let total: f64 = classes.iter().map(|c| c.reserve).sum();
     if total >= 1.0 {
         problems.push(format!(
-            "classes: reserves add up to {total}; they must stay below 1 so the lowest class can run"
+            "classes: reserves add up to {total:.3}; they must stay below 1 so the lowest class can run"
         ));
     }
 }
@@ -406,6 +414,38 @@ impl ConfigError {
     }
 }
 
+/// Variables the clients and tools read (not the broker): set beside the
+/// broker's own, they are not a mistake.
+const CLIENT_ENV: [&str; 9] = [
+    "QUOTA_BROKER_URL",
+    "QUOTA_BROKER_TOKEN",
+    "QUOTA_BROKER_TENANT",
+    "QUOTA_BROKER_CA_CERT",
+    "QUOTA_BROKER_CLIENT_CERT",
+    "QUOTA_BROKER_CLIENT_KEY",
+    "QUOTA_BROKER_TLS_SERVER_NAME",
+    "QUOTA_BROKER_TIMEOUT",
+    "QUOTA_BROKER_BIN",
+];
+
+/// Names (clipped) of environment variables that look meant for the
+/// broker's config but are not read: `QUOTA_BROKER_SERVER__LISTEN` with
+/// one underscore after the prefix, where overrides take two.
+pub fn unread_env_vars(env: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+    let mut unread: Vec<String> = env
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| {
+            k.strip_prefix(ENV_PREFIX)
+                .is_some_and(|rest| rest.starts_with('_') && !rest.starts_with("__"))
+                && !CLIENT_ENV.contains(&k.as_str())
+        })
+        .map(|k| crate::error::clip_plain(&k))
+        .collect();
+    unread.sort();
+    unread
+}
+
 /// A TOML parse error on one line, without the source line it quotes (a
 /// file with a long line would be echoed whole): where it is, and what is
 /// wrong, clipped.
@@ -477,17 +517,23 @@ impl Settings {
                 Some((path.to_lowercase().replace("__", "."), k.clone()))
             })
             .collect();
-        Self::load_sources(base, env)
+        let written: Vec<(String, String)> = overrides
+            .iter()
+            .filter_map(|(key, var)| Some((key.clone(), env.get(var)?.clone())))
+            .collect();
+        Self::load_sources(base, env, &written)
             .map_err(|e| e.annotated(&source, &overrides))?
             .validate()
             .map_err(|e| e.annotated(&source, &overrides))
     }
 
     /// The configuration read from the file's text `base` and the
-    /// environment overrides `env`, not validated yet.
+    /// environment overrides `env` (`written`: each override's key and
+    /// value as written), not validated yet.
     fn load_sources(
         base: config::File<config::FileSourceString, config::FileFormat>,
         env: config::Map<String, String>,
+        written: &[(String, String)],
     ) -> Result<RawConfig, ConfigError> {
         let raw = config::Config::builder()
             .add_source(base)
@@ -500,7 +546,7 @@ impl Settings {
             .build()
             .and_then(|c| c.try_deserialize::<toml::Value>())
             .map_err(|e| ConfigError::one(e.to_string()))?;
-        collect::read::<RawConfig>(raw)
+        collect::read::<RawConfig>(raw, written)
     }
 
     /// Parses and validates a TOML document, with no environment overrides.
@@ -523,7 +569,7 @@ impl Settings {
             .build()
             .and_then(|c| c.try_deserialize::<toml::Value>())
             .map_err(|e| ConfigError::one(e.to_string()))?;
-        collect::read::<RawConfig>(raw)?.validate()
+        collect::read::<RawConfig>(raw, &[])?.validate()
     }
 
     /// The embedded default configuration.
@@ -945,6 +991,98 @@ mod tests {
         )];
         let s = Settings::load(None, env).unwrap();
         assert_eq!(s.server.max_wait, Duration::from_millis(1500));
+        // A string key's value that looks like a number is read as written.
+        let env = [
+            (
+                "QUOTA_BROKER__SERVER__STATE_DIR".to_owned(),
+                "0070".to_owned(),
+            ),
+            (
+                "QUOTA_BROKER__SERVER__LOG_FORMAT".to_owned(),
+                "true".to_owned(),
+            ),
+        ];
+        let err = Settings::load(None, env).unwrap_err().to_string();
+        assert!(!err.contains("state_dir"), "{err}");
+        assert!(err.contains("log_format"), "{err}");
+        let env = [(
+            "QUOTA_BROKER__SERVER__STATE_DIR".to_owned(),
+            "0070".to_owned(),
+        )];
+        let s = Settings::load(None, env).unwrap();
+        assert_eq!(s.server.state_dir, Some(std::path::PathBuf::from("0070")));
+    }
+
+    #[test]
+    fn env_vars_meant_for_the_config_but_not_read_are_named() {
+        let env = [
+            ("QUOTA_BROKER_SERVER__LISTEN", "nope"),
+            ("QUOTA_BROKER__SERVER__LISTEN", "127.0.0.1:1"),
+            ("QUOTA_BROKER_URL", "http://127.0.0.1:1"),
+            ("QUOTA_BROKER_TOKEN", "t"),
+            ("QUOTA_BROKERX", "x"),
+            ("PATH", "/bin"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        assert_eq!(unread_env_vars(env), ["QUOTA_BROKER_SERVER__LISTEN"]);
+    }
+
+    #[test]
+    fn a_problem_in_an_array_names_the_element_by_its_place_in_the_file() {
+        let err = Settings::from_toml(
+            "[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\n\
+             routes = [\"GET /a\", 5, 6, \"GET /b\", 7]\npermits = 1\nwindow_ms = 1000\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for at in [1, 2, 4] {
+            assert!(
+                err.contains(&format!("tenants[0].buckets[0].routes[{at}]: invalid type")),
+                "routes[{at}]: {err}"
+            );
+        }
+        assert!(!err.contains("routes[3]"), "{err}");
+    }
+
+    #[test]
+    fn values_that_contradict_or_outlast_any_use_are_refused() {
+        let err = Settings::from_toml(
+            "[server]\nmax_wait_ms = 3600001\n[learning]\nprobe_hold_windows = 10\n\
+             probe_max_windows = 2\n[[classes]]\nname = \"c\"\norder = 0\nweight = 1\n\
+             reserve = 0.0\ndefault_max_wait_ms = 99999999999\n[scheduling]\n\
+             default_class = \"c\"\n[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\n\
+             name = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\nlease_ttl_ms = 999999999\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for what in [
+            "server.max_wait_ms 3600001 is over an hour",
+            "probe_max_windows = 2 is below learning.probe_hold_windows = 10",
+            "default_max_wait_ms 99999999999 is over an hour",
+            "lease_ttl_ms 999999999 must be above 0 and at most an hour",
+        ] {
+            assert!(err.contains(what), "{what}: {err}");
+        }
+        // The memory turned off (0) is not a contradiction.
+        assert!(Settings::from_toml(
+            "[learning]\nprobe_max_windows = 0\n[[tenants]]\nid = \"t\"\n\
+             [[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n"
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn invalid_tokens_are_not_called_missing() {
+        let err = Settings::from_toml(
+            "[server]\nlisten = \"0.0.0.0:1\"\n[[auth.tokens]]\nname = \"a\"\n\
+             sha256 = \"zz\"\nrole = \"client\"\ntenants = [\"t\"]\n\
+             [[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\n\
+             routes = [\"* /**\"]\nmax_in_flight = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("auth.tokens[0]"), "{err}");
+        assert!(!err.contains("no [[auth.tokens]] are configured"), "{err}");
     }
 
     #[test]

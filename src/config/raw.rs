@@ -160,6 +160,12 @@ impl RawLearning {
                 self.probe_hold_windows
             ));
         }
+        if self.probe_max_windows > 0.0 && self.probe_max_windows < self.probe_hold_windows {
+            problems.push(format!(
+                "learning.probe_max_windows = {} is below learning.probe_hold_windows = {}:                  the longest wait before probing a ceiling must be at least the first                  (0 turns the ceiling memory off)",
+                self.probe_max_windows, self.probe_hold_windows
+            ));
+        }
         if self.max_freeze_ms < 1000 || self.max_freeze_ms < self.default_freeze_ms {
             problems.push(format!(
                 "learning.max_freeze_ms = {} must be at least 1000 and at least default_freeze_ms",
@@ -288,6 +294,8 @@ impl RawConfig {
             problems.push("scheduling.max_waiters_per_bucket must be at least 1".into());
         }
         let tenant_ids: HashSet<&str> = self.tenants.iter().map(|t| t.id.as_str()).collect();
+        // Entries given but refused are problems of their own, named there.
+        let tokens_given = !self.auth.tokens.is_empty();
         let tokens: Vec<(usize, TokenSettings)> = self
             .auth
             .tokens
@@ -317,14 +325,14 @@ impl RawConfig {
             }
         }
         let tokens: Vec<TokenSettings> = tokens.into_iter().map(|(_, t)| t).collect();
-        if tokens.is_empty() && !server.listen.ip().is_loopback() {
+        if !tokens_given && !server.listen.ip().is_loopback() {
             problems.push(format!(
                 "server.listen {} is not a loopback address but no [[auth.tokens]] are configured; \
                  the broker runs without authentication on loopback only",
                 server.listen
             ));
         }
-        if !tokens.is_empty() && !server.listen.ip().is_loopback() && !tls_asked {
+        if tokens_given && !server.listen.ip().is_loopback() && !tls_asked {
             problems.push(format!(
                 "server.listen {} is not a loopback address and [[auth.tokens]] are configured, \
                  but [server.tls] is not: bearer tokens would cross the network in plaintext, \
@@ -334,7 +342,7 @@ impl RawConfig {
             ));
         }
         if let Some(http) = server.http_listen {
-            if tokens.is_empty() && !http.ip().is_loopback() {
+            if !tokens_given && !http.ip().is_loopback() {
                 problems.push(format!(
                     "server.http_listen {http} is not a loopback address but no [[auth.tokens]] \
                      are configured: the dashboard shows every tenant's buckets; listen on \
@@ -397,6 +405,13 @@ impl RawConfig {
 /// Longest `server.shutdown_grace_ms`.
 const MAX_SHUTDOWN_GRACE_MS: u64 = 3_600_000;
 
+/// Longest `server.max_wait_ms`, and a class's `default_max_wait_ms`.
+pub(crate) const MAX_WAIT_MS: u64 = 3_600_000;
+
+/// Longest `lease_ttl_ms` of a bucket: after a crash every slot counts as
+/// held for the longest one, and a crashed client's slot is held that long.
+const MAX_LEASE_TTL_MS: u64 = 3_600_000;
+
 impl RawServer {
     fn validate(self, problems: &mut Vec<String>) -> ServerSettings {
         let listen = self.listen.parse().unwrap_or_else(|e| {
@@ -408,6 +423,13 @@ impl RawServer {
         });
         if self.max_lease_ttl_ms == 0 {
             problems.push("server.max_lease_ttl_ms must be above 0".into());
+        }
+        if self.max_wait_ms > MAX_WAIT_MS {
+            problems.push(format!(
+                "server.max_wait_ms {} is over an hour ({MAX_WAIT_MS}): a caller waiting that \
+                 long has given up, and its slot in the queue holds others back",
+                self.max_wait_ms
+            ));
         }
         // A drain longer than this is no drain: an orchestrator has long
         // since killed the process, and a typo must not hold a stop.
@@ -597,8 +619,12 @@ impl RawBucket {
             ));
         }
         let lease_ttl_ms = self.lease_ttl_ms.unwrap_or(DEFAULT_LEASE_TTL_MS);
-        if lease_ttl_ms == 0 {
-            problems.push(format!("{at}: lease_ttl_ms must be above 0"));
+        if lease_ttl_ms == 0 || lease_ttl_ms > MAX_LEASE_TTL_MS {
+            problems.push(format!(
+                "{at}: lease_ttl_ms {lease_ttl_ms} must be above 0 and at most an hour \
+                 ({MAX_LEASE_TTL_MS}): a crashed client's slots are held that long, and after \
+                 a broker's crash every slot is; a long job renews its lease instead"
+            ));
         }
         if self.lease_ttl_ms.is_some() && max_in_flight.is_none() {
             problems.push(format!(
