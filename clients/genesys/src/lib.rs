@@ -134,6 +134,15 @@ impl Request {
         }
     }
 
+    /// A DELETE of `path`.
+    pub fn delete(path: impl Into<String>) -> Request {
+        Request {
+            method: http::Method::DELETE,
+            path: path.into(),
+            body: None,
+        }
+    }
+
     /// A POST of `body` to `path`.
     pub fn post(path: impl Into<String>, body: serde_json::Value) -> Request {
         Request {
@@ -381,6 +390,11 @@ impl Upstream {
             ),
         }
         Ok(warnings)
+    }
+
+    /// The broker its calls are leased from.
+    pub fn broker(&self) -> &BrokerClient {
+        &self.inner.broker
     }
 
     /// What this upstream did so far.

@@ -2,18 +2,20 @@
 //! upstream leased through the broker, a sink, a plan → the run → a
 //! summary (`--json`) and an exit code (0: every block stored; 1: some
 //! failed, run again to finish; 2: bad arguments or set-up; 3: none failed,
-//! but some were held by other workers, whose runs must finish them).
+//! but some were held by other workers, whose runs must finish them;
+//! 130 / 143: stopped by SIGINT / SIGTERM, run again to finish).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 use gc_ingest::{
-    parse_time, run, BlockSize, Display, IngestError, JobOptions, Plan, Sink, Source, SourceKind,
-    QUERY_PATH,
+    parse_time, run_until, BlockSize, Display, IngestError, JobOptions, Plan, Sink, Source,
+    SourceKind, QUERY_PATH,
 };
 use gc_upstream::{Credentials, Region, Upstream};
 use quota_broker_client::{BrokerClient, Call};
+use tokio_util::sync::CancellationToken;
 
 /// Pull Genesys Cloud conversation details for a time range into SQLite or
 /// PostgreSQL, leased through quota-broker.
@@ -189,7 +191,9 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("GC_INGEST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // sqlx warns of a slow statement with its whole text (a
+                // 500-row INSERT): a slow database is not news per batch.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx=error")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -223,23 +227,51 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let outcome = run(&plan, &source, &sink).await;
+    let stop = CancellationToken::new();
+    let stopped_by = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(0));
+    match watch_signals(stop.clone(), std::sync::Arc::clone(&stopped_by)) {
+        Ok(watch) => drop(tokio::spawn(watch)),
+        Err(e) => tracing::warn!(error = %e,
+            "cannot watch for SIGINT/SIGTERM: a signal ends the run without giving its blocks back"),
+    }
+    let outcome = run_until(&plan, &source, &sink, &stop).await;
+    // Jobs deleted, slots released: what the stopped blocks held comes
+    // back now, not at the leases' expiry.
+    let left = source.settle(SETTLE_WAIT).await;
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "some jobs or slots of the stopped blocks were not let go of in time: \
+            they end upstream, and come back at the broker at their lease's expiry"
+        );
+    }
     sink.close().await;
     match outcome {
+        Ok(summary) if summary.stopped => {
+            let code = stopped_by.load(std::sync::atomic::Ordering::Relaxed);
+            if args.json {
+                print_json(&summary);
+            } else if !args.quiet {
+                let left = summary.blocks_total
+                    - summary.blocks_skipped
+                    - summary.blocks_final
+                    - summary.blocks_provisional
+                    - summary.blocks_failed
+                    - summary.blocks_busy;
+                eprintln!(
+                    "gc-ingest: stopped: {} records stored from {} blocks; {} blocks in progress \
+                     given back and {} not started: run again to finish",
+                    summary.records,
+                    summary.blocks_final + summary.blocks_provisional,
+                    summary.blocks_stopped,
+                    left.saturating_sub(summary.blocks_stopped),
+                );
+            }
+            ExitCode::from(if code == 0 { 130 } else { code })
+        }
         Ok(summary) => {
             if args.json {
-                match serde_json::to_string(&summary) {
-                    Ok(line) => {
-                        use std::io::Write;
-                        // A reader that went away is not told anything more.
-                        if let Err(e) = writeln!(std::io::stdout().lock(), "{line}") {
-                            if e.kind() != std::io::ErrorKind::BrokenPipe {
-                                eprintln!("gc-ingest: the summary could not be written: {e}");
-                            }
-                        }
-                    }
-                    Err(e) => eprintln!("gc-ingest: the summary could not be encoded: {e}"),
-                }
+                print_json(&summary);
             } else if !args.quiet {
                 eprintln!(
                     "gc-ingest: {} records in {:.1}s ({:.0}/s) from {} blocks ({} already done, {} provisional, {} failed, {} held by other workers); {} upstream requests, {} 429s",
@@ -291,6 +323,60 @@ async fn main() -> ExitCode {
             eprintln!("gc-ingest: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// How long a stopped run waits for its jobs to be deleted and its slots
+/// released before it exits.
+const SETTLE_WAIT: Duration = Duration::from_secs(10);
+
+/// The first SIGINT or SIGTERM cancels `stop` (the run gives its blocks in
+/// progress back) and notes its exit code in `stopped_by` (130 or 143); a
+/// second exits at once.
+fn watch_signals(
+    stop: CancellationToken,
+    stopped_by: std::sync::Arc<std::sync::atomic::AtomicU8>,
+) -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut int, mut term) = (
+        signal(SignalKind::interrupt())?,
+        signal(SignalKind::terminate())?,
+    );
+    Ok(async move {
+        let code = tokio::select! {
+            _ = int.recv() => 130,
+            _ = term.recv() => 143,
+        };
+        stopped_by.store(code, std::sync::atomic::Ordering::Relaxed);
+        eprintln!(
+            "gc-ingest: stopping: the blocks in progress are given back for the next run \
+             (a second signal exits at once)"
+        );
+        stop.cancel();
+        let code = tokio::select! {
+            _ = int.recv() => 130,
+            _ = term.recv() => 143,
+        };
+        eprintln!(
+            "gc-ingest: stopped at once: blocks in progress stay claimed until their claim expires"
+        );
+        std::process::exit(code);
+    })
+}
+
+/// The summary as one JSON line on stdout.
+fn print_json(summary: &gc_ingest::Summary) {
+    match serde_json::to_string(summary) {
+        Ok(line) => {
+            use std::io::Write;
+            // A reader that went away is not told anything more.
+            if let Err(e) = writeln!(std::io::stdout().lock(), "{line}") {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    eprintln!("gc-ingest: the summary could not be written: {e}");
+                }
+            }
+        }
+        Err(e) => eprintln!("gc-ingest: the summary could not be encoded: {e}"),
     }
 }
 

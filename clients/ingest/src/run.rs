@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::error::IngestError;
@@ -216,6 +217,10 @@ pub struct Summary {
     pub fallback_leases: u64,
     /// Records per upstream request.
     pub records_per_request: f64,
+    /// The run was stopped (a signal) before its range was done.
+    pub stopped: bool,
+    /// Blocks in progress when it stopped, given back for the next run.
+    pub blocks_stopped: u64,
     /// The first few failures.
     pub errors: Vec<String>,
 }
@@ -241,6 +246,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Runs `plan`: fetches every block of the range not yet done from
 /// `source` into `sink`.
 pub async fn run(plan: &Plan, source: &Source, sink: &Sink) -> Result<Summary, IngestError> {
+    run_until(plan, source, sink, &CancellationToken::new()).await
+}
+
+/// [`run`], until `stop` is cancelled: then no block is started, the
+/// blocks in progress are given up and unclaimed for the next run (their
+/// jobs deleted upstream, their leases released: see [`Source::settle`]),
+/// and the summary says `stopped`.
+pub async fn run_until(
+    plan: &Plan,
+    source: &Source,
+    sink: &Sink,
+    stop: &CancellationToken,
+) -> Result<Summary, IngestError> {
     if plan.from_ms >= plan.to_ms {
         return Err(IngestError::Usage(
             "the range is empty: --from must be before --to".into(),
@@ -258,7 +276,7 @@ pub async fn run(plan: &Plan, source: &Source, sink: &Sink) -> Result<Summary, I
     }
     let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
     name.start(&lost);
-    let outcome = run_blocks(plan, source, sink, &lost).await;
+    let outcome = run_blocks(plan, source, sink, &lost, stop).await;
     name.release().await;
     if lost.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(IngestError::WorkerBusy(
@@ -360,6 +378,7 @@ async fn run_blocks(
     source: &Source,
     sink: &Sink,
     lost: &Arc<std::sync::atomic::AtomicBool>,
+    stop: &CancellationToken,
 ) -> Result<Summary, IngestError> {
     let started = Instant::now();
     let before = source.upstream().stats();
@@ -386,13 +405,14 @@ async fn run_blocks(
     });
     let mut workers = JoinSet::new();
     for _ in 0..plan.parallel.max(1) {
-        let (work, plan, source, sink) = (
+        let (work, plan, source, sink, stop) = (
             Arc::clone(&work),
             plan.clone(),
             source.clone(),
             sink.clone(),
+            stop.clone(),
         );
-        workers.spawn(async move { worker(&work, &plan, &source, &sink).await });
+        workers.spawn(async move { worker(&work, &plan, &source, &sink, &stop).await });
     }
     let mut failure = None;
     while let Some(joined) = workers.join_next().await {
@@ -422,15 +442,23 @@ async fn run_blocks(
     summary.upstream_retries = stats.retries - before.retries;
     summary.fallback_leases = stats.fallback_leases - before.fallback_leases;
     summary.records_per_request = summary.records as f64 / summary.upstream_requests.max(1) as f64;
+    summary.stopped = stop.is_cancelled();
     Ok(summary)
 }
 
 /// Takes blocks off the queue until it is empty. Fetch failures are
 /// counted and the block left for later; a sink failure ends the worker.
-async fn worker(work: &Work, plan: &Plan, source: &Source, sink: &Sink) -> Result<(), IngestError> {
+async fn worker(
+    work: &Work,
+    plan: &Plan,
+    source: &Source,
+    sink: &Sink,
+    stop: &CancellationToken,
+) -> Result<(), IngestError> {
     loop {
         if lock(&work.setup_failed).is_some()
             || work.lost.load(std::sync::atomic::Ordering::Relaxed)
+            || stop.is_cancelled()
         {
             return Ok(());
         }
@@ -444,7 +472,17 @@ async fn worker(work: &Work, plan: &Plan, source: &Source, sink: &Sink) -> Resul
             lock(&work.summary).blocks_busy += 1;
             continue;
         }
-        match fetch_checked(block, plan, source).await {
+        let fetched = tokio::select! {
+            fetched = fetch_checked(block, plan, source) => fetched,
+            () = stop.cancelled() => {
+                // The fetch is dropped: its job and leases are let go of
+                // in the background (`Source::settle` waits for them).
+                sink.unclaim(block, &plan.owner).await?;
+                lock(&work.summary).blocks_stopped += 1;
+                return Ok(());
+            }
+        };
+        match fetched {
             Ok((fetched, mismatches)) => {
                 let complete = fetched.available_until.is_none_or(|a| a >= block.end);
                 if !complete {

@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gc_upstream::{Request, Response, RetryPolicy, Upstream, UpstreamError};
-use quota_broker_client::{BrokerClient, Call};
+use quota_broker_client::{BrokerClient, Call, Lease};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
 
 use crate::error::IngestError;
 use crate::plan::Block;
@@ -93,6 +94,9 @@ pub struct Source {
     upstream: Upstream,
     retry: RetryPolicy,
     jobs: Arc<JobSettings>,
+    /// Jobs of fetches given up (a run stopped) being deleted upstream,
+    /// their slots released after.
+    cleanup: TaskTracker,
 }
 
 /// What only the jobs source uses.
@@ -118,6 +122,34 @@ impl Default for JobOptions {
         JobOptions {
             max_running: 2,
             first_poll: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A job slot held, and the job submitted under it while it is not
+/// done. A fetch given up mid-job (its future dropped) deletes the job
+/// upstream, then gives the slot back, in a task the source waits for in
+/// [`Source::settle`].
+struct RunningJob {
+    source: Source,
+    /// The job submitted and not yet read to its end.
+    id: Option<String>,
+    slot: Option<Lease>,
+}
+
+impl Drop for RunningJob {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else {
+            return;
+        };
+        let (source, slot) = (self.source.clone(), self.slot.take());
+        // Without a runtime the job runs on upstream and the slot comes
+        // back at its expiry.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.source.cleanup.spawn(async move {
+                source.delete_job(&id).await;
+                drop(slot);
+            });
         }
     }
 }
@@ -171,7 +203,25 @@ impl Source {
                 running: Semaphore::new(jobs.max_running.max(1)),
                 first_poll: jobs.first_poll,
             }),
+            cleanup: TaskTracker::new(),
         }
+    }
+
+    /// Once fetches were given up (their futures dropped: a run stopped),
+    /// waits at most `within` for what they leave to end: the jobs they
+    /// submitted deleted upstream, the slots their leases held released
+    /// at the broker. Returns what is still on its way.
+    pub async fn settle(&self, within: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + within;
+        self.cleanup.close();
+        let _ = tokio::time::timeout_at(deadline, self.cleanup.wait()).await;
+        let mut left = self.cleanup.len();
+        let within = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        left += self.upstream.broker().settle(within()).await;
+        if let Some((broker, _)) = &self.jobs.broker {
+            left += broker.settle(within()).await;
+        }
+        left
     }
 
     /// Which API it reads.
@@ -262,21 +312,27 @@ impl Source {
             }
             None => None,
         };
+        let mut running = RunningJob {
+            source: self.clone(),
+            id: None,
+            slot: _slot,
+        };
         let mut submits = 0;
         loop {
             submits += 1;
-            let answer = self
-                .call(
-                    "job submission",
-                    Request::post(JOBS_PATH, json!({ "interval": block.interval() })),
-                )
-                .await?;
-            let job: Submitted = answer
-                .json()
-                .map_err(|e| IngestError::answer("job submission", e))?;
-            match self.await_job(block, &job.job_id).await? {
+            let (submitted, slot) = self.submit_job(block, running.slot.take()).await;
+            running.slot = slot;
+            let job = submitted?;
+            running.id = Some(job.job_id.clone());
+            let fulfilled = self.await_job(block, &job.job_id).await;
+            if matches!(fulfilled, Ok(None) | Err(IngestError::JobFailed { .. })) {
+                // Vanished or failed: nothing left running upstream.
+                running.id = None;
+            }
+            match fulfilled? {
                 Some(total_hits) => {
                     let (conversations, available_until) = self.job_results(&job.job_id).await?;
+                    running.id = None;
                     return Ok(Fetched {
                         conversations,
                         total_hits,
@@ -293,6 +349,62 @@ impl Source {
                     })
                 }
             }
+        }
+    }
+
+    /// Submits the job of `block`, holding `slot`: the job's id, and the
+    /// slot back. The submission runs in a task of its own: a fetch given
+    /// up while it is on its way would not learn the id of a job the
+    /// upstream then runs; the task deletes that job and lets the slot go.
+    async fn submit_job(
+        &self,
+        block: Block,
+        slot: Option<Lease>,
+    ) -> (Result<Submitted, IngestError>, Option<Lease>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let source = self.clone();
+        self.cleanup.spawn(async move {
+            let submitted = source
+                .call(
+                    "job submission",
+                    Request::post(JOBS_PATH, json!({ "interval": block.interval() })),
+                )
+                .await
+                .and_then(|answer| {
+                    answer
+                        .json::<Submitted>()
+                        .map_err(|e| IngestError::answer("job submission", e))
+                });
+            if let Err((Ok(job), slot)) = tx.send((submitted, slot)) {
+                source.delete_job(&job.job_id).await;
+                drop(slot);
+            }
+        });
+        match rx.await {
+            Ok(answer) => answer,
+            // Only if the task was cancelled (the runtime ending): the
+            // slot went with it, to come back at its expiry.
+            Err(_) => (
+                Err(IngestError::Usage(
+                    "the job submission was cancelled".into(),
+                )),
+                None,
+            ),
+        }
+    }
+
+    /// Deletes job `id` upstream (a fetch given up: the job would count as
+    /// running against the org until it ends or expires).
+    async fn delete_job(&self, id: &str) {
+        let req = Request::delete(format!("{JOBS_PATH}/{id}"));
+        match self.upstream.send_retrying(&req, &self.retry).await {
+            Ok(answer) if (200..300).contains(&answer.status) || answer.status == 404 => {}
+            Ok(answer) => tracing::warn!(
+                status = answer.status,
+                "an abandoned job could not be deleted; it runs on upstream until it ends"
+            ),
+            Err(e) => tracing::warn!(error = %e,
+                "an abandoned job could not be deleted; it runs on upstream until it ends"),
         }
     }
 

@@ -354,6 +354,10 @@ struct Inner {
     kept: Mutex<Kept>,
     /// A probe of the broker runs in the background (while falling back).
     probing: AtomicBool,
+    /// Releases of dropped leases still on their way to the broker.
+    releasing: std::sync::atomic::AtomicUsize,
+    /// Told when the last of them is done.
+    released: tokio::sync::Notify,
 }
 
 /// The broker calls go to, and its URL.
@@ -440,6 +444,8 @@ impl BrokerClient {
                 fallback: Mutex::new(Fallback::new(options.fallback)),
                 kept: Mutex::new(Kept::default()),
                 probing: AtomicBool::new(false),
+                releasing: std::sync::atomic::AtomicUsize::new(0),
+                released: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -680,6 +686,29 @@ impl BrokerClient {
                 Ok(())
             }
             Err(s) => Err(s.into()),
+        }
+    }
+
+    /// Waits until the releases of dropped leases have reached the broker
+    /// (or failed), at most `within`; returns how many are still on their
+    /// way. A process about to exit calls it so that the slots its leases
+    /// held come back now, not at their expiry.
+    pub async fn settle(&self, within: Duration) -> usize {
+        use std::sync::atomic::Ordering::Acquire;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let released = self.inner.released.notified();
+            tokio::pin!(released);
+            // Registered before the count is read: a release ending in
+            // between still wakes it.
+            released.as_mut().enable();
+            let left = self.inner.releasing.load(Acquire);
+            if left == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return self.inner.releasing.load(Acquire);
+            }
         }
     }
 
@@ -1064,10 +1093,17 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.stop_renewing();
         if self.holds_slot {
+            use std::sync::atomic::Ordering::AcqRel;
             let (client, id) = (self.client.clone(), std::mem::take(&mut self.id));
             // Outside a runtime the slot still comes back, at its expiry.
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move { client.release(id).await });
+                client.inner.releasing.fetch_add(1, AcqRel);
+                rt.spawn(async move {
+                    client.release(id).await;
+                    if client.inner.releasing.fetch_sub(1, AcqRel) == 1 {
+                        client.inner.released.notify_waiters();
+                    }
+                });
             }
         }
     }

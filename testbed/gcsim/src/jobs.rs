@@ -222,6 +222,12 @@ impl Jobs {
         })
     }
 
+    /// Deletes job `id` (the real API's `DELETE …/jobs/{id}`): a job not
+    /// fulfilled yet stops counting as running.
+    pub(crate) fn delete(&mut self, id: &str) -> Result<(), JobError> {
+        self.jobs.remove(id).map(|_| ()).ok_or(JobError::NotFound)
+    }
+
     fn expiry(&self) -> i64 {
         self.config.expiry_ms as i64
     }
@@ -284,6 +290,23 @@ mod tests {
             History::generate(1, "o", day, 1, 2_400),
             day,
         )
+    }
+
+    #[test]
+    fn a_deleted_job_is_gone_and_no_longer_runs() {
+        let (mut jobs, history, day) = setup();
+        let id = jobs
+            .submit(0.0, &history, day, day + 3_600_000, "j1".into())
+            .unwrap();
+        // One may run at once: a second waits for the first.
+        let refused = jobs.submit(1.0, &history, day, day + 3_600_000, "j2".into());
+        assert_eq!(refused.unwrap_err().reason, "jobs:running");
+        assert_eq!(jobs.delete(&id), Ok(()));
+        assert_eq!(jobs.status(2.0, &id, 0).err(), Some(JobError::NotFound));
+        assert_eq!(jobs.delete(&id), Err(JobError::NotFound));
+        assert!(jobs
+            .submit(3.0, &history, day, day + 3_600_000, "j3".into())
+            .is_ok());
     }
 
     #[test]

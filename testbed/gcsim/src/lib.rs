@@ -11,7 +11,7 @@
 //!   consumer) and counters; plain Rust, simulated time passed in.
 //! - `data`: the deterministic analytics history and its details query.
 //! - `jobs`: the asynchronous details jobs (submit, poll, cursor-paged
-//!   results) and their limits (running jobs, submissions per window).
+//!   results, delete) and their limits (running jobs, submissions per window).
 //! - `log`: the bounded log of every request served and refused.
 //! - `server`: the axum routes: auth → the org's decision → the endpoint's
 //!   answer after its simulated latency (holding any concurrency slot) →

@@ -222,7 +222,10 @@ impl Sim {
                 post(wrapup),
             )
             .route("/api/v2/analytics/conversations/details/jobs", post(job_submit))
-            .route("/api/v2/analytics/conversations/details/jobs/{id}", get(job_status))
+            .route(
+                "/api/v2/analytics/conversations/details/jobs/{id}",
+                get(job_status).delete(job_delete),
+            )
             .route(
                 "/api/v2/analytics/conversations/details/jobs/{id}/results",
                 get(job_results),
@@ -909,6 +912,21 @@ async fn job_status(
     sim.serve(&headers, "GET", uri.path(), |slot| {
         match lock(&slot.jobs).status(now, &id, 0) {
             Ok(status) => json_answer(&status, JOB_LATENCY_MS),
+            Err(e) => job_error(e),
+        }
+    })
+    .await
+}
+
+async fn job_delete(
+    State(sim): State<Sim>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    sim.serve(&headers, "DELETE", uri.path(), |slot| {
+        match lock(&slot.jobs).delete(&id) {
+            Ok(()) => Answer::ok(StatusCode::NO_CONTENT, String::new(), JOB_LATENCY_MS),
             Err(e) => job_error(e),
         }
     })

@@ -32,6 +32,7 @@ unmanaged = [{ at_ms = 0, per_window = 5 }]
 [orgs.jobs]
 max_running = 2
 submits_per_window = 10
+{jobs}
 "#;
 
 /// The broker's view of the same org, in real time (gcsim's minute is
@@ -63,7 +64,7 @@ window_ms = 600
 name = "jobs-running"
 routes = ["JOB /api/v2/analytics/conversations/details/jobs"]
 max_in_flight = 2
-lease_ttl_ms = 5000
+lease_ttl_ms = 60000
 "#;
 
 /// The first day of gcsim's history.
@@ -112,7 +113,18 @@ impl Bed {
 
     /// The bed with `per_day` conversations a day instead of 8,000.
     pub async fn with_per_day(per_day: u32) -> Bed {
-        let config = GCSIM.replace("{per_day}", &per_day.to_string());
+        Bed::with(per_day, "").await
+    }
+
+    /// The bed whose jobs take ten real minutes to be fulfilled.
+    pub async fn with_slow_jobs() -> Bed {
+        Bed::with(8000, "fulfil_base_ms = 60000000").await
+    }
+
+    async fn with(per_day: u32, jobs: &str) -> Bed {
+        let config = GCSIM
+            .replace("{per_day}", &per_day.to_string())
+            .replace("{jobs}", jobs);
         let config = gcsim::SimConfig::from_toml(&config).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let sim = gcsim::Sim::start(config, listener).unwrap();
@@ -206,6 +218,50 @@ impl Bed {
         let mut ids: Vec<String> = self.get("/_sim/orgs/org-a/conversations").await;
         ids.sort();
         ids
+    }
+
+    /// The statuses gcsim answered `method` requests of paths under
+    /// `path` with, in order.
+    pub async fn answered(&self, method: &str, path: &str) -> Vec<u64> {
+        let (mut since, mut statuses) = (0, Vec::new());
+        loop {
+            let page: Value = self.get(&format!("/_sim/log?since={since}")).await;
+            let entries = page["entries"].as_array().unwrap();
+            statuses.extend(
+                entries
+                    .iter()
+                    .filter(|e| {
+                        e["method"] == method
+                            && e["path"].as_str().is_some_and(|p| p.starts_with(path))
+                    })
+                    .filter_map(|e| e["status"].as_u64()),
+            );
+            if entries.is_empty() {
+                return statuses;
+            }
+            since = page["next"].as_u64().unwrap();
+        }
+    }
+
+    /// Slots held now in the broker's bucket `bucket` of org-a.
+    pub async fn in_flight(&self, bucket: &str) -> u32 {
+        let mut admin =
+            quota_broker::pb::quota_admin_client::QuotaAdminClient::connect(self.broker.url())
+                .await
+                .unwrap();
+        let listed = admin
+            .list_buckets(quota_broker::pb::ListBucketsRequest {
+                tenant: "org-a".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        listed
+            .buckets
+            .iter()
+            .filter(|b| b.bucket == bucket)
+            .map(|b| b.in_flight)
+            .sum()
     }
 
     /// (requests, 429s with their sim time and reason) gcsim logged for

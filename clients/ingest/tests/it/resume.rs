@@ -11,6 +11,11 @@ use tokio::process::Command;
 use crate::common::{open, sqlite, until_done, Bed, DAY1, END};
 
 fn gc_ingest(bed: &Bed, sink: &str) -> Command {
+    gc_ingest_from(bed, sink, &["--source", "query", "--parallel", "1"])
+}
+
+/// gc-ingest over the bed's range into `sink`, reading as `source` says.
+fn gc_ingest_from(bed: &Bed, sink: &str, source: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gc-ingest"));
     cmd.args(["--region", &bed.region()])
         .args([
@@ -20,8 +25,9 @@ fn gc_ingest(bed: &Bed, sink: &str) -> Command {
             "gcsim-secret",
         ])
         .args(["--broker", &bed.broker.url(), "--tenant", "org-a"])
-        .args(["--source", "query", "--from", DAY1, "--to", END])
-        .args(["--sink", sink, "--parallel", "1", "--json", "--quiet"])
+        .args(source)
+        .args(["--from", DAY1, "--to", END])
+        .args(["--sink", sink, "--json", "--quiet"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -186,5 +192,81 @@ async fn a_wrong_secret_or_tenant_exits_2_before_the_sink_is_opened() {
         assert!(err.starts_with(&format!("gc-ingest: {says}")), "{err}");
         assert!(!sink.exists(), "the sink was opened: {err}");
     }
+    bed.sim.shutdown().await;
+}
+
+/// SIGTERM while two jobs run: the run stops at once without waiting for
+/// them, deletes both jobs upstream, releases their two slots at the
+/// broker (not at their lease's expiry), unclaims the two blocks and
+/// gives its worker name back, says so and exits 143.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_gives_back_the_jobs_slots_and_blocks_in_progress() {
+    let bed = Bed::with_slow_jobs().await;
+    let path = sqlite("sigterm");
+    let sink_arg = path.to_str().unwrap().to_owned();
+    let watcher = open(&path).await;
+    let jobs = ["--source", "jobs", "--parallel", "2", "--max-jobs", "2"];
+    let run = gc_ingest_from(&bed, &sink_arg, &jobs).spawn().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    // Both submitted (gcsim accepted them) under their two slots.
+    let accepted = |statuses: Vec<u64>| statuses.iter().filter(|s| **s == 202).count();
+    while accepted(bed.answered("POST", gc_ingest::JOBS_PATH).await) < 2
+        || bed.in_flight("jobs-running").await < 2
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "two jobs not running within 60 s"
+        );
+        tick.tick().await;
+    }
+    let claimed = |checkpoints: Vec<gc_ingest::Checkpoint>| {
+        checkpoints.iter().filter(|c| c.status == "claimed").count()
+    };
+    assert_eq!(claimed(watcher.checkpoints().await.unwrap()), 2);
+    let signalled = tokio::time::Instant::now();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &run.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = tokio::time::timeout(Duration::from_secs(30), run.wait_with_output())
+        .await
+        .expect("it stops within 30 s of SIGTERM")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["stopped"], true, "{summary}");
+    assert_eq!(summary["blocks_stopped"], 2, "{summary}");
+    // Released, not expired: the slots' lease TTL is 60 s.
+    assert_eq!(bed.in_flight("jobs-running").await, 0);
+    assert!(
+        signalled.elapsed() < Duration::from_secs(60),
+        "took {:?}: a release cannot be told from an expiry",
+        signalled.elapsed()
+    );
+    assert_eq!(
+        bed.answered("DELETE", gc_ingest::JOBS_PATH).await,
+        [204, 204],
+        "both jobs deleted"
+    );
+    // Their claims are given up: another worker takes them at once.
+    let left: Vec<gc_ingest::Block> = watcher
+        .checkpoints()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|c| c.status == "claimed")
+        .map(|c| c.block)
+        .collect();
+    assert_eq!(left.len(), 2);
+    for block in left {
+        let now = gc_ingest::now_ms();
+        let taken = watcher.claim(block, "another", now, Duration::from_secs(60));
+        assert!(taken.await.unwrap(), "{block} still claimed");
+    }
+    assert_eq!(watcher.worker_name_holder("gc-ingest").await.unwrap(), None);
+    watcher.close().await;
     bed.sim.shutdown().await;
 }
