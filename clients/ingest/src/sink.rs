@@ -161,6 +161,30 @@ fn checkpoint(row: &AnyRow) -> Result<Checkpoint, sqlx::Error> {
     })
 }
 
+/// What a file name may hold as is in a `sqlite://` URL's path; anything
+/// else (a space, `%`, `?`, `#`, non-ASCII) is percent-encoded, and the
+/// driver decodes it back.
+const FILE_PATH_CHARS: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'/')
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// The file `path` as the path of a `sqlite://` URL: made absolute (a
+/// relative path's first part would read as the URL's host), each
+/// character the URL would read as syntax encoded.
+fn file_url_path(path: &str) -> Result<String, IngestError> {
+    let absolute = std::path::absolute(path)
+        .map_err(|e| IngestError::Usage(format!("the sink path cannot be made absolute: {e}")))?;
+    let Some(absolute) = absolute.to_str() else {
+        return Err(IngestError::Usage(
+            "the sink path is not valid UTF-8".into(),
+        ));
+    };
+    Ok(percent_encoding::utf8_percent_encode(absolute, FILE_PATH_CHARS).to_string())
+}
+
 impl Sink {
     /// Opens `target`: a `postgres://` URL, a `sqlite:` URL, or a file path
     /// (SQLite, created if missing); creates the tables if needed.
@@ -177,7 +201,7 @@ impl Sink {
                 (false, false) => format!("{target}?mode=rwc"),
             }
         } else {
-            format!("sqlite://{target}?mode=rwc")
+            format!("sqlite://{}?mode=rwc", file_url_path(target)?)
         };
         // One connection first, for its own error ("connection refused", "no
         // such directory"): the pool would retry it for its whole acquire
@@ -497,6 +521,27 @@ mod tests {
             (Some("inbound"), Some("q1"), Some("w1"), Some("voice"))
         );
         assert!(Fields::of(&json!({ "conversationStart": "2026-11-01" })).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_sink_file_is_created_under_exactly_the_name_given() {
+        let dir = std::env::temp_dir().join(format!("gc-ingest-names-{}", std::process::id()));
+        let dir = dir.join("sp ace");
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in ["pct%41.db", "q?x.db", "h#x.db", "é.db"] {
+            let path = dir.join(name);
+            let sink = Sink::open(path.to_str().unwrap()).await.unwrap();
+            sink.close().await;
+            assert!(path.exists(), "{name}: not created under its name");
+        }
+        assert!(!dir.join("pctA.db").exists());
+        let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+        // A relative path's first part is a directory, not a URL's host.
+        let url = file_url_path("sp ace/x.db").unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert!(url.starts_with('/'), "{url}");
+        assert!(url.ends_with("/sp%20ace/x.db"), "{url}");
+        assert!(url.len() > cwd.to_str().unwrap().len(), "{url}");
     }
 
     #[test]

@@ -304,7 +304,8 @@ impl Source {
                         // A long silent wait reads as a hang: say what for.
                         tracing::warn!(%block,
                             "waiting for a job slot: the broker's running-jobs bucket is full \
-                             (other runs' jobs, or a killed run's until their lease TTL)");
+                             (this run's own jobs if --max-jobs is above its max_in_flight, other \
+                             runs' jobs, or a killed run's until their lease TTL)");
                         waiting.await?
                     }
                 };

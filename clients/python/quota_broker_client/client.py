@@ -825,7 +825,8 @@ class QuotaBroker:
             dropped = fb.take_dropped()
         if sent or refused or dropped:
             log.info("reported %d outcomes kept while quota-broker at %s was unreachable "
-                     "(%d refused by it; %d dropped, more than %d waiting; %d still kept)",
+                     "(%d refused by it; %d dropped as the oldest past the %d the client keeps; "
+                     "%d still kept)",
                      sent, self.target, refused, dropped, fb.settings.buffer_size, fb.pending)
         return sent
 
