@@ -32,4 +32,4 @@ pub use plan::{blocks, format_ms, now_ms, parse_time, Block, BlockSize};
 pub use progress::Display;
 pub use run::{run, run_until, Plan, Summary};
 pub use sink::{Checkpoint, Sink};
-pub use source::{JobOptions, Source, SourceKind, JOBS_PATH, JOB_SLOT_METHOD, QUERY_PATH};
+pub use source::{JobOptions, Source, SourceKind, Step, JOBS_PATH, JOB_SLOT_METHOD, QUERY_PATH};

@@ -1,7 +1,9 @@
 //! What a person watching sees: a progress bar (blocks done of total,
-//! records, the current rate, 429s, ETA) when stderr is a terminal, one
-//! plain line per finished block otherwise (logs, CI). Writes nothing when
-//! quiet.
+//! records, the current rate, 429s, ETA once a block is done, and how the
+//! latest block in progress goes: its job submitted, running, read) when
+//! stderr is a terminal; otherwise plain lines (logs, CI): one per
+//! finished block, and one when a block's job is submitted, done, or
+//! still running every half minute. Writes nothing when quiet.
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +12,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::plan::Block;
+use crate::source::Step;
 
 /// How progress is shown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +31,8 @@ pub(crate) struct Progress {
     started: Instant,
     blocks: AtomicU64,
     records: AtomicU64,
+    /// The bar's totals, then the latest step of a block in progress.
+    shown: std::sync::Mutex<(String, String)>,
 }
 
 impl Progress {
@@ -38,8 +43,10 @@ impl Progress {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
             // A template of our own: the literal one is known good, so a
             // failure here is a bug worth falling back from, not failing on.
+            // The ETA is ours (in the message): indicatif's says 0s
+            // before the first block is done.
             if let Ok(style) =
-                ProgressStyle::with_template("{bar:30} {pos}/{len} blocks  {msg}  ETA {eta}")
+                ProgressStyle::with_template("{bar:20} {pos}/{len} blocks  {wide_msg}")
             {
                 bar.set_style(style);
             }
@@ -53,6 +60,32 @@ impl Progress {
             started: Instant::now(),
             blocks: AtomicU64::new(0),
             records: AtomicU64::new(0),
+            shown: std::sync::Mutex::new((
+                "0 records  ETA after the first block".into(),
+                String::new(),
+            )),
+        }
+    }
+
+    /// How `block`'s fetch goes.
+    pub(crate) fn step(&self, block: Block, step: Step) {
+        if let Some(bar) = &self.bar {
+            let mut shown = self
+                .shown
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            shown.1 = format!("{block}: {step}");
+            bar.set_message(format!("{}  {}", shown.0, shown.1));
+        } else if self.lines {
+            let notable = match step {
+                Step::Submitted | Step::Fulfilled { .. } => true,
+                // A poll at most every 30 s: about a line each.
+                Step::Pending { for_s } => for_s >= 30,
+                Step::Paged { .. } => false,
+            };
+            if notable {
+                let _ = writeln!(std::io::stderr(), "{block}: {step}");
+            }
         }
     }
 
@@ -62,12 +95,17 @@ impl Progress {
         let all = self.records.fetch_add(records, Ordering::Relaxed) + records;
         let elapsed = self.started.elapsed().as_secs_f64().max(1e-3);
         let rate = all as f64 / elapsed;
+        let left = self.total.saturating_sub(blocks);
+        let eta = elapsed / blocks as f64 * left as f64;
         if let Some(bar) = &self.bar {
             bar.set_position(blocks);
-            bar.set_message(format!("{all} records  {rate:.0}/s  {throttled} 429s"));
+            let mut shown = self
+                .shown
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            shown.0 = format!("{all} records  {rate:.0}/s  {throttled} 429s  ETA {eta:.0}s");
+            bar.set_message(format!("{}  {}", shown.0, shown.1));
         } else if self.lines {
-            let left = self.total.saturating_sub(blocks);
-            let eta = elapsed / blocks as f64 * left as f64;
             // The tool's own output on stderr, one line per block.
             let _ = writeln!(
                 std::io::stderr(),

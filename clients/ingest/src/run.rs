@@ -473,7 +473,7 @@ async fn worker(
             continue;
         }
         let fetched = tokio::select! {
-            fetched = fetch_checked(block, plan, source) => fetched,
+            fetched = fetch_checked(block, plan, source, &work.progress) => fetched,
             () = stop.cancelled() => {
                 // The fetch is dropped: its job and leases are let go of
                 // in the background (`Source::settle` waits for them).
@@ -576,11 +576,14 @@ async fn fetch_checked(
     block: Block,
     plan: &Plan,
     source: &Source,
+    progress: &Progress,
 ) -> Result<(Fetched, u32), IngestError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let fetched = source.fetch(block).await?;
+        let fetched = source
+            .fetch_noting(block, &|step| progress.step(block, step))
+            .await?;
         let distinct: HashSet<&str> = fetched
             .conversations
             .iter()

@@ -126,6 +126,46 @@ impl Default for JobOptions {
     }
 }
 
+/// How a block's fetch goes, for a person watching.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Its job was submitted.
+    Submitted,
+    /// Its job is not fulfilled yet, this long after submission.
+    Pending {
+        /// Seconds since submission.
+        for_s: u64,
+    },
+    /// Its job is fulfilled with this many records (if said).
+    Fulfilled {
+        /// Records the job holds.
+        records: Option<u64>,
+    },
+    /// This many records read so far, of how many if known.
+    Paged {
+        /// Records read so far.
+        records: u64,
+        /// Records in all, if known.
+        of: Option<u64>,
+    },
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Submitted => write!(f, "job submitted"),
+            Step::Pending { for_s } => write!(f, "job running for {for_s}s"),
+            Step::Fulfilled { records: Some(n) } => write!(f, "job done, {n} records to read"),
+            Step::Fulfilled { records: None } => write!(f, "job done, reading its records"),
+            Step::Paged {
+                records,
+                of: Some(of),
+            } => write!(f, "{records} of {of} records read"),
+            Step::Paged { records, of: None } => write!(f, "{records} records read"),
+        }
+    }
+}
+
 /// A job slot held, and the job submitted under it while it is not
 /// done. A fetch given up mid-job (its future dropped) deletes the job
 /// upstream, then gives the slot back, in a task the source waits for in
@@ -236,9 +276,19 @@ impl Source {
 
     /// Every conversation of `block`.
     pub async fn fetch(&self, block: Block) -> Result<Fetched, IngestError> {
+        self.fetch_noting(block, &|_| {}).await
+    }
+
+    /// [`Source::fetch`], telling `note` how the block goes (a day's job
+    /// can take minutes before its first record).
+    pub async fn fetch_noting(
+        &self,
+        block: Block,
+        note: &(dyn Fn(Step) + Send + Sync),
+    ) -> Result<Fetched, IngestError> {
         match self.kind {
-            SourceKind::Query => self.fetch_query(block).await,
-            SourceKind::Jobs => self.fetch_job(block).await,
+            SourceKind::Query => self.fetch_query(block, note).await,
+            SourceKind::Jobs => self.fetch_job(block, note).await,
         }
     }
 
@@ -252,7 +302,11 @@ impl Source {
         }
     }
 
-    async fn fetch_query(&self, block: Block) -> Result<Fetched, IngestError> {
+    async fn fetch_query(
+        &self,
+        block: Block,
+        note: &(dyn Fn(Step) + Send + Sync),
+    ) -> Result<Fetched, IngestError> {
         let mut conversations = Vec::new();
         let mut total = 0;
         for page_number in 1.. {
@@ -271,6 +325,10 @@ impl Source {
             total = page.total_hits;
             let rows = page.conversations.len();
             conversations.extend(page.conversations);
+            note(Step::Paged {
+                records: conversations.len() as u64,
+                of: Some(total),
+            });
             if rows < QUERY_PAGE || conversations.len() as u64 >= total {
                 break;
             }
@@ -282,7 +340,11 @@ impl Source {
         })
     }
 
-    async fn fetch_job(&self, block: Block) -> Result<Fetched, IngestError> {
+    async fn fetch_job(
+        &self,
+        block: Block,
+        note: &(dyn Fn(Step) + Send + Sync),
+    ) -> Result<Fetched, IngestError> {
         // Closed never: the semaphore lives as long as the source.
         let _running = self
             .jobs
@@ -325,14 +387,19 @@ impl Source {
             running.slot = slot;
             let job = submitted?;
             running.id = Some(job.job_id.clone());
-            let fulfilled = self.await_job(block, &job.job_id).await;
+            note(Step::Submitted);
+            let fulfilled = self.await_job(block, &job.job_id, note).await;
             if matches!(fulfilled, Ok(None) | Err(IngestError::JobFailed { .. })) {
                 // Vanished or failed: nothing left running upstream.
                 running.id = None;
             }
             match fulfilled? {
                 Some(total_hits) => {
-                    let (conversations, available_until) = self.job_results(&job.job_id).await?;
+                    note(Step::Fulfilled {
+                        records: total_hits,
+                    });
+                    let (conversations, available_until) =
+                        self.job_results(&job.job_id, total_hits, note).await?;
                     running.id = None;
                     return Ok(Fetched {
                         conversations,
@@ -411,9 +478,18 @@ impl Source {
 
     /// Polls job `id` until it is fulfilled: `Some(its totalHits, if
     /// said)`, or `None` if the upstream no longer knows it (404).
-    async fn await_job(&self, block: Block, id: &str) -> Result<Option<Option<u64>>, IngestError> {
+    async fn await_job(
+        &self,
+        block: Block,
+        id: &str,
+        note: &(dyn Fn(Step) + Send + Sync),
+    ) -> Result<Option<Option<u64>>, IngestError> {
         let mut pause = self.jobs.first_poll;
+        let submitted = tokio::time::Instant::now();
         loop {
+            note(Step::Pending {
+                for_s: submitted.elapsed().as_secs(),
+            });
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(MAX_POLL);
             let req = Request::get(format!("{JOBS_PATH}/{id}"));
@@ -441,7 +517,12 @@ impl Source {
 
     /// Every results page of fulfilled job `id`, and the earliest
     /// `dataAvailabilityDate` they gave.
-    async fn job_results(&self, id: &str) -> Result<(Vec<Value>, Option<i64>), IngestError> {
+    async fn job_results(
+        &self,
+        id: &str,
+        of: Option<u64>,
+        note: &(dyn Fn(Step) + Send + Sync),
+    ) -> Result<(Vec<Value>, Option<i64>), IngestError> {
         let mut conversations = Vec::new();
         let mut available_until: Option<i64> = None;
         let mut cursor: Option<String> = None;
@@ -468,6 +549,10 @@ impl Source {
                 .json()
                 .map_err(|e| IngestError::answer("job results", e))?;
             conversations.extend(page.conversations);
+            note(Step::Paged {
+                records: conversations.len() as u64,
+                of,
+            });
             if let Some(date) = &page.data_availability_date {
                 let at = crate::plan::parse_time(date).map_err(|_| {
                     IngestError::answer("job results", "dataAvailabilityDate is not a time")

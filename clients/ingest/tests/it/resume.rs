@@ -11,7 +11,11 @@ use tokio::process::Command;
 use crate::common::{open, sqlite, until_done, Bed, DAY1, END};
 
 fn gc_ingest(bed: &Bed, sink: &str) -> Command {
-    gc_ingest_from(bed, sink, &["--source", "query", "--parallel", "1"])
+    gc_ingest_from(
+        bed,
+        sink,
+        &["--source", "query", "--parallel", "1", "--quiet"],
+    )
 }
 
 /// gc-ingest over the bed's range into `sink`, reading as `source` says.
@@ -27,7 +31,7 @@ fn gc_ingest_from(bed: &Bed, sink: &str, source: &[&str]) -> Command {
         .args(["--broker", &bed.broker.url(), "--tenant", "org-a"])
         .args(source)
         .args(["--from", DAY1, "--to", END])
-        .args(["--sink", sink, "--json", "--quiet"])
+        .args(["--sink", sink, "--json"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -236,6 +240,13 @@ async fn a_sigterm_gives_back_the_jobs_slots_and_blocks_in_progress() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(143), "{stderr}");
+    // Not a terminal: a line as each job was submitted, then one saying
+    // what a stop does.
+    assert_eq!(stderr.matches(": job submitted\n").count(), 2, "{stderr}");
+    assert!(
+        stderr.contains("stopping: the blocks in progress are given back"),
+        "{stderr}"
+    );
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["stopped"], true, "{summary}");
     assert_eq!(summary["blocks_stopped"], 2, "{summary}");
