@@ -225,7 +225,7 @@ impl TenantState {
             }
             let note = |capacity: u32| match share.slots(capacity) {
                 0 => String::new(),
-                held => format!(" ({held} held back for higher classes)"),
+                held => format!(", {held} held back for higher classes"),
             };
             if let Some(s) = x
                 .slots
@@ -255,14 +255,20 @@ impl TenantState {
                     .unwrap_or(now);
                 if at > now {
                     retry = retry.max(at);
-                    let _ = write!(
-                        reason,
-                        "{sep}bucket {name:?} has {:.2} permits for {n} asked (refills at \
-                         {:.1}/min){}",
-                        t.available(now),
-                        t.rate_per_min(),
-                        note(t.burst())
-                    );
+                    let (available, per_min) = (t.available(now), t.rate_per_min());
+                    let _ = match share.slots(t.burst()) {
+                        0 => write!(
+                            reason,
+                            "{sep}bucket {name:?} has {available:.2} permits for {n} asked \
+                             (refills at {per_min:.1}/min)"
+                        ),
+                        held => write!(
+                            reason,
+                            "{sep}bucket {name:?} has {available:.2} permits and holds {held} \
+                             back for higher classes: too few permits for {n} asked in this \
+                             class (refills at {per_min:.1}/min)"
+                        ),
+                    };
                     continue;
                 }
             }

@@ -573,14 +573,38 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 /// A reqwest error's message without its URL (which may carry a query the
-/// caller would rather not see in logs).
+/// caller would rather not see in logs), with its causes ("error sending
+/// request" alone does not say "connection refused").
 fn without_url(e: reqwest::Error) -> String {
-    e.without_url().to_string()
+    let e = e.without_url();
+    let mut message = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        message.push_str(": ");
+        message.push_str(&c.to_string());
+        cause = c.source();
+    }
+    message
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_unreachable_host_is_said_with_its_cause_and_without_the_url() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let err = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}/secret?token=x"))
+            .send()
+            .await
+            .unwrap_err();
+        let message = without_url(err);
+        assert!(message.to_lowercase().contains("refused"), "{message}");
+        assert!(!message.contains("token=x"), "{message}");
+    }
 
     #[tokio::test]
     async fn a_lease_checked_while_a_429_is_reported_sees_it_once_reported() {
