@@ -93,6 +93,28 @@ async fn dropping_a_lease_releases_its_slot() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn settle_waits_until_dropped_leases_are_released_at_the_broker() {
+    let b = broker_on("127.0.0.1:0").await;
+    let client = BrokerClient::connect(&b.url(), None).unwrap();
+    assert_eq!(client.settle(Duration::ZERO).await, 0, "nothing to settle");
+    let lease = client.acquire(&q()).await.unwrap();
+    drop(lease);
+    assert_eq!(client.settle(Duration::ZERO).await, 1, "on its way");
+    assert_eq!(client.settle(Duration::from_secs(10)).await, 0);
+    // Waited for, not only counted: nothing is on its way once it returns.
+    assert_eq!(client.settle(Duration::ZERO).await, 0);
+    // Released, not expired (5 s): the broker already has the slot free.
+    assert_eq!(b.bucket("slots").await.in_flight, 0);
+    // A broker that is gone: the release fails and is not waited for
+    // beyond `within`.
+    let lease = client.acquire(&q()).await.unwrap();
+    b.stop().await;
+    drop(lease);
+    let left = client.settle(Duration::from_secs(60)).await;
+    assert_eq!(left, 0, "a failed release is over too");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_held_lease_is_renewed_in_the_background() {
     let b = broker_on("127.0.0.1:0").await;
     let client = BrokerClient::connect(&b.url(), None).unwrap();
