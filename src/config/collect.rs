@@ -21,9 +21,9 @@ pub(super) fn read<T: DeserializeOwned>(
     written: &[(String, String)],
 ) -> Result<T, ConfigError> {
     let mut problems = Vec::new();
-    // Keys set aside so far: a required one then reads as missing, which
-    // is not a problem of its own.
-    let mut removed = Vec::new();
+    // Keys set aside so far, where they are in the file: a required one
+    // then reads as missing, which is not a problem of its own.
+    let mut removed: Vec<Vec<Seg>> = Vec::new();
     // Every key or element set aside, in the document as it was then: an
     // element set aside moves the ones after it down, and a problem names
     // an element by its place in the file.
@@ -52,30 +52,27 @@ pub(super) fn read<T: DeserializeOwned>(
                     }
                 }
                 let what = &clip_words(what);
+                let segs: Vec<Seg> = path.iter().map(Seg::of).collect();
+                // Compared where they are in the file: an element set
+                // aside moved the ones after it.
+                let in_the_file = as_in_the_file(&segs, &set_aside_paths);
                 let set_aside = what
                     .strip_prefix("missing field `")
                     .and_then(|rest| rest.strip_suffix('`'))
                     .is_some_and(|field| {
-                        let key = if at.is_empty() {
-                            field.to_owned()
-                        } else {
-                            format!("{at}.{field}")
-                        };
+                        let mut key = in_the_file.clone();
+                        key.push(Seg::Key(field.to_owned()));
                         removed.contains(&key)
                     });
-                let segs: Vec<Seg> = path.iter().map(Seg::of).collect();
                 if !set_aside {
                     problems.push(if at.is_empty() {
                         what.to_owned()
                     } else {
-                        format!(
-                            "{}: {what}",
-                            clip_path(&as_in_the_file(&segs, &set_aside_paths))
-                        )
+                        format!("{}: {what}", clip_path(&in_the_file))
                     });
                 }
                 set_aside_paths.push(segs);
-                removed.push(at);
+                removed.push(in_the_file);
                 if !remove(&mut doc, &path) || problems.len() >= MAX_PROBLEMS {
                     break;
                 }

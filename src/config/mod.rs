@@ -1042,6 +1042,21 @@ mod tests {
             );
         }
         assert!(!err.contains("routes[3]"), "{err}");
+        // A missing key of the element after one set aside is still named.
+        let err = Settings::from_toml(
+            "[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = 5\nroutes = [\"* /**\"]\n\
+             max_in_flight = 1\n[[tenants.buckets]]\nroutes = [\"* /**\"]\nmax_in_flight = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("tenants[0].buckets[0].name: invalid type"),
+            "{err}"
+        );
+        assert!(
+            err.contains("tenants[0].buckets[1]: missing field `name`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -162,7 +162,9 @@ impl RawLearning {
         }
         if self.probe_max_windows > 0.0 && self.probe_max_windows < self.probe_hold_windows {
             problems.push(format!(
-                "learning.probe_max_windows = {} is below learning.probe_hold_windows = {}:                  the longest wait before probing a ceiling must be at least the first                  (0 turns the ceiling memory off)",
+                "learning.probe_max_windows = {} is below learning.probe_hold_windows = {}: \
+                 the longest wait before probing a ceiling must be at least the first \
+                 (0 turns the ceiling memory off)",
                 self.probe_max_windows, self.probe_hold_windows
             ));
         }

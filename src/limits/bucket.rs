@@ -176,7 +176,14 @@ impl TokenBucket {
     /// freeze restored on it before keeps it empty until the freeze ends.
     pub(crate) fn set_level(&mut self, tokens: f64, now: Instant) {
         let owed = (f64::from(self.burst) - tokens).clamp(0.0, f64::from(self.burst));
-        self.tat = self.tat.max(now + self.interval.mul_f64(owed));
+        // Only a freeze holds it lower (a restart's drain is what the
+        // handed level replaces).
+        let frozen = if self.resume_at > now {
+            self.resume_at + self.interval.saturating_mul(self.burst.saturating_sub(1))
+        } else {
+            now
+        };
+        self.tat = frozen.max(now + self.interval.mul_f64(owed));
     }
 
     /// Earns nothing for `lapse` from `from` on: the level at
@@ -185,6 +192,9 @@ impl TokenBucket {
     pub(crate) fn postpone(&mut self, from: Instant, lapse: Duration) {
         if self.tat > from {
             self.tat += lapse;
+        }
+        if self.resume_at > from {
+            self.resume_at += lapse;
         }
     }
 

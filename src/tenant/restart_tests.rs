@@ -395,6 +395,27 @@ fn a_freeze_restored_after_a_crash_or_a_take_over_ends_on_an_empty_bucket() {
 }
 
 #[test]
+fn a_handed_level_replaces_the_drain_of_a_take_over_that_learns_slots_again() {
+    let t0 = Instant::now();
+    let last = tenant(BURSTY, t0);
+    let at = t0 + 2 * SEC;
+    // The next leader drains as after a crash (the handed leases did not
+    // fit, or the last leader was itself learning), then sets the levels
+    // it was handed: full.
+    let mut next = tenant(BURSTY, at);
+    next.resume_after_restart(at);
+    next.resume_levels(&last.levels(at), last.levels_unknown_for(at), at);
+    let critical = AcquireArgs {
+        class: "critical".into(),
+        ..args("GET", "/", 1)
+    };
+    let at_once = (0..30)
+        .take_while(|_| matches!(next.acquire(&critical, NOW, at), Ok(Decision::Granted(_))))
+        .count();
+    assert_eq!(at_once, 20);
+}
+
+#[test]
 fn a_lead_that_lapsed_resumes_the_level_it_left_not_a_refilled_bucket() {
     let t0 = Instant::now();
     let mut t = tenant(BURSTY, t0);

@@ -442,7 +442,9 @@ async fn run_blocks(
     summary.upstream_retries = stats.retries - before.retries;
     summary.fallback_leases = stats.fallback_leases - before.fallback_leases;
     summary.records_per_request = summary.records as f64 / summary.upstream_requests.max(1) as f64;
-    summary.stopped = stop.is_cancelled();
+    // A signal after the last block was stored stopped nothing.
+    summary.stopped =
+        stop.is_cancelled() && (summary.blocks_stopped > 0 || !lock(&work.queue).is_empty());
     Ok(summary)
 }
 

@@ -257,11 +257,12 @@ impl Source {
         let _ = tokio::time::timeout_at(deadline, self.cleanup.wait()).await;
         let mut left = self.cleanup.len();
         let within = || deadline.saturating_duration_since(tokio::time::Instant::now());
-        left += self.upstream.broker().settle(within()).await;
+        let mut releasing = self.upstream.broker().settle(within()).await;
         if let Some((broker, _)) = &self.jobs.broker {
-            left += broker.settle(within()).await;
+            // Usually the same client as the upstream's: not counted twice.
+            releasing = releasing.max(broker.settle(within()).await);
         }
-        left
+        left + releasing
     }
 
     /// Which API it reads.

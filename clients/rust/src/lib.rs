@@ -703,8 +703,8 @@ impl BrokerClient {
             // between still wakes it.
             released.as_mut().enable();
             let left = self.inner.releasing.load(Acquire);
-            if left == 0 {
-                return 0;
+            if left == 0 || tokio::time::Instant::now() >= deadline {
+                return left;
             }
             if tokio::time::timeout_at(deadline, released).await.is_err() {
                 return self.inner.releasing.load(Acquire);
@@ -1089,6 +1089,23 @@ impl Lease {
     }
 }
 
+/// A release of a dropped lease on its way: uncounted when it ends, also
+/// if its task is cancelled or panics (see [`BrokerClient::settle`]).
+struct Releasing(Arc<Inner>);
+
+impl Drop for Releasing {
+    fn drop(&mut self) {
+        if self
+            .0
+            .releasing
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.released.notify_waiters();
+        }
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         self.stop_renewing();
@@ -1098,11 +1115,10 @@ impl Drop for Lease {
             // Outside a runtime the slot still comes back, at its expiry.
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 client.inner.releasing.fetch_add(1, AcqRel);
+                let counted = Releasing(client.inner.clone());
                 rt.spawn(async move {
+                    let _counted = counted;
                     client.release(id).await;
-                    if client.inner.releasing.fetch_sub(1, AcqRel) == 1 {
-                        client.inner.released.notify_waiters();
-                    }
                 });
             }
         }

@@ -92,19 +92,27 @@ async fn dropping_a_lease_releases_its_slot() {
     b.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
+/// Real time: a paused clock would jump while the release is on the wire
+/// (to the 10 s bound, or past the lease's 5 s expiry).
+#[tokio::test]
 async fn settle_waits_until_dropped_leases_are_released_at_the_broker() {
     let b = broker_on("127.0.0.1:0").await;
     let client = BrokerClient::connect(&b.url(), None).unwrap();
     assert_eq!(client.settle(Duration::ZERO).await, 0, "nothing to settle");
     let lease = client.acquire(&q()).await.unwrap();
+    let dropped = std::time::Instant::now();
     drop(lease);
     assert_eq!(client.settle(Duration::ZERO).await, 1, "on its way");
     assert_eq!(client.settle(Duration::from_secs(10)).await, 0);
     // Waited for, not only counted: nothing is on its way once it returns.
     assert_eq!(client.settle(Duration::ZERO).await, 0);
-    // Released, not expired (5 s): the broker already has the slot free.
+    // Released, not expired: the broker has the slot free before its 5 s.
     assert_eq!(b.bucket("slots").await.in_flight, 0);
+    assert!(
+        dropped.elapsed() < Duration::from_secs(5),
+        "took {:?}: a release cannot be told from an expiry",
+        dropped.elapsed()
+    );
     // A broker that is gone: the release fails and is not waited for
     // beyond `within`.
     let lease = client.acquire(&q()).await.unwrap();

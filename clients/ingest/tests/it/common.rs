@@ -220,9 +220,9 @@ impl Bed {
         ids
     }
 
-    /// The statuses gcsim answered `method` requests of paths under
-    /// `path` with, in order.
-    pub async fn answered(&self, method: &str, path: &str) -> Vec<u64> {
+    /// The paths and statuses of the `method` requests under `path` gcsim
+    /// answered, in order.
+    pub async fn answered(&self, method: &str, path: &str) -> Vec<(String, u64)> {
         let (mut since, mut statuses) = (0, Vec::new());
         loop {
             let page: Value = self.get(&format!("/_sim/log?since={since}")).await;
@@ -234,7 +234,7 @@ impl Bed {
                         e["method"] == method
                             && e["path"].as_str().is_some_and(|p| p.starts_with(path))
                     })
-                    .filter_map(|e| e["status"].as_u64()),
+                    .filter_map(|e| Some((e["path"].as_str()?.to_owned(), e["status"].as_u64()?))),
             );
             if entries.is_empty() {
                 return statuses;

@@ -209,13 +209,28 @@ async fn a_sigterm_gives_back_the_jobs_slots_and_blocks_in_progress() {
     let path = sqlite("sigterm");
     let sink_arg = path.to_str().unwrap().to_owned();
     let watcher = open(&path).await;
-    let jobs = ["--source", "jobs", "--parallel", "2", "--max-jobs", "2"];
+    let jobs = [
+        "--source",
+        "jobs",
+        "--parallel",
+        "2",
+        "--max-jobs",
+        "2",
+        "--poll",
+        "100ms",
+    ];
     let run = gc_ingest_from(&bed, &sink_arg, &jobs).spawn().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut tick = tokio::time::interval(Duration::from_millis(20));
-    // Both submitted (gcsim accepted them) under their two slots.
-    let accepted = |statuses: Vec<u64>| statuses.iter().filter(|s| **s == 202).count();
-    while accepted(bed.answered("POST", gc_ingest::JOBS_PATH).await) < 2
+    // Both submitted and polled (so each said it was submitted) under
+    // their two slots.
+    let jobs_polled = |answers: Vec<(String, u64)>| {
+        let jobs: std::collections::HashSet<String> =
+            answers.into_iter().map(|(path, _)| path).collect();
+        jobs.len()
+    };
+    let job_paths = format!("{}/", gc_ingest::JOBS_PATH);
+    while jobs_polled(bed.answered("GET", &job_paths).await) < 2
         || bed.in_flight("jobs-running").await < 2
     {
         assert!(
@@ -257,11 +272,13 @@ async fn a_sigterm_gives_back_the_jobs_slots_and_blocks_in_progress() {
         "took {:?}: a release cannot be told from an expiry",
         signalled.elapsed()
     );
-    assert_eq!(
-        bed.answered("DELETE", gc_ingest::JOBS_PATH).await,
-        [204, 204],
-        "both jobs deleted"
-    );
+    let deleted: Vec<u64> = bed
+        .answered("DELETE", gc_ingest::JOBS_PATH)
+        .await
+        .into_iter()
+        .map(|(_, status)| status)
+        .collect();
+    assert_eq!(deleted, [204, 204], "both jobs deleted");
     // Their claims are given up: another worker takes them at once.
     let left: Vec<gc_ingest::Block> = watcher
         .checkpoints()
