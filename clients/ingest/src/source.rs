@@ -255,7 +255,7 @@ impl Source {
         let deadline = tokio::time::Instant::now() + within;
         self.cleanup.close();
         let _ = tokio::time::timeout_at(deadline, self.cleanup.wait()).await;
-        let mut left = self.cleanup.len();
+        let left = self.cleanup.len();
         let within = || deadline.saturating_duration_since(tokio::time::Instant::now());
         let mut releasing = self.upstream.broker().settle(within()).await;
         if let Some((broker, _)) = &self.jobs.broker {
