@@ -70,12 +70,7 @@ impl Progress {
     /// How `block`'s fetch goes.
     pub(crate) fn step(&self, block: Block, step: Step) {
         if let Some(bar) = &self.bar {
-            let mut shown = self
-                .shown
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            shown.1 = format!("{block}: {step}");
-            bar.set_message(format!("{}  {}", shown.0, shown.1));
+            self.show(bar, |shown| shown.1 = format!("{block}: {step}"));
         } else if self.lines {
             let notable = match step {
                 Step::Submitted | Step::Fulfilled { .. } => true,
@@ -99,12 +94,9 @@ impl Progress {
         let eta = elapsed / blocks as f64 * left as f64;
         if let Some(bar) = &self.bar {
             bar.set_position(blocks);
-            let mut shown = self
-                .shown
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            shown.0 = format!("{all} records  {rate:.0}/s  {throttled} 429s  ETA {eta:.0}s");
-            bar.set_message(format!("{}  {}", shown.0, shown.1));
+            self.show(bar, |shown| {
+                shown.0 = format!("{all} records  {rate:.0}/s  {throttled} 429s  ETA {eta:.0}s");
+            });
         } else if self.lines {
             // The tool's own output on stderr, one line per block.
             let _ = writeln!(
@@ -113,6 +105,16 @@ impl Progress {
                 self.total
             );
         }
+    }
+
+    /// Changes the bar's totals or step with `change`, and shows both.
+    fn show(&self, bar: &ProgressBar, change: impl FnOnce(&mut (String, String))) {
+        let mut shown = self
+            .shown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        change(&mut shown);
+        bar.set_message(format!("{}  {}", shown.0, shown.1));
     }
 
     /// Ends the bar.
