@@ -30,6 +30,9 @@ _CLOSE_FLUSH_TIMEOUT_S = 2.0
 # deadline (at most), so a broker that does not answer at all costs a probe
 # this long, not an Acquire's wait plus the call timeout.
 _PROBE_TIMEOUT_S = 2.0
+#: A health answer of NOT_SERVING (HealthCheckResponse.status = 2), as
+#: written on the wire.
+_NOT_SERVING = b"\x08\x02"
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 #: Channel options set unless given: gRPC's default reconnect backoff grows
@@ -696,7 +699,10 @@ class QuotaBroker:
         for target in order:
             conn = self._conn_for(target)
             try:
-                conn.health_check(b"", timeout=min(self.timeout, _PROBE_TIMEOUT_S), metadata=self.metadata)
+                status = conn.health_check(b"", timeout=min(self.timeout, _PROBE_TIMEOUT_S),
+                                           metadata=self.metadata)
+                if status == _NOT_SERVING:
+                    continue  # shutting down
             except grpc.RpcError as e:
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     continue
@@ -824,7 +830,7 @@ class QuotaBroker:
                 sent += 1
             dropped = fb.take_dropped()
         if sent or refused or dropped:
-            log.info("reported %d outcomes kept while quota-broker at %s was unreachable "
+            log.info("reported %d outcomes kept while quota-broker at %s was unreachable or overloaded "
                      "(%d refused by it; %d dropped as the oldest past the %d the client keeps; "
                      "%d still kept)",
                      sent, self.target, refused, dropped, fb.settings.buffer_size, fb.pending)
@@ -891,7 +897,15 @@ class QuotaBroker:
             try:
                 return fn(request, timeout=self.timeout if timeout is None else timeout,
                           metadata=self.metadata), conn.target
+            except ValueError:
+                # gRPC's "Cannot invoke RPC on closed channel": close() ran
+                # between the check above and the call.
+                if self._channels_closed:
+                    raise errors.Closed() from None
+                raise
             except grpc.RpcError as e:
+                if self._channels_closed and e.code() == grpc.StatusCode.CANCELLED:
+                    raise errors.Closed() from None  # in flight when close() closed the channel
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise errors.from_rpc_error(e) from None
                 hop += 1

@@ -29,6 +29,10 @@ log = logging.getLogger("quota_broker_client")
 
 #: How far back grants count towards the fallback rate (the Rust client's minute).
 GRANT_WINDOW_S = 60.0
+#: A fallback entered again this soon after it was left (a broker that
+#: answers its probe but not the calls: a cluster without a leader) goes
+#: on where it was: the same pacing, logged once.
+REENTRY_S = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +97,8 @@ class LocalFallback:
         self._last_probe = 0.0
         self._entered_at = 0.0
         self._calls = 0
+        self._left_at = None  # when the last fallback was left
+        self._quiet = False  # this fallback goes on one left a moment ago: not logged again
         # Outcomes to report: (observed at, ReportRequest), oldest first.
         self._buffer = collections.deque()
         self._dropped_total = 0
@@ -151,12 +157,20 @@ class LocalFallback:
             recent = self._granted
             self._rate = self.settings.rate_per_min(recent)
             self._interval = 60.0 / self._rate
-            self._tat = now
+            # A permit the last fallback paced out stays paced: leaving and
+            # entering again must not hand out a call at once each time.
+            self._tat = max(self._tat, now)
             self._last_probe = now
-            self._entered_at = now
-            self._calls = 0
-            self._warned_full = False
+            self._quiet = self._left_at is not None and now - self._left_at < REENTRY_S
+            if not self._quiet:
+                self._entered_at = now
+                self._calls = 0
+                self._warned_full = False
             rate = self._rate
+        if self._quiet:
+            log.debug("quota-broker at %s unreachable again (%s); still pacing at %d/min",
+                      self.target, error, rate)
+            return
         log.warning(
             "quota-broker at %s unreachable (%s); pacing calls with a local limiter at %d/min "
             "(%.2f x %d granted in the last minute, floor %d/min) and trying it again every %gs; "
@@ -170,9 +184,15 @@ class LocalFallback:
         with self._lock:
             if self._rate is None:
                 return False
-            elapsed = self.clock.monotonic() - self._entered_at
+            now = self.clock.monotonic()
+            elapsed = now - self._entered_at
             calls, pending, dropped = self._calls, len(self._buffer), self._dropped_unflushed
             self._rate = None
+            self._left_at = now
+            quiet = self._quiet
+        if quiet:
+            log.debug("quota-broker at %s answers again", self.target)
+            return True
         log.info(
             "quota-broker at %s answers again after %.1fs; leaving the local fallback limiter "
             "(%d calls made under it; %d outcomes to report, %d dropped)",

@@ -84,6 +84,36 @@ def test_a_closed_client_says_so_and_its_leases_end_quietly(broker_proc):
         client.report(TENANT, "GET", SINGLE_PATH, 200, {})
 
 
+def test_a_call_waiting_when_the_client_is_closed_raises_closed(broker_proc):
+    """close() from another thread while an Acquire waits on the broker:
+    the waiting call raises Closed, as every call after close() does, not
+    gRPC's CANCELLED or ValueError."""
+    import threading
+    client = broker_proc.client()
+    holder = client.acquire(TENANT, "GET", SINGLE_PATH, client_id="holder", max_wait_ms=0)
+    outcome = []
+
+    def wait_for_the_slot():
+        try:
+            client.acquire(TENANT, "GET", SINGLE_PATH, client_id="waiter", max_wait_ms=5000,
+                           priority_class="critical")
+            outcome.append("granted")
+        except Exception as e:  # what the caller would see
+            outcome.append(e)
+
+    waiter = threading.Thread(target=wait_for_the_slot)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while status(client, "single").waiting.get("critical", 0) < 1:
+        assert time.monotonic() < deadline, "the Acquire never queued"
+        time.sleep(0.01)  # the broker's queue, a real event
+    client.close()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], qb.Closed), outcome
+    holder.release()
+
+
 def test_lease_renews_slot_past_its_ttl(broker):
     # The "single" bucket's lease TTL is 1.5 s; hold it for 2.6 s.
     with broker.lease(TENANT, "GET", SINGLE_PATH, client_id="long-call", max_wait_ms=0) as lease:

@@ -258,6 +258,36 @@ def test_fallback_settings_are_checked():
         qb.QuotaBroker("127.0.0.1:1", fallback={"fraction": 0.5})
 
 
+def test_entering_the_fallback_again_soon_after_leaving_it_keeps_its_pacing(fake_clock, caplog):
+    """A broker that answers the probe but not the calls (a cluster with no
+    leader): each round of leaving and entering the fallback must not hand
+    out a call at once, nor log the outage again."""
+    from quota_broker_client.fallback import LocalFallback
+    fb = LocalFallback(qb.FallbackSettings(), fake_clock, target="t")  # 6/min: one per 10 s
+    with caplog.at_level(logging.INFO, logger="quota_broker_client"):
+        fb.enter("down")
+        assert fb.take() == 0.0
+        granted = 1
+        for _ in range(30):  # 60 s of a probe answering every 2 s
+            fake_clock.advance(2.0)
+            fb.leave()
+            fb.enter("down again")
+            if fb.take() == 0.0:
+                granted += 1
+    assert granted == 1 + 6, granted  # the 6/min pace, not one per round
+    warnings = [r for r in caplog.records if "unreachable" in r.getMessage()
+                and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    # A fallback left longer ago is a new outage: logged again.
+    fb.leave()
+    fake_clock.advance(120.0)
+    with caplog.at_level(logging.INFO, logger="quota_broker_client"):
+        caplog.clear()
+        fb.enter("down later")
+        assert fb.take() == 0.0
+    assert any(r.levelno >= logging.WARNING for r in caplog.records)
+
+
 def test_reconnect_backoff_is_bounded():
     opts = dict(qb.DEFAULT_CHANNEL_OPTIONS)
     assert opts["grpc.max_reconnect_backoff_ms"] <= 5000

@@ -52,12 +52,21 @@ type Limiter = RateLimiter<
     governor::middleware::NoOpMiddleware<Duration>,
 >;
 
+/// A fallback entered again this soon after it was left (a broker that
+/// answers its probe but not the calls: a cluster with no leader) goes on
+/// with the limiter it left: the same pacing, not logged again.
+const REENTRY: Duration = Duration::from_secs(60);
+
 pub(crate) struct Fallback {
     settings: FallbackSettings,
     /// Grant instants of the last minute (for the recent granted rate).
     grants: VecDeque<Instant>,
     /// The local limiter, while falling back.
     local: Option<(Limiter, TokioClock)>,
+    /// The last fallback's limiter, and when it was left.
+    left: Option<(Limiter, TokioClock, Instant)>,
+    /// This fallback goes on one left a moment ago: its end is not logged.
+    quiet: bool,
     last_probe: Option<Instant>,
 }
 
@@ -67,6 +76,8 @@ impl Fallback {
             settings,
             grants: VecDeque::new(),
             local: None,
+            left: None,
+            quiet: false,
             last_probe: None,
         }
     }
@@ -109,8 +120,11 @@ impl Fallback {
     }
 
     pub(crate) fn broker_answered(&mut self) {
-        if self.local.take().is_some() {
-            tracing::info!("quota broker reachable again; leaving the local fallback limiter");
+        if let Some((limiter, clock)) = self.local.take() {
+            if !self.quiet {
+                tracing::info!("quota broker reachable again; leaving the local fallback limiter");
+            }
+            self.left = Some((limiter, clock, Instant::now()));
         }
     }
 
@@ -118,7 +132,22 @@ impl Fallback {
         if self.local.is_some() {
             return;
         }
-        self.forget_old(Instant::now());
+        let now = Instant::now();
+        // Left a moment ago: a permit it paced out stays paced (leaving
+        // and entering again must not hand out a call at once each time).
+        if let Some((limiter, clock, _)) = self
+            .left
+            .take()
+            .filter(|(_, _, at)| now.duration_since(*at) < REENTRY)
+        {
+            tracing::debug!(error = %status, "quota broker unreachable again; still pacing calls");
+            self.local = Some((limiter, clock));
+            self.quiet = true;
+            self.last_probe = Some(now);
+            return;
+        }
+        self.quiet = false;
+        self.forget_old(now);
         let recent = self.grants.len() as f64; // grants in the last minute
         let per_min = (recent * self.settings.fraction)
             .max(f64::from(self.settings.floor_per_min))
@@ -129,10 +158,10 @@ impl Fallback {
             fallback_per_min = rate.get(),
             "quota broker unreachable; pacing calls with a local limiter until it is back"
         );
-        let clock = TokioClock(Instant::now());
+        let clock = TokioClock(now);
         let quota = Quota::per_minute(rate).allow_burst(NonZeroU32::MIN);
         self.local = Some((RateLimiter::direct_with_clock(quota, clock), clock));
-        self.last_probe = Some(Instant::now());
+        self.last_probe = Some(now);
     }
 
     /// Takes one call's permission from the local limiter. A multi-permit
@@ -175,4 +204,32 @@ pub(crate) enum Take {
     Wait(Duration),
     /// Not falling back (the broker answered meanwhile): ask the broker.
     BrokerBack,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A broker that answers its probe but not the calls (a cluster with
+    /// no leader): leaving and entering the fallback every 2 s for a
+    /// minute gives the fallback's pace, not a call per round.
+    #[tokio::test(start_paused = true)]
+    async fn entering_again_soon_after_leaving_keeps_the_pacing() {
+        let mut fb = Fallback::new(FallbackSettings::default()); // 6 a minute
+        let down = tonic::Status::unavailable("this broker does not lead the tenant");
+        fb.broker_unreachable(&down);
+        let mut taken = u32::from(fb.try_take() == Take::Taken);
+        for _ in 0..30 {
+            tokio::time::advance(Duration::from_secs(2)).await;
+            fb.broker_answered();
+            fb.broker_unreachable(&down);
+            taken += u32::from(fb.try_take() == Take::Taken);
+        }
+        assert_eq!(taken, 1 + 6);
+        // Left longer ago: a new outage, a new limiter (its first call at once).
+        fb.broker_answered();
+        tokio::time::advance(Duration::from_secs(120)).await;
+        fb.broker_unreachable(&down);
+        assert_eq!(fb.try_take(), Take::Taken);
+    }
 }
