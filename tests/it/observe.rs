@@ -1047,6 +1047,9 @@ async fn a_page_opened_later_is_sent_the_last_minutes_of_its_tenants() {
     };
     let first = grant().await;
     assert!(first.granted, "{}", first.reason);
+    // Paused clock: sleeping moves it from timer to timer, so the history
+    // samples each of its ticks on the way (`advance` would jump past them
+    // in one step and the history would hold fewer points).
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(grant().await.granted);
     tokio::time::sleep(Duration::from_secs(4)).await;
