@@ -314,6 +314,7 @@ class _Renewer(threading.Thread):
         self._halt = threading.Event()
         self.renewals = 0
         self._warned = False
+        self._past_expiry = False
 
     def run(self):
         ttl_ms = self.lease.lease_ttl_ms
@@ -326,6 +327,10 @@ class _Renewer(threading.Thread):
             try:
                 resp = self.lease.renew(0)
                 self.renewals += 1
+                if self._past_expiry:
+                    log.info("lease %s renewed again after its expiry: the broker kept or adopted it",
+                             self.lease.lease_id)
+                self._warned = self._past_expiry = False
                 ttl_ms = resp.lease_ttl_ms
                 wait_ms = ttl_ms / 2.0
                 expires = time.monotonic() + ttl_ms / 1000.0
@@ -349,13 +354,19 @@ class _Renewer(threading.Thread):
                 (log.debug if self._warned else log.warning)(
                     "renewing lease %s failed: %s", self.lease.lease_id, e)
                 self._warned = True
-                # Again every eighth of the TTL (at least every 100 ms), until
-                # the slot would have expired.
+                # Again every eighth of the TTL (at least every 100 ms), also
+                # past the slot's expiry: the call still runs, so the slot is
+                # still in use upstream, and a restarted broker or a cluster's
+                # next leader adopts a lease renewed within one TTL of its
+                # start, which an election longer than a short TTL would miss.
                 left_ms = (expires - time.monotonic()) * 1000.0
-                if left_ms <= 0:
-                    log.warning("lease %s expired while its renewal failed", self.lease.lease_id)
-                    return
-                wait_ms = min(max(ttl_ms / 8.0, 100), left_ms)
+                if left_ms <= 0 and not self._past_expiry:
+                    self._past_expiry = True
+                    log.warning("lease %s passed its expiry while renewals failed; renewing on "
+                                "while it is held", self.lease.lease_id)
+                wait_ms = max(ttl_ms / 8.0, 100)
+                if left_ms > 0:
+                    wait_ms = min(wait_ms, left_ms)
 
     def stop(self):
         self._halt.set()

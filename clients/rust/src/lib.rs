@@ -829,16 +829,12 @@ impl BrokerClient {
             extend_ms: 0,
             acquired_with: Some(acquired_with),
         };
-        let answer = self
-            .rpc(|mut c| {
-                let req = self.request(req.clone());
-                async move { c.renew(req).await }
-            })
-            .await;
-        if let Err(e) = &answer {
-            tracing::warn!(error = %e, "lease renewal failed");
-        }
-        answer.map(|r| Duration::from_millis(r.lease_ttl_ms))
+        self.rpc(|mut c| {
+            let req = self.request(req.clone());
+            async move { c.renew(req).await }
+        })
+        .await
+        .map(|r| Duration::from_millis(r.lease_ttl_ms))
     }
 }
 
@@ -970,6 +966,57 @@ pub fn says_concurrency(body: &[u8]) -> bool {
         .any(|w| w.eq_ignore_ascii_case(WORD))
 }
 
+/// Renews lease `id` at half its TTL for as long as it is held. A renewal
+/// that fails for a while (broker restarting, overloaded, leader moving) is
+/// tried again every eighth of the TTL, also past the lease's expiry: the
+/// call still runs, so its slot is still in use upstream, and a restarted
+/// broker or a cluster's next leader adopts a lease renewed within one TTL
+/// of its start (`RenewRequest.acquired_with`), which an election longer
+/// than a short TTL would otherwise miss. It stops when the broker says the
+/// lease holds no slot or the caller may not renew it.
+async fn renew_while_held(client: BrokerClient, id: String, acquired: AcquireRequest, ttl_ms: u64) {
+    let mut ttl = Duration::from_millis(ttl_ms);
+    let mut expires = tokio::time::Instant::now() + ttl;
+    let mut wait = ttl / 2;
+    let mut failing = false;
+    let mut past_expiry = false;
+    loop {
+        tokio::time::sleep(wait).await;
+        match client.renew(id.clone(), acquired.clone()).await {
+            Ok(t) if !t.is_zero() => {
+                if past_expiry {
+                    tracing::info!(lease = %id, "lease renewed again after its expiry: the broker kept or adopted it");
+                }
+                (ttl, wait, failing, past_expiry) = (t, t / 2, false, false);
+                expires = tokio::time::Instant::now() + t;
+            }
+            // The lease holds no slot any more.
+            Ok(_) => return,
+            Err(s) if !renewal_may_pass_later(s.code()) => {
+                tracing::warn!(lease = %id, error = %s, "lease can no longer be renewed");
+                return;
+            }
+            Err(s) => {
+                let left = expires.saturating_duration_since(tokio::time::Instant::now());
+                if !failing {
+                    tracing::warn!(lease = %id, error = %s, "lease renewal failed; trying again");
+                } else if left.is_zero() && !past_expiry {
+                    tracing::warn!(lease = %id, error = %s,
+                        "lease passed its expiry while renewals failed; renewing on while it is held");
+                } else {
+                    tracing::debug!(lease = %id, error = %s, "lease renewal failed");
+                }
+                failing = true;
+                past_expiry |= left.is_zero();
+                wait = (ttl / 8).max(Duration::from_millis(100));
+                if !left.is_zero() {
+                    wait = wait.min(left);
+                }
+            }
+        }
+    }
+}
+
 /// Permission for one upstream call. Holds its concurrency slot, renewing it
 /// in the background, until dropped.
 pub struct Lease {
@@ -985,35 +1032,7 @@ impl Lease {
         let holds_slot = ttl_ms > 0;
         let renewer = holds_slot.then(|| {
             let (client, id, acquired) = (client.clone(), id.clone(), call.acquire_request());
-            tokio::spawn(async move {
-                let mut ttl = Duration::from_millis(ttl_ms);
-                let mut expires = tokio::time::Instant::now() + ttl;
-                // Renew at half the TTL; a renewal that fails for a while
-                // (broker restarting, overloaded, leader moving) is tried
-                // again every eighth of it until the lease would expire.
-                let mut wait = ttl / 2;
-                loop {
-                    tokio::time::sleep(wait).await;
-                    match client.renew(id.clone(), acquired.clone()).await {
-                        Ok(t) if !t.is_zero() => {
-                            ttl = t;
-                            expires = tokio::time::Instant::now() + t;
-                            wait = t / 2;
-                        }
-                        // The lease holds no slot any more.
-                        Ok(_) => return,
-                        Err(s) if !renewal_may_pass_later(s.code()) => return,
-                        Err(_) => {
-                            let left =
-                                expires.saturating_duration_since(tokio::time::Instant::now());
-                            if left.is_zero() {
-                                return;
-                            }
-                            wait = (ttl / 8).max(Duration::from_millis(100)).min(left);
-                        }
-                    }
-                }
-            })
+            tokio::spawn(renew_while_held(client, id, acquired, ttl_ms))
         });
         Lease {
             client,

@@ -181,6 +181,52 @@ async fn a_renewal_refused_for_a_while_is_tried_again() {
     server.stop().await.unwrap();
 }
 
+/// A broker killed while a lease is held and back only after the lease's
+/// 1 s TTL (as a cluster's election outlasts a short TTL): the holder goes
+/// on renewing past the expiry, the restarted broker adopts the lease, and
+/// nobody else gets its slot while the call runs.
+#[tokio::test(start_paused = true)]
+async fn a_lease_whose_broker_is_back_only_after_its_ttl_is_renewed_and_adopted() {
+    let dir = testsvc::scratch_dir("renew-past-expiry").unwrap();
+    let config = CONFIG
+        .replace(
+            "state_dir = \"\"",
+            &format!("state_dir = {:?}", dir.display().to_string()),
+        )
+        .replace("lease_ttl_ms = 5000", "lease_ttl_ms = 1000");
+    let settings = Settings::from_toml(&config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Embedded::spawn(listener, settings.clone()).unwrap();
+    let client = BrokerClient::connect(&server.url(), None).unwrap();
+    let lease = client.acquire(&q()).await.unwrap();
+    assert!(!lease.is_fallback());
+    // Killed: no stop record, so the next run starts in the restart
+    // learning mode. Back 3 s later, two TTLs after the lease expired.
+    drop(server);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let server = Embedded::spawn(listener, settings).unwrap();
+    // Another client waits 10 s (ten TTLs) for the slot: the holder's
+    // renewals got it adopted and keep it.
+    let other = BrokerClient::connect(&server.url(), None).unwrap();
+    let t0 = Instant::now();
+    let waited = other.acquire(&q().max_wait(Duration::from_secs(10))).await;
+    assert!(t0.elapsed() >= Duration::from_secs(10));
+    assert!(
+        matches!(waited, Err(ClientError::NotGranted { .. })),
+        "the held slot was granted again: {:?}",
+        waited.map(|l| l.id().to_owned())
+    );
+    // Released, it is free at once.
+    lease.release().await;
+    let again = other.acquire(&q().max_wait(Duration::ZERO)).await.unwrap();
+    assert!(!again.is_fallback());
+    drop(again);
+    server.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test(start_paused = true)]
 async fn report_and_the_tower_layer_tell_the_broker_about_429s() {
     let b = broker_on("127.0.0.1:0").await;
