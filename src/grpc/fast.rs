@@ -137,7 +137,8 @@ async fn read_message(mut body: Body) -> Result<Bytes, Status> {
         }
         let len = whole.as_ref().map_or(more.len(), Bytes::len);
         if len > PREFIX + MAX_MESSAGE_BYTES {
-            return Err(too_large(len - PREFIX));
+            // Not read to its end: its length is not known yet.
+            return Err(too_large(None));
         }
     }
     let bytes = whole.unwrap_or_else(|| Bytes::from(more));
@@ -156,7 +157,7 @@ async fn read_message(mut body: Body) -> Result<Bytes, Status> {
     }
     let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
     if len > MAX_MESSAGE_BYTES {
-        return Err(too_large(len));
+        return Err(too_large(Some(len)));
     }
     match (bytes.len() - PREFIX).cmp(&len) {
         std::cmp::Ordering::Less => Err(Status::internal(format!(
@@ -170,10 +171,13 @@ async fn read_message(mut body: Body) -> Result<Bytes, Status> {
     }
 }
 
-fn too_large(found: usize) -> Status {
-    Status::out_of_range(format!(
-        "request message too large: found {found} bytes, the limit is: {MAX_MESSAGE_BYTES} bytes"
-    ))
+fn too_large(found: Option<usize>) -> Status {
+    Status::out_of_range(match found {
+        Some(n) => format!(
+            "request message too large: found {n} bytes, the limit is: {MAX_MESSAGE_BYTES} bytes"
+        ),
+        None => format!("request message too large: over the limit of {MAX_MESSAGE_BYTES} bytes"),
+    })
 }
 
 /// A successful answer: headers, one message, `grpc-status: 0`.

@@ -312,6 +312,33 @@ impl Cluster {
     }
 }
 
+/// Why the first certificate in `pem` (the client's own) is not valid now,
+/// if it is not: the broker would drop the connection without a word.
+fn out_of_validity(pem: &[u8]) -> Option<String> {
+    let block = x509_parser::pem::Pem::iter_from_buffer(pem)
+        .filter_map(Result::ok)
+        .find(|b| b.label == "CERTIFICATE")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&block.contents).ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_secs()).ok())?;
+    let validity = cert.validity();
+    if validity.not_after.timestamp() < now {
+        Some(format!(
+            "the certificate expired on {}: renew it",
+            validity.not_after
+        ))
+    } else if validity.not_before.timestamp() > now {
+        Some(format!(
+            "the certificate is not valid before {}: check this host's clock",
+            validity.not_before
+        ))
+    } else {
+        None
+    }
+}
+
 /// TLS for an `https://` URL from the `--ca-cert`, `--client-cert` and
 /// `--client-key` options (the system's roots without `--ca-cert`); `None`
 /// for `http://` (TLS options with one were refused at start:
@@ -356,8 +383,15 @@ fn tls_config(url: &str, tls: &TlsArgs) -> Result<Option<ClientTlsConfig>, Error
     };
     // One without the other was refused at start (`Cli::usage_problem`).
     if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
+        let pem = read("--client-cert", cert, "CERTIFICATE")?;
+        if let Some(problem) = out_of_validity(&pem) {
+            return Err(Error::Tls(format!(
+                "--client-cert {}: {problem}",
+                cert.display()
+            )));
+        }
         config = config.identity(Identity::from_pem(
-            read("--client-cert", cert, "CERTIFICATE")?,
+            pem,
             read("--client-key", key, "PRIVATE KEY")?,
         ));
     }

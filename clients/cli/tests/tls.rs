@@ -215,6 +215,8 @@ async fn tls_options_that_cannot_work_are_refused_before_connecting() {
     let ca = pki.arg("ca.pem");
     let cert = pki.arg("client.pem");
     let key = pki.arg("client.key");
+    let expired = pki.arg("expired-client.pem");
+    let expired_key = pki.arg("expired-client.key");
     // Options that do not go together are a usage error (2); a file that
     // cannot be used, an error found when it is read (1).
     for (args, needle, code) in [
@@ -277,6 +279,21 @@ async fn tls_options_that_cannot_work_are_refused_before_connecting() {
                 &key,
             ],
             "no PEM certificate in it",
+            1,
+        ),
+        (
+            vec![
+                "status",
+                "--broker",
+                "https://127.0.0.1:1",
+                "--ca-cert",
+                &ca,
+                "--client-cert",
+                &expired,
+                "--client-key",
+                &expired_key,
+            ],
+            "the certificate expired on",
             1,
         ),
         (

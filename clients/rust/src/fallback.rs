@@ -67,6 +67,10 @@ pub(crate) struct Fallback {
     left: Option<(Limiter, TokioClock, Instant)>,
     /// This fallback goes on one left a moment ago: its end is not logged.
     quiet: bool,
+    /// No local permission before this: a 429's Retry-After.
+    held_until: Option<Instant>,
+    /// The local limiter's rate, per minute.
+    per_min: u32,
     last_probe: Option<Instant>,
 }
 
@@ -78,6 +82,8 @@ impl Fallback {
             local: None,
             left: None,
             quiet: false,
+            held_until: None,
+            per_min: 0,
             last_probe: None,
         }
     }
@@ -158,6 +164,7 @@ impl Fallback {
             fallback_per_min = rate.get(),
             "quota broker unreachable; pacing calls with a local limiter until it is back"
         );
+        self.per_min = rate.get();
         let clock = TokioClock(now);
         let quota = Quota::per_minute(rate).allow_burst(NonZeroU32::MIN);
         self.local = Some((RateLimiter::direct_with_clock(quota, clock), clock));
@@ -171,16 +178,41 @@ impl Fallback {
         let Some((limiter, clock)) = self.local.as_ref() else {
             return Take::BrokerBack;
         };
-        match limiter.check() {
-            Ok(()) => Take::Taken,
-            // Never past the next probe: a waiting call takes its turn to
-            // ask the broker.
-            Err(not_until) => Take::Wait(
-                not_until
-                    .wait_time_from(clock.now())
-                    .min(self.settings.probe_every)
-                    .max(Duration::from_millis(1)),
-            ),
+        let held = self.held_until.map_or(Duration::ZERO, |t| {
+            t.saturating_duration_since(Instant::now())
+        });
+        let permit_in = if held.is_zero() {
+            match limiter.check() {
+                Ok(()) => return Take::Taken,
+                Err(not_until) => not_until.wait_time_from(clock.now()),
+            }
+        } else {
+            held
+        }
+        .max(Duration::from_millis(1));
+        // Never past the next probe: a waiting call takes its turn to ask
+        // the broker.
+        Take::Wait {
+            permit_in,
+            nap: permit_in.min(self.settings.probe_every),
+        }
+    }
+
+    /// The upstream answered 429 with this Retry-After: no local
+    /// permission before it ends.
+    pub(crate) fn throttled(&mut self, retry_after: Duration) {
+        let until = Instant::now() + retry_after;
+        if self.held_until.is_none_or(|t| t < until) {
+            self.held_until = Some(until);
+        }
+    }
+
+    /// The local limiter's rate, per minute (0 when not falling back).
+    pub(crate) fn per_min(&self) -> u32 {
+        if self.local.is_some() {
+            self.per_min
+        } else {
+            0
         }
     }
 }
@@ -200,8 +232,14 @@ pub(crate) enum Route {
 pub(crate) enum Take {
     /// Go ahead, unleased.
     Taken,
-    /// Ask again after this long (or probe the broker then).
-    Wait(Duration),
+    /// No permission for `permit_in`; ask again after `nap` (when the
+    /// broker is also probed again).
+    Wait {
+        /// Until the local limiter (or a Retry-After) gives one.
+        permit_in: Duration,
+        /// How long to sleep before asking again.
+        nap: Duration,
+    },
     /// Not falling back (the broker answered meanwhile): ask the broker.
     BrokerBack,
 }

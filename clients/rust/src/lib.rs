@@ -110,6 +110,12 @@ pub enum ClientError {
         /// When to retry at the earliest.
         retry_after: Duration,
     },
+    /// The client was made outside a Tokio runtime (its connections'
+    /// tasks need one).
+    #[error(
+        "BrokerClient must be created inside a Tokio runtime (its connections run as tasks of it)"
+    )]
+    NoRuntime,
     /// The broker refused the request (bad field, unknown tenant, auth...).
     #[error("broker refused: {}: {}", quota_broker::code_name(.0.code()), .0.message())]
     Refused(tonic::Status),
@@ -143,6 +149,10 @@ pub struct ClientTls {
     ca: Option<Certificate>,
     identity: Option<Identity>,
     domain: Option<String>,
+    /// As given, to check when connecting (tonic takes any bytes and
+    /// fails only at the handshake, in words that name no file).
+    ca_pem: Option<Vec<u8>>,
+    cert_pem: Option<Vec<u8>>,
 }
 
 impl ClientTls {
@@ -154,6 +164,7 @@ impl ClientTls {
     /// Trusts only the CA certificate(s) in `pem` instead of the platform's
     /// roots (a private CA).
     pub fn ca_pem(mut self, pem: impl AsRef<[u8]>) -> ClientTls {
+        self.ca_pem = Some(pem.as_ref().to_vec());
         self.ca = Some(Certificate::from_pem(pem));
         self
     }
@@ -161,6 +172,7 @@ impl ClientTls {
     /// Presents this certificate chain and key (PEM) to the broker, for
     /// mutual TLS.
     pub fn identity_pem(mut self, cert: impl AsRef<[u8]>, key: impl AsRef<[u8]>) -> ClientTls {
+        self.cert_pem = Some(cert.as_ref().to_vec());
         self.identity = Some(Identity::from_pem(cert, key));
         self
     }
@@ -196,6 +208,24 @@ impl ClientTls {
         Ok(tls)
     }
 
+    /// What is wrong with the certificates, found before any handshake:
+    /// a CA or client certificate file with no certificate in it or one
+    /// that does not parse, or a client certificate out of its validity
+    /// (the broker would drop every connection, which a client cannot
+    /// tell from a broker that is down).
+    fn check(&self) -> Result<(), ClientError> {
+        if let Some(pem) = &self.ca_pem {
+            certificates("the CA certificate", pem)?;
+        }
+        if let Some(pem) = &self.cert_pem {
+            let certs = certificates("the client certificate", pem)?;
+            if let Some(own) = certs.first() {
+                within_validity(own)?;
+            }
+        }
+        Ok(())
+    }
+
     fn into_tonic(self) -> ClientTlsConfig {
         let mut c = ClientTlsConfig::new();
         c = match self.ca {
@@ -210,6 +240,55 @@ impl ClientTls {
         }
         c
     }
+}
+
+/// The DER certificates in `pem`, each checked to parse as X.509; an
+/// error naming `what` if there is none or one does not parse.
+fn certificates(what: &str, pem: &[u8]) -> Result<Vec<Vec<u8>>, ClientError> {
+    let mut out = Vec::new();
+    for block in x509_parser::pem::Pem::iter_from_buffer(pem) {
+        let block = block.map_err(|e| ClientError::Tls(format!("{what}: not PEM: {e}")))?;
+        if block.label != "CERTIFICATE" {
+            continue;
+        }
+        if let Err(e) = x509_parser::parse_x509_certificate(&block.contents) {
+            return Err(ClientError::Tls(format!(
+                "{what}: a certificate in it does not parse: {e}"
+            )));
+        }
+        out.push(block.contents);
+    }
+    if out.is_empty() {
+        return Err(ClientError::Tls(format!(
+            "{what}: no PEM certificate in it (expected a -----BEGIN CERTIFICATE----- block)"
+        )));
+    }
+    Ok(out)
+}
+
+/// An error if the client's own certificate (DER) has expired or is not
+/// valid yet.
+fn within_validity(der: &[u8]) -> Result<(), ClientError> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Ok(());
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let validity = cert.validity();
+    if validity.not_after.timestamp() < now {
+        return Err(ClientError::Tls(format!(
+            "the client certificate expired on {}: the broker refuses it; renew it",
+            validity.not_after
+        )));
+    }
+    if validity.not_before.timestamp() > now {
+        return Err(ClientError::Tls(format!(
+            "the client certificate is not valid before {}: check this host's clock",
+            validity.not_before
+        )));
+    }
+    Ok(())
 }
 
 /// How [`BrokerClient::connect_with`] connects.
@@ -399,6 +478,12 @@ impl BrokerClient {
     /// TLS, fallback). TLS settings need an `https://` URL; a bad CA,
     /// certificate or key is an error here, not at the first call.
     pub fn connect_with(url: &str, options: ConnectOptions) -> Result<BrokerClient, ClientError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(ClientError::NoRuntime);
+        }
+        if let Some(tls) = &options.tls {
+            tls.check()?;
+        }
         let urls: Vec<String> = url
             .split(',')
             .map(str::trim)
@@ -537,6 +622,7 @@ impl BrokerClient {
     /// comes from the local fallback limiter instead
     /// ([`Lease::is_fallback`]).
     pub async fn acquire(&self, call: &Call) -> Result<Lease, ClientError> {
+        let started = tokio::time::Instant::now();
         loop {
             let route = self.fallback().route();
             if route == (Route::Local { probe: true }) {
@@ -568,6 +654,9 @@ impl BrokerClient {
                             r.lease_ttl_ms,
                         ));
                     }
+                    Err(s) if tls_refusal(&s).is_some() => {
+                        return Err(ClientError::Tls(tls_refusal(&s).unwrap_or_default()))
+                    }
                     Err(s) if is_unreachable(&s) => {
                         // The broker may have read it before it stopped
                         // answering: once it is back, a lease it granted
@@ -586,7 +675,22 @@ impl BrokerClient {
                 // Waiting for the local limiter, the broker is probed again
                 // meanwhile; once it answers, waiting calls ask it instead
                 // of going out unleased all at once.
-                Take::Wait(wait) => tokio::time::sleep(wait).await,
+                Take::Wait { permit_in, nap } => {
+                    // A caller that set how long it waits is told "not now"
+                    // at once, as the broker would, not held past it.
+                    if let Some(most) = call.max_wait {
+                        if started.elapsed() + permit_in > most {
+                            return Err(ClientError::NotGranted {
+                                reason: format!(
+                                    "quota broker unreachable: local fallback limit of {}/min",
+                                    self.fallback().per_min()
+                                ),
+                                retry_after: permit_in,
+                            });
+                        }
+                    }
+                    tokio::time::sleep(nap).await
+                }
                 Take::BrokerBack => {}
             }
         }
@@ -613,6 +717,9 @@ impl BrokerClient {
         });
         match tokio::time::timeout(within, watch).await {
             Ok(Ok(_)) => Ok(true),
+            Ok(Err(s)) if tls_refusal(&s).is_some() => {
+                Err(ClientError::Tls(tls_refusal(&s).unwrap_or_default()))
+            }
             Ok(Err(s)) if is_unreachable(&s) || s.code() == tonic::Code::ResourceExhausted => {
                 Ok(false)
             }
@@ -644,6 +751,11 @@ impl BrokerClient {
         headers: &http::HeaderMap,
         concurrency_limited: bool,
     ) -> Result<(), ClientError> {
+        let held = if status == 429 {
+            headers.get(http::header::RETRY_AFTER).and_then(retry_after)
+        } else {
+            None
+        };
         let headers = headers
             .iter()
             .filter(|(k, _)| REPORTED_HEADERS.contains(&k.as_str()))
@@ -663,6 +775,11 @@ impl BrokerClient {
             // once even if the broker received the first.
             idempotency_key: new_key(),
         };
+        // While falling back the upstream's Retry-After holds the local
+        // limiter too (noted now: it applies if the fallback starts later).
+        if let Some(wait) = held {
+            self.fallback().throttled(wait);
+        }
         // Falling back: kept for when the broker is back, without waiting
         // on it (it is probed in the background).
         if let Route::Local { probe } = self.fallback().route() {
@@ -680,6 +797,9 @@ impl BrokerClient {
             .await;
         match answer {
             Ok(_) => Ok(()),
+            Err(s) if tls_refusal(&s).is_some() => {
+                Err(ClientError::Tls(tls_refusal(&s).unwrap_or_default()))
+            }
             // The broker is away: it hears of this once it is back.
             Err(s) if is_unreachable(&s) => {
                 self.kept().keep(req);
@@ -912,6 +1032,50 @@ fn channel(url: &str, tls: Option<&ClientTls>) -> Result<QuotaBrokerClient<Chann
 /// transport failure carries its source; the broker's own answers do not.
 fn is_unreachable(s: &tonic::Status) -> bool {
     s.code() == tonic::Code::Unavailable || std::error::Error::source(s).is_some()
+}
+
+/// A TLS handshake that failed in a way that does not mend by itself,
+/// said with what to do: a broker certificate this client does not trust,
+/// a certificate of its own the broker refused, or no TLS on the port.
+/// Not a broker that is away: calls fail with it instead of falling back,
+/// as they do on a token the broker refuses. (A refusal of the client's
+/// certificate under TLS 1.3 can also arrive as a bare closed connection,
+/// which cannot be told from a broker going down: that one falls back.)
+fn tls_refusal(s: &tonic::Status) -> Option<String> {
+    let chain = error_chain(std::error::Error::source(s)?);
+    let hint = if chain.contains("not valid for name") {
+        "the broker's certificate does not name the host in the URL: connect by a name it \
+         has, or give one with ClientTls::domain_name"
+    } else if chain.contains("UnknownIssuer") {
+        "no CA this client trusts signed the broker's certificate: give the CA that did \
+         with ClientTls::ca_pem"
+    } else if chain.contains("invalid peer certificate") && chain.contains("xpired") {
+        "the broker's certificate has expired: renew it on the broker"
+    } else if chain.contains("invalid peer certificate") {
+        "this client does not accept the broker's certificate"
+    } else if chain.contains("received fatal alert") {
+        "the broker refused this client's TLS handshake: under mutual TLS it takes only an \
+         unexpired certificate its client CA signed (ClientTls::identity_pem)"
+    } else if chain.contains("InvalidContentType") || chain.contains("corrupt message") {
+        "the port does not speak TLS: use an http:// URL for a broker without [server.tls]"
+    } else {
+        return None;
+    };
+    let detail: String = chain.chars().take(300).collect();
+    Some(format!("{hint} ({detail})"))
+}
+
+/// A Retry-After value (delta seconds or an HTTP-date) as a wait from now,
+/// at most 15 minutes (as the broker caps a freeze).
+fn retry_after(value: &http::HeaderValue) -> Option<Duration> {
+    const MOST: Duration = Duration::from_secs(15 * 60);
+    let text = value.to_str().ok()?.trim();
+    if let Ok(secs) = text.parse::<f64>() {
+        return (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs.min(900.0)));
+    }
+    let at = httpdate::parse_http_date(text).ok()?;
+    let wait = at.duration_since(std::time::SystemTime::now()).ok()?;
+    Some(wait.min(MOST))
 }
 
 /// Whether a call that failed on the transport may have been read by a

@@ -316,6 +316,62 @@ async fn falls_back_to_a_paced_local_limiter_and_returns_to_the_broker() {
     b.stop().await;
 }
 
+/// Falling back, a caller that said how long it waits is answered "not
+/// now" at once when the local limiter has nothing for it within that
+/// time, and a 429's Retry-After holds the local limiter.
+#[tokio::test(start_paused = true)]
+async fn the_fallback_keeps_to_the_callers_wait_and_to_the_upstreams_retry_after() {
+    let b = broker_on("127.0.0.1:0").await;
+    let (client, call) = fallback_client(&b, 6, 5);
+    b.stop().await;
+    // 6 a minute: the first call at once, the next 10 s later.
+    let first = client.acquire(&call).await.unwrap();
+    assert!(first.is_fallback());
+    let t0 = Instant::now();
+    let quick = client
+        .acquire(&call.clone().max_wait(Duration::from_millis(100)))
+        .await;
+    assert!(
+        t0.elapsed() < Duration::from_millis(100),
+        "held {:?}",
+        t0.elapsed()
+    );
+    match quick {
+        Err(ClientError::NotGranted {
+            reason,
+            retry_after,
+        }) => {
+            assert!(reason.contains("local fallback limit of 6/min"), "{reason}");
+            assert!(
+                retry_after > Duration::from_secs(9) && retry_after <= Duration::from_secs(10),
+                "{retry_after:?}"
+            );
+        }
+        other => panic!("{:?}", other.map(|l| l.is_fallback())),
+    }
+    // The upstream says wait a minute: nothing locally before then.
+    let mut headers = http::HeaderMap::new();
+    headers.insert("Retry-After", "60".parse().unwrap());
+    first.report(429, &headers).await.unwrap();
+    let held = client
+        .acquire(&call.clone().max_wait(Duration::from_secs(30)))
+        .await;
+    match held {
+        Err(ClientError::NotGranted { retry_after, .. }) => assert!(
+            retry_after > Duration::from_secs(59) && retry_after <= Duration::from_secs(60),
+            "{retry_after:?}"
+        ),
+        other => panic!("{:?}", other.map(|l| l.is_fallback())),
+    }
+    let t0 = Instant::now();
+    assert!(client.acquire(&call).await.unwrap().is_fallback());
+    assert!(
+        t0.elapsed() >= Duration::from_secs(59),
+        "went ahead after {:?} of a 60 s Retry-After",
+        t0.elapsed()
+    );
+}
+
 /// A TCP proxy in front of a broker that can stop passing bytes, as a
 /// host that hangs or is cut off does: connections stay open, nothing is
 /// answered.

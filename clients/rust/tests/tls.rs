@@ -50,15 +50,21 @@ async fn leases_over_mutual_tls_with_a_private_ca() {
     assert!(!lease.is_fallback(), "leased from the broker over TLS");
     lease.release().await;
 
-    // Without a client certificate the broker turns the connection away:
-    // to the client that is an unreachable broker, so its local limiter.
+    // Without a client certificate the broker turns the connection away.
+    // With the broker's alert read first that is an error saying so; when
+    // the connection's close overtakes the alert, it cannot be told from a
+    // broker going down: the local limiter. Never a lease of the broker's.
     let no_cert = ClientTls::new().ca_pem(std::fs::read(pki.path("ca.pem")).unwrap());
     let client = BrokerClient::connect_with(&url, ConnectOptions::new().tls(no_cert)).unwrap();
-    assert!(client.acquire(&call()).await.unwrap().is_fallback());
+    match client.acquire(&call()).await {
+        Err(ClientError::Tls(why)) => assert!(why.contains("identity_pem"), "{why}"),
+        Ok(lease) => assert!(lease.is_fallback()),
+        Err(e) => panic!("{e}"),
+    }
 }
 
-#[test]
-fn tls_settings_are_checked_when_connecting() {
+#[tokio::test]
+async fn tls_settings_are_checked_when_connecting() {
     let err = BrokerClient::connect_with(
         "http://127.0.0.1:50051",
         ConnectOptions::new().tls(ClientTls::new()),
@@ -84,4 +90,92 @@ fn tls_settings_are_checked_when_connecting() {
         .err()
         .unwrap();
     assert!(matches!(err, ClientError::Tls(_)), "{err}");
+
+    // A CA file without a certificate (a key given by mistake), and a
+    // client certificate that has expired: refused here, not at every
+    // handshake as a broker that looks down.
+    let err = ClientTls::from_files(Some(&pki.path("client.key")), None)
+        .and_then(|tls| {
+            BrokerClient::connect_with("https://127.0.0.1:50051", ConnectOptions::new().tls(tls))
+        })
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("the CA certificate: no PEM certificate"),
+        "{err}"
+    );
+    let err = ClientTls::from_files(
+        Some(&pki.path("ca.pem")),
+        Some((
+            &pki.path("expired-client.pem"),
+            &pki.path("expired-client.key"),
+        )),
+    )
+    .and_then(|tls| {
+        BrokerClient::connect_with("https://127.0.0.1:50051", ConnectOptions::new().tls(tls))
+    })
+    .err()
+    .unwrap();
+    assert!(
+        err.to_string()
+            .contains("the client certificate expired on"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("2021"), "{err}");
+}
+
+#[test]
+fn a_client_made_outside_a_runtime_is_an_error_not_a_panic() {
+    let err = BrokerClient::connect("http://127.0.0.1:50051", None)
+        .err()
+        .unwrap();
+    assert!(matches!(err, ClientError::NoRuntime), "{err}");
+}
+
+/// A broker certificate this client does not trust, and `https://` to a
+/// port without TLS, are errors that say what to do, from the start-up
+/// check and from every call: not an unreachable broker run on the
+/// fallback rate.
+#[tokio::test]
+async fn a_handshake_that_cannot_succeed_is_an_error_not_a_fallback() {
+    let pki = Pki::new("trusted");
+    let (addr, _stop) = mtls_broker(&pki).await;
+    let other = Pki::new("other");
+    let tls = ClientTls::from_files(
+        Some(&other.path("ca.pem")),
+        Some((&other.path("client.pem"), &other.path("client.key"))),
+    )
+    .unwrap();
+    let client =
+        BrokerClient::connect_with(&format!("https://{addr}"), ConnectOptions::new().tls(tls))
+            .unwrap();
+    let err = client
+        .check("t", std::time::Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("no CA this client trusts"),
+        "{err}"
+    );
+    match client.acquire(&call()).await {
+        Err(ClientError::Tls(why)) => assert!(why.contains("ClientTls::ca_pem"), "{why}"),
+        other => panic!("{:?}", other.map(|l| l.is_fallback())),
+    }
+
+    // Trusted, but for other names than the one asked for.
+    let tls = ClientTls::new()
+        .ca_pem(std::fs::read(pki.path("ca.pem")).unwrap())
+        .identity_pem(
+            std::fs::read(pki.path("client.pem")).unwrap(),
+            std::fs::read(pki.path("client.key")).unwrap(),
+        )
+        .domain_name("elsewhere.test");
+    let client =
+        BrokerClient::connect_with(&format!("https://{addr}"), ConnectOptions::new().tls(tls))
+            .unwrap();
+    match client.acquire(&call()).await {
+        Err(ClientError::Tls(why)) => assert!(why.contains("ClientTls::domain_name"), "{why}"),
+        other => panic!("{:?}", other.map(|l| l.is_fallback())),
+    }
 }

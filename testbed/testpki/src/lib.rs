@@ -12,9 +12,9 @@ use rcgen::{
 };
 use std::path::PathBuf;
 
-/// `ca.pem`, `server.pem` + `server.key` (for 127.0.0.1 and `broker.test`)
-/// and `client.pem` +
-/// `client.key`, in one directory.
+/// `ca.pem`, `server.pem` + `server.key` (for 127.0.0.1 and `broker.test`),
+/// `client.pem` + `client.key`, and `expired-client.pem` +
+/// `expired-client.key` (valid in 2020 only), in one directory.
 pub struct Pki {
     dir: PathBuf,
 }
@@ -36,22 +36,34 @@ impl Pki {
         ];
         let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
         std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-        for (file, sans, usage) in [
+        for (file, sans, usage, expired) in [
             (
                 "server",
                 &["127.0.0.1", "broker.test"][..],
                 ExtendedKeyUsagePurpose::ServerAuth,
+                false,
             ),
             (
                 "client",
                 &["ingest-1"][..],
                 ExtendedKeyUsagePurpose::ClientAuth,
+                false,
+            ),
+            (
+                "expired-client",
+                &["ingest-1"][..],
+                ExtendedKeyUsagePurpose::ClientAuth,
+                true,
             ),
         ] {
             let key = KeyPair::generate().unwrap();
             let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
             let mut params = CertificateParams::new(sans).unwrap();
             params.extended_key_usages = vec![usage];
+            if expired {
+                params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            }
             let cert = params.signed_by(&key, &*ca).unwrap();
             std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).unwrap();
             std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
