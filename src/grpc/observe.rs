@@ -28,6 +28,10 @@ const MAX_REQUEST_ID: usize = 64;
 /// the rest at debug: a line each would cost most when the broker has
 /// least to spare.
 const SHED_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Other refusals (a bad field, an unknown tenant): at most one line this
+/// often at info, each at debug. A client with a typo repeats it thousands
+/// of times a second, and a line each fills a disk in a day.
+const REFUSED_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// The caller's request id if it is 1–64 characters of `[A-Za-z0-9._:-]`.
 fn given_id(value: &http::HeaderValue) -> Option<&str> {
@@ -59,6 +63,8 @@ pub(crate) struct ObserveLayer {
     metrics: Option<Arc<Metrics>>,
     /// When a shed call was last logged at info, and how many since.
     shed: Arc<Throttled>,
+    /// The same for other refusals.
+    refused: Arc<Throttled>,
 }
 
 impl ObserveLayer {
@@ -67,6 +73,7 @@ impl ObserveLayer {
         ObserveLayer {
             metrics,
             shed: Arc::new(Throttled::new(SHED_LOG_EVERY)),
+            refused: Arc::new(Throttled::new(REFUSED_LOG_EVERY)),
         }
     }
 }
@@ -79,6 +86,7 @@ impl<S> Layer<S> for ObserveLayer {
             inner,
             metrics: self.metrics.clone(),
             shed: self.shed.clone(),
+            refused: self.refused.clone(),
         }
     }
 }
@@ -89,6 +97,7 @@ pub(crate) struct Observe<S> {
     inner: S,
     metrics: Option<Arc<Metrics>>,
     shed: Arc<Throttled>,
+    refused: Arc<Throttled>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -136,7 +145,7 @@ where
         );
         let call = self.inner.call(req).instrument(span.clone());
         let metrics = self.metrics.clone();
-        let shed = self.shed.clone();
+        let throttles = (self.shed.clone(), self.refused.clone());
         Box::pin(async move {
             let mut r = call.await;
             if let Ok(response) = &mut r {
@@ -148,7 +157,7 @@ where
                         tracing::debug!("call abandoned: its request could not be read")
                     }),
                     Some(code) => {
-                        log_refusal(&span, response.headers(), code, &shed);
+                        log_refusal(&span, response.headers(), code, &throttles);
                         if let Some(m) = &metrics {
                             m.refused(method, code);
                         }
@@ -183,7 +192,7 @@ fn log_refusal(
     span: &tracing::Span,
     headers: &http::HeaderMap,
     code: tonic::Code,
-    shed: &Throttled,
+    (shed, refused): &(Arc<Throttled>, Arc<Throttled>),
 ) {
     let message = headers
         .get(&GRPC_MESSAGE)
@@ -206,7 +215,15 @@ fn log_refusal(
             ),
             None => tracing::debug!(code = ?code, reason = %message, "refused"),
         },
-        _ => tracing::info!(code = ?code, reason = %message, "refused"),
+        _ => match refused.note() {
+            Some(calls) => tracing::info!(
+                code = ?code,
+                reason = %message,
+                calls_refused_since_last_line = calls,
+                "refused"
+            ),
+            None => tracing::debug!(code = ?code, reason = %message, "refused"),
+        },
     });
 }
 

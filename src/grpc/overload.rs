@@ -46,6 +46,9 @@ pub(crate) const RETRY_AFTER_MS: &str = "retry-after-ms";
 const WATCH_RETRY: Duration = Duration::from_secs(1);
 /// Paths never rate-limited: load balancers probe without tokens.
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+/// Release gives capacity back: refused as over a token's rate, the slots
+/// it frees would stay held until their TTL and deepen the overload.
+const RELEASE_PATH: &str = "/quota.v1.QuotaBroker/Release";
 /// Every this many anonymous checks, forget peers idle for a full period.
 const PRUNE_EVERY: u64 = 4096;
 
@@ -223,6 +226,7 @@ impl Overload {
         };
         match self.caller(token_index, peer) {
             None => Ok(()),
+            Some(Caller::Token(_)) if path == RELEASE_PATH => Ok(()),
             Some(Caller::Token(i)) => {
                 let Some(budget) = self.tokens.get(i) else {
                     return Ok(());
@@ -502,6 +506,9 @@ mod tests {
             .unwrap();
         assert!((1..=500).contains(&ms), "{ms}");
         assert!(err.message().contains(&format!("retry in {ms} ms")));
+        // A Release over the token's rate still passes: it frees slots.
+        o.admit(RELEASE_PATH, Some("Bearer slow-secret"), Some(&p))
+            .unwrap();
         // 0 = no limit for "fast"; anonymous peers are limited per IP.
         for _ in 0..100 {
             o.admit(ACQUIRE, Some("Bearer fast-secret"), Some(&p))

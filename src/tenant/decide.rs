@@ -12,6 +12,13 @@ use std::fmt::Write as _;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// Shortest retry told to a request refused behind earlier waiters.
+const QUEUED_BACKOFF: Duration = Duration::from_millis(250);
+/// Longest: the waiters ahead may be served sooner than estimated.
+const MAX_QUEUED_BACKOFF: Duration = Duration::from_secs(30);
+/// Waiters counted in the estimate (the queue's length bounds nothing else).
+const MAX_QUEUED_ESTIMATE: u32 = 10_000;
+
 /// What a paused bucket's denial says to wait before asking again: a pause
 /// has no end an operator states, and 0 had every caller that honours it
 /// ask again at once, in a loop.
@@ -273,6 +280,15 @@ impl TenantState {
                 }
             }
             if x.queued > 0 {
+                // Not before those ahead of it: on a token bucket one
+                // refill interval each; they may wait on another bucket of
+                // theirs, so never less than a short backoff (an answer of
+                // "retry in 0 ms" to a caller that honours it is a spin).
+                let ahead = x.tokens.as_ref().map_or(Duration::ZERO, |t| {
+                    t.interval()
+                        .saturating_mul(x.queued.min(MAX_QUEUED_ESTIMATE))
+                });
+                retry = retry.max(now + ahead.clamp(QUEUED_BACKOFF, MAX_QUEUED_BACKOFF));
                 let _ = write!(
                     reason,
                     "{sep}{} earlier requests wait on bucket {name:?}",

@@ -108,6 +108,35 @@ fn expiry_returns_slots_and_serves_waiters() {
     assert_eq!(t.leases_held(), 1);
 }
 
+/// A request refused only because earlier requests wait on a bucket it
+/// shares with them is told a retry time, not 0 ms (a caller honouring
+/// it would spin): one refill interval per waiter ahead on a token bucket.
+#[test]
+fn a_refusal_behind_waiters_says_when_to_retry() {
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    granted(t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
+    let Decision::Queued(_waiter) = t.acquire(&args("POST", "/q", 1), WAIT, t0).unwrap() else {
+        panic!("the second POST was not queued behind the slot")
+    };
+    // "rate" has a permit left, but the waiter is ahead of a GET on it.
+    let Decision::Denied(denial) = t.acquire(&args("GET", "/x", 1), NOW, t0).unwrap() else {
+        panic!("a GET went ahead of the waiter")
+    };
+    assert!(
+        denial
+            .reason
+            .contains("1 earlier requests wait on bucket \"rate\""),
+        "{}",
+        denial.reason
+    );
+    assert_eq!(
+        denial.retry_after,
+        Duration::from_millis(500),
+        "one refill interval of 2/s"
+    );
+}
+
 #[test]
 fn renew_extends_and_unknown_is_not_found() {
     let t0 = Instant::now();

@@ -1597,6 +1597,39 @@ async fn json_logs_carry_the_request_id() {
                 break v;
             }
         };
+        // A client repeating a mistake is not a line per call: 50 more
+        // refusals in well under a second, then a longer freeze as a
+        // marker, log at most a few lines between.
+        for _ in 0..50 {
+            let mut bad = tonic::Request::new(req("GET", "/api/v2/users/1", 0));
+            bad.get_mut().tenant = "nope".into();
+            bad.metadata_mut().insert("authorization", bearer.clone());
+            assert!(client.acquire(bad).await.is_err());
+        }
+        let mut marker = tonic::Request::new(ReportRequest {
+            tenant: "t".into(),
+            method: "GET".into(),
+            path: "/api/v2/users/1".into(),
+            http_status: 429,
+            retry_after_ms: 50_000,
+            ..Default::default()
+        });
+        marker
+            .metadata_mut()
+            .insert("authorization", bearer.clone());
+        client.report(marker).await.unwrap();
+        let mut repeated = 0;
+        loop {
+            let line = lines.recv().await.expect("the marker was logged");
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            let message = v["fields"]["message"].as_str().unwrap_or_default();
+            if message.contains("frozen") {
+                break;
+            }
+            repeated += usize::from(message == "refused");
+        }
+        assert!(repeated <= 4, "{repeated} lines for 50 refusals");
         (frozen, refused)
     };
     let outcome = tokio::time::timeout(LIMIT, result).await;
