@@ -919,6 +919,9 @@ class QuotaBroker:
                     raise errors.Closed() from None  # in flight when close() closed the channel
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise errors.from_rpc_error(e) from None
+                refusal = errors.tls_refusal(e.details()) if self.tls else None
+                if refusal is not None:
+                    raise errors.TlsError(f"TLS handshake with the broker at {conn.target}: {refusal}") from None
                 hop += 1
                 conn = self._follow(conn, e, hop)
                 if conn is None:

@@ -103,6 +103,32 @@ class TlsError(QuotaBrokerError, ValueError):
     """
 
 
+def tls_refusal(details):
+    """What to do about a TLS handshake that cannot succeed, from gRPC's words for it; None otherwise.
+
+    A broker certificate this client does not trust or that names another
+    host, or this client's certificate refused by the broker (mutual TLS):
+    none of these mends by itself, so the call fails with it instead of
+    falling back. A connection closed during the handshake ("Socket
+    closed": plaintext to a TLS port, or a broker going down) cannot be
+    told apart and is not one.
+    """
+    text = details or ""
+    if "Hostname Verification Check failed" in text or "not in peer certificate" in text:
+        hint = ("the broker's certificate does not name the host in the url: connect by a name "
+                "it has, or give one with tls_server_name")
+    elif "CERTIFICATE_VERIFY_FAILED" in text and "xpired" in text:
+        hint = "the broker's certificate has expired: renew it on the broker"
+    elif "CERTIFICATE_VERIFY_FAILED" in text:
+        hint = "no CA this client trusts signed the broker's certificate: give the CA that did as ca_cert"
+    elif "TSI_DATA_CORRUPTED" in text:
+        hint = ("the broker refused this client's TLS handshake: under mutual TLS it takes only an "
+                "unexpired certificate its client CA signed (client_cert, client_key)")
+    else:
+        return None
+    return f"{hint} ({text[:300]})"
+
+
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
