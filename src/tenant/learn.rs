@@ -272,11 +272,13 @@ impl TenantState {
                     }
                 ),
                 Learned::Cut { from, to, why } => tracing::info!(
-                    %tenant, %bucket, from_per_min = from, to_per_min = to,
+                    %tenant, %bucket, oauth_client = x.oauth_client.as_deref().unwrap_or(""),
+                    from_per_min = from, to_per_min = to,
                     "effective rate cut: {why}"
                 ),
                 Learned::Limit { per_min } => tracing::info!(
-                    %tenant, %bucket, learned_per_min = per_min,
+                    %tenant, %bucket, oauth_client = x.oauth_client.as_deref().unwrap_or(""),
+                    learned_per_min = per_min,
                     configured_per_min = x.learner.configured(),
                     "upstream reports a limit below the configured rate; adopting it"
                 ),

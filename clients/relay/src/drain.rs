@@ -191,7 +191,18 @@ impl Drain {
         let label = match &outcome {
             Outcome::Done => "delivered",
             Outcome::Retry { .. } => "retried",
-            Outcome::Dead { .. } => "dead",
+            Outcome::Dead { status, .. } => {
+                tracing::warn!(
+                    id = record.id,
+                    method = %record.method,
+                    path = %record.path.chars().take(200).collect::<String>(),
+                    status,
+                    "the upstream refused the record for good: it is a dead letter, and later \
+                     records of its order wait behind it until it is retried or dropped \
+                     (gc-relay dlq list / retry / drop)"
+                );
+                "dead"
+            }
         };
         match self.queue.finish(record.id, &self.owner, outcome).await {
             Ok(()) => self.metrics.drained(label),
