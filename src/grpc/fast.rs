@@ -176,7 +176,9 @@ fn too_large(found: Option<usize>) -> Status {
         Some(n) => format!(
             "request message too large: found {n} bytes, the limit is: {MAX_MESSAGE_BYTES} bytes"
         ),
-        None => format!("request message too large: over the limit of {MAX_MESSAGE_BYTES} bytes"),
+        None => format!(
+            "request message too large: more than the limit, the limit is: {MAX_MESSAGE_BYTES} bytes"
+        ),
     })
 }
 

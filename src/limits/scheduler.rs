@@ -8,10 +8,15 @@
 //!   class). A class that was idle does not bank credit.
 //! - **within a class, round-robin across clients**, and first come, first
 //!   served per client, so one greedy client cannot starve another.
-//! - a waiter that cannot be granted holds its buckets for waiters of its own
-//!   and lower classes in this pass (so a large request is not starved by
-//!   small ones behind it) but not for higher classes, which may still use
-//!   their reserve (enforced by the tenant in the offer).
+//! - a waiter that cannot be granted holds the buckets it lacks capacity on
+//!   for waiters of its own and lower classes in this pass (so a large
+//!   request is not starved by small ones behind it) but not for higher
+//!   classes, which may still use their reserve (enforced by the tenant in
+//!   the offer). Its other buckets stay open: a waiter blocked on a full
+//!   slot bucket does not stall every call that shares a rate bucket with
+//!   it (once that is what it lacks, it holds that too). The holds of the
+//!   last pass, and those of waiters queued since, also stop new requests
+//!   from going ahead of them ([`Queue::held_at_or_above`]).
 //!
 //! The queue owns each waiter's reply handle; it knows nothing of buckets
 //! beyond their indices, nor of classes beyond index, order and weight.
@@ -42,8 +47,17 @@ pub(crate) enum Offer {
     /// Granted (capacity already taken); the waiter leaves the queue.
     Granted,
     /// Not yet; it could be granted at this instant, if known (tokens refill
-    /// at a known time; slots come back when someone releases).
-    NotYet(Option<Instant>),
+    /// at a known time; slots come back when someone releases). It lacks
+    /// capacity on the buckets whose places in `Waiter::instances` the mask
+    /// names ([`place_bit`]) and holds those only; a mask of 0 (it cannot
+    /// say which) holds them all.
+    BlockedOn(Option<Instant>, u64),
+}
+
+/// The bit of place `j` of a waiter's instances in an [`Offer::BlockedOn`]
+/// mask (places from 63 on share the last bit).
+pub(crate) fn place_bit(j: usize) -> u64 {
+    1 << j.min(63)
 }
 
 /// A class as the queue sees it.
@@ -77,6 +91,8 @@ pub(crate) struct Queue<R> {
     index: HashMap<u64, usize>,
     /// Virtual time of the last grant.
     vnow: f64,
+    /// Instance → the lowest class order of a waiter holding it.
+    holds: HashMap<usize, u32>,
 }
 
 /// Waiter ids, unique in the process: a waiter that outlived its queue (a
@@ -90,6 +106,7 @@ impl<R> Default for Queue<R> {
             classes: Vec::new(),
             index: HashMap::new(),
             vnow: 0.0,
+            holds: HashMap::new(),
         }
     }
 }
@@ -189,6 +206,28 @@ impl<R> Queue<R> {
         ids.into_iter().filter_map(|id| self.remove(id)).collect()
     }
 
+    /// Whether a waiter of class order `order` or above holds any of
+    /// `instances`: a new request of that order may not go ahead of it.
+    pub(crate) fn held_at_or_above(&self, instances: &[usize], order: u32) -> bool {
+        !self.holds.is_empty()
+            && instances
+                .iter()
+                .any(|i| self.holds.get(i).is_some_and(|&o| o <= order))
+    }
+
+    /// A waiter of class order `order` queued since the last pass holds
+    /// `instance` until the next.
+    pub(crate) fn hold(&mut self, instance: usize, order: u32) {
+        let o = self.holds.entry(instance).or_insert(order);
+        *o = (*o).min(order);
+    }
+
+    /// Nobody waits on `instance` any more: its hold ends now, not at the
+    /// next pass.
+    pub(crate) fn unhold(&mut self, instance: usize) {
+        self.holds.remove(&instance);
+    }
+
     /// Number of waiters.
     pub(crate) fn len(&self) -> usize {
         self.index.len()
@@ -229,12 +268,17 @@ impl<R> Queue<R> {
                 q.clients.remove(c);
                 continue;
             };
-            let is_held = w
-                .instances
-                .iter()
-                .any(|i| held.iter().any(|&(h, o)| h == *i && o <= order));
+            // The places of its instances a waiter ahead holds for it.
+            let held_mask = w.instances.iter().enumerate().fold(0u64, |m, (j, i)| {
+                if held.iter().any(|&(h, o)| h == *i && o <= order) {
+                    m | place_bit(j)
+                } else {
+                    m
+                }
+            });
+            let is_held = held_mask != 0;
             let verdict = if is_held {
-                Offer::NotYet(None)
+                Offer::BlockedOn(None, held_mask)
             } else {
                 offer(w)
             };
@@ -254,17 +298,31 @@ impl<R> Queue<R> {
                     self.index.remove(&w.id);
                     granted.push(w);
                 }
-                Offer::NotYet(at) => {
+                Offer::BlockedOn(at, _) => {
                     if !is_held {
                         next = match (next, at) {
                             (Some(a), Some(b)) => Some(a.min(b)),
                             (a, b) => a.or(b),
                         };
                     }
-                    held.extend(w.instances.iter().map(|&i| (i, order)));
+                    let mask = match verdict {
+                        Offer::BlockedOn(_, m) if m != 0 => m,
+                        _ => u64::MAX,
+                    };
+                    held.extend(
+                        w.instances
+                            .iter()
+                            .enumerate()
+                            .filter(|&(j, _)| mask & place_bit(j) != 0)
+                            .map(|(_, &i)| (i, order)),
+                    );
                     passed.insert((k, client));
                 }
             }
+        }
+        self.holds.clear();
+        for (i, o) in held {
+            self.hold(i, o);
         }
         (granted, next)
     }
@@ -320,7 +378,7 @@ mod tests {
                 left -= 1;
                 Offer::Granted
             } else {
-                Offer::NotYet(None)
+                Offer::BlockedOn(None, 0)
             }
         });
         let hi = granted.iter().filter(|w| w.reply == "hi").count();
@@ -340,7 +398,7 @@ mod tests {
                 left -= 1;
                 Offer::Granted
             } else {
-                Offer::NotYet(None)
+                Offer::BlockedOn(None, 0)
             }
         });
         let order: Vec<_> = granted.iter().map(|w| w.reply).collect();
@@ -363,11 +421,11 @@ mod tests {
         let (granted, _) = q.serve(|w| {
             offered.push(w.reply);
             if w.permits > 1 {
-                Offer::NotYet(None)
+                Offer::BlockedOn(None, 0)
             } else if w.class == 0 {
                 Offer::Granted
             } else {
-                Offer::NotYet(None)
+                Offer::BlockedOn(None, 0)
             }
         });
         // "small-lo" is behind "big-lo" on bucket 0 and is not offered; "hi" is.

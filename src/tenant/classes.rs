@@ -134,13 +134,6 @@ impl TenantState {
         }
     }
 
-    /// Whether waiters of `class` or a higher one wait on any of `instances`.
-    #[inline]
-    pub(super) fn waiting_at_or_above(&self, instances: &[usize], class: usize) -> bool {
-        let order = self.order(class);
-        self.waiting_where(instances, |o| o <= order)
-    }
-
     /// Whether waiters of a class whose order passes `keep` wait on any of
     /// `instances`.
     #[inline]

@@ -63,7 +63,7 @@ impl TenantState {
             return Ok(Decision::Denied(denial));
         }
         let share = self.bucket_share(class, &instances, now);
-        if !self.waiting_at_or_above(&instances, class)
+        if !self.queue.held_at_or_above(&instances, self.order(class))
             && self.can_take(&instances, args.permits, share, now)
         {
             let grant = self.take(&instances, args.permits, &args.client_id, now);
@@ -107,6 +107,7 @@ impl TenantState {
             class,
             args,
             now + wait,
+            now,
         )))
     }
 
@@ -132,6 +133,19 @@ impl TenantState {
             self.instances
                 .get(i)
                 .is_some_and(|x| x.ready_at(n, share, now).is_ok_and(|t| t <= now))
+        })
+    }
+
+    /// The places (see [`crate::limits::place_bit`]) of `instances` that
+    /// cannot give `n` now: paused, or short of permits or slots.
+    pub(super) fn lacking(&self, instances: &[usize], n: u32, share: Share, now: Instant) -> u64 {
+        instances.iter().enumerate().fold(0, |mask, (j, &i)| {
+            let one = [i];
+            if self.paused(&one).is_some() || !self.can_take(&one, n, share, now) {
+                mask | crate::limits::place_bit(j)
+            } else {
+                mask
+            }
         })
     }
 

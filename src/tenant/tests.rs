@@ -108,20 +108,20 @@ fn expiry_returns_slots_and_serves_waiters() {
     assert_eq!(t.leases_held(), 1);
 }
 
-/// A request refused only because earlier requests wait on a bucket it
-/// shares with them is told a retry time, not 0 ms (a caller honouring
-/// it would spin): one refill interval per waiter ahead on a token bucket.
+/// A request refused only because an earlier request waits for more of a
+/// bucket it shares than the bucket has is told a retry time, not 0 ms (a
+/// caller honouring it would spin): one refill interval per waiter ahead.
 #[test]
 fn a_refusal_behind_waiters_says_when_to_retry() {
     let t0 = Instant::now();
     let mut t = tenant(TWO, t0);
-    granted(t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
-    let Decision::Queued(_waiter) = t.acquire(&args("POST", "/q", 1), WAIT, t0).unwrap() else {
-        panic!("the second POST was not queued behind the slot")
+    granted(t.acquire(&args("GET", "/x", 1), NOW, t0).unwrap());
+    // 2 permits asked of the 1 left: it waits, and holds "rate".
+    let Decision::Queued(_waiter) = t.acquire(&args("GET", "/x", 2), WAIT, t0).unwrap() else {
+        panic!("the request for 2 was not queued")
     };
-    // "rate" has a permit left, but the waiter is ahead of a GET on it.
     let Decision::Denied(denial) = t.acquire(&args("GET", "/x", 1), NOW, t0).unwrap() else {
-        panic!("a GET went ahead of the waiter")
+        panic!("a request for 1 went ahead of the waiter for 2")
     };
     assert!(
         denial
@@ -135,6 +135,34 @@ fn a_refusal_behind_waiters_says_when_to_retry() {
         Duration::from_millis(500),
         "one refill interval of 2/s"
     );
+}
+
+/// A waiter blocked on one bucket (no slot free) does not hold the others
+/// it needs: a request for only one of those, which has capacity, is
+/// granted at once rather than queued behind it (head-of-line blocking:
+/// one saturated slot bucket stalled every call sharing a rate bucket).
+/// Once capacity frees on what it lacked, the waiter goes first.
+#[test]
+fn a_waiter_blocked_on_one_bucket_does_not_hold_the_others() {
+    let t0 = Instant::now();
+    let mut t = tenant(TWO, t0);
+    let held = granted(t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
+    let Decision::Queued(Queued { reply: mut rx, .. }) =
+        t.acquire(&args("POST", "/q", 1), WAIT, t0).unwrap()
+    else {
+        panic!("the second POST was not queued behind the slot")
+    };
+    // "rate" has a permit: a GET (rate only) is granted, not queued.
+    granted(t.acquire(&args("GET", "/x", 1), NOW, t0).unwrap());
+    // Another POST is queued behind the first (it lacks the slot too).
+    let Decision::Queued(_second) = t.acquire(&args("POST", "/q", 1), WAIT, t0).unwrap() else {
+        panic!("a POST went ahead of the waiter for the slot")
+    };
+    // The slot comes back: the first waiter gets it once "rate" refills.
+    assert!(t.release(held.lease_id));
+    t.tick(t0 + SEC);
+    let g = rx.try_recv().expect("answered").expect("granted");
+    assert_eq!(g.buckets, ["rate", "slots"]);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! scheduler picks.
 
 use super::{AcquireArgs, Denial, Grant, Queued, Reply, TenantState, SWEEP_EVERY};
-use crate::limits::{Offer, Waiter};
+use crate::limits::{place_bit, Offer, Waiter};
 use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -17,7 +17,18 @@ impl TenantState {
         class: usize,
         args: &AcquireArgs,
         deadline: Instant,
+        now: Instant,
     ) -> Queued {
+        // It holds what it lacks from now, not from the driver's next pass:
+        // a smaller request must not take that ahead of it meanwhile.
+        let share = self.bucket_share(class, &instances, now);
+        let lacking = self.lacking(&instances, args.permits, share, now);
+        let order = self.order(class);
+        for (j, &i) in instances.iter().enumerate() {
+            if lacking == 0 || lacking & place_bit(j) != 0 {
+                self.queue.hold(i, order);
+            }
+        }
         for &i in &instances {
             if let Some(x) = self.instances.get_mut(i) {
                 x.queued += 1;
@@ -47,6 +58,9 @@ impl TenantState {
         for &i in &w.instances {
             if let Some(x) = self.instances.get_mut(i) {
                 x.queued = x.queued.saturating_sub(1);
+                if x.queued == 0 {
+                    self.queue.unhold(i);
+                }
                 if let Some(c) = x.waiting.get_mut(&w.class) {
                     *c -= 1;
                     if *c == 0 {
@@ -98,6 +112,7 @@ impl TenantState {
                 grants.push(self.take(&w.instances, w.permits, &w.client_id, now));
                 return Offer::Granted;
             }
+            let lacking = self.lacking(&w.instances, w.permits, share, now);
             let ready: Result<Vec<Instant>, ()> = w
                 .instances
                 .iter()
@@ -107,7 +122,7 @@ impl TenantState {
                         .map_or(Err(()), |x| x.ready_at(w.permits, share, now))
                 })
                 .collect();
-            Offer::NotYet(ready.ok().and_then(|ts| ts.into_iter().max()))
+            Offer::BlockedOn(ready.ok().and_then(|ts| ts.into_iter().max()), lacking)
         });
         self.queue = queue;
         for (w, grant) in granted.into_iter().zip(grants) {
