@@ -8,7 +8,9 @@
 //! `server.max_connections` open in all; sockets beyond either cap are closed
 //! as soon as they are accepted. So sockets that connect and send nothing (a
 //! slowloris) hold a bounded number of descriptors for a bounded time, and
-//! turning them away needs no token.
+//! turning them away needs no token. One peer address may hold at most a
+//! quarter of the pending cap: a single host opening silent sockets again
+//! and again cannot keep every other client from connecting.
 //!
 //! TLS is done here with tokio-rustls rather than by tonic, so the handshake
 //! falls under the same timeout. tonic gets a plain [`Conn`] that replays the
@@ -373,6 +375,58 @@ impl Drop for Slot {
     }
 }
 
+/// Handshakes in progress per peer address, for the per-peer cap (taken
+/// once per connection, not per call: a mutex is enough).
+#[derive(Clone, Default)]
+struct PerPeer(Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>);
+
+/// One pending handshake of a peer, given back when dropped.
+struct PeerSlot {
+    counts: PerPeer,
+    ip: IpAddr,
+}
+
+impl PerPeer {
+    /// A slot if `ip` has fewer than `max` handshakes in progress.
+    fn try_take(&self, ip: IpAddr, max: usize) -> Option<PeerSlot> {
+        let mut counts = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .counts
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Most handshakes one peer address may have in progress: a quarter of
+/// the pending cap (at least one).
+fn per_peer_cap(max_pending: usize) -> usize {
+    (max_pending / 4).max(1)
+}
+
 /// What every connection's handshake needs.
 #[derive(Clone)]
 struct Front {
@@ -382,6 +436,7 @@ struct Front {
     max_connections: usize,
     pending: Gauge,
     open: Gauge,
+    per_peer: PerPeer,
 }
 
 /// Accepts connections on `listener` until `stop` is cancelled (or the
@@ -402,6 +457,7 @@ pub(crate) fn incoming(
         max_connections: server.max_connections,
         pending: Gauge::default(),
         open: Gauge::default(),
+        per_peer: PerPeer::default(),
     };
     let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
     tokio::spawn(accept_loop(listener, front, tx, stop));
@@ -434,16 +490,21 @@ async fn accept_loop(
             }
         };
         let slots = front.open.try_take(front.max_connections).map(|open| {
-            let pending = front.pending.try_take(front.max_pending);
+            let pending = front.pending.try_take(front.max_pending).map(|pending| {
+                let mine = front
+                    .per_peer
+                    .try_take(peer.ip(), per_peer_cap(front.max_pending));
+                (pending, mine)
+            });
             (open, pending)
         });
         let (open, pending) = match slots {
-            Some((open, Some(pending))) => (open, pending),
+            Some((open, Some((pending, Some(mine))))) => (open, (pending, mine)),
             refused => {
-                let cap = if refused.is_none() {
-                    "server.max_connections"
-                } else {
-                    "server.max_pending_connections"
+                let cap = match refused {
+                    None => "server.max_connections",
+                    Some((_, None)) => "server.max_pending_connections",
+                    Some(_) => "a quarter of server.max_pending_connections from one address",
                 };
                 refused_since_warning += 1;
                 if last_warning.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_EVERY) {
@@ -544,7 +605,7 @@ impl Throttled {
 async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
-    (open, pending): (Slot, Slot),
+    (open, pending): (Slot, (Slot, PeerSlot)),
     front: Front,
     tx: mpsc::Sender<io::Result<Conn>>,
     stop: CancellationToken,

@@ -57,6 +57,15 @@ async fn channel_from(addr: SocketAddr, from: &str) -> Channel {
         .unwrap()
 }
 
+/// A TCP connection to `addr` from `from` (any loopback address).
+async fn connect_from(addr: SocketAddr, from: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(from.parse().unwrap(), 0))
+        .unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
 /// The retry time of an overload refusal: RESOURCE_EXHAUSTED, with
 /// `retry-after-ms` metadata that the message repeats.
 fn retry_after(status: &Status) -> Duration {
@@ -118,9 +127,10 @@ async fn connections_beyond_the_pending_cap_are_closed_at_once() {
     .await;
     let started = Instant::now();
     let mut pending = clock_held("connections beyond the cap closed at once", async {
+        // From four addresses: one address may hold only a quarter.
         let mut pending = Vec::new();
-        for _ in 0..4 {
-            pending.push(TcpStream::connect(server.addr).await.unwrap());
+        for from in ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"] {
+            pending.push(connect_from(server.addr, from).await);
         }
         let mut extra = Vec::new();
         for _ in 0..3 {
@@ -151,6 +161,40 @@ async fn connections_beyond_the_pending_cap_are_closed_at_once() {
     }
     assert!(started.elapsed() >= Duration::from_millis(5000));
     let client = channel_from(server.addr, "127.0.0.1").await;
+    acquire(&client, None).await.unwrap();
+    server.stop().await;
+}
+
+/// One address opening silent sockets again and again holds at most a
+/// quarter of the pending cap: clients from elsewhere still connect and
+/// are served at once.
+#[tokio::test(start_paused = true)]
+async fn one_address_holds_at_most_a_quarter_of_the_pending_cap() {
+    let server = Server::start(&config(
+        "handshake_timeout_ms = 5000\nmax_pending_connections = 8\n",
+    ))
+    .await;
+    let (held, client) = clock_held("a client while one address floods", async {
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(connect_from(server.addr, "127.0.0.2").await);
+        }
+        for _ in 0..20 {
+            let mut extra = connect_from(server.addr, "127.0.0.2").await;
+            assert!(
+                closed_by_broker(&mut extra).await,
+                "a third from one address was kept"
+            );
+        }
+        let client = channel_from(server.addr, "127.0.0.1").await;
+        acquire(&client, None).await.unwrap();
+        (held, client)
+    })
+    .await;
+    assert!(
+        held.iter().all(still_open),
+        "the first two wait for their timeout"
+    );
     acquire(&client, None).await.unwrap();
     server.stop().await;
 }
