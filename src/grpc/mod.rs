@@ -19,7 +19,7 @@ mod ops;
 mod overload;
 mod transport;
 
-pub(crate) use transport::Throttled;
+pub(crate) use transport::{per_peer_cap, PerPeer, Throttled};
 
 pub use codec::MAX_CONCURRENT_STREAMS;
 pub use embedded::Embedded;

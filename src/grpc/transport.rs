@@ -378,17 +378,18 @@ impl Drop for Slot {
 /// Handshakes in progress per peer address, for the per-peer cap (taken
 /// once per connection, not per call: a mutex is enough).
 #[derive(Clone, Default)]
-struct PerPeer(Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>);
+pub(crate) struct PerPeer(Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>);
 
-/// One pending handshake of a peer, given back when dropped.
-struct PeerSlot {
+/// One pending handshake (or, on the HTTP port, connection) of a peer,
+/// given back when dropped.
+pub(crate) struct PeerSlot {
     counts: PerPeer,
     ip: IpAddr,
 }
 
 impl PerPeer {
     /// A slot if `ip` has fewer than `max` handshakes in progress.
-    fn try_take(&self, ip: IpAddr, max: usize) -> Option<PeerSlot> {
+    pub(crate) fn try_take(&self, ip: IpAddr, max: usize) -> Option<PeerSlot> {
         let mut counts = self
             .0
             .lock()
@@ -422,8 +423,9 @@ impl Drop for PeerSlot {
 }
 
 /// Most handshakes one peer address may have in progress: a quarter of
-/// the pending cap (at least one).
-fn per_peer_cap(max_pending: usize) -> usize {
+/// the pending cap (at least one). The HTTP port caps a peer's
+/// connections the same way.
+pub(crate) fn per_peer_cap(max_pending: usize) -> usize {
     (max_pending / 4).max(1)
 }
 

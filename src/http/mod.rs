@@ -22,7 +22,7 @@
 use crate::auth::{AuthError, Authenticator};
 use crate::broker::{Broker, TenantBucketStatus};
 use crate::clock::{millis, Clock};
-use crate::grpc::{Overload, PeerInfo, Throttled};
+use crate::grpc::{per_peer_cap, Overload, PeerInfo, PerPeer, Throttled};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -144,6 +144,9 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// header deadline.
 async fn accept(listener: TcpListener, app: Router, cap: usize, stop: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(cap));
+    // One address (a host reopening silent sockets) holds at most a
+    // quarter of them: a probe or a scraper from elsewhere still gets in.
+    let per_peer = PerPeer::default();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     // Connections it could not take: a line at most every 10 s.
     let refused = Throttled::new(Duration::from_secs(10));
@@ -174,6 +177,17 @@ async fn accept(listener: TcpListener, app: Router, cap: usize, stop: Cancellati
             }
             continue;
         };
+        let Some(mine) = per_peer.try_take(peer.ip(), per_peer_cap(cap)) else {
+            if let Some(n) = refused.note() {
+                tracing::warn!(
+                    refused_since_last_line = n,
+                    %peer,
+                    "HTTP port: a quarter of its {cap} connections already open from one \
+                     address; closing a new one"
+                );
+            }
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(
             app.clone().layer(axum::Extension(ConnectInfo(peer))),
@@ -185,7 +199,7 @@ async fn accept(listener: TcpListener, app: Router, cap: usize, stop: Cancellati
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
-            drop(slot);
+            drop((slot, mine));
         });
     }
     drop(listener);

@@ -1784,9 +1784,28 @@ async fn a_request_whose_headers_never_end_is_closed_after_ten_seconds() {
 #[tokio::test]
 async fn the_http_port_holds_at_most_its_connection_cap() {
     let b = start(&config("max_connections = 4\nmax_pending_connections = 4")).await;
+    let from = |ip: &'static str| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::new(ip.parse().unwrap(), 0))
+            .unwrap();
+        socket.connect(b.http).await.unwrap()
+    };
+    // One address holds at most a quarter of the cap: a second from it is
+    // closed at once, unanswered.
+    let first = from("127.0.0.2").await;
+    let mut second = from("127.0.0.2").await;
+    let _ = second
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await;
+    let seen = tokio::time::timeout(LIMIT, until_closed(&mut second))
+        .await
+        .expect("a second connection from one address is closed");
+    assert!(seen.is_empty(), "{}", String::from_utf8_lossy(&seen));
+    drop(first);
     let mut idle = Vec::new();
-    for _ in 0..4 {
-        let mut s = TcpStream::connect(b.http).await.unwrap();
+    for ip in ["127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"] {
+        let mut s = from(ip).await;
         // A whole request each, so each is surely accepted before the next.
         s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .await
@@ -1798,7 +1817,7 @@ async fn the_http_port_holds_at_most_its_connection_cap() {
         idle.push(reader);
     }
     // The fifth is closed at once, unanswered.
-    let mut fifth = TcpStream::connect(b.http).await.unwrap();
+    let mut fifth = from("127.0.0.7").await;
     let _ = fifth
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await;
