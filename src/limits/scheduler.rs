@@ -8,15 +8,16 @@
 //!   class). A class that was idle does not bank credit.
 //! - **within a class, round-robin across clients**, and first come, first
 //!   served per client, so one greedy client cannot starve another.
-//! - a waiter that cannot be granted holds the buckets it lacks capacity on
-//!   for waiters of its own and lower classes in this pass (so a large
-//!   request is not starved by small ones behind it) but not for higher
-//!   classes, which may still use their reserve (enforced by the tenant in
-//!   the offer). Its other buckets stay open: a waiter blocked on a full
-//!   slot bucket does not stall every call that shares a rate bucket with
-//!   it (once that is what it lacks, it holds that too). The holds of the
-//!   last pass, and those of waiters queued since, also stop new requests
-//!   from going ahead of them ([`Queue::held_at_or_above`]).
+//! - a waiter that cannot be granted holds its buckets for waiters of its
+//!   own and lower classes in this pass (so a large request is not starved
+//!   by small ones behind it) but not for higher classes, which may still
+//!   use their reserve (enforced by the tenant in the offer). The tenant
+//!   says which it holds ([`Offer::BlockedOn`]): waiting for something with
+//!   no known time (a slot), only what it lacks, so a waiter blocked on a
+//!   full slot bucket does not stall every call that shares a rate bucket
+//!   with it. The holds of the last pass, and those of waiters queued
+//!   since, also stop new requests from going ahead of them
+//!   ([`Queue::held_at_or_above`]).
 //!
 //! The queue owns each waiter's reply handle; it knows nothing of buckets
 //! beyond their indices, nor of classes beyond index, order and weight.

@@ -136,17 +136,36 @@ impl TenantState {
         })
     }
 
-    /// The places (see [`crate::limits::place_bit`]) of `instances` that
-    /// cannot give `n` now: paused, or short of permits or slots.
-    pub(super) fn lacking(&self, instances: &[usize], n: u32, share: Share, now: Instant) -> u64 {
-        instances.iter().enumerate().fold(0, |mask, (j, &i)| {
-            let one = [i];
-            if self.paused(&one).is_some() || !self.can_take(&one, n, share, now) {
-                mask | crate::limits::place_bit(j)
-            } else {
-                mask
+    /// The places (see [`crate::limits::place_bit`]) of `instances` a
+    /// request for `n` that cannot be granted holds while it waits. Lacking
+    /// something with no known time (a slot, a paused bucket), only what it
+    /// lacks: its other buckets stay open to other requests meanwhile (one
+    /// waiting for a slot must not stall every call sharing its rate
+    /// bucket). Lacking only permits that refill at a known time, all of
+    /// them (0), so that what it has is still there when the rest refills:
+    /// a waiter holding only what it lacked could lose the slot it had to a
+    /// newcomer each time its permits came back, and wait for ever.
+    pub(super) fn holds_for(&self, instances: &[usize], n: u32, share: Share, now: Instant) -> u64 {
+        let mut lacking = 0;
+        let mut indefinitely = false;
+        for (j, &i) in instances.iter().enumerate() {
+            let paused = self.paused(&[i]).is_some();
+            let ready = self
+                .instances
+                .get(i)
+                .map_or(Err(()), |x| x.ready_at(n, share, now));
+            if paused || ready.is_err() {
+                indefinitely = true;
             }
-        })
+            if paused || ready.is_ok_and(|t| t > now) || ready.is_err() {
+                lacking |= crate::limits::place_bit(j);
+            }
+        }
+        if indefinitely {
+            lacking
+        } else {
+            0
+        }
     }
 
     /// Takes `n` from every instance; the caller has checked [`Self::can_take`].

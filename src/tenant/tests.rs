@@ -165,6 +165,51 @@ fn a_waiter_blocked_on_one_bucket_does_not_hold_the_others() {
     assert_eq!(g.buckets, ["rate", "slots"]);
 }
 
+/// A waiter that lacks only permits refilling at a known time holds all
+/// its buckets, so a slot it has is not taken from under it while it waits
+/// for the permit (holding only what it lacked, it could lose the slot
+/// each time the permit came back).
+#[test]
+fn a_waiter_short_only_of_refilling_permits_keeps_its_slot() {
+    let t0 = Instant::now();
+    let mut t = tenant(
+        r#"
+    [[tenants.buckets]]
+    name = "rate"
+    routes = ["POST /q"]
+    permits = 1
+    window_ms = 1000
+    burst = 1
+    [[tenants.buckets]]
+    name = "slots"
+    routes = ["* /**"]
+    max_in_flight = 1
+    lease_ttl_ms = 5000
+"#,
+        t0,
+    );
+    let first = granted(t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
+    assert!(t.release(first.lease_id));
+    // The slot is free, "rate" refills in 1 s: the next POST waits for it.
+    let Decision::Queued(Queued { reply: mut rx, .. }) =
+        t.acquire(&args("POST", "/q", 1), WAIT, t0).unwrap()
+    else {
+        panic!("the POST was not queued for its permit")
+    };
+    // A GET (slot only) does not take the slot meanwhile.
+    let Decision::Denied(denial) = t.acquire(&args("GET", "/x", 1), NOW, t0).unwrap() else {
+        panic!("a GET took the slot the waiter is about to use")
+    };
+    assert!(
+        denial.reason.contains("wait on bucket \"slots\""),
+        "{}",
+        denial.reason
+    );
+    t.tick(t0 + SEC);
+    let g = rx.try_recv().expect("answered").expect("granted");
+    assert_eq!(g.buckets, ["rate", "slots"]);
+}
+
 #[test]
 fn renew_extends_and_unknown_is_not_found() {
     let t0 = Instant::now();

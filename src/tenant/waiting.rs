@@ -19,10 +19,10 @@ impl TenantState {
         deadline: Instant,
         now: Instant,
     ) -> Queued {
-        // It holds what it lacks from now, not from the driver's next pass:
-        // a smaller request must not take that ahead of it meanwhile.
+        // It holds from now, not from the driver's next pass: a smaller
+        // request must not take what it waits for ahead of it meanwhile.
         let share = self.bucket_share(class, &instances, now);
-        let lacking = self.lacking(&instances, args.permits, share, now);
+        let lacking = self.holds_for(&instances, args.permits, share, now);
         let order = self.order(class);
         for (j, &i) in instances.iter().enumerate() {
             if lacking == 0 || lacking & place_bit(j) != 0 {
@@ -112,7 +112,7 @@ impl TenantState {
                 grants.push(self.take(&w.instances, w.permits, &w.client_id, now));
                 return Offer::Granted;
             }
-            let lacking = self.lacking(&w.instances, w.permits, share, now);
+            let lacking = self.holds_for(&w.instances, w.permits, share, now);
             let ready: Result<Vec<Instant>, ()> = w
                 .instances
                 .iter()
