@@ -72,7 +72,7 @@ impl TenantState {
             }
             return Ok(Decision::Granted(grant));
         }
-        let denial = self.explain(&instances, args.permits, share, now);
+        let denial = self.explain(&instances, args.permits, share, self.order(class), now);
         let back = now + denial.retry_after;
         let full = instances.iter().find_map(|&i| {
             let x = self.instances.get(i)?;
@@ -234,6 +234,7 @@ impl TenantState {
         instances: &[usize],
         n: u32,
         share: Share,
+        order: u32,
         now: Instant,
     ) -> Denial {
         let mut retry = now;
@@ -312,7 +313,7 @@ impl TenantState {
                     continue;
                 }
             }
-            if x.queued > 0 {
+            if x.queued > 0 && self.queue.held_at_or_above(&[i], order) {
                 // Not before those ahead of it: on a token bucket one
                 // refill interval each; they may wait on another bucket of
                 // theirs, so never less than a short backoff (an answer of

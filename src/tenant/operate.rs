@@ -126,7 +126,14 @@ impl TenantState {
             for w in gone {
                 self.unqueue(&w);
                 let denial = self.paused(&w.instances).unwrap_or_else(|| {
-                    self.explain(&w.instances, w.permits, super::instance::Share::NONE, now)
+                    let order = self.order(w.class);
+                    self.explain(
+                        &w.instances,
+                        w.permits,
+                        super::instance::Share::NONE,
+                        order,
+                        now,
+                    )
                 });
                 let _ = w.reply.tx.send(Err(denial));
             }

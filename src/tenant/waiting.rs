@@ -21,12 +21,16 @@ impl TenantState {
     ) -> Queued {
         // It holds from now, not from the driver's next pass: a smaller
         // request must not take what it waits for ahead of it meanwhile.
+        // (One queued only behind the holds of others, with capacity on all
+        // its buckets, adds none: theirs cover it.)
         let share = self.bucket_share(class, &instances, now);
-        let lacking = self.holds_for(&instances, args.permits, share, now);
-        let order = self.order(class);
-        for (j, &i) in instances.iter().enumerate() {
-            if lacking == 0 || lacking & place_bit(j) != 0 {
-                self.queue.hold(i, order);
+        if !self.can_take(&instances, args.permits, share, now) {
+            let lacking = self.holds_for(&instances, args.permits, share, now);
+            let order = self.order(class);
+            for (j, &i) in instances.iter().enumerate() {
+                if lacking == 0 || lacking & place_bit(j) != 0 {
+                    self.queue.hold(i, order);
+                }
             }
         }
         for &i in &instances {
@@ -79,7 +83,7 @@ impl TenantState {
         let w = self.queue.remove(waiter)?;
         self.unqueue(&w);
         let share = self.bucket_share(w.class, &w.instances, now);
-        let denial = self.explain(&w.instances, w.permits, share, now);
+        let denial = self.explain(&w.instances, w.permits, share, self.order(w.class), now);
         self.defer(&w.instances, w.class, now + denial.retry_after);
         Some(denial)
     }

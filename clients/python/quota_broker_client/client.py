@@ -305,6 +305,16 @@ class Lease:
         )
 
 
+def _renewal_may_pass_later(err):
+    """Whether a renewal refused with ``err`` may pass if tried again (the Rust
+    client's rule): the broker unreachable, busy or failing, not a refusal of
+    the caller, a request it cannot take, or a TLS handshake that cannot succeed."""
+    if isinstance(err, (errors.Unavailable, errors.DeadlineExceeded, errors.Internal)):
+        return True
+    code = getattr(err, "code", None)
+    return code in (grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED)
+
+
 class _Renewer(threading.Thread):
     """Renews a lease's slots at half their remaining TTL until stopped."""
 
@@ -350,6 +360,9 @@ class _Renewer(threading.Thread):
                 retry_ms = e.retry_after_ms if e.retry_after_ms is not None else _OVERLOAD_BACKOFF_S * 1000
                 wait_ms = min(retry_ms, max(wait_ms / 2.0, 100))
             except errors.QuotaBrokerError as e:
+                if not _renewal_may_pass_later(e):
+                    log.warning("lease %s can no longer be renewed: %s", self.lease.lease_id, e)
+                    return
                 # Transient (broker unreachable...): try again sooner; say so once.
                 (log.debug if self._warned else log.warning)(
                     "renewing lease %s failed: %s", self.lease.lease_id, e)
@@ -715,7 +728,13 @@ class QuotaBroker:
                 if status == _NOT_SERVING:
                     continue  # shutting down
             except grpc.RpcError as e:
-                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                # A handshake that cannot succeed (a certificate rotated to
+                # one this client does not trust) is an answer: the next
+                # call then raises TlsError instead of running on the
+                # fallback rate for good.
+                refused = self.tls and errors.tls_refusal(e.details()) is not None
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                        and not refused:
                     continue
             if conn is not first:
                 self._move(first, target, "answers the health probe")
@@ -919,12 +938,16 @@ class QuotaBroker:
                     raise errors.Closed() from None  # in flight when close() closed the channel
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise errors.from_rpc_error(e) from None
-                refusal = errors.tls_refusal(e.details()) if self.tls else None
-                if refusal is not None:
-                    raise errors.TlsError(f"TLS handshake with the broker at {conn.target}: {refusal}") from None
                 hop += 1
+                failed = conn
                 conn = self._follow(conn, e, hop)
                 if conn is None:
+                    # No broker answered: a handshake that cannot succeed
+                    # says what to do rather than read as an outage.
+                    refusal = errors.tls_refusal(e.details()) if self.tls else None
+                    if refusal is not None:
+                        raise errors.TlsError(
+                            f"TLS handshake with the broker at {failed.target}: {refusal}") from None
                     raise errors.from_rpc_error(e) from None
 
     # -- data plane ----------------------------------------------------------

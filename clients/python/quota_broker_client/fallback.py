@@ -10,9 +10,9 @@ tried again (the call's own Acquire) at most every ``probe_every_s`` (1 s),
 also while a call waits for the local limiter, and the client goes back to
 the broker as soon as it answers.
 
-Beyond the Rust client: a 429 reported while falling back holds the local
-limiter until its Retry-After; the outcomes of calls made while falling back
-are kept (at most ``buffer_size``, the oldest dropped and counted) and
+As in the Rust client, a 429 reported while falling back holds the local
+limiter until its Retry-After, and the outcomes of calls made while falling
+back are kept (at most ``buffer_size``, the oldest dropped and counted) and
 reported to the broker once it is back.
 
 Every time read here comes from a clock object (``monotonic()`` and

@@ -126,6 +126,9 @@ impl Fallback {
     }
 
     pub(crate) fn broker_answered(&mut self) {
+        // A Retry-After reported while falling back was sent on with the
+        // report: the broker holds the bucket now.
+        self.held_until = None;
         if let Some((limiter, clock)) = self.local.take() {
             if !self.quiet {
                 tracing::info!("quota broker reachable again; leaving the local fallback limiter");
@@ -198,8 +201,8 @@ impl Fallback {
         }
     }
 
-    /// The upstream answered 429 with this Retry-After: no local
-    /// permission before it ends.
+    /// The upstream answered 429 with this Retry-After while falling back:
+    /// no local permission before it ends.
     pub(crate) fn throttled(&mut self, retry_after: Duration) {
         let until = Instant::now() + retry_after;
         if self.held_until.is_none_or(|t| t < until) {

@@ -775,16 +775,17 @@ impl BrokerClient {
             // once even if the broker received the first.
             idempotency_key: new_key(),
         };
-        // While falling back the upstream's Retry-After holds the local
-        // limiter too (noted now: it applies if the fallback starts later).
-        if let Some(wait) = held {
-            self.fallback().throttled(wait);
-        }
         // Falling back: kept for when the broker is back, without waiting
-        // on it (it is probed in the background).
-        if let Route::Local { probe } = self.fallback().route() {
+        // on it (it is probed in the background); the upstream's
+        // Retry-After holds the local limiter too.
+        // (The route read first: the fallback's lock is not held below.)
+        let route = self.fallback().route();
+        if let Route::Local { probe } = route {
             if probe {
                 self.probe_in_background();
+            }
+            if let Some(wait) = held {
+                self.fallback().throttled(wait);
             }
             self.kept().keep(req);
             return Ok(());
@@ -800,8 +801,12 @@ impl BrokerClient {
             Err(s) if tls_refusal(&s).is_some() => {
                 Err(ClientError::Tls(tls_refusal(&s).unwrap_or_default()))
             }
-            // The broker is away: it hears of this once it is back.
+            // The broker is away: it hears of this once it is back, and
+            // the fallback the next call enters keeps to the Retry-After.
             Err(s) if is_unreachable(&s) => {
+                if let Some(wait) = held {
+                    self.fallback().throttled(wait);
+                }
                 self.kept().keep(req);
                 Ok(())
             }
@@ -894,7 +899,10 @@ impl BrokerClient {
         tokio::spawn(async move {
             let answer = client.send_release(&ReleaseRequest::default()).await;
             client.inner.probing.store(false, Ordering::Release);
-            if !matches!(&answer, Err(s) if is_unreachable(s)) {
+            // A handshake that cannot succeed (a certificate rotated to one
+            // this client does not trust) counts as an answer: the next
+            // call says so instead of running on the fallback rate for good.
+            if !matches!(&answer, Err(s) if is_unreachable(s) && tls_refusal(s).is_none()) {
                 client.fallback().broker_answered();
                 client.send_kept_in_background();
             }
