@@ -83,6 +83,17 @@ impl TokenBucket {
         Some(self.tat.checked_sub(headroom).map_or(now, |t| t.max(now)))
     }
 
+    /// Whether `p` permits can still be taken at `at` if `n` are taken at
+    /// `now` (a new request going ahead of a waiter for `p`).
+    pub(crate) fn fits_after(&self, n: u32, p: u32, at: Instant, now: Instant) -> bool {
+        if p > self.burst {
+            return false;
+        }
+        let tat = self.tat.max(now) + self.interval.saturating_mul(n);
+        let headroom = self.interval.saturating_mul(self.burst - p);
+        tat.checked_sub(headroom).is_none_or(|t| t <= at)
+    }
+
     /// The earliest instant at which `n` permits can be taken while
     /// `reserve` permits (fractional) stay in the bucket for others, or
     /// `None` if that never fits in the burst. A negative `reserve` may be
@@ -400,6 +411,22 @@ mod tests {
         b.set_rate_per_min(30.0, t0);
         assert!((b.rate_per_min() - 30.0).abs() < 1e-6);
         assert!((b.available(t0) - 4.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn fits_after_says_whether_a_waiter_keeps_its_permits() {
+        let t0 = Instant::now();
+        // 1 a second, burst 3, full: taking 2 now leaves 1 now, and 1 is
+        // there for a waiter at any later instant; taking 3 leaves none
+        // until one refills at 1 s.
+        let b = TokenBucket::new(1, Duration::from_secs(1), 3, t0);
+        assert!(b.fits_after(2, 1, t0, t0));
+        assert!(!b.fits_after(3, 1, t0 + Duration::from_millis(999), t0));
+        assert!(b.fits_after(3, 1, t0 + Duration::from_secs(1), t0));
+        assert!(
+            !b.fits_after(0, 4, t0 + Duration::from_secs(60), t0),
+            "over the burst"
+        );
     }
 
     #[test]

@@ -12,4 +12,4 @@ mod scheduler;
 pub(crate) use bucket::{Slots, TokenBucket};
 pub(crate) use lease::{tenant_tag, Lease, LeaseId, LeaseTable};
 pub(crate) use route::{normalize_path, Route, RouteCache};
-pub(crate) use scheduler::{place_bit, ClassShape, Offer, Queue, Waiter};
+pub(crate) use scheduler::{place_bit, ClassShape, Hold, Holds, Offer, Queue, Rest, Waiter};

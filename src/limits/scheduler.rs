@@ -12,12 +12,15 @@
 //!   own and lower classes in this pass (so a large request is not starved
 //!   by small ones behind it) but not for higher classes, which may still
 //!   use their reserve (enforced by the tenant in the offer). The tenant
-//!   says which it holds ([`Offer::BlockedOn`]): waiting for something with
-//!   no known time (a slot), only what it lacks, so a waiter blocked on a
-//!   full slot bucket does not stall every call that shares a rate bucket
-//!   with it. The holds of the last pass, and those of waiters queued
-//!   since, also stop new requests from going ahead of them
-//!   ([`Queue::held_at_or_above`]).
+//!   says how it holds them ([`Offer::BlockedOn`], [`Holds`]): what it
+//!   lacks, outright; the rest not at all while it waits for something with
+//!   no known time (a slot), else spared (a new request may take only what
+//!   leaves its permits there when its wait ends). So a waiter blocked on a
+//!   full slot bucket, or a backlog on one rate-limited bucket, does not
+//!   stall every call that shares another bucket with it. The holds of the
+//!   last pass, and those of waiters queued since, also stop new requests
+//!   from going ahead of them ([`Queue::hold_on`]); within a pass, spared
+//!   buckets are held for later waiters outright.
 //!
 //! The queue owns each waiter's reply handle; it knows nothing of buckets
 //! beyond their indices, nor of classes beyond index, order and weight.
@@ -48,11 +51,70 @@ pub(crate) enum Offer {
     /// Granted (capacity already taken); the waiter leaves the queue.
     Granted,
     /// Not yet; it could be granted at this instant, if known (tokens refill
-    /// at a known time; slots come back when someone releases). It lacks
-    /// capacity on the buckets whose places in `Waiter::instances` the mask
-    /// names ([`place_bit`]) and holds those only; a mask of 0 (it cannot
-    /// say which) holds them all.
-    BlockedOn(Option<Instant>, u64),
+    /// at a known time; slots come back when someone releases), and it
+    /// holds its buckets as [`Holds`] says.
+    BlockedOn(Option<Instant>, Holds),
+}
+
+/// What a waiter that cannot be granted holds: the buckets whose places in
+/// `Waiter::instances` `lacking` names ([`place_bit`]) for good, and the
+/// rest as `rest` says.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Holds {
+    /// The places it lacks capacity on.
+    pub lacking: u64,
+    /// Its other buckets.
+    pub rest: Rest,
+}
+
+/// How a waiter holds the buckets it does not lack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rest {
+    /// Not at all (it waits for something with no known time).
+    Open,
+    /// Spared: a new request may take from them only what leaves its
+    /// permits there at the instant its wait ends (see [`Hold::spare`]).
+    Spared,
+}
+
+#[cfg(test)]
+impl Holds {
+    /// Every bucket, outright.
+    pub(crate) const ALL: Holds = Holds {
+        lacking: u64::MAX,
+        rest: Rest::Open,
+    };
+}
+
+/// The holds a waiter of class order `order` for `permits` on `instances`
+/// puts on them, as `h` says (`at`: when it could be granted; unknown, what
+/// it would spare it keeps).
+fn holds_of(
+    instances: &[usize],
+    order: u32,
+    permits: u32,
+    h: Holds,
+    at: Option<Instant>,
+) -> impl Iterator<Item = (usize, Hold)> + '_ {
+    instances.iter().enumerate().filter_map(move |(j, &i)| {
+        let lacks = h.lacking & place_bit(j) != 0;
+        let spare = match (lacks, h.rest, at) {
+            (false, Rest::Open, _) => return None,
+            (false, Rest::Spared, Some(at)) => Some((permits, at)),
+            _ => None,
+        };
+        Some((i, Hold { order, spare }))
+    })
+}
+
+/// A hold on one bucket instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Hold {
+    /// The lowest class order of a waiter holding it.
+    pub order: u32,
+    /// For one waiter it only spares: its permits and when it can be
+    /// granted. `None`: held outright.
+    pub spare: Option<(u32, Instant)>,
 }
 
 /// The bit of place `j` of a waiter's instances in an [`Offer::BlockedOn`]
@@ -92,8 +154,8 @@ pub(crate) struct Queue<R> {
     index: HashMap<u64, usize>,
     /// Virtual time of the last grant.
     vnow: f64,
-    /// Instance → the lowest class order of a waiter holding it.
-    holds: HashMap<usize, u32>,
+    /// Instance → who holds it.
+    holds: HashMap<usize, Hold>,
 }
 
 /// Waiter ids, unique in the process: a waiter that outlived its queue (a
@@ -207,20 +269,48 @@ impl<R> Queue<R> {
         ids.into_iter().filter_map(|id| self.remove(id)).collect()
     }
 
-    /// Whether a waiter of class order `order` or above holds any of
-    /// `instances`: a new request of that order may not go ahead of it.
-    pub(crate) fn held_at_or_above(&self, instances: &[usize], order: u32) -> bool {
-        !self.holds.is_empty()
-            && instances
-                .iter()
-                .any(|i| self.holds.get(i).is_some_and(|&o| o <= order))
+    /// The hold a waiter of class order `order` or above has on
+    /// `instance`: a new request of that order may not go ahead of it
+    /// (outright, or beyond what it spares).
+    pub(crate) fn hold_on(&self, instance: usize, order: u32) -> Option<Hold> {
+        if self.holds.is_empty() {
+            return None;
+        }
+        self.holds
+            .get(&instance)
+            .copied()
+            .filter(|h| h.order <= order)
     }
 
-    /// A waiter of class order `order` queued since the last pass holds
-    /// `instance` until the next.
-    pub(crate) fn hold(&mut self, instance: usize, order: u32) {
-        let o = self.holds.entry(instance).or_insert(order);
-        *o = (*o).min(order);
+    /// A waiter queued since the last pass holds `instance` until the next.
+    /// Two waiters sparing one instance hold it outright (what each spares
+    /// is not added up).
+    pub(crate) fn hold(&mut self, instance: usize, hold: Hold) {
+        self.holds
+            .entry(instance)
+            .and_modify(|h| {
+                *h = Hold {
+                    order: h.order.min(hold.order),
+                    spare: None,
+                }
+            })
+            .or_insert(hold);
+    }
+
+    /// A waiter of class order `order` for `permits` on `instances`, queued
+    /// since the last pass, holds them as `h` says until the next (`at`:
+    /// when it could be granted, if known).
+    pub(crate) fn hold_waiter(
+        &mut self,
+        instances: &[usize],
+        order: u32,
+        permits: u32,
+        h: Holds,
+        at: Option<Instant>,
+    ) {
+        for (i, hold) in holds_of(instances, order, permits, h, at) {
+            self.hold(i, hold);
+        }
     }
 
     /// Nobody waits on `instance` any more: its hold ends now, not at the
@@ -243,8 +333,10 @@ impl<R> Queue<R> {
     ) -> (Vec<Waiter<R>>, Option<Instant>) {
         let mut granted = Vec::new();
         let mut next: Option<Instant> = None;
-        // (instance, class order): held for waiters of that order and lower.
+        // (instance, class order): held for waiters of that order and lower
+        // in this pass (spared ones too); and every hold, for new requests.
         let mut held: Vec<(usize, u32)> = Vec::new();
+        let mut holds: Vec<(usize, Hold)> = Vec::new();
         // Clients whose head waiter was passed over in this pass.
         let mut passed: HashSet<(usize, Arc<str>)> = HashSet::new();
         loop {
@@ -279,7 +371,13 @@ impl<R> Queue<R> {
             });
             let is_held = held_mask != 0;
             let verdict = if is_held {
-                Offer::BlockedOn(None, held_mask)
+                Offer::BlockedOn(
+                    None,
+                    Holds {
+                        lacking: held_mask,
+                        rest: Rest::Open,
+                    },
+                )
             } else {
                 offer(w)
             };
@@ -299,31 +397,24 @@ impl<R> Queue<R> {
                     self.index.remove(&w.id);
                     granted.push(w);
                 }
-                Offer::BlockedOn(at, _) => {
+                Offer::BlockedOn(at, h) => {
                     if !is_held {
                         next = match (next, at) {
                             (Some(a), Some(b)) => Some(a.min(b)),
                             (a, b) => a.or(b),
                         };
                     }
-                    let mask = match verdict {
-                        Offer::BlockedOn(_, m) if m != 0 => m,
-                        _ => u64::MAX,
-                    };
-                    held.extend(
-                        w.instances
-                            .iter()
-                            .enumerate()
-                            .filter(|&(j, _)| mask & place_bit(j) != 0)
-                            .map(|(_, &i)| (i, order)),
-                    );
+                    for (i, hold) in holds_of(&w.instances, order, w.permits, h, at) {
+                        held.push((i, order));
+                        holds.push((i, hold));
+                    }
                     passed.insert((k, client));
                 }
             }
         }
         self.holds.clear();
-        for (i, o) in held {
-            self.hold(i, o);
+        for (i, h) in holds {
+            self.hold(i, h);
         }
         (granted, next)
     }
@@ -379,7 +470,7 @@ mod tests {
                 left -= 1;
                 Offer::Granted
             } else {
-                Offer::BlockedOn(None, 0)
+                Offer::BlockedOn(None, Holds::ALL)
             }
         });
         let hi = granted.iter().filter(|w| w.reply == "hi").count();
@@ -399,7 +490,7 @@ mod tests {
                 left -= 1;
                 Offer::Granted
             } else {
-                Offer::BlockedOn(None, 0)
+                Offer::BlockedOn(None, Holds::ALL)
             }
         });
         let order: Vec<_> = granted.iter().map(|w| w.reply).collect();
@@ -422,11 +513,11 @@ mod tests {
         let (granted, _) = q.serve(|w| {
             offered.push(w.reply);
             if w.permits > 1 {
-                Offer::BlockedOn(None, 0)
+                Offer::BlockedOn(None, Holds::ALL)
             } else if w.class == 0 {
                 Offer::Granted
             } else {
-                Offer::BlockedOn(None, 0)
+                Offer::BlockedOn(None, Holds::ALL)
             }
         });
         // "small-lo" is behind "big-lo" on bucket 0 and is not offered; "hi" is.

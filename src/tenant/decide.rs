@@ -7,7 +7,7 @@ use super::instance::Share;
 use super::{AcquireArgs, Decision, Denial, Grant, TenantState};
 use crate::clock::millis;
 use crate::error::BrokerError;
-use crate::limits::{Lease, LeaseId};
+use crate::limits::{Hold, Holds, Lease, LeaseId, Rest};
 use std::fmt::Write as _;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -63,7 +63,7 @@ impl TenantState {
             return Ok(Decision::Denied(denial));
         }
         let share = self.bucket_share(class, &instances, now);
-        if !self.queue.held_at_or_above(&instances, self.order(class))
+        if !self.held_from(&instances, args.permits, self.order(class), now)
             && self.can_take(&instances, args.permits, share, now)
         {
             let grant = self.take(&instances, args.permits, &args.client_id, now);
@@ -136,36 +136,89 @@ impl TenantState {
         })
     }
 
-    /// The places (see [`crate::limits::place_bit`]) of `instances` a
-    /// request for `n` that cannot be granted holds while it waits. Lacking
-    /// something with no known time (a slot, a paused bucket), only what it
-    /// lacks: its other buckets stay open to other requests meanwhile (one
-    /// waiting for a slot must not stall every call sharing its rate
-    /// bucket). Lacking only permits that refill at a known time, all of
-    /// them (0), so that what it has is still there when the rest refills:
-    /// a waiter holding only what it lacked could lose the slot it had to a
-    /// newcomer each time its permits came back, and wait for ever.
-    pub(super) fn holds_for(&self, instances: &[usize], n: u32, share: Share, now: Instant) -> u64 {
+    /// How a request for `n` on `instances` that cannot be granted holds
+    /// them while it waits (see [`crate::limits::Holds`]), and when it could
+    /// be granted, if known. Lacking something with no known time (a slot,
+    /// a paused bucket), it holds only what it lacks: its other buckets
+    /// stay open to other requests meanwhile (one waiting for a slot must
+    /// not stall every call sharing its rate bucket). Lacking only permits
+    /// that refill at a known time, it holds those and spares the rest: a
+    /// new request may take from them only what leaves this one's permits
+    /// there when its wait ends. Holding only what it lacked, it could lose
+    /// its slot to a newcomer each time its permits came back, and wait for
+    /// ever; holding the rest outright, a backlog on one rate-limited
+    /// bucket would stall every call that shares another with it.
+    pub(super) fn holds_for(
+        &self,
+        instances: &[usize],
+        n: u32,
+        share: Share,
+        now: Instant,
+    ) -> (Holds, Option<Instant>) {
         let mut lacking = 0;
         let mut indefinitely = false;
+        let mut at = Some(now);
         for (j, &i) in instances.iter().enumerate() {
             let paused = self.paused(&[i]).is_some();
             let ready = self
                 .instances
                 .get(i)
                 .map_or(Err(()), |x| x.ready_at(n, share, now));
-            if paused || ready.is_err() {
-                indefinitely = true;
-            }
-            if paused || ready.is_ok_and(|t| t > now) || ready.is_err() {
-                lacking |= crate::limits::place_bit(j);
+            match ready {
+                Ok(t) if !paused => {
+                    at = at.map(|a| a.max(t));
+                    if t > now {
+                        lacking |= crate::limits::place_bit(j);
+                    }
+                }
+                _ => {
+                    indefinitely = true;
+                    at = None;
+                    lacking |= crate::limits::place_bit(j);
+                }
             }
         }
-        if indefinitely {
-            lacking
+        let rest = if indefinitely {
+            Rest::Open
         } else {
-            0
+            Rest::Spared
+        };
+        (Holds { lacking, rest }, at)
+    }
+
+    /// Whether a hold of a waiter of order `order` or above keeps `n`
+    /// permits on `instances` from a new request now: held outright, or
+    /// spared but taking `n` would leave less than the waiter's permits
+    /// there when its wait ends.
+    pub(super) fn held_from(&self, instances: &[usize], n: u32, order: u32, now: Instant) -> bool {
+        instances
+            .iter()
+            .any(|&i| match self.queue.hold_on(i, order) {
+                None => false,
+                Some(Hold { spare: None, .. }) => true,
+                Some(Hold {
+                    spare: Some((p, at)),
+                    ..
+                }) => !self.spares(i, n, p, at, now),
+            })
+    }
+
+    /// Whether instance `i` can give `n` now and still `p` at `at`.
+    fn spares(&self, i: usize, n: u32, p: u32, at: Instant, now: Instant) -> bool {
+        let Some(x) = self.instances.get(i) else {
+            return false;
+        };
+        // The upstream's own budget view is shared with consumers the broker
+        // does not manage: nothing is promised from it.
+        if x.upstream.is_some() {
+            return false;
         }
+        if x.slots.is_some_and(|s| !s.has_room(n.saturating_add(p))) {
+            return false;
+        }
+        x.tokens
+            .as_ref()
+            .is_none_or(|t| t.fits_after(n, p, at, now))
     }
 
     /// Takes `n` from every instance; the caller has checked [`Self::can_take`].
@@ -313,7 +366,7 @@ impl TenantState {
                     continue;
                 }
             }
-            if x.queued > 0 && self.queue.held_at_or_above(&[i], order) {
+            if x.queued > 0 && self.queue.hold_on(i, order).is_some() {
                 // Not before those ahead of it: on a token bucket one
                 // refill interval each; they may wait on another bucket of
                 // theirs, so never less than a short backoff (an answer of

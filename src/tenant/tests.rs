@@ -210,6 +210,53 @@ fn a_waiter_short_only_of_refilling_permits_keeps_its_slot() {
     assert_eq!(g.buckets, ["rate", "slots"]);
 }
 
+/// A backlog on a rate-limited bucket does not stall calls that share
+/// another bucket with it: the waiter spares what it does not lack, so a
+/// request for that one alone goes ahead while the waiter's permit is still
+/// there when its wait ends; one that would take it is held back.
+#[test]
+fn a_waiter_for_a_refill_spares_its_other_buckets() {
+    let t0 = Instant::now();
+    let mut t = tenant(
+        r#"
+    [[tenants.buckets]]
+    name = "query"
+    routes = ["POST /q"]
+    permits = 2
+    window_ms = 1000
+    burst = 1
+    [[tenants.buckets]]
+    name = "per-client"
+    routes = ["* /**"]
+    permits = 1
+    window_ms = 1000
+    burst = 3
+"#,
+        t0,
+    );
+    granted(t.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
+    // "query" refills in 0.5 s: the next POST waits for it.
+    let Decision::Queued(Queued { reply: mut rx, .. }) =
+        t.acquire(&args("POST", "/q", 1), WAIT, t0).unwrap()
+    else {
+        panic!("the POST was not queued for its permit")
+    };
+    // "per-client" has 2 permits and refills one a second: one GET leaves
+    // the waiter's permit there at 0.5 s; a second would not.
+    granted(t.acquire(&args("GET", "/x", 1), NOW, t0).unwrap());
+    let Decision::Denied(denial) = t.acquire(&args("GET", "/x", 1), NOW, t0).unwrap() else {
+        panic!("a second GET took the permit the waiter needs at 0.5 s")
+    };
+    assert!(
+        denial.reason.contains("wait on bucket \"per-client\""),
+        "{}",
+        denial.reason
+    );
+    t.tick(t0 + SEC / 2);
+    let g = rx.try_recv().expect("answered").expect("granted at 0.5 s");
+    assert_eq!(g.buckets, ["query", "per-client"]);
+}
+
 #[test]
 fn renew_extends_and_unknown_is_not_found() {
     let t0 = Instant::now();

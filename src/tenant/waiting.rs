@@ -4,7 +4,7 @@
 //! scheduler picks.
 
 use super::{AcquireArgs, Denial, Grant, Queued, Reply, TenantState, SWEEP_EVERY};
-use crate::limits::{place_bit, Offer, Waiter};
+use crate::limits::{Offer, Waiter};
 use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -25,13 +25,10 @@ impl TenantState {
         // its buckets, adds none: theirs cover it.)
         let share = self.bucket_share(class, &instances, now);
         if !self.can_take(&instances, args.permits, share, now) {
-            let lacking = self.holds_for(&instances, args.permits, share, now);
+            let (holds, at) = self.holds_for(&instances, args.permits, share, now);
             let order = self.order(class);
-            for (j, &i) in instances.iter().enumerate() {
-                if lacking == 0 || lacking & place_bit(j) != 0 {
-                    self.queue.hold(i, order);
-                }
-            }
+            self.queue
+                .hold_waiter(&instances, order, args.permits, holds, at);
         }
         for &i in &instances {
             if let Some(x) = self.instances.get_mut(i) {
@@ -116,7 +113,7 @@ impl TenantState {
                 grants.push(self.take(&w.instances, w.permits, &w.client_id, now));
                 return Offer::Granted;
             }
-            let lacking = self.holds_for(&w.instances, w.permits, share, now);
+            let (holds, at) = self.holds_for(&w.instances, w.permits, share, now);
             let ready: Result<Vec<Instant>, ()> = w
                 .instances
                 .iter()
@@ -126,7 +123,9 @@ impl TenantState {
                         .map_or(Err(()), |x| x.ready_at(w.permits, share, now))
                 })
                 .collect();
-            Offer::BlockedOn(ready.ok().and_then(|ts| ts.into_iter().max()), lacking)
+            let ready = ready.ok().and_then(|ts| ts.into_iter().max());
+            debug_assert!(at.is_none() || ready.is_some());
+            Offer::BlockedOn(ready, holds)
         });
         self.queue = queue;
         for (w, grant) in granted.into_iter().zip(grants) {
