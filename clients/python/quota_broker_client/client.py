@@ -261,8 +261,8 @@ class Lease:
     def release(self):
         """Returns the slots (idempotent). True if this call returned slots.
 
-        With the broker unreachable (and a fallback) it returns False: the
-        slots come back by themselves at their expiry. With the broker
+        With the broker unreachable (and a fallback) it returns False and the
+        release is sent once a broker answers again (``pending_releases``). With the broker
         overloaded for this caller (and a fallback) it also returns False
         and the release is sent in the background after the broker's
         retry-after-ms.
@@ -283,8 +283,11 @@ class Lease:
         except _UNREACHABLE as e:
             if self._broker._fallback is None:
                 raise
-            # The broker is away; the slot comes back by itself at its expiry.
-            log.debug("releasing lease %s failed: %s", self.lease_id, e)
+            # The broker is away (restarting, a cluster between leaders): sent
+            # once a broker answers again, so one that took the lease over
+            # frees its slot then rather than at its expiry.
+            log.debug("releasing lease %s failed, kept for later: %s", self.lease_id, e)
+            self._broker._keep_release(pb.ReleaseRequest(lease_id=self.lease_id))
             released = False
         except errors.Overloaded as e:
             if self._broker._fallback is None:
@@ -645,8 +648,8 @@ class QuotaBroker:
     @property
     def pending_releases(self):
         """Releases waiting to be sent: those the broker refused as Overloaded (sent
-        after its retry-after-ms), and those of Acquires that got no answer
-        (sent when a broker answers again)."""
+        after its retry-after-ms), and those that found it unreachable or were
+        of Acquires that got no answer (sent when a broker answers again)."""
         return len(self._deferred_releases)
 
     # -- overload ----------------------------------------------------------------

@@ -99,6 +99,7 @@ class LocalFallback:
         self._calls = 0
         self._left_at = None  # when the last fallback was left
         self._quiet = False  # this fallback goes on one left a moment ago: not logged again
+        self._served_since_left = False  # the broker granted a call since the last fallback
         # Outcomes to report: (observed at, ReportRequest), oldest first.
         self._buffer = collections.deque()
         self._dropped_total = 0
@@ -134,6 +135,7 @@ class LocalFallback:
         with self._lock:
             self._grants.append((now, max(int(permits), 1)))
             self._granted += max(int(permits), 1)
+            self._served_since_left = True
             self._trim(now)
 
     def should_try_broker(self):
@@ -161,7 +163,11 @@ class LocalFallback:
             # entering again must not hand out a call at once each time.
             self._tat = max(self._tat, now)
             self._last_probe = now
-            self._quiet = self._left_at is not None and now - self._left_at < REENTRY_S
+            # Quiet only if nothing was granted between: the broker answered
+            # the probe but not the calls. A new outage after real service
+            # is said again.
+            self._quiet = (self._left_at is not None and now - self._left_at < REENTRY_S
+                           and not self._served_since_left)
             if not self._quiet:
                 self._entered_at = now
                 self._calls = 0
@@ -189,6 +195,7 @@ class LocalFallback:
             calls, pending, dropped = self._calls, len(self._buffer), self._dropped_unflushed
             self._rate = None
             self._left_at = now
+            self._served_since_left = False
             quiet = self._quiet
         if quiet:
             log.debug("quota-broker at %s answers again", self.target)

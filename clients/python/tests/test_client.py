@@ -328,3 +328,31 @@ def test_a_lease_whose_broker_is_back_only_after_its_ttl_is_renewed_and_adopted(
     client.acquire(TENANT, "GET", SINGLE_PATH, client_id="second",
                    priority_class="critical", max_wait_ms=1000).release()
     client.close()
+
+
+def test_a_release_that_finds_the_broker_away_is_sent_when_it_is_back(start_broker, tmp_path):
+    # A graceful stop records the lease and the next run holds its slot (a
+    # TTL of 10 minutes: only the release can free it in this test).
+    state = tmp_path / "state"
+    b = start_broker(state_dir=str(state), single_ttl_ms=600_000)
+    client = b.client()
+    lease = client.acquire(TENANT, "GET", SINGLE_PATH, client_id="holder", max_wait_ms=0)
+    b.stop()
+    assert lease.release() is False
+    assert client.pending_releases == 1
+    b2 = start_broker(state_dir=str(state), single_ttl_ms=600_000, port=b.port)
+    observer = b2.client()
+    deadline = time.monotonic() + 10
+    while client.pending_releases or status(observer, "single").in_flight:
+        # A call that reaches the broker sends what was kept, in the background.
+        try:
+            client.acquire(TENANT, "GET", "/api/v2/users/me", client_id="other", max_wait_ms=0).release()
+        except qb.QuotaBrokerError:
+            pass
+        assert time.monotonic() < deadline, (
+            f"pending={client.pending_releases} in_flight={status(observer, 'single').in_flight}")
+        time.sleep(0.05)  # waiting on the client's sender thread (a real event)
+    # The slot is free ten minutes before the lease would have expired.
+    assert status(observer, "single").in_flight == 0
+    client.close()
+    observer.close()

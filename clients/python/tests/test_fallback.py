@@ -286,6 +286,16 @@ def test_entering_the_fallback_again_soon_after_leaving_it_keeps_its_pacing(fake
         fb.enter("down later")
         assert fb.take() == 0.0
     assert any(r.levelno >= logging.WARNING for r in caplog.records)
+    # Left a moment ago, but the broker granted calls since: a new outage,
+    # logged again (a leader move and an etcd outage 20 s apart).
+    fb.leave()
+    fb.granted(1)
+    fake_clock.advance(2.0)
+    with caplog.at_level(logging.INFO, logger="quota_broker_client"):
+        caplog.clear()
+        fb.enter("down once more")
+    assert any(r.levelno >= logging.WARNING for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
 
 
 def test_reconnect_backoff_is_bounded():

@@ -71,6 +71,8 @@ pub(crate) struct Fallback {
     held_until: Option<Instant>,
     /// The local limiter's rate, per minute.
     per_min: u32,
+    /// The broker granted a call since the last fallback was left.
+    served_since_left: bool,
     last_probe: Option<Instant>,
 }
 
@@ -84,6 +86,7 @@ impl Fallback {
             quiet: false,
             held_until: None,
             per_min: 0,
+            served_since_left: false,
             last_probe: None,
         }
     }
@@ -107,6 +110,7 @@ impl Fallback {
     }
 
     pub(crate) fn granted(&mut self, permits: u32) {
+        self.served_since_left = true;
         let now = Instant::now();
         for _ in 0..permits {
             self.grants.push_back(now);
@@ -134,6 +138,7 @@ impl Fallback {
                 tracing::info!("quota broker reachable again; leaving the local fallback limiter");
             }
             self.left = Some((limiter, clock, Instant::now()));
+            self.served_since_left = false;
         }
     }
 
@@ -142,12 +147,15 @@ impl Fallback {
             return;
         }
         let now = Instant::now();
-        // Left a moment ago: a permit it paced out stays paced (leaving
-        // and entering again must not hand out a call at once each time).
+        // Left a moment ago and nothing granted since (the broker answered
+        // the probe, not the calls): a permit it paced out stays paced
+        // (leaving and entering again must not hand out a call at once each
+        // time). A new outage after real service starts afresh, said again.
+        let served = self.served_since_left;
         if let Some((limiter, clock, _)) = self
             .left
             .take()
-            .filter(|(_, _, at)| now.duration_since(*at) < REENTRY)
+            .filter(|(_, _, at)| !served && now.duration_since(*at) < REENTRY)
         {
             tracing::debug!(error = %status, "quota broker unreachable again; still pacing calls");
             self.local = Some((limiter, clock));
@@ -271,6 +279,15 @@ mod tests {
         fb.broker_answered();
         tokio::time::advance(Duration::from_secs(120)).await;
         fb.broker_unreachable(&down);
+        assert_eq!(fb.try_take(), Take::Taken);
+        assert!(!fb.quiet, "a new outage is logged");
+        // Left a moment ago, but the broker granted calls since: a new
+        // outage too, logged and paced afresh.
+        fb.broker_answered();
+        fb.granted(1);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        fb.broker_unreachable(&down);
+        assert!(!fb.quiet, "an outage after real service is logged again");
         assert_eq!(fb.try_take(), Take::Taken);
     }
 }

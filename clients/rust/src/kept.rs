@@ -4,7 +4,7 @@
 //! are aged by the time they waited: a `Retry-After` or a reset that has
 //! since passed is dropped rather than replayed as if it were new.
 
-use quota_broker::pb::ReportRequest;
+use quota_broker::pb::{ReleaseRequest, ReportRequest};
 use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -32,9 +32,10 @@ const WINDOW_COUNTS: &[&str] = &[
 pub(crate) struct Kept {
     reports: VecDeque<(Instant, ReportRequest)>,
     dropped: u64,
-    /// (tenant, idempotency key) of Acquires that got no answer: a lease
-    /// the broker granted them is released once it answers again.
-    releases: VecDeque<(String, String)>,
+    /// Releases to send once the broker answers again: of leases whose
+    /// release found it away, and (by tenant and idempotency key) of
+    /// Acquires that got no answer, whose lease nobody holds.
+    releases: VecDeque<ReleaseRequest>,
 }
 
 impl Kept {
@@ -58,23 +59,22 @@ impl Kept {
         self.reports.is_empty() && self.releases.is_empty()
     }
 
-    /// Keeps the release of a lease an unanswered Acquire (of `tenant`,
-    /// with idempotency key `key`) may have been granted; drops the oldest
+    /// Keeps a release for when the broker answers again; drops the oldest
     /// past [`KEPT_MAX`] (its slot comes back at its expiry).
-    pub(crate) fn keep_release(&mut self, tenant: String, key: String) {
+    pub(crate) fn keep_release(&mut self, release: ReleaseRequest) {
         if self.releases.len() >= KEPT_MAX {
             self.releases.pop_front();
         }
-        self.releases.push_back((tenant, key));
+        self.releases.push_back(release);
     }
 
     /// The oldest kept release.
-    pub(crate) fn next_release(&mut self) -> Option<(String, String)> {
+    pub(crate) fn next_release(&mut self) -> Option<ReleaseRequest> {
         self.releases.pop_front()
     }
 
     /// Puts a release that could not be sent back at the front.
-    pub(crate) fn put_back_release(&mut self, release: (String, String)) {
+    pub(crate) fn put_back_release(&mut self, release: ReleaseRequest) {
         self.releases.push_front(release);
     }
 

@@ -662,7 +662,11 @@ impl BrokerClient {
                         // answering: once it is back, a lease it granted
                         // nobody holds is released by the Acquire's key.
                         if may_have_reached_a_broker(&s) && !req.idempotency_key.is_empty() {
-                            self.kept().keep_release(req.tenant, req.idempotency_key);
+                            self.kept().keep_release(ReleaseRequest {
+                                tenant: req.tenant,
+                                acquire_key: req.idempotency_key,
+                                ..Default::default()
+                            });
                         }
                         self.fallback().broker_unreachable(&s)
                     }
@@ -844,23 +848,16 @@ impl BrokerClient {
     pub async fn flush_reports(&self) -> usize {
         loop {
             let next = self.kept().next_release();
-            let Some((tenant, acquire_key)) = next else {
+            let Some(req) = next else {
                 break;
-            };
-            let req = ReleaseRequest {
-                tenant,
-                acquire_key,
-                ..Default::default()
             };
             match self.send_release(&req).await {
                 // Away again, or over this caller's request rate: later.
                 Err(s) if is_unreachable(&s) || s.code() == tonic::Code::ResourceExhausted => {
-                    self.kept().put_back_release((req.tenant, req.acquire_key));
+                    self.kept().put_back_release(req);
                     return 0;
                 }
-                Err(s) => {
-                    tracing::debug!(error = %s, "a release of an unanswered Acquire was refused")
-                }
+                Err(s) => tracing::debug!(error = %s, "a kept release was refused"),
                 Ok(_) => {}
             }
         }
@@ -942,8 +939,18 @@ impl BrokerClient {
             lease_id,
             ..Default::default()
         };
-        if let Err(e) = self.send_release(&req).await {
-            tracing::debug!(error = %e, "release failed; the slot comes back at its expiry");
+        match self.send_release(&req).await {
+            // Away (restarting, a cluster between leaders): sent once a
+            // broker answers again, so a next leader that took the lease
+            // over frees its slot then rather than at its expiry.
+            Err(e) if is_unreachable(&e) => {
+                tracing::debug!(error = %e, "release failed; kept for when the broker answers");
+                self.kept().keep_release(req);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "release refused; the slot comes back at its expiry")
+            }
+            Ok(_) => {}
         }
     }
 

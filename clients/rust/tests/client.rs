@@ -227,6 +227,46 @@ async fn a_lease_whose_broker_is_back_only_after_its_ttl_is_renewed_and_adopted(
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A lease released while the broker is away (a restart, a cluster between
+/// leaders) is released once it answers again, not held to its expiry by
+/// the broker that took it over.
+#[tokio::test(start_paused = true)]
+async fn a_release_that_finds_the_broker_away_is_sent_when_it_is_back() {
+    let dir = testsvc::scratch_dir("release-kept").unwrap();
+    // A TTL no reconnect backoff of the paused clock comes near.
+    let config = CONFIG
+        .replace(
+            "state_dir = \"\"",
+            &format!("state_dir = {:?}", dir.display().to_string()),
+        )
+        .replace("lease_ttl_ms = 5000", "lease_ttl_ms = 600000");
+    let settings = Settings::from_toml(&config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Embedded::spawn(listener, settings.clone()).unwrap();
+    let client = BrokerClient::connect(&server.url(), None).unwrap();
+    let lease = client.acquire(&q()).await.unwrap();
+    // A graceful stop records the lease; the next run holds its slot.
+    server.stop().await.unwrap();
+    lease.release().await;
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let server = Embedded::spawn(listener, settings).unwrap();
+    // The next call reaches the broker, and the kept release goes with it.
+    let other = client.acquire(&Call::new("t", "GET", "/x")).await.unwrap();
+    assert!(!other.is_fallback());
+    client.flush_reports().await;
+    // Free long before the lease's expiry.
+    let again = client.acquire(&q().max_wait(Duration::ZERO)).await;
+    assert!(
+        matches!(&again, Ok(l) if !l.is_fallback()),
+        "the released slot is still held: {:?}",
+        again.map(|l| l.is_fallback())
+    );
+    drop((other, again));
+    server.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test(start_paused = true)]
 async fn report_and_the_tower_layer_tell_the_broker_about_429s() {
     let b = broker_on("127.0.0.1:0").await;
