@@ -181,6 +181,23 @@ async fn a_renewal_refused_for_a_while_is_tried_again() {
     server.stop().await.unwrap();
 }
 
+/// A broker on 127.0.0.1:0 keeping its state in `dir`, the "slots"
+/// bucket's lease TTL `ttl_ms`: its settings (to start it again on the same
+/// address), address and server.
+async fn with_state(dir: &std::path::Path, ttl_ms: u64) -> (Settings, SocketAddr, Embedded) {
+    let config = CONFIG
+        .replace(
+            "state_dir = \"\"",
+            &format!("state_dir = {:?}", dir.display().to_string()),
+        )
+        .replace("lease_ttl_ms = 5000", &format!("lease_ttl_ms = {ttl_ms}"));
+    let settings = Settings::from_toml(&config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Embedded::spawn(listener, settings.clone()).unwrap();
+    (settings, addr, server)
+}
+
 /// A broker killed while a lease is held and back only after the lease's
 /// 1 s TTL (as a cluster's election outlasts a short TTL): the holder goes
 /// on renewing past the expiry, the restarted broker adopts the lease, and
@@ -188,16 +205,7 @@ async fn a_renewal_refused_for_a_while_is_tried_again() {
 #[tokio::test(start_paused = true)]
 async fn a_lease_whose_broker_is_back_only_after_its_ttl_is_renewed_and_adopted() {
     let dir = testsvc::scratch_dir("renew-past-expiry").unwrap();
-    let config = CONFIG
-        .replace(
-            "state_dir = \"\"",
-            &format!("state_dir = {:?}", dir.display().to_string()),
-        )
-        .replace("lease_ttl_ms = 5000", "lease_ttl_ms = 1000");
-    let settings = Settings::from_toml(&config).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = Embedded::spawn(listener, settings.clone()).unwrap();
+    let (settings, addr, server) = with_state(&dir, 1000).await;
     let client = BrokerClient::connect(&server.url(), None).unwrap();
     let lease = client.acquire(&q()).await.unwrap();
     assert!(!lease.is_fallback());
@@ -234,16 +242,7 @@ async fn a_lease_whose_broker_is_back_only_after_its_ttl_is_renewed_and_adopted(
 async fn a_release_that_finds_the_broker_away_is_sent_when_it_is_back() {
     let dir = testsvc::scratch_dir("release-kept").unwrap();
     // A TTL no reconnect backoff of the paused clock comes near.
-    let config = CONFIG
-        .replace(
-            "state_dir = \"\"",
-            &format!("state_dir = {:?}", dir.display().to_string()),
-        )
-        .replace("lease_ttl_ms = 5000", "lease_ttl_ms = 600000");
-    let settings = Settings::from_toml(&config).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = Embedded::spawn(listener, settings.clone()).unwrap();
+    let (settings, addr, server) = with_state(&dir, 600_000).await;
     let client = BrokerClient::connect(&server.url(), None).unwrap();
     let lease = client.acquire(&q()).await.unwrap();
     // A graceful stop records the lease; the next run holds its slot.
