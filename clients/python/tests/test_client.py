@@ -356,3 +356,17 @@ def test_a_release_that_finds_the_broker_away_is_sent_when_it_is_back(start_brok
     assert status(observer, "single").in_flight == 0
     client.close()
     observer.close()
+
+
+def test_the_renewer_retries_only_what_may_pass_later():
+    from quota_broker_client.client import _renewal_may_pass_later
+    from quota_broker_client import errors
+    assert _renewal_may_pass_later(errors.Unavailable(grpc.StatusCode.UNAVAILABLE, "restarting"))
+    assert _renewal_may_pass_later(errors.DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED, "slow"))
+    assert _renewal_may_pass_later(errors.BrokerRpcError(grpc.StatusCode.ABORTED, "busy"))
+    # A refusal of the request or of the caller, or a handshake that cannot
+    # succeed, is the same next time: the renewer stops.
+    assert not _renewal_may_pass_later(
+        errors.FailedPrecondition(grpc.StatusCode.FAILED_PRECONDITION, "too many permits"))
+    assert not _renewal_may_pass_later(errors.BrokerRpcError(grpc.StatusCode.OUT_OF_RANGE, "too big"))
+    assert not _renewal_may_pass_later(errors.TlsError("no CA this client trusts signed it"))

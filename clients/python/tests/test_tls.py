@@ -220,3 +220,26 @@ def test_tls_settings_are_checked_when_the_client_is_built(pki, tmp_path):
                                ("https://127.0.0.1:1", {}, True)):
         with qb.QuotaBroker(target, **kw) as client:
             assert client.tls is expect, (target, kw)
+
+
+def test_a_fallback_probe_that_meets_a_certificate_it_does_not_trust_ends_the_fallback(
+        start_broker, pki, tmp_path):
+    # Falling back from a broker that went away, which comes back with a
+    # certificate from a CA the client does not trust (rotated): the probe's
+    # handshake ends the fallback and calls raise TlsError, instead of
+    # running on the fallback rate for good.
+    proc = start_broker(tls=pki.server_tls())
+    client = proc.client(ca_cert=pki.ca_pem,
+                         fallback=qb.FallbackSettings(floor_per_min=600, probe_every_s=0.1))
+    client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=0).release()
+    proc.kill()
+    assert client.acquire(TENANT, "GET", USERS, client_id="c").is_fallback
+    other = Pki(tmp_path / "rotated", name="another CA")
+    start_broker(tls=other.server_tls(), port=proc.port)
+    deadline = time.monotonic() + 10
+    with pytest.raises(qb.TlsError, match="ca_cert"):
+        while True:
+            # Each fallback lease is paced (10 a second): no busy loop.
+            assert client.acquire(TENANT, "GET", USERS, client_id="c").is_fallback
+            assert time.monotonic() < deadline, "still on the fallback rate 10 s after it came back"
+    client.close()

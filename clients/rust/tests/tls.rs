@@ -2,7 +2,9 @@
 //! with certificates made at test time (rcgen).
 
 use quota_broker::Settings;
-use quota_broker_client::{BrokerClient, Call, ClientError, ClientTls, ConnectOptions};
+use quota_broker_client::{
+    BrokerClient, Call, ClientError, ClientTls, ConnectOptions, FallbackSettings,
+};
 use std::net::SocketAddr;
 use std::path::Path;
 use testpki::Pki;
@@ -178,4 +180,61 @@ async fn a_handshake_that_cannot_succeed_is_an_error_not_a_fallback() {
         Err(ClientError::Tls(why)) => assert!(why.contains("ClientTls::domain_name"), "{why}"),
         other => panic!("{:?}", other.map(|l| l.is_fallback())),
     }
+}
+
+/// A broker with TLS (the server certificate of `pki`, no client CA) on
+/// `addr`.
+async fn tls_broker_on(pki: &Pki, addr: &str) -> quota_broker::Embedded {
+    let toml = format!(
+        "[server]\nstate_dir = \"\"\n[server.tls]\ncert = {:?}\nkey = {:?}\n\
+         [[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 10\n",
+        pki.path("server.pem"),
+        pki.path("server.key"),
+    );
+    let settings = Settings::from_toml(&toml).unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    quota_broker::Embedded::spawn(listener, settings).unwrap()
+}
+
+/// A client falling back from a broker that went away, which comes back
+/// with a certificate the client does not trust (rotated to another CA):
+/// the probe's handshake ends the fallback and calls say what is wrong,
+/// instead of running on the fallback rate for good.
+#[tokio::test]
+async fn a_fallback_probe_that_meets_a_certificate_it_does_not_trust_ends_the_fallback() {
+    let (before, after) = (Pki::new("rotated-from"), Pki::new("rotated-to"));
+    let server = tls_broker_on(&before, "127.0.0.1:0").await;
+    let addr = server.addr();
+    let tls = ClientTls::new().ca_pem(std::fs::read(before.path("ca.pem")).unwrap());
+    let fallback = FallbackSettings {
+        floor_per_min: 600,
+        probe_every: std::time::Duration::from_millis(100),
+        ..FallbackSettings::default()
+    };
+    let client = BrokerClient::connect_with(
+        &format!("https://{addr}"),
+        ConnectOptions::new().tls(tls).fallback(fallback),
+    )
+    .unwrap();
+    let call = Call::new("t", "GET", "/x").max_wait(std::time::Duration::from_secs(1));
+    assert!(!client.acquire(&call).await.unwrap().is_fallback());
+    server.stop().await.unwrap();
+    assert!(client.acquire(&call).await.unwrap().is_fallback());
+    let server = tls_broker_on(&after, &addr.to_string()).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match client.acquire(&call).await {
+            Err(ClientError::Tls(why)) => {
+                assert!(why.contains("ClientTls::ca_pem"), "{why}");
+                break;
+            }
+            Ok(lease) => assert!(lease.is_fallback()),
+            Err(e) => panic!("{e}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still on the fallback rate 10 s after the broker came back"
+        );
+    }
+    server.stop().await.unwrap();
 }
