@@ -33,6 +33,8 @@ mod decide;
 mod freeze_tests;
 #[cfg(test)]
 mod headroom_tests;
+#[cfg(test)]
+mod holds_tests;
 mod instance;
 mod learn;
 mod leases;

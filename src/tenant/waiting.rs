@@ -113,19 +113,10 @@ impl TenantState {
                 grants.push(self.take(&w.instances, w.permits, &w.client_id, now));
                 return Offer::Granted;
             }
+            // When it could be granted (unknown while a slot or a pause
+            // stands in the way: a release or a resume wakes the driver).
             let (holds, at) = self.holds_for(&w.instances, w.permits, share, now);
-            let ready: Result<Vec<Instant>, ()> = w
-                .instances
-                .iter()
-                .map(|&i| {
-                    self.instances
-                        .get(i)
-                        .map_or(Err(()), |x| x.ready_at(w.permits, share, now))
-                })
-                .collect();
-            let ready = ready.ok().and_then(|ts| ts.into_iter().max());
-            debug_assert!(at.is_none() || ready.is_some());
-            Offer::BlockedOn(ready, holds)
+            Offer::BlockedOn(at, holds)
         });
         self.queue = queue;
         for (w, grant) in granted.into_iter().zip(grants) {

@@ -96,29 +96,26 @@ async fn tls_settings_are_checked_when_connecting() {
     // A CA file without a certificate (a key given by mistake), and a
     // client certificate that has expired: refused here, not at every
     // handshake as a broker that looks down.
-    let err = ClientTls::from_files(Some(&pki.path("client.key")), None)
-        .and_then(|tls| {
+    let connect = |tls: Result<ClientTls, ClientError>| {
+        tls.and_then(|tls| {
             BrokerClient::connect_with("https://127.0.0.1:50051", ConnectOptions::new().tls(tls))
         })
         .err()
-        .unwrap();
+        .expect("refused when connecting")
+    };
+    let err = connect(ClientTls::from_files(Some(&pki.path("client.key")), None));
     assert!(
         err.to_string()
             .contains("the CA certificate: no PEM certificate"),
         "{err}"
     );
-    let err = ClientTls::from_files(
+    let err = connect(ClientTls::from_files(
         Some(&pki.path("ca.pem")),
         Some((
             &pki.path("expired-client.pem"),
             &pki.path("expired-client.key"),
         )),
-    )
-    .and_then(|tls| {
-        BrokerClient::connect_with("https://127.0.0.1:50051", ConnectOptions::new().tls(tls))
-    })
-    .err()
-    .unwrap();
+    ));
     assert!(
         err.to_string()
             .contains("the client certificate expired on"),
