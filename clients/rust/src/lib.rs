@@ -630,12 +630,14 @@ impl BrokerClient {
             }
             if route == Route::Broker {
                 let req = call.acquire_request();
+                let unanswered = Unanswered::of(self, &req);
                 let answer = self
                     .rpc(|mut c| {
                         let req = self.request(req.clone());
                         async move { c.acquire(req).await }
                     })
                     .await;
+                unanswered.answered();
                 match answer {
                     Ok(r) => {
                         self.fallback().broker_answered();
@@ -935,10 +937,29 @@ impl BrokerClient {
     }
 
     async fn release(&self, lease_id: String) {
-        let req = ReleaseRequest {
+        self.release_or_keep(ReleaseRequest {
             lease_id,
             ..Default::default()
-        };
+        })
+        .await
+    }
+
+    /// Sends `req` in a task of its own, counted for [`BrokerClient::settle`].
+    /// Outside a runtime nothing is sent: the slot comes back at its expiry.
+    fn release_in_background(&self, req: ReleaseRequest) {
+        use std::sync::atomic::Ordering::AcqRel;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            self.inner.releasing.fetch_add(1, AcqRel);
+            let counted = Releasing(self.inner.clone());
+            let client = self.clone();
+            rt.spawn(async move {
+                let _counted = counted;
+                client.release_or_keep(req).await;
+            });
+        }
+    }
+
+    async fn release_or_keep(&self, req: ReleaseRequest) {
         match self.send_release(&req).await {
             // Away (restarting, a cluster between leaders): sent once a
             // broker answers again, so a next leader that took the lease
@@ -1308,17 +1329,44 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.stop_renewing();
         if self.holds_slot {
-            use std::sync::atomic::Ordering::AcqRel;
-            let (client, id) = (self.client.clone(), std::mem::take(&mut self.id));
-            // Outside a runtime the slot still comes back, at its expiry.
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                client.inner.releasing.fetch_add(1, AcqRel);
-                let counted = Releasing(client.inner.clone());
-                rt.spawn(async move {
-                    let _counted = counted;
-                    client.release(id).await;
-                });
-            }
+            self.client.release_in_background(ReleaseRequest {
+                lease_id: std::mem::take(&mut self.id),
+                ..Default::default()
+            });
+        }
+    }
+}
+
+/// An Acquire sent and not answered yet. Dropped so (the caller's own
+/// timeout, a task aborted at a signal), a lease the broker granted it as
+/// the caller went away would hold its slots to its expiry with nobody
+/// holding it: it is released by the Acquire's idempotency key, as a
+/// dropped lease is by its id (a waiting Acquire the broker still had
+/// queued leaves the queue by itself; the release then finds nothing).
+struct Unanswered<'a> {
+    client: &'a BrokerClient,
+    release: Option<ReleaseRequest>,
+}
+
+impl<'a> Unanswered<'a> {
+    fn of(client: &'a BrokerClient, req: &AcquireRequest) -> Unanswered<'a> {
+        let release = (!req.idempotency_key.is_empty()).then(|| ReleaseRequest {
+            tenant: req.tenant.clone(),
+            acquire_key: req.idempotency_key.clone(),
+            ..Default::default()
+        });
+        Unanswered { client, release }
+    }
+
+    fn answered(mut self) {
+        self.release = None;
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(req) = self.release.take() {
+            self.client.release_in_background(req);
         }
     }
 }

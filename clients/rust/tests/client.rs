@@ -538,6 +538,54 @@ async fn a_lease_granted_after_the_client_gave_up_is_released_by_its_key() {
     b.stop().await;
 }
 
+/// The broker grants an Acquire, but the caller gives up on it before the
+/// answer arrives (its own timeout, a task aborted at a signal): the lease
+/// nobody holds is released by the Acquire's key, not held to its expiry
+/// (ten minutes here). On the real clock, as the test above.
+#[tokio::test]
+async fn a_lease_granted_to_an_acquire_its_caller_dropped_is_released_by_its_key() {
+    let settings =
+        Settings::from_toml(&CONFIG.replace("lease_ttl_ms = 5000", "lease_ttl_ms = 600000"))
+            .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = Embedded::spawn(listener, settings).unwrap();
+    let b = Broker {
+        addr: server.addr(),
+        server,
+    };
+    let proxy = Hangable::before(b.addr).await;
+    let client = BrokerClient::connect(&format!("http://{}", proxy.addr), None).unwrap();
+    client.acquire(&q()).await.unwrap().release().await;
+
+    proxy.hang_answers(true);
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.acquire(&q()).await.map(|l| l.id().to_owned()) }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.bucket("slots").await.in_flight == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the broker never granted the Acquire"
+        );
+        tokio::task::yield_now().await;
+    }
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
+
+    proxy.hang_answers(false);
+    // The release went out on the hung connection: kept when the
+    // keep-alive gives up on it, then sent.
+    assert_eq!(client.settle(Duration::from_secs(30)).await, 0);
+    client.flush_reports().await;
+    assert_eq!(
+        b.bucket("slots").await.in_flight,
+        0,
+        "the slot of the dropped Acquire is still held"
+    );
+    b.stop().await;
+}
+
 /// A broker behind a [`Hangable`] proxy, a client of it falling back at
 /// 60 a minute (probing every `probe_every`), and a call it was granted
 /// once by the broker.
