@@ -290,4 +290,41 @@ mod tests {
         assert!(!fb.quiet, "an outage after real service is logged again");
         assert_eq!(fb.try_take(), Take::Taken);
     }
+
+    /// A 429's Retry-After holds the local limiter until it ends, and only
+    /// while no broker answers: one that answers was sent the report and
+    /// holds the upstream's bucket itself; a later outage is not held by
+    /// the earlier word (it holds every call of the client, not one bucket).
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_holds_the_fallback_until_it_ends_or_the_broker_answers() {
+        let mut fb = Fallback::new(FallbackSettings::default());
+        let down = tonic::Status::unavailable("connection refused");
+        fb.broker_unreachable(&down);
+        assert_eq!(fb.try_take(), Take::Taken);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        fb.throttled(Duration::from_secs(60));
+        match fb.try_take() {
+            Take::Wait { permit_in, .. } => assert!(
+                permit_in > Duration::from_secs(59) && permit_in <= Duration::from_secs(60),
+                "{permit_in:?}"
+            ),
+            other => panic!("taken during a 60 s Retry-After: {other:?}"),
+        }
+        // A shorter word later does not shorten the hold.
+        fb.throttled(Duration::from_secs(5));
+        assert_ne!(fb.try_take(), Take::Taken);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(fb.try_take(), Take::Taken, "held past the Retry-After");
+
+        tokio::time::advance(Duration::from_secs(30)).await;
+        fb.throttled(Duration::from_secs(60));
+        fb.broker_answered();
+        fb.granted(1);
+        fb.broker_unreachable(&down);
+        assert_eq!(
+            fb.try_take(),
+            Take::Taken,
+            "an outage after the broker answered is held by a Retry-After it was told"
+        );
+    }
 }

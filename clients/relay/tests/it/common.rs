@@ -132,6 +132,9 @@ pub fn serve_args(queue: &str, sim: &SimHandle, broker: &str) -> Vec<String> {
     .collect()
 }
 
+/// A child relay's log lines.
+pub type Log = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
+
 /// A relay binary running as a child process.
 pub struct Child {
     pub url: String,
@@ -140,11 +143,24 @@ pub struct Child {
 
 impl Child {
     pub async fn start(args: &[String]) -> Child {
+        Child::spawn(args, std::process::Stdio::inherit()).await
+    }
+
+    /// As [`Child::start`], its log (stderr) read line by line.
+    pub async fn start_logged(args: &[String]) -> (Child, Log) {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = Child::spawn(args, std::process::Stdio::piped()).await;
+        let stderr = child.child.stderr.take().unwrap();
+        (child, tokio::io::BufReader::new(stderr).lines())
+    }
+
+    async fn spawn(args: &[String], stderr: std::process::Stdio) -> Child {
         use tokio::io::AsyncBufReadExt;
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gc-relay"))
             .args(args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .unwrap();

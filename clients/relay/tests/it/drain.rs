@@ -200,6 +200,41 @@ async fn a_refused_record_is_a_dead_letter_the_cli_lists_replays_and_drops() {
     sim.shutdown().await;
 }
 
+/// A record the upstream refuses for good is said in the relay's log (a
+/// warning, at the default level too), with its id and what to do: nothing
+/// else tells an operator before someone runs `gc-relay status`.
+#[tokio::test]
+async fn a_dead_letter_is_logged_with_its_id() {
+    let dir = TempDir::new("dlq-log");
+    let sim = gcsim(sim_config(SCALE, 300, 0)).await;
+    let broker = broker(WINDOW_REAL_MS).await;
+    let (relay, mut log) = Child::start_logged(&serve_args(&dir.sqlite(), &sim, &broker.url)).await;
+    let flow = Flow::new(&relay.url);
+    let mut bad = wrapup("bad");
+    bad["body"] = json!({"code": ""});
+    let (status, answer) = flow.post(&bad).await.unwrap();
+    assert_eq!(status, 202);
+    let id = answer["recordId"].as_i64().unwrap();
+    let said = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = log.next_line().await.unwrap() {
+            if line.contains("dead letter") {
+                return line;
+            }
+        }
+        panic!("gc-relay exited without logging the dead letter");
+    })
+    .await
+    .expect("no dead letter logged within 30 s");
+    assert!(
+        said.contains("WARN") && said.contains(&format!("id={id}")) && said.contains("status=400"),
+        "{said}"
+    );
+    assert!(said.contains("gc-relay dlq list"), "{said}");
+    relay.kill9().await;
+    broker.stop().await;
+    sim.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_dead_letter_holds_back_the_records_of_its_order_key() {
     let dir = TempDir::new("dlq-order");
