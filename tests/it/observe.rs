@@ -1513,7 +1513,9 @@ async fn json_logs_carry_the_request_id() {
         &format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"\"\nlog_format = \"json\"\n\
              state_dir = \"\"\n[[auth.tokens]]\nname = \"wallboard-7\"\nsha256 = \"{}\"\n\
-             role = \"client\"\ntenants = [\"t\"]\n[[tenants]]\nid = \"t\"\n{BUCKETS}",
+             role = \"client\"\ntenants = [\"t\"]\n[[tenants]]\nid = \"t\"\n{BUCKETS}\
+             [[tenants.buckets]]\nname = \"per-client\"\nscope = \"oauth_client\"\n\
+             routes = [\"GET /api/v2/analytics/**\"]\npermits = 60\nwindow_ms = 60000\n",
             quota_broker::hash_token("s3cret-wallboard")
         ),
     );
@@ -1630,7 +1632,33 @@ async fn json_logs_carry_the_request_id() {
             repeated += usize::from(message == "refused");
         }
         assert!(repeated <= 4, "{repeated} lines for 50 refusals");
-        (frozen, refused)
+        // A per-OAuth-client bucket's freeze names the OAuth client.
+        let mut one_client = tonic::Request::new(ReportRequest {
+            tenant: "t".into(),
+            method: "GET".into(),
+            path: "/api/v2/analytics/users/details/query".into(),
+            oauth_client: "wfm-sync".into(),
+            http_status: 429,
+            retry_after_ms: 5_000,
+            ..Default::default()
+        });
+        one_client
+            .metadata_mut()
+            .insert("authorization", bearer.clone());
+        client.report(one_client).await.unwrap();
+        let per_client = loop {
+            let line = lines
+                .recv()
+                .await
+                .expect("the per-client freeze was logged");
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            let message = v["fields"]["message"].as_str().unwrap_or_default();
+            if message.contains("frozen") {
+                break v;
+            }
+        };
+        (frozen, refused, per_client)
     };
     let outcome = tokio::time::timeout(LIMIT, result).await;
     // Stopped before any assertion: a failing test leaves no broker behind.
@@ -1638,7 +1666,18 @@ async fn json_logs_carry_the_request_id() {
     let _ = child.wait();
     let _ = reader.join();
     let _ = std::fs::remove_file(&path);
-    let (v, refused) = outcome.expect("the JSON log lines came within the limit");
+    let (v, refused, per_client) = outcome.expect("the JSON log lines came within the limit");
+    assert_eq!(per_client["fields"]["bucket"], "per-client", "{per_client}");
+    assert_eq!(
+        per_client["fields"]["oauth_client"], "wfm-sync",
+        "{per_client}"
+    );
+    assert!(
+        per_client["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("this OAuth client")),
+        "{per_client}"
+    );
     assert_eq!(v["span"]["request_id"], "report-7", "{v}");
     assert_eq!(v["span"]["method"], "/quota.v1.QuotaBroker/Report", "{v}");
     // Whose token froze the bucket.
