@@ -179,7 +179,54 @@ impl Broker {
         let Some(dir) = self.inner.server.state_dir.clone() else {
             return Ok(());
         };
-        write_state(move || file.write(&dir), saving, "admin change applied").await
+        let saved = write_state(move || file.write(&dir), saving, "admin change applied").await;
+        // Not saved: the learned-state writer tries again each second, so
+        // a change in force is not lost at the next restart once the disk
+        // has room again.
+        self.inner
+            .admin_unsaved
+            .store(saved.is_err(), std::sync::atomic::Ordering::Relaxed);
+        saved
+    }
+
+    /// Writes `admin.toml` again if an operator's change in force is not in
+    /// it (a failed write, the file deleted); whether it is saved now.
+    pub(super) async fn save_admin_if_unsaved(&self, dir: &std::path::Path) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let saving = self.hold_saves().await;
+        let file = {
+            let changed = self
+                .inner
+                .admin_changes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if changed.is_empty() {
+                return true;
+            }
+            let vanished = !dir.join(super::files::ADMIN_FILE).exists();
+            if !self.inner.admin_unsaved.load(Relaxed) && !vanished {
+                return true;
+            }
+            if vanished && !self.inner.admin_unsaved.load(Relaxed) {
+                tracing::warn!(dir = %dir.display(),
+                    "admin.toml vanished from the state directory (deleted?): writing the \
+                     operators' changes in force again");
+            }
+            self.admin_file(&changed)
+        };
+        let dir = dir.to_path_buf();
+        let written = tokio::task::spawn_blocking(move || {
+            let written = file.write(&dir);
+            drop(saving);
+            written
+        })
+        .await;
+        let saved = matches!(written, Ok(Ok(())));
+        if saved && self.inner.admin_unsaved.swap(false, Relaxed) {
+            tracing::info!("operators' changes saved to the state directory after all");
+        }
+        self.inner.admin_unsaved.store(!saved, Relaxed);
+        saved
     }
 
     pub(super) fn admin_file(&self, changed: &BTreeSet<(usize, AdminKey)>) -> AdminFile {

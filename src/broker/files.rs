@@ -175,7 +175,11 @@ fn read_toml<T: serde::de::DeserializeOwned>(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(StateError::Io { path, source }),
     };
-    toml::from_str(&text).map(Some).map_err(|e| {
+    let text = checked(&text).map_err(|message| StateError::Corrupt {
+        path: path.clone(),
+        message,
+    })?;
+    toml::from_str(text).map(Some).map_err(|e| {
         // Where and what, not the line itself (it may be megabytes).
         let line = e
             .span()
@@ -193,7 +197,42 @@ fn write_toml<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), Sta
         path: dir.join(name),
         message: e.to_string(),
     })?;
-    write_atomic(dir, name, text.as_bytes())
+    write_atomic(dir, name, with_checksum(&text).as_bytes())
+}
+
+/// The first line of a state file: its length and checksum, so a file cut
+/// short (a copy, a file system that lost its tail) is refused whole
+/// rather than read in part: TOML cut at a line's end still parses.
+const CHECKSUM_PREFIX: &str = "# quota-broker state: ";
+
+/// `text` behind its checksum line.
+fn with_checksum(text: &str) -> String {
+    use sha2::Digest as _;
+    let sum = hex::encode(sha2::Sha256::digest(text.as_bytes()));
+    format!(
+        "{CHECKSUM_PREFIX}{} bytes, sha256 {sum}\n{text}",
+        text.len()
+    )
+}
+
+/// The body of a state file whose checksum line matches it; a file without
+/// one (written before there was one, or by hand) as it is.
+fn checked(text: &str) -> Result<&str, String> {
+    use sha2::Digest as _;
+    let Some(rest) = text.strip_prefix(CHECKSUM_PREFIX) else {
+        return Ok(text);
+    };
+    let (line, body) = rest.split_once('\n').unwrap_or((rest, ""));
+    let sum = hex::encode(sha2::Sha256::digest(body.as_bytes()));
+    if line == format!("{} bytes, sha256 {sum}", body.len()) {
+        Ok(body)
+    } else {
+        Err(format!(
+            "its content does not match its checksum line ({} bytes after it): cut short or \
+             edited; an edited file is read if its first line is removed",
+            body.len()
+        ))
+    }
 }
 
 /// Writes `dir/name` atomically: temp file, fsync, rename, fsync of `dir`.
@@ -212,10 +251,15 @@ fn write_atomic(dir: &Path, name: &str, text: &[u8]) -> Result<(), StateError> {
     }
     std::fs::create_dir_all(dir).map_err(io)?;
     let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(text).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(text)?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        // A full disk: leave no empty temp file behind.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
     std::fs::rename(&tmp, &path).map_err(io)?;
     // The rename is durable only once the directory is synced.
     std::fs::File::open(dir)
@@ -402,6 +446,45 @@ mod tests {
         std::fs::write(d.join(ADMIN_FILE), admin).unwrap();
         let read = AdminFile::read(&d).unwrap().unwrap();
         assert_eq!(read.buckets[0].paused.as_deref(), Some("x"));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A file cut short at a line's end still parses as TOML: its checksum
+    /// line refuses it whole instead of restoring only its first entries.
+    #[test]
+    fn a_file_cut_short_is_refused_not_read_in_part() {
+        let d = dir("cut");
+        let entry = |bucket: &str| LearnedEntry {
+            tenant: "t".into(),
+            bucket: bucket.into(),
+            oauth_client: None,
+            effective_per_min: 42.0,
+            learned_limit_per_min: None,
+            frozen_until_ms: Some(1_800_000_000_000),
+            cooldown_until_ms: None,
+            cooldown_per_min: None,
+            upstream_remaining: None,
+            upstream_reset_ms: None,
+            upstream_window_ms: None,
+            ceiling_per_min: None,
+            ceiling_hits: None,
+            max_in_flight: None,
+            max_in_flight_hits: None,
+            refills_continuously: false,
+        };
+        let f = LearnedFile::new(vec![entry("a"), entry("b")]);
+        f.write(&d).unwrap();
+        assert_eq!(LearnedFile::read(&d).unwrap(), Some(f));
+        let whole = std::fs::read_to_string(d.join(LEARNED_FILE)).unwrap();
+        let cut = &whole[..whole.find("bucket = \"b\"").unwrap()];
+        std::fs::write(d.join(LEARNED_FILE), cut).unwrap();
+        let err = LearnedFile::read(&d).unwrap_err().to_string();
+        assert!(err.contains("does not match its checksum"), "{err}");
+        // Edited by hand, without the checksum line: read as it is.
+        let edited = whole.split_once('\n').unwrap().1.replace("42.0", "40.0");
+        std::fs::write(d.join(LEARNED_FILE), edited).unwrap();
+        let read = LearnedFile::read(&d).unwrap().unwrap();
+        assert_eq!(read.buckets[1].effective_per_min, 40.0);
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -103,6 +103,9 @@ struct Inner {
     in_cluster_until: Mutex<Option<Instant>>,
     /// The last write of learned state failed (for `/metrics`).
     state_failing: std::sync::atomic::AtomicBool,
+    /// An operator's change is in force but not in `admin.toml` (its write
+    /// failed, or the file vanished): written again each second until it is.
+    admin_unsaved: std::sync::atomic::AtomicBool,
 }
 
 /// The broker: cheap to clone, shared by the gRPC services.
@@ -168,6 +171,7 @@ impl Broker {
                 run: fastrand::u64(..),
                 in_cluster_until: Mutex::new(None),
                 state_failing: std::sync::atomic::AtomicBool::new(false),
+                admin_unsaved: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         // Lease ids of this run start above any of an earlier run: the

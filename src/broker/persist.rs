@@ -13,6 +13,13 @@ use tokio::time::Instant;
 /// How often learned state is written, at most.
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
 
+/// Files a run leaves in the state directory besides `learned.toml`.
+const EARLIER_RUN_TRACES: &[&str] = &[
+    super::files::ADMIN_FILE,
+    super::files::STOP_FILE,
+    crate::http::KEY_FILE,
+];
+
 impl Broker {
     /// Restores learned state from `dir`. `None` if no earlier run left
     /// state there; else this start is a restart, and `Some` of the run
@@ -20,7 +27,24 @@ impl Broker {
     pub(super) fn restore(&self, dir: &std::path::Path, now: Instant) -> Option<Option<u64>> {
         let file = match LearnedFile::read(dir) {
             Ok(Some(f)) => f,
-            Ok(None) => return None,
+            Ok(None) => {
+                // Every start writes learned.toml before it serves: without
+                // it but with another file a run leaves, someone deleted it,
+                // and that run's callers may still hold slots.
+                let traces: Vec<&str> = EARLIER_RUN_TRACES
+                    .iter()
+                    .copied()
+                    .filter(|name| dir.join(name).exists())
+                    .collect();
+                if traces.is_empty() {
+                    return None;
+                }
+                tracing::warn!(dir = %dir.display(), found = ?traces,
+                    "learned.toml is missing but an earlier run left other files: starting as \
+                     after a crash (every slot counts as held until renewals claim it or one \
+                     lease TTL passes) with nothing learned restored");
+                return Some(None);
+            }
             Err(e) => {
                 // This run writes the file before it serves: keep the bad
                 // one aside for whoever wants to know what happened.
@@ -175,6 +199,10 @@ impl Broker {
                 .restore(&e.bucket, e.oauth_client.as_deref(), p, now)
             {
                 restored += 1;
+            } else {
+                tracing::warn!(tenant = %e.tenant, bucket = %crate::error::clip(&e.bucket),
+                    "learned state of a bucket this tenant no longer has (removed or renamed): \
+                     dropped; a renamed bucket starts on its config");
             }
         }
         restored
@@ -184,7 +212,12 @@ impl Broker {
     /// [`PERSIST_EVERY`], and once more at shutdown. (The broker writes it
     /// once before serving, too.)
     pub(super) async fn persist(self, dir: std::path::PathBuf) {
+        // Consecutive failed writes: the first is logged, then one line a
+        // minute while it lasts (a full disk fails every second).
+        let mut failures = 0_u64;
         loop {
+            // The last write failed: try again even if nothing changed.
+            let retry = failures > 0;
             let stop = tokio::select! {
                 _ = tokio::time::sleep(PERSIST_EVERY) => false,
                 _ = self.inner.shutdown.cancelled() => true,
@@ -195,7 +228,17 @@ impl Broker {
                     dirty.push(i);
                 }
             }
-            if !dirty.is_empty() {
+            // The file is how a start after a crash knows it is a restart
+            // (and must not grant the slots the callers of this run hold):
+            // deleted under a running broker (a temp cleaner, a reset by
+            // hand), it is written again at once, not at the next change.
+            let vanished = failures == 0 && !dir.join(super::files::LEARNED_FILE).exists();
+            if vanished {
+                tracing::warn!(dir = %dir.display(),
+                    "learned.toml vanished from the state directory (deleted?): writing it again");
+            }
+            let admin_saved = self.save_admin_if_unsaved(&dir).await;
+            if !dirty.is_empty() || vanished || retry {
                 // One writer of the state files at a time (an operator's
                 // clear writes this file too).
                 let saving = self.hold_saves().await;
@@ -220,18 +263,34 @@ impl Broker {
                     .state_failing
                     .store(failed, std::sync::atomic::Ordering::Relaxed);
                 match error {
+                    None if failures > 0 => {
+                        tracing::info!(failed_writes = failures, "learned state written again");
+                        failures = 0;
+                    }
                     None => {}
                     Some(e) if stop => tracing::error!(error = %e,
                         "cannot write learned state at shutdown: what was learned since its \
                          last write is lost"),
-                    Some(e) => tracing::error!(error = %e,
-                        "cannot write learned state; trying again in a second"),
+                    Some(e) => {
+                        if failures % 60 == 0 {
+                            tracing::error!(error = %e, failed_writes = failures + 1,
+                                "cannot write learned state; trying again each second (logged \
+                                 once a minute while it fails)");
+                        }
+                        failures += 1;
+                    }
                 }
                 if failed {
                     for t in dirty {
                         self.still_dirty(t);
                     }
                 }
+            }
+            if !admin_saved && stop {
+                tracing::error!(
+                    "cannot write the operators' changes at shutdown: the next start runs on the \
+                     config without them"
+                );
             }
             if stop {
                 break;
@@ -243,9 +302,8 @@ impl Broker {
     /// state directory gone or not writable): what is learned meanwhile is
     /// lost at a crash.
     pub(crate) fn state_save_failing(&self) -> bool {
-        self.inner
-            .state_failing
-            .load(std::sync::atomic::Ordering::Relaxed)
+        use std::sync::atomic::Ordering::Relaxed;
+        self.inner.state_failing.load(Relaxed) || self.inner.admin_unsaved.load(Relaxed)
     }
 
     /// Every tenant's learned state, for the state file.

@@ -45,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 mod history;
 mod session;
+pub(crate) use session::KEY_FILE;
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const DASHBOARD_JS: &str = include_str!("assets/dashboard.js");

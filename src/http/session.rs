@@ -21,7 +21,7 @@ use std::time::Duration;
 /// How long a session lasts without a feed opened with it.
 pub(crate) const SESSION_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// The key's file in `server.state_dir`.
-const KEY_FILE: &str = "dashboard.key";
+pub(crate) const KEY_FILE: &str = "dashboard.key";
 
 /// Issues and checks session cookies.
 pub(crate) struct Sessions {

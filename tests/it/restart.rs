@@ -449,3 +449,130 @@ async fn a_graceful_restart_holds_only_the_leases_it_recorded_and_a_stale_record
     assert!(last_log.contains("older than the last start"), "{last_log}");
     log.check_slots(3).unwrap();
 }
+
+/// Waits (bounded) until `file` exists: the broker's state writer runs once
+/// a second.
+async fn until_written(file: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !file.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} was not written within 20 s",
+            file.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Takes the three slots of bucket `slots`; their leases.
+async fn hold_every_slot(c: &mut QuotaBrokerClient<Channel>) -> Vec<AcquireResponse> {
+    let mut held = Vec::new();
+    for k in 0..3 {
+        let r = ask(
+            c,
+            call("POST", "/api/v2/analytics/x", &format!("holder-{k}"), 0),
+        )
+        .await;
+        assert!(r.granted, "{}", r.reason);
+        held.push(r);
+    }
+    held
+}
+
+/// The state directory deleted under a running broker (a temp cleaner, a
+/// reset by hand) is written again at once; and a start that finds
+/// `learned.toml` missing beside other files of an earlier run still
+/// starts as after a crash. Before, either way the next start after a
+/// crash was a first start: every slot free, granted a second time.
+#[cfg(unix)]
+#[tokio::test]
+async fn state_deleted_under_a_running_broker_still_makes_the_next_start_a_restart() {
+    let dir = fresh_dir("deleted");
+    let path = temp_config("restart-deleted", &config(&dir));
+    let b = Broker::start(&path).await;
+    let mut c = client(&b).await;
+    hold_every_slot(&mut c).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    until_written(&dir.join("learned.toml")).await;
+    let crash_log = b.kill().await;
+    assert!(crash_log.contains("learned.toml vanished"), "{crash_log}");
+
+    let b = Broker::start(&path).await;
+    let mut c = client(&b).await;
+    let r = ask(&mut c, call("POST", "/api/v2/analytics/x", "newcomer", 0)).await;
+    assert!(
+        !r.granted,
+        "a slot granted after a crash while the earlier run's callers hold every one"
+    );
+    // An operator's change leaves admin.toml; learned.toml is deleted
+    // while the broker is down (it cannot write it again).
+    QuotaAdminClient::connect(b.url())
+        .await
+        .unwrap()
+        .pause_bucket(quota_broker::pb::PauseBucketRequest {
+            tenant: "t".into(),
+            bucket: "slow".into(),
+            reason: "maintenance".into(),
+        })
+        .await
+        .unwrap();
+    b.kill().await;
+    std::fs::remove_file(dir.join("learned.toml")).unwrap();
+    let b = Broker::start(&path).await;
+    let mut c = client(&b).await;
+    let r = ask(&mut c, call("POST", "/api/v2/analytics/x", "newcomer", 0)).await;
+    let (_, log) = b.terminate().await;
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        !r.granted,
+        "a slot granted after a crash with learned.toml deleted"
+    );
+    assert!(log.contains("learned.toml is missing"), "{log}");
+}
+
+/// An operator's change that could not be saved (here `admin.toml` is a
+/// directory, so the write fails, as on a full disk) is answered INTERNAL
+/// and stays in force; once the file can be written it is saved by itself,
+/// and a restart keeps it. Before, it was never saved and a restart
+/// dropped it while `state_save_failing` read 0.
+#[cfg(unix)]
+#[tokio::test]
+async fn an_admin_change_not_saved_is_saved_once_it_can_be() {
+    let dir = fresh_dir("admin-unsaved");
+    let path = temp_config("restart-admin-unsaved", &config(&dir));
+    let b = Broker::start(&path).await;
+    std::fs::create_dir_all(dir.join("admin.toml")).unwrap();
+    let mut admin = QuotaAdminClient::connect(b.url()).await.unwrap();
+    let e = admin
+        .pause_bucket(quota_broker::pb::PauseBucketRequest {
+            tenant: "t".into(),
+            bucket: "slow".into(),
+            reason: "upstream maintenance".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Internal, "{e:?}");
+    std::fs::remove_dir(dir.join("admin.toml")).unwrap();
+    until_written(&dir.join("admin.toml")).await;
+    let (status, log) = b.terminate().await;
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("saved to the state directory after all"),
+        "{log}"
+    );
+
+    let b = Broker::start(&path).await;
+    let list = QuotaAdminClient::connect(b.url())
+        .await
+        .unwrap()
+        .list_buckets(ListBucketsRequest { tenant: "t".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let _ = b.terminate().await;
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    let slow = list.buckets.iter().find(|s| s.bucket == "slow").unwrap();
+    assert!(slow.paused, "the pause was lost: {slow:?}");
+}
