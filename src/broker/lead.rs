@@ -627,7 +627,10 @@ mod tests {
         };
         // The same lease as the earlier build wrote its id: tenant 0 by place.
         let old = format!("0-{:x}-{:08x}", g.lease_id.seq, g.lease_id.nonce);
-        assert!(b.release(&old).unwrap(), "{old} did not release its lease");
+        assert!(
+            b.release(&old, None).unwrap(),
+            "{old} did not release its lease"
+        );
         stop.cancel();
     }
 }

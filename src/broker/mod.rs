@@ -269,17 +269,32 @@ impl Broker {
     }
 
     /// Returns a lease's slots. True if it held some.
-    pub(crate) fn release(&self, lease_id: &str) -> Result<bool, BrokerError> {
+    pub(crate) fn release(
+        &self,
+        lease_id: &str,
+        acquired_with: Option<(&str, &AcquireArgs)>,
+    ) -> Result<bool, BrokerError> {
         let id = parse_lease(lease_id)?;
         let Some(tenant) = self.lease_tenant(id) else {
             return Ok(false);
         };
         let released = {
             let mut state = tenant.lock();
-            if let Some(e) = state.not_leading(Instant::now()) {
+            let now = Instant::now();
+            if let Some(e) = state.not_leading(now) {
                 return Err(e);
             }
-            state.release(id)
+            match acquired_with {
+                // The Acquire must be for the lease's own tenant.
+                Some((name, _)) if name != state.id() => {
+                    return Err(BrokerError::invalid(
+                        "acquired_with",
+                        "names another tenant than the lease's",
+                    ))
+                }
+                Some((_, args)) => state.release_or_adopt(id, args, now)?,
+                None => state.release(id),
+            }
         };
         if released {
             tenant.wake.notify_one();

@@ -131,8 +131,21 @@ impl Broker {
             max_lease_ttl_ms: crate::clock::millis(settings.server.max_lease_ttl),
             tenants,
         };
+        let learning: Vec<&str> = record
+            .tenants
+            .iter()
+            .filter(|(_, leases)| leases.is_none())
+            .map(|(t, _)| t.as_str())
+            .collect();
         match record.write(dir) {
-            Ok(()) => tracing::info!("recorded the live leases for the next start"),
+            Ok(()) if learning.is_empty() => {
+                tracing::info!("recorded the live leases for the next start")
+            }
+            Ok(()) => tracing::warn!(tenants = ?learning,
+                "recorded the live leases for the next start, except of tenants still learning \
+                 after this run's own start (an earlier run's lease may still hold a slot there): \
+                 the next start counts their slots as held until renewals claim them or one \
+                 lease TTL passes"),
             Err(e) => {
                 self.inner
                     .state_failing

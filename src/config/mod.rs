@@ -479,6 +479,8 @@ impl Settings {
             .and_then(|()| std::fs::write(&probe, b"quota-broker"))
             .and_then(|()| std::fs::remove_file(&probe))
             .map_err(|e| {
+                // A full disk creates the probe, then fails to fill it.
+                let _ = std::fs::remove_file(&probe);
                 format!(
                     "server.state_dir {}: cannot write there: {e} (learned limits and operators' \
                      changes are kept there; fix the path or its permissions, or set it to \"\" \

@@ -200,7 +200,7 @@ async fn session(
     }
     for lease in held.into_keys() {
         // Already expired or released elsewhere is fine: release is idempotent.
-        let _ = svc.broker().release(&lease);
+        let _ = svc.broker().release(&lease, None);
     }
 }
 

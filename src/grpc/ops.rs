@@ -70,7 +70,15 @@ impl Ops {
             return Ok(pb::ReleaseResponse { released });
         }
         self.check_lease(who, &r.lease_id)?;
-        let released = self.broker.release(&r.lease_id)?;
+        let acquired_with = r
+            .acquired_with
+            .as_ref()
+            .map(|a| acquire_args(who, a))
+            .transpose()?;
+        let released = self.broker.release(
+            &r.lease_id,
+            acquired_with.as_ref().map(|(t, a)| (t.as_str(), a)),
+        )?;
         Ok(pb::ReleaseResponse { released })
     }
 

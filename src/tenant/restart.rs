@@ -246,6 +246,29 @@ impl TenantState {
         Ok(Some((expires_at, extend)))
     }
 
+    /// Releases lease `id`; one this broker does not know, granted before
+    /// the restart (or by the last leader) to `args`, frees the slots
+    /// counted as held for unknown leases at once rather than at the end
+    /// of the learning window (its holder let go before any renewal
+    /// claimed it).
+    pub fn release_or_adopt(
+        &mut self,
+        id: LeaseId,
+        args: &AcquireArgs,
+        now: Instant,
+    ) -> Result<bool, BrokerError> {
+        if self.release(id) {
+            return Ok(true);
+        }
+        let now = self.monotonic(now);
+        if self.adopt(id, args, None, now)?.is_none() {
+            return Ok(false);
+        }
+        tracing::info!(tenant = %self.id, lease = %id,
+            "released a lease granted before the restart: its slots are free at once");
+        Ok(self.release(id))
+    }
+
     /// The token level of every rate bucket instance at `now`: (bucket,
     /// OAuth client, permits available). Exact once nothing is granted any
     /// more (a cluster leader handing the tenant over).
@@ -344,20 +367,12 @@ impl TenantState {
     /// client), and those cannot be handed over, so the next leader runs
     /// the learning mode instead.
     pub(crate) fn live_leases(&self, now: Instant) -> Option<Vec<HandedLease>> {
-        if let Some(at) = self.restarted_at.filter(|_| self.unknown_leases) {
-            let longest = self
-                .buckets
-                .iter()
-                .flat_map(|b| {
-                    let slots = b.settings.max_in_flight.map(|_| b.settings.lease_ttl);
-                    [slots, b.settings.rate.map(|r| r.window)]
-                })
-                .flatten()
-                .max()
-                .unwrap_or_default();
-            if now < at + longest {
-                return None;
-            }
+        // Until the longest lease TTL of a slot bucket has passed since the
+        // restart, an earlier run's lease may hold a slot of an instance
+        // not seen yet. (Token levels are handed over apart: a rate window
+        // does not make the leases unknown.)
+        if self.unknown_leases && self.restart_window(now).is_some() {
+            return None;
         }
         if self.instances.iter().any(|(_, x)| x.phantom > 0) {
             return None;

@@ -181,6 +181,68 @@ fn leases_are_handed_over_only_when_no_slot_is_held_by_an_unknown_one() {
     assert!(next.release(held.lease_id));
 }
 
+/// A holder that lets go before any renewal claimed its lease (the broker
+/// crashed and came back between two renewals) says which Acquire granted
+/// it: the slot is free at once, not counted as held for a lease TTL.
+#[test]
+fn a_release_of_an_earlier_runs_lease_frees_its_slot_at_once() {
+    let t0 = Instant::now();
+    let mut t = restarted(t0);
+    let q = args("POST", "/q", 1);
+    assert!(matches!(
+        t.acquire(&q, NOW, t0).unwrap(),
+        Decision::Denied(_)
+    ));
+    assert!(
+        !t.release(lease(3, 9)),
+        "a bare release knows no such lease"
+    );
+    assert!(t.release_or_adopt(lease(3, 9), &q, t0 + SEC).unwrap());
+    granted(t.acquire(&q, NOW, t0 + SEC).unwrap());
+    // Once only; and not a lease of this run, nor after the window.
+    assert!(!t.release_or_adopt(lease(3, 9), &q, t0 + SEC).unwrap());
+    let mine = granted(t.acquire(&args("GET", "/x", 1), NOW, t0 + SEC).unwrap());
+    assert!(!t.release_or_adopt(mine.lease_id, &q, t0 + SEC).unwrap());
+    assert!(!t.release_or_adopt(lease(4, 1), &q, t0 + 6 * SEC).unwrap());
+}
+
+/// A graceful stop records its leases once its own restart window (the
+/// longest lease TTL of a slot bucket) is over, whatever its rate windows:
+/// before, an hourly rate bucket kept every stop within an hour of a
+/// restart from recording them, and the next start held every slot.
+#[test]
+fn a_stop_after_the_lease_ttl_records_the_leases_whatever_the_rate_windows() {
+    let t0 = Instant::now();
+    let mut t = tenant(
+        r#"
+        [[tenants.buckets]]
+        name = "hourly"
+        routes = ["GET /**"]
+        permits = 600
+        window_ms = 3600000
+        [[tenants.buckets]]
+        name = "slots"
+        routes = ["POST /q"]
+        max_in_flight = 2
+        lease_ttl_ms = 5000
+        "#,
+        t0,
+    );
+    t.start_leases_after(100);
+    t.resume_after_restart(t0);
+    assert_eq!(t.live_leases(t0 + SEC), None);
+    t.tick(t0 + 5 * SEC);
+    let held = granted(
+        t.acquire(&args("POST", "/q", 1), NOW, t0 + 5 * SEC)
+            .unwrap(),
+    );
+    let leases = t
+        .live_leases(t0 + 6 * SEC)
+        .expect("every slot's holder is known one lease TTL after the restart");
+    assert_eq!(leases.len(), 1);
+    assert!(t.release(held.lease_id));
+}
+
 #[test]
 fn no_lease_is_handed_over_while_an_unseen_oauth_clients_slot_may_be_held() {
     let t0 = Instant::now();

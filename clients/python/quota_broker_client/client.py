@@ -258,6 +258,14 @@ class Lease:
             permits=self.permits,
         )
 
+    def _release_request(self):
+        """This lease's release, with the Acquire that granted it: a broker
+        restarted after a crash (or a cluster's next leader), which never knew
+        the lease, frees its slot at once only if told that."""
+        req = pb.ReleaseRequest(lease_id=self.lease_id)
+        req.acquired_with.CopyFrom(self._acquired_with())
+        return req
+
     def release(self):
         """Returns the slots (idempotent). True if this call returned slots.
 
@@ -276,7 +284,7 @@ class Lease:
             self.released = True
             return False
         try:
-            released = self._broker.release(self.lease_id)
+            released = self._broker.release(self.lease_id, acquired_with=self._acquired_with())
         except errors.Closed:
             # The client is gone; the slot comes back by itself at its expiry.
             released = False
@@ -287,14 +295,14 @@ class Lease:
             # once a broker answers again, so one that took the lease over
             # frees its slot then rather than at its expiry.
             log.debug("releasing lease %s failed, kept for later: %s", self.lease_id, e)
-            self._broker._keep_release(pb.ReleaseRequest(lease_id=self.lease_id))
+            self._broker._keep_release(self._release_request())
             released = False
         except errors.Overloaded as e:
             if self._broker._fallback is None:
                 raise
             # Over this caller's request rate: released in the background
             # once its retry-after-ms has passed (else the slot is held to expiry).
-            self._broker._defer_release(self.lease_id, e)
+            self._broker._defer_release(self._release_request(), e)
             released = False
         self.released = True
         return released
@@ -665,11 +673,11 @@ class QuotaBroker:
         """Whether an Overloaded answer's retry-after-ms has not passed yet."""
         return time.monotonic() < self._hold_until
 
-    def _defer_release(self, lease_id, err):
+    def _defer_release(self, req, err):
         """Sends a release refused as Overloaded later, in the background (at most ``buffer_size``)."""
         self._overloaded(err)
-        self._keep_release(pb.ReleaseRequest(lease_id=lease_id))
-        log.debug("release of lease %s deferred: %s", lease_id, err)
+        self._keep_release(req)
+        log.debug("release of lease %s deferred: %s", req.lease_id, err)
         self._start_flusher()
 
     def _release_unanswered(self, tenant, key):
@@ -1098,9 +1106,17 @@ class QuotaBroker:
                 # Do not mask the block's outcome.
                 log.warning("releasing lease %s failed: %s", lease.lease_id, e)
 
-    def release(self, lease_id):
-        """Returns a lease's slots. Idempotent; True if this call returned slots."""
-        return self._call("Release", pb.ReleaseRequest(lease_id=lease_id)).released
+    def release(self, lease_id, *, acquired_with=None):
+        """Returns a lease's slots. Idempotent; True if this call returned slots.
+
+        ``acquired_with``: the AcquireRequest that granted the lease, so that a
+        broker restarted after a crash since frees its slots at once instead of
+        counting them as held by an unknown lease for one lease TTL.
+        """
+        req = pb.ReleaseRequest(lease_id=lease_id)
+        if acquired_with is not None:
+            req.acquired_with.CopyFrom(acquired_with)
+        return self._call("Release", req).released
 
     def renew(self, lease_id, extend_ms=0, *, acquired_with=None):
         """Extends a lease's slots (0: the lease's default TTL). Returns RenewResponse.

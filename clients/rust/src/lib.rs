@@ -936,14 +936,6 @@ impl BrokerClient {
         .await
     }
 
-    async fn release(&self, lease_id: String) {
-        self.release_or_keep(ReleaseRequest {
-            lease_id,
-            ..Default::default()
-        })
-        .await
-    }
-
     /// Sends `req` in a task of its own, counted for [`BrokerClient::settle`].
     /// Outside a runtime nothing is sent: the slot comes back at its expiry.
     fn release_in_background(&self, req: ReleaseRequest) {
@@ -1253,6 +1245,19 @@ impl Lease {
         }
     }
 
+    /// This lease's release, with the Acquire that granted it: a broker
+    /// that restarted after a crash (or a cluster's next leader) never
+    /// knew the lease, and frees its slot at once only if told that.
+    fn release_request(&mut self) -> ReleaseRequest {
+        let mut acquired_with = self.call.acquire_request();
+        acquired_with.idempotency_key.clear();
+        ReleaseRequest {
+            lease_id: std::mem::take(&mut self.id),
+            acquired_with: Some(acquired_with),
+            ..Default::default()
+        }
+    }
+
     fn stop_renewing(&mut self) {
         if let Some(r) = self.renewer.take() {
             r.abort();
@@ -1283,7 +1288,8 @@ impl Lease {
     pub async fn release(mut self) {
         self.stop_renewing();
         if std::mem::take(&mut self.holds_slot) {
-            self.client.release(std::mem::take(&mut self.id)).await;
+            let req = self.release_request();
+            self.client.release_or_keep(req).await;
         }
     }
 
@@ -1329,10 +1335,8 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.stop_renewing();
         if self.holds_slot {
-            self.client.release_in_background(ReleaseRequest {
-                lease_id: std::mem::take(&mut self.id),
-                ..Default::default()
-            });
+            let req = self.release_request();
+            self.client.release_in_background(req);
         }
     }
 }
