@@ -262,16 +262,21 @@ impl Broker {
                             b.rate.map(|r| u64::from(r.permits.get())),
                             rate.map(|r| u64::from(r.permits.get())),
                         ));
-                        // With changed permits the burst is saved whatever it
-                        // is: replayed alone, a burst equal to the config's
-                        // permits would follow the new ones.
-                        let burst = match permits {
-                            Some(_) => b.rate.map(|r| r.burst.get()),
-                            None => narrow(differs(
-                                b.rate.map(|r| u64::from(r.burst.get())),
-                                rate.map(|r| u64::from(r.burst.get())),
-                            )),
+                        // The burst where it differs from the one the saved
+                        // permits give when replayed over the config (a
+                        // burst as large as the config's permits follows
+                        // them): a burst the operator kept beside new
+                        // permits is saved, one they never gave follows
+                        // later edits of the config.
+                        let replayed_burst = match (rate, permits) {
+                            (Some(r), Some(p)) => Some(r.burst_with_permits(p)),
+                            (Some(r), None) => Some(r.burst.get()),
+                            (None, p) => p,
                         };
+                        let burst = narrow(differs(
+                            b.rate.map(|r| u64::from(r.burst.get())),
+                            replayed_burst.map(u64::from),
+                        ));
                         buckets.push(AdminBucket {
                             tenant,
                             bucket: name.clone(),

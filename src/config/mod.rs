@@ -346,6 +346,18 @@ impl Rate {
     pub fn per_minute(&self) -> f64 {
         f64::from(self.permits.get()) * 60.0 / self.window.as_secs_f64()
     }
+
+    /// The burst once the permits become `permits` and no burst is given:
+    /// a burst as large as the permits (the default when none is given)
+    /// follows them, any other stays. The one rule for an operator's change
+    /// and for what of it is saved.
+    pub(crate) fn burst_with_permits(&self, permits: u32) -> u32 {
+        if self.burst == self.permits {
+            permits
+        } else {
+            self.burst.get()
+        }
+    }
 }
 
 /// One limit of a tenant.

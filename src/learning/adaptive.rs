@@ -36,8 +36,9 @@
 //!   episode starts while it is above the threshold (with enough reports to
 //!   mean something), the rate is cut further to `ratio_cut` of itself
 //!   (default 0.8) and held there for the cooldown (default an hour).
-//! - **Bounds.** Never below the floor, never above the configured rate or a
-//!   learned limit.
+//! - **Bounds.** Never above the configured rate; never below the floor,
+//!   which bounds only the learner's own cuts: a limit the upstream stated
+//!   (the learned limit) caps the rate even below the floor.
 
 use super::served::{Fills, Ratio};
 use std::time::Duration;
@@ -49,7 +50,8 @@ use tokio::time::Instant;
 pub struct LearnSettings {
     /// Multiplicative cut on a new congestion episode.
     pub beta: f64,
-    /// Effective rate never goes below `configured × floor_fraction`.
+    /// The learner's own cuts never take the rate below `configured ×
+    /// floor_fraction`; a limit the upstream states may.
     pub floor_fraction: f64,
     /// Freeze after a 429 that says no Retry-After.
     pub default_freeze: Duration,
@@ -243,18 +245,22 @@ impl Learner {
     }
 
     /// The rate to grant at, per minute: the effective rate within its
-    /// bounds (floor, configured, learned limit, cooldown cap).
+    /// bounds, in this order: at most the configured rate and the cooldown
+    /// cap, at least the floor, at most the learned limit. The floor bounds
+    /// the learner's own cuts (from 429s and the backstop); a limit the
+    /// upstream stated wins over it.
     pub(crate) fn rate(&self, now: Instant, s: &LearnSettings) -> f64 {
         let mut cap = self.configured;
-        if let Some(l) = self.learned_limit {
-            cap = cap.min(l);
-        }
         if let Some((until, held)) = self.cooldown {
             if now < until {
                 cap = cap.min(held);
             }
         }
-        self.effective.min(cap).max(self.floor(s))
+        let rate = self.effective.min(cap).max(self.floor(s));
+        match self.learned_limit {
+            Some(l) => rate.min(l),
+            None => rate,
+        }
     }
 
     fn floor(&self, s: &LearnSettings) -> f64 {
@@ -892,6 +898,28 @@ mod tests {
             t += 10 * SEC;
         }
         assert_eq!(l.rate(t, &s), 60.0 * s.floor_fraction);
+    }
+
+    /// The floor bounds the learner's own cuts, not what the upstream
+    /// stated: 2 per 6 s (20/min) where 1200/min is configured and the
+    /// floor is 60/min is granted at 20/min, also after 429s.
+    #[test]
+    fn a_stated_limit_below_the_floor_wins_over_it() {
+        let s = LearnSettings::default();
+        let t0 = Instant::now();
+        let mut l = Learner::new(1200.0, Duration::from_secs(6), t0);
+        assert_eq!(l.rate(t0, &s), 1200.0);
+        assert!(l.on_limit(20.0).is_some());
+        assert_eq!(l.rate(t0, &s), 20.0);
+        let mut t = t0;
+        for _ in 0..20 {
+            t += 10 * SEC;
+            l.on_throttled(t, Some(SEC), false, &s);
+        }
+        assert_eq!(l.rate(t, &s), 20.0);
+        // Without a stated limit the cuts stop at the floor.
+        assert!(l.on_limit(1200.0).is_none());
+        assert_eq!(l.rate(t, &s), 1200.0 * s.floor_fraction);
     }
 
     #[test]

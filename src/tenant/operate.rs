@@ -31,11 +31,7 @@ impl TenantState {
             (p, w, Some(r)) => Some((
                 p.unwrap_or(r.permits.get()),
                 w.unwrap_or(r.window),
-                if r.burst == r.permits {
-                    p.unwrap_or(r.burst.get())
-                } else {
-                    r.burst.get()
-                },
+                r.burst_with_permits(p.unwrap_or(r.permits.get())),
             )),
             (Some(p), Some(w), None) => Some((p, w, p)),
             _ => {

@@ -630,3 +630,41 @@ fn a_keyed_acquire_granted_from_the_queue_is_released_by_its_key() {
     assert!(!t.release(g.lease_id), "already released by its key");
     granted(t.acquire(&args("POST", "/q", 1), NOW, t0 + SEC).unwrap());
 }
+
+/// A limit the upstream states below the floor (`floor_fraction` of the
+/// configured rate) is the rate granted at: 2 per 6 s is 20 a minute, not
+/// the floor's 60 of the 1200 configured.
+#[test]
+fn a_stated_limit_below_the_floor_caps_the_grants() {
+    use crate::learning::RateLimitInfo;
+    let t0 = Instant::now();
+    let bucket = "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 120\n\
+                  window_ms = 6000";
+    let mut t = tenant(bucket, t0);
+    let told = RateLimitInfo {
+        limit: Some(2),
+        remaining: Some(0),
+        reset: Some(6 * SEC),
+        ..RateLimitInfo::default()
+    };
+    t.report(("GET", "/", "oa"), 200, None, &told, t0).unwrap();
+    let r = &t.statuses(t0)[0];
+    assert_eq!(
+        (r.effective_rate_per_min, r.learned_limit_per_min),
+        (20.0, Some(20.0))
+    );
+    // A critical acquire every 250 ms for 24 s; grants per 6 s window.
+    let mut per_window = [0u32; 4];
+    for k in 0..96u32 {
+        let now = t0 + Duration::from_millis(250 * u64::from(k));
+        let mut a = args("GET", "/", 1);
+        a.class = "critical".into();
+        if let Decision::Granted(_) = t.acquire(&a, NOW, now).unwrap() {
+            per_window[(k / 24) as usize] += 1;
+        }
+    }
+    // None until the reset; the window after it also gets what refilled
+    // during the block; from then on 2 a window, as stated.
+    assert_eq!(per_window[0], 0, "{per_window:?}");
+    assert!(per_window[2..].iter().all(|&n| n <= 2), "{per_window:?}");
+}

@@ -505,6 +505,43 @@ async fn an_operators_burst_survives_a_restart_beside_changed_permits() {
     assert_eq!((org.configured_rate_per_min, org.burst), (100.0, 600));
 }
 
+/// A burst the operator did not change is not saved beside the permits
+/// they changed: after a restart it is the edited config's.
+#[tokio::test]
+async fn a_burst_the_operator_left_follows_an_edit_of_the_config() {
+    let dir = std::env::temp_dir().join(format!("qb-admin-burst-left-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let b = start(&saturated_in(&dir)).await;
+    b.admin
+        .clone()
+        .set_bucket_limit(SetBucketLimitRequest {
+            tenant: "t".into(),
+            bucket: "org".into(),
+            permits: 300,
+            window_ms: 60_000,
+            burst: 0,
+            max_in_flight: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(list(&b).await.remove("org").unwrap().burst, 10);
+    b.stop().await;
+    let saved = std::fs::read_to_string(dir.join("admin.toml")).unwrap();
+    // The window given equals the config's: not saved either.
+    assert!(
+        saved.contains("permits = 300") && !saved.contains("burst") && !saved.contains("window"),
+        "only the permits changed:\n{saved}"
+    );
+    let edited = saturated_in(&dir)
+        .replace("permits = 600", "permits = 1200")
+        .replace("burst = 10", "burst = 20");
+    let b = start(&edited).await;
+    let org = list(&b).await.remove("org").unwrap();
+    b.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!((org.configured_rate_per_min, org.burst), (300.0, 20));
+}
+
 #[tokio::test(start_paused = true)]
 async fn admin_changes_made_at_once_are_all_saved_and_the_last_survives() {
     let dir = std::env::temp_dir().join(format!("qb-admin-race-{}", std::process::id()));
