@@ -567,7 +567,9 @@ impl BrokerClient {
             };
             let status = match call(client).await {
                 Ok(r) => return Ok(r.into_inner()),
-                Err(s) if s.code() == tonic::Code::Unavailable && hop < hops => s,
+                // Also a connection that failed locally (a connect timeout
+                // is not UNAVAILABLE): the next broker may answer.
+                Err(s) if is_unreachable(&s) && tls_refusal(&s).is_none() && hop < hops => s,
                 Err(s) => return Err(s),
             };
             hop += 1;
@@ -1027,7 +1029,7 @@ fn channel(url: &str, tls: Option<&ClientTls>) -> Result<QuotaBrokerClient<Chann
     // broker nor falling back. Pings only while calls are open.
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| bad_url(e.to_string()))?
-        .connect_timeout(Duration::from_secs(2))
+        .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT);
     // Checked here, not at the first call: a URL that cannot be dialled
@@ -1052,8 +1054,23 @@ fn channel(url: &str, tls: Option<&ClientTls>) -> Result<QuotaBrokerClient<Chann
         }
         (false, None) => endpoint,
     };
-    Ok(QuotaBrokerClient::new(endpoint.connect_lazy()))
+    // Through a connector of our own: tonic's `connect_lazy` bounds only
+    // the TCP connect by `connect_timeout`, so a broker whose host hangs
+    // (its kernel still completes TCP handshakes) held every new TLS
+    // connection in its handshake for ever, before any keep-alive could
+    // start: calls never moved to the next broker nor fell back. With a
+    // connector given, tonic bounds the whole connect, TLS included.
+    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    Ok(QuotaBrokerClient::new(
+        endpoint.connect_with_connector_lazy(tcp),
+    ))
 }
+
+/// How long connecting to a broker (TCP and TLS) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The broker did not answer (down, restarting, network, or it closed the
 /// connection before serving it): fall back. A status made locally from a

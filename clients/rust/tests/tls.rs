@@ -235,3 +235,41 @@ async fn a_fallback_probe_that_meets_a_certificate_it_does_not_trust_ends_the_fa
     }
     server.stop().await.unwrap();
 }
+
+/// A broker whose host hangs (a frozen process: its kernel still completes
+/// TCP handshakes, nothing answers): a new TLS connection to it gives up
+/// after the connect timeout and the call moves to the next broker of the
+/// cluster. Before, the TLS handshake was not bounded and every call to
+/// the hung leader waited for ever, neither moving on nor falling back.
+#[tokio::test]
+async fn a_tls_handshake_with_a_hung_host_gives_up_and_moves_to_the_next_broker() {
+    let pki = Pki::new("hung-host");
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_addr = hung.local_addr().unwrap();
+    // Accepts and holds every connection, never reading or answering.
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hung.accept().await {
+            held.push(socket);
+        }
+    });
+    let server = tls_broker_on(&pki, "127.0.0.1:0").await;
+    let tls = ClientTls::new().ca_pem(std::fs::read(pki.path("ca.pem")).unwrap());
+    let urls = format!("https://{hung_addr},https://{}", server.addr());
+    let client = BrokerClient::connect_with(&urls, ConnectOptions::new().tls(tls)).unwrap();
+    let started = std::time::Instant::now();
+    let lease = tokio::time::timeout(std::time::Duration::from_secs(20), client.acquire(&call()))
+        .await
+        .expect("the call waited 20 s on a host that never answers the TLS handshake")
+        .unwrap();
+    assert!(!lease.is_fallback(), "not moved to the next broker");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(client.current_url(), format!("https://{}", server.addr()));
+    drop(lease);
+    holder.abort();
+    server.stop().await.unwrap();
+}
