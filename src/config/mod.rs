@@ -662,6 +662,37 @@ mod tests {
         );
     }
 
+    /// A broker serving TLS that advertises a plaintext URL would redirect
+    /// clients to its TLS port in plaintext.
+    #[test]
+    fn a_tls_broker_advertises_an_https_url() {
+        let pki = testpki::Pki::new("config-advertise-tls");
+        let node = |advertise: &str| {
+            Settings::from_toml(&format!(
+                "[server]
+[server.tls]
+cert = {:?}
+key = {:?}
+                 [cluster]
+etcd = [\"http://127.0.0.1:2379\"]
+node = \"b1\"
+                 advertise = \"{advertise}\"
+[[tenants]]
+id = \"t\"
+                 [[tenants.buckets]]
+name = \"b\"
+routes = [\"* /**\"]
+max_in_flight = 1
+",
+                pki.arg("server.pem"),
+                pki.arg("server.key"),
+            ))
+        };
+        let err = node("http://127.0.0.1:50051").unwrap_err().to_string();
+        assert!(err.contains("advertise \"https://…\""), "{err}");
+        assert!(node("https://127.0.0.1:50051").is_ok());
+    }
+
     #[test]
     fn etcd_over_tls_needs_its_ca_and_whole_pairs_of_files() {
         let pki = testpki::Pki::new("config-etcd-tls");

@@ -274,6 +274,15 @@ impl RawConfig {
         let tls_asked = self.server.tls.is_set();
         let server = self.server.validate(&mut problems);
         let cluster = self.cluster.map(|c| c.validate(&mut problems));
+        if let Some(c) = cluster.as_ref().filter(|_| tls_asked) {
+            if c.advertise.to_ascii_lowercase().starts_with("http://") {
+                problems.push(format!(
+                    "cluster.advertise {} is plaintext but [server.tls] is set: the brokers \
+                     would send clients to a TLS port in plaintext; advertise \"https://…\"",
+                    crate::error::clip(&c.advertise)
+                ));
+            }
+        }
         let learning = self.learning.validate(&mut problems);
         let classes = self.classes.unwrap_or_else(ClassSettings::defaults);
         if classes.is_empty() {

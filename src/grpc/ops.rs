@@ -62,7 +62,13 @@ impl Ops {
         who: &Principal,
         r: pb::ReleaseRequest,
     ) -> Result<pb::ReleaseResponse, Status> {
-        if r.lease_id.is_empty() && !r.acquire_key.is_empty() {
+        // Naming nothing, it releases nothing: what a client falling back
+        // sends to learn whether a broker answers again (not a refusal to
+        // log each time).
+        if r.lease_id.is_empty() && r.acquire_key.is_empty() {
+            return Ok(pb::ReleaseResponse { released: false });
+        }
+        if r.lease_id.is_empty() {
             let tenant = required("tenant", &r.tenant, "demo")?;
             who.may_access(tenant)?;
             let key = bounded("acquire_key", &r.acquire_key)?;

@@ -162,6 +162,9 @@ async fn a_lease_whose_answer_was_lost_is_released_by_the_acquires_key() {
             .into_inner()
             .released
     );
+    // Naming nothing (a fallback's probe): nothing released, no refusal.
+    let nothing = c.release(ReleaseRequest::default()).await.unwrap();
+    assert!(!nothing.into_inner().released);
     let e = c.release(by_key("", "k")).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     let e = c.release(by_key("t", &"k".repeat(300))).await.unwrap_err();

@@ -919,7 +919,9 @@ impl BrokerClient {
         // away again.
         tokio::spawn(async move {
             let sent = client.flush_reports().await;
-            tracing::info!(sent, "outcomes kept during the broker's absence reported");
+            if sent > 0 {
+                tracing::info!(sent, "outcomes kept during the broker's absence reported");
+            }
         });
     }
 
