@@ -1069,7 +1069,7 @@ class QuotaBroker:
             if max_wait_ms is not None and self._clock.monotonic() + wait > started + max_wait_ms / 1000.0:
                 raise NotGranted(
                     f"quota-broker unreachable: local fallback limit of {fb.rate_per_min}/min",
-                    int(math.ceil(wait * 1000)),
+                    int(math.ceil(fb.retry_after(wait) * 1000)),
                 )
             # Wait for the local permission, trying the broker again meanwhile.
             self._clock.sleep(min(wait, fb.until_probe()))

@@ -94,6 +94,7 @@ class LocalFallback:
         self._rate = None
         self._interval = 0.0
         self._tat = 0.0  # earliest time the local limiter allows the next call
+        self._held_until = 0.0  # an upstream Retry-After reported while falling back
         self._last_probe = 0.0
         self._entered_at = 0.0
         self._calls = 0
@@ -238,7 +239,19 @@ class LocalFallback:
             return
         with self._lock:
             if self._rate is not None:
-                self._tat = max(self._tat, self.clock.monotonic() + retry_after_ms / 1000.0)
+                until = self.clock.monotonic() + retry_after_ms / 1000.0
+                self._tat = max(self._tat, until)
+                self._held_until = max(self._held_until, until)
+
+    def retry_after(self, wait):
+        """When a caller that will not wait ``wait`` seconds may try again: the
+        upstream's Retry-After while it holds, else the next probe of the broker
+        (it may be back by then: a hand-over takes well under a second) if that
+        comes first."""
+        with self._lock:
+            if self.clock.monotonic() < self._held_until:
+                return wait
+        return min(wait, max(self.until_probe(), 1e-3))
 
     # -- buffered outcomes -----------------------------------------------------
 

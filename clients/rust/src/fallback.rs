@@ -203,9 +203,11 @@ impl Fallback {
         .max(Duration::from_millis(1));
         // Never past the next probe: a waiting call takes its turn to ask
         // the broker.
+        let nap = permit_in.min(self.settings.probe_every);
         Take::Wait {
             permit_in,
-            nap: permit_in.min(self.settings.probe_every),
+            nap,
+            retry_after: if held.is_zero() { nap } else { permit_in },
         }
     }
 
@@ -250,6 +252,10 @@ pub(crate) enum Take {
         permit_in: Duration,
         /// How long to sleep before asking again.
         nap: Duration,
+        /// When a caller that will not wait may try again: the upstream's
+        /// Retry-After, else the next probe (the broker may be back by
+        /// then) if that comes before the local permit.
+        retry_after: Duration,
     },
     /// Not falling back (the broker answered meanwhile): ask the broker.
     BrokerBack,

@@ -683,7 +683,11 @@ impl BrokerClient {
                 // Waiting for the local limiter, the broker is probed again
                 // meanwhile; once it answers, waiting calls ask it instead
                 // of going out unleased all at once.
-                Take::Wait { permit_in, nap } => {
+                Take::Wait {
+                    permit_in,
+                    nap,
+                    retry_after,
+                } => {
                     // A caller that set how long it waits is told "not now"
                     // at once, as the broker would, not held past it.
                     if let Some(most) = call.max_wait {
@@ -693,7 +697,10 @@ impl BrokerClient {
                                     "quota broker unreachable: local fallback limit of {}/min",
                                     self.fallback().per_min()
                                 ),
-                                retry_after: permit_in,
+                                // The broker may answer at the next probe
+                                // (a hand-over takes well under a second):
+                                // not the local permit's 10 s at 6 a minute.
+                                retry_after,
                             });
                         }
                     }

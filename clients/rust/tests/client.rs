@@ -418,10 +418,9 @@ async fn the_fallback_keeps_to_the_callers_wait_and_to_the_upstreams_retry_after
             retry_after,
         }) => {
             assert!(reason.contains("local fallback limit of 6/min"), "{reason}");
-            assert!(
-                retry_after > Duration::from_secs(9) && retry_after <= Duration::from_secs(10),
-                "{retry_after:?}"
-            );
+            // The next probe (every 5 s here), when the broker may be
+            // back, not the local permit in 10 s.
+            assert_eq!(retry_after, Duration::from_secs(5));
         }
         other => panic!("{:?}", other.map(|l| l.is_fallback())),
     }
