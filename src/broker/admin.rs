@@ -277,7 +277,7 @@ impl Broker {
                             b.rate.map(|r| u64::from(r.burst.get())),
                             replayed_burst.map(u64::from),
                         ));
-                        buckets.push(AdminBucket {
+                        let change = AdminBucket {
                             tenant,
                             bucket: name.clone(),
                             permits,
@@ -293,7 +293,17 @@ impl Broker {
                                     .map(|m| u64::from(m.get())),
                             )),
                             paused: paused.map(str::to_owned),
-                        });
+                        };
+                        // Back to the config (a pause resumed, a limit set
+                        // back): nothing to save or re-apply.
+                        let changed = change.permits.is_some()
+                            || change.window_ms.is_some()
+                            || change.burst.is_some()
+                            || change.max_in_flight.is_some()
+                            || change.paused.is_some();
+                        if changed {
+                            buckets.push(change);
+                        }
                     }
                 }
             }

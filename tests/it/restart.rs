@@ -563,16 +563,28 @@ async fn an_admin_change_not_saved_is_saved_once_it_can_be() {
     );
 
     let b = Broker::start(&path).await;
-    let list = QuotaAdminClient::connect(b.url())
-        .await
-        .unwrap()
+    let mut admin = QuotaAdminClient::connect(b.url()).await.unwrap();
+    let list = admin
         .list_buckets(ListBucketsRequest { tenant: "t".into() })
         .await
         .unwrap()
         .into_inner();
+    // Resumed, the bucket is as configured: nothing left to save.
+    admin
+        .resume_bucket(quota_broker::pb::ResumeBucketRequest {
+            tenant: "t".into(),
+            bucket: "slow".into(),
+        })
+        .await
+        .unwrap();
+    let saved = std::fs::read_to_string(dir.join("admin.toml")).unwrap();
     let _ = b.terminate().await;
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_dir_all(&dir);
     let slow = list.buckets.iter().find(|s| s.bucket == "slow").unwrap();
     assert!(slow.paused, "the pause was lost: {slow:?}");
+    assert!(
+        !saved.contains("[[buckets]]"),
+        "a resumed bucket is still saved as changed:\n{saved}"
+    );
 }
