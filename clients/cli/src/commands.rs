@@ -470,16 +470,16 @@ async fn status(c: &mut Cluster, a: StatusArgs) -> Result<(), Error> {
         }
     };
     table::sort(&mut buckets);
+    // Every tenant has buckets: none listed over every tenant means no
+    // broker leads any, not an empty org (said without an empty table).
+    if a.tenant.is_none() && buckets.is_empty() && partial.is_none() {
+        return Err(Error::NothingLed);
+    }
     if a.json {
         let all: Vec<_> = buckets.iter().map(table::status_json).collect();
         print(&format!("{}\n", pretty(&serde_json::Value::Array(all))))?;
     } else {
         print(&table::render_status(&buckets))?;
-    }
-    // Every tenant has buckets: none listed over every tenant means no
-    // broker leads any, not an empty org.
-    if a.tenant.is_none() && buckets.is_empty() && partial.is_none() {
-        return Err(Error::NothingLed);
     }
     partial.map_or(Ok(()), Err)
 }

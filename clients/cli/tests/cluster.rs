@@ -402,6 +402,8 @@ async fn status_and_watch_without_a_tenant_merge_every_broker() {
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         if err.contains("no broker given leads any tenant right now") {
             assert_eq!(out.status.code(), Some(1), "{err}");
+            let shown = String::from_utf8_lossy(&out.stdout);
+            assert!(shown.is_empty(), "an empty table before the error: {shown}");
             break;
         }
         assert!(Instant::now() < deadline, "status still says {err:?}");
