@@ -170,8 +170,14 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
                          and certificates are read at start); restart the broker to apply \
                          changes (SIGTERM stops it gracefully)"
                     ),
-                    _ = interrupt.recv() => break,
-                    _ = terminate.recv() => break,
+                    _ = interrupt.recv() => {
+                        tracing::info!("SIGINT received");
+                        break;
+                    }
+                    _ = terminate.recv() => {
+                        tracing::info!("SIGTERM received");
+                        break;
+                    }
                 }
             }
         })
