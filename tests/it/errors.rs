@@ -97,15 +97,9 @@ async fn acquire_errors() {
 async fn lease_report_and_watch_errors() {
     let b = start(&config(CFG)).await;
     let mut c = b.client.clone();
-    expect(
-        Code::InvalidArgument,
-        c.release(ReleaseRequest {
-            lease_id: String::new(),
-            ..Default::default()
-        })
-        .await,
-        "lease_id",
-    );
+    // Naming nothing it releases nothing (a fallback's probe), no error.
+    let nothing = c.release(ReleaseRequest::default()).await.unwrap();
+    assert!(!nothing.into_inner().released);
     expect(
         Code::InvalidArgument,
         c.release(ReleaseRequest {
