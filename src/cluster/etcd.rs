@@ -11,6 +11,9 @@ use super::proto::etcdserverpb::{
     LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
 use crate::config::EtcdTls;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -33,19 +36,46 @@ impl EtcdError {
     }
 }
 
-/// A connection to an etcd cluster (any of its endpoints; cheap to clone).
+/// A connection to an etcd cluster (cheap to clone).
+///
+/// One channel per endpoint, and every call goes to one endpoint, the
+/// *pinned* one: the last that answered, as etcd's own clients do. A call
+/// that cannot connect there (the member is down: refused, or no connection
+/// within half the call's bound) is sent to the next endpoint, all within
+/// the one bound on the call, so one member down costs a failed connect and
+/// nothing else, and no call lasts longer than with a single endpoint. A
+/// call that reached a member is never sent again elsewhere (it may have
+/// been applied); a member that answered it with an error or not in time
+/// loses the pin, so the next call tries the next endpoint.
+///
+/// Not `Channel::balance_list`: its balancer keeps picking an endpoint
+/// whose connection was refused (the lazy connection counts as ready and
+/// fails the call it is given), so with one member of three down about a
+/// call in three failed, and most cluster ticks with them.
 #[derive(Clone)]
 pub(crate) struct Etcd {
+    members: Arc<[Member]>,
+    /// The index in `members` calls go to first. Atomic: every clone of the
+    /// handle (the cluster task, the store's saves) moves one shared pin,
+    /// with no lock held across a call.
+    pinned: Arc<AtomicUsize>,
+    /// Bound on every call, failing over included (not set on the channel:
+    /// it would end the keep-alive stream too).
+    timeout: Duration,
+}
+
+/// The clients of one etcd endpoint.
+struct Member {
+    url: String,
     kv: KvClient<Channel>,
     lease: LeaseClient<Channel>,
-    /// Bound on every call (not set on the channel: it would end the
-    /// keep-alive stream too).
-    timeout: Duration,
 }
 
 /// The keep-alive stream of one etcd lease.
 pub(crate) struct KeepAlive {
     id: i64,
+    /// The endpoint (index) the stream is open on.
+    member: usize,
     timeout: Duration,
     /// When the request already on the stream was sent (etcd answers the
     /// stream's headers only once it has one to answer).
@@ -115,23 +145,25 @@ fn with_causes(mut text: String, mut cause: Option<&(dyn std::error::Error + 'st
     text
 }
 
-/// `call` bounded by `timeout`, its error as an [`EtcdError`].
-async fn bounded<T>(
-    timeout: Duration,
-    what: &'static str,
-    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> Result<T, EtcdError> {
-    match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(r)) => Ok(r.into_inner()),
-        Ok(Err(s)) => Err(EtcdError::new(what, status_text(&s))),
-        Err(_) => Err(EtcdError::new(what, "no answer in time")),
+/// The call never reached the server: no connection could be made (a
+/// member down, a port closed, an address unreachable), so it was not
+/// applied and may be sent to another endpoint.
+fn unreached(s: &tonic::Status) -> bool {
+    let mut cause = std::error::Error::source(s);
+    while let Some(e) = cause {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        cause = e.source();
     }
+    false
 }
 
 impl Etcd {
     /// Connects lazily to `endpoints` (each `http://host:port`, or
-    /// `https://host:port` with `tls`), balancing over them; every call
-    /// times out after `timeout`.
+    /// `https://host:port` with `tls`), one channel each, calls pinned to
+    /// one and failing over to the next (see [`Etcd`]); every call times
+    /// out after `timeout`.
     pub(crate) fn connect(
         endpoints: &[String],
         tls: Option<&EtcdTls>,
@@ -147,58 +179,140 @@ impl Etcd {
         let endpoints = endpoints
             .iter()
             .map(|e| {
+                // Half the call's bound: a host that drops the connection
+                // attempt still leaves time to try the next endpoint.
                 let endpoint = Endpoint::from_shared(e.clone())
                     .map_err(|err| EtcdError::new("endpoint", format!("{e}: {err}")))?
-                    .connect_timeout(timeout);
-                match &tls {
+                    .connect_timeout(timeout / 2);
+                let endpoint = match &tls {
                     Some(tls) => endpoint.tls_config(tls.clone()).map_err(|err| {
                         let text = with_causes(err.to_string(), std::error::Error::source(&err));
                         EtcdError::new("endpoint TLS", format!("{e}: {text}"))
-                    }),
-                    None => Ok(endpoint),
-                }
+                    })?,
+                    None => endpoint,
+                };
+                let channel = endpoint.connect_lazy();
+                Ok(Member {
+                    url: e.clone(),
+                    kv: KvClient::new(channel.clone()),
+                    lease: LeaseClient::new(channel),
+                })
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        let channel = Channel::balance_list(endpoints.into_iter());
+            .collect::<Result<Vec<_>, EtcdError>>()?;
+        if endpoints.is_empty() {
+            return Err(EtcdError::new("endpoint", "no etcd endpoint configured"));
+        }
         Ok(Etcd {
-            kv: KvClient::new(channel.clone()),
-            lease: LeaseClient::new(channel),
+            members: endpoints.into(),
+            pinned: Arc::new(AtomicUsize::new(0)),
             timeout,
         })
+    }
+
+    /// `call` on the pinned endpoint, or on the next ones while none can
+    /// be connected to, all bounded by the call timeout; the endpoint that
+    /// answered stays pinned.
+    async fn call<T, F, Fut>(&self, what: &'static str, call: F) -> Result<T, EtcdError>
+    where
+        F: FnMut(&Member) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        Ok(self.call_at(what, call).await?.1)
+    }
+
+    /// [`Etcd::call`], with the index of the endpoint that answered.
+    async fn call_at<T, F, Fut>(
+        &self,
+        what: &'static str,
+        mut call: F,
+    ) -> Result<(usize, T), EtcdError>
+    where
+        F: FnMut(&Member) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let count = self.members.len();
+        let first = self.pinned.load(Ordering::Acquire) % count;
+        let mut refused = Vec::new();
+        for at in (0..count).map(|i| (first + i) % count) {
+            let member = &self.members[at];
+            match tokio::time::timeout_at(deadline, call(member)).await {
+                Ok(Ok(answer)) => {
+                    self.pinned.store(at, Ordering::Release);
+                    return Ok((at, answer));
+                }
+                Ok(Err(s)) if unreached(&s) => {
+                    refused.push(format!("{}: {}", member.url, status_text(&s)));
+                }
+                Ok(Err(s)) => {
+                    self.unpin(at);
+                    let text = format!("{}: {}", member.url, status_text(&s));
+                    return Err(EtcdError::new(what, text));
+                }
+                Err(_) => {
+                    self.unpin(at);
+                    let mut text = format!("no answer in time from {}", member.url);
+                    if !refused.is_empty() {
+                        text = format!("{} ({})", text, refused.join("; "));
+                    }
+                    return Err(EtcdError::new(what, text));
+                }
+            }
+        }
+        Err(EtcdError::new(what, refused.join("; ")))
+    }
+
+    /// Moves the pin off endpoint `at` (if still there): the next call
+    /// tries the next endpoint first.
+    fn unpin(&self, at: usize) {
+        let next = (at + 1) % self.members.len();
+        let _ = self
+            .pinned
+            .compare_exchange(at, next, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// A new lease of `ttl` and its keep-alive stream.
     pub(crate) async fn grant(&self, ttl: Duration) -> Result<KeepAlive, EtcdError> {
         let ttl = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let granted = bounded(
-            self.timeout,
-            "lease grant",
-            self.lease
-                .clone()
-                .lease_grant(LeaseGrantRequest { ttl, id: 0 }),
-        )
-        .await?;
+        let granted = self
+            .call("lease grant", |m| {
+                let mut lease = m.lease.clone();
+                async move {
+                    lease
+                        .lease_grant(LeaseGrantRequest { ttl, id: 0 })
+                        .await
+                        .map(tonic::Response::into_inner)
+                }
+            })
+            .await?;
         self.keep_alive(granted.id).await
     }
 
     /// A keep-alive stream for lease `id`.
     pub(crate) async fn keep_alive(&self, id: i64) -> Result<KeepAlive, EtcdError> {
-        let (requests, rx) = mpsc::channel(4);
+        // Before any attempt: the lease lasts at least TTL from when the
+        // request was sent, so an earlier instant only errs on the safe side.
         let primed = tokio::time::Instant::now();
-        requests
-            .send(LeaseKeepAliveRequest { id })
-            .await
-            .map_err(|e| EtcdError::new("lease keep-alive", e))?;
-        let responses = bounded(
-            self.timeout,
-            "lease keep-alive",
-            self.lease
-                .clone()
-                .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx)),
-        )
-        .await?;
+        let (member, (requests, responses)) = self
+            .call_at("lease keep-alive", |m| {
+                let (requests, rx) = mpsc::channel(4);
+                let mut lease = m.lease.clone();
+                async move {
+                    // A new channel with its receiver alive has room.
+                    requests
+                        .try_send(LeaseKeepAliveRequest { id })
+                        .map_err(|_| tonic::Status::cancelled("keep-alive request not queued"))?;
+                    let responses = lease
+                        .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+                        .await?
+                        .into_inner();
+                    Ok((requests, responses))
+                }
+            })
+            .await?;
         Ok(KeepAlive {
             id,
+            member,
             timeout: self.timeout,
             primed: Some(primed),
             requests,
@@ -206,29 +320,36 @@ impl Etcd {
         })
     }
 
+    /// A new keep-alive stream for `failed`'s lease after its stream
+    /// failed, first on another endpoint than the one it was open on.
+    pub(crate) async fn reopen(&self, failed: &KeepAlive) -> Result<KeepAlive, EtcdError> {
+        self.unpin(failed.member);
+        self.keep_alive(failed.id).await
+    }
+
     /// Revokes lease `id` (its keys go with it).
     pub(crate) async fn revoke(&self, id: i64) -> Result<(), EtcdError> {
-        bounded(
-            self.timeout,
-            "lease revoke",
-            self.lease.clone().lease_revoke(LeaseRevokeRequest { id }),
-        )
+        self.call("lease revoke", |m| {
+            let mut lease = m.lease.clone();
+            async move {
+                lease
+                    .lease_revoke(LeaseRevokeRequest { id })
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        })
         .await?;
         Ok(())
     }
 
     /// Every key under `prefix`, in key order.
     pub(crate) async fn list(&self, prefix: &str) -> Result<Vec<Entry>, EtcdError> {
-        let answer = bounded(
-            self.timeout,
-            "range",
-            self.kv.clone().range(RangeRequest {
-                key: prefix.as_bytes().to_vec(),
-                range_end: prefix_end(prefix.as_bytes()),
-                ..RangeRequest::default()
-            }),
-        )
-        .await?;
+        let request = RangeRequest {
+            key: prefix.as_bytes().to_vec(),
+            range_end: prefix_end(prefix.as_bytes()),
+            ..RangeRequest::default()
+        };
+        let answer = self.range(request).await?;
         Ok(answer
             .kvs
             .into_iter()
@@ -256,17 +377,23 @@ impl Etcd {
         key: &str,
         keys_only: bool,
     ) -> Result<Option<super::proto::mvccpb::KeyValue>, EtcdError> {
-        let answer = bounded(
-            self.timeout,
-            "range",
-            self.kv.clone().range(RangeRequest {
-                key: key.as_bytes().to_vec(),
-                keys_only,
-                ..RangeRequest::default()
-            }),
-        )
-        .await?;
-        Ok(answer.kvs.into_iter().next())
+        let request = RangeRequest {
+            key: key.as_bytes().to_vec(),
+            keys_only,
+            ..RangeRequest::default()
+        };
+        Ok(self.range(request).await?.kvs.into_iter().next())
+    }
+
+    async fn range(
+        &self,
+        request: RangeRequest,
+    ) -> Result<super::proto::etcdserverpb::RangeResponse, EtcdError> {
+        self.call("range", |m| {
+            let (mut kv, request) = (m.kv.clone(), request.clone());
+            async move { kv.range(request).await.map(tonic::Response::into_inner) }
+        })
+        .await
     }
 
     /// Creates `key` = `value` on `lease` if no one holds it; true if created.
@@ -344,16 +471,17 @@ impl Etcd {
         success: Vec<RequestOp>,
         call: &'static str,
     ) -> Result<bool, EtcdError> {
-        let answer = bounded(
-            self.timeout,
-            call,
-            self.kv.clone().txn(TxnRequest {
-                compare,
-                success,
-                failure: Vec::new(),
-            }),
-        )
-        .await?;
+        let request = TxnRequest {
+            compare,
+            success,
+            failure: Vec::new(),
+        };
+        let answer = self
+            .call(call, |m| {
+                let (mut kv, request) = (m.kv.clone(), request.clone());
+                async move { kv.txn(request).await.map(tonic::Response::into_inner) }
+            })
+            .await?;
         Ok(answer.succeeded)
     }
 }
@@ -430,5 +558,36 @@ mod tests {
             panic!("a lease from nowhere")
         };
         assert!(e.to_string().contains("Connection refused"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_endpoint_is_passed_over_within_the_call_bound() {
+        let ports: Vec<u16> = (0..2)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map(|a| a.port())
+                    .unwrap()
+            })
+            .collect();
+        let urls: Vec<String> = ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect();
+        let etcd = Etcd::connect(&urls, None, Duration::from_secs(5)).unwrap();
+        let started = tokio::time::Instant::now();
+        let Err(e) = etcd.list("/x/").await else {
+            panic!("a range from nowhere")
+        };
+        // Both tried, each refused at once: no wait for the bound.
+        assert!(started.elapsed() < Duration::from_secs(2), "{e}");
+        for url in &urls {
+            assert!(e.to_string().contains(url.as_str()), "{e}");
+        }
+        assert_eq!(
+            e.to_string().matches("Connection refused").count(),
+            2,
+            "{e}"
+        );
     }
 }

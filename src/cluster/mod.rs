@@ -166,7 +166,6 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
         refresh_failed: false,
     };
     let shutdown = broker.shutdown_token().clone();
-    let mut backoff = tick;
     loop {
         // A session ends by itself at shutdown (every etcd call is bounded).
         match node.session(tick).await {
@@ -180,18 +179,20 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
                 // (this broker alone was away, paused: the others kept
                 // theirs).
                 node.etcd_was_away = node.refresh_failed;
-                backoff = tick;
             }
             Err(e) => {
                 node.etcd_was_away = true;
                 tracing::warn!(error = %e, etcd = ?node.settings.etcd,
                     "cluster session failed: leading nothing until one succeeds");
                 node.lose_all();
+                // One tick, not a growing backoff: a session that fails
+                // costs etcd one bounded call, and a broker must be back
+                // within a tick of etcd (its quorum) answering again, not
+                // after a pause that grew while etcd was away.
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(tick) => {}
                     () = shutdown.cancelled() => break,
                 }
-                backoff = (backoff * 2).min(node.settings.lease_ttl);
             }
         }
     }
@@ -341,7 +342,7 @@ impl Node {
             Err(e) => {
                 self.refresh_failed = true;
                 tracing::debug!(error = %e, "keep-alive failed; reopening the stream");
-                *keep = self.etcd.keep_alive(keep.id()).await?;
+                *keep = self.etcd.reopen(keep).await?;
                 keep.refresh().await?
             }
         };

@@ -278,9 +278,10 @@ fn postgres_bin() -> Option<PathBuf> {
 }
 
 /// An etcd server of its own on 127.0.0.1 (one member, ephemeral ports, a
-/// fresh data directory); killed and its directory removed when dropped.
-/// It can be stopped and started again on the same ports and data, for
-/// tests of what happens while etcd is away.
+/// fresh data directory), or one member of a cluster of them
+/// ([`Etcd::start_members`]); killed and its directory removed when
+/// dropped. It can be stopped and started again on the same ports and
+/// data, for tests of what happens while etcd (or a member) is away.
 pub struct Etcd {
     child: Option<std::process::Child>,
     dir: PathBuf,
@@ -289,6 +290,10 @@ pub struct Etcd {
     /// Plain HTTP `/health` and `/metrics` (the client port may be TLS).
     health_port: u16,
     tls: Option<EtcdTls>,
+    /// The member's name, and `--initial-cluster` (every member's name and
+    /// peer URL).
+    name: String,
+    initial_cluster: String,
 }
 
 /// PEM files of an etcd served over TLS.
@@ -318,16 +323,61 @@ impl Etcd {
         if !Path::new(ETCD_BIN).exists() {
             apt_install(&["etcd-server"])?;
         }
+        let peer_port = free_port()?;
         let mut etcd = Etcd {
             child: None,
             dir: scratch_dir("etcd")?,
             client_port: free_port()?,
-            peer_port: free_port()?,
+            peer_port,
             health_port: free_port()?,
             tls,
+            name: "t".to_owned(),
+            initial_cluster: format!("t=http://127.0.0.1:{peer_port}"),
         };
         etcd.resume()?;
         Ok(etcd)
+    }
+
+    /// A cluster of `n` members (plain HTTP), each started, once all of
+    /// them answer their health check (a member does only once the
+    /// cluster has a leader).
+    pub fn start_members(n: usize) -> Result<Vec<Etcd>, String> {
+        if !Path::new(ETCD_BIN).exists() {
+            apt_install(&["etcd-server"])?;
+        }
+        let mut members = Vec::new();
+        for i in 0..n {
+            members.push(Etcd {
+                child: None,
+                dir: scratch_dir("etcd")?,
+                client_port: free_port()?,
+                peer_port: free_port()?,
+                health_port: free_port()?,
+                tls: None,
+                name: format!("m{i}"),
+                initial_cluster: String::new(),
+            });
+        }
+        let cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.initial_cluster = cluster.clone();
+            m.spawn()?;
+        }
+        for m in &mut members {
+            m.await_healthy()?;
+        }
+        Ok(members)
+    }
+
+    /// This member leads the etcd cluster (its `/metrics` say so).
+    pub fn is_leader(&self) -> bool {
+        self.get("/metrics")
+            .lines()
+            .any(|l| l.trim() == "etcd_server_is_leader 1")
     }
 
     /// `http://127.0.0.1:PORT` (`https://` with TLS), the client URL.
@@ -375,6 +425,11 @@ impl Etcd {
     /// Starts the server again (after [`Etcd::stop`]) and waits until it
     /// answers its health check (at most 30 s).
     pub fn resume(&mut self) -> Result<(), String> {
+        self.spawn()?;
+        self.await_healthy()
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
         let (client, peer, health) = (
             self.url(),
             format!("http://127.0.0.1:{}", self.peer_port),
@@ -385,14 +440,14 @@ impl Etcd {
         let log2 = log.try_clone().map_err(|e| format!("etcd log file: {e}"))?;
         let mut command = Command::new(ETCD_BIN);
         command
-            .args(["--name", "t", "--data-dir"])
+            .args(["--name", &self.name, "--data-dir"])
             .arg(self.dir.join("data"))
             .args(["--listen-client-urls", &client])
             .args(["--advertise-client-urls", &client])
             .args(["--listen-metrics-urls", &health])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("t={peer}")]);
+            .args(["--initial-cluster", &self.initial_cluster]);
         if let Some(tls) = &self.tls {
             command.arg("--cert-file").arg(&tls.cert);
             command.arg("--key-file").arg(&tls.key);
@@ -409,6 +464,10 @@ impl Etcd {
             .spawn()
             .map_err(|e| format!("{ETCD_BIN} did not start: {e}"))?;
         self.child = Some(child);
+        Ok(())
+    }
+
+    fn await_healthy(&mut self) -> Result<(), String> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while std::time::Instant::now() < deadline {
             if self.healthy() {
@@ -430,16 +489,22 @@ impl Etcd {
 
     /// GET /health answers `"health":"true"`.
     fn healthy(&self) -> bool {
+        self.get("/health").contains("\"health\":\"true\"")
+    }
+
+    /// What GET `path` on the health port answers (empty if nothing).
+    fn get(&self, path: &str) -> String {
         use std::io::{Read, Write};
         let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.health_port)) else {
-            return false;
+            return String::new();
         };
         let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
-        let request = "GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+        let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
         let mut answer = String::new();
-        s.write_all(request.as_bytes()).is_ok()
-            && s.read_to_string(&mut answer).is_ok()
-            && answer.contains("\"health\":\"true\"")
+        if s.write_all(request.as_bytes()).is_err() || s.read_to_string(&mut answer).is_err() {
+            return String::new();
+        }
+        answer
     }
 }
 
