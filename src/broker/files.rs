@@ -362,6 +362,32 @@ pub(crate) enum StateError {
     },
 }
 
+#[cfg(test)]
+impl LearnedEntry {
+    /// An entry of tenant `tenant`'s bucket `bucket` at `effective_per_min`
+    /// with nothing else learned.
+    pub(crate) fn bare(tenant: &str, bucket: &str, effective_per_min: f64) -> LearnedEntry {
+        LearnedEntry {
+            tenant: tenant.into(),
+            bucket: bucket.into(),
+            oauth_client: None,
+            effective_per_min,
+            learned_limit_per_min: None,
+            frozen_until_ms: None,
+            cooldown_until_ms: None,
+            cooldown_per_min: None,
+            upstream_remaining: None,
+            upstream_reset_ms: None,
+            upstream_window_ms: None,
+            ceiling_per_min: None,
+            ceiling_hits: None,
+            max_in_flight: None,
+            max_in_flight_hits: None,
+            refills_continuously: false,
+        }
+    }
+}
+
 impl LearnedFile {
     /// A file holding `buckets`.
     pub(crate) fn new(buckets: Vec<LearnedEntry>) -> LearnedFile {
@@ -455,22 +481,8 @@ mod tests {
     fn a_file_cut_short_is_refused_not_read_in_part() {
         let d = dir("cut");
         let entry = |bucket: &str| LearnedEntry {
-            tenant: "t".into(),
-            bucket: bucket.into(),
-            oauth_client: None,
-            effective_per_min: 42.0,
-            learned_limit_per_min: None,
             frozen_until_ms: Some(1_800_000_000_000),
-            cooldown_until_ms: None,
-            cooldown_per_min: None,
-            upstream_remaining: None,
-            upstream_reset_ms: None,
-            upstream_window_ms: None,
-            ceiling_per_min: None,
-            ceiling_hits: None,
-            max_in_flight: None,
-            max_in_flight_hits: None,
-            refills_continuously: false,
+            ..LearnedEntry::bare("t", bucket, 42.0)
         };
         let f = LearnedFile::new(vec![entry("a"), entry("b")]);
         f.write(&d).unwrap();

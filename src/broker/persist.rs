@@ -389,23 +389,9 @@ mod tests {
         let now_ms = b.inner.clock.unix_ms(now);
         let frozen_for = |saved_at_ms: u64| {
             let mut file = LearnedFile::new(vec![LearnedEntry {
-                tenant: "t".into(),
-                bucket: "b".into(),
-                oauth_client: None,
-                effective_per_min: 42.0,
-                learned_limit_per_min: None,
                 // One minute left when the file was written...
                 frozen_until_ms: Some(saved_at_ms + 60_000),
-                cooldown_until_ms: None,
-                cooldown_per_min: None,
-                upstream_remaining: None,
-                upstream_reset_ms: None,
-                upstream_window_ms: None,
-                ceiling_per_min: None,
-                ceiling_hits: None,
-                max_in_flight: None,
-                max_in_flight_hits: None,
-                refills_continuously: false,
+                ..LearnedEntry::bare("t", "b", 42.0)
             }]);
             file.saved_at_ms = Some(saved_at_ms);
             b.apply_learned(file, now);

@@ -525,13 +525,9 @@ impl Hangable {
     }
 }
 
-/// The broker reads an Acquire and grants it, but its answer never comes
-/// back (a broker frozen after reading it): the client falls back, and
-/// once the broker answers again releases the lease by the Acquire's key,
-/// so its slot is free long before the lease's expiry. On the real clock:
-/// a paused one jumps past the keep-alive while bytes cross the proxy.
-#[tokio::test]
-async fn a_lease_granted_after_the_client_gave_up_is_released_by_its_key() {
+/// A broker whose "slots" leases last ten minutes (only a release frees
+/// them within a test), behind a [`Hangable`] proxy.
+async fn behind_a_proxy_with_long_leases() -> (Broker, Hangable) {
     let settings =
         Settings::from_toml(&CONFIG.replace("lease_ttl_ms = 5000", "lease_ttl_ms = 600000"))
             .unwrap();
@@ -542,6 +538,17 @@ async fn a_lease_granted_after_the_client_gave_up_is_released_by_its_key() {
         server,
     };
     let proxy = Hangable::before(b.addr).await;
+    (b, proxy)
+}
+
+/// The broker reads an Acquire and grants it, but its answer never comes
+/// back (a broker frozen after reading it): the client falls back, and
+/// once the broker answers again releases the lease by the Acquire's key,
+/// so its slot is free long before the lease's expiry. On the real clock:
+/// a paused one jumps past the keep-alive while bytes cross the proxy.
+#[tokio::test]
+async fn a_lease_granted_after_the_client_gave_up_is_released_by_its_key() {
+    let (b, proxy) = behind_a_proxy_with_long_leases().await;
     let settings = FallbackSettings {
         fraction: 0.5,
         floor_per_min: 60,
@@ -580,16 +587,7 @@ async fn a_lease_granted_after_the_client_gave_up_is_released_by_its_key() {
 /// (ten minutes here). On the real clock, as the test above.
 #[tokio::test]
 async fn a_lease_granted_to_an_acquire_its_caller_dropped_is_released_by_its_key() {
-    let settings =
-        Settings::from_toml(&CONFIG.replace("lease_ttl_ms = 5000", "lease_ttl_ms = 600000"))
-            .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = Embedded::spawn(listener, settings).unwrap();
-    let b = Broker {
-        addr: server.addr(),
-        server,
-    };
-    let proxy = Hangable::before(b.addr).await;
+    let (b, proxy) = behind_a_proxy_with_long_leases().await;
     let client = BrokerClient::connect(&format!("http://{}", proxy.addr), None).unwrap();
     client.acquire(&q()).await.unwrap().release().await;
 
