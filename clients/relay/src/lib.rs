@@ -164,6 +164,8 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<RelayHan
         what: "read the listener's address".into(),
         source,
     })?;
+    // A queue URL of no supported kind is said before anything waits.
+    let sqlite_file = queue::sqlite_path(&settings.queue)?;
     let upstream = upstream(&settings)?;
     // A wrong broker token, tenant or client secret stops the relay here,
     // not every record it would take and never deliver.
@@ -174,7 +176,7 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<RelayHan
     {
         tracing::warn!("{warning}");
     }
-    let only_relay = match queue::sqlite_path(&settings.queue) {
+    let only_relay = match sqlite_file {
         Some(path) => Some(queue::lock_queue_file(path)?),
         None => None,
     };
