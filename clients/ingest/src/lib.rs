@@ -13,13 +13,17 @@
 //!   checkpoint row per block, block claims for several workers.
 //! - `run`: the workers: claim → fetch → check against `totalHits` →
 //!   store rows and checkpoint in one transaction; the [`Summary`].
-//! - `progress`: the bar on a terminal, plain lines otherwise.
+//! - `progress`: the bar on a terminal, plain lines otherwise; the
+//!   [`Console`] other lines go through while it is shown.
+//! - `check`: the start-up check's own part: a login host that refuses
+//!   connections.
 //!
 //! A killed run resumes where it stopped: blocks stored as done are never
 //! fetched again, a block cut off mid-fetch left nothing behind.
 
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
+mod check;
 mod error;
 mod plan;
 mod progress;
@@ -27,9 +31,10 @@ mod run;
 mod sink;
 mod source;
 
+pub use check::login_refuses;
 pub use error::IngestError;
 pub use plan::{blocks, format_ms, now_ms, parse_time, Block, BlockSize};
-pub use progress::Display;
+pub use progress::{Console, Display};
 pub use run::{run, run_until, Plan, Summary};
 pub use sink::{Checkpoint, Sink};
 pub use source::{JobOptions, Source, SourceKind, Step, JOBS_PATH, JOB_SLOT_METHOD, QUERY_PATH};

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use gc_ingest::{
-    parse_time, run_until, BlockSize, Display, IngestError, JobOptions, Plan, Sink, Source,
-    SourceKind, QUERY_PATH,
+    login_refuses, parse_time, run_until, BlockSize, Console, Display, IngestError, JobOptions,
+    Plan, Sink, Source, SourceKind, QUERY_PATH,
 };
 use gc_upstream::{Credentials, Region, Upstream};
 use quota_broker_client::{BrokerClient, Call};
@@ -210,6 +210,19 @@ async fn main() -> ExitCode {
     // before any block is planned or the sink opened.
     match source.upstream().preflight(PREFLIGHT_WAIT).await {
         Ok(warnings) => {
+            // The upstream client says only that the login host "did not
+            // answer": one that refuses connections is a wrong --region,
+            // which no block would get past.
+            let login = Region::new(&args.region).map(|r| r.login);
+            if let (false, Ok(login)) = (warnings.is_empty(), login) {
+                if let Some(e) = login_refuses(&login, PREFLIGHT_WAIT).await {
+                    eprintln!(
+                        "gc-ingest: start-up check: the login host {login} refuses connections \
+                         ({e}): check --region"
+                    );
+                    return ExitCode::from(2);
+                }
+            }
             for w in warnings {
                 tracing::warn!("{w}");
             }
@@ -229,7 +242,11 @@ async fn main() -> ExitCode {
     };
     let stop = CancellationToken::new();
     let stopped_by = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(0));
-    match watch_signals(stop.clone(), std::sync::Arc::clone(&stopped_by)) {
+    match watch_signals(
+        stop.clone(),
+        std::sync::Arc::clone(&stopped_by),
+        plan.console.clone(),
+    ) {
         Ok(watch) => drop(tokio::spawn(watch)),
         Err(e) => tracing::warn!(error = %e,
             "cannot watch for SIGINT/SIGTERM: a signal ends the run without giving its blocks back"),
@@ -336,6 +353,7 @@ const SETTLE_WAIT: Duration = Duration::from_secs(10);
 fn watch_signals(
     stop: CancellationToken,
     stopped_by: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    console: Console,
 ) -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let (mut int, mut term) = (
@@ -348,17 +366,18 @@ fn watch_signals(
             _ = term.recv() => 143,
         };
         stopped_by.store(code, std::sync::atomic::Ordering::Relaxed);
-        eprintln!(
+        // Above the progress bar, not into its line.
+        console.say(
             "gc-ingest: stopping: the blocks in progress are given back for the next run \
-             (a second signal exits at once)"
+             (a second signal exits at once)",
         );
         stop.cancel();
         let code = tokio::select! {
             _ = int.recv() => 130,
             _ = term.recv() => 143,
         };
-        eprintln!(
-            "gc-ingest: stopped at once: blocks in progress stay claimed until their claim expires"
+        console.say(
+            "gc-ingest: stopped at once: blocks in progress stay claimed until their claim expires",
         );
         std::process::exit(code);
     })

@@ -7,6 +7,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -23,9 +24,59 @@ pub enum Display {
     Quiet,
 }
 
+/// Where a line for the person watching goes ("stopping: …" on a
+/// signal): above the run's bar while one is shown (the bar is cleared,
+/// the line written, the bar drawn again), not into the bar's line;
+/// straight to stderr otherwise. A cheap-clone handle: the caller keeps
+/// one and gives the run a clone in its [`crate::Plan`].
+#[derive(Clone, Default)]
+pub struct Console {
+    /// The bar shown now. A std `Mutex`: held only to clone or swap the
+    /// handle, never across an `.await` or while writing.
+    bar: Arc<Mutex<Option<ProgressBar>>>,
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console")
+            .field("bar", &self.shown().is_some())
+            .finish()
+    }
+}
+
+impl Console {
+    /// Writes `line` to stderr, on a line of its own.
+    pub fn say(&self, line: &str) {
+        self.say_with(|| {
+            let _ = writeln!(std::io::stderr(), "{line}");
+        });
+    }
+
+    /// Runs `write` with the bar, if one is shown, out of the way.
+    fn say_with(&self, write: impl FnOnce()) {
+        match self.shown() {
+            Some(bar) => bar.suspend(write),
+            None => write(),
+        }
+    }
+
+    fn shown(&self) -> Option<ProgressBar> {
+        self.bar
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .filter(|bar| !bar.is_finished())
+    }
+
+    fn show(&self, bar: Option<ProgressBar>) {
+        *self.bar.lock().unwrap_or_else(PoisonError::into_inner) = bar;
+    }
+}
+
 /// Progress of one run (shared by its workers).
 pub(crate) struct Progress {
     bar: Option<ProgressBar>,
+    console: Console,
     lines: bool,
     total: u64,
     started: Instant,
@@ -36,8 +87,9 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
-    /// Progress over `total` blocks to fetch.
-    pub(crate) fn new(total: u64, display: Display) -> Progress {
+    /// Progress over `total` blocks to fetch; its bar (if any) is shown
+    /// through `console` until [`Progress::finish`].
+    pub(crate) fn new(total: u64, display: Display, console: &Console) -> Progress {
         let terminal = display == Display::Auto && std::io::stderr().is_terminal();
         let bar = terminal.then(|| {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
@@ -53,8 +105,10 @@ impl Progress {
             bar.enable_steady_tick(Duration::from_millis(250));
             bar
         });
+        console.show(bar.clone());
         Progress {
             bar,
+            console: console.clone(),
             lines: display == Display::Auto && !terminal,
             total,
             started: Instant::now(),
@@ -121,6 +175,96 @@ impl Progress {
     pub(crate) fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
+            self.console.show(None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A terminal that notes what is done to it (clones share the notes).
+    #[derive(Clone, Debug, Default)]
+    struct Screen(Arc<Mutex<Vec<String>>>);
+
+    impl Screen {
+        fn note(&self, what: String) -> std::io::Result<()> {
+            self.0.lock().unwrap().push(what);
+            Ok(())
+        }
+
+        fn notes(&self) -> Vec<String> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            80
+        }
+        fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+            self.note(format!("up {n}"))
+        }
+        fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+            self.note(format!("down {n}"))
+        }
+        fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+            self.note(format!("right {n}"))
+        }
+        fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+            self.note(format!("left {n}"))
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.note(format!("line {s}"))
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.note(format!("str {s}"))
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            self.note("clear".into())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_line_said_while_the_bar_is_shown_goes_on_a_line_of_its_own() {
+        let screen = Screen::default();
+        let bar = ProgressBar::with_draw_target(
+            Some(10),
+            ProgressDrawTarget::term_like(Box::new(screen.clone())),
+        );
+        bar.tick();
+        assert!(
+            screen.notes().iter().any(|n| n.contains("0/10")),
+            "{:?}",
+            screen.notes()
+        );
+        let console = Console::default();
+        console.show(Some(bar.clone()));
+        // The notes before the line: the bar's last drawing, and whether
+        // its line was cleared after it.
+        let said = || {
+            console.say_with(|| {
+                let _ = screen.note("said".into());
+            });
+            let notes = screen.notes();
+            let at = notes.iter().rposition(|n| n == "said").unwrap();
+            let drawn = notes[..at].iter().rposition(|n| n.contains("0/10"));
+            let cleared = notes[..at].iter().rposition(|n| n == "clear");
+            (drawn, cleared)
+        };
+        let (drawn, cleared) = said();
+        assert!(
+            cleared > drawn,
+            "written into the bar's line: {:?}",
+            screen.notes()
+        );
+        // With the bar gone, nothing is drawn around the line.
+        bar.finish_and_clear();
+        screen.0.lock().unwrap().clear();
+        assert_eq!(said(), (None, None), "{:?}", screen.notes());
     }
 }

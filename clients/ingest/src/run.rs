@@ -16,7 +16,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::error::IngestError;
 use crate::plan::{blocks, now_ms, Block, BlockSize};
-use crate::progress::{Display, Progress};
+use crate::progress::{Console, Display, Progress};
 use crate::sink::{Done, Sink};
 use crate::source::{Fetched, Source};
 use gc_upstream::UpstreamError;
@@ -160,6 +160,9 @@ pub struct Plan {
     pub max_attempts: u32,
     /// Progress display.
     pub display: Display,
+    /// Where other lines for the person watching go while the bar is
+    /// shown (keep a clone to write through it).
+    pub console: Console,
 }
 
 impl Plan {
@@ -178,6 +181,7 @@ impl Plan {
             parallel: 4,
             max_attempts: 3,
             display: Display::Auto,
+            console: Console::default(),
         }
     }
 }
@@ -392,7 +396,7 @@ async fn run_blocks(
     let all = blocks(plan.from_ms, plan.to_ms, plan.block);
     let todo: VecDeque<Block> = all.iter().copied().filter(|b| !done.contains(b)).collect();
     let work = Arc::new(Work {
-        progress: Progress::new(todo.len() as u64, plan.display),
+        progress: Progress::new(todo.len() as u64, plan.display, &plan.console),
         summary: Mutex::new(Summary {
             source: source.kind().as_str().into(),
             blocks_total: all.len() as u64,

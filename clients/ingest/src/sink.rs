@@ -63,6 +63,11 @@ const SCHEMA: [&str; 4] = [
     )",
 ];
 
+/// Serializes the schema's creation on PostgreSQL: a transaction-scoped
+/// advisory lock (its key is gc-ingest's own; the function is in `FROM` so
+/// the row is an integer, not a `void` the `Any` driver cannot read).
+const SCHEMA_LOCK: &str = "SELECT 1 FROM pg_advisory_xact_lock(7312)";
+
 /// A block's checkpoint, as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Checkpoint {
@@ -237,8 +242,21 @@ impl Sink {
                 .execute(&pool)
                 .await?;
         }
-        for statement in SCHEMA {
-            sqlx::query(statement).execute(&pool).await?;
+        if sqlite {
+            for statement in SCHEMA {
+                sqlx::query(statement).execute(&pool).await?;
+            }
+        } else {
+            // Workers started at once on a new database would race on the
+            // catalog (`IF NOT EXISTS` is no lock: the loser fails on
+            // `pg_type_typname_nsp_index`): one creates, the others wait
+            // for its commit and find the tables.
+            let mut tx = pool.begin().await?;
+            sqlx::query(SCHEMA_LOCK).execute(&mut *tx).await?;
+            for statement in SCHEMA {
+                sqlx::query(statement).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
         }
         Ok(Sink { pool })
     }

@@ -81,11 +81,13 @@ impl Drain {
         let mut deliveries = JoinSet::new();
         let mut last_reclaim = Instant::now();
         let mut last_prune = Instant::now();
+        let mut logins = self.upstream.stats().logins;
         self.maintain(true).await;
         loop {
             while deliveries.try_join_next().is_some() {}
             if last_reclaim.elapsed() >= TICK {
                 last_reclaim = Instant::now();
+                self.note_logins(&mut logins);
                 let prune = last_prune.elapsed() >= PRUNE_EVERY;
                 if prune {
                     last_prune = Instant::now();
@@ -151,6 +153,25 @@ impl Drain {
         }
     }
 
+    /// Says when the upstream client logged in again since `seen` logins:
+    /// its token was due to expire, or the upstream refused it with a 401
+    /// (it restarted, or revoked it) and the call was made again with the
+    /// new one. That 401 is no client error, and without this line nothing
+    /// would say it happened.
+    fn note_logins(&self, seen: &mut u64) {
+        let now = self.upstream.stats().logins;
+        if now > *seen {
+            if *seen > 0 {
+                tracing::info!(
+                    logins = now,
+                    "logged in to the upstream again (the access token was due to expire, or \
+                     the upstream answered 401 to it and the call was made again)"
+                );
+            }
+            *seen = now;
+        }
+    }
+
     /// Gives back expired claims (`prune`: and deletes old delivered
     /// records).
     async fn maintain(&self, prune: bool) {
@@ -198,8 +219,8 @@ impl Drain {
                     path = %record.path.chars().take(200).collect::<String>(),
                     status,
                     "the upstream refused the record for good: it is a dead letter, and later \
-                     records of its order wait behind it until it is retried or dropped \
-                     (gc-relay dlq list / retry / drop)"
+                     records of its order wait behind it until it is replayed or dropped \
+                     (gc-relay dlq list, then dlq replay ID or dlq drop ID)"
                 );
                 "dead"
             }
@@ -225,7 +246,13 @@ impl Drain {
         let policy = RetryPolicy {
             max_attempts: self.settings.attempts.max(1),
         };
-        match self.upstream.send_retrying(&request, &policy).await {
+        let answer = self.upstream.send_retrying(&request, &policy).await;
+        if let Ok(r) = &answer {
+            if (400..500).contains(&r.status) && r.status != 429 {
+                self.metrics.client_4xx.inc();
+            }
+        }
+        match answer {
             Ok(r) if (200..300).contains(&r.status) => Outcome::Done,
             Ok(r) if r.is_retryable() => {
                 let wait = retry_wait(r.status, r.retry_after(), record.attempts);

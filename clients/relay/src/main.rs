@@ -253,7 +253,7 @@ fn ids(p: &Pick) -> Option<&[i64]> {
 /// The queue `status` and `dlq` read: one that exists (a mistyped path
 /// would otherwise be a new, empty queue reported as all zeros).
 async fn open(q: &QueueArg) -> Result<Queue, RelayError> {
-    if let Some(path) = gc_relay::sqlite_path(&q.queue) {
+    if let Some(path) = gc_relay::sqlite_path(&q.queue)? {
         if !std::path::Path::new(path).exists() {
             return Err(RelayError::Settings(format!(
                 "there is no queue at {path:?}: give the --queue (or GC_RELAY_QUEUE) \

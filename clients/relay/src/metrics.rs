@@ -1,5 +1,5 @@
 //! The relay's Prometheus metrics: intake outcomes and ack latency, drain
-//! outcomes (counted as they happen), and the queue's depth, oldest age,
+//! outcomes and the upstream's client errors (counted as they happen), and the queue's depth, oldest age,
 //! drain rate and dead letters (read from the queue at each scrape, so
 //! several relays on one PostgreSQL queue all show the shared figures).
 
@@ -30,6 +30,10 @@ pub(crate) struct Metrics {
     pub(crate) ack_seconds: Histogram,
     /// Drain outcomes: delivered, retried, dead.
     pub(crate) drained: Family<OutcomeLabel, Counter>,
+    /// The upstream's 4xx answers (other than 429) a delivery ended with:
+    /// client errors. A 401 the call was made again after, with a new
+    /// token, is not one (the upstream client counts every 4xx it got).
+    pub(crate) client_4xx: Counter,
     depth: Gauge,
     inflight: Gauge,
     bytes: Gauge,
@@ -45,6 +49,7 @@ impl Default for Metrics {
             // 0.25 ms .. ~2 s.
             ack_seconds: Histogram::new(exponential_buckets(0.00025, 2.0, 14)),
             drained: Family::default(),
+            client_4xx: Counter::default(),
             depth: Gauge::default(),
             inflight: Gauge::default(),
             bytes: Gauge::default(),
@@ -83,6 +88,12 @@ impl Metrics {
             m.ack_seconds,
         );
         registry.register("drained_records", "Drain outcomes", m.drained);
+        registry.register(
+            "upstream_client_4xx",
+            "Deliveries the upstream answered with a 4xx other than 429 (a 401 answered \
+             again after a new login is not counted)",
+            m.client_4xx,
+        );
         registry.register("queue_depth", "Records pending or in flight", m.depth);
         registry.register("queue_inflight", "Records in flight", m.inflight);
         registry.register(

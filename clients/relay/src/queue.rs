@@ -16,11 +16,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::Row;
+use sqlx::{Connection as _, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::RelayError;
@@ -34,6 +34,8 @@ const CHANNEL: usize = 4096;
 const SQLITE_CONNECTIONS: u32 = 4;
 /// PostgreSQL connections per relay.
 const PG_CONNECTIONS: u32 = 8;
+/// How long the first connection to PostgreSQL may take.
+const CONNECT_WAIT: Duration = Duration::from_secs(10);
 /// How long a statement waits for SQLite's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of an upstream answer kept in a dead letter.
@@ -189,16 +191,26 @@ pub struct Queue {
 }
 
 /// The file of a SQLite queue URL (`sqlite:PATH`, `sqlite://PATH` or a bare
-/// path); `None` for PostgreSQL.
-pub fn sqlite_path(url: &str) -> Option<&str> {
+/// path); `None` for PostgreSQL (`postgres://`, `postgresql://`). Any other
+/// URL scheme (`mysql://`) is an error, not a file name.
+pub fn sqlite_path(url: &str) -> Result<Option<&str>, RelayError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return None;
+        return Ok(None);
     }
-    Some(
-        url.strip_prefix("sqlite://")
-            .or_else(|| url.strip_prefix("sqlite:"))
-            .unwrap_or(url),
-    )
+    if let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
+        return Ok(Some(path));
+    }
+    if let Some((scheme, _)) = url.split_once("://") {
+        let scheme: String = scheme.chars().take(20).collect();
+        return Err(RelayError::Settings(format!(
+            "the queue URL's scheme {scheme:?} is not supported: give a SQLite file \
+             (sqlite:PATH or a path) or a postgres:// URL"
+        )));
+    }
+    Ok(Some(url))
 }
 
 /// Takes `<path>.lock` for a serving relay: a second one on the same SQLite
@@ -233,37 +245,35 @@ pub(crate) fn lock_queue_file(path: &str) -> Result<std::fs::File, RelayError> {
 
 impl Queue {
     /// Opens (creating if needed) the queue at `url`: `sqlite:PATH` or a
-    /// bare path for SQLite, `postgres://...` for PostgreSQL. Starts the
-    /// writer task, which stops when every handle is dropped.
+    /// bare path for SQLite, `postgres://...` for PostgreSQL (another
+    /// scheme is an error; an unreachable server is said at once, with its
+    /// reason). Starts the writer task, which stops when every handle is
+    /// dropped.
     pub async fn open(url: &str, limits: Limits) -> Result<Queue, RelayError> {
-        let db = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let db = if let Some(path) = sqlite_path(url)? {
+            sqlite(path).await?
+        } else {
+            // One connection first, for its own error (connection refused,
+            // no such database, a wrong password): the pool would retry for
+            // its whole acquire timeout, then say only that it timed out.
+            let first = tokio::time::timeout(CONNECT_WAIT, PgConnection::connect(url))
+                .await
+                .map_err(|_| {
+                    let e = std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {} s", CONNECT_WAIT.as_secs()),
+                    );
+                    RelayError::db("connect to PostgreSQL", sqlx::Error::Io(e))
+                })?
+                .map_err(|e| RelayError::db("connect to PostgreSQL", e))?;
+            // Only a probe: a failed goodbye is no reason not to start.
+            let _ = first.close().await;
             let pool = PgPoolOptions::new()
                 .max_connections(PG_CONNECTIONS)
                 .connect(url)
                 .await
                 .map_err(|e| RelayError::db("connect to PostgreSQL", e))?;
             Db::Postgres(pool)
-        } else {
-            let path = sqlite_path(url).unwrap_or(url);
-            let options = SqliteConnectOptions::new()
-                .filename(path)
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Full)
-                .busy_timeout(BUSY_TIMEOUT);
-            let pool = SqlitePoolOptions::new()
-                .max_connections(SQLITE_CONNECTIONS)
-                // A write SQLite rolled back by itself (disk full, I/O
-                // error) leaves the driver's transaction count behind, and
-                // that connection then refuses every BEGIN: close it, so
-                // the pool opens a sound one once there is room again.
-                .after_release(|conn, _| {
-                    Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) })
-                })
-                .connect_with(options)
-                .await
-                .map_err(|e| RelayError::db("open the SQLite queue", e))?;
-            Db::Sqlite(pool)
         };
         migrate(&db).await?;
         let (writer, ops) = mpsc::channel(CHANNEL);
@@ -548,6 +558,29 @@ impl Queue {
     }
 }
 
+/// Opens the SQLite queue at `path` (created if missing).
+async fn sqlite(path: &str) -> Result<Db, RelayError> {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(BUSY_TIMEOUT);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(SQLITE_CONNECTIONS)
+        // A write SQLite rolled back by itself (disk full, I/O
+        // error) leaves the driver's transaction count behind, and
+        // that connection then refuses every BEGIN: close it, so
+        // the pool opens a sound one once there is room again.
+        .after_release(|conn, _| {
+            Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) })
+        })
+        .connect_with(options)
+        .await
+        .map_err(|e| RelayError::db("open the SQLite queue", e))?;
+    Ok(Db::Sqlite(pool))
+}
+
 /// `text` with `?` placeholders, or `$1, $2, ...` for PostgreSQL.
 fn placeholders(db: &Db, text: &str) -> String {
     match db {
@@ -786,8 +819,7 @@ async fn commit(
         for op in enqueues {
             let Op::Enqueue(r, _) = op else { continue };
             let size = r.bytes() as i64;
-            let room = (records as u64) < limits.max_records
-                && (bytes + size) as u64 <= limits.max_bytes;
+            let room = has_room(limits, records, bytes, size);
             let inserted = if room {
                 sqlx::query(&insert)
                     .bind(&r.key)
@@ -839,9 +871,20 @@ async fn commit(
             stored.push(s);
         }
         tx.commit().await.map_err(what)?;
-        (open.records, open.bytes) = (records, bytes);
+        (open.records, open.bytes) = (records.max(0), bytes.max(0));
         Ok(stored)
     })
+}
+
+/// Whether a record of `size` bytes fits beside `records` records of
+/// `bytes` bytes. The figures are this relay's estimate, and on a shared
+/// queue they go below zero: it counts off every record it finishes,
+/// also those another relay stored after the estimate was read. A negative
+/// figure is an empty queue, never (cast to `u64`) a full one.
+fn has_room(limits: Limits, records: i64, bytes: i64, size: i64) -> bool {
+    let records = u64::try_from(records).unwrap_or(0);
+    let bytes = u64::try_from(bytes.saturating_add(size)).unwrap_or(0);
+    records < limits.max_records && bytes <= limits.max_bytes
 }
 
 /// `s` cut to at most `max` bytes on a character boundary.
@@ -900,6 +943,57 @@ mod tests {
             "a failed write is not reported by is_failing"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn counts_below_zero_leave_room_and_the_limits_still_hold() {
+        let limits = Limits {
+            max_records: 3,
+            max_bytes: 100,
+        };
+        // What a replica counts after finishing records another one stored.
+        assert!(has_room(limits, -1, 0, 10));
+        assert!(has_room(limits, -79, -5_000, 10));
+        assert!(has_room(limits, i64::MIN, i64::MIN, 100));
+        assert!(has_room(limits, 2, 90, 10));
+        assert!(!has_room(limits, 3, 0, 10), "records at the limit");
+        assert!(!has_room(limits, 0, 91, 10), "bytes over the limit");
+        assert!(!has_room(limits, -1, 0, 101), "one record over the bytes");
+        assert!(!has_room(limits, 0, i64::MAX, 1), "no overflow into room");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_postgres_queue_is_said_at_once_with_its_reason() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let url = format!("postgres://postgres@127.0.0.1:{port}/relay");
+        let open = Queue::open(&url, Limits::default());
+        // The pool alone said "pool timed out" after 30 s.
+        let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(10), open).await else {
+            panic!("no error within 10 s")
+        };
+        assert!(e.to_string().contains("refused"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_queue_url_of_another_scheme_is_not_a_file_name() {
+        for url in ["mysql://x", "redis://127.0.0.1/0"] {
+            let Err(e) = Queue::open(url, Limits::default()).await else {
+                panic!("{url}: a queue")
+            };
+            let e = e.to_string();
+            assert!(
+                e.contains("is not supported") && e.contains("postgres://"),
+                "{url}: {e}"
+            );
+            assert!(sqlite_path(url).is_err());
+        }
+        assert_eq!(sqlite_path("sqlite:/a/q.db").unwrap(), Some("/a/q.db"));
+        assert_eq!(sqlite_path("sqlite:///a/q.db").unwrap(), Some("/a/q.db"));
+        assert_eq!(sqlite_path("q.db").unwrap(), Some("q.db"));
+        assert_eq!(sqlite_path("postgresql://h/db").unwrap(), None);
     }
 
     #[test]

@@ -191,38 +191,67 @@ async fn authorized(
 }
 
 async fn accept(app: &App, body: &[u8]) -> Result<Stored, RelayError> {
-    let intake: Intake = serde_json::from_slice(body).map_err(|e| {
-        // serde's message names a field or a position, never the input.
-        RelayError::Body(format!(
-            "{} at line {} column {}",
-            category(&e),
-            e.line(),
-            e.column()
-        ))
-    })?;
+    let intake: Intake =
+        serde_json::from_slice(body).map_err(|e| RelayError::Body(body_error(&e)))?;
     let record = NewRecord::check(intake, app.max_record_bytes)?;
     app.queue.enqueue(record).await
 }
 
-fn category(e: &serde_json::Error) -> &'static str {
-    match e.classify() {
-        serde_json::error::Category::Io => "unreadable",
-        serde_json::error::Category::Syntax => "not JSON",
-        serde_json::error::Category::Data => "missing, unknown or mistyped field",
-        serde_json::error::Category::Eof => "cut short",
-    }
+/// Why a body is not a record, in serde's words where they name only the
+/// record's own fields (a missing field, what a field expects), never the
+/// input (an unknown field's name, a mistyped value are left out).
+fn body_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let message = e.to_string();
+    // serde's message ends with the position, said below.
+    let said = message
+        .rsplit_once(" at line ")
+        .map_or(message.as_str(), |(said, _)| said);
+    let what = match e.classify() {
+        Category::Io => "unreadable".to_owned(),
+        Category::Syntax => "not JSON".to_owned(),
+        Category::Eof => "cut short".to_owned(),
+        // "missing field `idempotencyKey`": the name is the record's.
+        Category::Data if said.starts_with("missing field `") => said.to_owned(),
+        // "unknown field `<input>`, expected one of `idempotencyKey`, ..."
+        // or "invalid type: string \"<input>\", expected i64": what follows
+        // the last ", expected " is serde's, what precedes it may be input.
+        Category::Data => {
+            let kind = if said.starts_with("unknown field") {
+                "unknown field"
+            } else if said.starts_with("invalid type") {
+                "mistyped field"
+            } else {
+                "invalid field"
+            };
+            match said.rsplit_once(", expected ") {
+                Some((_, expected)) => format!("{kind}, expected {expected}"),
+                None => kind.to_owned(),
+            }
+        }
+    };
+    format!(
+        "{} at line {} column {}",
+        what.chars().take(300).collect::<String>(),
+        e.line(),
+        e.column()
+    )
 }
 
 async fn status(State(app): State<App>) -> Response {
     match app.queue.depth().await {
         Ok(depth) => {
+            // The relay's count first: each answer it counts was counted
+            // by the upstream client before.
+            let client_4xx = app.metrics.client_4xx.get();
             let s = app.upstream.stats();
             axum::Json(json!({
                 "queue": depth,
                 "upstream": {
                     "calls": s.calls,
                     "ok_2xx": s.ok_2xx,
-                    "client_4xx": s.client_4xx,
+                    "client_4xx": client_4xx,
+                    "retried_4xx": s.client_4xx.saturating_sub(client_4xx),
                     "throttled_429": s.throttled_429,
                     "server_5xx": s.server_5xx,
                     "transport_errors": s.transport_errors,
@@ -254,6 +283,39 @@ async fn metrics(State(app): State<App>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn body_error_of(body: &str) -> String {
+        let Err(e) = serde_json::from_str::<Intake>(body) else {
+            panic!("{body} is a record")
+        };
+        body_error(&e)
+    }
+
+    #[test]
+    fn a_body_error_names_the_field_but_never_echoes_the_input() {
+        let missing = body_error_of(r#"{"method": "POST", "path": "/api/v2/x", "body": {}}"#);
+        assert!(
+            missing.starts_with("missing field `idempotencyKey` at line 1 column"),
+            "{missing}"
+        );
+        let unknown = body_error_of(r#"{"idempotencyKey": "k", "secret-xyz": 1}"#);
+        assert!(!unknown.contains("secret-xyz"), "{unknown}");
+        assert!(
+            unknown.starts_with("unknown field, expected one of `idempotencyKey`"),
+            "{unknown}"
+        );
+        let mistyped = body_error_of(r#"{"idempotencyKey": 5, "method": "POST", "path": "/x"}"#);
+        assert!(
+            mistyped.starts_with("mistyped field, expected a string at line 1"),
+            "{mistyped}"
+        );
+        let echoed = body_error_of(r#""secret, expected x""#);
+        assert!(!echoed.contains("secret"), "{echoed}");
+        let long = format!(r#"{{"{}": 1}}"#, "x".repeat(10_000));
+        assert!(body_error_of(&long).len() < 400);
+        assert!(body_error_of("{").starts_with("cut short"));
+        assert!(body_error_of("nope").starts_with("not JSON"));
+    }
 
     #[test]
     fn basic_and_secret_are_checked() {

@@ -29,3 +29,27 @@ async fn postgres_stores_exactly_gcsims_day_and_a_second_run_changes_nothing() {
     sink.close().await;
     bed.sim.shutdown().await;
 }
+
+/// Workers started at once on a new database both open it (one creates
+/// the tables, the other waits for it), on every try: the loser of the
+/// race on PostgreSQL's catalog exited 2, which orchestrators do not retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_opening_a_new_postgres_sink_at_once_both_open_it() {
+    let pg = testsvc::Postgres::start()
+        .unwrap_or_else(|e| panic!("PostgreSQL is needed for this test and could not start: {e}"));
+    for n in 0..5 {
+        let url = pg.create_database(&format!("ingest_new_{n}")).unwrap();
+        let opens: Vec<_> = (0..3)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { Sink::open(&url).await })
+            })
+            .collect();
+        for open in opens {
+            match open.await.unwrap() {
+                Ok(sink) => sink.close().await,
+                Err(e) => panic!("database {n}: {e}"),
+            }
+        }
+    }
+}

@@ -158,6 +158,48 @@ fn bad_arguments_exit_2_before_any_request() {
     }
 }
 
+/// A login host that refuses connections (a wrong --region) exits 2 at
+/// start, before the sink is opened: it only warned, and every block then
+/// failed after its retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_host_that_refuses_connections_exits_2_at_start() {
+    let bed = Bed::start().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    let sink = std::env::temp_dir().join(format!("gc-ingest-refused-{}.db", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_gc-ingest"))
+        .args(["--region", &format!("http://{closed}")])
+        .args([
+            "--client-id",
+            "check@org-a",
+            "--client-secret",
+            "gcsim-secret",
+        ])
+        .args(["--broker", &bed.broker.url(), "--tenant", "org-a"])
+        .args(["--source", "query", "--from", DAY1, "--to", END])
+        .arg("--sink")
+        .arg(&sink)
+        .args(["--json", "--quiet"])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("it exits")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "the login host http://{closed} refuses connections"
+        )),
+        "{err}"
+    );
+    assert!(!sink.exists(), "the sink was opened: {err}");
+    bed.sim.shutdown().await;
+}
+
 /// A wrong client secret or tenant exits 2 with one line saying which,
 /// before the sink is opened or any block planned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

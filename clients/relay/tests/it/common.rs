@@ -52,6 +52,12 @@ pub struct Broker {
 }
 
 pub async fn broker(window_ms: u64) -> Broker {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    broker_on(listener, window_ms)
+}
+
+/// [`broker`] on `listener`.
+pub fn broker_on(listener: tokio::net::TcpListener, window_ms: u64) -> Broker {
     let config = format!(
         r#"
 [server]
@@ -66,7 +72,6 @@ window_ms = {window_ms}
 "#
     );
     let settings = quota_broker::Settings::from_toml(&config).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = quota_broker::Embedded::spawn(listener, settings).unwrap();
     Broker {
         url: server.url(),

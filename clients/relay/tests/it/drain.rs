@@ -200,6 +200,61 @@ async fn a_refused_record_is_a_dead_letter_the_cli_lists_replays_and_drops() {
     sim.shutdown().await;
 }
 
+/// A token the upstream no longer knows (it restarted) is answered 401 and
+/// the call made again after a new login: a delivery, not a client error
+/// (an alert on `client_4xx` fired for each such record).
+#[tokio::test]
+async fn a_401_for_a_token_the_upstream_forgot_is_a_new_login_not_a_client_error() {
+    let dir = TempDir::new("relogin");
+    let sim = gcsim(sim_config(SCALE, 300, 0)).await;
+    let addr = sim.addr();
+    let broker = broker(WINDOW_REAL_MS).await;
+    let relay = relay(settings(&dir.sqlite(), &sim, &broker.url)).await;
+    let flow = Flow::new(&format!("http://{}", relay.addr()));
+    let done = |n: i64| {
+        let queue = relay.queue().clone();
+        move || {
+            let queue = queue.clone();
+            async move { queue.depth().await.unwrap().done == n }
+        }
+    };
+    assert_eq!(flow.post(&wrapup("before")).await.unwrap().0, 202);
+    wait_until(
+        "delivered before the restart",
+        Duration::from_secs(30),
+        done(1),
+    )
+    .await;
+    // The upstream restarts on the same address and forgets its tokens.
+    sim.shutdown().await;
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let sim = gcsim::Sim::start(sim_config(SCALE, 300, 0), listener).unwrap();
+    assert_eq!(flow.post(&wrapup("after")).await.unwrap().0, 202);
+    wait_until(
+        "delivered after the restart",
+        Duration::from_secs(30),
+        done(2),
+    )
+    .await;
+    assert!(writes(&sim).await.contains_key("after"));
+    let status: Value = reqwest::get(format!("http://{}/status", relay.addr()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let up = &status["upstream"];
+    assert_eq!(
+        (up["client_4xx"].as_u64(), up["retried_4xx"].as_u64()),
+        (Some(0), Some(1)),
+        "{status}"
+    );
+    assert_eq!(up["logins"].as_u64(), Some(2), "{status}");
+    relay.shutdown().await;
+    broker.stop().await;
+    sim.shutdown().await;
+}
+
 /// A record the upstream refuses for good is said in the relay's log (a
 /// warning, at the default level too), with its id and what to do: nothing
 /// else tells an operator before someone runs `gc-relay status`.
@@ -229,7 +284,13 @@ async fn a_dead_letter_is_logged_with_its_id() {
         said.contains("WARN") && said.contains(&format!("id={id}")) && said.contains("status=400"),
         "{said}"
     );
-    assert!(said.contains("gc-relay dlq list"), "{said}");
+    // The subcommands it names are the CLI's.
+    assert!(
+        said.contains("gc-relay dlq list")
+            && said.contains("dlq replay")
+            && said.contains("dlq drop"),
+        "{said}"
+    );
     relay.kill9().await;
     broker.stop().await;
     sim.shutdown().await;

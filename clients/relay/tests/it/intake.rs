@@ -1,5 +1,7 @@
 //! Intake: credentials, checks, duplicates, a full queue, metrics.
 
+use std::time::Duration;
+
 use serde_json::json;
 
 use crate::common::*;
@@ -340,4 +342,44 @@ window_ms = 60000
         .expect("a relay whose broker is away starts");
     away.shutdown().await;
     broker.stop().await.unwrap();
+}
+
+/// A broker started together with the relay, a moment from serving when
+/// the relay first checks it, is waited for: not logged as one that "did
+/// not answer the start-up check" (its first connection failed at once).
+#[tokio::test]
+async fn a_broker_that_serves_a_moment_after_the_relay_starts_is_waited_for() {
+    let dir = TempDir::new("late-broker");
+    let sim = gcsim(sim_config(1.0, 300, 0)).await;
+    let early = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = early.local_addr().unwrap();
+    let args = serve_args(&dir.sqlite(), &sim, &format!("http://{addr}"));
+    let relay = tokio::spawn(async move { Child::start_logged(&args).await });
+    // The relay's first connection finds no broker behind the port yet.
+    let (first, _) = tokio::time::timeout(Duration::from_secs(30), early.accept())
+        .await
+        .expect("the relay did not check the broker")
+        .unwrap();
+    drop((first, early));
+    let late = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let broker = broker_on(late, 60_000);
+    // Listening: its start-up check is over, and anything it said of it is
+    // in its log, read to the end once it is gone.
+    let (relay, mut log) = relay.await.unwrap();
+    relay.kill9().await;
+    let mut said = Vec::new();
+    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(10), log.next_line())
+        .await
+        .expect("the log of a killed relay did not end")
+    {
+        said.push(line);
+    }
+    assert!(
+        !said
+            .iter()
+            .any(|l| l.contains("did not answer the start-up check of tenant")),
+        "{said:#?}"
+    );
+    broker.stop().await;
+    sim.shutdown().await;
 }

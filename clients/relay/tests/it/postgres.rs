@@ -1,7 +1,10 @@
-//! Two relays on one PostgreSQL queue share the drain: every record
-//! reaches the upstream once, and both relays deliver.
+//! Relays on one PostgreSQL queue: they share the drain (every record
+//! reaches the upstream once, and both relays deliver), their room checks
+//! and the creation of its tables.
 
 use std::time::Duration;
+
+use gc_relay::{Limits, NewRecord, Outcome, Queue, Stored};
 
 use crate::common::*;
 
@@ -62,4 +65,79 @@ async fn two_relays_share_one_postgres_queue_and_handle_no_record_twice() {
     b.shutdown().await;
     broker.stop().await;
     sim.shutdown().await;
+}
+
+fn record(key: &str) -> NewRecord {
+    NewRecord {
+        key: key.into(),
+        order_key: key.into(),
+        method: "POST".into(),
+        path: "/api/v2/x".into(),
+        body: None,
+    }
+}
+
+/// A replica that delivers records another replica stored counts them off
+/// its own estimate of the queue, below zero: that is an empty queue, not
+/// a full one (it was read as `u64`, and every write answered 503).
+#[tokio::test]
+async fn a_replica_finishing_anothers_records_still_takes_records() {
+    let pg = testsvc::Postgres::start().unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
+    let url = pg
+        .create_database("relay_room")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (a, b) = (
+        Queue::open(&url, Limits::default()).await.unwrap(),
+        Queue::open(&url, Limits::default()).await.unwrap(),
+    );
+    // `a` reads the queue's figures (empty) and stores one.
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        a.enqueue(record("a0")).await.unwrap(),
+        Stored::New(_)
+    ));
+    // `b` stores three after that, and `a` delivers all four.
+    for key in ["b0", "b1", "b2"] {
+        assert!(matches!(
+            b.enqueue(record(key)).await.unwrap(),
+            Stored::New(_)
+        ));
+    }
+    let claimed = a.claim("a", 10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(claimed.len(), 4);
+    for r in &claimed {
+        a.finish(r.id, "a", Outcome::Done).await.unwrap();
+    }
+    // Before `a` reads the figures again (at most every second) it counts
+    // 1 - 4 = -3 records: still room.
+    let stored = a.enqueue(record("a1")).await.unwrap();
+    assert!(
+        matches!(stored, Stored::New(_)),
+        "{stored:?} with an empty queue ({:?} since the figures were read)",
+        started.elapsed()
+    );
+    assert_eq!(a.depth().await.unwrap().records, 1);
+}
+
+/// Relays started at once on a new database both create the queue's
+/// tables (one waits for the other), on every try.
+#[tokio::test]
+async fn relays_opening_a_new_postgres_queue_at_once_both_start() {
+    let pg = testsvc::Postgres::start().unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
+    for n in 0..5 {
+        let url = pg
+            .create_database(&format!("relay_new_{n}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let opens: Vec<_> = (0..3)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { Queue::open(&url, Limits::default()).await })
+            })
+            .collect();
+        for open in opens {
+            if let Err(e) = open.await.unwrap() {
+                panic!("database {n}: {e}");
+            }
+        }
+    }
 }
