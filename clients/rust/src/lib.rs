@@ -714,32 +714,45 @@ impl BrokerClient {
     /// Checks that the broker serves `tenant` to this client, as a service
     /// does at start so that a wrong token or tenant stops it there rather
     /// than failing every call later: `Ok(true)` it does; `Ok(false)` not
-    /// checked: no broker answered within `within` (calls would use the
+    /// checked: no broker answered within `within`, asked every 250 ms
+    /// meanwhile (calls would use the
     /// fallback rate until one does), or it was over this token's Watch
     /// cap; an error is the broker's refusal (an unknown tenant, a token it
     /// does not know or not scoped to the tenant).
     /// Reads the snapshot of a Watch of the tenant (following a cluster to
     /// its leader): nothing is granted, reported or counted.
     pub async fn check(&self, tenant: &str, within: Duration) -> Result<bool, ClientError> {
-        let watch = self.rpc(|mut c| {
-            let req = self.request(WatchRequest {
-                tenant: tenant.to_owned(),
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let watch = self.rpc(|mut c| {
+                let req = self.request(WatchRequest {
+                    tenant: tenant.to_owned(),
+                });
+                async move {
+                    let mut stream = c.watch(req).await?.into_inner();
+                    stream.message().await.map(tonic::Response::new)
+                }
             });
-            async move {
-                let mut stream = c.watch(req).await?.into_inner();
-                stream.message().await.map(tonic::Response::new)
+            let s = match tokio::time::timeout_at(deadline, watch).await {
+                Ok(Ok(_)) => return Ok(true),
+                Ok(Err(s)) => s,
+                Err(_) => return Ok(false),
+            };
+            if let Some(why) = tls_refusal(&s) {
+                return Err(ClientError::Tls(why));
             }
-        });
-        match tokio::time::timeout(within, watch).await {
-            Ok(Ok(_)) => Ok(true),
-            Ok(Err(s)) if tls_refusal(&s).is_some() => {
-                Err(ClientError::Tls(tls_refusal(&s).unwrap_or_default()))
+            if !is_unreachable(&s) && s.code() != tonic::Code::ResourceExhausted {
+                return Err(s.into());
             }
-            Ok(Err(s)) if is_unreachable(&s) || s.code() == tonic::Code::ResourceExhausted => {
-                Ok(false)
+            // Not answering yet (a broker starting beside this service, a
+            // cluster electing a leader): asked again until `within` ends,
+            // not taken for a broker that is away after one try.
+            let pause = CHECK_AGAIN_AFTER
+                .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            if pause.is_zero() {
+                return Ok(false);
             }
-            Ok(Err(s)) => Err(s.into()),
-            Err(_) => Ok(false),
+            tokio::time::sleep(pause).await;
         }
     }
 
@@ -1077,6 +1090,9 @@ fn channel(url: &str, tls: Option<&ClientTls>) -> Result<QuotaBrokerClient<Chann
         endpoint.connect_with_connector_lazy(tcp),
     ))
 }
+
+/// The pause between two tries of [`BrokerClient::check`].
+const CHECK_AGAIN_AFTER: Duration = Duration::from_millis(250);
 
 /// How long connecting to a broker (TCP and TLS) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);

@@ -796,3 +796,27 @@ async fn urls_that_cannot_be_dialled_are_refused_and_a_bare_host_port_is_http() 
     let client = BrokerClient::connect("127.0.0.1:50051", None).unwrap();
     assert_eq!(client.current_url(), "http://127.0.0.1:50051");
 }
+
+/// `check` at start asks again until its time is up: a broker that starts
+/// a moment after the service (both started together) is found, not taken
+/// for one that is away after a single try; with none, `Ok(false)` at the
+/// end of the time given.
+#[tokio::test(start_paused = true)]
+async fn check_waits_for_a_broker_that_starts_a_moment_later() {
+    let free = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let client = BrokerClient::connect(&format!("http://{addr}"), None).unwrap();
+    let started = Instant::now();
+    assert!(!client.check("t", Duration::from_secs(2)).await.unwrap());
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    let later = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        broker_on(&addr.to_string()).await
+    });
+    assert!(
+        client.check("t", Duration::from_secs(5)).await.unwrap(),
+        "the broker that started a second later was not found"
+    );
+    later.await.unwrap().stop().await;
+}
