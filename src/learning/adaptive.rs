@@ -290,6 +290,11 @@ impl Learner {
         self.configured
     }
 
+    /// The bucket's configured window.
+    pub(crate) fn window(&self) -> Duration {
+        self.window
+    }
+
     /// The learned limit per minute, if any.
     pub(crate) fn learned_limit(&self) -> Option<f64> {
         self.learned_limit

@@ -49,6 +49,9 @@ pub(super) struct Instance {
     /// stated: the length of the upstream's window as far as they show
     /// (see `header_window`).
     pub(super) longest_reset: Duration,
+    /// The burst the config (or an operator) set; a limit the upstream
+    /// stated scales it down (see [`Instance::apply_rate`]).
+    pub(super) base_burst: u32,
 }
 
 impl Instance {
@@ -64,6 +67,7 @@ impl Instance {
             tokens: settings
                 .rate
                 .map(|r| TokenBucket::new(r.permits.get(), r.window, r.burst.get(), now)),
+            base_burst: settings.rate.map_or(1, |r| r.burst.get()),
             slots: settings.max_in_flight.map(|m| Slots::new(m.get())),
             waiting: BTreeMap::new(),
             deferred: BTreeMap::new(),
@@ -177,10 +181,40 @@ impl Instance {
     /// Puts the rate the learner says into the token bucket.
     pub(super) fn apply_rate(&mut self, now: Instant, s: &LearnSettings) {
         let rate = self.learner.rate(now, s);
+        let burst = self.stated_burst();
         if let Some(t) = self.tokens.as_mut() {
             if (t.rate_per_min() - rate).abs() > 1e-9 * rate.max(1.0) {
                 t.set_rate_per_min(rate, now);
             }
+            if t.burst() != burst {
+                t.set_burst(burst, now);
+            }
+        }
+    }
+
+    /// The burst under a limit the upstream stated: scaled as that limit
+    /// scales the configured rate (the bucket holds the same time's worth),
+    /// and no more than the upstream allows in the window its headers
+    /// state, so an idle spell saves up no more than that window allows.
+    /// (Kept at the configured burst, a learned 20 a minute under a
+    /// configured 1,200 saved up 1,200, and the headroom lent below empty
+    /// to higher classes, a share of the burst, let `critical` take 240 in
+    /// a second where the upstream allowed 2 per 6 s.) The learner's own
+    /// cuts after 429s leave the burst as is.
+    fn stated_burst(&self) -> u32 {
+        let configured = self.learner.configured();
+        let base = self.base_burst.max(1);
+        match self.learner.learned_limit() {
+            Some(limit) if limit < configured && configured > 0.0 => {
+                let scaled = f64::from(base) * limit / configured;
+                let window = match self.longest_reset {
+                    r if r.is_zero() => self.learner.window(),
+                    r => r.min(self.learner.window()),
+                };
+                let per_window = limit * window.as_secs_f64() / 60.0;
+                (scaled.min(per_window).ceil() as u32).clamp(1, base)
+            }
+            _ => base,
         }
     }
 

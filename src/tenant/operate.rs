@@ -75,6 +75,7 @@ impl TenantState {
             };
             if let Some(r) = settings.rate {
                 x.learner.set_configured(r.per_minute(), r.window);
+                x.base_burst = r.burst.get();
                 match x.tokens.as_mut() {
                     Some(t) => t.set_burst(r.burst.get(), now),
                     None => {

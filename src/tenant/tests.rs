@@ -668,3 +668,58 @@ fn a_stated_limit_below_the_floor_caps_the_grants() {
     assert_eq!(per_window[0], 0, "{per_window:?}");
     assert!(per_window[2..].iter().all(|&n| n <= 2), "{per_window:?}");
 }
+
+/// Under a limit the upstream stated, the bucket holds no more than that
+/// limit's worth: neither the headroom lent to higher classes while a
+/// lower one waits (a share of the burst) nor an idle spell lets a burst
+/// of the configured size through. Before, with 1,200 a minute configured
+/// (burst 1,200) and 2 per 6 s stated, a refused batch call let `critical`
+/// take 240 at once, and an idle hour saved up 1,200.
+#[test]
+fn a_stated_limit_scales_the_burst_and_the_headroom_lent_from_it() {
+    use crate::learning::RateLimitInfo;
+    let t0 = Instant::now();
+    let bucket = "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 1200\n\
+                  window_ms = 60000";
+    let mut t = tenant(bucket, t0);
+    let told = RateLimitInfo {
+        limit: Some(2),
+        remaining: Some(0),
+        reset: Some(6 * SEC),
+        ..RateLimitInfo::default()
+    };
+    t.report(("GET", "/", "oa"), 200, None, &told, t0).unwrap();
+    // 2 per the 6 s window the headers state (scaled as the rate, 20).
+    assert_eq!(t.statuses(t0)[0].burst, 2);
+    // After the reset a batch call is refused (it waits for the reserve),
+    // then critical calls for a second.
+    let at = t0 + 7 * SEC;
+    let batch = args("GET", "/", 1);
+    let _ = t.acquire(&batch, NOW, at).unwrap();
+    let mut critical = args("GET", "/", 1);
+    critical.class = "critical".into();
+    let burst = (0..1000)
+        .filter(|k| {
+            let now = at + Duration::from_millis(*k);
+            matches!(
+                t.acquire(&critical, NOW, now).unwrap(),
+                Decision::Granted(_)
+            )
+        })
+        .count();
+    assert!(burst <= 3, "{burst} granted in a second under 2 per 6 s");
+    // An idle hour saves up no more than the scaled burst.
+    let later = at + Duration::from_secs(3600);
+    let saved = (0..1000)
+        .filter(|_| {
+            matches!(
+                t.acquire(&critical, NOW, later).unwrap(),
+                Decision::Granted(_)
+            )
+        })
+        .count();
+    assert!(saved <= 2, "{saved} granted at once after an idle hour");
+    // The stated limit lifted (an operator's clear): the configured burst again.
+    t.clear_learned("r", None, later).unwrap();
+    assert_eq!(t.statuses(later)[0].burst, 1200);
+}
