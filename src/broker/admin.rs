@@ -317,7 +317,11 @@ impl Broker {
             Ok(Some(f)) => f,
             Ok(None) => return,
             Err(e) => {
-                tracing::warn!(error = %e, "operators' changes not restored; starting on the config alone");
+                // Kept for whoever wants to know what was in it; the next
+                // change writes a new file.
+                let kept = super::persist::keep_aside(dir, super::files::ADMIN_FILE);
+                tracing::warn!(error = %e, kept_as = ?kept,
+                    "operators' changes not restored; starting on the config alone");
                 return;
             }
         };

@@ -260,7 +260,10 @@ fn write_atomic(dir: &Path, name: &str, text: &[u8]) -> Result<(), StateError> {
         let _ = std::fs::remove_file(&tmp);
         return Err(io(e));
     }
-    std::fs::rename(&tmp, &path).map_err(io)?;
+    if let Err(e) = std::fs::rename(&tmp, &path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
     // The rename is durable only once the directory is synced.
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())

@@ -76,12 +76,18 @@ impl Broker {
         };
         let record = record.filter(|r| {
             let current = Some(r.run) == last_run;
-            if !current {
-                tracing::warn!(
+            match last_run {
+                _ if current => {}
+                Some(_) => tracing::warn!(
                     "a stop record older than the last start (that run did not stop \
                      gracefully): every slot counts as held until renewals claim it or one \
                      lease TTL passes"
-                );
+                ),
+                None => tracing::warn!(
+                    "the last stop's record cannot be matched to the run that wrote it \
+                     (learned.toml unreadable or missing): every slot counts as held until \
+                     renewals claim it or one lease TTL passes"
+                ),
             }
             current
         });
@@ -362,11 +368,16 @@ impl Broker {
 
 /// Renames `dir/name` to `name.unreadable-<unix ms>` (it is about to be
 /// overwritten); the new name, if the rename worked.
-fn keep_aside(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+pub(super) fn keep_aside(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     let aside = dir.join(format!("{name}.unreadable-{ms}"));
+    // A directory in its place is not moved: writing there keeps failing,
+    // and says so.
+    if !dir.join(name).is_file() {
+        return None;
+    }
     std::fs::rename(dir.join(name), &aside).ok().map(|()| aside)
 }
 

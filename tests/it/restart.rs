@@ -334,20 +334,33 @@ async fn an_unreadable_state_file_is_kept_aside_not_overwritten() {
     let dir = fresh_dir("unreadable");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("learned.toml"), "version = 1\nbuckets = 7\n").unwrap();
+    std::fs::write(dir.join("admin.toml"), "version = 1\nbuckets = 8\n").unwrap();
     let path = temp_config("restart-unreadable", &config(&dir));
     let b = Broker::start(&path).await;
     let (_, log) = b.terminate().await;
-    let aside: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with("learned.toml.unreadable-"))
-        .collect();
-    let kept = aside
-        .first()
-        .map(|n| std::fs::read_to_string(dir.join(n)).unwrap());
+    let kept = |name: &str| {
+        let aside: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(&format!("{name}.unreadable-")))
+            .collect();
+        aside
+            .first()
+            .map(|n| std::fs::read_to_string(dir.join(n)).unwrap())
+    };
+    let (learned, admin) = (kept("learned.toml"), kept("admin.toml"));
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(kept.as_deref(), Some("version = 1\nbuckets = 7\n"), "{log}");
+    assert_eq!(
+        learned.as_deref(),
+        Some("version = 1\nbuckets = 7\n"),
+        "{log}"
+    );
+    assert_eq!(
+        admin.as_deref(),
+        Some("version = 1\nbuckets = 8\n"),
+        "{log}"
+    );
     assert!(log.contains("kept_as"), "{log}");
 }
 
@@ -542,6 +555,8 @@ async fn an_admin_change_not_saved_is_saved_once_it_can_be() {
     let dir = fresh_dir("admin-unsaved");
     let path = temp_config("restart-admin-unsaved", &config(&dir));
     let b = Broker::start(&path).await;
+    // Once the broker has read its state (it logs "serving" first).
+    until_written(&dir.join("learned.toml")).await;
     std::fs::create_dir_all(dir.join("admin.toml")).unwrap();
     let mut admin = QuotaAdminClient::connect(b.url()).await.unwrap();
     let e = admin
