@@ -634,20 +634,24 @@ fn a_keyed_acquire_granted_from_the_queue_is_released_by_its_key() {
 /// A limit the upstream states below the floor (`floor_fraction` of the
 /// configured rate) is the rate granted at: 2 per 6 s is 20 a minute, not
 /// the floor's 60 of the 1200 configured.
+/// A 200 whose headers say the upstream allows 2 per 6 s, all spent.
+fn upstream_states_2_per_6s(t: &mut TenantState, at: Instant) {
+    let told = crate::learning::RateLimitInfo {
+        limit: Some(2),
+        remaining: Some(0),
+        reset: Some(6 * SEC),
+        ..crate::learning::RateLimitInfo::default()
+    };
+    t.report(("GET", "/", "oa"), 200, None, &told, at).unwrap();
+}
+
 #[test]
 fn a_stated_limit_below_the_floor_caps_the_grants() {
-    use crate::learning::RateLimitInfo;
     let t0 = Instant::now();
     let bucket = "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 120\n\
                   window_ms = 6000";
     let mut t = tenant(bucket, t0);
-    let told = RateLimitInfo {
-        limit: Some(2),
-        remaining: Some(0),
-        reset: Some(6 * SEC),
-        ..RateLimitInfo::default()
-    };
-    t.report(("GET", "/", "oa"), 200, None, &told, t0).unwrap();
+    upstream_states_2_per_6s(&mut t, t0);
     let r = &t.statuses(t0)[0];
     assert_eq!(
         (r.effective_rate_per_min, r.learned_limit_per_min),
@@ -677,18 +681,11 @@ fn a_stated_limit_below_the_floor_caps_the_grants() {
 /// take 240 at once, and an idle hour saved up 1,200.
 #[test]
 fn a_stated_limit_scales_the_burst_and_the_headroom_lent_from_it() {
-    use crate::learning::RateLimitInfo;
     let t0 = Instant::now();
     let bucket = "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 1200\n\
                   window_ms = 60000";
     let mut t = tenant(bucket, t0);
-    let told = RateLimitInfo {
-        limit: Some(2),
-        remaining: Some(0),
-        reset: Some(6 * SEC),
-        ..RateLimitInfo::default()
-    };
-    t.report(("GET", "/", "oa"), 200, None, &told, t0).unwrap();
+    upstream_states_2_per_6s(&mut t, t0);
     // 2 per the 6 s window the headers state (scaled as the rate, 20).
     assert_eq!(t.statuses(t0)[0].burst, 2);
     // After the reset a batch call is refused (it waits for the reserve),

@@ -168,26 +168,8 @@ async fn a_login_host_that_refuses_connections_exits_2_at_start() {
         .and_then(|l| l.local_addr())
         .unwrap();
     let sink = std::env::temp_dir().join(format!("gc-ingest-refused-{}.db", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_gc-ingest"))
-        .args(["--region", &format!("http://{closed}")])
-        .args([
-            "--client-id",
-            "check@org-a",
-            "--client-secret",
-            "gcsim-secret",
-        ])
-        .args(["--broker", &bed.broker.url(), "--tenant", "org-a"])
-        .args(["--source", "query", "--from", DAY1, "--to", END])
-        .arg("--sink")
-        .arg(&sink)
-        .args(["--json", "--quiet"])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .expect("it exits")
-        .unwrap();
+    let region = format!("http://{closed}");
+    let out = start_check(&region, "gcsim-secret", &bed.broker.url(), "org-a", &sink).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
@@ -198,6 +180,32 @@ async fn a_login_host_that_refuses_connections_exits_2_at_start() {
     );
     assert!(!sink.exists(), "the sink was opened: {err}");
     bed.sim.shutdown().await;
+}
+
+/// Runs gc-ingest over day 1 with these login and broker settings into
+/// `sink`, as a run whose start-up check is under test; its output.
+async fn start_check(
+    region: &str,
+    secret: &str,
+    broker: &str,
+    tenant: &str,
+    sink: &std::path::Path,
+) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_gc-ingest"))
+        .args(["--region", region])
+        .args(["--client-id", "check@org-a", "--client-secret", secret])
+        .args(["--broker", broker, "--tenant", tenant])
+        .args(["--source", "query", "--from", DAY1, "--to", END])
+        .arg("--sink")
+        .arg(sink)
+        .args(["--json", "--quiet"])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("it exits")
+        .unwrap()
 }
 
 /// A wrong client secret or tenant exits 2 with one line saying which,
@@ -218,21 +226,7 @@ async fn a_wrong_secret_or_tenant_exits_2_before_the_sink_is_opened() {
             "start-up check: lease refused: broker refused: NOT_FOUND: tenant \"org-unknown\"",
         ),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_gc-ingest"))
-            .args(["--region", &bed.region()])
-            .args(["--client-id", "check@org-a", "--client-secret", secret])
-            .args(["--broker", &bed.broker.url(), "--tenant", tenant])
-            .args(["--source", "query", "--from", DAY1, "--to", END])
-            .arg("--sink")
-            .arg(&sink)
-            .args(["--json", "--quiet"])
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(Duration::from_secs(60), out)
-            .await
-            .expect("it exits")
-            .unwrap();
+        let out = start_check(&bed.region(), secret, &bed.broker.url(), tenant, &sink).await;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert!(err.starts_with(&format!("gc-ingest: {says}")), "{err}");
