@@ -59,6 +59,16 @@ pub enum IngestError {
 }
 
 impl IngestError {
+    /// A database that could not be reached (down, restarting, not
+    /// answering): the same run may pass later, unlike a refusal (a wrong
+    /// password, a database that does not exist, a path that cannot be).
+    pub fn may_pass_later(&self) -> bool {
+        matches!(
+            self,
+            IngestError::Sink(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
+        )
+    }
+
     /// A non-2xx answer, with at most 200 characters of its body.
     pub(crate) fn status(what: &'static str, status: u16, body: &str) -> IngestError {
         IngestError::Status {

@@ -235,6 +235,12 @@ async fn main() -> ExitCode {
     let sink_name = sink_shown(&args.sink);
     let sink = match Sink::open(&args.sink).await {
         Ok(sink) => sink,
+        // Unreachable now (a database restarting): exit 1, which an
+        // orchestrator retries; a refusal every run would meet: 2.
+        Err(e) if e.may_pass_later() => {
+            eprintln!("gc-ingest: cannot reach the sink {sink_name} (run again later): {e}");
+            return ExitCode::from(1);
+        }
         Err(e) => {
             eprintln!("gc-ingest: cannot open the sink {sink_name}: {e}");
             return ExitCode::from(2);

@@ -217,7 +217,10 @@ impl Sink {
                 tokio::time::timeout(Duration::from_secs(30), sqlx::AnyConnection::connect(&url))
                     .await
                     .map_err(|_| {
-                        IngestError::Usage("the sink did not answer within 30 s".into())
+                        IngestError::Sink(sqlx::Error::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the sink did not answer within 30 s",
+                        )))
                     })??;
             first.close().await?;
         }

@@ -208,6 +208,43 @@ async fn start_check(
         .unwrap()
 }
 
+/// A sink that cannot be reached now (a database down or restarting) is
+/// exit 1, which an orchestrator retries; one that can never be opened
+/// (a directory that does not exist) stays 2, a bad argument.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_down_exits_1_and_a_sink_that_cannot_be_exits_2() {
+    let bed = Bed::start().await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let down = format!("postgres://postgres@{closed}/ingest");
+    let out = start_check(
+        &bed.region(),
+        "gcsim-secret",
+        &bed.broker.url(),
+        "org-a",
+        std::path::Path::new(&down),
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot reach the sink"), "{err}");
+    let never = std::path::Path::new("/nonexistent/dir/ingest.db");
+    let out = start_check(
+        &bed.region(),
+        "gcsim-secret",
+        &bed.broker.url(),
+        "org-a",
+        never,
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot open the sink"), "{err}");
+    bed.sim.shutdown().await;
+}
+
 /// A wrong client secret or tenant exits 2 with one line saying which,
 /// before the sink is opened or any block planned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
