@@ -24,6 +24,11 @@ const MAX_QUEUED_ESTIMATE: u32 = 10_000;
 /// ask again at once, in a loop.
 pub(crate) const PAUSED_RETRY: Duration = Duration::from_secs(5);
 
+/// When to retry a request for more permits than a bucket holds now (its
+/// burst shrank under a stated limit, which lasts until the upstream says
+/// otherwise): not at once.
+const NEVER_FITS_RETRY: Duration = Duration::from_secs(60);
+
 impl TenantState {
     /// Decides an Acquire: granted at once, denied (with when it could be
     /// granted and why not), or queued until capacity frees for at most its
@@ -344,9 +349,20 @@ impl TenantState {
                 continue;
             }
             if let Some(t) = x.tokens.as_ref() {
-                let at = t
-                    .ready_at_reserved(n, share.tokens(t.burst()), now)
-                    .unwrap_or(now);
+                let Some(at) = t.ready_at_reserved(n, share.tokens(t.burst()), now) else {
+                    // More than the bucket holds now: its burst shrank
+                    // under a limit the upstream stated.
+                    retry = retry.max(now + NEVER_FITS_RETRY);
+                    let _ = write!(
+                        reason,
+                        "{sep}bucket {name:?} holds at most {} permits now (under the limit the \
+                         upstream states, {:.1}/min): {n} asked cannot be granted at once while \
+                         it stands",
+                        t.burst(),
+                        t.rate_per_min()
+                    );
+                    continue;
+                };
                 if at > now {
                     retry = retry.max(at);
                     let (available, per_min) = (t.available(now), t.rate_per_min());

@@ -716,6 +716,22 @@ fn a_stated_limit_scales_the_burst_and_the_headroom_lent_from_it() {
         })
         .count();
     assert!(saved <= 2, "{saved} granted at once after an idle hour");
+    // More permits than that at once: said so, and not "retry now".
+    let mut three = critical.clone();
+    three.permits = 3;
+    let Decision::Denied(d) = t.acquire(&three, NOW, later).unwrap() else {
+        panic!("3 permits granted under a burst of 2")
+    };
+    assert!(
+        d.reason.contains("holds at most 2 permits now"),
+        "{}",
+        d.reason
+    );
+    assert!(
+        d.retry_after >= Duration::from_secs(60),
+        "{:?}",
+        d.retry_after
+    );
     // The stated limit lifted (an operator's clear): the configured burst again.
     t.clear_learned("r", None, later).unwrap();
     assert_eq!(t.statuses(later)[0].burst, 1200);

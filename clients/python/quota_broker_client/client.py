@@ -258,14 +258,6 @@ class Lease:
             permits=self.permits,
         )
 
-    def _release_request(self):
-        """This lease's release, with the Acquire that granted it: a broker
-        restarted after a crash (or a cluster's next leader), which never knew
-        the lease, frees its slot at once only if told that."""
-        req = pb.ReleaseRequest(lease_id=self.lease_id)
-        req.acquired_with.CopyFrom(self._acquired_with())
-        return req
-
     def release(self):
         """Returns the slots (idempotent). True if this call returned slots.
 
@@ -284,7 +276,15 @@ class Lease:
             self.released = True
             return False
         try:
-            released = self._broker.release(self.lease_id, acquired_with=self._acquired_with())
+            # Without the Acquire first: sent with it, a release a broker
+            # already processed (its answer lost, then sent again) could be
+            # adopted and free a slot since granted to someone else. Only a
+            # broker that answers it does not know the lease (restarted after
+            # a crash, or leading since a failover) is told, to free it now.
+            released = self._broker.release(self.lease_id)
+            if not released:
+                released = self._broker.release(self.lease_id,
+                                                acquired_with=self._acquired_with())
         except errors.Closed:
             # The client is gone; the slot comes back by itself at its expiry.
             released = False
@@ -295,14 +295,15 @@ class Lease:
             # once a broker answers again, so one that took the lease over
             # frees its slot then rather than at its expiry.
             log.debug("releasing lease %s failed, kept for later: %s", self.lease_id, e)
-            self._broker._keep_release(self._release_request())
+            # Without the Acquire: this attempt may have been processed.
+            self._broker._keep_release(pb.ReleaseRequest(lease_id=self.lease_id))
             released = False
         except errors.Overloaded as e:
             if self._broker._fallback is None:
                 raise
             # Over this caller's request rate: released in the background
             # once its retry-after-ms has passed (else the slot is held to expiry).
-            self._broker._defer_release(self._release_request(), e)
+            self._broker._defer_release(pb.ReleaseRequest(lease_id=self.lease_id), e)
             released = False
         self.released = True
         return released

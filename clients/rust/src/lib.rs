@@ -553,7 +553,22 @@ impl BrokerClient {
     /// call goes there. UNAVAILABLE without one (the broker is down, or no
     /// leader is elected yet): the next configured URL. The last answer
     /// when every hop is used.
-    async fn rpc<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
+    async fn rpc<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut(QuotaBrokerClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.rpc_noting(&AtomicBool::new(false), call).await
+    }
+
+    /// [`BrokerClient::rpc`], setting `reached` when a hop failed in a way
+    /// that may have come after a broker processed the call (its answer
+    /// lost), before the call went on to the next broker.
+    async fn rpc_noting<T, F, Fut>(
+        &self,
+        reached: &AtomicBool,
+        mut call: F,
+    ) -> Result<T, tonic::Status>
     where
         F: FnMut(QuotaBrokerClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -572,6 +587,9 @@ impl BrokerClient {
                 Err(s) if is_unreachable(&s) && tls_refusal(&s).is_none() && hop < hops => s,
                 Err(s) => return Err(s),
             };
+            if may_have_reached_a_broker(&status) {
+                reached.store(true, Ordering::Release);
+            }
             hop += 1;
             let leader = status
                 .metadata()
@@ -875,10 +893,15 @@ impl BrokerClient {
             let Some(req) = next else {
                 break;
             };
-            match self.send_release(&req).await {
+            let reached = AtomicBool::new(false);
+            match self.send_release_adopting(&req, &reached).await {
                 // Away again, or over this caller's request rate: later.
                 Err(s) if is_unreachable(&s) || s.code() == tonic::Code::ResourceExhausted => {
-                    self.kept().put_back_release(req);
+                    if may_have_reached_a_broker(&s) {
+                        reached.store(true, Ordering::Release);
+                    }
+                    self.kept()
+                        .put_back_release(without_adoption(req, &reached));
                     return 0;
                 }
                 Err(s) => tracing::debug!(error = %s, "a kept release was refused"),
@@ -952,6 +975,37 @@ impl BrokerClient {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Sends `req`. One carrying the Acquire that granted its lease goes
+    /// without it first, and with it only if a broker answered that it
+    /// does not know the lease (it restarted after a crash, or leads since
+    /// a failover) and no attempt may have been processed before: adopted
+    /// and released on a release some broker already processed (its answer
+    /// lost), it would free a slot since granted to someone else.
+    async fn send_release_adopting(
+        &self,
+        req: &ReleaseRequest,
+        reached: &AtomicBool,
+    ) -> Result<ReleaseResponse, tonic::Status> {
+        let bare = ReleaseRequest {
+            acquired_with: None,
+            ..req.clone()
+        };
+        let answer = self
+            .rpc_noting(reached, |mut c| {
+                let req = self.request(bare.clone());
+                async move { c.release(req).await }
+            })
+            .await?;
+        if answer.released || req.acquired_with.is_none() || reached.load(Ordering::Acquire) {
+            return Ok(answer);
+        }
+        self.rpc_noting(reached, |mut c| {
+            let req = self.request(req.clone());
+            async move { c.release(req).await }
+        })
+        .await
+    }
+
     async fn send_release(&self, req: &ReleaseRequest) -> Result<ReleaseResponse, tonic::Status> {
         self.rpc(|mut c| {
             let req = self.request(req.clone());
@@ -976,13 +1030,17 @@ impl BrokerClient {
     }
 
     async fn release_or_keep(&self, req: ReleaseRequest) {
-        match self.send_release(&req).await {
+        let reached = AtomicBool::new(false);
+        match self.send_release_adopting(&req, &reached).await {
             // Away (restarting, a cluster between leaders): sent once a
             // broker answers again, so a next leader that took the lease
             // over frees its slot then rather than at its expiry.
             Err(e) if is_unreachable(&e) => {
                 tracing::debug!(error = %e, "release failed; kept for when the broker answers");
-                self.kept().keep_release(req);
+                if may_have_reached_a_broker(&e) {
+                    reached.store(true, Ordering::Release);
+                }
+                self.kept().keep_release(without_adoption(req, &reached));
             }
             Err(e) => {
                 tracing::debug!(error = %e, "release refused; the slot comes back at its expiry")
@@ -1008,6 +1066,16 @@ impl BrokerClient {
         .await
         .map(|r| Duration::from_millis(r.lease_ttl_ms))
     }
+}
+
+/// `req` as kept for later: without the Acquire that granted its lease if
+/// an attempt may have been processed already (see
+/// [`BrokerClient::send_release_adopting`]).
+fn without_adoption(mut req: ReleaseRequest, reached: &AtomicBool) -> ReleaseRequest {
+    if reached.load(Ordering::Acquire) {
+        req.acquired_with = None;
+    }
+    req
 }
 
 /// Whether the client may go from broker `from` to `to` (a leader hint or
