@@ -44,6 +44,8 @@ mod registry;
 mod restart;
 #[cfg(test)]
 mod restart_tests;
+#[cfg(test)]
+mod stated_tests;
 mod status;
 #[cfg(test)]
 mod tests;

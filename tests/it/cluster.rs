@@ -161,15 +161,6 @@ async fn leads(url: &str, tenant: &str) -> Result<(), Option<String>> {
     }
 }
 
-/// The pause between two polls of real processes (brokers, etcd): it paces
-/// the polling; no loop waits for time to pass, each ends on what the
-/// servers answer (bounded by a deadline).
-async fn poll_pause() {
-    tokio::time::sleep(POLL).await;
-}
-
-const POLL: Duration = Duration::from_millis(20);
-
 /// Grants seen by the load, by broker URL; waiters are woken on each.
 #[derive(Clone, Default)]
 struct Grants(Arc<(Mutex<Vec<Grant>>, tokio::sync::Notify)>);
@@ -237,7 +228,7 @@ async fn leader(urls: &[String], tenant: &str) -> String {
             Instant::now() < deadline,
             "no settled leader for {tenant} within 20 s"
         );
-        poll_pause().await;
+        crate::harness::poll_pause().await;
     }
 }
 
@@ -248,7 +239,7 @@ async fn settled_leader(urls: &[String], tenant: &str) -> String {
     let mut last = leader(urls, tenant).await;
     let mut since = Instant::now();
     loop {
-        poll_pause().await;
+        crate::harness::poll_pause().await;
         let now = leader(urls, tenant).await;
         if now != last {
             (last, since) = (now, Instant::now());
@@ -377,7 +368,7 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
                     Ok(_) => {}
                     Err(s) if away(&s) => {
                         f.follow(&s);
-                        poll_pause().await;
+                        crate::harness::poll_pause().await;
                     }
                     Err(s) => panic!("spender: {s}"),
                 }
@@ -401,7 +392,7 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
                     Ok(r) => r.into_inner(),
                     Err(s) if away(&s) => {
                         f.follow(&s);
-                        poll_pause().await;
+                        crate::harness::poll_pause().await;
                         continue;
                     }
                     Err(s) => panic!("{me}: {s}"),
@@ -438,7 +429,7 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
                             }
                             Err(s) if away(&s) => {
                                 f.follow(&s);
-                                poll_pause().await;
+                                crate::harness::poll_pause().await;
                             }
                             Err(s) => {
                                 errors.lock().unwrap().push(format!("{me} renew: {s}"));
@@ -462,7 +453,7 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
                         match client(&f.url()).release(release.clone()).await {
                             Err(s) if away(&s) => {
                                 f.follow(&s);
-                                poll_pause().await;
+                                crate::harness::poll_pause().await;
                             }
                             _ => break,
                         }
@@ -563,7 +554,7 @@ async fn a_second_broker_under_a_members_node_name_leads_nothing() {
             leads(&dup.url(), "t0").await.is_err(),
             "the second b1 leads too"
         );
-        poll_pause().await;
+        crate::harness::poll_pause().await;
     }
     let (_, log) = dup.terminate().await;
     assert!(
@@ -586,7 +577,7 @@ async fn a_tenant_is_led_only_by_members_that_serve_it() {
     for t in &all {
         while leads(&b1, t).await.is_err() {
             assert!(Instant::now() < deadline, "{t} is not led by b1 alone");
-            poll_pause().await;
+            crate::harness::poll_pause().await;
         }
     }
     // b2 serves t0–t3 and a tenant of its own, not t4–t7.
@@ -599,7 +590,7 @@ async fn a_tenant_is_led_only_by_members_that_serve_it() {
     let deadline = Instant::now() + Duration::from_secs(20);
     while leads(&b2.url(), "only-b2").await.is_err() {
         assert!(Instant::now() < deadline, "only-b2 is not led by b2");
-        poll_pause().await;
+        crate::harness::poll_pause().await;
     }
     // Then, for a lease TTL and more (ticks of both, hand-overs done):
     // t4–t7 stay led by b1 whatever the hashing prefers, and each of t0–t3
@@ -616,7 +607,7 @@ async fn a_tenant_is_led_only_by_members_that_serve_it() {
                 break 'watch;
             }
         }
-        poll_pause().await;
+        crate::harness::poll_pause().await;
     }
     if let Some(lapse) = lapse {
         let (_, b2_log) = b2.terminate().await;
@@ -773,7 +764,7 @@ async fn two_brokers_started_at_once_under_one_name_do_not_both_lead() {
                 watch_until = Instant::now() + Duration::from_millis(2 * TTL_MS);
             }
         }
-        poll_pause().await;
+        crate::harness::poll_pause().await;
     }
     let first = first.expect("one b9 leads t0 within 20 s");
     assert_eq!(
@@ -843,7 +834,7 @@ async fn a_broker_leads_over_etcd_with_tls_and_client_certificates_and_refuses_a
             leads(&doubting.url(), "t0").await.is_err(),
             "a broker that does not trust etcd's certificate leads"
         );
-        poll_pause().await;
+        crate::harness::poll_pause().await;
     }
     let (_, log) = doubting.terminate().await;
     // The cause is named, not only "transport error".
@@ -920,7 +911,7 @@ async fn after_etcd_hung_every_tenant_waits_for_its_leader_and_resumes_as_it_lef
                     Instant::now() < deadline,
                     "{u} still leads {t} with etcd hung"
                 );
-                poll_pause().await;
+                crate::harness::poll_pause().await;
             }
         }
     }
@@ -949,7 +940,7 @@ async fn after_etcd_hung_every_tenant_waits_for_its_leader_and_resumes_as_it_lef
                 Instant::now() < deadline,
                 "{t} did not settle with etcd back"
             );
-            poll_pause().await;
+            crate::harness::poll_pause().await;
         }
     }
     cluster.brokers["b3"].signal("-CONT");
@@ -983,7 +974,7 @@ async fn without_etcd_no_broker_grants_past_its_lease_and_a_leader_returns_with_
                         grants.push(&url);
                     }
                     Ok(_) => {}
-                    Err(s) if away(&s) => poll_pause().await,
+                    Err(s) if away(&s) => crate::harness::poll_pause().await,
                     Err(s) => panic!("{url}: {s}"),
                 }
             }
@@ -1012,7 +1003,7 @@ async fn without_etcd_no_broker_grants_past_its_lease_and_a_leader_returns_with_
             Instant::now() < deadline,
             "{leading:?} still lead {TTL_MS} + 1000 ms after etcd stopped"
         );
-        poll_pause().await;
+        crate::harness::poll_pause().await;
     }
     let during: Vec<(Instant, String)> = grants
         .all()
@@ -1090,7 +1081,7 @@ async fn a_joining_broker_takes_only_its_share_of_tenants() {
                     Ok(_) => {}
                     Err(s) if away(&s) => {
                         f.follow(&s);
-                        poll_pause().await;
+                        crate::harness::poll_pause().await;
                     }
                     Err(s) => panic!("{t}: {s}"),
                 }
@@ -1246,7 +1237,7 @@ async fn one_etcd_member_of_three_down_leaves_the_leader_leading_and_quorum_back
                 match client(&url).acquire(rate_call("t0", "spender", 100)).await {
                     Ok(r) if r.get_ref().granted => grants.push(&url),
                     Ok(_) => {}
-                    Err(s) if away(&s) => poll_pause().await,
+                    Err(s) if away(&s) => crate::harness::poll_pause().await,
                     Err(s) => panic!("{url}: {s}"),
                 }
             }
@@ -1267,7 +1258,7 @@ async fn one_etcd_member_of_three_down_leaves_the_leader_leading_and_quorum_back
             stopped_at.elapsed()
         );
         assert_eq!(leads(&other, "t0").await, Err(Some(first.clone())));
-        poll_pause().await;
+        crate::harness::poll_pause().await;
     }
     let mut last = stopped_at;
     let mut gap = Duration::ZERO;
@@ -1301,7 +1292,7 @@ async fn one_etcd_member_of_three_down_leaves_the_leader_leading_and_quorum_back
             Instant::now() < deadline,
             "still led without an etcd quorum"
         );
-        poll_pause().await;
+        crate::harness::poll_pause().await;
     }
     members[down].resume().unwrap();
     let serving_at = Instant::now();

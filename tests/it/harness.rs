@@ -17,6 +17,14 @@ pub struct TestBroker {
     server: JoinHandle<Result<(), quota_broker::ServerError>>,
 }
 
+/// The pause between two polls of real processes (brokers, etcd, a state
+/// file a child broker writes): it paces the polling; no loop waits for
+/// time to pass, each ends on what the servers do (bounded by a deadline).
+/// A child process runs on the real clock, so a paused one cannot stand in.
+pub async fn poll_pause() {
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+}
+
 /// A state directory of this test process named `name`, empty (an
 /// earlier run's left behind is removed).
 pub fn fresh_dir(name: &str) -> std::path::PathBuf {

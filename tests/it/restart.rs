@@ -473,7 +473,7 @@ async fn until_written(file: &Path) {
             "{} was not written within 20 s",
             file.display()
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        crate::harness::poll_pause().await;
     }
 }
 
