@@ -342,6 +342,10 @@ pub(crate) struct LearnedEntry {
     /// token bucket or a sliding log, not fixed windows).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub refills_continuously: bool,
+    /// The window the learned limit applies to, ms (the one the headers
+    /// named, else the longest reset they stated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learned_limit_window_ms: Option<u64>,
 }
 
 /// Why the state file could not be used.
@@ -387,6 +391,7 @@ impl LearnedEntry {
             max_in_flight: None,
             max_in_flight_hits: None,
             refills_continuously: false,
+            learned_limit_window_ms: None,
         }
     }
 }
@@ -444,6 +449,7 @@ mod tests {
             max_in_flight: Some(4),
             max_in_flight_hits: Some(1),
             refills_continuously: true,
+            learned_limit_window_ms: Some(6_000),
         }]);
         f.write(&d).unwrap();
         assert_eq!(LearnedFile::read(&d).unwrap(), Some(f));

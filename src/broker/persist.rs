@@ -212,6 +212,7 @@ impl Broker {
                     .max_in_flight
                     .map(|l| (l, e.max_in_flight_hits.unwrap_or(0))),
                 refills_continuously: e.refills_continuously,
+                limit_window: e.learned_limit_window_ms.map(Duration::from_millis),
             };
             if self.inner.tenants[t]
                 .lock()
@@ -356,6 +357,7 @@ impl Broker {
                     max_in_flight: p.slots.map(|l| l.0),
                     max_in_flight_hits: p.slots.map(|l| l.1),
                     refills_continuously: p.refills_continuously,
+                    learned_limit_window_ms: p.limit_window.map(crate::clock::millis),
                 });
             }
         }

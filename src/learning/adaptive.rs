@@ -154,6 +154,9 @@ pub struct Persisted {
     /// The upstream was seen refilling continuously (see
     /// `Learner::refills_continuously`).
     pub refills_continuously: bool,
+    /// The window the learned limit applies to (filled in by the tenant:
+    /// the header window is the bucket instance's).
+    pub limit_window: Option<Duration>,
 }
 
 /// The learning state of one bucket instance.
@@ -498,6 +501,7 @@ impl Learner {
             ceiling: self.ceiling.map(|c| (c, self.ceiling_hits)),
             slots: None,
             refills_continuously: self.continuous,
+            limit_window: None,
         }
     }
 

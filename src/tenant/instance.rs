@@ -49,6 +49,9 @@ pub(super) struct Instance {
     /// stated: the length of the upstream's window as far as they show
     /// (see `header_window`).
     pub(super) longest_reset: Duration,
+    /// The window the upstream's last stated limit applies to: the one its
+    /// headers named (`w=`), else the header window then.
+    pub(super) limit_window: Option<Duration>,
     /// The burst the config (or an operator) set; a limit the upstream
     /// stated scales it down (see [`Instance::apply_rate`]).
     pub(super) base_burst: u32,
@@ -94,6 +97,7 @@ impl Instance {
             phantom: 0,
             phantom_until: None,
             longest_reset: Duration::ZERO,
+            limit_window: None,
         }
     }
 
@@ -207,10 +211,9 @@ impl Instance {
         match self.learner.learned_limit() {
             Some(limit) if limit < configured && configured > 0.0 => {
                 let scaled = f64::from(base) * limit / configured;
-                let window = match self.longest_reset {
-                    r if r.is_zero() => self.learner.window(),
-                    r => r.min(self.learner.window()),
-                };
+                let window = self
+                    .limit_window
+                    .map_or(self.learner.window(), |w| w.min(self.learner.window()));
                 let per_window = limit * window.as_secs_f64() / 60.0;
                 (scaled.min(per_window).ceil() as u32).clamp(1, base)
             }

@@ -241,6 +241,7 @@ impl TenantState {
         // Resets far shorter than the window: refilled continuously.
         let continuous = info.window.is_none() && window.mul_f64(2.0) < bucket_window;
         if let Some(limit) = info.limit {
+            x.limit_window = Some(window);
             let per_min = limit as f64 * 60.0 / window.as_secs_f64().max(1e-3);
             learned.extend(x.learner.on_limit(per_min));
         }
@@ -341,6 +342,9 @@ impl TenantState {
                 let p = Persisted {
                     upstream,
                     slots,
+                    limit_window: x
+                        .limit_window
+                        .filter(|_| x.learner.learned_limit().is_some()),
                     ..x.learner.persisted()
                 };
                 Some((b.name.clone(), client, p))
@@ -398,6 +402,13 @@ impl TenantState {
             x.upstream = Some(view);
         }
         x.learner.restore(p);
+        if let Some(w) = p.limit_window.filter(|w| !w.is_zero()) {
+            // The next header, stated a moment into a window, must not read
+            // the limit over a shorter one than was learned.
+            let bucket_window = x.learner.window();
+            x.limit_window = Some(w);
+            x.longest_reset = x.longest_reset.max(w.min(bucket_window));
+        }
         if let (Some(l), Some(slots)) = (x.slot_learner.as_mut(), p.slots) {
             l.restore(slots, now, s);
             x.apply_slot_limit();

@@ -112,3 +112,61 @@ fn a_stated_limit_scales_the_burst_and_the_headroom_lent_from_it() {
     t.clear_learned("r", None, later).unwrap();
     assert_eq!(t.statuses(later)[0].burst, 1200);
 }
+
+/// A 200 whose headers name the window of their limit: 2 per 6 s
+/// (`RateLimit-Policy: 2;w=6`), with no reset to read a window from.
+fn upstream_states_2_per_6s_with_its_window(t: &mut TenantState, at: Instant) {
+    let told = crate::learning::RateLimitInfo {
+        limit: Some(2),
+        window: Some(6 * SEC),
+        ..crate::learning::RateLimitInfo::default()
+    };
+    t.report(("GET", "/", "oa"), 200, None, &told, at).unwrap();
+}
+
+/// The window the headers name bounds the burst as a stated reset does:
+/// 2 per 6 s is a burst of 2 (before, with no reset seen, the bucket's
+/// own minute: 20 at once, 18 of them refused).
+#[test]
+fn a_limit_stated_with_its_window_shrinks_the_burst_to_that_window() {
+    let t0 = Instant::now();
+    let bucket = "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 1200\n\
+                  window_ms = 60000";
+    let mut t = tenant(bucket, t0);
+    upstream_states_2_per_6s_with_its_window(&mut t, t0);
+    let r = &t.statuses(t0)[0];
+    assert_eq!((r.learned_limit_per_min, r.burst), (Some(20.0), 2));
+}
+
+/// A restart keeps the window the learned limit was read over: the burst
+/// stays what that window allows, and a header stated a moment into a
+/// window (a short reset) does not read the limit over that short time and
+/// lift it (before: the restored limit of 20 a minute read as 60 from
+/// `2, reset 2 s`, above nothing configured, and was dropped).
+#[test]
+fn a_restart_keeps_the_window_of_the_learned_limit() {
+    let t0 = Instant::now();
+    let bucket = "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 40\n\
+                  window_ms = 60000";
+    let mut before = tenant(bucket, t0);
+    upstream_states_2_per_6s(&mut before, t0);
+    assert_eq!(before.statuses(t0)[0].learned_limit_per_min, Some(20.0));
+    let saved = before.learned(t0);
+    let mut after = tenant(bucket, t0);
+    for (b, client, p) in saved {
+        assert!(after.restore(&b, client.as_deref(), p, t0));
+    }
+    let r = &after.statuses(t0)[0];
+    assert_eq!((r.learned_limit_per_min, r.burst), (Some(20.0), 2));
+    let told = crate::learning::RateLimitInfo {
+        limit: Some(2),
+        remaining: Some(1),
+        reset: Some(2 * SEC),
+        ..crate::learning::RateLimitInfo::default()
+    };
+    after
+        .report(("GET", "/", "oa"), 200, None, &told, t0 + SEC)
+        .unwrap();
+    let r = &after.statuses(t0 + SEC)[0];
+    assert_eq!((r.learned_limit_per_min, r.burst), (Some(20.0), 2));
+}
