@@ -150,27 +150,6 @@ impl RelayHandle {
 
 /// How long the start-up check waits for the broker and the login host.
 const PREFLIGHT_WAIT: Duration = Duration::from_secs(5);
-/// Pause between start-up checks of a broker that did not answer at once.
-const BROKER_RETRY: Duration = Duration::from_millis(250);
-
-/// Waits, at most `within`, for the broker to answer a check of `tenant`.
-/// [`quota_broker_client::BrokerClient::check`] makes one attempt: a
-/// refused or dropped connection is "not checked" at once, so a broker
-/// started together with the relay, a moment from listening, was logged
-/// as one that "did not answer the start-up check" though it served the
-/// relay's first lease. Tried again until it answers (or refuses: the
-/// start-up check then says why) or `within` is spent.
-async fn await_broker(upstream: &Upstream, tenant: &str, within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match upstream.broker().check(tenant, left).await {
-            Ok(false) if left > BROKER_RETRY => tokio::time::sleep(BROKER_RETRY).await,
-            _ => return,
-        }
-    }
-}
-
 /// Opens the queue, builds the upstream caller, and serves on `listener`
 /// while draining (call within a tokio runtime). Settings that cannot work
 /// (no credentials for intake, a bad region or broker URL) are errors here.
@@ -187,7 +166,6 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<RelayHan
     // A queue URL of no supported kind is said before anything waits.
     let sqlite_file = queue::sqlite_path(&settings.queue)?;
     let upstream = upstream(&settings)?;
-    await_broker(&upstream, &settings.upstream.tenant, PREFLIGHT_WAIT).await;
     // A wrong broker token, tenant or client secret stops the relay here,
     // not every record it would take and never deliver.
     for warning in upstream
