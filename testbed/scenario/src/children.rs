@@ -89,9 +89,28 @@ impl ChildProcess {
     }
 }
 
-/// Starts `command` with its stderr to `log`, killed on drop.
+/// Starts `command` with its stderr to `log`, killed on drop, and killed
+/// by the kernel when this process dies (even by SIGKILL, which runs no
+/// drop: a broker left serving would hold its port and state directory).
 fn spawn(mut command: Command, what: &str, log: &Path) -> Result<Child, Error> {
     let log_file = File::create(log).map_err(Error::io(format!("create {}", log.display())))?;
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec and calls
+    // only prctl and getppid, which are async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent died before the prctl: nobody would kill this one.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                return Err(std::io::Error::other(
+                    "the scenario exited while starting it",
+                ));
+            }
+            Ok(())
+        });
+    }
     command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

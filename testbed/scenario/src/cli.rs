@@ -8,17 +8,20 @@ use clap::{Parser, ValueEnum};
 use crate::confgen::UpstreamFile;
 use crate::error::Error;
 
-/// Runs the same fleet against fresh simulated Genesys Cloud orgs three ways
+/// Runs the same fleet against fresh simulated Genesys Cloud orgs four ways
 /// (naive clients, clients with a local token bucket, clients leased by the
-/// quota broker) and prints one table.
+/// quota broker, and leased with the call-flow writes through gc-relay) and
+/// prints one table.
 #[derive(Debug, Parser)]
 #[command(name = "scenario", version)]
 pub(crate) struct Args {
-    /// Simulated seconds the fleet produces work (then it drains).
+    /// Simulated seconds the fleet produces work (then it drains); at least
+    /// 60. Goodput leaves out the first window (the fleet starting), so it
+    /// needs 120 or more.
     #[arg(long, value_name = "SIM_SECONDS")]
     pub(crate) duration: Option<u64>,
     /// Every window, latency and Retry-After lasts 1/N as long in real time,
-    /// in the simulator and the broker config alike.
+    /// in the simulator and the broker config alike; at most 60.
     #[arg(long, value_name = "N")]
     pub(crate) time_scale: Option<f64>,
     /// Seed of the simulator's data and of the fleet's random arrivals.
@@ -59,7 +62,9 @@ pub(crate) struct Args {
     #[arg(long)]
     pub(crate) broker_in_process: bool,
     /// Write each mode's `/_sim/stats` and `/_sim/log` to this directory
-    /// (and a child broker's logs, `broker-0.log`, then one per restart).
+    /// (and a child broker's logs, `broker-0.log`, then one per restart);
+    /// with several `--upstream` files one folder each (`DIR/<file>/`), with
+    /// `--matrix` one per cell (`DIR/<file>-seed<N>/`).
     #[arg(long, value_name = "DIR")]
     pub(crate) keep_logs: Option<PathBuf>,
     /// Chaos, in broker mode: SIGKILL the broker (a child process) at this

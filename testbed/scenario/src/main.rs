@@ -1,7 +1,8 @@
 //! `scenario`: the fleet-scenario benchmark. Runs, in one process run, the
-//! same fleet against fresh simulated Genesys Cloud orgs three ways (naive
+//! same fleet against fresh simulated Genesys Cloud orgs four ways (naive
 //! clients, clients with a local token bucket, clients leased by the quota
-//! broker) and prints one table (or JSON).
+//! broker, and leased with the writes through gc-relay) and prints one table
+//! (or JSON).
 //!
 //! # Layout
 //!
@@ -95,7 +96,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let outcome = runtime.block_on(until_stopped(output(&spec)));
+    // The matrix's table of the cells finished so far, printed if a signal
+    // stops it.
+    let finished = std::sync::Mutex::new(None::<String>);
+    let outcome = runtime.block_on(until_stopped(output(&spec, &finished)));
     // A stop drops the run's future (its children's handles kill them,
     // its temporary directory goes); tasks still holding a child are
     // dropped here, and a blocking start (etcd) is waited for, bounded.
@@ -118,6 +122,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Stopped::Signal(signal) => {
+            let finished = finished
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(table) = finished {
+                print!("{table}");
+            }
             eprintln!(
                 "scenario: stopped by {}; its children are stopped and its temporary \
                  directory removed",
@@ -224,8 +234,9 @@ struct Output {
 /// What the run prints: the matrix; or one report per upstream (the
 /// generated org when no `--upstream` is given), as tables or as JSON (an
 /// object, or an array of them for several upstreams). Only a lone run's
-/// failure is an `Err`.
-async fn output(spec: &Spec) -> Result<Output, Error> {
+/// failure is an `Err`. After each matrix cell, `finished` holds the
+/// output of the cells run so far.
+async fn output(spec: &Spec, finished: &std::sync::Mutex<Option<String>>) -> Result<Output, Error> {
     if let Some(seeds) = &spec.matrix {
         let mut matrix = Matrix::new(spec);
         let total = spec.upstreams.len() * seeds.len();
@@ -256,6 +267,14 @@ async fn output(spec: &Spec) -> Result<Output, Error> {
                         matrix.fail(&file.name, seed, e.to_string());
                     }
                 }
+                let so_far = if spec.json {
+                    format!("{}\n", matrix.json())
+                } else {
+                    matrix.table()
+                };
+                *finished
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(so_far);
             }
         }
         let text = if spec.json {
@@ -278,7 +297,19 @@ async fn output(spec: &Spec) -> Result<Output, Error> {
         return Ok(Output { text, failed: 0 });
     }
     let mut reports = Vec::new();
-    for file in &spec.upstreams {
+    let n = spec.upstreams.len();
+    for (i, file) in spec.upstreams.iter().enumerate() {
+        // With several files, each keeps its logs in a folder of its own.
+        let spec = &Spec {
+            keep_logs: match &spec.keep_logs {
+                Some(d) if n > 1 => Some(d.join(&file.name)),
+                kept => kept.clone(),
+            },
+            ..spec.clone()
+        };
+        if n > 1 {
+            eprintln!("scenario: upstream {} of {n}: {}", i + 1, file.name);
+        }
         let plan = Plan::with_upstream(spec.duration_s, file.clone());
         let report = run(spec, &plan).await.map_err(|e| {
             eprintln!("scenario: upstream {} failed: {e}", file.name);

@@ -76,3 +76,50 @@ fn tiny_matrix_has_every_cell_and_loses_nothing() {
         .unwrap()
         .contains("silent"));
 }
+
+/// Several `--upstream` files (not a matrix) with `--keep-logs`: each
+/// file's logs in a folder of its own (before, each run wrote over the
+/// last one's, and only the last file's logs were left).
+#[test]
+fn several_upstreams_keep_their_logs_apart() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/upstreams/");
+    let fixed = format!("{dir}genesys-fixed.toml");
+    let silent = format!("{dir}token-bucket-silent.toml");
+    let logs = std::env::temp_dir().join(format!("scenario-kept-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&logs);
+    let (_, stderr) = run_scenario_with(
+        &[
+            "--upstream",
+            &fixed,
+            "--upstream",
+            &silent,
+            "--modes",
+            "broker",
+            "--duration",
+            "60",
+            "--time-scale",
+            "60",
+            "--broker-in-process",
+            "--keep-logs",
+            logs.to_str().expect("a UTF-8 temp path"),
+        ],
+        &[],
+        Duration::from_secs(60),
+    );
+    assert!(
+        stderr.contains("upstream 2 of 2: token-bucket-silent"),
+        "{stderr}"
+    );
+    let kept = |name: &str| -> Vec<String> {
+        std::fs::read_dir(logs.join(name))
+            .map(|d| {
+                d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (a, b) = (kept("genesys-fixed"), kept("token-bucket-silent"));
+    let _ = std::fs::remove_dir_all(&logs);
+    assert!(a.iter().any(|f| f.starts_with("broker")), "{a:?}");
+    assert!(b.iter().any(|f| f.starts_with("broker")), "{b:?}");
+}

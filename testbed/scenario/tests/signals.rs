@@ -160,3 +160,83 @@ fn sigterm_stops_the_simulator_and_broker_children() {
     assert_cleaned_up(&children, &workdir);
     assert_eq!(code, Some(143));
 }
+
+/// A SIGKILL runs no handler and no drop: the kernel must take the
+/// children along (before, the broker kept serving under init, holding
+/// its port). The temporary directory stays; the test removes it.
+#[test]
+fn sigkill_takes_the_simulator_and_broker_children_along() {
+    let gcsim = gcsim_bin();
+    let gcsim = gcsim.to_str().expect("a UTF-8 target path");
+    let (code, children, workdir) = signal_run(&["--gcsim-bin", gcsim], 2, "-KILL");
+    assert_eq!(code, None, "killed by a signal, no exit code");
+    let _ = std::fs::remove_dir_all(&workdir);
+    assert_cleaned_up(&children, &workdir);
+}
+
+/// SIGINT during a matrix's second cell prints the first cell's table
+/// before exiting 130 (before, nothing: the finished cells were lost).
+#[test]
+fn sigint_during_a_matrix_prints_the_cells_finished() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/upstreams/");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_scenario"))
+        .args(["--matrix", "--upstream"])
+        .arg(format!("{dir}genesys-fixed.toml"))
+        .arg("--upstream")
+        .arg(format!("{dir}token-bucket-silent.toml"))
+        .args(["--duration", "120", "--time-scale", "60"])
+        .arg("--broker-in-process")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start scenario");
+    let pid = child.id();
+    let stderr = child.stderr.take().expect("stderr piped");
+    // Read to the end in a thread of its own: a closed pipe would fail the
+    // scenario's next line on stderr.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("matrix cell 2 of 2") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let second = rx.recv_timeout(TIMEOUT).is_ok();
+    if !second {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the matrix never reached its second cell");
+    }
+    let sent = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -INT {pid}: {sent}");
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout piped")
+        .read_to_string(&mut stdout)
+        .expect("read stdout");
+    let status = child.wait().expect("wait on scenario");
+    assert_eq!(status.code(), Some(130));
+    // A cell's row: its file, then its seed.
+    let rows = |name: &str| {
+        stdout
+            .lines()
+            .filter(|l| {
+                let mut fields = l.split_whitespace();
+                fields.next() == Some(name) && fields.next() == Some("1")
+            })
+            .count()
+    };
+    assert_eq!(
+        (rows("genesys-fixed"), rows("token-bucket-silent")),
+        (1, 0),
+        "{stdout}"
+    );
+}
