@@ -296,6 +296,26 @@ impl Plan {
         plan
     }
 
+    /// Whether what is left for the fleet moves within the run: a hidden
+    /// limit change, or the unmanaged consumer changing its pace in a
+    /// window that starts before production ends (a step counts from the
+    /// first window at or after it; a ramping one moves from the window
+    /// after its step's).
+    pub(crate) fn moves(&self) -> bool {
+        let starts = |at: u64| at.div_ceil(WINDOW_MS) * WINDOW_MS;
+        let ramping = self.upstream.as_ref().is_some_and(|f| f.ramping);
+        let stepped = self
+            .unmanaged
+            .iter()
+            .any(|&(at, _)| at > 0 && starts(at) < self.duration_ms);
+        let ramps = ramping
+            && self
+                .unmanaged
+                .windows(2)
+                .any(|w| w[0].1 != w[1].1 && starts(w[0].0) + WINDOW_MS < self.duration_ms);
+        !self.changes.is_empty() || stepped || ramps
+    }
+
     /// The simulator's config file: generated, or the `--upstream` file
     /// with the run's scale and seed, and enough history for the run.
     pub(crate) fn sim_toml(&self, spec: &Spec) -> String {
@@ -531,6 +551,20 @@ mod tests {
             format!("{:?}", from_file.changes),
             format!("{:?}", generated.changes)
         );
+    }
+
+    /// Only what changes within the run makes it one whose limit moves
+    /// (the 1 % target instead of 0.5 %): genesys-fixed's drop at 120 s and
+    /// its consumer's step at 180 s are past a 120 s run's end.
+    #[test]
+    fn the_limit_moves_only_with_a_change_within_the_run() {
+        let fixed = || UpstreamFile::load(&shipped("genesys-fixed.toml")).unwrap();
+        assert!(!Plan::with_upstream(120, fixed()).moves());
+        assert!(Plan::with_upstream(180, fixed()).moves());
+        let silent = UpstreamFile::load(&shipped("token-bucket-silent.toml")).unwrap();
+        assert!(!Plan::with_upstream(600, silent).moves());
+        let ramping = UpstreamFile::load(&shipped("token-bucket-telling-ramping.toml")).unwrap();
+        assert!(Plan::with_upstream(300, ramping).moves());
     }
 
     #[test]

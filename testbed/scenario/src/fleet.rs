@@ -488,6 +488,10 @@ async fn wallboard(caller: Caller, shared: Arc<Shared>, phase_ms: f64) -> Result
     );
     // The first tick at or after now.
     let mut k = ((clock.now_ms() - phase_ms) / POLL_MS).ceil().max(0.0);
+    let due = ((shared.stop_ms - phase_ms) / POLL_MS).ceil() - k;
+    metrics
+        .polls_due
+        .fetch_add(due.max(0.0) as u64, Ordering::Relaxed);
     loop {
         let tick = phase_ms + k * POLL_MS;
         if tick >= shared.stop_ms {
@@ -507,11 +511,7 @@ async fn wallboard(caller: Caller, shared: Arc<Shared>, phase_ms: f64) -> Result
             Err(e) => shared.failed(&format!("{} poll", caller.client_id), e)?,
         }
         // The next tick still ahead; the ones passed meanwhile are skipped.
-        let next = ((clock.now_ms() - phase_ms) / POLL_MS).ceil().max(k + 1.0);
-        metrics
-            .polls_skipped
-            .fetch_add((next - k - 1.0) as u64, Ordering::Relaxed);
-        k = next;
+        k = ((clock.now_ms() - phase_ms) / POLL_MS).ceil().max(k + 1.0);
     }
 }
 

@@ -36,8 +36,8 @@ pub(crate) struct Cell {
     /// Critical waits of calls that began or ended in a window where it
     /// took one (the upstream's blocks).
     pub(crate) critical_inside: (f64, f64, u64),
-    /// Batch (ingestion) p99 wait, sim ms.
-    pub(crate) batch_p99_ms: f64,
+    /// Batch (ingestion) p99 wait, sim ms (`None`: no batch call).
+    pub(crate) batch_p99_ms: Option<f64>,
     /// Ingest and write records lost.
     pub(crate) records_lost: u64,
     /// Records the drain deadline left for the next run (see
@@ -140,12 +140,16 @@ impl Cell {
             refused: m.requests.refused,
             critical_outside: wait(&q.waits),
             critical_inside: wait(&q.loud_waits),
-            batch_p99_ms: m.wait.get("batch").map_or(0.0, |w| w.p99_ms),
+            batch_p99_ms: m
+                .wait
+                .get("batch")
+                .filter(|w| w.count > 0)
+                .map(|w| w.p99_ms),
             records_lost: m.records.ingest.lost + m.records.writes.lost,
             records_unfinished: m.records.ingest.unfinished + m.records.writes.unfinished,
             served_over: m.limits.iter().map(|l| l.served_over).sum(),
             upstream_summary: summary.to_owned(),
-            limit_moves: !report.changes.is_empty() || report.unmanaged.len() > 1,
+            limit_moves: report.moves,
             reconverged: m
                 .convergence
                 .iter()
@@ -268,7 +272,7 @@ impl Matrix {
                     format!("{} ({:.2}%)", c.refused, 100.0 * c.ratio_429),
                     waits(c.critical_outside),
                     waits(c.critical_inside),
-                    ms(c.batch_p99_ms),
+                    c.batch_p99_ms.map_or("-".into(), ms),
                     if c.records_unfinished > 0 {
                         format!("{} (+{} unfinished)", c.records_lost, c.records_unfinished)
                     } else {
@@ -364,7 +368,7 @@ mod tests {
             refused: 1,
             critical_outside: (1.0, 10.0, 100),
             critical_inside: (1.0, 10.0, 10),
-            batch_p99_ms: 100.0,
+            batch_p99_ms: Some(100.0),
             records_lost: 0,
             records_unfinished: 0,
             served_over: 0,

@@ -4,7 +4,7 @@
 //! a hidden-limit change).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use hdrhistogram::Histogram;
@@ -94,10 +94,14 @@ pub(crate) struct Metrics {
     pub(crate) rate_cuts: AtomicU64,
     /// Writes the upstream accepted.
     pub(crate) writes_acked: AtomicU64,
-    /// Wallboard polls made, and skipped because the previous one was late.
+    /// Wallboard polls made.
     pub(crate) polls: AtomicU64,
-    /// See `polls`.
-    pub(crate) polls_skipped: AtomicU64,
+    /// Wallboard polls due over the run (one every 10 s per wallboard); the
+    /// ones not made were skipped because the previous one was late, or
+    /// never answered.
+    pub(crate) polls_due: AtomicU64,
+    /// Per class: calls still unserved when the drain ended.
+    unserved: [AtomicU64; 3],
     /// Critical calls: (wanted at, waited), simulated ms. std `Mutex`: held
     /// for one push.
     critical: Mutex<Vec<(f64, f64)>>,
@@ -120,7 +124,8 @@ impl Metrics {
             rate_cuts: AtomicU64::new(0),
             writes_acked: AtomicU64::new(0),
             polls: AtomicU64::new(0),
-            polls_skipped: AtomicU64::new(0),
+            polls_due: AtomicU64::new(0),
+            unserved: Default::default(),
             critical: Mutex::new(Vec::new()),
         }
     }
@@ -148,6 +153,13 @@ impl Metrics {
                 .unwrap_or_else(PoisonError::into_inner)
                 .push((wanted_ms, waited_ms));
         }
+    }
+
+    /// Records the wait so far of a call still unserved when the drain
+    /// ended (its task aborted).
+    pub(crate) fn record_unserved(&self, class: Class, wanted_ms: f64, waited_ms: f64) {
+        self.unserved[class.index()].fetch_add(1, Ordering::Relaxed);
+        self.record_wait(class, wanted_ms, waited_ms);
     }
 
     /// Records a request sent on a fallback lease.
@@ -198,7 +210,14 @@ impl Metrics {
                 let h = self.waits[c.index()]
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
-                (c.as_str(), WaitStats::of(&h))
+                let unserved = self.unserved[c.index()].load(Ordering::Relaxed);
+                (
+                    c.as_str(),
+                    WaitStats {
+                        unserved,
+                        ..WaitStats::of(&h)
+                    },
+                )
             })
             .collect()
     }
@@ -289,6 +308,10 @@ pub(crate) struct QuietWaits {
 pub(crate) struct WaitStats {
     /// Calls measured.
     pub(crate) count: u64,
+    /// Of those, calls still unserved when the drain ended (a caller the
+    /// upstream kept refusing), counted with their wait until then: a
+    /// lower bound.
+    pub(crate) unserved: u64,
     /// Median wait.
     pub(crate) p50_ms: f64,
     /// 99th percentile wait.
@@ -303,6 +326,7 @@ impl WaitStats {
         let ms = |us: u64| us as f64 / 1000.0;
         WaitStats {
             count: h.len(),
+            unserved: 0,
             p50_ms: ms(h.value_at_quantile(0.5)),
             p99_ms: ms(h.value_at_quantile(0.99)),
             max_ms: ms(h.max()),

@@ -107,6 +107,30 @@ pub(crate) struct Caller {
     pub(crate) class: Class,
 }
 
+/// A call in progress: dropped unanswered (its task aborted at the drain
+/// deadline), its wait until then is recorded as unserved, so a caller the
+/// upstream locked out counts with a long wait, not as none.
+struct Unserved<'a> {
+    caller: &'a Caller,
+    wanted: Instant,
+    answered: bool,
+}
+
+impl Drop for Unserved<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let clock = self.caller.ctx.clock;
+        let waited = clock.sim_ms(self.wanted.elapsed());
+        self.caller.ctx.metrics.record_unserved(
+            self.caller.class,
+            clock.sim_ms_at(self.wanted),
+            waited,
+        );
+    }
+}
+
 /// What one answer means for the caller.
 enum Outcome {
     /// Served: the call is done.
@@ -142,12 +166,19 @@ impl Caller {
         body: Bytes,
         wanted: Instant,
     ) -> Result<Answer, CallFailed> {
-        match &self.policy {
+        let mut pending = Unserved {
+            caller: self,
+            wanted,
+            answered: false,
+        };
+        let answer = match &self.policy {
             Policy::Naive => self.call_naive(family, path, body, wanted).await,
             Policy::Local(limiter) => self.call_local(limiter, family, path, body, wanted).await,
             Policy::Broker(client) => self.call_broker(client, family, path, body, wanted).await,
             Policy::Relay(relay) => self.call_relay(relay, path, body, wanted).await,
-        }
+        };
+        pending.answered = true;
+        answer
     }
 
     /// One upstream request, counted.
@@ -540,6 +571,42 @@ impl LocalState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A call whose task is aborted before any answer (an upstream that
+    /// never answers, the drain deadline passing) counts as an unserved
+    /// wait; one answered does not.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_aborted_unanswered_counts_as_an_unserved_wait() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let ctx = Arc::new(Ctx {
+            upstream: crate::upstream::Upstream::new(silent.local_addr().unwrap()),
+            clock: SimClock::aligned(Instant::now(), 0.0, 10.0),
+            metrics: metrics.clone(),
+        });
+        let caller = Caller {
+            ctx,
+            policy: Policy::Naive,
+            client_id: "wallboard-0".into(),
+            oauth_client: "wallboard-0".into(),
+            class: Class::Critical,
+        };
+        let call = tokio::spawn(async move {
+            let wanted = Instant::now();
+            caller
+                .call(Family::Analytics, "/x", Bytes::new(), wanted)
+                .await
+        });
+        // Accepted, never answered: the call waits until aborted.
+        let (_held, _) = silent.accept().await.unwrap();
+        tokio::time::advance(Duration::from_secs(3)).await;
+        call.abort();
+        assert!(call.await.unwrap_err().is_cancelled());
+        let w = metrics.waits()["critical"];
+        assert_eq!((w.count, w.unserved), (1, 1));
+        // 3 real s at x10.
+        assert!((w.p50_ms - 30_000.0).abs() < 100.0, "{w:?}");
+    }
 
     #[test]
     fn fallback_settings_are_scaled_like_every_duration() {

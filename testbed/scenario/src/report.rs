@@ -42,6 +42,9 @@ pub(crate) struct Report {
     pub(crate) changes: Vec<LimitChange>,
     /// Unmanaged consumer: (from simulated ms, requests per window).
     pub(crate) unmanaged: Vec<(u64, u64)>,
+    /// Whether what is left for the fleet moves within the run (see
+    /// [`Plan::moves`]): the 429 target is then 1 %, not 0.5 %.
+    pub(crate) moves: bool,
     /// Whether it ramps between those steps, window by window.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub(crate) unmanaged_ramping: bool,
@@ -58,7 +61,7 @@ pub(crate) struct Report {
 impl Report {
     /// The report of a run.
     pub(crate) fn new(spec: &Spec, plan: &Plan, modes: Vec<ModeResult>) -> Report {
-        let moves = !plan.changes.is_empty() || plan.unmanaged.len() > 1;
+        let moves = plan.moves();
         let targets = targets(&modes, moves);
         Report {
             command: spec.command.clone(),
@@ -68,6 +71,7 @@ impl Report {
             window_ms: WINDOW_MS,
             changes: plan.changes.clone(),
             unmanaged: plan.unmanaged.clone(),
+            moves,
             unmanaged_ramping: plan.upstream.as_ref().is_some_and(|f| f.ramping),
             upstream: plan.upstream.as_ref().map(|f| f.summary.clone()),
             modes,
@@ -147,9 +151,16 @@ impl Report {
         });
         for class in ["critical", "interactive", "batch"] {
             row(&format!("wait p50 / p99 {class} (sim ms)"), &|m| {
-                m.wait.get(class).map_or("-".into(), |w| {
-                    format!("{} / {}", ms(w.p50_ms), ms(w.p99_ms))
-                })
+                m.wait
+                    .get(class)
+                    .filter(|w| w.count > 0)
+                    .map_or("-".into(), |w| {
+                        let unserved = match w.unserved {
+                            0 => String::new(),
+                            n => format!(" ({n} never served)"),
+                        };
+                        format!("{} / {}{unserved}", ms(w.p50_ms), ms(w.p99_ms))
+                    })
             });
         }
         row("  critical, windows without a 429", &|m| {

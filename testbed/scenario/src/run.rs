@@ -120,7 +120,8 @@ pub(crate) struct ModeResult {
     pub(crate) fleet: FleetOutcome,
     /// Wallboard polls made.
     pub(crate) polls: u64,
-    /// Wallboard polls skipped (the previous one was still retrying).
+    /// Wallboard polls due but not made (the previous one was still
+    /// retrying, or never answered).
     pub(crate) polls_skipped: u64,
     /// Broker mode only.
     pub(crate) leases: Option<LeaseCounts>,
@@ -471,7 +472,7 @@ fn figures(
             .unwrap_or_default(),
         fleet,
         polls: load(&metrics.polls),
-        polls_skipped: load(&metrics.polls_skipped),
+        polls_skipped: load(&metrics.polls_due).saturating_sub(load(&metrics.polls)),
         leases: (mode == ModeName::Broker).then(|| LeaseCounts {
             granted: load(&metrics.granted),
             not_granted: load(&metrics.not_granted),
