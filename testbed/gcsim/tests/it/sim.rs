@@ -642,3 +642,45 @@ async fn jobs_are_fulfilled_after_their_latency_and_refused_over_their_limits() 
     assert_eq!(r.status, 404);
     sim.shutdown().await;
 }
+
+/// A submission refused by the jobs limits is a refusal like any other: in
+/// the stats (by client and by reason) and in the log with its reason.
+#[tokio::test(start_paused = true)]
+async fn a_jobs_refusal_is_counted_and_logged_as_refused() {
+    let (sim, http) = start(SimConfig::default()).await;
+    let body = format!("{{{HOUR}}}");
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let r = http.send(Method::POST, JOBS, Some("org-a:j1"), &body).await;
+        statuses.push(r.status);
+        if r.status == 429 {
+            assert_eq!(r.json["messageParams"]["reason"], "jobs:running");
+            assert!(r.header("retry-after").parse::<f64>().unwrap() > 0.0);
+            // The refusal used no token permit.
+            assert_eq!(r.header("inin-ratelimit-count"), "2");
+        }
+    }
+    assert_eq!(statuses, [202, 202, 429, 429]);
+    let stats = http.get("/_sim/stats").await;
+    let org = &stats["orgs"][0];
+    assert_eq!(
+        org["tokens"],
+        serde_json::json!([{ "client": "j1", "served": 2, "refused": 2 }])
+    );
+    assert_eq!(
+        org["refused_by_reason"],
+        serde_json::json!({ "jobs:running": 2 })
+    );
+    let log = http.get("/_sim/log").await;
+    let reasons: Vec<Value> = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].clone())
+        .collect();
+    assert_eq!(
+        Value::from(reasons),
+        serde_json::json!([null, null, "jobs:running", "jobs:running"])
+    );
+    sim.shutdown().await;
+}
