@@ -459,6 +459,34 @@ fn binary_names_the_config_file_of_a_bad_config() {
 }
 
 #[test]
+fn binary_blames_a_bad_time_scale_on_the_flag_not_the_config() {
+    let path = std::env::temp_dir().join(format!("gcsim-scale-{}.toml", std::process::id()));
+    std::fs::write(&path, "time_scale = 1.0").unwrap();
+    let file = path.to_str().unwrap();
+    for args in [
+        &["--config", file, "--time-scale", "0"][..],
+        &["--time-scale", "0"],
+        &["--time-scale", "-2"],
+    ] {
+        let (code, stderr) = run_binary(args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("--time-scale"), "{args:?}: {stderr}");
+        assert!(stderr.contains("positive number"), "{args:?}: {stderr}");
+        assert!(!stderr.contains(file), "{args:?}: {stderr}");
+        assert!(!stderr.contains("built-in config"), "{args:?}: {stderr}");
+    }
+    // A bad value in the file is still the file's.
+    std::fs::write(&path, "time_scale = 0.0").unwrap();
+    let (code, stderr) = run_binary(&["--config", file]);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{file}: bad simulator config")),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn binary_logs_without_colour_codes_when_stderr_is_not_a_terminal() {
     // Stdin at EOF: it starts, logs at info that it stops, and exits.
     let (code, stderr) = run_binary(&["--log", "info"]);
