@@ -487,6 +487,29 @@ fn binary_blames_a_bad_time_scale_on_the_flag_not_the_config() {
 }
 
 #[test]
+fn binary_names_the_file_family_and_key_of_two_schedule_steps_at_once() {
+    let path = std::env::temp_dir().join(format!("gcsim-twice-{}.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        "[[orgs]]\n[[orgs.families]]\nname = \"analytics-query\"\n\
+         routes = [\"POST /api/v2/analytics/**/query\"]\ndocumented_permits = 60\n\
+         schedule = [{at_ms=60000,hidden_permits=20},{at_ms=60000,hidden_permits=35}]",
+    )
+    .unwrap();
+    let (code, stderr) = run_binary(&["--config", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}: bad simulator config:\n  org org-a families[0]: analytics-query: schedule has \
+             two steps at at_ms = 60000",
+            path.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn binary_logs_without_colour_codes_when_stderr_is_not_a_terminal() {
     // Stdin at EOF: it starts, logs at info that it stops, and exits.
     let (code, stderr) = run_binary(&["--log", "info"]);
