@@ -552,6 +552,19 @@ mod tests {
     }
 
     #[test]
+    fn jobs_that_expire_as_they_are_submitted_are_refused() {
+        let jobs = |keys: &str| {
+            SimConfig::from_toml(&format!("[[orgs]]\nid = \"o\"\n[orgs.jobs]\n{keys}"))
+                .unwrap()
+                .check()
+                .map_err(|e| e.to_string())
+        };
+        jobs("expiry_ms = 1").unwrap();
+        let err = jobs("expiry_ms = 0").unwrap_err();
+        assert!(err.contains("org o: jobs: expiry_ms must be > 0"), "{err}");
+    }
+
+    #[test]
     fn two_steps_at_the_same_time_are_refused() {
         let family = |keys: &str| {
             SimConfig::from_toml(&format!(

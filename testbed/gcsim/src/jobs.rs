@@ -54,8 +54,13 @@ impl Default for JobsConfig {
 impl JobsConfig {
     /// What is wrong with it, if anything.
     pub(crate) fn problem(&self) -> Option<&'static str> {
-        (self.max_running == 0 || self.submits_per_window == 0 || self.submit_window_ms == 0)
-            .then_some("jobs: max_running, submits_per_window and submit_window_ms must be > 0")
+        if self.max_running == 0 || self.submits_per_window == 0 || self.submit_window_ms == 0 {
+            Some("jobs: max_running, submits_per_window and submit_window_ms must be > 0")
+        } else if self.expiry_ms == 0 {
+            Some("jobs: expiry_ms must be > 0: a job would expire as it is submitted")
+        } else {
+            None
+        }
     }
 }
 
