@@ -856,6 +856,8 @@ async fn log_page(State(sim): State<Sim>, Query(q): Query<Since>) -> Response {
 const JOB_LATENCY_MS: f64 = 50.0;
 /// Simulated latency of a job results page: fixed part and per row, ms.
 const JOB_RESULTS_LATENCY_MS: (f64, f64) = (100.0, 0.1);
+/// Unix ms of simulated time 0 in a job's dates: the Unix epoch itself.
+const JOB_EPOCH_MS: i64 = 0;
 
 /// A job submission's body: the interval, as the details query has it.
 #[derive(Deserialize)]
@@ -931,7 +933,7 @@ async fn job_status(
 ) -> Response {
     let now = sim.inner.clock.now_ms();
     sim.serve(&headers, "GET", uri.path(), |slot| {
-        match lock(&slot.jobs).status(now, &id, 0) {
+        match lock(&slot.jobs).status(now, &id, JOB_EPOCH_MS) {
             Ok(status) => json_answer(&status, JOB_LATENCY_MS),
             Err(e) => job_error(e),
         }
