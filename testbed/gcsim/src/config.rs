@@ -422,6 +422,20 @@ impl FamilyConfig {
         schedule.sort_by_key(|s| s.at_ms);
         let mut unmanaged = self.unmanaged.clone();
         unmanaged.sort_by_key(|s| s.at_ms);
+        let schedule_at = schedule.iter().map(|s| s.at_ms);
+        let unmanaged_at = unmanaged.iter().map(|s| s.at_ms);
+        for (key, at) in [
+            ("schedule", repeated(schedule_at)),
+            ("unmanaged", repeated(unmanaged_at)),
+        ] {
+            if let Some(at) = at {
+                return Err(format!(
+                    "{}: {key} has two steps at at_ms = {at}: which one holds from then is \
+                     ambiguous",
+                    self.name
+                ));
+            }
+        }
         Ok(Family {
             name: self.name.clone(),
             routes,
@@ -439,6 +453,18 @@ impl FamilyConfig {
             pattern: self.unmanaged_pattern,
         })
     }
+}
+
+/// The first value that `sorted` has twice in a row, if any.
+fn repeated(sorted: impl Iterator<Item = u64>) -> Option<u64> {
+    let mut last = None;
+    for at in sorted {
+        if last == Some(at) {
+            return last;
+        }
+        last = Some(at);
+    }
+    None
 }
 
 #[cfg(test)]
@@ -522,6 +548,54 @@ mod tests {
         ] {
             let err = family(keys).unwrap_err();
             assert!(err.contains("refuses every request"), "{keys:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn jobs_that_expire_as_they_are_submitted_are_refused() {
+        let jobs = |keys: &str| {
+            SimConfig::from_toml(&format!("[[orgs]]\nid = \"o\"\n[orgs.jobs]\n{keys}"))
+                .unwrap()
+                .check()
+                .map_err(|e| e.to_string())
+        };
+        jobs("expiry_ms = 1").unwrap();
+        let err = jobs("expiry_ms = 0").unwrap_err();
+        assert!(err.contains("org o: jobs: expiry_ms must be > 0"), "{err}");
+    }
+
+    #[test]
+    fn two_steps_at_the_same_time_are_refused() {
+        let family = |keys: &str| {
+            SimConfig::from_toml(&format!(
+                "[[orgs]]\nid = \"o\"\n[[orgs.families]]\nname = \"f\"\n\
+                 routes = [\"GET /x\"]\ndocumented_permits = 50\n{keys}"
+            ))
+            .unwrap()
+            .check()
+            .map_err(|e| e.to_string())
+        };
+        family("schedule = [{at_ms=60000,hidden_permits=20},{at_ms=90000,hidden_permits=35}]")
+            .unwrap();
+        for (key, keys) in [
+            (
+                "schedule",
+                "schedule = [{at_ms=60000,hidden_permits=20},{at_ms=0,hidden_permits=5},\
+                 {at_ms=60000,hidden_permits=35}]",
+            ),
+            (
+                "unmanaged",
+                "unmanaged = [{at_ms=0,per_window=2},{at_ms=0,per_window=4}]",
+            ),
+        ] {
+            let err = family(keys).unwrap_err();
+            let at = if key == "schedule" { 60_000 } else { 0 };
+            assert!(
+                err.contains(&format!(
+                    "org o families[0]: f: {key} has two steps at at_ms = {at}"
+                )),
+                "{keys:?}: {err}"
+            );
         }
     }
 

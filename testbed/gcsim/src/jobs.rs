@@ -2,14 +2,16 @@
 //! interval, poll its state until it is fulfilled (after a latency that
 //! grows with its rows), then page its results by cursor. Its own limits,
 //! as Genesys has them: jobs running at once and submissions per window
-//! (a refused submission is a 429 with `Retry-After`). Plain Rust with
-//! simulated time passed in; the routes live in `server`.
+//! (a refused submission is a 429 with `Retry-After`, decided and counted
+//! with the org's other limits). Plain Rust with simulated time passed in;
+//! the routes live in `server`.
 
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::data::{format_ms, ConversationJson, History};
+use crate::org::Refusal;
 
 /// Results page size when the caller gives none.
 const DEFAULT_RESULTS_PAGE: usize = 1_000;
@@ -52,8 +54,13 @@ impl Default for JobsConfig {
 impl JobsConfig {
     /// What is wrong with it, if anything.
     pub(crate) fn problem(&self) -> Option<&'static str> {
-        (self.max_running == 0 || self.submits_per_window == 0 || self.submit_window_ms == 0)
-            .then_some("jobs: max_running, submits_per_window and submit_window_ms must be > 0")
+        if self.max_running == 0 || self.submits_per_window == 0 || self.submit_window_ms == 0 {
+            Some("jobs: max_running, submits_per_window and submit_window_ms must be > 0")
+        } else if self.expiry_ms == 0 {
+            Some("jobs: expiry_ms must be > 0: a job would expire as it is submitted")
+        } else {
+            None
+        }
     }
 }
 
@@ -77,17 +84,6 @@ pub(crate) struct Jobs {
     /// Unix ms up to which jobs see data (a fault the control plane sets:
     /// the upstream's data lags; `None`: all of it).
     available_until: Option<i64>,
-}
-
-/// A refused submission (answered 429).
-#[derive(Debug, PartialEq)]
-pub(crate) struct JobRefusal {
-    /// `jobs:running` or `jobs:submits`.
-    pub(crate) reason: &'static str,
-    /// The limit refused against.
-    pub(crate) limit: u64,
-    /// Simulated ms until a submission may succeed.
-    pub(crate) retry_after_ms: f64,
 }
 
 /// The job status answer.
@@ -154,7 +150,8 @@ impl Jobs {
         self.jobs.values().filter(|j| j.fulfilled_ms > now).count() as u64
     }
 
-    /// Submits a job over `[from, to)` at `now`: its id, or why not.
+    /// Submits a job over `[from, to)` at `now`: its id, or why not (reason
+    /// `jobs:running` or `jobs:submits`).
     pub(crate) fn submit(
         &mut self,
         now: f64,
@@ -162,7 +159,7 @@ impl Jobs {
         from: i64,
         to: i64,
         id: String,
-    ) -> Result<String, JobRefusal> {
+    ) -> Result<String, Refusal> {
         let expiry = self.config.expiry_ms as f64;
         self.jobs.retain(|_, j| now - j.submitted_ms < expiry);
         let window_ms = self.config.submit_window_ms as f64;
@@ -171,9 +168,9 @@ impl Jobs {
             self.window = (index, 0);
         }
         if self.window.1 >= self.config.submits_per_window {
-            return Err(JobRefusal {
-                reason: "jobs:submits",
-                limit: self.config.submits_per_window,
+            return Err(Refusal {
+                reason: "jobs:submits".into(),
+                limit: Some(self.config.submits_per_window),
                 retry_after_ms: (index + 1) as f64 * window_ms - now,
             });
         }
@@ -184,9 +181,9 @@ impl Jobs {
                 .map(|j| j.fulfilled_ms)
                 .filter(|t| *t > now)
                 .fold(f64::INFINITY, f64::min);
-            return Err(JobRefusal {
-                reason: "jobs:running",
-                limit: self.config.max_running,
+            return Err(Refusal {
+                reason: "jobs:running".into(),
+                limit: Some(self.config.max_running),
                 retry_after_ms: (first_done - now).clamp(1.0, RUNNING_RETRY_MS),
             });
         }

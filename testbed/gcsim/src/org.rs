@@ -13,7 +13,8 @@ use crate::config::{Family, LimitKind, OrgConfig, RetryAfter, UnmanagedPattern};
 /// Why a request was refused, and when to come back (simulated ms).
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Refusal {
-    /// `token`, `family:<name>`, `concurrency:<name>` or `blocked:<what>`.
+    /// `token`, `family:<name>`, `concurrency:<name>`, `blocked:<what>`, or
+    /// an endpoint's own (`jobs:running`, `jobs:submits`).
     pub(crate) reason: String,
     /// The documented limit the refusal is about (for the 429 body); None
     /// for a concurrency refusal, whose limit is documented nowhere.
@@ -438,8 +439,26 @@ impl Org {
         }
     }
 
-    /// Decides one request of OAuth client `client` at `now`.
+    /// Decides one request of OAuth client `client` at `now`, to an
+    /// endpoint without a limit of its own (the server always goes through
+    /// [`Self::admit_gated`]).
+    #[cfg(test)]
     pub(crate) fn admit(&mut self, now: f64, client: &str, method: &str, path: &str) -> Decision {
+        self.admit_gated(now, client, method, path, || Ok(()))
+    }
+
+    /// Decides one request of OAuth client `client` at `now`, with the
+    /// endpoint's own limit checked last: `gate` runs only once every other
+    /// limit admits the request. Its refusal is counted as theirs are and,
+    /// like a concurrency refusal, blocks nothing.
+    pub(crate) fn admit_gated(
+        &mut self,
+        now: f64,
+        client: &str,
+        method: &str,
+        path: &str,
+        gate: impl FnOnce() -> Result<(), Refusal>,
+    ) -> Decision {
         self.advance(now);
         let token_window = self.token_window_ms as f64;
         let index = (now / token_window) as u64;
@@ -462,7 +481,7 @@ impl Org {
             token_end,
             escalation: (self.escalation_base_ms, self.escalation_max_ms),
         };
-        let verdict = decide(now, token, &mut self.families, &matching, limits);
+        let verdict = decide(now, token, &mut self.families, &matching, limits, gate);
         let counted = |w: &mut WindowStats| match &verdict {
             Ok(_) => w.served_fleet += 1,
             Err(_) => w.refused_fleet += 1,
@@ -607,14 +626,15 @@ struct Limits {
 }
 
 /// The checks, in the documented order (blocks, concurrency, the token's
-/// window, the families' windows); takes concurrency slots and sets blocks,
-/// counts nothing else.
+/// window, the families' windows, the endpoint's `gate`); takes concurrency
+/// slots and sets blocks, counts nothing else.
 fn decide(
     now: f64,
     token: &mut TokenState,
     families: &mut [FamilyState],
     matching: &[usize],
     limits: Limits,
+    gate: impl FnOnce() -> Result<(), Refusal>,
 ) -> Result<Vec<usize>, Refusal> {
     let (base, max) = limits.escalation;
     if let Some(wait) = token.block.hammer(now, base, max) {
@@ -663,6 +683,7 @@ fn decide(
             });
         }
     }
+    gate()?;
     for &i in matching {
         families[i].take(now);
     }
@@ -809,6 +830,34 @@ mod tests {
         assert!(o.admit(2.0, "c", "POST", QUERY).verdict.is_ok());
         // A GET of the same path is not in the family.
         assert!(o.admit(2.0, "c", "GET", QUERY).verdict.is_ok());
+    }
+
+    #[test]
+    fn an_endpoints_own_refusal_counts_as_refused_and_consumes_nothing() {
+        let mut o = org(vec![analytics(2, None)], 2);
+        let jobs = || {
+            Err(Refusal {
+                reason: "jobs:running".into(),
+                limit: Some(2),
+                retry_after_ms: 1_000.0,
+            })
+        };
+        let d = o.admit_gated(0.0, "c", "POST", QUERY, jobs);
+        assert_eq!(reason(&d), Some("jobs:running"));
+        // Neither the token's permit nor the family's was used, and nothing
+        // is blocked.
+        assert_eq!(d.told.unwrap().count, 0);
+        for t in [1.0, 2.0] {
+            assert!(o.admit(t, "c", "POST", QUERY).verdict.is_ok());
+        }
+        // Not asked when another limit refuses first.
+        let d = o.admit_gated(3.0, "c", "POST", QUERY, || panic!("gate asked"));
+        assert_eq!(reason(&d), Some("token"));
+        let s = o.stats(3.0, "org-a");
+        assert_eq!((s.tokens[0].served, s.tokens[0].refused), (2, 2));
+        assert_eq!(s.refused_by_reason["jobs:running"], 1);
+        let w = s.families[0].windows[0];
+        assert_eq!((w.served_fleet, w.refused_fleet), (2, 2));
     }
 
     #[test]

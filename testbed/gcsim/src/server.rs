@@ -260,6 +260,32 @@ impl Sim {
     where
         F: FnOnce(&OrgSlot) -> Answer,
     {
+        self.serve_gated(
+            headers,
+            method,
+            path,
+            |_, _| Ok(()),
+            |slot, ()| answer(slot),
+        )
+        .await
+    }
+
+    /// [`Self::serve`] for an endpoint with a limit of its own: `gate` (at
+    /// the decision's simulated ms, under the org's lock) is that limit's
+    /// last word in the org's decision (see [`Org::admit_gated`]); what it
+    /// admits with goes to `answer`.
+    async fn serve_gated<G, T, F>(
+        &self,
+        headers: &HeaderMap,
+        method: &str,
+        path: &str,
+        gate: G,
+        answer: F,
+    ) -> Response
+    where
+        G: FnOnce(&OrgSlot, f64) -> Result<T, Refusal>,
+        F: FnOnce(&OrgSlot, T) -> Answer,
+    {
         let (org_id, client) = match self.caller(headers) {
             Ok(caller) => caller,
             Err(response) => return *response,
@@ -270,7 +296,11 @@ impl Sim {
         };
         let clock = self.inner.clock;
         let now = clock.now_ms();
-        let decision = lock(&slot.org).admit(now, client, method, path);
+        let mut admitted = None;
+        let decision = lock(&slot.org).admit_gated(now, client, method, path, || {
+            admitted = Some(gate(slot, now)?);
+            Ok(())
+        });
         let entry = |status: StatusCode, reason: Option<String>| Entry {
             seq: 0,
             sim_ms: now,
@@ -292,9 +322,10 @@ impl Sim {
                 ]
             })
             .unwrap_or_default();
-        let slots = match decision.verdict {
-            Ok(slots) => slots,
-            Err(refusal) => {
+        let (slots, admitted) = match (decision.verdict, admitted) {
+            (Ok(slots), Some(admitted)) => (slots, admitted),
+            (Ok(_), None) => unreachable!("the gate runs whenever the org admits"),
+            (Err(refusal), _) => {
                 self.log(entry(
                     StatusCode::TOO_MANY_REQUESTS,
                     Some(refusal.reason.clone()),
@@ -312,7 +343,7 @@ impl Sim {
             slot: Arc::clone(slot),
             slots,
         };
-        let answer = answer(slot);
+        let answer = answer(slot, admitted);
         self.log(entry(answer.status, None));
         tokio::time::sleep(clock.real(answer.latency_ms)).await;
         let mut response = (
@@ -321,12 +352,6 @@ impl Sim {
             answer.body,
         )
             .into_response();
-        if let Some(v) = answer
-            .retry_after_ms
-            .and_then(|ms| clock.header_secs(ms).parse().ok())
-        {
-            response.headers_mut().insert(header::RETRY_AFTER, v);
-        }
         add_headers(&mut response, &rate_headers);
         response
     }
@@ -353,8 +378,6 @@ struct Answer {
     body: String,
     /// Simulated ms before the answer is sent.
     latency_ms: f64,
-    /// A refusal's wait, simulated ms (the `Retry-After` header).
-    retry_after_ms: Option<f64>,
 }
 
 impl Answer {
@@ -363,7 +386,6 @@ impl Answer {
             status,
             body,
             latency_ms,
-            retry_after_ms: None,
         }
     }
 
@@ -373,7 +395,6 @@ impl Answer {
             status,
             body: error_json(status, code, message, None),
             latency_ms: 0.0,
-            retry_after_ms: None,
         }
     }
 
@@ -835,6 +856,8 @@ async fn log_page(State(sim): State<Sim>, Query(q): Query<Since>) -> Response {
 const JOB_LATENCY_MS: f64 = 50.0;
 /// Simulated latency of a job results page: fixed part and per row, ms.
 const JOB_RESULTS_LATENCY_MS: (f64, f64) = (100.0, 0.1);
+/// Unix ms of simulated time 0 in a job's dates: the Unix epoch itself.
+const JOB_EPOCH_MS: i64 = 0;
 
 /// A job submission's body: the interval, as the details query has it.
 #[derive(Deserialize)]
@@ -842,34 +865,11 @@ struct JobQuery {
     interval: String,
 }
 
-fn job_submit_answer(sim: &Sim, slot: &OrgSlot, body: &[u8]) -> Answer {
-    let query: JobQuery = match serde_json::from_slice(body) {
-        Ok(q) => q,
-        Err(e) => return Answer::bad_request(format!("The request body is not a job query: {e}")),
-    };
-    let Some((from, to)) = parse_interval(&query.interval) else {
-        return Answer::bad_request(bad_interval(&query.interval));
-    };
-    let now = sim.inner.clock.now_ms();
-    let id = uuid_like(&mut fastrand::Rng::new());
-    match lock(&slot.jobs).submit(now, &slot.history, from, to, id) {
-        Ok(id) => Answer::ok(
-            StatusCode::ACCEPTED,
-            json!({ "jobId": id }).to_string(),
-            JOB_LATENCY_MS,
-        ),
-        Err(refusal) => Answer {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            body: error_json(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too.many.requests",
-                &format!("Rate limit exceeded the maximum. [{}]", refusal.reason),
-                Some((Some(refusal.limit), refusal.reason)),
-            ),
-            latency_ms: 0.0,
-            retry_after_ms: Some(refusal.retry_after_ms),
-        },
-    }
+/// A job submission's interval from its body (Unix ms), or the 400's message.
+fn job_interval(body: &[u8]) -> Result<(i64, i64), String> {
+    let query: JobQuery = serde_json::from_slice(body)
+        .map_err(|e| format!("The request body is not a job query: {e}"))?;
+    parse_interval(&query.interval).ok_or_else(|| bad_interval(&query.interval))
 }
 
 fn job_error(e: JobError) -> Answer {
@@ -895,10 +895,33 @@ fn json_answer<T: serde::Serialize>(value: &T, latency_ms: f64) -> Answer {
     }
 }
 
+/// A submission: once the token and family limits admit it, a bad body is
+/// a 400 (whatever the jobs running) and a good one meets the jobs limits,
+/// last in the org's decision, so that their refusal counts as any other.
 async fn job_submit(State(sim): State<Sim>, headers: HeaderMap, uri: Uri, body: Bytes) -> Response {
-    sim.serve(&headers, "POST", uri.path(), |slot| {
-        job_submit_answer(&sim, slot, &body)
-    })
+    let interval = job_interval(&body);
+    sim.serve_gated(
+        &headers,
+        "POST",
+        uri.path(),
+        |slot, now| match interval {
+            Ok((from, to)) => {
+                let id = uuid_like(&mut fastrand::Rng::new());
+                lock(&slot.jobs)
+                    .submit(now, &slot.history, from, to, id)
+                    .map(Ok)
+            }
+            Err(message) => Ok(Err(message)),
+        },
+        |_, submitted| match submitted {
+            Ok(id) => Answer::ok(
+                StatusCode::ACCEPTED,
+                json!({ "jobId": id }).to_string(),
+                JOB_LATENCY_MS,
+            ),
+            Err(message) => Answer::bad_request(message),
+        },
+    )
     .await
 }
 
@@ -910,7 +933,7 @@ async fn job_status(
 ) -> Response {
     let now = sim.inner.clock.now_ms();
     sim.serve(&headers, "GET", uri.path(), |slot| {
-        match lock(&slot.jobs).status(now, &id, 0) {
+        match lock(&slot.jobs).status(now, &id, JOB_EPOCH_MS) {
             Ok(status) => json_answer(&status, JOB_LATENCY_MS),
             Err(e) => job_error(e),
         }

@@ -25,7 +25,7 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
     /// Simulated time runs this many times faster than real time.
-    #[arg(long)]
+    #[arg(long, value_parser = positive_scale, allow_negative_numbers = true)]
     time_scale: Option<f64>,
     /// Seed of the analytics data.
     #[arg(long)]
@@ -81,6 +81,15 @@ fn main() -> ExitCode {
             eprintln!("gcsim: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// A `--time-scale` value: checked here, so that a bad one is blamed on the
+/// flag rather than on the config it overrides.
+fn positive_scale(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(scale) if scale.is_finite() && scale > 0.0 => Ok(scale),
+        _ => Err("must be a positive number".into()),
     }
 }
 

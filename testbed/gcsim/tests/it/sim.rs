@@ -459,6 +459,57 @@ fn binary_names_the_config_file_of_a_bad_config() {
 }
 
 #[test]
+fn binary_blames_a_bad_time_scale_on_the_flag_not_the_config() {
+    let path = std::env::temp_dir().join(format!("gcsim-scale-{}.toml", std::process::id()));
+    std::fs::write(&path, "time_scale = 1.0").unwrap();
+    let file = path.to_str().unwrap();
+    for args in [
+        &["--config", file, "--time-scale", "0"][..],
+        &["--time-scale", "0"],
+        &["--time-scale", "-2"],
+    ] {
+        let (code, stderr) = run_binary(args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("--time-scale"), "{args:?}: {stderr}");
+        assert!(stderr.contains("positive number"), "{args:?}: {stderr}");
+        assert!(!stderr.contains(file), "{args:?}: {stderr}");
+        assert!(!stderr.contains("built-in config"), "{args:?}: {stderr}");
+    }
+    // A bad value in the file is still the file's.
+    std::fs::write(&path, "time_scale = 0.0").unwrap();
+    let (code, stderr) = run_binary(&["--config", file]);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{file}: bad simulator config")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn binary_names_the_file_family_and_key_of_two_schedule_steps_at_once() {
+    let path = std::env::temp_dir().join(format!("gcsim-twice-{}.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        "[[orgs]]\n[[orgs.families]]\nname = \"analytics-query\"\n\
+         routes = [\"POST /api/v2/analytics/**/query\"]\ndocumented_permits = 60\n\
+         schedule = [{at_ms=60000,hidden_permits=20},{at_ms=60000,hidden_permits=35}]",
+    )
+    .unwrap();
+    let (code, stderr) = run_binary(&["--config", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}: bad simulator config:\n  org org-a families[0]: analytics-query: schedule has \
+             two steps at at_ms = 60000",
+            path.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn binary_logs_without_colour_codes_when_stderr_is_not_a_terminal() {
     // Stdin at EOF: it starts, logs at info that it stops, and exits.
     let (code, stderr) = run_binary(&["--log", "info"]);
@@ -640,5 +691,47 @@ async fn jobs_are_fulfilled_after_their_latency_and_refused_over_their_limits() 
         )
         .await;
     assert_eq!(r.status, 404);
+    sim.shutdown().await;
+}
+
+/// A submission refused by the jobs limits is a refusal like any other: in
+/// the stats (by client and by reason) and in the log with its reason.
+#[tokio::test(start_paused = true)]
+async fn a_jobs_refusal_is_counted_and_logged_as_refused() {
+    let (sim, http) = start(SimConfig::default()).await;
+    let body = format!("{{{HOUR}}}");
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let r = http.send(Method::POST, JOBS, Some("org-a:j1"), &body).await;
+        statuses.push(r.status);
+        if r.status == 429 {
+            assert_eq!(r.json["messageParams"]["reason"], "jobs:running");
+            assert!(r.header("retry-after").parse::<f64>().unwrap() > 0.0);
+            // The refusal used no token permit.
+            assert_eq!(r.header("inin-ratelimit-count"), "2");
+        }
+    }
+    assert_eq!(statuses, [202, 202, 429, 429]);
+    let stats = http.get("/_sim/stats").await;
+    let org = &stats["orgs"][0];
+    assert_eq!(
+        org["tokens"],
+        serde_json::json!([{ "client": "j1", "served": 2, "refused": 2 }])
+    );
+    assert_eq!(
+        org["refused_by_reason"],
+        serde_json::json!({ "jobs:running": 2 })
+    );
+    let log = http.get("/_sim/log").await;
+    let reasons: Vec<Value> = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].clone())
+        .collect();
+    assert_eq!(
+        Value::from(reasons),
+        serde_json::json!([null, null, "jobs:running", "jobs:running"])
+    );
     sim.shutdown().await;
 }
