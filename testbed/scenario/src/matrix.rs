@@ -26,6 +26,10 @@ pub(crate) struct Cell {
     /// Analytics served to the fleet / (enforced − what the unmanaged
     /// consumer was served).
     pub(crate) goodput_of_available: Option<f64>,
+    /// The unmanaged consumer's analytics requests refused, and all it
+    /// sent, over the same windows: goodput/left above 100 % with refusals
+    /// here is budget the fleet took from it.
+    pub(crate) unmanaged_refused: (u64, u64),
     /// The fleet's 429s / its requests (every family).
     pub(crate) ratio_429: f64,
     /// The fleet's 429s.
@@ -136,6 +140,10 @@ impl Cell {
             mode: m.mode,
             goodput_of_left: m.analytics.fair_share,
             goodput_of_available: m.analytics.share,
+            unmanaged_refused: (
+                m.analytics.unmanaged_refused,
+                m.analytics.unmanaged_refused + m.analytics.unmanaged_served,
+            ),
             ratio_429: m.requests.ratio,
             refused: m.requests.refused,
             critical_outside: wait(&q.waits),
@@ -250,6 +258,7 @@ impl Matrix {
             "mode",
             "goodput/left",
             "goodput/avail",
+            "unmanaged refused",
             "429s (ratio)",
             "critical p50/p99 outside blocks",
             "critical p50/p99 inside",
@@ -269,6 +278,7 @@ impl Matrix {
                     c.mode.as_str().to_owned(),
                     pct(c.goodput_of_left),
                     pct(c.goodput_of_available),
+                    format!("{} of {}", c.unmanaged_refused.0, c.unmanaged_refused.1),
                     format!("{} ({:.2}%)", c.refused, 100.0 * c.ratio_429),
                     waits(c.critical_outside),
                     waits(c.critical_inside),
@@ -364,6 +374,7 @@ mod tests {
             mode: ModeName::Broker,
             goodput_of_left: Some(0.99),
             goodput_of_available: Some(0.99),
+            unmanaged_refused: (0, 10),
             ratio_429: 0.001,
             refused: 1,
             critical_outside: (1.0, 10.0, 100),
