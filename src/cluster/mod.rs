@@ -7,6 +7,7 @@
 //! | `mod`       | the cluster task: membership, elections, hand-over, saves |
 //! | `placement` | which member should lead a tenant (rendezvous hashing)    |
 //! | `etcd`      | the etcd v3 calls made, on the generated client           |
+//! | `connect`   | connections to etcd members, bounded up to HTTP/2's start |
 //! | `proto`     | the generated etcd API                                     |
 //!
 //! Keys, under `cluster.prefix`:
@@ -45,6 +46,7 @@
 //! joining again after etcd was away leaves, for a grace, the tenants of
 //! the members it saw before to them (`Node::await_earlier_members`).
 
+mod connect;
 mod etcd;
 mod placement;
 mod proto;
