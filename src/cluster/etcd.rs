@@ -287,8 +287,8 @@ impl Etcd {
             .compare_exchange(at, next, Ordering::AcqRel, Ordering::Acquire);
     }
 
-    /// A new lease of `ttl` and its keep-alive stream.
-    pub(crate) async fn grant(&self, ttl: Duration) -> Result<KeepAlive, EtcdError> {
+    /// A new lease of `ttl`: its id (see [`Etcd::keep_alive`]).
+    pub(crate) async fn grant(&self, ttl: Duration) -> Result<i64, EtcdError> {
         let ttl = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let granted = self
             .call("lease grant", |m| {
@@ -301,7 +301,7 @@ impl Etcd {
                 }
             })
             .await?;
-        self.keep_alive(granted.id).await
+        Ok(granted.id)
     }
 
     /// A keep-alive stream for lease `id`.

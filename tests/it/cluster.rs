@@ -1440,3 +1440,35 @@ async fn a_frozen_etcd_member_leaves_the_leader_leading() {
         "a broker started with an etcd member frozen: {late_log}"
     );
 }
+
+/// A session that fails after its etcd lease was granted (here every join:
+/// an etcd that takes no transaction of two operations) joins on that same
+/// lease at its next try, rather than leaving it to live out its TTL and
+/// taking another each tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_fails_after_its_lease_was_granted_does_not_leak_leases() {
+    let etcd = testsvc::Etcd::start_with_flags(&["--max-txn-ops=1"]).unwrap();
+    let cluster = Cluster::start(etcd, "lease-leak", &["b1"], 1).await;
+    // Joins refused, one a session (a tick apart): wait for eight, more
+    // than the sessions of one lease TTL.
+    let refused = "grpc_server_handled_total{grpc_code=\"InvalidArgument\",\
+                   grpc_method=\"Txn\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"}";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.etcd.metric(refused) < 8.0 {
+        assert!(Instant::now() < deadline, "fewer than 8 joins in 20 s");
+        crate::harness::poll_pause().await;
+    }
+    let leases = cluster.etcd.leases().unwrap();
+    let (_, log) = cluster
+        .brokers
+        .into_values()
+        .next()
+        .unwrap()
+        .terminate()
+        .await;
+    assert!(
+        log.contains("too many operations in txn request"),
+        "the joins failed otherwise: {log}"
+    );
+    assert_eq!(leases.len(), 1, "leases held: {leases:?}");
+}
