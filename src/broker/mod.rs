@@ -284,16 +284,22 @@ impl Broker {
             if let Some(e) = state.not_leading(now) {
                 return Err(e);
             }
-            match acquired_with {
-                // The Acquire must be for the lease's own tenant.
-                Some((name, _)) if name != state.id() => {
-                    return Err(BrokerError::invalid(
-                        "acquired_with",
-                        "names another tenant than the lease's",
-                    ))
+            // A live lease is released whatever the Acquire says: it is
+            // of use only to adopt one this run does not know.
+            if state.release(id) {
+                true
+            } else {
+                match acquired_with {
+                    // The Acquire must be for the lease's own tenant.
+                    Some((name, _)) if name != state.id() => {
+                        return Err(BrokerError::invalid(
+                            "acquired_with",
+                            "names another tenant than the lease's",
+                        ))
+                    }
+                    Some((_, args)) => state.release_or_adopt(id, args, now)?,
+                    None => false,
                 }
-                Some((_, args)) => state.release_or_adopt(id, args, now)?,
-                None => state.release(id),
             }
         };
         if released {

@@ -5,6 +5,7 @@
 //! Written on the generated stubs rather than the `etcd-client` crate, whose
 //! build script needs a system `protoc`; `cargo build` stays protoc-free.
 
+use super::connect::Connector;
 use super::proto::etcdserverpb::{
     compare, kv_client::KvClient, lease_client::LeaseClient, request_op, Compare,
     DeleteRangeRequest, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
@@ -16,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 use tonic::Streaming;
 
 /// An etcd call that failed: which, and what etcd or the network said.
@@ -40,8 +41,10 @@ impl EtcdError {
 ///
 /// One channel per endpoint, and every call goes to one endpoint, the
 /// *pinned* one: the last that answered, as etcd's own clients do. A call
-/// that cannot connect there (the member is down: refused, or no connection
-/// within half the call's bound) is sent to the next endpoint, all within
+/// that cannot connect there (the member is down: refused, or no
+/// connection, TLS and HTTP/2 start included, within half the call's
+/// bound: a frozen member, see [`Connector`]) is sent to the next endpoint,
+/// all within
 /// the one bound on the call, so one member down costs a failed connect and
 /// nothing else, and no call lasts longer than with a single endpoint. A
 /// call that reached a member is never sent again elsewhere (it may have
@@ -146,8 +149,8 @@ fn with_causes(mut text: String, mut cause: Option<&(dyn std::error::Error + 'st
 }
 
 /// The call never reached the server: no connection could be made (a
-/// member down, a port closed, an address unreachable), so it was not
-/// applied and may be sent to another endpoint.
+/// member down, a port closed, an address unreachable, a member frozen),
+/// so it was not applied and may be sent to another endpoint.
 fn unreached(s: &tonic::Status) -> bool {
     let mut cause = std::error::Error::source(s);
     while let Some(e) = cause {
@@ -169,29 +172,42 @@ impl Etcd {
         tls: Option<&EtcdTls>,
         timeout: Duration,
     ) -> Result<Etcd, EtcdError> {
-        let tls = tls.map(|tls| {
-            let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca));
-            match &tls.identity {
-                Some((cert, key)) => config.identity(Identity::from_pem(cert, key)),
-                None => config,
-            }
-        });
+        let tls = tls
+            .map(EtcdTls::client_config)
+            .transpose()
+            .map_err(|e| EtcdError::new("endpoint TLS", e))?;
+        // Half the call's bound for a connection (TCP, TLS and HTTP/2's
+        // start): a member that cannot make one (down, unreachable, or
+        // frozen) still leaves time to try the next endpoint.
+        let connector = Connector::new(tls, timeout / 2);
         let endpoints = endpoints
             .iter()
             .map(|e| {
-                // Half the call's bound: a host that drops the connection
-                // attempt still leaves time to try the next endpoint.
                 let endpoint = Endpoint::from_shared(e.clone())
-                    .map_err(|err| EtcdError::new("endpoint", format!("{e}: {err}")))?
-                    .connect_timeout(timeout / 2);
-                let endpoint = match &tls {
-                    Some(tls) => endpoint.tls_config(tls.clone()).map_err(|err| {
-                        let text = with_causes(err.to_string(), std::error::Error::source(&err));
-                        EtcdError::new("endpoint TLS", format!("{e}: {text}"))
-                    })?,
-                    None => endpoint,
+                    .map_err(|err| EtcdError::new("endpoint", format!("{e}: {err}")))?;
+                // TLS is the connector's: tonic is given the URL as
+                // `http://` (it refuses `https://` without TLS of its own)
+                // and the real one as the requests' origin.
+                let endpoint = match endpoint.uri().scheme_str() {
+                    Some("https") => {
+                        let authority = endpoint.uri().authority().map(|a| a.as_str());
+                        Endpoint::from_shared(format!("http://{}", authority.unwrap_or_default()))
+                            .map_err(|err| EtcdError::new("endpoint", format!("{e}: {err}")))?
+                            .origin(endpoint.uri().clone())
+                    }
+                    _ => endpoint,
                 };
-                let channel = endpoint.connect_lazy();
+                // A member that stops answering on a connection already
+                // made (frozen after it was made) is noticed by its
+                // unanswered pings, idle or not: the connection closes,
+                // and the next call to the member needs a new one, which
+                // the connector bounds. A call open on it fails as it
+                // would after the call's bound.
+                let channel = endpoint
+                    .http2_keep_alive_interval(timeout)
+                    .keep_alive_timeout(timeout)
+                    .keep_alive_while_idle(true)
+                    .connect_with_connector_lazy(connector.clone());
                 Ok(Member {
                     url: e.clone(),
                     kv: KvClient::new(channel.clone()),
@@ -271,8 +287,8 @@ impl Etcd {
             .compare_exchange(at, next, Ordering::AcqRel, Ordering::Acquire);
     }
 
-    /// A new lease of `ttl` and its keep-alive stream.
-    pub(crate) async fn grant(&self, ttl: Duration) -> Result<KeepAlive, EtcdError> {
+    /// A new lease of `ttl`: its id (see [`Etcd::keep_alive`]).
+    pub(crate) async fn grant(&self, ttl: Duration) -> Result<i64, EtcdError> {
         let ttl = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let granted = self
             .call("lease grant", |m| {
@@ -285,7 +301,7 @@ impl Etcd {
                 }
             })
             .await?;
-        self.keep_alive(granted.id).await
+        Ok(granted.id)
     }
 
     /// A keep-alive stream for lease `id`.
@@ -589,5 +605,47 @@ mod tests {
             2,
             "{e}"
         );
+    }
+
+    /// A member that accepts TCP connections and never speaks (a frozen
+    /// process: its kernel still completes handshakes) is passed over as
+    /// one that refuses, within the call's bound, over TLS too; before, the
+    /// call waited there for the whole bound and failed.
+    #[tokio::test]
+    async fn a_member_that_accepts_and_never_speaks_is_passed_over_within_the_call_bound() {
+        // Listening, never accepting: connections complete in its backlog.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let silent_port = silent.local_addr().unwrap().port();
+        let refused = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let pki = testpki::Pki::new("etcd-silent");
+        let tls = EtcdTls {
+            ca: std::fs::read(pki.path("ca.pem")).unwrap(),
+            identity: None,
+        };
+        let bound = Duration::from_secs(2);
+        for (scheme, tls, stage) in [
+            ("http", None, "HTTP/2 start"),
+            ("https", Some(&tls), "TLS handshake"),
+        ] {
+            let urls = [
+                format!("{scheme}://127.0.0.1:{silent_port}"),
+                format!("{scheme}://127.0.0.1:{refused}"),
+            ];
+            let etcd = Etcd::connect(&urls, tls, bound).unwrap();
+            let started = tokio::time::Instant::now();
+            let Err(e) = etcd.grant(Duration::from_secs(2)).await else {
+                panic!("a lease from nowhere")
+            };
+            // The silent one given up at half the bound, the next tried.
+            assert!(started.elapsed() < bound, "{scheme}: {e}");
+            let silent = format!("{}: {stage} not done within 1000 ms", urls[0]);
+            assert!(e.to_string().contains(&silent), "{e}");
+            assert!(e.to_string().contains(&format!("{}: ", urls[1])), "{e}");
+            assert!(e.to_string().contains("Connection refused"), "{e}");
+        }
+        drop(silent);
     }
 }

@@ -7,6 +7,7 @@
 //! | `mod`       | the cluster task: membership, elections, hand-over, saves |
 //! | `placement` | which member should lead a tenant (rendezvous hashing)    |
 //! | `etcd`      | the etcd v3 calls made, on the generated client           |
+//! | `connect`   | connections to etcd members, bounded up to HTTP/2's start |
 //! | `proto`     | the generated etcd API                                     |
 //!
 //! Keys, under `cluster.prefix`:
@@ -45,6 +46,7 @@
 //! joining again after etcd was away leaves, for a grace, the tenants of
 //! the members it saw before to them (`Node::await_earlier_members`).
 
+mod connect;
 mod etcd;
 mod placement;
 mod proto;
@@ -156,6 +158,7 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
         led: HashSet::new(),
         last_save: Instant::now(),
         own_leases: Vec::new(),
+        spare: None,
         members: HashMap::new(),
         serves: HashMap::new(),
         warned: HashSet::new(),
@@ -211,6 +214,9 @@ struct Node {
     /// The etcd leases this process joined on, latest last (a few): keys on
     /// them are this process's own, on any other lease another process's.
     own_leases: Vec<i64>,
+    /// A lease granted to a session that failed before it joined on it,
+    /// for the next session to join on (see [`Node::lease`]).
+    spare: Option<i64>,
     /// The members (node → URL) the last tick read: at shutdown, where
     /// each tenant goes next.
     members: HashMap<String, String>,
@@ -240,8 +246,80 @@ impl Node {
     /// down (`Ok(Some(lease))`, to hand over).
     async fn session(&mut self, tick: Duration) -> Result<Option<i64>, EtcdError> {
         self.refresh_failed = false;
-        let mut keep = self.etcd.grant(self.settings.lease_ttl).await?;
+        let mut keep = self.lease().await?;
         let lease = keep.id();
+        if let Err(e) = self.join(lease).await {
+            self.spare = Some(lease);
+            return Err(e);
+        }
+        let me = self.settings.node.clone();
+        tracing::info!(node = %me, lease, "joined the cluster");
+        if self.etcd_was_away {
+            self.await_earlier_members();
+        } else {
+            self.awaited.clear();
+        }
+        let shutdown = self.broker.shutdown_token().clone();
+        let mut next = Instant::now();
+        loop {
+            let Some(valid_until) = self.refresh(&mut keep).await? else {
+                tracing::warn!(node = %me, "etcd lease expired: stepping down from every tenant");
+                self.lose_all();
+                return Ok(None);
+            };
+            self.broker.set_in_cluster(Some(valid_until));
+            if let Err(e) = self.step(lease, valid_until).await {
+                tracing::warn!(error = %e, "cluster step failed; tenants led stay led until their lease margin");
+            }
+            next += tick;
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                () = shutdown.cancelled() => return Ok(Some(lease)),
+            }
+            next = next.max(Instant::now());
+        }
+    }
+
+    /// The lease a session joins on, with its keep-alive stream: the one
+    /// an earlier session was granted and failed to join on, while etcd
+    /// still has it, else a new one. Not a new lease at each try: each
+    /// would outlive the failed session by its TTL, one more every tick
+    /// while joining fails.
+    async fn lease(&mut self) -> Result<KeepAlive, EtcdError> {
+        if let Some(id) = self.spare.take() {
+            let kept = async {
+                let mut keep = self.etcd.keep_alive(id).await?;
+                let (_, ttl) = keep.refresh().await?;
+                Ok::<_, EtcdError>(ttl.map(|_| keep))
+            };
+            match kept.await {
+                Ok(Some(keep)) => return Ok(keep),
+                Ok(None) => {}
+                Err(e) => {
+                    self.spare = Some(id);
+                    return Err(e);
+                }
+            }
+        }
+        let id = self.etcd.grant(self.settings.lease_ttl).await?;
+        // Ours from now on, joined on or not: a key found on it later
+        // (a join applied whose answer was lost) is this process's own.
+        self.own_leases.push(id);
+        if self.own_leases.len() > 8 {
+            self.own_leases.remove(0);
+        }
+        match self.etcd.keep_alive(id).await {
+            Ok(keep) => Ok(keep),
+            Err(e) => {
+                self.spare = Some(id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Registers this node on `lease`: its member and `serves` keys, and
+    /// the leader keys of its earlier leases freed.
+    async fn join(&mut self, lease: i64) -> Result<(), EtcdError> {
         let me = self.settings.node.clone();
         // The member key is created only if absent, or replaced only while
         // on an earlier lease of this process (etcd was away for less than
@@ -271,7 +349,6 @@ impl Node {
             match self.etcd.lease_of(&member).await? {
                 Some(was) if was == 0 || self.own_leases.contains(&was) => join(Some(was)).await?,
                 Some(theirs) => {
-                    let _ = self.etcd.revoke(lease).await;
                     return Err(EtcdError::new(
                         "join",
                         format!(
@@ -286,15 +363,10 @@ impl Node {
             }
         };
         if !joined {
-            let _ = self.etcd.revoke(lease).await;
             return Err(EtcdError::new(
                 "join",
                 format!("the member key of node {me:?} changed while joining; trying again"),
             ));
-        }
-        self.own_leases.push(lease);
-        if self.own_leases.len() > 8 {
-            self.own_leases.remove(0);
         }
         self.store.lease.store(lease, Ordering::Release);
         // Leader keys of an earlier lease of ours would expire with a lease
@@ -304,31 +376,7 @@ impl Node {
                 self.etcd.delete_if(&e.key, e.lease).await?;
             }
         }
-        tracing::info!(node = %me, lease, "joined the cluster");
-        if self.etcd_was_away {
-            self.await_earlier_members();
-        } else {
-            self.awaited.clear();
-        }
-        let shutdown = self.broker.shutdown_token().clone();
-        let mut next = Instant::now();
-        loop {
-            let Some(valid_until) = self.refresh(&mut keep).await? else {
-                tracing::warn!(node = %me, "etcd lease expired: stepping down from every tenant");
-                self.lose_all();
-                return Ok(None);
-            };
-            self.broker.set_in_cluster(Some(valid_until));
-            if let Err(e) = self.step(lease, valid_until).await {
-                tracing::warn!(error = %e, "cluster step failed; tenants led stay led until their lease margin");
-            }
-            next += tick;
-            tokio::select! {
-                () = tokio::time::sleep_until(next) => {}
-                () = shutdown.cancelled() => return Ok(Some(lease)),
-            }
-            next = next.max(Instant::now());
-        }
+        Ok(())
     }
 
     /// Refreshes the lease: until when this node may grant (`None`: the

@@ -473,6 +473,35 @@ impl EtcdTls {
     }
 }
 
+impl EtcdTls {
+    /// The TLS configuration of connections to etcd: its CA the only one
+    /// trusted, the client certificate if set, HTTP/2 by ALPN.
+    pub(crate) fn client_config(&self) -> Result<Arc<ClientConfig>, String> {
+        let mut roots = RootCertStore::empty();
+        roots.add_parsable_certificates(
+            CertificateDer::pem_slice_iter(&self.ca).filter_map(Result::ok),
+        );
+        let builder = ClientConfig::builder_with_provider(Arc::new(default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots);
+        let mut config = match &self.identity {
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_slice_iter(cert)
+                    .filter_map(Result::ok)
+                    .collect();
+                let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| e.to_string())?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| e.to_string())?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
 /// The bytes of `path`, or a problem naming `key`.
 fn read(key: &str, path: &Path, problems: &mut Vec<String>) -> Option<Vec<u8>> {
     std::fs::read(path)

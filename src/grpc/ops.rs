@@ -76,15 +76,21 @@ impl Ops {
             return Ok(pb::ReleaseResponse { released });
         }
         self.check_lease(who, &r.lease_id)?;
-        let acquired_with = r
-            .acquired_with
-            .as_ref()
-            .map(|a| acquire_args(who, a))
-            .transpose()?;
-        let released = self.broker.release(
-            &r.lease_id,
-            acquired_with.as_ref().map(|(t, a)| (t.as_str(), a)),
-        )?;
+        // The Acquire is only of use for a lease this broker does not
+        // know: a live lease is released whatever it says, and the
+        // Acquire is refused only when it was needed.
+        let released = match r.acquired_with.as_ref().map(|a| acquire_args(who, a)) {
+            None => self.broker.release(&r.lease_id, None)?,
+            Some(Ok((tenant, args))) => self
+                .broker
+                .release(&r.lease_id, Some((tenant.as_str(), &args)))?,
+            Some(Err(refused)) => {
+                if !self.broker.release(&r.lease_id, None)? {
+                    return Err(refused);
+                }
+                true
+            }
+        };
         Ok(pb::ReleaseResponse { released })
     }
 

@@ -400,3 +400,56 @@ async fn cancelled_waiter_leaves_the_queue_and_takes_nothing() {
     );
     b.stop().await;
 }
+
+/// The Acquire a release carries is needed only for a lease the broker
+/// does not know: a live lease is released whatever it says (an Acquire
+/// that would be refused, one naming another tenant); for a lease the
+/// broker does not know, a bad one is still refused.
+#[tokio::test(start_paused = true)]
+async fn a_live_lease_is_released_whatever_acquire_its_release_carries() {
+    let toml = format!("{}[[tenants]]\nid = \"u\"\n{SLOT}", config(SLOT));
+    let b = start(&toml).await;
+    let mut c = b.client.clone();
+    let bad_acquires = [
+        AcquireRequest {
+            client_id: String::new(),
+            ..req("POST", "/q", 0)
+        },
+        AcquireRequest {
+            method: "NOT A METHOD".into(),
+            ..req("POST", "/q", 0)
+        },
+        AcquireRequest {
+            tenant: "u".into(),
+            ..req("POST", "/q", 0)
+        },
+    ];
+    for bad in bad_acquires {
+        let lease = b.acquire(req("POST", "/q", 0)).await;
+        assert!(lease.granted, "{}", lease.reason);
+        let released = c
+            .release(ReleaseRequest {
+                lease_id: lease.lease_id.clone(),
+                acquired_with: Some(bad.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{bad:?}: {e:?}"))
+            .into_inner();
+        assert!(released.released, "{bad:?}");
+        // Released: now unknown, and the bad Acquire is needed and refused.
+        let e = c
+            .release(ReleaseRequest {
+                lease_id: lease.lease_id,
+                acquired_with: Some(bad.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}: {e:?}");
+    }
+    // Each release freed its slot (the one slot was granted again each
+    // time): the last one too.
+    assert!(b.acquire(req("POST", "/q", 0)).await.granted);
+    b.stop().await;
+}

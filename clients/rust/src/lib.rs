@@ -733,10 +733,12 @@ impl BrokerClient {
     /// does at start so that a wrong token or tenant stops it there rather
     /// than failing every call later: `Ok(true)` it does; `Ok(false)` not
     /// checked: no broker answered within `within`, asked every 250 ms
-    /// meanwhile (calls would use the
-    /// fallback rate until one does), or it was over this token's Watch
-    /// cap; an error is the broker's refusal (an unknown tenant, a token it
-    /// does not know or not scoped to the tenant).
+    /// meanwhile (calls would use the fallback rate until one does), or,
+    /// at once, one answered that this caller is over its limits
+    /// (RESOURCE_EXHAUSTED: its request rate or Watch cap; calls are
+    /// answered `Overloaded`, not sent to the fallback); an error is the
+    /// broker's refusal (an unknown tenant, a token it does not know or
+    /// not scoped to the tenant).
     /// Reads the snapshot of a Watch of the tenant (following a cluster to
     /// its leader): nothing is granted, reported or counted.
     pub async fn check(&self, tenant: &str, within: Duration) -> Result<bool, ClientError> {
@@ -759,7 +761,15 @@ impl BrokerClient {
             if let Some(why) = tls_refusal(&s) {
                 return Err(ClientError::Tls(why));
             }
-            if !is_unreachable(&s) && s.code() != tonic::Code::ResourceExhausted {
+            // Over its limits: a broker that answers, and would be asked
+            // again against its retry-after-ms (the Watch cap's is a
+            // second). Not a refusal of the token or tenant either (an
+            // unknown token is limited by its address before it is
+            // refused): not checked.
+            if s.code() == tonic::Code::ResourceExhausted {
+                return Ok(false);
+            }
+            if !is_unreachable(&s) {
                 return Err(s.into());
             }
             // Not answering yet (a broker starting beside this service, a

@@ -820,3 +820,38 @@ async fn check_waits_for_a_broker_that_starts_a_moment_later() {
     );
     later.await.unwrap().stop().await;
 }
+
+/// A broker that answers `check` RESOURCE_EXHAUSTED (the token over its
+/// Watch cap) is answering: `Ok(false)` (not checked) at once, not asked
+/// again every 250 ms until the time given is spent.
+#[tokio::test(start_paused = true)]
+async fn check_answers_at_once_when_the_broker_says_the_caller_is_over_its_limits() {
+    let toml = format!(
+        "{CONFIG}\n[[auth.tokens]]\nname = \"capped\"\nsha256 = \"{}\"\nrole = \"client\"\n\
+         tenants = [\"t\"]\nmax_watch_streams = 1\n",
+        quota_broker::hash_token("capped-token")
+    );
+    let settings = Settings::from_toml(&toml).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = Embedded::spawn(listener, settings).unwrap();
+    // The token's one Watch stream, held open.
+    let mut watcher =
+        quota_broker::pb::quota_broker_client::QuotaBrokerClient::connect(server.url())
+            .await
+            .unwrap();
+    let mut held = tonic::Request::new(quota_broker::pb::WatchRequest { tenant: "t".into() });
+    held.metadata_mut()
+        .insert("authorization", "Bearer capped-token".parse().unwrap());
+    let mut held = watcher.watch(held).await.unwrap().into_inner();
+    held.message().await.unwrap();
+    let client = BrokerClient::connect(&server.url(), Some("capped-token")).unwrap();
+    let started = Instant::now();
+    assert!(!client.check("t", Duration::from_secs(5)).await.unwrap());
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "asked again for {:?}",
+        started.elapsed()
+    );
+    drop(held);
+    server.stop().await.unwrap();
+}

@@ -294,6 +294,8 @@ pub struct Etcd {
     /// peer URL).
     name: String,
     initial_cluster: String,
+    /// More `etcd` flags (e.g. `--max-txn-ops=1`).
+    flags: Vec<String>,
 }
 
 /// PEM files of an etcd served over TLS.
@@ -311,15 +313,21 @@ pub struct EtcdTls {
 impl Etcd {
     /// Installs etcd (Debian `etcd-server`) if needed and starts it.
     pub fn start() -> Result<Etcd, String> {
-        Etcd::start_with(None)
+        Etcd::start_with(None, &[])
+    }
+
+    /// Like [`Etcd::start`], with more `etcd` flags (`--max-txn-ops=1`:
+    /// every transaction of more than one operation refused).
+    pub fn start_with_flags(flags: &[&str]) -> Result<Etcd, String> {
+        Etcd::start_with(None, flags)
     }
 
     /// Like [`Etcd::start`], its client URL `https://` with `tls`.
     pub fn start_tls(tls: EtcdTls) -> Result<Etcd, String> {
-        Etcd::start_with(Some(tls))
+        Etcd::start_with(Some(tls), &[])
     }
 
-    fn start_with(tls: Option<EtcdTls>) -> Result<Etcd, String> {
+    fn start_with(tls: Option<EtcdTls>, flags: &[&str]) -> Result<Etcd, String> {
         if !Path::new(ETCD_BIN).exists() {
             apt_install(&["etcd-server"])?;
         }
@@ -333,6 +341,7 @@ impl Etcd {
             tls,
             name: "t".to_owned(),
             initial_cluster: format!("t=http://127.0.0.1:{peer_port}"),
+            flags: flags.iter().map(|f| (*f).to_owned()).collect(),
         };
         etcd.resume()?;
         Ok(etcd)
@@ -356,6 +365,7 @@ impl Etcd {
                 tls: None,
                 name: format!("m{i}"),
                 initial_cluster: String::new(),
+                flags: Vec::new(),
             });
         }
         let cluster = members
@@ -378,6 +388,40 @@ impl Etcd {
         self.get("/metrics")
             .lines()
             .any(|l| l.trim() == "etcd_server_is_leader 1")
+    }
+
+    /// The ids of the leases etcd holds (LeaseLeases, through etcd's
+    /// JSON gateway on the client port; plain HTTP only).
+    pub fn leases(&self) -> Result<Vec<String>, String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.client_port))
+            .map_err(|e| format!("etcd client port: {e}"))?;
+        let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+        let request = "POST /v3/lease/leases HTTP/1.0\r\nHost: 127.0.0.1\r\n\
+                       Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+        let mut answer = String::new();
+        s.write_all(request.as_bytes())
+            .and_then(|()| s.read_to_string(&mut answer))
+            .map_err(|e| format!("etcd LeaseLeases: {e}"))?;
+        if !answer.contains("\"header\"") {
+            return Err(format!("etcd LeaseLeases: {answer}"));
+        }
+        Ok(answer
+            .split("\"ID\":\"")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// The value of the Prometheus sample `series` (its name and labels
+    /// as `/metrics` writes them), 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        self.get("/metrics")
+            .lines()
+            .filter_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .next()
+            .unwrap_or(0.0)
     }
 
     /// `http://127.0.0.1:PORT` (`https://` with TLS), the client URL.
@@ -447,7 +491,8 @@ impl Etcd {
             .args(["--listen-metrics-urls", &health])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &self.initial_cluster]);
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(&self.flags);
         if let Some(tls) = &self.tls {
             command.arg("--cert-file").arg(&tls.cert);
             command.arg("--key-file").arg(&tls.key);
