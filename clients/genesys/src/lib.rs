@@ -374,8 +374,9 @@ impl Upstream {
             .map_err(UpstreamError::Lease)?
         {
             warnings.push(format!(
-                "the broker at {broker} did not answer the start-up check of tenant {tenant:?}: \
-                 calls wait for it or use the local fallback rate"
+                "the broker at {broker} did not answer the start-up check of tenant {tenant:?} \
+                 (away, or over this token's limits): calls wait for it or use the local \
+                 fallback rate"
             ));
         }
         match tokio::time::timeout(within, self.inner.tokens.get()).await {
