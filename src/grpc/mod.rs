@@ -17,6 +17,7 @@ mod lease_stream;
 mod observe;
 mod ops;
 mod overload;
+mod stopping;
 mod transport;
 
 pub(crate) use transport::{per_peer_cap, PerPeer, Throttled};
@@ -42,6 +43,7 @@ use pb::quota_broker_server::QuotaBrokerServer;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use stopping::EndOnStop;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -210,9 +212,9 @@ pub async fn serve(
         .layer(ObserveLayer::new(metrics))
         .layer(GuardLayer::new(overload))
         .layer(FastAcquireLayer::new(broker_service.clone()))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_v1alpha)
+        .add_service(EndOnStop::new(health_service, token.clone()))
+        .add_service(EndOnStop::new(reflection, token.clone()))
+        .add_service(EndOnStop::new(reflection_v1alpha, token.clone()))
         .add_service(
             QuotaBrokerServer::new(broker_service).max_decoding_message_size(MAX_MESSAGE_BYTES),
         )

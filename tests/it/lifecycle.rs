@@ -52,11 +52,51 @@ async fn shutdown_ends_streams_and_waits_and_reports_not_serving() {
             break;
         }
     }
+    // A reflection stream the client keeps open (its requests never end).
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let (asks, asked) = tokio::sync::mpsc::channel(1);
+    asks.send(ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    })
+    .await
+    .unwrap();
+    let mut reflection = ServerReflectionClient::new(b.channel.clone())
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(asked))
+        .await
+        .unwrap()
+        .into_inner();
+    reflection.message().await.unwrap().expect("a service list");
+
     b.trigger_stop();
     assert_eq!(
         health_watch.message().await.unwrap().unwrap().status(),
         ServingStatus::NotServing
     );
+    // The health Watch and the reflection stream, which never end on their
+    // own, are ended by the stop (before, they held it for the whole grace
+    // and broke off with the connection).
+    let bound = std::time::Duration::from_secs(1);
+    for (what, end) in [
+        (
+            "health Watch",
+            tokio::time::timeout(bound, health_watch.message()).await,
+        ),
+        (
+            "reflection",
+            tokio::time::timeout(bound, reflection.message())
+                .await
+                .map(|r| r.map(|_| None)),
+        ),
+    ] {
+        let end = end.unwrap_or_else(|_| panic!("the {what} stream was not ended by the stop"));
+        let status = end.expect_err(what);
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{what}: {status}");
+        assert!(status.message().contains("stopping"), "{what}: {status}");
+    }
+    drop(asks);
     // The Watch stream ends cleanly.
     while let Some(_update) = w.message().await.unwrap() {}
     // The waiting Acquire is answered UNAVAILABLE, not left hanging.
