@@ -103,3 +103,34 @@ fn after_a_freeze_the_top_class_refills_from_its_end_not_from_after_the_jitter()
         "batch served before the debt was repaid"
     );
 }
+
+/// A wave of 429s that extends a freeze is one freeze; a 429 after it
+/// ended is another (`freezes_total` counted every 429 before).
+#[test]
+fn a_wave_of_429s_is_one_freeze() {
+    let t0 = Instant::now();
+    let mut t = frozen_for_20s(t0);
+    for k in 1..=3u32 {
+        t.report(
+            ("GET", "/x", "oa"),
+            429,
+            Some(20 * SEC + SEC * k),
+            &RateLimitInfo::default(),
+            t0 + Duration::from_millis(10 * u64::from(k)),
+        )
+        .unwrap();
+    }
+    let s = &t.statuses(t0)[0];
+    assert_eq!((s.throttled_total, s.freezes_total), (4, 1));
+    let later = t0 + 60 * SEC;
+    t.report(
+        ("GET", "/x", "oa"),
+        429,
+        Some(SEC),
+        &RateLimitInfo::default(),
+        later,
+    )
+    .unwrap();
+    let s = &t.statuses(later)[0];
+    assert_eq!((s.throttled_total, s.freezes_total), (5, 2));
+}

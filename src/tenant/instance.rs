@@ -226,14 +226,18 @@ impl Instance {
     /// `jitter` permit intervals later (`draw` in 0..1). The refill starts
     /// at `until` all the same: a class that may borrow is served from the
     /// freeze's end (see `ready_at`), and a refill started after the
-    /// jitter would make it repay its headroom that much later.
-    pub(super) fn freeze(&mut self, until: Instant, draw: f64, s: &LearnSettings) {
+    /// jitter would make it repay its headroom that much later. Counted as
+    /// a freeze only if the bucket was not frozen at `now` (a wave of 429s
+    /// that extends one is one freeze).
+    pub(super) fn freeze(&mut self, until: Instant, draw: f64, s: &LearnSettings, now: Instant) {
         let jitter = self
             .tokens
             .as_ref()
             .map_or(Duration::ZERO, |t| t.interval().mul_f64(s.jitter * draw));
         let resume = until + jitter;
-        self.freezes_total += 1;
+        if self.resume_at.is_none_or(|r| r <= now) {
+            self.freezes_total += 1;
+        }
         self.resume_at = Some(self.resume_at.map_or(resume, |r| r.max(resume)));
         if let Some(t) = self.tokens.as_mut() {
             t.empty_at(until);

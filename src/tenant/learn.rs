@@ -255,7 +255,7 @@ impl TenantState {
             // Jitter is drawn once per freeze end, not once per report.
             for change in &learned {
                 if let Learned::Frozen { until } = change {
-                    x.freeze(*until, self.rng.f64(), &s);
+                    x.freeze(*until, self.rng.f64(), &s, now);
                 }
             }
         }
@@ -414,7 +414,7 @@ impl TenantState {
             x.apply_slot_limit();
         }
         if let Some(until) = x.learner.frozen_until(now) {
-            x.freeze(until, self.rng.f64(), s);
+            x.freeze(until, self.rng.f64(), s, now);
         }
         x.apply_rate(now, s);
         true
