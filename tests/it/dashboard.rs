@@ -8,8 +8,9 @@
 //! included), saves a screenshot (`target/tmp/dashboard.png`; the README
 //! shows a copy, docs/dashboard.png), and that a page whose broker stopped
 //! says it has no data instead of showing the last figures as current;
-//! and that a page opened after a per-client bucket's OAuth clients were
-//! dropped charts each only while it existed.
+//! that a page opened after a per-client bucket's OAuth clients were
+//! dropped charts each only while it existed; and that eight tabs of it in
+//! one browser all go live (they share one feed).
 //! Anything that cannot be installed fails the test, saying what.
 
 use super::harness::req;
@@ -803,4 +804,132 @@ async fn a_page_opened_later_counts_dropped_oauth_clients_only_while_they_existe
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Eight tabs of the dashboard in one browser (one context), each opened
+/// with `#token=`: over HTTP/1.1 a browser opens at most 6 connections to
+/// a host, and each tab's feed would hold one. Every tab loads and shows
+/// the figures (argv: the bucket's granted total), prints OPEN; on a line
+/// with the new total every tab shows it (the feed is live in each), and
+/// so does a page whose browser has no SharedWorker (its own feed); prints
+/// OK.
+const TABS_SCRIPT: &str = r##"
+const { chromium } = require(process.env.PW_DIR + "/node_modules/playwright-core");
+const readline = require("readline");
+const [url, token, first] = process.argv.slice(2);
+const lines = readline.createInterface({ input: process.stdin });
+const nextLine = () => new Promise((ok) => lines.once("line", ok));
+const TABS = 8;
+const shows = (want) => {
+  const p = document.querySelector("section.panel");
+  return document.getElementById("conn").textContent === "live" && !!p
+    && p.querySelector(".fig.granted .v").dataset.value === want;
+};
+const state = () => document.getElementById("conn").textContent + " | "
+  + document.getElementById("problem").textContent + " | "
+  + [...document.querySelectorAll(".fig.granted .v")].map((v) => v.dataset.value).join();
+const everyTab = async (tabs, want) => {
+  for (const [k, page] of tabs.entries()) {
+    try {
+      await page.waitForFunction(shows, want, { timeout: 20000 });
+    } catch (e) {
+      throw new Error("tab " + k + " never showed " + want + " granted: " + await page.evaluate(state));
+    }
+  }
+};
+(async () => {
+  const browser = await chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu"],
+  });
+  try {
+    const context = await browser.newContext();
+    const tabs = [];
+    for (let k = 0; k < TABS; k++) {
+      const page = await context.newPage();
+      page.on("console", (m) => console.error("tab " + k + ":", m.text()));
+      try {
+        await page.goto(url + "#token=" + encodeURIComponent(token), { timeout: 15000 });
+      } catch (e) {
+        throw new Error("tab " + k + " never loaded: " + e.message);
+      }
+      tabs.push(page);
+    }
+    await everyTab(tabs, first);
+    console.log("OPEN");
+    const now = await nextLine();
+    await everyTab(tabs, now);
+    // Without SharedWorker: the page's own feed.
+    const plain = await browser.newContext();
+    await plain.addInitScript(() => { delete window.SharedWorker; });
+    const alone = await plain.newPage();
+    alone.on("console", (m) => console.error("alone:", m.text()));
+    await alone.goto(url + "#token=" + encodeURIComponent(token));
+    if (await alone.evaluate(() => typeof SharedWorker) !== "undefined") {
+      throw new Error("SharedWorker is still there");
+    }
+    await everyTab([alone], now);
+    console.log("OK");
+  } finally {
+    await browser.close();
+  }
+})().catch((e) => { console.error(String(e && e.stack || e)); process.exit(1); });
+"##;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_tabs_of_the_dashboard_in_one_browser_all_go_live() {
+    use super::observe::{config, tokens_config, TOKEN};
+    let playwright = tokio::task::spawn_blocking(install).await.unwrap();
+    let b = start(&config(&tokens_config())).await;
+    let grant = || async {
+        let mut r = tonic::Request::new(req("GET", "/api/v2/users/1", 0));
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        assert!(b.client().acquire(r).await.unwrap().into_inner().granted);
+    };
+    grant().await;
+    let script = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-tabs-test.js");
+    std::fs::write(&script, TABS_SCRIPT).unwrap();
+    let mut node = tokio::process::Command::new("node")
+        .arg(&script)
+        .arg(format!("http://{}/", b.http))
+        .arg(TOKEN)
+        .arg("1")
+        .env("PW_DIR", &playwright)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run node: {e}"));
+    let mut stdin = node.stdin.take().unwrap();
+    let mut out = BufReader::new(node.stdout.take().unwrap()).lines();
+    let mut errors = node.stderr.take().unwrap();
+    let session = async {
+        let line = out.next_line().await.unwrap();
+        if line.as_deref() != Some("OPEN") {
+            return Err(format!("expected OPEN, node said {line:?}"));
+        }
+        grant().await;
+        stdin.write_all(b"2\n").await.unwrap();
+        let line = out.next_line().await.unwrap();
+        if line.as_deref() != Some("OK") {
+            return Err(format!("expected OK, node said {line:?}"));
+        }
+        Ok(())
+    };
+    let outcome = tokio::time::timeout(LIMIT, session).await;
+    let _ = node.start_kill();
+    let mut log = String::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_string(&mut errors, &mut log),
+    )
+    .await;
+    b.stop().await;
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("{e}\nnode's stderr:\n{log}"),
+        Err(_) => panic!("the browser session took over {LIMIT:?}\nnode's stderr:\n{log}"),
+    }
 }

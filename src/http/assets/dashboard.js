@@ -1,6 +1,7 @@
 // quota-broker dashboard: one panel per bucket, fed by the broker's
 // server-sent events (/events: the last minutes of each bucket instance,
-// then the Watch feed). An org-wide bucket has one instance; a per-client
+// then the Watch feed), which a browser's tabs of the dashboard share
+// (dashboard-feed.js). An org-wide bucket has one instance; a per-client
 // bucket has one per OAuth client, and its panel sums them and names the
 // clients with a problem (400 clients make one panel, not 400). Charts are
 // drawn on a canvas here; nothing is fetched from elsewhere.
@@ -25,7 +26,7 @@ let since = Date.now();            // the oldest data shown (the broker's histor
 
 const params = new URLSearchParams(location.search);
 let classes = {};                  // per tenant: [{name, order, reserve}] (the instances event)
-let source = null;                 // the feed's EventSource
+let stream = null;                 // the feed, shared by the tabs or this page's own ({close})
 const tenant = params.get("tenant") || "";
 
 document.getElementById("scope").textContent = tenant ? "tenant " + tenant : "all tenants";
@@ -596,40 +597,73 @@ function problem(text) {
   e.textContent = text || "";
 }
 
-function connect() {
-  const q = new URLSearchParams();
-  if (tenant) q.set("tenant", tenant);
+// What the feed says (see dashboard-feed.js), however it comes.
+function heard(m) {
   const conn = document.getElementById("conn");
-  if (source) source.close();
-  const src = new EventSource("/events?" + q.toString());
-  source = src;
-  src.addEventListener("open", () => {
+  if (m.type === "open") {
     conn.textContent = "live"; conn.className = "conn up"; problem("");
     lostAt = 0; refused = ""; feed += 1;
     document.body.classList.remove("stale");
-  });
-  src.addEventListener("history", (e) => fromHistory(JSON.parse(e.data)));
-  src.addEventListener("instances", (e) => census(JSON.parse(e.data)));
-  src.addEventListener("bucket", (e) => update(JSON.parse(e.data)));
-  src.addEventListener("error", () => {
-    if (source !== src) return;
+  } else if (m.type === "history") {
+    fromHistory(JSON.parse(m.data));
+  } else if (m.type === "instances") {
+    census(JSON.parse(m.data));
+  } else if (m.type === "bucket") {
+    update(JSON.parse(m.data));
+  } else if (m.type === "error") {
     conn.textContent = "reconnecting…"; conn.className = "conn down";
     lost();
-    if (src.readyState === EventSource.CLOSED) {
-      // Refused (a token is needed, or it is not scoped to the tenant):
-      // say so, and try again later in case the broker restarts.
-      fetch("/events?" + q.toString()).then((r) => r.ok ? "" : r.text().then((t) => ({ t, r })))
-        .then((x) => {
-          if (!x) return;
-          conn.textContent = "refused";
-          refused = x.t.trim() + (x.r.status === 401
-            ? " — add #token=YOUR_TOKEN to this page's address" : "");
-          problem(refused);
-        }).catch(() => {});
-      setTimeout(() => { if (source === src) connect(); }, 5000);
-    }
-  });
+  } else if (m.type === "refused") {
+    conn.textContent = "refused";
+    refused = m.text.trim() + (m.status === 401
+      ? " — add #token=YOUR_TOKEN to this page's address" : "");
+    problem(refused);
+  }
 }
+
+// The feed: the one this browser's tabs of the dashboard share (each
+// EventSource holds a connection for good, and a browser opens at most 6
+// to a host over HTTP/1.1), else, where there is no SharedWorker, this
+// page's own.
+function connect() {
+  const q = new URLSearchParams();
+  if (tenant) q.set("tenant", tenant);
+  const url = "/events?" + q.toString();
+  if (stream) stream.close();
+  stream = shared(url) || own(url);
+}
+
+function own(url) {
+  const s = openFeed(url, (m) => { if (stream === s) heard(m); });
+  return s;
+}
+
+// The tabs' feed, through their SharedWorker (null without one).
+function shared(url) {
+  if (typeof SharedWorker === "undefined") return null;
+  let worker;
+  try {
+    worker = new SharedWorker("/dashboard-feed.js", { name: url });
+  } catch (e) {
+    return null;
+  }
+  const port = worker.port;
+  const s = { close() { port.postMessage({ type: "leave" }); port.close(); } };
+  port.onmessage = (e) => { if (stream === s) heard(e.data); };
+  // A worker that cannot run: this page's own feed.
+  worker.addEventListener("error", () => {
+    if (stream !== s) return;
+    s.close();
+    stream = own(url);
+  });
+  port.postMessage({ type: "join" });
+  return s;
+}
+
+// A tab that goes leaves the shared feed; one brought back from the
+// browser's cache joins again.
+window.addEventListener("pagehide", () => { if (stream) { stream.close(); stream = null; } });
+window.addEventListener("pageshow", (e) => { if (e.persisted && !stream && !refused) connect(); });
 
 // A token in the address (#token=...) is traded for a cookie the feed
 // sends (an EventSource cannot send headers, and a token in the feed's
@@ -647,7 +681,7 @@ function start() {
     .then((t) => {
       // A token refused is said, not replaced by an older session's.
       if (t) {
-        if (source) { source.close(); source = null; }
+        if (stream) { stream.close(); stream = null; }
         refused = t.trim(); problem(refused);
         document.getElementById("conn").textContent = "refused";
         return;
