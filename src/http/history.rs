@@ -92,6 +92,9 @@ pub(crate) struct Series {
     bucket: String,
     oauth_client: String,
     scope: &'static str,
+    /// The broker no longer has it (an idle OAuth client's instance it
+    /// dropped): the page counts it only up to its last point.
+    dropped: bool,
     points: Vec<Point>,
 }
 
@@ -166,8 +169,8 @@ impl History {
         record(inner.start, &mut inner.rings, &batch);
     }
 
-    /// The instances in `live`, and those of per-client buckets with an
-    /// instance in `live`, in key order, each with its points of the last
+    /// The instances in `live`, and the dropped ones of per-client buckets
+    /// with an instance in `live` (marked so), in key order, each with its points of the last
     /// [`WINDOW`] before `now` and the one before them (where its line
     /// starts).
     pub(crate) fn series(&self, live: &HashSet<Key>, now: Instant) -> Vec<Series> {
@@ -185,7 +188,8 @@ impl History {
                         && buckets.contains(&(k.0.as_str(), k.1.as_str()))
                         && ring.points.back().is_some_and(|p| p.at + WINDOW > now))
             })
-            .map(|((tenant, bucket, oauth_client), ring)| {
+            .map(|(key, ring)| {
+                let (tenant, bucket, oauth_client) = key;
                 let inside = ring
                     .points
                     .iter()
@@ -196,6 +200,7 @@ impl History {
                     bucket: bucket.clone(),
                     oauth_client: oauth_client.clone(),
                     scope: ring.scope,
+                    dropped: !live.contains(key),
                     points: ring
                         .points
                         .iter()
@@ -264,7 +269,7 @@ impl Series {
     /// The event's JSON: each point as `[ms ago, effective per min,
     /// configured per min, granted total, 429s total, in flight, max in
     /// flight, paused (1 or 0)]`, times relative to `now` so the page needs
-    /// no clock in sync.
+    /// no clock in sync; `dropped` when the broker no longer has it.
     pub(crate) fn to_json(&self, now: Instant) -> String {
         let points: Vec<serde_json::Value> = self
             .points
@@ -287,6 +292,7 @@ impl Series {
             "bucket": self.bucket,
             "oauth_client": self.oauth_client,
             "scope": self.scope,
+            "dropped": self.dropped,
             "points": points,
         })
         .to_string()
@@ -373,5 +379,31 @@ mod tests {
         let u = h.series(&live, t0 + STEP * 2);
         assert_eq!(u.len(), 1);
         assert_eq!(u[0].bucket, "new");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_per_client_buckets_dropped_instances_are_sent_marked_so() {
+        let t0 = Instant::now();
+        let h = History::new(t0);
+        let client = |c: &str| TenantBucketStatus {
+            tenant: "t".into(),
+            at: t0,
+            status: BucketStatus {
+                scope: Scope::OauthClient,
+                oauth_client: Some(c.into()),
+                ..BucketStatus::sample("pc")
+            },
+        };
+        h.record(&[client("a"), client("b")]);
+        let live: HashSet<Key> = [("t".into(), "pc".into(), "b".into())].into();
+        let sent: Vec<(String, bool)> = h
+            .series(&live, t0 + STEP)
+            .iter()
+            .map(|s| (s.oauth_client.clone(), s.dropped))
+            .collect();
+        assert_eq!(sent, [("a".into(), true), ("b".into(), false)]);
+        let json: serde_json::Value =
+            serde_json::from_str(&h.series(&live, t0 + STEP)[0].to_json(t0 + STEP)).unwrap();
+        assert_eq!(json["dropped"], true, "{json}");
     }
 }

@@ -11,8 +11,11 @@
 //! page trades its token for a session cookie first (`POST /session` with
 //! `Authorization: Bearer`; see `session`), which keeps the token out of
 //! URLs, access logs and the browser; `/events` takes `Authorization`,
-//! `?token=`, or that cookie. The dashboard's page and script
-//! are static, embedded in the binary (no CDN: it works offline).
+//! `?token=`, or that cookie. The dashboard's page and scripts
+//! are static, embedded in the binary (no CDN: it works offline). A
+//! browser's tabs of the dashboard share one feed (a `SharedWorker`,
+//! `dashboard-feed.js`): each holds its connection open, and a browser
+//! opens at most 6 to a host over HTTP/1.1, which this port speaks.
 //!
 //! The feed starts with what each visible instance showed over the last
 //! minutes (`history`: one `history` event per instance), then is the
@@ -49,6 +52,8 @@ pub(crate) use session::KEY_FILE;
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const DASHBOARD_JS: &str = include_str!("assets/dashboard.js");
+/// The event feed, as the page's tabs share it (their `SharedWorker`).
+const DASHBOARD_FEED_JS: &str = include_str!("assets/dashboard-feed.js");
 const DASHBOARD_CSS: &str = include_str!("assets/dashboard.css");
 /// OpenMetrics text, for scrapers that ask for it.
 const OPENMETRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -110,6 +115,7 @@ pub(crate) async fn serve(
     let app = Router::new()
         .route("/", get(index))
         .route("/dashboard.js", get(script))
+        .route("/dashboard-feed.js", get(feed_script))
         .route("/dashboard.css", get(style))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -213,6 +219,10 @@ async fn index() -> Response {
 
 async fn script() -> Response {
     asset("text/javascript; charset=utf-8", DASHBOARD_JS)
+}
+
+async fn feed_script() -> Response {
+    asset("text/javascript; charset=utf-8", DASHBOARD_FEED_JS)
 }
 
 async fn style() -> Response {

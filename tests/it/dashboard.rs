@@ -7,7 +7,10 @@
 //! that a page opened later draws the minutes before it (the 429
 //! included), saves a screenshot (`target/tmp/dashboard.png`; the README
 //! shows a copy, docs/dashboard.png), and that a page whose broker stopped
-//! says it has no data instead of showing the last figures as current.
+//! says it has no data instead of showing the last figures as current;
+//! that a page opened after a per-client bucket's OAuth clients were
+//! dropped charts each only while it existed; and that eight tabs of it in
+//! one browser all go live (they share one feed).
 //! Anything that cannot be installed fails the test, saying what.
 
 use super::harness::req;
@@ -637,4 +640,296 @@ async fn the_page_keeps_its_token_out_of_urls() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A per-client bucket of one OAuth client at a time: each new client
+/// makes the broker drop the last one (idle and full) to make room.
+const DROPPED_CONFIG: &str = r#"
+[server]
+shutdown_grace_ms = 1000
+state_dir = ""
+[[tenants]]
+id = "t"
+[[tenants.buckets]]
+name = "pc"
+scope = "oauth_client"
+routes = ["GET /api/v2/routing/**"]
+permits = 600
+window_ms = 60000
+burst = 2
+max_clients = 1
+"#;
+
+/// A page opened after the broker dropped OAuth clients of a per-client
+/// bucket (their history is sent, marked dropped): its chart never shows
+/// more than the instances that existed at each point allowed (argv: that
+/// most, per minute), and its figure says what ListBuckets says (one
+/// client, that rate). Prints OK.
+const DROPPED_SCRIPT: &str = r#"
+const { chromium } = require(process.env.PW_DIR + "/node_modules/playwright-core");
+const [url, most, dropped] = process.argv.slice(2).map((a, k) => k ? Number(a) : a);
+(async () => {
+  const browser = await chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu"],
+  });
+  try {
+    const page = await browser.newPage();
+    page.on("console", (m) => console.error("page:", m.text()));
+    await page.goto(url);
+    const read = () => {
+      const p = document.querySelector('section.panel[data-bucket="pc"]');
+      const panel = panels.get("t/pc/*");
+      if (!p || !panel) return null;
+      const rate = p.querySelector(".fig.rate .v").dataset;
+      return { clients: p.dataset.clients, effective: Number(rate.effective),
+        configured: Number(rate.configured), history: +p.querySelector("canvas").dataset.history,
+        conn: document.getElementById("conn").textContent, gone: (panel.gone || []).length,
+        samples: panel.samples.filter((q) => !q.gap).map(({ t, eff, conf }) => ({ t, eff, conf })) };
+    };
+    // (The figures are set by the first bucket event, which comes after
+    // the history: the chart is drawn from all of it by then.)
+    try {
+      await page.waitForFunction((f) => {
+        const r = eval(f)();
+        return r && r.conn === "live" && r.configured > 0 && r.history >= 2;
+      }, "(" + read.toString() + ")", { timeout: 20000 });
+    } catch (e) {
+      throw new Error("the per-client panel never showed: " + JSON.stringify(await page.evaluate(read)));
+    }
+    const r = await page.evaluate(read);
+    const over = r.samples.filter((q) => q.eff > most || q.conf > most);
+    const last = r.samples[r.samples.length - 1];
+    if (over.length || r.clients !== "1" || r.effective !== most || r.configured !== most
+      || last.eff !== most || last.conf !== most || r.gone !== dropped) {
+      throw new Error("the chart should never exceed " + most + "/min (one client at a time) and "
+        + "end at it, with " + dropped + " dropped clients' history drawn; it shows "
+        + JSON.stringify({ ...r, over }));
+    }
+    console.log("OK");
+  } finally {
+    await browser.close();
+  }
+})().catch((e) => { console.error(String(e && e.stack || e)); process.exit(1); });
+"#;
+
+/// The broker's history (what `/events` sends first, up to its first
+/// `instances` event) has a point of `client`.
+async fn in_history(http: std::net::SocketAddr, client: &str) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut feed = tokio::net::TcpStream::connect(http).await.unwrap();
+    feed.write_all(format!("GET /events HTTP/1.1\r\nHost: {http}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("event: instances") {
+        match feed.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&seen);
+    let history = text.split("event: instances").next().unwrap_or_default();
+    history.contains(&format!("\"oauth_client\":\"{client}\""))
+}
+
+/// Polls `check` until it holds, for at most 10 s.
+async fn until<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let polled = tokio::time::timeout(Duration::from_secs(10), async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(polled.is_ok(), "{what}: not within 10 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_opened_later_counts_dropped_oauth_clients_only_while_they_existed() {
+    let playwright = tokio::task::spawn_blocking(install).await.unwrap();
+    let b = start(DROPPED_CONFIG).await;
+    let clients = ["o1", "o2", "a", "b", "c"];
+    for client in clients {
+        let mut r = req("GET", "/api/v2/routing/queues", 2_000);
+        r.oauth_client = client.into();
+        assert!(b.client().acquire(r).await.unwrap().into_inner().granted);
+        // The one before was dropped: only this client's instance exists.
+        let list = b
+            .admin()
+            .list_buckets(ListBucketsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .buckets;
+        let names: Vec<&str> = list.iter().map(|s| s.oauth_client.as_str()).collect();
+        assert_eq!(names, [client], "{list:?}");
+        // In the broker's history (a page opening samples it)...
+        until(&format!("{client} in the history"), || {
+            in_history(b.http, client)
+        })
+        .await;
+        // ...and idle and full again, so the next client's call drops it.
+        until(&format!("{client} full again"), || async {
+            b.admin()
+                .list_buckets(ListBucketsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .buckets
+                .iter()
+                .all(|s| s.tokens_available >= 2.0)
+        })
+        .await;
+    }
+    let script = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-dropped-test.js");
+    std::fs::write(&script, DROPPED_SCRIPT).unwrap();
+    let run = tokio::process::Command::new("node")
+        .arg(&script)
+        .arg(format!("http://{}/", b.http))
+        // One instance at a time, of 600/min each.
+        .arg("600")
+        .arg((clients.len() - 1).to_string())
+        .env("PW_DIR", &playwright)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(LIMIT, run)
+        .await
+        .unwrap_or_else(|_| panic!("the browser session took over {LIMIT:?}"))
+        .unwrap_or_else(|e| panic!("cannot run node: {e}"));
+    b.stop().await;
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "OK",
+        "node said:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Eight tabs of the dashboard in one browser (one context), each opened
+/// with `#token=`: over HTTP/1.1 a browser opens at most 6 connections to
+/// a host, and each tab's feed would hold one. Every tab loads and shows
+/// the figures (argv: the bucket's granted total), prints OPEN; on a line
+/// with the new total every tab shows it (the feed is live in each), and
+/// so does a page whose browser has no SharedWorker (its own feed); prints
+/// OK.
+const TABS_SCRIPT: &str = r##"
+const { chromium } = require(process.env.PW_DIR + "/node_modules/playwright-core");
+const readline = require("readline");
+const [url, token, first] = process.argv.slice(2);
+const lines = readline.createInterface({ input: process.stdin });
+const nextLine = () => new Promise((ok) => lines.once("line", ok));
+const TABS = 8;
+const shows = (want) => {
+  const p = document.querySelector("section.panel");
+  return document.getElementById("conn").textContent === "live" && !!p
+    && p.querySelector(".fig.granted .v").dataset.value === want;
+};
+const state = () => document.getElementById("conn").textContent + " | "
+  + document.getElementById("problem").textContent + " | "
+  + [...document.querySelectorAll(".fig.granted .v")].map((v) => v.dataset.value).join();
+const everyTab = async (tabs, want) => {
+  for (const [k, page] of tabs.entries()) {
+    try {
+      await page.waitForFunction(shows, want, { timeout: 20000 });
+    } catch (e) {
+      throw new Error("tab " + k + " never showed " + want + " granted: " + await page.evaluate(state));
+    }
+  }
+};
+(async () => {
+  const browser = await chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu"],
+  });
+  try {
+    const context = await browser.newContext();
+    const tabs = [];
+    for (let k = 0; k < TABS; k++) {
+      const page = await context.newPage();
+      page.on("console", (m) => console.error("tab " + k + ":", m.text()));
+      try {
+        await page.goto(url + "#token=" + encodeURIComponent(token), { timeout: 15000 });
+      } catch (e) {
+        throw new Error("tab " + k + " never loaded: " + e.message);
+      }
+      tabs.push(page);
+    }
+    await everyTab(tabs, first);
+    console.log("OPEN");
+    const now = await nextLine();
+    await everyTab(tabs, now);
+    // Without SharedWorker: the page's own feed.
+    const plain = await browser.newContext();
+    await plain.addInitScript(() => { delete window.SharedWorker; });
+    const alone = await plain.newPage();
+    alone.on("console", (m) => console.error("alone:", m.text()));
+    await alone.goto(url + "#token=" + encodeURIComponent(token));
+    if (await alone.evaluate(() => typeof SharedWorker) !== "undefined") {
+      throw new Error("SharedWorker is still there");
+    }
+    await everyTab([alone], now);
+    console.log("OK");
+  } finally {
+    await browser.close();
+  }
+})().catch((e) => { console.error(String(e && e.stack || e)); process.exit(1); });
+"##;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_tabs_of_the_dashboard_in_one_browser_all_go_live() {
+    use super::observe::{config, tokens_config, TOKEN};
+    let playwright = tokio::task::spawn_blocking(install).await.unwrap();
+    let b = start(&config(&tokens_config())).await;
+    let grant = || async {
+        let mut r = tonic::Request::new(req("GET", "/api/v2/users/1", 0));
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        assert!(b.client().acquire(r).await.unwrap().into_inner().granted);
+    };
+    grant().await;
+    let script = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-tabs-test.js");
+    std::fs::write(&script, TABS_SCRIPT).unwrap();
+    let mut node = tokio::process::Command::new("node")
+        .arg(&script)
+        .arg(format!("http://{}/", b.http))
+        .arg(TOKEN)
+        .arg("1")
+        .env("PW_DIR", &playwright)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run node: {e}"));
+    let mut stdin = node.stdin.take().unwrap();
+    let mut out = BufReader::new(node.stdout.take().unwrap()).lines();
+    let mut errors = node.stderr.take().unwrap();
+    let session = async {
+        let line = out.next_line().await.unwrap();
+        if line.as_deref() != Some("OPEN") {
+            return Err(format!("expected OPEN, node said {line:?}"));
+        }
+        grant().await;
+        stdin.write_all(b"2\n").await.unwrap();
+        let line = out.next_line().await.unwrap();
+        if line.as_deref() != Some("OK") {
+            return Err(format!("expected OK, node said {line:?}"));
+        }
+        Ok(())
+    };
+    let outcome = tokio::time::timeout(LIMIT, session).await;
+    let _ = node.start_kill();
+    let mut log = String::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_string(&mut errors, &mut log),
+    )
+    .await;
+    b.stop().await;
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("{e}\nnode's stderr:\n{log}"),
+        Err(_) => panic!("the browser session took over {LIMIT:?}\nnode's stderr:\n{log}"),
+    }
 }

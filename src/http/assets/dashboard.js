@@ -1,6 +1,7 @@
 // quota-broker dashboard: one panel per bucket, fed by the broker's
 // server-sent events (/events: the last minutes of each bucket instance,
-// then the Watch feed). An org-wide bucket has one instance; a per-client
+// then the Watch feed), which a browser's tabs of the dashboard share
+// (dashboard-feed.js). An org-wide bucket has one instance; a per-client
 // bucket has one per OAuth client, and its panel sums them and names the
 // clients with a problem (400 clients make one panel, not 400). Charts are
 // drawn on a canvas here; nothing is fetched from elsewhere.
@@ -25,7 +26,7 @@ let since = Date.now();            // the oldest data shown (the broker's histor
 
 const params = new URLSearchParams(location.search);
 let classes = {};                  // per tenant: [{name, order, reserve}] (the instances event)
-let source = null;                 // the feed's EventSource
+let stream = null;                 // the feed, shared by the tabs or this page's own ({close})
 const tenant = params.get("tenant") || "";
 
 document.getElementById("scope").textContent = tenant ? "tenant " + tenant : "all tenants";
@@ -113,7 +114,7 @@ function panelFor(r) {
   insertSorted(root, key);
   p = { key, group, root, badge, clients, rate, slots, granted, thr, caption, canvas, waiting,
         problems, members: new Set(), samples: [], marks: [], last: null, histDirty: false,
-        histSlots: false, retired: { granted: 0, thr: 0 } };
+        histSlots: false, retired: { granted: 0, thr: 0 }, gone: [] };
   panels.set(key, p);
   return p;
 }
@@ -178,14 +179,24 @@ function panelUsage(p, now) {
 // minute, configured per minute, granted total, 429s total, slots in
 // flight, slot limit, paused (1 or 0)]; the panel's chart is rebuilt from its instances'
 // points on the next redraw, replacing what the page drew before (the
-// broker's memory also covers a time the feed was down).
+// broker's memory also covers a time the feed was down). An instance the
+// broker dropped (an idle OAuth client's, `dropped`) is no member of the
+// panel: its points are part of the chart up to its last one only.
 function fromHistory(h) {
   if (!h.points.length) return;
-  const i = instanceFor(h);
   const now = Date.now();
   // (A paused instance allows nothing, whatever its rate.)
-  i.pts = h.points.map((a) => ({ t: now - a[0], eff: a[7] ? 0 : a[1], conf: a[2], granted: a[3],
+  const pts = h.points.map((a) => ({ t: now - a[0], eff: a[7] ? 0 : a[1], conf: a[2], granted: a[3],
     thr: a[4], inFlight: a[5], max: a[6] }));
+  since = Math.min(since, Math.max(pts[0].t, now - WINDOW_MS));
+  if (h.dropped) {
+    const p = panelFor(h);
+    p.gone = p.gone.filter((g) => g.feed === feed).concat([{ feed, pts }]);
+    p.histDirty = true;
+    return;
+  }
+  const i = instanceFor(h);
+  i.pts = pts;
   // The live granted line goes on from these totals.
   i.grants = i.pts.map((q, k) => ({ t: q.t, total: q.granted, before: k ? i.pts[k - 1].granted : q.granted }));
   i.since = i.pts[0].t;
@@ -193,41 +204,51 @@ function fromHistory(h) {
   i.histTotal = i.pts[i.pts.length - 1].granted;
   i.histThr = i.pts[i.pts.length - 1].thr;
   i.panel.histDirty = true;
-  since = Math.min(since, Math.max(i.pts[0].t, now - WINDOW_MS));
 }
 
 // A panel's chart from its instances' history: at each point of any of
 // them, the sum of each one's latest (for a per-client panel, at most one
-// point per MERGE_MS).
+// point per MERGE_MS). An instance the broker dropped counts up to its
+// last point and in no point after it (the chart says so MERGE_MS later
+// at most): carried forward, the OAuth clients a per-client bucket had
+// over five minutes would add up to a multiple of what it allows. Its
+// totals stay in the sums, as the broker's counts of dropped instances
+// stay in the figures.
 function rebuild(p) {
   p.histDirty = false;
-  const members = [...p.members].filter((i) => i.histFeed === feed && i.pts.length);
-  if (members.length === 0) return;
+  const now = Date.now();
+  const series = [...p.members].filter((i) => i.histFeed === feed && i.pts.length)
+    .map((i) => ({ pts: i.pts, end: Infinity }))
+    .concat(p.gone.filter((g) => g.feed === feed)
+      .map((g) => ({ pts: g.pts, end: g.pts[g.pts.length - 1].t })));
+  if (series.length === 0) return;
   const events = [];
-  members.forEach((i, k) => {
+  series.forEach((s, k) => {
     // An instance re-created by the broker starts its totals at 0 again:
     // carry what it had counted, so sums never go down.
     let carry = { granted: 0, thr: 0 }, prev = null;
-    for (const q of i.pts) {
+    for (const q of s.pts) {
       if (prev && q.granted < prev.granted) carry.granted += prev.granted;
       if (prev && q.thr < prev.thr) carry.thr += prev.thr;
       prev = q;
       events.push({ k, q: { ...q, granted: q.granted + carry.granted, thr: q.thr + carry.thr } });
     }
+    if (s.end + MERGE_MS <= now) events.push({ k, q: { t: s.end + MERGE_MS }, end: true });
   });
   events.sort((a, b) => a.q.t - b.q.t);
-  const latest = new Array(members.length).fill(null);
+  const latest = new Array(series.length).fill(null);
   const pts = [];
   for (let e = 0; e < events.length; e++) {
-    latest[events[e].k] = events[e].q;
+    if (!events[e].end) latest[events[e].k] = events[e].q;
     const t = events[e].q.t;
     // One point per MERGE_MS slot for a per-client panel (every point for
     // one instance).
     const slot = (u) => p.group ? Math.floor(u / MERGE_MS) : u;
     if (e + 1 < events.length && slot(events[e + 1].q.t) === slot(t)) continue;
-    const sum = (f) => latest.reduce((a, q) => a + (q ? q[f] : 0), 0);
-    pts.push({ t, eff: sum("eff"), conf: sum("conf"), granted: sum("granted"), thr: sum("thr"),
-      inFlight: sum("inFlight"), max: sum("max") });
+    const sum = (f, all) => latest.reduce((a, q, k) =>
+      a + (q && (all || series[k].end >= t) ? q[f] : 0), 0);
+    pts.push({ t, eff: sum("eff"), conf: sum("conf"), granted: sum("granted", true),
+      thr: sum("thr", true), inFlight: sum("inFlight"), max: sum("max") });
   }
   const last = pts[pts.length - 1];
   const slots = !(last.conf > 0) && last.max > 0;
@@ -244,7 +265,6 @@ function rebuild(p) {
     // evaluated at each point and again USAGE_MS after it (when what it
     // counted leaves the span), the totals between points being those of
     // the point before.
-    const now = Date.now();
     const times = [...new Set(pts.flatMap((q) => [q.t, q.t + USAGE_MS]))]
       .filter((t) => t <= now).sort((a, b) => a - b);
     let k = 0, back = 0;
@@ -577,40 +597,73 @@ function problem(text) {
   e.textContent = text || "";
 }
 
-function connect() {
-  const q = new URLSearchParams();
-  if (tenant) q.set("tenant", tenant);
+// What the feed says (see dashboard-feed.js), however it comes.
+function heard(m) {
   const conn = document.getElementById("conn");
-  if (source) source.close();
-  const src = new EventSource("/events?" + q.toString());
-  source = src;
-  src.addEventListener("open", () => {
+  if (m.type === "open") {
     conn.textContent = "live"; conn.className = "conn up"; problem("");
     lostAt = 0; refused = ""; feed += 1;
     document.body.classList.remove("stale");
-  });
-  src.addEventListener("history", (e) => fromHistory(JSON.parse(e.data)));
-  src.addEventListener("instances", (e) => census(JSON.parse(e.data)));
-  src.addEventListener("bucket", (e) => update(JSON.parse(e.data)));
-  src.addEventListener("error", () => {
-    if (source !== src) return;
+  } else if (m.type === "history") {
+    fromHistory(JSON.parse(m.data));
+  } else if (m.type === "instances") {
+    census(JSON.parse(m.data));
+  } else if (m.type === "bucket") {
+    update(JSON.parse(m.data));
+  } else if (m.type === "error") {
     conn.textContent = "reconnecting…"; conn.className = "conn down";
     lost();
-    if (src.readyState === EventSource.CLOSED) {
-      // Refused (a token is needed, or it is not scoped to the tenant):
-      // say so, and try again later in case the broker restarts.
-      fetch("/events?" + q.toString()).then((r) => r.ok ? "" : r.text().then((t) => ({ t, r })))
-        .then((x) => {
-          if (!x) return;
-          conn.textContent = "refused";
-          refused = x.t.trim() + (x.r.status === 401
-            ? " — add #token=YOUR_TOKEN to this page's address" : "");
-          problem(refused);
-        }).catch(() => {});
-      setTimeout(() => { if (source === src) connect(); }, 5000);
-    }
-  });
+  } else if (m.type === "refused") {
+    conn.textContent = "refused";
+    refused = m.text.trim() + (m.status === 401
+      ? " — add #token=YOUR_TOKEN to this page's address" : "");
+    problem(refused);
+  }
 }
+
+// The feed: the one this browser's tabs of the dashboard share (each
+// EventSource holds a connection for good, and a browser opens at most 6
+// to a host over HTTP/1.1), else, where there is no SharedWorker, this
+// page's own.
+function connect() {
+  const q = new URLSearchParams();
+  if (tenant) q.set("tenant", tenant);
+  const url = "/events?" + q.toString();
+  if (stream) stream.close();
+  stream = shared(url) || own(url);
+}
+
+function own(url) {
+  const s = openFeed(url, (m) => { if (stream === s) heard(m); });
+  return s;
+}
+
+// The tabs' feed, through their SharedWorker (null without one).
+function shared(url) {
+  if (typeof SharedWorker === "undefined") return null;
+  let worker;
+  try {
+    worker = new SharedWorker("/dashboard-feed.js", { name: url });
+  } catch (e) {
+    return null;
+  }
+  const port = worker.port;
+  const s = { close() { port.postMessage({ type: "leave" }); port.close(); } };
+  port.onmessage = (e) => { if (stream === s) heard(e.data); };
+  // A worker that cannot run: this page's own feed.
+  worker.addEventListener("error", () => {
+    if (stream !== s) return;
+    s.close();
+    stream = own(url);
+  });
+  port.postMessage({ type: "join" });
+  return s;
+}
+
+// A tab that goes leaves the shared feed; one brought back from the
+// browser's cache joins again.
+window.addEventListener("pagehide", () => { if (stream) { stream.close(); stream = null; } });
+window.addEventListener("pageshow", (e) => { if (e.persisted && !stream && !refused) connect(); });
 
 // A token in the address (#token=...) is traded for a cookie the feed
 // sends (an EventSource cannot send headers, and a token in the feed's
@@ -628,7 +681,7 @@ function start() {
     .then((t) => {
       // A token refused is said, not replaced by an older session's.
       if (t) {
-        if (source) { source.close(); source = null; }
+        if (stream) { stream.close(); stream = null; }
         refused = t.trim(); problem(refused);
         document.getElementById("conn").textContent = "refused";
         return;
