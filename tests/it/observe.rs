@@ -895,8 +895,12 @@ async fn probes_answer_without_a_token() {
     let page = get(b.http, "/", &[]).await;
     assert_eq!(page.status, 200);
     assert!(page.body.contains("dashboard.js"));
+    assert!(page.body.contains("dashboard-feed.js"));
     let script = get(b.http, "/dashboard.js", &[]).await;
-    assert!(script.body.contains("EventSource"));
+    assert_eq!(script.status, 200);
+    let feed = get(b.http, "/dashboard-feed.js", &[]).await;
+    assert_eq!(feed.status, 200);
+    assert!(feed.body.contains("new EventSource("));
     assert!(
         !page.body.contains("http://") && !page.body.contains("https://"),
         "the page loads nothing from elsewhere"
