@@ -471,7 +471,8 @@ async fn status(c: &mut Cluster, a: StatusArgs) -> Result<(), Error> {
     };
     table::sort(&mut buckets);
     // Every tenant has buckets: none listed over every tenant means no
-    // broker leads any, not an empty org (said without an empty table).
+    // broker leads any (or only per-client buckets no client used yet),
+    // not an empty org (said without an empty table).
     if a.tenant.is_none() && buckets.is_empty() && partial.is_none() {
         return Err(Error::NothingLed);
     }

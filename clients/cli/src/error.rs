@@ -246,8 +246,9 @@ impl fmt::Display for Error {
             }
             Error::NothingLed => write!(
                 f,
-                "no broker given leads any tenant right now (a cluster cut off from etcd, or \
-                 electing leaders): `quotactl status --tenant T` says why for one tenant"
+                "no bucket instance to show: no broker given leads a tenant right now (a cluster \
+                 cut off from etcd, or electing leaders), or every bucket is per OAuth client and \
+                 no client has used one yet: `quotactl status --tenant T` says which for one tenant"
             ),
             Error::BadToken => write!(
                 f,

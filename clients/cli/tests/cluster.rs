@@ -400,7 +400,7 @@ async fn status_and_watch_without_a_tenant_merge_every_broker() {
     loop {
         let out = quotactl(&both, &["status"]).await;
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        if err.contains("no broker given leads any tenant right now") {
+        if err.contains("no broker given leads a tenant right now") {
             assert_eq!(out.status.code(), Some(1), "{err}");
             let shown = String::from_utf8_lossy(&out.stdout);
             assert!(shown.is_empty(), "an empty table before the error: {shown}");
