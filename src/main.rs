@@ -124,7 +124,19 @@ fn main() -> ExitCode {
                 }
             },
         };
-        let tenants: Vec<&str> = settings.tenants.iter().map(|t| t.id.as_str()).collect();
+        // The first few by name: a line of ten thousand ids says nothing.
+        const NAMED: usize = 10;
+        let mut tenants: Vec<&str> = settings
+            .tenants
+            .iter()
+            .take(NAMED)
+            .map(|t| t.id.as_str())
+            .collect();
+        let more = settings.tenants.len().saturating_sub(NAMED);
+        let more = format!("… and {more} more");
+        if settings.tenants.len() > NAMED {
+            tenants.push(&more);
+        }
         let listen = listener.local_addr().unwrap_or(settings.server.listen);
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         tracing::info!(

@@ -95,6 +95,8 @@ impl Broker {
         if let Some(r) = &record {
             max_left = max_left.max(Duration::from_millis(r.max_lease_ttl_ms));
         }
+        // Counted for one line, not one a tenant (ten thousand tenants).
+        let (mut resumed, mut recorded, mut learning) = (0usize, 0usize, 0usize);
         for t in &self.inner.tenants {
             let mut state = t.lock();
             let leases = record
@@ -102,11 +104,31 @@ impl Broker {
                 .and_then(|r| r.tenants.get(state.id()))
                 .and_then(Option::as_ref);
             match leases {
-                Some(leases) => {
-                    state.resume_after_stop(leases, max_left, now);
+                Some(leases) if state.resume_after_stop(leases, max_left, now) => {
+                    resumed += 1;
+                    recorded += leases.len();
                 }
-                None => state.resume_after_restart(now),
+                Some(_) => learning += 1,
+                None => {
+                    state.resume_after_restart(now);
+                    learning += 1;
+                }
             }
+        }
+        if resumed > 0 {
+            tracing::info!(
+                tenants = resumed,
+                leases = recorded,
+                "started after a graceful stop: token buckets start empty, the leases it \
+                 recorded hold their slots and every other slot is free"
+            );
+        }
+        if learning > 0 {
+            tracing::info!(
+                tenants = learning,
+                "started with state: token buckets start empty, slots count as held until \
+                 renewals claim them or one lease TTL passes"
+            );
         }
     }
 

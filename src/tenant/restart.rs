@@ -57,7 +57,9 @@ impl TenantState {
         for i in all {
             self.restart_instance(i, now);
         }
-        tracing::info!(
+        // At debug: the broker logs one line for every tenant at a start
+        // (and a cluster one per tenant taken over).
+        tracing::debug!(
             tenant = %self.id,
             "started with state: token buckets start empty, slots count as held until \
              renewals claim them or one lease TTL passes"
@@ -93,7 +95,7 @@ impl TenantState {
             self.resume_after_restart(now);
             return false;
         }
-        tracing::info!(tenant = %self.id, leases = leases.len(),
+        tracing::debug!(tenant = %self.id, leases = leases.len(),
             "started after a graceful stop: token buckets start empty, the leases it recorded \
              hold their slots and every other slot is free");
         true

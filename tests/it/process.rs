@@ -191,3 +191,39 @@ async fn serves_then_exits_zero_on_sigterm() {
     assert!(log.contains("SIGHUP ignored"), "{log}");
     assert!(log.contains("broker stopped"), "{log}");
 }
+
+/// With many tenants the log does not grow a line (or a word) per tenant:
+/// the startup line names ten and counts the rest, and a start after a
+/// graceful stop says so once, not once a tenant.
+#[cfg(unix)]
+#[tokio::test]
+async fn many_tenants_do_not_make_log_lines_per_tenant() {
+    let dir = std::env::temp_dir().join(format!("quota-broker-{}-many", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"\"\nstate_dir = \"{}\"\n",
+        dir.display()
+    );
+    for t in 0..25 {
+        config.push_str(&format!(
+            "[[tenants]]\nid = \"tenant-{t}\"\n[[tenants.buckets]]\nname = \"b\"\n\
+             routes = [\"* /**\"]\nmax_in_flight = 2\n"
+        ));
+    }
+    let path = temp_config("many", &config);
+    let (status, _) = Broker::start(&path).await.terminate().await;
+    assert!(status.success());
+    let (status, log) = Broker::start(&path).await.terminate().await;
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(status.success(), "{log}");
+    let serving = log
+        .lines()
+        .find(|l| l.contains("quota-broker serving"))
+        .expect("a startup line");
+    assert!(serving.contains("and 15 more"), "{serving}");
+    assert!(!serving.contains("tenant-24"), "{serving}");
+    let resumed = log.matches("started after a graceful stop").count();
+    assert_eq!(resumed, 1, "{log}");
+    assert!(log.contains("tenants=25"), "{log}");
+}
