@@ -261,6 +261,9 @@ class Lease:
     def release(self):
         """Returns the slots (idempotent). True if this call returned slots.
 
+        A lease that holds no slot (rate buckets only) has nothing to return:
+        no call is made.
+
         With the broker unreachable (and a fallback) it returns False and the
         release is sent once a broker answers again (``pending_releases``). With the broker
         overloaded for this caller (and a fallback) it also returns False
@@ -272,7 +275,9 @@ class Lease:
         renewer = getattr(self, "_renewer", None)
         if renewer is not None:
             renewer.stop()  # a released lease is not renewed
-        if self.is_fallback:
+        if self.is_fallback or not self.holds_slot:
+            # Nothing to give back: no call (a lease of rate buckets only
+            # was sent a release, then, told nothing was released, another).
             self.released = True
             return False
         try:

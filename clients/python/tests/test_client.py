@@ -30,6 +30,25 @@ def test_lease_context_manager_acquires_and_releases(broker):
     assert status(broker, "analytics-query").granted_total == 1
 
 
+def test_a_lease_without_slots_is_released_without_a_call(broker):
+    sent = []
+    call = broker._call
+
+    def counting(method, req, *a, **kw):
+        sent.append(method)
+        return call(method, req, *a, **kw)
+
+    broker._call = counting
+    with broker.lease(TENANT, "GET", "/api/v2/users/me", client_id="c", max_wait_ms=0) as lease:
+        assert not lease.holds_slot and lease.buckets == ["per-client"]
+    assert lease.released
+    # Before: a Release, and one more with the Acquire when told nothing was released.
+    assert "Release" not in sent, sent
+    with broker.lease(TENANT, "POST", ANALYTICS_QUERY, client_id="c", max_wait_ms=0) as lease:
+        assert lease.holds_slot
+    assert sent.count("Release") == 1, sent
+
+
 def test_lease_released_when_block_raises(broker):
     with pytest.raises(RuntimeError, match="upstream blew up"):
         with broker.lease(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=0):
