@@ -209,7 +209,7 @@ impl Jobs {
     /// The status of job `id` at `now`; `epoch_ms` (Unix ms) is simulated
     /// time 0, for the dates of the answer.
     pub(crate) fn status(&self, now: f64, id: &str, epoch_ms: i64) -> Result<JobStatus, JobError> {
-        let job = self.jobs.get(id).ok_or(JobError::NotFound)?;
+        let job = self.live(id, now)?;
         let done = job.fulfilled_ms <= now;
         Ok(JobStatus {
             state: if done { "FULFILLED" } else { "PENDING" },
@@ -219,10 +219,21 @@ impl Jobs {
         })
     }
 
-    /// Deletes job `id` (the real API's `DELETE …/jobs/{id}`): a job not
-    /// fulfilled yet stops counting as running.
-    pub(crate) fn delete(&mut self, id: &str) -> Result<(), JobError> {
+    /// Deletes job `id` (the real API's `DELETE …/jobs/{id}`) at `now`: a
+    /// job not fulfilled yet stops counting as running.
+    pub(crate) fn delete(&mut self, now: f64, id: &str) -> Result<(), JobError> {
+        self.live(id, now)?;
         self.jobs.remove(id).map(|_| ()).ok_or(JobError::NotFound)
+    }
+
+    /// Job `id` unless it was never submitted or expired by `now` (expired
+    /// jobs are dropped at the next submission; until then they are only
+    /// hidden).
+    fn live(&self, id: &str, now: f64) -> Result<&Job, JobError> {
+        self.jobs
+            .get(id)
+            .filter(|j| now - j.submitted_ms < self.config.expiry_ms as f64)
+            .ok_or(JobError::NotFound)
     }
 
     fn expiry(&self) -> i64 {
@@ -239,7 +250,7 @@ impl Jobs {
         cursor: Option<&str>,
         page_size: Option<usize>,
     ) -> Result<ResultsPage, JobError> {
-        let job = self.jobs.get(id).ok_or(JobError::NotFound)?;
+        let job = self.live(id, now)?;
         if job.fulfilled_ms > now {
             return Err(JobError::NotFulfilled);
         }
@@ -298,12 +309,30 @@ mod tests {
         // One may run at once: a second waits for the first.
         let refused = jobs.submit(1.0, &history, day, day + 3_600_000, "j2".into());
         assert_eq!(refused.unwrap_err().reason, "jobs:running");
-        assert_eq!(jobs.delete(&id), Ok(()));
+        assert_eq!(jobs.delete(1.5, &id), Ok(()));
         assert_eq!(jobs.status(2.0, &id, 0).err(), Some(JobError::NotFound));
-        assert_eq!(jobs.delete(&id), Err(JobError::NotFound));
+        assert_eq!(jobs.delete(2.5, &id), Err(JobError::NotFound));
         assert!(jobs
             .submit(3.0, &history, day, day + 3_600_000, "j3".into())
             .is_ok());
+    }
+
+    /// Past its expiry a job answers 404 to status, results and delete at
+    /// once, not only after the next submission drops it.
+    #[test]
+    fn an_expired_job_is_not_found_before_the_next_submission() {
+        let (mut jobs, history, day) = setup();
+        let id = jobs
+            .submit(0.0, &history, day, day + 3_600_000, "j1".into())
+            .unwrap();
+        let expired = jobs.config.expiry_ms as f64;
+        assert!(jobs.status(expired - 1.0, &id, 0).is_ok());
+        assert_eq!(jobs.status(expired, &id, 0).err(), Some(JobError::NotFound));
+        assert_eq!(
+            jobs.results(expired, &history, &id, None, None).err(),
+            Some(JobError::NotFound)
+        );
+        assert_eq!(jobs.delete(expired, &id), Err(JobError::NotFound));
     }
 
     #[test]

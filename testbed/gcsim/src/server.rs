@@ -947,8 +947,9 @@ async fn job_delete(
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
+    let now = sim.inner.clock.now_ms();
     sim.serve(&headers, "DELETE", uri.path(), |slot| {
-        match lock(&slot.jobs).delete(&id) {
+        match lock(&slot.jobs).delete(now, &id) {
             Ok(()) => Answer::ok(StatusCode::NO_CONTENT, String::new(), JOB_LATENCY_MS),
             Err(e) => job_error(e),
         }
