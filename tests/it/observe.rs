@@ -469,6 +469,62 @@ async fn an_idle_tenant_exports_few_series_and_a_used_one_what_it_used() {
     b.stop().await;
 }
 
+/// A per-OAuth-client bucket with no instance (no client yet; all dropped
+/// for idleness) exports its own state: no instances, nobody waiting, and
+/// the figures of a fresh instance, what its next client gets. An
+/// operator's pause of it shows at once, before any client is refused.
+#[tokio::test]
+async fn an_idle_per_client_bucket_shows_its_state_and_its_pause() {
+    let b = start(
+        "[server]\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\n\
+         name = \"pc\"\nscope = \"oauth_client\"\nroutes = [\"GET /q\"]\npermits = 60\n\
+         window_ms = 60000\nmax_in_flight = 2\n",
+    )
+    .await;
+    let at = |text: &str, name: &str| {
+        sample(
+            text,
+            &format!("quota_broker_{name}{{tenant=\"t\",bucket=\"pc\"}}"),
+        )
+    };
+    let idle = get(b.http, "/metrics", &[]).await.body;
+    for (name, value) in [
+        ("instances", 0.0),
+        ("paused", 0.0),
+        ("frozen", 0.0),
+        ("configured_rate_per_second", 1.0),
+        ("effective_rate_per_second", 1.0),
+        ("tokens", 60.0),
+        ("slots_in_flight", 0.0),
+        ("slots_max", 2.0),
+        ("bucket_grants_total", 0.0),
+    ] {
+        assert_eq!(at(&idle, name), Some(value), "{name} in\n{idle}");
+    }
+    assert_eq!(
+        sample(
+            &idle,
+            "quota_broker_waiters{tenant=\"t\",bucket=\"pc\",class=\"critical\"}"
+        ),
+        Some(0.0),
+        "{idle}"
+    );
+    // No client uses it: its most cut client's share says nothing.
+    assert_eq!(at(&idle, "effective_rate_lowest_share"), None, "{idle}");
+    b.admin()
+        .pause_bucket(quota_broker::pb::PauseBucketRequest {
+            tenant: "t".into(),
+            bucket: "pc".into(),
+            reason: "maintenance".into(),
+        })
+        .await
+        .unwrap();
+    let paused = get(b.http, "/metrics", &[]).await.body;
+    assert_eq!(at(&paused, "paused"), Some(1.0), "{paused}");
+    assert_eq!(at(&paused, "instances"), Some(0.0), "{paused}");
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn an_open_brokers_event_feed_and_metrics_answer_only_localhost_or_an_ip() {
     let b = start(&config("")).await;
