@@ -108,7 +108,11 @@ impl Broker {
             let state = self.inner.tenants[t].lock();
             live.extend(statuses_of(&state, now));
             let mut retired = state.retired();
-            for name in self.inner.settings.tenants[t].buckets.iter().map(|b| &b.name) {
+            for name in self.inner.settings.tenants[t]
+                .buckets
+                .iter()
+                .map(|b| &b.name)
+            {
                 let Some((settings, paused)) = state.bucket_admin_view(name) else {
                     continue;
                 };

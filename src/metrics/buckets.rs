@@ -448,7 +448,13 @@ mod tests {
         assert_eq!((one.instances, none.instances), (1.0, 0.0));
         let figures = |s: &Sum| {
             (
-                (s.configured, s.effective, s.tokens, s.max_in_flight, s.in_flight),
+                (
+                    s.configured,
+                    s.effective,
+                    s.tokens,
+                    s.max_in_flight,
+                    s.in_flight,
+                ),
                 (s.has_rate, s.has_slots, s.paused, s.frozen, s.lowest_share),
                 (s.grants, s.throttled, s.freezes),
             )
