@@ -31,7 +31,7 @@ mod watch;
 
 pub(crate) use acquire::AcquireOutcome;
 pub(crate) use driver::Drivers;
-pub(crate) use watch::{Seen, TenantBucketStatus};
+pub(crate) use watch::{BucketState, Seen, TenantBucketStatus};
 
 use crate::clock::{millis, Clock};
 use crate::config::{ServerSettings, Settings};

@@ -3,8 +3,9 @@
 //! changes, coalesced).
 
 use super::Broker;
+use crate::config::Rate;
 use crate::error::BrokerError;
-use crate::tenant::BucketStatus;
+use crate::tenant::{BucketStatus, Retired};
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -41,6 +42,22 @@ pub(crate) struct TenantBucketStatus {
     pub at: Instant,
     /// The status.
     pub status: BucketStatus,
+}
+
+/// What holds for a configured bucket whatever its instances (a per-client
+/// bucket has none until its first client, and none again once they are
+/// dropped for idleness): for `/metrics`.
+#[derive(Debug, Clone)]
+pub(crate) struct BucketState {
+    pub tenant: String,
+    pub bucket: String,
+    /// As set now (the config's, or an operator's).
+    pub rate: Option<Rate>,
+    /// As set now (0 without a slot limit).
+    pub max_in_flight: u32,
+    pub paused: bool,
+    /// What its dropped per-client instances had counted.
+    pub retired: Retired,
 }
 
 impl Broker {
@@ -80,6 +97,40 @@ impl Broker {
             }
         }
         (live, retired)
+    }
+
+    /// [`Broker::list_with_retired`], with every configured bucket's own
+    /// state in config order (each tenant read under one lock).
+    pub(crate) fn list_with_buckets(&self) -> (Vec<TenantBucketStatus>, Vec<BucketState>) {
+        let now = Instant::now();
+        let (mut live, mut buckets) = (Vec::new(), Vec::new());
+        for t in self.visible(None, |_| true).unwrap_or_default() {
+            let state = self.inner.tenants[t].lock();
+            live.extend(statuses_of(&state, now));
+            let mut retired = state.retired();
+            for name in self.inner.settings.tenants[t]
+                .buckets
+                .iter()
+                .map(|b| &b.name)
+            {
+                let Some((settings, paused)) = state.bucket_admin_view(name) else {
+                    continue;
+                };
+                buckets.push(BucketState {
+                    tenant: state.id().to_owned(),
+                    bucket: name.clone(),
+                    rate: settings.rate,
+                    max_in_flight: settings.max_in_flight.map_or(0, |m| m.get()),
+                    paused: paused.is_some(),
+                    retired: retired
+                        .iter()
+                        .position(|(b, _)| b == name)
+                        .map(|i| retired.swap_remove(i).1)
+                        .unwrap_or_default(),
+                });
+            }
+        }
+        (live, buckets)
     }
 
     pub(super) fn visible(

@@ -1,9 +1,13 @@
 //! The bucket metrics, read at scrape time from the same snapshots as
 //! ListBuckets: nothing on the request path. Instances of a per-OAuth-client
-//! bucket are summed into their bucket (client ids are no labels).
+//! bucket are summed into their bucket (client ids are no labels). Every
+//! configured bucket is exported, used or not: a per-client bucket with no
+//! instance (before its first client; after its clients were dropped for
+//! idleness) reads as one fresh instance, `instances` 0, so an operator's
+//! pause of it shows, and its series do not come and go with its clients.
 
 use super::Metrics;
-use crate::broker::{Broker, TenantBucketStatus};
+use crate::broker::{Broker, BucketState, TenantBucketStatus};
 use crate::config::Scope;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -42,6 +46,9 @@ const IN_USE_WITHIN: Duration = Duration::from_secs(15 * 60);
 /// One bucket's figures, its instances summed.
 #[derive(Default)]
 struct Sum {
+    /// A configured bucket of a tenant this broker leads (not one known
+    /// only by the counts of its dropped instances).
+    known: bool,
     instances: f64,
     grants: u64,
     throttled: u64,
@@ -111,6 +118,34 @@ impl Sum {
         }
     }
 
+    /// What holds for the bucket whatever its instances: the counts of its
+    /// dropped ones, the pause; without an instance, the figures of a fresh
+    /// one (what its next client gets, and what the bucket read before its
+    /// last instance went: only an instance a fresh one would equal is
+    /// dropped for idleness).
+    fn bucket(&mut self, b: &BucketState) {
+        self.known = true;
+        self.grants += b.retired.granted;
+        self.throttled += b.retired.throttled;
+        self.freezes += b.retired.freezes;
+        if b.paused {
+            self.paused = 1.0;
+        }
+        if self.instances > 0.0 {
+            return;
+        }
+        if let Some(rate) = b.rate {
+            self.has_rate = true;
+            self.configured = rate.per_minute() / 60.0;
+            self.effective = self.configured;
+            self.tokens = f64::from(rate.burst.get());
+        }
+        if b.max_in_flight > 0 {
+            self.has_slots = true;
+            self.max_in_flight = f64::from(b.max_in_flight);
+        }
+    }
+
     /// Waiters per `class` label, every label present (0 when nobody
     /// waits: a series that comes and goes reads as missing data); classes
     /// added at run time as `other`.
@@ -143,8 +178,7 @@ fn gauges(
         None,
         prometheus_client::metrics::MetricType::Gauge,
     )?;
-    // A bucket known only by its dropped instances has no state to show.
-    for ((tenant, bucket), sum) in sums.iter().filter(|(_, s)| s.instances > 0.0) {
+    for ((tenant, bucket), sum) in sums.iter().filter(|(_, s)| s.known) {
         if let Some(v) = value(sum) {
             let labels = [("tenant", tenant.as_str()), ("bucket", bucket.as_str())];
             ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
@@ -177,7 +211,7 @@ impl Collector for BucketCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let now = Instant::now();
         let mut sums: BTreeMap<Key, Sum> = BTreeMap::new();
-        let (list, retired) = self.broker.list_with_retired();
+        let (list, buckets) = self.broker.list_with_buckets();
         for s in &list {
             sums.entry((s.tenant.clone(), s.status.bucket.clone()))
                 .or_default()
@@ -185,11 +219,10 @@ impl Collector for BucketCollector {
         }
         // Dropped instances' counts stay in the totals: a counter that went
         // down would read as a reset, and `rate()` would count it all again.
-        for (tenant, bucket, r) in retired {
-            let sum = sums.entry((tenant, bucket)).or_default();
-            sum.grants += r.granted;
-            sum.throttled += r.throttled;
-            sum.freezes += r.freezes;
+        for b in &buckets {
+            sums.entry((b.tenant.clone(), b.bucket.clone()))
+                .or_default()
+                .bucket(b);
         }
         let e = &mut encoder;
         counters(
@@ -378,6 +411,57 @@ mod tests {
                 ..BucketStatus::sample("b")
             },
         }
+    }
+
+    /// A per-client bucket whose instances were all dropped reads as it did
+    /// with its last one, which was as a fresh one (or it would not have
+    /// been dropped), but for `instances`.
+    #[tokio::test(start_paused = true)]
+    async fn a_bucket_without_an_instance_reads_as_a_fresh_one() {
+        let now = Instant::now();
+        let per_minute = std::num::NonZeroU32::new(60).unwrap();
+        let state = BucketState {
+            tenant: "t".into(),
+            bucket: "b".into(),
+            rate: Some(crate::config::Rate {
+                permits: per_minute,
+                window: Duration::from_secs(60),
+                burst: per_minute,
+            }),
+            max_in_flight: 2,
+            paused: true,
+            retired: crate::tenant::Retired {
+                granted: 3,
+                throttled: 1,
+                freezes: 1,
+            },
+        };
+        let mut last = instance(Scope::OauthClient, 60.0, None);
+        last.status.tokens_available = 60.0;
+        last.status.max_in_flight = 2;
+        last.status.paused = Some("maintenance".into());
+        let mut one = Sum::default();
+        one.add(&last, now);
+        one.bucket(&state);
+        let mut none = Sum::default();
+        none.bucket(&state);
+        assert_eq!((one.instances, none.instances), (1.0, 0.0));
+        let figures = |s: &Sum| {
+            (
+                (
+                    s.configured,
+                    s.effective,
+                    s.tokens,
+                    s.max_in_flight,
+                    s.in_flight,
+                ),
+                (s.has_rate, s.has_slots, s.paused, s.frozen, s.lowest_share),
+                (s.grants, s.throttled, s.freezes),
+            )
+        };
+        assert_eq!(figures(&none), figures(&one));
+        assert_eq!(figures(&none).2, (3, 1, 1));
+        assert!(none.known);
     }
 
     #[tokio::test(start_paused = true)]
