@@ -1205,51 +1205,120 @@ async fn broker_on(node: &str, etcd: &[String], prefix: &str, tenants: &[String]
     Broker::start(&temp_config(&format!("cluster-{node}-{port}"), &toml)).await
 }
 
+/// Three etcd members, a follower listed first (the member the brokers'
+/// calls go to first, and one whose loss costs etcd no election: during
+/// one every member stalls); two brokers on them, `first` leading tenant
+/// t0 and `other` sending callers to it; a spender on each granting until
+/// [`MembersUnderLoad::finish`].
+struct MembersUnderLoad {
+    members: Vec<testsvc::Etcd>,
+    /// The follower listed first.
+    follower: usize,
+    endpoints: Vec<String>,
+    tenants: Vec<String>,
+    brokers: Vec<Broker>,
+    urls: Vec<String>,
+    first: String,
+    other: String,
+    grants: Grants,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    load: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl MembersUnderLoad {
+    async fn start(prefix: &str) -> MembersUnderLoad {
+        let members = testsvc::Etcd::start_members(3).unwrap();
+        let follower = members
+            .iter()
+            .position(|m| !m.is_leader())
+            .expect("two of three members follow");
+        let mut endpoints: Vec<String> = members.iter().map(testsvc::Etcd::url).collect();
+        endpoints.swap(0, follower);
+        let tenants = vec!["t0".to_owned()];
+        let mut brokers = Vec::new();
+        for node in ["b1", "b2"] {
+            brokers.push(broker_on(node, &endpoints, prefix, &tenants).await);
+        }
+        let urls: Vec<String> = brokers.iter().map(Broker::url).collect();
+        let first = settled_leader(&urls, "t0").await;
+        let other = urls.iter().find(|u| **u != first).cloned().unwrap();
+        let grants = Grants::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut load = Vec::new();
+        for url in urls.clone() {
+            let (grants, stop) = (grants.clone(), stop.clone());
+            load.push(tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match client(&url).acquire(rate_call("t0", "spender", 100)).await {
+                        Ok(r) if r.get_ref().granted => grants.push(&url),
+                        Ok(_) => {}
+                        Err(s) if away(&s) => crate::harness::poll_pause().await,
+                        Err(s) => panic!("{url}: {s}"),
+                    }
+                }
+            }));
+        }
+        grants.until(&first, 5, Instant::now()).await;
+        MembersUnderLoad {
+            members,
+            follower,
+            endpoints,
+            tenants,
+            brokers,
+            urls,
+            first,
+            other,
+            grants,
+            stop,
+            load,
+        }
+    }
+
+    /// The longest time between grants from `from` to `until`, each from
+    /// the leader.
+    fn longest_gap(&self, from: Instant, until: Instant) -> Duration {
+        let mut last = from;
+        let mut gap = Duration::ZERO;
+        for (t, u) in self.grants.all() {
+            if t > from && t <= until {
+                assert_eq!(u, self.first, "granted by {u}, not the leader");
+                gap = gap.max(t - last);
+                last = t;
+            }
+        }
+        gap.max(until - last)
+    }
+
+    /// Stops the load and the brokers (each must exit 0); their logs.
+    async fn finish(self) -> String {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for l in self.load {
+            tokio::time::timeout(Duration::from_secs(30), l)
+                .await
+                .expect("load stops")
+                .unwrap();
+        }
+        let mut logs = String::new();
+        for b in self.brokers {
+            let (status, log) = b.terminate().await;
+            assert!(status.success(), "{log}");
+            logs.push_str(&log);
+        }
+        logs
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_etcd_member_of_three_down_leaves_the_leader_leading_and_quorum_back_brings_one_back_at_once(
 ) {
-    let mut members = testsvc::Etcd::start_members(3).unwrap();
-    // A follower listed first: the member the brokers' calls go to first,
-    // and one whose loss costs etcd no election (during one every member
-    // stalls).
-    let down = members
-        .iter()
-        .position(|m| !m.is_leader())
-        .expect("two of three members follow");
-    let mut endpoints: Vec<String> = members.iter().map(testsvc::Etcd::url).collect();
-    endpoints.swap(0, down);
-    let prefix = "/qb-test-member-down";
-    let tenants = vec!["t0".to_owned()];
-    let mut brokers = Vec::new();
-    for node in ["b1", "b2"] {
-        brokers.push(broker_on(node, &endpoints, prefix, &tenants).await);
-    }
-    let urls: Vec<String> = brokers.iter().map(Broker::url).collect();
-    let first = settled_leader(&urls, "t0").await;
-    let other = urls.iter().find(|u| **u != first).cloned().unwrap();
-    let grants = Grants::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut load = Vec::new();
-    for url in urls.clone() {
-        let (grants, stop) = (grants.clone(), stop.clone());
-        load.push(tokio::spawn(async move {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match client(&url).acquire(rate_call("t0", "spender", 100)).await {
-                    Ok(r) if r.get_ref().granted => grants.push(&url),
-                    Ok(_) => {}
-                    Err(s) if away(&s) => crate::harness::poll_pause().await,
-                    Err(s) => panic!("{url}: {s}"),
-                }
-            }
-        }));
-    }
-    grants.until(&first, 5, Instant::now()).await;
-
-    members[down].stop();
+    let mut m = MembersUnderLoad::start("/qb-test-member-down").await;
+    let down = m.follower;
+    m.members[down].stop();
     let stopped_at = Instant::now();
     // For three lease TTLs: the leader leads at every poll, the other
     // broker sends callers to it, and its grants go on unbroken.
     let window = stopped_at + Duration::from_millis(3 * TTL_MS);
+    let (first, other) = (m.first.clone(), m.other.clone());
     while Instant::now() < window {
         assert_eq!(
             leads(&first, "t0").await,
@@ -1260,16 +1329,7 @@ async fn one_etcd_member_of_three_down_leaves_the_leader_leading_and_quorum_back
         assert_eq!(leads(&other, "t0").await, Err(Some(first.clone())));
         crate::harness::poll_pause().await;
     }
-    let mut last = stopped_at;
-    let mut gap = Duration::ZERO;
-    for (t, u) in grants.all() {
-        if t > stopped_at && t <= window {
-            assert_eq!(u, first, "granted by {u}, not the leader");
-            gap = gap.max(t - last);
-            last = t;
-        }
-    }
-    gap = gap.max(window - last);
+    let gap = m.longest_gap(stopped_at, window);
     eprintln!("one etcd member down: the longest gap between grants {gap:?}");
     assert!(gap < Duration::from_secs(1), "grants stopped for {gap:?}");
 
@@ -1277,12 +1337,12 @@ async fn one_etcd_member_of_three_down_leaves_the_leader_leading_and_quorum_back
     // back restores it, and a broker leads and grants again within about
     // a tick of etcd serving, not after a backoff grown meanwhile.
     let second = (0..3).find(|i| *i != down).unwrap();
-    members[second].stop();
+    m.members[second].stop();
     let lost_at = Instant::now();
     let deadline = lost_at + Duration::from_millis(TTL_MS + 1_000);
     loop {
         let mut led = false;
-        for u in &urls {
+        for u in &m.urls {
             led |= leads(u, "t0").await.is_ok();
         }
         if !led {
@@ -1294,12 +1354,13 @@ async fn one_etcd_member_of_three_down_leaves_the_leader_leading_and_quorum_back
         );
         crate::harness::poll_pause().await;
     }
-    members[down].resume().unwrap();
+    m.members[down].resume().unwrap();
     let serving_at = Instant::now();
     eprintln!("etcd quorum lost for {:?}", serving_at - lost_at);
-    let again = leader(&urls, "t0").await;
-    grants.until(&again, 1, serving_at).await;
-    let back = grants
+    let again = leader(&m.urls, "t0").await;
+    m.grants.until(&again, 1, serving_at).await;
+    let back = m
+        .grants
         .all()
         .iter()
         .find(|(t, _)| *t > serving_at)
@@ -1310,17 +1371,7 @@ async fn one_etcd_member_of_three_down_leaves_the_leader_leading_and_quorum_back
         back < Duration::from_millis(2 * TTL_MS),
         "first grant {back:?} after the quorum was back"
     );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for l in load {
-        tokio::time::timeout(Duration::from_secs(30), l)
-            .await
-            .expect("load stops")
-            .unwrap();
-    }
-    for b in brokers {
-        let (status, log) = b.terminate().await;
-        assert!(status.success(), "{log}");
-    }
+    m.finish().await;
 }
 
 /// Lets a frozen etcd member run again when dropped, so a failing test
@@ -1346,43 +1397,9 @@ impl Drop for Frozen<'_> {
 /// leader keeps its tenant and grants on, unbroken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_etcd_member_leaves_the_leader_leading() {
-    let members = testsvc::Etcd::start_members(3).unwrap();
-    // A follower listed first, as in the test of a member down: the
-    // brokers' calls go there, and freezing it costs etcd no election.
-    let frozen = members
-        .iter()
-        .position(|m| !m.is_leader())
-        .expect("two of three members follow");
-    let mut endpoints: Vec<String> = members.iter().map(testsvc::Etcd::url).collect();
-    endpoints.swap(0, frozen);
-    let prefix = "/qb-test-member-frozen";
-    let tenants = vec!["t0".to_owned()];
-    let mut brokers = Vec::new();
-    for node in ["b1", "b2"] {
-        brokers.push(broker_on(node, &endpoints, prefix, &tenants).await);
-    }
-    let urls: Vec<String> = brokers.iter().map(Broker::url).collect();
-    let first = settled_leader(&urls, "t0").await;
-    let other = urls.iter().find(|u| **u != first).cloned().unwrap();
-    let grants = Grants::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut load = Vec::new();
-    for url in urls.clone() {
-        let (grants, stop) = (grants.clone(), stop.clone());
-        load.push(tokio::spawn(async move {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match client(&url).acquire(rate_call("t0", "spender", 100)).await {
-                    Ok(r) if r.get_ref().granted => grants.push(&url),
-                    Ok(_) => {}
-                    Err(s) if away(&s) => crate::harness::poll_pause().await,
-                    Err(s) => panic!("{url}: {s}"),
-                }
-            }
-        }));
-    }
-    grants.until(&first, 5, Instant::now()).await;
-
-    let frozen_member = Frozen::freeze(&members[frozen]);
+    let m = MembersUnderLoad::start("/qb-test-member-frozen").await;
+    let (first, other) = (m.first.clone(), m.other.clone());
+    let frozen_member = Frozen::freeze(&m.members[m.follower]);
     let frozen_at = Instant::now();
     let window = frozen_at + Duration::from_millis(3 * TTL_MS);
     let mut lapses = Vec::new();
@@ -1397,36 +1414,21 @@ async fn a_frozen_etcd_member_leaves_the_leader_leading() {
     // leads at its first try, its first call passed on from the frozen
     // member within the call's bound.
     let started_at = Instant::now();
-    let late = broker_on("b3", &endpoints, "/qb-test-member-frozen-late", &tenants).await;
+    let late = broker_on(
+        "b3",
+        &m.endpoints,
+        "/qb-test-member-frozen-late",
+        &m.tenants,
+    )
+    .await;
     leader(&[late.url()], "t0").await;
     let late_lead = started_at.elapsed();
     drop(frozen_member);
     let (_, late_log) = late.terminate().await;
     eprintln!("a broker started with the member frozen led after {late_lead:?}");
-    let mut last = frozen_at;
-    let mut gap = Duration::ZERO;
-    for (t, u) in grants.all() {
-        if t > frozen_at && t <= window {
-            assert_eq!(u, first, "granted by {u}, not the leader");
-            gap = gap.max(t - last);
-            last = t;
-        }
-    }
-    gap = gap.max(window - last);
+    let gap = m.longest_gap(frozen_at, window);
     eprintln!("one etcd member frozen: the longest gap between grants {gap:?}");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for l in load {
-        tokio::time::timeout(Duration::from_secs(30), l)
-            .await
-            .expect("load stops")
-            .unwrap();
-    }
-    let mut logs = String::new();
-    for b in brokers {
-        let (status, log) = b.terminate().await;
-        assert!(status.success(), "{log}");
-        logs.push_str(&log);
-    }
+    let logs = m.finish().await;
     assert!(
         lapses.is_empty(),
         "{first} stopped leading with an etcd member frozen: {lapses:?}\n{logs}"
