@@ -620,20 +620,36 @@ async fn the_page_keeps_its_token_out_of_urls() {
     use super::observe::{config, tokens_config, TOKEN};
     let playwright = tokio::task::spawn_blocking(install).await.unwrap();
     let b = start(&config(&tokens_config())).await;
-    let script = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-token-test.js");
-    std::fs::write(&script, TOKEN_SCRIPT).unwrap();
+    let args = [format!("http://{}/", b.http), TOKEN.to_owned()];
+    let out = node("dashboard-token-test.js", TOKEN_SCRIPT, &args, &playwright).await;
+    b.stop().await;
+    assert_said_ok(&out);
+}
+
+/// Runs the node script `source` (written to `name`) with `args` and the
+/// Playwright install at `playwright`, for at most [`LIMIT`].
+async fn node(
+    name: &str,
+    source: &str,
+    args: &[String],
+    playwright: &Path,
+) -> std::process::Output {
+    let script = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::write(&script, source).unwrap();
     let run = tokio::process::Command::new("node")
         .arg(&script)
-        .arg(format!("http://{}/", b.http))
-        .arg(TOKEN)
-        .env("PW_DIR", &playwright)
+        .args(args)
+        .env("PW_DIR", playwright)
         .kill_on_drop(true)
         .output();
-    let out = tokio::time::timeout(LIMIT, run)
+    tokio::time::timeout(LIMIT, run)
         .await
         .unwrap_or_else(|_| panic!("the browser session took over {LIMIT:?}"))
-        .unwrap_or_else(|e| panic!("cannot run node: {e}"));
-    b.stop().await;
+        .unwrap_or_else(|e| panic!("cannot run node: {e}"))
+}
+
+/// The script exited 0 having printed `OK` alone.
+fn assert_said_ok(out: &std::process::Output) {
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "OK",
         "node said:\n{}\n{}",
@@ -782,28 +798,21 @@ async fn a_page_opened_later_counts_dropped_oauth_clients_only_while_they_existe
         })
         .await;
     }
-    let script = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-dropped-test.js");
-    std::fs::write(&script, DROPPED_SCRIPT).unwrap();
-    let run = tokio::process::Command::new("node")
-        .arg(&script)
-        .arg(format!("http://{}/", b.http))
+    let args = [
+        format!("http://{}/", b.http),
         // One instance at a time, of 600/min each.
-        .arg("600")
-        .arg((clients.len() - 1).to_string())
-        .env("PW_DIR", &playwright)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(LIMIT, run)
-        .await
-        .unwrap_or_else(|_| panic!("the browser session took over {LIMIT:?}"))
-        .unwrap_or_else(|e| panic!("cannot run node: {e}"));
+        "600".to_owned(),
+        (clients.len() - 1).to_string(),
+    ];
+    let out = node(
+        "dashboard-dropped-test.js",
+        DROPPED_SCRIPT,
+        &args,
+        &playwright,
+    )
+    .await;
     b.stop().await;
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "OK",
-        "node said:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_said_ok(&out);
 }
 
 /// Eight tabs of the dashboard in one browser (one context), each opened
