@@ -161,22 +161,30 @@ impl UpstreamFile {
              each per {WINDOW_MS} ms): the file must document those (what it enforces is free)"
         );
         if (org.token_permits, org.token_window_ms) != (TOKEN_PERMITS, WINDOW_MS) {
-            return Err(bad(documented));
-        }
-        let family = |name: &str, permits: u64| {
-            org.families
-                .iter()
-                .find(|f| f.name == name)
-                .filter(|f| (f.documented_permits, f.window_ms) == (permits, WINDOW_MS))
-        };
-        let (Some(analytics), Some(_)) = (
-            family(ANALYTICS, ANALYTICS_DOCUMENTED),
-            family(WRITES, WRITES_PERMITS),
-        ) else {
             return Err(bad(format!(
-                "needs families {ANALYTICS} and {WRITES}; {documented}"
+                "[[orgs]] id = \"{ORG}\": token_permits = {}, token_window_ms = {} must be \
+                 {TOKEN_PERMITS} and {WINDOW_MS}: {documented}",
+                org.token_permits, org.token_window_ms
             )));
+        }
+        // Each key that differs is named with what it must be.
+        let family = |name: &str, permits: u64| {
+            let Some(f) = org.families.iter().find(|f| f.name == name) else {
+                return Err(bad(format!(
+                    "needs families {ANALYTICS} and {WRITES} (no {name}); {documented}"
+                )));
+            };
+            if (f.documented_permits, f.window_ms) != (permits, WINDOW_MS) {
+                return Err(bad(format!(
+                    "family {name}: documented_permits = {}, window_ms = {} must be {permits} \
+                     and {WINDOW_MS}: {documented}",
+                    f.documented_permits, f.window_ms
+                )));
+            }
+            Ok(f)
         };
+        let analytics = family(ANALYTICS, ANALYTICS_DOCUMENTED)?;
+        family(WRITES, WRITES_PERMITS)?;
         let mut steps = analytics.schedule.clone();
         steps.sort_by_key(|s| s.at_ms);
         let mut from = analytics
@@ -607,6 +615,12 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let err = UpstreamFile::load(&path).unwrap_err().to_string();
         assert!(err.contains("must document"), "{err}");
+        // The key that differs, and what it must be.
+        assert!(
+            err.contains("family analytics-query: documented_permits = 50"),
+            "{err}"
+        );
+        assert!(err.contains("must be 60 and 60000"), "{err}");
         std::fs::write(&path, "[[orgs]]\nid = \"org-b\"").unwrap();
         assert!(UpstreamFile::load(&path).is_err());
         let fixed = std::fs::read_to_string(shipped("genesys-fixed.toml")).unwrap();
