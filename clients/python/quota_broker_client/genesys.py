@@ -67,8 +67,28 @@ NO_RETRIES = urllib3.util.Retry(
 
 
 def default_should_lease(method, path):
-    """Leases Genesys Cloud API calls (``/api/...``), not the OAuth token requests."""
+    """Leases Genesys Cloud API calls (``/api/...``), not the OAuth token requests.
+
+    ``path`` is the request's path after the ApiClient's base path (the
+    path of its ``host``, or of its API gateway's ``path_params_api``).
+    """
     return path.startswith("/api/")
+
+
+def _is_oauth_path(path):
+    return "/oauth/" in path or path.endswith("/oauth")
+
+
+def api_base_path(api_client):
+    """The path the ApiClient puts before ``/api/v2/...``: its ``host``'s path, or its
+    gateway's (``set_gateway(..., path_params_api)``); "" when none."""
+    if api_client is None:
+        return ""
+    try:
+        base = api_client.get_conf_url("api", api_client.host)
+    except Exception:  # an SDK without get_conf_url, or a half-configured gateway
+        base = getattr(api_client, "host", "") or ""
+    return (urlsplit(base).path or "").rstrip("/")
 
 
 def disable_retries(http_client):
@@ -109,6 +129,7 @@ class LeasedHttpClient(_Base):
         self.priority_class = priority_class
         self.max_wait_ms = max_wait_ms
         self.should_lease = should_lease
+        self._warned_unleased = False
         self.retries_disabled = disable_retries(inner)
         if not self.retries_disabled:
             log.warning(
@@ -131,10 +152,20 @@ class LeasedHttpClient(_Base):
             return self.oauth_client
         return getattr(self.api_client, "client_id", "") or ""
 
+    def api_path(self, url):
+        """The path the broker routes on: the URL's path after the ApiClient's base path
+        (a gateway's or ``host``'s path prefix), so ``/genesys/api/v2/x`` is ``/api/v2/x``."""
+        path = urlsplit(url).path or "/"
+        prefix = api_base_path(self.api_client)
+        if prefix and path.startswith(prefix + "/"):
+            path = path[len(prefix):]
+        return path
+
     def request(self, http_request_options):
         method = str(http_request_options.method).upper()
-        path = urlsplit(http_request_options.url).path or "/"
+        path = self.api_path(http_request_options.url)
         if not self.should_lease(method, path):
+            self._warn_unleased(method, path)
             return self.inner.request(http_request_options)
         oauth_client = self._oauth_client()
         # Broker unreachable: a fallback lease from the local limiter (paced, never unlimited).
@@ -159,6 +190,18 @@ class LeasedHttpClient(_Base):
             raise
         finally:
             ctx.__exit__(*exc_info)
+
+    def _warn_unleased(self, method, path):
+        # With the default rule, a request that is neither an API call nor an
+        # OAuth request is most likely an API call under a path prefix the
+        # adapter does not know of: say so once rather than send calls unleased silently.
+        if self._warned_unleased or self.should_lease is not default_should_lease or _is_oauth_path(path):
+            return
+        self._warned_unleased = True
+        log.warning("%s %s goes out unleased: its path, after the ApiClient's base path %r, does not "
+                    "start with /api/ (a host or gateway path the adapter does not see? pass "
+                    "should_lease= to choose what is leased); not logged again",
+                    method, path, api_base_path(self.api_client))
 
     def _report(self, lease, status, headers, body=None):
         if not 100 <= int(status) <= 599:

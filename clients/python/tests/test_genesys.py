@@ -243,3 +243,38 @@ def test_broker_killed_sdk_calls_are_paced_and_reported_when_it_is_back(start_br
         assert bucket(broker, "per-client", OAUTH_CLIENT).reports_total == 7
     finally:
         broker.close()
+
+
+@pytest.mark.parametrize("via", ["gateway", "host"])
+def test_calls_behind_a_gateway_or_host_path_are_leased_on_the_api_path(broker, fake_api, via, caplog):
+    # The SDK puts the gateway's path_params_api (or the host's path) before /api/v2/...;
+    # the broker routes on /api/v2/..., so the adapter strips that prefix.
+    caplog.set_level(logging.WARNING, logger="quota_broker_client")
+    api = fake_api([OK])
+    if via == "gateway":
+        api_client = api_client_for("https://api.mypurecloud.example")
+        port = api.server.server_address[1]
+        api_client.set_gateway("127.0.0.1", "http", port, "genesys-login", "genesys")
+    else:
+        api_client = api_client_for(api.url + "/genesys")
+    genesys.instrument(api_client, broker, TENANT, client_id="ingest-1", oauth_client=OAUTH_CLIENT)
+    result = gc.ConversationsApi(api_client).post_analytics_conversations_details_query(query_body())
+    assert result.total_hits == 0
+    assert [(m, p) for m, p, _, _ in api.requests] == [("POST", "/genesys" + ANALYTICS_QUERY)]
+    aq = bucket(broker, "analytics-query")
+    assert (aq.granted_total, aq.reports_total, aq.in_flight) == (1, 1, 0)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_unleased_non_api_request_warns_once(broker, fake_api, caplog):
+    caplog.set_level(logging.WARNING, logger="quota_broker_client")
+    api = fake_api([(200, {}, {})] * 3)
+    wrapper = genesys.instrument(api_client_for(api.url), broker, TENANT, client_id="c")
+    from PureCloudPlatformClientV2.http_request_options import HttpRequestOptions
+
+    for path in ("/oauth/token", "/elsewhere/api/v2/x", "/elsewhere/api/v2/y"):
+        wrapper.request(HttpRequestOptions(url=api.url + path, method="GET"))
+    assert len(api.requests) == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "/elsewhere/api/v2/x goes out unleased" in warnings[0], warnings
+    assert all(b.reports_total == 0 for b in broker.list_buckets(TENANT))
