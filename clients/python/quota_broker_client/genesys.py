@@ -27,6 +27,14 @@ broker would never see the 429. ``instrument`` replaces that pool manager's
 retries with ``NO_RETRIES`` (no retries on errors or statuses; redirects
 still followed), so each HTTP attempt is one lease and one report.
 
+Timeout: ``RESTClientObject`` never passes the http client's ``timeout``
+to urllib3, so an upstream that accepts and never answers would hold the
+call, and its lease's slots (renewed in the background), forever.
+The adapter puts the timeout on the pool manager (``connection_pool_kw``,
+as ``urllib3.Timeout(total=...)``): the wrapper's ``timeout``, in
+milliseconds as the SDK's own default (16000) is, taken from the wrapped
+client at ``instrument`` and changed with ``set_timeout(ms)``.
+
 Broker unreachable: the leases come from the QuotaBroker's local fallback
 limiter (half the rate granted over the last minute, at least 6/min, never
 unlimited; see ``quota_broker_client.FallbackSettings``), and the outcomes
@@ -91,6 +99,22 @@ def api_base_path(api_client):
     return (urlsplit(base).path or "").rstrip("/")
 
 
+#: The SDK's default http client timeout (AbstractHttpClient.timeout), in milliseconds.
+DEFAULT_TIMEOUT_MS = 16000
+
+
+def apply_timeout(http_client, timeout_ms):
+    """Makes an SDK http client's urllib3 requests time out after ``timeout_ms``. True if done."""
+    rest = getattr(http_client, "rest_client", None)
+    pool = getattr(rest, "pool_manager", None)
+    kw = getattr(pool, "connection_pool_kw", None)
+    if kw is None:
+        return False
+    kw["timeout"] = urllib3.Timeout(total=timeout_ms / 1000.0) if timeout_ms else urllib3.Timeout()
+    pool.clear()  # pools made before carry the old timeout
+    return True
+
+
 def disable_retries(http_client):
     """Turns off urllib3 retries in an SDK http client (DefaultHttpClient). True if done."""
     rest = getattr(http_client, "rest_client", None)
@@ -136,10 +160,20 @@ class LeasedHttpClient(_Base):
                 "could not find urllib3 retries in %r; make sure it does not retry 429s itself",
                 type(inner).__name__,
             )
+        self.timeout = getattr(inner, "timeout", None) or DEFAULT_TIMEOUT_MS
+        self.timeout_applied = apply_timeout(inner, self.timeout)
 
-    # Hooks and timeout belong to the wrapped client, which applies them.
     def set_timeout(self, timeout):
-        self.inner.set_timeout(timeout)
+        """Milliseconds (as the SDK's default, 16000), applied to the urllib3 requests."""
+        if _Base is not object:
+            super().set_timeout(timeout)
+        self.timeout = timeout
+        setter = getattr(self.inner, "set_timeout", None)
+        if callable(setter):
+            setter(timeout)
+        self.timeout_applied = apply_timeout(self.inner, timeout)
+
+    # Hooks belong to the wrapped client, which applies them.
 
     def set_pre_request_hook(self, hook):
         self.inner.set_pre_request_hook(hook)

@@ -9,6 +9,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
+import urllib3
 import pytest
 
 gc = pytest.importorskip("PureCloudPlatformClientV2")
@@ -278,3 +279,72 @@ def test_unleased_non_api_request_warns_once(broker, fake_api, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "/elsewhere/api/v2/x goes out unleased" in warnings[0], warnings
     assert all(b.reports_total == 0 for b in broker.list_buckets(TENANT))
+
+
+class SilentServer:
+    """Accepts connections and reads requests, never answers (a hung upstream)."""
+
+    def __init__(self):
+        import socket
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.conns = []
+        self.accepted = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            self.accepted.set()
+
+    def close(self):
+        import socket
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+        except OSError:
+            pass
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+        self.thread.join(5)
+
+
+def test_a_hung_upstream_times_out_and_releases_the_slot(broker):
+    # RESTClientObject never gives urllib3 a timeout: without the adapter's, this call
+    # (and its renewed slot in the one-slot bucket) would hang for ever.
+    server = SilentServer()
+    try:
+        api_client = api_client_for(server.url)
+        wrapper = genesys.instrument(api_client, broker, TENANT, client_id="c", max_wait_ms=0)
+        api_client.get_http_client().set_timeout(500)  # milliseconds, as the SDK's default 16000
+        outcome = []
+
+        def call():
+            try:
+                api_client.call_api(SINGLE_PATH, "GET", header_params={}, auth_settings=["PureCloud OAuth"])
+                outcome.append("answered")
+            except Exception as e:
+                outcome.append(e)
+
+        t = threading.Thread(target=call, daemon=True)
+        t.start()
+        assert server.accepted.wait(10)
+        assert bucket(broker, "single").in_flight == 1
+        t.join(10)
+        assert not t.is_alive(), "the SDK call to a hung upstream did not time out"
+        assert isinstance(outcome[0], urllib3.exceptions.HTTPError), outcome
+        assert bucket(broker, "single").in_flight == 0
+        with broker.lease(TENANT, "GET", SINGLE_PATH, client_id="next", max_wait_ms=0):
+            pass
+        assert wrapper.timeout == 500 and wrapper.timeout_applied
+        assert genesys.instrument(api_client_for(server.url), broker, TENANT,
+                                  client_id="c").timeout == genesys.DEFAULT_TIMEOUT_MS
+    finally:
+        server.close()
