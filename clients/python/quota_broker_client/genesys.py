@@ -160,6 +160,12 @@ class LeasedHttpClient(_Base):
                 "could not find urllib3 retries in %r; make sure it does not retry 429s itself",
                 type(inner).__name__,
             )
+        # The hooks run here, around the leased call: a post-request hook that
+        # raises must not lose the report of a call the upstream served.
+        self.pre_hook = getattr(inner, "pre_hook", None)
+        self.post_hook = getattr(inner, "post_hook", None)
+        if self.pre_hook is not None or self.post_hook is not None:
+            inner.pre_hook = inner.post_hook = None
         self.timeout = getattr(inner, "timeout", None) or DEFAULT_TIMEOUT_MS
         self.timeout_applied = apply_timeout(inner, self.timeout)
 
@@ -173,13 +179,9 @@ class LeasedHttpClient(_Base):
             setter(timeout)
         self.timeout_applied = apply_timeout(self.inner, timeout)
 
-    # Hooks belong to the wrapped client, which applies them.
-
-    def set_pre_request_hook(self, hook):
-        self.inner.set_pre_request_hook(hook)
-
-    def set_post_request_hook(self, hook):
-        self.inner.set_post_request_hook(hook)
+    # set_pre_request_hook / set_post_request_hook: the SDK's (AbstractHttpClient),
+    # kept on this wrapper, which runs them: the pre-request hook before the
+    # lease (it may change the URL), the post-request hook after the report.
 
     def _oauth_client(self):
         if self.oauth_client is not None:
@@ -196,6 +198,14 @@ class LeasedHttpClient(_Base):
         return path
 
     def request(self, http_request_options):
+        if callable(self.pre_hook):
+            http_request_options = self.pre_hook(http_request_options)
+        response = self._request(http_request_options)
+        if callable(self.post_hook):
+            response = self.post_hook(response)
+        return response
+
+    def _request(self, http_request_options):
         method = str(http_request_options.method).upper()
         path = self.api_path(http_request_options.url)
         if not self.should_lease(method, path):

@@ -348,3 +348,38 @@ def test_a_hung_upstream_times_out_and_releases_the_slot(broker):
                                   client_id="c").timeout == genesys.DEFAULT_TIMEOUT_MS
     finally:
         server.close()
+
+
+class HookFailed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("when", ["before-instrument", "after-instrument"])
+def test_a_raising_post_request_hook_does_not_lose_the_report(broker, fake_api, when):
+    api = fake_api([OK, OK])
+    api_client = api_client_for(api.url)
+    seen = []
+
+    def pre_hook(options):
+        seen.append(("pre", options.url))
+        return options
+
+    def post_hook(response):
+        seen.append(("post", response.status))
+        raise HookFailed("the user's hook")
+
+    if when == "before-instrument":
+        api_client.get_http_client().set_pre_request_hook(pre_hook)
+        api_client.get_http_client().set_post_request_hook(post_hook)
+    genesys.instrument(api_client, broker, TENANT, client_id="ingest-1", oauth_client=OAUTH_CLIENT)
+    if when == "after-instrument":
+        api_client.get_http_client().set_pre_request_hook(pre_hook)
+        api_client.get_http_client().set_post_request_hook(post_hook)
+    conversations = gc.ConversationsApi(api_client)
+    for n in (1, 2):
+        with pytest.raises(HookFailed):
+            conversations.post_analytics_conversations_details_query(query_body())
+        assert len(api.requests) == n
+        aq = bucket(broker, "analytics-query")
+        assert (aq.granted_total, aq.reports_total, aq.in_flight) == (n, n, 0)
+    assert seen == [("pre", api.url + ANALYTICS_QUERY), ("post", 200)] * 2
