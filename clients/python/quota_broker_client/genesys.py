@@ -282,13 +282,20 @@ def instrument(api_client, broker, tenant, *, client_id, oauth_client=None, prio
     """Makes every HTTP request of ``api_client`` leased and reported; returns the wrapper.
 
     Also turns off the SDK's urllib3 retries (see the module docstring).
-    Calling it twice on the same ApiClient is a no-op returning the wrapper.
+    Calling it twice on the same ApiClient is a no-op returning the wrapper
+    (the first call's settings stay; different ones are logged as a warning).
     While the broker is unreachable, ``broker``'s local fallback limiter
     paces the calls (``fail_open`` is gone: never unlimited).
     """
     _reject_removed(removed, "instrument")
     current = api_client.get_http_client()
     if isinstance(current, LeasedHttpClient):
+        asked = dict(broker=broker, tenant=tenant, client_id=client_id, oauth_client=oauth_client,
+                     priority_class=priority_class, max_wait_ms=max_wait_ms, should_lease=should_lease)
+        differ = sorted(k for k, v in asked.items() if getattr(current, k) is not v and getattr(current, k) != v)
+        if differ:
+            log.warning("instrument(): this ApiClient is already instrumented; keeping its first "
+                        "settings, ignoring the different %s", ", ".join(differ))
         return current
     wrapper = LeasedHttpClient(current, broker, tenant, client_id=client_id,
                                oauth_client=oauth_client, api_client=api_client,

@@ -383,3 +383,17 @@ def test_a_raising_post_request_hook_does_not_lose_the_report(broker, fake_api, 
         aq = bucket(broker, "analytics-query")
         assert (aq.granted_total, aq.reports_total, aq.in_flight) == (n, n, 0)
     assert seen == [("pre", api.url + ANALYTICS_QUERY), ("post", 200)] * 2
+
+
+def test_instrument_twice_with_other_settings_warns_and_keeps_the_first(broker, fake_api, caplog):
+    caplog.set_level(logging.WARNING, logger="quota_broker_client")
+    api_client = api_client_for(fake_api([]).url)
+    wrapper = genesys.instrument(api_client, broker, TENANT, client_id="ingest-1", priority_class="batch")
+    assert genesys.instrument(api_client, broker, TENANT, client_id="ingest-1", priority_class="batch") is wrapper
+    assert not caplog.records  # same settings: a silent no-op
+    assert genesys.instrument(api_client, broker, TENANT, client_id="ingest-2", priority_class="batch",
+                              max_wait_ms=0) is wrapper
+    assert (wrapper.client_id, wrapper.max_wait_ms) == ("ingest-1", None)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "already instrumented" in warnings[0], warnings
+    assert "client_id, max_wait_ms" in warnings[0] and "priority_class" not in warnings[0]
