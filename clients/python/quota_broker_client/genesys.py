@@ -5,9 +5,9 @@
     from quota_broker_client.genesys import instrument
 
     api_client = gc.api_client.ApiClient().get_client_credentials_token(CLIENT_ID, SECRET)
-    broker = QuotaBroker("127.0.0.1:50051")
-    instrument(api_client, broker, tenant="demo", client_id="ingest-1", oauth_client=CLIENT_ID)
-    gc.ConversationsApi(api_client).post_analytics_conversations_details_query(body)  # leased + reported
+    with QuotaBroker("127.0.0.1:50051") as broker:  # close() sends outcomes kept in an outage
+        instrument(api_client, broker, tenant="demo", client_id="ingest-1", oauth_client=CLIENT_ID)
+        gc.ConversationsApi(api_client).post_analytics_conversations_details_query(body)  # leased + reported
 
 How it hooks in (SDK source, PureCloudPlatformClientV2 >= ~200): every HTTP
 request of an ``ApiClient`` (API calls from ``call_api`` and the OAuth token
