@@ -1,4 +1,5 @@
 """The quota-broker client: QuotaBroker, Lease, WatchStream."""
+import atexit
 import collections
 import contextlib
 import logging
@@ -6,6 +7,7 @@ import math
 import threading
 import time
 import uuid
+import weakref
 from urllib.parse import urlsplit
 
 import grpc
@@ -59,6 +61,14 @@ DEFAULT_CHANNEL_OPTIONS = (
 
 # The broker did not answer: these errors mean fall back, not fail.
 _UNREACHABLE = (errors.Unavailable, errors.DeadlineExceeded)
+
+
+def _exit_hook(ref):
+    def flush_at_exit():
+        client = ref()
+        if client is not None:
+            client._flush_at_exit()
+    return flush_at_exit
 
 def _may_have_reached_a_broker(err):
     """Whether a call that got no answer may have been read by a broker: its
@@ -547,6 +557,12 @@ class QuotaBroker:
         # Releases refused as Overloaded, sent by the background sender.
         self._deferred_releases = collections.deque()
         self._prober = None
+        # A process that exits without close() (or `with`) would lose the kept
+        # outcomes silently: at exit they are sent if a broker answers within
+        # _CLOSE_FLUSH_TIMEOUT_S, and what is left is logged. A weak reference,
+        # so the hook does not keep the client alive.
+        self._atexit = _exit_hook(weakref.ref(self))
+        atexit.register(self._atexit)
 
     # -- connections -------------------------------------------------------------
 
@@ -893,6 +909,7 @@ class QuotaBroker:
         """
         with self._flusher_lock:
             self._closed.set()  # the background sender stops after its current call
+        atexit.unregister(self._atexit)
         timeout = min(self.timeout, _CLOSE_FLUSH_TIMEOUT_S)
         for attempt in range(2):
             if not self._has_deferred():
@@ -921,6 +938,26 @@ class QuotaBroker:
     def __exit__(self, *exc):
         self.close()
         return False
+
+    def _flush_at_exit(self):
+        """At interpreter exit without close(): sends the kept outcomes and deferred
+        releases if a broker answers within _CLOSE_FLUSH_TIMEOUT_S, logs what is lost."""
+        if self._closed.is_set() or not self._has_deferred():
+            return
+        deadline = time.monotonic() + _CLOSE_FLUSH_TIMEOUT_S
+        try:
+            # A broker back since the last call: the channel may still be in its
+            # reconnect backoff (up to 2 s), where calls fail at once.
+            grpc.channel_ready_future(self.channel).result(timeout=_CLOSE_FLUSH_TIMEOUT_S)
+            self._send_deferred(timeout=max(0.1, deadline - time.monotonic()))
+        except Exception as e:  # grpc.FutureTimeoutError: nothing answers
+            log.debug("sending kept outcomes at exit failed: %s", e)
+        if self.pending_reports or self._deferred_releases:
+            log.warning("process exiting without QuotaBroker.close(): %d outcomes kept for quota-broker "
+                        "at %s lost (%d releases unsent); it did not answer within %g s "
+                        "(close() it, or use `with QuotaBroker(...)`, while it answers)",
+                        self.pending_reports, self.target, len(self._deferred_releases),
+                        _CLOSE_FLUSH_TIMEOUT_S)
 
     def _call(self, name, request, timeout=None, *, admin=False):
         """Runs the unary RPC ``name`` following the cluster (see ``_call_at``); returns its response."""

@@ -5,9 +5,9 @@
     from quota_broker_client.genesys import instrument
 
     api_client = gc.api_client.ApiClient().get_client_credentials_token(CLIENT_ID, SECRET)
-    broker = QuotaBroker("127.0.0.1:50051")
-    instrument(api_client, broker, tenant="demo", client_id="ingest-1", oauth_client=CLIENT_ID)
-    gc.ConversationsApi(api_client).post_analytics_conversations_details_query(body)  # leased + reported
+    with QuotaBroker("127.0.0.1:50051") as broker:  # close() sends outcomes kept in an outage
+        instrument(api_client, broker, tenant="demo", client_id="ingest-1", oauth_client=CLIENT_ID)
+        gc.ConversationsApi(api_client).post_analytics_conversations_details_query(body)  # leased + reported
 
 How it hooks in (SDK source, PureCloudPlatformClientV2 >= ~200): every HTTP
 request of an ``ApiClient`` (API calls from ``call_api`` and the OAuth token
@@ -26,6 +26,14 @@ silently sleeps out a 429's Retry-After and sends the request again; the
 broker would never see the 429. ``instrument`` replaces that pool manager's
 retries with ``NO_RETRIES`` (no retries on errors or statuses; redirects
 still followed), so each HTTP attempt is one lease and one report.
+
+Timeout: ``RESTClientObject`` never passes the http client's ``timeout``
+to urllib3, so an upstream that accepts and never answers would hold the
+call, and its lease's slots (renewed in the background), forever.
+The adapter puts the timeout on the pool manager (``connection_pool_kw``,
+as ``urllib3.Timeout(total=...)``): the wrapper's ``timeout``, in
+milliseconds as the SDK's own default (16000) is, taken from the wrapped
+client at ``instrument`` and changed with ``set_timeout(ms)``.
 
 Broker unreachable: the leases come from the QuotaBroker's local fallback
 limiter (half the rate granted over the last minute, at least 6/min, never
@@ -67,8 +75,44 @@ NO_RETRIES = urllib3.util.Retry(
 
 
 def default_should_lease(method, path):
-    """Leases Genesys Cloud API calls (``/api/...``), not the OAuth token requests."""
+    """Leases Genesys Cloud API calls (``/api/...``), not the OAuth token requests.
+
+    ``path`` is the request's path after the ApiClient's base path (the
+    path of its ``host``, or of its API gateway's ``path_params_api``).
+    """
     return path.startswith("/api/")
+
+
+def _is_oauth_path(path):
+    return "/oauth/" in path or path.endswith("/oauth")
+
+
+def api_base_path(api_client):
+    """The path the ApiClient puts before ``/api/v2/...``: its ``host``'s path, or its
+    gateway's (``set_gateway(..., path_params_api)``); "" when none."""
+    if api_client is None:
+        return ""
+    try:
+        base = api_client.get_conf_url("api", api_client.host)
+    except Exception:  # an SDK without get_conf_url, or a half-configured gateway
+        base = getattr(api_client, "host", "") or ""
+    return (urlsplit(base).path or "").rstrip("/")
+
+
+#: The SDK's default http client timeout (AbstractHttpClient.timeout), in milliseconds.
+DEFAULT_TIMEOUT_MS = 16000
+
+
+def apply_timeout(http_client, timeout_ms):
+    """Makes an SDK http client's urllib3 requests time out after ``timeout_ms``. True if done."""
+    rest = getattr(http_client, "rest_client", None)
+    pool = getattr(rest, "pool_manager", None)
+    kw = getattr(pool, "connection_pool_kw", None)
+    if kw is None:
+        return False
+    kw["timeout"] = urllib3.Timeout(total=timeout_ms / 1000.0) if timeout_ms else urllib3.Timeout()
+    pool.clear()  # pools made before carry the old timeout
+    return True
 
 
 def disable_retries(http_client):
@@ -109,32 +153,63 @@ class LeasedHttpClient(_Base):
         self.priority_class = priority_class
         self.max_wait_ms = max_wait_ms
         self.should_lease = should_lease
+        self._warned_unleased = False
         self.retries_disabled = disable_retries(inner)
         if not self.retries_disabled:
             log.warning(
                 "could not find urllib3 retries in %r; make sure it does not retry 429s itself",
                 type(inner).__name__,
             )
+        # The hooks run here, around the leased call: a post-request hook that
+        # raises must not lose the report of a call the upstream served.
+        self.pre_hook = getattr(inner, "pre_hook", None)
+        self.post_hook = getattr(inner, "post_hook", None)
+        if self.pre_hook is not None or self.post_hook is not None:
+            inner.pre_hook = inner.post_hook = None
+        self.timeout = getattr(inner, "timeout", None) or DEFAULT_TIMEOUT_MS
+        self.timeout_applied = apply_timeout(inner, self.timeout)
 
-    # Hooks and timeout belong to the wrapped client, which applies them.
     def set_timeout(self, timeout):
-        self.inner.set_timeout(timeout)
+        """Milliseconds (as the SDK's default, 16000), applied to the urllib3 requests."""
+        if _Base is not object:
+            super().set_timeout(timeout)
+        self.timeout = timeout
+        setter = getattr(self.inner, "set_timeout", None)
+        if callable(setter):
+            setter(timeout)
+        self.timeout_applied = apply_timeout(self.inner, timeout)
 
-    def set_pre_request_hook(self, hook):
-        self.inner.set_pre_request_hook(hook)
-
-    def set_post_request_hook(self, hook):
-        self.inner.set_post_request_hook(hook)
+    # set_pre_request_hook / set_post_request_hook: the SDK's (AbstractHttpClient),
+    # kept on this wrapper, which runs them: the pre-request hook before the
+    # lease (it may change the URL), the post-request hook after the report.
 
     def _oauth_client(self):
         if self.oauth_client is not None:
             return self.oauth_client
         return getattr(self.api_client, "client_id", "") or ""
 
+    def api_path(self, url):
+        """The path the broker routes on: the URL's path after the ApiClient's base path
+        (a gateway's or ``host``'s path prefix), so ``/genesys/api/v2/x`` is ``/api/v2/x``."""
+        path = urlsplit(url).path or "/"
+        prefix = api_base_path(self.api_client)
+        if prefix and path.startswith(prefix + "/"):
+            path = path[len(prefix):]
+        return path
+
     def request(self, http_request_options):
+        if callable(self.pre_hook):
+            http_request_options = self.pre_hook(http_request_options)
+        response = self._request(http_request_options)
+        if callable(self.post_hook):
+            response = self.post_hook(response)
+        return response
+
+    def _request(self, http_request_options):
         method = str(http_request_options.method).upper()
-        path = urlsplit(http_request_options.url).path or "/"
+        path = self.api_path(http_request_options.url)
         if not self.should_lease(method, path):
+            self._warn_unleased(method, path)
             return self.inner.request(http_request_options)
         oauth_client = self._oauth_client()
         # Broker unreachable: a fallback lease from the local limiter (paced, never unlimited).
@@ -159,6 +234,18 @@ class LeasedHttpClient(_Base):
             raise
         finally:
             ctx.__exit__(*exc_info)
+
+    def _warn_unleased(self, method, path):
+        # With the default rule, a request that is neither an API call nor an
+        # OAuth request is most likely an API call under a path prefix the
+        # adapter does not know of: say so once rather than send calls unleased silently.
+        if self._warned_unleased or self.should_lease is not default_should_lease or _is_oauth_path(path):
+            return
+        self._warned_unleased = True
+        log.warning("%s %s goes out unleased: its path, after the ApiClient's base path %r, does not "
+                    "start with /api/ (a host or gateway path the adapter does not see? pass "
+                    "should_lease= to choose what is leased); not logged again",
+                    method, path, api_base_path(self.api_client))
 
     def _report(self, lease, status, headers, body=None):
         if not 100 <= int(status) <= 599:
@@ -195,13 +282,20 @@ def instrument(api_client, broker, tenant, *, client_id, oauth_client=None, prio
     """Makes every HTTP request of ``api_client`` leased and reported; returns the wrapper.
 
     Also turns off the SDK's urllib3 retries (see the module docstring).
-    Calling it twice on the same ApiClient is a no-op returning the wrapper.
+    Calling it twice on the same ApiClient is a no-op returning the wrapper
+    (the first call's settings stay; different ones are logged as a warning).
     While the broker is unreachable, ``broker``'s local fallback limiter
     paces the calls (``fail_open`` is gone: never unlimited).
     """
     _reject_removed(removed, "instrument")
     current = api_client.get_http_client()
     if isinstance(current, LeasedHttpClient):
+        asked = dict(broker=broker, tenant=tenant, client_id=client_id, oauth_client=oauth_client,
+                     priority_class=priority_class, max_wait_ms=max_wait_ms, should_lease=should_lease)
+        differ = sorted(k for k, v in asked.items() if getattr(current, k) is not v and getattr(current, k) != v)
+        if differ:
+            log.warning("instrument(): this ApiClient is already instrumented; keeping its first "
+                        "settings, ignoring the different %s", ", ".join(differ))
         return current
     wrapper = LeasedHttpClient(current, broker, tenant, client_id=client_id,
                                oauth_client=oauth_client, api_client=api_client,

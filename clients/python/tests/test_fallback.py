@@ -452,3 +452,50 @@ def test_reports_alone_fall_back_on_a_hung_broker_and_find_it_back(start_broker)
         client.flush_reports()
         b = bucket(client, "per-client", "r")
         assert b.reports_total >= 7
+
+
+EXIT_WITHOUT_CLOSE = r"""
+import logging, sys
+import quota_broker_client as qb
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+broker = qb.QuotaBroker(sys.argv[1])
+assert broker.report("demo", "GET", "/api/v2/users/me", 429, {"Retry-After": "1"}) is None
+assert broker.pending_reports == 1
+print("kept", flush=True)
+sys.stdin.readline()
+# exits without broker.close()
+"""
+
+
+@pytest.mark.parametrize("broker_back", [True, False])
+def test_kept_outcomes_are_sent_or_counted_at_exit_without_close(start_broker, broker_back, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    port = free_port()
+    script = tmp_path / "exit_without_close.py"
+    script.write_text(EXIT_WITHOUT_CLOSE)
+    proc = subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "kept", proc.stderr.read()
+        if broker_back:
+            broker = start_broker(port=port)
+        proc.stdin.write("exit\n")
+        proc.stdin.flush()
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    lost = [line for line in err.splitlines() if "exiting without QuotaBroker.close()" in line]
+    if broker_back:
+        assert not lost, err
+        with broker.client() as client:
+            b = bucket(client, "per-client")
+            assert (b.reports_total, b.throttled_total) == (1, 1)
+    else:
+        assert len(lost) == 1 and "1 outcomes kept" in lost[0] and "lost" in lost[0], err

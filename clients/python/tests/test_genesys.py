@@ -9,6 +9,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
+import urllib3
 import pytest
 
 gc = pytest.importorskip("PureCloudPlatformClientV2")
@@ -243,3 +244,156 @@ def test_broker_killed_sdk_calls_are_paced_and_reported_when_it_is_back(start_br
         assert bucket(broker, "per-client", OAUTH_CLIENT).reports_total == 7
     finally:
         broker.close()
+
+
+@pytest.mark.parametrize("via", ["gateway", "host"])
+def test_calls_behind_a_gateway_or_host_path_are_leased_on_the_api_path(broker, fake_api, via, caplog):
+    # The SDK puts the gateway's path_params_api (or the host's path) before /api/v2/...;
+    # the broker routes on /api/v2/..., so the adapter strips that prefix.
+    caplog.set_level(logging.WARNING, logger="quota_broker_client")
+    api = fake_api([OK])
+    if via == "gateway":
+        api_client = api_client_for("https://api.mypurecloud.example")
+        port = api.server.server_address[1]
+        api_client.set_gateway("127.0.0.1", "http", port, "genesys-login", "genesys")
+    else:
+        api_client = api_client_for(api.url + "/genesys")
+    genesys.instrument(api_client, broker, TENANT, client_id="ingest-1", oauth_client=OAUTH_CLIENT)
+    result = gc.ConversationsApi(api_client).post_analytics_conversations_details_query(query_body())
+    assert result.total_hits == 0
+    assert [(m, p) for m, p, _, _ in api.requests] == [("POST", "/genesys" + ANALYTICS_QUERY)]
+    aq = bucket(broker, "analytics-query")
+    assert (aq.granted_total, aq.reports_total, aq.in_flight) == (1, 1, 0)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_unleased_non_api_request_warns_once(broker, fake_api, caplog):
+    caplog.set_level(logging.WARNING, logger="quota_broker_client")
+    api = fake_api([(200, {}, {})] * 3)
+    wrapper = genesys.instrument(api_client_for(api.url), broker, TENANT, client_id="c")
+    from PureCloudPlatformClientV2.http_request_options import HttpRequestOptions
+
+    for path in ("/oauth/token", "/elsewhere/api/v2/x", "/elsewhere/api/v2/y"):
+        wrapper.request(HttpRequestOptions(url=api.url + path, method="GET"))
+    assert len(api.requests) == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "/elsewhere/api/v2/x goes out unleased" in warnings[0], warnings
+    assert all(b.reports_total == 0 for b in broker.list_buckets(TENANT))
+
+
+class SilentServer:
+    """Accepts connections and reads requests, never answers (a hung upstream)."""
+
+    def __init__(self):
+        import socket
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.conns = []
+        self.accepted = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            self.accepted.set()
+
+    def close(self):
+        import socket
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+        except OSError:
+            pass
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+        self.thread.join(5)
+
+
+def test_a_hung_upstream_times_out_and_releases_the_slot(broker):
+    # RESTClientObject never gives urllib3 a timeout: without the adapter's, this call
+    # (and its renewed slot in the one-slot bucket) would hang for ever.
+    server = SilentServer()
+    try:
+        api_client = api_client_for(server.url)
+        wrapper = genesys.instrument(api_client, broker, TENANT, client_id="c", max_wait_ms=0)
+        api_client.get_http_client().set_timeout(500)  # milliseconds, as the SDK's default 16000
+        outcome = []
+
+        def call():
+            try:
+                api_client.call_api(SINGLE_PATH, "GET", header_params={}, auth_settings=["PureCloud OAuth"])
+                outcome.append("answered")
+            except Exception as e:
+                outcome.append(e)
+
+        t = threading.Thread(target=call, daemon=True)
+        t.start()
+        assert server.accepted.wait(10)
+        assert bucket(broker, "single").in_flight == 1
+        t.join(10)
+        assert not t.is_alive(), "the SDK call to a hung upstream did not time out"
+        assert isinstance(outcome[0], urllib3.exceptions.HTTPError), outcome
+        assert bucket(broker, "single").in_flight == 0
+        with broker.lease(TENANT, "GET", SINGLE_PATH, client_id="next", max_wait_ms=0):
+            pass
+        assert wrapper.timeout == 500 and wrapper.timeout_applied
+        assert genesys.instrument(api_client_for(server.url), broker, TENANT,
+                                  client_id="c").timeout == genesys.DEFAULT_TIMEOUT_MS
+    finally:
+        server.close()
+
+
+class HookFailed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("when", ["before-instrument", "after-instrument"])
+def test_a_raising_post_request_hook_does_not_lose_the_report(broker, fake_api, when):
+    api = fake_api([OK, OK])
+    api_client = api_client_for(api.url)
+    seen = []
+
+    def pre_hook(options):
+        seen.append(("pre", options.url))
+        return options
+
+    def post_hook(response):
+        seen.append(("post", response.status))
+        raise HookFailed("the user's hook")
+
+    if when == "before-instrument":
+        api_client.get_http_client().set_pre_request_hook(pre_hook)
+        api_client.get_http_client().set_post_request_hook(post_hook)
+    genesys.instrument(api_client, broker, TENANT, client_id="ingest-1", oauth_client=OAUTH_CLIENT)
+    if when == "after-instrument":
+        api_client.get_http_client().set_pre_request_hook(pre_hook)
+        api_client.get_http_client().set_post_request_hook(post_hook)
+    conversations = gc.ConversationsApi(api_client)
+    for n in (1, 2):
+        with pytest.raises(HookFailed):
+            conversations.post_analytics_conversations_details_query(query_body())
+        assert len(api.requests) == n
+        aq = bucket(broker, "analytics-query")
+        assert (aq.granted_total, aq.reports_total, aq.in_flight) == (n, n, 0)
+    assert seen == [("pre", api.url + ANALYTICS_QUERY), ("post", 200)] * 2
+
+
+def test_instrument_twice_with_other_settings_warns_and_keeps_the_first(broker, fake_api, caplog):
+    caplog.set_level(logging.WARNING, logger="quota_broker_client")
+    api_client = api_client_for(fake_api([]).url)
+    wrapper = genesys.instrument(api_client, broker, TENANT, client_id="ingest-1", priority_class="batch")
+    assert genesys.instrument(api_client, broker, TENANT, client_id="ingest-1", priority_class="batch") is wrapper
+    assert not caplog.records  # same settings: a silent no-op
+    assert genesys.instrument(api_client, broker, TENANT, client_id="ingest-2", priority_class="batch",
+                              max_wait_ms=0) is wrapper
+    assert (wrapper.client_id, wrapper.max_wait_ms) == ("ingest-1", None)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "already instrumented" in warnings[0], warnings
+    assert "client_id, max_wait_ms" in warnings[0] and "priority_class" not in warnings[0]
