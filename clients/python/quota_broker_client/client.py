@@ -63,12 +63,30 @@ DEFAULT_CHANNEL_OPTIONS = (
 _UNREACHABLE = (errors.Unavailable, errors.DeadlineExceeded)
 
 
-def _exit_hook(ref):
-    def flush_at_exit():
-        client = ref()
-        if client is not None:
-            client._flush_at_exit()
-    return flush_at_exit
+# Clients not closed yet, for the one exit hook below (weak: an exit hook
+# per client would keep one entry each for ever).
+_LIVE = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_all_at_exit():
+    """At interpreter exit: each client not closed sends what it kept, all
+    within one _CLOSE_FLUSH_TIMEOUT_S (in threads of their own: a broker
+    slow to answer many kept outcomes holds the exit no longer), then says
+    what was lost."""
+    clients = [c for c in list(_LIVE) if not c._closed.is_set() and c._has_deferred()]
+    if not clients:
+        return
+    deadline = time.monotonic() + _CLOSE_FLUSH_TIMEOUT_S
+    threads = [threading.Thread(target=c._flush_at_exit, args=(deadline,), daemon=True,
+                                name="quota-broker-exit") for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    for c in clients:
+        c._warn_lost_at_exit()
+
 
 def _may_have_reached_a_broker(err):
     """Whether a call that got no answer may have been read by a broker: its
@@ -561,8 +579,7 @@ class QuotaBroker:
         # outcomes silently: at exit they are sent if a broker answers within
         # _CLOSE_FLUSH_TIMEOUT_S, and what is left is logged. A weak reference,
         # so the hook does not keep the client alive.
-        self._atexit = _exit_hook(weakref.ref(self))
-        atexit.register(self._atexit)
+        _LIVE.add(self)
 
     # -- connections -------------------------------------------------------------
 
@@ -909,7 +926,7 @@ class QuotaBroker:
         """
         with self._flusher_lock:
             self._closed.set()  # the background sender stops after its current call
-        atexit.unregister(self._atexit)
+        _LIVE.discard(self)
         timeout = min(self.timeout, _CLOSE_FLUSH_TIMEOUT_S)
         for attempt in range(2):
             if not self._has_deferred():
@@ -939,19 +956,20 @@ class QuotaBroker:
         self.close()
         return False
 
-    def _flush_at_exit(self):
+    def _flush_at_exit(self, deadline):
         """At interpreter exit without close(): sends the kept outcomes and deferred
-        releases if a broker answers within _CLOSE_FLUSH_TIMEOUT_S, logs what is lost."""
-        if self._closed.is_set() or not self._has_deferred():
-            return
-        deadline = time.monotonic() + _CLOSE_FLUSH_TIMEOUT_S
+        releases if a broker answers before ``deadline`` (time.monotonic())."""
         try:
             # A broker back since the last call: the channel may still be in its
             # reconnect backoff (up to 2 s), where calls fail at once.
-            grpc.channel_ready_future(self.channel).result(timeout=_CLOSE_FLUSH_TIMEOUT_S)
+            grpc.channel_ready_future(self.channel).result(
+                timeout=max(0.0, deadline - time.monotonic()))
             self._send_deferred(timeout=max(0.1, deadline - time.monotonic()))
         except Exception as e:  # grpc.FutureTimeoutError: nothing answers
             log.debug("sending kept outcomes at exit failed: %s", e)
+
+    def _warn_lost_at_exit(self):
+        """Says what the exit hook could not send."""
         if self.pending_reports or self._deferred_releases:
             log.warning("process exiting without QuotaBroker.close(): %d outcomes kept for quota-broker "
                         "at %s lost (%d releases unsent); it did not answer within %g s "

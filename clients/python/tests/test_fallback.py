@@ -467,6 +467,16 @@ sys.stdin.readline()
 """
 
 
+def test_clients_not_closed_add_no_exit_hook_each(broker_proc):
+    import atexit
+    before = atexit._ncallbacks()
+    clients = [qb.QuotaBroker(broker_proc.addr) for _ in range(3)]
+    # One hook for every client, registered at import: none per client.
+    assert atexit._ncallbacks() == before
+    for c in clients:
+        c.close()
+
+
 @pytest.mark.parametrize("broker_back", [True, False])
 def test_kept_outcomes_are_sent_or_counted_at_exit_without_close(start_broker, broker_back, tmp_path):
     import subprocess
