@@ -199,6 +199,15 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
             }
         }
     }
+    // A lease granted to a session that failed before it joined: nothing
+    // will join on it now, and a join applied whose answer was lost would
+    // keep this node counted as a member until its TTL.
+    if let Some(id) = node.spare.take() {
+        if let Err(e) = node.etcd.revoke(id).await {
+            tracing::warn!(error = %e, lease = id,
+                "could not revoke a lease no session joined on; its expiry will");
+        }
+    }
 }
 
 struct Node {

@@ -1473,4 +1473,8 @@ async fn a_session_that_fails_after_its_lease_was_granted_does_not_leak_leases()
         "the joins failed otherwise: {log}"
     );
     assert_eq!(leases.len(), 1, "leases held: {leases:?}");
+    // Stopped, it revokes the lease no session joined on (else it lived
+    // out its TTL).
+    let left = cluster.etcd.leases().unwrap();
+    assert!(left.is_empty(), "leases left after the stop: {left:?}");
 }
