@@ -37,10 +37,6 @@ impl EtcdError {
     }
 }
 
-/// etcd's default `--grpc-keepalive-min-time`: a client that pings more
-/// often is sent GOAWAY.
-const ETCD_MIN_PING_INTERVAL: Duration = Duration::from_secs(5);
-
 /// A connection to an etcd cluster (cheap to clone).
 ///
 /// One channel per endpoint, and every call goes to one endpoint, the
@@ -203,18 +199,14 @@ impl Etcd {
                 };
                 // A member that stops answering on a connection already
                 // made (frozen after it was made) is noticed by its
-                // unanswered pings while calls or the keep-alive stream
-                // are open on it: the connection closes, and the next call
-                // to the member needs a new one, which the connector
-                // bounds. A call open on it fails as it would after the
-                // call's bound. Not more often than etcd's default
-                // `--grpc-keepalive-min-time` (5 s), nor on an idle
-                // connection: etcd answers either with GOAWAY
-                // (`too_many_pings`).
+                // unanswered pings, idle or not: the connection closes,
+                // and the next call to the member needs a new one, which
+                // the connector bounds. A call open on it fails as it
+                // would after the call's bound.
                 let channel = endpoint
-                    .http2_keep_alive_interval(timeout.max(ETCD_MIN_PING_INTERVAL))
+                    .http2_keep_alive_interval(timeout)
                     .keep_alive_timeout(timeout)
-                    .keep_alive_while_idle(false)
+                    .keep_alive_while_idle(true)
                     .connect_with_connector_lazy(connector.clone());
                 Ok(Member {
                     url: e.clone(),
