@@ -750,11 +750,12 @@ async fn in_history(http: std::net::SocketAddr, client: &str) -> bool {
     history.contains(&format!("\"oauth_client\":\"{client}\""))
 }
 
-/// Polls `check` until it holds, for at most 10 s.
+/// Polls `check` (the broker's feed and ListBuckets, on the real clock
+/// the browser shares) until it holds, for at most 10 s.
 async fn until<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
     let polled = tokio::time::timeout(Duration::from_secs(10), async {
         while !check().await {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            crate::harness::poll_pause().await;
         }
     })
     .await;

@@ -1148,6 +1148,17 @@ async fn history_of(reader: &mut BufReader<TcpStream>) -> Vec<serde_json::Value>
     .expect("the feed's history came within the limit")
 }
 
+/// Moves a paused clock on by `d` a tenth of a second at a time, letting
+/// the broker's tasks run at each step, so the history's sampler takes each
+/// of its ticks on the way (one `advance` of the whole would wake it once).
+async fn pass_in_steps(d: Duration) {
+    let step = Duration::from_millis(100);
+    for _ in 0..d.as_millis() / step.as_millis() {
+        tokio::time::advance(step).await;
+        tokio::task::yield_now().await;
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_page_opened_later_is_sent_the_last_minutes_of_its_tenants() {
     let b = start(&config(&tokens_config())).await;
@@ -1167,12 +1178,9 @@ async fn a_page_opened_later_is_sent_the_last_minutes_of_its_tenants() {
     };
     let first = grant().await;
     assert!(first.granted, "{}", first.reason);
-    // Paused clock: sleeping moves it from timer to timer, so the history
-    // samples each of its ticks on the way (`advance` would jump past them
-    // in one step and the history would hold fewer points).
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    pass_in_steps(Duration::from_secs(4)).await;
     assert!(grant().await.granted);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    pass_in_steps(Duration::from_secs(4)).await;
     // Just before the page opens: it still sees this.
     let release = quota_broker::pb::ReleaseRequest {
         lease_id: first.lease_id,
