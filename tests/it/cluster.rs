@@ -963,23 +963,7 @@ async fn without_etcd_no_broker_grants_past_its_lease_and_a_leader_returns_with_
     let urls = cluster.urls();
     let first = settled_leader(&urls, "t0").await;
     let grants = Grants::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut load = Vec::new();
-    for url in urls.clone() {
-        let (grants, stop) = (grants.clone(), stop.clone());
-        load.push(tokio::spawn(async move {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match client(&url).acquire(rate_call("t0", "spender", 100)).await {
-                    Ok(r) if r.get_ref().granted => {
-                        grants.push(&url);
-                    }
-                    Ok(_) => {}
-                    Err(s) if away(&s) => crate::harness::poll_pause().await,
-                    Err(s) => panic!("{url}: {s}"),
-                }
-            }
-        }));
-    }
+    let spenders = Spenders::start(&urls, &grants);
     grants.until(&first, 5, Instant::now()).await;
     let stopped_at = Instant::now();
     cluster.etcd.stop();
@@ -1038,12 +1022,47 @@ async fn without_etcd_no_broker_grants_past_its_lease_and_a_leader_returns_with_
         .find(|(t, _)| *t > resumed_at)
         .map(|(t, _)| *t - resumed_at);
     eprintln!("etcd back: {again} leads, first grant {back:?} after");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for l in load {
-        tokio::time::timeout(Duration::from_secs(30), l)
-            .await
-            .expect("load stops")
-            .unwrap();
+    spenders.stop().await;
+}
+
+/// A spender on each broker of `urls`: Acquires of tenant t0's rate
+/// bucket in a loop, each grant noted in `grants` (a caller sent away is
+/// asked again after a poll pause), until [`Spenders::stop`].
+struct Spenders {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    load: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Spenders {
+    fn start(urls: &[String], grants: &Grants) -> Spenders {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load = urls
+            .iter()
+            .map(|url| {
+                let (url, grants, stop) = (url.clone(), grants.clone(), stop.clone());
+                tokio::spawn(async move {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        match client(&url).acquire(rate_call("t0", "spender", 100)).await {
+                            Ok(r) if r.get_ref().granted => grants.push(&url),
+                            Ok(_) => {}
+                            Err(s) if away(&s) => crate::harness::poll_pause().await,
+                            Err(s) => panic!("{url}: {s}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Spenders { stop, load }
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for l in self.load {
+            tokio::time::timeout(Duration::from_secs(30), l)
+                .await
+                .expect("load stops")
+                .unwrap();
+        }
     }
 }
 
@@ -1221,8 +1240,7 @@ struct MembersUnderLoad {
     first: String,
     other: String,
     grants: Grants,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    load: Vec<tokio::task::JoinHandle<()>>,
+    spenders: Spenders,
 }
 
 impl MembersUnderLoad {
@@ -1243,21 +1261,7 @@ impl MembersUnderLoad {
         let first = settled_leader(&urls, "t0").await;
         let other = urls.iter().find(|u| **u != first).cloned().unwrap();
         let grants = Grants::default();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut load = Vec::new();
-        for url in urls.clone() {
-            let (grants, stop) = (grants.clone(), stop.clone());
-            load.push(tokio::spawn(async move {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    match client(&url).acquire(rate_call("t0", "spender", 100)).await {
-                        Ok(r) if r.get_ref().granted => grants.push(&url),
-                        Ok(_) => {}
-                        Err(s) if away(&s) => crate::harness::poll_pause().await,
-                        Err(s) => panic!("{url}: {s}"),
-                    }
-                }
-            }));
-        }
+        let spenders = Spenders::start(&urls, &grants);
         grants.until(&first, 5, Instant::now()).await;
         MembersUnderLoad {
             members,
@@ -1269,8 +1273,7 @@ impl MembersUnderLoad {
             first,
             other,
             grants,
-            stop,
-            load,
+            spenders,
         }
     }
 
@@ -1291,13 +1294,7 @@ impl MembersUnderLoad {
 
     /// Stops the load and the brokers (each must exit 0); their logs.
     async fn finish(self) -> String {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        for l in self.load {
-            tokio::time::timeout(Duration::from_secs(30), l)
-                .await
-                .expect("load stops")
-                .unwrap();
-        }
+        self.spenders.stop().await;
         let mut logs = String::new();
         for b in self.brokers {
             let (status, log) = b.terminate().await;
