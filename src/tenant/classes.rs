@@ -92,7 +92,12 @@ impl TenantState {
         } else {
             0.0
         };
-        Share { held, borrow }
+        let first = self.classes.iter().map(|c| c.order).min().unwrap_or(0);
+        Share {
+            held,
+            borrow,
+            leaves_kept: order > first || self.classes.len() < 2,
+        }
     }
 
     /// Whether the upstream of any of `instances` refills continuously.

@@ -246,6 +246,9 @@ impl TenantState {
             if let Some(u) = x.upstream.as_mut() {
                 u.take(n, now);
             }
+            if let Some(k) = x.kept.as_mut() {
+                k.view.take(n, now);
+            }
             if let Some(s) = x.slots.as_mut() {
                 s.take(n);
                 slot_instances.push(i);
@@ -319,6 +322,24 @@ impl TenantState {
                     "{sep}bucket {name:?}: the upstream reports {} requests left before its \
                      window resets, shared with consumers the broker does not manage",
                     x.upstream.and_then(|u| u.remaining(now)).unwrap_or(0)
+                );
+                continue;
+            }
+            if let Some((k, at)) = x
+                .kept
+                .as_ref()
+                .filter(|_| share.leaves_kept)
+                .and_then(|k| Some((k, k.ready_at(n, now)?)))
+                .filter(|&(_, at)| at > now)
+            {
+                retry = retry.max(at);
+                let _ = write!(
+                    reason,
+                    "{sep}bucket {name:?}: the upstream's bucket has {:.1} of {} permits left, \
+                     and {} are left in it for consumers the broker does not manage",
+                    k.view.available(now),
+                    k.view.burst(),
+                    k.floor
                 );
                 continue;
             }

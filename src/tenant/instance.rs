@@ -1,6 +1,8 @@
 //! One instance of a bucket: its token bucket and slots, its learner, the
-//! freeze after a 429 and the upstream's own view of its budget, and the
-//! arithmetic of reserves held back for higher classes.
+//! freeze after a 429 and the upstream's own view of its budget (a window's
+//! count-down, or a continuous bucket's level and what of it is left to
+//! consumers the broker does not manage), and the arithmetic of reserves
+//! held back for higher classes.
 
 use crate::config::BucketSettings;
 use crate::learning::{LearnSettings, Learner, RateLimitInfo, SlotLearner, UpstreamBudget};
@@ -37,6 +39,9 @@ pub(super) struct Instance {
     /// Grants resume no earlier than this (freeze end plus jitter).
     pub(super) resume_at: Option<Instant>,
     pub(super) upstream: Option<UpstreamBudget>,
+    /// A continuous upstream's bucket as its headers tell it, and what of
+    /// it is left for consumers the broker does not manage.
+    pub(super) kept: Option<Kept>,
     /// Bumped on every change; Watch sends instances whose version moved.
     pub(super) version: u64,
     /// Slots that leases granted before a restart may hold (counted in
@@ -93,6 +98,7 @@ impl Instance {
             ),
             resume_at: None,
             upstream: None,
+            kept: None,
             version: 0,
             phantom: 0,
             phantom_until: None,
@@ -176,6 +182,11 @@ impl Instance {
             };
             at = at.max(resume);
         }
+        // An ask larger than the bucket holds above its floor is not held
+        // by it: it would never be served.
+        if let Some(k) = self.kept.as_ref().filter(|_| share.leaves_kept) {
+            at = at.max(k.ready_at(n, now).unwrap_or(now));
+        }
         if let Some(u) = self.upstream.and_then(|u| u.ready_at(n, now)) {
             at = at.max(u);
         }
@@ -258,13 +269,16 @@ impl Instance {
         let Some(remaining) = info.remaining else {
             return;
         };
+        let left = i64::try_from(remaining).unwrap_or(i64::MAX);
         if let Some(t) = self.tokens.as_mut() {
-            t.shrink_to(u32::try_from(remaining).unwrap_or(u32::MAX), now);
+            t.shrink_to(left, now);
         }
         if continuous {
             self.upstream = None;
+            self.sync_kept(info.limit, remaining, now);
             return;
         }
+        self.kept = None;
         if let Some(reset) = info.reset {
             self.upstream = Some(UpstreamBudget::observe(
                 self.upstream,
@@ -275,6 +289,56 @@ impl Instance {
                 now,
             ));
         }
+    }
+
+    /// Follows a continuous upstream's bucket of `capacity` (its headers'
+    /// limit) from what it says is left, keeping half of it for consumers
+    /// the broker does not manage (see [`Kept`]).
+    fn sync_kept(&mut self, capacity: Option<u64>, remaining: u64, now: Instant) {
+        let capacity = capacity.map_or(0, |c| u32::try_from(c).unwrap_or(u32::MAX));
+        let floor = capacity / 2;
+        let rate = self
+            .learner
+            .learned_limit()
+            .or_else(|| self.tokens.as_ref().map(TokenBucket::rate_per_min));
+        let (Some(rate), true) = (rate, floor > 0) else {
+            self.kept = None;
+            return;
+        };
+        let kept = self.kept.get_or_insert_with(|| Kept {
+            view: TokenBucket::new(capacity, Duration::from_secs(60), capacity, now),
+            floor,
+        });
+        kept.floor = floor;
+        kept.view.set_burst(capacity, now);
+        kept.view.set_rate_per_min(rate, now);
+        kept.view.set_level(remaining as f64, now);
+    }
+}
+
+/// An upstream token bucket that tells what is left of it, followed between
+/// its answers by counting the fleet's grants down and refilling at its
+/// learned rate. Such a bucket saves what is not spent for a burst; the
+/// fleet, paced by the broker, needs none, but the consumers the broker does
+/// not manage may: a broker that spent every token the headers said were
+/// left took the ones saved for their next burst, and refused it. So the
+/// classes below the first leave `floor`, half the bucket, in it. Paced at
+/// the refill, the fleet still gets all that the others leave (the floor
+/// only sets the level at which it waits), and the half absorbs the
+/// fleet's own calls still in flight when a header was read. The first
+/// class, few calls that must not wait, may take it down to empty.
+#[derive(Debug, Clone)]
+pub(super) struct Kept {
+    pub(super) view: TokenBucket,
+    pub(super) floor: u32,
+}
+
+impl Kept {
+    /// When `n` can be taken leaving the floor, if ever (`None`: more than
+    /// the bucket holds above it).
+    #[inline]
+    pub(super) fn ready_at(&self, n: u32, now: Instant) -> Option<Instant> {
+        self.view.ready_at_reserved(n, f64::from(self.floor), now)
     }
 }
 
@@ -287,6 +351,10 @@ pub(super) struct Share {
     /// Share of the burst the class may borrow below empty; when positive,
     /// at least one permit.
     pub(super) borrow: f64,
+    /// Whether the class leaves what an upstream bucket keeps for the
+    /// consumers the broker does not manage (see [`Kept`]): all but the
+    /// first class of a tenant with several.
+    pub(super) leaves_kept: bool,
 }
 
 impl Share {
@@ -294,6 +362,7 @@ impl Share {
     pub(super) const NONE: Share = Share {
         held: 0.0,
         borrow: 0.0,
+        leaves_kept: true,
     };
 
     /// Permits of a token bucket of `burst` that must stay in it; negative:

@@ -36,6 +36,8 @@ mod headroom_tests;
 #[cfg(test)]
 mod holds_tests;
 mod instance;
+#[cfg(test)]
+mod kept_tests;
 mod learn;
 mod leases;
 mod operate;
