@@ -73,12 +73,31 @@ pub async fn start(toml: &str) -> Observed {
         .connect()
         .await
         .unwrap();
+    until_started(http_addr).await;
     Observed {
         channel,
         grpc: grpc_addr,
         http: http_addr,
         stop: Some(stop),
         server,
+    }
+}
+
+/// Waits until the HTTP port serves the broker's routes: it answers from
+/// the moment it is bound, with 503 "starting" until the broker has started.
+pub async fn until_started(http: SocketAddr) {
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let r = get(http, "/readyz", &[]).await;
+        if !r.body.starts_with("starting: ") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broker was still starting after {LIMIT:?}: {}",
+            r.body
+        );
+        super::harness::poll_pause().await;
     }
 }
 
@@ -95,13 +114,13 @@ pub fn config(extra: &str) -> String {
 
 /// An HTTP/1.1 response: status, headers (lower-case names), body.
 pub struct HttpResponse {
-    status: u16,
+    pub status: u16,
     headers: Vec<(String, String)>,
     pub body: String,
 }
 
 impl HttpResponse {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n == name)
