@@ -2011,6 +2011,55 @@ async fn a_request_whose_headers_never_end_is_closed_after_ten_seconds() {
     b.stop().await;
 }
 
+/// A gRPC client given the HTTP port instead of the gRPC one (a mistaken
+/// url) is answered in HTTP/1.1, saying so: gRPC clients then report an
+/// HTTP/1 server, a mistake to fix, where a connection closed without a
+/// word reads as a broker that is down. HTTP/1 requests, also ones that
+/// start like the HTTP/2 preface and come a byte at a time, are served.
+#[tokio::test]
+async fn a_grpc_client_on_the_http_port_is_told_it_is_not_the_grpc_port() {
+    let b = start(&config("")).await;
+    let mut grpc = TcpStream::connect(b.http).await.unwrap();
+    grpc.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(LIMIT, until_closed(&mut grpc))
+        .await
+        .expect("answered and closed");
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(seen.starts_with("HTTP/1.1 505 "), "{seen}");
+    assert!(
+        seen.contains("HTTP port") && seen.contains("server.listen"),
+        "{seen}"
+    );
+    // tonic, as any gRPC client, fails to connect there: not HTTP/2.
+    let tonic = Endpoint::from_shared(format!("http://{}", b.http))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(channel) = tonic {
+        let answer = QuotaBrokerClient::new(channel)
+            .acquire(req("GET", "/api/v2/users/1", 0))
+            .await;
+        assert!(answer.is_err(), "{answer:?}");
+    }
+    for request in [
+        "POST /session HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(b.http).await.unwrap();
+        for byte in request.as_bytes() {
+            s.write_all(&[*byte]).await.unwrap();
+        }
+        let seen = tokio::time::timeout(LIMIT, until_closed(&mut s))
+            .await
+            .expect("answered and closed");
+        let seen = String::from_utf8_lossy(&seen);
+        assert!(seen.starts_with("HTTP/1.1 2"), "{request:?}: {seen}");
+    }
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn the_http_port_holds_at_most_its_connection_cap() {
     let b = start(&config("max_connections = 4\nmax_pending_connections = 4")).await;
