@@ -1,4 +1,5 @@
-"""Regenerates the checked-in gRPC stubs from ../../proto (see regen.sh).
+"""Regenerates the checked-in gRPC stubs (and the messages' type stub,
+broker_pb2.pyi) from ../../proto (see regen.sh).
 
 The stubs live in quota_broker_client/quota/v1/. grpcio-tools writes
 ``from quota.v1 import broker_pb2``, which only works with the proto root on
@@ -14,7 +15,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PROTO_ROOT = os.path.normpath(os.path.join(HERE, "..", "..", "proto"))
 PROTO_FILE = "quota/v1/broker.proto"
 PACKAGE_DIR = os.path.join(HERE, "quota_broker_client", "quota", "v1")
-STUBS = ("broker_pb2.py", "broker_pb2_grpc.py")
+# broker_pb2.pyi: the messages' types, for type checkers (the package is
+# marked typed, py.typed; broker_pb2.py builds its classes at import time).
+STUBS = ("broker_pb2.py", "broker_pb2.pyi", "broker_pb2_grpc.py")
 # The generator the checked-in stubs come from (keep in sync with pyproject.toml).
 GRPCIO_TOOLS_VERSION = "1.62.3"
 
@@ -45,6 +48,7 @@ def generate(out_dir):
                 f"-I{PROTO_ROOT}",
                 f"-I{well_known}",
                 f"--python_out={raw}",
+                f"--pyi_out={raw}",
                 f"--grpc_python_out={raw}",
                 PROTO_FILE,
             ]

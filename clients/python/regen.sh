@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates quota_broker_client/quota/v1/broker_pb2{,_grpc}.py from
+# Regenerates quota_broker_client/quota/v1/broker_pb2{.py,.pyi,_grpc.py} from
 # ../../proto/quota/v1/broker.proto. Needs grpcio-tools==1.62.3
 # (pip install '.[test]'); PYTHON selects the interpreter (default: .venv's,
 # else python3).

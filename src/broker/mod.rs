@@ -118,11 +118,27 @@ impl Broker {
     /// Builds the broker from validated settings and starts one driver task
     /// per tenant; they stop when `shutdown` is cancelled. `metrics` counts
     /// grants, denials, waits and reports.
+    #[cfg(test)]
     pub(crate) fn start(
         settings: &Settings,
         shutdown: CancellationToken,
         metrics: Option<Arc<Metrics>>,
     ) -> (Broker, Drivers) {
+        Self::start_telling(settings, shutdown, metrics, &|_| {})
+    }
+
+    /// [`Broker::start`], telling `stage` what it does as it goes (the
+    /// HTTP port's `/readyz` says it while the broker starts). Synchronous
+    /// and possibly long (many tenants, a large state directory): the
+    /// server runs it off the async threads.
+    pub(crate) fn start_telling(
+        settings: &Settings,
+        shutdown: CancellationToken,
+        metrics: Option<Arc<Metrics>>,
+        stage: &dyn Fn(&str),
+    ) -> (Broker, Drivers) {
+        let count = settings.tenants.len();
+        stage(&format!("building {count} tenants' buckets"));
         let now = Instant::now();
         let version = Arc::new(AtomicU64::new(0));
         let tenants: Vec<Tenant> = settings
@@ -192,12 +208,17 @@ impl Broker {
             None => settings.server.state_dir.as_ref(),
         };
         if let Some(dir) = state_dir {
+            stage(
+                "reading the state directory (operators' changes, learned state, the last \
+                 stop's leases)",
+            );
             broker.restore_admin(dir, now);
             if let Some(last_run) = broker.restore(dir, now) {
                 broker.resume(dir, last_run, now);
             }
             // Before serving: once a grant is out, the state directory says
             // so, and a start after a crash knows it is a restart.
+            stage("writing learned state to the state directory");
             if let Err(e) = broker.learned_file().write(dir) {
                 tracing::error!(error = %e, "cannot write learned state");
                 broker
@@ -206,6 +227,7 @@ impl Broker {
                     .store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
+        stage(&format!("starting {count} tenants' tasks"));
         let mut drivers: Vec<_> = (0..broker.inner.tenants.len())
             .map(|t| tokio::spawn(broker.clone().drive(t)))
             .collect();

@@ -75,6 +75,10 @@ pub enum ServerError {
     /// The transport failed.
     #[error("gRPC transport failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The broker's start-up work did not finish (the runtime is shutting
+    /// down under it).
+    #[error("the broker's start was cut short: {0} (is the runtime shutting down?)")]
+    Start(tokio::task::JoinError),
 }
 
 /// The listeners the broker serves on.
@@ -113,11 +117,45 @@ pub async fn serve(
         http,
     } = listeners;
     let token = CancellationToken::new();
-    let mut registry = crate::metrics::registry();
-    let metrics = http
-        .is_some()
-        .then(|| Arc::new(Metrics::new(settings, &mut registry)));
-    let (broker, drivers) = Broker::start(settings, token.clone(), metrics.clone());
+    // The HTTP port answers from now on (probes during a long start), and
+    // outlives the gRPC drain, so /readyz can say 503 during it.
+    let http_stop = CancellationToken::new();
+    // Stops it too if the start fails below.
+    let http_stop_guard = http_stop.clone().drop_guard();
+    let http = http.map(|listener| {
+        crate::http::Port::open(listener, settings.server.max_connections, http_stop.clone())
+    });
+    let stage = http.as_ref().map(|(port, _)| port.stage());
+    let with_metrics = http.is_some();
+    // The start's work is synchronous and may take seconds (tenants, label
+    // sets, state files): off the async threads, so the HTTP port answers.
+    let starting = {
+        let settings = settings.clone();
+        let token = token.clone();
+        tokio::task::spawn_blocking(move || {
+            let tell = |what: &str| {
+                if let Some(stage) = &stage {
+                    stage.set(what);
+                }
+            };
+            let mut registry = crate::metrics::registry();
+            let metrics = with_metrics.then(|| {
+                tell(&format!(
+                    "resolving the metrics' label sets of {} tenants",
+                    settings.tenants.len()
+                ));
+                Arc::new(Metrics::new(&settings, &mut registry))
+            });
+            let (broker, drivers) = Broker::start_telling(&settings, token, metrics.clone(), &tell);
+            tell("starting the gRPC services");
+            (registry, metrics, broker, drivers)
+        })
+    };
+    let (mut registry, metrics, broker, drivers) = match starting.await {
+        Ok(started) => started,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => return Err(ServerError::Start(e)),
+    };
     let auth = Authenticator::new(settings.tokens.clone());
     if auth.is_open() {
         // The address bound (an embedding caller may bind another port
@@ -140,21 +178,17 @@ pub async fn serve(
         None => tracing::info!("serving plaintext gRPC (no [server.tls])"),
     }
     let overload = Overload::new(settings, auth.clone());
-    // The HTTP port outlives the gRPC drain, so /readyz can say 503 during it.
-    let http_stop = CancellationToken::new();
-    let http_task = http.map(|listener| {
+    let http_task = http.map(|(port, task)| {
         if let Some(m) = &metrics {
             registry.register_collector(Box::new(BucketCollector::new(broker.clone(), m.clone())));
         }
-        tokio::spawn(crate::http::serve(
-            listener,
+        port.serve(
             Arc::new(registry),
             broker.clone(),
             overload.clone(),
             token.clone(),
-            settings.server.max_connections,
-            http_stop.clone(),
-        ))
+        );
+        task
     });
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -241,12 +275,10 @@ pub async fn serve(
     }
     token.cancel();
     broker.record_stop();
-    http_stop.cancel();
+    drop(http_stop_guard);
     if let Some(task) = http_task {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "the HTTP port failed"),
-            Err(e) => tracing::error!(error = %e, "the HTTP server task failed"),
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "the HTTP server task failed");
         }
     }
     drivers.join().await;

@@ -1,7 +1,8 @@
 //! The HTTP port (`server.http_listen`): Prometheus `/metrics`, the live
 //! dashboard at `/` with its server-sent event feed `/events`, and the
 //! orchestrators' probes `/healthz` (the process answers) and `/readyz`
-//! (it serves, and is not shutting down).
+//! (it serves, and is not shutting down). The port answers from the
+//! moment it is bound, before the broker has started (see [`Port`]).
 //!
 //! `/metrics` and the probes need no token, like gRPC health. The event
 //! feed shows tenants' buckets, so it follows the gRPC rules: with
@@ -40,9 +41,10 @@ use serde::Deserialize;
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
@@ -86,54 +88,148 @@ struct Http {
     loopback: bool,
 }
 
-/// Serves the HTTP port on `listener` until `stop` is cancelled; `/readyz`
-/// answers 503 from when `shutdown` (the broker's) is cancelled, so
-/// orchestrators see the drain.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    registry: Arc<Registry>,
-    broker: Broker,
-    overload: Arc<Overload>,
-    shutdown: CancellationToken,
-    max_connections: usize,
+/// The HTTP port from the moment it is bound: the broker's start-up work
+/// (its tenants, the metrics' label sets, the state directory) runs after
+/// the port is bound and may take seconds, and an orchestrator probing
+/// meanwhile must get an answer, not a connection that never answers.
+/// Until [`Port::serve`] installs the broker's routes it answers
+/// `/healthz` 200 (the process is alive), `/readyz` 503 saying what the
+/// start is doing, and every other path 503 "starting" with a
+/// `Retry-After`. The switch is per request: a connection kept alive
+/// from before (a scraper's) gets the broker's routes once they are in.
+pub(crate) struct Port {
+    /// The broker's routes, once it has started.
+    serving: Arc<OnceLock<Router>>,
+    /// What the start is doing, for `/readyz`.
+    stage: Arc<Mutex<String>>,
+    /// Ends the accept loop (and the dashboard's history task).
     stop: CancellationToken,
-) -> std::io::Result<()> {
-    let auth = overload.auth().clone();
-    let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
-    let history = History::spawn(broker.clone(), stop.clone());
-    let sessions = Arc::new(session::Sessions::new(broker.state_dir()));
-    let state = Http {
-        registry,
-        broker,
-        auth,
-        overload,
-        shutdown,
-        history,
-        sessions,
-        loopback,
-    };
-    let app = Router::new()
-        .route("/", get(index))
-        .route("/dashboard.js", get(script))
-        .route("/dashboard-feed.js", get(feed_script))
-        .route("/dashboard.css", get(style))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/events", get(events))
-        .route(
-            "/session",
-            axum::routing::post(open_session).delete(close_session),
-        )
-        .with_state(state);
-    accept(
-        listener,
-        app,
-        max_connections.min(MAX_HTTP_CONNECTIONS),
-        stop,
+    /// Bound to a loopback address (see [`Http::loopback`]).
+    loopback: bool,
+}
+
+impl Port {
+    /// Serves `listener` at once (the start-up answers), until `stop` is
+    /// cancelled; the task ends once the open connections have finished.
+    pub(crate) fn open(
+        listener: TcpListener,
+        max_connections: usize,
+        stop: CancellationToken,
+    ) -> (Port, JoinHandle<()>) {
+        let port = Port {
+            serving: Arc::default(),
+            stage: Arc::new(Mutex::new("setting up".to_owned())),
+            stop: stop.clone(),
+            loopback: listener.local_addr().is_ok_and(|a| a.ip().is_loopback()),
+        };
+        let starting = Router::new()
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(starting_readyz))
+            .fallback(starting_other)
+            .with_state(port.stage.clone());
+        let serving = port.serving.clone();
+        // Each request goes to the broker's routes if they are in, else to
+        // the start-up answers.
+        let app = Router::new().fallback(move |request: axum::extract::Request| {
+            let mut router = serving.get().unwrap_or(&starting).clone();
+            async move {
+                match tower::Service::call(&mut router, request).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                }
+            }
+        });
+        let task = tokio::spawn(accept(
+            listener,
+            app,
+            max_connections.min(MAX_HTTP_CONNECTIONS),
+            stop,
+        ));
+        (port, task)
+    }
+
+    /// A handle that sets what `/readyz` says the start is doing.
+    pub(crate) fn stage(&self) -> StartStage {
+        StartStage(self.stage.clone())
+    }
+
+    /// Installs the broker's routes: `/metrics`, the dashboard and its
+    /// feed, `/healthz`, and `/readyz` answering 503 from when `shutdown`
+    /// (the broker's) is cancelled, so orchestrators see the drain.
+    pub(crate) fn serve(
+        &self,
+        registry: Arc<Registry>,
+        broker: Broker,
+        overload: Arc<Overload>,
+        shutdown: CancellationToken,
+    ) {
+        let auth = overload.auth().clone();
+        let history = History::spawn(broker.clone(), self.stop.clone());
+        let sessions = Arc::new(session::Sessions::new(broker.state_dir()));
+        let state = Http {
+            registry,
+            broker,
+            auth,
+            overload,
+            shutdown,
+            history,
+            sessions,
+            loopback: self.loopback,
+        };
+        let app = Router::new()
+            .route("/", get(index))
+            .route("/dashboard.js", get(script))
+            .route("/dashboard-feed.js", get(feed_script))
+            .route("/dashboard.css", get(style))
+            .route("/metrics", get(metrics))
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .route("/events", get(events))
+            .route(
+                "/session",
+                axum::routing::post(open_session).delete(close_session),
+            )
+            .with_state(state);
+        if self.serving.set(app).is_err() {
+            tracing::error!("the HTTP port's routes were installed twice; the first are kept");
+        }
+    }
+}
+
+/// Sets what the HTTP port's `/readyz` says while the broker starts.
+#[derive(Clone)]
+pub(crate) struct StartStage(Arc<Mutex<String>>);
+
+impl StartStage {
+    /// From now on `/readyz` answers "starting: {what}".
+    pub(crate) fn set(&self, what: &str) {
+        let mut stage = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        what.clone_into(&mut stage);
+    }
+}
+
+/// `/readyz` while the broker starts: 503 and what it is doing.
+async fn starting_readyz(State(stage): State<Arc<Mutex<String>>>) -> Response {
+    let what = stage.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("starting: {what}\n"),
     )
-    .await;
-    Ok(())
+        .into_response()
+}
+
+/// Every path but the probes while the broker starts: 503, come back soon.
+async fn starting_other() -> Response {
+    let mut response = refuse(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "starting: the broker is not serving yet (/healthz and /readyz answer meanwhile); \
+         retry once /readyz says ready",
+    );
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        axum::http::HeaderValue::from_static("1"),
+    );
+    response
 }
 
 /// Most connections the HTTP port holds open at once (dashboards, their
@@ -146,7 +242,9 @@ pub(crate) const MAX_HTTP_CONNECTIONS: usize = 512;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `app` on `listener` until `stop`, then waits for the open
-/// connections to finish (event feeds end at the broker's shutdown).
+/// connections to finish (event feeds end at the broker's shutdown). A
+/// connection that opens with HTTP/2's preface (a gRPC client given this
+/// port) is told it is not the gRPC port ([`first_bytes`]).
 /// By hand rather than `axum::serve`, which has no connection cap and no
 /// header deadline.
 async fn accept(listener: TcpListener, app: Router, cap: usize, stop: CancellationToken) {
@@ -199,18 +297,77 @@ async fn accept(listener: TcpListener, app: Router, cap: usize, stop: Cancellati
         let service = hyper_util::service::TowerToHyperService::new(
             app.clone().layer(axum::Extension(ConnectInfo(peer))),
         );
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
+        let stop = stop.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
+            let first = tokio::select! {
+                () = stop.cancelled() => None,
+                first = first_bytes(stream) => first,
+            };
+            if let Some(io) = first {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+                let _ = watcher.watch(conn).await;
+            }
             drop((slot, mine));
         });
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// What a client speaking HTTP/2 with prior knowledge sends first: a gRPC
+/// client given this port instead of the gRPC one.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The answer to it, in HTTP/1.1 (what this port speaks): the client sees
+/// an HTTP/1 server and can say its address is not a gRPC port, where a
+/// connection closed without a word (hyper's answer) reads as a broker down.
+const NOT_GRPC: &str = "this is the quota-broker's HTTP port (metrics, dashboard, probes; \
+    HTTP/1.1): give gRPC clients the broker's gRPC port (server.listen) instead\n";
+
+/// A connection, its first bytes read to tell an HTTP/2 client (answered
+/// with [`NOT_GRPC`] here, then closed: `None`) from an HTTP/1 one, whose
+/// bytes read are handed back ahead of the rest. A client that sends no
+/// first bytes within the header deadline is closed, as hyper would.
+async fn first_bytes(
+    mut stream: tokio::net::TcpStream,
+) -> Option<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut seen = [0u8; H2_PREFACE.len()];
+    // At most the preface's length, and only while it could still be one
+    // (an HTTP/1 request differs by its first or second byte); all of it
+    // within one header deadline.
+    let read = async {
+        let mut len = 0;
+        while len < H2_PREFACE.len() && H2_PREFACE.starts_with(&seen[..len]) {
+            match stream.read(&mut seen[len..]).await {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(_) => return None,
+            }
+        }
+        Some(len)
+    };
+    let len = tokio::time::timeout(HEADER_READ_TIMEOUT, read)
+        .await
+        .ok()
+        .flatten()?;
+    if len == H2_PREFACE.len() && seen == H2_PREFACE {
+        let answer = format!(
+            "HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain; charset=utf-8\r\n\
+             Connection: close\r\nContent-Length: {}\r\n\r\n{NOT_GRPC}",
+            NOT_GRPC.len()
+        );
+        let _ =
+            tokio::time::timeout(HEADER_READ_TIMEOUT, stream.write_all(answer.as_bytes())).await;
+        let _ = stream.shutdown().await;
+        return None;
+    }
+    let (read, write) = stream.into_split();
+    let read = std::io::Cursor::new(seen[..len].to_vec()).chain(read);
+    Some(tokio::io::join(read, write))
 }
 
 async fn index() -> Response {

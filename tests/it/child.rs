@@ -25,6 +25,8 @@ pub struct Broker {
     child: Option<std::process::Child>,
     /// The address it serves, `host:port`.
     pub addr: String,
+    /// Its HTTP port's address, `host:port`; `None` with the port off.
+    pub http: Option<String>,
     log: Option<JoinHandle<String>>,
 }
 
@@ -43,6 +45,7 @@ impl Broker {
         let mut broker = Broker {
             child: Some(child),
             addr: String::new(),
+            http: None,
             log: None,
         };
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
@@ -55,8 +58,13 @@ impl Broker {
                 let serving = line.contains("quota-broker serving");
                 if let Some(rest) = line.split(" listen=").nth(1).filter(|_| serving) {
                     let addr = rest.split_whitespace().next().unwrap_or_default();
+                    let http = line
+                        .split(" http=")
+                        .nth(1)
+                        .and_then(|h| h.split_whitespace().next())
+                        .filter(|h| *h != "off");
                     if let Some(tx) = addr_tx.take() {
-                        let _ = tx.send(addr.to_owned());
+                        let _ = tx.send((addr.to_owned(), http.map(str::to_owned)));
                     }
                 }
                 log.push_str(&line);
@@ -64,7 +72,7 @@ impl Broker {
             }
             log
         }));
-        broker.addr = tokio::time::timeout(LIMIT, addr_rx)
+        (broker.addr, broker.http) = tokio::time::timeout(LIMIT, addr_rx)
             .await
             .expect("broker printed its address within 30 s")
             .expect("broker exited before serving");

@@ -15,6 +15,7 @@ mod observe;
 mod overload;
 mod process;
 mod restart;
+mod startup;
 mod stream;
 mod tls;
 mod watch;

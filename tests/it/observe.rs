@@ -73,12 +73,31 @@ pub async fn start(toml: &str) -> Observed {
         .connect()
         .await
         .unwrap();
+    until_started(http_addr).await;
     Observed {
         channel,
         grpc: grpc_addr,
         http: http_addr,
         stop: Some(stop),
         server,
+    }
+}
+
+/// Waits until the HTTP port serves the broker's routes: it answers from
+/// the moment it is bound, with 503 "starting" until the broker has started.
+pub async fn until_started(http: SocketAddr) {
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let r = get(http, "/readyz", &[]).await;
+        if !r.body.starts_with("starting: ") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broker was still starting after {LIMIT:?}: {}",
+            r.body
+        );
+        super::harness::poll_pause().await;
     }
 }
 
@@ -95,13 +114,13 @@ pub fn config(extra: &str) -> String {
 
 /// An HTTP/1.1 response: status, headers (lower-case names), body.
 pub struct HttpResponse {
-    status: u16,
+    pub status: u16,
     headers: Vec<(String, String)>,
     pub body: String,
 }
 
 impl HttpResponse {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n == name)
@@ -1989,6 +2008,55 @@ async fn a_request_whose_headers_never_end_is_closed_after_ten_seconds() {
         .expect("an idle kept-alive connection is closed");
     assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
     assert_eq!(get(b.http, "/healthz", &[]).await.status, 200);
+    b.stop().await;
+}
+
+/// A gRPC client given the HTTP port instead of the gRPC one (a mistaken
+/// url) is answered in HTTP/1.1, saying so: gRPC clients then report an
+/// HTTP/1 server, a mistake to fix, where a connection closed without a
+/// word reads as a broker that is down. HTTP/1 requests, also ones that
+/// start like the HTTP/2 preface and come a byte at a time, are served.
+#[tokio::test]
+async fn a_grpc_client_on_the_http_port_is_told_it_is_not_the_grpc_port() {
+    let b = start(&config("")).await;
+    let mut grpc = TcpStream::connect(b.http).await.unwrap();
+    grpc.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(LIMIT, until_closed(&mut grpc))
+        .await
+        .expect("answered and closed");
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(seen.starts_with("HTTP/1.1 505 "), "{seen}");
+    assert!(
+        seen.contains("HTTP port") && seen.contains("server.listen"),
+        "{seen}"
+    );
+    // tonic, as any gRPC client, fails to connect there: not HTTP/2.
+    let tonic = Endpoint::from_shared(format!("http://{}", b.http))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(channel) = tonic {
+        let answer = QuotaBrokerClient::new(channel)
+            .acquire(req("GET", "/api/v2/users/1", 0))
+            .await;
+        assert!(answer.is_err(), "{answer:?}");
+    }
+    for request in [
+        "POST /session HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(b.http).await.unwrap();
+        for byte in request.as_bytes() {
+            s.write_all(&[*byte]).await.unwrap();
+        }
+        let seen = tokio::time::timeout(LIMIT, until_closed(&mut s))
+            .await
+            .expect("answered and closed");
+        let seen = String::from_utf8_lossy(&seen);
+        assert!(seen.starts_with("HTTP/1.1 2"), "{request:?}: {seen}");
+    }
     b.stop().await;
 }
 

@@ -20,12 +20,14 @@ The Genesys Cloud SDK adapter is ``quota_broker_client.genesys``.
 """
 from .client import DEFAULT_CHANNEL_OPTIONS, Lease, QuotaBroker, WatchStream, says_concurrency
 from .errors import (
+    BadUrl,
     BrokerRpcError,
     Closed,
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
     InvalidArgument,
+    NotABroker,
     NotFound,
     NotGranted,
     Overloaded,
@@ -46,6 +48,7 @@ __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
     "QuotaBrokerError", "NotGranted", "BrokerRpcError", "Closed", "InvalidArgument", "NotFound",
     "FailedPrecondition", "Unauthenticated", "PermissionDenied", "Unavailable",
-    "DeadlineExceeded", "Internal", "Overloaded", "TlsError", "rate_limit_headers", "retry_after_ms",
+    "DeadlineExceeded", "Internal", "Overloaded", "TlsError", "BadUrl", "NotABroker",
+    "rate_limit_headers", "retry_after_ms",
     "says_concurrency",
 ]

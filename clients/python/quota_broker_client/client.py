@@ -2,6 +2,7 @@
 import atexit
 import collections
 import contextlib
+import ipaddress
 import logging
 import math
 import threading
@@ -124,19 +125,71 @@ def says_concurrency(body):
         body = body.decode("utf-8", "replace")
     return "concurren" in str(body).lower()
 
+#: gRPC target forms other than "host:port", passed to gRPC as they are.
+_GRPC_TARGET_SCHEMES = ("unix:", "unix-abstract:", "vsock:", "ipv4:", "ipv6:", "dns:")
+
+
+def _check_host_port(hostport, url):
+    """Raises BadUrl when ``hostport`` (of the broker url ``url``) can never
+    be connected to: gRPC would fail every call on it, which reads as a
+    broker that is down (the fallback, for good) instead of a mistake."""
+    if hostport.startswith(_GRPC_TARGET_SCHEMES):
+        return
+    def bad(why):
+        return errors.BadUrl(f"broker url {url!r}: {why} (give host:port, http://host:port or "
+                             "https://host:port; an IPv6 address in brackets, [::1]:50051)")
+    if hostport.startswith("["):
+        host, closed, rest = hostport[1:].partition("]")
+        if not closed:
+            raise bad("no ']' closes the IPv6 address")
+        if rest and not rest.startswith(":"):
+            raise bad(f"{rest!r} after the IPv6 address")
+        port = rest[1:] if rest else None
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad(f"{host!r} in brackets is not an IPv6 address") from None
+    elif hostport.count(":") > 1:
+        try:
+            ipaddress.IPv6Address(hostport)  # a bare IPv6 address (gRPC's default port)
+            return
+        except ValueError:
+            raise bad("more than one ':'") from None
+    else:
+        host, colon, port = hostport.partition(":")
+        port = port if colon else None
+        if any(c.isspace() or c in "/?#@[]" for c in host):
+            raise bad(f"the host {host!r} has characters a host name cannot have")
+    if not host:
+        raise bad("no host")
+    if port is not None and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise bad(f"the port {port!r} is not a number from 1 to 65535")
+
+
 def _target(url):
-    """Returns (target, tls) for "host:port" (tls None: not said), "http://..." (False), "https://..." (True)."""
+    """Returns (target, tls) for "host:port" (tls None: not said), "http://..." (False), "https://..." (True).
+
+    A url that can never be connected to is BadUrl (a ValueError)."""
     if "://" not in url:
+        _check_host_port(url, url)
         return url, None
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https", "grpc", "grpcs"):
-        raise ValueError(f"unsupported scheme in broker url {url!r} (use http:// or https://)")
+        raise errors.BadUrl(f"unsupported scheme in broker url {url!r} (use http:// or https://)")
     if not parts.netloc:
-        raise ValueError(f"no host in broker url {url!r}")
+        raise errors.BadUrl(f"no host in broker url {url!r}")
     secure = parts.scheme in ("https", "grpcs")
     netloc = parts.netloc
-    if parts.port is None:
-        netloc = f"{netloc}:{443 if secure else 80}"
+    try:
+        port = parts.port
+    except ValueError:  # urllib's words: "Port could not be cast...", "Port out of range..."
+        port = netloc.rpartition(":")[2]
+        raise errors.BadUrl(f"broker url {url!r}: the port {port!r} is not a number from 1 to "
+                            "65535") from None
+    if port is None:
+        # No port (or an empty one): the scheme's.
+        netloc = f"{netloc.rstrip(':')}:{443 if secure else 80}"
+    _check_host_port(netloc, url)
     return netloc, secure
 
 
@@ -435,8 +488,10 @@ class _Renewer(threading.Thread):
 class WatchStream:
     """Iterator over QuotaStatus messages of a Watch; ``cancel()`` (or ``with``) ends it."""
 
-    def __init__(self, call, reopen=None):
+    def __init__(self, call, reopen=None, target=None):
         self._call = call
+        # The "host:port" the stream is open on now, for errors' messages.
+        self._target = target or (lambda: None)
         self._cancelled = False
         # Before the first message, an UNAVAILABLE answer (a broker that does
         # not lead the tenant, or is down) opens the stream again where
@@ -464,7 +519,7 @@ class WatchStream:
                     if call is not None and not self._cancelled:
                         self._call = call
                         continue
-                raise errors.from_rpc_error(e) from None
+                raise errors.from_rpc_error(e, self._target()) from None
 
     def cancel(self):
         self._cancelled = True
@@ -548,6 +603,8 @@ class QuotaBroker:
         # created on first use; _conn is the one calls go to now.
         self._conns_lock = threading.Lock()
         self._conns = {}
+        # Addresses found not to be a quota-broker's gRPC port (logged once each).
+        self._said_not_a_broker = set()
         self._conn = self._conn_for(self.targets[0])
         self.timeout = timeout
         #: Call metadata (the bearer token), for calls on the raw stubs.
@@ -783,6 +840,9 @@ class QuotaBroker:
                 # call then raises TlsError instead of running on the
                 # fallback rate for good.
                 refused = self.tls and errors.tls_refusal(e.details()) is not None
+                # So is a server that is not a quota-broker's gRPC port: the
+                # next call raises NotABroker.
+                refused = refused or errors.not_a_broker(e.code(), e.details()) is not None
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
                         and not refused:
                     continue
@@ -977,6 +1037,14 @@ class QuotaBroker:
                         self.pending_reports, self.target, len(self._deferred_releases),
                         _CLOSE_FLUSH_TIMEOUT_S)
 
+    def _say_not_a_broker(self, target, err):
+        """Logs, once per address, that ``target`` is not a quota-broker's gRPC port."""
+        with self._conns_lock:
+            if target in self._said_not_a_broker:
+                return
+            self._said_not_a_broker.add(target)
+        log.error("%s (calls there fail, never fall back; fix the url)", err)
+
     def _call(self, name, request, timeout=None, *, admin=False):
         """Runs the unary RPC ``name`` following the cluster (see ``_call_at``); returns its response."""
         return self._call_at(name, request, timeout, admin=admin)[0]
@@ -1009,7 +1077,15 @@ class QuotaBroker:
                 if self._channels_closed and e.code() == grpc.StatusCode.CANCELLED:
                     raise errors.Closed() from None  # in flight when close() closed the channel
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise errors.from_rpc_error(e) from None
+                    err = errors.from_rpc_error(e, conn.target)
+                    if isinstance(err, errors.NotABroker):
+                        self._say_not_a_broker(conn.target, err)
+                    raise err from None
+                mistake = errors.not_a_broker(e.code(), e.details())
+                if mistake is not None:
+                    # Said once per address, also when another broker of
+                    # the list answers the call (then nothing is raised).
+                    self._say_not_a_broker(conn.target, errors.from_rpc_error(e, conn.target))
                 hop += 1
                 failed = conn
                 conn = self._follow(conn, e, hop)
@@ -1020,7 +1096,7 @@ class QuotaBroker:
                     if refusal is not None:
                         raise errors.TlsError(
                             f"TLS handshake with the broker at {failed.target}: {refusal}") from None
-                    raise errors.from_rpc_error(e) from None
+                    raise errors.from_rpc_error(e, failed.target) from None
 
     # -- data plane ----------------------------------------------------------
 
@@ -1103,7 +1179,7 @@ class QuotaBroker:
                             f"no answer within the client's deadline of {_SERVER_MAX_WAIT_MS // 1000} s "
                             "plus its timeout while the broker is up; pass max_wait_ms (or timeout) "
                             "for waits longer than that", 0) from e
-                    fb.enter(e)
+                    fb.enter(e, errors.unreachable_hint(e.details, self.tls))
                 except errors.Overloaded as e:
                     self._overloaded(e)  # kept reports and releases wait as well
                     self._broker_answered()  # refused, but an answer: not an outage
@@ -1241,7 +1317,7 @@ class QuotaBroker:
                 log.debug("report %s %s -> %s kept: %s", req.method, path, status, e)
                 # The next calls fall back at once instead of each waiting
                 # out its deadline on a broker that does not answer.
-                fb.enter(e)
+                fb.enter(e, errors.unreachable_hint(e.details, self.tls))
             except errors.Overloaded as e:
                 log.debug("report %s %s -> %s kept: %s", req.method, path, status, e)
                 self._overloaded(e)
@@ -1275,8 +1351,8 @@ class QuotaBroker:
         try:
             call = open_stream(self._conn)
         except grpc.RpcError as e:
-            raise errors.from_rpc_error(e) from None
-        return WatchStream(call, reopen)
+            raise errors.from_rpc_error(e, opened_on[0].target) from None
+        return WatchStream(call, reopen, lambda: opened_on[0].target)
 
     # -- operator plane ------------------------------------------------------
 

@@ -103,6 +103,76 @@ class TlsError(QuotaBrokerError, ValueError):
     """
 
 
+class BadUrl(QuotaBrokerError, ValueError):
+    """A broker url that can never work: it does not parse as ``host:port``
+    (or ``http(s)://host:port``), or the server there is not a quota-broker's
+    gRPC port (:class:`NotABroker`).
+
+    Raised, never answered from the local fallback: the fallback paces calls
+    while a broker is down, and this one will never be up.
+    """
+
+
+class NotABroker(BrokerRpcError, BadUrl):
+    """The server at the url answers, but not as a quota-broker's gRPC port.
+
+    Another gRPC service (UNIMPLEMENTED), or a server that does not speak
+    gRPC over plaintext HTTP/2: an HTTP/1 server (a broker's HTTP port,
+    ``server.http_listen``, serves metrics and probes, not gRPC) or a TLS
+    port addressed without ``https://``. ``details`` says which and what to
+    change; ``code`` is the gRPC status the call got.
+    """
+
+
+#: gRPC's words for a server whose first bytes are not HTTP/2's.
+_NOT_HTTP2 = (
+    "Trying to connect an http1.x server",
+    "Expected SETTINGS frame as the first frame",
+    "Failed parsing HTTP/2",
+)
+
+
+def not_a_broker(code, details):
+    """Why an answer (gRPC ``code`` and ``details``) says the server is not a
+    quota-broker's gRPC port, or None: it can be an outage (or no answer)."""
+    text = details or ""
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return ("it does not serve this quota-broker call (UNIMPLEMENTED): another gRPC service "
+                "listens there, or a quota-broker older than this client")
+    if code == grpc.StatusCode.UNAVAILABLE and any(s in text for s in _NOT_HTTP2):
+        return ("it does not speak gRPC over plaintext HTTP/2: an HTTP/1 server (such as a "
+                "broker's HTTP port, server.http_listen, which serves metrics and probes), or a TLS "
+                "port addressed without https://")
+    return None
+
+
+def _not_a_broker_error(code, details, err, target):
+    why = not_a_broker(code, details)
+    where = f"the server at {target}" if target else "the server"
+    return NotABroker(
+        code,
+        f"{where} is not a quota-broker's gRPC port: {why}; give the broker's gRPC address (its "
+        f"server.listen, default 127.0.0.1:50051) [{(details or '')[:300]}]",
+        err,
+    )
+
+
+def unreachable_hint(details, tls):
+    """A hint on what to check when a broker does not answer in a way a
+    mistaken url also causes (a warning's words, not an error: it may be an
+    outage); "" when nothing says so."""
+    text = details or ""
+    if "Domain name not found" in text:
+        return "; the host name does not resolve: check it in the url"
+    if tls and ("Handshake read failed" in text or "WRONG_VERSION_NUMBER" in text):
+        return ("; the TLS handshake got no TLS answer: a broker serving plaintext is addressed "
+                "as host:port or http://, not https://")
+    if not tls and "Socket closed" in text:
+        return ("; the connection was closed without an answer: a broker down, or a TLS port "
+                "addressed without https://")
+    return ""
+
+
 def tls_refusal(details):
     """What to do about a TLS handshake that cannot succeed, from gRPC's words for it; None otherwise.
 
@@ -170,12 +240,16 @@ def _metadata_retry_after_ms(err):
     return None
 
 
-def from_rpc_error(err):
-    """Converts a ``grpc.RpcError`` into the matching BrokerRpcError subclass."""
+def from_rpc_error(err, target=None):
+    """Converts a ``grpc.RpcError`` into the matching BrokerRpcError subclass
+    (:class:`NotABroker` for a server that is not a quota-broker's gRPC
+    port; ``target``, the "host:port" called, is named in its message)."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
     if code is None:
         code = grpc.StatusCode.UNKNOWN
+    if not_a_broker(code, details) is not None:
+        return _not_a_broker_error(code, details, err, target)
     # The deadline, seen pass by the broker first: tonic answers the gRPC
     # timeout a call carries with CANCELLED "Timeout expired" (a race with
     # this client's own DEADLINE_EXCEEDED, won by the broker under load).

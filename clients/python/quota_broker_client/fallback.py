@@ -150,8 +150,10 @@ class LocalFallback:
                 return True
             return False
 
-    def enter(self, error):
-        """The broker did not answer: start the local limiter (logged once per outage)."""
+    def enter(self, error, hint=""):
+        """The broker did not answer: start the local limiter (logged once per outage).
+
+        ``hint``: what to check if the url may be mistaken (appended to the warning)."""
         now = self.clock.monotonic()
         with self._lock:
             if self._rate is not None:
@@ -179,11 +181,11 @@ class LocalFallback:
                       self.target, error, rate)
             return
         log.warning(
-            "quota-broker at %s unreachable (%s); pacing calls with a local limiter at %d/min "
+            "quota-broker at %s unreachable (%s%s); pacing calls with a local limiter at %d/min "
             "(%.2f x %d granted in the last minute, floor %d/min) and trying it again every %gs; "
             "outcomes are kept (at most %d) and reported when it is back",
-            self.target, error, rate, self.settings.fraction, recent, self.settings.floor_per_min,
-            self.settings.probe_every_s, self.settings.buffer_size,
+            self.target, error, hint, rate, self.settings.fraction, recent,
+            self.settings.floor_per_min, self.settings.probe_every_s, self.settings.buffer_size,
         )
 
     def leave(self):

@@ -1,0 +1,153 @@
+"""A broker url that can never work is an error, not an outage.
+
+The local fallback is for a broker that is down: it paces calls until the
+broker is back. A url that cannot be parsed, or whose server answers but is
+not a quota-broker's gRPC port (a broker's HTTP port, an HTTP/1 server,
+another gRPC service), is never back: the client raises ``BadUrl`` /
+``NotABroker`` (both ``ValueError``) with what to change, and logs it once
+per address, instead of running on the fallback rate for good. An outage
+(connection refused) still falls back. Against real servers: a broker
+process, Python's HTTP server, a gRPC server without the broker's services.
+"""
+import http.server
+import logging
+import socket
+import threading
+from concurrent import futures
+
+import grpc
+import pytest
+
+import quota_broker_client as qb
+from conftest import TENANT, free_port
+
+USERS = "/api/v2/users/me"
+
+# A broker with its HTTP port (metrics, dashboard, probes) on {http_port}.
+WITH_HTTP_PORT = """
+[server]
+listen = "127.0.0.1:{port}"
+http_listen = "127.0.0.1:%d"
+state_dir = ""
+shutdown_grace_ms = 2000
+
+[[tenants]]
+id = "demo"
+
+[[tenants.buckets]]
+name = "per-client"
+scope = "oauth_client"
+routes = ["* /**"]
+permits = 300
+window_ms = 60000
+"""
+
+
+def errors_logged(caplog):
+    return [r for r in caplog.records
+            if r.name.startswith("quota_broker_client") and r.levelno >= logging.ERROR]
+
+
+def acquire(client):
+    return client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=0)
+
+
+@pytest.mark.parametrize("url, says", [
+    ("127.0.0.1:5oo51", "the port '5oo51' is not a number"),
+    ("127.0.0.1:70000", "the port '70000' is not a number"),
+    ("http://127.0.0.1:5oo51", "the port '5oo51' is not a number"),
+    ("127.0.0.1:50051:1", "more than one ':'"),
+    ("broker host:50051", "characters a host name cannot have"),
+    (":50051", "no host"),
+    ("[::1:50051", "no ']'"),
+    ("ftp://127.0.0.1:50051", "unsupported scheme"),
+])
+def test_a_url_that_does_not_parse_is_an_error_when_the_client_is_built(url, says):
+    with pytest.raises(qb.BadUrl) as info:
+        qb.QuotaBroker(url)
+    assert says in str(info.value)
+    assert url in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_url_forms_that_parse_are_taken():
+    for url in ("127.0.0.1:50051", "localhost:50051", "[::1]:50051", "::1", "http://[::1]:50051",
+                "https://broker.example:443", "http://127.0.0.1:50051/", "unix:/run/qb.sock"):
+        qb.QuotaBroker(url, fallback=None).close()
+
+
+def test_a_brokers_http_port_is_an_error_not_an_outage(start_broker, caplog):
+    http_port = free_port()
+    broker = start_broker(config_text=WITH_HTTP_PORT % http_port)
+    assert any(f"http=127.0.0.1:{http_port}" in line for line in broker.lines), broker.log()
+    with qb.QuotaBroker(f"127.0.0.1:{http_port}", timeout=5) as client:
+        for _ in range(2):
+            with pytest.raises(qb.NotABroker) as info:
+                acquire(client)
+            assert f"127.0.0.1:{http_port} is not a quota-broker's gRPC port" in str(info.value)
+            assert "server.listen" in str(info.value)
+        assert not client.in_fallback
+        with pytest.raises(qb.NotABroker):
+            client.report(TENANT, "GET", USERS, 200)
+        assert client.pending_reports == 0
+    # Said once, loudly, for the address.
+    assert len(errors_logged(caplog)) == 1, [r.getMessage() for r in caplog.records]
+    # The right port, for contrast.
+    with broker.client() as client:
+        assert not acquire(client).is_fallback
+
+
+def test_an_http1_server_is_an_error_not_an_outage(caplog):
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        addr = f"127.0.0.1:{server.server_address[1]}"
+        with qb.QuotaBroker(addr, timeout=5) as client:
+            with pytest.raises(qb.NotABroker) as info:
+                acquire(client)
+            assert "HTTP/1 server" in str(info.value)
+            assert not client.in_fallback
+        with qb.QuotaBroker(addr, timeout=5, fallback=None) as client:
+            with pytest.raises(qb.NotABroker):
+                acquire(client)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_another_grpc_service_is_an_error_not_an_outage(caplog):
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with qb.QuotaBroker(f"127.0.0.1:{port}", timeout=5) as client:
+            with pytest.raises(qb.NotABroker) as info:
+                acquire(client)
+            assert info.value.code == grpc.StatusCode.UNIMPLEMENTED
+            assert "another gRPC service" in str(info.value)
+            assert not client.in_fallback
+            with pytest.raises(qb.NotABroker):
+                client.report(TENANT, "GET", USERS, 200)
+    finally:
+        server.stop(0)
+    assert len(errors_logged(caplog)) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_a_mistaken_url_among_brokers_is_said_once_and_the_others_serve(start_broker, caplog):
+    http_port = free_port()
+    broker = start_broker(config_text=WITH_HTTP_PORT % http_port)
+    with qb.QuotaBroker([f"127.0.0.1:{http_port}", broker.addr], timeout=5) as client:
+        for _ in range(3):
+            lease = acquire(client)
+            assert not lease.is_fallback and lease.target == broker.addr
+    logged = errors_logged(caplog)
+    assert len(logged) == 1, [r.getMessage() for r in caplog.records]
+    assert f"127.0.0.1:{http_port}" in logged[0].getMessage()
+
+
+def test_a_broker_that_refuses_connections_is_still_an_outage(caplog):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, not listening: connection refused
+        with qb.QuotaBroker(f"127.0.0.1:{s.getsockname()[1]}", timeout=3) as client:
+            assert acquire(client).is_fallback and client.in_fallback
+    assert not errors_logged(caplog)
