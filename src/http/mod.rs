@@ -331,6 +331,10 @@ const NOT_GRPC: &str = "this is the quota-broker's HTTP port (metrics, dashboard
 /// with [`NOT_GRPC`] here, then closed: `None`) from an HTTP/1 one, whose
 /// bytes read are handed back ahead of the rest. A client that sends no
 /// first bytes within the header deadline is closed, as hyper would.
+/// By hand: hyper's HTTP/1 server closes on the preface without a word, and
+/// hyper-util's version-sniffing builder would serve HTTP/2 instead, with
+/// no deadline on the sniff (a client that connects and sends nothing holds
+/// a connection slot for good).
 async fn first_bytes(
     mut stream: tokio::net::TcpStream,
 ) -> Option<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> {
