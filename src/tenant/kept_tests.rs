@@ -117,6 +117,9 @@ fn below_the_floor_batch_waits_and_critical_is_served() {
         t.acquire(&class("critical"), NOW, t0).unwrap(),
         Decision::Granted(_)
     ));
+    // What is left, as the broker follows it, is shown: 4, less the
+    // critical grant.
+    assert_eq!(t.statuses(t0)[0].upstream_remaining, Some(3));
     // The upstream says 9 are left: one above the floor for batch.
     let later = t0 + SEC;
     t.report(("GET", "/", "oa"), 200, None, &told(9.0), later)

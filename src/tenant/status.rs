@@ -54,7 +54,8 @@ pub struct BucketStatus {
     pub throttle_ratio: f64,
     /// The ratio backstop holds the rate until then.
     pub cooldown_until: Option<Instant>,
-    /// What the upstream last said is left of its budget (until its reset).
+    /// What the upstream last said is left of its budget (until its reset);
+    /// a continuous upstream bucket's level as followed since it said.
     pub upstream_remaining: Option<u32>,
 }
 
@@ -116,7 +117,11 @@ impl TenantState {
             learned_limit_per_min: x.learner.learned_limit(),
             throttle_ratio: x.learner.throttle_ratio(now, &self.learning),
             cooldown_until: x.learner.cooldown_until(now),
-            upstream_remaining: x.upstream.and_then(|u| u.remaining(now)),
+            upstream_remaining: x.upstream.and_then(|u| u.remaining(now)).or_else(|| {
+                x.kept
+                    .as_ref()
+                    .map(|k| k.view.available(now).floor() as u32)
+            }),
         }
     }
 
