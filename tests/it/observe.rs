@@ -1256,7 +1256,8 @@ async fn the_feed_says_which_instances_exist_and_what_dropped_ones_counted() {
     assert!(grant("a").await && grant("a").await && grant("b").await);
     // Idle and full again: the broker drops both instances (Watch does
     // not say so), keeping what they counted for the bucket's totals.
-    tokio::time::sleep(Duration::from_secs(180)).await;
+    // On the paused clock: it advances through every timer due meanwhile.
+    tokio::time::sleep(Duration::from_secs(180)).await; // paused
     assert!(grant("c").await);
     let (head, mut feed) = open(b.http, "/events", &[]).await;
     assert_eq!(head.status, 200);
@@ -1409,7 +1410,7 @@ async fn the_event_feed_sends_a_busy_bucket_at_most_twice_a_second() {
         let mut r = req("GET", "/api/v2/users/1", 0);
         r.tenant = "t".into();
         assert!(client.acquire(r).await.unwrap().into_inner().granted);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await; // paused clock
     }
     let mut seen = 0;
     loop {
