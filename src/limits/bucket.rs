@@ -210,12 +210,10 @@ impl TokenBucket {
     }
 
     /// Lowers the level to at most `tokens` at `now` (someone else spent
-    /// part of the budget); below zero, a debt the refill repays before the
-    /// next permit. Never raises it.
-    pub(crate) fn shrink_to(&mut self, tokens: i64, now: Instant) {
-        let owed = i64::from(self.burst).saturating_sub(tokens).max(0);
-        let owed = u32::try_from(owed).unwrap_or(u32::MAX);
-        let tat = now + self.interval.saturating_mul(owed);
+    /// part of the budget). Never raises it.
+    pub(crate) fn shrink_to(&mut self, tokens: u32, now: Instant) {
+        let tokens = tokens.min(self.burst);
+        let tat = now + self.interval.saturating_mul(self.burst - tokens);
         self.tat = self.tat.max(tat);
     }
 
@@ -413,11 +411,6 @@ mod tests {
         b.set_rate_per_min(30.0, t0);
         assert!((b.rate_per_min() - 30.0).abs() < 1e-6);
         assert!((b.available(t0) - 4.0).abs() < 1e-6);
-        // Below empty: two owed, the next permit three of its 2 s away.
-        b.shrink_to(-2, t0);
-        assert_eq!(b.ready_at(1, t0), Some(t0 + Duration::from_secs(6)));
-        b.shrink_to(0, t0);
-        assert_eq!(b.ready_at(1, t0), Some(t0 + Duration::from_secs(6)));
     }
 
     #[test]

@@ -76,6 +76,9 @@ impl TenantState {
     /// the broker's empty bucket is the upstream's, and a permit lent
     /// below it before anyone comes back to repay it is a 429; a fixed
     /// window, once reset, holds the whole window whatever the pace.
+    /// The classes that may not borrow also leave what a continuous
+    /// upstream bucket keeps for consumers the broker does not manage
+    /// (see `Kept`).
     #[inline]
     pub(super) fn bucket_share(&self, class: usize, instances: &[usize], now: Instant) -> Share {
         let held = self.reserve_above(class);
@@ -83,7 +86,9 @@ impl TenantState {
         let below = self.reserve_before(lowest);
         let order = self.order(class);
         let lower = |o| o > order;
-        let borrow = if held + 1e-9 < below
+        // The classes the lowest one holds reserves for.
+        let reserved_for = held + 1e-9 < below;
+        let borrow = if reserved_for
             && (self.waiting_where(instances, lower)
                 || (self.deferred_where(instances, now, lower)
                     && !self.refills_continuously(instances)))
@@ -92,11 +97,10 @@ impl TenantState {
         } else {
             0.0
         };
-        let first = self.classes.iter().map(|c| c.order).min().unwrap_or(0);
         Share {
             held,
             borrow,
-            leaves_kept: order > first || self.classes.len() < 2,
+            leaves_kept: !reserved_for,
         }
     }
 

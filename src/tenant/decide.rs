@@ -332,7 +332,8 @@ impl TenantState {
                 .and_then(|k| Some((k, k.ready_at(n, now)?)))
                 .filter(|&(_, at)| at > now)
             {
-                retry = retry.max(at);
+                // The bucket and the slots may hold it longer.
+                retry = retry.max(x.ready_at(n, share, now).unwrap_or(at));
                 let _ = write!(
                     reason,
                     "{sep}bucket {name:?}: the upstream's bucket has {:.1} of {} permits left, \

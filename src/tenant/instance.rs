@@ -269,13 +269,12 @@ impl Instance {
         let Some(remaining) = info.remaining else {
             return;
         };
-        let left = i64::try_from(remaining).unwrap_or(i64::MAX);
         if let Some(t) = self.tokens.as_mut() {
-            t.shrink_to(left, now);
+            t.shrink_to(u32::try_from(remaining).unwrap_or(u32::MAX), now);
         }
         if continuous {
             self.upstream = None;
-            self.sync_kept(info.limit, remaining, now);
+            self.sync_kept(info.limit, remaining, window, now);
             return;
         }
         self.kept = None;
@@ -292,41 +291,43 @@ impl Instance {
     }
 
     /// Follows a continuous upstream's bucket of `capacity` (its headers'
-    /// limit) from what it says is left, keeping half of it for consumers
-    /// the broker does not manage (see [`Kept`]).
-    fn sync_kept(&mut self, capacity: Option<u64>, remaining: u64, now: Instant) {
+    /// limit, refilled over `window`: see [`Instance::header_window`]) from
+    /// what it says is left, keeping half of it for consumers the broker
+    /// does not manage (see [`Kept`]). No limit stated: nothing followed.
+    fn sync_kept(&mut self, capacity: Option<u64>, remaining: u64, window: Duration, now: Instant) {
         let capacity = capacity.map_or(0, |c| u32::try_from(c).unwrap_or(u32::MAX));
         let floor = capacity / 2;
-        let rate = self
-            .learner
-            .learned_limit()
-            .or_else(|| self.tokens.as_ref().map(TokenBucket::rate_per_min));
-        let (Some(rate), true) = (rate, floor > 0) else {
+        if floor == 0 {
             self.kept = None;
             return;
-        };
+        }
+        // The refill the headers state, whatever the configured rate and
+        // the learner's cuts: the upstream refills at it for everyone.
+        let per_min = f64::from(capacity) * 60.0 / window.as_secs_f64().max(1e-3);
         let kept = self.kept.get_or_insert_with(|| Kept {
             view: TokenBucket::new(capacity, Duration::from_secs(60), capacity, now),
             floor,
         });
         kept.floor = floor;
         kept.view.set_burst(capacity, now);
-        kept.view.set_rate_per_min(rate, now);
+        kept.view.set_rate_per_min(per_min, now);
         kept.view.set_level(remaining as f64, now);
     }
 }
 
 /// An upstream token bucket that tells what is left of it, followed between
-/// its answers by counting the fleet's grants down and refilling at its
-/// learned rate. Such a bucket saves what is not spent for a burst; the
-/// fleet, paced by the broker, needs none, but the consumers the broker does
-/// not manage may: a broker that spent every token the headers said were
-/// left took the ones saved for their next burst, and refused it. So the
-/// classes below the first leave `floor`, half the bucket, in it. Paced at
-/// the refill, the fleet still gets all that the others leave (the floor
-/// only sets the level at which it waits), and the half absorbs the
-/// fleet's own calls still in flight when a header was read. The first
-/// class, few calls that must not wait, may take it down to empty.
+/// its answers by counting the fleet's grants down and refilling at the
+/// rate its headers state. Such a bucket saves what is not spent for a
+/// burst; the fleet, paced by the broker, needs none, but the consumers the
+/// broker does not manage may: a broker that spent every token the headers
+/// said were left took the ones saved for their next burst, and refused
+/// it. So the classes that hold reserves for others leave `floor`, half the
+/// bucket, in it (`batch`, `best_effort`: see `TenantState::bucket_share`).
+/// Paced at the refill, the fleet still gets all that the others leave (the
+/// floor only sets the level at which it waits), and the half absorbs the
+/// fleet's own calls still in flight when a header was read, as many as
+/// the half holds. The classes the reserves are for (wallboards, trunks)
+/// may take it down to empty: what they ask must not wait.
 #[derive(Debug, Clone)]
 pub(super) struct Kept {
     pub(super) view: TokenBucket,
@@ -352,8 +353,7 @@ pub(super) struct Share {
     /// at least one permit.
     pub(super) borrow: f64,
     /// Whether the class leaves what an upstream bucket keeps for the
-    /// consumers the broker does not manage (see [`Kept`]): all but the
-    /// first class of a tenant with several.
+    /// consumers the broker does not manage (see [`Kept`]).
     pub(super) leaves_kept: bool,
 }
 

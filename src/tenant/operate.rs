@@ -174,6 +174,7 @@ impl TenantState {
             x.apply_slot_limit();
             x.resume_at = None;
             x.upstream = None;
+            x.kept = None;
             if let Some(t) = x.tokens.as_mut() {
                 t.restart_empty(now);
             }

@@ -353,6 +353,9 @@ impl TenantState {
             if let Some(t) = x.tokens.as_mut() {
                 t.postpone(ended, lapse);
             }
+            // The fleet spent on its fallback meanwhile: the next header
+            // says what is left.
+            x.kept = None;
         }
         if let Some(at) = self.restarted_at.as_mut() {
             *at += lapse;
