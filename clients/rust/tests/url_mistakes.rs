@@ -11,7 +11,7 @@
 //! tonic gRPC server without the broker's services.
 
 use quota_broker::{Listeners, Settings};
-use quota_broker_client::{BrokerClient, Call, ClientError};
+use quota_broker_client::{BrokerClient, Call, ClientError, FallbackSettings};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -321,4 +321,81 @@ async fn a_tls_port_addressed_with_http_is_an_error_not_an_outage() {
     assert!(text.contains("use https://"), "{text}");
     assert_eq!(logged.lines().len(), 1, "{:#?}", logged.lines());
     broker.stop().await.unwrap();
+}
+
+/// Paces a loop that polls for what the client and broker do (bounded by
+/// a deadline); no test waits for time itself to pass.
+async fn poll_pause() {
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// A broker still starting answers its calls UNAVAILABLE "starting": an
+/// outage (the fallback, said at WARN), not a mistaken URL; once it has
+/// started the client is back on it. The start is held deterministically:
+/// the state directory's `admin.toml` is a named pipe, which gives nothing
+/// until the test writes to it.
+#[tokio::test]
+async fn a_broker_still_starting_is_an_outage_not_a_mistake() {
+    let logged = Logged::errors();
+    let dir = std::env::temp_dir().join(format!(
+        "quota-broker-client-{}-held-start",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let pipe = dir.join("admin.toml");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&pipe)
+        .status()
+        .unwrap()
+        .success());
+    let toml = CONFIG.replace("state_dir = \"\"", &format!("state_dir = {dir:?}"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broker =
+        quota_broker::Embedded::spawn(listener, Settings::from_toml(&toml).unwrap()).unwrap();
+    let fallback = FallbackSettings {
+        fraction: 0.5,
+        floor_per_min: 600,
+        probe_every: Duration::from_millis(100),
+    };
+    let client = BrokerClient::with_fallback(&broker.url(), None, fallback).unwrap();
+    let lease = client.acquire(&call()).await.unwrap();
+    assert!(
+        lease.is_fallback(),
+        "a broker still starting is away for now"
+    );
+    drop(lease);
+
+    // The state directory answers: the start goes on, and the client's
+    // probe finds the broker.
+    let writer = tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&pipe)?
+            .write_all(b"version = 1\n")
+    });
+    tokio::time::timeout(LIMIT, writer)
+        .await
+        .expect("the broker opened its admin.toml")
+        .unwrap()
+        .unwrap();
+    assert!(broker.started().await, "the broker started");
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        // A lease from the broker, or its refusal (a start on a state
+        // directory begins with an empty bucket): not the fallback's.
+        match client.acquire(&call()).await {
+            Ok(lease) if !lease.is_fallback() => break,
+            Err(ClientError::NotGranted { reason, .. }) if !reason.contains("fallback") => break,
+            _ => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the client stayed on the fallback once the broker had started"
+        );
+        poll_pause().await;
+    }
+    assert_eq!(logged.lines(), Vec::<String>::new());
+    broker.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }
