@@ -114,7 +114,9 @@ pub struct Listeners {
 }
 
 /// Serves the broker on `listener` (gRPC only) until `shutdown` completes,
-/// then shuts down gracefully within `settings.server.shutdown_grace`.
+/// then shuts down gracefully within `settings.server.shutdown_grace`. The
+/// port answers at once, the broker's calls UNAVAILABLE "starting" until
+/// its start is done (see [`serve`]; [`Embedded::started`] waits for it).
 pub async fn run(
     listener: TcpListener,
     settings: &Settings,
