@@ -12,6 +12,7 @@
 //!  gRPC ──► grpc/        the only place tonic is served: codec (decode + validate,
 //!             │          encode, BrokerError → Status), QuotaBroker / QuotaAdmin,
 //!             │          LeaseStream sessions, serve() with health, reflection, shutdown;
+//!             │          starting (the port answers "starting" until the broker has);
 //!             │          observe (request ids on a span and in the response, latency);
 //!             │          transport (accept loop, TLS, handshake deadline, connection
 //!             │          caps), overload (per-caller rates and Watch caps)

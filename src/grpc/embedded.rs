@@ -1,12 +1,14 @@
 //! A broker served by the caller's tokio runtime until stopped: the one copy
 //! of "bind, spawn, stop gracefully" that tests and tools running a broker
-//! in process need.
+//! in process need. Its port answers at once, the broker's calls
+//! UNAVAILABLE "starting" until the start is done: a caller that must not
+//! see that waits for [`Embedded::started`] first.
 
-use super::{run, ServerError};
+use super::{serve_telling, Listeners, ServerError};
 use crate::config::Settings;
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// A broker (gRPC only) running in a task of this process until
@@ -16,6 +18,8 @@ pub struct Embedded {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
+    /// True once the broker serves.
+    started: watch::Receiver<bool>,
 }
 
 impl Embedded {
@@ -23,17 +27,30 @@ impl Embedded {
     pub fn spawn(listener: TcpListener, settings: Settings) -> std::io::Result<Embedded> {
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
+        let (tell, started) = watch::channel(false);
         let task = tokio::spawn(async move {
-            run(listener, &settings, async {
+            let listeners = Listeners {
+                grpc: listener,
+                http: None,
+            };
+            let shutdown = async {
                 let _ = stopped.await;
-            })
-            .await
+            };
+            serve_telling(listeners, &settings, shutdown, Some(tell)).await
         });
         Ok(Embedded {
             addr,
             stop: Some(stop),
             task: Some(task),
+            started,
         })
+    }
+
+    /// Waits until the broker has started (its calls get the broker's
+    /// answers, health says SERVING): true; false if the server ended
+    /// before ([`Embedded::stop`] says why).
+    pub async fn started(&self) -> bool {
+        self.started.clone().wait_for(|s| *s).await.is_ok()
     }
 
     /// Where it listens.

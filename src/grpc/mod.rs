@@ -1,6 +1,7 @@
 //! The gRPC server: the broker's services plus grpc.health.v1 (per
 //! service) and server reflection (v1 and v1alpha) on one listener, the
-//! HTTP port beside it when one is given, and the shutdown sequence (health
+//! HTTP port beside it when one is given, the start (both ports answer
+//! while the broker starts: `starting`), and the shutdown sequence (health
 //! goes NOT_SERVING, streams and waiters end, open calls drain for at most
 //! the grace period). Connections come through `transport` (handshake
 //! timeout, connection caps, TLS) and every RPC through `observe` (request
@@ -17,6 +18,7 @@ mod lease_stream;
 mod observe;
 mod ops;
 mod overload;
+mod starting;
 mod stopping;
 mod transport;
 
@@ -29,6 +31,7 @@ use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::clock::millis;
 use crate::config::Settings;
+use crate::http::StartStage;
 use crate::metrics::{BucketCollector, Metrics};
 use crate::pb;
 use admin_service::AdminService;
@@ -40,14 +43,19 @@ use overload::GuardLayer;
 pub(crate) use overload::{Overload, RETRY_AFTER_MS};
 use pb::quota_admin_server::QuotaAdminServer;
 use pb::quota_broker_server::QuotaBrokerServer;
+use starting::{GateLayer, Starting};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use stopping::EndOnStop;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic::service::Routes;
 use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
+use tower::ServiceBuilder;
 pub(crate) use transport::PeerInfo;
 
 /// HTTP/2 PING interval on idle connections, so a sidecar that vanished
@@ -65,6 +73,20 @@ const REFLECTION_SERVICES: [&str; 2] = [
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",
 ];
+
+/// Sets every name the health service answers for to `status`: "" (the
+/// whole server), the broker's services, health and reflection.
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    let names = [
+        "",
+        <QuotaBrokerServer<BrokerService> as NamedService>::NAME,
+        <QuotaAdminServer<AdminService> as NamedService>::NAME,
+        HEALTH_SERVICE,
+    ];
+    for service in names.iter().chain(&REFLECTION_SERVICES) {
+        health.set_service_status(*service, status).await;
+    }
+}
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +114,9 @@ pub struct Listeners {
 }
 
 /// Serves the broker on `listener` (gRPC only) until `shutdown` completes,
-/// then shuts down gracefully within `settings.server.shutdown_grace`.
+/// then shuts down gracefully within `settings.server.shutdown_grace`. The
+/// port answers at once, the broker's calls UNAVAILABLE "starting" until
+/// its start is done (see [`serve`]; [`Embedded::started`] waits for it).
 pub async fn run(
     listener: TcpListener,
     settings: &Settings,
@@ -107,16 +131,36 @@ pub async fn run(
 
 /// Serves the broker on `listeners` until `shutdown` completes, then shuts
 /// down gracefully within `settings.server.shutdown_grace`.
+///
+/// Both ports answer from the call on; the broker's start-up work runs
+/// meanwhile (see `starting`): until it is done, grpc.health.v1 answers
+/// NOT_SERVING and the broker's calls UNAVAILABLE "the broker is
+/// starting". Once it is, health turns SERVING and "broker started" is
+/// logged.
 pub async fn serve(
     listeners: Listeners,
     settings: &Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    serve_telling(listeners, settings, shutdown, None).await
+}
+
+/// [`serve`], setting `started` to true once the broker serves.
+pub(crate) async fn serve_telling(
+    listeners: Listeners,
+    settings: &Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    started_tell: Option<tokio::sync::watch::Sender<bool>>,
+) -> Result<(), ServerError> {
+    let begun = std::time::Instant::now();
     let Listeners {
         grpc: listener,
         http,
     } = listeners;
     let token = CancellationToken::new();
+    // Stops the accept loop (and the broker's tasks) if the start fails
+    // below; a normal stop cancels it anyway.
+    let _stop_guard = token.clone().drop_guard();
     // The HTTP port answers from now on (probes during a long start), and
     // outlives the gRPC drain, so /readyz can say 503 during it.
     let http_stop = CancellationToken::new();
@@ -125,37 +169,11 @@ pub async fn serve(
     let http = http.map(|listener| {
         crate::http::Port::open(listener, settings.server.max_connections, http_stop.clone())
     });
-    let stage = http.as_ref().map(|(port, _)| port.stage());
+    let stage = http
+        .as_ref()
+        .map_or_else(StartStage::new, |(port, _)| port.stage());
     let with_metrics = http.is_some();
-    // The start's work is synchronous and may take seconds (tenants, label
-    // sets, state files): off the async threads, so the HTTP port answers.
-    let starting = {
-        let settings = settings.clone();
-        let token = token.clone();
-        tokio::task::spawn_blocking(move || {
-            let tell = |what: &str| {
-                if let Some(stage) = &stage {
-                    stage.set(what);
-                }
-            };
-            let mut registry = crate::metrics::registry();
-            let metrics = with_metrics.then(|| {
-                tell(&format!(
-                    "resolving the metrics' label sets of {} tenants",
-                    settings.tenants.len()
-                ));
-                Arc::new(Metrics::new(&settings, &mut registry))
-            });
-            let (broker, drivers) = Broker::start_telling(&settings, token, metrics.clone(), &tell);
-            tell("starting the gRPC services");
-            (registry, metrics, broker, drivers)
-        })
-    };
-    let (mut registry, metrics, broker, drivers) = match starting.await {
-        Ok(started) => started,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => return Err(ServerError::Start(e)),
-    };
+
     let auth = Authenticator::new(settings.tokens.clone());
     if auth.is_open() {
         // The address bound (an embedding caller may bind another port
@@ -178,6 +196,141 @@ pub async fn serve(
         None => tracing::info!("serving plaintext gRPC (no [server.tls])"),
     }
     let overload = Overload::new(settings, auth.clone());
+
+    // Health: every name NOT_SERVING until the broker has started (the
+    // reporter starts with "" SERVING).
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+    // Each version lists the other too (a client sees every service the
+    // port serves, whichever it asks).
+    let reflection = EndOnStop::new(
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+            .build_v1()?,
+        token.clone(),
+    );
+    // v1alpha too: Python's grpcio-reflection, Postman and older
+    // grpcurl/grpcui ask only for it.
+    let reflection_v1alpha = EndOnStop::new(
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?,
+        token.clone(),
+    );
+    let health_service = EndOnStop::new(health_service, token.clone());
+
+    // The gRPC port answers from now on too (see `starting`): health and
+    // reflection as they are, the broker's services UNAVAILABLE "starting"
+    // until `started` holds the full stack.
+    let started = Arc::new(OnceLock::new());
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = {
+        let token = token.clone();
+        let health = health.clone();
+        async move {
+            // A stop asked for during the start is acted on once it is
+            // done (the start's work cannot be cut short).
+            if started_rx.await.is_err() {
+                return std::future::pending().await;
+            }
+            shutdown.await;
+            tracing::info!("shutdown requested: health NOT_SERVING, ending streams and waits");
+            set_health(&health, ServingStatus::NotServing).await;
+            token.cancel();
+            let _ = draining_tx.send(());
+        }
+    };
+    let serve = Server::builder()
+        // Explicit transport limits (README "Transport limits").
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(GateLayer::new(
+            ObserveLayer::new(None),
+            GuardLayer::new(overload.clone()),
+            started.clone(),
+        ))
+        .add_service(health_service.clone())
+        .add_service(reflection.clone())
+        .add_service(reflection_v1alpha.clone())
+        .add_service(Starting::<QuotaBrokerServer<BrokerService>>::new(
+            stage.clone(),
+        ))
+        .add_service(Starting::<QuotaAdminServer<AdminService>>::new(
+            stage.clone(),
+        ))
+        .serve_with_incoming_shutdown(
+            transport::incoming(listener, &settings.server, token.clone()),
+            signal,
+        );
+    tokio::pin!(serve);
+
+    // The start's work is synchronous and may take seconds (tenants, label
+    // sets, state files): off the async threads, so the ports answer.
+    let starting = {
+        let settings = settings.clone();
+        let token = token.clone();
+        tokio::task::spawn_blocking(move || {
+            let tell = |what: &str| stage.set(what);
+            let mut registry = crate::metrics::registry();
+            let metrics = with_metrics.then(|| {
+                tell(&format!(
+                    "resolving the metrics' label sets of {} tenants",
+                    settings.tenants.len()
+                ));
+                Arc::new(Metrics::new(&settings, &mut registry))
+            });
+            let (broker, drivers) = Broker::start_telling(&settings, token, metrics.clone(), &tell);
+            tell("starting the gRPC services");
+            (registry, metrics, broker, drivers)
+        })
+    };
+    let started_work = tokio::select! {
+        started = starting => started,
+        // Before the start is done the server ends only on an error (its
+        // stop waits for the start).
+        r = &mut serve => return r.map_err(ServerError::from),
+    };
+    let (mut registry, metrics, broker, drivers) = match started_work {
+        Ok(started) => started,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => return Err(ServerError::Start(e)),
+    };
+    let broker_service = BrokerService::new(broker.clone(), auth.clone(), overload.clone());
+    let routes = Routes::new(health_service)
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            QuotaBrokerServer::new(broker_service.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            QuotaAdminServer::new(AdminService::new(broker.clone(), auth))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .prepare();
+    let stack = ServiceBuilder::new()
+        .layer(ObserveLayer::new(metrics.clone()))
+        .layer(GuardLayer::new(overload.clone()))
+        .layer(FastAcquireLayer::new(broker_service))
+        .service(routes);
+    if started.set(stack).is_err() {
+        tracing::error!("the gRPC services were installed twice; the first are kept");
+    }
+    set_health(&health, ServingStatus::Serving).await;
+    let _ = started_tx.send(());
+    if let Some(tell) = started_tell {
+        tell.send_replace(true);
+    }
+    // The HTTP port's routes after the gRPC port's: a /readyz that says
+    // ready means both serve.
     let http_task = http.map(|(port, task)| {
         if let Some(m) = &metrics {
             registry.register_collector(Box::new(BucketCollector::new(broker.clone(), m.clone())));
@@ -190,76 +343,11 @@ pub async fn serve(
         );
         task
     });
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<QuotaBrokerServer<BrokerService>>()
-        .await;
-    health.set_serving::<QuotaAdminServer<AdminService>>().await;
-    for service in ["", HEALTH_SERVICE].iter().chain(&REFLECTION_SERVICES) {
-        health
-            .set_service_status(*service, ServingStatus::Serving)
-            .await;
-    }
-    // Each version lists the other too (a client sees every service the
-    // port serves, whichever it asks).
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    // v1alpha too: Python's grpcio-reflection, Postman and older
-    // grpcurl/grpcui ask only for it.
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-
-    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
-    let signal = {
-        let token = token.clone();
-        async move {
-            shutdown.await;
-            tracing::info!("shutdown requested: health NOT_SERVING, ending streams and waits");
-            health
-                .set_not_serving::<QuotaBrokerServer<BrokerService>>()
-                .await;
-            health
-                .set_not_serving::<QuotaAdminServer<AdminService>>()
-                .await;
-            for service in ["", HEALTH_SERVICE].iter().chain(&REFLECTION_SERVICES) {
-                health
-                    .set_service_status(*service, ServingStatus::NotServing)
-                    .await;
-            }
-            token.cancel();
-            let _ = draining_tx.send(());
-        }
-    };
+    tracing::info!(
+        took_ms = millis(begun.elapsed()),
+        "broker started: health SERVING, calls answered"
+    );
     let grace = settings.server.shutdown_grace;
-    let broker_service = BrokerService::new(broker.clone(), auth.clone(), overload.clone());
-    let serve = Server::builder()
-        // Explicit transport limits (README "Transport limits").
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .layer(ObserveLayer::new(metrics))
-        .layer(GuardLayer::new(overload))
-        .layer(FastAcquireLayer::new(broker_service.clone()))
-        .add_service(EndOnStop::new(health_service, token.clone()))
-        .add_service(EndOnStop::new(reflection, token.clone()))
-        .add_service(EndOnStop::new(reflection_v1alpha, token.clone()))
-        .add_service(
-            QuotaBrokerServer::new(broker_service).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            QuotaAdminServer::new(AdminService::new(broker.clone(), auth))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(
-            transport::incoming(listener, &settings.server, token.clone()),
-            signal,
-        );
     let drain_deadline = async {
         if draining_rx.await.is_ok() {
             tokio::time::sleep(grace).await;

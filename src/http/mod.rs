@@ -201,10 +201,24 @@ impl Port {
 pub(crate) struct StartStage(Arc<Mutex<String>>);
 
 impl StartStage {
+    /// A stage of its own, for a broker without an HTTP port (the gRPC
+    /// port's start-up answers say it too).
+    pub(crate) fn new() -> StartStage {
+        StartStage(Arc::new(Mutex::new("setting up".to_owned())))
+    }
+
     /// From now on `/readyz` answers "starting: {what}".
     pub(crate) fn set(&self, what: &str) {
         let mut stage = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         what.clone_into(&mut stage);
+    }
+
+    /// What the start is doing now.
+    pub(crate) fn now(&self) -> String {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 

@@ -31,8 +31,26 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Starts the binary on `config` and waits for its "serving" line.
+    /// Starts the binary on `config` and waits until it has started (its
+    /// "broker started" line: health SERVING, its calls answered).
     pub async fn start(config: &Path) -> Broker {
+        let (broker, started) = Broker::spawn(config).await;
+        tokio::time::timeout(LIMIT, started)
+            .await
+            .expect("broker started within 30 s")
+            .expect("broker exited before it had started");
+        broker
+    }
+
+    /// Starts the binary on `config` and waits for its "serving" line only
+    /// (its ports bound and answering, the broker maybe still starting).
+    pub async fn start_unready(config: &Path) -> Broker {
+        Broker::spawn(config).await.0
+    }
+
+    /// Starts the binary and waits for its "serving" line; with what
+    /// resolves on its "broker started" line.
+    async fn spawn(config: &Path) -> (Broker, tokio::sync::oneshot::Receiver<()>) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
             .arg("--config")
             .arg(config)
@@ -49,8 +67,10 @@ impl Broker {
             log: None,
         };
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
         broker.log = Some(std::thread::spawn(move || {
             let mut addr_tx = Some(addr_tx);
+            let mut started_tx = Some(started_tx);
             let mut log = String::new();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 // The startup line only: an error about a taken
@@ -67,6 +87,11 @@ impl Broker {
                         let _ = tx.send((addr.to_owned(), http.map(str::to_owned)));
                     }
                 }
+                if line.contains("broker started") {
+                    if let Some(tx) = started_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
                 log.push_str(&line);
                 log.push('\n');
             }
@@ -76,7 +101,7 @@ impl Broker {
             .await
             .expect("broker printed its address within 30 s")
             .expect("broker exited before serving");
-        broker
+        (broker, started_rx)
     }
 
     /// The broker's URL.

@@ -57,6 +57,7 @@ pub async fn start(toml: &str) -> TestBroker {
         .connect()
         .await
         .unwrap();
+    serving(&channel).await;
     TestBroker {
         client: QuotaBrokerClient::new(channel.clone()),
         admin: QuotaAdminClient::new(channel.clone()),
@@ -102,6 +103,27 @@ impl TestBroker {
             .find(|b| b.bucket == name)
             .unwrap_or_else(|| panic!("no bucket {name}"))
     }
+}
+
+/// Waits until the broker on `channel` has started: its port answers
+/// while it starts (health NOT_SERVING, calls UNAVAILABLE), and a test's
+/// first call must get the broker's answer. On the health Watch, so on
+/// what the broker says, not on the clock.
+pub async fn serving(channel: &Channel) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let mut watch = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest::default())
+        .await
+        .expect("the health Watch is answered")
+        .into_inner();
+    while let Some(status) = watch.message().await.expect("the health Watch goes on") {
+        if status.status() == ServingStatus::Serving {
+            return;
+        }
+    }
+    panic!("the health Watch ended before the broker served");
 }
 
 pub fn req(method: &str, path: &str, max_wait_ms: u64) -> AcquireRequest {

@@ -1,26 +1,34 @@
-//! The HTTP port while the broker starts: it answers from the moment it is
-//! bound (`/healthz` 200, `/readyz` and every other path 503 "starting"),
-//! then serves the broker's routes once the start is done.
+//! The ports while the broker starts: they answer from the moment they are
+//! bound. The HTTP port: `/healthz` 200, `/readyz` and every other path
+//! 503 "starting", then the broker's routes once the start is done. The
+//! gRPC port: grpc.health.v1 NOT_SERVING and the broker's calls
+//! UNAVAILABLE "starting", then SERVING and the real answers.
 
 use super::child::{temp_config, Broker};
-use super::harness::{fresh_dir, poll_pause};
+use super::harness::{fresh_dir, poll_pause, req};
 use super::observe::get;
+use quota_broker::pb::quota_admin_client::QuotaAdminClient;
+use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
+use quota_broker::pb::{ListBucketsRequest, ReleaseRequest};
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
-/// Bound on every wait of this test.
+/// Bound on every wait of these tests.
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// A start held up by its state directory, deterministically: its
-/// `admin.toml` is a named pipe, which the start reads and which gives
-/// nothing until the test writes to it (a state directory on a disk that
-/// answers late). Meanwhile an orchestrator's probes get answers: alive,
-/// not ready, and why; then ready once the start is done.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_http_port_answers_probes_while_the_broker_starts() {
-    let dir = fresh_dir("slow-start");
+/// A broker whose start is held up by its state directory,
+/// deterministically: its `admin.toml` is a named pipe, which the start
+/// reads and which gives nothing until the test writes to it (a state
+/// directory on a disk that answers late). Its state directory, the pipe
+/// and the config file.
+async fn held_start(name: &str) -> (Broker, PathBuf, PathBuf, PathBuf) {
+    let dir = fresh_dir(name);
     std::fs::create_dir_all(&dir).unwrap();
     let pipe = dir.join("admin.toml");
     assert!(Command::new("mkfifo")
@@ -29,7 +37,7 @@ async fn the_http_port_answers_probes_while_the_broker_starts() {
         .unwrap()
         .success());
     let config = temp_config(
-        "slow-start",
+        name,
         &format!(
             r#"[server]
 listen = "127.0.0.1:0"
@@ -47,7 +55,58 @@ window_ms = 60000
             dir.display()
         ),
     );
-    let broker = Broker::start(&config).await;
+    let broker = Broker::start_unready(&config).await;
+    (broker, dir, pipe, config)
+}
+
+/// Lets the held start go on: the state directory answers (an admin file
+/// with no changes).
+async fn release_start(pipe: PathBuf) {
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::OpenOptions::new().write(true).open(&pipe)?;
+        file.write_all(b"version = 1\n")
+    });
+    tokio::time::timeout(LIMIT, writer)
+        .await
+        .expect("the broker opened its admin.toml")
+        .unwrap()
+        .unwrap();
+}
+
+/// Waits until the HTTP port's `/readyz` says the start reads the state
+/// directory (the pipe).
+async fn wait_for_the_pipe(http: SocketAddr) {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let ready = get(http, "/readyz", &[]).await;
+        assert_eq!(ready.status, 503, "/readyz while starting: {}", ready.body);
+        if ready.body.contains("reading the state directory") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the start never said it reads the state directory: {}",
+            ready.body
+        );
+        poll_pause().await;
+    }
+}
+
+/// Stops the broker and removes what [`held_start`] made.
+async fn finish(broker: Broker, dir: &Path, config: &Path) {
+    let (status, log) = broker.terminate().await;
+    assert!(status.success(), "{log}");
+    assert!(log.contains("operators' changes restored"), "{log}");
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_file(config);
+}
+
+/// A start held up by its state directory ([`held_start`]): meanwhile an
+/// orchestrator's probes get answers: alive, not ready, and why; then
+/// ready once the start is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_port_answers_probes_while_the_broker_starts() {
+    let (broker, dir, pipe, config) = held_start("slow-start").await;
     let http: SocketAddr = broker
         .http
         .as_deref()
@@ -84,15 +143,7 @@ window_ms = 60000
 
     // The state directory answers (an admin file with no changes): the
     // start goes on, and the port turns ready; alive throughout.
-    let writer = tokio::task::spawn_blocking(move || {
-        let mut file = std::fs::OpenOptions::new().write(true).open(&pipe)?;
-        file.write_all(b"version = 1\n")
-    });
-    tokio::time::timeout(LIMIT, writer)
-        .await
-        .expect("the broker opened its admin.toml")
-        .unwrap()
-        .unwrap();
+    release_start(pipe).await;
     let deadline = Instant::now() + LIMIT;
     loop {
         let alive = get(http, "/healthz", &[]).await;
@@ -115,9 +166,132 @@ window_ms = 60000
     assert_eq!(metrics.status, 200, "{}", metrics.body);
     assert_eq!(get(http, "/healthz", &[]).await.status, 200);
 
-    let (status, log) = broker.terminate().await;
-    assert!(status.success(), "{log}");
-    assert!(log.contains("operators' changes restored"), "{log}");
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_file(&config);
+    finish(broker, &dir, &config).await;
+}
+
+/// The same held start on the gRPC port: a gRPC health check (what
+/// grpc_health_probe and Kubernetes' gRPC probe send) is answered
+/// NOT_SERVING at once rather than hanging until its deadline, a health
+/// Watch opened meanwhile turns SERVING when the start is done, and the
+/// broker's calls are answered UNAVAILABLE saying it is starting (which
+/// clients treat as an outage: retry, or their fallback rate). The same
+/// connection then gets the real answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_port_answers_while_the_broker_starts() {
+    let (broker, dir, pipe, config) = held_start("slow-start-grpc").await;
+    let http: SocketAddr = broker
+        .http
+        .as_deref()
+        .expect("the broker logs its HTTP address")
+        .parse()
+        .unwrap();
+    wait_for_the_pipe(http).await;
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", broker.addr))
+        .unwrap()
+        .timeout(LIMIT)
+        .connect_timeout(LIMIT)
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let check = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    let names = [
+        "",
+        "quota.v1.QuotaBroker",
+        "quota.v1.QuotaAdmin",
+        "grpc.health.v1.Health",
+    ];
+    for service in names {
+        let s = tokio::time::timeout(LIMIT, health.check(check(service)))
+            .await
+            .expect("a health check is answered while the broker starts")
+            .unwrap()
+            .into_inner();
+        assert_eq!(s.status(), ServingStatus::NotServing, "{service:?}");
+    }
+    let mut watch = health.watch(check("")).await.unwrap().into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::NotServing
+    );
+
+    // The broker's calls: UNAVAILABLE, saying why (the fast Acquire path,
+    // a call through the generated service, an admin call).
+    let mut client = QuotaBrokerClient::new(channel.clone());
+    let mut admin = QuotaAdminClient::new(channel.clone());
+    let starting = |what: &str, s: tonic::Status| {
+        assert_eq!(s.code(), tonic::Code::Unavailable, "{what}: {s:?}");
+        assert!(
+            s.message()
+                .starts_with("the broker is starting (reading the state directory"),
+            "{what}: {}",
+            s.message()
+        );
+    };
+    starting(
+        "Acquire",
+        client.acquire(req("GET", "/x", 0)).await.unwrap_err(),
+    );
+    starting(
+        "Release",
+        client
+            .release(ReleaseRequest {
+                tenant: "t".into(),
+                lease_id: "l".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+    );
+    starting(
+        "ListBuckets",
+        admin
+            .list_buckets(ListBucketsRequest::default())
+            .await
+            .unwrap_err(),
+    );
+
+    // The start goes on: the open Watch says SERVING, and the same
+    // connection gets the broker's answers.
+    release_start(pipe).await;
+    let serving = tokio::time::timeout(LIMIT, watch.message())
+        .await
+        .expect("the health Watch turns SERVING once the broker has started")
+        .unwrap()
+        .unwrap();
+    assert_eq!(serving.status(), ServingStatus::Serving);
+    for service in names {
+        let s = health.check(check(service)).await.unwrap().into_inner();
+        assert_eq!(s.status(), ServingStatus::Serving, "{service:?}");
+    }
+    // The broker's decision (a bucket restarted on a state directory
+    // starts empty, so it may be a refusal), not a start-up answer.
+    let answer = client
+        .acquire(req("GET", "/x", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.buckets, ["b"], "{answer:?}");
+    let buckets = admin
+        .list_buckets(ListBucketsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!buckets.buckets.is_empty());
+    // A connection opened now.
+    let mut fresh = QuotaBrokerClient::connect(format!("http://{}", broker.addr))
+        .await
+        .unwrap();
+    let answer = fresh
+        .acquire(req("GET", "/x", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.buckets, ["b"], "{answer:?}");
+    drop(fresh);
+
+    finish(broker, &dir, &config).await;
 }

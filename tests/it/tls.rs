@@ -14,8 +14,6 @@ use rcgen::{
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 
@@ -124,37 +122,26 @@ pub(crate) fn config(extra: &str) -> String {
     )
 }
 
-/// A broker serving `toml` on 127.0.0.1:0.
+/// A broker serving `toml` on 127.0.0.1:0, started.
 pub(crate) struct Server {
     pub(crate) addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), quota_broker::ServerError>>,
+    broker: quota_broker::Embedded,
 }
 
 impl Server {
     pub(crate) async fn start(toml: &str) -> Server {
         let settings = Settings::from_toml(toml).expect("test config is valid");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            quota_broker::run(listener, &settings, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
+        let broker = quota_broker::Embedded::spawn(listener, settings).unwrap();
+        assert!(broker.started().await, "the broker started");
         Server {
-            addr,
-            stop: Some(stop),
-            task,
+            addr: broker.addr(),
+            broker,
         }
     }
 
-    pub(crate) async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        (&mut self.task).await.unwrap().unwrap();
+    pub(crate) async fn stop(self) {
+        self.broker.stop().await.unwrap();
     }
 }
 

@@ -11,7 +11,6 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
@@ -69,26 +68,18 @@ window_ms = 60000
 
 struct Broker {
     addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    server: JoinHandle<Result<(), quota_broker::ServerError>>,
+    server: quota_broker::Embedded,
 }
 
 impl Broker {
     async fn start() -> Broker {
         let settings = Settings::from_toml(&config()).expect("test config is valid");
-        // Bound before the server task runs, so quotactl can connect at once.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            quota_broker::run(listener, &settings, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
+        let server = quota_broker::Embedded::spawn(listener, settings).unwrap();
+        // Its port answers at once, "starting" until the broker has started.
+        assert!(server.started().await, "the broker started");
         Broker {
-            addr,
-            stop: Some(stop),
+            addr: server.addr(),
             server,
         }
     }
@@ -145,14 +136,10 @@ impl Broker {
             .unwrap_or_else(|| panic!("no bucket {name}"))
     }
 
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        timeout(LIMIT, &mut self.server)
+    async fn stop(self) {
+        timeout(LIMIT, self.server.stop())
             .await
             .expect("broker stops in time")
-            .unwrap()
             .unwrap();
     }
 }

@@ -79,7 +79,9 @@ impl Cluster {
             let url = format!("http://{}", listener.local_addr().unwrap());
             let settings = Settings::from_toml(&config(node, &url, &etcd.url(), &prefix))
                 .expect("test config is valid");
-            brokers.push(Embedded::spawn(listener, settings).unwrap());
+            let broker = Embedded::spawn(listener, settings).unwrap();
+            assert!(broker.started().await, "the broker started");
+            brokers.push(broker);
         }
         Cluster { brokers, etcd }
     }

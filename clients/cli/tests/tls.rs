@@ -7,7 +7,6 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 use testpki::Pki;
 use tokio::process::Command;
-use tokio::sync::oneshot;
 use tokio::time::timeout;
 
 const ADMIN: &str = "secret-ops";
@@ -15,7 +14,7 @@ const ADMIN: &str = "secret-ops";
 const LIMIT: Duration = Duration::from_secs(30);
 
 /// A broker with mutual TLS and an admin token; returns its https URL.
-async fn start(pki: &Pki) -> (String, oneshot::Sender<()>) {
+async fn start(pki: &Pki) -> (String, quota_broker::Embedded) {
     let toml = format!(
         "[server]\nstate_dir = \"\"\n[server.tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\
          [[auth.tokens]]\nname = \"ops\"\nsha256 = \"{}\"\nrole = \"admin\"\ntenants = [\"*\"]\n\
@@ -29,15 +28,9 @@ async fn start(pki: &Pki) -> (String, oneshot::Sender<()>) {
     let settings = Settings::from_toml(&toml).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        quota_broker::run(listener, &settings, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    (url, stop)
+    let broker = quota_broker::Embedded::spawn(listener, settings).unwrap();
+    assert!(broker.started().await, "the broker started");
+    (url, broker)
 }
 
 /// Runs quotactl with `args` (isolated from the caller's environment, but

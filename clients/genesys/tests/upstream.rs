@@ -24,7 +24,9 @@ window_ms = 60000
 async fn broker() -> Embedded {
     let settings = Settings::from_toml(BROKER).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Embedded::spawn(listener, settings).unwrap()
+    let broker = Embedded::spawn(listener, settings).unwrap();
+    assert!(broker.started().await, "the broker started");
+    broker
 }
 
 /// The default org with its writes family enforcing `hidden` a minute.

@@ -89,10 +89,13 @@ class BrokerProcess:
     ``tls``: a ``[server.tls]`` table (``Pki.server_tls``); ``extra``: more
     top-level tables (e.g. ``[overload]``); ``listen_host``: the address to
     bind (clients still connect to ``host``, 127.0.0.1 unless given).
+    Returns once the broker has started (its "broker started" line);
+    ``started=False``: once its ports answer ("quota-broker serving"), the
+    broker's calls maybe still answered UNAVAILABLE "starting".
     """
 
     def __init__(self, tmp_path, auth="", single_ttl_ms=1500, port=None, state_dir="", tls="",
-                 extra="", listen_host="127.0.0.1", host=None, config_text=None):
+                 extra="", listen_host="127.0.0.1", host=None, config_text=None, started=True):
         exe = broker_bin()
         if not os.access(exe, os.X_OK):
             pytest.fail(
@@ -118,6 +121,7 @@ class BrokerProcess:
         env["RUST_LOG"] = "info"
         env["NO_COLOR"] = "1"
         self.lines = []
+        self._ready_line = "broker started" if started else "quota-broker serving"
         self._ready = threading.Event()
         self.proc = subprocess.Popen(
             [exe, "--config", str(self.config)],
@@ -143,7 +147,9 @@ class BrokerProcess:
         for raw in self.proc.stderr:
             line = _ANSI.sub("", raw.decode("utf-8", "replace")).rstrip()
             self.lines.append(line)
-            if "quota-broker serving" in line:
+            # Its ports answer from the "quota-broker serving" line on, the
+            # broker's calls UNAVAILABLE "starting" until "broker started".
+            if self._ready_line in line:
                 self._ready.set()
 
     def log(self):

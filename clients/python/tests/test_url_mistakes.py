@@ -11,8 +11,10 @@ process, Python's HTTP server, a gRPC server without the broker's services.
 """
 import http.server
 import logging
+import os
 import socket
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -150,4 +152,34 @@ def test_a_broker_that_refuses_connections_is_still_an_outage(caplog):
         s.bind(("127.0.0.1", 0))  # bound, not listening: connection refused
         with qb.QuotaBroker(f"127.0.0.1:{s.getsockname()[1]}", timeout=3) as client:
             assert acquire(client).is_fallback and client.in_fallback
+    assert not errors_logged(caplog)
+
+
+def test_a_broker_still_starting_is_an_outage_not_a_mistake(start_broker, tmp_path, caplog):
+    """A broker still starting answers its calls UNAVAILABLE "starting": the
+    fallback, not NotABroker; once it has started the client is back on it.
+    The start is held: the state directory's admin.toml is a named pipe,
+    which gives nothing until the test writes to it."""
+    state = tmp_path / "held-start"
+    state.mkdir()
+    pipe = state / "admin.toml"
+    os.mkfifo(pipe)
+    broker = start_broker(state_dir=str(state), started=False)
+    with broker.client(fallback=qb.FallbackSettings(probe_every_s=0.1)) as client:
+        assert acquire(client).is_fallback
+        with open(pipe, "w") as f:  # the start goes on
+            f.write("version = 1\n")
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if not acquire(client).is_fallback:
+                    break
+            except qb.NotGranted as e:
+                # The broker's refusal (a start on a state directory begins
+                # with an empty bucket), not the fallback's.
+                if "fallback" not in str(e):
+                    break
+            assert time.monotonic() < deadline, "the client stayed on the fallback"
+            time.sleep(0.02)  # paces the polling; the loop ends on what the broker does
+    assert any("broker started" in line for line in broker.lines), broker.log()
     assert not errors_logged(caplog)

@@ -20,6 +20,13 @@
 //! - A cluster of brokers: give several URLs, comma-separated; calls go to
 //!   the tenant's leader, following a broker's redirect, and to the next
 //!   broker when one is down.
+//! - A broker address that can never work is an error, not an outage run
+//!   on the fallback rate for good: a URL that does not parse is
+//!   [`ClientError::Url`] when the client is built; a server that answers
+//!   but is not a quota-broker's gRPC port (another gRPC service, an HTTP/1
+//!   server such as the broker's own HTTP port, a TLS port addressed with
+//!   `http://`) is [`ClientError::NotABroker`] on every call, logged once
+//!   per address at ERROR (in a list of brokers it is passed over).
 //!
 //! ```no_run
 //! use quota_broker_client::{BrokerClient, Call};
@@ -55,6 +62,7 @@
 
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
+mod address;
 mod fallback;
 mod kept;
 mod layer;
@@ -119,6 +127,26 @@ pub enum ClientError {
     /// The broker refused the request (bad field, unknown tenant, auth...).
     #[error("broker refused: {}: {}", quota_broker::code_name(.0.code()), .0.message())]
     Refused(tonic::Status),
+    /// The server at `url` answers, but not as a quota-broker's gRPC port:
+    /// another gRPC service, an HTTP/1 server (such as a broker's HTTP
+    /// port, `server.http_listen`), a TLS port addressed with `http://`.
+    /// Never answered from the fallback (that is for a broker that is
+    /// down, and this address never serves): fix the URL.
+    #[error(
+        "the server at {url} is not a quota-broker's gRPC port: {reason}; give the broker's gRPC \
+         address (its server.listen, default 127.0.0.1:50051) [{}: {detail}]",
+        quota_broker::code_name(*.code)
+    )]
+    NotABroker {
+        /// The URL called.
+        url: String,
+        /// What the server is, as far as its answer tells.
+        reason: String,
+        /// The gRPC status the call got.
+        code: tonic::Code,
+        /// The status's message.
+        detail: String,
+    },
 }
 
 /// Response metadata in which the broker says how long to wait after an
@@ -437,6 +465,9 @@ struct Inner {
     releasing: std::sync::atomic::AtomicUsize,
     /// Told when the last of them is done.
     released: tokio::sync::Notify,
+    /// The URLs found not to be a quota-broker's gRPC port, each logged
+    /// once (std `Mutex`: never held across `.await`).
+    said_not_a_broker: Mutex<std::collections::HashSet<String>>,
 }
 
 /// The broker calls go to, and its URL.
@@ -484,25 +515,17 @@ impl BrokerClient {
         if let Some(tls) = &options.tls {
             tls.check()?;
         }
+        // Checked here: a URL that can never be dialled would otherwise
+        // read as a broker that is down, and every call would quietly run
+        // on the fallback rate.
         let urls: Vec<String> = url
             .split(',')
             .map(str::trim)
             .filter(|u| !u.is_empty())
-            // A bare `host:port` is plaintext, as quotactl and the Python
-            // client read it; with a `/` in it, it is a mistyped URL
-            // (`http:/host:port`), which would otherwise dial a host named
-            // `http` and run every call on the fallback rate.
-            .map(|u| match (u.contains("://"), u.contains('/')) {
-                (true, _) => Ok(u.to_owned()),
-                (false, false) => Ok(format!("http://{u}")),
-                (false, true) => Err(ClientError::Url {
-                    url: u.chars().take(200).collect(),
-                    message: "expected http://host:port, https://host:port or host:port".into(),
-                }),
-            })
+            .map(address::broker_url)
             .collect::<Result<_, _>>()?;
         let first = urls.first().ok_or_else(|| ClientError::Url {
-            url: url.to_owned(),
+            url: address::shown(url),
             message: "no broker URL given".into(),
         })?;
         let mut clients = Vec::new();
@@ -531,6 +554,7 @@ impl BrokerClient {
                 probing: AtomicBool::new(false),
                 releasing: std::sync::atomic::AtomicUsize::new(0),
                 released: tokio::sync::Notify::new(),
+                said_not_a_broker: Mutex::default(),
             }),
         })
     }
@@ -551,9 +575,10 @@ impl BrokerClient {
     /// Runs one RPC on the current broker. A broker of a cluster that does
     /// not lead the tenant answers UNAVAILABLE with the leader's URL: the
     /// call goes there. UNAVAILABLE without one (the broker is down, or no
-    /// leader is elected yet): the next configured URL. The last answer
+    /// leader is elected yet), or a server that is not a quota-broker's
+    /// gRPC port (logged once): the next configured URL. The last answer
     /// when every hop is used.
-    async fn rpc<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
+    async fn rpc<T, F, Fut>(&self, call: F) -> Result<T, RpcError>
     where
         F: FnMut(QuotaBrokerClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -564,11 +589,7 @@ impl BrokerClient {
     /// [`BrokerClient::rpc`], setting `reached` when a hop failed in a way
     /// that may have come after a broker processed the call (its answer
     /// lost), before the call went on to the next broker.
-    async fn rpc_noting<T, F, Fut>(
-        &self,
-        reached: &AtomicBool,
-        mut call: F,
-    ) -> Result<T, tonic::Status>
+    async fn rpc_noting<T, F, Fut>(&self, reached: &AtomicBool, mut call: F) -> Result<T, RpcError>
     where
         F: FnMut(QuotaBrokerClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -582,11 +603,28 @@ impl BrokerClient {
             };
             let status = match call(client).await {
                 Ok(r) => return Ok(r.into_inner()),
-                // Also a connection that failed locally (a connect timeout
-                // is not UNAVAILABLE): the next broker may answer.
-                Err(s) if is_unreachable(&s) && tls_refusal(&s).is_none() && hop < hops => s,
-                Err(s) => return Err(s),
+                Err(s) => s,
             };
+            if let Some(mistake) = self.mistaken(&url, &status).await {
+                // Passed over in a list of brokers: the next may serve.
+                if self.inner.urls.len() < 2 || hop >= hops {
+                    return Err(RpcError::NotABroker(mistake));
+                }
+                hop += 1;
+                let urls = &self.inner.urls;
+                let at = urls.iter().position(|u| *u == url).map_or(0, |i| i + 1);
+                let next = urls[at % urls.len()].clone();
+                let Ok(client) = channel(&next, self.inner.tls.as_ref()) else {
+                    return Err(RpcError::NotABroker(mistake));
+                };
+                *self.conn() = Conn { url: next, client };
+                continue;
+            }
+            // Also a connection that failed locally (a connect timeout is
+            // not UNAVAILABLE): the next broker may answer.
+            if !(is_unreachable(&status) && tls_refusal(&status).is_none() && hop < hops) {
+                return Err(RpcError::Status(status));
+            }
             if may_have_reached_a_broker(&status) {
                 reached.store(true, Ordering::Release);
             }
@@ -599,11 +637,11 @@ impl BrokerClient {
             let next = match leader {
                 Some(l) if l != url => l,
                 // "I lead it" cannot come with UNAVAILABLE; do not loop.
-                Some(_) => return Err(status),
+                Some(_) => return Err(RpcError::Status(status)),
                 None => {
                     let urls = &self.inner.urls;
                     if urls.len() < 2 {
-                        return Err(status);
+                        return Err(RpcError::Status(status));
                     }
                     let at = urls.iter().position(|u| *u == url).map_or(0, |i| i + 1);
                     urls[at % urls.len()].clone()
@@ -612,14 +650,40 @@ impl BrokerClient {
             if !may_follow(&url, &next) {
                 tracing::warn!(from = %url, to = %next,
                     "not following a broker's leader hint from https to plaintext (the token would cross in the clear)");
-                return Err(status);
+                return Err(RpcError::Status(status));
             }
             let Ok(client) = channel(&next, self.inner.tls.as_ref()) else {
-                return Err(status);
+                return Err(RpcError::Status(status));
             };
             tracing::debug!(from = %url, to = %next, "following the cluster to another broker");
             *self.conn() = Conn { url: next, client };
         }
+    }
+
+    /// Whether the call that got `status` at `url` found a server that is
+    /// not a quota-broker's gRPC port (see `address`): its error, logged
+    /// the first time for the URL.
+    async fn mistaken(&self, url: &str, status: &tonic::Status) -> Option<ClientError> {
+        let mut first = None;
+        if address::worth_asking(status) {
+            if let Ok(uri) = url.parse::<http::Uri>() {
+                if uri.scheme_str() == Some("http") {
+                    first = address::first_answer(&uri, CONNECT_TIMEOUT).await;
+                }
+            }
+        }
+        let reason = address::not_a_broker(status, first)?;
+        let error = address::not_a_broker_error(url, reason, status);
+        let new = self
+            .inner
+            .said_not_a_broker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(url.to_owned());
+        if new {
+            tracing::error!("{error} (calls there fail, never fall back; fix the URL)");
+        }
+        Some(error)
     }
 
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
@@ -658,6 +722,11 @@ impl BrokerClient {
                     })
                     .await;
                 unanswered.answered();
+                // Not a broker: the caller's error, never a fallback lease.
+                let answer = match answer {
+                    Ok(r) => Ok(r),
+                    Err(e) => Err(e.status()?),
+                };
                 match answer {
                     Ok(r) => {
                         self.fallback().broker_answered();
@@ -755,7 +824,7 @@ impl BrokerClient {
             });
             let s = match tokio::time::timeout_at(deadline, watch).await {
                 Ok(Ok(_)) => return Ok(true),
-                Ok(Err(s)) => s,
+                Ok(Err(e)) => e.status()?,
                 Err(_) => return Ok(false),
             };
             if let Some(why) = tls_refusal(&s) {
@@ -852,6 +921,11 @@ impl BrokerClient {
                 async move { c.report(req).await }
             })
             .await;
+        // Not a broker: an error, the report not kept for it.
+        let answer = match answer {
+            Ok(r) => Ok(r),
+            Err(e) => Err(e.status()?),
+        };
         match answer {
             Ok(_) => Ok(()),
             Err(s) if tls_refusal(&s).is_some() => {
@@ -906,7 +980,9 @@ impl BrokerClient {
             let reached = AtomicBool::new(false);
             match self.send_release_adopting(&req, &reached).await {
                 // Away again, or over this caller's request rate: later.
-                Err(s) if is_unreachable(&s) || s.code() == tonic::Code::ResourceExhausted => {
+                Err(RpcError::Status(s))
+                    if is_unreachable(&s) || s.code() == tonic::Code::ResourceExhausted =>
+                {
                     if may_have_reached_a_broker(&s) {
                         reached.store(true, Ordering::Release);
                     }
@@ -931,7 +1007,7 @@ impl BrokerClient {
                 .await;
             match answer {
                 Ok(_) => sent += 1,
-                Err(s) if is_unreachable(&s) => {
+                Err(RpcError::Status(s)) if is_unreachable(&s) => {
                     self.kept().put_back(report);
                     return sent;
                 }
@@ -954,9 +1030,12 @@ impl BrokerClient {
             let answer = client.send_release(&ReleaseRequest::default()).await;
             client.inner.probing.store(false, Ordering::Release);
             // A handshake that cannot succeed (a certificate rotated to one
-            // this client does not trust) counts as an answer: the next
-            // call says so instead of running on the fallback rate for good.
-            if !matches!(&answer, Err(s) if is_unreachable(s) && tls_refusal(s).is_none()) {
+            // this client does not trust), or a server that is not a
+            // broker, counts as an answer: the next call says so instead of
+            // running on the fallback rate for good.
+            let away = matches!(&answer,
+                Err(RpcError::Status(s)) if is_unreachable(s) && tls_refusal(s).is_none());
+            if !away {
                 client.fallback().broker_answered();
                 client.send_kept_in_background();
             }
@@ -995,7 +1074,7 @@ impl BrokerClient {
         &self,
         req: &ReleaseRequest,
         reached: &AtomicBool,
-    ) -> Result<ReleaseResponse, tonic::Status> {
+    ) -> Result<ReleaseResponse, RpcError> {
         let bare = ReleaseRequest {
             acquired_with: None,
             ..req.clone()
@@ -1016,7 +1095,7 @@ impl BrokerClient {
         .await
     }
 
-    async fn send_release(&self, req: &ReleaseRequest) -> Result<ReleaseResponse, tonic::Status> {
+    async fn send_release(&self, req: &ReleaseRequest) -> Result<ReleaseResponse, RpcError> {
         self.rpc(|mut c| {
             let req = self.request(req.clone());
             async move { c.release(req).await }
@@ -1045,7 +1124,7 @@ impl BrokerClient {
             // Away (restarting, a cluster between leaders): sent once a
             // broker answers again, so a next leader that took the lease
             // over frees its slot then rather than at its expiry.
-            Err(e) if is_unreachable(&e) => {
+            Err(RpcError::Status(e)) if is_unreachable(&e) => {
                 tracing::debug!(error = %e, "release failed; kept for when the broker answers");
                 if may_have_reached_a_broker(&e) {
                     reached.store(true, Ordering::Release);
@@ -1063,7 +1142,7 @@ impl BrokerClient {
         &self,
         lease_id: String,
         acquired_with: AcquireRequest,
-    ) -> Result<Duration, tonic::Status> {
+    ) -> Result<Duration, RpcError> {
         let req = RenewRequest {
             lease_id,
             extend_ms: 0,
@@ -1120,7 +1199,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// A lazily connected client for the broker at `url`.
 fn channel(url: &str, tls: Option<&ClientTls>) -> Result<QuotaBrokerClient<Channel>, ClientError> {
     let bad_url = |message: String| ClientError::Url {
-        url: url.to_owned(),
+        url: address::shown(url),
         message,
     };
     // The keep-alive is what notices a broker whose host hangs or was cut
@@ -1174,6 +1253,36 @@ const CHECK_AGAIN_AFTER: Duration = Duration::from_millis(250);
 
 /// How long connecting to a broker (TCP and TLS) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How an RPC failed.
+#[derive(Debug)]
+enum RpcError {
+    /// The broker's answer, or a transport failure, as tonic gives it.
+    Status(tonic::Status),
+    /// The server at the URL is not a quota-broker's gRPC port
+    /// ([`ClientError::NotABroker`]).
+    NotABroker(ClientError),
+}
+
+impl RpcError {
+    /// The status, for the caller to read; a server that is not a broker
+    /// as the caller's error.
+    fn status(self) -> Result<tonic::Status, ClientError> {
+        match self {
+            RpcError::Status(s) => Ok(s),
+            RpcError::NotABroker(e) => Err(e),
+        }
+    }
+}
+
+impl std::fmt::Display for RpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RpcError::Status(s) => write!(f, "{s}"),
+            RpcError::NotABroker(e) => write!(f, "{e}"),
+        }
+    }
+}
 
 /// The broker did not answer (down, restarting, network, or it closed the
 /// connection before serving it): fall back. A status made locally from a
@@ -1304,8 +1413,12 @@ async fn renew_while_held(client: BrokerClient, id: String, acquired: AcquireReq
             }
             // The lease holds no slot any more.
             Ok(_) => return,
-            Err(s) if !renewal_may_pass_later(s.code()) => {
+            Err(RpcError::Status(s)) if !renewal_may_pass_later(s.code()) => {
                 tracing::warn!(lease = %id, error = %s, "lease can no longer be renewed");
+                return;
+            }
+            Err(e @ RpcError::NotABroker(_)) => {
+                tracing::warn!(lease = %id, error = %e, "lease can no longer be renewed");
                 return;
             }
             Err(s) => {

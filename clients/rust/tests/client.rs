@@ -6,7 +6,6 @@ use quota_broker::{Embedded, Settings};
 use quota_broker_client::{BrokerClient, Call, ClientError, FallbackSettings, LeaseLayer};
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
@@ -36,6 +35,7 @@ async fn broker_on(addr: &str) -> Broker {
     let settings = Settings::from_toml(CONFIG).unwrap();
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let server = Embedded::spawn(listener, settings).unwrap();
+    assert!(server.started().await, "the broker started");
     Broker {
         addr: server.addr(),
         server,
@@ -151,6 +151,7 @@ async fn a_renewal_refused_for_a_while_is_tried_again() {
     let settings = Settings::from_toml(&config).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = Embedded::spawn(listener, settings).unwrap();
+    assert!(server.started().await, "the broker started");
     let client = BrokerClient::connect(&server.url(), Some("c-secret")).unwrap();
     let lease = client.acquire(&q()).await.unwrap();
     assert!(!lease.is_fallback());
@@ -195,6 +196,7 @@ async fn with_state(dir: &std::path::Path, ttl_ms: u64) -> (Settings, SocketAddr
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = Embedded::spawn(listener, settings.clone()).unwrap();
+    assert!(server.started().await, "the broker started");
     (settings, addr, server)
 }
 
@@ -215,6 +217,7 @@ async fn a_lease_whose_broker_is_back_only_after_its_ttl_is_renewed_and_adopted(
     tokio::time::sleep(Duration::from_secs(3)).await;
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let server = Embedded::spawn(listener, settings).unwrap();
+    assert!(server.started().await, "the broker started");
     // Another client waits 10 s (ten TTLs) for the slot: the holder's
     // renewals got it adopted and keep it.
     let other = BrokerClient::connect(&server.url(), None).unwrap();
@@ -259,6 +262,7 @@ async fn a_lease_released_after_its_broker_crashed_frees_its_slot_at_once() {
         listener = tokio::net::TcpListener::bind(addr).await;
     }
     let server = Embedded::spawn(listener.unwrap(), settings).unwrap();
+    assert!(server.started().await, "the broker started");
     lease.release().await;
     // A few seconds' wait: the restarted token bucket starts empty.
     let again = client.acquire(&q().max_wait(Duration::from_secs(5))).await;
@@ -287,6 +291,7 @@ async fn a_release_that_finds_the_broker_away_is_sent_when_it_is_back() {
     lease.release().await;
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let server = Embedded::spawn(listener, settings).unwrap();
+    assert!(server.started().await, "the broker started");
     // The next call reaches the broker, and the kept release goes with it.
     let other = client.acquire(&Call::new("t", "GET", "/x")).await.unwrap();
     assert!(!other.is_fallback());
@@ -533,6 +538,7 @@ async fn behind_a_proxy_with_long_leases() -> (Broker, Hangable) {
             .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = Embedded::spawn(listener, settings).unwrap();
+    assert!(server.started().await, "the broker started");
     let b = Broker {
         addr: server.addr(),
         server,
@@ -744,16 +750,9 @@ async fn an_overloaded_broker_says_when_to_retry() {
     );
     let settings = Settings::from_toml(&toml).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        quota_broker::run(listener, &settings, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    let client = BrokerClient::connect(&url, Some("busy-token")).unwrap();
+    let server = Embedded::spawn(listener, settings).unwrap();
+    assert!(server.started().await, "the broker started");
+    let client = BrokerClient::connect(&server.url(), Some("busy-token")).unwrap();
     let call = Call::new("t", "GET", "/x");
     let lease = client.acquire(&call).await.unwrap();
     assert!(!lease.is_fallback());
@@ -770,8 +769,7 @@ async fn an_overloaded_broker_says_when_to_retry() {
         other => panic!("expected Overloaded, got {:?}", other.err()),
     }
     assert!(!client.acquire(&call).await.unwrap().is_fallback());
-    let _ = stop.send(());
-    task.await.unwrap();
+    server.stop().await.unwrap();
 }
 
 /// A URL no call could dial is refused when connecting, not read as a
@@ -834,6 +832,7 @@ async fn check_answers_at_once_when_the_broker_says_the_caller_is_over_its_limit
     let settings = Settings::from_toml(&toml).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = Embedded::spawn(listener, settings).unwrap();
+    assert!(server.started().await, "the broker started");
     // The token's one Watch stream, held open.
     let mut watcher =
         quota_broker::pb::quota_broker_client::QuotaBrokerClient::connect(server.url())

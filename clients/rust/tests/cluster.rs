@@ -33,7 +33,9 @@ window_ms = 1000
 burst = 20
 "#
     );
-    Embedded::spawn(listener, Settings::from_toml(&toml).unwrap()).unwrap()
+    let broker = Embedded::spawn(listener, Settings::from_toml(&toml).unwrap()).unwrap();
+    assert!(broker.started().await, "the broker started");
+    broker
 }
 
 fn call() -> Call {

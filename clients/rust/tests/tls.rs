@@ -8,10 +8,9 @@ use quota_broker_client::{
 use std::net::SocketAddr;
 use std::path::Path;
 use testpki::Pki;
-use tokio::sync::oneshot;
 
-/// A broker with mutual TLS on 127.0.0.1:0; stops when `stop` is dropped.
-async fn mtls_broker(pki: &Pki) -> (SocketAddr, oneshot::Sender<()>) {
+/// A broker with mutual TLS on 127.0.0.1:0, started; stops when dropped.
+async fn mtls_broker(pki: &Pki) -> (SocketAddr, quota_broker::Embedded) {
     let toml = format!(
         "[server]\nstate_dir = \"\"\n[server.tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\
          [[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 10\n",
@@ -21,16 +20,9 @@ async fn mtls_broker(pki: &Pki) -> (SocketAddr, oneshot::Sender<()>) {
     );
     let settings = Settings::from_toml(&toml).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        quota_broker::run(listener, &settings, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    (addr, stop)
+    let broker = quota_broker::Embedded::spawn(listener, settings).unwrap();
+    assert!(broker.started().await, "the broker started");
+    (broker.addr(), broker)
 }
 
 fn call() -> Call {
@@ -190,7 +182,9 @@ async fn tls_broker_on(pki: &Pki, addr: &str) -> quota_broker::Embedded {
     );
     let settings = Settings::from_toml(&toml).unwrap();
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    quota_broker::Embedded::spawn(listener, settings).unwrap()
+    let broker = quota_broker::Embedded::spawn(listener, settings).unwrap();
+    assert!(broker.started().await, "the broker started");
+    broker
 }
 
 /// A client falling back from a broker that went away, which comes back

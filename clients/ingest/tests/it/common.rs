@@ -88,6 +88,7 @@ impl Broker {
         let settings = quota_broker::Settings::from_toml(BROKER).unwrap();
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let server = quota_broker::Embedded::spawn(listener, settings).unwrap();
+        assert!(server.started().await, "the broker started");
         Broker {
             addr: server.addr(),
             server: Some(server),

@@ -53,11 +53,11 @@ pub struct Broker {
 
 pub async fn broker(window_ms: u64) -> Broker {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    broker_on(listener, window_ms)
+    broker_on(listener, window_ms).await
 }
 
-/// [`broker`] on `listener`.
-pub fn broker_on(listener: tokio::net::TcpListener, window_ms: u64) -> Broker {
+/// [`broker`] on `listener`, started.
+pub async fn broker_on(listener: tokio::net::TcpListener, window_ms: u64) -> Broker {
     let config = format!(
         r#"
 [server]
@@ -73,6 +73,7 @@ window_ms = {window_ms}
     );
     let settings = quota_broker::Settings::from_toml(&config).unwrap();
     let server = quota_broker::Embedded::spawn(listener, settings).unwrap();
+    assert!(server.started().await, "the broker started");
     Broker {
         url: server.url(),
         server,

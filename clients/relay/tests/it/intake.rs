@@ -299,6 +299,7 @@ window_ms = 60000
         quota_broker::Settings::from_toml(&config).unwrap(),
     )
     .unwrap();
+    assert!(broker.started().await, "the broker started");
     let broker_url = broker.url();
     let start = |settings: gc_relay::Settings| async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -362,7 +363,7 @@ async fn a_broker_that_serves_a_moment_after_the_relay_starts_is_waited_for() {
         .unwrap();
     drop((first, early));
     let late = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let broker = broker_on(late, 60_000);
+    let broker = broker_on(late, 60_000).await;
     // Listening: its start-up check is over, and anything it said of it is
     // in its log, read to the end once it is gone.
     let (relay, mut log) = relay.await.unwrap();

@@ -1,0 +1,401 @@
+//! A broker URL that can never work is an error, not an outage.
+//!
+//! The local fallback is for a broker that is down: it paces calls until
+//! the broker is back. A URL that cannot be parsed, or whose server answers
+//! but is not a quota-broker's gRPC port (a broker's HTTP port, an HTTP/1
+//! server, another gRPC service), is never back: the client returns
+//! `ClientError::Url` / `ClientError::NotABroker` saying what to change,
+//! and logs it once per address, instead of running on the fallback rate
+//! for good. An outage (connection refused) still falls back. Against real
+//! servers: a broker in process with its HTTP port, an HTTP/1 server, a
+//! tonic gRPC server without the broker's services.
+
+use quota_broker::{Listeners, Settings};
+use quota_broker_client::{BrokerClient, Call, ClientError, FallbackSettings};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+const CONFIG: &str = r#"
+[server]
+state_dir = ""
+shutdown_grace_ms = 2000
+[[tenants]]
+id = "t"
+[[tenants.buckets]]
+name = "org"
+routes = ["* /**"]
+permits = 600
+window_ms = 60000
+"#;
+
+/// Bound on the broker's start.
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn call() -> Call {
+    Call::new("t", "GET", "/api/v2/users/me").max_wait(Duration::ZERO)
+}
+
+/// What the client logs at ERROR, while the guard lives (this thread's
+/// events: the tests run on a current-thread runtime).
+struct Logged {
+    text: Arc<Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+#[derive(Clone)]
+struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Buffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logged {
+    fn errors() -> Logged {
+        let text = Arc::new(Mutex::new(Vec::new()));
+        let buffer = Buffer(text.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::ERROR)
+            .with_ansi(false)
+            .with_writer(move || buffer.clone())
+            .finish();
+        Logged {
+            text,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    /// The ERROR lines so far.
+    fn lines(&self) -> Vec<String> {
+        let text = self.text.lock().unwrap_or_else(PoisonError::into_inner);
+        String::from_utf8_lossy(&text)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// A broker in process with its HTTP port (metrics, dashboard, probes),
+/// started; stopped when the sender is dropped.
+async fn broker_with_http_port() -> (SocketAddr, SocketAddr, oneshot::Sender<()>) {
+    let settings = Settings::from_toml(CONFIG).unwrap();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addrs = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let listeners = Listeners {
+            grpc,
+            http: Some(http),
+        };
+        quota_broker::serve(listeners, &settings, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    // Until the start is done its gRPC port answers UNAVAILABLE "starting".
+    let client = BrokerClient::connect(&format!("http://{}", addrs.0), None).unwrap();
+    assert!(client.check("t", LIMIT).await.unwrap(), "the broker serves");
+    (addrs.0, addrs.1, stop)
+}
+
+/// The text and code of a `NotABroker` answer (fails the test on any other).
+fn not_a_broker<T>(answer: Result<T, ClientError>) -> (String, tonic::Code) {
+    match answer {
+        Err(e @ ClientError::NotABroker { .. }) => {
+            let text = e.to_string();
+            let ClientError::NotABroker { code, .. } = e else {
+                unreachable!()
+            };
+            (text, code)
+        }
+        Err(other) => panic!("expected NotABroker, got {other:?}"),
+        Ok(_) => panic!("expected NotABroker, got an answer"),
+    }
+}
+
+#[test]
+fn a_url_that_does_not_parse_is_an_error_when_the_client_is_built() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let _in = rt.enter();
+    for (url, says) in [
+        (
+            "127.0.0.1:5oo51",
+            "the port \"5oo51\" is not a number from 1 to 65535",
+        ),
+        ("127.0.0.1:70000", "the port \"70000\" is not a number"),
+        (
+            "http://127.0.0.1:5oo51",
+            "the port \"5oo51\" is not a number",
+        ),
+        ("127.0.0.1:50051:1", "more than one ':'"),
+        ("broker host:50051", "characters a host name cannot have"),
+        (":50051", "no host"),
+        ("[::1:50051", "no ']'"),
+        ("ftp://127.0.0.1:50051", "unsupported scheme"),
+        // One bad URL in a list of brokers.
+        (
+            "http://127.0.0.1:50051,127.0.0.1:5oo51",
+            "the port \"5oo51\"",
+        ),
+    ] {
+        let err = BrokerClient::connect(url, None).err();
+        let Some(ClientError::Url { message, .. }) = &err else {
+            panic!("{url}: {err:?}");
+        };
+        assert!(message.contains(says), "{url}: {message}");
+        let text = err.map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            text.contains(url.rsplit(',').next().unwrap_or(url)),
+            "{text}"
+        );
+    }
+    for url in [
+        "127.0.0.1:50051",
+        "localhost:50051",
+        "[::1]:50051",
+        "http://[::1]:50051",
+        "https://broker.example:443",
+        "http://127.0.0.1:50051/",
+    ] {
+        assert!(BrokerClient::connect(url, None).is_ok(), "{url}");
+    }
+}
+
+#[tokio::test]
+async fn a_brokers_http_port_is_an_error_not_an_outage() {
+    let logged = Logged::errors();
+    let (grpc, http, _stop) = broker_with_http_port().await;
+    let client = BrokerClient::connect(&format!("127.0.0.1:{}", http.port()), None).unwrap();
+    for _ in 0..2 {
+        let (text, _) = not_a_broker(client.acquire(&call()).await);
+        assert!(
+            text.contains(&format!(
+                "the server at http://{http} is not a quota-broker's gRPC port"
+            )),
+            "{text}"
+        );
+        assert!(text.contains("HTTP/1.1 505"), "{text}");
+        assert!(text.contains("server.listen"), "{text}");
+    }
+    let headers = http::HeaderMap::new();
+    not_a_broker(client.report(&call(), "", 200, &headers).await);
+    not_a_broker(client.check("t", Duration::from_secs(5)).await);
+    // Said once, loudly, for the address.
+    let lines = logged.lines();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains(&format!("http://{http}")), "{lines:#?}");
+    // The right port, for contrast.
+    let right = BrokerClient::connect(&format!("http://{grpc}"), None).unwrap();
+    assert!(!right.acquire(&call()).await.unwrap().is_fallback());
+}
+
+/// An HTTP/1 server: answers every request (HTTP/2's preface too) with a
+/// 400, as most do.
+async fn http1_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 1024];
+                let _ = conn.read(&mut request).await;
+                let _ = conn
+                    .write_all(
+                        b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\n\
+                          Content-Length: 12\r\nConnection: close\r\n\r\nbad request\n",
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_http1_server_is_an_error_not_an_outage() {
+    let logged = Logged::errors();
+    let addr = http1_server().await;
+    let client = BrokerClient::connect(&format!("http://{addr}"), None).unwrap();
+    for _ in 0..2 {
+        let (text, _) = not_a_broker(client.acquire(&call()).await);
+        assert!(
+            text.contains("it answers in HTTP/1 (\"HTTP/1.0 400 Bad Request\")"),
+            "{text}"
+        );
+    }
+    assert_eq!(logged.lines().len(), 1, "{:#?}", logged.lines());
+}
+
+#[tokio::test]
+async fn another_grpc_service_is_an_error_not_an_outage() {
+    let logged = Logged::errors();
+    // A gRPC server serving none of the broker's services.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(tonic::service::Routes::default())
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            ),
+    );
+    let client = BrokerClient::connect(&format!("http://{addr}"), None).unwrap();
+    let (text, code) = not_a_broker(client.acquire(&call()).await);
+    assert_eq!(code, tonic::Code::Unimplemented);
+    assert!(text.contains("another gRPC service"), "{text}");
+    let headers = http::HeaderMap::new();
+    not_a_broker(client.report(&call(), "", 200, &headers).await);
+    assert_eq!(logged.lines().len(), 1, "{:#?}", logged.lines());
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_mistaken_url_among_brokers_is_said_once_and_the_others_serve() {
+    let logged = Logged::errors();
+    let (grpc, http, _stop) = broker_with_http_port().await;
+    let client = BrokerClient::connect(&format!("http://{http},http://{grpc}"), None).unwrap();
+    for _ in 0..3 {
+        let lease = client.acquire(&call()).await.unwrap();
+        assert!(!lease.is_fallback());
+        assert_eq!(client.current_url(), format!("http://{grpc}"));
+    }
+    let lines = logged.lines();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains(&format!("http://{http}")), "{lines:#?}");
+}
+
+#[tokio::test]
+async fn a_broker_that_refuses_connections_is_still_an_outage() {
+    let logged = Logged::errors();
+    // Bound, not listening: connections refused.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    let client = BrokerClient::connect(&format!("http://{addr}"), None).unwrap();
+    assert!(client.acquire(&call()).await.unwrap().is_fallback());
+    assert_eq!(logged.lines(), Vec::<String>::new());
+}
+
+/// A broker serving TLS, addressed with `http://`: its port answers a
+/// plaintext HTTP/2 preface in TLS (an alert), which no plaintext call
+/// there can get past.
+#[tokio::test]
+async fn a_tls_port_addressed_with_http_is_an_error_not_an_outage() {
+    let logged = Logged::errors();
+    let pki = testpki::Pki::new("url-mistakes");
+    let toml = format!(
+        "[server]\nstate_dir = \"\"\n[server.tls]\ncert = {:?}\nkey = {:?}\n\
+         [[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\n\
+         max_in_flight = 10\n",
+        pki.path("server.pem"),
+        pki.path("server.key"),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broker =
+        quota_broker::Embedded::spawn(listener, Settings::from_toml(&toml).unwrap()).unwrap();
+    assert!(broker.started().await, "the broker started");
+    let client = BrokerClient::connect(&format!("http://{}", broker.addr()), None).unwrap();
+    let (text, _) = not_a_broker(client.acquire(&call()).await);
+    assert!(text.contains("it answers in TLS"), "{text}");
+    assert!(text.contains("use https://"), "{text}");
+    assert_eq!(logged.lines().len(), 1, "{:#?}", logged.lines());
+    broker.stop().await.unwrap();
+}
+
+/// Paces a loop that polls for what the client and broker do (bounded by
+/// a deadline); no test waits for time itself to pass.
+async fn poll_pause() {
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// A broker still starting answers its calls UNAVAILABLE "starting": an
+/// outage (the fallback, said at WARN), not a mistaken URL; once it has
+/// started the client is back on it. The start is held deterministically:
+/// the state directory's `admin.toml` is a named pipe, which gives nothing
+/// until the test writes to it.
+#[tokio::test]
+async fn a_broker_still_starting_is_an_outage_not_a_mistake() {
+    let logged = Logged::errors();
+    let dir = std::env::temp_dir().join(format!(
+        "quota-broker-client-{}-held-start",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let pipe = dir.join("admin.toml");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&pipe)
+        .status()
+        .unwrap()
+        .success());
+    let toml = CONFIG.replace("state_dir = \"\"", &format!("state_dir = {dir:?}"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broker =
+        quota_broker::Embedded::spawn(listener, Settings::from_toml(&toml).unwrap()).unwrap();
+    let fallback = FallbackSettings {
+        fraction: 0.5,
+        floor_per_min: 600,
+        probe_every: Duration::from_millis(100),
+    };
+    let client = BrokerClient::with_fallback(&broker.url(), None, fallback).unwrap();
+    let lease = client.acquire(&call()).await.unwrap();
+    assert!(
+        lease.is_fallback(),
+        "a broker still starting is away for now"
+    );
+    drop(lease);
+
+    // The state directory answers: the start goes on, and the client's
+    // probe finds the broker.
+    let writer = tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&pipe)?
+            .write_all(b"version = 1\n")
+    });
+    tokio::time::timeout(LIMIT, writer)
+        .await
+        .expect("the broker opened its admin.toml")
+        .unwrap()
+        .unwrap();
+    assert!(broker.started().await, "the broker started");
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        // A lease from the broker, or its refusal (a start on a state
+        // directory begins with an empty bucket): not the fallback's.
+        match client.acquire(&call()).await {
+            Ok(lease) if !lease.is_fallback() => break,
+            Err(ClientError::NotGranted { reason, .. }) if !reason.contains("fallback") => break,
+            _ => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the client stayed on the fallback once the broker had started"
+        );
+        poll_pause().await;
+    }
+    assert_eq!(logged.lines(), Vec::<String>::new());
+    broker.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
