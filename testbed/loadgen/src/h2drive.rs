@@ -172,6 +172,7 @@ mod tests {
         )
         .unwrap();
         let broker = quota_broker::Embedded::spawn(listener, settings).unwrap();
+        assert!(broker.started().await, "the broker did not start");
         let addr = broker.addr();
         let conns = connect(addr, 1).await.unwrap();
         let acquire = |tenant: &'static str| {

@@ -295,8 +295,33 @@ impl StartFailure {
     }
 }
 
+/// Whether the broker on `addr` answers and says it serves (grpc.health.v1
+/// SERVING for the whole server): before its start is done it answers
+/// NOT_SERVING, and its calls "starting".
+async fn serving(addr: SocketAddr) -> bool {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
+        return false;
+    };
+    let Ok(channel) = endpoint
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    let mut client = HealthClient::new(channel);
+    let check = client.check(HealthCheckRequest {
+        service: String::new(),
+    });
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), check).await,
+        Ok(Ok(r)) if r.get_ref().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    )
+}
+
 impl ChildProcessHandle {
-    /// Starts one broker process and waits until it listens on `addr`.
+    /// Starts one broker process and waits until it serves on `addr`.
     async fn spawn_ready(&mut self, addr: SocketAddr) -> Result<(), StartFailure> {
         // broker.toml: broker.log, then broker-1.log, ... per restart.
         let stem = self
@@ -324,13 +349,13 @@ impl ChildProcessHandle {
                     log: log_tail(&log),
                 }));
             }
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            if serving(addr).await {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(StartFailure::Other(Error::ChildStart {
                     what,
-                    why: format!("not listening on {addr} within {READY_TIMEOUT:?}"),
+                    why: format!("not serving on {addr} within {READY_TIMEOUT:?}"),
                     log: log_tail(&log),
                 }));
             }
@@ -424,7 +449,18 @@ impl BrokerServer {
                 tracing::error!(error = %e, "in-process broker failed");
             }
         });
-        // The listener is bound already: connections queue until it serves.
+        // The port answers at once, "starting" until the broker has.
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        while !serving(addr).await {
+            if task.is_finished() || tokio::time::Instant::now() >= deadline {
+                return Err(Error::ChildStart {
+                    what: "the in-process broker".into(),
+                    why: format!("not serving on {addr} within {READY_TIMEOUT:?}"),
+                    log: String::new(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Ok(BrokerServer::InProcess { addr, stop, task })
     }
 
