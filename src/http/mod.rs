@@ -26,7 +26,7 @@
 use crate::auth::{AuthError, Authenticator};
 use crate::broker::{Broker, TenantBucketStatus};
 use crate::clock::{millis, Clock};
-use crate::grpc::{per_peer_cap, Overload, PeerInfo, PerPeer, Throttled};
+use crate::grpc::{Overload, PeerInfo};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -41,16 +41,19 @@ use serde::Deserialize;
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+mod connections;
 mod history;
 mod session;
+mod starting;
 pub(crate) use session::KEY_FILE;
+pub(crate) use starting::StartStage;
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const DASHBOARD_JS: &str = include_str!("assets/dashboard.js");
@@ -124,8 +127,8 @@ impl Port {
         };
         let starting = Router::new()
             .route("/healthz", get(healthz))
-            .route("/readyz", get(starting_readyz))
-            .fallback(starting_other)
+            .route("/readyz", get(starting::starting_readyz))
+            .fallback(starting::starting_other)
             .with_state(port.stage.clone());
         let serving = port.serving.clone();
         // Each request goes to the broker's routes if they are in, else to
@@ -139,10 +142,10 @@ impl Port {
                 }
             }
         });
-        let task = tokio::spawn(accept(
+        let task = tokio::spawn(connections::accept(
             listener,
             app,
-            max_connections.min(MAX_HTTP_CONNECTIONS),
+            max_connections.min(connections::MAX_HTTP_CONNECTIONS),
             stop,
         ));
         (port, task)
@@ -194,198 +197,6 @@ impl Port {
             tracing::error!("the HTTP port's routes were installed twice; the first are kept");
         }
     }
-}
-
-/// Sets what the HTTP port's `/readyz` says while the broker starts.
-#[derive(Clone)]
-pub(crate) struct StartStage(Arc<Mutex<String>>);
-
-impl StartStage {
-    /// A stage of its own, for a broker without an HTTP port (the gRPC
-    /// port's start-up answers say it too).
-    pub(crate) fn new() -> StartStage {
-        StartStage(Arc::new(Mutex::new("setting up".to_owned())))
-    }
-
-    /// From now on `/readyz` answers "starting: {what}".
-    pub(crate) fn set(&self, what: &str) {
-        let mut stage = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        what.clone_into(&mut stage);
-    }
-
-    /// What the start is doing now.
-    pub(crate) fn now(&self) -> String {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-}
-
-/// `/readyz` while the broker starts: 503 and what it is doing.
-async fn starting_readyz(State(stage): State<Arc<Mutex<String>>>) -> Response {
-    let what = stage.lock().unwrap_or_else(PoisonError::into_inner).clone();
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!("starting: {what}\n"),
-    )
-        .into_response()
-}
-
-/// Every path but the probes while the broker starts: 503, come back soon.
-async fn starting_other() -> Response {
-    let mut response = refuse(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "starting: the broker is not serving yet (/healthz and /readyz answer meanwhile); \
-         retry once /readyz says ready",
-    );
-    response.headers_mut().insert(
-        header::RETRY_AFTER,
-        axum::http::HeaderValue::from_static("1"),
-    );
-    response
-}
-
-/// Most connections the HTTP port holds open at once (dashboards, their
-/// feeds, scrapers, probes), and fewer if `server.max_connections` says
-/// so; one beyond is closed at once, so idle sockets cannot take the
-/// process's file descriptors from the gRPC port.
-pub(crate) const MAX_HTTP_CONNECTIONS: usize = 512;
-/// How long a client may take to send a request's headers (also the first
-/// request's, and the next one's on a kept-alive connection).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Serves `app` on `listener` until `stop`, then waits for the open
-/// connections to finish (event feeds end at the broker's shutdown). A
-/// connection that opens with HTTP/2's preface (a gRPC client given this
-/// port) is told it is not the gRPC port ([`first_bytes`]).
-/// By hand rather than `axum::serve`, which has no connection cap and no
-/// header deadline.
-async fn accept(listener: TcpListener, app: Router, cap: usize, stop: CancellationToken) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
-    // One address (a host reopening silent sockets) holds at most a
-    // quarter of them: a probe or a scraper from elsewhere still gets in.
-    let per_peer = PerPeer::default();
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    // Connections it could not take: a line at most every 10 s.
-    let refused = Throttled::new(Duration::from_secs(10));
-    loop {
-        let accepted = tokio::select! {
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors, mostly: the error repeats until
-                // some close, so pause rather than spin.
-                if let Some(n) = refused.note() {
-                    tracing::warn!(refused_since_last_line = n, error = %e,
-                        "HTTP port: accepting a connection failed");
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            if let Some(n) = refused.note() {
-                tracing::warn!(
-                    refused_since_last_line = n,
-                    "HTTP port: {cap} connections already open; closing a new one"
-                );
-            }
-            continue;
-        };
-        let Some(mine) = per_peer.try_take(peer.ip(), per_peer_cap(cap)) else {
-            if let Some(n) = refused.note() {
-                tracing::warn!(
-                    refused_since_last_line = n,
-                    %peer,
-                    "HTTP port: a quarter of its {cap} connections already open from one \
-                     address; closing a new one"
-                );
-            }
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(
-            app.clone().layer(axum::Extension(ConnectInfo(peer))),
-        );
-        let watcher = graceful.watcher();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let first = tokio::select! {
-                () = stop.cancelled() => None,
-                first = first_bytes(stream) => first,
-            };
-            if let Some(io) = first {
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .serve_connection(hyper_util::rt::TokioIo::new(io), service);
-                let _ = watcher.watch(conn).await;
-            }
-            drop((slot, mine));
-        });
-    }
-    drop(listener);
-    graceful.shutdown().await;
-}
-
-/// What a client speaking HTTP/2 with prior knowledge sends first: a gRPC
-/// client given this port instead of the gRPC one.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// The answer to it, in HTTP/1.1 (what this port speaks): the client sees
-/// an HTTP/1 server and can say its address is not a gRPC port, where a
-/// connection closed without a word (hyper's answer) reads as a broker down.
-const NOT_GRPC: &str = "this is the quota-broker's HTTP port (metrics, dashboard, probes; \
-    HTTP/1.1): give gRPC clients the broker's gRPC port (server.listen) instead\n";
-
-/// A connection, its first bytes read to tell an HTTP/2 client (answered
-/// with [`NOT_GRPC`] here, then closed: `None`) from an HTTP/1 one, whose
-/// bytes read are handed back ahead of the rest. A client that sends no
-/// first bytes within the header deadline is closed, as hyper would.
-/// By hand: hyper's HTTP/1 server closes on the preface without a word, and
-/// hyper-util's version-sniffing builder would serve HTTP/2 instead, with
-/// no deadline on the sniff (a client that connects and sends nothing holds
-/// a connection slot for good).
-async fn first_bytes(
-    mut stream: tokio::net::TcpStream,
-) -> Option<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut seen = [0u8; H2_PREFACE.len()];
-    // At most the preface's length, and only while it could still be one
-    // (an HTTP/1 request differs by its first or second byte); all of it
-    // within one header deadline.
-    let read = async {
-        let mut len = 0;
-        while len < H2_PREFACE.len() && H2_PREFACE.starts_with(&seen[..len]) {
-            match stream.read(&mut seen[len..]).await {
-                Ok(0) => break,
-                Ok(n) => len += n,
-                Err(_) => return None,
-            }
-        }
-        Some(len)
-    };
-    let len = tokio::time::timeout(HEADER_READ_TIMEOUT, read)
-        .await
-        .ok()
-        .flatten()?;
-    if len == H2_PREFACE.len() && seen == H2_PREFACE {
-        let answer = format!(
-            "HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain; charset=utf-8\r\n\
-             Connection: close\r\nContent-Length: {}\r\n\r\n{NOT_GRPC}",
-            NOT_GRPC.len()
-        );
-        let _ =
-            tokio::time::timeout(HEADER_READ_TIMEOUT, stream.write_all(answer.as_bytes())).await;
-        let _ = stream.shutdown().await;
-        return None;
-    }
-    let (read, write) = stream.into_split();
-    let read = std::io::Cursor::new(seen[..len].to_vec()).chain(read);
-    Some(tokio::io::join(read, write))
 }
 
 async fn index() -> Response {
