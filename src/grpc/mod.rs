@@ -231,16 +231,34 @@ pub(crate) async fn serve_telling(
     let started = Arc::new(OnceLock::new());
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+    // A stop asked for during the start: health never says SERVING.
+    let stop_early = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let signal = {
         let token = token.clone();
         let health = health.clone();
+        let stop_early = stop_early.clone();
         async move {
-            // A stop asked for during the start is acted on once it is
-            // done (the start's work cannot be cut short).
-            if started_rx.await.is_err() {
+            // A stop asked for during the start is noted at once and acted
+            // on once the start is done (its work cannot be cut short).
+            let mut shutdown = std::pin::pin!(shutdown);
+            let mut started_rx = started_rx;
+            let started = tokio::select! {
+                biased;
+                () = &mut shutdown => {
+                    stop_early.store(true, std::sync::atomic::Ordering::Release);
+                    tracing::info!("shutdown requested during the start: acted on once it is done");
+                    started_rx.await
+                }
+                started = &mut started_rx => {
+                    if started.is_ok() {
+                        shutdown.await;
+                    }
+                    started
+                }
+            };
+            if started.is_err() {
                 return std::future::pending().await;
             }
-            shutdown.await;
             tracing::info!("shutdown requested: health NOT_SERVING, ending streams and waits");
             set_health(&health, ServingStatus::NotServing).await;
             token.cancel();
@@ -324,7 +342,10 @@ pub(crate) async fn serve_telling(
     if started.set(stack).is_err() {
         tracing::error!("the gRPC services were installed twice; the first are kept");
     }
-    set_health(&health, ServingStatus::Serving).await;
+    let stopping = stop_early.load(std::sync::atomic::Ordering::Acquire);
+    if !stopping {
+        set_health(&health, ServingStatus::Serving).await;
+    }
     let _ = started_tx.send(());
     if let Some(tell) = started_tell {
         tell.send_replace(true);
@@ -343,10 +364,18 @@ pub(crate) async fn serve_telling(
         );
         task
     });
-    tracing::info!(
-        took_ms = millis(begun.elapsed()),
-        "broker started: health SERVING, calls answered"
-    );
+    if stopping {
+        tracing::info!(
+            took_ms = millis(begun.elapsed()),
+            "broker started, and stops at once (asked to during the start): health stays \
+             NOT_SERVING"
+        );
+    } else {
+        tracing::info!(
+            took_ms = millis(begun.elapsed()),
+            "broker started: health SERVING, calls answered"
+        );
+    }
     let grace = settings.server.shutdown_grace;
     let drain_deadline = async {
         if draining_rx.await.is_ok() {

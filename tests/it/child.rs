@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ pub struct Broker {
     /// Its HTTP port's address, `host:port`; `None` with the port off.
     pub http: Option<String>,
     log: Option<JoinHandle<String>>,
+    /// What it logged so far.
+    so_far: Arc<Mutex<String>>,
 }
 
 impl Broker {
@@ -60,11 +63,13 @@ impl Broker {
             .spawn()
             .unwrap();
         let stderr = child.stderr.take().unwrap();
+        let so_far = Arc::new(Mutex::new(String::new()));
         let mut broker = Broker {
             child: Some(child),
             addr: String::new(),
             http: None,
             log: None,
+            so_far: so_far.clone(),
         };
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
@@ -94,6 +99,9 @@ impl Broker {
                 }
                 log.push_str(&line);
                 log.push('\n');
+                let mut seen = so_far.lock().unwrap_or_else(PoisonError::into_inner);
+                seen.push_str(&line);
+                seen.push('\n');
             }
             log
         }));
@@ -131,6 +139,26 @@ impl Broker {
             Ok(done) => done.unwrap().0.unwrap(),
             Err(_) => panic!("broker did not exit within 30 s of {signal}"),
         }
+    }
+
+    /// What the broker has logged so far.
+    pub fn logged(&self) -> String {
+        self.so_far
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Waits (at most 30 s) for the process to exit by itself; its exit
+    /// status and everything it logged.
+    pub async fn exited(mut self) -> (ExitStatus, String) {
+        let mut child = self.child.take().expect("running");
+        let waiting = tokio::task::spawn_blocking(move || child.wait());
+        let status = match tokio::time::timeout(LIMIT, waiting).await {
+            Ok(done) => done.unwrap().unwrap(),
+            Err(_) => panic!("broker did not exit within 30 s"),
+        };
+        (status, self.take_log())
     }
 
     /// SIGTERM; the exit status and everything the broker logged.

@@ -295,3 +295,41 @@ async fn the_grpc_port_answers_while_the_broker_starts() {
 
     finish(broker, &dir, &config).await;
 }
+
+/// A stop asked for while the start is held: the start goes on to its end
+/// (its work cannot be cut short), then the broker stops at once, and
+/// health never says SERVING in between (it did, for a moment, before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_asked_for_during_the_start_never_says_serving() {
+    let (broker, dir, pipe, config) = held_start("stop-during-start").await;
+    let http: SocketAddr = broker
+        .http
+        .as_deref()
+        .expect("the broker logs its HTTP address")
+        .parse()
+        .unwrap();
+    wait_for_the_pipe(http).await;
+    broker.signal("-TERM");
+    let deadline = Instant::now() + LIMIT;
+    while !broker
+        .logged()
+        .contains("shutdown requested during the start")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the stop was not noted during the start:\n{}",
+            broker.logged()
+        );
+        poll_pause().await;
+    }
+    release_start(pipe).await;
+    let (status, log) = broker.exited().await;
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("broker started, and stops at once") && !log.contains("health SERVING"),
+        "{log}"
+    );
+    assert!(log.contains("broker stopped"), "{log}");
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_file(config);
+}

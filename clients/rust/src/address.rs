@@ -150,7 +150,8 @@ pub(crate) fn not_a_broker(status: &tonic::Status, first: Option<FirstAnswer>) -
         // The server's own answer (a transport failure made locally
         // carries its source).
         None if status.code() == tonic::Code::Unimplemented
-            && std::error::Error::source(status).is_none() =>
+            && std::error::Error::source(status).is_none()
+            && !from_a_proxy_404(status) =>
         {
             Some(
                 "it does not serve this quota-broker call (UNIMPLEMENTED): another gRPC service \
@@ -160,6 +161,16 @@ pub(crate) fn not_a_broker(status: &tonic::Status, first: Option<FirstAnswer>) -
         }
         None => None,
     }
+}
+
+/// Whether `status` is tonic's reading of an HTTP 404 that carried no
+/// gRPC status: a proxy's answer (an ingress with no broker behind it
+/// while one restarts, most often), not a gRPC service's UNIMPLEMENTED.
+pub(crate) fn from_a_proxy_404(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unimplemented
+        && status
+            .message()
+            .contains("mapped from HTTP status code 404")
 }
 
 /// The error for the server at `url`, which is not a quota-broker's gRPC
@@ -332,5 +343,21 @@ mod tests {
         // A SETTINGS frame: HTTP/2.
         assert_eq!(classify(&[0, 0, 18, 4, 0, 0, 0, 0, 0]), None);
         assert_eq!(classify(b""), None);
+    }
+
+    /// A proxy's HTTP 404 (an ingress with no broker behind it while one
+    /// restarts) is read by tonic as UNIMPLEMENTED: an outage, not another
+    /// gRPC service.
+    #[test]
+    fn a_proxys_404_is_not_another_grpc_service() {
+        let proxy = tonic::Status::unimplemented(
+            "grpc-status header missing, mapped from HTTP status code 404",
+        );
+        assert!(from_a_proxy_404(&proxy));
+        assert_eq!(not_a_broker(&proxy, None), None);
+        assert!(crate::is_unreachable(&proxy));
+        let service = tonic::Status::unimplemented("Method not found!");
+        assert!(!from_a_proxy_404(&service));
+        assert!(not_a_broker(&service, None).is_some());
     }
 }

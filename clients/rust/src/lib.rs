@@ -465,10 +465,28 @@ struct Inner {
     releasing: std::sync::atomic::AtomicUsize,
     /// Told when the last of them is done.
     released: tokio::sync::Notify,
-    /// The URLs found not to be a quota-broker's gRPC port, each logged
-    /// once (std `Mutex`: never held across `.await`).
-    said_not_a_broker: Mutex<std::collections::HashSet<String>>,
+    /// The URLs found not to be a quota-broker's gRPC port, with what they
+    /// are, each logged once (std `Mutex`: never held across `.await`).
+    said_not_a_broker: Mutex<std::collections::HashMap<String, String>>,
+    /// Whether a URL was asked what it speaks ([`address::first_answer`]),
+    /// and when: a URL that answered in gRPC once is never asked again,
+    /// another at most once per [`ASK_EVERY`], so a broker under load or
+    /// going down is not sent a probe connection per failed call (std
+    /// `Mutex`: never held across `.await`).
+    asked: Mutex<std::collections::HashMap<String, Asked>>,
 }
+
+/// What is known of what a URL speaks (see `Inner::asked`).
+#[derive(Debug, Clone, Copy)]
+enum Asked {
+    /// It answered a call in gRPC: a broker, whatever fails there later.
+    Grpc,
+    /// Asked at that instant.
+    At(std::time::Instant),
+}
+
+/// How often a URL that has not answered in gRPC is asked what it speaks.
+const ASK_EVERY: Duration = Duration::from_secs(30);
 
 /// The broker calls go to, and its URL.
 struct Conn {
@@ -555,6 +573,7 @@ impl BrokerClient {
                 releasing: std::sync::atomic::AtomicUsize::new(0),
                 released: tokio::sync::Notify::new(),
                 said_not_a_broker: Mutex::default(),
+                asked: Mutex::default(),
             }),
         })
     }
@@ -588,7 +607,11 @@ impl BrokerClient {
 
     /// [`BrokerClient::rpc`], setting `reached` when a hop failed in a way
     /// that may have come after a broker processed the call (its answer
-    /// lost), before the call went on to the next broker.
+    /// lost), before the call went on to the next broker. A URL found not
+    /// to be a broker is passed over; the call fails with that
+    /// ([`RpcError::NotABroker`]) only when no URL of the list is a broker
+    /// that is away: with one down it is an outage (the fallback), not a
+    /// mistake, whichever URL the call started at.
     async fn rpc_noting<T, F, Fut>(&self, reached: &AtomicBool, mut call: F) -> Result<T, RpcError>
     where
         F: FnMut(QuotaBrokerClient<Channel>) -> Fut,
@@ -596,27 +619,35 @@ impl BrokerClient {
     {
         let hops = self.inner.urls.len() + 2;
         let mut hop = 0;
+        // A broker found away on the way.
+        let mut away: Option<tonic::Status> = None;
         loop {
             let (url, client) = {
                 let c = self.conn();
                 (c.url.clone(), c.client.clone())
             };
             let status = match call(client).await {
-                Ok(r) => return Ok(r.into_inner()),
+                Ok(r) => {
+                    self.answered_in_grpc(&url);
+                    return Ok(r.into_inner());
+                }
                 Err(s) => s,
             };
+            if std::error::Error::source(&status).is_none() {
+                self.answered_in_grpc(&url);
+            }
             if let Some(mistake) = self.mistaken(&url, &status).await {
-                // Passed over in a list of brokers: the next may serve.
-                if self.inner.urls.len() < 2 || hop >= hops {
-                    return Err(RpcError::NotABroker(mistake));
-                }
-                hop += 1;
-                let urls = &self.inner.urls;
-                let at = urls.iter().position(|u| *u == url).map_or(0, |i| i + 1);
-                let next = urls[at % urls.len()].clone();
-                let Ok(client) = channel(&next, self.inner.tls.as_ref()) else {
-                    return Err(RpcError::NotABroker(mistake));
+                let next = if hop < hops {
+                    self.next_url(&url)
+                } else {
+                    None
                 };
+                let client =
+                    next.and_then(|n| Some((channel(&n, self.inner.tls.as_ref()).ok()?, n)));
+                let Some((client, next)) = client else {
+                    return Err(away.map_or(RpcError::NotABroker(mistake), RpcError::Status));
+                };
+                hop += 1;
                 *self.conn() = Conn { url: next, client };
                 continue;
             }
@@ -638,14 +669,10 @@ impl BrokerClient {
                 Some(l) if l != url => l,
                 // "I lead it" cannot come with UNAVAILABLE; do not loop.
                 Some(_) => return Err(RpcError::Status(status)),
-                None => {
-                    let urls = &self.inner.urls;
-                    if urls.len() < 2 {
-                        return Err(RpcError::Status(status));
-                    }
-                    let at = urls.iter().position(|u| *u == url).map_or(0, |i| i + 1);
-                    urls[at % urls.len()].clone()
-                }
+                None => match self.next_url(&url) {
+                    Some(next) => next,
+                    None => return Err(RpcError::Status(status)),
+                },
             };
             if !may_follow(&url, &next) {
                 tracing::warn!(from = %url, to = %next,
@@ -656,7 +683,55 @@ impl BrokerClient {
                 return Err(RpcError::Status(status));
             };
             tracing::debug!(from = %url, to = %next, "following the cluster to another broker");
+            away = Some(status);
             *self.conn() = Conn { url: next, client };
+        }
+    }
+
+    /// The configured URL after `from`, passing over those found not to be
+    /// a broker; `None` when there is no other.
+    fn next_url(&self, from: &str) -> Option<String> {
+        let urls = &self.inner.urls;
+        let wrong = self
+            .inner
+            .said_not_a_broker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let at = urls.iter().position(|u| u == from).map_or(0, |i| i + 1);
+        (0..urls.len())
+            .map(|k| &urls[(at + k) % urls.len()])
+            .find(|u| *u != from && !wrong.contains_key(*u))
+            .cloned()
+    }
+
+    /// Notes that `url` answered a call in gRPC: never asked again what it
+    /// speaks.
+    fn answered_in_grpc(&self, url: &str) {
+        let mut asked = self
+            .inner
+            .asked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !matches!(asked.get(url), Some(Asked::Grpc)) {
+            asked.insert(url.to_owned(), Asked::Grpc);
+        }
+    }
+
+    /// Whether `url` may be asked what it speaks now (and if so, notes it).
+    fn may_ask(&self, url: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut asked = self
+            .inner
+            .asked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match asked.get(url) {
+            Some(Asked::Grpc) => false,
+            Some(Asked::At(at)) if now.saturating_duration_since(*at) < ASK_EVERY => false,
+            _ => {
+                asked.insert(url.to_owned(), Asked::At(now));
+                true
+            }
         }
     }
 
@@ -664,22 +739,35 @@ impl BrokerClient {
     /// not a quota-broker's gRPC port (see `address`): its error, logged
     /// the first time for the URL.
     async fn mistaken(&self, url: &str, status: &tonic::Status) -> Option<ClientError> {
+        let known = || {
+            self.inner
+                .said_not_a_broker
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(url)
+                .cloned()
+        };
         let mut first = None;
         if address::worth_asking(status) {
+            // Found wrong before: what it was then (it is asked no more).
+            if let Some(reason) = known() {
+                return Some(address::not_a_broker_error(url, reason, status));
+            }
             if let Ok(uri) = url.parse::<http::Uri>() {
-                if uri.scheme_str() == Some("http") {
+                if uri.scheme_str() == Some("http") && self.may_ask(url) {
                     first = address::first_answer(&uri, CONNECT_TIMEOUT).await;
                 }
             }
         }
         let reason = address::not_a_broker(status, first)?;
-        let error = address::not_a_broker_error(url, reason, status);
+        let error = address::not_a_broker_error(url, reason.clone(), status);
         let new = self
             .inner
             .said_not_a_broker
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(url.to_owned());
+            .insert(url.to_owned(), reason)
+            .is_none();
         if new {
             tracing::error!("{error} (calls there fail, never fall back; fix the URL)");
         }
@@ -1288,7 +1376,9 @@ impl std::fmt::Display for RpcError {
 /// connection before serving it): fall back. A status made locally from a
 /// transport failure carries its source; the broker's own answers do not.
 fn is_unreachable(s: &tonic::Status) -> bool {
-    s.code() == tonic::Code::Unavailable || std::error::Error::source(s).is_some()
+    s.code() == tonic::Code::Unavailable
+        || std::error::Error::source(s).is_some()
+        || address::from_a_proxy_404(s)
 }
 
 /// A TLS handshake that failed in a way that does not mend by itself,

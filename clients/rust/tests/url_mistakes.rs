@@ -297,6 +297,79 @@ async fn a_broker_that_refuses_connections_is_still_an_outage() {
     assert_eq!(logged.lines(), Vec::<String>::new());
 }
 
+/// A mistaken URL first in the list and the broker behind the other down:
+/// an outage (the fallback), whichever URL the client is on, and every
+/// call alike. (It failed every call with NotABroker when the client
+/// started at the mistaken URL: the hops through the list ran out there.)
+#[tokio::test]
+async fn a_mistaken_url_first_and_the_broker_down_is_an_outage() {
+    let wrong = http1_server().await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let down = socket.local_addr().unwrap();
+    let fallback = FallbackSettings {
+        fraction: 0.5,
+        floor_per_min: 6000,
+        probe_every: Duration::ZERO,
+    };
+    let client =
+        BrokerClient::with_fallback(&format!("http://{wrong},http://{down}"), None, fallback)
+            .unwrap();
+    for k in 0..4 {
+        match client.acquire(&call()).await {
+            Ok(lease) => assert!(lease.is_fallback(), "call {k}"),
+            // The fallback's pace, refused without waiting: an outage too.
+            Err(ClientError::NotGranted { reason, .. }) if reason.contains("unreachable") => {}
+            Err(e) => panic!("call {k}: {e}"),
+        }
+    }
+    assert_eq!(client.current_url(), format!("http://{down}"));
+}
+
+/// A server that accepts connections and closes them at once, counting
+/// them.
+async fn closing_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            drop(conn);
+        }
+    });
+    (addr, accepted)
+}
+
+/// Calls failing on a broker that closes their connection (one going
+/// down, or over its limits) ask it what it speaks once, not once each:
+/// 50 at once opened 50 more connections to it before.
+#[tokio::test]
+async fn failing_calls_ask_a_server_what_it_speaks_once() {
+    let (addr, accepted) = closing_server().await;
+    let fallback = FallbackSettings {
+        fraction: 0.5,
+        floor_per_min: 60_000,
+        probe_every: Duration::ZERO,
+    };
+    let client = BrokerClient::with_fallback(&format!("http://{addr}"), None, fallback).unwrap();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let client = client.clone();
+        calls.spawn(async move { client.acquire(&call()).await.map(|l| l.is_fallback()) });
+    }
+    while let Some(answer) = calls.join_next().await {
+        match answer.unwrap() {
+            Ok(fallback) => assert!(fallback),
+            Err(ClientError::NotGranted { reason, .. }) if reason.contains("unreachable") => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let n = accepted.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(n <= 10, "{n} connections for 50 calls");
+}
+
 /// A broker serving TLS, addressed with `http://`: its port answers a
 /// plaintext HTTP/2 preface in TLS (an alert), which no plaintext call
 /// there can get past.
