@@ -685,12 +685,19 @@ class QuotaBroker:
         return target
 
     def _next_target(self, after):
-        """The configured target after ``after`` (the first one if ``after`` is not configured)."""
+        """The configured target after ``after`` (the first one if ``after`` is not
+        configured), passing over those found not to be a broker; None when
+        there is no other."""
         try:
             at = self.targets.index(after) + 1
         except ValueError:
             at = 0
-        return self.targets[at % len(self.targets)]
+        n = len(self.targets)
+        for k in range(n):
+            target = self.targets[(at + k) % n]
+            if target != after and target not in self._said_not_a_broker:
+                return target
+        return None
 
     def _move(self, frm, to, why):
         """Calls go to ``to`` from now on (unless another thread moved them off ``frm`` meanwhile)."""
@@ -725,7 +732,10 @@ class QuotaBroker:
             return self._move(conn, target, f"leader {leader}")
         if len(self.targets) < 2:
             return None
-        return self._move(conn, self._next_target(conn.target), "no answer / no leader")
+        target = self._next_target(conn.target)
+        if target is None:
+            return None
+        return self._move(conn, target, "no answer / no leader")
 
     # -- fallback state --------------------------------------------------------
 
@@ -1062,6 +1072,9 @@ class QuotaBroker:
             raise errors.Closed()
         hop = 0
         conn = self._conn
+        # A broker found away on the way: with one, a list's mistaken
+        # address is not what the call met (an outage is).
+        away = None
         while True:
             fn = getattr(conn.admin_stub if admin else conn.stub, name)
             try:
@@ -1076,19 +1089,23 @@ class QuotaBroker:
             except grpc.RpcError as e:
                 if self._channels_closed and e.code() == grpc.StatusCode.CANCELLED:
                     raise errors.Closed() from None  # in flight when close() closed the channel
-                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                mistake = errors.not_a_broker(e.code(), e.details())
+                if e.code() != grpc.StatusCode.UNAVAILABLE and (mistake is None or len(self.targets) < 2):
                     err = errors.from_rpc_error(e, conn.target)
                     if isinstance(err, errors.NotABroker):
                         self._say_not_a_broker(conn.target, err)
                     raise err from None
-                mistake = errors.not_a_broker(e.code(), e.details())
                 if mistake is not None:
                     # Said once per address, also when another broker of
                     # the list answers the call (then nothing is raised).
                     self._say_not_a_broker(conn.target, errors.from_rpc_error(e, conn.target))
+                else:
+                    away = (e, conn.target)
                 hop += 1
                 failed = conn
                 conn = self._follow(conn, e, hop)
+                if conn is None and mistake is not None and away is not None:
+                    raise errors.from_rpc_error(*away) from None
                 if conn is None:
                     # No broker answered: a handshake that cannot succeed
                     # says what to do rather than read as an outage.

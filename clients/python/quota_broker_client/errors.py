@@ -136,7 +136,7 @@ def not_a_broker(code, details):
     """Why an answer (gRPC ``code`` and ``details``) says the server is not a
     quota-broker's gRPC port, or None: it can be an outage (or no answer)."""
     text = details or ""
-    if code == grpc.StatusCode.UNIMPLEMENTED:
+    if code == grpc.StatusCode.UNIMPLEMENTED and not _from_a_proxy_404(text):
         return ("it does not serve this quota-broker call (UNIMPLEMENTED): another gRPC service "
                 "listens there, or a quota-broker older than this client")
     if code == grpc.StatusCode.UNAVAILABLE and any(s in text for s in _NOT_HTTP2):
@@ -144,6 +144,14 @@ def not_a_broker(code, details):
                 "broker's HTTP port, server.http_listen, which serves metrics and probes), or a TLS "
                 "port addressed without https://")
     return None
+
+
+def _from_a_proxy_404(details):
+    """Whether UNIMPLEMENTED ``details`` are gRPC's reading of an HTTP 404 that
+    carried no gRPC status: a proxy's answer (an ingress with no broker
+    behind it while one restarts, most often), an outage, not another gRPC
+    service."""
+    return "status: 404" in (details or "")
 
 
 def _not_a_broker_error(code, details, err, target):
@@ -255,6 +263,8 @@ def from_rpc_error(err, target=None):
     # this client's own DEADLINE_EXCEEDED, won by the broker under load).
     if code == grpc.StatusCode.CANCELLED and details == "Timeout expired":
         code = grpc.StatusCode.DEADLINE_EXCEEDED
+    if code == grpc.StatusCode.UNIMPLEMENTED and _from_a_proxy_404(details):
+        return Unavailable(code, details or "", err)
     cls = _BY_CODE.get(code, BrokerRpcError)
     if cls is Overloaded:
         return Overloaded(code, details or "", err, retry_after_ms=_metadata_retry_after_ms(err))

@@ -147,6 +147,46 @@ def test_a_mistaken_url_among_brokers_is_said_once_and_the_others_serve(start_br
     assert f"127.0.0.1:{http_port}" in logged[0].getMessage()
 
 
+def test_a_mistaken_url_first_and_the_broker_down_is_an_outage(caplog):
+    """A mistaken address first in the list and the broker behind the other
+    down: an outage (the fallback) on every call, not NotABroker (the hops
+    through the list used to end at the mistaken address)."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))  # bound, not listening: connection refused
+            down = f"127.0.0.1:{s.getsockname()[1]}"
+            wrong = f"127.0.0.1:{server.server_address[1]}"
+            fallback = qb.FallbackSettings(floor_per_min=6000)
+            with qb.QuotaBroker([wrong, down], timeout=3, fallback=fallback) as client:
+                for _ in range(4):
+                    try:
+                        assert acquire(client).is_fallback
+                    except qb.NotGranted as e:
+                        assert "unreachable" in str(e), e
+                assert client.in_fallback
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_proxys_404_is_an_outage_not_another_service():
+    """gRPC reads a proxy's HTTP 404 (an ingress with no broker behind it
+    while one restarts) as UNIMPLEMENTED: an outage, not NotABroker."""
+    from quota_broker_client import errors
+
+    class Err(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNIMPLEMENTED
+
+        def details(self):
+            return "Received http2 header with status: 404"
+
+    assert errors.not_a_broker(grpc.StatusCode.UNIMPLEMENTED, Err().details()) is None
+    assert isinstance(errors.from_rpc_error(Err(), "127.0.0.1:1"), errors.Unavailable)
+
+
 def test_a_broker_that_refuses_connections_is_still_an_outage(caplog):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))  # bound, not listening: connection refused
