@@ -59,6 +59,16 @@ window_ms = 60000
     (broker, dir, pipe, config)
 }
 
+/// The broker's HTTP port, from its startup line.
+fn http_of(broker: &Broker) -> SocketAddr {
+    broker
+        .http
+        .as_deref()
+        .expect("the broker logs its HTTP address")
+        .parse()
+        .unwrap()
+}
+
 /// Lets the held start go on: the state directory answers (an admin file
 /// with no changes).
 async fn release_start(pipe: PathBuf) {
@@ -107,12 +117,7 @@ async fn finish(broker: Broker, dir: &Path, config: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_port_answers_probes_while_the_broker_starts() {
     let (broker, dir, pipe, config) = held_start("slow-start").await;
-    let http: SocketAddr = broker
-        .http
-        .as_deref()
-        .expect("the broker logs its HTTP address")
-        .parse()
-        .unwrap();
+    let http = http_of(&broker);
 
     // The start reaches the pipe and waits there: alive, not ready, and
     // /readyz says what it is doing.
@@ -179,12 +184,7 @@ async fn the_http_port_answers_probes_while_the_broker_starts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_grpc_port_answers_while_the_broker_starts() {
     let (broker, dir, pipe, config) = held_start("slow-start-grpc").await;
-    let http: SocketAddr = broker
-        .http
-        .as_deref()
-        .expect("the broker logs its HTTP address")
-        .parse()
-        .unwrap();
+    let http = http_of(&broker);
     wait_for_the_pipe(http).await;
 
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", broker.addr))
@@ -302,12 +302,7 @@ async fn the_grpc_port_answers_while_the_broker_starts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_asked_for_during_the_start_never_says_serving() {
     let (broker, dir, pipe, config) = held_start("stop-during-start").await;
-    let http: SocketAddr = broker
-        .http
-        .as_deref()
-        .expect("the broker logs its HTTP address")
-        .parse()
-        .unwrap();
+    let http = http_of(&broker);
     wait_for_the_pipe(http).await;
     broker.signal("-TERM");
     let deadline = Instant::now() + LIMIT;
