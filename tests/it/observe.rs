@@ -1704,9 +1704,25 @@ async fn json_logs_carry_the_request_id() {
                 .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
             addr = v["fields"]["listen"].as_str().map(str::to_owned);
         }
-        let mut client = QuotaBrokerClient::connect(format!("http://{}", addr.unwrap()))
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", addr.unwrap()))
+            .unwrap()
+            .connect()
             .await
             .unwrap();
+        // Its calls are answered once health says SERVING (its "broker
+        // started" line is below this test's log level).
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        while !health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .is_ok_and(|r| {
+                r.into_inner().status()
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving
+            })
+        {
+            crate::harness::poll_pause().await;
+        }
+        let mut client = QuotaBrokerClient::new(channel);
         let mut report = tonic::Request::new(ReportRequest {
             tenant: "t".into(),
             method: "GET".into(),
