@@ -182,6 +182,9 @@ pub(crate) struct Learner {
     ceiling_hits: u32,
     /// No probing above the ceiling before this.
     probe_after: Option<Instant>,
+    /// The ceiling a probe passed by a tenth, forgetting it as a rise, and
+    /// how often it had been confirmed (see `Learner::confirmed_by_probe`).
+    passed_ceiling: Option<(f64, u32)>,
     /// Successful reports ever counted (a clock for "served since").
     served: u64,
     /// The last 429 of the last episode that cut (see `refill_rate`).
@@ -216,6 +219,7 @@ impl Learner {
             ceiling: None,
             ceiling_hits: 0,
             probe_after: None,
+            passed_ceiling: None,
             served: 0,
             last_refusal: None,
             refusal_episode: false,
@@ -361,6 +365,8 @@ impl Learner {
             self.remember_ceiling(from);
             let most = (from * s.beta * s.beta).max(self.floor(s));
             let least = (from - self.per_min(1.0)).max(most);
+            let since_refusal = self.refill_since_last_refusal(now);
+            let passed = self.passed_ceiling.take();
             let refill = self.refill_rate(now, retry_after);
             let ra = retry_after.unwrap_or(s.default_freeze);
             self.last_refusal = Some(Refusal::new(now, self.served, ra, from));
@@ -387,12 +393,24 @@ impl Learner {
                 }
                 // One window's measurement cuts at most two β steps, and at
                 // least one permit per window.
-                None => match self.window_fill(now, retry_after, previous_freeze) {
-                    Some(fill) => (
+                None => match (
+                    Self::confirmed_by_probe(passed, since_refusal),
+                    self.window_fill(now, retry_after, previous_freeze),
+                ) {
+                    (Some((rate, hits)), _) => {
+                        self.ceiling = Some(rate.max(self.floor(s)));
+                        self.ceiling_hits = hits;
+                        (
+                            rate.clamp(most, least),
+                            "429 ending a probe above the ceiling, which the upstream served about \
+                             again since its previous refusal: cut to that rate",
+                        )
+                    }
+                    (None, Some(fill)) => (
                         fill.clamp(most, least),
                         "429: cut to what the upstream's window served the fleet",
                     ),
-                    None => (cut, "429: multiplicative decrease (new congestion episode)"),
+                    (None, None) => (cut, "429: multiplicative decrease (new congestion episode)"),
                 },
             };
             self.effective = to;

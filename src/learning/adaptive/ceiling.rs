@@ -23,6 +23,28 @@ impl Learner {
         self.probe_after = None;
     }
 
+    /// The ceiling a 429 confirms, and how often it then was, when it
+    /// ends a probe that passed the ceiling `passed` by a tenth (which
+    /// forgot it as a rise) and the upstream served the fleet about that
+    /// ceiling (within 15 %) since its previous refusal (`since_refusal`,
+    /// see `refill_since_last_refusal`): no rise was found. On an upstream
+    /// that refills continuously what it stored while the fleet cruised
+    /// below its refill pays for a probe for a while, so the probe passes
+    /// the ceiling without a 429 and the 429 comes well above it; the rate
+    /// refused then is no ceiling, nor is what the window served (both
+    /// inflated by what was stored), and remembered at either, growth would
+    /// cruise back above the refill until the next 429.
+    pub(super) fn confirmed_by_probe(
+        passed: Option<(f64, u32)>,
+        since_refusal: Option<f64>,
+    ) -> Option<(f64, u32)> {
+        let (c, hits) = passed?;
+        let rate = since_refusal?;
+        (0.85 * c..=1.15 * c)
+            .contains(&rate)
+            .then_some((rate, (hits + 1).min(8)))
+    }
+
     /// The rate after growing `step` from `rate` under the ceiling rule:
     /// growth stops just below the rate the upstream last refused (5% or a
     /// permit per window below it, the lower); after `probe_hold_windows`
@@ -61,6 +83,7 @@ impl Learner {
             rate + step
         };
         if next > c * 1.1 {
+            self.passed_ceiling = Some((c, self.ceiling_hits));
             self.ceiling = None;
             self.ceiling_hits = 0;
             self.probe_after = None;

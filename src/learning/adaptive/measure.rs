@@ -119,4 +119,25 @@ impl Learner {
         *span += secs;
         Some((*span >= least_span && *span > 0.0).then(|| *total * 60.0 / *span))
     }
+
+    /// On an upstream seen refilling continuously, the rate it served the
+    /// fleet since the previous refusal, per minute, when that began at
+    /// least a window and at most 20 windows ago. Such an upstream was
+    /// empty at both refusals, so over the span it served the fleet what it
+    /// refilled less what others took, whatever it stored and gave back in
+    /// between: a measure that a probe running on stored permits does not
+    /// inflate, as it does the window fill. (A bucket that filled up and
+    /// overflowed meanwhile makes it read low, not high.)
+    pub(super) fn refill_since_last_refusal(&self, now: Instant) -> Option<f64> {
+        let prev = self.last_refusal.filter(|_| self.continuous)?;
+        let secs = now
+            .saturating_duration_since(prev.serving_from)
+            .as_secs_f64();
+        let window = self.window.as_secs_f64();
+        if !(window..=20.0 * window).contains(&secs) {
+            return None;
+        }
+        let served = self.served.saturating_sub(prev.served) as f64;
+        Some(served * 60.0 / secs)
+    }
 }
