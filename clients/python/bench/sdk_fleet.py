@@ -443,12 +443,15 @@ def percentile(values, p):
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
-def reported_429s(http_url):
+def scrape(http_url):
     with urllib.request.urlopen(http_url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
+        return r.read().decode()
+
+
+def reported_429s(metrics):
     pattern = re.compile(r'^quota_broker_reports_total\{(?=[^}]*bucket="' + ANALYTICS
                          + r'")(?=[^}]*status="429")[^}]*\} (\S+)$', re.M)
-    return int(sum(float(v) for v in pattern.findall(text)))
+    return int(sum(float(v) for v in pattern.findall(metrics)))
 
 
 def fleet_refusals(gcsim_url):
@@ -507,9 +510,9 @@ def run_once(args, seed, workdir, progress=print):
         for t in threads:
             t.join(timeout=30)
         stats = get_json(gcsim_url + "/_sim/stats")
-        reported = reported_429s(f"http://127.0.0.1:{http_port}")
+        metrics = scrape(f"http://127.0.0.1:{http_port}")
         row = measure(stats, counters, gcsim_url, start, end)
-        row.update(seed=seed, reported_429s=reported, refusals=fleet_refusals(gcsim_url))
+        row.update(seed=seed, reported_429s=reported_429s(metrics), refusals=fleet_refusals(gcsim_url))
         if args.keep_logs:
             os.makedirs(args.keep_logs, exist_ok=True)
             with open(os.path.join(args.keep_logs, f"gcsim-stats-{seed}.json"), "w", encoding="utf-8") as f:
