@@ -50,8 +50,8 @@ The table, per run and pooled (simulated time throughout):
 - **records**: expected (gcsim's conversations of the blocks finished) /
   stored / lost, and the blocks the drain cut off.
 
-Exits 1 if a run lost a record or its three 429 counts disagree, 2 on bad
-usage or when a server does not start.
+Exits 1 if a run lost a record, its three 429 counts disagree or a call
+failed otherwise, 2 on bad usage or when a server does not start.
 """
 import argparse
 import datetime
