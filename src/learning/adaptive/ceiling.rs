@@ -26,21 +26,24 @@ impl Learner {
     /// The ceiling a 429 confirms, and how often it then was, when it
     /// ends a probe that passed the ceiling `passed` by a tenth (which
     /// forgot it as a rise) and the upstream served the fleet about that
-    /// ceiling (within 15 %) since its previous refusal (`since_refusal`,
-    /// see `refill_since_last_refusal`): no rise was found. On an upstream
-    /// that refills continuously what it stored while the fleet cruised
-    /// below its refill pays for a probe for a while, so the probe passes
-    /// the ceiling without a 429 and the 429 comes well above it; the rate
-    /// refused then is no ceiling, nor is what the window served (both
-    /// inflated by what was stored), and remembered at either, growth would
-    /// cruise back above the refill until the next 429.
+    /// ceiling since its previous refusal (`since_refusal`, see
+    /// `refill_since_last_refusal`): from 15 % below it to 5 % above, no
+    /// rise was found. On an upstream that refills continuously what it
+    /// stored while the fleet cruised below its refill pays for a probe for
+    /// a while, so the probe passes the ceiling without a 429 and the 429
+    /// comes well above it; the rate refused then is no ceiling, nor is
+    /// what the window served (both inflated by what was stored), and
+    /// remembered at either, growth would cruise back above the refill
+    /// until the next 429. The measure reads low after a rise (the old
+    /// refill, and what a full bucket let overflow, are in it), so one
+    /// above the ceiling is taken for the rise it likely is.
     pub(super) fn confirmed_by_probe(
         passed: Option<(f64, u32)>,
         since_refusal: Option<f64>,
     ) -> Option<(f64, u32)> {
         let (c, hits) = passed?;
         let rate = since_refusal?;
-        (0.85 * c..=1.15 * c)
+        (0.85 * c..=1.05 * c)
             .contains(&rate)
             .then_some((rate, (hits + 1).min(8)))
     }

@@ -394,6 +394,17 @@ fn drive_bucket(
     windows: u64,
     (capacity, refill, unmanaged): (f64, f64, f64),
 ) -> (Vec<(u64, u64)>, f64) {
+    drive_bucket_by(s, windows, capacity, |_| refill, unmanaged)
+}
+
+/// `drive_bucket` with a refill a minute that is `refill(window)`.
+fn drive_bucket_by(
+    s: &LearnSettings,
+    windows: u64,
+    capacity: f64,
+    refill: impl Fn(u64) -> f64,
+    unmanaged: f64,
+) -> (Vec<(u64, u64)>, f64) {
     let t0 = Instant::now();
     let mut l = learner(t0);
     let mut out = vec![(0, 0); windows as usize];
@@ -402,6 +413,7 @@ fn drive_bucket(
     for k in 0..windows * 600 {
         let now = t0 + step * k as u32;
         let w = (k / 600) as usize;
+        let refill = refill(w as u64);
         level = (level + refill / 600.0).min(capacity);
         theirs += unmanaged / 600.0;
         if theirs >= 1.0 && level >= 1.0 {
@@ -578,7 +590,7 @@ fn at_a_low_rate_the_call_budget_trades_429s_for_finding_a_rise() {
 /// without a 429 and is refused well above it. What the upstream served
 /// since its previous refusal tells that no rise was found: the ceiling
 /// is confirmed and probed less and less often, as on fixed windows.
-/// Over the 100 windows counted: 8, 9 and 8 429s (10, 26 and 18 when the
+/// Over the 100 windows counted: 8, 8 and 8 429s (10, 26 and 18 when the
 /// 429's rate was remembered as the ceiling).
 #[test]
 fn a_confirmed_ceiling_is_probed_less_and_less_often_on_a_token_bucket() {
@@ -599,4 +611,22 @@ fn a_confirmed_ceiling_is_probed_less_and_less_often_on_a_token_bucket() {
             left * 100.0
         );
     }
+}
+
+/// What a continuous upstream served since its previous refusal reads
+/// low after a rise (the old refill and the overflow of a bucket the
+/// fleet left full are in it): a measure above the ceiling a probe passed
+/// is a rise, not a confirmation. A bucket of 45 refilled at 40 a minute,
+/// the fleet alone, rising to 50 at window 40: back to serving 45 or more
+/// by window 48 (with every measure up to 15 % above counted as a
+/// confirmation: 43–44 a window until window 61).
+#[test]
+fn a_rise_on_a_token_bucket_is_found_within_eight_windows() {
+    let s = LearnSettings::default();
+    let (run, _) = drive_bucket_by(&s, 60, 45.0, |w| if w < 40 { 40.0 } else { 50.0 }, 0.0);
+    let settled: Vec<u64> = run[48..56].iter().map(|w| w.1).collect();
+    assert!(
+        settled.iter().all(|&n| n >= 45),
+        "served per window 48..56: {settled:?}"
+    );
 }
