@@ -43,9 +43,10 @@ def test_the_sdk_fleet_trial_loses_nothing_and_hides_no_429(tmp_path):
     assert bench.problems(row) == [], bench.table([row])
     assert row["expected"] > 0 and row["stored"] == row["expected"], bench.table([row])
     # The hidden limit (45 a minute, 4 in flight, against 60 and 10
-    # configured) is found by refusals; the SDK's own retries would make
-    # them nearly all its calls.
-    assert 0 < row["upstream_429s"] < row["requests"] // 10, bench.table([row])
+    # configured) is found by refusals (3-5 of some 160 calls here); the
+    # SDK's own retries would make them nearly all its calls. The bound is
+    # loose: a slow machine makes fewer calls in the same simulated time.
+    assert 0 < row["upstream_429s"] < row["requests"] // 4, bench.table([row])
     assert row["polls"] >= 12, bench.table([row])
     table = bench.table([row])
     assert "| seed 1 |" in table and "429s (ratio)" in table
