@@ -305,7 +305,7 @@ class Counters:
         self.not_granted = 0
         self.other_errors = []
         self.batch_waits = []
-        self.polls = []  # (due sim ms, sent sim ms)
+        self.polls = []  # (due, sent, its Acquire), simulated ms
         self.polls_skipped = 0
         self.records = {}  # block index -> list of conversation ids (finished blocks)
         self.blocks_started = set()
