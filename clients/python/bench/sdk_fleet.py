@@ -54,6 +54,7 @@ Exits 1 if a run lost a record, its three 429 counts disagree or a call
 failed otherwise, 2 on bad usage or when a server does not start.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -255,35 +256,24 @@ class SendTimes:
         self.last_sent = self.clock.now()
         return self.inner.request(options)
 
-    def timed(self, lease):
-        times = self
-
-        class Timed:
-            def __init__(self, ctx):
-                self.ctx = ctx
-
-            def __enter__(self):
-                start = times.clock.now()
-                try:
-                    return self.ctx.__enter__()
-                finally:
-                    times.last_acquire = times.clock.now() - start
-
-            def __exit__(self, *exc):
-                return self.ctx.__exit__(*exc)
-
-        return lambda *a, **kw: Timed(lease(*a, **kw))
-
 
 class TimedBroker:
-    """The broker client, its ``lease`` timed (see ``SendTimes``)."""
+    """The broker client, its ``lease`` timed: how long the Acquire took
+    (see ``SendTimes``)."""
 
     def __init__(self, broker, times):
         self._broker = broker
-        self.lease = times.timed(broker.lease)
+        self._times = times
 
     def __getattr__(self, name):
         return getattr(self._broker, name)
+
+    @contextlib.contextmanager
+    def lease(self, *args, **kwargs):
+        start = self._times.clock.now()
+        with self._broker.lease(*args, **kwargs) as lease:
+            self._times.last_acquire = self._times.clock.now() - start
+            yield lease
 
 
 def api_client(gcsim_url, oauth_client, broker, client_id, priority_class, clock):
