@@ -444,6 +444,34 @@ def reported_429s(metrics):
     return int(sum(float(v) for v in pattern.findall(metrics)))
 
 
+def broker_held(metrics, scale, sim_ms=50.0):
+    """The wallboards' Acquires (class ``critical``) the broker itself held
+    longer than about `sim_ms` simulated ms, from its own wait histogram:
+    (held, granted, the threshold in simulated ms), so that a wait the
+    client measured splits into the broker's part and the client's. The
+    threshold is the histogram's largest bucket bound at or under `sim_ms`;
+    (None, granted, None) when no bound is that small."""
+    def series(name):
+        pattern = re.compile(r"^" + name + r'\{([^}]*)\} (\S+)$', re.M)
+        for labels, value in pattern.findall(metrics):
+            if 'class="critical"' in labels:
+                le = re.search(r'le="([^"]+)"', labels)
+                yield (float(le.group(1)) if le else None), float(value)
+
+    granted = int(sum(v for _, v in series("quota_broker_grants_total")))
+    bounds = sorted({float(b) for b in re.findall(
+        r'^quota_broker_wait_seconds_bucket\{[^}]*le="([^"]+)"', metrics, re.M)} - {float("inf")})
+    fits = [b for b in bounds if b * scale * 1000 <= sim_ms + 1e-9]
+    if not fits:
+        return None, granted, None
+    bound = fits[-1]
+    # Only Acquires that queued are in the histogram; none queued, none held.
+    queued = sum(v for _, v in series("quota_broker_wait_seconds_count"))
+    within = sum(v for le, v in series("quota_broker_wait_seconds_bucket")
+                 if le is not None and abs(le - bound) <= 1e-12)
+    return int(queued - within), granted, bound * scale * 1000
+
+
 def fleet_refusals(gcsim_url):
     """Every 429 the upstream sent the fleet: (sim ms, client, reason), from gcsim's log."""
     out, since = [], 0
@@ -502,7 +530,9 @@ def run_once(args, seed, workdir, progress=print):
         stats = get_json(gcsim_url + "/_sim/stats")
         metrics = scrape(f"http://127.0.0.1:{http_port}")
         row = measure(stats, counters, gcsim_url, start, end)
-        row.update(seed=seed, reported_429s=reported_429s(metrics), refusals=fleet_refusals(gcsim_url))
+        held, granted, held_over = broker_held(metrics, args.time_scale)
+        row.update(seed=seed, reported_429s=reported_429s(metrics), refusals=fleet_refusals(gcsim_url),
+                   broker_held=held, critical_granted=granted, held_over_ms=held_over)
         if args.keep_logs:
             os.makedirs(args.keep_logs, exist_ok=True)
             with open(os.path.join(args.keep_logs, f"gcsim-stats-{seed}.json"), "w", encoding="utf-8") as f:
@@ -574,9 +604,16 @@ def fmt_ms(v):
 
 def table(rows):
     head = ("| run | 429s (ratio) | seen / reported | goodput of what is left | unmanaged refused "
-            "| wallboard p50 / p99 outside blocks (polls) | of which Acquire p50 / p99 | inside (polls) | batch p99 "
+            "| wallboard p50 / p99 outside blocks (polls) | of which Acquire p50 / p99 "
+            "| held by the broker over 50 ms (of its critical grants) | inside (polls) | batch p99 "
             "| records exp / stored / lost (+ blocks cut) |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
+
+    def held(r):
+        if r.get("broker_held") is None:
+            return "-"
+        over = "" if abs(r["held_over_ms"] - 50) < 1e-6 else f" (over {fmt_ms(r['held_over_ms'])} ms)"
+        return f"{r['broker_held']} of {r['critical_granted']}{over}"
 
     def line(label, r):
         ratio = r["upstream_429s"] / r["requests"] if r["requests"] else 0.0
@@ -588,6 +625,7 @@ def table(rows):
                 f"| {fmt_ms(percentile(r['wait_out'], 50))} / {fmt_ms(percentile(r['wait_out'], 99))} ms "
                 f"({len(r['wait_out'])}) "
                 f"| {fmt_ms(percentile(r['acquire_out'], 50))} / {fmt_ms(percentile(r['acquire_out'], 99))} ms "
+                f"| {held(r)} "
                 f"| {fmt_ms(percentile(r['wait_in'], 99))} ms ({len(r['wait_in'])}) "
                 f"| {fmt_ms(percentile(r['batch_waits'], 99))} ms "
                 f"| {r['expected']} / {r['stored']} / {r['lost']} (+{r['unfinished_blocks']}) |")
@@ -598,6 +636,10 @@ def table(rows):
         pooled = {k: sum(r[k] for r in rows) for k in (
             "requests", "upstream_429s", "seen_429s", "reported_429s", "served", "left", "unmanaged_refused",
             "unmanaged_sent", "expected", "stored", "lost", "unfinished_blocks", "polls")}
+        if len({r["held_over_ms"] for r in rows}) == 1 and rows[0]["broker_held"] is not None:
+            pooled.update(broker_held=sum(r["broker_held"] for r in rows),
+                          critical_granted=sum(r["critical_granted"] for r in rows),
+                          held_over_ms=rows[0]["held_over_ms"])
         for k in ("wait_out", "wait_in", "acquire_out", "batch_waits"):
             pooled[k] = [v for r in rows for v in r[k]]
         lines.append(line("pooled", pooled))

@@ -48,8 +48,39 @@ def test_the_sdk_fleet_trial_loses_nothing_and_hides_no_429(tmp_path):
     # loose: a slow machine makes fewer calls in the same simulated time.
     assert 0 < row["upstream_429s"] < row["requests"] // 4, bench.table([row])
     assert row["polls"] >= 12, bench.table([row])
+    # Every poll sent was granted a lease of class critical; the broker's
+    # wait histogram says how many it held past 50 simulated ms.
+    assert row["critical_granted"] >= row["polls"], bench.table([row])
+    assert row["held_over_ms"] == 50.0, bench.table([row])
+    assert 0 <= row["broker_held"] <= row["critical_granted"], bench.table([row])
     table = bench.table([row])
     assert "| seed 1 |" in table and "429s (ratio)" in table
+    assert f"| {row['broker_held']} of {row['critical_granted']} |" in table
+
+
+def test_what_the_broker_held_is_read_from_its_wait_histogram():
+    bench = load_bench()
+    metrics = "\n".join([
+        'quota_broker_grants_total{tenant="org-a",class="critical"} 10',
+        'quota_broker_grants_total{tenant="org-a",class="batch"} 99',
+        'quota_broker_wait_seconds_bucket{tenant="org-a",class="critical",le="0.001"} 1',
+        'quota_broker_wait_seconds_bucket{tenant="org-a",class="critical",le="0.0025"} 3',
+        'quota_broker_wait_seconds_bucket{tenant="org-a",class="critical",le="0.005"} 4',
+        'quota_broker_wait_seconds_bucket{tenant="org-a",class="critical",le="+Inf"} 5',
+        'quota_broker_wait_seconds_count{tenant="org-a",class="critical"} 5',
+        'quota_broker_wait_seconds_bucket{tenant="org-a",class="batch",le="0.005"} 0',
+        'quota_broker_wait_seconds_count{tenant="org-a",class="batch"} 7',
+    ])
+    # 50 simulated ms: 5 real ms at x10, 2.5 at x20 (of 5 queued, 4 and 3
+    # were answered within them).
+    assert bench.broker_held(metrics, 10) == (1, 10, 50.0)
+    assert bench.broker_held(metrics, 20) == (2, 10, 50.0)
+    # At x3 the nearest bound under 16.7 real ms is 5: over 15 simulated ms.
+    assert bench.broker_held(metrics, 3) == (1, 10, 15.0)
+    # No bound is as small as 0.8 real ms: not known.
+    assert bench.broker_held(metrics, 60) == (None, 10, None)
+    # Nothing of class critical queued: none held.
+    assert bench.broker_held(metrics.replace('class="critical"', 'class="other"'), 10)[0:2] == (0, 0)
 
 
 def test_bad_usage_is_explained(tmp_path, capsys):
