@@ -450,7 +450,8 @@ def broker_held(metrics, scale, sim_ms=50.0):
     (held, granted, the threshold in simulated ms), so that a wait the
     client measured splits into the broker's part and the client's. The
     threshold is the histogram's largest bucket bound at or under `sim_ms`;
-    (None, granted, None) when no bound is that small."""
+    (None, granted, None) when no bound is that small, (0, granted, None)
+    before any Acquire queued."""
     def series(name):
         pattern = re.compile(r"^" + name + r'\{([^}]*)\} (\S+)$', re.M)
         for labels, value in pattern.findall(metrics):
@@ -461,6 +462,9 @@ def broker_held(metrics, scale, sim_ms=50.0):
     granted = int(sum(v for _, v in series("quota_broker_grants_total")))
     bounds = sorted({float(b) for b in re.findall(
         r'^quota_broker_wait_seconds_bucket\{[^}]*le="([^"]+)"', metrics, re.M)} - {float("inf")})
+    if not bounds:
+        # No Acquire has queued yet (the histogram is made at its first use).
+        return 0, granted, None
     fits = [b for b in bounds if b * scale * 1000 <= sim_ms + 1e-9]
     if not fits:
         return None, granted, None
@@ -470,6 +474,22 @@ def broker_held(metrics, scale, sim_ms=50.0):
     within = sum(v for le, v in series("quota_broker_wait_seconds_bucket")
                  if le is not None and abs(le - bound) <= 1e-12)
     return int(queued - within), granted, bound * scale * 1000
+
+
+def held_outside(held_at, blocked):
+    """The broker's holds in windows outside `blocked`, from its counts
+    (sim ms, held so far) scraped at each window's end: the holds between
+    two scrapes are those of the window the second one closed (the first
+    scrape, at the start, may close part of one). None where unknown."""
+    if any(held is None for _, held in held_at):
+        return None
+    return sum(now - then for (_, then), (at, now) in zip(held_at, held_at[1:])
+               if int((at - 1) // WINDOW_MS) not in blocked)
+
+
+def held_total(metrics, scale):
+    """`broker_held`'s count alone (None where it is not known)."""
+    return broker_held(metrics, scale)[0]
 
 
 def fleet_refusals(gcsim_url):
@@ -495,6 +515,7 @@ def run_once(args, seed, workdir, progress=print):
     try:
         gcsim_url = re.search(r"(http://\S+)", gcsim.ready_line).group(1)
         grpc_port, http_port = free_port(), free_port()
+        http_url = f"http://127.0.0.1:{http_port}"
         config = os.path.join(workdir, "broker.toml")
         with open(config, "w", encoding="utf-8") as f:
             f.write(broker_config(args.time_scale, grpc_port, http_port))
@@ -514,12 +535,22 @@ def run_once(args, seed, workdir, progress=print):
                     for i in range(args.wallboards)]
         for t in threads:
             t.start()
-        for minute in range(1, int(-(-args.minutes // 1)) + 1):
-            clock.sleep_until(min(end, start + minute * 60_000), stop_all)
+        # At each of the upstream's window ends: the progress line, and what
+        # the broker had held of the wallboards' Acquires by then, so that
+        # its holds can be told apart inside and outside blocks.
+        held_at = [(start, held_total(scrape(http_url), args.time_scale))]
+        boundary = (int(start // WINDOW_MS) + 1) * WINDOW_MS
+        while True:
+            at = min(end, boundary)
+            clock.sleep_until(at, stop_all)
+            held_at.append((at, held_total(scrape(http_url), args.time_scale)))
             with counters.lock:
-                progress(f"  seed {seed}: {min(minute, args.minutes):g} of {args.minutes:g} simulated minutes, "
+                progress(f"  seed {seed}: {(at - start) / 60_000:.1f} of {args.minutes:g} simulated minutes, "
                          f"{counters.calls} calls, {counters.throttled} 429s, "
                          f"{len(counters.records)} hours stored")
+            if at >= end:
+                break
+            boundary += WINDOW_MS
         stop_production.set()
         # The drain: started blocks may end until its deadline, then are cut off.
         for t in threads:
@@ -528,8 +559,8 @@ def run_once(args, seed, workdir, progress=print):
         for t in threads:
             t.join(timeout=30)
         stats = get_json(gcsim_url + "/_sim/stats")
-        metrics = scrape(f"http://127.0.0.1:{http_port}")
-        row = measure(stats, counters, gcsim_url, start, end)
+        metrics = scrape(http_url)
+        row = measure(stats, counters, gcsim_url, start, end, held_at)
         held, granted, held_over = broker_held(metrics, args.time_scale)
         row.update(seed=seed, reported_429s=reported_429s(metrics), refusals=fleet_refusals(gcsim_url),
                    broker_held=held, critical_granted=granted, held_over_ms=held_over)
@@ -546,7 +577,7 @@ def run_once(args, seed, workdir, progress=print):
         gcsim.stop()
 
 
-def measure(stats, counters, gcsim_url, start, end):
+def measure(stats, counters, gcsim_url, start, end, held_at=()):
     org = next(o for o in stats["orgs"] if o["id"] == ORG)
     family = next(f for f in org["families"] if f["name"] == ANALYTICS)
     windows = family["windows"]
@@ -563,6 +594,7 @@ def measure(stats, counters, gcsim_url, start, end):
     def outside(due, sent):
         return int(due // WINDOW_MS) not in blocked and int(sent // WINDOW_MS) not in blocked
 
+    held_out = held_outside(held_at, blocked)
     waits_out = [sent - due for due, sent, _ in counters.polls if outside(due, sent)]
     waits_in = [sent - due for due, sent, _ in counters.polls if not outside(due, sent)]
     acquire_out = [acquire for due, sent, acquire in counters.polls if outside(due, sent)]
@@ -588,6 +620,7 @@ def measure(stats, counters, gcsim_url, start, end):
         "wait_out": waits_out,
         "wait_in": waits_in,
         "acquire_out": acquire_out,
+        "broker_held_out": held_out,
         "batch_waits": counters.batch_waits,
         "expected": expected,
         "stored": stored,
@@ -605,7 +638,8 @@ def fmt_ms(v):
 def table(rows):
     head = ("| run | 429s (ratio) | seen / reported | goodput of what is left | unmanaged refused "
             "| wallboard p50 / p99 outside blocks (polls) | of which Acquire p50 / p99 "
-            "| held by the broker over 50 ms (of its critical grants) | inside (polls) | batch p99 "
+            "| held by the broker over 50 ms: outside blocks / all (of its critical grants) "
+            "| inside (polls) | batch p99 "
             "| records exp / stored / lost (+ blocks cut) |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
 
@@ -613,7 +647,8 @@ def table(rows):
         if r.get("broker_held") is None:
             return "-"
         over = "" if abs(r["held_over_ms"] - 50) < 1e-6 else f" (over {fmt_ms(r['held_over_ms'])} ms)"
-        return f"{r['broker_held']} of {r['critical_granted']}{over}"
+        out = "-" if r["broker_held_out"] is None else r["broker_held_out"]
+        return f"{out} / {r['broker_held']} (of {r['critical_granted']}){over}"
 
     def line(label, r):
         ratio = r["upstream_429s"] / r["requests"] if r["requests"] else 0.0
@@ -636,8 +671,10 @@ def table(rows):
         pooled = {k: sum(r[k] for r in rows) for k in (
             "requests", "upstream_429s", "seen_429s", "reported_429s", "served", "left", "unmanaged_refused",
             "unmanaged_sent", "expected", "stored", "lost", "unfinished_blocks", "polls")}
-        if len({r["held_over_ms"] for r in rows}) == 1 and rows[0]["broker_held"] is not None:
+        if len({r["held_over_ms"] for r in rows}) == 1 and all(
+                r["broker_held"] is not None and r["broker_held_out"] is not None for r in rows):
             pooled.update(broker_held=sum(r["broker_held"] for r in rows),
+                          broker_held_out=sum(r["broker_held_out"] for r in rows),
                           critical_granted=sum(r["critical_granted"] for r in rows),
                           held_over_ms=rows[0]["held_over_ms"])
         for k in ("wait_out", "wait_in", "acquire_out", "batch_waits"):

@@ -52,10 +52,11 @@ def test_the_sdk_fleet_trial_loses_nothing_and_hides_no_429(tmp_path):
     # wait histogram says how many it held past 50 simulated ms.
     assert row["critical_granted"] >= row["polls"], bench.table([row])
     assert row["held_over_ms"] == 50.0, bench.table([row])
-    assert 0 <= row["broker_held"] <= row["critical_granted"], bench.table([row])
+    assert 0 <= row["broker_held_out"] <= row["broker_held"] <= row["critical_granted"], bench.table([row])
     table = bench.table([row])
     assert "| seed 1 |" in table and "429s (ratio)" in table
-    assert f"| {row['broker_held']} of {row['critical_granted']} |" in table
+    held = f"| {row['broker_held_out']} / {row['broker_held']} (of {row['critical_granted']}) |"
+    assert held in table, table
 
 
 def test_what_the_broker_held_is_read_from_its_wait_histogram():
@@ -79,6 +80,8 @@ def test_what_the_broker_held_is_read_from_its_wait_histogram():
     assert bench.broker_held(metrics, 3) == (1, 10, 15.0)
     # No bound is as small as 0.8 real ms: not known.
     assert bench.broker_held(metrics, 60) == (None, 10, None)
+    # Nothing queued yet: no histogram, none held.
+    assert bench.broker_held(metrics.split("\n")[0], 10) == (0, 10, None)
     # Nothing of class critical queued: none held.
     assert bench.broker_held(metrics.replace('class="critical"', 'class="other"'), 10)[0:2] == (0, 0)
 
@@ -92,3 +95,16 @@ def test_bad_usage_is_explained(tmp_path, capsys):
     assert bench.main(["--broker-bin", broker_bin(), "--gcsim-bin", gcsim_bin(),
                        "--upstream", str(upstream), "--repeats", "1"]) == 2
     assert "sets days" in capsys.readouterr().err
+
+
+def test_the_broker_holds_are_told_apart_by_the_windows_they_fell_in():
+    bench = load_bench()
+    minute = bench.WINDOW_MS
+    # Scraped at the start (20 s into window 0) and at the ends of windows
+    # 0, 1, 2 and at the end of production, 30 s into window 3; window 1
+    # had a 429.
+    held_at = [(20_000, 0), (minute, 1), (2 * minute, 4), (3 * minute, 4), (3 * minute + 30_000, 6)]
+    assert bench.held_outside(held_at, blocked={1}) == 1 + 0 + 2
+    assert bench.held_outside(held_at, blocked=set()) == 6
+    assert bench.held_outside(held_at, blocked={0, 1, 2, 3}) == 0
+    assert bench.held_outside(held_at[:2] + [(2 * minute, None)], blocked=set()) is None
