@@ -23,7 +23,7 @@ pub struct ReportOutcome {
 impl TenantState {
     /// Learns from an upstream outcome: counts it on every bucket of the
     /// call; a success regrows their rates; a 429 and the rate-limit headers
-    /// are attributed to one bucket (see [`TenantState::attribute`]), which
+    /// are attributed to one bucket (see `TenantState::attribute`), which
     /// freezes, cuts its rate, and syncs to the upstream's remaining budget.
     pub fn report(
         &mut self,

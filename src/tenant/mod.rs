@@ -337,8 +337,8 @@ impl TenantState {
         self.not_leading(now).is_none()
     }
 
-    /// Issues lease sequence numbers above `base` (see
-    /// [`crate::limits::LeaseTable`]): the broker passes a value that grows
+    /// Issues lease sequence numbers above `base` (see the lease table in
+    /// `crate::limits`): the broker passes a value that grows
     /// with wall time, so a restarted broker never reissues an id.
     pub fn start_leases_after(&mut self, base: u64) {
         self.leases.start_after(base);

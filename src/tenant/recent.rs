@@ -39,7 +39,7 @@ impl Recent {
 
 impl TenantState {
     /// What a Report with idempotency key `key` was answered, if one was
-    /// counted within [`KEEP_FOR`] of `now`.
+    /// counted within `KEEP_FOR` (ten minutes) of `now`.
     pub fn reported_before(&mut self, key: &str, now: Instant) -> Option<ReportOutcome> {
         let now = self.monotonic(now);
         self.recent_reports.forget_old(now);

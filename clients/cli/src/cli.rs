@@ -268,7 +268,7 @@ pub struct PauseArgs {
     pub tenant: String,
     /// Bucket name from the configuration.
     pub bucket: String,
-    /// Why, shown to waiting and new requests (default: "paused by <token name>").
+    /// Why, shown to waiting and new requests (default: "paused by" and the name of the admin token used).
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
     /// Print the resulting state as JSON.

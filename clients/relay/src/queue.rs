@@ -87,7 +87,7 @@ pub enum Outcome {
     Dead {
         /// The upstream's status.
         status: u16,
-        /// The upstream's answer (cut to [`DEAD_ANSWER_MAX`] bytes).
+        /// The upstream's answer (cut to 4 KiB, `DEAD_ANSWER_MAX`).
         answer: String,
     },
 }

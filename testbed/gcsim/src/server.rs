@@ -128,7 +128,7 @@ impl SimHandle {
         self.addr
     }
 
-    /// Stops serving: requests in flight get [`SHUTDOWN_GRACE`] to finish.
+    /// Stops serving: requests in flight get `SHUTDOWN_GRACE` (5 s) to finish.
     pub async fn shutdown(self) {
         let _ = self.stop.send(());
         let mut task = self.task;
