@@ -57,7 +57,8 @@ pub enum BrokerError {
         permits: u32,
         /// The bucket's most.
         max: u32,
-        /// "burst" or "max_in_flight".
+        /// "burst" or "max_in_flight", either "less the reserve of higher
+        /// classes" when they hold some of it back.
         what: &'static str,
     },
     /// Renew of a lease that holds no slot (anymore).

@@ -28,8 +28,9 @@
 //!      ┌──────┴───────┐
 //!   limits/        learning/
 //!   bucket, lease, adaptive rules, header parsing,
-//!   route (paths   attribution
-//!   normalised),
+//!   route (paths   attribution, the
+//!   normalised),   upstream's budget,
+//!                  what it served
 //!   scheduler
 //!
 //!  etcd ◄─► cluster/     cluster mode: membership, one leader per tenant
@@ -38,8 +39,8 @@
 //!
 //!  HTTP ──► http/        /metrics, the dashboard and its event feed (the
 //!                        Watch feed as server-sent events), /healthz, /readyz
-//!           metrics/     counters on the request path (label sets resolved
-//!                        at start), bucket gauges read at scrape time
+//!           metrics/     counters on the request path (each label set made
+//!                        at first use), bucket gauges read at scrape time
 //! ```
 //!
 //! Beside them: `config/` (TOML + env → validated [`Settings`]),

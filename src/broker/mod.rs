@@ -18,7 +18,7 @@
 //! | `watch`   | ListBuckets and the Watch feed                                |
 //! | `admin`   | operators' changes, saved to and restored from `admin.toml`   |
 //! | `persist` | learned state, saved to and restored from `learned.toml`      |
-//! | `files`   | the two state files and their atomic writes                   |
+//! | `files`   | the state files and their atomic writes                       |
 //! | `lead`    | cluster mode: leading a tenant, take-over, hand-over, snapshots |
 
 mod acquire;

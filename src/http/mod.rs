@@ -399,6 +399,13 @@ async fn open_session(
         Ok(who) => who,
         Err(refused) => return *refused,
     };
+    if !http.auth.is_open() && !http.sessions.available() {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the broker could not make a key for the dashboard's sessions at start \
+             (see its log): restart it",
+        );
+    }
     // (Open mode's caller has no token: nothing to keep.)
     match new_session(&http, &headers, &who) {
         Some(v) => (StatusCode::NO_CONTENT, [(header::SET_COOKIE, v)]).into_response(),
@@ -414,7 +421,7 @@ fn new_session(
 ) -> Option<axum::http::HeaderValue> {
     let index = who.token_index()?;
     let (_, hash) = http.auth.token_at(index)?;
-    set_cookie(headers, Some(&http.sessions.issue(index, &hash)))
+    set_cookie(headers, Some(&http.sessions.issue(index, &hash)?))
 }
 
 /// Ends the page's session (clears its cookie).

@@ -25,7 +25,9 @@ pub(crate) const KEY_FILE: &str = "dashboard.key";
 
 /// Issues and checks session cookies.
 pub(crate) struct Sessions {
-    key: hmac::Key,
+    /// `None` when no key could be read or drawn: no session is issued or
+    /// accepted (a fixed key would let anyone forge one).
+    key: Option<hmac::Key>,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -47,23 +49,38 @@ impl Sessions {
                     None
                 }
             })
-            .or_else(|| random().ok())
-            .unwrap_or_default();
+            .or_else(|| match random() {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    tracing::error!(error = %e,
+                        "cannot make a key for the dashboard's sessions: the dashboard \
+                         refuses to open its live feed until the broker is restarted");
+                    None
+                }
+            });
         Sessions {
-            key: hmac::Key::new(hmac::HMAC_SHA256, &bytes),
+            key: bytes.map(|b| hmac::Key::new(hmac::HMAC_SHA256, &b)),
         }
     }
 
-    /// A cookie value for the token at `index` whose hash is `hash`.
-    pub(crate) fn issue(&self, index: usize, hash: &[u8; 32]) -> String {
+    /// Whether sessions can be issued at all (see [`Sessions::key`]).
+    pub(crate) fn available(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// A cookie value for the token at `index` whose hash is `hash`; `None`
+    /// without a key.
+    pub(crate) fn issue(&self, index: usize, hash: &[u8; 32]) -> Option<String> {
+        let key = self.key.as_ref()?;
         let expires = unix_now().saturating_add(SESSION_TTL.as_secs());
-        let tag = hmac::sign(&self.key, &message(hash, expires));
-        format!("{index}.{expires}.{}", hex::encode(tag.as_ref()))
+        let tag = hmac::sign(key, &message(hash, expires));
+        Some(format!("{index}.{expires}.{}", hex::encode(tag.as_ref())))
     }
 
     /// The caller a cookie value stands for, if it is one of ours, has not
     /// expired, and its token is still in force.
     pub(crate) fn check(&self, value: &str, auth: &Authenticator) -> Option<Principal> {
+        let key = self.key.as_ref()?;
         let mut parts = value.splitn(3, '.');
         let index: usize = parts.next()?.parse().ok()?;
         let expires: u64 = parts.next()?.parse().ok()?;
@@ -72,7 +89,7 @@ impl Sessions {
             return None;
         }
         let (who, hash) = auth.token_at(index)?;
-        hmac::verify(&self.key, &message(&hash, expires), &tag).ok()?;
+        hmac::verify(key, &message(&hash, expires), &tag).ok()?;
         Some(who)
     }
 }
@@ -157,7 +174,7 @@ mod tests {
         assert!(dir.join(KEY_FILE).is_file());
         let a = auth(&[("wallboard", "secret-1"), ("ops", "secret-2")]);
         let (_, hash) = a.token_at(1).unwrap();
-        let cookie = sessions.issue(1, &hash);
+        let cookie = sessions.issue(1, &hash).unwrap();
         assert!(!cookie.contains("secret"), "{cookie}");
         assert_eq!(sessions.check(&cookie, &a).unwrap().name(), "ops");
         // The same key after a restart (kept in the state directory).
@@ -170,12 +187,28 @@ mod tests {
         assert!(Sessions::new(None).check(&cookie, &a).is_none());
         // Expired.
         let past = unix_now() - 1;
-        let tag = hmac::sign(&sessions.key, &message(&hash, past));
+        let tag = hmac::sign(sessions.key.as_ref().unwrap(), &message(&hash, past));
         let expired = format!("1.{past}.{}", hex::encode(tag.as_ref()));
         assert!(sessions.check(&expired, &a).is_none());
         for junk in ["", "1", "1.2", "x.y.z", "1.1.00"] {
             assert!(sessions.check(junk, &a).is_none(), "{junk}");
         }
         let _ = std::fs::remove_dir_all(&top);
+    }
+
+    #[test]
+    fn without_a_key_no_session_is_issued_or_accepted() {
+        let a = auth(&[("wallboard", "secret-1")]);
+        let (_, hash) = a.token_at(0).unwrap();
+        let keyless = Sessions { key: None };
+        assert!(!keyless.available());
+        assert!(keyless.issue(0, &hash).is_none());
+        // Not even one made under a key of zeros, what a default would be.
+        let expires = unix_now() + 3600;
+        let zeros = hmac::Key::new(hmac::HMAC_SHA256, &[0u8; 32]);
+        let tag = hmac::sign(&zeros, &message(&hash, expires));
+        let forged = format!("0.{expires}.{}", hex::encode(tag.as_ref()));
+        assert!(keyless.check(&forged, &a).is_none());
+        assert!(Sessions::new(None).available());
     }
 }

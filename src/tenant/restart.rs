@@ -15,6 +15,16 @@
 //! New slots are therefore granted only from capacity no unknown lease can
 //! hold. Per-OAuth-client instances first seen during the window get the
 //! same treatment.
+//!
+//! Two starts know more, and hold back less:
+//!
+//! - after a graceful stop that left its record of live leases
+//!   (`resume_after_stop`), the token buckets still start empty, but the
+//!   slots are held by those leases, known by id, instead of phantoms: each
+//!   comes back when released or expired;
+//! - a cluster leader taking a tenant over from one that handed it over
+//!   (`resume_levels`) resumes the token levels it was given rather than
+//!   starting the buckets empty.
 
 use super::{AcquireArgs, TenantState};
 use crate::error::BrokerError;
