@@ -65,7 +65,12 @@ fn main() -> ExitCode {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A log line that cannot be written (whatever read stderr went away:
+        // a pipe closed, a log shipper restarting) is dropped: by default the
+        // subscriber reports it with `eprintln!`, which panics on that same
+        // closed stderr and would take the broker down mid-request.
+        .log_internal_errors(false);
     match settings.server.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().with_current_span(true).init(),

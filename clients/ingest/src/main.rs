@@ -197,6 +197,9 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line stderr no longer takes is dropped, not reported with
+        // `eprintln!` (which panics on that closed stderr).
+        .log_internal_errors(false)
         .init();
     let args = Args::parse();
     let (plan, source) = match setup(&args) {

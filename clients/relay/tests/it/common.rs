@@ -184,6 +184,21 @@ impl Child {
         Child { url, child }
     }
 
+    /// SIGTERM; its exit status once it has stopped (at most 30 s).
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running").to_string();
+        let sent = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(sent.success());
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("gc-relay did not exit within 30 s of SIGTERM")
+            .unwrap()
+    }
+
     /// SIGKILL: no shutdown, no flush.
     pub async fn kill9(mut self) {
         self.child.start_kill().unwrap();

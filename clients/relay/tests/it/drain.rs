@@ -296,6 +296,44 @@ async fn a_dead_letter_is_logged_with_its_id() {
     sim.shutdown().await;
 }
 
+/// Whatever read the relay's log went away (`gc-relay serve | head`, a
+/// log shipper restarting): the lines it cannot write are dropped, and it
+/// goes on taking records and stops cleanly, never exiting 101 on a
+/// panic about a closed stderr.
+#[tokio::test]
+async fn a_closed_stderr_does_not_take_the_relay_down() {
+    let dir = TempDir::new("closed-stderr");
+    let sim = gcsim(sim_config(SCALE, 300, 0)).await;
+    let broker = broker(WINDOW_REAL_MS).await;
+    let mut args = serve_args(&dir.sqlite(), &sim, &broker.url);
+    // At info it also logs its stop, on the main thread.
+    let level = args.iter().position(|a| a == "--log").unwrap() + 1;
+    args[level] = "info".into();
+    let (relay, log) = Child::start_logged(&args).await;
+    drop(log);
+    let flow = Flow::new(&relay.url);
+    // A dead letter is logged at WARN: a write to the closed pipe.
+    let mut bad = wrapup("bad");
+    bad["body"] = json!({"code": ""});
+    let (status, _) = flow.post(&bad).await.unwrap();
+    assert_eq!(status, 202);
+    let status_url = format!("{}/status", relay.url);
+    wait_until("the dead letter", Duration::from_secs(30), || {
+        let url = status_url.clone();
+        async move {
+            let s: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+            s["upstream"]["client_4xx"].as_u64() >= Some(1)
+        }
+    })
+    .await;
+    let (status, _) = flow.post(&wrapup("good")).await.unwrap();
+    assert_eq!(status, 202, "the relay still takes records");
+    let exit = relay.terminate().await;
+    assert_eq!(exit.code(), Some(0), "{exit:?}");
+    broker.stop().await;
+    sim.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_dead_letter_holds_back_the_records_of_its_order_key() {
     let dir = TempDir::new("dlq-order");
