@@ -321,15 +321,33 @@ pub(crate) fn check_rate(
             format!("{window_ms} must be between 1 and {MAX_WINDOW_MS} (one day)"),
         ));
     }
+    // The bucket paces one permit per `window / permits`, in nanoseconds.
+    if u64::from(permits) > window_ms.saturating_mul(1_000_000) {
+        problems.push((
+            "permits",
+            format!(
+                "{permits} per {window_ms} ms is more than one a nanosecond, finer than the \
+                 broker paces: give fewer permits or a longer window"
+            ),
+        ));
+    }
     let burst_ok = match burst {
-        None => permits_ok,
+        None => permits_ok.filter(|p| p.get() <= MAX_BURST),
         Some(b) => NonZeroU32::new(b).filter(|b| b.get() <= MAX_BURST),
     };
-    if let Some(asked) = burst.filter(|_| burst_ok.is_none()) {
-        problems.push((
+    match burst {
+        Some(asked) if burst_ok.is_none() => problems.push((
             "burst",
             format!("{asked} must be between 1 and {MAX_BURST} (it defaults to permits)"),
-        ));
+        )),
+        None if permits_ok.is_some() && burst_ok.is_none() => problems.push((
+            "burst",
+            format!(
+                "not given, so it would be permits ({permits}), above the most a burst may \
+                 be ({MAX_BURST}): give burst explicitly"
+            ),
+        )),
+        _ => {}
     }
     match (permits_ok, burst_ok) {
         (Some(permits), Some(burst)) if problems.is_empty() => Ok(Rate {
@@ -1129,6 +1147,31 @@ max_in_flight = 1
              [[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n"
         )
         .is_ok());
+    }
+
+    #[test]
+    fn a_rate_beyond_what_the_bucket_can_hold_or_pace_is_refused() {
+        let bucket = |rate: &str| {
+            Settings::from_toml(&format!(
+                "[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\n\
+                 routes = [\"* /**\"]\n{rate}\n"
+            ))
+            .map_err(|e| e.to_string())
+        };
+        // The burst defaults to the permits, and so is held to its bound.
+        let err = bucket("permits = 4294967295\nwindow_ms = 60000").unwrap_err();
+        assert!(
+            err.contains("burst not given, so it would be permits (4294967295)")
+                && err.contains("give burst explicitly"),
+            "{err}"
+        );
+        assert!(bucket("permits = 2000000\nwindow_ms = 3600000\nburst = 1000").is_ok());
+        // Finer than a nanosecond per permit.
+        let err = bucket("permits = 2000000\nwindow_ms = 1\nburst = 10").unwrap_err();
+        assert!(err.contains("more than one a nanosecond"), "{err}");
+        let ok = bucket("permits = 1000000\nwindow_ms = 1\nburst = 10").unwrap();
+        let rate = ok.tenants[0].buckets[0].rate.unwrap();
+        assert_eq!(rate.per_minute(), 60_000_000_000.0);
     }
 
     #[test]

@@ -147,11 +147,10 @@ impl TokenBucket {
         if !(per_min.is_finite() && per_min > 0.0) {
             return;
         }
-        let secs = (60.0 / per_min).min(86_400.0);
-        self.set_interval(
-            Duration::from_secs_f64(secs).max(Duration::from_nanos(1)),
-            now,
-        );
+        // Whole nanoseconds, rounded up: a rate never reads above the one
+        // asked for (45 a minute is 1.333… s, not 45.00000001 a minute).
+        let nanos = ((60.0 / per_min).min(86_400.0) * 1e9).ceil();
+        self.set_interval(Duration::from_nanos((nanos as u64).max(1)), now);
     }
 
     /// Empties the bucket as of `at` (a freeze ending then): one permit at
@@ -368,6 +367,20 @@ mod tests {
         b.empty_at(t0 + Duration::from_secs(30));
         b.set_burst(20, t0);
         assert!(b.ready_at(1, t0).unwrap() >= t0 + Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_rate_set_never_reads_above_what_was_asked() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(60, Duration::from_secs(60), 10, t0);
+        for per_min in [45.0, 42.0, 31.5, 7.0, 1e-3, 59.999, 33.333_333] {
+            b.set_rate_per_min(per_min, t0);
+            let read = b.rate_per_min();
+            assert!(
+                read <= per_min && read > per_min * (1.0 - 1e-9),
+                "{per_min}: {read}"
+            );
+        }
     }
 
     #[test]

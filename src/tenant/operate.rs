@@ -44,7 +44,10 @@ impl TenantState {
         .map(|(p, w, burst)| (p, w, change.burst.unwrap_or(burst)));
         let rate = match rate {
             Some((p, w, burst)) => {
-                Some(check_rate(p, millis(w), Some(burst)).map_err(|found| {
+                // A burst that follows the permits is checked as not given,
+                // so a refusal says so rather than naming a burst nobody set.
+                let given = change.burst.or((burst != p).then_some(burst));
+                Some(check_rate(p, millis(w), given).map_err(|found| {
                     let field = found.first().map_or("permits", |&(key, _)| key);
                     let problem = found
                         .iter()

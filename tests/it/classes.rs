@@ -505,6 +505,58 @@ async fn an_operators_burst_survives_a_restart_beside_changed_permits() {
     assert_eq!((org.configured_rate_per_min, org.burst), (100.0, 600));
 }
 
+/// Permits an operator raises past the most a burst may be, on a bucket
+/// whose burst follows them, are refused saying the burst follows and how
+/// to give one; a rate finer than the broker paces is refused too.
+#[tokio::test]
+async fn permits_beyond_what_a_bucket_can_hold_or_pace_are_refused_saying_why() {
+    let b = start(&saturated("").replace("burst = 10\n", "")).await;
+    let limit = |permits, window_ms, burst| SetBucketLimitRequest {
+        tenant: "t".into(),
+        bucket: "org".into(),
+        permits,
+        window_ms,
+        burst,
+        max_in_flight: 0,
+    };
+    let mut admin = b.admin.clone();
+    let err = admin
+        .set_bucket_limit(limit(u32::MAX, 0, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("burst not given, so it would be permits (4294967295)")
+            && err.message().contains("give burst explicitly"),
+        "{}",
+        err.message()
+    );
+    let err = admin
+        .set_bucket_limit(limit(u32::MAX, 1, 10))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("more than one a nanosecond"),
+        "{}",
+        err.message()
+    );
+    // Nothing changed.
+    assert_eq!(
+        list(&b)
+            .await
+            .remove("org")
+            .unwrap()
+            .configured_rate_per_min,
+        600.0
+    );
+    admin
+        .set_bucket_limit(limit(u32::MAX, 86_400_000, 1000))
+        .await
+        .expect("a large rate with a burst given");
+    b.stop().await;
+}
+
 /// A burst the operator did not change is not saved beside the permits
 /// they changed: after a restart it is the edited config's.
 #[tokio::test]
