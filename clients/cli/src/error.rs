@@ -357,7 +357,7 @@ fn clip(s: &str, most: usize) -> String {
 }
 
 /// A broker URL as an error shows it.
-fn short(url: &str) -> String {
+pub(crate) fn short(url: &str) -> String {
     clip(url, URL_CHARS)
 }
 

@@ -462,6 +462,50 @@ async fn broker_errors_are_one_line_and_exit_1() {
     b.stop().await;
 }
 
+/// The broker's HTTP port given for its gRPC port: hyper reads the HTTP/1
+/// answer as a connection closed, which alone would read as a TLS mix-up;
+/// quotactl asks the server what it speaks and says it is not the gRPC port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_brokers_http_port_given_for_its_grpc_port_is_named_as_such() {
+    let settings = Settings::from_toml(&config()).expect("test config is valid");
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let listeners = quota_broker::Listeners {
+            grpc,
+            http: Some(http),
+        };
+        quota_broker::serve(listeners, &settings, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let mut c = quotactl(&["status"]);
+    c.arg("--broker")
+        .arg(format!("http://{http_addr}"))
+        .arg("--token")
+        .arg(ADMIN);
+    let out = output(c).await;
+    assert_eq!(out.status.code(), Some(1));
+    let line = stderr_line(&out);
+    assert!(
+        line.starts_with(&format!(
+            "quotactl: http://{http_addr} is not a quota-broker's gRPC port: it answers in HTTP/1"
+        )) && line.contains("505")
+            && line.contains("server.listen")
+            && !line.contains("TLS"),
+        "{line}"
+    );
+    let _ = stop.send(());
+    timeout(LIMIT, server)
+        .await
+        .expect("broker stops in time")
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_broker_is_one_line_and_exit_1() {
     // A port that was just free: nothing listens there any more.

@@ -68,6 +68,22 @@ mod kept;
 mod layer;
 
 pub use fallback::FallbackSettings;
+
+/// Why the plaintext server at `url` (`http://host:port` or `host:port`)
+/// is not a quota-broker's gRPC port, from what it says first to a gRPC
+/// client: an HTTP/1 server (such as a broker's HTTP port) or a TLS port;
+/// `None` when it answers HTTP/2, says nothing, or cannot be reached within
+/// `connect_within`. For tools that call the broker through their own
+/// channel and get only "connection closed" from one of those: the
+/// [`BrokerClient`] asks this itself ([`ClientError::NotABroker`]).
+pub async fn not_a_grpc_port(url: &str, connect_within: Duration) -> Option<String> {
+    let uri: http::Uri = address::broker_url(url).ok()?.parse().ok()?;
+    if uri.scheme_str() != Some("http") {
+        return None;
+    }
+    let first = address::first_answer(&uri, connect_within).await?;
+    address::not_a_broker(&tonic::Status::unavailable(""), Some(first))
+}
 pub use layer::{LeaseLayer, LeaseService, LeaseServiceError};
 
 use fallback::{Fallback, Route, Take};
