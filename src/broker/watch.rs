@@ -162,8 +162,10 @@ impl Broker {
 
     /// Starts a Watch: a snapshot of every visible bucket at once, then each
     /// bucket again when it changes, at most once per [`WATCH_COALESCE`].
-    /// The stream ends at shutdown or when the receiver is dropped; in
-    /// cluster mode see [`Broker::watch_every`].
+    /// The stream ends when the receiver is dropped, or at shutdown with
+    /// [`BrokerError::ShuttingDown`] (a caller can tell it from a normal
+    /// end and look again later); in cluster mode see
+    /// [`Broker::watch_every`].
     pub(crate) fn watch(
         &self,
         tenant: Option<&str>,
@@ -254,13 +256,13 @@ impl Broker {
                     let last = s.is_err();
                     tokio::select! {
                         biased;
-                        _ = shutdown.cancelled() => return,
+                        _ = shutdown.cancelled() => return said_shutting_down(&tx),
                         r = tx.send(s) => if r.is_err() || last { return },
                     }
                 }
                 tokio::select! {
                     biased;
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return said_shutting_down(&tx),
                     _ = tx.closed() => return,
                     _ = tokio::time::sleep(coalesce) => {}
                 }
@@ -272,7 +274,7 @@ impl Broker {
                 };
                 tokio::select! {
                     biased;
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return said_shutting_down(&tx),
                     _ = tx.closed() => return,
                     r = changes.changed() => if r.is_err() { return },
                     () = lapse => {}
@@ -359,4 +361,10 @@ fn statuses_of(
             at: now,
             status,
         })
+}
+
+/// Ends a Watch at shutdown saying so, when the receiver has room (a
+/// receiver that far behind sees the stream end without it).
+fn said_shutting_down(tx: &mpsc::Sender<Watched>) {
+    let _ = tx.try_send(Err(BrokerError::ShuttingDown));
 }

@@ -97,8 +97,17 @@ async fn shutdown_ends_streams_and_waits_and_reports_not_serving() {
         assert!(status.message().contains("stopping"), "{what}: {status}");
     }
     drop(asks);
-    // The Watch stream ends cleanly.
-    while let Some(_update) = w.message().await.unwrap() {}
+    // The Watch stream ends saying why (a caller tells it from a normal
+    // end, and looks again later).
+    let end = loop {
+        match w.message().await {
+            Ok(Some(_update)) => continue,
+            Ok(None) => panic!("the Watch ended without saying the broker is shutting down"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(end.code(), tonic::Code::Unavailable, "{end}");
+    assert!(end.message().contains("shutting down"), "{end}");
     // The waiting Acquire is answered UNAVAILABLE, not left hanging.
     let status = waiter.await.unwrap().expect_err("no grant during shutdown");
     assert_eq!(

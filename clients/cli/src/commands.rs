@@ -13,7 +13,7 @@ use crate::cli::{
     parse_broker_url, BucketCommand, ClassCommand, ClassListArgs, ClassSetArgs, ClearArgs, Cli,
     Command, PauseArgs, ResumeArgs, SetLimitArgs, StatusArgs, TlsArgs, WatchArgs,
 };
-use crate::error::Error;
+use crate::error::{short, Error};
 use crate::table::{self, BucketKey};
 use quota_broker::pb::quota_admin_client::QuotaAdminClient;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
@@ -527,7 +527,23 @@ impl Feed {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| parse_broker_url(v).ok());
                     let error = Error::status(&url, status);
-                    if self.tenant.is_none() || !error.try_another() {
+                    if self.tenant.is_none() {
+                        self.streams.remove(&url);
+                    }
+                    if self.tenant.is_none() && !self.streams.is_empty() {
+                        // One broker of several ended its Watch (shutting
+                        // down): the others' go on.
+                        eprintln!(
+                            "quotactl: {}: the Watch ended ({}); watching the other brokers",
+                            short(&url),
+                            one_line_why(&error.without_url())
+                        );
+                        continue;
+                    }
+                    // One broker given and no leader named: nowhere to
+                    // follow the tenant to.
+                    let nowhere = leader.is_none() && c.urls.len() < 2;
+                    if self.tenant.is_none() || !error.try_another() || nowhere {
                         return Some(Err(error));
                     }
                     self.streams.remove(&url);

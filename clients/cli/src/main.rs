@@ -46,12 +46,15 @@ async fn main() -> ExitCode {
 }
 
 /// `e`, or, when a plaintext broker URL dropped the connection because the
-/// server there is not a broker's gRPC port (its HTTP port, a TLS port),
-/// what it is instead: hyper reads both as a connection closed.
+/// server there is an HTTP/1 server (the broker's HTTP port, most often),
+/// what it is instead: hyper reads its answer as a connection closed.
 async fn not_a_broker(e: error::Error) -> String {
     if let error::Error::Lost { url, .. } = &e {
         let within = std::time::Duration::from_secs(2);
-        if let Some(why) = quota_broker_client::not_a_grpc_port(url, within).await {
+        // A TLS port addressed with http:// keeps the error's own advice.
+        if let Some(why @ quota_broker_client::NotAGrpcPort::Http1(_)) =
+            quota_broker_client::not_a_grpc_port(url, within).await
+        {
             return format!(
                 "{} is not a quota-broker's gRPC port: {why}; give the broker's gRPC address \
                  (server.listen)",

@@ -69,20 +69,43 @@ mod layer;
 
 pub use fallback::FallbackSettings;
 
-/// Why the plaintext server at `url` (`http://host:port` or `host:port`)
-/// is not a quota-broker's gRPC port, from what it says first to a gRPC
-/// client: an HTTP/1 server (such as a broker's HTTP port) or a TLS port;
-/// `None` when it answers HTTP/2, says nothing, or cannot be reached within
-/// `connect_within`. For tools that call the broker through their own
-/// channel and get only "connection closed" from one of those: the
-/// [`BrokerClient`] asks this itself ([`ClientError::NotABroker`]).
-pub async fn not_a_grpc_port(url: &str, connect_within: Duration) -> Option<String> {
+/// What a plaintext server that is not a quota-broker's gRPC port said
+/// first to a gRPC client (see [`not_a_grpc_port`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotAGrpcPort {
+    /// An HTTP/1 server, such as a broker's HTTP port; its status line.
+    Http1(String),
+    /// A TLS port (addressed with `http://` or as `host:port`).
+    Tls,
+}
+
+impl std::fmt::Display for NotAGrpcPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let first = match self {
+            NotAGrpcPort::Http1(line) => address::FirstAnswer::Http1(line.clone()),
+            NotAGrpcPort::Tls => address::FirstAnswer::Tls,
+        };
+        let why = address::not_a_broker(&tonic::Status::unavailable(""), Some(first));
+        f.write_str(why.as_deref().unwrap_or_default())
+    }
+}
+
+/// What the plaintext server at `url` (`http://host:port` or `host:port`)
+/// is, when it is not a quota-broker's gRPC port, from what it says first
+/// to a gRPC client; `None` when it answers HTTP/2, says nothing, or
+/// cannot be reached within `connect_within`. For tools that call the
+/// broker through their own channel and get only "connection closed" from
+/// such a server: the [`BrokerClient`] asks this itself
+/// ([`ClientError::NotABroker`]).
+pub async fn not_a_grpc_port(url: &str, connect_within: Duration) -> Option<NotAGrpcPort> {
     let uri: http::Uri = address::broker_url(url).ok()?.parse().ok()?;
     if uri.scheme_str() != Some("http") {
         return None;
     }
-    let first = address::first_answer(&uri, connect_within).await?;
-    address::not_a_broker(&tonic::Status::unavailable(""), Some(first))
+    match address::first_answer(&uri, connect_within).await? {
+        address::FirstAnswer::Http1(line) => Some(NotAGrpcPort::Http1(line)),
+        address::FirstAnswer::Tls => Some(NotAGrpcPort::Tls),
+    }
 }
 pub use layer::{LeaseLayer, LeaseService, LeaseServiceError};
 
