@@ -307,12 +307,24 @@ impl TenantState {
             let name = &self.buckets[x.bucket].settings.name;
             let sep = if reason.is_empty() { "" } else { "; " };
             if let Some(resume) = x.resume_at.filter(|&r| r > now) {
-                retry = retry.max(x.ready_at(n, share, now).unwrap_or(resume));
+                let ready = x.ready_at(n, share, now).unwrap_or(resume);
+                retry = retry.max(ready);
                 let _ = write!(
                     reason,
                     "{sep}bucket {name:?} is frozen for {} ms after the upstream answered 429",
                     millis(resume.saturating_duration_since(now))
                 );
+                // The bucket restarts empty: a class below others first
+                // waits for the permits it leaves them to refill.
+                let held = x.tokens.as_ref().map_or(0.0, |t| share.tokens(t.burst()));
+                if held >= 1.0 && ready > resume + Duration::from_millis(1) {
+                    let _ = write!(
+                        reason,
+                        ", then refills empty: this class waits for the {held:.0} permits it \
+                         leaves higher classes (about {} ms in all)",
+                        millis(ready.saturating_duration_since(now))
+                    );
+                }
                 continue;
             }
             if let Some(at) = x.upstream.and_then(|u| u.ready_at(n, now)) {

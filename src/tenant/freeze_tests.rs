@@ -134,3 +134,30 @@ fn a_wave_of_429s_is_one_freeze() {
     let s = &t.statuses(later)[0];
     assert_eq!((s.throttled_total, s.freezes_total), (5, 2));
 }
+
+#[test]
+fn a_refusal_during_a_freeze_says_the_wait_for_the_permits_left_to_higher_classes() {
+    // A burst of 10 with the default classes: batch leaves 2 to the
+    // classes above it, which the empty bucket refills after the freeze
+    // (10 s a permit) before batch is served.
+    let t0 = Instant::now();
+    let mut t = frozen_for_20s(t0);
+    let Decision::Denied(d) = t.acquire(&call("batch"), NOW, t0 + SEC).unwrap() else {
+        panic!("batch granted while frozen")
+    };
+    assert!(d.retry_after >= 19 * SEC + 20 * SEC, "{:?}", d.retry_after);
+    assert!(
+        d.reason.contains("is frozen for")
+            && d.reason.contains(&format!(
+                "waits for the 2 permits it leaves higher classes (about {} ms in all)",
+                d.retry_after.as_millis()
+            )),
+        "{}",
+        d.reason
+    );
+    // The top class leaves nothing: the freeze alone.
+    let Decision::Denied(d) = t.acquire(&call("critical"), NOW, t0 + SEC).unwrap() else {
+        panic!("critical granted while frozen")
+    };
+    assert!(!d.reason.contains("refills"), "{}", d.reason);
+}
