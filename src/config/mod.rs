@@ -533,15 +533,17 @@ impl Settings {
             })?,
             None => DEFAULT_TOML.to_owned(),
         };
+        let source_name = path.map_or_else(
+            || "the embedded default config".to_owned(),
+            |p| format!("config file {}", shown(p)),
+        );
+        toml_syntax(&text).map_err(|e| ConfigError::one(format!("{source_name}: {e}")))?;
         let base = config::File::from_str(&text, config::FileFormat::Toml);
         let env: config::Map<String, String> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with(ENV_PREFIX))
             .collect();
-        let source = path.map_or_else(
-            || "the embedded default config".to_owned(),
-            |p| format!("config file {}", shown(p)),
-        );
+        let source = source_name;
         let overrides: Vec<(String, String)> = env
             .keys()
             .filter_map(|k| {
@@ -596,6 +598,7 @@ impl Settings {
     /// assert_eq!(s.tenants[0].buckets[0].rate.unwrap().per_minute(), 300.0);
     /// ```
     pub fn from_toml(toml: &str) -> Result<Settings, ConfigError> {
+        toml_syntax(toml).map_err(ConfigError::one)?;
         let raw = config::Config::builder()
             .add_source(config::File::from_str(toml, config::FileFormat::Toml))
             .build()
@@ -608,6 +611,26 @@ impl Settings {
     pub fn embedded_default() -> Result<Settings, ConfigError> {
         Settings::from_toml(DEFAULT_TOML)
     }
+}
+
+/// The TOML syntax of `text`, checked first: the `config` crate's own
+/// parse error says what but not where ("number too large to fit in target
+/// type"); this one names the line and column, not the line's text (a line
+/// is input, of any length).
+fn toml_syntax(text: &str) -> Result<(), String> {
+    let Err(e) = toml::from_str::<toml::Table>(text) else {
+        return Ok(());
+    };
+    let message = crate::error::clip_plain(e.message().trim());
+    Err(match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("TOML parse error at line {line}, column {column}: {message}")
+        }
+        None => format!("TOML parse error: {message}"),
+    })
 }
 
 /// A file's path as a config error names it: clipped (a path is input).
@@ -1302,6 +1325,17 @@ max_in_flight = 1
             "{err}"
         );
         assert_eq!(err.lines().count(), 2, "{err}");
+        // A number TOML cannot hold says where it is too.
+        std::fs::write(&path, "[server]\nmax_wait_ms = 18446744073709551615\n").unwrap();
+        let err = Settings::load(Some(&path), []).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            err.contains(&format!(
+                "config file {}: TOML parse error at line 2, column 15",
+                path.display()
+            )),
+            "{err}"
+        );
     }
 
     #[test]
