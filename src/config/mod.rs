@@ -161,6 +161,8 @@ impl ClassSettings {
     pub fn check(&self, at: &str, problems: &mut Vec<String>) {
         if self.name.trim().is_empty() || self.name.len() > 64 {
             problems.push(format!("{at}: name must be 1 to 64 characters"));
+        } else if let Some(problem) = name_problem(&self.name) {
+            problems.push(format!("{at}: name {problem}"));
         }
         if self.weight == 0 {
             problems.push(format!("{at}: weight must be at least 1"));
@@ -202,6 +204,20 @@ impl ClassSettings {
 }
 
 /// Checks a whole class set (after each class is checked on its own).
+/// What is wrong with a tenant id, bucket name or class name, if
+/// anything: a control character would break the log line it is printed
+/// on, and a `/` the names built from it (the dashboard's
+/// `tenant/bucket/client`, a cluster's etcd keys).
+pub(crate) fn name_problem(name: &str) -> Option<&'static str> {
+    if name.chars().any(char::is_control) {
+        Some("must not hold control characters (a newline, a tab)")
+    } else if name.contains('/') {
+        Some("must not hold '/' (it separates names in the dashboard and in etcd keys)")
+    } else {
+        None
+    }
+}
+
 pub(crate) fn check_class_set(classes: &[ClassSettings], problems: &mut Vec<String>) {
     let mut names = HashSet::new();
     for c in classes {
@@ -1168,6 +1184,33 @@ max_in_flight = 1
         assert!(Settings::from_toml(
             "[learning]\nprobe_max_windows = 0\n[[tenants]]\nid = \"t\"\n\
              [[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n"
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn names_with_control_characters_or_slashes_are_refused() {
+        let err = Settings::from_toml(
+            "[[classes]]\nname = \"a/b\"\norder = 0\n[[classes]]\nname = \"batch\"\norder = 1\n\
+             [[tenants]]\nid = \"t/1\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\n\
+             max_in_flight = 1\n[[tenants]]\nid = \"t\\nforged log line\"\n[[tenants.buckets]]\n\
+             name = \"b\\tc\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for what in [
+            "tenants[0]: id must not hold '/'",
+            "tenants[1]: id must not hold control characters",
+            "name must not hold control characters",
+            "classes[0] (\"a/b\"): name must not hold '/'",
+        ] {
+            assert!(err.contains(what), "{what}: {err}");
+        }
+        assert!(!err.contains("forged log line\n"), "{err}");
+        // Quotes, spaces and other scripts are names like any other.
+        assert!(Settings::from_toml(
+            "[[tenants]]\nid = \"Acme \\\"EU\\\" 👍\"\n[[tenants.buckets]]\nname = \"b q\"\n\
+             routes = [\"* /**\"]\nmax_in_flight = 1\n"
         )
         .is_ok());
     }

@@ -531,6 +531,8 @@ impl RawTenant {
         let at = format!("tenants[{i}] ({})", clip(&self.id));
         if self.id.trim().is_empty() {
             problems.push(format!("tenants[{i}]: id must not be empty"));
+        } else if let Some(problem) = super::name_problem(&self.id) {
+            problems.push(format!("tenants[{i}]: id {problem}"));
         }
         if self.buckets.is_empty() {
             problems.push(format!("{at}: has no [[tenants.buckets]]"));
@@ -564,6 +566,8 @@ impl RawBucket {
         let before = problems.len();
         if self.name.trim().is_empty() {
             problems.push(format!("{at}: name must not be empty"));
+        } else if let Some(problem) = super::name_problem(&self.name) {
+            problems.push(format!("{at}: name {problem}"));
         }
         let scope = match self.scope.as_deref() {
             None | Some("org") => Scope::Org,
