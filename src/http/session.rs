@@ -5,7 +5,7 @@
 //! The cookie is not the token: `{token's place in the config}.{expiry,
 //! unix seconds}.{MAC}`, the MAC an HMAC-SHA256 over the token's SHA-256
 //! and the expiry under a key of this broker's (`dashboard.key` in
-//! `server.state_dir`, made on first use; drawn per run without a state
+//! `server.state_dir`, made when the HTTP port starts; drawn per run without a state
 //! directory, so sessions then end at a restart). So it opens the event
 //! feed and nothing else (it is no gRPC credential), names no secret, and
 //! ends when its token is removed or replaced, when it expires, or when

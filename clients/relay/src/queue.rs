@@ -558,6 +558,15 @@ impl Queue {
     }
 }
 
+/// A queue's path as an error names it: at most 200 characters (it is
+/// input).
+fn shown(path: &str) -> String {
+    match path.char_indices().nth(200) {
+        Some((at, _)) => format!("{}…", &path[..at]),
+        None => path.to_owned(),
+    }
+}
+
 /// Opens the SQLite queue at `path` (created if missing).
 async fn sqlite(path: &str) -> Result<Db, RelayError> {
     let options = SqliteConnectOptions::new()
@@ -577,7 +586,7 @@ async fn sqlite(path: &str) -> Result<Db, RelayError> {
         })
         .connect_with(options)
         .await
-        .map_err(|e| RelayError::db("open the SQLite queue", e))?;
+        .map_err(|e| RelayError::db(&format!("open the SQLite queue {}", shown(path)), e))?;
     Ok(Db::Sqlite(pool))
 }
 
@@ -975,6 +984,27 @@ mod tests {
             panic!("no error within 10 s")
         };
         assert!(e.to_string().contains("refused"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_sqlite_queue_that_cannot_be_opened_is_named() {
+        let dir = std::env::temp_dir().join(format!("relay-q-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.display().to_string();
+        let Err(e) = Queue::open(&path, Limits::default()).await else {
+            panic!("a directory opened as a queue")
+        };
+        let _ = std::fs::remove_dir(&dir);
+        assert!(
+            e.to_string().contains(&format!("SQLite queue {path}")),
+            "{e}"
+        );
+        // A long path is named cut short.
+        let long = format!("/nonexistent/{}", "q".repeat(5_000));
+        let Err(e) = Queue::open(&long, Limits::default()).await else {
+            panic!("a queue in a directory that does not exist")
+        };
+        assert!(e.to_string().len() < 1_000, "{e}");
     }
 
     #[tokio::test]

@@ -161,9 +161,12 @@ async fn intake(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> 
         }
         Ok(Stored::Conflict(id)) => (
             StatusCode::CONFLICT,
+            // The shape of every other refusal (`status`, `message`), and
+            // the record the key is taken by.
             axum::Json(json!({
-                "error": "this idempotencyKey was stored before with another method, path or \
-                          body; this record was not stored: give each write its own key",
+                "status": StatusCode::CONFLICT.as_u16(),
+                "message": "this idempotencyKey was stored before with another method, path \
+                            or body; this record was not stored: give each write its own key",
                 "recordId": id,
             })),
         )

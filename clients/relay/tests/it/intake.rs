@@ -106,8 +106,9 @@ async fn intake_refuses_strangers_and_bad_records_and_a_full_queue_says_when() {
     let (status, conflict) = flow.post(&other).await.unwrap();
     assert_eq!(status, 409, "{conflict}");
     assert_eq!(conflict["recordId"], first["recordId"]);
+    assert_eq!(conflict["status"], 409, "{conflict}");
     assert!(
-        conflict["error"]
+        conflict["message"]
             .as_str()
             .is_some_and(|m| m.contains("its own key")),
         "{conflict}"
