@@ -92,8 +92,12 @@ impl Broker {
             current
         });
         let mut max_left = self.inner.settings.server.max_lease_ttl;
+        let mut down = Duration::ZERO;
         if let Some(r) = &record {
             max_left = max_left.max(Duration::from_millis(r.max_lease_ttl_ms));
+            // A clock set back since reads as no time down.
+            let now_ms = self.inner.clock.unix_ms(now);
+            down = Duration::from_millis(now_ms.saturating_sub(r.stopped_at_ms));
         }
         // Counted for one line, not one a tenant (ten thousand tenants).
         let (mut resumed, mut recorded, mut learning) = (0usize, 0usize, 0usize);
@@ -104,7 +108,7 @@ impl Broker {
                 .and_then(|r| r.tenants.get(state.id()))
                 .and_then(Option::as_ref);
             match leases {
-                Some(leases) if state.resume_after_stop(leases, max_left, now) => {
+                Some(leases) if state.resume_after_stop(leases, down, max_left, now) => {
                     resumed += 1;
                     recorded += leases.len();
                 }

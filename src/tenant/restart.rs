@@ -83,13 +83,26 @@ impl TenantState {
     /// broker answered), but the slots are the recorded leases', not
     /// phantoms, so a deploy does not hold every free slot for a lease TTL.
     /// A recorded lease with no place in this config (it changed) falls
-    /// back to the crash learning mode. `false` then.
+    /// back to the crash learning mode. `false` then. `down`: how long no
+    /// broker ran (the stop's wall time to now, one host's clock): it
+    /// counts against every lease, and one that ran out meanwhile holds
+    /// nothing.
     pub(crate) fn resume_after_stop(
         &mut self,
         leases: &[HandedLease],
+        down: Duration,
         max_left: Duration,
         now: Instant,
     ) -> bool {
+        let down_ms = crate::clock::millis(down);
+        let leases: Vec<HandedLease> = leases
+            .iter()
+            .filter(|h| h.left_ms > down_ms)
+            .map(|h| HandedLease {
+                left_ms: h.left_ms - down_ms,
+                ..h.clone()
+            })
+            .collect();
         let at = self.monotonic(now);
         self.restarted_at = Some(at);
         self.levels_unknown_since = Some(at);
@@ -98,7 +111,7 @@ impl TenantState {
         for i in all {
             self.restart_instance(i, at);
         }
-        if !self.resume_leases(leases, max_left, now) {
+        if !self.resume_leases(&leases, max_left, now) {
             tracing::warn!(tenant = %self.id,
                 "some leases recorded at the last stop have no place in this config: \
                  their slots count as held until renewals claim them or one lease TTL passes");

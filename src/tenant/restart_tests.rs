@@ -243,6 +243,48 @@ fn a_stop_after_the_lease_ttl_records_the_leases_whatever_the_rate_windows() {
     assert!(t.release(held.lease_id));
 }
 
+/// The time no broker ran counts against the leases a graceful stop
+/// recorded: one that ran out meanwhile holds no slot at the next start,
+/// one with time left holds it for what is left.
+#[test]
+fn a_graceful_stops_leases_lose_the_time_the_broker_was_down() {
+    let t0 = Instant::now();
+    let config = r#"
+        [[tenants.buckets]]
+        name = "slots"
+        routes = ["POST /q"]
+        max_in_flight = 2
+        lease_ttl_ms = 20000
+        "#;
+    let mut last = tenant(config, t0);
+    let short = granted(last.acquire(&args("POST", "/q", 1), NOW, t0).unwrap());
+    let long = granted(
+        last.acquire(&args("POST", "/q", 1), NOW, t0 + 10 * SEC)
+            .unwrap(),
+    );
+    // Stopped at 12 s: 8 s and 18 s left.
+    let recorded = last.live_leases(t0 + 12 * SEC).unwrap();
+    assert_eq!(recorded.len(), 2);
+    // Down for 10 s: the first ran out, the second has 8 s left.
+    let start = t0 + 22 * SEC;
+    let mut next = tenant(config, start);
+    assert!(next.resume_after_stop(&recorded, 10 * SEC, 600 * SEC, start));
+    let one_free = next.acquire(&args("POST", "/q", 1), NOW, start).unwrap();
+    granted(one_free);
+    assert!(
+        matches!(
+            next.acquire(&args("POST", "/q", 1), NOW, start).unwrap(),
+            Decision::Denied(_)
+        ),
+        "the lease with time left holds its slot"
+    );
+    assert!(
+        !next.release(short.lease_id),
+        "a lease that ran out is gone"
+    );
+    assert!(next.release(long.lease_id), "the other is known by its id");
+}
+
 #[test]
 fn no_lease_is_handed_over_while_an_unseen_oauth_clients_slot_may_be_held() {
     let t0 = Instant::now();

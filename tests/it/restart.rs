@@ -463,6 +463,49 @@ async fn a_graceful_restart_holds_only_the_leases_it_recorded_and_a_stale_record
     log.check_slots(3).unwrap();
 }
 
+/// A broker down longer than its leases had left: their slots are free at
+/// the next start, not held for the time they had left at the stop (the
+/// stop's record is made older, as a long downtime would leave it).
+#[cfg(unix)]
+#[tokio::test]
+async fn a_graceful_restart_after_the_leases_ran_out_holds_none_of_them() {
+    let dir = fresh_dir("graceful-late");
+    let path = temp_config(
+        "restart-graceful-late",
+        &config(&dir).replace("lease_ttl_ms = 5000", "lease_ttl_ms = 60000"),
+    );
+    let path_of = "/api/v2/analytics/conversations/details/query";
+    let b = Broker::start(&path).await;
+    let mut c = client(&b).await;
+    for k in 0..2 {
+        let r = ask(&mut c, call("POST", path_of, &format!("holder-{k}"), 0)).await;
+        assert!(r.granted, "{}", r.reason);
+    }
+    let (status, first_log) = b.terminate().await;
+    assert!(status.success(), "{first_log}");
+    // Stopped two minutes ago, as far as the record says.
+    let record = dir.join("stopped.json");
+    let mut stop: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    let at = stop["stopped_at_ms"].as_u64().unwrap();
+    stop["stopped_at_ms"] = (at - 120_000).into();
+    std::fs::write(&record, stop.to_string()).unwrap();
+    let b = Broker::start(&path).await;
+    let mut c = client(&b).await;
+    let mut granted = 0;
+    for k in 0..3 {
+        let r = ask(&mut c, call("POST", path_of, &format!("after-{k}"), 0)).await;
+        granted += usize::from(r.granted);
+    }
+    let (_, log) = b.terminate().await;
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        granted, 3,
+        "slots held for leases that ran out while down:\n{log}"
+    );
+}
+
 /// Waits (bounded) until `file` exists: the broker's state writer runs once
 /// a second.
 async fn until_written(file: &Path) {
