@@ -311,6 +311,12 @@ impl Authenticator {
         Some((self.tokens.get(&hash)?.clone(), hash))
     }
 
+    /// How many token entries the config has (in force or not): the
+    /// places [`Authenticator::token_at`] takes.
+    pub(crate) fn token_places(&self) -> usize {
+        self.hashes.len()
+    }
+
     /// Whether it runs open (no tokens configured).
     pub(crate) fn is_open(&self) -> bool {
         self.tokens.is_empty()

@@ -3,7 +3,9 @@
 //! and a token in the feed's URL would land in access logs.
 //!
 //! The cookie is not the token: `{token's place in the config}.{expiry,
-//! unix seconds}.{MAC}`, the MAC an HMAC-SHA256 over the token's SHA-256
+//! unix seconds}.{MAC}` (the place a hint: a token that moved when one
+//! above it was removed is found by the MAC), the MAC an HMAC-SHA256 over
+//! the token's SHA-256
 //! and the expiry under a key of this broker's (`dashboard.key` in
 //! `server.state_dir`, made when the HTTP port starts; drawn per run without a state
 //! directory, so sessions then end at a restart). So it opens the event
@@ -88,9 +90,18 @@ impl Sessions {
         if expires <= unix_now() {
             return None;
         }
-        let (who, hash) = auth.token_at(index)?;
-        hmac::verify(key, &message(&hash, expires), &tag).ok()?;
-        Some(who)
+        let signed = |i: usize| {
+            let (who, hash) = auth.token_at(i)?;
+            hmac::verify(key, &message(&hash, expires), &tag).ok()?;
+            Some(who)
+        };
+        // The place is a hint: a token removed or added above this one (a
+        // rotation) moved it, and the MAC says which token it is.
+        signed(index).or_else(|| {
+            (0..auth.token_places())
+                .filter(|&i| i != index)
+                .find_map(signed)
+        })
     }
 }
 
@@ -180,10 +191,27 @@ mod tests {
         // The same key after a restart (kept in the state directory).
         assert!(Sessions::new(Some(&dir)).check(&cookie, &a).is_some());
         // Tampered, for another token, the token replaced, another key.
+        // Its place changed to another token's: still only its own token
+        // (the place is a hint, the MAC names the token).
         let forged = cookie.replacen("1.", "0.", 1);
-        assert!(sessions.check(&forged, &a).is_none());
+        assert_eq!(sessions.check(&forged, &a).unwrap().name(), "ops");
+        let other = if cookie.ends_with('0') { '1' } else { '0' };
+        let tampered = format!("{}{other}", &cookie[..cookie.len() - 1]);
+        assert!(sessions.check(&tampered, &a).is_none());
         let replaced = auth(&[("wallboard", "secret-1"), ("ops", "secret-3")]);
         assert!(sessions.check(&cookie, &replaced).is_none());
+        // The token moved (one above it removed, another added above it):
+        // still its session, and no other token's.
+        let moved = auth(&[("ops", "secret-2")]);
+        assert_eq!(sessions.check(&cookie, &moved).unwrap().name(), "ops");
+        let shifted = auth(&[("new", "secret-9"), ("a", "secret-1"), ("ops", "secret-2")]);
+        assert_eq!(sessions.check(&cookie, &shifted).unwrap().name(), "ops");
+        let (_, wallboard) = a.token_at(0).unwrap();
+        let wallboard_cookie = sessions.issue(0, &wallboard).unwrap();
+        assert_eq!(
+            sessions.check(&wallboard_cookie, &shifted).unwrap().name(),
+            "a"
+        );
         assert!(Sessions::new(None).check(&cookie, &a).is_none());
         // Expired.
         let past = unix_now() - 1;
