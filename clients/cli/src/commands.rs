@@ -576,6 +576,7 @@ impl Feed {
         (url, leader, why, since): (String, Option<String>, String, Instant),
     ) -> Result<(), Error> {
         let tenant = self.tenant.clone().unwrap_or_default();
+        let mut looking = false;
         loop {
             let start = leader.clone().unwrap_or_else(|| {
                 // The next broker given after the one that ended.
@@ -601,6 +602,18 @@ impl Feed {
                     return Ok(());
                 }
                 Err(e) if worth_another_look(&e) && since.elapsed() < FOLLOW_FOR => {
+                    // Not at once (a leader dead until its etcd lease runs
+                    // out, etcd away): say so now, not only once found, so
+                    // the figures on screen are not taken for live ones.
+                    if !looking {
+                        looking = true;
+                        eprintln!(
+                            "quotactl: the Watch of tenant {tenant:?} on {url} ended ({why}); \
+                             looking for its leader for up to {} s (the figures shown are \
+                             from before)",
+                            FOLLOW_FOR.as_secs()
+                        );
+                    }
                     tokio::time::sleep(FOLLOW_PAUSE).await;
                 }
                 Err(e) => return Err(e),
