@@ -108,7 +108,8 @@ fn not_leader_message(tenant: &str, leader: Option<&str>) -> String {
     match leader {
         Some(url) => format!(
             "this broker does not lead tenant {}; its leader is {url}: send the call there \
-             (the quota-broker clients follow the x-quota-broker-leader metadata)",
+             (the quota-broker clients follow the x-quota-broker-leader metadata; a leader \
+             that does not answer is replaced once its etcd lease runs out: retry shortly)",
             clip(tenant)
         ),
         None => format!(

@@ -275,7 +275,7 @@ impl fmt::Display for Error {
             }
             Error::Partial { failed, total } => write!(
                 f,
-                "{failed} of {total} brokers did not answer (see above); the output lacks the tenants they lead"
+                "{failed} of {total} brokers did not answer (see above); the output lacks the tenants they lead, if they still lead any"
             ),
         }
     }

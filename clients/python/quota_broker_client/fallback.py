@@ -101,6 +101,7 @@ class LocalFallback:
         self._left_at = None  # when the last fallback was left
         self._quiet = False  # this fallback goes on one left a moment ago: not logged again
         self._served_since_left = False  # the broker granted a call since the last fallback
+        self._said_unserved = False  # this outage's "answers the probe, not the calls" was logged
         # Outcomes to report: (observed at, ReportRequest), oldest first.
         self._buffer = collections.deque()
         self._dropped_total = 0
@@ -175,7 +176,19 @@ class LocalFallback:
                 self._entered_at = now
                 self._calls = 0
                 self._warned_full = False
+                self._said_unserved = False
             rate = self._rate
+            say_unserved = self._quiet and not self._said_unserved
+            self._said_unserved = self._said_unserved or self._quiet
+        if say_unserved:
+            # The "answers again" just logged was its health check only.
+            log.warning(
+                "quota-broker at %s answers its health check but not the calls (%s); pacing "
+                "calls with the local limiter again at %d/min (a cluster answers so while no "
+                "broker leads the tenant yet)",
+                self.target, error, rate,
+            )
+            return
         if self._quiet:
             log.debug("quota-broker at %s unreachable again (%s); still pacing at %d/min",
                       self.target, error, rate)

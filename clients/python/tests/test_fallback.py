@@ -284,6 +284,10 @@ def test_entering_the_fallback_again_soon_after_leaving_it_keeps_its_pacing(fake
     warnings = [r for r in caplog.records if "unreachable" in r.getMessage()
                 and r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    # The first "answers again" was the probe only: said once, at once.
+    unserved = [r for r in caplog.records if "answers its health check but not the calls"
+                in r.getMessage() and r.levelno >= logging.WARNING]
+    assert len(unserved) == 1, [r.getMessage() for r in caplog.records]
     # A fallback left longer ago is a new outage: logged again.
     fb.leave()
     fake_clock.advance(120.0)

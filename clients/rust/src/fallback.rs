@@ -73,6 +73,8 @@ pub(crate) struct Fallback {
     per_min: u32,
     /// The broker granted a call since the last fallback was left.
     served_since_left: bool,
+    /// This outage's "answers the probe, not the calls" was logged.
+    said_unserved: bool,
     last_probe: Option<Instant>,
 }
 
@@ -87,6 +89,7 @@ impl Fallback {
             held_until: None,
             per_min: 0,
             served_since_left: false,
+            said_unserved: false,
             last_probe: None,
         }
     }
@@ -157,13 +160,25 @@ impl Fallback {
             .take()
             .filter(|(_, _, at)| !served && now.duration_since(*at) < REENTRY)
         {
-            tracing::debug!(error = %status, "quota broker unreachable again; still pacing calls");
+            if self.said_unserved {
+                tracing::debug!(error = %status, "quota broker unreachable again; still pacing calls");
+            } else {
+                // The "reachable again" just logged was its probe only.
+                tracing::warn!(
+                    error = %status,
+                    "quota broker answers its health check but not the calls; pacing calls \
+                     with the local limiter again (a cluster answers so while no broker leads \
+                     the tenant yet)"
+                );
+                self.said_unserved = true;
+            }
             self.local = Some((limiter, clock));
             self.quiet = true;
             self.last_probe = Some(now);
             return;
         }
         self.quiet = false;
+        self.said_unserved = false;
         self.forget_old(now);
         let recent = self.grants.len() as f64; // grants in the last minute
         let per_min = (recent * self.settings.fraction)
@@ -281,12 +296,19 @@ mod tests {
             taken += u32::from(fb.try_take() == Take::Taken);
         }
         assert_eq!(taken, 1 + 6);
+        // The first quiet entry said that the broker answered only its
+        // probe (the "reachable again" before it was not the end).
+        assert!(fb.said_unserved);
         // Left longer ago: a new outage, a new limiter (its first call at once).
         fb.broker_answered();
         tokio::time::advance(Duration::from_secs(120)).await;
         fb.broker_unreachable(&down);
         assert_eq!(fb.try_take(), Take::Taken);
         assert!(!fb.quiet, "a new outage is logged");
+        assert!(
+            !fb.said_unserved,
+            "and its own probe-only answer said again"
+        );
         // Left a moment ago, but the broker granted calls since: a new
         // outage too, logged and paced afresh.
         fb.broker_answered();
