@@ -508,8 +508,23 @@ async fn events(
         Ok(rx) => rx,
         // Another broker of the cluster leads it (or none does yet): a
         // retry may find it here, or the message says where it is led.
-        Err(e @ crate::error::BrokerError::NotLeader { .. }) => {
-            let mut refused = refuse(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+        Err(crate::error::BrokerError::NotLeader { tenant, leader }) => {
+            // Its leader's gRPC address is what the cluster knows: the
+            // dashboard is on that broker's HTTP port.
+            let said = match leader {
+                Some(url) => format!(
+                    "this broker does not lead tenant {}; its leader is the broker at {} \
+                     (its gRPC address): open the dashboard on that broker's HTTP port",
+                    crate::error::clip(&tenant),
+                    crate::error::clip(&url)
+                ),
+                None => crate::error::BrokerError::NotLeader {
+                    tenant,
+                    leader: None,
+                }
+                .to_string(),
+            };
+            let mut refused = refuse(StatusCode::SERVICE_UNAVAILABLE, &said);
             refused.headers_mut().insert(
                 header::RETRY_AFTER,
                 axum::http::HeaderValue::from_static("5"),
