@@ -113,6 +113,14 @@ pub(crate) fn bounded<'a>(field: &'static str, value: &'a str) -> Result<&'a str
             format!("{} bytes long; at most {MAX_ID_LEN}", value.len()),
         ));
     }
+    // An id is printed (logs, quotactl's table, the dashboard): a newline
+    // or an escape sequence in it would forge lines or colour a terminal.
+    if value.chars().any(char::is_control) {
+        return Err(BrokerError::invalid(
+            field,
+            "it holds a control character (a newline, a tab, an escape)",
+        ));
+    }
     Ok(value)
 }
 

@@ -133,6 +133,19 @@ fn a_wave_of_429s_is_one_freeze() {
     .unwrap();
     let s = &t.statuses(later)[0];
     assert_eq!((s.throttled_total, s.freezes_total), (5, 2));
+    // A 429 that asks no wait (Retry-After 0, a date past) holds nothing
+    // back: a 429 counted, no freeze.
+    let much_later = later + 60 * SEC;
+    t.report(
+        ("GET", "/x", "oa"),
+        429,
+        Some(Duration::ZERO),
+        &RateLimitInfo::default(),
+        much_later,
+    )
+    .unwrap();
+    let s = &t.statuses(much_later)[0];
+    assert_eq!((s.throttled_total, s.freezes_total), (6, 2));
 }
 
 #[test]

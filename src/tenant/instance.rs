@@ -246,7 +246,9 @@ impl Instance {
             .as_ref()
             .map_or(Duration::ZERO, |t| t.interval().mul_f64(s.jitter * draw));
         let resume = until + jitter;
-        if self.resume_at.is_none_or(|r| r <= now) {
+        // A freeze that ends before it began (Retry-After 0, a date past)
+        // holds nothing back: not one.
+        if self.resume_at.is_none_or(|r| r <= now) && until > now {
             self.freezes_total += 1;
         }
         self.resume_at = Some(self.resume_at.map_or(resume, |r| r.max(resume)));

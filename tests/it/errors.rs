@@ -82,6 +82,28 @@ async fn acquire_errors() {
         c.acquire(r).await,
         "\"urgent\" is not a class of tenant \"t\"; use one of: critical, interactive, batch, best_effort",
     );
+    // Ids are printed (logs, quotactl, the dashboard): no control
+    // characters, which would forge a row or colour a terminal.
+    for field in [
+        "client_id",
+        "oauth_client",
+        "priority_class",
+        "idempotency_key",
+    ] {
+        let mut r = req("POST", q, 0);
+        let forged = "evil\ndemo    fake-bucket   \x1b[31mRED".to_owned();
+        match field {
+            "client_id" => r.client_id = forged,
+            "oauth_client" => r.oauth_client = forged,
+            "priority_class" => r.priority_class = forged,
+            _ => r.idempotency_key = forged,
+        }
+        expect(
+            Code::InvalidArgument,
+            c.acquire(r).await,
+            &format!("{field}: it holds a control character"),
+        );
+    }
     let mut r = req("POST", q, 0);
     r.permits = 3;
     // burst 5 allows 3, but only 2 slots exist.

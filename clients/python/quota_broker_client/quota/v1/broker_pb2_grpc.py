@@ -62,14 +62,18 @@ class QuotaBrokerServicer(object):
 
     def Release(self, request, context):
         """Returns a lease's concurrency slots. Idempotent: releasing an unknown,
-        already released or expired lease is OK and changes nothing.
+        already released or expired lease is OK and changes nothing (a
+        `lease_id` this broker could never have issued, not of its form, is
+        INVALID_ARGUMENT).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Renew(self, request, context):
-        """Extends a lease's concurrency slots (for a long-running upstream call).
+        """Sets how long a lease's concurrency slots stay held, from now (for a
+        long-running upstream call): `extend_ms` less than the lease has left
+        ends it sooner.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
