@@ -50,11 +50,11 @@ pub(crate) struct ClusterArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     brokers: Vec<usize>,
     /// Tenants `t0…`, shared by the brokers (one client per tenant).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = crate::at_least_one)]
     tenants: usize,
     /// Pairs in flight in total (closed loops, each over every tenant in
     /// turn).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::at_least_one)]
     concurrency: usize,
     /// Measured seconds per broker count [default: 5, --quick 0.5].
     #[arg(long, value_parser = parse_secs)]

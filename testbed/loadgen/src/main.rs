@@ -109,20 +109,20 @@ struct RunArgs {
     #[arg(long, default_value = "1", value_parser = parse_secs)]
     warmup: Duration,
     /// gRPC connections (HTTP/2) per target.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     connections: usize,
     /// Pairs in flight per connection (unary: concurrent loops; stream:
     /// pipelined pairs on the connection's one LeaseStream).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
     concurrency: usize,
     /// Tenants in the broker config; pairs go to them round-robin.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     tenants: usize,
     /// Org-wide buckets per tenant, all matching `* /**`.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     buckets: usize,
     /// Also run open-loop at this many pairs/s (coordinated-omission corrected).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_rate)]
     rate: Option<f64>,
     /// Unary RPCs per pair, or pipelined on one LeaseStream per connection.
     #[arg(long, value_enum, default_value_t = Mode::Unary)]
@@ -133,6 +133,30 @@ struct RunArgs {
     /// Also print the results as JSON lines after the table.
     #[arg(long)]
     json: bool,
+}
+
+/// Parses a count that must be at least 1 (connections, calls in flight,
+/// tenants, runs): 0 would measure nothing, or something else than asked.
+pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?} is not a count: {e}")),
+    }
+}
+
+/// Parses an open-loop rate, pairs a second: above 0, at most ten million.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let rate: f64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not pairs a second: {e}"))?;
+    if rate.is_finite() && rate > 0.0 && rate <= 1e7 {
+        Ok(rate)
+    } else {
+        Err(format!(
+            "{s} must be above 0 and at most 10000000 pairs a second"
+        ))
+    }
 }
 
 /// Parses seconds, fractions allowed ("0.5").
@@ -236,16 +260,44 @@ fn main() {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
-            None => run(cli.run).await,
-            Some(Command::Scale(args)) => scale::run(args).await,
-            Some(Command::Peer(args)) => peer::run(args).await,
-            Some(Command::Cluster(args)) => cluster::run(args).await,
-            Some(Command::NoopServer { listen }) => noop_server(listen).await,
+        let work = async {
+            match cli.command {
+                None => run(cli.run).await,
+                Some(Command::Scale(args)) => scale::run(args).await,
+                Some(Command::Peer(args)) => peer::run(args).await,
+                Some(Command::Cluster(args)) => cluster::run(args).await,
+                Some(Command::NoopServer { listen }) => noop_server(listen).await,
+            }
+        };
+        // On SIGINT or SIGTERM the work is dropped: its child servers (and
+        // etcd) are killed and their files removed, not left running.
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut interrupt, mut terminate) = match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(i), Ok(t)) => (i, t),
+            (Err(e), _) | (_, Err(e)) => {
+                return Err(Error::Io("install the signal handlers".into(), e))
+            }
+        };
+        tokio::select! {
+            out = work => out.map(|()| None),
+            _ = interrupt.recv() => Ok(Some(("SIGINT", 130))),
+            _ = terminate.recv() => Ok(Some(("SIGTERM", 143))),
         }
     });
-    if let Err(e) = result {
-        eprintln!("loadgen: {e}");
-        std::process::exit(1);
+    // Tasks still running (a stopped run's) drop their children with it.
+    drop(runtime);
+    match result {
+        Ok(None) => {}
+        Ok(Some((signal, code))) => {
+            eprintln!("loadgen: stopped by {signal}; its child servers are stopped");
+            std::process::exit(code);
+        }
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            std::process::exit(1);
+        }
     }
 }

@@ -77,7 +77,7 @@ pub(crate) struct PeerArgs {
     #[arg(long)]
     peer_bin: Option<PathBuf>,
     /// Alternating runs per cell and target.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 6, value_parser = crate::at_least_one)]
     runs: usize,
     /// Measured seconds per run.
     #[arg(long, default_value = "10", value_parser = crate::parse_secs)]
@@ -86,10 +86,10 @@ pub(crate) struct PeerArgs {
     #[arg(long, default_value = "1", value_parser = crate::parse_secs)]
     warmup: Duration,
     /// HTTP/2 connections.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = crate::at_least_one)]
     connections: usize,
     /// Calls in flight per connection.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::at_least_one)]
     concurrency: usize,
     /// Run the servers on CPU 0 (`taskset -c 0`); start loadgen itself with
     /// `taskset -c 1` so driver and server each have one core.

@@ -52,10 +52,10 @@ pub(crate) struct ScaleArgs {
     #[arg(long, value_parser = parse_secs)]
     warmup: Option<Duration>,
     /// gRPC connections per run (one LeaseStream each in stream mode).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = crate::at_least_one)]
     connections: usize,
     /// Pairs in flight per connection.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = crate::at_least_one)]
     concurrency: usize,
     /// Also print the rows as JSON lines.
     #[arg(long)]

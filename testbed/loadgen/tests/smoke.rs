@@ -204,3 +204,89 @@ fn scale_without_a_broker_binary_says_how_to_build_one() {
         run.stderr
     );
 }
+
+/// Ctrl-C (or SIGTERM) during a run stops loadgen's child servers and
+/// removes their files: none is left serving, holding its port.
+#[cfg(unix)]
+#[test]
+fn a_signal_stops_the_child_servers_and_removes_their_files() {
+    use std::io::{BufRead, BufReader};
+    let exe = std::env::current_exe().expect("the test's own path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test runs from <target>/<profile>/deps")
+        .join("quota-broker");
+    assert!(
+        bin.is_file(),
+        "no quota-broker binary at {}: run `cargo build -p quota-broker` first",
+        bin.display()
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["scale", "--quick", "--duration", "3", "--warmup", "0.1"])
+        .arg("--broker-bin")
+        .arg(&bin)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("loadgen starts");
+    let pid = child.id();
+    let files = std::env::temp_dir().join(format!("loadgen-{pid}"));
+    // The first row done: its child broker serves the next ones.
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().expect("stderr piped");
+    thread::spawn(move || {
+        let mut said = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.starts_with("loadgen scale: tenants-1:") {
+                let _ = tx.send(Ok(()));
+            }
+            said.push_str(&line);
+            said.push('\n');
+        }
+        let _ = tx.send(Err(said));
+    });
+    match rx.recv_timeout(DEADLINE) {
+        Ok(Ok(())) => {}
+        other => {
+            let _ = child.kill();
+            panic!("no first row within {DEADLINE:?}: {other:?}");
+        }
+    }
+    let servers = |pid: u32| -> Vec<String> {
+        let mark = format!("loadgen-{pid}/");
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&mark))
+            .collect()
+    };
+    assert!(!servers(pid).is_empty(), "no child server running to stop");
+    assert!(Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .expect("kill runs")
+        .success());
+    let said = rx.recv_timeout(DEADLINE).expect("loadgen exited");
+    let status = child.wait().expect("wait on loadgen");
+    assert_eq!(status.code(), Some(130), "{said:?}");
+    assert!(
+        format!("{said:?}").contains("stopped by SIGINT"),
+        "{said:?}"
+    );
+    // Killed as loadgen stopped; a killed process is gone a moment later.
+    let gone_by = std::time::Instant::now() + Duration::from_secs(5);
+    while !servers(pid).is_empty() && std::time::Instant::now() < gone_by {
+        thread::yield_now();
+    }
+    assert_eq!(
+        servers(pid),
+        Vec::<String>::new(),
+        "child servers left running"
+    );
+    assert!(!files.exists(), "{} left behind", files.display());
+}
