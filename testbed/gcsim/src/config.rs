@@ -8,6 +8,11 @@ use crate::error::SimError;
 use crate::jobs::JobsConfig;
 use crate::route::Route;
 
+/// The time scales the simulator runs at: past them a simulated instant
+/// no longer fits a `Duration` (a thousandth is a simulated second per
+/// 17 real minutes; ten thousand a simulated day in under 9 real seconds).
+pub const TIME_SCALES: std::ops::RangeInclusive<f64> = 0.001..=10_000.0;
+
 /// The whole simulator: its orgs, time scale, seed and escalation.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -277,9 +282,11 @@ impl SimConfig {
     /// Every org ready to run (in config order), or every problem.
     pub(crate) fn ready(&self) -> Result<Vec<ReadyOrg<'_>>, SimError> {
         let mut problems = Vec::new();
-        if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
+        if !TIME_SCALES.contains(&self.time_scale) {
             problems.push(format!(
-                "time_scale must be a positive number, got {}",
+                "time_scale must be from {} to {}, got {}",
+                TIME_SCALES.start(),
+                TIME_SCALES.end(),
                 self.time_scale
             ));
         }

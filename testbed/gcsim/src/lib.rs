@@ -42,7 +42,7 @@ mod server;
 
 pub use config::{
     FamilyConfig, LimitKind, OrgConfig, RetryAfter, ScheduleStep, SimConfig, UnmanagedPattern,
-    UnmanagedStep,
+    UnmanagedStep, TIME_SCALES,
 };
 pub use error::SimError;
 pub use jobs::JobsConfig;

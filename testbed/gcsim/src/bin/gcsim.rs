@@ -87,9 +87,14 @@ fn main() -> ExitCode {
 /// A `--time-scale` value: checked here, so that a bad one is blamed on the
 /// flag rather than on the config it overrides.
 fn positive_scale(text: &str) -> Result<f64, String> {
+    let range = gcsim::TIME_SCALES;
     match text.parse::<f64>() {
-        Ok(scale) if scale.is_finite() && scale > 0.0 => Ok(scale),
-        _ => Err("must be a positive number".into()),
+        Ok(scale) if range.contains(&scale) => Ok(scale),
+        _ => Err(format!(
+            "must be a number from {} to {}",
+            range.start(),
+            range.end()
+        )),
     }
 }
 
