@@ -37,7 +37,18 @@ impl Broker {
     /// Starts the binary on `config` and waits until it has started (its
     /// "broker started" line: health SERVING, its calls answered).
     pub async fn start(config: &Path) -> Broker {
-        let (broker, started) = Broker::spawn(config).await;
+        Broker::start_reading(config, true).await
+    }
+
+    /// Starts the binary like [`Broker::start`], then closes its log pipe:
+    /// every line it logs afterwards meets a broken pipe (`quota-broker |
+    /// head`, a log shipper gone).
+    pub async fn start_closing_log(config: &Path) -> Broker {
+        Broker::start_reading(config, false).await
+    }
+
+    async fn start_reading(config: &Path, keep_reading: bool) -> Broker {
+        let (broker, started) = Broker::spawn(config, keep_reading).await;
         tokio::time::timeout(LIMIT, started)
             .await
             .expect("broker started within 30 s")
@@ -48,12 +59,15 @@ impl Broker {
     /// Starts the binary on `config` and waits for its "serving" line only
     /// (its ports bound and answering, the broker maybe still starting).
     pub async fn start_unready(config: &Path) -> Broker {
-        Broker::spawn(config).await.0
+        Broker::spawn(config, true).await.0
     }
 
     /// Starts the binary and waits for its "serving" line; with what
     /// resolves on its "broker started" line.
-    async fn spawn(config: &Path) -> (Broker, tokio::sync::oneshot::Receiver<()>) {
+    async fn spawn(
+        config: &Path,
+        keep_reading: bool,
+    ) -> (Broker, tokio::sync::oneshot::Receiver<()>) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
             .arg("--config")
             .arg(config)
@@ -92,7 +106,8 @@ impl Broker {
                         let _ = tx.send((addr.to_owned(), http.map(str::to_owned)));
                     }
                 }
-                if line.contains("broker started") {
+                let started = line.contains("broker started");
+                if started {
                     if let Some(tx) = started_tx.take() {
                         let _ = tx.send(());
                     }
@@ -102,6 +117,10 @@ impl Broker {
                 let mut seen = so_far.lock().unwrap_or_else(PoisonError::into_inner);
                 seen.push_str(&line);
                 seen.push('\n');
+                if started && !keep_reading {
+                    // Dropping the pipe's end closes it.
+                    break;
+                }
             }
             log
         }));

@@ -199,58 +199,15 @@ async fn serves_then_exits_zero_on_sigterm() {
 #[cfg(unix)]
 #[tokio::test]
 async fn a_closed_stderr_does_not_take_the_broker_down() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
     let path = temp_config(
         "closed-stderr",
         "[server]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"\"\nstate_dir = \"\"\n[[tenants]]\n\
          id = \"t\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 2\n",
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    // Read up to "broker started" (its address is on the line before),
-    // then close the pipe: every later log line meets a broken pipe.
-    let addr = tokio::task::spawn_blocking(move || {
-        let mut addr = None;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("quota-broker serving") {
-                addr = line
-                    .split(" listen=")
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next())
-                    .map(str::to_owned);
-            }
-            if line.contains("broker started") {
-                break;
-            }
-        }
-        addr
-    });
-    let addr = tokio::time::timeout(std::time::Duration::from_secs(30), addr)
-        .await
-        .expect("the broker started within 30 s")
-        .unwrap()
-        .expect("the broker logged its address");
-    let pid = child.id().to_string();
-    let signal = |s: &str| {
-        assert!(Command::new("kill")
-            .args([s, &pid])
-            .status()
-            .unwrap()
-            .success())
-    };
+    let broker = Broker::start_closing_log(&path).await;
     // A line logged at once (its default action ignored, and said so).
-    signal("-HUP");
-    let mut client = QuotaBrokerClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    broker.signal("-HUP");
+    let mut client = QuotaBrokerClient::connect(broker.url()).await.unwrap();
     let acquire = quota_broker::pb::AcquireRequest {
         tenant: "t".into(),
         client_id: "it".into(),
@@ -269,15 +226,7 @@ async fn a_closed_stderr_does_not_take_the_broker_down() {
         );
     }
     // The stop logs several lines, on the main thread.
-    signal("-TERM");
-    let status = tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        tokio::task::spawn_blocking(move || child.wait()),
-    )
-    .await
-    .expect("the broker exited within 30 s of SIGTERM")
-    .unwrap()
-    .unwrap();
+    let (status, _) = broker.terminate().await;
     let _ = std::fs::remove_file(&path);
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
