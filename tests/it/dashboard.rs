@@ -182,6 +182,14 @@ const shown = () => [...document.querySelectorAll("section.panel")].map((p) => (
         && Math.floor(q.t / 500) === Math.floor(live[k - 1].t / 500)).length;
     });
     if (crowded) throw new Error(crowded + " chart points share a half second");
+    // A frozen bucket allows nothing now, whatever its learned rate.
+    const users = await page.evaluate(() => {
+      const v = document.querySelector('section.panel[data-bucket="users"] .fig.rate .v');
+      return v && { effective: v.dataset.effective, configured: v.dataset.configured };
+    });
+    if (!users || users.effective !== "0" || !(Number(users.configured) > 0)) {
+      throw new Error("the frozen users panel shows its rate as allowed: " + JSON.stringify(users));
+    }
     console.log("ORDERED");
     await page.screenshot({ path: shot });
     // AT LIMIT counts the reserves of the classes served before a waiting
@@ -942,4 +950,84 @@ async fn eight_tabs_of_the_dashboard_in_one_browser_all_go_live() {
         Ok(Err(e)) => panic!("{e}\nnode's stderr:\n{log}"),
         Err(_) => panic!("the browser session took over {LIMIT:?}\nnode's stderr:\n{log}"),
     }
+}
+
+/// The feed's watchdog (dashboard-feed.js), under Node.js with a stand-in
+/// EventSource and a clock the script moves: a feed that stays open but
+/// says nothing for three of the broker's 15 s census intervals (a broker
+/// that hangs, a network that drops packets) is told lost, so the page
+/// shows NO DATA, and opened again; one that hears the census is not.
+#[tokio::test]
+async fn a_feed_silent_for_45_seconds_is_told_lost_and_opened_again() {
+    testsvc::apt_install(&["nodejs"]).unwrap_or_else(|e| {
+        panic!("the dashboard feed test needs Node.js: {e}");
+    });
+    let feed = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/http/assets/dashboard-feed.js");
+    let script = format!(
+        "const FEED = {:?};\n{}",
+        feed.display().to_string(),
+        r#"
+let now = 0;
+const timers = [];
+let nextId = 1;
+globalThis.setInterval = (f, ms) => { const id = nextId++; timers.push({ id, f, ms, at: now + ms, every: true }); return id; };
+globalThis.setTimeout = (f, ms) => { const id = nextId++; timers.push({ id, f, ms, at: now + ms, every: false }); return id; };
+globalThis.clearInterval = globalThis.clearTimeout = (id) => {
+  const i = timers.findIndex((t) => t.id === id); if (i >= 0) timers.splice(i, 1);
+};
+Date.now = () => now;
+const advance = (ms) => {
+  const end = now + ms;
+  for (;;) {
+    const due = timers.filter((t) => t.at <= end).sort((a, b) => a.at - b.at)[0];
+    if (!due) break;
+    now = due.at;
+    if (due.every) due.at += due.ms; else timers.splice(timers.indexOf(due), 1);
+    due.f();
+  }
+  now = end;
+};
+const opened = [];
+class EventSource {
+  constructor(url) { this.url = url; this.readyState = 0; this.on = {}; opened.push(this); }
+  addEventListener(type, f) { (this.on[type] = this.on[type] || []).push(f); }
+  close() { this.readyState = 2; }
+  fire(type, data) { if (type === "open") this.readyState = 1; for (const f of this.on[type] || []) f({ data }); }
+}
+EventSource.CONNECTING = 0; EventSource.OPEN = 1; EventSource.CLOSED = 2;
+globalThis.EventSource = EventSource;
+globalThis.fetch = () => Promise.reject(new Error("no fetch here"));
+const src = require("fs").readFileSync(FEED, "utf8");
+const openFeed = new Function(src + "\nreturn openFeed;")();
+const told = [];
+openFeed("/events", (m) => told.push(m.type));
+const check = (ok, what) => { if (!ok) { console.error(what, JSON.stringify({ told, opened: opened.length })); process.exit(1); } };
+opened[0].fire("open");
+// Two minutes of a census every 15 s: live all along.
+for (let k = 0; k < 8; k++) { advance(15000); opened[0].fire("instances", "{}"); }
+check(!told.includes("error") && opened.length === 1, "a feed that hears its census was told lost");
+// Then nothing: lost within 50 s, and opened again.
+advance(50000);
+check(told.includes("error"), "a silent feed was never told lost");
+check(opened.length === 2 && opened[0].readyState === 2, "the silent feed was not opened again");
+opened[1].fire("open");
+check(told[told.length - 1] === "open", "the new feed did not open");
+console.log("OK");
+"#
+    );
+    let out = tokio::process::Command::new("node")
+        .arg("-e")
+        .arg(script)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), out)
+        .await
+        .expect("node finished within 60 s")
+        .expect("node runs");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("OK"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -16,12 +16,25 @@
 function openFeed(url, tell) {
   let src = null;
   let retry = 0;
+  // The broker sends its census every 15 s: a feed silent for three of
+  // them is lost (a broker that hangs, a network that drops packets
+  // without closing the connection), though the browser still holds it
+  // open. Said so, and opened again.
+  const QUIET_MS = 45000;
+  let heardAt = 0;
+  const watchdog = setInterval(() => {
+    if (src && src.readyState === EventSource.OPEN && Date.now() - heardAt > QUIET_MS) {
+      tell({ type: "error" });
+      connect();
+    }
+  }, 5000);
   const connect = () => {
     clearTimeout(retry);
     if (src) src.close();
     const s = new EventSource(url);
     src = s;
-    const mine = (f) => (e) => { if (src === s) f(e); };
+    heardAt = Date.now();
+    const mine = (f) => (e) => { if (src === s) { heardAt = Date.now(); f(e); } };
     s.addEventListener("open", mine(() => tell({ type: "open" })));
     for (const type of ["history", "instances", "bucket"]) {
       s.addEventListener(type, mine((e) => tell({ type, data: e.data })));
@@ -48,7 +61,7 @@ function openFeed(url, tell) {
     // Waiting for the broker (the first time, or after it was lost):
     // what a tab that joins needs comes when it opens.
     connecting: () => src !== null && src.readyState === EventSource.CONNECTING,
-    close() { clearTimeout(retry); if (src) src.close(); src = null; },
+    close() { clearTimeout(retry); clearInterval(watchdog); if (src) src.close(); src = null; },
   };
 }
 

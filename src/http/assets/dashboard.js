@@ -340,8 +340,9 @@ function show(p, now) {
   if (!r) return;
   p.last = r;
   const slots = slotsOnly(r);
-  // A paused bucket allows nothing, whatever its rate.
-  const allowed = [...p.members].reduce((a, i) => a + (i.last && !i.last.paused ? i.last.effective_per_min : 0), 0);
+  // A paused or frozen bucket allows nothing now, whatever its rate.
+  const allowed = [...p.members].reduce((a, i) => a
+    + (i.last && !i.last.paused && !(i.frozenUntil > now) ? i.last.effective_per_min : 0), 0);
   sample(p, slots
     ? { t: now, eff: r.in_flight, conf: r.max_in_flight, used: r.in_flight }
     : { t: now, eff: allowed, conf: r.configured_per_min, used: panelUsage(p, now) });
