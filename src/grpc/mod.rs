@@ -75,16 +75,24 @@ const REFLECTION_SERVICES: [&str; 2] = [
 ];
 
 /// Sets every name the health service answers for to `status`: "" (the
-/// whole server), the broker's services, health and reflection.
+/// whole server), the broker's services, health and reflection. The whole
+/// server is set last when it turns SERVING and first when it stops, so a
+/// caller that saw "" SERVING finds every service SERVING too.
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    let names = [
-        "",
+    let services = [
         <QuotaBrokerServer<BrokerService> as NamedService>::NAME,
         <QuotaAdminServer<AdminService> as NamedService>::NAME,
         HEALTH_SERVICE,
     ];
-    for service in names.iter().chain(&REFLECTION_SERVICES) {
+    let serving = status == ServingStatus::Serving;
+    if !serving {
+        health.set_service_status("", status).await;
+    }
+    for service in services.iter().chain(&REFLECTION_SERVICES) {
         health.set_service_status(*service, status).await;
+    }
+    if serving {
+        health.set_service_status("", status).await;
     }
 }
 

@@ -76,6 +76,8 @@ struct Cluster {
     prefix: String,
     tenants: Vec<String>,
     brokers: HashMap<String, Broker>,
+    /// Each node's HTTP port (the dashboard's feed), open mode.
+    http: HashMap<String, u16>,
 }
 
 impl Cluster {
@@ -86,6 +88,7 @@ impl Cluster {
             prefix: format!("/qb-test-{name}"),
             tenants: (0..tenants).map(|i| format!("t{i}")).collect(),
             brokers: HashMap::new(),
+            http: HashMap::new(),
         };
         for n in nodes {
             c.add(n).await;
@@ -95,8 +98,14 @@ impl Cluster {
 
     async fn add(&mut self, node: &str) {
         let port = testsvc::free_port().unwrap();
-        let toml = config(node, port, &self.etcd_url, &self.prefix, &self.tenants);
+        let http = testsvc::free_port().unwrap();
+        let toml = config(node, port, &self.etcd_url, &self.prefix, &self.tenants).replacen(
+            "http_listen = \"\"",
+            &format!("http_listen = \"127.0.0.1:{http}\""),
+            1,
+        );
         let path = temp_config(&format!("cluster-{node}-{port}"), &toml);
+        self.http.insert(node.to_owned(), http);
         self.brokers
             .insert(node.to_owned(), Broker::start(&path).await);
     }
@@ -632,7 +641,8 @@ async fn a_tenant_is_led_only_by_members_that_serve_it() {
 /// UNAVAILABLE naming the new leader when the tenant moves (it does not go
 /// silent on figures no longer true), one of a tenant that stays goes on,
 /// and a Watch of every tenant on the joining broker sends each tenant it
-/// takes over.
+/// takes over. The dashboard's feed of a moved tenant on the old broker
+/// names the leader and says to open its dashboard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_ends_when_its_tenant_moves_and_a_watch_of_all_follows_what_is_led() {
     let etcd = testsvc::Etcd::start().unwrap();
@@ -707,6 +717,20 @@ async fn a_watch_ends_when_its_tenant_moves_and_a_watch_of_all_follows_what_is_l
             }
         }
     }
+    // The dashboard's feed of a moved tenant on b1 sends its reader to the
+    // leader's dashboard, not to a gRPC call there.
+    let t = moved.iter().next().unwrap();
+    let b1_http = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.http["b1"]));
+    let feed = crate::observe::get(b1_http, &format!("/events?tenant={t}"), &[]).await;
+    assert_eq!(feed.status, 503, "{}", feed.body);
+    assert!(
+        feed.body.contains(&format!(
+            "does not lead tenant \"{t}\"; its leader is the broker at {b2:?} (its gRPC \
+             address): open the dashboard on that broker's HTTP port"
+        )),
+        "{}",
+        feed.body
+    );
     let mut heard = HashSet::new();
     tokio::time::timeout(BOUND, async {
         while !moved.is_subset(&heard) {

@@ -330,6 +330,71 @@ async fn watch_of_a_tenant_follows_it_to_its_next_leader() {
     cluster.stop().await;
 }
 
+/// `watch --tenant` whose leader's lead runs out with etcd hung, so that
+/// no broker leads the tenant, says at once that it is looking for its
+/// leader (the figures on screen are from before), not only once found;
+/// with etcd back it follows the tenant to its leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_of_a_tenant_says_at_once_that_no_broker_leads_it_for_now() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let cluster = Cluster::start("looking").await;
+    let leaders = cluster.settled().await;
+    let urls = cluster.urls();
+    let (tenant, first) = (TENANTS[0], leaders[0].clone());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quotactl"))
+        .arg("--broker")
+        .arg(urls.join(","))
+        .args(["--token", ADMIN, "watch", "--tenant", tenant, "--json"])
+        .args(["--count", "2"])
+        .env_remove("QUOTA_BROKER_URL")
+        .env_remove("QUOTA_BROKER_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("quotactl started");
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut line = async || -> Value {
+        let l = timeout(LIMIT, out.next_line())
+            .await
+            .expect("a line within 30 s")
+            .unwrap()
+            .expect("quotactl went on");
+        serde_json::from_str(&l).unwrap()
+    };
+    assert_eq!(line().await["tenant"], tenant);
+    // The leader's lead runs out (2 s) and no broker can take it over.
+    cluster.etcd.freeze().unwrap();
+    let note = timeout(LIMIT, err.next_line()).await;
+    cluster.etcd.thaw().unwrap();
+    let note = note
+        .expect("a note on stderr within 30 s")
+        .unwrap()
+        .expect("quotactl went on");
+    assert!(
+        note.starts_with(&format!(
+            "quotactl: the Watch of tenant \"{tenant}\" on {first} ended ("
+        )) && note
+            .contains("looking for its leader for up to 30 s (the figures shown are from before)"),
+        "{note}"
+    );
+    assert_eq!(line().await["tenant"], tenant);
+    let status = timeout(LIMIT, child.wait()).await.unwrap().unwrap();
+    let mut rest = Vec::new();
+    while let Ok(Some(l)) = err.next_line().await {
+        rest.push(l);
+    }
+    assert!(status.success(), "{rest:?}");
+    assert!(
+        rest.last()
+            .is_some_and(|l| l.contains("; following it on ")),
+        "{rest:?}"
+    );
+    cluster.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_watch_without_a_tenant_merge_every_broker() {
     let cluster = Cluster::start("merge").await;
