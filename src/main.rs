@@ -60,6 +60,14 @@ fn main() -> ExitCode {
         eprintln!("quota-broker: {e}");
         return ExitCode::from(2);
     }
+    // Held until the process ends.
+    let _state_lock = match settings.lock_state_dir() {
+        Ok(lock) => lock,
+        Err(e) => {
+            eprintln!("quota-broker: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only on a terminal: not in files, pipes or journald.
     let logs = tracing_subscriber::fmt()

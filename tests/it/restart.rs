@@ -646,3 +646,45 @@ async fn an_admin_change_not_saved_is_saved_once_it_can_be() {
         "a resumed bucket is still saved as changed:\n{saved}"
     );
 }
+
+/// A second broker on a state directory a running one holds is refused at
+/// start, naming the first's process (the two would each overwrite the
+/// other's saved state); once the first has stopped, it starts there.
+#[tokio::test]
+async fn a_second_broker_on_a_state_directory_in_use_is_refused() {
+    let dir = fresh_dir("state-dir-in-use");
+    let first = Broker::start(&temp_config("in-use-first", &config(&dir))).await;
+    let second = temp_config("in-use-second", &config(&dir));
+    let run_second = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_quota-broker"))
+            .arg("--config")
+            .arg(&second)
+            .env("QUOTA_BROKER__SERVER__HTTP_LISTEN", "")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let refused = tokio::time::timeout(Duration::from_secs(30), run_second().wait_with_output())
+        .await
+        .expect("the second broker exits at once, refused, rather than serving")
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{err}");
+    let pid = std::fs::read_to_string(dir.join("broker.lock")).unwrap();
+    assert!(
+        err.contains(&format!(
+            "is in use by another broker (process {}): two brokers on one state directory",
+            pid.trim()
+        )),
+        "{err}"
+    );
+    let (status, _) = first.terminate().await;
+    assert!(status.success());
+    let again = Broker::start(&second).await;
+    let (status, log) = again.terminate().await;
+    assert!(status.success(), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
