@@ -568,9 +568,11 @@ impl Settings {
                     shown()
                 )
             })?;
-        match file.try_lock() {
+        // fs4 rather than std's `File::try_lock`: the same `flock`, within
+        // the crate's minimum Rust version.
+        match fs4::FileExt::try_lock(&file) {
             Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
+            Err(fs4::TryLockError::WouldBlock) => {
                 let mut holder = String::new();
                 let _ = std::io::Read::read_to_string(&mut file, &mut holder);
                 let holder = holder.trim();
@@ -585,7 +587,7 @@ impl Settings {
                     shown()
                 ));
             }
-            Err(std::fs::TryLockError::Error(e)) => {
+            Err(fs4::TryLockError::Error(e)) => {
                 return Err(format!(
                     "server.state_dir {}: cannot lock {STATE_LOCK_FILE}: {e}",
                     shown()
