@@ -490,11 +490,20 @@ async fn status(c: &mut Cluster, a: StatusArgs) -> Result<(), Error> {
 const FOLLOW_FOR: Duration = Duration::from_secs(30);
 /// The pause between two looks while no broker leads the tenant.
 const FOLLOW_PAUSE: Duration = Duration::from_millis(500);
+/// How often `watch` over every tenant tries again a broker given whose
+/// stream is not open (it stopped, restarted, or did not answer at first).
+const REOPEN_EVERY: Duration = Duration::from_secs(2);
+/// Bound on one such try, so a hung broker holds up the others' updates
+/// no longer.
+const REOPEN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The Watch streams of one `quotactl watch`, by their broker's URL. Of one
 /// tenant (`tenant` set), a stream that ends (the tenant moved to another
 /// broker, or its broker stopped) is opened again on the tenant's leader,
-/// for at most [`FOLLOW_FOR`]; the new leader's snapshot follows.
+/// for at most [`FOLLOW_FOR`]; the new leader's snapshot follows. Of every
+/// tenant, a broker whose stream ended (or that did not answer at first)
+/// is tried again every [`REOPEN_EVERY`] while the others' streams go on:
+/// restarted, it sends what it leads whole.
 struct Feed {
     streams: StreamMap<String, tonic::Streaming<QuotaStatus>>,
     tenant: Option<String>,
@@ -506,20 +515,42 @@ struct Feed {
     /// The tenant's stream moved to another broker since the last look:
     /// what the old one sent is to be forgotten.
     switched: bool,
+    /// Of every tenant: the brokers given whose stream is not open, and
+    /// when they are tried again.
+    dropped: Vec<String>,
+    reopen_at: Instant,
+    /// Of every tenant: the brokers whose stream ended since the last
+    /// look; what they sent is no longer live.
+    gone: Vec<String>,
 }
 
 impl Feed {
-    /// The next update; `None` when every stream ended (never for one
-    /// tenant, which is followed or fails).
-    async fn next(&mut self, c: &mut Cluster) -> Option<Result<QuotaStatus, Error>> {
+    /// The next update and the URL of the broker that sent it; `None`
+    /// when every stream ended (never for one tenant, which is followed or
+    /// fails).
+    async fn next(&mut self, c: &mut Cluster) -> Option<Result<(String, QuotaStatus), Error>> {
         loop {
             if let Some(lost) = self.lost.clone() {
                 if let Err(e) = self.follow(c, lost).await {
                     return Some(Err(e));
                 }
             }
-            match self.streams.next().await {
-                Some((_, Ok(s))) => return Some(Ok(s)),
+            if !self.dropped.is_empty() && Instant::now() >= self.reopen_at {
+                self.reopen(c).await;
+            }
+            let reopen_at = (!self.dropped.is_empty()).then_some(self.reopen_at);
+            let retry = async {
+                match reopen_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let next = tokio::select! {
+                next = self.streams.next() => next,
+                () = retry => continue,
+            };
+            match next {
+                Some((url, Ok(s))) => return Some(Ok((url, s))),
                 Some((url, Err(status))) => {
                     let leader = status
                         .metadata()
@@ -529,15 +560,20 @@ impl Feed {
                     let error = Error::status(&url, status);
                     if self.tenant.is_none() {
                         self.streams.remove(&url);
+                        self.gone.push(url.clone());
                     }
                     if self.tenant.is_none() && !self.streams.is_empty() {
                         // One broker of several ended its Watch (shutting
-                        // down): the others' go on.
+                        // down, or gone): the others' go on, and it is
+                        // tried again.
                         eprintln!(
-                            "quotactl: {}: the Watch ended ({}); watching the other brokers",
+                            "quotactl: {}: the Watch ended ({}); watching the other brokers, \
+                             and this one again once it answers",
                             short(&url),
                             one_line_why(&error.without_url())
                         );
+                        self.dropped.push(url);
+                        self.reopen_at = Instant::now() + REOPEN_EVERY;
                         continue;
                     }
                     // One broker given and no leader named: nowhere to
@@ -566,6 +602,29 @@ impl Feed {
                 }
             }
         }
+    }
+
+    /// Of every tenant: opens the Watch again on each broker whose stream
+    /// is not open; one that does not answer is tried again later.
+    async fn reopen(&mut self, c: &mut Cluster) {
+        for url in std::mem::take(&mut self.dropped) {
+            let opened = tokio::time::timeout(REOPEN_TIMEOUT, async {
+                let conn = c.conn(&url).await.ok()?;
+                let mut broker = conn.broker.clone();
+                conn.call(broker.watch(WatchRequest::default())).await.ok()
+            })
+            .await
+            .ok()
+            .flatten();
+            match opened {
+                Some(stream) => {
+                    eprintln!("quotactl: {}: watching it again", short(&url));
+                    self.streams.insert(url, stream);
+                }
+                None => self.dropped.push(url),
+            }
+        }
+        self.reopen_at = Instant::now() + REOPEN_EVERY;
     }
 
     /// Opens the tenant's stream again on its leader: first the one the
@@ -635,6 +694,37 @@ fn forget_if_switched(
     }
 }
 
+/// Adds `s`, sent by `url`, to the table's rows, and drops the rows no
+/// longer live: those of brokers whose stream ended, and those of `s`'s
+/// tenant sent by another broker (it no longer leads the tenant).
+fn keep_live(
+    feed: &mut Feed,
+    state: &mut BTreeMap<BucketKey, QuotaStatus>,
+    source: &mut BTreeMap<BucketKey, String>,
+    url: String,
+    s: QuotaStatus,
+) {
+    for gone in std::mem::take(&mut feed.gone) {
+        source.retain(|key, from| {
+            let live = *from != gone;
+            if !live {
+                state.remove(key);
+            }
+            live
+        });
+    }
+    source.retain(|key, from| {
+        let live = key.0 != s.tenant || *from == url;
+        if !live {
+            state.remove(key);
+        }
+        live
+    });
+    let key = table::key(&s);
+    source.insert(key.clone(), url);
+    state.insert(key, s);
+}
+
 /// Whether no broker led the tenant for now (an election, a broker
 /// stopping), rather than a refusal that a later look would meet again.
 fn worth_another_look(e: &Error) -> bool {
@@ -674,6 +764,16 @@ async fn watch(c: &mut Cluster, a: WatchArgs) -> Result<(), Error> {
             partial
         }
     };
+    // Of every tenant: the brokers that did not answer are tried again.
+    let dropped = match &a.tenant {
+        Some(_) => Vec::new(),
+        None => c
+            .urls
+            .iter()
+            .filter(|u| !streams.contains_key(*u))
+            .cloned()
+            .collect(),
+    };
     let title = streams.keys().cloned().collect::<Vec<_>>().join(",");
     let limit = a.count.unwrap_or(u64::MAX);
     let tty = std::io::stdout().is_terminal();
@@ -686,20 +786,27 @@ async fn watch(c: &mut Cluster, a: WatchArgs) -> Result<(), Error> {
         tenant: a.tenant.clone(),
         lost: None,
         switched: false,
+        dropped,
+        reopen_at: Instant::now() + REOPEN_EVERY,
+        gone: Vec::new(),
     };
+    // Which broker sent each row: a tenant is led by one broker at a time,
+    // so a row of it from another broker is no longer live, nor is any row
+    // of a broker whose stream ended.
+    let mut source: BTreeMap<BucketKey, String> = BTreeMap::new();
     let mut title = title;
     while updates < limit {
         let Some(first) = feed.next(c).await else {
             break;
         };
-        let first = first?;
+        let (url, first) = first?;
         updates += 1;
         if a.json {
             print(&format!("{}\n", table::status_json(&first)))?;
             continue;
         }
         forget_if_switched(&mut feed, &mut state, &mut title);
-        state.insert(table::key(&first), first);
+        keep_live(&mut feed, &mut state, &mut source, url, first);
         // Coalesce what arrives right after (the initial snapshot, bursts).
         let deadline = Instant::now() + REDRAW_EVERY;
         let mut ended = false;
@@ -711,10 +818,10 @@ async fn watch(c: &mut Cluster, a: WatchArgs) -> Result<(), Error> {
                     break;
                 }
                 Ok(Some(s)) => {
-                    let s = s?;
+                    let (url, s) = s?;
                     updates += 1;
                     forget_if_switched(&mut feed, &mut state, &mut title);
-                    state.insert(table::key(&s), s);
+                    keep_live(&mut feed, &mut state, &mut source, url, s);
                 }
             }
         }
@@ -896,4 +1003,82 @@ fn print(s: &str) -> Result<(), Error> {
     out.write_all(s.as_bytes())
         .and_then(|()| out.flush())
         .map_err(Error::Output)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(tenant: &str, bucket: &str, client: &str) -> QuotaStatus {
+        QuotaStatus {
+            tenant: tenant.into(),
+            bucket: bucket.into(),
+            oauth_client: client.into(),
+            ..Default::default()
+        }
+    }
+
+    fn rows(state: &BTreeMap<BucketKey, QuotaStatus>) -> Vec<String> {
+        state
+            .keys()
+            .map(|(t, b, c)| format!("{t}/{b}/{c}"))
+            .collect()
+    }
+
+    /// The table of `watch` over every tenant keeps only live rows: a
+    /// tenant's rows from the broker that led it before go once another
+    /// broker sends it (a per-client row the new leader has not made
+    /// among them), and a broker's rows go once its stream ended.
+    #[test]
+    fn rows_of_a_tenant_led_elsewhere_or_of_a_gone_broker_are_dropped() {
+        let mut feed = Feed {
+            streams: StreamMap::new(),
+            tenant: None,
+            watched: None,
+            lost: None,
+            switched: false,
+            dropped: Vec::new(),
+            reopen_at: Instant::now(),
+            gone: Vec::new(),
+        };
+        let (mut state, mut source) = (BTreeMap::new(), BTreeMap::new());
+        let (b1, b2) = ("http://b1".to_owned(), "http://b2".to_owned());
+        for s in [
+            row("t0", "rate", ""),
+            row("t0", "per-client", "app1"),
+            row("t1", "rate", ""),
+        ] {
+            keep_live(&mut feed, &mut state, &mut source, b1.clone(), s);
+        }
+        keep_live(
+            &mut feed,
+            &mut state,
+            &mut source,
+            b2.clone(),
+            row("t2", "rate", ""),
+        );
+        assert_eq!(
+            rows(&state),
+            ["t0/per-client/app1", "t0/rate/", "t1/rate/", "t2/rate/"]
+        );
+        // t0 moved to b2, which has not seen app1.
+        keep_live(
+            &mut feed,
+            &mut state,
+            &mut source,
+            b2.clone(),
+            row("t0", "rate", ""),
+        );
+        assert_eq!(rows(&state), ["t0/rate/", "t1/rate/", "t2/rate/"]);
+        // b2's stream ended: its rows go with the next update.
+        feed.gone.push(b2.clone());
+        keep_live(
+            &mut feed,
+            &mut state,
+            &mut source,
+            b1.clone(),
+            row("t1", "rate", ""),
+        );
+        assert_eq!(rows(&state), ["t1/rate/"]);
+    }
 }

@@ -395,6 +395,74 @@ async fn watch_of_a_tenant_says_at_once_that_no_broker_leads_it_for_now() {
     cluster.stop().await;
 }
 
+/// `watch` over every tenant whose one broker stops goes on with the
+/// other's stream, tries the stopped one again, and watches it again once
+/// it is back (before, it never did: a broker that restarted and led
+/// tenants again was left out for the rest of the watch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_of_every_tenant_watches_a_restarted_broker_again() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut cluster = Cluster::start("reopen").await;
+    cluster.settled().await;
+    let urls = cluster.urls();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quotactl"))
+        .arg("--broker")
+        .arg(urls.join(","))
+        .args(["--token", ADMIN, "watch", "--json"])
+        .env_remove("QUOTA_BROKER_URL")
+        .env_remove("QUOTA_BROKER_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("quotactl started");
+    // Both streams are open before the first update is printed; then read
+    // on, so quotactl never blocks on a full pipe.
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    timeout(LIMIT, out.next_line())
+        .await
+        .expect("an update within 30 s")
+        .unwrap()
+        .expect("quotactl went on");
+    let reading = tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+    let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut note = async || -> String {
+        timeout(LIMIT, err.next_line())
+            .await
+            .expect("a note on stderr within 30 s")
+            .unwrap()
+            .expect("quotactl went on")
+    };
+    let stopped = cluster.brokers.remove(0);
+    let url = stopped.url();
+    let addr: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    stopped.stop().await.unwrap();
+    let ended = note().await;
+    assert!(
+        ended.starts_with(&format!("quotactl: {url}: the Watch ended ("))
+            && ended.ends_with("watching the other brokers, and this one again once it answers"),
+        "{ended}"
+    );
+    // The same broker again, on its address.
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let settings = Settings::from_toml(&config(
+        "b1",
+        &url,
+        &cluster.etcd.url(),
+        "/qb-cli-test-reopen",
+    ))
+    .expect("test config is valid");
+    let again = Embedded::spawn(listener, settings).unwrap();
+    assert!(again.started().await, "the broker started again");
+    cluster.brokers.push(again);
+    // (Tries while it was down are not noted.)
+    assert_eq!(note().await, format!("quotactl: {url}: watching it again"));
+    child.kill().await.unwrap();
+    reading.abort();
+    cluster.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_watch_without_a_tenant_merge_every_broker() {
     let cluster = Cluster::start("merge").await;
