@@ -75,6 +75,32 @@ impl Broker {
         self.bucket_status(t, bucket)
     }
 
+    /// Puts a bucket's limits back to the config file's, dropping what
+    /// operators set; durable (no longer re-applied at start); returns its
+    /// instances' status.
+    pub(crate) async fn reset_bucket_limit(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        who: &str,
+    ) -> Result<Vec<TenantBucketStatus>, BrokerError> {
+        let t = self.tenant_index(tenant)?;
+        self.leading(t)?;
+        {
+            let configured = self.inner.settings.tenants[t]
+                .buckets
+                .iter()
+                .find(|c| c.name == bucket);
+            let mut state = self.inner.tenants[t].lock();
+            let b = state.reset_bucket_limit(bucket, configured, Instant::now())?;
+            tracing::info!(%tenant, %bucket, rate = ?b.rate, max_in_flight = ?b.max_in_flight,
+                by = %who, "bucket limit reset to the config's");
+        }
+        self.changed_by_admin(t, AdminKey::Bucket(bucket.to_owned()))
+            .await?;
+        self.bucket_status(t, bucket)
+    }
+
     /// Pauses (`Some(reason)`) or resumes (`None`) a bucket; durable.
     pub(crate) async fn set_paused(
         &self,

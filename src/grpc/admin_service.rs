@@ -118,6 +118,24 @@ impl pb::quota_admin_server::QuotaAdmin for AdminService {
     ) -> Result<Response<pb::SetBucketLimitResponse>, Status> {
         let who = self.admin(&request, &request.get_ref().tenant)?;
         let r = request.into_inner();
+        if r.reset {
+            if r.permits != 0 || r.window_ms != 0 || r.burst != 0 || r.max_in_flight != 0 {
+                return Err(BrokerError::invalid(
+                    "reset",
+                    "reset puts every limit back to the config's: give no permits, window_ms, \
+                     burst or max_in_flight with it"
+                        .to_owned(),
+                )
+                .into());
+            }
+            let statuses = self
+                .broker
+                .reset_bucket_limit(&r.tenant, &r.bucket, &who)
+                .await?;
+            return Ok(Response::new(pb::SetBucketLimitResponse {
+                status: self.first(statuses),
+            }));
+        }
         let change = LimitChange {
             permits: nonzero(r.permits),
             window: nonzero(r.window_ms).map(Duration::from_millis),

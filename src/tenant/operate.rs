@@ -65,46 +65,98 @@ impl TenantState {
             }
             None => None,
         };
+        let max_in_flight = match change.max_in_flight {
+            Some(m) => std::num::NonZeroU32::new(m),
+            None => old.max_in_flight,
+        };
+        self.apply_limits(b, rate, max_in_flight, now);
+        Ok(&self.buckets[b].settings)
+    }
+
+    /// Puts a bucket's limits back to `configured` (the config file's),
+    /// dropping what operators set: a rate or a slot limit the config does
+    /// not have is removed. Applies at once to every instance and to the
+    /// requests waiting on them; a pause stays as it is.
+    pub fn reset_bucket_limit(
+        &mut self,
+        bucket: &str,
+        configured: Option<&BucketSettings>,
+        now: Instant,
+    ) -> Result<&BucketSettings, BrokerError> {
+        let now = self.monotonic(now);
+        let b = self.bucket_index(bucket)?;
+        // Every bucket of a tenant is in its config (none is added at run
+        // time), so one known here is there.
+        let configured = configured.ok_or(BrokerError::Internal(
+            "the bucket is not in the config the broker started with",
+        ))?;
+        self.apply_limits(b, configured.rate, configured.max_in_flight, now);
+        Ok(&self.buckets[b].settings)
+    }
+
+    /// Sets bucket `b`'s rate and slot limit and applies them to every
+    /// instance: a rate or slot limit set anew starts as a new instance's
+    /// would, one changed keeps what was learned within its new bound, and
+    /// one removed is dropped (leases holding a removed slot release into
+    /// nothing).
+    fn apply_limits(
+        &mut self,
+        b: usize,
+        rate: Option<crate::config::Rate>,
+        max_in_flight: Option<std::num::NonZeroU32>,
+        now: Instant,
+    ) {
         let settings = &mut self.buckets[b].settings;
         settings.rate = rate;
-        if let Some(m) = change.max_in_flight {
-            settings.max_in_flight = std::num::NonZeroU32::new(m);
-        }
+        settings.max_in_flight = max_in_flight;
         let settings = settings.clone();
         let s = self.learning;
         for i in self.instances_of(b) {
             let Some(x) = self.instances.get_mut(i) else {
                 continue;
             };
-            if let Some(r) = settings.rate {
-                x.learner.set_configured(r.per_minute(), r.window);
-                x.base_burst = r.burst.get();
-                match x.tokens.as_mut() {
-                    Some(t) => t.set_burst(r.burst.get(), now),
-                    None => {
-                        x.tokens = Some(TokenBucket::new(
-                            r.permits.get(),
-                            r.window,
-                            r.burst.get(),
-                            now,
-                        ))
+            match settings.rate {
+                Some(r) => {
+                    x.learner.set_configured(r.per_minute(), r.window);
+                    x.base_burst = r.burst.get();
+                    match x.tokens.as_mut() {
+                        Some(t) => t.set_burst(r.burst.get(), now),
+                        None => {
+                            x.tokens = Some(TokenBucket::new(
+                                r.permits.get(),
+                                r.window,
+                                r.burst.get(),
+                                now,
+                            ))
+                        }
                     }
+                    x.apply_rate(now, &s);
                 }
-                x.apply_rate(now, &s);
+                None if x.tokens.is_some() => {
+                    x.tokens = None;
+                    x.base_burst = 1;
+                    x.learner = Learner::new(0.0, Duration::from_secs(60), now);
+                }
+                None => {}
             }
-            if let Some(m) = settings.max_in_flight {
-                if x.slots.is_none() {
-                    x.slots = Some(Slots::new(m.get()));
+            match settings.max_in_flight {
+                Some(m) => {
+                    if x.slots.is_none() {
+                        x.slots = Some(Slots::new(m.get()));
+                    }
+                    let window = settings.rate.map_or(Duration::from_secs(60), |r| r.window);
+                    x.slot_learner
+                        .get_or_insert_with(|| SlotLearner::new(m.get(), window))
+                        .set_configured(m.get());
+                    x.apply_slot_limit();
                 }
-                let window = settings.rate.map_or(Duration::from_secs(60), |r| r.window);
-                x.slot_learner
-                    .get_or_insert_with(|| SlotLearner::new(m.get(), window))
-                    .set_configured(m.get());
-                x.apply_slot_limit();
+                None => {
+                    x.slots = None;
+                    x.slot_learner = None;
+                }
             }
             self.touch(i);
         }
-        Ok(&self.buckets[b].settings)
     }
 
     /// Pauses (`Some(reason)`) or resumes (`None`) a bucket. Pausing answers

@@ -345,6 +345,7 @@ async fn admin_changes_apply_at_once_and_survive_a_restart() {
             window_ms: 60_000,
             burst: 4,
             max_in_flight: 3,
+            reset: false,
         })
         .await
         .unwrap()
@@ -452,6 +453,98 @@ async fn admin_changes_apply_at_once_and_survive_a_restart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An operator's limits are undone with `reset`: a slot limit the config
+/// does not have is removed (a lease holding one of its slots releases
+/// into nothing), the rate and burst go back to the config's, nothing is
+/// re-applied at the next start, and a pause stays. `reset` with a limit
+/// beside it is refused.
+#[tokio::test]
+async fn an_operators_limits_reset_go_back_to_the_config_and_stay_back() {
+    let dir = std::env::temp_dir().join(format!("qb-admin-reset-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = saturated_in(&dir);
+    let b = start(&cfg).await;
+    let mut admin = b.admin.clone();
+    let set = |permits, max_in_flight, reset| SetBucketLimitRequest {
+        tenant: "t".into(),
+        bucket: "org".into(),
+        permits,
+        window_ms: 0,
+        burst: 0,
+        max_in_flight,
+        reset,
+    };
+    admin.set_bucket_limit(set(60, 1, false)).await.unwrap();
+    let org = list(&b).await.remove("org").unwrap();
+    assert_eq!((org.configured_rate_per_min, org.max_in_flight), (60.0, 1));
+    let held = b.acquire(class_req("critical", "x", 0)).await;
+    assert!(held.granted, "{}", held.reason);
+    let full = b.acquire(class_req("critical", "y", 0)).await;
+    assert!(!full.granted, "the operator's one slot is held");
+    pause_org(&mut admin).await;
+    let err = admin.set_bucket_limit(set(60, 0, true)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("reset puts every limit back"),
+        "{}",
+        err.message()
+    );
+    let reset = admin
+        .set_bucket_limit(set(0, 0, true))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(
+        (
+            reset.configured_rate_per_min,
+            reset.burst,
+            reset.max_in_flight,
+            reset.paused
+        ),
+        (600.0, 10, 0, true)
+    );
+    admin
+        .resume_bucket(ResumeBucketRequest {
+            tenant: "t".into(),
+            bucket: "org".into(),
+        })
+        .await
+        .unwrap();
+    // No slot limit any more: granted while the first lease still runs.
+    let free = b.acquire(class_req("critical", "y", 0)).await;
+    assert!(free.granted, "{}", free.reason);
+    b.client
+        .clone()
+        .release(quota_broker::pb::ReleaseRequest {
+            tenant: "t".into(),
+            lease_id: held.lease_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    b.stop().await;
+    let saved = std::fs::read_to_string(dir.join("admin.toml")).unwrap_or_default();
+    assert!(
+        !saved.contains("org"),
+        "the reset bucket is still saved:\n{saved}"
+    );
+    let b = start(&cfg).await;
+    let org = list(&b).await.remove("org").unwrap();
+    assert_eq!(
+        (
+            org.configured_rate_per_min,
+            org.burst,
+            org.max_in_flight,
+            org.paused
+        ),
+        (600.0, 10, 0, false)
+    );
+    b.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn a_pause_pins_no_limit_so_a_config_edit_still_takes_effect() {
     let dir = std::env::temp_dir().join(format!("qb-admin-pin-{}", std::process::id()));
@@ -493,6 +586,7 @@ async fn an_operators_burst_survives_a_restart_beside_changed_permits() {
             window_ms: 0,
             burst: 600,
             max_in_flight: 0,
+            reset: false,
         })
         .await
         .unwrap();
@@ -518,6 +612,7 @@ async fn permits_beyond_what_a_bucket_can_hold_or_pace_are_refused_saying_why() 
         window_ms,
         burst,
         max_in_flight: 0,
+        reset: false,
     };
     let mut admin = b.admin.clone();
     let err = admin
@@ -573,6 +668,7 @@ async fn a_burst_the_operator_left_follows_an_edit_of_the_config() {
             window_ms: 60_000,
             burst: 0,
             max_in_flight: 0,
+            reset: false,
         })
         .await
         .unwrap();
@@ -613,6 +709,7 @@ async fn admin_changes_made_at_once_are_all_saved_and_the_last_survives() {
                     window_ms: 60_000,
                     burst: 4,
                     max_in_flight: 3,
+                    reset: false,
                 })
                 .await
         }

@@ -225,7 +225,8 @@ pub struct ClassSetArgs {
 #[derive(Debug, Subcommand)]
 pub enum BucketCommand {
     /// Change a bucket's rate or concurrency limit (SetBucketLimit). Limits
-    /// not given stay as they are.
+    /// not given stay as they are; `--reset` puts them all back to the
+    /// config file's.
     SetLimit(SetLimitArgs),
 }
 
@@ -233,7 +234,7 @@ pub enum BucketCommand {
 #[derive(Debug, Args)]
 #[command(group(
     ArgGroup::new("limit")
-        .args(["permits", "window_ms", "burst", "max_in_flight"])
+        .args(["permits", "window_ms", "burst", "max_in_flight", "reset"])
         .required(true)
         .multiple(true)
 ))]
@@ -255,6 +256,11 @@ pub struct SetLimitArgs {
     /// New concurrency limit (slots).
     #[arg(long, value_name = "M", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: Option<u32>,
+    /// Drop every limit operators set on the bucket: back to the config
+    /// file's (a rate or concurrency limit the config lacks is removed),
+    /// and no longer re-applied at start. A pause stays (`resume` ends it).
+    #[arg(long, conflicts_with_all = ["permits", "window_ms", "burst", "max_in_flight"])]
+    pub reset: bool,
     /// Print the resulting state as JSON.
     #[arg(long)]
     pub json: bool,

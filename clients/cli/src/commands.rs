@@ -905,6 +905,7 @@ async fn set_limit(c: &mut Cluster, a: SetLimitArgs) -> Result<(), Error> {
         window_ms: a.window_ms.unwrap_or(0),
         burst: a.burst.unwrap_or(0),
         max_in_flight: a.max_in_flight.unwrap_or(0),
+        reset: a.reset,
     };
     let status = c
         .call(&a.tenant, |conn| {
@@ -914,7 +915,12 @@ async fn set_limit(c: &mut Cluster, a: SetLimitArgs) -> Result<(), Error> {
         .await?
         .1
         .status;
-    print_status(status, a.json, &a.tenant, &a.bucket, "limit changed")
+    let what = if a.reset {
+        "limit reset to the config's"
+    } else {
+        "limit changed"
+    };
+    print_status(status, a.json, &a.tenant, &a.bucket, what)
 }
 
 async fn pause(c: &mut Cluster, a: PauseArgs) -> Result<(), Error> {

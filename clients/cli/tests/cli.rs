@@ -401,6 +401,16 @@ async fn admin_commands_change_the_broker() {
     )
     .await;
     assert_eq!(b.bucket("jobs").await["max_in_flight"], 2);
+    // --reset: the config's limits again.
+    let out = b
+        .ok(
+            Some(ADMIN),
+            &["bucket", "set-limit", "--tenant", "t", "org", "--reset"],
+        )
+        .await;
+    assert!(out.starts_with("TENANT"), "{out}");
+    let org = b.bucket("org").await;
+    assert_ne!(org["configured_rate_per_min"], 120.0, "{org}");
 
     // pause / resume.
     let out = b
@@ -528,6 +538,16 @@ async fn unreachable_broker_is_one_line_and_exit_1() {
 async fn usage_errors_exit_2() {
     for args in [
         &["bucket", "set-limit", "--tenant", "t", "org"][..],
+        &[
+            "bucket",
+            "set-limit",
+            "--tenant",
+            "t",
+            "org",
+            "--reset",
+            "--permits",
+            "5",
+        ],
         &[
             "class",
             "set",

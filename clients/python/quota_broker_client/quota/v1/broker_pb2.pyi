@@ -272,20 +272,22 @@ class SetPriorityClassResponse(_message.Message):
     def __init__(self, **kwargs) -> None: ...
 
 class SetBucketLimitRequest(_message.Message):
-    __slots__ = ("tenant", "bucket", "permits", "window_ms", "burst", "max_in_flight")
+    __slots__ = ("tenant", "bucket", "permits", "window_ms", "burst", "max_in_flight", "reset")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     BUCKET_FIELD_NUMBER: _ClassVar[int]
     PERMITS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
     BURST_FIELD_NUMBER: _ClassVar[int]
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     bucket: str
     permits: int
     window_ms: int
     burst: int
     max_in_flight: int
-    def __init__(self, tenant: _Optional[str] = ..., bucket: _Optional[str] = ..., permits: _Optional[int] = ..., window_ms: _Optional[int] = ..., burst: _Optional[int] = ..., max_in_flight: _Optional[int] = ...) -> None: ...
+    reset: bool
+    def __init__(self, tenant: _Optional[str] = ..., bucket: _Optional[str] = ..., permits: _Optional[int] = ..., window_ms: _Optional[int] = ..., burst: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., reset: bool = ...) -> None: ...
 
 class SetBucketLimitResponse(_message.Message):
     __slots__ = ("status",)
