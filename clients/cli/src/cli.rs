@@ -326,7 +326,12 @@ pub fn parse_broker_url(s: &str) -> Result<String, String> {
         return Err("expected an http:// or https:// URL, like http://127.0.0.1:50051".into());
     }
     match url.parse::<tonic::transport::Uri>() {
-        Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) => Ok(url),
+        // What the clients check too: a port from 1 to 65535, one host.
+        Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) => {
+            quota_broker_client::check_broker_address(&url)
+                .map(|_| url)
+                .map_err(|why| format!("not a valid broker address: {why}"))
+        }
         _ => Err("not a valid URL; expected one like http://127.0.0.1:50051".into()),
     }
 }
@@ -393,6 +398,15 @@ mod tests {
             "https://broker:50051"
         );
         assert!(parse_broker_url("ftp://broker").is_err());
+        // A port a broker cannot have is a usage error, not "unreachable".
+        for bad in [
+            "http://127.0.0.1:abc",
+            "127.0.0.1:70000",
+            "http://127.0.0.1:0",
+        ] {
+            let e = parse_broker_url(bad).unwrap_err();
+            assert!(e.contains("is not a number from 1 to 65535"), "{bad}: {e}");
+        }
         assert!(parse_broker_url("").is_err());
         assert!(parse_broker_url("http://").is_err());
         assert!(parse_broker_url("http://a b").is_err());

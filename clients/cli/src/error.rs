@@ -236,6 +236,11 @@ impl fmt::Display for Error {
                 } else {
                     write!(f, "{}: {message}", code_name(*code))?;
                 }
+                // The broker speaks to every gRPC caller; here the token is
+                // a flag.
+                if *code == Code::Unauthenticated {
+                    write!(f, " (quotactl sends the token given with --token or QUOTA_BROKER_TOKEN)")?;
+                }
                 match request_id {
                     Some(id) => write!(f, " (request id {id})"),
                     None => Ok(()),
@@ -396,6 +401,18 @@ mod tests {
         assert_eq!(e.to_string(), "NOT_FOUND: a; b");
         let e = Error::status("http://x", tonic::Status::internal(""));
         assert_eq!(e.to_string(), "INTERNAL");
+        // A missing or unknown token: how quotactl sends one.
+        let e = Error::status(
+            "http://x",
+            tonic::Status::unauthenticated(
+                "no bearer token: send metadata `authorization: Bearer <token>`",
+            ),
+        );
+        assert!(
+            e.to_string()
+                .ends_with("(quotactl sends the token given with --token or QUOTA_BROKER_TOKEN)"),
+            "{e}"
+        );
         // The broker's request id, so its log line can be found; one that
         // is not a plain short id is left out.
         let mut with_id = tonic::Status::not_found("no tenant \"x\"");

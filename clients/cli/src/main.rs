@@ -19,12 +19,17 @@ const MAX_ARG_BYTES: usize = 8192;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    if let Some((i, len)) = std::env::args_os()
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some((i, len)) = args
+        .iter()
         .map(|a| a.len())
         .enumerate()
         .find(|&(_, len)| len > MAX_ARG_BYTES)
     {
-        eprintln!("quotactl: argument {i} is {len} bytes long; at most {MAX_ARG_BYTES}");
+        eprintln!(
+            "quotactl: {} is {len} bytes long; at most {MAX_ARG_BYTES}",
+            which_argument(&args, i)
+        );
         return ExitCode::from(2);
     }
     let cli = cli::Cli::parse();
@@ -42,6 +47,35 @@ async fn main() -> ExitCode {
             eprintln!("quotactl: {}", not_a_broker(e).await);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Argument `i` of `args` named for an error: the flag it is the value of
+/// (`--reason`, or `--reason=…` itself), else its place.
+fn which_argument(args: &[std::ffi::OsString], i: usize) -> String {
+    // A flag of some subcommand that takes a value (not `--json`).
+    fn takes_value(cmd: &clap::Command, long: &str) -> bool {
+        cmd.get_arguments()
+            .any(|a| a.get_long() == Some(long) && a.get_action().takes_values())
+            || cmd.get_subcommands().any(|c| takes_value(c, long))
+    }
+    let command = <cli::Cli as clap::CommandFactory>::command();
+    let flag = |a: &std::ffi::OsString| {
+        let a = a.to_str()?;
+        let long = a.strip_prefix("--").filter(|l| l.len() <= 64)?;
+        takes_value(&command, long).then(|| a.to_owned())
+    };
+    if let Some(own) = args[i]
+        .to_str()
+        .and_then(|a| a.strip_prefix("--"))
+        .and_then(|a| a.split_once('='))
+        .filter(|(name, _)| name.len() <= 64)
+    {
+        return format!("the value of --{}", own.0);
+    }
+    match i.checked_sub(1).and_then(|p| flag(&args[p])) {
+        Some(f) => format!("the value of {f}"),
+        None => format!("argument {i}"),
     }
 }
 
@@ -63,4 +97,27 @@ async fn not_a_broker(e: error::Error) -> String {
         }
     }
     e.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::which_argument;
+
+    #[test]
+    fn a_long_argument_is_named_by_its_flag() {
+        let args = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let long = "x".repeat(9000);
+        let given = args(&["quotactl", "pause", "--tenant", "t", "b", "--reason", &long]);
+        assert_eq!(which_argument(&given, 6), "the value of --reason");
+        let eq = format!("--reason={long}");
+        let given = args(&["quotactl", "pause", "b", &eq]);
+        assert_eq!(which_argument(&given, 3), "the value of --reason");
+        let given = args(&["quotactl", "pause", "b", "--tenant", &long]);
+        assert_eq!(which_argument(&given, 4), "the value of --tenant");
+        // A bucket after a value, or after a flag that takes none.
+        let given = args(&["quotactl", "pause", "--tenant", "t", &long]);
+        assert_eq!(which_argument(&given, 4), "argument 4");
+        let given = args(&["quotactl", "bucket", "set-limit", "--reset", &long]);
+        assert_eq!(which_argument(&given, 4), "argument 4");
+    }
 }

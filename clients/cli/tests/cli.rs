@@ -574,6 +574,8 @@ async fn usage_errors_exit_2() {
         ],
         &["watch", "--count", "0"],
         &["--broker", "ftp://x", "status"],
+        &["--broker", "http://127.0.0.1:abc", "status"],
+        &["--broker", "127.0.0.1:70000", "status"],
         &["frobnicate"],
     ] {
         let out = output(quotactl(args)).await;
@@ -585,7 +587,10 @@ async fn usage_errors_exit_2() {
     let out = output(quotactl(&["--broker", &long, "status"])).await;
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("argument 2 is 100000 bytes long"), "{err}");
+    assert!(
+        err.contains("the value of --broker is 100000 bytes long"),
+        "{err}"
+    );
     assert!(err.len() < 200, "{} bytes", err.len());
 }
 

@@ -69,6 +69,19 @@ mod layer;
 
 pub use fallback::FallbackSettings;
 
+/// The URL a client dials for the broker address `given` (`host:port`,
+/// `http://…`, `https://…`), or why it can never be dialled: a port that is
+/// not a number from 1 to 65535, two `:` outside an IPv6 address's
+/// brackets, a host name with characters no host has, another scheme. The
+/// check [`BrokerClient`] makes when it is built, for tools that take broker
+/// addresses of their own (quotactl's usage errors).
+pub fn check_broker_address(given: &str) -> Result<String, String> {
+    address::broker_url(given).map_err(|e| match e {
+        ClientError::Url { message, .. } => message,
+        other => other.to_string(),
+    })
+}
+
 /// What a plaintext server that is not a quota-broker's gRPC port said
 /// first to a gRPC client (see [`not_a_grpc_port`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
