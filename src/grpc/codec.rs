@@ -206,6 +206,7 @@ pub(crate) fn status_to_pb(s: TenantBucketStatus, clock: Clock) -> pb::QuotaStat
         burst: b.burst,
         reports_total: b.reports_total,
         paused: b.paused.is_some(),
+        pause_reason: b.paused.clone().unwrap_or_default(),
         learned_limit_per_min: b.learned_limit_per_min.unwrap_or(0.0),
         throttle_ratio: b.throttle_ratio,
         cooldown_until_ms: b.cooldown_until.map_or(0, |t| clock.unix_ms(t)),

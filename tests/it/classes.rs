@@ -505,6 +505,7 @@ async fn an_operators_limits_reset_go_back_to_the_config_and_stay_back() {
         ),
         (600.0, 10, 0, true)
     );
+    assert_eq!(reset.pause_reason, "maintenance");
     admin
         .resume_bucket(ResumeBucketRequest {
             tenant: "t".into(),

@@ -60,8 +60,24 @@ pub fn row(s: &QuotaStatus) -> Vec<String> {
         waiting(&s.waiting),
         percent(s.throttle_ratio),
         until(s.frozen_until_ms, s.at_ms),
-        if s.paused { "paused" } else { "-" }.into(),
+        paused(s),
     ]
+}
+
+/// `-`, `paused`, or `paused: REASON` (the reason cut to 40 characters; the
+/// whole of it in `--json`).
+fn paused(s: &QuotaStatus) -> String {
+    match (s.paused, s.pause_reason.trim()) {
+        (false, _) => "-".into(),
+        (true, "") => "paused".into(),
+        (true, why) => {
+            let why = why.split_whitespace().collect::<Vec<_>>().join(" ");
+            match why.char_indices().nth(40) {
+                Some((at, _)) => format!("paused: {}…", &why[..at]),
+                None => format!("paused: {why}"),
+            }
+        }
+    }
 }
 
 /// The bucket name, with the OAuth client for per-client instances:
@@ -218,6 +234,7 @@ pub fn status_json(s: &QuotaStatus) -> Value {
         "burst": s.burst,
         "reports_total": s.reports_total,
         "paused": s.paused,
+        "pause_reason": s.pause_reason,
         "learned_limit_per_min": s.learned_limit_per_min,
         "throttle_ratio": s.throttle_ratio,
         "cooldown_until_ms": s.cooldown_until_ms,
@@ -353,6 +370,18 @@ mod tests {
         assert!(lines[1].contains("0.70%"), "{out}");
         assert!(lines[1].contains("in 12.3s"), "{out}");
         assert!(lines[2].ends_with("paused"), "{out}");
+        jobs.pause_reason = "warehouse maintenance until 14:00\n".into();
+        let out = render_status([&jobs]);
+        assert!(
+            out.ends_with("  paused: warehouse maintenance until 14:00\n"),
+            "{out}"
+        );
+        jobs.pause_reason = "x".repeat(100);
+        let out = render_status([&jobs]);
+        assert!(
+            out.ends_with(&format!("paused: {}…\n", "x".repeat(40))),
+            "{out}"
+        );
         // Every column starts at the same offset on every line.
         let col = |line: &str, text: &str| line.find(text).unwrap();
         assert_eq!(col(lines[0], "BUCKET"), col(lines[1], "org"));
@@ -385,7 +414,7 @@ mod tests {
     fn json_has_every_field() {
         let v = status_json(&status("org"));
         let obj = v.as_object().unwrap();
-        assert_eq!(obj.len(), 21);
+        assert_eq!(obj.len(), 22);
         assert_eq!(v["waiting"]["batch"], 3);
         assert_eq!(v["upstream_remaining"], -1);
         assert_eq!(v["configured_rate_per_min"], 60.0);

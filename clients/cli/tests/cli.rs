@@ -419,14 +419,19 @@ async fn admin_commands_change_the_broker() {
             &["pause", "--tenant", "t", "jobs", "--reason", "maintenance"],
         )
         .await;
-    assert!(out.lines().nth(1).unwrap().ends_with("paused"), "{out}");
+    assert!(
+        out.lines().nth(1).unwrap().ends_with("paused: maintenance"),
+        "{out}"
+    );
     assert_eq!(b.bucket("jobs").await["paused"], true);
+    assert_eq!(b.bucket("jobs").await["pause_reason"], "maintenance");
     assert_eq!(b.bucket("org").await["paused"], false);
     let out = b
         .ok(Some(ADMIN), &["resume", "--tenant", "t", "jobs", "--json"])
         .await;
     let s: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(s["paused"], false);
+    assert_eq!(s["pause_reason"], "");
     assert_eq!(b.bucket("jobs").await["paused"], false);
     b.stop().await;
 }
