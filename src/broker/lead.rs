@@ -85,20 +85,38 @@ impl Broker {
     /// without a valid etcd lease it leads no tenant and knows no leader
     /// to send callers to (a broker of a healthy cluster that leads none
     /// is ready: it redirects).
-    pub(crate) fn not_ready(&self) -> Option<&'static str> {
+    pub(crate) fn not_ready(&self) -> Option<String> {
         self.inner.settings.cluster.as_ref()?;
         let until = *self
             .inner
             .in_cluster_until
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        match until {
-            Some(u) if u > Instant::now() => None,
-            _ => Some(
-                "not in the cluster: no valid etcd lease (etcd unreachable, or the lease lost), \
-                 so this broker leads no tenant and knows no leader to send callers to",
-            ),
+        if until.is_some_and(|u| u > Instant::now()) {
+            return None;
         }
+        let why = self
+            .inner
+            .cluster_trouble
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| {
+                "no valid etcd lease (etcd unreachable, or the lease lost)".to_owned()
+            });
+        Some(format!(
+            "not in the cluster: {why}; so this broker leads no tenant and knows no leader to \
+             send callers to"
+        ))
+    }
+
+    /// Cluster mode: why the last session failed (`None` once one joins).
+    pub(crate) fn set_cluster_trouble(&self, why: Option<String>) {
+        *self
+            .inner
+            .cluster_trouble
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = why;
     }
 
     /// True if this broker grants for tenant `t` now.

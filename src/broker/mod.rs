@@ -101,6 +101,9 @@ struct Inner {
     /// Cluster mode: until when this broker's etcd lease is known valid
     /// (`None`: not in the cluster now). Read by `/readyz`.
     in_cluster_until: Mutex<Option<Instant>>,
+    /// Cluster mode: why the last session failed, until one joins (for
+    /// `/readyz`).
+    cluster_trouble: Mutex<Option<String>>,
     /// The last write of learned state failed (for `/metrics`).
     state_failing: std::sync::atomic::AtomicBool,
     /// An operator's change is in force but not in `admin.toml` (its write
@@ -186,6 +189,7 @@ impl Broker {
                 metrics,
                 run: fastrand::u64(..),
                 in_cluster_until: Mutex::new(None),
+                cluster_trouble: Mutex::new(None),
                 state_failing: std::sync::atomic::AtomicBool::new(false),
                 admin_unsaved: std::sync::atomic::AtomicBool::new(false),
             }),

@@ -22,6 +22,8 @@ impl Node {
         }
         let me = self.settings.node.clone();
         tracing::info!(node = %me, lease, "joined the cluster");
+        self.failing = None;
+        self.broker.set_cluster_trouble(None);
         if self.etcd_was_away {
             self.await_earlier_members();
         } else {

@@ -125,6 +125,10 @@ impl Keys {
 
 /// How often learned state is saved, at most.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// A session that keeps failing the same way (etcd away, this node's name
+/// taken) is retried every tick; its warning is logged at most this often,
+/// with how many failed since (each one at debug).
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// The cluster task: runs until the broker shuts down, then hands every
 /// tenant it leads over (saved, keys deleted, lease revoked) so the next
@@ -171,6 +175,7 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
         member_leases: HashMap::new(),
         etcd_was_away: false,
         refresh_failed: false,
+        failing: None,
     };
     let shutdown = broker.shutdown_token().clone();
     loop {
@@ -189,8 +194,7 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
             }
             Err(e) => {
                 node.etcd_was_away = true;
-                tracing::warn!(error = %e, etcd = ?node.settings.etcd,
-                    "cluster session failed: leading nothing until one succeeds");
+                node.session_failed(&e);
                 node.lose_all();
                 // One tick, not a growing backoff: a session that fails
                 // costs etcd one bounded call, and a broker must be back
@@ -251,4 +255,36 @@ struct Node {
     etcd_was_away: bool,
     /// A keep-alive of this session went unanswered.
     refresh_failed: bool,
+    /// Sessions failing in a row: the error last logged, when, and how
+    /// many failed the same way since (see [`FAILURE_LOG_EVERY`]).
+    failing: Option<(String, Instant, u32)>,
+}
+
+impl Node {
+    /// A session failed with `e`: said on `/readyz` until one joins, and
+    /// logged, the same failure again at most every [`FAILURE_LOG_EVERY`].
+    fn session_failed(&mut self, e: &EtcdError) {
+        let what = e.to_string();
+        self.broker.set_cluster_trouble(Some(what.clone()));
+        let now = Instant::now();
+        match self.failing.as_mut() {
+            Some((last, logged, since))
+                if *last == what && now.duration_since(*logged) < FAILURE_LOG_EVERY =>
+            {
+                *since += 1;
+                tracing::debug!(error = %e, "cluster session failed again");
+            }
+            _ => {
+                let again = self
+                    .failing
+                    .as_ref()
+                    .filter(|(last, _, _)| *last == what)
+                    .map_or(0, |(_, _, since)| *since);
+                tracing::warn!(error = %e, etcd = ?self.settings.etcd, failed_again_since_last_said = again,
+                    "cluster session failed: leading nothing until one succeeds (retried every \
+                     tick; the same failure is logged again at most once a minute)");
+                self.failing = Some((what, now, 0));
+            }
+        }
+    }
 }

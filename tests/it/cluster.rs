@@ -544,12 +544,18 @@ async fn a_second_broker_under_a_members_node_name_leads_nothing() {
     // Another process configured as b1 too (a copied config, an overlapping
     // deploy): it must not take b1's tenants while b1 lives.
     let port = testsvc::free_port().unwrap();
+    let http = testsvc::free_port().unwrap();
     let toml = config(
         "b1",
         port,
         &cluster.etcd_url,
         &cluster.prefix,
         &cluster.tenants,
+    )
+    .replacen(
+        "http_listen = \"\"",
+        &format!("http_listen = \"127.0.0.1:{http}\""),
+        1,
     );
     let dup = Broker::start(&temp_config(&format!("cluster-dup-{port}"), &toml)).await;
     let watch_until = Instant::now() + Duration::from_millis(2 * TTL_MS);
@@ -565,11 +571,28 @@ async fn a_second_broker_under_a_members_node_name_leads_nothing() {
         );
         crate::harness::poll_pause().await;
     }
+    // Its readiness probe says why, not only that etcd may be away.
+    let ready = crate::observe::get(
+        std::net::SocketAddr::from(([127, 0, 0, 1], http)),
+        "/readyz",
+        &[],
+    )
+    .await;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert!(
+        ready
+            .body
+            .contains("another broker is a member as node \"b1\""),
+        "{}",
+        ready.body
+    );
     let (_, log) = dup.terminate().await;
     assert!(
         log.contains("another broker is a member as node \"b1\""),
         "{log}"
     );
+    // Failing each tick for 2 lease TTLs, said once (at most once a minute).
+    assert_eq!(log.matches("cluster session failed").count(), 1, "{log}");
 }
 
 /// A member whose config lacks some tenants is never elected to lead them
