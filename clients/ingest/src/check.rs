@@ -1,8 +1,9 @@
 //! The start-up check's part that is gc-ingest's own: a login host that
-//! refuses connections (a wrong `--region`, nothing listening there) is an
-//! error at start, not a warning followed by every block failing. The
-//! upstream client's check only says the login host "did not answer"; a
-//! direct connection tells a refusal from a host that is slow or away.
+//! refuses connections (nothing listening there) or whose name does not
+//! exist (a misspelt `--region`) is an error at start, not a warning
+//! followed by every block failing. The upstream client's check only says
+//! the login host "did not answer"; a lookup and a direct connection tell
+//! those from a host that is slow or away, or a resolver that is.
 
 use std::time::Duration;
 
@@ -19,10 +20,12 @@ const PROXY_VARIABLES: [&str; 6] = [
     "all_proxy",
 ];
 
-/// Why the login host at `login` (a base URL) refuses connections, if it
-/// does at every address it has: `None` when it takes one, does not answer
-/// within `within`, cannot be resolved, or is reached through a proxy.
-pub async fn login_refuses(login: &str, within: Duration) -> Option<std::io::Error> {
+/// Why the login host at `login` (a base URL) can never be reached, if so:
+/// it refuses connections at every address it has, or the resolver says
+/// its name does not exist. `None` when it takes a connection, does not
+/// answer within `within`, cannot be resolved for now (no resolver, a
+/// timeout), or is reached through a proxy.
+pub async fn login_refuses(login: &str, within: Duration) -> Option<String> {
     let through_proxy = PROXY_VARIABLES
         .iter()
         .any(|v| std::env::var_os(v).is_some_and(|p| !p.is_empty()));
@@ -30,10 +33,13 @@ pub async fn login_refuses(login: &str, within: Duration) -> Option<std::io::Err
         return None;
     }
     let authority = authority(login)?;
-    let addrs = tokio::time::timeout(within, tokio::net::lookup_host(&authority))
-        .await
-        .ok()?
-        .ok()?;
+    let addrs = match tokio::time::timeout(within, tokio::net::lookup_host(&authority)).await {
+        Ok(Ok(addrs)) => addrs,
+        Ok(Err(e)) if name_does_not_exist(&e) => {
+            return Some(format!("has a name that does not exist ({e})"))
+        }
+        _ => return None,
+    };
     let mut refused = None;
     for addr in addrs {
         match tokio::time::timeout(within, TcpStream::connect(addr)).await {
@@ -42,7 +48,22 @@ pub async fn login_refuses(login: &str, within: Duration) -> Option<std::io::Err
             _ => return None,
         }
     }
-    refused
+    refused.map(|e| format!("refuses connections ({e})"))
+}
+
+/// Whether a failed lookup is the resolver's answer that the name does
+/// not exist (`EAI_NONAME`, `EAI_NODATA`), not a resolver that could not
+/// answer for now (`EAI_AGAIN`). std reports `getaddrinfo`'s errors only as
+/// their text, with no kind of their own, so the text is what is read.
+fn name_does_not_exist(e: &std::io::Error) -> bool {
+    let text = e.to_string();
+    [
+        "Name or service not known",
+        "No address associated with hostname",
+        "nodename nor servname provided",
+    ]
+    .iter()
+    .any(|t| text.contains(t))
 }
 
 /// `host:port` of an `http://` or `https://` base URL (the scheme's port
@@ -105,6 +126,28 @@ mod tests {
             .await
             .is_none());
         let refused = login_refuses(&format!("http://{closed}"), within).await;
-        assert!(refused.is_some(), "{closed}");
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|r| r.starts_with("refuses connections")),
+            "{closed}: {refused:?}"
+        );
+    }
+
+    #[test]
+    fn a_name_that_does_not_exist_is_told_from_a_resolver_away() {
+        let lookup = |text: &str| {
+            std::io::Error::other(format!("failed to lookup address information: {text}"))
+        };
+        assert!(name_does_not_exist(&lookup("Name or service not known")));
+        assert!(name_does_not_exist(&lookup(
+            "No address associated with hostname"
+        )));
+        assert!(!name_does_not_exist(&lookup(
+            "Temporary failure in name resolution"
+        )));
+        assert!(!name_does_not_exist(&lookup(
+            "Non-recoverable failure in name resolution"
+        )));
     }
 }

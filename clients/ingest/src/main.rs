@@ -214,14 +214,13 @@ async fn main() -> ExitCode {
     match source.upstream().preflight(PREFLIGHT_WAIT).await {
         Ok(warnings) => {
             // The upstream client says only that the login host "did not
-            // answer": one that refuses connections is a wrong --region,
-            // which no block would get past.
+            // answer": one that refuses connections, or whose name does not
+            // exist, is a wrong --region, which no block would get past.
             let login = Region::new(&args.region).map(|r| r.login);
             if let (false, Ok(login)) = (warnings.is_empty(), login) {
-                if let Some(e) = login_refuses(&login, PREFLIGHT_WAIT).await {
+                if let Some(why) = login_refuses(&login, PREFLIGHT_WAIT).await {
                     eprintln!(
-                        "gc-ingest: start-up check: the login host {login} refuses connections \
-                         ({e}): check --region"
+                        "gc-ingest: start-up check: the login host {login} {why}: check --region"
                     );
                     return ExitCode::from(2);
                 }
@@ -352,13 +351,19 @@ async fn main() -> ExitCode {
     }
 }
 
+/// A signal this soon after the first counts as the same one (see
+/// `watch_signals`).
+const SAME_SIGNAL: Duration = Duration::from_secs(1);
+
 /// How long a stopped run waits for its jobs to be deleted and its slots
 /// released before it exits.
 const SETTLE_WAIT: Duration = Duration::from_secs(10);
 
 /// The first SIGINT or SIGTERM cancels `stop` (the run gives its blocks in
 /// progress back) and notes its exit code in `stopped_by` (130 or 143); a
-/// second exits at once.
+/// second exits at once. One that comes within [`SAME_SIGNAL`] of the first
+/// is that signal delivered twice, not a second one: GNU `timeout` (a cron
+/// job's limit) sends it to the process and then to its process group.
 fn watch_signals(
     stop: CancellationToken,
     stopped_by: std::sync::Arc<std::sync::atomic::AtomicU8>,
@@ -381,9 +386,15 @@ fn watch_signals(
              (a second signal exits at once)",
         );
         stop.cancel();
-        let code = tokio::select! {
-            _ = int.recv() => 130,
-            _ = term.recv() => 143,
+        let first = tokio::time::Instant::now();
+        let code = loop {
+            let code = tokio::select! {
+                _ = int.recv() => 130,
+                _ = term.recv() => 143,
+            };
+            if first.elapsed() >= SAME_SIGNAL {
+                break code;
+            }
         };
         console.say(
             "gc-ingest: stopped at once: blocks in progress stay claimed until their claim expires",

@@ -112,6 +112,8 @@ def _may_have_reached_a_broker(err):
 _OVERLOAD_BACKOFF_S = 1.0
 # ...and never less than this between two tries of the background sender.
 _MIN_OVERLOAD_BACKOFF_S = 0.05
+# How long a call made while falling back waits for the probe it started.
+_PROBE_WAIT_S = 0.25
 
 
 
@@ -381,8 +383,14 @@ class Lease:
             # once a broker answers again, so one that took the lease over
             # frees its slot then rather than at its expiry.
             log.debug("releasing lease %s failed, kept for later: %s", self.lease_id, e)
-            # Without the Acquire: this attempt may have been processed.
-            self._broker._keep_release(pb.ReleaseRequest(lease_id=self.lease_id))
+            kept = pb.ReleaseRequest(lease_id=self.lease_id)
+            if not _may_have_reached_a_broker(e):
+                # No broker read it (the connection failed): kept with the
+                # Acquire, so a broker that restarted after a crash and
+                # does not know the lease frees its slot when it is sent.
+                kept.acquired_with.CopyFrom(self._acquired_with())
+            self._broker._keep_release(kept)
+            self._broker._await_broker()
             released = False
         except errors.Overloaded as e:
             if self._broker._fallback is None:
@@ -632,6 +640,8 @@ class QuotaBroker:
         # Releases refused as Overloaded, sent by the background sender.
         self._deferred_releases = collections.deque()
         self._prober = None
+        # Probes an unreachable broker while something is kept for it.
+        self._awaiter = None
         # A process that exits without close() (or `with`) would lose the kept
         # outcomes silently: at exit they are sent if a broker answers within
         # _CLOSE_FLUSH_TIMEOUT_S, and what is left is logged. A weak reference,
@@ -808,18 +818,62 @@ class QuotaBroker:
                     return
                 req = self._deferred_releases.popleft()
             try:
-                self._call("Release", req, timeout)
+                self._send_release_adopting(req, timeout)
             except errors.Overloaded as e:
                 self._overloaded(e)
                 with self._flusher_lock:
                     self._deferred_releases.appendleft(req)
                 return
-            except _UNREACHABLE:
+            except _UNREACHABLE as e:
+                if _may_have_reached_a_broker(e):
+                    # Sent again later, it must not be adopted (see below).
+                    req.ClearField("acquired_with")
                 with self._flusher_lock:
                     self._deferred_releases.appendleft(req)
                 return
             except errors.BrokerRpcError as e:
                 log.debug("deferred release %s refused: %s", req, e)
+
+    def _send_release_adopting(self, req, timeout=None):
+        """Sends a kept release. One kept with the Acquire that granted its
+        lease goes without it first, and with it only if the broker answered
+        that it does not know the lease (restarted after a crash, or leading
+        since a failover): adopted and released on a release some broker had
+        already processed (its answer lost), it would free a slot since
+        granted to someone else (the Rust client's rule)."""
+        if not req.HasField("acquired_with"):
+            return self._call("Release", req, timeout)
+        bare = pb.ReleaseRequest()
+        bare.CopyFrom(req)
+        bare.ClearField("acquired_with")
+        answer = self._call("Release", bare, timeout)
+        if answer.released:
+            return answer
+        return self._call("Release", req, timeout)
+
+    def _await_broker(self):
+        """While releases or outcomes are kept for an unreachable broker:
+        probes it every ``probe_every_s`` (one thread at a time), so they are
+        sent once it answers again, not only at this client's next call."""
+        with self._flusher_lock:
+            if self._awaiter is not None or self._closed.is_set():
+                return
+            self._awaiter = threading.Thread(target=self._await_in_background,
+                                             name="quota-broker-await", daemon=True)
+            self._awaiter.start()
+
+    def _await_in_background(self):
+        every = self._fallback.settings.probe_every_s if self._fallback is not None else 1.0
+        try:
+            while not self._closed.wait(every):
+                fb = self._fallback
+                if not self._has_deferred():
+                    return
+                if fb is None or fb.active or self._deferred_releases:
+                    self._probe_in_background()
+        finally:
+            with self._flusher_lock:
+                self._awaiter = None
 
     def _send_deferred(self, timeout=None):
         """Releases first (they free slots for the fleet), then the kept reports."""
@@ -868,10 +922,11 @@ class QuotaBroker:
         go to it again and what was kept is sent."""
         with self._flusher_lock:
             if self._prober is not None or self._closed.is_set():
-                return
+                return self._prober
             self._prober = threading.Thread(target=self._probe, name="quota-broker-probe",
                                             daemon=True)
             self._prober.start()
+            return self._prober
 
     def _probe(self):
         try:
@@ -1174,7 +1229,14 @@ class QuotaBroker:
         started = self._clock.monotonic()
         while True:
             if fb is not None and fb.active and fb.should_try_broker():
-                self._probe_in_background()
+                prober = self._probe_in_background()
+                # A broker that is back answers its probe within
+                # milliseconds: wait that long, so this call is leased by it
+                # rather than by the fallback (or told "unreachable"); never
+                # longer than _PROBE_WAIT_S, so a broker that hangs holds no
+                # call up.
+                if prober is not None:
+                    prober.join(_PROBE_WAIT_S)
             if fb is None or not fb.active:
                 key = uuid.uuid4().hex
                 try:
@@ -1344,6 +1406,7 @@ class QuotaBroker:
         if int(status) == 429:
             fb.throttled(int(retry_after_ms))
         fb.keep(req)
+        self._await_broker()
         return None
 
     def watch(self, tenant="", *, timeout=None):

@@ -339,6 +339,34 @@ def test_a_lease_released_after_its_broker_crashed_frees_its_slot_at_once(start_
     client.close()
 
 
+def test_a_lease_released_while_its_broker_was_down_frees_its_slot_once_it_is_back(
+        start_broker, tmp_path):
+    # Released while the broker was down after a crash (the connection
+    # refused: no broker read it), the release is kept with the Acquire that
+    # granted the lease; once the restarted broker answers it is sent, with
+    # no further call from this client, and frees the slot at once, where
+    # the restarted broker would otherwise count it held for the whole TTL.
+    state = tmp_path / "state"
+    b = start_broker(state_dir=str(state), single_ttl_ms=600_000)
+    client = b.client()
+    lease = client.acquire(TENANT, "GET", SINGLE_PATH, client_id="holder", max_wait_ms=0)
+    b.kill()
+    assert lease.release() is False
+    assert client.pending_releases == 1
+    again = start_broker(state_dir=str(state), single_ttl_ms=600_000, port=b.port)
+    deadline = time.monotonic() + 10
+    while client.pending_releases:
+        assert time.monotonic() < deadline, "the kept release was not sent once the broker was back"
+        time.sleep(0.05)
+    # Another client: the slot is free (a few seconds' wait: the restarted
+    # rate bucket starts drained); held, this wait would end NotGranted.
+    other = again.client()
+    other.acquire(TENANT, "GET", SINGLE_PATH, client_id="second",
+                  priority_class="critical", max_wait_ms=5_000).release()
+    other.close()
+    client.close()
+
+
 def _logged(caplog, text, deadline_s):
     """Waits (polling the log, at most `deadline_s`) until a client log line contains `text`."""
     deadline = time.monotonic() + deadline_s

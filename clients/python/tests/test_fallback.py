@@ -211,6 +211,31 @@ def test_back_to_the_broker_promptly_and_kept_outcomes_reported(start_broker, ca
         client.close()
 
 
+def test_a_call_made_once_the_broker_is_back_is_leased_by_it(start_broker, fake_clock):
+    # Falling back, nothing kept; the broker comes back and this client's
+    # channel to it is ready again. The next call, whose probe is due, is
+    # leased by the broker: it waits the moment its probe takes, where it
+    # took a local fallback permit at once while the probe ran beside it.
+    proc = start_broker()
+    client = qb.QuotaBroker(proc.addr, clock=fake_clock)
+    try:
+        client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=1000).release()
+        proc.kill()
+        first = client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=0)
+        assert first.is_fallback and client.in_fallback
+        start_broker(port=proc.port)  # returns once it logs "serving"
+        # The channel's reconnect backoff over: a real event, not a sleep.
+        grpc.channel_ready_future(client._conn.channel).result(timeout=10)
+        # The next probe due, and the local limiter's next permit too.
+        fake_clock.advance(60)
+        lease = client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=0)
+        assert not lease.is_fallback and lease.lease_id, "a fallback lease with the broker back"
+        assert not client.in_fallback
+        lease.release()
+    finally:
+        client.close()
+
+
 def test_threads_sharing_a_client_share_its_fallback_rate(start_broker):
     proc = start_broker()
     proc.kill()
