@@ -103,6 +103,15 @@ impl Broker {
         let (mut resumed, mut recorded, mut learning) = (0usize, 0usize, 0usize);
         for t in &self.inner.tenants {
             let mut state = t.lock();
+            // A tenant the last run did not have (added to the config since
+            // its graceful stop, which recorded every tenant it had): no
+            // lease of it can be held, so it starts with every slot free.
+            if record
+                .as_ref()
+                .is_some_and(|r| !r.tenants.contains_key(state.id()))
+            {
+                continue;
+            }
             let leases = record
                 .as_ref()
                 .and_then(|r| r.tenants.get(state.id()))

@@ -506,6 +506,44 @@ async fn a_graceful_restart_after_the_leases_ran_out_holds_none_of_them() {
     );
 }
 
+/// A tenant added to the config between a graceful stop and the next start
+/// had no lease in the last run: its slots are free at once, not counted
+/// held for a lease TTL as after a crash.
+#[tokio::test]
+async fn a_tenant_added_since_a_graceful_stop_starts_with_its_slots_free() {
+    let dir = fresh_dir("graceful-added");
+    let before = config(&dir).replace("lease_ttl_ms = 5000", "lease_ttl_ms = 600000");
+    let path = temp_config("restart-graceful-added", &before);
+    let b = Broker::start(&path).await;
+    let (status, first_log) = b.terminate().await;
+    assert!(status.success(), "{first_log}");
+    // The same config with a second tenant "u", of one slot.
+    let added = format!(
+        "{before}[[tenants]]\nid = \"u\"\n[[tenants.buckets]]\nname = \"slots\"\n\
+         routes = [\"POST /api/v2/analytics/**\"]\nmax_in_flight = 1\nlease_ttl_ms = 600000\n"
+    );
+    std::fs::write(&path, added).unwrap();
+    let b = Broker::start(&path).await;
+    let mut c = client(&b).await;
+    let r = ask(
+        &mut c,
+        AcquireRequest {
+            tenant: "u".into(),
+            ..call(
+                "POST",
+                "/api/v2/analytics/conversations/details/query",
+                "new",
+                0,
+            )
+        },
+    )
+    .await;
+    let (_, log) = b.terminate().await;
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(r.granted, "{}\n{log}", r.reason);
+}
+
 /// Waits (bounded) until `file` exists: the broker's state writer runs once
 /// a second.
 async fn until_written(file: &Path) {

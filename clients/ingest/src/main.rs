@@ -124,6 +124,7 @@ const MAX_DURATION_MS: u64 = 36_500 * 86_400_000;
 const MAX_BLOCKS: i64 = 1_000_000;
 
 fn setup(args: &Args) -> Result<(Plan, Source), IngestError> {
+    check_sink(&args.sink)?;
     let from = parse_time(&args.from)?;
     let to = parse_time(&args.to)?;
     let block = args.block.unwrap_or(match args.source {
@@ -416,6 +417,23 @@ fn print_json(summary: &gc_ingest::Summary) {
             }
         }
         Err(e) => eprintln!("gc-ingest: the summary could not be encoded: {e}"),
+    }
+}
+
+/// A `--sink` URL of a database gc-ingest does not write to (`mysql://…`):
+/// read as a path, it would be a SQLite file of that odd name, or fail as
+/// one. Refused as a usage error instead (the scheme clipped).
+fn check_sink(sink: &str) -> Result<(), IngestError> {
+    let ours = ["postgres://", "postgresql://", "sqlite:"];
+    match sink.split_once("://") {
+        Some((scheme, _)) if !ours.iter().any(|p| sink.starts_with(p)) => {
+            Err(IngestError::Usage(format!(
+                "--sink {:?}://…: not a database gc-ingest writes to: give a SQLite file (a \
+                 path, sqlite:PATH or sqlite://PATH) or a postgres:// URL",
+                scheme.chars().take(20).collect::<String>()
+            )))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -89,6 +89,38 @@ def _flush_all_at_exit():
         c._warn_lost_at_exit()
 
 
+_UINT32_MAX = 2**32 - 1
+_UINT64_MAX = 2**64 - 1
+
+
+def _check_str(name, value):
+    """A text argument, or a TypeError naming it (not protobuf's own, which names nothing)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    return value
+
+
+def _check_count(name, value, most):
+    """A whole-number argument from 0 to ``most``, or a TypeError/ValueError naming it
+    (a str such as "100" is not taken for a number)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= value <= most:
+        raise ValueError(f"{name} must be from 0 to {most}, got {value}")
+    return value
+
+
+def _check_headers(headers):
+    """None, a mapping, or (name, value) pairs, or a TypeError saying what was given."""
+    if headers is None or hasattr(headers, "items"):
+        return headers
+    if isinstance(headers, (list, tuple)) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 for p in headers):
+        return headers
+    raise TypeError("headers must be a mapping or a list of (name, value) pairs, "
+                    f"got {type(headers).__name__}")
+
+
 def _may_have_reached_a_broker(err):
     """Whether a call that got no answer may have been read by a broker: its
     deadline passed, or the connection broke or went unanswered under it;
@@ -1182,6 +1214,13 @@ class QuotaBroker:
     def _acquire_at(self, tenant, method, path, *, client_id, oauth_client="",
                     priority_class="", permits=1, max_wait_ms=None, timeout=None, key=""):
         """``acquire_raw`` returning (AcquireResponse, target of the broker that answered)."""
+        for name, value in (("tenant", tenant), ("method", method), ("path", path),
+                            ("client_id", client_id), ("oauth_client", oauth_client or ""),
+                            ("priority_class", priority_class or "")):
+            _check_str(name, value)
+        _check_count("permits", permits, _UINT32_MAX)
+        if max_wait_ms is not None:
+            _check_count("max_wait_ms", max_wait_ms, _UINT64_MAX)
         req = pb.AcquireRequest(
             tenant=tenant,
             client_id=client_id,
@@ -1224,7 +1263,12 @@ class QuotaBroker:
         """
         if self._channels_closed:
             raise errors.Closed()
-        method = method.upper()
+        method = _check_str("method", method).upper()
+        for name, value in (("tenant", tenant), ("path", path), ("client_id", client_id)):
+            _check_str(name, value)
+        _check_count("permits", permits, _UINT32_MAX)
+        if max_wait_ms is not None:
+            _check_count("max_wait_ms", max_wait_ms, _UINT64_MAX)
         fb = self._fallback
         started = self._clock.monotonic()
         while True:
@@ -1329,6 +1373,9 @@ class QuotaBroker:
         broker restarted after a crash since frees its slots at once instead of
         counting them as held by an unknown lease for one lease TTL.
         """
+        if not _check_str("lease_id", lease_id):
+            # The broker takes an empty id as a probe and releases nothing.
+            raise ValueError("lease_id is empty: give the lease_id of a lease this client was granted")
         req = pb.ReleaseRequest(lease_id=lease_id)
         if acquired_with is not None:
             req.acquired_with.CopyFrom(acquired_with)
@@ -1361,9 +1408,15 @@ class QuotaBroker:
         outcome is kept too and reported in the background once that time
         has passed. Without a fallback both raise (Unavailable, Overloaded).
         """
-        picked = rate_limit_headers(headers)
+        for name, value in (("tenant", tenant), ("method", method), ("path", path),
+                            ("oauth_client", oauth_client or ""), ("lease_id", lease_id or "")):
+            _check_str(name, value)
+        _check_count("status", status, 999)
+        picked = rate_limit_headers(_check_headers(headers))
         if retry_after_ms is None:
             retry_after_ms = _retry_after_ms(picked)
+        else:
+            _check_count("retry_after_ms", retry_after_ms, _UINT64_MAX)
         req = pb.ReportRequest(
             tenant=tenant,
             lease_id=lease_id or "",

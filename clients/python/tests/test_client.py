@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 import quota_broker_client as qb
-from conftest import ANALYTICS_QUERY, SINGLE_PATH, TENANT
+from conftest import ANALYTICS_QUERY, SINGLE_PATH, TENANT, free_port
 
 
 def status(client, name, oauth_client=""):
@@ -442,3 +442,27 @@ def test_the_renewer_retries_only_what_may_pass_later():
         errors.FailedPrecondition(grpc.StatusCode.FAILED_PRECONDITION, "too many permits"))
     assert not _renewal_may_pass_later(errors.BrokerRpcError(grpc.StatusCode.OUT_OF_RANGE, "too big"))
     assert not _renewal_may_pass_later(errors.TlsError("no CA this client trusts signed it"))
+
+
+def test_arguments_of_the_wrong_type_or_range_are_refused_naming_them():
+    # Refused before any call: no broker at this address is needed.
+    with qb.QuotaBroker(f"127.0.0.1:{free_port()}", timeout=1, fallback=None) as c:
+        for kw, error, says in [
+            (dict(tenant=123), TypeError, "tenant must be a str, got int"),
+            (dict(method=None), TypeError, "method must be a str, got NoneType"),
+            (dict(max_wait_ms=10**30), ValueError, "max_wait_ms must be from 0 to"),
+            (dict(max_wait_ms=-5), ValueError, "max_wait_ms must be from 0 to"),
+            (dict(max_wait_ms="100"), TypeError, "max_wait_ms must be an int, got str"),
+            (dict(permits=1.5), TypeError, "permits must be an int, got float"),
+        ]:
+            args = dict(tenant=TENANT, method="GET", path="/api/v2/users/me", client_id="c")
+            args.update(kw)
+            tenant, method, path = args.pop("tenant"), args.pop("method"), args.pop("path")
+            with pytest.raises(error, match=says):
+                c.acquire(tenant, method, path, **args)
+        with pytest.raises(TypeError, match="headers must be a mapping or a list of"):
+            c.report(TENANT, "GET", "/x", 200, ["a"])
+        with pytest.raises(TypeError, match="status must be an int"):
+            c.report(TENANT, "GET", "/x", "200", {})
+        with pytest.raises(ValueError, match="lease_id is empty"):
+            c.release("")

@@ -75,7 +75,8 @@ pub(crate) struct Drain {
 
 impl Drain {
     /// Runs until `stop` turns true, then lets deliveries finish for
-    /// [`SHUTDOWN_GRACE`] (the rest come back when their claims expire).
+    /// [`SHUTDOWN_GRACE`] (the rest are sent again: at the next start with
+    /// a SQLite queue, once their claims expire with PostgreSQL).
     pub(crate) async fn run(self, mut stop: watch::Receiver<bool>) {
         let slots = Arc::new(Semaphore::new(self.settings.concurrency.max(1)));
         let mut deliveries = JoinSet::new();
@@ -147,7 +148,8 @@ impl Drain {
         {
             tracing::warn!(
                 left = deliveries.len(),
-                "deliveries still running at shutdown; their records come back when their claims expire"
+                "deliveries still running at shutdown; their records are sent again: at the next \
+                 start with a SQLite queue, once their claims expire with PostgreSQL"
             );
             deliveries.abort_all();
         }

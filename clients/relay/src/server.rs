@@ -194,10 +194,33 @@ async fn authorized(
 }
 
 async fn accept(app: &App, body: &[u8]) -> Result<Stored, RelayError> {
-    let intake: Intake =
-        serde_json::from_slice(body).map_err(|e| RelayError::Body(body_error(&e)))?;
+    let intake = parse_intake(body).map_err(RelayError::Body)?;
     let record = NewRecord::check(intake, app.max_record_bytes)?;
     app.queue.enqueue(record).await
+}
+
+/// The record in `body`, or why it is not one. A body that is JSON but not
+/// an object is said to be so: serde would read an array as the record's
+/// fields in order and call its first element a mistyped field.
+fn parse_intake(body: &[u8]) -> Result<Intake, String> {
+    let kind = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => Some("an array"),
+        Some(b'"') => Some("a string"),
+        Some(b't' | b'f') => Some("a boolean"),
+        Some(b'n') => Some("null"),
+        Some(b'-' | b'0'..=b'9') => Some("a number"),
+        _ => None,
+    };
+    match kind {
+        Some(kind) => match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+            Ok(_) => Err(format!(
+                "the body is {kind}, not a JSON object: one record is one object, \
+                 {{\"idempotencyKey\": …, \"method\": …, \"path\": …}}"
+            )),
+            Err(e) => Err(body_error(&e)),
+        },
+        None => serde_json::from_slice(body).map_err(|e| body_error(&e)),
+    }
 }
 
 /// Why a body is not a record, in serde's words where they name only the
@@ -318,6 +341,30 @@ mod tests {
         assert!(body_error_of(&long).len() < 400);
         assert!(body_error_of("{").starts_with("cut short"));
         assert!(body_error_of("nope").starts_with("not JSON"));
+    }
+
+    #[test]
+    fn a_body_that_is_json_but_not_an_object_says_so() {
+        for (body, kind) in [
+            ("[1, 2]", "an array"),
+            (" \"k\"", "a string"),
+            ("42", "a number"),
+            ("true", "a boolean"),
+            ("null", "null"),
+        ] {
+            let Err(e) = parse_intake(body.as_bytes()) else {
+                panic!("{body} taken as a record")
+            };
+            assert!(
+                e.starts_with(&format!("the body is {kind}, not a JSON object")),
+                "{body}: {e}"
+            );
+        }
+        // Not JSON at all, or an object: serde's own account, as before.
+        assert!(parse_intake(b"[1, 2").unwrap_err().starts_with("cut short"));
+        assert!(parse_intake(b"{\"method\": \"POST\"}")
+            .unwrap_err()
+            .starts_with("missing field"));
     }
 
     #[test]

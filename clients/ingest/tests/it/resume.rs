@@ -156,6 +156,20 @@ fn bad_arguments_exit_2_before_any_request() {
         assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
         assert!(err.contains(says), "{extra:?}: {err}");
     }
+    // Another database's URL is not a file name.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gc-ingest"))
+        .args(["--region", "http://127.0.0.1:9", "--tenant", "t"])
+        .args(["--client-id", "a", "--client-secret", "b"])
+        .args(["--sink", "mysql://u:p@db/ingest"])
+        .args(["--from", "2026-11-01", "--to", "2026-11-02"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--sink \"mysql\"://…: not a database gc-ingest writes to"),
+        "{err}"
+    );
 }
 
 /// A login host that refuses connections (a wrong --region) exits 2 at
