@@ -46,7 +46,7 @@ pub(crate) fn shown(text: &str) -> String {
 /// never be dialled.
 pub(crate) fn broker_url(given: &str) -> Result<String, ClientError> {
     let bad = |why: String| ClientError::Url {
-        url: shown(given),
+        url: shown(&without_password(given)),
         message: format!("{why} ({FORMS})"),
     };
     let (scheme, rest) = match given.split_once("://") {
@@ -75,9 +75,33 @@ pub(crate) fn broker_url(given: &str) -> Result<String, ClientError> {
     Ok(format!("{scheme}://{authority}{path}"))
 }
 
+/// `given` with the password of a `user:password@` in it masked, so an
+/// error never shows it.
+fn without_password(given: &str) -> String {
+    let start = given.find("://").map_or(0, |i| i + 3);
+    let end = given[start..]
+        .find(['/', '?', '#'])
+        .map_or(given.len(), |i| start + i);
+    match given[start..end].rfind('@') {
+        Some(at) => {
+            let userinfo = &given[start..start + at];
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{}{user}:***{}", &given[..start], &given[start + at..])
+        }
+        None => given.to_owned(),
+    }
+}
+
 /// Why `authority` (`host`, `host:port`, `[v6]:port`) can never be
 /// connected to, if it cannot.
 fn check_host_port(authority: &str) -> Result<(), String> {
+    if authority.contains('@') {
+        return Err(
+            "a user name or password in the URL (user:password@): the broker takes a bearer \
+             token, given apart from the URL"
+                .into(),
+        );
+    }
     let (host, port) = if let Some(inside) = authority.strip_prefix('[') {
         let Some((host, rest)) = inside.split_once(']') else {
             return Err("no ']' closes the IPv6 address".into());
@@ -147,6 +171,8 @@ pub(crate) fn not_a_broker(status: &tonic::Status, first: Option<FirstAnswer>) -
             "it answers in TLS: a TLS port addressed with http:// or as host:port (use https://)"
                 .into(),
         ),
+        // What a plaintext gRPC port says: nothing wrong there.
+        Some(FirstAnswer::Http2) => None,
         // The server's own answer (a transport failure made locally
         // carries its source).
         None if status.code() == tonic::Code::Unimplemented
@@ -184,14 +210,35 @@ pub(crate) fn not_a_broker_error(url: &str, reason: String, status: &tonic::Stat
     }
 }
 
-/// What a server says first to a client that opens with HTTP/2's preface,
-/// when it is not HTTP/2.
+/// What a server says first to a client that opens with HTTP/2's preface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum FirstAnswer {
     /// An HTTP/1 status line (cut short).
     Http1(String),
     /// A TLS record (an alert, most likely).
     Tls,
+    /// HTTP/2's SETTINGS frame: a plaintext HTTP/2 server, as a broker
+    /// without `[server.tls]` is (the answer a plaintext gRPC client wants;
+    /// a mistake only where the URL says `https://`).
+    Http2,
+}
+
+/// Why a TLS handshake with the server at `url` (an `https://` URL) ended
+/// with the connection closed, if it is a plaintext HTTP/2 server there (a
+/// broker without `[server.tls]` resets a TLS ClientHello rather than
+/// answering it): said as a server that is not the broker the URL names.
+pub(crate) async fn plaintext_at_tls_url(url: &str, connect_within: Duration) -> Option<String> {
+    let uri: http::Uri = url.parse().ok()?;
+    if uri.scheme_str() != Some("https") {
+        return None;
+    }
+    let port = uri.port_u16().unwrap_or(443);
+    let plain: http::Uri = format!("http://{}:{port}/", uri.host()?).parse().ok()?;
+    (first_answer(&plain, connect_within).await? == FirstAnswer::Http2).then(|| {
+        "it answers in plaintext HTTP/2, not TLS: a broker without [server.tls] addressed with \
+         https:// (use http://)"
+            .to_owned()
+    })
 }
 
 /// HTTP/2's connection preface and an empty SETTINGS frame: what a gRPC
@@ -253,9 +300,11 @@ fn classify(first: &[u8]) -> Option<FirstAnswer> {
             .collect();
         return Some(FirstAnswer::Http1(line));
     }
-    // A TLS record: alert (21) or handshake (22), version 3.x.
+    // A TLS record: alert (21) or handshake (22), version 3.x; an HTTP/2
+    // frame header (3 bytes of length) of type SETTINGS (4) on stream 0.
     match first {
         [21 | 22, 3, ..] => Some(FirstAnswer::Tls),
+        [_, _, _, 4, _, 0, 0, 0, 0, ..] => Some(FirstAnswer::Http2),
         _ => None,
     }
 }
@@ -340,8 +389,12 @@ mod tests {
             ))
         );
         assert_eq!(classify(&[21, 3, 3, 0, 2, 2, 50]), Some(FirstAnswer::Tls));
-        // A SETTINGS frame: HTTP/2.
-        assert_eq!(classify(&[0, 0, 18, 4, 0, 0, 0, 0, 0]), None);
+        // A SETTINGS frame: HTTP/2 (a plaintext gRPC port).
+        assert_eq!(
+            classify(&[0, 0, 18, 4, 0, 0, 0, 0, 0]),
+            Some(FirstAnswer::Http2)
+        );
+        assert_eq!(classify(&[0, 0, 18, 4, 0, 0, 0]), None);
         assert_eq!(classify(b""), None);
     }
 

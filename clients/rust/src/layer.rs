@@ -36,12 +36,30 @@ impl<S> Layer<S> for LeaseLayer {
     }
 }
 
+impl std::fmt::Debug for LeaseLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseLayer")
+            .field("broker", &self.broker)
+            .field("template", &self.template)
+            .finish()
+    }
+}
+
 /// The service [`LeaseLayer`] makes.
 #[derive(Clone)]
 pub struct LeaseService<S> {
     inner: S,
     broker: BrokerClient,
     template: Call,
+}
+
+impl<S> std::fmt::Debug for LeaseService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseService")
+            .field("broker", &self.broker)
+            .field("template", &self.template)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Errors of a [`LeaseService`]: the lease, or the inner service.

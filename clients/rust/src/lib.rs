@@ -68,6 +68,9 @@ mod kept;
 mod layer;
 
 pub use fallback::FallbackSettings;
+/// The tonic this crate is built on, for matching [`ClientError::Refused`]'s
+/// status code without a tonic dependency of your own at the same version.
+pub use tonic;
 
 /// The URL a client dials for the broker address `given` (`host:port`,
 /// `http://…`, `https://…`), or why it can never be dialled: a port that is
@@ -98,6 +101,7 @@ impl std::fmt::Display for NotAGrpcPort {
             NotAGrpcPort::Http1(line) => address::FirstAnswer::Http1(line.clone()),
             NotAGrpcPort::Tls => address::FirstAnswer::Tls,
         };
+        // (Never Http2: that is a gRPC port.)
         let why = address::not_a_broker(&tonic::Status::unavailable(""), Some(first));
         f.write_str(why.as_deref().unwrap_or_default())
     }
@@ -118,6 +122,7 @@ pub async fn not_a_grpc_port(url: &str, connect_within: Duration) -> Option<NotA
     match address::first_answer(&uri, connect_within).await? {
         address::FirstAnswer::Http1(line) => Some(NotAGrpcPort::Http1(line)),
         address::FirstAnswer::Tls => Some(NotAGrpcPort::Tls),
+        address::FirstAnswer::Http2 => None,
     }
 }
 pub use layer::{LeaseLayer, LeaseService, LeaseServiceError};
@@ -552,6 +557,18 @@ pub struct BrokerClient {
     inner: Arc<Inner>,
 }
 
+/// The brokers it was given and whether it is falling back; never the
+/// token.
+impl std::fmt::Debug for BrokerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerClient")
+            .field("urls", &self.inner.urls)
+            .field("tls", &self.inner.tls.is_some())
+            .field("token", &self.inner.token.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl BrokerClient {
     /// A client for the broker at `url` (`http://` or `https://`, the
     /// latter trusting the platform's roots), sending `token` as a bearer
@@ -800,18 +817,28 @@ impl BrokerClient {
                 .cloned()
         };
         let mut first = None;
+        let mut plaintext = None;
         if address::worth_asking(status) {
             // Found wrong before: what it was then (it is asked no more).
             if let Some(reason) = known() {
                 return Some(address::not_a_broker_error(url, reason, status));
             }
             if let Ok(uri) = url.parse::<http::Uri>() {
-                if uri.scheme_str() == Some("http") && self.may_ask(url) {
-                    first = address::first_answer(&uri, CONNECT_TIMEOUT).await;
+                match uri.scheme_str() {
+                    Some("http") if self.may_ask(url) => {
+                        first = address::first_answer(&uri, CONNECT_TIMEOUT).await;
+                    }
+                    Some("https") if self.may_ask(url) => {
+                        plaintext = address::plaintext_at_tls_url(url, CONNECT_TIMEOUT).await;
+                    }
+                    _ => {}
                 }
             }
         }
-        let reason = address::not_a_broker(status, first)?;
+        let reason = match plaintext {
+            Some(reason) => reason,
+            None => address::not_a_broker(status, first)?,
+        };
         let error = address::not_a_broker_error(url, reason.clone(), status);
         let new = self
             .inner
@@ -1255,6 +1282,13 @@ impl BrokerClient {
                 let _counted = counted;
                 client.release_or_keep(req).await;
             });
+        } else {
+            static SAID: AtomicBool = AtomicBool::new(false);
+            if !SAID.swap(true, Ordering::Relaxed) {
+                tracing::warn!(lease = %req.lease_id,
+                    "a lease dropped outside a Tokio runtime cannot be released: its slot comes \
+                     back at the lease's expiry (release leases before the runtime ends; said once)");
+            }
         }
     }
 
@@ -1585,13 +1619,29 @@ async fn renew_while_held(client: BrokerClient, id: String, acquired: AcquireReq
 }
 
 /// Permission for one upstream call. Holds its concurrency slot, renewing it
-/// in the background, until dropped.
+/// in the background, until dropped. Dropped, it releases the slot in a task
+/// of the Tokio runtime it is dropped in; dropped outside one (after the
+/// runtime shut down, e.g. held past the end of `#[tokio::main]`), nothing
+/// can be sent and the slot comes back only at its lease's expiry (logged
+/// once): release leases before the runtime ends, or call
+/// [`Lease::release`].
 pub struct Lease {
     client: BrokerClient,
     call: Call,
     id: String,
     renewer: Option<tokio::task::JoinHandle<()>>,
     holds_slot: bool,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("id", &self.id)
+            .field("fallback", &self.is_fallback())
+            .field("holds_slot", &self.holds_slot)
+            .field("call", &self.call)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Lease {

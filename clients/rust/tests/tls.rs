@@ -92,8 +92,7 @@ async fn tls_settings_are_checked_when_connecting() {
         tls.and_then(|tls| {
             BrokerClient::connect_with("https://127.0.0.1:50051", ConnectOptions::new().tls(tls))
         })
-        .err()
-        .expect("refused when connecting")
+        .expect_err("refused when connecting")
     };
     let err = connect(ClientTls::from_files(Some(&pki.path("client.key")), None));
     assert!(

@@ -148,6 +148,10 @@ fn a_url_that_does_not_parse_is_an_error_when_the_client_is_built() {
         (":50051", "no host"),
         ("[::1:50051", "no ']'"),
         ("ftp://127.0.0.1:50051", "unsupported scheme"),
+        (
+            "http://user:pw@127.0.0.1:50051",
+            "a user name or password in the URL",
+        ),
         // One bad URL in a list of brokers.
         (
             "http://127.0.0.1:50051,127.0.0.1:5oo51",
@@ -160,10 +164,13 @@ fn a_url_that_does_not_parse_is_an_error_when_the_client_is_built() {
         };
         assert!(message.contains(says), "{url}: {message}");
         let text = err.map(|e| e.to_string()).unwrap_or_default();
-        assert!(
-            text.contains(url.rsplit(',').next().unwrap_or(url)),
-            "{text}"
-        );
+        let named = url
+            .rsplit(',')
+            .next()
+            .unwrap_or(url)
+            .replace(":pw@", ":***@");
+        assert!(text.contains(&named), "{text}");
+        assert!(!text.contains("pw@"), "{text}");
     }
     for url in [
         "127.0.0.1:50051",
@@ -175,6 +182,31 @@ fn a_url_that_does_not_parse_is_an_error_when_the_client_is_built() {
     ] {
         assert!(BrokerClient::connect(url, None).is_ok(), "{url}");
     }
+    // Debug, for an app's state: the brokers, never the token.
+    let client = BrokerClient::connect("http://127.0.0.1:50051", Some("s3cret-token")).unwrap();
+    let shown = format!("{client:?}");
+    assert!(shown.contains("http://127.0.0.1:50051"), "{shown}");
+    assert!(!shown.contains("s3cret"), "{shown}");
+}
+
+/// `https://` to a broker without `[server.tls]`: its port resets the TLS
+/// handshake (it reads the ClientHello as a bad HTTP/2 preface), which
+/// alone looks like a broker going down; asked in plaintext, it answers in
+/// HTTP/2. An error saying to use http://, not the fallback rate for good.
+#[tokio::test]
+async fn https_to_a_plaintext_broker_is_an_error_not_an_outage() {
+    let (grpc, _http, _stop) = broker_with_http_port().await;
+    let url = format!("https://{grpc}");
+    let client = BrokerClient::connect(&url, None).unwrap();
+    let (text, _) = not_a_broker(client.acquire(&call()).await);
+    assert!(
+        text.contains(&format!(
+            "the server at {url} is not a quota-broker's gRPC port"
+        )) && text.contains("plaintext HTTP/2, not TLS")
+            && text.contains("use http://"),
+        "{text}"
+    );
+    not_a_broker(client.check("t", Duration::from_secs(5)).await);
 }
 
 #[tokio::test]
