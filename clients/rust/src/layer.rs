@@ -1,5 +1,13 @@
 //! A `tower::Layer` that leases every request of an HTTP client service
 //! from the broker and reports its response, so call sites stay unchanged.
+//!
+//! The lease ends when the inner service returns the response's head: a
+//! body streamed after that runs outside its concurrency slot, and the
+//! body is never read, so a 429 is reported as a rate refusal even where
+//! the upstream's body says it was about requests in flight. Where either
+//! matters (large pages on a slot bucket, an upstream with a concurrency
+//! limit), lease with [`crate::BrokerClient::acquire`] around the whole
+//! call and report with `Lease::report_concurrency_429`.
 
 use crate::{BrokerClient, Call, ClientError};
 use std::future::Future;

@@ -465,13 +465,18 @@ impl Call {
         self
     }
 
-    /// Permits to take (default 1).
+    /// Permits to take (default 1; 0 is taken as 1, as the broker reads
+    /// it).
     pub fn permits(mut self, permits: u32) -> Call {
         self.permits = permits.max(1);
         self
     }
 
-    /// Longest server-side wait (default: the class's default).
+    /// Longest server-side wait (default: the class's default). While the
+    /// broker is unreachable the client does not know the class's default:
+    /// without `max_wait` a call waits for the local fallback limiter as
+    /// long as that takes (at 6 a minute, the 20th call of a burst about
+    /// 3 minutes); give one to be told "not now" instead.
     pub fn max_wait(mut self, wait: Duration) -> Call {
         self.max_wait = Some(wait);
         self
