@@ -5,6 +5,7 @@ import contextlib
 import ipaddress
 import logging
 import math
+import socket
 import threading
 import time
 import uuid
@@ -87,6 +88,35 @@ def _flush_all_at_exit():
         t.join(max(0.0, deadline - time.monotonic()))
     for c in clients:
         c._warn_lost_at_exit()
+
+
+# HTTP/2's connection preface and an empty SETTINGS frame: what a gRPC client sends first.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+# gRPC's words for a TLS handshake that met a closed connection or a non-TLS answer.
+_HANDSHAKE_CUT = ("Handshake read failed", "WRONG_VERSION_NUMBER", "Socket closed",
+                  "Connection reset")
+# A url whose handshake failed so is asked what it speaks at most this often.
+_ASK_EVERY_S = 30.0
+
+
+def _speaks_plaintext_http2(target, within=1.0):
+    """Whether the server at ``target`` ("host:port") answers HTTP/2's preface
+    in plaintext with a SETTINGS frame, as a broker without [server.tls]
+    does (which resets a TLS handshake rather than answering it)."""
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=within) as s:
+            s.settimeout(within)
+            s.sendall(_H2_PREFACE)
+            first = b""
+            while len(first) < 9:
+                chunk = s.recv(9 - len(first))
+                if not chunk:
+                    break
+                first += chunk
+    except (OSError, ValueError):
+        return False
+    return len(first) == 9 and first[3] == 4 and first[5:9] == b"\x00\x00\x00\x00"
 
 
 _UINT32_MAX = 2**32 - 1
@@ -645,6 +675,8 @@ class QuotaBroker:
         self._conns = {}
         # Addresses found not to be a quota-broker's gRPC port (logged once each).
         self._said_not_a_broker = set()
+        # https:// urls asked in plaintext what they speak, and when (see _plaintext_at).
+        self._asked_plaintext = {}
         self._conn = self._conn_for(self.targets[0])
         self.timeout = timeout
         #: Call metadata (the bearer token), for calls on the raw stubs.
@@ -1134,6 +1166,24 @@ class QuotaBroker:
                         self.pending_reports, self.target, len(self._deferred_releases),
                         _CLOSE_FLUSH_TIMEOUT_S)
 
+    def _plaintext_at(self, target, err):
+        """Whether a TLS call to ``target`` that failed with ``err`` met a broker
+        without TLS: its handshake cut short, and the port, asked in
+        plaintext (at most every _ASK_EVERY_S), answers in HTTP/2."""
+        if not self.tls or err.code() != grpc.StatusCode.UNAVAILABLE:
+            return False
+        if not any(s in (err.details() or "") for s in _HANDSHAKE_CUT):
+            return False
+        now = time.monotonic()
+        asked = self._asked_plaintext.get(target)
+        if asked is True:
+            return True
+        if asked is not None and now - asked < _ASK_EVERY_S:
+            return False
+        found = _speaks_plaintext_http2(target)
+        self._asked_plaintext[target] = True if found else now
+        return found
+
     def _say_not_a_broker(self, target, err):
         """Logs, once per address, that ``target`` is not a quota-broker's gRPC port."""
         with self._conns_lock:
@@ -1177,6 +1227,15 @@ class QuotaBroker:
                 if self._channels_closed and e.code() == grpc.StatusCode.CANCELLED:
                     raise errors.Closed() from None  # in flight when close() closed the channel
                 mistake = errors.not_a_broker(e.code(), e.details())
+                if mistake is None and self._plaintext_at(conn.target, e):
+                    err = errors.NotABroker(
+                        e.code(),
+                        f"the server at {conn.target} is not a quota-broker's gRPC port: it answers in "
+                        "plaintext HTTP/2, not TLS: a broker without [server.tls] addressed with "
+                        "https:// (use http://)", e)
+                    self._say_not_a_broker(conn.target, err)
+                    if len(self.targets) < 2:
+                        raise err from None
                 if e.code() != grpc.StatusCode.UNAVAILABLE and (mistake is None or len(self.targets) < 2):
                     err = errors.from_rpc_error(e, conn.target)
                     if isinstance(err, errors.NotABroker):

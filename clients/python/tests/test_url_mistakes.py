@@ -99,6 +99,20 @@ def test_a_brokers_http_port_is_an_error_not_an_outage(start_broker, caplog):
         assert not acquire(client).is_fallback
 
 
+def test_https_to_a_broker_without_tls_is_an_error_not_an_outage(start_broker, caplog):
+    # The broker's plaintext port resets a TLS handshake, which alone reads
+    # as a broker going down; asked in plaintext it answers in HTTP/2.
+    broker = start_broker()
+    with qb.QuotaBroker(f"https://{broker.addr}", timeout=5) as client:
+        for _ in range(2):
+            with pytest.raises(qb.NotABroker) as info:
+                acquire(client)
+            assert "answers in plaintext HTTP/2, not TLS" in str(info.value)
+            assert "use http://" in str(info.value)
+        assert not client.in_fallback
+    assert len(errors_logged(caplog)) == 1, [r.getMessage() for r in caplog.records]
+
+
 def test_an_http1_server_is_an_error_not_an_outage(caplog):
     server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
