@@ -915,7 +915,8 @@ impl BrokerClient {
                             call.clone(),
                             r.lease_id,
                             r.lease_ttl_ms,
-                        ));
+                        )
+                        .with_buckets(r.buckets));
                     }
                     Err(s) if tls_refusal(&s).is_some() => {
                         return Err(ClientError::Tls(tls_refusal(&s).unwrap_or_default()))
@@ -1636,6 +1637,10 @@ pub struct Lease {
     id: String,
     renewer: Option<tokio::task::JoinHandle<()>>,
     holds_slot: bool,
+    /// The buckets the broker granted it on (none for a fallback lease).
+    buckets: Vec<String>,
+    /// Its slots' time to live as granted (zero: it holds none).
+    ttl: Duration,
 }
 
 impl std::fmt::Debug for Lease {
@@ -1662,7 +1667,27 @@ impl Lease {
             id,
             renewer,
             holds_slot,
+            buckets: Vec::new(),
+            ttl: Duration::from_millis(ttl_ms),
         }
+    }
+
+    fn with_buckets(mut self, buckets: Vec<String>) -> Lease {
+        self.buckets = buckets;
+        self
+    }
+
+    /// The buckets the broker granted this lease on (none for a fallback
+    /// lease).
+    pub fn buckets(&self) -> &[String] {
+        &self.buckets
+    }
+
+    /// How long its slots are held without a renewal, as granted (renewed
+    /// in the background at half of it while the lease is held); zero for a
+    /// lease that holds no slot.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
     }
 
     fn local(client: BrokerClient, call: Call) -> Lease {
@@ -1672,6 +1697,8 @@ impl Lease {
             id: String::new(),
             renewer: None,
             holds_slot: false,
+            buckets: Vec::new(),
+            ttl: Duration::ZERO,
         }
     }
 

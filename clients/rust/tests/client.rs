@@ -74,6 +74,12 @@ async fn dropping_a_lease_releases_its_slot() {
     let client = BrokerClient::connect(&b.url(), None).unwrap();
     let lease = client.acquire(&q()).await.unwrap();
     assert!(!lease.is_fallback());
+    // What the broker granted it on, and for how long.
+    let mut on = lease.buckets().to_vec();
+    on.sort();
+    assert_eq!(on, ["org", "slots"]);
+    assert_eq!(lease.ttl(), Duration::from_secs(5));
+    assert!(format!("{lease:?}").contains(lease.id()));
     assert_eq!(b.bucket("slots").await.in_flight, 1);
     let busy = client.acquire(&q().max_wait(Duration::ZERO)).await;
     assert!(
