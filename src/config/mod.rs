@@ -6,22 +6,33 @@
 //! operator fixes a bad file in one go. The embedded default is
 //! `examples/broker.toml`, compiled in, so the documented example and the
 //! default can never drift apart.
+//!
+//! | module | owns |
+//! |---|---|
+//! | `mod.rs` | the typed [`Settings`], their parts and the checks they share |
+//! | `load` | the layers (file, default, environment) and [`ConfigError`] |
+//! | `collect`, `raw` | the document read as written, validated into `Settings` |
+//! | `state_dir` | the state directory: created, checked writable, locked |
+//! | `tls` | the TLS files |
 
 mod collect;
+mod load;
 mod raw;
+mod state_dir;
 mod tls;
+
+pub(crate) use load::shown;
+pub use load::{unread_env_vars, ConfigError};
 
 pub(crate) use tls::{EtcdTls, TlsSettings};
 
 use crate::auth::TokenSettings;
 use crate::learning::LearnSettings;
 use crate::limits::Route;
-use raw::RawConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::path::Path;
 use std::time::Duration;
 
 /// Windows longer than a day are almost certainly a unit mistake.
@@ -34,8 +45,6 @@ pub(crate) const DEFAULT_TOML: &str = include_str!("../../examples/broker.toml")
 
 /// Prefix of environment variables that override single keys.
 pub(crate) const ENV_PREFIX: &str = "QUOTA_BROKER";
-/// The lock file in `server.state_dir` (see [`Settings::lock_state_dir`]).
-const STATE_LOCK_FILE: &str = "broker.lock";
 
 /// Validated, typed configuration of the whole broker.
 #[derive(Debug, Clone)]
@@ -415,322 +424,10 @@ pub struct BucketSettings {
     pub max_clients: NonZeroU32,
 }
 
-/// Every problem found in a configuration, one line each.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration:\n  - {}", .problems.join("\n  - "))]
-pub struct ConfigError {
-    /// One human-readable line per problem.
-    pub problems: Vec<String>,
-}
-
-impl ConfigError {
-    pub(super) fn one(problem: String) -> Self {
-        ConfigError {
-            problems: vec![problem],
-        }
-    }
-
-    /// Says where each problem comes from: the environment variable that
-    /// set its key (`overrides`: key path → variable), or else `source` for
-    /// a problem that names no key (a TOML syntax error).
-    fn annotated(mut self, source: &str, overrides: &[(String, String)]) -> Self {
-        for p in &mut self.problems {
-            // Problems name keys clipped (`collect::clip_dotted`); an
-            // unknown section is named alone, above the key the variable set.
-            let named = p.split([':', ' ']).next().unwrap_or_default();
-            let from_env = overrides.iter().find(|(key, _)| {
-                let under_named = !named.is_empty()
-                    && key
-                        .strip_prefix(named)
-                        .is_some_and(|rest| rest.starts_with('.'));
-                under_named
-                    || [key.clone(), collect::clip_dotted(key)].iter().any(|k| {
-                        p.strip_prefix(k.as_str())
-                            .is_some_and(|rest| rest.starts_with([':', ' ', '[', '.']))
-                    })
-            });
-            if let Some((_, var)) = from_env {
-                p.push_str(&format!(
-                    " (set by the environment variable {})",
-                    crate::error::clip_plain(var)
-                ));
-            } else if p.starts_with("TOML parse error") {
-                *p = format!("{source}: {}", one_line_toml_error(p));
-            }
-        }
-        self
-    }
-}
-
-/// Variables the clients and tools read (not the broker): set beside the
-/// broker's own, they are not a mistake.
-const CLIENT_ENV: [&str; 9] = [
-    "QUOTA_BROKER_URL",
-    "QUOTA_BROKER_TOKEN",
-    "QUOTA_BROKER_TENANT",
-    "QUOTA_BROKER_CA_CERT",
-    "QUOTA_BROKER_CLIENT_CERT",
-    "QUOTA_BROKER_CLIENT_KEY",
-    "QUOTA_BROKER_TLS_SERVER_NAME",
-    "QUOTA_BROKER_TIMEOUT",
-    "QUOTA_BROKER_BIN",
-];
-
-/// Names (clipped) of environment variables that look meant for the
-/// broker's config but are not read: `QUOTA_BROKER_SERVER__LISTEN` with
-/// one underscore after the prefix, where overrides take two.
-pub fn unread_env_vars(env: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
-    let mut unread: Vec<String> = env
-        .into_iter()
-        .map(|(k, _)| k)
-        .filter(|k| {
-            k.strip_prefix(ENV_PREFIX)
-                .is_some_and(|rest| rest.starts_with('_') && !rest.starts_with("__"))
-                && !CLIENT_ENV.contains(&k.as_str())
-        })
-        .map(|k| crate::error::clip_plain(&k))
-        .collect();
-    unread.sort();
-    unread
-}
-
-/// A TOML parse error on one line, without the source line it quotes (a
-/// file with a long line would be echoed whole): where it is, and what is
-/// wrong, clipped.
-fn one_line_toml_error(text: &str) -> String {
-    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
-    let at = lines.next().unwrap_or_default();
-    // After the first line: the quoted source (`|` gutters, a caret line),
-    // then the message.
-    let mut message =
-        lines.filter(|l| !l.starts_with('|') && !l.contains(" | ") && !l.starts_with('^'));
-    let message = message.next_back().unwrap_or_default();
-    crate::error::clip_plain(&format!("{at}: {message}"))
-}
-
-impl Settings {
-    /// Creates `server.state_dir` if it is missing and checks that the
-    /// broker can write files there; call it before serving. Without it a
-    /// start after a crash could not tell it is a restart (and would grant
-    /// slots the earlier run's callers still hold), and every operator's
-    /// change would be refused as unsaved. Nothing to check in cluster mode
-    /// (the state lives in etcd) or without a state directory.
-    pub fn check_state_dir(&self) -> Result<(), String> {
-        let Some(dir) = self.server.state_dir.as_deref() else {
-            return Ok(());
-        };
-        if self.cluster.is_some() {
-            return Ok(());
-        }
-        let probe = dir.join(".write-check");
-        std::fs::create_dir_all(dir)
-            .and_then(|()| std::fs::write(&probe, b"quota-broker"))
-            .and_then(|()| std::fs::remove_file(&probe))
-            .map_err(|e| {
-                // A full disk creates the probe, then fails to fill it.
-                let _ = std::fs::remove_file(&probe);
-                format!(
-                    "server.state_dir {}: cannot write there: {e} (learned limits and operators' \
-                     changes are kept there; fix the path or its permissions, or set it to \"\" \
-                     to keep nothing across restarts)",
-                    crate::error::clip(&dir.display().to_string())
-                )
-            })
-    }
-
-    /// Takes `server.state_dir` for this process: an exclusive lock on
-    /// `broker.lock` there, held as long as the returned file is open, with
-    /// this process's id written in it. Two brokers on one state directory
-    /// would each overwrite the other's learned state, operators' changes
-    /// and lease records with their own (the last write wins, silently), so
-    /// a second one is refused, naming the first. `None` where
-    /// [`Settings::check_state_dir`] has nothing to check. The lock is the
-    /// kernel's (`flock`): it goes with the process however it ends, so a
-    /// crash leaves nothing to clean up.
-    pub fn lock_state_dir(&self) -> Result<Option<std::fs::File>, String> {
-        let Some(dir) = self.server.state_dir.as_deref() else {
-            return Ok(None);
-        };
-        if self.cluster.is_some() {
-            return Ok(None);
-        }
-        let shown = || crate::error::clip(&dir.display().to_string());
-        let path = dir.join(STATE_LOCK_FILE);
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| {
-                format!(
-                    "server.state_dir {}: cannot open {STATE_LOCK_FILE}: {e}",
-                    shown()
-                )
-            })?;
-        // fs4 rather than std's `File::try_lock`: the same `flock`, within
-        // the crate's minimum Rust version.
-        match fs4::FileExt::try_lock(&file) {
-            Ok(()) => {}
-            Err(fs4::TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = std::io::Read::read_to_string(&mut file, &mut holder);
-                let holder = holder.trim();
-                let who = match holder.parse::<u32>() {
-                    Ok(pid) => format!("another broker (process {pid})"),
-                    Err(_) => "another broker".to_owned(),
-                };
-                return Err(format!(
-                    "server.state_dir {} is in use by {who}: two brokers on one state \
-                     directory overwrite each other's learned state and operators' changes; \
-                     give each broker its own state_dir, or stop the other first",
-                    shown()
-                ));
-            }
-            Err(fs4::TryLockError::Error(e)) => {
-                return Err(format!(
-                    "server.state_dir {}: cannot lock {STATE_LOCK_FILE}: {e}",
-                    shown()
-                ))
-            }
-        }
-        let wrote = file
-            .set_len(0)
-            .and_then(|()| std::io::Seek::rewind(&mut file))
-            .and_then(|()| {
-                std::io::Write::write_all(&mut file, format!("{}\n", std::process::id()).as_bytes())
-            })
-            .and_then(|()| file.sync_all());
-        wrote.map_err(|e| {
-            format!(
-                "server.state_dir {}: cannot write {STATE_LOCK_FILE}: {e}",
-                shown()
-            )
-        })?;
-        Ok(Some(file))
-    }
-
-    /// Loads the configuration: the file at `path` (or the embedded default
-    /// when `None`), then overrides from `env` (`QUOTA_BROKER__SECTION__KEY`
-    /// pairs; pass `std::env::vars()` in the process, a map in tests).
-    pub fn load(
-        path: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Settings, ConfigError> {
-        let text = match path {
-            Some(path) => std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::one(format!("cannot read config file {}: {e}", shown(path)))
-            })?,
-            None => DEFAULT_TOML.to_owned(),
-        };
-        let source_name = path.map_or_else(
-            || "the embedded default config".to_owned(),
-            |p| format!("config file {}", shown(p)),
-        );
-        toml_syntax(&text).map_err(|e| ConfigError::one(format!("{source_name}: {e}")))?;
-        let base = config::File::from_str(&text, config::FileFormat::Toml);
-        let env: config::Map<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-            .collect();
-        let source = source_name;
-        let overrides: Vec<(String, String)> = env
-            .keys()
-            .filter_map(|k| {
-                let path = k.strip_prefix(ENV_PREFIX)?.strip_prefix("__")?;
-                Some((path.to_lowercase().replace("__", "."), k.clone()))
-            })
-            .collect();
-        let written: Vec<(String, String)> = overrides
-            .iter()
-            .filter_map(|(key, var)| Some((key.clone(), env.get(var)?.clone())))
-            .collect();
-        Self::load_sources(base, env, &written)
-            .map_err(|e| e.annotated(&source, &overrides))?
-            .validate()
-            .map_err(|e| e.annotated(&source, &overrides))
-    }
-
-    /// The configuration read from the file's text `base` and the
-    /// environment overrides `env` (`written`: each override's key and
-    /// value as written), not validated yet.
-    fn load_sources(
-        base: config::File<config::FileSourceString, config::FileFormat>,
-        env: config::Map<String, String>,
-        written: &[(String, String)],
-    ) -> Result<RawConfig, ConfigError> {
-        let raw = config::Config::builder()
-            .add_source(base)
-            .add_source(
-                config::Environment::with_prefix(ENV_PREFIX)
-                    .separator("__")
-                    .try_parsing(true)
-                    .source(Some(env)),
-            )
-            .build()
-            .and_then(|c| c.try_deserialize::<toml::Value>())
-            .map_err(|e| ConfigError::one(e.to_string()))?;
-        collect::read::<RawConfig>(raw, written)
-    }
-
-    /// Parses and validates a TOML document, with no environment overrides.
-    ///
-    /// ```
-    /// let s = quota_broker::Settings::from_toml(r#"
-    ///     [[tenants]]
-    ///     id = "acme"
-    ///     [[tenants.buckets]]
-    ///     name = "org"
-    ///     routes = ["* /**"]
-    ///     permits = 300
-    ///     window_ms = 60000
-    /// "#).unwrap();
-    /// assert_eq!(s.tenants[0].buckets[0].rate.unwrap().per_minute(), 300.0);
-    /// ```
-    pub fn from_toml(toml: &str) -> Result<Settings, ConfigError> {
-        toml_syntax(toml).map_err(ConfigError::one)?;
-        let raw = config::Config::builder()
-            .add_source(config::File::from_str(toml, config::FileFormat::Toml))
-            .build()
-            .and_then(|c| c.try_deserialize::<toml::Value>())
-            .map_err(|e| ConfigError::one(e.to_string()))?;
-        collect::read::<RawConfig>(raw, &[])?.validate()
-    }
-
-    /// The embedded default configuration.
-    pub fn embedded_default() -> Result<Settings, ConfigError> {
-        Settings::from_toml(DEFAULT_TOML)
-    }
-}
-
-/// The TOML syntax of `text`, checked first: the `config` crate's own
-/// parse error says what but not where ("number too large to fit in target
-/// type"); this one names the line and column, not the line's text (a line
-/// is input, of any length).
-fn toml_syntax(text: &str) -> Result<(), String> {
-    let Err(e) = toml::from_str::<toml::Table>(text) else {
-        return Ok(());
-    };
-    let message = crate::error::clip_plain(e.message().trim());
-    Err(match e.span() {
-        Some(span) => {
-            let before = text.get(..span.start).unwrap_or(text);
-            let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!("TOML parse error at line {line}, column {column}: {message}")
-        }
-        None => format!("TOML parse error: {message}"),
-    })
-}
-
-/// A file's path as a config error names it: clipped (a path is input).
-pub(crate) fn shown(path: &Path) -> String {
-    crate::error::clip_plain(&path.display().to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn embedded_default_is_valid_and_has_the_documented_buckets() {
