@@ -43,6 +43,19 @@ async fn pause_org(
         .unwrap();
 }
 
+/// Resumes bucket "org" of tenant "t".
+async fn resume_org(
+    admin: &mut quota_broker::pb::quota_admin_client::QuotaAdminClient<tonic::transport::Channel>,
+) {
+    admin
+        .resume_bucket(ResumeBucketRequest {
+            tenant: "t".into(),
+            bucket: "org".into(),
+        })
+        .await
+        .unwrap();
+}
+
 fn class_req(class: &str, client: &str, max_wait_ms: u64) -> AcquireRequest {
     let mut r = req("GET", "/api/v2/analytics/queues/observations", max_wait_ms);
     r.priority_class = class.into();
@@ -301,14 +314,7 @@ async fn pause_tells_waiters_why_and_resume_grants_again() {
     assert!(!r.granted && r.reason.contains("paused"), "{}", r.reason);
     // Asked to come back later, not at once (a caller that honours 0 spins).
     assert_eq!(r.retry_after_ms, 5_000);
-    b.admin
-        .clone()
-        .resume_bucket(ResumeBucketRequest {
-            tenant: "t".into(),
-            bucket: "org".into(),
-        })
-        .await
-        .unwrap();
+    resume_org(&mut b.admin.clone()).await;
     assert!(b.acquire(class_req("batch", "x", 0)).await.granted);
     assert!(!list(&b).await["org"].paused);
     b.stop().await;
@@ -428,14 +434,7 @@ async fn admin_changes_apply_at_once_and_survive_a_restart() {
             .unwrap_err();
         assert_eq!(err.code(), code, "{tenant:?}: {err:?}");
     }
-    b.admin
-        .clone()
-        .resume_bucket(ResumeBucketRequest {
-            tenant: "t".into(),
-            bucket: "org".into(),
-        })
-        .await
-        .unwrap();
+    resume_org(&mut b.admin.clone()).await;
     // After a restart every slot counts as held until renewals claim it or
     // one lease TTL passes (the restart learning mode): wait that out.
     let r = b.acquire(class_req("reports", "r", 60_000)).await;
@@ -506,13 +505,7 @@ async fn an_operators_limits_reset_go_back_to_the_config_and_stay_back() {
         (600.0, 10, 0, true)
     );
     assert_eq!(reset.pause_reason, "maintenance");
-    admin
-        .resume_bucket(ResumeBucketRequest {
-            tenant: "t".into(),
-            bucket: "org".into(),
-        })
-        .await
-        .unwrap();
+    resume_org(&mut admin).await;
     // No slot limit any more: granted while the first lease still runs.
     let free = b.acquire(class_req("critical", "y", 0)).await;
     assert!(free.granted, "{}", free.reason);

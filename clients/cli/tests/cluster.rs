@@ -155,8 +155,9 @@ async fn leader(urls: &[String], tenant: &str) -> Option<String> {
 }
 
 /// quotactl with `args` against `brokers` (comma-joined), with the admin
-/// token, isolated from the caller's environment; run within [`LIMIT`].
-async fn quotactl(brokers: &[&str], args: &[&str]) -> Output {
+/// token, isolated from the caller's environment.
+fn command<S: AsRef<str>>(brokers: &[S], args: &[&str]) -> Command {
+    let brokers: Vec<&str> = brokers.iter().map(AsRef::as_ref).collect();
     let mut c = Command::new(env!("CARGO_BIN_EXE_quotactl"));
     c.arg("--broker")
         .arg(brokers.join(","))
@@ -171,9 +172,23 @@ async fn quotactl(brokers: &[&str], args: &[&str]) -> Output {
         .env_remove("QUOTA_BROKER_CLIENT_KEY")
         .stdin(Stdio::null())
         .kill_on_drop(true);
-    timeout(LIMIT, c.output())
+    c
+}
+
+/// [`command`] run to its end within [`LIMIT`].
+async fn quotactl(brokers: &[&str], args: &[&str]) -> Output {
+    timeout(LIMIT, command(brokers, args).output())
         .await
         .expect("quotactl finished in time")
+        .expect("quotactl started")
+}
+
+/// [`command`] started with its output piped (a `watch`, read as it goes).
+fn spawn_piped(brokers: &[String], args: &[&str]) -> tokio::process::Child {
+    command(brokers, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("quotactl started")
 }
 
@@ -279,19 +294,10 @@ async fn watch_of_a_tenant_follows_it_to_its_next_leader() {
     let urls = cluster.urls();
     let (tenant, first) = (TENANTS[0], leaders[0].clone());
     let other = urls.iter().find(|u| **u != first).unwrap().clone();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quotactl"))
-        .arg("--broker")
-        .arg(urls.join(","))
-        .args(["--token", ADMIN, "watch", "--tenant", tenant, "--json"])
-        .args(["--count", "2"])
-        .env_remove("QUOTA_BROKER_URL")
-        .env_remove("QUOTA_BROKER_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("quotactl started");
+    let mut child = spawn_piped(
+        &urls,
+        &["watch", "--tenant", tenant, "--json", "--count", "2"],
+    );
     let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut line = async || -> Value {
         let l = timeout(LIMIT, out.next_line())
@@ -341,19 +347,10 @@ async fn watch_of_a_tenant_says_at_once_that_no_broker_leads_it_for_now() {
     let leaders = cluster.settled().await;
     let urls = cluster.urls();
     let (tenant, first) = (TENANTS[0], leaders[0].clone());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quotactl"))
-        .arg("--broker")
-        .arg(urls.join(","))
-        .args(["--token", ADMIN, "watch", "--tenant", tenant, "--json"])
-        .args(["--count", "2"])
-        .env_remove("QUOTA_BROKER_URL")
-        .env_remove("QUOTA_BROKER_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("quotactl started");
+    let mut child = spawn_piped(
+        &urls,
+        &["watch", "--tenant", tenant, "--json", "--count", "2"],
+    );
     let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut line = async || -> Value {
@@ -405,18 +402,7 @@ async fn watch_of_every_tenant_watches_a_restarted_broker_again() {
     let mut cluster = Cluster::start("reopen").await;
     cluster.settled().await;
     let urls = cluster.urls();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quotactl"))
-        .arg("--broker")
-        .arg(urls.join(","))
-        .args(["--token", ADMIN, "watch", "--json"])
-        .env_remove("QUOTA_BROKER_URL")
-        .env_remove("QUOTA_BROKER_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("quotactl started");
+    let mut child = spawn_piped(&urls, &["watch", "--json"]);
     // Both streams are open before the first update is printed; then read
     // on, so quotactl never blocks on a full pipe.
     let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
