@@ -103,26 +103,21 @@ impl Broker {
         let (mut resumed, mut recorded, mut learning) = (0usize, 0usize, 0usize);
         for t in &self.inner.tenants {
             let mut state = t.lock();
-            // A tenant the last run did not have (added to the config since
-            // its graceful stop, which recorded every tenant it had): no
-            // lease of it can be held, so it starts with every slot free.
-            if record
-                .as_ref()
-                .is_some_and(|r| !r.tenants.contains_key(state.id()))
-            {
-                continue;
-            }
-            let leases = record
-                .as_ref()
-                .and_then(|r| r.tenants.get(state.id()))
-                .and_then(Option::as_ref);
-            match leases {
-                Some(leases) if state.resume_after_stop(leases, down, max_left, now) => {
+            // What the last run's graceful stop recorded of this tenant:
+            // its live leases, or `None` while it was still learning.
+            match record.as_ref().map(|r| r.tenants.get(state.id())) {
+                // A tenant that run did not have (added to the config since;
+                // the stop records every tenant it had): no lease of it can
+                // be held, so it starts with every slot free.
+                Some(None) => {}
+                Some(Some(Some(leases)))
+                    if state.resume_after_stop(leases, down, max_left, now) =>
+                {
                     resumed += 1;
                     recorded += leases.len();
                 }
-                Some(_) => learning += 1,
-                None => {
+                Some(Some(Some(_))) => learning += 1,
+                Some(Some(None)) | None => {
                     state.resume_after_restart(now);
                     learning += 1;
                 }

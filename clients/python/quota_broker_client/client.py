@@ -930,11 +930,9 @@ class QuotaBroker:
         every = self._fallback.settings.probe_every_s if self._fallback is not None else 1.0
         try:
             while not self._closed.wait(every):
-                fb = self._fallback
                 if not self._has_deferred():
                     return
-                if fb is None or fb.active or self._deferred_releases:
-                    self._probe_in_background()
+                self._probe_in_background()
         finally:
             with self._flusher_lock:
                 self._awaiter = None
