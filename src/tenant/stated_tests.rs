@@ -46,7 +46,8 @@ fn a_stated_limit_below_the_floor_caps_the_grants() {
     // None until the reset; the window after it also gets what refilled
     // during the block; from then on 2 a window, as stated.
     assert_eq!(per_window[0], 0, "{per_window:?}");
-    assert!(per_window[2..].iter().all(|&n| n <= 2), "{per_window:?}");
+    assert!(per_window[1] >= 2, "{per_window:?}");
+    assert!(per_window[2..].iter().all(|&n| n == 2), "{per_window:?}");
 }
 
 /// Under a limit the upstream stated, the bucket holds no more than that
@@ -80,7 +81,10 @@ fn a_stated_limit_scales_the_burst_and_the_headroom_lent_from_it() {
             )
         })
         .count();
-    assert!(burst <= 3, "{burst} granted in a second under 2 per 6 s");
+    assert!(
+        (1..=3).contains(&burst),
+        "{burst} granted in a second under 2 per 6 s"
+    );
     // An idle hour saves up no more than the scaled burst.
     let later = at + Duration::from_secs(3600);
     let saved = (0..1000)
@@ -91,7 +95,7 @@ fn a_stated_limit_scales_the_burst_and_the_headroom_lent_from_it() {
             )
         })
         .count();
-    assert!(saved <= 2, "{saved} granted at once after an idle hour");
+    assert_eq!(saved, 2, "granted at once after an idle hour");
     // More permits than that at once: said so, and not "retry now".
     let mut three = critical.clone();
     three.permits = 3;

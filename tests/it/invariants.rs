@@ -1,4 +1,4 @@
-//! The grant log: every grant, renewal, release and expiry a test's clients
+//! The grant log: every grant, release and expiry a test's clients
 //! saw, and the two promises a broker makes about them, checked over the
 //! whole log. A fault test records what happened and ends with `check_*`.
 //!
@@ -18,8 +18,6 @@ pub enum Event {
         permits: u32,
         slot: bool,
     },
-    /// Renewed: still held.
-    Renewed { lease: u64 },
     /// Released by its holder.
     Released { lease: u64 },
     /// Its holder stopped renewing and the TTL ran out.
@@ -97,7 +95,7 @@ impl GrantLog {
                 Event::Released { lease } | Event::Expired { lease } => {
                     held.retain(|&(l, _)| l != lease);
                 }
-                Event::Granted { .. } | Event::Renewed { .. } => {}
+                Event::Granted { .. } => {}
             }
         }
         Ok(())

@@ -94,7 +94,6 @@ async fn after_a_crash_held_slots_are_adopted_and_never_granted_twice_even_with_
 ) {
     let dir = fresh_dir("slots");
     let path = temp_config("restart-slots", &config(&dir));
-    let mut log = GrantLog::default();
     let b = Broker::start(&path).await;
     let mut c = client(&b).await;
     let path_of = "/api/v2/analytics/conversations/details/query";
@@ -103,11 +102,6 @@ async fn after_a_crash_held_slots_are_adopted_and_never_granted_twice_even_with_
         let req = call("POST", path_of, &format!("holder-{k}"), 0);
         let r = c.acquire(req.clone()).await.unwrap().into_inner();
         assert!(r.granted, "{}", r.reason);
-        log.record(Event::Granted {
-            lease: k,
-            permits: 1,
-            slot: true,
-        });
         held.push((r.lease_id, req));
     }
     state_written(&dir);
@@ -137,8 +131,13 @@ async fn after_a_crash_held_slots_are_adopted_and_never_granted_twice_even_with_
             })
             .await;
         assert!(renewed.is_ok(), "holder {k}: {renewed:?}");
-        log.record(Event::Renewed { lease: k as u64 });
     }
+    // Adopted, they still hold the three slots.
+    let r = ask(&mut c, call("POST", path_of, "newcomer", 0)).await;
+    assert!(
+        !r.granted,
+        "granted a fourth slot beside the adopted leases"
+    );
     // The newcomer waits until a holder is done, then gets its slot.
     let mut waiter = c.clone();
     let newcomer = tokio::spawn(async move {
@@ -148,7 +147,6 @@ async fn after_a_crash_held_slots_are_adopted_and_never_granted_twice_even_with_
             .unwrap()
             .into_inner()
     });
-    log.record(Event::Released { lease: 0 });
     let released = c
         .release(ReleaseRequest {
             lease_id: held[0].0.clone(),
@@ -163,11 +161,6 @@ async fn after_a_crash_held_slots_are_adopted_and_never_granted_twice_even_with_
         .expect("the newcomer is answered")
         .unwrap();
     assert!(r.granted, "{}", r.reason);
-    log.record(Event::Granted {
-        lease: 3,
-        permits: 1,
-        slot: true,
-    });
     let (status, restart_log) = b.terminate().await;
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(&restart_path);
@@ -177,7 +170,6 @@ async fn after_a_crash_held_slots_are_adopted_and_never_granted_twice_even_with_
         restart_log.contains("adopted a lease granted before the restart"),
         "{restart_log}\n--- before the crash ---\n{crash_log}"
     );
-    log.check_slots(3).unwrap();
 }
 
 #[cfg(unix)]
@@ -207,6 +199,7 @@ async fn a_restart_does_not_refill_the_token_bucket() {
         began.elapsed()
     );
     state_written(&dir);
+    let before = lease;
     let start = Instant::now();
     b.kill().await;
     let b = Broker::start(&path).await;
@@ -223,7 +216,7 @@ async fn a_restart_does_not_refill_the_token_bucket() {
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_dir_all(&dir);
     log.check_rate(20, Duration::from_secs(2), 20).unwrap();
-    assert!(lease > 20, "nothing granted after the restart");
+    assert!(lease > before, "nothing granted after the restart");
 }
 
 #[cfg(unix)]
@@ -374,18 +367,12 @@ async fn a_graceful_restart_holds_only_the_leases_it_recorded_and_a_stale_record
         &config(&dir).replace("lease_ttl_ms = 5000", "lease_ttl_ms = 60000"),
     );
     let path_of = "/api/v2/analytics/conversations/details/query";
-    let mut log = GrantLog::default();
     let b = Broker::start(&path).await;
     let mut c = client(&b).await;
     let mut held = Vec::new();
     for k in 0..2u64 {
         let r = ask(&mut c, call("POST", path_of, &format!("holder-{k}"), 0)).await;
         assert!(r.granted, "{}", r.reason);
-        log.record(Event::Granted {
-            lease: k,
-            permits: 1,
-            slot: true,
-        });
         held.push(r.lease_id);
     }
     let (status, first_log) = b.terminate().await;
@@ -408,11 +395,6 @@ async fn a_graceful_restart_holds_only_the_leases_it_recorded_and_a_stale_record
         "the free slot after a graceful restart: {}",
         r.reason
     );
-    log.record(Event::Granted {
-        lease: 2,
-        permits: 1,
-        slot: true,
-    });
     let r = ask(&mut c, call("POST", path_of, "fourth", 0)).await;
     assert!(!r.granted, "granted a fourth slot after a graceful restart");
     // The recorded leases are known by their ids: renewed without saying
@@ -425,8 +407,6 @@ async fn a_graceful_restart_holds_only_the_leases_it_recorded_and_a_stale_record
         })
         .await;
     assert!(renewed.is_ok(), "{renewed:?}");
-    log.record(Event::Renewed { lease: 0 });
-    log.record(Event::Released { lease: 1 });
     let released = c
         .release(ReleaseRequest {
             lease_id: held[1].clone(),
@@ -438,11 +418,6 @@ async fn a_graceful_restart_holds_only_the_leases_it_recorded_and_a_stale_record
     assert!(released.released, "the recorded lease held its slot");
     let r = ask(&mut c, call("POST", path_of, "after-release", 0)).await;
     assert!(r.granted, "{}", r.reason);
-    log.record(Event::Granted {
-        lease: 3,
-        permits: 1,
-        slot: true,
-    });
 
     // That run crashes; the first run's record is found again (a backup
     // restored, a copy left behind). It names a run older than the last
@@ -460,7 +435,6 @@ async fn a_graceful_restart_holds_only_the_leases_it_recorded_and_a_stale_record
         "a stale stop record was trusted after a crash:\n{last_log}\n--- crashed run ---\n{crash_log}"
     );
     assert!(last_log.contains("older than the last start"), "{last_log}");
-    log.check_slots(3).unwrap();
 }
 
 /// A broker down longer than its leases had left: their slots are free at

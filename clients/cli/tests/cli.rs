@@ -410,7 +410,11 @@ async fn admin_commands_change_the_broker() {
         .await;
     assert!(out.starts_with("TENANT"), "{out}");
     let org = b.bucket("org").await;
-    assert_ne!(org["configured_rate_per_min"], 120.0, "{org}");
+    assert_eq!(
+        (&org["configured_rate_per_min"], &org["burst"]),
+        (&serde_json::json!(600.0), &serde_json::json!(10)),
+        "{org}"
+    );
 
     // pause / resume.
     let out = b

@@ -69,7 +69,9 @@ async fn the_client_follows_the_leader_and_rides_out_a_hand_over() {
     // Settled: the same leader a second later (polled, not waited on: a
     // broker that just joined may take the tenant on its next tick).
     let mut leader = leased_by_broker(&all).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
+        assert!(Instant::now() < deadline, "no settled leader within 20 s");
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = leased_by_broker(&all).await;
         if now == leader {
