@@ -72,16 +72,17 @@ impl Broker {
             settled: false,
         };
         let outcome = tokio::select! {
+            // An answer already there wins over the deadline.
+            biased;
             r = &mut wait.rx => {
                 wait.settled = true;
                 match r {
                     Ok(Ok(g)) => AcquireOutcome::Granted(g),
                     Ok(Err(d)) => AcquireOutcome::Denied(d),
-                    // Cluster mode: the tenant moved to another broker.
-                    Err(_) => return Err(self.leading(t).err().unwrap_or(BrokerError::ShuttingDown)),
+                    Err(_) => return Err(self.waiters_dropped(t)),
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => wait.give_up(),
+            _ = tokio::time::sleep_until(deadline) => wait.give_up()?,
         };
         if let Some(m) = metrics {
             m.waited(t, class, started.elapsed());
@@ -91,6 +92,14 @@ impl Broker {
             }
         }
         Ok(outcome)
+    }
+}
+
+impl Broker {
+    /// Why tenant `t`'s waiters were dropped: it moved to another broker
+    /// (cluster mode), or this one stops.
+    fn waiters_dropped(&self, t: usize) -> BrokerError {
+        self.leading(t).err().unwrap_or(BrokerError::ShuttingDown)
     }
 }
 
@@ -107,29 +116,28 @@ struct Waiting<'a> {
 
 impl Waiting<'_> {
     /// The wait is over: leave the queue and say why, unless a grant came in
-    /// the meantime, which the caller then gets.
-    pub(super) fn give_up(&mut self) -> AcquireOutcome {
+    /// the meantime, which the caller then gets. The waiters dropped just
+    /// before (the broker stopping, the tenant moving away) is the error the
+    /// answer would have been.
+    pub(super) fn give_up(&mut self) -> Result<AcquireOutcome, BrokerError> {
         self.settled = true;
         let tenant = &self.broker.inner.tenants[self.tenant];
         let mut state = tenant.lock();
         let outcome = match state.withdraw(self.waiter, Instant::now()) {
-            Some(denial) => AcquireOutcome::Denied(denial),
+            Some(denial) => Some(AcquireOutcome::Denied(denial)),
             // Not in the queue: the driver granted it (under this lock, so
-            // the grant is already in the channel).
+            // the grant is already in the channel), or every waiter was
+            // dropped.
             None => match self.rx.try_recv() {
-                Ok(Ok(g)) => AcquireOutcome::Granted(g),
-                Ok(Err(d)) => AcquireOutcome::Denied(d),
-                Err(_) => AcquireOutcome::Denied(Denial {
-                    retry_after: Duration::ZERO,
-                    reason: "the broker is shutting down".into(),
-                    buckets: Vec::new(),
-                }),
+                Ok(Ok(g)) => Some(AcquireOutcome::Granted(g)),
+                Ok(Err(d)) => Some(AcquireOutcome::Denied(d)),
+                Err(_) => None,
             },
         };
         drop(state);
         tenant.wake.notify_one();
         self.broker.announce();
-        outcome
+        outcome.ok_or_else(|| self.broker.waiters_dropped(self.tenant))
     }
 }
 
@@ -148,5 +156,58 @@ impl Drop for Waiting<'_> {
         drop(state);
         tenant.wake.notify_one();
         self.broker.announce();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use tokio_util::sync::CancellationToken;
+
+    /// A wait that runs out just as the broker drops its waiters (it stops,
+    /// or the tenant moves) is answered with that, not "not granted": the
+    /// caller retries elsewhere or later instead of reading a denial.
+    #[tokio::test]
+    async fn a_wait_that_ends_as_the_waiters_are_dropped_says_why() {
+        let settings = Settings::from_toml(
+            "[server]\nstate_dir = \"\"\n[[tenants]]\nid = \"t\"\n\
+             [[tenants.buckets]]\nname = \"slots\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n",
+        )
+        .unwrap();
+        let (broker, _drivers) = Broker::start(&settings, CancellationToken::new(), None);
+        let call = AcquireArgs {
+            client_id: "c".into(),
+            class: String::new(),
+            method: "POST".into(),
+            path: "/x".into(),
+            oauth_client: String::new(),
+            permits: 1,
+            idempotency_key: String::new(),
+        };
+        let now = Instant::now();
+        let queued = {
+            let mut state = broker.inner.tenants[0].lock();
+            let Ok(Decision::Granted(_)) = state.acquire(&call, Some(Duration::ZERO), now) else {
+                panic!("the free slot was not granted")
+            };
+            let Ok(Decision::Queued(q)) = state.acquire(&call, Some(Duration::from_secs(5)), now)
+            else {
+                panic!("the second call did not queue")
+            };
+            q
+        };
+        let mut wait = Waiting {
+            broker: &broker,
+            tenant: 0,
+            waiter: queued.waiter,
+            rx: queued.reply,
+            settled: false,
+        };
+        broker.inner.tenants[0].lock().drop_waiters();
+        match wait.give_up() {
+            Err(BrokerError::ShuttingDown) => {}
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! it, applies at once to waiting requests, and is saved to the state
 //! directory (see the broker's `admin` module).
 
-use super::codec::{bounded, class_from_pb, class_to_pb, principal, status_to_pb};
+use super::codec::{bounded, class_from_pb, class_to_pb, principal, required, status_to_pb};
 use crate::auth::Authenticator;
 use crate::broker::{Broker, TenantBucketStatus};
 use crate::error::BrokerError;
@@ -15,6 +15,9 @@ use tonic::{Request, Response, Status};
 
 /// Longest pause reason accepted.
 const MAX_REASON_LEN: usize = 256;
+
+/// A bucket name, for the error that says one is required.
+const BUCKET_EXAMPLE: &str = "analytics-query";
 
 /// The QuotaAdmin service.
 #[derive(Clone)]
@@ -118,6 +121,7 @@ impl pb::quota_admin_server::QuotaAdmin for AdminService {
     ) -> Result<Response<pb::SetBucketLimitResponse>, Status> {
         let who = self.admin(&request, &request.get_ref().tenant)?;
         let r = request.into_inner();
+        required("bucket", &r.bucket, BUCKET_EXAMPLE)?;
         if r.reset {
             if r.permits != 0 || r.window_ms != 0 || r.burst != 0 || r.max_in_flight != 0 {
                 return Err(BrokerError::invalid(
@@ -157,6 +161,7 @@ impl pb::quota_admin_server::QuotaAdmin for AdminService {
     ) -> Result<Response<pb::PauseBucketResponse>, Status> {
         let who = self.admin(&request, &request.get_ref().tenant)?;
         let r = request.into_inner();
+        required("bucket", &r.bucket, BUCKET_EXAMPLE)?;
         if r.reason.len() > MAX_REASON_LEN {
             return Err(BrokerError::invalid(
                 "reason",
@@ -164,6 +169,15 @@ impl pb::quota_admin_server::QuotaAdmin for AdminService {
                     "{} bytes long; at most {MAX_REASON_LEN}: every request the pause refuses carries it",
                     r.reason.len()
                 ),
+            )
+            .into());
+        }
+        // Repeated in every refusal, log line and `quotactl status`: a
+        // newline or an escape there would forge lines or colour a terminal.
+        if r.reason.chars().any(char::is_control) {
+            return Err(BrokerError::invalid(
+                "reason",
+                "it holds a control character (a newline, a tab, an escape); give one line of text",
             )
             .into());
         }
@@ -187,6 +201,7 @@ impl pb::quota_admin_server::QuotaAdmin for AdminService {
     ) -> Result<Response<pb::ResumeBucketResponse>, Status> {
         let who = self.admin(&request, &request.get_ref().tenant)?;
         let r = request.into_inner();
+        required("bucket", &r.bucket, BUCKET_EXAMPLE)?;
         let statuses = self
             .broker
             .set_paused(&r.tenant, &r.bucket, None, &who)
@@ -202,6 +217,7 @@ impl pb::quota_admin_server::QuotaAdmin for AdminService {
     ) -> Result<Response<pb::ClearLearnedResponse>, Status> {
         let who = self.admin(&request, &request.get_ref().tenant)?;
         let r = request.into_inner();
+        required("bucket", &r.bucket, BUCKET_EXAMPLE)?;
         let oauth_client = bounded("oauth_client", &r.oauth_client)?;
         let clock = self.broker.clock();
         let statuses = self

@@ -531,6 +531,15 @@ async fn events(
             );
             return refused;
         }
+        // Stopping: another broker (or this one restarted) will serve it.
+        Err(e @ crate::error::BrokerError::ShuttingDown) => {
+            let mut refused = refuse(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+            refused.headers_mut().insert(
+                header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("5"),
+            );
+            return refused;
+        }
         Err(e) => return refuse(StatusCode::NOT_FOUND, &e.to_string()),
     };
     let clock = http.broker.clock();

@@ -5,7 +5,7 @@
 use super::instance::{held_back, Share};
 use super::TenantState;
 use crate::config::{BucketSettings, ClassSettings};
-use crate::error::{clip, BrokerError};
+use crate::error::{clip, clip_plain, BrokerError};
 use crate::limits::ClassShape;
 use tokio::time::Instant;
 
@@ -26,7 +26,7 @@ impl TenantState {
                         "{} is not a class of tenant {:?}; use one of: {}",
                         clip(name),
                         self.id,
-                        known.join(", ")
+                        clip_plain(&known.join(", "))
                     ),
                 )
             })

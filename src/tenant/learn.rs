@@ -396,6 +396,9 @@ impl TenantState {
         let p = Persisted {
             frozen_until: p.frozen_until.map(|t| t.min(now + s.max_freeze)),
             cooldown: p.cooldown.map(|(t, rate)| (t.min(now + s.cooldown), rate)),
+            upstream: p
+                .upstream
+                .map(|(left, reset, w)| (left, reset.min(now + s.max_freeze), w)),
             ..p
         };
         if let Some(view) = p.upstream.and_then(|v| UpstreamBudget::resumed(v, now)) {

@@ -310,6 +310,25 @@ fn a_report_cannot_block_a_bucket_for_years() {
     };
     // The block ends at the capped reset; the next window then paces in.
     assert!(d.retry_after <= max + 60 * SEC, "{:?}", d.retry_after);
+
+    // The same budget read back from a state file (an old one, or edited).
+    let mut t = tenant(bucket, t0);
+    let saved = crate::learning::Persisted {
+        effective_per_min: 60.0,
+        learned_limit_per_min: None,
+        frozen_until: None,
+        cooldown: None,
+        upstream: Some((0, t0 + Duration::from_secs(1_000_000_000), 60 * SEC)),
+        ceiling: None,
+        slots: None,
+        refills_continuously: false,
+        limit_window: None,
+    };
+    assert!(t.restore("r", None, saved, t0));
+    let Decision::Denied(d) = t.acquire(&args("GET", "/", 1), NOW, t0).unwrap() else {
+        panic!("granted past the restored budget")
+    };
+    assert!(d.retry_after <= max + 60 * SEC, "{:?}", d.retry_after);
 }
 
 #[derive(Debug, Clone)]

@@ -2,7 +2,8 @@
 
 use crate::harness::{config, req, start};
 use quota_broker::pb::{
-    PauseBucketRequest, ReleaseRequest, RenewRequest, ReportRequest, WatchRequest,
+    ClearLearnedRequest, PauseBucketRequest, ReleaseRequest, RenewRequest, ReportRequest,
+    ResumeBucketRequest, SetBucketLimitRequest, WatchRequest,
 };
 use tonic::Code;
 
@@ -194,6 +195,58 @@ async fn lease_report_and_watch_errors() {
             .await,
         "tenant \"t\" has no bucket \"nope\" (buckets: query)",
     );
+    // A bucket not named at all is a request to fix, not a bucket missing.
+    let admin = || b.admin.clone();
+    let pause = |reason: &str| PauseBucketRequest {
+        tenant: "t".into(),
+        bucket: String::new(),
+        reason: reason.into(),
+    };
+    let missing = "bucket: required";
+    expect(
+        Code::InvalidArgument,
+        admin().pause_bucket(pause("")).await,
+        missing,
+    );
+    expect(
+        Code::InvalidArgument,
+        admin()
+            .resume_bucket(ResumeBucketRequest {
+                tenant: "t".into(),
+                bucket: String::new(),
+            })
+            .await,
+        missing,
+    );
+    expect(
+        Code::InvalidArgument,
+        admin()
+            .set_bucket_limit(SetBucketLimitRequest {
+                tenant: "t".into(),
+                permits: 5,
+                ..Default::default()
+            })
+            .await,
+        missing,
+    );
+    expect(
+        Code::InvalidArgument,
+        admin()
+            .clear_learned(ClearLearnedRequest {
+                tenant: "t".into(),
+                ..Default::default()
+            })
+            .await,
+        missing,
+    );
+    // A pause reason is repeated in every refusal and log line: one line.
+    let mut forged = pause("maintenance\n2026-12-06T00:00:00Z INFO all clear");
+    forged.bucket = "query".into();
+    expect(
+        Code::InvalidArgument,
+        admin().pause_bucket(forged).await,
+        "reason: it holds a control character",
+    );
     b.stop().await;
 }
 
@@ -249,7 +302,8 @@ async fn errors_never_echo_a_long_value_back() {
     let mut c = b.client.clone();
     let long = "x".repeat(60_000);
     let short = |status: tonic::Status, code: Code| {
-        assert_eq!(status.code(), code, "{}", &status.message()[..200]);
+        let start: String = status.message().chars().take(200).collect();
+        assert_eq!(status.code(), code, "{start}");
         assert!(
             status.message().len() <= 1024,
             "{} bytes of message",
@@ -284,6 +338,6 @@ async fn errors_never_echo_a_long_value_back() {
         })
         .await
         .unwrap_err();
-    short(pause, Code::NotFound);
+    short(pause, Code::InvalidArgument);
     b.stop().await;
 }

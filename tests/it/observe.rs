@@ -1008,6 +1008,12 @@ async fn readyz_says_503_while_open_calls_drain() {
         "the broker waits for the open call"
     );
     assert_eq!(get(b.http, "/healthz", &[]).await.status, 200);
+    // A dashboard that opens its feed now is told to come back (and is
+    // served by whichever broker is up then), not that nothing is there.
+    let feed = get(b.http, "/events", &[]).await;
+    assert_eq!(feed.status, 503, "{}", feed.body);
+    assert!(feed.body.contains("shutting down"), "{}", feed.body);
+    assert_eq!(feed.header("retry-after"), Some("5"));
 
     // The open call finishes, and with it the drain.
     send_acquire(&mut open_body);

@@ -9,6 +9,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use gc_relay::{Auth, DrainSettings, Limits, Queue, RelayError, Settings, UpstreamSettings};
 
+/// Largest `--max-record-bytes`: intake reads up to twice that per request.
+const MAX_RECORD_BYTES: u64 = 16 * 1024 * 1024;
+
 #[derive(Parser)]
 #[command(
     name = "gc-relay",
@@ -129,14 +132,30 @@ struct Serve {
     /// Their bytes before intake answers 503.
     #[arg(long, env = "GC_RELAY_MAX_BYTES", default_value_t = Limits::default().max_bytes)]
     max_bytes: u64,
-    /// Largest record, bytes.
-    #[arg(long, env = "GC_RELAY_MAX_RECORD_BYTES", default_value_t = 64 * 1024)]
-    max_record_bytes: usize,
-    /// Records being delivered at once.
-    #[arg(long, env = "GC_RELAY_CONCURRENCY", default_value_t = DrainSettings::default().concurrency)]
-    concurrency: usize,
-    /// Seconds a claim holds a record (a dead relay's come back after it).
-    #[arg(long, env = "GC_RELAY_CLAIM_SECS", default_value_t = DrainSettings::default().claim.as_secs())]
+    /// Largest record, bytes (at most 16 MiB).
+    #[arg(
+        long,
+        env = "GC_RELAY_MAX_RECORD_BYTES",
+        default_value_t = 64 * 1024,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_RECORD_BYTES)
+    )]
+    max_record_bytes: u64,
+    /// Records being delivered at once (1–1024).
+    #[arg(
+        long,
+        env = "GC_RELAY_CONCURRENCY",
+        default_value_t = DrainSettings::default().concurrency as u64,
+        value_parser = clap::value_parser!(u64).range(1..=1024)
+    )]
+    concurrency: u64,
+    /// Seconds a claim holds a record (a dead relay's come back after it;
+    /// 1 to 86400).
+    #[arg(
+        long,
+        env = "GC_RELAY_CLAIM_SECS",
+        default_value_t = DrainSettings::default().claim.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
     claim_secs: u64,
 }
 
@@ -285,9 +304,10 @@ async fn serve(s: Serve) -> Result<(), RelayError> {
         max_records: s.max_records,
         max_bytes: s.max_bytes,
     };
-    settings.max_record_bytes = s.max_record_bytes;
-    settings.drain.concurrency = s.concurrency;
-    settings.drain.claim = Duration::from_secs(s.claim_secs.max(1));
+    // Both within the ranges clap checked, far below usize::MAX.
+    settings.max_record_bytes = usize::try_from(s.max_record_bytes).unwrap_or(usize::MAX);
+    settings.drain.concurrency = usize::try_from(s.concurrency).unwrap_or(1024);
+    settings.drain.claim = Duration::from_secs(s.claim_secs);
     settings.name = s.name;
     let listener = tokio::net::TcpListener::bind(s.listen)
         .await
@@ -322,7 +342,7 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::Cli;
-    use clap::CommandFactory;
+    use clap::{CommandFactory, Parser};
 
     /// A relay deployed with environment variables only (a container) can
     /// set every option of `serve`, as its README says.
@@ -342,5 +362,47 @@ mod tests {
             missing.is_empty(),
             "options without an environment variable: {missing:?}"
         );
+    }
+
+    /// Sizes and times that would overflow (a body limit wrapping to a few
+    /// bytes, a claim expiry past the end of time) or deliver nothing are
+    /// usage errors at start, naming the option and the range.
+    #[test]
+    fn limits_out_of_range_are_usage_errors() {
+        let serve = |extra: &[&str]| {
+            let mut args = vec![
+                "gc-relay",
+                "serve",
+                "--tenant",
+                "t",
+                "--region",
+                "mypurecloud.com",
+                "--client-id",
+                "id",
+                "--client-secret",
+                "secret",
+            ];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        assert!(serve(&[]).is_ok());
+        for (flag, value) in [
+            ("--max-record-bytes", "18446744073709551615"),
+            ("--max-record-bytes", "0"),
+            ("--claim-secs", "9223372036854775807"),
+            ("--claim-secs", "0"),
+            ("--concurrency", "0"),
+            ("--concurrency", "100000"),
+        ] {
+            let err = serve(&[flag, value]).map(|_| ()).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{flag} {value}"
+            );
+            let said = err.to_string();
+            assert!(said.contains(flag) && said.contains("in "), "{said}");
+        }
+        assert!(serve(&["--max-record-bytes", "16777216", "--claim-secs", "86400"]).is_ok());
     }
 }
