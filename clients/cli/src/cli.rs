@@ -210,7 +210,7 @@ pub struct ClassSetArgs {
     /// Share weight among classes competing for the same capacity.
     #[arg(long, value_name = "W")]
     pub weight: u32,
-    /// Share (0.0-1.0) of every bucket's burst and slots lower classes may never take.
+    /// Share (0.0 to below 1.0; all classes' together below 1) of every bucket's burst and slots lower classes may never take.
     #[arg(long, value_name = "R", value_parser = parse_share)]
     pub reserve: f64,
     /// Wait for Acquires of this class that give no max_wait_ms (0 = answer at once).
@@ -368,8 +368,10 @@ pub fn parse_brokers(s: &str) -> Result<Brokers, String> {
 /// A share between 0.0 and 1.0.
 fn parse_share(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
-        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
-        _ => Err("expected a share between 0.0 and 1.0, e.g. 0.1 for 10%".into()),
+        // Below 1: a class that reserved everything would starve the ones
+        // below it (the broker refuses it too).
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err("expected a share from 0.0 to below 1.0, e.g. 0.1 for 10%".into()),
     }
 }
 
@@ -435,6 +437,8 @@ mod tests {
     fn shares() {
         assert_eq!(parse_share("0.1").unwrap(), 0.1);
         assert!(parse_share("1.5").is_err());
+        assert!(parse_share("1.0").is_err());
+        assert_eq!(parse_share("0").unwrap(), 0.0);
         assert!(parse_share("-0.1").is_err());
         assert!(parse_share("NaN").is_err());
         assert!(parse_share("x").is_err());
