@@ -309,6 +309,11 @@ impl Source {
         note: &(dyn Fn(Step) + Send + Sync),
     ) -> Result<Fetched, IngestError> {
         let mut conversations = Vec::new();
+        // The first page's count is what the block is checked against: a
+        // conversation removed between two pages shifts the rows after it
+        // one place back, so the row at the page boundary is never read,
+        // and the later pages' count (one fewer) would match what was.
+        let mut first_total = None;
         let mut total = 0;
         for page_number in 1.. {
             let body = json!({
@@ -324,11 +329,16 @@ impl Source {
                 .json()
                 .map_err(|e| IngestError::answer("details query", e))?;
             total = page.total_hits;
+            let expected = *first_total.get_or_insert(total);
+            if expected != total {
+                tracing::warn!(%block, was = expected, now = total, page = page_number,
+                    "totalHits changed between pages; the block will be fetched again");
+            }
             let rows = page.conversations.len();
             conversations.extend(page.conversations);
             note(Step::Paged {
                 records: conversations.len() as u64,
-                of: Some(total),
+                of: Some(expected),
             });
             if rows < QUERY_PAGE || conversations.len() as u64 >= total {
                 break;
@@ -336,7 +346,7 @@ impl Source {
         }
         Ok(Fetched {
             conversations,
-            total_hits: Some(total),
+            total_hits: Some(first_total.unwrap_or(total)),
             available_until: None,
         })
     }

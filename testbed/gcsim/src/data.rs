@@ -126,6 +126,24 @@ impl History {
         }
     }
 
+    /// The page `page` as it reads once one conversation before it (the
+    /// interval's first) was removed since the pages before it were read:
+    /// every row one place further, one hit fewer.
+    pub(crate) fn query_shifted(
+        &self,
+        from: i64,
+        to: i64,
+        page_size: usize,
+        page: usize,
+    ) -> DetailsPage {
+        let skip = (page - 1).saturating_mul(page_size).saturating_add(1);
+        let rows = self.slice(from, to, skip, page_size);
+        DetailsPage {
+            conversations: (!rows.is_empty()).then_some(rows),
+            total_hits: (self.count(from, to) as u64).saturating_sub(1),
+        }
+    }
+
     /// The conversations starting in `[from, to)`.
     fn hits(&self, from: i64, to: i64) -> &[Conversation] {
         let lo = self.conversations.partition_point(|c| c.start < from);

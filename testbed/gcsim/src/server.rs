@@ -83,6 +83,13 @@ struct OrgSlot {
     /// Details-query pages still to answer with their first row missing
     /// its `conversationStart` (a fault the control plane sets).
     malformed_pages: AtomicU64,
+    /// Details queries still to be read as if a conversation on their first
+    /// page was removed once it was read (a fault the control plane sets):
+    /// counted down at each first page...
+    shifted_queries: AtomicU64,
+    /// ...and whether the pages after the last first page read are shifted
+    /// (rows one place on, `totalHits` one fewer).
+    shifting: std::sync::atomic::AtomicBool,
     /// Its OAuth clients' secret and the lifetime of the tokens it issues.
     oauth_secret: String,
     token_ttl: Duration,
@@ -162,6 +169,8 @@ impl Sim {
             let slot = OrgSlot {
                 jobs: Mutex::new(Jobs::new(org.config.jobs.clone())),
                 short_pages: AtomicU64::new(0),
+                shifted_queries: AtomicU64::new(0),
+                shifting: std::sync::atomic::AtomicBool::new(false),
                 malformed_pages: AtomicU64::new(0),
                 history: History::generate(
                     config.seed,
@@ -233,6 +242,7 @@ impl Sim {
             .route("/_sim/orgs/{org}/conversations", get(conversation_ids))
             .route("/_sim/orgs/{org}/short-pages", post(short_pages))
             .route("/_sim/orgs/{org}/malformed-pages", post(malformed_pages))
+            .route("/_sim/orgs/{org}/shifted-queries", post(shifted_queries))
             .route(
                 "/_sim/orgs/{org}/jobs-available-until",
                 post(jobs_available_until),
@@ -636,7 +646,18 @@ fn details_answer(slot: &OrgSlot, body: &[u8]) -> Answer {
             "paging: pageSize must be 1–100 and pageNumber ≥ 1, got {page_size} and {page_number}"
         ));
     }
-    let mut page = history.query(from, to, page_size as usize, page_number as usize);
+    let (size, number) = (page_size as usize, page_number as usize);
+    let mut page = history.query(from, to, size, number);
+    if number == 1 {
+        let shifted = page.rows() > 0
+            && slot
+                .shifted_queries
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+        slot.shifting.store(shifted, Ordering::Relaxed);
+    } else if slot.shifting.load(Ordering::Relaxed) {
+        page = history.query_shifted(from, to, size, number);
+    }
     // A page fault set by the control plane, taken once per page with rows.
     let take = |left: &AtomicU64| {
         page.rows() > 0
@@ -1025,6 +1046,16 @@ struct IdsParams {
 /// pages with rows each lose their last row.
 async fn short_pages(State(sim): State<Sim>, Path(org): Path<String>, body: Bytes) -> Response {
     page_fault(&sim, &org, &body, "short_pages", |slot| &slot.short_pages)
+}
+
+/// `POST /_sim/orgs/{org}/shifted-queries` body `N`: the next N details
+/// queries (counted at their first page) answer every later page as if a
+/// conversation on the first was removed once it was read (rows one place
+/// on, `totalHits` one fewer), until another query's first page.
+async fn shifted_queries(State(sim): State<Sim>, Path(org): Path<String>, body: Bytes) -> Response {
+    page_fault(&sim, &org, &body, "shifted_queries", |slot| {
+        &slot.shifted_queries
+    })
 }
 
 /// `POST /_sim/orgs/{org}/malformed-pages` body `N`: the first row of each

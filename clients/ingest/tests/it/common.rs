@@ -180,6 +180,12 @@ impl Bed {
         self.page_fault("short-pages", n).await;
     }
 
+    /// The next `n` details queries read every page after their first as
+    /// if a conversation on it was removed once it was read.
+    pub async fn shifted_queries(&self, n: u64) {
+        self.page_fault("shifted-queries", n).await;
+    }
+
     /// The first row of each of the next `n` details-query pages lacks its
     /// `conversationStart`.
     pub async fn malformed_pages(&self, n: u64) {
