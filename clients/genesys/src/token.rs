@@ -9,6 +9,9 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+/// Longest token lifetime taken from a login answer, seconds (a day).
+const MAX_TOKEN_LIFETIME_S: u64 = 86_400;
+
 /// Longest login error text kept in an error.
 const MAX_MESSAGE: usize = 200;
 
@@ -57,7 +60,9 @@ impl TokenCache {
             return Ok(c.token.clone());
         }
         let answer = self.login().await?;
-        let lifetime = Duration::from_secs(answer.expires_in);
+        // A login host's figure, bounded: a lifetime past a day is read as
+        // a day (an `Instant` that far out would overflow).
+        let lifetime = Duration::from_secs(answer.expires_in.min(MAX_TOKEN_LIFETIME_S));
         *cached = Some(Cached {
             token: answer.access_token.clone(),
             refresh_at: Instant::now() + lifetime.mul_f64(0.9),

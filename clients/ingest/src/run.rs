@@ -433,8 +433,8 @@ async fn run_blocks(
     }
     if let Some(e) = lock(&work.setup_failed).take() {
         return Err(IngestError::Usage(format!(
-            "{e} (every block would meet it: fix the client credentials, the tenant or the \
-             broker token, then run again; blocks stored so far are kept)"
+            "{e} (every block would meet it: fix the client credentials or their permissions, \
+             the tenant or the broker token, then run again; blocks stored so far are kept)"
         )));
     }
     let mut summary = lock(&work.summary).clone();
@@ -538,13 +538,18 @@ async fn worker(
     }
 }
 
-/// A refusal every block would meet: the login refused, or the broker
-/// refusing the lease for who asks (unknown tenant, bad token), not a
-/// broker or network error that may pass.
+/// A refusal every block would meet: the login refused, the API refusing
+/// the OAuth client (401 with a fresh token, 403: a role without the
+/// analytics permission), or the broker refusing the lease for who asks
+/// (unknown tenant, bad token), not a broker or network error that may
+/// pass.
 fn refused_for_every_block(e: &IngestError) -> bool {
     use tonic::Code;
     match e {
         IngestError::Upstream(UpstreamError::Auth { .. }) => true,
+        IngestError::Status {
+            status: 401 | 403, ..
+        } => true,
         IngestError::Upstream(UpstreamError::Lease(ClientError::Refused(s))) => matches!(
             s.code(),
             Code::Unauthenticated
@@ -616,7 +621,23 @@ async fn fetch_checked(
 
 #[cfg(test)]
 mod tests {
-    use super::process_alive;
+    use super::{process_alive, refused_for_every_block};
+    use crate::IngestError;
+
+    /// An OAuth client the API refuses (no analytics permission) would be
+    /// refused for every block: the run stops at the first, it does not
+    /// spend a leased request on each of thousands.
+    #[test]
+    fn the_api_refusing_the_client_stops_the_run() {
+        for status in [401, 403] {
+            let e = IngestError::status("details query", status, "missing permission");
+            assert!(refused_for_every_block(&e), "{status}");
+        }
+        for status in [400, 404, 500, 503] {
+            let e = IngestError::status("details query", status, "");
+            assert!(!refused_for_every_block(&e), "{status}");
+        }
+    }
     use std::time::{Duration, Instant};
 
     #[test]

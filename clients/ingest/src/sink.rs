@@ -142,7 +142,11 @@ impl<'a> Fields<'a> {
         Ok(Fields {
             id,
             start,
-            start_ms: parse_time(start)?,
+            // The upstream's answer, not the caller's argument: a bad one
+            // fails this block (given back, the run goes on), not the run.
+            start_ms: parse_time(start).map_err(|_| {
+                IngestError::answer("conversation", "conversationStart is not an RFC 3339 time")
+            })?,
             end: text("conversationEnd"),
             direction: text("originatingDirection"),
             queue: segment_field("queueId"),
@@ -542,6 +546,11 @@ mod tests {
             (Some("inbound"), Some("q1"), Some("w1"), Some("voice"))
         );
         assert!(Fields::of(&json!({ "conversationStart": "2026-11-01" })).is_err());
+        let garbled = json!({ "conversationId": "c", "conversationStart": "yesterday" });
+        assert!(
+            matches!(Fields::of(&garbled), Err(IngestError::Answer { .. })),
+            "a bad time in an answer is the answer's fault, not a usage error"
+        );
     }
 
     #[tokio::test]

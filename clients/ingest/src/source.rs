@@ -203,6 +203,19 @@ struct QueryPage {
     total_hits: u64,
 }
 
+/// A submitted job's id goes into the paths of the status, results and
+/// DELETE calls: a `/`, `?` or `..` in it would change what they reach.
+fn check_job_id(id: &str) -> Result<(), IngestError> {
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+    if id.is_empty() || id.len() > 128 || !id.bytes().all(plain) {
+        return Err(IngestError::answer(
+            "job submission",
+            "the jobId is not an id (letters, digits, '-' or '_', at most 128)",
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Submitted {
@@ -397,6 +410,7 @@ impl Source {
             let (submitted, slot) = self.submit_job(block, running.slot.take()).await;
             running.slot = slot;
             let job = submitted?;
+            check_job_id(&job.job_id)?;
             running.id = Some(job.job_id.clone());
             note(Step::Submitted);
             let fulfilled = self.await_job(block, &job.job_id, note).await;
@@ -593,6 +607,14 @@ const CURSOR: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_id_that_would_change_a_request_path_is_refused() {
+        assert!(check_job_id("0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b").is_ok());
+        for bad in ["", "../../users", "a/b", "a?b=1", "a%2Fb", &"x".repeat(129)] {
+            assert!(check_job_id(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn cursors_are_encoded_for_the_query_string() {
