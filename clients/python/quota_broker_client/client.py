@@ -348,6 +348,8 @@ class Lease:
         #: The last ReportResponse sent through this lease (None before).
         self.last_report = None
         self._renewer = None
+        # Held from the check of ``released`` to its setting: a lease is released once.
+        self._release_lock = threading.Lock()
 
     @property
     def holds_slot(self):
@@ -415,54 +417,55 @@ class Lease:
         and the release is sent in the background after the broker's
         retry-after-ms.
         """
-        if self.released:
-            return False
-        renewer = getattr(self, "_renewer", None)
-        if renewer is not None:
-            renewer.stop()  # a released lease is not renewed
-        if self.is_fallback or not self.holds_slot:
-            # Nothing to give back: no call (a lease of rate buckets only
-            # was sent a release, then, told nothing was released, another).
+        with self._release_lock:
+            if self.released:
+                return False
+            renewer = getattr(self, "_renewer", None)
+            if renewer is not None:
+                renewer.stop()  # a released lease is not renewed
+            if self.is_fallback or not self.holds_slot:
+                # Nothing to give back: no call (a lease of rate buckets only
+                # was sent a release, then, told nothing was released, another).
+                self.released = True
+                return False
+            try:
+                # Without the Acquire first: sent with it, a release a broker
+                # already processed (its answer lost, then sent again) could be
+                # adopted and free a slot since granted to someone else. Only a
+                # broker that answers it does not know the lease (restarted after
+                # a crash, or leading since a failover) is told, to free it now.
+                released = self._broker.release(self.lease_id)
+                if not released:
+                    released = self._broker.release(self.lease_id,
+                                                    acquired_with=self._acquired_with())
+            except errors.Closed:
+                # The client is gone; the slot comes back by itself at its expiry.
+                released = False
+            except _UNREACHABLE as e:
+                if self._broker._fallback is None:
+                    raise
+                # The broker is away (restarting, a cluster between leaders): sent
+                # once a broker answers again, so one that took the lease over
+                # frees its slot then rather than at its expiry.
+                log.debug("releasing lease %s failed, kept for later: %s", self.lease_id, e)
+                kept = pb.ReleaseRequest(lease_id=self.lease_id)
+                if not _may_have_reached_a_broker(e):
+                    # No broker read it (the connection failed): kept with the
+                    # Acquire, so a broker that restarted after a crash and
+                    # does not know the lease frees its slot when it is sent.
+                    kept.acquired_with.CopyFrom(self._acquired_with())
+                self._broker._keep_release(kept)
+                self._broker._await_broker()
+                released = False
+            except errors.Overloaded as e:
+                if self._broker._fallback is None:
+                    raise
+                # Over this caller's request rate: released in the background
+                # once its retry-after-ms has passed (else the slot is held to expiry).
+                self._broker._defer_release(pb.ReleaseRequest(lease_id=self.lease_id), e)
+                released = False
             self.released = True
-            return False
-        try:
-            # Without the Acquire first: sent with it, a release a broker
-            # already processed (its answer lost, then sent again) could be
-            # adopted and free a slot since granted to someone else. Only a
-            # broker that answers it does not know the lease (restarted after
-            # a crash, or leading since a failover) is told, to free it now.
-            released = self._broker.release(self.lease_id)
-            if not released:
-                released = self._broker.release(self.lease_id,
-                                                acquired_with=self._acquired_with())
-        except errors.Closed:
-            # The client is gone; the slot comes back by itself at its expiry.
-            released = False
-        except _UNREACHABLE as e:
-            if self._broker._fallback is None:
-                raise
-            # The broker is away (restarting, a cluster between leaders): sent
-            # once a broker answers again, so one that took the lease over
-            # frees its slot then rather than at its expiry.
-            log.debug("releasing lease %s failed, kept for later: %s", self.lease_id, e)
-            kept = pb.ReleaseRequest(lease_id=self.lease_id)
-            if not _may_have_reached_a_broker(e):
-                # No broker read it (the connection failed): kept with the
-                # Acquire, so a broker that restarted after a crash and
-                # does not know the lease frees its slot when it is sent.
-                kept.acquired_with.CopyFrom(self._acquired_with())
-            self._broker._keep_release(kept)
-            self._broker._await_broker()
-            released = False
-        except errors.Overloaded as e:
-            if self._broker._fallback is None:
-                raise
-            # Over this caller's request rate: released in the background
-            # once its retry-after-ms has passed (else the slot is held to expiry).
-            self._broker._defer_release(pb.ReleaseRequest(lease_id=self.lease_id), e)
-            released = False
-        self.released = True
-        return released
+            return released
 
     def __repr__(self):
         if self.is_fallback:
@@ -521,12 +524,12 @@ class _Renewer(threading.Thread):
                 return
             except errors.Overloaded as e:
                 # Over this caller's request rate: again once the broker says so
-                # (within what is left of the slot's TTL); say so once.
+                # (sooner would be refused too); say so once.
                 (log.debug if self._warned else log.warning)(
                     "renewing lease %s refused, broker overloaded: %s", self.lease.lease_id, e)
                 self._warned = True
                 retry_ms = e.retry_after_ms if e.retry_after_ms is not None else _OVERLOAD_BACKOFF_S * 1000
-                wait_ms = min(retry_ms, max(wait_ms / 2.0, 100))
+                wait_ms = max(retry_ms, _MIN_OVERLOAD_BACKOFF_S * 1000)
             except errors.QuotaBrokerError as e:
                 if not _renewal_may_pass_later(e):
                     log.warning("lease %s can no longer be renewed: %s", self.lease.lease_id, e)
@@ -677,6 +680,7 @@ class QuotaBroker:
         self._said_not_a_broker = set()
         # https:// urls asked in plaintext what they speak, and when (see _plaintext_at).
         self._asked_plaintext = {}
+        self._channels_closed = False
         self._conn = self._conn_for(self.targets[0])
         self.timeout = timeout
         #: Call metadata (the bearer token), for calls on the raw stubs.
@@ -695,7 +699,6 @@ class QuotaBroker:
         self._flusher_lock = threading.Lock()
         self._flush_again = False
         self._closed = threading.Event()
-        self._channels_closed = False
         # Overload: until when (time.monotonic(), real time: the broker's
         # limiter runs on real time) the kept reports and releases wait, and
         # how many Overloaded answers were seen.
@@ -736,8 +739,10 @@ class QuotaBroker:
         return self._conn.admin_stub
 
     def _conn_for(self, target):
-        """The (cached) channel and stubs of ``target``."""
+        """The (cached) channel and stubs of ``target``; Closed once close() closed the channels."""
         with self._conns_lock:
+            if self._channels_closed:
+                raise errors.Closed()
             conn = self._conns.get(target)
             if conn is None:
                 if self.tls:
@@ -865,6 +870,7 @@ class QuotaBroker:
         cut off after): once it answers again, a lease it granted that nobody
         holds is released by the Acquire's idempotency key."""
         self._keep_release(pb.ReleaseRequest(tenant=tenant, acquire_key=key))
+        self._await_broker()
 
     def _keep_release(self, req):
         cap = max(self._fallback.settings.buffer_size, 1) if self._fallback is not None else 1000
@@ -897,6 +903,12 @@ class QuotaBroker:
                 return
             except errors.BrokerRpcError as e:
                 log.debug("deferred release %s refused: %s", req, e)
+            except errors.QuotaBrokerError as e:
+                # Closed, or a TLS handshake that cannot succeed: not sent.
+                log.debug("deferred release %s not sent: %s", req, e)
+                with self._flusher_lock:
+                    self._deferred_releases.appendleft(req)
+                return
 
     def _send_release_adopting(self, req, timeout=None):
         """Sends a kept release. One kept with the Acquire that granted its
@@ -1093,6 +1105,11 @@ class QuotaBroker:
                     refused += 1
                     log.debug("kept outcome %s %s -> %s refused: %s", req.method, req.path, req.http_status, e)
                     continue
+                except errors.QuotaBrokerError as e:
+                    # Closed, or a TLS handshake that cannot succeed: not sent.
+                    log.debug("kept outcome %s %s -> %s not sent: %s", req.method, req.path, req.http_status, e)
+                    fb.put_back(item)
+                    break
                 fb.leave()
                 sent += 1
             dropped = fb.take_dropped()
@@ -1112,6 +1129,8 @@ class QuotaBroker:
         (if at most 2 s) and tries again.
         """
         with self._flusher_lock:
+            if self._closed.is_set():
+                return
             self._closed.set()  # the background sender stops after its current call
         _LIVE.discard(self)
         timeout = min(self.timeout, _CLOSE_FLUSH_TIMEOUT_S)
@@ -1340,10 +1359,15 @@ class QuotaBroker:
                     prober.join(_PROBE_WAIT_S)
             if fb is None or not fb.active:
                 key = uuid.uuid4().hex
+                left_ms = max_wait_ms
+                if max_wait_ms is not None:
+                    # Part of it may have gone waiting on the fallback limiter.
+                    waited_ms = (self._clock.monotonic() - started) * 1000.0
+                    left_ms = max(math.ceil(max_wait_ms - waited_ms), 0)
                 try:
                     resp, granted_by = self._acquire_at(
                         tenant, method, path, client_id=client_id, oauth_client=oauth_client,
-                        priority_class=priority_class, permits=permits, max_wait_ms=max_wait_ms,
+                        priority_class=priority_class, permits=permits, max_wait_ms=left_ms,
                         timeout=timeout, key=key)
                 except _UNREACHABLE as e:
                     if _may_have_reached_a_broker(e):
@@ -1444,7 +1468,9 @@ class QuotaBroker:
         ``acquired_with``: the AcquireRequest that granted the lease, so that a
         broker restarted since adopts the lease instead of answering NotFound.
         """
-        req = pb.RenewRequest(lease_id=lease_id, extend_ms=int(extend_ms))
+        _check_str("lease_id", lease_id)
+        _check_count("extend_ms", extend_ms, _UINT64_MAX)
+        req = pb.RenewRequest(lease_id=lease_id, extend_ms=extend_ms)
         if acquired_with is not None:
             req.acquired_with.CopyFrom(acquired_with)
         return self._call("Renew", req)
@@ -1465,6 +1491,8 @@ class QuotaBroker:
         outcome is kept too and reported in the background once that time
         has passed. Without a fallback both raise (Unavailable, Overloaded).
         """
+        if self._channels_closed:
+            raise errors.Closed()
         for name, value in (("tenant", tenant), ("method", method), ("path", path),
                             ("oauth_client", oauth_client or ""), ("lease_id", lease_id or "")):
             _check_str(name, value)
@@ -1525,6 +1553,9 @@ class QuotaBroker:
         Returns a WatchStream (iterate it; ``cancel()`` or use ``with`` to
         stop). ``timeout`` bounds the whole stream (seconds; None: no bound).
         """
+        if self._channels_closed:
+            raise errors.Closed()
+        _check_str("tenant", tenant)
         deadline = None if timeout is None else time.monotonic() + timeout
         opened_on = [self._conn]
 
@@ -1548,6 +1579,7 @@ class QuotaBroker:
 
     def list_buckets(self, tenant=""):
         """Every bucket instance (QuotaStatus messages) the caller may see."""
+        _check_str("tenant", tenant)
         return list(self._call("ListBuckets", pb.ListBucketsRequest(tenant=tenant), admin=True).buckets)
 
     def bucket(self, tenant, name, oauth_client=""):

@@ -134,6 +134,73 @@ def test_a_call_waiting_when_the_client_is_closed_raises_closed(broker_proc):
     holder.release()
 
 
+def test_close_twice_after_the_broker_went_away_keeps_what_it_kept_and_raises_nothing(start_broker,
+                                                                                      caplog):
+    proc = start_broker(single_ttl_ms=60_000)
+    client = proc.client()
+    lease = client.acquire(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=0)
+    proc.kill()
+    assert lease.release() is False
+    assert client.report(TENANT, "GET", SINGLE_PATH, 200, {}) is None
+    assert (client.pending_releases, client.pending_reports) == (1, 1)
+    client.close()  # the broker does not answer: both stay kept
+    client.close()
+    said = [r for r in caplog.records if "closing with" in r.getMessage()]
+    assert len(said) == 1, "the second close() tried and said it again"
+    # A with-block's own exception is what the caller sees, not Closed.
+    with pytest.raises(RuntimeError, match="the block's own"):
+        with client:
+            raise RuntimeError("the block's own")
+    # Sending them after close() neither raises nor loses them.
+    assert client.flush_reports() == 0
+    client._send_deferred()
+    assert (client.pending_releases, client.pending_reports) == (1, 1)
+
+
+def test_every_call_after_close_raises_closed(start_broker):
+    proc = start_broker()
+    client = proc.client()
+    proc.kill()
+    # Falling back: a report is kept.
+    assert client.report(TENANT, "GET", SINGLE_PATH, 200, {}) is None and client.in_fallback
+    client.close()
+    for call in (lambda: client.report(TENANT, "GET", SINGLE_PATH, 200, {}),
+                 lambda: client.watch(TENANT),
+                 lambda: client.list_buckets(TENANT),
+                 lambda: client.renew("some-lease"),
+                 lambda: client.release("some-lease"),
+                 lambda: client.acquire(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=0)):
+        with pytest.raises(qb.Closed):
+            call()
+    assert client.pending_reports == 1
+
+
+def test_a_lease_released_by_two_threads_at_once_is_released_once(broker):
+    import threading
+    lease = broker.acquire(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=0)
+    sent, results = [], []
+    second = threading.Thread(target=lambda: results.append(lease.release()))
+    real = broker.stub.Release
+
+    def release(*a, **kw):
+        sent.append(threading.current_thread().name)
+        if second.ident is None:
+            # The other thread releases while this one's Release is out: it
+            # waits for this one (bounded: without the lease's lock it sends
+            # its own at once and ends first).
+            second.start()
+            second.join(1.0)
+        return real(*a, **kw)
+
+    broker.stub.Release = release
+    results.append(lease.release())
+    second.join(10)
+    assert not second.is_alive()
+    assert sorted(results) == [False, True], results
+    assert len(sent) == 1, sent
+    assert status(broker, "single").in_flight == 0
+
+
 def test_lease_renews_slot_past_its_ttl(broker):
     # The "single" bucket's lease TTL is 1.5 s; held through three renewals
     # (one every half TTL), well past it.
@@ -411,6 +478,39 @@ def test_a_release_that_finds_the_broker_away_is_sent_when_it_is_back(start_brok
     observer.close()
 
 
+def test_a_release_kept_for_an_acquire_without_answer_is_sent_with_no_further_call(start_broker):
+    """Without a fallback, an Acquire a frozen broker read raises; the release
+    by its key kept meanwhile is sent once the broker answers again, also
+    when this client makes no other call."""
+    proc = start_broker(single_ttl_ms=60000)
+    observer = proc.client()
+    with qb.QuotaBroker(proc.addr, timeout=1, fallback=None) as client:
+        client.list_buckets(TENANT)  # connected: the Acquire goes out at once
+        proc.freeze()
+        try:
+            with pytest.raises((qb.DeadlineExceeded, qb.Unavailable)):
+                client.acquire(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=0)
+            assert client.pending_releases == 1
+        finally:
+            proc.thaw()
+        deadline = time.monotonic() + 10
+        while client.pending_releases:
+            assert time.monotonic() < deadline, "the kept release was not sent 10 s after the thaw"
+            time.sleep(0.05)  # waiting on the client's prober and sender threads (a real event)
+    b = status(observer, "single")
+    assert (b.granted_total, b.in_flight) == (1, 0)
+    observer.close()
+
+
+def test_a_closed_client_opens_no_channel():
+    client = qb.QuotaBroker(f"127.0.0.1:{free_port()}", timeout=1)
+    client.close()
+    # A probe racing close() asks for another broker's channel.
+    with pytest.raises(qb.Closed):
+        client._conn_for(f"127.0.0.1:{free_port()}")
+    assert len(client._conns) == 1
+
+
 def test_the_renewer_retries_only_what_may_pass_later():
     from quota_broker_client.client import _renewal_may_pass_later
     from quota_broker_client import errors
@@ -447,3 +547,12 @@ def test_arguments_of_the_wrong_type_or_range_are_refused_naming_them():
             c.report(TENANT, "GET", "/x", "200", {})
         with pytest.raises(ValueError, match="lease_id is empty"):
             c.release("")
+        for call, error, says in [
+            (lambda: c.renew("x", extend_ms="100"), TypeError, "extend_ms must be an int, got str"),
+            (lambda: c.renew("x", extend_ms=-1), ValueError, "extend_ms must be from 0 to"),
+            (lambda: c.renew(123), TypeError, "lease_id must be a str, got int"),
+            (lambda: c.watch(tenant=5), TypeError, "tenant must be a str, got int"),
+            (lambda: c.list_buckets(b"demo"), TypeError, "tenant must be a str, got bytes"),
+        ]:
+            with pytest.raises(error, match=says):
+                call()

@@ -236,6 +236,39 @@ def test_a_call_made_once_the_broker_is_back_is_leased_by_it(start_broker, fake_
         client.close()
 
 
+def test_max_wait_ms_bounds_the_wait_on_the_fallback_and_the_broker_together(start_broker, fake_clock):
+    # Falling back at 1/min; the broker comes back while a call waits for
+    # the local limiter's next permit. The Acquire its probe lets through
+    # asks the broker for what is left of max_wait_ms, not all of it again.
+    proc = start_broker()
+    client = qb.QuotaBroker(proc.addr, clock=fake_clock, fallback=qb.FallbackSettings(floor_per_min=1))
+    try:
+        client.list_buckets(TENANT)  # connected before the crash
+        proc.kill()
+        assert client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=0).is_fallback
+        start_broker(port=proc.port)
+        # The channel's reconnect backoff over: a real event, not a sleep.
+        grpc.channel_ready_future(client._conn.channel).result(timeout=10)
+        sent = []
+        real = client.stub.Acquire
+
+        def acquire(req, *a, **kw):
+            sent.append((req.max_wait_ms, fake_clock.now))
+            return real(req, *a, **kw)
+
+        client.stub.Acquire = acquire
+        started = fake_clock.now
+        lease = client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=120_000)
+        assert not lease.is_fallback
+        lease.release()
+        ((max_wait_ms, at),) = sent
+        waited_ms = round((at - started) * 1000)
+        assert waited_ms >= 1000, "the call did not wait for the probe"
+        assert max_wait_ms == 120_000 - waited_ms
+    finally:
+        client.close()
+
+
 def test_threads_sharing_a_client_share_its_fallback_rate(start_broker):
     proc = start_broker()
     proc.kill()

@@ -99,6 +99,35 @@ def test_a_refused_report_is_sent_after_retry_after_and_a_release_is_not_refused
         observer.close()
 
 
+def test_the_renewer_waits_retry_after_between_overloaded_renewals(start_broker):
+    # A slot TTL of 200 ms: the first renewal, 100 ms after the Acquire took
+    # this second's request, is refused for about 900 ms. The next one goes
+    # after that, not every 100 ms meanwhile (the lease is gone by then).
+    proc = start_broker(auth=tokens(), extra=OVERLOAD, single_ttl_ms=200)
+    with proc.client(token=TINY) as client:
+        answers = []
+        real = client.stub.Renew
+
+        def renew(*a, **kw):
+            try:
+                resp = real(*a, **kw)
+            except grpc.RpcError as e:
+                answers.append(e.code())
+                raise
+            answers.append(grpc.StatusCode.OK)
+            return resp
+
+        client.stub.Renew = renew
+        with client.lease(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=0) as lease:
+            deadline = time.monotonic() + 10
+            while not any(code != grpc.StatusCode.RESOURCE_EXHAUSTED for code in answers):
+                assert time.monotonic() < deadline, f"no renewal past the overload in 10 s: {answers}"
+                time.sleep(0.05)  # waiting on the client's renewer thread (a real event)
+            lease._renewer.stop()
+        refused = answers.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert 1 <= refused <= 2, answers
+
+
 def test_without_fallback_a_report_raises_overloaded(overload_proc):
     with overload_proc.client(token=TINY, fallback=None) as client:
         err = overloaded(lambda: client.report(TENANT, "GET", SINGLE_PATH, 200, {}))

@@ -243,3 +243,35 @@ def test_a_fallback_probe_that_meets_a_certificate_it_does_not_trust_ends_the_fa
             assert client.acquire(TENANT, "GET", USERS, client_id="c").is_fallback
             assert time.monotonic() < deadline, "still on the fallback rate 10 s after it came back"
     client.close()
+
+
+def test_kept_releases_and_reports_stay_kept_while_the_handshake_fails(start_broker, pki, tmp_path, caplog):
+    # Kept while the broker was away, which comes back with a certificate
+    # from a CA the client does not trust: each background pass meets
+    # TlsError, and nothing kept is lost to it.
+    proc = start_broker(tls=pki.server_tls(), single_ttl_ms=60_000)
+    client = proc.client(ca_cert=pki.ca_pem, fallback=qb.FallbackSettings(probe_every_s=0.1))
+    try:
+        lease = client.acquire(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=0)
+        proc.kill()
+        assert lease.release() is False
+        assert client.report(TENANT, "GET", USERS, 200, {}) is None
+        assert (client.pending_releases, client.pending_reports) == (1, 1)
+        sent = []
+        for name in ("Release", "Report"):
+            real = getattr(client.stub, name)
+
+            def counted(*a, _real=real, _name=name, **kw):
+                sent.append(_name)
+                return _real(*a, **kw)
+            setattr(client.stub, name, counted)
+        other = Pki(tmp_path / "rotated", name="another CA")
+        start_broker(tls=other.server_tls(), port=proc.port)
+        deadline = time.monotonic() + 10
+        while len(sent) < 4:
+            assert time.monotonic() < deadline, f"not sent twice within 10 s: {sent}"
+            time.sleep(0.05)  # waiting on the client's prober and sender threads (a real event)
+        assert (client.pending_releases, client.pending_reports) == (1, 1), sent
+        assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    finally:
+        client.close()
