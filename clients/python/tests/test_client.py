@@ -181,15 +181,36 @@ def test_a_lease_released_by_two_threads_at_once_is_released_once(broker):
     sent, results = [], []
     second = threading.Thread(target=lambda: results.append(lease.release()))
     real = broker.stub.Release
+    blocked = threading.Event()
+
+    class Watched:
+        """The lease's lock, saying when a thread finds it held."""
+
+        def __init__(self, lock):
+            self.lock = lock
+
+        def __enter__(self):
+            if not self.lock.acquire(blocking=False):
+                blocked.set()
+                self.lock.acquire()
+            return self
+
+        def __exit__(self, *exc):
+            self.lock.release()
+
+    lease._release_lock = Watched(lease._release_lock)
 
     def release(*a, **kw):
         sent.append(threading.current_thread().name)
         if second.ident is None:
             # The other thread releases while this one's Release is out: it
-            # waits for this one (bounded: without the lease's lock it sends
-            # its own at once and ends first).
+            # waits on the lease's lock (without it, it sends its own at once
+            # and ends first). Either is a real event.
             second.start()
-            second.join(1.0)
+            deadline = time.monotonic() + 10
+            while not blocked.is_set() and second.is_alive():
+                assert time.monotonic() < deadline, "the second release neither sent nor waited"
+                time.sleep(0.001)  # polling the other thread (a real event)
         return real(*a, **kw)
 
     broker.stub.Release = release
