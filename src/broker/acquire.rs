@@ -93,9 +93,7 @@ impl Broker {
         }
         Ok(outcome)
     }
-}
 
-impl Broker {
     /// Why tenant `t`'s waiters were dropped: it moved to another broker
     /// (cluster mode), or this one stops.
     fn waiters_dropped(&self, t: usize) -> BrokerError {
@@ -116,9 +114,9 @@ struct Waiting<'a> {
 
 impl Waiting<'_> {
     /// The wait is over: leave the queue and say why, unless a grant came in
-    /// the meantime, which the caller then gets. The waiters dropped just
-    /// before (the broker stopping, the tenant moving away) is the error the
-    /// answer would have been.
+    /// the meantime, which the caller then gets. If every waiter was dropped
+    /// just before (the broker stopping, the tenant moving away), the answer
+    /// is the error that dropping them gives.
     pub(super) fn give_up(&mut self) -> Result<AcquireOutcome, BrokerError> {
         self.settled = true;
         let tenant = &self.broker.inner.tenants[self.tenant];

@@ -45,7 +45,7 @@ pub enum IngestError {
     #[error("{0}")]
     WorkerBusy(String),
     /// A block still disagreed with its `totalHits` after every attempt.
-    #[error("block {interval}: {received} records received, totalHits {total_hits}, after {attempts} attempts")]
+    #[error("block {interval}: {received} distinct records received, totalHits {total_hits}, after {attempts} attempts")]
     Mismatch {
         /// The block's interval.
         interval: String,

@@ -575,6 +575,11 @@ async fn block_failed(
     sink.unclaim(block, &plan.owner).await?;
     let mut s = lock(&work.summary);
     s.blocks_failed += 1;
+    // Every fetch of a block that never agreed with its totalHits was
+    // thrown away, as those of a block stored after a refetch are.
+    if let IngestError::Mismatch { attempts, .. } = e {
+        s.mismatches += u64::from(*attempts);
+    }
     if s.errors.len() < KEPT_ERRORS {
         s.errors.push(format!("{block}: {e}"));
     }

@@ -194,6 +194,28 @@ async fn a_block_short_of_its_total_hits_is_fetched_again_and_reported() {
     bed.sim.shutdown().await;
 }
 
+/// A block that never agrees with its totalHits fails after its attempts,
+/// and each of them is counted as a fetch thrown away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fetches_of_a_block_that_never_agrees_are_counted() {
+    let bed = Bed::start().await;
+    bed.short_pages(1_000_000).await;
+    let path = sqlite("never-agrees");
+    let sink = open(&path).await;
+    let mut plan = plan(DAY1, "2026-11-01T03:00:00Z", BlockSize::Hour);
+    plan.parallel = 1;
+    let summary = run(&plan, &bed.source(SourceKind::Query, "never"), &sink)
+        .await
+        .unwrap();
+    assert_eq!(
+        (summary.blocks_failed, summary.mismatches, summary.records),
+        (3, 9, 0),
+        "{summary:?}"
+    );
+    sink.close().await;
+    bed.sim.shutdown().await;
+}
+
 /// A conversation removed while a block is paged shifts the later pages
 /// one row back and lowers their totalHits: the row at the page boundary
 /// is read by no page, and the count the last page gives matches what was
