@@ -63,10 +63,16 @@ impl IngestError {
     /// answering): the same run may pass later, unlike a refusal (a wrong
     /// password, a database that does not exist, a path that cannot be).
     pub fn may_pass_later(&self) -> bool {
-        matches!(
-            self,
-            IngestError::Sink(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
-        )
+        match self {
+            IngestError::Sink(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => true,
+            // PostgreSQL starting up or shutting down (57P01–57P03), out of
+            // connections or resources (class 53), or a connection broken
+            // (class 08): the server is there and will take us later.
+            IngestError::Sink(sqlx::Error::Database(e)) => e.code().is_some_and(|c| {
+                c.starts_with("08") || c.starts_with("53") || c.starts_with("57P0")
+            }),
+            _ => false,
+        }
     }
 
     /// A non-2xx answer, with at most 200 characters of its body.
@@ -83,6 +89,59 @@ impl IngestError {
         IngestError::Answer {
             what,
             message: e.to_string().chars().take(200).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IngestError;
+    use std::borrow::Cow;
+
+    /// A database error with only a SQLSTATE, as PostgreSQL sends one.
+    #[derive(Debug)]
+    struct Coded(&'static str);
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "SQLSTATE {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Coded {}
+
+    impl sqlx::error::DatabaseError for Coded {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    /// A PostgreSQL that is starting, stopping or out of connections is a
+    /// run to try again later (exit 1), not a refusal (exit 2).
+    #[test]
+    fn a_database_that_is_busy_or_restarting_may_pass_later() {
+        let sink = |code| IngestError::Sink(sqlx::Error::Database(Box::new(Coded(code))));
+        for code in ["57P03", "57P01", "53300", "08006"] {
+            assert!(sink(code).may_pass_later(), "{code}");
+        }
+        // A wrong password, a database that does not exist.
+        for code in ["28P01", "3D000", "42501"] {
+            assert!(!sink(code).may_pass_later(), "{code}");
         }
     }
 }
