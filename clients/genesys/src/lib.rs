@@ -270,25 +270,41 @@ struct Inner {
     max_body: AtomicUsize,
 }
 
-/// 429s seen per route ("METHOD path"). A rate 429 is counted and reported
-/// under the write lock, so a lease granted before the broker heard of it
-/// is caught (the count moved) and leased again only after the broker holds
-/// the route back: calls in this process racing the report do not each earn
-/// a 429 of their own.
+/// 429s seen per broker bucket (the buckets of the lease the 429 came
+/// on: as many keys as the broker's config has buckets, however many
+/// conversation ids the paths carry). A rate 429 is counted and reported
+/// under the write lock, so a lease granted on one of those buckets before
+/// the broker heard of it is caught (a count moved) and leased again only
+/// after the broker holds the bucket back: calls in this process racing the
+/// report do not each earn a 429 of their own.
 #[derive(Default)]
 struct Throttled(tokio::sync::RwLock<HashMap<String, u64>>);
 
 impl Throttled {
-    /// 429s seen for `route` so far; waits while one is being reported.
-    async fn seen(&self, route: &str) -> u64 {
-        self.0.read().await.get(route).copied().unwrap_or(0)
+    /// The counts so far; waits while a 429 is being reported.
+    async fn seen(&self) -> HashMap<String, u64> {
+        self.0.read().await.clone()
     }
 
-    /// Counts a 429 for `route` and runs `report` before anyone reads the
-    /// count again.
-    async fn record<T>(&self, route: &str, report: impl std::future::Future<Output = T>) -> T {
+    /// Whether a 429 was counted on one of `buckets` since `before`.
+    async fn moved(&self, before: &HashMap<String, u64>, buckets: &[String]) -> bool {
+        let now = self.0.read().await;
+        buckets
+            .iter()
+            .any(|b| now.get(b).copied().unwrap_or(0) != before.get(b).copied().unwrap_or(0))
+    }
+
+    /// Counts a 429 on `buckets` and runs `report` before anyone reads the
+    /// counts again.
+    async fn record<T>(
+        &self,
+        buckets: &[String],
+        report: impl std::future::Future<Output = T>,
+    ) -> T {
         let mut counts = self.0.write().await;
-        *counts.entry(route.to_owned()).or_default() += 1;
+        for b in buckets {
+            *counts.entry(b.clone()).or_default() += 1;
+        }
         report.await
     }
 }
@@ -467,14 +483,13 @@ impl Upstream {
             .inner
             .template
             .to(req.method.as_str(), req.route_path());
-        let route = format!("{} {}", req.method, req.route_path());
         let mut renewed_token = false;
         loop {
             let token = self.inner.tokens.get().await?;
-            let seen = self.inner.throttled.seen(&route).await;
+            let seen = self.inner.throttled.seen().await;
             let lease = self.lease(&call).await?;
             let fallback = lease.is_fallback();
-            if !fallback && self.inner.throttled.seen(&route).await != seen {
+            if !fallback && self.inner.throttled.moved(&seen, lease.buckets()).await {
                 bump(&self.inner.counters.withheld);
                 lease.release().await;
                 continue;
@@ -494,7 +509,8 @@ impl Upstream {
                 lease.report_concurrency_429(&response.headers).await
             } else if response.status == 429 {
                 let report = lease.report(response.status, &response.headers);
-                self.inner.throttled.record(&route, report).await
+                let buckets = lease.buckets().to_vec();
+                self.inner.throttled.record(&buckets, report).await
             } else {
                 lease.report(response.status, &response.headers).await
             };
@@ -610,15 +626,15 @@ mod tests {
     #[tokio::test]
     async fn a_lease_checked_while_a_429_is_reported_sees_it_once_reported() {
         let throttled = Arc::new(Throttled::default());
-        let route = "POST /api/v2/analytics/conversations/details/query";
-        let before = throttled.seen(route).await;
+        let query = vec!["analytics-query".to_owned(), "per-client".to_owned()];
+        let before = throttled.seen().await;
         let (reported_tx, reported_rx) = tokio::sync::oneshot::channel::<()>();
         let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
         let reporter = tokio::spawn({
-            let throttled = throttled.clone();
+            let (throttled, query) = (throttled.clone(), query.clone());
             async move {
                 throttled
-                    .record(route, async move {
+                    .record(&query, async move {
                         let _ = started_tx.send(());
                         reported_rx.await
                     })
@@ -627,15 +643,38 @@ mod tests {
         });
         started_rx.await.unwrap();
         let check = tokio::spawn({
-            let throttled = throttled.clone();
-            async move { throttled.seen(route).await }
+            let (throttled, before) = (throttled.clone(), before.clone());
+            async move {
+                throttled
+                    .moved(&before, &["analytics-query".to_owned()])
+                    .await
+            }
         });
         tokio::task::yield_now().await;
         assert!(!check.is_finished(), "the check waits for the report");
         reported_tx.send(()).unwrap();
         reporter.await.unwrap().unwrap();
-        assert_eq!(check.await.unwrap(), before + 1);
-        assert_eq!(throttled.seen("GET /api/v2/users/me").await, 0);
+        assert!(check.await.unwrap(), "a lease on the refused bucket");
+        assert!(
+            !throttled.moved(&before, &["users".to_owned()]).await,
+            "a lease on another bucket"
+        );
+    }
+
+    /// Keyed by the broker's buckets, not by paths: every conversation's
+    /// path (its id in it) is one more, and a long-running relay kept one
+    /// entry per conversation ever throttled, and a 429 on one
+    /// conversation's call held back no other's.
+    #[tokio::test]
+    async fn the_429_counts_are_per_bucket_however_many_paths_there_are() {
+        let throttled = Throttled::default();
+        let bucket = vec!["conversations".to_owned()];
+        for _ in 0..1000 {
+            throttled.record(&bucket, async {}).await;
+        }
+        let seen = throttled.seen().await;
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen["conversations"], 1000);
     }
 
     #[test]
