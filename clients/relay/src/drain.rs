@@ -227,7 +227,11 @@ impl Drain {
                 "dead"
             }
         };
-        match self.queue.finish(record.id, &self.owner, outcome).await {
+        match self
+            .queue
+            .finish(record.id, record.attempts, &self.owner, outcome)
+            .await
+        {
             Ok(()) => self.metrics.drained(label),
             // Its claim expires and it is delivered again (the upstream
             // write is idempotent by the record's key).

@@ -174,6 +174,10 @@ enum Op {
     Enqueue(NewRecord, oneshot::Sender<Result<Stored, RelayError>>),
     Finish {
         id: i64,
+        /// The claim's attempt count: a claim of `id` renewed since (the
+        /// lease expired mid-delivery and this relay claimed it again) has
+        /// a higher one, and this outcome is not its.
+        attempts: i64,
         owner: String,
         outcome: Outcome,
         done: oneshot::Sender<Result<(), RelayError>>,
@@ -313,12 +317,20 @@ impl Queue {
         rx.await.map_err(|_| RelayError::WriterGone)?
     }
 
-    /// Records the outcome of a claimed record (if `owner` still holds it).
-    pub async fn finish(&self, id: i64, owner: &str, outcome: Outcome) -> Result<(), RelayError> {
+    /// Records the outcome of a claimed record (if `owner` still holds
+    /// that claim of it: the one whose attempt count is `attempts`).
+    pub async fn finish(
+        &self,
+        id: i64,
+        attempts: i64,
+        owner: &str,
+        outcome: Outcome,
+    ) -> Result<(), RelayError> {
         let (done, rx) = oneshot::channel();
         self.writer
             .send(Op::Finish {
                 id,
+                attempts,
                 owner: owner.to_owned(),
                 outcome,
                 done,
@@ -760,17 +772,17 @@ async fn commit(
     let done = placeholders(
         db,
         "UPDATE relay_records SET state = 'done', done_ms = ?, lease_owner = NULL \
-         WHERE id = ? AND state = 'inflight' AND lease_owner = ? RETURNING bytes",
+         WHERE id = ? AND state = 'inflight' AND lease_owner = ? AND attempts = ? RETURNING bytes",
     );
     let retry = placeholders(
         db,
         "UPDATE relay_records SET state = 'pending', not_before_ms = ?, lease_owner = NULL \
-         WHERE id = ? AND state = 'inflight' AND lease_owner = ?",
+         WHERE id = ? AND state = 'inflight' AND lease_owner = ? AND attempts = ?",
     );
     let dead = placeholders(
         db,
         "UPDATE relay_records SET state = 'dead', lease_owner = NULL \
-         WHERE id = ? AND state = 'inflight' AND lease_owner = ? RETURNING bytes",
+         WHERE id = ? AND state = 'inflight' AND lease_owner = ? AND attempts = ? RETURNING bytes",
     );
     let letter = placeholders(
         db,
@@ -792,10 +804,10 @@ async fn commit(
         let (mut records, mut bytes) = (open.records, open.bytes);
         let mut tx = pool.begin_write().await.map_err(what)?;
         for op in finishes {
-            let Op::Finish { id, owner, outcome, .. } = op else { continue };
+            let Op::Finish { id, attempts, owner, outcome, .. } = op else { continue };
             match outcome {
                 Outcome::Done => {
-                    let row = sqlx::query(&done).bind(now).bind(*id).bind(owner)
+                    let row = sqlx::query(&done).bind(now).bind(*id).bind(owner).bind(*attempts)
                         .fetch_optional(&mut *tx).await.map_err(what)?;
                     if let Some(row) = row {
                         records -= 1;
@@ -803,11 +815,11 @@ async fn commit(
                     }
                 }
                 Outcome::Retry { at_ms } => {
-                    sqlx::query(&retry).bind(*at_ms).bind(*id).bind(owner)
+                    sqlx::query(&retry).bind(*at_ms).bind(*id).bind(owner).bind(*attempts)
                         .execute(&mut *tx).await.map_err(what)?;
                 }
                 Outcome::Dead { status, answer } => {
-                    let row = sqlx::query(&dead).bind(*id).bind(owner)
+                    let row = sqlx::query(&dead).bind(*id).bind(owner).bind(*attempts)
                         .fetch_optional(&mut *tx).await.map_err(what)?;
                     if let Some(row) = row {
                         records -= 1;
@@ -951,6 +963,55 @@ mod tests {
             q.is_failing(),
             "a failed write is not reported by is_failing"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A delivery outlived its claim (a slow upstream, a VM paused), the
+    /// record was reclaimed, and this relay claimed it again: the first
+    /// delivery's late outcome is not the second claim's, which alone says
+    /// how the record ends.
+    #[tokio::test]
+    async fn a_late_outcome_of_an_expired_claim_leaves_the_newer_claim_alone() {
+        let dir = std::env::temp_dir().join(format!("gc-relay-late-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite:{}", dir.join("q.db").display());
+        let q = Queue::open(&url, Limits::default()).await.unwrap();
+        let record = NewRecord {
+            key: "k".into(),
+            order_key: "o".into(),
+            method: "POST".into(),
+            path: "/api/v2/x".into(),
+            body: None,
+        };
+        q.enqueue(record).await.unwrap();
+        let first = q.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
+        // The claim expires once the wall clock passes its millisecond.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while q.reclaim().await.unwrap() == 0 {
+            assert!(Instant::now() < deadline, "the claim never expired");
+            tokio::task::yield_now().await;
+        }
+        let second = q
+            .claim("a", 1, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!((second.id, second.attempts), (first.id, first.attempts + 1));
+        // The first delivery's late "retry later", then the second's "done".
+        q.finish(first.id, first.attempts, "a", Outcome::Retry { at_ms: 0 })
+            .await
+            .unwrap();
+        assert_eq!(
+            q.depth().await.unwrap().inflight,
+            1,
+            "the second claim was undone"
+        );
+        q.finish(second.id, second.attempts, "a", Outcome::Done)
+            .await
+            .unwrap();
+        let depth = q.depth().await.unwrap();
+        assert_eq!((depth.records, depth.done), (0, 1));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

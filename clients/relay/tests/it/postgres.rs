@@ -106,7 +106,9 @@ async fn a_replica_finishing_anothers_records_still_takes_records() {
     let claimed = a.claim("a", 10, Duration::from_secs(60)).await.unwrap();
     assert_eq!(claimed.len(), 4);
     for r in &claimed {
-        a.finish(r.id, "a", Outcome::Done).await.unwrap();
+        a.finish(r.id, r.attempts, "a", Outcome::Done)
+            .await
+            .unwrap();
     }
     // Before `a` reads the figures again (at most every second) it counts
     // 1 - 4 = -3 records: still room.
