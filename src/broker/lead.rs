@@ -303,19 +303,25 @@ impl Broker {
 
     /// Tenant `t`'s snapshot with its token levels, for a hand-over: call
     /// it after [`Broker::step_down`], when nothing is granted any more.
+    /// Taken as of the instant granting stopped (a lead that lapsed before
+    /// the hand-over stopped then): the fleet spent on its fallback since,
+    /// and could not renew, so neither the refill nor the expiries of that
+    /// gap are the next leader's to count.
     pub(crate) fn final_snapshot(&self, t: usize) -> Vec<u8> {
-        let now = Instant::now();
-        let (levels, leases, unknown_for) = {
+        let (at, levels, leases, unknown_for) = {
             let state = self.inner.tenants[t].lock();
+            let now = Instant::now();
+            let at = state.lead_until().map_or(now, |u| u.min(now));
             (
-                state.levels(now),
-                state.live_leases(now),
-                state.levels_unknown_for(now),
+                at,
+                state.levels(at),
+                state.live_leases(at),
+                state.levels_unknown_for(at),
             )
         };
         let mut snapshot = self.snapshot_of(t);
         snapshot.handed_over = Some(HandOver {
-            at_ms: self.inner.clock.unix_ms(now),
+            at_ms: self.inner.clock.unix_ms(at),
             levels,
             leases,
             levels_unknown_ms: unknown_for.map(|d| d.as_millis().try_into().unwrap_or(u64::MAX)),
@@ -424,6 +430,35 @@ mod tests {
         // out, so the bucket starts empty.
         broker.take_over(0, Some(b"{\"from\": \"a newer broker\"}"));
         assert!(tokens(&broker) < 2.0, "{}", tokens(&broker));
+        stop.cancel();
+    }
+
+    /// A lead that lapsed (a keep-alive late) and is handed over a while
+    /// later: the fleet spent on its fallback meanwhile, so the levels
+    /// handed over are those of the lapse, not refilled up to the hand-over.
+    #[tokio::test(start_paused = true)]
+    async fn a_hand_over_after_a_lapse_hands_the_levels_of_the_lapse() {
+        let settings = Settings::from_toml(ONE_BUCKET).unwrap();
+        let stop = CancellationToken::new();
+        let (b, _drivers) = Broker::start(&settings, stop.clone(), None);
+        b.take_over(0, None);
+        b.lead(0, Instant::now() + std::time::Duration::from_secs(1));
+        // What batch may take of the burst of 10 spent (it leaves 2 to the
+        // classes above); 60 a minute refill one a second.
+        let mut spent = 0;
+        while let crate::tenant::Decision::Granted(_) = take_slot(&b, Instant::now()) {
+            spent += 1;
+            assert!(spent <= 10, "more than the burst granted");
+        }
+        let left = tokens(&b);
+        tokio::time::advance(std::time::Duration::from_secs(30)).await;
+        b.step_down(0, None);
+        let handed: Snapshot = serde_json::from_slice(&b.final_snapshot(0)).unwrap();
+        let level = handed.handed_over.expect("levels handed over").levels[0].2;
+        assert!(
+            level <= left + 1.5,
+            "{level} permits handed over, {left} left at the lapse 29 s before"
+        );
         stop.cancel();
     }
 

@@ -421,10 +421,15 @@ impl Broker {
         let t = self.tenant_index(tenant)?;
         let tenant = &self.inner.tenants[t];
         let now = Instant::now();
-        self.leading(t)?;
         let key = (!idempotency_key.is_empty()).then_some(idempotency_key);
         let outcome = {
             let mut state = tenant.lock();
+            // Under the lock, as Renew and Release check it: a hand-over's
+            // final snapshot taken between a check and the lock would not
+            // hold this report (a freeze the next leader never hears of).
+            if let Some(e) = state.not_leading(now) {
+                return Err(e);
+            }
             if let Some(before) = key.and_then(|k| state.reported_before(k, now)) {
                 tracing::debug!(tenant = %state.id(), "a Report sent again: answered, not counted twice");
                 return Ok(before);

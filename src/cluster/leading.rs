@@ -188,10 +188,17 @@ impl Node {
         // snapshot would be lost, so its save must find the key deleted.
         let _in_order = self.broker.hold_saves().await;
         self.broker.step_down(t, next.clone());
-        self.led.remove(&t);
-        self.store
-            .save(&tenant, self.broker.final_snapshot(t))
-            .await?;
+        // Only a state this broker rebuilt and led in this session is the
+        // tenant's: after a take-over that failed (etcd timed out reading
+        // the saved state) it is a fresh or an old one, and saved as exact
+        // it would overwrite the last leader's snapshot with full buckets
+        // and no leases. Without a save the next leader rebuilds from that
+        // snapshot, in the learning mode.
+        if self.led.remove(&t) {
+            self.store
+                .save(&tenant, self.broker.final_snapshot(t))
+                .await?;
+        }
         self.etcd
             .delete_if(&self.keys.leader(&tenant), lease)
             .await?;
