@@ -34,6 +34,8 @@ const CHANNEL: usize = 4096;
 const SQLITE_CONNECTIONS: u32 = 4;
 /// PostgreSQL connections per relay.
 const PG_CONNECTIONS: u32 = 8;
+/// How long a write waits for a PostgreSQL connection.
+const PG_ACQUIRE: Duration = Duration::from_secs(2);
 /// How long the first connection to PostgreSQL may take.
 const CONNECT_WAIT: Duration = Duration::from_secs(10);
 /// How long a statement waits for SQLite's write lock.
@@ -274,6 +276,11 @@ impl Queue {
             let _ = first.close().await;
             let pool = PgPoolOptions::new()
                 .max_connections(PG_CONNECTIONS)
+                // A server gone away fails a write within this (sqlx's 30 s
+                // default held every intake behind the writer's batch
+                // that long, past any Data Action's timeout): intake
+                // answers 503 and the flow retries.
+                .acquire_timeout(PG_ACQUIRE)
                 .connect(url)
                 .await
                 .map_err(|e| RelayError::db("connect to PostgreSQL", e))?;

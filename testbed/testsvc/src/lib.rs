@@ -241,13 +241,21 @@ impl Postgres {
     }
 }
 
-impl Drop for Postgres {
-    fn drop(&mut self) {
+impl Postgres {
+    /// Stops the server at once (its clients' connections break; a new one
+    /// is refused), for tests of what happens while the database is away.
+    pub fn stop(&self) {
         let _ = pg_command(&self.bin, "pg_ctl", is_root())
             .arg("-D")
             .arg(self.dir.join("data"))
             .args(["-m", "immediate", "-w", "stop"])
             .output();
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

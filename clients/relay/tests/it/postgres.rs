@@ -143,3 +143,30 @@ async fn relays_opening_a_new_postgres_queue_at_once_both_start() {
         }
     }
 }
+
+/// PostgreSQL gone away: a write fails within seconds, so intake answers
+/// 503 (the flow retries) rather than holding every record behind the
+/// writer for the driver's 30 s default, past any Data Action's timeout.
+#[tokio::test]
+async fn a_write_fails_soon_once_postgres_is_gone() {
+    let pg = testsvc::Postgres::start().unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
+    let url = pg.create_database("gone").unwrap_or_else(|e| panic!("{e}"));
+    let q = Queue::open(&url, Limits::default()).await.unwrap();
+    let record = |key: &str| NewRecord {
+        key: key.into(),
+        order_key: key.into(),
+        method: "POST".into(),
+        path: "/api/v2/x".into(),
+        body: None,
+    };
+    assert!(matches!(
+        q.enqueue(record("before")).await.unwrap(),
+        Stored::New(_)
+    ));
+    pg.stop();
+    let answered = tokio::time::timeout(Duration::from_secs(10), q.enqueue(record("after")))
+        .await
+        .expect("the write answered within 10 s");
+    assert!(answered.is_err(), "{answered:?}");
+    assert!(q.is_failing());
+}
