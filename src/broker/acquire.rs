@@ -174,15 +174,7 @@ mod tests {
         )
         .unwrap();
         let (broker, _drivers) = Broker::start(&settings, CancellationToken::new(), None);
-        let call = AcquireArgs {
-            client_id: "c".into(),
-            class: String::new(),
-            method: "POST".into(),
-            path: "/x".into(),
-            oauth_client: String::new(),
-            permits: 1,
-            idempotency_key: String::new(),
-        };
+        let call = crate::tenant::tests::args("POST", "/x", 1);
         let now = Instant::now();
         let queued = {
             let mut state = broker.inner.tenants[0].lock();

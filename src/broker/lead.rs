@@ -397,15 +397,7 @@ mod tests {
 
     /// One slot of tenant "t" at `now`, decided at once.
     fn take_slot(b: &Broker, now: Instant) -> crate::tenant::Decision {
-        let call = crate::tenant::AcquireArgs {
-            client_id: "c".into(),
-            class: String::new(),
-            method: "POST".into(),
-            path: "/x".into(),
-            oauth_client: String::new(),
-            permits: 1,
-            idempotency_key: String::new(),
-        };
+        let call = crate::tenant::tests::args("POST", "/x", 1);
         let decided =
             b.inner.tenants[0]
                 .lock()

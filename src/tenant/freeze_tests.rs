@@ -19,9 +19,16 @@ fn call(class: &str) -> AcquireArgs {
 /// A bucket of 6 a minute (a permit every 10 s, so the jitter after a
 /// freeze is up to 10 s), frozen at `t0` by a 429 with Retry-After 20 s.
 fn frozen_for_20s(t0: Instant) -> TenantState {
+    frozen_for_20s_with_burst(t0, 10)
+}
+
+/// [`frozen_for_20s`] with a burst of `burst`.
+fn frozen_for_20s_with_burst(t0: Instant, burst: u32) -> TenantState {
     let mut t = tenant(
-        "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 6\n\
-         window_ms = 60000\nburst = 10",
+        &format!(
+            "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 6\n\
+             window_ms = 60000\nburst = {burst}"
+        ),
         t0,
     );
     t.report(
@@ -57,19 +64,7 @@ fn after_a_freeze_critical_resumes_at_its_end_while_batch_waits_out_the_jitter()
     // A burst of 4: the 20 % the default classes keep above batch is not a
     // whole permit, so the permit there at the freeze's end is batch's to
     // take but for the jitter (critical still borrows below empty).
-    let mut t = tenant(
-        "[[tenants.buckets]]\nname = \"r\"\nroutes = [\"* /**\"]\npermits = 6\n\
-         window_ms = 60000\nburst = 4",
-        t0,
-    );
-    t.report(
-        ("GET", "/x", "oa"),
-        429,
-        Some(20 * SEC),
-        &RateLimitInfo::default(),
-        t0,
-    )
-    .unwrap();
+    let mut t = frozen_for_20s_with_burst(t0, 4);
     let Decision::Queued(Queued {
         reply: mut batch, ..
     }) = t.acquire(&call("batch"), WAIT, t0).unwrap()

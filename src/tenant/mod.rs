@@ -50,7 +50,7 @@ mod restart_tests;
 mod stated_tests;
 mod status;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod waiting;
 
 pub(crate) use learn::ReportOutcome;

@@ -14,7 +14,8 @@ pub(super) fn tenant(toml_buckets: &str, now: Instant) -> TenantState {
     TenantState::new(0, &s.tenants[0], &s, Default::default(), now)
 }
 
-pub(super) fn args(method: &str, path: &str, permits: u32) -> AcquireArgs {
+/// An Acquire of `permits` on `method path` by client "c", OAuth client "oa".
+pub(crate) fn args(method: &str, path: &str, permits: u32) -> AcquireArgs {
     AcquireArgs {
         client_id: "c".into(),
         class: String::new(),

@@ -258,6 +258,16 @@ async fn the_waiter_cap_answers_at_once() {
     b.stop().await;
 }
 
+/// A bucket's (configured rate a minute, burst, slot limit, paused).
+fn limits_of(s: &QuotaStatus) -> (f64, u32, u32, bool) {
+    (
+        s.configured_rate_per_min,
+        s.burst,
+        s.max_in_flight,
+        s.paused,
+    )
+}
+
 async fn list(b: &TestBroker) -> HashMap<String, QuotaStatus> {
     let l = b
         .admin
@@ -393,15 +403,7 @@ async fn admin_changes_apply_at_once_and_survive_a_restart() {
 
     let b = start(&cfg).await;
     let org = list(&b).await.remove("org").unwrap();
-    assert_eq!(
-        (
-            org.configured_rate_per_min,
-            org.burst,
-            org.max_in_flight,
-            org.paused
-        ),
-        (120.0, 4, 3, true)
-    );
+    assert_eq!(limits_of(&org), (120.0, 4, 3, true));
     // The class list after the restart: the config's and the one added,
     // served first to last.
     let listed = b
@@ -495,15 +497,7 @@ async fn an_operators_limits_reset_go_back_to_the_config_and_stay_back() {
         .into_inner()
         .status
         .unwrap();
-    assert_eq!(
-        (
-            reset.configured_rate_per_min,
-            reset.burst,
-            reset.max_in_flight,
-            reset.paused
-        ),
-        (600.0, 10, 0, true)
-    );
+    assert_eq!(limits_of(&reset), (600.0, 10, 0, true));
     assert_eq!(reset.pause_reason, "maintenance");
     resume_org(&mut admin).await;
     // No slot limit any more: granted while the first lease still runs.
@@ -526,15 +520,7 @@ async fn an_operators_limits_reset_go_back_to_the_config_and_stay_back() {
     );
     let b = start(&cfg).await;
     let org = list(&b).await.remove("org").unwrap();
-    assert_eq!(
-        (
-            org.configured_rate_per_min,
-            org.burst,
-            org.max_in_flight,
-            org.paused
-        ),
-        (600.0, 10, 0, false)
-    );
+    assert_eq!(limits_of(&org), (600.0, 10, 0, false));
     b.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -931,13 +931,28 @@ fn cut(s: &str, max: usize) -> &str {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_write_sqlite_rolled_back_by_itself_does_not_break_later_ones() {
-        let dir = std::env::temp_dir().join(format!("gc-relay-rollback-{}", std::process::id()));
+    /// A SQLite queue in a fresh directory of its own, and the directory.
+    async fn sqlite_queue(name: &str) -> (Queue, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("gc-relay-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let url = format!("sqlite:{}", dir.join("q.db").display());
-        let q = Queue::open(&url, Limits::default()).await.unwrap();
+        (Queue::open(&url, Limits::default()).await.unwrap(), dir)
+    }
+
+    fn one_record() -> NewRecord {
+        NewRecord {
+            key: "k".into(),
+            order_key: "o".into(),
+            method: "POST".into(),
+            path: "/api/v2/x".into(),
+            body: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_sqlite_rolled_back_by_itself_does_not_break_later_ones() {
+        let (q, dir) = sqlite_queue("rollback").await;
         let Db::Sqlite(pool) = q.db.clone() else {
             panic!("not SQLite")
         };
@@ -954,13 +969,7 @@ mod tests {
             });
             tx.commit().await.unwrap();
         }
-        let record = NewRecord {
-            key: "k".into(),
-            order_key: "o".into(),
-            method: "POST".into(),
-            path: "/api/v2/x".into(),
-            body: None,
-        };
+        let record = one_record();
         q.enqueue(record.clone()).await.unwrap();
         assert!(!q.is_failing());
         // A database that cannot be written: health says so.
@@ -979,18 +988,8 @@ mod tests {
     /// how the record ends.
     #[tokio::test]
     async fn a_late_outcome_of_an_expired_claim_leaves_the_newer_claim_alone() {
-        let dir = std::env::temp_dir().join(format!("gc-relay-late-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let url = format!("sqlite:{}", dir.join("q.db").display());
-        let q = Queue::open(&url, Limits::default()).await.unwrap();
-        let record = NewRecord {
-            key: "k".into(),
-            order_key: "o".into(),
-            method: "POST".into(),
-            path: "/api/v2/x".into(),
-            body: None,
-        };
+        let (q, dir) = sqlite_queue("late").await;
+        let record = one_record();
         q.enqueue(record).await.unwrap();
         let first = q.claim("a", 1, Duration::ZERO).await.unwrap().remove(0);
         // The claim expires once the wall clock passes its millisecond.

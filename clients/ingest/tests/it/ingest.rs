@@ -174,13 +174,7 @@ async fn a_broker_restart_mid_run_loses_nothing() {
 async fn a_block_short_of_its_total_hits_is_fetched_again_and_reported() {
     let bed = Bed::start().await;
     bed.short_pages(1).await;
-    let path = sqlite("short");
-    let sink = open(&path).await;
-    let mut plan = plan(DAY1, "2026-11-02", BlockSize::Hour);
-    plan.parallel = 1;
-    let summary = run(&plan, &bed.source(SourceKind::Query, "short"), &sink)
-        .await
-        .unwrap();
+    let (summary, sink) = one_worker(&bed, "short", "2026-11-02").await;
     assert_eq!(
         (summary.mismatches, summary.blocks_final),
         (1, 24),
@@ -200,13 +194,7 @@ async fn a_block_short_of_its_total_hits_is_fetched_again_and_reported() {
 async fn the_fetches_of_a_block_that_never_agrees_are_counted() {
     let bed = Bed::start().await;
     bed.short_pages(1_000_000).await;
-    let path = sqlite("never-agrees");
-    let sink = open(&path).await;
-    let mut plan = plan(DAY1, "2026-11-01T03:00:00Z", BlockSize::Hour);
-    plan.parallel = 1;
-    let summary = run(&plan, &bed.source(SourceKind::Query, "never"), &sink)
-        .await
-        .unwrap();
+    let (summary, sink) = one_worker(&bed, "never-agrees", "2026-11-01T03:00:00Z").await;
     assert_eq!(
         (summary.blocks_failed, summary.mismatches, summary.records),
         (3, 9, 0),
@@ -225,13 +213,7 @@ async fn the_fetches_of_a_block_that_never_agrees_are_counted() {
 async fn a_block_whose_pages_shift_while_it_is_read_is_fetched_again() {
     let bed = Bed::start().await;
     bed.shifted_queries(1).await;
-    let path = sqlite("shifted");
-    let sink = open(&path).await;
-    let mut plan = plan(DAY1, END, BlockSize::Hour);
-    plan.parallel = 1;
-    let summary = run(&plan, &bed.source(SourceKind::Query, "shifted"), &sink)
-        .await
-        .unwrap();
+    let (summary, sink) = one_worker(&bed, "shifted", END).await;
     let (stored, truth) = (
         sink.conversation_ids().await.unwrap(),
         bed.conversation_ids().await,
@@ -251,6 +233,18 @@ async fn a_block_whose_pages_shift_while_it_is_read_is_fetched_again() {
     );
     sink.close().await;
     bed.sim.shutdown().await;
+}
+
+/// A query run of one worker over `[DAY1, to)` in hour blocks, into a new
+/// SQLite sink `name`: its summary, and the sink.
+async fn one_worker(bed: &Bed, name: &str, to: &str) -> (gc_ingest::Summary, gc_ingest::Sink) {
+    let sink = open(&sqlite(name)).await;
+    let mut plan = plan(DAY1, to, BlockSize::Hour);
+    plan.parallel = 1;
+    let summary = run(&plan, &bed.source(SourceKind::Query, name), &sink)
+        .await
+        .unwrap();
+    (summary, sink)
 }
 
 /// Starts a run of `plan` and waits (bounded) until it holds its worker
