@@ -1,18 +1,19 @@
 //! A `tower::Layer` that leases every request of an HTTP client service
 //! from the broker and reports its response, so call sites stay unchanged.
 //!
-//! The lease ends when the inner service returns the response's head: a
-//! body streamed after that runs outside its concurrency slot, and the
-//! body is never read, so a 429 is reported as a rate refusal even where
-//! the upstream's body says it was about requests in flight. Where either
-//! matters (large pages on a slot bucket, an upstream with a concurrency
-//! limit), lease with [`crate::BrokerClient::acquire`] around the whole
-//! call and report with `Lease::report_concurrency_429`.
+//! The lease lasts as long as the response: its body ([`LeasedBody`])
+//! holds it until the body has been read to its end, failed, or been
+//! dropped, so a page streamed after the head still counts against the
+//! bucket's concurrency slots. The body is not read by the layer, so a 429
+//! is reported as a rate refusal even where the upstream's body says it was
+//! about requests in flight; where that matters (an upstream with a
+//! concurrency limit), lease with [`crate::BrokerClient::acquire`] around
+//! the whole call and report with `Lease::report_concurrency_429`.
 
-use crate::{BrokerClient, Call, ClientError};
+use crate::{BrokerClient, Call, ClientError, Lease};
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use tower::{Layer, Service};
 
 /// Wraps a service so each request is leased (method and path from the
@@ -89,7 +90,7 @@ where
     B: Send + 'static,
     RB: Send + 'static,
 {
-    type Response = http::Response<RB>;
+    type Response = http::Response<LeasedBody<RB>>;
     type Error = LeaseServiceError<S::Error>;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -118,7 +119,67 @@ where
             if let Err(e) = lease.report(status, &headers).await {
                 tracing::warn!(error = %e, "could not report the upstream answer to the broker");
             }
-            Ok(response)
+            Ok(response.map(|inner| LeasedBody {
+                inner,
+                lease: Some(lease),
+            }))
         })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that holds the lease of its call until it has been
+    /// read to its end, failed, or been dropped.
+    pub struct LeasedBody<B> {
+        #[pin]
+        inner: B,
+        lease: Option<Lease>,
+    }
+}
+
+impl<B> LeasedBody<B> {
+    /// Whether the lease is still held (the body is not over).
+    pub fn holds_lease(&self) -> bool {
+        self.lease.is_some()
+    }
+
+    /// The body without its lease, which is released now.
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B: std::fmt::Debug> std::fmt::Debug for LeasedBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeasedBody")
+            .field("inner", &self.inner)
+            .field("lease", &self.lease.as_ref().map(Lease::id))
+            .finish()
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for LeasedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) {
+            // Dropping the lease releases its slots (in the background).
+            this.lease.take();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

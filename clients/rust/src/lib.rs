@@ -125,7 +125,7 @@ pub async fn not_a_grpc_port(url: &str, connect_within: Duration) -> Option<NotA
         address::FirstAnswer::Http2 => None,
     }
 }
-pub use layer::{LeaseLayer, LeaseService, LeaseServiceError};
+pub use layer::{LeaseLayer, LeaseService, LeaseServiceError, LeasedBody};
 
 use fallback::{Fallback, Route, Take};
 use kept::Kept;

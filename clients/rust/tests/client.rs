@@ -356,6 +356,56 @@ async fn report_and_the_tower_layer_tell_the_broker_about_429s() {
     b.stop().await;
 }
 
+/// The tower layer's lease lasts until the response's body ends, not its
+/// head: a page still streaming holds its concurrency slot.
+#[tokio::test(start_paused = true)]
+async fn the_tower_layer_holds_the_slot_until_the_body_ends() {
+    use http_body_util::{BodyExt, Channel};
+    let b = broker_on("127.0.0.1:0").await;
+    let client = BrokerClient::connect(&b.url(), None).unwrap();
+    let (mut tx, body) = Channel::<bytes::Bytes>::new(1);
+    let body = std::sync::Arc::new(std::sync::Mutex::new(Some(body)));
+    let upstream = tower::service_fn(move |_: http::Request<()>| {
+        let body = body.lock().unwrap().take().expect("one call");
+        async move { Ok::<_, std::convert::Infallible>(http::Response::new(body)) }
+    });
+    let template = Call::new("t", "", "").client_id("pager");
+    let mut svc = LeaseLayer::new(client.clone(), template).layer(upstream);
+    let req = http::Request::post("https://api.mypurecloud.com/q")
+        .body(())
+        .unwrap();
+    let resp = svc.ready().await.unwrap().call(req).await.unwrap();
+    assert!(resp.body().holds_lease());
+    // Any release under way has reached the broker: none is, the slot is held.
+    assert_eq!(client.settle(Duration::from_secs(1)).await, 0);
+    assert_eq!(
+        b.bucket("slots").await.in_flight,
+        1,
+        "the head released the slot"
+    );
+    let busy = client.acquire(&q().max_wait(Duration::ZERO)).await;
+    assert!(
+        matches!(busy, Err(ClientError::NotGranted { .. })),
+        "{:?}",
+        busy.err()
+    );
+
+    let reader = tokio::spawn(async move { resp.into_body().collect().await });
+    tx.send_data(bytes::Bytes::from_static(b"page"))
+        .await
+        .unwrap();
+    drop(tx);
+    let read = reader.await.unwrap().unwrap().to_bytes();
+    assert_eq!(&read[..], b"page");
+    assert_eq!(client.settle(Duration::from_secs(1)).await, 0);
+    assert_eq!(
+        b.bucket("slots").await.in_flight,
+        0,
+        "the body's end kept the slot"
+    );
+    b.stop().await;
+}
+
 /// A client of `b` that falls back to `floor_per_min` (half its recent
 /// grants) and probes every `probe_s` seconds, and a critical call.
 fn fallback_client(b: &Broker, floor_per_min: u32, probe_s: u64) -> (BrokerClient, Call) {
