@@ -40,6 +40,30 @@ impl Broker {
         Ok(class)
     }
 
+    /// Puts a class of `tenant` back to the config's, or removes it when
+    /// the config has none of that name; durable (no longer re-applied at
+    /// start). Returns the class now in force (`None`: removed).
+    pub(crate) async fn reset_class(
+        &self,
+        tenant: &str,
+        name: &str,
+        who: &str,
+    ) -> Result<Option<ClassSettings>, BrokerError> {
+        let t = self.tenant_index(tenant)?;
+        self.leading(t)?;
+        let configured = self.inner.settings.classes.iter().find(|c| c.name == name);
+        let class = self.inner.tenants[t].lock().reset_class(name, configured)?;
+        match &class {
+            Some(_) => tracing::info!(%tenant, class = %name, by = %who,
+                "priority class reset to the config's"),
+            None => tracing::info!(%tenant, class = %name, by = %who,
+                "priority class removed (Acquires waiting in it are still served)"),
+        }
+        self.changed_by_admin_as(t, AdminKey::Class(name.to_owned()), false)
+            .await?;
+        Ok(class)
+    }
+
     /// `tenant`'s classes as now in force, served first to last, and its
     /// default class.
     pub(crate) fn classes(
@@ -49,7 +73,7 @@ impl Broker {
         let t = self.tenant_index(tenant)?;
         self.leading(t)?;
         let state = self.inner.tenants[t].lock();
-        let mut classes = state.classes().to_vec();
+        let mut classes: Vec<ClassSettings> = state.classes().into_iter().cloned().collect();
         classes.sort_by(|a, b| (a.order, &a.name).cmp(&(b.order, &b.name)));
         Ok((classes, state.default_class().to_owned()))
     }
@@ -186,6 +210,17 @@ impl Broker {
         t: usize,
         key: AdminKey,
     ) -> Result<(), BrokerError> {
+        self.changed_by_admin_as(t, key, true).await
+    }
+
+    /// [`Self::changed_by_admin`], where `keep` false drops what `key`
+    /// names from the changes saved (it is back to the config's).
+    async fn changed_by_admin_as(
+        &self,
+        t: usize,
+        key: AdminKey,
+        keep: bool,
+    ) -> Result<(), BrokerError> {
         self.inner.tenants[t].wake.notify_one();
         self.announce();
         // Held until the write ends, even if this caller goes away.
@@ -196,7 +231,11 @@ impl Broker {
                 .admin_changes
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            changed.insert((t, key));
+            if keep {
+                changed.insert((t, key));
+            } else {
+                changed.remove(&(t, key));
+            }
             self.admin_file(&changed)
         };
         if self.inner.cluster.get().is_some() {
@@ -263,7 +302,7 @@ impl Broker {
             let tenant = state.id().to_owned();
             match key {
                 AdminKey::Class(name) => {
-                    if let Some(c) = state.classes().iter().find(|c| &c.name == name) {
+                    if let Some(c) = state.classes().into_iter().find(|c| &c.name == name) {
                         classes.push(AdminClass {
                             tenant,
                             class: c.clone(),

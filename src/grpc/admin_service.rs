@@ -85,6 +85,21 @@ impl pb::quota_admin_server::QuotaAdmin for AdminService {
         let c = r.class.ok_or_else(|| {
             BrokerError::invalid("class", "required: the class to create or change")
         })?;
+        if r.reset {
+            if c.order != 0 || c.weight != 0 || c.reserve != 0.0 || c.default_max_wait_ms != 0 {
+                return Err(BrokerError::invalid(
+                    "reset",
+                    "reset puts the class back to the config's (or removes one the config \
+                     lacks): give only its name",
+                )
+                .into());
+            }
+            required("class.name", &c.name, "reports")?;
+            let class = self.broker.reset_class(&r.tenant, &c.name, &who).await?;
+            return Ok(Response::new(pb::SetPriorityClassResponse {
+                class: class.as_ref().map(class_to_pb),
+            }));
+        }
         let class = self
             .broker
             .set_class(&r.tenant, class_from_pb(c), &who)

@@ -1,6 +1,7 @@
 //! Priority classes of one tenant: their order and weight in the queue, the
-//! reserve each holds back from lower classes, and how much of a bucket a
-//! class may take (or, for the highest, borrow while a lower class waits).
+//! reserve each holds back from lower classes, how much of a bucket a
+//! class may take (or, for the highest, borrow while a lower class waits),
+//! and operators' changes to them (set, reset to the config's, removed).
 
 use super::instance::{held_back, Share};
 use super::TenantState;
@@ -15,11 +16,11 @@ impl TenantState {
         if name.is_empty() {
             return Ok(self.default_class);
         }
-        self.classes
-            .iter()
-            .position(|c| c.name == name)
+        self.live_classes()
+            .find(|(_, c)| c.name == name)
+            .map(|(k, _)| k)
             .ok_or_else(|| {
-                let known: Vec<&str> = self.classes.iter().map(|c| c.name.as_str()).collect();
+                let known: Vec<&str> = self.live_classes().map(|(_, c)| c.name.as_str()).collect();
                 BrokerError::invalid(
                     "priority_class",
                     format!(
@@ -38,14 +39,23 @@ impl TenantState {
         self.classes.get(class).map_or(u32::MAX, |c| c.order)
     }
 
+    /// The classes in force with their indices (a class an operator
+    /// removed keeps its index, for the Acquires still waiting in it).
+    #[inline]
+    fn live_classes(&self) -> impl Iterator<Item = (usize, &ClassSettings)> {
+        self.classes
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| !self.removed_classes.contains(k))
+    }
+
     /// Share of every bucket that classes ordered before `order` hold back
     /// from it.
     #[inline]
     pub(super) fn reserve_before(&self, order: u32) -> f64 {
-        self.classes
-            .iter()
-            .filter(|c| c.order < order)
-            .map(|c| c.reserve)
+        self.live_classes()
+            .filter(|(_, c)| c.order < order)
+            .map(|(_, c)| c.reserve)
             .sum()
     }
 
@@ -82,7 +92,7 @@ impl TenantState {
     #[inline]
     pub(super) fn bucket_share(&self, class: usize, instances: &[usize], now: Instant) -> Share {
         let held = self.reserve_above(class);
-        let lowest = self.classes.iter().map(|c| c.order).max().unwrap_or(0);
+        let lowest = self.live_classes().map(|(_, c)| c.order).max().unwrap_or(0);
         let below = self.reserve_before(lowest);
         let order = self.order(class);
         let lower = |o| o > order;
@@ -156,9 +166,9 @@ impl TenantState {
         })
     }
 
-    /// The tenant's classes.
-    pub fn classes(&self) -> &[ClassSettings] {
-        &self.classes
+    /// The tenant's classes in force.
+    pub fn classes(&self) -> Vec<&ClassSettings> {
+        self.live_classes().map(|(_, c)| c).collect()
     }
 
     /// The class of Acquires that name none.
@@ -168,21 +178,35 @@ impl TenantState {
             .map_or("", |c| c.name.as_str())
     }
 
-    /// Creates or changes a class (checked as in the config).
+    /// Creates or changes a class (checked as in the config); one an
+    /// operator removed is back.
     pub fn set_class(&mut self, class: ClassSettings) -> Result<(), BrokerError> {
         let mut next = self.classes.clone();
-        match next.iter_mut().find(|c| c.name == class.name) {
-            Some(c) => *c = class.clone(),
-            None => next.push(class.clone()),
-        }
+        let k = match next.iter().position(|c| c.name == class.name) {
+            Some(k) => {
+                next[k] = class.clone();
+                k
+            }
+            None => {
+                next.push(class.clone());
+                next.len() - 1
+            }
+        };
         let mut problems = Vec::new();
         // The error says "class: " already; name the class instead.
         class.check(&crate::error::clip(&class.name), &mut problems);
-        crate::config::check_class_set(&next, &mut problems);
+        let live: Vec<ClassSettings> = next
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i == k || !self.removed_classes.contains(i))
+            .map(|(_, c)| c.clone())
+            .collect();
+        crate::config::check_class_set(&live, &mut problems);
         if !problems.is_empty() {
             return Err(BrokerError::invalid("class", problems.join("; ")));
         }
         self.classes = next;
+        self.removed_classes.retain(|&i| i != k);
         for (k, c) in self.classes.iter().enumerate() {
             self.queue.set_class(
                 k,
@@ -193,6 +217,34 @@ impl TenantState {
             );
         }
         Ok(())
+    }
+
+    /// Undoes operators' changes to class `name`: the config's class
+    /// (`configured`) again, or, for a class the config lacks, the class
+    /// removed. Acquires already waiting in a removed class are served in
+    /// its order as before; new ones naming it are refused, and it holds
+    /// nothing back from lower classes. Returns the class now in force
+    /// (`None`: removed).
+    pub fn reset_class(
+        &mut self,
+        name: &str,
+        configured: Option<&ClassSettings>,
+    ) -> Result<Option<ClassSettings>, BrokerError> {
+        let k = self.class_index(name)?;
+        if let Some(c) = configured {
+            self.set_class(c.clone())?;
+            return Ok(Some(c.clone()));
+        }
+        if k == self.default_class {
+            // The default class comes from the config, so this cannot be;
+            // refused rather than leave Acquires that name none unservable.
+            return Err(BrokerError::invalid(
+                "class",
+                format!("{} is the default class; it cannot be removed", clip(name)),
+            ));
+        }
+        self.removed_classes.push(k);
+        Ok(None)
     }
 }
 

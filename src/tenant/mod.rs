@@ -182,6 +182,8 @@ pub struct TenantState {
     leases: LeaseTable,
     queue: Queue<Reply>,
     classes: Vec<ClassSettings>,
+    /// Indices of `classes` an operator removed (see `reset_class`).
+    removed_classes: Vec<usize>,
     default_class: usize,
     max_waiters: u32,
     /// Cap on any request's wait (the server's `max_wait_ms`).
@@ -264,6 +266,7 @@ impl TenantState {
             id: settings.id.clone(),
             learning: broker.learning,
             classes: broker.classes.clone(),
+            removed_classes: Vec::new(),
             default_class: broker
                 .classes
                 .iter()

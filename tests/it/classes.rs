@@ -346,6 +346,7 @@ async fn admin_changes_apply_at_once_and_survive_a_restart() {
     };
     let set = admin
         .set_priority_class(SetPriorityClassRequest {
+            reset: false,
             tenant: "t".into(),
             class: Some(class.clone()),
         })
@@ -388,6 +389,7 @@ async fn admin_changes_apply_at_once_and_survive_a_restart() {
     };
     let err = admin
         .set_priority_class(SetPriorityClassRequest {
+            reset: false,
             tenant: "t".into(),
             class: Some(bad),
         })
@@ -450,6 +452,138 @@ async fn admin_changes_apply_at_once_and_survive_a_restart() {
         org.configured_rate_per_min, 600.0,
         "corrupt file: config alone"
     );
+    b.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `reset` undoes operators' changes to a class: a class of the config is
+/// the config's again, and one an operator added is removed (new Acquires
+/// naming it refused, one already waiting in it still served); neither
+/// comes back after a restart.
+#[tokio::test(start_paused = true)]
+async fn a_reset_class_is_the_configs_again_or_removed_and_stays_so_after_a_restart() {
+    let dir = std::env::temp_dir().join(format!("qb-class-reset-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = saturated_in(&dir);
+    let b = start(&cfg).await;
+    let mut admin = b.admin.clone();
+    let classes = |b: &TestBroker| {
+        let mut admin = b.admin.clone();
+        async move {
+            admin
+                .list_priority_classes(ListPriorityClassesRequest { tenant: "t".into() })
+                .await
+                .unwrap()
+                .into_inner()
+                .classes
+        }
+    };
+    let set = |class: PriorityClass, reset: bool| SetPriorityClassRequest {
+        tenant: "t".into(),
+        class: Some(class),
+        reset,
+    };
+    let named = |name: &str| PriorityClass {
+        name: name.into(),
+        ..Default::default()
+    };
+    let configured = classes(&b).await;
+    let critical = configured
+        .iter()
+        .find(|c| c.name == "critical")
+        .unwrap()
+        .clone();
+    let reports = PriorityClass {
+        name: "reports".into(),
+        order: 5,
+        weight: 1,
+        reserve: 0.0,
+        default_max_wait_ms: 0,
+    };
+    admin
+        .set_priority_class(set(reports.clone(), false))
+        .await
+        .unwrap();
+    let heavier = PriorityClass {
+        weight: critical.weight + 7,
+        ..critical.clone()
+    };
+    admin
+        .set_priority_class(set(heavier.clone(), false))
+        .await
+        .unwrap();
+    assert!(classes(&b).await.contains(&heavier));
+
+    // One Acquire of "reports" waits on the saturated bucket.
+    for _ in 0..8 {
+        assert!(b.acquire(class_req("batch", "x", 0)).await.granted);
+    }
+    let mut w = b
+        .client
+        .clone()
+        .watch(quota_broker::pb::WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut c = b.client.clone();
+    let waiter = tokio::spawn(async move { c.acquire(class_req("reports", "r", 60_000)).await });
+    crate::harness::wait_for(&mut w, |s| s.waiting.get("reports") == Some(&1)).await;
+
+    // Removed: gone from the list, refused by name, the waiter still served.
+    let removed = admin
+        .set_priority_class(set(named("reports"), true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(removed.class, None);
+    assert!(!classes(&b).await.iter().any(|c| c.name == "reports"));
+    let err = b
+        .client
+        .clone()
+        .acquire(class_req("reports", "r", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("critical"), "{}", err.message());
+    let served = waiter.await.unwrap().unwrap().into_inner();
+    assert!(served.granted, "{}", served.reason);
+    // The config's class is the config's again.
+    let back = admin
+        .set_priority_class(set(named("critical"), true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(back.class.as_ref(), Some(&critical));
+    // Refused: fields beside reset, a class the tenant does not have (the
+    // removed one included), the default class... which the config has, so
+    // reset to it.
+    for (class, what) in [
+        (heavier.clone(), "give only its name"),
+        (named("reports"), "not a class"),
+        (named(""), "class.name"),
+    ] {
+        let err = admin
+            .set_priority_class(set(class, true))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}");
+        assert!(err.message().contains(what), "{}", err.message());
+    }
+    // Added again after its removal, then removed again.
+    admin
+        .set_priority_class(set(reports.clone(), false))
+        .await
+        .unwrap();
+    assert!(classes(&b).await.contains(&reports));
+    assert!(b.acquire(class_req("reports", "r", 60_000)).await.granted);
+    admin
+        .set_priority_class(set(named("reports"), true))
+        .await
+        .unwrap();
+    b.stop().await;
+
+    let b = start(&cfg).await;
+    assert_eq!(classes(&b).await, configured, "after the restart");
     b.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -590,6 +590,7 @@ async fn waiters_of_a_class_added_at_run_time_are_labelled_other() {
     let b = start(&config("")).await;
     QuotaAdminClient::new(b.channel.clone())
         .set_priority_class(SetPriorityClassRequest {
+            reset: false,
             tenant: "t".into(),
             class: Some(PriorityClass {
                 name: "reports".into(),

@@ -183,6 +183,23 @@ pub enum ClassCommand {
     /// Create or change a priority class (SetPriorityClass). Every field is
     /// replaced, so give them all.
     Set(ClassSetArgs),
+    /// Undo operators' changes to a class (SetPriorityClass with reset):
+    /// the config file's class again, or, for a class the config lacks, the
+    /// class removed (Acquires already waiting in it are still served).
+    Reset(ClassResetArgs),
+}
+
+/// `quotactl class reset`.
+#[derive(Debug, Args)]
+pub struct ClassResetArgs {
+    /// Tenant whose class is reset.
+    #[arg(long, env = "QUOTA_BROKER_TENANT", value_name = "T")]
+    pub tenant: String,
+    /// Class name, e.g. `reports`.
+    pub name: String,
+    /// Print the class now in force as JSON (`null`: removed).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `quotactl class list`.

@@ -10,8 +10,8 @@
 //! it leads.
 
 use crate::cli::{
-    parse_broker_url, BucketCommand, ClassCommand, ClassListArgs, ClassSetArgs, ClearArgs, Cli,
-    Command, PauseArgs, ResumeArgs, SetLimitArgs, StatusArgs, TlsArgs, WatchArgs,
+    parse_broker_url, BucketCommand, ClassCommand, ClassListArgs, ClassResetArgs, ClassSetArgs,
+    ClearArgs, Cli, Command, PauseArgs, ResumeArgs, SetLimitArgs, StatusArgs, TlsArgs, WatchArgs,
 };
 use crate::error::{short, Error};
 use crate::table::{self, BucketKey};
@@ -429,6 +429,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Watch(a) => watch(&mut c, a).await,
         Command::Class(ClassCommand::List(a)) => class_list(&mut c, a).await,
         Command::Class(ClassCommand::Set(a)) => class_set(&mut c, a).await,
+        Command::Class(ClassCommand::Reset(a)) => class_reset(&mut c, a).await,
         Command::Bucket(BucketCommand::SetLimit(a)) => set_limit(&mut c, a).await,
         Command::Pause(a) => pause(&mut c, a).await,
         Command::Resume(a) => resume(&mut c, a).await,
@@ -880,6 +881,7 @@ async fn class_set(c: &mut Cluster, a: ClassSetArgs) -> Result<(), Error> {
             reserve: a.reserve,
             default_max_wait_ms: a.default_max_wait_ms,
         }),
+        reset: false,
     };
     let class = c
         .call(&a.tenant, |conn| {
@@ -894,6 +896,34 @@ async fn class_set(c: &mut Cluster, a: ClassSetArgs) -> Result<(), Error> {
         (Some(c), false) => print(&table::render_class(&c)),
         (None, true) => print("null\n"),
         (None, false) => print(&format!("class {} set for tenant {}\n", a.name, a.tenant)),
+    }
+}
+
+async fn class_reset(c: &mut Cluster, a: ClassResetArgs) -> Result<(), Error> {
+    let req = SetPriorityClassRequest {
+        tenant: a.tenant.clone(),
+        class: Some(PriorityClass {
+            name: a.name.clone(),
+            ..Default::default()
+        }),
+        reset: true,
+    };
+    let class = c
+        .call(&a.tenant, |conn| {
+            let (mut admin, req) = (conn.admin.clone(), req.clone());
+            async move { admin.set_priority_class(req).await }
+        })
+        .await?
+        .1
+        .class;
+    match (class, a.json) {
+        (Some(c), true) => print(&format!("{}\n", pretty(&table::class_json(&c)))),
+        (Some(c), false) => print(&table::render_class(&c)),
+        (None, true) => print("null\n"),
+        (None, false) => print(&format!(
+            "class {} removed from tenant {} (Acquires waiting in it are still served)\n",
+            a.name, a.tenant
+        )),
     }
 }
 

@@ -348,20 +348,63 @@ async fn admin_commands_change_the_broker() {
     );
     assert_eq!(classes.len(), rows.len(), "{table}");
     let mut client = QuotaBrokerClient::connect(b.url()).await.unwrap();
-    let mut acquire = tonic::Request::new(AcquireRequest {
-        tenant: "t".into(),
-        client_id: "cli-test".into(),
-        priority_class: "reports".into(),
-        method: "GET".into(),
-        path: "/x".into(),
-        max_wait_ms: Some(0),
-        ..Default::default()
-    });
-    acquire
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {CLIENT}").parse().unwrap());
-    let r = client.acquire(acquire).await.expect("class reports exists");
+    let acquire = || {
+        let mut acquire = tonic::Request::new(AcquireRequest {
+            tenant: "t".into(),
+            client_id: "cli-test".into(),
+            priority_class: "reports".into(),
+            method: "GET".into(),
+            path: "/x".into(),
+            max_wait_ms: Some(0),
+            ..Default::default()
+        });
+        acquire
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {CLIENT}").parse().unwrap());
+        acquire
+    };
+    let r = client
+        .acquire(acquire())
+        .await
+        .expect("class reports exists");
     assert!(r.into_inner().granted);
+    // class reset: the added class removed (new Acquires naming it refused),
+    // a class of the config as the config has it.
+    let out = b
+        .ok(Some(ADMIN), &["class", "reset", "--tenant", "t", "reports"])
+        .await;
+    assert!(out.contains("class reports removed"), "{out}");
+    let err = client.acquire(acquire()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let critical = |listed: &Value| {
+        listed["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "critical")
+            .cloned()
+            .unwrap()
+    };
+    let configured = critical(&listed);
+    let json = b
+        .ok(
+            Some(ADMIN),
+            &["class", "reset", "--tenant", "t", "critical", "--json"],
+        )
+        .await;
+    assert_eq!(serde_json::from_str::<Value>(&json).unwrap(), configured);
+    let json = b
+        .ok(Some(ADMIN), &["class", "list", "--tenant", "t", "--json"])
+        .await;
+    let listed: Value = serde_json::from_str(&json).unwrap();
+    assert!(
+        !listed["classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "reports"),
+        "{listed}"
+    );
 
     // bucket set-limit: the resulting row, and the new limits in status.
     let out = b

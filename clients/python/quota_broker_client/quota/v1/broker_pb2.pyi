@@ -262,11 +262,13 @@ class ListPriorityClassesResponse(_message.Message):
     def __init__(self, classes: _Optional[_Iterable[_Union[PriorityClass, _Mapping]]] = ..., default_class: _Optional[str] = ...) -> None: ...
 
 class SetPriorityClassRequest(_message.Message):
-    __slots__ = ("tenant",)
+    __slots__ = ("tenant", "reset")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     CLASS_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
     tenant: str
-    def __init__(self, tenant: _Optional[str] = ..., **kwargs) -> None: ...
+    reset: bool
+    def __init__(self, tenant: _Optional[str] = ..., reset: bool = ..., **kwargs) -> None: ...
 
 class SetPriorityClassResponse(_message.Message):
     __slots__ = ()
