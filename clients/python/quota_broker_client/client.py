@@ -881,7 +881,8 @@ class QuotaBroker:
             self._deferred_releases.append(req)
 
     def _release_deferred(self, timeout=None):
-        """Sends the deferred releases, oldest first; stops at an Overloaded or unreachable broker."""
+        """Sends the deferred releases, oldest first; stops at an Overloaded or
+        unreachable broker, or a server that is not a broker (NotABroker)."""
         while True:
             with self._flusher_lock:
                 if not self._deferred_releases:
@@ -900,6 +901,15 @@ class QuotaBroker:
                     req.ClearField("acquired_with")
                 with self._flusher_lock:
                     self._deferred_releases.appendleft(req)
+                return
+            except errors.NotABroker as e:
+                # The address answers but is not a broker (a load balancer
+                # misrouting during a deploy): no broker read it; the broker
+                # may be back there later.
+                log.debug("deferred release %s kept: %s", req, e)
+                with self._flusher_lock:
+                    self._deferred_releases.appendleft(req)
+                self._await_broker()
                 return
             except errors.BrokerRpcError as e:
                 log.debug("deferred release %s refused: %s", req, e)
@@ -1068,8 +1078,10 @@ class QuotaBroker:
         the time the outcome was kept (see
         :func:`~quota_broker_client.headers.aged_rate_limit_headers`). Stops
         at the first report the broker does not answer or answers
-        RESOURCE_EXHAUSTED (the rest stay kept, and go at its next answer);
-        one it refuses otherwise (e.g. a tenant no longer configured) is dropped.
+        RESOURCE_EXHAUSTED, or that meets a server that is not a broker
+        (:class:`NotABroker`: a load balancer misrouting, say) (the rest stay
+        kept, and go at its next answer); one a broker refuses otherwise
+        (e.g. a tenant no longer configured) is dropped.
         After RESOURCE_EXHAUSTED (:class:`Overloaded`) the background sender
         tries again once its ``retry_after_ms`` has passed.
         Returns how many were reported by this call.
@@ -1099,6 +1111,12 @@ class QuotaBroker:
                     fb.leave()  # it answers
                     fb.put_back(item)  # over this caller's request rate: the rest go later
                     self._overloaded(e)
+                    break
+                except errors.NotABroker as e:
+                    # Not a refusal by a broker (see _release_deferred): kept.
+                    log.debug("kept outcome %s %s -> %s not sent: %s", req.method, req.path, req.http_status, e)
+                    fb.put_back(item)
+                    self._await_broker()
                     break
                 except errors.BrokerRpcError as e:
                     fb.leave()  # it answers
@@ -1331,9 +1349,10 @@ class QuotaBroker:
         fallback: the broker is up. Wait its ``retry_after_ms`` and retry.
 
         When the broker is unreachable the permission comes from the local
-        fallback limiter (``lease.is_fallback``), waiting for it as long as
-        needed, or raising NotGranted when it is further away than an explicit
-        ``max_wait_ms``; the broker is tried again meanwhile. Without a
+        fallback limiter (``lease.is_fallback``), to the calls waiting for it
+        in arrival order; NotGranted (with ``retry_after_ms``) when it is
+        further away than ``max_wait_ms``, or without one than the broker's
+        default cap of 60 s; the broker is tried again meanwhile. Without a
         fallback (``fallback=None``) it raises Unavailable / DeadlineExceeded.
         An explicit ``timeout`` that runs out is DeadlineExceeded, not a fallback.
         """
@@ -1347,73 +1366,83 @@ class QuotaBroker:
             _check_count("max_wait_ms", max_wait_ms, _UINT64_MAX)
         fb = self._fallback
         started = self._clock.monotonic()
-        while True:
-            if fb is not None and fb.active and fb.should_try_broker():
-                prober = self._probe_in_background()
-                # A broker that is back answers its probe within
-                # milliseconds: wait that long, so this call is leased by it
-                # rather than by the fallback (or told "unreachable"); never
-                # longer than _PROBE_WAIT_S, so a broker that hangs holds no
-                # call up.
-                if prober is not None:
-                    prober.join(_PROBE_WAIT_S)
-            if fb is None or not fb.active:
-                key = uuid.uuid4().hex
-                left_ms = max_wait_ms
-                if max_wait_ms is not None:
-                    # Part of it may have gone waiting on the fallback limiter.
-                    waited_ms = (self._clock.monotonic() - started) * 1000.0
-                    left_ms = max(math.ceil(max_wait_ms - waited_ms), 0)
-                try:
-                    resp, granted_by = self._acquire_at(
-                        tenant, method, path, client_id=client_id, oauth_client=oauth_client,
-                        priority_class=priority_class, permits=permits, max_wait_ms=left_ms,
-                        timeout=timeout, key=key)
-                except _UNREACHABLE as e:
-                    if _may_have_reached_a_broker(e):
-                        self._release_unanswered(tenant, key)
-                    if fb is None or (timeout is not None and isinstance(e, errors.DeadlineExceeded)):
-                        raise  # no fallback, or the caller's own deadline
-                    if isinstance(e, errors.DeadlineExceeded) and self._answers():
-                        # The broker is up and held the call past this
-                        # client's deadline (a wait longer than the broker's
-                        # default cap): not an outage, so no fallback lease
-                        # beside the broker's own grants.
-                        raise NotGranted(
-                            f"no answer within the client's deadline of {_SERVER_MAX_WAIT_MS // 1000} s "
-                            "plus its timeout while the broker is up; pass max_wait_ms (or timeout) "
-                            "for waits longer than that", 0) from e
-                    fb.enter(e, errors.unreachable_hint(e.details, self.tls))
-                except errors.Overloaded as e:
-                    self._overloaded(e)  # kept reports and releases wait as well
-                    self._broker_answered()  # refused, but an answer: not an outage
-                    raise
-                except errors.BrokerRpcError:
-                    self._broker_answered()  # an error, but an answer
-                    raise
-                else:
-                    self._broker_answered()
-                    if not resp.granted:
-                        raise NotGranted(resp.reason, resp.retry_after_ms, resp.buckets)
+        # Without max_wait_ms the fallback waits at most the broker's default
+        # cap: an Acquire's wait is bounded alike, broker up or down.
+        fallback_wait_s = (_SERVER_MAX_WAIT_MS if max_wait_ms is None else max_wait_ms) / 1000.0
+        turn = object()  # this call's place in the fallback's line (see LocalFallback.take)
+        try:
+            while True:
+                if fb is not None and fb.active and fb.should_try_broker():
+                    prober = self._probe_in_background()
+                    # A broker that is back answers its probe within
+                    # milliseconds: wait that long, so this call is leased by it
+                    # rather than by the fallback (or told "unreachable"); never
+                    # longer than _PROBE_WAIT_S, so a broker that hangs holds no
+                    # call up.
+                    if prober is not None:
+                        prober.join(_PROBE_WAIT_S)
+                if fb is None or not fb.active:
                     if fb is not None:
-                        fb.granted(resp.permits or permits)
-                    return Lease(self, resp, tenant=tenant, method=method, path=path,
-                                 oauth_client=oauth_client or "", client_id=client_id,
-                                 priority_class=priority_class or "", target=granted_by)
-            wait = fb.take()
-            if wait is None:
-                continue  # no longer falling back: ask the broker
-            if wait == 0:
-                return Lease(self, pb.AcquireResponse(granted=True, permits=permits), tenant=tenant,
-                             method=method, path=path, oauth_client=oauth_client or "",
-                             client_id=client_id, is_fallback=True)
-            if max_wait_ms is not None and self._clock.monotonic() + wait > started + max_wait_ms / 1000.0:
-                raise NotGranted(
-                    f"quota-broker unreachable: local fallback limit of {fb.rate_per_min}/min",
-                    int(math.ceil(fb.retry_after(wait) * 1000)),
-                )
-            # Wait for the local permission, trying the broker again meanwhile.
-            self._clock.sleep(min(wait, fb.until_probe()))
+                        fb.leave_line(turn)  # no place in the line while asking the broker
+                    key = uuid.uuid4().hex
+                    left_ms = max_wait_ms
+                    if max_wait_ms is not None:
+                        # Part of it may have gone waiting on the fallback limiter.
+                        waited_ms = (self._clock.monotonic() - started) * 1000.0
+                        left_ms = max(math.ceil(max_wait_ms - waited_ms), 0)
+                    try:
+                        resp, granted_by = self._acquire_at(
+                            tenant, method, path, client_id=client_id, oauth_client=oauth_client,
+                            priority_class=priority_class, permits=permits, max_wait_ms=left_ms,
+                            timeout=timeout, key=key)
+                    except _UNREACHABLE as e:
+                        if _may_have_reached_a_broker(e):
+                            self._release_unanswered(tenant, key)
+                        if fb is None or (timeout is not None and isinstance(e, errors.DeadlineExceeded)):
+                            raise  # no fallback, or the caller's own deadline
+                        if isinstance(e, errors.DeadlineExceeded) and self._answers():
+                            # The broker is up and held the call past this
+                            # client's deadline (a wait longer than the broker's
+                            # default cap): not an outage, so no fallback lease
+                            # beside the broker's own grants.
+                            raise NotGranted(
+                                f"no answer within the client's deadline of {_SERVER_MAX_WAIT_MS // 1000} s "
+                                "plus its timeout while the broker is up; pass max_wait_ms (or timeout) "
+                                "for waits longer than that", 0) from e
+                        fb.enter(e, errors.unreachable_hint(e.details, self.tls))
+                    except errors.Overloaded as e:
+                        self._overloaded(e)  # kept reports and releases wait as well
+                        self._broker_answered()  # refused, but an answer: not an outage
+                        raise
+                    except errors.BrokerRpcError:
+                        self._broker_answered()  # an error, but an answer
+                        raise
+                    else:
+                        self._broker_answered()
+                        if not resp.granted:
+                            raise NotGranted(resp.reason, resp.retry_after_ms, resp.buckets)
+                        if fb is not None:
+                            fb.granted(resp.permits or permits)
+                        return Lease(self, resp, tenant=tenant, method=method, path=path,
+                                     oauth_client=oauth_client or "", client_id=client_id,
+                                     priority_class=priority_class or "", target=granted_by)
+                wait = fb.take(turn, within=started + fallback_wait_s - self._clock.monotonic())
+                if wait is None:
+                    continue  # no longer falling back: ask the broker
+                if wait == 0:
+                    return Lease(self, pb.AcquireResponse(granted=True, permits=permits), tenant=tenant,
+                                 method=method, path=path, oauth_client=oauth_client or "",
+                                 client_id=client_id, is_fallback=True)
+                if self._clock.monotonic() + wait > started + fallback_wait_s:
+                    raise NotGranted(
+                        f"quota-broker unreachable: local fallback limit of {fb.rate_per_min}/min",
+                        int(math.ceil(fb.retry_after(wait) * 1000)),
+                    )
+                # Wait for the local permission, trying the broker again meanwhile.
+                self._clock.sleep(min(wait, fb.until_probe()))
+        finally:
+            if fb is not None:
+                fb.leave_line(turn)
 
     @contextlib.contextmanager
     def lease(self, tenant, method, path, *, client_id, oauth_client="",

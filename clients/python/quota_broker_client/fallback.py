@@ -5,7 +5,8 @@ same defaults: calls are paced by a local limiter at ``fraction`` (0.5) of
 the permits this client was granted over the last minute, never below
 ``floor_per_min`` (6 a minute, also the rate when nothing was granted yet)
 and never unlimited; burst 1, so the first call goes at once and the next
-ones one interval (60 s / rate) apart. While falling back, the broker is
+ones one interval (60 s / rate) apart, to the calls waiting for them in
+arrival order (:meth:`LocalFallback.take`). While falling back, the broker is
 tried again (the call's own Acquire) at most every ``probe_every_s`` (1 s),
 also while a call waits for the local limiter, and the client goes back to
 the broker as soon as it answers.
@@ -102,6 +103,9 @@ class LocalFallback:
         self._quiet = False  # this fallback goes on one left a moment ago: not logged again
         self._served_since_left = False  # the broker granted a call since the last fallback
         self._said_unserved = False  # this outage's "answers the probe, not the calls" was logged
+        # The calls waiting for a local permission, in arrival order (their
+        # tickets): only the first may take one.
+        self._line = collections.deque()
         # Outcomes to report: (observed at, ReportRequest), oldest first.
         self._buffer = collections.deque()
         self._dropped_total = 0
@@ -223,23 +227,50 @@ class LocalFallback:
         )
         return True
 
-    def take(self):
-        """One call's permission from the local limiter.
+    def take(self, ticket=None, within=None):
+        """One call's permission from the local limiter, in arrival order.
 
         None: not falling back (ask the broker); 0.0: taken; else the
-        seconds until the limiter allows a call. A multi-permit call counts
-        as one: the fallback rate is a trickle, not an account of the budget.
+        seconds until the call's turn (as if each call ahead of it takes
+        its own at its turn). A multi-permit call counts as one: the
+        fallback rate is a trickle, not an account of the budget.
+
+        ``ticket``: any object, the same on each try of one call. A call
+        that has to wait joins the line with it, unless its turn is
+        further than ``within`` seconds away; only the first in line is
+        given the permission, so a later call never overtakes an earlier
+        one. Call ``leave_line(ticket)`` when the call stops waiting.
+        Without a ticket a call is served only when nobody waits.
         """
         with self._lock:
             if self._rate is None:
+                self._leave_line(ticket)
                 return None
             now = self.clock.monotonic()
-            if now >= self._tat:
+            queued = ticket is not None and ticket in self._line
+            ahead = self._line.index(ticket) if queued else len(self._line)
+            if ahead == 0 and now >= self._tat:
+                if queued:
+                    self._line.popleft()
                 # Burst 1: a quiet spell does not save up calls.
                 self._tat = max(self._tat, now) + self._interval
                 self._calls += 1
                 return 0.0
-            return max(self._tat - now, 1e-3)
+            wait = max(max(self._tat - now, 0.0) + ahead * self._interval, 1e-3)
+            if ticket is not None and not queued and (within is None or wait <= within):
+                self._line.append(ticket)
+            return wait
+
+    def leave_line(self, ticket):
+        """The call holding ``ticket`` no longer waits for a local permission."""
+        with self._lock:
+            self._leave_line(ticket)
+
+    def _leave_line(self, ticket):
+        try:
+            self._line.remove(ticket)
+        except ValueError:
+            pass
 
     def until_probe(self):
         """Seconds until the next probe of the broker is due (0 when due or not falling back)."""

@@ -200,7 +200,7 @@ def test_leader_killed_acquires_go_on_then_come_from_the_new_leader(cluster):
     def acquire_loop():
         try:
             while not stop.is_set() and time.monotonic() < stop_by:
-                # max_wait_ms=None: the broker's default wait, or the fallback's as long as needed.
+                # max_wait_ms=None: the broker's default wait, or the fallback's (at most 60 s).
                 lease = client.acquire(TENANT, "GET", RATE_PATH, client_id="py-b")
                 now = time.monotonic()
                 events.append((now, "fallback" if lease.is_fallback else lease.target))

@@ -7,6 +7,8 @@ broker is measured on the real clock, against a broker restarted on the
 same port.
 """
 import logging
+import queue
+import socket
 import threading
 import time
 
@@ -297,6 +299,107 @@ def test_threads_sharing_a_client_share_its_fallback_rate(start_broker):
         assert len(times) <= 1 + 10 * (max(times) - start) + 1e-6
     finally:
         client.close()
+
+
+class HeldClock:
+    """A clock whose ``sleep`` returns only when the test lets that thread go
+    (``wake(name)``), saying ("sleeps", thread name) on ``events`` first; time
+    moves only by ``advance``. ``release()`` lets every sleep return at once."""
+
+    def __init__(self, events, start=1000.0):
+        self.now = float(start)
+        self.events = events
+        self._go = {}
+        self._lock = threading.Lock()
+        self._released = False
+
+    def monotonic(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+    def sleep(self, seconds):
+        name = threading.current_thread().name
+        go = threading.Event()
+        with self._lock:
+            if self._released:
+                self.now += seconds
+                return
+            self._go[name] = go
+        self.events.put(("sleeps", name))
+        go.wait(30)
+
+    def wake(self, name):
+        with self._lock:
+            self._go.pop(name).set()
+
+    def release(self):
+        with self._lock:
+            self._released = True
+            for go in self._go.values():
+                go.set()
+
+
+def test_fallback_waiters_are_served_in_arrival_order():
+    """A is waiting for the next local permission; it comes due while A is
+    still asleep (or probing the broker), and B arrives then: B waits its
+    turn behind A instead of taking A's permission."""
+    events = queue.Queue()
+    clock = HeldClock(events)
+    fallback = qb.FallbackSettings(floor_per_min=6, probe_every_s=3600)  # one every 10 s
+    with socket.socket() as down:
+        down.bind(("127.0.0.1", 0))  # bound, not listening: connection refused
+        client = qb.QuotaBroker(f"127.0.0.1:{down.getsockname()[1]}", timeout=3, clock=clock,
+                                fallback=fallback)
+        threads = []
+
+        def call(name):
+            # No max_wait_ms: waits for its turn.
+            lease = client.acquire(TENANT, "GET", USERS, client_id=name)
+            events.put(("granted" if lease.is_fallback else "not a fallback lease", name))
+
+        def start(name):
+            t = threading.Thread(target=call, args=(name,), name=name, daemon=True)
+            threads.append(t)
+            t.start()
+
+        try:
+            assert client.acquire(TENANT, "GET", USERS, client_id="first", max_wait_ms=0).is_fallback
+            start("A")
+            assert events.get(timeout=10) == ("sleeps", "A")
+            clock.advance(10)  # the next permission is due; A has not woken yet
+            start("B")
+            assert events.get(timeout=10) == ("sleeps", "B"), "B overtook A"
+            clock.wake("A")
+            assert events.get(timeout=10) == ("granted", "A")
+            clock.advance(10)
+            clock.wake("B")
+            assert events.get(timeout=10) == ("granted", "B")
+        finally:
+            clock.release()
+            for t in threads:
+                t.join(10)
+            client.close()
+
+
+def test_a_fallback_acquire_without_max_wait_waits_at_most_the_brokers_default_cap(fake_clock):
+    """Without max_wait_ms a broker waits at most its default cap (60 s) and
+    answers NotGranted past it; the fallback does the same, at once, instead
+    of holding the call until a 429's long Retry-After is over."""
+    with socket.socket() as down:
+        down.bind(("127.0.0.1", 0))  # bound, not listening: connection refused
+        with qb.QuotaBroker(f"127.0.0.1:{down.getsockname()[1]}", timeout=3, clock=fake_clock) as client:
+            first = client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=0)
+            assert first.is_fallback
+            assert first.report(429, {"Retry-After": "90"}) is None
+            with pytest.raises(qb.NotGranted) as info:
+                client.acquire(TENANT, "GET", USERS, client_id="c")
+            assert info.value.retry_after_ms == 90_000
+            assert fake_clock.slept == 0
+            fake_clock.advance(31)  # 59 s left: waited for
+            assert client.acquire(TENANT, "GET", USERS, client_id="c").is_fallback
+            assert fake_clock.slept == pytest.approx(59)
 
 
 def test_without_fallback_an_unreachable_broker_raises(start_broker):

@@ -9,6 +9,7 @@ per address, instead of running on the fallback rate for good. An outage
 (connection refused) still falls back. Against real servers: a broker
 process, Python's HTTP server, a gRPC server without the broker's services.
 """
+import collections
 import http.server
 import logging
 import os
@@ -21,7 +22,7 @@ import grpc
 import pytest
 
 import quota_broker_client as qb
-from conftest import TENANT, free_port
+from conftest import SINGLE_PATH, TENANT, bucket, free_port
 
 USERS = "/api/v2/users/me"
 
@@ -237,3 +238,65 @@ def test_a_broker_still_starting_is_an_outage_not_a_mistake(start_broker, tmp_pa
             time.sleep(0.02)  # paces the polling; the loop ends on what the broker does
     assert any("broker started" in line for line in broker.lines), broker.log()
     assert not errors_logged(caplog)
+
+
+class _Calls(grpc.GenericRpcHandler):
+    """Serves no method (UNIMPLEMENTED, as another gRPC service) and records which were called."""
+
+    def __init__(self):
+        self._seen = collections.defaultdict(threading.Event)
+        self._lock = threading.Lock()
+
+    def _event(self, method):
+        with self._lock:
+            return self._seen[method]
+
+    def service(self, handler_call_details):
+        self._event(handler_call_details.method).set()
+        return None
+
+    def wait(self, method, timeout):
+        return self._event(method).wait(timeout)
+
+
+def test_kept_release_and_report_that_meet_another_service_are_sent_once_the_broker_is_back(
+        start_broker, tmp_path):
+    """A deploy: the broker crashes with a slot lease held, then its address
+    answers for a while as another gRPC service (a load balancer misrouting),
+    then as the broker again. The release and the report kept during the
+    outage meet the other service first: kept, not dropped as a broker's
+    refusal, they free the slot and count at the broker once it is back."""
+    state = tmp_path / "state"
+    first = start_broker(state_dir=str(state), single_ttl_ms=600_000)
+    fallback = qb.FallbackSettings(probe_every_s=0.1)
+    with qb.QuotaBroker(first.addr, timeout=5, fallback=fallback) as client:
+        lease = client.acquire(TENANT, "GET", SINGLE_PATH, client_id="holder", max_wait_ms=0)
+        assert lease.holds_slot
+        first.kill()
+        assert lease.release() is False
+        assert client.report(TENANT, "GET", USERS, 200, oauth_client="kept") is None
+        assert (client.pending_releases, client.pending_reports) == (1, 1)
+
+        calls = _Calls()
+        other = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[calls])
+        assert other.add_insecure_port(first.addr), f"{first.addr} not free again"
+        other.start()
+        try:
+            for method in ("Release", "Report"):
+                assert calls.wait(f"/quota.v1.QuotaBroker/{method}", 10), \
+                    f"the kept {method} was not sent to the other service"
+        finally:
+            other.stop(0).wait()
+
+        back = start_broker(state_dir=str(state), single_ttl_ms=600_000, port=first.port)
+        deadline = time.monotonic() + 10
+        while client.pending_releases or client.pending_reports:
+            assert time.monotonic() < deadline, "kept release and report not sent 10 s after the broker was back"
+            time.sleep(0.05)  # waiting on the client's prober and sender threads (a real event)
+        with back.client() as observer:
+            # The slot is free (the lease's TTL is 10 minutes; the restarted
+            # run counts it held until the kept release names its Acquire);
+            # a few seconds' wait: the restarted rate bucket starts drained.
+            observer.acquire(TENANT, "GET", SINGLE_PATH, client_id="second",
+                             priority_class="critical", max_wait_ms=5_000).release()
+            assert bucket(observer, "per-client", "kept").reports_total == 1
