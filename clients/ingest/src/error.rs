@@ -41,6 +41,28 @@ pub enum IngestError {
         /// The job's last state.
         state: String,
     },
+    /// A job not fulfilled within the wait allowed it: deleted upstream,
+    /// its block left for the next run.
+    #[error("job {job} for {interval} was not fulfilled within {waited_s} s (--job-wait): deleted upstream, the block is left for the next run")]
+    JobTimedOut {
+        /// The job's id.
+        job: String,
+        /// The block's interval.
+        interval: String,
+        /// The wait allowed, seconds.
+        waited_s: u64,
+    },
+    /// A job's results gave a cursor they had given before: following it
+    /// would read the same pages again, without end.
+    #[error("job {job} for {interval}: results page {page} gave a cursor an earlier page gave; the job's results would repeat forever, so the block is left for the next run")]
+    CursorRepeated {
+        /// The job's id.
+        job: String,
+        /// The block's interval.
+        interval: String,
+        /// The results page that gave it (1: the first).
+        page: u64,
+    },
     /// Another run is working on this sink under the same worker name.
     #[error("{0}")]
     WorkerBusy(String),

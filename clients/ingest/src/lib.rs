@@ -12,7 +12,8 @@
 //! - `sink`: SQLite or PostgreSQL: conversations upserted by id, one
 //!   checkpoint row per block, block claims for several workers.
 //! - `run`: the workers: claim → fetch → check against `totalHits` →
-//!   store rows and checkpoint in one transaction; the [`Summary`].
+//!   store rows and checkpoint in one transaction; a failure of the sink
+//!   halts them all; the [`Summary`], a failed run's too ([`RunFailed`]).
 //! - `progress`: the bar on a terminal, plain lines otherwise; the
 //!   [`Console`] other lines go through while it is shown.
 //! - `check`: the start-up check's own part: a login host that refuses
@@ -35,6 +36,8 @@ pub use check::login_refuses;
 pub use error::IngestError;
 pub use plan::{blocks, format_ms, now_ms, parse_time, Block, BlockSize};
 pub use progress::{Console, Display};
-pub use run::{run, run_until, Plan, Summary};
+pub use run::{run, run_reporting, run_until, Plan, RunFailed, Summary};
 pub use sink::{Checkpoint, Sink};
-pub use source::{JobOptions, Source, SourceKind, Step, JOBS_PATH, JOB_SLOT_METHOD, QUERY_PATH};
+pub use source::{
+    JobOptions, Source, SourceKind, Step, DEFAULT_JOB_WAIT, JOBS_PATH, JOB_SLOT_METHOD, QUERY_PATH,
+};

@@ -1,17 +1,19 @@
 //! `gc-ingest`: the command line over the library: arguments → an
 //! upstream leased through the broker, a sink, a plan → the run → a
 //! summary (`--json`) and an exit code (0: every block stored; 1: some
-//! failed, run again to finish; 2: bad arguments or set-up; 3: none failed,
-//! but some were held by other workers, whose runs must finish them;
-//! 130 / 143: stopped by SIGINT / SIGTERM, run again to finish).
+//! failed, or the sink failed, run again to finish; 2: bad arguments or
+//! set-up; 3: none failed, but some were held by other workers, whose runs
+//! must finish them; 130 / 143: stopped by SIGINT / SIGTERM, run again to
+//! finish). A run that ends on an error once its blocks were planned still
+//! prints its summary, the error in it.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 use gc_ingest::{
-    login_refuses, parse_time, run_until, BlockSize, Console, Display, IngestError, JobOptions,
-    Plan, Sink, Source, SourceKind, QUERY_PATH,
+    login_refuses, parse_time, run_reporting, BlockSize, Console, Display, IngestError, JobOptions,
+    Plan, RunFailed, Sink, Source, SourceKind, Summary, QUERY_PATH,
 };
 use gc_upstream::{Credentials, Region, Upstream};
 use quota_broker_client::{BrokerClient, Call};
@@ -75,6 +77,10 @@ struct Args {
     /// First pause before polling a job (100ms–30s; doubles up to 30 s).
     #[arg(long, default_value = "1s", value_parser = parse_poll)]
     poll: Duration,
+    /// Longest a job may take to be fulfilled (1m–7d): past it the job is
+    /// deleted upstream and its block fails, left for the next run.
+    #[arg(long, default_value = "2h", value_parser = parse_job_wait)]
+    job_wait: Duration,
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -112,6 +118,16 @@ fn parse_poll(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if !(Duration::from_millis(100)..=Duration::from_secs(30)).contains(&d) {
         return Err("the first poll pause is 100ms to 30s (it doubles up to 30s)".into());
+    }
+    Ok(d)
+}
+
+/// A job's longest wait: [`parse_duration`], from a minute (a day's job
+/// takes minutes) to a week (jobs' results expire before).
+fn parse_job_wait(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if !(Duration::from_secs(60)..=Duration::from_secs(7 * 86_400)).contains(&d) {
+        return Err("a job's wait is 1m to 7d".into());
     }
     Ok(d)
 }
@@ -179,6 +195,7 @@ fn setup(args: &Args) -> Result<(Plan, Source), IngestError> {
         JobOptions {
             max_running: args.max_jobs,
             first_poll: args.poll,
+            max_wait: args.job_wait,
         },
     );
     Ok((plan, source))
@@ -260,7 +277,7 @@ async fn main() -> ExitCode {
         Err(e) => tracing::warn!(error = %e,
             "cannot watch for SIGINT/SIGTERM: a signal ends the run without giving its blocks back"),
     }
-    let outcome = run_until(&plan, &source, &sink, &stop).await;
+    let outcome = run_reporting(&plan, &source, &sink, &stop).await;
     // Jobs deleted, slots released: what the stopped blocks held comes
     // back now, not at the leases' expiry.
     let left = source.settle(SETTLE_WAIT).await;
@@ -278,50 +295,19 @@ async fn main() -> ExitCode {
             if args.json {
                 print_json(&summary);
             } else if !args.quiet {
-                let left = summary.blocks_total
-                    - summary.blocks_skipped
-                    - summary.blocks_final
-                    - summary.blocks_provisional
-                    - summary.blocks_failed
-                    - summary.blocks_busy;
                 eprintln!(
                     "gc-ingest: stopped: {} records stored from {} blocks; {} blocks in progress \
                      given back and {} not started: run again to finish",
                     summary.records,
                     summary.blocks_final + summary.blocks_provisional,
                     summary.blocks_stopped,
-                    left.saturating_sub(summary.blocks_stopped),
+                    not_started(&summary),
                 );
             }
             ExitCode::from(if code == 0 { 130 } else { code })
         }
         Ok(summary) => {
-            if args.json {
-                print_json(&summary);
-            } else if !args.quiet {
-                eprintln!(
-                    "gc-ingest: {} records in {:.1}s ({:.0}/s) from {} blocks ({} already done, {} provisional, {} failed, {} held by other workers); {} upstream requests, {} 429s",
-                    summary.records,
-                    summary.elapsed_s,
-                    summary.records_per_s,
-                    summary.blocks_total,
-                    summary.blocks_skipped,
-                    summary.blocks_provisional,
-                    summary.blocks_failed,
-                    summary.blocks_busy,
-                    summary.upstream_requests,
-                    summary.upstream_429,
-                );
-                if summary.fallback_leases > 0 {
-                    eprintln!(
-                        "  {} calls ran on the local fallback rate: the broker was unreachable",
-                        summary.fallback_leases
-                    );
-                }
-                for e in &summary.errors {
-                    eprintln!("  {e}");
-                }
-            }
+            report(&args, &summary);
             if summary.blocks_failed > 0 {
                 ExitCode::FAILURE
             } else if summary.blocks_busy > 0 {
@@ -330,24 +316,80 @@ async fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
-        Err(e @ IngestError::Usage(_)) => {
-            eprintln!("gc-ingest: {e}");
-            ExitCode::from(2)
+        Err(RunFailed { error, summary }) => {
+            if let Some(summary) = &summary {
+                report(&args, summary);
+                if !args.json && !args.quiet {
+                    eprintln!(
+                        "  {} blocks in progress dropped and {} not started: run again to finish",
+                        summary.blocks_stopped,
+                        not_started(summary),
+                    );
+                }
+            }
+            match error {
+                e @ IngestError::Usage(_) => {
+                    eprintln!("gc-ingest: {e}");
+                    ExitCode::from(2)
+                }
+                e @ IngestError::WorkerBusy(_) => {
+                    eprintln!("gc-ingest: {e}");
+                    ExitCode::from(3)
+                }
+                e @ IngestError::Sink(_) => {
+                    eprintln!(
+                        "gc-ingest: the sink {sink_name} failed: {e}; blocks stored so far are \
+                         kept, run again once it is fixed"
+                    );
+                    ExitCode::FAILURE
+                }
+                e => {
+                    eprintln!("gc-ingest: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
-        Err(e @ IngestError::WorkerBusy(_)) => {
-            eprintln!("gc-ingest: {e}");
-            ExitCode::from(3)
-        }
-        Err(e @ IngestError::Sink(_)) => {
+    }
+}
+
+/// Blocks of the range this run neither did nor had in hand.
+fn not_started(summary: &Summary) -> u64 {
+    let left = summary.blocks_total
+        - summary.blocks_skipped
+        - summary.blocks_final
+        - summary.blocks_provisional
+        - summary.blocks_failed
+        - summary.blocks_busy;
+    left.saturating_sub(summary.blocks_stopped)
+}
+
+/// The summary of a run that went to its end or failed: `--json`'s object,
+/// or the closing lines unless `--quiet`.
+fn report(args: &Args, summary: &Summary) {
+    if args.json {
+        print_json(summary);
+    } else if !args.quiet {
+        eprintln!(
+            "gc-ingest: {} records in {:.1}s ({:.0}/s) from {} blocks ({} already done, {} provisional, {} failed, {} held by other workers); {} upstream requests, {} 429s",
+            summary.records,
+            summary.elapsed_s,
+            summary.records_per_s,
+            summary.blocks_total,
+            summary.blocks_skipped,
+            summary.blocks_provisional,
+            summary.blocks_failed,
+            summary.blocks_busy,
+            summary.upstream_requests,
+            summary.upstream_429,
+        );
+        if summary.fallback_leases > 0 {
             eprintln!(
-                "gc-ingest: the sink {sink_name} failed: {e}; blocks stored so far are kept, \
-                 run again once it is fixed"
+                "  {} calls ran on the local fallback rate: the broker was unreachable",
+                summary.fallback_leases
             );
-            ExitCode::FAILURE
         }
-        Err(e) => {
-            eprintln!("gc-ingest: {e}");
-            ExitCode::FAILURE
+        for e in &summary.errors {
+            eprintln!("  {e}");
         }
     }
 }
@@ -405,7 +447,7 @@ fn watch_signals(
 }
 
 /// The summary as one JSON line on stdout.
-fn print_json(summary: &gc_ingest::Summary) {
+fn print_json(summary: &Summary) {
     match serde_json::to_string(summary) {
         Ok(line) => {
             use std::io::Write;

@@ -3,7 +3,10 @@
 //! workers in other processes skip it), fetches it, checks the records
 //! against `totalHits` (a mismatch fetches the block again and is counted),
 //! and stores rows and checkpoint together: final when older than the
-//! watermark, provisional (fetched again next run) otherwise.
+//! watermark, provisional (fetched again next run) otherwise. A failure
+//! that ends the run (the sink, or a refusal every block would meet)
+//! halts every worker at once: the blocks in hand are dropped, none stored
+//! in part, and the run's summary comes back with the error.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -24,6 +27,14 @@ use quota_broker_client::ClientError;
 
 /// Errors kept in the summary (the rest are only counted).
 const KEPT_ERRORS: usize = 10;
+
+/// How long a halted run waits for the sink to take back the claim of a
+/// block it dropped (a sink that failed may not answer at all); a claim
+/// not given back expires, and this worker name takes it back at once.
+const UNCLAIM_WAIT: Duration = Duration::from_secs(2);
+/// How long the end of a run waits for the sink to take its worker name
+/// back; one not given back goes stale after [`NAME_STALE`].
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// How often a run says it is alive, holding its worker name.
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -223,10 +234,26 @@ pub struct Summary {
     pub records_per_request: f64,
     /// The run was stopped (a signal) before its range was done.
     pub stopped: bool,
-    /// Blocks in progress when it stopped, given back for the next run.
+    /// Blocks in progress when it stopped (a signal, or the error that
+    /// ended it), left for the next run.
     pub blocks_stopped: u64,
     /// The first few failures.
     pub errors: Vec<String>,
+    /// The error that ended the run before its range was done.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A run that ended on an error, with what it did before (`None`: it ended
+/// before its blocks were planned).
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct RunFailed {
+    /// Why it ended.
+    #[source]
+    pub error: IngestError,
+    /// Its summary, with the error in [`Summary::error`].
+    pub summary: Option<Summary>,
 }
 
 /// Shared by the workers.
@@ -235,6 +262,10 @@ struct Work {
     /// A failure every block would meet (login or lease refused): the
     /// workers stop, and the run ends with it.
     setup_failed: Mutex<Option<String>>,
+    /// The first error a worker ended on (the sink): the run ends with it.
+    failure: Mutex<Option<IngestError>>,
+    /// Cancelled on either failure: every worker drops the block in hand.
+    halt: CancellationToken,
     /// Another run took this run's worker name: take no more blocks.
     lost: Arc<std::sync::atomic::AtomicBool>,
     /// std `Mutex`: held to add one block's outcome.
@@ -263,10 +294,27 @@ pub async fn run_until(
     sink: &Sink,
     stop: &CancellationToken,
 ) -> Result<Summary, IngestError> {
+    run_reporting(plan, source, sink, stop)
+        .await
+        .map_err(|failed| failed.error)
+}
+
+/// [`run_until`], with the summary of a run that failed once its blocks
+/// were planned (what it stored, and the error).
+pub async fn run_reporting(
+    plan: &Plan,
+    source: &Source,
+    sink: &Sink,
+    stop: &CancellationToken,
+) -> Result<Summary, RunFailed> {
+    let failed = |error| RunFailed {
+        error,
+        summary: None,
+    };
     if plan.from_ms >= plan.to_ms {
-        return Err(IngestError::Usage(
+        return Err(failed(IngestError::Usage(
             "the range is empty: --from must be before --to".into(),
-        ));
+        )));
     }
     let run = run_id();
     // Before the name is taken: a run dropped while its claim is on the
@@ -276,20 +324,35 @@ pub async fn run_until(
     let mut name = NameHeld::new(sink, &plan.owner, &run);
     if let Err(e) = take_worker_name(plan, sink, &run).await {
         name.released = true;
-        return Err(e);
+        return Err(failed(e));
     }
     let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
     name.start(&lost);
     let outcome = run_blocks(plan, source, sink, &lost, stop).await;
     name.release().await;
-    if lost.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(IngestError::WorkerBusy(
-            "another run took this run's worker name (this one was not heard of for a minute); \
-             blocks stored so far are kept, the rest are that run's"
-                .into(),
-        ));
+    let (summary, error) = match outcome {
+        Ok(ran) => ran,
+        Err(e) => return Err(failed(e)),
+    };
+    let error = error.or_else(|| {
+        lost.load(std::sync::atomic::Ordering::Relaxed).then(|| {
+            IngestError::WorkerBusy(
+                "another run took this run's worker name (this one was not heard of for a \
+                     minute); blocks stored so far are kept, the rest are that run's"
+                    .into(),
+            )
+        })
+    });
+    match error {
+        None => Ok(summary),
+        Some(error) => Err(RunFailed {
+            summary: Some(Summary {
+                error: Some(error.to_string()),
+                ..summary
+            }),
+            error,
+        }),
     }
-    outcome
 }
 
 /// The worker name while a run holds it: a heartbeat renews it, and the
@@ -344,13 +407,20 @@ impl NameHeld {
         self.heartbeat = Some(heartbeat);
     }
 
-    /// The run is over: stop the heartbeat and give the name back.
+    /// The run is over: stop the heartbeat and give the name back (within
+    /// [`RELEASE_WAIT`]: a sink that failed may not answer).
     async fn release(mut self) {
         if let Some(h) = self.heartbeat.take() {
             h.abort();
         }
-        if let Err(e) = self.sink.release_worker_name(&self.owner, &self.run).await {
-            tracing::warn!(error = %e, "could not give this run's worker name back");
+        let release = self.sink.release_worker_name(&self.owner, &self.run);
+        match tokio::time::timeout(RELEASE_WAIT, release).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not give this run's worker name back"),
+            Err(_) => tracing::warn!(
+                "the sink did not take this run's worker name back in time: it is free again \
+                 in a minute"
+            ),
         }
         // Only now: dropped during the release above, `Drop` releases.
         self.released = true;
@@ -376,14 +446,15 @@ impl Drop for NameHeld {
     }
 }
 
-/// The run itself, once the worker name is this run's.
+/// The run itself, once the worker name is this run's: its summary, and
+/// the error that ended it early, if one did (`Err`: no block planned).
 async fn run_blocks(
     plan: &Plan,
     source: &Source,
     sink: &Sink,
     lost: &Arc<std::sync::atomic::AtomicBool>,
     stop: &CancellationToken,
-) -> Result<Summary, IngestError> {
+) -> Result<(Summary, Option<IngestError>), IngestError> {
     let started = Instant::now();
     let before = source.upstream().stats();
     let done: HashSet<Block> = sink
@@ -405,6 +476,8 @@ async fn run_blocks(
         }),
         queue: Mutex::new(todo),
         setup_failed: Mutex::new(None),
+        failure: Mutex::new(None),
+        halt: CancellationToken::new(),
         lost: Arc::clone(lost),
     });
     let mut workers = JoinSet::new();
@@ -418,25 +491,21 @@ async fn run_blocks(
         );
         workers.spawn(async move { worker(&work, &plan, &source, &sink, &stop).await });
     }
-    let mut failure = None;
     while let Some(joined) = workers.join_next().await {
-        match joined {
-            Ok(Ok(())) => {}
-            // A sink failure stops the run: nothing can be checkpointed.
-            Ok(Err(e)) => failure = Some(e),
-            Err(e) => failure = Some(IngestError::Usage(format!("a worker failed: {e}"))),
+        if let Err(e) = joined {
+            fail(&work, IngestError::Usage(format!("a worker failed: {e}")));
         }
     }
     work.progress.finish();
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    if let Some(e) = lock(&work.setup_failed).take() {
-        return Err(IngestError::Usage(format!(
-            "{e} (every block would meet it: fix the client credentials or their permissions, \
-             the tenant or the broker token, then run again; blocks stored so far are kept)"
-        )));
-    }
+    let failure = lock(&work.failure).take().or_else(|| {
+        lock(&work.setup_failed).take().map(|e| {
+            IngestError::Usage(format!(
+                "{e} (every block would meet it: fix the client credentials or their \
+                 permissions, the tenant or the broker token, then run again; blocks stored so \
+                 far are kept)"
+            ))
+        })
+    });
     let mut summary = lock(&work.summary).clone();
     let stats = source.upstream().stats();
     summary.elapsed_s = started.elapsed().as_secs_f64();
@@ -447,95 +516,143 @@ async fn run_blocks(
     summary.fallback_leases = stats.fallback_leases - before.fallback_leases;
     summary.records_per_request = summary.records as f64 / summary.upstream_requests.max(1) as f64;
     // A signal after the last block was stored stopped nothing.
-    summary.stopped =
-        stop.is_cancelled() && (summary.blocks_stopped > 0 || !lock(&work.queue).is_empty());
-    Ok(summary)
+    summary.stopped = failure.is_none()
+        && stop.is_cancelled()
+        && (summary.blocks_stopped > 0 || !lock(&work.queue).is_empty());
+    Ok((summary, failure))
 }
 
-/// Takes blocks off the queue until it is empty. Fetch failures are
-/// counted and the block left for later; a sink failure ends the worker.
-async fn worker(
+/// Ends the run with `e` (unless it already ends with an earlier error,
+/// of which `e` is most likely an echo): every worker drops its block.
+fn fail(work: &Work, e: IngestError) {
+    lock(&work.failure).get_or_insert(e);
+    work.halt.cancel();
+}
+
+/// Whether a worker goes on to its next block.
+enum Next {
+    /// The block is stored, failed or busy: the next one.
+    Block,
+    /// The block was given back, and the worker stops.
+    Stop,
+}
+
+/// Takes blocks off the queue until it is empty or the run halts. Fetch
+/// failures are counted and the block left for later; an error from the
+/// sink ends the run, and a halt drops the block in hand (its fetch or
+/// store: a store's transaction is rolled back, or was committed whole).
+async fn worker(work: &Work, plan: &Plan, source: &Source, sink: &Sink, stop: &CancellationToken) {
+    loop {
+        if work.halt.is_cancelled()
+            || work.lost.load(std::sync::atomic::Ordering::Relaxed)
+            || stop.is_cancelled()
+        {
+            return;
+        }
+        let Some(block) = lock(&work.queue).pop_front() else {
+            return;
+        };
+        let next = tokio::select! {
+            next = one_block(work, plan, source, sink, stop, block) => next,
+            () = work.halt.cancelled() => return drop_block(work, plan, sink, block).await,
+        };
+        match next {
+            Ok(Next::Block) => {}
+            // The block was given back: a signal, or a refusal.
+            Ok(Next::Stop) => return,
+            Err(e) => {
+                fail(work, e);
+                return drop_block(work, plan, sink, block).await;
+            }
+        }
+    }
+}
+
+/// `block`, in hand when the run halted, is left for the next run: its
+/// claim given back if the sink still answers within [`UNCLAIM_WAIT`].
+async fn drop_block(work: &Work, plan: &Plan, sink: &Sink, block: Block) {
+    let unclaim = tokio::time::timeout(UNCLAIM_WAIT, sink.unclaim(block, &plan.owner)).await;
+    if !matches!(unclaim, Ok(Ok(()))) {
+        tracing::debug!(%block, "the claim of a dropped block is left to expire");
+    }
+    lock(&work.summary).blocks_stopped += 1;
+}
+
+/// Claims, fetches and stores `block`.
+async fn one_block(
     work: &Work,
     plan: &Plan,
     source: &Source,
     sink: &Sink,
     stop: &CancellationToken,
-) -> Result<(), IngestError> {
-    loop {
-        if lock(&work.setup_failed).is_some()
-            || work.lost.load(std::sync::atomic::Ordering::Relaxed)
-            || stop.is_cancelled()
-        {
-            return Ok(());
-        }
-        let Some(block) = lock(&work.queue).pop_front() else {
-            return Ok(());
-        };
-        if !sink
-            .claim(block, &plan.owner, now_ms(), plan.claim_ttl)
-            .await?
-        {
-            lock(&work.summary).blocks_busy += 1;
-            continue;
-        }
-        let fetched = tokio::select! {
-            fetched = fetch_checked(block, plan, source, &work.progress) => fetched,
-            () = stop.cancelled() => {
-                // The fetch is dropped: its job and leases are let go of
-                // in the background (`Source::settle` waits for them).
-                sink.unclaim(block, &plan.owner).await?;
-                lock(&work.summary).blocks_stopped += 1;
-                return Ok(());
-            }
-        };
-        match fetched {
-            Ok((fetched, mismatches)) => {
-                let complete = fetched.available_until.is_none_or(|a| a >= block.end);
-                if !complete {
-                    tracing::info!(%block, available_until = %crate::plan::format_ms(fetched.available_until.unwrap_or_default()),
-                        "the upstream's data does not reach the block's end yet: stored as provisional");
-                }
-                let is_final = complete && block.is_final(plan.now_ms, plan.watermark);
-                let (conversations, total_hits) = (fetched.conversations, fetched.total_hits);
-                let records = conversations.len() as u64;
-                let done = Done {
-                    block,
-                    conversations: &conversations,
-                    total_hits,
-                    is_final,
-                    mismatches,
-                };
-                match sink.store(done, now_ms()).await {
-                    Ok(()) => {}
-                    // A record the sink cannot read (no conversationStart...):
-                    // the block fails, visibly, and the run goes on.
-                    Err(e @ IngestError::Answer { .. }) => {
-                        block_failed(work, plan, sink, block, &e).await?;
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                }
-                {
-                    let mut s = lock(&work.summary);
-                    s.records += records;
-                    s.mismatches += u64::from(mismatches);
-                    if is_final {
-                        s.blocks_final += 1;
-                    } else {
-                        s.blocks_provisional += 1;
-                    }
-                }
-                let throttled = source.upstream().stats().throttled_429;
-                work.progress.block_done(block, records, throttled);
-            }
-            Err(e) if refused_for_every_block(&e) => {
-                sink.unclaim(block, &plan.owner).await?;
-                lock(&work.setup_failed).get_or_insert_with(|| e.to_string());
-                return Ok(());
-            }
-            Err(e) => block_failed(work, plan, sink, block, &e).await?,
-        }
+    block: Block,
+) -> Result<Next, IngestError> {
+    if !sink
+        .claim(block, &plan.owner, now_ms(), plan.claim_ttl)
+        .await?
+    {
+        lock(&work.summary).blocks_busy += 1;
+        return Ok(Next::Block);
     }
+    let fetched = tokio::select! {
+        fetched = fetch_checked(block, plan, source, &work.progress) => fetched,
+        () = stop.cancelled() => {
+            // The fetch is dropped: its job and leases are let go of
+            // in the background (`Source::settle` waits for them).
+            sink.unclaim(block, &plan.owner).await?;
+            lock(&work.summary).blocks_stopped += 1;
+            return Ok(Next::Stop);
+        }
+    };
+    match fetched {
+        Ok((fetched, mismatches)) => {
+            let complete = fetched.available_until.is_none_or(|a| a >= block.end);
+            if !complete {
+                tracing::info!(%block, available_until = %crate::plan::format_ms(fetched.available_until.unwrap_or_default()),
+                    "the upstream's data does not reach the block's end yet: stored as provisional");
+            }
+            let is_final = complete && block.is_final(plan.now_ms, plan.watermark);
+            let (conversations, total_hits) = (fetched.conversations, fetched.total_hits);
+            let records = conversations.len() as u64;
+            let done = Done {
+                block,
+                conversations: &conversations,
+                total_hits,
+                is_final,
+                mismatches,
+            };
+            match sink.store(done, now_ms()).await {
+                Ok(()) => {}
+                // A record the sink cannot read (no conversationStart...):
+                // the block fails, visibly, and the run goes on.
+                Err(e @ IngestError::Answer { .. }) => {
+                    block_failed(work, plan, sink, block, &e).await?;
+                    return Ok(Next::Block);
+                }
+                Err(e) => return Err(e),
+            }
+            {
+                let mut s = lock(&work.summary);
+                s.records += records;
+                s.mismatches += u64::from(mismatches);
+                if is_final {
+                    s.blocks_final += 1;
+                } else {
+                    s.blocks_provisional += 1;
+                }
+            }
+            let throttled = source.upstream().stats().throttled_429;
+            work.progress.block_done(block, records, throttled);
+        }
+        Err(e) if refused_for_every_block(&e) => {
+            sink.unclaim(block, &plan.owner).await?;
+            lock(&work.setup_failed).get_or_insert_with(|| e.to_string());
+            work.halt.cancel();
+            return Ok(Next::Stop);
+        }
+        Err(e) => block_failed(work, plan, sink, block, &e).await?,
+    }
+    Ok(Next::Block)
 }
 
 /// A refusal every block would meet: the login refused, the API refusing

@@ -5,8 +5,11 @@
 //! reported back; a job also holds a broker lease on the pseudo-route
 //! `JOB /api/v2/analytics/conversations/details/jobs` from submission to
 //! its last page, which a bucket with `max_in_flight` turns into the org's
-//! running-jobs limit.
+//! running-jobs limit. A job fails its block when it is not fulfilled
+//! within its wait ([`JobOptions::max_wait`]) or when its results give a
+//! cursor a second time (they would page forever).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,6 +109,7 @@ struct JobSettings {
     /// Local cap on jobs running at once (the broker's bucket may be lower).
     running: Semaphore,
     first_poll: Duration,
+    max_wait: Duration,
 }
 
 /// How a [`Source`] of jobs behaves.
@@ -115,6 +119,9 @@ pub struct JobOptions {
     pub max_running: usize,
     /// First pause before polling a job; doubled each poll up to 30 s.
     pub first_poll: Duration,
+    /// Longest a job may take from submission to fulfilment: past it the
+    /// job is deleted upstream and its block fails.
+    pub max_wait: Duration,
 }
 
 impl Default for JobOptions {
@@ -122,9 +129,14 @@ impl Default for JobOptions {
         JobOptions {
             max_running: 2,
             first_poll: Duration::from_secs(1),
+            max_wait: DEFAULT_JOB_WAIT,
         }
     }
 }
+
+/// [`JobOptions::max_wait`] unless set: a day's job takes minutes; two
+/// hours leave room for an upstream that is slow.
+pub const DEFAULT_JOB_WAIT: Duration = Duration::from_secs(2 * 3600);
 
 /// How a block's fetch goes, for a person watching.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,6 +267,7 @@ impl Source {
                 broker,
                 running: Semaphore::new(jobs.max_running.max(1)),
                 first_poll: jobs.first_poll,
+                max_wait: jobs.max_wait,
             }),
             cleanup: TaskTracker::new(),
         }
@@ -423,8 +436,9 @@ impl Source {
                     note(Step::Fulfilled {
                         records: total_hits,
                     });
-                    let (conversations, available_until) =
-                        self.job_results(&job.job_id, total_hits, note).await?;
+                    let (conversations, available_until) = self
+                        .job_results(block, &job.job_id, total_hits, note)
+                        .await?;
                     running.id = None;
                     return Ok(Fetched {
                         conversations,
@@ -502,7 +516,8 @@ impl Source {
     }
 
     /// Polls job `id` until it is fulfilled: `Some(its totalHits, if
-    /// said)`, or `None` if the upstream no longer knows it (404).
+    /// said)`, or `None` if the upstream no longer knows it (404); an
+    /// error once it was submitted [`JobOptions::max_wait`] ago.
     async fn await_job(
         &self,
         block: Block,
@@ -515,7 +530,16 @@ impl Source {
             note(Step::Pending {
                 for_s: submitted.elapsed().as_secs(),
             });
-            tokio::time::sleep(pause).await;
+            let left = self.jobs.max_wait.saturating_sub(submitted.elapsed());
+            if left.is_zero() {
+                return Err(IngestError::JobTimedOut {
+                    job: id.to_owned(),
+                    interval: block.interval(),
+                    waited_s: self.jobs.max_wait.as_secs(),
+                });
+            }
+            // The last poll comes at the limit, not a whole pause past it.
+            tokio::time::sleep(pause.min(left)).await;
             pause = (pause * 2).min(MAX_POLL);
             let req = Request::get(format!("{JOBS_PATH}/{id}"));
             let answer = self.upstream.send_retrying(&req, &self.retry).await?;
@@ -540,10 +564,12 @@ impl Source {
         }
     }
 
-    /// Every results page of fulfilled job `id`, and the earliest
-    /// `dataAvailabilityDate` they gave.
+    /// Every results page of fulfilled job `id` of `block`, and the
+    /// earliest `dataAvailabilityDate` they gave; an error if a page gives
+    /// a cursor an earlier one gave.
     async fn job_results(
         &self,
+        block: Block,
         id: &str,
         of: Option<u64>,
         note: &(dyn Fn(Step) + Send + Sync),
@@ -551,6 +577,7 @@ impl Source {
         let mut conversations = Vec::new();
         let mut available_until: Option<i64> = None;
         let mut cursor: Option<String> = None;
+        let mut seen = HashSet::new();
         let mut page_size = JOB_PAGE;
         loop {
             let mut path = format!("{JOBS_PATH}/{id}/results?pageSize={page_size}");
@@ -585,7 +612,16 @@ impl Source {
                 available_until = Some(available_until.map_or(at, |a: i64| a.min(at)));
             }
             match page.cursor {
-                Some(c) if !c.is_empty() => cursor = Some(c),
+                Some(c) if !c.is_empty() => {
+                    if !seen.insert(c.clone()) {
+                        return Err(IngestError::CursorRepeated {
+                            job: id.to_owned(),
+                            interval: block.interval(),
+                            page: seen.len() as u64 + 1,
+                        });
+                    }
+                    cursor = Some(c);
+                }
                 _ => return Ok((conversations, available_until)),
             }
         }

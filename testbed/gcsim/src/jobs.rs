@@ -115,6 +115,16 @@ impl ResultsPage {
     pub(crate) fn rows(&self) -> usize {
         self.conversations.len()
     }
+
+    /// Whether a page comes after it.
+    pub(crate) fn has_next(&self) -> bool {
+        self.cursor.is_some()
+    }
+
+    /// Hands out `cursor` for the next page (a fault: the caller's own).
+    pub(crate) fn set_cursor(&mut self, cursor: String) {
+        self.cursor = Some(cursor);
+    }
 }
 
 /// Why a status or results request has no answer.

@@ -90,6 +90,9 @@ struct OrgSlot {
     /// ...and whether the pages after the last first page read are shifted
     /// (rows one place on, `totalHits` one fewer).
     shifting: std::sync::atomic::AtomicBool,
+    /// Job results pages still to hand back the cursor they were read with
+    /// instead of the next one (a fault the control plane sets).
+    repeating_cursors: AtomicU64,
     /// Its OAuth clients' secret and the lifetime of the tokens it issues.
     oauth_secret: String,
     token_ttl: Duration,
@@ -172,6 +175,7 @@ impl Sim {
                 shifted_queries: AtomicU64::new(0),
                 shifting: std::sync::atomic::AtomicBool::new(false),
                 malformed_pages: AtomicU64::new(0),
+                repeating_cursors: AtomicU64::new(0),
                 history: History::generate(
                     config.seed,
                     &id,
@@ -243,6 +247,7 @@ impl Sim {
             .route("/_sim/orgs/{org}/short-pages", post(short_pages))
             .route("/_sim/orgs/{org}/malformed-pages", post(malformed_pages))
             .route("/_sim/orgs/{org}/shifted-queries", post(shifted_queries))
+            .route("/_sim/orgs/{org}/repeating-cursor", post(repeating_cursor))
             .route(
                 "/_sim/orgs/{org}/jobs-available-until",
                 post(jobs_available_until),
@@ -1002,7 +1007,21 @@ async fn job_results(
             params.page_size,
         );
         match page {
-            Ok(page) => {
+            Ok(mut page) => {
+                // The fault, taken once per page read with a cursor that
+                // has a page after it.
+                if let Some(asked) = &params.cursor {
+                    if page.has_next()
+                        && slot
+                            .repeating_cursors
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                                n.checked_sub(1)
+                            })
+                            .is_ok()
+                    {
+                        page.set_cursor(asked.clone());
+                    }
+                }
                 let latency =
                     JOB_RESULTS_LATENCY_MS.0 + JOB_RESULTS_LATENCY_MS.1 * page.rows() as f64;
                 json_answer(&page, latency)
@@ -1055,6 +1074,19 @@ async fn short_pages(State(sim): State<Sim>, Path(org): Path<String>, body: Byte
 async fn shifted_queries(State(sim): State<Sim>, Path(org): Path<String>, body: Bytes) -> Response {
     page_fault(&sim, &org, &body, "shifted_queries", |slot| {
         &slot.shifted_queries
+    })
+}
+
+/// `POST /_sim/orgs/{org}/repeating-cursor` body `N`: the next N job results
+/// pages read with a cursor, that have a page after them, hand back the
+/// cursor they were read with instead of the next page's.
+async fn repeating_cursor(
+    State(sim): State<Sim>,
+    Path(org): Path<String>,
+    body: Bytes,
+) -> Response {
+    page_fault(&sim, &org, &body, "repeating_cursor", |slot| {
+        &slot.repeating_cursors
     })
 }
 

@@ -148,6 +148,26 @@ impl Bed {
 
     /// Like [`Bed::source`], logging in with `secret`.
     pub fn source_with_secret(&self, kind: SourceKind, client: &str, secret: &str) -> Source {
+        let jobs = JobOptions {
+            max_running: 2,
+            first_poll: Duration::from_millis(100),
+            ..JobOptions::default()
+        };
+        self.source_with(kind, client, secret, jobs)
+    }
+
+    /// Like [`Bed::source`], its jobs run as `jobs` says.
+    pub fn source_with_jobs(&self, kind: SourceKind, client: &str, jobs: JobOptions) -> Source {
+        self.source_with(kind, client, "gcsim-secret", jobs)
+    }
+
+    fn source_with(
+        &self,
+        kind: SourceKind,
+        client: &str,
+        secret: &str,
+        jobs: JobOptions,
+    ) -> Source {
         let broker = BrokerClient::connect(&self.broker.url(), None).unwrap();
         let client_id = format!("{client}@org-a");
         let template = Call::new("org-a", "POST", QUERY_PATH)
@@ -164,15 +184,7 @@ impl Bed {
             template.clone(),
         )
         .unwrap();
-        Source::new(
-            kind,
-            upstream,
-            Some((broker, template)),
-            JobOptions {
-                max_running: 2,
-                first_poll: Duration::from_millis(100),
-            },
-        )
+        Source::new(kind, upstream, Some((broker, template)), jobs)
     }
 
     /// The next `n` details-query pages answer one row short.
@@ -190,6 +202,12 @@ impl Bed {
     /// `conversationStart`.
     pub async fn malformed_pages(&self, n: u64) {
         self.page_fault("malformed-pages", n).await;
+    }
+
+    /// The next `n` job results pages read with a cursor, with a page
+    /// after them, give back the cursor they were read with.
+    pub async fn repeating_cursor(&self, n: u64) {
+        self.page_fault("repeating-cursor", n).await;
     }
 
     /// Jobs submitted from now on see data only up to `until` (Unix ms;

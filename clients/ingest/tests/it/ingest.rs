@@ -1,10 +1,11 @@
 //! Whole runs in process: both sources store exactly gcsim's set with few
 //! 429s (and the jobs API moves ≥ 10× the records per request), the
-//! watermark, two workers on one range, a broker restart mid-run.
+//! watermark, two workers on one range, a broker restart mid-run, jobs
+//! that never end or whose results cursor repeats.
 
 use std::time::Duration;
 
-use gc_ingest::{parse_time, run, BlockSize, SourceKind};
+use gc_ingest::{parse_time, run, BlockSize, JobOptions, SourceKind, JOBS_PATH};
 
 use crate::common::{open, plan, sqlite, until_done, Bed, Broker, DAY1, END};
 
@@ -429,6 +430,80 @@ async fn a_job_block_past_the_upstreams_data_is_provisional_until_the_data_is_th
         (second.blocks_final, second.records),
         (1, 8_000),
         "{second:?}"
+    );
+    assert_eq!(sink.count().await.unwrap(), 8_000);
+    sink.close().await;
+    bed.sim.shutdown().await;
+}
+
+/// A job that is never fulfilled (gcsim's take ten minutes here) fails its
+/// block once its wait is over, naming the job, which is deleted upstream
+/// and its slot given back: the run ends instead of polling on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_not_fulfilled_within_its_wait_fails_its_block_and_is_deleted() {
+    let bed = Bed::with_slow_jobs().await;
+    let sink = open(&sqlite("job-wait")).await;
+    let jobs = JobOptions {
+        max_running: 2,
+        first_poll: Duration::from_millis(100),
+        max_wait: Duration::from_secs(1),
+    };
+    let source = bed.source_with_jobs(SourceKind::Jobs, "job-wait", jobs);
+    let plan = plan(DAY1, "2026-11-02", BlockSize::Day);
+    let summary = tokio::time::timeout(Duration::from_secs(60), run(&plan, &source, &sink))
+        .await
+        .expect("the run ends: a job's wait is bounded")
+        .unwrap();
+    assert_eq!(
+        (summary.blocks_failed, summary.blocks_final),
+        (1, 0),
+        "{summary:?}"
+    );
+    assert_eq!(source.settle(Duration::from_secs(10)).await, 0);
+    let deleted = bed.answered("DELETE", JOBS_PATH).await;
+    assert_eq!(deleted.len(), 1, "{deleted:?}");
+    let job = deleted[0].0.rsplit('/').next().unwrap();
+    assert_eq!(deleted[0].1, 204);
+    let says = format!("job {job} for 2026-11-01T00:00:00.000Z/2026-11-02T00:00:00.000Z was not fulfilled within 1 s");
+    assert!(summary.errors[0].contains(&says), "{:?}", summary.errors);
+    assert_eq!(bed.in_flight("jobs-running").await, 0);
+    sink.close().await;
+    bed.sim.shutdown().await;
+}
+
+/// Job results whose cursor comes back again would be paged without end:
+/// the block fails at the first cursor seen twice, naming the job, and the
+/// run goes on; once the upstream behaves, the next run stores the block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_results_cursor_repeats_fails_its_block_instead_of_paging_forever() {
+    let bed = Bed::start().await;
+    bed.repeating_cursor(1_000_000).await;
+    let sink = open(&sqlite("repeating-cursor")).await;
+    let source = bed.source(SourceKind::Jobs, "repeating-cursor");
+    // Pages small enough for the day to take several.
+    source.upstream().set_max_body(200_000);
+    let plan = plan(DAY1, "2026-11-02", BlockSize::Day);
+    let summary = tokio::time::timeout(Duration::from_secs(60), run(&plan, &source, &sink))
+        .await
+        .expect("the run ends: a repeated cursor is not followed")
+        .unwrap();
+    assert_eq!(
+        (summary.blocks_failed, summary.blocks_final, summary.records),
+        (1, 0, 0),
+        "{summary:?}"
+    );
+    assert_eq!(source.settle(Duration::from_secs(10)).await, 0);
+    let deleted = bed.answered("DELETE", JOBS_PATH).await;
+    assert_eq!(deleted.len(), 1, "{deleted:?}");
+    let job = deleted[0].0.rsplit('/').next().unwrap();
+    let says = format!("job {job} for 2026-11-01T00:00:00.000Z/2026-11-02T00:00:00.000Z: results page 2 gave a cursor an earlier page gave");
+    assert!(summary.errors[0].contains(&says), "{:?}", summary.errors);
+    bed.repeating_cursor(0).await;
+    let again = run(&plan, &source, &sink).await.unwrap();
+    assert_eq!(
+        (again.blocks_failed, again.blocks_final, again.records),
+        (0, 1, 8_000),
+        "{again:?}"
     );
     assert_eq!(sink.count().await.unwrap(), 8_000);
     sink.close().await;

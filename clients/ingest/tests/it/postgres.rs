@@ -1,9 +1,15 @@
 //! The PostgreSQL sink against a real server the set-up installs and
-//! starts on loopback: the same exact set as SQLite, idempotent again.
+//! starts on loopback: the same exact set as SQLite, idempotent again; a
+//! write that fails mid-run ends it at once, with its summary.
 
-use gc_ingest::{run, BlockSize, Sink, SourceKind};
+use std::process::Stdio;
+use std::time::Duration;
 
-use crate::common::{plan, Bed, DAY1};
+use gc_ingest::{run, run_reporting, BlockSize, IngestError, Sink, SourceKind};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::{plan, until_done, Bed, DAY1, END};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stores_exactly_gcsims_day_and_a_second_run_changes_nothing() {
@@ -52,4 +58,190 @@ async fn workers_opening_a_new_postgres_sink_at_once_both_open_it() {
             }
         }
     }
+}
+
+/// Makes one store on `url`'s database fail as a write does when its
+/// connection is cut (SQLSTATE 57P01, as when the server shuts down):
+/// holds `conversations` locked until a worker's store waits for it,
+/// terminates that worker's connection, then lets the other stores on.
+async fn fail_one_store(url: &str) {
+    use sqlx::{Connection, Row};
+    let mut admin = sqlx::PgConnection::connect(url).await.unwrap();
+    let mut tx = admin.begin().await.unwrap();
+    sqlx::query("LOCK TABLE conversations IN SHARE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    let pid: i32 = loop {
+        tick.tick().await;
+        let waiting = sqlx::query(
+            "SELECT pid FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock' LIMIT 1",
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .unwrap();
+        if let Some(row) = waiting {
+            break row.get(0);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no store waited for the lock within 60 s"
+        );
+    };
+    let ended: bool = sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ended, "backend {pid} terminated");
+    tx.rollback().await.unwrap();
+    admin.close().await.unwrap();
+}
+
+/// Blocks with status `done`.
+async fn done(sink: &Sink) -> usize {
+    let checkpoints = sink.checkpoints().await.unwrap();
+    checkpoints.iter().filter(|c| c.status == "done").count()
+}
+
+/// A write that fails in one of four workers ends the run at once: the
+/// others take no new block and drop the ones in hand (nothing of them
+/// stored), instead of fetching the rest of the range (spending the org's
+/// quota) for a run that fails at its end. The summary comes with the
+/// error, and the next run stores every block left, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_error_in_one_worker_halts_the_others_and_the_next_run_finishes() {
+    let pg = testsvc::Postgres::start()
+        .unwrap_or_else(|e| panic!("PostgreSQL is needed for this test and could not start: {e}"));
+    let url = pg.create_database("ingest_halt").unwrap();
+    let bed = Bed::start().await;
+    let sink = Sink::open(&url).await.unwrap();
+    let mut plan = plan(DAY1, END, BlockSize::Hour);
+    plan.parallel = 4;
+    let source = bed.source(SourceKind::Query, "halt");
+    let task = {
+        let (plan, source, sink) = (plan.clone(), source.clone(), sink.clone());
+        tokio::spawn(async move {
+            run_reporting(&plan, &source, &sink, &CancellationToken::new()).await
+        })
+    };
+    until_done(&sink, 8).await;
+    fail_one_store(&url).await;
+    let done_at_failure = done(&sink).await;
+    let failed = tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the run ends")
+        .unwrap()
+        .expect_err("a write failed");
+    assert!(
+        matches!(&failed.error, IngestError::Sink(_)) && failed.error.may_pass_later(),
+        "{}",
+        failed.error
+    );
+    let summary = failed.summary.expect("a summary");
+    assert_eq!(summary.error, Some(failed.error.to_string()));
+    // Every block fetched was claimed first: those not stored by the time
+    // of the failure are at most the 4 in hand, and as many claimed before
+    // the others heard of it.
+    let checkpoints = sink.checkpoints().await.unwrap();
+    assert!(
+        checkpoints.len() <= done_at_failure + 2 * plan.parallel,
+        "{} blocks claimed, {done_at_failure} done when a write failed: the others went on \
+         ({summary:?})",
+        checkpoints.len()
+    );
+    // Nothing stored in part: the rows are those of the blocks done.
+    let done_now: Vec<_> = checkpoints.iter().filter(|c| c.status == "done").collect();
+    let records: i64 = done_now.iter().map(|c| c.records).sum();
+    assert_eq!(sink.count().await.unwrap(), records);
+    assert_eq!(summary.blocks_final, done_now.len() as u64, "{summary:?}");
+    assert_eq!(summary.records, records as u64, "{summary:?}");
+    let again = run(&plan, &source, &sink).await.unwrap();
+    assert_eq!(
+        (
+            again.blocks_skipped + again.blocks_final,
+            again.blocks_busy,
+            again.blocks_failed
+        ),
+        (72, 0, 0),
+        "{again:?}"
+    );
+    let checkpoints = sink.checkpoints().await.unwrap();
+    assert!(
+        checkpoints
+            .iter()
+            .all(|c| c.status == "done" && c.fetches == 1),
+        "{checkpoints:?}"
+    );
+    assert_eq!(
+        sink.conversation_ids().await.unwrap(),
+        bed.conversation_ids().await
+    );
+    sink.close().await;
+    bed.sim.shutdown().await;
+}
+
+/// The binary, its run ended by a failed write, still says what it did: the
+/// `--json` object with the error in it, or the closing line; one message
+/// for the error, and exit 1 (run again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_ended_by_its_sink_prints_its_summary_and_exits_1() {
+    let pg = testsvc::Postgres::start()
+        .unwrap_or_else(|e| panic!("PostgreSQL is needed for this test and could not start: {e}"));
+    let bed = Bed::start().await;
+    for json in [true, false] {
+        let url = pg.create_database(&format!("ingest_exit_{json}")).unwrap();
+        let watcher = Sink::open(&url).await.unwrap();
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_gc-ingest"));
+        cmd.args(["--region", &bed.region()])
+            .args([
+                "--client-id",
+                "exit@org-a",
+                "--client-secret",
+                "gcsim-secret",
+            ])
+            .args(["--broker", &bed.broker.url(), "--tenant", "org-a"])
+            .args(["--source", "query", "--parallel", "4"])
+            .args(["--from", DAY1, "--to", END, "--sink", &url])
+            .args(if json { &["--json"][..] } else { &[] })
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let child = cmd.spawn().unwrap();
+        until_done(&watcher, 8).await;
+        fail_one_store(&url).await;
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("it exits")
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(
+            stderr.matches("gc-ingest: the sink ").count(),
+            1,
+            "{stderr}"
+        );
+        assert!(stderr.contains("terminating connection"), "{stderr}");
+        let done = done(&watcher).await as u64;
+        if json {
+            let summary: Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+            assert_eq!(summary["blocks_total"], 72, "{summary}");
+            assert_eq!(summary["blocks_final"], done, "{summary}");
+            let error = summary["error"].as_str().unwrap_or_default();
+            assert!(error.contains("terminating connection"), "{summary}");
+        } else {
+            assert!(out.stdout.is_empty());
+            let closing = " from 72 blocks (0 already done, 0 provisional, 0 failed";
+            assert!(stderr.contains(closing), "{stderr}");
+            assert!(stderr.contains("blocks in progress dropped"), "{stderr}");
+        }
+        watcher.close().await;
+    }
+    bed.sim.shutdown().await;
 }

@@ -139,6 +139,28 @@ fn bad_arguments_exit_2_before_any_request() {
                 "2026-11-01",
                 "--to",
                 "2026-11-02",
+                "--job-wait",
+                "30s",
+            ][..],
+            "a job's wait is 1m to 7d",
+        ),
+        (
+            &[
+                "--from",
+                "2026-11-01",
+                "--to",
+                "2026-11-02",
+                "--job-wait",
+                "8d",
+            ][..],
+            "a job's wait is 1m to 7d",
+        ),
+        (
+            &[
+                "--from",
+                "2026-11-01",
+                "--to",
+                "2026-11-02",
                 "--max-jobs",
                 "0",
             ][..],
