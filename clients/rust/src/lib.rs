@@ -26,7 +26,8 @@
 //!   but is not a quota-broker's gRPC port (another gRPC service, an HTTP/1
 //!   server such as the broker's own HTTP port, a TLS port addressed with
 //!   `http://`) is [`ClientError::NotABroker`] on every call, logged once
-//!   per address at ERROR (in a list of brokers it is passed over).
+//!   per address at ERROR (in a list of brokers it is passed over for
+//!   [`RECHECK_NOT_A_BROKER`], then tried again).
 //!
 //! ```no_run
 //! use quota_broker_client::{BrokerClient, Call};
@@ -528,8 +529,11 @@ struct Inner {
     /// Told when the last of them is done.
     released: tokio::sync::Notify,
     /// The URLs found not to be a quota-broker's gRPC port, with what they
-    /// are, each logged once (std `Mutex`: never held across `.await`).
-    said_not_a_broker: Mutex<std::collections::HashMap<String, String>>,
+    /// are and when that was found: passed over for [`RECHECK_NOT_A_BROKER`]
+    /// after it, then tried again (a load balancer that misrouted during a
+    /// deploy); each logged once while it stays what it was (std `Mutex`:
+    /// never held across `.await`).
+    said_not_a_broker: Mutex<std::collections::HashMap<String, (String, tokio::time::Instant)>>,
     /// Whether a URL was asked what it speaks ([`address::first_answer`]),
     /// and when: a URL that answered in gRPC once is never asked again,
     /// another at most once per [`ASK_EVERY`], so a broker under load or
@@ -549,6 +553,10 @@ enum Asked {
 
 /// How often a URL that has not answered in gRPC is asked what it speaks.
 const ASK_EVERY: Duration = Duration::from_secs(30);
+
+/// How long a URL found not to be a broker is passed over before calls
+/// try it again.
+pub const RECHECK_NOT_A_BROKER: Duration = Duration::from_secs(30);
 
 /// The broker calls go to, and its URL.
 struct Conn {
@@ -771,10 +779,16 @@ impl BrokerClient {
             .said_not_a_broker
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let now = tokio::time::Instant::now();
         let at = urls.iter().position(|u| u == from).map_or(0, |i| i + 1);
         (0..urls.len())
             .map(|k| &urls[(at + k) % urls.len()])
-            .find(|u| *u != from && !wrong.contains_key(*u))
+            .find(|u| {
+                *u != from
+                    && wrong
+                        .get(*u)
+                        .is_none_or(|(_, found)| now >= *found + RECHECK_NOT_A_BROKER)
+            })
             .cloned()
     }
 
@@ -813,18 +827,20 @@ impl BrokerClient {
     /// not a quota-broker's gRPC port (see `address`): its error, logged
     /// the first time for the URL.
     async fn mistaken(&self, url: &str, status: &tonic::Status) -> Option<ClientError> {
+        let now = tokio::time::Instant::now();
         let known = || {
             self.inner
                 .said_not_a_broker
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .get(url)
-                .cloned()
+                .filter(|(_, found)| now < *found + RECHECK_NOT_A_BROKER)
+                .map(|(reason, _)| reason.clone())
         };
         let mut first = None;
         let mut plaintext = None;
         if address::worth_asking(status) {
-            // Found wrong before: what it was then (it is asked no more).
+            // Found wrong lately: what it was then (not asked again yet).
             if let Some(reason) = known() {
                 return Some(address::not_a_broker_error(url, reason, status));
             }
@@ -845,15 +861,17 @@ impl BrokerClient {
             None => address::not_a_broker(status, first)?,
         };
         let error = address::not_a_broker_error(url, reason.clone(), status);
-        let new = self
+        let before = self
             .inner
             .said_not_a_broker
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(url.to_owned(), reason)
-            .is_none();
-        if new {
-            tracing::error!("{error} (calls there fail, never fall back; fix the URL)");
+            .insert(url.to_owned(), (reason.clone(), now));
+        if before.is_none_or(|(was, _)| was != reason) {
+            tracing::error!(
+                "{error} (calls there fail, never fall back; fix the URL; tried again every {} s)",
+                RECHECK_NOT_A_BROKER.as_secs()
+            );
         }
         Some(error)
     }

@@ -317,6 +317,92 @@ async fn a_mistaken_url_among_brokers_is_said_once_and_the_others_serve() {
     assert!(lines[0].contains(&format!("http://{http}")), "{lines:#?}");
 }
 
+/// A broker in process on `addr` (gRPC only), started; the handle ends
+/// once it has stopped, which sending on (or dropping) the sender asks.
+async fn broker_at(addr: &str) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let settings = Settings::from_toml(CONFIG).unwrap();
+    let grpc = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let addr = grpc.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let served = tokio::spawn(async move {
+        let listeners = Listeners { grpc, http: None };
+        quota_broker::serve(listeners, &settings, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    let client = BrokerClient::connect(&format!("http://{addr}"), None).unwrap();
+    assert!(client.check("t", LIMIT).await.unwrap(), "the broker serves");
+    (addr, stop, served)
+}
+
+/// A URL found not to be a broker is passed over for a while, not for
+/// good: once a broker answers there (a load balancer that misrouted
+/// during a deploy), calls go to it again.
+#[tokio::test]
+async fn a_url_found_not_to_be_a_broker_is_tried_again_later() {
+    // A gRPC server serving none of the broker's services, then a broker
+    // on the same port.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let first = listener.local_addr().unwrap();
+    let (stop_other, stopped) = oneshot::channel::<()>();
+    let other = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(tonic::service::Routes::default())
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            ),
+    );
+    let (second, stop_second, second_served) = broker_at("127.0.0.1:0").await;
+    let fallback = FallbackSettings {
+        fraction: 0.5,
+        floor_per_min: 6000,
+        probe_every: Duration::ZERO,
+    };
+    let client =
+        BrokerClient::with_fallback(&format!("http://{first},http://{second}"), None, fallback)
+            .unwrap();
+    assert!(!client.acquire(&call()).await.unwrap().is_fallback());
+    assert_eq!(client.current_url(), format!("http://{second}"));
+
+    let _ = stop_other.send(());
+    other.await.unwrap().unwrap();
+    let (_, _stop_first, _) = broker_at(&first.to_string()).await;
+    let _ = stop_second.send(());
+    second_served.await.unwrap();
+    // Passed over while the finding is fresh: with the other broker down,
+    // an outage.
+    let lease = client.acquire(&call()).await.unwrap();
+    assert!(lease.is_fallback());
+    drop(lease);
+    tokio::time::pause();
+    tokio::time::advance(quota_broker_client::RECHECK_NOT_A_BROKER + Duration::from_secs(1)).await;
+    tokio::time::resume();
+    // Falling back, the calls probe the broker in the background; one of
+    // the next is the broker's.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match client.acquire(&call()).await {
+            Ok(lease) if !lease.is_fallback() => break,
+            Ok(_) => {}
+            // The fallback's pace, refused without waiting.
+            Err(ClientError::NotGranted { reason, .. }) if reason.contains("unreachable") => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broker now at {first} is not tried"
+        );
+        // The probe runs on this thread.
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(client.current_url(), format!("http://{first}"));
+}
+
 #[tokio::test]
 async fn a_broker_that_refuses_connections_is_still_an_outage() {
     let logged = Logged::errors();
