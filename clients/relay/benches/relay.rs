@@ -12,8 +12,15 @@
 //!    SIGKILLed halfway and restarted on its file, the flows re-posting
 //!    what was not acknowledged; acknowledged records lost, records the
 //!    upstream stored twice.
+//! 3. **queue**: the SQLite queue alone (no relay) with a backlog of
+//!    `--rows` records written straight into it: what one claim (run by
+//!    the drain every 100 ms while records wait), one `/status` (the same
+//!    as a `/metrics` scrape) and the writer's first commit (which counts
+//!    the queue, once a second) cost, median and worst of several runs.
 //!
-//! `cargo bench -p gc-relay --bench relay -- [--secs 30] [--rate 500]`
+//! `cargo bench -p gc-relay --bench relay -- [--secs 30] [--rate 500]
+//! [--rows 100000,1000000] [--phase burst|kill|queue]` (every phase when
+//! none is named)
 
 #[path = "../tests/it/common.rs"]
 mod common;
@@ -39,6 +46,14 @@ struct Args {
     secs: u64,
     rate: u64,
     kill_records: usize,
+    rows: Vec<u64>,
+    phases: Vec<String>,
+}
+
+impl Args {
+    fn runs(&self, phase: &str) -> bool {
+        self.phases.is_empty() || self.phases.iter().any(|p| p == phase)
+    }
 }
 
 fn args() -> Args {
@@ -46,6 +61,8 @@ fn args() -> Args {
         secs: 30,
         rate: 500,
         kill_records: 3_000,
+        rows: vec![100_000, 1_000_000],
+        phases: Vec::new(),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -55,6 +72,12 @@ fn args() -> Args {
             "--secs" => a.secs = value().unwrap_or(a.secs),
             "--rate" => a.rate = value().unwrap_or(a.rate),
             "--kill-records" => a.kill_records = value().map_or(a.kill_records, |v| v as usize),
+            "--rows" => {
+                if let Some(rows) = it.next() {
+                    a.rows = rows.split(',').filter_map(|n| n.parse().ok()).collect();
+                }
+            }
+            "--phase" => a.phases.extend(it.next().cloned()),
             // cargo bench passes --bench.
             _ => {}
         }
@@ -67,8 +90,15 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         println!("machine: {} cores, load average {}", cores(), load());
-        burst(&args).await;
-        kill(&args).await;
+        if args.runs("burst") {
+            burst(&args).await;
+        }
+        if args.runs("kill") {
+            kill(&args).await;
+        }
+        if args.runs("queue") {
+            queue(&args).await;
+        }
     });
 }
 
@@ -203,4 +233,167 @@ async fn kill(args: &Args) {
     child.kill9().await;
     broker.stop().await;
     sim.shutdown().await;
+}
+
+/// A backlog the queue phase measures.
+#[derive(Clone, Copy)]
+enum Backlog {
+    /// Every record due, each its own order key (the upstream was down,
+    /// nothing tried yet).
+    Due,
+    /// Every record waiting for its retry (a throttled upstream's backoff).
+    BackedOff,
+    /// Every record behind one of 100 dead letters heading its order key.
+    Blocked,
+    /// 1,000 due records of 100 order keys whose history holds the rest of
+    /// the rows, delivered (a day of deliveries kept).
+    History,
+}
+
+impl Backlog {
+    fn name(self) -> &'static str {
+        match self {
+            Backlog::Due => "all due, own keys",
+            Backlog::BackedOff => "all backed off",
+            Backlog::Blocked => "behind 100 dead letters",
+            Backlog::History => "1k due, 100 keys, rest delivered",
+        }
+    }
+}
+
+async fn queue(args: &Args) {
+    println!();
+    println!("queue: SQLite, backlog written straight into the file; claim = 16 records (the drain's default concurrency)");
+    println!("| rows | backlog | fill s | claim p50 / max ms (claimed) | /status p50 / max ms | first write p50 / max ms | later write p50 ms |");
+    println!("|---|---|---|---|---|---|---|");
+    for &rows in &args.rows {
+        for backlog in [
+            Backlog::Due,
+            Backlog::BackedOff,
+            Backlog::Blocked,
+            Backlog::History,
+        ] {
+            queue_case(rows, backlog).await;
+        }
+    }
+}
+
+/// Milliseconds of `runs` runs of `f`: (median, worst, what the last
+/// returned).
+async fn time_runs<T, F, Fut>(runs: usize, mut f: F) -> (f64, f64, T)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let mut ms = Vec::with_capacity(runs);
+    let mut last = None;
+    for _ in 0..runs {
+        let started = Instant::now();
+        last = Some(f().await);
+        ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    ms.sort_by(f64::total_cmp);
+    (ms[ms.len() / 2], ms[ms.len() - 1], last.unwrap())
+}
+
+async fn queue_case(rows: u64, backlog: Backlog) {
+    use gc_relay::{Limits, NewRecord, Queue};
+    let dir = TempDir::new("bench-queue");
+    let url = dir.sqlite();
+    let limits = Limits {
+        max_records: u64::MAX,
+        max_bytes: u64::MAX,
+    };
+    // Creates the tables.
+    drop(Queue::open(&url, limits).await.unwrap());
+    let filled = Instant::now();
+    fill(&url, rows, backlog).await;
+    let fill_s = filled.elapsed().as_secs_f64();
+    let record = |n: u64| NewRecord {
+        key: format!("new-{n}"),
+        order_key: format!("new-{n}"),
+        method: "POST".into(),
+        path: "/api/v2/x".into(),
+        body: None,
+    };
+    // The writer counts the queue at its first commit (then at most once a
+    // second): a fresh handle per run.
+    let mut n = 0;
+    let mut firsts = Vec::new();
+    for _ in 0..5 {
+        n += 1;
+        let q = Queue::open(&url, limits).await.unwrap();
+        let started = Instant::now();
+        q.enqueue(record(n)).await.unwrap();
+        firsts.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    firsts.sort_by(f64::total_cmp);
+    let q = Queue::open(&url, limits).await.unwrap();
+    n += 1;
+    q.enqueue(record(n)).await.unwrap();
+    let (later, _, _) = time_runs(20, || {
+        n += 1;
+        q.enqueue(record(n))
+    })
+    .await;
+    let (status_p50, status_max, _) = time_runs(5, || q.depth()).await;
+    let (claim_p50, claim_max, claimed) =
+        time_runs(10, || q.claim("bench", 16, Duration::from_secs(600))).await;
+    let claimed = claimed.map(|c| c.len()).unwrap_or(0);
+    println!(
+        "| {rows} | {} | {fill_s:.1} | {claim_p50:.1} / {claim_max:.1} ({claimed}) | {status_p50:.1} / {status_max:.1} | {:.1} / {:.1} | {later:.1} |",
+        backlog.name(),
+        firsts[firsts.len() / 2],
+        firsts[firsts.len() - 1],
+    );
+}
+
+/// Writes `rows` records of `backlog` into the SQLite queue at `url` in one
+/// statement (the queue's writer would take minutes).
+async fn fill(url: &str, rows: u64, backlog: Backlog) {
+    let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+    let now = gc_relay::now_ms();
+    // (order key, state, not_before_ms, done_ms) of record n.
+    let (order, state, not_before, done) = match backlog {
+        Backlog::Due => ("'c' || n", "'pending'", "?1 - ?2 + n", "NULL"),
+        Backlog::BackedOff => ("'c' || n", "'pending'", "?1 + 3600000", "NULL"),
+        Backlog::Blocked => ("'agent-' || (n % 100)", "'pending'", "?1 - ?2 + n", "NULL"),
+        Backlog::History => (
+            "'agent-' || (n % 100)",
+            "CASE WHEN n > ?2 - 1000 THEN 'pending' ELSE 'done' END",
+            "?1 - ?2 + n",
+            "CASE WHEN n > ?2 - 1000 THEN NULL ELSE ?1 - ?2 + n END",
+        ),
+    };
+    let sql = format!(
+        "INSERT INTO relay_records (idem_key, order_key, method, path, body, bytes, state, \
+           received_ms, not_before_ms, done_ms) \
+         WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < ?2) \
+         SELECT 'k' || n, {order}, 'POST', \
+           '/api/v2/conversations/calls/c' || n || '/participants/p1/communications/m1/wrapup', \
+           '{{\"code\":\"resolved\",\"notes\":\"bench\"}}', 120, {state}, ?1 - ?2 + n, \
+           {not_before}, {done} FROM c"
+    );
+    sqlx::query(&sql)
+        .bind(now)
+        .bind(rows as i64)
+        .execute(&pool)
+        .await
+        .unwrap();
+    if let Backlog::Blocked = backlog {
+        // The first record of each order key refused for good.
+        sqlx::query("UPDATE relay_records SET state = 'dead' WHERE id <= 100")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO relay_dead_letters (record_id, status, answer, dead_ms) \
+             SELECT id, 400, 'bench', ? FROM relay_records WHERE state = 'dead'",
+        )
+        .bind(now)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    pool.close().await;
 }

@@ -4,7 +4,8 @@
 //! time, then records the outcome: delivered; pending again after the
 //! upstream's or the broker's wait (429, 5xx, transport, no lease); or dead
 //! (any other 4xx than 408 and 429, with the upstream's answer). It also gives back the
-//! records of relays whose claims expired and prunes old delivered ones.
+//! records of relays whose claims expired and prunes old delivered ones
+//! and old dead letters.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +48,9 @@ pub struct DrainSettings {
     /// How long delivered records are kept (a repeated key within it is
     /// still recognised).
     pub keep_done: Duration,
+    /// How long dead letters are kept (those holding later records of
+    /// their order key back are kept until replayed or dropped).
+    pub keep_dead: Duration,
 }
 
 impl Default for DrainSettings {
@@ -56,6 +60,7 @@ impl Default for DrainSettings {
             claim: Duration::from_secs(60),
             attempts: 3,
             keep_done: Duration::from_secs(24 * 3600),
+            keep_dead: Duration::from_secs(14 * 24 * 3600),
         }
     }
 }
@@ -175,7 +180,7 @@ impl Drain {
     }
 
     /// Gives back expired claims (`prune`: and deletes old delivered
-    /// records).
+    /// records and dead letters).
     async fn maintain(&self, prune: bool) {
         match self.queue.reclaim().await {
             Ok(0) => {}
@@ -185,6 +190,17 @@ impl Drain {
         if prune {
             if let Err(e) = self.queue.prune(self.settings.keep_done).await {
                 tracing::warn!(error = %e, "pruning delivered records failed");
+            }
+            match self
+                .queue
+                .prune_dead_letters(self.settings.keep_dead, now_ms())
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(records = n, "dead letters past their keeping time dropped")
+                }
+                Err(e) => tracing::warn!(error = %e, "pruning dead letters failed"),
             }
         }
     }

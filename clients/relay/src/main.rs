@@ -157,6 +157,16 @@ struct Serve {
         value_parser = clap::value_parser!(u64).range(1..=86_400)
     )]
     claim_secs: u64,
+    /// Days a dead letter is kept before it is dropped (1 to 3650); one
+    /// that holds later records of its order key back is kept until it is
+    /// replayed or dropped.
+    #[arg(
+        long,
+        env = "GC_RELAY_DEAD_LETTER_DAYS",
+        default_value_t = DrainSettings::default().keep_dead.as_secs() / 86_400,
+        value_parser = clap::value_parser!(u64).range(1..=3650)
+    )]
+    dead_letter_days: u64,
 }
 
 fn main() -> ExitCode {
@@ -203,14 +213,18 @@ async fn run(command: Command) -> Result<(), RelayError> {
                      oldest record age             {:.1} s\n\
                      drain rate (last minute)      {:.2} records/s\n\
                      delivered (kept)              {}\n\
-                     dead letters                  {}\n",
+                     dead letters                  {}\n\
+                     oldest dead letter age        {:.1} s\n\
+                     records behind dead letters   {}\n",
                     depth.records,
                     depth.inflight,
                     depth.bytes,
                     depth.oldest_age_s,
                     depth.done_last_minute as f64 / 60.0,
                     depth.done,
-                    depth.dead
+                    depth.dead,
+                    depth.oldest_dead_age_s,
+                    depth.blocked
                 ))
             }
         }
@@ -308,6 +322,7 @@ async fn serve(s: Serve) -> Result<(), RelayError> {
     settings.max_record_bytes = usize::try_from(s.max_record_bytes).unwrap_or(usize::MAX);
     settings.drain.concurrency = usize::try_from(s.concurrency).unwrap_or(1024);
     settings.drain.claim = Duration::from_secs(s.claim_secs);
+    settings.drain.keep_dead = Duration::from_secs(s.dead_letter_days * 86_400);
     settings.name = s.name;
     let listener = tokio::net::TcpListener::bind(s.listen)
         .await
@@ -393,6 +408,8 @@ mod tests {
             ("--claim-secs", "0"),
             ("--concurrency", "0"),
             ("--concurrency", "100000"),
+            ("--dead-letter-days", "0"),
+            ("--dead-letter-days", "3651"),
         ] {
             let err = serve(&[flag, value]).map(|_| ()).unwrap_err();
             assert_eq!(
@@ -404,5 +421,6 @@ mod tests {
             assert!(said.contains(flag) && said.contains("in "), "{said}");
         }
         assert!(serve(&["--max-record-bytes", "16777216", "--claim-secs", "86400"]).is_ok());
+        assert!(serve(&["--dead-letter-days", "3650"]).is_ok());
     }
 }

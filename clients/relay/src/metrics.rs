@@ -1,6 +1,7 @@
 //! The relay's Prometheus metrics: intake outcomes and ack latency, drain
 //! outcomes and the upstream's client errors (counted as they happen), and the queue's depth, oldest age,
-//! drain rate and dead letters (read from the queue at each scrape, so
+//! drain rate, dead letters, the oldest one's age and the records held
+//! behind them (read from the queue at each scrape, so
 //! several relays on one PostgreSQL queue all show the shared figures).
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -39,6 +40,8 @@ pub(crate) struct Metrics {
     bytes: Gauge,
     oldest: Gauge<f64, AtomicU64>,
     dead: Gauge,
+    oldest_dead: Gauge<f64, AtomicU64>,
+    blocked: Gauge,
     rate: Gauge<f64, AtomicU64>,
 }
 
@@ -55,6 +58,8 @@ impl Default for Metrics {
             bytes: Gauge::default(),
             oldest: Gauge::default(),
             dead: Gauge::default(),
+            oldest_dead: Gauge::default(),
+            blocked: Gauge::default(),
             rate: Gauge::default(),
         }
     }
@@ -78,6 +83,8 @@ impl Metrics {
         self.bytes.set(depth.bytes);
         self.oldest.set(depth.oldest_age_s);
         self.dead.set(depth.dead);
+        self.oldest_dead.set(depth.oldest_dead_age_s);
+        self.blocked.set(depth.blocked);
         self.rate.set(depth.done_last_minute as f64 / 60.0);
         let mut registry = Registry::with_prefix("gc_relay");
         let m = self.clone();
@@ -107,6 +114,16 @@ impl Metrics {
             m.oldest,
         );
         registry.register("dead_letters", "Records in the dead-letter table", m.dead);
+        registry.register(
+            "oldest_dead_letter_age_seconds",
+            "Age of the oldest dead letter",
+            m.oldest_dead,
+        );
+        registry.register(
+            "blocked_records",
+            "Records pending behind a dead letter of their order key",
+            m.blocked,
+        );
         registry.register(
             "drain_rate",
             "Records delivered per second over the last minute",

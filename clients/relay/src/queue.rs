@@ -42,6 +42,8 @@ const CONNECT_WAIT: Duration = Duration::from_secs(10);
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of an upstream answer kept in a dead letter.
 const DEAD_ANSWER_MAX: usize = 4096;
+/// Dead letters pruned per transaction at most.
+const PRUNE_BATCH: i64 = 500;
 
 /// How full the queue may get before intake answers 503.
 #[derive(Clone, Copy, Debug)]
@@ -126,6 +128,11 @@ pub struct Depth {
     pub oldest_age_s: f64,
     /// Dead letters.
     pub dead: i64,
+    /// Age of the oldest dead letter, seconds (0 when none).
+    pub oldest_dead_age_s: f64,
+    /// Records pending behind a dead letter of their order key: none of
+    /// them goes upstream until it is replayed (and delivered) or dropped.
+    pub blocked: i64,
     /// Records delivered in the last minute.
     pub done_last_minute: i64,
     /// Records delivered and still kept.
@@ -348,8 +355,9 @@ impl Queue {
     }
 
     /// Claims up to `n` records for `owner` until `lease` from now: pending,
-    /// due, and with no older record of their order key pending or in
-    /// flight (so a key's records go upstream one at a time, in order).
+    /// due (those due first), and with no older record of their order key
+    /// pending, in flight or dead (so a key's records go upstream one at a
+    /// time, in order).
     pub async fn claim(
         &self,
         owner: &str,
@@ -358,8 +366,10 @@ impl Queue {
     ) -> Result<Vec<Record>, RelayError> {
         let now = now_ms();
         let until = now + lease.as_millis() as i64;
-        // The candidates in id order; PostgreSQL locks them and skips those
-        // another relay is claiming.
+        // The candidates in the order they fell due, read from the
+        // `relay_records_due` index: records waiting for a retry are not
+        // read at all. PostgreSQL locks them and skips those another relay
+        // is claiming.
         let lock = match self.db {
             Db::Sqlite(_) => "",
             Db::Postgres(_) => "FOR UPDATE SKIP LOCKED",
@@ -371,7 +381,7 @@ impl Queue {
                WHERE r.state = 'pending' AND r.not_before_ms <= ? \
                  AND NOT EXISTS (SELECT 1 FROM relay_records o WHERE o.order_key = r.order_key \
                    AND o.id < r.id AND o.state IN ('pending', 'inflight', 'dead')) \
-               ORDER BY r.id LIMIT ? {lock}) \
+               ORDER BY r.not_before_ms, r.id LIMIT ? {lock}) \
              RETURNING id, idem_key, method, path, body, attempts, received_ms"
         ));
         let mut records = with_pool!(&self.db, pool => {
@@ -430,9 +440,64 @@ impl Queue {
             .await
     }
 
+    /// Drops the dead letters that died before `now_ms - keep`, at most
+    /// [`PRUNE_BATCH`] per transaction (the writer waits for one batch, not
+    /// for all), and returns how many. A dead letter that still holds
+    /// records of its order key back (pending or in flight after it) is
+    /// kept whatever its age: dropping it would send them upstream with
+    /// nobody having decided to, and they show in [`Depth::blocked`] until
+    /// it is replayed or dropped. A pruned record is `dropped` as `dlq drop`
+    /// leaves it (its key still known until delivered records are pruned).
+    pub async fn prune_dead_letters(&self, keep: Duration, now_ms: i64) -> Result<u64, RelayError> {
+        let before = now_ms.saturating_sub(keep.as_millis().try_into().unwrap_or(i64::MAX));
+        let update = self.sql(
+            "UPDATE relay_records SET state = 'dropped', done_ms = ? \
+             WHERE state = 'dead' AND id IN (SELECT d.record_id FROM relay_dead_letters d \
+               JOIN relay_records r ON r.id = d.record_id \
+               WHERE d.dead_ms < ? AND NOT EXISTS (SELECT 1 FROM relay_records f \
+                 WHERE f.order_key = r.order_key AND f.id > r.id \
+                   AND f.state IN ('pending', 'inflight')) \
+               ORDER BY d.dead_ms LIMIT ?) \
+             RETURNING id",
+        );
+        let what = |e| RelayError::db("prune dead letters", e);
+        let mut pruned = 0;
+        loop {
+            let n = with_pool!(&self.db, pool => {
+                let mut tx = pool.begin_write().await.map_err(what)?;
+                let ids: Vec<i64> = sqlx::query_scalar(&update)
+                    .bind(now_ms)
+                    .bind(before)
+                    .bind(PRUNE_BATCH)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(what)?;
+                if !ids.is_empty() {
+                    let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+                    let delete = format!(
+                        "DELETE FROM relay_dead_letters WHERE record_id IN ({})",
+                        list.join(",")
+                    );
+                    sqlx::query(&delete).execute(&mut *tx).await.map_err(what)?;
+                }
+                tx.commit().await.map_err(what)?;
+                ids.len() as u64
+            });
+            pruned += n;
+            if n < PRUNE_BATCH as u64 {
+                return Ok(pruned);
+            }
+        }
+    }
+
     /// The queue's figures now.
     pub async fn depth(&self) -> Result<Depth, RelayError> {
-        let now = now_ms();
+        self.depth_at(now_ms()).await
+    }
+
+    /// The queue's figures, ages and the last minute taken at `now_ms`.
+    pub async fn depth_at(&self, now_ms: i64) -> Result<Depth, RelayError> {
+        let now = now_ms;
         let open = self.sql(
             "SELECT COUNT(*) AS n, \
                CAST(COALESCE(SUM(CASE WHEN state = 'inflight' THEN 1 ELSE 0 END), 0) AS BIGINT) AS inflight, \
@@ -440,36 +505,52 @@ impl Queue {
                CAST(COALESCE(MIN(received_ms), 0) AS BIGINT) AS oldest \
              FROM relay_records WHERE state IN ('pending', 'inflight')",
         );
-        let counts = self.sql(
+        let done = self.sql(
             "SELECT \
-               CAST(COALESCE(SUM(CASE WHEN state = 'dead' THEN 1 ELSE 0 END), 0) AS BIGINT) AS dead, \
-               CAST(COALESCE(SUM(CASE WHEN state = 'done' AND done_ms >= ? THEN 1 ELSE 0 END), 0) AS BIGINT) AS recent, \
-               CAST(COALESCE(SUM(CASE WHEN state = 'done' THEN 1 ELSE 0 END), 0) AS BIGINT) AS done \
-             FROM relay_records WHERE state IN ('dead', 'done')",
+               CAST(COALESCE(SUM(CASE WHEN done_ms >= ? THEN 1 ELSE 0 END), 0) AS BIGINT) AS recent, \
+               COUNT(*) AS done \
+             FROM relay_records WHERE state = 'done'",
         );
+        let letters =
+            "SELECT COUNT(*) AS dead, CAST(COALESCE(MIN(dead_ms), 0) AS BIGINT) AS oldest \
+                       FROM relay_dead_letters";
+        // From the few order keys a dead letter heads, not from every
+        // pending record.
+        let blocked = "SELECT COUNT(*) AS blocked FROM relay_records r \
+                       JOIN (SELECT order_key, MIN(id) AS head_id FROM relay_records \
+                             WHERE state = 'dead' GROUP BY order_key) d \
+                         ON r.order_key = d.order_key AND r.id > d.head_id \
+                       WHERE r.state = 'pending'";
         with_pool!(&self.db, pool => {
             let read = |e| RelayError::db("read the queue's depth", e);
             let a = sqlx::query(&open).fetch_one(pool).await.map_err(read)?;
-            let b = sqlx::query(&counts)
+            let b = sqlx::query(&done)
                 .bind(now - 60_000)
                 .fetch_one(pool)
                 .await
                 .map_err(read)?;
+            let c = sqlx::query(letters).fetch_one(pool).await.map_err(read)?;
+            let d = sqlx::query(blocked).fetch_one(pool).await.map_err(read)?;
             let get = |row: &_, name: &str| -> Result<i64, RelayError> {
                 sqlx::Row::try_get::<i64, _>(row, name).map_err(read)
             };
+            let age = |count: i64, since: i64| {
+                if count > 0 {
+                    ((now - since).max(0) as f64) / 1000.0
+                } else {
+                    0.0
+                }
+            };
             let records = get(&a, "n")?;
-            let oldest = get(&a, "oldest")?;
+            let dead = get(&c, "dead")?;
             Ok(Depth {
                 records,
                 inflight: get(&a, "inflight")?,
                 bytes: get(&a, "bytes")?,
-                oldest_age_s: if records > 0 {
-                    ((now - oldest).max(0) as f64) / 1000.0
-                } else {
-                    0.0
-                },
-                dead: get(&b, "dead")?,
+                oldest_age_s: age(records, get(&a, "oldest")?),
+                dead,
+                oldest_dead_age_s: age(dead, get(&c, "oldest")?),
+                blocked: get(&d, "blocked")?,
                 done_last_minute: get(&b, "recent")?,
                 done: get(&b, "done")?,
             })
@@ -663,14 +744,26 @@ async fn migrate(db: &Db) -> Result<(), RelayError> {
                lease_until_ms BIGINT, \
                done_ms BIGINT)"
         ),
-        "CREATE INDEX IF NOT EXISTS relay_records_state ON relay_records (state, id)".into(),
-        "CREATE INDEX IF NOT EXISTS relay_records_order ON relay_records (order_key, id)".into(),
+        // The claim's candidates, due first; and the state's records (claims
+        // to give back, records to prune, the figures).
+        "CREATE INDEX IF NOT EXISTS relay_records_due ON relay_records \
+           (state, not_before_ms, id)"
+            .into(),
+        // Whether an older record of a key is open: one probe per state,
+        // not a walk through the key's delivered history.
+        "CREATE INDEX IF NOT EXISTS relay_records_order_state ON relay_records \
+           (order_key, state, id)"
+            .into(),
+        // Superseded by the two above (queues created before them).
+        "DROP INDEX IF EXISTS relay_records_state".into(),
+        "DROP INDEX IF EXISTS relay_records_order".into(),
         "CREATE TABLE IF NOT EXISTS relay_dead_letters ( \
            record_id BIGINT PRIMARY KEY, \
            status BIGINT NOT NULL, \
            answer TEXT NOT NULL, \
            dead_ms BIGINT NOT NULL)"
             .into(),
+        "CREATE INDEX IF NOT EXISTS relay_dead_letters_age ON relay_dead_letters (dead_ms)".into(),
     ];
     let what = |e| RelayError::db("create the queue's tables", e);
     match db {

@@ -370,6 +370,37 @@ async fn a_dead_letter_holds_back_the_records_of_its_order_key() {
         !writes(&sim).await.contains_key("second"),
         "delivered out of order"
     );
+    // Where operators look: the dead letter, and the record it holds back.
+    let base = format!("http://{}", relay.addr());
+    let status: Value = reqwest::get(format!("{base}/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let q = &status["queue"];
+    assert_eq!(
+        (q["dead"].as_i64(), q["blocked"].as_i64()),
+        (Some(1), Some(1)),
+        "{status}"
+    );
+    assert!(q["oldest_dead_age_s"].as_f64().is_some(), "{status}");
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "gc_relay_dead_letters 1",
+        "gc_relay_blocked_records 1",
+        "gc_relay_oldest_dead_letter_age_seconds ",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(line)),
+            "no {line:?} in {metrics}"
+        );
+    }
     // Dropped, the first no longer holds the key back.
     assert_eq!(queue.drop_dead(Some(&[id])).await.unwrap(), 1);
     wait_until("the second delivered", Duration::from_secs(30), || async {

@@ -2,6 +2,7 @@
 //! binary, so it links once).
 
 mod common;
+mod dead;
 mod drain;
 mod intake;
 mod kill;
