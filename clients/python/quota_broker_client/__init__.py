@@ -15,10 +15,18 @@ for a private CA and mutual TLS); a broker over this caller's request rate
 raises ``Overloaded`` (wait its ``retry_after_ms``). For a cluster of
 brokers pass several urls (a list, or comma-separated): calls follow the
 tenant's leader (``x-quota-broker-leader``) and move on from a broker that
-does not answer.
+does not answer, or from an address that is not a broker (tried again after
+``RECHECK_NOT_A_BROKER_S``).
 The Genesys Cloud SDK adapter is ``quota_broker_client.genesys``.
 """
-from .client import DEFAULT_CHANNEL_OPTIONS, Lease, QuotaBroker, WatchStream, says_concurrency
+from .client import (
+    DEFAULT_CHANNEL_OPTIONS,
+    RECHECK_NOT_A_BROKER_S,
+    Lease,
+    QuotaBroker,
+    WatchStream,
+    says_concurrency,
+)
 from .errors import (
     BadUrl,
     BrokerRpcError,
@@ -45,7 +53,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "QuotaBroker", "Lease", "WatchStream", "pb", "FallbackSettings", "SystemClock",
-    "DEFAULT_CHANNEL_OPTIONS",
+    "DEFAULT_CHANNEL_OPTIONS", "RECHECK_NOT_A_BROKER_S",
     "QuotaBrokerError", "NotGranted", "BrokerRpcError", "Closed", "InvalidArgument", "NotFound",
     "FailedPrecondition", "Unauthenticated", "PermissionDenied", "Unavailable",
     "DeadlineExceeded", "Internal", "Overloaded", "TlsError", "BadUrl", "NotABroker",

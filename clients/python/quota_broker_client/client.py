@@ -97,6 +97,11 @@ _HANDSHAKE_CUT = ("Handshake read failed", "WRONG_VERSION_NUMBER", "Socket close
                   "Connection reset")
 # A url whose handshake failed so is asked what it speaks at most this often.
 _ASK_EVERY_S = 30.0
+#: How long an address of a list found not to be a quota-broker's gRPC port
+#: (NotABroker) is passed over before calls try it again (a load balancer
+#: that misrouted during a deploy, a broker still starting behind a proxy),
+#: as the Rust client's ``RECHECK_NOT_A_BROKER``.
+RECHECK_NOT_A_BROKER_S = 30.0
 
 
 def _speaks_plaintext_http2(target, within=1.0):
@@ -640,7 +645,9 @@ class QuotaBroker:
     broker again every second, keep the outcomes reported meanwhile and
     report them once it is back. ``fallback=None`` raises ``Unavailable``
     instead. ``clock``: an object with ``monotonic()`` and ``sleep(s)`` that
-    the fallback reads time from (default: the real clock).
+    the fallback, and the recheck of an address found not to be a broker
+    (see :data:`RECHECK_NOT_A_BROKER_S`), read time from (default: the real
+    clock).
     """
 
     def __init__(self, url, token=None, *, timeout=_CALL_TIMEOUT_S, credentials=None, options=None,
@@ -676,8 +683,10 @@ class QuotaBroker:
         # created on first use; _conn is the one calls go to now.
         self._conns_lock = threading.Lock()
         self._conns = {}
-        # Addresses found not to be a quota-broker's gRPC port (logged once each).
-        self._said_not_a_broker = set()
+        # Addresses found not to be a quota-broker's gRPC port, and when
+        # (self._clock): passed over for RECHECK_NOT_A_BROKER_S after it;
+        # logged once until the address answers as a broker again.
+        self._said_not_a_broker = {}
         # https:// urls asked in plaintext what they speak, and when (see _plaintext_at).
         self._asked_plaintext = {}
         self._channels_closed = False
@@ -765,17 +774,20 @@ class QuotaBroker:
 
     def _next_target(self, after):
         """The configured target after ``after`` (the first one if ``after`` is not
-        configured), passing over those found not to be a broker; None when
-        there is no other."""
+        configured), passing over those found not to be a broker within the
+        last RECHECK_NOT_A_BROKER_S; None when there is no other."""
         try:
             at = self.targets.index(after) + 1
         except ValueError:
             at = 0
         n = len(self.targets)
-        for k in range(n):
-            target = self.targets[(at + k) % n]
-            if target != after and target not in self._said_not_a_broker:
-                return target
+        now = self._clock.monotonic()
+        with self._conns_lock:
+            for k in range(n):
+                target = self.targets[(at + k) % n]
+                found = self._said_not_a_broker.get(target)
+                if target != after and (found is None or now >= found + RECHECK_NOT_A_BROKER_S):
+                    return target
         return None
 
     def _move(self, frm, to, why):
@@ -799,6 +811,7 @@ class QuotaBroker:
             return None
         leader = _leader_of(err)
         if leader is not None:
+            self._broker_at(conn.target)  # only a broker names a leader
             target = self._leader_target(leader)
             if target is None:
                 log.warning("quota-broker at %s names %s as the leader, which this client cannot "
@@ -1220,12 +1233,28 @@ class QuotaBroker:
         return found
 
     def _say_not_a_broker(self, target, err):
-        """Logs, once per address, that ``target`` is not a quota-broker's gRPC port."""
+        """Notes that ``target`` is not a quota-broker's gRPC port now (passed
+        over in a list until RECHECK_NOT_A_BROKER_S from now); logs it once,
+        until it answers as a broker again."""
         with self._conns_lock:
-            if target in self._said_not_a_broker:
+            known = target in self._said_not_a_broker
+            self._said_not_a_broker[target] = self._clock.monotonic()
+        if known:
+            return
+        if len(self.targets) < 2:
+            log.error("%s (calls there fail, never fall back; fix the url)", err)
+        else:
+            log.error("%s (calls there fail, never fall back; fix the url; passed over, "
+                      "tried again every %g s)", err, RECHECK_NOT_A_BROKER_S)
+
+    def _broker_at(self, target):
+        """``target`` answered as a broker: if it was found not to be one, it is again."""
+        if target not in self._said_not_a_broker:
+            return
+        with self._conns_lock:
+            if self._said_not_a_broker.pop(target, None) is None:
                 return
-            self._said_not_a_broker.add(target)
-        log.error("%s (calls there fail, never fall back; fix the url)", err)
+        log.info("the server at %s answers as a quota-broker again", target)
 
     def _call(self, name, request, timeout=None, *, admin=False):
         """Runs the unary RPC ``name`` following the cluster (see ``_call_at``); returns its response."""
@@ -1250,8 +1279,10 @@ class QuotaBroker:
         while True:
             fn = getattr(conn.admin_stub if admin else conn.stub, name)
             try:
-                return fn(request, timeout=self.timeout if timeout is None else timeout,
-                          metadata=self.metadata), conn.target
+                response = fn(request, timeout=self.timeout if timeout is None else timeout,
+                              metadata=self.metadata)
+                self._broker_at(conn.target)
+                return response, conn.target
             except ValueError:
                 # gRPC's "Cannot invoke RPC on closed channel": close() ran
                 # between the check above and the call.

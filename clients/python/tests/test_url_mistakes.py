@@ -5,7 +5,9 @@ broker is back. A url that cannot be parsed, or whose server answers but is
 not a quota-broker's gRPC port (a broker's HTTP port, an HTTP/1 server,
 another gRPC service), is never back: the client raises ``BadUrl`` /
 ``NotABroker`` (both ``ValueError``) with what to change, and logs it once
-per address, instead of running on the fallback rate for good. An outage
+per address (until it answers as a broker), instead of running on the
+fallback rate for good. In a list of brokers it is passed over, and tried
+again every ``RECHECK_NOT_A_BROKER_S``. An outage
 (connection refused) still falls back. Against real servers: a broker
 process, Python's HTTP server, a gRPC server without the broker's services.
 """
@@ -245,6 +247,7 @@ class _Calls(grpc.GenericRpcHandler):
 
     def __init__(self):
         self._seen = collections.defaultdict(threading.Event)
+        self._counts = collections.Counter()
         self._lock = threading.Lock()
 
     def _event(self, method):
@@ -252,11 +255,17 @@ class _Calls(grpc.GenericRpcHandler):
             return self._seen[method]
 
     def service(self, handler_call_details):
+        with self._lock:
+            self._counts[handler_call_details.method] += 1
         self._event(handler_call_details.method).set()
         return None
 
     def wait(self, method, timeout):
         return self._event(method).wait(timeout)
+
+    def count(self, method):
+        with self._lock:
+            return self._counts[method]
 
 
 def test_kept_release_and_report_that_meet_another_service_are_sent_once_the_broker_is_back(
@@ -300,3 +309,66 @@ def test_kept_release_and_report_that_meet_another_service_are_sent_once_the_bro
             observer.acquire(TENANT, "GET", SINGLE_PATH, client_id="second",
                              priority_class="critical", max_wait_ms=5_000).release()
             assert bucket(observer, "per-client", "kept").reports_total == 1
+
+
+def test_an_address_misrouted_for_a_while_is_tried_again_then_serves(start_broker, fake_clock, caplog):
+    """A list of three: one address answers as another gRPC service for a
+    while (a load balancer misrouting during a deploy), then as a broker.
+    Meanwhile it is passed over, tried again every RECHECK_NOT_A_BROKER_S of
+    the client's clock and said once; once it is a broker again, calls go
+    there (here the only broker left up). Misrouted again later: said again."""
+    caplog.set_level(logging.INFO, logger="quota_broker_client")
+    calls = _Calls()
+    other = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[calls])
+    port = other.add_insecure_port("127.0.0.1:0")
+    other.start()
+    misrouted = f"127.0.0.1:{port}"
+    acquires = "/quota.v1.QuotaBroker/Acquire"
+    serving = start_broker()
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))  # bound, not listening: connection refused
+            down = f"127.0.0.1:{s.getsockname()[1]}"
+            with qb.QuotaBroker([misrouted, serving.addr, down], timeout=5, fallback=None,
+                                clock=fake_clock) as client:
+                assert acquire(client).target == serving.addr
+                assert calls.count(acquires) == 1
+                serving.kill()
+                with pytest.raises(qb.Unavailable):
+                    acquire(client)
+                assert calls.count(acquires) == 1, "passed over within the recheck interval"
+
+                fake_clock.advance(qb.RECHECK_NOT_A_BROKER_S)
+                with pytest.raises(qb.Unavailable):
+                    acquire(client)
+                assert calls.count(acquires) == 2, "not tried again after the recheck interval"
+                with pytest.raises(qb.Unavailable):
+                    acquire(client)
+                assert calls.count(acquires) == 2, "tried again on every call"
+                assert len(errors_logged(caplog)) == 1, [r.getMessage() for r in caplog.records]
+
+                other.stop(0).wait()
+                back = start_broker(port=port)
+                with pytest.raises(qb.Unavailable):
+                    acquire(client)  # the last try was less than the interval ago
+                fake_clock.advance(qb.RECHECK_NOT_A_BROKER_S)
+                lease = acquire(client)
+                assert not lease.is_fallback and lease.target == misrouted == client.target
+                assert acquire(client).target == misrouted
+                assert any(misrouted in r.getMessage() and "again" in r.getMessage()
+                           for r in caplog.records if r.levelno == logging.INFO)
+
+                back.stop()
+                again = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+                assert again.add_insecure_port(misrouted), f"{misrouted} not free again"
+                again.start()
+                try:
+                    with pytest.raises(qb.Unavailable):
+                        acquire(client)
+                finally:
+                    again.stop(0).wait()
+    finally:
+        other.stop(0)
+    logged = errors_logged(caplog)
+    assert len(logged) == 2, [r.getMessage() for r in caplog.records]
+    assert all(misrouted in r.getMessage() for r in logged)
