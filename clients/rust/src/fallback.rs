@@ -1,8 +1,10 @@
 //! The local fallback limiter used while the broker cannot be reached: a
 //! governor rate limiter at a conservative rate — `fraction` of the rate
 //! this client was granted over the last minute, never below `floor_per_min`
-//! and never unlimited. It runs on tokio's clock (so it follows paused time
-//! in tests, unlike governor's default quanta clock).
+//! and never unlimited — and, for a client whose leases held concurrency
+//! slots in that minute, a cap on calls in flight at `fraction` of the most
+//! it held at once (at least one). It runs on tokio's clock (so it follows
+//! paused time in tests, unlike governor's default quanta clock).
 
 use governor::clock::Clock;
 use governor::{Quota, RateLimiter};
@@ -61,6 +63,11 @@ pub(crate) struct Fallback {
     settings: FallbackSettings,
     /// Grant instants of the last minute (for the recent granted rate).
     grants: VecDeque<Instant>,
+    /// The leases holding slots this client held at once, as of each grant
+    /// of one in the last minute (for the cap on calls in flight).
+    slot_peaks: VecDeque<(Instant, usize)>,
+    /// While falling back: the most calls in flight (see `slot_peaks`).
+    max_in_flight: Option<usize>,
     /// The local limiter, while falling back.
     local: Option<(Limiter, TokioClock)>,
     /// The last fallback's limiter, and when it was left.
@@ -83,6 +90,8 @@ impl Fallback {
         Fallback {
             settings,
             grants: VecDeque::new(),
+            slot_peaks: VecDeque::new(),
+            max_in_flight: None,
             local: None,
             left: None,
             quiet: false,
@@ -112,24 +121,46 @@ impl Fallback {
         Route::Local { probe }
     }
 
-    pub(crate) fn granted(&mut self, permits: u32) {
+    /// The broker granted a call of `permits`; `slots`: it holds slots,
+    /// and that many such leases are held now.
+    pub(crate) fn granted(&mut self, permits: u32, slots: Option<usize>) {
         self.served_since_left = true;
         let now = Instant::now();
         for _ in 0..permits {
             self.grants.push_back(now);
+        }
+        if let Some(held) = slots {
+            // Only the highest since a lower one matters: at most one entry
+            // per distinct level, not one per grant.
+            while self.slot_peaks.back().is_some_and(|&(_, n)| n <= held) {
+                self.slot_peaks.pop_back();
+            }
+            self.slot_peaks.push_back((now, held));
         }
         self.forget_old(now);
     }
 
     /// Keeps only the last minute's grants.
     fn forget_old(&mut self, now: Instant) {
-        while self
-            .grants
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
-        {
+        let old = |t: &Instant| now.duration_since(*t) > Duration::from_secs(60);
+        while self.grants.front().is_some_and(old) {
             self.grants.pop_front();
         }
+        while self.slot_peaks.front().is_some_and(|(t, _)| old(t)) {
+            self.slot_peaks.pop_front();
+        }
+    }
+
+    /// While falling back, the most leases (the broker's holding slots and
+    /// the fallback's) held at once; `None`: no cap (not falling back, or
+    /// no slot was held in the minute before).
+    pub(crate) fn max_in_flight(&self) -> Option<usize> {
+        self.local.as_ref().and(self.max_in_flight)
+    }
+
+    /// How often the broker is probed while falling back.
+    pub(crate) fn probe_every(&self) -> Duration {
+        self.settings.probe_every
     }
 
     pub(crate) fn broker_answered(&mut self) {
@@ -185,9 +216,15 @@ impl Fallback {
             .max(f64::from(self.settings.floor_per_min))
             .max(1.0);
         let rate = NonZeroU32::new(per_min as u32).unwrap_or(NonZeroU32::MIN);
+        // The front is the highest of the last minute.
+        self.max_in_flight = self
+            .slot_peaks
+            .front()
+            .map(|&(_, n)| ((n as f64 * self.settings.fraction).ceil() as usize).max(1));
         tracing::warn!(
             error = %status,
             fallback_per_min = rate.get(),
+            fallback_max_in_flight = ?self.max_in_flight,
             "quota broker unreachable; pacing calls with a local limiter until it is back"
         );
         self.per_min = rate.get();
@@ -312,7 +349,7 @@ mod tests {
         // Left a moment ago, but the broker granted calls since: a new
         // outage too, logged and paced afresh.
         fb.broker_answered();
-        fb.granted(1);
+        fb.granted(1, None);
         tokio::time::advance(Duration::from_secs(2)).await;
         fb.broker_unreachable(&down);
         assert!(!fb.quiet, "an outage after real service is logged again");
@@ -347,7 +384,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(30)).await;
         fb.throttled(Duration::from_secs(60));
         fb.broker_answered();
-        fb.granted(1);
+        fb.granted(1, None);
         fb.broker_unreachable(&down);
         assert_eq!(
             fb.try_take(),

@@ -528,6 +528,11 @@ struct Inner {
     releasing: std::sync::atomic::AtomicUsize,
     /// Told when the last of them is done.
     released: tokio::sync::Notify,
+    /// Leases held that count against the fallback's cap on calls in
+    /// flight: the broker's that hold slots, and the fallback's own.
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Told each time one of them ends.
+    freed: tokio::sync::Notify,
     /// The URLs found not to be a quota-broker's gRPC port, with what they
     /// are and when that was found: passed over for [`RECHECK_NOT_A_BROKER`]
     /// after it, then tried again (a load balancer that misrouted during a
@@ -654,6 +659,8 @@ impl BrokerClient {
                 probing: AtomicBool::new(false),
                 releasing: std::sync::atomic::AtomicUsize::new(0),
                 released: tokio::sync::Notify::new(),
+                in_flight: std::sync::atomic::AtomicUsize::new(0),
+                freed: tokio::sync::Notify::new(),
                 said_not_a_broker: Mutex::default(),
                 asked: Mutex::default(),
             }),
@@ -927,14 +934,15 @@ impl BrokerClient {
                                 retry_after: Duration::from_millis(r.retry_after_ms),
                             });
                         }
-                        self.fallback().granted(call.permits);
-                        return Ok(Lease::new(
-                            self.clone(),
-                            call.clone(),
-                            r.lease_id,
-                            r.lease_ttl_ms,
-                        )
-                        .with_buckets(r.buckets));
+                        let lease =
+                            Lease::new(self.clone(), call.clone(), r.lease_id, r.lease_ttl_ms)
+                                .with_buckets(r.buckets);
+                        let slots = lease
+                            .counted
+                            .is_some()
+                            .then(|| self.inner.in_flight.load(Ordering::Acquire));
+                        self.fallback().granted(call.permits, slots);
+                        return Ok(lease);
                     }
                     Err(s) if tls_refusal(&s).is_some() => {
                         return Err(ClientError::Tls(tls_refusal(&s).unwrap_or_default()))
@@ -955,9 +963,41 @@ impl BrokerClient {
                     Err(s) => return Err(s.into()),
                 }
             }
+            // Armed before the count is read, so a lease ending in between
+            // is not missed.
+            let freed = self.inner.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let cap = self.fallback().max_in_flight();
+            let counted = match cap {
+                None => None,
+                Some(cap) => match Counted::take(&self.inner, cap) {
+                    Some(c) => Some(c),
+                    None => {
+                        let probe_every = self.fallback().probe_every();
+                        let mut nap = probe_every;
+                        if let Some(most) = call.max_wait {
+                            let left = most.saturating_sub(started.elapsed());
+                            if left.is_zero() {
+                                return Err(ClientError::NotGranted {
+                                    reason: format!(
+                                        "quota broker unreachable: local fallback limit of {cap} \
+                                         at once (half the slots this client held)"
+                                    ),
+                                    retry_after: probe_every,
+                                });
+                            }
+                            nap = nap.min(left);
+                        }
+                        // Until a lease ends, or the next probe is due.
+                        let _ = tokio::time::timeout(nap, freed).await;
+                        continue;
+                    }
+                },
+            };
             let take = self.fallback().try_take();
             match take {
-                Take::Taken => return Ok(Lease::local(self.clone(), call.clone())),
+                Take::Taken => return Ok(Lease::local(self.clone(), call.clone(), counted)),
                 // Waiting for the local limiter, the broker is probed again
                 // meanwhile; once it answers, waiting calls ask it instead
                 // of going out unleased all at once.
@@ -1659,6 +1699,37 @@ pub struct Lease {
     buckets: Vec<String>,
     /// Its slots' time to live as granted (zero: it holds none).
     ttl: Duration,
+    /// Counted against the fallback's cap on calls in flight while held.
+    counted: Option<Counted>,
+}
+
+/// One lease counted in `Inner::in_flight` until dropped.
+struct Counted(Arc<Inner>);
+
+impl Counted {
+    /// Counts one more, unless `cap` are counted already.
+    fn take(inner: &Arc<Inner>, cap: usize) -> Option<Counted> {
+        inner
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Counted(inner.clone()))
+    }
+
+    /// Counts one more.
+    fn add(inner: &Arc<Inner>) -> Counted {
+        inner.in_flight.fetch_add(1, Ordering::AcqRel);
+        Counted(inner.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_waiters();
+    }
 }
 
 impl std::fmt::Debug for Lease {
@@ -1675,6 +1746,7 @@ impl std::fmt::Debug for Lease {
 impl Lease {
     fn new(client: BrokerClient, call: Call, id: String, ttl_ms: u64) -> Lease {
         let holds_slot = ttl_ms > 0;
+        let counted = holds_slot.then(|| Counted::add(&client.inner));
         let renewer = holds_slot.then(|| {
             let (client, id, acquired) = (client.clone(), id.clone(), call.acquire_request());
             tokio::spawn(renew_while_held(client, id, acquired, ttl_ms))
@@ -1687,6 +1759,7 @@ impl Lease {
             holds_slot,
             buckets: Vec::new(),
             ttl: Duration::from_millis(ttl_ms),
+            counted,
         }
     }
 
@@ -1708,7 +1781,7 @@ impl Lease {
         self.ttl
     }
 
-    fn local(client: BrokerClient, call: Call) -> Lease {
+    fn local(client: BrokerClient, call: Call, counted: Option<Counted>) -> Lease {
         Lease {
             client,
             call,
@@ -1717,6 +1790,7 @@ impl Lease {
             holds_slot: false,
             buckets: Vec::new(),
             ttl: Duration::ZERO,
+            counted,
         }
     }
 

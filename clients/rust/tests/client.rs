@@ -453,6 +453,60 @@ async fn falls_back_to_a_paced_local_limiter_and_returns_to_the_broker() {
     b.stop().await;
 }
 
+/// Falling back, a client whose leases held concurrency slots in the last
+/// minute runs at most half as many calls at once as it held (at least
+/// one), counting a broker lease still held: an upstream's concurrency
+/// limit holds through an outage. A client that held none is not capped.
+#[tokio::test(start_paused = true)]
+async fn the_fallback_runs_at_most_half_the_slots_held_at_once() {
+    let b = broker_on("127.0.0.1:0").await;
+    let (client, _) = fallback_client(&b, 6000, 5);
+    let (rate_only, _) = fallback_client(&b, 6000, 5);
+    let x = || Call::new("t", "GET", "/x").max_wait(Duration::from_secs(1));
+    let held = client.acquire(&q()).await.unwrap();
+    assert!(!held.is_fallback());
+    assert!(!rate_only.acquire(&x()).await.unwrap().is_fallback());
+    b.stop().await;
+
+    let busy = client.acquire(&q().max_wait(Duration::ZERO)).await;
+    assert!(
+        matches!(&busy, Err(ClientError::NotGranted { reason, .. }) if reason.contains("limit of 1 at once")),
+        "{:?}",
+        busy.map(|l| l.is_fallback())
+    );
+    let waiting = {
+        let client = client.clone();
+        tokio::spawn(async move { client.acquire(&q().max_wait(Duration::from_secs(30))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let t0 = Instant::now();
+    drop(held);
+    let first = waiting.await.unwrap().unwrap();
+    assert!(first.is_fallback());
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "woken by the next probe, not the lease's end: {:?}",
+        t0.elapsed()
+    );
+    // The one place is taken, whatever the route.
+    let other = client.acquire(&x().max_wait(Duration::ZERO)).await;
+    assert!(
+        matches!(&other, Err(ClientError::NotGranted { .. })),
+        "{:?}",
+        other.map(|l| l.is_fallback())
+    );
+    drop(first);
+    assert!(client.acquire(&x()).await.unwrap().is_fallback());
+
+    // Rate only: three at once.
+    let mut leases = Vec::new();
+    for _ in 0..3 {
+        let lease = rate_only.acquire(&x()).await.unwrap();
+        assert!(lease.is_fallback());
+        leases.push(lease);
+    }
+}
+
 /// Falling back, a caller that said how long it waits is answered "not
 /// now" at once when the local limiter has nothing for it within that
 /// time, and a 429's Retry-After holds the local limiter.
