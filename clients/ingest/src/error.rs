@@ -97,6 +97,21 @@ impl IngestError {
         }
     }
 
+    /// An error about one block's records, not the sink or the run: a
+    /// record the sink cannot read, or a value the database refuses
+    /// (SQLSTATE class 22, data exception: a string too long for its
+    /// column, a byte the encoding cannot hold). The block fails and the
+    /// run goes on; failing the run would stop every run at that block.
+    pub fn fails_only_its_block(&self) -> bool {
+        match self {
+            IngestError::Answer { .. } => true,
+            IngestError::Sink(sqlx::Error::Database(e)) => {
+                e.code().is_some_and(|c| c.starts_with("22"))
+            }
+            _ => false,
+        }
+    }
+
     /// A non-2xx answer, with at most 200 characters of its body.
     pub(crate) fn status(what: &'static str, status: u16, body: &str) -> IngestError {
         IngestError::Status {
@@ -165,5 +180,23 @@ mod tests {
         for code in ["28P01", "3D000", "42501"] {
             assert!(!sink(code).may_pass_later(), "{code}");
         }
+    }
+
+    /// A value PostgreSQL refuses (a NUL in a string, a string too long
+    /// for its column) is about one block's records: that block fails and
+    /// the run goes on, where a sink that is down or refuses us ends it.
+    #[test]
+    fn a_data_exception_fails_only_its_block() {
+        let sink = |code| IngestError::Sink(sqlx::Error::Database(Box::new(Coded(code))));
+        for code in ["22021", "22001", "22P02", "22003"] {
+            assert!(sink(code).fails_only_its_block(), "{code}");
+        }
+        // Down or restarting, out of connections, a table missing, no
+        // permission, a constraint.
+        for code in ["57P01", "08006", "53300", "42P01", "42501", "23505"] {
+            assert!(!sink(code).fails_only_its_block(), "{code}");
+        }
+        assert!(!IngestError::Sink(sqlx::Error::PoolTimedOut).fails_only_its_block());
+        assert!(IngestError::answer("conversation", "no conversationStart").fails_only_its_block());
     }
 }

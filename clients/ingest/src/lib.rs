@@ -13,7 +13,8 @@
 //!   checkpoint row per block, block claims for several workers.
 //! - `run`: the workers: claim → fetch → check against `totalHits` →
 //!   store rows and checkpoint in one transaction; a failure of the sink
-//!   halts them all; the [`Summary`], a failed run's too ([`RunFailed`]).
+//!   halts them all (a value it refuses fails only its block); the
+//!   [`Summary`], a failed run's too ([`RunFailed`]).
 //! - `progress`: the bar on a terminal, plain lines otherwise; the
 //!   [`Console`] other lines go through while it is shown.
 //! - `check`: the start-up check's own part: a login host that refuses

@@ -4,9 +4,10 @@
 //! against `totalHits` (a mismatch fetches the block again and is counted),
 //! and stores rows and checkpoint together: final when older than the
 //! watermark, provisional (fetched again next run) otherwise. A failure
-//! that ends the run (the sink, or a refusal every block would meet)
-//! halts every worker at once: the blocks in hand are dropped, none stored
-//! in part, and the run's summary comes back with the error.
+//! that ends the run (the sink, or a refusal every block would meet; not
+//! one about a block's records, which fails only that block) halts every
+//! worker at once: the blocks in hand are dropped, none stored in part,
+//! and the run's summary comes back with the error.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -538,9 +539,10 @@ enum Next {
 }
 
 /// Takes blocks off the queue until it is empty or the run halts. Fetch
-/// failures are counted and the block left for later; an error from the
-/// sink ends the run, and a halt drops the block in hand (its fetch or
-/// store: a store's transaction is rolled back, or was committed whole).
+/// failures and records the sink refuses are counted and the block left
+/// for later; any other error from the sink ends the run, and a halt drops
+/// the block in hand (its fetch or store: a store's transaction is rolled
+/// back, or was committed whole).
 async fn worker(work: &Work, plan: &Plan, source: &Source, sink: &Sink, stop: &CancellationToken) {
     loop {
         if work.halt.is_cancelled()
@@ -623,9 +625,7 @@ async fn one_block(
             };
             match sink.store(done, now_ms()).await {
                 Ok(()) => {}
-                // A record the sink cannot read (no conversationStart...):
-                // the block fails, visibly, and the run goes on.
-                Err(e @ IngestError::Answer { .. }) => {
+                Err(e) if e.fails_only_its_block() => {
                     block_failed(work, plan, sink, block, &e).await?;
                     return Ok(Next::Block);
                 }

@@ -13,7 +13,14 @@
 //!
 //! The raw JSON is `TEXT`, not `JSONB`: the `Any` driver binds strings, and
 //! one schema for both databases is worth more here than JSON operators.
+//!
+//! A NUL character in a queried field (JSON may carry one; PostgreSQL's
+//! `TEXT` cannot hold one) is stored as the six characters `\u0000`, as
+//! JSON writes it, in SQLite too so both sinks hold the same; `raw` keeps
+//! the record as sent (JSON text escapes the NUL). Any other value the
+//! database refuses (SQLSTATE class 22) fails its block, not the run.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -107,14 +114,23 @@ pub struct Sink {
 
 /// The fields people query, pulled from one conversation's JSON.
 struct Fields<'a> {
-    id: &'a str,
-    start: &'a str,
+    id: Cow<'a, str>,
+    start: Cow<'a, str>,
     start_ms: i64,
-    end: Option<&'a str>,
-    direction: Option<&'a str>,
-    queue: Option<&'a str>,
-    wrap_up: Option<&'a str>,
-    media: Option<&'a str>,
+    end: Option<Cow<'a, str>>,
+    direction: Option<Cow<'a, str>>,
+    queue: Option<Cow<'a, str>>,
+    wrap_up: Option<Cow<'a, str>>,
+    media: Option<Cow<'a, str>>,
+}
+
+/// `s` with each NUL character written `\u0000`, as JSON writes it.
+fn without_nul(s: &str) -> Cow<'_, str> {
+    if s.contains('\0') {
+        Cow::Owned(s.replace('\0', "\\u0000"))
+    } else {
+        Cow::Borrowed(s)
+    }
 }
 
 impl<'a> Fields<'a> {
@@ -140,18 +156,20 @@ impl<'a> Fields<'a> {
                 .find_map(|seg| seg.get(key)?.as_str())
         };
         Ok(Fields {
-            id,
-            start,
+            id: without_nul(id),
+            start: without_nul(start),
             // The upstream's answer, not the caller's argument: a bad one
             // fails this block (given back, the run goes on), not the run.
             start_ms: parse_time(start).map_err(|_| {
                 IngestError::answer("conversation", "conversationStart is not an RFC 3339 time")
             })?,
-            end: text("conversationEnd"),
-            direction: text("originatingDirection"),
-            queue: segment_field("queueId"),
-            wrap_up: segment_field("wrapUpCode"),
-            media: sessions().find_map(|s| s.get("mediaType")?.as_str()),
+            end: text("conversationEnd").map(without_nul),
+            direction: text("originatingDirection").map(without_nul),
+            queue: segment_field("queueId").map(without_nul),
+            wrap_up: segment_field("wrapUpCode").map(without_nul),
+            media: sessions()
+                .find_map(|s| s.get("mediaType")?.as_str())
+                .map(without_nul),
         })
     }
 }
@@ -417,14 +435,14 @@ impl Sink {
             let mut q = sqlx::query(&sql);
             for (f, raw) in chunk.iter().zip(raws) {
                 q = q
-                    .bind(f.id)
-                    .bind(f.start)
-                    .bind(f.end)
+                    .bind(&*f.id)
+                    .bind(&*f.start)
+                    .bind(f.end.as_deref())
                     .bind(f.start_ms)
-                    .bind(f.direction)
-                    .bind(f.queue)
-                    .bind(f.wrap_up)
-                    .bind(f.media)
+                    .bind(f.direction.as_deref())
+                    .bind(f.queue.as_deref())
+                    .bind(f.wrap_up.as_deref())
+                    .bind(f.media.as_deref())
                     .bind(raw.to_string());
             }
             q.execute(&mut *tx).await?;
@@ -542,7 +560,12 @@ mod tests {
         assert_eq!(f.id, "c1");
         assert_eq!(f.start_ms, parse_time("2026-11-01T00:00:01Z").unwrap());
         assert_eq!(
-            (f.direction, f.queue, f.wrap_up, f.media),
+            (
+                f.direction.as_deref(),
+                f.queue.as_deref(),
+                f.wrap_up.as_deref(),
+                f.media.as_deref()
+            ),
             (Some("inbound"), Some("q1"), Some("w1"), Some("voice"))
         );
         assert!(Fields::of(&json!({ "conversationStart": "2026-11-01" })).is_err());
@@ -551,6 +574,45 @@ mod tests {
             matches!(Fields::of(&garbled), Err(IngestError::Answer { .. })),
             "a bad time in an answer is the answer's fault, not a usage error"
         );
+    }
+
+    /// PostgreSQL's `TEXT` cannot hold a NUL: the queried fields write it
+    /// as JSON does, and the raw JSON text escapes it on its own.
+    #[test]
+    fn a_nul_in_a_queried_field_is_written_as_json_writes_it() {
+        let c = json!({
+            "conversationId": "c\u{0}1",
+            "conversationStart": "2026-11-01T00:00:01.000Z",
+            "conversationEnd": "2026-11-01T00:10:00.000Z\u{0}",
+            "originatingDirection": "in\u{0}bound",
+            "participants": [{ "sessions": [{ "mediaType": "\u{0}voice", "segments": [
+                { "queueId": "q1\u{0}", "wrapUpCode": "w\u{0}\u{0}1" }
+            ] }] }]
+        });
+        let f = Fields::of(&c).unwrap();
+        assert_eq!(f.id, "c\\u00001");
+        assert_eq!(
+            (
+                f.end.as_deref(),
+                f.direction.as_deref(),
+                f.queue.as_deref(),
+                f.wrap_up.as_deref(),
+                f.media.as_deref()
+            ),
+            (
+                Some("2026-11-01T00:10:00.000Z\\u0000"),
+                Some("in\\u0000bound"),
+                Some("q1\\u0000"),
+                Some("w\\u0000\\u00001"),
+                Some("\\u0000voice")
+            )
+        );
+        let raw = c.to_string();
+        assert!(
+            !raw.contains('\0') && raw.contains(r#""q1\u0000""#),
+            "{raw}"
+        );
+        assert_eq!(serde_json::from_str::<Value>(&raw).unwrap(), c);
     }
 
     #[tokio::test]

@@ -77,6 +77,26 @@ impl DetailsPage {
         }
     }
 
+    /// Puts a NUL character at the end of the first row's `queueId` and
+    /// `wrapUpCode` (a fault: JSON can carry one, PostgreSQL's `TEXT`
+    /// cannot hold one).
+    pub(crate) fn nul_in_first(&mut self) {
+        let Some(segment) = self
+            .conversations
+            .as_mut()
+            .and_then(|rows| rows.first_mut())
+            .and_then(|first| first.participants[0].pointer_mut("/sessions/0/segments/0"))
+            .and_then(serde_json::Value::as_object_mut)
+        else {
+            return;
+        };
+        for key in ["queueId", "wrapUpCode"] {
+            if let Some(serde_json::Value::String(v)) = segment.get_mut(key) {
+                v.push('\0');
+            }
+        }
+    }
+
     /// Rows on the page (they decide the query's latency).
     pub(crate) fn rows(&self) -> usize {
         self.conversations.as_ref().map_or(0, Vec::len)
@@ -331,6 +351,23 @@ mod tests {
         ] {
             assert_eq!(parse_timestamp(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn the_nul_fault_marks_the_first_rows_queue_and_wrap_up_only() {
+        let day = parse_day("2026-11-01").unwrap();
+        let h = History::generate(3, "org-a", day, 1, 100);
+        let mut page = h.query(day, day + DAY_MS, 10, 1);
+        page.nul_in_first();
+        let rows = serde_json::to_value(&page).unwrap();
+        let segment = |row: usize| {
+            rows["conversations"][row]["participants"][0]["sessions"][0]["segments"][0].clone()
+        };
+        for key in ["queueId", "wrapUpCode"] {
+            assert!(segment(0)[key].as_str().unwrap().ends_with('\0'), "{key}");
+            assert!(!segment(1)[key].as_str().unwrap().contains('\0'), "{key}");
+        }
+        assert!(serde_json::to_string(&page).unwrap().contains("\\u0000"));
     }
 
     #[test]

@@ -83,6 +83,10 @@ struct OrgSlot {
     /// Details-query pages still to answer with their first row missing
     /// its `conversationStart` (a fault the control plane sets).
     malformed_pages: AtomicU64,
+    /// Details-query pages still to answer with a NUL character in their
+    /// first row's `queueId` and `wrapUpCode` (a fault the control plane
+    /// sets).
+    nul_fields: AtomicU64,
     /// Details queries still to be read as if a conversation on their first
     /// page was removed once it was read (a fault the control plane sets):
     /// counted down at each first page...
@@ -175,6 +179,7 @@ impl Sim {
                 shifted_queries: AtomicU64::new(0),
                 shifting: std::sync::atomic::AtomicBool::new(false),
                 malformed_pages: AtomicU64::new(0),
+                nul_fields: AtomicU64::new(0),
                 repeating_cursors: AtomicU64::new(0),
                 history: History::generate(
                     config.seed,
@@ -246,6 +251,7 @@ impl Sim {
             .route("/_sim/orgs/{org}/conversations", get(conversation_ids))
             .route("/_sim/orgs/{org}/short-pages", post(short_pages))
             .route("/_sim/orgs/{org}/malformed-pages", post(malformed_pages))
+            .route("/_sim/orgs/{org}/nul-fields", post(nul_fields))
             .route("/_sim/orgs/{org}/shifted-queries", post(shifted_queries))
             .route("/_sim/orgs/{org}/repeating-cursor", post(repeating_cursor))
             .route(
@@ -671,11 +677,15 @@ fn details_answer(slot: &OrgSlot, body: &[u8]) -> Answer {
                 .is_ok()
     };
     let (short, malformed) = (take(&slot.short_pages), take(&slot.malformed_pages));
+    let nul = take(&slot.nul_fields);
     if short {
         page.drop_last();
     }
     if malformed {
         page.garble_first();
+    }
+    if nul {
+        page.nul_in_first();
     }
     let latency = DETAILS_LATENCY_MS.0 + DETAILS_LATENCY_MS.1 * page.rows() as f64;
     json_answer(&page, latency)
@@ -1096,6 +1106,13 @@ async fn malformed_pages(State(sim): State<Sim>, Path(org): Path<String>, body: 
     page_fault(&sim, &org, &body, "malformed_pages", |slot| {
         &slot.malformed_pages
     })
+}
+
+/// `POST /_sim/orgs/{org}/nul-fields` body `N`: the first row of each of
+/// the next N details-query pages with rows has a NUL character at the end
+/// of its `queueId` and `wrapUpCode`.
+async fn nul_fields(State(sim): State<Sim>, Path(org): Path<String>, body: Bytes) -> Response {
+    page_fault(&sim, &org, &body, "nul_fields", |slot| &slot.nul_fields)
 }
 
 /// `POST /_sim/orgs/{org}/jobs-available-until` body a Unix ms time, or

@@ -204,6 +204,12 @@ impl Bed {
         self.page_fault("malformed-pages", n).await;
     }
 
+    /// The first row of each of the next `n` details-query pages has a NUL
+    /// character at the end of its `queueId` and `wrapUpCode`.
+    pub async fn nul_fields(&self, n: u64) {
+        self.page_fault("nul-fields", n).await;
+    }
+
     /// The next `n` job results pages read with a cursor, with a page
     /// after them, give back the cursor they were read with.
     pub async fn repeating_cursor(&self, n: u64) {

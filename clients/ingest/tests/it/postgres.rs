@@ -1,6 +1,8 @@
 //! The PostgreSQL sink against a real server the set-up installs and
 //! starts on loopback: the same exact set as SQLite, idempotent again; a
-//! write that fails mid-run ends it at once, with its summary.
+//! write that fails mid-run ends it at once, with its summary; a record
+//! with a NUL in a queried field is stored, and one the database refuses
+//! fails only its block.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -243,5 +245,106 @@ async fn a_run_ended_by_its_sink_prints_its_summary_and_exits_1() {
         }
         watcher.close().await;
     }
+    bed.sim.shutdown().await;
+}
+
+/// A record with a NUL character in its queue and wrap-up code (which
+/// PostgreSQL's `TEXT` cannot hold) is stored all the same: the queried
+/// columns say `\u0000` as JSON does, `raw` keeps the record as sent, and
+/// no block fails (it would fail at every run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_in_a_queried_field_is_stored_written_as_json_writes_it() {
+    use sqlx::{Connection, Row};
+    let pg = testsvc::Postgres::start()
+        .unwrap_or_else(|e| panic!("PostgreSQL is needed for this test and could not start: {e}"));
+    let url = pg.create_database("ingest_nul").unwrap();
+    let bed = Bed::start().await;
+    bed.nul_fields(1).await;
+    let sink = Sink::open(&url).await.unwrap();
+    let mut plan = plan(DAY1, "2026-11-02", BlockSize::Hour);
+    plan.parallel = 1;
+    let source = bed.source(SourceKind::Query, "nul");
+    let summary = run(&plan, &source, &sink).await.unwrap();
+    assert_eq!(
+        (summary.blocks_failed, summary.blocks_final, summary.records),
+        (0, 24, 8_000),
+        "{summary:?}"
+    );
+    let mut db = sqlx::PgConnection::connect(&url).await.unwrap();
+    let rows = sqlx::query(
+        "SELECT queue_id, wrap_up_code, raw FROM conversations WHERE strpos(queue_id, '\\u0000') > 0",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 1, "the one record with a NUL");
+    let (queue, wrap_up, raw): (String, String, String) =
+        (rows[0].get(0), rows[0].get(1), rows[0].get(2));
+    assert!(wrap_up.ends_with("\\u0000"), "{wrap_up}");
+    let raw: Value = serde_json::from_str(&raw).unwrap();
+    let segment = &raw["participants"][0]["sessions"][0]["segments"][0];
+    assert_eq!(
+        segment["queueId"].as_str(),
+        Some(queue.replace("\\u0000", "\0").as_str()),
+        "raw keeps the record as sent"
+    );
+    db.close().await.unwrap();
+    sink.close().await;
+    bed.sim.shutdown().await;
+}
+
+/// A value the database refuses (SQLSTATE class 22: here a wrap-up code
+/// too long for a column a DBA narrowed) fails that block, kept in the
+/// summary's errors and left for the next run, and the run stores the
+/// others: ending the run would stop every run at that block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_the_database_refuses_fails_only_its_block() {
+    use sqlx::Connection;
+    let pg = testsvc::Postgres::start()
+        .unwrap_or_else(|e| panic!("PostgreSQL is needed for this test and could not start: {e}"));
+    let url = pg.create_database("ingest_refused").unwrap();
+    let bed = Bed::start().await;
+    bed.nul_fields(1).await;
+    let sink = Sink::open(&url).await.unwrap();
+    // gcsim's wrap-up codes are 8 characters; the one with a NUL, stored
+    // as `wrapup-N\u0000`, is 14.
+    let mut db = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("ALTER TABLE conversations ALTER COLUMN wrap_up_code TYPE VARCHAR(8)")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    db.close().await.unwrap();
+    let mut plan = plan(DAY1, "2026-11-02", BlockSize::Hour);
+    plan.parallel = 1;
+    let source = bed.source(SourceKind::Query, "refused");
+    let summary = run(&plan, &source, &sink).await.unwrap();
+    assert_eq!(
+        (
+            summary.blocks_failed,
+            summary.blocks_final,
+            summary.blocks_stopped
+        ),
+        (1, 23, 0),
+        "{summary:?}"
+    );
+    assert!(
+        summary.errors.len() == 1 && summary.errors[0].contains("too long"),
+        "{:?}",
+        summary.errors
+    );
+    assert_eq!(sink.count().await.unwrap() as u64, summary.records);
+    // The fault is spent: the next run stores the block it left.
+    let again = run(&plan, &source, &sink).await.unwrap();
+    assert_eq!(
+        (
+            again.blocks_failed,
+            again.blocks_skipped,
+            again.blocks_final
+        ),
+        (0, 23, 1),
+        "{again:?}"
+    );
+    assert_eq!(sink.count().await.unwrap(), 8_000);
+    sink.close().await;
     bed.sim.shutdown().await;
 }
