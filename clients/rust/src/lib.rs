@@ -475,9 +475,10 @@ impl Call {
 
     /// Longest server-side wait (default: the class's default). While the
     /// broker is unreachable the client does not know the class's default:
-    /// without `max_wait` a call waits for the local fallback limiter as
-    /// long as that takes (at 6 a minute, the 20th call of a burst about
-    /// 3 minutes); give one to be told "not now" instead.
+    /// without `max_wait` a call waits for the local fallback limiter at
+    /// most [`FALLBACK_MAX_WAIT`], the broker's own cap by default, and is
+    /// told "not now" beyond it, so a call waits no longer with the broker
+    /// down than with it up.
     pub fn max_wait(mut self, wait: Duration) -> Call {
         self.max_wait = Some(wait);
         self
@@ -558,6 +559,10 @@ enum Asked {
 
 /// How often a URL that has not answered in gRPC is asked what it speaks.
 const ASK_EVERY: Duration = Duration::from_secs(30);
+
+/// The longest a call that gives no `max_wait` waits for the local
+/// fallback (the broker's default `server.max_wait_ms`).
+pub const FALLBACK_MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// How long a URL found not to be a broker is passed over before calls
 /// try it again.
@@ -975,20 +980,18 @@ impl BrokerClient {
                     Some(c) => Some(c),
                     None => {
                         let probe_every = self.fallback().probe_every();
-                        let mut nap = probe_every;
-                        if let Some(most) = call.max_wait {
-                            let left = most.saturating_sub(started.elapsed());
-                            if left.is_zero() {
-                                return Err(ClientError::NotGranted {
-                                    reason: format!(
-                                        "quota broker unreachable: local fallback limit of {cap} \
-                                         at once (half the slots this client held)"
-                                    ),
-                                    retry_after: probe_every,
-                                });
-                            }
-                            nap = nap.min(left);
+                        let most = call.max_wait.unwrap_or(FALLBACK_MAX_WAIT);
+                        let left = most.saturating_sub(started.elapsed());
+                        if left.is_zero() {
+                            return Err(ClientError::NotGranted {
+                                reason: format!(
+                                    "quota broker unreachable: local fallback limit of {cap} \
+                                     at once (half the slots this client held)"
+                                ),
+                                retry_after: probe_every,
+                            });
                         }
+                        let nap = probe_every.min(left);
                         // Until a lease ends, or the next probe is due.
                         let _ = tokio::time::timeout(nap, freed).await;
                         continue;
@@ -1006,21 +1009,20 @@ impl BrokerClient {
                     nap,
                     retry_after,
                 } => {
-                    // A caller that set how long it waits is told "not now"
-                    // at once, as the broker would, not held past it.
-                    if let Some(most) = call.max_wait {
-                        if started.elapsed() + permit_in > most {
-                            return Err(ClientError::NotGranted {
-                                reason: format!(
-                                    "quota broker unreachable: local fallback limit of {}/min",
-                                    self.fallback().per_min()
-                                ),
-                                // The broker may answer at the next probe
-                                // (a hand-over takes well under a second):
-                                // not the local permit's 10 s at 6 a minute.
-                                retry_after,
-                            });
-                        }
+                    // Told "not now" at once, as the broker would, not held
+                    // past the wait.
+                    let most = call.max_wait.unwrap_or(FALLBACK_MAX_WAIT);
+                    if started.elapsed() + permit_in > most {
+                        return Err(ClientError::NotGranted {
+                            reason: format!(
+                                "quota broker unreachable: local fallback limit of {}/min",
+                                self.fallback().per_min()
+                            ),
+                            // The broker may answer at the next probe (a
+                            // hand-over takes well under a second): not the
+                            // local permit's 10 s at 6 a minute.
+                            retry_after,
+                        });
                     }
                     tokio::time::sleep(nap).await
                 }

@@ -560,6 +560,24 @@ async fn the_fallback_keeps_to_the_callers_wait_and_to_the_upstreams_retry_after
         "went ahead after {:?} of a 60 s Retry-After",
         t0.elapsed()
     );
+    // A call that gives no wait waits at most the broker's own cap: past
+    // it, "not now" at once.
+    headers.insert("Retry-After", "90".parse().unwrap());
+    first.report(429, &headers).await.unwrap();
+    let t0 = Instant::now();
+    match client.acquire(&call).await {
+        Err(ClientError::NotGranted { retry_after, .. }) => assert!(
+            retry_after > Duration::from_secs(89) && retry_after <= Duration::from_secs(90),
+            "{retry_after:?}"
+        ),
+        other => panic!("{:?}", other.map(|l| l.is_fallback())),
+    }
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    tokio::time::advance(Duration::from_secs(31)).await;
+    assert!(
+        client.acquire(&call).await.unwrap().is_fallback(),
+        "59 s left of the Retry-After: within the cap"
+    );
 }
 
 /// A TCP proxy in front of a broker that can stop passing bytes, as a
