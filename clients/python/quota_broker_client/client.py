@@ -329,10 +329,13 @@ class Lease:
     ``is_fallback``: the broker was unreachable and the local fallback
     limiter gave the permission (no lease id, no slot; ``report()`` keeps
     the outcome for the broker, ``release()`` and ``renew()`` do nothing).
+
+    A lease holding slots, and a fallback lease under the fallback's cap on
+    calls at once, counts towards that cap until released (or garbage-collected).
     """
 
     def __init__(self, broker, response, *, tenant, method, path, oauth_client, client_id,
-                 priority_class="", is_fallback=False, target=None):
+                 priority_class="", is_fallback=False, target=None, place=None):
         self._broker = broker
         self.is_fallback = is_fallback
         #: The broker ("host:port") that granted the lease (None for a fallback lease).
@@ -355,6 +358,9 @@ class Lease:
         self._renewer = None
         # Held from the check of ``released`` to its setting: a lease is released once.
         self._release_lock = threading.Lock()
+        # Ends its place in the fallback's count (once: on release, or when collected).
+        self._end_place = (weakref.finalize(self, broker._fallback.ended, place)
+                           if place is not None else None)
 
     @property
     def holds_slot(self):
@@ -425,6 +431,8 @@ class Lease:
         with self._release_lock:
             if self.released:
                 return False
+            if self._end_place is not None:
+                self._end_place()
             renewer = getattr(self, "_renewer", None)
             if renewer is not None:
                 renewer.stop()  # a released lease is not renewed
@@ -840,6 +848,11 @@ class QuotaBroker:
     def fallback_rate_per_min(self):
         """The local limiter's rate while falling back, else None."""
         return self._fallback.rate_per_min if self._fallback is not None else None
+
+    @property
+    def fallback_max_in_flight(self):
+        """While falling back, the most calls at once (None: no cap, or not falling back)."""
+        return self._fallback.max_in_flight if self._fallback is not None else None
 
     @property
     def pending_reports(self):
@@ -1383,8 +1396,10 @@ class QuotaBroker:
         fallback limiter (``lease.is_fallback``), to the calls waiting for it
         in arrival order; NotGranted (with ``retry_after_ms``) when it is
         further away than ``max_wait_ms``, or without one than the broker's
-        default cap of 60 s; the broker is tried again meanwhile. Without a
-        fallback (``fallback=None``) it raises Unavailable / DeadlineExceeded.
+        default cap of 60 s; the broker is tried again meanwhile. A client
+        whose leases held slots in the minute before also waits for one of
+        its leases to end while it holds ``fallback_max_in_flight`` at once.
+        Without a fallback (``fallback=None``) it raises Unavailable / DeadlineExceeded.
         An explicit ``timeout`` that runs out is DeadlineExceeded, not a fallback.
         """
         if self._channels_closed:
@@ -1452,18 +1467,34 @@ class QuotaBroker:
                         self._broker_answered()
                         if not resp.granted:
                             raise NotGranted(resp.reason, resp.retry_after_ms, resp.buckets)
+                        place = None
                         if fb is not None:
-                            fb.granted(resp.permits or permits)
+                            place = fb.granted(resp.permits or permits, holds_slot=resp.lease_ttl_ms > 0)
                         return Lease(self, resp, tenant=tenant, method=method, path=path,
                                      oauth_client=oauth_client or "", client_id=client_id,
-                                     priority_class=priority_class or "", target=granted_by)
-                wait = fb.take(turn, within=started + fallback_wait_s - self._clock.monotonic())
+                                     priority_class=priority_class or "", target=granted_by,
+                                     place=place)
+                left = started + fallback_wait_s - self._clock.monotonic()
+                wait = fb.take(turn, within=left)
                 if wait is None:
                     continue  # no longer falling back: ask the broker
                 if wait == 0:
                     return Lease(self, pb.AcquireResponse(granted=True, permits=permits), tenant=tenant,
                                  method=method, path=path, oauth_client=oauth_client or "",
-                                 client_id=client_id, is_fallback=True)
+                                 client_id=client_id, is_fallback=True, place=turn)
+                if wait == math.inf:
+                    cap = fb.max_in_flight
+                    if cap is None:
+                        continue  # no longer falling back
+                    if left <= 0:
+                        raise NotGranted(
+                            f"quota-broker unreachable: local fallback limit of {cap} at once "
+                            f"({fb.settings.fraction:g} x the most slot leases this client held at once)",
+                            int(math.ceil(max(fb.until_probe(), 1e-3) * 1000)),
+                        )
+                    # Until a lease ends, or the next probe of the broker is due.
+                    fb.wait_for_place(min(left, fb.until_probe()))
+                    continue
                 if self._clock.monotonic() + wait > started + fallback_wait_s:
                     raise NotGranted(
                         f"quota-broker unreachable: local fallback limit of {fb.rate_per_min}/min",

@@ -11,6 +11,14 @@ tried again (the call's own Acquire) at most every ``probe_every_s`` (1 s),
 also while a call waits for the local limiter, and the client goes back to
 the broker as soon as it answers.
 
+A client whose broker leases held concurrency slots (a nonzero TTL) in the
+minute before the outage also runs at most ceil(``fraction`` x the most such
+leases it held at once in that minute), at least 1, calls at once while
+falling back, counting its slot leases still held and its fallback leases
+until each is released (or garbage-collected). A call beyond that waits in
+the same line until one ends, or is told NotGranted once its wait runs out.
+A client that held no slot lease in that minute is not capped.
+
 As in the Rust client, a 429 reported while falling back holds the local
 limiter until its Retry-After, and the outcomes of calls made while falling
 back are kept (at most ``buffer_size``, the oldest dropped and counted) and
@@ -18,11 +26,15 @@ reported to the broker once it is back.
 
 Every time read here comes from a clock object (``monotonic()`` and
 ``sleep(seconds)``), :class:`SystemClock` unless one is injected, so the
-limiter can be driven by a fake clock in tests.
+limiter can be driven by a fake clock in tests. A call waiting for a place
+under the cap waits with the clock's ``wait(condition, seconds)`` (held,
+notified when a lease ends) if it has one, else with ``sleep(seconds)``
+(a lease that ended meanwhile is seen after it).
 """
 import collections
 import dataclasses
 import logging
+import math
 import threading
 import time
 
@@ -77,6 +89,10 @@ class SystemClock:
     def sleep(seconds):
         time.sleep(seconds)
 
+    @staticmethod
+    def wait(condition, seconds):
+        condition.wait(seconds)
+
 
 class LocalFallback:
     """State of the fallback: grant history, the local limiter, probes, buffered outcomes.
@@ -88,9 +104,20 @@ class LocalFallback:
         self.settings = settings
         self.clock = clock
         self.target = target
-        self._lock = threading.Lock()
+        # Reentrant: a lease collected by the garbage collector ends its place
+        # (``ended``) in whichever thread the collector runs, maybe one in here.
+        self._lock = threading.RLock()
+        # Notified when a lease ends and when the fallback is left.
+        self._freed = threading.Condition(self._lock)
         self._grants = collections.deque()  # (time, permits) of the last minute
         self._granted = 0  # sum of permits in _grants
+        # The places held now: one per broker lease holding slots, one per
+        # fallback lease taken under a cap (see granted, take, ended).
+        self._holding = set()
+        # (time, places held) at grants of slot leases in the last minute,
+        # the held counts decreasing: the front is the minute's most.
+        self._slot_peaks = collections.deque()
+        self._cap = None  # calls at once while falling back (None: no cap)
         # While falling back (rate is None otherwise):
         self._rate = None
         self._interval = 0.0
@@ -124,6 +151,13 @@ class LocalFallback:
         return self._rate
 
     @property
+    def max_in_flight(self):
+        """While falling back, the most calls at once (slot leases and fallback
+        leases), or None: not falling back, or no slot lease in the minute before."""
+        with self._lock:
+            return self._cap if self._rate is not None else None
+
+    @property
     def pending(self):
         return len(self._buffer)
 
@@ -134,15 +168,37 @@ class LocalFallback:
     def _trim(self, now):
         while self._grants and now - self._grants[0][0] > GRANT_WINDOW_S:
             self._granted -= self._grants.popleft()[1]
+        while self._slot_peaks and now - self._slot_peaks[0][0] > GRANT_WINDOW_S:
+            self._slot_peaks.popleft()
 
-    def granted(self, permits):
-        """The broker granted ``permits``: they count towards the fallback rate for a minute."""
+    def granted(self, permits, holds_slot=False):
+        """The broker granted ``permits``: they count towards the fallback rate for a minute.
+
+        ``holds_slot``: the lease holds concurrency slots. It then holds a
+        place, returned, until ``ended(place)``; the places held at once
+        count towards the fallback's cap for a minute."""
         now = self.clock.monotonic()
         with self._lock:
             self._grants.append((now, max(int(permits), 1)))
             self._granted += max(int(permits), 1)
             self._served_since_left = True
+            place = None
+            if holds_slot:
+                place = object()
+                self._holding.add(place)
+                held = len(self._holding)
+                while self._slot_peaks and self._slot_peaks[-1][1] <= held:
+                    self._slot_peaks.pop()
+                self._slot_peaks.append((now, held))
             self._trim(now)
+            return place
+
+    def ended(self, place):
+        """The lease holding ``place`` ended (released, or gone): a call waiting for one may go."""
+        with self._lock:
+            if place in self._holding:
+                self._holding.discard(place)
+                self._freed.notify_all()
 
     def should_try_broker(self):
         """Whether to ask the broker: always, unless falling back and the last probe was too recent."""
@@ -176,12 +232,15 @@ class LocalFallback:
             # is said again.
             self._quiet = (self._left_at is not None and now - self._left_at < REENTRY_S
                            and not self._served_since_left)
+            # A quiet entry goes on with the cap it left, as with the pacing.
+            peak = self._slot_peaks[0][1] if self._slot_peaks else 0
             if not self._quiet:
+                self._cap = max(math.ceil(peak * self.settings.fraction), 1) if peak else None
                 self._entered_at = now
                 self._calls = 0
                 self._warned_full = False
                 self._said_unserved = False
-            rate = self._rate
+            rate, cap = self._rate, self._cap
             say_unserved = self._quiet and not self._said_unserved
             self._said_unserved = self._said_unserved or self._quiet
         if say_unserved:
@@ -197,12 +256,15 @@ class LocalFallback:
             log.debug("quota-broker at %s unreachable again (%s); still pacing at %d/min",
                       self.target, error, rate)
             return
+        at_once = (f", at most {cap} at once ({self.settings.fraction:.2f} x {peak} slot leases "
+                   f"held at once in the last minute)" if cap is not None else "")
         log.warning(
             "quota-broker at %s unreachable (%s%s); pacing calls with a local limiter at %d/min "
-            "(%.2f x %d granted in the last minute, floor %d/min) and trying it again every %gs; "
+            "(%.2f x %d granted in the last minute, floor %d/min)%s and trying it again every %gs; "
             "outcomes are kept (at most %d) and reported when it is back",
             self.target, error, hint, rate, self.settings.fraction, recent,
-            self.settings.floor_per_min, self.settings.probe_every_s, self.settings.buffer_size,
+            self.settings.floor_per_min, at_once, self.settings.probe_every_s,
+            self.settings.buffer_size,
         )
 
     def leave(self):
@@ -217,6 +279,7 @@ class LocalFallback:
             self._left_at = now
             self._served_since_left = False
             quiet = self._quiet
+            self._freed.notify_all()  # the calls waiting for a place ask the broker
         if quiet:
             log.debug("quota-broker at %s answers again", self.target)
             return True
@@ -230,17 +293,20 @@ class LocalFallback:
     def take(self, ticket=None, within=None):
         """One call's permission from the local limiter, in arrival order.
 
-        None: not falling back (ask the broker); 0.0: taken; else the
-        seconds until the call's turn (as if each call ahead of it takes
-        its own at its turn). A multi-permit call counts as one: the
+        None: not falling back (ask the broker); 0.0: taken; ``math.inf``:
+        the cap's places are all held (wait for one, ``wait_for_place``);
+        else the seconds until the call's turn (as if each call ahead of it
+        takes its own at its turn). A multi-permit call counts as one: the
         fallback rate is a trickle, not an account of the budget.
 
         ``ticket``: any object, the same on each try of one call. A call
         that has to wait joins the line with it, unless its turn is
-        further than ``within`` seconds away; only the first in line is
-        given the permission, so a later call never overtakes an earlier
-        one. Call ``leave_line(ticket)`` when the call stops waiting.
-        Without a ticket a call is served only when nobody waits.
+        further than ``within`` seconds away (or, all places held, it will
+        not wait at all); only the first in line is given the permission,
+        so a later call never overtakes an earlier one. Call
+        ``leave_line(ticket)`` when the call stops waiting. Without a
+        ticket a call is served only when nobody waits. Taken under a cap,
+        the call holds a place, the ticket, until ``ended(ticket)``.
         """
         with self._lock:
             if self._rate is None:
@@ -249,17 +315,40 @@ class LocalFallback:
             now = self.clock.monotonic()
             queued = ticket is not None and ticket in self._line
             ahead = self._line.index(ticket) if queued else len(self._line)
-            if ahead == 0 and now >= self._tat:
+            if self._cap is not None and len(self._holding) >= self._cap:
+                wait, fits = math.inf, within is None or within > 0
+            elif ahead == 0 and now >= self._tat:
                 if queued:
                     self._line.popleft()
                 # Burst 1: a quiet spell does not save up calls.
                 self._tat = max(self._tat, now) + self._interval
                 self._calls += 1
+                if self._cap is not None:
+                    self._holding.add(ticket)
                 return 0.0
-            wait = max(max(self._tat - now, 0.0) + ahead * self._interval, 1e-3)
-            if ticket is not None and not queued and (within is None or wait <= within):
+            else:
+                wait = max(max(self._tat - now, 0.0) + ahead * self._interval, 1e-3)
+                fits = within is None or wait <= within
+            if ticket is not None and not queued and fits:
                 self._line.append(ticket)
             return wait
+
+    def wait_for_place(self, seconds):
+        """Waits at most ``seconds`` while the cap's places are all held; returns
+        early when a lease ends or the fallback is left."""
+        with self._lock:
+            if seconds <= 0 or self._rate is None or self._cap is None \
+                    or len(self._holding) < self._cap:
+                return
+            wait = getattr(self.clock, "wait", None)
+            if wait is not None:
+                wait(self._freed, seconds)
+                return
+            self._lock.release()
+            try:
+                self.clock.sleep(seconds)
+            finally:
+                self._lock.acquire()
 
     def leave_line(self, ticket):
         """The call holding ``ticket`` no longer waits for a local permission."""

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 import quota_broker_client as qb
-from conftest import TENANT
+from conftest import ANALYTICS_QUERY, SINGLE_PATH, TENANT
 
 USERS = "/api/v2/users/me"  # matches only the per-client bucket (300/min)
 
@@ -400,6 +400,133 @@ def test_a_fallback_acquire_without_max_wait_waits_at_most_the_brokers_default_c
             fake_clock.advance(31)  # 59 s left: waited for
             assert client.acquire(TENANT, "GET", USERS, client_id="c").is_fallback
             assert fake_clock.slept == pytest.approx(59)
+
+
+class WaitClock:
+    """A fake clock (``sleep`` advances it at once) whose ``wait`` for a lease
+    to end says ("waits", thread name) on ``events`` and waits for the real
+    notification: 10 s at most, then says ("not woken", thread name) and
+    the time asked for passes."""
+
+    def __init__(self, events, start=1000.0):
+        self.now = float(start)
+        self.events = events
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+    def wait(self, condition, seconds):
+        self.events.put(("waits", threading.current_thread().name))
+        if not condition.wait(10):
+            self.events.put(("not woken", threading.current_thread().name))
+            self.now += seconds
+
+
+# 1000 calls a second and no probe while the test runs: only the cap holds calls.
+UNPACED = qb.FallbackSettings(floor_per_min=60_000, probe_every_s=3600)
+
+
+def test_falling_back_a_client_that_held_slots_runs_at_most_half_as_many_at_once(start_broker,
+                                                                                  fake_clock):
+    events = queue.Queue()
+    clock = WaitClock(events)
+    proc = start_broker()
+    client = qb.QuotaBroker(proc.addr, timeout=3, clock=clock, fallback=UNPACED)
+    rate_only = qb.QuotaBroker(proc.addr, timeout=3, clock=fake_clock, fallback=UNPACED)
+    waiter = None
+    try:
+        held = client.acquire(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=1000)
+        assert held.holds_slot and not held.is_fallback
+        rate_only.acquire(TENANT, "GET", USERS, client_id="r", max_wait_ms=1000).release()
+        proc.kill()
+
+        # Half of the one slot lease held, rounded up: one at once, and the held lease has it.
+        with pytest.raises(qb.NotGranted) as info:
+            client.acquire(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=0)
+        assert "local fallback limit of 1 at once" in info.value.reason, info.value.reason
+        assert client.fallback_max_in_flight == 1
+
+        def wait_for_a_place():
+            lease = client.acquire(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=30_000)
+            events.put(("granted", lease))
+
+        waiter = threading.Thread(target=wait_for_a_place, name="B", daemon=True)
+        waiter.start()
+        assert events.get(timeout=10) == ("waits", "B")
+        assert held.release() is False  # kept for the broker; its place is free now
+        kind, first = events.get(timeout=10)
+        assert kind == "granted" and first.is_fallback
+
+        # The one place is taken, whatever the route.
+        with pytest.raises(qb.NotGranted) as info:
+            client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=0)
+        assert "1 at once" in info.value.reason, info.value.reason
+        first.release()
+        with client.lease(TENANT, "GET", USERS, client_id="c", max_wait_ms=1000) as lease:
+            assert lease.is_fallback
+        clock.now += 1  # the local limiter's next permit, so only the cap could refuse
+        assert client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=0).is_fallback
+
+        # Never held a slot lease: not capped.
+        leases = [rate_only.acquire(TENANT, "GET", USERS, client_id="r", max_wait_ms=1000)
+                  for _ in range(3)]
+        assert all(lease.is_fallback for lease in leases)
+        assert rate_only.fallback_max_in_flight is None
+    finally:
+        if waiter is not None:
+            waiter.join(30)
+        client.close()
+        rate_only.close()
+
+
+def test_the_cap_is_the_fraction_of_the_most_slot_leases_held_at_once_in_the_last_minute(
+        start_broker, fake_clock):
+    proc = start_broker()
+    client = qb.QuotaBroker(proc.addr, timeout=3, clock=fake_clock, fallback=UNPACED)
+    earlier = qb.QuotaBroker(proc.addr, timeout=3, clock=fake_clock, fallback=UNPACED)
+    try:
+        def hold(c, n, path=ANALYTICS_QUERY):
+            leases = [c.acquire(TENANT, "POST", path, client_id="c", max_wait_ms=1000) for _ in range(n)]
+            assert all(lease.holds_slot for lease in leases)
+            return leases
+
+        earlier.acquire(TENANT, "GET", SINGLE_PATH, client_id="e", max_wait_ms=1000).release()
+        for lease in hold(client, 5):
+            lease.release()
+        fake_clock.advance(31)
+        kept, *others = hold(client, 3)
+        for lease in others:
+            lease.release()
+        hold(client, 1)[0].release()  # 2 held at once then: the minute's most is still 3
+        fake_clock.advance(30)  # the 5 at once (and earlier's one) are now 61 s old
+        proc.kill()
+
+        # ceil(0.5 x 3) = 2 at once, the broker lease still held among them.
+        second = client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=0)
+        assert second.is_fallback
+        assert client.fallback_max_in_flight == 2
+        with pytest.raises(qb.NotGranted) as info:
+            client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=0)
+        assert "local fallback limit of 2 at once" in info.value.reason, info.value.reason
+        kept.release()
+        third = client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=1000)
+        assert third.is_fallback
+        with pytest.raises(qb.NotGranted):
+            client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=0)
+        del third  # dropped unreleased: its place ends with it
+        fake_clock.advance(1)
+        assert client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=0).is_fallback
+
+        # Its slot lease more than a minute before the outage: not capped.
+        both = [earlier.acquire(TENANT, "GET", USERS, client_id="e", max_wait_ms=1000) for _ in range(2)]
+        assert all(lease.is_fallback for lease in both)
+        assert earlier.fallback_max_in_flight is None
+    finally:
+        client.close()
+        earlier.close()
 
 
 def test_without_fallback_an_unreachable_broker_raises(start_broker):
