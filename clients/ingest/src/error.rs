@@ -63,6 +63,23 @@ pub enum IngestError {
         /// The results page that gave it (1: the first).
         page: u64,
     },
+    /// A job's results went on for more pages than its count of records
+    /// fills: following them would page without end.
+    #[error("job {job} for {interval}: its results went on past page {pages}, {why}; they would page forever, so the block is left for the next run")]
+    TooManyPages {
+        /// The job's id.
+        job: String,
+        /// The block's interval.
+        interval: String,
+        /// The pages allowed, all read.
+        pages: u64,
+        /// Why that many: the job's count of records at the page size.
+        why: String,
+    },
+    /// A worker panicked: a bug in gc-ingest, not in the sink or the
+    /// upstream.
+    #[error("a worker panicked ({0}): this is a bug in gc-ingest, please report it with the log; blocks stored so far are kept, run again to finish")]
+    WorkerPanicked(String),
     /// Another run is working on this sink under the same worker name.
     #[error("{0}")]
     WorkerBusy(String),
@@ -90,7 +107,7 @@ impl IngestError {
             // PostgreSQL starting up or shutting down (57P01–57P03), out of
             // connections or resources (class 53), or a connection broken
             // (class 08): the server is there and will take us later.
-            IngestError::Sink(sqlx::Error::Database(e)) => e.code().is_some_and(|c| {
+            IngestError::Sink(sqlx::Error::Database(e)) => sqlstate(&**e).is_some_and(|c| {
                 c.starts_with("08") || c.starts_with("53") || c.starts_with("57P0")
             }),
             _ => false,
@@ -106,7 +123,7 @@ impl IngestError {
         match self {
             IngestError::Answer { .. } => true,
             IngestError::Sink(sqlx::Error::Database(e)) => {
-                e.code().is_some_and(|c| c.starts_with("22"))
+                sqlstate(&**e).is_some_and(|c| c.starts_with("22"))
             }
             _ => false,
         }
@@ -128,6 +145,20 @@ impl IngestError {
             message: e.to_string().chars().take(200).collect(),
         }
     }
+}
+
+/// The SQLSTATE of a PostgreSQL error: five digits or capitals. SQLite's
+/// codes, as sqlx gives them (decimal numbers such as `531` or `5386`),
+/// would read as SQLSTATE classes they are not.
+fn sqlstate(e: &dyn sqlx::error::DatabaseError) -> Option<std::borrow::Cow<'_, str>> {
+    if e.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        return None;
+    }
+    e.code().filter(|c| {
+        c.len() == 5
+            && c.bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+    })
 }
 
 #[cfg(test)]
@@ -179,6 +210,20 @@ mod tests {
         // A wrong password, a database that does not exist.
         for code in ["28P01", "3D000", "42501"] {
             assert!(!sink(code).may_pass_later(), "{code}");
+        }
+    }
+
+    /// SQLite's codes are decimal numbers (`531`: a commit hook's
+    /// constraint, `5386`: a shared-memory I/O error): not SQLSTATEs of a
+    /// database that is busy (class 53) or a connection broken (08).
+    #[test]
+    fn a_code_that_is_not_a_sqlstate_is_not_read_as_one() {
+        let sink = |code| IngestError::Sink(sqlx::Error::Database(Box::new(Coded(code))));
+        for code in [
+            "531", "5386", "53", "0800", "5300", "08", "57P0", "53300X", "22",
+        ] {
+            assert!(!sink(code).may_pass_later(), "{code}");
+            assert!(!sink(code).fails_only_its_block(), "{code}");
         }
     }
 

@@ -1,11 +1,12 @@
 //! `gc-ingest`: the command line over the library: arguments → an
 //! upstream leased through the broker, a sink, a plan → the run → a
 //! summary (`--json`) and an exit code (0: every block stored; 1: some
-//! failed, or the sink failed, run again to finish; 2: bad arguments or
-//! set-up; 3: none failed, but some were held by other workers, whose runs
-//! must finish them; 130 / 143: stopped by SIGINT / SIGTERM, run again to
-//! finish). A run that ends on an error once its blocks were planned still
-//! prints its summary, the error in it.
+//! failed, the sink failed or a worker panicked, run again to finish; 2:
+//! bad arguments or set-up; 3: none failed, but some were held by other
+//! workers, whose runs must finish them; 130 / 143: stopped by SIGINT /
+//! SIGTERM, run again to finish). A run that ends on an error once its
+//! blocks were planned still prints its summary, the error in it, before
+//! the sink is closed.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -288,7 +289,29 @@ async fn main() -> ExitCode {
             they end upstream, and come back at the broker at their lease's expiry"
         );
     }
-    sink.close().await;
+    let code = finish(&args, outcome, &stopped_by, &sink_name);
+    // After the summary: a sink that stops answering without refusing
+    // would keep it from being printed until TCP gives up.
+    if tokio::time::timeout(CLOSE_WAIT, sink.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "the sink {sink_name} did not close within {} s: its connections are dropped",
+            CLOSE_WAIT.as_secs()
+        );
+    }
+    code
+}
+
+/// Prints what the run did (the summary, `--json`'s object, the error
+/// that ended it) and gives its exit code.
+fn finish(
+    args: &Args,
+    outcome: Result<Summary, RunFailed>,
+    stopped_by: &std::sync::atomic::AtomicU8,
+    sink_name: &str,
+) -> ExitCode {
     match outcome {
         Ok(summary) if summary.stopped => {
             let code = stopped_by.load(std::sync::atomic::Ordering::Relaxed);
@@ -307,7 +330,7 @@ async fn main() -> ExitCode {
             ExitCode::from(if code == 0 { 130 } else { code })
         }
         Ok(summary) => {
-            report(&args, &summary);
+            report(args, &summary);
             if summary.blocks_failed > 0 {
                 ExitCode::FAILURE
             } else if summary.blocks_busy > 0 {
@@ -318,7 +341,7 @@ async fn main() -> ExitCode {
         }
         Err(RunFailed { error, summary }) => {
             if let Some(summary) = &summary {
-                report(&args, summary);
+                report(args, summary);
                 if !args.json && !args.quiet {
                     eprintln!(
                         "  {} blocks in progress dropped and {} not started: run again to finish",
@@ -327,28 +350,27 @@ async fn main() -> ExitCode {
                     );
                 }
             }
-            match error {
-                e @ IngestError::Usage(_) => {
-                    eprintln!("gc-ingest: {e}");
-                    ExitCode::from(2)
-                }
-                e @ IngestError::WorkerBusy(_) => {
-                    eprintln!("gc-ingest: {e}");
-                    ExitCode::from(3)
-                }
-                e @ IngestError::Sink(_) => {
-                    eprintln!(
-                        "gc-ingest: the sink {sink_name} failed: {e}; blocks stored so far are \
-                         kept, run again once it is fixed"
-                    );
-                    ExitCode::FAILURE
-                }
-                e => {
-                    eprintln!("gc-ingest: {e}");
-                    ExitCode::FAILURE
-                }
+            match &error {
+                IngestError::Sink(_) => eprintln!(
+                    "gc-ingest: the sink {sink_name} failed: {error}; blocks stored so far are \
+                     kept, run again once it is fixed"
+                ),
+                _ => eprintln!("gc-ingest: {error}"),
             }
+            ExitCode::from(failed_exit(&error))
         }
+    }
+}
+
+/// The exit code of a run that ended on `error`: 2 for what no run gets
+/// past (a bad argument, a refusal every block meets), 3 for another run
+/// holding the worker name, 1 (run again) for the rest, a worker's panic
+/// too (a bug: exit 2 would tell an orchestrator not to retry).
+fn failed_exit(error: &IngestError) -> u8 {
+    match error {
+        IngestError::Usage(_) => 2,
+        IngestError::WorkerBusy(_) => 3,
+        _ => 1,
     }
 }
 
@@ -401,6 +423,9 @@ const SAME_SIGNAL: Duration = Duration::from_secs(1);
 /// How long a stopped run waits for its jobs to be deleted and its slots
 /// released before it exits.
 const SETTLE_WAIT: Duration = Duration::from_secs(10);
+
+/// How long the end of a run waits for the sink's connections to close.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// The first SIGINT or SIGTERM cancels `stop` (the run gives its blocks in
 /// progress back) and notes its exit code in `stopped_by` (130 or 143); a
@@ -505,4 +530,18 @@ fn sink_shown(sink: &str) -> String {
         clipped.push('…');
     }
     clipped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{failed_exit, IngestError};
+
+    /// Exit 2 tells an orchestrator that running again will not help: a
+    /// worker's panic is a bug that another run may well get past.
+    #[test]
+    fn a_worker_panic_exits_1_and_bad_arguments_2() {
+        assert_eq!(failed_exit(&IngestError::WorkerPanicked("boom".into())), 1);
+        assert_eq!(failed_exit(&IngestError::Usage("--from".into())), 2);
+        assert_eq!(failed_exit(&IngestError::WorkerBusy("held".into())), 3);
+    }
 }

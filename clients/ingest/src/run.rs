@@ -6,8 +6,9 @@
 //! watermark, provisional (fetched again next run) otherwise. A failure
 //! that ends the run (the sink, or a refusal every block would meet; not
 //! one about a block's records, which fails only that block) halts every
-//! worker at once: the blocks in hand are dropped, none stored in part,
-//! and the run's summary comes back with the error.
+//! worker at once: the blocks being claimed or fetched are dropped, a
+//! store under way runs to its end (none stored in part, each counted as
+//! what it was), and the run's summary comes back with the error.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -494,7 +495,7 @@ async fn run_blocks(
     }
     while let Some(joined) = workers.join_next().await {
         if let Err(e) = joined {
-            fail(&work, IngestError::Usage(format!("a worker failed: {e}")));
+            fail(&work, worker_lost(&e));
         }
     }
     work.progress.finish();
@@ -523,8 +524,15 @@ async fn run_blocks(
     Ok((summary, failure))
 }
 
+/// Why a worker task ended without returning: it panicked (workers are
+/// never aborted), a bug.
+fn worker_lost(e: &tokio::task::JoinError) -> IngestError {
+    IngestError::WorkerPanicked(e.to_string())
+}
+
 /// Ends the run with `e` (unless it already ends with an earlier error,
-/// of which `e` is most likely an echo): every worker drops its block.
+/// of which `e` is most likely an echo): every worker drops the block it
+/// is claiming or fetching.
 fn fail(work: &Work, e: IngestError) {
     lock(&work.failure).get_or_insert(e);
     work.halt.cancel();
@@ -536,13 +544,17 @@ enum Next {
     Block,
     /// The block was given back, and the worker stops.
     Stop,
+    /// The run halted while the block was claimed or fetched: the worker
+    /// drops it and stops.
+    Halted,
 }
 
 /// Takes blocks off the queue until it is empty or the run halts. Fetch
 /// failures and records the sink refuses are counted and the block left
-/// for later; any other error from the sink ends the run, and a halt drops
-/// the block in hand (its fetch or store: a store's transaction is rolled
-/// back, or was committed whole).
+/// for later; any other error from the sink ends the run. A halt drops the
+/// block in hand while it is claimed or fetched; a store once started runs
+/// to its end, as it would without a halt, so a block is counted as what
+/// the sink made of it: stored, or failed and dropped.
 async fn worker(work: &Work, plan: &Plan, source: &Source, sink: &Sink, stop: &CancellationToken) {
     loop {
         if work.halt.is_cancelled()
@@ -554,14 +566,11 @@ async fn worker(work: &Work, plan: &Plan, source: &Source, sink: &Sink, stop: &C
         let Some(block) = lock(&work.queue).pop_front() else {
             return;
         };
-        let next = tokio::select! {
-            next = one_block(work, plan, source, sink, stop, block) => next,
-            () = work.halt.cancelled() => return drop_block(work, plan, sink, block).await,
-        };
-        match next {
+        match one_block(work, plan, source, sink, stop, block).await {
             Ok(Next::Block) => {}
             // The block was given back: a signal, or a refusal.
             Ok(Next::Stop) => return,
+            Ok(Next::Halted) => return drop_block(work, plan, sink, block).await,
             Err(e) => {
                 fail(work, e);
                 return drop_block(work, plan, sink, block).await;
@@ -589,15 +598,17 @@ async fn one_block(
     stop: &CancellationToken,
     block: Block,
 ) -> Result<Next, IngestError> {
-    if !sink
-        .claim(block, &plan.owner, now_ms(), plan.claim_ttl)
-        .await?
-    {
+    let claimed = tokio::select! {
+        claimed = sink.claim(block, &plan.owner, now_ms(), plan.claim_ttl) => claimed?,
+        () = work.halt.cancelled() => return Ok(Next::Halted),
+    };
+    if !claimed {
         lock(&work.summary).blocks_busy += 1;
         return Ok(Next::Block);
     }
     let fetched = tokio::select! {
         fetched = fetch_checked(block, plan, source, &work.progress) => fetched,
+        () = work.halt.cancelled() => return Ok(Next::Halted),
         () = stop.cancelled() => {
             // The fetch is dropped: its job and leases are let go of
             // in the background (`Source::settle` waits for them).
@@ -646,6 +657,7 @@ async fn one_block(
         }
         Err(e) if refused_for_every_block(&e) => {
             sink.unclaim(block, &plan.owner).await?;
+            lock(&work.summary).blocks_stopped += 1;
             lock(&work.setup_failed).get_or_insert_with(|| e.to_string());
             work.halt.cancel();
             return Ok(Next::Stop);
@@ -743,8 +755,19 @@ async fn fetch_checked(
 
 #[cfg(test)]
 mod tests {
-    use super::{process_alive, refused_for_every_block};
+    use super::{process_alive, refused_for_every_block, worker_lost};
     use crate::IngestError;
+
+    /// A worker's panic ends the run as a bug to report, not as a usage
+    /// error (exit 2, which orchestrators do not retry).
+    #[tokio::test]
+    async fn a_worker_panic_is_a_bug_to_report() {
+        let joined = tokio::spawn(async { panic!("boom") }).await;
+        let e = worker_lost(&joined.unwrap_err());
+        assert!(matches!(e, IngestError::WorkerPanicked(_)), "{e:?}");
+        let said = e.to_string();
+        assert!(said.contains("boom") && said.contains("bug"), "{said}");
+    }
 
     /// An OAuth client the API refuses (no analytics permission) would be
     /// refused for every block: the run stops at the first, it does not

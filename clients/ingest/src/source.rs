@@ -7,7 +7,8 @@
 //! its last page, which a bucket with `max_in_flight` turns into the org's
 //! running-jobs limit. A job fails its block when it is not fulfilled
 //! within its wait ([`JobOptions::max_wait`]) or when its results give a
-//! cursor a second time (they would page forever).
+//! cursor a second time or go on past the pages its count of records
+//! fills (they would page forever).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -41,6 +42,13 @@ const MIN_JOB_PAGE: usize = 100;
 const MAX_POLL: Duration = Duration::from_secs(30);
 /// A job slot not granted within this is reported as waited for.
 const SAY_WAITING_AFTER: Duration = Duration::from_secs(5);
+/// Results pages beyond those a job's count of records fills (pages may
+/// come short) before its results are taken to page without end.
+const EXTRA_PAGES: u64 = 2;
+/// Results pages of a job that did not say how many records it holds (as
+/// the real API does not) before they are taken to page without end: a
+/// million records at the smallest page, far more than any block holds.
+const MAX_PAGES_UNCOUNTED: u64 = 10_000;
 /// Submissions of one block's job before giving up (a job that vanished,
 /// 404, is submitted again).
 const MAX_SUBMITS: u32 = 3;
@@ -566,7 +574,8 @@ impl Source {
 
     /// Every results page of fulfilled job `id` of `block`, and the
     /// earliest `dataAvailabilityDate` they gave; an error if a page gives
-    /// a cursor an earlier one gave.
+    /// a cursor an earlier one gave, or if there are more pages than its
+    /// count of records, `of`, fills ([`max_pages`]).
     async fn job_results(
         &self,
         block: Block,
@@ -579,7 +588,25 @@ impl Source {
         let mut cursor: Option<String> = None;
         let mut seen = HashSet::new();
         let mut page_size = JOB_PAGE;
+        let mut pages: u64 = 0;
         loop {
+            let allowed = max_pages(of, page_size);
+            if pages >= allowed {
+                return Err(IngestError::TooManyPages {
+                    job: id.to_owned(),
+                    interval: block.interval(),
+                    pages: allowed,
+                    why: match of {
+                        Some(n) => format!(
+                            "more than its {n} records fill at {page_size} a page, and \
+                             {EXTRA_PAGES} to spare"
+                        ),
+                        None => "more than any block holds (the job did not say how many \
+                                 records it has)"
+                            .into(),
+                    },
+                });
+            }
             let mut path = format!("{JOBS_PATH}/{id}/results?pageSize={page_size}");
             if let Some(c) = &cursor {
                 path.push_str("&cursor=");
@@ -600,6 +627,7 @@ impl Source {
             let page: ResultsPage = answer
                 .json()
                 .map_err(|e| IngestError::answer("job results", e))?;
+            pages += 1;
             conversations.extend(page.conversations);
             note(Step::Paged {
                 records: conversations.len() as u64,
@@ -628,6 +656,16 @@ impl Source {
     }
 }
 
+/// The most results pages a job holding `of` records can take at
+/// `page_size` a page (the smallest asked for so far: pages read at a
+/// larger size only used fewer), with [`EXTRA_PAGES`] to spare.
+fn max_pages(of: Option<u64>, page_size: usize) -> u64 {
+    match of {
+        Some(n) => n.div_ceil(page_size.max(1) as u64) + EXTRA_PAGES,
+        None => MAX_PAGES_UNCOUNTED,
+    }
+}
+
 /// `s` percent-encoded for a query string (cursors are opaque).
 fn encode_query(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, CURSOR).to_string()
@@ -650,6 +688,15 @@ mod tests {
         for bad in ["", "../../users", "a/b", "a?b=1", "a%2Fb", &"x".repeat(129)] {
             assert!(check_job_id(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_jobs_results_may_take_the_pages_its_records_fill_and_two_more() {
+        assert_eq!(max_pages(Some(0), JOB_PAGE), 2);
+        assert_eq!(max_pages(Some(8_000), JOB_PAGE), 3);
+        assert_eq!(max_pages(Some(20_000), JOB_PAGE), 4);
+        assert_eq!(max_pages(Some(10_001), MIN_JOB_PAGE), 103);
+        assert_eq!(max_pages(None, MIN_JOB_PAGE), MAX_PAGES_UNCOUNTED);
     }
 
     #[test]

@@ -97,6 +97,12 @@ struct OrgSlot {
     /// Job results pages still to hand back the cursor they were read with
     /// instead of the next one (a fault the control plane sets).
     repeating_cursors: AtomicU64,
+    /// Job results pages still to hand out a fresh cursor that reads them
+    /// again (a fault the control plane sets)...
+    endless_cursors: AtomicU64,
+    /// ...and how many such cursors were handed out: `<cursor>~<n>` is
+    /// taken for `<cursor>` only if its `n` is below.
+    fresh_cursors: AtomicU64,
     /// Its OAuth clients' secret and the lifetime of the tokens it issues.
     oauth_secret: String,
     token_ttl: Duration,
@@ -181,6 +187,8 @@ impl Sim {
                 malformed_pages: AtomicU64::new(0),
                 nul_fields: AtomicU64::new(0),
                 repeating_cursors: AtomicU64::new(0),
+                endless_cursors: AtomicU64::new(0),
+                fresh_cursors: AtomicU64::new(0),
                 history: History::generate(
                     config.seed,
                     &id,
@@ -254,6 +262,7 @@ impl Sim {
             .route("/_sim/orgs/{org}/nul-fields", post(nul_fields))
             .route("/_sim/orgs/{org}/shifted-queries", post(shifted_queries))
             .route("/_sim/orgs/{org}/repeating-cursor", post(repeating_cursor))
+            .route("/_sim/orgs/{org}/endless-cursor", post(endless_cursor))
             .route(
                 "/_sim/orgs/{org}/jobs-available-until",
                 post(jobs_available_until),
@@ -1009,15 +1018,29 @@ async fn job_results(
 ) -> Response {
     let now = sim.inner.clock.now_ms();
     sim.serve(&headers, "GET", uri.path(), |slot| {
-        let page = lock(&slot.jobs).results(
-            now,
-            &slot.history,
-            &id,
-            params.cursor.as_deref(),
-            params.page_size,
-        );
+        // A cursor the endless-cursor fault handed out reads the page of
+        // the cursor it was made from.
+        let cursor = params.cursor.as_deref().map(|c| match c.rsplit_once('~') {
+            Some((base, n))
+                if n.parse::<u64>()
+                    .is_ok_and(|n| n < slot.fresh_cursors.load(Ordering::Relaxed)) =>
+            {
+                base
+            }
+            _ => c,
+        });
+        let page = lock(&slot.jobs).results(now, &slot.history, &id, cursor, params.page_size);
         match page {
             Ok(mut page) => {
+                if slot
+                    .endless_cursors
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    let n = slot.fresh_cursors.fetch_add(1, Ordering::Relaxed);
+                    let base = cursor.map_or_else(|| format!("{id}.0"), str::to_owned);
+                    page.set_cursor(format!("{base}~{n}"));
+                }
                 // The fault, taken once per page read with a cursor that
                 // has a page after it.
                 if let Some(asked) = &params.cursor {
@@ -1097,6 +1120,15 @@ async fn repeating_cursor(
 ) -> Response {
     page_fault(&sim, &org, &body, "repeating_cursor", |slot| {
         &slot.repeating_cursors
+    })
+}
+
+/// `POST /_sim/orgs/{org}/endless-cursor` body `N`: the next N job results
+/// pages (the last one too) hand out a cursor never handed out before that
+/// reads the same page again.
+async fn endless_cursor(State(sim): State<Sim>, Path(org): Path<String>, body: Bytes) -> Response {
+    page_fault(&sim, &org, &body, "endless_cursor", |slot| {
+        &slot.endless_cursors
     })
 }
 

@@ -216,6 +216,12 @@ impl Bed {
         self.page_fault("repeating-cursor", n).await;
     }
 
+    /// The next `n` job results pages, the last one too, give a cursor
+    /// never given before that reads the same page again.
+    pub async fn endless_cursor(&self, n: u64) {
+        self.page_fault("endless-cursor", n).await;
+    }
+
     /// Jobs submitted from now on see data only up to `until` (Unix ms;
     /// `None`: all of it).
     pub async fn jobs_available_until(&self, until: Option<i64>) {

@@ -1,11 +1,13 @@
 //! Whole runs in process: both sources store exactly gcsim's set with few
 //! 429s (and the jobs API moves ≥ 10× the records per request), the
 //! watermark, two workers on one range, a broker restart mid-run, jobs
-//! that never end or whose results cursor repeats.
+//! that never end or whose results cursor repeats or pages on under new
+//! cursors, refused credentials counted as blocks given back.
 
 use std::time::Duration;
 
-use gc_ingest::{parse_time, run, BlockSize, JobOptions, SourceKind, JOBS_PATH};
+use gc_ingest::{parse_time, run, run_reporting, BlockSize, JobOptions, SourceKind, JOBS_PATH};
+use tokio_util::sync::CancellationToken;
 
 use crate::common::{open, plan, sqlite, until_done, Bed, Broker, DAY1, END};
 
@@ -329,9 +331,32 @@ async fn refused_credentials_stop_the_run_once_instead_of_failing_every_block() 
     let sink = open(&path).await;
     let plan = plan(DAY1, "2026-11-02", BlockSize::Hour);
     let source = bed.source_with_secret(SourceKind::Query, "refused", "not-the-secret");
-    let err = run(&plan, &source, &sink).await.unwrap_err();
+    let failed = run_reporting(&plan, &source, &sink, &CancellationToken::new())
+        .await
+        .unwrap_err();
+    let err = failed.error;
     assert!(matches!(err, gc_ingest::IngestError::Usage(_)), "{err}");
     assert!(err.to_string().contains("login"), "{err}");
+    // Every block a worker took was refused or dropped, given back: in
+    // progress, not "not started". A block claimed is one taken (a claim
+    // the halt cut short may not have reached the sink).
+    let summary = failed.summary.expect("a summary");
+    let claimed = sink.checkpoints().await.unwrap().len() as u64;
+    assert!(
+        (1..=summary.blocks_stopped).contains(&claimed)
+            && summary.blocks_stopped <= plan.parallel as u64,
+        "{claimed} claimed: {summary:?}"
+    );
+    assert_eq!(
+        (
+            summary.blocks_total,
+            summary.blocks_final,
+            summary.blocks_failed,
+            summary.blocks_busy
+        ),
+        (24, 0, 0, 0),
+        "{summary:?}"
+    );
     // Nothing left claimed: with the right secret the next run takes every
     // block at once.
     let good = bed.source(SourceKind::Query, "refused");
@@ -499,6 +524,55 @@ async fn a_job_whose_results_cursor_repeats_fails_its_block_instead_of_paging_fo
     let says = format!("job {job} for 2026-11-01T00:00:00.000Z/2026-11-02T00:00:00.000Z: results page 2 gave a cursor an earlier page gave");
     assert!(summary.errors[0].contains(&says), "{:?}", summary.errors);
     bed.repeating_cursor(0).await;
+    let again = run(&plan, &source, &sink).await.unwrap();
+    assert_eq!(
+        (again.blocks_failed, again.blocks_final, again.records),
+        (0, 1, 8_000),
+        "{again:?}"
+    );
+    assert_eq!(sink.count().await.unwrap(), 8_000);
+    sink.close().await;
+    bed.sim.shutdown().await;
+}
+
+/// Job results that give a new cursor on every page (the same page again
+/// each time) escape the check for a cursor given twice: the block fails
+/// once the pages go past what the job's count of records fills, naming
+/// the job, and the run goes on; once the upstream behaves, the next run
+/// stores the block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_results_page_on_with_new_cursors_fails_its_block() {
+    let bed = Bed::start().await;
+    // Ten pages are past the cap; a reader without it would read all
+    // ten, each with the day's 8,000 records.
+    bed.endless_cursor(10).await;
+    let sink = open(&sqlite("endless-cursor")).await;
+    let source = bed.source(SourceKind::Jobs, "endless-cursor");
+    let plan = plan(DAY1, "2026-11-02", BlockSize::Day);
+    let summary = tokio::time::timeout(Duration::from_secs(60), run(&plan, &source, &sink))
+        .await
+        .expect("the run ends: a job's results are not paged without end")
+        .unwrap();
+    assert_eq!(
+        (summary.blocks_failed, summary.blocks_final, summary.records),
+        (1, 0, 0),
+        "{summary:?}"
+    );
+    assert_eq!(source.settle(Duration::from_secs(10)).await, 0);
+    let deleted = bed.answered("DELETE", JOBS_PATH).await;
+    assert_eq!(deleted.len(), 1, "{deleted:?}");
+    let job = deleted[0].0.rsplit('/').next().unwrap();
+    // 8,000 records fill one page of 10,000; two more are allowed.
+    let results = bed
+        .answered("GET", &format!("{JOBS_PATH}/{job}/results"))
+        .await;
+    assert_eq!(results.len(), 3, "{results:?}");
+    let says = format!(
+        "job {job} for 2026-11-01T00:00:00.000Z/2026-11-02T00:00:00.000Z: its results went on \
+         past page 3, more than its 8000 records fill at 10000 a page"
+    );
+    assert!(summary.errors[0].contains(&says), "{:?}", summary.errors);
+    bed.endless_cursor(0).await;
     let again = run(&plan, &source, &sink).await.unwrap();
     assert_eq!(
         (again.blocks_failed, again.blocks_final, again.records),

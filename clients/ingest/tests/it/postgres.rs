@@ -1,8 +1,9 @@
 //! The PostgreSQL sink against a real server the set-up installs and
 //! starts on loopback: the same exact set as SQLite, idempotent again; a
-//! write that fails mid-run ends it at once, with its summary; a record
-//! with a NUL in a queried field is stored, and one the database refuses
-//! fails only its block.
+//! write that fails mid-run ends it at once, with its summary, the stores
+//! under way stored and counted; a sink that stops answering does not keep
+//! the summary back; a record with a NUL in a queried field is stored,
+//! and one the database refuses fails only its block.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -64,44 +65,96 @@ async fn workers_opening_a_new_postgres_sink_at_once_both_open_it() {
 
 /// Makes one store on `url`'s database fail as a write does when its
 /// connection is cut (SQLSTATE 57P01, as when the server shuts down):
-/// holds `conversations` locked until a worker's store waits for it,
-/// terminates that worker's connection, then lets the other stores on.
-async fn fail_one_store(url: &str) {
+/// holds `conversations` locked until `stores` workers' stores wait for
+/// it, terminates one of those connections and, once the run has heard of
+/// it (the failed block given back), lets the other stores on. Returns the
+/// blocks done while they waited.
+async fn fail_one_of_stores(url: &str, stores: usize) -> usize {
+    use sqlx::Connection;
+    let (mut admin, pid, done_then) = lock_until_stores_wait(url, stores).await;
+    terminate(&mut admin, pid).await;
+    until_given_back(&mut admin).await;
+    sqlx::query("ROLLBACK").execute(&mut admin).await.unwrap();
+    admin.close().await.unwrap();
+    done_then
+}
+
+/// A connection whose transaction holds `conversations` locked once
+/// `stores` stores wait for it, the backend of one of them, and the blocks
+/// done then.
+async fn lock_until_stores_wait(url: &str, stores: usize) -> (sqlx::PgConnection, i32, usize) {
     use sqlx::{Connection, Row};
     let mut admin = sqlx::PgConnection::connect(url).await.unwrap();
-    let mut tx = admin.begin().await.unwrap();
+    sqlx::query("BEGIN").execute(&mut admin).await.unwrap();
     sqlx::query("LOCK TABLE conversations IN SHARE MODE")
-        .execute(&mut *tx)
+        .execute(&mut admin)
         .await
         .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut tick = tokio::time::interval(Duration::from_millis(5));
-    let pid: i32 = loop {
+    loop {
         tick.tick().await;
-        let waiting = sqlx::query(
+        let waiting: Vec<i32> = sqlx::query(
             "SELECT pid FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock' LIMIT 1",
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
         )
-        .fetch_optional(&mut *tx)
+        .fetch_all(&mut admin)
         .await
-        .unwrap();
-        if let Some(row) = waiting {
-            break row.get(0);
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+        if waiting.len() >= stores {
+            let done: i64 = sqlx::query("SELECT COUNT(*) FROM ingest_blocks WHERE status = 'done'")
+                .fetch_one(&mut admin)
+                .await
+                .unwrap()
+                .get(0);
+            return (admin, waiting[0], done as usize);
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "no store waited for the lock within 60 s"
+            "{} of {stores} stores waited for the lock within 60 s",
+            waiting.len()
         );
-    };
+    }
+}
+
+/// Ends backend `pid` as a server shutting down does.
+async fn terminate(admin: &mut sqlx::PgConnection, pid: i32) {
+    use sqlx::Row;
     let ended: bool = sqlx::query("SELECT pg_terminate_backend($1)")
         .bind(pid)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut *admin)
         .await
         .unwrap()
         .get(0);
     assert!(ended, "backend {pid} terminated");
-    tx.rollback().await.unwrap();
-    admin.close().await.unwrap();
+}
+
+/// Waits (bounded) until a block's claim was given back (a run that
+/// failed dropping it, once it has halted).
+async fn until_given_back(admin: &mut sqlx::PgConnection) {
+    use sqlx::Row;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    loop {
+        tick.tick().await;
+        let given_back: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM ingest_blocks WHERE status = 'claimed' AND claim_expires_ms = 0",
+        )
+        .fetch_one(&mut *admin)
+        .await
+        .unwrap()
+        .get(0);
+        if given_back > 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no claim given back within 60 s"
+        );
+    }
 }
 
 /// Blocks with status `done`.
@@ -111,10 +164,12 @@ async fn done(sink: &Sink) -> usize {
 }
 
 /// A write that fails in one of four workers ends the run at once: the
-/// others take no new block and drop the ones in hand (nothing of them
-/// stored), instead of fetching the rest of the range (spending the org's
-/// quota) for a run that fails at its end. The summary comes with the
-/// error, and the next run stores every block left, once.
+/// others take no new block (none fetched for a run that fails at its
+/// end, spending the org's quota); the stores already under way run to
+/// their end and are counted as stored (a store dropped after its commit
+/// reached the server would be stored yet counted as dropped). The
+/// summary comes with the error, and the next run stores every block
+/// left, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_error_in_one_worker_halts_the_others_and_the_next_run_finishes() {
     let pg = testsvc::Postgres::start()
@@ -132,8 +187,8 @@ async fn a_sink_error_in_one_worker_halts_the_others_and_the_next_run_finishes()
         })
     };
     until_done(&sink, 8).await;
-    fail_one_store(&url).await;
-    let done_at_failure = done(&sink).await;
+    // Every worker's store waits; one fails, the other three go on.
+    let done_before = fail_one_of_stores(&url, plan.parallel).await;
     let failed = tokio::time::timeout(Duration::from_secs(60), task)
         .await
         .expect("the run ends")
@@ -146,21 +201,24 @@ async fn a_sink_error_in_one_worker_halts_the_others_and_the_next_run_finishes()
     );
     let summary = failed.summary.expect("a summary");
     assert_eq!(summary.error, Some(failed.error.to_string()));
-    // Every block fetched was claimed first: those not stored by the time
-    // of the failure are at most the 4 in hand, and as many claimed before
-    // the others heard of it.
     let checkpoints = sink.checkpoints().await.unwrap();
-    assert!(
-        checkpoints.len() <= done_at_failure + 2 * plan.parallel,
-        "{} blocks claimed, {done_at_failure} done when a write failed: the others went on \
-         ({summary:?})",
-        checkpoints.len()
+    let done_now: Vec<_> = checkpoints.iter().filter(|c| c.status == "done").collect();
+    assert_eq!(done_now.len(), done_before + plan.parallel - 1);
+    // No block claimed after the failure: only the failed one is not done.
+    assert_eq!(checkpoints.len(), done_now.len() + 1, "{checkpoints:?}");
+    assert_eq!(
+        (
+            summary.blocks_final,
+            summary.blocks_stopped,
+            summary.blocks_failed,
+            summary.blocks_busy
+        ),
+        (done_now.len() as u64, 1, 0, 0),
+        "{summary:?}"
     );
     // Nothing stored in part: the rows are those of the blocks done.
-    let done_now: Vec<_> = checkpoints.iter().filter(|c| c.status == "done").collect();
     let records: i64 = done_now.iter().map(|c| c.records).sum();
     assert_eq!(sink.count().await.unwrap(), records);
-    assert_eq!(summary.blocks_final, done_now.len() as u64, "{summary:?}");
     assert_eq!(summary.records, records as u64, "{summary:?}");
     let again = run(&plan, &source, &sink).await.unwrap();
     assert_eq!(
@@ -216,7 +274,7 @@ async fn a_run_ended_by_its_sink_prints_its_summary_and_exits_1() {
             .kill_on_drop(true);
         let child = cmd.spawn().unwrap();
         until_done(&watcher, 8).await;
-        fail_one_store(&url).await;
+        let done_before = fail_one_of_stores(&url, 4).await as u64;
         let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
             .await
             .expect("it exits")
@@ -229,22 +287,93 @@ async fn a_run_ended_by_its_sink_prints_its_summary_and_exits_1() {
             "{stderr}"
         );
         assert!(stderr.contains("terminating connection"), "{stderr}");
+        // The three stores under way when one failed were stored.
         let done = done(&watcher).await as u64;
+        assert_eq!(done, done_before + 3);
         if json {
             let summary: Value = serde_json::from_slice(&out.stdout)
                 .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
             assert_eq!(summary["blocks_total"], 72, "{summary}");
             assert_eq!(summary["blocks_final"], done, "{summary}");
+            assert_eq!(summary["blocks_stopped"], 1, "{summary}");
             let error = summary["error"].as_str().unwrap_or_default();
             assert!(error.contains("terminating connection"), "{summary}");
         } else {
             assert!(out.stdout.is_empty());
             let closing = " from 72 blocks (0 already done, 0 provisional, 0 failed";
             assert!(stderr.contains(closing), "{stderr}");
-            assert!(stderr.contains("blocks in progress dropped"), "{stderr}");
+            let dropped = format!(
+                "  1 blocks in progress dropped and {} not started",
+                72 - done - 1
+            );
+            assert!(stderr.contains(&dropped), "{stderr}");
         }
         watcher.close().await;
     }
+    bed.sim.shutdown().await;
+}
+
+/// A sink that stops answering without refusing (its tables locked: the
+/// failed block's claim cannot be given back, nor the worker name, and the
+/// connections left waiting keep the pool from closing) does not keep the
+/// binary from printing its summary, and it exits 1 in bounded time
+/// instead of waiting for the sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_that_stops_answering_does_not_keep_the_summary_back() {
+    use sqlx::Connection;
+    let pg = testsvc::Postgres::start()
+        .unwrap_or_else(|e| panic!("PostgreSQL is needed for this test and could not start: {e}"));
+    let bed = Bed::start().await;
+    let url = pg.create_database("ingest_unanswering").unwrap();
+    let watcher = Sink::open(&url).await.unwrap();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_gc-ingest"));
+    cmd.args(["--region", &bed.region()])
+        .args([
+            "--client-id",
+            "unanswering@org-a",
+            "--client-secret",
+            "gcsim-secret",
+        ])
+        .args(["--broker", &bed.broker.url(), "--tenant", "org-a"])
+        .args(["--source", "query", "--parallel", "1", "--json"])
+        .args(["--from", DAY1, "--to", END, "--sink", &url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().unwrap();
+    until_done(&watcher, 2).await;
+    let (mut admin, pid, done_before) = lock_until_stores_wait(&url, 1).await;
+    sqlx::query("LOCK TABLE ingest_blocks, ingest_runs IN EXCLUSIVE MODE")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    terminate(&mut admin, pid).await;
+    // Held until it exits: the old binary waited for the sink to close
+    // before it printed anything.
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("it exits while the sink does not answer")
+        .unwrap();
+    sqlx::query("ROLLBACK").execute(&mut admin).await.unwrap();
+    admin.close().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("did not close within 5 s"), "{stderr}");
+    let summary: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(
+        (&summary["blocks_final"], &summary["blocks_stopped"]),
+        (&Value::from(done_before), &Value::from(1)),
+        "{summary}"
+    );
+    assert!(
+        summary["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("terminating connection")),
+        "{summary}"
+    );
+    watcher.close().await;
     bed.sim.shutdown().await;
 }
 
