@@ -15,8 +15,9 @@
 //! 3. **queue**: the SQLite queue alone (no relay) with a backlog of
 //!    `--rows` records written straight into it: what one claim (run by
 //!    the drain every 100 ms while records wait), one `/status` (the same
-//!    as a `/metrics` scrape) and the writer's first commit (which counts
-//!    the queue, once a second) cost, median and worst of several runs.
+//!    as a `/metrics` scrape) and the writer's first commit cost, median
+//!    and worst of several runs; and writes one after another for 3 s,
+//!    across the queue's recounts of its depth (once a second).
 //!
 //! `cargo bench -p gc-relay --bench relay -- [--secs 30] [--rate 500]
 //! [--rows 100000,1000000] [--phase burst|kill|queue]` (every phase when
@@ -41,6 +42,9 @@ const UNMANAGED: u64 = 60;
 /// Phase 1's gcsim time scale: a window is 6 real seconds, so the burst
 /// spans whole windows and the drain rate is not one window's head start.
 const SCALE: f64 = 10.0;
+/// How long the queue phase writes one record after another, across the
+/// queue's recounts.
+const ACROSS_RECOUNTS: Duration = Duration::from_secs(3);
 
 struct Args {
     secs: u64,
@@ -264,8 +268,8 @@ impl Backlog {
 async fn queue(args: &Args) {
     println!();
     println!("queue: SQLite, backlog written straight into the file; claim = 16 records (the drain's default concurrency)");
-    println!("| rows | backlog | fill s | claim p50 / max ms (claimed) | /status p50 / max ms | first write p50 / max ms | later write p50 ms |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| rows | backlog | fill s | claim p50 / max ms (claimed) | /status p50 / max ms | first write p50 / max ms | later write p50 ms | writes over {} s p50 / max ms (writes) |", ACROSS_RECOUNTS.as_secs());
+    println!("|---|---|---|---|---|---|---|---|");
     for &rows in &args.rows {
         for backlog in [
             Backlog::Due,
@@ -336,15 +340,31 @@ async fn queue_case(rows: u64, backlog: Backlog) {
         q.enqueue(record(n))
     })
     .await;
+    // Writes one after another for a few seconds, across the queue's
+    // recounts (one a second): the worst is what a recount costs intake.
+    let across = Queue::open(&url, limits).await.unwrap();
+    let mut across_ms = Vec::new();
+    let until = Instant::now() + ACROSS_RECOUNTS;
+    while Instant::now() < until {
+        n += 1;
+        let started = Instant::now();
+        across.enqueue(record(n)).await.unwrap();
+        across_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    drop(across);
+    across_ms.sort_by(f64::total_cmp);
     let (status_p50, status_max, _) = time_runs(5, || q.depth()).await;
     let (claim_p50, claim_max, claimed) =
         time_runs(10, || q.claim("bench", 16, Duration::from_secs(600))).await;
     let claimed = claimed.map(|c| c.len()).unwrap_or(0);
     println!(
-        "| {rows} | {} | {fill_s:.1} | {claim_p50:.1} / {claim_max:.1} ({claimed}) | {status_p50:.1} / {status_max:.1} | {:.1} / {:.1} | {later:.1} |",
+        "| {rows} | {} | {fill_s:.1} | {claim_p50:.1} / {claim_max:.1} ({claimed}) | {status_p50:.1} / {status_max:.1} | {:.1} / {:.1} | {later:.1} | {:.1} / {:.1} ({}) |",
         backlog.name(),
         firsts[firsts.len() / 2],
         firsts[firsts.len() - 1],
+        across_ms[across_ms.len() / 2],
+        across_ms[across_ms.len() - 1],
+        across_ms.len(),
     );
 }
 

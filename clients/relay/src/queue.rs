@@ -6,6 +6,11 @@
 //! in one transaction, and each caller is answered only after that commit
 //! (so a 202 means the record is on disk).
 //!
+//! The writer's room check reads the queue's figures from [`Room`], which
+//! a recounter task of its own (on its own connection) recounts every
+//! second and the writer moves by its own commits in between: intake never
+//! waits for a count of the queue.
+//!
 //! A record's states: `pending` → `inflight` (claimed by one relay, with a
 //! lease that expires so a dead relay's records come back) → `done`, or
 //! `dead` (with a row in the dead-letter table) → `pending` again on replay
@@ -13,7 +18,7 @@
 //! idempotency key is still recognised.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
@@ -21,7 +26,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Connection as _, Row};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::error::RelayError;
 use crate::record::{NewRecord, Record};
@@ -30,7 +35,8 @@ use crate::record::{NewRecord, Record};
 const BATCH_MAX: usize = 512;
 /// Operations waiting for the writer at most (then callers wait).
 const CHANNEL: usize = 4096;
-/// SQLite connections: the writer, the drain's claims, status reads.
+/// SQLite connections: the writer, the drain's claims, status reads (the
+/// recounter has one more of its own).
 const SQLITE_CONNECTIONS: u32 = 4;
 /// PostgreSQL connections per relay.
 const PG_CONNECTIONS: u32 = 8;
@@ -46,6 +52,16 @@ const DEAD_ANSWER_MAX: usize = 4096;
 const PRUNE_BATCH: i64 = 500;
 
 /// How full the queue may get before intake answers 503.
+///
+/// A relay never stores a record beyond them by its own figures: a recount
+/// adds every record this relay stored since it began, and a record it
+/// removes meanwhile only comes off at the next one (so it may refuse a
+/// little early, never store past them). What others add (other relays on
+/// a shared queue, `dlq replay` from the CLI) it learns at its next
+/// recount, every second while records come to it: the queue may exceed
+/// the limits by what they stored in one second and one recount. (The
+/// first records after a spell without any are checked against the
+/// figures from before it, and ask for a recount at once.)
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// Records pending or in flight.
@@ -201,6 +217,8 @@ pub struct Queue {
     limits: Limits,
     /// The writer's last commit failed (disk full, database down).
     failing: Arc<AtomicBool>,
+    /// Asks the recounter for a recount now.
+    recount: Arc<Notify>,
 }
 
 /// The file of a SQLite queue URL (`sqlite:PATH`, `sqlite://PATH` or a bare
@@ -263,8 +281,19 @@ impl Queue {
     /// reason). Starts the writer task, which stops when every handle is
     /// dropped.
     pub async fn open(url: &str, limits: Limits) -> Result<Queue, RelayError> {
-        let db = if let Some(path) = sqlite_path(url)? {
-            sqlite(path).await?
+        Queue::open_with(url, limits, Recounter::default()).await
+    }
+
+    async fn open_with(
+        url: &str,
+        limits: Limits,
+        recounter: Recounter,
+    ) -> Result<Queue, RelayError> {
+        let (db, counter) = if let Some(path) = sqlite_path(url)? {
+            (
+                sqlite(path, SQLITE_CONNECTIONS).await?,
+                sqlite(path, 1).await?,
+            )
         } else {
             // One connection first, for its own error (connection refused,
             // no such database, a wrong password): the pool would retry for
@@ -281,27 +310,36 @@ impl Queue {
                 .map_err(|e| RelayError::db("connect to PostgreSQL", e))?;
             // Only a probe: a failed goodbye is no reason not to start.
             let _ = first.close().await;
-            let pool = PgPoolOptions::new()
-                .max_connections(PG_CONNECTIONS)
-                // A server gone away fails a write within this (sqlx's 30 s
-                // default held every intake behind the writer's batch
-                // that long, past any Data Action's timeout): intake
-                // answers 503 and the flow retries.
-                .acquire_timeout(PG_ACQUIRE)
-                .connect(url)
-                .await
-                .map_err(|e| RelayError::db("connect to PostgreSQL", e))?;
-            Db::Postgres(pool)
+            (
+                postgres(url, PG_CONNECTIONS).await?,
+                postgres(url, 1).await?,
+            )
         };
         migrate(&db).await?;
+        // The figures are known before the first record is taken.
+        let room = Room::new();
+        let (records, bytes) = count_open(&counter).await?;
+        room.recounted(records, bytes);
         let (writer, ops) = mpsc::channel(CHANNEL);
         let failing = Arc::new(AtomicBool::new(false));
-        tokio::spawn(write_loop(db.clone(), ops, limits, failing.clone()));
+        let recount = Arc::new(Notify::new());
+        let (stop, stopped) = oneshot::channel();
+        tokio::spawn(recounter.run(counter, room.clone(), recount.clone(), stopped));
+        tokio::spawn(write_loop(
+            db.clone(),
+            ops,
+            limits,
+            room,
+            recount.clone(),
+            failing.clone(),
+            stop,
+        ));
         Ok(Queue {
             db,
             writer,
             limits,
             failing,
+            recount,
         })
     }
 
@@ -441,7 +479,7 @@ impl Queue {
     }
 
     /// Drops the dead letters that died before `now_ms - keep`, at most
-    /// [`PRUNE_BATCH`] per transaction (the writer waits for one batch, not
+    /// `PRUNE_BATCH` per transaction (the writer waits for one batch, not
     /// for all), and returns how many. A dead letter that still holds
     /// records of its order key back (pending or in flight after it) is
     /// kept whatever its age: dropping it would send them upstream with
@@ -590,12 +628,16 @@ impl Queue {
     /// Puts dead letters back in the queue (`ids`, or all when `None`);
     /// returns how many.
     pub async fn replay(&self, ids: Option<&[i64]>) -> Result<u64, RelayError> {
-        self.settle_dead(
-            ids,
-            "state = 'pending', not_before_ms = ?, attempts = 0",
-            now_ms(),
-        )
-        .await
+        let n = self
+            .settle_dead(
+                ids,
+                "state = 'pending', not_before_ms = ?, attempts = 0",
+                now_ms(),
+            )
+            .await?;
+        // Records back in the queue the writer did not store.
+        self.recount.notify_one();
+        Ok(n)
     }
 
     /// Drops dead letters for good (`ids`, or all when `None`): their keys
@@ -667,8 +709,9 @@ fn shown(path: &str) -> String {
     }
 }
 
-/// Opens the SQLite queue at `path` (created if missing).
-async fn sqlite(path: &str) -> Result<Db, RelayError> {
+/// Opens the SQLite queue at `path` (created if missing), `connections`
+/// at most.
+async fn sqlite(path: &str, connections: u32) -> Result<Db, RelayError> {
     let options = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
@@ -676,7 +719,7 @@ async fn sqlite(path: &str) -> Result<Db, RelayError> {
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(BUSY_TIMEOUT);
     let pool = SqlitePoolOptions::new()
-        .max_connections(SQLITE_CONNECTIONS)
+        .max_connections(connections)
         // A write SQLite rolled back by itself (disk full, I/O
         // error) leaves the driver's transaction count behind, and
         // that connection then refuses every BEGIN: close it, so
@@ -688,6 +731,21 @@ async fn sqlite(path: &str) -> Result<Db, RelayError> {
         .await
         .map_err(|e| RelayError::db(&format!("open the SQLite queue {}", shown(path)), e))?;
     Ok(Db::Sqlite(pool))
+}
+
+/// A pool of `connections` at most to the PostgreSQL queue at `url`.
+async fn postgres(url: &str, connections: u32) -> Result<Db, RelayError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(connections)
+        // A server gone away fails a write within this (sqlx's 30 s
+        // default held every intake behind the writer's batch that long,
+        // past any Data Action's timeout): intake answers 503 and the flow
+        // retries.
+        .acquire_timeout(PG_ACQUIRE)
+        .connect(url)
+        .await
+        .map_err(|e| RelayError::db("connect to PostgreSQL", e))?;
+    Ok(Db::Postgres(pool))
 }
 
 /// `text` with `?` placeholders, or `$1, $2, ...` for PostgreSQL.
@@ -754,7 +812,12 @@ async fn migrate(db: &Db) -> Result<(), RelayError> {
         "CREATE INDEX IF NOT EXISTS relay_records_order_state ON relay_records \
            (order_key, state, id)"
             .into(),
-        // Superseded by the two above (queues created before them).
+        // The figures of the records pending or in flight (`/status`, the
+        // recount) read from the index alone, not from every record.
+        "CREATE INDEX IF NOT EXISTS relay_records_open ON relay_records \
+           (state, received_ms, bytes)"
+            .into(),
+        // Superseded by the first two above (queues created before them).
         "DROP INDEX IF EXISTS relay_records_state".into(),
         "DROP INDEX IF EXISTS relay_records_order".into(),
         "CREATE TABLE IF NOT EXISTS relay_dead_letters ( \
@@ -787,33 +850,198 @@ async fn migrate(db: &Db) -> Result<(), RelayError> {
     Ok(())
 }
 
-/// What the writer knows of the records pending or in flight: read from
-/// the database at most every [`OPEN_REFRESH`] (other relays on a shared
-/// queue, replays and reclaims change it too), kept up to date with its own
-/// inserts and outcomes in between, so a commit does not count the queue.
-#[derive(Default)]
-struct Open {
+/// How often the recounter counts the queue while records arrive.
+const RECOUNT_EVERY: Duration = Duration::from_secs(1);
+
+/// The records pending or in flight, and their bytes, as the writer's room
+/// check sees them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Figures {
     records: i64,
     bytes: i64,
-    read_at: Option<Instant>,
 }
 
-/// How often [`Open`] is read from the database.
-const OPEN_REFRESH: Duration = Duration::from_secs(1);
+/// The writer's [`Figures`] of the queue: recounted from the database by
+/// the recounter (other relays on a shared queue and replays change it
+/// too), moved by the writer's own commits in between. See [`Limits`] for
+/// the bound this keeps.
+#[derive(Clone)]
+struct Room(Arc<Mutex<RoomState>>);
+
+struct RoomState {
+    now: Figures,
+    /// What the writer stored since the running recount began: not in its
+    /// count if committed after the count's snapshot was taken.
+    added: Figures,
+    /// When the last recount began.
+    recounted_at: Instant,
+    /// Records came since then. A queue no record comes to is not
+    /// recounted (a count of a large backlog costs a core a few hundred ms):
+    /// its figures are not read.
+    intake: bool,
+}
+
+impl Room {
+    fn new() -> Room {
+        Room(Arc::new(Mutex::new(RoomState {
+            now: Figures::default(),
+            added: Figures::default(),
+            recounted_at: Instant::now(),
+            intake: false,
+        })))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, RoomState> {
+        // Every update leaves the figures whole: a panic elsewhere while
+        // the lock was held does not make them wrong.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The figures for a batch of records; whether they are older than
+    /// `every` (records come after a spell without: recount at once).
+    fn for_intake(&self, every: Duration) -> (Figures, bool) {
+        let mut s = self.state();
+        s.intake = true;
+        (s.now, s.recounted_at.elapsed() > every)
+    }
+
+    /// Whether records came since the last recount.
+    fn had_intake(&self) -> bool {
+        self.state().intake
+    }
+
+    /// A commit of the writer stored `added` and removed `removed`.
+    fn committed(&self, added: Figures, removed: Figures) {
+        let mut s = self.state();
+        s.now.records = (s.now.records + added.records - removed.records).max(0);
+        s.now.bytes = (s.now.bytes + added.bytes - removed.bytes).max(0);
+        s.added.records += added.records;
+        s.added.bytes += added.bytes;
+    }
+
+    /// A recount begins: its snapshot is taken after this.
+    fn recount_begins(&self) {
+        let mut s = self.state();
+        s.added = Figures::default();
+        s.recounted_at = Instant::now();
+        s.intake = false;
+    }
+
+    /// A recount found `records` of `bytes`. A record stored after its
+    /// snapshot is added to them; one stored between the start and the
+    /// snapshot is counted twice, and one removed after the snapshot
+    /// comes off at the next recount: both only ever overstate the queue.
+    fn recounted(&self, records: i64, bytes: i64) {
+        let mut s = self.state();
+        s.now = Figures {
+            records: records + s.added.records,
+            bytes: bytes + s.added.bytes,
+        };
+    }
+}
+
+/// The records pending or in flight and their bytes, counted in the
+/// database.
+async fn count_open(db: &Db) -> Result<(i64, i64), RelayError> {
+    let count = placeholders(db, COUNT_OPEN);
+    let what = |e| RelayError::db("count the queue", e);
+    with_pool!(db, pool => {
+        let row = sqlx::query(&count).fetch_one(pool).await.map_err(what)?;
+        Ok((
+            row.try_get::<i64, _>("n").map_err(what)?,
+            row.try_get::<i64, _>("bytes").map_err(what)?,
+        ))
+    })
+}
+
+const COUNT_OPEN: &str = "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(bytes), 0) AS BIGINT) AS bytes \
+                          FROM relay_records WHERE state IN ('pending', 'inflight')";
+
+/// The task that recounts the queue for the writer's [`Room`], on a
+/// connection of its own: a count of a large backlog takes a while (a few
+/// hundred ms at a million records), and intake does not wait for it.
+struct Recounter {
+    every: Duration,
+    /// Tests: told when a recount has counted, then holds it until released.
+    #[cfg(test)]
+    hook: Option<RecountHook>,
+}
+
+impl Default for Recounter {
+    fn default() -> Recounter {
+        Recounter {
+            every: RECOUNT_EVERY,
+            #[cfg(test)]
+            hook: None,
+        }
+    }
+}
+
+#[cfg(test)]
+struct RecountHook {
+    counted: mpsc::UnboundedSender<()>,
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Recounter {
+    /// Recounts every `every` while records arrive, and when `now` is
+    /// notified, until `stop` (the writer's end).
+    async fn run(self, db: Db, room: Room, now: Arc<Notify>, mut stop: oneshot::Receiver<()>) {
+        // The first count was open's.
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.every, self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tick.tick() => if !room.had_intake() { continue },
+                _ = now.notified() => {}
+            }
+            tokio::select! {
+                _ = &mut stop => break,
+                counted = self.recount(&db, &room) => {
+                    if let Err(e) = counted {
+                        tracing::warn!(error = %e, "the queue's recount failed; the writer keeps its figures");
+                    }
+                }
+            }
+        }
+        with_pool!(&db, pool => pool.close().await);
+    }
+
+    async fn recount(&self, db: &Db, room: &Room) -> Result<(), RelayError> {
+        room.recount_begins();
+        let (records, bytes) = count_open(db).await?;
+        #[cfg(test)]
+        if let Some(hook) = &self.hook {
+            let _ = hook.counted.send(());
+            let _held = hook.gate.lock().await;
+            room.recounted(records, bytes);
+            return Ok(());
+        }
+        room.recounted(records, bytes);
+        Ok(())
+    }
+}
 
 /// The writer: gathers what is waiting (up to [`BATCH_MAX`]), commits it in
-/// one transaction, then answers every caller.
-async fn write_loop(db: Db, mut ops: mpsc::Receiver<Op>, limits: Limits, failing: Arc<AtomicBool>) {
+/// one transaction, then answers every caller. Drops `_stop` (stopping the
+/// recounter) when every handle is gone.
+async fn write_loop(
+    db: Db,
+    mut ops: mpsc::Receiver<Op>,
+    limits: Limits,
+    room: Room,
+    recount: Arc<Notify>,
+    failing: Arc<AtomicBool>,
+    _stop: oneshot::Sender<()>,
+) {
     let mut batch = Vec::with_capacity(BATCH_MAX);
-    let mut open = Open::default();
     while ops.recv_many(&mut batch, BATCH_MAX).await > 0 {
         let (finishes, enqueues): (Vec<Op>, Vec<Op>) = batch
             .drain(..)
             .partition(|op| matches!(op, Op::Finish { .. }));
-        let results = commit(&db, &finishes, &enqueues, limits, &mut open).await;
-        if results.is_err() {
-            open.read_at = None;
-        }
+        let results = commit(&db, &finishes, &enqueues, limits, &room, &recount).await;
         failing.store(results.is_err(), Ordering::Relaxed);
         match results {
             Ok(stored) => {
@@ -852,13 +1080,9 @@ async fn commit(
     finishes: &[Op],
     enqueues: &[Op],
     limits: Limits,
-    open: &mut Open,
+    room: &Room,
+    recount: &Notify,
 ) -> Result<Vec<Stored>, RelayError> {
-    let count = placeholders(
-        db,
-        "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(bytes), 0) AS BIGINT) AS bytes \
-         FROM relay_records WHERE state IN ('pending', 'inflight')",
-    );
     let insert = placeholders(
         db,
         "INSERT INTO relay_records (idem_key, order_key, method, path, body, bytes, state, \
@@ -893,15 +1117,17 @@ async fn commit(
     let what = |e| RelayError::db("commit to the queue", e);
     let now = now_ms();
     with_pool!(db, pool => {
-        // Read before the transaction: the limits are a bound, not a
-        // promise, and SQLite's transaction must begin with its lock.
-        if !enqueues.is_empty() && open.read_at.is_none_or(|t| t.elapsed() >= OPEN_REFRESH) {
-            let row = sqlx::query(&count).fetch_one(pool).await.map_err(what)?;
-            open.records = row.try_get::<i64, _>("n").map_err(what)?;
-            open.bytes = row.try_get::<i64, _>("bytes").map_err(what)?;
-            open.read_at = Some(Instant::now());
-        }
-        let (mut records, mut bytes) = (open.records, open.bytes);
+        let Figures { mut records, mut bytes } = if enqueues.is_empty() {
+            Figures::default()
+        } else {
+            // Twice the interval: a recount is due on the tick before that.
+            let (figures, old) = room.for_intake(2 * RECOUNT_EVERY);
+            if old {
+                recount.notify_one();
+            }
+            figures
+        };
+        let (mut added, mut removed) = (Figures::default(), Figures::default());
         let mut tx = pool.begin_write().await.map_err(what)?;
         for op in finishes {
             let Op::Finish { id, attempts, owner, outcome, .. } = op else { continue };
@@ -910,8 +1136,11 @@ async fn commit(
                     let row = sqlx::query(&done).bind(now).bind(*id).bind(owner).bind(*attempts)
                         .fetch_optional(&mut *tx).await.map_err(what)?;
                     if let Some(row) = row {
+                        let size = row.try_get::<i64, _>("bytes").map_err(what)?;
                         records -= 1;
-                        bytes -= row.try_get::<i64, _>("bytes").map_err(what)?;
+                        bytes -= size;
+                        removed.records += 1;
+                        removed.bytes += size;
                     }
                 }
                 Outcome::Retry { at_ms } => {
@@ -922,8 +1151,11 @@ async fn commit(
                     let row = sqlx::query(&dead).bind(*id).bind(owner).bind(*attempts)
                         .fetch_optional(&mut *tx).await.map_err(what)?;
                     if let Some(row) = row {
+                        let size = row.try_get::<i64, _>("bytes").map_err(what)?;
                         records -= 1;
-                        bytes -= row.try_get::<i64, _>("bytes").map_err(what)?;
+                        bytes -= size;
+                        removed.records += 1;
+                        removed.bytes += size;
                         sqlx::query(&letter)
                             .bind(*id)
                             .bind(i64::from(*status))
@@ -964,6 +1196,8 @@ async fn commit(
                 Some(id) => {
                     records += 1;
                     bytes += size;
+                    added.records += 1;
+                    added.bytes += size;
                     Stored::New(id)
                 }
                 None => {
@@ -992,7 +1226,7 @@ async fn commit(
             stored.push(s);
         }
         tx.commit().await.map_err(what)?;
-        (open.records, open.bytes) = (records.max(0), bytes.max(0));
+        room.committed(added, removed);
         Ok(stored)
     })
 }
@@ -1031,6 +1265,13 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let url = format!("sqlite:{}", dir.join("q.db").display());
         (Queue::open(&url, Limits::default()).await.unwrap(), dir)
+    }
+
+    fn record(key: &str) -> NewRecord {
+        NewRecord {
+            key: key.into(),
+            ..one_record()
+        }
     }
 
     fn one_record() -> NewRecord {
@@ -1111,6 +1352,60 @@ mod tests {
             .unwrap();
         let depth = q.depth().await.unwrap();
         assert_eq!((depth.records, depth.done), (0, 1));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A recount of a large backlog takes a while: intake is answered
+    /// meanwhile, and the writer's own figures still keep the limits.
+    #[tokio::test]
+    async fn records_are_stored_and_refused_at_the_limit_while_a_recount_is_held() {
+        let dir = std::env::temp_dir().join(format!("gc-relay-recount-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite:{}", dir.join("q.db").display());
+        let limits = Limits {
+            max_records: 3,
+            max_bytes: u64::MAX,
+        };
+        let (counted, mut recounts) = mpsc::unbounded_channel();
+        let gate = Arc::new(tokio::sync::Mutex::new(()));
+        let held = gate.clone().lock_owned().await;
+        let recounter = Recounter {
+            every: Duration::from_secs(3600),
+            hook: Some(RecountHook { counted, gate }),
+        };
+        let q = Queue::open_with(&url, limits, recounter).await.unwrap();
+        let first = tokio::spawn({
+            let q = q.clone();
+            async move { q.enqueue(record("a")).await }
+        });
+        // A recount has counted the queue and is held before it publishes
+        // what it found.
+        q.recount.notify_one();
+        recounts.recv().await.unwrap();
+        // A hang guard, not a measure: the writer waits for no recount.
+        let stored = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut stored = vec![first.await.unwrap().unwrap()];
+            for key in ["b", "c", "d"] {
+                stored.push(q.enqueue(record(key)).await.unwrap());
+            }
+            stored
+        })
+        .await
+        .expect("records answered while a recount is held");
+        assert!(
+            matches!(
+                stored[..],
+                [Stored::New(_), Stored::New(_), Stored::New(_), Stored::Full]
+            ),
+            "{stored:?}"
+        );
+        // The held recount still knows every record, counted or not.
+        drop(held);
+        q.recount.notify_one();
+        recounts.recv().await.unwrap();
+        assert_eq!(q.enqueue(record("e")).await.unwrap(), Stored::Full);
+        assert_eq!(q.depth().await.unwrap().records, 3);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
