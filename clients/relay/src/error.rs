@@ -38,6 +38,16 @@ pub enum RelayError {
         /// Seconds to wait.
         retry_after_s: u64,
     },
+    /// The queue lacks a table or column `status` or `dlq` reads (it is
+    /// migrated only by `serve`).
+    #[error(
+        "the queue has no {missing}: it was written by an older gc-relay (or is not a \
+         gc-relay queue); run `gc-relay serve` with this version on it first"
+    )]
+    OlderQueue {
+        /// The table, or `table.column`.
+        missing: String,
+    },
     /// Bad settings (at start).
     #[error("settings: {0}")]
     Settings(String),
@@ -75,9 +85,10 @@ impl IntoResponse for RelayError {
             RelayError::Db { .. } | RelayError::WriterGone | RelayError::Unavailable => {
                 (StatusCode::SERVICE_UNAVAILABLE, Some(1))
             }
-            RelayError::Settings(_) | RelayError::Upstream(_) | RelayError::Io { .. } => {
-                (StatusCode::INTERNAL_SERVER_ERROR, None)
-            }
+            RelayError::Settings(_)
+            | RelayError::OlderQueue { .. }
+            | RelayError::Upstream(_)
+            | RelayError::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, None),
         };
         let message = match &self {
             // Internal details go to the log, not to the caller.

@@ -34,7 +34,7 @@ mod server;
 
 pub use drain::DrainSettings;
 pub use error::RelayError;
-pub use queue::{now_ms, sqlite_path, DeadLetter, Depth, Limits, Outcome, Queue, Stored};
+pub use queue::{now_ms, sqlite_path, Access, DeadLetter, Depth, Limits, Outcome, Queue, Stored};
 pub use record::{Intake, Invalid, NewRecord, Record, KEY_MAX, PATH_MAX};
 pub use server::{Auth, SECRET_HEADER};
 

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use gc_relay::{Auth, DrainSettings, Limits, Queue, RelayError, Settings, UpstreamSettings};
+use gc_relay::{
+    Access, Auth, DrainSettings, Limits, Queue, RelayError, Settings, UpstreamSettings,
+};
 
 /// Largest `--max-record-bytes`: intake reads up to twice that per request.
 const MAX_RECORD_BYTES: u64 = 16 * 1024 * 1024;
@@ -199,7 +201,7 @@ async fn run(command: Command) -> Result<(), RelayError> {
     match command {
         Command::Serve(s) => serve(*s).await,
         Command::Status { queue, json } => {
-            let depth = open(&queue).await?.depth().await?;
+            let depth = open(&queue, Access::Read).await?.depth().await?;
             if json {
                 out(&format!(
                     "{}\n",
@@ -230,7 +232,11 @@ async fn run(command: Command) -> Result<(), RelayError> {
         }
         Command::Dlq { action } => match action {
             Dlq::List { queue, limit } => {
-                for d in open(&queue).await?.dead_letters(limit).await? {
+                for d in open(&queue, Access::Read)
+                    .await?
+                    .dead_letters(limit)
+                    .await?
+                {
                     out(&format!(
                         "{}\n",
                         serde_json::to_string(&d).unwrap_or_default()
@@ -239,12 +245,18 @@ async fn run(command: Command) -> Result<(), RelayError> {
                 Ok(())
             }
             Dlq::Replay(p) => {
-                let n = open(&p.queue).await?.replay(ids(&p)).await?;
+                let n = open(&p.queue, Access::Settle)
+                    .await?
+                    .replay(ids(&p))
+                    .await?;
                 out(&format!("{n} dead letters back in the queue\n"))?;
                 all_named(&p, n)
             }
             Dlq::Drop(p) => {
-                let n = open(&p.queue).await?.drop_dead(ids(&p)).await?;
+                let n = open(&p.queue, Access::Settle)
+                    .await?
+                    .drop_dead(ids(&p))
+                    .await?;
                 out(&format!("{n} dead letters dropped\n"))?;
                 all_named(&p, n)
             }
@@ -287,8 +299,9 @@ fn ids(p: &Pick) -> Option<&[i64]> {
 }
 
 /// The queue `status` and `dlq` read: one that exists (a mistyped path
-/// would otherwise be a new, empty queue reported as all zeros).
-async fn open(q: &QueueArg) -> Result<Queue, RelayError> {
+/// would otherwise be a new, empty queue reported as all zeros), as it is
+/// (only `serve` migrates it).
+async fn open(q: &QueueArg, access: Access) -> Result<Queue, RelayError> {
     if let Some(path) = gc_relay::sqlite_path(&q.queue)? {
         if !std::path::Path::new(path).exists() {
             return Err(RelayError::Settings(format!(
@@ -297,7 +310,7 @@ async fn open(q: &QueueArg) -> Result<Queue, RelayError> {
             )));
         }
     }
-    Queue::open(&q.queue, Limits::default()).await
+    Queue::open_existing(&q.queue, access).await
 }
 
 async fn serve(s: Serve) -> Result<(), RelayError> {

@@ -21,9 +21,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
 use sqlx::{Connection as _, Row};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -50,6 +51,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const DEAD_ANSWER_MAX: usize = 4096;
 /// Dead letters pruned per transaction at most.
 const PRUNE_BATCH: i64 = 500;
+/// How long a statement of the PostgreSQL migration waits for a lock
+/// before it gives up (the relay then serves with the indexes there are).
+const MIGRATION_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// How full the queue may get before intake answers 503.
 ///
@@ -194,6 +198,48 @@ impl BeginWrite for PgPool {
     }
 }
 
+/// Intake's part in keeping a dead letter that holds records back: see
+/// [`Queue::prune_dead_letters`].
+trait HoldDeadLetters {
+    type Connection;
+    /// Locks, until the transaction ends, the dead letters of `order_keys`.
+    async fn hold_dead_letters(
+        &self,
+        conn: &mut Self::Connection,
+        order_keys: &[String],
+    ) -> Result<(), sqlx::Error>;
+}
+
+impl HoldDeadLetters for SqlitePool {
+    type Connection = SqliteConnection;
+    /// Nothing to do: the write transaction already excludes the pruning.
+    async fn hold_dead_letters(
+        &self,
+        _: &mut SqliteConnection,
+        _: &[String],
+    ) -> Result<(), sqlx::Error> {
+        Ok(())
+    }
+}
+
+impl HoldDeadLetters for PgPool {
+    type Connection = PgConnection;
+    async fn hold_dead_letters(
+        &self,
+        conn: &mut PgConnection,
+        order_keys: &[String],
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "SELECT id FROM relay_records WHERE state = 'dead' AND order_key = ANY($1) \
+             ORDER BY id FOR SHARE",
+        )
+        .bind(order_keys)
+        .execute(conn)
+        .await
+        .map(|_| ())
+    }
+}
+
 /// One operation for the writer, with the channel its caller waits on.
 enum Op {
     Enqueue(NewRecord, oneshot::Sender<Result<Stored, RelayError>>),
@@ -208,6 +254,79 @@ enum Op {
         done: oneshot::Sender<Result<(), RelayError>>,
     },
 }
+
+/// How a command uses a queue it opens with [`Queue::open_existing`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Reads only (`status`, `dlq list`): the connections are read-only.
+    Read,
+    /// Settles dead letters (`dlq replay`, `dlq drop`).
+    Settle,
+}
+
+/// What [`Queue::open`] leaves at its defaults and tests set.
+struct Internals {
+    recounter: Recounter,
+    /// PostgreSQL's `lock_timeout` while migrating.
+    lock_wait: Duration,
+    /// Tests: told when a write transaction that stores records is about to
+    /// commit, then holds it until released.
+    #[cfg(test)]
+    commit_hook: Option<Hook>,
+}
+
+impl Default for Internals {
+    fn default() -> Internals {
+        Internals {
+            recounter: Recounter::default(),
+            lock_wait: MIGRATION_LOCK_WAIT,
+            #[cfg(test)]
+            commit_hook: None,
+        }
+    }
+}
+
+/// Tests: a point in a task that says it got there, then waits for `gate`.
+#[cfg(test)]
+struct Hook {
+    reached: mpsc::UnboundedSender<()>,
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+#[cfg(test)]
+impl Hook {
+    async fn pass(&self) {
+        let _ = self.reached.send(());
+        let _held = self.gate.lock().await;
+    }
+}
+
+/// The tables and columns `status` and `dlq` read.
+const READ_COLUMNS: [(&str, &[&str]); 2] = [
+    (
+        "relay_records",
+        &[
+            "id",
+            "idem_key",
+            "order_key",
+            "method",
+            "path",
+            "body",
+            "bytes",
+            "state",
+            "attempts",
+            "received_ms",
+            "not_before_ms",
+            "lease_owner",
+            "lease_until_ms",
+            "done_ms",
+        ],
+    ),
+    (
+        "relay_dead_letters",
+        &["record_id", "status", "answer", "dead_ms"],
+    ),
+];
 
 /// The queue: a cheap-clone handle (a pool and the writer's channel).
 #[derive(Clone)]
@@ -278,44 +397,33 @@ impl Queue {
     /// Opens (creating if needed) the queue at `url`: `sqlite:PATH` or a
     /// bare path for SQLite, `postgres://...` for PostgreSQL (another
     /// scheme is an error; an unreachable server is said at once, with its
-    /// reason). Starts the writer task, which stops when every handle is
-    /// dropped.
+    /// reason), and brings its schema up to this version (see
+    /// `migrate_sqlite` and `migrate_postgres`).
+    /// Starts the writer task, which stops when every handle is dropped.
     pub async fn open(url: &str, limits: Limits) -> Result<Queue, RelayError> {
-        Queue::open_with(url, limits, Recounter::default()).await
+        Queue::open_with(url, limits, Internals::default()).await
     }
 
     async fn open_with(
         url: &str,
         limits: Limits,
-        recounter: Recounter,
+        internals: Internals,
     ) -> Result<Queue, RelayError> {
         let (db, counter) = if let Some(path) = sqlite_path(url)? {
-            (
-                sqlite(path, SQLITE_CONNECTIONS).await?,
-                sqlite(path, 1).await?,
-            )
+            let pool = sqlite(path, SQLITE_CONNECTIONS).await?;
+            migrate_sqlite(&pool).await?;
+            (Db::Sqlite(pool), Db::Sqlite(sqlite(path, 1).await?))
         } else {
-            // One connection first, for its own error (connection refused,
-            // no such database, a wrong password): the pool would retry for
-            // its whole acquire timeout, then say only that it timed out.
-            let first = tokio::time::timeout(CONNECT_WAIT, PgConnection::connect(url))
-                .await
-                .map_err(|_| {
-                    let e = std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no answer within {} s", CONNECT_WAIT.as_secs()),
-                    );
-                    RelayError::db("connect to PostgreSQL", sqlx::Error::Io(e))
-                })?
-                .map_err(|e| RelayError::db("connect to PostgreSQL", e))?;
-            // Only a probe: a failed goodbye is no reason not to start.
+            let mut first = connect_postgres(url).await?;
+            migrate_postgres(&mut first, internals.lock_wait).await?;
+            // Its work is done (and its session's locks go with it): a
+            // failed goodbye is no reason not to start.
             let _ = first.close().await;
             (
-                postgres(url, PG_CONNECTIONS).await?,
-                postgres(url, 1).await?,
+                Db::Postgres(postgres(url, PG_CONNECTIONS).await?),
+                Db::Postgres(postgres(url, 1).await?),
             )
         };
-        migrate(&db).await?;
         // The figures are known before the first record is taken.
         let room = Room::new();
         let (records, bytes) = count_open(&counter).await?;
@@ -324,14 +432,22 @@ impl Queue {
         let failing = Arc::new(AtomicBool::new(false));
         let recount = Arc::new(Notify::new());
         let (stop, stopped) = oneshot::channel();
-        tokio::spawn(recounter.run(counter, room.clone(), recount.clone(), stopped));
+        tokio::spawn(
+            internals
+                .recounter
+                .run(counter, room.clone(), recount.clone(), stopped),
+        );
         tokio::spawn(write_loop(
-            db.clone(),
+            Writer {
+                db: db.clone(),
+                limits,
+                room,
+                recount: recount.clone(),
+                failing: failing.clone(),
+                #[cfg(test)]
+                hook: internals.commit_hook,
+            },
             ops,
-            limits,
-            room,
-            recount.clone(),
-            failing.clone(),
             stop,
         ));
         Ok(Queue {
@@ -340,6 +456,55 @@ impl Queue {
             limits,
             failing,
             recount,
+        })
+    }
+
+    /// Opens the queue at `url` as it is, for `gc-relay status` and `dlq`:
+    /// no table or index is created, changed or dropped (a serving relay's
+    /// queue is not migrated under it), and for [`Access::Read`] the
+    /// connection is read-only. A queue that lacks a table or column these
+    /// read is [`RelayError::OlderQueue`]. The handle stores no records:
+    /// `enqueue` and `finish` answer [`RelayError::WriterGone`].
+    pub async fn open_existing(url: &str, access: Access) -> Result<Queue, RelayError> {
+        let read_only = access == Access::Read;
+        let db = if let Some(path) = sqlite_path(url)? {
+            let options = SqliteConnectOptions::new()
+                .filename(path)
+                .read_only(read_only)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(BUSY_TIMEOUT);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options)
+                .await
+                .map_err(|e| {
+                    RelayError::db(&format!("open the SQLite queue {}", shown(path)), e)
+                })?;
+            Db::Sqlite(pool)
+        } else {
+            let connect = |e| RelayError::db("connect to PostgreSQL", e);
+            let mut options: PgConnectOptions = url.parse().map_err(connect)?;
+            if read_only {
+                options = options.options([("default_transaction_read_only", "on")]);
+            }
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(CONNECT_WAIT)
+                .connect_with(options)
+                .await
+                .map_err(connect)?;
+            Db::Postgres(pool)
+        };
+        if let Some(missing) = missing_column(&db).await? {
+            return Err(RelayError::OlderQueue { missing });
+        }
+        let (writer, _) = mpsc::channel(1);
+        Ok(Queue {
+            db,
+            writer,
+            limits: Limits::default(),
+            failing: Arc::default(),
+            recount: Arc::default(),
         })
     }
 
@@ -488,41 +653,71 @@ impl Queue {
     /// leaves it (its key still known until delivered records are pruned).
     pub async fn prune_dead_letters(&self, keep: Duration, now_ms: i64) -> Result<u64, RelayError> {
         let before = now_ms.saturating_sub(keep.as_millis().try_into().unwrap_or(i64::MAX));
-        let update = self.sql(
-            "UPDATE relay_records SET state = 'dropped', done_ms = ? \
-             WHERE state = 'dead' AND id IN (SELECT d.record_id FROM relay_dead_letters d \
-               JOIN relay_records r ON r.id = d.record_id \
-               WHERE d.dead_ms < ? AND NOT EXISTS (SELECT 1 FROM relay_records f \
-                 WHERE f.order_key = r.order_key AND f.id > r.id \
-                   AND f.state IN ('pending', 'inflight')) \
-               ORDER BY d.dead_ms LIMIT ?) \
-             RETURNING id",
-        );
+        // On PostgreSQL the check that no record is held back, read in one
+        // snapshot, misses a record another relay's intake has stored and
+        // not yet committed. That intake holds the key's dead letters
+        // (`FOR SHARE`, see `commit`) until it commits: the candidates are
+        // locked first, skipping those an intake holds (kept this time),
+        // and checked again by a statement of its own, whose snapshot is
+        // taken once the locks are held and so sees every such record. An
+        // intake that comes after the lock waits for this commit, and its
+        // record is one that arrived after the dead letter was dropped.
+        let lock = match self.db {
+            Db::Sqlite(_) => "",
+            Db::Postgres(_) => "FOR UPDATE OF r SKIP LOCKED",
+        };
+        let held_back = |r: &str| {
+            format!(
+                "EXISTS (SELECT 1 FROM relay_records f WHERE f.order_key = {r}.order_key \
+                   AND f.id > {r}.id AND f.state IN ('pending', 'inflight'))"
+            )
+        };
+        let candidates = self.sql(&format!(
+            "SELECT r.id FROM relay_dead_letters d JOIN relay_records r ON r.id = d.record_id \
+             WHERE d.dead_ms < ? AND r.state = 'dead' AND NOT {} \
+             ORDER BY d.dead_ms LIMIT ? {lock}",
+            held_back("r")
+        ));
         let what = |e| RelayError::db("prune dead letters", e);
         let mut pruned = 0;
         loop {
-            let n = with_pool!(&self.db, pool => {
+            let (found, n) = with_pool!(&self.db, pool => {
                 let mut tx = pool.begin_write().await.map_err(what)?;
-                let ids: Vec<i64> = sqlx::query_scalar(&update)
-                    .bind(now_ms)
+                let found: Vec<i64> = sqlx::query_scalar(&candidates)
                     .bind(before)
                     .bind(PRUNE_BATCH)
                     .fetch_all(&mut *tx)
                     .await
                     .map_err(what)?;
-                if !ids.is_empty() {
-                    let list: Vec<String> = ids.iter().map(i64::to_string).collect();
-                    let delete = format!(
-                        "DELETE FROM relay_dead_letters WHERE record_id IN ({})",
-                        list.join(",")
-                    );
-                    sqlx::query(&delete).execute(&mut *tx).await.map_err(what)?;
+                let mut n = 0;
+                if !found.is_empty() {
+                    let list: Vec<String> = found.iter().map(i64::to_string).collect();
+                    let list = list.join(",");
+                    let update = self.sql(&format!(
+                        "UPDATE relay_records SET state = 'dropped', done_ms = ? \
+                         WHERE state = 'dead' AND id IN ({list}) AND NOT {} RETURNING id",
+                        held_back("relay_records")
+                    ));
+                    let ids: Vec<i64> = sqlx::query_scalar(&update)
+                        .bind(now_ms)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(what)?;
+                    if !ids.is_empty() {
+                        let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+                        let delete = format!(
+                            "DELETE FROM relay_dead_letters WHERE record_id IN ({})",
+                            list.join(",")
+                        );
+                        sqlx::query(&delete).execute(&mut *tx).await.map_err(what)?;
+                    }
+                    n = ids.len() as u64;
                 }
                 tx.commit().await.map_err(what)?;
-                ids.len() as u64
+                (found.len(), n)
             });
             pruned += n;
-            if n < PRUNE_BATCH as u64 {
+            if found < PRUNE_BATCH as usize {
                 return Ok(pruned);
             }
         }
@@ -667,9 +862,20 @@ impl Queue {
         ));
         let delete = "DELETE FROM relay_dead_letters WHERE record_id NOT IN \
                       (SELECT id FROM relay_records WHERE state = 'dead')";
+        // In id order, as intake holds them: an intake holding one and
+        // waiting for another is not waited for in turn (a deadlock).
+        let lock = match self.db {
+            Db::Sqlite(_) => None,
+            Db::Postgres(_) => Some(format!(
+                "SELECT id FROM relay_records WHERE state = 'dead'{which} ORDER BY id FOR UPDATE"
+            )),
+        };
         let what = |e| RelayError::db("settle dead letters", e);
         with_pool!(&self.db, pool => {
             let mut tx = pool.begin_write().await.map_err(what)?;
+            if let Some(lock) = &lock {
+                sqlx::query(lock).execute(&mut *tx).await.map_err(what)?;
+            }
             let n = sqlx::query(&update)
                 .bind(value)
                 .execute(&mut *tx)
@@ -711,14 +917,14 @@ fn shown(path: &str) -> String {
 
 /// Opens the SQLite queue at `path` (created if missing), `connections`
 /// at most.
-async fn sqlite(path: &str, connections: u32) -> Result<Db, RelayError> {
+async fn sqlite(path: &str, connections: u32) -> Result<SqlitePool, RelayError> {
     let options = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(BUSY_TIMEOUT);
-    let pool = SqlitePoolOptions::new()
+    SqlitePoolOptions::new()
         .max_connections(connections)
         // A write SQLite rolled back by itself (disk full, I/O
         // error) leaves the driver's transaction count behind, and
@@ -729,13 +935,29 @@ async fn sqlite(path: &str, connections: u32) -> Result<Db, RelayError> {
         })
         .connect_with(options)
         .await
-        .map_err(|e| RelayError::db(&format!("open the SQLite queue {}", shown(path)), e))?;
-    Ok(Db::Sqlite(pool))
+        .map_err(|e| RelayError::db(&format!("open the SQLite queue {}", shown(path)), e))
+}
+
+/// One connection to the PostgreSQL queue at `url`, first, for its own
+/// error (connection refused, no such database, a wrong password): a pool
+/// would retry for its whole acquire timeout, then say only that it timed
+/// out.
+async fn connect_postgres(url: &str) -> Result<PgConnection, RelayError> {
+    tokio::time::timeout(CONNECT_WAIT, PgConnection::connect(url))
+        .await
+        .map_err(|_| {
+            let e = std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {} s", CONNECT_WAIT.as_secs()),
+            );
+            RelayError::db("connect to PostgreSQL", sqlx::Error::Io(e))
+        })?
+        .map_err(|e| RelayError::db("connect to PostgreSQL", e))
 }
 
 /// A pool of `connections` at most to the PostgreSQL queue at `url`.
-async fn postgres(url: &str, connections: u32) -> Result<Db, RelayError> {
-    let pool = PgPoolOptions::new()
+async fn postgres(url: &str, connections: u32) -> Result<PgPool, RelayError> {
+    PgPoolOptions::new()
         .max_connections(connections)
         // A server gone away fails a write within this (sqlx's 30 s
         // default held every intake behind the writer's batch that long,
@@ -744,8 +966,7 @@ async fn postgres(url: &str, connections: u32) -> Result<Db, RelayError> {
         .acquire_timeout(PG_ACQUIRE)
         .connect(url)
         .await
-        .map_err(|e| RelayError::db("connect to PostgreSQL", e))?;
-    Ok(Db::Postgres(pool))
+        .map_err(|e| RelayError::db("connect to PostgreSQL", e))
 }
 
 /// `text` with `?` placeholders, or `$1, $2, ...` for PostgreSQL.
@@ -777,14 +998,9 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Creates the tables if missing (PostgreSQL: under an advisory lock, since
-/// two relays may start at once).
-async fn migrate(db: &Db) -> Result<(), RelayError> {
-    let id = match db {
-        Db::Sqlite(_) => "id INTEGER PRIMARY KEY AUTOINCREMENT",
-        Db::Postgres(_) => "id BIGSERIAL PRIMARY KEY",
-    };
-    let statements = [
+/// The queue's tables, `id` being its primary key's definition.
+fn tables(id: &str) -> [String; 2] {
+    [
         format!(
             "CREATE TABLE IF NOT EXISTS relay_records ( \
                {id}, \
@@ -802,52 +1018,191 @@ async fn migrate(db: &Db) -> Result<(), RelayError> {
                lease_until_ms BIGINT, \
                done_ms BIGINT)"
         ),
-        // The claim's candidates, due first; and the state's records (claims
-        // to give back, records to prune, the figures).
-        "CREATE INDEX IF NOT EXISTS relay_records_due ON relay_records \
-           (state, not_before_ms, id)"
-            .into(),
-        // Whether an older record of a key is open: one probe per state,
-        // not a walk through the key's delivered history.
-        "CREATE INDEX IF NOT EXISTS relay_records_order_state ON relay_records \
-           (order_key, state, id)"
-            .into(),
-        // The figures of the records pending or in flight (`/status`, the
-        // recount) read from the index alone, not from every record.
-        "CREATE INDEX IF NOT EXISTS relay_records_open ON relay_records \
-           (state, received_ms, bytes)"
-            .into(),
-        // Superseded by the first two above (queues created before them).
-        "DROP INDEX IF EXISTS relay_records_state".into(),
-        "DROP INDEX IF EXISTS relay_records_order".into(),
         "CREATE TABLE IF NOT EXISTS relay_dead_letters ( \
            record_id BIGINT PRIMARY KEY, \
            status BIGINT NOT NULL, \
            answer TEXT NOT NULL, \
            dead_ms BIGINT NOT NULL)"
             .into(),
-        "CREATE INDEX IF NOT EXISTS relay_dead_letters_age ON relay_dead_letters (dead_ms)".into(),
-    ];
+    ]
+}
+
+/// The queue's indexes: name, table, columns.
+const INDEXES: [(&str, &str, &str); 4] = [
+    // The claim's candidates, due first; and the state's records (claims
+    // to give back, records to prune, the figures).
+    (
+        "relay_records_due",
+        "relay_records",
+        "state, not_before_ms, id",
+    ),
+    // Whether an older record of a key is open: one probe per state, not
+    // a walk through the key's delivered history.
+    (
+        "relay_records_order_state",
+        "relay_records",
+        "order_key, state, id",
+    ),
+    // The figures of the records pending or in flight (`/status`, the
+    // recount) read from the index alone, not from every record.
+    (
+        "relay_records_open",
+        "relay_records",
+        "state, received_ms, bytes",
+    ),
+    ("relay_dead_letters_age", "relay_dead_letters", "dead_ms"),
+];
+
+/// Indexes of queues written before [`INDEXES`], superseded by them.
+const SUPERSEDED: [&str; 2] = ["relay_records_state", "relay_records_order"];
+
+/// Brings a SQLite queue to this version: one relay per file (its lock
+/// file), so plain statements lock nobody else out.
+async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), RelayError> {
+    let mut statements = tables("id INTEGER PRIMARY KEY AUTOINCREMENT").to_vec();
+    for (name, table, columns) in INDEXES {
+        statements.push(format!(
+            "CREATE INDEX IF NOT EXISTS {name} ON {table} ({columns})"
+        ));
+    }
+    for name in SUPERSEDED {
+        statements.push(format!("DROP INDEX IF EXISTS {name}"));
+    }
+    for s in &statements {
+        sqlx::raw_sql(s)
+            .execute(pool)
+            .await
+            .map_err(|e| RelayError::db("create the queue's tables", e))?;
+    }
+    Ok(())
+}
+
+/// Brings a PostgreSQL queue, which other relays may be using, to this
+/// version without stopping them: the tables are created only in a new
+/// database, and indexes are built `CONCURRENTLY` (intake and claims go
+/// on). Every wait for a lock is cut at `lock_wait`: a build that runs
+/// into it is given up, logged, and tried again at the next start (an
+/// index such a build left invalid is dropped and built again), and the
+/// relay serves meanwhile with the indexes there are.
+///
+/// The superseded indexes are left in place: a relay of a previous
+/// release (in a rolling deploy, or a rollback) creates them at its start
+/// with a plain `CREATE INDEX`, which would hold every relay's intake for
+/// the whole build of an index dropped under it. An operator drops them
+/// once no relay of a previous release runs.
+async fn migrate_postgres(conn: &mut PgConnection, lock_wait: Duration) -> Result<(), RelayError> {
     let what = |e| RelayError::db("create the queue's tables", e);
-    match db {
-        Db::Sqlite(pool) => {
-            for s in &statements {
-                sqlx::query(s).execute(pool).await.map_err(what)?;
-            }
+    sqlx::query(&format!("SET lock_timeout = {}", lock_wait.as_millis()))
+        .execute(&mut *conn)
+        .await
+        .map_err(what)?;
+    let exist: bool = sqlx::query_scalar(
+        "SELECT to_regclass('relay_records') IS NOT NULL \
+           AND to_regclass('relay_dead_letters') IS NOT NULL",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(what)?;
+    if !exist {
+        // Relays started at once on a new database create them one after
+        // the other (the lock a previous release takes for the same).
+        let mut tx = conn.begin().await.map_err(what)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(7311)")
+            .execute(&mut *tx)
+            .await
+            .map_err(what)?;
+        for s in tables("id BIGSERIAL PRIMARY KEY") {
+            sqlx::query(&s).execute(&mut *tx).await.map_err(what)?;
         }
-        Db::Postgres(pool) => {
-            let mut tx = pool.begin().await.map_err(what)?;
-            sqlx::query("SELECT pg_advisory_xact_lock(7311)")
-                .execute(&mut *tx)
-                .await
-                .map_err(what)?;
-            for s in &statements {
-                sqlx::query(s).execute(&mut *tx).await.map_err(what)?;
+        tx.commit().await.map_err(what)?;
+    }
+    // One relay builds at a time; held until this connection closes. A
+    // relay that finds it taken serves without waiting for the build.
+    let builder: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(7312)")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(what)?;
+    if !builder {
+        tracing::info!("another relay is building the queue's indexes; serving meanwhile");
+        return Ok(());
+    }
+    for (name, table, columns) in INDEXES {
+        match build_index(conn, name, table, columns).await {
+            Ok(()) => {}
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+                tracing::warn!(
+                    index = name,
+                    lock_wait_ms = lock_wait.as_millis() as u64,
+                    "the queue's index was not built: a lock was held longer than the wait; \
+                     serving without it, and building it at the next start"
+                );
+                return Ok(());
             }
-            tx.commit().await.map_err(what)?;
+            Err(e) => {
+                return Err(RelayError::db(
+                    &format!("build the queue's index {name}"),
+                    e,
+                ))
+            }
         }
     }
     Ok(())
+}
+
+/// Builds index `name` of `table` on `columns` concurrently, unless it is
+/// there and valid; one an interrupted build left invalid is dropped first.
+async fn build_index(
+    conn: &mut PgConnection,
+    name: &str,
+    table: &str,
+    columns: &str,
+) -> Result<(), sqlx::Error> {
+    let valid: Option<bool> =
+        sqlx::query_scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)")
+            .bind(name)
+            .fetch_optional(&mut *conn)
+            .await?;
+    match valid {
+        Some(true) => return Ok(()),
+        Some(false) => {
+            sqlx::query(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+                .execute(&mut *conn)
+                .await?;
+        }
+        None => {}
+    }
+    tracing::info!(index = name, "building the queue's index");
+    sqlx::query(&format!(
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} ({columns})"
+    ))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The first table or column in [`READ_COLUMNS`] that the queue lacks, as
+/// `table` or `table.column`.
+async fn missing_column(db: &Db) -> Result<Option<String>, RelayError> {
+    let sql = match db {
+        Db::Sqlite(_) => "SELECT name FROM pragma_table_info(?)",
+        Db::Postgres(_) => {
+            "SELECT attname::text FROM pg_attribute \
+             WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped"
+        }
+    };
+    let what = |e| RelayError::db("read the queue's tables", e);
+    for (table, wanted) in READ_COLUMNS {
+        let have: Vec<String> = with_pool!(db, pool => {
+            sqlx::query_scalar(sql).bind(table).fetch_all(pool).await.map_err(what)?
+        });
+        if have.is_empty() {
+            return Ok(Some(table.to_owned()));
+        }
+        if let Some(column) = wanted.iter().find(|c| !have.iter().any(|h| h == *c)) {
+            return Ok(Some(format!("{table}.{column}")));
+        }
+    }
+    Ok(None)
 }
 
 /// How often the recounter counts the queue while records arrive.
@@ -964,7 +1319,7 @@ struct Recounter {
     every: Duration,
     /// Tests: told when a recount has counted, then holds it until released.
     #[cfg(test)]
-    hook: Option<RecountHook>,
+    hook: Option<Hook>,
 }
 
 impl Default for Recounter {
@@ -975,12 +1330,6 @@ impl Default for Recounter {
             hook: None,
         }
     }
-}
-
-#[cfg(test)]
-struct RecountHook {
-    counted: mpsc::UnboundedSender<()>,
-    gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Recounter {
@@ -1014,35 +1363,35 @@ impl Recounter {
         let (records, bytes) = count_open(db).await?;
         #[cfg(test)]
         if let Some(hook) = &self.hook {
-            let _ = hook.counted.send(());
-            let _held = hook.gate.lock().await;
-            room.recounted(records, bytes);
-            return Ok(());
+            hook.pass().await;
         }
         room.recounted(records, bytes);
         Ok(())
     }
 }
 
-/// The writer: gathers what is waiting (up to [`BATCH_MAX`]), commits it in
-/// one transaction, then answers every caller. Drops `_stop` (stopping the
-/// recounter) when every handle is gone.
-async fn write_loop(
+/// What the writer task works with.
+struct Writer {
     db: Db,
-    mut ops: mpsc::Receiver<Op>,
     limits: Limits,
     room: Room,
     recount: Arc<Notify>,
     failing: Arc<AtomicBool>,
-    _stop: oneshot::Sender<()>,
-) {
+    #[cfg(test)]
+    hook: Option<Hook>,
+}
+
+/// The writer: gathers what is waiting (up to [`BATCH_MAX`]), commits it in
+/// one transaction, then answers every caller. Drops `_stop` (stopping the
+/// recounter) when every handle is gone.
+async fn write_loop(w: Writer, mut ops: mpsc::Receiver<Op>, _stop: oneshot::Sender<()>) {
     let mut batch = Vec::with_capacity(BATCH_MAX);
     while ops.recv_many(&mut batch, BATCH_MAX).await > 0 {
         let (finishes, enqueues): (Vec<Op>, Vec<Op>) = batch
             .drain(..)
             .partition(|op| matches!(op, Op::Finish { .. }));
-        let results = commit(&db, &finishes, &enqueues, limits, &room, &recount).await;
-        failing.store(results.is_err(), Ordering::Relaxed);
+        let results = commit(&w, &finishes, &enqueues).await;
+        w.failing.store(results.is_err(), Ordering::Relaxed);
         match results {
             Ok(stored) => {
                 for op in finishes {
@@ -1075,14 +1424,15 @@ async fn write_loop(
 
 /// One transaction: the outcomes first (writes, so SQLite's lock is held
 /// from the start), then the new records, as far as the limits allow.
-async fn commit(
-    db: &Db,
-    finishes: &[Op],
-    enqueues: &[Op],
-    limits: Limits,
-    room: &Room,
-    recount: &Notify,
-) -> Result<Vec<Stored>, RelayError> {
+async fn commit(w: &Writer, finishes: &[Op], enqueues: &[Op]) -> Result<Vec<Stored>, RelayError> {
+    let Writer {
+        db,
+        limits,
+        room,
+        recount,
+        ..
+    } = w;
+    let limits = *limits;
     let insert = placeholders(
         db,
         "INSERT INTO relay_records (idem_key, order_key, method, path, body, bytes, state, \
@@ -1168,6 +1518,16 @@ async fn commit(
                 }
             }
         }
+        let order_keys: Vec<String> = enqueues
+            .iter()
+            .filter_map(|op| match op {
+                Op::Enqueue(r, _) => Some(r.order_key.clone()),
+                Op::Finish { .. } => None,
+            })
+            .collect();
+        if !order_keys.is_empty() {
+            pool.hold_dead_letters(&mut tx, &order_keys).await.map_err(what)?;
+        }
         let mut stored = Vec::with_capacity(enqueues.len());
         for op in enqueues {
             let Op::Enqueue(r, _) = op else { continue };
@@ -1224,6 +1584,10 @@ async fn commit(
                 }
             };
             stored.push(s);
+        }
+        #[cfg(test)]
+        if let (Some(hook), false) = (&w.hook, enqueues.is_empty()) {
+            hook.pass().await;
         }
         tx.commit().await.map_err(what)?;
         room.committed(added, removed);
@@ -1370,11 +1734,17 @@ mod tests {
         let (counted, mut recounts) = mpsc::unbounded_channel();
         let gate = Arc::new(tokio::sync::Mutex::new(()));
         let held = gate.clone().lock_owned().await;
-        let recounter = Recounter {
-            every: Duration::from_secs(3600),
-            hook: Some(RecountHook { counted, gate }),
+        let internals = Internals {
+            recounter: Recounter {
+                every: Duration::from_secs(3600),
+                hook: Some(Hook {
+                    reached: counted,
+                    gate,
+                }),
+            },
+            ..Internals::default()
         };
-        let q = Queue::open_with(&url, limits, recounter).await.unwrap();
+        let q = Queue::open_with(&url, limits, internals).await.unwrap();
         let first = tokio::spawn({
             let q = q.clone();
             async move { q.enqueue(record("a")).await }
@@ -1479,6 +1849,208 @@ mod tests {
         assert_eq!(sqlite_path("sqlite:///a/q.db").unwrap(), Some("/a/q.db"));
         assert_eq!(sqlite_path("q.db").unwrap(), Some("q.db"));
         assert_eq!(sqlite_path("postgresql://h/db").unwrap(), None);
+    }
+
+    /// A PostgreSQL queue as the release before [`INDEXES`] left it.
+    const PREVIOUS_RELEASE: &str = "\
+        CREATE TABLE relay_records (id BIGSERIAL PRIMARY KEY, idem_key TEXT NOT NULL UNIQUE, \
+          order_key TEXT NOT NULL, method TEXT NOT NULL, path TEXT NOT NULL, body TEXT, \
+          bytes BIGINT NOT NULL, state TEXT NOT NULL, attempts BIGINT NOT NULL DEFAULT 0, \
+          received_ms BIGINT NOT NULL, not_before_ms BIGINT NOT NULL, lease_owner TEXT, \
+          lease_until_ms BIGINT, done_ms BIGINT); \
+        CREATE INDEX relay_records_state ON relay_records (state, id); \
+        CREATE INDEX relay_records_order ON relay_records (order_key, id); \
+        CREATE TABLE relay_dead_letters (record_id BIGINT PRIMARY KEY, \
+          status BIGINT NOT NULL, answer TEXT NOT NULL, dead_ms BIGINT NOT NULL);";
+
+    const INSERT: &str = "INSERT INTO relay_records (idem_key, order_key, method, path, \
+        bytes, state, received_ms, not_before_ms) VALUES ($1, $2, 'POST', '/api/v2/x', 10, \
+        'pending', 0, 0)";
+
+    /// A new database of a PostgreSQL of its own, with the previous
+    /// release's tables; and a connection to it.
+    async fn previous_release(pg: &testsvc::Postgres, name: &str) -> (String, PgConnection) {
+        let url = pg.create_database(name).unwrap();
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql(PREVIOUS_RELEASE)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        (url, conn)
+    }
+
+    /// The queue's indexes (not the keys'), and whether each is valid.
+    async fn indexes(conn: &mut PgConnection) -> Vec<(String, bool)> {
+        sqlx::query_as(
+            "SELECT c.relname::text, i.indisvalid FROM pg_index i \
+             JOIN pg_class c ON c.oid = i.indexrelid \
+             WHERE i.indrelid IN ('relay_records'::regclass, 'relay_dead_letters'::regclass) \
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid) \
+             ORDER BY 1",
+        )
+        .fetch_all(conn)
+        .await
+        .unwrap()
+    }
+
+    /// Every index of this version valid, and the previous release's kept.
+    fn migrated() -> Vec<(String, bool)> {
+        let mut all: Vec<(String, bool)> = INDEXES
+            .iter()
+            .map(|(name, ..)| name.to_string())
+            .chain(SUPERSEDED.iter().map(|name| name.to_string()))
+            .map(|name| (name, true))
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// A queue of the previous release, with records and an index build of
+    /// this version's that was interrupted (left invalid), is brought to
+    /// this version: its records all there and claimed in order.
+    #[tokio::test]
+    async fn a_postgres_queue_of_the_previous_release_is_migrated() {
+        let pg = testsvc::Postgres::start().unwrap();
+        let (url, mut conn) = previous_release(&pg, "relay_upgrade").await;
+        for (key, order) in [("a", "o"), ("b", "o"), ("c", "p")] {
+            sqlx::query(INSERT)
+                .bind(key)
+                .bind(order)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        // A build that fails half-way leaves its index behind, invalid.
+        let failed = sqlx::raw_sql(
+            "CREATE UNIQUE INDEX CONCURRENTLY relay_records_due ON relay_records (order_key)",
+        )
+        .execute(&mut conn)
+        .await;
+        assert!(failed.is_err());
+        assert!(indexes(&mut conn)
+            .await
+            .contains(&("relay_records_due".into(), false)));
+        let q = Queue::open(&url, Limits::default()).await.unwrap();
+        assert_eq!(indexes(&mut conn).await, migrated());
+        let unique: bool = sqlx::query_scalar(
+            "SELECT indisunique FROM pg_index WHERE indexrelid = 'relay_records_due'::regclass",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert!(!unique, "the interrupted build's index kept");
+        let lease = Duration::from_secs(60);
+        let claimed = q.claim("r", 10, lease).await.unwrap();
+        let keys: Vec<&str> = claimed.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["a", "c"]);
+        q.finish(claimed[0].id, claimed[0].attempts, "r", Outcome::Done)
+            .await
+            .unwrap();
+        let next = q.claim("r", 10, lease).await.unwrap();
+        assert_eq!(
+            next.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+            ["b"]
+        );
+    }
+
+    /// A transaction that holds the table (a long write of another relay)
+    /// delays a relay's start by the lock wait at most: it serves without
+    /// the index it could not build, and builds it at its next start.
+    #[tokio::test]
+    async fn a_postgres_migration_waits_for_a_lock_no_longer_than_its_wait() {
+        let pg = testsvc::Postgres::start().unwrap();
+        let (url, mut conn) = previous_release(&pg, "relay_lock_wait").await;
+        let mut other = PgConnection::connect(&url).await.unwrap();
+        let mut writing = other.begin().await.unwrap();
+        sqlx::query(INSERT)
+            .bind("held")
+            .bind("o")
+            .execute(&mut *writing)
+            .await
+            .unwrap();
+        let internals = Internals {
+            lock_wait: Duration::from_millis(100),
+            ..Internals::default()
+        };
+        // A hang guard, not a measure.
+        let q = tokio::time::timeout(
+            Duration::from_secs(60),
+            Queue::open_with(&url, Limits::default(), internals),
+        )
+        .await
+        .expect("the queue opened while a transaction holds the table")
+        .unwrap();
+        assert!(matches!(
+            q.enqueue(record("new")).await.unwrap(),
+            Stored::New(_)
+        ));
+        assert_ne!(indexes(&mut conn).await, migrated());
+        writing.commit().await.unwrap();
+        drop(q);
+        let q = Queue::open(&url, Limits::default()).await.unwrap();
+        assert_eq!(indexes(&mut conn).await, migrated());
+        assert_eq!(q.depth().await.unwrap().records, 2);
+    }
+
+    /// Another relay's intake stores a record of a dead letter's key and
+    /// has not committed when the dead letter is due for pruning: the
+    /// dead letter is kept, and holds the record back.
+    #[tokio::test]
+    async fn a_dead_letter_is_not_pruned_under_a_record_of_its_key_being_stored() {
+        let pg = testsvc::Postgres::start().unwrap();
+        let url = pg.create_database("relay_prune_race").unwrap();
+        let (reached, mut committing) = mpsc::unbounded_channel();
+        let gate = Arc::new(tokio::sync::Mutex::new(()));
+        let internals = Internals {
+            commit_hook: Some(Hook {
+                reached,
+                gate: gate.clone(),
+            }),
+            ..Internals::default()
+        };
+        let q = Queue::open_with(&url, Limits::default(), internals)
+            .await
+            .unwrap();
+        q.enqueue(record("first")).await.unwrap();
+        committing.recv().await.unwrap();
+        let first = q
+            .claim("r", 1, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .remove(0);
+        let dead = Outcome::Dead {
+            status: 400,
+            answer: String::new(),
+        };
+        q.finish(first.id, first.attempts, "r", dead).await.unwrap();
+        let held = gate.clone().lock_owned().await;
+        let second = tokio::spawn({
+            let q = q.clone();
+            async move { q.enqueue(record("second")).await }
+        });
+        committing.recv().await.unwrap();
+        // A hang guard, not a measure.
+        let pruned = tokio::time::timeout(
+            Duration::from_secs(60),
+            q.prune_dead_letters(Duration::ZERO, now_ms() + 60_000),
+        )
+        .await
+        .expect("the pruning waited for the intake")
+        .unwrap();
+        drop(held);
+        assert!(matches!(second.await.unwrap().unwrap(), Stored::New(_)));
+        let depth = q.depth().await.unwrap();
+        assert_eq!((pruned, depth.dead, depth.blocked), (0, 1, 1), "{depth:?}");
+        // Held back, it is kept whatever its age; dropped, it holds nothing.
+        assert_eq!(
+            q.prune_dead_letters(Duration::ZERO, now_ms() + 60_000)
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(q.drop_dead(None).await.unwrap(), 1);
+        let next = q.claim("r", 1, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(next[0].key, "second");
     }
 
     #[test]

@@ -384,7 +384,10 @@ async fn a_dead_letter_holds_back_the_records_of_its_order_key() {
         (Some(1), Some(1)),
         "{status}"
     );
-    assert!(q["oldest_dead_age_s"].as_f64().is_some(), "{status}");
+    // Its age, taken 90 s after it died.
+    let died = queue.dead_letters(1).await.unwrap()[0].dead_ms;
+    let later = queue.depth_at(died + 90_000).await.unwrap();
+    assert_eq!(later.oldest_dead_age_s, 90.0, "{later:?}");
     let metrics = reqwest::get(format!("{base}/metrics"))
         .await
         .unwrap()
@@ -430,4 +433,120 @@ fn status_and_dlq_refuse_a_queue_that_does_not_exist() {
         assert!(err.contains("there is no queue at"), "{args:?}: {err}");
         assert!(!typo.exists(), "{args:?} created {}", typo.display());
     }
+}
+
+/// `gc-relay` with `args` on the queue at `queue`.
+fn cli(args: &[&str], queue: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_gc-relay"))
+        .args(args)
+        .arg("--queue")
+        .arg(queue)
+        .output()
+        .unwrap()
+}
+
+/// A SQLite queue at `path` made by `schema`, closed again.
+async fn sqlite_queue(path: &std::path::Path, schema: &str) {
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    sqlx::raw_sql(schema).execute(&pool).await.unwrap();
+    pool.close().await;
+}
+
+/// The indexes of the SQLite queue at `path`, by name.
+async fn sqlite_indexes(path: &std::path::Path) -> Vec<String> {
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    let names = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%' \
+         ORDER BY name",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    names
+}
+
+const RECORDS_TABLE: &str = "CREATE TABLE relay_records (id INTEGER PRIMARY KEY AUTOINCREMENT, \
+    idem_key TEXT NOT NULL UNIQUE, order_key TEXT NOT NULL, method TEXT NOT NULL, \
+    path TEXT NOT NULL, body TEXT, bytes BIGINT NOT NULL, state TEXT NOT NULL, \
+    attempts BIGINT NOT NULL DEFAULT 0, received_ms BIGINT NOT NULL, \
+    not_before_ms BIGINT NOT NULL, lease_owner TEXT, lease_until_ms BIGINT, done_ms BIGINT);";
+
+/// `status` and `dlq` on the queue of a relay of the previous release
+/// (serving it, maybe) read and settle it as it is: they change no index
+/// of it (only `serve` migrates a queue).
+#[tokio::test]
+async fn status_and_dlq_leave_a_queue_of_the_previous_release_as_it_is() {
+    let dir = TempDir::new("previous");
+    let path = dir.0.join("queue.db");
+    let schema = format!(
+        "{RECORDS_TABLE} \
+         CREATE INDEX relay_records_state ON relay_records (state, id); \
+         CREATE INDEX relay_records_order ON relay_records (order_key, id); \
+         CREATE TABLE relay_dead_letters (record_id BIGINT PRIMARY KEY, \
+           status BIGINT NOT NULL, answer TEXT NOT NULL, dead_ms BIGINT NOT NULL); \
+         INSERT INTO relay_records (idem_key, order_key, method, path, bytes, state, \
+           received_ms, not_before_ms) VALUES \
+           ('a', 'o', 'POST', '/x', 10, 'dead', 0, 0), ('b', 'o', 'POST', '/x', 10, 'pending', 0, 0); \
+         INSERT INTO relay_dead_letters VALUES (1, 400, 'no', 0);"
+    );
+    sqlite_queue(&path, &schema).await;
+    let before = sqlite_indexes(&path).await;
+    let status = cli(&["status", "--json"], &path);
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert!(status.status.success(), "{err}");
+    let depth: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(
+        (depth["records"].as_i64(), depth["dead"].as_i64()),
+        (Some(1), Some(1)),
+        "{depth}"
+    );
+    let list = cli(&["dlq", "list"], &path);
+    assert!(list.status.success());
+    assert_eq!(String::from_utf8_lossy(&list.stdout).lines().count(), 1);
+    let dropped = cli(&["dlq", "drop", "--all"], &path);
+    assert!(dropped.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&dropped.stdout),
+        "1 dead letters dropped\n"
+    );
+    assert_eq!(sqlite_indexes(&path).await, before);
+}
+
+/// A queue without a table `status` and `dlq` read (written by an older
+/// relay) is said to be one, exit 1, and left without it.
+#[tokio::test]
+async fn status_and_dlq_on_a_queue_older_than_they_read_say_so() {
+    let dir = TempDir::new("older");
+    let path = dir.0.join("queue.db");
+    sqlite_queue(&path, RECORDS_TABLE).await;
+    for args in [
+        &["status"][..],
+        &["dlq", "list"],
+        &["dlq", "replay", "--all"],
+    ] {
+        let out = cli(args, &path);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("no relay_dead_letters")
+                && err.contains("older gc-relay")
+                && err.contains("run `gc-relay serve` with this version"),
+            "{args:?}: {err}"
+        );
+    }
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&path);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, ["relay_records"]);
 }
