@@ -73,7 +73,7 @@ impl TenantState {
         {
             let grant = self.take(&instances, args.permits, &args.client_id, now);
             if grant.slot.is_some() && !args.idempotency_key.is_empty() {
-                self.granted_with_key(&args.idempotency_key, grant.lease_id);
+                self.granted_keyed(&args.idempotency_key, grant.lease_id, now);
             }
             return Ok(Decision::Granted(grant));
         }

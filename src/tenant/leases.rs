@@ -7,6 +7,13 @@ use crate::limits::{Lease, LeaseId};
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// How long a key released before any Acquire under it was granted is
+/// remembered (longer than any Acquire waits, `server.max_wait_ms` at most
+/// an hour, plus its way here).
+const EARLY_RELEASE_KEPT: Duration = Duration::from_secs(3660);
+/// Most such keys remembered per tenant (the oldest forgotten first).
+const EARLY_RELEASES: usize = 1024;
+
 impl TenantState {
     /// Notes that slot-holding lease `id` was granted to an Acquire with
     /// idempotency key `key`, for [`TenantState::release_by_key`]: every
@@ -29,13 +36,47 @@ impl TenantState {
 
     /// Returns the slots of the leases granted to Acquires with idempotency
     /// key `key` (their answers never reached the client); false if none
-    /// held any.
+    /// held any. A key no lease was granted under yet is remembered: the
+    /// Acquire may still be on its way (read from a connection the client
+    /// gave up on, decided after this release that came on a new one), and
+    /// a lease granted under it later is given back at once.
     pub fn release_by_key(&mut self, key: &str) -> bool {
+        let Some(ids) = self.acquire_keys.remove(key) else {
+            let now = self.latest;
+            if self.released_early.len() >= EARLY_RELEASES {
+                self.released_early.retain(|_, until| *until > now);
+                if self.released_early.len() >= EARLY_RELEASES {
+                    let oldest = self
+                        .released_early
+                        .iter()
+                        .min_by_key(|(_, until)| **until)
+                        .map(|(k, _)| k.clone());
+                    if let Some(k) = oldest {
+                        self.released_early.remove(&k);
+                    }
+                }
+            }
+            self.released_early
+                .insert(Box::from(key), now + EARLY_RELEASE_KEPT);
+            return false;
+        };
         let mut released = false;
-        for id in self.acquire_keys.remove(key).unwrap_or_default() {
+        for id in ids {
             released |= self.release(id);
         }
         released
+    }
+
+    /// Lease `id`, holding slots, was granted to an Acquire with key `key`:
+    /// noted for [`TenantState::release_by_key`], or, if the key was
+    /// released already, its slots given back at once.
+    pub(super) fn granted_keyed(&mut self, key: &str, id: LeaseId, now: Instant) {
+        match self.released_early.remove(key) {
+            Some(until) if until > now => {
+                self.release(id);
+            }
+            _ => self.granted_with_key(key, id),
+        }
     }
 
     /// Returns a lease's slots; false if it holds none (unknown, released,

@@ -206,6 +206,9 @@ pub struct TenantState {
     /// The idempotency keys of Acquires granted a slot-holding lease (see
     /// `leases`).
     acquire_keys: HashMap<Box<str>, Vec<LeaseId>>,
+    /// Keys released before any lease was granted under them, until when
+    /// they are remembered (see `release_by_key`).
+    released_early: HashMap<Box<str>, Instant>,
     /// When the driver last planned to run `tick` again (`None`: only when
     /// woken): a lease granted to expire before that must wake it.
     driver_next: Option<Instant>,
@@ -288,6 +291,7 @@ impl TenantState {
             levels_unknown_since: None,
             recent_reports: recent::Recent::default(),
             acquire_keys: HashMap::new(),
+            released_early: HashMap::new(),
             driver_next: None,
             wake_driver: false,
             unknown_leases: true,

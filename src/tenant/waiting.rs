@@ -126,7 +126,9 @@ impl TenantState {
                 // The waiter's caller is gone and could not withdraw first
                 // (it withdraws under this same lock): hand the grant back.
                 Err(Ok(grant)) => self.undo(&grant),
-                _ if slot && !w.reply.key.is_empty() => self.granted_with_key(&w.reply.key, lease),
+                _ if slot && !w.reply.key.is_empty() => {
+                    self.granted_keyed(&w.reply.key, lease, now)
+                }
                 _ => {}
             }
         }
