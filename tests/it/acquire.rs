@@ -82,13 +82,7 @@ async fn waiter_is_granted_the_moment_a_slot_is_released() {
     let b = start(&config(SLOT)).await;
     let first = b.acquire(req("POST", "/q", 0)).await;
     assert!(first.granted);
-    let mut watch = b
-        .client
-        .clone()
-        .watch(quota_broker::pb::WatchRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = b.watch_all().await;
     let waiter = {
         let b_client = b.client.clone();
         tokio::spawn(async move {
@@ -372,13 +366,7 @@ window_ms = 60000
 async fn cancelled_waiter_leaves_the_queue_and_takes_nothing() {
     let b = start(&config(SLOT)).await;
     let first = b.acquire(req("POST", "/q", 0)).await;
-    let mut watch = b
-        .client
-        .clone()
-        .watch(quota_broker::pb::WatchRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = b.watch_all().await;
     let mut c = b.client.clone();
     let waiter = tokio::spawn(async move { c.acquire(req("POST", "/q", 60_000)).await });
     crate::harness::wait_for(&mut watch, |s| s.waiting.get("batch") == Some(&1)).await;

@@ -237,13 +237,7 @@ async fn the_waiter_cap_answers_at_once() {
             tokio::spawn(async move { c.acquire(class_req("batch", "x", 60_000)).await })
         })
         .collect();
-    let mut w = b
-        .client
-        .clone()
-        .watch(quota_broker::pb::WatchRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut w = b.watch_all().await;
     crate::harness::wait_for(&mut w, |s| s.waiting.get("batch") == Some(&2)).await;
     let r = crate::harness::clock_held(
         "a waiter beyond the cap answered at once",
@@ -290,13 +284,7 @@ async fn pause_tells_waiters_why_and_resume_grants_again() {
     }
     let mut c = b.client.clone();
     let waiter = tokio::spawn(async move { c.acquire(class_req("batch", "x", 60_000)).await });
-    let mut w = b
-        .client
-        .clone()
-        .watch(quota_broker::pb::WatchRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut w = b.watch_all().await;
     crate::harness::wait_for(&mut w, |s| s.waiting.get("batch") == Some(&1)).await;
     let paused = b
         .admin
@@ -462,8 +450,7 @@ async fn admin_changes_apply_at_once_and_survive_a_restart() {
 /// comes back after a restart.
 #[tokio::test(start_paused = true)]
 async fn a_reset_class_is_the_configs_again_or_removed_and_stays_so_after_a_restart() {
-    let dir = std::env::temp_dir().join(format!("qb-class-reset-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = crate::harness::fresh_dir("class-reset");
     let cfg = saturated_in(&dir);
     let b = start(&cfg).await;
     let mut admin = b.admin.clone();
@@ -518,13 +505,7 @@ async fn a_reset_class_is_the_configs_again_or_removed_and_stays_so_after_a_rest
     for _ in 0..8 {
         assert!(b.acquire(class_req("batch", "x", 0)).await.granted);
     }
-    let mut w = b
-        .client
-        .clone()
-        .watch(quota_broker::pb::WatchRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut w = b.watch_all().await;
     let mut c = b.client.clone();
     let waiter = tokio::spawn(async move { c.acquire(class_req("reports", "r", 60_000)).await });
     crate::harness::wait_for(&mut w, |s| s.waiting.get("reports") == Some(&1)).await;

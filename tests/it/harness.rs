@@ -68,6 +68,16 @@ pub async fn start(toml: &str) -> TestBroker {
 }
 
 impl TestBroker {
+    /// A Watch of every bucket this broker shows.
+    pub async fn watch_all(&self) -> tonic::Streaming<QuotaStatus> {
+        self.client
+            .clone()
+            .watch(quota_broker::pb::WatchRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     /// Signals shutdown and waits for the server to exit.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {

@@ -872,58 +872,57 @@ async fn class_list(c: &mut Cluster, a: ClassListArgs) -> Result<(), Error> {
 }
 
 async fn class_set(c: &mut Cluster, a: ClassSetArgs) -> Result<(), Error> {
-    let req = SetPriorityClassRequest {
-        tenant: a.tenant.clone(),
-        class: Some(PriorityClass {
-            name: a.name.clone(),
-            order: a.order,
-            weight: a.weight,
-            reserve: a.reserve,
-            default_max_wait_ms: a.default_max_wait_ms,
-        }),
-        reset: false,
+    let class = PriorityClass {
+        name: a.name.clone(),
+        order: a.order,
+        weight: a.weight,
+        reserve: a.reserve,
+        default_max_wait_ms: a.default_max_wait_ms,
     };
-    let class = c
-        .call(&a.tenant, |conn| {
-            let (mut admin, req) = (conn.admin.clone(), req.clone());
-            async move { admin.set_priority_class(req).await }
-        })
-        .await?
-        .1
-        .class;
-    match (class, a.json) {
-        (Some(c), true) => print(&format!("{}\n", pretty(&table::class_json(&c)))),
-        (Some(c), false) => print(&table::render_class(&c)),
-        (None, true) => print("null\n"),
-        (None, false) => print(&format!("class {} set for tenant {}\n", a.name, a.tenant)),
-    }
+    let none = format!("class {} set for tenant {}\n", a.name, a.tenant);
+    send_class(c, &a.tenant, class, false, a.json, &none).await
 }
 
 async fn class_reset(c: &mut Cluster, a: ClassResetArgs) -> Result<(), Error> {
+    let class = PriorityClass {
+        name: a.name.clone(),
+        ..Default::default()
+    };
+    let none = format!(
+        "class {} removed from tenant {} (Acquires waiting in it are still served)\n",
+        a.name, a.tenant
+    );
+    send_class(c, &a.tenant, class, true, a.json, &none).await
+}
+
+/// Sends SetPriorityClass and prints the class now in force (`none`
+/// when the answer has none).
+async fn send_class(
+    c: &mut Cluster,
+    tenant: &str,
+    class: PriorityClass,
+    reset: bool,
+    json: bool,
+    none: &str,
+) -> Result<(), Error> {
     let req = SetPriorityClassRequest {
-        tenant: a.tenant.clone(),
-        class: Some(PriorityClass {
-            name: a.name.clone(),
-            ..Default::default()
-        }),
-        reset: true,
+        tenant: tenant.to_owned(),
+        class: Some(class),
+        reset,
     };
     let class = c
-        .call(&a.tenant, |conn| {
+        .call(tenant, |conn| {
             let (mut admin, req) = (conn.admin.clone(), req.clone());
             async move { admin.set_priority_class(req).await }
         })
         .await?
         .1
         .class;
-    match (class, a.json) {
+    match (class, json) {
         (Some(c), true) => print(&format!("{}\n", pretty(&table::class_json(&c)))),
         (Some(c), false) => print(&table::render_class(&c)),
         (None, true) => print("null\n"),
-        (None, false) => print(&format!(
-            "class {} removed from tenant {} (Acquires waiting in it are still served)\n",
-            a.name, a.tenant
-        )),
+        (None, false) => print(none),
     }
 }
 

@@ -274,10 +274,13 @@ async fn an_http1_server_is_an_error_not_an_outage() {
     assert_eq!(logged.lines().len(), 1, "{:#?}", logged.lines());
 }
 
-#[tokio::test]
-async fn another_grpc_service_is_an_error_not_an_outage() {
-    let logged = Logged::errors();
-    // A gRPC server serving none of the broker's services.
+/// A gRPC server serving none of the broker's services, on an ephemeral
+/// port; it stops when the sender is used or dropped.
+async fn other_grpc_service() -> (
+    SocketAddr,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -291,6 +294,13 @@ async fn another_grpc_service_is_an_error_not_an_outage() {
                 },
             ),
     );
+    (addr, stop, server)
+}
+
+#[tokio::test]
+async fn another_grpc_service_is_an_error_not_an_outage() {
+    let logged = Logged::errors();
+    let (addr, stop, server) = other_grpc_service().await;
     let client = BrokerClient::connect(&format!("http://{addr}"), None).unwrap();
     let (text, code) = not_a_broker(client.acquire(&call()).await);
     assert_eq!(code, tonic::Code::Unimplemented);
@@ -342,21 +352,8 @@ async fn broker_at(addr: &str) -> (SocketAddr, oneshot::Sender<()>, tokio::task:
 /// during a deploy), calls go to it again.
 #[tokio::test]
 async fn a_url_found_not_to_be_a_broker_is_tried_again_later() {
-    // A gRPC server serving none of the broker's services, then a broker
-    // on the same port.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let first = listener.local_addr().unwrap();
-    let (stop_other, stopped) = oneshot::channel::<()>();
-    let other = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_routes(tonic::service::Routes::default())
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
-                async {
-                    let _ = stopped.await;
-                },
-            ),
-    );
+    // Another gRPC service, then a broker on the same port.
+    let (first, stop_other, other) = other_grpc_service().await;
     let (second, stop_second, second_served) = broker_at("127.0.0.1:0").await;
     let fallback = FallbackSettings {
         fraction: 0.5,

@@ -475,20 +475,20 @@ async fn a_job_not_fulfilled_within_its_wait_fails_its_block_and_is_deleted() {
     };
     let source = bed.source_with_jobs(SourceKind::Jobs, "job-wait", jobs);
     let plan = plan(DAY1, "2026-11-02", BlockSize::Day);
-    let summary = tokio::time::timeout(Duration::from_secs(60), run(&plan, &source, &sink))
-        .await
-        .expect("the run ends: a job's wait is bounded")
-        .unwrap();
+    let summary = run_failing_one_block(
+        &plan,
+        &source,
+        &sink,
+        "the run ends: a job's wait is bounded",
+    )
+    .await;
     assert_eq!(
         (summary.blocks_failed, summary.blocks_final),
         (1, 0),
         "{summary:?}"
     );
-    assert_eq!(source.settle(Duration::from_secs(10)).await, 0);
-    let deleted = bed.answered("DELETE", JOBS_PATH).await;
-    assert_eq!(deleted.len(), 1, "{deleted:?}");
-    let job = deleted[0].0.rsplit('/').next().unwrap();
-    assert_eq!(deleted[0].1, 204);
+    let (job, status) = the_deleted_job(&bed, &source).await;
+    assert_eq!(status, 204);
     let says = format!("job {job} for 2026-11-01T00:00:00.000Z/2026-11-02T00:00:00.000Z was not fulfilled within 1 s");
     assert!(summary.errors[0].contains(&says), "{:?}", summary.errors);
     assert_eq!(bed.in_flight("jobs-running").await, 0);
@@ -508,19 +508,19 @@ async fn a_job_whose_results_cursor_repeats_fails_its_block_instead_of_paging_fo
     // Pages small enough for the day to take several.
     source.upstream().set_max_body(200_000);
     let plan = plan(DAY1, "2026-11-02", BlockSize::Day);
-    let summary = tokio::time::timeout(Duration::from_secs(60), run(&plan, &source, &sink))
-        .await
-        .expect("the run ends: a repeated cursor is not followed")
-        .unwrap();
+    let summary = run_failing_one_block(
+        &plan,
+        &source,
+        &sink,
+        "the run ends: a repeated cursor is not followed",
+    )
+    .await;
     assert_eq!(
         (summary.blocks_failed, summary.blocks_final, summary.records),
         (1, 0, 0),
         "{summary:?}"
     );
-    assert_eq!(source.settle(Duration::from_secs(10)).await, 0);
-    let deleted = bed.answered("DELETE", JOBS_PATH).await;
-    assert_eq!(deleted.len(), 1, "{deleted:?}");
-    let job = deleted[0].0.rsplit('/').next().unwrap();
+    let (job, _) = the_deleted_job(&bed, &source).await;
     let says = format!("job {job} for 2026-11-01T00:00:00.000Z/2026-11-02T00:00:00.000Z: results page 2 gave a cursor an earlier page gave");
     assert!(summary.errors[0].contains(&says), "{:?}", summary.errors);
     bed.repeating_cursor(0).await;
@@ -549,19 +549,19 @@ async fn a_job_whose_results_page_on_with_new_cursors_fails_its_block() {
     let sink = open(&sqlite("endless-cursor")).await;
     let source = bed.source(SourceKind::Jobs, "endless-cursor");
     let plan = plan(DAY1, "2026-11-02", BlockSize::Day);
-    let summary = tokio::time::timeout(Duration::from_secs(60), run(&plan, &source, &sink))
-        .await
-        .expect("the run ends: a job's results are not paged without end")
-        .unwrap();
+    let summary = run_failing_one_block(
+        &plan,
+        &source,
+        &sink,
+        "the run ends: a job's results are not paged without end",
+    )
+    .await;
     assert_eq!(
         (summary.blocks_failed, summary.blocks_final, summary.records),
         (1, 0, 0),
         "{summary:?}"
     );
-    assert_eq!(source.settle(Duration::from_secs(10)).await, 0);
-    let deleted = bed.answered("DELETE", JOBS_PATH).await;
-    assert_eq!(deleted.len(), 1, "{deleted:?}");
-    let job = deleted[0].0.rsplit('/').next().unwrap();
+    let (job, _) = the_deleted_job(&bed, &source).await;
     // 8,000 records fill one page of 10,000; two more are allowed.
     let results = bed
         .answered("GET", &format!("{JOBS_PATH}/{job}/results"))
@@ -582,6 +582,29 @@ async fn a_job_whose_results_page_on_with_new_cursors_fails_its_block() {
     assert_eq!(sink.count().await.unwrap(), 8_000);
     sink.close().await;
     bed.sim.shutdown().await;
+}
+
+/// Runs `plan`, within a minute (`what` says why it must end).
+async fn run_failing_one_block(
+    plan: &gc_ingest::Plan,
+    source: &gc_ingest::Source,
+    sink: &gc_ingest::Sink,
+    what: &str,
+) -> gc_ingest::Summary {
+    tokio::time::timeout(Duration::from_secs(60), run(plan, source, sink))
+        .await
+        .expect(what)
+        .unwrap()
+}
+
+/// The one job deleted upstream once `source` settled: its id and the
+/// answer's status.
+async fn the_deleted_job(bed: &Bed, source: &gc_ingest::Source) -> (String, u64) {
+    assert_eq!(source.settle(Duration::from_secs(10)).await, 0);
+    let deleted = bed.answered("DELETE", JOBS_PATH).await;
+    assert_eq!(deleted.len(), 1, "{deleted:?}");
+    let job = deleted[0].0.rsplit('/').next().unwrap().to_owned();
+    (job, deleted[0].1)
 }
 
 #[test]
