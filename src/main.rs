@@ -49,13 +49,14 @@ fn main() -> ExitCode {
         };
     }
     let config_path = cli.config;
-    let settings = match Settings::load(config_path.as_deref(), std::env::vars()) {
+    let mut settings = match Settings::load(config_path.as_deref(), std::env::vars()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("quota-broker: {e}");
             return ExitCode::from(2);
         }
     };
+    settings.server.resolve_io_threads();
     if let Err(e) = settings.check_state_dir() {
         eprintln!("quota-broker: {e}");
         return ExitCode::from(2);
@@ -157,6 +158,7 @@ fn main() -> ExitCode {
             http = %http_addr.map_or("off".into(), |a| a.to_string()),
             config = %config_path.as_deref().map_or("embedded default".into(), |p| p.display().to_string()),
             tenants = %tenants.join(","),
+            io_threads = settings.server.io_threads.unwrap_or(0),
             "quota-broker serving"
         );
         let listeners = quota_broker::Listeners {

@@ -269,6 +269,14 @@ pub struct ServerSettings {
     /// Most open connections (pending or serving); new ones beyond it are
     /// closed at once.
     pub max_connections: usize,
+    /// Threads that serve gRPC connections, each running its connections
+    /// (their calls, reads and writes) on a single-threaded runtime of its
+    /// own; a new connection goes to the one with the fewest open. `0`: on
+    /// the runtime the broker was started on. `None` (not set): the
+    /// `quota-broker` program uses one per CPU it may run on
+    /// ([`ServerSettings::resolve_io_threads`]); a program embedding the
+    /// broker serves on its own runtime.
+    pub io_threads: Option<usize>,
     /// Address of the HTTP port (`/metrics`, the dashboard, `/healthz`,
     /// `/readyz`); `None`: no HTTP port.
     pub http_listen: Option<SocketAddr>,
@@ -277,6 +285,18 @@ pub struct ServerSettings {
     pub http_listen_required: bool,
     /// How log lines are written.
     pub log_format: LogFormat,
+}
+
+impl ServerSettings {
+    /// Sets `io_threads` as the `quota-broker` program runs it when the
+    /// config leaves it unset: one thread per CPU the process may run on
+    /// (its affinity mask counts, so a broker pinned to one core serves on
+    /// one).
+    pub fn resolve_io_threads(&mut self) {
+        if self.io_threads.is_none() {
+            self.io_threads = Some(std::thread::available_parallelism().map_or(1, |n| n.get()));
+        }
+    }
 }
 
 /// How the process writes its log lines.
@@ -718,6 +738,28 @@ max_in_flight = 1
         assert_eq!(bare.overload, s.overload);
         assert_eq!(bare.server.handshake_timeout, s.server.handshake_timeout);
         assert_eq!(bare.server.max_connections, s.server.max_connections);
+    }
+
+    #[test]
+    fn io_threads_are_one_per_cpu_for_the_program_unless_set() {
+        let one = "[[tenants]]\nid = \"a\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n";
+        let mut unset = Settings::from_toml(one).unwrap();
+        assert_eq!(
+            unset.server.io_threads, None,
+            "an embedding program serves on its runtime"
+        );
+        unset.server.resolve_io_threads();
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(unset.server.io_threads, Some(cpus));
+        let mut set = Settings::from_toml(&format!("[server]\nio_threads = 0\n{one}")).unwrap();
+        set.server.resolve_io_threads();
+        assert_eq!(set.server.io_threads, Some(0), "a value set is kept");
+        let err = Settings::from_toml(&format!("[server]\nio_threads = 5000\n{one}")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("server.io_threads 5000 is over 1024"),
+            "{err}"
+        );
     }
 
     #[test]

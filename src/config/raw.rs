@@ -211,6 +211,8 @@ struct RawServer {
     /// `None`: not set, the default address (see `DEFAULT_HTTP_LISTEN`).
     http_listen: Option<String>,
     log_format: String,
+    /// `None`: not set (see `ServerSettings::io_threads`).
+    io_threads: Option<u32>,
 }
 
 /// The HTTP port when `server.http_listen` is not set: best effort (a
@@ -232,6 +234,7 @@ impl Default for RawServer {
             max_connections: 10_000,
             http_listen: None,
             log_format: "text".to_owned(),
+            io_threads: None,
         }
     }
 }
@@ -239,6 +242,10 @@ impl Default for RawServer {
 /// Bounds of `server.handshake_timeout_ms`: long enough for a TLS handshake
 /// over a slow link, short enough that idle sockets cannot pile up.
 const HANDSHAKE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=60_000;
+
+/// Most `server.io_threads`: more threads than any machine has CPUs only
+/// cost memory and wake-ups.
+const MAX_IO_THREADS: u32 = 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -468,6 +475,12 @@ impl RawServer {
                 self.max_connections, self.max_pending_connections
             ));
         }
+        if let Some(n) = self.io_threads.filter(|n| *n > MAX_IO_THREADS) {
+            problems.push(format!(
+                "server.io_threads {n} is over {MAX_IO_THREADS}: one thread per CPU is enough \
+                 (0 serves on the broker's main threads)"
+            ));
+        }
         let tls = self.tls.validate(problems);
         let http_listen_required = self.http_listen.is_some();
         let http_text = self.http_listen.as_deref().unwrap_or(DEFAULT_HTTP_LISTEN);
@@ -519,6 +532,7 @@ impl RawServer {
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             max_pending_connections: self.max_pending_connections as usize,
             max_connections: self.max_connections as usize,
+            io_threads: self.io_threads.map(|n| n as usize),
             http_listen,
             http_listen_required,
             log_format,

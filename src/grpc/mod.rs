@@ -4,7 +4,9 @@
 //! while the broker starts: `starting`), and the shutdown sequence (health
 //! goes NOT_SERVING, streams and waiters end, open calls drain for at most
 //! the grace period). Connections come through `transport` (handshake
-//! timeout, connection caps, TLS) and every RPC through `observe` (request
+//! timeout, connection caps, TLS), are served on `threads` (one
+//! single-threaded runtime per CPU) unless `server.io_threads` is 0, and
+//! every RPC goes through `observe` (request
 //! id, latency) and `overload` (plaintext tokens from afar refused,
 //! per-caller rates); then a unary Acquire is read and answered by `fast`
 //! (its own gRPC framing), every other call by tonic's router.
@@ -20,6 +22,7 @@ mod ops;
 mod overload;
 mod starting;
 mod stopping;
+mod threads;
 mod transport;
 
 pub(crate) use transport::{per_peer_cap, PerPeer, Throttled};
@@ -45,6 +48,7 @@ use pb::quota_admin_server::QuotaAdminServer;
 use pb::quota_broker_server::QuotaBrokerServer;
 use starting::{GateLayer, Starting};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use stopping::EndOnStop;
@@ -105,6 +109,12 @@ pub enum ServerError {
     /// The transport failed.
     #[error("gRPC transport failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A serving thread (`server.io_threads`) could not be started.
+    #[error("cannot start gRPC serving thread {0}: {1}")]
+    Thread(usize, std::io::Error),
+    /// A serving thread's server panicked.
+    #[error("gRPC serving thread {0} panicked (its log line says where)")]
+    ThreadPanicked(usize),
     /// The broker's start-up work did not finish (the runtime is shutting
     /// down under it).
     #[error("the broker's start was cut short: {0} (is the runtime shutting down?)")]
@@ -273,29 +283,70 @@ pub(crate) async fn serve_telling(
             let _ = draining_tx.send(());
         }
     };
-    let serve = Server::builder()
-        // Explicit transport limits (README "Transport limits").
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .layer(GateLayer::new(
-            ObserveLayer::new(None),
-            GuardLayer::new(overload.clone()),
-            started.clone(),
-        ))
-        .add_service(health_service.clone())
-        .add_service(reflection.clone())
-        .add_service(reflection_v1alpha.clone())
-        .add_service(Starting::<QuotaBrokerServer<BrokerService>>::new(
-            stage.clone(),
-        ))
-        .add_service(Starting::<QuotaAdminServer<AdminService>>::new(
-            stage.clone(),
-        ))
-        .serve_with_incoming_shutdown(
-            transport::incoming(listener, &settings.server, token.clone()),
-            signal,
-        );
+    let router = || {
+        Server::builder()
+            // Explicit transport limits (README "Transport limits").
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .layer(GateLayer::new(
+                ObserveLayer::new(None),
+                GuardLayer::new(overload.clone()),
+                started.clone(),
+            ))
+            .add_service(health_service.clone())
+            .add_service(reflection.clone())
+            .add_service(reflection_v1alpha.clone())
+            .add_service(Starting::<QuotaBrokerServer<BrokerService>>::new(
+                stage.clone(),
+            ))
+            .add_service(Starting::<QuotaAdminServer<AdminService>>::new(
+                stage.clone(),
+            ))
+    };
+    let serve: Pin<Box<dyn Future<Output = Result<(), ServerError>> + Send>> =
+        match settings.server.io_threads.unwrap_or(0) {
+            0 => {
+                let served = router().serve_with_incoming_shutdown(
+                    transport::incoming(listener, &settings.server, token.clone()),
+                    signal,
+                );
+                Box::pin(async move { served.await.map_err(ServerError::from) })
+            }
+            n => {
+                let drain = CancellationToken::new();
+                tokio::spawn({
+                    let drain = drain.clone();
+                    let token = token.clone();
+                    async move {
+                        // The token alone is cancelled when the start
+                        // fails: the threads' servers end then too.
+                        tokio::select! {
+                            biased;
+                            () = signal => {}
+                            () = token.cancelled() => {}
+                        }
+                        drain.cancel();
+                    }
+                });
+                let servers = (0..n)
+                    .map(|_| {
+                        let router = router();
+                        let serve: threads::ServeOn = Box::new(move |incoming, drain| {
+                            Box::pin(router.serve_with_incoming_shutdown(incoming, drain))
+                        });
+                        serve
+                    })
+                    .collect();
+                Box::pin(threads::serve(
+                    servers,
+                    listener,
+                    &settings.server,
+                    token.clone(),
+                    drain,
+                )?)
+            }
+        };
     tokio::pin!(serve);
 
     // The start's work is synchronous and may take seconds (tenants, label
@@ -322,7 +373,7 @@ pub(crate) async fn serve_telling(
         started = starting => started,
         // Before the start is done the server ends only on an error (its
         // stop waits for the start).
-        r = &mut serve => return r.map_err(ServerError::from),
+        r = &mut serve => return r,
     };
     let (mut registry, metrics, broker, drivers) = match started_work {
         Ok(started) => started,

@@ -120,8 +120,9 @@ pub(crate) struct Conn {
     info: PeerInfo,
     /// Holds a write back briefly so that more responses join it.
     coalesce: Coalesce,
-    /// Counts the connection among the open ones until it is dropped.
-    _open: Slot,
+    /// Counts the connection among the open ones (and, on a serving
+    /// thread, among that thread's) until it is dropped.
+    _open: (Slot, Option<Slot>),
 }
 
 /// Write coalescing without Nagle's delay.
@@ -367,6 +368,16 @@ impl Gauge {
             .ok()
             .map(|_| Slot(self.0.clone()))
     }
+
+    /// A slot, whatever the count.
+    fn take(&self) -> Slot {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        Slot(self.0.clone())
+    }
+
+    fn get(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for Slot {
@@ -449,27 +460,109 @@ pub(crate) fn incoming(
     server: &ServerSettings,
     stop: CancellationToken,
 ) -> ReceiverStream<io::Result<Conn>> {
-    let front = Front {
-        tls: server
-            .tls
-            .as_ref()
-            .map(|t| TlsAcceptor::from(t.server_config())),
-        handshake_timeout: server.handshake_timeout,
-        max_pending: server.max_pending_connections,
-        max_connections: server.max_connections,
-        pending: Gauge::default(),
-        open: Gauge::default(),
-        per_peer: PerPeer::default(),
-    };
+    let front = Front::new(server);
     let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
-    tokio::spawn(accept_loop(listener, front, tx, stop));
+    tokio::spawn(accept_loop(listener, front, Handoff::Here(tx), stop));
     ReceiverStream::new(rx)
+}
+
+/// A socket within the caps, taken off this runtime's reactor, on its way
+/// to a serving thread that runs its handshake and serves it.
+pub(crate) struct Accepted {
+    tcp: std::net::TcpStream,
+    peer: SocketAddr,
+    slots: (Slot, (Slot, PeerSlot)),
+    /// Counts the connection among its thread's open ones.
+    thread: Slot,
+    front: Front,
+}
+
+/// A serving thread as the accept loop sees it: where to send a socket,
+/// and how many connections it serves.
+pub(crate) struct ServingThread {
+    tx: mpsc::UnboundedSender<Accepted>,
+    open: Gauge,
+}
+
+impl ServingThread {
+    pub(crate) fn new(tx: mpsc::UnboundedSender<Accepted>) -> ServingThread {
+        ServingThread {
+            tx,
+            open: Gauge::default(),
+        }
+    }
+}
+
+/// [`incoming`] for serving threads: accepts on this runtime and hands each
+/// socket within the caps to the thread serving the fewest connections,
+/// whose [`handshakes`] yields it to that thread's server once handshaken.
+pub(crate) fn incoming_to_threads(
+    listener: TcpListener,
+    server: &ServerSettings,
+    stop: CancellationToken,
+    threads: Vec<ServingThread>,
+) {
+    tokio::spawn(accept_loop(
+        listener,
+        Front::new(server),
+        Handoff::Threads(threads),
+        stop,
+    ));
+}
+
+/// On a serving thread's runtime: the sockets handed to it, registered with
+/// this runtime's reactor, handshaken, as its server takes them.
+pub(crate) fn handshakes(
+    mut accepted: mpsc::UnboundedReceiver<Accepted>,
+    stop: CancellationToken,
+) -> ReceiverStream<io::Result<Conn>> {
+    let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
+    tokio::spawn(async move {
+        while let Some(a) = accepted.recv().await {
+            let tcp = match TcpStream::from_std(a.tcp) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!(peer = %a.peer, error = %e, "cannot register a connection; closed");
+                    continue;
+                }
+            };
+            tokio::spawn(handshake(
+                tcp,
+                a.peer,
+                a.slots,
+                Some(a.thread),
+                a.front,
+                tx.clone(),
+                stop.clone(),
+            ));
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Where the accept loop sends a socket within the caps.
+enum Handoff {
+    /// Handshaken on this runtime, to this server.
+    Here(mpsc::Sender<io::Result<Conn>>),
+    /// To the serving thread with the fewest open connections.
+    Threads(Vec<ServingThread>),
+}
+
+impl Handoff {
+    /// Ends when no server will take another connection.
+    async fn closed(&self) {
+        match self {
+            Handoff::Here(tx) => tx.closed().await,
+            // Each thread's server stops on the same token as the loop.
+            Handoff::Threads(_) => std::future::pending().await,
+        }
+    }
 }
 
 async fn accept_loop(
     listener: TcpListener,
     front: Front,
-    tx: mpsc::Sender<io::Result<Conn>>,
+    handoff: Handoff,
     stop: CancellationToken,
 ) {
     // A flood logs one warning per REFUSAL_LOG_EVERY, with the count,
@@ -479,7 +572,7 @@ async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => return,
-            () = tx.closed() => return,
+            () = handoff.closed() => return,
             r = listener.accept() => r,
         };
         let (tcp, peer) = match accepted {
@@ -530,14 +623,40 @@ async fn accept_loop(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
         }
-        tokio::spawn(handshake(
-            tcp,
-            peer,
-            (open, pending),
-            front.clone(),
-            tx.clone(),
-            stop.clone(),
-        ));
+        match &handoff {
+            Handoff::Here(tx) => {
+                tokio::spawn(handshake(
+                    tcp,
+                    peer,
+                    (open, pending),
+                    None,
+                    front.clone(),
+                    tx.clone(),
+                    stop.clone(),
+                ));
+            }
+            Handoff::Threads(threads) => {
+                let Some(thread) = threads.iter().min_by_key(|t| t.open.get()) else {
+                    continue;
+                };
+                // Off this runtime's reactor: the serving thread's own
+                // registers it, so its readiness wakes that thread.
+                let tcp = match tcp.into_std() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "cannot hand a connection over; closed");
+                        continue;
+                    }
+                };
+                let _ = thread.tx.send(Accepted {
+                    tcp,
+                    peer,
+                    slots: (open, pending),
+                    thread: thread.open.take(),
+                    front: front.clone(),
+                });
+            }
+        }
     }
 }
 
@@ -603,11 +722,29 @@ impl Throttled {
     }
 }
 
+impl Front {
+    fn new(server: &ServerSettings) -> Front {
+        Front {
+            tls: server
+                .tls
+                .as_ref()
+                .map(|t| TlsAcceptor::from(t.server_config())),
+            handshake_timeout: server.handshake_timeout,
+            max_pending: server.max_pending_connections,
+            max_connections: server.max_connections,
+            pending: Gauge::default(),
+            open: Gauge::default(),
+            per_peer: PerPeer::default(),
+        }
+    }
+}
+
 /// Runs one connection's handshake under the timeout, then hands it over.
 async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
     (open, pending): (Slot, (Slot, PeerSlot)),
+    thread: Option<Slot>,
     front: Front,
     tx: mpsc::Sender<io::Result<Conn>>,
     stop: CancellationToken,
@@ -654,7 +791,7 @@ async fn handshake(
             tls_info,
             id_indexed: Arc::default(),
         },
-        _open: open,
+        _open: (open, thread),
     };
     // The receiver is gone only when the server stops; the connection closes.
     let _ = tx.send(Ok(conn)).await;

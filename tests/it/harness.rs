@@ -13,6 +13,7 @@ pub struct TestBroker {
     pub client: QuotaBrokerClient<Channel>,
     pub admin: QuotaAdminClient<Channel>,
     pub channel: Channel,
+    addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<Result<(), quota_broker::ServerError>>,
 }
@@ -62,12 +63,18 @@ pub async fn start(toml: &str) -> TestBroker {
         client: QuotaBrokerClient::new(channel.clone()),
         admin: QuotaAdminClient::new(channel.clone()),
         channel,
+        addr,
         stop: Some(stop),
         server,
     }
 }
 
 impl TestBroker {
+    /// The gRPC port's address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
     /// A Watch of every bucket this broker shows.
     pub async fn watch_all(&self) -> tonic::Streaming<QuotaStatus> {
         self.client

@@ -17,5 +17,6 @@ mod process;
 mod restart;
 mod startup;
 mod stream;
+mod threads;
 mod tls;
 mod watch;

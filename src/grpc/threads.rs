@@ -1,0 +1,87 @@
+//! The serving threads (`server.io_threads`): each runs the gRPC
+//! connections handed to it, their calls, reads and writes, on a
+//! single-threaded runtime of its own, and has its own tonic server over
+//! the same services.
+//!
+//! On tokio's work-stealing runtime a call's task, spawned by hyper on the
+//! worker that read its request, wakes an idle worker to steal it, and its
+//! answer wakes the connection's task on another: a `futex` and a context
+//! switch every few calls, which on a machine the broker shares with its
+//! callers pre-empt them. A connection kept on one thread does its calls
+//! and its writes in one run of that thread (and `transport`'s write hold
+//! gathers every answer a run produced into one write). What crosses
+//! threads is the broker's shared state (locks and atomics, as before) and
+//! the background tasks on the main runtime (freeze ends, Watch feeds,
+//! cluster work), which wake a waiting call from there.
+//!
+//! The accept loop stays on the main runtime (the connection caps count in
+//! one place) and hands each socket to the thread serving the fewest.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use super::transport::{self, Conn, ServingThread};
+use super::ServerError;
+use crate::config::ServerSettings;
+
+/// A server as one thread runs it: its connections, and when to stop
+/// taking new ones and drain.
+pub(crate) type ServeOn = Box<
+    dyn FnOnce(
+            ReceiverStream<io::Result<Conn>>,
+            WaitForCancellationFutureOwned,
+        ) -> Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>>>>
+        + Send,
+>;
+
+/// Starts one thread per server in `servers`, and the accept loop handing
+/// them `listener`'s connections until `stop` (which also ends pending
+/// handshakes). Each server drains once `drain` is cancelled. The future
+/// returned ends when every thread's server has ended.
+pub(crate) fn serve(
+    servers: Vec<ServeOn>,
+    listener: tokio::net::TcpListener,
+    settings: &ServerSettings,
+    stop: CancellationToken,
+    drain: CancellationToken,
+) -> Result<impl Future<Output = Result<(), ServerError>> + Send + 'static, ServerError> {
+    let mut threads = Vec::with_capacity(servers.len());
+    let mut ended = Vec::with_capacity(servers.len());
+    for (n, server) in servers.into_iter().enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ended_tx, ended_rx) = oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ServerError::Thread(n, e))?;
+        let stop = stop.clone();
+        let drain = drain.clone();
+        std::thread::Builder::new()
+            .name(format!("grpc-io-{n}"))
+            .spawn(move || {
+                let served = runtime.block_on(async move {
+                    server(transport::handshakes(rx, stop), drain.cancelled_owned()).await
+                });
+                let _ = ended_tx.send(served);
+            })
+            .map_err(|e| ServerError::Thread(n, e))?;
+        threads.push(ServingThread::new(tx));
+        ended.push(ended_rx);
+    }
+    transport::incoming_to_threads(listener, settings, stop, threads);
+    Ok(async move {
+        for (n, thread) in ended.into_iter().enumerate() {
+            match thread.await {
+                Ok(served) => served?,
+                // The thread ended without saying how: its server panicked.
+                Err(_) => return Err(ServerError::ThreadPanicked(n)),
+            }
+        }
+        Ok(())
+    })
+}
