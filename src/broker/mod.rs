@@ -249,6 +249,11 @@ impl Broker {
         &self.inner.shutdown
     }
 
+    /// The metrics counted, if the HTTP port is on.
+    pub(crate) fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.inner.metrics.as_ref()
+    }
+
     /// The clock mapping used for wire times.
     pub(crate) fn clock(&self) -> Clock {
         self.inner.clock

@@ -45,6 +45,23 @@ pub(super) async fn events(
     headers: HeaderMap,
     q: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Response {
+    let response = feed(http.clone(), peer, headers, q);
+    let status = response.status();
+    if !status.is_success() {
+        if let Some(m) = http.broker.metrics() {
+            m.feed_refused(status.as_u16());
+        }
+    }
+    response
+}
+
+/// The feed `events` answers with, or its refusal.
+fn feed(
+    http: Http,
+    peer: SocketAddr,
+    headers: HeaderMap,
+    q: Result<Query<EventsQuery>, QueryRejection>,
+) -> Response {
     let q = match q {
         Ok(Query(q)) => q,
         Err(e) => {

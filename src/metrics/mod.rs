@@ -292,8 +292,9 @@ impl Metrics {
         );
         registry.register(
             "rpc_refusals",
-            "gRPC calls answered with an error status, per method and code (resource_exhausted: \
-             shed under overload; unavailable: shutting down or not the leader; \
+            "gRPC calls answered with an error status, and dashboard event feeds (method \
+             /events) refused, per method and code (resource_exhausted: shed under overload \
+             or over the stream cap; unavailable: shutting down or not the leader; \
              unauthenticated, permission_denied: tokens)",
             refusals.clone(),
         );
@@ -483,6 +484,28 @@ impl Metrics {
         self.refusals
             .get_or_create(&vec![
                 ("method", Metrics::method_name(method).to_owned()),
+                ("code", code_label(code).to_owned()),
+            ])
+            .inc();
+    }
+
+    /// The dashboard's event feed (`/events`) was refused with the HTTP
+    /// `status`: counted with the gRPC refusals, under the method `/events`
+    /// and the code the same refusal has on gRPC.
+    pub(crate) fn feed_refused(&self, status: u16) {
+        use tonic::Code;
+        let code = match status {
+            400 => Code::InvalidArgument,
+            401 => Code::Unauthenticated,
+            403 => Code::PermissionDenied,
+            404 => Code::NotFound,
+            429 => Code::ResourceExhausted,
+            503 => Code::Unavailable,
+            _ => Code::Unknown,
+        };
+        self.refusals
+            .get_or_create(&vec![
+                ("method", "/events".to_owned()),
                 ("code", code_label(code).to_owned()),
             ])
             .inc();

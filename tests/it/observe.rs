@@ -1120,6 +1120,17 @@ async fn the_event_feed_needs_a_token_and_shows_only_its_tenants() {
     assert_eq!(wrong.status, 401);
     let other = get(b.http, &format!("/events?tenant=u&token={TOKEN}"), &[]).await;
     assert_eq!(other.status, 403, "{}", other.body);
+    // Counted where gRPC's refusals are, with the code gRPC would say.
+    let metrics = get(b.http, "/metrics", &[]).await.body;
+    for line in [
+        "quota_broker_rpc_refusals_total{method=\"/events\",code=\"unauthenticated\"} 2",
+        "quota_broker_rpc_refusals_total{method=\"/events\",code=\"permission_denied\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line} in:\n{metrics}"
+        );
+    }
 
     let bearer = format!("Bearer {TOKEN}");
     let (head, mut feed) = open(b.http, "/events", &[("Authorization", &bearer)]).await;
