@@ -82,6 +82,12 @@ struct Args {
     /// deleted upstream and its block fails, left for the next run.
     #[arg(long, default_value = "2h", value_parser = parse_job_wait)]
     job_wait: Duration,
+    /// Longest one block's store in the sink may take (1s–1d): past it the
+    /// run ends with its summary, as on any sink error, instead of waiting
+    /// for a database that holds the store (a lock, a server or link that
+    /// stopped answering); the next run stores the block again.
+    #[arg(long, default_value = "10m", value_parser = parse_store_timeout)]
+    store_timeout: Duration,
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -129,6 +135,15 @@ fn parse_job_wait(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if !(Duration::from_secs(60)..=Duration::from_secs(7 * 86_400)).contains(&d) {
         return Err("a job's wait is 1m to 7d".into());
+    }
+    Ok(d)
+}
+
+/// A block's longest store: [`parse_duration`], from a second to a day.
+fn parse_store_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&d) {
+        return Err("a block's store timeout is 1s to 1d".into());
     }
     Ok(d)
 }
@@ -255,7 +270,7 @@ async fn main() -> ExitCode {
     }
     let sink_name = sink_shown(&args.sink);
     let sink = match Sink::open(&args.sink).await {
-        Ok(sink) => sink,
+        Ok(sink) => sink.with_store_timeout(args.store_timeout),
         // Unreachable now (a database restarting): exit 1, which an
         // orchestrator retries; a refusal every run would meet: 2.
         Err(e) if e.may_pass_later() => {

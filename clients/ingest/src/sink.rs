@@ -110,7 +110,13 @@ pub struct Done<'a> {
 #[derive(Clone)]
 pub struct Sink {
     pool: AnyPool,
+    /// Longest one block's store may take (see [`Sink::with_store_timeout`]).
+    store_timeout: Duration,
 }
+
+/// A block's store bound when none is set: a day's block of a busy org is
+/// stored in seconds; ten minutes is a database that stopped answering.
+pub(crate) const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The fields people query, pulled from one conversation's JSON.
 struct Fields<'a> {
@@ -283,7 +289,22 @@ impl Sink {
             }
             tx.commit().await?;
         }
-        Ok(Sink { pool })
+        Ok(Sink {
+            pool,
+            store_timeout: DEFAULT_STORE_TIMEOUT,
+        })
+    }
+
+    /// Bounds each block's store (its transaction, from taking a
+    /// connection to the commit) at `timeout`: past it the store fails as
+    /// a sink error would, and the run ends with its summary instead of
+    /// waiting for a database that holds the store (a lock another session
+    /// keeps, a server or link that stopped answering) for ever. The store
+    /// is an upsert: one whose commit reached the server anyway is stored
+    /// again, unchanged, by the next run.
+    pub fn with_store_timeout(mut self, timeout: Duration) -> Sink {
+        self.store_timeout = timeout;
+        self
     }
 
     /// Every checkpoint, in block order.
@@ -419,8 +440,24 @@ impl Sink {
     }
 
     /// Stores a block's conversations (upserts by id) and its checkpoint
-    /// in one transaction.
+    /// in one transaction, within the store timeout.
     pub async fn store(&self, done: Done<'_>, now_ms: i64) -> Result<(), IngestError> {
+        let block = done.block.interval();
+        tokio::time::timeout(self.store_timeout, self.store_now(done, now_ms))
+            .await
+            .unwrap_or_else(|_| {
+                Err(IngestError::Sink(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "storing the block {block} did not finish within {} s \
+                         (--store-timeout): the database holds it (a lock, or it stopped answering)",
+                        self.store_timeout.as_secs_f64()
+                    ),
+                ))))
+            })
+    }
+
+    async fn store_now(&self, done: Done<'_>, now_ms: i64) -> Result<(), IngestError> {
         let fields = done
             .conversations
             .iter()

@@ -377,6 +377,73 @@ async fn a_sink_that_stops_answering_does_not_keep_the_summary_back() {
     bed.sim.shutdown().await;
 }
 
+/// A store the database holds (here a lock another session keeps, with
+/// no end) fails at `--store-timeout`: the run ends with its summary and
+/// exit 1, naming the block and the flag, instead of waiting for ever;
+/// the block is left for the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_the_database_holds_fails_at_the_store_timeout() {
+    use sqlx::Connection;
+    let pg = testsvc::Postgres::start()
+        .unwrap_or_else(|e| panic!("PostgreSQL is needed for this test and could not start: {e}"));
+    let bed = Bed::start().await;
+    let url = pg.create_database("ingest_held").unwrap();
+    let watcher = Sink::open(&url).await.unwrap();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_gc-ingest"));
+    cmd.args(["--region", &bed.region()])
+        .args([
+            "--client-id",
+            "held@org-a",
+            "--client-secret",
+            "gcsim-secret",
+        ])
+        .args(["--broker", &bed.broker.url(), "--tenant", "org-a"])
+        .args(["--source", "query", "--parallel", "1", "--json"])
+        .args(["--store-timeout", "2s"])
+        .args(["--from", DAY1, "--to", END, "--sink", &url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().unwrap();
+    until_done(&watcher, 2).await;
+    let (mut admin, _pid, done_before) = lock_until_stores_wait(&url, 1).await;
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("it exits while its store is held (the store timeout is 2 s)")
+        .unwrap();
+    sqlx::query("ROLLBACK").execute(&mut admin).await.unwrap();
+    admin.close().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let summary: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert!(
+        summary["error"].as_str().is_some_and(
+            |e| e.contains("did not finish within 2 s") && e.contains("--store-timeout")
+        ),
+        "{summary}"
+    );
+    assert_eq!(
+        summary["blocks_final"],
+        Value::from(done_before),
+        "{summary}"
+    );
+    // The next run stores what is left.
+    let sink = Sink::open(&url).await.unwrap();
+    let summary = run(
+        &plan(DAY1, END, BlockSize::Hour),
+        &bed.source(SourceKind::Query, "held-again"),
+        &sink,
+    )
+    .await
+    .unwrap();
+    assert!(summary.blocks_final > 0, "{summary:?}");
+    sink.close().await;
+    watcher.close().await;
+    bed.sim.shutdown().await;
+}
+
 /// A record with a NUL character in its queue and wrap-up code (which
 /// PostgreSQL's `TEXT` cannot hold) is stored all the same: the queried
 /// columns say `\u0000` as JSON does, `raw` keeps the record as sent, and
