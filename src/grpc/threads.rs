@@ -42,7 +42,8 @@ pub(crate) type ServeOn = Box<
 /// Starts one thread per server in `servers`, and the accept loop handing
 /// them `listener`'s connections until `stop` (which also ends pending
 /// handshakes). Each server drains once `drain` is cancelled. The future
-/// returned ends when every thread's server has ended.
+/// returned ends when every thread's server has ended, or at once with the
+/// first thread's error.
 pub(crate) fn serve(
     servers: Vec<ServeOn>,
     listener: tokio::net::TcpListener,
@@ -74,14 +75,16 @@ pub(crate) fn serve(
         ended.push(ended_rx);
     }
     transport::incoming_to_threads(listener, settings, stop, threads);
-    Ok(async move {
-        for (n, thread) in ended.into_iter().enumerate() {
+    // The first thread to fail ends the whole: a broker serving on fewer
+    // threads than it was given would be a broker that half works.
+    let all = futures_util::future::try_join_all(ended.into_iter().enumerate().map(
+        |(n, thread)| async move {
             match thread.await {
-                Ok(served) => served?,
+                Ok(served) => served.map_err(ServerError::from),
                 // The thread ended without saying how: its server panicked.
-                Err(_) => return Err(ServerError::ThreadPanicked(n)),
+                Err(_) => Err(ServerError::ThreadPanicked(n)),
             }
-        }
-        Ok(())
-    })
+        },
+    ));
+    Ok(async move { all.await.map(|_| ()) })
 }

@@ -636,7 +636,13 @@ async fn accept_loop(
                 ));
             }
             Handoff::Threads(threads) => {
-                let Some(thread) = threads.iter().min_by_key(|t| t.open.get()) else {
+                // A thread whose server ended takes no more (the broker is
+                // stopping, or failing: see `threads::serve`).
+                let Some(thread) = threads
+                    .iter()
+                    .filter(|t| !t.tx.is_closed())
+                    .min_by_key(|t| t.open.get())
+                else {
                     continue;
                 };
                 // Off this runtime's reactor: the serving thread's own
