@@ -88,3 +88,43 @@ pub(crate) fn serve(
     ));
     Ok(async move { all.await.map(|_| ()) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_thread_whose_server_panics_ends_serve_at_once_with_its_number() {
+        let settings = crate::config::Settings::from_toml(
+            "[[tenants]]\nid = \"a\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n",
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let serves_on: ServeOn = Box::new(|_incoming, drain| {
+            Box::pin(async move {
+                drain.await;
+                Ok(())
+            })
+        });
+        let panics: ServeOn = Box::new(|_incoming, _drain| Box::pin(async { panic!("a bug") }));
+        let (stop, drain) = (CancellationToken::new(), CancellationToken::new());
+        let served = serve(
+            vec![serves_on, panics],
+            listener,
+            &settings.server,
+            stop.clone(),
+            drain.clone(),
+        )
+        .unwrap();
+        // Thread 0 serves until drained, which nothing asks for here.
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), served)
+            .await
+            .expect("serve ends with the first thread's failure, not the last thread's end");
+        assert!(
+            matches!(ended, Err(ServerError::ThreadPanicked(1))),
+            "{ended:?}"
+        );
+        drain.cancel();
+        stop.cancel();
+    }
+}
