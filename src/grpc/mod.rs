@@ -13,6 +13,8 @@
 
 mod admin_service;
 mod broker_service;
+mod caps;
+mod coalesce;
 mod codec;
 mod embedded;
 mod fast;
@@ -25,7 +27,8 @@ mod stopping;
 mod threads;
 mod transport;
 
-pub(crate) use transport::{per_peer_cap, PerPeer, Throttled};
+pub(crate) use caps::{per_peer_cap, PerPeer};
+pub(crate) use transport::Throttled;
 
 pub use codec::MAX_CONCURRENT_STREAMS;
 pub use embedded::Embedded;
