@@ -157,6 +157,23 @@ async fn until_given_back(admin: &mut sqlx::PgConnection) {
     }
 }
 
+/// The gc-ingest binary set to run `--source query` over DAY1..END into
+/// `url` as `client_id`, with `extra` arguments, its output piped.
+fn query_run(bed: &Bed, client_id: &str, url: &str, extra: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_gc-ingest"));
+    cmd.args(["--region", &bed.region()])
+        .args(["--client-id", client_id, "--client-secret", "gcsim-secret"])
+        .args(["--broker", &bed.broker.url(), "--tenant", "org-a"])
+        .args(["--source", "query"])
+        .args(extra)
+        .args(["--from", DAY1, "--to", END, "--sink", url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
 /// Blocks with status `done`.
 async fn done(sink: &Sink) -> usize {
     let checkpoints = sink.checkpoints().await.unwrap();
@@ -256,22 +273,8 @@ async fn a_run_ended_by_its_sink_prints_its_summary_and_exits_1() {
     for json in [true, false] {
         let url = pg.create_database(&format!("ingest_exit_{json}")).unwrap();
         let watcher = Sink::open(&url).await.unwrap();
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_gc-ingest"));
-        cmd.args(["--region", &bed.region()])
-            .args([
-                "--client-id",
-                "exit@org-a",
-                "--client-secret",
-                "gcsim-secret",
-            ])
-            .args(["--broker", &bed.broker.url(), "--tenant", "org-a"])
-            .args(["--source", "query", "--parallel", "4"])
-            .args(["--from", DAY1, "--to", END, "--sink", &url])
-            .args(if json { &["--json"][..] } else { &[] })
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        let mut cmd = query_run(&bed, "exit@org-a", &url, &["--parallel", "4"]);
+        cmd.args(if json { &["--json"][..] } else { &[] });
         let child = cmd.spawn().unwrap();
         until_done(&watcher, 8).await;
         let done_before = fail_one_of_stores(&url, 4).await as u64;
@@ -326,21 +329,12 @@ async fn a_sink_that_stops_answering_does_not_keep_the_summary_back() {
     let bed = Bed::start().await;
     let url = pg.create_database("ingest_unanswering").unwrap();
     let watcher = Sink::open(&url).await.unwrap();
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_gc-ingest"));
-    cmd.args(["--region", &bed.region()])
-        .args([
-            "--client-id",
-            "unanswering@org-a",
-            "--client-secret",
-            "gcsim-secret",
-        ])
-        .args(["--broker", &bed.broker.url(), "--tenant", "org-a"])
-        .args(["--source", "query", "--parallel", "1", "--json"])
-        .args(["--from", DAY1, "--to", END, "--sink", &url])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let mut cmd = query_run(
+        &bed,
+        "unanswering@org-a",
+        &url,
+        &["--parallel", "1", "--json"],
+    );
     let child = cmd.spawn().unwrap();
     until_done(&watcher, 2).await;
     let (mut admin, pid, done_before) = lock_until_stores_wait(&url, 1).await;
@@ -389,22 +383,12 @@ async fn a_store_the_database_holds_fails_at_the_store_timeout() {
     let bed = Bed::start().await;
     let url = pg.create_database("ingest_held").unwrap();
     let watcher = Sink::open(&url).await.unwrap();
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_gc-ingest"));
-    cmd.args(["--region", &bed.region()])
-        .args([
-            "--client-id",
-            "held@org-a",
-            "--client-secret",
-            "gcsim-secret",
-        ])
-        .args(["--broker", &bed.broker.url(), "--tenant", "org-a"])
-        .args(["--source", "query", "--parallel", "1", "--json"])
-        .args(["--store-timeout", "2s"])
-        .args(["--from", DAY1, "--to", END, "--sink", &url])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let mut cmd = query_run(
+        &bed,
+        "held@org-a",
+        &url,
+        &["--parallel", "1", "--json", "--store-timeout", "2s"],
+    );
     let child = cmd.spawn().unwrap();
     until_done(&watcher, 2).await;
     let (mut admin, _pid, done_before) = lock_until_stores_wait(&url, 1).await;
