@@ -12,6 +12,8 @@
 //! - `data`: the deterministic analytics history and its details query.
 //! - `jobs`: the asynchronous details jobs (submit, poll, cursor-paged
 //!   results, delete) and their limits (running jobs, submissions per window).
+//! - `paced`: one family played in process against calls at an even pace
+//!   (the scenario's yardstick of what a pacing broker could be served).
 //! - `log`: the bounded log of every request served and refused.
 //! - `server`: the axum routes: auth → the org's decision → the endpoint's
 //!   answer after its simulated latency (holding any concurrency slot) →
@@ -37,6 +39,7 @@ mod error;
 mod jobs;
 mod log;
 mod org;
+mod paced;
 mod route;
 mod server;
 
@@ -46,4 +49,5 @@ pub use config::{
 };
 pub use error::SimError;
 pub use jobs::JobsConfig;
+pub use paced::paced;
 pub use server::{Sim, SimHandle};

@@ -459,10 +459,6 @@ impl Org {
         path: &str,
         gate: impl FnOnce() -> Result<(), Refusal>,
     ) -> Decision {
-        self.advance(now);
-        let token_window = self.token_window_ms as f64;
-        let index = (now / token_window) as u64;
-        let token_end = (index + 1) as f64 * token_window;
         let matching: Vec<usize> = self
             .families
             .iter()
@@ -470,6 +466,40 @@ impl Org {
             .filter(|(_, f)| f.family.routes.iter().any(|r| r.matches(method, path)))
             .map(|(i, _)| i)
             .collect();
+        self.admit_to(now, client, &matching, gate)
+    }
+
+    /// The index of family `name`, for [`Self::admit_to`].
+    pub(crate) fn family_index(&self, name: &str) -> Option<usize> {
+        self.families.iter().position(|f| f.family.name == name)
+    }
+
+    /// What family `index` leaves everyone but its unmanaged consumer at
+    /// `now`: its enforced permits less the consumer's planned requests,
+    /// both of the current window, and the window's length in ms.
+    pub(crate) fn left(&mut self, now: f64, index: usize) -> Option<(u64, u64)> {
+        self.advance(now);
+        let f = self.families.get(index)?;
+        Some((
+            f.hidden.saturating_sub(f.unmanaged_planned),
+            f.family.window_ms,
+        ))
+    }
+
+    /// Decides one request of `client` at `now` to the families at
+    /// `matching` (the ones its route matches), `gate` as in
+    /// [`Self::admit_gated`].
+    pub(crate) fn admit_to(
+        &mut self,
+        now: f64,
+        client: &str,
+        matching: &[usize],
+        gate: impl FnOnce() -> Result<(), Refusal>,
+    ) -> Decision {
+        self.advance(now);
+        let token_window = self.token_window_ms as f64;
+        let index = (now / token_window) as u64;
+        let token_end = (index + 1) as f64 * token_window;
         let token = self.tokens.entry(client.to_owned()).or_default();
         if token.window != index {
             token.window = index;
@@ -481,12 +511,12 @@ impl Org {
             token_end,
             escalation: (self.escalation_base_ms, self.escalation_max_ms),
         };
-        let verdict = decide(now, token, &mut self.families, &matching, limits, gate);
+        let verdict = decide(now, token, &mut self.families, matching, limits, gate);
         let counted = |w: &mut WindowStats| match &verdict {
             Ok(_) => w.served_fleet += 1,
             Err(_) => w.refused_fleet += 1,
         };
-        for &i in &matching {
+        for &i in matching {
             counted(self.families[i].current());
         }
         match &verdict {
@@ -509,7 +539,7 @@ impl Org {
             reset_ms: token_end - now,
         });
         let mut told = token_told;
-        for &i in &matching {
+        for &i in matching {
             let f = &mut self.families[i];
             if f.family.tell {
                 let t = f.told(now);

@@ -50,6 +50,20 @@ pub(crate) struct Args {
     /// With `--matrix`: the seeds (default: `--seed`).
     #[arg(long, value_delimiter = ',', requires = "matrix")]
     pub(crate) seeds: Vec<u64>,
+    /// Instead of running the fleet: play each `--upstream` file's
+    /// analytics family in process against calls sent evenly at each of
+    /// these percentages of what is left for the fleet (the enforced
+    /// permits less the unmanaged consumer's demand, as they change), with
+    /// no broker, and print what each was served as the matrix counts it:
+    /// what a broker that had learned what is left exactly, and not when
+    /// the consumer sends, could get. Takes milliseconds.
+    #[arg(
+        long,
+        value_name = "PERCENT",
+        value_delimiter = ',',
+        requires = "upstream"
+    )]
+    pub(crate) paced: Vec<f64>,
     /// Run this `gcsim` binary as the simulator (default: the gcsim library
     /// in this process, on its own socket).
     #[arg(long, value_name = "PATH")]
@@ -171,6 +185,8 @@ pub(crate) struct Spec {
     pub(crate) upstreams: Vec<UpstreamFile>,
     /// `--matrix`: its seeds.
     pub(crate) matrix: Option<Vec<u64>>,
+    /// `--paced`: its percentages of what is left.
+    pub(crate) paced: Option<Vec<f64>>,
     /// The simulator binary, if there is one to run.
     pub(crate) gcsim_bin: Option<PathBuf>,
     /// Where the broker comes from.
@@ -328,6 +344,26 @@ impl Args {
             }
             seeds
         });
+        let paced = if self.paced.is_empty() {
+            None
+        } else {
+            if self.matrix || self.cluster.is_some() || chaos.is_some() {
+                return Err(Error::Usage(
+                    "--paced runs no fleet: drop --matrix, --cluster and --chaos-kill-at".into(),
+                ));
+            }
+            if let Some(bad) = self
+                .paced
+                .iter()
+                .find(|p| !(p.is_finite() && **p > 0.0 && **p <= 1000.0))
+            {
+                return Err(Error::Usage(format!(
+                    "--paced {bad}: each must be a percentage of what is left above 0 and at \
+                     most 1000"
+                )));
+            }
+            Some(self.paced)
+        };
         if let Some(dir) = &self.keep_logs {
             writable_dir(dir)?;
         }
@@ -339,6 +375,7 @@ impl Args {
             modes,
             upstreams,
             matrix,
+            paced,
             gcsim_bin,
             broker,
             keep_logs: self.keep_logs,

@@ -88,6 +88,15 @@ pub(crate) struct UpstreamFile {
 }
 
 impl UpstreamFile {
+    /// The file's simulator config as it is (the time scale and seed it
+    /// sets, if any, left as they are).
+    pub(crate) fn sim_config(&self) -> Result<gcsim::SimConfig, Error> {
+        let text = toml::to_string(&self.table)
+            .map_err(|e| Error::Usage(format!("--upstream {}: {e}", self.name)))?;
+        gcsim::SimConfig::from_toml(&text)
+            .map_err(|e| Error::Usage(format!("--upstream {}: {e}", self.name)))
+    }
+
     /// Reads and checks `path`: a valid gcsim config with org `org-a`
     /// documenting what the broker's config and local mode are set up
     /// with (token 300, analytics 60, writes 300, each per 60 s), and the
@@ -678,6 +687,7 @@ mod tests {
             modes: vec![],
             upstreams: vec![],
             matrix: None,
+            paced: None,
             gcsim_bin: None,
             broker: crate::cli::BrokerSource::InProcess,
             keep_logs: None,

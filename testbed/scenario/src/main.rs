@@ -25,6 +25,8 @@
 //! - `trace`: broker mode's samples of the broker's analytics bucket.
 //! - `report`: the table, the JSON, the broker's targets.
 //! - `matrix`: `--matrix`: upstream files × seeds, a few figures per cell.
+//! - `paced`: `--paced`: each upstream file against calls at an even pace, no
+//!   broker (the yardstick of what a pacing broker could be served).
 //!
 //! Stopping: SIGINT or SIGTERM drops the run (every child process is
 //! killed, the temporary directory removed) and exits 130 or 143.
@@ -47,6 +49,7 @@ mod ingest;
 mod matrix;
 mod measure;
 mod modes;
+mod paced;
 mod relay;
 mod report;
 mod run;
@@ -237,6 +240,19 @@ struct Output {
 /// failure is an `Err`. After each matrix cell, `finished` holds the
 /// output of the cells run so far.
 async fn output(spec: &Spec, finished: &std::sync::Mutex<Option<String>>) -> Result<Output, Error> {
+    if let Some(percents) = &spec.paced {
+        let rows = paced::rows(spec, percents)?;
+        let text = if spec.json {
+            format!(
+                "{}\n",
+                serde_json::to_string_pretty(&rows)
+                    .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+            )
+        } else {
+            paced::table(spec, &rows)
+        };
+        return Ok(Output { text, failed: 0 });
+    }
     if let Some(seeds) = &spec.matrix {
         let mut matrix = Matrix::new(spec);
         let total = spec.upstreams.len() * seeds.len();

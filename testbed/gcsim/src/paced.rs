@@ -1,0 +1,154 @@
+//! A fleet that knows the limit: one family of one org played in process
+//! (no server, no network, no broker) against calls sent evenly at a share
+//! of what the family leaves besides its unmanaged consumer's demand, the
+//! pace following the hidden limit and the consumer as they change. The
+//! caller backs off for a refusal's Retry-After and otherwise keeps its
+//! pace: what a broker that had learned what is left exactly, and nothing
+//! more about the upstream (not when the consumer will send), would send.
+//! What it is served at each share is a yardstick for the scenario's
+//! cells: where no even pace is served what is left and leaves the
+//! consumer its demand, no pacing broker can be.
+
+use crate::config::SimConfig;
+use crate::error::SimError;
+use crate::org::Org;
+
+/// The OAuth client the paced calls are made as.
+const CLIENT: &str = "paced";
+
+/// Plays `until_ms` simulated ms of org `org` in `config` with calls to
+/// family `family` paced evenly at `share` of what the family leaves in the
+/// current window (its enforced permits less the unmanaged consumer's
+/// planned requests), and returns the org's counters as `/_sim/stats` shows
+/// them. A refused call holds the next one back until its Retry-After; a
+/// call served takes no time (its concurrency slot, if any, is given back
+/// at once); while nothing is left, the pace waits for the next window.
+pub fn paced(
+    config: &SimConfig,
+    org: &str,
+    family: &str,
+    share: f64,
+    until_ms: u64,
+) -> Result<serde_json::Value, SimError> {
+    if !(share.is_finite() && share > 0.0 && share <= 10.0) {
+        return Err(SimError::Config(vec![format!(
+            "a paced share must be above 0 and at most 10 (1 is all that is left), got {share}"
+        )]));
+    }
+    let ready = config.ready()?;
+    let Some(found) = ready.into_iter().find(|o| o.config.id == org) else {
+        return Err(SimError::Config(vec![format!(
+            "no org {org:?} in the config"
+        )]));
+    };
+    let id = found.config.id.clone();
+    let mut sim = Org::new(
+        found.config,
+        found.families,
+        (config.escalation_base_ms, config.escalation_max_ms),
+    );
+    let Some(index) = sim.family_index(family) else {
+        return Err(SimError::Config(vec![format!(
+            "org {org:?} has no family {family:?}"
+        )]));
+    };
+    let end = until_ms as f64;
+    // The interval at the pace of `at`; the first call half of one in.
+    let interval = |sim: &mut Org, at: f64| -> f64 {
+        let (left, window) = sim.left(at, index).unwrap_or((0, 60_000));
+        let window = window.max(1) as f64;
+        if left == 0 {
+            // Nothing left: wait for the next window.
+            (at / window).floor() * window + window - at
+        } else {
+            window / (share * left as f64)
+        }
+    };
+    let mut at = interval(&mut sim, 0.0) / 2.0;
+    while at < end {
+        let decision = sim.admit_to(at, CLIENT, &[index], || Ok(()));
+        let next = at + interval(&mut sim, at);
+        at = match decision.verdict {
+            Ok(slots) => {
+                sim.release(&slots);
+                next
+            }
+            Err(refusal) => next.max(at + refusal.retry_after_ms),
+        };
+    }
+    serde_json::to_value(sim.stats(end, &id)).map_err(|e| SimError::Io {
+        what: "write the paced run's counters".into(),
+        source: std::io::Error::other(e),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn windows(stats: &serde_json::Value) -> &Vec<serde_json::Value> {
+        stats["families"][0]["windows"].as_array().unwrap()
+    }
+
+    fn sum(windows: &[serde_json::Value], key: &str) -> u64 {
+        windows.iter().map(|w| w[key].as_u64().unwrap()).sum()
+    }
+
+    const ORG: &str = "[[orgs]]\nid = \"o\"\n\n  [[orgs.families]]\n  name = \"f\"\n  \
+                       routes = [\"GET /x\"]\n  documented_permits = 60\n  window_ms = 60000\n";
+
+    #[test]
+    fn all_that_is_left_of_a_fixed_window_is_served_and_a_pace_over_it_is_refused() {
+        let config = SimConfig::from_toml(&format!(
+            "{ORG}  hidden_permits = 30\n  schedule = [{{ at_ms = 120000, hidden_permits = 20 }}]\n"
+        ))
+        .unwrap();
+        let all = paced(&config, "o", "f", 1.0, 300_000).unwrap();
+        let w = windows(&all);
+        assert_eq!(sum(w, "served_fleet"), 30 + 30 + 20 + 20 + 20, "{all}");
+        assert_eq!(sum(w, "refused_fleet"), 0, "{all}");
+        let over = paced(&config, "o", "f", 1.3, 300_000).unwrap();
+        let w = windows(&over);
+        // What each window enforces served; the call over it refused and
+        // the pace held back until the window's end.
+        assert_eq!(sum(w, "served_fleet"), 120, "{over}");
+        assert!(sum(w, "refused_fleet") >= 5, "{over}");
+    }
+
+    #[test]
+    fn on_a_sliding_log_an_even_pace_refuses_a_bursty_consumer_what_it_leaves_on_average() {
+        // 30 in any 60 s, the consumer 10 a window in one burst: 20 are
+        // left a window, yet a span holding two bursts leaves 10.
+        let config = SimConfig::from_toml(&format!(
+            "{ORG}  hidden_permits = 30\n  kind = \"sliding_log\"\n  \
+             unmanaged = [{{ at_ms = 0, per_window = 10 }}]\n  unmanaged_pattern = \"bursty\"\n"
+        ))
+        .unwrap();
+        let at = |share| {
+            let stats = paced(&config, "o", "f", share, 600_000).unwrap();
+            let w = windows(&stats);
+            (sum(w, "served_fleet"), sum(w, "refused_unmanaged"))
+        };
+        assert_eq!(at(0.5), (100, 0));
+        let (served, refused) = at(1.0);
+        assert!(served >= 190, "served {served}");
+        assert!(refused > 0, "an even 20 a minute left every burst room");
+    }
+
+    #[test]
+    fn unknown_names_and_bad_shares_say_what_is_wrong() {
+        let config = SimConfig::from_toml(ORG).unwrap();
+        let e = paced(&config, "p", "f", 1.0, 60_000)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no org \"p\""), "{e}");
+        let e = paced(&config, "o", "g", 1.0, 60_000)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no family \"g\""), "{e}");
+        let e = paced(&config, "o", "f", 0.0, 60_000)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("above 0"), "{e}");
+    }
+}

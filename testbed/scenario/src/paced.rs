@@ -1,0 +1,189 @@
+//! `--paced PERCENT`: each `--upstream` file's analytics family played in
+//! process against calls sent evenly at each percentage of what is left
+//! for the fleet, with no broker (see `gcsim::paced`), measured as the
+//! matrix measures a cell. The yardstick of what a broker that had learned
+//! what is left exactly, and not when the unmanaged consumer sends, could
+//! be served: a cell where no pace is served 97 % of what is left without
+//! refusing the consumer is one no pacing broker can meet.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::cli::Spec;
+use crate::confgen::{ANALYTICS, ORG};
+use crate::error::Error;
+use crate::measure::goodput;
+use crate::upstream::OrgStats;
+
+/// One file at one rate.
+#[derive(Debug, Serialize)]
+pub(crate) struct Row {
+    /// The upstream file's name (without `.toml`).
+    pub(crate) upstream: String,
+    /// The pace, a percentage of what is left.
+    pub(crate) percent: f64,
+    /// Calls served and refused in the counted windows.
+    pub(crate) served: u64,
+    /// Calls refused.
+    pub(crate) refused: u64,
+    /// Served / what the unmanaged consumer's demand left.
+    pub(crate) goodput_of_left: Option<f64>,
+    /// Served / what the unmanaged consumer was not served.
+    pub(crate) goodput_of_available: Option<f64>,
+    /// The unmanaged consumer's requests refused, and all it sent.
+    pub(crate) unmanaged_refused: (u64, u64),
+}
+
+/// Every file × every percentage of `spec`.
+pub(crate) fn rows(spec: &Spec, percents: &[f64]) -> Result<Vec<Row>, Error> {
+    let until_ms = spec.duration_s * 1000;
+    let mut rows = Vec::new();
+    for file in &spec.upstreams {
+        let config = file.sim_config()?;
+        for &percent in percents {
+            let stats = gcsim::paced(&config, ORG, ANALYTICS, percent / 100.0, until_ms)
+                .map_err(|e| Error::Usage(format!("--upstream {}: {e}", file.name)))?;
+            let org: OrgStats = serde_json::from_value(stats).map_err(|e| {
+                Error::Usage(format!(
+                    "--upstream {}: the paced run's counters: {e}",
+                    file.name
+                ))
+            })?;
+            let family = org.families.iter().find(|f| f.name == ANALYTICS);
+            let g = goodput(family, until_ms);
+            let refused = family.map_or(0, |f| {
+                f.windows
+                    .iter()
+                    .filter(|w| g.windows.contains(&w.index))
+                    .map(|w| w.refused_fleet)
+                    .sum()
+            });
+            rows.push(Row {
+                upstream: file.name.clone(),
+                percent,
+                served: g.served_fleet,
+                refused,
+                goodput_of_left: g.fair_share,
+                goodput_of_available: g.share,
+                unmanaged_refused: (
+                    g.unmanaged_refused,
+                    g.unmanaged_refused + g.unmanaged_served,
+                ),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// The table.
+pub(crate) fn table(spec: &Spec, rows: &[Row]) -> String {
+    let pct = |s: Option<f64>| s.map_or("-".into(), |s| format!("{:.1}%", 100.0 * s));
+    let head = [
+        "upstream",
+        "paced",
+        "served",
+        "refused",
+        "goodput/left",
+        "goodput/avail",
+        "unmanaged refused",
+    ];
+    let cells: Vec<[String; 7]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.upstream.clone(),
+                format!("{}% of left", r.percent),
+                r.served.to_string(),
+                r.refused.to_string(),
+                pct(r.goodput_of_left),
+                pct(r.goodput_of_available),
+                format!("{} of {}", r.unmanaged_refused.0, r.unmanaged_refused.1),
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..head.len())
+        .map(|i| {
+            cells
+                .iter()
+                .map(|r| r[i].chars().count())
+                .chain([head[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    let _ = writeln!(out, "scenario paced: {}", spec.command);
+    let _ = writeln!(
+        out,
+        "{} simulated s of calls to {ANALYTICS} sent evenly at a share of what is left for \
+         the fleet, no broker; counted as the matrix counts (the first window left out)\n",
+        spec.duration_s
+    );
+    let line = |out: &mut String, row: &[&str]| {
+        for (i, (c, w)) in row.iter().zip(&widths).enumerate() {
+            if i == 0 {
+                let _ = write!(out, "{c:<w$}");
+            } else {
+                let _ = write!(out, "  {c:>w$}");
+            }
+        }
+        out.push('\n');
+    };
+    line(&mut out, &head);
+    for r in &cells {
+        line(&mut out, &r.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Args;
+    use clap::Parser;
+
+    fn spec(extra: &[&str]) -> Spec {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let file = format!("{dir}/upstreams/sliding-log-bursty.toml");
+        let mut argv = vec!["scenario", "--upstream", &file, "--duration", "600"];
+        argv.extend_from_slice(extra);
+        Args::parse_from(argv).resolve().unwrap()
+    }
+
+    #[test]
+    fn on_the_bursty_sliding_log_every_even_pace_trades_the_consumers_refusals_for_goodput() {
+        let spec = spec(&["--paced", "50,100"]);
+        let rows = rows(&spec, spec.paced.as_deref().unwrap()).unwrap();
+        assert_eq!(rows.len(), 2);
+        let (slow, fast) = (&rows[0], &rows[1]);
+        // Half of what is left leaves the consumer every burst; all that is
+        // left is served, and refuses it some.
+        assert_eq!(slow.unmanaged_refused.0, 0, "{slow:?}");
+        assert!(slow.goodput_of_left.unwrap() < 0.6, "{slow:?}");
+        assert!(fast.goodput_of_left.unwrap() > 0.95, "{fast:?}");
+        assert!(fast.unmanaged_refused.0 > 0, "{fast:?}");
+        let table = table(&spec, &rows);
+        assert!(table.contains("sliding-log-bursty"), "{table}");
+    }
+
+    #[test]
+    fn paced_percentages_must_be_positive_and_go_without_the_matrix() {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let file = format!("{dir}/upstreams/sliding-log-bursty.toml");
+        let bad = |argv: &[&str]| {
+            let mut all = vec!["scenario", "--upstream", &file];
+            all.extend_from_slice(argv);
+            Args::try_parse_from(all)
+                .map_err(|e| e.to_string())
+                .and_then(|a| a.resolve().map_err(|e| e.to_string()))
+                .unwrap_err()
+        };
+        assert!(
+            bad(&["--paced", "0"]).contains("--paced"),
+            "{}",
+            bad(&["--paced", "0"])
+        );
+        assert!(bad(&["--paced", "10", "--matrix"]).contains("--paced"));
+    }
+}
