@@ -85,7 +85,9 @@ struct Args {
     /// Longest one block's store in the sink may take (1s–1d): past it the
     /// run ends with its summary, as on any sink error, instead of waiting
     /// for a database that holds the store (a lock, a server or link that
-    /// stopped answering); the next run stores the block again.
+    /// stopped answering); the next run stores the block again. Every other
+    /// database call (a claim, the checkpoints, the worker name's) is
+    /// bounded by the lesser of it and a minute.
     #[arg(long, default_value = "10m", value_parser = parse_store_timeout)]
     store_timeout: Duration,
     /// Print the summary as one JSON object on stdout.

@@ -117,6 +117,10 @@ pub struct Sink {
 /// A block's store bound when none is set: a day's block of a busy org is
 /// stored in seconds; ten minutes is a database that stopped answering.
 pub(crate) const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest any other database call may take (a claim, the checkpoints, the
+/// worker name's): each writes a row or reads a small table, so a minute is
+/// a database that holds it; a store timeout below it bounds them too.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The fields people query, pulled from one conversation's JSON.
 struct Fields<'a> {
@@ -307,15 +311,41 @@ impl Sink {
         self
     }
 
+    /// Runs `call`, one database call other than a block's store, within
+    /// the lesser of the store timeout and [`CALL_TIMEOUT`]; past it, an
+    /// error naming `what` and the flag.
+    async fn bounded<T>(
+        &self,
+        what: impl FnOnce() -> String,
+        call: impl std::future::Future<Output = Result<T, IngestError>>,
+    ) -> Result<T, IngestError> {
+        let limit = self.store_timeout.min(CALL_TIMEOUT);
+        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+            Err(IngestError::Sink(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "{} did not finish within {} s (--store-timeout, at most a minute for a call \
+                     other than a block's store): the database holds it (a lock, or it stopped \
+                     answering)",
+                    what(),
+                    limit.as_secs_f64()
+                ),
+            ))))
+        })
+    }
+
     /// Every checkpoint, in block order.
     pub async fn checkpoints(&self) -> Result<Vec<Checkpoint>, IngestError> {
-        let rows = sqlx::query(
-            "SELECT block_start, block_end, status, records, total_hits, fetches, mismatches
-             FROM ingest_blocks ORDER BY block_start, block_end",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(checkpoint).collect::<Result<_, _>>()?)
+        self.bounded(|| "reading the checkpoints".to_owned(), async {
+            let rows = sqlx::query(
+                "SELECT block_start, block_end, status, records, total_hits, fetches, mismatches
+                 FROM ingest_blocks ORDER BY block_start, block_end",
+            )
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(rows.iter().map(checkpoint).collect::<Result<_, _>>()?)
+        })
+        .await
     }
 
     /// Takes worker name `owner` for run `run_id` (or keeps it: call it
@@ -330,18 +360,21 @@ impl Sink {
         now_ms: i64,
         stale_before_ms: i64,
     ) -> Result<bool, IngestError> {
-        let taken = sqlx::query(
-            "INSERT INTO ingest_runs (owner, run_id, seen_ms) VALUES ($1, $2, $3)
-             ON CONFLICT (owner) DO UPDATE SET run_id = $2, seen_ms = $3
-               WHERE ingest_runs.run_id = $2 OR ingest_runs.seen_ms < $4",
-        )
-        .bind(owner)
-        .bind(run_id)
-        .bind(now_ms)
-        .bind(stale_before_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(taken.rows_affected() == 1)
+        self.bounded(|| "taking the worker name".to_owned(), async {
+            let taken = sqlx::query(
+                "INSERT INTO ingest_runs (owner, run_id, seen_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (owner) DO UPDATE SET run_id = $2, seen_ms = $3
+                   WHERE ingest_runs.run_id = $2 OR ingest_runs.seen_ms < $4",
+            )
+            .bind(owner)
+            .bind(run_id)
+            .bind(now_ms)
+            .bind(stale_before_ms)
+            .execute(&self.pool)
+            .await?;
+            Ok(taken.rows_affected() == 1)
+        })
+        .await
     }
 
     /// Takes worker name `owner` from run `gone` (known to be over), if it
@@ -353,16 +386,23 @@ impl Sink {
         gone: &str,
         now_ms: i64,
     ) -> Result<bool, IngestError> {
-        let taken = sqlx::query(
-            "UPDATE ingest_runs SET run_id = $2, seen_ms = $3 WHERE owner = $1 AND run_id = $4",
+        self.bounded(
+            || "taking the worker name from a run that is over".to_owned(),
+            async {
+                let taken = sqlx::query(
+                    "UPDATE ingest_runs SET run_id = $2, seen_ms = $3
+                     WHERE owner = $1 AND run_id = $4",
+                )
+                .bind(owner)
+                .bind(run_id)
+                .bind(now_ms)
+                .bind(gone)
+                .execute(&self.pool)
+                .await?;
+                Ok(taken.rows_affected() == 1)
+            },
         )
-        .bind(owner)
-        .bind(run_id)
-        .bind(now_ms)
-        .bind(gone)
-        .execute(&self.pool)
-        .await?;
-        Ok(taken.rows_affected() == 1)
+        .await
     }
 
     /// Says run `run_id` is alive, holding worker name `owner`: `false`
@@ -373,14 +413,17 @@ impl Sink {
         run_id: &str,
         now_ms: i64,
     ) -> Result<bool, IngestError> {
-        let renewed =
-            sqlx::query("UPDATE ingest_runs SET seen_ms = $3 WHERE owner = $1 AND run_id = $2")
-                .bind(owner)
-                .bind(run_id)
-                .bind(now_ms)
-                .execute(&self.pool)
-                .await?;
-        Ok(renewed.rows_affected() == 1)
+        self.bounded(|| "renewing the worker name".to_owned(), async {
+            let renewed =
+                sqlx::query("UPDATE ingest_runs SET seen_ms = $3 WHERE owner = $1 AND run_id = $2")
+                    .bind(owner)
+                    .bind(run_id)
+                    .bind(now_ms)
+                    .execute(&self.pool)
+                    .await?;
+            Ok(renewed.rows_affected() == 1)
+        })
+        .await
     }
 
     /// The run that holds worker name `owner`, if any: its id and when it
@@ -389,24 +432,30 @@ impl Sink {
         &self,
         owner: &str,
     ) -> Result<Option<(String, i64)>, IngestError> {
-        let row = sqlx::query("SELECT run_id, seen_ms FROM ingest_runs WHERE owner = $1")
-            .bind(owner)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(match row {
-            Some(r) => Some((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)),
-            None => None,
+        self.bounded(|| "reading who holds the worker name".to_owned(), async {
+            let row = sqlx::query("SELECT run_id, seen_ms FROM ingest_runs WHERE owner = $1")
+                .bind(owner)
+                .fetch_optional(&self.pool)
+                .await?;
+            Ok(match row {
+                Some(r) => Some((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)),
+                None => None,
+            })
         })
+        .await
     }
 
     /// Gives worker name `owner` back at the end of run `run_id`.
     pub async fn release_worker_name(&self, owner: &str, run_id: &str) -> Result<(), IngestError> {
-        sqlx::query("DELETE FROM ingest_runs WHERE owner = $1 AND run_id = $2")
-            .bind(owner)
-            .bind(run_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.bounded(|| "giving the worker name back".to_owned(), async {
+            sqlx::query("DELETE FROM ingest_runs WHERE owner = $1 AND run_id = $2")
+                .bind(owner)
+                .bind(run_id)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Claims `block` for `owner` until `now + ttl`: `true` if it is now
@@ -418,25 +467,28 @@ impl Sink {
         now_ms: i64,
         ttl: Duration,
     ) -> Result<bool, IngestError> {
-        let expires = now_ms + ttl.as_millis() as i64;
-        let claimed = sqlx::query(
-            "INSERT INTO ingest_blocks (block_start, block_end, status, owner, claim_expires_ms, updated_ms)
-             VALUES ($1, $2, 'claimed', $3, $4, $5)
-             ON CONFLICT (block_start, block_end) DO UPDATE
-               SET status = 'claimed', owner = $3, claim_expires_ms = $4, updated_ms = $5
-               WHERE ingest_blocks.status <> 'done'
-                 AND (ingest_blocks.status <> 'claimed'
-                      OR ingest_blocks.owner = $3
-                      OR ingest_blocks.claim_expires_ms < $5)",
-        )
-        .bind(block.start)
-        .bind(block.end)
-        .bind(owner)
-        .bind(expires)
-        .bind(now_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(claimed.rows_affected() == 1)
+        self.bounded(|| format!("claiming the block {block}", block = block.interval()), async {
+            let expires = now_ms + ttl.as_millis() as i64;
+            let claimed = sqlx::query(
+                "INSERT INTO ingest_blocks (block_start, block_end, status, owner, claim_expires_ms, updated_ms)
+                 VALUES ($1, $2, 'claimed', $3, $4, $5)
+                 ON CONFLICT (block_start, block_end) DO UPDATE
+                   SET status = 'claimed', owner = $3, claim_expires_ms = $4, updated_ms = $5
+                   WHERE ingest_blocks.status <> 'done'
+                     AND (ingest_blocks.status <> 'claimed'
+                          OR ingest_blocks.owner = $3
+                          OR ingest_blocks.claim_expires_ms < $5)",
+            )
+            .bind(block.start)
+            .bind(block.end)
+            .bind(owner)
+            .bind(expires)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+            Ok(claimed.rows_affected() == 1)
+        })
+        .await
     }
 
     /// Stores a block's conversations (upserts by id) and its checkpoint
@@ -506,16 +558,27 @@ impl Sink {
     /// Gives up `owner`'s claim on `block` (after a failure), so another
     /// worker or the next run takes it at once.
     pub async fn unclaim(&self, block: Block, owner: &str) -> Result<(), IngestError> {
-        sqlx::query(
-            "UPDATE ingest_blocks SET claim_expires_ms = 0
-             WHERE block_start = $1 AND block_end = $2 AND owner = $3 AND status = 'claimed'",
+        self.bounded(
+            || {
+                format!(
+                    "giving the claim on the block {block} back",
+                    block = block.interval()
+                )
+            },
+            async {
+                sqlx::query(
+                    "UPDATE ingest_blocks SET claim_expires_ms = 0
+                 WHERE block_start = $1 AND block_end = $2 AND owner = $3 AND status = 'claimed'",
+                )
+                .bind(block.start)
+                .bind(block.end)
+                .bind(owner)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            },
         )
-        .bind(block.start)
-        .bind(block.end)
-        .bind(owner)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        .await
     }
 
     /// Every stored conversation id, sorted.

@@ -428,6 +428,49 @@ async fn a_store_the_database_holds_fails_at_the_store_timeout() {
     bed.sim.shutdown().await;
 }
 
+/// Every other database call is bounded too (by the store timeout, at
+/// most a minute): a run whose worker name the database holds (a lock
+/// another session keeps on the table, with no end) ends at the bound with
+/// exit 1, naming the call and the flag, instead of waiting for ever before
+/// its first block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_name_the_database_holds_fails_at_the_bound() {
+    use sqlx::Connection;
+    let pg = testsvc::Postgres::start()
+        .unwrap_or_else(|e| panic!("PostgreSQL is needed for this test and could not start: {e}"));
+    let bed = Bed::start().await;
+    let url = pg.create_database("ingest_name_held").unwrap();
+    Sink::open(&url).await.unwrap().close().await;
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut admin).await.unwrap();
+    sqlx::query("LOCK TABLE ingest_runs IN EXCLUSIVE MODE")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let child = query_run(
+        &bed,
+        "name-held@org-a",
+        &url,
+        &["--parallel", "1", "--json", "--store-timeout", "2s"],
+    )
+    .spawn()
+    .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("it exits while its worker name is held (the bound is 2 s)")
+        .unwrap();
+    sqlx::query("ROLLBACK").execute(&mut admin).await.unwrap();
+    admin.close().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("taking the worker name did not finish within 2 s")
+            && stderr.contains("--store-timeout"),
+        "{stderr}"
+    );
+    bed.sim.shutdown().await;
+}
+
 /// A record with a NUL character in its queue and wrap-up code (which
 /// PostgreSQL's `TEXT` cannot hold) is stored all the same: the queried
 /// columns say `\u0000` as JSON does, `raw` keeps the record as sent, and
