@@ -131,7 +131,7 @@ pub(crate) async fn run(args: ClusterArgs) -> Result<(), Error> {
     }
     print(&rows, tenants);
     if args.json {
-        println!();
+        outln!();
         print_json(&rows);
     }
     Ok(())
@@ -384,13 +384,13 @@ fn parse_cpu_line(line: &str) -> Option<(u64, u64)> {
 fn print(rows: &[Row], tenants: usize) {
     let base = rows.first().map_or(0.0, |r| r.pairs_per_sec);
     let cores = |v: Option<f64>| v.map_or("n/a".into(), |c| format!("{c:.2}"));
-    println!(
+    outln!(
         "| brokers | pairs/s | vs {} broker(s) | p50 ms | p99 ms | errors | brokers CPU (cores) | loadgen CPU (cores) | machine busy | tenants led per broker ({tenants}) |",
         rows.first().map_or(1, |r| r.brokers)
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    outln!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for r in rows {
-        println!(
+        outln!(
             "| {} | {:.0} | {:.2}× | {:.3} | {:.3} | {} | {} | {} | {} | {} |",
             r.brokers,
             r.pairs_per_sec,
@@ -416,7 +416,7 @@ fn print_json(rows: &[Row]) {
     let base = rows.first().map_or(0.0, |r| r.pairs_per_sec);
     let num = |v: Option<f64>| v.map_or("null".into(), |v| format!("{v:.3}"));
     for r in rows {
-        println!(
+        outln!(
             "{{\"brokers\":{},\"pairs_per_sec\":{:.1},\"ratio\":{:.3},\"p50_us\":{},\"p99_us\":{},\
              \"errors\":{},\"brokers_cpu_cores\":{},\"loadgen_cpu_cores\":{},\"machine_busy\":{},\
              \"tenants_led\":[{}]}}",

@@ -32,6 +32,26 @@
 
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
+/// `println!` for what loadgen prints on stdout. A reader that stops
+/// reading (`loadgen … | head`) makes the rest of the output go nowhere,
+/// as it would in any Unix filter, instead of a panic while child servers
+/// may still be running; the program goes on and stops them as usual.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if !crate::STDOUT_GONE.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    crate::STDOUT_GONE.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    }};
+}
+
+/// Set once stdout's reader has gone (see `outln!`).
+static STDOUT_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 mod brokerconf;
 mod child;
 mod cluster;
@@ -222,7 +242,7 @@ async fn run(args: RunArgs) -> Result<(), Error> {
     }
     report::print_targets(&rows);
     if args.json {
-        println!();
+        outln!();
         report::print_targets_json(&rows);
     }
     Ok(())

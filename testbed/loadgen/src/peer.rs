@@ -632,8 +632,8 @@ pub(crate) async fn run(args: PeerArgs) -> Result<(), Error> {
         args.warmup,
         if args.pin { ", servers on CPU 0" } else { "" }
     );
-    println!("| cell | target | calls/s (pooled) | runs (calls/s) | p50 µs | p99 µs | server CPU µs/call | driver CPU µs/call | calls per server write | calls per driver write | vs peer calls/s | vs peer CPU |");
-    println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    outln!("| cell | target | calls/s (pooled) | runs (calls/s) | p50 µs | p99 µs | server CPU µs/call | driver CPU µs/call | calls per server write | calls per driver write | vs peer calls/s | vs peer CPU |");
+    outln!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for cell in cells {
         let mut pooled: Vec<Pooled> = targets
             .iter()
@@ -689,7 +689,7 @@ pub(crate) async fn run(args: PeerArgs) -> Result<(), Error> {
                     format!("{:.2}×", cpu_per_call(p) / peer_cpu.max(1e-9)),
                 )
             };
-            println!(
+            outln!(
                 "| {} | {} | {rate:.0} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {vs_rate} | {vs_cpu} |",
                 cell.label(),
                 targets[t].name(),

@@ -53,11 +53,11 @@ pub(crate) struct TargetRow {
 
 /// Prints the default run's table and the broker/noop ratio per mode.
 pub(crate) fn print_targets(rows: &[TargetRow]) {
-    println!("| target | mode | pairs/s | p50 ms | p99 ms | p999 ms | errors | RSS MiB |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    outln!("| target | mode | pairs/s | p50 ms | p99 ms | p999 ms | errors | RSS MiB |");
+    outln!("|---|---|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let o = &r.outcome;
-        println!(
+        outln!(
             "| {} | {} | {:.0} | {} | {} | {} | {} | {:.1} |",
             r.target,
             o.label,
@@ -77,7 +77,7 @@ pub(crate) fn print_targets(rows: &[TargetRow]) {
                 .find(|r| r.target == t && &r.outcome.label == label)
         };
         if let (Some(b), Some(n)) = (find("broker"), find("noop")) {
-            println!(
+            outln!(
                 "\nbroker/noop pairs/s, {label}: {:.2}",
                 b.outcome.pairs_per_sec() / n.outcome.pairs_per_sec().max(f64::MIN_POSITIVE)
             );
@@ -89,7 +89,7 @@ pub(crate) fn print_targets(rows: &[TargetRow]) {
 pub(crate) fn print_targets_json(rows: &[TargetRow]) {
     for r in rows {
         let o = &r.outcome;
-        println!(
+        outln!(
             "{{\"target\":{},\"mode\":{},\"pairs_per_sec\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"errors\":{},\"rss_kib\":{}}}",
             json_str(r.target),
             json_str(&o.label),
@@ -195,10 +195,10 @@ impl ScaleRow {
 
 /// Prints the scale table.
 pub(crate) fn print_scale(rows: &[ScaleRow]) {
-    println!(
+    outln!(
         "| scenario | pairs/s | p50 ms | p99 ms | p999 ms | errors | server RSS MiB | derived |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    outln!("|---|---:|---:|---:|---:|---:|---:|---|");
     for r in rows {
         let (rate, p50, p99, p999, errors) = match &r.measured {
             Some(m) => (
@@ -214,9 +214,10 @@ pub(crate) fn print_scale(rows: &[ScaleRow]) {
             || "n/a".to_string(),
             |k| format!("{:.1}", k as f64 / 1024.0),
         );
-        println!(
+        outln!(
             "| {} | {rate} | {p50} | {p99} | {p999} | {errors} | {rss} | {} |",
-            r.name, r.derived
+            r.name,
+            r.derived
         );
     }
 }
@@ -247,7 +248,7 @@ pub(crate) fn print_scale_json(rows: &[ScaleRow]) {
             let _ = write!(line, ",{}:{}", json_str(key), json_num(*value));
         }
         line.push('}');
-        println!("{line}");
+        outln!("{line}");
     }
 }
 

@@ -295,7 +295,7 @@ pub(crate) async fn run(args: ScaleArgs) -> Result<(), Error> {
     report::print_scale(&rows);
     print_targets(&rows);
     if args.json {
-        println!();
+        outln!();
         report::print_scale_json(&rows);
     }
     Ok(())
@@ -423,22 +423,22 @@ async fn watchers(launcher: &Launcher, sizes: &Sizes) -> Result<Vec<ScaleRow>, E
 fn print_targets(rows: &[ScaleRow]) {
     let figure = |key: &str| rows.iter().find_map(|r| r.get(key));
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
-    println!();
+    outln!();
     if let Some(p99) = figure("open_p99_ms") {
-        println!(
+        outln!(
             "target p99 <= {TARGET_OPEN_P99_MS} ms at 50% of max: {p99:.3} ms, {}",
             verdict(p99 <= TARGET_OPEN_P99_MS)
         );
     }
     match figure("bytes_per_lease") {
-        Some(b) => println!(
+        Some(b) => outln!(
             "target <= {TARGET_BYTES_PER_LEASE} B per held lease: {b:.0} B, {}",
             verdict(b <= TARGET_BYTES_PER_LEASE)
         ),
-        None => println!("target <= {TARGET_BYTES_PER_LEASE} B per held lease: n/a"),
+        None => outln!("target <= {TARGET_BYTES_PER_LEASE} B per held lease: n/a"),
     }
     if let Some(r) = figure("watch_p99_ratio") {
-        println!(
+        outln!(
             "target Acquire p99 with watchers <= {TARGET_WATCH_P99_RATIO}x without: {r:.2}x, {}",
             verdict(r <= TARGET_WATCH_P99_RATIO)
         );
@@ -448,12 +448,12 @@ fn print_targets(rows: &[ScaleRow]) {
         .find(|r| r.name == "stream")
         .and_then(|r| r.get("stream_unary_ratio"))
     {
-        Some(r) => println!(
+        Some(r) => outln!(
             "target stream >= {TARGET_STREAM_RATIO}x unary pairs/s: {r:.2}x, {}",
             verdict(r >= TARGET_STREAM_RATIO)
         ),
         None => {
-            println!("target stream >= {TARGET_STREAM_RATIO}x unary pairs/s: n/a (stream failed)")
+            outln!("target stream >= {TARGET_STREAM_RATIO}x unary pairs/s: n/a (stream failed)")
         }
     }
 }
