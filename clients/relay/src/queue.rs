@@ -412,6 +412,7 @@ impl Queue {
         let (db, counter) = if let Some(path) = sqlite_path(url)? {
             let pool = sqlite(path, SQLITE_CONNECTIONS).await?;
             migrate_sqlite(&pool).await?;
+            hold_sqlite(&pool).await?;
             (Db::Sqlite(pool), Db::Sqlite(sqlite(path, 1).await?))
         } else {
             let mut first = connect_postgres(url).await?;
@@ -419,10 +420,17 @@ impl Queue {
             // Its work is done (and its session's locks go with it): a
             // failed goodbye is no reason not to start.
             let _ = first.close().await;
-            (
-                Db::Postgres(postgres(url, PG_CONNECTIONS).await?),
-                Db::Postgres(postgres(url, 1).await?),
-            )
+            let pool = postgres(url, PG_CONNECTIONS).await?;
+            // Only the release: holding records here could race an
+            // operator's replay on another relay and hold a key with no
+            // dead letter; intake and the drain hold them as they go.
+            sqlx::query(&placeholders(&Db::Postgres(pool.clone()), RELEASE_HELD))
+                .bind(now_ms())
+                .bind(HELD_MS)
+                .execute(&pool)
+                .await
+                .map_err(|e| RelayError::db("release held records", e))?;
+            (Db::Postgres(pool), Db::Postgres(postgres(url, 1).await?))
         };
         // The figures are known before the first record is taken.
         let room = Room::new();
@@ -870,6 +878,7 @@ impl Queue {
                 "SELECT id FROM relay_records WHERE state = 'dead'{which} ORDER BY id FOR UPDATE"
             )),
         };
+        let release = self.sql(RELEASE_HELD);
         let what = |e| RelayError::db("settle dead letters", e);
         with_pool!(&self.db, pool => {
             let mut tx = pool.begin_write().await.map_err(what)?;
@@ -883,6 +892,12 @@ impl Queue {
                 .map_err(what)?
                 .rows_affected();
             sqlx::query(delete).execute(&mut *tx).await.map_err(what)?;
+            sqlx::query(&release)
+                .bind(now_ms())
+                .bind(HELD_MS)
+                .execute(&mut *tx)
+                .await
+                .map_err(what)?;
             tx.commit().await.map_err(what)?;
             Ok(n)
         })
@@ -998,6 +1013,41 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// The due time of a record held behind a dead letter of its order key:
+/// never, until the dead letter is replayed or dropped. A record cannot go
+/// before an older one of its key, so its due time is kept at least that
+/// one's (a dead letter's being this): the claim, which reads due records
+/// in due order, then never reads past records that cannot go, however
+/// many there are. Only a speed-up: the claim still checks the order.
+const HELD_MS: i64 = i64::MAX;
+
+/// Holds (due at `?`, [`HELD_MS`]) the pending records behind record `?`
+/// (its id, twice) of its key.
+const HOLD_BEHIND: &str = "UPDATE relay_records SET not_before_ms = ? \
+     WHERE order_key = (SELECT order_key FROM relay_records WHERE id = ?) \
+       AND state = 'pending' AND id > ?";
+
+/// Puts the pending records behind record `?` (its id, twice) of its key
+/// off until at least `?` (twice), the time it was put off to.
+const DELAY_BEHIND: &str = "UPDATE relay_records SET not_before_ms = ? \
+     WHERE order_key = (SELECT order_key FROM relay_records WHERE id = ?) \
+       AND state = 'pending' AND id > ? AND not_before_ms < ?";
+
+/// Makes due at `?` the held records (due at `?`, [`HELD_MS`]) whose key
+/// has no dead letter left.
+const RELEASE_HELD: &str = "UPDATE relay_records SET not_before_ms = ? \
+     WHERE state = 'pending' AND not_before_ms = ? \
+       AND NOT EXISTS (SELECT 1 FROM relay_records d \
+         WHERE d.order_key = relay_records.order_key AND d.state = 'dead')";
+
+/// When a new record of key `?` (twice) may go: never while the key has a
+/// dead letter, else not before the key's newest pending record.
+const DUE_AFTER: &str = "SELECT \
+       (SELECT CAST(1 AS BIGINT) FROM relay_records WHERE order_key = ? AND state = 'dead' \
+         LIMIT 1) AS dead, \
+       (SELECT not_before_ms FROM relay_records WHERE order_key = ? AND state = 'pending' \
+         ORDER BY id DESC LIMIT 1) AS last";
+
 /// The queue's tables, `id` being its primary key's definition.
 fn tables(id: &str) -> [String; 2] {
     [
@@ -1055,6 +1105,37 @@ const INDEXES: [(&str, &str, &str); 4] = [
 
 /// Indexes of queues written before [`INDEXES`], superseded by them.
 const SUPERSEDED: [&str; 2] = ["relay_records_state", "relay_records_order"];
+
+/// Holds the records behind each dead letter of a SQLite queue (written
+/// by a version that did not) and releases held records whose key has
+/// none left: one relay per file, so nothing races it.
+async fn hold_sqlite(pool: &SqlitePool) -> Result<(), RelayError> {
+    let what = |e| RelayError::db("hold the records behind dead letters", e);
+    let dead: Option<i64> =
+        sqlx::query_scalar("SELECT 1 FROM relay_records WHERE state = 'dead' LIMIT 1")
+            .fetch_optional(pool)
+            .await
+            .map_err(what)?;
+    if dead.is_some() {
+        sqlx::query(
+            "UPDATE relay_records SET not_before_ms = ? \
+             WHERE state = 'pending' AND not_before_ms < ? \
+               AND order_key IN (SELECT order_key FROM relay_records WHERE state = 'dead')",
+        )
+        .bind(HELD_MS)
+        .bind(HELD_MS)
+        .execute(pool)
+        .await
+        .map_err(what)?;
+    }
+    sqlx::query(RELEASE_HELD)
+        .bind(now_ms())
+        .bind(HELD_MS)
+        .execute(pool)
+        .await
+        .map_err(what)?;
+    Ok(())
+}
 
 /// Brings a SQLite queue to this version: one relay per file (its lock
 /// file), so plain statements lock nobody else out.
@@ -1464,6 +1545,9 @@ async fn commit(w: &Writer, finishes: &[Op], enqueues: &[Op]) -> Result<Vec<Stor
          ON CONFLICT (record_id) DO UPDATE SET status = excluded.status, \
            answer = excluded.answer, dead_ms = excluded.dead_ms",
     );
+    let hold_behind = placeholders(db, HOLD_BEHIND);
+    let delay_behind = placeholders(db, DELAY_BEHIND);
+    let due_after = placeholders(db, DUE_AFTER);
     let what = |e| RelayError::db("commit to the queue", e);
     let now = now_ms();
     with_pool!(db, pool => {
@@ -1494,8 +1578,12 @@ async fn commit(w: &Writer, finishes: &[Op], enqueues: &[Op]) -> Result<Vec<Stor
                     }
                 }
                 Outcome::Retry { at_ms } => {
-                    sqlx::query(&retry).bind(*at_ms).bind(*id).bind(owner).bind(*attempts)
-                        .execute(&mut *tx).await.map_err(what)?;
+                    let retried = sqlx::query(&retry).bind(*at_ms).bind(*id).bind(owner)
+                        .bind(*attempts).execute(&mut *tx).await.map_err(what)?;
+                    if retried.rows_affected() == 1 {
+                        sqlx::query(&delay_behind).bind(*at_ms).bind(*id).bind(*id).bind(*at_ms)
+                            .execute(&mut *tx).await.map_err(what)?;
+                    }
                 }
                 Outcome::Dead { status, answer } => {
                     let row = sqlx::query(&dead).bind(*id).bind(owner).bind(*attempts)
@@ -1514,6 +1602,8 @@ async fn commit(w: &Writer, finishes: &[Op], enqueues: &[Op]) -> Result<Vec<Stor
                             .execute(&mut *tx)
                             .await
                             .map_err(what)?;
+                        sqlx::query(&hold_behind).bind(HELD_MS).bind(*id).bind(*id)
+                            .execute(&mut *tx).await.map_err(what)?;
                     }
                 }
             }
@@ -1534,6 +1624,19 @@ async fn commit(w: &Writer, finishes: &[Op], enqueues: &[Op]) -> Result<Vec<Stor
             let size = r.bytes() as i64;
             let room = has_room(limits, records, bytes, size);
             let inserted = if room {
+                let after = sqlx::query(&due_after)
+                    .bind(&r.order_key)
+                    .bind(&r.order_key)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(what)?;
+                let dead = after.try_get::<Option<i64>, _>("dead").map_err(what)?;
+                let last = after.try_get::<Option<i64>, _>("last").map_err(what)?;
+                let due = if dead.is_some() {
+                    HELD_MS
+                } else {
+                    last.unwrap_or(now).max(now)
+                };
                 sqlx::query(&insert)
                     .bind(&r.key)
                     .bind(&r.order_key)
@@ -1542,7 +1645,7 @@ async fn commit(w: &Writer, finishes: &[Op], enqueues: &[Op]) -> Result<Vec<Stor
                     .bind(r.body.as_deref())
                     .bind(size)
                     .bind(now)
-                    .bind(now)
+                    .bind(due)
                     .fetch_optional(&mut *tx)
                     .await
                     .map_err(what)?
