@@ -307,6 +307,8 @@ pub(crate) async fn serve_telling(
                 stage.clone(),
             ))
     };
+    // The serving threads' end once the shutdown grace is over.
+    let force = CancellationToken::new();
     let serve: Pin<Box<dyn Future<Output = Result<(), ServerError>> + Send>> =
         match settings.server.io_threads.unwrap_or(0) {
             0 => {
@@ -347,6 +349,7 @@ pub(crate) async fn serve_telling(
                     &settings.server,
                     token.clone(),
                     drain,
+                    force.clone(),
                 )?)
             }
         };
@@ -450,6 +453,7 @@ pub(crate) async fn serve_telling(
         r = serve => r?,
         _ = drain_deadline => {
             tracing::warn!(grace_ms = millis(grace), "open calls did not finish within the shutdown grace; stopping anyway");
+            force.cancel();
         }
     }
     token.cancel();

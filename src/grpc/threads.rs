@@ -41,15 +41,18 @@ pub(crate) type ServeOn = Box<
 
 /// Starts one thread per server in `servers`, and the accept loop handing
 /// them `listener`'s connections until `stop` (which also ends pending
-/// handshakes). Each server drains once `drain` is cancelled. The future
-/// returned ends when every thread's server has ended, or at once with the
-/// first thread's error.
+/// handshakes). Each server drains once `drain` is cancelled; once `force`
+/// is (the shutdown grace is over), each thread ends at once, its runtime
+/// and with it every connection it still serves dropped (tonic's server
+/// has no forced close of its own). The future returned ends when every
+/// thread's server has ended, or at once with the first thread's error.
 pub(crate) fn serve(
     servers: Vec<ServeOn>,
     listener: tokio::net::TcpListener,
     settings: &ServerSettings,
     stop: CancellationToken,
     drain: CancellationToken,
+    force: CancellationToken,
 ) -> Result<impl Future<Output = Result<(), ServerError>> + Send + 'static, ServerError> {
     let mut threads = Vec::with_capacity(servers.len());
     let mut ended = Vec::with_capacity(servers.len());
@@ -62,13 +65,20 @@ pub(crate) fn serve(
             .map_err(|e| ServerError::Thread(n, e))?;
         let stop = stop.clone();
         let drain = drain.clone();
+        let force = force.clone();
         std::thread::Builder::new()
             .name(format!("grpc-io-{n}"))
             .spawn(move || {
                 let served = runtime.block_on(async move {
-                    server(transport::handshakes(rx, stop), drain.cancelled_owned()).await
+                    tokio::select! {
+                        served = server(transport::handshakes(rx, stop), drain.cancelled_owned()) => served,
+                        () = force.cancelled() => Ok(()),
+                    }
                 });
                 let _ = ended_tx.send(served);
+                // Here, not at the thread's end by chance: what it still
+                // served goes with its runtime.
+                drop(runtime);
             })
             .map_err(|e| ServerError::Thread(n, e))?;
         threads.push(ServingThread::new(tx));
@@ -114,6 +124,7 @@ mod tests {
             &settings.server,
             stop.clone(),
             drain.clone(),
+            CancellationToken::new(),
         )
         .unwrap();
         // Thread 0 serves until drained, which nothing asks for here.

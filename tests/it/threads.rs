@@ -119,3 +119,58 @@ async fn serving_threads_close_silent_connections_and_drain_on_stop() {
         .await
         .expect("the broker stopped within its grace");
 }
+
+/// A call still open when the shutdown grace is over (here a request whose
+/// body never ends) does not keep its serving thread: the thread ends at
+/// the grace, and the connection is closed with it. (tonic's server would
+/// wait for the call for ever: a program embedding the broker kept the
+/// thread and the connection.)
+#[tokio::test]
+async fn a_call_open_past_the_shutdown_grace_is_closed_with_its_thread() {
+    let toml = config(SLOT)
+        .replace("shutdown_grace_ms = 2000", "shutdown_grace_ms = 300")
+        .replace("[server]\n", "[server]\nio_threads = 2\n");
+    assert!(toml.contains("shutdown_grace_ms = 300"), "{toml}");
+    let mut b = start(&toml).await;
+    let addr = b.addr();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let request =
+        tonic::codegen::http::Request::post(format!("http://{addr}/quota.v1.QuotaBroker/Acquire"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+    // Its body is never sent, nor ended.
+    let (open, _body) = h2.send_request(request.clone(), false).unwrap();
+    // A whole call after it on the same connection: answered, so the open
+    // one's headers reached the broker before it.
+    let mut h2 = h2.ready().await.unwrap();
+    let (answered, mut body) = h2.send_request(request, false).unwrap();
+    let mut frame = vec![0u8];
+    let message = prost::Message::encode_to_vec(&req("POST", "/q", 0));
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&message);
+    body.send_data(frame.into(), true).unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(10), answered)
+        .await
+        .expect("a whole call is answered")
+        .unwrap();
+    assert_eq!(answered.status(), 200);
+    b.trigger_stop();
+    tokio::time::timeout(Duration::from_secs(10), b.join())
+        .await
+        .expect("the broker stopped at its grace (300 ms), the open call unfinished");
+    // The open call's thread is gone, and its connection closed with it.
+    tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the connection is closed once the grace is over")
+        .unwrap()
+        .ok();
+    tokio::time::timeout(Duration::from_secs(10), open)
+        .await
+        .expect("the open call ends with its connection")
+        .ok();
+}
