@@ -180,7 +180,8 @@ impl Drain {
     }
 
     /// Gives back expired claims (`prune`: and deletes old delivered
-    /// records and dead letters).
+    /// records and dead letters, and releases records held with nothing
+    /// ahead).
     async fn maintain(&self, prune: bool) {
         match self.queue.reclaim().await {
             Ok(0) => {}
@@ -201,6 +202,15 @@ impl Drain {
                     tracing::info!(records = n, "dead letters past their keeping time dropped")
                 }
                 Err(e) => tracing::warn!(error = %e, "pruning dead letters failed"),
+            }
+            match self.queue.release_stranded().await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    records = n,
+                    "records held behind a dead letter that was no longer there are due again \
+                     (its replay or drop raced an intake, or was made by an earlier version)"
+                ),
+                Err(e) => tracing::warn!(error = %e, "releasing held records failed"),
             }
         }
     }

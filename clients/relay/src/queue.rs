@@ -420,17 +420,13 @@ impl Queue {
             // Its work is done (and its session's locks go with it): a
             // failed goodbye is no reason not to start.
             let _ = first.close().await;
-            let pool = postgres(url, PG_CONNECTIONS).await?;
-            // Only the release: holding records here could race an
-            // operator's replay on another relay and hold a key with no
-            // dead letter; intake and the drain hold them as they go.
-            sqlx::query(&placeholders(&Db::Postgres(pool.clone()), RELEASE_HELD))
-                .bind(now_ms())
-                .bind(HELD_MS)
-                .execute(&pool)
-                .await
-                .map_err(|e| RelayError::db("release held records", e))?;
-            (Db::Postgres(pool), Db::Postgres(postgres(url, 1).await?))
+            // Not held here (that could race a replay on another relay and
+            // hold a key with no dead letter): intake and the drain hold
+            // records as they go; the release below is safe.
+            (
+                Db::Postgres(postgres(url, PG_CONNECTIONS).await?),
+                Db::Postgres(postgres(url, 1).await?),
+            )
         };
         // The figures are known before the first record is taken.
         let room = Room::new();
@@ -458,13 +454,15 @@ impl Queue {
             ops,
             stop,
         ));
-        Ok(Queue {
+        let queue = Queue {
             db,
             writer,
             limits,
             failing,
             recount,
-        })
+        };
+        queue.release_stranded().await?;
+        Ok(queue)
     }
 
     /// Opens the queue at `url` as it is, for `gc-relay status` and `dlq`:
@@ -878,13 +876,20 @@ impl Queue {
                 "SELECT id FROM relay_records WHERE state = 'dead'{which} ORDER BY id FOR UPDATE"
             )),
         };
-        let release = self.sql(RELEASE_HELD);
+        let keys = self.sql(&format!(
+            "SELECT DISTINCT order_key FROM relay_records WHERE state = 'dead'{which}"
+        ));
+        let release = self.sql(RELEASE_KEY);
         let what = |e| RelayError::db("settle dead letters", e);
         with_pool!(&self.db, pool => {
             let mut tx = pool.begin_write().await.map_err(what)?;
             if let Some(lock) = &lock {
                 sqlx::query(lock).execute(&mut *tx).await.map_err(what)?;
             }
+            let keys: Vec<String> = sqlx::query_scalar(&keys)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(what)?;
             let n = sqlx::query(&update)
                 .bind(value)
                 .execute(&mut *tx)
@@ -892,15 +897,48 @@ impl Queue {
                 .map_err(what)?
                 .rows_affected();
             sqlx::query(delete).execute(&mut *tx).await.map_err(what)?;
-            sqlx::query(&release)
-                .bind(now_ms())
-                .bind(HELD_MS)
-                .execute(&mut *tx)
-                .await
-                .map_err(what)?;
+            // What the settled dead letters held is due again, key by key.
+            let now = now_ms();
+            for key in &keys {
+                sqlx::query(&release)
+                    .bind(now)
+                    .bind(key)
+                    .bind(HELD_MS)
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(what)?;
+            }
             tx.commit().await.map_err(what)?;
             Ok(n)
         })
+    }
+
+    /// Makes due the held records whose key has no dead letter left, and
+    /// returns how many. None should be: a dead letter's replay or drop
+    /// releases what it held. This is the net under that, for a settling
+    /// done by a relay of an earlier version (`gc-relay dlq` of a rolling
+    /// deploy), which does not release; the held due times are a speed-up
+    /// of the claim, so a record held in error waits until this runs (at
+    /// start, and each minute with the pruning). Read first: a queue with
+    /// nothing to release is not written.
+    pub async fn release_stranded(&self) -> Result<u64, RelayError> {
+        let stranded: Option<i64> = with_pool!(&self.db, pool => {
+            sqlx::query_scalar(&self.sql(STRANDED))
+                .bind(HELD_MS)
+                .fetch_optional(pool)
+                .await
+                .map_err(|e| RelayError::db("look for held records with nothing ahead", e))?
+        });
+        if stranded.is_none() {
+            return Ok(0);
+        }
+        self.execute(
+            "release held records with nothing ahead",
+            &self.sql(RELEASE_HELD),
+            &[now_ms(), HELD_MS],
+        )
+        .await
     }
 
     async fn execute(&self, what: &str, sql: &str, binds: &[i64]) -> Result<u64, RelayError> {
@@ -1040,13 +1078,28 @@ const RELEASE_HELD: &str = "UPDATE relay_records SET not_before_ms = ? \
        AND NOT EXISTS (SELECT 1 FROM relay_records d \
          WHERE d.order_key = relay_records.order_key AND d.state = 'dead')";
 
-/// When a new record of key `?` (twice) may go: never while the key has a
-/// dead letter, else not before the key's newest pending record.
-const DUE_AFTER: &str = "SELECT \
-       (SELECT CAST(1 AS BIGINT) FROM relay_records WHERE order_key = ? AND state = 'dead' \
-         LIMIT 1) AS dead, \
-       (SELECT not_before_ms FROM relay_records WHERE order_key = ? AND state = 'pending' \
-         ORDER BY id DESC LIMIT 1) AS last";
+/// Whether a held record (due at `?`, [`HELD_MS`]) has no dead letter
+/// ahead of it: read before [`RELEASE_HELD`], so a queue with nothing to
+/// release is not written.
+const STRANDED: &str = "SELECT r.id FROM relay_records r \
+     WHERE r.state = 'pending' AND r.not_before_ms = ? \
+       AND NOT EXISTS (SELECT 1 FROM relay_records d \
+         WHERE d.order_key = r.order_key AND d.state = 'dead') LIMIT 1";
+
+/// Makes due at `?` the held records (due at `?`, [`HELD_MS`]) of key `?`,
+/// unless key `?` (the same) still has a dead letter.
+const RELEASE_KEY: &str = "UPDATE relay_records SET not_before_ms = ? \
+     WHERE order_key = ? AND state = 'pending' AND not_before_ms = ? \
+       AND NOT EXISTS (SELECT 1 FROM relay_records d WHERE d.order_key = ? AND d.state = 'dead')";
+
+/// A dead letter of key `?`, if it has one (the intake's, which on
+/// PostgreSQL locks it: see `commit`).
+const DEAD_OF_KEY: &str =
+    "SELECT id FROM relay_records WHERE order_key = ? AND state = 'dead' ORDER BY id LIMIT 1";
+
+/// The due time of key `?`'s newest pending record.
+const LAST_DUE: &str = "SELECT not_before_ms FROM relay_records \
+     WHERE order_key = ? AND state = 'pending' ORDER BY id DESC LIMIT 1";
 
 /// The queue's tables, `id` being its primary key's definition.
 fn tables(id: &str) -> [String; 2] {
@@ -1106,13 +1159,14 @@ const INDEXES: [(&str, &str, &str); 4] = [
 /// Indexes of queues written before [`INDEXES`], superseded by them.
 const SUPERSEDED: [&str; 2] = ["relay_records_state", "relay_records_order"];
 
-/// Holds the records behind each dead letter of a SQLite queue (written
-/// by a version that did not) and releases held records whose key has
-/// none left: one relay per file, so nothing races it.
+/// Holds the records behind each dead letter of a SQLite queue written by
+/// a version that did not: one relay per file, so nothing races it. (The
+/// release of held records with nothing ahead follows at every open, see
+/// [`Queue::release_stranded`].)
 async fn hold_sqlite(pool: &SqlitePool) -> Result<(), RelayError> {
     let what = |e| RelayError::db("hold the records behind dead letters", e);
     let dead: Option<i64> =
-        sqlx::query_scalar("SELECT 1 FROM relay_records WHERE state = 'dead' LIMIT 1")
+        sqlx::query_scalar("SELECT id FROM relay_records WHERE state = 'dead' LIMIT 1")
             .fetch_optional(pool)
             .await
             .map_err(what)?;
@@ -1120,7 +1174,8 @@ async fn hold_sqlite(pool: &SqlitePool) -> Result<(), RelayError> {
         sqlx::query(
             "UPDATE relay_records SET not_before_ms = ? \
              WHERE state = 'pending' AND not_before_ms < ? \
-               AND order_key IN (SELECT order_key FROM relay_records WHERE state = 'dead')",
+               AND EXISTS (SELECT 1 FROM relay_records d WHERE d.order_key = relay_records.order_key \
+                 AND d.state = 'dead' AND d.id < relay_records.id)",
         )
         .bind(HELD_MS)
         .bind(HELD_MS)
@@ -1128,12 +1183,6 @@ async fn hold_sqlite(pool: &SqlitePool) -> Result<(), RelayError> {
         .await
         .map_err(what)?;
     }
-    sqlx::query(RELEASE_HELD)
-        .bind(now_ms())
-        .bind(HELD_MS)
-        .execute(pool)
-        .await
-        .map_err(what)?;
     Ok(())
 }
 
@@ -1547,7 +1596,17 @@ async fn commit(w: &Writer, finishes: &[Op], enqueues: &[Op]) -> Result<Vec<Stor
     );
     let hold_behind = placeholders(db, HOLD_BEHIND);
     let delay_behind = placeholders(db, DELAY_BEHIND);
-    let due_after = placeholders(db, DUE_AFTER);
+    // On PostgreSQL the dead letter found is locked until the commit, as
+    // `hold_dead_letters` locks those of the batch's keys: a replay or drop
+    // on another relay then waits for this intake, and its release sees the
+    // record held here. (A dead letter that died after that lock was taken
+    // would otherwise be seen here, unlocked, and a replay committed before
+    // this intake would leave the record held with nothing ahead of it.)
+    let dead_of_key = match db {
+        Db::Sqlite(_) => DEAD_OF_KEY.to_owned(),
+        Db::Postgres(_) => placeholders(db, &format!("{DEAD_OF_KEY} FOR SHARE")),
+    };
+    let last_due = placeholders(db, LAST_DUE);
     let what = |e| RelayError::db("commit to the queue", e);
     let now = now_ms();
     with_pool!(db, pool => {
@@ -1624,17 +1683,19 @@ async fn commit(w: &Writer, finishes: &[Op], enqueues: &[Op]) -> Result<Vec<Stor
             let size = r.bytes() as i64;
             let room = has_room(limits, records, bytes, size);
             let inserted = if room {
-                let after = sqlx::query(&due_after)
+                let dead: Option<i64> = sqlx::query_scalar(&dead_of_key)
                     .bind(&r.order_key)
-                    .bind(&r.order_key)
-                    .fetch_one(&mut *tx)
+                    .fetch_optional(&mut *tx)
                     .await
                     .map_err(what)?;
-                let dead = after.try_get::<Option<i64>, _>("dead").map_err(what)?;
-                let last = after.try_get::<Option<i64>, _>("last").map_err(what)?;
                 let due = if dead.is_some() {
                     HELD_MS
                 } else {
+                    let last: Option<i64> = sqlx::query_scalar(&last_due)
+                        .bind(&r.order_key)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(what)?;
                     last.unwrap_or(now).max(now)
                 };
                 sqlx::query(&insert)
@@ -2154,6 +2215,109 @@ mod tests {
         assert_eq!(q.drop_dead(None).await.unwrap(), 1);
         let next = q.claim("r", 1, Duration::from_secs(60)).await.unwrap();
         assert_eq!(next[0].key, "second");
+    }
+
+    /// A replay while another relay's intake stores a record of the dead
+    /// letter's key (held, not yet committed): the replay waits for that
+    /// intake (which locks the dead letter it found), so its release sees
+    /// the record, and nothing is left held with no dead letter ahead.
+    #[tokio::test]
+    async fn a_replay_racing_an_intake_of_its_key_leaves_nothing_held() {
+        let pg = testsvc::Postgres::start().unwrap();
+        let url = pg.create_database("relay_replay_race").unwrap();
+        let (reached, mut committing) = mpsc::unbounded_channel();
+        let gate = Arc::new(tokio::sync::Mutex::new(()));
+        let internals = Internals {
+            commit_hook: Some(Hook {
+                reached,
+                gate: gate.clone(),
+            }),
+            ..Internals::default()
+        };
+        let q = Queue::open_with(&url, Limits::default(), internals)
+            .await
+            .unwrap();
+        q.enqueue(record("first")).await.unwrap();
+        committing.recv().await.unwrap();
+        let first = q
+            .claim("r", 1, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .remove(0);
+        let dead = Outcome::Dead {
+            status: 400,
+            answer: String::new(),
+        };
+        q.finish(first.id, first.attempts, "r", dead).await.unwrap();
+        let held = gate.clone().lock_owned().await;
+        let second = tokio::spawn({
+            let q = q.clone();
+            async move { q.enqueue(record("second")).await }
+        });
+        committing.recv().await.unwrap();
+        let replay = tokio::spawn({
+            let q = q.clone();
+            async move { q.replay(None).await }
+        });
+        drop(held);
+        assert!(matches!(second.await.unwrap().unwrap(), Stored::New(_)));
+        // A hang guard, not a measure.
+        let replayed = tokio::time::timeout(Duration::from_secs(60), replay)
+            .await
+            .expect("the replay went on once the intake committed")
+            .unwrap()
+            .unwrap();
+        assert_eq!(replayed, 1);
+        assert_eq!(
+            q.release_stranded().await.unwrap(),
+            0,
+            "a record was left held"
+        );
+        // In order: the replayed head, then what it held.
+        let next = q.claim("r", 5, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(
+            next.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+            ["first"]
+        );
+        q.finish(next[0].id, next[0].attempts, "r", Outcome::Done)
+            .await
+            .unwrap();
+        let next = q.claim("r", 5, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(
+            next.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+            ["second"]
+        );
+    }
+
+    /// A record held with no dead letter ahead (a settling by an earlier
+    /// version) is released by the net, once.
+    #[tokio::test]
+    async fn a_record_held_with_nothing_ahead_is_released() {
+        let (q, dir) = sqlite_queue("stranded").await;
+        q.enqueue(one_record()).await.unwrap();
+        let Db::Sqlite(pool) = q.db.clone() else {
+            panic!("not SQLite")
+        };
+        sqlx::query("UPDATE relay_records SET not_before_ms = ?")
+            .bind(HELD_MS)
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert!(q
+            .claim("r", 1, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(q.release_stranded().await.unwrap(), 1);
+        assert_eq!(q.release_stranded().await.unwrap(), 0);
+        assert_eq!(
+            q.claim("r", 1, Duration::from_secs(60))
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
