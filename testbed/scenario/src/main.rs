@@ -276,8 +276,12 @@ async fn output(spec: &Spec, finished: &std::sync::Mutex<Option<String>>) -> Res
                     started.elapsed().as_secs_f64()
                 );
                 let plan = Plan::with_upstream(spec.duration_s, file.clone());
+                // The yardstick beside the cell (milliseconds, in process).
+                let exact = paced::row(file, 100.0, spec.duration_s * 1000)
+                    .map_err(|e| eprintln!("scenario: the exact pace of {}: {e}", file.name))
+                    .ok();
                 match run(&spec, &plan).await {
-                    Ok(report) => matrix.add(&file.name, seed, &report),
+                    Ok(report) => matrix.add(&file.name, seed, &report, exact.as_ref()),
                     Err(e) => {
                         eprintln!("scenario: matrix cell {i} of {total} failed: {e}");
                         matrix.fail(&file.name, seed, e.to_string());

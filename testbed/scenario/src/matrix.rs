@@ -58,6 +58,10 @@ pub(crate) struct Cell {
     pub(crate) reconverged: Vec<Reconverged>,
     /// The targets this cell misses, and by how much (see [`TARGETS`]).
     pub(crate) misses: Vec<String>,
+    /// The yardstick: the same upstream with calls paced evenly at all
+    /// that is left, no broker (`--paced 100`): its goodput of what is
+    /// left, and the unmanaged consumer's requests it refused of all sent.
+    pub(crate) exact_pace: Option<(Option<f64>, (u64, u64))>,
 }
 
 /// How soon the fleet used the org well again after a limit change.
@@ -170,6 +174,7 @@ impl Cell {
                 })
                 .collect(),
             misses: Vec::new(),
+            exact_pace: None,
         };
         cell.misses = cell.misses();
         cell
@@ -223,10 +228,19 @@ impl Matrix {
         });
     }
 
-    /// The cells of one run (one per mode).
-    pub(crate) fn add(&mut self, upstream: &str, seed: u64, report: &Report) {
+    /// The cells of one run (one per mode), with the upstream's exact pace
+    /// (see [`Cell::exact_pace`]).
+    pub(crate) fn add(
+        &mut self,
+        upstream: &str,
+        seed: u64,
+        report: &Report,
+        exact_pace: Option<&crate::paced::Row>,
+    ) {
         for m in &report.modes {
-            self.cells.push(Cell::new(upstream, seed, report, m));
+            let mut cell = Cell::new(upstream, seed, report, m);
+            cell.exact_pace = exact_pace.map(|r| (r.goodput_of_left, r.unmanaged_refused));
+            self.cells.push(cell);
         }
     }
 
@@ -266,6 +280,7 @@ impl Matrix {
             "lost",
             "over limit",
             "re-converged",
+            "exact pace: goodput/left, unmanaged refused",
             "misses",
         ];
         let rows: Vec<Vec<String>> = self
@@ -290,6 +305,9 @@ impl Matrix {
                     },
                     c.served_over.to_string(),
                     reconverged(&c.reconverged),
+                    c.exact_pace.map_or("-".into(), |(g, (refused, sent))| {
+                        format!("{}, {refused} of {sent}", pct(g))
+                    }),
                     if c.misses.is_empty() {
                         "-".into()
                     } else {
@@ -387,6 +405,7 @@ mod tests {
             limit_moves: true,
             reconverged,
             misses: Vec::new(),
+            exact_pace: None,
         };
         c.misses = c.misses();
         c

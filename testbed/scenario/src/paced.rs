@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::cli::Spec;
-use crate::confgen::{ANALYTICS, ORG};
+use crate::confgen::{UpstreamFile, ANALYTICS, ORG};
 use crate::error::Error;
 use crate::measure::goodput;
 use crate::upstream::OrgStats;
@@ -40,40 +40,45 @@ pub(crate) fn rows(spec: &Spec, percents: &[f64]) -> Result<Vec<Row>, Error> {
     let until_ms = spec.duration_s * 1000;
     let mut rows = Vec::new();
     for file in &spec.upstreams {
-        let config = file.sim_config()?;
         for &percent in percents {
-            let stats = gcsim::paced(&config, ORG, ANALYTICS, percent / 100.0, until_ms)
-                .map_err(|e| Error::Usage(format!("--upstream {}: {e}", file.name)))?;
-            let org: OrgStats = serde_json::from_value(stats).map_err(|e| {
-                Error::Usage(format!(
-                    "--upstream {}: the paced run's counters: {e}",
-                    file.name
-                ))
-            })?;
-            let family = org.families.iter().find(|f| f.name == ANALYTICS);
-            let g = goodput(family, until_ms);
-            let refused = family.map_or(0, |f| {
-                f.windows
-                    .iter()
-                    .filter(|w| g.windows.contains(&w.index))
-                    .map(|w| w.refused_fleet)
-                    .sum()
-            });
-            rows.push(Row {
-                upstream: file.name.clone(),
-                percent,
-                served: g.served_fleet,
-                refused,
-                goodput_of_left: g.fair_share,
-                goodput_of_available: g.share,
-                unmanaged_refused: (
-                    g.unmanaged_refused,
-                    g.unmanaged_refused + g.unmanaged_served,
-                ),
-            });
+            rows.push(row(file, percent, until_ms)?);
         }
     }
     Ok(rows)
+}
+
+/// `file` at `percent` of what is left, over `until_ms` simulated ms.
+pub(crate) fn row(file: &UpstreamFile, percent: f64, until_ms: u64) -> Result<Row, Error> {
+    let config = file.sim_config()?;
+    let stats = gcsim::paced(&config, ORG, ANALYTICS, percent / 100.0, until_ms)
+        .map_err(|e| Error::Usage(format!("--upstream {}: {e}", file.name)))?;
+    let org: OrgStats = serde_json::from_value(stats).map_err(|e| {
+        Error::Usage(format!(
+            "--upstream {}: the paced run's counters: {e}",
+            file.name
+        ))
+    })?;
+    let family = org.families.iter().find(|f| f.name == ANALYTICS);
+    let g = goodput(family, until_ms);
+    let refused = family.map_or(0, |f| {
+        f.windows
+            .iter()
+            .filter(|w| g.windows.contains(&w.index))
+            .map(|w| w.refused_fleet)
+            .sum()
+    });
+    Ok(Row {
+        upstream: file.name.clone(),
+        percent,
+        served: g.served_fleet,
+        refused,
+        goodput_of_left: g.fair_share,
+        goodput_of_available: g.share,
+        unmanaged_refused: (
+            g.unmanaged_refused,
+            g.unmanaged_refused + g.unmanaged_served,
+        ),
+    })
 }
 
 /// The table.

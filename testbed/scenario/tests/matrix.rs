@@ -72,6 +72,11 @@ fn tiny_matrix_has_every_cell_and_loses_nothing() {
         ] {
             assert!(!c[key].is_null(), "{key} missing: {c:#}");
         }
+        // The yardstick beside the cell: an exact even pace is served about
+        // all that is left on these two, refusing the consumer nothing.
+        let exact = &c["exact_pace"];
+        assert!(exact[0].as_f64().is_some_and(|g| g > 0.95), "{c:#}");
+        assert_eq!(exact[1][0], 0, "{c:#}");
     }
     assert!(cells[1]["upstream_summary"]
         .as_str()
