@@ -86,8 +86,8 @@ struct Args {
     /// run ends with its summary, as on any sink error, instead of waiting
     /// for a database that holds the store (a lock, a server or link that
     /// stopped answering); the next run stores the block again. Every other
-    /// database call (a claim, the checkpoints, the worker name's) is
-    /// bounded by the lesser of it and a minute.
+    /// database call (the tables' creation, a claim, the checkpoints, the
+    /// worker name's) is bounded by the lesser of it and a minute.
     #[arg(long, default_value = "10m", value_parser = parse_store_timeout)]
     store_timeout: Duration,
     /// Print the summary as one JSON object on stdout.
@@ -271,8 +271,8 @@ async fn main() -> ExitCode {
         }
     }
     let sink_name = sink_shown(&args.sink);
-    let sink = match Sink::open(&args.sink).await {
-        Ok(sink) => sink.with_store_timeout(args.store_timeout),
+    let sink = match Sink::open_with(&args.sink, args.store_timeout).await {
+        Ok(sink) => sink,
         // Unreachable now (a database restarting): exit 1, which an
         // orchestrator retries; a refusal every run would meet: 2.
         Err(e) if e.may_pass_later() => {

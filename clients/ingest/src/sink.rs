@@ -224,8 +224,17 @@ fn file_url_path(path: &str) -> Result<String, IngestError> {
 
 impl Sink {
     /// Opens `target`: a `postgres://` URL, a `sqlite:` URL, or a file path
-    /// (SQLite, created if missing); creates the tables if needed.
+    /// (SQLite, created if missing); creates the tables if needed. Its
+    /// store timeout is the default (see [`Sink::open_with`]).
     pub async fn open(target: &str) -> Result<Sink, IngestError> {
+        Sink::open_with(target, DEFAULT_STORE_TIMEOUT).await
+    }
+
+    /// As [`Sink::open`], with `store_timeout` (see
+    /// [`Sink::with_store_timeout`]); the tables' creation, which on
+    /// PostgreSQL waits for another worker's under a lock, is bounded as
+    /// every call other than a store is, by the lesser of it and a minute.
+    pub async fn open_with(target: &str, store_timeout: Duration) -> Result<Sink, IngestError> {
         sqlx::any::install_default_drivers();
         let sqlite = !(target.starts_with("postgres://") || target.starts_with("postgresql://"));
         let url = if !sqlite {
@@ -277,26 +286,31 @@ impl Sink {
                 .execute(&pool)
                 .await?;
         }
-        if sqlite {
-            for statement in SCHEMA {
-                sqlx::query(statement).execute(&pool).await?;
-            }
-        } else {
-            // Workers started at once on a new database would race on the
-            // catalog (`IF NOT EXISTS` is no lock: the loser fails on
-            // `pg_type_typname_nsp_index`): one creates, the others wait
-            // for its commit and find the tables.
-            let mut tx = pool.begin().await?;
-            sqlx::query(SCHEMA_LOCK).execute(&mut *tx).await?;
-            for statement in SCHEMA {
-                sqlx::query(statement).execute(&mut *tx).await?;
-            }
-            tx.commit().await?;
-        }
-        Ok(Sink {
+        let sink = Sink {
             pool,
-            store_timeout: DEFAULT_STORE_TIMEOUT,
+            store_timeout,
+        };
+        sink.bounded(|| "creating the sink's tables".to_owned(), async {
+            if sqlite {
+                for statement in SCHEMA {
+                    sqlx::query(statement).execute(&sink.pool).await?;
+                }
+            } else {
+                // Workers started at once on a new database would race
+                // on the catalog (`IF NOT EXISTS` is no lock: the loser
+                // fails on `pg_type_typname_nsp_index`): one creates,
+                // the others wait for its commit and find the tables.
+                let mut tx = sink.pool.begin().await?;
+                sqlx::query(SCHEMA_LOCK).execute(&mut *tx).await?;
+                for statement in SCHEMA {
+                    sqlx::query(statement).execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+            }
+            Ok(())
         })
+        .await?;
+        Ok(sink)
     }
 
     /// Bounds each block's store (its transaction, from taking a

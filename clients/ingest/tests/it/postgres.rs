@@ -471,6 +471,46 @@ async fn a_worker_name_the_database_holds_fails_at_the_bound() {
     bed.sim.shutdown().await;
 }
 
+/// The tables' creation at the start waits, on PostgreSQL, for another
+/// worker's under a lock: a session that holds that lock with no end ends
+/// the run at the bound, exit 1, naming the step and the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_lock_the_database_holds_fails_the_start_at_the_bound() {
+    use sqlx::Connection;
+    let pg = testsvc::Postgres::start()
+        .unwrap_or_else(|e| panic!("PostgreSQL is needed for this test and could not start: {e}"));
+    let bed = Bed::start().await;
+    let url = pg.create_database("ingest_schema_held").unwrap();
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut admin).await.unwrap();
+    sqlx::query("SELECT 1 FROM pg_advisory_xact_lock(7312)")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let child = query_run(
+        &bed,
+        "schema-held@org-a",
+        &url,
+        &["--parallel", "1", "--store-timeout", "2s"],
+    )
+    .spawn()
+    .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("it exits while the schema lock is held (the bound is 2 s)")
+        .unwrap();
+    sqlx::query("ROLLBACK").execute(&mut admin).await.unwrap();
+    admin.close().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("creating the sink's tables did not finish within 2 s")
+            && stderr.contains("--store-timeout"),
+        "{stderr}"
+    );
+    bed.sim.shutdown().await;
+}
+
 /// A record with a NUL character in its queue and wrap-up code (which
 /// PostgreSQL's `TEXT` cannot hold) is stored all the same: the queried
 /// columns say `\u0000` as JSON does, `raw` keeps the record as sent, and
