@@ -104,8 +104,20 @@ impl Cell {
             ));
         }
         if let Some(g) = self.goodput_of_left.filter(|&g| g < MIN_GOODPUT_OF_LEFT) {
+            // Where an exact even pace misses too, or meets the target only
+            // by refusing the unmanaged consumer, the miss is the upstream's
+            // as much as the broker's: said beside it.
+            let exact = match self.exact_pace {
+                Some((Some(e), _)) if e < MIN_GOODPUT_OF_LEFT => {
+                    format!(" (exact pace -{:.1} pt)", 100.0 * (MIN_GOODPUT_OF_LEFT - e))
+                }
+                Some((Some(_), (refused, sent))) if refused > 0 => {
+                    format!(" (exact pace meets it refusing the consumer {refused} of {sent})")
+                }
+                _ => String::new(),
+            };
             out.push(format!(
-                "goodput -{:.1} pt",
+                "goodput -{:.1} pt{exact}",
                 100.0 * (MIN_GOODPUT_OF_LEFT - g)
             ));
         }
@@ -240,6 +252,7 @@ impl Matrix {
         for m in &report.modes {
             let mut cell = Cell::new(upstream, seed, report, m);
             cell.exact_pace = exact_pace.map(|r| (r.goodput_of_left, r.unmanaged_refused));
+            cell.misses = cell.misses();
             self.cells.push(cell);
         }
     }
@@ -419,6 +432,26 @@ mod tests {
             windows_in_run: 4.0,
             target,
         }
+    }
+
+    #[test]
+    fn a_goodput_miss_says_what_an_exact_pace_gets_there() {
+        let with = |exact: Option<(Option<f64>, (u64, u64))>| {
+            let mut c = cell(vec![]);
+            c.goodput_of_left = Some(0.853);
+            c.exact_pace = exact;
+            c.misses()
+        };
+        assert_eq!(with(None), ["goodput -11.7 pt"]);
+        assert_eq!(with(Some((Some(1.0), (0, 30)))), ["goodput -11.7 pt"]);
+        assert_eq!(
+            with(Some((Some(0.947), (16, 40)))),
+            ["goodput -11.7 pt (exact pace -2.3 pt)"]
+        );
+        assert_eq!(
+            with(Some((Some(0.98), (5, 40)))),
+            ["goodput -11.7 pt (exact pace meets it refusing the consumer 5 of 40)"]
+        );
     }
 
     #[test]
