@@ -17,6 +17,7 @@
 //! or `dropped`. Done and dropped records stay (until pruned) so a repeated
 //! idempotency key is still recognised.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -202,23 +203,42 @@ impl BeginWrite for PgPool {
 /// [`Queue::prune_dead_letters`].
 trait HoldDeadLetters {
     type Connection;
-    /// Locks, until the transaction ends, the dead letters of `order_keys`.
+    /// Locks, until the transaction ends, the dead letters of `order_keys`,
+    /// and returns the keys that have one: a record stored behind one of
+    /// those is held (see [`HELD_MS`]). A replay or drop of a dead letter
+    /// locked here waits for this transaction, so its release sees what it
+    /// held; one that died after the lock was taken is not seen, and the
+    /// record behind it is stored due, as the claim's order check allows.
     async fn hold_dead_letters(
         &self,
         conn: &mut Self::Connection,
         order_keys: &[String],
-    ) -> Result<(), sqlx::Error>;
+    ) -> Result<HashSet<String>, sqlx::Error>;
 }
 
 impl HoldDeadLetters for SqlitePool {
     type Connection = SqliteConnection;
-    /// Nothing to do: the write transaction already excludes the pruning.
+    /// No lock to take: the write transaction already excludes the pruning
+    /// and every settling.
     async fn hold_dead_letters(
         &self,
-        _: &mut SqliteConnection,
-        _: &[String],
-    ) -> Result<(), sqlx::Error> {
-        Ok(())
+        conn: &mut SqliteConnection,
+        order_keys: &[String],
+    ) -> Result<HashSet<String>, sqlx::Error> {
+        let mut dead = HashSet::new();
+        for key in order_keys {
+            if dead.contains(key) {
+                continue;
+            }
+            let found: Option<i64> = sqlx::query_scalar(DEAD_OF_KEY)
+                .bind(key)
+                .fetch_optional(&mut *conn)
+                .await?;
+            if found.is_some() {
+                dead.insert(key.clone());
+            }
+        }
+        Ok(dead)
     }
 }
 
@@ -228,15 +248,15 @@ impl HoldDeadLetters for PgPool {
         &self,
         conn: &mut PgConnection,
         order_keys: &[String],
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "SELECT id FROM relay_records WHERE state = 'dead' AND order_key = ANY($1) \
+    ) -> Result<HashSet<String>, sqlx::Error> {
+        let keys: Vec<String> = sqlx::query_scalar(
+            "SELECT order_key FROM relay_records WHERE state = 'dead' AND order_key = ANY($1) \
              ORDER BY id FOR SHARE",
         )
         .bind(order_keys)
-        .execute(conn)
-        .await
-        .map(|_| ())
+        .fetch_all(conn)
+        .await?;
+        Ok(keys.into_iter().collect())
     }
 }
 
@@ -1092,8 +1112,8 @@ const RELEASE_KEY: &str = "UPDATE relay_records SET not_before_ms = ? \
      WHERE order_key = ? AND state = 'pending' AND not_before_ms = ? \
        AND NOT EXISTS (SELECT 1 FROM relay_records d WHERE d.order_key = ? AND d.state = 'dead')";
 
-/// A dead letter of key `?`, if it has one (the intake's, which on
-/// PostgreSQL locks it: see `commit`).
+/// A dead letter of key `?`, if it has one (a SQLite intake's look: see
+/// `HoldDeadLetters`).
 const DEAD_OF_KEY: &str =
     "SELECT id FROM relay_records WHERE order_key = ? AND state = 'dead' ORDER BY id LIMIT 1";
 
@@ -1596,16 +1616,6 @@ async fn commit(w: &Writer, finishes: &[Op], enqueues: &[Op]) -> Result<Vec<Stor
     );
     let hold_behind = placeholders(db, HOLD_BEHIND);
     let delay_behind = placeholders(db, DELAY_BEHIND);
-    // On PostgreSQL the dead letter found is locked until the commit, as
-    // `hold_dead_letters` locks those of the batch's keys: a replay or drop
-    // on another relay then waits for this intake, and its release sees the
-    // record held here. (A dead letter that died after that lock was taken
-    // would otherwise be seen here, unlocked, and a replay committed before
-    // this intake would leave the record held with nothing ahead of it.)
-    let dead_of_key = match db {
-        Db::Sqlite(_) => DEAD_OF_KEY.to_owned(),
-        Db::Postgres(_) => placeholders(db, &format!("{DEAD_OF_KEY} FOR SHARE")),
-    };
     let last_due = placeholders(db, LAST_DUE);
     let what = |e| RelayError::db("commit to the queue", e);
     let now = now_ms();
@@ -1674,21 +1684,18 @@ async fn commit(w: &Writer, finishes: &[Op], enqueues: &[Op]) -> Result<Vec<Stor
                 Op::Finish { .. } => None,
             })
             .collect();
-        if !order_keys.is_empty() {
-            pool.hold_dead_letters(&mut tx, &order_keys).await.map_err(what)?;
-        }
+        let dead_keys = if order_keys.is_empty() {
+            HashSet::new()
+        } else {
+            pool.hold_dead_letters(&mut tx, &order_keys).await.map_err(what)?
+        };
         let mut stored = Vec::with_capacity(enqueues.len());
         for op in enqueues {
             let Op::Enqueue(r, _) = op else { continue };
             let size = r.bytes() as i64;
             let room = has_room(limits, records, bytes, size);
             let inserted = if room {
-                let dead: Option<i64> = sqlx::query_scalar(&dead_of_key)
-                    .bind(&r.order_key)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(what)?;
-                let due = if dead.is_some() {
+                let due = if dead_keys.contains(&r.order_key) {
                     HELD_MS
                 } else {
                     let last: Option<i64> = sqlx::query_scalar(&last_due)
@@ -2156,13 +2163,18 @@ mod tests {
         assert_eq!(q.depth().await.unwrap().records, 2);
     }
 
-    /// Another relay's intake stores a record of a dead letter's key and
-    /// has not committed when the dead letter is due for pruning: the
-    /// dead letter is kept, and holds the record back.
-    #[tokio::test]
-    async fn a_dead_letter_is_not_pruned_under_a_record_of_its_key_being_stored() {
-        let pg = testsvc::Postgres::start().unwrap();
-        let url = pg.create_database("relay_prune_race").unwrap();
+    /// A PostgreSQL queue of database `name` whose record "first" is a dead
+    /// letter, and an intake of "second", of the same key, paused before
+    /// its commit until the guard returned is dropped.
+    async fn a_record_stored_behind_a_dead_letter(
+        pg: &testsvc::Postgres,
+        name: &str,
+    ) -> (
+        Queue,
+        tokio::task::JoinHandle<Result<Stored, RelayError>>,
+        tokio::sync::OwnedMutexGuard<()>,
+    ) {
+        let url = pg.create_database(name).unwrap();
         let (reached, mut committing) = mpsc::unbounded_channel();
         let gate = Arc::new(tokio::sync::Mutex::new(()));
         let internals = Internals {
@@ -2193,6 +2205,16 @@ mod tests {
             async move { q.enqueue(record("second")).await }
         });
         committing.recv().await.unwrap();
+        (q, second, held)
+    }
+
+    /// Another relay's intake stores a record of a dead letter's key and
+    /// has not committed when the dead letter is due for pruning: the
+    /// dead letter is kept, and holds the record back.
+    #[tokio::test]
+    async fn a_dead_letter_is_not_pruned_under_a_record_of_its_key_being_stored() {
+        let pg = testsvc::Postgres::start().unwrap();
+        let (q, second, held) = a_record_stored_behind_a_dead_letter(&pg, "relay_prune_race").await;
         // A hang guard, not a measure.
         let pruned = tokio::time::timeout(
             Duration::from_secs(60),
@@ -2224,37 +2246,8 @@ mod tests {
     #[tokio::test]
     async fn a_replay_racing_an_intake_of_its_key_leaves_nothing_held() {
         let pg = testsvc::Postgres::start().unwrap();
-        let url = pg.create_database("relay_replay_race").unwrap();
-        let (reached, mut committing) = mpsc::unbounded_channel();
-        let gate = Arc::new(tokio::sync::Mutex::new(()));
-        let internals = Internals {
-            commit_hook: Some(Hook {
-                reached,
-                gate: gate.clone(),
-            }),
-            ..Internals::default()
-        };
-        let q = Queue::open_with(&url, Limits::default(), internals)
-            .await
-            .unwrap();
-        q.enqueue(record("first")).await.unwrap();
-        committing.recv().await.unwrap();
-        let first = q
-            .claim("r", 1, Duration::from_secs(60))
-            .await
-            .unwrap()
-            .remove(0);
-        let dead = Outcome::Dead {
-            status: 400,
-            answer: String::new(),
-        };
-        q.finish(first.id, first.attempts, "r", dead).await.unwrap();
-        let held = gate.clone().lock_owned().await;
-        let second = tokio::spawn({
-            let q = q.clone();
-            async move { q.enqueue(record("second")).await }
-        });
-        committing.recv().await.unwrap();
+        let (q, second, held) =
+            a_record_stored_behind_a_dead_letter(&pg, "relay_replay_race").await;
         let replay = tokio::spawn({
             let q = q.clone();
             async move { q.replay(None).await }
