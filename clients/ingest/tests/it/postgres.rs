@@ -428,68 +428,22 @@ async fn a_store_the_database_holds_fails_at_the_store_timeout() {
     bed.sim.shutdown().await;
 }
 
-/// Every other database call is bounded too (by the store timeout, at
-/// most a minute): a run whose worker name the database holds (a lock
-/// another session keeps on the table, with no end) ends at the bound with
-/// exit 1, naming the call and the flag, instead of waiting for ever before
-/// its first block.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_name_the_database_holds_fails_at_the_bound() {
+/// A run with `--store-timeout 2s` while another session holds, with no
+/// end, the lock that `lock` (a statement) takes: it must end by itself
+/// (exit 1) within 60 s; its stderr.
+async fn run_while_locked(client_id: &str, database: &str, lock: &str) -> String {
     use sqlx::Connection;
     let pg = testsvc::Postgres::start()
         .unwrap_or_else(|e| panic!("PostgreSQL is needed for this test and could not start: {e}"));
     let bed = Bed::start().await;
-    let url = pg.create_database("ingest_name_held").unwrap();
+    let url = pg.create_database(database).unwrap();
     Sink::open(&url).await.unwrap().close().await;
     let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
     sqlx::query("BEGIN").execute(&mut admin).await.unwrap();
-    sqlx::query("LOCK TABLE ingest_runs IN EXCLUSIVE MODE")
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    sqlx::query(lock).execute(&mut admin).await.unwrap();
     let child = query_run(
         &bed,
-        "name-held@org-a",
-        &url,
-        &["--parallel", "1", "--json", "--store-timeout", "2s"],
-    )
-    .spawn()
-    .unwrap();
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .expect("it exits while its worker name is held (the bound is 2 s)")
-        .unwrap();
-    sqlx::query("ROLLBACK").execute(&mut admin).await.unwrap();
-    admin.close().await.unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("taking the worker name did not finish within 2 s")
-            && stderr.contains("--store-timeout"),
-        "{stderr}"
-    );
-    bed.sim.shutdown().await;
-}
-
-/// The tables' creation at the start waits, on PostgreSQL, for another
-/// worker's under a lock: a session that holds that lock with no end ends
-/// the run at the bound, exit 1, naming the step and the flag.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_schema_lock_the_database_holds_fails_the_start_at_the_bound() {
-    use sqlx::Connection;
-    let pg = testsvc::Postgres::start()
-        .unwrap_or_else(|e| panic!("PostgreSQL is needed for this test and could not start: {e}"));
-    let bed = Bed::start().await;
-    let url = pg.create_database("ingest_schema_held").unwrap();
-    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut admin).await.unwrap();
-    sqlx::query("SELECT 1 FROM pg_advisory_xact_lock(7312)")
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let child = query_run(
-        &bed,
-        "schema-held@org-a",
+        client_id,
         &url,
         &["--parallel", "1", "--store-timeout", "2s"],
     )
@@ -497,18 +451,52 @@ async fn a_schema_lock_the_database_holds_fails_the_start_at_the_bound() {
     .unwrap();
     let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
         .await
-        .expect("it exits while the schema lock is held (the bound is 2 s)")
+        .expect("it exits while the lock is held (the bound is 2 s)")
         .unwrap();
     sqlx::query("ROLLBACK").execute(&mut admin).await.unwrap();
     admin.close().await.unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    bed.sim.shutdown().await;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
+/// Every other database call is bounded too (by the store timeout, at
+/// most a minute): a run whose worker name the database holds (a lock
+/// another session keeps on the table, with no end) ends at the bound with
+/// exit 1, naming the call and the flag, instead of waiting for ever before
+/// its first block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_name_the_database_holds_fails_at_the_bound() {
+    let stderr = run_while_locked(
+        "name-held@org-a",
+        "ingest_name_held",
+        "LOCK TABLE ingest_runs IN EXCLUSIVE MODE",
+    )
+    .await;
+    assert!(
+        stderr.contains("taking the worker name did not finish within 2 s")
+            && stderr.contains("--store-timeout"),
+        "{stderr}"
+    );
+}
+
+/// The tables' creation at the start waits, on PostgreSQL, for another
+/// worker's under a lock: a session that holds that lock with no end ends
+/// the run at the bound, exit 1, naming the step and the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_lock_the_database_holds_fails_the_start_at_the_bound() {
+    let stderr = run_while_locked(
+        "schema-held@org-a",
+        "ingest_schema_held",
+        "SELECT 1 FROM pg_advisory_xact_lock(7312)",
+    )
+    .await;
     assert!(
         stderr.contains("creating the sink's tables did not finish within 2 s")
             && stderr.contains("--store-timeout"),
         "{stderr}"
     );
-    bed.sim.shutdown().await;
 }
 
 /// A record with a NUL character in its queue and wrap-up code (which
