@@ -259,6 +259,11 @@ async fn output(spec: &Spec, finished: &std::sync::Mutex<Option<String>>) -> Res
         let started = std::time::Instant::now();
         let mut i = 0;
         for file in &spec.upstreams {
+            // The yardstick beside its cells (milliseconds, in process; the
+            // same for every seed).
+            let exact = paced::row(file, 100.0, spec.duration_s * 1000)
+                .map_err(|e| eprintln!("scenario: the exact pace of {}: {e}", file.name))
+                .ok();
             for &seed in seeds {
                 i += 1;
                 // Each cell keeps its logs in its own directory.
@@ -276,10 +281,6 @@ async fn output(spec: &Spec, finished: &std::sync::Mutex<Option<String>>) -> Res
                     started.elapsed().as_secs_f64()
                 );
                 let plan = Plan::with_upstream(spec.duration_s, file.clone());
-                // The yardstick beside the cell (milliseconds, in process).
-                let exact = paced::row(file, 100.0, spec.duration_s * 1000)
-                    .map_err(|e| eprintln!("scenario: the exact pace of {}: {e}", file.name))
-                    .ok();
                 match run(&spec, &plan).await {
                     Ok(report) => matrix.add(&file.name, seed, &report, exact.as_ref()),
                     Err(e) => {

@@ -251,7 +251,7 @@ impl Matrix {
     ) {
         for m in &report.modes {
             let mut cell = Cell::new(upstream, seed, report, m);
-            cell.exact_pace = exact_pace.map(|r| (r.goodput_of_left, r.unmanaged_refused));
+            cell.exact_pace = exact_pace.map(|r| (r.goodput.fair_share, r.unmanaged_refused()));
             cell.misses = cell.misses();
             self.cells.push(cell);
         }

@@ -13,26 +13,31 @@ use serde::Serialize;
 use crate::cli::Spec;
 use crate::confgen::{UpstreamFile, ANALYTICS, ORG};
 use crate::error::Error;
-use crate::measure::goodput;
+use crate::measure::{goodput, Goodput};
 use crate::upstream::OrgStats;
 
-/// One file at one rate.
+/// One file at one pace.
 #[derive(Debug, Serialize)]
 pub(crate) struct Row {
     /// The upstream file's name (without `.toml`).
     pub(crate) upstream: String,
     /// The pace, a percentage of what is left.
     pub(crate) percent: f64,
-    /// Calls served and refused in the counted windows.
-    pub(crate) served: u64,
-    /// Calls refused.
+    /// The paced calls refused in the counted windows.
     pub(crate) refused: u64,
-    /// Served / what the unmanaged consumer's demand left.
-    pub(crate) goodput_of_left: Option<f64>,
-    /// Served / what the unmanaged consumer was not served.
-    pub(crate) goodput_of_available: Option<f64>,
+    /// Counted as the matrix counts a cell.
+    pub(crate) goodput: Goodput,
+}
+
+impl Row {
     /// The unmanaged consumer's requests refused, and all it sent.
-    pub(crate) unmanaged_refused: (u64, u64),
+    pub(crate) fn unmanaged_refused(&self) -> (u64, u64) {
+        let g = &self.goodput;
+        (
+            g.unmanaged_refused,
+            g.unmanaged_refused + g.unmanaged_served,
+        )
+    }
 }
 
 /// Every file × every percentage of `spec`.
@@ -70,14 +75,8 @@ pub(crate) fn row(file: &UpstreamFile, percent: f64, until_ms: u64) -> Result<Ro
     Ok(Row {
         upstream: file.name.clone(),
         percent,
-        served: g.served_fleet,
         refused,
-        goodput_of_left: g.fair_share,
-        goodput_of_available: g.share,
-        unmanaged_refused: (
-            g.unmanaged_refused,
-            g.unmanaged_refused + g.unmanaged_served,
-        ),
+        goodput: g,
     })
 }
 
@@ -99,11 +98,11 @@ pub(crate) fn table(spec: &Spec, rows: &[Row]) -> String {
             [
                 r.upstream.clone(),
                 format!("{}% of left", r.percent),
-                r.served.to_string(),
+                r.goodput.served_fleet.to_string(),
                 r.refused.to_string(),
-                pct(r.goodput_of_left),
-                pct(r.goodput_of_available),
-                format!("{} of {}", r.unmanaged_refused.0, r.unmanaged_refused.1),
+                pct(r.goodput.fair_share),
+                pct(r.goodput.share),
+                format!("{} of {}", r.unmanaged_refused().0, r.unmanaged_refused().1),
             ]
         })
         .collect();
@@ -164,10 +163,10 @@ mod tests {
         let (slow, fast) = (&rows[0], &rows[1]);
         // Half of what is left leaves the consumer every burst; all that is
         // left is served, and refuses it some.
-        assert_eq!(slow.unmanaged_refused.0, 0, "{slow:?}");
-        assert!(slow.goodput_of_left.unwrap() < 0.6, "{slow:?}");
-        assert!(fast.goodput_of_left.unwrap() > 0.95, "{fast:?}");
-        assert!(fast.unmanaged_refused.0 > 0, "{fast:?}");
+        assert_eq!(slow.unmanaged_refused().0, 0, "{slow:?}");
+        assert!(slow.goodput.fair_share.unwrap() < 0.6, "{slow:?}");
+        assert!(fast.goodput.fair_share.unwrap() > 0.95, "{fast:?}");
+        assert!(fast.unmanaged_refused().0 > 0, "{fast:?}");
         let table = table(&spec, &rows);
         assert!(table.contains("sliding-log-bursty"), "{table}");
     }
