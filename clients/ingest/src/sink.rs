@@ -110,7 +110,7 @@ pub struct Done<'a> {
 #[derive(Clone)]
 pub struct Sink {
     pool: AnyPool,
-    /// Longest one block's store may take (see [`Sink::with_store_timeout`]).
+    /// Longest one block's store may take (see [`Sink::open_with`]).
     store_timeout: Duration,
 }
 
@@ -230,10 +230,16 @@ impl Sink {
         Sink::open_with(target, DEFAULT_STORE_TIMEOUT).await
     }
 
-    /// As [`Sink::open`], with `store_timeout` (see
-    /// [`Sink::with_store_timeout`]); the tables' creation, which on
-    /// PostgreSQL waits for another worker's under a lock, is bounded as
-    /// every call other than a store is, by the lesser of it and a minute.
+    /// As [`Sink::open`], each block's store (its transaction, from taking
+    /// a connection to the commit) bounded at `store_timeout`: past it the
+    /// store fails as a sink error would, and the run ends with its summary
+    /// instead of waiting for a database that holds the store (a lock
+    /// another session keeps, a server or link that stopped answering) for
+    /// ever. The store is an upsert: one whose commit reached the server
+    /// anyway is stored again, unchanged, by the next run. Every other call,
+    /// the tables' creation here among them (on PostgreSQL it waits for
+    /// another worker's under a lock), is bounded by the lesser of it and a
+    /// minute.
     pub async fn open_with(target: &str, store_timeout: Duration) -> Result<Sink, IngestError> {
         sqlx::any::install_default_drivers();
         let sqlite = !(target.starts_with("postgres://") || target.starts_with("postgresql://"));
@@ -311,18 +317,6 @@ impl Sink {
         })
         .await?;
         Ok(sink)
-    }
-
-    /// Bounds each block's store (its transaction, from taking a
-    /// connection to the commit) at `timeout`: past it the store fails as
-    /// a sink error would, and the run ends with its summary instead of
-    /// waiting for a database that holds the store (a lock another session
-    /// keeps, a server or link that stopped answering) for ever. The store
-    /// is an upsert: one whose commit reached the server anyway is stored
-    /// again, unchanged, by the next run.
-    pub fn with_store_timeout(mut self, timeout: Duration) -> Sink {
-        self.store_timeout = timeout;
-        self
     }
 
     /// Runs `call`, one database call other than a block's store, within
