@@ -94,10 +94,18 @@ pub struct TlsArgs {
 }
 
 impl Cli {
-    /// What is wrong with the options together, which clap cannot say:
-    /// TLS options for a broker URL that is not `https://`, or a client
-    /// certificate without its key (or a key without its certificate).
+    /// What is wrong with the options together, which clap cannot say: a
+    /// command for one tenant given none (`--tenant` is optional to clap,
+    /// so that its usage does not demand the flag `QUOTA_BROKER_TENANT`
+    /// can stand for), TLS options for a broker URL that is not
+    /// `https://`, or a client certificate without its key (or a key
+    /// without its certificate).
     pub fn usage_problem(&self) -> Option<String> {
+        if let Some((command, None)) = self.command.one_tenant() {
+            return Some(format!(
+                "{command} needs a tenant: give --tenant <T> or set QUOTA_BROKER_TENANT"
+            ));
+        }
         if self.tls.any() {
             if let Some(url) = self.broker.0.iter().find(|u| !u.starts_with("https://")) {
                 return Some(format!(
@@ -148,6 +156,25 @@ pub enum Command {
     Clear(ClearArgs),
 }
 
+impl Command {
+    /// A command for one tenant: its name and the tenant given (`--tenant`
+    /// or `QUOTA_BROKER_TENANT`), which [`Cli::usage_problem`] requires.
+    /// `None` for `status` and `watch`, which cover every tenant without one.
+    fn one_tenant(&self) -> Option<(&'static str, Option<&str>)> {
+        let (command, tenant) = match self {
+            Command::Status(_) | Command::Watch(_) => return None,
+            Command::Class(ClassCommand::List(a)) => ("class list", &a.tenant),
+            Command::Class(ClassCommand::Set(a)) => ("class set", &a.tenant),
+            Command::Class(ClassCommand::Reset(a)) => ("class reset", &a.tenant),
+            Command::Bucket(BucketCommand::SetLimit(a)) => ("bucket set-limit", &a.tenant),
+            Command::Pause(a) => ("pause", &a.tenant),
+            Command::Resume(a) => ("resume", &a.tenant),
+            Command::Clear(a) => ("clear", &a.tenant),
+        };
+        Some((command, tenant.as_deref()))
+    }
+}
+
 /// `quotactl status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -192,9 +219,9 @@ pub enum ClassCommand {
 /// `quotactl class reset`.
 #[derive(Debug, Args)]
 pub struct ClassResetArgs {
-    /// Tenant whose class is reset.
+    /// Tenant whose class is reset (required: this flag or its environment variable).
     #[arg(long, env = "QUOTA_BROKER_TENANT", value_name = "T")]
-    pub tenant: String,
+    pub tenant: Option<String>,
     /// Class name, e.g. `reports`.
     pub name: String,
     /// Print the class now in force as JSON (`null`: removed).
@@ -205,9 +232,9 @@ pub struct ClassResetArgs {
 /// `quotactl class list`.
 #[derive(Debug, Args)]
 pub struct ClassListArgs {
-    /// Tenant whose classes to list.
+    /// Tenant whose classes to list (required: this flag or its environment variable).
     #[arg(long, env = "QUOTA_BROKER_TENANT", value_name = "T")]
-    pub tenant: String,
+    pub tenant: Option<String>,
     /// A JSON object (`classes`, `default_class`) instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -216,9 +243,9 @@ pub struct ClassListArgs {
 /// `quotactl class set`.
 #[derive(Debug, Args)]
 pub struct ClassSetArgs {
-    /// Tenant whose classes change.
+    /// Tenant whose classes change (required: this flag or its environment variable).
     #[arg(long, env = "QUOTA_BROKER_TENANT", value_name = "T")]
-    pub tenant: String,
+    pub tenant: Option<String>,
     /// Class name, e.g. `reports`.
     pub name: String,
     /// Lower is served first on ties.
@@ -256,9 +283,9 @@ pub enum BucketCommand {
         .multiple(true)
 ))]
 pub struct SetLimitArgs {
-    /// Tenant of the bucket.
+    /// Tenant of the bucket (required: this flag or its environment variable).
     #[arg(long, env = "QUOTA_BROKER_TENANT", value_name = "T")]
-    pub tenant: String,
+    pub tenant: Option<String>,
     /// Bucket name from the configuration.
     pub bucket: String,
     /// New rate: permits per window.
@@ -286,9 +313,9 @@ pub struct SetLimitArgs {
 /// `quotactl pause`.
 #[derive(Debug, Args)]
 pub struct PauseArgs {
-    /// Tenant of the bucket.
+    /// Tenant of the bucket (required: this flag or its environment variable).
     #[arg(long, env = "QUOTA_BROKER_TENANT", value_name = "T")]
-    pub tenant: String,
+    pub tenant: Option<String>,
     /// Bucket name from the configuration.
     pub bucket: String,
     /// Why, shown to waiting and new requests (default: "paused by" and the name of the admin token used).
@@ -302,9 +329,9 @@ pub struct PauseArgs {
 /// `quotactl clear`.
 #[derive(Debug, Args)]
 pub struct ClearArgs {
-    /// Tenant of the bucket.
+    /// Tenant of the bucket (required: this flag or its environment variable).
     #[arg(long, env = "QUOTA_BROKER_TENANT", value_name = "T")]
-    pub tenant: String,
+    pub tenant: Option<String>,
     /// Bucket name from the configuration.
     pub bucket: String,
     /// Only this OAuth client's instance of a per-client bucket (default: all).
@@ -318,9 +345,9 @@ pub struct ClearArgs {
 /// `quotactl resume`.
 #[derive(Debug, Args)]
 pub struct ResumeArgs {
-    /// Tenant of the bucket.
+    /// Tenant of the bucket (required: this flag or its environment variable).
     #[arg(long, env = "QUOTA_BROKER_TENANT", value_name = "T")]
-    pub tenant: String,
+    pub tenant: Option<String>,
     /// Bucket name from the configuration.
     pub bucket: String,
     /// Print the resulting state as JSON.

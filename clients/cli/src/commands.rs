@@ -843,11 +843,12 @@ async fn watch(c: &mut Cluster, a: WatchArgs) -> Result<(), Error> {
 }
 
 async fn class_list(c: &mut Cluster, a: ClassListArgs) -> Result<(), Error> {
+    let tenant = given(a.tenant);
     let req = ListPriorityClassesRequest {
-        tenant: a.tenant.clone(),
+        tenant: tenant.clone(),
     };
     let list = c
-        .call(&a.tenant, |conn| {
+        .call(&tenant, |conn| {
             let (mut admin, req) = (conn.admin.clone(), req.clone());
             async move { admin.list_priority_classes(req).await }
         })
@@ -858,7 +859,7 @@ async fn class_list(c: &mut Cluster, a: ClassListArgs) -> Result<(), Error> {
         print(&format!(
             "{}\n",
             pretty(&serde_json::json!({
-                "tenant": a.tenant,
+                "tenant": tenant,
                 "classes": classes,
                 "default_class": list.default_class,
             }))
@@ -872,6 +873,7 @@ async fn class_list(c: &mut Cluster, a: ClassListArgs) -> Result<(), Error> {
 }
 
 async fn class_set(c: &mut Cluster, a: ClassSetArgs) -> Result<(), Error> {
+    let tenant = given(a.tenant);
     let class = PriorityClass {
         name: a.name.clone(),
         order: a.order,
@@ -879,20 +881,21 @@ async fn class_set(c: &mut Cluster, a: ClassSetArgs) -> Result<(), Error> {
         reserve: a.reserve,
         default_max_wait_ms: a.default_max_wait_ms,
     };
-    let none = format!("class {} set for tenant {}\n", a.name, a.tenant);
-    send_class(c, &a.tenant, class, false, a.json, &none).await
+    let none = format!("class {} set for tenant {}\n", a.name, tenant);
+    send_class(c, &tenant, class, false, a.json, &none).await
 }
 
 async fn class_reset(c: &mut Cluster, a: ClassResetArgs) -> Result<(), Error> {
+    let tenant = given(a.tenant);
     let class = PriorityClass {
         name: a.name.clone(),
         ..Default::default()
     };
     let none = format!(
         "class {} removed from tenant {} (Acquires waiting in it are still served)\n",
-        a.name, a.tenant
+        a.name, tenant
     );
-    send_class(c, &a.tenant, class, true, a.json, &none).await
+    send_class(c, &tenant, class, true, a.json, &none).await
 }
 
 /// Sends SetPriorityClass and prints the class now in force (`none`
@@ -927,8 +930,9 @@ async fn send_class(
 }
 
 async fn set_limit(c: &mut Cluster, a: SetLimitArgs) -> Result<(), Error> {
+    let tenant = given(a.tenant);
     let req = SetBucketLimitRequest {
-        tenant: a.tenant.clone(),
+        tenant: tenant.clone(),
         bucket: a.bucket.clone(),
         permits: a.permits.unwrap_or(0),
         window_ms: a.window_ms.unwrap_or(0),
@@ -937,7 +941,7 @@ async fn set_limit(c: &mut Cluster, a: SetLimitArgs) -> Result<(), Error> {
         reset: a.reset,
     };
     let status = c
-        .call(&a.tenant, |conn| {
+        .call(&tenant, |conn| {
             let (mut admin, req) = (conn.admin.clone(), req.clone());
             async move { admin.set_bucket_limit(req).await }
         })
@@ -949,50 +953,53 @@ async fn set_limit(c: &mut Cluster, a: SetLimitArgs) -> Result<(), Error> {
     } else {
         "limit changed"
     };
-    print_status(status, a.json, &a.tenant, &a.bucket, what)
+    print_status(status, a.json, &tenant, &a.bucket, what)
 }
 
 async fn pause(c: &mut Cluster, a: PauseArgs) -> Result<(), Error> {
+    let tenant = given(a.tenant);
     let req = PauseBucketRequest {
-        tenant: a.tenant.clone(),
+        tenant: tenant.clone(),
         bucket: a.bucket.clone(),
         reason: a.reason.unwrap_or_default(),
     };
     let status = c
-        .call(&a.tenant, |conn| {
+        .call(&tenant, |conn| {
             let (mut admin, req) = (conn.admin.clone(), req.clone());
             async move { admin.pause_bucket(req).await }
         })
         .await?
         .1
         .status;
-    print_status(status, a.json, &a.tenant, &a.bucket, "paused")
+    print_status(status, a.json, &tenant, &a.bucket, "paused")
 }
 
 async fn resume(c: &mut Cluster, a: ResumeArgs) -> Result<(), Error> {
+    let tenant = given(a.tenant);
     let req = ResumeBucketRequest {
-        tenant: a.tenant.clone(),
+        tenant: tenant.clone(),
         bucket: a.bucket.clone(),
     };
     let status = c
-        .call(&a.tenant, |conn| {
+        .call(&tenant, |conn| {
             let (mut admin, req) = (conn.admin.clone(), req.clone());
             async move { admin.resume_bucket(req).await }
         })
         .await?
         .1
         .status;
-    print_status(status, a.json, &a.tenant, &a.bucket, "resumed")
+    print_status(status, a.json, &tenant, &a.bucket, "resumed")
 }
 
 async fn clear(c: &mut Cluster, a: ClearArgs) -> Result<(), Error> {
+    let tenant = given(a.tenant);
     let req = ClearLearnedRequest {
-        tenant: a.tenant.clone(),
+        tenant: tenant.clone(),
         bucket: a.bucket.clone(),
         oauth_client: a.oauth_client.unwrap_or_default(),
     };
     let statuses = c
-        .call(&a.tenant, |conn| {
+        .call(&tenant, |conn| {
             let (mut admin, req) = (conn.admin.clone(), req.clone());
             async move { admin.clear_learned(req).await }
         })
@@ -1004,12 +1011,15 @@ async fn clear(c: &mut Cluster, a: ClearArgs) -> Result<(), Error> {
         return print(&format!("{}\n", pretty(&serde_json::Value::Array(all))));
     }
     if statuses.is_empty() {
-        return print(&format!(
-            "{}/{}: no instance to clear\n",
-            a.tenant, a.bucket
-        ));
+        return print(&format!("{}/{}: no instance to clear\n", tenant, a.bucket));
     }
     print(&table::render_status(&statuses))
+}
+
+/// The tenant of a command for one tenant: given, since
+/// [`Cli::usage_problem`] refuses such a command without one.
+fn given(tenant: Option<String>) -> String {
+    tenant.unwrap_or_default()
 }
 
 /// Prints the state an admin change answered with, as a one-row table or JSON.

@@ -646,6 +646,84 @@ async fn usage_errors_exit_2() {
     assert!(err.len() < 200, "{} bytes", err.len());
 }
 
+/// Every command for one tenant, with its other required arguments.
+const ONE_TENANT: [&[&str]; 7] = [
+    &["class", "list"],
+    &[
+        "class",
+        "set",
+        "x",
+        "--order",
+        "1",
+        "--weight",
+        "1",
+        "--reserve",
+        "0",
+    ],
+    &["class", "reset", "x"],
+    &["bucket", "set-limit", "org", "--burst", "4"],
+    &["pause", "org"],
+    &["resume", "org"],
+    &["clear", "org"],
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tenant_is_optional_in_usage_and_needed_by_flag_or_environment() {
+    for command in ONE_TENANT {
+        // The usage does not demand the flag, and the help still shows it
+        // with its environment variable.
+        let out = output(quotactl(&[command[0], command[1], "--help"])).await;
+        assert!(out.status.success(), "{command:?}");
+        let help = String::from_utf8(out.stdout).unwrap();
+        let usage = help.lines().find(|l| l.starts_with("Usage: ")).unwrap();
+        assert!(!usage.contains("--tenant"), "{command:?}: {usage}");
+        assert!(
+            help.contains("--tenant <T>") && help.contains("QUOTA_BROKER_TENANT"),
+            "{command:?}: {help}"
+        );
+        // Neither the flag nor the variable: a usage error naming both,
+        // before any broker is asked (none listens at port 1).
+        let mut args = vec!["--broker", "127.0.0.1:1"];
+        args.extend_from_slice(command);
+        let out = output(quotactl(&args)).await;
+        assert_eq!(out.status.code(), Some(2), "{command:?}");
+        let err = stderr_line(&out);
+        assert!(err.starts_with("quotactl: "), "{err}");
+        assert!(
+            err.contains("--tenant") && err.contains("QUOTA_BROKER_TENANT"),
+            "{command:?}: {err}"
+        );
+    }
+    // The commands over every tenant take none.
+    for command in ["status", "watch"] {
+        let out = output(quotactl(&[command, "--help"])).await;
+        let help = String::from_utf8(out.stdout).unwrap();
+        assert!(help.contains(&format!("Usage: quotactl {command} [OPTIONS]\n")));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_environment_alone_gives_the_tenant() {
+    let b = Broker::start().await;
+    let run = |args: &[&str]| {
+        let mut c = b.cmd(Some(ADMIN), args);
+        c.env("QUOTA_BROKER_TENANT", "t");
+        output(c)
+    };
+    for command in ONE_TENANT {
+        let out = run(command).await;
+        assert!(
+            out.status.success(),
+            "{command:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = run(&["class", "list", "--json"]).await;
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list["tenant"], "t");
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_json_count_prints_the_snapshot_and_exits() {
     let b = Broker::start().await;
