@@ -7,7 +7,9 @@
 //! more about the upstream (not when the consumer will send), would send.
 //! What it is served at each share is a yardstick for the scenario's
 //! cells: where no even pace is served what is left and leaves the
-//! consumer its demand, no pacing broker can be.
+//! consumer its demand, no pacing broker can be. With `rise_late_ms` the
+//! pace follows a rise of what is left only that long after it (a drop at
+//! once): what a broker finding a rise that late could be served.
 
 use crate::config::SimConfig;
 use crate::error::SimError;
@@ -23,11 +25,15 @@ const CLIENT: &str = "paced";
 /// them. A refused call holds the next one back until its Retry-After; a
 /// call served takes no time (its concurrency slot, if any, is given back
 /// at once); while nothing is left, the pace waits for the next window.
+/// The pace follows what is left `rise_late_ms` after it rises (the lesser
+/// of what is left now and what was left that long ago; before the start,
+/// what was left at it), and at once when it drops.
 pub fn paced(
     config: &SimConfig,
     org: &str,
     family: &str,
     share: f64,
+    rise_late_ms: u64,
     until_ms: u64,
 ) -> Result<serde_json::Value, SimError> {
     if !(share.is_finite() && share > 0.0 && share <= 10.0) {
@@ -53,9 +59,23 @@ pub fn paced(
         )]));
     };
     let end = until_ms as f64;
+    let late = rise_late_ms as f64;
+    // What was left from each moment on, in time order, as the pace saw it.
+    let mut seen: Vec<(f64, u64)> = Vec::new();
     // The interval at the pace of `at`; the first call half of one in.
-    let interval = |sim: &mut Org, at: f64| -> f64 {
-        let (left, window) = sim.left(at, index).unwrap_or((0, 60_000));
+    let mut interval = |sim: &mut Org, at: f64| -> f64 {
+        let (now_left, window) = sim.left(at, index).unwrap_or((0, 60_000));
+        if seen.last().is_none_or(|&(_, l)| l != now_left) {
+            seen.push((at, now_left));
+        }
+        let then = at - late;
+        let then_left = seen
+            .iter()
+            .rev()
+            .find(|&&(t, _)| t <= then)
+            .or(seen.first())
+            .map_or(now_left, |&(_, l)| l);
+        let left = now_left.min(then_left);
         let window = window.max(1) as f64;
         if left == 0 {
             // Nothing left: wait for the next window.
@@ -103,16 +123,47 @@ mod tests {
             "{ORG}  hidden_permits = 30\n  schedule = [{{ at_ms = 120000, hidden_permits = 20 }}]\n"
         ))
         .unwrap();
-        let all = paced(&config, "o", "f", 1.0, 300_000).unwrap();
+        let all = paced(&config, "o", "f", 1.0, 0, 300_000).unwrap();
         let w = windows(&all);
         assert_eq!(sum(w, "served_fleet"), 30 + 30 + 20 + 20 + 20, "{all}");
         assert_eq!(sum(w, "refused_fleet"), 0, "{all}");
-        let over = paced(&config, "o", "f", 1.3, 300_000).unwrap();
+        let over = paced(&config, "o", "f", 1.3, 0, 300_000).unwrap();
         let w = windows(&over);
         // What each window enforces served; the call over it refused and
         // the pace held back until the window's end.
         assert_eq!(sum(w, "served_fleet"), 120, "{over}");
         assert!(sum(w, "refused_fleet") >= 5, "{over}");
+    }
+
+    #[test]
+    fn a_rise_followed_late_is_served_late_and_a_drop_at_once() {
+        let rising = SimConfig::from_toml(&format!(
+            "{ORG}  hidden_permits = 20\n  schedule = [{{ at_ms = 120000, hidden_permits = 40 }}]\n"
+        ))
+        .unwrap();
+        let served = |config: &SimConfig, late_ms| {
+            let stats = paced(config, "o", "f", 1.0, late_ms, 300_000).unwrap();
+            let w = windows(&stats);
+            (sum(w, "served_fleet"), sum(w, "refused_fleet"))
+        };
+        // The rise's window loses at most the call its first interval, at
+        // the old pace, put off.
+        let (now, refused) = served(&rising, 0);
+        assert!((159..=160).contains(&now), "served {now}");
+        assert_eq!(refused, 0);
+        // Found a window late, the rise's first window is paced at the old
+        // limit.
+        let (late, refused) = served(&rising, 60_000);
+        assert!((139..=140).contains(&late), "served {late}");
+        assert_eq!(refused, 0);
+        let (later, _) = served(&rising, 120_000);
+        assert!((119..=120).contains(&later), "served {later}");
+        let dropping = SimConfig::from_toml(&format!(
+            "{ORG}  hidden_permits = 30\n  schedule = [{{ at_ms = 120000, hidden_permits = 20 }}]\n"
+        ))
+        .unwrap();
+        assert_eq!(served(&dropping, 60_000), served(&dropping, 0));
+        assert_eq!(served(&dropping, 0), (30 + 30 + 20 + 20 + 20, 0));
     }
 
     #[test]
@@ -125,7 +176,7 @@ mod tests {
         ))
         .unwrap();
         let at = |share| {
-            let stats = paced(&config, "o", "f", share, 600_000).unwrap();
+            let stats = paced(&config, "o", "f", share, 0, 600_000).unwrap();
             let w = windows(&stats);
             (sum(w, "served_fleet"), sum(w, "refused_unmanaged"))
         };
@@ -138,15 +189,15 @@ mod tests {
     #[test]
     fn unknown_names_and_bad_shares_say_what_is_wrong() {
         let config = SimConfig::from_toml(ORG).unwrap();
-        let e = paced(&config, "p", "f", 1.0, 60_000)
+        let e = paced(&config, "p", "f", 1.0, 0, 60_000)
             .unwrap_err()
             .to_string();
         assert!(e.contains("no org \"p\""), "{e}");
-        let e = paced(&config, "o", "g", 1.0, 60_000)
+        let e = paced(&config, "o", "g", 1.0, 0, 60_000)
             .unwrap_err()
             .to_string();
         assert!(e.contains("no family \"g\""), "{e}");
-        let e = paced(&config, "o", "f", 0.0, 60_000)
+        let e = paced(&config, "o", "f", 0.0, 0, 60_000)
             .unwrap_err()
             .to_string();
         assert!(e.contains("above 0"), "{e}");

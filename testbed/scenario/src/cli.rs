@@ -64,6 +64,16 @@ pub(crate) struct Args {
         requires = "upstream"
     )]
     pub(crate) paced: Vec<f64>,
+    /// With `--paced`: the pace follows a rise of what is left this many
+    /// of the family's windows after it (a drop at once), each in turn:
+    /// what a broker that finds a rise that late could be served.
+    #[arg(
+        long,
+        value_name = "WINDOWS",
+        value_delimiter = ',',
+        requires = "paced"
+    )]
+    pub(crate) rise_late: Vec<f64>,
     /// Run this `gcsim` binary as the simulator (default: the gcsim library
     /// in this process, on its own socket).
     #[arg(long, value_name = "PATH")]
@@ -187,6 +197,9 @@ pub(crate) struct Spec {
     pub(crate) matrix: Option<Vec<u64>>,
     /// `--paced`: its percentages of what is left.
     pub(crate) paced: Option<Vec<f64>>,
+    /// `--rise-late`: how many windows late the pace follows a rise (`[0]`
+    /// when not given).
+    pub(crate) rise_late: Vec<f64>,
     /// The simulator binary, if there is one to run.
     pub(crate) gcsim_bin: Option<PathBuf>,
     /// Where the broker comes from.
@@ -364,6 +377,20 @@ impl Args {
             }
             Some(self.paced)
         };
+        if let Some(bad) = self
+            .rise_late
+            .iter()
+            .find(|w| !(w.is_finite() && **w >= 0.0 && **w <= 100.0))
+        {
+            return Err(Error::Usage(format!(
+                "--rise-late {bad}: each must be a number of windows from 0 to 100"
+            )));
+        }
+        let rise_late = if self.rise_late.is_empty() {
+            vec![0.0]
+        } else {
+            self.rise_late
+        };
         if let Some(dir) = &self.keep_logs {
             writable_dir(dir)?;
         }
@@ -376,6 +403,7 @@ impl Args {
             upstreams,
             matrix,
             paced,
+            rise_late,
             gcsim_bin,
             broker,
             keep_logs: self.keep_logs,

@@ -688,6 +688,7 @@ mod tests {
             upstreams: vec![],
             matrix: None,
             paced: None,
+            rise_late: vec![0.0],
             gcsim_bin: None,
             broker: crate::cli::BrokerSource::InProcess,
             keep_logs: None,

@@ -4,7 +4,9 @@
 //! matrix measures a cell. The yardstick of what a broker that had learned
 //! what is left exactly, and not when the unmanaged consumer sends, could
 //! be served: a cell where no pace is served 97 % of what is left without
-//! refusing the consumer is one no pacing broker can meet.
+//! refusing the consumer is one no pacing broker can meet. `--rise-late
+//! WINDOWS` follows a rise of what is left that late: what a broker that
+//! finds a rise that late could be served.
 
 use std::fmt::Write as _;
 
@@ -23,6 +25,8 @@ pub(crate) struct Row {
     pub(crate) upstream: String,
     /// The pace, a percentage of what is left.
     pub(crate) percent: f64,
+    /// How many of the family's windows after a rise the pace follows it.
+    pub(crate) rise_late_windows: f64,
     /// The paced calls refused in the counted windows.
     pub(crate) refused: u64,
     /// Counted as the matrix counts a cell.
@@ -40,22 +44,38 @@ impl Row {
     }
 }
 
-/// Every file × every percentage of `spec`.
+/// Every file × every `--rise-late` × every percentage of `spec`.
 pub(crate) fn rows(spec: &Spec, percents: &[f64]) -> Result<Vec<Row>, Error> {
     let until_ms = spec.duration_s * 1000;
     let mut rows = Vec::new();
     for file in &spec.upstreams {
-        for &percent in percents {
-            rows.push(row(file, percent, until_ms)?);
+        for &late in &spec.rise_late {
+            for &percent in percents {
+                rows.push(row(file, percent, late, until_ms)?);
+            }
         }
     }
     Ok(rows)
 }
 
-/// `file` at `percent` of what is left, over `until_ms` simulated ms.
-pub(crate) fn row(file: &UpstreamFile, percent: f64, until_ms: u64) -> Result<Row, Error> {
+/// `file` at `percent` of what is left, following a rise `rise_late`
+/// windows late, over `until_ms` simulated ms.
+pub(crate) fn row(
+    file: &UpstreamFile,
+    percent: f64,
+    rise_late: f64,
+    until_ms: u64,
+) -> Result<Row, Error> {
     let config = file.sim_config()?;
-    let stats = gcsim::paced(&config, ORG, ANALYTICS, percent / 100.0, until_ms)
+    let window_ms = config
+        .orgs
+        .iter()
+        .filter(|o| o.id == ORG)
+        .flat_map(|o| &o.families)
+        .find(|f| f.name == ANALYTICS)
+        .map_or(60_000, |f| f.window_ms);
+    let late_ms = (rise_late * window_ms as f64).round() as u64;
+    let stats = gcsim::paced(&config, ORG, ANALYTICS, percent / 100.0, late_ms, until_ms)
         .map_err(|e| Error::Usage(format!("--upstream {}: {e}", file.name)))?;
     let org: OrgStats = serde_json::from_value(stats).map_err(|e| {
         Error::Usage(format!(
@@ -75,6 +95,7 @@ pub(crate) fn row(file: &UpstreamFile, percent: f64, until_ms: u64) -> Result<Ro
     Ok(Row {
         upstream: file.name.clone(),
         percent,
+        rise_late_windows: rise_late,
         refused,
         goodput: g,
     })
@@ -86,18 +107,24 @@ pub(crate) fn table(spec: &Spec, rows: &[Row]) -> String {
     let head = [
         "upstream",
         "paced",
+        "rise followed",
         "served",
         "refused",
         "goodput/left",
         "goodput/avail",
         "unmanaged refused",
     ];
-    let cells: Vec<[String; 7]> = rows
+    let cells: Vec<[String; 8]> = rows
         .iter()
         .map(|r| {
             [
                 r.upstream.clone(),
                 format!("{}% of left", r.percent),
+                if r.rise_late_windows == 0.0 {
+                    "at once".into()
+                } else {
+                    format!("{} w late", r.rise_late_windows)
+                },
                 r.goodput.served_fleet.to_string(),
                 r.refused.to_string(),
                 pct(r.goodput.fair_share),
@@ -172,6 +199,43 @@ mod tests {
     }
 
     #[test]
+    fn a_rise_followed_later_is_served_less_and_says_so() {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let file = format!("{dir}/upstreams/held-out/fixed-silent-rising.toml");
+        let argv = [
+            "scenario",
+            "--upstream",
+            &file,
+            "--duration",
+            "600",
+            "--paced",
+            "100",
+            "--rise-late",
+            "0,2,4",
+        ];
+        let spec = Args::parse_from(argv).resolve().unwrap();
+        let rows = rows(&spec, spec.paced.as_deref().unwrap()).unwrap();
+        let got: Vec<f64> = rows.iter().map(|r| r.goodput.fair_share.unwrap()).collect();
+        assert_eq!(rows.len(), 3);
+        // 35 enforced less 8 rising to 50 less 8 at 150 s: each window the
+        // rise goes unfollowed is 15 of about 380 left over the run.
+        assert!(got[0] > 0.95, "{got:?}");
+        for pair in got.windows(2) {
+            let lost = pair[0] - pair[1];
+            assert!((0.05..0.1).contains(&lost), "{got:?}");
+        }
+        assert!(
+            rows.iter().all(|r| r.unmanaged_refused().0 == 0),
+            "{rows:?}"
+        );
+        let table = table(&spec, &rows);
+        assert!(
+            table.contains("at once") && table.contains("4 w late"),
+            "{table}"
+        );
+    }
+
+    #[test]
     fn paced_percentages_must_be_positive_and_go_without_the_matrix() {
         let dir = env!("CARGO_MANIFEST_DIR");
         let file = format!("{dir}/upstreams/sliding-log-bursty.toml");
@@ -189,5 +253,8 @@ mod tests {
             bad(&["--paced", "0"])
         );
         assert!(bad(&["--paced", "10", "--matrix"]).contains("--paced"));
+        let late = bad(&["--paced", "100", "--rise-late=-1"]);
+        assert!(late.contains("--rise-late"), "{late}");
+        assert!(bad(&["--rise-late", "1"]).contains("--paced"));
     }
 }
