@@ -211,6 +211,8 @@ pub(crate) fn status_to_pb(s: TenantBucketStatus, clock: Clock) -> pb::QuotaStat
         throttle_ratio: b.throttle_ratio,
         cooldown_until_ms: b.cooldown_until.map_or(0, |t| clock.unix_ms(t)),
         upstream_remaining: b.upstream_remaining.map_or(-1, i64::from),
+        unused: b.unused,
+        held_over: b.held_over,
     }
 }
 

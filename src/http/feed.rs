@@ -287,6 +287,7 @@ fn record(s: &TenantBucketStatus, clock: Clock) -> String {
         "throttled_total": b.throttled_total,
         "reports_total": b.reports_total,
         "frozen_ms": frozen_ms,
+        "unused": b.unused,
         "at_ms": clock.unix_ms(s.at),
     })
     .to_string()

@@ -212,7 +212,9 @@ impl Collector for BucketCollector {
         let now = Instant::now();
         let mut sums: BTreeMap<Key, Sum> = BTreeMap::new();
         let (list, buckets) = self.broker.list_with_buckets();
-        for s in &list {
+        // A per-client bucket's unused row stands for no instance: the
+        // bucket's own state below gives its figures.
+        for s in list.iter().filter(|s| !s.status.unused) {
             sums.entry((s.tenant.clone(), s.status.bucket.clone()))
                 .or_default()
                 .add(s, now);

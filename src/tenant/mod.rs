@@ -375,6 +375,15 @@ impl TenantState {
         }
     }
 
+    /// A change to bucket `b` itself: with no instance (a per-client
+    /// bucket no client uses) its row stands for it, and Watch is told.
+    fn touch_if_unused(&mut self, b: usize) {
+        if self.buckets[b].org.is_none() && self.buckets[b].per_client.is_empty() {
+            self.version
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     #[inline]
     fn name(&self, instance: usize) -> String {
         let Some(i) = self.instances.get(instance) else {

@@ -111,6 +111,7 @@ impl TenantState {
         settings.max_in_flight = max_in_flight;
         let settings = settings.clone();
         let s = self.learning;
+        self.touch_if_unused(b);
         for i in self.instances_of(b) {
             let Some(x) = self.instances.get_mut(i) else {
                 continue;
@@ -190,6 +191,7 @@ impl TenantState {
                 let _ = w.reply.tx.send(Err(denial));
             }
         }
+        self.touch_if_unused(b);
         for i in on_bucket {
             self.touch(i);
         }

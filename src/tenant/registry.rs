@@ -141,6 +141,7 @@ impl TenantState {
             }
             let instances = &mut self.instances;
             let retired = &mut def.retired;
+            let before = def.per_client.len();
             def.per_client.retain(|_, &mut i| {
                 let idle = instances.get(i).is_none_or(|x| x.idle(now));
                 if idle {
@@ -150,6 +151,11 @@ impl TenantState {
                 }
                 !idle
             });
+            if before > 0 && def.per_client.is_empty() {
+                // Its row stands for the bucket again: Watch is told.
+                self.version
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 

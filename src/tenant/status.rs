@@ -1,5 +1,9 @@
 //! The live state of a tenant's bucket instances, for Watch (only what
-//! changed since a stream last looked) and ListBuckets.
+//! changed since a stream last looked) and ListBuckets. A per-client
+//! bucket with no instance (before its first client; after its clients
+//! were dropped for idleness) shows as one row marked `unused` with the
+//! figures of a fresh instance, so it and an operator's pause of it are
+//! seen.
 
 use super::{Instance, TenantState};
 use crate::config::Scope;
@@ -57,6 +61,28 @@ pub struct BucketStatus {
     /// What the upstream last said is left of its budget (until its reset);
     /// a continuous upstream bucket's level as followed since it said.
     pub upstream_remaining: Option<u32>,
+    /// A per-client bucket with no instance: the row stands for the
+    /// bucket, with a fresh instance's figures.
+    pub unused: bool,
+}
+
+/// A reader's `seen` key for bucket `b`'s row while it has no instance
+/// (instance keys are slab indexes, far below).
+fn unused_key(b: usize) -> usize {
+    usize::MAX - b
+}
+
+/// What an unused row shows that can change (an operator's pause, limit
+/// or rate), as a `seen` value: the row is sent again when it differs.
+fn fingerprint(s: &BucketStatus) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.paused.hash(&mut h);
+    s.configured_rate_per_min.to_bits().hash(&mut h);
+    s.effective_rate_per_min.to_bits().hash(&mut h);
+    s.burst.hash(&mut h);
+    s.max_in_flight.hash(&mut h);
+    h.finish()
 }
 
 impl TenantState {
@@ -76,16 +102,42 @@ impl TenantState {
             seen.insert(i, x.version);
             out.push(self.status_of(x, now));
         }
-        seen.retain(|i, _| self.instances.contains(*i));
+        let unused: Vec<(usize, BucketStatus)> = self.unused(now).collect();
+        seen.retain(|&i, _| {
+            self.instances.contains(i) || unused.iter().any(|(b, _)| unused_key(*b) == i)
+        });
+        for (b, status) in unused {
+            let print = fingerprint(&status);
+            if seen.insert(unused_key(b), print) != Some(print) {
+                out.push(status);
+            }
+        }
         out
     }
 
-    /// Status of every instance.
+    /// Status of every instance, and a row for each per-client bucket
+    /// without one.
     pub fn statuses(&self, now: Instant) -> Vec<BucketStatus> {
         self.instances
             .iter()
             .map(|(_, x)| self.status_of(x, now))
+            .chain(self.unused(now).map(|(_, s)| s))
             .collect()
+    }
+
+    /// Each per-client bucket with no instance, and its row: a fresh
+    /// instance's figures, marked `unused`.
+    fn unused(&self, now: Instant) -> impl Iterator<Item = (usize, BucketStatus)> + '_ {
+        self.buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, def)| def.org.is_none() && def.per_client.is_empty())
+            .map(move |(b, def)| {
+                let fresh = Instance::new(b, &def.settings, None, now);
+                let mut status = self.status_of(&fresh, now);
+                status.unused = true;
+                (b, status)
+            })
     }
 
     pub(super) fn status_of(&self, x: &Instance, now: Instant) -> BucketStatus {
@@ -122,6 +174,7 @@ impl TenantState {
                     .as_ref()
                     .map(|k| k.view.available(now).floor() as u32)
             }),
+            unused: false,
         }
     }
 
@@ -164,6 +217,7 @@ impl BucketStatus {
             throttle_ratio: 0.0,
             cooldown_until: None,
             upstream_remaining: None,
+            unused: false,
         }
     }
 }

@@ -130,3 +130,115 @@ async fn every_tenant_is_listed_in_config_order() {
     assert_eq!(watched, ids, "the Watch snapshot is not in config order");
     b.stop().await;
 }
+
+const PER_CLIENT: &str = r#"
+[[tenants.buckets]]
+name = "pc"
+scope = "oauth_client"
+routes = ["GET /**"]
+permits = 60
+window_ms = 60000
+burst = 2
+"#;
+
+/// A per-client bucket no client uses is one row marked unused (a fresh
+/// instance's figures) in ListBuckets, Watch and an operator's answer, so
+/// a pause of it is seen; a client's instance replaces it, and once that
+/// is dropped while idle the row is sent again.
+#[tokio::test(start_paused = true)]
+async fn a_per_client_bucket_no_client_uses_is_shown_and_its_pause_with_it() {
+    use quota_broker::pb::{ListBucketsRequest, PauseBucketRequest, ResumeBucketRequest};
+    let b = start(&config(PER_CLIENT)).await;
+    let list = || async {
+        b.admin
+            .clone()
+            .list_buckets(ListBucketsRequest { tenant: "t".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .buckets
+    };
+    let rows = list().await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    assert!(row.unused && row.oauth_client.is_empty(), "{row:?}");
+    assert_eq!(row.scope, "oauth_client");
+    assert_eq!(
+        (row.configured_rate_per_min, row.burst, row.tokens_available),
+        (60.0, 2, 2.0)
+    );
+    let mut w = b
+        .client
+        .clone()
+        .watch(WatchRequest { tenant: "t".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(next(&mut w).await.unused);
+
+    let paused = b
+        .admin
+        .clone()
+        .pause_bucket(PauseBucketRequest {
+            tenant: "t".into(),
+            bucket: "pc".into(),
+            reason: "maintenance".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        paused.status.as_ref().is_some_and(|s| s.unused && s.paused),
+        "{paused:?}"
+    );
+    let s = next(&mut w).await;
+    assert!(
+        s.unused && s.paused && s.pause_reason == "maintenance",
+        "{s:?}"
+    );
+    assert!(list().await[0].paused);
+    b.admin
+        .clone()
+        .resume_bucket(ResumeBucketRequest {
+            tenant: "t".into(),
+            bucket: "pc".into(),
+        })
+        .await
+        .unwrap();
+    let s = next(&mut w).await;
+    assert!(s.unused && !s.paused, "{s:?}");
+
+    let mut r = req("GET", "/x", 0);
+    r.oauth_client = "oa".into();
+    assert!(b.acquire(r).await.granted);
+    let s = next(&mut w).await;
+    assert_eq!((s.oauth_client.as_str(), s.unused), ("oa", false));
+    let rows = list().await;
+    assert!(rows.len() == 1 && !rows[0].unused, "{rows:?}");
+
+    // Full and idle again, the instance is dropped at the next sweep.
+    tokio::time::advance(Duration::from_secs(150)).await;
+    let mut back = next(&mut w).await;
+    for _ in 0..10 {
+        if back.unused {
+            break;
+        }
+        back = next(&mut w).await;
+    }
+    assert!(back.unused, "{back:?}");
+    assert!(back.oauth_client.is_empty());
+    assert!(list().await[0].unused);
+    b.stop().await;
+}
+
+/// The Watch's next message, within a minute (of the paused clock: at once
+/// when nothing else is due).
+async fn next(
+    w: &mut tonic::Streaming<quota_broker::pb::QuotaStatus>,
+) -> quota_broker::pb::QuotaStatus {
+    tokio::time::timeout(Duration::from_secs(60), w.message())
+        .await
+        .expect("a Watch message within a minute")
+        .unwrap()
+        .unwrap()
+}

@@ -150,7 +150,7 @@ function combined(p) {
     in_flight: sum("in_flight"), held_over: sum("held_over"), max_in_flight: sum("max_in_flight"),
     granted_total: sum("granted_total") + p.retired.granted,
     throttled_total: sum("throttled_total") + p.retired.thr,
-    waiting, paused: rs.every((r) => r.paused), clients: rs.length,
+    waiting, paused: rs.every((r) => r.paused), clients: rs.filter((r) => !r.unused).length,
   };
 }
 
@@ -297,6 +297,14 @@ function update(r) {
   const p = i.panel;
   const now = Date.now();
   if (p.histDirty) rebuild(p);
+  // A per-client bucket's unused row stands for it while no client's
+  // instance is there: the two never hold at once.
+  for (const o of [...p.members]) {
+    if (o !== i && (r.unused || (o.last && o.last.unused))) {
+      instances.delete(o.key);
+      p.members.delete(o);
+    }
+  }
   // Counted from the first announcement of this connection (or the
   // history it sent): grants made while the feed was down (or before the
   // instance was re-created) are not this span's.
@@ -435,6 +443,8 @@ const KIND_CLASSES = [" frozen", " paused", " limit", " limit", " waiting"];
 // most urgent kind first.
 function badge(p, now) {
   const troubled = [...p.members].map((i) => ({ i, t: trouble(i, now) })).filter((x) => x.t);
+  // A per-client bucket no client uses has no clients to count or name.
+  const clients = [...p.members].filter((i) => !(i.last && i.last.unused)).length;
   troubled.sort((a, b) => kindOf(a.t) - kindOf(b.t) || a.i.client.localeCompare(b.i.client));
   let text = "OK", cls = "badge", kind = -1;
   if (lostAt) { text = "NO DATA"; cls += " stale"; }
@@ -448,7 +458,7 @@ function badge(p, now) {
     else if (kind === 2) text = "AT LIMIT · " + waiting + " WAITING";
     else if (kind === 4) text = waiting + " WAITING";
     else text = KIND_NAMES[kind];
-    if (p.group) text += " · " + alike + " OF " + p.members.size + " CLIENTS";
+    if (p.group && clients > 0) text += " · " + alike + " OF " + clients + " CLIENTS";
     cls += KIND_CLASSES[kind];
   }
   if (p.badge.textContent !== text) p.badge.textContent = text;
@@ -464,7 +474,9 @@ function badge(p, now) {
   const order = alert || (p.held && p.held.until > now) ? String(p.held.order) : "";
   if (p.root.style.order !== order) p.root.style.order = order;
   p.thr.root.classList.toggle("recent", p.marks.length > 0);
-  if (p.group) {
+  if (p.group && clients === 0) {
+    if (p.problems.textContent !== "") p.problems.textContent = "";
+  } else if (p.group) {
     const named = troubled.slice(0, LISTED).map((x) => (x.i.client || "(no client)") + ": " + x.t);
     const more = troubled.length - named.length;
     const text = (more > 0 ? troubled.length + " of " + p.members.size + " clients — " : "")

@@ -167,7 +167,7 @@ class WatchRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ...) -> None: ...
 
 class QuotaStatus(_message.Message):
-    __slots__ = ("tenant", "bucket", "configured_rate_per_min", "effective_rate_per_min", "tokens_available", "in_flight", "max_in_flight", "frozen_until_ms", "waiting", "granted_total", "throttled_total", "at_ms", "oauth_client", "scope", "burst", "reports_total", "paused", "learned_limit_per_min", "throttle_ratio", "cooldown_until_ms", "upstream_remaining", "pause_reason")
+    __slots__ = ("tenant", "bucket", "configured_rate_per_min", "effective_rate_per_min", "tokens_available", "in_flight", "max_in_flight", "frozen_until_ms", "waiting", "granted_total", "throttled_total", "at_ms", "oauth_client", "scope", "burst", "reports_total", "paused", "learned_limit_per_min", "throttle_ratio", "cooldown_until_ms", "upstream_remaining", "pause_reason", "unused", "held_over")
     class WaitingEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,8 @@ class QuotaStatus(_message.Message):
     COOLDOWN_UNTIL_MS_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_REMAINING_FIELD_NUMBER: _ClassVar[int]
     PAUSE_REASON_FIELD_NUMBER: _ClassVar[int]
+    UNUSED_FIELD_NUMBER: _ClassVar[int]
+    HELD_OVER_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     bucket: str
     configured_rate_per_min: float
@@ -219,7 +221,9 @@ class QuotaStatus(_message.Message):
     cooldown_until_ms: int
     upstream_remaining: int
     pause_reason: str
-    def __init__(self, tenant: _Optional[str] = ..., bucket: _Optional[str] = ..., configured_rate_per_min: _Optional[float] = ..., effective_rate_per_min: _Optional[float] = ..., tokens_available: _Optional[float] = ..., in_flight: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., frozen_until_ms: _Optional[int] = ..., waiting: _Optional[_Mapping[str, int]] = ..., granted_total: _Optional[int] = ..., throttled_total: _Optional[int] = ..., at_ms: _Optional[int] = ..., oauth_client: _Optional[str] = ..., scope: _Optional[str] = ..., burst: _Optional[int] = ..., reports_total: _Optional[int] = ..., paused: bool = ..., learned_limit_per_min: _Optional[float] = ..., throttle_ratio: _Optional[float] = ..., cooldown_until_ms: _Optional[int] = ..., upstream_remaining: _Optional[int] = ..., pause_reason: _Optional[str] = ...) -> None: ...
+    unused: bool
+    held_over: int
+    def __init__(self, tenant: _Optional[str] = ..., bucket: _Optional[str] = ..., configured_rate_per_min: _Optional[float] = ..., effective_rate_per_min: _Optional[float] = ..., tokens_available: _Optional[float] = ..., in_flight: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., frozen_until_ms: _Optional[int] = ..., waiting: _Optional[_Mapping[str, int]] = ..., granted_total: _Optional[int] = ..., throttled_total: _Optional[int] = ..., at_ms: _Optional[int] = ..., oauth_client: _Optional[str] = ..., scope: _Optional[str] = ..., burst: _Optional[int] = ..., reports_total: _Optional[int] = ..., paused: bool = ..., learned_limit_per_min: _Optional[float] = ..., throttle_ratio: _Optional[float] = ..., cooldown_until_ms: _Optional[int] = ..., upstream_remaining: _Optional[int] = ..., pause_reason: _Optional[str] = ..., unused: bool = ..., held_over: _Optional[int] = ...) -> None: ...
 
 class ListBucketsRequest(_message.Message):
     __slots__ = ("tenant",)
