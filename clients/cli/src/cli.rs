@@ -1,11 +1,21 @@
 //! Command-line arguments of `quotactl` (clap derive). Parsing only: what
 //! each command does is in [`crate::commands`].
 
-use clap::{ArgGroup, Args, Parser, Subcommand};
+use crate::error::{clip, short};
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 /// Where the broker listens when neither `--broker` nor `QUOTA_BROKER_URL` says.
 pub const DEFAULT_BROKER: &str = "http://127.0.0.1:50051";
+/// The broker's gRPC port unless its `server.listen` says another.
+pub const DEFAULT_PORT: u16 = 50051;
+
+/// Weight and reserve of a class that `class set` creates without them:
+/// those of a `[[classes]]` entry of the config without them.
+pub const NEW_CLASS_WEIGHT: u32 = 1;
+pub const NEW_CLASS_RESERVE: f64 = 0.0;
 
 /// Operate a quota-broker: look at its buckets, change classes and limits,
 /// pause and resume buckets.
@@ -93,6 +103,102 @@ pub struct TlsArgs {
     pub tls_server_name: Option<String>,
 }
 
+/// The command line's definition, with every environment variable it
+/// reads that is set but empty (or blanks only) taken as unset, as an
+/// empty `QUOTA_BROKER_TOKEN` always was: `QUOTA_BROKER_URL=` is the
+/// default broker, `QUOTA_BROKER_TENANT=` no tenant.
+pub fn command() -> clap::Command {
+    fn unset_blank(cmd: clap::Command) -> clap::Command {
+        cmd.mut_args(|a| {
+            let blank = a
+                .get_env()
+                .and_then(std::env::var_os)
+                .is_some_and(|v| v.to_str().is_some_and(|v| v.trim().is_empty()));
+            if blank {
+                a.env(None::<&'static str>)
+            } else {
+                a
+            }
+        })
+        .mut_subcommands(unset_blank)
+    }
+    unset_blank(Cli::command())
+}
+
+/// Most characters of a value a clap error shows (it echoes what was given,
+/// up to 8 KiB).
+const VALUE_CHARS: usize = 100;
+
+/// Clap's error for a bad value that came from an environment variable
+/// rather than from the command line, which clap reports as a bad flag:
+/// said with the variable's name. `None` for any other error. (Clap checks
+/// the variable of a global flag even when the flag is given before the
+/// subcommand: `QUOTA_BROKER_TIMEOUT=abc quotactl --timeout 5 status`.)
+pub fn from_environment(
+    e: &clap::Error,
+    args: &[OsString],
+    command: &clap::Command,
+) -> Option<String> {
+    if !matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return None;
+    }
+    let Some(ContextValue::String(flag)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    // `--timeout <SECS>`
+    let long = flag.strip_prefix("--")?.split([' ', '=']).next()?;
+    fn find<'a>(cmd: &'a clap::Command, long: &str) -> Option<&'a clap::Arg> {
+        cmd.get_arguments()
+            .find(|a| a.get_long() == Some(long) && a.get_env().is_some())
+            .or_else(|| cmd.get_subcommands().find_map(|c| find(c, long)))
+    }
+    let arg = find(command, long)?;
+    let Some(ContextValue::String(refused)) = e.get(ContextKind::InvalidValue) else {
+        return None;
+    };
+    let var = arg.get_env()?.to_string_lossy().into_owned();
+    let value = std::env::var_os(&var)?;
+    if value.to_string_lossy() != refused.as_str() {
+        return None;
+    }
+    // The same value given on the command line: clap's error says it.
+    let (flag_eq, flag_alone) = (format!("--{long}={refused}"), format!("--{long}"));
+    let on_line = args
+        .windows(2)
+        .any(|w| w[0] == *flag_alone && w[1] == **refused)
+        || args.iter().any(|a| *a == *flag_eq);
+    if on_line {
+        return None;
+    }
+    let why = std::error::Error::source(e)
+        .map_or_else(|| "not a value it takes".to_owned(), |why| why.to_string());
+    let value = if arg.is_hide_env_values_set() {
+        String::new()
+    } else {
+        format!(" '{}'", clip(&value.to_string_lossy(), VALUE_CHARS))
+    };
+    Some(format!(
+        "invalid value{value} for {flag} from the environment variable {var}: {}; fix or \
+         unset {var}",
+        short(&why)
+    ))
+}
+
+/// Clap's error with the value it echoes cut to [`VALUE_CHARS`]
+/// characters (`ftp://` and 5,000 more would be printed whole).
+pub fn clip_value(mut e: clap::Error) -> clap::Error {
+    if let Some(ContextValue::String(v)) = e.get(ContextKind::InvalidValue) {
+        if v.chars().nth(VALUE_CHARS).is_some() {
+            let shown = clip(v, VALUE_CHARS);
+            e.insert(ContextKind::InvalidValue, ContextValue::String(shown));
+        }
+    }
+    e
+}
+
 impl Cli {
     /// What is wrong with the options together, which clap cannot say: a
     /// command for one tenant given none (`--tenant` is optional to clap,
@@ -110,7 +216,8 @@ impl Cli {
             if let Some(url) = self.broker.0.iter().find(|u| !u.starts_with("https://")) {
                 return Some(format!(
                     "--ca-cert, --client-cert, --client-key and --tls-server-name need an \
-                     https:// broker URL (got {url})"
+                     https:// broker URL (got {})",
+                    short(url)
                 ));
             }
         }
@@ -207,8 +314,10 @@ pub enum ClassCommand {
     /// A tenant's priority classes as now in force, served first to last
     /// (ListPriorityClasses).
     List(ClassListArgs),
-    /// Create or change a priority class (SetPriorityClass). Every field is
-    /// replaced, so give them all.
+    /// Create or change a priority class (SetPriorityClass). Fields not
+    /// given keep the class's values now in force (read first with
+    /// ListPriorityClasses); a new class needs --order and takes the
+    /// config's defaults for the others (weight 1, reserve 0, wait 0).
     Set(ClassSetArgs),
     /// Undo operators' changes to a class (SetPriorityClass with reset):
     /// the config file's class again, or, for a class the config lacks, the
@@ -242,24 +351,34 @@ pub struct ClassListArgs {
 
 /// `quotactl class set`.
 #[derive(Debug, Args)]
+#[command(group(
+    ArgGroup::new("field")
+        .args(["order", "weight", "reserve", "default_max_wait_ms"])
+        .required(true)
+        .multiple(true)
+))]
 pub struct ClassSetArgs {
     /// Tenant whose classes change (required: this flag or its environment variable).
     #[arg(long, env = "QUOTA_BROKER_TENANT", value_name = "T")]
     pub tenant: Option<String>,
     /// Class name, e.g. `reports`.
     pub name: String,
-    /// Lower is served first on ties.
+    /// Lower is served first on ties (default: the class's now; a new class needs it).
     #[arg(long, value_name = "N")]
-    pub order: u32,
-    /// Share weight among classes competing for the same capacity.
+    pub order: Option<u32>,
+    /// Share weight among classes competing for the same capacity (default:
+    /// the class's now; 1 for a new class).
     #[arg(long, value_name = "W")]
-    pub weight: u32,
-    /// Share (0.0 to below 1.0; all classes' together below 1) of every bucket's burst and slots lower classes may never take.
+    pub weight: Option<u32>,
+    /// Share (0.0 to below 1.0; all classes' together below 1) of every
+    /// bucket's burst and slots lower classes may never take (default: the
+    /// class's now; 0 for a new class).
     #[arg(long, value_name = "R", value_parser = parse_share)]
-    pub reserve: f64,
-    /// Wait for Acquires of this class that give no max_wait_ms (0 = answer at once).
-    #[arg(long, value_name = "MS", default_value_t = 0)]
-    pub default_max_wait_ms: u64,
+    pub reserve: Option<f64>,
+    /// Wait for Acquires of this class that give no max_wait_ms, 0 = answer
+    /// at once (default: the class's now; 0 for a new class).
+    #[arg(long, value_name = "MS")]
+    pub default_max_wait_ms: Option<u64>,
     /// Print the class as JSON.
     #[arg(long)]
     pub json: bool,
@@ -356,7 +475,10 @@ pub struct ResumeArgs {
 }
 
 /// Accepts `http://host:port`, `https://host:port` or a bare `host:port`
-/// (taken as http); returns the URL with its scheme.
+/// (taken as http); returns the URL with its scheme. A URL without a port
+/// is taken (the scheme's port, 80 or 443: a broker behind a proxy); an
+/// error reaching it says so ([`crate::error::port_hint`]). A path or a
+/// query is refused: gRPC would drop it.
 pub fn parse_broker_url(s: &str) -> Result<String, String> {
     let s = s.trim();
     if s.is_empty() {
@@ -372,6 +494,15 @@ pub fn parse_broker_url(s: &str) -> Result<String, String> {
     match url.parse::<tonic::transport::Uri>() {
         // What the clients check too: a port from 1 to 65535, one host.
         Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) => {
+            if uri.path() != "/" || uri.query().is_some() {
+                let at = url.find("://").map_or(0, |i| i + 3);
+                let rest = url[at..].find(['/', '?']).map_or("", |i| &url[at + i..]);
+                return Err(format!(
+                    "a gRPC broker URL has no path or query (got {}): give http://host:port or \
+                     https://host:port, like http://127.0.0.1:{DEFAULT_PORT}",
+                    clip(rest, VALUE_CHARS)
+                ));
+            }
             quota_broker_client::check_broker_address(&url)
                 .map(|_| url)
                 .map_err(|why| format!("not a valid broker address: {why}"))
@@ -397,11 +528,12 @@ pub fn parse_brokers(s: &str) -> Result<Brokers, String> {
     for part in parts {
         if part.is_empty() {
             return Err(format!(
-                "empty address in {s:?}; expected URLs separated by commas, like \
-                 http://10.0.0.1:50051,http://10.0.0.2:50051"
+                "empty address in {:?}; expected URLs separated by commas, like \
+                 http://10.0.0.1:50051,http://10.0.0.2:50051",
+                short(s)
             ));
         }
-        let url = parse_broker_url(part).map_err(|e| format!("{part}: {e}"))?;
+        let url = parse_broker_url(part).map_err(|e| format!("{}: {e}", short(part)))?;
         if !urls.contains(&url) {
             urls.push(url);
         }
@@ -456,6 +588,26 @@ mod tests {
         assert!(parse_broker_url("").is_err());
         assert!(parse_broker_url("http://").is_err());
         assert!(parse_broker_url("http://a b").is_err());
+        // No port: taken (a broker behind a proxy on 443); an error
+        // reaching it says which port was used.
+        assert_eq!(parse_broker_url("127.0.0.1").unwrap(), "http://127.0.0.1");
+        // gRPC dials host:port only: a path or query would be dropped.
+        for bad in [
+            "http://127.0.0.1:50051/foo",
+            "https://broker:443/quota/",
+            "127.0.0.1:50051/foo",
+            "http://127.0.0.1:50051?tenant=t",
+        ] {
+            let e = parse_broker_url(bad).unwrap_err();
+            assert!(
+                e.starts_with("a gRPC broker URL has no path or query (got /")
+                    || e.starts_with("a gRPC broker URL has no path or query (got ?"),
+                "{bad}: {e}"
+            );
+        }
+        let long = format!("http://b:1/{}", "p".repeat(5_000));
+        let e = parse_broker_url(&long).unwrap_err();
+        assert!(e.len() < 300 && e.contains("… (5001 bytes)"), "{e}");
     }
 
     #[test]
@@ -473,8 +625,54 @@ mod tests {
         assert!(parse_brokers("a:1,").is_err());
         let e = parse_brokers("a:1,ftp://b").unwrap_err();
         assert!(e.starts_with("ftp://b: "), "{e}");
+        // What was given is shown clipped.
+        let long = format!("a:1,ftp://{}", "x".repeat(5_000));
+        let e = parse_brokers(&long).unwrap_err();
+        assert!(e.len() < 400 && e.contains("… (5006 bytes): "), "{e}");
+        let e = parse_brokers(&format!("a:1,,{}", "x".repeat(5_000))).unwrap_err();
+        assert!(e.len() < 400 && e.contains("… (5005 bytes)"), "{e}");
         let cli = Cli::try_parse_from(["quotactl", "--broker", "a:1,b:2", "status"]).unwrap();
         assert_eq!(cli.broker.0, ["http://a:1", "http://b:2"]);
+    }
+
+    #[test]
+    fn the_default_broker_is_on_the_default_port() {
+        assert!(DEFAULT_BROKER.ends_with(&format!(":{DEFAULT_PORT}")));
+    }
+
+    #[test]
+    fn a_long_value_in_a_clap_error_is_clipped() {
+        let long = format!("ftp://{}", "x".repeat(5_000));
+        let e = command()
+            .try_get_matches_from(["quotactl", "--broker", &long, "status"])
+            .unwrap_err();
+        let shown = clip_value(e).to_string();
+        assert!(shown.len() < 500, "{} bytes: {shown}", shown.len());
+        assert!(shown.contains("… (5006 bytes)' for '--broker"), "{shown}");
+        // One given on the command line is clap's to say.
+        let e = command()
+            .try_get_matches_from(["quotactl", "--timeout", "abc", "status"])
+            .unwrap_err();
+        let args = ["quotactl", "--timeout", "abc", "status"].map(OsString::from);
+        assert_eq!(from_environment(&e, &args, &command()), None);
+    }
+
+    #[test]
+    fn class_set_needs_a_field_and_takes_any() {
+        let set = |fields: &[&str]| {
+            let mut args = vec!["quotactl", "class", "set", "--tenant", "t", "reports"];
+            args.extend_from_slice(fields);
+            Cli::try_parse_from(args)
+        };
+        assert_eq!(set(&[]).unwrap_err().exit_code(), 2);
+        let Command::Class(ClassCommand::Set(a)) = set(&["--order", "3"]).unwrap().command else {
+            panic!("not class set");
+        };
+        assert_eq!(
+            (a.order, a.weight, a.reserve, a.default_max_wait_ms),
+            (Some(3), None, None, None)
+        );
+        assert!(set(&["--reserve", "0.05"]).is_ok());
     }
 
     #[test]

@@ -12,8 +12,9 @@
 use crate::cli::{
     parse_broker_url, BucketCommand, ClassCommand, ClassListArgs, ClassResetArgs, ClassSetArgs,
     ClearArgs, Cli, Command, PauseArgs, ResumeArgs, SetLimitArgs, StatusArgs, TlsArgs, WatchArgs,
+    NEW_CLASS_RESERVE, NEW_CLASS_WEIGHT,
 };
-use crate::error::{short, Error};
+use crate::error::{clip, short, Error};
 use crate::table::{self, BucketKey};
 use quota_broker::pb::quota_admin_client::QuotaAdminClient;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
@@ -471,9 +472,9 @@ async fn status(c: &mut Cluster, a: StatusArgs) -> Result<(), Error> {
         }
     };
     table::sort(&mut buckets);
-    // Every tenant has buckets: none listed over every tenant means no
-    // broker leads any (or only per-client buckets no client used yet),
-    // not an empty org (said without an empty table).
+    // Every tenant has buckets (a per-client bucket no client uses is
+    // listed too, as unused): none listed over every tenant means no
+    // broker leads any, not an empty org (said without an empty table).
     if a.tenant.is_none() && buckets.is_empty() && partial.is_none() {
         return Err(Error::NothingLed);
     }
@@ -721,6 +722,24 @@ fn keep_live(
         }
         live
     });
+    if s.scope == "oauth_client" {
+        // A per-client bucket's unused row stands for it only while no
+        // client's row is there: the two never hold at once.
+        let stale: Vec<BucketKey> = state
+            .iter()
+            .filter(|(k, v)| {
+                k.0 == s.tenant
+                    && k.1 == s.bucket
+                    && k.2 != s.oauth_client
+                    && (s.unused || v.unused)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            state.remove(&k);
+            source.remove(&k);
+        }
+    }
     let key = table::key(&s);
     source.insert(key.clone(), url);
     state.insert(key, s);
@@ -873,16 +892,66 @@ async fn class_list(c: &mut Cluster, a: ClassListArgs) -> Result<(), Error> {
 }
 
 async fn class_set(c: &mut Cluster, a: ClassSetArgs) -> Result<(), Error> {
-    let tenant = given(a.tenant);
-    let class = PriorityClass {
-        name: a.name.clone(),
-        order: a.order,
-        weight: a.weight,
-        reserve: a.reserve,
-        default_max_wait_ms: a.default_max_wait_ms,
+    let tenant = given(a.tenant.clone());
+    let all_given = a.order.is_some()
+        && a.weight.is_some()
+        && a.reserve.is_some()
+        && a.default_max_wait_ms.is_some();
+    // Fields not given keep the class's values: read them as `class list` does.
+    let now = if all_given {
+        None
+    } else {
+        let req = ListPriorityClassesRequest {
+            tenant: tenant.clone(),
+        };
+        c.call(&tenant, |conn| {
+            let (mut admin, req) = (conn.admin.clone(), req.clone());
+            async move { admin.list_priority_classes(req).await }
+        })
+        .await?
+        .1
+        .classes
+        .into_iter()
+        .find(|class| class.name == a.name)
     };
+    let class = class_to_set(&a, &tenant, now)?;
     let none = format!("class {} set for tenant {}\n", a.name, tenant);
     send_class(c, &tenant, class, false, a.json, &none).await
+}
+
+/// The class `class set` sends: the fields given, the others those of the
+/// class `now` in force, or for a new class the config's defaults (a new
+/// class has no default order: [`Error::Usage`] without `--order`).
+fn class_to_set(
+    a: &ClassSetArgs,
+    tenant: &str,
+    now: Option<PriorityClass>,
+) -> Result<PriorityClass, Error> {
+    let now = match now {
+        Some(now) => now,
+        None => PriorityClass {
+            name: a.name.clone(),
+            order: a.order.ok_or_else(|| {
+                Error::Usage(format!(
+                    "class {:?} is not one of tenant {:?}'s classes yet: a new class needs \
+                     --order (the others default to weight {NEW_CLASS_WEIGHT}, reserve \
+                     {NEW_CLASS_RESERVE}, default-max-wait-ms 0)",
+                    clip(&a.name, 64),
+                    clip(tenant, 64)
+                ))
+            })?,
+            weight: NEW_CLASS_WEIGHT,
+            reserve: NEW_CLASS_RESERVE,
+            default_max_wait_ms: 0,
+        },
+    };
+    Ok(PriorityClass {
+        name: a.name.clone(),
+        order: a.order.unwrap_or(now.order),
+        weight: a.weight.unwrap_or(now.weight),
+        reserve: a.reserve.unwrap_or(now.reserve),
+        default_max_wait_ms: a.default_max_wait_ms.unwrap_or(now.default_max_wait_ms),
+    })
 }
 
 async fn class_reset(c: &mut Cluster, a: ClassResetArgs) -> Result<(), Error> {
@@ -1054,6 +1123,70 @@ fn print(s: &str) -> Result<(), Error> {
 mod tests {
     use super::*;
 
+    fn set_args(
+        order: Option<u32>,
+        weight: Option<u32>,
+        reserve: Option<f64>,
+        default_max_wait_ms: Option<u64>,
+    ) -> ClassSetArgs {
+        ClassSetArgs {
+            tenant: Some("t".into()),
+            name: "reports".into(),
+            order,
+            weight,
+            reserve,
+            default_max_wait_ms,
+            json: false,
+        }
+    }
+
+    /// `class set` keeps what is not given of a class in force, and gives
+    /// a new one the config's defaults (and needs its order).
+    #[test]
+    fn class_set_keeps_what_is_not_given() {
+        let now = PriorityClass {
+            name: "reports".into(),
+            order: 1,
+            weight: 3,
+            reserve: 0.05,
+            default_max_wait_ms: 1000,
+        };
+        let class =
+            class_to_set(&set_args(Some(4), None, None, None), "t", Some(now.clone())).unwrap();
+        assert_eq!(
+            class,
+            PriorityClass {
+                order: 4,
+                ..now.clone()
+            }
+        );
+        let class =
+            class_to_set(&set_args(None, Some(2), Some(0.0), Some(0)), "t", Some(now)).unwrap();
+        assert_eq!(
+            (
+                class.order,
+                class.weight,
+                class.reserve,
+                class.default_max_wait_ms
+            ),
+            (1, 2, 0.0, 0)
+        );
+        let new = class_to_set(&set_args(Some(7), None, None, None), "t", None).unwrap();
+        assert_eq!(
+            new,
+            PriorityClass {
+                name: "reports".into(),
+                order: 7,
+                weight: 1,
+                reserve: 0.0,
+                default_max_wait_ms: 0,
+            }
+        );
+        let e = class_to_set(&set_args(None, Some(2), None, None), "t", None).unwrap_err();
+        assert!(matches!(e, Error::Usage(_)), "{e:?}");
+        assert!(e.to_string().contains("a new class needs --order"), "{e}");
+    }
+
     fn row(tenant: &str, bucket: &str, client: &str) -> QuotaStatus {
         QuotaStatus {
             tenant: tenant.into(),
@@ -1125,5 +1258,45 @@ mod tests {
             row("t1", "rate", ""),
         );
         assert_eq!(rows(&state), ["t1/rate/"]);
+    }
+
+    #[test]
+    fn a_per_client_buckets_unused_row_and_its_clients_rows_replace_each_other() {
+        let mut feed = Feed {
+            streams: StreamMap::new(),
+            tenant: None,
+            watched: None,
+            lost: None,
+            switched: false,
+            dropped: Vec::new(),
+            reopen_at: Instant::now(),
+            gone: Vec::new(),
+        };
+        let (mut state, mut source) = (BTreeMap::new(), BTreeMap::new());
+        let b1 = "http://b1".to_owned();
+        let per_client = |client: &str, unused| QuotaStatus {
+            scope: "oauth_client".into(),
+            unused,
+            ..row("t", "pc", client)
+        };
+        for s in [
+            row("t", "rate", ""),
+            per_client("", true),
+            per_client("app1", false),
+            per_client("app2", false),
+        ] {
+            keep_live(&mut feed, &mut state, &mut source, b1.clone(), s);
+        }
+        assert_eq!(rows(&state), ["t/pc/app1", "t/pc/app2", "t/rate/"]);
+        // Both clients dropped while idle: the bucket's row is back alone.
+        keep_live(
+            &mut feed,
+            &mut state,
+            &mut source,
+            b1.clone(),
+            per_client("", true),
+        );
+        assert_eq!(rows(&state), ["t/pc/", "t/rate/"]);
+        assert_eq!(source.len(), 2);
     }
 }

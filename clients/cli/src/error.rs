@@ -49,6 +49,9 @@ pub enum Error {
     /// A command over every tenant found no broker leading any (a cluster
     /// cut off from etcd, or electing).
     NothingLed,
+    /// Options that do not fit what the broker has, found once it was asked
+    /// (a new class without `--order`): a usage error, exit status 2.
+    Usage(String),
     /// Several brokers were tried and none served the call: each URL tried
     /// and why it did not (a broker not leading the tenant, unreachable, ...).
     NoBroker {
@@ -146,14 +149,42 @@ impl Error {
     /// This error without the broker's URL, for a list of brokers tried.
     pub fn without_url(&self) -> String {
         match self {
-            Error::Unreachable { url, detail } => {
-                format!("unreachable: {}{}", one_line(detail), tls_hint(url, detail))
+            Error::Unreachable { url, detail } => format!(
+                "unreachable: {}{}{}",
+                one_line(detail),
+                tls_hint(url, detail),
+                port_hint(url)
+            ),
+            Error::Lost { url, detail } => {
+                format!("connection lost: {}{}", one_line(detail), port_hint(url))
             }
-            Error::Lost { detail, .. } => format!("connection lost: {}", one_line(detail)),
-            Error::Timeout { secs, .. } => format!("no answer within {secs}s"),
+            Error::Timeout { url, secs } => format!("no answer within {secs}s{}", port_hint(url)),
             other => other.to_string(),
         }
     }
+}
+
+/// What to check when a broker URL without a port (`http://10.0.0.5`, a
+/// bare `10.0.0.5`) did not lead to a broker: it was dialled on the
+/// scheme's port, where a broker seldom listens ("" for a URL with a port).
+pub(crate) fn port_hint(url: &str) -> String {
+    let Ok(uri) = url.parse::<tonic::transport::Uri>() else {
+        return String::new();
+    };
+    if uri.port_u16().is_some() {
+        return String::new();
+    }
+    let used = if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    let port = crate::cli::DEFAULT_PORT;
+    format!(
+        " (the URL gives no port, so port {used} was used; a broker's gRPC port is {port} unless \
+         its server.listen says another: give it, like {}:{port})",
+        short(url.trim_end_matches(':'))
+    )
 }
 
 /// What to do about a TLS handshake the client refused, by rustls's words
@@ -192,10 +223,11 @@ impl fmt::Display for Error {
             Error::Unreachable { url, detail } => {
                 write!(
                     f,
-                    "cannot reach the broker at {}: {}{}",
+                    "cannot reach the broker at {}: {}{}{}",
                     short(url),
                     one_line(detail),
-                    tls_hint(url, detail)
+                    tls_hint(url, detail),
+                    port_hint(url)
                 )
             }
             Error::Lost { url, detail } => {
@@ -223,7 +255,7 @@ impl fmt::Display for Error {
                          --client-cert and --client-key)"
                     )?;
                 }
-                Ok(())
+                write!(f, "{}", port_hint(url))
             }
             Error::Rpc {
                 code,
@@ -247,7 +279,12 @@ impl fmt::Display for Error {
                 }
             }
             Error::Timeout { url, secs } => {
-                write!(f, "the broker at {} did not answer within {secs}s", short(url))
+                write!(
+                    f,
+                    "the broker at {} did not answer within {secs}s{}",
+                    short(url),
+                    port_hint(url)
+                )
             }
             Error::NothingLed => write!(
                 f,
@@ -267,6 +304,7 @@ impl fmt::Display for Error {
                 Ok(())
             }
             Error::Output(e) => write!(f, "cannot write the output: {}", one_line(&e.to_string())),
+            Error::Usage(problem) => write!(f, "{}", one_line(problem)),
             Error::NoBroker { tenant, tried } => {
                 match tenant {
                     Some(t) => write!(f, "no broker served tenant {t:?}; tried ")?,
@@ -354,7 +392,7 @@ const URL_CHARS: usize = 200;
 const DETAIL_CHARS: usize = 1_000;
 
 /// `s` as an error shows it: as is, or cut after `most` characters.
-fn clip(s: &str, most: usize) -> String {
+pub(crate) fn clip(s: &str, most: usize) -> String {
     match s.char_indices().nth(most) {
         None => s.to_owned(),
         Some((end, _)) => format!("{}… ({} bytes)", &s[..end], s.len()),
@@ -518,6 +556,38 @@ mod tests {
                 .ends_with("(--client-key is not the key of --client-cert)"),
             "{mismatch}"
         );
+    }
+
+    #[test]
+    fn a_url_without_a_port_says_the_port_used_and_the_brokers() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            Error::transport("http://127.0.0.1", &refused).to_string(),
+            "cannot reach the broker at http://127.0.0.1: connection refused (the URL gives no \
+             port, so port 80 was used; a broker's gRPC port is 50051 unless its server.listen \
+             says another: give it, like http://127.0.0.1:50051)"
+        );
+        let e = Error::Timeout {
+            url: "https://broker.internal".into(),
+            secs: 30,
+        };
+        assert!(
+            e.to_string().ends_with(
+                "so port 443 was used; a broker's gRPC port is 50051 unless its \
+                            server.listen says another: give it, like \
+                            https://broker.internal:50051)"
+            ),
+            "{e}"
+        );
+        let lost = Error::Lost {
+            url: "http://b".into(),
+            detail: "connection reset".into(),
+        };
+        assert!(lost.without_url().contains("port 80 was used"), "{lost}");
+        // A URL with its port: nothing added.
+        for url in ["http://127.0.0.1:1", "https://[::1]:443"] {
+            assert_eq!(port_hint(url), "", "{url}");
+        }
     }
 
     #[test]

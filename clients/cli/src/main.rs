@@ -2,7 +2,8 @@
 //! of every bucket, priority classes, bucket limits, pause and resume.
 //!
 //! Exit status: 0 on success, 2 for usage errors (bad or missing flags, or
-//! flags that do not go together), 1 for anything else; an error is one
+//! flags that do not go together; a bad value from an environment variable
+//! is said with the variable's name), 1 for anything else; an error is one
 //! line `quotactl: <error>` on stderr (clap's usage errors: its own text).
 
 mod cli;
@@ -10,7 +11,7 @@ mod commands;
 mod error;
 mod table;
 
-use clap::Parser;
+use clap::FromArgMatches;
 use std::process::ExitCode;
 
 /// Longest argument accepted: names, reasons, URLs and tokens are all far
@@ -32,7 +33,24 @@ async fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let cli = cli::Cli::parse();
+    let mut command = cli::command();
+    let parsed = match command.try_get_matches_from_mut(&args) {
+        Ok(mut matches) => {
+            cli::Cli::from_arg_matches_mut(&mut matches).map_err(|e| e.format(&mut command))
+        }
+        Err(e) => Err(e),
+    };
+    let cli = match parsed {
+        Ok(cli) => cli,
+        Err(e) => {
+            if let Some(problem) = cli::from_environment(&e, &args, &command) {
+                eprintln!("quotactl: {problem}");
+                return ExitCode::from(2);
+            }
+            // Help and version too (exit status 0).
+            cli::clip_value(e).exit()
+        }
+    };
     if let Some(problem) = cli.usage_problem() {
         eprintln!("quotactl: {problem}");
         return ExitCode::from(2);
@@ -42,6 +60,10 @@ async fn main() -> ExitCode {
         // The reader went away (`quotactl watch --json | head -1`): done.
         Err(error::Error::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
             ExitCode::SUCCESS
+        }
+        Err(e @ error::Error::Usage(_)) => {
+            eprintln!("quotactl: {e}");
+            ExitCode::from(2)
         }
         Err(e) => {
             eprintln!("quotactl: {}", not_a_broker(e).await);
@@ -91,8 +113,9 @@ async fn not_a_broker(e: error::Error) -> String {
         {
             return format!(
                 "{} is not a quota-broker's gRPC port: {why}; give the broker's gRPC address \
-                 (server.listen)",
-                error::short(url)
+                 (server.listen){}",
+                error::short(url),
+                error::port_hint(url)
             );
         }
     }

@@ -317,7 +317,8 @@ async fn admin_commands_change_the_broker() {
         .await;
     let class: Value = serde_json::from_str(&json).unwrap();
     assert_eq!(class["weight"], 4);
-    assert_eq!(class["default_max_wait_ms"], 0);
+    // Not given: kept.
+    assert_eq!(class["default_max_wait_ms"], 1000);
     // class list: the config's classes and the one added, in the order they
     // are served, the default marked.
     let table = b.ok(Some(ADMIN), &["class", "list", "--tenant", "t"]).await;
@@ -483,6 +484,58 @@ async fn admin_commands_change_the_broker() {
     b.stop().await;
 }
 
+/// `class set` keeps the fields not given of a class in force (read with
+/// ListPriorityClasses first) and gives a new class the config's defaults
+/// (weight 1, reserve 0, no wait); a new class needs its order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn class_set_keeps_what_is_not_given_and_defaults_a_new_class() {
+    async fn set(b: &Broker, args: &[&str]) -> Value {
+        let mut all = vec!["class", "set", "--tenant", "t", "--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&b.ok(Some(ADMIN), &all).await).unwrap()
+    }
+    let b = Broker::start().await;
+    // The default classes' critical: order 0, weight 8, reserve 0.1, 2000 ms.
+    let class = set(&b, &["critical", "--order", "5"]).await;
+    assert_eq!(
+        class,
+        serde_json::json!({"name": "critical", "order": 5, "weight": 8, "reserve": 0.1,
+                           "default_max_wait_ms": 2000})
+    );
+    let class = set(&b, &["reports", "--order", "7"]).await;
+    assert_eq!(
+        class,
+        serde_json::json!({"name": "reports", "order": 7, "weight": 1, "reserve": 0.0,
+                           "default_max_wait_ms": 0})
+    );
+    // As listed.
+    let listed: Value = serde_json::from_str(
+        &b.ok(Some(ADMIN), &["class", "list", "--tenant", "t", "--json"])
+            .await,
+    )
+    .unwrap();
+    let reports = listed["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "reports")
+        .cloned();
+    assert_eq!(reports, Some(class));
+    let out = b
+        .run(
+            Some(ADMIN),
+            &["class", "set", "--tenant", "t", "other", "--weight", "2"],
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        stderr_line(&out),
+        "quotactl: class \"other\" is not one of tenant \"t\"'s classes yet: a new class needs \
+         --order (the others default to weight 1, reserve 0, default-max-wait-ms 0)"
+    );
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_errors_are_one_line_and_exit_1() {
     let b = Broker::start().await;
@@ -600,17 +653,8 @@ async fn usage_errors_exit_2() {
             "--permits",
             "5",
         ],
-        &[
-            "class",
-            "set",
-            "--tenant",
-            "t",
-            "x",
-            "--weight",
-            "1",
-            "--reserve",
-            "0",
-        ],
+        // No field to set.
+        &["class", "set", "--tenant", "t", "x"],
         &[
             "class",
             "set",
@@ -628,6 +672,7 @@ async fn usage_errors_exit_2() {
         &["--broker", "ftp://x", "status"],
         &["--broker", "http://127.0.0.1:abc", "status"],
         &["--broker", "127.0.0.1:70000", "status"],
+        &["--broker", "http://127.0.0.1:50051/foo", "status"],
         &["frobnicate"],
     ] {
         let out = output(quotactl(args)).await;
@@ -644,10 +689,133 @@ async fn usage_errors_exit_2() {
         "{err}"
     );
     assert!(err.len() < 200, "{} bytes", err.len());
+    // A shorter one that clap echoes in its error is clipped.
+    let url = format!("ftp://{}", "x".repeat(5_000));
+    let out = output(quotactl(&["--broker", &url, "status"])).await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("… (5006 bytes)"), "{err}");
+    assert!(err.len() < 500, "{} bytes: {err}", err.len());
+}
+
+/// A broker URL with a path: refused (gRPC would drop it), saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_url_with_a_path_is_refused() {
+    let out = output(quotactl(&["--broker", "http://127.0.0.1:1/foo", "status"])).await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("a gRPC broker URL has no path or query (got /foo)"),
+        "{err}"
+    );
+}
+
+/// A broker URL without a port is dialled on the scheme's (80 for http://
+/// or a bare host): the error says so, and which port a broker has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_url_without_a_port_says_the_port_used() {
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", 80)).is_err(),
+        "this test needs nothing listening on 127.0.0.1:80, and something does: stop it"
+    );
+    for given in ["127.0.0.1", "http://127.0.0.1"] {
+        let out = output(quotactl(&["--broker", given, "status"])).await;
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(
+            stderr_line(&out),
+            "quotactl: cannot reach the broker at http://127.0.0.1: connection refused (the URL \
+             gives no port, so port 80 was used; a broker's gRPC port is 50051 unless its \
+             server.listen says another: give it, like http://127.0.0.1:50051)",
+            "{given}"
+        );
+    }
+}
+
+/// An environment variable set but empty (or blanks) is unset, for every
+/// one quotactl reads: `QUOTA_BROKER_URL=` is the default broker, as
+/// `QUOTA_BROKER_TOKEN=` is no token and `QUOTA_BROKER_TENANT=` no tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_environment_variables_are_unset() {
+    let b = Broker::start().await;
+    let blank = |c: &mut Command| {
+        for var in [
+            "QUOTA_BROKER_TOKEN",
+            "QUOTA_BROKER_TENANT",
+            "QUOTA_BROKER_TIMEOUT",
+            "QUOTA_BROKER_CA_CERT",
+            "QUOTA_BROKER_CLIENT_CERT",
+            "QUOTA_BROKER_CLIENT_KEY",
+            "QUOTA_BROKER_TLS_SERVER_NAME",
+        ] {
+            c.env(var, "");
+        }
+        c.env("QUOTA_BROKER_URL", " ");
+    };
+    // Every tenant (no tenant), no TLS options, the default timeout.
+    let mut c = b.cmd(Some(ADMIN), &["status", "--json"]);
+    blank(&mut c);
+    let out = output(c).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The default broker (none is asked: the tenant is missing first).
+    let mut c = quotactl(&["class", "list"]);
+    blank(&mut c);
+    let out = output(c).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        stderr_line(&out),
+        "quotactl: class list needs a tenant: give --tenant <T> or set QUOTA_BROKER_TENANT"
+    );
+    b.stop().await;
+}
+
+/// A bad value from an environment variable is said with its name (clap
+/// names only the flag it stands for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_environment_value_is_named_by_its_variable() {
+    for args in [&["status"][..], &["--timeout", "5", "status"]] {
+        let mut c = quotactl(args);
+        c.env("QUOTA_BROKER_TIMEOUT", "abc");
+        let out = output(c).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_eq!(
+            stderr_line(&out),
+            "quotactl: invalid value 'abc' for --timeout <SECS> from the environment variable \
+             QUOTA_BROKER_TIMEOUT: invalid digit found in string; fix or unset \
+             QUOTA_BROKER_TIMEOUT",
+            "{args:?}"
+        );
+    }
+    let mut c = quotactl(&["status"]);
+    c.env("QUOTA_BROKER_URL", format!("ftp://{}", "x".repeat(5_000)));
+    let out = output(c).await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr_line(&out);
+    assert!(
+        err.contains(
+            "… (5006 bytes)' for --broker <URL[,URL...]> from the environment variable \
+                      QUOTA_BROKER_URL: expected an http:// or https:// URL"
+        ) && err.len() < 400,
+        "{err}"
+    );
+    // Given on the command line: clap's own words, naming the flag.
+    let mut c = quotactl(&["--timeout", "abc", "status"]);
+    c.env("QUOTA_BROKER_TIMEOUT", "7");
+    let out = output(c).await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid value 'abc' for '--timeout <SECS>'")
+            && !err.contains("QUOTA_BROKER_TIMEOUT"),
+        "{err}"
+    );
 }
 
 /// Every command for one tenant, with its other required arguments.
-const ONE_TENANT: [&[&str]; 7] = [
+const ONE_TENANT: [&[&str]; 8] = [
     &["class", "list"],
     &[
         "class",
@@ -659,7 +827,11 @@ const ONE_TENANT: [&[&str]; 7] = [
         "1",
         "--reserve",
         "0",
+        "--default-max-wait-ms",
+        "0",
     ],
+    // Reads the class first (ListPriorityClasses).
+    &["class", "set", "x", "--weight", "2"],
     &["class", "reset", "x"],
     &["bucket", "set-limit", "org", "--burst", "4"],
     &["pause", "org"],

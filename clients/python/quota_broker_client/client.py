@@ -198,6 +198,22 @@ def says_concurrency(body):
 _GRPC_TARGET_SCHEMES = ("unix:", "unix-abstract:", "vsock:", "ipv4:", "ipv6:", "dns:")
 
 
+#: A broker's gRPC port unless its ``server.listen`` says another.
+BROKER_DEFAULT_PORT = 50051
+#: Most characters of a url (or a part of one) an error shows: it is what
+#: was given, however long.
+_SHOWN_CHARS = 100
+
+
+def _shown(text):
+    """``text`` as an error shows it (quoted): as is, or cut after
+    _SHOWN_CHARS characters with its length."""
+    text = str(text)
+    if len(text) <= _SHOWN_CHARS:
+        return repr(text)
+    return f"{text[:_SHOWN_CHARS]!r}… ({len(text)} characters)"
+
+
 def _check_host_port(hostport, url):
     """Raises BadUrl when ``hostport`` (of the broker url ``url``) can never
     be connected to: gRPC would fail every call on it, which reads as a
@@ -205,19 +221,19 @@ def _check_host_port(hostport, url):
     if hostport.startswith(_GRPC_TARGET_SCHEMES):
         return
     def bad(why):
-        return errors.BadUrl(f"broker url {url!r}: {why} (give host:port, http://host:port or "
-                             "https://host:port; an IPv6 address in brackets, [::1]:50051)")
+        return errors.BadUrl(f"broker url {_shown(url)}: {why} (give host:port, http://host:port "
+                             "or https://host:port; an IPv6 address in brackets, [::1]:50051)")
     if hostport.startswith("["):
         host, closed, rest = hostport[1:].partition("]")
         if not closed:
             raise bad("no ']' closes the IPv6 address")
         if rest and not rest.startswith(":"):
-            raise bad(f"{rest!r} after the IPv6 address")
+            raise bad(f"{_shown(rest)} after the IPv6 address")
         port = rest[1:] if rest else None
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise bad(f"{host!r} in brackets is not an IPv6 address") from None
+            raise bad(f"{_shown(host)} in brackets is not an IPv6 address") from None
     elif hostport.count(":") > 1:
         try:
             ipaddress.IPv6Address(hostport)  # a bare IPv6 address (gRPC's default port)
@@ -228,11 +244,14 @@ def _check_host_port(hostport, url):
         host, colon, port = hostport.partition(":")
         port = port if colon else None
         if any(c.isspace() or c in "/?#@[]" for c in host):
-            raise bad(f"the host {host!r} has characters a host name cannot have")
+            raise bad("the host has characters a host name cannot have (a space, '/', '?', '#', "
+                      "'@', '[' or ']')")
     if not host:
         raise bad("no host")
-    if port is not None and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        raise bad(f"the port {port!r} is not a number from 1 to 65535")
+    # (At most 5 digits before int(): Python refuses to convert thousands.)
+    if port is not None and not (port.isascii() and port.isdigit() and len(port.lstrip("0")) <= 5
+                                 and 1 <= int(port) <= 65535):
+        raise bad(f"the port {_shown(port)} is not a number from 1 to 65535")
 
 
 def _target(url):
@@ -244,22 +263,62 @@ def _target(url):
         return url, None
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https", "grpc", "grpcs"):
-        raise errors.BadUrl(f"unsupported scheme in broker url {url!r} (use http:// or https://)")
+        raise errors.BadUrl(f"unsupported scheme in broker url {_shown(url)} (use http:// or "
+                            "https://)")
     if not parts.netloc:
-        raise errors.BadUrl(f"no host in broker url {url!r}")
+        raise errors.BadUrl(f"no host in broker url {_shown(url)}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        # gRPC dials host:port and calls its own paths: a path here would be dropped.
+        raise errors.BadUrl(f"broker url {_shown(url)}: a gRPC broker url has no path, query or "
+                            f"fragment (got {_shown(url[len(parts.scheme) + 3 + len(parts.netloc):])}); "
+                            "give http://host:port or https://host:port")
     secure = parts.scheme in ("https", "grpcs")
     netloc = parts.netloc
     try:
         port = parts.port
     except ValueError:  # urllib's words: "Port could not be cast...", "Port out of range..."
         port = netloc.rpartition(":")[2]
-        raise errors.BadUrl(f"broker url {url!r}: the port {port!r} is not a number from 1 to "
-                            "65535") from None
+        raise errors.BadUrl(f"broker url {_shown(url)}: the port {_shown(port)} is not a number "
+                            "from 1 to 65535") from None
     if port is None:
         # No port (or an empty one): the scheme's.
         netloc = f"{netloc.rstrip(':')}:{443 if secure else 80}"
     _check_host_port(netloc, url)
     return netloc, secure
+
+
+def _implicit_port(url):
+    """The port a broker url that gives none is dialled on (the scheme's, 80
+    for http://, 443 for https://; gRPC's default, 443, for a bare host), or
+    None when it gives one (or is another gRPC target form). For a url that
+    parses (see _target)."""
+    if "://" in url:
+        parts = urlsplit(url)
+        try:
+            if parts.port is not None:
+                return None
+        except ValueError:
+            return None
+        return 443 if parts.scheme in ("https", "grpcs") else 80
+    if url.startswith(_GRPC_TARGET_SCHEMES):
+        return None
+    if url.startswith("["):
+        return None if "]:" in url else 443
+    if url.count(":") > 1 or ":" not in url:  # a bare IPv6 address, or a bare host
+        return 443
+    return None
+
+
+def _no_port_hint(urls):
+    """What a fallback warning adds when a broker url gives no port: the
+    port used and the broker's default ("" when every url gives one)."""
+    portless = [(u, p) for u in urls for p in [_implicit_port(u)] if p is not None]
+    if not portless:
+        return ""
+    used = ", ".join(f"{_shown(u)} was dialled on port {p}" for u, p in portless)
+    return (f"; the url gives no port, so {used}: a broker's gRPC port is "
+            f"{BROKER_DEFAULT_PORT} unless its server.listen says another: give the port in the url "
+            f"(host:{BROKER_DEFAULT_PORT})")
 
 
 #: Response metadata in which a broker of a cluster that does not lead the
@@ -278,7 +337,7 @@ def _split_urls(url):
             raise TypeError(f"broker url must be a str, got {type(item).__name__}")
         urls.extend(u.strip() for u in item.split(",") if u.strip())
     if not urls:
-        raise ValueError(f"no broker url given in {url!r}")
+        raise ValueError(f"no broker url given in {_shown(url)}")
     return urls
 
 
@@ -665,14 +724,16 @@ class QuotaBroker:
         parsed = [_target(u) for u in urls]
         said = {t for _, t in parsed if t is not None}
         if len(said) > 1:
-            raise ValueError(f"broker urls {url!r} mix http:// and https://: use one or the other")
+            raise ValueError(f"broker urls {_shown(url)} mix http:// and https://: use one or the "
+                             "other")
         url_tls = said.pop() if said else None
         pem_given = any(v is not None for v in (ca_cert, client_cert, client_key))
         tls_given = pem_given or tls_server_name is not None
         if credentials is not None and pem_given:
             raise ValueError("pass either credentials= or ca_cert/client_cert/client_key, not both")
         if url_tls is False and (tls or tls_given):
-            raise ValueError(f"TLS settings given for the plaintext url {url!r}: use https://")
+            raise ValueError(f"TLS settings given for the plaintext url {_shown(url)}: use "
+                             "https://")
         if tls is False and (url_tls or tls_given or credentials is not None):
             raise ValueError(f"tls=False contradicts {'the https:// url' if url_tls else 'the TLS settings'}")
         secure = bool(url_tls or tls or tls_given or credentials is not None)
@@ -711,6 +772,9 @@ class QuotaBroker:
             raise TypeError(f"fallback must be a FallbackSettings or None, got {type(fallback).__name__}")
         self._fallback = (LocalFallback(fallback, self._clock, ", ".join(self.targets))
                           if fallback is not None else None)
+        # Added to the fallback's warning: a url without a port is dialled
+        # on the scheme's (80, 443), where a broker seldom listens.
+        self._port_hint = _no_port_hint(urls)
         self._flush_lock = threading.Lock()
         self._flusher = None
         self._flusher_lock = threading.Lock()
@@ -731,6 +795,10 @@ class QuotaBroker:
         # _CLOSE_FLUSH_TIMEOUT_S, and what is left is logged. A weak reference,
         # so the hook does not keep the client alive.
         _LIVE.add(self)
+
+    def _unreachable_hint(self, err):
+        """What the fallback's warning adds for ``err``: what to check in the url, if anything."""
+        return errors.unreachable_hint(err.details, self.tls) + self._port_hint
 
     # -- connections -------------------------------------------------------------
 
@@ -1455,7 +1523,7 @@ class QuotaBroker:
                                 f"no answer within the client's deadline of {_SERVER_MAX_WAIT_MS // 1000} s "
                                 "plus its timeout while the broker is up; pass max_wait_ms (or timeout) "
                                 "for waits longer than that", 0) from e
-                        fb.enter(e, errors.unreachable_hint(e.details, self.tls))
+                        fb.enter(e, self._unreachable_hint(e))
                     except errors.Overloaded as e:
                         self._overloaded(e)  # kept reports and releases wait as well
                         self._broker_answered()  # refused, but an answer: not an outage
@@ -1625,7 +1693,7 @@ class QuotaBroker:
                 log.debug("report %s %s -> %s kept: %s", req.method, path, status, e)
                 # The next calls fall back at once instead of each waiting
                 # out its deadline on a broker that does not answer.
-                fb.enter(e, errors.unreachable_hint(e.details, self.tls))
+                fb.enter(e, self._unreachable_hint(e))
             except errors.Overloaded as e:
                 log.debug("report %s %s -> %s kept: %s", req.method, path, status, e)
                 self._overloaded(e)

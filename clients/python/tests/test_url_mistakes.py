@@ -66,6 +66,10 @@ def acquire(client):
     (":50051", "no host"),
     ("[::1:50051", "no ']'"),
     ("ftp://127.0.0.1:50051", "unsupported scheme"),
+    # gRPC dials host:port only: a path would be dropped without a word.
+    ("http://127.0.0.1:50051/foo", "a gRPC broker url has no path"),
+    ("https://broker.example:443/quota", "a gRPC broker url has no path"),
+    ("http://127.0.0.1:50051?tenant=demo", "a gRPC broker url has no path"),
 ])
 def test_a_url_that_does_not_parse_is_an_error_when_the_client_is_built(url, says):
     with pytest.raises(qb.BadUrl) as info:
@@ -73,6 +77,42 @@ def test_a_url_that_does_not_parse_is_an_error_when_the_client_is_built(url, say
     assert says in str(info.value)
     assert url in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_a_long_url_is_shown_clipped():
+    for url in ("http://" + "h" * 5000 + " :50051", "ftp://" + "x" * 5000,
+                "http://127.0.0.1:50051/" + "p" * 5000, "127.0.0.1:" + "9" * 5000):
+        with pytest.raises(qb.BadUrl) as info:
+            qb.QuotaBroker(url)
+        said = str(info.value)
+        assert len(said) < 500, said
+        assert f"… ({len(url)} characters)" in said, said
+
+
+@pytest.mark.parametrize("url, port", [("127.0.0.1", 443), ("http://127.0.0.1", 80),
+                                       ("localhost", 443)])
+def test_a_url_without_a_port_says_the_port_dialled_and_the_brokers(url, port, caplog):
+    """A url without a port is dialled on the scheme's (gRPC's 443 for a
+    bare host), where no broker listens: the fallback's warning says so."""
+    with socket.socket() as s:
+        s.settimeout(1)
+        assert s.connect_ex(("127.0.0.1", port)) != 0, (
+            f"this test needs nothing listening on 127.0.0.1:{port}, and something does: stop it")
+    with qb.QuotaBroker(url, timeout=3) as client:
+        assert acquire(client).is_fallback
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING and "unreachable" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert f"the url gives no port, so {url!r} was dialled on port {port}" in warned[0], warned
+    assert "a broker's gRPC port is 50051" in warned[0], warned
+    # A url with its port: no such words.
+    caplog.clear()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, not listening: connection refused
+        with qb.QuotaBroker(f"http://127.0.0.1:{s.getsockname()[1]}", timeout=3) as client:
+            assert acquire(client).is_fallback
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned and not any("no port" in w for w in warned), warned
 
 
 def test_url_forms_that_parse_are_taken():
