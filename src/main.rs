@@ -69,7 +69,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // A RUST_LOG that does not parse is said once the logs are set up.
+    let (filter, unread_filter) = match EnvFilter::try_from_default_env() {
+        Ok(f) => (f, None),
+        Err(e) => (EnvFilter::new("info"), Some(e)),
+    };
     // Colours only on a terminal: not in files, pipes or journald.
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -83,6 +87,12 @@ fn main() -> ExitCode {
     match settings.server.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
+    if let Some(e) = unread_filter.filter(|_| std::env::var_os("RUST_LOG").is_some()) {
+        let why = e.to_string();
+        let why: String = why.chars().take(200).collect();
+        tracing::warn!(error = %why, "RUST_LOG cannot be read: logging at info (directives are \
+            LEVEL or TARGET=LEVEL, comma-separated, e.g. info,quota_broker=debug)");
     }
     for var in quota_broker::unread_env_vars(std::env::vars()) {
         tracing::warn!(%var, "environment variable not read: config overrides are \
@@ -109,7 +119,12 @@ fn main() -> ExitCode {
         let listener = match tokio::net::TcpListener::bind(settings.server.listen).await {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("quota-broker: cannot listen on {}: {e}", settings.server.listen);
+                eprintln!(
+                    "quota-broker: cannot listen on server.listen {}: {e} (another broker, or \
+                     another program, may hold it: stop it, or set server.listen in the config \
+                     or QUOTA_BROKER__SERVER__LISTEN)",
+                    settings.server.listen
+                );
                 return ExitCode::FAILURE;
             }
         };

@@ -296,8 +296,12 @@ impl Overload {
         if *n >= max {
             return Err(exhausted(
                 format!(
-                    "{whose} {max} Watch streams or dashboard feeds open (max_watch_streams); \
-                     close one first"
+                    "{whose} {max} Watch {} open (max_watch_streams); close one first",
+                    if max == 1 {
+                        "stream or dashboard feed"
+                    } else {
+                        "streams or dashboard feeds"
+                    }
                 ),
                 WATCH_RETRY,
             ));

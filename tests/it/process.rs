@@ -88,6 +88,41 @@ fn an_http_port_asked_for_must_be_bound_and_differ_from_the_grpc_port() {
     assert!(err.contains("is the gRPC port"), "{err}");
 }
 
+/// A gRPC port another process holds: exit 1 saying how to pick another;
+/// and a `RUST_LOG` that does not parse is said, not silently dropped.
+#[test]
+fn a_taken_grpc_port_says_how_to_move_and_a_bad_log_filter_is_said() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let path = temp_config(
+        "grpc-taken",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nhttp_listen = \"\"\nstate_dir = \"\"\n\
+             [[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\n\
+             max_in_flight = 2\n"
+        ),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "quota_broker=[nope")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    drop(taken);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on server.listen 127.0.0.1:{port}"))
+            && err.contains("QUOTA_BROKER__SERVER__LISTEN"),
+        "{err}"
+    );
+    assert!(
+        err.contains("RUST_LOG cannot be read: logging at info"),
+        "{err}"
+    );
+}
+
 /// `hash-token` with `input` on stdin: exit status, stdout, stderr.
 fn hash_token(input: &[u8]) -> (Option<i32>, String, String) {
     use std::io::Write;
