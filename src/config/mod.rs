@@ -214,21 +214,34 @@ impl ClassSettings {
     }
 }
 
-/// Checks a whole class set (after each class is checked on its own).
+/// Longest tenant id, bucket name or class name, in bytes: the most an RPC
+/// may carry in such a field (`grpc::codec` checks requests against it),
+/// so that every configured name can be asked for.
+pub(crate) const MAX_ID_LEN: usize = 256;
+
 /// What is wrong with a tenant id, bucket name or class name, if
 /// anything: a control character would break the log line it is printed
-/// on, and a `/` the names built from it (the dashboard's
-/// `tenant/bucket/client`, a cluster's etcd keys).
-pub(crate) fn name_problem(name: &str) -> Option<&'static str> {
+/// on, a `/` the names built from it (the dashboard's
+/// `tenant/bucket/client`, a cluster's etcd keys), and a name longer than
+/// an RPC may carry could never be named in one (every Acquire of the
+/// tenant, every pause of the bucket refused as INVALID_ARGUMENT).
+pub(crate) fn name_problem(name: &str) -> Option<String> {
     if name.chars().any(char::is_control) {
-        Some("must not hold control characters (a newline, a tab)")
+        Some("must not hold control characters (a newline, a tab)".to_owned())
     } else if name.contains('/') {
-        Some("must not hold '/' (it separates names in the dashboard and in etcd keys)")
+        Some("must not hold '/' (it separates names in the dashboard and in etcd keys)".to_owned())
+    } else if name.len() > MAX_ID_LEN {
+        Some(format!(
+            "is {} bytes long, more than a request may carry ({MAX_ID_LEN}), so no request \
+             could name it: shorten it",
+            name.len()
+        ))
     } else {
         None
     }
 }
 
+/// Checks a whole class set (after each class is checked on its own).
 pub(crate) fn check_class_set(classes: &[ClassSettings], problems: &mut Vec<String>) {
     let mut names = HashSet::new();
     for c in classes {
@@ -1024,6 +1037,69 @@ max_in_flight = 1
         assert!(Settings::from_toml(
             "[[tenants]]\nid = \"Acme \\\"EU\\\" 👍\"\n[[tenants.buckets]]\nname = \"b q\"\n\
              routes = [\"* /**\"]\nmax_in_flight = 1\n"
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn names_longer_than_a_request_may_carry_are_refused() {
+        let config = |tenant: &str, bucket: &str| {
+            Settings::from_toml(&format!(
+                "[[tenants]]\nid = \"{tenant}\"\n[[tenants.buckets]]\nname = \"{bucket}\"\n\
+                 routes = [\"* /**\"]\nmax_in_flight = 1\n"
+            ))
+        };
+        let long = "é".repeat(150);
+        let err = config(&long, &"b".repeat(MAX_ID_LEN + 1))
+            .unwrap_err()
+            .to_string();
+        for what in [
+            "tenants[0]: id is 300 bytes long, more than a request may carry (256), so no \
+             request could name it: shorten it",
+            ".buckets[0] (\"bbbbbbbb",
+            "name is 257 bytes long, more than a request may carry (256)",
+        ] {
+            assert!(err.contains(what), "{what}: {err}");
+        }
+        assert!(err.len() < 1_000, "{} bytes: {err}", err.len());
+        // The longest a request may carry is a name like any other.
+        let s = config(&"t".repeat(MAX_ID_LEN), &"b".repeat(MAX_ID_LEN)).unwrap();
+        assert_eq!(s.tenants[0].buckets[0].name.len(), MAX_ID_LEN);
+    }
+
+    #[test]
+    fn a_route_no_request_path_can_match_is_refused_saying_what_to_write() {
+        let err = Settings::from_toml(
+            "[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\n\
+             routes = [\"GET /t/\", \"GET /a/../b\", \"GET /p%20q\", \"GET /z?q=1\", \
+             \"GET /c[é]\"]\nmax_in_flight = 1\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.problems,
+            [
+                "tenants[0] (\"t\").buckets[0] (\"b\"): route \"GET /t/\": a trailing \"/\" \
+                 never matches: request paths are matched without it; write \"GET /t\"",
+                "tenants[0] (\"t\").buckets[0] (\"b\"): route \"GET /a/../b\": a \".\" or \"..\" \
+                 segment never matches: request paths are matched with dot segments resolved; \
+                 write \"GET /b\"",
+                "tenants[0] (\"t\").buckets[0] (\"b\"): route \"GET /p%20q\": a percent-escape \
+                 never matches: request paths are matched decoded, where only a \"%\" itself \
+                 is still spelled \"%25\" (\"?\" matches a space, which a pattern cannot \
+                 hold); write \"GET /p?q\"",
+                "tenants[0] (\"t\").buckets[0] (\"b\"): route \"GET /z?q=1\": a query string \
+                 never matches: request paths are matched without theirs (in a pattern, \"?\" \
+                 matches any one character); write \"GET /z\"",
+                "tenants[0] (\"t\").buckets[0] (\"b\"): route \"GET /c[é]\": path \"/c[é]\": a \
+                 \"[…]\" set matches one byte, so a non-ASCII character in it matches nothing; \
+                 give the choices as alternatives (\"{é,è}\")",
+            ]
+        );
+        // What they are told to write is accepted.
+        assert!(Settings::from_toml(
+            "[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\n\
+             routes = [\"GET /t\", \"GET /b\", \"GET /p?q\", \"GET /z\", \"GET /c{é,è}\"]\n\
+             max_in_flight = 1\n"
         )
         .is_ok());
     }

@@ -6,9 +6,12 @@
 use crate::auth::{AuthError, Authenticator, Principal};
 use crate::broker::TenantBucketStatus;
 use crate::clock::{millis, Clock};
-use crate::config::ClassSettings;
+// The longest identifier-like field (tenant, client id, class, OAuth
+// client) is the config's, so every configured name can be asked for; the
+// longest method, the one a route pattern may name.
+use crate::config::{ClassSettings, MAX_ID_LEN};
 use crate::error::{clip, BrokerError};
-use crate::limits::normalize_path;
+use crate::limits::{normalize_path, MAX_METHOD_LEN};
 use crate::tenant::{Denial, Grant};
 use crate::{pb, LEADER_METADATA};
 use std::time::Duration;
@@ -21,8 +24,6 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// Largest request accepted. Requests are small (a report with its headers
 /// is well under 4 KiB); this bounds what a broken client can make us buffer.
 pub(crate) const MAX_MESSAGE_BYTES: usize = 64 * 1024;
-/// Longest accepted identifier-like field (tenant, client id, class, OAuth client).
-const MAX_ID_LEN: usize = 256;
 /// Longest accepted path.
 const MAX_PATH_LEN: usize = 4096;
 
@@ -128,7 +129,7 @@ pub(crate) fn bounded<'a>(field: &'static str, value: &'a str) -> Result<&'a str
 /// without its query string.
 pub(crate) fn call_of(method: &str, path: &str) -> Result<(String, String), BrokerError> {
     let method = required("method", method, "POST")?;
-    if method.len() > 16 || !method.chars().all(|c| c.is_ascii_alphabetic()) {
+    if method.len() > MAX_METHOD_LEN || !method.chars().all(|c| c.is_ascii_alphabetic()) {
         return Err(BrokerError::invalid(
             "method",
             format!("{} is not an HTTP method such as GET or POST", clip(method)),

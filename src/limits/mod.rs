@@ -11,5 +11,5 @@ mod scheduler;
 
 pub(crate) use bucket::{Slots, TokenBucket};
 pub(crate) use lease::{tenant_tag, Lease, LeaseId, LeaseTable};
-pub(crate) use route::{normalize_path, Route, RouteCache};
+pub(crate) use route::{normalize_path, Route, RouteCache, MAX_METHOD_LEN};
 pub(crate) use scheduler::{place_bit, ClassShape, Hold, Holds, Offer, Queue, Rest, Waiter};
