@@ -6,8 +6,8 @@
 //!
 //! - a URL that does not parse ([`broker_url`]: a port that is not a
 //!   number from 1 to 65535, two `:` outside an IPv6 address's brackets, a
-//!   space in the host, an unsupported scheme) is [`ClientError::Url`]
-//!   when the client is built;
+//!   space in the host, an unsupported scheme, a path or query, which
+//!   gRPC would drop) is [`ClientError::Url`] when the client is built;
 //! - a server there that answers, but not as a quota-broker's gRPC port
 //!   ([`not_a_broker`]), is [`ClientError::NotABroker`] on every call:
 //!   another gRPC service (its calls answered UNIMPLEMENTED), or a server
@@ -72,7 +72,15 @@ pub(crate) fn broker_url(given: &str) -> Result<String, ClientError> {
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(end);
     check_host_port(authority).map_err(bad)?;
-    Ok(format!("{scheme}://{authority}{path}"))
+    // gRPC dials the host and port and calls its own paths: one given here
+    // would be dropped (as quotactl and the Python client say too).
+    if !path.is_empty() && path != "/" {
+        return Err(bad(format!(
+            "a gRPC broker URL has no path or query (got {:?})",
+            shown(path)
+        )));
+    }
+    Ok(format!("{scheme}://{authority}"))
 }
 
 /// `given` with the password of a `user:password@` in it masked, so an
@@ -346,6 +354,11 @@ mod tests {
             ("[x]:50051", "is not an IPv6 address"),
             ("ftp://127.0.0.1:50051", "unsupported scheme"),
             ("http:/127.0.0.1:50051", "a '/' in a bare host:port"),
+            (
+                "http://127.0.0.1:50051/foo",
+                "has no path or query (got \"/foo\")",
+            ),
+            ("http://127.0.0.1:50051?x=1", "has no path or query"),
         ] {
             let message = refused(given);
             assert!(message.contains(says), "{given}: {message}");
@@ -368,7 +381,7 @@ mod tests {
             ("http://[::1]:50051", "http://[::1]:50051"),
             ("https://broker.example:443", "https://broker.example:443"),
             ("https://broker.example", "https://broker.example"),
-            ("http://127.0.0.1:50051/", "http://127.0.0.1:50051/"),
+            ("http://127.0.0.1:50051/", "http://127.0.0.1:50051"),
             ("HTTP://127.0.0.1:50051", "http://127.0.0.1:50051"),
             ("grpc://127.0.0.1:50051", "http://127.0.0.1:50051"),
             (
