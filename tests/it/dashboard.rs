@@ -9,8 +9,9 @@
 //! shows a copy, docs/dashboard.png), and that a page whose broker stopped
 //! says it has no data instead of showing the last figures as current;
 //! that a page opened after a per-client bucket's OAuth clients were
-//! dropped charts each only while it existed; and that eight tabs of it in
-//! one browser all go live (they share one feed).
+//! dropped charts each only while it existed; that a paused per-client
+//! bucket no client uses has its panel (PAUSED, 0 clients); and that eight
+//! tabs of it in one browser all go live (they share one feed).
 //! Anything that cannot be installed fails the test, saying what.
 
 use super::harness::req;
@@ -1030,5 +1031,110 @@ console.log("OK");
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A paused per-client bucket no client uses: its panel says PAUSED and
+/// 0 clients (argv: the page), prints SEEN; on a line (a client used it,
+/// the bucket resumed) it says OK and 1 client, prints OK.
+const UNUSED_SCRIPT: &str = r#"
+const { chromium } = require(process.env.PW_DIR + "/node_modules/playwright-core");
+const readline = require("readline");
+const [url] = process.argv.slice(2);
+const lines = readline.createInterface({ input: process.stdin });
+const nextLine = () => new Promise((ok) => lines.once("line", ok));
+(async () => {
+  const browser = await chromium.launch({
+    executablePath: "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu"],
+  });
+  try {
+    const page = await browser.newPage();
+    page.on("console", (m) => console.error("page:", m.text()));
+    await page.goto(url);
+    const state = () => {
+      const p = document.querySelector('section.panel[data-bucket="pc"]');
+      return p ? p.querySelector(".badge").textContent + " | " + p.querySelector(".client").textContent
+        : "no panel (" + document.querySelectorAll("section.panel").length + " panels)";
+    };
+    const shows = async (want, what) => {
+      try {
+        await page.waitForFunction((w) => {
+          const p = document.querySelector('section.panel[data-bucket="pc"]');
+          return !!p && p.querySelector(".badge").textContent + " | "
+            + p.querySelector(".client").textContent === w;
+        }, want, { timeout: 20000 });
+      } catch (e) {
+        throw new Error(what + ": the panel shows " + await page.evaluate(state) + ", not " + want);
+      }
+    };
+    await shows("PAUSED | 0 clients", "paused, no client");
+    console.log("SEEN");
+    await nextLine();
+    await shows("OK | 1 client", "resumed, one client");
+    console.log("OK");
+  } finally {
+    await browser.close();
+    lines.close();
+  }
+})().catch((e) => { console.error(String(e && e.stack || e)); process.exit(1); });
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_per_client_bucket_no_client_uses_has_its_panel() {
+    use quota_broker::pb::{PauseBucketRequest, ResumeBucketRequest};
+    let playwright = tokio::task::spawn_blocking(install).await.unwrap();
+    let b = start(DROPPED_CONFIG).await;
+    b.admin()
+        .pause_bucket(PauseBucketRequest {
+            tenant: "t".into(),
+            bucket: "pc".into(),
+            reason: "maintenance".into(),
+        })
+        .await
+        .unwrap();
+    let script = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-unused-test.js");
+    std::fs::write(&script, UNUSED_SCRIPT).unwrap();
+    let mut child = tokio::process::Command::new("node")
+        .arg(&script)
+        .arg(format!("http://{}/", b.http))
+        .env("PW_DIR", &playwright)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run node: {e}"));
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(LIMIT, out.next_line()).await;
+    if !matches!(&first, Ok(Ok(Some(l))) if l == "SEEN") {
+        let rest = child.wait_with_output().await.unwrap();
+        panic!(
+            "node said {first:?}:\n{}",
+            String::from_utf8_lossy(&rest.stderr)
+        );
+    }
+    b.admin()
+        .resume_bucket(ResumeBucketRequest {
+            tenant: "t".into(),
+            bucket: "pc".into(),
+        })
+        .await
+        .unwrap();
+    let mut r = req("GET", "/api/v2/routing/queues", 2_000);
+    r.oauth_client = "o1".into();
+    assert!(b.client().acquire(r).await.unwrap().into_inner().granted);
+    stdin.write_all(b"go\n").await.unwrap();
+    let last = tokio::time::timeout(LIMIT, out.next_line()).await;
+    let rest = tokio::time::timeout(LIMIT, child.wait_with_output())
+        .await
+        .expect("the browser session ends")
+        .unwrap();
+    b.stop().await;
+    assert!(
+        matches!(&last, Ok(Ok(Some(l))) if l == "OK") && rest.status.success(),
+        "node said {last:?}:\n{}",
+        String::from_utf8_lossy(&rest.stderr)
     );
 }
