@@ -521,6 +521,15 @@ mod tests {
             ),
             "{no_host}"
         );
+        // Nor one with a path, which the clients refuse to follow.
+        let path = Settings::from_toml(
+            "[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nnode = \"b1\"\n\
+             advertise = \"http://10.0.0.5:50051/broker\"\n[[tenants]]\nid = \"t\"\n\
+             [[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(path.contains("no path"), "{path}");
     }
 
     /// A broker serving TLS that advertises a plaintext URL would redirect

@@ -28,9 +28,11 @@
 
 #![warn(missing_docs)]
 
+mod check;
 mod region;
 mod token;
 
+pub use check::{client_id_problem, clip, host_refuses, MAX_CLIENT_ID, SHOWN};
 pub use region::{Credentials, Region};
 
 use bytes::Bytes;
@@ -94,6 +96,16 @@ pub enum UpstreamError {
         status: u16,
         /// The login host's error, clipped.
         message: String,
+    },
+    /// The login host can never be reached as given: it refuses
+    /// connections, or its name does not exist (a wrong region). Said by
+    /// [`Upstream::preflight`].
+    #[error("the login host {login} {why}: check --region")]
+    LoginUnreachable {
+        /// The login host's base URL, clipped.
+        login: String,
+        /// Why, with the system's error ([`host_refuses`]).
+        why: String,
     },
     /// The broker refused the lease (unknown tenant, bad token, ...).
     #[error("lease refused: {0}")]
@@ -261,6 +273,8 @@ fn bump(counter: &AtomicU64) {
 struct Inner {
     http: reqwest::Client,
     api: String,
+    /// The login host's base URL.
+    login: String,
     tokens: TokenCache,
     broker: BrokerClient,
     template: Call,
@@ -366,6 +380,7 @@ impl Upstream {
             inner: Arc::new(Inner {
                 http,
                 api: region.api,
+                login: region.login,
                 tokens,
                 broker,
                 template,
@@ -385,9 +400,12 @@ impl Upstream {
     /// Checks at start what would otherwise fail every call later: that
     /// the broker serves the tenant to this token, and that the login host
     /// takes the client credentials (the token is kept for the first
-    /// call). A refusal of either is an error; a broker or login host that
-    /// does not answer within `within` is not (calls wait or fall back as
-    /// they would anyway): it comes back as a warning to log.
+    /// call). A refusal of either is an error, and so is a login host that
+    /// refuses connections or whose name does not exist
+    /// ([`UpstreamError::LoginUnreachable`]: a wrong region). A broker or
+    /// login host that does not answer within `within` is not (calls wait
+    /// or fall back as they would anyway): it comes back as a warning to
+    /// log, which says so when the broker refuses connections.
     pub async fn preflight(&self, within: Duration) -> Result<Vec<String>, UpstreamError> {
         let mut warnings = Vec::new();
         let tenant = self.inner.template.tenant();
@@ -399,22 +417,38 @@ impl Upstream {
             .await
             .map_err(UpstreamError::Lease)?
         {
-            warnings.push(format!(
-                "the broker at {broker} did not answer the start-up check of tenant {tenant:?} \
-                 (away, or over this token's limits): calls wait for it or use the local \
-                 fallback rate"
-            ));
+            let shown = clip(&broker);
+            warnings.push(match host_refuses(&broker, within).await {
+                Some(why) => format!(
+                    "the broker at {shown} {why} at the start-up check of tenant {tenant:?}: \
+                     calls wait for it or use the local fallback rate"
+                ),
+                None => format!(
+                    "the broker at {shown} did not answer the start-up check of tenant \
+                     {tenant:?} (away, or over this token's limits): calls wait for it or use \
+                     the local fallback rate"
+                ),
+            });
         }
-        match tokio::time::timeout(within, self.inner.tokens.get()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e @ UpstreamError::Transport(_))) => warnings.push(format!(
-                "the login host did not answer the start-up check ({e}): calls log in when they can"
-            )),
+        let failed = match tokio::time::timeout(within, self.inner.tokens.get()).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e @ UpstreamError::Transport(_))) => Some(format!("({e})")),
             Ok(Err(e)) => return Err(e),
-            Err(_) => warnings.push(
-                "the login host did not answer the start-up check in time: calls log in when they can"
-                    .to_owned(),
-            ),
+            Err(_) => Some(format!("within {} s", within.as_secs())),
+        };
+        if let Some(failed) = failed {
+            let login = &self.inner.login;
+            if let Some(why) = host_refuses(login, within).await {
+                return Err(UpstreamError::LoginUnreachable {
+                    login: clip(login),
+                    why,
+                });
+            }
+            warnings.push(format!(
+                "the login host {} did not answer the start-up check {failed}: calls log in \
+                 when they can",
+                clip(login)
+            ));
         }
         Ok(warnings)
     }
@@ -602,7 +636,7 @@ fn backoff(attempt: u32) -> Duration {
 /// A reqwest error's message without its URL (which may carry a query the
 /// caller would rather not see in logs), with its causes ("error sending
 /// request" alone does not say "connection refused").
-fn without_url(e: reqwest::Error) -> String {
+pub(crate) fn without_url(e: reqwest::Error) -> String {
     let e = e.without_url();
     let mut message = e.to_string();
     let mut cause = std::error::Error::source(&e);

@@ -80,8 +80,9 @@ impl TokenCache {
 
     async fn login(&self) -> Result<TokenAnswer, UpstreamError> {
         self.logins.fetch_add(1, Ordering::Relaxed);
-        let transport =
-            |e: reqwest::Error| UpstreamError::Transport(format!("login: {}", e.without_url()));
+        let transport = |e: reqwest::Error| {
+            UpstreamError::Transport(format!("login: {}", crate::without_url(e)))
+        };
         let response = self
             .http
             .post(&self.url)

@@ -204,3 +204,53 @@ async fn without_a_broker_calls_go_out_on_the_fallback_rate() {
     assert_eq!(writes(&sim).await.as_object().unwrap().len(), 3);
     sim.shutdown().await;
 }
+
+/// A login host that refuses connections (a wrong region) is an error at
+/// the start-up check, with the system's reason; a broker that refuses
+/// connections is a warning that says so, not "did not answer". (Real
+/// time: the probes are connections, each answered at once.)
+#[tokio::test]
+async fn the_start_up_check_says_who_refuses_connections() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    let credentials = Credentials {
+        client_id: "relay@org-a".into(),
+        client_secret: "gcsim-secret".into(),
+    };
+    let template = Call::new("org-a", "GET", "/").client_id("test");
+    // The login host: nothing listens there.
+    let broker = broker().await;
+    let client = BrokerClient::connect(&broker.url(), None).unwrap();
+    let region = Region::new(&format!("http://{closed}")).unwrap();
+    let up = Upstream::new(region, credentials.clone(), client, template.clone()).unwrap();
+    let err = up.preflight(Duration::from_secs(2)).await.unwrap_err();
+    assert!(
+        matches!(err, UpstreamError::LoginUnreachable { .. }),
+        "{err}"
+    );
+    let said = err.to_string();
+    assert!(
+        said.starts_with(&format!(
+            "the login host http://{closed} refuses connections ("
+        )) && said.to_lowercase().contains("connection refused")
+            && said.ends_with(": check --region"),
+        "{said}"
+    );
+    broker.stop().await.unwrap();
+    // The broker: nothing listens there; the login host answers.
+    let sim = gcsim(300, 3600).await;
+    let client = BrokerClient::connect(&format!("http://{closed}"), None).unwrap();
+    let region = Region::new(&format!("http://{}", sim.addr())).unwrap();
+    let up = Upstream::new(region, credentials, client, template).unwrap();
+    let warnings = up.preflight(Duration::from_millis(500)).await.unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with(&format!(
+            "the broker at http://{closed} refuses connections ("
+        )),
+        "{warnings:?}"
+    );
+    assert!(!warnings[0].contains("did not answer"), "{warnings:?}");
+    sim.shutdown().await;
+}

@@ -17,15 +17,12 @@
 //!   [`Summary`], a failed run's too ([`RunFailed`]).
 //! - `progress`: the bar on a terminal, plain lines otherwise; the
 //!   [`Console`] other lines go through while it is shown.
-//! - `check`: the start-up check's own part: a login host that refuses
-//!   connections.
 //!
 //! A killed run resumes where it stopped: blocks stored as done are never
 //! fetched again, a block cut off mid-fetch left nothing behind.
 
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
-mod check;
 mod error;
 mod plan;
 mod progress;
@@ -33,7 +30,6 @@ mod run;
 mod sink;
 mod source;
 
-pub use check::login_refuses;
 pub use error::IngestError;
 pub use plan::{blocks, format_ms, now_ms, parse_time, Block, BlockSize};
 pub use progress::{Console, Display};

@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use gc_ingest::{
-    login_refuses, parse_time, run_reporting, BlockSize, Console, Display, IngestError, JobOptions,
-    Plan, RunFailed, Sink, Source, SourceKind, Summary, QUERY_PATH,
+    parse_time, run_reporting, BlockSize, Console, Display, IngestError, JobOptions, Plan,
+    RunFailed, Sink, Source, SourceKind, Summary, QUERY_PATH,
 };
-use gc_upstream::{Credentials, Region, Upstream};
+use gc_upstream::{client_id_problem, Credentials, Region, Upstream};
 use quota_broker_client::{BrokerClient, Call};
 use tokio_util::sync::CancellationToken;
 
@@ -157,10 +157,22 @@ const MAX_DURATION_MS: u64 = 36_500 * 86_400_000;
 /// typo, and would take gigabytes before the first request.
 const MAX_BLOCKS: i64 = 1_000_000;
 
+/// `parse_time` of the value of `flag`, its error naming the flag.
+fn time_of(flag: &str, value: &str) -> Result<i64, IngestError> {
+    parse_time(value).map_err(|e| IngestError::Usage(format!("{flag}: {e}")))
+}
+
 fn setup(args: &Args) -> Result<(Plan, Source), IngestError> {
     check_sink(&args.sink)?;
-    let from = parse_time(&args.from)?;
-    let to = parse_time(&args.to)?;
+    // The broker's client id: refused by the broker on every call, after
+    // the blocks were claimed, were it not refused here.
+    if let Some(why) = client_id_problem(&args.worker) {
+        return Err(IngestError::Usage(format!(
+            "--worker: {why}: give a shorter worker name"
+        )));
+    }
+    let from = time_of("--from", &args.from)?;
+    let to = time_of("--to", &args.to)?;
     let block = args.block.unwrap_or(match args.source {
         SourceKind::Query => BlockSize::Hour,
         SourceKind::Jobs => BlockSize::Day,
@@ -182,7 +194,7 @@ fn setup(args: &Args) -> Result<(Plan, Source), IngestError> {
     let mut plan = Plan::new(from, to, block);
     plan.watermark = args.watermark;
     if let Some(now) = &args.now {
-        plan.now_ms = parse_time(now)?;
+        plan.now_ms = time_of("--now", now)?;
     }
     plan.owner = args.worker.clone();
     plan.parallel = args.parallel;
@@ -247,20 +259,10 @@ async fn main() -> ExitCode {
     };
     // A wrong broker token, tenant or client secret stops the run here,
     // before any block is planned or the sink opened.
+    // So does a login host that refuses connections or whose name does not
+    // exist (a wrong --region, which no block would get past).
     match source.upstream().preflight(PREFLIGHT_WAIT).await {
         Ok(warnings) => {
-            // The upstream client says only that the login host "did not
-            // answer": one that refuses connections, or whose name does not
-            // exist, is a wrong --region, which no block would get past.
-            let login = Region::new(&args.region).map(|r| r.login);
-            if let (false, Ok(login)) = (warnings.is_empty(), login) {
-                if let Some(why) = login_refuses(&login, PREFLIGHT_WAIT).await {
-                    eprintln!(
-                        "gc-ingest: start-up check: the login host {login} {why}: check --region"
-                    );
-                    return ExitCode::from(2);
-                }
-            }
             for w in warnings {
                 tracing::warn!("{w}");
             }
@@ -336,11 +338,11 @@ fn finish(
                 print_json(&summary);
             } else if !args.quiet {
                 eprintln!(
-                    "gc-ingest: stopped: {} records stored from {} blocks; {} blocks in progress \
-                     given back and {} not started: run again to finish",
-                    summary.records,
-                    summary.blocks_final + summary.blocks_provisional,
-                    summary.blocks_stopped,
+                    "gc-ingest: stopped: {} stored from {}; {} in progress given back and {} not \
+                     started: run again to finish",
+                    counted(summary.records, "record"),
+                    counted(summary.blocks_final + summary.blocks_provisional, "block"),
+                    counted(summary.blocks_stopped, "block"),
                     not_started(&summary),
                 );
             }
@@ -361,8 +363,8 @@ fn finish(
                 report(args, summary);
                 if !args.json && !args.quiet {
                     eprintln!(
-                        "  {} blocks in progress dropped and {} not started: run again to finish",
-                        summary.blocks_stopped,
+                        "  {} in progress dropped and {} not started: run again to finish",
+                        counted(summary.blocks_stopped, "block"),
                         not_started(summary),
                     );
                 }
@@ -391,6 +393,15 @@ fn failed_exit(error: &IngestError) -> u8 {
     }
 }
 
+/// `n` and `thing`, plural unless `n` is 1: `1 block`, `2 blocks`.
+fn counted(n: u64, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
+}
+
 /// Blocks of the range this run neither did nor had in hand.
 fn not_started(summary: &Summary) -> u64 {
     let left = summary.blocks_total
@@ -409,22 +420,25 @@ fn report(args: &Args, summary: &Summary) {
         print_json(summary);
     } else if !args.quiet {
         eprintln!(
-            "gc-ingest: {} records in {:.1}s ({:.0}/s) from {} blocks ({} already done, {} provisional, {} failed, {} held by other workers); {} upstream requests, {} 429s",
-            summary.records,
+            "gc-ingest: {} in {:.1}s ({:.0}/s) from {} ({} already done, {} provisional, {} failed, {} held by other workers); {}, {} 429s",
+            counted(summary.records, "record"),
             summary.elapsed_s,
             summary.records_per_s,
-            summary.blocks_total,
+            counted(summary.blocks_total, "block"),
             summary.blocks_skipped,
             summary.blocks_provisional,
             summary.blocks_failed,
             summary.blocks_busy,
-            summary.upstream_requests,
+            counted(summary.upstream_requests, "upstream request"),
             summary.upstream_429,
         );
         if summary.fallback_leases > 0 {
             eprintln!(
-                "  {} calls ran on the local fallback rate: the broker was unreachable",
-                summary.fallback_leases
+                "  {} on the local fallback rate: the broker was unreachable",
+                match summary.fallback_leases {
+                    1 => "1 call ran".to_owned(),
+                    n => format!("{n} calls ran"),
+                }
             );
         }
         for e in &summary.errors {
@@ -551,7 +565,28 @@ fn sink_shown(sink: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{failed_exit, IngestError};
+    use super::{counted, failed_exit, time_of, IngestError};
+
+    #[test]
+    fn one_is_singular() {
+        assert_eq!(counted(1, "block"), "1 block");
+        assert_eq!(counted(0, "block"), "0 blocks");
+        assert_eq!(counted(2, "upstream request"), "2 upstream requests");
+    }
+
+    /// A bad time names its flag, and quotes the value clipped.
+    #[test]
+    fn a_bad_time_names_its_flag() {
+        let said = time_of("--from", "yesterday").unwrap_err().to_string();
+        assert!(
+            said.starts_with("--from: \"yesterday\" is not a date"),
+            "{said}"
+        );
+        let said = time_of("--now", &"x".repeat(20_000))
+            .unwrap_err()
+            .to_string();
+        assert!(said.starts_with("--now: ") && said.len() < 300, "{said}");
+    }
 
     /// Exit 2 tells an orchestrator that running again will not help: a
     /// worker's panic is a bug that another run may well get past.

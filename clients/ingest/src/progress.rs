@@ -2,8 +2,9 @@
 //! records, the current rate, 429s, ETA once a block is done, and how the
 //! latest block in progress goes: its job submitted, running, read) when
 //! stderr is a terminal; otherwise plain lines (logs, CI): one per
-//! finished block, and one when a block's job is submitted, done, or
-//! still running every half minute. Writes nothing when quiet.
+//! finished block, one when a block's job is submitted or done, and one
+//! every half minute while a block's job or details query still runs.
+//! Writes nothing when quiet.
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,6 +74,18 @@ impl Console {
     }
 }
 
+/// Whether `step` gets a line of its own without a terminal: a job
+/// submitted or done, and a job or a details query that still runs (about
+/// every half minute: a job's poll comes at most 30 s apart, a query says
+/// so every 30 s); not each page read.
+fn on_a_line(step: Step) -> bool {
+    match step {
+        Step::Submitted | Step::Fulfilled { .. } | Step::Querying { .. } => true,
+        Step::Pending { for_s } => for_s >= 30,
+        Step::Paged { .. } => false,
+    }
+}
+
 /// Progress of one run (shared by its workers).
 pub(crate) struct Progress {
     bar: Option<ProgressBar>,
@@ -125,16 +138,8 @@ impl Progress {
     pub(crate) fn step(&self, block: Block, step: Step) {
         if let Some(bar) = &self.bar {
             self.show(bar, |shown| shown.1 = format!("{block}: {step}"));
-        } else if self.lines {
-            let notable = match step {
-                Step::Submitted | Step::Fulfilled { .. } => true,
-                // A poll at most every 30 s: about a line each.
-                Step::Pending { for_s } => for_s >= 30,
-                Step::Paged { .. } => false,
-            };
-            if notable {
-                let _ = writeln!(std::io::stderr(), "{block}: {step}");
-            }
+        } else if self.lines && on_a_line(step) {
+            let _ = writeln!(std::io::stderr(), "{block}: {step}");
         }
     }
 
@@ -155,7 +160,8 @@ impl Progress {
             // The tool's own output on stderr, one line per block.
             let _ = writeln!(
                 std::io::stderr(),
-                "{block}: {records} records; {blocks}/{} blocks, {all} records, {rate:.0}/s, {throttled} 429s, ETA {eta:.0}s",
+                "{block}: {records} record{}; {blocks}/{} blocks, {all} records, {rate:.0}/s, {throttled} 429s, ETA {eta:.0}s",
+                if records == 1 { "" } else { "s" },
                 self.total
             );
         }
@@ -227,6 +233,24 @@ mod tests {
         fn flush(&self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// Without a terminal, a details query still running gets its line,
+    /// as a job still running does; a page read does not.
+    #[test]
+    fn a_query_or_job_still_running_gets_a_line() {
+        let querying = Step::Querying {
+            for_s: 30,
+            records: 0,
+            of: None,
+        };
+        assert!(on_a_line(querying));
+        assert!(on_a_line(Step::Pending { for_s: 31 }));
+        assert!(!on_a_line(Step::Pending { for_s: 3 }));
+        assert!(!on_a_line(Step::Paged {
+            records: 100,
+            of: Some(200)
+        }));
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! fills (they would page forever).
 
 use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +33,9 @@ pub const JOBS_PATH: &str = "/api/v2/analytics/conversations/details/jobs";
 /// The method of the lease a job holds while it runs (no upstream call is
 /// made with it; a broker bucket routed on it counts running jobs).
 pub const JOB_SLOT_METHOD: &str = "JOB";
+/// How often a details query in progress says it still runs (a poll of a
+/// job comes at most this far apart, and says so too).
+pub(crate) const STILL_RUNNING: Duration = Duration::from_secs(30);
 /// Largest details-query page.
 const QUERY_PAGE: usize = 100;
 /// Results page asked of a job first.
@@ -161,6 +166,16 @@ pub enum Step {
         /// Records the job holds.
         records: Option<u64>,
     },
+    /// Its details query still runs, this long after it started, with
+    /// this many records read so far (of how many, once a page said).
+    Querying {
+        /// Seconds since the block's first page was asked for.
+        for_s: u64,
+        /// Records read so far.
+        records: u64,
+        /// Records in all, if a page said.
+        of: Option<u64>,
+    },
     /// This many records read so far, of how many if known.
     Paged {
         /// Records read so far.
@@ -177,6 +192,17 @@ impl std::fmt::Display for Step {
             Step::Pending { for_s } => write!(f, "job running for {for_s}s"),
             Step::Fulfilled { records: Some(n) } => write!(f, "job done, {n} records to read"),
             Step::Fulfilled { records: None } => write!(f, "job done, reading its records"),
+            Step::Querying {
+                for_s,
+                records,
+                of: Some(of),
+            } => write!(
+                f,
+                "query running for {for_s}s, {records} of {of} records read"
+            ),
+            Step::Querying {
+                for_s, of: None, ..
+            } => write!(f, "query running for {for_s}s, no page answered yet"),
             Step::Paged {
                 records,
                 of: Some(of),
@@ -337,7 +363,37 @@ impl Source {
         }
     }
 
+    /// [`Source::fetch_query_pages`], saying every [`STILL_RUNNING`] that
+    /// it still runs and how far it got ([`Step::Querying`]): an hour's
+    /// block can take minutes (many pages, leases waited for), in which
+    /// a log without a terminal would otherwise say nothing.
     async fn fetch_query(
+        &self,
+        block: Block,
+        note: &(dyn Fn(Step) + Send + Sync),
+    ) -> Result<Fetched, IngestError> {
+        // Of: `u64::MAX` until a page says.
+        let (read, of) = (AtomicU64::new(0), AtomicU64::new(u64::MAX));
+        let paged = |step: Step| {
+            if let Step::Paged { records, of: total } = step {
+                read.store(records, Ordering::Relaxed);
+                of.store(total.unwrap_or(u64::MAX), Ordering::Relaxed);
+            }
+            note(step);
+        };
+        let pages = self.fetch_query_pages(block, &paged);
+        ticking(pages, STILL_RUNNING, |elapsed| {
+            let total = of.load(Ordering::Relaxed);
+            note(Step::Querying {
+                for_s: elapsed.as_secs(),
+                records: read.load(Ordering::Relaxed),
+                of: (total != u64::MAX).then_some(total),
+            });
+        })
+        .await
+    }
+
+    async fn fetch_query_pages(
         &self,
         block: Block,
         note: &(dyn Fn(Step) + Send + Sync),
@@ -678,9 +734,68 @@ const CURSOR: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'~');
 
+/// `work`'s output, `tick` told the time since it started every `every`
+/// while it runs (not once it is done).
+async fn ticking<T>(work: impl Future<Output = T>, every: Duration, tick: impl Fn(Duration)) -> T {
+    let started = tokio::time::Instant::now();
+    let mut ticks = tokio::time::interval_at(started + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut work = std::pin::pin!(work);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut work => return out,
+            _ = ticks.tick() => tick(started.elapsed()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A block's query that runs 95 s says so at 30, 60 and 90 s, and no
+    /// more once it is done (tokio's clock paused: no time passes).
+    #[tokio::test(start_paused = true)]
+    async fn a_long_query_says_every_half_minute_that_it_still_runs() {
+        let said = std::sync::Mutex::new(Vec::new());
+        let out = ticking(
+            async {
+                tokio::time::sleep(Duration::from_secs(95)).await;
+                7
+            },
+            STILL_RUNNING,
+            |elapsed| said.lock().unwrap().push(elapsed.as_secs()),
+        )
+        .await;
+        assert_eq!(out, 7);
+        assert_eq!(*said.lock().unwrap(), [30, 60, 90]);
+        // Done before the first half minute: nothing said.
+        let quick = ticking(async { 1 }, STILL_RUNNING, |_| panic!("a tick")).await;
+        assert_eq!(quick, 1);
+    }
+
+    #[test]
+    fn a_query_step_says_how_far_it_got() {
+        let step = Step::Querying {
+            for_s: 30,
+            records: 200,
+            of: Some(1000),
+        };
+        assert_eq!(
+            step.to_string(),
+            "query running for 30s, 200 of 1000 records read"
+        );
+        let step = Step::Querying {
+            for_s: 60,
+            records: 0,
+            of: None,
+        };
+        assert_eq!(
+            step.to_string(),
+            "query running for 60s, no page answered yet"
+        );
+    }
 
     #[test]
     fn a_job_id_that_would_change_a_request_path_is_refused() {

@@ -30,11 +30,15 @@ pub(super) struct RawCluster {
 }
 
 /// An `http://` or `https://` URL with a host (what a gRPC client can dial).
+/// An `http://` or `https://` URL with a host and no path or query: the
+/// clients refuse a broker URL with one (gRPC would drop it).
 fn is_http_url(url: &str) -> bool {
     (url.starts_with("http://") || url.starts_with("https://"))
-        && url
-            .parse::<tonic::codegen::http::Uri>()
-            .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()))
+        && url.parse::<tonic::codegen::http::Uri>().is_ok_and(|u| {
+            u.host().is_some_and(|h| !h.is_empty())
+                && matches!(u.path(), "" | "/")
+                && u.query().is_none()
+        })
 }
 
 fn default_prefix() -> String {
@@ -80,7 +84,7 @@ impl RawCluster {
         if !is_http_url(&self.advertise) {
             problems.push(format!(
                 "cluster.advertise {} must be the URL clients reach this broker at, \
-                 e.g. \"http://10.0.0.5:50051\"",
+                 e.g. \"http://10.0.0.5:50051\" (scheme, host and port: no path)",
                 clip(&self.advertise)
             ));
         }

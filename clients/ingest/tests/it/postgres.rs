@@ -306,7 +306,7 @@ async fn a_run_ended_by_its_sink_prints_its_summary_and_exits_1() {
             let closing = " from 72 blocks (0 already done, 0 provisional, 0 failed";
             assert!(stderr.contains(closing), "{stderr}");
             let dropped = format!(
-                "  1 blocks in progress dropped and {} not started",
+                "  1 block in progress dropped and {} not started",
                 72 - done - 1
             );
             assert!(stderr.contains(&dropped), "{stderr}");

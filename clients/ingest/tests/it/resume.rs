@@ -178,6 +178,38 @@ fn bad_arguments_exit_2_before_any_request() {
         assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
         assert!(err.contains(says), "{extra:?}: {err}");
     }
+    // A worker name the broker would refuse on every call (after the
+    // blocks were claimed), and times: each names its flag, quoting
+    // nothing long.
+    let long = "w".repeat(300);
+    let range = ["--from", "2026-11-01", "--to", "2026-11-02"];
+    for (extra, says) in [
+        (
+            vec!["--worker", long.as_str()],
+            "gc-ingest: --worker: 300 bytes long; the broker takes a client id of at most 256 bytes",
+        ),
+        (
+            vec!["--from", "yesterday"],
+            "gc-ingest: --from: \"yesterday\" is not a date",
+        ),
+        (
+            vec!["--now", "soon"],
+            "gc-ingest: --now: \"soon\" is not a date",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gc-ingest"))
+            .args(["--region", "http://127.0.0.1:9", "--tenant", "t"])
+            .args(["--client-id", "a", "--client-secret", "b"])
+            .args(["--sink", "/nonexistent/never-opened.db"])
+            .args(range)
+            .args(&extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.starts_with(says), "{err}");
+        assert!(err.len() < 300, "{err}");
+    }
     // Another database's URL is not a file name.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_gc-ingest"))
         .args(["--region", "http://127.0.0.1:9", "--tenant", "t"])
@@ -210,11 +242,19 @@ async fn a_login_host_that_refuses_connections_exits_2_at_start() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
         err.contains(&format!(
-            "the login host http://{closed} refuses connections"
-        )),
+            "the login host http://{closed} refuses connections ("
+        )) && err.to_lowercase().contains("connection refused"),
         "{err}"
     );
     assert!(!sink.exists(), "the sink was opened: {err}");
+    // A region 20,000 characters long is quoted clipped, whatever the
+    // resolver makes of it.
+    let long = format!("http://{}.invalid", "x".repeat(20_000));
+    let never = std::path::Path::new("/nonexistent/dir/ingest.db");
+    let out = start_check(&long, "gcsim-secret", &bed.broker.url(), "org-a", never).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.len() < 1_000, "{} bytes: {err}", err.len());
     bed.sim.shutdown().await;
 }
 
