@@ -48,9 +48,14 @@ pub enum RelayError {
         /// The table, or `table.column`.
         missing: String,
     },
-    /// Bad settings (at start).
+    /// Bad settings or arguments (at start): exit 2.
     #[error("settings: {0}")]
     Settings(String),
+    /// The queue is not as the operation needs it (another relay holds
+    /// the SQLite file, ids named that are not dead letters): not a
+    /// mistake in the settings, and it may pass later.
+    #[error("{0}")]
+    State(String),
     /// The upstream caller could not be built.
     #[error("upstream: {0}")]
     Upstream(String),
@@ -65,6 +70,19 @@ pub enum RelayError {
 }
 
 impl RelayError {
+    /// The exit code of `gc-relay` failing with this error: 2 for a bad
+    /// argument or setting, or a start-up check every record would fail
+    /// (a refused tenant, token or client secret, a login host that
+    /// refuses connections), as `gc-ingest` does; 1 for the rest, which
+    /// may pass if run again (a database down, another relay holding the
+    /// queue, ids that are not dead letters).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RelayError::Settings(_) | RelayError::Upstream(_) => 2,
+            _ => 1,
+        }
+    }
+
     pub(crate) fn db(what: &str, source: sqlx::Error) -> RelayError {
         RelayError::Db {
             what: what.to_owned(),
@@ -86,6 +104,7 @@ impl IntoResponse for RelayError {
                 (StatusCode::SERVICE_UNAVAILABLE, Some(1))
             }
             RelayError::Settings(_)
+            | RelayError::State(_)
             | RelayError::OlderQueue { .. }
             | RelayError::Upstream(_)
             | RelayError::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, None),

@@ -34,7 +34,9 @@ mod server;
 
 pub use drain::DrainSettings;
 pub use error::RelayError;
-pub use queue::{now_ms, sqlite_path, Access, DeadLetter, Depth, Limits, Outcome, Queue, Stored};
+pub use queue::{
+    now_ms, shown, sqlite_path, Access, DeadLetter, Depth, Limits, Outcome, Queue, Stored,
+};
 pub use record::{Intake, Invalid, NewRecord, Record, KEY_MAX, PATH_MAX};
 pub use server::{Auth, SECRET_HEADER};
 
@@ -158,6 +160,13 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<RelayHan
         return Err(RelayError::Settings(
             "intake needs credentials: Basic (user and password) or a shared secret".into(),
         ));
+    }
+    // The broker's client id: refused on every call were it not here.
+    if let Some(why) = gc_upstream::client_id_problem(&settings.name) {
+        return Err(RelayError::Settings(format!(
+            "the relay's name (--name, GC_RELAY_NAME), its broker client id: {why}: give \
+             another"
+        )));
     }
     let addr = listener.local_addr().map_err(|source| RelayError::Io {
         what: "read the listener's address".into(),

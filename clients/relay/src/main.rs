@@ -1,6 +1,10 @@
 //! `gc-relay`: `serve` runs the relay; `status` and `dlq list|replay|drop`
 //! read and settle its queue directly (they work while it runs, and on a
-//! PostgreSQL queue from any host that reaches it).
+//! PostgreSQL queue from any host that reaches it). Exit 0: done; 1: a
+//! failure that may pass if run again (the queue database unreachable,
+//! another relay on the SQLite queue, ids that are not dead letters); 2:
+//! bad arguments or settings, or a start-up check every record would fail
+//! (see [`RelayError::exit_code`]).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -192,7 +196,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gc-relay: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }
@@ -232,35 +236,62 @@ async fn run(command: Command) -> Result<(), RelayError> {
         }
         Command::Dlq { action } => match action {
             Dlq::List { queue, limit } => {
-                for d in open(&queue, Access::Read)
-                    .await?
-                    .dead_letters(limit)
-                    .await?
-                {
+                let queue = open(&queue, Access::Read).await?;
+                let letters = queue.dead_letters(limit).await?;
+                for d in &letters {
                     out(&format!(
                         "{}\n",
-                        serde_json::to_string(&d).unwrap_or_default()
+                        serde_json::to_string(d).unwrap_or_default()
                     ))?;
+                }
+                // Cut at the limit: how many more, on stderr (stdout stays
+                // one JSON object a line).
+                if letters.len() as u64 >= u64::from(limit) {
+                    let shown = letters.len() as i64;
+                    let more = queue.depth().await?.dead.saturating_sub(shown);
+                    if more > 0 {
+                        eprintln!(
+                            "gc-relay: … and {more} more {}: raise --limit (now {limit})",
+                            dead_letters(more as u64)
+                        );
+                    }
                 }
                 Ok(())
             }
             Dlq::Replay(p) => {
-                let n = open(&p.queue, Access::Settle)
+                let settled = open(&p.queue, Access::Settle)
                     .await?
-                    .replay(ids(&p))
+                    .replay_which(ids(&p))
                     .await?;
-                out(&format!("{n} dead letters back in the queue\n"))?;
-                all_named(&p, n)
+                out(&format!(
+                    "{} {} back in the queue\n",
+                    settled.len(),
+                    dead_letters(settled.len() as u64)
+                ))?;
+                all_named(&p, &settled)
             }
             Dlq::Drop(p) => {
-                let n = open(&p.queue, Access::Settle)
+                let settled = open(&p.queue, Access::Settle)
                     .await?
-                    .drop_dead(ids(&p))
+                    .drop_dead_which(ids(&p))
                     .await?;
-                out(&format!("{n} dead letters dropped\n"))?;
-                all_named(&p, n)
+                out(&format!(
+                    "{} {} dropped\n",
+                    settled.len(),
+                    dead_letters(settled.len() as u64)
+                ))?;
+                all_named(&p, &settled)
             }
         },
+    }
+}
+
+/// "dead letter" or "dead letters", for `n` of them.
+fn dead_letters(n: u64) -> &'static str {
+    if n == 1 {
+        "dead letter"
+    } else {
+        "dead letters"
     }
 }
 
@@ -282,16 +313,45 @@ fn out(text: &str) -> Result<(), RelayError> {
 }
 
 /// An error when ids were named and fewer than them were dead letters
-/// (a mistyped id is not a success).
-fn all_named(p: &Pick, done: u64) -> Result<(), RelayError> {
+/// (a mistyped id is not a success), naming those that were not.
+fn all_named(p: &Pick, settled: &[i64]) -> Result<(), RelayError> {
     match ids(p) {
-        Some(ids) if done < ids.len() as u64 => Err(RelayError::Settings(format!(
-            "{} of the {} ids named are not dead letters (see gc-relay dlq list)",
-            ids.len() as u64 - done,
-            ids.len()
-        ))),
-        _ => Ok(()),
+        Some(ids) => not_dead_letters(ids, settled).map_or(Ok(()), |e| Err(RelayError::State(e))),
+        None => Ok(()),
     }
+}
+
+/// Ids listed in a message at most.
+const IDS_SHOWN: usize = 10;
+
+/// What to say of the ids `named` that are not among those `settled`, if
+/// any: the first [`IDS_SHOWN`] of them, and how many more.
+fn not_dead_letters(named: &[i64], settled: &[i64]) -> Option<String> {
+    let mut missing: Vec<i64> = named
+        .iter()
+        .copied()
+        .filter(|id| !settled.contains(id))
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    if missing.is_empty() {
+        return None;
+    }
+    let mut list: Vec<String> = missing.iter().take(IDS_SHOWN).map(i64::to_string).collect();
+    if missing.len() > IDS_SHOWN {
+        list.push(format!("and {} more", missing.len() - IDS_SHOWN));
+    }
+    let (n, all) = (missing.len(), named.len());
+    let (are, letters) = if n == 1 {
+        ("is not a dead letter", "id")
+    } else {
+        ("are not dead letters", "ids")
+    };
+    Some(format!(
+        "{n} of the {all} ids named {are}: {} {}; see gc-relay dlq list",
+        letters,
+        list.join(", ")
+    ))
 }
 
 fn ids(p: &Pick) -> Option<&[i64]> {
@@ -300,16 +360,9 @@ fn ids(p: &Pick) -> Option<&[i64]> {
 
 /// The queue `status` and `dlq` read: one that exists (a mistyped path
 /// would otherwise be a new, empty queue reported as all zeros), as it is
-/// (only `serve` migrates it).
+/// (only `serve` migrates it), connected as `serve` connects (an
+/// unreachable PostgreSQL is said at once, with its reason).
 async fn open(q: &QueueArg, access: Access) -> Result<Queue, RelayError> {
-    if let Some(path) = gc_relay::sqlite_path(&q.queue)? {
-        if !std::path::Path::new(path).exists() {
-            return Err(RelayError::Settings(format!(
-                "there is no queue at {path:?}: give the --queue (or GC_RELAY_QUEUE) \
-                 that gc-relay serve uses"
-            )));
-        }
-    }
     Queue::open_existing(&q.queue, access).await
 }
 
@@ -369,8 +422,27 @@ async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
-    use super::Cli;
+    use super::{not_dead_letters, Cli};
     use clap::{CommandFactory, Parser};
+
+    /// The ids named that were not dead letters are listed, the first ten
+    /// and how many more.
+    #[test]
+    fn the_ids_that_are_not_dead_letters_are_named() {
+        assert_eq!(not_dead_letters(&[1, 2], &[1, 2]), None);
+        assert_eq!(
+            not_dead_letters(&[7, 3], &[3]).as_deref(),
+            Some("1 of the 2 ids named is not a dead letter: id 7; see gc-relay dlq list")
+        );
+        let named: Vec<i64> = (1..=25).collect();
+        assert_eq!(
+            not_dead_letters(&named, &[1]).as_deref(),
+            Some(
+                "24 of the 25 ids named are not dead letters: ids 2, 3, 4, 5, 6, 7, 8, 9, 10, \
+                 11, and 14 more; see gc-relay dlq list"
+            )
+        );
+    }
 
     /// A relay deployed with environment variables only (a container) can
     /// set every option of `serve`, as its README says.

@@ -389,6 +389,7 @@ pub fn sqlite_path(url: &str) -> Result<Option<&str>, RelayError> {
 /// lock goes with the process, even a killed one.
 pub(crate) fn lock_queue_file(path: &str) -> Result<std::fs::File, RelayError> {
     let lock_path = format!("{path}.lock");
+    let (path, lock_shown) = (shown(path), shown(&lock_path));
     let io = |what: String| {
         move |source| RelayError::Io {
             what: what.clone(),
@@ -400,15 +401,15 @@ pub(crate) fn lock_queue_file(path: &str) -> Result<std::fs::File, RelayError> {
         .truncate(false)
         .write(true)
         .open(&lock_path)
-        .map_err(io(format!("open the queue's lock file {lock_path}")))?;
+        .map_err(io(format!("open the queue's lock file {lock_shown}")))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(RelayError::Settings(format!(
-            "another relay uses the queue {path} (it holds {lock_path}): one relay per SQLite \
-             file; run several on PostgreSQL"
+        Err(std::fs::TryLockError::WouldBlock) => Err(RelayError::State(format!(
+            "another relay uses the queue {path} (it holds {lock_shown}): one relay per SQLite \
+             file; stop it first, or run several on PostgreSQL"
         ))),
         Err(std::fs::TryLockError::Error(e)) => {
-            Err(io(format!("lock the queue's lock file {lock_path}"))(e))
+            Err(io(format!("lock the queue's lock file {lock_shown}"))(e))
         }
     }
 }
@@ -494,6 +495,15 @@ impl Queue {
     pub async fn open_existing(url: &str, access: Access) -> Result<Queue, RelayError> {
         let read_only = access == Access::Read;
         let db = if let Some(path) = sqlite_path(url)? {
+            // Not created: a mistyped path would be a new, empty queue,
+            // reported as all zeros.
+            if !std::path::Path::new(path).exists() {
+                return Err(RelayError::Settings(format!(
+                    "there is no queue at {}: give the --queue (or GC_RELAY_QUEUE) that \
+                     gc-relay serve uses",
+                    shown(path)
+                )));
+            }
             let options = SqliteConnectOptions::new()
                 .filename(path)
                 .read_only(read_only)
@@ -513,6 +523,12 @@ impl Queue {
             if read_only {
                 options = options.options([("default_transaction_read_only", "on")]);
             }
+            // One connection first, as `serve` makes, for its own error
+            // (connection refused, at once): the pool would retry for its
+            // whole acquire timeout, then say only that it timed out.
+            let first = connect_postgres_with(&options).await?;
+            // A failed goodbye is no reason not to go on.
+            let _ = first.close().await;
             let pool = PgPoolOptions::new()
                 .max_connections(1)
                 .acquire_timeout(CONNECT_WAIT)
@@ -849,7 +865,13 @@ impl Queue {
     /// Puts dead letters back in the queue (`ids`, or all when `None`);
     /// returns how many.
     pub async fn replay(&self, ids: Option<&[i64]>) -> Result<u64, RelayError> {
-        let n = self
+        Ok(self.replay_which(ids).await?.len() as u64)
+    }
+
+    /// [`Queue::replay`], returning the ids of the dead letters put back
+    /// (in order).
+    pub async fn replay_which(&self, ids: Option<&[i64]>) -> Result<Vec<i64>, RelayError> {
+        let settled = self
             .settle_dead(
                 ids,
                 "state = 'pending', not_before_ms = ?, attempts = 0",
@@ -858,24 +880,31 @@ impl Queue {
             .await?;
         // Records back in the queue the writer did not store.
         self.recount.notify_one();
-        Ok(n)
+        Ok(settled)
     }
 
     /// Drops dead letters for good (`ids`, or all when `None`): their keys
     /// stay known, so a repeat is still one record; returns how many.
     pub async fn drop_dead(&self, ids: Option<&[i64]>) -> Result<u64, RelayError> {
+        Ok(self.drop_dead_which(ids).await?.len() as u64)
+    }
+
+    /// [`Queue::drop_dead`], returning the ids of the dead letters dropped
+    /// (in order).
+    pub async fn drop_dead_which(&self, ids: Option<&[i64]>) -> Result<Vec<i64>, RelayError> {
         self.settle_dead(ids, "state = 'dropped', done_ms = ?", now_ms())
             .await
     }
 
     /// Sets `set` (with one `?`, bound to `value`) on the dead records of
-    /// `ids` (all when `None`) and removes their dead letters.
+    /// `ids` (all when `None`) and removes their dead letters; returns the
+    /// ids settled.
     async fn settle_dead(
         &self,
         ids: Option<&[i64]>,
         set: &str,
         value: i64,
-    ) -> Result<u64, RelayError> {
+    ) -> Result<Vec<i64>, RelayError> {
         let which = match ids {
             None => String::new(),
             Some(ids) => {
@@ -889,13 +918,15 @@ impl Queue {
         let delete = "DELETE FROM relay_dead_letters WHERE record_id NOT IN \
                       (SELECT id FROM relay_records WHERE state = 'dead')";
         // In id order, as intake holds them: an intake holding one and
-        // waiting for another is not waited for in turn (a deadlock).
-        let lock = match self.db {
-            Db::Sqlite(_) => None,
-            Db::Postgres(_) => Some(format!(
-                "SELECT id FROM relay_records WHERE state = 'dead'{which} ORDER BY id FOR UPDATE"
-            )),
-        };
+        // waiting for another is not waited for in turn (a deadlock). On
+        // SQLite the write transaction holds the file: what it reads stays.
+        let dead = format!(
+            "SELECT id FROM relay_records WHERE state = 'dead'{which} ORDER BY id{}",
+            match self.db {
+                Db::Sqlite(_) => "",
+                Db::Postgres(_) => " FOR UPDATE",
+            }
+        );
         let keys = self.sql(&format!(
             "SELECT DISTINCT order_key FROM relay_records WHERE state = 'dead'{which}"
         ));
@@ -903,19 +934,19 @@ impl Queue {
         let what = |e| RelayError::db("settle dead letters", e);
         with_pool!(&self.db, pool => {
             let mut tx = pool.begin_write().await.map_err(what)?;
-            if let Some(lock) = &lock {
-                sqlx::query(lock).execute(&mut *tx).await.map_err(what)?;
-            }
+            let settled: Vec<i64> = sqlx::query_scalar(&dead)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(what)?;
             let keys: Vec<String> = sqlx::query_scalar(&keys)
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(what)?;
-            let n = sqlx::query(&update)
+            sqlx::query(&update)
                 .bind(value)
                 .execute(&mut *tx)
                 .await
-                .map_err(what)?
-                .rows_affected();
+                .map_err(what)?;
             sqlx::query(delete).execute(&mut *tx).await.map_err(what)?;
             // What the settled dead letters held is due again, key by key.
             let now = now_ms();
@@ -930,7 +961,7 @@ impl Queue {
                     .map_err(what)?;
             }
             tx.commit().await.map_err(what)?;
-            Ok(n)
+            Ok(settled)
         })
     }
 
@@ -979,13 +1010,10 @@ impl Queue {
     }
 }
 
-/// A queue's path as an error names it: at most 200 characters (it is
-/// input).
-fn shown(path: &str) -> String {
-    match path.char_indices().nth(200) {
-        Some((at, _)) => format!("{}…", &path[..at]),
-        None => path.to_owned(),
-    }
+/// A queue's path (or other input) as an error names it: at most 200
+/// characters.
+pub fn shown(path: &str) -> String {
+    gc_upstream::clip(path)
 }
 
 /// Opens the SQLite queue at `path` (created if missing), `connections`
@@ -1016,7 +1044,15 @@ async fn sqlite(path: &str, connections: u32) -> Result<SqlitePool, RelayError> 
 /// would retry for its whole acquire timeout, then say only that it timed
 /// out.
 async fn connect_postgres(url: &str) -> Result<PgConnection, RelayError> {
-    tokio::time::timeout(CONNECT_WAIT, PgConnection::connect(url))
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|e| RelayError::db("connect to PostgreSQL", e))?;
+    connect_postgres_with(&options).await
+}
+
+/// [`connect_postgres`] with `options`.
+async fn connect_postgres_with(options: &PgConnectOptions) -> Result<PgConnection, RelayError> {
+    tokio::time::timeout(CONNECT_WAIT, PgConnection::connect_with(options))
         .await
         .map_err(|_| {
             let e = std::io::Error::new(

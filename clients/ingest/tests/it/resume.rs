@@ -182,18 +182,18 @@ fn bad_arguments_exit_2_before_any_request() {
     // blocks were claimed), and times: each names its flag, quoting
     // nothing long.
     let long = "w".repeat(300);
-    let range = ["--from", "2026-11-01", "--to", "2026-11-02"];
+    let (from, to) = (["--from", "2026-11-01"], ["--to", "2026-11-02"]);
     for (extra, says) in [
         (
-            vec!["--worker", long.as_str()],
+            [&from[..], &to, &["--worker", long.as_str()]].concat(),
             "gc-ingest: --worker: 300 bytes long; the broker takes a client id of at most 256 bytes",
         ),
         (
-            vec!["--from", "yesterday"],
+            [&to[..], &["--from", "yesterday"]].concat(),
             "gc-ingest: --from: \"yesterday\" is not a date",
         ),
         (
-            vec!["--now", "soon"],
+            [&from[..], &to, &["--now", "soon"]].concat(),
             "gc-ingest: --now: \"soon\" is not a date",
         ),
     ] {
@@ -201,7 +201,6 @@ fn bad_arguments_exit_2_before_any_request() {
             .args(["--region", "http://127.0.0.1:9", "--tenant", "t"])
             .args(["--client-id", "a", "--client-secret", "b"])
             .args(["--sink", "/nonexistent/never-opened.db"])
-            .args(range)
             .args(&extra)
             .output()
             .unwrap();

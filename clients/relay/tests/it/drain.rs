@@ -165,7 +165,7 @@ async fn a_refused_record_is_a_dead_letter_the_cli_lists_replays_and_drops() {
     // Replayed, it is refused again and comes back.
     assert_eq!(
         cli(&["dlq", "replay", &id.to_string()]).trim(),
-        "1 dead letters back in the queue"
+        "1 dead letter back in the queue"
     );
     wait_until(
         "the replay refused again",
@@ -178,7 +178,7 @@ async fn a_refused_record_is_a_dead_letter_the_cli_lists_replays_and_drops() {
     .await;
     assert_eq!(
         cli(&["dlq", "drop", "--all"]).trim(),
-        "1 dead letters dropped"
+        "1 dead letter dropped"
     );
     assert_eq!(cli(&["dlq", "list"]), "");
     // An id that is no dead letter (mistyped, already dropped) is an error.
@@ -187,8 +187,11 @@ async fn a_refused_record_is_a_dead_letter_the_cli_lists_replays_and_drops() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        !out.status.success() && err.contains("1 of the 1 ids named are not dead letters"),
+        err.contains(&format!(
+            "1 of the 1 ids named is not a dead letter: id {id}; see gc-relay dlq list"
+        )),
         "{err}"
     );
     // Its key is still known: a repeat is the same record, not a new one.
@@ -429,7 +432,7 @@ fn status_and_dlq_refuse_a_queue_that_does_not_exist() {
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains("there is no queue at"), "{args:?}: {err}");
         assert!(!typo.exists(), "{args:?} created {}", typo.display());
     }
@@ -513,7 +516,7 @@ async fn status_and_dlq_leave_a_queue_of_the_previous_release_as_it_is() {
     assert!(dropped.status.success());
     assert_eq!(
         String::from_utf8_lossy(&dropped.stdout),
-        "1 dead letters dropped\n"
+        "1 dead letter dropped\n"
     );
     assert_eq!(sqlite_indexes(&path).await, before);
 }

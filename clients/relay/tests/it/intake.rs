@@ -6,10 +6,18 @@ use serde_json::json;
 
 use crate::common::*;
 
-/// An upstream nobody listens on: records stay queued (transport errors
-/// are retried), so the queue fills.
-fn unreachable_upstream(settings: &mut gc_relay::Settings) {
-    settings.upstream.region = "http://127.0.0.1:1".into();
+/// An upstream that takes connections and closes them unanswered:
+/// records stay queued (transport errors are retried), so the queue
+/// fills. (One that refuses connections is a wrong region: the relay
+/// does not start.)
+async fn unreachable_upstream(settings: &mut gc_relay::Settings) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    settings.upstream.region = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((connection, _)) = listener.accept().await {
+            drop(connection);
+        }
+    });
 }
 
 #[tokio::test]
@@ -18,7 +26,7 @@ async fn intake_refuses_strangers_and_bad_records_and_a_full_queue_says_when() {
     let sim = gcsim(sim_config(1.0, 300, 0)).await;
     let broker = broker(60_000).await;
     let mut settings = settings(&dir.sqlite(), &sim, &broker.url);
-    unreachable_upstream(&mut settings);
+    unreachable_upstream(&mut settings).await;
     settings.limits.max_records = 2;
     let relay = relay(settings).await;
     let base = format!("http://{}", relay.addr());
@@ -336,6 +344,25 @@ window_ms = 60000
         assert!(e.starts_with("upstream: start-up check: "), "{e}");
         assert!(e.contains(says), "{e}");
     }
+    // A login host that refuses connections: a wrong region, which no
+    // record would get past; said with the system's reason.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    let mut wrong_region = with(|_| {});
+    wrong_region.upstream.region = format!("http://{closed}");
+    let Err(e) = start(wrong_region).await else {
+        panic!("the relay started with a login host that refuses connections")
+    };
+    assert_eq!(e.exit_code(), 2, "{e}");
+    let e = e.to_string();
+    assert!(
+        e.starts_with(&format!(
+            "upstream: start-up check: the login host http://{closed} refuses connections ("
+        )) && e.to_lowercase().contains("connection refused")
+            && e.ends_with(": check --region"),
+        "{e}"
+    );
     // All right: it starts. The broker away: it starts too (its calls wait
     // or fall back), and its log says so.
     start(with(|_| {})).await.unwrap().shutdown().await;
