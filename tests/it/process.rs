@@ -48,6 +48,22 @@ fn a_state_dir_it_cannot_write_exits_2_naming_it() {
     assert!(err.contains("cannot write there"), "{err}");
 }
 
+/// Runs the broker on the config file at `path` (then removed), with
+/// `rust_log` as `RUST_LOG` if given, which must exit 1 (a port it cannot
+/// listen on); returns what it printed on stderr.
+fn fails_to_listen(path: &std::path::Path, rust_log: Option<&str>) -> String {
+    let mut broker = Command::new(env!("CARGO_BIN_EXE_quota-broker"));
+    broker.arg("--config").arg(path);
+    if let Some(filter) = rust_log {
+        broker.env("RUST_LOG", filter);
+    }
+    let out = broker.output().unwrap();
+    let _ = std::fs::remove_file(path);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    err
+}
+
 #[test]
 fn an_http_port_asked_for_must_be_bound_and_differ_from_the_grpc_port() {
     // Held here: the broker must not serve with probes and scrapes going
@@ -62,15 +78,8 @@ fn an_http_port_asked_for_must_be_bound_and_differ_from_the_grpc_port() {
              routes = [\"* /**\"]\nmax_in_flight = 2\n"
         ),
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&path);
+    let err = fails_to_listen(&path, None);
     drop(taken);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains(&format!(
             "cannot listen on server.http_listen 127.0.0.1:{port}"
@@ -102,16 +111,8 @@ fn a_taken_grpc_port_says_how_to_move_and_a_bad_log_filter_is_said() {
              max_in_flight = 2\n"
         ),
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "quota_broker=[nope")
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&path);
+    let err = fails_to_listen(&path, Some("quota_broker=[nope"));
     drop(taken);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains(&format!("cannot listen on server.listen 127.0.0.1:{port}"))
             && err.contains("QUOTA_BROKER__SERVER__LISTEN"),

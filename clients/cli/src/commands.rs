@@ -1203,13 +1203,9 @@ mod tests {
             .collect()
     }
 
-    /// The table of `watch` over every tenant keeps only live rows: a
-    /// tenant's rows from the broker that led it before go once another
-    /// broker sends it (a per-client row the new leader has not made
-    /// among them), and a broker's rows go once its stream ended.
-    #[test]
-    fn rows_of_a_tenant_led_elsewhere_or_of_a_gone_broker_are_dropped() {
-        let mut feed = Feed {
+    /// A feed of `watch` over every tenant with no stream yet.
+    fn empty_feed() -> Feed {
+        Feed {
             streams: StreamMap::new(),
             tenant: None,
             watched: None,
@@ -1218,7 +1214,16 @@ mod tests {
             dropped: Vec::new(),
             reopen_at: Instant::now(),
             gone: Vec::new(),
-        };
+        }
+    }
+
+    /// The table of `watch` over every tenant keeps only live rows: a
+    /// tenant's rows from the broker that led it before go once another
+    /// broker sends it (a per-client row the new leader has not made
+    /// among them), and a broker's rows go once its stream ended.
+    #[test]
+    fn rows_of_a_tenant_led_elsewhere_or_of_a_gone_broker_are_dropped() {
+        let mut feed = empty_feed();
         let (mut state, mut source) = (BTreeMap::new(), BTreeMap::new());
         let (b1, b2) = ("http://b1".to_owned(), "http://b2".to_owned());
         for s in [
@@ -1262,16 +1267,7 @@ mod tests {
 
     #[test]
     fn a_per_client_buckets_unused_row_and_its_clients_rows_replace_each_other() {
-        let mut feed = Feed {
-            streams: StreamMap::new(),
-            tenant: None,
-            watched: None,
-            lost: None,
-            switched: false,
-            dropped: Vec::new(),
-            reopen_at: Instant::now(),
-            gone: Vec::new(),
-        };
+        let mut feed = empty_feed();
         let (mut state, mut source) = (BTreeMap::new(), BTreeMap::new());
         let b1 = "http://b1".to_owned();
         let per_client = |client: &str, unused| QuotaStatus {
