@@ -56,6 +56,12 @@ fn unknown_at_hand_over() -> Option<u64> {
 /// may have led in between without saving).
 const HAND_OVER_FRESH_MS: u64 = 10_000;
 
+/// How far ahead of this broker's clock a hand-over's stamp may be and
+/// still be read: the brokers' clocks differ (by a millisecond between two
+/// in one process, by more between hosts), and a hand-over made the moment
+/// before must not be taken for a forged one and discarded.
+const HAND_OVER_SKEW_MS: u64 = 1_000;
+
 impl Broker {
     /// Cluster mode: an error that sends the caller to tenant `t`'s leader,
     /// unless this broker leads it now.
@@ -240,8 +246,10 @@ impl Broker {
             handed_over = s.handed_over;
         }
         let now_ms = self.inner.clock.unix_ms(now);
-        let handed_over =
-            handed_over.filter(|h| h.at_ms <= now_ms && now_ms - h.at_ms <= HAND_OVER_FRESH_MS);
+        let handed_over = handed_over.filter(|h| {
+            h.at_ms <= now_ms.saturating_add(HAND_OVER_SKEW_MS)
+                && now_ms.saturating_sub(h.at_ms) <= HAND_OVER_FRESH_MS
+        });
         if led_before {
             let mut state = tenant.lock();
             let unknown_for = handed_over
@@ -487,6 +495,20 @@ mod tests {
         assert!(matches!(acquire(&new), crate::tenant::Decision::Denied(_)));
         assert!(new.inner.tenants[0].lock().release(held.lease_id));
         assert!(matches!(acquire(&new), crate::tenant::Decision::Granted(_)));
+        // Stamped a little ahead of this broker's clock (another clock, or
+        // another host's): still carried. Far ahead: not trusted.
+        let ahead = |ms: u64| {
+            let mut v: serde_json::Value = serde_json::from_slice(&handed).unwrap();
+            let at = v["handed_over"]["at_ms"].as_u64().unwrap();
+            v["handed_over"]["at_ms"] = (at + ms).into();
+            serde_json::to_vec(&v).unwrap()
+        };
+        new.take_over(0, Some(&ahead(500)));
+        new.lead(0, until);
+        assert!(matches!(acquire(&new), crate::tenant::Decision::Granted(_)));
+        new.take_over(0, Some(&ahead(60_000)));
+        new.lead(0, until);
+        assert!(matches!(acquire(&new), crate::tenant::Decision::Denied(_)));
         stop.cancel();
     }
 
