@@ -38,9 +38,13 @@ mod holds_tests;
 mod instance;
 #[cfg(test)]
 mod kept_tests;
+#[cfg(test)]
+mod keyed_tests;
 mod learn;
 mod leases;
 mod operate;
+#[cfg(test)]
+mod per_client_tests;
 mod recent;
 mod registry;
 mod restart;
@@ -252,6 +256,7 @@ impl TenantState {
                     .then(|| instances.insert(Instance::new(i, b, None, now))),
                 per_client: HashMap::new(),
                 retired: Default::default(),
+                version: 0,
             })
             .collect();
         let mut queue = Queue::default();
@@ -376,11 +381,15 @@ impl TenantState {
     }
 
     /// A change to bucket `b` itself: with no instance (a per-client
-    /// bucket no client uses) its row stands for it, and Watch is told.
+    /// bucket no client uses) its row stands for it and changes, as
+    /// [`Self::touch`] has an instance's.
     fn touch_if_unused(&mut self, b: usize) {
-        if self.buckets[b].org.is_none() && self.buckets[b].per_client.is_empty() {
-            self.version
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let def = &mut self.buckets[b];
+        if def.org.is_none() && def.per_client.is_empty() {
+            def.version = self
+                .version
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
         }
     }
 

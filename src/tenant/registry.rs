@@ -20,6 +20,9 @@ pub(super) struct BucketDef {
     /// What dropped per-client instances had counted (grants, 429s,
     /// freezes), so the bucket's totals never go down.
     pub(super) retired: Retired,
+    /// A per-client bucket's change counter at its last change while it
+    /// had no instance (its unused row's version, as an instance has one).
+    pub(super) version: u64,
 }
 
 /// Counts of bucket instances no longer held.
@@ -135,6 +138,7 @@ impl TenantState {
     /// Drops per-client instances nobody uses and that are full (a fresh one
     /// would be identical), in `only` bucket or in all.
     pub(super) fn evict_idle(&mut self, only: Option<usize>, now: Instant) {
+        let mut emptied = Vec::new();
         for (b, def) in self.buckets.iter_mut().enumerate() {
             if only.is_some_and(|o| o != b) {
                 continue;
@@ -152,10 +156,11 @@ impl TenantState {
                 !idle
             });
             if before > 0 && def.per_client.is_empty() {
-                // Its row stands for the bucket again: Watch is told.
-                self.version
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                emptied.push(b);
             }
+        }
+        for b in emptied {
+            self.touch_if_unused(b);
         }
     }
 

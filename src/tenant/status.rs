@@ -72,19 +72,6 @@ fn unused_key(b: usize) -> usize {
     usize::MAX - b
 }
 
-/// What an unused row shows that can change (an operator's pause, limit
-/// or rate), as a `seen` value: the row is sent again when it differs.
-fn fingerprint(s: &BucketStatus) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    s.paused.hash(&mut h);
-    s.configured_rate_per_min.to_bits().hash(&mut h);
-    s.effective_rate_per_min.to_bits().hash(&mut h);
-    s.burst.hash(&mut h);
-    s.max_in_flight.hash(&mut h);
-    h.finish()
-}
-
 impl TenantState {
     /// Status of instances whose version is above what `seen` holds for
     /// them (all instances when `seen` is empty); updates `seen`.
@@ -102,15 +89,17 @@ impl TenantState {
             seen.insert(i, x.version);
             out.push(self.status_of(x, now));
         }
-        let unused: Vec<(usize, BucketStatus)> = self.unused(now).collect();
+        let unused: Vec<usize> = self.unused_buckets().collect();
         seen.retain(|&i, _| {
-            self.instances.contains(i) || unused.iter().any(|(b, _)| unused_key(*b) == i)
+            self.instances.contains(i) || unused.iter().any(|&b| unused_key(b) == i)
         });
-        for (b, status) in unused {
-            let print = fingerprint(&status);
-            if seen.insert(unused_key(b), print) != Some(print) {
-                out.push(status);
+        for b in unused {
+            let version = self.buckets[b].version;
+            if seen.get(&unused_key(b)).is_some_and(|&v| v >= version) {
+                continue;
             }
+            seen.insert(unused_key(b), version);
+            out.push(self.unused_status(b, now));
         }
         out
     }
@@ -121,23 +110,27 @@ impl TenantState {
         self.instances
             .iter()
             .map(|(_, x)| self.status_of(x, now))
-            .chain(self.unused(now).map(|(_, s)| s))
+            .chain(self.unused_buckets().map(|b| self.unused_status(b, now)))
             .collect()
     }
 
-    /// Each per-client bucket with no instance, and its row: a fresh
-    /// instance's figures, marked `unused`.
-    fn unused(&self, now: Instant) -> impl Iterator<Item = (usize, BucketStatus)> + '_ {
+    /// The per-client buckets with no instance.
+    fn unused_buckets(&self) -> impl Iterator<Item = usize> + '_ {
         self.buckets
             .iter()
             .enumerate()
             .filter(|(_, def)| def.org.is_none() && def.per_client.is_empty())
-            .map(move |(b, def)| {
-                let fresh = Instance::new(b, &def.settings, None, now);
-                let mut status = self.status_of(&fresh, now);
-                status.unused = true;
-                (b, status)
-            })
+            .map(|(b, _)| b)
+    }
+
+    /// The row of bucket `b` while it has no instance: a fresh instance's
+    /// figures, marked `unused`.
+    fn unused_status(&self, b: usize, now: Instant) -> BucketStatus {
+        let fresh = Instance::new(b, &self.buckets[b].settings, None, now);
+        BucketStatus {
+            unused: true,
+            ..self.status_of(&fresh, now)
+        }
     }
 
     pub(super) fn status_of(&self, x: &Instance, now: Instant) -> BucketStatus {

@@ -85,6 +85,18 @@ impl TestBroker {
             .into_inner()
     }
 
+    /// A Watch of `tenant`'s buckets.
+    pub async fn watch_tenant(&self, tenant: &str) -> tonic::Streaming<QuotaStatus> {
+        self.client
+            .clone()
+            .watch(quota_broker::pb::WatchRequest {
+                tenant: tenant.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     /// Signals shutdown and waits for the server to exit.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {

@@ -21,13 +21,7 @@ max_in_flight = 4
 #[tokio::test(start_paused = true)]
 async fn snapshot_then_updates() {
     let b = start(&config(CFG)).await;
-    let mut w = b
-        .client
-        .clone()
-        .watch(WatchRequest { tenant: "t".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut w = b.watch_tenant("t").await;
     let mut first = HashMap::new();
     for _ in 0..2 {
         let s = w.message().await.unwrap().unwrap();
@@ -167,13 +161,7 @@ async fn a_per_client_bucket_no_client_uses_is_shown_and_its_pause_with_it() {
         (row.configured_rate_per_min, row.burst, row.tokens_available),
         (60.0, 2, 2.0)
     );
-    let mut w = b
-        .client
-        .clone()
-        .watch(WatchRequest { tenant: "t".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut w = b.watch_tenant("t").await;
     assert!(next(&mut w).await.unused);
 
     let paused = b
