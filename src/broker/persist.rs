@@ -283,19 +283,15 @@ impl Broker {
             // deleted under a running broker (a temp cleaner, a reset by
             // hand), it is written again at once, not at the next change.
             let vanished = failures == 0 && !dir.join(super::files::LEARNED_FILE).exists();
-            if vanished {
-                tracing::warn!(dir = %dir.display(),
-                    "learned.toml vanished from the state directory (deleted?): writing it again");
-            }
             let admin_saved = self.save_admin_if_unsaved(&dir).await;
             if !dirty.is_empty() || vanished || retry {
                 // One writer of the state files at a time (an operator's
                 // clear writes this file too).
                 let saving = self.hold_saves().await;
                 let file = self.learned_file();
-                let dir = dir.clone();
+                let to = dir.clone();
                 let written = tokio::task::spawn_blocking(move || {
-                    let written = file.write(&dir);
+                    let written = file.write(&to);
                     drop(saving);
                     written
                 })
@@ -317,6 +313,8 @@ impl Broker {
                         tracing::info!(failed_writes = failures, "learned state written again");
                         failures = 0;
                     }
+                    None if vanished => tracing::warn!(dir = %dir.display(),
+                        "learned.toml vanished from the state directory (deleted?): written again"),
                     None => {}
                     Some(e) if stop => tracing::error!(error = %e,
                         "cannot write learned state at shutdown: what was learned since its \

@@ -407,16 +407,9 @@ pub(crate) async fn serve_telling(
     if started.set(stack).is_err() {
         tracing::error!("the gRPC services were installed twice; the first are kept");
     }
-    let stopping = stop_early.load(std::sync::atomic::Ordering::Acquire);
-    if !stopping {
-        set_health(&health, ServingStatus::Serving).await;
-    }
-    let _ = started_tx.send(());
-    if let Some(tell) = started_tell {
-        tell.send_replace(true);
-    }
-    // The HTTP port's routes after the gRPC port's: a /readyz that says
-    // ready means both serve.
+    // The HTTP port's routes after the gRPC port's and before health says
+    // SERVING: a /readyz that says ready means both ports serve, and so
+    // does SERVING.
     let http_task = http.map(|(port, task)| {
         if let Some(m) = &metrics {
             registry.register_collector(Box::new(BucketCollector::new(broker.clone(), m.clone())));
@@ -429,6 +422,14 @@ pub(crate) async fn serve_telling(
         );
         task
     });
+    let stopping = stop_early.load(std::sync::atomic::Ordering::Acquire);
+    if !stopping {
+        set_health(&health, ServingStatus::Serving).await;
+    }
+    let _ = started_tx.send(());
+    if let Some(tell) = started_tell {
+        tell.send_replace(true);
+    }
     if stopping {
         tracing::info!(
             took_ms = millis(begun.elapsed()),

@@ -6,7 +6,6 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -29,8 +28,8 @@ pub struct Broker {
     /// Its HTTP port's address, `host:port`; `None` with the port off.
     pub http: Option<String>,
     log: Option<JoinHandle<String>>,
-    /// What it logged so far.
-    so_far: Arc<Mutex<String>>,
+    /// What it logged so far, and a change each time it logs a line.
+    so_far: tokio::sync::watch::Sender<String>,
 }
 
 impl Broker {
@@ -77,7 +76,7 @@ impl Broker {
             .spawn()
             .unwrap();
         let stderr = child.stderr.take().unwrap();
-        let so_far = Arc::new(Mutex::new(String::new()));
+        let so_far = tokio::sync::watch::Sender::new(String::new());
         let mut broker = Broker {
             child: Some(child),
             addr: String::new(),
@@ -114,9 +113,10 @@ impl Broker {
                 }
                 log.push_str(&line);
                 log.push('\n');
-                let mut seen = so_far.lock().unwrap_or_else(PoisonError::into_inner);
-                seen.push_str(&line);
-                seen.push('\n');
+                so_far.send_modify(|seen| {
+                    seen.push_str(&line);
+                    seen.push('\n');
+                });
                 if started && !keep_reading {
                     // Dropping the pipe's end closes it.
                     break;
@@ -162,10 +162,19 @@ impl Broker {
 
     /// What the broker has logged so far.
     pub fn logged(&self) -> String {
-        self.so_far
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.so_far.borrow().clone()
+    }
+
+    /// Waits (at most 30 s) until the broker has logged a line containing
+    /// `text`: woken by each line it logs, not by a clock.
+    pub async fn until_logged(&self, text: &str) {
+        let mut lines = self.so_far.subscribe();
+        let seen = tokio::time::timeout(LIMIT, lines.wait_for(|log| log.contains(text))).await;
+        assert!(
+            matches!(seen, Ok(Ok(_))),
+            "the broker did not log {text:?} within 30 s:\n{}",
+            self.logged()
+        );
     }
 
     /// Waits (at most 30 s) for the process to exit by itself; its exit

@@ -18,10 +18,14 @@ pub struct TestBroker {
     server: JoinHandle<Result<(), quota_broker::ServerError>>,
 }
 
-/// The pause between two polls of real processes (brokers, etcd, a state
-/// file a child broker writes): it paces the polling; no loop waits for
-/// time to pass, each ends on what the servers do (bounded by a deadline).
-/// A child process runs on the real clock, so a paused one cannot stand in.
+/// The pause between two polls of what changes on the real clock of other
+/// processes and can be seen only by asking: which broker of a cluster
+/// leads a tenant (etcd's leases expire in real time), the dashboard's
+/// history (sampled every 2 s); and the pause of a load loop after a broker
+/// that lost its lead refused a call. It paces the polling; no loop waits
+/// for time to pass, each ends on what the servers do (bounded by a
+/// deadline). Where a server says when something happened (a log line,
+/// a health Watch, a pipe opened), tests wait for that instead.
 pub async fn poll_pause() {
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
 }

@@ -73,31 +73,14 @@ pub async fn start(toml: &str) -> Observed {
         .connect()
         .await
         .unwrap();
-    until_started(http_addr).await;
+    // Health says SERVING once both ports serve the broker's routes.
+    super::harness::serving(&channel).await;
     Observed {
         channel,
         grpc: grpc_addr,
         http: http_addr,
         stop: Some(stop),
         server,
-    }
-}
-
-/// Waits until the HTTP port serves the broker's routes: it answers from
-/// the moment it is bound, with 503 "starting" until the broker has started.
-pub async fn until_started(http: SocketAddr) {
-    let deadline = std::time::Instant::now() + LIMIT;
-    loop {
-        let r = get(http, "/readyz", &[]).await;
-        if !r.body.starts_with("starting: ") {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the broker was still starting after {LIMIT:?}: {}",
-            r.body
-        );
-        super::harness::poll_pause().await;
     }
 }
 
@@ -1729,17 +1712,7 @@ async fn json_logs_carry_the_request_id() {
             .unwrap();
         // Its calls are answered once health says SERVING (its "broker
         // started" line is below this test's log level).
-        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-        while !health
-            .check(tonic_health::pb::HealthCheckRequest::default())
-            .await
-            .is_ok_and(|r| {
-                r.into_inner().status()
-                    == tonic_health::pb::health_check_response::ServingStatus::Serving
-            })
-        {
-            crate::harness::poll_pause().await;
-        }
+        crate::harness::serving(&channel).await;
         let mut client = QuotaBrokerClient::new(channel);
         let mut report = tonic::Request::new(ReportRequest {
             tenant: "t".into(),

@@ -518,20 +518,6 @@ async fn a_tenant_added_since_a_graceful_stop_starts_with_its_slots_free() {
     assert!(r.granted, "{}\n{log}", r.reason);
 }
 
-/// Waits (bounded) until `file` exists: the broker's state writer runs once
-/// a second.
-async fn until_written(file: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !file.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} was not written within 20 s",
-            file.display()
-        );
-        crate::harness::poll_pause().await;
-    }
-}
-
 /// Takes the three slots of bucket `slots`; their leases.
 async fn hold_every_slot(c: &mut QuotaBrokerClient<Channel>) -> Vec<AcquireResponse> {
     let mut held = Vec::new();
@@ -561,9 +547,9 @@ async fn state_deleted_under_a_running_broker_still_makes_the_next_start_a_resta
     let mut c = client(&b).await;
     hold_every_slot(&mut c).await;
     std::fs::remove_dir_all(&dir).unwrap();
-    until_written(&dir.join("learned.toml")).await;
-    let crash_log = b.kill().await;
-    assert!(crash_log.contains("learned.toml vanished"), "{crash_log}");
+    // Logged once the file is written again.
+    b.until_logged("learned.toml vanished").await;
+    b.kill().await;
 
     let b = Broker::start(&path).await;
     let mut c = client(&b).await;
@@ -610,8 +596,9 @@ async fn an_admin_change_not_saved_is_saved_once_it_can_be() {
     let dir = fresh_dir("admin-unsaved");
     let path = temp_config("restart-admin-unsaved", &config(&dir));
     let b = Broker::start(&path).await;
-    // Once the broker has read its state (it logs "serving" first).
-    until_written(&dir.join("learned.toml")).await;
+    // The start has read its state and written learned.toml (before it
+    // logs "broker started", which `start` waits for).
+    assert!(dir.join("learned.toml").exists());
     std::fs::create_dir_all(dir.join("admin.toml")).unwrap();
     let mut admin = QuotaAdminClient::connect(b.url()).await.unwrap();
     let e = admin
@@ -624,13 +611,11 @@ async fn an_admin_change_not_saved_is_saved_once_it_can_be() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Internal, "{e:?}");
     std::fs::remove_dir(dir.join("admin.toml")).unwrap();
-    until_written(&dir.join("admin.toml")).await;
+    b.until_logged("saved to the state directory after all")
+        .await;
+    assert!(dir.join("admin.toml").is_file());
     let (status, log) = b.terminate().await;
     assert!(status.success(), "{log}");
-    assert!(
-        log.contains("saved to the state directory after all"),
-        "{log}"
-    );
 
     let b = Broker::start(&path).await;
     let mut admin = QuotaAdminClient::connect(b.url()).await.unwrap();

@@ -5,7 +5,7 @@
 //! UNAVAILABLE "starting", then SERVING and the real answers.
 
 use super::child::{temp_config, Broker};
-use super::harness::{fresh_dir, poll_pause, req};
+use super::harness::{fresh_dir, req};
 use super::observe::get;
 use quota_broker::pb::quota_admin_client::QuotaAdminClient;
 use quota_broker::pb::quota_broker_client::QuotaBrokerClient;
@@ -14,7 +14,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -69,37 +69,40 @@ fn http_of(broker: &Broker) -> SocketAddr {
         .unwrap()
 }
 
-/// Lets the held start go on: the state directory answers (an admin file
-/// with no changes).
-async fn release_start(pipe: PathBuf) {
-    let writer = tokio::task::spawn_blocking(move || {
-        let mut file = std::fs::OpenOptions::new().write(true).open(&pipe)?;
-        file.write_all(b"version = 1\n")
-    });
-    tokio::time::timeout(LIMIT, writer)
-        .await
-        .expect("the broker opened its admin.toml")
-        .unwrap()
-        .unwrap();
+/// Waits until the held start opens its `admin.toml` (the pipe) and holds
+/// the pipe's writing end: from then on the start reads the state directory
+/// and waits for what [`release_start`] writes. Woken by the broker's open,
+/// not by a clock.
+async fn wait_for_the_pipe(pipe: &Path) -> std::fs::File {
+    let path = pipe.to_owned();
+    let opening =
+        tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().write(true).open(path));
+    match tokio::time::timeout(LIMIT, opening).await {
+        Ok(opened) => opened.unwrap().unwrap(),
+        Err(_) => {
+            // A reader of our own ends the open left waiting, so that its
+            // thread does not outlive the test.
+            let _ = tokio::net::unix::pipe::OpenOptions::new().open_receiver(pipe);
+            panic!("the broker did not open its admin.toml within {LIMIT:?}");
+        }
+    }
 }
 
-/// Waits until the HTTP port's `/readyz` says the start reads the state
-/// directory (the pipe).
-async fn wait_for_the_pipe(http: SocketAddr) {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let ready = get(http, "/readyz", &[]).await;
-        assert_eq!(ready.status, 503, "/readyz while starting: {}", ready.body);
-        if ready.body.contains("reading the state directory") {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the start never said it reads the state directory: {}",
-            ready.body
-        );
-        poll_pause().await;
-    }
+/// Lets the held start go on: the state directory answers (an admin file
+/// with no changes).
+fn release_start(mut pipe: std::fs::File) {
+    pipe.write_all(b"version = 1\n").unwrap();
+}
+
+/// `/readyz` while the start reads the pipe: 503, saying so.
+async fn says_it_reads_the_state_directory(http: SocketAddr) {
+    let ready = get(http, "/readyz", &[]).await;
+    assert_eq!(ready.status, 503, "/readyz while starting: {}", ready.body);
+    assert!(
+        ready.body.starts_with("starting: ") && ready.body.contains("reading the state directory"),
+        "/readyz while the start reads the state directory: {}",
+        ready.body
+    );
 }
 
 /// Stops the broker and removes what [`held_start`] made.
@@ -121,23 +124,10 @@ async fn the_http_port_answers_probes_while_the_broker_starts() {
 
     // The start reaches the pipe and waits there: alive, not ready, and
     // /readyz says what it is doing.
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let alive = get(http, "/healthz", &[]).await;
-        assert_eq!(alive.status, 200, "/healthz while starting: {}", alive.body);
-        let ready = get(http, "/readyz", &[]).await;
-        assert_eq!(ready.status, 503, "/readyz while starting: {}", ready.body);
-        assert!(ready.body.starts_with("starting: "), "{}", ready.body);
-        if ready.body.contains("reading the state directory") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the start never said it reads the state directory: {}",
-            ready.body
-        );
-        poll_pause().await;
-    }
+    let held = wait_for_the_pipe(&pipe).await;
+    let alive = get(http, "/healthz", &[]).await;
+    assert_eq!(alive.status, 200, "/healthz while starting: {}", alive.body);
+    says_it_reads_the_state_directory(http).await;
     // The rest of the port: not there yet, come back.
     for path in ["/metrics", "/", "/events?tenant=t"] {
         let r = get(http, path, &[]).await;
@@ -148,25 +138,10 @@ async fn the_http_port_answers_probes_while_the_broker_starts() {
 
     // The state directory answers (an admin file with no changes): the
     // start goes on, and the port turns ready; alive throughout.
-    release_start(pipe).await;
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let alive = get(http, "/healthz", &[]).await;
-        assert_eq!(alive.status, 200, "/healthz while starting: {}", alive.body);
-        let ready = get(http, "/readyz", &[]).await;
-        if ready.status == 200 {
-            assert_eq!(ready.body, "ready\n");
-            break;
-        }
-        assert_eq!(ready.status, 503, "{}", ready.body);
-        assert!(ready.body.starts_with("starting: "), "{}", ready.body);
-        assert!(
-            Instant::now() < deadline,
-            "/readyz stayed 503 once the state directory answered: {}",
-            ready.body
-        );
-        poll_pause().await;
-    }
+    release_start(held);
+    broker.until_logged("broker started").await;
+    let ready = get(http, "/readyz", &[]).await;
+    assert_eq!((ready.status, &ready.body[..]), (200, "ready\n"));
     let metrics = get(http, "/metrics", &[]).await;
     assert_eq!(metrics.status, 200, "{}", metrics.body);
     assert_eq!(get(http, "/healthz", &[]).await.status, 200);
@@ -185,7 +160,8 @@ async fn the_http_port_answers_probes_while_the_broker_starts() {
 async fn the_grpc_port_answers_while_the_broker_starts() {
     let (broker, dir, pipe, config) = held_start("slow-start-grpc").await;
     let http = http_of(&broker);
-    wait_for_the_pipe(http).await;
+    let held = wait_for_the_pipe(&pipe).await;
+    says_it_reads_the_state_directory(http).await;
 
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", broker.addr))
         .unwrap()
@@ -256,7 +232,7 @@ async fn the_grpc_port_answers_while_the_broker_starts() {
 
     // The start goes on: the open Watch says SERVING, and the same
     // connection gets the broker's answers.
-    release_start(pipe).await;
+    release_start(held);
     let serving = tokio::time::timeout(LIMIT, watch.message())
         .await
         .expect("the health Watch turns SERVING once the broker has started")
@@ -303,21 +279,13 @@ async fn the_grpc_port_answers_while_the_broker_starts() {
 async fn a_stop_asked_for_during_the_start_never_says_serving() {
     let (broker, dir, pipe, config) = held_start("stop-during-start").await;
     let http = http_of(&broker);
-    wait_for_the_pipe(http).await;
+    let held = wait_for_the_pipe(&pipe).await;
+    says_it_reads_the_state_directory(http).await;
     broker.signal("-TERM");
-    let deadline = Instant::now() + LIMIT;
-    while !broker
-        .logged()
-        .contains("shutdown requested during the start")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the stop was not noted during the start:\n{}",
-            broker.logged()
-        );
-        poll_pause().await;
-    }
-    release_start(pipe).await;
+    broker
+        .until_logged("shutdown requested during the start")
+        .await;
+    release_start(held);
     let (status, log) = broker.exited().await;
     assert!(status.success(), "{log}");
     assert!(
