@@ -103,6 +103,53 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
     }
 }
 
+/// How often cluster mode checks whether the broker is in the cluster (its
+/// etcd lease runs out on the clock, with no event to wait for).
+const READINESS_EVERY: Duration = Duration::from_millis(250);
+
+/// Cluster mode: keeps gRPC health in step with `/readyz`. Without a valid
+/// etcd lease the broker leads no tenant and knows no leader to send
+/// callers to, so health says NOT_SERVING (a gRPC readiness probe, and the
+/// clients' health probes before they leave their fallback, see the same
+/// as `/readyz`); SERVING again once it is back in the cluster. Ends with
+/// the shutdown.
+async fn follow_readiness(
+    broker: Broker,
+    health: HealthReporter,
+    may_serve: Arc<tokio::sync::Mutex<bool>>,
+    mut serving: bool,
+    stop: CancellationToken,
+) {
+    let mut every = tokio::time::interval(READINESS_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let unready = broker.not_ready();
+        if unready.is_none() == serving {
+            continue;
+        }
+        let allowed = may_serve.lock().await;
+        if !*allowed {
+            return;
+        }
+        serving = unready.is_none();
+        match unready {
+            None => {
+                set_health(&health, ServingStatus::Serving).await;
+                tracing::info!("in the cluster again: health SERVING");
+            }
+            Some(why) => {
+                set_health(&health, ServingStatus::NotServing).await;
+                tracing::warn!("health NOT_SERVING: {why}");
+            }
+        }
+    }
+}
+
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -254,10 +301,14 @@ pub(crate) async fn serve_telling(
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     // A stop asked for during the start: health never says SERVING.
     let stop_early = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // False once shutdown began: held while health is set, so that the
+    // cluster's readiness never says SERVING after the stop's NOT_SERVING.
+    let may_serve = Arc::new(tokio::sync::Mutex::new(true));
     let signal = {
         let token = token.clone();
         let health = health.clone();
         let stop_early = stop_early.clone();
+        let may_serve = may_serve.clone();
         async move {
             // A stop asked for during the start is noted at once and acted
             // on once the start is done (its work cannot be cut short).
@@ -281,7 +332,10 @@ pub(crate) async fn serve_telling(
                 return std::future::pending().await;
             }
             tracing::info!("shutdown requested: health NOT_SERVING, ending streams and waits");
+            let mut serving = may_serve.lock().await;
+            *serving = false;
             set_health(&health, ServingStatus::NotServing).await;
+            drop(serving);
             token.cancel();
             let _ = draining_tx.send(());
         }
@@ -423,7 +477,10 @@ pub(crate) async fn serve_telling(
         task
     });
     let stopping = stop_early.load(std::sync::atomic::Ordering::Acquire);
-    if !stopping {
+    // In cluster mode health says what /readyz says: SERVING only while
+    // the broker is in the cluster (see `follow_readiness`).
+    let unready = broker.not_ready();
+    if !stopping && unready.is_none() {
         set_health(&health, ServingStatus::Serving).await;
     }
     let _ = started_tx.send(());
@@ -437,10 +494,25 @@ pub(crate) async fn serve_telling(
              NOT_SERVING"
         );
     } else {
-        tracing::info!(
-            took_ms = millis(begun.elapsed()),
-            "broker started: health SERVING, calls answered"
-        );
+        if settings.cluster.is_some() {
+            tokio::spawn(follow_readiness(
+                broker.clone(),
+                health.clone(),
+                may_serve.clone(),
+                unready.is_none(),
+                token.clone(),
+            ));
+        }
+        match unready {
+            None => tracing::info!(
+                took_ms = millis(begun.elapsed()),
+                "broker started: health SERVING, calls answered"
+            ),
+            Some(why) => tracing::info!(
+                took_ms = millis(begun.elapsed()),
+                "broker started: health NOT_SERVING until it is in the cluster ({why})"
+            ),
+        }
     }
     let grace = settings.server.shutdown_grace;
     let drain_deadline = async {

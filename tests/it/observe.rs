@@ -850,7 +850,9 @@ async fn a_state_directory_that_breaks_is_shown_in_the_metrics() {
 
 /// In cluster mode `/readyz` says whether the broker is in the cluster: a
 /// broker without a valid etcd lease leads nothing and knows no leader to
-/// send callers to, so a load balancer must not route to it.
+/// send callers to, so a load balancer must not route to it; gRPC health
+/// says the same (before, it said SERVING throughout, and clients probing
+/// it left their fallback for a broker that refused their calls).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_in_a_cluster_follows_the_etcd_lease() {
     let mut etcd = testsvc::Etcd::start().unwrap();
@@ -896,6 +898,24 @@ window_ms = 60000
         }
     };
     until(200).await;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(b.channel.clone())
+        .watch(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    async fn next(
+        health: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+    ) -> ServingStatus {
+        tokio::time::timeout(LIMIT, health.message())
+            .await
+            .expect("health changes within the limit")
+            .unwrap()
+            .expect("the health Watch goes on")
+            .status()
+    }
+    // `start` waited for SERVING: the Watch's first answer.
+    assert_eq!(next(&mut health).await, ServingStatus::Serving);
     // A page's feed of the tenant, open once the broker leads it.
     let deadline = std::time::Instant::now() + LIMIT;
     let (mut feed, mut seen) = loop {
@@ -925,6 +945,7 @@ window_ms = 60000
     etcd.stop();
     let r = until(503).await;
     assert!(r.body.contains("not in the cluster"), "{}", r.body);
+    assert_eq!(next(&mut health).await, ServingStatus::NotServing);
     // The feed ends (its last chunk) rather than going on silent, so the
     // page reconnects and is told no broker leads the tenant.
     tokio::time::timeout(LIMIT, read_until(&mut feed, &mut seen, b"\r\n0\r\n\r\n"))
@@ -938,6 +959,10 @@ window_ms = 60000
     assert_eq!(r.status, 503, "{}", r.body);
     assert!(r.body.contains("no broker leads tenant"), "{}", r.body);
     assert_eq!(r.header("retry-after"), Some("5"));
+    // etcd back: in the cluster, ready and SERVING again.
+    etcd.resume().unwrap();
+    assert_eq!(next(&mut health).await, ServingStatus::Serving);
+    assert_eq!(get(b.http, "/readyz", &[]).await.status, 200);
     b.stop().await;
 }
 
