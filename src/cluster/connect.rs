@@ -11,6 +11,12 @@
 //! never been read (and would be, once the member ran again). Here such a
 //! member is a connection that could not be made (a `tonic::ConnectError`),
 //! and nothing was sent to it.
+//!
+//! A TLS failure is said with the setting to change ([`tls_hint`]): a CA
+//! that did not sign etcd's certificate, a URL host the certificate does
+//! not name, a client certificate etcd asks for or refuses. The files
+//! were checked at load; whether they fit this etcd shows only here, so
+//! the broker runs, unready, and says so at every retry of its session.
 
 use hyper_util::rt::TokioIo;
 use std::future::Future;
@@ -22,7 +28,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::ServerName;
-use tokio_rustls::rustls::ClientConfig;
+use tokio_rustls::rustls::{AlertDescription, CertificateError, ClientConfig};
 use tokio_rustls::TlsConnector;
 use tonic::codegen::http::Uri;
 
@@ -37,6 +43,9 @@ const SETTINGS: u8 = 0x4;
 pub(super) struct Connector {
     /// TLS, for `https://` endpoints.
     tls: Option<TlsConnector>,
+    /// The TLS configuration presents a client certificate
+    /// (`cluster.etcd_cert`): what a refused one's hint says.
+    client_cert: bool,
     /// Bound on the whole connection: TCP, TLS and HTTP/2's start.
     bound: Duration,
 }
@@ -54,19 +63,100 @@ pub(super) enum ConnectFailed {
     /// The URL has no host to connect to.
     #[error("no host in {0}")]
     NoHost(String),
-    /// TCP, TLS, or the first HTTP/2 bytes failed.
-    #[error("{stage}: {source}")]
+    /// TCP, TLS, or the first HTTP/2 bytes failed; `hint` says which
+    /// setting to check for a TLS failure ("" for none).
+    #[error("{stage}: {source}{hint}")]
     Io {
         stage: &'static str,
         #[source]
         source: io::Error,
+        hint: String,
     },
+}
+
+impl ConnectFailed {
+    /// This failure with the hint [`tls_hint`] finds for it, if any.
+    fn with_tls_hint(self, host: &str, client_cert: bool) -> ConnectFailed {
+        match self {
+            ConnectFailed::Io {
+                stage,
+                source,
+                hint,
+            } if hint.is_empty() => {
+                let hint = tls_hint(&source, host, client_cert).unwrap_or_default();
+                ConnectFailed::Io {
+                    stage,
+                    source,
+                    hint,
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// What to check after a TLS failure `e` with the etcd member at `host`
+/// (the URL's), in parentheses: the setting to change, or etcd's
+/// certificate out of its validity. `None` when it is no TLS failure, or
+/// one no such hint fits. `client_cert`: the broker presented one
+/// (`cluster.etcd_cert`).
+fn tls_hint(e: &io::Error, host: &str, client_cert: bool) -> Option<String> {
+    use tokio_rustls::rustls::Error as Tls;
+    let tls = e.get_ref()?.downcast_ref::<Tls>()?;
+    let hint = match tls {
+        Tls::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "check cluster.etcd_ca: the CA that signed etcd's certificate; the one set did not"
+                .to_owned()
+        }
+        Tls::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => format!(
+            "check cluster.etcd: its host {} is not a name etcd's certificate is for; use one \
+             it is for, or add this one to the certificate",
+            crate::error::clip(host)
+        ),
+        Tls::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "etcd's certificate has expired: renew it on etcd (or check this host's clock)"
+            .to_owned(),
+        Tls::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => "etcd's certificate is not valid yet: check this host's clock".to_owned(),
+        // etcd's refusal of the client's side: etcd 3.4 (Go 1.19) sends
+        // bad_certificate when none is given, under TLS 1.3 too; other
+        // servers send certificate_required, or unknown_ca for one their
+        // CA did not sign.
+        Tls::AlertReceived(
+            AlertDescription::BadCertificate
+            | AlertDescription::CertificateRequired
+            | AlertDescription::UnknownCA
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::CertificateExpired
+            | AlertDescription::UnsupportedCertificate,
+        ) => {
+            if client_cert {
+                "check cluster.etcd_cert and cluster.etcd_key: etcd refused the client \
+                 certificate; it must be signed by a CA etcd trusts (its --trusted-ca-file) \
+                 and be valid now"
+                    .to_owned()
+            } else {
+                "check cluster.etcd_cert and cluster.etcd_key: etcd asks for a client \
+                 certificate, and none is set"
+                    .to_owned()
+            }
+        }
+        _ => return None,
+    };
+    Some(format!(" ({hint})"))
 }
 
 impl Connector {
     /// Connections bounded by `bound`, with TLS by `tls` if set.
     pub(super) fn new(tls: Option<Arc<ClientConfig>>, bound: Duration) -> Connector {
         Connector {
+            client_cert: tls
+                .as_ref()
+                .is_some_and(|c| c.client_auth_cert_resolver.has_certs()),
             tls: tls.map(TlsConnector::from),
             bound,
         }
@@ -98,12 +188,22 @@ impl Connector {
                     .map_err(|source| ConnectFailed::Io {
                         stage: "TLS handshake",
                         source,
+                        hint: String::new(),
                     })?;
-                Box::new(within(deadline, bound, "TLS handshake", tls.connect(name, tcp)).await?)
+                let handshake = within(deadline, bound, "TLS handshake", tls.connect(name, tcp));
+                Box::new(
+                    handshake
+                        .await
+                        .map_err(|e| e.with_tls_hint(&host, self.client_cert))?,
+                )
             }
             None => Box::new(tcp),
         };
-        let primed = within(deadline, bound, "HTTP/2 start", Primed::start(io)).await?;
+        // Under TLS 1.3 the client's handshake is done before the server
+        // has checked its certificate: a refusal comes here, as an alert.
+        let primed = within(deadline, bound, "HTTP/2 start", Primed::start(io))
+            .await
+            .map_err(|e| e.with_tls_hint(&host, self.client_cert))?;
         Ok(TokioIo::new(primed))
     }
 }
@@ -116,7 +216,11 @@ async fn within<T>(
     step: impl Future<Output = io::Result<T>>,
 ) -> Result<T, ConnectFailed> {
     match tokio::time::timeout_at(deadline, step).await {
-        Ok(done) => done.map_err(|source| ConnectFailed::Io { stage, source }),
+        Ok(done) => done.map_err(|source| ConnectFailed::Io {
+            stage,
+            source,
+            hint: String::new(),
+        }),
         Err(_) => Err(ConnectFailed::TimedOut { bound, stage }),
     }
 }
@@ -246,5 +350,43 @@ impl AsyncWrite for Primed {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_rustls::rustls::Error as Tls;
+
+    fn failed(e: Tls) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+
+    /// The failures the real-connection test cannot make (certificates out
+    /// of their validity) are said too; a failure no TLS setting causes
+    /// gets no hint.
+    #[test]
+    fn a_certificate_out_of_its_validity_is_said_and_other_failures_get_no_hint() {
+        let expired = failed(Tls::InvalidCertificate(CertificateError::Expired));
+        let hint = tls_hint(&expired, "etcd-1", false).unwrap();
+        assert!(hint.contains("etcd's certificate has expired"), "{hint}");
+        let early = failed(Tls::InvalidCertificate(CertificateError::NotValidYet));
+        let hint = tls_hint(&early, "etcd-1", false).unwrap();
+        assert!(hint.contains("check this host's clock"), "{hint}");
+        // A long host is clipped where the hint names it.
+        let host = "h".repeat(5_000);
+        let name = failed(Tls::InvalidCertificate(CertificateError::NotValidForName));
+        let hint = tls_hint(&name, &host, false).unwrap();
+        assert!(
+            hint.contains("check cluster.etcd: its host") && hint.len() < 500,
+            "{hint}"
+        );
+        for other in [
+            io::Error::from(io::ErrorKind::ConnectionRefused),
+            failed(Tls::HandshakeNotComplete),
+            failed(Tls::AlertReceived(AlertDescription::HandshakeFailure)),
+        ] {
+            assert_eq!(tls_hint(&other, "etcd-1", true), None, "{other}");
+        }
     }
 }

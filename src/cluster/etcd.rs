@@ -648,4 +648,126 @@ mod tests {
         }
         drop(silent);
     }
+
+    /// An etcd member served over TLS on `ip`, port 0: its certificate is
+    /// `pki`'s server certificate (for 127.0.0.1 and `broker.test`), and
+    /// with `mutual` it asks for a client certificate signed by `pki`'s
+    /// CA. A connection whose handshake fails is kept open until the
+    /// client closes it, so the alert it was sent is read, not lost to a
+    /// reset. Returns its `https://` URL.
+    async fn tls_member(pki: &testpki::Pki, ip: &str, mutual: bool) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_rustls::rustls::crypto::ring::default_provider;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio_rustls::rustls::server::WebPkiClientVerifier;
+        use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+
+        let provider = Arc::new(default_provider());
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = if mutual {
+            let mut roots = RootCertStore::empty();
+            for ca in CertificateDer::pem_file_iter(pki.path("ca.pem")).unwrap() {
+                roots.add(ca.unwrap()).unwrap();
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let chain = CertificateDer::pem_file_iter(pki.path("server.pem"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(pki.path("server.key")).unwrap();
+        let mut config = builder.with_single_cert(chain, key).unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        // Ended with the test's runtime.
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    match acceptor.accept(tcp).into_fallible().await {
+                        Ok(mut tls) => {
+                            // An empty SETTINGS frame: HTTP/2 has started.
+                            let _ = tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+                            while matches!(tls.read(&mut buf).await, Ok(1..)) {}
+                        }
+                        Err((_, mut tcp)) => while matches!(tcp.read(&mut buf).await, Ok(1..)) {},
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    /// A TLS setup that does not fit the etcd it meets is said with the
+    /// setting to change: the CA (`cluster.etcd_ca`) that did not sign
+    /// etcd's certificate, the URL's host (`cluster.etcd`) the certificate
+    /// is not for, the client certificate (`cluster.etcd_cert`,
+    /// `cluster.etcd_key`) etcd asks for or refuses.
+    #[tokio::test]
+    async fn a_tls_mismatch_with_etcd_names_the_setting_to_change() {
+        let pki = testpki::Pki::new("etcd-hint");
+        let other = testpki::Pki::new("etcd-hint-other");
+        let read = |pki: &testpki::Pki, file: &str| std::fs::read(pki.path(file)).unwrap();
+        let trusting = |ca: &testpki::Pki, client: Option<&testpki::Pki>| EtcdTls {
+            ca: read(ca, "ca.pem"),
+            identity: client.map(|c| (read(c, "client.pem"), read(c, "client.key"))),
+        };
+        let bound = Duration::from_secs(5);
+        for (url, tls, says, raw) in [
+            (
+                tls_member(&pki, "127.0.0.1", false).await,
+                trusting(&other, None),
+                "(check cluster.etcd_ca: the CA that signed etcd's certificate; the one set did \
+                 not)"
+                    .to_owned(),
+                "UnknownIssuer",
+            ),
+            (
+                // The certificate is for 127.0.0.1 and broker.test.
+                tls_member(&pki, "127.0.0.2", false).await,
+                trusting(&pki, None),
+                "(check cluster.etcd: its host \"127.0.0.2\" is not a name etcd's certificate \
+                 is for; use one it is for, or add this one to the certificate)"
+                    .to_owned(),
+                "not valid for name",
+            ),
+            (
+                tls_member(&pki, "127.0.0.1", true).await,
+                trusting(&pki, None),
+                "(check cluster.etcd_cert and cluster.etcd_key: etcd asks for a client \
+                 certificate, and none is set)"
+                    .to_owned(),
+                "received fatal alert",
+            ),
+            (
+                tls_member(&pki, "127.0.0.1", true).await,
+                trusting(&pki, Some(&other)),
+                "(check cluster.etcd_cert and cluster.etcd_key: etcd refused the client \
+                 certificate; it must be signed by a CA etcd trusts"
+                    .to_owned(),
+                "received fatal alert",
+            ),
+        ] {
+            let etcd = Etcd::connect(std::slice::from_ref(&url), Some(&tls), bound).unwrap();
+            let started = tokio::time::Instant::now();
+            let Err(e) = etcd.grant(Duration::from_secs(2)).await else {
+                panic!("{url}: a lease through a TLS setup that does not fit")
+            };
+            let e = e.to_string();
+            assert!(started.elapsed() < bound, "{url}: {e}");
+            assert!(e.contains(&says) && e.contains(raw), "{url}: {e}");
+            assert!(e.starts_with(&format!("etcd lease grant: {url}: ")), "{e}");
+        }
+    }
 }

@@ -41,8 +41,8 @@ pub(super) fn read<T: DeserializeOwned>(
                     "." | "" => String::new(),
                     at => at.to_owned(),
                 };
+                let as_written = written.iter().find(|(key, _)| *key == at);
                 if what.starts_with("invalid type:") && what.ends_with("expected a string") {
-                    let as_written = written.iter().find(|(key, _)| *key == at);
                     let segments: Vec<&Segment> = path.iter().collect();
                     if let (Some((_, v)), Some(slot)) = (as_written, walk(&mut doc, &segments)) {
                         if !slot.is_str() {
@@ -51,7 +51,8 @@ pub(super) fn read<T: DeserializeOwned>(
                         }
                     }
                 }
-                let what = &clip_words(what);
+                let what = &out_of_range(what, as_written.map(|(_, v)| v.as_str()))
+                    .unwrap_or_else(|| clip_words(what));
                 let segs: Vec<Seg> = path.iter().map(Seg::of).collect();
                 // Compared where they are in the file: an element set
                 // aside moved the ones after it.
@@ -80,6 +81,43 @@ pub(super) fn read<T: DeserializeOwned>(
         }
     }
     Err(ConfigError { problems })
+}
+
+/// serde's words for a whole number the key's type cannot hold, said as
+/// such: `invalid value: integer `5000000000`, expected u32` from a file,
+/// or, from the environment (`written`: the variable's value), `invalid
+/// type: floating point `1e20`, expected u64` (a number past i64 is read as
+/// a float there), which blamed the type of a number that has the right
+/// one. `None` for any other message.
+fn out_of_range(what: &str, written: Option<&str>) -> Option<String> {
+    let ty = what.rsplit_once(", expected ")?.1;
+    let (min, max): (i128, i128) = match ty {
+        "u8" => (0, u8::MAX.into()),
+        "u16" => (0, u16::MAX.into()),
+        "u32" => (0, u32::MAX.into()),
+        // Neither TOML nor an environment variable holds a number past i64.
+        "u64" | "usize" => (0, i64::MAX.into()),
+        "i8" => (i8::MIN.into(), i8::MAX.into()),
+        "i16" => (i16::MIN.into(), i16::MAX.into()),
+        "i32" => (i32::MIN.into(), i32::MAX.into()),
+        "i64" | "isize" => (i64::MIN.into(), i64::MAX.into()),
+        _ => return None,
+    };
+    let value = if let Some(rest) = what.strip_prefix("invalid value: integer `") {
+        rest.split_once('`')?.0.to_owned()
+    } else if what.starts_with("invalid type: floating point `") {
+        let written = written?.trim();
+        let digits = written.strip_prefix(['-', '+']).unwrap_or(written);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        clip_key(written)
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{value} is out of range for this key (it takes whole numbers from {min} to {max})"
+    ))
 }
 
 /// Longest key shown in a problem: a key is input, and a 5,000-character

@@ -56,6 +56,36 @@ impl ConfigError {
     }
 }
 
+/// Keys whose value is a list of strings, which an environment variable
+/// sets comma-separated (`QUOTA_BROKER__CLUSTER__ETCD=http://a:2379,http://b:2379`).
+const ENV_LISTS: [&str; 1] = ["cluster.etcd"];
+
+/// Sets the list `key` (dotted) of `doc` to `written` split on commas, each
+/// item trimmed, empty ones dropped (a trailing comma, or "" for none).
+/// Done here rather than by the `config` crate's `list_separator`, which
+/// keeps the spaces around items and reads a value that looks like a
+/// number as one.
+fn set_list(doc: &mut toml::Value, key: &str, written: &str) {
+    let items = written
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| toml::Value::String(item.to_owned()))
+        .collect();
+    let mut at = doc;
+    for part in key.split('.') {
+        let Some(table) = at.as_table_mut() else {
+            // Not a table here (a section set to a value): that problem
+            // is said when the document is read.
+            return;
+        };
+        at = table
+            .entry(part)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    }
+    *at = toml::Value::Array(items);
+}
+
 /// Variables the clients and tools read (not the broker): set beside the
 /// broker's own, they are not a mistake.
 const CLIENT_ENV: [&str; 9] = [
@@ -152,7 +182,7 @@ impl Settings {
         env: config::Map<String, String>,
         written: &[(String, String)],
     ) -> Result<RawConfig, ConfigError> {
-        let raw = config::Config::builder()
+        let mut raw = config::Config::builder()
             .add_source(base)
             .add_source(
                 config::Environment::with_prefix(ENV_PREFIX)
@@ -163,6 +193,11 @@ impl Settings {
             .build()
             .and_then(|c| c.try_deserialize::<toml::Value>())
             .map_err(|e| ConfigError::one(e.to_string()))?;
+        for (key, value) in written {
+            if ENV_LISTS.contains(&key.as_str()) {
+                set_list(&mut raw, key, value);
+            }
+        }
         collect::read::<RawConfig>(raw, written)
     }
 

@@ -532,6 +532,124 @@ mod tests {
         assert!(path.contains("no path"), "{path}");
     }
 
+    /// A TTL in hours left a crashed leader's tenants without a leader for
+    /// that long, while every other broker said it was ready.
+    #[test]
+    fn a_lease_ttl_past_a_minute_is_refused_saying_what_a_crash_costs() {
+        let node = |keys: &str| {
+            Settings::from_toml(&format!(
+                "[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nnode = \"b1\"\n\
+                 advertise = \"http://127.0.0.1:50051\"\n{keys}\n[[tenants]]\nid = \"t\"\n\
+                 [[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n"
+            ))
+        };
+        let err = node("lease_ttl_ms = 3600000000").unwrap_err();
+        assert_eq!(
+            err.problems,
+            [
+                "cluster.lease_ttl_ms 3600000000 must be at most 60000 (a minute): a leader's \
+              crash leaves its tenants without a leader for up to this long"
+            ]
+        );
+        let err = node("lease_ttl_ms = 61000").unwrap_err().to_string();
+        assert!(err.contains("must be at most 60000"), "{err}");
+        let ttl = node("lease_ttl_ms = 60000")
+            .unwrap()
+            .cluster
+            .unwrap()
+            .lease_ttl;
+        assert_eq!(ttl, Duration::from_secs(60));
+        // The lower bound as before, and a margin past any sum: a problem,
+        // not an overflow.
+        let err = node("lease_ttl_ms = 1500").unwrap_err().to_string();
+        assert!(err.contains("whole seconds, at least 2000"), "{err}");
+        let err = node("safety_margin_ms = 9223372036854775807")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cluster.safety_margin_ms"), "{err}");
+    }
+
+    /// A list key is set from the environment comma-separated, and a
+    /// number no key can hold is said to be out of range, not of the wrong
+    /// type.
+    #[test]
+    fn the_environment_sets_lists_comma_separated_and_says_when_a_number_is_out_of_range() {
+        let env = |extra: &[(&str, &str)]| {
+            let mut env = vec![
+                (
+                    "QUOTA_BROKER__CLUSTER__ETCD",
+                    " http://127.0.0.1:2379, http://127.0.0.2:2379 ,",
+                ),
+                ("QUOTA_BROKER__CLUSTER__NODE", "b1"),
+                ("QUOTA_BROKER__CLUSTER__ADVERTISE", "http://127.0.0.1:50051"),
+            ];
+            env.extend_from_slice(extra);
+            env.into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect::<Vec<_>>()
+        };
+        let c = Settings::load(None, env(&[])).unwrap().cluster.unwrap();
+        assert_eq!(c.etcd, ["http://127.0.0.1:2379", "http://127.0.0.2:2379"]);
+        let one = [("QUOTA_BROKER__CLUSTER__ETCD", "https://etcd.internal:2379")];
+        let err = Settings::load(None, env(&one)).unwrap_err().to_string();
+        // Read as a list of one: what is missing is its CA, not a sequence.
+        assert!(!err.contains("sequence"), "{err}");
+        assert!(
+            err.contains("set cluster.etcd_ca")
+                && err.contains("(set by the environment variable QUOTA_BROKER__CLUSTER__ETCD)"),
+            "{err}"
+        );
+        let none = [("QUOTA_BROKER__CLUSTER__ETCD", "")];
+        let err = Settings::load(None, env(&none)).unwrap_err().to_string();
+        assert!(
+            err.contains("cluster.etcd is empty")
+                && err.contains("(set by the environment variable QUOTA_BROKER__CLUSTER__ETCD)"),
+            "{err}"
+        );
+        let huge = [(
+            "QUOTA_BROKER__CLUSTER__LEASE_TTL_MS",
+            "99999999999999999999",
+        )];
+        let err = Settings::load(None, env(&huge)).unwrap_err();
+        assert_eq!(
+            err.problems,
+            ["cluster.lease_ttl_ms: 99999999999999999999 is out of range for this key (it takes \
+              whole numbers from 0 to 9223372036854775807) (set by the environment variable \
+              QUOTA_BROKER__CLUSTER__LEASE_TTL_MS)"]
+        );
+        let below = [(
+            "QUOTA_BROKER__CLUSTER__LEASE_TTL_MS",
+            "-99999999999999999999",
+        )];
+        let err = Settings::load(None, env(&below)).unwrap_err().to_string();
+        assert!(
+            err.contains("-99999999999999999999 is out of range"),
+            "{err}"
+        );
+        // A fraction is of the wrong type still, and a long value is clipped.
+        let fraction = [("QUOTA_BROKER__CLUSTER__LEASE_TTL_MS", "2.5")];
+        let err = Settings::load(None, env(&fraction))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid type: floating point"), "{err}");
+        let long = "9".repeat(5_000);
+        let err = Settings::load(None, env(&[("QUOTA_BROKER__CLUSTER__LEASE_TTL_MS", &long)]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("out of range") && err.len() < 600, "{err}");
+        // The same from a file: a number past the key's type.
+        let err = Settings::from_toml("[server]\nmax_connections = 99999999999\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "server.max_connections: 99999999999 is out of range for this key (it takes whole \
+                 numbers from 0 to 4294967295)"
+            ),
+            "{err}"
+        );
+    }
+
     /// A broker serving TLS that advertises a plaintext URL would redirect
     /// clients to its TLS port in plaintext.
     #[test]
@@ -656,6 +774,80 @@ max_in_flight = 1
             let err = node(etcd, &files).unwrap_err().to_string();
             assert!(err.contains(says), "{etcd} {files}: {err}");
         }
+    }
+
+    /// A truncated PEM file is said to be one, naming the setting and the
+    /// file, not with the END line's label as a list of byte values.
+    #[test]
+    fn a_truncated_pem_file_says_its_end_line_is_missing_naming_the_setting_and_file() {
+        let pki = testpki::Pki::new("config-truncated-pem");
+        let truncated = |file: &str| {
+            let whole = std::fs::read_to_string(pki.path(file)).unwrap();
+            let cut = pki.path(&format!("cut-{file}"));
+            std::fs::write(&cut, &whole[..whole.len() / 2]).unwrap();
+            cut.display().to_string()
+        };
+        let (cert, key, ca) = (
+            truncated("server.pem"),
+            truncated("server.key"),
+            truncated("ca.pem"),
+        );
+        let tenants = "[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\n\
+                       routes = [\"* /**\"]\nmax_in_flight = 1\n";
+        let err = Settings::from_toml(&format!(
+            "[server.tls]\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {ca:?}\n{tenants}"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            err.problems,
+            [
+                format!(
+                    "server.tls.cert {cert}: not a valid PEM certificate file: missing the \
+                     \"-----END CERTIFICATE-----\" line (a truncated file?)"
+                ),
+                format!(
+                    "server.tls.key {key}: not a valid PEM private key file: missing the \
+                     \"-----END PRIVATE KEY-----\" line (a truncated file?)"
+                ),
+                format!(
+                    "server.tls.client_ca {ca}: not a valid PEM certificate file: missing the \
+                     \"-----END CERTIFICATE-----\" line (a truncated file?)"
+                ),
+            ]
+        );
+        // The etcd files are read the same way.
+        let err = Settings::from_toml(&format!(
+            "[cluster]\netcd = [\"https://127.0.0.1:2379\"]\nnode = \"b1\"\n\
+             advertise = \"http://127.0.0.1:50051\"\netcd_ca = {ca:?}\n\
+             etcd_cert = {:?}\netcd_key = {key:?}\n{tenants}",
+            pki.arg("client.pem")
+        ))
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            format!("cluster.etcd_ca {ca}: not a valid PEM certificate file: missing the"),
+            format!("cluster.etcd_key {key}: not a valid PEM private key file: missing the"),
+        ] {
+            assert!(err.contains(&needle), "{needle}: {err}");
+        }
+        // A BEGIN line gone wrong is quoted clipped, however long.
+        let broken = pki.path("broken.pem");
+        std::fs::write(
+            &broken,
+            format!("-----BEGIN CERTIFICATE{}\n", "x".repeat(10_000)),
+        )
+        .unwrap();
+        let err = Settings::from_toml(&format!(
+            "[server.tls]\ncert = {:?}\nkey = {:?}\n{tenants}",
+            broken.display().to_string(),
+            pki.arg("server.key")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("a -----BEGIN line that does not end in five dashes") && err.len() < 1_000,
+            "{err}"
+        );
     }
 
     #[test]

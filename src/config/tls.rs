@@ -10,7 +10,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio_rustls::rustls::crypto::ring::default_provider;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::pem::{self, PemObject};
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
@@ -215,17 +215,8 @@ impl RawTls {
             }
             first
         });
-        let private_key = read("server.tls.key", &key, problems).and_then(|pem| {
-            PrivateKeyDer::from_pem_slice(&pem)
-                .map_err(|e| {
-                    problems.push(format!(
-                        "server.tls.key {}: no PEM private key found ({e}); expected \
-                         -----BEGIN PRIVATE KEY----- (PKCS#8), RSA or EC PRIVATE KEY",
-                        super::shown(&key)
-                    ))
-                })
-                .ok()
-        });
+        let private_key = read("server.tls.key", &key, problems)
+            .and_then(|pem| private_key("server.tls.key", &key, &pem, problems));
         let (mut client_ca_not_after, mut expired_client_cas) = (None, 0);
         let roots = client_ca.as_ref().and_then(|ca| {
             let certs = read_certs("server.tls.client_ca", ca, problems)?;
@@ -295,7 +286,7 @@ impl RawTls {
                     Err(e) => {
                         problems.push(format!(
                             "server.tls.client_ca {}: cannot verify clients with it: {e}",
-                            client_ca.as_deref().unwrap_or(Path::new("")).display()
+                            super::shown(client_ca.as_deref().unwrap_or(Path::new("")))
                         ));
                         return None;
                     }
@@ -307,8 +298,8 @@ impl RawTls {
             Err(e) => {
                 problems.push(format!(
                     "server.tls: the key {} does not fit the certificate {}: {e}",
-                    key.display(),
-                    cert.display()
+                    super::shown(&key),
+                    super::shown(&cert)
                 ));
                 return None;
             }
@@ -413,17 +404,8 @@ impl EtcdTls {
             (Some(cert), Some(key)) => {
                 let cert_pem = read_certs("cluster.etcd_cert", &cert, problems)
                     .and_then(|_| read("cluster.etcd_cert", &cert, problems));
-                let key_pem = read("cluster.etcd_key", &key, problems).filter(|pem| {
-                    PrivateKeyDer::from_pem_slice(pem)
-                        .map_err(|e| {
-                            problems.push(format!(
-                                "cluster.etcd_key {}: no PEM private key found ({e}); expected \
-                                 -----BEGIN PRIVATE KEY----- (PKCS#8), RSA or EC PRIVATE KEY",
-                                key.display()
-                            ))
-                        })
-                        .is_ok()
-                });
+                let key_pem = read("cluster.etcd_key", &key, problems)
+                    .filter(|pem| private_key("cluster.etcd_key", &key, pem, problems).is_some());
                 cert_pem.zip(key_pem)
             }
         };
@@ -441,7 +423,7 @@ impl EtcdTls {
         if roots.is_empty() {
             problems.push(format!(
                 "cluster.etcd_ca {}: none of its certificates is a usable CA certificate",
-                ca.display()
+                super::shown(&ca)
             ));
             return None;
         }
@@ -527,10 +509,52 @@ fn read_certs(
         }
         Err(e) => {
             problems.push(format!(
-                "{key} {}: not a valid PEM certificate file: {e}",
-                super::shown(path)
+                "{key} {}: not a valid PEM certificate file: {}",
+                super::shown(path),
+                pem_problem(&e)
             ));
             None
         }
+    }
+}
+
+/// The private key in `pem` (read from `path`), or a problem naming `key`.
+fn private_key(
+    key: &str,
+    path: &Path,
+    pem: &[u8],
+    problems: &mut Vec<String>,
+) -> Option<PrivateKeyDer<'static>> {
+    let why = match PrivateKeyDer::from_pem_slice(pem) {
+        Ok(k) => return Some(k),
+        Err(pem::Error::NoItemsFound) => "no PEM private key found; expected -----BEGIN \
+                                          PRIVATE KEY----- (PKCS#8), RSA or EC PRIVATE KEY"
+            .to_owned(),
+        Err(e) => format!("not a valid PEM private key file: {}", pem_problem(&e)),
+    };
+    problems.push(format!("{key} {}: {why}", super::shown(path)));
+    None
+}
+
+/// What is wrong with a PEM file, in words: the parser's own message
+/// gives the label of a missing END line as a list of byte values
+/// (`missing section end marker: [67, 69, 82, ...]`) and quotes a bad
+/// line whole.
+fn pem_problem(e: &pem::Error) -> String {
+    match e {
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "missing the \"-----END {}-----\" line (a truncated file?)",
+            crate::error::cut(&String::from_utf8_lossy(end_marker), 64)
+        ),
+        pem::Error::IllegalSectionStart { line } => format!(
+            "a -----BEGIN line that does not end in five dashes: {}",
+            crate::error::clip(String::from_utf8_lossy(line).trim_end())
+        ),
+        pem::Error::Base64Decode(why) => format!(
+            "the lines between -----BEGIN and -----END are not base64 ({}): a damaged file?",
+            crate::error::cut(why, 200)
+        ),
+        pem::Error::SectionTooLarge => "a PEM block over 256 MB".to_owned(),
+        other => crate::error::cut(&other.to_string(), 200),
     }
 }

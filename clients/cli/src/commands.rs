@@ -372,6 +372,14 @@ fn tls_config(url: &str, tls: &TlsArgs) -> Result<Option<ClientTlsConfig>, Error
                 kind.to_ascii_lowercase()
             )));
         }
+        // Whole (not cut short: tonic's "Error parsing TLS certificate."
+        // named no file), and a certificate that parses.
+        let whole = if kind == "CERTIFICATE" {
+            quota_broker_client::check_pem_certificates(&pem)
+        } else {
+            quota_broker_client::check_pem_private_key(&pem)
+        };
+        whole.map_err(|problem| Error::Tls(format!("{flag} {}: {problem}", path.display())))?;
         Ok(pem)
     };
     let mut config = match &tls.ca_cert {

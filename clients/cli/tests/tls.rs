@@ -308,3 +308,56 @@ async fn tls_options_that_cannot_work_are_refused_before_connecting() {
         assert_eq!(err.lines().count(), 1, "{err}");
     }
 }
+
+/// A truncated PEM file is said to be one, naming the flag and the file,
+/// before connecting; before, the CA file passed its check (it has a BEGIN
+/// line) and every handshake failed with "TLS: transport error: Error
+/// parsing TLS certificate.", naming neither.
+#[tokio::test]
+async fn a_truncated_pem_file_is_said_to_be_one_naming_the_flag_and_file() {
+    let pki = Pki::new("truncated");
+    let cut = |file: &str| {
+        let whole = std::fs::read(pki.path(file)).unwrap();
+        let path = pki.path(&format!("cut-{file}"));
+        std::fs::write(&path, &whole[..whole.len() / 2]).unwrap();
+        path.display().to_string()
+    };
+    let (ca, cert, key) = (cut("ca.pem"), cut("client.pem"), cut("client.key"));
+    let (whole_ca, whole_cert, whole_key) = (
+        pki.arg("ca.pem"),
+        pki.arg("client.pem"),
+        pki.arg("client.key"),
+    );
+    let missing =
+        |label: &str| format!("missing the \"-----END {label}-----\" line (a truncated file?)");
+    for (files, says) in [
+        (
+            [&ca, &whole_cert, &whole_key],
+            format!("--ca-cert {ca}: {}", missing("CERTIFICATE")),
+        ),
+        (
+            [&whole_ca, &cert, &whole_key],
+            format!("--client-cert {cert}: {}", missing("CERTIFICATE")),
+        ),
+        (
+            [&whole_ca, &whole_cert, &key],
+            format!("--client-key {key}: {}", missing("PRIVATE KEY")),
+        ),
+    ] {
+        let [ca, cert, key] = files.map(String::as_str);
+        let args = [
+            "status",
+            "--broker",
+            "https://127.0.0.1:1",
+            "--ca-cert",
+            ca,
+            "--client-cert",
+            cert,
+            "--client-key",
+            key,
+        ];
+        let out = quotactl(&args, &[]).await;
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(stderr(&out).trim_end(), format!("quotactl: TLS: {says}"));
+    }
+}

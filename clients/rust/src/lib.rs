@@ -67,6 +67,7 @@ mod address;
 mod fallback;
 mod kept;
 mod layer;
+mod pem;
 
 pub use fallback::FallbackSettings;
 /// The tonic this crate is built on, for matching [`ClientError::Refused`]'s
@@ -135,7 +136,7 @@ use quota_broker::pb::{
     AcquireRequest, ReleaseRequest, ReleaseResponse, RenewRequest, ReportRequest, WatchRequest,
 };
 use quota_broker::REPORTED_HEADERS;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -239,6 +240,13 @@ pub struct ClientTls {
     /// fails only at the handshake, in words that name no file).
     ca_pem: Option<Vec<u8>>,
     cert_pem: Option<Vec<u8>>,
+    /// What is wrong with the key given, if anything (the key itself is
+    /// not kept twice).
+    key_problem: Option<String>,
+    /// The files they were read from ([`ClientTls::from_files`]), for
+    /// the check's messages.
+    ca_file: Option<PathBuf>,
+    identity_files: Option<(PathBuf, PathBuf)>,
 }
 
 impl ClientTls {
@@ -259,6 +267,7 @@ impl ClientTls {
     /// mutual TLS.
     pub fn identity_pem(mut self, cert: impl AsRef<[u8]>, key: impl AsRef<[u8]>) -> ClientTls {
         self.cert_pem = Some(cert.as_ref().to_vec());
+        self.key_problem = private_key_problem(key.as_ref());
         self.identity = Some(Identity::from_pem(cert, key));
         self
     }
@@ -284,12 +293,14 @@ impl ClientTls {
         let mut tls = ClientTls::new();
         if let Some(ca) = ca {
             tls = tls.ca_pem(read("the CA certificate", ca)?);
+            tls.ca_file = Some(ca.to_owned());
         }
         if let Some((cert, key)) = identity {
             tls = tls.identity_pem(
                 read("the client certificate", cert)?,
                 read("the client key", key)?,
             );
+            tls.identity_files = Some((cert.to_owned(), key.to_owned()));
         }
         Ok(tls)
     }
@@ -300,14 +311,29 @@ impl ClientTls {
     /// (the broker would drop every connection, which a client cannot
     /// tell from a broker that is down).
     fn check(&self) -> Result<(), ClientError> {
+        // "the CA certificate /etc/ca.pem", the file named when known.
+        let named = |what: &str, file: Option<&Path>| match file {
+            Some(path) => format!("{what} {}", path.display()),
+            None => what.to_owned(),
+        };
+        let (cert_file, key_file) = match &self.identity_files {
+            Some((cert, key)) => (Some(cert.as_path()), Some(key.as_path())),
+            None => (None, None),
+        };
         if let Some(pem) = &self.ca_pem {
-            certificates("the CA certificate", pem)?;
+            certificates(&named("the CA certificate", self.ca_file.as_deref()), pem)?;
         }
         if let Some(pem) = &self.cert_pem {
-            let certs = certificates("the client certificate", pem)?;
+            let certs = certificates(&named("the client certificate", cert_file), pem)?;
             if let Some(own) = certs.first() {
                 within_validity(own)?;
             }
+        }
+        if let Some(problem) = &self.key_problem {
+            return Err(ClientError::Tls(format!(
+                "{}: {problem}",
+                named("the client key", key_file)
+            )));
         }
         Ok(())
     }
@@ -331,25 +357,63 @@ impl ClientTls {
 /// The DER certificates in `pem`, each checked to parse as X.509; an
 /// error naming `what` if there is none or one does not parse.
 fn certificates(what: &str, pem: &[u8]) -> Result<Vec<Vec<u8>>, ClientError> {
+    certificates_in(pem).map_err(|problem| ClientError::Tls(format!("{what}: {problem}")))
+}
+
+/// The DER certificates in `pem`, or what is wrong with it in words.
+fn certificates_in(pem: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    // As tonic will read it: a truncated file is said to be one, not "not
+    // PEM" (x509-parser's words) nor, at the handshake, "Error parsing TLS
+    // certificate."
+    pem::blocks(pem)?;
     let mut out = Vec::new();
     for block in x509_parser::pem::Pem::iter_from_buffer(pem) {
-        let block = block.map_err(|e| ClientError::Tls(format!("{what}: not PEM: {e}")))?;
+        let block = block.map_err(|e| format!("not PEM: {e}"))?;
         if block.label != "CERTIFICATE" {
             continue;
         }
         if let Err(e) = x509_parser::parse_x509_certificate(&block.contents) {
-            return Err(ClientError::Tls(format!(
-                "{what}: a certificate in it does not parse: {e}"
-            )));
+            return Err(format!("a certificate in it does not parse: {e}"));
         }
         out.push(block.contents);
     }
     if out.is_empty() {
-        return Err(ClientError::Tls(format!(
-            "{what}: no PEM certificate in it (expected a -----BEGIN CERTIFICATE----- block)"
-        )));
+        return Err(
+            "no PEM certificate in it (expected a -----BEGIN CERTIFICATE----- block)".to_owned(),
+        );
     }
     Ok(out)
+}
+
+/// What is wrong with `pem` as a file of CA or client certificates, in
+/// words (a truncated file, no certificate, one that does not parse): the
+/// check [`ClientTls`] makes when connecting, for tools that build TLS
+/// settings of their own (quotactl's `--ca-cert` and `--client-cert`).
+pub fn check_pem_certificates(pem: &[u8]) -> Result<(), String> {
+    certificates_in(pem).map(drop)
+}
+
+/// What is wrong with `pem` as a client's private key file, in words (a
+/// truncated file, no key tonic can use): the check [`ClientTls`] makes
+/// when connecting, for tools that build TLS settings of their own
+/// (quotactl's `--client-key`).
+pub fn check_pem_private_key(pem: &[u8]) -> Result<(), String> {
+    private_key_problem(pem).map_or(Ok(()), Err)
+}
+
+/// What is wrong with `pem` as a private key tonic can use (a PKCS#8, RSA
+/// or EC one): none in it, or a block cut off. `None` if nothing.
+fn private_key_problem(pem: &[u8]) -> Option<String> {
+    let blocks = match pem::blocks(pem) {
+        Ok(blocks) => blocks,
+        Err(problem) => return Some(problem),
+    };
+    let usable = ["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"];
+    (!blocks.iter().any(|b| usable.contains(&b.label.as_str()))).then(|| {
+        "no PEM private key in it (expected a -----BEGIN PRIVATE KEY----- block, or an RSA or \
+         EC one; an ENCRYPTED PRIVATE KEY must be decrypted first)"
+            .to_owned()
+    })
 }
 
 /// An error if the client's own certificate (DER) has expired or is not

@@ -96,8 +96,22 @@ async fn tls_settings_are_checked_when_connecting() {
     };
     let err = connect(ClientTls::from_files(Some(&pki.path("client.key")), None));
     assert!(
-        err.to_string()
-            .contains("the CA certificate: no PEM certificate"),
+        err.to_string().contains(&format!(
+            "the CA certificate {}: no PEM certificate",
+            pki.path("client.key").display()
+        )),
+        "{err}"
+    );
+    // The key that is not one is named too.
+    let err = connect(ClientTls::from_files(
+        Some(&pki.path("ca.pem")),
+        Some((&pki.path("client.pem"), &pki.path("junk.key"))),
+    ));
+    assert!(
+        err.to_string().contains(&format!(
+            "the client key {}: no PEM private key in it",
+            pki.path("junk.key").display()
+        )),
         "{err}"
     );
     let err = connect(ClientTls::from_files(
@@ -113,6 +127,64 @@ async fn tls_settings_are_checked_when_connecting() {
         "{err}"
     );
     assert!(err.to_string().contains("2021"), "{err}");
+}
+
+/// A truncated PEM file (a copy cut short) is said to be one, naming the
+/// file, when connecting; before, tonic took it and every handshake failed
+/// with "Error parsing TLS certificate.", naming nothing.
+#[tokio::test]
+async fn a_truncated_pem_file_is_said_to_be_one_naming_it() {
+    let pki = Pki::new("truncated");
+    let cut = |file: &str| {
+        let whole = std::fs::read(pki.path(file)).unwrap();
+        let path = pki.path(&format!("cut-{file}"));
+        std::fs::write(&path, &whole[..whole.len() / 2]).unwrap();
+        path
+    };
+    let (ca, cert, key) = (cut("ca.pem"), cut("client.pem"), cut("client.key"));
+    let connect = |tls: ClientTls| {
+        BrokerClient::connect_with("https://127.0.0.1:50051", ConnectOptions::new().tls(tls))
+            .expect_err("refused when connecting")
+            .to_string()
+    };
+    let missing =
+        |label: &str| format!("missing the \"-----END {label}-----\" line (a truncated file?)");
+    let whole = |file: &str| pki.path(file);
+    for (tls, says) in [
+        (
+            ClientTls::from_files(Some(&ca), None).unwrap(),
+            format!(
+                "TLS: the CA certificate {}: {}",
+                ca.display(),
+                missing("CERTIFICATE")
+            ),
+        ),
+        (
+            ClientTls::from_files(Some(&whole("ca.pem")), Some((&cert, &whole("client.key"))))
+                .unwrap(),
+            format!(
+                "TLS: the client certificate {}: {}",
+                cert.display(),
+                missing("CERTIFICATE")
+            ),
+        ),
+        (
+            ClientTls::from_files(Some(&whole("ca.pem")), Some((&whole("client.pem"), &key)))
+                .unwrap(),
+            format!(
+                "TLS: the client key {}: {}",
+                key.display(),
+                missing("PRIVATE KEY")
+            ),
+        ),
+        (
+            // Given as bytes: no file to name.
+            ClientTls::new().ca_pem(std::fs::read(&ca).unwrap()),
+            format!("TLS: the CA certificate: {}", missing("CERTIFICATE")),
+        ),
+    ] {
+        assert_eq!(connect(tls), says);
+    }
 }
 
 #[test]

@@ -45,6 +45,15 @@ fn default_prefix() -> String {
     "/quota-broker".into()
 }
 
+/// Longest `cluster.lease_ttl_ms`: when a leader crashes, its tenants have
+/// no leader until its etcd lease expires, every client on its fallback
+/// rate meanwhile, and nothing else tells the other brokers it is gone (they
+/// stay ready). A minute is already a long outage for a failover meant to
+/// take seconds, and a longer TTL buys nothing while etcd is away: a leader
+/// steps down once its keep-alive is given up (a few etcd timeouts),
+/// whatever the TTL.
+const MAX_LEASE_TTL_MS: u64 = 60_000;
+
 fn default_cluster_ttl() -> u64 {
     5_000
 }
@@ -99,8 +108,15 @@ impl RawCluster {
                 "cluster.lease_ttl_ms {} must be whole seconds, at least 2000 (etcd leases count seconds)",
                 self.lease_ttl_ms
             ));
+        } else if self.lease_ttl_ms > MAX_LEASE_TTL_MS {
+            problems.push(format!(
+                "cluster.lease_ttl_ms {} must be at most {MAX_LEASE_TTL_MS} (a minute): a \
+                 leader's crash leaves its tenants without a leader for up to this long",
+                self.lease_ttl_ms
+            ));
         }
-        if self.safety_margin_ms == 0 || self.safety_margin_ms * 2 > self.lease_ttl_ms {
+        if self.safety_margin_ms == 0 || self.safety_margin_ms.saturating_mul(2) > self.lease_ttl_ms
+        {
             problems.push(format!(
                 "cluster.safety_margin_ms {} must be above 0 and at most half of cluster.lease_ttl_ms",
                 self.safety_margin_ms
