@@ -125,6 +125,37 @@ impl Broker {
             .unwrap_or_else(PoisonError::into_inner) = why;
     }
 
+    /// Cluster mode: why `cluster.advertise` does not reach this broker
+    /// (`None`: it does, or it was not checked yet).
+    pub(crate) fn set_advertise_trouble(&self, why: Option<String>) {
+        *self
+            .inner
+            .advertise_trouble
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = why;
+    }
+
+    /// What `/readyz` adds to "ready": `cluster.advertise` does not reach
+    /// this broker. Not a reason to be unready: gRPC health follows
+    /// [`Broker::not_ready`], and NOT_SERVING would turn away the clients
+    /// that reach this broker by their own list of URLs, which it serves
+    /// well; only callers redirected here miss it (see
+    /// `crate::cluster::self_check`).
+    pub(crate) fn ready_but(&self) -> Option<String> {
+        self.inner
+            .advertise_trouble
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The settings the broker was started with (cluster mode publishes
+    /// the tenants' fingerprints, and checks `cluster.advertise` over the
+    /// server's TLS).
+    pub(crate) fn settings(&self) -> &crate::config::Settings {
+        &self.inner.settings
+    }
+
     /// True if this broker grants for tenant `t` now.
     pub(crate) fn leads(&self, t: usize) -> bool {
         self.leading(t).is_ok()

@@ -104,6 +104,9 @@ struct Inner {
     /// Cluster mode: why the last session failed, until one joins (for
     /// `/readyz`).
     cluster_trouble: Mutex<Option<String>>,
+    /// Cluster mode: why `cluster.advertise` does not reach this broker,
+    /// while its self-check finds so (`/readyz` says it).
+    advertise_trouble: Mutex<Option<String>>,
     /// The last write of learned state failed (for `/metrics`).
     state_failing: std::sync::atomic::AtomicBool,
     /// An operator's change is in force but not in `admin.toml` (its write
@@ -190,6 +193,7 @@ impl Broker {
                 run: fastrand::u64(..),
                 in_cluster_until: Mutex::new(None),
                 cluster_trouble: Mutex::new(None),
+                advertise_trouble: Mutex::new(None),
                 state_failing: std::sync::atomic::AtomicBool::new(false),
                 admin_unsaved: std::sync::atomic::AtomicBool::new(false),
             }),

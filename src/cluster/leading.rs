@@ -1,10 +1,13 @@
 //! Leading tenants: each tick's elections (take over a free tenant this
 //! member is preferred for, step down from one it no longer is), the
 //! hand-over at shutdown, the grace for members seen before etcd was away,
-//! and the leaders' snapshot saves.
+//! the leaders' snapshot saves, and what the members' keys tell about the
+//! others (config drift, a shared URL, leaders that changed).
 
 use super::etcd::{self, EtcdError};
-use super::{placement, Node, SAVE_EVERY};
+use super::fingerprint::{Part, Served};
+use super::{placement, Node, Seen, SAVE_EVERY};
+use crate::clock::millis;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -26,12 +29,12 @@ impl Node {
         let leaders = self
             .listed(&self.keys.leaders(), |e| (text(&e.value), e.lease))
             .await?;
-        let serves: HashMap<String, HashSet<String>> = self
-            .listed(&self.keys.serving(), |e| {
-                text(&e.value).lines().map(str::to_owned).collect()
-            })
+        let serves: HashMap<String, Served> = self
+            .listed(&self.keys.serving(), |e| Served::parse(&text(&e.value)))
             .await?;
         self.warn_of_other_tenants(&members, &serves);
+        self.warn_of_other_configs(&members, &serves);
+        self.warn_of_shared_urls(&members);
         self.members = members.clone();
         self.member_leases = member_keys
             .iter()
@@ -81,6 +84,11 @@ impl Node {
                 self.broker.lead(t, valid_until);
             }
         }
+        if self.seen.len() != self.tenants.len() {
+            self.seen = vec![Seen::default(); self.tenants.len()];
+        }
+        let now = Instant::now();
+        let mut changes = Vec::new();
         for t in 0..self.tenants.len() {
             let tenant = self.tenants[t].clone();
             let preferred = placement::leader_of(&tenant, serving(&tenant)).map(str::to_owned);
@@ -109,6 +117,8 @@ impl Node {
                         .await?
                     {
                         self.take_over(t, valid_until).await?;
+                        self.observe(t, Some(&me), now, &mut changes);
+                        continue;
                     }
                 }
                 Some(h) if h == me => {
@@ -132,7 +142,9 @@ impl Node {
                     }
                 }
             }
+            self.observe(t, holder, now, &mut changes);
         }
+        self.say_leaders_changed(&changes);
         if self.last_save.elapsed() >= SAVE_EVERY {
             self.last_save = Instant::now();
             self.save_dirty().await?;
@@ -170,7 +182,20 @@ impl Node {
         if self.store.save(&tenant, self.broker.snapshot(t)).await? {
             self.broker.lead(t, valid_until);
             self.led.insert(t);
-            tracing::info!(%tenant, "took the tenant over: leading it");
+            // From whom, and for how long no one held it, as this
+            // broker's ticks saw it: since the last tick that saw the
+            // member lead it, so up to a tick more than the key was free
+            // (a leader that crashed stopped granting up to a lease TTL
+            // before its key expired).
+            match self.seen.get(t).and_then(|s| s.last_led.as_ref()) {
+                Some((from, at)) => tracing::info!(%tenant, from = %from,
+                    no_leader_for_ms = millis(at.elapsed()),
+                    "took the tenant over: leading it"),
+                None => {
+                    tracing::info!(%tenant, from = "unknown (no leader seen since this broker joined)",
+                    "took the tenant over: leading it")
+                }
+            }
         }
         Ok(())
     }
@@ -254,7 +279,7 @@ impl Node {
     pub(super) fn warn_of_other_tenants(
         &mut self,
         members: &HashMap<String, String>,
-        serves: &HashMap<String, HashSet<String>>,
+        serves: &HashMap<String, Served>,
     ) {
         self.warned.retain(|m| members.contains_key(m));
         let ours: HashSet<&str> = self.tenants.iter().map(String::as_str).collect();
@@ -262,7 +287,7 @@ impl Node {
             if *node == self.settings.node || !members.contains_key(node) {
                 continue;
             }
-            let theirs: HashSet<&str> = theirs.iter().map(String::as_str).collect();
+            let theirs: HashSet<&str> = theirs.tenants.iter().map(String::as_str).collect();
             if theirs != ours && self.warned.insert(node.clone()) {
                 let lacks: Vec<&str> = ours.difference(&theirs).copied().take(5).collect();
                 let extra: Vec<&str> = theirs.difference(&ours).copied().take(5).collect();
@@ -273,9 +298,168 @@ impl Node {
         }
     }
 
+    /// Warns once per member and tenant that member serves with another
+    /// config than this broker's (another fingerprint, see `fingerprint`):
+    /// whichever leads the tenant grants by its own config. One line per
+    /// member and tick, naming the first few tenants. A member of an
+    /// earlier build publishes no fingerprints: compared on ids only.
+    pub(super) fn warn_of_other_configs(
+        &mut self,
+        members: &HashMap<String, String>,
+        serves: &HashMap<String, Served>,
+    ) {
+        self.warned_configs.retain(|m, _| members.contains_key(m));
+        for (node, served) in serves {
+            if *node == self.settings.node || !members.contains_key(node) {
+                continue;
+            }
+            let Some(theirs) = &served.configs else {
+                continue;
+            };
+            let warned = self.warned_configs.entry(node.clone()).or_default();
+            let mut new: Vec<(usize, Vec<Part>)> = Vec::new();
+            for (t, tenant) in self.tenants.iter().enumerate() {
+                let differ = theirs
+                    .get(tenant)
+                    .map(|f| self.configs[t].differing(f))
+                    .unwrap_or_default();
+                if differ.is_empty() {
+                    // The same again (or not served there): a later drift
+                    // is said again.
+                    warned.remove(&t);
+                } else if warned.insert(t) {
+                    new.push((t, differ));
+                }
+            }
+            if new.is_empty() {
+                continue;
+            }
+            // What differs, and the config sections that set it.
+            let named = |parts: &[Part]| -> String {
+                let names: Vec<&str> = parts.iter().map(|p| p.name()).collect();
+                names.join("/")
+            };
+            let mut parts: Vec<Part> = new.iter().flat_map(|(_, d)| d.iter().copied()).collect();
+            parts.sort_unstable();
+            parts.dedup();
+            let keys: Vec<&str> = parts.iter().map(|p| p.section()).collect();
+            let keys = keys.join(", ");
+            let member = crate::error::cut(node, 64);
+            if let [(t, differ)] = &new[..] {
+                let tenant = crate::error::cut(&self.tenants[*t], 64);
+                let differ = named(differ);
+                tracing::warn!(%member, %tenant, %differ,
+                    "member {member} serves tenant {tenant} with another config than this \
+                     broker's: {differ} differ; every member should have the same {keys} (the \
+                     tenant's leader grants by its own)");
+            } else {
+                let shown: Vec<String> = new
+                    .iter()
+                    .take(5)
+                    .map(|(t, d)| {
+                        format!(
+                            "{} ({})",
+                            crate::error::cut(&self.tenants[*t], 64),
+                            named(d)
+                        )
+                    })
+                    .collect();
+                tracing::warn!(%member, tenants = new.len(),
+                    "member {member} serves {} tenants with another config than this broker's: \
+                     {}{}; every member should have the same {keys} (a tenant's leader grants \
+                     by its own)",
+                    new.len(), shown.join(", "), if new.len() > 5 { " (the first 5)" } else { "" });
+            }
+        }
+    }
+
+    /// Says once per other member that advertises this broker's URL: the
+    /// callers sent to either reach only the one at that address (the
+    /// self-check of `cluster.advertise` cannot tell two brokers apart).
+    pub(super) fn warn_of_shared_urls(&mut self, members: &HashMap<String, String>) {
+        let same = |url: &str| {
+            url.trim_end_matches('/')
+                .eq_ignore_ascii_case(self.settings.advertise.trim_end_matches('/'))
+        };
+        let sharing: HashSet<&String> = members
+            .iter()
+            .filter(|(node, url)| **node != self.settings.node && same(url))
+            .map(|(node, _)| node)
+            .collect();
+        self.warned_urls.retain(|m| sharing.contains(m));
+        for node in sharing {
+            if self.warned_urls.insert(node.clone()) {
+                let member = crate::error::cut(node, 64);
+                let url = crate::error::clip(&self.settings.advertise);
+                tracing::error!(%member, advertise = %url,
+                    "member {member} advertises this broker's cluster.advertise {url} too: \
+                     callers redirected to either reach only the broker at that address; each \
+                     member needs its own cluster.advertise, the URL clients reach it at");
+            }
+        }
+    }
+
+    /// Records who holds tenant `t`'s leader key at this tick (`holder`),
+    /// adding a change of leader between two other members to `changes`.
+    fn observe(
+        &mut self,
+        t: usize,
+        holder: Option<&str>,
+        now: Instant,
+        changes: &mut Vec<(usize, String, String)>,
+    ) {
+        let me = self.settings.node.as_str();
+        let Some(seen) = self.seen.get_mut(t) else {
+            return;
+        };
+        if let Some(h) = holder {
+            if let Some((was, _)) = &seen.last_led {
+                if was != h && was != me && h != me {
+                    changes.push((t, was.clone(), h.to_owned()));
+                }
+            }
+            seen.last_led = Some((h.to_owned(), now));
+        }
+    }
+
+    /// Says, in one line a tick, which tenants another member leads now
+    /// than the last one this broker saw lead them (its own take-overs and
+    /// hand-overs say so themselves).
+    fn say_leaders_changed(&self, changes: &[(usize, String, String)]) {
+        if changes.is_empty() {
+            return;
+        }
+        let shown: Vec<String> = changes
+            .iter()
+            .take(5)
+            .map(|(t, was, now)| {
+                format!(
+                    "{} {}→{}",
+                    crate::error::cut(&self.tenants[*t], 64),
+                    crate::error::cut(was, 64),
+                    crate::error::cut(now, 64)
+                )
+            })
+            .collect();
+        tracing::info!(
+            tenants = changes.len(),
+            "leaders changed for {} tenant{}: {}{}",
+            changes.len(),
+            if changes.len() == 1 { "" } else { "s" },
+            shown.join(", "),
+            if changes.len() > 5 {
+                " (the first 5)"
+            } else {
+                ""
+            }
+        );
+    }
+
     /// The lease is gone or etcd unreachable: lead nothing.
     pub(super) fn lose_all(&mut self) {
         self.store.lease.store(0, Ordering::Release);
+        // Who led what is known again from the next session's ticks.
+        self.seen.clear();
         self.broker.set_in_cluster(None);
         for t in self.led.drain() {
             self.broker.step_down(t, None);
@@ -310,7 +494,8 @@ impl Node {
             .filter(|m| *m != me)
             .map(|m| {
                 let lease = self.member_leases.get(m).copied().unwrap_or_default();
-                (m.clone(), (lease, self.serves.get(m).cloned()))
+                let served = self.serves.get(m).map(|s| s.tenants.clone());
+                (m.clone(), (lease, served))
             })
             .collect();
         self.awaited_since = Instant::now();

@@ -1,6 +1,7 @@
 //! A broker's membership of the cluster: one etcd lease's session (join,
 //! keep-alive, the tick loop), the lease it joins on, and its member and
-//! `serves` keys.
+//! `serves` keys. etcd lease ids are logged in hex, as `etcdctl lease
+//! list` shows them.
 
 use super::etcd::{EtcdError, KeepAlive};
 use super::Node;
@@ -21,9 +22,18 @@ impl Node {
             return Err(e);
         }
         let me = self.settings.node.clone();
-        tracing::info!(node = %me, lease, "joined the cluster");
+        tracing::info!(node = %me, lease = %format_args!("{lease:x}"), "joined the cluster");
         self.failing = None;
         self.broker.set_cluster_trouble(None);
+        // Once joined, callers are sent to cluster.advertise: check it
+        // reaches this broker (once per process; it ends once it does).
+        if self.self_check.is_none() {
+            self.self_check = Some(tokio::spawn(super::self_check::run(
+                self.broker.clone(),
+                self.settings.advertise.clone(),
+            )));
+        }
+        self.seen.clear();
         if self.etcd_was_away {
             self.await_earlier_members();
         } else {
@@ -104,7 +114,7 @@ impl Node {
         let member = self.keys.member(&me);
         let url = self.settings.advertise.as_bytes().to_vec();
         let serves = self.keys.serves(&me);
-        let tenants = self.tenants.join("\n").into_bytes();
+        let tenants = self.serves_value.clone().into_bytes();
         let join = |was| {
             self.etcd.put_pair_if(
                 (&member, url.clone()),

@@ -8,6 +8,8 @@
 //! | `membership`| one etcd lease's session: join, keep-alive, the tick loop |
 //! | `leading`   | elections, take-over, hand-over, snapshot saves           |
 //! | `placement` | which member should lead a tenant (rendezvous hashing)    |
+//! | `fingerprint`| what a member publishes of its tenants' config, compared |
+//! | `self_check`| whether `cluster.advertise` reaches this broker          |
 //! | `etcd`      | the etcd v3 calls made, on the generated client           |
 //! | `connect`   | connections to etcd members, bounded up to HTTP/2's start |
 //! | `proto`     | the generated etcd API                                     |
@@ -17,11 +19,13 @@
 //!   live members; created only if absent (or on an earlier lease of the
 //!   same process), so two processes configured with one node name cannot
 //!   both join.
-//! - `serves/<node>` = the tenant ids of the node's config, one a line, on
-//!   its etcd lease: a tenant is placed only among the members that serve
-//!   it (a node without this key, of an older build, counts as serving
-//!   every tenant), so a member whose config lacks a tenant is never
-//!   elected to lead it, and one that alone has a tenant leads it.
+//! - `serves/<node>` = the tenant ids of the node's config, one a line, each
+//!   followed by a line with the fingerprint of its config (`fingerprint`),
+//!   on its etcd lease: a tenant is placed only among the members that
+//!   serve it (a node without this key, of an older build, counts as
+//!   serving every tenant), so a member whose config lacks a tenant is
+//!   never elected to lead it, and one that alone has a tenant leads it;
+//!   a member whose tenant sets or fingerprints differ is warned of.
 //! - `leaders/<tenant>` = the leading node's name, on its etcd lease:
 //!   created only if absent, so at most one node holds it; it vanishes when
 //!   the holder's lease expires. A node leads a tenant only while the key
@@ -39,8 +43,8 @@
 //! leader has stopped before the new one starts.
 //!
 //! Every tick (a fifth of the TTL, at most a second) the task refreshes the
-//! lease, reads members and leaders (two range reads, whatever the number
-//! of tenants), and for each tenant: the member rendezvous hashing prefers
+//! lease, reads members, their `serves` keys and leaders (three range
+//! reads, whatever the number of tenants), and for each tenant: the member rendezvous hashing prefers
 //! creates the leader key when it is free and takes the tenant over; a
 //! leader that is no longer preferred (a member joined) saves, steps down
 //! and deletes its key, so the preferred member takes over on its next
@@ -50,14 +54,17 @@
 
 mod connect;
 mod etcd;
+mod fingerprint;
 mod leading;
 mod membership;
 mod placement;
 mod proto;
+mod self_check;
 
 use crate::broker::Broker;
 use crate::config::ClusterSettings;
 use etcd::{Etcd, EtcdError};
+use fingerprint::{Fingerprint, Served};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -156,6 +163,7 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
     };
     // Only `run` sets it, once.
     let _ = broker.cluster_store().set(store.clone());
+    let configs = fingerprint::of_tenants(broker.settings());
     let mut node = Node {
         broker: broker.clone(),
         store,
@@ -163,6 +171,8 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
         keys,
         settings,
         tenants: broker.tenant_ids(),
+        serves_value: fingerprint::serves_value(&configs),
+        configs: configs.into_iter().map(|(_, f)| f).collect(),
         led: HashSet::new(),
         last_save: Instant::now(),
         own_leases: Vec::new(),
@@ -170,12 +180,16 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
         members: HashMap::new(),
         serves: HashMap::new(),
         warned: HashSet::new(),
+        warned_configs: HashMap::new(),
+        warned_urls: HashSet::new(),
+        seen: Vec::new(),
         awaited: HashMap::new(),
         awaited_since: Instant::now(),
         member_leases: HashMap::new(),
         etcd_was_away: false,
         refresh_failed: false,
         failing: None,
+        self_check: None,
     };
     let shutdown = broker.shutdown_token().clone();
     loop {
@@ -207,12 +221,15 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
             }
         }
     }
+    if let Some(check) = node.self_check.take() {
+        check.abort();
+    }
     // A lease granted to a session that failed before it joined: nothing
     // will join on it now, and a join applied whose answer was lost would
     // keep this node counted as a member until its TTL.
     if let Some(id) = node.spare.take() {
         if let Err(e) = node.etcd.revoke(id).await {
-            tracing::warn!(error = %e, lease = id,
+            tracing::warn!(error = %e, lease = %format_args!("{id:x}"),
                 "could not revoke a lease no session joined on; its expiry will");
         }
     }
@@ -225,6 +242,11 @@ struct Node {
     keys: Keys,
     settings: ClusterSettings,
     tenants: Vec<String>,
+    /// Each tenant's config fingerprint, as `tenants` (published in the
+    /// `serves` key, compared with the other members').
+    configs: Vec<Fingerprint>,
+    /// The `serves` key's value: `tenants` with `configs`.
+    serves_value: String,
     /// Tenants this node took over and has not stepped down from.
     led: HashSet<usize>,
     last_save: Instant,
@@ -237,11 +259,19 @@ struct Node {
     /// The members (node → URL) the last tick read: at shutdown, where
     /// each tenant goes next.
     members: HashMap<String, String>,
-    /// The tenants each member serves, as the last tick read (a member
-    /// missing here serves every tenant).
-    serves: HashMap<String, HashSet<String>>,
+    /// The tenants each member serves (and their configs' fingerprints),
+    /// as the last tick read (a member missing here serves every tenant).
+    serves: HashMap<String, Served>,
     /// Members already warned about for serving other tenants.
     warned: HashSet<String>,
+    /// The tenants each member was already warned about for serving
+    /// them with another config.
+    warned_configs: HashMap<String, HashSet<usize>>,
+    /// Members already warned about for advertising this broker's URL.
+    warned_urls: HashSet<String>,
+    /// Who leads each tenant as the ticks of this session saw it (empty
+    /// until the first tick; see [`Seen`]).
+    seen: Vec<Seen>,
     /// The other members this broker saw before it joined again (etcd was
     /// away), with the etcd lease they were on and what they serve, and
     /// since when their tenants wait for them: see
@@ -258,6 +288,15 @@ struct Node {
     /// Sessions failing in a row: the error last logged, when, and how
     /// many failed the same way since (see [`FAILURE_LOG_EVERY`]).
     failing: Option<(String, Instant, u32)>,
+    /// The check of `cluster.advertise`, started at the first join.
+    self_check: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A tenant's leader key as this broker's ticks saw it.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    /// The last member seen holding it, and the tick that last saw it so.
+    last_led: Option<(String, Instant)>,
 }
 
 impl Node {

@@ -260,6 +260,8 @@ async fn readyz(State(http): State<Http>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
     } else if let Some(why) = http.broker.not_ready() {
         (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response()
+    } else if let Some(but) = http.broker.ready_but() {
+        format!("ready, but {but}\n").into_response()
     } else {
         "ready\n".into_response()
     }
