@@ -18,6 +18,10 @@ tenant's leader (``x-quota-broker-leader``) and move on from a broker that
 does not answer, or from an address that is not a broker (tried again after
 ``RECHECK_NOT_A_BROKER_S``).
 The Genesys Cloud SDK adapter is ``quota_broker_client.genesys``.
+
+Make one QuotaBroker per process and share it (it is thread-safe); clients
+made per request or per job still share the fallback of their brokers.
+Every call blocks its thread: from asyncio, ``await asyncio.to_thread(...)``.
 """
 from .client import (
     DEFAULT_CHANNEL_OPTIONS,
@@ -28,9 +32,11 @@ from .client import (
     says_concurrency,
 )
 from .errors import (
+    BadToken,
     BadUrl,
     BrokerRpcError,
     Closed,
+    ConfigError,
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
@@ -56,7 +62,8 @@ __all__ = [
     "DEFAULT_CHANNEL_OPTIONS", "RECHECK_NOT_A_BROKER_S",
     "QuotaBrokerError", "NotGranted", "BrokerRpcError", "Closed", "InvalidArgument", "NotFound",
     "FailedPrecondition", "Unauthenticated", "PermissionDenied", "Unavailable",
-    "DeadlineExceeded", "Internal", "Overloaded", "TlsError", "BadUrl", "NotABroker",
+    "DeadlineExceeded", "Internal", "Overloaded", "ConfigError", "TlsError", "BadUrl", "BadToken",
+    "NotABroker",
     "rate_limit_headers", "retry_after_ms",
     "says_concurrency",
 ]

@@ -16,7 +16,7 @@ import grpc
 
 from . import errors
 from .errors import NotGranted, NotFound
-from .fallback import FallbackSettings, LocalFallback, SystemClock
+from .fallback import SYSTEM_CLOCK, FallbackSettings, all_shared, route_key, shared as _shared_fallback
 from .tls import channel_credentials
 from .headers import aged_rate_limit_headers, rate_limit_headers, retry_after_ms as _retry_after_ms
 from .quota.v1 import broker_pb2 as pb
@@ -78,6 +78,7 @@ def _flush_all_at_exit():
     what was lost."""
     clients = [c for c in list(_LIVE) if not c._closed.is_set() and c._has_deferred()]
     if not clients:
+        _warn_orphans_lost_at_exit()
         return
     deadline = time.monotonic() + _CLOSE_FLUSH_TIMEOUT_S
     threads = [threading.Thread(target=c._flush_at_exit, args=(deadline,), daemon=True,
@@ -88,6 +89,18 @@ def _flush_all_at_exit():
         t.join(max(0.0, deadline - time.monotonic()))
     for c in clients:
         c._warn_lost_at_exit()
+    _warn_orphans_lost_at_exit()
+
+
+def _warn_orphans_lost_at_exit():
+    """Says what is kept in shared fallbacks that no open client can send
+    any more (the last client of those brokers was closed with it)."""
+    held = {id(c._fallback) for c in list(_LIVE) if not c._closed.is_set()}
+    for fb in all_shared():
+        if fb.pending and id(fb) not in held:
+            log.warning("process exiting: %d outcomes kept for quota-broker at %s lost: the last "
+                        "client of these brokers was closed while they could not be sent",
+                        fb.pending, fb.target)
 
 
 # HTTP/2's connection preface and an empty SETTINGS frame: what a gRPC client sends first.
@@ -156,6 +169,27 @@ def _check_headers(headers):
                     f"got {type(headers).__name__}")
 
 
+def _check_acquire_timeout(timeout, max_wait_ms):
+    """An Acquire's ``timeout`` (seconds, None: the wait plus the client's
+    timeout), or a TypeError/ValueError naming the mistake: a deadline not
+    above the wait ends the call while the broker may still hold it for
+    that wait (a bare DEADLINE_EXCEEDED, never the broker's answer)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if max_wait_ms is not None and timeout * 1000 <= max_wait_ms:
+        raise ValueError(
+            f"timeout={timeout:g} s is not above max_wait_ms={max_wait_ms} ({max_wait_ms / 1000:g} s): "
+            "timeout is the call's whole deadline in seconds, the broker's wait included, so the "
+            "call would end while the broker may still hold it; give a timeout above the wait "
+            f"(e.g. {max_wait_ms / 1000 + _CALL_TIMEOUT_S:g}), or leave it None (the wait plus "
+            "the client's timeout)")
+    return timeout
+
+
 def _may_have_reached_a_broker(err):
     """Whether a call that got no answer may have been read by a broker: its
     deadline passed, or the connection broke or went unanswered under it;
@@ -181,6 +215,8 @@ _OVERLOAD_BACKOFF_S = 1.0
 _MIN_OVERLOAD_BACKOFF_S = 0.05
 # How long a call made while falling back waits for the probe it started.
 _PROBE_WAIT_S = 0.25
+# Most characters of a broker's reason a warning shows.
+_SHOWN_REASON_CHARS = 300
 
 
 
@@ -360,6 +396,138 @@ def _leader_of(err):
             value = str(value).strip()
             return value or None
     return None
+
+
+#: Most characters of a token the client sends. No broker token is near
+#: it; HTTP/2 servers and proxies refuse a header much longer (431, which
+#: gRPC reports as UNKNOWN), so a longer one is a mistake (a file, a
+#: certificate pasted instead).
+MAX_TOKEN_CHARS = 4096
+
+
+def _check_token(token):
+    """The token as sent (surrounding whitespace stripped), or None; a
+    mistake gRPC would only report at the first call (or never clearly) is
+    BadToken, naming the parameter, never the token."""
+    if token is None:
+        return None
+    if not isinstance(token, str):
+        raise TypeError(f"token must be a str or None, got {type(token).__name__}")
+    # A token read from a file keeps its trailing newline, which gRPC
+    # refuses as metadata ("Invalid metadata"): the broker's hashes and
+    # `quota-broker hash-token` strip it too.
+    token = token.strip()
+    if token[:7].lower() == "bearer ":
+        raise errors.BadToken("token= starts with 'Bearer ': give the token alone; the client sends "
+                              "'authorization: Bearer <token>' itself")
+    for at, c in enumerate(token, 1):
+        if not " " <= c <= "~":
+            what = "a control character" if c < " " or c == "\x7f" else "a non-ASCII character"
+            raise errors.BadToken(f"token= has {what} (character {at} of {len(token)}): gRPC metadata "
+                                  "carries printable ASCII only; check what was read into it")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise errors.BadToken(f"token= is {len(token)} characters long, more than the {MAX_TOKEN_CHARS} "
+                              "a client sends (HTTP/2 servers refuse such a header with 431): is it "
+                              "the broker token?")
+    return token
+
+
+def _tenant_of(request):
+    """The tenant a request is for ("" when it names none)."""
+    tenant = getattr(request, "tenant", "") or ""
+    if not tenant and hasattr(request, "acquired_with"):
+        tenant = request.acquired_with.tenant
+    return tenant
+
+
+def _no_answer(err):
+    """Why a call got no answer, in a few words (for the fallback's warning)."""
+    if isinstance(err, errors.DeadlineExceeded) or getattr(err, "code", None) == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "no answer within the call's deadline"
+    text = getattr(err, "details", "") or ""
+    low = text.lower()
+    if "connection refused" in low:
+        return "connection refused"
+    if "domain name not found" in low or "dns resolution failed" in low:
+        return "its host name does not resolve"
+    if "socket closed" in low or "connection reset" in low:
+        return "the connection was closed without an answer"
+    return f"{getattr(getattr(err, 'code', None), 'name', 'UNAVAILABLE')}: {text[:150]}"
+
+
+def _answered(err):
+    """Whether an UNAVAILABLE came from a broker (its request id or a leader
+    named), not from a connection that failed or went unanswered."""
+    if _leader_of(err) is not None:
+        return True
+    try:
+        trailers = dict(err.trailing_metadata() or ())
+    except Exception:  # not a grpc.Call: nothing says a broker answered
+        return False
+    return "x-request-id" in trailers
+
+
+class _Trail:
+    """The brokers one call tried, following the cluster: where it goes
+    next (a leader that did not answer is not asked again on another's
+    word, as quotactl does) and, when none answered, what happened."""
+
+    def __init__(self, tenant):
+        self.tenant = tenant
+        # (target, leader URL named or None, the grpc.RpcError, answered by a broker)
+        self.steps = []
+
+    def add(self, target, err):
+        self.steps.append((target, _leader_of(err), err, _answered(err)))
+
+    def tried(self, target):
+        return any(t == target for t, _, _, _ in self.steps)
+
+    def given_up(self, target):
+        """Whether ``target`` was tried and gave no answer (unreachable, no answer in time)."""
+        return any(t == target and not answered for t, _, _, answered in self.steps)
+
+    def last_configured(self, targets):
+        """The last of ``targets`` this call tried, or None."""
+        for t, _, _, _ in reversed(self.steps):
+            if t in targets:
+                return t
+        return None
+
+    def describe(self, leader_target):
+        """What happened, when a broker sent the call to a leader (None
+        otherwise: "unreachable" says it). ``leader_target`` maps a leader
+        URL to its "host:port" (None when this client cannot reach it)."""
+        if not any(leader for _, leader, _, _ in self.steps):
+            return None
+        said, i = [], 0
+        tenant = f"tenant {self.tenant}'s" if self.tenant else "its"
+        while i < len(self.steps):
+            target, leader, err, answered = self.steps[i]
+            i += 1
+            if leader is None:
+                said.append(f"{target} {self._outcome(err, answered)}")
+                continue
+            part = f"{target} sends {tenant} callers to {leader}"
+            at = leader_target(leader)
+            if i < len(self.steps) and at is not None and self.steps[i][0] == at:
+                _, _, next_err, next_answered = self.steps[i]
+                i += 1
+                part += f", which {self._outcome(next_err, next_answered)}"
+            elif at is not None and self.given_up(at):
+                part += ", which did not answer either"
+            said.append(part)
+        return "; ".join(said)
+
+    @staticmethod
+    def _outcome(err, answered):
+        details = err.details() if callable(getattr(err, "details", None)) else ""
+        code = err.code() if callable(getattr(err, "code", None)) else None
+        if errors.not_a_broker(code, details) is not None:
+            return "is not a quota-broker's gRPC port"
+        if not answered:
+            return f"does not answer ({_no_answer(errors.from_rpc_error(err))})"
+        return f"answers UNAVAILABLE ({(details or '')[:150]})"
 
 
 class _Conn:
@@ -606,8 +774,14 @@ class _Renewer(threading.Thread):
                 if not _renewal_may_pass_later(e):
                     log.warning("lease %s can no longer be renewed: %s", self.lease.lease_id, e)
                     return
-                # Transient (broker unreachable...): try again sooner; say so once.
-                (log.debug if self._warned else log.warning)(
+                broker = self.lease._broker
+                # Transient: try again sooner. No broker answers: the outage
+                # is the fallback's one warning (entered here if no call did
+                # yet), each lease's failures debug lines; else say it once.
+                outage = broker._fallback is not None and isinstance(e, _UNREACHABLE)
+                if outage:
+                    broker._enter_fallback(e)
+                (log.debug if self._warned or outage else log.warning)(
                     "renewing lease %s failed: %s", self.lease.lease_id, e)
                 self._warned = True
                 # Again every eighth of the TTL (at least every 100 ms), also
@@ -618,8 +792,9 @@ class _Renewer(threading.Thread):
                 left_ms = (expires - time.monotonic()) * 1000.0
                 if left_ms <= 0 and not self._past_expiry:
                     self._past_expiry = True
-                    log.warning("lease %s passed its expiry while renewals failed; renewing on "
-                                "while it is held", self.lease.lease_id)
+                    (log.debug if outage else log.warning)(
+                        "lease %s passed its expiry while renewals failed; renewing on while it is "
+                        "held", self.lease.lease_id)
                 wait_ms = max(ttl_ms / 8.0, 100)
                 if left_ms > 0:
                     wait_ms = min(wait_ms, left_ms)
@@ -681,6 +856,13 @@ class WatchStream:
 class QuotaBroker:
     """A connection to a quota-broker.
 
+    Make one per process (per set of brokers), share it between threads
+    (it is thread-safe) and close it at the end. Every call blocks its
+    thread: from asyncio, ``await asyncio.to_thread(broker.acquire, ...)``.
+    Clients made per request or per job work too: the fallback (pacing,
+    grant history, kept outcomes, the outage's one warning) is shared by
+    every client of the same brokers, settings and clock in the process.
+
     ``url`` is "host:port", "http://host:port" (plaintext) or
     "https://host:port" (TLS); for a cluster, several of them (a list, or
     one string comma-separated; all plaintext or all TLS). A broker that
@@ -692,7 +874,9 @@ class QuotaBroker:
     (the fallback below). Channels are made once per broker and kept. ``token`` is sent as
     ``authorization: Bearer <token>`` on every call (over TLS too). ``timeout`` is the
     client-side deadline (seconds) added on top of an Acquire's server-side
-    wait and used as is for the other unary calls. ``options`` are gRPC
+    wait and used as is for the other unary calls. A ``token`` that cannot
+    be sent (starting with "Bearer ", non-ASCII or control characters,
+    over MAX_TOKEN_CHARS) is :class:`BadToken` here. ``options`` are gRPC
     channel options, on top of :data:`DEFAULT_CHANNEL_OPTIONS` (reconnect
     backoff bounded to 2 s).
 
@@ -759,18 +943,18 @@ class QuotaBroker:
         # https:// urls asked in plaintext what they speak, and when (see _plaintext_at).
         self._asked_plaintext = {}
         self._channels_closed = False
+        token = _check_token(token)
+        if fallback is not None and not isinstance(fallback, FallbackSettings):
+            raise TypeError(f"fallback must be a FallbackSettings or None, got {type(fallback).__name__}")
         self._conn = self._conn_for(self.targets[0])
         self.timeout = timeout
         #: Call metadata (the bearer token), for calls on the raw stubs.
-        # A token read from a file keeps its trailing newline, which gRPC
-        # refuses as metadata ("Invalid metadata"): the broker's hashes and
-        # `quota-broker hash-token` strip it too.
-        token = token.strip() if isinstance(token, str) else token
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._clock = clock if clock is not None else SystemClock()
-        if fallback is not None and not isinstance(fallback, FallbackSettings):
-            raise TypeError(f"fallback must be a FallbackSettings or None, got {type(fallback).__name__}")
-        self._fallback = (LocalFallback(fallback, self._clock, ", ".join(self.targets))
+        self._clock = clock if clock is not None else SYSTEM_CLOCK
+        # Shared by every client of these brokers in the process (with the
+        # same settings and clock): short-lived clients pace together and
+        # log an outage once (see fallback.shared).
+        self._fallback = (_shared_fallback(fallback, self._clock, self.targets, self.tls)
                           if fallback is not None else None)
         # Added to the fallback's warning: a url without a port is dialled
         # on the scheme's (80, 443), where a broker seldom listens.
@@ -799,6 +983,11 @@ class QuotaBroker:
     def _unreachable_hint(self, err):
         """What the fallback's warning adds for ``err``: what to check in the url, if anything."""
         return errors.unreachable_hint(err.details, self.tls) + self._port_hint
+
+    def _enter_fallback(self, err):
+        """No broker answered ``err``'s call: the shared fallback starts (its
+        one warning says what happened and what to check in the url)."""
+        self._fallback.enter(err, self._unreachable_hint(err), getattr(err, "what_happened", None))
 
     # -- connections -------------------------------------------------------------
 
@@ -848,21 +1037,24 @@ class QuotaBroker:
             return None
         return target
 
-    def _next_target(self, after):
-        """The configured target after ``after`` (the first one if ``after`` is not
-        configured), passing over those found not to be a broker within the
-        last RECHECK_NOT_A_BROKER_S; None when there is no other."""
-        try:
-            at = self.targets.index(after) + 1
-        except ValueError:
-            at = 0
+    def _next_target(self, after, trail=None):
+        """The configured target after ``after`` (when ``after`` is not
+        configured, a leader a broker named: after the last configured one
+        the call tried, else the first), passing over those found not to be a
+        broker within the last RECHECK_NOT_A_BROKER_S and those the call
+        (``trail``) tried already; None when there is no other."""
+        start = after if after in self.targets else (
+            trail.last_configured(self.targets) if trail is not None else None)
+        at = self.targets.index(start) + 1 if start is not None else 0
         n = len(self.targets)
         now = self._clock.monotonic()
         with self._conns_lock:
             for k in range(n):
                 target = self.targets[(at + k) % n]
+                if target == after or (trail is not None and trail.tried(target)):
+                    continue
                 found = self._said_not_a_broker.get(target)
-                if target != after and (found is None or now >= found + RECHECK_NOT_A_BROKER_S):
+                if found is None or now >= found + RECHECK_NOT_A_BROKER_S:
                     return target
         return None
 
@@ -875,13 +1067,16 @@ class QuotaBroker:
         log.debug("quota-broker: following the cluster from %s to %s (%s)", frm.target, to, why)
         return conn
 
-    def _follow(self, conn, err, hop):
+    def _follow(self, conn, err, hop, trail):
         """Where to send a call again after ``conn`` answered UNAVAILABLE (``err``), or None.
 
-        With the ``x-quota-broker-leader`` metadata: that leader. Without it
-        (the broker is down, or no leader is elected yet): the next
-        configured broker. At most (number of configured brokers + 2) hops
-        per call, as the Rust client.
+        With the ``x-quota-broker-leader`` metadata: that leader, unless this
+        call found it not answering already. Without it (the broker is down,
+        or no leader is elected yet), or when the leader named did not
+        answer: the next configured broker this call has not tried
+        (``trail``, which has ``conn``'s answer already), as quotactl does.
+        At most (number of configured brokers + 2) hops per call, as the
+        Rust client.
         """
         if hop > len(self.targets) + 2:
             return None
@@ -897,13 +1092,15 @@ class QuotaBroker:
                 # "I lead it" cannot come with UNAVAILABLE: do not loop.
                 log.debug("quota-broker at %s names itself as the leader in an UNAVAILABLE answer", conn.target)
                 return None
-            return self._move(conn, target, f"leader {leader}")
-        if len(self.targets) < 2:
-            return None
-        target = self._next_target(conn.target)
+            if not trail.given_up(target):
+                return self._move(conn, target, f"leader {leader}")
+            # The leader named did not answer this call: the others given may
+            # (one elected since, or one that knows a newer leader).
+        target = self._next_target(conn.target, trail)
         if target is None:
             return None
-        return self._move(conn, target, "no answer / no leader")
+        return self._move(conn, target, "no answer / no leader" if leader is None else
+                          f"the leader named, {leader}, does not answer")
 
     # -- fallback state --------------------------------------------------------
 
@@ -1175,8 +1372,9 @@ class QuotaBroker:
         RESOURCE_EXHAUSTED, or that meets a server that is not a broker
         (:class:`NotABroker`: a load balancer misrouting, say) (the rest stay
         kept, and go at its next answer); one a broker refuses otherwise
-        (e.g. a tenant no longer configured) is dropped.
-        After RESOURCE_EXHAUSTED (:class:`Overloaded`) the background sender
+        (e.g. a tenant no longer configured, or one mistyped) is dropped,
+        and logged as a warning with the broker's reason, once per reason
+        per call. After RESOURCE_EXHAUSTED (:class:`Overloaded`) the background sender
         tries again once its ``retry_after_ms`` has passed.
         Returns how many were reported by this call.
         """
@@ -1184,6 +1382,8 @@ class QuotaBroker:
         if fb is None:
             return 0
         sent = refused = 0
+        # The broker's reasons for the outcomes it refused, and how many each.
+        reasons = collections.Counter()
         with self._flush_lock:
             while True:
                 item = fb.pop_oldest()
@@ -1215,6 +1415,7 @@ class QuotaBroker:
                 except errors.BrokerRpcError as e:
                     fb.leave()  # it answers
                     refused += 1
+                    reasons[str(e)[:_SHOWN_REASON_CHARS]] += 1
                     log.debug("kept outcome %s %s -> %s refused: %s", req.method, req.path, req.http_status, e)
                     continue
                 except errors.QuotaBrokerError as e:
@@ -1225,6 +1426,11 @@ class QuotaBroker:
                 fb.leave()
                 sent += 1
             dropped = fb.take_dropped()
+        for reason, n in reasons.items():
+            # Dropped for good: say why, so a mistake (a tenant mistyped, a
+            # token not scoped to it) is seen, not only counted.
+            log.warning("quota-broker at %s refused %d outcome%s kept while it was unreachable or "
+                        "overloaded, now dropped: %s", self.target, n, "" if n == 1 else "s", reason)
         if sent or refused or dropped:
             log.info("reported %d outcomes kept while quota-broker at %s was unreachable or overloaded "
                      "(%d refused by it; %d dropped as the oldest past the %d the client keeps; "
@@ -1255,8 +1461,12 @@ class QuotaBroker:
                 break
             time.sleep(wait)
         if self.pending_reports:
-            log.warning("closing with %d outcomes kept for quota-broker at %s unreported "
-                        "(it does not answer, or is overloaded)", self.pending_reports, self.target)
+            # Kept in the fallback the brokers' clients share: said once an
+            # outage (clients made per job each close with them).
+            (log.warning if self._fallback.say_closing() else log.debug)(
+                "closing with %d outcomes kept for quota-broker at %s unreported (it does not "
+                "answer, or is overloaded); a client of the same brokers made later in this "
+                "process reports them", self.pending_reports, self.target)
         if self._deferred_releases:
             log.debug("closing with %d releases unsent (their slots expire by themselves)",
                       len(self._deferred_releases))
@@ -1357,6 +1567,7 @@ class QuotaBroker:
         # A broker found away on the way: with one, a list's mistaken
         # address is not what the call met (an outage is).
         away = None
+        trail = _Trail(_tenant_of(request))
         while True:
             fn = getattr(conn.admin_stub if admin else conn.stub, name)
             try:
@@ -1396,9 +1607,10 @@ class QuotaBroker:
                     away = (e, conn.target)
                 hop += 1
                 failed = conn
-                conn = self._follow(conn, e, hop)
+                trail.add(conn.target, e)
+                conn = self._follow(conn, e, hop, trail)
                 if conn is None and mistake is not None and away is not None:
-                    raise errors.from_rpc_error(*away) from None
+                    raise self._no_broker_answered(trail, *away) from None
                 if conn is None:
                     # No broker answered: a handshake that cannot succeed
                     # says what to do rather than read as an outage.
@@ -1406,13 +1618,22 @@ class QuotaBroker:
                     if refusal is not None:
                         raise errors.TlsError(
                             f"TLS handshake with the broker at {failed.target}: {refusal}") from None
-                    raise errors.from_rpc_error(e, failed.target) from None
+                    raise self._no_broker_answered(trail, e, failed.target) from None
+
+    def _no_broker_answered(self, trail, err, target):
+        """The error a call raises when no broker answered it (``err`` at
+        ``target`` the last one), with ``what_happened`` on its way through
+        the cluster when a broker sent it to a leader (None otherwise)."""
+        raised = errors.from_rpc_error(err, target)
+        raised.what_happened = trail.describe(self._leader_target)
+        return raised
 
     # -- data plane ----------------------------------------------------------
 
     def acquire_raw(self, tenant, method, path, *, client_id, oauth_client="",
                     priority_class="", permits=1, max_wait_ms=None, timeout=None):
         """Acquire returning the AcquireResponse as is (granted or not); no fallback."""
+        _check_acquire_timeout(timeout, max_wait_ms)
         return self._acquire_at(tenant, method, path, client_id=client_id, oauth_client=oauth_client,
                                 priority_class=priority_class, permits=permits,
                                 max_wait_ms=max_wait_ms, timeout=timeout)[0]
@@ -1468,7 +1689,10 @@ class QuotaBroker:
         whose leases held slots in the minute before also waits for one of
         its leases to end while it holds ``fallback_max_in_flight`` at once.
         Without a fallback (``fallback=None``) it raises Unavailable / DeadlineExceeded.
-        An explicit ``timeout`` that runs out is DeadlineExceeded, not a fallback.
+        ``timeout`` (seconds) is the whole call's deadline, the broker's wait
+        included: it must be above ``max_wait_ms`` (a ValueError otherwise);
+        None is the wait plus the client's ``timeout``. An explicit
+        ``timeout`` that runs out is DeadlineExceeded, not a fallback.
         """
         if self._channels_closed:
             raise errors.Closed()
@@ -1478,7 +1702,9 @@ class QuotaBroker:
         _check_count("permits", permits, _UINT32_MAX)
         if max_wait_ms is not None:
             _check_count("max_wait_ms", max_wait_ms, _UINT64_MAX)
+        _check_acquire_timeout(timeout, max_wait_ms)
         fb = self._fallback
+        route = route_key(tenant, method, path)
         started = self._clock.monotonic()
         # Without max_wait_ms the fallback waits at most the broker's default
         # cap: an Acquire's wait is bounded alike, broker up or down.
@@ -1512,8 +1738,20 @@ class QuotaBroker:
                     except _UNREACHABLE as e:
                         if _may_have_reached_a_broker(e):
                             self._release_unanswered(tenant, key)
-                        if fb is None or (timeout is not None and isinstance(e, errors.DeadlineExceeded)):
-                            raise  # no fallback, or the caller's own deadline
+                        if timeout is not None and isinstance(e, errors.DeadlineExceeded):
+                            # The caller's own deadline: say which (a wait the
+                            # class's default sets may be longer than it).
+                            raise errors.DeadlineExceeded(
+                                e.code,
+                                f"{e.details} (the timeout={timeout:g} s given to acquire ran out; "
+                                + ("it is the whole call's deadline, the broker's wait included: "
+                                   "without max_wait_ms the priority class's default wait applies, "
+                                   "up to the broker's cap of "
+                                   f"{_SERVER_MAX_WAIT_MS // 1000} s: pass max_wait_ms below it)"
+                                   if max_wait_ms is None else "the broker did not answer in time)"),
+                                e.rpc_error) from None
+                        if fb is None:
+                            raise  # no fallback
                         if isinstance(e, errors.DeadlineExceeded) and self._answers():
                             # The broker is up and held the call past this
                             # client's deadline (a wait longer than the broker's
@@ -1523,7 +1761,7 @@ class QuotaBroker:
                                 f"no answer within the client's deadline of {_SERVER_MAX_WAIT_MS // 1000} s "
                                 "plus its timeout while the broker is up; pass max_wait_ms (or timeout) "
                                 "for waits longer than that", 0) from e
-                        fb.enter(e, self._unreachable_hint(e))
+                        self._enter_fallback(e)
                     except errors.Overloaded as e:
                         self._overloaded(e)  # kept reports and releases wait as well
                         self._broker_answered()  # refused, but an answer: not an outage
@@ -1537,13 +1775,14 @@ class QuotaBroker:
                             raise NotGranted(resp.reason, resp.retry_after_ms, resp.buckets)
                         place = None
                         if fb is not None:
-                            place = fb.granted(resp.permits or permits, holds_slot=resp.lease_ttl_ms > 0)
+                            place = fb.granted(resp.permits or permits, holds_slot=resp.lease_ttl_ms > 0,
+                                               route=route)
                         return Lease(self, resp, tenant=tenant, method=method, path=path,
                                      oauth_client=oauth_client or "", client_id=client_id,
                                      priority_class=priority_class or "", target=granted_by,
                                      place=place)
                 left = started + fallback_wait_s - self._clock.monotonic()
-                wait = fb.take(turn, within=left)
+                wait = fb.take(turn, within=left, needs_place=fb.needs_place(route))
                 if wait is None:
                     continue  # no longer falling back: ask the broker
                 if wait == 0:
@@ -1556,8 +1795,9 @@ class QuotaBroker:
                         continue  # no longer falling back
                     if left <= 0:
                         raise NotGranted(
-                            f"quota-broker unreachable: local fallback limit of {cap} at once "
-                            f"({fb.settings.fraction:g} x the most slot leases this client held at once)",
+                            f"quota-broker unreachable: local fallback limit of {cap} at once for "
+                            f"routes that held slots ({fb.settings.fraction:g} x the most slot leases "
+                            "the clients of these brokers held at once)",
                             int(math.ceil(max(fb.until_probe(), 1e-3) * 1000)),
                         )
                     # Until a lease ends, or the next probe of the broker is due.
@@ -1576,17 +1816,18 @@ class QuotaBroker:
 
     @contextlib.contextmanager
     def lease(self, tenant, method, path, *, client_id, oauth_client="",
-              priority_class="", permits=1, max_wait_ms=None, renew=True):
+              priority_class="", permits=1, max_wait_ms=None, timeout=None, renew=True):
         """Acquires on enter, renews the slots in the background, releases on exit.
 
         ``with broker.lease("demo", "POST", path, client_id="ingest-1") as lease:``
         make the upstream call, then ``lease.report(status, headers)``. The
         lease is released on exit, also when the block raises. While the
-        broker is unreachable the lease is a fallback one (see ``acquire``).
+        broker is unreachable the lease is a fallback one (see ``acquire``,
+        whose arguments these are, ``timeout`` included).
         """
         lease = self.acquire(tenant, method, path, client_id=client_id,
                              oauth_client=oauth_client, priority_class=priority_class,
-                             permits=permits, max_wait_ms=max_wait_ms)
+                             permits=permits, max_wait_ms=max_wait_ms, timeout=timeout)
         renewer = None
         try:
             if renew and lease.holds_slot:
@@ -1693,7 +1934,7 @@ class QuotaBroker:
                 log.debug("report %s %s -> %s kept: %s", req.method, path, status, e)
                 # The next calls fall back at once instead of each waiting
                 # out its deadline on a broker that does not answer.
-                fb.enter(e, self._unreachable_hint(e))
+                self._enter_fallback(e)
             except errors.Overloaded as e:
                 log.debug("report %s %s -> %s kept: %s", req.method, path, status, e)
                 self._overloaded(e)
@@ -1717,6 +1958,7 @@ class QuotaBroker:
         _check_str("tenant", tenant)
         deadline = None if timeout is None else time.monotonic() + timeout
         opened_on = [self._conn]
+        trail = _Trail(tenant)
 
         def open_stream(conn):
             opened_on[0] = conn
@@ -1725,7 +1967,8 @@ class QuotaBroker:
 
         def reopen(err, hop):
             # Follows the cluster like a unary call (leader named, else the next broker).
-            conn = self._follow(opened_on[0], err, hop)
+            trail.add(opened_on[0].target, err)
+            conn = self._follow(opened_on[0], err, hop, trail)
             return None if conn is None else open_stream(conn)
 
         try:

@@ -29,6 +29,11 @@ class NotGranted(QuotaBrokerError):
 class BrokerRpcError(QuotaBrokerError):
     """The broker (or the transport) answered with a gRPC error status."""
 
+    #: For a call no broker answered after following the cluster, what
+    #: happened when a broker sent it to a leader (which did not answer);
+    #: None otherwise.
+    what_happened = None
+
     def __init__(self, code, details, rpc_error=None):
         #: The ``grpc.StatusCode``.
         self.code = code
@@ -95,7 +100,17 @@ class Closed(QuotaBrokerError):
         super().__init__("the quota-broker client is closed")
 
 
-class TlsError(QuotaBrokerError, ValueError):
+class ConfigError(QuotaBrokerError, ValueError):
+    """A setting given to QuotaBroker that can never work: a url
+    (:class:`BadUrl`), the TLS settings (:class:`TlsError`), the token
+    (:class:`BadToken`).
+
+    Raised, never answered from the local fallback (which paces calls while
+    a broker is down, and these never come up); a ``ValueError``.
+    """
+
+
+class TlsError(ConfigError):
     """The TLS settings given to QuotaBroker are unusable (a file, a certificate, a key).
 
     Checked when the client is built: gRPC itself would only fail the
@@ -103,7 +118,16 @@ class TlsError(QuotaBrokerError, ValueError):
     """
 
 
-class BadUrl(QuotaBrokerError, ValueError):
+class BadToken(ConfigError):
+    """The ``token`` given to QuotaBroker cannot be sent: it starts with
+    "Bearer " (the client adds that itself), has characters gRPC metadata
+    cannot carry (non-ASCII, control characters), or is too long for an
+    HTTP/2 header. Checked when the client is built; the message names the
+    parameter and the mistake, never the token.
+    """
+
+
+class BadUrl(ConfigError):
     """A broker url that can never work: it does not parse as ``host:port``
     (or ``http(s)://host:port``), or the server there is not a quota-broker's
     gRPC port (:class:`NotABroker`).
@@ -170,6 +194,9 @@ def unreachable_hint(details, tls):
     mistaken url also causes (a warning's words, not an error: it may be an
     outage); "" when nothing says so."""
     text = details or ""
+    if _from_a_proxy_404(text):
+        return ("; is this the broker's gRPC port? an HTTP/2 server there answered 404: another "
+                "service (the upstream itself?), or a proxy with no broker behind it yet")
     if "Domain name not found" in text:
         return "; the host name does not resolve: check it in the url"
     if tls and ("Handshake read failed" in text or "WRONG_VERSION_NUMBER" in text):

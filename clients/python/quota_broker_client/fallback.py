@@ -17,12 +17,20 @@ leases it held at once in that minute), at least 1, calls at once while
 falling back, counting its slot leases still held and its fallback leases
 until each is released (or garbage-collected). A call beyond that waits in
 the same line until one ends, or is told NotGranted once its wait runs out.
-A client that held no slot lease in that minute is not capped.
+A client that held no slot lease in that minute is not capped. Only the
+calls that may need a slot count and are capped: a route (tenant, method,
+path; ids in the path taken as one) whose last grant by the broker held no
+slot (rate buckets only) is paced by the rate alone, and holds no place;
+a route the broker has not granted yet is taken to need one.
 
 As in the Rust client, a 429 reported while falling back holds the local
 limiter until its Retry-After, and the outcomes of calls made while falling
 back are kept (at most ``buffer_size``, the oldest dropped and counted) and
 reported to the broker once it is back.
+
+One LocalFallback serves every client of the same brokers in a process
+(:func:`shared`): clients made per request or per job pace together and
+log an outage once, as one long-lived client would.
 
 Every time read here comes from a clock object (``monotonic()`` and
 ``sleep(seconds)``), :class:`SystemClock` unless one is injected, so the
@@ -35,6 +43,7 @@ import collections
 import dataclasses
 import logging
 import math
+import re
 import threading
 import time
 
@@ -46,6 +55,22 @@ GRANT_WINDOW_S = 60.0
 #: answers its probe but not the calls: a cluster without a leader) goes
 #: on where it was: the same pacing, logged once.
 REENTRY_S = 60.0
+#: How many routes' "held a slot when last granted" are remembered (the
+#: least recently granted forgotten first).
+ROUTES_REMEMBERED = 4096
+
+# A path segment that is an id (a UUID, a number): routes differ by their
+# other segments, so /api/v2/users/<id> is one route whatever the id.
+_ID_SEGMENT = re.compile(r"^(?:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                         r"[0-9a-fA-F]{12}|[0-9]+)$")
+
+
+def route_key(tenant, method, path):
+    """What the fallback remembers a route's slot by: tenant, method, and the
+    path with its ids (UUIDs, numbers) and query taken out."""
+    path = path.split("?", 1)[0]
+    shape = "/".join("{id}" if _ID_SEGMENT.match(seg) else seg for seg in path.split("/"))
+    return tenant, method.upper(), shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +119,11 @@ class SystemClock:
         condition.wait(seconds)
 
 
+#: The real clock every client without a ``clock=`` reads (one object: the
+#: clients of the same brokers share their fallback, see :func:`shared`).
+SYSTEM_CLOCK = SystemClock()
+
+
 class LocalFallback:
     """State of the fallback: grant history, the local limiter, probes, buffered outcomes.
 
@@ -112,8 +142,12 @@ class LocalFallback:
         self._grants = collections.deque()  # (time, permits) of the last minute
         self._granted = 0  # sum of permits in _grants
         # The places held now: one per broker lease holding slots, one per
-        # fallback lease taken under a cap (see granted, take, ended).
+        # fallback lease taken under a cap by a call that may need a slot
+        # (see granted, take, ended).
         self._holding = set()
+        # route_key -> whether the broker's last grant for it held a slot:
+        # a rate-only route is not capped while falling back (needs_place).
+        self._slot_routes = collections.OrderedDict()
         # (time, places held) at grants of slot leases in the last minute,
         # the held counts decreasing: the front is the minute's most.
         self._slot_peaks = collections.deque()
@@ -131,13 +165,17 @@ class LocalFallback:
         self._served_since_left = False  # the broker granted a call since the last fallback
         self._said_unserved = False  # this outage's "answers the probe, not the calls" was logged
         # The calls waiting for a local permission, in arrival order (their
-        # tickets): only the first may take one.
+        # tickets): only the first may take one, of those that can go now
+        # (a call waiting for a place under the cap does not hold up the
+        # rate-only calls behind it while every place is held).
         self._line = collections.deque()
+        self._place_waiters = set()  # the tickets in _line of calls that need a place
         # Outcomes to report: (observed at, ReportRequest), oldest first.
         self._buffer = collections.deque()
         self._dropped_total = 0
         self._dropped_unflushed = 0
         self._warned_full = False
+        self._said_closing = False  # a client closed with outcomes kept: said once an outage
 
     # -- state ---------------------------------------------------------------
 
@@ -171,17 +209,24 @@ class LocalFallback:
         while self._slot_peaks and now - self._slot_peaks[0][0] > GRANT_WINDOW_S:
             self._slot_peaks.popleft()
 
-    def granted(self, permits, holds_slot=False):
+    def granted(self, permits, holds_slot=False, route=None):
         """The broker granted ``permits``: they count towards the fallback rate for a minute.
 
         ``holds_slot``: the lease holds concurrency slots. It then holds a
         place, returned, until ``ended(place)``; the places held at once
-        count towards the fallback's cap for a minute."""
+        count towards the fallback's cap for a minute. ``route``: the
+        call's ``route_key``; whether it held a slot is remembered (see
+        ``needs_place``)."""
         now = self.clock.monotonic()
         with self._lock:
             self._grants.append((now, max(int(permits), 1)))
             self._granted += max(int(permits), 1)
             self._served_since_left = True
+            if route is not None:
+                self._slot_routes[route] = bool(holds_slot)
+                self._slot_routes.move_to_end(route)
+                while len(self._slot_routes) > ROUTES_REMEMBERED:
+                    self._slot_routes.popitem(last=False)
             place = None
             if holds_slot:
                 place = object()
@@ -192,6 +237,13 @@ class LocalFallback:
                 self._slot_peaks.append((now, held))
             self._trim(now)
             return place
+
+    def needs_place(self, route):
+        """Whether a call of ``route`` (a ``route_key``) counts towards the cap
+        while falling back: unless the broker's last grant for it held no
+        slot (rate buckets only). A route not granted yet may need one."""
+        with self._lock:
+            return self._slot_routes.get(route, True)
 
     def ended(self, place):
         """The lease holding ``place`` ended (released, or gone): a call waiting for one may go."""
@@ -211,10 +263,12 @@ class LocalFallback:
                 return True
             return False
 
-    def enter(self, error, hint=""):
+    def enter(self, error, hint="", what=None):
         """The broker did not answer: start the local limiter (logged once per outage).
 
-        ``hint``: what to check if the url may be mistaken (appended to the warning)."""
+        ``hint``: what to check if the url may be mistaken (appended to the warning).
+        ``what``: what happened, when it is more than "unreachable" (a broker
+        that sends the tenant's callers to a leader that does not answer)."""
         now = self.clock.monotonic()
         with self._lock:
             if self._rate is not None:
@@ -256,13 +310,16 @@ class LocalFallback:
             log.debug("quota-broker at %s unreachable again (%s); still pacing at %d/min",
                       self.target, error, rate)
             return
-        at_once = (f", at most {cap} at once ({self.settings.fraction:.2f} x {peak} slot leases "
-                   f"held at once in the last minute)" if cap is not None else "")
+        at_once = (f", at most {cap} at once for routes that held slots ({self.settings.fraction:.2f}"
+                   f" x {peak} slot leases held at once in the last minute)" if cap is not None else "")
+        said = (f"quota-broker: {what}{hint}" if what else
+                f"quota-broker at {self.target} unreachable ({error}{hint})")
         log.warning(
-            "quota-broker at %s unreachable (%s%s); pacing calls with a local limiter at %d/min "
+            "%s; pacing calls with a local limiter at %d/min "
             "(%.2f x %d granted in the last minute, floor %d/min)%s and trying it again every %gs; "
-            "outcomes are kept (at most %d) and reported when it is back",
-            self.target, error, hint, rate, self.settings.fraction, recent,
+            "outcomes are kept (at most %d) and reported when it is back; leases held are renewed "
+            "on in the background",
+            said, rate, self.settings.fraction, recent,
             self.settings.floor_per_min, at_once, self.settings.probe_every_s,
             self.settings.buffer_size,
         )
@@ -278,6 +335,7 @@ class LocalFallback:
             self._rate = None
             self._left_at = now
             self._served_since_left = False
+            self._said_closing = False
             quiet = self._quiet
             self._freed.notify_all()  # the calls waiting for a place ask the broker
         if quiet:
@@ -290,7 +348,7 @@ class LocalFallback:
         )
         return True
 
-    def take(self, ticket=None, within=None):
+    def take(self, ticket=None, within=None, needs_place=True):
         """One call's permission from the local limiter, in arrival order.
 
         None: not falling back (ask the broker); 0.0: taken; ``math.inf``:
@@ -305,25 +363,36 @@ class LocalFallback:
         not wait at all); only the first in line is given the permission,
         so a later call never overtakes an earlier one. Call
         ``leave_line(ticket)`` when the call stops waiting. Without a
-        ticket a call is served only when nobody waits. Taken under a cap,
-        the call holds a place, the ticket, until ``ended(ticket)``.
+        ticket a call is served only when nobody waits. Taken under a cap
+        by a call that ``needs_place`` (see ``needs_place()``), the call
+        holds a place, the ticket, until ``ended(ticket)``; a call that
+        does not is paced by the rate alone.
         """
         with self._lock:
             if self._rate is None:
                 self._leave_line(ticket)
                 return None
             now = self.clock.monotonic()
+            full = self._cap is not None and len(self._holding) >= self._cap
             queued = ticket is not None and ticket in self._line
-            ahead = self._line.index(ticket) if queued else len(self._line)
-            if self._cap is not None and len(self._holding) >= self._cap:
+            # The calls ahead that may go now: while every place is held,
+            # those waiting for one do not hold up the others.
+            ahead = 0
+            for other in self._line:
+                if other is ticket:
+                    break
+                if not (full and other in self._place_waiters):
+                    ahead += 1
+            capped = needs_place and self._cap is not None
+            if capped and full:
                 wait, fits = math.inf, within is None or within > 0
             elif ahead == 0 and now >= self._tat:
                 if queued:
-                    self._line.popleft()
+                    self._leave_line(ticket)
                 # Burst 1: a quiet spell does not save up calls.
                 self._tat = max(self._tat, now) + self._interval
                 self._calls += 1
-                if self._cap is not None:
+                if capped:
                     self._holding.add(ticket)
                 return 0.0
             else:
@@ -331,6 +400,8 @@ class LocalFallback:
                 fits = within is None or wait <= within
             if ticket is not None and not queued and fits:
                 self._line.append(ticket)
+                if needs_place:
+                    self._place_waiters.add(ticket)
             return wait
 
     def wait_for_place(self, seconds):
@@ -356,6 +427,7 @@ class LocalFallback:
             self._leave_line(ticket)
 
     def _leave_line(self, ticket):
+        self._place_waiters.discard(ticket)
         try:
             self._line.remove(ticket)
         except ValueError:
@@ -428,8 +500,52 @@ class LocalFallback:
                 return
             self._buffer.appendleft((at, request))
 
+    def say_closing(self):
+        """Whether a client closed with outcomes kept here says so as a warning:
+        the first one of an outage (clients made per job each close with them)."""
+        with self._lock:
+            said, self._said_closing = self._said_closing, True
+            return not said
+
     def take_dropped(self):
         """Outcomes dropped since the last call (for the flush's log line)."""
         with self._lock:
             n, self._dropped_unflushed = self._dropped_unflushed, 0
             return n
+
+
+# The fallbacks of this process, by what identifies the budget they pace.
+# Process-wide on purpose: a QuotaBroker made per request or per job must
+# not start each outage afresh (a call at once each, a warning each), so
+# every client of the same brokers finds the same pacing, grant history,
+# cap and kept outcomes here. Kept for the life of the process (one per
+# set of brokers and settings a process uses): a new client made after the
+# last one was closed goes on where it left off.
+_SHARED = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared(settings, clock, targets, tls):
+    """The LocalFallback of the brokers ``targets`` (their order aside) over
+    TLS or not, with ``settings``, on ``clock``: one per process, shared by
+    every client made so."""
+    # The clock by identity (the entry holds it, so its id stays its own).
+    key = (tuple(sorted(targets)), bool(tls), settings, id(clock))
+    with _SHARED_LOCK:
+        fb = _SHARED.get(key)
+        if fb is None:
+            fb = _SHARED[key] = LocalFallback(settings, clock, ", ".join(targets))
+        return fb
+
+
+def all_shared():
+    """Every shared fallback of the process."""
+    with _SHARED_LOCK:
+        return list(_SHARED.values())
+
+
+def forget_shared():
+    """Forgets the shared fallbacks: the next client starts as in a new
+    process (for tests, each of which plays a process of its own)."""
+    with _SHARED_LOCK:
+        _SHARED.clear()

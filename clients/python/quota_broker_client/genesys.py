@@ -31,9 +31,16 @@ Timeout: ``RESTClientObject`` never passes the http client's ``timeout``
 to urllib3, so an upstream that accepts and never answers would hold the
 call, and its lease's slots (renewed in the background), forever.
 The adapter puts the timeout on the pool manager (``connection_pool_kw``,
-as ``urllib3.Timeout(total=...)``): the wrapper's ``timeout``, in
-milliseconds as the SDK's own default (16000) is, taken from the wrapped
-client at ``instrument`` and changed with ``set_timeout(ms)``.
+as ``urllib3.Timeout(total=...)``): the wrapper's ``timeout``, taken from
+the wrapped client at ``instrument`` and changed with ``set_timeout(ms)``,
+in milliseconds: the SDK states no unit, and its default,
+``AbstractHttpClient.timeout = 16000``, is 16 s in milliseconds (16000 s
+would be four and a half hours). A value under 1000 (``set_timeout(30)``:
+seconds meant?) or over an hour is applied as given and logged as a
+warning; 0 is no timeout. A call past it raises urllib3's
+``MaxRetryError`` whatever its method (``NO_RETRIES`` lets no method
+retry a read error), whose ``reason`` is a ``ReadTimeoutError`` (or a
+``ConnectTimeoutError``).
 
 Broker unreachable: the leases come from the QuotaBroker's local fallback
 limiter (half the rate granted over the last minute, at least 6/min, never
@@ -62,6 +69,11 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 #: What the adapter puts in place of the SDK's ``urllib3.util.Retry()``:
 #: no retries on connection/read errors or statuses (429/503 with
 #: Retry-After included), redirects followed as before.
+#: ``allowed_methods=None``: a read error (a read timeout) ends the retries
+#: at once for every method, so it comes out as ``MaxRetryError`` whatever
+#: the method (urllib3 re-raises a bare ``ReadTimeoutError`` for a method
+#: outside ``allowed_methods``, such as POST, by default); no status is
+#: retried either way (``status=0``, no ``status_forcelist``).
 NO_RETRIES = urllib3.util.Retry(
     total=None,
     connect=0,
@@ -69,6 +81,7 @@ NO_RETRIES = urllib3.util.Retry(
     status=0,
     other=0,
     redirect=10,
+    allowed_methods=None,
     raise_on_status=False,
     respect_retry_after_header=False,
 )
@@ -101,6 +114,28 @@ def api_base_path(api_client):
 
 #: The SDK's default http client timeout (AbstractHttpClient.timeout), in milliseconds.
 DEFAULT_TIMEOUT_MS = 16000
+#: Timeouts outside this range (milliseconds) are applied but logged as a
+#: warning: under a second reads like seconds given by mistake, over an
+#: hour like a conversion done twice. 0 (no timeout) is not warned about.
+PLAUSIBLE_TIMEOUT_MS = (1000, 3_600_000)
+
+
+def check_timeout_ms(timeout):
+    """An http client timeout in milliseconds (0: none), or ValueError;
+    logs a warning for an implausible one (see PLAUSIBLE_TIMEOUT_MS)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout:
+        raise ValueError(f"set_timeout: the timeout must be a number of milliseconds, got {timeout!r}")
+    if timeout < 0:
+        raise ValueError(f"set_timeout({timeout!r}): the timeout is in milliseconds, >= 0 (0: no timeout)")
+    low, high = PLAUSIBLE_TIMEOUT_MS
+    if 0 < timeout < low:
+        log.warning("set_timeout(%g): the SDK's timeout is in milliseconds (its default is %d), so "
+                    "calls time out after %g ms; for %g seconds pass set_timeout(%d)",
+                    timeout, DEFAULT_TIMEOUT_MS, timeout, timeout, round(timeout * 1000))
+    elif timeout > high:
+        log.warning("set_timeout(%g): %g ms is over an hour; the SDK's timeout is in milliseconds "
+                    "(its default is %d)", timeout, timeout, DEFAULT_TIMEOUT_MS)
+    return timeout
 
 
 def apply_timeout(http_client, timeout_ms):
@@ -166,11 +201,18 @@ class LeasedHttpClient(_Base):
         self.post_hook = getattr(inner, "post_hook", None)
         if self.pre_hook is not None or self.post_hook is not None:
             inner.pre_hook = inner.post_hook = None
-        self.timeout = getattr(inner, "timeout", None) or DEFAULT_TIMEOUT_MS
+        # The SDK's own http client holds milliseconds (0: none); another
+        # http client's timeout that is no number is left to it.
+        timeout = getattr(inner, "timeout", None)
+        number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+        self.timeout = check_timeout_ms(timeout) if number else DEFAULT_TIMEOUT_MS
         self.timeout_applied = apply_timeout(inner, self.timeout)
 
     def set_timeout(self, timeout):
-        """Milliseconds (as the SDK's default, 16000), applied to the urllib3 requests."""
+        """Milliseconds (the unit of the SDK's default, 16000), applied to the
+        urllib3 requests; 0 is no timeout. A value under 1000 or over an
+        hour is applied, and logged as a warning (seconds meant?)."""
+        check_timeout_ms(timeout)
         if _Base is not object:
             super().set_timeout(timeout)
         self.timeout = timeout

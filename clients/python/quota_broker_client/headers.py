@@ -13,14 +13,36 @@ def is_rate_limit_header(name):
     return n == "retry-after" or n.startswith(_PREFIXES)
 
 
+def _text(what, x):
+    """A header name or value as text: bytes (as raw HTTP/1 headers, e.g.
+    ``http.client``'s or a socket's) are decoded as latin-1, numbers taken
+    as written (``{"Retry-After": 2}``); anything else is a TypeError."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, (bytes, bytearray)):
+        return bytes(x).decode("latin-1")
+    if what == "value" and isinstance(x, (int, float)) and not isinstance(x, bool):
+        return str(x)
+    raise TypeError(f"header {what}s must be str or bytes, got {type(x).__name__}")
+
+
 def _items(headers):
     if headers is None:
         return []
     if hasattr(headers, "items"):
         items = headers.items()
+    elif isinstance(headers, (str, bytes, bytearray)) or not hasattr(headers, "__iter__"):
+        raise TypeError("headers must be a mapping or a list of (name, value) pairs, "
+                        f"got {type(headers).__name__}")
     else:
         items = headers  # an iterable of (name, value) pairs
-    return [(str(k), str(v)) for k, v in items]
+    out = []
+    for item in items:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise TypeError("headers must be a mapping or a list of (name, value) pairs, "
+                            f"got an item of type {type(item).__name__}")
+        out.append((_text("name", item[0]), _text("value", item[1])))
+    return out
 
 
 def rate_limit_headers(headers):
@@ -28,7 +50,9 @@ def rate_limit_headers(headers):
 
     ``headers`` may be a dict, an ``http.client.HTTPMessage``, a urllib3
     ``HTTPHeaderDict``, a requests ``CaseInsensitiveDict`` or a list of
-    ``(name, value)`` pairs. Names are lower-cased (the broker treats them
+    ``(name, value)`` pairs. Names and values are ``str``, or ``bytes``
+    (decoded as latin-1, as HTTP/1 headers are); other types are a
+    TypeError. Names are lower-cased (the broker treats them
     case-insensitively); repeated headers are joined with ", ".
     """
     out = {}

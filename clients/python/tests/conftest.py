@@ -203,6 +203,17 @@ class BrokerProcess:
         return self.proc.returncode
 
 
+@pytest.fixture(autouse=True)
+def own_fallbacks():
+    """Each test plays a process of its own: the fallbacks a process's
+    clients share (per brokers, settings and clock) start afresh, so a port
+    reused from an earlier test does not find that test's outage."""
+    from quota_broker_client import fallback
+    fallback.forget_shared()
+    yield
+    fallback.forget_shared()
+
+
 @pytest.fixture
 def start_broker(tmp_path):
     """Factory: start_broker(auth="...toml...") -> BrokerProcess; all stopped at teardown."""

@@ -359,9 +359,106 @@ def test_watch_sees_change(broker):
 
 
 def test_url_forms(broker_proc):
-    for url in (broker_proc.addr, f"http://{broker_proc.addr}", f"http://{broker_proc.addr}/"):
+    for url in (broker_proc.addr, f"http://{broker_proc.addr}", f"http://{broker_proc.addr}/",
+                f"grpc://{broker_proc.addr}"):
         with qb.QuotaBroker(url) as c:
-            assert c.list_buckets(TENANT)
+            assert c.list_buckets(TENANT) and not c.tls
+    # grpcs:// is https:// (TLS); without a port, the scheme's as for http(s)://.
+    with qb.QuotaBroker("grpcs://broker.example", fallback=None) as c:
+        assert c.tls and c.targets == ["broker.example:443"]
+    with qb.QuotaBroker("grpc://broker.example", fallback=None) as c:
+        assert not c.tls and c.targets == ["broker.example:80"]
+
+
+SECRET = "s3cret-token-value"
+
+
+@pytest.mark.parametrize("token, says", [
+    ("Bearer " + SECRET, "starts with 'Bearer ': give the token alone; the client sends"),
+    ("bearer " + SECRET, "starts with 'Bearer '"),
+    (SECRET + "é", "has a non-ASCII character (character 19 of 19)"),
+    (SECRET[:4] + "\t" + SECRET[4:], "has a control character (character 5 of 19)"),
+    (SECRET + "\x00", "has a control character"),
+    (SECRET * 300, "is 5400 characters long, more than the 4096"),
+])
+def test_token_mistakes_are_refused_when_the_client_is_built(token, says):
+    """A token gRPC cannot send (INTERNAL "Invalid metadata" plus C-core
+    noise on stderr), one the broker's HTTP/2 server refuses (431, seen as
+    UNKNOWN), or one with the "Bearer " the client adds itself: BadToken
+    (a ConfigError, a ValueError) when the client is built, naming the
+    parameter, never the token."""
+    with pytest.raises(qb.BadToken) as info:
+        qb.QuotaBroker("127.0.0.1:50051", token=token)
+    said = str(info.value)
+    assert says in said and "token=" in said, said
+    assert SECRET not in said and SECRET[:8] not in said, said
+    assert isinstance(info.value, qb.ConfigError) and isinstance(info.value, ValueError)
+    with pytest.raises(TypeError, match="token must be a str or None, got bytes"):
+        qb.QuotaBroker("127.0.0.1:50051", token=SECRET.encode())
+
+
+def test_a_timeout_not_above_max_wait_is_refused_naming_the_mistake(broker):
+    """The trial: acquire(max_wait_ms=5000, timeout=1) ended in a bare
+    DEADLINE_EXCEEDED. timeout is the whole call's deadline in seconds,
+    the broker's wait included."""
+    held = broker.acquire(TENANT, "GET", SINGLE_PATH, client_id="holder", max_wait_ms=0)
+    try:
+        calls = [
+            lambda: broker.acquire(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=5000, timeout=1),
+            lambda: broker.acquire_raw(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=5000,
+                                       timeout=5),
+            lambda: broker.lease(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=5000,
+                                 timeout=1).__enter__(),
+        ]
+        for call in calls:
+            with pytest.raises(ValueError, match=r"timeout=\d s is not above max_wait_ms=5000 \(5 s\)"):
+                call()
+        with pytest.raises(ValueError, match="timeout must be > 0"):
+            broker.acquire(TENANT, "GET", SINGLE_PATH, client_id="c", timeout=0)
+        with pytest.raises(TypeError, match="timeout must be a number of seconds"):
+            broker.acquire(TENANT, "GET", SINGLE_PATH, client_id="c", timeout="1")
+        # Without max_wait_ms the class's default wait may be longer than the
+        # timeout: the DeadlineExceeded says so.
+        with pytest.raises(qb.DeadlineExceeded) as info:
+            broker.acquire(TENANT, "GET", SINGLE_PATH, client_id="c", timeout=0.3)
+        assert "timeout=0.3 s given to acquire ran out" in str(info.value), info.value
+        assert "pass max_wait_ms below it" in str(info.value), info.value
+        # A timeout above the wait: the broker's own answer.
+        with pytest.raises(qb.NotGranted):
+            with broker.lease(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=100, timeout=5):
+                pass
+    finally:
+        held.release()
+    with broker.lease(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=100, timeout=5) as lease:
+        assert lease.lease_id
+
+
+def test_asyncio_callers_run_the_blocking_calls_in_threads(broker):
+    """As the README shows: every call of the client blocks its thread (an
+    Acquire up to its max_wait_ms), so a coroutine awaits it with
+    asyncio.to_thread. The event loop runs meanwhile: here the coroutine
+    that releases the slot the Acquire waits for runs while it waits."""
+    import asyncio
+
+    async def main():
+        held = await asyncio.to_thread(broker.acquire, TENANT, "GET", SINGLE_PATH, client_id="holder",
+                                       max_wait_ms=0)
+        waiting = asyncio.create_task(asyncio.to_thread(
+            broker.acquire, TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=10_000))
+        # The broker holds the Acquire (slot taken): the loop still runs.
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        assert await asyncio.to_thread(held.release) is True
+        lease = await asyncio.wait_for(waiting, 15)
+        try:
+            await asyncio.to_thread(lease.report, 200, {"Retry-After": "0"})
+        finally:
+            await asyncio.to_thread(lease.release)
+        return lease
+
+    lease = asyncio.run(main())
+    assert lease.lease_id and lease.released
+    assert status(broker, "single").in_flight == 0
 
 
 def test_unreachable_broker_means_fallback_or_unavailable():
@@ -445,7 +542,8 @@ def test_a_lease_whose_broker_is_back_only_after_its_ttl_is_renewed_and_adopted(
     # A broker killed while a lease is held and back only after the lease's
     # 1 s TTL has passed (as a cluster's election can outlast a short TTL):
     # the renewer goes on past the expiry and the restarted broker adopts it.
-    caplog.set_level(logging.INFO, logger="quota_broker_client")
+    # Its failures are debug lines: the outage is the fallback's one warning.
+    caplog.set_level(logging.DEBUG, logger="quota_broker_client")
     state = tmp_path / "state"
     b = start_broker(state_dir=str(state), single_ttl_ms=1000)
     client = b.client()
@@ -465,6 +563,9 @@ def test_a_lease_whose_broker_is_back_only_after_its_ttl_is_renewed_and_adopted(
     client.acquire(TENANT, "GET", SINGLE_PATH, client_id="second",
                    priority_class="critical", max_wait_ms=1000).release()
     client.close()
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "quota_broker_client" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "unreachable" in warnings[0], warnings
 
 
 @pytest.mark.parametrize("down", ["stop", "kill"])

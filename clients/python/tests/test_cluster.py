@@ -4,6 +4,7 @@ and three broker processes, one leader per tenant. The client follows the
 leases or waits, never an exception) while the leader is killed with SIGKILL,
 then gets its grants from the new leader.
 """
+import logging
 import threading
 import time
 import uuid
@@ -249,3 +250,60 @@ def test_leader_killed_acquires_go_on_then_come_from_the_new_leader(cluster):
         print(f"takeover after SIGKILL: leader settled in {took_over_s:.2f}s, first grant by the "
               f"new leader {from_new[0]:.2f}s after the kill; "
               f"{sum(1 for _, by in after if by == 'fallback')} fallback leases meanwhile")
+
+
+def _two_nodes_advertising_dead_urls(etcd, start_broker, dead_urls):
+    """Two brokers in cluster mode whose cluster.advertise URLs (``dead_urls``)
+    reach nothing, as with a mistaken advertise: a follower sends the
+    tenant's callers to a leader URL that does not answer. Returns
+    (leader's BrokerProcess, follower's, the dead URL the follower names)."""
+    prefix = f"/quota-broker-pytest-{uuid.uuid4().hex[:12]}"
+    nodes = []
+    for node, url in zip(("b1", "b2"), dead_urls):
+        config = (NODE_CONFIG.replace("@ETCD@", etcd.url).replace("@NODE@", node)
+                  .replace("@PREFIX@", prefix).replace("@TTL@", str(TTL_MS))
+                  .replace("@MARGIN@", str(MARGIN_MS))
+                  .replace('advertise = "http://127.0.0.1:{port}"', f'advertise = "{url}"'))
+        nodes.append(start_broker(config_text=config))
+    deadline = time.monotonic() + LEADER_TIMEOUT_S
+    while True:
+        answers = [leads(b.addr) for b in nodes]
+        if answers.count(True) == 1 and all(a is True or a in dead_urls for a in answers):
+            leader = nodes[answers.index(True)]
+            follower = nodes[1 - answers.index(True)]
+            return leader, follower, answers[nodes.index(follower)]
+        assert time.monotonic() < deadline, f"no leader of {TENANT} named within {LEADER_TIMEOUT_S}s: {answers}"
+        time.sleep(0.1)  # polling the servers until they agree
+
+
+def test_a_leader_named_that_does_not_answer_the_other_urls_are_tried(etcd, start_broker, caplog):
+    """The trial: a broker answered with a redirect to its tenant's leader
+    (x-quota-broker-leader) whose URL did not answer, and the client went to
+    the fallback instead of trying the other URLs it was given (quotactl
+    does). And its warning called the brokers "unreachable": it says what
+    happened instead."""
+    import socket
+    with socket.socket() as d1, socket.socket() as d2:
+        for d in (d1, d2):
+            d.bind(("127.0.0.1", 0))  # bound, not listening: connection refused
+        dead = [f"http://127.0.0.1:{d.getsockname()[1]}" for d in (d1, d2)]
+        leader, follower, named = _two_nodes_advertising_dead_urls(etcd, start_broker, dead)
+
+        # The follower first: it names the dead URL; the leader's own
+        # address, given second, answers.
+        with qb.QuotaBroker([follower.addr, leader.addr], fallback=None, timeout=5) as client:
+            lease = client.acquire(TENANT, "GET", RATE_PATH, client_id="py-c", max_wait_ms=2000)
+            assert not lease.is_fallback and lease.target == leader.addr
+            assert client.target == leader.addr
+
+        # Only the follower given: nothing else to try, so the fallback; its
+        # one warning says what happened.
+        with qb.QuotaBroker(follower.addr, timeout=5) as client:
+            assert client.acquire(TENANT, "GET", RATE_PATH, client_id="py-c", max_wait_ms=0).is_fallback
+        warned = [r.getMessage() for r in caplog.records
+                  if r.name == "quota_broker_client" and r.levelno >= logging.WARNING]
+        assert len(warned) == 1, warned
+        said = f"{follower.addr} sends tenant {TENANT}'s callers to {named}, which does not answer " \
+               "(connection refused)"
+        assert said in warned[0], warned
+        assert "unreachable" not in warned[0], warned

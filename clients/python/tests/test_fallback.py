@@ -11,12 +11,13 @@ import queue
 import socket
 import threading
 import time
+import uuid
 
 import grpc
 import pytest
 
 import quota_broker_client as qb
-from conftest import ANALYTICS_QUERY, SINGLE_PATH, TENANT
+from conftest import ANALYTICS_QUERY, SINGLE_PATH, TENANT, FakeClock
 
 USERS = "/api/v2/users/me"  # matches only the per-client bucket (300/min)
 
@@ -460,7 +461,9 @@ def test_falling_back_a_client_that_held_slots_runs_at_most_half_as_many_at_once
         kind, first = events.get(timeout=10)
         assert kind == "granted" and first.is_fallback
 
-        # The one place is taken, whatever the route.
+        # The one place is taken: a route the broker did not grant this
+        # client yet (USERS: rate_only's grant is another fallback, on
+        # another clock) may need a slot, so it waits for a place.
         with pytest.raises(qb.NotGranted) as info:
             client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=0)
         assert "1 at once" in info.value.reason, info.value.reason
@@ -486,7 +489,15 @@ def test_the_cap_is_the_fraction_of_the_most_slot_leases_held_at_once_in_the_las
         start_broker, fake_clock):
     proc = start_broker()
     client = qb.QuotaBroker(proc.addr, timeout=3, clock=fake_clock, fallback=UNPACED)
-    earlier = qb.QuotaBroker(proc.addr, timeout=3, clock=fake_clock, fallback=UNPACED)
+    # Another process (a clock of its own: clients of the same brokers on
+    # the same clock share one fallback), whose time runs alike.
+    earlier_clock = FakeClock(fake_clock.now)
+    earlier = qb.QuotaBroker(proc.addr, timeout=3, clock=earlier_clock, fallback=UNPACED)
+
+    def advance(seconds):
+        fake_clock.advance(seconds)
+        earlier_clock.advance(seconds)
+
     try:
         def hold(c, n, path=ANALYTICS_QUERY):
             leases = [c.acquire(TENANT, "POST", path, client_id="c", max_wait_ms=1000) for _ in range(n)]
@@ -496,12 +507,12 @@ def test_the_cap_is_the_fraction_of_the_most_slot_leases_held_at_once_in_the_las
         earlier.acquire(TENANT, "GET", SINGLE_PATH, client_id="e", max_wait_ms=1000).release()
         for lease in hold(client, 5):
             lease.release()
-        fake_clock.advance(31)
+        advance(31)
         kept, *others = hold(client, 3)
         for lease in others:
             lease.release()
         hold(client, 1)[0].release()  # 2 held at once then: the minute's most is still 3
-        fake_clock.advance(30)  # the 5 at once (and earlier's one) are now 61 s old
+        advance(30)  # the 5 at once (and earlier's one) are now 61 s old
         proc.kill()
 
         # ceil(0.5 x 3) = 2 at once, the broker lease still held among them.
@@ -517,7 +528,7 @@ def test_the_cap_is_the_fraction_of_the_most_slot_leases_held_at_once_in_the_las
         with pytest.raises(qb.NotGranted):
             client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=0)
         del third  # dropped unreleased: its place ends with it
-        fake_clock.advance(1)
+        advance(1)
         assert client.acquire(TENANT, "GET", USERS, client_id="c", max_wait_ms=0).is_fallback
 
         # Its slot lease more than a minute before the outage: not capped.
@@ -527,6 +538,154 @@ def test_the_cap_is_the_fraction_of_the_most_slot_leases_held_at_once_in_the_las
     finally:
         client.close()
         earlier.close()
+
+
+def test_a_rate_only_route_is_paced_by_the_rate_alone_while_slot_leases_fill_the_cap(start_broker):
+    """The trial: during an outage a long-held slot lease of one route took
+    the fallback's one place ("local fallback limit of 1 at once"), and the
+    calls of a route that needs no slot got nothing. A route the broker
+    granted without a slot (rate buckets only) is paced by the rate alone,
+    also past a call waiting for a place; slot routes, and routes not
+    granted yet, are still capped."""
+    events = queue.Queue()
+    clock = WaitClock(events)
+    proc = start_broker()
+    # 60/min: one call a second of the fake clock; no probe while the test runs.
+    client = qb.QuotaBroker(proc.addr, timeout=3, clock=clock,
+                            fallback=qb.FallbackSettings(floor_per_min=60, probe_every_s=3600))
+    user = "/api/v2/users/{}"
+    waiter = None
+    try:
+        held = client.acquire(TENANT, "POST", ANALYTICS_QUERY, client_id="c", max_wait_ms=1000)
+        assert held.holds_slot  # analytics-query: slots (and a rate)
+        rate = client.acquire(TENANT, "GET", user.format(uuid.uuid4()), client_id="c", max_wait_ms=1000)
+        assert not rate.holds_slot  # per-client only: a rate bucket
+        rate.release()
+        proc.kill()
+
+        # ceil(0.5 x 1) = 1 at once, and the held slot lease has it.
+        with pytest.raises(qb.NotGranted) as info:
+            client.acquire(TENANT, "POST", ANALYTICS_QUERY, client_id="c", max_wait_ms=0)
+        assert "local fallback limit of 1 at once" in info.value.reason, info.value.reason
+        assert client.fallback_max_in_flight == 1
+
+        # A call of the slot route waits for the place...
+        def wait_for_a_place():
+            lease = client.acquire(TENANT, "POST", ANALYTICS_QUERY, client_id="c", max_wait_ms=30_000)
+            events.put(("granted", lease))
+
+        waiter = threading.Thread(target=wait_for_a_place, name="B", daemon=True)
+        waiter.start()
+        assert events.get(timeout=10) == ("waits", "B")
+
+        # ...and the rate-only route (another user id: ids are one route)
+        # goes by, at the fallback's rate: one a second, the first at once.
+        start, times = clock.now, []
+        for _ in range(4):
+            lease = client.acquire(TENANT, "GET", user.format(uuid.uuid4()), client_id="c")
+            assert lease.is_fallback
+            times.append(clock.now - start)
+            lease.release()
+        assert times == [0.0, 1.0, 2.0, 3.0], times
+        assert events.empty(), "the call waiting for a place was let through"
+        # A route the broker has not granted yet may need a slot: capped.
+        with pytest.raises(qb.NotGranted) as info:
+            client.acquire(TENANT, "GET", "/api/v2/not/granted/yet", client_id="c", max_wait_ms=0)
+        assert "1 at once" in info.value.reason, info.value.reason
+
+        clock.now += 1  # the next permit is due: only the cap holds B
+        assert held.release() is False  # kept for the broker; the place is free now
+        kind, second = events.get(timeout=10)
+        assert kind == "granted" and second.is_fallback
+        second.release()
+    finally:
+        if waiter is not None:
+            waiter.join(30)
+        client.close()
+
+
+def test_clients_made_per_call_share_the_fallback_of_their_brokers(start_broker, fake_clock, caplog):
+    """The trial: with no broker reachable, a new QuotaBroker per request
+    got 1,354 fallback leases in 3 s (the floor is 6/min) and logged 1,405
+    warnings: each instance started the outage afresh. Clients of the same
+    brokers (settings and clock) share the fallback: they are paced as one,
+    the outage is logged once, and what they kept is reported by a later
+    client once a broker answers."""
+    caplog.set_level(logging.INFO, logger="quota_broker_client")
+    with socket.socket() as down:
+        down.bind(("127.0.0.1", 0))  # bound, not listening: connection refused
+        port = down.getsockname()[1]
+        addr = f"127.0.0.1:{port}"
+        start, times = fake_clock.now, []
+        for _ in range(200):  # an unpaced loop never moves the fake clock: bounded by count
+            if fake_clock.now >= start + 60:
+                break
+            with qb.QuotaBroker(addr, timeout=3, clock=fake_clock) as broker:
+                with broker.lease(TENANT, "GET", USERS, client_id="job") as lease:
+                    assert lease.is_fallback
+                    times.append(fake_clock.now - start)
+                    assert lease.report(200, {}) is None  # kept
+        else:
+            pytest.fail(f"{len(times)} fallback leases without the clock reaching a minute: not paced")
+        # The floor, 6/min: the first at once, then one every 10 s: 0, 10, ...
+        # 50 s in the first minute (then 60 s, which ends the loop).
+        assert times == [10.0 * k for k in range(7)], times
+        warnings = [r.getMessage() for r in client_logs(caplog)]
+        assert len([w for w in warnings if "unreachable" in w]) == 1, warnings
+        # Each job closed with its outcome kept: said once, not per client.
+        assert len([w for w in warnings if w.startswith("closing with")]) == 1, warnings
+        assert len(warnings) == 2, warnings
+
+        # Other brokers are another budget: their own fallback, a call at once.
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            with qb.QuotaBroker(f"127.0.0.1:{other.getsockname()[1]}", timeout=3,
+                                clock=fake_clock) as broker:
+                assert broker.acquire(TENANT, "GET", USERS, client_id="job", max_wait_ms=0).is_fallback
+    # The broker comes up there: the next client reports what the jobs kept.
+    back = start_broker(port=port)
+    with qb.QuotaBroker(addr, timeout=3, clock=fake_clock) as broker:
+        assert broker.pending_reports == 7
+        grpc.channel_ready_future(broker.channel).result(timeout=10)
+        deadline = time.monotonic() + 10
+        while broker.pending_reports:
+            assert time.monotonic() < deadline, "kept outcomes not reported within 10 s"
+            broker.flush_reports()
+        assert bucket(broker, "per-client").reports_total == 7
+    assert back.proc.poll() is None
+
+
+def test_outcomes_the_broker_refuses_after_an_outage_are_warned_with_its_reason(start_broker, fake_clock,
+                                                                                 caplog):
+    """The trial: reports kept during an outage for a mistyped tenant were
+    refused by the broker once back (and dropped), said only at INFO as a
+    count, the reason at DEBUG. Now a warning gives the reason, once per
+    distinct reason per flush."""
+    caplog.set_level(logging.INFO, logger="quota_broker_client")
+    proc = start_broker()
+    # No probe of its own while the test runs: the flush below sends them.
+    client = qb.QuotaBroker(proc.addr, timeout=3, clock=fake_clock,
+                            fallback=qb.FallbackSettings(probe_every_s=3600))
+    try:
+        client.list_buckets(TENANT)  # connected before the crash
+        proc.kill()
+        for tenant in ("dmeo", "dmeo", "deom", TENANT):
+            assert client.report(tenant, "GET", USERS, 200) is None
+        assert client.pending_reports == 4
+        start_broker(port=proc.port)
+        grpc.channel_ready_future(client.channel).result(timeout=10)
+        caplog.clear()
+        assert client.flush_reports() == 1
+        assert client.pending_reports == 0
+        refused = [r.getMessage() for r in client_logs(caplog) if "refused" in r.getMessage()]
+        assert len(refused) == 2, refused
+        (dmeo,) = [w for w in refused if '"dmeo"' in w]
+        assert "refused 2 outcomes" in dmeo and "NOT_FOUND" in dmeo and "not configured" in dmeo, dmeo
+        (deom,) = [w for w in refused if '"deom"' in w]
+        assert "refused 1 outcome " in deom, deom
+        assert bucket(client, "per-client").reports_total == 1
+    finally:
+        client.close()
 
 
 def test_without_fallback_an_unreachable_broker_raises(start_broker):

@@ -350,6 +350,63 @@ def test_a_hung_upstream_times_out_and_releases_the_slot(broker):
         server.close()
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_set_timeout_is_milliseconds_and_a_timeout_raises_max_retry_error(broker, method, caplog):
+    """The trial: `set_timeout(30)` (seconds meant; the plain SDK ignores
+    it) became a 30 ms read timeout after `instrument`, and a POST raised a
+    bare ReadTimeoutError where the README said MaxRetryError. The unit is
+    the SDK's (its default, 16000, is milliseconds); a value that reads
+    like seconds is warned about; every method raises MaxRetryError."""
+    caplog.set_level(logging.WARNING, logger="quota_broker_client")
+    server = SilentServer()
+    try:
+        api_client = api_client_for(server.url)
+        wrapper = genesys.instrument(api_client, broker, TENANT, client_id="c", max_wait_ms=0)
+        pool_kw = wrapper.inner.rest_client.pool_manager.connection_pool_kw
+        assert pool_kw["timeout"].total == genesys.DEFAULT_TIMEOUT_MS / 1000
+        assert not caplog.records
+        api_client.get_http_client().set_timeout(30)
+        assert pool_kw["timeout"].total == 0.03  # as given: milliseconds
+        (warning,) = [r.getMessage() for r in caplog.records]
+        assert "set_timeout(30): the SDK's timeout is in milliseconds" in warning, warning
+        assert "for 30 seconds pass set_timeout(30000)" in warning, warning
+        with pytest.raises(urllib3.exceptions.MaxRetryError) as info:
+            if method == "POST":  # the trial's call
+                gc.ConversationsApi(api_client).post_analytics_conversations_details_query(query_body())
+            else:
+                api_client.call_api(SINGLE_PATH, "GET", header_params={}, auth_settings=["PureCloud OAuth"])
+        assert isinstance(info.value.reason, urllib3.exceptions.ReadTimeoutError), info.value.reason
+        assert server.accepted.is_set()
+        assert all(b.in_flight == 0 for b in broker.list_buckets(TENANT))  # the lease was released
+
+        # 0: no timeout (said in the README), not warned about; a negative one refused.
+        caplog.clear()
+        api_client.get_http_client().set_timeout(0)
+        assert pool_kw["timeout"].total is None and pool_kw["timeout"].read_timeout is None
+        assert wrapper.timeout == 0 and not caplog.records
+        with pytest.raises(ValueError, match="milliseconds, >= 0"):
+            api_client.get_http_client().set_timeout(-1)
+        api_client.get_http_client().set_timeout(30_000)
+        assert pool_kw["timeout"].total == 30 and not caplog.records
+    finally:
+        server.close()
+
+
+def test_a_timeout_set_before_instrument_is_kept_and_checked(broker, fake_api, caplog):
+    caplog.set_level(logging.WARNING, logger="quota_broker_client")
+    for before, total in ((0, None), (45_000, 45)):
+        api_client = api_client_for(fake_api([]).url)
+        api_client.get_http_client().set_timeout(before)
+        wrapper = genesys.instrument(api_client, broker, TENANT, client_id="c")
+        assert wrapper.timeout == before
+        assert wrapper.inner.rest_client.pool_manager.connection_pool_kw["timeout"].total == total
+    assert not caplog.records
+    api_client = api_client_for(fake_api([]).url)
+    api_client.get_http_client().set_timeout(60)
+    genesys.instrument(api_client, broker, TENANT, client_id="c")
+    assert any("set_timeout(60)" in r.getMessage() for r in caplog.records), caplog.text
+
+
 class HookFailed(Exception):
     pass
 

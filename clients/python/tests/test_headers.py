@@ -1,6 +1,8 @@
 """Header filtering and Retry-After parsing (no broker)."""
 import email.utils
 
+import pytest
+
 import quota_broker_client as qb
 
 
@@ -30,6 +32,24 @@ def test_rate_limit_headers_accepts_pairs_and_none():
     assert qb.rate_limit_headers([("RateLimit-Policy", "a"), ("ratelimit-policy", "b")]) == {
         "ratelimit-policy": "a, b"
     }
+
+
+def test_bytes_headers_are_decoded_and_other_types_refused():
+    # Raw HTTP/1 headers come as bytes: taken as latin-1, not dropped silently.
+    assert qb.rate_limit_headers({b"Retry-After": b"2"}) == {"retry-after": "2"}
+    assert qb.rate_limit_headers([(b"X-RateLimit-Remaining", b"4"), ("Content-Type", b"x")]) == {
+        "x-ratelimit-remaining": "4"}
+    assert qb.rate_limit_headers({"Retry-After": 2}) == {"retry-after": "2"}  # a number as written
+    assert qb.rate_limit_headers({"RateLimit": "r=\xe9".encode("latin-1")}) == {"ratelimit": "r=\xe9"}
+    assert qb.retry_after_ms({b"Retry-After": b"2"}) == 2_000
+    for wrong, says in [({1: "2"}, "header names must be str or bytes, got int"),
+                        ({"Retry-After": None}, "header values must be str or bytes, got NoneType"),
+                        ("Retry-After: 2", "headers must be a mapping or a list of"),
+                        (b"Retry-After: 2", "headers must be a mapping or a list of"),
+                        (["Retry-After"], "headers must be a mapping or a list of"),
+                        (42, "headers must be a mapping or a list of")]:
+        with pytest.raises(TypeError, match=says):
+            qb.rate_limit_headers(wrong)
 
 
 def test_retry_after_ms():

@@ -244,6 +244,95 @@ def test_a_proxys_404_is_an_outage_not_another_service():
     assert isinstance(errors.from_rpc_error(Err(), "127.0.0.1:1"), errors.Unavailable)
 
 
+class Http2NotFound:
+    """A plaintext HTTP/2 server answering every request 404 without a gRPC
+    status (another service, the upstream itself, a proxy with no broker
+    behind it): the few frames of HTTP/2 it takes, by hand."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.addr = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.requests = 0
+        self.conns = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _frame(kind, flags, stream, payload=b""):
+        return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        def read(n):
+            data = b""
+            while len(data) < n:
+                chunk = conn.recv(n - len(data))
+                if not chunk:
+                    raise OSError("closed")
+                data += chunk
+            return data
+
+        try:
+            read(24)  # the client's connection preface
+            conn.sendall(self._frame(4, 0, 0))  # our SETTINGS (none)
+            while True:
+                head = read(9)
+                length, kind, flags = int.from_bytes(head[:3], "big"), head[3], head[4]
+                stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+                payload = read(length)
+                if kind == 4 and not flags & 1:  # SETTINGS: acknowledged
+                    conn.sendall(self._frame(4, 1, 0))
+                elif kind == 6 and not flags & 1:  # PING: answered
+                    conn.sendall(self._frame(6, 1, 0, payload))
+                elif kind == 1:  # HEADERS of a request: ":status: 404" (HPACK static 13), end
+                    self.requests += 1
+                    conn.sendall(self._frame(1, 0x4 | 0x1, stream, b"\x8d"))
+        except OSError:
+            pass
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+        self.thread.join(5)
+
+
+def test_an_http2_server_answering_404_falls_back_with_a_hint(caplog):
+    """The trial: a url reaching another HTTP/2 server (the upstream instead
+    of the broker) got "unreachable (UNIMPLEMENTED: Received http2 header
+    with status: 404)" and ran on the fallback for good, with no word on
+    the url. It still falls back (a proxy's 404 while its broker restarts
+    looks the same), and the one warning asks about the port."""
+    server = Http2NotFound()
+    try:
+        with qb.QuotaBroker(server.addr, timeout=5) as client:
+            assert acquire(client).is_fallback and client.in_fallback
+        assert server.requests >= 1
+    finally:
+        server.close()
+    warned = [r.getMessage() for r in caplog.records
+              if r.name == "quota_broker_client" and r.levelno >= logging.WARNING]
+    assert len(warned) == 1, warned
+    assert "status: 404" in warned[0], warned
+    assert ("is this the broker's gRPC port? an HTTP/2 server there answered 404: another service"
+            in warned[0]), warned
+    assert not errors_logged(caplog)
+
+
 def test_a_broker_that_refuses_connections_is_still_an_outage(caplog):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))  # bound, not listening: connection refused
