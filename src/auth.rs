@@ -226,8 +226,26 @@ impl Principal {
             Err(AuthError::TenantDenied {
                 name: self.name.to_string(),
                 tenant: crate::error::clip(tenant),
+                allowed: self.tenants_said(),
             })
         }
+    }
+
+    /// The tenants it may use, for a refusal: the first few, quoted.
+    fn tenants_said(&self) -> String {
+        const SAID: usize = 5;
+        let Some(tenants) = &self.tenants else {
+            return "every tenant".to_owned();
+        };
+        let mut said: Vec<String> = tenants
+            .iter()
+            .take(SAID)
+            .map(|t| crate::error::clip(t))
+            .collect();
+        if tenants.len() > SAID {
+            said.push(format!("and {} more", tenants.len() - SAID));
+        }
+        said.join(", ")
     }
 
     /// `Ok` for admins, else [`AuthError::NotAdmin`].
@@ -374,7 +392,8 @@ pub enum AuthError {
     UnknownToken,
     /// Token not scoped to that tenant (→ PERMISSION_DENIED).
     #[error(
-        "token {name:?} may not use tenant {tenant}; its tenants are set in the broker config"
+        "token {name:?} may not use tenant {tenant}; it may use {allowed} (the operator sets \
+         a token's tenants in the broker config)"
     )]
     TenantDenied {
         /// The token's configured name.
@@ -382,6 +401,8 @@ pub enum AuthError {
         /// The tenant it asked for, quoted and clipped (it is the caller's
         /// input).
         tenant: String,
+        /// The tenants it may use: the first few, quoted.
+        allowed: String,
     },
     /// Admin RPC with a client token (→ PERMISSION_DENIED).
     #[error("token {name:?} has role client; this RPC needs an admin token")]
@@ -578,8 +599,8 @@ mod tests {
         assert!(!err.is_unauthenticated());
         assert_eq!(
             err.to_string(),
-            "token \"wallboard\" may not use tenant \"initech\"; \
-             its tenants are set in the broker config"
+            "token \"wallboard\" may not use tenant \"initech\"; it may use \"acme\", \
+             \"globex\" (the operator sets a token's tenants in the broker config)"
         );
         // The tenant is the caller's input: clipped, not echoed whole.
         let long = "x".repeat(64 * 1024);

@@ -227,7 +227,10 @@ fn unmatchable(method: &str, glob: &str) -> Option<RouteError> {
     } else {
         "an empty segment (\"//\") never matches: request paths are matched without them"
     };
-    Some(RouteError::never(why, method, &normal))
+    // A lone "%" kept for a glob character beside it that resolving took
+    // away ("/%/*/.." → "/%") is spelled "%25" where it now stands alone.
+    let write = decode_escapes(&normal).map_or_else(|| normal.clone(), Cow::into_owned);
+    Some(RouteError::never(why, method, &write))
 }
 
 /// Where a query string starts in a glob: at a `?` (not escaped) followed
@@ -605,6 +608,13 @@ mod tests {
             ("GET /a%2fb/", "a percent-escape", "GET /a/b", "/a%2Fb"),
             ("GET /a%2Ab", "a percent-escape", "GET /a\\*b", "/a%2Ab"),
             ("GET /100%", "a percent-escape", "GET /100%25", "/100%"),
+            // The "%" was kept for the "*" beside it, which ".." took away.
+            (
+                "GET /%/*/..",
+                "a \".\" or \"..\" segment",
+                "GET /%25",
+                "/%25",
+            ),
             ("GET /z?q=1", "a query string", "GET /z", "/z?q=1"),
             (
                 "* /a?b/z/?q=1&r=2",

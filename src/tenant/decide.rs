@@ -103,9 +103,37 @@ impl TenantState {
                 .and_then(|x| x.learner.frozen_until(now))
                 .is_some_and(|until| until > now + wait)
         });
+        // Likewise when the bucket's refill at its rate cannot give the
+        // permits within the wait (a bucket that starts empty after a
+        // restart, a class waiting for the reserve above it): the caller
+        // learns now, not at the end of its wait. A tenth of the wait is
+        // left for the rate to grow meanwhile; slots, which a release may
+        // free at any moment, never refuse early.
+        let by_rate = instances
+            .iter()
+            .filter_map(|&i| {
+                self.instances
+                    .get(i)?
+                    .rate_ready_at(args.permits, share, now)
+                    .ok()
+            })
+            .max();
+        let refilled_past_wait = by_rate.is_some_and(|at| at > now + wait + wait / 10);
         if wait.is_zero() || frozen_past_wait {
             self.defer(&instances, class, back);
             return Ok(Decision::Denied(denial));
+        }
+        if refilled_past_wait {
+            self.defer(&instances, class, back);
+            return Ok(Decision::Denied(Denial {
+                reason: format!(
+                    "{}; at the bucket's rate that is past this call's wait of {} ms, so it is \
+                     answered now",
+                    denial.reason,
+                    wait.as_millis()
+                ),
+                ..denial
+            }));
         }
         Ok(Decision::Queued(self.enqueue(
             instances,
@@ -380,6 +408,15 @@ impl TenantState {
                     s.max(),
                     note(s.max())
                 );
+                if phantoms.is_some() {
+                    let _ = write!(
+                        reason,
+                        " ({} of them counted for leases of the run before a restart: each is \
+                         freed when its holder renews or releases it, all once those leases \
+                         would have expired)",
+                        x.phantom
+                    );
+                }
                 continue;
             }
             if let Some(t) = x.tokens.as_ref() {

@@ -165,6 +165,15 @@ impl Instance {
                 return Err(());
             }
         }
+        self.rate_ready_at(n, share, now)
+    }
+
+    /// When the bucket's rate (its tokens at the rate they refill, a
+    /// freeze, what is left to others) lets `n` permits be taken, whatever
+    /// its slots say: the earliest a grant could come, slots or not. `Err`
+    /// if `n` does not fit in the bucket as it stands.
+    #[inline]
+    pub(super) fn rate_ready_at(&self, n: u32, share: Share, now: Instant) -> Result<Instant, ()> {
         let mut at = match self.tokens.as_ref() {
             Some(t) => t
                 .ready_at_reserved(n, share.tokens(t.burst()), now)

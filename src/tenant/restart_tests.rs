@@ -34,7 +34,9 @@ fn after_a_restart_unclaimed_slots_come_back_after_one_lease_ttl() {
         panic!("granted a slot an earlier run's lease may hold")
     };
     assert!(
-        d.reason.contains("1 of 1 concurrency slots in use"),
+        d.reason.contains("1 of 1 concurrency slots in use")
+            && d.reason
+                .contains("(1 of them counted for leases of the run before a restart"),
         "{}",
         d.reason
     );
@@ -543,4 +545,40 @@ fn a_lead_that_lapsed_resumes_the_level_it_left_not_a_refilled_bucket() {
         .take_while(|_| matches!(t.acquire(&critical, NOW, back), Ok(Decision::Granted(_))))
         .count();
     assert_eq!(at_once, 1);
+}
+
+/// An empty bucket whose refill cannot give a permit within the caller's
+/// wait (and a tenth) answers at once, saying so, instead of holding the
+/// caller for its whole wait; one that can, queues. Full slots never answer
+/// early: a release may free one at any moment.
+#[test]
+fn a_refill_past_the_wait_is_answered_at_once_and_full_slots_still_queue() {
+    let t0 = Instant::now();
+    let mut t = restarted(t0);
+    // "rate" restarted empty at 2 a second: its first permit in 500 ms.
+    let Decision::Denied(d) = t
+        .acquire(&args("GET", "/x", 1), Some(Duration::from_millis(400)), t0)
+        .unwrap()
+    else {
+        panic!("a wait of 400 ms queued for a permit 500 ms away")
+    };
+    assert_eq!(d.retry_after, Duration::from_millis(500));
+    assert!(
+        d.reason
+            .contains("past this call's wait of 400 ms, so it is answered now"),
+        "{}",
+        d.reason
+    );
+    // Within a tenth of the wait it may still come (the rate may grow).
+    let Decision::Queued(_) = t
+        .acquire(&args("GET", "/x", 1), Some(Duration::from_millis(460)), t0)
+        .unwrap()
+    else {
+        panic!("a wait that may see the permit was not queued")
+    };
+    // The slot is counted as held until 5 s, but a release may free it
+    // sooner: a wait of 1 s queues.
+    let Decision::Queued(_) = t.acquire(&args("POST", "/q", 1), Some(SEC), t0).unwrap() else {
+        panic!("full slots answered before the wait")
+    };
 }
