@@ -530,6 +530,17 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(path.contains("no path"), "{path}");
+        // Nor a URL of thousands of bytes, sent with every redirect.
+        let long = Settings::from_toml(&format!(
+            "[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nnode = \"b1\"\n\
+             advertise = \"http://{}:50051\"\n[[tenants]]\nid = \"t\"\n\
+             [[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n",
+            "h".repeat(5000)
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(long.contains("is 5013 bytes long"), "{long}");
+        assert!(long.len() < 1_000, "{long}");
     }
 
     /// A TTL in hours left a crashed leader's tenants without a leader for

@@ -88,14 +88,19 @@ async fn a_refill_past_the_wait_is_answered_at_once() {
     let t0 = Instant::now();
     let r = b.acquire(req("GET", "/a", 2_000)).await;
     assert!(!r.granted);
-    assert!(t0.elapsed() < Duration::from_millis(100), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        t0.elapsed()
+    );
     assert!(
         (9_900..=10_000).contains(&r.retry_after_ms),
         "retry_after_ms {} should point at the refill 10 s later",
         r.retry_after_ms
     );
     assert!(
-        r.reason.contains("past this call's wait of 2000 ms, so it is answered now"),
+        r.reason
+            .contains("past this call's wait of 2000 ms, so it is answered now"),
         "{}",
         r.reason
     );

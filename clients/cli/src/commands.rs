@@ -484,7 +484,9 @@ async fn status(c: &mut Cluster, a: StatusArgs) -> Result<(), Error> {
     // listed too, as unused): none listed over every tenant means no
     // broker leads any, not an empty org (said without an empty table).
     if a.tenant.is_none() && buckets.is_empty() && partial.is_none() {
-        return Err(Error::NothingLed);
+        return Err(Error::NothingLed {
+            asked: c.urls.len(),
+        });
     }
     if a.json {
         let all: Vec<_> = buckets.iter().map(table::status_json).collect();

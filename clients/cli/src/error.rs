@@ -47,8 +47,12 @@ pub enum Error {
     /// Writing the output failed (other than a closed pipe).
     Output(std::io::Error),
     /// A command over every tenant found no broker leading any (a cluster
-    /// cut off from etcd, or electing).
-    NothingLed,
+    /// cut off from etcd, or electing; or only members that lead none
+    /// given): `asked` brokers were asked.
+    NothingLed {
+        /// How many brokers were given.
+        asked: usize,
+    },
     /// Options that do not fit what the broker has, found once it was asked
     /// (a new class without `--order`): a usage error, exit status 2.
     Usage(String),
@@ -286,11 +290,18 @@ impl fmt::Display for Error {
                     port_hint(url)
                 )
             }
-            Error::NothingLed => write!(
+            Error::NothingLed { asked: 1 } => write!(
                 f,
-                "no bucket instance to show: no broker given leads a tenant right now (a cluster \
-                 cut off from etcd, or electing leaders), or every bucket is per OAuth client and \
-                 no client has used one yet: `quotactl status --tenant T` says which for one tenant"
+                "no bucket to show: the broker given leads no tenant right now. A cluster's \
+                 member may lead none: give every broker (--broker URL,URL,... or \
+                 QUOTA_BROKER_URL), or --tenant T to be sent to that tenant's leader; if no \
+                 member leads any, the cluster is cut off from etcd or electing leaders"
+            ),
+            Error::NothingLed { asked } => write!(
+                f,
+                "no bucket to show: none of the {asked} brokers given leads a tenant right now (a \
+                 cluster cut off from etcd, or electing leaders; or the members that lead were \
+                 not given: --tenant T is sent to that tenant's leader)"
             ),
             Error::BadToken => write!(
                 f,
@@ -588,6 +599,21 @@ mod tests {
         for url in ["http://127.0.0.1:1", "https://[::1]:443"] {
             assert_eq!(port_hint(url), "", "{url}");
         }
+    }
+
+    #[test]
+    fn nothing_led_says_whether_more_brokers_should_be_given() {
+        let one = Error::NothingLed { asked: 1 }.to_string();
+        assert!(
+            one.contains("the broker given leads no tenant right now"),
+            "{one}"
+        );
+        assert!(one.contains("give every broker"), "{one}");
+        let two = Error::NothingLed { asked: 2 }.to_string();
+        assert!(
+            two.contains("none of the 2 brokers given leads a tenant right now"),
+            "{two}"
+        );
     }
 
     #[test]

@@ -469,7 +469,10 @@ async fn status_and_watch_without_a_tenant_merge_every_broker() {
             let out = quotactl(&[url], &["status", "--json"]).await;
             assert_eq!(out.status.code(), Some(1));
             let err = String::from_utf8_lossy(&out.stderr);
-            assert!(err.contains("no broker given leads any tenant"), "{err}");
+            assert!(
+                err.contains("the broker given leads no tenant right now"),
+                "{err}"
+            );
             continue;
         }
         let shown = ok_json(&[url], &["status", "--json"]).await;
@@ -521,7 +524,7 @@ async fn status_and_watch_without_a_tenant_merge_every_broker() {
     loop {
         let out = quotactl(&both, &["status"]).await;
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        if err.contains("no broker given leads a tenant right now") {
+        if err.contains("none of the 2 brokers given leads a tenant right now") {
             assert_eq!(out.status.code(), Some(1), "{err}");
             let shown = String::from_utf8_lossy(&out.stdout);
             assert!(shown.is_empty(), "an empty table before the error: {shown}");

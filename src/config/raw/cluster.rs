@@ -6,6 +6,10 @@ use crate::error::clip;
 use serde::Deserialize;
 use std::time::Duration;
 
+/// The longest `cluster.advertise`: `https://`, a DNS name's 253
+/// characters, a port.
+const MAX_ADVERTISE_LEN: usize = 300;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCluster {
@@ -95,6 +99,14 @@ impl RawCluster {
                 "cluster.advertise {} must be the URL clients reach this broker at, \
                  e.g. \"http://10.0.0.5:50051\" (scheme, host and port: no path)",
                 clip(&self.advertise)
+            ));
+        } else if self.advertise.len() > MAX_ADVERTISE_LEN {
+            problems.push(format!(
+                "cluster.advertise {} is {} bytes long: a scheme, a host name (at most 253 \
+                 characters) and a port take at most {MAX_ADVERTISE_LEN}, and every redirect \
+                 to this broker carries it",
+                clip(&self.advertise),
+                self.advertise.len()
             ));
         }
         if !self.prefix.starts_with('/') {
