@@ -103,26 +103,22 @@ impl TenantState {
                 .and_then(|x| x.learner.frozen_until(now))
                 .is_some_and(|until| until > now + wait)
         });
+        if wait.is_zero() || frozen_past_wait {
+            self.defer(&instances, class, back);
+            return Ok(Decision::Denied(denial));
+        }
         // Likewise when the bucket's refill at its rate cannot give the
         // permits within the wait (a bucket that starts empty after a
         // restart, a class waiting for the reserve above it): the caller
         // learns now, not at the end of its wait. A tenth of the wait is
         // left for the rate to grow meanwhile; slots, which a release may
         // free at any moment, never refuse early.
-        let by_rate = instances
-            .iter()
-            .filter_map(|&i| {
-                self.instances
-                    .get(i)?
-                    .rate_ready_at(args.permits, share, now)
-                    .ok()
-            })
-            .max();
-        let refilled_past_wait = by_rate.is_some_and(|at| at > now + wait + wait / 10);
-        if wait.is_zero() || frozen_past_wait {
-            self.defer(&instances, class, back);
-            return Ok(Decision::Denied(denial));
-        }
+        let refilled_past_wait = instances.iter().any(|&i| {
+            self.instances
+                .get(i)
+                .and_then(|x| x.rate_ready_at(args.permits, share, now).ok())
+                .is_some_and(|at| at > now + wait + wait / 10)
+        });
         if refilled_past_wait {
             self.defer(&instances, class, back);
             return Ok(Decision::Denied(Denial {
