@@ -42,6 +42,14 @@ impl Node {
             .collect();
         self.serves = serves.clone();
         let me = self.settings.node.clone();
+        let now = Instant::now();
+        self.rejoins.saw(
+            member_keys
+                .iter()
+                .filter(|(n, _)| **n != me)
+                .map(|(n, (_, l))| (n.as_str(), *l)),
+            now,
+        );
         // Back: on another lease than before (the earlier one's key may
         // linger until etcd expires it).
         self.awaited
@@ -87,8 +95,10 @@ impl Node {
         if self.seen.len() != self.tenants.len() {
             self.seen = vec![Seen::default(); self.tenants.len()];
         }
-        let now = Instant::now();
         let mut changes = Vec::new();
+        // Members back on a new lease whose tenants stay here meanwhile,
+        // with how many.
+        let mut holding: HashMap<String, usize> = HashMap::new();
         for t in 0..self.tenants.len() {
             let tenant = self.tenants[t].clone();
             let preferred = placement::leader_of(&tenant, serving(&tenant)).map(str::to_owned);
@@ -100,7 +110,12 @@ impl Node {
                 .is_some_and(|p| awaited.contains_key(p));
             match holder {
                 Some(_) if ours(&tenant) => {
-                    if preferred.as_deref().is_some_and(|p| p != me) && !absent {
+                    let next = preferred.as_deref().filter(|p| *p != me && !absent);
+                    let held = next.filter(|p| self.rejoins.held(p, now));
+                    if let Some(p) = held {
+                        *holding.entry(p.to_owned()).or_default() += 1;
+                    }
+                    if next.is_some() && held.is_none() {
                         self.hand_over(t, url(preferred.as_deref()), lease).await?;
                     } else if self.led.contains(&t) && self.broker.leads(t) {
                         self.broker.lead(t, valid_until);
@@ -145,6 +160,7 @@ impl Node {
             self.observe(t, holder, now, &mut changes);
         }
         self.say_leaders_changed(&changes);
+        self.say_held(&holding, now);
         if self.last_save.elapsed() >= SAVE_EVERY {
             self.last_save = Instant::now();
             self.save_dirty().await?;
@@ -455,6 +471,25 @@ impl Node {
         );
     }
 
+    /// Says, once per return, that the tenants of a member back on a new
+    /// lease stay with this broker for a while (`rejoins`).
+    fn say_held(&mut self, holding: &HashMap<String, usize>, now: Instant) {
+        for (node, tenants) in holding {
+            let Some(held) = self.rejoins.unsaid(node, now) else {
+                continue;
+            };
+            let member = crate::error::cut(node, 64);
+            tracing::info!(%member, tenants, stay_for_ms = millis(held.left), returns = held.returns,
+                "member {member} is back on a new etcd lease: the {tenants} tenant{} it is \
+                 preferred for stay{} with this broker for {} ms before moving to it (a hold-down \
+                 of two lease TTLs, doubled for each return within 10 minutes: this is its {}), so a \
+                 member that fails again soon takes none of them down with it",
+                if *tenants == 1 { "" } else { "s" },
+                if *tenants == 1 { "s" } else { "" },
+                millis(held.left), ordinal(held.returns));
+        }
+    }
+
     /// The lease is gone or etcd unreachable: lead nothing.
     pub(super) fn lose_all(&mut self) {
         self.store.lease.store(0, Ordering::Release);
@@ -526,4 +561,16 @@ impl Node {
         }
         Ok(())
     }
+}
+
+/// "1st", "2nd", "3rd", "4th", ...
+fn ordinal(n: usize) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
 }

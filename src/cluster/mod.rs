@@ -8,6 +8,7 @@
 //! | `membership`| one etcd lease's session: join, keep-alive, the tick loop |
 //! | `leading`   | elections, take-over, hand-over, snapshot saves           |
 //! | `placement` | which member should lead a tenant (rendezvous hashing)    |
+//! | `rejoins`   | members back on a new lease, and how long they wait        |
 //! | `fingerprint`| what a member publishes of its tenants' config, compared |
 //! | `self_check`| whether `cluster.advertise` reaches this broker          |
 //! | `etcd`      | the etcd v3 calls made, on the generated client           |
@@ -50,7 +51,9 @@
 //! and deletes its key, so the preferred member takes over on its next
 //! tick; everyone else records who leads, to send callers there. A broker
 //! joining again after etcd was away leaves, for a grace, the tenants of
-//! the members it saw before to them (`Node::await_earlier_members`).
+//! the members it saw before to them (`Node::await_earlier_members`). A
+//! member back on a new lease gets its tenants back from their live leader
+//! only after a hold-down (`rejoins`).
 
 mod connect;
 mod etcd;
@@ -59,6 +62,7 @@ mod leading;
 mod membership;
 mod placement;
 mod proto;
+mod rejoins;
 mod self_check;
 
 use crate::broker::Broker;
@@ -164,6 +168,7 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
     // Only `run` sets it, once.
     let _ = broker.cluster_store().set(store.clone());
     let configs = fingerprint::of_tenants(broker.settings());
+    let lease_ttl = settings.lease_ttl;
     let mut node = Node {
         broker: broker.clone(),
         store,
@@ -186,6 +191,7 @@ pub(crate) async fn run(broker: Broker, settings: ClusterSettings) {
         awaited: HashMap::new(),
         awaited_since: Instant::now(),
         member_leases: HashMap::new(),
+        rejoins: rejoins::Rejoins::new(lease_ttl),
         etcd_was_away: false,
         refresh_failed: false,
         failing: None,
@@ -280,6 +286,8 @@ struct Node {
     awaited_since: Instant,
     /// The etcd lease of each member's key, as the last tick read.
     member_leases: HashMap<String, i64>,
+    /// The other members seen and their returns on new leases.
+    rejoins: rejoins::Rejoins,
     /// The last session ended with etcd not answering (rather than with
     /// the lease found expired by a broker that alone was away).
     etcd_was_away: bool,
