@@ -125,6 +125,17 @@ impl Broker {
             .unwrap_or_else(PoisonError::into_inner) = why;
     }
 
+    /// The gRPC health name this broker's server answers SERVING for and
+    /// no other broker does (set once, by the server).
+    pub(crate) fn set_instance_name(&self, name: String) {
+        let _ = self.inner.instance_name.set(name);
+    }
+
+    /// See [`Broker::set_instance_name`]; `None` until the server set it.
+    pub(crate) fn instance_name(&self) -> Option<&str> {
+        self.inner.instance_name.get().map(String::as_str)
+    }
+
     /// Cluster mode: why `cluster.advertise` does not reach this broker
     /// (`None`: it does, or it was not checked yet).
     pub(crate) fn set_advertise_trouble(&self, why: Option<String>) {

@@ -107,6 +107,10 @@ struct Inner {
     /// Cluster mode: why `cluster.advertise` does not reach this broker,
     /// while its self-check finds so (`/readyz` says it).
     advertise_trouble: Mutex<Option<String>>,
+    /// The gRPC health name only this broker's port answers SERVING for
+    /// (set once its server registered it): how the advertise self-check
+    /// tells this broker from another at the URL.
+    instance_name: std::sync::OnceLock<String>,
     /// The last write of learned state failed (for `/metrics`).
     state_failing: std::sync::atomic::AtomicBool,
     /// An operator's change is in force but not in `admin.toml` (its write
@@ -194,6 +198,7 @@ impl Broker {
                 in_cluster_until: Mutex::new(None),
                 cluster_trouble: Mutex::new(None),
                 advertise_trouble: Mutex::new(None),
+                instance_name: std::sync::OnceLock::new(),
                 state_failing: std::sync::atomic::AtomicBool::new(false),
                 admin_unsaved: std::sync::atomic::AtomicBool::new(false),
             }),

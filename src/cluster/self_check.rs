@@ -19,9 +19,13 @@
 //! ready brokers ever route to it). Leading is not affected, and the
 //! broker never exits over it.
 //!
-//! What the check cannot tell: a *different* quota-broker answering at the
-//! URL (it answers SERVING as well); two members advertising one URL are
-//! caught by [`Node::warn_of_shared_urls`](super::Node) instead.
+//! Each broker's server answers SERVING for a health name of its own,
+//! drawn at start (`quota-broker.instance.` and 16 hex digits, see
+//! `Broker::instance_name`), whatever its readiness: the check asks for
+//! that name, so a *different* quota-broker at the URL (a port of another
+//! broker typed, a proxy sending the calls elsewhere) is told apart and
+//! said ("another quota-broker answers there"). Two members advertising one
+//! URL are also named by [`Node::warn_of_shared_urls`](super::Node).
 
 use crate::broker::Broker;
 use crate::clock::millis;
@@ -85,7 +89,7 @@ pub(super) async fn run(broker: Broker, advertise: String) {
     loop {
         let began = Instant::now();
         let found = tokio::select! {
-            found = check(&advertise, connector.clone()) => found,
+            found = check(&advertise, connector.clone(), broker.instance_name()) => found,
             () = shutdown.cancelled() => return,
         };
         match found {
@@ -177,15 +181,17 @@ impl Failing {
     }
 }
 
-/// One check of `advertise`, within [`BOUND`].
-async fn check(advertise: &str, connector: Connector) -> Found {
-    match tokio::time::timeout(BOUND, ask(advertise, connector)).await {
+/// One check of `advertise`, within [`BOUND`]; `instance`: the health
+/// name only this broker answers for (`None`: not registered yet, then any
+/// quota-broker's SERVING counts).
+async fn check(advertise: &str, connector: Connector, instance: Option<&str>) -> Found {
+    match tokio::time::timeout(BOUND, ask(advertise, connector, instance)).await {
         Ok(found) => found,
         Err(_) => Found::Unreachable(format!("no answer within {} ms", millis(BOUND))),
     }
 }
 
-async fn ask(advertise: &str, connector: Connector) -> Found {
+async fn ask(advertise: &str, connector: Connector, instance: Option<&str>) -> Found {
     let endpoint = match Endpoint::from_shared(advertise.to_owned()) {
         Ok(e) => e,
         Err(e) => return Found::Unreachable(format!("not a URL: {e}")),
@@ -206,12 +212,36 @@ async fn ask(advertise: &str, connector: Connector) -> Found {
         Ok(c) => c,
         Err(e) => return failed(&e),
     };
-    let asked = HealthClient::new(channel)
+    let mut health = HealthClient::new(channel);
+    if let Some(instance) = instance {
+        let mine = health
+            .check(HealthCheckRequest {
+                service: instance.to_owned(),
+            })
+            .await;
+        match mine {
+            Ok(answer) if answer.get_ref().status() == ServingStatus::Serving => {
+                return Found::Serving
+            }
+            // Not this broker: which server it is, below.
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => return answered(s),
+        }
+    }
+    let asked = health
         .check(HealthCheckRequest {
             service: crate::pb::quota_broker_server::SERVICE_NAME.to_owned(),
         })
         .await;
     match asked {
+        // Another quota-broker (its health does not know this broker's
+        // name): callers redirected here reach it, not this one.
+        Ok(_) if instance.is_some() => Found::Unreachable(
+            "another quota-broker answers there, not this one (another process, or this \
+             one behind a proxy that sends the call elsewhere)"
+                .to_owned(),
+        ),
         Ok(answer) => match answer.into_inner().status() {
             ServingStatus::Serving => Found::Serving,
             ServingStatus::NotServing => Found::NotServing,
@@ -220,16 +250,22 @@ async fn ask(advertise: &str, connector: Connector) -> Found {
                 other.as_str_name()
             )),
         },
-        Err(s) if s.code() == tonic::Code::NotFound => Found::Unreachable(
+        Err(s) => answered(s),
+    }
+}
+
+/// What a health check that failed with `s` says of the server.
+fn answered(s: tonic::Status) -> Found {
+    match s.code() {
+        tonic::Code::NotFound => Found::Unreachable(
             "a gRPC server that serves no quota.v1.QuotaBroker: not a quota-broker".to_owned(),
         ),
-        Err(s) if s.code() == tonic::Code::Unimplemented => Found::Unreachable(
+        tonic::Code::Unimplemented => Found::Unreachable(
             "a gRPC server without grpc.health.v1: not a quota-broker's gRPC port".to_owned(),
         ),
-        Err(s) if std::error::Error::source(&s).is_some() => failed(&s),
-        Err(s) => Found::Unreachable(format!(
-            "its health check answers {:?}: {}",
-            s.code(),
+        _ if std::error::Error::source(&s).is_some() => failed(&s),
+        code => Found::Unreachable(format!(
+            "its health check answers {code:?}: {}",
             crate::error::cut(s.message(), 200)
         )),
     }
@@ -370,13 +406,56 @@ mod tests {
         let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", free.local_addr().unwrap());
         drop(free);
-        let found = check(&url, Connector::new(None, BOUND)).await;
+        let found = check(&url, Connector::new(None, BOUND), None).await;
         match found {
             Found::Unreachable(what) => {
                 assert!(what.to_lowercase().contains("connection refused"), "{what}")
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A health server on an ephemeral port answering SERVING for the
+    /// broker's service and `own` (a broker whose instance name is `own`).
+    async fn a_broker_named(own: &str) -> (String, tokio::task::JoinHandle<()>) {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        for name in [crate::pb::quota_broker_server::SERVICE_NAME, own] {
+            reporter
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await;
+        });
+        (url, server)
+    }
+
+    #[tokio::test]
+    async fn another_quota_broker_at_the_url_is_told_from_this_one() {
+        let (url, server) = a_broker_named("quota-broker.instance.00000000000000aa").await;
+        let this = |name: &'static str| check(&url, Connector::new(None, BOUND), Some(name));
+        assert_eq!(
+            this("quota-broker.instance.00000000000000aa").await,
+            Found::Serving
+        );
+        match this("quota-broker.instance.00000000000000bb").await {
+            Found::Unreachable(what) => {
+                assert!(
+                    what.contains("another quota-broker answers there"),
+                    "{what}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // Before its server named it, any quota-broker's SERVING counts.
+        let any = check(&url, Connector::new(None, BOUND), None).await;
+        assert_eq!(any, Found::Serving);
+        server.abort();
     }
 
     #[tokio::test]
@@ -390,7 +469,7 @@ mod tests {
                 .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
                 .await;
         });
-        let found = check(&url, Connector::new(None, BOUND)).await;
+        let found = check(&url, Connector::new(None, BOUND), None).await;
         server.abort();
         match found {
             Found::Unreachable(what) => assert!(what.contains("not an HTTP/2 server"), "{what}"),

@@ -73,6 +73,9 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Before 16 hex digits drawn at start, the health name only this server
+/// answers (see `Broker::instance_name`).
+pub(crate) const INSTANCE_PREFIX: &str = "quota-broker.instance.";
 /// grpc.health.v1's own name, checked like the others.
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 /// The reflection services, both versions.
@@ -269,6 +272,12 @@ pub(crate) async fn serve_telling(
     // reporter starts with "" SERVING).
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
+    // This server's own name, SERVING while its port is open: a broker
+    // dialling its `cluster.advertise` finds it only at its own port.
+    let instance = format!("{INSTANCE_PREFIX}{:016x}", fastrand::u64(..));
+    health
+        .set_service_status(&instance, ServingStatus::Serving)
+        .await;
     // Each version lists the other too (a client sees every service the
     // port serves, whichever it asks).
     let reflection = EndOnStop::new(
@@ -440,6 +449,7 @@ pub(crate) async fn serve_telling(
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(e) => return Err(ServerError::Start(e)),
     };
+    broker.set_instance_name(instance);
     let broker_service = BrokerService::new(broker.clone(), auth.clone(), overload.clone());
     let routes = Routes::new(health_service)
         .add_service(reflection)
