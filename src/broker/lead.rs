@@ -72,6 +72,31 @@ impl Broker {
         }
     }
 
+    /// Cluster mode: the tenants `shows` lets through that this broker
+    /// does not lead now, each with the URL of the broker that does (when
+    /// known), the first `most` in config order; and how many there are.
+    pub(crate) fn led_elsewhere(
+        &self,
+        shows: &dyn Fn(&str) -> bool,
+        most: usize,
+    ) -> (Vec<(String, Option<String>)>, usize) {
+        let now = Instant::now();
+        let mut listed = Vec::new();
+        let mut count = 0;
+        for tenant in &self.inner.tenants {
+            let not_led = tenant.lock().not_leading(now);
+            if let Some(BrokerError::NotLeader { tenant, leader }) = not_led {
+                if shows(&tenant) {
+                    count += 1;
+                    if listed.len() < most {
+                        listed.push((tenant, leader));
+                    }
+                }
+            }
+        }
+        (listed, count)
+    }
+
     /// Where cluster mode saves snapshots (set by the cluster task).
     pub(crate) fn cluster_store(&self) -> &std::sync::OnceLock<crate::cluster::Store> {
         &self.inner.cluster

@@ -41,6 +41,7 @@ impl Node {
         }
         let shutdown = self.broker.shutdown_token().clone();
         let mut next = Instant::now();
+        let mut first_step = true;
         loop {
             let Some(valid_until) = self.refresh(&mut keep).await? else {
                 tracing::warn!(node = %me, "etcd lease expired: stepping down from every tenant");
@@ -48,8 +49,17 @@ impl Node {
                 return Ok(None);
             };
             self.broker.set_in_cluster(Some(valid_until));
-            if let Err(e) = self.step(lease, valid_until).await {
-                tracing::warn!(error = %e, "cluster step failed; tenants led stay led until their lease margin");
+            match self.step(lease, valid_until).await {
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster step failed; tenants led stay led until their lease margin")
+                }
+                Ok(()) if first_step => {
+                    first_step = false;
+                    let (all, led) = self.broker.tenants_led();
+                    tracing::info!(node = %me, leading = led, tenants = all,
+                        "first tick in the cluster: leading {led} of {all} tenants");
+                }
+                Ok(()) => {}
             }
             next += tick;
             tokio::select! {

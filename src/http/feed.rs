@@ -217,6 +217,9 @@ fn feed(
 /// Every instance of the tenants `shows` accepts, and the `instances`
 /// event that says so (`"tenant/bucket/oauth client"`), with per bucket
 /// what its dropped instances had counted and each tenant's classes.
+/// Most tenants led by other brokers named in one census event.
+const ELSEWHERE_LISTED: usize = 20;
+
 fn census(broker: &Broker, shows: &dyn Fn(&str) -> bool) -> (HashSet<history::Key>, Event) {
     let (live, retired) = broker.list_with_retired();
     let live: Vec<&TenantBucketStatus> = live.iter().filter(|s| shows(&s.tenant)).collect();
@@ -254,9 +257,19 @@ fn census(broker: &Broker, shows: &dyn Fn(&str) -> bool) -> (HashSet<history::Ke
             Some((t.to_owned(), serde_json::Value::from(list)))
         })
         .collect();
+    // Cluster mode: the shown tenants another broker leads, which this
+    // broker's feed cannot show (the page names where they are led).
+    let (elsewhere, elsewhere_total) = broker.led_elsewhere(shows, ELSEWHERE_LISTED);
+    let elsewhere: Vec<serde_json::Value> = elsewhere
+        .iter()
+        .map(|(tenant, leader)| serde_json::json!({ "tenant": tenant, "leader": leader }))
+        .collect();
     let event = Event::default().event("instances").data(
-        serde_json::json!({ "instances": keys, "retired": retired, "classes": classes })
-            .to_string(),
+        serde_json::json!({
+            "instances": keys, "retired": retired, "classes": classes,
+            "elsewhere": elsewhere, "elsewhere_total": elsewhere_total,
+        })
+        .to_string(),
     );
     (set, event)
 }

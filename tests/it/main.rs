@@ -5,6 +5,7 @@ mod acquire;
 mod child;
 mod classes;
 mod cluster;
+mod cluster_dashboard;
 mod cluster_rejoin;
 mod cluster_tls_errors;
 mod dashboard;

@@ -115,7 +115,7 @@ impl HttpResponse {
 /// reader (bodies are read by [`get`] or as an event stream). Written by
 /// hand: the test needs one GET and a chunked event stream, not an HTTP
 /// client's dependencies.
-async fn open(
+pub async fn open(
     addr: SocketAddr,
     path: &str,
     headers: &[(&str, &str)],
@@ -1085,7 +1085,7 @@ async fn next_event(
 }
 
 /// Reads server-sent events until one of `kind` satisfies `pred`.
-async fn next_of(
+pub async fn next_of(
     reader: &mut BufReader<TcpStream>,
     kind: &str,
     pred: impl Fn(&serde_json::Value) -> bool,

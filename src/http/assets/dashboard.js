@@ -580,6 +580,7 @@ function render() {
 // panel left with none.
 function census(m) {
   classes = m.classes || {};
+  elsewhere(m.elsewhere || [], m.elsewhere_total || 0);
   const alive = new Set(m.instances);
   for (const [key, i] of instances) {
     if (alive.has(key)) continue;
@@ -597,6 +598,20 @@ function census(m) {
       || { granted: 0, thr: 0 };
     show(p, now);
   }
+}
+
+// In a cluster each broker shows the tenants it leads: the others are
+// named, with the broker that leads each (its gRPC address, which is what
+// the cluster knows; its dashboard is on that host's HTTP port).
+function elsewhere(list, total) {
+  const e = document.getElementById("elsewhere");
+  e.hidden = total === 0;
+  if (total === 0) { e.textContent = ""; return; }
+  const named = list.map((x) => x.tenant + (x.leader ? " (led by the broker at " + x.leader + ")"
+    : " (no broker leads it right now)"));
+  const more = total > list.length ? " and " + (total - list.length) + " more" : "";
+  e.textContent = "This broker of the cluster shows only the tenants it leads. Led elsewhere: "
+    + named.join(", ") + more + ". Open the dashboard on that broker's HTTP port to see them.";
 }
 
 function lost() {
