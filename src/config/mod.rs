@@ -282,6 +282,9 @@ pub struct ServerSettings {
     /// Most open connections (pending or serving); new ones beyond it are
     /// closed at once.
     pub max_connections: usize,
+    /// Most open connections from one peer address (by default a quarter
+    /// of `max_connections`): one host cannot take every connection.
+    pub max_connections_per_address: usize,
     /// Threads that serve gRPC connections, each running its connections
     /// (their calls, reads and writes) on a single-threaded runtime of its
     /// own; a new connection goes to the one with the fewest open. `0`: on
@@ -954,6 +957,7 @@ max_in_flight = 1
         assert_eq!(s.server.handshake_timeout, Duration::from_millis(5000));
         assert_eq!(s.server.max_pending_connections, 256);
         assert_eq!(s.server.max_connections, 10_000);
+        assert_eq!(s.server.max_connections_per_address, 2_500);
         assert_eq!(s.overload, OverloadSettings::default());
         // Leaving the keys out gives the same.
         let bare = Settings::from_toml(
@@ -1028,6 +1032,26 @@ max_in_flight = 1
             err.problems[1].contains("server.tls.cert is set without server.tls.key"),
             "{err}"
         );
+        let one = "[[tenants]]\nid = \"a\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n";
+        for n in [0, 10_001] {
+            let err = Settings::from_toml(&format!(
+                "[server]\nmax_connections_per_address = {n}\n{one}"
+            ))
+            .unwrap_err();
+            assert!(
+                err.to_string().contains(&format!(
+                    "server.max_connections_per_address {n} must be between 1 and \
+                     server.max_connections 10000"
+                )),
+                "{err}"
+            );
+        }
+        let small = Settings::from_toml(&format!(
+            "[server]\nmax_connections = 3\n\
+            max_pending_connections = 2\n{one}"
+        ))
+        .unwrap();
+        assert_eq!(small.server.max_connections_per_address, 1);
     }
 
     #[test]

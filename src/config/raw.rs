@@ -208,6 +208,8 @@ struct RawServer {
     handshake_timeout_ms: u64,
     max_pending_connections: u32,
     max_connections: u32,
+    /// `None`: not set, a quarter of `max_connections`.
+    max_connections_per_address: Option<u32>,
     /// `None`: not set, the default address (see `DEFAULT_HTTP_LISTEN`).
     http_listen: Option<String>,
     log_format: String,
@@ -232,6 +234,7 @@ impl Default for RawServer {
             handshake_timeout_ms: 5_000,
             max_pending_connections: 256,
             max_connections: 10_000,
+            max_connections_per_address: None,
             http_listen: None,
             log_format: "text".to_owned(),
             io_threads: None,
@@ -475,6 +478,16 @@ impl RawServer {
                 self.max_connections, self.max_pending_connections
             ));
         }
+        if let Some(n) = self.max_connections_per_address {
+            if n == 0 || n > self.max_connections {
+                problems.push(format!(
+                    "server.max_connections_per_address {n} must be between 1 and \
+                     server.max_connections {} (behind a proxy every caller has the proxy's \
+                     address: set it to server.max_connections there)",
+                    self.max_connections
+                ));
+            }
+        }
         if let Some(n) = self.io_threads.filter(|n| *n > MAX_IO_THREADS) {
             problems.push(format!(
                 "server.io_threads {n} is over {MAX_IO_THREADS}: one thread per CPU is enough \
@@ -532,6 +545,10 @@ impl RawServer {
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             max_pending_connections: self.max_pending_connections as usize,
             max_connections: self.max_connections as usize,
+            max_connections_per_address: self
+                .max_connections_per_address
+                .map_or((self.max_connections / 4).max(1), |n| n)
+                as usize,
             io_threads: self.io_threads.map(|n| n as usize),
             http_listen,
             http_listen_required,

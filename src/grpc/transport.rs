@@ -10,7 +10,9 @@
 //! slowloris) hold a bounded number of descriptors for a bounded time, and
 //! turning them away needs no token. One peer address may hold at most a
 //! quarter of the pending cap: a single host opening silent sockets again
-//! and again cannot keep every other client from connecting.
+//! and again cannot keep every other client from connecting; and at most
+//! `server.max_connections_per_address` open, established ones included,
+//! so a host keeping connections alive cannot take the whole cap.
 //!
 //! TLS is done here with tokio-rustls rather than by tonic, so the handshake
 //! falls under the same timeout. tonic gets a plain [`Conn`] that replays the
@@ -124,7 +126,7 @@ pub(crate) struct Conn {
     coalesce: Coalesce,
     /// Counts the connection among the open ones (and, on a serving
     /// thread, among that thread's) until it is dropped.
-    _open: (Slot, Option<Slot>),
+    _open: ((Slot, PeerSlot), Option<Slot>),
 }
 
 enum Io {
@@ -262,9 +264,13 @@ struct Front {
     handshake_timeout: Duration,
     max_pending: usize,
     max_connections: usize,
+    /// Most open connections one peer address may hold.
+    max_per_address: usize,
     pending: Gauge,
     open: Gauge,
     per_peer: PerPeer,
+    /// Open connections per peer address.
+    open_per_peer: PerPeer,
 }
 
 /// Accepts connections on `listener` until `stop` is cancelled (or the
@@ -286,7 +292,7 @@ pub(crate) fn incoming(
 pub(crate) struct Accepted {
     tcp: std::net::TcpStream,
     peer: SocketAddr,
-    slots: (Slot, (Slot, PeerSlot)),
+    slots: ((Slot, PeerSlot), (Slot, PeerSlot)),
     /// Counts the connection among its thread's open ones.
     thread: Slot,
     front: Front,
@@ -400,21 +406,40 @@ async fn accept_loop(
             }
         };
         let slots = front.open.try_take(front.max_connections).map(|open| {
+            let theirs = front
+                .open_per_peer
+                .try_take(peer.ip(), front.max_per_address);
             let pending = front.pending.try_take(front.max_pending).map(|pending| {
                 let mine = front
                     .per_peer
                     .try_take(peer.ip(), per_peer_cap(front.max_pending));
                 (pending, mine)
             });
-            (open, pending)
+            (open, theirs, pending)
         });
         let (open, pending) = match slots {
-            Some((open, Some((pending, Some(mine))))) => (open, (pending, mine)),
+            Some((open, Some(theirs), Some((pending, Some(mine))))) => {
+                ((open, theirs), (pending, mine))
+            }
             refused => {
-                let cap = match refused {
-                    None => "server.max_connections",
-                    Some((_, None)) => "server.max_pending_connections",
-                    Some(_) => "a quarter of server.max_pending_connections from one address",
+                let (cap, until) = match refused {
+                    None => (
+                        "server.max_connections",
+                        "until connections close or time out in their handshake",
+                    ),
+                    Some((_, None, _)) => (
+                        "server.max_connections_per_address",
+                        "from this address until its own connections close",
+                    ),
+                    Some((_, _, None)) => (
+                        "server.max_pending_connections",
+                        "until pending ones finish their handshake or time out",
+                    ),
+                    Some(_) => (
+                        "a quarter of server.max_pending_connections from one address",
+                        "from this address until its pending ones finish their handshake or \
+                         time out",
+                    ),
                 };
                 refused_since_warning += 1;
                 if last_warning.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_EVERY) {
@@ -422,8 +447,8 @@ async fn accept_loop(
                         %peer,
                         cap,
                         refused = refused_since_warning,
-                        "connection limit reached: new connections are closed at once \
-                         until pending ones finish their handshake or time out"
+                        "connection limit reached ({cap}): new connections are closed at once \
+                         {until}"
                     );
                     last_warning = Some(tokio::time::Instant::now());
                     refused_since_warning = 0;
@@ -553,9 +578,11 @@ impl Front {
             handshake_timeout: server.handshake_timeout,
             max_pending: server.max_pending_connections,
             max_connections: server.max_connections,
+            max_per_address: server.max_connections_per_address,
             pending: Gauge::default(),
             open: Gauge::default(),
             per_peer: PerPeer::default(),
+            open_per_peer: PerPeer::default(),
         }
     }
 }
@@ -564,7 +591,7 @@ impl Front {
 async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
-    (open, pending): (Slot, (Slot, PeerSlot)),
+    (open, pending): ((Slot, PeerSlot), (Slot, PeerSlot)),
     thread: Option<Slot>,
     front: Front,
     tx: mpsc::Sender<io::Result<Conn>>,

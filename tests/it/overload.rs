@@ -202,7 +202,7 @@ async fn one_address_holds_at_most_a_quarter_of_the_pending_cap() {
 #[tokio::test(start_paused = true)]
 async fn connections_beyond_the_connection_cap_are_closed_at_once() {
     let server = Server::start(&config(
-        "max_connections = 2\nmax_pending_connections = 2\n",
+        "max_connections = 2\nmax_pending_connections = 2\nmax_connections_per_address = 2\n",
     ))
     .await;
     let first = channel_from(server.addr, "127.0.0.1").await;
@@ -216,6 +216,52 @@ async fn connections_beyond_the_connection_cap_are_closed_at_once() {
     .await;
     // Open connections keep being served.
     acquire(&first, None).await.unwrap();
+    server.stop().await;
+}
+
+/// One address holds at most `server.max_connections_per_address` open
+/// connections, established ones included (a host that opens connections
+/// and keeps them alive cannot take the whole cap); other addresses are
+/// still served, and a connection closed gives its place back.
+#[tokio::test(start_paused = true)]
+async fn one_address_holds_at_most_its_share_of_open_connections() {
+    let server = Server::start(&config(
+        "max_connections = 100\nmax_pending_connections = 8\nmax_connections_per_address = 2\n",
+    ))
+    .await;
+    let first = channel_from(server.addr, "127.0.0.2").await;
+    let second = channel_from(server.addr, "127.0.0.2").await;
+    acquire(&first, None).await.unwrap();
+    acquire(&second, None).await.unwrap();
+    clock_held(
+        "a third connection from the address closed at once",
+        async {
+            let mut third = connect_from(server.addr, "127.0.0.2").await;
+            assert!(closed_by_broker(&mut third).await);
+        },
+    )
+    .await;
+    let other = channel_from(server.addr, "127.0.0.3").await;
+    acquire(&other, None).await.unwrap();
+    // Established connections keep being served; one closed frees a place.
+    acquire(&first, None).await.unwrap();
+    drop(second);
+    let again = clock_held("a place freed by a closed connection", async {
+        loop {
+            // The broker sees the close when its connection task ends.
+            match Endpoint::from_shared(format!("http://{}", server.addr))
+                .unwrap()
+                .local_address(Some("127.0.0.2".parse::<IpAddr>().unwrap()))
+                .connect()
+                .await
+            {
+                Ok(c) if acquire(&c, None).await.is_ok() => break c,
+                _ => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await;
+    acquire(&again, None).await.unwrap();
     server.stop().await;
 }
 
