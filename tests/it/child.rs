@@ -46,8 +46,19 @@ impl Broker {
         Broker::start_reading(config, false).await
     }
 
+    /// Starts the binary like [`Broker::start`], logging by `filter` (a
+    /// `RUST_LOG`, e.g. `info,quota_broker::cluster=debug`).
+    pub async fn start_logging(config: &Path, filter: &str) -> Broker {
+        let (broker, started) = Broker::spawn(config, true, filter).await;
+        tokio::time::timeout(LIMIT, started)
+            .await
+            .expect("broker started within 30 s")
+            .expect("broker exited before it had started");
+        broker
+    }
+
     async fn start_reading(config: &Path, keep_reading: bool) -> Broker {
-        let (broker, started) = Broker::spawn(config, keep_reading).await;
+        let (broker, started) = Broker::spawn(config, keep_reading, "info").await;
         tokio::time::timeout(LIMIT, started)
             .await
             .expect("broker started within 30 s")
@@ -58,7 +69,7 @@ impl Broker {
     /// Starts the binary on `config` and waits for its "serving" line only
     /// (its ports bound and answering, the broker maybe still starting).
     pub async fn start_unready(config: &Path) -> Broker {
-        Broker::spawn(config, true).await.0
+        Broker::spawn(config, true, "info").await.0
     }
 
     /// Starts the binary and waits for its "serving" line; with what
@@ -66,11 +77,12 @@ impl Broker {
     async fn spawn(
         config: &Path,
         keep_reading: bool,
+        filter: &str,
     ) -> (Broker, tokio::sync::oneshot::Receiver<()>) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
             .arg("--config")
             .arg(config)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .env("NO_COLOR", "1")
             .stderr(Stdio::piped())
             .spawn()
@@ -163,6 +175,30 @@ impl Broker {
     /// What the broker has logged so far.
     pub fn logged(&self) -> String {
         self.so_far.borrow().clone()
+    }
+
+    /// Its log from now on: changes with each line it logs (what it
+    /// logged so far taken as seen). Ends once the broker has exited and
+    /// been dropped.
+    pub fn log_feed(&self) -> tokio::sync::watch::Receiver<String> {
+        self.so_far.subscribe()
+    }
+
+    /// Waits (at most 30 s) until the broker has logged a line containing
+    /// `text` past the first `offset` bytes of its log (a line logged
+    /// again, after `offset = logged().len()`).
+    pub async fn until_logged_after(&self, offset: usize, text: &str) {
+        let mut lines = self.so_far.subscribe();
+        let seen = tokio::time::timeout(
+            LIMIT,
+            lines.wait_for(|log| log.get(offset..).is_some_and(|l| l.contains(text))),
+        )
+        .await;
+        assert!(
+            matches!(seen, Ok(Ok(_))),
+            "the broker did not log {text:?} again within 30 s:\n{}",
+            self.logged()
+        );
     }
 
     /// Waits (at most 30 s) until the broker has logged a line containing

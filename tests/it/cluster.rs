@@ -71,6 +71,9 @@ burst = 20
 }
 
 struct Cluster {
+    /// What etcd reports of the cluster's keys (declared before `etcd`:
+    /// its watches end first).
+    keys: EtcdKeys,
     etcd: testsvc::Etcd,
     etcd_url: String,
     prefix: String,
@@ -82,10 +85,12 @@ struct Cluster {
 
 impl Cluster {
     async fn start(etcd: testsvc::Etcd, name: &str, nodes: &[&str], tenants: usize) -> Cluster {
+        let prefix = format!("/qb-test-{name}");
         let mut c = Cluster {
+            keys: EtcdKeys::watch(&[&etcd], &prefix),
             etcd_url: etcd.url(),
             etcd,
-            prefix: format!("/qb-test-{name}"),
+            prefix,
             tenants: (0..tenants).map(|i| format!("t{i}")).collect(),
             brokers: HashMap::new(),
             http: HashMap::new(),
@@ -116,12 +121,163 @@ impl Cluster {
         urls
     }
 
+    /// What its waits wake on: its brokers' logs and etcd's changes.
+    fn feed(&self) -> Feed {
+        self.feed_with(&[])
+    }
+
+    /// [`Cluster::feed`], with the logs of brokers started outside it.
+    fn feed_with(&self, more: &[&Broker]) -> Feed {
+        Feed::of(
+            self.brokers.values().chain(more.iter().copied()),
+            Some(&self.keys),
+        )
+    }
+
     fn node_of(&self, url: &str) -> String {
         self.brokers
             .iter()
             .find(|(_, b)| b.url() == url)
             .map(|(n, _)| n.clone())
             .unwrap_or_default()
+    }
+}
+
+/// What etcd reports of a cluster's leader and member keys
+/// (`<prefix>/leaders/…`, `<prefix>/members/…`), each change appended as
+/// etcd reports it (a lease's expiry deleting its keys included). The
+/// watches end when it is dropped, or with their etcd member.
+struct EtcdKeys {
+    changes: tokio::sync::watch::Receiver<Vec<testsvc::Change>>,
+    closers: Vec<testsvc::WatchCloser>,
+}
+
+impl EtcdKeys {
+    /// Watches `prefix`'s keys through each of `members` (one that stops
+    /// ends its own watch; the others go on).
+    fn watch(members: &[&testsvc::Etcd], prefix: &str) -> EtcdKeys {
+        let (tx, changes) = tokio::sync::watch::channel(Vec::new());
+        let wanted = [format!("{prefix}/leaders/"), format!("{prefix}/members/")];
+        let mut closers = Vec::new();
+        for m in members {
+            let w = m
+                .watch(&format!("{prefix}/"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            closers.push(w.closer().unwrap_or_else(|e| panic!("{e}")));
+            let (tx, wanted) = (tx.clone(), wanted.clone());
+            std::thread::spawn(move || {
+                for all in w {
+                    let kept: Vec<testsvc::Change> = all
+                        .into_iter()
+                        .filter(|c| wanted.iter().any(|w| c.key.starts_with(w.as_str())))
+                        .collect();
+                    if !kept.is_empty() {
+                        tx.send_modify(|seen| seen.extend(kept));
+                    }
+                }
+            });
+        }
+        EtcdKeys { changes, closers }
+    }
+
+    /// How many changes etcd reported so far (for [`EtcdKeys::deleted`]).
+    fn seen(&self) -> usize {
+        self.changes.borrow().len()
+    }
+
+    /// Whether etcd reported `key` deleted after the first `seen` changes.
+    fn deleted(&self, seen: usize, key: &str) -> bool {
+        self.changes
+            .borrow()
+            .iter()
+            .skip(seen)
+            .any(|c| c.deleted && c.key == key)
+    }
+}
+
+impl Drop for EtcdKeys {
+    fn drop(&mut self) {
+        for c in &self.closers {
+            c.close();
+        }
+    }
+}
+
+/// What a cluster test waits on instead of the clock: a line logged by any
+/// of its brokers (a take-over, a hand-over, a step down, a leader change a
+/// follower saw, a join, a lease lost, health turning), and a change etcd
+/// reports of the leader and member keys. A broker begins or stops leading
+/// only with a line in its log (a lead that runs out with etcd away: its
+/// health turns NOT_SERVING, said within 250 ms).
+#[derive(Clone, Default)]
+struct Feed {
+    logs: Vec<tokio::sync::watch::Receiver<String>>,
+    etcd: Vec<tokio::sync::watch::Receiver<Vec<testsvc::Change>>>,
+}
+
+impl Feed {
+    /// The logs of `brokers` and `etcd`'s changes, from now on.
+    fn of<'a>(brokers: impl IntoIterator<Item = &'a Broker>, etcd: Option<&EtcdKeys>) -> Feed {
+        let mut feed = Feed {
+            logs: brokers.into_iter().map(Broker::log_feed).collect(),
+            etcd: etcd.map(|k| k.changes.clone()).into_iter().collect(),
+        };
+        for e in &mut feed.etcd {
+            e.mark_unchanged();
+        }
+        feed
+    }
+
+    /// The same sources, what they said so far taken as seen: made before
+    /// a state is checked, its [`Feed::next`] wakes on anything after.
+    fn fresh(&self) -> Feed {
+        let mut feed = self.clone();
+        for l in &mut feed.logs {
+            l.mark_unchanged();
+        }
+        for e in &mut feed.etcd {
+            e.mark_unchanged();
+        }
+        feed
+    }
+
+    /// Waits for the next line or etcd change (at once if one came since
+    /// the last call); never, once every source has ended.
+    async fn next(&mut self) {
+        use std::future::Future;
+        use std::pin::Pin;
+        type Wait<'a> = Pin<Box<dyn Future<Output = (usize, bool)> + Send + 'a>>;
+        loop {
+            let logs = self.logs.len();
+            let mut waits: Vec<Wait<'_>> = Vec::new();
+            for (i, l) in self.logs.iter_mut().enumerate() {
+                waits.push(Box::pin(async move { (i, l.changed().await.is_ok()) }));
+            }
+            for (i, e) in self.etcd.iter_mut().enumerate() {
+                waits.push(Box::pin(
+                    async move { (logs + i, e.changed().await.is_ok()) },
+                ));
+            }
+            if waits.is_empty() {
+                return std::future::pending().await;
+            }
+            let ((i, open), _, rest) = futures_util::future::select_all(waits).await;
+            drop(rest);
+            if open {
+                return;
+            }
+            // That source ended (its broker gone, its etcd stopped).
+            if i < logs {
+                self.logs.remove(i);
+            } else {
+                self.etcd.remove(i - logs);
+            }
+        }
+    }
+
+    /// [`Feed::next`]; false if `deadline` passed first.
+    async fn next_before(&mut self, deadline: Instant) -> bool {
+        tokio::time::timeout_at(deadline, self.next()).await.is_ok()
     }
 }
 
@@ -215,8 +371,10 @@ impl Grants {
 }
 
 /// The URL of `tenant`'s leader once exactly one of `urls` leads it and
-/// every other one says so (at most 20 s).
-async fn leader(urls: &[String], tenant: &str) -> String {
+/// every other one says so (at most 20 s), asked again at each event of
+/// `feed`.
+async fn leader(feed: &Feed, urls: &[String], tenant: &str) -> String {
+    let mut events = feed.fresh();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let mut leading = Vec::new();
@@ -234,25 +392,25 @@ async fn leader(urls: &[String], tenant: &str) -> String {
             }
         }
         assert!(
-            Instant::now() < deadline,
+            events.next_before(deadline).await,
             "no settled leader for {tenant} within 20 s"
         );
-        crate::harness::poll_pause().await;
     }
 }
 
-/// The URL of `tenant`'s leader once the cluster settled: the same answer
-/// in every poll for a second (a member that just joined may still take
-/// it over on its next tick).
-async fn settled_leader(urls: &[String], tenant: &str) -> String {
-    let mut last = leader(urls, tenant).await;
+/// The URL of `tenant`'s leader once the cluster settled: the same leader
+/// at every event of `feed` for a second, and at its end (a member that
+/// just joined may still take it over on its next tick).
+async fn settled_leader(feed: &Feed, urls: &[String], tenant: &str) -> String {
+    let mut events = feed.fresh();
+    let mut last = leader(feed, urls, tenant).await;
     let mut since = Instant::now();
     loop {
-        crate::harness::poll_pause().await;
-        let now = leader(urls, tenant).await;
+        let changed = events.next_before(since + Duration::from_secs(1)).await;
+        let now = leader(feed, urls, tenant).await;
         if now != last {
             (last, since) = (now, Instant::now());
-        } else if since.elapsed() >= Duration::from_secs(1) {
+        } else if !changed {
             return last;
         }
     }
@@ -279,38 +437,79 @@ fn away(s: &tonic::Status) -> bool {
     s.code() == tonic::Code::Unavailable || std::error::Error::source(s).is_some()
 }
 
-/// A client that follows the cluster: the leader's URL from an UNAVAILABLE
-/// answer's metadata, else the next broker.
-#[derive(Clone)]
+/// How long a renewal or release is tried again after a refusal before
+/// the lease counts as lost (as long as 60 tries 20 ms apart took).
+const RETRYING: Duration = Duration::from_millis(1_200);
+
+/// A client that follows the cluster: after a refusal (UNAVAILABLE, or the
+/// broker gone) it asks at once the leader the answer names, else the next
+/// broker, each broker once; when every broker has refused since the last
+/// event of its [`Feed`] (a broker begins leading only with a line in its
+/// log), it waits for the next one before asking again.
 struct Follower {
     urls: Vec<String>,
-    at: Arc<Mutex<String>>,
+    at: String,
+    /// The brokers that refused since the last event.
+    refused: HashSet<String>,
+    events: Feed,
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Follower {
-    fn new(urls: Vec<String>) -> Follower {
-        let at = Arc::new(Mutex::new(urls[0].clone()));
-        Follower { urls, at }
+    fn new(urls: Vec<String>, feed: &Feed, stop: &tokio::sync::watch::Receiver<bool>) -> Follower {
+        Follower {
+            at: urls[0].clone(),
+            urls,
+            refused: HashSet::new(),
+            events: feed.fresh(),
+            stop: stop.clone(),
+        }
     }
 
     fn url(&self) -> String {
-        self.at.lock().unwrap().clone()
+        self.at.clone()
     }
 
-    /// After an UNAVAILABLE `s` from the current broker: where to go next.
-    fn follow(&self, s: &tonic::Status) {
-        let now = self.url();
-        let next = s
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// The current broker answered.
+    fn served(&mut self) {
+        self.refused.clear();
+    }
+
+    /// After an UNAVAILABLE `s` from the current broker: goes where it
+    /// sends the caller, else to the next broker that has not refused
+    /// since the last event; with none left, waits for the next event
+    /// (false if `deadline` passed first; without one, if the load was
+    /// stopped).
+    async fn follow(&mut self, s: &tonic::Status, deadline: Option<Instant>) -> bool {
+        self.refused.insert(self.at.clone());
+        let named = s
             .metadata()
             .get(quota_broker::LEADER_METADATA)
             .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .filter(|l| *l != now)
-            .unwrap_or_else(|| {
-                let i = self.urls.iter().position(|u| *u == now).unwrap_or(0);
-                self.urls[(i + 1) % self.urls.len()].clone()
-            });
-        *self.at.lock().unwrap() = next;
+            .map(str::to_owned);
+        let i = self.urls.iter().position(|u| *u == self.at).unwrap_or(0);
+        let next = named
+            .into_iter()
+            .chain((1..=self.urls.len()).map(|k| self.urls[(i + k) % self.urls.len()].clone()))
+            .find(|u| !self.refused.contains(u));
+        if let Some(next) = next {
+            self.at = next;
+            return true;
+        }
+        let woke = match deadline {
+            Some(d) => self.events.next_before(d).await,
+            None => tokio::select! {
+                () = self.events.next() => true,
+                _ = self.stop.changed() => false,
+            },
+        };
+        self.refused.clear();
+        self.at = self.urls[(i + 1) % self.urls.len()].clone();
+        woke
     }
 }
 
@@ -319,7 +518,7 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
     let etcd = testsvc::Etcd::start().unwrap();
     let mut cluster = Cluster::start(etcd, "kill", &["b1", "b2", "b3"], 1).await;
     let urls = cluster.urls();
-    let first = settled_leader(&urls, "t0").await;
+    let first = settled_leader(&cluster.feed(), &urls, "t0").await;
 
     // An operator's change and a learned 429 on the first leader.
     let mut admin =
@@ -347,25 +546,26 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
 
     let log = Arc::new(Mutex::new(GrantLog::default()));
     let by_node = Grants::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let feed = cluster.feed();
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
     let lease_seq = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut load = Vec::new();
     // A spender of the rate bucket and three slot holders, all following
     // the cluster.
     {
-        let (f, log, by_node, stop, seq) = (
-            Follower::new(urls.clone()),
+        let (mut f, log, by_node, seq) = (
+            Follower::new(urls.clone(), &feed, &stopped),
             log.clone(),
             by_node.clone(),
-            stop.clone(),
             lease_seq.clone(),
         );
         load.push(tokio::spawn(async move {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !f.stopped() {
                 let url = f.url();
                 match client(&url).acquire(rate_call("t0", "spender", 200)).await {
                     Ok(r) if r.get_ref().granted => {
+                        f.served();
                         let lease = seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         log.lock().unwrap().record(Event::Granted {
                             lease,
@@ -374,10 +574,9 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
                         });
                         by_node.push(&url);
                     }
-                    Ok(_) => {}
+                    Ok(_) => f.served(),
                     Err(s) if away(&s) => {
-                        f.follow(&s);
-                        crate::harness::poll_pause().await;
+                        f.follow(&s, None).await;
                     }
                     Err(s) => panic!("spender: {s}"),
                 }
@@ -386,26 +585,25 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
     }
     let slot_log = Arc::new(Mutex::new(GrantLog::default()));
     for k in 0..4 {
-        let (f, log, stop, seq, errors) = (
-            Follower::new(urls.clone()),
+        let (mut f, log, seq, errors) = (
+            Follower::new(urls.clone(), &feed, &stopped),
             slot_log.clone(),
-            stop.clone(),
             lease_seq.clone(),
             errors.clone(),
         );
         load.push(tokio::spawn(async move {
             let me = format!("holder-{k}");
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !f.stopped() {
                 let req = slot_call("t0", &me, 500);
                 let r = match client(&f.url()).acquire(req.clone()).await {
                     Ok(r) => r.into_inner(),
                     Err(s) if away(&s) => {
-                        f.follow(&s);
-                        crate::harness::poll_pause().await;
+                        f.follow(&s, None).await;
                         continue;
                     }
                     Err(s) => panic!("{me}: {s}"),
                 };
+                f.served();
                 if !r.granted {
                     continue;
                 }
@@ -430,20 +628,26 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
                         acquired_with: Some(req.clone()),
                     };
                     let mut answered = false;
-                    for _ in 0..60 {
+                    let give_up = Instant::now() + RETRYING;
+                    loop {
                         match client(&f.url()).renew(renew.clone()).await {
                             Ok(_) => {
+                                f.served();
                                 answered = true;
                                 break;
                             }
                             Err(s) if away(&s) => {
-                                f.follow(&s);
-                                crate::harness::poll_pause().await;
+                                if !f.follow(&s, Some(give_up)).await {
+                                    break;
+                                }
                             }
                             Err(s) => {
                                 errors.lock().unwrap().push(format!("{me} renew: {s}"));
                                 break;
                             }
+                        }
+                        if Instant::now() >= give_up {
+                            break;
                         }
                     }
                     if !answered {
@@ -458,13 +662,21 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
                         lease_id: r.lease_id.clone(),
                         ..Default::default()
                     };
-                    for _ in 0..60 {
+                    let give_up = Instant::now() + RETRYING;
+                    loop {
                         match client(&f.url()).release(release.clone()).await {
                             Err(s) if away(&s) => {
-                                f.follow(&s);
-                                crate::harness::poll_pause().await;
+                                if !f.follow(&s, Some(give_up)).await {
+                                    break;
+                                }
                             }
-                            _ => break,
+                            _ => {
+                                f.served();
+                                break;
+                            }
+                        }
+                        if Instant::now() >= give_up {
+                            break;
                         }
                     }
                 }
@@ -479,10 +691,10 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
     let old = cluster.brokers.remove(&first_node).unwrap();
     old.kill().await;
     let rest: Vec<String> = urls.iter().filter(|u| **u != first).cloned().collect();
-    let second = leader(&rest, "t0").await;
+    let second = leader(&cluster.feed(), &rest, "t0").await;
     // Load goes on under the new leader: 20 grants.
     by_node.until(&second, 20, killed_at).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.send_replace(true);
     for l in load {
         tokio::time::timeout(Duration::from_secs(30), l)
             .await
@@ -572,7 +784,7 @@ async fn a_killed_leader_is_replaced_and_no_budget_is_granted_twice() {
 async fn a_second_broker_under_a_members_node_name_leads_nothing() {
     let etcd = testsvc::Etcd::start().unwrap();
     let cluster = Cluster::start(etcd, "same-name", &["b1"], 1).await;
-    let first = settled_leader(&cluster.urls(), "t0").await;
+    let first = settled_leader(&cluster.feed(), &cluster.urls(), "t0").await;
     // Another process configured as b1 too (a copied config, an overlapping
     // deploy): it must not take b1's tenants while b1 lives.
     let port = testsvc::free_port().unwrap();
@@ -590,8 +802,10 @@ async fn a_second_broker_under_a_members_node_name_leads_nothing() {
         1,
     );
     let dup = Broker::start(&temp_config(&format!("cluster-dup-{port}"), &toml)).await;
+    // For two lease TTLs, at every event and at their end.
+    let mut events = cluster.feed_with(&[&dup]);
     let watch_until = Instant::now() + Duration::from_millis(2 * TTL_MS);
-    while Instant::now() < watch_until {
+    loop {
         assert_eq!(
             leads(&first, "t0").await,
             Ok(()),
@@ -601,7 +815,9 @@ async fn a_second_broker_under_a_members_node_name_leads_nothing() {
             leads(&dup.url(), "t0").await.is_err(),
             "the second b1 leads too"
         );
-        crate::harness::poll_pause().await;
+        if !events.next_before(watch_until).await {
+            break;
+        }
     }
     // Its readiness probe says why, not only that etcd may be away.
     let ready = crate::observe::get(
@@ -651,11 +867,14 @@ async fn a_tenant_is_led_only_by_members_that_serve_it() {
     let all = cluster.tenants.clone();
     let b1 = cluster.brokers["b1"].url();
     // b1 leads every tenant before b2 comes (it takes them one by one).
+    let mut events = cluster.feed();
     let deadline = Instant::now() + Duration::from_secs(20);
     for t in &all {
         while leads(&b1, t).await.is_err() {
-            assert!(Instant::now() < deadline, "{t} is not led by b1 alone");
-            crate::harness::poll_pause().await;
+            assert!(
+                events.next_before(deadline).await,
+                "{t} is not led by b1 alone"
+            );
         }
     }
     // b2 serves t0–t3 and a tenant of its own, not t4–t7.
@@ -664,19 +883,24 @@ async fn a_tenant_is_led_only_by_members_that_serve_it() {
     let port = testsvc::free_port().unwrap();
     let toml = config("b2", port, &cluster.etcd_url, &cluster.prefix, &some);
     let b2 = Broker::start(&temp_config(&format!("cluster-b2-{port}"), &toml)).await;
+    let feed = cluster.feed_with(&[&b2]);
     // b2 has joined once it leads its own tenant.
+    let mut events = feed.fresh();
     let deadline = Instant::now() + Duration::from_secs(20);
     while leads(&b2.url(), "only-b2").await.is_err() {
-        assert!(Instant::now() < deadline, "only-b2 is not led by b2");
-        crate::harness::poll_pause().await;
+        assert!(
+            events.next_before(deadline).await,
+            "only-b2 is not led by b2"
+        );
     }
     // Then, for a lease TTL and more (ticks of both, hand-overs done):
-    // t4–t7 stay led by b1 whatever the hashing prefers, and each of t0–t3
-    // is led by one of the two.
+    // t4–t7 stay led by b1 whatever the hashing prefers, at every event
+    // and at the end; and each of t0–t3 is led by one of the two.
     let urls = vec![b1.clone(), b2.url()];
+    let mut events = feed.fresh();
     let watch_until = Instant::now() + Duration::from_millis(2 * TTL_MS);
     let mut lapse = None;
-    'watch: while Instant::now() < watch_until {
+    'watch: loop {
         for t in &all[4..] {
             if let Err(leader) = leads(&b1, t).await {
                 lapse = Some(format!(
@@ -685,7 +909,9 @@ async fn a_tenant_is_led_only_by_members_that_serve_it() {
                 break 'watch;
             }
         }
-        crate::harness::poll_pause().await;
+        if !events.next_before(watch_until).await {
+            break;
+        }
     }
     if let Some(lapse) = lapse {
         let (_, b2_log) = b2.terminate().await;
@@ -696,7 +922,7 @@ async fn a_tenant_is_led_only_by_members_that_serve_it() {
         panic!("{lapse}\nb1's log:\n{b1_log}\nb2's log:\n{b2_log}");
     }
     for t in &all[..4] {
-        leader(&urls, t).await;
+        leader(&feed, &urls, t).await;
     }
     let (_, log) = b2.terminate().await;
     assert!(
@@ -719,7 +945,7 @@ async fn a_watch_ends_when_its_tenant_moves_and_a_watch_of_all_follows_what_is_l
     let tenants = cluster.tenants.clone();
     let b1 = cluster.brokers["b1"].url();
     for t in &tenants {
-        leader(std::slice::from_ref(&b1), t).await;
+        leader(&cluster.feed(), std::slice::from_ref(&b1), t).await;
     }
     const BOUND: Duration = Duration::from_secs(20);
     let mut named = Vec::new();
@@ -747,7 +973,7 @@ async fn a_watch_ends_when_its_tenant_moves_and_a_watch_of_all_follows_what_is_l
     let urls = cluster.urls();
     let mut moved = HashSet::new();
     for t in &tenants {
-        if settled_leader(&urls, t).await == b2 {
+        if settled_leader(&cluster.feed(), &urls, t).await == b2 {
             moved.insert(t.clone());
         }
     }
@@ -840,10 +1066,12 @@ async fn two_brokers_started_at_once_under_one_name_do_not_both_lead() {
     // (The twin that did not join knows no leader to send callers to:
     // `leader()`'s settled cluster never comes.)
     let urls: Vec<String> = twins.iter().map(Broker::url).collect();
+    let mut events = cluster.feed_with(&twins.iter().collect::<Vec<_>>());
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut first: Option<String> = None;
     let mut watch_until = deadline;
-    while Instant::now() < watch_until {
+    // At every event until one leads, then for two lease TTLs more.
+    loop {
         let mut leading = Vec::new();
         for url in &urls {
             if leads(url, "t0").await.is_ok() {
@@ -857,7 +1085,9 @@ async fn two_brokers_started_at_once_under_one_name_do_not_both_lead() {
                 watch_until = Instant::now() + Duration::from_millis(2 * TTL_MS);
             }
         }
-        crate::harness::poll_pause().await;
+        if !events.next_before(watch_until).await {
+            break;
+        }
     }
     let first = first.expect("one b9 leads t0 within 20 s");
     assert_eq!(
@@ -909,7 +1139,9 @@ async fn a_broker_leads_over_etcd_with_tls_and_client_certificates_and_refuses_a
     // It trusts etcd's CA and presents a certificate etcd trusts: it leads
     // (etcd refuses a client without one, so leading shows it was sent).
     let good = Broker::start(&tls_node(&etcd.url(), "/qb-test-tls", &files(&pki))).await;
-    assert_eq!(settled_leader(&[good.url()], "t0").await, good.url());
+    // (No etcd watch over TLS: the one broker's log is what changes.)
+    let feed = Feed::of([&good], None);
+    assert_eq!(settled_leader(&feed, &[good.url()], "t0").await, good.url());
     let granted = client(&good.url())
         .acquire(rate_call("t0", "c", 0))
         .await
@@ -921,13 +1153,17 @@ async fn a_broker_leads_over_etcd_with_tls_and_client_certificates_and_refuses_a
     let other = testpki::Pki::new("etcd-tls-other");
     let doubting =
         Broker::start(&tls_node(&etcd.url(), "/qb-test-tls-other", &files(&other))).await;
+    // For two lease TTLs: at every line it logs, and at their end.
+    let mut events = Feed::of([&doubting], None);
     let watch_until = Instant::now() + Duration::from_millis(2 * TTL_MS);
-    while Instant::now() < watch_until {
+    loop {
         assert!(
             leads(&doubting.url(), "t0").await.is_err(),
             "a broker that does not trust etcd's certificate leads"
         );
-        crate::harness::poll_pause().await;
+        if !events.next_before(watch_until).await {
+            break;
+        }
     }
     let (_, log) = doubting.terminate().await;
     // The cause is named, not only "transport error".
@@ -945,7 +1181,7 @@ async fn a_shutdown_with_etcd_hanging_waits_for_one_etcd_timeout_not_one_per_ten
     let mut cluster = Cluster::start(etcd, "hanging", &["b1"], 10).await;
     let urls = cluster.urls();
     for t in cluster.tenants.clone() {
-        leader(&urls, &t).await;
+        leader(&cluster.feed(), &urls, &t).await;
     }
     // etcd hangs (a frozen host: nothing refused, nothing answered), and
     // the broker is told to stop before its keep-alive could notice.
@@ -979,7 +1215,7 @@ async fn after_etcd_hung_every_tenant_waits_for_its_leader_and_resumes_as_it_lef
     let urls = cluster.urls();
     let mut before = HashMap::new();
     for t in &tenants {
-        let url = settled_leader(&urls, t).await;
+        let url = settled_leader(&cluster.feed(), &urls, t).await;
         let granted = client(&url)
             .acquire(rate_call(t, "spender", 1_000))
             .await
@@ -994,6 +1230,8 @@ async fn after_etcd_hung_every_tenant_waits_for_its_leader_and_resumes_as_it_lef
     let others: Vec<String> = urls.iter().filter(|u| **u != b3).cloned().collect();
     let of_b3: Vec<&String> = tenants.iter().filter(|t| before[*t].0 == b3).collect();
     assert!(!of_b3.is_empty(), "b3 leads none of {before:?}");
+    let mut events = cluster.feed();
+    let frozen_at = cluster.keys.seen();
     cluster.etcd.freeze().unwrap();
     cluster.brokers["b3"].signal("-STOP");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -1001,13 +1239,13 @@ async fn after_etcd_hung_every_tenant_waits_for_its_leader_and_resumes_as_it_lef
         for t in &tenants {
             while leads(u, t).await.is_ok() {
                 assert!(
-                    Instant::now() < deadline,
+                    events.next_before(deadline).await,
                     "{u} still leads {t} with etcd hung"
                 );
-                crate::harness::poll_pause().await;
             }
         }
     }
+    let mut events = cluster.feed();
     cluster.etcd.thaw().unwrap();
     // Once a broker is back in the cluster (it leads one of its tenants
     // again), b3's tenants stay unled (its keys gone with its lease, no
@@ -1023,36 +1261,38 @@ async fn after_etcd_hung_every_tenant_waits_for_its_leader_and_resumes_as_it_lef
             }
         }
         assert!(
-            Instant::now() < deadline,
+            events.next_before(deadline).await,
             "no broker led its tenants again with etcd back"
         );
-        crate::harness::poll_pause().await;
     }
-    // b3's etcd lease, frozen with etcd, runs out after the thaw: its
-    // tenants are named as b3's until then, and by no broker after.
-    for t in &of_b3 {
-        loop {
-            let mut none = true;
+    // b3's etcd lease, frozen with etcd, runs out after the thaw: etcd
+    // deletes its keys (its member key and the leader keys of its
+    // tenants). Until then no other broker leads b3's tenants (at every
+    // event: a take-over is logged).
+    let gone = |key: String| {
+        let key = format!("{}/{key}", cluster.prefix);
+        cluster.keys.deleted(frozen_at, &key)
+    };
+    loop {
+        for t in &of_b3 {
             for u in &others {
-                match leads(u, t).await {
-                    Ok(()) => panic!("{u} took {t} over while b3, its leader, was coming back"),
-                    Err(to) => none &= to.is_none(),
+                if leads(u, t).await.is_ok() {
+                    panic!("{u} took {t} over while b3, its leader, was coming back");
                 }
             }
-            if none {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{t} was still named b3's with etcd back"
-            );
-            crate::harness::poll_pause().await;
         }
+        if gone("members/b3".into()) && of_b3.iter().all(|t| gone(format!("leaders/{t}"))) {
+            break;
+        }
+        assert!(
+            events.next_before(deadline).await,
+            "b3's etcd lease did not run out with etcd back"
+        );
     }
     cluster.brokers["b3"].signal("-CONT");
     for t in &tenants {
         let (url, count) = &before[t];
-        let after = settled_leader(&urls, t).await;
+        let after = settled_leader(&cluster.feed(), &urls, t).await;
         assert_eq!(&after, url, "{t} moved to another broker");
         let now = bucket(url, t, "rate").await.granted_total;
         assert!(
@@ -1067,10 +1307,11 @@ async fn without_etcd_no_broker_grants_past_its_lease_and_a_leader_returns_with_
     let etcd = testsvc::Etcd::start().unwrap();
     let mut cluster = Cluster::start(etcd, "etcd-down", &["b1", "b2"], 1).await;
     let urls = cluster.urls();
-    let first = settled_leader(&urls, "t0").await;
+    let first = settled_leader(&cluster.feed(), &urls, "t0").await;
     let grants = Grants::default();
-    let spenders = Spenders::start(&urls, &grants);
+    let spenders = Spenders::start(&urls, &grants, &cluster.feed());
     grants.until(&first, 5, Instant::now()).await;
+    let mut events = cluster.feed();
     let stopped_at = Instant::now();
     cluster.etcd.stop();
     // Every broker must stop leading within the lease TTL and a second
@@ -1090,10 +1331,9 @@ async fn without_etcd_no_broker_grants_past_its_lease_and_a_leader_returns_with_
             break;
         }
         assert!(
-            Instant::now() < deadline,
+            events.next_before(deadline).await,
             "{leading:?} still lead {TTL_MS} + 1000 ms after etcd stopped"
         );
-        crate::harness::poll_pause().await;
     }
     let during: Vec<(Instant, String)> = grants
         .all()
@@ -1119,8 +1359,9 @@ async fn without_etcd_no_broker_grants_past_its_lease_and_a_leader_returns_with_
         );
     }
     let resumed_at = Instant::now();
+    let feed = cluster.feed();
     cluster.etcd.resume().unwrap();
-    let again = leader(&urls, "t0").await;
+    let again = leader(&feed, &urls, "t0").await;
     grants.until(&again, 1, resumed_at).await;
     let back = grants
         .all()
@@ -1132,26 +1373,30 @@ async fn without_etcd_no_broker_grants_past_its_lease_and_a_leader_returns_with_
 }
 
 /// A spender on each broker of `urls`: Acquires of tenant t0's rate
-/// bucket in a loop, each grant noted in `grants` (a caller sent away is
-/// asked again after a poll pause), until [`Spenders::stop`].
+/// bucket in a loop, each grant noted in `grants` (a caller sent away asks
+/// again at the next event of `feed`), until [`Spenders::stop`].
 struct Spenders {
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    stop: tokio::sync::watch::Sender<bool>,
     load: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Spenders {
-    fn start(urls: &[String], grants: &Grants) -> Spenders {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    fn start(urls: &[String], grants: &Grants, feed: &Feed) -> Spenders {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let load = urls
             .iter()
             .map(|url| {
-                let (url, grants, stop) = (url.clone(), grants.clone(), stop.clone());
+                let (url, grants) = (url.clone(), grants.clone());
+                let (mut events, mut stopped) = (feed.fresh(), stopped.clone());
                 tokio::spawn(async move {
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    while !*stopped.borrow() {
                         match client(&url).acquire(rate_call("t0", "spender", 100)).await {
                             Ok(r) if r.get_ref().granted => grants.push(&url),
                             Ok(_) => {}
-                            Err(s) if away(&s) => crate::harness::poll_pause().await,
+                            Err(s) if away(&s) => tokio::select! {
+                                () = events.next() => {}
+                                _ = stopped.changed() => {}
+                            },
                             Err(s) => panic!("{url}: {s}"),
                         }
                     }
@@ -1162,7 +1407,7 @@ impl Spenders {
     }
 
     async fn stop(self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.send_replace(true);
         for l in self.load {
             tokio::time::timeout(Duration::from_secs(30), l)
                 .await
@@ -1180,22 +1425,25 @@ async fn a_joining_broker_takes_only_its_share_of_tenants() {
     let urls = cluster.urls();
     let mut before = HashMap::new();
     for t in &tenants {
-        before.insert(t.clone(), settled_leader(&urls, t).await);
+        before.insert(t.clone(), settled_leader(&cluster.feed(), &urls, t).await);
     }
-    // Every tenant spent as fast as it grants, through the join.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Every tenant spent as fast as it grants, through the join (b3's
+    // log is not in the feed: a take-over of b3's is seen in etcd).
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let feed = cluster.feed();
     let mut load = Vec::new();
     for t in tenants.clone() {
-        let (f, stop) = (Follower::new(urls.clone()), stop.clone());
+        let mut f = Follower::new(urls.clone(), &feed, &stopped);
         load.push(tokio::spawn(async move {
             let mut log = GrantLog::default();
             let mut lease = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !f.stopped() {
                 match client(&f.url())
                     .acquire(rate_call(&t, "spender", 100))
                     .await
                 {
                     Ok(r) if r.get_ref().granted => {
+                        f.served();
                         log.record(Event::Granted {
                             lease,
                             permits: 1,
@@ -1203,10 +1451,9 @@ async fn a_joining_broker_takes_only_its_share_of_tenants() {
                         });
                         lease += 1;
                     }
-                    Ok(_) => {}
+                    Ok(_) => f.served(),
                     Err(s) if away(&s) => {
-                        f.follow(&s);
-                        crate::harness::poll_pause().await;
+                        f.follow(&s, None).await;
                     }
                     Err(s) => panic!("{t}: {s}"),
                 }
@@ -1223,13 +1470,13 @@ async fn a_joining_broker_takes_only_its_share_of_tenants() {
         .unwrap();
     let mut moved = 0;
     for t in &tenants {
-        let after = settled_leader(&urls, t).await;
+        let after = settled_leader(&cluster.feed(), &urls, t).await;
         if after != before[t] {
             assert_eq!(after, new, "{t} moved between the old brokers");
             moved += 1;
         }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.send_replace(true);
     let mut grants = 0;
     for l in load {
         let (t, log) = tokio::time::timeout(Duration::from_secs(30), l)
@@ -1254,7 +1501,7 @@ async fn a_leader_that_shuts_down_hands_its_token_levels_and_leases_over() {
     let etcd = testsvc::Etcd::start().unwrap();
     let mut cluster = Cluster::start(etcd, "handover", &["b1", "b2"], 1).await;
     let urls = cluster.urls();
-    let first = settled_leader(&urls, "t0").await;
+    let first = settled_leader(&cluster.feed(), &urls, "t0").await;
     let slow = AcquireRequest {
         path: "/api/v2/slow/x".into(),
         ..rate_call("t0", "spender", 0)
@@ -1282,7 +1529,7 @@ async fn a_leader_that_shuts_down_hands_its_token_levels_and_leases_over() {
     let rest: Vec<String> = urls.iter().filter(|u| **u != first).cloned().collect();
     // It named the broker that takes the tenant (its callers are sent there).
     assert!(log.contains(&format!("next={}", rest[0])), "{log}");
-    let second = leader(&rest, "t0").await;
+    let second = leader(&cluster.feed(), &rest, "t0").await;
     let level = bucket(&second, "t0", "slow").await.tokens_available;
     // 20 − 8 spent, plus 1 a second since: not empty (a crash's learning
     // mode) and not full.
@@ -1336,6 +1583,9 @@ async fn broker_on(node: &str, etcd: &[String], prefix: &str, tenants: &[String]
 /// t0 and `other` sending callers to it; a spender on each granting until
 /// [`MembersUnderLoad::finish`].
 struct MembersUnderLoad {
+    /// What the etcd members report of the brokers' keys (declared
+    /// before `members`: its watches end first).
+    keys: EtcdKeys,
     members: Vec<testsvc::Etcd>,
     /// The follower listed first.
     follower: usize,
@@ -1364,12 +1614,15 @@ impl MembersUnderLoad {
             brokers.push(broker_on(node, &endpoints, prefix, &tenants).await);
         }
         let urls: Vec<String> = brokers.iter().map(Broker::url).collect();
-        let first = settled_leader(&urls, "t0").await;
+        let keys = EtcdKeys::watch(&members.iter().collect::<Vec<_>>(), prefix);
+        let feed = Feed::of(&brokers, Some(&keys));
+        let first = settled_leader(&feed, &urls, "t0").await;
         let other = urls.iter().find(|u| **u != first).cloned().unwrap();
         let grants = Grants::default();
-        let spenders = Spenders::start(&urls, &grants);
+        let spenders = Spenders::start(&urls, &grants, &feed);
         grants.until(&first, 5, Instant::now()).await;
         MembersUnderLoad {
+            keys,
             members,
             follower,
             endpoints,
@@ -1381,6 +1634,11 @@ impl MembersUnderLoad {
             grants,
             spenders,
         }
+    }
+
+    /// What its waits wake on: the brokers' logs, etcd's changes.
+    fn feed(&self) -> Feed {
+        Feed::of(&self.brokers, Some(&self.keys))
     }
 
     /// The longest time between grants from `from` to `until`, each from
@@ -1416,13 +1674,15 @@ async fn one_etcd_member_of_three_down_leaves_the_leader_leading_and_quorum_back
 ) {
     let mut m = MembersUnderLoad::start("/qb-test-member-down").await;
     let down = m.follower;
+    let mut events = m.feed();
     m.members[down].stop();
     let stopped_at = Instant::now();
-    // For three lease TTLs: the leader leads at every poll, the other
-    // broker sends callers to it, and its grants go on unbroken.
+    // For three lease TTLs: the leader leads at every event and at their
+    // end, the other broker sends callers to it, and its grants go on
+    // unbroken.
     let window = stopped_at + Duration::from_millis(3 * TTL_MS);
     let (first, other) = (m.first.clone(), m.other.clone());
-    while Instant::now() < window {
+    loop {
         assert_eq!(
             leads(&first, "t0").await,
             Ok(()),
@@ -1430,7 +1690,9 @@ async fn one_etcd_member_of_three_down_leaves_the_leader_leading_and_quorum_back
             stopped_at.elapsed()
         );
         assert_eq!(leads(&other, "t0").await, Err(Some(first.clone())));
-        crate::harness::poll_pause().await;
+        if !events.next_before(window).await {
+            break;
+        }
     }
     let gap = m.longest_gap(stopped_at, window);
     eprintln!("one etcd member down: the longest gap between grants {gap:?}");
@@ -1440,6 +1702,7 @@ async fn one_etcd_member_of_three_down_leaves_the_leader_leading_and_quorum_back
     // back restores it, and a broker leads and grants again within about
     // a tick of etcd serving, not after a backoff grown meanwhile.
     let second = (0..3).find(|i| *i != down).unwrap();
+    let mut events = m.feed();
     m.members[second].stop();
     let lost_at = Instant::now();
     let deadline = lost_at + Duration::from_millis(TTL_MS + 1_000);
@@ -1452,15 +1715,15 @@ async fn one_etcd_member_of_three_down_leaves_the_leader_leading_and_quorum_back
             break;
         }
         assert!(
-            Instant::now() < deadline,
+            events.next_before(deadline).await,
             "still led without an etcd quorum"
         );
-        crate::harness::poll_pause().await;
     }
+    let feed = m.feed();
     m.members[down].resume().unwrap();
     let serving_at = Instant::now();
     eprintln!("etcd quorum lost for {:?}", serving_at - lost_at);
-    let again = leader(&m.urls, "t0").await;
+    let again = leader(&feed, &m.urls, "t0").await;
     m.grants.until(&again, 1, serving_at).await;
     let back = m
         .grants
@@ -1502,16 +1765,20 @@ impl Drop for Frozen<'_> {
 async fn a_frozen_etcd_member_leaves_the_leader_leading() {
     let m = MembersUnderLoad::start("/qb-test-member-frozen").await;
     let (first, other) = (m.first.clone(), m.other.clone());
+    let mut events = m.feed();
     let frozen_member = Frozen::freeze(&m.members[m.follower]);
     let frozen_at = Instant::now();
+    // For three lease TTLs, at every event and at their end.
     let window = frozen_at + Duration::from_millis(3 * TTL_MS);
     let mut lapses = Vec::new();
-    while Instant::now() < window {
+    loop {
         let (leader, pointed) = (leads(&first, "t0").await, leads(&other, "t0").await);
         if leader.is_err() || pointed != Err(Some(first.clone())) {
             lapses.push((frozen_at.elapsed(), leader, pointed));
         }
-        crate::harness::poll_pause().await;
+        if !events.next_before(window).await {
+            break;
+        }
     }
     // A broker started meanwhile (restarted during the stall) joins and
     // leads at its first try, its first call passed on from the frozen
@@ -1524,7 +1791,7 @@ async fn a_frozen_etcd_member_leaves_the_leader_leading() {
         &m.tenants,
     )
     .await;
-    leader(&[late.url()], "t0").await;
+    leader(&Feed::of([&late], None), &[late.url()], "t0").await;
     let late_lead = started_at.elapsed();
     drop(frozen_member);
     let (_, late_log) = late.terminate().await;
@@ -1553,15 +1820,34 @@ async fn a_frozen_etcd_member_leaves_the_leader_leading() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_fails_after_its_lease_was_granted_does_not_leak_leases() {
     let etcd = testsvc::Etcd::start_with_flags(&["--max-txn-ops=1"]).unwrap();
-    let cluster = Cluster::start(etcd, "lease-leak", &["b1"], 1).await;
+    let mut cluster = Cluster::start(etcd, "lease-leak", &[], 1).await;
+    // At debug, each failed session is logged ("cluster session failed
+    // again"), after etcd refused its join.
+    let port = testsvc::free_port().unwrap();
+    let toml = config(
+        "b1",
+        port,
+        &cluster.etcd_url,
+        &cluster.prefix,
+        &cluster.tenants,
+    );
+    let b1 = Broker::start_logging(
+        &temp_config(&format!("cluster-b1-{port}"), &toml),
+        "info,quota_broker::cluster=debug",
+    )
+    .await;
+    cluster.brokers.insert("b1".into(), b1);
     // Joins refused, one a session (a tick apart): wait for eight, more
     // than the sessions of one lease TTL.
     let refused = "grpc_server_handled_total{grpc_code=\"InvalidArgument\",\
                    grpc_method=\"Txn\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"}";
+    let mut events = cluster.feed();
     let deadline = Instant::now() + Duration::from_secs(20);
     while cluster.etcd.metric(refused) < 8.0 {
-        assert!(Instant::now() < deadline, "fewer than 8 joins in 20 s");
-        crate::harness::poll_pause().await;
+        assert!(
+            events.next_before(deadline).await,
+            "fewer than 8 joins in 20 s"
+        );
     }
     let leases = cluster.etcd.leases().unwrap();
     let (_, log) = cluster
@@ -1683,7 +1969,7 @@ async fn a_wrong_advertise_is_said_until_it_reaches_the_broker() {
     // sends its callers to the advertised URL, the proxy).
     let urls = vec![cluster.brokers["b1"].url(), wrong.clone()];
     for t in &cluster.tenants {
-        leader(&urls, t).await;
+        leader(&cluster.feed_with(&[&b2]), &urls, t).await;
     }
     forward.abort();
     let (_, log) = b2.terminate().await;
@@ -1694,13 +1980,23 @@ async fn a_wrong_advertise_is_said_until_it_reaches_the_broker() {
         "{log}"
     );
 
-    // A member advertising b1's URL: b1 answers its check (it cannot tell
-    // two brokers apart), so the members' keys say it, on both.
+    // A member advertising b1's URL: b1 answers b3's check, but not for
+    // b3's own health name, so b3 says another quota-broker is there; and
+    // the members' keys say it, on both.
     let port = testsvc::free_port().unwrap();
     let http = testsvc::free_port().unwrap();
     let b1 = cluster.brokers["b1"].url();
     let toml = config_advertising("b3", port, http, &b1, &cluster, &cluster.tenants);
     let b3 = Broker::start(&temp_config(&format!("cluster-b3-{port}"), &toml)).await;
+    b3.until_logged("another quota-broker answers there, not this one")
+        .await;
+    let line = b3
+        .logged()
+        .lines()
+        .find(|l| l.contains("another quota-broker answers there"))
+        .unwrap()
+        .to_owned();
+    assert!(line.contains("ERROR") && line.contains(&b1), "{line}");
     let shared = |of: &str| format!("member {of} advertises this broker's cluster.advertise");
     cluster.brokers["b1"].until_logged(&shared("b3")).await;
     b3.until_logged(&shared("b1")).await;
@@ -1735,11 +2031,11 @@ async fn a_member_with_another_config_for_a_tenant_is_warned_of_once() {
     let b1 = &cluster.brokers["b1"];
     b1.until_logged(&said("b2")).await;
     b2.until_logged(&said("b1")).await;
-    // Ticks later (each tenant's leader the same for a second of polls),
-    // still said once.
+    // Ticks later (each tenant's leader the same for a second), still
+    // said once.
     let urls = vec![b1.url(), b2.url()];
     for t in &cluster.tenants {
-        settled_leader(&urls, t).await;
+        settled_leader(&cluster.feed_with(&[&b2]), &urls, t).await;
     }
     let (_, log2) = b2.terminate().await;
     let log1 = cluster.brokers.remove("b1").unwrap().terminate().await.1;

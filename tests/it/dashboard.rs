@@ -759,19 +759,13 @@ async fn in_history(http: std::net::SocketAddr, client: &str) -> bool {
     history.contains(&format!("\"oauth_client\":\"{client}\""))
 }
 
-/// Polls `check` (the broker's feed and ListBuckets, on the real clock
-/// the browser shares) until it holds, for at most 10 s.
-async fn until<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
-    let polled = tokio::time::timeout(Duration::from_secs(10), async {
-        while !check().await {
-            crate::harness::poll_pause().await;
-        }
-    })
-    .await;
-    assert!(polled.is_ok(), "{what}: not within 10 s");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// The dropped clients' points are made on a paused clock (the broker's
+/// clock is the test's): a page opening samples the history unless a
+/// sample was read within half a second (the sampler's `OPEN_SAMPLE`),
+/// and a client's instance is full again, so dropped by the next client's
+/// call, once its permit has refilled (600/min: 100 ms). The browser runs
+/// on the real clock, resumed.
+#[tokio::test(start_paused = true)]
 async fn a_page_opened_later_counts_dropped_oauth_clients_only_while_they_existed() {
     let playwright = tokio::task::spawn_blocking(install).await.unwrap();
     let b = start(DROPPED_CONFIG).await;
@@ -790,24 +784,27 @@ async fn a_page_opened_later_counts_dropped_oauth_clients_only_while_they_existe
             .buckets;
         let names: Vec<&str> = list.iter().map(|s| s.oauth_client.as_str()).collect();
         assert_eq!(names, [client], "{list:?}");
-        // In the broker's history (a page opening samples it)...
-        until(&format!("{client} in the history"), || {
-            in_history(b.http, client)
-        })
-        .await;
+        // Half a second on: a page opening samples the history again...
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // ...so the client is in the broker's history...
+        assert!(
+            in_history(b.http, client).await,
+            "{client} is not in the history"
+        );
         // ...and idle and full again, so the next client's call drops it.
-        until(&format!("{client} full again"), || async {
-            b.admin()
-                .list_buckets(ListBucketsRequest::default())
-                .await
-                .unwrap()
-                .into_inner()
-                .buckets
-                .iter()
-                .all(|s| s.tokens_available >= 2.0)
-        })
-        .await;
+        let list = b
+            .admin()
+            .list_buckets(ListBucketsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .buckets;
+        assert!(
+            list.iter().all(|s| s.tokens_available >= 2.0),
+            "{client} is not full again: {list:?}"
+        );
     }
+    tokio::time::resume();
     let args = [
         format!("http://{}/", b.http),
         // One instance at a time, of 600/min each.

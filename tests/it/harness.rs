@@ -18,18 +18,6 @@ pub struct TestBroker {
     server: JoinHandle<Result<(), quota_broker::ServerError>>,
 }
 
-/// The pause between two polls of what changes on the real clock of other
-/// processes and can be seen only by asking: which broker of a cluster
-/// leads a tenant (etcd's leases expire in real time), the dashboard's
-/// history (sampled every 2 s); and the pause of a load loop after a broker
-/// that lost its lead refused a call. It paces the polling; no loop waits
-/// for time to pass, each ends on what the servers do (bounded by a
-/// deadline). Where a server says when something happened (a log line,
-/// a health Watch, a pipe opened), tests wait for that instead.
-pub async fn poll_pause() {
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-}
-
 /// A state directory of this test process named `name`, empty (an
 /// earlier run's left behind is removed).
 pub fn fresh_dir(name: &str) -> std::path::PathBuf {

@@ -72,6 +72,36 @@ lease_ttl_ms = {single_ttl_ms}
 """
 
 
+class Changes:
+    """What the cluster tests wait on instead of a clock: each line any broker
+    process logs (a take-over, a hand-over, a step down, a leader change a
+    follower saw, a join, a lease lost, health turning) and each change of
+    leader or member keys an etcd watch reports (``EtcdProcess.watch``),
+    counted. Take ``seen()`` before checking a state, then ``wait(seen, …)``
+    wakes on anything after."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._count = 0
+
+    def bump(self):
+        with self._cond:
+            self._count += 1
+            self._cond.notify_all()
+
+    def seen(self):
+        with self._cond:
+            return self._count
+
+    def wait(self, seen, timeout_s):
+        """True once something happened after ``seen``; False if ``timeout_s`` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._count > seen, max(timeout_s, 0))
+
+
+CHANGES = Changes()
+
+
 def broker_bin():
     path = os.environ.get("QUOTA_BROKER_BIN") or DEFAULT_BIN
     return os.path.abspath(path)
@@ -147,6 +177,7 @@ class BrokerProcess:
         for raw in self.proc.stderr:
             line = _ANSI.sub("", raw.decode("utf-8", "replace")).rstrip()
             self.lines.append(line)
+            CHANGES.bump()
             # Its ports answer from the "quota-broker serving" line on, the
             # broker's calls UNAVAILABLE "starting" until "broker started".
             if self._ready_line in line:
@@ -447,6 +478,44 @@ class EtcdProcess:
                 self.stop()
                 pytest.fail(f"etcd not healthy after {ETCD_START_TIMEOUT_S}s:\n{self.log()}")
             time.sleep(0.05)  # polling a server until it is up
+
+    def watch(self, prefix):
+        """Watches the leader and member keys under ``prefix`` (etcd's JSON
+        gateway, ``POST /v3/watch``): each change etcd reports bumps
+        ``CHANGES``. Returns once etcd has created the watch; it ends with
+        etcd."""
+        import base64
+        import http.client
+        import json
+
+        def b64(raw):
+            return base64.b64encode(raw).decode()
+
+        key = f"{prefix}/".encode()
+        end = key[:-1] + bytes([key[-1] + 1])
+        wanted = (f"{prefix}/leaders/", f"{prefix}/members/")
+        conn = http.client.HTTPConnection("127.0.0.1", self.client_port, timeout=10)
+        conn.request("POST", "/v3/watch",
+                     body=json.dumps({"create_request": {"key": b64(key), "range_end": b64(end)}}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        first = resp.readline()
+        assert resp.status == 200 and b'"created":true' in first, (resp.status, first)
+        conn.sock.settimeout(None)  # from now on a change may be long in coming
+
+        def read():
+            try:
+                for line in iter(resp.readline, b""):
+                    events = json.loads(line).get("result", {}).get("events", [])
+                    keys = [base64.b64decode(e["kv"]["key"]).decode("utf-8", "replace") for e in events]
+                    if any(k.startswith(wanted) for k in keys):
+                        CHANGES.bump()
+            except (OSError, ValueError, http.client.HTTPException):
+                pass  # etcd stopped
+            finally:
+                conn.close()
+
+        threading.Thread(target=read, name="etcd-watch", daemon=True).start()
 
     def healthy(self):
         import urllib.request

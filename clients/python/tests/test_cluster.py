@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 import quota_broker_client as qb
+from conftest import CHANGES
 from quota_broker_client.quota.v1 import broker_pb2_grpc as pb_grpc
 
 TENANT = "demo"
@@ -58,6 +59,7 @@ lease_ttl_ms = 3000
 class Cluster:
     def __init__(self, etcd, start_broker, nodes=("b1", "b2", "b3")):
         prefix = f"/quota-broker-pytest-{uuid.uuid4().hex[:12]}"
+        etcd.watch(prefix)
         self.brokers = {}
         for node in nodes:
             config = (NODE_CONFIG.replace("@ETCD@", etcd.url).replace("@NODE@", node)
@@ -96,25 +98,30 @@ def leads(addr, tenant=TENANT):
 
 
 def settled_leader(addrs, tenant=TENANT, timeout_s=LEADER_TIMEOUT_S):
-    """``leader`` twice, a second apart, the same: a broker that joined last may
-    still take the tenant over (hand-over on join)."""
+    """``leader`` the same at every change (``CHANGES``) for a second, and at
+    its end: a broker that joined last may still take the tenant over
+    (hand-over on join)."""
     deadline = time.monotonic() + timeout_s
+    seen = CHANGES.seen()
     last = leader(addrs, tenant, timeout_s)
+    since = time.monotonic()
     while True:
-        time.sleep(1)  # polling the servers until the leadership is stable
+        changed = CHANGES.wait(seen, since + 1 - time.monotonic())
+        seen = CHANGES.seen()
         now = leader(addrs, tenant, max(deadline - time.monotonic(), 1))
-        if now == last:
+        if now != last:
+            last, since = now, time.monotonic()
+        elif not changed:
             return now
         assert time.monotonic() < deadline, f"leader of {tenant} not stable within {timeout_s}s"
-        last = now
 
 
 def leader(addrs, tenant=TENANT, timeout_s=LEADER_TIMEOUT_S):
     """The addr of ``tenant``'s leader once exactly one of ``addrs`` leads it and
-    every other one names it (polled; at most ``timeout_s``)."""
+    every other one names it (asked again at each change; at most ``timeout_s``)."""
     deadline = time.monotonic() + timeout_s
-    seen = None
     while True:
+        seen = CHANGES.seen()
         answers = {a: leads(a, tenant) for a in addrs}
         leading = [a for a, v in answers.items() if v is True]
         assert len(leading) <= 1, f"{tenant} led by {leading} at once"
@@ -122,9 +129,8 @@ def leader(addrs, tenant=TENANT, timeout_s=LEADER_TIMEOUT_S):
             url = f"http://{leading[0]}"
             if all(v is True or v == url for v in answers.values()):
                 return leading[0]
-        seen = answers
-        assert time.monotonic() < deadline, f"no settled leader of {tenant} within {timeout_s}s: {seen}"
-        time.sleep(0.1)  # polling the servers until they agree
+        assert CHANGES.wait(seen, deadline - time.monotonic()), \
+            f"no settled leader of {tenant} within {timeout_s}s: {answers}"
 
 
 def test_urls_list_or_comma_separated():
@@ -258,6 +264,7 @@ def _two_nodes_advertising_dead_urls(etcd, start_broker, dead_urls):
     tenant's callers to a leader URL that does not answer. Returns
     (leader's BrokerProcess, follower's, the dead URL the follower names)."""
     prefix = f"/quota-broker-pytest-{uuid.uuid4().hex[:12]}"
+    etcd.watch(prefix)
     nodes = []
     for node, url in zip(("b1", "b2"), dead_urls):
         config = (NODE_CONFIG.replace("@ETCD@", etcd.url).replace("@NODE@", node)
@@ -267,13 +274,14 @@ def _two_nodes_advertising_dead_urls(etcd, start_broker, dead_urls):
         nodes.append(start_broker(config_text=config))
     deadline = time.monotonic() + LEADER_TIMEOUT_S
     while True:
+        seen = CHANGES.seen()
         answers = [leads(b.addr) for b in nodes]
         if answers.count(True) == 1 and all(a is True or a in dead_urls for a in answers):
             leader = nodes[answers.index(True)]
             follower = nodes[1 - answers.index(True)]
             return leader, follower, answers[nodes.index(follower)]
-        assert time.monotonic() < deadline, f"no leader of {TENANT} named within {LEADER_TIMEOUT_S}s: {answers}"
-        time.sleep(0.1)  # polling the servers until they agree
+        assert CHANGES.wait(seen, deadline - time.monotonic()), \
+            f"no leader of {TENANT} named within {LEADER_TIMEOUT_S}s: {answers}"
 
 
 def test_a_leader_named_that_does_not_answer_the_other_urls_are_tried(etcd, start_broker, caplog):

@@ -44,6 +44,33 @@ fn call() -> Call {
         .class("critical")
 }
 
+/// Counts the changes etcd reports of the cluster's leader and member keys
+/// under `prefix` (a tenant taken over or handed over, a broker joining or
+/// leaving), from now on; the watch ends when its closer closes it, or
+/// with etcd.
+fn key_changes(
+    etcd: &testsvc::Etcd,
+    prefix: &str,
+) -> (tokio::sync::watch::Receiver<u64>, testsvc::WatchCloser) {
+    let w = etcd
+        .watch(&format!("{prefix}/"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let closer = w.closer().unwrap_or_else(|e| panic!("{e}"));
+    let (tx, rx) = tokio::sync::watch::channel(0);
+    let wanted = [format!("{prefix}/leaders/"), format!("{prefix}/members/")];
+    std::thread::spawn(move || {
+        for changes in w {
+            if changes
+                .iter()
+                .any(|c| wanted.iter().any(|w| c.key.starts_with(w.as_str())))
+            {
+                tx.send_modify(|n| *n += 1);
+            }
+        }
+    });
+    (rx, closer)
+}
+
 /// Leases until one comes from a broker (not the fallback); its URL.
 async fn leased_by_broker(client: &BrokerClient) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -60,21 +87,29 @@ async fn leased_by_broker(client: &BrokerClient) -> String {
 async fn the_client_follows_the_leader_and_rides_out_a_hand_over() {
     let etcd = testsvc::Etcd::start().unwrap();
     let prefix = "/qb-client-test";
+    let (mut changes, watch) = key_changes(&etcd, prefix);
     let mut nodes = Vec::new();
     for name in ["b1", "b2", "b3"] {
         nodes.push(node(&etcd.url(), name, prefix).await);
     }
     let urls: Vec<String> = nodes.iter().map(Embedded::url).collect();
     let all = BrokerClient::connect(&urls.join(","), None).unwrap();
-    // Settled: the same leader a second later (polled, not waited on: a
-    // broker that just joined may take the tenant on its next tick).
+    // Settled: the same leader after a second in which etcd reported no
+    // change of the leader and member keys (a broker that just joined may
+    // take the tenant on its next tick: etcd reports it).
     let mut leader = leased_by_broker(&all).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         assert!(Instant::now() < deadline, "no settled leader within 20 s");
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let quiet = match tokio::time::timeout(Duration::from_secs(1), changes.changed()).await {
+            Ok(watching) => {
+                watching.expect("etcd's watch goes on");
+                false
+            }
+            Err(_) => true,
+        };
         let now = leased_by_broker(&all).await;
-        if now == leader {
+        if quiet && now == leader {
             break;
         }
         leader = now;
@@ -132,4 +167,5 @@ async fn the_client_follows_the_leader_and_rides_out_a_hand_over() {
     for n in nodes {
         n.stop().await.unwrap();
     }
+    watch.close();
 }

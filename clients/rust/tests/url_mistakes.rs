@@ -511,12 +511,6 @@ async fn a_tls_port_addressed_with_http_is_an_error_not_an_outage() {
     broker.stop().await.unwrap();
 }
 
-/// Paces a loop that polls for what the client and broker do (bounded by
-/// a deadline); no test waits for time itself to pass.
-async fn poll_pause() {
-    tokio::time::sleep(Duration::from_millis(20)).await;
-}
-
 /// A broker still starting answers its calls UNAVAILABLE "starting": an
 /// outage (the fallback, said at WARN), not a mistaken URL; once it has
 /// started the client is back on it. The start is held deterministically:
@@ -568,20 +562,25 @@ async fn a_broker_still_starting_is_an_outage_not_a_mistake() {
         .unwrap()
         .unwrap();
     assert!(broker.started().await, "the broker started");
+    // Calls that may wait a second, longer than the fallback's next permit
+    // takes (600 a minute, one at a time): each returns with one, or once
+    // the client's probe (due every 100 ms while a call waits) finds the
+    // broker and the call goes to it (which answers within that second).
+    let waiting = call().max_wait(Duration::from_secs(1));
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
-        // A lease from the broker, or its refusal (a start on a state
-        // directory begins with an empty bucket): not the fallback's.
-        match client.acquire(&call()).await {
+        // A lease from the broker, or its refusal: not the fallback's.
+        match client.acquire(&waiting).await {
             Ok(lease) if !lease.is_fallback() => break,
             Err(ClientError::NotGranted { reason, .. }) if !reason.contains("fallback") => break,
-            _ => {}
+            // The fallback's.
+            Ok(_) | Err(ClientError::NotGranted { .. }) => {}
+            Err(e) => panic!("{e}"),
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "the client stayed on the fallback once the broker had started"
         );
-        poll_pause().await;
     }
     assert_eq!(logged.lines(), Vec::<String>::new());
     broker.stop().await.unwrap();

@@ -561,6 +561,191 @@ impl Etcd {
     }
 }
 
+/// A change of a key that an etcd [`Watch`] reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The key.
+    pub key: String,
+    /// Deleted (by a call, or with the lease it was on); else put.
+    pub deleted: bool,
+}
+
+/// An etcd watch of the keys under a prefix, read through etcd's JSON
+/// gateway (`POST /v3/watch`, a stream of JSON messages): every change
+/// etcd applies is reported as it happens, a lease's expiry deleting the
+/// keys on it included; an iterator of them. A test waits on it instead of
+/// asking etcd again and again.
+pub struct Watch {
+    reader: std::io::BufReader<std::net::TcpStream>,
+    /// Bytes of the stream not yet split into messages.
+    pending: Vec<u8>,
+}
+
+/// Ends a [`Watch`] from another thread: its iterator ends.
+pub struct WatchCloser(std::net::TcpStream);
+
+impl WatchCloser {
+    /// Closes the watch's connection.
+    pub fn close(&self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Etcd {
+    /// Watches the keys under `prefix` (plain HTTP only). Returns once
+    /// etcd has created the watch: every change from then on is reported.
+    pub fn watch(&self, prefix: &str) -> Result<Watch, String> {
+        use std::io::{BufRead, Write};
+        if self.tls.is_some() {
+            return Err("an etcd watch through the JSON gateway needs plain HTTP".into());
+        }
+        let mut end = prefix.as_bytes().to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let body = format!(
+            "{{\"create_request\":{{\"key\":\"{}\",\"range_end\":\"{}\"}}}}",
+            base64(prefix.as_bytes()),
+            base64(&end)
+        );
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.client_port))
+            .map_err(|e| format!("etcd client port: {e}"))?;
+        let request = format!(
+            "POST /v3/watch HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            self.client_port,
+            body.len()
+        );
+        s.write_all(request.as_bytes())
+            .map_err(|e| format!("etcd watch: {e}"))?;
+        let mut reader = std::io::BufReader::new(s);
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return Err(format!("etcd watch: no answer ({head})")),
+                Ok(_) if line == "\r\n" => break,
+                Ok(_) => head.push_str(&line),
+            }
+        }
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        if !head.starts_with("HTTP/1.1 200") || !chunked {
+            return Err(format!("etcd watch: {head}"));
+        }
+        let mut watch = Watch {
+            reader,
+            pending: Vec::new(),
+        };
+        match watch.message() {
+            Some(m) if m.contains("\"created\":true") => Ok(watch),
+            other => Err(format!("etcd watch not created: {other:?}")),
+        }
+    }
+}
+
+/// Each item: the changes etcd reported next (waited for); the iterator
+/// ends with the watch (etcd stopped, or [`WatchCloser::close`]).
+impl Iterator for Watch {
+    type Item = Vec<Change>;
+
+    fn next(&mut self) -> Option<Vec<Change>> {
+        loop {
+            let m = self.message()?;
+            let marker = "\"kv\":{\"key\":\"";
+            let changes: Vec<Change> = m
+                .match_indices(marker)
+                .filter_map(|(at, _)| {
+                    let rest = &m[at + marker.len()..];
+                    let key = unbase64(rest.split('"').next()?)?;
+                    Some(Change {
+                        key: String::from_utf8_lossy(&key).into_owned(),
+                        deleted: m[..at].ends_with("\"type\":\"DELETE\","),
+                    })
+                })
+                .collect();
+            if !changes.is_empty() {
+                return Some(changes);
+            }
+        }
+    }
+}
+
+impl Watch {
+    /// A handle that ends this watch from another thread.
+    pub fn closer(&self) -> Result<WatchCloser, String> {
+        self.reader
+            .get_ref()
+            .try_clone()
+            .map(WatchCloser)
+            .map_err(|e| format!("etcd watch: {e}"))
+    }
+
+    /// The next JSON message of the stream (one a line, in HTTP chunks).
+    fn message(&mut self) -> Option<String> {
+        use std::io::{BufRead, Read};
+        loop {
+            if let Some(n) = self.pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=n).collect();
+                let text = String::from_utf8_lossy(&line).trim().to_owned();
+                if !text.is_empty() {
+                    return Some(text);
+                }
+                continue;
+            }
+            let mut size = String::new();
+            if self.reader.read_line(&mut size).ok()? == 0 {
+                return None;
+            }
+            let size = usize::from_str_radix(size.trim(), 16).ok()?;
+            if size == 0 {
+                return None;
+            }
+            let mut chunk = vec![0; size + 2];
+            self.reader.read_exact(&mut chunk).ok()?;
+            chunk.truncate(size);
+            self.pending.extend_from_slice(&chunk);
+        }
+    }
+}
+
+const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64, padded (etcd's JSON gateway's bytes).
+fn base64(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for group in bytes.chunks(3) {
+        let n = group
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= group.len() {
+                out.push(char::from(BASE64[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// The bytes of standard base64 `text` (`None` if it is not).
+fn unbase64(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let (mut n, mut bits) = (0u32, 0);
+    for c in text.bytes().take_while(|c| *c != b'=') {
+        n = n << 6 | BASE64.iter().position(|b| *b == c)? as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((n >> bits & 0xff) as u8);
+        }
+    }
+    Some(out)
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.stop();
@@ -573,6 +758,28 @@ const ETCD_BIN: &str = "/usr/bin/etcd";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base64_both_ways() {
+        for text in [
+            "",
+            "a",
+            "ab",
+            "abc",
+            "/qb-test/leaders/t0",
+            "/qb-test/leaders0",
+        ] {
+            let coded = base64(text.as_bytes());
+            assert_eq!(coded.len() % 4, 0, "{coded}");
+            assert_eq!(
+                unbase64(&coded).as_deref(),
+                Some(text.as_bytes()),
+                "{coded}"
+            );
+        }
+        assert_eq!(base64(b"/q/l/"), "L3EvbC8=");
+        assert_eq!(unbase64("L3EvbC94").as_deref(), Some(&b"/q/l/x"[..]));
+    }
 
     #[test]
     fn postgres_starts_takes_a_database_and_stops() {
