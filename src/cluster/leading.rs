@@ -416,7 +416,9 @@ impl Node {
     }
 
     /// Records who holds tenant `t`'s leader key at this tick (`holder`),
-    /// adding a change of leader between two other members to `changes`.
+    /// adding to `changes` a change since the last tick of this session
+    /// that this broker's own take-over or hand-over does not say: between
+    /// two other members, or from or to no one.
     fn observe(
         &mut self,
         t: usize,
@@ -428,19 +430,21 @@ impl Node {
         let Some(seen) = self.seen.get_mut(t) else {
             return;
         };
-        if let Some(h) = holder {
-            if let Some((was, _)) = &seen.last_led {
-                if was != h && was != me && h != me {
-                    changes.push((t, was.clone(), h.to_owned()));
-                }
+        if let Some(was) = seen.holder.replace(holder.map(str::to_owned)) {
+            if was.as_deref() != holder && was.as_deref() != Some(me) && holder != Some(me) {
+                let name = |n: Option<&str>| n.unwrap_or("(none)").to_owned();
+                changes.push((t, name(was.as_deref()), name(holder)));
             }
+        }
+        if let Some(h) = holder {
             seen.last_led = Some((h.to_owned(), now));
         }
     }
 
-    /// Says, in one line a tick, which tenants another member leads now
-    /// than the last one this broker saw lead them (its own take-overs and
-    /// hand-overs say so themselves).
+    /// Says, in one line a tick, which tenants another member (or no one:
+    /// `(none)`, its callers sent to the member preferred for it) leads now
+    /// than at the tick before (its own take-overs and hand-overs say so
+    /// themselves).
     fn say_leaders_changed(&self, changes: &[(usize, String, String)]) {
         if changes.is_empty() {
             return;

@@ -305,6 +305,9 @@ struct Node {
 struct Seen {
     /// The last member seen holding it, and the tick that last saw it so.
     last_led: Option<(String, Instant)>,
+    /// Who held it at this session's last tick (`None`: no tick yet;
+    /// `Some(None)`: no one).
+    holder: Option<Option<String>>,
 }
 
 impl Node {
