@@ -135,6 +135,15 @@ impl RawToken {
                 self.name.chars().count()
             ));
         }
+        // ... where a newline would forge a line, and a bidirectional
+        // override make one holder's calls read as another's.
+        if let Some(c) = crate::config::hidden_char(&self.name) {
+            problems.push(format!(
+                "{at}: name must not hold control characters or invisible format characters: \
+                 it holds {} (it names the token's holder on every log line of its calls)",
+                crate::config::hidden_char_named(c)
+            ));
+        }
         // Never echo the value: a plain token pasted here by mistake must not
         // end up in logs.
         let mut hash = [0u8; 32];
@@ -500,6 +509,30 @@ mod tests {
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].contains("not hex"));
         assert!(problems[1].contains("mixes \"*\""));
+    }
+
+    #[test]
+    fn names_that_would_forge_or_spoof_a_log_line_are_refused() {
+        for (name, named) in [
+            ("ops\n2026-01-01 INFO forged", "a control character (U+000A"),
+            ("ops\u{1b}[31m", "a control character (U+001B"),
+            (
+                "wallboard\u{202E}nimda",
+                "an invisible format character (U+202E",
+            ),
+            ("ops\u{2066}", "an invisible format character (U+2066"),
+            ("o\u{200B}ps", "an invisible format character (U+200B"),
+        ] {
+            let mut problems = Vec::new();
+            let r = raw(name, "a-token", Role::Admin, &["*"]);
+            assert!(r.validate("at", &mut problems).is_none(), "{name:?}");
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(problems[0].starts_with("at: name must not hold control characters"));
+            assert!(problems[0].contains(named), "{named}: {problems:?}");
+            assert!(!problems[0].contains(name), "echoed the name: {problems:?}");
+        }
+        // Spaces, other scripts and emoji are names like any other.
+        settings(raw("Équipe wallboard 👍", "a-token", Role::Client, &["*"]));
     }
 
     #[test]

@@ -40,6 +40,14 @@ fn main() -> ExitCode {
         return match read_token() {
             Ok(token) => {
                 println!("{}", quota_broker::hash_token(&token));
+                let length = token.chars().count();
+                if length < MIN_TOKEN_CHARS {
+                    eprintln!(
+                        "quota-broker: hash-token: warning: the token is {length} characters; \
+                         tokens are compared by their SHA-256, unsalted: use at least \
+                         {MIN_TOKEN_CHARS} random characters, e.g. `openssl rand -hex 32`"
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -49,13 +57,14 @@ fn main() -> ExitCode {
         };
     }
     let config_path = cli.config;
-    let mut settings = match Settings::load(config_path.as_deref(), std::env::vars()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("quota-broker: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let (mut settings, warnings) =
+        match Settings::load_with_warnings(config_path.as_deref(), std::env::vars()) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                eprintln!("quota-broker: {e}");
+                return ExitCode::from(2);
+            }
+        };
     settings.server.resolve_io_threads();
     if let Err(e) = settings.check_state_dir() {
         eprintln!("quota-broker: {e}");
@@ -94,6 +103,9 @@ fn main() -> ExitCode {
         tracing::warn!(error = %why, "RUST_LOG cannot be read: logging at info (directives are \
             LEVEL or TARGET=LEVEL, comma-separated, e.g. info,quota_broker=debug)");
     }
+    for warning in &warnings {
+        tracing::warn!("{warning}");
+    }
     for var in quota_broker::unread_env_vars(std::env::vars()) {
         tracing::warn!(%var, "environment variable not read: config overrides are \
             QUOTA_BROKER__<SECTION>__<KEY>, two underscores after QUOTA_BROKER and between parts");
@@ -109,7 +121,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let shutdown = match shutdown_signal() {
+        let shutdown = match shutdown_signal(config_path.clone()) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("quota-broker: cannot install signal handlers: {e}");
@@ -192,8 +204,13 @@ fn main() -> ExitCode {
 
 /// Installs the SIGINT/SIGTERM handlers now (so a signal that arrives
 /// right after the "serving" log line is not lost) and returns a future that
-/// completes on either; SIGHUP is logged and ignored.
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+/// completes on either. SIGHUP reloads nothing: it is logged, and the
+/// config file the broker started with (`config`; `None`: the embedded
+/// default, nothing to read again) is read and checked as a start would,
+/// so an operator who edited it learns whether a restart would fail.
+fn shutdown_signal(
+    config: Option<PathBuf>,
+) -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -203,15 +220,40 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
         // stop, no lease record); `systemctl reload` and habit send it.
         let mut hangup = signal(SignalKind::hangup())?;
         Ok(async move {
+            // The check of the config file under way, off the async threads
+            // (it reads files) and awaited beside the signals: a SIGTERM
+            // meanwhile is taken at once.
+            let mut checking: Option<tokio::task::JoinHandle<()>> = None;
             loop {
+                let checked = async {
+                    match checking.as_mut() {
+                        Some(check) => check.await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     // A SIGHUP that came first is told of first.
                     biased;
-                    _ = hangup.recv() => tracing::warn!(
-                        "SIGHUP ignored: nothing is reloaded at run time (the config, tokens \
-                         and certificates are read at start); restart the broker to apply \
-                         changes (SIGTERM stops it gracefully)"
-                    ),
+                    _ = hangup.recv() => {
+                        tracing::warn!(
+                            "SIGHUP ignored: nothing is reloaded at run time (the config, \
+                             tokens and certificates are read at start); restart the broker \
+                             to apply changes (SIGTERM stops it gracefully)"
+                        );
+                        if let (Some(path), None) = (&config, &checking) {
+                            let path = path.clone();
+                            checking = Some(tokio::task::spawn_blocking(move || {
+                                log_check(&path, Settings::check_file(&path, std::env::vars()))
+                            }));
+                        }
+                    }
+                    done = checked => {
+                        checking = None;
+                        if let Err(e) = done {
+                            tracing::error!(error = %e,
+                                "the check of the config file after SIGHUP failed");
+                        }
+                    }
                     _ = interrupt.recv() => {
                         tracing::info!("SIGINT received");
                         break;
@@ -226,11 +268,41 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     }
     #[cfg(not(unix))]
     {
+        let _ = config;
         Ok(async {
             let _ = tokio::signal::ctrl_c().await;
         })
     }
 }
+
+/// Most problems of a config file named in the log line after a SIGHUP
+/// (the line says how many more there are).
+const LOGGED_PROBLEMS: usize = 10;
+
+/// Logs what a start on the config file at `config` would say of it:
+/// valid, with its warnings, or its problems.
+fn log_check(config: &std::path::Path, checked: Result<Vec<String>, quota_broker::ConfigError>) {
+    let config = config.display();
+    match checked {
+        Ok(warnings) => {
+            for warning in &warnings {
+                tracing::warn!(%config, "the config file would start with a warning: {warning}");
+            }
+            tracing::info!(%config, "the config file is valid now: restart to apply it");
+        }
+        Err(e) => tracing::warn!(
+            %config,
+            problems = e.problems.len(),
+            "the config file is not valid: a restart would fail; fix it first (this broker \
+             runs on the config it started with): {}",
+            e.one_line(LOGGED_PROBLEMS)
+        ),
+    }
+}
+
+/// Shortest token `hash-token` takes without a warning: 32 random
+/// characters are beyond guessing even against an unsalted hash.
+const MIN_TOKEN_CHARS: usize = 32;
 
 /// Longest token `hash-token` reads (tokens are tens of characters).
 const MAX_TOKEN_BYTES: u64 = 4096;

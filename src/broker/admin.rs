@@ -86,6 +86,7 @@ impl Broker {
         change: LimitChange,
         who: &str,
     ) -> Result<Vec<TenantBucketStatus>, BrokerError> {
+        check_change(&change)?;
         let t = self.tenant_index(tenant)?;
         self.leading(t)?;
         {
@@ -434,8 +435,8 @@ impl Broker {
                 burst: b.burst,
                 max_in_flight: b.max_in_flight,
             };
-            let restored = state
-                .set_bucket_limit(&b.bucket, change, now)
+            let restored = check_change(&change)
+                .and_then(|()| state.set_bucket_limit(&b.bucket, change, now))
                 .map(|_| ())
                 .and_then(|()| state.set_paused(&b.bucket, b.paused.clone(), now));
             match restored {
@@ -454,6 +455,21 @@ impl Broker {
         }
         applied
     }
+}
+
+/// Checks what of an operator's limit change the tenant leaves to its
+/// callers against the config's bounds: the slot limit (the rate is
+/// checked by the tenant, with the config's `check_rate`).
+fn check_change(change: &LimitChange) -> Result<(), BrokerError> {
+    if let Some(m) = change.max_in_flight {
+        crate::config::check_max_in_flight(m).map_err(|problem| {
+            BrokerError::invalid(
+                "max_in_flight",
+                format!("{problem}, as in the config (0 leaves it as it is)"),
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// Runs `write` (a state file's atomic write) off the async threads,

@@ -184,6 +184,12 @@ impl Broker {
     /// tenant sends the whole state of each tenant this broker takes over,
     /// and nothing more of those it no longer leads. A broker shutting
     /// down opens none.
+    ///
+    /// Each stream keeps what it last sent of every instance it shows (as
+    /// much memory as the instances' versions), and opens no matter how
+    /// many are open: its callers count it against the Watch caps first
+    /// (`grpc::Overload::open_watch`: the caller's, and
+    /// `server.max_watch_streams` for every caller together).
     pub(crate) fn watch_every(
         &self,
         tenant: Option<&str>,

@@ -39,6 +39,10 @@ use std::time::Duration;
 const MAX_WINDOW_MS: u64 = 86_400_000;
 /// Keeps bucket arithmetic far from overflow.
 const MAX_BURST: u32 = 1_000_000;
+/// Most slots of a bucket (`max_in_flight`), in the config and in an
+/// operator's change alike: far more concurrent calls than any upstream
+/// allows, and a typo (or `u32::MAX`) is not taken for a limit.
+pub(crate) const MAX_IN_FLIGHT: u32 = 1_000_000;
 
 /// The embedded default configuration (the content of `examples/broker.toml`).
 pub(crate) const DEFAULT_TOML: &str = include_str!("../../examples/broker.toml");
@@ -220,14 +224,18 @@ impl ClassSettings {
 pub(crate) const MAX_ID_LEN: usize = 256;
 
 /// What is wrong with a tenant id, bucket name or class name, if
-/// anything: a control character would break the log line it is printed
-/// on, a `/` the names built from it (the dashboard's
-/// `tenant/bucket/client`, a cluster's etcd keys), and a name longer than
-/// an RPC may carry could never be named in one (every Acquire of the
-/// tenant, every pause of the bucket refused as INVALID_ARGUMENT).
+/// anything: a hidden character ([`hidden_char`]) would break the log line
+/// it is printed on or make it print as another name, a `/` the names
+/// built from it (the dashboard's `tenant/bucket/client`, a cluster's etcd
+/// keys), and a name longer than an RPC may carry could never be named in
+/// one (every Acquire of the tenant, every pause of the bucket refused as
+/// INVALID_ARGUMENT).
 pub(crate) fn name_problem(name: &str) -> Option<String> {
-    if name.chars().any(char::is_control) {
-        Some("must not hold control characters (a newline, a tab)".to_owned())
+    if let Some(c) = hidden_char(name) {
+        Some(format!(
+            "must not hold control characters or invisible format characters: it holds {}",
+            hidden_char_named(c)
+        ))
     } else if name.contains('/') {
         Some("must not hold '/' (it separates names in the dashboard and in etcd keys)".to_owned())
     } else if name.len() > MAX_ID_LEN {
@@ -238,6 +246,59 @@ pub(crate) fn name_problem(name: &str) -> Option<String> {
         ))
     } else {
         None
+    }
+}
+
+/// The first character of `text` that does not print as itself, if any:
+/// a control character (a newline forges a log line, an escape colours a
+/// terminal) or an invisible format character ([`is_format`]: a
+/// right-to-left override, U+202E, prints the rest of the text backwards,
+/// a zero-width space makes two ids look the same). Ids, names
+/// and reasons are printed as they are (logs, `quotactl status`, the
+/// dashboard), so none may hold one.
+pub(crate) fn hidden_char(text: &str) -> Option<char> {
+    text.chars().find(|&c| c.is_control() || is_format(c))
+}
+
+/// Whether `c` is invisible formatting: the Unicode general category Cf
+/// (format characters), listed here by hand from the Unicode 15 data
+/// (std has no category lookup, and these ranges change rarely enough not
+/// to need a crate for one table), and the line and paragraph separators
+/// (Zl, Zp), which break a line where a reader of a log looks for none.
+fn is_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' // soft hyphen
+        | '\u{0600}'..='\u{0605}' | '\u{06DD}' | '\u{070F}' // Arabic, Syriac marks
+        | '\u{061C}' // Arabic letter mark (bidirectional)
+        | '\u{0890}'..='\u{0891}' | '\u{08E2}' // Arabic marks
+        | '\u{180E}' // Mongolian vowel separator
+        | '\u{200B}'..='\u{200F}' // zero-width space and joiners, LRM, RLM
+        | '\u{2028}'..='\u{2029}' // line and paragraph separators
+        | '\u{202A}'..='\u{202E}' // bidirectional embeddings and overrides
+        | '\u{2060}'..='\u{2064}' // word joiner, invisible operators
+        | '\u{2066}'..='\u{206F}' // bidirectional isolates, deprecated format characters
+        | '\u{FEFF}' // zero-width no-break space (byte order mark)
+        | '\u{FFF9}'..='\u{FFFB}' // interlinear annotation
+        | '\u{110BD}' | '\u{110CD}' // Kaithi number signs
+        | '\u{13430}'..='\u{1343F}' // Egyptian hieroglyph format controls
+        | '\u{1BCA0}'..='\u{1BCA3}' // shorthand format controls
+        | '\u{1D173}'..='\u{1D17A}' // musical symbol format controls
+        | '\u{E0001}' | '\u{E0020}'..='\u{E007F}' // tags
+    )
+}
+
+/// A hidden character ([`hidden_char`]) as a problem names it: what kind
+/// it is and its code point, never the character itself (which would do
+/// what it is refused for).
+pub(crate) fn hidden_char_named(c: char) -> String {
+    let code = u32::from(c);
+    if c.is_control() {
+        format!("a control character (U+{code:04X}: a newline, a tab, an escape)")
+    } else {
+        format!(
+            "an invisible format character (U+{code:04X}: a bidirectional control, a \
+             zero-width space or joiner)"
+        )
     }
 }
 
@@ -301,6 +362,11 @@ pub struct ServerSettings {
     pub http_listen_required: bool,
     /// How log lines are written.
     pub log_format: LogFormat,
+    /// Most Watch streams and dashboard event feeds (`/events`) open at
+    /// once, every caller's together, loopback's included; one more is
+    /// refused at once. Each keeps its own copy of every bucket instance
+    /// it shows.
+    pub max_watch_streams: usize,
 }
 
 impl ServerSettings {
@@ -420,6 +486,14 @@ pub(crate) fn check_rate(
         }),
         _ => Err(problems),
     }
+}
+
+/// The one rule for a slot limit, for the config and operators' changes
+/// alike: 1 to [`MAX_IN_FLIGHT`] slots.
+pub(crate) fn check_max_in_flight(max_in_flight: u32) -> Result<NonZeroU32, String> {
+    NonZeroU32::new(max_in_flight)
+        .filter(|m| m.get() <= MAX_IN_FLIGHT)
+        .ok_or_else(|| format!("{max_in_flight} must be between 1 and {MAX_IN_FLIGHT}"))
 }
 
 impl Rate {
@@ -1275,6 +1349,77 @@ max_in_flight = 1
              routes = [\"* /**\"]\nmax_in_flight = 1\n"
         )
         .is_ok());
+    }
+
+    /// Every name a config gives (tenant, bucket, class, token) is held
+    /// to one rule: nothing that prints as something else.
+    #[test]
+    fn names_with_invisible_format_characters_are_refused_like_control_characters() {
+        let token = |name: &str| {
+            format!(
+                "[[auth.tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\nrole = \"admin\"\n\
+                 tenants = [\"*\"]\n",
+                crate::auth::hash_token("a-token")
+            )
+        };
+        let err = Settings::from_toml(&format!(
+            "[[classes]]\nname = \"batch\\u2066\"\norder = 0\n[[classes]]\nname = \"batch\"\n\
+             order = 1\n[[tenants]]\nid = \"acme\\u202Eevil\"\n[[tenants.buckets]]\n\
+             name = \"b\\u200Bq\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n{}{}",
+            token("ops\\nforged"),
+            token("ops\\u202Eevil")
+        ))
+        .unwrap_err();
+        let all = err.to_string();
+        for what in [
+            "classes[0] (\"batch\\u{2066}\"): name must not hold control characters or \
+             invisible format characters: it holds an invisible format character (U+2066",
+            "tenants[0]: id must not hold control characters or invisible format characters: \
+             it holds an invisible format character (U+202E",
+            ".buckets[0] (\"b\\u{200b}q\"): name must not hold control characters or \
+             invisible format characters: it holds an invisible format character (U+200B",
+            "auth.tokens[0] (\"ops\\nforged\"): name must not hold control characters or \
+             invisible format characters: it holds a control character (U+000A",
+            "auth.tokens[1] (\"ops\\u{202e}evil\"): name must not hold control characters or \
+             invisible format characters: it holds an invisible format character (U+202E",
+        ] {
+            assert!(all.contains(what), "{what}: {all}");
+        }
+        assert_eq!(err.problems.len(), 5, "{all}");
+        assert!(!all.contains(['\u{202E}', '\u{2066}', '\u{200B}']), "{all}");
+    }
+
+    #[test]
+    fn slot_limits_and_queues_are_bounded() {
+        let config = |max_in_flight: u32, waiters: u32| {
+            Settings::from_toml(&format!(
+                "[scheduling]\nmax_waiters_per_bucket = {waiters}\n[[tenants]]\nid = \"t\"\n\
+                 [[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\n\
+                 max_in_flight = {max_in_flight}\n"
+            ))
+        };
+        let err = config(u32::MAX, u32::MAX).unwrap_err();
+        assert_eq!(
+            err.problems,
+            [
+                "scheduling.max_waiters_per_bucket 4294967295 must be between 1 and 1000000: \
+                 each waiting request holds memory and a stream until it is served or gives up",
+                "tenants[0] (\"t\").buckets[0] (\"b\"): max_in_flight 4294967295 must be \
+                 between 1 and 1000000 (leave it out for no concurrency limit)",
+            ]
+        );
+        let err = config(0, 0).unwrap_err().to_string();
+        assert!(
+            err.contains("max_waiters_per_bucket 0 must be between 1"),
+            "{err}"
+        );
+        assert!(err.contains("max_in_flight 0 must be between 1"), "{err}");
+        let s = config(MAX_IN_FLIGHT, 1_000_000).unwrap();
+        assert_eq!(s.scheduling.max_waiters_per_bucket, 1_000_000);
+        assert_eq!(
+            s.tenants[0].buckets[0].max_in_flight.map(NonZeroU32::get),
+            Some(MAX_IN_FLIGHT)
+        );
     }
 
     #[test]

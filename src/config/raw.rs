@@ -215,6 +215,7 @@ struct RawServer {
     log_format: String,
     /// `None`: not set (see `ServerSettings::io_threads`).
     io_threads: Option<u32>,
+    max_watch_streams: u32,
 }
 
 /// The HTTP port when `server.http_listen` is not set: best effort (a
@@ -238,6 +239,7 @@ impl Default for RawServer {
             http_listen: None,
             log_format: "text".to_owned(),
             io_threads: None,
+            max_watch_streams: 512,
         }
     }
 }
@@ -249,6 +251,15 @@ const HANDSHAKE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=60_000;
 /// Most `server.io_threads`: more threads than any machine has CPUs only
 /// cost memory and wake-ups.
 const MAX_IO_THREADS: u32 = 1024;
+
+/// Most `scheduling.max_waiters_per_bucket`: a queue that long is already
+/// minutes of a busy upstream's calls, and each waiter holds memory.
+const MAX_WAITERS_PER_BUCKET: u32 = 1_000_000;
+
+/// Bounds of `server.max_watch_streams`: each Watch stream and event feed
+/// keeps its own copy of every bucket instance it shows, so the broker's
+/// memory grows with their count times the instances.
+const MAX_WATCH_STREAMS: std::ops::RangeInclusive<u32> = 1..=100_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -311,8 +322,13 @@ impl RawConfig {
                 clip(&self.scheduling.default_class)
             ));
         }
-        if self.scheduling.max_waiters_per_bucket == 0 {
-            problems.push("scheduling.max_waiters_per_bucket must be at least 1".into());
+        if !(1..=MAX_WAITERS_PER_BUCKET).contains(&self.scheduling.max_waiters_per_bucket) {
+            problems.push(format!(
+                "scheduling.max_waiters_per_bucket {} must be between 1 and \
+                 {MAX_WAITERS_PER_BUCKET}: each waiting request holds memory and a stream \
+                 until it is served or gives up",
+                self.scheduling.max_waiters_per_bucket
+            ));
         }
         let tenant_ids: HashSet<&str> = self.tenants.iter().map(|t| t.id.as_str()).collect();
         // Entries given but refused are problems of their own, named there.
@@ -494,6 +510,15 @@ impl RawServer {
                  (0 serves on the broker's main threads)"
             ));
         }
+        if !MAX_WATCH_STREAMS.contains(&self.max_watch_streams) {
+            problems.push(format!(
+                "server.max_watch_streams {} must be between {} and {} (Watch streams and \
+                 dashboard event feeds open at once, every caller's together)",
+                self.max_watch_streams,
+                MAX_WATCH_STREAMS.start(),
+                MAX_WATCH_STREAMS.end()
+            ));
+        }
         let tls = self.tls.validate(problems);
         let http_listen_required = self.http_listen.is_some();
         let http_text = self.http_listen.as_deref().unwrap_or(DEFAULT_HTTP_LISTEN);
@@ -553,6 +578,7 @@ impl RawServer {
             http_listen,
             http_listen_required,
             log_format,
+            max_watch_streams: self.max_watch_streams as usize,
         }
     }
 }
@@ -651,13 +677,13 @@ impl RawBucket {
             }
         };
         let max_in_flight = self.max_in_flight.and_then(|m| {
-            let m = NonZeroU32::new(m);
-            if m.is_none() {
-                problems.push(format!(
-                    "{at}: max_in_flight must be above 0 (leave it out for no concurrency limit)"
-                ));
-            }
-            m
+            super::check_max_in_flight(m)
+                .map_err(|problem| {
+                    problems.push(format!(
+                        "{at}: max_in_flight {problem} (leave it out for no concurrency limit)"
+                    ))
+                })
+                .ok()
         });
         if self.permits.is_none() && self.window_ms.is_none() && self.max_in_flight.is_none() {
             problems.push(format!(

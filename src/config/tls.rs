@@ -484,6 +484,25 @@ impl EtcdTls {
     }
 }
 
+/// A warning when the private key file `path` (named by the config key
+/// `key`) may be read by every user of this host (unix): whoever reads it
+/// can pose as the broker. Not an error: a host of one user, or a key
+/// readable by its group (`ssl-cert`) only, is a choice to make.
+pub(super) fn key_readable_by_all(key: &str, path: &Path) -> Option<String> {
+    let mode = super::load::mode(path).filter(|m| m & 0o004 != 0)?;
+    let whom = if key.starts_with("cluster.") {
+        "to etcd"
+    } else {
+        "to its clients"
+    };
+    Some(format!(
+        "{key} {} is readable by every user of this host (mode {mode:04o}): whoever reads \
+         it can pose as the broker {whom}; let only the broker's user read it (chmod o-r, or \
+         600; a Kubernetes secret volume: defaultMode 0400)",
+        super::shown(path)
+    ))
+}
+
 /// The bytes of `path`, or a problem naming `key`.
 fn read(key: &str, path: &Path, problems: &mut Vec<String>) -> Option<Vec<u8>> {
     std::fs::read(path)

@@ -7,6 +7,7 @@
 use super::codec::{bounded, class_from_pb, class_to_pb, principal, required, status_to_pb};
 use crate::auth::Authenticator;
 use crate::broker::{Broker, TenantBucketStatus};
+use crate::config::{hidden_char, hidden_char_named};
 use crate::error::BrokerError;
 use crate::pb;
 use crate::tenant::LimitChange;
@@ -188,11 +189,12 @@ impl pb::quota_admin_server::QuotaAdmin for AdminService {
             .into());
         }
         // Repeated in every refusal, log line and `quotactl status`: a
-        // newline or an escape there would forge lines or colour a terminal.
-        if r.reason.chars().any(char::is_control) {
+        // newline or an escape there would forge lines or colour a terminal,
+        // a bidirectional override make it read as something else.
+        if let Some(c) = hidden_char(&r.reason) {
             return Err(BrokerError::invalid(
                 "reason",
-                "it holds a control character (a newline, a tab, an escape); give one line of text",
+                format!("it holds {}; give one line of text", hidden_char_named(c)),
             )
             .into());
         }

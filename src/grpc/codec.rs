@@ -9,7 +9,7 @@ use crate::clock::{millis, Clock};
 // The longest identifier-like field (tenant, client id, class, OAuth
 // client) is the config's, so every configured name can be asked for; the
 // longest method, the one a route pattern may name.
-use crate::config::{ClassSettings, MAX_ID_LEN};
+use crate::config::{hidden_char, hidden_char_named, ClassSettings, MAX_ID_LEN};
 use crate::error::{clip, BrokerError};
 use crate::limits::{normalize_path, MAX_METHOD_LEN};
 use crate::tenant::{Denial, Grant};
@@ -115,11 +115,13 @@ pub(crate) fn bounded<'a>(field: &'static str, value: &'a str) -> Result<&'a str
         ));
     }
     // An id is printed (logs, quotactl's table, the dashboard): a newline
-    // or an escape sequence in it would forge lines or colour a terminal.
-    if value.chars().any(char::is_control) {
+    // or an escape sequence in it would forge lines or colour a terminal,
+    // a bidirectional override or a zero-width character show one client
+    // as another. Named by code point, never echoed.
+    if let Some(c) = hidden_char(value) {
         return Err(BrokerError::invalid(
             field,
-            "it holds a control character (a newline, a tab, an escape)",
+            format!("it holds {}", hidden_char_named(c)),
         ));
     }
     Ok(value)
@@ -236,5 +238,33 @@ pub(crate) fn class_from_pb(c: pb::PriorityClass) -> ClassSettings {
         weight: c.weight,
         reserve: c.reserve,
         default_max_wait: Duration::from_millis(c.default_max_wait_ms),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_with_hidden_characters_are_refused_by_code_point() {
+        for (value, named) in [
+            ("evil\nline", "a control character (U+000A"),
+            ("\u{1b}[31mred", "a control character (U+001B"),
+            ("abc\u{202E}cba", "an invisible format character (U+202E"),
+            ("\u{2066}isolated", "an invisible format character (U+2066"),
+            ("zero\u{200B}width", "an invisible format character (U+200B"),
+            ("\u{FEFF}bom", "an invisible format character (U+FEFF"),
+            ("\u{061C}", "an invisible format character (U+061C"),
+            ("tag\u{E0041}", "an invisible format character (U+E0041"),
+        ] {
+            let e = bounded("oauth_client", value).unwrap_err().to_string();
+            assert!(e.starts_with("oauth_client: it holds "), "{e}");
+            assert!(e.contains(named), "{named}: {e}");
+            assert!(!e.contains(value), "echoed the value: {e}");
+        }
+        // Other scripts, emoji, spaces and punctuation are ids like any other.
+        for ok in ["Acme \"EU\" 👍", "ünïcødé-клиент-客户", "a b.c_d-e:f", ""] {
+            assert_eq!(bounded("client_id", ok).unwrap(), ok);
+        }
     }
 }

@@ -2,7 +2,9 @@
 //! when it is short and plain, else a new one) on a tracing span, so every
 //! log line of the request carries it, sent back in the `x-request-id`
 //! response metadata; the call's latency in the metrics; and each call
-//! answered with an error status, logged and counted by method and code.
+//! answered with an error status, logged and counted by method and code
+//! (a refused login, UNAUTHENTICATED or PERMISSION_DENIED, with the peer's
+//! address, so it can be traced to a source).
 
 use super::transport::{PeerInfo, Throttled};
 use crate::metrics::Metrics;
@@ -129,10 +131,9 @@ where
         // grpc-status) and make every response larger. The first on a
         // connection does, so that the header's name is in the table and
         // the later ones send only their value.
-        let first = req
-            .extensions()
-            .get::<PeerInfo>()
-            .is_some_and(PeerInfo::first_request_id);
+        let peer = req.extensions().get::<PeerInfo>();
+        let first = peer.is_some_and(PeerInfo::first_request_id);
+        let peer_ip = peer.and_then(PeerInfo::ip);
         id.set_sensitive(!first);
         let method = Metrics::method(req.uri().path());
         // At error level, so a filter that keeps only warnings and errors
@@ -157,7 +158,7 @@ where
                         tracing::debug!("call abandoned: its request could not be read")
                     }),
                     Some(code) => {
-                        log_refusal(&span, response.headers(), code, &throttles);
+                        log_refusal(&span, response.headers(), code, peer_ip, &throttles);
                         if let Some(m) = &metrics {
                             m.refused(method, code);
                         }
@@ -187,11 +188,15 @@ fn refusal(headers: &http::HeaderMap) -> Option<tonic::Code> {
 }
 
 /// Logs a refused call with the request id the caller got back, so that id
-/// leads to a line. The message is the broker's own, bounded.
+/// leads to a line; a refused login (UNAUTHENTICATED, PERMISSION_DENIED)
+/// with the address it came from (`peer`; under mutual TLS the
+/// certificate was checked before any call). The message is the broker's
+/// own, bounded.
 fn log_refusal(
     span: &tracing::Span,
     headers: &http::HeaderMap,
     code: tonic::Code,
+    peer: Option<std::net::IpAddr>,
     (shed, refused): &(Arc<Throttled>, Arc<Throttled>),
 ) {
     let message = headers
@@ -215,6 +220,21 @@ fn log_refusal(
             ),
             None => tracing::debug!(code = ?code, reason = %message, "refused"),
         },
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            // (`-` when the connection's address is not known.)
+            let peer =
+                tracing::field::display(peer.map_or_else(|| "-".to_owned(), |ip| ip.to_string()));
+            match refused.note() {
+                Some(calls) => tracing::info!(
+                    code = ?code,
+                    peer,
+                    reason = %message,
+                    calls_refused_since_last_line = calls,
+                    "refused"
+                ),
+                None => tracing::debug!(code = ?code, peer, reason = %message, "refused"),
+            }
+        }
         _ => match refused.note() {
             Some(calls) => tracing::info!(
                 code = ?code,

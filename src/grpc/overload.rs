@@ -7,9 +7,13 @@
 //!   `max_requests_per_sec` (default `[overload]`), an anonymous caller (open
 //!   mode, or no valid token) per peer IP, in a governor keyed limiter.
 //!
-//! [`Overload::open_watch`] caps the Watch streams a caller holds open.
-//! Both answer at once with RESOURCE_EXHAUSTED, the time to retry in the
-//! message and in the `retry-after-ms` response metadata; nothing waits.
+//! [`Overload::open_watch`] caps the Watch streams (and dashboard event
+//! feeds) a caller holds open, and those of every caller together
+//! (`server.max_watch_streams`, loopback included: each stream keeps its
+//! own copy of every bucket instance it shows, so their count bounds the
+//! broker's memory). Both answer at once with RESOURCE_EXHAUSTED, the time
+//! to retry in the message and in the `retry-after-ms` response metadata;
+//! nothing waits.
 //! Health checks are never rate-limited. The limiters run on tokio's clock,
 //! so tests pause and advance it.
 
@@ -34,6 +38,7 @@ use tonic::metadata::MetadataValue;
 use tonic::Status;
 use tower::{Layer, Service};
 
+use super::caps::{Gauge, Slot};
 use super::transport::PeerInfo;
 use crate::auth::{Authenticator, Principal};
 use crate::clock::millis;
@@ -140,6 +145,57 @@ pub(crate) struct Overload {
     anonymous_checks: AtomicU64,
     /// Open Watch streams per caller (std Mutex: never held across .await).
     watches: Mutex<HashMap<Caller, u32>>,
+    /// Open Watch streams and event feeds of every caller.
+    streams: Gauge,
+    /// `server.max_watch_streams`.
+    max_streams: usize,
+}
+
+/// Why a Watch stream or event feed was not opened: a cap is full until
+/// one closes (RESOURCE_EXHAUSTED on gRPC).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum WatchRefused {
+    /// The caller's own cap (`max_watch_streams` of its token, or
+    /// `overload.max_watch_streams`).
+    #[error(
+        "{whose} {max} Watch {} open (max_watch_streams); close one first",
+        if *max == 1 { "stream or dashboard feed" } else { "streams or dashboard feeds" }
+    )]
+    Caller {
+        /// Who, as said: "token \"x\" already has", "callers ... already hold".
+        whose: String,
+        /// The cap.
+        max: u32,
+    },
+    /// Every caller's together (`server.max_watch_streams`).
+    #[error(
+        "the broker already serves {max} Watch streams and dashboard feeds, its most at once \
+         (server.max_watch_streams); retry once one has closed, or ask the operator to raise it"
+    )]
+    Broker {
+        /// The cap.
+        max: usize,
+    },
+}
+
+impl WatchRefused {
+    /// Whether the cap of every caller together was full (not the
+    /// caller's own).
+    pub(crate) fn is_broker_wide(&self) -> bool {
+        matches!(self, WatchRefused::Broker { .. })
+    }
+
+    /// When to try again: a stream has to close first, which no clock
+    /// predicts.
+    pub(crate) fn retry_after(&self) -> Duration {
+        WATCH_RETRY
+    }
+}
+
+impl From<WatchRefused> for Status {
+    fn from(refused: WatchRefused) -> Status {
+        exhausted(refused.to_string(), refused.retry_after())
+    }
 }
 
 impl Overload {
@@ -175,6 +231,8 @@ impl Overload {
             exempt_loopback: o.exempt_loopback,
             anonymous_checks: AtomicU64::new(0),
             watches: Mutex::new(HashMap::new()),
+            streams: Gauge::default(),
+            max_streams: settings.server.max_watch_streams,
         })
     }
 
@@ -268,20 +326,32 @@ impl Overload {
         }
     }
 
-    /// Counts a Watch stream for `who` (from `peer`) against its cap; the
-    /// permit gives it back when dropped with the stream.
+    /// Counts a Watch stream (or event feed) for `who` (from `peer`)
+    /// against every caller's cap, then against its own; the permit gives
+    /// both back when dropped with the stream.
     pub(crate) fn open_watch(
         self: &Arc<Self>,
         who: &Principal,
         peer: Option<&PeerInfo>,
-    ) -> Result<WatchPermit, Status> {
+    ) -> Result<WatchPermit, WatchRefused> {
+        // Every caller, loopback and tokens without a cap of their own
+        // included.
+        let Some(slot) = self.streams.try_take(self.max_streams) else {
+            return Err(WatchRefused::Broker {
+                max: self.max_streams,
+            });
+        };
+        let permit = |caller| WatchPermit {
+            caller,
+            _counted: slot,
+        };
         let Some(caller) = self.caller(who.token_index(), peer) else {
-            return Ok(WatchPermit(None));
+            return Ok(permit(None));
         };
         let (max, whose) = match caller {
             Caller::Token(i) => match self.tokens.get(i) {
                 Some(b) => (b.max_watch, format!("token {:?} already has", b.name)),
-                None => return Ok(WatchPermit(None)),
+                None => return Ok(permit(None)),
             },
             Caller::Peer(ip) => (
                 self.anonymous_max_watch,
@@ -289,25 +359,15 @@ impl Overload {
             ),
         };
         if max == 0 {
-            return Ok(WatchPermit(None));
+            return Ok(permit(None));
         }
         let mut open = self.watches.lock().unwrap_or_else(PoisonError::into_inner);
         let n = open.entry(caller).or_insert(0);
         if *n >= max {
-            return Err(exhausted(
-                format!(
-                    "{whose} {max} Watch {} open (max_watch_streams); close one first",
-                    if max == 1 {
-                        "stream or dashboard feed"
-                    } else {
-                        "streams or dashboard feeds"
-                    }
-                ),
-                WATCH_RETRY,
-            ));
+            return Err(WatchRefused::Caller { whose, max });
         }
         *n += 1;
-        Ok(WatchPermit(Some((self.clone(), caller))))
+        Ok(permit(Some((self.clone(), caller))))
     }
 
     /// Open Watch streams counted for `caller`.
@@ -319,11 +379,16 @@ impl Overload {
 }
 
 /// One open Watch stream, counted until dropped.
-pub(crate) struct WatchPermit(Option<(Arc<Overload>, Caller)>);
+pub(crate) struct WatchPermit {
+    /// Counted for this caller (`None`: it has no cap of its own).
+    caller: Option<(Arc<Overload>, Caller)>,
+    /// Counted among every caller's streams.
+    _counted: Slot,
+}
 
 impl Drop for WatchPermit {
     fn drop(&mut self) {
-        if let Some((overload, caller)) = self.0.take() {
+        if let Some((overload, caller)) = self.caller.take() {
             let mut open = overload
                 .watches
                 .lock()
@@ -568,7 +633,7 @@ mod tests {
         let p = peer("203.0.113.9:1", true);
         let a = o.open_watch(&slow, Some(&p)).unwrap();
         let _b = o.open_watch(&slow, Some(&p)).unwrap();
-        let err = o.open_watch(&slow, Some(&p)).err().unwrap();
+        let err = Status::from(o.open_watch(&slow, Some(&p)).err().unwrap());
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
         assert!(
             err.message().contains("2 Watch streams"),
@@ -587,5 +652,51 @@ mod tests {
         assert!(o.open_watch(&fast, Some(&p)).is_err());
         drop(held);
         assert_eq!(o.watching(Caller::Token(0)), 0);
+    }
+
+    #[test]
+    fn every_callers_watch_streams_are_capped_together_loopback_included() {
+        // Open mode, loopback exempt from the per-caller caps (the default).
+        let s = Settings::from_toml(
+            "[server]\nmax_watch_streams = 2\n[[tenants]]\nid = \"t\"\n[[tenants.buckets]]\n\
+             name = \"b\"\nroutes = [\"* /**\"]\nmax_in_flight = 1\n",
+        )
+        .unwrap();
+        assert!(s.overload.exempt_loopback);
+        let o = overload(&s);
+        let anyone = o.auth.authenticate(None).unwrap();
+        let local = peer("127.0.0.1:1", false);
+        let a = o.open_watch(&anyone, Some(&local)).unwrap();
+        let _b = o
+            .open_watch(&anyone, Some(&peer("127.0.0.2:1", false)))
+            .unwrap();
+        let refused = o.open_watch(&anyone, Some(&local)).err().unwrap();
+        assert!(refused.is_broker_wide());
+        let err = Status::from(refused);
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            err.message().contains("server.max_watch_streams"),
+            "{}",
+            err.message()
+        );
+        assert!(err.metadata().get(RETRY_AFTER_MS).is_some());
+        // A stream closed gives its place back.
+        drop(a);
+        let _c = o.open_watch(&anyone, Some(&local)).unwrap();
+        assert!(o.open_watch(&anyone, Some(&local)).is_err());
+    }
+
+    #[test]
+    fn a_caller_at_its_own_cap_is_told_so_not_the_broker_wide_one() {
+        let mut s = settings("max_watch_streams = 1");
+        s.server.max_watch_streams = 10;
+        let o = overload(&s);
+        let slow = o.auth.authenticate(Some("Bearer slow-secret")).unwrap();
+        let p = peer("203.0.113.9:1", true);
+        let _a = o.open_watch(&slow, Some(&p)).unwrap();
+        let refused = o.open_watch(&slow, Some(&p)).err().unwrap();
+        assert!(!refused.is_broker_wide());
+        // The refused one gave back its place among every caller's.
+        assert_eq!(o.streams.get(), 1);
     }
 }

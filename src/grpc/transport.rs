@@ -8,7 +8,11 @@
 //! `server.max_connections` open in all; sockets beyond either cap are closed
 //! as soon as they are accepted. So sockets that connect and send nothing (a
 //! slowloris) hold a bounded number of descriptors for a bounded time, and
-//! turning them away needs no token. One peer address may hold at most a
+//! turning them away needs no token. A connection that opens with an
+//! HTTP/1 request instead (curl, a browser, a load balancer's HTTP probe
+//! given this port) is answered `505` with a line naming the HTTP port
+//! (`server.http_listen`), then closed, rather than reset without a word
+//! (over TLS, after the TLS handshake). One peer address may hold at most a
 //! quarter of the pending cap: a single host opening silent sockets again
 //! and again cannot keep every other client from connecting; and at most
 //! `server.max_connections_per_address` open, established ones included,
@@ -33,7 +37,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
@@ -56,6 +60,32 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 const HANDOFF_QUEUE: usize = 64;
 /// At most one warning this often while connections are being turned away.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+/// How an HTTP/1 request line starts (a method and its space): sent to
+/// this port, it is answered with [`NOT_HTTP1`].
+const HTTP1_METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"POST ",
+    b"HEAD ",
+    b"PUT ",
+    b"OPTIONS ",
+    b"DELETE ",
+    b"PATCH ",
+    b"CONNECT ",
+    b"TRACE ",
+];
+/// The answer to an HTTP/1 request (in HTTP/1.1, what the client speaks):
+/// what this port is, and the port that a person, a probe or a scraper
+/// sending HTTP/1 wants instead.
+const NOT_HTTP1: &str = "this is the quota-broker's gRPC port: it speaks HTTP/2 only, for gRPC \
+    clients; the dashboard, /metrics and the health probes (/healthz, /readyz) are on the \
+    broker's HTTP port (server.http_listen)\n";
+/// Bound on writing [`NOT_HTTP1`] and on reading (and dropping) what the
+/// client sent after the bytes looked at, until it closes: closing with
+/// its bytes unread would send a reset, which may discard the answer
+/// before the client reads it.
+const HTTP1_ANSWER_WITHIN: Duration = Duration::from_secs(1);
+/// Most bytes of an HTTP/1 client read and dropped after the answer.
+const HTTP1_DRAINED_AT_MOST: usize = 16 * 1024;
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone)]
@@ -521,6 +551,8 @@ fn is_about_one_connection(e: &io::Error) -> bool {
 
 /// Failed handshakes, for a log line at most once a minute.
 static FAILED_HANDSHAKES: Throttled = Throttled::new(Duration::from_secs(60));
+/// HTTP/1 requests answered, for a log line at most once a minute.
+static HTTP1_ANSWERED: Throttled = Throttled::new(Duration::from_secs(60));
 
 /// Counts events and says when one may be logged: the first, then at most
 /// one per `every`, with how many came since the last line. (By hand: a
@@ -603,7 +635,20 @@ async fn handshake(
         r = tokio::time::timeout(front.handshake_timeout, establish(tcp, front.tls.as_ref())) => r,
     };
     let (io, tls_info) = match done {
-        Ok(Ok(established)) => established,
+        Ok(Ok(Opened::Grpc(io, tls_info))) => (io, tls_info),
+        Ok(Ok(Opened::Http1(io))) => {
+            match HTTP1_ANSWERED.note() {
+                Some(since) => tracing::info!(%peer, answered_since_last_line = since,
+                    "an HTTP/1 request on the gRPC port (a browser, curl or an HTTP probe given \
+                     the wrong port) answered 505, naming the HTTP port (server.http_listen)"),
+                None => tracing::debug!(%peer, "HTTP/1 request on the gRPC port answered 505"),
+            }
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = answer_http1(io) => {}
+            }
+            return;
+        }
         Ok(Err(e)) => {
             // A client that cannot connect (a wrong CA, an expired or
             // mismatched certificate, plaintext to a TLS port) sees only
@@ -645,11 +690,20 @@ async fn handshake(
     let _ = tx.send(Ok(conn)).await;
 }
 
-/// The TLS handshake (if configured), then the HTTP/2 preface.
-async fn establish(
-    tcp: TcpStream,
-    tls: Option<&TlsAcceptor>,
-) -> io::Result<(Io, Option<TlsConnectInfo<TcpConnectInfo>>)> {
+/// What a connection turned out to be once its first bytes were read.
+enum Opened {
+    /// A gRPC client: it sent the HTTP/2 preface (read: [`Conn`] replays
+    /// it).
+    Grpc(Io, Option<TlsConnectInfo<TcpConnectInfo>>),
+    /// An HTTP/1 client, to answer with [`answer_http1`].
+    Http1(Io),
+}
+
+/// The TLS handshake (if configured), then the HTTP/2 preface, or an
+/// HTTP/1 request line. Reads at most the preface's length, and only while
+/// the bytes could still be the preface or the start of an HTTP/1 method:
+/// it never waits for more than it needs to tell.
+async fn establish(tcp: TcpStream, tls: Option<&TlsAcceptor>) -> io::Result<Opened> {
     let (mut io, tls_info) = match tls {
         None => (Io::Plain(tcp), None),
         Some(acceptor) => {
@@ -659,8 +713,19 @@ async fn establish(
         }
     };
     let mut preface = [0u8; PREFACE.len()];
-    io.read_exact(&mut preface).await?;
-    if &preface != PREFACE {
+    let mut len = 0;
+    while len < PREFACE.len()
+        && (PREFACE.starts_with(&preface[..len]) || may_become_http1(&preface[..len]))
+    {
+        match io.read(&mut preface[len..]).await? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => len += n,
+        }
+    }
+    if len < PREFACE.len() || &preface != PREFACE {
+        if is_http1(&preface[..len]) {
+            return Ok(Opened::Http1(io));
+        }
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             if tls.is_some() {
@@ -670,7 +735,49 @@ async fn establish(
             },
         ));
     }
-    Ok((io, tls_info))
+    Ok(Opened::Grpc(io, tls_info))
+}
+
+/// Whether `seen` is an HTTP/1 request's start: a method and its space, or
+/// a request line's version.
+fn is_http1(seen: &[u8]) -> bool {
+    HTTP1_METHODS.iter().any(|m| seen.starts_with(m))
+        || seen.windows(b" HTTP/1.".len()).any(|w| w == b" HTTP/1.")
+}
+
+/// Whether `seen` is too short to tell, but could be an HTTP/1 method yet.
+fn may_become_http1(seen: &[u8]) -> bool {
+    HTTP1_METHODS
+        .iter()
+        .any(|m| m.len() > seen.len() && m.starts_with(seen))
+}
+
+/// Answers an HTTP/1 client `505` with [`NOT_HTTP1`] and closes, all
+/// within [`HTTP1_ANSWER_WITHIN`]: after the answer, what the client sent
+/// is read and dropped until it closes (at most
+/// [`HTTP1_DRAINED_AT_MOST`]), so the close is not a reset.
+async fn answer_http1(mut io: Io) {
+    let answer = format!(
+        "HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Connection: close\r\nContent-Length: {}\r\n\r\n{NOT_HTTP1}",
+        NOT_HTTP1.len()
+    );
+    let answered = async {
+        io.write_all(answer.as_bytes()).await?;
+        // Flushes, and ends the stream (TLS: its close_notify first).
+        io.shutdown().await?;
+        let mut dropped = [0u8; 1024];
+        let mut left = HTTP1_DRAINED_AT_MOST;
+        while left > 0 {
+            match io.read(&mut dropped).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        io::Result::Ok(())
+    };
+    // The connection closes (dropped) whatever came of it.
+    let _ = tokio::time::timeout(HTTP1_ANSWER_WITHIN, answered).await;
 }
 
 #[cfg(test)]
@@ -687,6 +794,47 @@ mod tests {
         let every = Throttled::new(Duration::ZERO);
         assert_eq!(every.note(), Some(1));
         assert_eq!(every.note(), Some(1), "due again: counts only itself");
+    }
+
+    #[test]
+    fn http1_request_lines_are_told_from_the_preface_and_from_noise() {
+        for http1 in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n"[..],
+            b"GET ",
+            b"POST /quota.v1",
+            b"HEAD /",
+            b"OPTIONS * HTTP/1.1",
+            b"DELETE /x",
+            b"PROPFIND / HTTP/1.1\r\n",
+        ] {
+            assert!(is_http1(http1), "{:?}", String::from_utf8_lossy(http1));
+        }
+        for other in [
+            &PREFACE[..],
+            b"PRI * HTTP/2.0",
+            b"\x16\x03\x01\x02\x00",
+            b"GE",
+            b"GETX",
+        ] {
+            assert!(!is_http1(other), "{:?}", String::from_utf8_lossy(other));
+        }
+        // Read on while a method may still be coming, and only then.
+        for short in [
+            &b""[..],
+            b"G",
+            b"GE",
+            b"OPTIO",
+            b"DELET",
+            b"P",
+            b"PO",
+            b"PA",
+        ] {
+            assert!(may_become_http1(short), "{short:?}");
+        }
+        for decided in [&b"GET "[..], b"GEX", b"PRI", b"\x16", b"get"] {
+            assert!(!may_become_http1(decided), "{decided:?}");
+        }
+        assert!(NOT_HTTP1.contains("server.http_listen"));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! dashboard's session cookie a caller is known by, the `/session`
 //! handlers that trade a token for that cookie and end it, and the
 //! loopback port's check that a request was addressed to localhost or an
-//! IP (a page elsewhere must not reach it by DNS rebinding).
+//! IP (a page elsewhere must not reach it by DNS rebinding). A caller
+//! refused (401, 403) is logged with its address, sampled as gRPC's
+//! refusals are ([`refuse_caller`]).
 
 use super::{refuse, session, Http};
 use crate::auth::AuthError;
@@ -10,16 +12,51 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// The session cookie's name is this, then the port the browser
 /// addressed: browsers scope cookies by host name only, and two brokers'
 /// dashboards on one host (or two tunnels) keep theirs apart.
 const SESSION_COOKIE: &str = "qb_session_";
 
+/// Callers refused, for a log line at info at most once a second (each at
+/// debug), as the gRPC port logs its refusals: someone trying tokens
+/// thousands of times a second must not fill the disk. One for the
+/// process, like the gRPC port's count of failed handshakes.
+static REFUSED: crate::grpc::Throttled = crate::grpc::Throttled::new(Duration::from_secs(1));
+
+/// Refuses a caller of `path` from `peer` (a 401 or 403: a token or a
+/// session that is missing, wrong, or not allowed there) with `why`, and
+/// logs it with the peer's address so a refused login can be traced.
+pub(super) fn refuse_caller(
+    path: &'static str,
+    peer: SocketAddr,
+    status: StatusCode,
+    why: &str,
+) -> Response {
+    let ip = peer.ip().to_canonical();
+    let status_code = status.as_u16();
+    match REFUSED.note() {
+        Some(n) => tracing::info!(
+            path,
+            status = status_code,
+            peer = %ip,
+            reason = why,
+            refused_since_last_line = n,
+            "HTTP port: refused"
+        ),
+        None => {
+            tracing::debug!(path, status = status_code, peer = %ip, reason = why, "HTTP port: refused")
+        }
+    }
+    refuse(status, why)
+}
+
 /// The caller, by the token in `Authorization`, else in `?token=`, else by
 /// the session cookie; or the refusal to answer with.
 pub(super) fn caller(
     http: &Http,
+    path: &'static str,
     peer: SocketAddr,
     headers: &HeaderMap,
     query_token: &str,
@@ -34,7 +71,9 @@ pub(super) fn caller(
         && !http.auth.is_open()
         && !peer.ip().to_canonical().is_loopback()
     {
-        return Err(Box::new(refuse(
+        return Err(Box::new(refuse_caller(
+            path,
+            peer,
             StatusCode::UNAUTHORIZED,
             "a token sent over plain HTTP from another host is refused (it crossed the network \
              in the clear; rotate it): open the dashboard on the broker's host, or through an \
@@ -42,7 +81,9 @@ pub(super) fn caller(
         )));
     }
     if http.auth.is_open() && !addressed_to_an_ip_or_localhost(headers) {
-        return Err(Box::new(refuse(
+        return Err(Box::new(refuse_caller(
+            path,
+            peer,
             StatusCode::FORBIDDEN,
             "with no [[auth.tokens]] the event feed answers only requests addressed to \
              localhost or an IP address (a page elsewhere must not reach it by DNS \
@@ -52,7 +93,9 @@ pub(super) fn caller(
     if authorization.is_none() && !http.auth.is_open() {
         if let Some(value) = cookie {
             return http.sessions.check(&value, &http.auth).ok_or_else(|| {
-                Box::new(refuse(
+                Box::new(refuse_caller(
+                    path,
+                    peer,
                     StatusCode::UNAUTHORIZED,
                     "the dashboard's session has expired, or its token was removed or \
                      replaced: open the page again with #token=... in its address",
@@ -60,9 +103,14 @@ pub(super) fn caller(
             });
         }
     }
-    http.auth
-        .authenticate(authorization)
-        .map_err(|e| Box::new(refuse(StatusCode::UNAUTHORIZED, &auth_message(&e))))
+    http.auth.authenticate(authorization).map_err(|e| {
+        Box::new(refuse_caller(
+            path,
+            peer,
+            StatusCode::UNAUTHORIZED,
+            &auth_message(&e),
+        ))
+    })
 }
 
 /// The session cookie's value, if the request carries one.
@@ -120,12 +168,14 @@ pub(super) async fn open_session(
     headers: HeaderMap,
 ) -> Response {
     if headers.get(header::AUTHORIZATION).is_none() && !http.auth.is_open() {
-        return refuse(
+        return refuse_caller(
+            "/session",
+            peer,
             StatusCode::UNAUTHORIZED,
             "POST /session takes the token as Authorization: Bearer TOKEN",
         );
     }
-    let who = match caller(&http, peer, &headers, "") {
+    let who = match caller(&http, "/session", peer, &headers, "") {
         Ok(who) => who,
         Err(refused) => return *refused,
     };

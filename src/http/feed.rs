@@ -2,9 +2,11 @@
 //! with each visible instance's last minutes and which instances exist,
 //! then follow the broker's Watch feed (coalesced per instance), with a
 //! census of the instances every [`INSTANCES_EVERY`]; what a caller may
-//! see follows the gRPC rules (see `access`).
+//! see follows the gRPC rules (see `access`), and each feed counts as a
+//! Watch stream against the caller's cap (429) and every caller's,
+//! `server.max_watch_streams` (503).
 
-use super::access::{caller, new_session};
+use super::access::{caller, new_session, refuse_caller};
 use super::{history, refuse, Http};
 use crate::broker::{Broker, TenantBucketStatus};
 use crate::clock::{millis, Clock};
@@ -74,7 +76,7 @@ fn feed(
             )
         }
     };
-    let who = match caller(&http, peer, &headers, &q.token) {
+    let who = match caller(&http, "/events", peer, &headers, &q.token) {
         Ok(who) => who,
         Err(refused) => return *refused,
     };
@@ -87,7 +89,7 @@ fn feed(
     let tenant = (!q.tenant.is_empty()).then_some(q.tenant.as_str());
     if let Some(t) = tenant {
         if let Err(e) = who.may_access(t) {
-            return refuse(StatusCode::FORBIDDEN, &e.to_string());
+            return refuse_caller("/events", peer, StatusCode::FORBIDDEN, &e.to_string());
         }
     }
     let permit = match http
@@ -95,8 +97,16 @@ fn feed(
         .open_watch(&who, Some(&PeerInfo::new(Some(peer), false)))
     {
         Ok(permit) => permit,
-        Err(status) => {
-            let mut refused = refuse(StatusCode::TOO_MANY_REQUESTS, status.message());
+        Err(capped) => {
+            // The caller's own cap is its doing (429); every caller's
+            // together is the broker's state (503).
+            let code = if capped.is_broker_wide() {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::TOO_MANY_REQUESTS
+            };
+            let status = tonic::Status::from(capped);
+            let mut refused = refuse(code, status.message());
             // HTTP says when to come back in whole seconds.
             let ms = status
                 .metadata()

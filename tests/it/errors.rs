@@ -341,3 +341,255 @@ async fn errors_never_echo_a_long_value_back() {
     short(pause, Code::InvalidArgument);
     b.stop().await;
 }
+
+/// Ids that would print as something else (a right-to-left override, an
+/// isolate, a zero-width space) are refused like control characters: by
+/// field and code point, the value never echoed.
+#[tokio::test(start_paused = true)]
+async fn ids_with_invisible_format_characters_are_refused() {
+    let b = start(&config(CFG)).await;
+    let mut c = b.client.clone();
+    let q = "/api/v2/analytics/conversations/details/query";
+    for (field, hidden, code) in [
+        ("oauth_client", "\u{202E}", "U+202E"),
+        ("client_id", "\u{2066}", "U+2066"),
+        ("priority_class", "\u{200B}", "U+200B"),
+        ("idempotency_key", "\u{FEFF}", "U+FEFF"),
+    ] {
+        let spoofed = format!("ops-team{hidden}tneilc-live");
+        let mut r = req("POST", q, 0);
+        match field {
+            "oauth_client" => r.oauth_client = spoofed.clone(),
+            "client_id" => r.client_id = spoofed.clone(),
+            "priority_class" => r.priority_class = spoofed.clone(),
+            _ => r.idempotency_key = spoofed.clone(),
+        }
+        let status = c.acquire(r).await.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+        let message = status.message();
+        assert!(
+            message.starts_with(&format!("{field}: it holds an invisible format character")),
+            "{message}"
+        );
+        assert!(message.contains(code), "{message}");
+        assert!(
+            !message.contains(hidden) && !message.contains("tneilc"),
+            "{message}"
+        );
+    }
+    // The admin RPCs' ids and a pause's reason alike.
+    expect(
+        Code::InvalidArgument,
+        b.admin
+            .clone()
+            .clear_learned(ClearLearnedRequest {
+                tenant: "t".into(),
+                bucket: "query".into(),
+                oauth_client: "a\u{202E}b".into(),
+            })
+            .await,
+        "oauth_client: it holds an invisible format character (U+202E",
+    );
+    expect(
+        Code::InvalidArgument,
+        b.admin
+            .clone()
+            .pause_bucket(PauseBucketRequest {
+                tenant: "t".into(),
+                bucket: "query".into(),
+                reason: "maintenance \u{2067}by ops".into(),
+            })
+            .await,
+        "reason: it holds an invisible format character (U+2067",
+    );
+    // Other scripts and emoji are ids like any other.
+    let mut r = req("POST", q, 0);
+    r.oauth_client = "клиент-客户-👍".into();
+    assert!(c.acquire(r).await.unwrap().into_inner().granted);
+    b.stop().await;
+}
+
+/// An operator's limits are held to the config's bounds: no slot limit
+/// of four billion, no burst or window past what a config may give.
+#[tokio::test(start_paused = true)]
+async fn set_bucket_limit_is_bounded_as_the_config_is() {
+    let b = start(&config(CFG)).await;
+    let limit = |change: SetBucketLimitRequest| {
+        let mut admin = b.admin.clone();
+        async move {
+            admin
+                .set_bucket_limit(SetBucketLimitRequest {
+                    tenant: "t".into(),
+                    bucket: "query".into(),
+                    ..change
+                })
+                .await
+        }
+    };
+    expect(
+        Code::InvalidArgument,
+        limit(SetBucketLimitRequest {
+            max_in_flight: u32::MAX,
+            ..Default::default()
+        })
+        .await,
+        "max_in_flight: 4294967295 must be between 1 and 1000000",
+    );
+    expect(
+        Code::InvalidArgument,
+        limit(SetBucketLimitRequest {
+            burst: u32::MAX,
+            ..Default::default()
+        })
+        .await,
+        "burst 4294967295 must be between 1 and 1000000",
+    );
+    // A burst that follows the permits is held to the burst's bound.
+    let mut admin = b.admin.clone();
+    admin
+        .set_bucket_limit(SetBucketLimitRequest {
+            tenant: "t".into(),
+            bucket: "query".into(),
+            burst: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    expect(
+        Code::InvalidArgument,
+        limit(SetBucketLimitRequest {
+            permits: u32::MAX,
+            ..Default::default()
+        })
+        .await,
+        "burst not given, so it would be permits (4294967295), above the most a burst may be \
+         (1000000)",
+    );
+    expect(
+        Code::InvalidArgument,
+        limit(SetBucketLimitRequest {
+            window_ms: u64::MAX,
+            ..Default::default()
+        })
+        .await,
+        "window_ms 18446744073709551615 must be between 1 and 86400000",
+    );
+    // Nothing of a refused change applied.
+    let s = b.bucket("query").await;
+    assert_eq!((s.max_in_flight, s.burst), (2, 10));
+    assert_eq!(s.configured_rate_per_min, 10.0);
+    // The most is allowed.
+    let set = limit(SetBucketLimitRequest {
+        max_in_flight: 1_000_000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(set.status.unwrap().max_in_flight, 1_000_000);
+    b.stop().await;
+}
+
+/// SIGHUP reloads nothing, but checks the config file the broker started
+/// with: a file edited into one a restart would refuse is said at once,
+/// with its problems, while the broker serves on; a fixed one is said to
+/// be valid.
+#[cfg(unix)]
+#[tokio::test]
+async fn sighup_checks_the_config_file_and_serves_on() {
+    use crate::child::{temp_config, Broker};
+    let good = "[server]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"\"\nstate_dir = \"\"\n\
+                [[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\n\
+                routes = [\"* /**\"]\nmax_in_flight = 2\n";
+    let path = temp_config("sighup-check", good);
+    let broker = Broker::start(&path).await;
+    // Broken two ways, one of them a hidden character in a token's name.
+    std::fs::write(
+        &path,
+        format!(
+            "{good}[scheduling]\nmax_waiters_per_bucket = 4294967295\n[[auth.tokens]]\n\
+             name = \"ops\\u202Eevil\"\nsha256 = \"{}\"\nrole = \"admin\"\ntenants = [\"*\"]\n",
+            quota_broker::hash_token("a-token-of-at-least-thirty-two-characters")
+        ),
+    )
+    .unwrap();
+    broker.signal("-HUP");
+    broker
+        .until_logged("the config file is not valid: a restart would fail")
+        .await;
+    let log = broker.logged();
+    assert!(log.contains("SIGHUP ignored"), "{log}");
+    assert!(log.contains("problems=2"), "{log}");
+    assert!(
+        log.contains("scheduling.max_waiters_per_bucket 4294967295 must be between 1 and 1000000"),
+        "{log}"
+    );
+    assert!(log.contains("U+202E"), "{log}");
+    assert!(!log.contains('\u{202E}'), "{log}");
+    // It serves on, on the config it started with.
+    let mut client =
+        quota_broker::pb::quota_broker_client::QuotaBrokerClient::connect(broker.url())
+            .await
+            .unwrap();
+    let acquire = quota_broker::pb::AcquireRequest {
+        tenant: "t".into(),
+        client_id: "it".into(),
+        method: "GET".into(),
+        path: "/x".into(),
+        ..Default::default()
+    };
+    assert!(client.acquire(acquire).await.unwrap().into_inner().granted);
+    // Fixed: said to be valid.
+    let offset = broker.logged().len();
+    std::fs::write(&path, good).unwrap();
+    broker.signal("-HUP");
+    broker
+        .until_logged_after(offset, "the config file is valid now: restart to apply it")
+        .await;
+    let (status, log) = broker.terminate().await;
+    let _ = std::fs::remove_file(&path);
+    assert!(status.success(), "{status:?}\n{log}");
+}
+
+/// `hash-token` hashes a short token, but says on stderr that it is
+/// guessable: tokens are kept as unsalted SHA-256.
+#[test]
+fn hash_token_warns_of_a_short_token() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let hash = |token: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_quota-broker"))
+            .arg("hash-token")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(token.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+        (out.status.code(), text(out.stdout), text(out.stderr))
+    };
+    let (code, out, err) = hash("a");
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, format!("{}\n", quota_broker::hash_token("a")));
+    assert!(
+        err.contains("warning: the token is 1 characters")
+            && err.contains("use at least 32 random characters, e.g. `openssl rand -hex 32`"),
+        "{err}"
+    );
+    let strong = "3f9a1c".repeat(6);
+    assert_eq!(
+        hash(&strong),
+        (
+            Some(0),
+            format!("{}\n", quota_broker::hash_token(&strong)),
+            String::new()
+        )
+    );
+}

@@ -417,3 +417,220 @@ async fn watch_streams_per_token_are_capped() {
     reopened.message().await.unwrap().expect("a snapshot");
     server.stop().await;
 }
+
+/// Reads an HTTP/1.1 answer's head and its `Content-Length` body.
+async fn http1_answer(s: &mut TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .expect("a Content-Length")
+                .parse()
+                .unwrap();
+            if body.len() >= length {
+                return text;
+            }
+        }
+        match s.read(&mut buf).await.unwrap() {
+            0 => panic!("closed before the whole answer: {text:?}"),
+            n => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// curl, a browser or an HTTP probe given the gRPC port is answered in
+/// HTTP/1.1, at once, with where to go (not reset without a word); short
+/// request lines too (fewer bytes than HTTP/2's preface). gRPC is served
+/// as before.
+#[tokio::test(start_paused = true)]
+async fn an_http1_request_on_the_grpc_port_is_told_where_the_http_port_is() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start(&config("")).await;
+    for request in [
+        "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\n\r\n",
+        "GET / HTTP/1.0\r\n\r\n",
+        "HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        "POST /quota.v1.QuotaBroker/Acquire HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    ] {
+        let answer = clock_held("an HTTP/1 request answered at once", async {
+            let mut s = TcpStream::connect(server.addr).await.unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
+            http1_answer(&mut s).await
+        })
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 505 "), "{request:?}: {answer}");
+        for said in [
+            "Connection: close",
+            "Content-Type: text/plain",
+            "gRPC port",
+            "HTTP/2",
+            "server.http_listen",
+        ] {
+            assert!(answer.contains(said), "{said:?} not in {answer}");
+        }
+    }
+    // The connection ends with a close, not a reset, though the broker
+    // read only the request's first bytes: the client reads it all.
+    let all = clock_held("the answer, then the close", async {
+        let mut s = TcpStream::connect(server.addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: */*\r\n\r\n")
+            .await
+            .unwrap();
+        s.shutdown().await.unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.expect("closed, not reset");
+        String::from_utf8(all).unwrap()
+    })
+    .await;
+    assert!(all.starts_with("HTTP/1.1 505 "), "{all}");
+    assert!(all.ends_with("(server.http_listen)\n"), "{all}");
+    let client = channel_from(server.addr, "127.0.0.1").await;
+    acquire(&client, None).await.unwrap();
+    server.stop().await;
+}
+
+/// `server.max_watch_streams` counts every caller's Watch streams and
+/// dashboard feeds together, loopback's too (exempt from the per-caller
+/// caps by default): one over it is refused at once, naming the setting;
+/// one closed gives its place back.
+#[tokio::test(start_paused = true)]
+async fn watch_streams_and_event_feeds_share_the_broker_wide_cap() {
+    use crate::observe::{config, get, open, start};
+    let b = start(&config("max_watch_streams = 2\n")).await;
+    let broker = b.client();
+    let watch = || {
+        let mut broker = broker.clone();
+        async move {
+            broker
+                .watch(WatchRequest::default())
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let mut first = watch().await.unwrap();
+    first.message().await.unwrap().expect("a snapshot");
+    let _second = watch().await.unwrap();
+    let (err, feed) = clock_held("a Watch and a feed over the cap refused at once", async {
+        (
+            watch().await.unwrap_err(),
+            get(b.http, "/events", &[]).await,
+        )
+    })
+    .await;
+    retry_after(&err);
+    assert!(
+        err.message().contains("server.max_watch_streams"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(feed.status, 503, "{}", feed.body);
+    assert!(
+        feed.body.contains("server.max_watch_streams"),
+        "{}",
+        feed.body
+    );
+    assert_eq!(feed.header("retry-after"), Some("1"));
+    // A stream closed gives its place back (once the broker sees it reset).
+    drop(first);
+    let mut third = clock_held("a place freed by a closed Watch", async {
+        loop {
+            match watch().await {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    })
+    .await;
+    third.message().await.unwrap().expect("a snapshot");
+    // An event feed takes a place like a Watch stream.
+    drop(third);
+    let (_head, _feed) = clock_held("a feed in the freed place", async {
+        loop {
+            let (head, feed) = open(b.http, "/events", &[]).await;
+            if head.status == 200 {
+                break (head, feed);
+            }
+            assert_eq!(head.status, 503);
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let err = clock_held("a Watch over the cap the feed holds", watch())
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("server.max_watch_streams"),
+        "{}",
+        err.message()
+    );
+    b.stop().await;
+}
+
+#[test]
+fn max_watch_streams_out_of_bounds_is_refused_naming_it() {
+    for n in [0, 100_001] {
+        let err = quota_broker::Settings::from_toml(&config(&format!("max_watch_streams = {n}\n")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "server.max_watch_streams {n} must be between 1 and 100000"
+            )),
+            "{err}"
+        );
+    }
+}
+
+/// A refused login names where it came from, on gRPC and on the event
+/// feed (sampled: the first of each is logged at info).
+#[tokio::test]
+async fn refused_logins_are_logged_with_the_peer_address() {
+    use crate::child::{temp_config, Broker};
+    let path = temp_config(
+        "refused-logins",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nstate_dir = \"\"\n\
+             [[auth.tokens]]\nname = \"c\"\nsha256 = \"{}\"\nrole = \"client\"\ntenants = [\"t\"]\n\
+             [[tenants]]\nid = \"t\"\n[[tenants.buckets]]\nname = \"b\"\nroutes = [\"* /**\"]\n\
+             max_in_flight = 2\n",
+            hash_token("right-secret")
+        ),
+    );
+    let broker = Broker::start(&path).await;
+    let _ = std::fs::remove_file(&path);
+    let channel = Endpoint::from_shared(broker.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let err = acquire(&channel, Some("wrong-secret")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    broker
+        .until_logged("refused code=Unauthenticated peer=127.0.0.1")
+        .await;
+    let http: SocketAddr = broker
+        .http
+        .as_deref()
+        .expect("an HTTP port")
+        .parse()
+        .unwrap();
+    let feed = crate::observe::get(http, "/events?token=wrong-secret", &[]).await;
+    assert_eq!(feed.status, 401, "{}", feed.body);
+    broker
+        .until_logged("HTTP port: refused path=\"/events\" status=401 peer=127.0.0.1")
+        .await;
+    // Neither line echoes the token tried.
+    assert!(
+        !broker.logged().contains("wrong-secret"),
+        "{}",
+        broker.logged()
+    );
+}
