@@ -5,6 +5,7 @@ default ../../target/debug/quota-broker relative to clients/python.
 ``Pki`` makes a CA and certificates at test time (``cryptography``), for
 brokers started with ``tls=pki.server_tls(...)``.
 """
+import collections
 import datetime
 import ipaddress
 import os
@@ -18,7 +19,7 @@ import time
 
 import pytest
 
-from quota_broker_client import QuotaBroker
+from quota_broker_client import DeadlineExceeded, QuotaBroker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLIENT_ROOT = os.path.dirname(HERE)
@@ -193,23 +194,31 @@ class BrokerProcess:
         """SIGSTOP, as a host that hangs: returns once every thread of the
         process is stopped (the signal reaches threads running on another
         core a moment after kill() returns)."""
+        stopped = threading.Event()
+
+        def wait_stopped():
+            # The kernel tells the parent once the group stop is complete,
+            # i.e. every thread is stopped; WNOWAIT leaves that status (and
+            # the process's exit, later) for Popen's own wait.
+            try:
+                os.waitid(os.P_PID, self.proc.pid, os.WSTOPPED | os.WNOWAIT)
+            except ChildProcessError:
+                return  # gone (reaped): not stopped
+            stopped.set()
+
         self.proc.send_signal(signal.SIGSTOP)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        task_dir = f"/proc/{self.proc.pid}/task"
-        while True:
+        threading.Thread(target=wait_stopped, name="sigstop-wait", daemon=True).start()
+        if not stopped.wait(STOP_TIMEOUT_S):
             states = []
-            for tid in os.listdir(task_dir):
+            task_dir = f"/proc/{self.proc.pid}/task"
+            for tid in (os.listdir(task_dir) if os.path.isdir(task_dir) else ()):
                 try:
                     with open(f"{task_dir}/{tid}/stat") as f:
                         # state is the field after the ")" closing the name
                         states.append(f.read().rsplit(")", 1)[1].split()[0])
                 except OSError:
                     continue  # a thread that ended meanwhile
-            if states and all(st in ("T", "t") for st in states):
-                return
-            if time.monotonic() > deadline:
-                pytest.fail(f"quota-broker not stopped {STOP_TIMEOUT_S}s after SIGSTOP: {states}")
-            time.sleep(0.001)  # polling the kernel's view of the process (a real event)
+            pytest.fail(f"quota-broker not stopped {STOP_TIMEOUT_S}s after SIGSTOP: {states}")
 
     def thaw(self):
         """SIGCONT."""
@@ -543,3 +552,73 @@ def etcd(tmp_path):
     e = EtcdProcess(tmp_path / "etcd")
     yield e
     e.stop()
+
+
+# -- waiting on events, not on a clock ----------------------------------------
+
+def watch_bucket(client, name, until, timeout_s, oauth_client="", tenant=TENANT):
+    """Waits on the broker's Watch stream (a snapshot, then each change of a
+    bucket) for bucket ``name`` (instance ``oauth_client``) to satisfy
+    ``until(status)``, at most ``timeout_s``. Returns (True, that status),
+    or (False, the last status of it seen, None if none) once ``timeout_s``
+    has passed. ``until`` may also read client state that changes before
+    the broker's (e.g. ``pending_reports``, taken out before it is sent)."""
+    last = None
+    try:
+        with client.watch(tenant, timeout=max(timeout_s, 0.001)) as stream:
+            for st in stream:
+                if st.bucket == name and st.oauth_client == oauth_client:
+                    last = st
+                    if until(st):
+                        return True, st
+    except DeadlineExceeded:
+        pass  # timeout_s passed
+    return False, last
+
+
+class Calls:
+    """Methods wrapped (``wrap(obj, name)``: a client's stub methods, its
+    background senders ``_release_deferred`` / ``flush_reports``, its
+    ``_probe``) so that each call's start and end wake ``wait``: the events
+    the client's threads make, for a test to wait on instead of a clock.
+    ``running``: wrapped calls under way; ``ended[name]``: calls ended."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.running = 0
+        self.ended = collections.Counter()
+
+    def wrap(self, obj, name):
+        real = getattr(obj, name)
+
+        def wrapped(*a, **kw):
+            with self.cond:
+                self.running += 1
+                self.cond.notify_all()
+            try:
+                return real(*a, **kw)
+            finally:
+                with self.cond:
+                    self.running -= 1
+                    self.ended[name] += 1
+                    self.cond.notify_all()
+
+        setattr(obj, name, wrapped)
+        return self
+
+    def count(self):
+        """How many wrapped calls have ended."""
+        with self.cond:
+            return sum(self.ended.values())
+
+    def wait(self, until, timeout_s):
+        """True once ``until()`` holds (checked now and at each wrapped call's
+        start and end, under the lock); False once ``timeout_s`` has passed."""
+        with self.cond:
+            return self.cond.wait_for(until, max(timeout_s, 0))
+
+    def wait_idle(self, until, timeout_s):
+        """``wait`` for ``until()`` at a moment no wrapped call is under way:
+        what they change (a kept release taken out, then put back when its
+        call fails) is not read half-way."""
+        return self.wait(lambda: self.running == 0 and until(), timeout_s)

@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 import quota_broker_client as qb
-from conftest import ANALYTICS_QUERY, SINGLE_PATH, TENANT, free_port
+from conftest import ANALYTICS_QUERY, SINGLE_PATH, TENANT, Calls, free_port, watch_bucket
 
 
 def status(client, name, oauth_client=""):
@@ -123,10 +123,9 @@ def test_a_call_waiting_when_the_client_is_closed_raises_closed(broker_proc):
 
     waiter = threading.Thread(target=wait_for_the_slot)
     waiter.start()
-    deadline = time.monotonic() + 10
-    while status(client, "single").waiting.get("critical", 0) < 1:
-        assert time.monotonic() < deadline, "the Acquire never queued"
-        time.sleep(0.01)  # the broker's queue, a real event
+    # The broker's queue, seen on its Watch stream.
+    queued, _ = watch_bucket(client, "single", lambda b: b.waiting.get("critical", 0) >= 1, 10)
+    assert queued, "the Acquire never queued"
     client.close()
     waiter.join(10)
     assert not waiter.is_alive()
@@ -179,9 +178,23 @@ def test_a_lease_released_by_two_threads_at_once_is_released_once(broker):
     import threading
     lease = broker.acquire(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=0)
     sent, results = [], []
-    second = threading.Thread(target=lambda: results.append(lease.release()))
+    # Told when the second thread finds the lease's lock held, or has ended.
+    changed = threading.Condition()
+    seen = {"blocked": False, "ended": False}
+
+    def tell(what):
+        with changed:
+            seen[what] = True
+            changed.notify_all()
+
+    def release_too():
+        try:
+            results.append(lease.release())
+        finally:
+            tell("ended")
+
+    second = threading.Thread(target=release_too)
     real = broker.stub.Release
-    blocked = threading.Event()
 
     class Watched:
         """The lease's lock, saying when a thread finds it held."""
@@ -191,7 +204,7 @@ def test_a_lease_released_by_two_threads_at_once_is_released_once(broker):
 
         def __enter__(self):
             if not self.lock.acquire(blocking=False):
-                blocked.set()
+                tell("blocked")
                 self.lock.acquire()
             return self
 
@@ -207,10 +220,9 @@ def test_a_lease_released_by_two_threads_at_once_is_released_once(broker):
             # waits on the lease's lock (without it, it sends its own at once
             # and ends first). Either is a real event.
             second.start()
-            deadline = time.monotonic() + 10
-            while not blocked.is_set() and second.is_alive():
-                assert time.monotonic() < deadline, "the second release neither sent nor waited"
-                time.sleep(0.001)  # polling the other thread (a real event)
+            with changed:
+                assert changed.wait_for(lambda: seen["blocked"] or seen["ended"], 10), \
+                    "the second release neither sent nor waited"
         return real(*a, **kw)
 
     broker.stub.Release = release
@@ -225,13 +237,15 @@ def test_a_lease_released_by_two_threads_at_once_is_released_once(broker):
 def test_lease_renews_slot_past_its_ttl(broker):
     # The "single" bucket's lease TTL is 1.5 s; held through three renewals
     # (one every half TTL), well past it.
+    # Each Renew the renewer sends wakes the wait, as it goes out and as it
+    # is answered (the renewer counts it just after: at worst seen when the
+    # next one goes out).
+    renews = Calls().wrap(broker.stub, "Renew")
     with broker.lease(TENANT, "GET", SINGLE_PATH, client_id="long-call", max_wait_ms=0) as lease:
         granted = time.monotonic()
         assert 0 < lease.lease_ttl_ms <= 1500
-        deadline = granted + 10
-        while lease._renewer.renewals < 3:
-            assert time.monotonic() < deadline, "the lease was not renewed three times in 10 s"
-            time.sleep(0.05)  # waiting on the client's renewer thread (a real event)
+        assert renews.wait(lambda: lease._renewer.renewals >= 3, granted + 10 - time.monotonic()), \
+            "the lease was not renewed three times in 10 s"
         assert time.monotonic() - granted > lease.lease_ttl_ms / 1000
         assert status(broker, "single").in_flight == 1
         with pytest.raises(qb.NotGranted):
@@ -484,14 +498,11 @@ def test_a_restarted_broker_adopts_a_held_lease(start_broker, tmp_path):
     b.kill()
     start_broker(state_dir=str(state), single_ttl_ms=5000, port=b.port)
     # The held call goes on: its renewal is adopted, not NotFound.
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            lease.renew()
-            break
-        except qb.Unavailable:
-            assert time.monotonic() < deadline, "the client did not reconnect"
-            time.sleep(0.05)
+    try:
+        lease.renew()
+    except qb.Unavailable:
+        _reconnected(client, 10)
+        lease.renew()
     # The slot is held by the adopted lease (and the rate bucket restarts
     # drained: its first permit comes one interval after the start).
     with pytest.raises(qb.NotGranted) as info:
@@ -514,27 +525,55 @@ def test_a_lease_released_after_its_broker_crashed_frees_its_slot_at_once(start_
     lease = client.acquire(TENANT, "GET", SINGLE_PATH, client_id="holder", max_wait_ms=0)
     b.kill()
     start_broker(state_dir=str(state), single_ttl_ms=600_000, port=b.port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            assert lease.release() is True
-            break
-        except qb.Unavailable:
-            assert time.monotonic() < deadline, "the client did not reconnect"
-            lease.released = False
-            time.sleep(0.05)
+    try:
+        assert lease.release() is True
+    except qb.Unavailable:
+        _reconnected(client, 10)
+        lease.released = False
+        assert lease.release() is True
     # A few seconds' wait: the restarted rate bucket starts drained.
     client.acquire(TENANT, "GET", SINGLE_PATH, client_id="second",
                    priority_class="critical", max_wait_ms=5_000).release()
     client.close()
 
 
+def _reconnected(client, timeout_s):
+    """Waits for the client's channel to connect again (gRPC's connectivity
+    event, state READY: the broker restarted on its port), at most ``timeout_s``."""
+    try:
+        grpc.channel_ready_future(client.channel).result(timeout=timeout_s)
+    except grpc.FutureTimeoutError:
+        pytest.fail(f"the client did not reconnect within {timeout_s} s")
+
+
+class _Wake(logging.Handler):
+    """Keeps each record of the client's logger and wakes ``cond``."""
+
+    def __init__(self, cond):
+        super().__init__(logging.NOTSET)
+        self.cond, self.records = cond, []
+
+    def emit(self, record):
+        with self.cond:
+            self.records.append(record)
+            self.cond.notify_all()
+
+
 def _logged(caplog, text, deadline_s):
-    """Waits (polling the log, at most `deadline_s`) until a client log line contains `text`."""
-    deadline = time.monotonic() + deadline_s
-    while not any(text in r.getMessage() for r in caplog.records if r.name == "quota_broker_client"):
-        assert time.monotonic() < deadline, f"no log line saying {text!r}"
-        time.sleep(0.05)
+    """Waits (woken by each client log record, at most `deadline_s`) until a client log line contains `text`."""
+    import threading
+    logger = logging.getLogger("quota_broker_client")
+    cond = threading.Condition()
+    wake = _Wake(cond)
+    logger.addHandler(wake)
+    try:
+        with cond:
+            assert cond.wait_for(
+                lambda: any(text in r.getMessage() for r in caplog.records + wake.records
+                            if r.name == "quota_broker_client"), deadline_s), \
+                f"no log line saying {text!r}"
+    finally:
+        logger.removeHandler(wake)
 
 
 def test_a_lease_whose_broker_is_back_only_after_its_ttl_is_renewed_and_adopted(
@@ -585,12 +624,12 @@ def test_a_release_that_finds_the_broker_away_is_sent_when_it_is_back(start_brok
     getattr(b, down)()
     assert lease.release() is False
     assert client.pending_releases == 1
+    # Each pass of the client's sender over its kept releases wakes the wait below.
+    senders = Calls().wrap(client, "_release_deferred")
     b2 = start_broker(state_dir=str(state), single_ttl_ms=600_000, port=b.port)
     observer = b2.client()
-    deadline = time.monotonic() + 10
-    while client.pending_releases:
-        assert time.monotonic() < deadline, "the kept release was not sent once the broker was back"
-        time.sleep(0.05)  # waiting on the client's prober and sender threads (a real event)
+    assert senders.wait_idle(lambda: not client.pending_releases, 10), \
+        "the kept release was not sent once the broker was back"
     # The slot is free ten minutes before the lease would have expired (a
     # few seconds' wait: the restarted rate bucket starts drained); held,
     # this wait would end NotGranted.
@@ -607,6 +646,8 @@ def test_a_release_kept_for_an_acquire_without_answer_is_sent_with_no_further_ca
     proc = start_broker(single_ttl_ms=60000)
     observer = proc.client()
     with qb.QuotaBroker(proc.addr, timeout=1, fallback=None) as client:
+        # Each pass of the client's sender over its kept releases wakes the wait below.
+        senders = Calls().wrap(client, "_release_deferred")
         client.list_buckets(TENANT)  # connected: the Acquire goes out at once
         proc.freeze()
         try:
@@ -615,10 +656,8 @@ def test_a_release_kept_for_an_acquire_without_answer_is_sent_with_no_further_ca
             assert client.pending_releases == 1
         finally:
             proc.thaw()
-        deadline = time.monotonic() + 10
-        while client.pending_releases:
-            assert time.monotonic() < deadline, "the kept release was not sent 10 s after the thaw"
-            time.sleep(0.05)  # waiting on the client's prober and sender threads (a real event)
+        assert senders.wait_idle(lambda: not client.pending_releases, 10), \
+            "the kept release was not sent 10 s after the thaw"
     b = status(observer, "single")
     assert (b.granted_total, b.in_flight) == (1, 0)
     observer.close()

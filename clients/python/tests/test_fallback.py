@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 import quota_broker_client as qb
-from conftest import ANALYTICS_QUERY, SINGLE_PATH, TENANT, FakeClock
+from conftest import ANALYTICS_QUERY, SINGLE_PATH, TENANT, Calls, FakeClock, watch_bucket
 
 USERS = "/api/v2/users/me"  # matches only the per-client bucket (300/min)
 
@@ -199,11 +199,12 @@ def test_back_to_the_broker_promptly_and_kept_outcomes_reported(start_broker, ca
         assert not client.in_fallback
         assert took < 5, f"back to the broker {took:.1f}s after it came back"
 
-        # The kept outcomes reach the broker (a background thread sends them).
-        deadline = time.monotonic() + 5
-        while client.pending_reports or bucket(client, "per-client").reports_total < 6:
-            assert time.monotonic() < deadline, "kept outcomes not reported within 5 s"
-            time.sleep(0.05)  # waiting on the client's report thread (a real event)
+        # The kept outcomes reach the broker (a background thread sends them):
+        # seen on its Watch stream.
+        reported, b = watch_bucket(client, "per-client",
+                                   lambda b: not client.pending_reports and b.reports_total >= 6, 5)
+        assert reported, (f"kept outcomes not reported within 5 s: pending {client.pending_reports}, "
+                          f"reports {b and b.reports_total}")
         b = bucket(client, "per-client")
         assert (b.reports_total, b.throttled_total) == (6, 2)
         # Entering and leaving, once each.
@@ -828,16 +829,25 @@ def test_falling_back_from_a_hung_broker_no_call_waits_for_the_probe(start_broke
             proc.thaw()
 
 
-def _until_the_slot_is_released_by_key(client):
+def _senders(client):
+    """The client's sender passes over its kept releases and its probes of
+    the broker, as events to wait on (see ``Calls``)."""
+    return Calls().wrap(client, "_release_deferred").wrap(client, "_probe")
+
+
+def _until_the_slot_is_released_by_key(client, senders):
     """After the thaw: the broker's answers send the kept release by key, and
-    the one slot of "single" the frozen broker granted comes free."""
+    the one slot of "single" the frozen broker granted comes free. After
+    each call, waits for the client's sender or prober (``_senders``) to
+    end a pass."""
     deadline = time.monotonic() + 10
     while client.pending_releases or bucket(client, "single").in_flight:
         assert time.monotonic() < deadline, (
             f"slot still held 10 s after the thaw: pending {client.pending_releases}, "
             f"in flight {bucket(client, 'single').in_flight}")
+        passes = senders.count()
         client.acquire(TENANT, "GET", USERS, client_id="c").release()  # an answer: sends them
-        time.sleep(0.05)  # the client's sender thread (a real event)
+        senders.wait(lambda: senders.count() > passes, deadline - time.monotonic())
     assert bucket(client, "single").granted_total == 1
 
 
@@ -848,6 +858,7 @@ def test_a_lease_a_frozen_broker_granted_after_the_client_gave_up_is_released(st
     held until the lease expires."""
     proc = start_broker(single_ttl_ms=60000)
     with qb.QuotaBroker(proc.addr, timeout=1) as client:
+        senders = _senders(client)
         client.list_buckets(TENANT)  # connected: the Acquire goes out at once
         proc.freeze()
         try:
@@ -857,7 +868,7 @@ def test_a_lease_a_frozen_broker_granted_after_the_client_gave_up_is_released(st
             assert client.pending_releases == 1
         finally:
             proc.thaw()
-        _until_the_slot_is_released_by_key(client)
+        _until_the_slot_is_released_by_key(client, senders)
 
 
 def test_without_a_fallback_a_lease_granted_after_the_client_gave_up_is_released(start_broker):
@@ -866,6 +877,7 @@ def test_without_a_fallback_a_lease_granted_after_the_client_gave_up_is_released
     Acquire's key at the broker's next answer."""
     proc = start_broker(single_ttl_ms=60000)
     with qb.QuotaBroker(proc.addr, timeout=1, fallback=None) as client:
+        senders = _senders(client)
         client.list_buckets(TENANT)  # connected: the Acquire goes out at once
         proc.freeze()
         try:
@@ -874,7 +886,7 @@ def test_without_a_fallback_a_lease_granted_after_the_client_gave_up_is_released
             assert client.pending_releases == 1
         finally:
             proc.thaw()
-        _until_the_slot_is_released_by_key(client)
+        _until_the_slot_is_released_by_key(client, senders)
 
 
 def test_reports_alone_fall_back_on_a_hung_broker_and_find_it_back(start_broker):
@@ -884,6 +896,9 @@ def test_reports_alone_fall_back_on_a_hung_broker_and_find_it_back(start_broker)
     goes to it again and the kept ones follow."""
     proc = start_broker()
     with qb.QuotaBroker(proc.addr, fallback=qb.FallbackSettings(probe_every_s=0.2)) as client:
+        # Each probe of the broker (from a report, or the thread that waits
+        # for the broker while outcomes are kept) wakes the waits below.
+        probes = Calls().wrap(client, "_probe")
         client.list_buckets(TENANT)  # connected before the broker hangs
         proc.freeze()
         try:
@@ -898,8 +913,11 @@ def test_reports_alone_fall_back_on_a_hung_broker_and_find_it_back(start_broker)
         deadline = time.monotonic() + 10
         while client.in_fallback:
             assert time.monotonic() < deadline, "still falling back 10 s after the thaw"
+            ended = probes.count()
             client.report(TENANT, "GET", USERS, 200, oauth_client="r")
-            time.sleep(0.05)  # the client's probe interval (a real event: the broker's answer)
+            # The next probe's end (the broker's answer, or none).
+            probes.wait(lambda: not client.in_fallback or probes.count() > ended,
+                        deadline - time.monotonic())
         client.flush_reports()
         b = bucket(client, "per-client", "r")
         assert b.reports_total >= 7

@@ -5,13 +5,13 @@ The broker's ``[overload] max_requests_per_sec`` is 1 here, so the
 1000 a second to look at the buckets without being limited.
 """
 import hashlib
-import time
+import threading
 
 import grpc
 import pytest
 
 import quota_broker_client as qb
-from conftest import SINGLE_PATH, TENANT
+from conftest import SINGLE_PATH, TENANT, watch_bucket
 
 TINY, OBSERVER = "tiny-token", "observer-token"
 OVERLOAD = "[overload]\nmax_requests_per_sec = 1\n"
@@ -80,16 +80,13 @@ def test_a_refused_report_is_sent_after_retry_after_and_a_release_is_not_refused
         assert observer.bucket(TENANT, "single").in_flight == 0
         reports_before = observer.bucket(TENANT, "single").reports_total
 
-        # The background sender waits the broker's retry-after-ms, then sends the report.
-        deadline = time.monotonic() + 5
-        while True:
-            b = observer.bucket(TENANT, "single")
-            if b.reports_total == reports_before + 1:
-                break
-            assert time.monotonic() < deadline, (
-                f"not sent within 5 s: in_flight={b.in_flight}, reports={b.reports_total}, "
-                f"pending={client.pending_reports}/{client.pending_releases}, attempts={attempts}")
-            time.sleep(0.05)  # waiting on the client's sender thread (a real event)
+        # The background sender waits the broker's retry-after-ms, then sends
+        # the report: seen on the broker's Watch stream.
+        sent, b = watch_bucket(observer, "single", lambda b: b.reports_total > reports_before, 5)
+        assert sent, (
+            f"not sent within 5 s: in_flight={b and b.in_flight}, reports={b and b.reports_total}, "
+            f"pending={client.pending_reports}/{client.pending_releases}, attempts={attempts}")
+        assert b.reports_total == reports_before + 1, (b.reports_total, reports_before, attempts)
         assert client.pending_reports == 0 and client.pending_releases == 0
         # Paced by retry-after-ms, not retried in a loop: at 1 request a second
         # a busy sender would have tried hundreds of times.
@@ -106,23 +103,29 @@ def test_the_renewer_waits_retry_after_between_overloaded_renewals(start_broker)
     proc = start_broker(auth=tokens(), extra=OVERLOAD, single_ttl_ms=200)
     with proc.client(token=TINY) as client:
         answers = []
+        answered = threading.Condition()
         real = client.stub.Renew
+
+        def answer(code):
+            with answered:
+                answers.append(code)
+                answered.notify_all()
 
         def renew(*a, **kw):
             try:
                 resp = real(*a, **kw)
             except grpc.RpcError as e:
-                answers.append(e.code())
+                answer(e.code())
                 raise
-            answers.append(grpc.StatusCode.OK)
+            answer(grpc.StatusCode.OK)
             return resp
 
         client.stub.Renew = renew
         with client.lease(TENANT, "GET", SINGLE_PATH, client_id="c", max_wait_ms=0) as lease:
-            deadline = time.monotonic() + 10
-            while not any(code != grpc.StatusCode.RESOURCE_EXHAUSTED for code in answers):
-                assert time.monotonic() < deadline, f"no renewal past the overload in 10 s: {answers}"
-                time.sleep(0.05)  # waiting on the client's renewer thread (a real event)
+            with answered:  # woken by each answer the renewer gets
+                past = answered.wait_for(
+                    lambda: any(code != grpc.StatusCode.RESOURCE_EXHAUSTED for code in answers), 10)
+                assert past, f"no renewal past the overload in 10 s: {answers}"
             lease._renewer.stop()
         refused = answers.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
         assert 1 <= refused <= 2, answers

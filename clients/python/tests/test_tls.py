@@ -10,7 +10,7 @@ import time
 import pytest
 
 import quota_broker_client as qb
-from conftest import SINGLE_PATH, TENANT, Pki, non_loopback_ipv4
+from conftest import SINGLE_PATH, TENANT, Calls, Pki, non_loopback_ipv4, watch_bucket
 
 USERS = "/api/v2/users/me"  # matches only the per-client bucket
 
@@ -173,10 +173,11 @@ def test_fallback_and_return_over_tls(start_broker, pki):
             assert time.monotonic() - back_at < 10, "still falling back 10 s after the broker came back"
         assert not client.in_fallback
         assert time.monotonic() - back_at < 5, "not back to the TLS broker within 5 s"
-        deadline = time.monotonic() + 5
-        while client.pending_reports or client.bucket(TENANT, "per-client").reports_total < 2:
-            assert time.monotonic() < deadline, "kept outcomes not reported within 5 s"
-            time.sleep(0.05)  # waiting on the client's report thread (a real event)
+        # The client's report thread sends them: seen on the broker's Watch stream.
+        reported, b = watch_bucket(client, "per-client",
+                                   lambda b: not client.pending_reports and b.reports_total >= 2, 5)
+        assert reported, (f"kept outcomes not reported within 5 s: pending {client.pending_reports}, "
+                          f"reports {b and b.reports_total}")
         assert client.bucket(TENANT, "per-client").throttled_total == 1
     finally:
         client.close()
@@ -257,20 +258,22 @@ def test_kept_releases_and_reports_stay_kept_while_the_handshake_fails(start_bro
         assert lease.release() is False
         assert client.report(TENANT, "GET", USERS, 200, {}) is None
         assert (client.pending_releases, client.pending_reports) == (1, 1)
+        # Each pass of the client's sender over what it keeps wakes the wait
+        # below; a release or outcome taken out for its call is back when a
+        # pass ends.
+        senders = Calls().wrap(client, "_release_deferred").wrap(client, "flush_reports")
         sent = []
         for name in ("Release", "Report"):
             real = getattr(client.stub, name)
 
             def counted(*a, _real=real, _name=name, **kw):
-                sent.append(_name)
+                with senders.cond:
+                    sent.append(_name)
                 return _real(*a, **kw)
             setattr(client.stub, name, counted)
         other = Pki(tmp_path / "rotated", name="another CA")
         start_broker(tls=other.server_tls(), port=proc.port)
-        deadline = time.monotonic() + 10
-        while len(sent) < 4:
-            assert time.monotonic() < deadline, f"not sent twice within 10 s: {sent}"
-            time.sleep(0.05)  # waiting on the client's prober and sender threads (a real event)
+        assert senders.wait_idle(lambda: len(sent) >= 4, 10), f"not sent twice within 10 s: {sent}"
         assert (client.pending_releases, client.pending_reports) == (1, 1), sent
         assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
     finally:
