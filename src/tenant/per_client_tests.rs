@@ -37,9 +37,17 @@ fn per_client_instances_are_bounded_and_idle_ones_evicted() {
         "{}",
         denial.reason
     );
-    // Once a and b are full again they are idle and make room.
+    // Once a and b are full again they are idle and make room; what was
+    // written of them is written again (a restart would bring them back).
+    let _ = t.take_learned_dirty();
     granted(t.acquire(&a, NOW, t0 + SEC).unwrap());
     assert_eq!(t.statuses(t0 + SEC).len(), 1);
+    assert!(
+        t.take_learned_dirty(),
+        "dropped instances leave the learned state"
+    );
+    granted(t.acquire(&a, NOW, t0 + 2 * SEC).unwrap());
+    assert!(!t.take_learned_dirty(), "nothing dropped, nothing to write");
     // Each client has its own budget.
     a.oauth_client = "a".into();
     granted(t.acquire(&a, NOW, t0 + SEC).unwrap());

@@ -139,6 +139,7 @@ impl TenantState {
     /// would be identical), in `only` bucket or in all.
     pub(super) fn evict_idle(&mut self, only: Option<usize>, now: Instant) {
         let mut emptied = Vec::new();
+        let mut dropped = false;
         for (b, def) in self.buckets.iter_mut().enumerate() {
             if only.is_some_and(|o| o != b) {
                 continue;
@@ -158,7 +159,13 @@ impl TenantState {
             if before > 0 && def.per_client.is_empty() {
                 emptied.push(b);
             }
+            // What was learned of a dropped instance (a freeze since ended,
+            // a cut since regrown) may still be in the last learned state
+            // written: written again without it, or a restart would bring
+            // it back until the next sweep.
+            dropped |= def.per_client.len() < before;
         }
+        self.learned_dirty |= dropped;
         for b in emptied {
             self.touch_if_unused(b);
         }
