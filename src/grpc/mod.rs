@@ -18,6 +18,7 @@ mod coalesce;
 mod codec;
 mod embedded;
 mod fast;
+mod http1;
 mod lease_stream;
 mod observe;
 mod ops;
@@ -25,10 +26,11 @@ mod overload;
 mod starting;
 mod stopping;
 mod threads;
+mod throttled;
 mod transport;
 
 pub(crate) use caps::{per_peer_cap, PerPeer};
-pub(crate) use transport::Throttled;
+pub(crate) use throttled::Throttled;
 
 pub use codec::MAX_CONCURRENT_STREAMS;
 pub use embedded::Embedded;

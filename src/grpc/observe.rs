@@ -6,7 +6,8 @@
 //! (a refused login, UNAUTHENTICATED or PERMISSION_DENIED, with the peer's
 //! address, so it can be traced to a source).
 
-use super::transport::{PeerInfo, Throttled};
+use super::throttled::Throttled;
+use super::transport::PeerInfo;
 use crate::metrics::Metrics;
 use std::future::Future;
 use std::pin::Pin;

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
@@ -48,11 +48,13 @@ use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
 use super::caps::{per_peer_cap, Gauge, PeerSlot, PerPeer, Slot};
 use super::coalesce::Coalesce;
+use super::http1::{answer_http1, is_http1, may_become_http1};
+use super::throttled::Throttled;
 use crate::clock::millis;
 use crate::config::ServerSettings;
 
 /// What every HTTP/2 client sends first (RFC 9113 §3.4).
-const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(super) const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Pause after an accept error that is not about one connection (out of
 /// descriptors, say), so the loop does not spin on it.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -60,32 +62,6 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 const HANDOFF_QUEUE: usize = 64;
 /// At most one warning this often while connections are being turned away.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
-/// How an HTTP/1 request line starts (a method and its space): sent to
-/// this port, it is answered with [`NOT_HTTP1`].
-const HTTP1_METHODS: [&[u8]; 9] = [
-    b"GET ",
-    b"POST ",
-    b"HEAD ",
-    b"PUT ",
-    b"OPTIONS ",
-    b"DELETE ",
-    b"PATCH ",
-    b"CONNECT ",
-    b"TRACE ",
-];
-/// The answer to an HTTP/1 request (in HTTP/1.1, what the client speaks):
-/// what this port is, and the port that a person, a probe or a scraper
-/// sending HTTP/1 wants instead.
-const NOT_HTTP1: &str = "this is the quota-broker's gRPC port: it speaks HTTP/2 only, for gRPC \
-    clients; the dashboard, /metrics and the health probes (/healthz, /readyz) are on the \
-    broker's HTTP port (server.http_listen)\n";
-/// Bound on writing [`NOT_HTTP1`] and on reading (and dropping) what the
-/// client sent after the bytes looked at, until it closes: closing with
-/// its bytes unread would send a reset, which may discard the answer
-/// before the client reads it.
-const HTTP1_ANSWER_WITHIN: Duration = Duration::from_secs(1);
-/// Most bytes of an HTTP/1 client read and dropped after the answer.
-const HTTP1_DRAINED_AT_MOST: usize = 16 * 1024;
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone)]
@@ -554,52 +530,6 @@ static FAILED_HANDSHAKES: Throttled = Throttled::new(Duration::from_secs(60));
 /// HTTP/1 requests answered, for a log line at most once a minute.
 static HTTP1_ANSWERED: Throttled = Throttled::new(Duration::from_secs(60));
 
-/// Counts events and says when one may be logged: the first, then at most
-/// one per `every`, with how many came since the last line. (By hand: a
-/// counter and a timestamp in two atomics; the crates for this throttle
-/// whole subscribers, not one message.)
-pub(crate) struct Throttled {
-    every: Duration,
-    /// Milliseconds since the process's first event, of the last line + 1
-    /// (0: no line yet).
-    last: std::sync::atomic::AtomicU64,
-    count: std::sync::atomic::AtomicU64,
-}
-
-impl Throttled {
-    pub(crate) const fn new(every: Duration) -> Throttled {
-        Throttled {
-            every,
-            last: std::sync::atomic::AtomicU64::new(0),
-            count: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// Counts one event; `Some(events since the last line)` if it may be
-    /// logged now.
-    pub(crate) fn note(&self) -> Option<u64> {
-        use std::sync::atomic::Ordering::Relaxed;
-        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-        let now = START
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_millis() as u64
-            + 1;
-        self.count.fetch_add(1, Relaxed);
-        let last = self.last.load(Relaxed);
-        let due = last == 0 || now.saturating_sub(last) >= self.every.as_millis() as u64;
-        if due
-            && self
-                .last
-                .compare_exchange(last, now, Relaxed, Relaxed)
-                .is_ok()
-        {
-            return Some(self.count.swap(0, Relaxed));
-        }
-        None
-    }
-}
-
 impl Front {
     fn new(server: &ServerSettings) -> Front {
         Front {
@@ -738,104 +668,9 @@ async fn establish(tcp: TcpStream, tls: Option<&TlsAcceptor>) -> io::Result<Open
     Ok(Opened::Grpc(io, tls_info))
 }
 
-/// Whether `seen` is an HTTP/1 request's start: a method and its space, or
-/// a request line's version.
-fn is_http1(seen: &[u8]) -> bool {
-    HTTP1_METHODS.iter().any(|m| seen.starts_with(m))
-        || seen.windows(b" HTTP/1.".len()).any(|w| w == b" HTTP/1.")
-}
-
-/// Whether `seen` is too short to tell, but could be an HTTP/1 method yet.
-fn may_become_http1(seen: &[u8]) -> bool {
-    HTTP1_METHODS
-        .iter()
-        .any(|m| m.len() > seen.len() && m.starts_with(seen))
-}
-
-/// Answers an HTTP/1 client `505` with [`NOT_HTTP1`] and closes, all
-/// within [`HTTP1_ANSWER_WITHIN`]: after the answer, what the client sent
-/// is read and dropped until it closes (at most
-/// [`HTTP1_DRAINED_AT_MOST`]), so the close is not a reset.
-async fn answer_http1(mut io: Io) {
-    let answer = format!(
-        "HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain; charset=utf-8\r\n\
-         Connection: close\r\nContent-Length: {}\r\n\r\n{NOT_HTTP1}",
-        NOT_HTTP1.len()
-    );
-    let answered = async {
-        io.write_all(answer.as_bytes()).await?;
-        // Flushes, and ends the stream (TLS: its close_notify first).
-        io.shutdown().await?;
-        let mut dropped = [0u8; 1024];
-        let mut left = HTTP1_DRAINED_AT_MOST;
-        while left > 0 {
-            match io.read(&mut dropped).await? {
-                0 => break,
-                n => left = left.saturating_sub(n),
-            }
-        }
-        io::Result::Ok(())
-    };
-    // The connection closes (dropped) whatever came of it.
-    let _ = tokio::time::timeout(HTTP1_ANSWER_WITHIN, answered).await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_throttled_message_is_logged_first_then_held_with_its_count() {
-        let t = Throttled::new(Duration::from_secs(3600));
-        assert_eq!(t.note(), Some(1), "the first is logged");
-        assert_eq!(t.note(), None);
-        assert_eq!(t.note(), None);
-        assert_eq!(t.count.load(std::sync::atomic::Ordering::Relaxed), 2);
-        let every = Throttled::new(Duration::ZERO);
-        assert_eq!(every.note(), Some(1));
-        assert_eq!(every.note(), Some(1), "due again: counts only itself");
-    }
-
-    #[test]
-    fn http1_request_lines_are_told_from_the_preface_and_from_noise() {
-        for http1 in [
-            &b"GET / HTTP/1.1\r\nHost: x\r\n"[..],
-            b"GET ",
-            b"POST /quota.v1",
-            b"HEAD /",
-            b"OPTIONS * HTTP/1.1",
-            b"DELETE /x",
-            b"PROPFIND / HTTP/1.1\r\n",
-        ] {
-            assert!(is_http1(http1), "{:?}", String::from_utf8_lossy(http1));
-        }
-        for other in [
-            &PREFACE[..],
-            b"PRI * HTTP/2.0",
-            b"\x16\x03\x01\x02\x00",
-            b"GE",
-            b"GETX",
-        ] {
-            assert!(!is_http1(other), "{:?}", String::from_utf8_lossy(other));
-        }
-        // Read on while a method may still be coming, and only then.
-        for short in [
-            &b""[..],
-            b"G",
-            b"GE",
-            b"OPTIO",
-            b"DELET",
-            b"P",
-            b"PO",
-            b"PA",
-        ] {
-            assert!(may_become_http1(short), "{short:?}");
-        }
-        for decided in [&b"GET "[..], b"GEX", b"PRI", b"\x16", b"get"] {
-            assert!(!may_become_http1(decided), "{decided:?}");
-        }
-        assert!(NOT_HTTP1.contains("server.http_listen"));
-    }
 
     #[test]
     fn only_the_first_request_id_of_a_connection_is_indexed() {

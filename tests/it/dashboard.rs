@@ -785,7 +785,7 @@ async fn a_page_opened_later_counts_dropped_oauth_clients_only_while_they_existe
         let names: Vec<&str> = list.iter().map(|s| s.oauth_client.as_str()).collect();
         assert_eq!(names, [client], "{list:?}");
         // Half a second on: a page opening samples the history again...
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::advance(Duration::from_millis(500)).await;
         // ...so the client is in the broker's history...
         assert!(
             in_history(b.http, client).await,
