@@ -19,6 +19,9 @@
 //! connection closed, like a broker going down; so when a plaintext call
 //! fails that way, [`first_answer`] opens one connection of its own, sends
 //! HTTP/2's preface, and reads what the server says first.
+//!
+//! Tools that dial the broker themselves make the same checks with
+//! [`check_broker_address`] and [`not_a_grpc_port`].
 
 use crate::ClientError;
 use std::time::Duration;
@@ -81,6 +84,21 @@ pub(crate) fn broker_url(given: &str) -> Result<String, ClientError> {
         )));
     }
     Ok(format!("{scheme}://{authority}"))
+}
+
+/// The URL a client dials for the broker address `given` (`host:port`,
+/// `http://…`, `https://…`), or why it can never be dialled: a port that is
+/// not a number from 1 to 65535, two `:` outside an IPv6 address's
+/// brackets, a host name with characters no host has, another scheme. The
+/// check [`BrokerClient`] makes when it is built, for tools that take broker
+/// addresses of their own (quotactl's usage errors).
+///
+/// [`BrokerClient`]: crate::BrokerClient
+pub fn check_broker_address(given: &str) -> Result<String, String> {
+    broker_url(given).map_err(|e| match e {
+        ClientError::Url { message, .. } => message,
+        other => other.to_string(),
+    })
 }
 
 /// `given` with the password of a `user:password@` in it masked, so an
@@ -264,7 +282,7 @@ pub(crate) fn worth_asking(status: &tonic::Status) -> bool {
     let Some(source) = std::error::Error::source(status) else {
         return false;
     };
-    let chain = crate::error_chain(source).to_ascii_lowercase();
+    let chain = crate::error::error_chain(source).to_ascii_lowercase();
     let connected = !["tcp connect error", "connection refused", "dns error"]
         .iter()
         .any(|s| chain.contains(s));
@@ -295,6 +313,49 @@ pub(crate) async fn first_answer(uri: &http::Uri, connect_within: Duration) -> O
         }
     }
     classify(&first[..got])
+}
+
+/// What a plaintext server that is not a quota-broker's gRPC port said
+/// first to a gRPC client (see [`not_a_grpc_port`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotAGrpcPort {
+    /// An HTTP/1 server, such as a broker's HTTP port; its status line.
+    Http1(String),
+    /// A TLS port (addressed with `http://` or as `host:port`).
+    Tls,
+}
+
+impl std::fmt::Display for NotAGrpcPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let first = match self {
+            NotAGrpcPort::Http1(line) => FirstAnswer::Http1(line.clone()),
+            NotAGrpcPort::Tls => FirstAnswer::Tls,
+        };
+        // (Never Http2: that is a gRPC port.)
+        let why = not_a_broker(&tonic::Status::unavailable(""), Some(first));
+        f.write_str(why.as_deref().unwrap_or_default())
+    }
+}
+
+/// What the plaintext server at `url` (`http://host:port` or `host:port`)
+/// is, when it is not a quota-broker's gRPC port, from what it says first
+/// to a gRPC client; `None` when it answers HTTP/2, says nothing, or
+/// cannot be reached within `connect_within`. For tools that call the
+/// broker through their own channel and get only "connection closed" from
+/// such a server: the [`BrokerClient`] asks this itself
+/// ([`ClientError::NotABroker`]).
+///
+/// [`BrokerClient`]: crate::BrokerClient
+pub async fn not_a_grpc_port(url: &str, connect_within: Duration) -> Option<NotAGrpcPort> {
+    let uri: http::Uri = broker_url(url).ok()?.parse().ok()?;
+    if uri.scheme_str() != Some("http") {
+        return None;
+    }
+    match first_answer(&uri, connect_within).await? {
+        FirstAnswer::Http1(line) => Some(NotAGrpcPort::Http1(line)),
+        FirstAnswer::Tls => Some(NotAGrpcPort::Tls),
+        FirstAnswer::Http2 => None,
+    }
 }
 
 /// [`first_answer`]'s reading of the first bytes a server sent.
@@ -421,7 +482,7 @@ mod tests {
         );
         assert!(from_a_proxy_404(&proxy));
         assert_eq!(not_a_broker(&proxy, None), None);
-        assert!(crate::is_unreachable(&proxy));
+        assert!(crate::error::is_unreachable(&proxy));
         let service = tonic::Status::unimplemented("Method not found!");
         assert!(!from_a_proxy_404(&service));
         assert!(not_a_broker(&service, None).is_some());
