@@ -90,23 +90,8 @@ LEADER_METADATA_KEY = "x-quota-broker-leader"
 
 def _leader_of(err):
     """The leader URL of an UNAVAILABLE answer's ``x-quota-broker-leader`` metadata, or None."""
-    for getter in ("trailing_metadata", "initial_metadata"):
-        fn = getattr(err, getter, None)
-        if not callable(fn):
-            continue
-        try:
-            md = fn() or ()
-        except Exception:  # pragma: no cover - not every RpcError carries metadata
-            continue
-        for item in md:
-            key, value = (item.key, item.value) if hasattr(item, "key") else item
-            if str(key).lower() != LEADER_METADATA_KEY:
-                continue
-            if isinstance(value, (bytes, bytearray)):
-                value = value.decode("ascii", "replace")
-            value = str(value).strip()
-            return value or None
-    return None
+    value = errors._metadata_value(err, LEADER_METADATA_KEY)
+    return (value.strip() or None) if value is not None else None
 
 
 def _tenant_of(request):

@@ -251,8 +251,10 @@ _BY_CODE = {
 RETRY_AFTER_MS_KEY = "retry-after-ms"
 
 
-def _metadata_retry_after_ms(err):
-    """The ``retry-after-ms`` of an error's trailing (then initial) metadata, or None."""
+def _metadata_value(err, key):
+    """The value of metadata ``key`` on an error, trailing first, then
+    initial, as text; None where it has none (not every RpcError carries
+    metadata)."""
     for getter in ("trailing_metadata", "initial_metadata"):
         fn = getattr(err, getter, None)
         if not callable(fn):
@@ -262,17 +264,25 @@ def _metadata_retry_after_ms(err):
         except Exception:  # pragma: no cover - not every RpcError carries metadata
             continue
         for item in md:
-            key, value = (item.key, item.value) if hasattr(item, "key") else item
-            if str(key).lower() != RETRY_AFTER_MS_KEY:
+            k, value = (item.key, item.value) if hasattr(item, "key") else item
+            if str(k).lower() != key:
                 continue
-            if isinstance(value, bytes):
+            if isinstance(value, (bytes, bytearray)):
                 value = value.decode("ascii", "replace")
-            try:
-                ms = int(str(value).strip())
-            except ValueError:
-                return None
-            return ms if ms >= 0 else None
+            return str(value)
     return None
+
+
+def _metadata_retry_after_ms(err):
+    """The ``retry-after-ms`` of an error's trailing (then initial) metadata, or None."""
+    value = _metadata_value(err, RETRY_AFTER_MS_KEY)
+    if value is None:
+        return None
+    try:
+        ms = int(value.strip())
+    except ValueError:
+        return None
+    return ms if ms >= 0 else None
 
 
 def from_rpc_error(err, target=None):
