@@ -92,6 +92,8 @@ impl Cluster {
 
     /// Waits (at most 20 s) until every tenant has one leader that every
     /// broker agrees on, the same a second later; returns each tenant's.
+    /// Polled: the brokers say who leads only when asked, and the answer
+    /// settles on etcd's clock (leases run in real time), not the test's.
     async fn settled(&self) -> Vec<String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut last: Option<Vec<String>> = None;

@@ -1,6 +1,14 @@
 //! Unit tests of the commands: `class set` arguments and the `watch` table's rows.
 
-use super::*;
+use super::classes::class_to_set;
+use super::watch::{keep_live, Feed};
+use crate::cli::ClassSetArgs;
+use crate::error::Error;
+use crate::table::BucketKey;
+use quota_broker::pb::{PriorityClass, QuotaStatus};
+use std::collections::BTreeMap;
+use tokio::time::Instant;
+use tokio_stream::StreamMap;
 
 fn set_args(
     order: Option<u32>,
