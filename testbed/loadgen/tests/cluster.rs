@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Longest the run may take (etcd's first install, when needed, included).
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -30,7 +30,7 @@ fn broker_bin() -> PathBuf {
 #[test]
 fn quick_cluster_run_prints_a_row_per_broker_count() {
     let bin = broker_bin();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+    let child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args([
             "cluster",
             "--quick",
@@ -44,16 +44,20 @@ fn quick_cluster_run_prints_a_row_per_broker_count() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("loadgen starts");
-    let deadline = Instant::now() + DEADLINE;
-    while child.try_wait().expect("wait on loadgen").is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+    // Its end is waited for on a thread (std has no wait with a timeout);
+    // past the deadline it is killed by its pid, which the thread then reaps.
+    let pid = child.id();
+    let (done, ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    let out = match ended.recv_timeout(DEADLINE) {
+        Ok(out) => out.expect("loadgen's output"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
             panic!("loadgen cluster ran past {DEADLINE:?}");
         }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().expect("loadgen's output");
+    };
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "failed:\n{stdout}\n{stderr}");

@@ -269,7 +269,9 @@ pub async fn sim_stats(sim: &SimHandle) -> Value {
 }
 
 /// Waits until `check` answers true, polling; panics with `what` after
-/// `limit`.
+/// `limit`. Polling, because what these tests wait for is state kept by
+/// others that says nothing when it changes: rows in the relay's queue
+/// database and gcsim's counters.
 pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
 where
     F: FnMut() -> Fut,
