@@ -15,7 +15,9 @@
 //!             │          starting (the port answers "starting" until the broker has);
 //!             │          observe (request ids on a span and in the response, latency);
 //!             │          transport (accept loop, TLS, handshake deadline, connection
-//!             │          caps), overload (per-caller rates and Watch caps)
+//!             │          caps; http1: HTTP/1 on this port answered 505; throttled:
+//!             │          log lines at most once a period), overload (per-caller
+//!             │          rates and Watch caps)
 //!             │  auth.rs bearer tokens → Principal (tenant scopes, roles, limits)
 //!             ▼
 //!          broker/       the async runtime around the pure state: the handle and
