@@ -23,14 +23,11 @@ Make one QuotaBroker per process and share it (it is thread-safe); clients
 made per request or per job still share the fallback of their brokers.
 Every call blocks its thread: from asyncio, ``await asyncio.to_thread(...)``.
 """
-from .client import (
-    DEFAULT_CHANNEL_OPTIONS,
-    RECHECK_NOT_A_BROKER_S,
-    Lease,
-    QuotaBroker,
-    WatchStream,
-    says_concurrency,
-)
+from .client import QuotaBroker, says_concurrency
+from .connections import RECHECK_NOT_A_BROKER_S
+from .leases import Lease
+from .timeouts import DEFAULT_CHANNEL_OPTIONS
+from .watch import WatchStream
 from .errors import (
     BadToken,
     BadUrl,

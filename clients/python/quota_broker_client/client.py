@@ -2,8 +2,8 @@
 
 This module holds QuotaBroker itself (its settings, its data plane:
 acquire, lease, release, renew, report, watch, and its operator plane) and
-``says_concurrency``. The rest is in modules of its own, and imported back
-here, so that whatever ``quota_broker_client.client`` offered still is:
+``says_concurrency``. The rest is in modules of its own (the package
+exports the public names):
 
 - ``timeouts``: call deadlines, probe and close timeouts, the overload
   backoff, ``DEFAULT_CHANNEL_OPTIONS``;
@@ -27,41 +27,23 @@ import uuid
 
 import grpc
 
-# Some names imported here are used by the modules split off from this one
-# only: imported here still, so that what was importable from this module
-# still is (hence the F401s).
 from . import errors
-from .errors import NotGranted, NotFound  # noqa: F401
-from .fallback import (  # noqa: F401
-    SYSTEM_CLOCK, FallbackSettings, all_shared, route_key, shared as _shared_fallback,
-)
+from .errors import NotGranted
+from .fallback import SYSTEM_CLOCK, FallbackSettings, route_key, shared as _shared_fallback
 from .tls import channel_credentials
-from .headers import (  # noqa: F401
-    aged_rate_limit_headers, rate_limit_headers, retry_after_ms as _retry_after_ms,
-)
+from .headers import rate_limit_headers, retry_after_ms as _retry_after_ms
 from .quota.v1 import broker_pb2 as pb
-from .quota.v1 import broker_pb2_grpc as pb_grpc  # noqa: F401
-from .timeouts import (  # noqa: F401
-    DEFAULT_CHANNEL_OPTIONS, _CALL_TIMEOUT_S, _CLOSE_FLUSH_TIMEOUT_S, _MIN_OVERLOAD_BACKOFF_S,
-    _OVERLOAD_BACKOFF_S, _PROBE_TIMEOUT_S, _PROBE_WAIT_S,
+from .timeouts import DEFAULT_CHANNEL_OPTIONS, _CALL_TIMEOUT_S, _PROBE_WAIT_S
+from .urls import _no_port_hint, _shown, _split_urls, _target
+from .arguments import (
+    _UINT32_MAX, _UINT64_MAX, _check_acquire_timeout, _check_count, _check_headers, _check_str,
+    _check_token,
 )
-from .urls import (  # noqa: F401
-    BROKER_DEFAULT_PORT, _GRPC_TARGET_SCHEMES, _SHOWN_CHARS, _check_host_port, _implicit_port,
-    _no_port_hint, _shown, _split_urls, _target,
+from .connections import (
+    _UNREACHABLE, _ConnectionsMixin, _Trail, _may_have_reached_a_broker,
 )
-from .arguments import (  # noqa: F401
-    MAX_TOKEN_CHARS, _UINT32_MAX, _UINT64_MAX, _check_acquire_timeout, _check_count,
-    _check_headers, _check_str, _check_token,
-)
-from .connections import (  # noqa: F401
-    LEADER_METADATA_KEY, RECHECK_NOT_A_BROKER_S, _ASK_EVERY_S, _H2_PREFACE, _HANDSHAKE_CUT,
-    _HEALTH_CHECK, _NOT_SERVING, _UNREACHABLE, _Conn, _ConnectionsMixin, _Trail, _answered,
-    _leader_of, _may_have_reached_a_broker, _no_answer, _speaks_plaintext_http2, _tenant_of,
-)
-from .deferred import (  # noqa: F401
-    _LIVE, _SHOWN_REASON_CHARS, _DeferredMixin, _flush_all_at_exit, _warn_orphans_lost_at_exit,
-)
-from .leases import Lease, _Renewer, _renewal_may_pass_later  # noqa: F401
+from .deferred import _LIVE, _DeferredMixin
+from .leases import Lease, _Renewer
 from .watch import WatchStream
 
 log = logging.getLogger("quota_broker_client")

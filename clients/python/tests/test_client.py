@@ -673,7 +673,7 @@ def test_a_closed_client_opens_no_channel():
 
 
 def test_the_renewer_retries_only_what_may_pass_later():
-    from quota_broker_client.client import _renewal_may_pass_later
+    from quota_broker_client.leases import _renewal_may_pass_later
     from quota_broker_client import errors
     assert _renewal_may_pass_later(errors.Unavailable(grpc.StatusCode.UNAVAILABLE, "restarting"))
     assert _renewal_may_pass_later(errors.DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED, "slow"))
