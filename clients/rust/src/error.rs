@@ -141,8 +141,10 @@ pub(crate) fn may_have_reached_a_broker(s: &tonic::Status) -> bool {
     !(chain.contains("tcp connect error") || chain.contains("Connection refused"))
 }
 
-/// An error and its causes on one line.
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+/// An error and its causes on one line, each cause once (a cause whose text
+/// the line already holds is left out): how the client words a transport or
+/// TLS failure, for tools that report one the same way.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {

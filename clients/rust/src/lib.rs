@@ -80,7 +80,7 @@ mod tls;
 pub use address::{check_broker_address, not_a_grpc_port, NotAGrpcPort};
 pub use call::Call;
 pub use client::{BrokerClient, ConnectOptions, FALLBACK_MAX_WAIT};
-pub use error::ClientError;
+pub use error::{error_chain, ClientError};
 pub use fallback::FallbackSettings;
 pub use layer::{LeaseLayer, LeaseService, LeaseServiceError, LeasedBody};
 pub use lease::Lease;

@@ -3,7 +3,7 @@
 //! (following the cluster to a tenant's leader as the Rust client does, or
 //! asking every broker given).
 
-use super::tls::{chain, tls_config};
+use super::tls::tls_config;
 use crate::cli::{parse_broker_url, TlsArgs};
 use crate::error::Error;
 use quota_broker::pb::quota_admin_client::QuotaAdminClient;
@@ -82,7 +82,7 @@ impl Conn {
         if let Some(config) = tls_config(url, tls)? {
             endpoint = endpoint
                 .tls_config(config)
-                .map_err(|e| Error::Tls(chain(&e)))?;
+                .map_err(|e| Error::Tls(quota_broker_client::error_chain(&e)))?;
         }
         let channel = match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
             Ok(Ok(c)) => c,

@@ -104,18 +104,3 @@ pub(super) fn tls_config(url: &str, tls: &TlsArgs) -> Result<Option<ClientTlsCon
     }
     Ok(Some(config))
 }
-
-/// An error and its causes on one line.
-pub(super) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let more = c.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        cause = c.source();
-    }
-    text
-}
