@@ -22,6 +22,7 @@ mod under_load;
 // `super::observe::…`, as `feed`, `token` and `under_load` name it.
 use super::observe;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::Duration;
 
 /// The Playwright version installed (its Chromium protocol fits Debian
@@ -79,17 +80,45 @@ pub(super) async fn node(
     args: &[String],
     playwright: &Path,
 ) -> std::process::Output {
-    let script = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    std::fs::write(&script, source).unwrap();
-    let run = tokio::process::Command::new("node")
-        .arg(&script)
-        .args(args)
-        .env("PW_DIR", playwright)
-        .kill_on_drop(true)
-        .output();
+    let run = node_command(name, source, args, playwright).output();
     tokio::time::timeout(LIMIT, run)
         .await
         .unwrap_or_else(|_| panic!("the browser session took over {LIMIT:?}"))
+        .unwrap_or_else(|e| panic!("cannot run node: {e}"))
+}
+
+/// `source` written to `name` in the test's directory, as a node command
+/// with `args` that finds Playwright and dies with the test.
+fn node_command(
+    name: &str,
+    source: &str,
+    args: &[String],
+    playwright: &Path,
+) -> tokio::process::Command {
+    let script = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::write(&script, source).unwrap();
+    let mut command = tokio::process::Command::new("node");
+    command
+        .arg(&script)
+        .args(args)
+        .env("PW_DIR", playwright)
+        .kill_on_drop(true);
+    command
+}
+
+/// The script of `node` started with its stdin, stdout and stderr piped,
+/// for a session the test talks to line by line.
+pub(super) fn spawn_node(
+    name: &str,
+    source: &str,
+    args: &[String],
+    playwright: &Path,
+) -> tokio::process::Child {
+    node_command(name, source, args, playwright)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap_or_else(|e| panic!("cannot run node: {e}"))
 }
 

@@ -3,11 +3,10 @@
 //! opens its own; and the feed's watchdog, under Node.js alone, tells a
 //! feed silent for three census intervals lost and opens it again.
 
-use super::{install, LIMIT};
+use super::{install, spawn_node, LIMIT};
 use crate::harness::req;
 use crate::observe::start;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -93,20 +92,12 @@ async fn eight_tabs_of_the_dashboard_in_one_browser_all_go_live() {
         assert!(b.client().acquire(r).await.unwrap().into_inner().granted);
     };
     grant().await;
-    let script = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-tabs-test.js");
-    std::fs::write(&script, TABS_SCRIPT).unwrap();
-    let mut node = tokio::process::Command::new("node")
-        .arg(&script)
-        .arg(format!("http://{}/", b.http))
-        .arg(TOKEN)
-        .arg("1")
-        .env("PW_DIR", &playwright)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run node: {e}"));
+    let args = [
+        format!("http://{}/", b.http),
+        TOKEN.to_string(),
+        "1".to_string(),
+    ];
+    let mut node = spawn_node("dashboard-tabs-test.js", TABS_SCRIPT, &args, &playwright);
     let mut stdin = node.stdin.take().unwrap();
     let mut out = BufReader::new(node.stdout.take().unwrap()).lines();
     let mut errors = node.stderr.take().unwrap();

@@ -3,12 +3,10 @@
 //! a paused bucket no client uses has its panel (PAUSED, 0 clients) until a
 //! client uses it (OK, 1 client).
 
-use super::{assert_said_ok, install, node, LIMIT};
+use super::{assert_said_ok, install, node, spawn_node, LIMIT};
 use crate::harness::req;
 use crate::observe::start;
 use quota_broker::pb::ListBucketsRequest;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -227,18 +225,13 @@ async fn a_paused_per_client_bucket_no_client_uses_has_its_panel() {
         })
         .await
         .unwrap();
-    let script = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-unused-test.js");
-    std::fs::write(&script, UNUSED_SCRIPT).unwrap();
-    let mut child = tokio::process::Command::new("node")
-        .arg(&script)
-        .arg(format!("http://{}/", b.http))
-        .env("PW_DIR", &playwright)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run node: {e}"));
+    let args = [format!("http://{}/", b.http)];
+    let mut child = spawn_node(
+        "dashboard-unused-test.js",
+        UNUSED_SCRIPT,
+        &args,
+        &playwright,
+    );
     let mut stdin = child.stdin.take().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
     let first = tokio::time::timeout(LIMIT, out.next_line()).await;

@@ -7,12 +7,11 @@
 //! (`target/tmp/dashboard.png`); and once the broker stops the page says it
 //! has no data.
 
-use super::{install, LIMIT};
+use super::{install, spawn_node, LIMIT};
 use crate::harness::req;
 use crate::observe::start;
 use quota_broker::pb::{ListBucketsRequest, ReportRequest};
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -300,19 +299,8 @@ async fn the_dashboard_shows_what_list_buckets_says() {
         });
     }
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
-    let script = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-test.js");
-    std::fs::write(&script, SCRIPT).unwrap();
-    let mut node = tokio::process::Command::new("node")
-        .arg(&script)
-        .arg(format!("http://{}/", b.http))
-        .arg(&shot)
-        .env("PW_DIR", &playwright)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run node: {e}"));
+    let args = [format!("http://{}/", b.http), shot.display().to_string()];
+    let mut node = spawn_node("dashboard-test.js", SCRIPT, &args, &playwright);
     let mut stdin = node.stdin.take().unwrap();
     let mut out = BufReader::new(node.stdout.take().unwrap()).lines();
     let mut errors = node.stderr.take().unwrap();
