@@ -49,15 +49,23 @@ pub(super) fn may_become_http1(seen: &[u8]) -> bool {
         .any(|m| m.len() > seen.len() && m.starts_with(seen))
 }
 
-/// Answers an HTTP/1 client `505` with [`NOT_HTTP1`] and closes, all
-/// within [`HTTP1_ANSWER_WITHIN`]: after the answer, what the client sent
-/// is read and dropped until it closes (at most
-/// [`HTTP1_DRAINED_AT_MOST`]), so the close is not a reset.
-pub(super) async fn answer_http1(mut io: impl AsyncRead + AsyncWrite + Unpin) {
+/// Answers an HTTP/1 client `505` with [`NOT_HTTP1`] and closes (see
+/// [`answer_505`]).
+pub(super) async fn answer_http1(io: impl AsyncRead + AsyncWrite + Unpin) {
+    answer_505(io, NOT_HTTP1).await;
+}
+
+/// Answers a client that speaks the other HTTP version than its port `505`
+/// with `body` (in HTTP/1.1) and closes, all within
+/// [`HTTP1_ANSWER_WITHIN`]: after the answer, what the client sent is read
+/// and dropped until it closes (at most [`HTTP1_DRAINED_AT_MOST`]), so the
+/// close is not a reset. Both ports answer a wrong client so: an HTTP/1
+/// one here, an HTTP/2 one (a gRPC client) on the HTTP port.
+pub(crate) async fn answer_505(mut io: impl AsyncRead + AsyncWrite + Unpin, body: &str) {
     let answer = format!(
         "HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain; charset=utf-8\r\n\
-         Connection: close\r\nContent-Length: {}\r\n\r\n{NOT_HTTP1}",
-        NOT_HTTP1.len()
+         Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     );
     let answered = async {
         io.write_all(answer.as_bytes()).await?;
@@ -79,7 +87,7 @@ pub(super) async fn answer_http1(mut io: impl AsyncRead + AsyncWrite + Unpin) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::transport::PREFACE;
+    use super::super::PREFACE;
     use super::*;
 
     #[test]

@@ -30,7 +30,9 @@ mod throttled;
 mod transport;
 
 pub(crate) use caps::{per_peer_cap, PerPeer};
+pub(crate) use http1::answer_505;
 pub(crate) use throttled::Throttled;
+pub(crate) use transport::PREFACE;
 
 pub use codec::MAX_CONCURRENT_STREAMS;
 pub use embedded::Embedded;

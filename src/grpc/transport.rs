@@ -54,7 +54,7 @@ use crate::clock::millis;
 use crate::config::ServerSettings;
 
 /// What every HTTP/2 client sends first (RFC 9113 §3.4).
-pub(super) const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Pause after an accept error that is not about one connection (out of
 /// descriptors, say), so the loop does not spin on it.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);

@@ -2,7 +2,7 @@
 //! per peer) and header deadline, and the first bytes of each read to tell
 //! a gRPC client given this port from an HTTP/1 one.
 
-use crate::grpc::{per_peer_cap, PerPeer, Throttled};
+use crate::grpc::{per_peer_cap, PerPeer, Throttled, PREFACE};
 use axum::extract::ConnectInfo;
 use axum::Router;
 use std::sync::Arc;
@@ -101,10 +101,9 @@ pub(super) async fn accept(
     graceful.shutdown().await;
 }
 
-/// What a client speaking HTTP/2 with prior knowledge sends first: a gRPC
-/// client given this port instead of the gRPC one.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// The answer to it, in HTTP/1.1 (what this port speaks): the client sees
+/// The answer to a client that speaks HTTP/2 with prior knowledge here (a
+/// gRPC client given this port instead of the gRPC one), in HTTP/1.1 (what
+/// this port speaks): the client sees
 /// an HTTP/1 server and can say its address is not a gRPC port, where a
 /// connection closed without a word (hyper's answer) reads as a broker down.
 const NOT_GRPC: &str = "this is the quota-broker's HTTP port (metrics, dashboard, probes; \
@@ -121,14 +120,14 @@ const NOT_GRPC: &str = "this is the quota-broker's HTTP port (metrics, dashboard
 async fn first_bytes(
     mut stream: tokio::net::TcpStream,
 ) -> Option<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut seen = [0u8; H2_PREFACE.len()];
+    use tokio::io::AsyncReadExt;
+    let mut seen = [0u8; PREFACE.len()];
     // At most the preface's length, and only while it could still be one
     // (an HTTP/1 request differs by its first or second byte); all of it
     // within one header deadline.
     let read = async {
         let mut len = 0;
-        while len < H2_PREFACE.len() && H2_PREFACE.starts_with(&seen[..len]) {
+        while len < PREFACE.len() && PREFACE.starts_with(&seen[..len]) {
             match stream.read(&mut seen[len..]).await {
                 Ok(0) => break,
                 Ok(n) => len += n,
@@ -141,15 +140,9 @@ async fn first_bytes(
         .await
         .ok()
         .flatten()?;
-    if len == H2_PREFACE.len() && seen == H2_PREFACE {
-        let answer = format!(
-            "HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain; charset=utf-8\r\n\
-             Connection: close\r\nContent-Length: {}\r\n\r\n{NOT_GRPC}",
-            NOT_GRPC.len()
-        );
-        let _ =
-            tokio::time::timeout(HEADER_READ_TIMEOUT, stream.write_all(answer.as_bytes())).await;
-        let _ = stream.shutdown().await;
+    if len == PREFACE.len() && seen == *PREFACE {
+        // A gRPC client given this port instead of the gRPC one.
+        crate::grpc::answer_505(stream, NOT_GRPC).await;
         return None;
     }
     let (read, write) = stream.into_split();
