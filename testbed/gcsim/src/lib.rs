@@ -49,5 +49,5 @@ pub use config::{
 };
 pub use error::SimError;
 pub use jobs::JobsConfig;
-pub use paced::paced;
+pub use paced::{paced, soonest, Pollers, Soonest};
 pub use server::{Sim, SimHandle};

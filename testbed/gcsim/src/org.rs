@@ -53,7 +53,7 @@ impl Told {
 }
 
 /// A family's admission state besides its windows' counts.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Limiter {
     /// Fixed windows: the current window's served count is the state.
     Fixed,
@@ -116,7 +116,7 @@ impl WindowStats {
 }
 
 /// A family's live state.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct FamilyState {
     family: Family,
     /// Enforced permits per window now.
@@ -380,7 +380,7 @@ fn unit(name: &str, index: u64) -> f64 {
 }
 
 /// A token's live state.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct TokenState {
     window: u64,
     count: u64,
@@ -398,8 +398,9 @@ pub(crate) struct FamilyChange {
     pub(crate) unmanaged_per_window: Option<u64>,
 }
 
-/// One org.
-#[derive(Debug)]
+/// One org. `Clone`: the paced yardstick tries a call on a copy to find
+/// the soonest moment the upstream would serve it without refusing it.
+#[derive(Clone, Debug)]
 pub(crate) struct Org {
     token_permits: u64,
     token_window_ms: u64,
@@ -472,6 +473,14 @@ impl Org {
     /// The index of family `name`, for [`Self::admit_to`].
     pub(crate) fn family_index(&self, name: &str) -> Option<usize> {
         self.families.iter().position(|f| f.family.name == name)
+    }
+
+    /// The unmanaged consumer's requests family `index` refused so far
+    /// (played up to the last time given).
+    pub(crate) fn refused_unmanaged(&self, index: usize) -> u64 {
+        self.families
+            .get(index)
+            .map_or(0, |f| f.windows.iter().map(|w| w.refused_unmanaged).sum())
     }
 
     /// What family `index` leaves everyone but its unmanaged consumer at

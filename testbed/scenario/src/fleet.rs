@@ -48,8 +48,8 @@ const INTERVALS: u32 = 24;
 /// The day after [`DAY`], where the last interval ends.
 const DAY_AFTER: &str = "2026-11-02";
 /// Wallboards and their polling period, simulated ms.
-const WALLBOARDS: usize = 3;
-const POLL_MS: f64 = 10_000.0;
+pub(crate) const WALLBOARDS: usize = 3;
+pub(crate) const POLL_MS: f64 = 10_000.0;
 /// Trunks, their mean time between bursts (simulated ms), burst sizes.
 const TRUNKS: usize = 20;
 const BURST_MEAN_MS: f64 = 20_000.0;

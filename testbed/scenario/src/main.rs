@@ -261,7 +261,9 @@ async fn output(spec: &Spec, finished: &std::sync::Mutex<Option<String>>) -> Res
         for file in &spec.upstreams {
             // The yardstick beside its cells (milliseconds, in process; the
             // same for every seed).
-            let exact = paced::row(file, 100.0, 0.0, spec.duration_s * 1000)
+            let until_ms = spec.duration_s * 1000;
+            let exact = paced::alone(file, until_ms)
+                .and_then(|alone| paced::row(file, 100.0, 0.0, until_ms, alone))
                 .map_err(|e| eprintln!("scenario: the exact pace of {}: {e}", file.name))
                 .ok();
             for &seed in seeds {

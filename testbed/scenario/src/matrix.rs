@@ -62,6 +62,9 @@ pub(crate) struct Cell {
     /// that is left, no broker (`--paced 100`): its goodput of what is
     /// left, and the unmanaged consumer's requests it refused of all sent.
     pub(crate) exact_pace: Option<(Option<f64>, (u64, u64))>,
+    /// The other yardstick: the wallboards' polls alone, each sent the
+    /// soonest the upstream would serve it (see [`crate::paced::Alone`]).
+    pub(crate) polls_alone: Option<crate::paced::Alone>,
 }
 
 /// How soon the fleet used the org well again after a limit change.
@@ -123,7 +126,18 @@ impl Cell {
         }
         let (_, p99, n) = self.critical_outside;
         if n > 0 && p99 > MAX_CRITICAL_P99_MS {
-            out.push(format!("critical p99 +{:.0} ms", p99 - MAX_CRITICAL_P99_MS));
+            // Where the polls wait even alone, sent the moment the upstream
+            // would serve them, no broker can meet the target: said beside it.
+            let alone = match self.polls_alone {
+                Some(a) if a.waits.p99_ms > MAX_CRITICAL_P99_MS => {
+                    format!(" (polls alone p99 {:.0} ms)", a.waits.p99_ms)
+                }
+                _ => String::new(),
+            };
+            out.push(format!(
+                "critical p99 +{:.0} ms{alone}",
+                p99 - MAX_CRITICAL_P99_MS
+            ));
         }
         for r in self
             .reconverged
@@ -187,6 +201,7 @@ impl Cell {
                 .collect(),
             misses: Vec::new(),
             exact_pace: None,
+            polls_alone: None,
         };
         cell.misses = cell.misses();
         cell
@@ -252,6 +267,7 @@ impl Matrix {
         for m in &report.modes {
             let mut cell = Cell::new(upstream, seed, report, m);
             cell.exact_pace = exact_pace.map(|r| (r.goodput.fair_share, r.unmanaged_refused()));
+            cell.polls_alone = exact_pace.map(|r| r.polls_alone);
             cell.misses = cell.misses();
             self.cells.push(cell);
         }
@@ -294,6 +310,7 @@ impl Matrix {
             "over limit",
             "re-converged",
             "exact pace: goodput/left, unmanaged refused",
+            "polls alone: p50/p99/max, unmanaged refused",
             "misses",
         ];
         let rows: Vec<Vec<String>> = self
@@ -321,6 +338,9 @@ impl Matrix {
                     c.exact_pace.map_or("-".into(), |(g, (refused, sent))| {
                         format!("{}, {refused} of {sent}", pct(g))
                     }),
+                    c.polls_alone
+                        .as_ref()
+                        .map_or("-".into(), crate::paced::alone_text),
                     if c.misses.is_empty() {
                         "-".into()
                     } else {
@@ -419,6 +439,7 @@ mod tests {
             reconverged,
             misses: Vec::new(),
             exact_pace: None,
+            polls_alone: None,
         };
         c.misses = c.misses();
         c
@@ -451,6 +472,55 @@ mod tests {
         assert_eq!(
             with(Some((Some(0.98), (5, 40)))),
             ["goodput -11.7 pt (exact pace meets it refusing the consumer 5 of 40)"]
+        );
+    }
+
+    #[test]
+    fn a_critical_miss_says_how_long_the_polls_wait_alone() {
+        let with = |p99_alone: Option<f64>| {
+            let mut c = cell(vec![]);
+            c.critical_outside = (900.0, 11_133.0, 121);
+            c.polls_alone = p99_alone.map(|p99_ms| crate::paced::Alone {
+                waits: crate::measure::WaitStats {
+                    count: 180,
+                    unserved: 0,
+                    p50_ms: 0.0,
+                    p99_ms,
+                    max_ms: p99_ms,
+                },
+                unmanaged_refused: (0, 90),
+            });
+            c.misses()
+        };
+        assert_eq!(with(None), ["critical p99 +11083 ms"]);
+        // Alone at once: the wait is the broker's.
+        assert_eq!(with(Some(0.0)), ["critical p99 +11083 ms"]);
+        assert_eq!(
+            with(Some(4_200.0)),
+            ["critical p99 +11083 ms (polls alone p99 4200 ms)"]
+        );
+        let mut c = cell(vec![]);
+        c.polls_alone = Some(crate::paced::Alone {
+            waits: crate::measure::WaitStats {
+                count: 180,
+                unserved: 2,
+                p50_ms: 0.0,
+                p99_ms: 4_200.0,
+                max_ms: 31_000.0,
+            },
+            unmanaged_refused: (3, 90),
+        });
+        let matrix = Matrix {
+            command: "scenario --matrix".into(),
+            duration_s: 600,
+            time_scale: 10.0,
+            cells: vec![c],
+            failed: vec![],
+        };
+        let table = matrix.table();
+        assert!(
+            table.contains("0.0 / 4200 / 31000 (2 never served), 3 of 90"),
+            "{table}"
         );
     }
 

@@ -332,6 +332,19 @@ impl WaitStats {
             max_ms: ms(h.max()),
         }
     }
+
+    /// The percentiles of `waits_ms`, of which `unserved` were never
+    /// served (counted with their wait until the end).
+    pub(crate) fn of_waits(waits_ms: &[f64], unserved: u64) -> WaitStats {
+        let mut h = wait_histogram();
+        for &w in waits_ms {
+            record(&mut h, w);
+        }
+        WaitStats {
+            unserved,
+            ..WaitStats::of(&h)
+        }
+    }
 }
 
 /// A family's goodput over the run's whole windows.

@@ -6,7 +6,11 @@
 //! be served: a cell where no pace is served 97 % of what is left without
 //! refusing the consumer is one no pacing broker can meet. `--rise-late
 //! WINDOWS` follows a rise of what is left that late: what a broker that
-//! finds a rise that late could be served.
+//! finds a rise that late could be served. Beside each file, the
+//! wallboards' polls played alone (`gcsim::soonest`): each sent the moment
+//! the upstream would serve it, nothing else of the fleet in the way, the
+//! least any broker that leaves the consumer its calls could make them
+//! wait.
 
 use std::fmt::Write as _;
 
@@ -15,7 +19,8 @@ use serde::Serialize;
 use crate::cli::Spec;
 use crate::confgen::{UpstreamFile, ANALYTICS, ORG};
 use crate::error::Error;
-use crate::measure::{goodput, Goodput};
+use crate::fleet::{POLL_MS, WALLBOARDS};
+use crate::measure::{goodput, Goodput, WaitStats};
 use crate::upstream::OrgStats;
 
 /// One file at one pace.
@@ -31,6 +36,20 @@ pub(crate) struct Row {
     pub(crate) refused: u64,
     /// Counted as the matrix counts a cell.
     pub(crate) goodput: Goodput,
+    /// The file's wallboard polls alone (the same for every pace).
+    pub(crate) polls_alone: Alone,
+}
+
+/// The wallboards' polls alone against a file's analytics family, each
+/// sent the soonest moment the upstream would serve it (see
+/// `gcsim::soonest`): the least wait a broker could give them there.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub(crate) struct Alone {
+    /// Their waits over the whole run, simulated ms.
+    pub(crate) waits: WaitStats,
+    /// The unmanaged consumer's requests refused, and all it sent, in the
+    /// windows the matrix counts.
+    pub(crate) unmanaged_refused: (u64, u64),
 }
 
 impl Row {
@@ -49,13 +68,39 @@ pub(crate) fn rows(spec: &Spec, percents: &[f64]) -> Result<Vec<Row>, Error> {
     let until_ms = spec.duration_s * 1000;
     let mut rows = Vec::new();
     for file in &spec.upstreams {
+        let polls_alone = alone(file, until_ms)?;
         for &late in &spec.rise_late {
             for &percent in percents {
-                rows.push(row(file, percent, late, until_ms)?);
+                rows.push(row(file, percent, late, until_ms, polls_alone)?);
             }
         }
     }
     Ok(rows)
+}
+
+/// `file`'s wallboard polls alone over `until_ms` simulated ms.
+pub(crate) fn alone(file: &UpstreamFile, until_ms: u64) -> Result<Alone, Error> {
+    let config = file.sim_config()?;
+    let pollers = gcsim::Pollers {
+        callers: WALLBOARDS,
+        every_ms: POLL_MS,
+    };
+    let run = gcsim::soonest(&config, ORG, ANALYTICS, pollers, until_ms)
+        .map_err(|e| Error::Usage(format!("--upstream {}: {e}", file.name)))?;
+    let org: OrgStats = serde_json::from_value(run.stats).map_err(|e| {
+        Error::Usage(format!(
+            "--upstream {}: the polls' run's counters: {e}",
+            file.name
+        ))
+    })?;
+    let g = goodput(org.families.iter().find(|f| f.name == ANALYTICS), until_ms);
+    Ok(Alone {
+        waits: WaitStats::of_waits(&run.waits_ms, run.unserved),
+        unmanaged_refused: (
+            g.unmanaged_refused,
+            g.unmanaged_refused + g.unmanaged_served,
+        ),
+    })
 }
 
 /// `file` at `percent` of what is left, following a rise `rise_late`
@@ -65,6 +110,7 @@ pub(crate) fn row(
     percent: f64,
     rise_late: f64,
     until_ms: u64,
+    polls_alone: Alone,
 ) -> Result<Row, Error> {
     let config = file.sim_config()?;
     let window_ms = config
@@ -98,6 +144,7 @@ pub(crate) fn row(
         rise_late_windows: rise_late,
         refused,
         goodput: g,
+        polls_alone,
     })
 }
 
@@ -113,8 +160,9 @@ pub(crate) fn table(spec: &Spec, rows: &[Row]) -> String {
         "goodput/left",
         "goodput/avail",
         "unmanaged refused",
+        "polls alone: p50/p99/max ms, unmanaged refused",
     ];
-    let cells: Vec<[String; 8]> = rows
+    let cells: Vec<[String; 9]> = rows
         .iter()
         .map(|r| {
             [
@@ -130,6 +178,7 @@ pub(crate) fn table(spec: &Spec, rows: &[Row]) -> String {
                 pct(r.goodput.fair_share),
                 pct(r.goodput.share),
                 format!("{} of {}", r.unmanaged_refused().0, r.unmanaged_refused().1),
+                alone_text(&r.polls_alone),
             ]
         })
         .collect();
@@ -148,8 +197,11 @@ pub(crate) fn table(spec: &Spec, rows: &[Row]) -> String {
     let _ = writeln!(
         out,
         "{} simulated s of calls to {ANALYTICS} sent evenly at a share of what is left for \
-         the fleet, no broker; counted as the matrix counts (the first window left out)\n",
-        spec.duration_s
+         the fleet, no broker; counted as the matrix counts (the first window left out); \
+         beside them the {WALLBOARDS} wallboards' polls (one each every {:.0} s) alone, each \
+         sent the soonest the upstream would serve it\n",
+        spec.duration_s,
+        POLL_MS / 1000.0
     );
     let line = |out: &mut String, row: &[&str]| {
         for (i, (c, w)) in row.iter().zip(&widths).enumerate() {
@@ -166,6 +218,32 @@ pub(crate) fn table(spec: &Spec, rows: &[Row]) -> String {
         line(&mut out, &r.iter().map(String::as_str).collect::<Vec<_>>());
     }
     out
+}
+
+/// The polls alone in a cell: "p50 / p99 / max, refused of sent", and
+/// how many the upstream never served.
+pub(crate) fn alone_text(a: &Alone) -> String {
+    let ms = |v: f64| {
+        if v < 10.0 {
+            format!("{v:.1}")
+        } else {
+            format!("{v:.0}")
+        }
+    };
+    let w = &a.waits;
+    let unserved = if w.unserved > 0 {
+        format!(" ({} never served)", w.unserved)
+    } else {
+        String::new()
+    };
+    format!(
+        "{} / {} / {}{unserved}, {} of {}",
+        ms(w.p50_ms),
+        ms(w.p99_ms),
+        ms(w.max_ms),
+        a.unmanaged_refused.0,
+        a.unmanaged_refused.1
+    )
 }
 
 #[cfg(test)]
@@ -194,8 +272,32 @@ mod tests {
         assert!(slow.goodput.fair_share.unwrap() < 0.6, "{slow:?}");
         assert!(fast.goodput.fair_share.unwrap() > 0.95, "{fast:?}");
         assert!(fast.unmanaged_refused().0 > 0, "{fast:?}");
+        // The wallboards' polls alone, leaving the consumer its calls,
+        // wait seconds where two bursts fall in one span: no broker meets
+        // the critical target there without pushing the consumer out.
+        let alone = slow.polls_alone;
+        assert_eq!(alone.unmanaged_refused, (0, 90), "{alone:?}");
+        assert!(alone.waits.p99_ms > 1_000.0, "{alone:?}");
+        assert_eq!(alone.waits.count, fast.polls_alone.waits.count);
         let table = table(&spec, &rows);
         assert!(table.contains("sliding-log-bursty"), "{table}");
+        assert!(table.contains(&alone_text(&alone)), "{table}");
+    }
+
+    #[test]
+    fn on_the_dropping_token_bucket_the_polls_alone_never_wait() {
+        // After the drop the wallboards ask all that is left, yet the
+        // bucket's stored permits serve each at once when nothing else of
+        // the fleet is sent: the critical target is within reach there.
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let file = format!("{dir}/upstreams/held-out/token-bucket-silent-dropping.toml");
+        let spec = Args::parse_from(["scenario", "--upstream", &file, "--duration", "600"])
+            .resolve()
+            .unwrap();
+        let alone = alone(&spec.upstreams[0], 600_000).unwrap();
+        assert_eq!(alone.waits.unserved, 0, "{alone:?}");
+        assert!(alone.waits.max_ms < 1.0, "{alone:?}");
+        assert_eq!(alone.unmanaged_refused.0, 0, "{alone:?}");
     }
 
     #[test]
