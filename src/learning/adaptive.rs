@@ -17,7 +17,9 @@
 //!   at least one permit per window. A 429 whose implied window began
 //!   before the previous refusal (no fixed window does that: the upstream
 //!   refills continuously or ages a log) cuts instead to what was served
-//!   between the refusals (see `refill_rate`). A 429 without a usable
+//!   between the refusals (see `refill_rate`), or by a tenth of a permit
+//!   where that reads at or above the rate refused (the upstream kept up:
+//!   the refusal was its empty bucket's, not the rate's). A 429 without a usable
 //!   Retry-After cuts by β. Either way the rate then holds for `probe_hold_windows` and for
 //!   1/`ratio_threshold` successful calls before it grows again, so probing
 //!   for capacity that is not there costs about one 429 per that many calls.
@@ -385,11 +387,25 @@ impl Learner {
                     // continuous upstream refuses nothing.
                     self.ceiling = Some(rate.max(self.floor(s)));
                     self.ceiling_hits = 0;
-                    (
-                        rate.clamp(most, least),
-                        "429 again within the window the last one implied: cut to the rate the \
-                         upstream served the fleet between the refusals of this descent",
-                    )
+                    if rate >= from {
+                        // The upstream served the fleet at least the rate
+                        // refused: the 429 was the jitter of an empty
+                        // bucket paced at its refill, and a whole permit
+                        // less would starve a class that asks exactly
+                        // what is left.
+                        (
+                            (from - self.per_min(0.1)).max(most),
+                            "429 again within the window the last one implied, the upstream \
+                             serving the fleet at least the rate refused since: cut by a tenth \
+                             of a permit",
+                        )
+                    } else {
+                        (
+                            rate.clamp(most, least),
+                            "429 again within the window the last one implied: cut to the rate \
+                             the upstream served the fleet between the refusals of this descent",
+                        )
+                    }
                 }
                 // One window's measurement cuts at most two β steps, and at
                 // least one permit per window.

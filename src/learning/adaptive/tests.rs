@@ -633,3 +633,39 @@ fn a_rise_on_a_token_bucket_is_found_within_eight_windows() {
         "served per window 48..56: {settled:?}"
     );
 }
+
+/// On an upstream seen refilling continuously, a 429 whose measure since
+/// the last refusal says the upstream served the fleet at least the rate
+/// refused is the empty bucket's jitter, not the rate's: the rate steps
+/// down by a tenth of a permit, not a whole one. (A whole permit below a
+/// class that asks exactly what is left starves it for the hold.)
+#[test]
+fn a_429_the_measure_does_not_blame_on_the_rate_cuts_a_tenth_of_a_permit() {
+    let s = LearnSettings::default();
+    let t0 = Instant::now();
+    let mut l = learner(t0);
+    let cut_to = |out: Vec<Learned>| {
+        out.into_iter().find_map(|x| match x {
+            Learned::Cut { to, .. } => Some(to),
+            _ => None,
+        })
+    };
+    l.on_throttled(t0 + 10 * SEC, Some(SEC), false, &s);
+    // 10 served over the next 20 s, then refused again within the window
+    // the first refusal implied: the descent measures about 28 a minute.
+    for k in 0..10u32 {
+        l.on_success(t0 + (12 + 2 * k) * SEC, &s);
+    }
+    let first = cut_to(l.on_throttled(t0 + 32 * SEC, Some(SEC), false, &s)).unwrap();
+    assert!((26.0..31.0).contains(&first), "{first}");
+    // The upstream then serves the fleet that rate and a little more
+    // before it refuses again.
+    for k in 0..12u32 {
+        l.on_success(t0 + 34 * SEC + Duration::from_millis(1_700) * k, &s);
+    }
+    let second = cut_to(l.on_throttled(t0 + 55 * SEC, Some(SEC), false, &s)).unwrap();
+    assert!(
+        (first - second - 0.1).abs() < 1e-6,
+        "{first} → {second}: a tenth of a permit"
+    );
+}
