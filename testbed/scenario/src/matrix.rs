@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::cli::{ModeName, Spec};
+use crate::measure::ms_text;
 use crate::report::{
     change_label, max_429, max_reconverge_windows, Report, MAX_CRITICAL_P99_MS, MIN_GOODPUT_OF_LEFT,
 };
@@ -281,18 +282,11 @@ impl Matrix {
     /// The table: one row per cell, then each upstream's summary.
     pub(crate) fn table(&self) -> String {
         let pct = |s: Option<f64>| s.map_or("-".into(), |s| format!("{:.1}%", 100.0 * s));
-        let ms = |v: f64| {
-            if v < 10.0 {
-                format!("{v:.1}")
-            } else {
-                format!("{v:.0}")
-            }
-        };
         let waits = |(p50, p99, n): (f64, f64, u64)| {
             if n == 0 {
                 "- (0)".into()
             } else {
-                format!("{} / {} ({n})", ms(p50), ms(p99))
+                format!("{} / {} ({n})", ms_text(p50), ms_text(p99))
             }
         };
         let head = [
@@ -327,7 +321,7 @@ impl Matrix {
                     format!("{} ({:.2}%)", c.refused, 100.0 * c.ratio_429),
                     waits(c.critical_outside),
                     waits(c.critical_inside),
-                    c.batch_p99_ms.map_or("-".into(), ms),
+                    c.batch_p99_ms.map_or("-".into(), ms_text),
                     if c.records_unfinished > 0 {
                         format!("{} (+{} unfinished)", c.records_lost, c.records_unfinished)
                     } else {

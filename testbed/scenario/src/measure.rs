@@ -303,6 +303,15 @@ pub(crate) struct QuietWaits {
     pub(crate) loud_waits: WaitStats,
 }
 
+/// A wait in simulated ms as the tables print it: one decimal under 10.
+pub(crate) fn ms_text(v: f64) -> String {
+    if v < 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
 /// Wait percentiles of one class, simulated ms.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub(crate) struct WaitStats {

@@ -20,7 +20,7 @@ use crate::cli::Spec;
 use crate::confgen::{UpstreamFile, ANALYTICS, ORG};
 use crate::error::Error;
 use crate::fleet::{POLL_MS, WALLBOARDS};
-use crate::measure::{goodput, Goodput, WaitStats};
+use crate::measure::{goodput, ms_text, Goodput, WaitStats};
 use crate::upstream::OrgStats;
 
 /// One file at one pace.
@@ -87,12 +87,7 @@ pub(crate) fn alone(file: &UpstreamFile, until_ms: u64) -> Result<Alone, Error> 
     };
     let run = gcsim::soonest(&config, ORG, ANALYTICS, pollers, until_ms)
         .map_err(|e| Error::Usage(format!("--upstream {}: {e}", file.name)))?;
-    let org: OrgStats = serde_json::from_value(run.stats).map_err(|e| {
-        Error::Usage(format!(
-            "--upstream {}: the polls' run's counters: {e}",
-            file.name
-        ))
-    })?;
+    let org = org_stats(file, run.stats)?;
     let g = goodput(org.families.iter().find(|f| f.name == ANALYTICS), until_ms);
     Ok(Alone {
         waits: WaitStats::of_waits(&run.waits_ms, run.unserved),
@@ -123,12 +118,7 @@ pub(crate) fn row(
     let late_ms = (rise_late * window_ms as f64).round() as u64;
     let stats = gcsim::paced(&config, ORG, ANALYTICS, percent / 100.0, late_ms, until_ms)
         .map_err(|e| Error::Usage(format!("--upstream {}: {e}", file.name)))?;
-    let org: OrgStats = serde_json::from_value(stats).map_err(|e| {
-        Error::Usage(format!(
-            "--upstream {}: the paced run's counters: {e}",
-            file.name
-        ))
-    })?;
+    let org = org_stats(file, stats)?;
     let family = org.families.iter().find(|f| f.name == ANALYTICS);
     let g = goodput(family, until_ms);
     let refused = family.map_or(0, |f| {
@@ -145,6 +135,16 @@ pub(crate) fn row(
         refused,
         goodput: g,
         polls_alone,
+    })
+}
+
+/// The org's counters an in-process run of `file` returned.
+fn org_stats(file: &UpstreamFile, stats: serde_json::Value) -> Result<OrgStats, Error> {
+    serde_json::from_value(stats).map_err(|e| {
+        Error::Usage(format!(
+            "--upstream {}: the in-process run's counters: {e}",
+            file.name
+        ))
     })
 }
 
@@ -223,13 +223,6 @@ pub(crate) fn table(spec: &Spec, rows: &[Row]) -> String {
 /// The polls alone in a cell: "p50 / p99 / max, refused of sent", and
 /// how many the upstream never served.
 pub(crate) fn alone_text(a: &Alone) -> String {
-    let ms = |v: f64| {
-        if v < 10.0 {
-            format!("{v:.1}")
-        } else {
-            format!("{v:.0}")
-        }
-    };
     let w = &a.waits;
     let unserved = if w.unserved > 0 {
         format!(" ({} never served)", w.unserved)
@@ -238,9 +231,9 @@ pub(crate) fn alone_text(a: &Alone) -> String {
     };
     format!(
         "{} / {} / {}{unserved}, {} of {}",
-        ms(w.p50_ms),
-        ms(w.p99_ms),
-        ms(w.max_ms),
+        ms_text(w.p50_ms),
+        ms_text(w.p99_ms),
+        ms_text(w.max_ms),
         a.unmanaged_refused.0,
         a.unmanaged_refused.1
     )
